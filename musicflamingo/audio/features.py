@@ -1,0 +1,269 @@
+"""Whisper log-mel features, 30-s windowing and audio token counts (reference spec §1.1, §1.2, §3.2).
+
+The numbers follow ``transformers.WhisperFeatureExtractor._torch_extract_fbank_features`` exactly: every window is
+right-padded with zeros to ``chunk_length`` seconds, all windows go through ONE batched ``torch.stft`` (periodic
+Hann, ``center=True``, reflect padding), the last STFT frame is dropped, the power spectrum is projected on a
+Slaney mel bank built in float64, then ``log10(clamp(., 1e-10))``, a per-window floor at ``max - 8`` and
+``(x + 4) / 4``. The frame mask marks ``ceil(n / hop)`` valid frames of a window with ``n`` real samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30.0
+MAX_AUDIO_LEN = 1200.0
+FEATURE_SIZE = 128
+
+
+def _hertz_to_mel_slaney(freq: np.ndarray) -> np.ndarray:
+    # Linear below 1 kHz, logarithmic above (Slaney's Auditory Toolbox), as transformers' hertz_to_mel.
+    freq = np.atleast_1d(np.asarray(freq, dtype=np.float64))
+    mels = 3.0 * freq / 200.0
+    log_region = freq >= 1000.0
+    mels[log_region] = 15.0 + np.log(freq[log_region] / 1000.0) * (27.0 / np.log(6.4))
+    return mels
+
+
+def _mel_to_hertz_slaney(mels: np.ndarray) -> np.ndarray:
+    mels = np.atleast_1d(np.asarray(mels, dtype=np.float64))
+    freq = 200.0 * mels / 3.0
+    log_region = mels >= 15.0
+    freq[log_region] = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mels[log_region] - 15.0))
+    return freq
+
+
+def mel_filter_bank(
+    num_frequency_bins: int = N_FFT // 2 + 1,
+    num_mel_filters: int = FEATURE_SIZE,
+    min_frequency: float = 0.0,
+    max_frequency: float = 8000.0,
+    sampling_rate: int = SAMPLING_RATE,
+) -> np.ndarray:
+    """Slaney-scale, Slaney-normalised triangular mel filters in float64, ``[num_frequency_bins, num_mel_filters]``.
+
+    Same arithmetic (and order of operations) as ``transformers.audio_utils.mel_filter_bank(..., norm="slaney",
+    mel_scale="slaney")`` so that the float32 cast is bit-identical.
+    """
+    mel_min = _hertz_to_mel_slaney(min_frequency)[0]
+    mel_max = _hertz_to_mel_slaney(max_frequency)[0]
+    mel_freqs = np.linspace(mel_min, mel_max, num_mel_filters + 2)
+    filter_freqs = _mel_to_hertz_slaney(mel_freqs)
+    fft_freqs = np.linspace(0, sampling_rate // 2, num_frequency_bins)
+    # Triangles: rising edge from f[i] to f[i+1], falling edge from f[i+1] to f[i+2].
+    filter_diff = np.diff(filter_freqs)
+    slopes = np.expand_dims(filter_freqs, 0) - np.expand_dims(fft_freqs, 1)
+    down_slopes = -slopes[:, :-2] / filter_diff[:-1]
+    up_slopes = slopes[:, 2:] / filter_diff[1:]
+    filters = np.maximum(np.zeros(1), np.minimum(down_slopes, up_slopes))
+    # Slaney area normalisation: roughly constant energy per channel.
+    enorm = 2.0 / (filter_freqs[2 : num_mel_filters + 2] - filter_freqs[:num_mel_filters])
+    return filters * np.expand_dims(enorm, 0)
+
+
+def num_frames(num_samples: int, hop_length: int = HOP_LENGTH) -> int:
+    """Valid mel frames of a window with ``num_samples`` real samples: ``ceil(n / hop)``."""
+    return -(-int(num_samples) // hop_length)
+
+
+def tokens_from_frames(num_mel_frames: int) -> int:
+    """Audio tokens for ``L`` valid mel frames (conv stride 2, then avg-pool 2): ``((L-1)//2 + 1 - 2)//2 + 1``."""
+    conv = (int(num_mel_frames) - 1) // 2 + 1
+    return (conv - 2) // 2 + 1
+
+
+def window_bounds(
+    num_samples: int,
+    chunk_length: float = CHUNK_LENGTH,
+    max_audio_len: float = MAX_AUDIO_LEN,
+    sampling_rate: int = SAMPLING_RATE,
+) -> tuple[list[tuple[int, int]], bool]:
+    """``[(start, end), ...]`` sample spans of the windows of an audio, and whether it was truncated.
+
+    As the reference ``_process_audio``: ``max(1, ceil(n / window))`` windows, at most
+    ``max_audio_len // chunk_length`` of them; the last window is the (possibly short) remainder.
+    """
+    window = int(sampling_rate * chunk_length)
+    max_windows = int(max_audio_len // chunk_length)
+    n_win = max(1, (num_samples + window - 1) // window)
+    truncated = n_win > max_windows
+    n_win = min(n_win, max_windows)
+    cap = min(num_samples, n_win * window)
+    return [(i * window, min((i + 1) * window, cap)) for i in range(n_win)], truncated
+
+
+def split_windows(
+    audio: np.ndarray | torch.Tensor,
+    chunk_length: float = CHUNK_LENGTH,
+    max_audio_len: float = MAX_AUDIO_LEN,
+    sampling_rate: int = SAMPLING_RATE,
+    source: str | None = None,
+) -> list[np.ndarray | torch.Tensor]:
+    """Cut a mono waveform ``[T]`` into ``chunk_length``-second windows (views, no copy).
+
+    Audio longer than ``max_audio_len`` seconds keeps only its first ``max_audio_len // chunk_length`` windows;
+    one warning is logged naming ``source`` (e.g. the file name), the duration and what was kept.
+    """
+    n = int(audio.shape[0])
+    bounds, truncated = window_bounds(n, chunk_length, max_audio_len, sampling_rate)
+    if truncated:
+        kept = bounds[-1][1] / sampling_rate
+        logger.warning(
+            "Audio %s lasts %.1f s, longer than max_audio_len=%gs: keeping the first %.1f s (%d windows of %gs).",
+            source if source is not None else "<in-memory array>",
+            n / sampling_rate,
+            max_audio_len,
+            kept,
+            len(bounds),
+            chunk_length,
+        )
+    return [audio[s:e] for s, e in bounds]
+
+
+def audio_token_count(
+    num_samples: int,
+    chunk_length: float = CHUNK_LENGTH,
+    max_audio_len: float = MAX_AUDIO_LEN,
+    sampling_rate: int = SAMPLING_RATE,
+    hop_length: int = HOP_LENGTH,
+) -> int:
+    """Number of ``<sound>`` tokens for an audio of ``num_samples`` samples (spec §3.2).
+
+    ``L`` is the sum of valid mel frames over the audio's (truncated) windows; 35 s -> 875, 112077 samples -> 175.
+    """
+    bounds, _ = window_bounds(num_samples, chunk_length, max_audio_len, sampling_rate)
+    total = sum(num_frames(e - s, hop_length) for s, e in bounds)
+    return tokens_from_frames(total)
+
+
+class LogMelExtractor:
+    """Batched Whisper log-mel front end.
+
+    Args:
+        feature_size: mel bins (128 for Music Flamingo).
+        sampling_rate: input rate in Hz.
+        chunk_length: window length in seconds; a window has ``chunk_length * sampling_rate`` samples and
+            ``samples / hop_length`` frames (3000 for 30 s).
+        n_fft, hop_length: STFT parameters (400, 160).
+    """
+
+    def __init__(
+        self,
+        feature_size: int = FEATURE_SIZE,
+        sampling_rate: int = SAMPLING_RATE,
+        chunk_length: float = CHUNK_LENGTH,
+        n_fft: int = N_FFT,
+        hop_length: int = HOP_LENGTH,
+    ) -> None:
+        n_samples = chunk_length * sampling_rate
+        if chunk_length <= 0 or n_samples != int(n_samples) or int(n_samples) % hop_length:
+            raise ValueError(
+                f"chunk_length={chunk_length} s must give a whole number of samples divisible by hop_length="
+                f"{hop_length} at {sampling_rate} Hz (got {n_samples} samples)"
+            )
+        if feature_size < 1:
+            raise ValueError(f"feature_size must be >= 1, got {feature_size}")
+        self.feature_size = feature_size
+        self.sampling_rate = sampling_rate
+        self.chunk_length = chunk_length
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.n_samples = int(n_samples)
+        self.nb_max_frames = self.n_samples // hop_length
+        # float64 filters cast to float32, as the reference does before its matmul. [n_fft//2+1, feature_size]
+        self.mel_filters = torch.from_numpy(
+            mel_filter_bank(n_fft // 2 + 1, feature_size, 0.0, 8000.0, sampling_rate).astype(np.float32)
+        )
+
+    def __call__(
+        self, windows: Sequence[np.ndarray | torch.Tensor], device: str | torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel features of ``W`` windows.
+
+        Args:
+            windows: ``W`` mono float waveforms, each with at most ``n_samples`` samples.
+            device: where to run the STFT (results come back on that device).
+
+        Returns:
+            features: float32 ``[W, feature_size, nb_max_frames]``.
+            mask: int32 ``[W, nb_max_frames]``, 1 for the ``ceil(n / hop)`` frames holding real samples.
+        """
+        if len(windows) == 0:
+            raise ValueError("LogMelExtractor needs at least one window, got an empty list")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        batch = torch.zeros(len(windows), self.n_samples, dtype=torch.float32, device=device)
+        mask = torch.zeros(len(windows), self.nb_max_frames, dtype=torch.int32, device=device)
+        for i, w in enumerate(windows):
+            w = torch.as_tensor(w)
+            if w.ndim != 1:
+                raise ValueError(f"window {i} must be a mono waveform [T], got shape {tuple(w.shape)}")
+            if w.shape[0] > self.n_samples:
+                raise ValueError(
+                    f"window {i} has {w.shape[0]} samples, more than one {self.chunk_length} s window "
+                    f"({self.n_samples}); cut the audio with split_windows first"
+                )
+            batch[i, : w.shape[0]] = w.to(device=device, dtype=torch.float32)
+            mask[i, : num_frames(w.shape[0], self.hop_length)] = 1
+        return self.log_mel(batch), mask
+
+    def log_mel(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[W, n_samples]`` float32 zero-padded windows -> ``[W, feature_size, nb_max_frames]`` features."""
+        window = torch.hann_window(self.n_fft, device=batch.device)  # periodic
+        stft = torch.stft(
+            batch, self.n_fft, self.hop_length, window=window, return_complex=True
+        )  # [W, 201, F+1]
+        # Drop the last frame; contiguous() keeps the matmul off a slow strided path.
+        power = (stft[..., :-1].abs() ** 2).contiguous()  # [W, 201, F]
+        mel = self.mel_filters.to(batch.device).T @ power  # [W, feature_size, F]
+        log_spec = torch.clamp(mel, min=1e-10).log10()
+        # Dynamic-range floor per window (the max over mel and time includes padded frames, which sit at -10).
+        peak = log_spec.amax(dim=(1, 2), keepdim=True)
+        log_spec = torch.maximum(log_spec, peak - 8.0)
+        return (log_spec + 4.0) / 4.0
+
+    def to_dict(self) -> dict:
+        """The ``WhisperFeatureExtractor`` config fields (``preprocessor_config.json``)."""
+        return {
+            "chunk_length": int(self.chunk_length)
+            if float(self.chunk_length).is_integer()
+            else self.chunk_length,
+            "dither": 0.0,
+            "feature_extractor_type": "WhisperFeatureExtractor",
+            "feature_size": self.feature_size,
+            "hop_length": self.hop_length,
+            "n_fft": self.n_fft,
+            "n_samples": self.n_samples,
+            "nb_max_frames": self.nb_max_frames,
+            "padding_side": "right",
+            "padding_value": 0.0,
+            "return_attention_mask": True,
+            "sampling_rate": self.sampling_rate,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LogMelExtractor:
+        """Build from a ``WhisperFeatureExtractor`` config dict; unsupported settings raise ``ValueError``."""
+        if float(d.get("dither", 0.0)) != 0.0:
+            raise ValueError(f"feature extractor dither={d['dither']} is not supported (expected 0.0)")
+        if d.get("do_normalize", False):
+            raise ValueError("feature extractor do_normalize=True is not supported (Whisper log-mel only)")
+        chunk = d.get("chunk_length", CHUNK_LENGTH)
+        if not math.isfinite(float(chunk)):
+            raise ValueError(f"feature extractor chunk_length must be finite, got {chunk}")
+        return cls(
+            feature_size=int(d.get("feature_size", FEATURE_SIZE)),
+            sampling_rate=int(d.get("sampling_rate", SAMPLING_RATE)),
+            chunk_length=float(chunk),
+            n_fft=int(d.get("n_fft", N_FFT)),
+            hop_length=int(d.get("hop_length", HOP_LENGTH)),
+        )

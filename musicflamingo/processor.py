@@ -1,0 +1,456 @@
+"""MusicFlamingoProcessor: chat template, audio windows -> log-mel, ``<sound>`` expansion, padding and labels.
+
+Reproduces ``transformers.MusicFlamingoProcessor`` (reference spec §3) without importing transformers:
+
+* each audio is cut into ``chunk_length``-s windows (at most ``max_audio_len // chunk_length``), all windows of the
+  batch go through one log-mel call -> ``input_features [W, 128, F]`` float32, ``input_features_mask [W, F]`` int32;
+* the i-th ``<sound>`` of the batch (row-major) becomes ``<|sound_bos|>`` + ``<sound>`` * N_i + ``<|sound_eos|>``,
+  ``N_i = ((L-1)//2 + 1 - 2)//2 + 1`` with ``L`` the valid mel frames of audio i;
+* rows are left-padded with the pad id; ``labels`` copy ``input_ids`` with audio tokens (``<sound>``, bos, eos)
+  and pad ids set to -100 and nothing else masked (no assistant-only masking, as the reference).
+
+It reads the folder the reference ``save_pretrained`` writes and writes one the reference can load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from musicflamingo.audio import features as F
+from musicflamingo.audio.io import AudioError, load_or_validate
+from musicflamingo.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Verbatim from the reference checkpoint, typo ("regardlenss") and missing space before "--" included.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Music Flamingo, a multimodal assistant for language and music. "
+    "On each turn you receive an audio clip which contains music and optional text, "
+    "you will receive at least one or both; use your world knowledge and reasoning "
+    "to help the user with any task. Interpret the entirety of the content any input music"
+    "--regardlenss of whether the user calls it audio, music, or sound."
+)
+
+AudioInput = str | os.PathLike | np.ndarray | torch.Tensor
+Conversation = list[dict[str, Any]]
+
+
+def build_chat_template(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The reference processor's Jinja chat template (convert script ``write_processor``) for ``system_prompt``.
+
+    Only written to disk for ``transformers``; :meth:`MusicFlamingoProcessor.render_chat` implements it in Python.
+    """
+    return (
+        "{% if messages[0]['role'] != 'system' %}"
+        "<|im_start|>system\n" + system_prompt + "<|im_end|>\n"
+        "{% endif %}"
+        "{% for m in messages if m['content'] is not none %}"
+        "<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}"
+        "{{ m['content'] }}"
+        "{% else %}"
+        "{% set audio = namespace(found=False) %}"
+        "{% set text_buf = namespace(v='') %}"
+        "{% for c in m['content'] %}"
+        "{% if c.get('type') == 'audio' or 'audio' in c %}"
+        "{% set audio.found = True %}"
+        "{% elif c.get('type') == 'text' or 'text' in c %}"
+        "{% set text_buf.v = text_buf.v + c['text'] %}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}"
+        "{% endif %}"
+        "<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}"
+        "<|im_start|>assistant\n"
+        "{% endif %}"
+    )
+
+
+def _system_prompt_of(template: str) -> str | None:
+    """The system prompt inside a reference-shaped template, or ``None`` if the template has another shape."""
+    head = "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n"
+    tail = "<|im_end|>\n{% endif %}{% for m in messages"
+    if not template.startswith(head) or tail not in template:
+        return None
+    prompt = template[len(head) : template.index(tail)]
+    return prompt if build_chat_template(prompt) == template else None
+
+
+def _is_audio_item(item: dict) -> bool:
+    return item.get("type") == "audio" or "audio" in item
+
+
+class MusicFlamingoProcessor:
+    """Text + audio -> model inputs, matching ``transformers.MusicFlamingoProcessor``.
+
+    Args:
+        tokenizer: a :class:`~musicflamingo.tokenizer.Tokenizer` holding the audio and chat special tokens.
+        chunk_length: window length in seconds (30 for the released model; shorter for from-scratch presets).
+        max_audio_len: seconds kept per audio (1200 -> at most 40 windows of 30 s).
+        sampling_rate, feature_size: log-mel front end settings (16 kHz, 128 mel bins).
+        audio_token, audio_bos_token, audio_eos_token: placeholder and boundary tokens.
+        default_system_prompt: system turn emitted when a conversation does not start with one.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chunk_length: float = 30.0,
+        max_audio_len: float = 1200,
+        sampling_rate: int = 16000,
+        feature_size: int = 128,
+        audio_token: str = "<sound>",
+        audio_bos_token: str = "<|sound_bos|>",
+        audio_eos_token: str = "<|sound_eos|>",
+        default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    ) -> None:
+        if max_audio_len < chunk_length:
+            raise ValueError(f"max_audio_len={max_audio_len} s must be >= chunk_length={chunk_length} s")
+        self.tokenizer = tokenizer
+        self.feature_extractor = F.LogMelExtractor(feature_size, sampling_rate, chunk_length)
+        self.chunk_length = chunk_length
+        self.max_audio_len = max_audio_len
+        self.sampling_rate = sampling_rate
+        self.feature_size = feature_size
+        self.audio_token, self.audio_bos_token, self.audio_eos_token = (
+            audio_token,
+            audio_bos_token,
+            audio_eos_token,
+        )
+        self.default_system_prompt = default_system_prompt
+        self.audio_token_id = tokenizer.require_id(audio_token)
+        self.audio_bos_token_id = tokenizer.require_id(audio_bos_token)
+        self.audio_eos_token_id = tokenizer.require_id(audio_eos_token)
+
+    # ---------------------------------------------------------------- ids
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def audio_token_ids(self) -> list[int]:
+        return [self.audio_token_id, self.audio_bos_token_id, self.audio_eos_token_id]
+
+    # ---------------------------------------------------------------- audio helpers
+    def audio_token_count(self, num_samples: int) -> int:
+        """``<sound>`` tokens for an audio of ``num_samples`` samples (after truncation to ``max_audio_len``)."""
+        return F.audio_token_count(num_samples, self.chunk_length, self.max_audio_len, self.sampling_rate)
+
+    def split_windows(self, audio: np.ndarray | torch.Tensor, source: str | None = None) -> list:
+        """``[T]`` waveform -> list of ``chunk_length`` windows; truncation logs one warning naming ``source``."""
+        return F.split_windows(audio, self.chunk_length, self.max_audio_len, self.sampling_rate, source)
+
+    def extract_features(
+        self, windows: Sequence[np.ndarray | torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows -> (``[W, feature_size, F]`` float32 features, ``[W, F]`` int32 frame mask)."""
+        return self.feature_extractor(windows)
+
+    def expand_audio_tokens(self, text: str, counts: Sequence[int]) -> str:
+        """Replace the i-th ``<sound>`` of ``text`` by ``<|sound_bos|>`` + ``<sound>`` * counts[i] + ``<|sound_eos|>``."""
+        parts = text.split(self.audio_token)
+        if len(parts) - 1 != len(counts):
+            raise ValueError(
+                f"text has {len(parts) - 1} {self.audio_token!r} placeholder(s) but {len(counts)} audio token "
+                "count(s) were given"
+            )
+        out = [parts[0]]
+        for n, part in zip(counts, parts[1:]):
+            out += [self.audio_bos_token, self.audio_token * int(n), self.audio_eos_token, part]
+        return "".join(out)
+
+    def prepare_audio(
+        self, audios: Sequence[AudioInput], sources: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Load/validate audios, window them and extract features in one batch.
+
+        Returns ``features [W, feature_size, F]``, ``mask [W, F]`` and the ``<sound>`` count of each audio.
+        """
+        windows, counts = [], []
+        for i, a in enumerate(audios):
+            wave, name = load_or_validate(a, self.sampling_rate, name=f"audio[{i}]")
+            if sources is not None:
+                name = sources[i]
+            chunks = self.split_windows(wave, source=name)
+            windows += chunks
+            frames = sum(F.num_frames(c.shape[0], self.feature_extractor.hop_length) for c in chunks)
+            counts.append(F.tokens_from_frames(frames))
+        feats, mask = self.extract_features(windows)
+        return feats, mask, counts
+
+    # ---------------------------------------------------------------- chat template
+    def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
+        """Render one conversation with the reference chat template (see :func:`build_chat_template`).
+
+        A default system turn is added unless the first message is a system message. String content is emitted
+        as is; list content emits one ``<sound>`` (if any audio item) followed by all text items concatenated.
+        """
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError(f"a conversation must be a non-empty list of messages, got {conversation!r:.80}")
+        out = []
+        for i, m in enumerate(conversation):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
+        if conversation[0]["role"] != "system":
+            out.append(f"<|im_start|>system\n{self.default_system_prompt}<|im_end|>\n")
+        for i, m in enumerate(conversation):
+            content = m["content"]
+            if content is None:
+                continue
+            out.append(f"<|im_start|>{m['role']}\n")
+            if isinstance(content, str):
+                out.append(content)
+            else:
+                has_audio, text = False, []
+                for j, c in enumerate(content):
+                    if not isinstance(c, dict):
+                        raise ValueError(
+                            f"message {i} content item {j} must be a dict, got {type(c).__name__}"
+                        )
+                    if _is_audio_item(c):
+                        has_audio = True
+                    elif c.get("type") == "text" or "text" in c:
+                        if not isinstance(c.get("text"), str):
+                            raise ValueError(f"message {i} content item {j}: 'text' must be a string")
+                        text.append(c["text"])
+                out.append((self.audio_token if has_audio else "") + "".join(text))
+            out.append("<|im_end|>\n")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+        return "".join(out)
+
+    @staticmethod
+    def conversation_audios(conversation: Conversation) -> list[AudioInput]:
+        """Audio items of a conversation in order (key ``audio``, else ``url``, else ``path``, as the reference)."""
+        found = []
+        for i, m in enumerate(conversation):
+            if not isinstance(m.get("content"), (list, tuple)):
+                continue
+            for j, c in enumerate(m["content"]):
+                if isinstance(c, dict) and _is_audio_item(c):
+                    value = next((c[k] for k in ("audio", "url", "path") if c.get(k) is not None), None)
+                    if value is None:
+                        raise ValueError(
+                            f"message {i} content item {j} is audio but has no 'audio' or 'path'"
+                        )
+                    if isinstance(value, str) and value.startswith(("http://", "https://")):
+                        raise AudioError(
+                            f"{value}: URLs are not supported (offline); download the file first"
+                        )
+                    found.append(value)
+        return found
+
+    def apply_chat_template(
+        self,
+        conversations: Conversation | Sequence[Conversation],
+        tokenize: bool = True,
+        add_generation_prompt: bool = True,
+        return_dict: bool = True,
+        output_labels: bool = False,
+        padding_side: str = "left",
+    ):
+        """Render (and by default tokenize) one conversation or a batch of them.
+
+        Content items: ``{"type": "text", "text": ...}`` and ``{"type": "audio", "path": ...}`` or
+        ``{"type": "audio", "audio": array_or_tensor}`` (16 kHz mono). Returns the rendered string(s) when
+        ``tokenize=False``, else the :meth:`__call__` dict (or only ``input_ids`` when ``return_dict=False``).
+        """
+        batched = isinstance(conversations, (list, tuple)) and len(conversations) > 0
+        batched = batched and isinstance(conversations[0], (list, tuple))
+        convs = list(conversations) if batched else [conversations]
+        texts = [self.render_chat(c, add_generation_prompt) for c in convs]
+        if not tokenize:
+            return texts if batched else texts[0]
+        audios, sources = [], []
+        for b, c in enumerate(convs):
+            for a in self.conversation_audios(c):
+                audios.append(a)
+                sources.append(
+                    Path(a).name if isinstance(a, (str, os.PathLike)) else f"conversation[{b}] audio"
+                )
+        out = self(
+            texts,
+            audio=audios or None,
+            output_labels=output_labels,
+            padding_side=padding_side,
+            _sources=sources,
+        )
+        return out if return_dict else out["input_ids"]
+
+    # ---------------------------------------------------------------- main entry
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        audio: AudioInput | Sequence[AudioInput] | None = None,
+        output_labels: bool = False,
+        padding_side: str = "left",
+        _sources: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Tokenize ``text`` (one string or a batch) and featurize ``audio`` (the i-th audio fills the i-th
+        ``<sound>`` across the batch).
+
+        Returns:
+            ``input_ids`` / ``attention_mask`` int64 ``[B, S]`` (padded on ``padding_side``), and when audio is given
+            ``input_features`` float32 ``[W, feature_size, F]`` and ``input_features_mask`` int32 ``[W, F]``;
+            ``labels`` int64 ``[B, S]`` when ``output_labels``.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text must be a string or a non-empty list of strings")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if audio is None:
+            audios = []
+        elif isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
+            audios = [audio]
+        else:
+            audios = list(audio)
+        per_text = [t.count(self.audio_token) for t in texts]
+        if sum(per_text) != len(audios):
+            raise ValueError(
+                f"the text has {sum(per_text)} {self.audio_token!r} placeholder(s) (per sample: {per_text}) but "
+                f"{len(audios)} audio(s) were given; each {self.audio_token!r} takes one audio, in order"
+            )
+        out: dict[str, torch.Tensor] = {}
+        counts: list[int] = []
+        if audios:
+            feats, mask, counts = self.prepare_audio(audios, _sources)
+            out["input_features"], out["input_features_mask"] = feats, mask
+        rows, k = [], 0
+        for t, n in zip(texts, per_text):
+            rows.append(self._encode_expanded(t, counts[k : k + n]))
+            k += n
+        input_ids, attention_mask = self._pad(rows, padding_side)
+        result = {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+        if output_labels:
+            labels = input_ids.clone()
+            labels[torch.isin(input_ids, torch.tensor(self.audio_token_ids))] = -100
+            if self.pad_token_id is not None:
+                labels[input_ids == self.pad_token_id] = -100
+            result["labels"] = labels
+        return result
+
+    def _encode_expanded(self, text: str, counts: Sequence[int]) -> list[int]:
+        """Ids of ``expand_audio_tokens(text, counts)``, spliced without tokenizing thousands of ``<sound>``.
+
+        Exact because special tokens are split off before pre-tokenization, so text pieces never merge across them.
+        """
+        parts = text.split(self.audio_token)
+        ids = self.tokenizer.encode(parts[0])
+        for n, part in zip(counts, parts[1:]):
+            ids += [self.audio_bos_token_id] + [self.audio_token_id] * int(n) + [self.audio_eos_token_id]
+            ids += self.tokenizer.encode(part)
+        return ids
+
+    def _pad(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(len(r) for r in rows)
+        pad = self.pad_token_id
+        if pad is None and any(len(r) != length for r in rows):
+            raise ValueError("the tokenizer has no pad token, so rows of different lengths cannot be batched")
+        ids = torch.full((len(rows), length), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+        return ids, mask
+
+    # ---------------------------------------------------------------- decoding
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(
+        self, ids: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
+    ) -> list[str]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return [self.decode(row, skip_special_tokens) for row in ids]
+
+    # ---------------------------------------------------------------- disk
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> MusicFlamingoProcessor:
+        """Load from a folder written by this class or by the reference ``MusicFlamingoProcessor.save_pretrained``."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: processor directory not found")
+        cfg = _read_json(d / "processor_config.json")
+        fe = cfg.get("feature_extractor") or _read_json(d / "preprocessor_config.json")
+        template = _read_template(d, cfg)
+        prompt = DEFAULT_SYSTEM_PROMPT
+        if template is not None:
+            found = _system_prompt_of(template)
+            if found is None:
+                logger.warning(
+                    "%s: chat template differs from the Music Flamingo template; using the built-in one", d
+                )
+            else:
+                prompt = found
+        extractor = F.LogMelExtractor.from_dict(fe)
+        return cls(
+            load_tokenizer(d),
+            chunk_length=extractor.chunk_length,
+            max_audio_len=cfg.get("max_audio_len", F.MAX_AUDIO_LEN),
+            sampling_rate=extractor.sampling_rate,
+            feature_size=extractor.feature_size,
+            audio_token=cfg.get("audio_token", "<sound>"),
+            audio_bos_token=cfg.get("audio_bos_token", "<|sound_bos|>"),
+            audio_eos_token=cfg.get("audio_eos_token", "<|sound_eos|>"),
+            default_system_prompt=prompt,
+        )
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer files, ``processor_config.json``, ``preprocessor_config.json`` and ``chat_template.jinja``
+        (the reference ``MusicFlamingoProcessor.from_pretrained`` loads them when the tokenizer is ``tokenizer.json``)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(d)
+        fe = self.feature_extractor.to_dict()
+        max_len = int(self.max_audio_len) if float(self.max_audio_len).is_integer() else self.max_audio_len
+        cfg = {
+            "audio_bos_token": self.audio_bos_token,
+            "audio_eos_token": self.audio_eos_token,
+            "audio_token": self.audio_token,
+            "feature_extractor": fe,
+            "max_audio_len": max_len,
+            "processor_class": "MusicFlamingoProcessor",
+        }
+        (d / "processor_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        (d / "preprocessor_config.json").write_text(
+            json.dumps({**fe, "processor_class": "MusicFlamingoProcessor"}, indent=2) + "\n", encoding="utf-8"
+        )
+        (d / "chat_template.jinja").write_text(
+            build_chat_template(self.default_system_prompt), encoding="utf-8"
+        )
+        return d
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def _read_template(d: Path, cfg: dict) -> str | None:
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    legacy = _read_json(d / "chat_template.json").get("chat_template")
+    return legacy if legacy is not None else cfg.get("chat_template")

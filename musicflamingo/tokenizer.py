@@ -1,0 +1,337 @@
+"""Tokenizers: the Qwen2 byte-level BPE of the released checkpoint, and SentencePiece for from-scratch training.
+
+Both implement :class:`Tokenizer`: ``encode`` recognises special tokens as single ids and adds no BOS; ``decode``
+inverts it exactly (byte-level BPE maps ``"Ċ"`` back to ``"\\n"``). :func:`load_tokenizer` picks the class from
+the files in a directory:
+
+* ``tokenizer.json`` -> :class:`HFTokenizer` (``tokenizers`` library; pad/eos from ``tokenizer_config.json``, as
+  ``transformers`` does; Qwen2's pad is ``<|endoftext|>``).
+* ``tokenizer.model`` + ``special_tokens.json`` -> :class:`SentencePieceTokenizer`.
+
+Train a SentencePiece model: ``python -m musicflamingo.tokenizer train --input corpus.txt --vocab-size 2000 --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+# Chat markup and audio placeholders, in Qwen2 id order. <|endoftext|> doubles as pad.
+DEFAULT_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<sound>",
+    "<|sound_bos|>",
+    "<|sound_eos|>",
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory or file that cannot be used."""
+
+
+class Tokenizer:
+    """Interface shared by the tokenizers. Subclasses set ``special_tokens``, ``pad_token`` and ``eos_token``."""
+
+    special_tokens: tuple[str, ...] = ()
+    pad_token: str | None = None
+    eos_token: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens in the text become their single ids; no BOS/EOS added."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def id_to_token(self, idx: int) -> str | None:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """Total number of ids, special tokens included (``len(tokenizer)`` in transformers)."""
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self.token_to_id(self.pad_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.token_to_id(self.eos_token)
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        return {i for t in self.special_tokens if (i := self.token_to_id(t)) is not None}
+
+    def require_id(self, token: str) -> int:
+        """Id of ``token``; raises ``TokenizerError`` when it is not a single token of this vocabulary."""
+        idx = self.token_to_id(token)
+        if idx is None:
+            raise TokenizerError(f"token {token!r} is not in the vocabulary of {type(self).__name__}")
+        return idx
+
+
+def _token_str(value) -> str | None:
+    """``tokenizer_config.json`` stores tokens as strings or as ``{"content": ...}`` dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class HFTokenizer(Tokenizer):
+    """A ``tokenizer.json`` (e.g. Qwen2's byte-level BPE) run by the ``tokenizers`` library.
+
+    Gives the same ids as ``transformers.AutoTokenizer`` on the same files (tested), without transformers.
+    """
+
+    def __init__(self, tokenizer, config: dict | None = None) -> None:
+        self._tok = tokenizer
+        self.config = dict(config or {})
+        added = self._tok.get_added_tokens_decoder()  # {id: AddedToken}
+        self.special_tokens = tuple(t.content for _, t in sorted(added.items()) if t.special)
+        eos = _token_str(self.config.get("eos_token"))
+        pad = _token_str(self.config.get("pad_token"))
+        # Defaults when tokenizer_config.json is silent: Qwen2's pad is <|endoftext|>; generation stops at <|im_end|>.
+        if eos is None:
+            eos = next((t for t in ("<|im_end|>", "<|endoftext|>") if self.token_to_id(t) is not None), None)
+        if pad is None and self.token_to_id("<|endoftext|>") is not None:
+            pad = "<|endoftext|>"
+        self.eos_token, self.pad_token = eos, pad
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> HFTokenizer:
+        from tokenizers import Tokenizer as _Tok
+
+        d = Path(directory)
+        path = d / "tokenizer.json"
+        try:
+            tok = _Tok.from_file(str(path))
+        except Exception as e:
+            raise TokenizerError(f"{path}: cannot load tokenizer.json ({e})") from None
+        config = {}
+        if (d / "tokenizer_config.json").is_file():
+            try:
+                config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{d / 'tokenizer_config.json'}: invalid JSON ({e})") from None
+        return cls(tok, config)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, idx: int) -> str | None:
+        return self._tok.id_to_token(int(idx))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (readable by ``transformers.AutoTokenizer``)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(d / "tokenizer.json"))
+        config = dict(self.config)
+        config.setdefault("tokenizer_class", "Qwen2Tokenizer")
+        config.update(eos_token=self.eos_token, pad_token=self.pad_token)
+        config.setdefault("bos_token", None)
+        config.setdefault("clean_up_tokenization_spaces", False)
+        config.setdefault("split_special_tokens", False)
+        (d / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
+        return d
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model whose special tokens are ``user_defined_symbols`` (always single pieces).
+
+    Trained with identity normalisation, no dummy prefix and byte fallback, so ``decode(encode(s)) == s`` for any
+    text, newlines and unicode included.
+    """
+
+    SPECIAL_FILE = "special_tokens.json"
+
+    def __init__(self, model_file: str | os.PathLike, special: dict | None = None) -> None:
+        import sentencepiece as spm
+
+        self.model_file = Path(model_file)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        except Exception as e:
+            raise TokenizerError(f"{self.model_file}: cannot load SentencePiece model ({e})") from None
+        special = dict(special or {})
+        self.special_tokens = tuple(special.get("special_tokens", DEFAULT_SPECIAL_TOKENS))
+        self.pad_token = special.get("pad_token", "<|endoftext|>")
+        self.eos_token = special.get("eos_token", "<|im_end|>")
+        for t in self.special_tokens:
+            idx = self._sp.piece_to_id(t)
+            if idx == self._sp.unk_id() or self._sp.id_to_piece(idx) != t:
+                raise TokenizerError(f"{self.model_file}: special token {t!r} is not a piece of the model")
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> SentencePieceTokenizer:
+        d = Path(directory)
+        special = {}
+        if (d / cls.SPECIAL_FILE).is_file():
+            try:
+                special = json.loads((d / cls.SPECIAL_FILE).read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{d / cls.SPECIAL_FILE}: invalid JSON ({e})") from None
+        return cls(d / "tokenizer.model", special)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text, out_type=int))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if not skip_special_tokens:
+            # sentencepiece drops control pieces only; user-defined ones decode to their text.
+            return self._sp.decode(ids)
+        skip = self.special_token_ids
+        return self._sp.decode([i for i in ids if i not in skip])
+
+    def token_to_id(self, token: str) -> int | None:
+        idx = self._sp.piece_to_id(token)
+        if idx == self._sp.unk_id() and token != self._sp.id_to_piece(idx):
+            return None
+        return idx
+
+    def id_to_token(self, idx: int) -> str | None:
+        idx = int(idx)
+        return self._sp.id_to_piece(idx) if 0 <= idx < self._sp.get_piece_size() else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        target = d / "tokenizer.model"
+        if target.resolve() != self.model_file.resolve():
+            target.write_bytes(self.model_file.read_bytes())
+        meta = {
+            "special_tokens": list(self.special_tokens),
+            "pad_token": self.pad_token,
+            "eos_token": self.eos_token,
+        }
+        (d / self.SPECIAL_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return d
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """Load the tokenizer saved in ``directory`` (``tokenizer.json`` wins over ``tokenizer.model``)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise TokenizerError(f"{d}: tokenizer directory not found")
+    if (d / "tokenizer.json").is_file():
+        return HFTokenizer.from_dir(d)
+    if (d / "tokenizer.model").is_file():
+        return SentencePieceTokenizer.from_dir(d)
+    raise TokenizerError(f"{d}: no tokenizer.json or tokenizer.model found")
+
+
+def train_sentencepiece(
+    texts_or_file: str | os.PathLike | Iterable[str],
+    vocab_size: int,
+    out_dir: str | os.PathLike,
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    model_type: str = "bpe",
+    pad_token: str = "<|endoftext|>",
+    eos_token: str = "<|im_end|>",
+) -> SentencePieceTokenizer:
+    """Train a SentencePiece model on a text file (one sentence per line) or an iterable of strings.
+
+    ``special_tokens`` become user-defined symbols right after ``<unk>`` (id 0), in order. ``vocab_size`` is a
+    soft limit: a small corpus gives a smaller vocabulary instead of an error.
+    """
+    import sentencepiece as spm
+
+    for t in (pad_token, eos_token):
+        if t not in special_tokens:
+            raise ValueError(f"{t!r} must be one of special_tokens {list(special_tokens)}")
+    min_size = 256 + len(special_tokens) + 1  # byte fallback pieces + specials + <unk>
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback needs at least {min_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(
+        model_prefix=str(out / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        user_defined_symbols=list(special_tokens),
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    if isinstance(texts_or_file, (str, os.PathLike)):
+        path = Path(texts_or_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: training corpus not found")
+        kwargs["input"] = str(path)
+    else:
+        lines = [t for text in texts_or_file for t in str(text).splitlines() if t.strip()]
+        if not lines:
+            raise ValueError("train_sentencepiece got no non-empty text")
+        kwargs["sentence_iterator"] = iter(lines)
+    try:
+        spm.SentencePieceTrainer.train(**kwargs)
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece training failed: {e}") from None
+    tok = SentencePieceTokenizer(out / "tokenizer.model", {"special_tokens": list(special_tokens)})
+    tok.pad_token, tok.eos_token = pad_token, eos_token
+    tok.save(out)
+    return tok
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m musicflamingo.tokenizer", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a SentencePiece tokenizer on a text corpus")
+    tr.add_argument("--input", required=True, help="text file, one sentence per line")
+    tr.add_argument("--vocab-size", type=int, default=2000)
+    tr.add_argument("--out", required=True, help="output directory (tokenizer.model + special_tokens.json)")
+    tr.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    args = parser.parse_args(argv)
+    tok = train_sentencepiece(args.input, args.vocab_size, args.out, model_type=args.model_type)
+    print(f"wrote {args.out}: vocab_size={tok.vocab_size} pad={tok.pad_token_id} eos={tok.eos_token_id}")
+
+
+if __name__ == "__main__":
+    main()
