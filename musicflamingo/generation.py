@@ -1,0 +1,145 @@
+"""Autoregressive generation: one prefill with audio, then one token at a time through a preallocated KV cache.
+
+Matches the reference `generate()`:
+* positions are `cumsum(attention_mask) - 1` so left-padded rows start at 0 (a plain forward uses arange);
+* the audio is encoded only during the prefill;
+* a row that emits a stop id keeps it, then is filled with `pad_token_id`; generation ends when every row
+  has stopped or after `max_new_tokens`.
+Sampling order is the reference's: temperature -> top-k -> top-p -> multinomial (seeded generator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from musicflamingo.model.qwen2 import KVCache
+
+
+def sample_next(
+    logits: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) float -> next token ids (B,)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    scores = logits / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cum <= (1 - top_p)
+        drop[..., -1:] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _stop_ids(model: torch.nn.Module, stop_token_ids: int | Sequence[int] | None) -> list[int]:
+    if stop_token_ids is None:
+        eos = model.config.text.eos_token_id
+        return [] if eos is None else [eos]
+    if isinstance(stop_token_ids, int):
+        return [stop_token_ids]
+    return list(stop_token_ids)
+
+
+@torch.inference_mode()
+def stream_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    input_features: torch.Tensor | None = None,
+    input_features_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    stop_token_ids: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    cache: KVCache | None = None,
+    **unused: object,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) per step. Finished rows yield `pad_token_id`."""
+    if max_new_tokens < 1:
+        return
+    device = model.device
+    input_ids = input_ids.to(device)
+    B, S = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    stops = torch.tensor(_stop_ids(model, stop_token_ids), device=device, dtype=torch.long)
+    if pad_token_id is None:
+        pad_token_id = model.config.text.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = int(stops[0]) if stops.numel() else 0
+    if generator is None and do_sample:
+        generator = torch.Generator(device=device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+
+    # One buffer for the whole run: the mask grows by writing a 1, never by concatenation.
+    total = S + max_new_tokens
+    mask = torch.zeros(B, total, dtype=attention_mask.dtype, device=device)
+    mask[:, :S] = attention_mask
+    if cache is None or cache.max_length < total or cache.keys.shape[1] != B:
+        cache = KVCache.for_config(model.config.text, B, total, model.dtype, device)
+    cache.reset()
+
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    if input_features is not None:
+        input_features = input_features.to(device)
+        if input_features_mask is not None:
+            input_features_mask = input_features_mask.to(device)
+    out = model(
+        input_ids,
+        attention_mask=mask[:, :S],
+        input_features=input_features,
+        input_features_mask=input_features_mask,
+        position_ids=positions,
+        cache=cache,
+        logits_to_keep=1,
+    )
+    next_pos = positions[:, -1:] + 1  # (B, 1)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        tok = sample_next(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        yield tok
+        finished |= torch.isin(tok, stops)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask[:, S + step] = 1
+        out = model(
+            tok[:, None],
+            attention_mask=mask[:, : S + step + 1],
+            position_ids=next_pos,
+            cache=cache,
+            logits_to_keep=1,
+        )
+        next_pos = next_pos + 1
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """Prompt plus generated ids, (B, S + new); `new` <= max_new_tokens (fewer when every row stopped)."""
+    new = list(stream_generate(model, input_ids, **kwargs))
+    input_ids = input_ids.to(model.device)
+    if not new:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

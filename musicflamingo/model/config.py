@@ -1,0 +1,443 @@
+"""Typed model configuration: audio encoder, Qwen2 decoder, and the Music Flamingo glue.
+
+`MusicFlamingoConfig.from_hf_dict` / `to_hf_dict` read and write the reference `config.json` (model_type
+"musicflamingo", nested `audio_config` of type "audioflamingo3_encoder" and `text_config` of type "qwen2").
+Presets live in `PRESETS` and are built with `MusicFlamingoConfig.from_name(name, **overrides)`.
+
+Every config is validated in `__post_init__` before any tensor exists, so a hostile or mistyped `config.json`
+cannot ask for terabytes: `ConfigError` names the field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is missing, mistyped or out of bounds."""
+
+
+# Upper bounds far above any real model, low enough that nothing absurd gets allocated.
+_MAX_DIM = 65_536
+_MAX_LAYERS = 512
+_MAX_VOCAB = 4_000_000
+_MAX_POSITIONS = 10_000_000
+MAX_PARAMETERS = 200_000_000_000
+
+
+def _check_int(obj: Any, name: str, lo: int, hi: int, where: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}.{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where}.{name}={value} is outside the allowed range [{lo}, {hi}]")
+
+
+def _check_float(obj: Any, name: str, lo: float, hi: float, where: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where}.{name} must be a finite number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where}.{name}={value} is outside the allowed range [{lo}, {hi}]")
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Whisper-style encoder (AudioFlamingo3Encoder). `max_source_positions` = mel frames per window / 2."""
+
+    num_mel_bins: int = 128
+    hidden_size: int = 1280
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 20
+    intermediate_size: int = 5120
+    max_source_positions: int = 1500
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    scale_embedding: bool = False
+
+    def __post_init__(self) -> None:
+        w = "audio_config"
+        _check_int(self, "num_mel_bins", 1, 1024, w)
+        _check_int(self, "hidden_size", 1, _MAX_DIM, w)
+        _check_int(self, "num_hidden_layers", 0, _MAX_LAYERS, w)
+        _check_int(self, "num_attention_heads", 1, 1024, w)
+        _check_int(self, "intermediate_size", 1, 8 * _MAX_DIM, w)
+        _check_int(self, "max_source_positions", 2, 1_000_000, w)
+        _check_float(self, "layer_norm_eps", 0.0, 1.0, w)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"audio_config.hidden_size={self.hidden_size} must be divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.max_source_positions % 2:
+            raise ConfigError(
+                f"audio_config.max_source_positions={self.max_source_positions} must be even (avg pool 2)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mel_frames(self) -> int:
+        """Mel frames per window: conv2 halves them to `max_source_positions`."""
+        return 2 * self.max_source_positions
+
+    @property
+    def tokens_per_window(self) -> int:
+        """Post-pool frames per full window (750 for 30 s)."""
+        return self.max_source_positions // 2
+
+
+@dataclass
+class TextConfig:
+    """Qwen2 decoder."""
+
+    vocab_size: int = 151672
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 151643
+    eos_token_id: int | None = 151645
+    pad_token_id: int | None = 151643
+
+    def __post_init__(self) -> None:
+        w = "text_config"
+        _check_int(self, "vocab_size", 1, _MAX_VOCAB, w)
+        _check_int(self, "hidden_size", 1, _MAX_DIM, w)
+        _check_int(self, "intermediate_size", 1, 8 * _MAX_DIM, w)
+        _check_int(self, "num_hidden_layers", 0, _MAX_LAYERS, w)
+        _check_int(self, "num_attention_heads", 1, 1024, w)
+        _check_int(self, "num_key_value_heads", 1, 1024, w)
+        _check_int(self, "max_position_embeddings", 1, _MAX_POSITIONS, w)
+        _check_float(self, "rope_theta", 1.0, 1e12, w)
+        _check_float(self, "rms_norm_eps", 0.0, 1.0, w)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"text_config.hidden_size={self.hidden_size} must be divisible by "
+                    f"num_attention_heads={self.num_attention_heads} (or set head_dim)"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _check_int(self, "head_dim", 2, 4096, w)
+        if self.head_dim % 2:
+            raise ConfigError(f"text_config.head_dim={self.head_dim} must be even for RoPE")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"text_config.num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(self, name, 0, self.vocab_size - 1, w)
+
+
+@dataclass
+class MusicFlamingoConfig:
+    """Music Flamingo: encoder -> RoTE -> projector -> Qwen2, with audio spliced at `audio_token_id`."""
+
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    audio_token_id: int = 151669
+    audio_bos_token_id: int = 151670
+    audio_eos_token_id: int = 151671
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    audio_frame_step: float = 0.01  # seconds per input mel frame (hop 160 at 16 kHz)
+    rote_theta: float = 1200.0  # also RoTE's "max positions" (HF sets max_position_embeddings = rope_theta)
+    rote_partial_rotary_factor: float = 0.2  # rotated dims per axis = int(audio.hidden_size * factor)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.audio, dict):
+            self.audio = AudioEncoderConfig(**self.audio)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        w = "config"
+        for name in ("audio_token_id", "audio_bos_token_id", "audio_eos_token_id"):
+            _check_int(self, name, 0, self.text.vocab_size - 1, w)
+        if self.projector_hidden_act != "gelu":
+            raise ConfigError(
+                f"config.projector_hidden_act={self.projector_hidden_act!r}: only 'gelu' is supported"
+            )
+        _check_float(self, "audio_frame_step", 1e-5, 1.0, w)
+        _check_float(self, "rote_theta", 1.0, 1e9, w)
+        _check_float(self, "rote_partial_rotary_factor", 0.0, 0.5, w)
+        if self.rote_dim_per_axis % 2:
+            raise ConfigError(
+                f"RoTE dims per axis int({self.audio.hidden_size}*{self.rote_partial_rotary_factor})="
+                f"{self.rote_dim_per_axis} must be even"
+            )
+        n = self.num_parameters()
+        if n > MAX_PARAMETERS:
+            raise ConfigError(
+                f"config describes {n:,} parameters, above the limit of {MAX_PARAMETERS:,}; refusing"
+            )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def rote_dim_per_axis(self) -> int:
+        return int(self.audio.hidden_size * self.rote_partial_rotary_factor)
+
+    @property
+    def window_seconds(self) -> float:
+        """Audio seconds per encoder window (30.0 for the released checkpoint)."""
+        return self.audio.mel_frames * self.audio_frame_step
+
+    def num_parameters(self) -> int:
+        """Exact parameter count, computed from the config alone (no allocation)."""
+        a, t = self.audio, self.text
+        d, f = a.hidden_size, a.intermediate_size
+        enc_layer = 4 * d * d + 3 * d + 2 * d * f + f + d + 4 * d  # k_proj has no bias; 2 LayerNorms
+        enc = a.num_mel_bins * d * 3 + d + d * d * 3 + d + a.max_source_positions * d
+        enc += a.num_hidden_layers * enc_layer + 2 * d
+        proj = (
+            d * t.hidden_size
+            + t.hidden_size * t.hidden_size
+            + (2 * t.hidden_size if self.projector_bias else 0)
+        )
+        h, kv = t.hidden_size, t.num_key_value_heads * t.head_dim
+        q = t.num_attention_heads * t.head_dim
+        lm_layer = h * q + q + 2 * (h * kv + kv) + q * h + 3 * h * t.intermediate_size + 2 * h
+        lm = t.vocab_size * h + t.num_hidden_layers * lm_layer + h
+        head = 0 if t.tie_word_embeddings else t.vocab_size * h
+        return enc + proj + lm + head
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> MusicFlamingoConfig:
+        """Build a preset; `overrides` may set top-level fields or `audio={...}` / `text={...}` partial dicts."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        base = PRESETS[name]
+        audio = {**base.get("audio", {}), **(overrides.pop("audio", None) or {})}
+        text = {**base.get("text", {}), **(overrides.pop("text", None) or {})}
+        top = {k: v for k, v in base.items() if k not in ("audio", "text")}
+        top.update(overrides)
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(top) - valid)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid: {sorted(valid)}")
+        top.setdefault("name", name)
+        return cls(
+            audio=_make(AudioEncoderConfig, audio, "audio"), text=_make(TextConfig, text, "text"), **top
+        )
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> MusicFlamingoConfig:
+        """Parse the reference `config.json` (transformers >= 5.5 layout)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type")
+        if model_type != "musicflamingo":
+            raise ConfigError(f"{source}: model_type={model_type!r}, expected 'musicflamingo'")
+        ac, tc = d.get("audio_config"), d.get("text_config")
+        if not isinstance(ac, dict) or not isinstance(tc, dict):
+            raise ConfigError(f"{source}: 'audio_config' and 'text_config' must be JSON objects")
+
+        def pick(sub: dict, *names: str, default: Any = None) -> Any:
+            for n in names:
+                if n in sub and sub[n] is not None:
+                    return sub[n]
+            return default
+
+        try:
+            audio = AudioEncoderConfig(
+                num_mel_bins=pick(ac, "num_mel_bins", default=128),
+                hidden_size=pick(ac, "hidden_size", "d_model", default=1280),
+                num_hidden_layers=pick(ac, "num_hidden_layers", "encoder_layers", default=32),
+                num_attention_heads=pick(ac, "num_attention_heads", "encoder_attention_heads", default=20),
+                intermediate_size=pick(ac, "intermediate_size", "encoder_ffn_dim", default=5120),
+                max_source_positions=pick(ac, "max_source_positions", default=1500),
+                scale_embedding=bool(pick(ac, "scale_embedding", default=False)),
+            )
+            rope = tc.get("rope_parameters") or {}
+            eos = tc.get("eos_token_id")
+            if isinstance(eos, list):  # generation-style list: keep the first as the canonical eos
+                eos = eos[0] if eos else None
+            text = TextConfig(
+                vocab_size=pick(tc, "vocab_size", default=151672),
+                hidden_size=pick(tc, "hidden_size", default=3584),
+                intermediate_size=pick(tc, "intermediate_size", default=18944),
+                num_hidden_layers=pick(tc, "num_hidden_layers", default=28),
+                num_attention_heads=pick(tc, "num_attention_heads", default=28),
+                num_key_value_heads=pick(tc, "num_key_value_heads", default=4),
+                head_dim=pick(tc, "head_dim"),
+                rope_theta=float(rope.get("rope_theta", tc.get("rope_theta", 1_000_000.0))),
+                rms_norm_eps=pick(tc, "rms_norm_eps", default=1e-6),
+                max_position_embeddings=pick(tc, "max_position_embeddings", default=32768),
+                tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
+                bos_token_id=tc.get("bos_token_id"),
+                eos_token_id=eos,
+                pad_token_id=tc.get("pad_token_id"),
+            )
+            rote = d.get("rope_parameters") or {}
+            if rote.get("rope_type", "default") != "default":
+                raise ConfigError(
+                    f"{source}: rope_parameters.rope_type={rote.get('rope_type')!r}, expected 'default'"
+                )
+            return cls(
+                audio=audio,
+                text=text,
+                audio_token_id=d.get("audio_token_id", 151669),
+                audio_bos_token_id=d.get("audio_bos_token_id", 151670),
+                audio_eos_token_id=d.get("audio_eos_token_id", 151671),
+                projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+                projector_bias=bool(d.get("projector_bias", True)),
+                audio_frame_step=d.get("audio_frame_step", 0.01),
+                rote_theta=float(rote.get("rope_theta", 1200.0)),
+                rote_partial_rotary_factor=float(rote.get("partial_rotary_factor", 0.2)),
+                name=d.get("_musicflamingo_preset", "custom"),
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:  # e.g. a string where a number belongs
+            raise ConfigError(f"{source}: invalid value type: {e}") from None
+
+    def to_hf_dict(self, dtype: str | None = None) -> dict[str, Any]:
+        """The reference `config.json` layout, loadable by `transformers` >= 5.5."""
+        a, t = self.audio, self.text
+        return {
+            "architectures": ["MusicFlamingoForConditionalGeneration"],
+            "model_type": "musicflamingo",
+            "audio_config": {
+                "model_type": "audioflamingo3_encoder",
+                "num_mel_bins": a.num_mel_bins,
+                "hidden_size": a.hidden_size,
+                "num_hidden_layers": a.num_hidden_layers,
+                "num_attention_heads": a.num_attention_heads,
+                "intermediate_size": a.intermediate_size,
+                "max_source_positions": a.max_source_positions,
+                "activation_function": "gelu",
+                "scale_embedding": a.scale_embedding,
+                "dropout": 0.0,
+                "attention_dropout": 0.0,
+                "activation_dropout": 0.0,
+                "layerdrop": 0.0,
+            },
+            "text_config": {
+                "model_type": "qwen2",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads,
+                "num_key_value_heads": t.num_key_value_heads,
+                "head_dim": t.head_dim,
+                "hidden_act": "silu",
+                "rms_norm_eps": t.rms_norm_eps,
+                "max_position_embeddings": t.max_position_embeddings,
+                "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+                "tie_word_embeddings": t.tie_word_embeddings,
+                "bos_token_id": t.bos_token_id,
+                "eos_token_id": t.eos_token_id,
+                "pad_token_id": t.pad_token_id,
+                "use_cache": True,
+            },
+            "audio_token_id": self.audio_token_id,
+            "audio_bos_token_id": self.audio_bos_token_id,
+            "audio_eos_token_id": self.audio_eos_token_id,
+            "projector_hidden_act": self.projector_hidden_act,
+            "projector_bias": self.projector_bias,
+            "audio_frame_step": self.audio_frame_step,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": self.rote_theta,
+                "partial_rotary_factor": self.rote_partial_rotary_factor,
+            },
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "dtype": dtype or "float32",
+            "_musicflamingo_preset": self.name,
+        }
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> MusicFlamingoConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config.json not found")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=str(path))
+
+    def to_json(self, path: str | Path, dtype: str | None = None) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(dtype), indent=2) + "\n")
+
+    def replace(self, **changes: Any) -> MusicFlamingoConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _make(cls: type, values: dict[str, Any], where: str) -> Any:
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ConfigError(f"unknown {where} config field(s) {unknown}; valid: {sorted(valid)}")
+    return cls(**values)
+
+
+# Named presets. `tiny` is for tests (token ids get overridden by the test tokenizer), `small` trains from scratch
+# on CPU (10 s windows: 1000 mel frames -> 250 audio tokens per window), `music_flamingo_2601` is the release.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "audio": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+        "text": dict(
+            vocab_size=303,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            bos_token_id=None,
+            eos_token_id=299,
+            pad_token_id=297,
+        ),
+        # The ids of the tests' tiny byte-level BPE (tests/tiny_assets.py): <|endoftext|> 297, <|im_end|> 299.
+        "audio_token_id": 300,
+        "audio_bos_token_id": 301,
+        "audio_eos_token_id": 302,
+    },
+    "small": {
+        "audio": dict(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            max_source_positions=500,
+        ),
+        "text": dict(
+            vocab_size=2048,
+            hidden_size=384,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            rope_theta=10000.0,
+            bos_token_id=None,
+            eos_token_id=3,
+            pad_token_id=0,
+        ),
+        "audio_token_id": 4,
+        "audio_bos_token_id": 5,
+        "audio_eos_token_id": 6,
+    },
+    "music_flamingo_2601": {},
+}

@@ -1,0 +1,117 @@
+"""Whisper-style audio encoder (the reference's `AudioFlamingo3Encoder`).
+
+conv stem -> learned positions -> pre-LN transformer blocks -> AvgPool(2) -> LayerNorm.
+Shapes for the released checkpoint: (W, 128, 3000) mel -> (W, 1500, 1280) after conv2 -> (W, 750, 1280).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from musicflamingo.model.config import AudioEncoderConfig
+
+
+def conv_output_lengths(mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid lengths after conv2 (stride 2) and after the avg pool: `(L1, post_len)`.
+
+    `post_len = ((L - 1)//2 + 1 - 2)//2 + 1` is the reference's `_get_feat_extract_output_lengths`; it is 750 for
+    3000 mel frames and 0 for a window with at most 2 valid frames (see the RoTE quirk in rote.py).
+    """
+    after_conv = (mel_lengths - 1) // 2 + 1
+    post = (after_conv - 2) // 2 + 1
+    return after_conv, post
+
+
+class EncoderAttention(nn.Module):
+    """Bidirectional multi-head attention. Footgun: Whisper's `k_proj` has NO bias; q is scaled before SDPA."""
+
+    def __init__(self, config: AudioEncoderConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(d, d, bias=True)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=True)
+        self.out_proj = nn.Linear(d, d, bias=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (W, T, D); mask: None or bool (W, 1, 1, T) of visible keys."""
+        W, T, _ = x.shape
+        shape = (W, T, self.num_heads, self.head_dim)
+        # The reference multiplies q by the scale *before* attention and calls SDPA with scale=1.0; doing it the
+        # other way round is mathematically equal but not bit-equal.
+        q = (self.q_proj(x) * self.scaling).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (W, H, T, hd)
+        return self.out_proj(a.transpose(1, 2).reshape(W, T, -1))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: AudioEncoderConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.self_attn = EncoderAttention(config)
+        self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(d, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, d)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.self_attn(self.self_attn_layer_norm(h), mask)
+        h = h + self.fc2(F.gelu(self.fc1(self.final_layer_norm(h))))
+        if h.dtype == torch.float16:  # the reference clamps fp16 activations to avoid inf
+            limit = torch.finfo(h.dtype).max - 1000
+            h = h.clamp(-limit, limit)
+        return h
+
+
+class AudioEncoder(nn.Module):
+    """Mel windows -> pooled, normalised frames.
+
+    The frame mask is used only through its per-window count (a prefix mask), exactly like the reference.
+    """
+
+    def __init__(self, config: AudioEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.conv1 = nn.Conv1d(config.num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        # Loaded from the checkpoint (not recomputed sinusoids) and frozen, as in the reference.
+        self.embed_positions = nn.Embedding(config.max_source_positions, d)
+        self.embed_positions.requires_grad_(False)
+        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, features: torch.Tensor, features_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """features: (W, n_mels, 2*P) in model dtype; features_mask: (W, 2*P) ints -> (W, P/2, D)."""
+        W, n_mels, n_frames = features.shape
+        expected = self.config.mel_frames
+        if n_mels != self.config.num_mel_bins or n_frames != expected:
+            raise ValueError(
+                f"input_features has shape {tuple(features.shape)}; the encoder expects "
+                f"(windows, {self.config.num_mel_bins}, {expected})"
+            )
+        h = F.gelu(self.conv1(features))
+        h = F.gelu(self.conv2(h)).permute(0, 2, 1)  # (W, P, D)
+        h = h + self.embed_positions.weight
+        mask = None
+        if features_mask is not None:
+            lengths, _ = conv_output_lengths(features_mask.sum(-1).long())  # (W,)
+            if bool(
+                (lengths < h.shape[1]).any()
+            ):  # any padding: SDPA needs a key mask; else the dense-free path
+                mask = (torch.arange(h.shape[1], device=h.device) < lengths[:, None])[:, None, None, :]
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, mask, use_reentrant=False)
+            else:
+                h = layer(h, mask)
+        h = F.avg_pool1d(h.permute(0, 2, 1), kernel_size=2, stride=2).permute(0, 2, 1)  # (W, P/2, D)
+        return self.layer_norm(h)

@@ -1,0 +1,219 @@
+"""Music Flamingo: audio encoder -> RoTE -> projector, spliced into a Qwen2 decoder at `<sound>` placeholders.
+
+input_features (W, 128, 3000) --audio_tower--> (W, 750, 1280) --RoTE--> --projector--> (W, 750, 3584)
+keep rows j < post_len[w], window-major -> (N_audio, 3584)
+embed_tokens(input_ids) (B, S, 3584); audio rows replace the <sound> positions in row-major order
+Qwen2 -> norm -> lm_head -> logits (B, S, vocab)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from musicflamingo.model.config import MusicFlamingoConfig
+from musicflamingo.model.encoder import AudioEncoder, conv_output_lengths
+from musicflamingo.model.projector import AudioProjector
+from musicflamingo.model.qwen2 import KVCache, Qwen2Model
+from musicflamingo.model.rote import RotaryTimeEmbedding, apply_rotary_time_emb, build_audio_timestamps
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MusicFlamingoOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    num_label_tokens: int = 0
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 2048
+) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of `head(hidden[:, t])` against `labels[:, t+1]`, ignoring -100.
+
+    The shift convention: labels are aligned with input_ids, position t predicts token t+1. Only labelled
+    positions go through the head, in chunks, and under autograd each chunk is checkpointed, so float32 logits
+    for the whole sequence never exist at once (forward or backward). Returns `(loss, n_label_tokens)`; the loss
+    is 0 (with a graph) when nothing is labelled, where the reference would return NaN.
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1).to(h.device)
+    keep = y != IGNORE_INDEX
+    h, y = h[keep], y[keep]
+    n = int(y.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+
+    def chunk_loss(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(hc).float(), yc, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk_size):
+        hc, yc = h[i : i + chunk_size], y[i : i + chunk_size]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False)
+        else:
+            total = total + chunk_loss(hc, yc)
+    return total / n, n
+
+
+class MusicFlamingo(nn.Module):
+    """The full model. Module names follow the checkpoint (see `musicflamingo.checkpoint.NAME_TABLE`)."""
+
+    def __init__(self, config: MusicFlamingoConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.audio_tower = AudioEncoder(config.audio)
+        self.pos_emb = RotaryTimeEmbedding(config)
+        self.multi_modal_projector = AudioProjector(config)
+        self.language_model = Qwen2Model(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.rote_quirk = True  # reproduce the reference's zero-length-last-window attribution (see rote.py)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute the float32 rotary buffers (after meta init, `.to(dtype)` or loading)."""
+        device = torch.device(device) if device is not None else self.device
+        self.pos_emb.reset_buffers(device)
+        self.language_model.rotary_emb.reset_buffers(device)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.audio_tower.gradient_checkpointing = enabled
+        self.language_model.gradient_checkpointing = enabled
+
+    # ------------------------------------------------------------------ audio
+    def encode_audio(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None, input_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """(W, n_mels, F) features -> (N_valid_frames, D_text) audio embeddings in window-major order."""
+        W = input_features.shape[0]
+        if input_features_mask is None:
+            input_features_mask = torch.ones(
+                W, input_features.shape[-1], dtype=torch.long, device=input_features.device
+            )
+        features = input_features.to(dtype=self.dtype)
+        h = self.audio_tower(features, input_features_mask)  # (W, T, D_a)
+        _, post_len = conv_output_lengths(input_features_mask.sum(-1).long())  # (W,)
+        timestamps = build_audio_timestamps(
+            input_ids,
+            post_len,
+            h.shape[1],
+            self.config.audio_token_id,
+            self.config.audio_frame_step,
+            quirk=self.rote_quirk,
+        )
+        cos, sin = self.pos_emb(timestamps.to(h.device))
+        h = apply_rotary_time_emb(h, cos, sin)
+        e = self.multi_modal_projector(h)  # (W, T, D_t)
+        valid = torch.arange(e.shape[1], device=e.device)[None, :] < post_len.to(e.device)[:, None]
+        return e[valid]
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with audio frames spliced into the `<sound>` positions: (B, S, D_t)."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        placeholder = input_ids == self.config.audio_token_id
+        if input_features is None:
+            n = int(placeholder.sum())
+            if n:
+                raise ValueError(
+                    f"input_ids contain {n} <sound> placeholder tokens but no input_features were given"
+                )
+            return embeds
+        audio = self.encode_audio(input_features, input_features_mask, input_ids)
+        n_tokens, n_frames = int(placeholder.sum()), audio.shape[0]
+        if n_tokens != n_frames:
+            raise ValueError(
+                f"audio placeholder tokens and audio frames do not match: {n_tokens} <sound> tokens, "
+                f"{n_frames} audio frames"
+            )
+        # masked_scatter fills in row-major (batch, then sequence) order: the i-th audio lands in the i-th run.
+        return embeds.masked_scatter(placeholder[..., None], audio.to(embeds.dtype))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool = True,
+        logits_to_keep: int = 0,
+        **unused: Any,
+    ) -> MusicFlamingoOutput:
+        """input_ids (B, S) -> logits (B, S, V) and, with `labels` (B, S), the mean shifted cross-entropy.
+
+        `return_logits=False` skips the full logits (training): only labelled positions reach the head.
+        `logits_to_keep=k` keeps the last k positions (generation). Extra keys (e.g. `lengths`) are ignored so a
+        collated batch or the processor's output can be passed as `**batch`.
+        """
+        embeds = self.embed(input_ids, input_features, input_features_mask)
+        hidden = self.language_model(
+            embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache
+        )
+        out = MusicFlamingoOutput()
+        if labels is not None:
+            out.loss, out.num_label_tokens = causal_lm_loss(hidden, labels, self.lm_head)
+        if return_logits:
+            h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            out.logits = self.lm_head(h)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints and generation
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> MusicFlamingo:
+        """Load a Hugging Face layout folder (config.json + safetensors). See `musicflamingo.checkpoint`."""
+        from musicflamingo.checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json + safetensors in the reference layout (loadable by `transformers`)."""
+        from musicflamingo.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Prompt plus new ids (B, S + new); see `musicflamingo.generation.generate`."""
+        from musicflamingo.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def stream_generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Yield the new token of every row (B,) per step; see `musicflamingo.generation.stream_generate`."""
+        from musicflamingo.generation import stream_generate
+
+        return stream_generate(self, input_ids, **kwargs)

@@ -1,0 +1,253 @@
+"""Qwen2 decoder: GQA with q/k/v bias, RMSNorm, half-split RoPE, SwiGLU MLP, and an explicit KV cache.
+
+Numerics follow the reference `Qwen2Model` (transformers >= 5.5) with SDPA:
+* RMSNorm computes in float32 and casts back *before* the weight multiply.
+* RoPE cos/sin are computed in float32 from float32 `inv_freq`, then cast to the activation dtype.
+* No padding and no cache -> SDPA's `is_causal` fast path with no dense mask; otherwise a boolean
+  `(B, 1, T, past+T)` mask = causal & key-not-padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from musicflamingo.model.config import TextConfig
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, filled in place.
+
+    Lifecycle: `KVCache(...)` allocates `(layers, B, H_kv, max_length, head_dim)` once; each forward writes its
+    `T` new positions at `[length, length+T)` through `update()` and the model calls `advance(T)` after the last
+    layer; `reset()` empties it for reuse with the same shapes (no reallocation).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_length: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.length = 0
+
+    @classmethod
+    def for_config(
+        cls,
+        config: TextConfig,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
+        return cls(
+            config.num_hidden_layers,
+            batch_size,
+            max_length,
+            config.num_key_value_heads,
+            config.head_dim,
+            dtype,
+            device,
+        )
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, hd) at the current position; return all keys/values so far."""
+        T = k.shape[2]
+        end = self.length + T
+        if end > self.max_length:
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.max_length} allocated")
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only batch rows `index` (e.g. to drop finished rows)."""
+        self.keys = self.keys[:, index]
+        self.values = self.values[:, index]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)  # cast BEFORE the weight multiply, like the reference
+
+
+class RotaryEmbedding(nn.Module):
+    """Half-split RoPE. `inv_freq` is a float32 buffer recomputed from config, never loaded or cast."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        d = self.head_dim
+        return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+
+    def reset_buffers(self, device: torch.device) -> None:
+        self.inv_freq = self.compute_inv_freq(device)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        # `model.to(torch.bfloat16)` would cast these buffers and change the numbers: keep them float32.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.reset_buffers(self.inv_freq.device)
+        return self
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin (B, T, head_dim) in `dtype`."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """x (B, T, h); cos/sin (B, T, hd); mask None or bool (B, 1, T, past+T)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        c, s = cos[:, None], sin[:, None]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        gqa = self.num_heads != self.num_kv_heads
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        return self.o_proj(a.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h, cos, sin, mask, is_causal, cache):  # noqa: ANN001, ANN201 (hot path, see Attention)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """Return `(mask, is_causal)` for SDPA.
+
+    attention_mask: None or (B, past+q_len) with 1 = real token. Without padding no dense mask is built: the
+    prefill uses SDPA's `is_causal`, a single decode step needs no mask at all.
+    """
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if no_padding:
+        if past == 0:
+            return None, q_len > 1
+        if q_len == 1:
+            return None, False
+    kv_len = past + q_len
+    q_pos = torch.arange(past, kv_len, device=device)
+    causal = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]  # (T, kv)
+    mask = causal[None, None]
+    if not no_padding:
+        mask = mask & attention_mask[:, None, None, :kv_len].bool()
+    return mask, False
+
+
+class Qwen2Model(nn.Module):
+    """Embeddings + decoder stack + final norm (no head). Positions default to `past + arange(T)`."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds (B, T, h) -> hidden (B, T, h). attention_mask covers past+current keys."""
+        B, T, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        mask, is_causal = build_attention_mask(attention_mask, T, past, inputs_embeds.device)
+        h = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = torch.utils.checkpoint.checkpoint(
+                    layer, h, cos, sin, mask, is_causal, None, use_reentrant=False
+                )
+            else:
+                h = layer(h, cos, sin, mask, is_causal, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(h)

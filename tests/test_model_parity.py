@@ -1,0 +1,147 @@
+"""Parity of our model against the reference `transformers` implementation on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference_model import build_batch, make_reference_model, random_audio
+
+from musicflamingo import MusicFlamingo
+from musicflamingo.generation import generate
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory):
+    ref = make_reference_model(seed=0)
+    path = tmp_path_factory.mktemp("ref")
+    ref.save_pretrained(path)
+    return ref, path
+
+
+@pytest.fixture(scope="module")
+def ours(ref_dir):
+    return MusicFlamingo.from_pretrained(ref_dir[1], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def batch_b():
+    # Two audios of 35 s and 7.0048 s (112077 samples): 3 windows, left padding.
+    return build_batch([random_audio(35.0, seed=1), random_audio(samples=112077, seed=2)], [12, 5])
+
+
+def _ref_out(ref, batch):
+    with torch.no_grad():
+        return ref(**batch)
+
+
+def test_full_window_logits(ref_dir, ours):
+    ref, _ = ref_dir
+    batch = build_batch([random_audio(30.0, seed=3)], [10])
+    assert int(batch["input_features_mask"].sum()) == 3000
+    r = _ref_out(ref, batch)
+    with torch.no_grad():
+        o = ours(**batch)
+    assert (o.logits - r.logits).abs().max().item() <= 1e-5
+    assert abs(o.loss.item() - r.loss.item()) <= 1e-6
+
+
+def test_left_padded_two_audio_batch(ref_dir, ours, batch_b):
+    ref, _ = ref_dir
+    assert batch_b["input_features"].shape[0] == 3
+    assert int((batch_b["input_ids"] == 300).sum()) == 875 + 175
+    r = _ref_out(ref, batch_b)
+    with torch.no_grad():
+        o = ours(**batch_b)
+    valid = batch_b["attention_mask"].bool()
+    diff = (o.logits - r.logits)[valid].abs().max().item()
+    assert diff <= 1e-5, diff
+    assert abs(o.loss.item() - r.loss.item()) <= 1e-6
+
+
+def test_text_only(ref_dir, ours):
+    ref, _ = ref_dir
+    batch = build_batch([], [20, 9])
+    r = _ref_out(ref, batch)
+    with torch.no_grad():
+        o = ours(**batch)
+    valid = batch["attention_mask"].bool()
+    assert (o.logits - r.logits)[valid].abs().max().item() <= 1e-5
+    assert abs(o.loss.item() - r.loss.item()) <= 1e-6
+
+
+def test_greedy_generate_matches_reference(ref_dir, ours, batch_b):
+    ref, _ = ref_dir
+    inputs = {k: v for k, v in batch_b.items() if k != "labels"}
+    with torch.no_grad():
+        r = ref.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=297)
+    o = ours.generate(**inputs, max_new_tokens=20, do_sample=False, stop_token_ids=[])
+    assert o.shape == r.shape == (2, inputs["input_ids"].shape[1] + 20)
+    assert torch.equal(o, r)
+
+
+def test_kv_cache_matches_recomputation(ours, batch_b):
+    """Cached greedy decoding gives the same tokens as recomputing the whole sequence every step."""
+    inputs = {k: v for k, v in batch_b.items() if k != "labels"}
+    cached = generate(ours, **inputs, max_new_tokens=8, stop_token_ids=[])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(8):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = ours(
+                ids,
+                attention_mask=mask,
+                input_features=inputs["input_features"],
+                input_features_mask=inputs["input_features_mask"],
+                position_ids=pos,
+            ).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(cached, ids)
+
+
+def test_bf16_parity_and_float32_buffers(ref_dir):
+    _, path = ref_dir
+    from transformers import MusicFlamingoForConditionalGeneration
+
+    ref = MusicFlamingoForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ours = MusicFlamingo.from_pretrained(path, dtype=torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    assert ours.pos_emb.inv_freq.dtype == torch.float32
+    assert ours.pos_emb.position_angles.dtype == torch.float32
+    assert ours.language_model.rotary_emb.inv_freq.dtype == torch.float32
+    batch = build_batch([random_audio(35.0, seed=1), random_audio(samples=112077, seed=2)], [12, 5])
+    batch["input_features"] = batch["input_features"].to(torch.bfloat16)
+    with torch.no_grad():
+        r = ref(**batch).logits.float()
+        o = ours(**batch).logits.float()
+    valid = batch["attention_mask"].bool()
+    diff = (o - r)[valid].abs().max().item()
+    scale = r[valid].abs().max().item()
+    assert diff <= 0.02 * max(scale, 1.0), (diff, scale)
+    # .to(bfloat16) on our model keeps rotary buffers float32 (the reference's .to() would not).
+    ours.to(torch.bfloat16)
+    assert ours.pos_emb.position_angles.dtype == torch.float32
+
+
+def test_round_trip_save_loads_in_transformers(ref_dir, ours, batch_b, tmp_path):
+    ref, _ = ref_dir
+    from transformers import MusicFlamingoForConditionalGeneration
+
+    r = _ref_out(ref, batch_b).logits
+    valid = batch_b["attention_mask"].bool()
+    for shard in ("5GB", "200KB"):
+        out = tmp_path / f"ours-{shard}"
+        ours.save_pretrained(out, max_shard_size=shard)
+        if shard == "200KB":
+            assert (out / "model.safetensors.index.json").is_file()
+            assert len(list(out.glob("model-*.safetensors"))) > 1
+        back = MusicFlamingoForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            b = back(**batch_b).logits
+        assert (b - r)[valid].abs().max().item() <= 1e-5
+        again = MusicFlamingo.from_pretrained(out)
+        with torch.no_grad():
+            assert torch.equal(again(**batch_b).logits, ours(**batch_b).logits)
