@@ -178,11 +178,6 @@ class MusicFlamingoConfig:
         _check_float(self, "audio_frame_step", 1e-5, 1.0, w)
         _check_float(self, "rote_theta", 1.0, 1e9, w)
         _check_float(self, "rote_partial_rotary_factor", 0.0, 0.5, w)
-        if self.rote_dim_per_axis % 2:
-            raise ConfigError(
-                f"RoTE dims per axis int({self.audio.hidden_size}*{self.rote_partial_rotary_factor})="
-                f"{self.rote_dim_per_axis} must be even"
-            )
         n = self.num_parameters()
         if n > MAX_PARAMETERS:
             raise ConfigError(
