@@ -287,7 +287,7 @@ class MusicFlamingoProcessor:
             audio=audios or None,
             output_labels=output_labels,
             padding_side=padding_side,
-            _sources=sources,
+            sources=sources,
         )
         return out if return_dict else out["input_ids"]
 
@@ -298,7 +298,7 @@ class MusicFlamingoProcessor:
         audio: AudioInput | Sequence[AudioInput] | None = None,
         output_labels: bool = False,
         padding_side: str = "left",
-        _sources: Sequence[str] | None = None,
+        sources: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Tokenize ``text`` (one string or a batch) and featurize ``audio`` (the i-th audio fills the i-th
         ``<sound>`` across the batch).
@@ -307,6 +307,8 @@ class MusicFlamingoProcessor:
             ``input_ids`` / ``attention_mask`` int64 ``[B, S]`` (padded on ``padding_side``), and when audio is given
             ``input_features`` float32 ``[W, feature_size, F]`` and ``input_features_mask`` int32 ``[W, F]``;
             ``labels`` int64 ``[B, S]`` when ``output_labels``.
+
+        ``sources`` (optional, one per audio) names the audios in warnings, e.g. the truncation warning.
         """
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -328,7 +330,7 @@ class MusicFlamingoProcessor:
         out: dict[str, torch.Tensor] = {}
         counts: list[int] = []
         if audios:
-            feats, mask, counts = self.prepare_audio(audios, _sources)
+            feats, mask, counts = self.prepare_audio(audios, sources)
             out["input_features"], out["input_features_mask"] = feats, mask
         rows, k = [], 0
         for t, n in zip(texts, per_text):

@@ -1,5 +1,8 @@
 """Audio decoding: formats, resampling, mono, segments and errors that name the file."""
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -22,6 +25,16 @@ def test_formats_recover_frequency_and_duration(tmp_path, ext):
     assert abs(len(x) / 16000 - 1.5) < 0.03  # lossy codecs may pad a few ms
     assert abs(_peak_hz(x) - 660) < 2
     assert 0.3 < np.abs(x).max() <= 1.0
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line")
+def test_ffmpeg_fallback_for_other_formats(tmp_path):
+    wav = write_audio(tmp_path / "src.wav", make_tone(700, 2.0, sr=44100), 44100)
+    m4a = tmp_path / "tone.m4a"  # AAC: libsndfile cannot read it
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), str(m4a)], check=True)
+    x = load_audio(m4a)
+    assert abs(len(x) / 16000 - 2.0) < 0.05 and abs(_peak_hz(x) - 700) < 2
+    assert len(load_audio(m4a, offset=0.5, duration=1.0)) == 16000
 
 
 def test_stereo_44k1_becomes_16k_mono(tmp_path):
