@@ -1,0 +1,103 @@
+"""Batch per-sample dicts from :class:`~musicflamingo.data.dataset.ConversationDataset` into padded tensors.
+
+Shift convention (the one place it is written down)
+---------------------------------------------------
+``labels`` are aligned with ``input_ids``: ``labels[b, t]`` is the target *for the token at position t*, i.e.
+``input_ids[b, t]`` itself or -100 where the loss ignores it. The model predicts token ``t + 1`` from position
+``t``, so the loss compares ``logits[:, :-1]`` with ``labels[:, 1:]``::
+
+    loss = cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+(the reference ``ForCausalLMLoss``). Nothing here shifts; the model does. Example: ``input_ids = [a, b, c]`` with
+``labels = [-100, b, c]`` trains ``a -> b`` and ``b -> c``; position 0 is never a target.
+
+Padding
+-------
+Training pads on the right (the default): real tokens then sit at positions ``0..len-1`` and the model's default
+``arange`` positions are right. Left padding (``padding_side="left"``) is for batched generation, where the
+prompt must end at the last column; positions there are ``cumsum(attention_mask) - 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def collate(
+    samples: Sequence[dict[str, Any] | None],
+    pad_token_id: int,
+    padding_side: str = "right",
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, Any]:
+    """Pad and stack samples; skipped samples (``None`` or :class:`~musicflamingo.data.dataset.BadSample`) drop out.
+
+    Args:
+        samples: dicts with ``input_ids`` [S_i] long, ``labels`` [S_i] long, ``input_features`` [w_i, 128, F]
+            float32, ``input_features_mask`` [w_i, F] int32 (``w_i`` may be 0), ``num_audio_tokens`` int, ``id``.
+        pad_token_id: id written into padded ``input_ids`` positions.
+        padding_side: ``"right"`` (training) or ``"left"`` (generation).
+        pad_to_multiple_of: round the padded length ``S`` up to a multiple of this.
+    Returns:
+        ``input_ids`` [B, S] long, ``attention_mask`` [B, S] long (1 = real token), ``labels`` [B, S] long (-100 on
+        padding), ``input_features`` [W, 128, F] float32 with all samples' windows concatenated in sample order
+        (``None`` when the batch has no audio), ``input_features_mask`` [W, F] int32 (or ``None``), ``lengths`` [B]
+        long (real lengths), ``num_tokens`` int (sum of real lengths), ``num_audio_tokens`` [B] long, ``ids``
+        list[str], ``num_samples`` int (samples requested, skipped ones included) and ``bad_samples`` (the
+        :class:`~musicflamingo.data.dataset.BadSample` markers of skipped samples, for the main process to count).
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    good = [s for s in samples if isinstance(s, dict)]
+    bad = [s for s in samples if s is not None and not isinstance(s, dict)]
+    lengths = [int(s["input_ids"].shape[0]) for s in good]
+    seq_len = max(lengths, default=0)
+    if pad_to_multiple_of and seq_len % pad_to_multiple_of:
+        seq_len += pad_to_multiple_of - seq_len % pad_to_multiple_of
+
+    batch_size = len(good)
+    input_ids = torch.full((batch_size, seq_len), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)
+    for b, (s, n) in enumerate(zip(good, lengths)):
+        cols = slice(0, n) if padding_side == "right" else slice(seq_len - n, seq_len)
+        input_ids[b, cols] = s["input_ids"]
+        labels[b, cols] = s["labels"]
+        attention_mask[b, cols] = 1
+
+    feats = [
+        s["input_features"] for s in good if s.get("input_features") is not None and len(s["input_features"])
+    ]
+    masks = [
+        s["input_features_mask"]
+        for s in good
+        if s.get("input_features") is not None and len(s["input_features"])
+    ]
+    if feats:
+        frames = {tuple(f.shape[1:]) for f in feats}
+        if len(frames) != 1:
+            raise ValueError(
+                f"samples have windows of different shapes {sorted(frames)}; expected one [128, F]"
+            )
+        input_features = torch.cat(feats, dim=0)  # (W, 128, F)
+        input_features_mask = torch.cat(masks, dim=0)  # (W, F)
+    else:
+        input_features = input_features_mask = None
+
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "input_features": input_features,
+        "input_features_mask": input_features_mask,
+        "lengths": torch.tensor(lengths, dtype=torch.long),
+        "num_tokens": int(sum(lengths)),
+        "num_audio_tokens": torch.tensor([int(s.get("num_audio_tokens", 0)) for s in good], dtype=torch.long),
+        "ids": [s.get("id") for s in good],
+        "num_samples": len(samples),
+        "bad_samples": bad,
+    }

@@ -1,0 +1,286 @@
+"""Training manifests: JSONL (or JSON list) files of conversations with audio, read into :class:`Record`.
+
+Format
+------
+One JSON object per line (``.jsonl``); a file holding one JSON list of the same objects is accepted too::
+
+    {"id": "x1", "audio": "clips/a.mp3",
+     "conversations": [{"role": "user", "content": "<sound>Describe the track."},
+                       {"role": "assistant", "content": "A slow piano ballad in A minor..."}]}
+
+* ``id``: string (or integer); defaults to ``"<file name>:<line>"`` when absent.
+* ``audio``: a path, a list of paths, or objects ``{"path": ..., "offset": s, "duration": s}`` (seconds; offset
+  defaults to 0, duration to "until the end"), or a list mixing both. Relative paths are resolved against
+  ``audio_root`` when given, else against the manifest's folder. Text-only records omit ``audio``.
+* ``conversations``: ``{"role", "content"}`` messages; roles ``system`` (optional, first message only; when it
+  is absent the chat template adds the default Music Flamingo system prompt), ``user`` and ``assistant``.
+  Each ``<sound>`` in the text stands for the next audio, in order: the number of ``<sound>`` markers must equal
+  the number of audios. The chat template renders ``<sound>`` directly before the text, so write
+  ``"<sound>Describe the track."``. Contents may not contain chat special tokens (``<|im_start|>``,
+  ``<|im_end|>``, ``<|sound_bos|>``, ``<|sound_eos|>``, ``<|endoftext|>``): they would break the turn structure
+  that the label mask relies on.
+* For training the last message must be the assistant's (the loss learns assistant turns).
+* Any other field (``meta``, ``task``, ...) is kept in :attr:`Record.extra`.
+
+Audio Flamingo 3 / LLaVA layout (detected per record, JSONL or one JSON list)::
+
+    {"id": "x1", "sound": "clips/a.wav",
+     "conversations": [{"from": "human", "value": "<sound>\\nDescribe the track."},
+                       {"from": "gpt", "value": "A slow piano ballad..."}]}
+
+Roles map ``human -> user``, ``gpt -> assistant``, ``system -> system``; ``sound`` is read like ``audio``. AF3
+puts ``"<sound>\\n"`` before the text while the Music Flamingo chat template puts ``<sound>`` directly before
+it, so in this layout one newline right after each ``<sound>`` is dropped: the AF3 record above and our record
+with content ``"<sound>Describe the track."`` give identical token ids.
+
+Every problem raises :class:`ManifestError` naming ``file:line``, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+AUDIO_PLACEHOLDER = "<sound>"
+ROLES = ("system", "user", "assistant")
+AF3_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+# Special tokens that must not appear inside message text (they would fake turn boundaries).
+FORBIDDEN_TOKENS = ("<|im_start|>", "<|im_end|>", "<|sound_bos|>", "<|sound_eos|>", "<|endoftext|>")
+_AF3_SOUND_NEWLINE = re.compile(re.escape(AUDIO_PLACEHOLDER) + r"\r?\n")
+
+
+class ManifestError(ValueError):
+    """A manifest line is malformed; the message names ``file:line``, the field and what was expected."""
+
+
+@dataclass(frozen=True)
+class AudioRef:
+    """One audio clip: a resolved path and an optional segment ``[offset, offset + duration)`` in seconds."""
+
+    path: str
+    offset: float = 0.0
+    duration: float | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn; ``role`` is ``system``, ``user`` or ``assistant``."""
+
+    role: str
+    content: str
+
+
+@dataclass
+class Record:
+    """One training conversation.
+
+    ``audios[i]`` belongs to the i-th ``<sound>`` across ``messages`` (in order); ``source`` is ``"file:line"``
+    for error messages; ``extra`` keeps every other field of the manifest line.
+    """
+
+    id: str
+    audios: list[AudioRef]
+    messages: list[Message]
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def num_audio_placeholders(self) -> int:
+        return sum(m.content.count(AUDIO_PLACEHOLDER) for m in self.messages)
+
+
+def read_manifest(
+    path: str | os.PathLike, audio_root: str | os.PathLike | None = None, require_assistant_last: bool = True
+) -> list[Record]:
+    """Read a manifest (JSONL or one JSON list; our layout or AF3/LLaVA, detected per record).
+
+    Args:
+        path: the manifest file.
+        audio_root: folder that relative audio paths are resolved against (default: the manifest's folder).
+        require_assistant_last: training needs an assistant turn at the end; evaluation/inference manifests
+            may end with the user turn (pass ``False``).
+    Raises:
+        ManifestError: with ``file:line``, the field and what was expected.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest ({e.strerror or e})") from e
+    root = Path(audio_root) if audio_root is not None else path.parent
+    items = _parse_json_list(path, text) if text.lstrip().startswith("[") else _parse_jsonl(path, text)
+    records = [
+        _to_record(obj, f"{path}:{line}", path.name, line, root, require_assistant_last)
+        for line, obj in items
+    ]
+    if not records:
+        raise ManifestError(f"{path}: manifest holds no records")
+    return records
+
+
+def _parse_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
+    items = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}:{lineno}: malformed JSON at column {e.colno}: {e.msg}") from e
+    return items
+
+
+def _parse_json_list(path: Path, text: str) -> list[tuple[int, Any]]:
+    """Decode a top-level JSON list element by element so that every record knows its starting line."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    items = []
+    pos = ws.match(text, text.index("[") + 1).end()
+
+    def fail(e: json.JSONDecodeError | None, at: int, msg: str) -> ManifestError:
+        line = text.count("\n", 0, e.pos if e else at) + 1
+        return ManifestError(f"{path}:{line}: malformed JSON list: {e.msg if e else msg}")
+
+    if text.startswith("]", pos):
+        return items
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise fail(e, pos, "") from e
+        items.append((text.count("\n", 0, pos) + 1, obj))
+        pos = ws.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            if text[pos + 1 :].strip():
+                raise fail(None, pos + 1, "unexpected text after the closing ']'")
+            return items
+        else:
+            raise fail(None, pos, "expected ',' or ']' between records")
+
+
+def _to_record(
+    obj: Any, where: str, fname: str, line: int, root: Path, require_assistant_last: bool
+) -> Record:
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: expected a JSON object per record, got {type(obj).__name__}")
+    if "conversations" not in obj:
+        raise ManifestError(f"{where}: record has no 'conversations' field (expected a list of messages)")
+    if "audio" in obj and "sound" in obj:
+        raise ManifestError(f"{where}: record has both 'audio' and 'sound'; give the audio once")
+    audio_key = "sound" if "sound" in obj else "audio"
+
+    rid = obj.get("id", f"{fname}:{line}")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise ManifestError(f"{where}: field 'id' must be a string or integer, got {type(rid).__name__}")
+
+    convs = obj["conversations"]
+    if not isinstance(convs, list):
+        raise ManifestError(
+            f"{where}: field 'conversations' must be a list of messages, got {type(convs).__name__}"
+        )
+    if not convs:
+        raise ManifestError(f"{where}: field 'conversations' is empty")
+    messages = [_to_message(m, where, i) for i, m in enumerate(convs)]
+
+    for i, m in enumerate(messages):
+        if m.role == "system" and i != 0:
+            raise ManifestError(f"{where}: conversations[{i}]: a 'system' message may only come first")
+        for tok in FORBIDDEN_TOKENS:
+            if tok in m.content:
+                raise ManifestError(f"{where}: conversations[{i}].content contains the special token {tok!r}")
+    if all(m.role == "system" for m in messages):
+        raise ManifestError(f"{where}: field 'conversations' has only a system message")
+    if require_assistant_last and messages[-1].role != "assistant":
+        raise ManifestError(
+            f"{where}: the last message of 'conversations' must be the assistant's (the training target), "
+            f"got role {messages[-1].role!r}"
+        )
+
+    audios = _to_audios(obj.get(audio_key), where, audio_key, root)
+    n_sound = sum(m.content.count(AUDIO_PLACEHOLDER) for m in messages)
+    if n_sound != len(audios):
+        raise ManifestError(
+            f"{where}: {n_sound} '{AUDIO_PLACEHOLDER}' placeholder(s) in 'conversations' but {len(audios)} "
+            f"audio(s) in '{audio_key}'; each audio needs exactly one '{AUDIO_PLACEHOLDER}'"
+        )
+    extra = {k: v for k, v in obj.items() if k not in ("id", "conversations", audio_key)}
+    return Record(id=str(rid), audios=audios, messages=messages, extra=extra, source=where)
+
+
+def _to_message(m: Any, where: str, i: int) -> Message:
+    fld = f"conversations[{i}]"
+    if not isinstance(m, dict):
+        raise ManifestError(
+            f"{where}: {fld} must be an object with 'role' and 'content', got {type(m).__name__}"
+        )
+    if "from" in m or "value" in m:  # AF3 / LLaVA layout
+        role_key, content_key = "from", "value"
+        mapping = AF3_ROLES
+    else:
+        role_key, content_key = "role", "content"
+        mapping = {r: r for r in ROLES}
+    for key in (role_key, content_key):
+        if key not in m:
+            raise ManifestError(f"{where}: {fld} has no '{key}' field")
+    role, content = m[role_key], m[content_key]
+    if not isinstance(role, str) or role not in mapping:
+        raise ManifestError(
+            f"{where}: {fld}.{role_key} is {role!r}; expected one of {', '.join(repr(r) for r in mapping)}"
+        )
+    if not isinstance(content, str):
+        raise ManifestError(f"{where}: {fld}.{content_key} must be a string, got {type(content).__name__}")
+    if content_key == "value":
+        content = _AF3_SOUND_NEWLINE.sub(AUDIO_PLACEHOLDER, content)
+    return Message(role=mapping[role], content=content)
+
+
+def _to_audios(value: Any, where: str, key: str, root: Path) -> list[AudioRef]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [
+        _to_audio_ref(v, where, f"{key}[{i}]" if isinstance(value, list) else key, root)
+        for i, v in enumerate(items)
+    ]
+
+
+def _to_audio_ref(v: Any, where: str, fld: str, root: Path) -> AudioRef:
+    expected = 'a path string or an object {"path": ..., "offset": s, "duration": s}'
+    if isinstance(v, str):
+        path, offset, duration = v, 0.0, None
+    elif isinstance(v, dict):
+        unknown = set(v) - {"path", "offset", "duration"}
+        if unknown:
+            raise ManifestError(
+                f"{where}: field '{fld}' has unknown keys {sorted(unknown)}; expected {expected}"
+            )
+        path, offset, duration = v.get("path"), v.get("offset", 0.0), v.get("duration")
+        if not isinstance(path, str):
+            raise ManifestError(f"{where}: field '{fld}.path' must be a string, got {type(path).__name__}")
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or offset < 0:
+            raise ManifestError(
+                f"{where}: field '{fld}.offset' must be a number >= 0 (seconds), got {offset!r}"
+            )
+        if duration is not None and (
+            isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0
+        ):
+            raise ManifestError(
+                f"{where}: field '{fld}.duration' must be a number > 0 (seconds), got {duration!r}"
+            )
+    else:
+        raise ManifestError(
+            f"{where}: field '{fld}' must be {expected} (or a list of them), got {type(v).__name__}"
+        )
+    if not path.strip():
+        raise ManifestError(f"{where}: field '{fld}' is an empty path")
+    p = Path(os.path.expanduser(path))
+    resolved = p if p.is_absolute() else root / p
+    return AudioRef(
+        path=str(resolved), offset=float(offset), duration=None if duration is None else float(duration)
+    )
