@@ -1,0 +1,282 @@
+"""Lightning data module: manifests -> datasets -> token-budget batch samplers -> DataLoaders (exact resume).
+
+Distributed runs need ``Trainer(use_distributed_sampler=False)``: :class:`TokenBudgetBatchSampler` splits batches
+across ranks itself (Lightning cannot inject its ``DistributedSampler`` into a token-budget sampler).
+
+Exact resume: the module counts the training batches that reach the model (``on_before_batch_transfer``, in the
+main process, so DataLoader prefetching does not inflate it) and saves ``(epoch, batches consumed)`` in
+``state_dict``; Lightning stores it in the checkpoint and hands it back on resume, and the sampler then continues
+with the next batch. The counts of skipped bad samples travel in the same state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from musicflamingo.data.collate import collate
+from musicflamingo.data.dataset import BadSampleTracker, ConversationDataset
+from musicflamingo.data.manifest import read_manifest
+from musicflamingo.data.sampler import MixtureDataset, TokenBudgetBatchSampler
+
+log = logging.getLogger(__name__)
+
+ManifestSpec = str | os.PathLike | Mapping | Sequence
+
+
+def parse_manifest_spec(spec: ManifestSpec | None, name: str = "train") -> list[tuple[str, float]]:
+    """``"a.jsonl"``, ``["a.jsonl", "b.jsonl"]`` or ``[{"path": "a.jsonl", "weight": 2.0}, ...]`` -> ``[(path, weight)]``."""
+    if spec is None:
+        return []
+    if isinstance(spec, (str, os.PathLike, Mapping)):
+        spec = [spec]
+    out = []
+    for i, item in enumerate(spec):
+        if isinstance(item, (str, os.PathLike)):
+            out.append((os.fspath(item), 1.0))
+        elif isinstance(item, Mapping) and "path" in item:
+            unknown = set(item) - {"path", "weight"}
+            if unknown:
+                raise ValueError(f"{name}[{i}]: unknown keys {sorted(unknown)}; expected 'path' and 'weight'")
+            weight = item.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise ValueError(f"{name}[{i}].weight must be a number >= 0, got {weight!r}")
+            out.append((os.fspath(item["path"]), float(weight)))
+        else:
+            raise ValueError(
+                f"{name}[{i}]: expected a manifest path or {{'path': ..., 'weight': ...}}, got {type(item).__name__}"
+            )
+    return out
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning sees as resumable (``state_dict``/``load_state_dict``).
+
+    Its state is the batch sampler position reported by ``position_fn`` (the data module's count of batches that
+    reached the model); loading it positions the sampler. Lightning saves it with the fit loop and restores it
+    before iterating, so a mid-epoch checkpoint resumes with the exact next batch.
+    """
+
+    def __init__(self, *args: Any, position_fn: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position_fn = position_fn
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._position_fn()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state_dict)
+
+
+class MusicFlamingoDataModule(L.LightningDataModule):
+    """Train/val DataLoaders of conversations with audio, batched by a padded-token budget.
+
+    Args:
+        train: manifest path, list of paths, or list of ``{"path", "weight"}`` (weights: visits per sample and
+            epoch, see :class:`~musicflamingo.data.sampler.MixtureDataset`).
+        val: manifest path(s) for validation (weights ignored), or ``None``.
+        processor: a :class:`~musicflamingo.processor.MusicFlamingoProcessor` or a folder to load one from.
+        batch_max_tokens: padded tokens per batch and rank (``batch size * longest sample``).
+        val_batch_max_tokens: the same for validation (default: ``batch_max_tokens``).
+        num_workers: DataLoader worker processes decoding audio in parallel (``persistent_workers`` when > 0).
+        train_on_prompt: label every non-audio token instead of only assistant turns.
+        bad_sample_policy: ``"error"`` or ``"skip"`` (see :class:`~musicflamingo.data.dataset.ConversationDataset`);
+            with ``"skip"``, samples longer than the token budget are left out too.
+        max_bad_fraction: stop training (``TooManyBadSamplesError``) when more than this share of visited training
+            samples was skipped.
+        seed: shuffling/mixture seed (same on every rank).
+        audio_root: folder relative audio paths are resolved against (default: each manifest's folder).
+        max_text_tokens: longest decoder sequence per sample (longer ones are bad samples).
+        min_audio_seconds: shorter audio is a bad sample.
+        bucket_size_multiplier, drop_last: see :class:`~musicflamingo.data.sampler.TokenBudgetBatchSampler`.
+        pin_memory, prefetch_factor: DataLoader options.
+    """
+
+    def __init__(
+        self,
+        train: ManifestSpec,
+        val: ManifestSpec | None = None,
+        processor: Any = None,
+        batch_max_tokens: int = 16384,
+        val_batch_max_tokens: int | None = None,
+        num_workers: int = 0,
+        train_on_prompt: bool = False,
+        bad_sample_policy: str = "error",
+        max_bad_fraction: float | None = 0.01,
+        seed: int = 0,
+        audio_root: str | os.PathLike | None = None,
+        max_text_tokens: int | None = None,
+        min_audio_seconds: float = 0.1,
+        bucket_size_multiplier: int = 100,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = 2,
+    ) -> None:
+        super().__init__()
+        if processor is None:
+            raise ValueError(
+                "MusicFlamingoDataModule needs a processor (an object or a folder to load it from)"
+            )
+        if isinstance(processor, (str, os.PathLike)):
+            from musicflamingo.processor import MusicFlamingoProcessor
+
+            processor = MusicFlamingoProcessor.from_pretrained(processor)
+        if batch_max_tokens < 1:
+            raise ValueError(f"batch_max_tokens must be >= 1, got {batch_max_tokens}")
+        self.train_spec = parse_manifest_spec(train, "train")
+        if not self.train_spec:
+            raise ValueError("MusicFlamingoDataModule needs at least one train manifest")
+        self.val_spec = parse_manifest_spec(val, "val")
+        self.processor = processor
+        self.batch_max_tokens = int(batch_max_tokens)
+        self.val_batch_max_tokens = int(val_batch_max_tokens or batch_max_tokens)
+        self.num_workers = int(num_workers)
+        self.dataset_kwargs = dict(
+            train_on_prompt=train_on_prompt,
+            bad_sample_policy=bad_sample_policy,
+            max_text_tokens=max_text_tokens,
+            min_audio_seconds=min_audio_seconds,
+            seed=seed,
+        )
+        self.seed = int(seed)
+        self.audio_root = audio_root
+        self.bucket_size_multiplier = bucket_size_multiplier
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.on_oversized = "skip" if bad_sample_policy == "skip" else "error"
+        self.train_bad_samples = BadSampleTracker(max_bad_fraction)
+        self.val_bad_samples = BadSampleTracker(None)
+        self.train_dataset: MixtureDataset | None = None
+        self.val_dataset: MixtureDataset | None = None
+        self.train_sampler: TokenBudgetBatchSampler | None = None
+        self.val_sampler: TokenBudgetBatchSampler | None = None
+        self._epoch = 0  # epoch of the batches counted in _consumed
+        self._consumed = 0  # training batches that reached the model in that epoch
+        self._pending_sampler_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ building
+    def _replicas(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        world, rank = int(trainer.world_size), int(trainer.global_rank)
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "MusicFlamingoDataModule splits batches across ranks itself: create the Trainer with "
+                "use_distributed_sampler=False"
+            )
+        return world, rank
+
+    def _build(self, spec: list[tuple[str, float]], weighted: bool) -> tuple[MixtureDataset, list[int]]:
+        datasets, lengths = [], []
+        for path, _ in spec:
+            records = read_manifest(path, audio_root=self.audio_root)
+            ds = ConversationDataset(records, self.processor, **self.dataset_kwargs)
+            datasets.append(ds)
+            lengths.append(ds.estimate_lengths())
+            log.info("%s: %d records, %d tokens (estimated)", path, len(records), sum(lengths[-1]))
+        weights = [w for _, w in spec] if weighted else None
+        mixture = MixtureDataset(datasets, weights, lengths=lengths, seed=self.seed)
+        return mixture, mixture.lengths.tolist()
+
+    def setup(self, stage: str | None = None) -> None:
+        world, rank = self._replicas()
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset, lengths = self._build(self.train_spec, weighted=True)
+            self.train_sampler = TokenBudgetBatchSampler(
+                lengths,
+                self.batch_max_tokens,
+                shuffle=True,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
+                drop_last=self.drop_last,
+                bucket_size_multiplier=self.bucket_size_multiplier,
+                epoch_indices=self.train_dataset.epoch_indices,
+                on_oversized=self.on_oversized,
+            )
+            if self._pending_sampler_state is not None:
+                self.train_sampler.load_state_dict(self._pending_sampler_state)
+                self._pending_sampler_state = None
+        if stage in (None, "fit", "validate") and self.val_spec and self.val_dataset is None:
+            self.val_dataset, lengths = self._build(self.val_spec, weighted=False)
+            self.val_sampler = TokenBudgetBatchSampler(
+                lengths,
+                self.val_batch_max_tokens,
+                shuffle=False,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
+                on_oversized=self.on_oversized,
+            )
+
+    def _loader(self, dataset: MixtureDataset, sampler: TokenBudgetBatchSampler, **kwargs: Any) -> DataLoader:
+        workers = self.num_workers
+        cls = ResumableDataLoader if kwargs else DataLoader
+        return cls(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=partial(collate, pad_token_id=self.processor.pad_token_id),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return self._loader(self.train_dataset, self.train_sampler, position_fn=self._sampler_position)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_spec:
+            return []
+        if self.val_dataset is None:
+            self.setup("validate")
+        return self._loader(self.val_dataset, self.val_sampler)
+
+    # ------------------------------------------------------------------ batches, bad samples, resume
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count consumed training batches and skipped samples (main process), strip the bookkeeping keys."""
+        if not isinstance(batch, dict):
+            return batch
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            if trainer.current_epoch != self._epoch:
+                self._epoch, self._consumed = trainer.current_epoch, 0
+            self._consumed += 1
+            self.train_bad_samples.update_from_batch(batch)
+        else:
+            self.val_bad_samples.update_from_batch(batch, check=False)
+        return batch
+
+    def _sampler_position(self) -> dict[str, Any]:
+        if self.train_sampler is None:
+            return self._pending_sampler_state or {"epoch": self._epoch, "batches_consumed": self._consumed}
+        state = self.train_sampler.state_dict(batches_consumed=self._consumed)
+        state["epoch"] = self._epoch
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler position (also saved through :class:`ResumableDataLoader`; loading it twice is harmless) and
+        the bad-sample counts."""
+        return {"sampler": self._sampler_position(), "bad_samples": self.train_bad_samples.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sampler = state_dict["sampler"]
+        self._epoch, self._consumed = int(sampler["epoch"]), int(sampler["batches_consumed"])
+        if "bad_samples" in state_dict:
+            self.train_bad_samples.load_state_dict(state_dict["bad_samples"])
+        if self.train_sampler is not None:
+            self.train_sampler.load_state_dict(sampler)
+        else:
+            self._pending_sampler_state = dict(sampler)
