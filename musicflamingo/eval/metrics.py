@@ -1,0 +1,284 @@
+"""Scores: multiple choice (two rules), classification (+ confusion matrix), captioning, lyrics WER/CER.
+
+``score_items(items, predictions)`` groups items by ``task`` and returns one summary per task plus per-item
+details. Units: accuracies, recalls, ROUGE-L and WER/CER are fractions (0..1; WER can exceed 1); BLEU is
+sacrebleu's 0..100. The rules are written down in docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from musicflamingo.eval.benchmarks import EvalItem
+from musicflamingo.eval.parsing import (
+    ChoiceParse,
+    mmau_string_match,
+    normalize_text,
+    option_letter,
+    parse_choice,
+    parse_label,
+)
+
+# Languages scored with CER (characters, whitespace removed) instead of WER: Chinese has no word spaces.
+CER_LANGUAGES = ("zh", "zh-cn", "zh-tw", "zh-hk", "cmn", "yue", "chinese", "mandarin", "cantonese")
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _group_values(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value] or ["n/a"]
+    return [str(value)]
+
+
+def _breakdown(items: Sequence[EvalItem], rows: Sequence[Mapping[str, Any]], keys: Iterable[str]) -> dict:
+    """``{field: {value: {n, accuracy, accuracy_mmau, chance, unparsed}}}``; list-valued fields count an item
+    once under each listed value."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for key in keys:
+        buckets: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+        for it, row in zip(items, rows):
+            for v in _group_values(it.groups.get(key, "n/a")):
+                buckets[v].append(row)
+        out[key] = {v: _mcq_summary(rs) for v, rs in sorted(buckets.items())}
+    return out
+
+
+def _mcq_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    return {
+        "n": n,
+        "accuracy": sum(r["correct"] for r in rows) / n if n else None,
+        "accuracy_mmau": sum(r["correct_mmau"] for r in rows) / n if n else None,
+        "chance": _mean([r["chance"] for r in rows]),
+        "unparsed": sum(r["status"] == "unparsed" for r in rows),
+        "ambiguous": sum(r["status"] == "ambiguous" for r in rows),
+    }
+
+
+def _mcq_row(it: EvalItem, pred: str, parsed: ChoiceParse) -> dict[str, Any]:
+    return {
+        "id": it.id,
+        "parsed": option_letter(parsed.index) if parsed.index is not None else None,
+        "status": parsed.status,
+        "via": parsed.via,
+        "target": option_letter(it.answer_index) if it.answer_index >= 0 else None,
+        "correct": parsed.index is not None and parsed.index == it.answer_index,
+        "correct_mmau": mmau_string_match(it.answer, pred, it.choices),
+        "chance": 1.0 / len(it.choices),
+    }
+
+
+def score_mcq(items: Sequence[EvalItem], preds: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Both rules on every item: ``accuracy`` (letter/option parser), ``accuracy_mmau`` (MMAU string match),
+    counts of ``unparsed`` / ``ambiguous`` answers, ``chance`` (mean 1/num_options), and a breakdown ``by``
+    every group field."""
+    rows = [_mcq_row(it, p, parse_choice(p, it.choices)) for it, p in zip(items, preds)]
+    summary = _mcq_summary(rows)
+    summary["answer_not_in_choices"] = sum(it.answer_index < 0 for it in items)
+    keys = dict.fromkeys(k for it in items for k in it.groups)
+    summary["by"] = _breakdown(items, rows, keys)
+    return summary, rows
+
+
+def score_classification(
+    items: Sequence[EvalItem], preds: Sequence[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Accuracy (both rules), balanced accuracy, macro-F1, per-class recall/precision/F1 and a confusion matrix
+    ``confusion[true][pred]`` over the labels plus a last column ``none`` (unparsed or ambiguous)."""
+    if not items:
+        return {"n": 0}, []
+    labels = list(items[0].choices)
+    rows = []
+    for it, p in zip(items, preds):
+        aliases = it.meta.get("aliases") or {}
+        if it.meta.get("mode") == "open":
+            parsed = parse_label(p, labels, aliases)
+        else:
+            parsed = parse_choice(p, labels)
+            if parsed.status == "unparsed" and aliases:  # "(A) ..." rules found nothing: try the spellings
+                parsed = parse_label(p, labels, aliases)
+        row = _mcq_row(it, p, parsed)
+        row["label"], row["predicted"] = it.answer, labels[parsed.index] if parsed.index is not None else None
+        rows.append(row)
+    k = len(labels)
+    confusion = [[0] * (k + 1) for _ in range(k)]
+    for it, row in zip(items, rows):
+        col = labels.index(row["predicted"]) if row["predicted"] is not None else k
+        confusion[it.answer_index][col] += 1
+    per_class = {}
+    for i, lab in enumerate(labels):
+        tp, support, predicted = confusion[i][i], sum(confusion[i]), sum(confusion[r][i] for r in range(k))
+        rec = tp / support if support else None
+        prec = tp / predicted if predicted else None
+        f1 = 2 * tp / (support + predicted) if support + predicted else None
+        per_class[lab] = {"n": support, "recall": rec, "precision": prec, "f1": f1}
+    summary = _mcq_summary(rows)
+    present = [v for v in per_class.values() if v["n"]]
+    summary.update(
+        chance=1.0 / k,
+        balanced_accuracy=_mean([v["recall"] for v in present]),
+        macro_f1=_mean([v["f1"] or 0.0 for v in present]),
+        labels=labels,
+        confusion=confusion,
+        per_class=per_class,
+        by={
+            "label": {
+                lab: _mcq_summary([r for r in rows if r["label"] == lab])
+                for lab in labels
+                if per_class[lab]["n"]
+            }
+        },
+    )
+    return summary, rows
+
+
+def aspect_mentioned(aspect: str, caption: str) -> bool:
+    """True iff the normalised aspect (lowercase, punctuation -> space, whitespace collapsed) occurs as a
+    whole-word phrase in the normalised caption."""
+    a, c = normalize_text(aspect), normalize_text(caption)
+    return bool(a) and f" {a} " in f" {c} "
+
+
+def score_caption(
+    items: Sequence[EvalItem], preds: Sequence[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, one reference), mean ROUGE-L F1 (rouge-score with
+    Porter stemming) and aspect recall (MusicCaps ``aspect_list``): ``aspect_recall`` is the mean over items of
+    mentioned/listed, ``aspect_recall_micro`` pools all aspects."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    refs = [it.answer for it in items]
+    hyps = [str(p or "") for p in preds]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rows, recalls, hit_total, aspect_total = [], [], 0, 0
+    for it, hyp in zip(items, hyps):
+        rouge = scorer.score(it.answer, hyp)["rougeL"].fmeasure
+        aspects = list(it.meta.get("aspects") or [])
+        hits = [a for a in aspects if aspect_mentioned(a, hyp)]
+        if aspects:
+            recalls.append(len(hits) / len(aspects))
+            hit_total, aspect_total = hit_total + len(hits), aspect_total + len(aspects)
+        rows.append({"id": it.id, "rougeL": rouge, "aspects_mentioned": hits, "aspects": len(aspects)})
+    summary = {
+        "n": len(items),
+        "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score if items else None,
+        "rougeL": _mean([r["rougeL"] for r in rows]),
+        "aspect_recall": _mean(recalls),
+        "aspect_recall_micro": hit_total / aspect_total if aspect_total else None,
+        "empty_predictions": sum(not h.strip() for h in hyps),
+    }
+    return summary, rows
+
+
+_APOSTROPHES = "'’‘`´"
+
+
+def normalize_lyrics(text: str, *, cer: bool = False) -> str:
+    """NFKC, lowercase, apostrophes deleted ("don't" -> "dont"), every other punctuation or symbol character
+    (Unicode categories P* and S*) -> space, whitespace collapsed. With ``cer=True`` all whitespace is removed
+    (character error rate for Chinese)."""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    text = re.sub(f"[{_APOSTROPHES}]", "", text)
+    text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
+    return "".join(text.split()) if cer else " ".join(text.split())
+
+
+def error_rate(references: Sequence[str], hypotheses: Sequence[str], *, cer: bool = False) -> float | None:
+    """Corpus WER (or CER): total substitutions + deletions + insertions over total reference words (chars),
+    after :func:`normalize_lyrics`; pairs whose normalised reference is empty are left out."""
+    import jiwer
+
+    pairs = [
+        (normalize_lyrics(r, cer=cer), normalize_lyrics(h, cer=cer)) for r, h in zip(references, hypotheses)
+    ]
+    pairs = [(r, h) for r, h in pairs if r]
+    if not pairs:
+        return None
+    refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
+    if cer:
+        return float(jiwer.cer(refs, hyps))
+    return float(jiwer.wer(refs, hyps))
+
+
+def score_lyrics(
+    items: Sequence[EvalItem], preds: Sequence[str], cer_languages: Sequence[str] = CER_LANGUAGES
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """WER over non-Chinese items, CER over Chinese ones (``language`` in ``cer_languages``), and per language."""
+    cer_set = {x.lower() for x in cer_languages}
+    by_lang: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_lang[str(it.meta.get("language", "en"))].append(i)
+    rows = []
+    for it, p in zip(items, preds):
+        use_cer = str(it.meta.get("language", "en")).lower() in cer_set
+        rows.append(
+            {
+                "id": it.id,
+                "metric": "cer" if use_cer else "wer",
+                "error": error_rate([it.answer], [p], cer=use_cer),
+            }
+        )
+    word_idx = [i for i, r in enumerate(rows) if r["metric"] == "wer"]
+    char_idx = [i for i, r in enumerate(rows) if r["metric"] == "cer"]
+    per_language = {}
+    for lang, idx in sorted(by_lang.items()):
+        use_cer = lang.lower() in cer_set
+        per_language[lang] = {
+            "n": len(idx),
+            "metric": "cer" if use_cer else "wer",
+            "error": error_rate([items[i].answer for i in idx], [preds[i] for i in idx], cer=use_cer),
+        }
+    summary = {
+        "n": len(items),
+        "wer": error_rate([items[i].answer for i in word_idx], [preds[i] for i in word_idx])
+        if word_idx
+        else None,
+        "cer": error_rate([items[i].answer for i in char_idx], [preds[i] for i in char_idx], cer=True)
+        if char_idx
+        else None,
+        "n_wer": len(word_idx),
+        "n_cer": len(char_idx),
+        "empty_references": sum(r["error"] is None for r in rows),
+        "per_language": per_language,
+    }
+    return summary, rows
+
+
+def score_items(
+    items: Sequence[EvalItem], predictions: Mapping[str, str], *, cer_languages: Sequence[str] = CER_LANGUAGES
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Score every item that has a prediction; returns ``({task: summary}, per-item rows)``."""
+    by_task: dict[str, list[EvalItem]] = defaultdict(list)
+    for it in items:
+        if it.id in predictions:
+            by_task[it.task].append(it)
+    results: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    order = ("mcq", "classification", "caption", "lyrics")
+    for task, its in sorted(
+        by_task.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)
+    ):
+        preds = [predictions[it.id] for it in its]
+        if task == "mcq":
+            summary, task_rows = score_mcq(its, preds)
+        elif task == "classification":
+            summary, task_rows = score_classification(its, preds)
+        elif task == "caption":
+            summary, task_rows = score_caption(its, preds)
+        elif task == "lyrics":
+            summary, task_rows = score_lyrics(its, preds, cer_languages)
+        else:
+            raise ValueError(
+                f"item {its[0].id}: unknown task {task!r} (expected mcq/classification/caption/lyrics)"
+            )
+        results[task] = summary
+        rows += [{"task": task, **r} for r in task_rows]
+    return results, rows

@@ -1,0 +1,194 @@
+"""Answer parsers: map a model's free-text answer to an option, a label, or nothing.
+
+Two multiple-choice rules, both reported (docs/evaluation.md has the table of what each does):
+
+* :func:`mmau_string_match` -- the official MMAU rule (``evaluation.py`` of github.com/Sakshi113/MMAU, reused
+  unchanged by MMAR): token sets, no letters. Reimplemented here, same behaviour.
+* :func:`parse_choice` -- our letter/option parser: "(B)", "B", "B.", "The answer is B", or the option text.
+  An answer that names two different options is *ambiguous*, one that names none is *unparsed*; both score
+  as wrong and are counted.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+LETTERS = string.ascii_uppercase
+
+ParseStatus = Literal["ok", "ambiguous", "unparsed"]
+
+
+def option_letter(index: int) -> str:
+    """``0 -> "A"``; raises for more than 26 options (the "(A)".."(Z)" format has no more letters)."""
+    if not 0 <= index < len(LETTERS):
+        raise ValueError(f"option index {index} has no letter (at most {len(LETTERS)} options)")
+    return LETTERS[index]
+
+
+def format_options(choices: Sequence[str]) -> str:
+    """Options as presented to the model, one per line: ``"(A) piano\\n(B) guitar"``."""
+    return "\n".join(f"({option_letter(i)}) {c}" for i, c in enumerate(choices))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rule 1: MMAU string match
+# --------------------------------------------------------------------------------------------------------------
+def _mmau_tokens(text: str) -> set[str]:
+    # Same regex and lowercasing as MMAU's evaluation.py: word tokens, as a set (order and counts ignored).
+    return set(re.findall(r"\b\w+\b", str(text).lower()))
+
+
+def mmau_string_match(answer: str, prediction: str, choices: Sequence[str]) -> bool:
+    """MMAU's official rule. True iff
+
+    1. the prediction has at least one word token, and
+    2. every word token of ``answer`` occurs in the prediction, and
+    3. the prediction has no token that belongs only to wrong choices (tokens shared with the answer are allowed).
+
+    The prediction is used raw (MMAU's script does not strip "(A)" or "answer is"), so a bare letter is wrong
+    unless the answer itself is that letter.
+    """
+    prediction_tokens = _mmau_tokens(prediction)
+    answer_tokens = _mmau_tokens(answer)
+    if not prediction_tokens:
+        return False
+    incorrect_tokens: set[str] = set()
+    for choice in choices:
+        choice_tokens = _mmau_tokens(choice)
+        if choice_tokens != answer_tokens:
+            incorrect_tokens.update(choice_tokens - answer_tokens)
+    return answer_tokens.issubset(prediction_tokens) and prediction_tokens.isdisjoint(incorrect_tokens)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rule 2: letter / option parser
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChoiceParse:
+    """Result of :func:`parse_choice`: ``index`` is the chosen option (0-based) or None."""
+
+    index: int | None
+    status: ParseStatus
+    via: str = ""  # which rule fired: "bare", "answer_is", "letter", "text", "" (none)
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, NFKC, every non-alphanumeric character -> space, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    text = "".join(ch if ch.isalnum() else " " for ch in text)
+    return " ".join(text.split())
+
+
+def _contains_phrase(haystack: str, phrase: str) -> bool:
+    # Whole-word containment on normalised text ("piano" is not found in "pianola").
+    return bool(phrase) and f" {phrase} " in f" {haystack} "
+
+
+_BARE = re.compile(r"^\s*[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:)]?\s*$")
+# Keywords are case-insensitive, the letter must be upper case ("the answer is a piano" names no letter).
+_ANSWER_IS = re.compile(
+    r"\b(?i:answer|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*(?i:option\s*)?[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])"
+)
+_PAREN = re.compile(r"[\(\[]([A-Z])[\)\]]")
+_LEADING = re.compile(r"^\s*([A-Z])\s*[.:)](?:\s|$)")
+
+
+def _letter_index(letter: str, num_options: int) -> int | None:
+    idx = LETTERS.index(letter.upper())
+    return idx if idx < num_options else None
+
+
+def _text_matches(prediction: str, choices: Sequence[str]) -> set[int]:
+    """Options whose normalised text occurs in the prediction, keeping only maximal ones: an option whose text
+    is inside another matched option's text ("piano" inside "grand piano") is dropped."""
+    pred = normalize_text(prediction)
+    norm = [normalize_text(c) for c in choices]
+    hits = {i for i, c in enumerate(norm) if _contains_phrase(pred, c)}
+    return {
+        i
+        for i in hits
+        if not any(j != i and norm[j] != norm[i] and _contains_phrase(norm[j], norm[i]) for j in hits)
+    }
+
+
+def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
+    """Map a free-text answer to one of ``choices`` (presented as "(A) ...", "(B) ...").
+
+    Tried in order, the first rule that finds something decides:
+
+    1. ``bare``: the whole answer is one letter, optionally bracketed or followed by "." / ":" / ")":
+       "B", "(b)", "B." (lower case accepted only here).
+    2. ``answer_is``: "answer is B", "Answer: (B)", "the correct option is C" -- the *last* such phrase wins
+       (models restate the options before concluding).
+    3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:". One
+       distinct letter -> that option; two or more -> ambiguous.
+    4. ``text``: option texts found in the answer (lowercased, punctuation-insensitive, whole words, maximal
+       matches only). One -> that option; two or more -> ambiguous.
+
+    Letters beyond the number of options are ignored. Empty or unmatched answers are ``unparsed``.
+    """
+    n = len(choices)
+    text = str(prediction or "").strip()
+    if not text:
+        return ChoiceParse(None, "unparsed")
+
+    m = _BARE.match(text)
+    if m and (idx := _letter_index(m.group(1), n)) is not None:
+        return ChoiceParse(idx, "ok", "bare")
+
+    stated = [i for x in _ANSWER_IS.finditer(text) if (i := _letter_index(x.group(1), n)) is not None]
+    if stated:
+        return ChoiceParse(stated[-1], "ok", "answer_is")
+
+    letters = {i for x in _PAREN.finditer(text) if (i := _letter_index(x.group(1), n)) is not None}
+    if (m := _LEADING.match(text)) and (i := _letter_index(m.group(1), n)) is not None:
+        letters.add(i)
+    if len(letters) == 1:
+        return ChoiceParse(letters.pop(), "ok", "letter")
+    if len(letters) > 1:
+        return ChoiceParse(None, "ambiguous", "letter")
+
+    hits = _text_matches(text, choices)
+    if len(hits) == 1:
+        return ChoiceParse(hits.pop(), "ok", "text")
+    if len(hits) > 1:
+        return ChoiceParse(None, "ambiguous", "text")
+    return ChoiceParse(None, "unparsed")
+
+
+def parse_label(
+    prediction: str, labels: Sequence[str], aliases: Mapping[str, Sequence[str]] | None = None
+) -> ChoiceParse:
+    """Open-question classification: find which label (or one of its aliases) the answer names.
+
+    ``labels`` are the display names; ``aliases`` maps a display name to extra spellings ("hip hop" ->
+    ["hiphop", "rap"]). Same whole-word, maximal-match, one-or-ambiguous logic as rule 4 of
+    :func:`parse_choice`; no letters.
+    """
+    text = str(prediction or "").strip()
+    if not text:
+        return ChoiceParse(None, "unparsed")
+    aliases = aliases or {}
+    spellings = [[lab, *aliases.get(lab, ())] for lab in labels]
+    pred = normalize_text(text)
+    found: dict[int, str] = {}
+    for i, names in enumerate(spellings):
+        for name in sorted((normalize_text(s) for s in names), key=len, reverse=True):
+            if _contains_phrase(pred, name):
+                found[i] = name
+                break
+    hits = {
+        i
+        for i in found
+        if not any(j != i and found[j] != found[i] and _contains_phrase(found[j], found[i]) for j in found)
+    }
+    if len(hits) == 1:
+        return ChoiceParse(hits.pop(), "ok", "text")
+    if len(hits) > 1:
+        return ChoiceParse(None, "ambiguous", "text")
+    return ChoiceParse(None, "unparsed")

@@ -1,0 +1,278 @@
+"""Reports: ``results.json``, ``results.md`` (Markdown tables) and PNG plots (matplotlib, Agg canvas).
+
+Plots are drawn on ``matplotlib.figure.Figure`` + ``FigureCanvasAgg`` directly, never through pyplot, so no
+global backend is switched and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+TASK_TITLES = {
+    "mcq": "Multiple choice",
+    "classification": "Classification",
+    "caption": "Captioning",
+    "lyrics": "Lyrics transcription",
+}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "field"
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented UTF-8 JSON (NaN-free: None stands for "not defined")."""
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def markdown_report(results: Mapping[str, Any]) -> str:
+    """The Markdown summary written to ``results.md``."""
+    out = [f"# {results['benchmark']}", ""]
+    out += [
+        f"- items scored: {results['num_scored']} of {results['num_items']}",
+        f"- data: `{results.get('source', '')}`",
+    ]
+    if results.get("skipped_missing_audio"):
+        out.append(f"- items dropped (audio missing): {results['skipped_missing_audio']}")
+    if results.get("ckpt"):
+        out.append(f"- checkpoint: `{results['ckpt']}`")
+    for task, s in results["tasks"].items():
+        out += ["", f"## {TASK_TITLES.get(task, task)} (n={s.get('n', 0)})", ""]
+        if task in ("mcq", "classification"):
+            rows = [
+                ["accuracy (letter/option parser)", _pct(s.get("accuracy"))],
+                ["accuracy (MMAU string match)", _pct(s.get("accuracy_mmau"))],
+                ["chance", _pct(s.get("chance"))],
+                ["unparsed answers (scored wrong)", s.get("unparsed", 0)],
+                ["ambiguous answers (scored wrong)", s.get("ambiguous", 0)],
+            ]
+            if task == "classification":
+                rows += [
+                    ["balanced accuracy", _pct(s.get("balanced_accuracy"))],
+                    ["macro F1", _num(s.get("macro_f1"))],
+                ]
+            elif s.get("answer_not_in_choices"):
+                rows.append(["answer not among choices (letter rule: wrong)", s["answer_not_in_choices"]])
+            out += _table(["metric", "value"], rows)
+            for field, groups in (s.get("by") or {}).items():
+                out += ["", f"### by {field}", ""]
+                out += _table(
+                    [field, "n", "accuracy", "accuracy (MMAU)", "chance", "unparsed", "ambiguous"],
+                    [
+                        [
+                            v,
+                            g["n"],
+                            _pct(g["accuracy"]),
+                            _pct(g["accuracy_mmau"]),
+                            _pct(g["chance"]),
+                            g["unparsed"],
+                            g["ambiguous"],
+                        ]
+                        for v, g in groups.items()
+                    ],
+                )
+            if task == "classification":
+                labels = s["labels"]
+                out += ["", "### confusion matrix (rows: true label, columns: parsed answer)", ""]
+                out += _table(
+                    ["true \\ predicted", *labels, "none"],
+                    [[lab, *row] for lab, row in zip(labels, s["confusion"])],
+                )
+        elif task == "caption":
+            out += _table(
+                ["metric", "value"],
+                [
+                    ["BLEU (sacrebleu, 0-100)", _num(s.get("bleu"), 2)],
+                    ["ROUGE-L F1", _num(s.get("rougeL"))],
+                    ["aspect recall (mean over items)", _num(s.get("aspect_recall"))],
+                    ["aspect recall (pooled)", _num(s.get("aspect_recall_micro"))],
+                    ["empty predictions", s.get("empty_predictions", 0)],
+                ],
+            )
+        elif task == "lyrics":
+            out += _table(
+                ["metric", "value"],
+                [
+                    [f"WER ({s.get('n_wer', 0)} items)", _num(s.get("wer"))],
+                    [f"CER, Chinese ({s.get('n_cer', 0)} items)", _num(s.get("cer"))],
+                    ["empty references (left out)", s.get("empty_references", 0)],
+                ],
+            )
+            out += ["", "### by language", ""]
+            out += _table(
+                ["language", "n", "metric", "error"],
+                [[k, v["n"], v["metric"], _num(v["error"])] for k, v in s.get("per_language", {}).items()],
+            )
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_accuracy(groups: Mapping[str, Mapping[str, Any]], title: str, path: str | Path) -> Path:
+    """Horizontal bars per category: letter-parser and MMAU-rule accuracy, chance as a black tick."""
+    names = list(groups)
+    fig = _figure(8.0, 1.2 + 0.45 * len(names))
+    ax = fig.add_subplot(1, 1, 1)
+    ys = range(len(names))
+    acc = [100 * (groups[n]["accuracy"] or 0.0) for n in names]
+    mmau = [100 * (groups[n]["accuracy_mmau"] or 0.0) for n in names]
+    ax.barh([y - 0.2 for y in ys], acc, height=0.4, label="letter/option parser")
+    ax.barh([y + 0.2 for y in ys], mmau, height=0.4, label="MMAU string match")
+    chance = [100 * (groups[n].get("chance") or 0.0) for n in names]
+    ax.scatter(chance, list(ys), marker="|", s=300, color="black", label="chance", zorder=3)
+    ax.set_yticks(list(ys), [f"{n} (n={groups[n]['n']})" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("accuracy (%)")
+    ax.set_title(title, pad=28)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    return Path(path)
+
+
+def plot_confusion(labels: list[str], confusion: list[list[int]], path: str | Path, title: str = "") -> Path:
+    """Confusion matrix heat map (rows: true label, columns: parsed answer incl. ``none``)."""
+    k = len(labels)
+    size = max(4.0, 0.6 * (k + 1) + 2)
+    fig = _figure(size, size * 0.85)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(confusion, cmap="Blues", aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(k + 1), [*labels, "none"], rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    top = max((max(r) for r in confusion), default=0)
+    for i, row in enumerate(confusion):
+        for j, v in enumerate(row):
+            if v:
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if v > top / 2 else "black",
+                )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_values(values: Mapping[str, float | None], title: str, ylabel: str, path: str | Path) -> Path:
+    """Simple vertical bar chart of named values (None drawn as 0 and labelled n/a)."""
+    names = list(values)
+    fig = _figure(max(4.0, 1.2 * len(names) + 1), 3.5)
+    ax = fig.add_subplot(1, 1, 1)
+    heights = [0.0 if values[n] is None or math.isnan(values[n]) else values[n] for n in names]
+    bars = ax.bar(names, heights)
+    for b, n in zip(bars, names):
+        label = "n/a" if values[n] is None else f"{values[n]:.3f}"
+        ax.annotate(
+            label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8
+        )
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def write_plots(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """All PNGs for ``results``: accuracy per category for every group field (or overall), the confusion
+    matrix for classification, metric bars for captioning and lyrics."""
+    out_dir = Path(out_dir)
+    name = results["benchmark"]
+    paths: list[Path] = []
+    for task, s in results["tasks"].items():
+        if not s.get("n"):
+            continue
+        if task in ("mcq", "classification"):
+            by = s.get("by") or {}
+            for field, groups in by.items():
+                paths.append(
+                    plot_accuracy(
+                        groups, f"{name}: accuracy by {field}", out_dir / f"accuracy_by_{_safe(field)}.png"
+                    )
+                )
+            if not by:
+                overall = {"all": {k: s.get(k) for k in ("n", "accuracy", "accuracy_mmau", "chance")}}
+                paths.append(plot_accuracy(overall, f"{name}: accuracy", out_dir / "accuracy.png"))
+            if task == "classification":
+                paths.append(
+                    plot_confusion(
+                        s["labels"],
+                        s["confusion"],
+                        out_dir / "confusion_matrix.png",
+                        f"{name}: confusion matrix",
+                    )
+                )
+        elif task == "caption":
+            vals = {
+                "BLEU/100": None if s["bleu"] is None else s["bleu"] / 100,
+                "ROUGE-L": s["rougeL"],
+                "aspect recall": s["aspect_recall"],
+            }
+            paths.append(plot_values(vals, f"{name}: captioning", "score", out_dir / "caption_metrics.png"))
+        elif task == "lyrics":
+            vals = {f"{k} ({v['metric'].upper()})": v["error"] for k, v in s["per_language"].items()}
+            paths.append(
+                plot_values(
+                    vals,
+                    f"{name}: error rate by language",
+                    "error rate",
+                    out_dir / "lyrics_error_by_language.png",
+                )
+            )
+    return paths
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, list[str] | str]:
+    """Write ``results.json``, ``results.md`` and the PNGs into ``out_dir``; returns the written paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = write_plots(results, out_dir)
+    files = {
+        "results_json": str(out_dir / "results.json"),
+        "results_md": str(out_dir / "results.md"),
+        "plots": [str(p) for p in pngs],
+    }
+    write_json(out_dir / "results.json", {**results, "files": files})
+    (out_dir / "results.md").write_text(markdown_report(results), encoding="utf-8")
+    return files

@@ -1,0 +1,376 @@
+"""The evaluation loop: batched, resumable prediction, then scoring and reports.
+
+``predictions.jsonl`` in the output folder is the checkpoint of a run: one ``{"id", "prediction"}`` line per
+finished item, appended batch by batch and flushed + fsync'd, so a killed run loses at most the batch in
+flight. On rerun, items already in the file are skipped; a torn last line (no trailing newline, or not valid
+JSON) left by a kill is cut off before appending. ``run.json`` records what produced the predictions
+(benchmark, data file, checkpoint, prompt settings) so a rerun into the same folder with different settings
+fails instead of mixing predictions.
+
+``evaluate(cfg)`` is the entry point that ``eval.py`` wraps; the only model-dependent code is
+``build_predict_fn(cfg)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from musicflamingo.eval.benchmarks import Benchmark, EvalItem, build_benchmark
+from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
+from musicflamingo.eval.report import write_json, write_report
+
+log = logging.getLogger(__name__)
+
+PredictFn = Callable[[list[EvalItem]], list[str]]
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+class EvalConfigError(ValueError):
+    """The evaluation config cannot run (missing checkpoint, unset path, output folder of another run)."""
+
+
+class PredictionsFileError(ValueError):
+    """``predictions.jsonl`` is damaged somewhere other than its last line."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# predictions.jsonl
+# --------------------------------------------------------------------------------------------------------------
+def load_predictions(path: str | Path, *, repair: bool = True) -> dict[str, str]:
+    """Read ``{id: prediction}`` from a predictions file (missing file: empty).
+
+    A last line without its newline, or a last line that is not valid JSON, is a write interrupted by a kill:
+    with ``repair=True`` the file is truncated to the end of the last good line. Damage elsewhere raises
+    :class:`PredictionsFileError` naming the line. An id seen twice keeps its first prediction.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1  # bytes after the last newline are a torn write
+    lines = data[:keep].split(b"\n")[:-1]
+    preds: dict[str, str] = {}
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+            pid, pred = str(rec["id"]), rec["prediction"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            if lineno == len(lines):  # torn last line that happened to contain a newline byte
+                keep -= len(raw) + 1
+                break
+            raise PredictionsFileError(
+                f"{path}:{lineno}: not a {{'id', 'prediction'}} JSON line; fix or delete the file to start over"
+            ) from None
+        preds.setdefault(pid, "" if pred is None else str(pred))
+    if keep < len(data):
+        if not repair:
+            raise PredictionsFileError(f"{path}: last line is incomplete ({len(data) - keep} bytes)")
+        log.warning(
+            "%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
+            path,
+            len(data) - keep,
+        )
+        with path.open("r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return preds
+
+
+def predict_items(
+    items: Sequence[EvalItem],
+    predict_fn: PredictFn,
+    path: str | Path,
+    batch_size: int = 8,
+    *,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict[str, str]:
+    """Predict every item not yet in ``path`` (batches of ``batch_size``), appending as it goes; returns all
+    predictions of the file, old and new."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    preds = load_predictions(path)
+    todo = [it for it in items if it.id not in preds]
+    if len(todo) < len(items):
+        log.info("resuming: %d of %d items already predicted in %s", len(items) - len(todo), len(items), path)
+    with (
+        path.open("a", encoding="utf-8") as f,
+        tqdm(total=len(todo), desc=desc, unit="item", disable=not progress) as bar,
+    ):
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            out = predict_fn(list(batch))
+            if not isinstance(out, (list, tuple)) or len(out) != len(batch):
+                got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
+                raise ValueError(f"predict_fn returned {got} answers for a batch of {len(batch)} items")
+            text = "".join(
+                json.dumps({"id": it.id, "prediction": "" if p is None else str(p)}, ensure_ascii=False)
+                + "\n"
+                for it, p in zip(batch, out)
+            )
+            f.write(text)  # one write per batch, then flush + fsync: a kill tears at most this batch's tail
+            f.flush()
+            os.fsync(f.fileno())
+            preds.update({it.id: "" if p is None else str(p) for it, p in zip(batch, out)})
+            bar.update(len(batch))
+    return preds
+
+
+def run_benchmark(
+    items: Sequence[EvalItem],
+    predict_fn: PredictFn,
+    out_dir: str | Path,
+    batch_size: int = 8,
+    *,
+    name: str = "benchmark",
+    source: str = "",
+    progress: bool = True,
+    cer_languages: Sequence[str] = CER_LANGUAGES,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Predict (resumably), score and report. Writes ``predictions.jsonl``, ``per_item.jsonl`` (parsed answers,
+    correctness), ``results.json``, ``results.md`` and PNG plots into ``out_dir``; returns the results dict
+    (``tasks`` holds one summary per task present)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preds = predict_items(
+        items, predict_fn, out_dir / PREDICTIONS_FILE, batch_size, progress=progress, desc=name
+    )
+    tasks, rows = score_items(items, preds, cer_languages=cer_languages)
+    with (out_dir / "per_item.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    results: dict[str, Any] = {
+        "benchmark": name,
+        "source": source,
+        "num_items": len(items),
+        "num_scored": sum(it.id in preds for it in items),
+        **dict(extra or {}),
+        "tasks": tasks,
+    }
+    results["files"] = write_report(results, out_dir)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model side
+# --------------------------------------------------------------------------------------------------------------
+def check_checkpoint(ckpt: Any) -> Path:
+    """The checkpoint folder, or :class:`EvalConfigError` if ``ckpt`` is unset or has no ``config.json``."""
+    if ckpt in (None, "", "???"):
+        raise EvalConfigError("ckpt is not set: pass ckpt=/path/to/checkpoint (a folder with config.json)")
+    path = Path(os.path.expanduser(str(ckpt)))
+    if not path.is_dir():
+        raise EvalConfigError(f"ckpt={ckpt} is not a folder (expected a checkpoint folder with config.json)")
+    if not (path / "config.json").is_file():
+        raise EvalConfigError(
+            f"ckpt={ckpt} has no config.json (expected a checkpoint folder saved by save_pretrained)"
+        )
+    return path
+
+
+def _device_dtype(device: str, dtype: str):
+    import torch
+
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    names |= {"float32": torch.float32, "fp32": torch.float32}
+    if dtype in (None, "auto"):
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    if dtype not in names:
+        raise EvalConfigError(f"dtype={dtype!r} is not one of {sorted(names)} or 'auto'")
+    return torch.device(device), names[dtype]
+
+
+def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
+    """Load ``cfg["ckpt"]`` with the project API and return a batched greedy ``predict_fn``.
+
+    Each item becomes one user turn ``[audio, text]``; a segment (``offset``/``duration``) is cut with
+    ``musicflamingo.audio.io.load_audio`` and passed as an array, a whole file is passed by path. Decoding is
+    greedy with ``max_new_tokens``; only the new tokens are decoded.
+    """
+    ckpt = check_checkpoint(cfg.get("ckpt"))
+    import torch
+
+    from musicflamingo import MusicFlamingo, MusicFlamingoProcessor
+
+    device, dtype = _device_dtype(cfg.get("device", "auto"), cfg.get("dtype", "auto"))
+    model = MusicFlamingo.from_pretrained(str(ckpt), dtype=dtype, device=device)
+    model.eval()
+    processor = MusicFlamingoProcessor.from_pretrained(str(ckpt))
+    max_new_tokens = int(cfg.get("max_new_tokens") or 256)
+
+    def audio_part(it: EvalItem) -> dict[str, Any]:
+        if it.offset or it.duration is not None:
+            from musicflamingo.audio.io import load_audio
+
+            return {"type": "audio", "audio": load_audio(it.audio, offset=it.offset, duration=it.duration)}
+        return {"type": "audio", "path": it.audio}
+
+    def decode(ids) -> list[str]:
+        if hasattr(processor, "batch_decode"):
+            return list(processor.batch_decode(ids, skip_special_tokens=True))
+        return [processor.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in ids]
+
+    @torch.inference_mode()
+    def predict(batch: list[EvalItem]) -> list[str]:
+        conversations = [
+            [{"role": "user", "content": [audio_part(it), {"type": "text", "text": it.prompt}]}]
+            for it in batch
+        ]
+        inputs = processor.apply_chat_template(
+            conversations, tokenize=True, add_generation_prompt=True, return_dict=True
+        )
+        feeds = {}
+        for key in ("input_ids", "attention_mask", "input_features", "input_features_mask"):
+            value = inputs.get(key)
+            if value is not None:
+                feeds[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        out = model.generate(**feeds, max_new_tokens=max_new_tokens, do_sample=False)  # (B, S + new)
+        return [t.strip() for t in decode(out[:, feeds["input_ids"].shape[1] :].cpu())]
+
+    return predict
+
+
+class LazyPredictFn:
+    """Builds the real ``predict_fn`` on first call, so a finished run re-reports without loading the model."""
+
+    def __init__(self, factory: Callable[[], PredictFn]):
+        self._factory, self._fn = factory, None
+
+    def __call__(self, batch: list[EvalItem]) -> list[str]:
+        if self._fn is None:
+            self._fn = self._factory()
+        return self._fn(batch)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluate(cfg)
+# --------------------------------------------------------------------------------------------------------------
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A DictConfig (or mapping) as a plain resolved dict; an unset ``???`` value becomes EvalConfigError."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        from omegaconf.errors import MissingMandatoryValue
+
+        if isinstance(cfg, DictConfig):
+            try:
+                return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+            except MissingMandatoryValue as e:
+                key = getattr(e, "full_key", "") or "a value"
+                raise EvalConfigError(f"{key} is not set: pass {key}=... on the command line") from None
+    except ImportError:  # pragma: no cover - omegaconf is a runtime requirement
+        pass
+    return dict(cfg)
+
+
+_IDENTITY_IGNORED = ("root", "audio_dir", "skip_missing_audio")
+
+
+def _check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume ``out_dir`` if its predictions came from another benchmark, checkpoint or prompt."""
+    path = out_dir / "run.json"
+    if path.exists() and (out_dir / PREDICTIONS_FILE).exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        if diff:
+            raise EvalConfigError(
+                f"{out_dir} holds predictions of another run (differs in: {', '.join(diff)}); "
+                "pass tag=<new name> or output_dir=<new folder>, or delete the folder to redo it"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, identity)
+
+
+def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
+    """Run one benchmark described by a composed ``configs/eval.yaml``; returns the results dict.
+
+    ``predict_fn`` replaces the checkpoint (tests pass a fake one); without it ``cfg.ckpt`` must be a
+    checkpoint folder, checked before anything is read. The model is loaded only if some item still needs a
+    prediction.
+    """
+    c = _plain(cfg)
+    bench_cfg = dict(c.get("benchmark") or {})
+    if not bench_cfg:
+        raise EvalConfigError("no benchmark selected: pass benchmark=<name> (see configs/benchmark/)")
+    ckpt = None if predict_fn is not None else check_checkpoint(c.get("ckpt"))
+    bench: Benchmark = build_benchmark(bench_cfg)
+    items = bench.items
+    limit = c.get("limit")
+    if limit is not None:
+        if int(limit) < 0:
+            raise EvalConfigError(f"limit must be >= 0 or null, got {limit}")
+        items = items[: int(limit)]
+    out_dir = Path(os.path.expanduser(str(c.get("output_dir") or f"outputs/eval/{bench.name}/default")))
+    max_new_tokens = c.get("max_new_tokens") or bench_cfg.get("max_new_tokens") or 256
+    identity = {
+        "benchmark": bench.name,
+        "data_file": Path(bench.source).name,
+        "ckpt": str(ckpt.resolve()) if ckpt else c.get("ckpt"),
+        "max_new_tokens": int(max_new_tokens),
+        "benchmark_cfg": {k: v for k, v in sorted(bench_cfg.items()) if k not in _IDENTITY_IGNORED},
+    }
+    _check_run_identity(out_dir, identity)
+    if predict_fn is None:
+        model_cfg = {**c, "max_new_tokens": int(max_new_tokens)}
+        predict_fn = LazyPredictFn(lambda: build_predict_fn(model_cfg))
+    results = run_benchmark(
+        items,
+        predict_fn,
+        out_dir,
+        int(c.get("batch_size") or 8),
+        name=bench.name,
+        source=bench.source,
+        progress=bool(c.get("progress", True)),
+        cer_languages=bench_cfg.get("cer_languages") or CER_LANGUAGES,
+        extra={
+            "ckpt": identity["ckpt"],
+            "limit": limit,
+            "skipped_missing_audio": bench.skipped_missing_audio,
+        },
+    )
+    log.info("%s: results in %s", bench.name, out_dir)
+    return results
+
+
+def headline(results: Mapping[str, Any]) -> str:
+    """One line per task with its main numbers, for the console."""
+
+    def f(x: Any) -> str:
+        return "n/a" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+
+    keys = {
+        "mcq": ("accuracy", "accuracy_mmau", "chance", "unparsed", "ambiguous"),
+        "classification": (
+            "accuracy",
+            "accuracy_mmau",
+            "balanced_accuracy",
+            "chance",
+            "unparsed",
+            "ambiguous",
+        ),
+        "caption": ("bleu", "rougeL", "aspect_recall"),
+        "lyrics": ("wer", "cer"),
+    }
+    return "\n".join(
+        f"{results['benchmark']} {task}: n={s.get('n', 0)} "
+        + " ".join(f"{k}={f(s.get(k))}" for k in keys.get(task, ()))
+        for task, s in results["tasks"].items()
+    )

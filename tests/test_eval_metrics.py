@@ -1,0 +1,120 @@
+"""Metrics on hand-computed examples: WER/CER, caption aspect recall, MCQ summary, confusion matrix."""
+
+from __future__ import annotations
+
+import pytest
+
+from musicflamingo.eval.benchmarks import EvalItem
+from musicflamingo.eval.metrics import (
+    aspect_mentioned,
+    error_rate,
+    normalize_lyrics,
+    score_caption,
+    score_classification,
+    score_lyrics,
+    score_mcq,
+)
+
+
+def test_normalize_lyrics():
+    assert normalize_lyrics("Don't STOP—me  now!!") == "dont stop me now"
+    assert normalize_lyrics("我 爱 音乐。", cer=True) == "我爱音乐"
+
+
+def test_wer_hand_computed():
+    # "the cat sat on the mat" (6 words) vs "the cat sit on mat": 1 substitution + 1 deletion = 2/6.
+    assert error_rate(["The cat, sat on the mat!"], ["the cat sit on mat"]) == pytest.approx(2 / 6)
+    # Corpus level: (1 + 1) edits over (4 + 2) reference words.
+    assert error_rate(["a b c d", "hello world"], ["a b x d", "hello"]) == pytest.approx(2 / 6)
+
+
+def test_cer_chinese_hand_computed():
+    # 我爱音乐 (4 chars) vs 我喜欢音乐: 爱->喜 substitution + 欢 insertion = 2/4.
+    assert error_rate(["我爱音乐。"], ["我 喜欢 音乐"], cer=True) == pytest.approx(0.5)
+
+
+def test_score_lyrics_splits_languages():
+    items = [
+        EvalItem("e1", "x.wav", "p", "lyrics", answer="hello world", meta={"language": "en"}),
+        EvalItem("z1", "y.wav", "p", "lyrics", answer="我爱音乐", meta={"language": "zh"}),
+    ]
+    summary, rows = score_lyrics(items, ["hello", "我爱音乐"])
+    assert summary["wer"] == pytest.approx(0.5) and summary["n_wer"] == 1
+    assert summary["cer"] == pytest.approx(0.0) and summary["n_cer"] == 1
+    assert summary["per_language"]["zh"]["metric"] == "cer"
+    assert [r["metric"] for r in rows] == ["wer", "cer"]
+
+
+def test_aspect_recall_hand_computed():
+    assert aspect_mentioned("low quality", "A low-quality recording")
+    assert not aspect_mentioned("piano", "pianola")
+    items = [
+        EvalItem(
+            "a",
+            "a.wav",
+            "p",
+            "caption",
+            answer="sad piano",
+            meta={"aspects": ["low quality", "piano", "sad"]},
+        ),
+        EvalItem(
+            "b", "b.wav", "p", "caption", answer="fast guitar", meta={"aspects": ["guitar", "fast tempo"]}
+        ),
+    ]
+    summary, _ = score_caption(items, ["A sad piano melody, low-quality recording.", "slow guitar"])
+    assert summary["aspect_recall"] == pytest.approx((3 / 3 + 1 / 2) / 2)
+    assert summary["aspect_recall_micro"] == pytest.approx(4 / 5)
+    # Identical captions (>= 4 words, so BLEU's 4-gram precision is defined): BLEU 100, ROUGE-L 1.
+    refs = ["a sad piano melody plays", "a fast guitar riff repeats"]
+    items = [EvalItem(str(i), "a.wav", "p", "caption", answer=r) for i, r in enumerate(refs)]
+    same, _ = score_caption(items, refs)
+    assert same["bleu"] == pytest.approx(100.0) and same["rougeL"] == pytest.approx(1.0)
+
+
+def _mcq(i: str, answer_index: int, group: str) -> EvalItem:
+    choices = ["Piano", "Guitar", "Violin"]
+    return EvalItem(
+        i,
+        f"{i}.wav",
+        "p",
+        "mcq",
+        answer=choices[answer_index],
+        choices=choices,
+        answer_index=answer_index,
+        groups={"type": group},
+    )
+
+
+def test_score_mcq_summary():
+    items = [_mcq("1", 0, "x"), _mcq("2", 1, "x"), _mcq("3", 2, "y"), _mcq("4", 0, "y")]
+    preds = ["A", "Guitar", "(A) or (C)", ""]
+    s, rows = score_mcq(items, preds)
+    assert s["n"] == 4 and s["accuracy"] == pytest.approx(0.5) and s["accuracy_mmau"] == pytest.approx(0.25)
+    assert s["unparsed"] == 1 and s["ambiguous"] == 1 and s["chance"] == pytest.approx(1 / 3)
+    assert s["by"]["type"]["x"]["accuracy"] == pytest.approx(1.0)
+    assert s["by"]["type"]["y"]["accuracy"] == pytest.approx(0.0)
+    assert [r["parsed"] for r in rows] == ["A", "B", None, None]
+
+
+def test_classification_confusion_matrix():
+    labels = ["blues", "jazz", "rock"]
+    items = [
+        EvalItem(
+            str(i),
+            "a.wav",
+            "p",
+            "classification",
+            answer=labels[t],
+            choices=labels,
+            answer_index=t,
+            groups={"label": labels[t]},
+            meta={"mode": "mcq"},
+        )
+        for i, t in enumerate([0, 0, 1, 2])
+    ]
+    s, _ = score_classification(items, ["(A) blues", "C", "jazz", "no idea"])
+    assert s["confusion"] == [[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]]
+    assert s["accuracy"] == pytest.approx(0.5)
+    assert s["balanced_accuracy"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert s["per_class"]["rock"]["precision"] == pytest.approx(0.0)
+    assert s["unparsed"] == 1

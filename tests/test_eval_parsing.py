@@ -1,0 +1,76 @@
+"""The two multiple-choice rules on hand-written answers (the table in docs/evaluation.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from musicflamingo.eval.parsing import format_options, mmau_string_match, parse_choice, parse_label
+
+CHOICES = ["Piano", "Acoustic guitar", "Violin", "Drums"]
+ANSWER = "Acoustic guitar"  # option (B)
+
+# answer text -> (letter-parser status, letter-parser correct, MMAU-rule correct)
+CASES = {
+    "B": ("ok", True, False),  # bare letter: MMAU has no letters
+    "(B)": ("ok", True, False),
+    "b.": ("ok", True, False),
+    "The answer is B": ("ok", True, False),
+    "The answer is (C)": ("ok", False, False),  # a clear answer, the wrong one
+    "Acoustic guitar": ("ok", True, True),  # exact option text
+    "acoustic guitar.": ("ok", True, True),
+    "(B) Acoustic guitar": ("ok", True, True),
+    "It is an acoustic guitar playing arpeggios.": ("ok", True, True),
+    "Acoustic guitar or violin": ("ambiguous", False, False),  # names two options
+    "(A) or (B)": ("ambiguous", False, False),
+    "": ("unparsed", False, False),  # empty answer
+    "I am not sure.": ("unparsed", False, False),
+    "guitar": ("unparsed", False, False),  # part of an option's text is not the option
+    "(E)": ("unparsed", False, False),  # no option E
+}
+
+
+@pytest.mark.parametrize("text", list(CASES))
+def test_mcq_rules_on_hand_written_answers(text):
+    status, letter_ok, mmau_ok = CASES[text]
+    parsed = parse_choice(text, CHOICES)
+    assert parsed.status == status
+    assert (parsed.index == 1) is letter_ok
+    assert mmau_string_match(ANSWER, text, CHOICES) is mmau_ok
+
+
+def test_answer_is_letter_beats_restated_options():
+    # The model restates all options, then concludes: the concluding letter counts.
+    text = "Options: (A) Piano (B) Acoustic guitar (C) Violin. The answer is (C)."
+    assert parse_choice(text, CHOICES).index == 2
+    assert parse_choice("Answer: D", CHOICES).index == 3
+
+
+def test_maximal_text_match():
+    choices = ["Piano", "Grand piano", "Organ"]
+    assert (
+        parse_choice("a grand piano", choices).index == 1
+    )  # "piano" inside "grand piano" is not a second hit
+    assert parse_choice("piano", choices).index == 0
+
+
+def test_mmau_rule_shared_words():
+    # MMAU's own example shape: tokens shared with the answer ("a") are allowed, answer tokens must all appear.
+    choices = ["A child", "A woman", "An adult man", "A teenager"]
+    assert mmau_string_match("A child", "a child", choices)
+    assert mmau_string_match("A child", "It sounds like a child.", choices)
+    assert not mmau_string_match("A child", "child", choices)  # "a" missing
+    assert not mmau_string_match("A child", "a child or a woman", choices)
+
+
+def test_parse_label_with_aliases():
+    labels = ["blues", "hip-hop", "pop", "rock"]
+    aliases = {"hip-hop": ["hip hop", "rap"]}
+    assert parse_label("This is a rap track.", labels, aliases).index == 1
+    assert parse_label("Hip-Hop", labels, aliases).index == 1
+    assert parse_label("pop rock", labels, aliases).status == "ambiguous"
+    assert parse_label("", labels, aliases).status == "unparsed"
+    assert parse_label("jazz", labels, aliases).status == "unparsed"
+
+
+def test_format_options():
+    assert format_options(["x", "y"]) == "(A) x\n(B) y"

@@ -1,0 +1,274 @@
+"""The runner resumes after an interruption without redoing finished items and records each item exactly once;
+build_predict_fn drives the model API as documented (checked with stand-in model/processor classes)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from musicflamingo.eval import (
+    EvalConfigError,
+    EvalItem,
+    PredictionsFileError,
+    load_predictions,
+    run_benchmark,
+)
+from musicflamingo.eval.runner import build_predict_fn, evaluate
+
+CHOICES = ["Piano", "Guitar", "Violin", "Drums"]
+
+
+def make_items(n: int) -> list[EvalItem]:
+    return [
+        EvalItem(
+            f"id{i}",
+            f"/data/{i}.wav",
+            f"Q{i}?",
+            "mcq",
+            answer=CHOICES[i % 4],
+            choices=CHOICES,
+            answer_index=i % 4,
+            groups={"kind": "even" if i % 2 == 0 else "odd"},
+        )
+        for i in range(n)
+    ]
+
+
+class CountingPredictor:
+    """Answers every item correctly; raises once ``fail_after`` items have been answered."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.fail_after, self.seen = fail_after, []
+
+    def __call__(self, batch: list[EvalItem]) -> list[str]:
+        if self.fail_after is not None and len(self.seen) + len(batch) > self.fail_after:
+            raise RuntimeError("killed")
+        self.seen += [it.id for it in batch]
+        return [f"({'ABCD'[it.answer_index]})" for it in batch]
+
+
+def ids_in(path: Path) -> list[str]:
+    return [json.loads(x)["id"] for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_resume_after_predict_fn_raises(tmp_path):
+    items = make_items(10)
+    first = CountingPredictor(fail_after=6)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_benchmark(items, first, tmp_path, batch_size=3, progress=False)
+    assert first.seen == [f"id{i}" for i in range(6)]  # two full batches written before the failure
+    assert ids_in(tmp_path / "predictions.jsonl") == first.seen
+
+    second = CountingPredictor()
+    results = run_benchmark(items, second, tmp_path, batch_size=3, progress=False)
+    assert second.seen == [f"id{i}" for i in range(6, 10)]  # only the unfinished items
+    assert sorted(ids_in(tmp_path / "predictions.jsonl")) == sorted(it.id for it in items)
+    assert results["tasks"]["mcq"]["accuracy"] == 1.0 and results["num_scored"] == 10
+
+    third = CountingPredictor()
+    run_benchmark(items, third, tmp_path, batch_size=3, progress=False)
+    assert third.seen == [] and len(ids_in(tmp_path / "predictions.jsonl")) == 10
+
+
+@pytest.mark.parametrize(
+    "tail", ['{"id": "id3", "predic', '{"id": "id3", "prediction": "(A)\n'], ids=["no-newline", "bad-json"]
+)
+def test_resume_after_torn_last_line(tmp_path, tail):
+    items = make_items(5)
+    run_benchmark(items[:3], CountingPredictor(), tmp_path, batch_size=2, progress=False)
+    pred_file = tmp_path / "predictions.jsonl"
+    with pred_file.open("a", encoding="utf-8") as f:
+        f.write(tail)  # what a kill in the middle of a write leaves behind
+    again = CountingPredictor()
+    run_benchmark(items, again, tmp_path, batch_size=2, progress=False)
+    assert again.seen == ["id3", "id4"]
+    assert ids_in(pred_file) == [f"id{i}" for i in range(5)]  # each once, file fully valid JSON lines
+
+
+def test_damage_before_the_last_line_is_an_error(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(
+        '{"id": "a", "prediction": "x"}\nnot json\n{"id": "b", "prediction": "y"}\n', encoding="utf-8"
+    )
+    with pytest.raises(PredictionsFileError, match=r"predictions.jsonl:2"):
+        load_predictions(path)
+
+
+def test_duplicate_ids_keep_first(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"id": "a", "prediction": "x"}\n{"id": "a", "prediction": "y"}\n', encoding="utf-8")
+    assert load_predictions(path) == {"a": "x"}
+
+
+def test_predict_fn_must_answer_every_item(tmp_path):
+    with pytest.raises(ValueError, match="returned 1 answers for a batch of 2"):
+        run_benchmark(make_items(2), lambda b: ["A"], tmp_path, batch_size=2, progress=False)
+
+
+def _write_mcq_fixture(root: Path) -> None:
+    from tiny_assets import make_tone, write_audio
+
+    recs = []
+    for i in range(4):
+        write_audio(root / "a" / f"{i}.wav", make_tone(440.0, 0.05))
+        recs.append(
+            {
+                "id": f"q{i}",
+                "audio_id": f"./a/{i}.wav",
+                "question": "Which?",
+                "choices": CHOICES,
+                "answer": CHOICES[i],
+                "task": "music",
+                "category": "c",
+                "sub-category": "s",
+                "difficulty": "easy",
+            }
+        )
+    (root / "mmau-test-mini.json").write_text(json.dumps(recs), encoding="utf-8")
+
+
+def _cfg(root: Path, *extra: str):
+    from hydra import compose, initialize_config_dir
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        return compose(
+            config_name="eval",
+            overrides=[
+                "benchmark=mmau",
+                f"benchmark.root={root}",
+                f"output_dir={root / 'out'}",
+                "progress=false",
+                *extra,
+            ],
+        )
+
+
+def test_evaluate_resumes_and_guards_output_dir(tmp_path):
+    _write_mcq_fixture(tmp_path)
+    first = CountingPredictor(fail_after=2)
+    with pytest.raises(RuntimeError):
+        evaluate(_cfg(tmp_path, "batch_size=2"), predict_fn=first)
+    second = CountingPredictor()
+    results = evaluate(_cfg(tmp_path, "batch_size=2"), predict_fn=second)
+    assert first.seen == ["q0", "q1"] and second.seen == ["q2", "q3"] and results["num_scored"] == 4
+    # Same folder, different prompt settings: refused instead of mixing predictions.
+    with pytest.raises(EvalConfigError, match="differs in: benchmark_cfg"):
+        evaluate(_cfg(tmp_path, "benchmark.prompt='{question} {options}'"), predict_fn=CountingPredictor())
+    # limit scores a prefix and reuses the predictions.
+    limited = evaluate(_cfg(tmp_path, "limit=2"), predict_fn=CountingPredictor())
+    assert limited["num_items"] == 2
+
+
+def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    (tmp_path / "config.json").write_text("{}")
+    seen = {}
+
+    class FakeProcessor:
+        @classmethod
+        def from_pretrained(cls, path):
+            seen["processor_dir"] = path
+            return cls()
+
+        def apply_chat_template(self, conversations, **kw):
+            seen["conversations"], seen["template_kw"] = conversations, kw
+            b = len(conversations)
+            return {
+                "input_ids": torch.ones(b, 5, dtype=torch.long),
+                "attention_mask": torch.ones(b, 5, dtype=torch.long),
+                "input_features": torch.zeros(b, 128, 30),
+                "input_features_mask": torch.ones(b, 30, dtype=torch.int32),
+            }
+
+        def batch_decode(self, ids, skip_special_tokens=True):
+            seen["decoded"] = ids.tolist()
+            return [" ".join(map(str, row)) + " " for row in ids.tolist()]
+
+    class FakeModel:
+        @classmethod
+        def from_pretrained(cls, path, dtype=None, device=None):
+            seen["load"] = (path, dtype, device)
+            return cls()
+
+        def eval(self):
+            return self
+
+        def generate(
+            self, input_ids, attention_mask, input_features, input_features_mask, max_new_tokens, do_sample
+        ):
+            seen["gen"] = (max_new_tokens, do_sample, input_features.dtype)
+            new = torch.arange(3).repeat(input_ids.shape[0], 1) + 7
+            return torch.cat([input_ids, new], dim=1)
+
+    import musicflamingo
+
+    monkeypatch.setattr(musicflamingo, "MusicFlamingo", FakeModel, raising=False)
+    monkeypatch.setattr(musicflamingo, "MusicFlamingoProcessor", FakeProcessor, raising=False)
+    io_mod = types.ModuleType("musicflamingo.audio.io")
+    io_mod.load_audio = lambda path, offset=0.0, duration=None: ("segment", path, offset, duration)
+    monkeypatch.setitem(sys.modules, "musicflamingo.audio.io", io_mod)
+
+    fn = build_predict_fn({"ckpt": str(tmp_path), "device": "cpu", "dtype": "float32", "max_new_tokens": 3})
+    items = [
+        EvalItem("a", "/x/a.wav", "Q1", "mcq"),
+        EvalItem("b", "/x/b.wav", "Q2", "caption", offset=30.0, duration=10.0),
+    ]
+    assert fn(items) == ["7 8 9", "7 8 9"]  # only the new tokens, stripped
+    assert seen["load"] == (str(tmp_path), torch.float32, torch.device("cpu"))
+    assert seen["gen"] == (3, False, torch.float32)
+    assert seen["template_kw"] == {"tokenize": True, "add_generation_prompt": True, "return_dict": True}
+    first, second = (c[0]["content"] for c in seen["conversations"])
+    assert first == [{"type": "audio", "path": "/x/a.wav"}, {"type": "text", "text": "Q1"}]
+    assert second[0] == {"type": "audio", "audio": ("segment", "/x/b.wav", 30.0, 10.0)}
+
+
+def test_evaluate_with_tiny_checkpoint(tmp_path):
+    """The real model path: a random tiny checkpoint saved with save_pretrained, greedy decoding on CPU, audio
+    passed by path (MMAU) and as a cut segment (lyrics items with offset/duration)."""
+    torch = pytest.importorskip("torch")
+    from tiny_assets import make_tone, write_audio, write_tiny_tokenizer
+
+    from musicflamingo import MusicFlamingo, MusicFlamingoConfig, MusicFlamingoProcessor
+    from musicflamingo.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    MusicFlamingo(MusicFlamingoConfig.from_name("tiny")).save_pretrained(ckpt)
+    MusicFlamingoProcessor(load_tokenizer(write_tiny_tokenizer(tmp_path / "tok"))).save_pretrained(ckpt)
+    run = ("device=cpu", "dtype=float32", "max_new_tokens=3", "batch_size=2", f"ckpt={ckpt}")
+
+    _write_mcq_fixture(tmp_path / "mmau")
+    results = evaluate(_cfg(tmp_path / "mmau", *run))
+    preds = load_predictions(tmp_path / "mmau" / "out" / "predictions.jsonl")
+    assert sorted(preds) == ["q0", "q1", "q2", "q3"] and results["num_scored"] == 4
+    assert results["tasks"]["mcq"]["n"] == 4 and (tmp_path / "mmau" / "out" / "results.md").exists()
+
+    root = tmp_path / "lyr"
+    write_audio(root / "s.wav", make_tone(440.0, 0.5))
+    recs = [
+        {"audio": "s.wav", "lyrics": "la la", "offset": 0.1, "duration": 0.2},
+        {"audio": "s.wav", "lyrics": "我爱", "language": "zh"},
+    ]
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"
+    ):
+        cfg = compose(
+            config_name="eval",
+            overrides=[
+                "benchmark=lyrics",
+                f"benchmark.root={root}",
+                f"output_dir={root / 'out'}",
+                "progress=false",
+                *run,
+            ],
+        )
+    lyr = evaluate(cfg)
+    assert lyr["num_scored"] == 2 and lyr["tasks"]["lyrics"]["n_wer"] == 1
