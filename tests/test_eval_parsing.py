@@ -43,6 +43,9 @@ def test_answer_is_letter_beats_restated_options():
     text = "Options: (A) Piano (B) Acoustic guitar (C) Violin. The answer is (C)."
     assert parse_choice(text, CHOICES).index == 2
     assert parse_choice("Answer: D", CHOICES).index == 3
+    assert parse_choice("The answer is B, not option C.", CHOICES).index == 1
+    assert parse_choice("Option A is wrong; the correct choice is D", CHOICES).index == 3
+    assert parse_choice("Answer: Acoustic guitar", CHOICES).index == 1  # "A" of "Acoustic" is no letter
 
 
 def test_maximal_text_match():

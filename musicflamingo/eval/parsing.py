@@ -92,7 +92,7 @@ def _contains_phrase(haystack: str, phrase: str) -> bool:
 _BARE = re.compile(r"^\s*[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:)]?\s*$")
 # Keywords are case-insensitive, the letter must be upper case ("the answer is a piano" names no letter).
 _ANSWER_IS = re.compile(
-    r"\b(?i:answer|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*(?i:option\s*)?[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])"
+    r"\b(?i:(answer)|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*(?i:option\s*)?[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])"
 )
 _PAREN = re.compile(r"[\(\[]([A-Z])[\)\]]")
 _LEADING = re.compile(r"^\s*([A-Z])\s*[.:)](?:\s|$)")
@@ -123,8 +123,9 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
 
     1. ``bare``: the whole answer is one letter, optionally bracketed or followed by "." / ":" / ")":
        "B", "(b)", "B." (lower case accepted only here).
-    2. ``answer_is``: "answer is B", "Answer: (B)", "the correct option is C" -- the *last* such phrase wins
-       (models restate the options before concluding).
+    2. ``answer_is``: "answer is B", "Answer: (B)", "the correct option is C" -- the *last* "answer ..." phrase
+       wins (models restate the options before concluding), else the last "option/choice ..." phrase ("the answer
+       is B, not option C" -> B).
     3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:". One
        distinct letter -> that option; two or more -> ambiguous.
     4. ``text``: option texts found in the answer (lowercased, punctuation-insensitive, whole words, maximal
@@ -141,9 +142,14 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     if m and (idx := _letter_index(m.group(1), n)) is not None:
         return ChoiceParse(idx, "ok", "bare")
 
-    stated = [i for x in _ANSWER_IS.finditer(text) if (i := _letter_index(x.group(1), n)) is not None]
+    stated = [
+        (bool(x.group(1)), i)
+        for x in _ANSWER_IS.finditer(text)
+        if (i := _letter_index(x.group(2), n)) is not None
+    ]
     if stated:
-        return ChoiceParse(stated[-1], "ok", "answer_is")
+        said = [i for is_answer, i in stated if is_answer] or [i for _, i in stated]
+        return ChoiceParse(said[-1], "ok", "answer_is")
 
     letters = {i for x in _PAREN.finditer(text) if (i := _letter_index(x.group(1), n)) is not None}
     if (m := _LEADING.match(text)) and (i := _letter_index(m.group(1), n)) is not None:
