@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from musicflamingo.audio.features import num_frames, tokens_from_frames
 from musicflamingo.audio.io import AudioError, load_audio
 from musicflamingo.data.collate import IGNORE_INDEX
-from musicflamingo.data.manifest import AudioRef, Message, Record
+from musicflamingo.data.manifest import FORBIDDEN_TOKENS, AudioRef, Message, Record
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,11 @@ class ConversationDataset(Dataset):
     def _pieces(self, messages: Sequence[Message]) -> list[tuple[list[int], int, int]]:
         """Rendered conversation cut at special-token boundaries: ``(ids, learn_from, learn_to)`` per piece,
         where ``ids[learn_from:learn_to]`` is assistant content + ``<|im_end|>`` (empty range elsewhere)."""
+        for i, m in enumerate(messages):  # read_manifest rejects these; Records built in code may not
+            if any(t in m.content for t in FORBIDDEN_TOKENS):
+                raise ValueError(
+                    f"message {i} contains a chat special token, which would fake a turn boundary"
+                )
         convo = [{"role": m.role, "content": m.content} for m in messages]
         pieces = []
         prev = ""
@@ -246,6 +251,8 @@ class ConversationDataset(Dataset):
                 pieces.append((self._encode(seg), 0, 0))
                 continue
             cut = seg.rfind(ASSISTANT_HEADER)  # the segment may start with the default system turn
+            if cut < 0:
+                raise RuntimeError(f"rendered assistant turn lacks {ASSISTANT_HEADER!r}: {seg[:60]!r}")
             if cut > 0:
                 pieces.append((self._encode(seg[:cut]), 0, 0))
             pieces.append(self._assistant_piece(seg[cut:]))
