@@ -1,0 +1,205 @@
+"""Note material for clips: generated chord progressions with a melody, and Bach chorales from music21's corpus.
+
+Both produce :class:`Note` lists in quarter-note beats (tempo-free); the renderer turns beats into seconds.
+Chorales are parsed once per process (``lru_cache``) and only kept when their key is unambiguous: the
+Krumhansl-Schmuckler key of the whole piece equals that of its first four bars and agrees with the key
+signature, so "the key of the excerpt" is a fact and not a guess.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from musicflamingo.data.synthetic.theory import (
+    MAJOR_PROGRESSIONS,
+    MINOR_PROGRESSIONS,
+    Key,
+    beats_per_bar,
+    chord_pitch_classes,
+    progression_name,
+)
+
+
+@dataclass(frozen=True)
+class Note:
+    """One note: onset and duration in quarter-note beats, MIDI pitch, MIDI velocity (1-127)."""
+
+    onset: float
+    duration: float
+    pitch: int
+    velocity: int
+
+
+def _place(pc: int, low: int) -> int:
+    """Lowest MIDI pitch >= ``low`` with pitch class ``pc``."""
+    return low + (pc - low) % 12
+
+
+def generate_progression_piece(
+    key: Key, time_signature: str, n_beats: float, rng: np.random.Generator
+) -> tuple[list[Note], str]:
+    """A chord progression (one chord per bar) with bass, accompaniment on every beat and a melody.
+
+    The metre is audible: the bass and the loudest chord fall on beat 1 of each bar, the other beats are
+    softer. Every beat has an onset and the melody moves in whole beats only, so the beat is the fastest
+    regular pulse and the onset rate equals the tempo.
+
+    Returns:
+        (notes, the chords actually played, e.g. "I-IV-I-V-I").
+    """
+    bpb = beats_per_bar(time_signature)
+    progs = MAJOR_PROGRESSIONS if key.mode == "major" else MINOR_PROGRESSIONS
+    degrees = progs[int(rng.integers(len(progs)))]
+    style = ("block", "arpeggio")[int(rng.integers(2))]
+    n_bars = math.ceil(n_beats / bpb)
+    notes: list[Note] = []
+
+    def vel(base: int) -> int:
+        return int(np.clip(base + rng.integers(-4, 5), 1, 127))
+
+    scale = list(key.scale)
+    # Melody state: index into a two-octave scale ladder starting at the tonic above G4.
+    ladder = [_place(scale[i % 7], 67) + 12 * (i // 7) for i in range(14)]
+    ladder = sorted(ladder)
+    mel_idx = int(np.argmin([abs(p - _place(key.tonic_pc, 67)) for p in ladder]))
+    # Start on the tonic, then the progression, and always end with a V-I cadence (I-I for two bars).
+    plan = [degrees[bar % len(degrees)] for bar in range(n_bars)]
+    plan[-1] = 0
+    if n_bars >= 3:
+        plan[-2] = 4
+    for bar, degree in enumerate(plan):
+        root, third, fifth = chord_pitch_classes(key, degree)
+        t0 = float(bar * bpb)
+        bass = _place(root, 40)
+        chord = sorted(_place(pc, 55) for pc in (root, third, fifth))
+        notes.append(Note(t0, min(2.0, float(bpb)), bass, vel(92)))
+        for beat in range(bpb):
+            strong = beat == 0
+            if style == "block" or strong:
+                for p in chord:
+                    notes.append(Note(t0 + beat, 0.6, p, vel(82 if strong else 72)))
+            else:
+                p = chord[(beat - 1) % 3] + (12 if beat % 2 == 0 else 0)
+                notes.append(Note(t0 + beat, 0.6, p, vel(74)))
+        # Melody: durations of 1 or 2 beats filling the bar; a chord tone on beat 1, steps in between.
+        beat = 0
+        while beat < bpb:
+            dur = 2 if (bpb - beat >= 2 and rng.random() < 0.35) else 1
+            if beat == 0:
+                chord_pcs = {root, third, fifth}
+                cands = [i for i, p in enumerate(ladder) if p % 12 in chord_pcs]
+                mel_idx = min(cands, key=lambda i: (abs(i - mel_idx), i))
+            else:
+                mel_idx = int(np.clip(mel_idx + rng.choice([-2, -1, -1, 1, 1, 2]), 0, len(ladder) - 1))
+            pitch = ladder[mel_idx]
+            if key.mode == "minor" and degree == 4 and pitch % 12 == (key.tonic_pc + 10) % 12:
+                pitch += 1  # leading tone over the dominant
+            notes.append(Note(t0 + beat, float(dur), pitch, vel(88 if beat == 0 else 80)))
+            beat += dur
+    return [n for n in notes if n.onset < n_beats], progression_name(key, tuple(plan))
+
+
+@dataclass(frozen=True)
+class Chorale:
+    """A four-part chorale reduced to notes. ``key`` is the original key; transpose notes to move it."""
+
+    source_id: str  # e.g. "bach/bwv269"
+    title: str
+    key: Key
+    time_signature: str
+    notes: tuple[Note, ...]
+    length_beats: float
+
+
+def _music21():
+    try:
+        import music21
+    except ImportError as e:  # pragma: no cover - music21 is a runtime requirement
+        raise ImportError("the chorale source needs music21 (pip install 'music21>=9.1')") from e
+    return music21
+
+
+def _to_key(m21_key) -> Key:
+    pc = m21_key.tonic.pitchClass
+    return Key(pc, m21_key.mode)
+
+
+@functools.cache
+def load_chorale(path: str) -> Chorale | None:
+    """Parse a chorale from music21's corpus; ``None`` when it is not a plain 4-part chorale in 3/4 or 4/4
+    with an unambiguous key. Cached: each file is parsed at most once per process."""
+    m21 = _music21()
+    score = m21.corpus.parse(path)
+    if len(score.parts) != 4:
+        return None
+    sigs = {ts.ratioString for ts in score.recurse().getElementsByClass(m21.meter.TimeSignature)}
+    if len(sigs) != 1 or next(iter(sigs)) not in ("3/4", "4/4"):
+        return None
+    time_signature = next(iter(sigs))
+    bpb = beats_per_bar(time_signature)
+    key_sigs = list(score.recurse().getElementsByClass(m21.key.KeySignature))
+    whole = score.analyze("key")
+    opening = score.flatten().notes.getElementsByOffset(0, 4 * bpb, includeEndBoundary=False).stream()
+    first = opening.analyze("key")
+    if (whole.tonic.pitchClass, whole.mode) != (first.tonic.pitchClass, first.mode):
+        return None
+    key = _to_key(whole)
+    if not key_sigs or key.mode not in ("major", "minor") or key_sigs[0].sharps % 12 != key.fifths % 12:
+        return None
+    pickup = 0.0
+    first_measure = score.parts[0].getElementsByClass(m21.stream.Measure)[0]
+    if first_measure.paddingLeft:
+        pickup = float(first_measure.paddingLeft)
+    notes: list[Note] = []
+    for voice, part in enumerate(score.parts):
+        for n in part.stripTies().flatten().notes:
+            onset = float(n.offset)
+            downbeat = abs(((onset + pickup) / bpb) - round((onset + pickup) / bpb)) < 1e-6
+            base = (92 if downbeat else 74) + (6 if voice == 0 else 0)
+            for p in n.pitches:
+                notes.append(Note(onset, float(n.quarterLength), int(p.midi), base))
+    name = str(path).rsplit("/", 1)[-1].split(".mxl")[0]
+    title = f"BWV {name[3:]}" if name.startswith("bwv") else name
+    return Chorale(
+        source_id=f"bach/{name}",
+        title=str(title),
+        key=key,
+        time_signature=time_signature,
+        notes=tuple(sorted(notes, key=lambda n: (n.onset, n.pitch))),
+        length_beats=float(score.highestTime),
+    )
+
+
+def chorale_paths() -> list[str]:
+    """Sorted paths of the Bach pieces bundled with music21 (offline)."""
+    m21 = _music21()
+    return sorted(str(p) for p in m21.corpus.getComposer("bach"))
+
+
+def chorale_excerpt(
+    chorale: Chorale, target: Key, n_beats: float, rng: np.random.Generator
+) -> tuple[list[Note], int]:
+    """The first ``n_beats`` of a chorale transposed to ``target`` (same mode), looping if it is short.
+
+    Returns:
+        (notes, semitones transposed).
+    """
+    if target.mode != chorale.key.mode:
+        raise ValueError(f"cannot move {chorale.source_id} in {chorale.key.name} to {target.name}")
+    shift = (target.tonic_pc - chorale.key.tonic_pc) % 12
+    if shift > 6:
+        shift -= 12
+    notes: list[Note] = []
+    start = 0.0
+    while start < n_beats:
+        for n in chorale.notes:
+            if start + n.onset >= n_beats:
+                break
+            v = int(np.clip(n.velocity + rng.integers(-4, 5), 1, 127))
+            notes.append(Note(start + n.onset, n.duration, n.pitch + shift, v))
+        start += chorale.length_beats
+    return notes, shift

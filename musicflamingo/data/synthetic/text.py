@@ -1,0 +1,125 @@
+"""Captions and four-option multiple-choice questions for a clip, as JSONL conversation records.
+
+Record layout (one JSON object per line, ``audio`` relative to the manifest's folder)::
+
+    {"id": "train-00003-caption", "audio": "audio/train-00003.wav", "task": "caption",
+     "conversations": [{"role": "user", "content": "<sound>Describe the track."},
+                       {"role": "assistant", "content": "A solo violin ... at 120 BPM. ..."}],
+     "meta": {...ground truth...}}
+    {"id": "train-00003-tempo", ..., "task": "mcq", "question_type": "tempo",
+     "choices": ["160 BPM", "60 BPM", "120 BPM", "90 BPM"], "answer": "120 BPM", "answer_letter": "C",
+     "conversations": [{"role": "user", "content": "<sound>What is the tempo of this track?\\n(A) 160 BPM (B) ..."},
+                       {"role": "assistant", "content": "(C) 120 BPM"}]}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from musicflamingo.data.synthetic.theory import (
+    INSTRUMENT_FAMILIES,
+    TEMPO_BUCKETS,
+    TIME_SIGNATURES,
+    Key,
+    key_distractors,
+)
+
+SOUND_TOKEN = "<sound>"
+CAPTION_PROMPT = "Describe the track."
+LETTERS = "ABCD"
+NUM_OPTIONS = len(LETTERS)
+QUESTION_TYPES = ("key", "tempo", "time_signature", "instrument_family")
+QUESTIONS = {
+    "key": "What is the key of this piece?",
+    "tempo": "What is the tempo of this track?",
+    "time_signature": "What is the time signature of this piece?",
+    "instrument_family": "Which instrument family plays this piece?",
+}
+ANSWER_INSTRUCTION = "Answer with the letter and the option."
+
+
+def caption(meta: dict[str, Any]) -> str:
+    """One fixed-order description stating every ground-truth fact (a small model learns it faster)."""
+    text = (
+        f"A solo {meta['instrument_label']} ({meta['instrument_family'].lower()} family) plays in {meta['key']}, "
+        f"in {meta['time_signature']} time at {meta['tempo_bpm']} BPM."
+    )
+    if meta["source_kind"] == "chorale":
+        where = f"transposed to {meta['key']}" if meta["transpose"] else "in its original key"
+        text += f" It is an excerpt of the Bach chorale {meta['source_title']}, {where}."
+    else:
+        text += f" It is a {meta['progression']} chord progression with a melody on top."
+    return text
+
+
+def mcq_choices(meta: dict[str, Any], question_type: str, rng: np.random.Generator) -> tuple[list[str], str]:
+    """Four distinct options in random order and the correct one. Distractors are well separated: other
+    tempo buckets, other metres, other instrument families, and keys from :func:`key_distractors`."""
+    if question_type == "key":
+        key = Key.parse(meta["key"])
+        answer = key.name
+        options = [answer] + [k.name for k in key_distractors(key, rng, NUM_OPTIONS - 1)]
+    elif question_type == "tempo":
+        answer = f"{meta['tempo_bpm']} BPM"
+        options = [f"{b} BPM" for b in TEMPO_BUCKETS]
+    elif question_type == "time_signature":
+        answer = meta["time_signature"]
+        options = list(TIME_SIGNATURES)
+    elif question_type == "instrument_family":
+        answer = meta["instrument_family"]
+        others = [f for f in INSTRUMENT_FAMILIES if f != answer]
+        picks = rng.choice(len(others), size=NUM_OPTIONS - 1, replace=False)
+        options = [answer] + [others[int(i)] for i in picks]
+    else:
+        raise ValueError(f"unknown question type {question_type!r}; expected one of {QUESTION_TYPES}")
+    if answer not in options or len(set(options)) != NUM_OPTIONS:
+        raise ValueError(
+            f"{question_type}: answer {answer!r} must be one of {NUM_OPTIONS} distinct {options}"
+        )
+    order = rng.permutation(NUM_OPTIONS)
+    return [options[int(i)] for i in order], answer
+
+
+def format_options(choices: list[str]) -> str:
+    """``"(A) 60 BPM (B) 90 BPM (C) 120 BPM (D) 160 BPM"``."""
+    return " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
+
+
+def clip_records(clip_id: str, audio: str, meta: dict[str, Any], rng: np.random.Generator) -> list[dict]:
+    """The caption record and one MCQ record per question type for one clip."""
+
+    def conv(user: str, assistant: str) -> list[dict[str, str]]:
+        return [
+            {"role": "user", "content": SOUND_TOKEN + user},
+            {"role": "assistant", "content": assistant},
+        ]
+
+    records = [
+        {
+            "id": f"{clip_id}-caption",
+            "audio": audio,
+            "task": "caption",
+            "conversations": conv(CAPTION_PROMPT, caption(meta)),
+            "meta": meta,
+        }
+    ]
+    for qt in QUESTION_TYPES:
+        choices, answer = mcq_choices(meta, qt, rng)
+        letter = LETTERS[choices.index(answer)]
+        prompt = f"{QUESTIONS[qt]}\n{format_options(choices)}\n{ANSWER_INSTRUCTION}"
+        records.append(
+            {
+                "id": f"{clip_id}-{qt}",
+                "audio": audio,
+                "task": "mcq",
+                "question_type": qt,
+                "choices": choices,
+                "answer": answer,
+                "answer_letter": letter,
+                "conversations": conv(prompt, f"({letter}) {answer}"),
+                "meta": meta,
+            }
+        )
+    return records
