@@ -299,3 +299,24 @@ def test_instruments_sound_different(tmp_path: Path) -> None:
     for i in range(4):
         for j in range(i + 1, 4):
             assert np.abs(spectra[i] - spectra[j]).mean() > 0.1, (i, j)
+
+
+@pytest.mark.slow
+def test_larger_corpus_speed_and_audio_accuracy(tmp_path: Path) -> None:
+    """120 clips of 4-15 s: build speed, and how often simple signal analysis recovers key and tempo."""
+    t0 = time.perf_counter()
+    info = build_corpus(tmp_path / "c", seed=11, n_train=100, n_val=10, n_test=10, progress=False)
+    clips_per_s = 120 / (time.perf_counter() - t0)
+    ranks, hits = [], []
+    for r in _captions(info):
+        x, _ = sf.read(str(info.root / r["audio"]), dtype="float32")
+        ranks.append(_triad_ranking(_chroma(x)).index(Key.parse(r["meta"]["key"])))
+        hits.append(_estimate_bpm(x) == r["meta"]["tempo_bpm"])
+    ranks = np.array(ranks)
+    print(
+        f"{clips_per_s:.1f} clips/s; key best {np.mean(ranks == 0):.2f}, top-3 {np.mean(ranks <= 2):.2f}; "
+        f"tempo {np.mean(hits):.2f}"
+    )
+    assert clips_per_s > 2.0
+    assert np.mean(ranks == 0) >= 0.75 and np.mean(ranks <= 2) >= 0.95
+    assert np.mean(hits) >= 0.9

@@ -87,6 +87,8 @@ class CorpusConfig:
             raise ValueError(f"clip_seconds must be (min, max) with 1 <= min <= max, got {self.clip_seconds}")
         if not 0.0 <= self.chorale_fraction <= 1.0:
             raise ValueError(f"chorale_fraction must be in [0, 1], got {self.chorale_fraction}")
+        if self.sampling_rate <= 0 or self.render_rate <= 0:
+            raise ValueError(f"sampling rates must be > 0, got {self.sampling_rate} and {self.render_rate}")
         if self.clips_per_chorale < 1:
             raise ValueError(f"clips_per_chorale must be >= 1, got {self.clips_per_chorale}")
 
@@ -308,7 +310,11 @@ def build_corpus(
     (tmp / "audio").mkdir(parents=True)
     (tmp / "midi").mkdir()
     batches = [clips[i : i + _BATCH_CLIPS] for i in range(0, len(clips), _BATCH_CLIPS)]
-    _render_all(batches, tmp, cfg, workers, progress)
+    try:
+        _render_all(batches, tmp, cfg, workers, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written corpus behind
+        raise
 
     summary: dict[str, Any] = {}
     for s in SPLITS:
