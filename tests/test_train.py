@@ -1,0 +1,220 @@
+"""Training: configs compose, stages freeze what they say, LoRA merges, resume is exact, export loads."""
+
+from __future__ import annotations
+
+import csv
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from train_fixtures import CONFIGS, compose_train, write_dataset, write_processor
+
+from musicflamingo import MusicFlamingo
+from musicflamingo.training import train
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    proc = write_processor(root / "proc")
+    manifest = write_dataset(root / "data")
+    return proc, manifest
+
+
+def _losses(run: Path) -> list[float]:
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_every_config_composes():
+    groups = {p.parent.name for p in CONFIGS.glob("*/*.yaml")} - {"hydra", "benchmark"}
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        for group in sorted(groups):
+            for f in sorted((CONFIGS / group).glob("*.yaml")):
+                cfg = compose(config_name="train", overrides=[f"{group}={f.stem}", "data.train=x.jsonl"])
+                assert cfg.model._target_ and cfg.trainer._target_, f
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_two_steps(experiment, assets, tmp_path):
+    proc, manifest = assets
+    if experiment.startswith("synthetic"):
+        pytest.skip("the synthetic main job has its own end-to-end test")
+    cfg = compose_train(tmp_path, manifest, proc, [f"experiment={experiment}", "debug=fast"])
+    metrics, obj = train(cfg)
+    assert obj["trainer"].global_step == 2
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_overfits_four_samples(assets, tmp_path):
+    proc, manifest = assets
+    cfg = compose_train(
+        tmp_path,
+        manifest,
+        proc,
+        [
+            "trainer.max_steps=80",
+            "trainer.log_every_n_steps=1",
+            "model.optim.lr=5e-3",
+            "export=false",
+            "model.optim.min_lr_ratio=1.0",
+            "model.optim.warmup_steps=5",
+        ],
+    )
+    train(cfg)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) >= 50
+    assert min(losses[-5:]) < 0.05 * losses[0], (losses[0], losses[-5:])
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_projector_stage_freezes_encoder_and_lm(assets, tmp_path):
+    proc, manifest = assets
+    cfg = compose_train(tmp_path, manifest, proc, ["experiment=align_projector", "debug=fast"])
+    from musicflamingo.lit import build_model
+
+    before = _weights(build_model("tiny", {"audio": {"max_source_positions": 100}}, seed=cfg.seed))
+    _, obj = train(cfg)
+    after = _weights(obj["model"].model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("multi_modal_projector.") for k in changed), sorted(changed)[:5]
+
+
+def test_lora_keeps_base_and_merges_exactly(assets, tmp_path):
+    proc, manifest = assets
+    cfg = compose_train(tmp_path, manifest, proc, ["experiment=lora", "debug=fast", "export=true"])
+    from musicflamingo.lit import build_model
+
+    before = _weights(build_model("tiny", {"audio": {"max_source_positions": 100}}, seed=cfg.seed))
+    _, obj = train(cfg)
+    lit = obj["model"]
+    after = _weights(lit.model)
+    for k, v in before.items():
+        if not k.startswith("multi_modal_projector."):
+            assert torch.equal(v, after[k]), k
+    assert any("lora_B" in k and after[k].abs().sum() > 0 for k in after)
+    merged = MusicFlamingo.from_pretrained(obj["export_dir"])
+    lit.model.eval()  # LoRA dropout off
+    ids = torch.randint(0, 290, (2, 11))
+    with torch.no_grad():
+        a = lit.model(ids).logits
+        b = merged(ids).logits
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_resume_is_exact(assets, tmp_path):
+    proc, manifest = assets
+    # The LR schedule spans 6 steps in both runs; the first run is cut after 3 steps.
+    common = [
+        "trainer.log_every_n_steps=1",
+        "export=false",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "model.optim.max_steps=6",
+        "model.optim.warmup_steps=2",
+        "data.batch_max_tokens=800",
+    ]
+    straight = compose_train(tmp_path / "a", manifest, proc, common + ["trainer.max_steps=6"])
+    _, a = train(straight)
+    first = compose_train(tmp_path / "b", manifest, proc, common + ["trainer.max_steps=3"])
+    train(first)
+    second = compose_train(tmp_path / "b", manifest, proc, common + ["trainer.max_steps=6"])
+    _, b = train(second)
+    assert b["trainer"].global_step == 6
+    wa, wb = _weights(a["model"].model), _weights(b["model"].model)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+    la, lb = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
+    assert abs(la[-1] - lb[-1]) <= 1e-6, (la, lb)
+
+
+def test_export_loads_in_ours_and_transformers(assets, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    proc, manifest = assets
+    cfg = compose_train(tmp_path, manifest, proc, ["debug=fast", "export=true"])
+    _, obj = train(cfg)
+    export = obj["export_dir"]
+    assert (export / "tokenizer.json").is_file()
+    ours = MusicFlamingo.from_pretrained(export)
+    ref = transformers.MusicFlamingoForConditionalGeneration.from_pretrained(
+        export, dtype=torch.float32
+    ).eval()
+    from musicflamingo.processor import MusicFlamingoProcessor
+
+    processor = MusicFlamingoProcessor.from_pretrained(export)
+    from tiny_assets import make_tone
+
+    conv = [
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio", "audio": make_tone(440.0, 3.0)},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            }
+        ]
+    ]
+    batch = processor.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
+    obj["model"].model.eval()
+    with torch.no_grad():
+        trained = obj["model"].model(**batch).logits
+        a = ours(**batch).logits
+        b = ref(**batch).logits
+    assert (a - trained).abs().max().item() <= 1e-5
+    assert (b - trained).abs().max().item() <= 1e-5
+
+
+def test_af3_and_our_layout_give_same_batches(tmp_path):
+    from musicflamingo.data.datamodule import MusicFlamingoDataModule
+
+    proc = write_processor(tmp_path / "proc")
+    ours = write_dataset(tmp_path / "d", layout="ours")
+    af3 = write_dataset(tmp_path / "d", layout="af3")
+    batches = []
+    for manifest in (ours, af3):
+        dm = MusicFlamingoDataModule(train=str(manifest), processor=str(proc), batch_max_tokens=400, seed=3)
+        dm.setup("fit")
+        batches.append(list(dm.train_dataloader()))
+    assert len(batches[0]) == len(batches[1]) > 1
+    for x, y in zip(*batches):
+        assert x.keys() == y.keys()
+        for k in x:
+            if torch.is_tensor(x[k]):
+                assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(assets, tmp_path):
+    import subprocess
+    import sys
+
+    proc, manifest = assets
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "ddp_run"
+    cmd = [
+        sys.executable,
+        str(root / "train.py"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "debug=fast",
+        f"data.train={manifest}",
+        f"data.processor={proc}",
+        "+model.net.overrides={audio:{max_source_positions:100}}",
+        f"hydra.run.dir={run}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(glob.glob(str(run / "checkpoints" / "*.ckpt"))) >= 1
+    assert not list((tmp_path / "logs").glob("**/runs/*")), "a second run folder was created"

@@ -1,0 +1,87 @@
+"""Tiny training setups: a processor with 2 s windows, tone clips, manifests, and composed Hydra configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from tiny_assets import make_tone, write_audio, write_tiny_tokenizer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CHUNK = 2.0  # seconds per encoder window in the tiny training tests (tiny preset: max_source_positions 100)
+TINY_OVERRIDES = "{audio:{max_source_positions:100}}"
+
+
+def write_processor(dirpath: Path) -> Path:
+    from musicflamingo.processor import MusicFlamingoProcessor
+    from musicflamingo.tokenizer import load_tokenizer
+
+    dirpath.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(dirpath)
+    MusicFlamingoProcessor(load_tokenizer(dirpath), chunk_length=CHUNK, max_audio_len=8.0).save_pretrained(
+        dirpath
+    )
+    return dirpath
+
+
+ANSWERS = ["a low hum", "a bright tone", "a middle note", "a very high whistle"]
+
+
+def write_dataset(root: Path, n: int = 4, layout: str = "ours") -> Path:
+    """n tone clips (1.5-3 s) and a manifest whose answers name the tone; `layout` "ours" or "af3"."""
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        freq = [110.0, 440.0, 880.0, 1760.0][i % 4]
+        audio = write_audio(root / f"clip{i}.wav", make_tone(freq, 1.5 + 0.5 * (i % 3)))
+        answer = ANSWERS[i % 4]
+        if layout == "ours":
+            records.append(
+                {
+                    "id": f"c{i}",
+                    "audio": audio.name,
+                    "conversations": [
+                        {"role": "user", "content": "<sound>What is this?"},
+                        {"role": "assistant", "content": answer},
+                    ],
+                }
+            )
+        else:
+            records.append(
+                {
+                    "id": f"c{i}",
+                    "sound": audio.name,
+                    "conversations": [
+                        {"from": "human", "value": "<sound>\nWhat is this?"},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+            )
+    path = root / ("train.jsonl" if layout == "ours" else "train_af3.json")
+    if layout == "ours":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+def compose_train(
+    tmp: Path, manifest: Path, processor: Path, overrides: list[str] | None = None
+) -> DictConfig:
+    base = [
+        f"data.train={manifest}",
+        f"data.processor={processor}",
+        f"+model.net.overrides={TINY_OVERRIDES}",
+        "data.batch_max_tokens=4096",
+        "logger=csv",
+        f"paths.output_dir={tmp / 'run'}",
+        f"paths.log_dir={tmp / 'logs'}",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=base + (overrides or []))
+    with open_dict(cfg):
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+    return cfg
