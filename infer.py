@@ -1,0 +1,40 @@
+"""Ask Music Flamingo about audio files, or chat with it.
+
+    python infer.py ckpt=DIR audio=song.mp3 'prompt="What is the tempo, and the key?"'
+    python infer.py ckpt=DIR audio=[a.mp3,b.wav] max_new_tokens=256
+    python infer.py ckpt=DIR audio=song.mp3 interactive=true
+
+A thin Hydra wrapper around :func:`musicflamingo.inference.infer`; settings: configs/infer.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from musicflamingo.inference import USER_ERRORS, infer
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="infer")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(
+        level=str(cfg.get("log_level", "INFO")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        infer(cfg)
+    except USER_ERRORS as e:  # bad checkpoint, audio or settings: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
