@@ -25,6 +25,7 @@ from musicflamingo.inference import (
     infer,
     stop_token_ids,
 )
+from musicflamingo.model.qwen2 import KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,14 +191,14 @@ def _count_encodes(monkeypatch, model) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("ending", ["cut_by_max_new_tokens", "stop_token"])
-def test_chat_cache_matches_full_recompute(ending, loaded, ckpt, audios, monkeypatch):
+@pytest.mark.parametrize("case", ["cut_by_max_new_tokens", "stop_token", "audio_in_turn_2"])
+def test_chat_cache_matches_full_recompute(case, loaded, ckpt, audios, monkeypatch):
     """Turn 2 with the continued cache == greedy generate over the whole 2-turn conversation from scratch."""
     model, processor = loaded
     stops = stop_token_ids(ckpt, model)
     first = processor.apply_chat_template([user("What key is it in?", audios[1])])
     session = ChatSession(model, processor, GenerationOptions(max_new_tokens=6), stops)
-    if ending == "stop_token":  # end turn 1 on the token greedy decoding emits 3rd, treated as end of turn
+    if case == "stop_token":  # end turn 1 on the token greedy decoding emits 3rd, treated as end of turn
         probe = model.generate(**first, max_new_tokens=3, stop_token_ids=[])[0, -1].item()
         session.stops = [probe]
         session.end_of_turn_id = probe
@@ -205,28 +206,48 @@ def test_chat_cache_matches_full_recompute(ending, loaded, ckpt, audios, monkeyp
 
     a1 = session.ask("What key is it in?", audio=str(audios[1]))
     gen1 = list(session.last_new_ids)
-    a2 = session.ask("And the tempo?")
-    assert calls[0] == 1  # the audio was encoded in turn 1 only
+    audio2 = str(audios[0]) if case == "audio_in_turn_2" else None
+    a2 = session.ask("And the tempo?", audio=audio2)
+    assert calls[0] == (2 if audio2 else 1)  # each audio is encoded once, in the turn that brings it
 
     # The history is the chat template over the whole conversation, the first answer's own tokens included.
     closing = [] if gen1[-1] == session.end_of_turn_id else [TINY_IDS.eos_token_id]
-    tail = processor.tokenizer.encode("\n<|im_start|>user\nAnd the tempo?<|im_end|>\n<|im_start|>assistant\n")
-    prompt2 = first["input_ids"][0].tolist() + gen1 + closing + tail
+    turn2 = processor(
+        "\n<|im_start|>user\n"
+        + ("<sound>" if audio2 else "")
+        + "And the tempo?<|im_end|>\n<|im_start|>assistant\n",
+        audio=[audio2] if audio2 else None,
+    )
+    prompt2 = first["input_ids"][0].tolist() + gen1 + closing + turn2["input_ids"][0].tolist()
     assert session.history_ids == prompt2 + session.last_new_ids
-    if ending == "stop_token":
+    if case == "stop_token":
         assert gen1[-1] == session.end_of_turn_id and closing == []
     else:
         assert len(gen1) == 6 and closing == [TINY_IDS.eos_token_id]
 
+    feats, mask = first["input_features"], first["input_features_mask"]
+    if audio2:  # from scratch, both audios go through the encoder together
+        feats = torch.cat([feats, turn2["input_features"]])
+        mask = torch.cat([mask, turn2["input_features_mask"]])
+    n = calls[0]
     full = model.generate(
         torch.tensor([prompt2]),
-        input_features=first["input_features"],
-        input_features_mask=first["input_features_mask"],
+        input_features=feats,
+        input_features_mask=mask,
         max_new_tokens=6,
         stop_token_ids=session.stops,
     )
     assert full[0, len(prompt2) :].tolist() == session.last_new_ids
-    assert calls[0] == 2  # the from-scratch run encodes the audio again
+    assert calls[0] == n + 1  # the from-scratch run encodes the audio again
+
+    # The cache itself (keys carry their RoPE positions) equals one uncached pass over the whole history.
+    L = len(session.ids)
+    assert session.cache.length == L and session.history_ids[:L] == session.ids
+    ref = KVCache.for_config(model.config.text, 1, L, model.dtype, "cpu")
+    with torch.inference_mode():
+        model(torch.tensor([session.ids]), input_features=feats, input_features_mask=mask, cache=ref)
+    torch.testing.assert_close(session.cache.keys[:, :, :, :L], ref.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(session.cache.values[:, :, :, :L], ref.values, atol=1e-5, rtol=1e-5)
     assert a1 == processor.decode([t for t in gen1 if t not in session.stops]) and isinstance(a2, str)
 
 
