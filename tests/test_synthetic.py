@@ -178,6 +178,21 @@ def test_records_are_well_formed(corpus: CorpusInfo) -> None:
             assert sorted(r["task"] for r in recs) == ["caption"] + ["mcq"] * len(QUESTION_TYPES)
 
 
+def test_answers_and_letters_are_balanced(corpus: CorpusInfo) -> None:
+    """No majority answer or letter to exploit: within a split, counts differ by at most one."""
+    for split in SPLITS:
+        mcq = [r for r in _records(corpus, split) if r["task"] == "mcq"]
+        for qt in QUESTION_TYPES:
+            letters = [r["answer_letter"] for r in mcq if r["question_type"] == qt]
+            counts = [letters.count(x) for x in "ABCD"]
+            assert max(counts) - min(counts) <= 1, (split, qt, counts)
+        tempos = [r["meta"]["tempo_bpm"] for r in mcq if r["question_type"] == "tempo"]
+        counts = [tempos.count(b) for b in TEMPO_BUCKETS]
+        assert max(counts) - min(counts) <= 1, (split, counts)
+    meta = corpus.metadata()
+    assert meta["splits"]["train"]["majority_answer_rate"]["tempo"] == 0.3  # 3 of 10 clips
+
+
 def test_key_distractors_are_separated_and_include_the_parallel_key() -> None:
     rng = np.random.default_rng(0)
     for pc in range(12):

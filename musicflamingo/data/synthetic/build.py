@@ -56,7 +56,7 @@ from musicflamingo.data.synthetic.theory import (
     program_family,
 )
 
-GENERATOR_VERSION = 1  # bump when a change to the code changes the output for the same config
+GENERATOR_VERSION = 2  # bump when a change to the code changes the output for the same config
 SPLITS = ("train", "val", "test")
 _BATCH_CLIPS = 24  # clips per fluidsynth call; fixed so that the output does not depend on the worker count
 
@@ -138,10 +138,6 @@ class _Clip:
     meta: dict[str, Any]
 
 
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
 def _select_chorales(cfg: CorpusConfig, counts: dict[str, int]) -> dict[str, list[Chorale]]:
     """Disjoint chorales per split, taken in a seeded order from music21's corpus."""
     need = {s: math.ceil(n / cfg.clips_per_chorale) for s, n in counts.items()}
@@ -172,24 +168,51 @@ def _select_chorales(cfg: CorpusConfig, counts: dict[str, int]) -> dict[str, lis
     return out
 
 
+def _balanced(values: list, n: int, rng: np.random.Generator) -> list:
+    """``n`` values, each of ``values`` used equally often (+-1), in random order: no answer is more common
+    than another, so a model cannot beat chance by always giving the majority answer."""
+    offset = int(rng.integers(len(values)))
+    out = [values[(offset + i) % len(values)] for i in range(n)]
+    return [out[int(i)] for i in rng.permutation(n)]
+
+
+def _topped_up(values: list, fixed: list, n: int, rng: np.random.Generator) -> list:
+    """``n`` more values chosen so that, together with ``fixed`` ones (e.g. the metres of chorale clips,
+    which are 3/4 or 4/4), every value is as equally frequent as possible; random order."""
+    counts = {v: fixed.count(v) for v in values}
+    order = [values[int(i)] for i in rng.permutation(len(values))]  # random tie-break
+    out = []
+    for _ in range(n):
+        v = min(order, key=lambda x: counts[x])
+        counts[v] += 1
+        out.append(v)
+    return [out[int(i)] for i in rng.permutation(n)]
+
+
 def _plan_split(cfg: CorpusConfig, split: str, chorales: list[Chorale]) -> list[_Clip]:
     si = SPLITS.index(split)
     n = cfg.sizes()[split]
     n_chorale = round(n * cfg.chorale_fraction)
+    split_rng = np.random.default_rng([cfg.seed, si, 1])
     kinds = ["chorale"] * n_chorale + ["generated"] * (n - n_chorale)
-    kinds = [kinds[int(i)] for i in np.random.default_rng([cfg.seed, si, 1]).permutation(n)]
-    clips, chorale_uses = [], 0
+    kinds = [kinds[int(i)] for i in split_rng.permutation(n)]
+    chorale_of = [chorales[j // cfg.clips_per_chorale] for j in range(n_chorale)]
+    tempos = _balanced(list(TEMPO_BUCKETS), n, split_rng)
+    programs = _balanced(list(INSTRUMENTS), n, split_rng)
+    n_gen = n - n_chorale
+    metres = _topped_up(list(TIME_SIGNATURES), [c.time_signature for c in chorale_of], n_gen, split_rng)
+    modes = _topped_up(list(MODES), [c.key.mode for c in chorale_of], n_gen, split_rng)
+    clips, chorale_uses, gen_uses = [], 0, 0
     for i, kind in enumerate(kinds):
         rng = np.random.default_rng([cfg.seed, si, 2, i])
         clip_id = f"{split}-{i:05d}"
         duration = round(float(rng.uniform(*cfg.clip_seconds)), 1)
-        bpm = _pick(rng, TEMPO_BUCKETS)
-        program = _pick(rng, list(INSTRUMENTS))
+        bpm, program = tempos[i], programs[i]
         family = program_family(program)
         n_beats = duration * bpm / 60.0
         meta: dict[str, Any] = {}
         if kind == "chorale":
-            chorale = chorales[chorale_uses // cfg.clips_per_chorale]
+            chorale = chorale_of[chorale_uses]
             chorale_uses += 1
             key = Key(int(rng.integers(12)), chorale.key.mode)
             time_signature = chorale.time_signature
@@ -197,8 +220,9 @@ def _plan_split(cfg: CorpusConfig, split: str, chorales: list[Chorale]) -> list[
             source, title = chorale.source_id.split("-")[0], chorale.title
             meta.update(source_title=title, original_key=chorale.key.name, transpose=shift)
         else:
-            key = Key(int(rng.integers(12)), _pick(rng, MODES))
-            time_signature = _pick(rng, TIME_SIGNATURES)
+            key = Key(int(rng.integers(12)), modes[gen_uses])
+            time_signature = metres[gen_uses]
+            gen_uses += 1
             notes, progression = generate_progression_piece(key, time_signature, n_beats, rng)
             source = f"generated/{split}-{i:05d}"
             meta.update(progression=progression)
@@ -225,6 +249,16 @@ def _plan_split(cfg: CorpusConfig, split: str, chorales: list[Chorale]) -> list[
         perf = Performance(tuple(notes), float(bpm), program, duration)
         clips.append(_Clip(clip_id, split, perf, time_signature, key, meta))
     return clips
+
+
+def _majority_rates(metas: list[dict[str, Any]]) -> dict[str, float]:
+    fields = {"key": "key", "tempo": "tempo_bpm", "time_signature": "time_signature"}
+    fields["instrument_family"] = "instrument_family"
+    out = {}
+    for qt in QUESTION_TYPES:
+        values = [m[fields[qt]] for m in metas]
+        out[qt] = round(max(values.count(v) for v in set(values)) / len(values), 4) if values else 0.0
+    return out
 
 
 def _check_existing(out_dir: Path, cfg: CorpusConfig, overwrite: bool) -> CorpusInfo | None:
@@ -319,9 +353,15 @@ def build_corpus(
     summary: dict[str, Any] = {}
     for s in SPLITS:
         records = []
-        for c in plan[s]:
-            rng = np.random.default_rng([cfg.seed, SPLITS.index(s), 3, int(c.clip_id.rsplit("-", 1)[1])])
-            records += clip_records(c.clip_id, f"audio/{c.clip_id}.wav", c.meta, rng)
+        # The correct letter is balanced over A-D within each split and question type.
+        letter_rng = np.random.default_rng([cfg.seed, SPLITS.index(s), 4])
+        positions = {
+            qt: _balanced(list(range(NUM_OPTIONS)), len(plan[s]), letter_rng) for qt in QUESTION_TYPES
+        }
+        for j, c in enumerate(plan[s]):
+            rng = np.random.default_rng([cfg.seed, SPLITS.index(s), 3, j])
+            pos = {qt: positions[qt][j] for qt in QUESTION_TYPES}
+            records += clip_records(c.clip_id, f"audio/{c.clip_id}.wav", c.meta, rng, pos)
         with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n")
@@ -332,6 +372,8 @@ def build_corpus(
             "sources": len({c.meta["source"] for c in plan[s]}),
             "chorale_clips": sum(c.meta["source_kind"] == "chorale" for c in plan[s]),
             "audio_seconds": round(sum(c.perf.duration for c in plan[s]), 1),
+            # Accuracy of always giving the most common answer (chance is 1/num_options).
+            "majority_answer_rate": _majority_rates([c.meta for c in plan[s]]),
         }
     meta = {
         "name": "musicflamingo-synthetic",

@@ -54,9 +54,12 @@ def caption(meta: dict[str, Any]) -> str:
     return text
 
 
-def mcq_choices(meta: dict[str, Any], question_type: str, rng: np.random.Generator) -> tuple[list[str], str]:
-    """Four distinct options in random order and the correct one. Distractors are well separated: other
-    tempo buckets, other metres, other instrument families, and keys from :func:`key_distractors`."""
+def mcq_choices(
+    meta: dict[str, Any], question_type: str, rng: np.random.Generator, answer_position: int | None = None
+) -> tuple[list[str], str]:
+    """Four distinct options and the correct one, which sits at ``answer_position`` (0-3; random when None)
+    with the distractors in random order around it. Distractors are well separated: other tempo buckets,
+    other metres, other instrument families, and keys from :func:`key_distractors`."""
     if question_type == "key":
         key = Key.parse(meta["key"])
         answer = key.name
@@ -78,8 +81,11 @@ def mcq_choices(meta: dict[str, Any], question_type: str, rng: np.random.Generat
         raise ValueError(
             f"{question_type}: answer {answer!r} must be one of {NUM_OPTIONS} distinct {options}"
         )
-    order = rng.permutation(NUM_OPTIONS)
-    return [options[int(i)] for i in order], answer
+    wrong = [options[int(i)] for i in rng.permutation(NUM_OPTIONS) if options[int(i)] != answer]
+    pos = int(rng.integers(NUM_OPTIONS)) if answer_position is None else answer_position
+    if not 0 <= pos < NUM_OPTIONS:
+        raise ValueError(f"answer_position must be in 0..{NUM_OPTIONS - 1}, got {answer_position}")
+    return wrong[:pos] + [answer] + wrong[pos:], answer
 
 
 def format_options(choices: list[str]) -> str:
@@ -87,8 +93,15 @@ def format_options(choices: list[str]) -> str:
     return " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
 
 
-def clip_records(clip_id: str, audio: str, meta: dict[str, Any], rng: np.random.Generator) -> list[dict]:
-    """The caption record and one MCQ record per question type for one clip."""
+def clip_records(
+    clip_id: str,
+    audio: str,
+    meta: dict[str, Any],
+    rng: np.random.Generator,
+    answer_positions: dict[str, int] | None = None,
+) -> list[dict]:
+    """The caption record and one MCQ record per question type for one clip; ``answer_positions`` maps a
+    question type to the index of the correct option (random where missing)."""
 
     def conv(user: str, assistant: str) -> list[dict[str, str]]:
         return [
@@ -106,7 +119,7 @@ def clip_records(clip_id: str, audio: str, meta: dict[str, Any], rng: np.random.
         }
     ]
     for qt in QUESTION_TYPES:
-        choices, answer = mcq_choices(meta, qt, rng)
+        choices, answer = mcq_choices(meta, qt, rng, (answer_positions or {}).get(qt))
         letter = LETTERS[choices.index(answer)]
         prompt = f"{QUESTIONS[qt]}\n{format_options(choices)}\n{ANSWER_INSTRUCTION}"
         records.append(
