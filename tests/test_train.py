@@ -192,7 +192,6 @@ def test_af3_and_our_layout_give_same_batches(tmp_path):
                 assert torch.equal(x[k], y[k]), k
 
 
-@pytest.mark.slow
 def test_ddp_two_cpu_processes(assets, tmp_path):
     import subprocess
     import sys

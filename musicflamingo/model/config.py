@@ -427,8 +427,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             max_position_embeddings=8192,
             rope_theta=10000.0,
             bos_token_id=None,
-            eos_token_id=3,
-            pad_token_id=0,
+            eos_token_id=3,  # SentencePiece from `train_sentencepiece`: <unk> 0, <|endoftext|> 1 (pad), <|im_end|> 3
+            pad_token_id=1,
         ),
         "audio_token_id": 4,
         "audio_bos_token_id": 5,
