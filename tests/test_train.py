@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,66 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 def test_experiment_runs_two_steps(experiment, assets, tmp_path):
     proc, manifest = assets
     if experiment.startswith("synthetic"):
-        pytest.skip("the synthetic main job has its own end-to-end test")
-    cfg = compose_train(tmp_path, manifest, proc, [f"experiment={experiment}", "debug=fast"])
+        cfg = _synthetic_cfg(experiment, tmp_path)
+    else:
+        cfg = compose_train(tmp_path, manifest, proc, [f"experiment={experiment}", "debug=fast"])
     metrics, obj = train(cfg)
     assert obj["trainer"].global_step == 2
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def _synthetic_cfg(experiment, tmp_path):
+    """The main-job experiment on a 6-clip corpus with its SentencePiece processor (as musicflamingo.demo does)."""
+    if shutil.which("fluidsynth") is None:
+        pytest.skip("needs Debian's fluidsynth (make setup)")
+    from omegaconf import open_dict
+
+    from musicflamingo.data.synthetic import build_corpus
+    from musicflamingo.demo import build_processor, model_overrides
+    from musicflamingo.model import MusicFlamingoConfig
+    from musicflamingo.processor import MusicFlamingoProcessor
+
+    corpus = build_corpus(
+        tmp_path / "synthetic", n_train=6, n_val=1, n_test=1, clip_seconds=(4, 5), progress=False
+    )
+    window = MusicFlamingoConfig.from_name("small").window_seconds
+    proc = build_processor(corpus, tmp_path / "synthetic" / "processor", 400, window)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                f"experiment={experiment}",
+                "debug=fast",
+                f"paths.data_dir={tmp_path}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                "data.num_workers=0",
+                "logger=csv",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.model.net.overrides = model_overrides(MusicFlamingoProcessor.from_pretrained(proc))
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2", "trainer.max_steps=1"],
+        ["trainer.precision=bf16-true", "model.net.gradient_checkpointing=true"],
+    ],
+    ids=["bf16-mixed+accumulation", "bf16-true+checkpointing"],
+)
+def test_precision_checkpointing_accumulation(overrides, assets, tmp_path):
+    proc, manifest = assets
+    cfg = compose_train(tmp_path, manifest, proc, ["debug=fast", "data.batch_max_tokens=800", *overrides])
+    metrics, obj = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    model = obj["model"].model
+    assert model.pos_emb.inv_freq.dtype == torch.float32  # rotary buffers stay float32 under bf16-true
+    if "trainer.precision=bf16-true" in overrides:
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        assert model.language_model.gradient_checkpointing
 
 
 def test_overfits_four_samples(assets, tmp_path):
