@@ -15,15 +15,28 @@ import hydra
 from omegaconf import DictConfig
 
 from musicflamingo.audio.io import AudioError
+from musicflamingo.checkpoint import CheckpointError
 from musicflamingo.eval import BenchmarkError, EvalConfigError, PredictionsFileError, evaluate, headline
+from musicflamingo.model.config import ConfigError
+from musicflamingo.tokenizer import TokenizerError
+
+# Bad config, data, audio or checkpoint: one clear line instead of a traceback.
+USER_ERRORS = (
+    EvalConfigError,
+    BenchmarkError,
+    PredictionsFileError,
+    AudioError,
+    CheckpointError,
+    ConfigError,
+    TokenizerError,
+)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    # Bad config, data, audio or checkpoint: one clear line instead of a traceback.
     try:
         results = evaluate(cfg)
-    except (EvalConfigError, BenchmarkError, PredictionsFileError, AudioError) as e:
+    except USER_ERRORS as e:
         sys.exit(f"eval.py: error: {e}")
     print(headline(results))
     print(f"results: {results['files']['results_md']}")

@@ -245,6 +245,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 def load_config(path: str | Path) -> MusicFlamingoConfig:
     path = Path(path)
+    recover_interrupted_save(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder does not exist")
     cfg = path / "config.json"
@@ -350,8 +351,43 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * units[m.group(2)])
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def recover_interrupted_save(final: str | Path) -> None:
+    """Finish what a killed :func:`atomic_replace_dir` left behind.
+
+    Directories cannot be swapped atomically: a kill between its two renames leaves no `final`, only the complete
+    old folder as `.{name}.old-{pid}` (and the complete new one as a temp folder). If `final` is missing, the newest
+    backup of a dead writer is renamed back; backups of dead writers are deleted once `final` exists.
+    """
+    final = Path(final)
+    backups = []
+    for b in final.parent.glob(f".{final.name}.old-*"):
+        pid = b.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            backups.append(b)
+    if not backups:
+        return
+    backups.sort(key=lambda b: b.stat().st_mtime)
+    if not final.exists():
+        log.warning("%s: restoring %s left by an interrupted save", final, backups[-1].name)
+        os.replace(backups.pop(), final)
+    for b in backups:
+        shutil.rmtree(b, ignore_errors=True)
+
+
 def atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written `tmp` folder into place; a kill at any point leaves a complete old or new folder."""
+    """Swap a fully written `tmp` folder into place. A kill at any point leaves a complete old or new folder:
+    at `final`, or (killed between the two renames) as a backup that :func:`recover_interrupted_save` restores."""
+    recover_interrupted_save(final)
     backup = None
     if final.exists():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -370,6 +406,7 @@ def save_pretrained(
     """Write config.json, generation_config.json and safetensors (sharded past `max_shard_size`) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(path)  # so that the tokenizer files of an interrupted save are carried over
     limit = _parse_size(max_shard_size)
     config = model.config
     sd = model.state_dict()

@@ -170,6 +170,8 @@ class MusicFlamingoLit(L.LightningModule):
         self._t0 = time.perf_counter()
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch["input_ids"].shape[0] == 0:  # every sample of the batch was skipped as bad: nothing to learn
+            return None
         out = self.model(**self._model_inputs(batch), return_logits=False)
         loss = out.loss
         if not torch.isfinite(loss):
@@ -211,7 +213,9 @@ class MusicFlamingoLit(L.LightningModule):
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch["input_ids"].shape[0] == 0:  # all samples skipped as bad
+            return None
         out = self.model(**self._model_inputs(batch), return_logits=False)
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return out.loss

@@ -188,6 +188,11 @@ class MusicFlamingoProcessor:
             chunks = self.split_windows(wave, source=name)
             windows += chunks
             frames = sum(F.num_frames(c.shape[0], self.feature_extractor.hop_length) for c in chunks)
+            if F.tokens_from_frames(frames) < 1:  # the model would fail later with an IndexError in RoTE
+                raise AudioError(
+                    f"{name}: audio has {wave.shape[0]} samples ({frames} mel frames), too short for one audio "
+                    f"token (needs more than {2 * self.feature_extractor.hop_length} samples)"
+                )
             counts.append(F.tokens_from_frames(frames))
         feats, mask = self.extract_features(windows)
         return feats, mask, counts
