@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One prepared script for a lent GPU machine (about 5 minutes):
+#   1. bf16 (and fp32 greedy) parity of our model vs transformers on a tiny random checkpoint, on CUDA;
+#   2. the GPU benchmark (bf16 inference, bf16-autocast and fp32 training, CUDA events, warm-up).
+# Results land in $OUT (the device tool's return folder) or bench/gpu_out. Back here, update the docs with
+#   python bench/run.py --render <results_cuda.json>
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/gpu_out}"
+mkdir -p "$OUT"
+PY="${PY:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+} 2>&1 | tee "$OUT/env.txt"
+
+status=0
+echo "== parity (tiny model, bf16 + fp32, CUDA) =="
+timeout 150 "$PY" bench/run.py --device cuda --cases parity --no-doc --out "$OUT/parity_cuda.json" \
+  2>&1 | tee "$OUT/parity.log" || status=1
+
+echo "== benchmark (CUDA) =="
+timeout 330 "$PY" bench/run.py --device cuda --cases hardware,train,prefill,decode,features,load \
+  --timeout 240 --no-doc --out "$OUT/results_cuda.json" 2>&1 | tee "$OUT/bench.log" || status=1
+exit $status

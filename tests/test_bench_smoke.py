@@ -1,0 +1,148 @@
+"""Smoke test of the benchmark harness (bench/): every case at its smallest size, one iteration.
+
+This checks the harness (plans, workers, tables, JSON, docs section), not speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+CASE_KINDS = ("hardware", "parity", "train", "prefill", "decode", "features", "load")
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _numbers(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield float(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    run = _load("run")
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    threads = str(torch.get_num_threads())
+    rc = run.main(["--quick", "--inprocess", "--no-doc", "--threads", threads, "--out", str(out)])
+    report = json.loads(out.read_text())
+    return rc, report
+
+
+def test_quick_run_covers_every_case(quick_report):
+    rc, report = quick_report
+    assert report["errors"] == {}, report["errors"]
+    assert rc == 0
+    assert set(report["raw"]) == set(CASE_KINDS)
+    assert {r["case"] for r in report["rows"]} == set(CASE_KINDS)
+    assert report["raw"]["train"].keys() == {"fp32", "bf16"}
+    assert len(report["raw"]["prefill"]) == 2 and len(report["raw"]["decode"]) == 2
+
+
+def test_quick_numbers_are_finite_and_positive_where_timed(quick_report):
+    _, report = quick_report
+    values = list(_numbers(report["raw"]))
+    assert values and all(math.isfinite(v) for v in values)
+    for row in report["rows"]:
+        assert math.isfinite(row["ours"]), row
+        if row["ref"] is not None:
+            assert row["ref"] > 0 and math.isfinite(row["ratio"]), row
+        if (
+            row["case"] in ("train", "prefill", "decode", "features")
+            and row["metric"] != "matmul utilisation"
+        ):
+            assert row["ours_peak_mb"] is not None and row["ref_peak_mb"] is not None, row
+    # Same weights and inputs: the reference and ours agree (fp32 parity, greedy tokens).
+    parity = report["raw"]["parity"]
+    assert parity["fp32"]["rel_diff"] < 1e-4 and parity["fp32"]["greedy_match"] == 1.0
+    assert parity["bf16"]["rel_diff"] < 0.05
+    for entry in report["raw"]["train"].values():
+        t = entry["time"]
+        assert abs(t["ours"]["warmup"]["loss"] - t["ref"]["warmup"]["loss"]) < 1e-3
+
+
+def test_quick_table_lists_every_case_and_target(quick_report):
+    _, report = quick_report
+    report_mod = _load("report")
+    table = report_mod.render_table(report)
+    for case in CASE_KINDS:
+        assert f"| {case} |" in table
+    assert len(report["targets"]) == len(report_mod.TARGETS)
+    for t in report["targets"]:
+        assert t["status"] in ("PASS", "MISS", "n/a")
+        assert f"| {t['target']} |" in table
+
+
+def test_worker_subprocess_round_trip():
+    run = _load("run")
+    launch = run.Launcher("cpu", threads=1, timeout=120)
+    out = launch({"kind": "hardware", "sizes": [64], "repeats": 1})
+    assert set(out["ceiling_flops"]) == {"fp32", "bf16"}
+    assert all(v > 0 for v in out["ceiling_flops"].values())
+
+
+def test_decoder_flops_match_linear_parameter_count():
+    """6 * N * T for the decoder: the formula's matmul part equals 2 * (decoder Linear weights) * tokens."""
+    flops = _load("flops")
+    from musicflamingo import MusicFlamingo, MusicFlamingoConfig
+
+    config = MusicFlamingoConfig.from_name("tiny")
+    model = MusicFlamingo(config)
+    linear = sum(
+        m.weight.numel() for m in model.language_model.layers.modules() if isinstance(m, torch.nn.Linear)
+    )
+    B, S = 2, 10
+    f = flops.forward_flops(config, windows=0, batch=B, seq_len=S, labelled=0)
+    assert f["matmul"] == 2 * linear * B * S
+    q = config.text.num_attention_heads * config.text.head_dim
+    assert f["attention"] == config.text.num_hidden_layers * 2 * S * S * q * B
+    assert flops.training_flops(config, 0, B, S, 0) == 3 * f["total"]
+
+
+def test_update_doc_rewrites_only_its_section(tmp_path):
+    report_mod = _load("report")
+    doc = tmp_path / "perf.md"
+    doc.write_text("# Perf\n\nintro\n\n<!-- bench:cpu:begin -->\nold\n<!-- bench:cpu:end -->\n\ntail\n")
+    report = {
+        "machine": {
+            "cpu": "Test CPU",
+            "cores": 2,
+            "threads": 2,
+            "bf16_isa": [],
+            "torch": "x",
+            "transformers": "y",
+        },
+        "date": "2026-01-01T00:00:00",
+        "command": "python bench/run.py",
+        "wall_s": 60.0,
+    }
+    for _ in range(2):  # idempotent
+        report_mod.update_doc(doc, "cpu", report, "| new table |")
+    text = doc.read_text()
+    assert text.count("<!-- bench:cpu:begin -->") == 1 and "old" not in text
+    assert "| new table |" in text and "Test CPU" in text and text.endswith("tail\n")
+    report_mod.update_doc(doc, "cuda", report | {"machine": report["machine"] | {"gpu": "G"}}, "| gpu |")
+    assert "<!-- bench:cuda:begin -->" in doc.read_text() and "| new table |" in doc.read_text()
