@@ -272,3 +272,19 @@ def test_ddp_two_cpu_processes(assets, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(glob.glob(str(run / "checkpoints" / "*.ckpt"))) >= 1
     assert not list((tmp_path / "logs").glob("**/runs/*")), "a second run folder was created"
+
+
+def test_fsdp_strategy_wraps_blocks():
+    import hydra
+
+    from musicflamingo.distributed import BLOCKS
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer=fsdp", "data.train=x.jsonl"])
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == "FSDPStrategy"
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert {c.__name__ for c in policy._module_classes} == {"EncoderLayer", "DecoderLayer"}
+    assert strategy._activation_checkpointing_kwargs
+    assert cfg.trainer.precision == "bf16-true" and cfg.trainer.use_distributed_sampler is False
+    assert {c.__name__ for c in BLOCKS} == {"EncoderLayer", "DecoderLayer"}
