@@ -44,6 +44,14 @@ PKG = Path(musicflamingo.__file__).resolve().parent
 CONV = [{"role": "user", "content": "<sound>What is this?"}, {"role": "assistant", "content": "A tone."}]
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """In-process training runs use `threads=1` (train() sets it for the process): put the test-wide value back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("robust")
@@ -495,6 +503,7 @@ def test_skip_policy_trains_to_the_end_and_reports_exactly_the_corrupt_files(ass
             "model.optim.max_steps=20",
             "trainer.log_every_n_steps=1",
             "export=false",
+            "threads=1",
         ],
     )
     with caplog.at_level(logging.WARNING):
@@ -529,7 +538,9 @@ def test_error_policy_stops_at_the_first_corrupt_file_by_name(assets, tmp_path):
     from musicflamingo.training import train
 
     manifest, bad = _dataset_with_corrupt_files(tmp_path / "data")
-    cfg = compose_train(tmp_path, manifest, assets["proc"], ["trainer.max_steps=40", "export=false"])
+    cfg = compose_train(
+        tmp_path, manifest, assets["proc"], ["trainer.max_steps=40", "export=false", "threads=1"]
+    )
     with pytest.raises(BadSampleError) as info:
         train(cfg)
     msg = str(info.value)
