@@ -34,11 +34,31 @@ def error_line(e: BaseException) -> str:
     return lines[0]
 
 
+def user_error_line(e: BaseException) -> str | None:
+    """The one line to print for an input error or a deliberate stop; None for anything else (a bug: keep the
+    traceback). Unwraps Hydra's "Error in call to target" and names an unset mandatory (`???`) config value."""
+    try:
+        from hydra.errors import InstantiationException
+        from omegaconf.errors import MissingMandatoryValue
+    except ImportError:  # pragma: no cover - both are runtime requirements
+        InstantiationException = MissingMandatoryValue = ()  # type: ignore[assignment,misc]
+    if isinstance(e, MissingMandatoryValue):
+        key = getattr(e, "full_key", None) or "a mandatory config value"
+        return f"{key} is not set: pass {key}=... on the command line"
+    if isinstance(e, InstantiationException) and e.__cause__ is not None:
+        return user_error_line(e.__cause__)
+    if isinstance(e, USER_ERRORS + _stop_errors()):
+        return error_line(e)
+    return None
+
+
 def run_cli(fn: Callable[[], Any]) -> Any:
+    """Call `fn()`; an input error or a deliberate stop prints `error: <one line>` and exits with status 2."""
     try:
         return fn()
     except Exception as e:
-        if not isinstance(e, USER_ERRORS + _stop_errors()):
+        line = user_error_line(e)
+        if line is None:
             raise
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)

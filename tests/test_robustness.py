@@ -466,6 +466,52 @@ def test_eval_and_infer_cli_truncated_checkpoint_is_one_line(entry, assets, tmp_
     assert "error:" in last and "model.safetensors" in last and "truncated" in last, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.train=???", "error: data.train is not set: pass data.train=... on the command line"),
+        (
+            "model.net.preset=huge",
+            "error: unknown model preset 'huge'",
+        ),  # through Hydra's InstantiationException
+        ("model.nonfinite_loss=bogus", "error: nonfinite_loss must be 'stop' or 'skip', got 'bogus'"),
+        ("data.processor=/no/such/dir", "error: /no/such/dir: processor directory not found"),
+    ],
+)
+def test_run_cli_turns_config_errors_into_one_line(override, message, assets, tmp_path, capsys):
+    """What `python train.py <override>` prints (run in-process: train.py is `run_cli(lambda: train(cfg))`)."""
+    from omegaconf import open_dict
+
+    from musicflamingo.cli import run_cli
+    from musicflamingo.training import train
+
+    key, value = override.split("=", 1)
+    cfg = compose_train(tmp_path, tmp_path / "x.jsonl", assets["proc"], [] if value == "???" else [override])
+    if value == "???":
+        with open_dict(cfg):
+            cfg.data.train = "???"
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: train(cfg))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and err[0].startswith(message), err
+
+
+def test_error_from_a_dataloader_worker_prints_the_original_reason(assets, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from musicflamingo.cli import error_line
+
+    path = jsonl(tmp_path / "train.jsonl", rec(3, "missing.wav"))
+    ds = ConversationDataset(read_manifest(path), MusicFlamingoProcessor.from_pretrained(assets["proc"]))
+    loader = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork")
+    with pytest.raises(BadSampleError) as info:
+        next(iter(loader))
+    assert "DataLoader worker" in str(info.value)  # torch wraps the message in the worker's traceback
+    assert (
+        error_line(info.value) == f"sample 'r3' ({path}:1): {tmp_path / 'missing.wav'}: audio file not found"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- bad samples
 def _dataset_with_corrupt_files(root: Path, n: int = 20) -> tuple[Path, dict[str, str]]:
     """n one-clip records; r5 is undecodable and r13 has a NaN sample. Returns (manifest, {bad id: file})."""
