@@ -372,7 +372,8 @@ def setup_features(impl: str, job: dict, device: torch.device) -> Callable[[], d
         fe = LogMelExtractor(feature_size=128)
 
         def extract() -> torch.Tensor:
-            return fe(windows, device=device)[0]
+            # .cpu(): the reference always returns host tensors, so ours pays the copy back too
+            return fe(windows, device=device)[0].cpu()
     else:
         from transformers import WhisperFeatureExtractor
 

@@ -24,6 +24,9 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         m = re.search(r"^Model name:\s*(.+)$", out, re.M)
         cpu = m.group(1).strip() if m else cpu
+        fam, model = (re.search(rf"^{k}:\s*(\S+)$", out, re.M) for k in ("CPU family", "Model"))
+        if fam and model:  # "AMD EPYC" alone does not say which generation
+            cpu += f" (family {fam.group(1)}, model {model.group(1)})"
         flags = re.search(r"^Flags:\s*(.+)$", out, re.M)
         flags = set(flags.group(1).split()) if flags else set()
     except (OSError, subprocess.SubprocessError):
@@ -34,6 +37,7 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
         "threads": threads,
         "bf16_isa": sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile")),
         "python": sys.version.split()[0],
+        "load_avg_1min_at_start": os.getloadavg()[0],
     }
     for pkg in ("torch", "transformers"):
         try:
@@ -284,7 +288,9 @@ def update_doc(path: Path, device: str, report: dict, table: str) -> None:
     """Rewrite the section between `<!-- bench:DEVICE:begin -->` and `<!-- bench:DEVICE:end -->`."""
     begin, end = f"<!-- bench:{device}:begin -->", f"<!-- bench:{device}:end -->"
     m = report["machine"]
-    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores ({m['threads']} threads used)"
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, threads used: {m['threads']}"
+    if "load_avg_1min_at_start" in m:
+        where += f", 1-min load average at start: {m['load_avg_1min_at_start']:.1f}"
     isa = f"; bf16 ISA: {', '.join(m['bf16_isa']) or 'none'}" if device == "cpu" else ""
     body = (
         f"{begin}\n"

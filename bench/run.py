@@ -279,13 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     launch = Launcher(args.device, threads, timeout, inprocess=args.inprocess)
     suffix = ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
     out = Path(args.out or HERE / f"results{suffix}.json")
+    machine = machine_info(args.device, threads)  # before the run: records the load average at start
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="mf-bench-"))
     try:
         raw = run_cases(launch, args.case_list, args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = build_report(raw, args, machine_info(args.device, threads), time.perf_counter() - t0)
+    report = build_report(raw, args, machine, time.perf_counter() - t0)
     table = render_table(report)
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
