@@ -145,3 +145,18 @@ def test_round_trip_save_loads_in_transformers(ref_dir, ours, batch_b, tmp_path)
         again = MusicFlamingo.from_pretrained(out)
         with torch.no_grad():
             assert torch.equal(again(**batch_b).logits, ours(**batch_b).logits)
+
+
+def test_right_padded_rows_equal_unpadded(ours):
+    """Training batches are right-padded and take SDPA's causal path with no mask: real tokens are unaffected."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 290, (n,), generator=g) for n in (13, 7)]
+    ids = torch.full((2, 13), 297)
+    mask = torch.zeros(2, 13, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    with torch.no_grad():
+        batched = ours(ids, attention_mask=mask).logits
+        for i, r in enumerate(rows):
+            alone = ours(r[None]).logits[0]
+            assert (batched[i, : len(r)] - alone).abs().max().item() <= 1e-5

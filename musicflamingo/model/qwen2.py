@@ -205,6 +205,10 @@ def build_attention_mask(
             return None, q_len > 1
         if q_len == 1:
             return None, False
+    elif past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        # Right padding only (training batches): a real token never sees a later pad under causality, so the
+        # causal fast path computes the same real-token outputs with no dense mask. Pad rows are ignored.
+        return None, q_len > 1
     kv_len = past + q_len
     q_pos = torch.arange(past, kv_len, device=device)
     causal = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]  # (T, kv)
