@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_train=args.n_train,
         n_val=args.n_val,
         n_test=args.n_test,
-        clip_seconds=(4.0, 8.0),
+        clip_seconds=(4.0, 6.0),
     )
     timings["corpus_s"] = time.time() - t0
 

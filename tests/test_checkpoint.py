@@ -53,7 +53,7 @@ def test_config_hf_round_trip():
     config = MusicFlamingoConfig.from_name("small", text={"num_hidden_layers": 3})
     back = MusicFlamingoConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict())))
     assert back == config
-    assert back.window_seconds == 10.0
+    assert back.window_seconds == 3.0
 
 
 def test_name_table_covers_every_parameter():
