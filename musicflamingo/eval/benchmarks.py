@@ -219,57 +219,48 @@ def _groups(rec: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 # Readers, one per release format
 # --------------------------------------------------------------------------------------------------------------
-def read_mmau(cfg: Mapping[str, Any]) -> list[EvalItem]:
-    """MMAU ``mmau-test-mini.json``: list of ``{id, audio_id, question, choices, answer, task, category,
-    sub-category, difficulty, ...}``; ``audio_id`` is relative to the JSON's folder. ``tasks`` filters on the
-    ``task`` field (sound / music / speech)."""
+def _read_mcq_records(
+    cfg: Mapping[str, Any], audio_field: str, filter_field: str, filter_key: str, group_by: list[str]
+) -> list[EvalItem]:
+    """A JSON list / JSONL of ``{question, choices, answer, <audio_field>, ...}`` records (MMAU and MMAR)."""
     path = _data_file(cfg)
     base = _audio_base(cfg, path)
-    keep = set(cfg.get("tasks") or [])
+    keep = set(cfg.get(filter_key) or [])
     items = []
     for line, rec in read_records(path):
         where = f"{path}:{line}"
-        if keep and rec.get("task") not in keep:
+        if keep and rec.get(filter_field) not in keep:
             continue
         items.append(
             _mcq_item(
                 rec.get("id", f"L{line}"),
-                _resolve(_field(rec, cfg.get("audio_field", "audio_id"), where), base),
+                _resolve(_field(rec, cfg.get("audio_field", audio_field), where), base),
                 _field(rec, "question", where),
                 _field(rec, "choices", where, list),
                 _field(rec, "answer", where),
                 cfg.get("prompt") or DEFAULT_MCQ_PROMPT,
                 where,
-                _groups(rec, cfg.get("group_by", ["task", "category", "sub-category", "difficulty"])),
+                _groups(rec, cfg.get("group_by", group_by)),
             )
         )
     return items
+
+
+def read_mmau(cfg: Mapping[str, Any]) -> list[EvalItem]:
+    """MMAU ``mmau-test-mini.json``: list of ``{id, audio_id, question, choices, answer, task, category,
+    sub-category, difficulty, ...}``; ``audio_id`` is relative to the JSON's folder. ``tasks`` filters on the
+    ``task`` field (sound / music / speech)."""
+    return _read_mcq_records(
+        cfg, "audio_id", "task", "tasks", ["task", "category", "sub-category", "difficulty"]
+    )
 
 
 def read_mmar(cfg: Mapping[str, Any]) -> list[EvalItem]:
     """MMAR ``MMAR-meta.json`` (a JSON list; JSONL also read): ``{id, audio_path, question, choices, answer,
     modality, category, sub-category, language, ...}``. ``modalities`` filters on ``modality``."""
-    path = _data_file(cfg)
-    base = _audio_base(cfg, path)
-    keep = set(cfg.get("modalities") or [])
-    items = []
-    for line, rec in read_records(path):
-        where = f"{path}:{line}"
-        if keep and rec.get("modality") not in keep:
-            continue
-        items.append(
-            _mcq_item(
-                rec.get("id", f"L{line}"),
-                _resolve(_field(rec, cfg.get("audio_field", "audio_path"), where), base),
-                _field(rec, "question", where),
-                _field(rec, "choices", where, list),
-                _field(rec, "answer", where),
-                cfg.get("prompt") or DEFAULT_MCQ_PROMPT,
-                where,
-                _groups(rec, cfg.get("group_by", ["modality", "category", "sub-category"])),
-            )
-        )
-    return items
+    return _read_mcq_records(
+        cfg, "audio_path", "modality", "modalities", ["modality", "category", "sub-category"]
+    )
 
 
 def _audio_index(folder: Path) -> dict[str, str]:
