@@ -78,6 +78,16 @@ def bench_config(kind: str, quick: bool = False) -> MusicFlamingoConfig:
     return MusicFlamingoConfig.from_name("small")
 
 
+def describe(config: MusicFlamingoConfig) -> str:
+    """One line naming the model a case used (presets change; the table should say what was measured)."""
+    a, t = config.audio, config.text
+    return (
+        f"{config.name}: {config.window_seconds:g} s windows ({a.tokens_per_window} audio tokens each), "
+        f"encoder {a.num_hidden_layers}x{a.hidden_size}, decoder {t.num_hidden_layers}x{t.hidden_size} "
+        f"(vocab {t.vocab_size}), {config.num_parameters() / 1e6:.1f}M params"
+    )
+
+
 def prepare_checkpoint(job: dict) -> dict:
     """Random weights for `job["config"]` (an HF dict) saved with our `save_pretrained` in `job["dtype"]`."""
     config = MusicFlamingoConfig.from_hf_dict(job["config"])

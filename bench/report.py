@@ -238,6 +238,7 @@ def build_report(raw: dict, args: argparse.Namespace, machine: dict, wall_s: flo
         "rows": rows,
         "targets": evaluate_targets(values),
         "errors": raw["errors"],
+        "models": raw.get("models", {}),
         "raw": raw["cases"],
     }
 
@@ -295,7 +296,9 @@ def update_doc(path: Path, device: str, report: dict, table: str) -> None:
     body = (
         f"{begin}\n"
         f"Machine: {where}{isa}. torch {m['torch']}, transformers {m['transformers']}.  \n"
-        f"Date: {report['date']}. Command: `{report['command']}` ({report['wall_s'] / 60:.1f} min).\n\n"
+        f"Date: {report['date']}. Command: `{report['command']}` ({report['wall_s'] / 60:.1f} min).\n"
+        + "".join(f"- model `{k}`: {v}\n" for k, v in report.get("models", {}).items())
+        + "\n"
         f"{table}\n{end}"
     )
     text = path.read_text() if path.is_file() else "# Performance\n"

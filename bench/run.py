@@ -117,7 +117,7 @@ class Launcher:
 # ---------------------------------------------------------------------------------------------- plan
 def prepare(launch: Launcher, cases: list[str], quick: bool, tmp: Path, size: dict) -> dict[str, dict]:
     """Write the checkpoints the cases need (ours, `save_pretrained`) and return {name: {path, config}}."""
-    from cases import bench_config
+    from cases import bench_config, describe
 
     wanted = {"train": "train", "decode": "train", "prefill": "prefill", "load": "load", "parity": "parity"}
     ckpts: dict[str, dict] = {}
@@ -135,7 +135,7 @@ def prepare(launch: Launcher, cases: list[str], quick: bool, tmp: Path, size: di
             "max_shard_size": size["load_shard"] if name == "load" else "5GB",
         }
         info = launch(job)
-        ckpts[name] = {"path": job["path"], "config": job["config"], **info}
+        ckpts[name] = {"path": job["path"], "config": job["config"], "describe": describe(config), **info}
     return ckpts
 
 
@@ -227,7 +227,8 @@ def run_cases(launch: Launcher, cases: list[str], args: argparse.Namespace, tmp:
             return {"runs": runs, "checkpoint_bytes": ck["weights_bytes"], "params": ck["params"]}
 
         guarded("load", load)
-    return {"cases": results, "errors": errors}
+    models = {name: ck["describe"] for name, ck in ckpts.items()}
+    return {"cases": results, "errors": errors, "models": models}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -239,7 +240,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--repeats", type=int, default=None, help="timed runs per implementation (default: per case)"
     )
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for both implementations (default: 1 on CPU, stable on a shared machine; all cores "
+        "with --device cuda)",
+    )
     ap.add_argument(
         "--infer-dtype", choices=("fp32", "bf16"), default=None, help="prefill/decode weights dtype"
     )
@@ -274,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda requested but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    threads = args.threads or os.cpu_count() or 1
+    # One thread by default on CPU: on a busy 2-core machine two OpenMP threads stall each other (a 1.6 s
+    # training step took 3-17 s), while one thread gives stable ratios. Ratios are what this benchmark reports.
+    threads = args.threads or ((os.cpu_count() or 1) if args.device == "cuda" else 1)
     timeout = args.timeout or (120.0 if args.quick else 600.0)
     launch = Launcher(args.device, threads, timeout, inprocess=args.inprocess)
     suffix = ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
