@@ -165,7 +165,7 @@ def test_records_are_well_formed(corpus: CorpusInfo) -> None:
             choices, answer, letter = r["choices"], r["answer"], r["answer_letter"]
             assert len(choices) == 4 == len(set(choices)) and answer in choices
             assert "ABCD"[choices.index(answer)] == letter
-            assert assistant["content"] == f"({letter}) {answer}"
+            assert assistant["content"] == f"{answer} ({letter})"
             assert " ".join(f"({x}) {c}" for x, c in zip("ABCD", choices)) in user["content"]
             truth = {
                 "key": m["key"],

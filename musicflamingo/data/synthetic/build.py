@@ -56,7 +56,7 @@ from musicflamingo.data.synthetic.theory import (
     program_family,
 )
 
-GENERATOR_VERSION = 2  # bump when a change to the code changes the output for the same config
+GENERATOR_VERSION = 3  # bump when a change to the code changes the output for the same config
 SPLITS = ("train", "val", "test")
 _BATCH_CLIPS = 24  # clips per fluidsynth call; fixed so that the output does not depend on the worker count
 

@@ -9,7 +9,7 @@ Record layout (one JSON object per line, ``audio`` relative to the manifest's fo
     {"id": "train-00003-tempo", ..., "task": "mcq", "question_type": "tempo",
      "choices": ["160 BPM", "60 BPM", "120 BPM", "90 BPM"], "answer": "120 BPM", "answer_letter": "C",
      "conversations": [{"role": "user", "content": "<sound>What is the tempo of this track?\\n(A) 160 BPM (B) ..."},
-                       {"role": "assistant", "content": "(C) 120 BPM"}]}
+                       {"role": "assistant", "content": "120 BPM (C)"}]}
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ QUESTIONS = {
     "time_signature": "What is the time signature of this piece?",
     "instrument_family": "Which instrument family plays this piece?",
 }
-ANSWER_INSTRUCTION = "Answer with the letter and the option."
+# Option text first, then its letter: the text is what the audio tells, the letter is then a lookup in the
+# prompt. A small model trained from scratch learns this order much sooner than letter-first.
+ANSWER_INSTRUCTION = "Answer with the option, then its letter."
 
 
 def caption(meta: dict[str, Any]) -> str:
@@ -131,7 +133,7 @@ def clip_records(
                 "choices": choices,
                 "answer": answer,
                 "answer_letter": letter,
-                "conversations": conv(prompt, f"({letter}) {answer}"),
+                "conversations": conv(prompt, f"{answer} ({letter})"),
                 "meta": meta,
             }
         )
