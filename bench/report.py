@@ -230,7 +230,7 @@ def build_report(raw: dict, args: argparse.Namespace, machine: dict, wall_s: flo
     rows, values = build_rows(raw["cases"])
     return {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python bench/run.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python bench/run.py", *sys.argv[1:]]),
         "device": args.device,
         "quick": bool(args.quick),
         "machine": machine,
