@@ -278,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from report import build_report, machine_info, render_table, update_doc
 
+    if args.render is not None:  # e.g. results_cuda.json brought back from a GPU machine: no measurement
+        report = json.loads(Path(args.render).read_text())
+        table = render_table(report)
+        print(table)
+        if not args.no_doc:
+            doc = Path(args.doc or ROOT / "docs" / "performance.md")
+            update_doc(doc, report["device"], report, table)
+            print(f"[bench] updated {doc}", file=sys.stderr)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda requested but torch.cuda.is_available() is False", file=sys.stderr)
         return 2

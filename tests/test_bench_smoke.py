@@ -150,3 +150,15 @@ def test_update_doc_rewrites_only_its_section(tmp_path):
     assert "| new table |" in text and "Test CPU" in text and text.endswith("tail\n")
     report_mod.update_doc(doc, "cuda", report | {"machine": report["machine"] | {"gpu": "G"}}, "| gpu |")
     assert "<!-- bench:cuda:begin -->" in doc.read_text() and "| new table |" in doc.read_text()
+
+
+def test_render_rewrites_doc_from_saved_results(quick_report, tmp_path):
+    _, report = quick_report
+    run = _load("run")
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps(report))
+    doc = tmp_path / "perf.md"
+    doc.write_text("# Perf\n<!-- bench:cpu:begin -->\nold\n<!-- bench:cpu:end -->\n")
+    assert run.main(["--render", str(saved), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and "| train | fp32 | tokens/s |" in text
