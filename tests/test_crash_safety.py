@@ -40,14 +40,6 @@ class SlowSteps(Callback):
         time.sleep(self.seconds)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """In-process runs use `threads=1` (train() sets it for the process): put the test-wide value back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("crash")

@@ -44,14 +44,6 @@ PKG = Path(musicflamingo.__file__).resolve().parent
 CONV = [{"role": "user", "content": "<sound>What is this?"}, {"role": "assistant", "content": "A tone."}]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """In-process training runs use `threads=1` (train() sets it for the process): put the test-wide value back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("robust")
