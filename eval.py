@@ -9,35 +9,17 @@ docs/evaluation.md.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from musicflamingo.audio.io import AudioError
-from musicflamingo.checkpoint import CheckpointError
-from musicflamingo.eval import BenchmarkError, EvalConfigError, PredictionsFileError, evaluate, headline
-from musicflamingo.model.config import ConfigError
-from musicflamingo.tokenizer import TokenizerError
-
-# Bad config, data, audio or checkpoint: one clear line instead of a traceback.
-USER_ERRORS = (
-    EvalConfigError,
-    BenchmarkError,
-    PredictionsFileError,
-    AudioError,
-    CheckpointError,
-    ConfigError,
-    TokenizerError,
-)
+from musicflamingo.cli import run_cli
+from musicflamingo.eval import evaluate, headline
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        results = evaluate(cfg)
-    except USER_ERRORS as e:
-        sys.exit(f"eval.py: error: {e}")
+    # Bad config, data, audio or checkpoint: one clear line (exit 1) instead of a traceback.
+    results = run_cli(lambda: evaluate(cfg), prefix="eval.py: error", exit_code=1)
     print(headline(results))
     print(f"results: {results['files']['results_md']}")
 

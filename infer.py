@@ -15,7 +15,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from musicflamingo.inference import USER_ERRORS, infer
+from musicflamingo.cli import run_cli
+from musicflamingo.inference import infer
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="infer")
@@ -26,14 +27,7 @@ def main(cfg: DictConfig) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    try:
-        infer(cfg)
-    except USER_ERRORS as e:  # bad checkpoint, audio or settings: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        sys.exit(130)
+    run_cli(lambda: infer(cfg))  # bad checkpoint, audio or settings: one line, exit 2, no traceback
 
 
 if __name__ == "__main__":

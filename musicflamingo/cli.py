@@ -52,13 +52,19 @@ def user_error_line(e: BaseException) -> str | None:
     return None
 
 
-def run_cli(fn: Callable[[], Any]) -> Any:
-    """Call `fn()`; an input error or a deliberate stop prints `error: <one line>` and exits with status 2."""
+def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = 2) -> Any:
+    """Call `fn()`; an input error or a deliberate stop prints `<prefix>: <one line>` and exits with `exit_code`.
+
+    Ctrl-C exits with 130 after an empty line, without a traceback.
+    """
     try:
         return fn()
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         line = user_error_line(e)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{prefix}: {line}", file=sys.stderr)
+        sys.exit(exit_code)

@@ -30,7 +30,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def init_weights(model: MusicFlamingo, std: float = 0.02) -> None:
-    """From-scratch init: normal(0, std) linears/embeddings, zero biases, unit norms, sinusoidal audio positions."""
+    """From-scratch init: normal(0, std) linears/embeddings, zero biases, unit LayerNorms, sinusoidal audio positions.
+
+    RMSNorm weights start at one in their constructor and are left alone.
+    """
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d)):
             nn.init.normal_(module.weight, std=std)
@@ -41,9 +44,6 @@ def init_weights(model: MusicFlamingo, std: float = 0.02) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-    for name, p in model.named_parameters():
-        if name.endswith("layernorm.weight") or name.endswith("norm.weight") and "audio_tower" not in name:
-            nn.init.ones_(p)
     pos = model.audio_tower.embed_positions.weight  # Whisper's sinusoids, as the original encoder starts from
     n, d = pos.shape
     inv = torch.exp(-math.log(10000.0) * torch.arange(d // 2, dtype=torch.float32) / max(d // 2 - 1, 1))

@@ -7,7 +7,6 @@ Import from tests as ``from reference_model import ...``. The tiny config follow
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,11 +60,6 @@ def make_reference_model(seed: int = 0, **text_overrides):
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
-
-
-def save_reference(model, path: Path, dtype=None) -> Path:
-    model.save_pretrained(path)
-    return path
 
 
 def windows_of(audio: np.ndarray, window: int = WINDOW, max_windows: int = 40) -> list[np.ndarray]:
