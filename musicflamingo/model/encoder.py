@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicflamingo.model.config import AudioEncoderConfig
+from musicflamingo.model.fused import fused_linear, gelu_linear, softmax_attention
 
 
 def conv_output_lengths(mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,10 +45,19 @@ class EncoderAttention(nn.Module):
         shape = (W, T, self.num_heads, self.head_dim)
         # The reference multiplies q by the scale *before* attention and calls SDPA with scale=1.0; doing it the
         # other way round is mathematically equal but not bit-equal.
-        q = (self.q_proj(x) * self.scaling).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (W, H, T, hd)
+        qkv = fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])  # one GEMM when training
+        if qkv is None:
+            qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+        else:  # k and v would otherwise keep the whole fused output alive for backward
+            qkv[1:] = [t.contiguous() for t in qkv[1:]]
+        q = (qkv[0] * self.scaling).view(shape).transpose(1, 2)
+        k, v = (t.view(shape).transpose(1, 2) for t in qkv[1:])
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+            # bf16 training on CPU: the flash kernel's bf16 backward is ~3x slower than plain matmuls at these
+            # window lengths. Scores are rounded to bf16 before the float32 softmax, like eager attention.
+            a = softmax_attention(q, k, v, mask)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (W, H, T, hd)
         return self.out_proj(a.transpose(1, 2).reshape(W, T, -1))
 
 
@@ -63,7 +73,11 @@ class EncoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         h = h + self.self_attn(self.self_attn_layer_norm(h), mask)
-        h = h + self.fc2(F.gelu(self.fc1(self.final_layer_norm(h))))
+        a = self.fc1(self.final_layer_norm(h))
+        if type(self.fc2) is nn.Linear:  # not a LoRA adapter: keep only fc1's output for backward
+            h = h + gelu_linear(a, self.fc2.weight, self.fc2.bias)
+        else:
+            h = h + self.fc2(F.gelu(a))
         if h.dtype == torch.float16:  # the reference clamps fp16 activations to avoid inf
             limit = torch.finfo(h.dtype).max - 1000
             h = h.clamp(-limit, limit)

@@ -19,6 +19,7 @@ from torch import nn
 
 from musicflamingo.model.config import MusicFlamingoConfig
 from musicflamingo.model.encoder import AudioEncoder, conv_output_lengths
+from musicflamingo.model.fused import linear_cross_entropy
 from musicflamingo.model.projector import AudioProjector
 from musicflamingo.model.qwen2 import KVCache, Qwen2Model
 from musicflamingo.model.rote import RotaryTimeEmbedding, apply_rotary_time_emb, build_audio_timestamps
@@ -42,9 +43,11 @@ def causal_lm_loss(
     """Mean cross-entropy of `head(hidden[:, t])` against `labels[:, t+1]`, ignoring -100.
 
     The shift convention: labels are aligned with input_ids, position t predicts token t+1. Only labelled
-    positions go through the head, in chunks, and under autograd each chunk is checkpointed, so float32 logits
-    for the whole sequence never exist at once (forward or backward). Returns `(loss, n_label_tokens)`; the loss
-    is 0 (with a graph) when nothing is labelled, where the reference would return NaN.
+    positions go through the head, in chunks of `chunk_size` rows (`fused.linear_cross_entropy`), so float32
+    logits for the whole sequence never exist; under autograd the gradients wrt the hidden states and the head
+    weight are formed chunk by chunk in the forward, with no recomputed head matmul. Returns
+    `(loss, n_label_tokens)`; the loss is 0 (with a graph) when nothing is labelled, where the reference would
+    return NaN. `head` is a bias-free `nn.Linear`.
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
@@ -53,18 +56,18 @@ def causal_lm_loss(
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
-
-    def chunk_loss(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(hc).float(), yc, reduction="sum")
-
+    if type(head) is nn.Linear and head.bias is None:
+        return linear_cross_entropy(h, head.weight, y, chunk_size), n
+    # Any other head (e.g. a LoRA adapter): plain chunks, each checkpointed so its logits are not kept.
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, n, chunk_size):
         hc, yc = h[i : i + chunk_size], y[i : i + chunk_size]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False)
-        else:
-            total = total + chunk_loss(hc, yc)
+        total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False)
     return total / n, n
+
+
+def _chunk_loss(head: nn.Module, hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hc).float(), yc, reduction="sum")
 
 
 class MusicFlamingo(nn.Module):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicflamingo.model.config import TextConfig
+from musicflamingo.model.fused import fused_linear, rms_norm, swiglu_linear
 
 
 class KVCache:
@@ -88,10 +89,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)  # cast BEFORE the weight multiply, like the reference
+        # float32 statistics, cast BEFORE the weight multiply, like the reference (see fused.rms_norm)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -153,9 +152,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, h); cos/sin (B, T, hd); mask None or bool (B, 1, T, past+T)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        qkv = fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])  # one GEMM when training
+        if qkv is None:
+            qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+        else:  # v would otherwise keep the whole fused output alive for backward (SDPA saves it)
+            qkv[2] = qkv[2].contiguous()
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv)  # (B, H or H_kv, T, hd)
         c, s = cos[:, None], sin[:, None]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
@@ -175,7 +177,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = fused_linear(x, [self.gate_proj, self.up_proj])  # one GEMM when training
+        gate, up = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        if type(self.down_proj) is nn.Linear:  # not a LoRA adapter: keep only gate and up for backward
+            return swiglu_linear(gate, up, self.down_proj.weight)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
