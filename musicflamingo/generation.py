@@ -93,10 +93,11 @@ def stream_generate(
         else:
             generator.seed()
 
-    # One buffer for the whole run: the mask grows by writing a 1, never by concatenation.
+    # One boolean key mask for the whole run (True = real token): a decode step slices it, nothing is rebuilt.
     total = S + max_new_tokens
-    mask = torch.zeros(B, total, dtype=attention_mask.dtype, device=device)
-    mask[:, :S] = attention_mask
+    keys = torch.zeros(B, total, dtype=torch.bool, device=device)
+    keys[:, :S] = attention_mask.bool()
+    padded = not bool(attention_mask.all())  # without padding a one-token step needs no mask at all
     if cache is None or cache.max_length < total or cache.keys.shape[1] != B:
         cache = KVCache.for_config(model.config.text, B, total, model.dtype, device)
     cache.reset()
@@ -108,31 +109,46 @@ def stream_generate(
             input_features_mask = input_features_mask.to(device)
     out = model(
         input_ids,
-        attention_mask=mask[:, :S],
+        attention_mask=attention_mask,
         input_features=input_features,
         input_features_mask=input_features_mask,
         position_ids=positions,
         cache=cache,
         logits_to_keep=1,
     )
+    logits = out.logits[:, -1]
     next_pos = positions[:, -1:] + 1  # (B, 1)
+    can_stop = stops.numel() > 0  # with no stop ids no row ever finishes: skip the per-step bookkeeping
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        tok = sample_next(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
-        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        tok = sample_next(logits.float(), do_sample, temperature, top_k, top_p, generator)
+        if can_stop:
+            tok = tok.masked_fill(finished, pad_token_id)
         yield tok
-        finished |= torch.isin(tok, stops)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1:
             break
-        mask[:, S + step] = 1
-        out = model(
-            tok[:, None],
-            attention_mask=mask[:, : S + step + 1],
-            position_ids=next_pos,
-            cache=cache,
-            logits_to_keep=1,
-        )
+        if can_stop:
+            finished |= torch.isin(tok, stops)
+            if bool(finished.all()):
+                break
+        keys[:, S + step] = True
+        step_mask = keys[:, None, None, : S + step + 1] if padded else None  # (B, 1, 1, past+1) or None
+        logits = _decode_step(model, tok[:, None], step_mask, next_pos, cache)
         next_pos = next_pos + 1
+
+
+def _decode_step(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    cache: KVCache,
+) -> torch.Tensor:
+    """One cached step: ids (B, 1) -> logits (B, V). The forward pass without the audio splice and its
+    placeholder check (like the reference, a generated `<sound>` id is just a token after the prefill)."""
+    embeds = model.language_model.embed_tokens(ids)
+    hidden = model.language_model(embeds, attention_mask=mask, position_ids=position_ids, cache=cache)
+    return model.lm_head(hidden[:, -1])
 
 
 @torch.inference_mode()

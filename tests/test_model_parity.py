@@ -81,6 +81,21 @@ def test_greedy_generate_matches_reference(ref_dir, ours, batch_b):
     assert torch.equal(o, r)
 
 
+def test_greedy_generate_with_stop_id_matches_reference(ref_dir, ours, batch_b):
+    """Row 0 stops on its first id, then gets padding; the other row runs on (left-padded batch)."""
+    ref, _ = ref_dir
+    inputs = {k: v for k, v in batch_b.items() if k != "labels"}
+    free = ours.generate(**inputs, max_new_tokens=12, stop_token_ids=[])
+    S = inputs["input_ids"].shape[1]
+    stop = int(free[0, S])
+    assert stop not in free[1, S:].tolist()  # so row 1 runs all 12 steps
+    with torch.no_grad():
+        r = ref.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=297)
+    o = ours.generate(**inputs, max_new_tokens=12, stop_token_ids=[stop], pad_token_id=297)
+    assert torch.equal(o, r)
+    assert o.shape[1] == S + 12 and int(o[0, S]) == stop and (o[0, S + 1 :] == 297).all()
+
+
 def test_kv_cache_matches_recomputation(ours, batch_b):
     """Cached greedy decoding gives the same tokens as recomputing the whole sequence every step."""
     inputs = {k: v for k, v in batch_b.items() if k != "labels"}

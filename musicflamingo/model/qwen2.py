@@ -202,9 +202,12 @@ def build_attention_mask(
 ) -> tuple[torch.Tensor | None, bool]:
     """Return `(mask, is_causal)` for SDPA.
 
-    attention_mask: None or (B, past+q_len) with 1 = real token. Without padding no dense mask is built: the
-    prefill uses SDPA's `is_causal`, a single decode step needs no mask at all.
+    attention_mask: None, (B, past+q_len) with 1 = real token, or a ready bool (B, 1, q_len, past+q_len) mask
+    (True = visible; the decode loop passes slices of one preallocated mask) used as is. Without padding no
+    dense mask is built: the prefill uses SDPA's `is_causal`, a single decode step needs no mask at all.
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask, False
     no_padding = attention_mask is None or bool(attention_mask.all())
     if no_padding:
         if past == 0:
