@@ -2,13 +2,20 @@
 
 Plain autograd keeps every intermediate a backward formula mentions: for `down(silu(gate) * up)` that is
 `gate`, `silu(gate)`, `up` and the product; for RMSNorm a float32 copy of the input and the normalised
-activations. These functions keep only what cannot be recomputed cheaply (`gate` and `up`; the input and a
-per-row rstd) and redo the elementwise work in backward, which is a few percent of a GEMM's time.
+activations, and every linear after it keeps the normalised activations again (one bf16 copy per linear under
+autocast). These functions keep only what cannot be recomputed cheaply (`gate` and `up`; a norm's input and
+per-row statistics) and redo the elementwise work in backward. They run only while autograd records; otherwise
+the plain ops run (no Python Function overhead in a decode step).
 
-Every forward runs the same ops in the same order as the plain modules (so fp32 outputs are bit-identical and
-the parity tests against the reference hold); the backward formulas are autograd's own (`aten.silu_backward`,
-`aten.gelu_backward`, the linear and cast rules), so gradients agree to rounding. Under autocast the functions
-cast matmul operands like autocast would (`_autocast_dtype`), since a custom Function sees raw inputs.
+* `rms_norm`, `swiglu_linear`, `gelu_linear`: the same ops in the same order as the plain modules, so fp32
+  outputs are bit-identical (the parity tests against the reference hold).
+* `norm_linear`: norm -> one GEMM over several linears' concatenated weights (q/k/v, gate/up, fc1).
+* `linear_cross_entropy`: the chunked LM-head loss, gradients formed in the forward.
+* `softmax_attention`: plain-matmul attention for short bf16 sequences on CPU.
+
+Backward formulas are autograd's own (`aten.silu_backward`, `aten.gelu_backward`,
+`aten.native_layer_norm_backward`, the linear and cast rules), so gradients agree to rounding. Under autocast the
+functions cast matmul operands like autocast would (`_autocast_dtype`), since a custom Function sees raw inputs.
 """
 
 from __future__ import annotations
@@ -37,24 +44,120 @@ def _recording(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def fused_linear(x: torch.Tensor, layers: list[torch.nn.Linear]) -> list[torch.Tensor] | None:
-    """The outputs of several linears on the same input from ONE GEMM over their concatenated weights.
+def norm_linear(
+    x: torch.Tensor, norm: torch.nn.Module | None, layers: list[torch.nn.Linear]
+) -> list[torch.Tensor] | None:
+    """`[layer(norm(x)) for layer in layers]` from ONE GEMM over the concatenated weights; x (..., D).
 
-    Training only (autograd recording, all plain `nn.Linear`, e.g. not LoRA adapters; else None): a wider GEMM
-    runs closer to the matmul ceiling, and under autocast the input is cast and kept for backward once instead of
-    once per layer. The concatenation copies the weights every call, negligible next to a training GEMM but
-    not in a memory-bound decode step. A missing bias is a zero block, which leaves those outputs exact. The
-    outputs are views of one (..., sum(out)) tensor.
+    Training only (autograd recording, all plain `nn.Linear`, e.g. not LoRA adapters; `norm` None, a Qwen2
+    RMSNorm or an `nn.LayerNorm`; else None and the caller runs the plain modules). A wider GEMM runs closer to
+    the matmul ceiling, and backward keeps only x and the norm's per-row statistics: the normalised input
+    (which each linear would keep, once per linear under autocast) and the concatenated weight are rebuilt in
+    backward. A missing bias is a zero block, which leaves those outputs exact. The outputs are views of one
+    (..., sum(out)) tensor. In fp32 they equal the separate modules' bit for bit at the model's widths (tested);
+    at other widths the GEMM library may pick kernels that sum in another order (differences ~1e-7).
     """
-    if not (_recording(x, *(m.weight for m in layers)) and all(type(m) is torch.nn.Linear for m in layers)):
+    from musicflamingo.model.qwen2 import RMSNorm  # here: qwen2 imports this module
+
+    if norm is None:
+        kind, norm_args = "none", (None, None, 0.0)
+    elif type(norm) is torch.nn.LayerNorm and len(norm.normalized_shape) == 1:
+        kind, norm_args = "layer", (norm.weight, norm.bias, norm.eps)
+    elif type(norm) is RMSNorm:
+        kind, norm_args = "rms", (norm.weight, None, norm.eps)
+    else:
         return None
-    weight = torch.cat([m.weight for m in layers])
-    bias = None
-    if any(m.bias is not None for m in layers):
-        bias = torch.cat(
-            [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layers]
-        )
-    return list(F.linear(x, weight, bias).split([m.out_features for m in layers], -1))
+    weights = [m.weight for m in layers]
+    if not (_recording(x, *weights) and all(type(m) is torch.nn.Linear for m in layers)):
+        return None
+    biases = [m.bias for m in layers]
+    out = _NormLinear.apply(x, kind, *norm_args, len(layers), *weights, *biases)
+    return list(out.split([m.out_features for m in layers], -1))
+
+
+def _normalize(kind: str, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float, cast):  # noqa: ANN001, ANN202
+    """(normalised x exactly as the plain module computes it, stats for backward)."""
+    if kind == "rms":
+        x32 = _stat_dtype(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return w * (x32 * rstd).to(x.dtype), (rstd,)
+    if kind == "layer":
+        xin = x.float() if cast is not None and x.dtype != torch.float64 else x  # autocast runs it in fp32
+        out, mean, rstd = torch.native_layer_norm(xin, (x.shape[-1],), w, b, eps)
+        return out, (mean, rstd)
+    return x, ()
+
+
+def _cat_params(weights, biases):  # noqa: ANN001, ANN202
+    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+    if all(b is None for b in biases):
+        return weight, None
+    bias = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
+    return weight, torch.cat(bias) if len(bias) > 1 else bias[0]
+
+
+class _NormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kind, norm_w, norm_b, eps, n, *params):  # noqa: ANN001, ANN205
+        weights, biases = params[:n], params[n:]
+        cast = _autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            xn, stats = _normalize(kind, x, norm_w, norm_b, eps, cast)
+            weight, bias = _cat_params(weights, biases)
+            out = F.linear(_cast(xn, cast), _cast(weight, cast), None if bias is None else _cast(bias, cast))
+        ctx.kind, ctx.eps, ctx.n, ctx.cast = kind, eps, n, cast
+        ctx.save_for_backward(x, norm_w, norm_b, *stats, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        kind, n, cast = ctx.kind, ctx.n, ctx.cast
+        saved = ctx.saved_tensors
+        x, norm_w, norm_b = saved[:3]
+        n_stats = {"rms": 1, "layer": 2, "none": 0}[kind]
+        stats, params = saved[3 : 3 + n_stats], saved[3 + n_stats :]
+        weights, biases = params[:n], params[n:]
+        needs = ctx.needs_input_grad
+        need_x, need_nw, need_nb = needs[0], needs[2], needs[3]
+        need_params = needs[6:]
+        xn, _ = _normalize(kind, x, norm_w, norm_b, ctx.eps, cast)  # recomputed, same numbers as forward
+        weight, _ = _cat_params(weights, biases)
+        sizes = [w.shape[0] for w in weights]
+        grad_ws: list[torch.Tensor | None] = [None] * n
+        grad_bs: list[torch.Tensor | None] = [None] * n
+        if any(need_params[:n]):
+            gw = _linear_weight_grad(grad, _cast(xn, cast))
+            grad_ws = [
+                g.to(w.dtype) if need else None
+                for g, w, need in zip(gw.split(sizes), weights, need_params[:n])
+            ]
+        if any(need_params[n:]):
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+            grad_bs = [
+                g.to(b.dtype) if need and b is not None else None
+                for g, b, need in zip(gb.split(sizes), biases, need_params[n:])
+            ]
+        grad_x = grad_nw = grad_nb = None
+        if need_x or need_nw or need_nb:
+            grad_xn = grad.matmul(_cast(weight, cast)).to(xn.dtype)  # (..., D)
+            if kind == "none":
+                grad_x = grad_xn.to(x.dtype)
+            elif kind == "layer":
+                xin = x.float() if cast is not None and x.dtype != torch.float64 else x
+                gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+                    grad_xn, xin, [x.shape[-1]], *stats, norm_w, norm_b, [need_x, need_nw, need_nb]
+                )
+                grad_x = None if gx is None else gx.to(x.dtype)
+                grad_nw, grad_nb = gw, gb
+            else:
+                (rstd,) = stats
+                xhat = _stat_dtype(x) * rstd
+                if need_nw:
+                    grad_nw = (grad_xn * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(norm_w.dtype)
+                if need_x:
+                    g = _stat_dtype((grad_xn * norm_w).to(x.dtype))
+                    grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return (grad_x, None, grad_nw, grad_nb, None, None, *grad_ws, *grad_bs)
 
 
 def _linear_weight_grad(grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicflamingo.model.config import TextConfig
-from musicflamingo.model.fused import fused_linear, rms_norm, swiglu_linear
+from musicflamingo.model.fused import norm_linear, rms_norm, swiglu_linear
 
 
 class KVCache:
@@ -149,11 +149,13 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         is_causal: bool,
         cache: KVCache | None,
+        norm: nn.Module | None = None,
     ) -> torch.Tensor:
-        """x (B, T, h); cos/sin (B, T, hd); mask None or bool (B, 1, T, past+T)."""
+        """x (B, T, h), normalised by `norm` first if given; cos/sin (B, T, hd); mask None or bool (B, 1, T, past+T)."""
         B, T, _ = x.shape
-        qkv = fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])  # one GEMM when training
+        qkv = norm_linear(x, norm, [self.q_proj, self.k_proj, self.v_proj])  # one GEMM when training
         if qkv is None:
+            x = norm(x) if norm is not None else x
             qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
         else:  # v would otherwise keep the whole fused output alive for backward (SDPA saves it)
             qkv[2] = qkv[2].contiguous()
@@ -176,9 +178,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = fused_linear(x, [self.gate_proj, self.up_proj])  # one GEMM when training
-        gate, up = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """x (B, T, h), normalised by `norm` first if given."""
+        gate_up = norm_linear(x, norm, [self.gate_proj, self.up_proj])  # one GEMM when training
+        if gate_up is None:
+            x = norm(x) if norm is not None else x
+            gate_up = [self.gate_proj(x), self.up_proj(x)]
+        gate, up = gate_up
         if type(self.down_proj) is nn.Linear:  # not a LoRA adapter: keep only gate and up for backward
             return swiglu_linear(gate, up, self.down_proj.weight)
         return self.down_proj(F.silu(gate) * up)
@@ -193,8 +199,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, h, cos, sin, mask, is_causal, cache):  # noqa: ANN001, ANN201 (hot path, see Attention)
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # The norms go in with their inputs so training can fuse them into the following GEMM (fused.norm_linear).
+        h = h + self.self_attn(h, cos, sin, mask, is_causal, cache, norm=self.input_layernorm)
+        return h + self.mlp(h, norm=self.post_attention_layernorm)
 
 
 def build_attention_mask(
