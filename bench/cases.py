@@ -37,7 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def bench_config(kind: str, quick: bool = False) -> MusicFlamingoConfig:
     """The model each case uses.
 
-    `train`/`decode`: the `small` preset (10 s windows, 250 audio tokens each). `prefill`: `small` with 30 s
+    `train`/`decode`: the `small` preset (3 s windows, 75 audio tokens each). `prefill`: `small` with 30 s
     windows (`max_source_positions=1500`, 750 tokens each) and 2 encoder + 1 decoder layers, so 20 min of audio
     (40 windows, 30 000 audio tokens, ~15 s per prefill on one core) stays affordable. `load`: about 1 GB in bf16. `--quick` uses
     `tiny` with 4 s windows everywhere (and `small` for `load`).
@@ -136,8 +136,9 @@ def warm_runtime() -> None:
     """Trigger torch's lazy imports before a memory baseline, so peaks measure tensors, not code.
 
     The first non-reentrant `torch.utils.checkpoint` call alone imports ~900 modules (torch._dynamo, sympy,
-    mpmath: ~180 MB RSS); ours uses it in the chunked loss, the reference does not. Both memory workers pay it
-    here, before the baseline.
+    mpmath: ~180 MB RSS). Neither implementation calls it in these cases any more (ours used to, in the chunked
+    loss; it remains for gradient checkpointing and LoRA heads), but both memory workers pay it here, before the
+    baseline, so a later first use cannot count as activation memory.
     """
     x = torch.randn(4, 8, requires_grad=True)
     y = torch.utils.checkpoint.checkpoint(lambda a: a * 2, x, use_reentrant=False)
