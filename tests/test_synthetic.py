@@ -165,7 +165,7 @@ def test_records_are_well_formed(corpus: CorpusInfo) -> None:
             choices, answer, letter = r["choices"], r["answer"], r["answer_letter"]
             assert len(choices) == 4 == len(set(choices)) and answer in choices
             assert "ABCD"[choices.index(answer)] == letter
-            assert assistant["content"] == f"{answer} ({letter})"
+            assert assistant["content"] == answer
             assert " ".join(f"({x}) {c}" for x, c in zip("ABCD", choices)) in user["content"]
             truth = {
                 "key": m["key"],
@@ -176,6 +176,36 @@ def test_records_are_well_formed(corpus: CorpusInfo) -> None:
             assert answer == truth
         for recs in by_clip.values():
             assert sorted(r["task"] for r in recs) == ["caption"] + ["mcq"] * len(QUESTION_TYPES)
+
+
+def test_chat_manifest_folds_each_clip_into_one_conversation(corpus: CorpusInfo) -> None:
+    """<split>_chat.jsonl: per clip, the four questions in some order, audio given once, and the same turns as the
+    single-question records (which is what eval.py scores)."""
+    from musicflamingo.data.manifest import read_manifest
+
+    for split in SPLITS:
+        singles: dict[str, dict[str, dict]] = {}
+        for r in _records(corpus, split):
+            singles.setdefault(r["audio"], {})[r.get("question_type", "caption")] = r
+        chats = [json.loads(line) for line in corpus.chat(split).read_text().splitlines()]
+        assert [c["audio"] for c in chats] == list(singles)
+        orders = set()
+        for c in chats:
+            turns = c["conversations"]
+            assert [t["role"] for t in turns] == ["user", "assistant"] * len(QUESTION_TYPES)
+            assert "".join(t["content"] for t in turns).count("<sound>") == 1
+            assert turns[0]["content"].startswith("<sound>")
+            assert sorted(c["question_types"]) == sorted(QUESTION_TYPES)
+            orders.add(tuple(c["question_types"]))
+            for k, qt in enumerate(c["question_types"]):
+                single = singles[c["audio"]][qt]["conversations"]
+                assert turns[2 * k]["content"].replace("<sound>", "") == single[0]["content"].replace(
+                    "<sound>", ""
+                )
+                assert turns[2 * k + 1] == single[1]
+        assert len(read_manifest(corpus.chat(split))) == len(chats)
+        if split == "train":
+            assert len(orders) > 1  # the question order is shuffled per clip
 
 
 def test_answers_and_letters_are_balanced(corpus: CorpusInfo) -> None:

@@ -3,7 +3,8 @@
 Layout of ``out_dir``::
 
     corpus.json               config, config hash, counts, chance level per question type (written last)
-    train.jsonl val.jsonl test.jsonl
+    train.jsonl val.jsonl test.jsonl             one record per caption / question (what eval.py scores)
+    train_chat.jsonl val_chat.jsonl test_chat.jsonl  the questions, one multi-turn conversation per clip (for training)
     audio/<split>-<nnnnn>.wav 16-bit PCM mono
     midi/<split>-<nnnnn>.mid  the same clip as a standard MIDI file (tempo, metre, key, program)
 
@@ -44,7 +45,7 @@ from musicflamingo.data.synthetic.sources import (
     generate_progression_piece,
     load_chorale,
 )
-from musicflamingo.data.synthetic.text import NUM_OPTIONS, QUESTION_TYPES, clip_records
+from musicflamingo.data.synthetic.text import NUM_OPTIONS, QUESTION_TYPES, chat_record, clip_records
 from musicflamingo.data.synthetic.theory import (
     FAMILY_TRANSPOSE,
     INSTRUMENT_LABELS,
@@ -56,7 +57,7 @@ from musicflamingo.data.synthetic.theory import (
     program_family,
 )
 
-GENERATOR_VERSION = 3  # bump when a change to the code changes the output for the same config
+GENERATOR_VERSION = 4  # bump when a change to the code changes the output for the same config
 SPLITS = ("train", "val", "test")
 _BATCH_CLIPS = 24  # clips per fluidsynth call; fixed so that the output does not depend on the worker count
 
@@ -123,6 +124,10 @@ class CorpusInfo:
     @property
     def manifests(self) -> dict[str, Path]:
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    def chat(self, split: str) -> Path:
+        """``<split>_chat.jsonl``: one multi-turn conversation per clip."""
+        return self.root / f"{split}_chat.jsonl"
 
     def metadata(self) -> dict[str, Any]:
         return json.loads(self.corpus_json.read_text())
@@ -268,7 +273,7 @@ def _check_existing(out_dir: Path, cfg: CorpusConfig, overwrite: bool) -> Corpus
             old = info.metadata()
         except json.JSONDecodeError as e:
             raise CorpusConfigError(f"{info.corpus_json}: not valid JSON ({e}); delete the folder") from e
-        complete = all(p.is_file() for p in info.manifests.values())
+        complete = all(p.is_file() for p in [*info.manifests.values(), *map(info.chat, SPLITS)])
         if old.get("config_hash") == cfg.digest() and complete:
             return info
         if not overwrite:
@@ -352,7 +357,7 @@ def build_corpus(
 
     summary: dict[str, Any] = {}
     for s in SPLITS:
-        records = []
+        records, chats = [], []
         # The correct letter is balanced over A-D within each split and question type.
         letter_rng = np.random.default_rng([cfg.seed, SPLITS.index(s), 4])
         positions = {
@@ -361,10 +366,13 @@ def build_corpus(
         for j, c in enumerate(plan[s]):
             rng = np.random.default_rng([cfg.seed, SPLITS.index(s), 3, j])
             pos = {qt: positions[qt][j] for qt in QUESTION_TYPES}
-            records += clip_records(c.clip_id, f"audio/{c.clip_id}.wav", c.meta, rng, pos)
-        with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n")
+            clip = clip_records(c.clip_id, f"audio/{c.clip_id}.wav", c.meta, rng, pos)
+            records += clip
+            chats.append(chat_record(c.clip_id, clip, np.random.default_rng([cfg.seed, SPLITS.index(s), 5, j])))
+        for name, rows in ((f"{s}.jsonl", records), (f"{s}_chat.jsonl", chats)):
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n")
         summary[s] = {
             "manifest": f"{s}.jsonl",
             "clips": len(plan[s]),

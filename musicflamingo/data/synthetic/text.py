@@ -9,7 +9,10 @@ Record layout (one JSON object per line, ``audio`` relative to the manifest's fo
     {"id": "train-00003-tempo", ..., "task": "mcq", "question_type": "tempo",
      "choices": ["160 BPM", "60 BPM", "120 BPM", "90 BPM"], "answer": "120 BPM", "answer_letter": "C",
      "conversations": [{"role": "user", "content": "<sound>What is the tempo of this track?\\n(A) 160 BPM (B) ..."},
-                       {"role": "assistant", "content": "120 BPM (C)"}]}
+                       {"role": "assistant", "content": "120 BPM"}]}
+
+For training, :func:`chat_record` folds one clip's questions into one multi-turn conversation
+(``<split>_chat.jsonl``): the clip is encoded once for four supervised answers instead of once per answer.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ QUESTIONS = {
     "time_signature": "What is the time signature of this piece?",
     "instrument_family": "Which instrument family plays this piece?",
 }
-# Option text first, then its letter: the text is what the audio tells, the letter is then a lookup in the
-# prompt. A small model trained from scratch learns this order much sooner than letter-first.
-ANSWER_INSTRUCTION = "Answer with the option, then its letter."
+# The answer is the option's text: that is what the audio tells. A letter would add a lookup in the prompt that a
+# small model trained from scratch learns late; both scoring rules of eval.py read the option text.
+ANSWER_INSTRUCTION = "Answer with the option."
 
 
 def caption(meta: dict[str, Any]) -> str:
@@ -133,8 +136,35 @@ def clip_records(
                 "choices": choices,
                 "answer": answer,
                 "answer_letter": letter,
-                "conversations": conv(prompt, f"{answer} ({letter})"),
+                "conversations": conv(prompt, answer),
                 "meta": meta,
             }
         )
     return records
+
+
+def chat_record(clip_id: str, records: list[dict], rng: np.random.Generator) -> dict:
+    """One clip's MCQ records (from :func:`clip_records`) as one multi-turn conversation, questions in random
+    order. Only the first user turn carries ``<sound>``: the clip is encoded once for all four answers.
+
+    The caption is left out on purpose: in the same conversation its facts repeat the answers, and from-scratch
+    runs on the main job that had it (first, last, with or without the source piece) learnt a copy-from-earlier-
+    turns shortcut and never used the audio, where runs without it did (see the README's status table).
+    """
+    mcq = [r for r in records if r["task"] == "mcq"]
+    if not mcq:
+        raise ValueError(f"{clip_id}: expected MCQ records, got tasks {[r['task'] for r in records]}")
+    order = [mcq[int(i)] for i in rng.permutation(len(mcq))]
+    conversations = []
+    for k, r in enumerate(order):
+        user, assistant = r["conversations"]
+        content = user["content"] if k == 0 else user["content"].replace(SOUND_TOKEN, "")
+        conversations += [{"role": "user", "content": content}, dict(assistant)]
+    return {
+        "id": f"{clip_id}-chat",
+        "audio": order[0]["audio"],
+        "task": "chat",
+        "question_types": [r["question_type"] for r in order],
+        "conversations": conversations,
+        "meta": order[0]["meta"],
+    }
