@@ -388,7 +388,9 @@ def _make(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 # Named presets. `tiny` is for tests (token ids get overridden by the test tokenizer), `small` trains from scratch
-# on CPU (3 s windows: 300 mel frames -> 75 audio tokens per window), `music_flamingo_2601` is the release.
+# on CPU (3 s windows: 300 mel frames -> 75 audio tokens per window; a 6x256 decoder: on the main job a 6x384 one
+# reached the same accuracy in the same 16 minutes with 620 steps instead of 900), `music_flamingo_2601` is the
+# release.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "audio": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
@@ -419,10 +421,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         "text": dict(
             vocab_size=2048,
-            hidden_size=384,
-            intermediate_size=1024,
+            hidden_size=256,
+            intermediate_size=768,
             num_hidden_layers=6,
-            num_attention_heads=6,
+            num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=8192,
             rope_theta=10000.0,
