@@ -204,6 +204,7 @@ def test_chat_manifest_folds_each_clip_into_one_conversation(corpus: CorpusInfo)
                 )
                 assert turns[2 * k + 1] == single[1]
         assert len(read_manifest(corpus.chat(split))) == len(chats)
+        assert corpus.metadata()["splits"][split]["chat_manifest"] == corpus.chat(split).name
         if split == "train":
             assert len(orders) > 1  # the question order is shuffled per clip
 

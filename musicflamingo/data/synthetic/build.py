@@ -375,6 +375,7 @@ def build_corpus(
                     f.write(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n")
         summary[s] = {
             "manifest": f"{s}.jsonl",
+            "chat_manifest": f"{s}_chat.jsonl",
             "clips": len(plan[s]),
             "records": len(records),
             "sources": len({c.meta["source"] for c in plan[s]}),

@@ -147,9 +147,10 @@ def chat_record(clip_id: str, records: list[dict], rng: np.random.Generator) -> 
     """One clip's MCQ records (from :func:`clip_records`) as one multi-turn conversation, questions in random
     order. Only the first user turn carries ``<sound>``: the clip is encoded once for all four answers.
 
-    The caption is left out on purpose: in the same conversation its facts repeat the answers, and from-scratch
-    runs on the main job that had it (first, last, with or without the source piece) learnt a copy-from-earlier-
-    turns shortcut and never used the audio, where runs without it did (see the README's status table).
+    The caption is left out on purpose: from-scratch runs of the main job's model with a caption turn last (with
+    or without the source piece) stayed at chance for 150-250 steps while the audio tower's gradient died out;
+    the same runs without it learnt the instrument family. (A guess at why: its facts repeat the answers, so
+    it rewards copying from earlier turns rather than listening.)
     """
     mcq = [r for r in records if r["task"] == "mcq"]
     if not mcq:
