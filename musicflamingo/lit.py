@@ -36,16 +36,15 @@ def init_weights(model: MusicFlamingo, std: float = 0.02) -> None:
     RMSNorm weights start at one in their constructor and are left alone.
     """
     for module in model.modules():
-        if isinstance(module, nn.Conv1d):
-            # With normal(0, 0.02) the two GELU convs shrink log-mel (std ~0.5) to ~0.03 while the sinusoidal
-            # positions added after them have std ~0.6: the clip's content was ~2 % of the encoder output's
-            # variation across clips (measured on the synthetic corpus; ~25 % with He init) and the decoder learnt
-            # to ignore the audio.
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            if isinstance(module, nn.Conv1d):
+                # With normal(0, 0.02) the two GELU convs shrink log-mel (std ~0.5) to ~0.03 while the sinusoidal
+                # positions added after them have std ~0.6: the clip's content was ~2 % of the encoder output's
+                # variation across clips (measured on the synthetic corpus; ~25 % with He init) and the decoder
+                # learnt to ignore the audio.
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            else:
+                nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
