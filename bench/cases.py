@@ -11,6 +11,7 @@ Every case returns plain floats so the parent can tabulate them.
 
 from __future__ import annotations
 
+import gc
 import math
 import resource
 import time
@@ -440,24 +441,37 @@ def run_time(job: dict, device: torch.device) -> dict:
 
 
 def run_mem(job: dict, device: torch.device) -> dict:
-    """Peak memory of ONE implementation in this (fresh) process: model build + `mem_steps` steps."""
-    impl = job["impl"]
+    """Peak memory of ONE implementation in this (fresh) process: model build + `mem_steps` steps.
+
+    On CUDA `impl` may be "both": the allocator's peak counter is reset per implementation, so one process
+    measures ours, frees everything, then the reference (CPU RSS high-water marks cannot be reset: one process
+    per implementation there).
+    """
+    impls = ("ours", "ref") if job["impl"] == "both" else (job["impl"],)
+    if len(impls) > 1 and device.type != "cuda":
+        raise ValueError("impl='both' needs CUDA (CPU peak RSS cannot be reset within a process)")
     _ref_class()  # both import the same modules, so the baselines match
     warm_runtime()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = rss_bytes()
-    step = SETUPS[job["kind"]](impl, job, device)
-    out = {}
-    for _ in range(job.get("mem_steps", 1)):
-        out = step()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = peak_rss_bytes() - base
-    return {impl: out | {"peak_bytes": float(peak), "base_bytes": float(base)}}
+    results = {}
+    for impl in impls:
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = rss_bytes()
+        step = SETUPS[job["kind"]](impl, job, device)
+        out = {}
+        for _ in range(job.get("mem_steps", 1)):
+            out = step()
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = peak_rss_bytes() - base
+        results[impl] = out | {"peak_bytes": float(peak), "base_bytes": float(base)}
+        del step
+    return results
 
 
 def _touch(t: torch.Tensor) -> int:

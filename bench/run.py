@@ -146,8 +146,15 @@ def _warm_page_cache(path: str) -> None:
                 pass
 
 
-def run_cases(launch: Launcher, cases: list[str], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """Run every selected case; a failing case records its error and the others still run."""
+def run_cases(
+    launch: Launcher,
+    cases: list[str],
+    args: argparse.Namespace,
+    tmp: Path,
+    on_case: Any = None,
+) -> dict[str, Any]:
+    """Run every selected case; a failing case records its error and the others still run. `on_case(raw)` is
+    called with the results so far after each case (the caller saves them: a run cut short keeps its numbers)."""
     from cases import train_step_flops
 
     size = SIZES["quick" if args.quick else "full"]
@@ -158,21 +165,28 @@ def run_cases(launch: Launcher, cases: list[str], args: argparse.Namespace, tmp:
     errors: dict[str, str] = {}
     ckpts = prepare(launch, cases, args.quick, tmp, size)
 
+    def raw() -> dict[str, Any]:
+        models = {name: ck["describe"] for name, ck in ckpts.items()}
+        return {"cases": results, "errors": errors, "models": models}
+
     def guarded(case: str, fn: Any) -> None:
         try:
             results[case] = fn()
         except Exception as e:  # noqa: BLE001 (report and continue with the other cases)
             errors[case] = f"{type(e).__name__}: {e}"
             print(f"[bench] {case} FAILED: {errors[case]}", file=sys.stderr)
+        if on_case is not None:
+            on_case(raw())
 
     def timed_and_mem(kind: str, base: dict, variants: dict[str, dict], mem_steps: int) -> dict:
         timing = launch(base | {"kind": kind, "mode": "time", "variants": list(variants.values())})
         out = {}
         for (label, variant), t in zip(variants.items(), timing["variants"]):
-            mem = {}
-            for impl in ("ours", "ref"):
-                job = base | variant | {"kind": kind, "mode": "mem", "impl": impl, "mem_steps": mem_steps}
-                mem[impl] = launch(job)[impl]
+            job = base | variant | {"kind": kind, "mode": "mem", "mem_steps": mem_steps}
+            if args.device == "cuda":  # peak counters reset per implementation: one worker measures both
+                mem = launch(job | {"impl": "both"})
+            else:  # CPU peak RSS cannot be reset: one fresh worker per implementation
+                mem = {impl: launch(job | {"impl": impl})[impl] for impl in ("ours", "ref")}
             out[label] = {"time": t, "mem": mem, "job": variant}
         return out
 
@@ -227,8 +241,7 @@ def run_cases(launch: Launcher, cases: list[str], args: argparse.Namespace, tmp:
             return {"runs": runs, "checkpoint_bytes": ck["weights_bytes"], "params": ck["params"]}
 
         guarded("load", load)
-    models = {name: ck["describe"] for name, ck in ckpts.items()}
-    return {"cases": results, "errors": errors, "models": models}
+    return raw()
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -300,15 +313,21 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(args.device, threads)  # before the run: records the load average at start
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="mf-bench-"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(raw: dict[str, Any]) -> dict[str, Any]:
+        report = build_report(raw, args, machine, time.perf_counter() - t0)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
     try:
-        raw = run_cases(launch, args.case_list, args, tmp)
+        # Saved after every case: a run stopped by a time limit (a lent GPU machine) keeps what it measured.
+        raw = run_cases(launch, args.case_list, args, tmp, on_case=save)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = build_report(raw, args, machine, time.perf_counter() - t0)
+    report = save(raw)
     table = render_table(report)
     print(table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"[bench] wrote {out}", file=sys.stderr)
     if not args.no_doc and (args.doc or not args.quick):
         doc = Path(args.doc or ROOT / "docs" / "performance.md")
