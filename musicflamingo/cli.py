@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import platform
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -52,11 +55,38 @@ def user_error_line(e: BaseException) -> str | None:
     return None
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed CPU tensor memory in the process instead of handing it back to the kernel (glibc only).
+
+    By default glibc serves blocks over its mmap threshold with fresh `mmap`s and trims the heap top after frees,
+    so a training step that allocates and frees the same activation-sized blocks (MBs each) page-faults on every
+    one of them again, zeroing pages each time. Measured on the main job (2 cores, bf16): a float32 softmax over
+    (32, 413, 413) scores took 18 ms instead of 4 ms, and a whole training step took ~10% longer. Raising the mmap
+    threshold to its maximum (32 MiB) and the trim threshold to 1 GiB makes the heap reuse those pages; the cost
+    is up to 1 GiB of freed memory kept in the process. Set `MUSICFLAMINGO_TUNE_MALLOC=0` to leave glibc alone.
+    Returns whether the settings were applied.
+    """
+    if os.environ.get("MUSICFLAMINGO_TUNE_MALLOC", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # pragma: no cover - glibc without the usual soname
+        return False
+    ok_mmap = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+    ok_trim = libc.mallopt(_M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
+    return bool(ok_mmap and ok_trim)
+
+
 def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = 2) -> Any:
     """Call `fn()`; an input error or a deliberate stop prints `<prefix>: <one line>` and exits with `exit_code`.
 
-    Ctrl-C exits with 130 after an empty line, without a traceback.
+    Ctrl-C exits with 130 after an empty line, without a traceback. CPU allocations are tuned first
+    (:func:`tune_cpu_allocator`).
     """
+    tune_cpu_allocator()
     try:
         return fn()
     except KeyboardInterrupt:

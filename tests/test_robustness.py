@@ -652,3 +652,15 @@ print("GROWTH_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
     assert lines[2].startswith("ConfigError") and "parameters" in lines[2]
     growth_kb = int(lines[-1].split()[1])
     assert growth_kb < 100_000, f"peak RSS grew by {growth_kb} kB"
+
+
+def test_cpu_allocator_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    """`run_cli` keeps freed CPU memory for reuse (glibc mallopt); MUSICFLAMINGO_TUNE_MALLOC=0 leaves glibc alone."""
+    import platform
+
+    from musicflamingo.cli import tune_cpu_allocator
+
+    monkeypatch.setenv("MUSICFLAMINGO_TUNE_MALLOC", "0")
+    assert tune_cpu_allocator() is False
+    monkeypatch.delenv("MUSICFLAMINGO_TUNE_MALLOC")
+    assert tune_cpu_allocator() is (platform.libc_ver()[0] == "glibc")
