@@ -1,6 +1,6 @@
 """The main job: synthetic corpus -> SentencePiece processor -> train `small` from scratch -> evaluate -> caption.
 
-    python -m musicflamingo.demo [--out outputs/demo] [--minutes 16] [--n-train 800]
+    python -m musicflamingo.demo [--out outputs/demo] [--minutes 18] [--n-train 800]
 
 Every stage reuses what an earlier run left (corpus, tokenizer, finished training) so a rerun resumes. The results
 table (multiple-choice accuracy per question type, next to chance) is printed and written to
@@ -192,8 +192,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--minutes", type=float, default=16.0, help="training time budget")
-    p.add_argument("--max-steps", type=int, default=900)
+    p.add_argument("--minutes", type=float, default=18.0, help="training time budget")
+    p.add_argument("--max-steps", type=int, default=1150)
     p.add_argument("--n-train", type=int, default=800)
     p.add_argument("--n-val", type=int, default=20)
     p.add_argument("--n-test", type=int, default=60)
