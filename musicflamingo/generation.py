@@ -118,6 +118,11 @@ def stream_generate(
     )
     logits = out.logits[:, -1]
     next_pos = positions[:, -1:] + 1  # (B, 1)
+    # cos/sin for every position this run can reach, built once (the same numbers the model would compute per
+    # step); a decode step only indexes them. (1, P, head_dim) each.
+    rope_table = model.language_model.rotary_emb(
+        torch.arange(int(next_pos.max()) + max_new_tokens, device=device)[None], model.dtype
+    )
     can_stop = stops.numel() > 0  # with no stop ids no row ever finishes: skip the per-step bookkeeping
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -133,7 +138,8 @@ def stream_generate(
                 break
         keys[:, S + step] = True
         step_mask = keys[:, None, None, : S + step + 1] if padded else None  # (B, 1, 1, past+1) or None
-        logits = _decode_step(model, tok[:, None], step_mask, next_pos, cache)
+        rope = (rope_table[0][0, next_pos], rope_table[1][0, next_pos])  # (B, 1, head_dim) each
+        logits = _decode_step(model, tok[:, None], step_mask, rope, cache)
         next_pos = next_pos + 1
 
 
@@ -141,13 +147,13 @@ def _decode_step(
     model: torch.nn.Module,
     ids: torch.Tensor,
     mask: torch.Tensor | None,
-    position_ids: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
     cache: KVCache,
 ) -> torch.Tensor:
     """One cached step: ids (B, 1) -> logits (B, V). The forward pass without the audio splice and its
     placeholder check (like the reference, a generated `<sound>` id is just a token after the prefill)."""
     embeds = model.language_model.embed_tokens(ids)
-    hidden = model.language_model(embeds, attention_mask=mask, position_ids=position_ids, cache=cache)
+    hidden = model.language_model(embeds, attention_mask=mask, cache=cache, rope=rope)
     return model.lm_head(hidden[:, -1])
 
 

@@ -175,3 +175,53 @@ def test_right_padded_rows_equal_unpadded(ours):
         for i, r in enumerate(rows):
             alone = ours(r[None]).logits[0]
             assert (batched[i, : len(r)] - alone).abs().max().item() <= 1e-5
+
+
+def test_decode_attention_matches_sdpa():
+    """The plain-matmul decode attention (bf16/fp16 CPU steps) is SDPA's formula: GQA grouping and key mask."""
+    from musicflamingo.model.qwen2 import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 1, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 10, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[1, ..., :4] = False  # a left-padded row
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(decode_attention(q, k, v, mask), expected, atol=1e-12)
+    assert torch.allclose(
+        decode_attention(q, k, v, None),
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        atol=1e-12,
+    )
+
+
+def test_bf16_cached_decode_matches_recomputation(ref_dir, batch_b, monkeypatch):
+    """bf16 on CPU: a cached decode step (plain-matmul attention, rotary table) gives the logits of a full bf16
+    forward over the longer sequence, within bf16 rounding."""
+    import musicflamingo.generation as generation
+    import musicflamingo.model.qwen2 as qwen2
+
+    ours = MusicFlamingo.from_pretrained(ref_dir[1], dtype=torch.bfloat16)
+    calls = []
+    plain = qwen2.decode_attention
+    monkeypatch.setattr(qwen2, "decode_attention", lambda *a: calls.append(1) or plain(*a))
+    steps = []
+    step = generation._decode_step
+    monkeypatch.setattr(generation, "_decode_step", lambda *a: steps.append(step(*a)) or steps[-1])
+    inputs = {k: v for k, v in batch_b.items() if k != "labels"}
+    inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
+    out = generate(ours, **inputs, max_new_tokens=3, stop_token_ids=[])
+    assert len(steps) == 2 and len(calls) == 2 * ours.config.text.num_hidden_layers
+    S = inputs["input_ids"].shape[1]
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1)
+    with torch.no_grad():
+        full = ours(
+            out[:, : S + 2],
+            attention_mask=mask,
+            input_features=inputs["input_features"],
+            input_features_mask=inputs["input_features_mask"],
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        ).logits.float()
+    for i, logits in enumerate(steps):  # step i fed token S+i and predicts S+i+1
+        expected = full[:, S + i]
+        assert (logits.float() - expected).abs().max() <= 0.02 * max(expected.abs().max().item(), 1.0)
