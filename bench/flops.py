@@ -8,7 +8,10 @@ FLOPs are counted as 2 per multiply-add. For one batch:
 * projector: `2 * (d D + D^2) * P/2` per window (every pooled frame is projected, padded or not);
 * decoder (T = B * S tokens, h = width, q = heads * head_dim, kv = kv_heads * head_dim, i = MLP width):
   per layer linear `2 * (2 h q + 2 h kv + 3 h i) * T` and causal attention `2 * S^2 * q` per row
-  (half of the `4 S^2 q` a dense score matrix costs);
+  (half of the `4 S^2 q` a dense score matrix costs); except the last layer, which a training step runs for the
+  N labelled positions only (`Qwen2Model.forward(output_rows=...)`): `2 * 2 h kv * T` for keys and values,
+  `2 * (2 h q + 3 h i) * N`, and attention `4 * S * q` per labelled query (an upper bound: the causal prefix of a
+  query is at most S; the benchmarks label the tail of each row, where it is nearly S);
 * LM head: `2 * h * V` per *labelled* token (the only positions a loss needs).
 
 A training step is forward + backward = 3x the forward: `6 * sum(params_in_matmuls * tokens_they_see) +
@@ -42,8 +45,10 @@ def forward_flops(config: MusicFlamingoConfig, windows: int, batch: int, seq_len
     enc_attn = a.num_hidden_layers * 4 * P * P * d
     proj_mm = 2 * (d * D + D * D) * (P // 2)
     T = batch * seq_len
-    dec_mm = t.num_hidden_layers * 2 * (2 * D * q + 2 * D * kv + 3 * D * t.intermediate_size) * T
-    dec_attn = t.num_hidden_layers * 2 * seq_len * seq_len * q * batch
+    full_layers = t.num_hidden_layers - 1  # the last one runs only the labelled positions' queries
+    dec_mm = full_layers * 2 * (2 * D * q + 2 * D * kv + 3 * D * t.intermediate_size) * T
+    dec_mm += 2 * (2 * D * kv) * T + 2 * (2 * D * q + 3 * D * t.intermediate_size) * labelled
+    dec_attn = full_layers * 2 * seq_len * seq_len * q * batch + 4 * seq_len * q * labelled
     head_mm = 2 * D * t.vocab_size * labelled
     matmul = windows * (enc_mm + proj_mm) + dec_mm + head_mm
     attention = windows * enc_attn + dec_attn

@@ -223,6 +223,10 @@ def run_cases(
         base |= {"audio_seconds": d["audio_seconds"], "text_tokens": d["text_tokens"]}
         base["new_tokens"] = d["new_tokens"]
         variants = {f"batch{b}": {"batch": b} for b in d["batches"]}
+        if args.device == "cpu" and not args.quick and args.infer_dtype is None:
+            # bf16 too (the release's dtype): its one-token attention takes another path on CPU (see
+            # qwen2.decode_attention). The targets read the fp32 rows, CPU inference's default.
+            variants |= {f"batch{b}-bf16": {"batch": b, "dtype": "bf16"} for b in d["batches"]}
         guarded("decode", lambda: timed_and_mem("decode", base, variants, mem_steps=1))
     if "features" in cases:
         base = {"audio_seconds": size["features_seconds"], "repeats": rep["features"]}

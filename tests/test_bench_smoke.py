@@ -109,21 +109,31 @@ def test_worker_subprocess_round_trip():
 
 
 def test_decoder_flops_match_linear_parameter_count():
-    """6 * N * T for the decoder: the formula's matmul part equals 2 * (decoder Linear weights) * tokens."""
+    """6 * N * T for the decoder: the formula's matmul part equals 2 * (decoder Linear weights) * tokens, except
+    the last layer's queries, output projection and MLP, which see only the labelled tokens."""
     flops = _load("flops")
     from musicflamingo import MusicFlamingo, MusicFlamingoConfig
 
     config = MusicFlamingoConfig.from_name("tiny")
     model = MusicFlamingo(config)
-    linear = sum(
-        m.weight.numel() for m in model.language_model.layers.modules() if isinstance(m, torch.nn.Linear)
-    )
+    layers = model.language_model.layers
+
+    def linear(modules):
+        return sum(m.weight.numel() for m in modules if isinstance(m, torch.nn.Linear))
+
+    last = layers[-1]
+    per_token_last = linear([last.self_attn.q_proj, last.self_attn.o_proj, *last.mlp.modules()])
     B, S = 2, 10
-    f = flops.forward_flops(config, windows=0, batch=B, seq_len=S, labelled=0)
-    assert f["matmul"] == 2 * linear * B * S
     q = config.text.num_attention_heads * config.text.head_dim
-    assert f["attention"] == config.text.num_hidden_layers * 2 * S * S * q * B
-    assert flops.training_flops(config, 0, B, S, 0) == 3 * f["total"]
+    L, D, V = config.text.num_hidden_layers, config.text.hidden_size, config.text.vocab_size
+    f = flops.forward_flops(config, windows=0, batch=B, seq_len=S, labelled=0)
+    assert f["matmul"] == 2 * (linear(layers.modules()) - per_token_last) * B * S
+    assert f["attention"] == (L - 1) * 2 * S * S * q * B
+    n = 7  # labelled tokens: the last layer's rest and the head see these
+    g = flops.forward_flops(config, windows=0, batch=B, seq_len=S, labelled=n)
+    assert g["matmul"] == f["matmul"] + 2 * per_token_last * n + 2 * D * V * n
+    assert g["attention"] == f["attention"] + 4 * S * q * n
+    assert flops.training_flops(config, 0, B, S, n) == 3 * g["total"]
 
 
 def test_update_doc_rewrites_only_its_section(tmp_path):

@@ -225,3 +225,74 @@ def test_bf16_cached_decode_matches_recomputation(ref_dir, batch_b, monkeypatch)
     for i, logits in enumerate(steps):  # step i fed token S+i and predicts S+i+1
         expected = full[:, S + i]
         assert (logits.float() - expected).abs().max() <= 0.02 * max(expected.abs().max().item(), 1.0)
+
+
+def _right_padded(batch: dict) -> dict:
+    """The same rows right-padded (training batches are): a causal mask with no dense mask."""
+    out = dict(batch)
+    ids, mask, labels = (batch[k].clone() for k in ("input_ids", "attention_mask", "labels"))
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        for t in (ids, mask, labels):
+            t[i] = torch.cat([t[i, -n:], t[i, :-n]]) if n < t.shape[1] else t[i]
+    out.update(input_ids=ids, attention_mask=mask, labels=labels)
+    return out
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_training_loss_computes_last_layer_for_labelled_rows_only(ref_dir, batch_b, padding, monkeypatch):
+    """`return_logits=False` runs the last decoder layer's queries/MLP on labelled positions only; the loss
+    equals the reference's and loss and gradients equal the full forward's."""
+    ref, path = ref_dir
+    model = MusicFlamingo.from_pretrained(path, dtype=torch.float32).train()
+    batch = batch_b if padding == "left" else _right_padded(batch_b)
+    batch = dict(batch)
+    batch["labels"] = batch["labels"].clone()
+    batch["labels"][0, : batch["labels"].shape[1] - 4] = -100  # row 0: only its last 4 tokens labelled
+    counts = (batch["labels"][:, 1:] != -100).sum(1)
+    seen = []
+    last = model.language_model.layers[-1].mlp
+    monkeypatch.setattr(
+        last, "forward", lambda x, norm=None, f=last.forward: seen.append(x.shape) or f(x, norm)
+    )
+
+    def loss_and_grads(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, **kw)
+        out.loss.backward()
+        return out.loss.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    lean, g_lean = loss_and_grads(return_logits=False)
+    # the last MLP saw (B, K) rows, K = the most labelled positions in a row, far below S
+    assert seen[-1][:2] == (2, int(counts.max())) and seen[-1][1] < batch["input_ids"].shape[1] // 2
+    full, g_full = loss_and_grads(return_logits=True)
+    assert seen[-1][1] == batch["input_ids"].shape[1]
+    assert abs(lean.item() - full.item()) <= 1e-6
+    with torch.no_grad():
+        assert abs(lean.item() - ref(**batch).loss.item()) <= 1e-6
+    assert g_lean.keys() == g_full.keys()
+    for name, g in g_full.items():
+        assert torch.allclose(g_lean[name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_labelled_rows_with_checkpointing_and_without_labels(ref_dir, batch_b):
+    """Gradient checkpointing gives the same lean loss and gradients; a batch with no labels gives 0 and a
+    backward that runs."""
+    model = MusicFlamingo.from_pretrained(ref_dir[1], dtype=torch.float32).train()
+    batch = _right_padded(batch_b)
+    grads = []
+    for ckpt in (False, True):
+        model.language_model.gradient_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, return_logits=False).loss
+        loss.backward()
+        grads.append((loss.item(), model.language_model.layers[-1].mlp.down_proj.weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    model.language_model.gradient_checkpointing = False
+    none = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    out = model(**none, return_logits=False)
+    assert out.loss.item() == 0.0 and out.num_label_tokens == 0
+    out.loss.backward()

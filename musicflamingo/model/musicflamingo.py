@@ -52,14 +52,20 @@ def causal_lm_loss(
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
     keep = y != IGNORE_INDEX
-    h, y = h[keep], y[keep]
+    return labelled_loss(h[keep], y[keep], head, chunk_size)
+
+
+def labelled_loss(
+    h: torch.Tensor, y: torch.Tensor, head: nn.Module, chunk_size: int = 2048
+) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of `head(h)` (N, D) against y (N,), already shifted and without ignored entries."""
     n = int(y.numel())
     if n == 0:
-        return hidden.sum() * 0.0, 0
+        return h.sum() * 0.0, 0
     if type(head) is nn.Linear and head.bias is None:
         return linear_cross_entropy(h, head.weight, y, chunk_size), n
     # Any other head (e.g. a LoRA adapter): plain chunks, each checkpointed so its logits are not kept.
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, n, chunk_size):
         hc, yc = h[i : i + chunk_size], y[i : i + chunk_size]
         total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False)
@@ -178,6 +184,15 @@ class MusicFlamingo(nn.Module):
         collated batch or the processor's output can be passed as `**batch`.
         """
         embeds = self.embed(input_ids, input_features, input_features_mask)
+        if labels is not None and not return_logits and cache is None:
+            # Only the labelled positions reach the loss: the last decoder layer computes nothing else.
+            y = labels[:, 1:].to(embeds.device)
+            wanted = F.pad(y != IGNORE_INDEX, (0, 1))  # (B, S): position t predicts label t+1
+            hidden = self.language_model(
+                embeds, attention_mask=attention_mask, position_ids=position_ids, output_rows=wanted
+            )
+            loss, n = labelled_loss(hidden, y[y != IGNORE_INDEX], self.lm_head)
+            return MusicFlamingoOutput(loss=loss, num_label_tokens=n)
         hidden = self.language_model(
             embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache
         )

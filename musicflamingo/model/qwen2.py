@@ -130,6 +130,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _project(x: torch.Tensor, norm: nn.Module | None, layers: list[nn.Module]) -> list[torch.Tensor]:
+    """`[layer(norm(x)) for layer in layers]`: one GEMM over the concatenated weights when training
+    (`fused.norm_linear`), the plain modules otherwise (inference, LoRA adapters)."""
+    out = norm_linear(x, norm, layers)
+    if out is None:
+        x = norm(x) if norm is not None else x
+        return [layer(x) for layer in layers]
+    if len(out) > 1:  # the last output would otherwise keep the whole fused output alive (SDPA saves v)
+        out[-1] = out[-1].contiguous()
+    return out
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -173,12 +185,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, h), normalised by `norm` first if given; cos/sin (B, T, hd); mask None or bool (B, 1, T, past+T)."""
         B, T, _ = x.shape
-        qkv = norm_linear(x, norm, [self.q_proj, self.k_proj, self.v_proj])  # one GEMM when training
-        if qkv is None:
-            x = norm(x) if norm is not None else x
-            qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
-        else:  # v would otherwise keep the whole fused output alive for backward (SDPA saves it)
-            qkv[2] = qkv[2].contiguous()
+        qkv = _project(x, norm, [self.q_proj, self.k_proj, self.v_proj])
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv)  # (B, H or H_kv, T, hd)
         c, s = cos[:, None], sin[:, None]
         q = q * c + rotate_half(q) * s
@@ -191,6 +198,33 @@ class Attention(nn.Module):
             gqa = self.num_heads != self.num_kv_heads
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(a.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_rows(
+        self,
+        x: torch.Tensor,
+        x_rows: torch.Tensor,
+        rows: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        norm: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Outputs for some query positions only: keys and values from all of x (B, T, h), queries from x_rows
+        (B, K, h) = x at the sequence indices `rows` (B, K). cos/sin (B or 1, T, hd); mask bool (B, 1, K, T).
+        Returns (B, K, h)."""
+        B, T, _ = x.shape
+        K = rows.shape[1]
+        kv = _project(x, norm, [self.k_proj, self.v_proj])
+        k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in kv)
+        q = _project(x_rows, norm, [self.q_proj])[0].view(B, K, -1, self.head_dim).transpose(1, 2)
+        idx = rows[..., None].expand(B, K, cos.shape[-1])
+        cq, sq = (t.expand(B, -1, -1).gather(1, idx)[:, None] for t in (cos, sin))  # (B, 1, K, hd)
+        c, s = cos[:, None], sin[:, None]
+        q = q * cq + rotate_half(q) * sq
+        k = k * c + rotate_half(k) * s
+        gqa = self.num_heads != self.num_kv_heads
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(a.transpose(1, 2).reshape(B, K, -1))
 
 
 class MLP(nn.Module):
@@ -226,6 +260,13 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(h, cos, sin, mask, is_causal, cache, norm=self.input_layernorm)
         return h + self.mlp(h, norm=self.post_attention_layernorm)
 
+    def forward_rows(self, h, rows, cos, sin, mask):  # noqa: ANN001, ANN201
+        """The layer's outputs at `rows` (B, K) only (see `Qwen2Model.forward`'s `output_rows`): (B, K, h)."""
+        h_rows = h.gather(1, rows[..., None].expand(*rows.shape, h.shape[-1]))
+        attn = self.self_attn.forward_rows(h, h_rows, rows, cos, sin, mask, norm=self.input_layernorm)
+        h_rows = h_rows + attn
+        return h_rows + self.mlp(h_rows, norm=self.post_attention_layernorm)
+
 
 def build_attention_mask(
     attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device
@@ -257,6 +298,17 @@ def build_attention_mask(
     return mask, False
 
 
+def _padded_rows(wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool (B, T) -> (indices (B, K) of the wanted positions in order, padded with 0; valid (B, K)), K = the
+    largest count in a row (at least 1)."""
+    counts = wanted.sum(1)
+    K = max(int(counts.max()), 1)
+    valid = torch.arange(K, device=wanted.device)[None, :] < counts[:, None]
+    rows = torch.zeros(wanted.shape[0], K, dtype=torch.long, device=wanted.device)
+    rows[valid] = wanted.nonzero()[:, 1]  # nonzero is row-major: each row's positions in order
+    return rows, valid
+
+
 class Qwen2Model(nn.Module):
     """Embeddings + decoder stack + final norm (no head). Positions default to `past + arange(T)`."""
 
@@ -276,11 +328,16 @@ class Qwen2Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, T, h) -> hidden (B, T, h). attention_mask covers past+current keys.
 
         `rope`: ready (cos, sin), each (B, T, head_dim), for these positions (the decode loop indexes a table
         it built once); otherwise they are computed from `position_ids`.
+        `output_rows`: bool (B, T), the only positions whose hidden state is wanted (a training loss needs the
+        labelled ones). The last layer then computes queries, attention output and MLP for those positions
+        alone (keys and values still cover every position) and the result is (N, h), the wanted positions in
+        row-major order. Without a KV cache only.
         """
         B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
@@ -292,13 +349,30 @@ class Qwen2Model(nn.Module):
             cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         mask, is_causal = build_attention_mask(attention_mask, T, past, inputs_embeds.device)
         h = inputs_embeds
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and cache is None:
+        layers = self.layers if output_rows is None else self.layers[:-1]
+        checkpointing = self.gradient_checkpointing and self.training and cache is None
+        for layer in layers:
+            if checkpointing:
                 h = torch.utils.checkpoint.checkpoint(
                     layer, h, cos, sin, mask, is_causal, None, use_reentrant=False
                 )
             else:
                 h = layer(h, cos, sin, mask, is_causal, cache)
+        if output_rows is not None:
+            if cache is not None:
+                raise ValueError("output_rows needs a forward without a KV cache")
+            rows, valid = _padded_rows(output_rows)  # (B, K) sequence indices, (B, K) real or filler
+            if mask is None:  # causal over sequence indices; right padding needs nothing more (see above)
+                row_mask = torch.arange(T, device=h.device)[None, None, :] <= rows[:, :, None]
+            else:  # (B, 1, T, T) causal & key-not-padding: its rows for these queries
+                row_mask = mask.expand(B, 1, T, T).gather(2, rows[:, None, :, None].expand(B, 1, -1, T))[:, 0]
+            args = (h, rows, cos, sin, row_mask[:, None])
+            last = self.layers[-1]
+            if checkpointing:
+                h = torch.utils.checkpoint.checkpoint(last.forward_rows, *args, use_reentrant=False)
+            else:
+                h = last.forward_rows(*args)
+            h = h[valid]  # (N, h)
         if cache is not None:
             cache.advance(T)
         return self.norm(h)
