@@ -347,12 +347,16 @@ def setup_decode(impl: str, job: dict, device: torch.device) -> Callable[[], dic
     model = (load_ours if impl == "ours" else load_ref)(job["path"], dtype, device)
     n, b = job["new_tokens"], inputs["input_ids"].shape[0]
     pad = config.text.pad_token_id or 0
+    compile_steps = bool(job.get("compile"))  # ours only: the warm-up run traces the compiled step
 
     def step() -> dict:
         t0 = time.perf_counter()
         if impl == "ours":
             stamps, toks = [], []
-            for tok in stream_generate(model, **inputs, max_new_tokens=n, stop_token_ids=[]):
+            steps = stream_generate(
+                model, **inputs, max_new_tokens=n, stop_token_ids=[], compile=compile_steps
+            )
+            for tok in steps:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 stamps.append(time.perf_counter())

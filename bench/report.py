@@ -75,7 +75,9 @@ def _row(
     }
 
 
-def _mem(entry: dict) -> tuple[float, float]:
+def _mem(entry: dict) -> tuple[float | None, float | None]:
+    if not entry.get("mem"):  # a variant measured for time only
+        return None, None
     return entry["mem"]["ours"]["peak_bytes"] / MB, entry["mem"]["ref"]["peak_bytes"] / MB
 
 

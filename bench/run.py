@@ -183,7 +183,9 @@ def run_cases(
         out = {}
         for (label, variant), t in zip(variants.items(), timing["variants"]):
             job = base | variant | {"kind": kind, "mode": "mem", "mem_steps": mem_steps}
-            if args.device == "cuda":  # peak counters reset per implementation: one worker measures both
+            if variant.get("time_only"):
+                mem = None
+            elif args.device == "cuda":  # peak counters reset per implementation: one worker measures both
                 mem = launch(job | {"impl": "both"})
             else:  # CPU peak RSS cannot be reset: one fresh worker per implementation
                 mem = {impl: launch(job | {"impl": impl})[impl] for impl in ("ours", "ref")}
@@ -227,6 +229,10 @@ def run_cases(
             # bf16 too (the release's dtype): its one-token attention takes another path on CPU (see
             # qwen2.decode_attention). The targets read the fp32 rows, CPU inference's default.
             variants |= {f"batch{b}-bf16": {"batch": b, "dtype": "bf16"} for b in d["batches"]}
+            # ours with `compile=True` (static KV cache, traced in the warm-up); time only
+            variants |= {
+                f"batch{b}-compile": {"batch": b, "compile": True, "time_only": True} for b in d["batches"]
+            }
         guarded("decode", lambda: timed_and_mem("decode", base, variants, mem_steps=1))
     if "features" in cases:
         base = {"audio_seconds": size["features_seconds"], "repeats": rep["features"]}

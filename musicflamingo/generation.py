@@ -70,9 +70,16 @@ def stream_generate(
     stop_token_ids: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     cache: KVCache | None = None,
+    compile: bool = False,
     **unused: object,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,) per step. Finished rows yield `pad_token_id`."""
+    """Yield the next token of every row, (B,) per step. Finished rows yield `pad_token_id`.
+
+    `compile=True` runs the decode steps through `torch.compile` (inductor) with the KV cache in static mode
+    (`KVCache.make_static`): every step has the same shapes (attention over the whole preallocated cache under a
+    key mask), so it is traced once per batch size and cache length (seconds to tens of seconds, paid once per
+    process). The prefill stays eager. Same tokens as eager decoding up to kernel rounding.
+    """
     if max_new_tokens < 1:
         return
     device = model.device
@@ -93,14 +100,17 @@ def stream_generate(
         else:
             generator.seed()
 
-    # One boolean key mask for the whole run (True = real token): a decode step slices it, nothing is rebuilt.
     total = S + max_new_tokens
-    keys = torch.zeros(B, total, dtype=torch.bool, device=device)
-    keys[:, :S] = attention_mask.bool()
-    padded = not bool(attention_mask.all())  # without padding a one-token step needs no mask at all
     if cache is None or cache.max_length < total or cache.keys.shape[1] != B:
-        cache = KVCache.for_config(model.config.text, B, total, model.dtype, device)
+        # Compiled steps are traced per cache length: round it up so prompts of similar length share a trace.
+        length = -(-total // 256) * 256 if compile else total
+        cache = KVCache.for_config(model.config.text, B, length, model.dtype, device)
     cache.reset()
+    # One boolean key mask for the whole run (True = real token): a decode step slices it, nothing is rebuilt.
+    # A compiled step attends over the whole cache, so its mask covers all of it.
+    keys = torch.zeros(B, cache.max_length if compile else total, dtype=torch.bool, device=device)
+    keys[:, :S] = attention_mask.bool()
+    padded = compile or not bool(attention_mask.all())  # without padding a one-token step needs no mask
 
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     if input_features is not None:
@@ -125,22 +135,31 @@ def stream_generate(
     )
     can_stop = stops.numel() > 0  # with no stop ids no row ever finishes: skip the per-step bookkeeping
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        tok = sample_next(logits.float(), do_sample, temperature, top_k, top_p, generator)
-        if can_stop:
-            tok = tok.masked_fill(finished, pad_token_id)
-        yield tok
-        if step == max_new_tokens - 1:
-            break
-        if can_stop:
-            finished |= torch.isin(tok, stops)
-            if bool(finished.all()):
+    step_fn = _decode_step
+    if compile:
+        step_fn = _compiled_decode_step()
+        cache.make_static()
+    try:
+        for step in range(max_new_tokens):
+            tok = sample_next(logits.float(), do_sample, temperature, top_k, top_p, generator)
+            if can_stop:
+                tok = tok.masked_fill(finished, pad_token_id)
+            yield tok
+            if step == max_new_tokens - 1:
                 break
-        keys[:, S + step] = True
-        step_mask = keys[:, None, None, : S + step + 1] if padded else None  # (B, 1, 1, past+1) or None
-        rope = (rope_table[0][0, next_pos], rope_table[1][0, next_pos])  # (B, 1, head_dim) each
-        logits = _decode_step(model, tok[:, None], step_mask, rope, cache)
-        next_pos = next_pos + 1
+            if can_stop:
+                finished |= torch.isin(tok, stops)
+                if bool(finished.all()):
+                    break
+            keys[:, S + step] = True
+            # (B, 1, 1, past+1), the whole cache's width when compiled, or None
+            step_mask = keys[:, None, None, : keys.shape[1] if compile else S + step + 1]
+            rope = (rope_table[0][0, next_pos], rope_table[1][0, next_pos])  # (B, 1, head_dim) each
+            logits = step_fn(model, tok[:, None], step_mask if padded else None, rope, cache)
+            cache.advance(1)
+            next_pos = next_pos + 1
+    finally:
+        cache.make_static(False)  # a reused cache (chat) goes on in dynamic mode
 
 
 def _decode_step(
@@ -150,11 +169,26 @@ def _decode_step(
     rope: tuple[torch.Tensor, torch.Tensor],
     cache: KVCache,
 ) -> torch.Tensor:
-    """One cached step: ids (B, 1) -> logits (B, V). The forward pass without the audio splice and its
-    placeholder check (like the reference, a generated `<sound>` id is just a token after the prefill)."""
-    embeds = model.language_model.embed_tokens(ids)
-    hidden = model.language_model(embeds, attention_mask=mask, cache=cache, rope=rope)
-    return model.lm_head(hidden[:, -1])
+    """One cached step: ids (B, 1) -> logits (B, V). The decoder stack without the audio splice and its
+    placeholder check (like the reference, a generated `<sound>` id is just a token after the prefill) and
+    without the cache bookkeeping (the loop advances the cache), so a compiled step sees no Python state change.
+    mask: None or bool (B, 1, 1, keys); rope: (cos, sin) (B, 1, head_dim)."""
+    lm = model.language_model
+    h = lm.embed_tokens(ids)
+    cos, sin = rope
+    for layer in lm.layers:
+        h = layer(h, cos, sin, mask, False, cache)
+    return model.lm_head(lm.norm(h)[:, -1])
+
+
+_COMPILED: list = []
+
+
+def _compiled_decode_step():  # noqa: ANN202
+    """`torch.compile(_decode_step)`, made once per process (its traces are cached per model and shape)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_decode_step, dynamic=False))
+    return _COMPILED[0]
 
 
 @torch.inference_mode()

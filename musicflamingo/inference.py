@@ -64,6 +64,7 @@ class GenerationOptions:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    compile: bool = False  # torch.compile the decode step (batch inference; the chat loop stays eager)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -269,6 +270,7 @@ def generate_batch(
         top_p=options.top_p,
         generator=options.generator(model.device),
         stop_token_ids=list(stops),
+        compile=bool(options.compile),
     )
     for step in steps:
         for i, t in enumerate(step.tolist()):

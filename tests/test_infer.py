@@ -85,6 +85,19 @@ def test_infer_two_files_end_to_end(ckpt, audios, loaded, capsys):
     assert texts == expected
 
 
+def test_infer_compile_gives_the_same_text(ckpt, audios, capsys):
+    """`compile=true` decodes through torch.compile (static KV cache) and prints the same answers."""
+    from torch._dynamo.utils import counters
+
+    base = [f"ckpt={ckpt}", f"audio=[{audios[0]},{audios[1]}]", "max_new_tokens=6", "stream=false"]
+    eager = infer(make_cfg(*base))
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = infer(make_cfg(*base, "compile=true"))
+    assert counters["stats"]["unique_graphs"] > graphs
+    assert compiled == eager and all(compiled)
+    capsys.readouterr()
+
+
 def test_prompt_per_file_sampling_is_seeded(ckpt, audios, capsys):
     base = [
         f"ckpt={ckpt}",

@@ -54,6 +54,23 @@ def test_experiment_runs_two_steps(experiment, assets, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager(assets, tmp_path):
+    """`model.net.compile=true` compiles every layer and trains to the same losses as eager (2 steps)."""
+    from torch._dynamo.utils import counters
+
+    proc, manifest = assets
+    losses = []
+    for flag in ("false", "true"):
+        graphs = counters["stats"]["unique_graphs"]
+        cfg = compose_train(tmp_path / flag, manifest, proc, ["debug=fast", f"model.net.compile={flag}"])
+        metrics, obj = train(cfg)
+        assert obj["trainer"].global_step == 2
+        assert (counters["stats"]["unique_graphs"] > graphs) == (flag == "true")
+        losses.append(metrics["train/loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
 def _synthetic_cfg(experiment, tmp_path):
     """The main-job experiment on a 6-clip corpus with its SentencePiece processor (as musicflamingo.demo does)."""
     if shutil.which("fluidsynth") is None:

@@ -216,6 +216,7 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     model.eval()
     processor = MusicFlamingoProcessor.from_pretrained(str(ckpt))
     max_new_tokens = int(cfg.get("max_new_tokens") or 256)
+    compile_steps = bool(cfg.get("compile") or False)  # torch.compile the decode step (see generation.py)
 
     def audio_part(it: EvalItem) -> dict[str, Any]:
         if it.offset or it.duration is not None:
@@ -243,7 +244,8 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
             value = inputs.get(key)
             if value is not None:
                 feeds[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
-        out = model.generate(**feeds, max_new_tokens=max_new_tokens, do_sample=False)  # (B, S + new)
+        extra = {"compile": True} if compile_steps else {}
+        out = model.generate(**feeds, max_new_tokens=max_new_tokens, do_sample=False, **extra)  # (B, S + new)
         return [t.strip() for t in decode(out[:, feeds["input_ids"].shape[1] :].cpu())]
 
     return predict

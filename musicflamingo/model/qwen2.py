@@ -42,6 +42,9 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0
+        # Static mode (`make_static`): the write position as a tensor, and one tensor per layer.
+        self.write_pos: torch.Tensor | None = None
+        self._static: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @classmethod
     def for_config(
@@ -62,8 +65,28 @@ class KVCache:
             device,
         )
 
+    def make_static(self, static: bool = True) -> None:
+        """Switch to (or, with False, back from) static mode, for compiled decode steps.
+
+        In static mode every forward writes ONE position, at `write_pos` (a (1,) tensor that `advance` moves in
+        place), and `update` returns the whole buffer (B, H_kv, max_length, hd): the caller's key mask must hide
+        the slots not written yet. Nothing a step sees changes shape or Python value, so `torch.compile` traces
+        it once (see `generation.stream_generate(compile=True)`).
+        """
+        if static:
+            self.write_pos = torch.full((1,), self.length, dtype=torch.long, device=self.keys.device)
+            self._static = (list(self.keys.unbind(0)), list(self.values.unbind(0)))
+        else:
+            self.write_pos, self._static = None, None
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, hd) at the current position; return all keys/values so far."""
+        """Write k, v (B, H_kv, T, hd) at the current position; return all keys/values so far (static mode:
+        the whole buffer)."""
+        if self._static is not None:
+            keys, values = self._static[0][layer], self._static[1][layer]
+            keys[:, :, self.write_pos] = k  # in place, at a tensor index: one graph for every position
+            values[:, :, self.write_pos] = v
+            return keys, values
         T = k.shape[2]
         end = self.length + T
         if end > self.max_length:
@@ -74,9 +97,14 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+        if self.write_pos is not None:
+            if n != 1:
+                raise RuntimeError(f"a static KV cache advances one position per step, not {n}")
+            self.write_pos += 1
 
     def reset(self) -> None:
         self.length = 0
+        self.make_static(False)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only batch rows `index` (e.g. to drop finished rows)."""
