@@ -80,13 +80,30 @@ def tune_cpu_allocator() -> bool:
     return bool(ok_mmap and ok_trim)
 
 
+ONEDNN_CACHE_CAPACITY = 32
+
+
+def limit_onednn_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> str:
+    """Cap oneDNN's primitive cache (default 1024 entries) unless `ONEDNN_PRIMITIVE_CACHE_CAPACITY` is set.
+
+    On CPU, bf16 matmuls and convolutions run through oneDNN, which keeps a compiled primitive (and its buffers)
+    for every new shape. Training batches and decode steps change shape all the time, so the cache only grows:
+    the main job's training process (150 steps, 1 thread) ended at 2.58 GB RSS with the default and at 1.86 GB
+    with 32 entries, at the same throughput (median 2508 vs 2454 tokens/s, noise). oneDNN reads the variable
+    when it first needs the cache, so this works as long as no oneDNN primitive has been built yet. Returns the
+    capacity in effect.
+    """
+    return os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
 def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = 2) -> Any:
     """Call `fn()`; an input error or a deliberate stop prints `<prefix>: <one line>` and exits with `exit_code`.
 
     Ctrl-C exits with 130 after an empty line, without a traceback. CPU allocations are tuned first
-    (:func:`tune_cpu_allocator`).
+    (:func:`tune_cpu_allocator`, :func:`limit_onednn_cache`).
     """
     tune_cpu_allocator()
+    limit_onednn_cache()
     try:
         return fn()
     except KeyboardInterrupt:

@@ -664,3 +664,41 @@ def test_cpu_allocator_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch
     assert tune_cpu_allocator() is False
     monkeypatch.delenv("MUSICFLAMINGO_TUNE_MALLOC")
     assert tune_cpu_allocator() is (platform.libc_ver()[0] == "glibc")
+
+
+_ONEDNN_GROWTH = """
+import os, sys
+import psutil, torch
+if sys.argv[1] == "limited":
+    from musicflamingo.cli import limit_onednn_cache
+    limit_onednn_cache()
+a = torch.randn(64, 256, dtype=torch.bfloat16)
+(a @ a.T).sum()
+base = psutil.Process().memory_info().rss
+for n in range(1, 600):  # 599 matmul shapes, as varying batches or a growing KV cache produce
+    (a @ torch.randn(n, 256, dtype=torch.bfloat16).T).sum()
+print(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), (psutil.Process().memory_info().rss - base) // 2**20)
+"""
+
+
+def test_onednn_cache_cap_bounds_memory_of_changing_shapes(monkeypatch):
+    """`run_cli` caps oneDNN's primitive cache: a process meeting hundreds of bf16 matmul shapes keeps less
+    memory; an explicit ONEDNN_PRIMITIVE_CACHE_CAPACITY wins."""
+    from musicflamingo.cli import limit_onednn_cache
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    assert limit_onednn_cache() == "7"
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    grown = {}
+    for mode in ("default", "limited"):
+        out = subprocess.run(
+            [sys.executable, "-c", _ONEDNN_GROWTH, mode], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        capacity, mb = out.stdout.split()
+        grown[mode] = (capacity, int(mb))
+    if grown["default"][1] < 50:
+        pytest.skip(f"bf16 matmuls do not grow oneDNN's cache here ({grown['default'][1]} MB)")
+    assert grown["default"][0] == "None" and grown["limited"][0] == "32"
+    assert grown["limited"][1] < 0.8 * grown["default"][1], grown
