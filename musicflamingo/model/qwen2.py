@@ -283,13 +283,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, cos, sin, mask, is_causal, cache):  # noqa: ANN001, ANN201 (hot path, see Attention)
+    def forward(self, h, cos, sin, mask, is_causal, cache, rows=None):  # noqa: ANN001, ANN201 (hot path)
+        """h (B, T, h) -> (B, T, h); with `rows` (B, K) sequence indices, the outputs at those positions only,
+        (B, K, h), and `mask` (B, 1, K, T) (see `Qwen2Model.forward`'s `output_rows`). One entry point, so
+        wrappers around the layer (FSDP, checkpointing, torch.compile) see both uses."""
+        if rows is not None:
+            return self._forward_rows(h, rows, cos, sin, mask)
         # The norms go in with their inputs so training can fuse them into the following GEMM (fused.norm_linear).
         h = h + self.self_attn(h, cos, sin, mask, is_causal, cache, norm=self.input_layernorm)
         return h + self.mlp(h, norm=self.post_attention_layernorm)
 
-    def forward_rows(self, h, rows, cos, sin, mask):  # noqa: ANN001, ANN201
-        """The layer's outputs at `rows` (B, K) only (see `Qwen2Model.forward`'s `output_rows`): (B, K, h)."""
+    def _forward_rows(self, h, rows, cos, sin, mask):  # noqa: ANN001, ANN202
         h_rows = h.gather(1, rows[..., None].expand(*rows.shape, h.shape[-1]))
         attn = self.self_attn.forward_rows(h, h_rows, rows, cos, sin, mask, norm=self.input_layernorm)
         h_rows = h_rows + attn
@@ -355,26 +359,22 @@ class Qwen2Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, T, h) -> hidden (B, T, h). attention_mask covers past+current keys.
 
-        `rope`: ready (cos, sin), each (B, T, head_dim), for these positions (the decode loop indexes a table
-        it built once); otherwise they are computed from `position_ids`.
         `output_rows`: bool (B, T), the only positions whose hidden state is wanted (a training loss needs the
         labelled ones). The last layer then computes queries, attention output and MLP for those positions
         alone (keys and values still cover every position) and the result is (N, h), the wanted positions in
         row-major order. Without a KV cache only.
         """
         B, T, _ = inputs_embeds.shape
+        if output_rows is not None and cache is not None:
+            raise ValueError("output_rows needs a forward without a KV cache")
         past = cache.length if cache is not None else 0
-        if rope is not None:
-            cos, sin = rope
-        else:
-            if position_ids is None:
-                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
-            cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         mask, is_causal = build_attention_mask(attention_mask, T, past, inputs_embeds.device)
         h = inputs_embeds
         layers = self.layers if output_rows is None else self.layers[:-1]
@@ -387,19 +387,17 @@ class Qwen2Model(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, is_causal, cache)
         if output_rows is not None:
-            if cache is not None:
-                raise ValueError("output_rows needs a forward without a KV cache")
             rows, valid = _padded_rows(output_rows)  # (B, K) sequence indices, (B, K) real or filler
             if mask is None:  # causal over sequence indices; right padding needs nothing more (see above)
                 row_mask = torch.arange(T, device=h.device)[None, None, :] <= rows[:, :, None]
             else:  # (B, 1, T, T) causal & key-not-padding: its rows for these queries
                 row_mask = mask.expand(B, 1, T, T).gather(2, rows[:, None, :, None].expand(B, 1, -1, T))[:, 0]
-            args = (h, rows, cos, sin, row_mask[:, None])
+            args = (h, cos, sin, row_mask[:, None], False, None, rows)
             last = self.layers[-1]
             if checkpointing:
-                h = torch.utils.checkpoint.checkpoint(last.forward_rows, *args, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(last, *args, use_reentrant=False)
             else:
-                h = last.forward_rows(*args)
+                h = last(*args)
             h = h[valid]  # (N, h)
         if cache is not None:
             cache.advance(T)
