@@ -25,6 +25,6 @@ timeout 120 "$PY" bench/run.py --device cuda --cases parity --no-doc --out "$OUT
   2>&1 | tee "$OUT/parity.log" || status=1
 
 echo "== benchmark (CUDA) =="
-timeout 420 "$PY" bench/run.py --device cuda --cases hardware,train,decode,prefill,features,load \
+timeout 420 "$PY" bench/run.py --device cuda --cases hardware,train,decode,prefill,features,load,decode_compile \
   --timeout 200 --no-doc --out "$OUT/results_cuda.json" 2>&1 | tee "$OUT/bench.log" || status=1
 exit $status

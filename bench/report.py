@@ -140,7 +140,9 @@ def build_rows(cases: dict[str, Any]) -> tuple[list[dict], dict[str, float]]:
             )
         )
         v[f"prefill_{label}"] = t["ours"]["seconds"] / t["ref"]["seconds"]
-    for label, e in cases.get("decode", {}).items():
+    decode = [(label, e) for label, e in cases.get("decode", {}).items()]
+    decode += [(f"{label}-compile", e) for label, e in cases.get("decode_compile", {}).items()]
+    for label, e in decode:
         t = e["time"]
         om, rm = _mem(e)
         same = "same" if t["ours"]["last_token_sum"] == t["ref"]["last_token_sum"] else "DIFFERENT"
