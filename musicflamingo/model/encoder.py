@@ -118,7 +118,9 @@ class AudioEncoder(nn.Module):
                 f"(windows, {self.config.num_mel_bins}, {expected})"
             )
         h = F.gelu(self.conv1(features))
-        h = F.gelu(self.conv2(h)).permute(0, 2, 1)  # (W, P, D)
+        # (W, P, D), made contiguous once: an add keeps its input's strides, so the permuted conv layout would
+        # otherwise run through every layer and each LayerNorm, reshape and matmul would copy it again.
+        h = F.gelu(self.conv2(h)).permute(0, 2, 1).contiguous()
         h = h + self.embed_positions.weight
         mask = None
         if features_mask is not None:
