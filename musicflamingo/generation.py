@@ -10,6 +10,7 @@ Sampling order is the reference's: temperature -> top-k -> top-p -> multinomial 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -152,10 +153,11 @@ def stream_generate(
                 if bool(finished.all()):
                     break
             keys[:, S + step] = True
-            # (B, 1, 1, past+1), the whole cache's width when compiled, or None
-            step_mask = keys[:, None, None, : keys.shape[1] if compile else S + step + 1]
+            step_mask = None  # else (B, 1, 1, past+1), or the whole cache's width when compiled
+            if padded:
+                step_mask = keys[:, None, None, : keys.shape[1] if compile else S + step + 1]
             rope = (rope_table[0][0, next_pos], rope_table[1][0, next_pos])  # (B, 1, head_dim) each
-            logits = step_fn(model, tok[:, None], step_mask if padded else None, rope, cache)
+            logits = step_fn(model, tok[:, None], step_mask, rope, cache)
             cache.advance(1)
             next_pos = next_pos + 1
     finally:
@@ -181,14 +183,10 @@ def _decode_step(
     return model.lm_head(lm.norm(h)[:, -1])
 
 
-_COMPILED: list = []
-
-
+@functools.cache
 def _compiled_decode_step():  # noqa: ANN202
     """`torch.compile(_decode_step)`, made once per process (its traces are cached per model and shape)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_decode_step, dynamic=False))
-    return _COMPILED[0]
+    return torch.compile(_decode_step, dynamic=False)
 
 
 @torch.inference_mode()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicflamingo.model.config import AudioEncoderConfig
-from musicflamingo.model.fused import gelu_linear, norm_linear, softmax_attention
+from musicflamingo.model.fused import gelu_linear, project, softmax_attention
 
 
 def conv_output_lengths(mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,12 +47,8 @@ class EncoderAttention(nn.Module):
         shape = (W, T, self.num_heads, self.head_dim)
         # The reference multiplies q by the scale *before* attention and calls SDPA with scale=1.0; doing it the
         # other way round is mathematically equal but not bit-equal.
-        qkv = norm_linear(x, norm, [self.q_proj, self.k_proj, self.v_proj])  # one GEMM when training
-        if qkv is None:
-            x = norm(x) if norm is not None else x
-            qkv = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
-        else:  # k and v would otherwise keep the whole fused output alive for backward
-            qkv[1:] = [t.contiguous() for t in qkv[1:]]
+        # one GEMM when training; k and v go to attention as they are (q is scaled first)
+        qkv = project(x, norm, [self.q_proj, self.k_proj, self.v_proj], own=(1, 2))
         q = (qkv[0] * self.scaling).view(shape).transpose(1, 2)
         k, v = (t.view(shape).transpose(1, 2) for t in qkv[1:])
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
@@ -77,8 +73,7 @@ class EncoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         # The norms go in with their inputs so training can fuse them into the following GEMM (fused.norm_linear).
         h = h + self.self_attn(h, mask, norm=self.self_attn_layer_norm)
-        fc1 = norm_linear(h, self.final_layer_norm, [self.fc1])
-        a = fc1[0] if fc1 is not None else self.fc1(self.final_layer_norm(h))
+        a = project(h, self.final_layer_norm, [self.fc1])[0]
         if type(self.fc2) is nn.Linear:  # not a LoRA adapter: keep only fc1's output for backward
             h = h + gelu_linear(a, self.fc2.weight, self.fc2.bias)
         else:

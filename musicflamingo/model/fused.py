@@ -75,6 +75,22 @@ def norm_linear(
     return list(out.split([m.out_features for m in layers], -1))
 
 
+def project(
+    x: torch.Tensor, norm: torch.nn.Module | None, layers: list[torch.nn.Module], own: tuple[int, ...] = ()
+) -> list[torch.Tensor]:
+    """`[layer(norm(x)) for layer in layers]`: one GEMM over the concatenated weights while training
+    (`norm_linear`), the plain modules otherwise (inference, LoRA adapters). The outputs listed in `own` are
+    made contiguous when fused: they are views of one wide tensor, and one the caller keeps for backward as is
+    (a value for attention, say) would otherwise keep the whole fused output alive."""
+    out = norm_linear(x, norm, layers)
+    if out is None:
+        x = norm(x) if norm is not None else x
+        return [layer(x) for layer in layers]
+    for i in own:
+        out[i] = out[i].contiguous()
+    return out
+
+
 def _normalize(kind: str, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float, cast):  # noqa: ANN001, ANN202
     """(normalised x exactly as the plain module computes it, stats for backward)."""
     if kind == "rms":

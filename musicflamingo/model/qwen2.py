@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicflamingo.model.config import TextConfig
-from musicflamingo.model.fused import norm_linear, rms_norm, swiglu_linear
+from musicflamingo.model.fused import project, rms_norm, swiglu_linear
 
 
 class KVCache:
@@ -158,18 +158,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _project(x: torch.Tensor, norm: nn.Module | None, layers: list[nn.Module]) -> list[torch.Tensor]:
-    """`[layer(norm(x)) for layer in layers]`: one GEMM over the concatenated weights when training
-    (`fused.norm_linear`), the plain modules otherwise (inference, LoRA adapters)."""
-    out = norm_linear(x, norm, layers)
-    if out is None:
-        x = norm(x) if norm is not None else x
-        return [layer(x) for layer in layers]
-    if len(out) > 1:  # the last output would otherwise keep the whole fused output alive (SDPA saves v)
-        out[-1] = out[-1].contiguous()
-    return out
-
-
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -213,7 +201,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, h), normalised by `norm` first if given; cos/sin (B, T, hd); mask None or bool (B, 1, T, past+T)."""
         B, T, _ = x.shape
-        qkv = _project(x, norm, [self.q_proj, self.k_proj, self.v_proj])
+        qkv = project(x, norm, [self.q_proj, self.k_proj, self.v_proj], own=(2,))  # v goes to SDPA as is
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv)  # (B, H or H_kv, T, hd)
         c, s = cos[:, None], sin[:, None]
         q = q * c + rotate_half(q) * s
@@ -242,9 +230,9 @@ class Attention(nn.Module):
         Returns (B, K, h)."""
         B, T, _ = x.shape
         K = rows.shape[1]
-        kv = _project(x, norm, [self.k_proj, self.v_proj])
+        kv = project(x, norm, [self.k_proj, self.v_proj], own=(1,))
         k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in kv)
-        q = _project(x_rows, norm, [self.q_proj])[0].view(B, K, -1, self.head_dim).transpose(1, 2)
+        q = project(x_rows, norm, [self.q_proj])[0].view(B, K, -1, self.head_dim).transpose(1, 2)
         idx = rows[..., None].expand(B, K, cos.shape[-1])
         cq, sq = (t.expand(B, -1, -1).gather(1, idx)[:, None] for t in (cos, sin))  # (B, 1, K, hd)
         c, s = cos[:, None], sin[:, None]
@@ -265,11 +253,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """x (B, T, h), normalised by `norm` first if given."""
-        gate_up = norm_linear(x, norm, [self.gate_proj, self.up_proj])  # one GEMM when training
-        if gate_up is None:
-            x = norm(x) if norm is not None else x
-            gate_up = [self.gate_proj(x), self.up_proj(x)]
-        gate, up = gate_up
+        gate, up = project(x, norm, [self.gate_proj, self.up_proj])  # one GEMM when training
         if type(self.down_proj) is nn.Linear:  # not a LoRA adapter: keep only gate and up for backward
             return swiglu_linear(gate, up, self.down_proj.weight)
         return self.down_proj(F.silu(gate) * up)
