@@ -15,7 +15,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from musicflamingo.model.qwen2 import KVCache
+from musicflamingo.model.qwen2 import KVCache, uses_decode_attention
+
+# Decode-step key widths and compiled cache lengths are multiples of this.
+KEY_BLOCK = 256
 
 
 def sample_next(
@@ -102,16 +105,20 @@ def stream_generate(
             generator.seed()
 
     total = S + max_new_tokens
+    # CPU bf16/fp16 steps attend with plain matmuls, and oneDNN compiles a kernel (~1 ms) for every new matmul
+    # shape: they see the cache in blocks of 256 keys (`KVCache.set_width_multiple`), so the shape changes once
+    # per 256 steps and recurs across runs. Compiled steps see all of it. Either way the mask hides the rest.
+    blocked = not compile and uses_decode_attention(device, model.dtype)
+    wide = compile or blocked
     if cache is None or cache.max_length < total or cache.keys.shape[1] != B:
-        # Compiled steps are traced per cache length: round it up so prompts of similar length share a trace.
-        length = -(-total // 256) * 256 if compile else total
+        # Round the length up so prompts of similar length share a compiled trace (or a kernel's shape).
+        length = -(-total // KEY_BLOCK) * KEY_BLOCK if wide else total
         cache = KVCache.for_config(model.config.text, B, length, model.dtype, device)
     cache.reset()
     # One boolean key mask for the whole run (True = real token): a decode step slices it, nothing is rebuilt.
-    # A compiled step attends over the whole cache, so its mask covers all of it.
-    keys = torch.zeros(B, cache.max_length if compile else total, dtype=torch.bool, device=device)
+    keys = torch.zeros(B, cache.max_length if wide else total, dtype=torch.bool, device=device)
     keys[:, :S] = attention_mask.bool()
-    padded = compile or not bool(attention_mask.all())  # without padding a one-token step needs no mask
+    padded = wide or not bool(attention_mask.all())  # without padding an exact-width step needs no mask
 
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     if input_features is not None:
@@ -140,6 +147,8 @@ def stream_generate(
     if compile:
         step_fn = _compiled_decode_step()
         cache.make_static()
+    elif blocked:
+        cache.set_width_multiple(KEY_BLOCK)
     try:
         for step in range(max_new_tokens):
             tok = sample_next(logits.float(), do_sample, temperature, top_k, top_p, generator)
@@ -153,15 +162,17 @@ def stream_generate(
                 if bool(finished.all()):
                     break
             keys[:, S + step] = True
-            step_mask = None  # else (B, 1, 1, past+1), or the whole cache's width when compiled
+            # (B, 1, 1, width): past+1, a multiple of KEY_BLOCK, or the whole cache when compiled
+            step_mask = None
             if padded:
-                step_mask = keys[:, None, None, : keys.shape[1] if compile else S + step + 1]
+                step_mask = keys[:, None, None, : keys.shape[1] if compile else cache.width(S + step + 1)]
             rope = (rope_table[0][0, next_pos], rope_table[1][0, next_pos])  # (B, 1, head_dim) each
             logits = step_fn(model, tok[:, None], step_mask, rope, cache)
             cache.advance(1)
             next_pos = next_pos + 1
     finally:
-        cache.make_static(False)  # a reused cache (chat) goes on in dynamic mode
+        cache.make_static(False)  # a reused cache (chat) goes on in dynamic mode, exact widths
+        cache.set_width_multiple(1)
 
 
 def _decode_step(

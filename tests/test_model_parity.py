@@ -202,9 +202,11 @@ def test_bf16_cached_decode_matches_recomputation(ref_dir, batch_b, monkeypatch)
     import musicflamingo.model.qwen2 as qwen2
 
     ours = MusicFlamingo.from_pretrained(ref_dir[1], dtype=torch.bfloat16)
-    calls = []
+    calls = []  # (keys seen, mask width) per call
     plain = qwen2.decode_attention
-    monkeypatch.setattr(qwen2, "decode_attention", lambda *a: calls.append(1) or plain(*a))
+    monkeypatch.setattr(
+        qwen2, "decode_attention", lambda *a: calls.append((a[1].shape[2], a[3].shape[-1])) or plain(*a)
+    )
     steps = []
     step = generation._decode_step
     monkeypatch.setattr(generation, "_decode_step", lambda *a: steps.append(step(*a)) or steps[-1])
@@ -212,6 +214,8 @@ def test_bf16_cached_decode_matches_recomputation(ref_dir, batch_b, monkeypatch)
     inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
     out = generate(ours, **inputs, max_new_tokens=3, stop_token_ids=[])
     assert len(steps) == 2 and len(calls) == 2 * ours.config.text.num_hidden_layers
+    # The steps see the cache in whole blocks of keys (one matmul shape for many steps), the mask as wide.
+    assert all(n == w and n % generation.KEY_BLOCK == 0 for n, w in calls), calls
     S = inputs["input_ids"].shape[1]
     mask = torch.cat([inputs["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1)
     with torch.no_grad():
@@ -225,6 +229,44 @@ def test_bf16_cached_decode_matches_recomputation(ref_dir, batch_b, monkeypatch)
     for i, logits in enumerate(steps):  # step i fed token S+i and predicts S+i+1
         expected = full[:, S + i]
         assert (logits.float() - expected).abs().max() <= 0.02 * max(expected.abs().max().item(), 1.0)
+
+
+def test_blocked_decode_widths_ignore_stale_cache_slots(ref_dir, batch_b):
+    """CPU bf16 steps attend over whole key blocks under the mask: a reused cache whose unwritten slots hold NaN
+    (an earlier run's) gives the same tokens as a fresh one, and goes back to exact widths afterwards."""
+    from musicflamingo.model.qwen2 import KVCache
+
+    ours = MusicFlamingo.from_pretrained(ref_dir[1], dtype=torch.bfloat16)
+    inputs = {k: v for k, v in batch_b.items() if k != "labels"}
+    inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
+    S = inputs["input_ids"].shape[1]
+    fresh = generate(ours, **inputs, max_new_tokens=6, stop_token_ids=[])
+    cache = KVCache.for_config(ours.config.text, 2, S + 40, torch.bfloat16, "cpu")
+    cache.keys.fill_(float("nan"))
+    cache.values.fill_(float("nan"))
+    reused = generate(ours, **inputs, max_new_tokens=6, stop_token_ids=[], cache=cache)
+    assert torch.equal(fresh, reused)
+    assert cache.width_multiple == 1 and cache.width(S + 3) == S + 3
+
+
+def test_kv_cache_width_multiple():
+    """One-position writes return whole blocks (capped at the allocation); longer writes and reset stay exact."""
+    from musicflamingo.model.qwen2 import KVCache
+
+    cache = KVCache(1, 1, 10, 1, 2, torch.float32, "cpu")
+    k = torch.ones(1, 1, 3, 2)
+    assert cache.update(0, k, k)[0].shape[2] == 3
+    cache.advance(3)
+    cache.set_width_multiple(4)
+    assert cache.update(0, k[:, :, :1], k[:, :, :1])[0].shape[2] == 4  # position 3 -> keys 0..3
+    cache.advance(1)
+    assert cache.update(0, k[:, :, :1], k[:, :, :1])[0].shape[2] == 8  # position 4 -> the next block
+    cache.advance(1)
+    assert cache.width(9) == 10 and cache.update(0, k[:, :, :2], k[:, :, :2])[0].shape[2] == 7
+    with pytest.raises(ValueError, match="width multiple"):
+        cache.set_width_multiple(0)
+    cache.reset()
+    assert cache.width_multiple == 1 and cache.width(5) == 5
 
 
 def _right_padded(batch: dict) -> dict:
@@ -301,7 +343,7 @@ def test_labelled_rows_with_checkpointing_and_without_labels(ref_dir, batch_b):
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_compiled_decode_matches_eager(ref_dir, batch_b, dtype):
     """`compile=True`: the static-cache compiled decode step gives eager's tokens (left-padded batch, stop ids),
-    and a reused cache goes back to dynamic mode afterwards."""
+    also in a reused cache with stale NaN values, which goes back to dynamic mode afterwards."""
     from torch._dynamo.utils import counters
 
     from musicflamingo.model.qwen2 import KVCache
@@ -312,6 +354,7 @@ def test_compiled_decode_matches_eager(ref_dir, batch_b, dtype):
     eager = generate(model, **inputs, max_new_tokens=10, stop_token_ids=[])
     S = inputs["input_ids"].shape[1]
     cache = KVCache.for_config(model.config.text, 2, S + 16, dtype, "cpu")  # longer than needed: masked
+    cache.values.fill_(float("nan"))  # as if an earlier run had left NaN there: the mask must still hide them
     frames = counters["stats"]["unique_graphs"]
     compiled = generate(model, **inputs, max_new_tokens=10, stop_token_ids=[], compile=True, cache=cache)
     assert counters["stats"]["unique_graphs"] > frames  # the steps really ran through torch.compile

@@ -6,7 +6,10 @@ Numerics follow the reference `Qwen2Model` (transformers >= 5.5) with SDPA:
 * No padding and no cache -> SDPA's `is_causal` fast path with no dense mask; otherwise a boolean
   `(B, 1, T, past+T)` mask = causal & key-not-padding.
 * One-token bf16/fp16 decode steps on CPU use plain matmuls (`decode_attention`), the reference's eager
-  formula: there the CPU flash kernel is ~4x (batch 1) to ~10x (batch 8) slower than two small matmuls.
+  formula: there the CPU flash kernel is ~4x (batch 1) to ~10x (batch 8) slower than two small matmuls. oneDNN
+  compiles a kernel for every new bf16 matmul shape (~1 ms each, measured), so those steps see the cache up to
+  a multiple of `KVCache.width_multiple` keys under the key mask (see `generation.stream_generate`), not a
+  width that grows by one per step.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0
+        # One-position writes return the cache up to the next multiple of this (`set_width_multiple`).
+        self.width_multiple = 1
         # Static mode (`make_static`): the write position as a tensor, and one tensor per layer.
         self.write_pos: torch.Tensor | None = None
         self._static: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -74,14 +79,34 @@ class KVCache:
         it once (see `generation.stream_generate(compile=True)`).
         """
         if static:
+            # masked, but 0 * a stale NaN is NaN (see set_width_multiple)
+            self.values[:, :, :, self.length :].zero_()
             self.write_pos = torch.full((1,), self.length, dtype=torch.long, device=self.keys.device)
             self._static = (list(self.keys.unbind(0)), list(self.values.unbind(0)))
         else:
             self.write_pos, self._static = None, None
 
+    def set_width_multiple(self, multiple: int = 1) -> None:
+        """Make each one-position `update` return the cache up to `width(length + 1)` positions instead of
+        exactly the written ones (1: exactly; `reset` restores it). The caller's key mask, `width` wide, must hide
+        the slots not written yet. Their values are zeroed here: a masked key's score is replaced, whatever it
+        was, but its probability 0 times a stale NaN value of an earlier run would still be NaN. For CPU bf16
+        decode steps: their attention matmuls then keep one shape for `multiple` steps instead of compiling a new
+        oneDNN kernel every step."""
+        if multiple < 1:
+            raise ValueError(f"width multiple must be >= 1, got {multiple}")
+        if multiple > 1:
+            self.values[:, :, :, self.length :].zero_()
+        self.width_multiple = multiple
+
+    def width(self, end: int) -> int:
+        """How many positions a one-position step that fills the cache to `end` sees (see `set_width_multiple`)."""
+        m = self.width_multiple
+        return min(-(-end // m) * m, self.max_length)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H_kv, T, hd) at the current position; return all keys/values so far (static mode:
-        the whole buffer)."""
+        the whole buffer; a one-position write with a width multiple: `width(length + 1)` positions)."""
         if self._static is not None:
             keys, values = self._static[0][layer], self._static[1][layer]
             keys[:, :, self.write_pos] = k  # in place, at a tensor index: one graph for every position
@@ -93,6 +118,8 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.max_length} allocated")
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
+        if T == 1:
+            end = self.width(end)
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def advance(self, n: int) -> None:
@@ -105,6 +132,7 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
         self.make_static(False)
+        self.width_multiple = 1
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only batch rows `index` (e.g. to drop finished rows)."""
@@ -158,6 +186,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def uses_decode_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether one-token cached steps run `decode_attention` (CPU, bf16/fp16) rather than SDPA."""
+    return device.type == "cpu" and dtype != torch.float32
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -208,7 +241,7 @@ class Attention(nn.Module):
         k = k * c + rotate_half(k) * s
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if T == 1 and cache is not None and q.device.type == "cpu" and q.dtype != torch.float32:
+        if T == 1 and cache is not None and uses_decode_attention(q.device, q.dtype):
             a = decode_attention(q, k, v, mask)
         else:
             gqa = self.num_heads != self.num_kv_heads
