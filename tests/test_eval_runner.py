@@ -109,12 +109,12 @@ def test_predict_fn_must_answer_every_item(tmp_path):
         run_benchmark(make_items(2), lambda b: ["A"], tmp_path, batch_size=2, progress=False)
 
 
-def _write_mcq_fixture(root: Path) -> None:
+def _write_mcq_fixture(root: Path, seconds: tuple[float, ...] = (0.05,) * 4) -> None:
     from tiny_assets import make_tone, write_audio
 
     recs = []
     for i in range(4):
-        write_audio(root / "a" / f"{i}.wav", make_tone(440.0, 0.05))
+        write_audio(root / "a" / f"{i}.wav", make_tone(440.0, seconds[i]))
         recs.append(
             {
                 "id": f"q{i}",
@@ -162,6 +162,58 @@ def test_evaluate_resumes_and_guards_output_dir(tmp_path):
     # limit scores a prefix and reuses the predictions.
     limited = evaluate(_cfg(tmp_path, "limit=2"), predict_fn=CountingPredictor())
     assert limited["num_items"] == 2
+
+
+class BatchRecorder(CountingPredictor):
+    def __init__(self, fail_after: int | None = None):
+        super().__init__(fail_after)
+        self.batches: list[list[str]] = []
+
+    def __call__(self, batch: list[EvalItem]) -> list[str]:
+        out = super().__call__(batch)
+        self.batches.append([it.id for it in batch])
+        return out
+
+
+def test_batches_group_similar_lengths_longest_first(tmp_path):
+    """`sort_by_length` (the default) batches items by audio length, longest first, so a long song does not pad
+    a batch of short clips; off, file order. A resumed run sorts what is left; every item is predicted once."""
+    _write_mcq_fixture(tmp_path, seconds=(0.05, 0.4, 0.1, 0.3))
+    rec = BatchRecorder()
+    evaluate(_cfg(tmp_path, "batch_size=2"), predict_fn=rec)
+    assert rec.batches == [["q1", "q3"], ["q2", "q0"]]
+    plain = BatchRecorder()
+    evaluate(
+        _cfg(tmp_path, "batch_size=2", "sort_by_length=false", f"output_dir={tmp_path / 'o2'}"),
+        predict_fn=plain,
+    )
+    assert plain.batches == [["q0", "q1"], ["q2", "q3"]]
+    first = BatchRecorder(fail_after=3)
+    with pytest.raises(RuntimeError):
+        evaluate(_cfg(tmp_path, "batch_size=2", f"output_dir={tmp_path / 'o3'}"), predict_fn=first)
+    second = BatchRecorder()
+    results = evaluate(_cfg(tmp_path, "batch_size=2", f"output_dir={tmp_path / 'o3'}"), predict_fn=second)
+    assert first.batches == [["q1", "q3"]] and second.batches == [["q2", "q0"]] and results["num_scored"] == 4
+
+
+def test_item_seconds(tmp_path):
+    """Segment length when given, else the file's length after the offset from its header; unknown -> inf."""
+    from tiny_assets import make_tone, write_audio
+
+    from musicflamingo.eval.runner import item_seconds
+
+    write_audio(tmp_path / "a.wav", make_tone(440.0, 2.0))
+    item = EvalItem("a", str(tmp_path / "a.wav"), "Q?", "mcq")
+    assert item_seconds(item) == pytest.approx(2.0, abs=1e-3)
+    assert item_seconds(EvalItem("a", str(tmp_path / "a.wav"), "Q?", "mcq", offset=0.5)) == pytest.approx(
+        1.5, abs=1e-3
+    )
+    assert (
+        item_seconds(EvalItem("a", str(tmp_path / "a.wav"), "Q?", "mcq", offset=0.5, duration=0.25)) == 0.25
+    )
+    assert item_seconds(EvalItem("b", str(tmp_path / "missing.wav"), "Q?", "mcq")) == float("inf")
+    (tmp_path / "junk.wav").write_bytes(b"not audio")
+    assert item_seconds(EvalItem("c", str(tmp_path / "junk.wav"), "Q?", "mcq")) == float("inf")
 
 
 def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):

@@ -179,6 +179,20 @@ def load_audio(
     return validate_waveform(x, name=name, min_samples=min_samples)
 
 
+def audio_duration(path: str | os.PathLike) -> float | None:
+    """Length of an audio file in seconds from its header (soundfile: wav, flac, ogg, mp3), or None when
+    soundfile cannot tell (other formats, a missing or damaged file): a cheap estimate, not a check."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(os.fspath(path))
+    except Exception:  # whatever libsndfile refuses; load_audio reports real problems later
+        return None
+    if info.samplerate <= 0 or info.frames <= 0:
+        return None
+    return info.frames / info.samplerate
+
+
 def load_or_validate(
     audio: str | os.PathLike | np.ndarray | torch.Tensor,
     sampling_rate: int = SAMPLING_RATE,

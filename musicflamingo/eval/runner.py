@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -84,6 +85,17 @@ def load_predictions(path: str | Path, *, repair: bool = True) -> dict[str, str]
     return preds
 
 
+def item_seconds(item: EvalItem) -> float:
+    """The audio length an item feeds the model, in seconds: its segment's ``duration``, else the file's length
+    after ``offset`` from the header (:func:`~musicflamingo.audio.io.audio_duration`); ``inf`` when unknown."""
+    from musicflamingo.audio.io import audio_duration
+
+    if item.duration is not None:
+        return float(item.duration)
+    total = audio_duration(item.audio)
+    return math.inf if total is None else max(total - item.offset, 0.0)
+
+
 def predict_items(
     items: Sequence[EvalItem],
     predict_fn: PredictFn,
@@ -92,9 +104,17 @@ def predict_items(
     *,
     progress: bool = True,
     desc: str = "eval",
+    length: Callable[[EvalItem], float] | None = None,
 ) -> dict[str, str]:
     """Predict every item not yet in ``path`` (batches of ``batch_size``), appending as it goes; returns all
-    predictions of the file, old and new."""
+    predictions of the file, old and new.
+
+    With ``length`` (e.g. :func:`item_seconds`) the items are batched longest first instead of in file order
+    (stable among equal lengths): a batch is padded to its longest prompt, and a 5 min song among 30 s clips
+    makes every row of its batch ~10 windows of audio tokens long. Longest first also puts the largest batch,
+    the one that may run out of memory, at the start. Predictions are keyed by id, so only their order in the
+    file changes.
+    """
     from tqdm import tqdm
 
     if batch_size < 1:
@@ -105,6 +125,9 @@ def predict_items(
     todo = [it for it in items if it.id not in preds]
     if len(todo) < len(items):
         log.info("resuming: %d of %d items already predicted in %s", len(items) - len(todo), len(items), path)
+    if length is not None and batch_size > 1:
+        lengths = {it.id: length(it) for it in todo}
+        todo.sort(key=lambda it: -lengths[it.id])
     with (
         path.open("a", encoding="utf-8") as f,
         tqdm(total=len(todo), desc=desc, unit="item", disable=not progress) as bar,
@@ -139,14 +162,15 @@ def run_benchmark(
     progress: bool = True,
     cer_languages: Sequence[str] = CER_LANGUAGES,
     extra: Mapping[str, Any] | None = None,
+    length: Callable[[EvalItem], float] | None = None,
 ) -> dict[str, Any]:
     """Predict (resumably), score and report. Writes ``predictions.jsonl``, ``per_item.jsonl`` (parsed answers,
     correctness), ``results.json``, ``results.md`` and PNG plots into ``out_dir``; returns the results dict
-    (``tasks`` holds one summary per task present)."""
+    (``tasks`` holds one summary per task present). ``length``: batch by it (see :func:`predict_items`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     preds = predict_items(
-        items, predict_fn, out_dir / PREDICTIONS_FILE, batch_size, progress=progress, desc=name
+        items, predict_fn, out_dir / PREDICTIONS_FILE, batch_size, progress=progress, desc=name, length=length
     )
     tasks, rows = score_items(items, preds, cer_languages=cer_languages)
     with (out_dir / "per_item.jsonl").open("w", encoding="utf-8") as f:
@@ -342,6 +366,7 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
         source=bench.source,
         progress=bool(c.get("progress", True)),
         cer_languages=bench_cfg.get("cer_languages") or CER_LANGUAGES,
+        length=item_seconds if c.get("sort_by_length", True) else None,
         extra={
             "ckpt": identity["ckpt"],
             "limit": limit,
