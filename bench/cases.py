@@ -427,21 +427,81 @@ def _summary(runs: list[dict]) -> dict:
     return {k: median(r[k] for r in runs) for k in keys} | {"first": runs[0], "n": len(runs)}
 
 
-def run_time(job: dict, device: torch.device) -> dict:
-    """Both implementations in this process, alternating ours/ref, medians of `repeats` runs each."""
+def warm_device_libraries(device: torch.device) -> None:
+    """Run an fp32 and a bf16 matmul and an attention call once, so that cuBLAS/cuDNN handles and workspaces
+    exist before a memory baseline is taken."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 4, 64, 64, device=device, dtype=dtype)
+        (x @ x).sum()
+        F.scaled_dot_product_attention(x, x, x, is_causal=True).sum()
+
+
+class AllocatedBytes:
+    """Device memory counters for measuring both implementations in one timing worker (CUDA): the allocator's
+    bytes in use now, and its high-water mark since `reset()`. A class so tests can stand in for CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def now(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def reset(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+
+def run_time(job: dict, device: torch.device, memory: AllocatedBytes | None = None) -> dict:
+    """Both implementations in this process, alternating ours/ref, medians of `repeats` runs each.
+
+    With `memory` (CUDA: the allocator counts bytes per tensor, so two resident models do not blur each other)
+    each implementation's peak is measured here too, saving a worker process per variant: `peak_bytes` = what
+    its setup and warm-up left allocated (weights, inputs, optimizer state, caches) + the largest rise above the
+    allocation at the start of one of its timed steps. Same quantity as `run_mem`'s build + steps peak, without
+    the transient of loading.
+    """
     setup = SETUPS[job["kind"]]
-    steps = {impl: setup(impl, job, device) for impl in ("ours", "ref")}
+    impls = ("ours", "ref")
+    resident = dict.fromkeys(impls, 0)
+    if memory is not None:
+        warm_device_libraries(device)  # their workspaces belong to neither implementation
+    steps = {}
+    for impl in impls:
+        before = memory.now() if memory else 0
+        steps[impl] = setup(impl, job, device)
+        resident[impl] += memory.now() - before if memory else 0
+
+    def run(impl: str, keep: bool = False) -> dict:
+        if memory is None:
+            return steps[impl]()
+        base = memory.now()
+        memory.reset()
+        out = steps[impl]()
+        out = out | {"step_peak_bytes": float(memory.peak() - base)}
+        if keep:  # a warm-up step's lasting allocations (optimizer state, cuBLAS workspace) are the impl's
+            resident[impl] += memory.now() - base
+        return out
+
     warm: dict[str, dict] = {}
     for _ in range(job.get("warmup", 1)):
-        for impl in ("ours", "ref"):
-            warm[impl] = steps[impl]()
+        for impl in impls:
+            warm[impl] = run(impl, keep=True)
     runs: dict[str, list[dict]] = {"ours": [], "ref": []}
     for r in range(job["repeats"]):
-        order = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
+        order = impls if r % 2 == 0 else impls[::-1]
         for impl in order:
-            runs[impl].append(steps[impl]())
+            runs[impl].append(run(impl))
     # The warm-up is the first step of each (same weights, same batch): its outputs are comparable.
-    return {impl: _summary(v) | {"warmup": warm.get(impl, {})} for impl, v in runs.items()}
+    out = {impl: _summary(v) | {"warmup": warm.get(impl, {})} for impl, v in runs.items()}
+    if memory is not None:
+        for impl in impls:
+            out[impl]["peak_bytes"] = float(resident[impl] + max(r["step_peak_bytes"] for r in runs[impl]))
+    return out
 
 
 def run_mem(job: dict, device: torch.device) -> dict:
@@ -566,7 +626,8 @@ def run_job(job: dict) -> dict:
     if kind == "load":
         return run_load(job, device)
     if job["mode"] == "time":  # several sizes share one process (and one transformers import)
-        return {"variants": [run_time(job | v, device) for v in job.get("variants", [{}])]}
+        memory = AllocatedBytes(device) if device.type == "cuda" else None
+        return {"variants": [run_time(job | v, device, memory) for v in job.get("variants", [{}])]}
     return run_mem(job, device)
 
 

@@ -103,6 +103,54 @@ def test_quick_table_lists_every_case_and_target(quick_report):
         assert f"| {t['target']} |" in table
 
 
+def test_timing_worker_measures_each_peak_with_device_counters(monkeypatch):
+    """CUDA timing workers measure both implementations' peaks (no memory workers): checked with a stand-in
+    allocator on CPU. Resident = setup + what warm-up keeps; plus the largest rise within one timed step."""
+    cases = _load("cases")
+
+    class Counter:
+        def __init__(self):
+            self.allocated = self.high = 0
+
+        def now(self):
+            return self.allocated
+
+        def reset(self):
+            self.high = self.allocated
+
+        def peak(self):
+            return self.high
+
+        def alloc(self, n):
+            self.allocated += n
+            self.high = max(self.high, self.allocated)
+
+    mem = Counter()
+    sizes = {"ours": (100, 30, 5), "ref": (200, 50, 0)}  # setup, transient per step, kept by the first step
+
+    def fake_setup(impl, job, device):
+        weights, transient, kept = sizes[impl]
+        mem.alloc(weights)
+        calls = [0]
+
+        def step():
+            calls[0] += 1
+            mem.alloc(transient + (kept if calls[0] == 1 else 0))
+            mem.alloc(-transient)
+            return {"seconds": 1.0}
+
+        return step
+
+    monkeypatch.setitem(cases.SETUPS, "fake", fake_setup)
+    monkeypatch.setattr(cases, "warm_device_libraries", lambda device: None)
+    out = cases.run_time({"kind": "fake", "repeats": 3}, torch.device("cpu"), memory=mem)
+    assert out["ours"]["peak_bytes"] == 100 + 5 + 30 and out["ref"]["peak_bytes"] == 200 + 50
+    assert (
+        out["ours"]["n"] == 3
+        and "peak_bytes" not in cases.run_time({"kind": "fake", "repeats": 1}, torch.device("cpu"))["ours"]
+    )
+
+
 def test_worker_subprocess_round_trip():
     run = _load("run")
     launch = run.Launcher("cpu", threads=1, timeout=120)
