@@ -354,7 +354,9 @@ def test_compiled_decode_matches_eager(ref_dir, batch_b, dtype):
     eager = generate(model, **inputs, max_new_tokens=10, stop_token_ids=[])
     S = inputs["input_ids"].shape[1]
     cache = KVCache.for_config(model.config.text, 2, S + 16, dtype, "cpu")  # longer than needed: masked
-    cache.values.fill_(float("nan"))  # as if an earlier run had left NaN there: the mask must still hide them
+    # as if an earlier run had left NaN there: they must not leak through the mask
+    cache.keys.fill_(float("nan"))
+    cache.values.fill_(float("nan"))
     frames = counters["stats"]["unique_graphs"]
     compiled = generate(model, **inputs, max_new_tokens=10, stop_token_ids=[], compile=True, cache=cache)
     assert counters["stats"]["unique_graphs"] > frames  # the steps really ran through torch.compile

@@ -79,8 +79,7 @@ class KVCache:
         it once (see `generation.stream_generate(compile=True)`).
         """
         if static:
-            # masked, but 0 * a stale NaN is NaN (see set_width_multiple)
-            self.values[:, :, :, self.length :].zero_()
+            self._clear_unwritten()  # the key mask hides them, but not a stale NaN (see set_width_multiple)
             self.write_pos = torch.full((1,), self.length, dtype=torch.long, device=self.keys.device)
             self._static = (list(self.keys.unbind(0)), list(self.values.unbind(0)))
         else:
@@ -89,15 +88,21 @@ class KVCache:
     def set_width_multiple(self, multiple: int = 1) -> None:
         """Make each one-position `update` return the cache up to `width(length + 1)` positions instead of
         exactly the written ones (1: exactly; `reset` restores it). The caller's key mask, `width` wide, must hide
-        the slots not written yet. Their values are zeroed here: a masked key's score is replaced, whatever it
-        was, but its probability 0 times a stale NaN value of an earlier run would still be NaN. For CPU bf16
-        decode steps: their attention matmuls then keep one shape for `multiple` steps instead of compiling a new
-        oneDNN kernel every step."""
+        the slots not written yet; they are zeroed here (`_clear_unwritten`). For CPU bf16 decode steps: their
+        attention matmuls then keep one shape for `multiple` steps instead of compiling a new oneDNN kernel every
+        step."""
         if multiple < 1:
             raise ValueError(f"width multiple must be >= 1, got {multiple}")
         if multiple > 1:
-            self.values[:, :, :, self.length :].zero_()
+            self._clear_unwritten()
         self.width_multiple = multiple
+
+    def _clear_unwritten(self) -> None:
+        """Zero the slots past `length`, which masked attention will read: an earlier run may have left NaN or inf
+        there, and a mask does not hide those (SDPA adds -inf to a NaN score; probability 0 times a NaN value is
+        NaN)."""
+        self.keys[:, :, :, self.length :].zero_()
+        self.values[:, :, :, self.length :].zero_()
 
     def width(self, end: int) -> int:
         """How many positions a one-position step that fills the cache to `end` sees (see `set_width_multiple`)."""
