@@ -92,10 +92,56 @@ class GenerationOptions:
         return g
 
 
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# `auto` on CPU keeps float32 only when its weights leave this much of the available memory for activations,
+# the KV cache and the rest of the process.
+CPU_FLOAT32_HEADROOM = 1.25
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes `device` can still allocate: CUDA's free memory; on CPU the system's available memory, lowered to a
+    cgroup (container) limit minus its usage when one is set. None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - psutil is a requirement; a sandbox may still refuse it
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit.isdigit():
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
 def resolve_device_dtype(
-    device: str | None = "auto", dtype: str | None = "auto"
+    device: str | None = "auto", dtype: str | None = "auto", num_parameters: int | None = None
 ) -> tuple[torch.device, torch.dtype]:
-    """`auto` device = cuda when available else cpu; `auto` dtype = bfloat16 on CUDA, float32 on CPU."""
+    """`auto` device = cuda when available else cpu; `auto` dtype = bfloat16 on CUDA, float32 on CPU.
+
+    With `num_parameters`, the weights must fit in the device's available memory (:func:`available_memory`):
+    `auto` on CPU falls back to bfloat16 when float32 weights would not leave room (the released 8.27 B
+    checkpoint needs 33 GB in float32, 16.5 GB in bfloat16), and a dtype whose weights alone exceed the memory
+    is refused here, with the numbers, rather than by the kernel's out-of-memory killer mid-load.
+    """
     device = "auto" if device is None else str(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,13 +151,29 @@ def resolve_device_dtype(
         raise InferenceError(f"device={device!r}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InferenceError(f"device={device!r} but CUDA is not available here; use device=cpu")
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype = "auto" if dtype is None else str(dtype).replace("torch.", "")
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    if dtype not in names:
-        raise InferenceError(f"dtype={dtype!r}: expected one of {sorted(names)} or 'auto'")
-    return dev, names[dtype]
+    name = "auto" if dtype is None else str(dtype).replace("torch.", "")
+    free = available_memory(dev) if num_parameters else None
+    if name == "auto":
+        name = "bfloat16" if dev.type == "cuda" else "float32"
+        if name == "float32" and free is not None and 4 * num_parameters * CPU_FLOAT32_HEADROOM > free:
+            logger.info(
+                "dtype=auto: float32 weights (%s) would not fit in the %s of memory available, using bfloat16",
+                _gb(4 * num_parameters),
+                _gb(free),
+            )
+            name = "bfloat16"
+    if name not in _DTYPES:
+        names = sorted(set(_DTYPES) - {"fp32", "bf16", "fp16"})
+        raise InferenceError(f"dtype={name!r}: expected one of {names} or 'auto'")
+    dt = _DTYPES[name]
+    if free is not None:
+        need = num_parameters * torch.empty((), dtype=dt).element_size()
+        if need > free:
+            hint = " (try dtype=bfloat16, half the size)" if dt == torch.float32 else ""
+            raise InferenceError(
+                f"the model's weights need {_gb(need)} in {name} but {dev} has {_gb(free)} available{hint}"
+            )
+    return dev, dt
 
 
 def check_checkpoint_dir(ckpt: Any) -> Path:
@@ -136,7 +198,7 @@ def load_model(
 ) -> tuple[MusicFlamingo, MusicFlamingoProcessor]:
     """Checked folder -> (model in eval mode on `device`, processor)."""
     path = check_checkpoint_dir(ckpt)
-    dev, dt = resolve_device_dtype(device, dtype)
+    dev, dt = resolve_device_dtype(device, dtype, load_config(path).num_parameters())
     processor = MusicFlamingoProcessor.from_pretrained(path)
     t0 = time.perf_counter()
     model = MusicFlamingo.from_pretrained(path, dtype=dt, device=dev).eval()

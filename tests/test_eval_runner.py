@@ -218,7 +218,10 @@ def test_item_seconds(tmp_path):
 
 def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    (tmp_path / "config.json").write_text("{}")
+    from musicflamingo import MusicFlamingoConfig
+
+    # a real config: its parameter count decides whether the weights fit in memory
+    (tmp_path / "config.json").write_text(json.dumps(MusicFlamingoConfig.from_name("tiny").to_hf_dict()))
     seen = {}
 
     class FakeProcessor:
@@ -258,6 +261,7 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
             return torch.cat([input_ids, new], dim=1)
 
     import musicflamingo
+    import musicflamingo.inference  # noqa: F401 (imported before the stand-in audio.io below replaces the real one)
 
     monkeypatch.setattr(musicflamingo, "MusicFlamingo", FakeModel, raising=False)
     monkeypatch.setattr(musicflamingo, "MusicFlamingoProcessor", FakeProcessor, raising=False)
@@ -277,6 +281,18 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
     first, second = (c[0]["content"] for c in seen["conversations"])
     assert first == [{"type": "audio", "path": "/x/a.wav"}, {"type": "text", "text": "Q1"}]
     assert second[0] == {"type": "audio", "audio": ("segment", "/x/b.wav", 30.0, 10.0)}
+
+
+def test_build_predict_fn_refuses_weights_larger_than_memory(tmp_path, monkeypatch):
+    """Checked before loading, as in infer.py (`inference.resolve_device_dtype`), as an EvalConfigError."""
+    pytest.importorskip("torch")
+    import musicflamingo.inference as inference
+    from musicflamingo import MusicFlamingoConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(MusicFlamingoConfig.from_name("tiny").to_hf_dict()))
+    monkeypatch.setattr(inference, "available_memory", lambda device: 1000)
+    with pytest.raises(EvalConfigError, match=r"weights need .* in float32 but cpu has 0\.0 GB available"):
+        build_predict_fn({"ckpt": str(tmp_path), "device": "cpu", "dtype": "float32"})
 
 
 def test_evaluate_with_tiny_checkpoint(tmp_path):

@@ -154,6 +154,44 @@ def test_bad_checkpoint_and_audio_messages(ckpt, audios, tmp_path):
         GenerationOptions(top_p=0.0)
 
 
+def test_dtype_follows_the_memory_available(ckpt, audios, monkeypatch, caplog):
+    """`dtype=auto` on CPU keeps float32 when its weights fit with room to spare, else bfloat16 (logged); weights
+    larger than the available memory are refused before loading, naming both sizes."""
+    import musicflamingo.inference as inference
+
+    n = 1_000_000_000  # 4 GB in float32, 2 GB in bfloat16
+    free = {"bytes": 64e9}
+    monkeypatch.setattr(inference, "available_memory", lambda device: int(free["bytes"]))
+    resolve = inference.resolve_device_dtype
+    assert resolve("cpu", "auto", n) == (torch.device("cpu"), torch.float32)
+    free["bytes"] = 4.5e9  # float32 would fit, but without the headroom
+    with caplog.at_level("INFO", logger="musicflamingo.inference"):
+        assert resolve("cpu", "auto", n)[1] == torch.bfloat16
+    assert "would not fit" in caplog.text
+    assert resolve("cpu", "float32", n)[1] == torch.float32  # asked for and it fits: allowed
+    assert resolve("cpu", "bf16", n)[1] == torch.bfloat16
+    free["bytes"] = 3e9
+    with pytest.raises(
+        InferenceError, match=r"need 4\.0 GB in float32 but cpu has 3\.0 GB available \(try dtype=bf"
+    ):
+        resolve("cpu", "float32", n)
+    free["bytes"] = 1e9
+    with pytest.raises(InferenceError, match=r"need 2\.0 GB in bfloat16 but cpu has 1\.0 GB available$"):
+        resolve("cpu", "auto", n)
+    assert resolve("cpu", "float32")[1] == torch.float32  # no parameter count: no check
+    # The entry point checks before loading: the tiny checkpoint against 1 kB of memory.
+    free["bytes"] = 1000
+    with pytest.raises(InferenceError, match="the model's weights need"):
+        infer({"ckpt": str(ckpt), "audio": str(audios[0]), "device": "cpu", "stream": False})
+
+
+def test_available_memory_on_cpu_is_positive():
+    from musicflamingo.inference import available_memory
+
+    free = available_memory(torch.device("cpu"))
+    assert free is not None and free > 0
+
+
 def test_cli_error_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "infer.py"), f"ckpt={tmp_path / 'no_such_ckpt'}", "audio=x.wav"],

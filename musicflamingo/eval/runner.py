@@ -204,25 +204,6 @@ def check_checkpoint(ckpt: Any) -> Path:
     return path
 
 
-def _device_dtype(device: str, dtype: str):
-    import torch
-
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    names = {
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    names |= {"float32": torch.float32, "fp32": torch.float32}
-    if dtype in (None, "auto"):
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    if dtype not in names:
-        raise EvalConfigError(f"dtype={dtype!r} is not one of {sorted(names)} or 'auto'")
-    return torch.device(device), names[dtype]
-
-
 def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     """Load ``cfg["ckpt"]`` with the project API and return a batched greedy ``predict_fn``.
 
@@ -234,8 +215,16 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     import torch
 
     from musicflamingo import MusicFlamingo, MusicFlamingoProcessor
+    from musicflamingo.checkpoint import load_config
+    from musicflamingo.inference import InferenceError, resolve_device_dtype
 
-    device, dtype = _device_dtype(cfg.get("device", "auto"), cfg.get("dtype", "auto"))
+    # auto: bf16 on CUDA, fp32 on CPU unless its weights do not fit; weights larger than the memory are refused
+    try:
+        device, dtype = resolve_device_dtype(
+            cfg.get("device", "auto"), cfg.get("dtype", "auto"), load_config(ckpt).num_parameters()
+        )
+    except InferenceError as e:
+        raise EvalConfigError(str(e)) from None
     model = MusicFlamingo.from_pretrained(str(ckpt), dtype=dtype, device=device)
     model.eval()
     processor = MusicFlamingoProcessor.from_pretrained(str(ckpt))
