@@ -151,6 +151,10 @@ def resolve_device_dtype(
         raise InferenceError(f"device={device!r}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InferenceError(f"device={device!r} but CUDA is not available here; use device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InferenceError(
+            f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     name = "auto" if dtype is None else str(dtype).replace("torch.", "")
     free = available_memory(dev) if num_parameters else None
     if name == "auto":

@@ -185,6 +185,15 @@ def test_dtype_follows_the_memory_available(ckpt, audios, monkeypatch, caplog):
         infer({"ckpt": str(ckpt), "audio": str(audios[0]), "device": "cpu", "stream": False})
 
 
+def test_cuda_index_beyond_the_devices_is_a_clear_error(monkeypatch):
+    from musicflamingo.inference import resolve_device_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InferenceError, match=r"device='cuda:3' but this machine has 1 CUDA device"):
+        resolve_device_dtype("cuda:3", "auto", 1000)
+
+
 def test_available_memory_on_cpu_is_positive():
     from musicflamingo.inference import available_memory
 
