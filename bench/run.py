@@ -30,7 +30,17 @@ for p in (str(ROOT), str(HERE)):
         sys.path.insert(0, p)
 
 MARKER = "BENCH_RESULT "
-CASES = ("hardware", "parity", "train", "prefill", "decode", "features", "load", "decode_compile")
+CASES = (
+    "hardware",
+    "parity",
+    "train",
+    "prefill",
+    "decode",
+    "features",
+    "load",
+    "decode_compile",
+    "train_compile",
+)
 
 # Sizes per mode. `--quick` is for the smoke test: tiny model, smallest sizes, one iteration.
 SIZES: dict[str, dict[str, Any]] = {
@@ -123,6 +133,7 @@ def prepare(launch: Launcher, cases: list[str], quick: bool, tmp: Path, size: di
         "train": "train",
         "decode": "train",
         "decode_compile": "train",
+        "train_compile": "train",
         "prefill": "prefill",
         "load": "load",
     }
@@ -265,6 +276,17 @@ def run_cases(
         # Last, so that a slow trace or a failure costs no other case; time only.
         variants = {f"batch{b}": {"batch": b, "compile": True, "time_only": True} for b in d["batches"]}
         guarded("decode_compile", lambda: timed_and_mem("decode", decode_base, variants, mem_steps=1))
+    if "train_compile" in cases and (args.device == "cuda" or args.quick or args.cases_named):
+        # Ours with its layers compiled (`model.net.compile=true` in train.py) against the reference's eager step;
+        # time only, last (tracing takes tens of seconds). Full CPU runs skip it unless --cases names it: on this
+        # CPU it gained nothing (docs/performance.md).
+
+        def train_compiled() -> dict:
+            base = {**ckpts["train"], **size["train"], "repeats": rep["train"]}
+            variants = {d: {"dtype": d, "compile": True, "time_only": True} for d in ("fp32", "bf16")}
+            return timed_and_mem("train", base, variants, mem_steps=2)
+
+        guarded("train_compile", train_compiled)
     return raw()
 
 
@@ -272,7 +294,11 @@ def run_cases(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smallest sizes, one iteration (smoke test)")
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help=f"comma-separated subset of {','.join(CASES)} (default: all; train_compile only on CUDA or --quick)",
+    )
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument(
         "--repeats", type=int, default=None, help="timed runs per implementation (default: per case)"
@@ -295,7 +321,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--inprocess", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    args.cases_named = args.cases is not None
+    cases = [c.strip() for c in (args.cases or ",".join(CASES)).split(",") if c.strip()]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")

@@ -60,12 +60,14 @@ def test_quick_run_covers_every_case(quick_report):
     rc, report = quick_report
     assert report["errors"] == {}, report["errors"]
     assert rc == 0
-    assert set(report["raw"]) == set(CASE_KINDS) | {"decode_compile"}
-    assert {r["case"] for r in report["rows"]} == set(CASE_KINDS)  # compiled decode rows are `decode` rows
-    assert report["raw"]["train"].keys() == {"fp32", "bf16"}
+    assert set(report["raw"]) == set(CASE_KINDS) | {"decode_compile", "train_compile"}
+    # compiled rows are `decode` / `train` rows
+    assert {r["case"] for r in report["rows"]} == set(CASE_KINDS)
+    assert report["raw"]["train"].keys() == report["raw"]["train_compile"].keys() == {"fp32", "bf16"}
     assert len(report["raw"]["prefill"]) == 2 and len(report["raw"]["decode"]) == 2
     assert report["raw"]["decode_compile"].keys() == report["raw"]["decode"].keys()
-    assert sum(r["variant"].endswith("-compile") for r in report["rows"]) == 2
+    compiled = [r for r in report["rows"] if r["variant"].endswith("-compile")]
+    assert sorted(r["case"] for r in compiled) == ["decode", "decode", "train", "train"]
 
 
 def test_quick_numbers_are_finite_and_positive_where_timed(quick_report):
