@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared script for a lent GPU machine (about 7 minutes; the bench saves its JSON after every case, so a
-# run cut short still brings back what it measured):
+# One prepared script for a lent GPU machine (about 5 minutes on an H200; the bench saves its JSON after every
+# case, so a run cut short still brings back what it measured):
 #   1. bf16 (and fp32 greedy) parity of our model vs transformers on a tiny random checkpoint, on CUDA;
 #   2. the GPU benchmark (bf16 inference, bf16-autocast and fp32 training, CUDA events, warm-up).
 # Results land in $OUT (the device tool's return folder) or bench/gpu_out. Back here, update the docs with
@@ -25,6 +25,6 @@ timeout 120 "$PY" bench/run.py --device cuda --cases parity --no-doc --out "$OUT
   2>&1 | tee "$OUT/parity.log" || status=1
 
 echo "== benchmark (CUDA) =="
-timeout 420 "$PY" bench/run.py --device cuda --cases hardware,train,decode,prefill,features,load,decode_compile \
+timeout 420 "$PY" bench/run.py --device cuda --cases hardware,train,decode,prefill,features,load,decode_compile,train_compile \
   --timeout 200 --no-doc --out "$OUT/results_cuda.json" 2>&1 | tee "$OUT/bench.log" || status=1
 exit $status
