@@ -258,9 +258,8 @@ def setup_train(impl: str, job: dict, device: torch.device) -> Callable[[], dict
     with every encoder and decoder layer compiled (traced in the warm-up)."""
     load = load_ours if impl == "ours" else load_ref
     model = load(job["path"], torch.float32, device).train()
-    if impl == "ours" and job.get("compile"):  # what `model.net.compile=true` does in train.py (lit.py)
-        for layer in (*model.audio_tower.layers, *model.language_model.layers):
-            layer.compile()
+    if impl == "ours" and job.get("compile"):  # what `model.net.compile=true` does in train.py
+        model.compile_layers()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     config = MusicFlamingoConfig.from_hf_dict(job["config"])

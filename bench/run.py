@@ -136,8 +136,8 @@ def prepare(launch: Launcher, cases: list[str], quick: bool, tmp: Path, size: di
         "train_compile": "train",
         "prefill": "prefill",
         "load": "load",
+        "parity": "parity",
     }
-    wanted["parity"] = "parity"
     ckpts: dict[str, dict] = {}
     for case in cases:
         name = wanted.get(case)
@@ -224,13 +224,14 @@ def run_cases(
         )
     if "parity" in cases:
         guarded("parity", lambda: launch({"kind": "parity", **ckpts["parity"]}))
+    train_base = {**ckpts.get("train", {}), **size["train"], "repeats": rep["train"]}
     if "train" in cases:
 
         def train() -> dict:
-            base = {**ckpts["train"], **size["train"], "repeats": rep["train"]}
-            out = timed_and_mem("train", base, {d: {"dtype": d} for d in ("fp32", "bf16")}, mem_steps=2)
+            variants = {d: {"dtype": d} for d in ("fp32", "bf16")}
+            out = timed_and_mem("train", train_base, variants, mem_steps=2)
             for r in out.values():
-                r["flops_per_step"] = train_step_flops(base)
+                r["flops_per_step"] = train_step_flops(train_base)
             return out
 
         guarded("train", train)
@@ -281,12 +282,8 @@ def run_cases(
         # time only, last (tracing takes tens of seconds). Full CPU runs skip it unless --cases names it: on this
         # CPU it gained nothing (docs/performance.md).
 
-        def train_compiled() -> dict:
-            base = {**ckpts["train"], **size["train"], "repeats": rep["train"]}
-            variants = {d: {"dtype": d, "compile": True, "time_only": True} for d in ("fp32", "bf16")}
-            return timed_and_mem("train", base, variants, mem_steps=2)
-
-        guarded("train_compile", train_compiled)
+        variants = {d: {"dtype": d, "compile": True, "time_only": True} for d in ("fp32", "bf16")}
+        guarded("train_compile", lambda: timed_and_mem("train", train_base, variants, mem_steps=2))
     return raw()
 
 

@@ -160,10 +160,7 @@ class MusicFlamingoLit(L.LightningModule):
             )
             log.info("LoRA on %d linears of the language model", len(names))
         if model_cfg.get("compile"):
-            # Layer by layer: the layers of a stack share one trace (their weights are graph inputs), the
-            # graphs stay small, and module names (checkpoints, FSDP wrapping) do not change.
-            for layer in [*self.model.audio_tower.layers, *self.model.language_model.layers]:
-                layer.compile()
+            self.model.compile_layers()
         self.model.audio_tower.embed_positions.requires_grad_(False)  # frozen, as in the reference
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if n_train == 0:

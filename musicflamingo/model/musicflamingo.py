@@ -110,6 +110,13 @@ class MusicFlamingo(nn.Module):
         self.audio_tower.gradient_checkpointing = enabled
         self.language_model.gradient_checkpointing = enabled
 
+    def compile_layers(self) -> None:
+        """`torch.compile` every encoder and decoder layer in place (training's `model.net.compile=true`). Layer by
+        layer: the layers of a stack share one trace (their weights are graph inputs), the graphs stay small, and
+        module names (checkpoints, FSDP wrapping) do not change."""
+        for layer in (*self.audio_tower.layers, *self.language_model.layers):
+            layer.compile()
+
     # ------------------------------------------------------------------ audio
     def encode_audio(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None, input_ids: torch.Tensor
