@@ -28,7 +28,7 @@ from flops import matmul_ceiling, training_flops
 
 from musicflamingo import MusicFlamingo, MusicFlamingoConfig
 from musicflamingo.audio.features import LogMelExtractor, split_windows
-from musicflamingo.generation import stream_generate
+from musicflamingo.engine import stream_generate
 
 SR = 16000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -65,17 +65,17 @@ def bench_config(kind: str, quick: bool = False) -> MusicFlamingoConfig:
                 num_attention_heads=12,
                 num_key_value_heads=2,
             ),
-        ).replace(name="bench-1gb")
-    if quick:  # 4 s windows (100 audio tokens each) keep the smoke test in seconds
-        return MusicFlamingoConfig.from_name("tiny", audio=dict(max_source_positions=200)).replace(
-            name="tiny-4s"
+            name="bench-1gb",
         )
+    if quick:  # 4 s windows (100 audio tokens each) keep the smoke test in seconds
+        return MusicFlamingoConfig.from_name("tiny", audio=dict(max_source_positions=200), name="tiny-4s")
     if kind == "prefill":
         return MusicFlamingoConfig.from_name(
             "small",
             audio=dict(max_source_positions=1500, num_hidden_layers=2),
             text=dict(num_hidden_layers=1, max_position_embeddings=65536),
-        ).replace(name="small-30s-shallow")
+            name="small-30s-shallow",
+        )
     return MusicFlamingoConfig.from_name("small")
 
 

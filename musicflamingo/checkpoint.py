@@ -1,13 +1,16 @@
 """Hugging Face layout checkpoints in and out: config.json + safetensors (single file or sharded with an index).
 
-One literal `{checkpoint_name: our_name}` table (`NAME_TABLE`, `{}` = layer index) maps the on-disk names that
-the reference writes (transformers >= 5.5: `language_model.model.*`, `language_model.lm_head.weight`,
-`audio_tower.*`, `multi_modal_projector.*`) to our module names. Unknown keys raise, ignored keys are listed in
-`IGNORED_KEYS`, loading is strict, and `save_pretrained` writes the same layout back.
+Pure checkpoint I/O and a name-table rename of state dicts; the model class is never imported here (it builds
+itself: `MusicFlamingo.from_pretrained` / `save_pretrained`). One literal `{checkpoint_name: our_name}` table
+(`NAME_TABLE`, `{}` = layer index) maps the on-disk names that the reference writes (transformers >= 5.5:
+`language_model.model.*`, `language_model.lm_head.weight`, `audio_tower.*`, `multi_modal_projector.*`) to our
+module names. Unknown keys raise, ignored keys are listed in `IGNORED_KEYS`, reading is strict (every bad name or
+shape is reported before a byte of tensor data is read), and `write_state_dict` writes the same layout back.
 
-Loading never holds two full copies of the weights: the model is built on the meta device, and each tensor is read
-from the file with plain reads (no mmap, so page cache is not charged to the process) straight into its final
-buffer, converted to the target dtype one tensor at a time. Only safetensors are read; pickle formats are refused.
+`read_state_dict` reads each tensor with plain reads (no mmap, so page cache is not charged to the process) and
+converts it to the target dtype/device one tensor at a time, so a caller that assigns them into a model built on
+the meta device never holds two copies. Only safetensors are read; pickle formats are refused. Reading never
+changes the filesystem: an interrupted save is repaired by the next write or by `recover_interrupted_save`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from musicflamingo.model.config import ConfigError, MusicFlamingoConfig
-from musicflamingo.model.musicflamingo import MusicFlamingo
+from musicflamingo.runtime import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,7 @@ _LAYER = re.compile(r"\.(\d+)\.")
 _TO_OURS = NAME_TABLE
 _TO_HF = {v: k for k, v in NAME_TABLE.items()}
 
+# safetensors' on-disk dtype names
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -116,12 +121,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
-}
-_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
 }
 
 
@@ -149,24 +148,6 @@ def ours_to_hf(name: str) -> str:
     if tmpl not in _TO_HF:
         raise KeyError(f"parameter {name!r} has no entry in the checkpoint name table")
     return _TO_HF[tmpl].format(*idx)
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    name = str(dtype).replace("torch.", "")
-    name = {
-        "bf16": "bfloat16",
-        "fp32": "float32",
-        "fp16": "float16",
-        "half": "float16",
-        "float": "float32",
-    }.get(name, name)
-    if name not in _DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_NAMES)} or 'auto'")
-    return _DTYPE_NAMES[name]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -243,11 +224,49 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{path}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}{hint}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def _interrupted_save_backups(final: Path, dead_only: bool = True) -> list[Path]:
+    """`.{name}.old-{pid}` folders that :func:`atomic_replace_dir` left next to `final`, oldest first. With
+    `dead_only`, only those of writers no longer running (or of this process)."""
+    found = []
+    for b in final.parent.glob(f".{final.name}.old-*"):
+        pid = b.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        if not dead_only or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            try:
+                found.append((b.stat().st_mtime, b))
+            except OSError:  # a running writer removed its backup meanwhile
+                continue
+    return [b for _, b in sorted(found)]
+
+
+def _missing_folder_hint(path: Path) -> str:
+    """Names the backup a save killed between its two renames left instead of `path` (empty if none)."""
+    backups = _interrupted_save_backups(path, dead_only=False)
+    if not backups:
+        return ""
+    b = backups[-1]
+    return (
+        f"; {b} holds it, left by an interrupted save: run the save again, or rename {b.name} to {path.name} "
+        "(musicflamingo.checkpoint.recover_interrupted_save does it)"
+    )
+
+
 def load_config(path: str | Path) -> MusicFlamingoConfig:
+    """The config.json of the checkpoint folder `path` (CheckpointError naming the file and the problem)."""
     path = Path(path)
-    recover_interrupted_save(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint folder does not exist")
+        raise CheckpointError(f"{path}: checkpoint folder does not exist{_missing_folder_hint(path)}")
     cfg = path / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{path}: no config.json, so this is not a Music Flamingo checkpoint folder")
@@ -257,25 +276,62 @@ def load_config(path: str | Path) -> MusicFlamingoConfig:
         raise CheckpointError(str(e)) from None
 
 
-def load_pretrained(
-    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
-) -> MusicFlamingo:
-    """Build the model on the meta device and fill it tensor by tensor from the checkpoint.
+def check_checkpoint_dir(path: Any, need_tokenizer: bool = True) -> Path:
+    """The folder `path` (a `ckpt=` setting) after the checks that need no weights: it is set, is a folder, has a
+    valid config.json and, with `need_tokenizer`, a tokenizer. CheckpointError naming the path and what is
+    missing otherwise, so entry points fail before loading anything."""
+    if path is None or str(path).strip() in ("", "???"):
+        raise CheckpointError("ckpt is not set: pass ckpt=/path/to/checkpoint_folder")
+    path = Path(str(path)).expanduser()
+    if not path.is_dir():
+        what = "a file, not a folder" if path.exists() else "not a folder"
+        raise CheckpointError(
+            f"ckpt={path} is {what} (expected a checkpoint folder with config.json){_missing_folder_hint(path)}"
+        )
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"ckpt={path} has no config.json (expected a checkpoint folder saved by save_pretrained)"
+        )
+    load_config(path)  # a config.json of another model, or with bad values
+    if need_tokenizer and not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        raise CheckpointError(
+            f"ckpt={path} has no tokenizer.json or tokenizer.model, so it cannot be used to chat"
+        )
+    return path
 
-    dtype None/"auto" keeps the checkpoint's floating dtype. Rotary buffers are recomputed in float32.
+
+def stop_token_ids(path: str | Path | None, config: MusicFlamingoConfig) -> list[int]:
+    """The ids that end an answer: `eos_token_id` of the folder's `generation_config.json` (int or list) plus the
+    config's eos. Every generating entry point (infer, eval) stops on these."""
+    ids: list[int] = []
+    gen_file = Path(path) / "generation_config.json" if path is not None else None
+    if gen_file is not None and gen_file.is_file():
+        try:
+            eos = json.loads(gen_file.read_text(encoding="utf-8")).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if config.text.eos_token_id is not None:
+        ids.append(config.text.eos_token_id)
+    return sorted(set(int(i) for i in ids))
+
+
+def read_state_dict(
+    path: str | Path,
+    expected: Mapping[str, Sequence[int]],
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint folder `path`, renamed to our names, on `device` in `dtype`.
+
+    `expected` is `{our_name: shape}` (a model's `state_dict()` on the meta device gives it). Every name and shape
+    is checked before any tensor data is read; missing, unexpected and wrong-shaped keys are all reported in one
+    CheckpointError. dtype None/"auto" keeps the checkpoint's dtypes; only floating tensors are converted.
     """
     path = Path(path)
-    config = load_config(path)
-    files = checkpoint_files(path)
+    target = parse_dtype(dtype)
     device = torch.device(device or "cpu")
-
-    with torch.device("meta"):
-        model = MusicFlamingo(config)
-    expected = {k: v for k, v in model.state_dict().items()}
-    if config.text.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-
-    # Check names and shapes of everything before reading a byte of tensor data.
+    files = checkpoint_files(path)
     headers: dict[Path, tuple[dict[str, Any], int]] = {}
     for f in set(files.values()):
         headers[f] = read_safetensors_header(f)
@@ -291,10 +347,8 @@ def load_pretrained(
         info = headers[f][0].get(name)
         if info is None:
             raise CheckpointError(f"{f}: tensor {name!r} listed in the index is not in the file")
-        if list(info["shape"]) != list(expected[ours].shape):
-            wrong_shape.append(
-                f"{name}: checkpoint {list(info['shape'])} vs model {list(expected[ours].shape)}"
-            )
+        if list(info["shape"]) != list(expected[ours]):
+            wrong_shape.append(f"{name}: checkpoint {list(info['shape'])} vs model {list(expected[ours])}")
         mapping[ours] = name
     missing = sorted(ours_to_hf(k) for k in expected if k not in mapping)
     if missing or unexpected or wrong_shape:
@@ -307,7 +361,6 @@ def load_pretrained(
             parts.append(f"wrong shapes ({len(wrong_shape)}): {wrong_shape[:20]}")
         raise CheckpointError(f"{path}: checkpoint does not match the config: " + "; ".join(parts))
 
-    target = parse_dtype(dtype)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for ours, name in mapping.items():
@@ -320,13 +373,7 @@ def load_pretrained(
                 want = target if (target is not None and t.is_floating_point()) else t.dtype
                 state[ours] = t.to(device=device, dtype=want)  # no copy when dtype/device already match
                 del t
-    model.load_state_dict(state, strict=not config.text.tie_word_embeddings, assign=True)
-    if config.text.tie_word_embeddings:
-        model.lm_head.weight = model.language_model.embed_tokens.weight
-    del state
-    model.reset_buffers(device)  # buffers were created on meta: rebuild them in float32 on the target device
-    model.eval()
-    return model
+    return state
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -351,32 +398,17 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * units[m.group(2)])
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but belongs to someone else
-        return True
-    return True
-
-
 def recover_interrupted_save(final: str | Path) -> None:
-    """Finish what a killed :func:`atomic_replace_dir` left behind.
+    """Finish what a killed :func:`atomic_replace_dir` left behind (called by every write, never by a read).
 
     Directories cannot be swapped atomically: a kill between its two renames leaves no `final`, only the complete
     old folder as `.{name}.old-{pid}` (and the complete new one as a temp folder). If `final` is missing, the newest
     backup of a dead writer is renamed back; backups of dead writers are deleted once `final` exists.
     """
     final = Path(final)
-    backups = []
-    for b in final.parent.glob(f".{final.name}.old-*"):
-        pid = b.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            backups.append(b)
+    backups = _interrupted_save_backups(final)
     if not backups:
         return
-    backups.sort(key=lambda b: b.stat().st_mtime)
     if not final.exists():
         log.warning("%s: restoring %s left by an interrupted save", final, backups[-1].name)
         os.replace(backups.pop(), final)
@@ -397,24 +429,25 @@ def atomic_replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def save_pretrained(
-    model: MusicFlamingo,
+def write_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    config: MusicFlamingoConfig,
     path: str | Path,
     max_shard_size: int | str = "5GB",
-    extra_files: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Write config.json, generation_config.json and safetensors (sharded past `max_shard_size`) atomically."""
+    """Write config.json, generation_config.json and `state_dict` (our names, renamed to the checkpoint's) as
+    safetensors, sharded past `max_shard_size`, atomically. `dtype` is the dtype recorded in config.json
+    (default: that of the first floating tensor). Tied weights are the caller's to leave out."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted_save(path)  # so that the tokenizer files of an interrupted save are carried over
     limit = _parse_size(max_shard_size)
-    config = model.config
-    sd = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in sd.items():
-        if config.text.tie_word_embeddings and name == "lm_head.weight":
-            continue
+    for name, t in state_dict.items():
         tensors[ours_to_hf(name)] = t.detach().to("cpu").contiguous()
+    if dtype is None:
+        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -427,8 +460,7 @@ def save_pretrained(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        dtype_name = str(model.dtype).replace("torch.", "")
-        config.to_json(tmp / "config.json", dtype=dtype_name)
+        config.to_json(tmp / "config.json", dtype=str(dtype).replace("torch.", ""))
         gen = {
             "eos_token_id": config.text.eos_token_id,
             "pad_token_id": config.text.pad_token_id,
@@ -450,8 +482,6 @@ def save_pretrained(
                     total += t.numel() * t.element_size()
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        for fname, content in (extra_files or {}).items():
-            (tmp / fname).write_text(content)
         # Keep files that belong to the folder but not to the weights (tokenizer, processor) when overwriting.
         if path.is_dir():
             for p in path.iterdir():

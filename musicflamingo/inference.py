@@ -1,33 +1,33 @@
 """Command-line inference: captions and questions about audio files, streamed; and a multi-turn chat.
 
-`infer(cfg)` is what `infer.py` (a thin `@hydra.main` wrapper) and the tests call. One batch per `batch_size`
-files goes through `stream_generate`; row 0 is printed live, token by token, and every other row is printed,
-labelled with its file, as soon as it finishes (after row 0). `ChatSession` keeps one KV cache for the whole
-conversation: each turn prefills only its new tokens at positions continuing the cache, so the audio is encoded
-once, in the turn that brings it, and the answer equals a from-scratch `generate` over the full conversation.
+`infer(cfg)` is what `infer.py` (a thin `@hydra.main` wrapper) and the tests call. Both modes are thin users of
+the generation engine (`musicflamingo.engine`): batch inference keeps `batch_size` slots busy, a file joining as
+soon as another's answer is done, and prints the answers in file order, the oldest unfinished one token by token;
+`ChatSession` is one slot whose cache persists across turns, so each turn prefills only its new tokens and the
+audio is encoded once, in the turn that brings it.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 from musicflamingo.audio.io import AudioError
-from musicflamingo.checkpoint import CheckpointError, load_config
-from musicflamingo.generation import sample_next
+from musicflamingo.chat import END_OF_TURN, continuation_text, conversation, user_message
+from musicflamingo.checkpoint import CheckpointError, check_checkpoint_dir, load_config, stop_token_ids
+from musicflamingo.engine import Engine, Request, SamplingParams
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.config import ConfigError
-from musicflamingo.model.qwen2 import KVCache
 from musicflamingo.processor import MusicFlamingoProcessor
-from musicflamingo.tokenizer import Tokenizer, TokenizerError
+from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, set_threads
+from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ DEFAULT_PROMPT = (
     "Describe this track in full detail - tell me the genre, tempo, and key, then dive into the instruments, "
     "production style, and overall mood it creates."
 )
-# The Music Flamingo chat template closes every turn with this (reference spec §3.4).
-END_OF_TURN = "<|im_end|>"
 
 
 class InferenceError(ValueError):
@@ -46,155 +44,22 @@ class InferenceError(ValueError):
 # Errors caused by the user's inputs: `infer.py` prints them as one line instead of a traceback.
 USER_ERRORS: tuple[type[ValueError], ...] = (
     InferenceError,
+    RuntimeConfigError,
     CheckpointError,
     AudioError,
     TokenizerError,
     ConfigError,
 )
 
-
-# ---------------------------------------------------------------------------------------------- settings
-@dataclass
-class GenerationOptions:
-    """Decoding settings shared by batch inference and chat (greedy by default, as the release)."""
-
-    max_new_tokens: int = 1024
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    compile: bool = False  # torch.compile the decode step (batch inference; the chat loop stays eager)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InferenceError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.do_sample and not self.temperature > 0:
-            raise InferenceError(f"temperature must be > 0 when do_sample=true, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InferenceError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise InferenceError(f"top_p must be in (0, 1], got {self.top_p!r}")
-
-    @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]) -> GenerationOptions:
-        d = cls()
-        return cls(**{k: cfg.get(k, getattr(d, k)) for k in d.__dataclass_fields__})
-
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        if not self.do_sample:
-            return None
-        g = torch.Generator(device=device)
-        if self.seed is None:
-            g.seed()
-        else:
-            g.manual_seed(int(self.seed))
-        return g
+SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
 
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-# `auto` on CPU keeps float32 only when its weights leave this much of the available memory for activations,
-# the KV cache and the rest of the process.
-CPU_FLOAT32_HEADROOM = 1.25
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes `device` can still allocate: CUDA's free memory; on CPU the system's available memory, lowered to a
-    cgroup (container) limit minus its usage when one is set. None when unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
+def sampling_params(cfg: Mapping[str, Any], stops: Sequence[int] = ()) -> SamplingParams:
+    """The decoding settings of `configs/infer.yaml` (missing keys: `SamplingParams`' defaults) and stop ids."""
     try:
-        import psutil
-
-        free = int(psutil.virtual_memory().available)
-    except Exception:  # pragma: no cover - psutil is a requirement; a sandbox may still refuse it
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        if limit.isdigit():
-            free = min(free, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return free
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
-
-
-def resolve_device_dtype(
-    device: str | None = "auto", dtype: str | None = "auto", num_parameters: int | None = None
-) -> tuple[torch.device, torch.dtype]:
-    """`auto` device = cuda when available else cpu; `auto` dtype = bfloat16 on CUDA, float32 on CPU.
-
-    With `num_parameters`, the weights must fit in the device's available memory (:func:`available_memory`):
-    `auto` on CPU falls back to bfloat16 when float32 weights would not leave room (the released 8.27 B
-    checkpoint needs 33 GB in float32, 16.5 GB in bfloat16), and a dtype whose weights alone exceed the memory
-    is refused here, with the numbers, rather than by the kernel's out-of-memory killer mid-load.
-    """
-    device = "auto" if device is None else str(device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InferenceError(f"device={device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"device={device!r} but CUDA is not available here; use device=cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InferenceError(
-            f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
-    name = "auto" if dtype is None else str(dtype).replace("torch.", "")
-    free = available_memory(dev) if num_parameters else None
-    if name == "auto":
-        name = "bfloat16" if dev.type == "cuda" else "float32"
-        if name == "float32" and free is not None and 4 * num_parameters * CPU_FLOAT32_HEADROOM > free:
-            logger.info(
-                "dtype=auto: float32 weights (%s) would not fit in the %s of memory available, using bfloat16",
-                _gb(4 * num_parameters),
-                _gb(free),
-            )
-            name = "bfloat16"
-    if name not in _DTYPES:
-        names = sorted(set(_DTYPES) - {"fp32", "bf16", "fp16"})
-        raise InferenceError(f"dtype={name!r}: expected one of {names} or 'auto'")
-    dt = _DTYPES[name]
-    if free is not None:
-        need = num_parameters * torch.empty((), dtype=dt).element_size()
-        if need > free:
-            hint = " (try dtype=bfloat16, half the size)" if dt == torch.float32 else ""
-            raise InferenceError(
-                f"the model's weights need {_gb(need)} in {name} but {dev} has {_gb(free)} available{hint}"
-            )
-    return dev, dt
-
-
-def check_checkpoint_dir(ckpt: Any) -> Path:
-    """Fail fast, before loading any weights, when `ckpt` is not a Music Flamingo checkpoint folder."""
-    if ckpt is None or str(ckpt).strip() == "":
-        raise InferenceError("ckpt is not set: pass ckpt=/path/to/checkpoint_folder")
-    path = Path(str(ckpt)).expanduser()
-    if not path.exists():
-        raise InferenceError(f"ckpt={path}: folder does not exist")
-    if not path.is_dir():
-        raise InferenceError(f"ckpt={path}: not a folder (expected config.json + safetensors + tokenizer)")
-    load_config(path)  # CheckpointError without config.json or with another model_type
-    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
-        raise InferenceError(
-            f"ckpt={path}: no tokenizer.json or tokenizer.model, so it cannot be used to chat"
-        )
-    return path
+        return SamplingParams(**{k: cfg[k] for k in SAMPLING_FIELDS if k in cfg}, stop_ids=tuple(stops))
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
 
 
 def load_model(
@@ -210,54 +75,6 @@ def load_model(
         "loaded %s (%s, %s) in %.1f s", path, dev, str(dt).replace("torch.", ""), time.perf_counter() - t0
     )
     return model, processor
-
-
-def stop_token_ids(ckpt: Path | None, model: MusicFlamingo) -> list[int]:
-    """`eos_token_id` of `generation_config.json` (int or list) plus the model config's eos."""
-    ids: list[int] = []
-    gen_file = Path(ckpt) / "generation_config.json" if ckpt is not None else None
-    if gen_file is not None and gen_file.is_file():
-        try:
-            eos = json.loads(gen_file.read_text(encoding="utf-8")).get("eos_token_id")
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
-        ids += [eos] if isinstance(eos, int) else list(eos or [])
-    if model.config.text.eos_token_id is not None:
-        ids.append(model.config.text.eos_token_id)
-    return sorted(set(int(i) for i in ids))
-
-
-# ---------------------------------------------------------------------------------------------- streaming text
-class IncrementalDecoder:
-    """Token ids in, printable text deltas out, never splitting a multi-byte character.
-
-    Decodes a short window `ids[prefix:]` and emits what it adds to `ids[prefix:read]` (the vLLM scheme): the
-    window keeps a little left context so SentencePiece's leading-space rule and byte-level BPE pieces of one
-    character decode right; a trailing U+FFFD means an incomplete character, so nothing is emitted yet.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        """Whatever is still held back (an incomplete character is emitted as U+FFFD)."""
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
-        after = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
 
 
 # ---------------------------------------------------------------------------------------------- batch inference
@@ -278,123 +95,134 @@ def _check_audio_files(files: Sequence[str]) -> None:
             raise AudioError(f"{f}: not a regular file")
 
 
-def user_message(text: str, audio: str | None = None) -> dict[str, Any]:
-    content: list[dict[str, Any]] = [{"type": "audio", "path": audio}] if audio is not None else []
-    return {"role": "user", "content": content + [{"type": "text", "text": text}]}
+def _answer_ids(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
+    """A request's generated ids without the stop id that ended it."""
+    return list(tokens[:-1]) if tokens and tokens[-1] in stops else list(tokens)
 
 
-def _conversation(text: str, audio: str | None, system_prompt: str | None) -> list[dict[str, Any]]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return system + [user_message(text, audio)]
+class _Printer:
+    """Prints answers labelled, in request order, without interleaving: the oldest unfinished answer token by
+    token (`stream`), each later one whole once every answer before it is out."""
+
+    def __init__(self, tokenizer: Tokenizer, labels: Sequence[str], out: TextIO | None, stream: bool) -> None:
+        self.tok, self.labels, self.out, self.stream = tokenizer, labels, out, stream
+        self.shown = 0  # the request printed next
+        self.pushed = 0  # its tokens already given to the live decoder
+        self.live: IncrementalDecoder | None = None
+
+    def update(self, answers: Sequence[list[int]], finished: Sequence[bool]) -> None:
+        out = self.out
+        if out is None:
+            return
+        while self.shown < len(answers):
+            i = self.shown
+            if self.live is None and (self.stream or finished[i]):
+                out.write(f"== {self.labels[i]} ==\n")
+                self.live, self.pushed = IncrementalDecoder(self.tok), 0
+            if self.live is not None:
+                out.write("".join(self.live.push(t) for t in answers[i][self.pushed :]))
+                self.pushed = len(answers[i])
+            if not finished[i]:
+                break
+            out.write(self.live.flush() + "\n")
+            self.live, self.shown = None, i + 1
+        out.flush()
 
 
-def generate_batch(
+def generate_answers(
     model: MusicFlamingo,
     processor: MusicFlamingoProcessor,
     conversations: Sequence[list[dict[str, Any]]],
     labels: Sequence[str],
-    options: GenerationOptions,
-    stops: Sequence[int],
+    params: SamplingParams,
+    slots: int | None = None,
+    compile: bool = False,
     out: TextIO | None = None,
     stream: bool = True,
 ) -> list[str]:
-    """Generate one answer per conversation in one batch; print them labelled to `out` (None: silent).
+    """One answer per conversation through an engine with `slots` slots (all at once by default); each request
+    is prepared (audio read, features) when it joins. Prints to `out` (None: silent, see `_Printer`). Returns the
+    decoded answers (no special tokens)."""
+    n = len(conversations)
+    engine = Engine(model, slots=min(slots or n, n), compile=compile)
+    answers: list[list[int]] = [[] for _ in range(n)]
+    finished = [False] * n
+    owner: dict[int, int] = {}  # slot -> request
+    printer = _Printer(processor.tokenizer, labels, out, stream)
+    stops = params.stop_ids
+    t0, n_tokens, joined = time.perf_counter(), 0, 0
 
-    Row 0 streams live when `stream`; other rows print, whole, as they finish (rows that finish while row 0 is
-    still streaming wait for it, so outputs never interleave). Returns the decoded answers (no special tokens).
-    """
-    inputs = processor.apply_chat_template(list(conversations))
-    B, S = inputs["input_ids"].shape
-    max_new = options.max_new_tokens
-    limit = model.config.text.max_position_embeddings
-    if S + max_new > limit:
-        max_new = max(1, limit - S)
-        logger.warning("prompt is %d tokens: max_new_tokens lowered to %d (context %d)", S, max_new, limit)
-    tok = processor.tokenizer
-    rows: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    printed = [False] * B
-    live = IncrementalDecoder(tok) if (stream and out is not None) else None
+    def record(slot: int, token: int) -> None:
+        i = owner[slot]
+        s = engine.slots[slot]
+        answers[i] = _answer_ids(s.tokens, stops)
+        if s.done:
+            finished[i] = True
+            engine.release(slot)
 
-    def emit(i: int) -> None:
-        if out is not None and not printed[i]:
-            printed[i] = True
-            out.write(f"== {labels[i]} ==\n{tok.decode(rows[i])}\n")
-            out.flush()
-
-    if live is not None:
-        out.write(f"== {labels[0]} ==\n")
-        out.flush()
-    t0, n_tokens = time.perf_counter(), 0
-    stop_set = set(int(s) for s in stops)
-    steps = model.stream_generate(
-        **inputs,
-        max_new_tokens=max_new,
-        do_sample=options.do_sample,
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        generator=options.generator(model.device),
-        stop_token_ids=list(stops),
-        compile=bool(options.compile),
-    )
-    for step in steps:
-        for i, t in enumerate(step.tolist()):
-            if done[i]:
-                continue
+    while joined < n or engine.decoding:
+        while joined < n and engine.free_slots():
+            i = joined
+            inputs = processor.apply_chat_template([conversations[i]])
+            request = Request(
+                inputs["input_ids"][0],
+                params,
+                inputs.get("input_features"),
+                inputs.get("input_features_mask"),
+            )
+            try:
+                slot = engine.admit(request)
+            except ValueError as e:  # e.g. a prompt longer than the model's context
+                raise InferenceError(f"{labels[i]}: {e}") from None
+            owner[slot.index] = i
+            joined += 1
             n_tokens += 1
-            if t in stop_set:
-                done[i] = True
-                continue
-            rows[i].append(t)
-            if i == 0 and live is not None:
-                out.write(live.push(t))
-                out.flush()
-        if live is not None and not printed[0] and done[0]:
-            out.write(live.flush() + "\n")
-            printed[0] = True
-        if printed[0] or live is None:
-            for i in range(B):
-                if done[i]:
-                    emit(i)
-    if live is not None and not printed[0]:
-        out.write(live.flush() + "\n")
-        printed[0] = True
-    for i in range(B):
-        emit(i)
+            record(slot.index, slot.tokens[-1])
+        for slot, token in engine.step():
+            n_tokens += 1
+            record(slot, token)
+        printer.update(answers, finished)
     dt = time.perf_counter() - t0
-    logger.info("%d rows, %d new tokens in %.2f s (%.1f tokens/s)", B, n_tokens, dt, n_tokens / max(dt, 1e-9))
-    return [tok.decode(r) for r in rows]
+    logger.info(
+        "%d answers, %d new tokens in %.2f s (%.1f tokens/s)", n, n_tokens, dt, n_tokens / max(dt, 1e-9)
+    )
+    return [processor.tokenizer.decode(a) for a in answers]
 
 
 # ---------------------------------------------------------------------------------------------- chat
 class ChatSession:
-    """A multi-turn conversation over one growing KV cache (batch of 1).
+    """A multi-turn conversation in one engine slot whose KV cache persists across turns.
 
-    State: `ids` are the tokens whose keys/values are in `cache` (positions `0..len(ids)-1`); `pending` is the
-    last sampled token, not fed yet. A new user turn feeds `pending` + the turn's tokens (with the closing
-    `<|im_end|>` of the previous answer when it was cut by `max_new_tokens`) at positions continuing the cache, so
-    `history_ids` is exactly the token sequence a from-scratch run over the whole conversation would see.
+    `ids` are the tokens whose keys/values are in the cache (positions `0..len(ids)-1`); `pending` is the last
+    answer's last token, not fed yet. A new user turn feeds `pending` + the turn's tokens (with the closing
+    `<|im_end|>` of the previous answer when it was cut by `max_new_tokens`, see `chat.continuation_text`) at
+    positions continuing the cache, so `history_ids` is exactly the token sequence a from-scratch run over the
+    whole conversation would see.
     """
 
     def __init__(
         self,
         model: MusicFlamingo,
         processor: MusicFlamingoProcessor,
-        options: GenerationOptions | None = None,
-        stop_token_ids: Sequence[int] | None = None,
+        params: SamplingParams | None = None,
         system_prompt: str | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
-        self.options = options or GenerationOptions()
         eos = model.config.text.eos_token_id
-        self.stops = list(stop_token_ids) if stop_token_ids is not None else ([] if eos is None else [eos])
+        self.params = params or SamplingParams(stop_ids=() if eos is None else (eos,))
         self.system_prompt = system_prompt
         self.end_of_turn_id = processor.tokenizer.require_id(END_OF_TURN)
-        self.generator = self.options.generator(model.device)
-        self.cache: KVCache | None = None
+        self.engine = Engine(model, slots=1)
         self.reset()
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        return self.params.stop_ids
+
+    @stops.setter
+    def stops(self, ids: Sequence[int]) -> None:
+        self.params = dataclasses.replace(self.params, stop_ids=tuple(ids))
 
     def reset(self) -> None:
         """Forget the conversation (the cache buffers are kept for reuse)."""
@@ -404,40 +232,12 @@ class ChatSession:
         self.ids: list[int] = []
         self.pending: list[int] = []
         self.last_new_ids: list[int] = []
-        if self.cache is not None:
-            self.cache.reset()
+        self.engine.release(0)
 
     @property
     def history_ids(self) -> list[int]:
         """Every token of the conversation so far, the last answer included."""
         return self.ids + self.pending
-
-    def _turn_text(self, message: dict[str, Any]) -> str:
-        """Rendered text of the new user turn (plus the generation prompt) that follows the history."""
-        full = self.processor.render_chat(self.messages + [message], add_generation_prompt=True)
-        if not self.ids and not self.pending:
-            return full
-        before = self.processor.render_chat(self.messages, add_generation_prompt=False)
-        if not full.startswith(before):  # the template must render conversations as a prefix-stable string
-            raise RuntimeError("chat template is not prefix-stable; cannot continue the cached conversation")
-        # The history ids end with the answer's tokens; the template closes the turn with "<|im_end|>\n".
-        closing = "\n" if self.pending[-1:] == [self.end_of_turn_id] else END_OF_TURN + "\n"
-        return closing + full[len(before) :]
-
-    def _ensure_capacity(self, needed: int) -> KVCache:
-        model = self.model
-        if self.cache is not None and self.cache.max_length >= needed:
-            return self.cache
-        size = max(needed, 2 * self.cache.max_length if self.cache is not None else 0)
-        size = min(max(size, needed), model.config.text.max_position_embeddings)
-        new = KVCache.for_config(model.config.text, 1, size, model.dtype, model.device)
-        if self.cache is not None and self.cache.length:
-            n = self.cache.length
-            new.keys[:, :, :, :n] = self.cache.keys[:, :, :, :n]
-            new.values[:, :, :, :n] = self.cache.values[:, :, :, :n]
-            new.length = n
-        self.cache = new
-        return new
 
     @torch.inference_mode()
     def ask(self, text: str, audio: str | None = None, on_text: Callable[[str], None] | None = None) -> str:
@@ -445,62 +245,44 @@ class ChatSession:
 
         `on_text` receives the answer's text deltas as they are generated (see `IncrementalDecoder`).
         """
-        model, processor, opts = self.model, self.processor, self.options
+        processor, engine = self.processor, self.engine
         if audio is not None:
             _check_audio_files([audio])
         message = user_message(text, audio)
-        batch = processor(self._turn_text(message), audio=[audio] if audio is not None else None)
-        feed = self.pending + batch["input_ids"][0].tolist()
-        past = len(self.ids)
-        limit = model.config.text.max_position_embeddings
-        if past + len(feed) >= limit:
-            raise InferenceError(
-                f"the conversation would be {past + len(feed)} tokens, over the model's context of {limit}; "
-                "start a new one (/reset)"
+        if engine.slots[0] is None:
+            turn = processor.render_chat(self.messages + [message], add_generation_prompt=True)
+        else:
+            closed = self.pending == [self.end_of_turn_id]
+            turn = continuation_text(
+                self.messages, message, closed, processor.default_system_prompt, processor.audio_token
             )
-        max_new = min(opts.max_new_tokens, limit - past - len(feed))
-        cache = self._ensure_capacity(past + len(feed) + max_new)
-        assert cache.length == past, (cache.length, past)
-        device = model.device
-        features = batch.get("input_features")
-        out = model(
-            torch.tensor([feed], device=device),
-            input_features=features.to(device) if features is not None else None,
-            input_features_mask=(batch["input_features_mask"].to(device) if features is not None else None),
-            position_ids=torch.arange(past, past + len(feed), device=device)[None],
-            cache=cache,
-            logits_to_keep=1,
-        )
-        self.ids += feed
-        self.pending = []
+        batch = processor(turn, audio=[audio] if audio is not None else None)
+        feed = batch["input_ids"][0]
+        features, features_mask = batch.get("input_features"), batch.get("input_features_mask")
+        try:
+            if engine.slots[0] is None:
+                slot = engine.admit(Request(feed, self.params, features, features_mask), index=0)
+            else:
+                slot = engine.extend(0, feed, self.params, features, features_mask)
+        except ValueError as e:
+            raise InferenceError(f"{e}; start a new conversation (/reset)") from None
+        self.ids += self.pending + feed.tolist()
         decoder = IncrementalDecoder(processor.tokenizer)
-        new: list[int] = []
+        shown = 0
         while True:
-            logits = out.logits[:, -1].float()
-            tok = int(
-                sample_next(logits, opts.do_sample, opts.temperature, opts.top_k, opts.top_p, self.generator)
-            )
-            new.append(tok)
-            if tok in self.stops or len(new) == max_new:
-                break
+            new = _answer_ids(slot.tokens, self.stops)
             if on_text is not None:
-                on_text(decoder.push(tok))
-            pos = len(self.ids)
-            out = model(
-                torch.tensor([[tok]], device=device),
-                position_ids=torch.tensor([[pos]], device=device),
-                cache=cache,
-                logits_to_keep=1,
-            )
-            self.ids.append(tok)
+                on_text("".join(decoder.push(t) for t in new[shown:]))
+            shown = len(new)
+            if slot.done:
+                break
+            engine.step()
         if on_text is not None:
-            if tok not in self.stops:
-                decoder.push(tok)
             on_text(decoder.flush())
-        self.pending = [tok]
-        self.last_new_ids = new
-        answer_ids = new[:-1] if tok in self.stops else new
-        answer = processor.tokenizer.decode(answer_ids)
+        self.ids += slot.tokens[:-1]
+        self.pending = [slot.tokens[-1]]
+        self.last_new_ids = list(slot.tokens)
+        answer = processor.tokenizer.decode(_answer_ids(slot.tokens, self.stops))
         self.messages += [message, {"role": "assistant", "content": answer}]
         return answer
 
@@ -574,13 +356,9 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
     `lines` feeds the interactive mode (stdin when None); `out` receives the printed text (stdout when None).
     """
     out = out if out is not None else sys.stdout
-    threads = cfg.get("threads")
-    if threads is not None:
-        if int(threads) < 1:
-            raise InferenceError(f"threads must be >= 1 or null, got {threads!r}")
-        torch.set_num_threads(int(threads))
-    options = GenerationOptions.from_cfg(cfg)
+    set_threads(cfg.get("threads"))
     ckpt = check_checkpoint_dir(cfg.get("ckpt"))
+    sampling_params(cfg)  # bad decoding settings fail before the model is loaded
     files = _as_list(cfg.get("audio"))
     prompts = _as_list(cfg.get("prompt"))
     _check_audio_files(files)
@@ -593,7 +371,8 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
         if len(prompts) > 1:
             raise InferenceError("interactive=true takes at most one prompt (the first question)")
         model, processor = load_model(ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"))
-        session = ChatSession(model, processor, options, stop_token_ids(ckpt, model), system_prompt)
+        params = sampling_params(cfg, stop_token_ids(ckpt, model.config))
+        session = ChatSession(model, processor, params, system_prompt)
         audio = files[0] if files else None
         if lines is None:
             lines = _stdin_lines()
@@ -614,14 +393,9 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
     if int(batch_size) < 1:
         raise InferenceError(f"batch_size must be >= 1 or null, got {batch_size!r}")
     model, processor = load_model(ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"))
-    stops = stop_token_ids(ckpt, model)
-    texts: list[str] = []
-    with torch.inference_mode():
-        for start in range(0, len(files), int(batch_size)):
-            chunk = range(start, min(start + int(batch_size), len(files)))
-            convs = [_conversation(prompts[i], files[i], system_prompt) for i in chunk]
-            labels = [files[i] for i in chunk]
-            texts += generate_batch(
-                model, processor, convs, labels, options, stops, out, stream=bool(cfg.get("stream", True))
-            )
-    return texts
+    params = sampling_params(cfg, stop_token_ids(ckpt, model.config))
+    convs = [conversation(p, f, system_prompt) for p, f in zip(prompts, files)]
+    stream = bool(cfg.get("stream", True))
+    return generate_answers(
+        model, processor, convs, files, params, int(batch_size), bool(cfg.get("compile", False)), out, stream
+    )

@@ -1,15 +1,17 @@
-"""The LightningModule: training/validation steps, optimizer groups, warmup + cosine, freezing and LoRA switches.
+"""The LightningModule: training/validation steps, optimizer groups, the warmup + cosine schedule, export.
 
-Everything model-specific lives in plain torch (`musicflamingo.model`); this file only wires it to Lightning.
+Hydra builds what it gets (`configs/model/*.yaml`): the model (`musicflamingo.model.build.build_model`, parts
+frozen and LoRA applied there), a partial optimizer and a partial LR schedule; every default lives in the YAML.
 Metric keys: `train/loss`, `val/loss`, `train/tokens_per_s`, `train/grad_norm`, `lr/<group>`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,154 +19,74 @@ import lightning as L
 import torch
 from torch import nn
 
-from musicflamingo.model import MusicFlamingo, MusicFlamingoConfig
-from musicflamingo.model.lora import apply_lora, merge_lora
+from musicflamingo.errors import RunStopped
+from musicflamingo.model import MusicFlamingo
+from musicflamingo.model.build import PARTS
+from musicflamingo.model.lora import LoRALinear, merge_lora
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("audio_tower", "multi_modal_projector", "language_model")
 
-
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(RunStopped, FloatingPointError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
 
-def init_weights(model: MusicFlamingo, std: float = 0.02) -> None:
-    """From-scratch init: normal(0, std) linears/embeddings, variance-preserving (He) convolutions, zero biases,
-    unit LayerNorms, sinusoidal audio positions.
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Each group's LR times a multiplier: linear warmup from 1/warmup_steps to 1, then a cosine to `min_lr_ratio`
+    at `max_steps` (constant after). Used as a Hydra partial: `scheduler(optimizer)`."""
+    if max_steps < 1:
+        raise ValueError(
+            f"model.scheduler.max_steps={max_steps}: the schedule needs a length of at least one step (the "
+            "LightningModule puts the trainer's estimate in place of -1, training by epochs)"
+        )
 
-    RMSNorm weights start at one in their constructor and are left alone.
-    """
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d)):
-            if isinstance(module, nn.Conv1d):
-                # With normal(0, 0.02) the two GELU convs shrink log-mel (std ~0.5) to ~0.03 while the sinusoidal
-                # positions added after them have std ~0.6: the clip's content was ~2 % of the encoder output's
-                # variation across clips (measured on the synthetic corpus; ~25 % with He init) and the decoder
-                # learnt to ignore the audio.
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            else:
-                nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    pos = model.audio_tower.embed_positions.weight  # Whisper's sinusoids, as the original encoder starts from
-    n, d = pos.shape
-    inv = torch.exp(-math.log(10000.0) * torch.arange(d // 2, dtype=torch.float32) / max(d // 2 - 1, 1))
-    angles = torch.arange(n, dtype=torch.float32)[:, None] * inv[None, :]
-    with torch.no_grad():
-        pos.copy_(torch.cat([angles.sin(), angles.cos()], dim=1).to(pos.dtype))
+    def multiplier(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if max_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-
-def build_model(
-    preset: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    init_from: str | Path | None = None,
-    seed: int = 0,
-) -> MusicFlamingo:
-    """A pretrained folder (`init_from`) or a from-scratch preset with overrides (`audio={...}`, `text={...}`)."""
-    if init_from:
-        return MusicFlamingo.from_pretrained(init_from, dtype=torch.float32)
-    if not preset:
-        raise ValueError("model: set either `init_from` (a checkpoint folder) or `preset` (tiny, small, ...)")
-    config = MusicFlamingoConfig.from_name(preset, **_plain(overrides or {}))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = MusicFlamingo(config)
-        init_weights(model)
-    return model
-
-
-def _plain(x: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (no DictConfig below the entry points)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0 to 1, then cosine to `min_lr_ratio` at `max_steps`."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if max_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 class MusicFlamingoLit(L.LightningModule):
-    """Args (all plain values, as Hydra passes them):
-    net: {preset, overrides, init_from, seed, gradient_checkpointing, rote_quirk}
-    optim: {lr, audio_tower_lr, projector_lr, language_model_lr, weight_decay, betas, eps, warmup_steps,
-            max_steps, min_lr_ratio}
-    freeze: {audio_tower, multi_modal_projector, language_model}: True freezes that part
-    lora: {enabled, rank, alpha, dropout, targets}: adapters on the language model (base weights frozen)
-    nonfinite_loss: "stop" (raise, keep the last checkpoint) or "skip" (skip the step, count it)
+    """Steps, optimizer groups and export around a ready model.
+
+    Args:
+        net: the model, ready to train (`musicflamingo.model.build.build_model`).
+        optimizer: called with the parameter groups, e.g. `functools.partial(torch.optim.AdamW, lr=..., ...)`;
+            its `lr` and `weight_decay` apply to every group that does not set its own.
+        scheduler: called with the optimizer, e.g. `functools.partial(warmup_cosine, ...)`; stepped every
+            optimizer step. A partial with `max_steps=-1` gets the trainer's estimated number of steps.
+        part_lr: `{audio_tower, multi_modal_projector, language_model}` -> that part's LR, or None for the
+            optimizer's.
+        nonfinite_loss: "stop" (raise, keep the last checkpoint) or "skip" (skip the step, count it).
     """
 
     def __init__(
         self,
-        net: Mapping[str, Any] | None = None,
-        optim: Mapping[str, Any] | None = None,
-        freeze: Mapping[str, bool] | None = None,
-        lora: Mapping[str, Any] | None = None,
-        nonfinite_loss: str = "stop",
+        net: MusicFlamingo,
+        optimizer: Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
+        part_lr: Mapping[str, float | None],
+        nonfinite_loss: str,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        model_cfg = dict(_plain(net or {}))
-        self.optim_cfg = dict(_plain(optim or {}))
-        self.freeze_cfg = dict(_plain(freeze or {}))
-        self.lora_cfg = dict(_plain(lora or {}))
+        # No save_hyperparameters: the model and the partials would be pickled into every checkpoint, which
+        # AtomicCheckpointIO reads with weights_only=True. The resolved config is in the run folder's .hydra/.
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        if set(part_lr) != set(PARTS):
+            raise ValueError(f"part_lr: got keys {sorted(part_lr)}; expected exactly {list(PARTS)}")
+        self.model = net
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.part_lr = dict(part_lr)
         self.nonfinite_loss = nonfinite_loss
-        unknown = set(self.freeze_cfg) - set(GROUPS)
-        if unknown:
-            raise ValueError(f"freeze: unknown module(s) {sorted(unknown)}; expected some of {list(GROUPS)}")
-
-        self.model = build_model(
-            model_cfg.get("preset"),
-            model_cfg.get("overrides"),
-            model_cfg.get("init_from"),
-            model_cfg.get("seed", 0),
-        )
-        self.model.rote_quirk = bool(model_cfg.get("rote_quirk", True))
-        if model_cfg.get("gradient_checkpointing"):
-            self.model.set_gradient_checkpointing(True)
-        for group in GROUPS:
-            if self.freeze_cfg.get(group, False):
-                getattr(self.model, group).requires_grad_(False)
-                if group == "language_model":  # the output head belongs to the language model
-                    self.model.lm_head.requires_grad_(False)
-        if self.lora_cfg.get("enabled", False):
-            self.model.language_model.requires_grad_(False)
-            self.model.lm_head.requires_grad_(False)
-            names = apply_lora(
-                self.model.language_model,
-                rank=int(self.lora_cfg.get("rank", 8)),
-                alpha=float(self.lora_cfg.get("alpha", 16.0)),
-                dropout=float(self.lora_cfg.get("dropout", 0.0)),
-                targets=tuple(self.lora_cfg.get("targets") or ("q_proj", "k_proj", "v_proj", "o_proj")),
-            )
-            log.info("LoRA on %d linears of the language model", len(names))
-        if model_cfg.get("compile"):
-            self.model.compile_layers()
-        self.model.audio_tower.embed_positions.requires_grad_(False)  # frozen, as in the reference
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        if n_train == 0:
-            raise ValueError("every parameter is frozen: check `freeze` and `lora` in the config")
         self.nonfinite_steps = 0
         self._t0: float | None = None
 
@@ -232,15 +154,11 @@ class MusicFlamingoLit(L.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups per part (own LR each), split into decay / no-decay (biases, norms, embeddings of pos)."""
-        o = self.optim_cfg
-        base_lr = float(o.get("lr", 1e-4))
-        lrs = {
-            "audio_tower": float(o.get("audio_tower_lr") or base_lr),
-            "multi_modal_projector": float(o.get("projector_lr") or base_lr),
-            "language_model": float(o.get("language_model_lr") or base_lr),
-        }
-        wd = float(o.get("weight_decay", 0.0))
+        """One group per part and decay kind (`audio_tower`, `audio_tower_no_decay`, ...), trainable parameters only.
+
+        A group sets `lr` only where `part_lr` gives its part one, and `weight_decay` only to switch it off (biases,
+        norms, other 1-d parameters); the optimizer's own values apply otherwise.
+        """
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -251,41 +169,28 @@ class MusicFlamingoLit(L.LightningModule):
             groups.setdefault((part, no_decay), []).append(p)
         out = []
         for (part, no_decay), params in sorted(groups.items()):
-            out.append(
-                {
-                    "name": f"{part}{'_no_decay' if no_decay else ''}",
-                    "params": params,
-                    "lr": lrs[part],
-                    "weight_decay": 0.0 if no_decay else wd,
-                }
-            )
+            group: dict[str, Any] = {"name": f"{part}{'_no_decay' if no_decay else ''}", "params": params}
+            if self.part_lr[part] is not None:
+                group["lr"] = float(self.part_lr[part])
+            if no_decay:
+                group["weight_decay"] = 0.0
+            out.append(group)
         return out
 
     def configure_optimizers(self) -> Any:
-        o = self.optim_cfg
-        opt = torch.optim.AdamW(
-            self.param_groups(),
-            betas=tuple(o.get("betas", (0.9, 0.95))),
-            eps=float(o.get("eps", 1e-8)),
-            foreach=True,
-        )
-        max_steps = int(o.get("max_steps") or (self.trainer.max_steps if self.trainer else 0) or 1000)
-        if max_steps < 0 and self.trainer is not None:
-            max_steps = int(self.trainer.estimated_stepping_batches)
-        warmup = int(o.get("warmup_steps", 0))
-        min_ratio = float(o.get("min_lr_ratio", 0.1))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, warmup, max_steps, min_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        optimizer = self.optimizer(self.param_groups())
+        extra = {}
+        if getattr(self.scheduler, "keywords", {}).get("max_steps", 0) < 0:  # training by epochs
+            extra["max_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler(optimizer, **extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path, processor: Any = None, max_shard_size: str = "5GB") -> Path:
-        """Write a Hugging Face layout folder (LoRA merged into a copy; this module is left untouched)."""
-        import copy
-
-        model = copy.deepcopy(self.model).float() if self.lora_cfg.get("enabled") else self.model
-        if self.lora_cfg.get("enabled"):
+        """Write a Hugging Face layout folder (LoRA merged into a float32 copy; this module is left untouched)."""
+        model = self.model
+        if any(isinstance(m, LoRALinear) for m in model.modules()):
+            model = copy.deepcopy(model).float()
             merge_lora(model)
         path = Path(path)
         model.save_pretrained(path, max_shard_size=max_shard_size)

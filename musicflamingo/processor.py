@@ -9,6 +9,8 @@ Reproduces ``transformers.MusicFlamingoProcessor`` (reference spec §3) without 
 * rows are left-padded with the pad id; ``labels`` copy ``input_ids`` with audio tokens (``<sound>``, bos, eos)
   and pad ids set to -100 and nothing else masked (no assistant-only masking, as the reference).
 
+The chat format itself (template, rendering, ``<sound>`` expansion) lives in :mod:`musicflamingo.chat`.
+
 It reads the folder the reference ``save_pretrained`` writes and writes one the reference can load.
 """
 
@@ -19,75 +21,19 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from musicflamingo import chat
 from musicflamingo.audio import features as F
 from musicflamingo.audio.io import AudioError, load_or_validate
+from musicflamingo.chat import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, Conversation
 from musicflamingo.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Verbatim from the reference checkpoint, typo ("regardlenss") and missing space before "--" included.
-DEFAULT_SYSTEM_PROMPT = (
-    "You are Music Flamingo, a multimodal assistant for language and music. "
-    "On each turn you receive an audio clip which contains music and optional text, "
-    "you will receive at least one or both; use your world knowledge and reasoning "
-    "to help the user with any task. Interpret the entirety of the content any input music"
-    "--regardlenss of whether the user calls it audio, music, or sound."
-)
-
 AudioInput = str | os.PathLike | np.ndarray | torch.Tensor
-Conversation = list[dict[str, Any]]
-
-
-def build_chat_template(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
-    """The reference processor's Jinja chat template (convert script ``write_processor``) for ``system_prompt``.
-
-    Only written to disk for ``transformers``; :meth:`MusicFlamingoProcessor.render_chat` implements it in Python.
-    """
-    return (
-        "{% if messages[0]['role'] != 'system' %}"
-        "<|im_start|>system\n" + system_prompt + "<|im_end|>\n"
-        "{% endif %}"
-        "{% for m in messages if m['content'] is not none %}"
-        "<|im_start|>{{ m['role'] }}\n"
-        "{% if m['content'] is string %}"
-        "{{ m['content'] }}"
-        "{% else %}"
-        "{% set audio = namespace(found=False) %}"
-        "{% set text_buf = namespace(v='') %}"
-        "{% for c in m['content'] %}"
-        "{% if c.get('type') == 'audio' or 'audio' in c %}"
-        "{% set audio.found = True %}"
-        "{% elif c.get('type') == 'text' or 'text' in c %}"
-        "{% set text_buf.v = text_buf.v + c['text'] %}"
-        "{% endif %}"
-        "{% endfor %}"
-        "{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}"
-        "{% endif %}"
-        "<|im_end|>\n"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}"
-        "<|im_start|>assistant\n"
-        "{% endif %}"
-    )
-
-
-def _system_prompt_of(template: str) -> str | None:
-    """The system prompt inside a reference-shaped template, or ``None`` if the template has another shape."""
-    head = "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n"
-    tail = "<|im_end|>\n{% endif %}{% for m in messages"
-    if not template.startswith(head) or tail not in template:
-        return None
-    prompt = template[len(head) : template.index(tail)]
-    return prompt if build_chat_template(prompt) == template else None
-
-
-def _is_audio_item(item: dict) -> bool:
-    return item.get("type") == "audio" or "audio" in item
 
 
 class MusicFlamingoProcessor:
@@ -109,9 +55,9 @@ class MusicFlamingoProcessor:
         max_audio_len: float = 1200,
         sampling_rate: int = 16000,
         feature_size: int = 128,
-        audio_token: str = "<sound>",
-        audio_bos_token: str = "<|sound_bos|>",
-        audio_eos_token: str = "<|sound_eos|>",
+        audio_token: str = chat.AUDIO_PLACEHOLDER,
+        audio_bos_token: str = chat.AUDIO_BOS,
+        audio_eos_token: str = chat.AUDIO_EOS,
         default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     ) -> None:
         if max_audio_len < chunk_length:
@@ -160,19 +106,6 @@ class MusicFlamingoProcessor:
         """Windows -> (``[W, feature_size, F]`` float32 features, ``[W, F]`` int32 frame mask)."""
         return self.feature_extractor(windows)
 
-    def expand_audio_tokens(self, text: str, counts: Sequence[int]) -> str:
-        """Replace the i-th ``<sound>`` of ``text`` by ``<|sound_bos|>`` + ``<sound>`` * counts[i] + ``<|sound_eos|>``."""
-        parts = text.split(self.audio_token)
-        if len(parts) - 1 != len(counts):
-            raise ValueError(
-                f"text has {len(parts) - 1} {self.audio_token!r} placeholder(s) but {len(counts)} audio token "
-                "count(s) were given"
-            )
-        out = [parts[0]]
-        for n, part in zip(counts, parts[1:]):
-            out += [self.audio_bos_token, self.audio_token * int(n), self.audio_eos_token, part]
-        return "".join(out)
-
     def prepare_audio(
         self, audios: Sequence[AudioInput], sources: Sequence[str] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -199,44 +132,21 @@ class MusicFlamingoProcessor:
 
     # ---------------------------------------------------------------- chat template
     def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
-        """Render one conversation with the reference chat template (see :func:`build_chat_template`).
+        """Render one conversation with this processor's system prompt (:func:`musicflamingo.chat.render_chat`)."""
+        return chat.render_chat(
+            conversation, self.default_system_prompt, add_generation_prompt, self.audio_token
+        )
 
-        A default system turn is added unless the first message is a system message. String content is emitted
-        as is; list content emits one ``<sound>`` (if any audio item) followed by all text items concatenated.
-        """
-        if not isinstance(conversation, (list, tuple)) or not conversation:
-            raise ValueError(f"a conversation must be a non-empty list of messages, got {conversation!r:.80}")
-        out = []
-        for i, m in enumerate(conversation):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
-        if conversation[0]["role"] != "system":
-            out.append(f"<|im_start|>system\n{self.default_system_prompt}<|im_end|>\n")
-        for i, m in enumerate(conversation):
-            content = m["content"]
-            if content is None:
-                continue
-            out.append(f"<|im_start|>{m['role']}\n")
-            if isinstance(content, str):
-                out.append(content)
-            else:
-                has_audio, text = False, []
-                for j, c in enumerate(content):
-                    if not isinstance(c, dict):
-                        raise ValueError(
-                            f"message {i} content item {j} must be a dict, got {type(c).__name__}"
-                        )
-                    if _is_audio_item(c):
-                        has_audio = True
-                    elif c.get("type") == "text" or "text" in c:
-                        if not isinstance(c.get("text"), str):
-                            raise ValueError(f"message {i} content item {j}: 'text' must be a string")
-                        text.append(c["text"])
-                out.append((self.audio_token if has_audio else "") + "".join(text))
-            out.append("<|im_end|>\n")
-        if add_generation_prompt:
-            out.append("<|im_start|>assistant\n")
-        return "".join(out)
+    def chat_encoder(self, train_on_prompt: bool = False) -> chat.ChatEncoder:
+        """A :class:`~musicflamingo.chat.ChatEncoder` (ids + assistant-only labels) for this tokenizer and prompt."""
+        return chat.ChatEncoder(
+            self.tokenizer,
+            self.audio_token_ids,
+            pad_token_id=self.pad_token_id,
+            system_prompt=self.default_system_prompt,
+            audio_token=self.audio_token,
+            train_on_prompt=train_on_prompt,
+        )
 
     @staticmethod
     def conversation_audios(conversation: Conversation) -> list[AudioInput]:
@@ -246,7 +156,7 @@ class MusicFlamingoProcessor:
             if not isinstance(m.get("content"), (list, tuple)):
                 continue
             for j, c in enumerate(m["content"]):
-                if isinstance(c, dict) and _is_audio_item(c):
+                if isinstance(c, dict) and chat.is_audio_item(c):
                     value = next((c[k] for k in ("audio", "url", "path") if c.get(k) is not None), None)
                     if value is None:
                         raise ValueError(
@@ -339,29 +249,21 @@ class MusicFlamingoProcessor:
             out["input_features"], out["input_features_mask"] = feats, mask
         rows, k = [], 0
         for t, n in zip(texts, per_text):
-            rows.append(self._encode_expanded(t, counts[k : k + n]))
+            rows.append(
+                chat.encode_expanded(
+                    self.tokenizer, t, counts[k : k + n], self.audio_token_ids, self.audio_token
+                )
+            )
             k += n
         input_ids, attention_mask = self._pad(rows, padding_side)
         result = {"input_ids": input_ids, "attention_mask": attention_mask, **out}
         if output_labels:
             labels = input_ids.clone()
-            labels[torch.isin(input_ids, torch.tensor(self.audio_token_ids))] = -100
+            labels[torch.isin(input_ids, torch.tensor(self.audio_token_ids))] = IGNORE_INDEX
             if self.pad_token_id is not None:
-                labels[input_ids == self.pad_token_id] = -100
+                labels[input_ids == self.pad_token_id] = IGNORE_INDEX
             result["labels"] = labels
         return result
-
-    def _encode_expanded(self, text: str, counts: Sequence[int]) -> list[int]:
-        """Ids of ``expand_audio_tokens(text, counts)``, spliced without tokenizing thousands of ``<sound>``.
-
-        Exact because special tokens are split off before pre-tokenization, so text pieces never merge across them.
-        """
-        parts = text.split(self.audio_token)
-        ids = self.tokenizer.encode(parts[0])
-        for n, part in zip(counts, parts[1:]):
-            ids += [self.audio_bos_token_id] + [self.audio_token_id] * int(n) + [self.audio_eos_token_id]
-            ids += self.tokenizer.encode(part)
-        return ids
 
     def _pad(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         length = max(len(r) for r in rows)
@@ -401,7 +303,7 @@ class MusicFlamingoProcessor:
         template = _read_template(d, cfg)
         prompt = DEFAULT_SYSTEM_PROMPT
         if template is not None:
-            found = _system_prompt_of(template)
+            found = chat.template_system_prompt(template)
             if found is None:
                 logger.warning(
                     "%s: chat template differs from the Music Flamingo template; using the built-in one", d
@@ -415,9 +317,9 @@ class MusicFlamingoProcessor:
             max_audio_len=cfg.get("max_audio_len", F.MAX_AUDIO_LEN),
             sampling_rate=extractor.sampling_rate,
             feature_size=extractor.feature_size,
-            audio_token=cfg.get("audio_token", "<sound>"),
-            audio_bos_token=cfg.get("audio_bos_token", "<|sound_bos|>"),
-            audio_eos_token=cfg.get("audio_eos_token", "<|sound_eos|>"),
+            audio_token=cfg.get("audio_token", chat.AUDIO_PLACEHOLDER),
+            audio_bos_token=cfg.get("audio_bos_token", chat.AUDIO_BOS),
+            audio_eos_token=cfg.get("audio_eos_token", chat.AUDIO_EOS),
             default_system_prompt=prompt,
         )
 
@@ -442,7 +344,7 @@ class MusicFlamingoProcessor:
             json.dumps({**fe, "processor_class": "MusicFlamingoProcessor"}, indent=2) + "\n", encoding="utf-8"
         )
         (d / "chat_template.jinja").write_text(
-            build_chat_template(self.default_system_prompt), encoding="utf-8"
+            chat.build_chat_template(self.default_system_prompt), encoding="utf-8"
         )
         return d
 

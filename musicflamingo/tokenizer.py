@@ -19,15 +19,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-# Chat markup and audio placeholders, in Qwen2 id order. <|endoftext|> doubles as pad.
-DEFAULT_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<sound>",
-    "<|sound_bos|>",
-    "<|sound_eos|>",
-)
+from musicflamingo.chat import END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS
 
 
 class TokenizerError(ValueError):
@@ -107,9 +99,9 @@ class HFTokenizer(Tokenizer):
         pad = _token_str(self.config.get("pad_token"))
         # Defaults when tokenizer_config.json is silent: Qwen2's pad is <|endoftext|>; generation stops at <|im_end|>.
         if eos is None:
-            eos = next((t for t in ("<|im_end|>", "<|endoftext|>") if self.token_to_id(t) is not None), None)
-        if pad is None and self.token_to_id("<|endoftext|>") is not None:
-            pad = "<|endoftext|>"
+            eos = next((t for t in (END_OF_TURN, END_OF_TEXT) if self.token_to_id(t) is not None), None)
+        if pad is None and self.token_to_id(END_OF_TEXT) is not None:
+            pad = END_OF_TEXT
         self.eos_token, self.pad_token = eos, pad
 
     @classmethod
@@ -132,9 +124,6 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -184,9 +173,9 @@ class SentencePieceTokenizer(Tokenizer):
         except Exception as e:
             raise TokenizerError(f"{self.model_file}: cannot load SentencePiece model ({e})") from None
         special = dict(special or {})
-        self.special_tokens = tuple(special.get("special_tokens", DEFAULT_SPECIAL_TOKENS))
-        self.pad_token = special.get("pad_token", "<|endoftext|>")
-        self.eos_token = special.get("eos_token", "<|im_end|>")
+        self.special_tokens = tuple(special.get("special_tokens", SPECIAL_TOKENS))
+        self.pad_token = special.get("pad_token", END_OF_TEXT)
+        self.eos_token = special.get("eos_token", END_OF_TURN)
         for t in self.special_tokens:
             idx = self._sp.piece_to_id(t)
             if idx == self._sp.unk_id() or self._sp.id_to_piece(idx) != t:
@@ -243,6 +232,38 @@ class SentencePieceTokenizer(Tokenizer):
         return d
 
 
+class IncrementalDecoder:
+    """Token ids in, printable text deltas out, never splitting a multi-byte character.
+
+    Decodes a short window `ids[prefix:]` and emits what it adds to `ids[prefix:read]` (the vLLM scheme): the
+    window keeps a little left context so SentencePiece's leading-space rule and byte-level BPE pieces of one
+    character decode right; a trailing U+FFFD means an incomplete character, so nothing is emitted yet.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character is emitted as U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
+        after = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Load the tokenizer saved in ``directory`` (``tokenizer.json`` wins over ``tokenizer.model``)."""
     d = Path(directory)
@@ -259,10 +280,10 @@ def train_sentencepiece(
     texts_or_file: str | os.PathLike | Iterable[str],
     vocab_size: int,
     out_dir: str | os.PathLike,
-    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
     model_type: str = "bpe",
-    pad_token: str = "<|endoftext|>",
-    eos_token: str = "<|im_end|>",
+    pad_token: str = END_OF_TEXT,
+    eos_token: str = END_OF_TURN,
 ) -> SentencePieceTokenizer:
     """Train a SentencePiece model on a text file (one sentence per line) or an iterable of strings.
 

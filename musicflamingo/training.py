@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from musicflamingo.callbacks import AtomicCheckpointIO
+from musicflamingo.runtime import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,8 @@ def check_window_length(processor: Any, model: Any) -> None:
         )
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit the model described by `cfg`; returns (metrics, objects) so tests can inspect both."""
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    if "WANDB_API_KEY" not in os.environ:
-        os.environ.setdefault("WANDB_MODE", "offline")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    log.info("instantiating model <%s>", cfg.model._target_)
-    lit: L.LightningModule = hydra.utils.instantiate(cfg.model)
+def build_datamodule(cfg: DictConfig, model: Any) -> tuple[L.LightningDataModule, Any]:
+    """(datamodule, processor) of `cfg.data`, the processor checked against the model's window and vocabulary."""
     processor_dir = cfg.data.get("processor")
     if not processor_dir:
         raise ValueError(
@@ -70,21 +61,39 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     from musicflamingo.processor import MusicFlamingoProcessor
 
     processor = MusicFlamingoProcessor.from_pretrained(processor_dir)
-    check_window_length(processor, lit.model)
-    vocab = lit.model.config.text.vocab_size
+    check_window_length(processor, model)
+    vocab = model.config.text.vocab_size
     if processor.tokenizer.vocab_size > vocab:
         raise ValueError(
             f"tokenizer in {processor_dir} has {processor.tokenizer.vocab_size} ids, model vocab is {vocab}"
         )
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, processor=processor)
+    return hydra.utils.instantiate(cfg.data, processor=processor), processor
 
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """The `cfg.trainer` Trainer with the `cfg.callbacks` and `cfg.logger` objects and atomic checkpoint files."""
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(
+    return hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit the model described by `cfg`; returns (metrics, objects) so tests can inspect both."""
+    set_threads(cfg.get("threads"))
+    if "WANDB_API_KEY" not in os.environ:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    log.info("instantiating model <%s> with net <%s>", cfg.model._target_, cfg.model.net._target_)
+    lit: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    datamodule, processor = build_datamodule(cfg, lit.model)
+    trainer = build_trainer(cfg)
     if trainer.is_global_zero:
-        for lg in loggers:
+        for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)

@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 from tiny_assets import make_tone, write_audio
 
-from musicflamingo.audio.io import AudioError, load_audio, load_or_validate, validate_waveform
+from musicflamingo.audio.io import AudioError, audio_duration, load_audio, load_or_validate, validate_waveform
 
 
 def _peak_hz(x: np.ndarray, sr: int = 16000) -> float:
@@ -127,3 +127,16 @@ def test_in_memory_inputs():
         validate_waveform(np.zeros((2, 3, 4), np.float32))
     with pytest.raises(AudioError, match="expected a file path"):
         load_or_validate(3.0)
+
+
+def test_audio_duration_from_header_segment_or_unknown(tmp_path):
+    """What load_audio will yield: the header length after ``offset``, or ``duration`` when given; None if unknown."""
+    path = write_audio(tmp_path / "a.wav", make_tone(440, 2.0, sr=44100), 44100)
+    assert audio_duration(path) == pytest.approx(2.0, abs=1e-4)
+    assert audio_duration(path, offset=0.5) == pytest.approx(1.5, abs=1e-4)
+    assert audio_duration(path, offset=3.0) == 0.0
+    assert audio_duration(path, offset=0.5, duration=0.25) == 0.25
+    assert audio_duration(tmp_path / "missing.wav", duration=1.0) == 1.0  # the file is not opened
+    assert audio_duration(tmp_path / "missing.wav") is None
+    (tmp_path / "junk.wav").write_bytes(b"not audio")
+    assert audio_duration(tmp_path / "junk.wav") is None

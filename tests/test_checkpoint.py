@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,18 @@ from reference_model import build_batch, random_audio
 from safetensors.torch import load_file, save_file
 
 from musicflamingo import MusicFlamingo, MusicFlamingoConfig
-from musicflamingo.checkpoint import NAME_TABLE, CheckpointError, hf_to_ours, ours_to_hf
+from musicflamingo.checkpoint import (
+    NAME_TABLE,
+    CheckpointError,
+    check_checkpoint_dir,
+    hf_to_ours,
+    load_config,
+    ours_to_hf,
+    read_state_dict,
+    recover_interrupted_save,
+    stop_token_ids,
+    write_state_dict,
+)
 from musicflamingo.model.config import ConfigError
 
 
@@ -185,3 +199,98 @@ def test_tied_embeddings_round_trip(tmp_path):
     ids = torch.randint(0, 290, (1, 9))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------- reading is read-only
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _tree(root) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def test_reading_leaves_an_interrupted_save_alone(tiny_dir):
+    """A save killed between its two renames leaves only the backup: reading names it and changes nothing;
+    the next save, or `recover_interrupted_save`, puts it back."""
+    model, path = tiny_dir
+    backup = path.with_name(f".{path.name}.old-{_dead_pid()}")
+    path.rename(backup)
+    before = _tree(path.parent)
+    expected = rf"{path.name}: checkpoint folder does not exist; .*{backup.name} holds it, left by an interrupted save"
+    with pytest.raises(CheckpointError, match=expected):
+        load_config(path)
+    with pytest.raises(CheckpointError, match=expected):
+        MusicFlamingo.from_pretrained(path)
+    with pytest.raises(
+        CheckpointError, match=rf"is not a folder .*run the save again, or rename {backup.name}"
+    ):
+        check_checkpoint_dir(path)
+    assert _tree(path.parent) == before
+    recover_interrupted_save(path)
+    assert path.is_dir() and not backup.exists()
+    back = MusicFlamingo.from_pretrained(path)
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+
+
+def test_reading_leaves_a_sibling_backup_alone(tiny_dir):
+    model, path = tiny_dir
+    backup = path.with_name(f".{path.name}.old-{_dead_pid()}")
+    shutil.copytree(path, backup)
+    (path / "tokenizer.json").write_text("{}")
+    before = _tree(path.parent)
+    load_config(path)
+    check_checkpoint_dir(path)
+    MusicFlamingo.from_pretrained(path)
+    stop_token_ids(path, model.config)
+    assert _tree(path.parent) == before
+    model.save_pretrained(path)  # a write cleans up what dead writers left
+    assert not backup.exists() and (path / "tokenizer.json").is_file()
+
+
+def test_check_checkpoint_dir_names_what_is_missing(tiny_dir, tmp_path):
+    _, path = tiny_dir
+    with pytest.raises(CheckpointError, match="ckpt is not set"):
+        check_checkpoint_dir(None)
+    with pytest.raises(CheckpointError, match=r"ckpt=.*nope is not a folder"):
+        check_checkpoint_dir(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=r"ckpt=.*config.json is a file, not a folder"):
+        check_checkpoint_dir(path / "config.json")
+    with pytest.raises(CheckpointError, match=rf"ckpt={path} has no tokenizer.json or tokenizer.model"):
+        check_checkpoint_dir(path)
+    assert check_checkpoint_dir(path, need_tokenizer=False) == path
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"ckpt={path} has no config.json"):
+        check_checkpoint_dir(path, need_tokenizer=False)
+
+
+def test_stop_token_ids_read_generation_config(tiny_dir):
+    model, path = tiny_dir
+    eos = model.config.text.eos_token_id
+    assert stop_token_ids(path, model.config) == [eos]  # save_pretrained writes the config's eos
+    gen = path / "generation_config.json"
+    gen.write_text(json.dumps({"eos_token_id": [7, eos, 3]}))
+    assert stop_token_ids(path, model.config) == sorted({3, 7, eos})
+    gen.write_text(json.dumps({"eos_token_id": 9}))
+    assert stop_token_ids(path, model.config) == sorted({9, eos})
+    gen.unlink()
+    assert stop_token_ids(path, model.config) == stop_token_ids(None, model.config) == [eos]
+    gen.write_text("{oops")
+    with pytest.raises(CheckpointError, match="generation_config.json: invalid JSON"):
+        stop_token_ids(path, model.config)
+
+
+def test_state_dict_round_trip_by_name_table(tmp_path):
+    """`write_state_dict` / `read_state_dict` work on plain dicts of our names, without the model class."""
+    torch.manual_seed(0)
+    config = MusicFlamingoConfig.from_name("tiny")
+    state = MusicFlamingo(config).state_dict()
+    write_state_dict(state, config, tmp_path / "c", max_shard_size="200KB")
+    assert len(list((tmp_path / "c").glob("model-*.safetensors"))) > 1
+    expected = {k: t.shape for k, t in state.items()}
+    back = read_state_dict(tmp_path / "c", expected, dtype="bf16")
+    assert back.keys() == state.keys()
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], state[k].bfloat16()) for k in state)
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["dtype"] == "float32"

@@ -23,8 +23,9 @@ from tiny_assets import make_tone, write_audio
 from tiny_checkpoint import write_tiny_checkpoint
 from train_fixtures import TINY_OVERRIDES, compose_train, write_dataset, write_processor
 
-from musicflamingo import MusicFlamingo
+from musicflamingo import MusicFlamingo, MusicFlamingoConfig
 from musicflamingo.callbacks import AtomicCheckpointIO
+from musicflamingo.checkpoint import CheckpointError, recover_interrupted_save
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -82,8 +83,8 @@ def _load_ckpt(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- (a) training
 TRAIN_ARGS = [
     "trainer.max_steps=12",
-    "model.optim.max_steps=12",  # the LR schedule length does not depend on where a run was cut
-    "model.optim.warmup_steps=2",
+    "model.scheduler.max_steps=12",  # the LR schedule length does not depend on where a run was cut
+    "model.scheduler.warmup_steps=2",
     "callbacks.model_checkpoint.every_n_train_steps=2",
     "data.batch_max_tokens=800",
     "export=false",
@@ -237,16 +238,38 @@ model.save_pretrained(path)
 """
 
 
-def test_sigkill_between_the_folder_renames_is_recovered_on_load(tmp_path):
+def test_sigkill_between_the_folder_renames_is_recovered_by_the_next_save(tmp_path):
+    """Reading names the backup the kill left and changes nothing; `recover_interrupted_save` (which every save
+    runs first) renames the complete old folder back."""
     target = tmp_path / "export"
     proc = _popen(["-c", KILL_BETWEEN_RENAMES, str(target)], tmp_path, tmp_path / "writer.log")
     assert proc.wait(timeout=120) == -signal.SIGKILL
-    assert not target.exists() and len(list(tmp_path.glob(".export.old-*"))) == 1
-    model = MusicFlamingo.from_pretrained(target)  # restores the complete old folder
+    (backup,) = tmp_path.glob(".export.old-*")
+    assert not target.exists()
+    with pytest.raises(CheckpointError, match=rf"{backup.name} holds it, left by an interrupted save"):
+        MusicFlamingo.from_pretrained(target)
+    assert backup.is_dir() and not target.exists()  # reading left it as it was
+    recover_interrupted_save(target)
+    model = MusicFlamingo.from_pretrained(target)
     assert all(bool((p == 1.0).all()) for p in model.parameters())
     assert target.is_dir() and not list(tmp_path.glob(".export.old-*"))
     model.save_pretrained(target)  # and saving over it works again
     assert MusicFlamingo.from_pretrained(target) is not None
+
+
+def test_save_after_a_sigkill_between_the_renames_restores_then_replaces(tmp_path):
+    target = tmp_path / "export"
+    proc = _popen(["-c", KILL_BETWEEN_RENAMES, str(target)], tmp_path, tmp_path / "writer.log")
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    (backup,) = tmp_path.glob(".export.old-*")
+    (backup / "tokenizer.json").write_text("{}")  # a file of the folder that is not weights
+    model = MusicFlamingo(MusicFlamingoConfig.from_name("tiny"))
+    model.save_pretrained(target)
+    assert (
+        not backup.exists() and (target / "tokenizer.json").is_file()
+    )  # carried over from the restored folder
+    back = MusicFlamingo.from_pretrained(target)
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
 
 
 # ---------------------------------------------------------------------------------------------- (c) eval

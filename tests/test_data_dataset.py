@@ -16,7 +16,8 @@ from tiny_assets import (
 )
 
 from musicflamingo.audio.io import load_audio
-from musicflamingo.data.collate import IGNORE_INDEX, collate
+from musicflamingo.chat import IGNORE_INDEX, expand_audio_tokens
+from musicflamingo.data.collate import collate
 from musicflamingo.data.dataset import (
     BadSample,
     BadSampleError,
@@ -100,7 +101,7 @@ def test_piecewise_tokenization_equals_whole(processor, messages):
     text = processor.render_chat(
         [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=False
     )
-    assert ids == processor.tokenizer.encode(processor.expand_audio_tokens(text, counts))
+    assert ids == processor.tokenizer.encode(expand_audio_tokens(text, counts))
     assert len(labels) == len(ids)
     assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels) if i in (SOUND, BOS, EOS))
     # every labelled run directly follows an "<|im_start|>assistant\n" header and ends with <|im_end|>

@@ -219,9 +219,14 @@ def test_item_seconds(tmp_path):
 def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from musicflamingo import MusicFlamingoConfig
+    from musicflamingo.checkpoint import stop_token_ids
 
     # a real config: its parameter count decides whether the weights fit in memory
-    (tmp_path / "config.json").write_text(json.dumps(MusicFlamingoConfig.from_name("tiny").to_hf_dict()))
+    config = MusicFlamingoConfig.from_name("tiny")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    (tmp_path / "tokenizer.json").write_text("{}")  # the folder check wants one; FakeProcessor ignores it
+    # an eos of generation_config.json that is not the config's: eval stops on it too, like infer
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 77]}))
     seen = {}
 
     class FakeProcessor:
@@ -254,9 +259,17 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
             return self
 
         def generate(
-            self, input_ids, attention_mask, input_features, input_features_mask, max_new_tokens, do_sample
+            self,
+            input_ids,
+            attention_mask,
+            input_features,
+            input_features_mask,
+            max_new_tokens,
+            do_sample,
+            stop_token_ids,
         ):
             seen["gen"] = (max_new_tokens, do_sample, input_features.dtype)
+            seen["stops"] = stop_token_ids
             new = torch.arange(3).repeat(input_ids.shape[0], 1) + 7
             return torch.cat([input_ids, new], dim=1)
 
@@ -277,6 +290,7 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
     assert fn(items) == ["7 8 9", "7 8 9"]  # only the new tokens, stripped
     assert seen["load"] == (str(tmp_path), torch.float32, torch.device("cpu"))
     assert seen["gen"] == (3, False, torch.float32)
+    assert seen["stops"] == stop_token_ids(tmp_path, config) == sorted({5, 77, config.text.eos_token_id})
     assert seen["template_kw"] == {"tokenize": True, "add_generation_prompt": True, "return_dict": True}
     first, second = (c[0]["content"] for c in seen["conversations"])
     assert first == [{"type": "audio", "path": "/x/a.wav"}, {"type": "text", "text": "Q1"}]
@@ -284,13 +298,14 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
 
 
 def test_build_predict_fn_refuses_weights_larger_than_memory(tmp_path, monkeypatch):
-    """Checked before loading, as in infer.py (`inference.resolve_device_dtype`), as an EvalConfigError."""
+    """Checked before loading, as in infer.py (`runtime.resolve_device_dtype`), as an EvalConfigError."""
     pytest.importorskip("torch")
-    import musicflamingo.inference as inference
+    import musicflamingo.runtime as runtime
     from musicflamingo import MusicFlamingoConfig
 
     (tmp_path / "config.json").write_text(json.dumps(MusicFlamingoConfig.from_name("tiny").to_hf_dict()))
-    monkeypatch.setattr(inference, "available_memory", lambda device: 1000)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 1000)
     with pytest.raises(EvalConfigError, match=r"weights need .* in float32 but cpu has 0\.0 GB available"):
         build_predict_fn({"ckpt": str(tmp_path), "device": "cpu", "dtype": "float32"})
 

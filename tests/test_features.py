@@ -102,6 +102,17 @@ def test_token_counts():
     assert [tokens_from_frames(n) for n in (1, 2, 3, 4, 5)] == [0, 0, 1, 1, 1]
 
 
+def test_token_count_is_the_encoders_output_length():
+    """One formula: the processor's `<sound>` count is the encoder's post-pool length, for ints and tensors."""
+    from musicflamingo.model.encoder import conv_output_lengths
+
+    frames = torch.arange(0, 3001)
+    after_conv, post = conv_output_lengths(frames)
+    assert post.tolist() == [tokens_from_frames(int(n)) for n in frames]
+    assert conv_output_lengths(3000) == (1500, 750) and conv_output_lengths(np.int64(5))[1] == 1
+    assert after_conv.dtype == post.dtype == frames.dtype
+
+
 def test_window_too_long_is_an_error(extractor):
     with pytest.raises(ValueError, match="split_windows"):
         extractor([np.zeros(480001, np.float32)])

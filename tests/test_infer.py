@@ -15,17 +15,19 @@ from tiny_assets import TINY_IDS, make_tone, write_audio
 from tiny_checkpoint import write_tiny_checkpoint
 
 from musicflamingo import MusicFlamingo, MusicFlamingoProcessor
+from musicflamingo.checkpoint import stop_token_ids
+from musicflamingo.engine import SamplingParams
 from musicflamingo.inference import (
     DEFAULT_PROMPT,
     USER_ERRORS,
     ChatSession,
-    GenerationOptions,
-    IncrementalDecoder,
     InferenceError,
     infer,
-    stop_token_ids,
+    sampling_params,
 )
-from musicflamingo.model.qwen2 import KVCache
+from musicflamingo.model.layers import KVCache
+from musicflamingo.runtime import RuntimeConfigError
+from musicflamingo.tokenizer import IncrementalDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +142,7 @@ def test_bad_checkpoint_and_audio_messages(ckpt, audios, tmp_path):
     (wrong / "config.json").write_text(json.dumps({**cfg_json, "model_type": "whisper"}))
     cases = {
         "ckpt is not set": None,
-        "folder does not exist": tmp_path / "missing",
+        "is not a folder": tmp_path / "missing",
         "no config.json": _copy_without(ckpt, tmp_path / "noconfig", "config.json"),
         "model_type='whisper'": wrong,
         "no tokenizer": _copy_without(ckpt, tmp_path / "notok", "tokenizer.json"),
@@ -151,54 +153,17 @@ def test_bad_checkpoint_and_audio_messages(ckpt, audios, tmp_path):
     with pytest.raises(USER_ERRORS, match="nope.wav: audio file not found"):
         infer({"ckpt": str(ckpt), "audio": [str(audios[0]), str(tmp_path / "nope.wav")]})
     with pytest.raises(InferenceError, match="top_p"):
-        GenerationOptions(top_p=0.0)
+        sampling_params({"top_p": 0.0})
 
 
-def test_dtype_follows_the_memory_available(ckpt, audios, monkeypatch, caplog):
-    """`dtype=auto` on CPU keeps float32 when its weights fit with room to spare, else bfloat16 (logged); weights
-    larger than the available memory are refused before loading, naming both sizes."""
-    import musicflamingo.inference as inference
+def test_infer_refuses_weights_larger_than_memory_before_loading(ckpt, audios, monkeypatch):
+    """The entry point runs `runtime.resolve_device_dtype`'s memory check (tested in test_runtime.py) before
+    loading: the tiny checkpoint against 1 kB of memory."""
+    import musicflamingo.runtime as runtime
 
-    n = 1_000_000_000  # 4 GB in float32, 2 GB in bfloat16
-    free = {"bytes": 64e9}
-    monkeypatch.setattr(inference, "available_memory", lambda device: int(free["bytes"]))
-    resolve = inference.resolve_device_dtype
-    assert resolve("cpu", "auto", n) == (torch.device("cpu"), torch.float32)
-    free["bytes"] = 4.5e9  # float32 would fit, but without the headroom
-    with caplog.at_level("INFO", logger="musicflamingo.inference"):
-        assert resolve("cpu", "auto", n)[1] == torch.bfloat16
-    assert "would not fit" in caplog.text
-    assert resolve("cpu", "float32", n)[1] == torch.float32  # asked for and it fits: allowed
-    assert resolve("cpu", "bf16", n)[1] == torch.bfloat16
-    free["bytes"] = 3e9
-    with pytest.raises(
-        InferenceError, match=r"need 4\.0 GB in float32 but cpu has 3\.0 GB available \(try dtype=bf"
-    ):
-        resolve("cpu", "float32", n)
-    free["bytes"] = 1e9
-    with pytest.raises(InferenceError, match=r"need 2\.0 GB in bfloat16 but cpu has 1\.0 GB available$"):
-        resolve("cpu", "auto", n)
-    assert resolve("cpu", "float32")[1] == torch.float32  # no parameter count: no check
-    # The entry point checks before loading: the tiny checkpoint against 1 kB of memory.
-    free["bytes"] = 1000
-    with pytest.raises(InferenceError, match="the model's weights need"):
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 1000)
+    with pytest.raises(RuntimeConfigError, match="the model's weights need"):
         infer({"ckpt": str(ckpt), "audio": str(audios[0]), "device": "cpu", "stream": False})
-
-
-def test_cuda_index_beyond_the_devices_is_a_clear_error(monkeypatch):
-    from musicflamingo.inference import resolve_device_dtype
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(InferenceError, match=r"device='cuda:3' but this machine has 1 CUDA device"):
-        resolve_device_dtype("cuda:3", "auto", 1000)
-
-
-def test_available_memory_on_cpu_is_positive():
-    from musicflamingo.inference import available_memory
-
-    free = available_memory(torch.device("cpu"))
-    assert free is not None and free > 0
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -212,7 +177,9 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
-    assert lines[0].startswith("error: ckpt=") and lines[0].endswith("no_such_ckpt: folder does not exist")
+    assert lines[0].startswith("error: ckpt=") and lines[0].endswith(
+        "no_such_ckpt is not a folder (expected a checkpoint folder with config.json)"
+    )
     assert list(tmp_path.iterdir()) == []  # Hydra made no run folder
 
 
@@ -255,9 +222,9 @@ def _count_encodes(monkeypatch, model) -> list[int]:
 def test_chat_cache_matches_full_recompute(case, loaded, ckpt, audios, monkeypatch):
     """Turn 2 with the continued cache == greedy generate over the whole 2-turn conversation from scratch."""
     model, processor = loaded
-    stops = stop_token_ids(ckpt, model)
+    stops = stop_token_ids(ckpt, model.config)
     first = processor.apply_chat_template([user("What key is it in?", audios[1])])
-    session = ChatSession(model, processor, GenerationOptions(max_new_tokens=6), stops)
+    session = ChatSession(model, processor, SamplingParams(max_new_tokens=6, stop_ids=stops))
     if case == "stop_token":  # end turn 1 on the token greedy decoding emits 3rd, treated as end of turn
         probe = model.generate(**first, max_new_tokens=3, stop_token_ids=[])[0, -1].item()
         session.stops = [probe]
@@ -302,12 +269,14 @@ def test_chat_cache_matches_full_recompute(case, loaded, ckpt, audios, monkeypat
 
     # The cache itself (keys carry their RoPE positions) equals one uncached pass over the whole history.
     L = len(session.ids)
-    assert session.cache.length == L and session.history_ids[:L] == session.ids
+    cache = session.engine.cache
+    assert cache.lengths == [L] and session.history_ids[:L] == session.ids
     ref = KVCache.for_config(model.config.text, 1, L, model.dtype, "cpu")
     with torch.inference_mode():
-        model(torch.tensor([session.ids]), input_features=feats, input_features_mask=mask, cache=ref)
-    torch.testing.assert_close(session.cache.keys[:, :, :, :L], ref.keys, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(session.cache.values[:, :, :, :L], ref.values, atol=1e-5, rtol=1e-5)
+        view = ref.view_prefill(0, L)
+        model(torch.tensor([session.ids]), input_features=feats, input_features_mask=mask, cache=view)
+    torch.testing.assert_close(cache.keys[:, :, :, :L], ref.keys[:, :, :, :L], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.values[:, :, :, :L], ref.values[:, :, :, :L], atol=1e-5, rtol=1e-5)
     assert a1 == processor.decode([t for t in gen1 if t not in session.stops]) and isinstance(a2, str)
 
 

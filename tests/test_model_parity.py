@@ -7,7 +7,8 @@ import torch
 from reference_model import build_batch, make_reference_model, random_audio
 
 from musicflamingo import MusicFlamingo
-from musicflamingo.generation import generate
+from musicflamingo.engine import KEY_BLOCK, Engine, Request, SamplingParams, generate
+from musicflamingo.model.layers import KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -198,7 +199,7 @@ def test_decode_attention_matches_sdpa():
 def test_bf16_cached_decode_matches_recomputation(ref_dir, batch_b, monkeypatch):
     """bf16 on CPU: a cached decode step (plain-matmul attention, rotary table) gives the logits of a full bf16
     forward over the longer sequence, within bf16 rounding."""
-    import musicflamingo.generation as generation
+    import musicflamingo.engine as engine
     import musicflamingo.model.qwen2 as qwen2
 
     ours = MusicFlamingo.from_pretrained(ref_dir[1], dtype=torch.bfloat16)
@@ -208,14 +209,14 @@ def test_bf16_cached_decode_matches_recomputation(ref_dir, batch_b, monkeypatch)
         qwen2, "decode_attention", lambda *a: calls.append((a[1].shape[2], a[3].shape[-1])) or plain(*a)
     )
     steps = []
-    step = generation._decode_step
-    monkeypatch.setattr(generation, "_decode_step", lambda *a: steps.append(step(*a)) or steps[-1])
+    step = engine.decode_step
+    monkeypatch.setattr(engine, "decode_step", lambda *a: steps.append(step(*a)) or steps[-1])
     inputs = {k: v for k, v in batch_b.items() if k != "labels"}
     inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
     out = generate(ours, **inputs, max_new_tokens=3, stop_token_ids=[])
     assert len(steps) == 2 and len(calls) == 2 * ours.config.text.num_hidden_layers
     # The steps see the cache in whole blocks of keys (one matmul shape for many steps), the mask as wide.
-    assert all(n == w and n % generation.KEY_BLOCK == 0 for n, w in calls), calls
+    assert all(n == w and n % KEY_BLOCK == 0 for n, w in calls), calls
     S = inputs["input_ids"].shape[1]
     mask = torch.cat([inputs["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1)
     with torch.no_grad():
@@ -231,42 +232,63 @@ def test_bf16_cached_decode_matches_recomputation(ref_dir, batch_b, monkeypatch)
         assert (logits.float() - expected).abs().max() <= 0.02 * max(expected.abs().max().item(), 1.0)
 
 
-def test_blocked_decode_widths_ignore_stale_cache_slots(ref_dir, batch_b):
-    """CPU bf16 steps attend over whole key blocks under the mask: a reused cache whose unwritten slots hold NaN
-    (an earlier run's) gives the same tokens as a fresh one, and goes back to exact widths afterwards."""
-    from musicflamingo.model.qwen2 import KVCache
+def _rows(inputs: dict) -> list[torch.Tensor]:
+    """The unpadded prompt of each row of a left-padded batch."""
+    return [ids[m.bool()] for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
 
+
+def _stale_engine(model, slots: int, capacity: int, **kwargs) -> Engine:
+    """An engine whose cache holds NaN everywhere, as if an earlier, longer sequence had left it there."""
+    e = Engine(model, slots=slots, capacity=capacity, **kwargs)
+    e.cache.keys.fill_(float("nan"))
+    e.cache.values.fill_(float("nan"))
+    e.cache.dirty = [e.cache.capacity] * slots
+    return e
+
+
+def test_blocked_decode_widths_ignore_stale_cache_slots(ref_dir, batch_b):
+    """CPU bf16 steps attend over whole key blocks under the mask: slots whose unwritten positions hold NaN (an
+    earlier request's) give the same tokens as a fresh engine."""
     ours = MusicFlamingo.from_pretrained(ref_dir[1], dtype=torch.bfloat16)
     inputs = {k: v for k, v in batch_b.items() if k != "labels"}
     inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
     S = inputs["input_ids"].shape[1]
     fresh = generate(ours, **inputs, max_new_tokens=6, stop_token_ids=[])
-    cache = KVCache.for_config(ours.config.text, 2, S + 40, torch.bfloat16, "cpu")
-    cache.keys.fill_(float("nan"))
-    cache.values.fill_(float("nan"))
-    reused = generate(ours, **inputs, max_new_tokens=6, stop_token_ids=[], cache=cache)
-    assert torch.equal(fresh, reused)
-    assert cache.width_multiple == 1 and cache.width(S + 3) == S + 3
+    e = _stale_engine(ours, 2, S + 40)
+    embeds = ours.embed(inputs["input_ids"], inputs["input_features"], inputs["input_features_mask"])
+    params = SamplingParams(max_new_tokens=6)
+    mask = inputs["attention_mask"].bool()
+    slots = [
+        e.admit(Request(inputs["input_ids"][b], params, inputs_embeds=embeds[b][mask[b]])) for b in range(2)
+    ]
+    while e.decoding:
+        e.step()
+    assert [s.tokens for s in slots] == fresh[:, S:].tolist()
 
 
-def test_kv_cache_width_multiple():
-    """One-position writes return whole blocks (capped at the allocation); longer writes and reset stay exact."""
-    from musicflamingo.model.qwen2 import KVCache
-
-    cache = KVCache(1, 1, 10, 1, 2, torch.float32, "cpu")
+def test_kv_cache_views():
+    """Prefill writes after a slot's length and sees exactly what it holds; decode rows write at their own
+    positions (rows not decoding at the scratch column); clear zeroes what was written; grow keeps it."""
+    cache = KVCache(1, 2, 8, 1, 2, torch.float32, "cpu")
     k = torch.ones(1, 1, 3, 2)
-    assert cache.update(0, k, k)[0].shape[2] == 3
-    cache.advance(3)
-    cache.set_width_multiple(4)
-    assert cache.update(0, k[:, :, :1], k[:, :, :1])[0].shape[2] == 4  # position 3 -> keys 0..3
-    cache.advance(1)
-    assert cache.update(0, k[:, :, :1], k[:, :, :1])[0].shape[2] == 8  # position 4 -> the next block
-    cache.advance(1)
-    assert cache.width(9) == 10 and cache.update(0, k[:, :, :2], k[:, :, :2])[0].shape[2] == 7
-    with pytest.raises(ValueError, match="width multiple"):
-        cache.set_width_multiple(0)
-    cache.reset()
-    assert cache.width_multiple == 1 and cache.width(5) == 5
+    keys, _ = cache.view_prefill(1, 3).update(0, k, k)
+    assert keys.shape == (1, 1, 3, 2) and cache.keys[0, 1, 0, :3].eq(1).all()
+    cache.advance(1, 3)
+    assert cache.lengths == [0, 3] and cache.dirty == [0, 3]
+    view = cache.view_decode(2, torch.tensor([cache.capacity, 3]), width=4)
+    keys, _ = view.update(0, 2 * torch.ones(2, 1, 1, 2), 2 * torch.ones(2, 1, 1, 2))
+    assert keys.shape == (2, 1, 4, 2)
+    assert cache.keys[0, 1, 0, 3].eq(2).all() and cache.keys[0, 0, 0, 8].eq(2).all()  # slot 0: scratch only
+    assert cache.keys[0, 0, 0, :8].eq(0).all()
+    with pytest.raises(RuntimeError, match="overflow"):
+        cache.view_prefill(1, 6)
+    cache.grow(20)
+    assert cache.capacity == 20 and cache.keys.shape[3] == 21 and cache.keys[0, 1, 0, 3].eq(2).all()
+    cache.advance(1, 1)
+    cache.clear(1)
+    assert cache.lengths[1] == 0 and cache.keys[0, 1].eq(0).all()
+    with pytest.raises(ValueError, match="capacity"):
+        KVCache(1, 1, 0, 1, 2, torch.float32, "cpu")
 
 
 def _right_padded(batch: dict) -> dict:
@@ -342,26 +364,29 @@ def test_labelled_rows_with_checkpointing_and_without_labels(ref_dir, batch_b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_compiled_decode_matches_eager(ref_dir, batch_b, dtype):
-    """`compile=True`: the static-cache compiled decode step gives eager's tokens (left-padded batch, stop ids),
-    also in a reused cache with stale NaN values, which goes back to dynamic mode afterwards."""
+    """`compile=True`: the compiled decode step (every slot, the whole capacity under the key mask) gives eager's
+    tokens (left-padded batch, stop ids), also in an engine whose cache holds stale NaN values."""
     from torch._dynamo.utils import counters
-
-    from musicflamingo.model.qwen2 import KVCache
 
     model = MusicFlamingo.from_pretrained(ref_dir[1], dtype=dtype)
     inputs = {k: v for k, v in batch_b.items() if k != "labels"}
     inputs["input_features"] = inputs["input_features"].to(dtype)
     eager = generate(model, **inputs, max_new_tokens=10, stop_token_ids=[])
     S = inputs["input_ids"].shape[1]
-    cache = KVCache.for_config(model.config.text, 2, S + 16, dtype, "cpu")  # longer than needed: masked
-    # as if an earlier run had left NaN there: they must not leak through the mask
-    cache.keys.fill_(float("nan"))
-    cache.values.fill_(float("nan"))
     frames = counters["stats"]["unique_graphs"]
-    compiled = generate(model, **inputs, max_new_tokens=10, stop_token_ids=[], compile=True, cache=cache)
+    compiled = generate(model, **inputs, max_new_tokens=10, stop_token_ids=[], compile=True)
     assert counters["stats"]["unique_graphs"] > frames  # the steps really ran through torch.compile
     assert torch.equal(eager, compiled)
-    assert cache.write_pos is None and cache.length == S + 9
+    e = _stale_engine(model, 2, S + 16, compile=True)  # longer than needed: masked
+    embeds = model.embed(inputs["input_ids"], inputs["input_features"], inputs["input_features_mask"])
+    mask = inputs["attention_mask"].bool()
+    params = SamplingParams(max_new_tokens=10)
+    slots = [
+        e.admit(Request(inputs["input_ids"][b], params, inputs_embeds=embeds[b][mask[b]])) for b in range(2)
+    ]
+    while e.decoding:
+        e.step()
+    assert [s.tokens for s in slots] == eager[:, S:].tolist()
     stop = int(eager[0, S + 3])  # row 0 stops after 4 tokens, row 1 goes on (or stops where it emits it)
     a = generate(model, **inputs, max_new_tokens=10, stop_token_ids=[stop])
     b = generate(model, **inputs, max_new_tokens=10, stop_token_ids=[stop], compile=True)

@@ -14,7 +14,8 @@ from tiny_assets import (
 )
 
 from musicflamingo.audio.io import AudioError
-from musicflamingo.processor import DEFAULT_SYSTEM_PROMPT, MusicFlamingoProcessor, build_chat_template
+from musicflamingo.chat import DEFAULT_SYSTEM_PROMPT, build_chat_template, expand_audio_tokens
+from musicflamingo.processor import MusicFlamingoProcessor
 
 transformers = pytest.importorskip("transformers")
 
@@ -201,7 +202,7 @@ def test_helpers(ours):
     wins = ours.split_windows(np.zeros(35 * 16000, np.float32))
     feats, mask = ours.extract_features(wins)
     assert feats.shape == (2, 128, 3000) and mask.sum().item() == 3500
-    assert ours.expand_audio_tokens("a<sound>b", [2]) == "a<|sound_bos|><sound><sound><|sound_eos|>b"
+    assert expand_audio_tokens("a<sound>b", [2]) == "a<|sound_bos|><sound><sound><|sound_eos|>b"
     ids = ours("x", padding_side="right")["input_ids"]
     assert ids.shape == (1, 1)
 

@@ -37,6 +37,7 @@ from musicflamingo.data.manifest import ManifestError, read_manifest
 from musicflamingo.eval import BenchmarkError, EvalConfigError, PredictionsFileError
 from musicflamingo.model.config import ConfigError
 from musicflamingo.processor import MusicFlamingoProcessor
+from musicflamingo.runtime import RuntimeConfigError
 from musicflamingo.tokenizer import TokenizerError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,21 +221,35 @@ def _eval_bad_dtype(tmp: Path, a: dict) -> tuple[Callable, type, list[str]]:
     return (lambda: build_predict_fn(cfg)), EvalConfigError, ["dtype='float8'"]
 
 
-def _infer(tmp: Path, a: dict, **overrides: Any) -> tuple[Callable, type, list[str]]:
+def _infer(
+    tmp: Path, a: dict, error: type | None = None, **overrides: Any
+) -> tuple[Callable, type, list[str]]:
     from musicflamingo.inference import InferenceError, infer
 
     audio = write_audio(tmp / "x.wav", make_tone(440.0, 0.5))
     cfg = {"ckpt": str(a["ckpt"]), "audio": str(audio), "device": "cpu", "stream": False, **overrides}
     key = next(iter(overrides))
-    return (lambda: infer(cfg)), InferenceError, [key]
+    return (lambda: infer(cfg)), error or InferenceError, [key]
 
 
 def _lit(**kwargs: Any):
     def build(tmp: Path, a: dict) -> tuple[Callable, type, list[str]]:
-        from musicflamingo.lit import MusicFlamingoLit
+        import functools
 
-        net = {"preset": "tiny", "overrides": {"audio": {"max_source_positions": 100}}}
-        return (lambda: MusicFlamingoLit(net=net, **kwargs)), ValueError, list(kwargs)
+        from musicflamingo.lit import MusicFlamingoLit, warmup_cosine
+        from musicflamingo.model.build import PARTS, create_model, freeze_parts
+
+        model = create_model("tiny", {"audio": {"max_source_positions": 100}})
+        if "freeze" in kwargs:  # the model builder checks what is frozen
+            return (lambda: freeze_parts(model, kwargs["freeze"])), ValueError, ["freeze"]
+        args = {
+            "net": model,
+            "optimizer": functools.partial(torch.optim.AdamW, lr=1e-3),
+            "scheduler": functools.partial(warmup_cosine, warmup_steps=0, max_steps=10, min_lr_ratio=0.1),
+            "part_lr": dict.fromkeys(PARTS),
+            "nonfinite_loss": "stop",
+        }
+        return (lambda: MusicFlamingoLit(**{**args, **kwargs})), ValueError, list(kwargs)
 
     return build
 
@@ -367,7 +382,7 @@ CASES: dict[str, Callable[[Path, dict], tuple[Callable, type, list[str]]]] = {
     # inference / evaluation / training settings
     "infer_negative_max_new_tokens": lambda tmp, a: _infer(tmp, a, max_new_tokens=-5),
     "infer_bad_top_p": lambda tmp, a: _infer(tmp, a, top_p=1.5),
-    "infer_bad_dtype": lambda tmp, a: _infer(tmp, a, dtype="int3"),
+    "infer_bad_dtype": lambda tmp, a: _infer(tmp, a, RuntimeConfigError, dtype="int3"),
     "eval_bad_dtype": _eval_bad_dtype,
     "eval_missing_benchmark_file": _eval_missing_benchmark_file,
     "eval_damaged_predictions": _damaged_predictions,
@@ -538,7 +553,7 @@ def test_skip_policy_trains_to_the_end_and_reports_exactly_the_corrupt_files(ass
             f"data.batch_max_tokens={budget}",
             "trainer.max_steps=-1",
             "trainer.max_epochs=1",
-            "model.optim.max_steps=20",
+            "model.scheduler.max_steps=20",
             "trainer.log_every_n_steps=1",
             "export=false",
             "threads=1",
@@ -630,10 +645,10 @@ def test_absurd_configs_refused_before_allocation(assets, tmp_path):
     script = f"""
 import resource, sys
 from musicflamingo import MusicFlamingo, MusicFlamingoConfig
-from musicflamingo.lit import build_model
+from musicflamingo.model.build import create_model
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 calls = [lambda: MusicFlamingo.from_pretrained({str(huge)!r}), lambda: MusicFlamingo.from_pretrained({str(bomb)!r}),
-         lambda: build_model("tiny", {{"text": {{"vocab_size": 3_000_000, "hidden_size": 8192,
+         lambda: create_model("tiny", {{"text": {{"vocab_size": 3_000_000, "hidden_size": 8192,
                                                  "intermediate_size": 400_000, "num_hidden_layers": 500}}}})]
 for call in calls:
     try:
@@ -658,7 +673,7 @@ def test_cpu_allocator_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch
     """`run_cli` keeps freed CPU memory for reuse (glibc mallopt); MUSICFLAMINGO_TUNE_MALLOC=0 leaves glibc alone."""
     import platform
 
-    from musicflamingo.cli import tune_cpu_allocator
+    from musicflamingo.runtime import tune_cpu_allocator
 
     monkeypatch.setenv("MUSICFLAMINGO_TUNE_MALLOC", "0")
     assert tune_cpu_allocator() is False
@@ -670,7 +685,7 @@ _ONEDNN_GROWTH = """
 import os, sys
 import psutil, torch
 if sys.argv[1] == "limited":
-    from musicflamingo.cli import limit_onednn_cache
+    from musicflamingo.runtime import limit_onednn_cache
     limit_onednn_cache(64)  # after importing torch, before the first oneDNN primitive, like run_cli
 a = torch.randn(64, 256, dtype=torch.bfloat16)
 (a @ a.T).sum()
@@ -684,7 +699,7 @@ print((psutil.Process().memory_info().rss - base) // 2**20)
 def test_onednn_cache_cap_bounds_memory_of_changing_shapes(monkeypatch):
     """`run_cli` caps both caches of oneDNN primitives (oneDNN's and ideep's): a process meeting hundreds of bf16
     matmul shapes then keeps a bounded number of them; a variable already set wins."""
-    from musicflamingo.cli import ONEDNN_CACHE_CAPACITY, limit_onednn_cache
+    from musicflamingo.runtime import ONEDNN_CACHE_CAPACITY, limit_onednn_cache
 
     names = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
     for name in names:

@@ -1,4 +1,5 @@
-"""Training: configs compose, stages freeze what they say, LoRA merges, resume is exact, export loads."""
+"""Training: every config builds its objects, stages freeze what they say, LoRA merges, resume is exact, export
+loads."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import glob
 import shutil
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from tiny_checkpoint import write_tiny_checkpoint
 from train_fixtures import CONFIGS, compose_train, write_dataset, write_processor
 
 from musicflamingo import MusicFlamingo
-from musicflamingo.training import train
+from musicflamingo.model.build import create_model
+from musicflamingo.training import build_datamodule, build_trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +34,153 @@ def _losses(run: Path) -> list[float]:
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
-def test_every_config_composes():
-    groups = {p.parent.name for p in CONFIGS.glob("*/*.yaml")} - {"hydra", "benchmark"}
+TRAIN_GROUPS = ("experiment", "model", "trainer", "data", "logger", "callbacks", "debug")
+CONFIG_OPTIONS = [(g, p.stem) for g in TRAIN_GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
+
+
+def test_every_train_group_is_checked():
+    groups = {p.parent.name for p in CONFIGS.glob("*/*.yaml")} - {"hydra", "benchmark", "paths"}
+    assert groups == set(TRAIN_GROUPS)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def small_proc(tmp_path_factory):
+    """The tiny tokenizer with the `small` preset's 3 s windows."""
+    from musicflamingo.model import MusicFlamingoConfig
+
+    window = MusicFlamingoConfig.from_name("small").window_seconds
+    return write_processor(tmp_path_factory.mktemp("small") / "proc", chunk_length=window)
+
+
+def _compose_objects(tmp_path, proc, manifest, overrides):
+    """train.yaml with `overrides`, the data, processor and run folder pointed at the tests' tiny files."""
+    base = [
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    data = [f"data.train={manifest}", f"data.processor={proc}"]  # after the options: replaces an experiment's
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        for group in sorted(groups):
-            for f in sorted((CONFIGS / group).glob("*.yaml")):
-                cfg = compose(config_name="train", overrides=[f"{group}={f.stem}", "data.train=x.jsonl"])
-                assert cfg.model._target_ and cfg.trainer._target_, f
+        return compose(config_name="train", overrides=base + overrides + data)
+
+
+def _instantiate(cfg):
+    """Every object `train(cfg)` builds, built the same way (a wrong key or target raises here), with the
+    datamodule set up for fitting and the optimizer and LR schedule made."""
+    lit = hydra.utils.instantiate(cfg.model)
+    datamodule, _ = build_datamodule(cfg, lit.model)
+    datamodule.setup("fit")
+    trainer = build_trainer(cfg)
+    lit.trainer = trainer
+    return lit, datamodule, trainer, lit.configure_optimizers()
+
+
+@pytest.mark.parametrize("group, option", CONFIG_OPTIONS, ids=[f"{g}={o}" for g, o in CONFIG_OPTIONS])
+def test_every_config_instantiates(group, option, assets, small_proc, tiny_ckpt, tmp_path):
+    """Compose train.yaml with each option of each group, then build the model (net, optimizer, LR schedule), the
+    datamodule and the trainer with its callbacks and loggers, as `train(cfg)` does."""
+    proc, manifest = assets
+    cfg = _compose_objects(tmp_path, proc, manifest, [f"{group}={option}"])
+    assert cfg.model._target_ and cfg.model.net._target_ and cfg.trainer._target_
+    with open_dict(cfg):  # the hardware is not what is checked: gpu/fsdp configs build on CPU
+        cfg.trainer.accelerator = "cpu"
+        strategy = cfg.trainer.get("strategy")
+        if strategy is not None and "fsdp" in strategy._target_:  # Lightning's FSDP needs CUDA: built alone
+            assert type(hydra.utils.instantiate(strategy)).__name__ == "FSDPStrategy"
+            cfg.trainer.strategy = "auto"
+    release = cfg.model.net.preset is None  # model=music_flamingo_2601: only a checkpoint folder
+    assert cfg.model.net.init_from is None
+    with open_dict(cfg):
+        if release:  # the released checkpoint: the tiny checkpoint folder (model + processor) in its place
+            cfg.model.net.init_from = cfg.data.processor = str(tiny_ckpt)
+        elif cfg.model.net.preset == "small":  # 3 s windows
+            cfg.data.processor = str(small_proc)
+        else:  # tiny, with the tiny processor's 2 s windows
+            cfg.model.net.overrides = {"audio": {"max_source_positions": 100}}
+    lit, datamodule, trainer, opt = _instantiate(cfg)
+    assert isinstance(lit.model, MusicFlamingo)
+    assert len(datamodule.train_dataloader()) > 0
+    assert opt["optimizer"].param_groups and opt["lr_scheduler"]["scheduler"].last_epoch == 0
+    if release:  # and at the release size, on the meta device (no memory, no weights)
+        with open_dict(cfg):
+            cfg.model.net.init_from = None
+            cfg.model.net.preset = "music_flamingo_2601"
+        with torch.device("meta"):
+            big = hydra.utils.instantiate(cfg.model)
+        assert big.model.config.num_parameters() > 7e9
+        assert big.model.lm_head.weight.is_meta and big.model.language_model.gradient_checkpointing
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("+model.net.bogus=1", "bogus"),
+        ("+model.net.freeze.decoder=true", "decoder"),
+        ("+model.net.lora.bogus=1", "bogus"),
+        ("+model.optimizer.bogus=1", "bogus"),
+        ("+model.scheduler.bogus=1", "bogus"),
+        ("+model.part_lr.decoder=1e-3", "decoder"),
+        ("model.optimizer._target_=torch.optim.NoSuchOptimizer", "NoSuchOptimizer"),
+        ("+trainer.bogus=1", "bogus"),
+        ("+data.bogus=1", "bogus"),
+        ("+callbacks.lr_monitor.bogus=1", "bogus"),
+        ("+logger.csv.bogus=1", "bogus"),
+    ],
+)
+def test_a_wrong_key_or_target_fails_the_config_check(override, named, assets, tmp_path):
+    proc, manifest = assets
+    cfg = _compose_objects(
+        tmp_path, proc, manifest, [override, "+model.net.overrides={audio:{max_source_positions:100}}"]
+    )
+    with pytest.raises(Exception, match=named):
+        _instantiate(cfg)
+
+
+def test_optimizer_groups_follow_the_config(assets, tmp_path):
+    """Per-part learning rates, no decay on 1-d parameters, frozen parts left out; the schedule warms up, then
+    decays to min_lr_ratio."""
+    proc, manifest = assets
+    cfg = _compose_objects(
+        tmp_path,
+        proc,
+        manifest,
+        [
+            "experiment=full_finetune",
+            "+model.net.overrides={audio:{max_source_positions:100}}",
+            "model.net.freeze.multi_modal_projector=true",
+            "model.scheduler.warmup_steps=2",
+            "model.scheduler.max_steps=12",
+        ],
+    )
+    lit, _, _, opt = _instantiate(cfg)
+    groups = {g["name"]: g for g in opt["optimizer"].param_groups}
+    assert sorted(groups) == [
+        "audio_tower",
+        "audio_tower_no_decay",
+        "language_model",
+        "language_model_no_decay",
+    ]
+    assert groups["audio_tower"]["initial_lr"] == groups["audio_tower_no_decay"]["initial_lr"] == 2e-5
+    assert groups["language_model"]["initial_lr"] == 1e-4
+    assert groups["language_model"]["lr"] == 0.5e-4  # the first of 2 warmup steps
+    assert (
+        groups["language_model"]["weight_decay"] == 0.01
+        and groups["language_model_no_decay"]["weight_decay"] == 0
+    )
+    assert groups["language_model"]["betas"] == (0.9, 0.95) and groups["language_model"]["eps"] == 1e-8
+    no_decay = {id(p) for p in groups["language_model_no_decay"]["params"]}
+    for name, p in lit.model.named_parameters():
+        if name.startswith("multi_modal_projector.") or name == "audio_tower.embed_positions.weight":
+            assert not p.requires_grad, name
+        if name.startswith("language_model.") and name.endswith(("norm.weight", ".bias")):
+            assert id(p) in no_decay, name
+    sched = opt["lr_scheduler"]["scheduler"]
+    mult = [sched.lr_lambdas[0](s) for s in (0, 1, 2, 7, 12, 20)]
+    assert mult[:3] == [0.5, 1.0, 1.0] and 0.1 < mult[3] < 1.0 and mult[4] == mult[5] == pytest.approx(0.1)
 
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -133,16 +278,28 @@ def test_overfits_four_samples(assets, tmp_path):
         [
             "trainer.max_steps=80",
             "trainer.log_every_n_steps=1",
-            "model.optim.lr=5e-3",
+            "model.optimizer.lr=5e-3",
             "export=false",
-            "model.optim.min_lr_ratio=1.0",
-            "model.optim.warmup_steps=5",
+            "model.scheduler.min_lr_ratio=1.0",
+            "model.scheduler.warmup_steps=5",
         ],
     )
     train(cfg)
     losses = _losses(tmp_path / "run")
     assert len(losses) >= 50
     assert min(losses[-5:]) < 0.05 * losses[0], (losses[0], losses[-5:])
+
+
+def test_training_by_epochs_schedules_over_the_trainers_estimate(assets, tmp_path):
+    """trainer.max_steps=-1 (so model.scheduler.max_steps=-1): the cosine spans the trainer's estimated steps."""
+    proc, manifest = assets
+    overrides = ["trainer.max_steps=-1", "trainer.max_epochs=1", "data.batch_max_tokens=800", "export=false"]
+    cfg = compose_train(tmp_path, manifest, proc, overrides)
+    assert cfg.model.scheduler.max_steps == -1
+    _, obj = train(cfg)
+    steps = obj["trainer"].global_step
+    multiplier = obj["trainer"].lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert steps > 1 and multiplier(steps - 1) > 0.1 and multiplier(steps) == pytest.approx(0.1)
 
 
 def _weights(model):
@@ -152,9 +309,7 @@ def _weights(model):
 def test_projector_stage_freezes_encoder_and_lm(assets, tmp_path):
     proc, manifest = assets
     cfg = compose_train(tmp_path, manifest, proc, ["experiment=align_projector", "debug=fast"])
-    from musicflamingo.lit import build_model
-
-    before = _weights(build_model("tiny", {"audio": {"max_source_positions": 100}}, seed=cfg.seed))
+    before = _weights(create_model("tiny", {"audio": {"max_source_positions": 100}}, seed=cfg.seed))
     _, obj = train(cfg)
     after = _weights(obj["model"].model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -164,9 +319,7 @@ def test_projector_stage_freezes_encoder_and_lm(assets, tmp_path):
 def test_lora_keeps_base_and_merges_exactly(assets, tmp_path):
     proc, manifest = assets
     cfg = compose_train(tmp_path, manifest, proc, ["experiment=lora", "debug=fast", "export=true"])
-    from musicflamingo.lit import build_model
-
-    before = _weights(build_model("tiny", {"audio": {"max_source_positions": 100}}, seed=cfg.seed))
+    before = _weights(create_model("tiny", {"audio": {"max_source_positions": 100}}, seed=cfg.seed))
     _, obj = train(cfg)
     lit = obj["model"]
     after = _weights(lit.model)
@@ -190,8 +343,8 @@ def test_resume_is_exact(assets, tmp_path):
         "trainer.log_every_n_steps=1",
         "export=false",
         "callbacks.model_checkpoint.every_n_train_steps=3",
-        "model.optim.max_steps=6",
-        "model.optim.warmup_steps=2",
+        "model.scheduler.max_steps=6",
+        "model.scheduler.warmup_steps=2",
         "data.batch_max_tokens=800",
     ]
     straight = compose_train(tmp_path / "a", manifest, proc, common + ["trainer.max_steps=6"])
@@ -310,11 +463,7 @@ def test_fsdp_strategy_wraps_blocks():
 def test_from_scratch_init_lets_the_audio_through():
     """The encoder's convolutions keep log-mel's scale, so a clip's content is not drowned by the sinusoidal
     positions added after them (with normal(0, 0.02) convs it was ~2 % of the output's variation)."""
-    import torch
-
-    from musicflamingo.lit import build_model
-
-    model = build_model("small", seed=0)
+    model = create_model("small", seed=0)
     tower = model.audio_tower
     torch.manual_seed(0)
     mel = torch.randn(4, tower.conv1.in_channels, 300) * 0.5 + 0.3  # log-mel-like: std ~0.5

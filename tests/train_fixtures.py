@@ -14,15 +14,15 @@ CHUNK = 2.0  # seconds per encoder window in the tiny training tests (tiny prese
 TINY_OVERRIDES = "{audio:{max_source_positions:100}}"
 
 
-def write_processor(dirpath: Path) -> Path:
+def write_processor(dirpath: Path, chunk_length: float = CHUNK) -> Path:
+    """The tiny tokenizer's processor with `chunk_length`-second windows (at most 8 s of audio)."""
     from musicflamingo.processor import MusicFlamingoProcessor
     from musicflamingo.tokenizer import load_tokenizer
 
     dirpath.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(dirpath)
-    MusicFlamingoProcessor(load_tokenizer(dirpath), chunk_length=CHUNK, max_audio_len=8.0).save_pretrained(
-        dirpath
-    )
+    processor = MusicFlamingoProcessor(load_tokenizer(dirpath), chunk_length=chunk_length, max_audio_len=8.0)
+    processor.save_pretrained(dirpath)
     return dirpath
 
 

@@ -16,6 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+# The dependency goes audio -> model (the encoder's output-length formula), never the other way.
+from musicflamingo.model.encoder import conv_output_lengths
+
 logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
@@ -77,9 +80,12 @@ def num_frames(num_samples: int, hop_length: int = HOP_LENGTH) -> int:
 
 
 def tokens_from_frames(num_mel_frames: int) -> int:
-    """Audio tokens for ``L`` valid mel frames (conv stride 2, then avg-pool 2): ``((L-1)//2 + 1 - 2)//2 + 1``."""
-    conv = (int(num_mel_frames) - 1) // 2 + 1
-    return (conv - 2) // 2 + 1
+    """Audio tokens for ``L`` valid mel frames: the encoder's output length (conv stride 2, then avg-pool 2).
+
+    The formula lives with the encoder that defines it (``model.encoder.conv_output_lengths``), so the ``<sound>``
+    count and the encoder's frames cannot disagree.
+    """
+    return int(conv_output_lengths(int(num_mel_frames))[1])
 
 
 def window_bounds(

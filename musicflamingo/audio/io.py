@@ -179,9 +179,15 @@ def load_audio(
     return validate_waveform(x, name=name, min_samples=min_samples)
 
 
-def audio_duration(path: str | os.PathLike) -> float | None:
-    """Length of an audio file in seconds from its header (soundfile: wav, flac, ogg, mp3), or None when
-    soundfile cannot tell (other formats, a missing or damaged file): a cheap estimate, not a check."""
+def audio_duration(
+    path: str | os.PathLike, offset: float = 0.0, duration: float | None = None
+) -> float | None:
+    """Seconds that ``load_audio(path, offset=offset, duration=duration)`` will yield, from the file header
+    (soundfile: wav, flac, ogg, mp3): ``duration`` when given (the file is not opened), else the length after
+    ``offset`` (>= 0). ``None`` when soundfile cannot tell (other formats, a missing or damaged file): a cheap
+    estimate, not a check; callers pick what unknown means for them."""
+    if duration is not None:
+        return float(duration)
     import soundfile as sf
 
     try:
@@ -190,7 +196,7 @@ def audio_duration(path: str | os.PathLike) -> float | None:
         return None
     if info.samplerate <= 0 or info.frames <= 0:
         return None
-    return info.frames / info.samplerate
+    return max(0.0, info.frames / info.samplerate - offset)
 
 
 def load_or_validate(

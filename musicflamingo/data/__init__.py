@@ -1,6 +1,7 @@
 """Training data: manifests -> samples -> token-budget batches (see ``manifest.py`` for the file format)."""
 
-from musicflamingo.data.collate import IGNORE_INDEX, collate
+from musicflamingo.chat import IGNORE_INDEX
+from musicflamingo.data.collate import collate
 from musicflamingo.data.dataset import (
     BadSample,
     BadSampleError,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from musicflamingo.chat import IGNORE_INDEX
 
 
 def collate(

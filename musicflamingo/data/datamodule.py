@@ -142,7 +142,6 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             bad_sample_policy=bad_sample_policy,
             max_text_tokens=max_text_tokens,
             min_audio_seconds=min_audio_seconds,
-            seed=seed,
         )
         self.seed = int(seed)
         self.audio_root = audio_root

@@ -1,15 +1,9 @@
 """Manifest records -> model-ready samples (token ids, labels, log-mel windows), with bad-sample handling.
 
-Labels (default, ``train_on_prompt=False``): -100 everywhere except the assistant turns' content tokens and
-their closing ``<|im_end|>``. The ``<|im_start|>assistant\\n`` header, the ``\\n`` after ``<|im_end|>``, the system
-and user turns and every audio token stay -100. ``train_on_prompt=True`` gives the reference processor's
-convention instead: every token is a label except ``<sound>``, ``<|sound_bos|>``, ``<|sound_eos|>`` and pad.
-
-How the assistant spans are found: the conversation is rendered with ``processor.render_chat`` one message at a
-time (each render of ``messages[:k+1]`` extends the render of ``messages[:k]``), so every piece starts at
-``<|im_start|>``. Special tokens are split off before BPE pre-tokenization, so tokenizing the pieces one by one
-gives exactly the ids of tokenizing the whole string (tested), and the ids equal
-``processor.apply_chat_template`` for the same conversation (tested).
+Ids and labels come from :class:`musicflamingo.chat.ChatEncoder`: by default only the assistant turns (content
+and closing ``<|im_end|>``) are learned; ``train_on_prompt=True`` learns every non-audio, non-pad token (the
+reference processor's convention). The ids equal ``processor.apply_chat_template`` for the same conversation
+(tested).
 
 Bad samples (missing/undecodable/empty/NaN audio, audio shorter than ``min_audio_seconds``, a sequence longer
 than ``max_text_tokens``): with ``bad_sample_policy="error"`` indexing raises :class:`BadSampleError` naming the
@@ -37,22 +31,19 @@ import torch
 from torch.utils.data import Dataset
 
 from musicflamingo.audio.features import num_frames, tokens_from_frames
-from musicflamingo.audio.io import AudioError, load_audio
-from musicflamingo.data.collate import IGNORE_INDEX
-from musicflamingo.data.manifest import FORBIDDEN_TOKENS, AudioRef, Message, Record
+from musicflamingo.audio.io import AudioError, audio_duration, load_audio
+from musicflamingo.chat import Conversation
+from musicflamingo.data.manifest import AudioRef, Message, Record
+from musicflamingo.errors import RunStopped
 
 log = logging.getLogger(__name__)
-
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
-TURN_START = "<|im_start|>"
-TURN_END = "<|im_end|>"
 
 
 class BadSampleError(ValueError):
     """A sample cannot be built (under ``bad_sample_policy="error"``); names id, ``manifest:line`` and reason."""
 
 
-class TooManyBadSamplesError(RuntimeError):
+class TooManyBadSamplesError(RunStopped, RuntimeError):
     """The share of skipped samples exceeded ``max_bad_fraction``."""
 
 
@@ -148,7 +139,6 @@ class ConversationDataset(Dataset):
         bad_sample_policy: ``"error"`` (raise :class:`BadSampleError`) or ``"skip"`` (return a :class:`BadSample`).
         max_text_tokens: longest allowed decoder sequence (text + audio tokens); longer samples are bad samples.
         min_audio_seconds: shorter audio is a bad sample (it is almost surely broken).
-        seed: kept for API symmetry with samplers; the dataset itself is deterministic.
 
     ``dataset[i]`` is a dict: ``input_ids`` long [S], ``labels`` long [S], ``input_features`` float32 [w, 128, F],
     ``input_features_mask`` int32 [w, F] (``w`` = this sample's windows, 0 for text-only), ``num_audio_tokens``
@@ -164,7 +154,6 @@ class ConversationDataset(Dataset):
         bad_sample_policy: str = "error",
         max_text_tokens: int | None = None,
         min_audio_seconds: float = 0.1,
-        seed: int = 0,
     ) -> None:
         if bad_sample_policy not in ("error", "skip"):
             raise ValueError(f"bad_sample_policy must be 'error' or 'skip', got {bad_sample_policy!r}")
@@ -176,19 +165,7 @@ class ConversationDataset(Dataset):
         self.bad_sample_policy = bad_sample_policy
         self.max_text_tokens = max_text_tokens
         self.min_audio_seconds = float(min_audio_seconds)
-        self.seed = int(seed)
-        tok = processor.tokenizer
-        self._encode = tok.encode
-        self._header_ids = tok.encode(ASSISTANT_HEADER)
-        self._tail_ids = tok.encode(TURN_END + "\n")  # [<|im_end|>, "\n"]: the "\n" is not learned
-        self._audio_ids = {
-            processor.audio_token_id,
-            processor.audio_bos_token_id,
-            processor.audio_eos_token_id,
-        }
-        self._unlabelled = self._audio_ids | (
-            {processor.pad_token_id} if processor.pad_token_id is not None else set()
-        )
+        self.chat = processor.chat_encoder(train_on_prompt)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -207,71 +184,8 @@ class ConversationDataset(Dataset):
         self, messages: Sequence[Message], audio_token_counts: Sequence[int]
     ) -> tuple[list[int], list[int]]:
         """Token ids [S] and labels [S] of one conversation whose i-th ``<sound>`` expands to
-        ``<|sound_bos|>`` + ``<sound>`` * counts[i] + ``<|sound_eos|>``."""
-        ids: list[int] = []
-        labels: list[int] = []
-        counts = iter(audio_token_counts)
-        p = self.processor
-        for piece, learn_from, learn_to in self._pieces(messages):
-            for j, t in enumerate(piece):
-                if t == p.audio_token_id:
-                    n = next(counts, None)
-                    if n is None:
-                        raise ValueError("more <sound> tokens in the conversation than audio token counts")
-                    ids += [p.audio_bos_token_id] + [t] * int(n) + [p.audio_eos_token_id]
-                    labels += [IGNORE_INDEX] * (int(n) + 2)
-                    continue
-                ids.append(t)
-                learn = self.train_on_prompt or learn_from <= j < learn_to
-                labels.append(t if learn and t not in self._unlabelled else IGNORE_INDEX)
-        if next(counts, None) is not None:
-            raise ValueError("fewer <sound> tokens in the conversation than audio token counts")
-        return ids, labels
-
-    def _pieces(self, messages: Sequence[Message]) -> list[tuple[list[int], int, int]]:
-        """Rendered conversation cut at special-token boundaries: ``(ids, learn_from, learn_to)`` per piece,
-        where ``ids[learn_from:learn_to]`` is assistant content + ``<|im_end|>`` (empty range elsewhere)."""
-        for i, m in enumerate(messages):  # read_manifest rejects these; Records built in code may not
-            if any(t in m.content for t in FORBIDDEN_TOKENS):
-                raise ValueError(
-                    f"message {i} contains a chat special token, which would fake a turn boundary"
-                )
-        convo = [{"role": m.role, "content": m.content} for m in messages]
-        pieces = []
-        prev = ""
-        for k, m in enumerate(messages):
-            cur = self.processor.render_chat(convo[: k + 1], add_generation_prompt=False)
-            if not cur.startswith(prev) or not cur[len(prev) :].startswith(TURN_START):
-                raise RuntimeError(
-                    "the chat template is not a per-message concatenation starting each turn with <|im_start|>; "
-                    "assistant spans cannot be located"
-                )
-            seg, prev = cur[len(prev) :], cur
-            if m.role != "assistant":
-                pieces.append((self._encode(seg), 0, 0))
-                continue
-            cut = seg.rfind(ASSISTANT_HEADER)  # the segment may start with the default system turn
-            if cut < 0:
-                raise RuntimeError(f"rendered assistant turn lacks {ASSISTANT_HEADER!r}: {seg[:60]!r}")
-            if cut > 0:
-                pieces.append((self._encode(seg[:cut]), 0, 0))
-            pieces.append(self._assistant_piece(seg[cut:]))
-        return pieces
-
-    def _assistant_piece(self, seg: str) -> tuple[list[int], int, int]:
-        ids = self._encode(seg)
-        tail = self._tail_ids
-        if ids[-len(tail) :] != tail:
-            raise RuntimeError(f"assistant turn does not end with {TURN_END!r} + newline: {seg[-40:]!r}")
-        head = self._header_ids
-        if ids[: len(head)] == head:
-            start = len(head)
-        else:
-            # The content starts with a newline that BPE merged with the header's "\n" into one token: that token
-            # straddles header and content; leave it unlearned and learn from the next token on.
-            common = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), min(len(ids), len(head)))
-            start = common + 1
-        return ids, start, len(ids) - len(tail) + 1
+        ``<|sound_bos|>`` + ``<sound>`` * counts[i] + ``<|sound_eos|>`` (see :class:`~musicflamingo.chat.ChatEncoder`)."""
+        return self.chat.encode(chat_messages(messages), audio_token_counts)
 
     # ------------------------------------------------------------------ audio
     def _load(self, ref: AudioRef) -> np.ndarray:
@@ -331,17 +245,15 @@ def usable_samples(num_samples: int, chunk_length: float, max_audio_len: float, 
     return n
 
 
-def audio_duration(ref: AudioRef) -> float:
-    """Seconds of audio a reference will yield: its ``duration`` if given, else ``soundfile.info`` minus the
-    offset; 0.0 when the file cannot be inspected (it will fail, and be handled, when the sample is built)."""
-    if ref.duration is not None:
-        return ref.duration
-    try:
-        import soundfile as sf
+def chat_messages(messages: Sequence[Message]) -> Conversation:
+    """Manifest messages as chat messages (``{"role", "content"}`` dicts)."""
+    return [{"role": m.role, "content": m.content} for m in messages]
 
-        return max(0.0, float(sf.info(ref.path).duration) - ref.offset)
-    except Exception:
-        return 0.0
+
+def _ref_seconds(ref: AudioRef) -> float:
+    # An unreadable file counts as no audio here; it fails, and is handled, when the sample is built.
+    seconds = audio_duration(ref.path, offset=ref.offset, duration=ref.duration)
+    return 0.0 if seconds is None else seconds
 
 
 def estimate_num_tokens(record: Record, dataset: ConversationDataset) -> int:
@@ -352,8 +264,7 @@ def estimate_num_tokens(record: Record, dataset: ConversationDataset) -> int:
     may differ by a token.
     """
     p = dataset.processor
-    sizes = [int(math.ceil(audio_duration(a) * p.sampling_rate)) for a in record.audios]
+    sizes = [int(math.ceil(_ref_seconds(a) * p.sampling_rate)) for a in record.audios]
     sizes = [usable_samples(n, p.chunk_length, p.max_audio_len, p.sampling_rate) for n in sizes]
     counts = [p.audio_token_count(n) for n in sizes]
-    text = sum(len(piece) for piece, _, _ in dataset._pieces(record.messages))
-    return text - len(counts) + sum(n + 2 for n in counts)
+    return dataset.chat.num_tokens(chat_messages(record.messages), counts)

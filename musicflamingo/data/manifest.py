@@ -45,11 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-AUDIO_PLACEHOLDER = "<sound>"
-ROLES = ("system", "user", "assistant")
+from musicflamingo.chat import AUDIO_PLACEHOLDER, FORBIDDEN_TOKENS, ROLES
+
+# The AF3/LLaVA file layout's roles -> chat roles (a manifest layout: the model never sees "human" or "gpt").
 AF3_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-# Special tokens that must not appear inside message text (they would fake turn boundaries).
-FORBIDDEN_TOKENS = ("<|im_start|>", "<|im_end|>", "<|sound_bos|>", "<|sound_eos|>", "<|endoftext|>")
 _AF3_SOUND_NEWLINE = re.compile(re.escape(AUDIO_PLACEHOLDER) + r"\r?\n")
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from musicflamingo.eval.parsing import format_options, normalize_text
+from musicflamingo.chat import format_options
+from musicflamingo.eval.parsing import normalize_text
 
 log = logging.getLogger(__name__)
 

@@ -12,27 +12,26 @@ Two multiple-choice rules, both reported (docs/evaluation.md has the table of wh
 from __future__ import annotations
 
 import re
-import string
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-LETTERS = string.ascii_uppercase
+# The "(A) piano" layout the parsers read is written by chat.format_options (training data and eval prompts).
+from musicflamingo.chat import OPTION_LETTERS, format_options, option_letter
+
+__all__ = [
+    "ChoiceParse",
+    "ParseStatus",
+    "format_options",
+    "mmau_string_match",
+    "normalize_text",
+    "option_letter",
+    "parse_choice",
+    "parse_label",
+]
 
 ParseStatus = Literal["ok", "ambiguous", "unparsed"]
-
-
-def option_letter(index: int) -> str:
-    """``0 -> "A"``; raises for more than 26 options (the "(A)".."(Z)" format has no more letters)."""
-    if not 0 <= index < len(LETTERS):
-        raise ValueError(f"option index {index} has no letter (at most {len(LETTERS)} options)")
-    return LETTERS[index]
-
-
-def format_options(choices: Sequence[str]) -> str:
-    """Options as presented to the model, one per line: ``"(A) piano\\n(B) guitar"``."""
-    return "\n".join(f"({option_letter(i)}) {c}" for i, c in enumerate(choices))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ _LEADING = re.compile(r"^\s*([A-Z])\s*[.:)](?:\s|$)")
 
 
 def _letter_index(letter: str, num_options: int) -> int | None:
-    idx = LETTERS.index(letter.upper())
+    idx = OPTION_LETTERS.index(letter.upper())
     return idx if idx < num_options else None
 
 

@@ -21,9 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from musicflamingo.checkpoint import CheckpointError, check_checkpoint_dir, load_config, stop_token_ids
 from musicflamingo.eval.benchmarks import Benchmark, EvalItem, build_benchmark
 from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
 from musicflamingo.eval.report import write_json, write_report
+from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +94,8 @@ def item_seconds(item: EvalItem) -> float:
     after ``offset`` from the header (:func:`~musicflamingo.audio.io.audio_duration`); ``inf`` when unknown."""
     from musicflamingo.audio.io import audio_duration
 
-    if item.duration is not None:
-        return float(item.duration)
-    total = audio_duration(item.audio)
-    return math.inf if total is None else max(total - item.offset, 0.0)
+    seconds = audio_duration(item.audio, offset=item.offset, duration=item.duration)
+    return math.inf if seconds is None else seconds
 
 
 def predict_items(
@@ -191,17 +193,12 @@ def run_benchmark(
 # Model side
 # --------------------------------------------------------------------------------------------------------------
 def check_checkpoint(ckpt: Any) -> Path:
-    """The checkpoint folder, or :class:`EvalConfigError` if ``ckpt`` is unset or has no ``config.json``."""
-    if ckpt in (None, "", "???"):
-        raise EvalConfigError("ckpt is not set: pass ckpt=/path/to/checkpoint (a folder with config.json)")
-    path = Path(os.path.expanduser(str(ckpt)))
-    if not path.is_dir():
-        raise EvalConfigError(f"ckpt={ckpt} is not a folder (expected a checkpoint folder with config.json)")
-    if not (path / "config.json").is_file():
-        raise EvalConfigError(
-            f"ckpt={ckpt} has no config.json (expected a checkpoint folder saved by save_pretrained)"
-        )
-    return path
+    """The checkpoint folder (:func:`musicflamingo.checkpoint.check_checkpoint_dir`, the check infer.py makes),
+    or :class:`EvalConfigError` if ``ckpt`` is unset, not a folder, or lacks its config or tokenizer."""
+    try:
+        return check_checkpoint_dir(ckpt)
+    except CheckpointError as e:
+        raise EvalConfigError(str(e)) from None
 
 
 def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
@@ -212,19 +209,17 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     greedy with ``max_new_tokens``; only the new tokens are decoded.
     """
     ckpt = check_checkpoint(cfg.get("ckpt"))
-    import torch
-
     from musicflamingo import MusicFlamingo, MusicFlamingoProcessor
-    from musicflamingo.checkpoint import load_config
-    from musicflamingo.inference import InferenceError, resolve_device_dtype
 
+    config = load_config(ckpt)
     # auto: bf16 on CUDA, fp32 on CPU unless its weights do not fit; weights larger than the memory are refused
     try:
         device, dtype = resolve_device_dtype(
-            cfg.get("device", "auto"), cfg.get("dtype", "auto"), load_config(ckpt).num_parameters()
+            cfg.get("device", "auto"), cfg.get("dtype", "auto"), config.num_parameters()
         )
-    except InferenceError as e:
+    except RuntimeConfigError as e:
         raise EvalConfigError(str(e)) from None
+    stops = stop_token_ids(ckpt, config)  # generation_config.json's eos ids + the config's, as infer.py
     model = MusicFlamingo.from_pretrained(str(ckpt), dtype=dtype, device=device)
     model.eval()
     processor = MusicFlamingoProcessor.from_pretrained(str(ckpt))
@@ -258,7 +253,9 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
             if value is not None:
                 feeds[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
         extra = {"compile": True} if compile_steps else {}
-        out = model.generate(**feeds, max_new_tokens=max_new_tokens, do_sample=False, **extra)  # (B, S + new)
+        out = model.generate(  # (B, S + new)
+            **feeds, max_new_tokens=max_new_tokens, do_sample=False, stop_token_ids=stops, **extra
+        )
         return [t.strip() for t in decode(out[:, feeds["input_ids"].shape[1] :].cpu())]
 
     return predict

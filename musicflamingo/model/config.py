@@ -10,7 +10,6 @@ cannot ask for terabytes: `ConfigError` names the field, the value and what was 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -46,9 +45,21 @@ def _check_float(obj: Any, name: str, lo: float, hi: float, where: str) -> None:
         raise ConfigError(f"{where}.{name}={value} is outside the allowed range [{lo}, {hi}]")
 
 
+def _check_probability(obj: Any, name: str, where: str) -> None:
+    """A dropout probability: 0 <= p < 1 (p = 1 would zero everything and divide by zero when rescaling)."""
+    _check_float(obj, name, 0.0, 1.0, where)
+    if getattr(obj, name) >= 1.0:
+        raise ConfigError(f"{where}.{name}={getattr(obj, name)} must be below 1 (a dropout probability)")
+
+
 @dataclass
 class AudioEncoderConfig:
-    """Whisper-style encoder (AudioFlamingo3Encoder). `max_source_positions` = mel frames per window / 2."""
+    """Whisper-style encoder (AudioFlamingo3Encoder). `max_source_positions` = mel frames per window / 2.
+
+    Dropout (training only, as the reference): `dropout` on the hidden states after the positions and on the
+    attention and MLP outputs before each residual add; `activation_dropout` after the MLP's GELU;
+    `attention_dropout` on the attention probabilities.
+    """
 
     num_mel_bins: int = 128
     hidden_size: int = 1280
@@ -71,6 +82,8 @@ class AudioEncoderConfig:
         _check_int(self, "intermediate_size", 1, 8 * _MAX_DIM, w)
         _check_int(self, "max_source_positions", 2, 1_000_000, w)
         _check_float(self, "layer_norm_eps", 0.0, 1.0, w)
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            _check_probability(self, name, w)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"audio_config.hidden_size={self.hidden_size} must be divisible by "
@@ -98,7 +111,7 @@ class AudioEncoderConfig:
 
 @dataclass
 class TextConfig:
-    """Qwen2 decoder."""
+    """Qwen2 decoder. `attention_dropout`: dropout on the attention probabilities, training only."""
 
     vocab_size: int = 151672
     hidden_size: int = 3584
@@ -114,6 +127,7 @@ class TextConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | None = 151645
     pad_token_id: int | None = 151643
+    attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         w = "text_config"
@@ -126,6 +140,7 @@ class TextConfig:
         _check_int(self, "max_position_embeddings", 1, _MAX_POSITIONS, w)
         _check_float(self, "rope_theta", 1.0, 1e12, w)
         _check_float(self, "rms_norm_eps", 0.0, 1.0, w)
+        _check_probability(self, "attention_dropout", w)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -215,11 +230,12 @@ class MusicFlamingoConfig:
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> MusicFlamingoConfig:
-        """Build a preset; `overrides` may set top-level fields or `audio={...}` / `text={...}` partial dicts."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        base = PRESETS[name]
+    def from_name(cls, preset: str, /, **overrides: Any) -> MusicFlamingoConfig:
+        """Build a preset; `overrides` may set top-level fields (`name` too) or `audio={...}` / `text={...}` partial
+        dicts."""
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+        base = PRESETS[preset]
         audio = {**base.get("audio", {}), **(overrides.pop("audio", None) or {})}
         text = {**base.get("text", {}), **(overrides.pop("text", None) or {})}
         top = {k: v for k, v in base.items() if k not in ("audio", "text")}
@@ -228,7 +244,7 @@ class MusicFlamingoConfig:
         unknown = sorted(set(top) - valid)
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; valid: {sorted(valid)}")
-        top.setdefault("name", name)
+        top.setdefault("name", preset)
         return cls(
             audio=_make(AudioEncoderConfig, audio, "audio"), text=_make(TextConfig, text, "text"), **top
         )
@@ -261,6 +277,9 @@ class MusicFlamingoConfig:
                 intermediate_size=pick(ac, "intermediate_size", "encoder_ffn_dim", default=5120),
                 max_source_positions=pick(ac, "max_source_positions", default=1500),
                 scale_embedding=bool(pick(ac, "scale_embedding", default=False)),
+                dropout=pick(ac, "dropout", default=0.0),
+                attention_dropout=pick(ac, "attention_dropout", default=0.0),
+                activation_dropout=pick(ac, "activation_dropout", default=0.0),
             )
             rope = tc.get("rope_parameters") or {}
             eos = tc.get("eos_token_id")
@@ -281,6 +300,7 @@ class MusicFlamingoConfig:
                 bos_token_id=tc.get("bos_token_id"),
                 eos_token_id=eos,
                 pad_token_id=tc.get("pad_token_id"),
+                attention_dropout=pick(tc, "attention_dropout", default=0.0),
             )
             rote = d.get("rope_parameters") or {}
             if rote.get("rope_type", "default") != "default":
@@ -321,9 +341,9 @@ class MusicFlamingoConfig:
                 "max_source_positions": a.max_source_positions,
                 "activation_function": "gelu",
                 "scale_embedding": a.scale_embedding,
-                "dropout": 0.0,
-                "attention_dropout": 0.0,
-                "activation_dropout": 0.0,
+                "dropout": a.dropout,
+                "attention_dropout": a.attention_dropout,
+                "activation_dropout": a.activation_dropout,
                 "layerdrop": 0.0,
             },
             "text_config": {
@@ -343,6 +363,7 @@ class MusicFlamingoConfig:
                 "bos_token_id": t.bos_token_id,
                 "eos_token_id": t.eos_token_id,
                 "pad_token_id": t.pad_token_id,
+                "attention_dropout": t.attention_dropout,
                 "use_cache": True,
             },
             "audio_token_id": self.audio_token_id,
@@ -374,9 +395,6 @@ class MusicFlamingoConfig:
 
     def to_json(self, path: str | Path, dtype: str | None = None) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(dtype), indent=2) + "\n")
-
-    def replace(self, **changes: Any) -> MusicFlamingoConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def _make(cls: type, values: dict[str, Any], where: str) -> Any:

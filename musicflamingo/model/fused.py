@@ -57,13 +57,11 @@ def norm_linear(
     (..., sum(out)) tensor. In fp32 they equal the separate modules' bit for bit at the model's widths (tested);
     at other widths the GEMM library may pick kernels that sum in another order (differences ~1e-7).
     """
-    from musicflamingo.model.qwen2 import RMSNorm  # here: qwen2 imports this module
-
     if norm is None:
         kind, norm_args = "none", (None, None, 0.0)
     elif type(norm) is torch.nn.LayerNorm and len(norm.normalized_shape) == 1:
         kind, norm_args = "layer", (norm.weight, norm.bias, norm.eps)
-    elif type(norm) is RMSNorm:
+    elif getattr(type(norm), "fused_kind", None) == "rms":  # layers.RMSNorm (this module sits below it)
         kind, norm_args = "rms", (norm.weight, None, norm.eps)
     else:
         return None

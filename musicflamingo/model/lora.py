@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class LoRALinear(nn.Linear):
     def __init__(
@@ -62,13 +60,10 @@ class LoRALinear(nn.Linear):
 
 
 def apply_lora(
-    root: nn.Module,
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    root: nn.Module, *, rank: int, alpha: float, dropout: float, targets: Sequence[str]
 ) -> list[str]:
-    """Replace every `nn.Linear` under `root` whose attribute name is in `targets`; returns the replaced names."""
+    """Replace every `nn.Linear` under `root` whose attribute name is in `targets` (e.g. `q_proj`, `down_proj`);
+    returns the replaced names. The settings come from the config (`model.net.lora` in `configs/model/tiny.yaml`)."""
     replaced = []
     for name, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -89,7 +84,3 @@ def merge_lora(root: nn.Module) -> int:
                 setattr(module, child_name, child.merged_linear())
                 n += 1
     return n
-
-
-def lora_parameters(root: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in root.named_parameters() if "lora_" in n]

@@ -11,20 +11,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from musicflamingo import engine
+from musicflamingo.chat import IGNORE_INDEX
+from musicflamingo.checkpoint import load_config, read_state_dict, write_state_dict
 from musicflamingo.model.config import MusicFlamingoConfig
 from musicflamingo.model.encoder import AudioEncoder, conv_output_lengths
 from musicflamingo.model.fused import linear_cross_entropy
+from musicflamingo.model.layers import CacheView
 from musicflamingo.model.projector import AudioProjector
-from musicflamingo.model.qwen2 import KVCache, Qwen2Model
+from musicflamingo.model.qwen2 import Qwen2Model
 from musicflamingo.model.rote import RotaryTimeEmbedding, apply_rotary_time_emb, build_audio_timestamps
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -32,9 +33,6 @@ class MusicFlamingoOutput:
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     num_label_tokens: int = 0
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
 
 
 def causal_lm_loss(
@@ -160,48 +158,49 @@ class MusicFlamingo(nn.Module):
                     f"input_ids contain {n} <sound> placeholder tokens but no input_features were given"
                 )
             return embeds
+        # (N_audio, D_t); `build_audio_timestamps` checks N_audio against the number of <sound> tokens
         audio = self.encode_audio(input_features, input_features_mask, input_ids)
-        n_tokens, n_frames = int(placeholder.sum()), audio.shape[0]
-        if n_tokens != n_frames:
-            raise ValueError(
-                f"audio placeholder tokens and audio frames do not match: {n_tokens} <sound> tokens, "
-                f"{n_frames} audio frames"
-            )
         # masked_scatter fills in row-major (batch, then sequence) order: the i-th audio lands in the i-th run.
         return embeds.masked_scatter(placeholder[..., None], audio.to(embeds.dtype))
 
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: CacheView | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         return_logits: bool = True,
         logits_to_keep: int = 0,
-        **unused: Any,
     ) -> MusicFlamingoOutput:
         """input_ids (B, S) -> logits (B, S, V) and, with `labels` (B, S), the mean shifted cross-entropy.
 
+        `inputs_embeds` (B, S, D): the prompt already embedded (`embed`), instead of ids and audio.
         `return_logits=False` skips the full logits (training): only labelled positions reach the head.
-        `logits_to_keep=k` keeps the last k positions (generation). Extra keys (e.g. `lengths`) are ignored so a
-        collated batch or the processor's output can be passed as `**batch`.
+        `logits_to_keep=k` keeps the last k positions (generation). `cache`: where keys and values go
+        (`KVCache.view_prefill`; the generation engine drives it).
         """
-        embeds = self.embed(input_ids, input_features, input_features_mask)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids, input_features, input_features_mask)
+        elif input_features is not None:
+            raise ValueError("inputs_embeds already hold the audio: do not pass input_features as well")
         if labels is not None and not return_logits and cache is None:
             # Only the labelled positions reach the loss: the last decoder layer computes nothing else.
-            y = labels[:, 1:].to(embeds.device)
+            y = labels[:, 1:].to(inputs_embeds.device)
             wanted = F.pad(y != IGNORE_INDEX, (0, 1))  # (B, S): position t predicts label t+1
             hidden = self.language_model(
-                embeds, attention_mask=attention_mask, position_ids=position_ids, output_rows=wanted
+                inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, output_rows=wanted
             )
             loss, n = labelled_loss(hidden, y[y != IGNORE_INDEX], self.lm_head)
             return MusicFlamingoOutput(loss=loss, num_label_tokens=n)
         hidden = self.language_model(
-            embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache
+            inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache
         )
         out = MusicFlamingoOutput()
         if labels is not None:
@@ -219,26 +218,38 @@ class MusicFlamingo(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
     ) -> MusicFlamingo:
-        """Load a Hugging Face layout folder (config.json + safetensors). See `musicflamingo.checkpoint`."""
-        from musicflamingo.checkpoint import load_pretrained
+        """Load a Hugging Face layout folder (config.json + safetensors) in eval mode, never holding two copies of
+        the weights: built on the meta device, then each tensor is read into its final buffer and assigned.
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        dtype None/"auto" keeps the checkpoint's floating dtype. Rotary buffers are recomputed in float32.
+        """
+        config = load_config(path)
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        # A tied head is stored once, as the embedding.
+        tied = config.text.tie_word_embeddings
+        expected = {k: t.shape for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        state = read_state_dict(path, expected, dtype=dtype, device=device)
+        model.load_state_dict(state, strict=not tied, assign=True)
+        del state
+        if tied:
+            model.lm_head.weight = model.language_model.embed_tokens.weight
+        model.reset_buffers(device)  # created on meta: rebuilt in float32 on the target device
+        return model.eval()
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json + safetensors in the reference layout (loadable by `transformers`)."""
-        from musicflamingo.checkpoint import save_pretrained
+        """Write config.json + safetensors in the reference layout (loadable by `transformers`), atomically."""
+        state = self.state_dict()
+        if self.config.text.tie_word_embeddings:
+            del state["lm_head.weight"]
+        write_state_dict(state, self.config, path, max_shard_size=max_shard_size, dtype=self.dtype)
 
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+    def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        """Prompt plus new ids (B, S + new): a thin caller of the engine (`musicflamingo.engine.generate`, whose
+        arguments it takes; unknown ones raise TypeError)."""
+        return engine.generate(self, input_ids, **kwargs)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Prompt plus new ids (B, S + new); see `musicflamingo.generation.generate`."""
-        from musicflamingo.generation import generate
-
-        return generate(self, input_ids, **kwargs)
-
-    def stream_generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Iterator[torch.Tensor]:
-        """Yield the new token of every row (B,) per step; see `musicflamingo.generation.stream_generate`."""
-        from musicflamingo.generation import stream_generate
-
-        return stream_generate(self, input_ids, **kwargs)
+    def stream_generate(self, input_ids: torch.Tensor, **kwargs: object) -> Iterator[torch.Tensor]:
+        """Yield the new token of every row (B,) per step (`musicflamingo.engine.stream_generate`)."""
+        return engine.stream_generate(self, input_ids, **kwargs)

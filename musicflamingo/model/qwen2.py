@@ -1,4 +1,4 @@
-"""Qwen2 decoder: GQA with q/k/v bias, RMSNorm, half-split RoPE, SwiGLU MLP, and an explicit KV cache.
+"""Qwen2 decoder: GQA with q/k/v bias, RMSNorm, half-split RoPE, SwiGLU MLP; keys/values go to a `KVCache`.
 
 Numerics follow the reference `Qwen2Model` (transformers >= 5.5) with SDPA:
 * RMSNorm computes in float32 and casts back *before* the weight multiply.
@@ -7,9 +7,8 @@ Numerics follow the reference `Qwen2Model` (transformers >= 5.5) with SDPA:
   `(B, 1, T, past+T)` mask = causal & key-not-padding.
 * One-token bf16/fp16 decode steps on CPU use plain matmuls (`decode_attention`), the reference's eager
   formula: there the CPU flash kernel is ~4x (batch 1) to ~10x (batch 8) slower than two small matmuls. oneDNN
-  compiles a kernel for every new bf16 matmul shape (~1 ms each, measured), so those steps see the cache up to
-  a multiple of `KVCache.width_multiple` keys under the key mask (see `generation.stream_generate`), not a
-  width that grows by one per step.
+  compiles a kernel for every new bf16 matmul shape, so the engine lets those steps see the cache in blocks of
+  keys under the key mask (`engine.KEY_BLOCK`), not a width that grows by one per step.
 """
 
 from __future__ import annotations
@@ -19,176 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicflamingo.model.config import TextConfig
-from musicflamingo.model.fused import project, rms_norm, swiglu_linear
-
-
-class KVCache:
-    """Preallocated keys/values for every layer, filled in place.
-
-    Lifecycle: `KVCache(...)` allocates `(layers, B, H_kv, max_length, head_dim)` once; each forward writes its
-    `T` new positions at `[length, length+T)` through `update()` and the model calls `advance(T)` after the last
-    layer; `reset()` empties it for reuse with the same shapes (no reallocation).
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        batch_size: int,
-        max_length: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_length = max_length
-        self.length = 0
-        # One-position writes return the cache up to the next multiple of this (`set_width_multiple`).
-        self.width_multiple = 1
-        # Static mode (`make_static`): the write position as a tensor, and one tensor per layer.
-        self.write_pos: torch.Tensor | None = None
-        self._static: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-
-    @classmethod
-    def for_config(
-        cls,
-        config: TextConfig,
-        batch_size: int,
-        max_length: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> KVCache:
-        return cls(
-            config.num_hidden_layers,
-            batch_size,
-            max_length,
-            config.num_key_value_heads,
-            config.head_dim,
-            dtype,
-            device,
-        )
-
-    def make_static(self, static: bool = True) -> None:
-        """Switch to (or, with False, back from) static mode, for compiled decode steps.
-
-        In static mode every forward writes ONE position, at `write_pos` (a (1,) tensor that `advance` moves in
-        place), and `update` returns the whole buffer (B, H_kv, max_length, hd): the caller's key mask must hide
-        the slots not written yet. Nothing a step sees changes shape or Python value, so `torch.compile` traces
-        it once (see `generation.stream_generate(compile=True)`).
-        """
-        if static:
-            self._clear_unwritten()  # the key mask hides them, but not a stale NaN (see set_width_multiple)
-            self.write_pos = torch.full((1,), self.length, dtype=torch.long, device=self.keys.device)
-            self._static = (list(self.keys.unbind(0)), list(self.values.unbind(0)))
-        else:
-            self.write_pos, self._static = None, None
-
-    def set_width_multiple(self, multiple: int = 1) -> None:
-        """Make each one-position `update` return the cache up to `width(length + 1)` positions instead of
-        exactly the written ones (1: exactly; `reset` restores it). The caller's key mask, `width` wide, must hide
-        the slots not written yet; they are zeroed here (`_clear_unwritten`). For CPU bf16 decode steps: their
-        attention matmuls then keep one shape for `multiple` steps instead of compiling a new oneDNN kernel every
-        step."""
-        if multiple < 1:
-            raise ValueError(f"width multiple must be >= 1, got {multiple}")
-        if multiple > 1:
-            self._clear_unwritten()
-        self.width_multiple = multiple
-
-    def _clear_unwritten(self) -> None:
-        """Zero the slots past `length`, which masked attention will read: an earlier run may have left NaN or inf
-        there, and a mask does not hide those (SDPA adds -inf to a NaN score; probability 0 times a NaN value is
-        NaN)."""
-        self.keys[:, :, :, self.length :].zero_()
-        self.values[:, :, :, self.length :].zero_()
-
-    def width(self, end: int) -> int:
-        """How many positions a one-position step that fills the cache to `end` sees (see `set_width_multiple`)."""
-        m = self.width_multiple
-        return min(-(-end // m) * m, self.max_length)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, hd) at the current position; return all keys/values so far (static mode:
-        the whole buffer; a one-position write with a width multiple: `width(length + 1)` positions)."""
-        if self._static is not None:
-            keys, values = self._static[0][layer], self._static[1][layer]
-            keys[:, :, self.write_pos] = k  # in place, at a tensor index: one graph for every position
-            values[:, :, self.write_pos] = v
-            return keys, values
-        T = k.shape[2]
-        end = self.length + T
-        if end > self.max_length:
-            raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.max_length} allocated")
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        if T == 1:
-            end = self.width(end)
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-        if self.write_pos is not None:
-            if n != 1:
-                raise RuntimeError(f"a static KV cache advances one position per step, not {n}")
-            self.write_pos += 1
-
-    def reset(self) -> None:
-        self.length = 0
-        self.make_static(False)
-        self.width_multiple = 1
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only batch rows `index` (e.g. to drop finished rows)."""
-        self.keys = self.keys[:, index]
-        self.values = self.values[:, index]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics, cast BEFORE the weight multiply, like the reference (see fused.rms_norm)
-        return rms_norm(x, self.weight, self.eps)
-
-
-class RotaryEmbedding(nn.Module):
-    """Half-split RoPE. `inv_freq` is a float32 buffer recomputed from config, never loaded or cast."""
-
-    def __init__(self, config: TextConfig) -> None:
-        super().__init__()
-        self.head_dim = config.head_dim
-        self.theta = config.rope_theta
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
-
-    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
-        d = self.head_dim
-        return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
-
-    def reset_buffers(self, device: torch.device) -> None:
-        self.inv_freq = self.compute_inv_freq(device)
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
-        # `model.to(torch.bfloat16)` would cast these buffers and change the numbers: keep them float32.
-        super()._apply(fn, recurse)
-        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
-            self.reset_buffers(self.inv_freq.device)
-        return self
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin (B, T, head_dim) in `dtype`."""
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+from musicflamingo.model.fused import project, swiglu_linear
+from musicflamingo.model.layers import CacheView, RMSNorm, RotaryEmbedding, rotate_half
 
 
 def uses_decode_attention(device: torch.device, dtype: torch.dtype) -> bool:
@@ -221,6 +52,7 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.attention_dropout = config.attention_dropout
         h = config.hidden_size
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=True)
@@ -234,51 +66,48 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         is_causal: bool,
-        cache: KVCache | None,
+        cache: CacheView | None = None,
         norm: nn.Module | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, h), normalised by `norm` first if given; cos/sin (B, T, hd); mask None or bool (B, 1, T, past+T)."""
+        """x (B, T, h), normalised by `norm` first if given; cos/sin (B or 1, T, hd); mask None or bool
+        (B, 1, Q, keys), True = visible. Returns (B, Q, h) with Q = T, or with `rows` (B, K) sequence indices the
+        outputs at those positions only (Q = K): keys and values still come from every position."""
         B, T, _ = x.shape
-        qkv = project(x, norm, [self.q_proj, self.k_proj, self.v_proj], own=(2,))  # v goes to SDPA as is
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv)  # (B, H or H_kv, T, hd)
-        c, s = cos[:, None], sin[:, None]
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
+        if rows is None:
+            q, k, v = project(
+                x, norm, [self.q_proj, self.k_proj, self.v_proj], own=(2,)
+            )  # v goes to SDPA as is
+            q_cos, q_sin = cos, sin
+        else:
+            k, v = project(x, norm, [self.k_proj, self.v_proj], own=(1,))
+            q = project(gather_rows(x, rows), norm, [self.q_proj])[0]
+            q_cos, q_sin = (gather_rows(t.expand(B, -1, -1), rows) for t in (cos, sin))  # (B, K, hd)
+        q = q.view(B, q.shape[1], -1, self.head_dim).transpose(1, 2)  # (B, H, Q, hd)
+        k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, H_kv, T, hd)
+        q = q * q_cos[:, None] + rotate_half(q) * q_sin[:, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        if T == 1 and cache is not None and uses_decode_attention(q.device, q.dtype):
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, keys, hd)
+        Q = q.shape[2]
+        if Q == 1 and cache is not None and uses_decode_attention(q.device, q.dtype):
             a = decode_attention(q, k, v, mask)
         else:
-            gqa = self.num_heads != self.num_kv_heads
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        return self.o_proj(a.transpose(1, 2).reshape(B, T, -1))
+            a = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                dropout_p=self.attention_dropout if self.training else 0.0,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
+        return self.o_proj(a.transpose(1, 2).reshape(B, Q, -1))
 
-    def forward_rows(
-        self,
-        x: torch.Tensor,
-        x_rows: torch.Tensor,
-        rows: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor,
-        norm: nn.Module | None = None,
-    ) -> torch.Tensor:
-        """Outputs for some query positions only: keys and values from all of x (B, T, h), queries from x_rows
-        (B, K, h) = x at the sequence indices `rows` (B, K). cos/sin (B or 1, T, hd); mask bool (B, 1, K, T).
-        Returns (B, K, h)."""
-        B, T, _ = x.shape
-        K = rows.shape[1]
-        kv = project(x, norm, [self.k_proj, self.v_proj], own=(1,))
-        k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in kv)
-        q = project(x_rows, norm, [self.q_proj])[0].view(B, K, -1, self.head_dim).transpose(1, 2)
-        idx = rows[..., None].expand(B, K, cos.shape[-1])
-        cq, sq = (t.expand(B, -1, -1).gather(1, idx)[:, None] for t in (cos, sin))  # (B, 1, K, hd)
-        c, s = cos[:, None], sin[:, None]
-        q = q * cq + rotate_half(q) * sq
-        k = k * c + rotate_half(k) * s
-        gqa = self.num_heads != self.num_kv_heads
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(a.transpose(1, 2).reshape(B, K, -1))
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D) at the sequence indices rows (B, K) -> (B, K, D)."""
+    return x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))
 
 
 class MLP(nn.Module):
@@ -305,21 +134,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, cos, sin, mask, is_causal, cache, rows=None):  # noqa: ANN001, ANN201 (hot path)
-        """h (B, T, h) -> (B, T, h); with `rows` (B, K) sequence indices, the outputs at those positions only,
-        (B, K, h), and `mask` (B, 1, K, T) (see `Qwen2Model.forward`'s `output_rows`). One entry point, so
-        wrappers around the layer (FSDP, checkpointing, torch.compile) see both uses."""
-        if rows is not None:
-            return self._forward_rows(h, rows, cos, sin, mask)
+    def forward(self, h, cos, sin, mask, is_causal, cache=None, rows=None):  # noqa: ANN001, ANN201 (hot path)
+        """h (B, T, h) -> (B, T, h); with `rows` (B, K), the outputs at those positions only, (B, K, h) (see
+        `Qwen2Model.forward`'s `output_rows`). One entry point, so wrappers around the layer (FSDP,
+        checkpointing, torch.compile) see every use."""
         # The norms go in with their inputs so training can fuse them into the following GEMM (fused.norm_linear).
-        h = h + self.self_attn(h, cos, sin, mask, is_causal, cache, norm=self.input_layernorm)
+        attn = self.self_attn(h, cos, sin, mask, is_causal, cache, norm=self.input_layernorm, rows=rows)
+        if rows is not None:
+            h = gather_rows(h, rows)  # the residual stream at the wanted positions
+        h = h + attn
         return h + self.mlp(h, norm=self.post_attention_layernorm)
-
-    def _forward_rows(self, h, rows, cos, sin, mask):  # noqa: ANN001, ANN202
-        h_rows = h.gather(1, rows[..., None].expand(*rows.shape, h.shape[-1]))
-        attn = self.self_attn.forward_rows(h, h_rows, rows, cos, sin, mask, norm=self.input_layernorm)
-        h_rows = h_rows + attn
-        return h_rows + self.mlp(h_rows, norm=self.post_attention_layernorm)
 
 
 def build_attention_mask(
@@ -364,7 +188,8 @@ def _padded_rows(wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Qwen2Model(nn.Module):
-    """Embeddings + decoder stack + final norm (no head). Positions default to `past + arange(T)`."""
+    """Embeddings + decoder stack + final norm (no head): the one decoder forward for training, prefill and
+    decode steps."""
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -380,47 +205,51 @@ class Qwen2Model(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: CacheView | None = None,
         output_rows: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """inputs_embeds (B, T, h) -> hidden (B, T, h). attention_mask covers past+current keys.
+        """inputs_embeds (B, T, h) -> normalised hidden states (B, T, h).
 
-        `output_rows`: bool (B, T), the only positions whose hidden state is wanted (a training loss needs the
-        labelled ones). The last layer then computes queries, attention output and MLP for those positions
-        alone (keys and values still cover every position) and the result is (N, h), the wanted positions in
-        row-major order. Without a KV cache only.
+        attention_mask: None, (B, keys) with 1 = real token, or a ready bool (B, 1, T, keys) mask (True = visible).
+        position_ids (B, T): default `past + arange(T)` after what the cache holds. `rope`: precomputed
+        (cos, sin), (B, T, head_dim) each, instead of positions (decode steps index a table built once).
+        cache: where this forward writes keys and values (`KVCache.view_prefill` / `view_decode`); the caller
+        moves the cache's lengths on afterwards, so a compiled step changes no Python state.
+        output_rows: bool (B, T), the only positions whose hidden state is wanted (a training loss needs the
+        labelled ones). The last layer then computes queries, attention output and MLP for those positions alone
+        (keys and values still cover every position) and the result is (N, h), the wanted positions in
+        row-major order. Without a cache only.
         """
         B, T, _ = inputs_embeds.shape
         if output_rows is not None and cache is not None:
             raise ValueError("output_rows needs a forward without a KV cache")
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
-        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        past = 0 if cache is None else cache.width - T
+        if rope is None:
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+            rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        cos, sin = rope
         mask, is_causal = build_attention_mask(attention_mask, T, past, inputs_embeds.device)
-        h = inputs_embeds
-        layers = self.layers if output_rows is None else self.layers[:-1]
-        checkpointing = self.gradient_checkpointing and self.training and cache is None
-        for layer in layers:
-            if checkpointing:
-                h = torch.utils.checkpoint.checkpoint(
-                    layer, h, cos, sin, mask, is_causal, None, use_reentrant=False
-                )
-            else:
-                h = layer(h, cos, sin, mask, is_causal, cache)
+        rows = valid = row_mask = None
         if output_rows is not None:
             rows, valid = _padded_rows(output_rows)  # (B, K) sequence indices, (B, K) real or filler
             if mask is None:  # causal over sequence indices; right padding needs nothing more (see above)
-                row_mask = torch.arange(T, device=h.device)[None, None, :] <= rows[:, :, None]
+                row_mask = torch.arange(T, device=inputs_embeds.device)[None, None, :] <= rows[:, :, None]
             else:  # (B, 1, T, T) causal & key-not-padding: its rows for these queries
                 row_mask = mask.expand(B, 1, T, T).gather(2, rows[:, None, :, None].expand(B, 1, -1, T))[:, 0]
-            args = (h, cos, sin, row_mask[:, None], False, None, rows)
-            last = self.layers[-1]
-            if checkpointing:
-                h = torch.utils.checkpoint.checkpoint(last, *args, use_reentrant=False)
+        checkpointing = self.gradient_checkpointing and self.training and cache is None
+        h = inputs_embeds
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if rows is not None and i == last:
+                args = (h, cos, sin, row_mask[:, None], False, None, rows)
             else:
-                h = last(*args)
+                args = (h, cos, sin, mask, is_causal, cache)
+            if checkpointing:
+                h = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                h = layer(*args)
+        if valid is not None:
             h = h[valid]  # (N, h)
-        if cache is not None:
-            cache.advance(T)
         return self.norm(h)

@@ -368,7 +368,9 @@ def build_corpus(
             pos = {qt: positions[qt][j] for qt in QUESTION_TYPES}
             clip = clip_records(c.clip_id, f"audio/{c.clip_id}.wav", c.meta, rng, pos)
             records += clip
-            chats.append(chat_record(c.clip_id, clip, np.random.default_rng([cfg.seed, SPLITS.index(s), 5, j])))
+            chats.append(
+                chat_record(c.clip_id, clip, np.random.default_rng([cfg.seed, SPLITS.index(s), 5, j]))
+            )
         for name, rows in ((f"{s}.jsonl", records), (f"{s}_chat.jsonl", chats)):
             with open(tmp / name, "w", encoding="utf-8") as f:
                 for r in rows:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from musicflamingo.chat import AUDIO_PLACEHOLDER, format_options
 from musicflamingo.data.synthetic.theory import (
     INSTRUMENT_FAMILIES,
     TEMPO_BUCKETS,
@@ -29,7 +30,6 @@ from musicflamingo.data.synthetic.theory import (
     key_distractors,
 )
 
-SOUND_TOKEN = "<sound>"
 CAPTION_PROMPT = "Describe the track."
 LETTERS = "ABCD"
 NUM_OPTIONS = len(LETTERS)
@@ -93,11 +93,6 @@ def mcq_choices(
     return wrong[:pos] + [answer] + wrong[pos:], answer
 
 
-def format_options(choices: list[str]) -> str:
-    """``"(A) 60 BPM (B) 90 BPM (C) 120 BPM (D) 160 BPM"``."""
-    return " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
-
-
 def clip_records(
     clip_id: str,
     audio: str,
@@ -110,7 +105,7 @@ def clip_records(
 
     def conv(user: str, assistant: str) -> list[dict[str, str]]:
         return [
-            {"role": "user", "content": SOUND_TOKEN + user},
+            {"role": "user", "content": AUDIO_PLACEHOLDER + user},
             {"role": "assistant", "content": assistant},
         ]
 
@@ -126,7 +121,8 @@ def clip_records(
     for qt in QUESTION_TYPES:
         choices, answer = mcq_choices(meta, qt, rng, (answer_positions or {}).get(qt))
         letter = LETTERS[choices.index(answer)]
-        prompt = f"{QUESTIONS[qt]}\n{format_options(choices)}\n{ANSWER_INSTRUCTION}"
+        # One line of options, "(A) 60 BPM (B) 90 BPM ...", unlike the one-per-line layout of eval prompts.
+        prompt = f"{QUESTIONS[qt]}\n{format_options(choices, sep=' ')}\n{ANSWER_INSTRUCTION}"
         records.append(
             {
                 "id": f"{clip_id}-{qt}",
@@ -159,7 +155,7 @@ def chat_record(clip_id: str, records: list[dict], rng: np.random.Generator) -> 
     conversations = []
     for k, r in enumerate(order):
         user, assistant = r["conversations"]
-        content = user["content"] if k == 0 else user["content"].replace(SOUND_TOKEN, "")
+        content = user["content"] if k == 0 else user["content"].replace(AUDIO_PLACEHOLDER, "")
         conversations += [{"role": "user", "content": content}, dict(assistant)]
     return {
         "id": f"{clip_id}-chat",

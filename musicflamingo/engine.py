@@ -1,0 +1,457 @@
+"""The generation engine: the one path from prompts to tokens (batch inference, chat, eval, `generate`).
+
+An `Engine` owns a `KVCache` with a fixed number of slots. A request is admitted into a free slot: its prompt is
+prefilled alone (audio encoded once, positions 0..T-1 in its own slot) and its first token sampled. Every `step()`
+then advances all decoding slots together, one token each, each row at its own position under a key mask. A slot
+whose request finished stops decoding and can be released (or, for a chat, extended with the next turn) between
+steps while the others go on. Because no request ever shares a padded row with another, a row's greedy tokens are
+those of the same request run alone, whatever else shares the batch and whenever it joined.
+
+`generate` / `stream_generate` keep the reference `generate()` contract on a left-padded batch: positions are
+`cumsum(attention_mask) - 1` (so each row's real tokens sit at 0..T-1, as in their own slot here), a row that emits
+a stop id keeps it and is then filled with `pad_token_id`, and generation ends when every row has stopped or after
+`max_new_tokens`. Sampling order is the reference's: temperature -> top-k -> top-p -> multinomial.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from musicflamingo.model.layers import KVCache
+from musicflamingo.model.qwen2 import uses_decode_attention
+
+# Decode-step key widths and compiled cache capacities are multiples of this: on CPU, oneDNN compiles a kernel
+# (~1 ms) for every new bf16 matmul shape, so bf16 steps see the cache in blocks of keys under the key mask.
+KEY_BLOCK = 256
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded (greedy by default, as the release)."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        self.stop_ids = tuple(int(i) for i in self.stop_ids)
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator seeded with `seed` (random when None) for sampling; None for greedy decoding."""
+        if not self.do_sample:
+            return None
+        g = torch.Generator(device=device)
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(int(self.seed))
+        return g
+
+
+def sample_next(
+    logits: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) float -> next token ids (B,)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    scores = logits / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cum <= (1 - top_p)
+        drop[..., -1:] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Request:
+    """One prompt to continue.
+
+    input_ids (T,) long: the prompt, `<sound>` runs included. input_features (W, n_mels, F) and
+    input_features_mask (W, F): this prompt's audio windows, encoded at admission. Or `inputs_embeds` (T, D):
+    the prompt already embedded with its audio spliced in (`generate` encodes a whole batch's audio at once, as
+    the reference does). `generator`: shared by requests that sample together (else one from `params.seed`).
+    """
+
+    input_ids: torch.Tensor
+    params: SamplingParams = field(default_factory=SamplingParams)
+    input_features: torch.Tensor | None = None
+    input_features_mask: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Slot:
+    """A slot's request and progress. `tokens`: generated so far (a stop id included); `last`: the newest one,
+    not fed to the model yet; `done`: finished (a stop id or `max_new_tokens`), no longer decoding."""
+
+    index: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    last: int | None = None
+    done: bool = False
+    budget: int = 0  # tokens this turn may still generate
+
+
+class Engine:
+    """Slots that requests join and leave between decode steps, over one KV cache.
+
+    Args:
+        model: a `MusicFlamingo` (anything with `language_model`, `lm_head`, `config.text` and the forward).
+        slots: how many requests can be live at once.
+        capacity: positions per slot; grows on demand (rounded up to `KEY_BLOCK`), at most the model's context.
+        compile: decode steps through `torch.compile` (inductor). Every step then has the same shapes (all slots,
+            the whole capacity under the key mask), so it is traced once per slot count and capacity.
+
+    Example::
+
+        engine = Engine(model, slots=4)
+        slot = engine.admit(Request(ids, SamplingParams(max_new_tokens=64, stop_ids=(eos,))))
+        while engine.decoding:
+            for slot_index, token in engine.step():
+                ...
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, slots: int = 1, capacity: int | None = None, compile: bool = False
+    ) -> None:
+        self.model = model
+        self.compile = compile
+        self.limit = model.config.text.max_position_embeddings
+        self.device = model.device
+        self.dtype = model.dtype
+        # CPU bf16/fp16 steps attend with plain matmuls: see the cache in whole blocks of keys (see KEY_BLOCK).
+        self.blocked = not compile and uses_decode_attention(self.device, self.dtype)
+        self.cache = KVCache.for_config(
+            model.config.text, slots, self._round(capacity or KEY_BLOCK), self.dtype, self.device
+        )
+        self.slots: list[Slot | None] = [None] * slots
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _round(self, n: int) -> int:
+        return min(-(-n // KEY_BLOCK) * KEY_BLOCK, max(self.limit, n))
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed > self.limit:
+            raise ValueError(
+                f"the sequence would be {needed} tokens, over the model's context of {self.limit}"
+            )
+        if needed > self.cache.capacity:
+            self.cache.grow(self._round(max(needed, 2 * self.cache.capacity)))
+            self._rope_table = None
+
+    def _rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of every position the cache can hold, plus the scratch column: (capacity + 1, head_dim) each,
+        the numbers the model would compute per step; a decode step only indexes them."""
+        if self._rope_table is None:
+            positions = torch.arange(self.cache.capacity + 1, device=self.device)[None]
+            cos, sin = self.model.language_model.rotary_emb(positions, self.dtype)
+            self._rope_table = (cos[0], sin[0])
+        return self._rope_table
+
+    @property
+    def decoding(self) -> list[Slot]:
+        """Slots that take part in the next step."""
+        return [s for s in self.slots if s is not None and not s.done]
+
+    def free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is None]
+
+    def release(self, index: int) -> None:
+        """Free a slot (its request is forgotten; the next admission clears its keys)."""
+        self.slots[index] = None
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def admit(self, request: Request, index: int | None = None) -> Slot:
+        """Prefill `request` into a free slot (the first free one by default) and sample its first token."""
+        free = self.free_slots()
+        if index is None:
+            if not free:
+                raise RuntimeError(f"no free slot: all {len(self.slots)} are taken")
+            index = free[0]
+        elif index not in free:
+            raise RuntimeError(f"slot {index} is taken")
+        params = request.params
+        slot = Slot(index, params, request.generator or params.generator(self.device))
+        self.cache.clear(index)
+        self.slots[index] = slot
+        try:
+            self._prefill(
+                slot,
+                request.input_ids,
+                request.input_features,
+                request.input_features_mask,
+                request.inputs_embeds,
+                params.max_new_tokens,
+            )
+        except BaseException:
+            self.release(index)
+            raise
+        return slot
+
+    @torch.inference_mode()
+    def extend(
+        self,
+        index: int,
+        input_ids: torch.Tensor,
+        params: SamplingParams | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+    ) -> Slot:
+        """Continue a finished slot's sequence (the next chat turn): its last token, not fed yet, and then
+        `input_ids` (T,) are prefilled at the positions after the cache's, and a new answer starts."""
+        slot = self.slots[index]
+        if slot is None or not slot.done:
+            raise RuntimeError(f"slot {index} has no finished sequence to extend")
+        if params is not None:
+            slot.params = params
+        ids = input_ids.reshape(-1).to(self.device)
+        if slot.last is not None:
+            ids = torch.cat([torch.tensor([slot.last], device=self.device), ids])
+        slot.tokens, slot.last, slot.done = [], None, False
+        self._prefill(slot, ids, input_features, input_features_mask, None, slot.params.max_new_tokens)
+        return slot
+
+    def _prefill(self, slot, input_ids, features, features_mask, embeds, max_new) -> None:  # noqa: ANN001
+        model, cache = self.model, self.cache
+        n = int(embeds.shape[0] if embeds is not None else input_ids.shape[-1])
+        if n < 1:
+            raise ValueError("a request needs at least one prompt token")
+        start = cache.lengths[slot.index]
+        if start + n >= self.limit:
+            raise ValueError(
+                f"the prompt would end at position {start + n}, at or past the model's context of {self.limit}"
+            )
+        slot.budget = min(max_new, self.limit - start - n)
+        self._ensure_capacity(start + n + slot.budget)
+        view = cache.view_prefill(slot.index, n)
+        if embeds is not None:
+            out = model(inputs_embeds=embeds[None].to(self.device), cache=view, logits_to_keep=1)
+        else:
+            out = model(
+                input_ids.reshape(1, -1).to(self.device),
+                input_features=None if features is None else features.to(self.device),
+                input_features_mask=None if features_mask is None else features_mask.to(self.device),
+                cache=view,
+                logits_to_keep=1,
+            )
+        cache.advance(slot.index, n)
+        self._accept([slot], out.logits[:, -1])
+
+    # ------------------------------------------------------------------ decode
+    def _accept(self, slots: Sequence[Slot], logits: torch.Tensor) -> list[tuple[int, int]]:
+        """Sample the next token of each slot from its row of logits (len(slots), V); returns (slot, token)."""
+        logits = logits.float()
+        tokens = (
+            logits.argmax(-1).tolist() if any(not s.params.do_sample for s in slots) else [0] * len(slots)
+        )
+        groups: dict[tuple, list[int]] = {}  # rows that sample with the same settings and generator: one draw
+        for i, s in enumerate(slots):
+            if s.params.do_sample:
+                p = s.params
+                groups.setdefault((p.temperature, p.top_k, p.top_p, id(s.generator)), []).append(i)
+        for rows in groups.values():
+            p, g = slots[rows[0]].params, slots[rows[0]].generator
+            drawn = sample_next(logits[rows], True, p.temperature, p.top_k, p.top_p, g).tolist()
+            for i, t in zip(rows, drawn):
+                tokens[i] = t
+        out = []
+        for s, t in zip(slots, tokens):
+            s.tokens.append(t)
+            s.last = t
+            s.done = t in s.params.stop_ids or len(s.tokens) >= s.budget
+            out.append((s.index, t))
+        return out
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int]]:
+        """Feed every decoding slot its last token and sample the next: returns (slot index, token) per slot."""
+        live = self.decoding
+        if not live:
+            return []
+        cache = self.cache
+        rows = len(self.slots) if self.compile else max(s.index for s in live) + 1
+        tokens = [0] * rows
+        positions = [cache.capacity] * rows  # rows that are not decoding write to the scratch column
+        for s in live:
+            tokens[s.index] = s.last
+            positions[s.index] = cache.lengths[s.index]
+        exact = max(positions[s.index] for s in live) + 1
+        if self.compile:
+            width = cache.capacity
+        elif self.blocked:
+            width = min(-(-exact // KEY_BLOCK) * KEY_BLOCK, cache.capacity)
+        else:
+            width = exact
+        pos = torch.tensor(positions, device=self.device)
+        mask = None
+        if width != exact or len(live) != rows or len({positions[s.index] for s in live}) > 1:
+            # (rows, 1, 1, width): a row sees its own positions; rows not decoding see everything (discarded)
+            mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None]
+        cos, sin = self._rope()
+        rope = (cos[pos][:, None], sin[pos][:, None])  # (rows, 1, head_dim)
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        view = cache.view_decode(rows, pos, width)
+        step_fn = _compiled_decode_step() if self.compile else decode_step
+        logits = step_fn(self.model, ids, mask, rope, view)  # (rows, V)
+        for s in live:
+            cache.advance(s.index, 1)
+        return self._accept(live, logits[[s.index for s in live]])
+
+
+def decode_step(model: torch.nn.Module, ids: torch.Tensor, mask, rope, view) -> torch.Tensor:  # noqa: ANN001
+    """One cached step: ids (B, 1) -> logits (B, V), through the decoder's one forward. No audio splice (as in
+    the reference, a generated `<sound>` id is just a token after the prefill) and no Python state change (the
+    engine moves the cache on), so a compiled step traces once."""
+    lm = model.language_model
+    h = lm(lm.embed_tokens(ids), attention_mask=mask, cache=view, rope=rope)
+    return model.lm_head(h[:, -1])
+
+
+@functools.cache
+def _compiled_decode_step():  # noqa: ANN202
+    """`torch.compile(decode_step)`, made once per process (its traces are cached per model and shape)."""
+    return torch.compile(decode_step, dynamic=False)
+
+
+# ---------------------------------------------------------------------------------------------- batch API
+def _stop_ids(model: torch.nn.Module, stop_token_ids: int | Sequence[int] | None) -> list[int]:
+    if stop_token_ids is None:
+        eos = model.config.text.eos_token_id
+        return [] if eos is None else [eos]
+    if isinstance(stop_token_ids, int):
+        return [stop_token_ids]
+    return [int(i) for i in stop_token_ids]
+
+
+@torch.inference_mode()
+def stream_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    input_features: torch.Tensor | None = None,
+    input_features_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    stop_token_ids: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    compile: bool = False,
+    # Hugging Face spellings: accepted where they mean the same, refused where we do something else.
+    eos_token_id: int | Sequence[int] | None = None,
+    max_length: int | None = None,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row of a left-padded batch, (B,) per step; finished rows yield
+    `pad_token_id`.
+
+    input_ids / attention_mask (B, S); input_features (W, n_mels, F) and input_features_mask (W, F) for the
+    batch's audio in row-major order. Each row becomes one engine request (the batch's audio is encoded once,
+    together, as the reference does). `stop_token_ids` (alias `eos_token_id`) defaults to the config's eos;
+    `max_length` (prompt + new) is the other way to say `max_new_tokens` (default 128).
+    """
+    if num_beams != 1:
+        raise ValueError(f"num_beams={num_beams}: beam search is not implemented; use num_beams=1")
+    if repetition_penalty != 1.0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} is not implemented; leave it at 1.0")
+    if not use_cache:
+        raise ValueError("use_cache=False is not supported: the engine always decodes through its KV cache")
+    B, S = input_ids.shape
+    if max_length is not None:
+        if max_new_tokens is not None:
+            raise ValueError("give max_new_tokens or max_length, not both")
+        max_new_tokens = max_length - S
+        if max_new_tokens < 1:
+            return
+    if max_new_tokens is None:
+        max_new_tokens = 128
+    if max_new_tokens < 1:
+        return
+    if eos_token_id is not None:
+        if stop_token_ids is not None:
+            raise ValueError("give stop_token_ids or eos_token_id, not both")
+        stop_token_ids = eos_token_id
+    stops = _stop_ids(model, stop_token_ids)
+    if pad_token_id is None:
+        pad_token_id = model.config.text.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = stops[0] if stops else 0
+    params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, seed, tuple(stops))
+    device = model.device
+    if generator is None:
+        generator = params.generator(device)  # one generator for the batch, as the reference
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    real = attention_mask.to(device).bool()
+    embeds = model.embed(input_ids, input_features, input_features_mask)  # (B, S, D): audio encoded once
+    lengths = real.sum(1).tolist()
+    engine = Engine(model, slots=B, capacity=max(lengths) + max_new_tokens, compile=compile)
+    slots = [
+        engine.admit(Request(input_ids[b], params, inputs_embeds=embeds[b][real[b]], generator=generator))
+        for b in range(B)
+    ]
+    del embeds
+    out = [s.tokens[-1] for s in slots]
+    yield torch.tensor(out, device=device)
+    for _ in range(max_new_tokens - 1):
+        if not engine.decoding:
+            return
+        out = [pad_token_id] * B
+        for index, token in engine.step():
+            out[index] = token
+        yield torch.tensor(out, device=device)
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """Prompt plus generated ids, (B, S + new); `new` <= max_new_tokens (fewer when every row stopped). Takes
+    the arguments of `stream_generate`."""
+    new = list(stream_generate(model, input_ids, **kwargs))
+    input_ids = input_ids.to(model.device)
+    if not new:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

@@ -1,0 +1,190 @@
+"""Small building blocks of the decoder: RMSNorm, half-split RoPE, and the KV cache.
+
+The KV cache holds keys and values for a fixed number of independent sequences ("slots"), each with its own
+length, so the generation engine (`musicflamingo.engine`) can prefill one request into a free slot while other
+slots keep decoding. A forward that uses the cache gets a `CacheView`: which slots its batch rows are, where it
+writes, and how many keys it sees afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from musicflamingo.model.config import TextConfig
+from musicflamingo.model.fused import rms_norm
+
+
+class RMSNorm(nn.Module):
+    """Qwen2's RMSNorm: float32 statistics, cast back BEFORE the weight multiply (see `fused.rms_norm`)."""
+
+    fused_kind = "rms"  # how `fused.norm_linear` recognises it
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """Half-split RoPE. `inv_freq` is a float32 buffer recomputed from config, never loaded or cast."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        d = self.head_dim
+        return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+
+    def reset_buffers(self, device: torch.device) -> None:
+        self.inv_freq = self.compute_inv_freq(device)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        # `model.to(torch.bfloat16)` would cast these buffers and change the numbers: keep them float32.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.reset_buffers(self.inv_freq.device)
+        return self
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin (B, T, head_dim) in `dtype` (computed in float32, then cast)."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values of every decoder layer for `slots` independent sequences.
+
+    keys, values: (layers, slots, H_kv, capacity + 1, head_dim). Position p of slot s holds the key of that
+    sequence's token p (its RoPE position is p too). Column `capacity` is scratch: decode steps run over a range of
+    slots, and rows that are not decoding write there, where no mask ever looks. `lengths[s]` counts the positions
+    of slot s that hold real keys; `dirty[s]` is how far earlier writes reached, so that reusing a slot can clear
+    what a shorter sequence would otherwise see under its key mask (a mask does not hide a stale NaN: SDPA adds
+    -inf to a NaN score, and probability 0 times a NaN value is NaN).
+
+    Lifecycle: allocate once (`for_config`), `view_prefill` / `view_decode` describe each forward's writes, the
+    caller moves `lengths` on after the forward (`advance`), `clear(slot)` empties a slot for a new sequence,
+    `grow(capacity)` reallocates and keeps the contents.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        capacity: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if slots < 1 or capacity < 1:
+            raise ValueError(f"a KV cache needs slots >= 1 and capacity >= 1, got {slots} and {capacity}")
+        shape = (num_layers, slots, num_kv_heads, capacity + 1, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.lengths = [0] * slots
+        self.dirty = [0] * slots
+
+    @classmethod
+    def for_config(
+        cls, config: TextConfig, slots: int, capacity: int, dtype: torch.dtype, device: torch.device | str
+    ) -> KVCache:
+        return cls(
+            config.num_hidden_layers,
+            slots,
+            capacity,
+            config.num_key_value_heads,
+            config.head_dim,
+            dtype,
+            device,
+        )
+
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
+
+    def clear(self, slot: int) -> None:
+        """Forget slot `slot`'s sequence; zero what earlier writes left there."""
+        end = self.dirty[slot]
+        if end:
+            self.keys[:, slot, :, :end].zero_()
+            self.values[:, slot, :, :end].zero_()
+        self.lengths[slot] = self.dirty[slot] = 0
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate for `capacity` positions per slot, keeping every slot's contents."""
+        if capacity <= self.capacity:
+            return
+        L, S, H, _, D = self.keys.shape
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((L, S, H, capacity + 1, D))
+            new[:, :, :, : self.capacity] = old[:, :, :, : self.capacity]
+            setattr(self, name, new)
+        self.capacity = capacity
+
+    def advance(self, slot: int, n: int) -> None:
+        self.lengths[slot] += n
+        self.dirty[slot] = max(self.dirty[slot], self.lengths[slot])
+
+    def view_prefill(self, slot: int, n: int) -> CacheView:
+        """A forward of one row that writes `n` positions of `slot` after its current length."""
+        start = self.lengths[slot]
+        if start + n > self.capacity:
+            raise RuntimeError(
+                f"KV cache overflow: slot {slot} needs {start + n} positions, capacity {self.capacity}"
+            )
+        return CacheView(self, slice(slot, slot + 1), start, None, None, start + n)
+
+    def view_decode(self, rows: int, positions: torch.Tensor, width: int) -> CacheView:
+        """A one-token forward of slots `0..rows-1`, row b writing at `positions[b]` (`capacity` for rows that are
+        not decoding) and seeing `width` positions (the caller's key mask hides what a row does not own)."""
+        if width > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {width} positions needed, capacity {self.capacity}")
+        rows_index = torch.arange(rows, device=positions.device)
+        return CacheView(self, slice(0, rows), None, positions, rows_index, width)
+
+
+@dataclass
+class CacheView:
+    """Where one forward writes into a `KVCache` and which keys it sees afterwards.
+
+    Prefill (`start` set): the T new positions of the one row go to `[start, start + T)`, and attention sees
+    `[0, start + T)`. Decode (`positions` set, (B,) long): row b writes its one position at `positions[b]` through
+    a tensor index, so a compiled step sees no Python value change; attention sees `[0, width)`.
+    """
+
+    cache: KVCache
+    rows: slice
+    start: int | None
+    positions: torch.Tensor | None
+    rows_index: torch.Tensor | None  # decode: arange over the rows, paired with `positions`
+    width: int
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H_kv, T, hd) -> all keys and values this forward sees, (B, H_kv, width, hd) views."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]  # (slots, H_kv, capacity + 1, hd)
+        if self.positions is None:
+            end = self.start + k.shape[2]
+            keys[self.rows, :, self.start : end] = k
+            values[self.rows, :, self.start : end] = v
+        else:
+            index = (self.rows_index, slice(None), self.positions)  # row b at its own position
+            keys[index] = k[:, :, 0]
+            values[index] = v[:, :, 0]
+        return keys[self.rows, :, : self.width], values[self.rows, :, : self.width]

@@ -1,0 +1,159 @@
+"""The generation engine: continuous batching gives every request the tokens it gets alone; a chat slot persists
+across turns; generate() refuses arguments it does not implement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from musicflamingo.engine import KEY_BLOCK, Engine, Request, SamplingParams, generate
+from musicflamingo.model import MusicFlamingo, MusicFlamingoConfig
+
+AUDIO = 300  # the tiny preset's <sound> id
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MusicFlamingo(MusicFlamingoConfig.from_name("tiny")).eval()
+
+
+def _prompts(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 290, (int(k),), generator=g) for k in torch.randint(5, 30, (n,), generator=g)]
+
+
+def _alone(model, ids: torch.Tensor, n: int, stops=(), **kw) -> list[int]:
+    """Greedy tokens of one request run by itself (a batch of one), the stop id included."""
+    out = generate(model, ids[None], max_new_tokens=n, stop_token_ids=list(stops), pad_token_id=-1, **kw)
+    new = out[0, ids.shape[0] :].tolist()
+    return [t for t in new if t != -1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_requests_joining_and_leaving_get_their_single_row_tokens(model, dtype):
+    """Five requests through three slots: they join at different steps (as slots free up), finish at different
+    steps (a stop id for some, max_new_tokens for others), and each gets exactly its tokens when run alone."""
+    m = model.to(dtype)
+    prompts = _prompts(5)
+    budgets = [12, 5, 9, 14, 3]
+    probe = _alone(m, prompts[2], 9)
+    stops = (probe[3],)  # request 2 (at least) stops early, on its 4th token
+    expected = [_alone(m, p, n, stops) for p, n in zip(prompts, budgets)]
+    assert len(expected[2]) == 4 and expected[2][-1] == stops[0]
+
+    engine = Engine(m, slots=3)
+    got: dict[int, list[int]] = {}
+    owner: dict[int, int] = {}
+    joined_at, step = [], 0
+    pending = list(range(5))
+    while pending or engine.decoding:
+        if (
+            pending and engine.free_slots() and (step % 2 == 0 or not engine.decoding)
+        ):  # join every other step
+            i = pending.pop(0)
+            slot = engine.admit(
+                Request(prompts[i], SamplingParams(max_new_tokens=budgets[i], stop_ids=stops))
+            )
+            owner[slot.index], got[i] = i, [slot.tokens[-1]]
+            joined_at.append(step)
+        for index, token in engine.step():
+            got[owner[index]].append(token)
+        for s in list(engine.slots):
+            if s is not None and s.done:
+                engine.release(s.index)
+        step += 1
+    assert [got[i] for i in range(5)] == expected
+    assert len(set(joined_at)) == 5  # really joined at five different steps
+    model.float()
+
+
+def test_chat_slot_across_three_turns_equals_from_scratch(model):
+    """A slot extended turn by turn (audio in the first turn) gives, each turn, the tokens a from-scratch run over
+    the whole history gives; its cache keeps the history between turns."""
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(1, 128, 3000, generator=g)
+    features_mask = torch.ones(1, 3000, dtype=torch.int32)
+    turn1 = torch.cat([torch.tensor([5, 6, 301]), torch.full((750,), AUDIO), torch.tensor([302, 7, 8, 9])])
+    turns = [turn1, torch.tensor([11, 12, 13]), torch.tensor([21, 22, 23, 24])]
+    params = SamplingParams(max_new_tokens=6)
+    engine = Engine(model, slots=2, capacity=16)  # too small on purpose: it grows, keeping the cache
+    other = engine.admit(Request(_prompts(1, seed=3)[0], SamplingParams(max_new_tokens=20)), index=1)
+    history: list[int] = []
+    for k, ids in enumerate(turns):
+        if k == 0:
+            slot = engine.admit(Request(ids, params, features, features_mask), index=0)
+        else:
+            slot = engine.extend(0, ids, params)
+        while not slot.done:
+            engine.step()
+        history += ids.tolist()
+        full = generate(
+            model,
+            torch.tensor([history]),
+            input_features=features,
+            input_features_mask=features_mask,
+            max_new_tokens=6,
+            stop_token_ids=[],
+        )
+        assert slot.tokens == full[0, len(history) :].tolist(), k
+        history += slot.tokens
+        assert engine.cache.lengths[0] == len(history) - 1  # the last token is fed with the next turn
+    assert engine.cache.capacity >= len(history) and engine.cache.capacity % KEY_BLOCK == 0
+    while engine.decoding:
+        engine.step()
+    assert other.done and other.tokens == _alone(model, _prompts(1, seed=3)[0], 20)
+
+
+def test_sampling_is_seeded_per_request(model):
+    """A seeded sampled request gives the same tokens alone and next to another request."""
+    p = _prompts(2, seed=4)
+    params = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.9, top_k=20, seed=7)
+    alone = Engine(model, slots=1)
+    a = alone.admit(Request(p[0], params))
+    while alone.decoding:
+        alone.step()
+    shared = Engine(model, slots=2)
+    b = shared.admit(Request(p[0], params))
+    shared.admit(Request(p[1], SamplingParams(max_new_tokens=8, do_sample=True, seed=1)))
+    while shared.decoding:
+        shared.step()
+    assert a.tokens == b.tokens
+
+
+def test_unknown_and_unsupported_arguments_raise(model):
+    ids = _prompts(1)[0][None]
+    with pytest.raises(TypeError, match="num_beam"):
+        generate(model, ids, num_beam=4)
+    with pytest.raises(TypeError, match="bogus"):
+        model.generate(ids, bogus=1)
+    with pytest.raises(TypeError, match="lengths"):
+        model(ids, lengths=torch.tensor([3]))
+    with pytest.raises(ValueError, match="num_beams=4"):
+        generate(model, ids, num_beams=4)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate(model, ids, repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="max_new_tokens or max_length"):
+        generate(model, ids, max_new_tokens=3, max_length=10)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, ids, do_sample=True, top_p=0.0)
+
+
+def test_hugging_face_aliases(model):
+    """`max_length` counts the prompt; `eos_token_id` (int or list) is the stop set."""
+    ids = _prompts(1)[0][None]
+    S = ids.shape[1]
+    assert generate(model, ids, max_length=S + 5, stop_token_ids=[]).shape[1] == S + 5
+    free = generate(model, ids, max_new_tokens=8, stop_token_ids=[])[0, S:].tolist()
+    stop = free[2]
+    for eos in (stop, [stop, 999]):
+        out = generate(model, ids, max_new_tokens=8, eos_token_id=eos)[0, S:].tolist()
+        assert out == free[: free.index(stop) + 1]
+
+
+def test_prompt_past_the_context_is_refused(model):
+    limit = model.config.text.max_position_embeddings
+    engine = Engine(model, slots=1)
+    with pytest.raises(ValueError, match="context"):
+        engine.admit(Request(torch.zeros(limit, dtype=torch.long)))
+    assert engine.free_slots() == [0]  # the failed request left the slot free
