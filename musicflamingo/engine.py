@@ -176,10 +176,10 @@ class Engine:
             self._rope_table = None
 
     def _rope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of every position the cache can hold, plus the scratch column: (capacity + 1, head_dim) each,
-        the numbers the model would compute per step; a decode step only indexes them."""
+        """cos/sin of every position the cache can hold: (capacity, head_dim) each, the numbers the model would
+        compute per step; a decode step only indexes them."""
         if self._rope_table is None:
-            positions = torch.arange(self.cache.capacity + 1, device=self.device)[None]
+            positions = torch.arange(self.cache.capacity, device=self.device)[None]
             cos, sin = self.model.language_model.rotary_emb(positions, self.dtype)
             self._rope_table = (cos[0], sin[0])
         return self._rope_table
@@ -308,10 +308,9 @@ class Engine:
         cache = self.cache
         rows = len(self.slots) if self.compile else max(s.index for s in live) + 1
         tokens = [0] * rows
-        positions = [cache.capacity] * rows  # rows that are not decoding write to the scratch column
+        positions = cache.lengths[:rows]  # rows not decoding write just past their keys (see KVCache)
         for s in live:
             tokens[s.index] = s.last
-            positions[s.index] = cache.lengths[s.index]
         exact = max(positions[s.index] for s in live) + 1
         if self.compile:
             width = cache.capacity
@@ -322,7 +321,7 @@ class Engine:
         pos = torch.tensor(positions, device=self.device)
         mask = None
         if width != exact or len(live) != rows or len({positions[s.index] for s in live}) > 1:
-            # (rows, 1, 1, width): a row sees its own positions; rows not decoding see everything (discarded)
+            # (rows, 1, 1, width): a row sees its own positions (rows not decoding: theirs, output discarded)
             mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None]
         cos, sin = self._rope()
         rope = (cos[pos][:, None], sin[pos][:, None])  # (rows, 1, head_dim)

@@ -268,22 +268,23 @@ def test_blocked_decode_widths_ignore_stale_cache_slots(ref_dir, batch_b):
 
 def test_kv_cache_views():
     """Prefill writes after a slot's length and sees exactly what it holds; decode rows write at their own
-    positions (rows not decoding at the scratch column); clear zeroes what was written; grow keeps it."""
+    positions (a row not decoding just past its keys, which then count as dirty); clear zeroes what was written;
+    grow keeps it."""
     cache = KVCache(1, 2, 8, 1, 2, torch.float32, "cpu")
     k = torch.ones(1, 1, 3, 2)
     keys, _ = cache.view_prefill(1, 3).update(0, k, k)
     assert keys.shape == (1, 1, 3, 2) and cache.keys[0, 1, 0, :3].eq(1).all()
     cache.advance(1, 3)
     assert cache.lengths == [0, 3] and cache.dirty == [0, 3]
-    view = cache.view_decode(2, torch.tensor([cache.capacity, 3]), width=4)
+    view = cache.view_decode(2, torch.tensor([0, 3]), width=8)
     keys, _ = view.update(0, 2 * torch.ones(2, 1, 1, 2), 2 * torch.ones(2, 1, 1, 2))
-    assert keys.shape == (2, 1, 4, 2)
-    assert cache.keys[0, 1, 0, 3].eq(2).all() and cache.keys[0, 0, 0, 8].eq(2).all()  # slot 0: scratch only
-    assert cache.keys[0, 0, 0, :8].eq(0).all()
+    assert keys.shape == (2, 1, 8, 2) and keys.is_contiguous()  # as wide as the capacity: no copy for matmuls
+    assert cache.keys[0, 1, 0, 3].eq(2).all() and cache.keys[0, 0, 0, 0].eq(2).all()
+    assert cache.keys[0, 0, 0, 1:].eq(0).all() and cache.dirty == [1, 4]
     with pytest.raises(RuntimeError, match="overflow"):
         cache.view_prefill(1, 6)
     cache.grow(20)
-    assert cache.capacity == 20 and cache.keys.shape[3] == 21 and cache.keys[0, 1, 0, 3].eq(2).all()
+    assert cache.capacity == 20 and cache.keys.shape[3] == 20 and cache.keys[0, 1, 0, 3].eq(2).all()
     cache.advance(1, 1)
     cache.clear(1)
     assert cache.lengths[1] == 0 and cache.keys[0, 1].eq(0).all()

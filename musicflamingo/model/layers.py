@@ -69,12 +69,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Preallocated keys/values of every decoder layer for `slots` independent sequences.
 
-    keys, values: (layers, slots, H_kv, capacity + 1, head_dim). Position p of slot s holds the key of that
-    sequence's token p (its RoPE position is p too). Column `capacity` is scratch: decode steps run over a range of
-    slots, and rows that are not decoding write there, where no mask ever looks. `lengths[s]` counts the positions
-    of slot s that hold real keys; `dirty[s]` is how far earlier writes reached, so that reusing a slot can clear
-    what a shorter sequence would otherwise see under its key mask (a mask does not hide a stale NaN: SDPA adds
-    -inf to a NaN score, and probability 0 times a NaN value is NaN).
+    keys, values: (layers, slots, H_kv, capacity, head_dim). Position p of slot s holds the key of that sequence's
+    token p (its RoPE position is p too). `lengths[s]` counts the positions of slot s that hold real keys. Decode
+    steps run over a range of slots; a row whose slot is not decoding writes at its `lengths[s]`, just past its
+    keys, where nothing reads it (a sequence's last sampled token is never fed, so `lengths[s] < capacity` always
+    holds). `dirty[s]` is how far writes reached, so that reusing a slot can clear what a shorter sequence would
+    otherwise see under its key mask (a mask does not hide a stale NaN: SDPA adds -inf to a NaN score, and
+    probability 0 times a NaN value is NaN).
 
     Lifecycle: allocate once (`for_config`), `view_prefill` / `view_decode` describe each forward's writes, the
     caller moves `lengths` on after the forward (`advance`), `clear(slot)` empties a slot for a new sequence,
@@ -93,10 +94,11 @@ class KVCache:
     ) -> None:
         if slots < 1 or capacity < 1:
             raise ValueError(f"a KV cache needs slots >= 1 and capacity >= 1, got {slots} and {capacity}")
-        shape = (num_layers, slots, num_kv_heads, capacity + 1, head_dim)
+        shape = (num_layers, slots, num_kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
+        self._split_layers()
         self.lengths = [0] * slots
         self.dirty = [0] * slots
 
@@ -133,10 +135,17 @@ class KVCache:
         L, S, H, _, D = self.keys.shape
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = old.new_zeros((L, S, H, capacity + 1, D))
-            new[:, :, :, : self.capacity] = old[:, :, :, : self.capacity]
+            new = old.new_zeros((L, S, H, capacity, D))
+            new[:, :, :, : self.capacity] = old
             setattr(self, name, new)
         self.capacity = capacity
+        self._split_layers()
+
+    def _split_layers(self) -> None:
+        # One (keys, values) view pair per layer, made once: a compiled decode step then takes each layer's
+        # buffers as graph inputs of their own (indexing the 5-d tensor inside the step made inductor copy the
+        # whole cache back after every write).
+        self.layers = list(zip(self.keys.unbind(0), self.values.unbind(0)))
 
     def advance(self, slot: int, n: int) -> None:
         self.lengths[slot] += n
@@ -149,15 +158,16 @@ class KVCache:
             raise RuntimeError(
                 f"KV cache overflow: slot {slot} needs {start + n} positions, capacity {self.capacity}"
             )
-        return CacheView(self, slice(slot, slot + 1), start, None, None, start + n)
+        return CacheView(self, slice(slot, slot + 1), start, None, start + n)
 
     def view_decode(self, rows: int, positions: torch.Tensor, width: int) -> CacheView:
-        """A one-token forward of slots `0..rows-1`, row b writing at `positions[b]` (`capacity` for rows that are
-        not decoding) and seeing `width` positions (the caller's key mask hides what a row does not own)."""
+        """A one-token forward of slots `0..rows-1`, row b writing at `positions[b]` and seeing `width` positions
+        (the caller's key mask hides what a row does not own). Rows that are not decoding pass their length."""
         if width > self.capacity:
             raise RuntimeError(f"KV cache overflow: {width} positions needed, capacity {self.capacity}")
-        rows_index = torch.arange(rows, device=positions.device)
-        return CacheView(self, slice(0, rows), None, positions, rows_index, width)
+        for s in range(rows):  # what they write past their keys must be cleared when the slot is reused
+            self.dirty[s] = max(self.dirty[s], self.lengths[s] + 1)
+        return CacheView(self, slice(0, rows), None, positions, width)
 
 
 @dataclass
@@ -166,25 +176,26 @@ class CacheView:
 
     Prefill (`start` set): the T new positions of the one row go to `[start, start + T)`, and attention sees
     `[0, start + T)`. Decode (`positions` set, (B,) long): row b writes its one position at `positions[b]` through
-    a tensor index, so a compiled step sees no Python value change; attention sees `[0, width)`.
+    a tensor index, so a compiled step sees no Python value change; attention sees `[0, width)`. A view as wide as
+    the capacity is contiguous: the bf16 decode matmuls then read the cache in place, not a copy of it.
     """
 
     cache: KVCache
     rows: slice
     start: int | None
     positions: torch.Tensor | None
-    rows_index: torch.Tensor | None  # decode: arange over the rows, paired with `positions`
     width: int
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, H_kv, T, hd) -> all keys and values this forward sees, (B, H_kv, width, hd) views."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]  # (slots, H_kv, capacity + 1, hd)
+        keys, values = self.cache.layers[layer]  # (slots, H_kv, capacity, hd) each
         if self.positions is None:
             end = self.start + k.shape[2]
             keys[self.rows, :, self.start : end] = k
             values[self.rows, :, self.start : end] = v
         else:
-            index = (self.rows_index, slice(None), self.positions)  # row b at its own position
-            keys[index] = k[:, :, 0]
-            values[index] = v[:, :, 0]
+            # row b writes its one position at positions[b] (scatter_ along the sequence axis copied the cache)
+            rows = torch.arange(self.rows.start, self.rows.stop, device=k.device)
+            keys[rows, :, self.positions] = k[:, :, 0]
+            values[rows, :, self.positions] = v[:, :, 0]
         return keys[self.rows, :, : self.width], values[self.rows, :, : self.width]
