@@ -239,13 +239,18 @@ class Engine:
         slot = self.slots[index]
         if slot is None or not slot.done:
             raise RuntimeError(f"slot {index} has no finished sequence to extend")
-        if params is not None:
-            slot.params = params
         ids = input_ids.reshape(-1).to(self.device)
         if slot.last is not None:
             ids = torch.cat([torch.tensor([slot.last], device=self.device), ids])
+        before = (slot.params, slot.tokens, slot.last)
+        slot.params = params or slot.params
         slot.tokens, slot.last, slot.done = [], None, False
-        self._prefill(slot, ids, input_features, input_features_mask, None, slot.params.max_new_tokens)
+        try:
+            self._prefill(slot, ids, input_features, input_features_mask, None, slot.params.max_new_tokens)
+        except BaseException:  # e.g. past the context: the conversation stays as it was
+            slot.params, slot.tokens, slot.last = before
+            slot.done = True
+            raise
         return slot
 
     def _prefill(self, slot, input_ids, features, features_mask, embeds, max_new) -> None:  # noqa: ANN001

@@ -157,3 +157,12 @@ def test_prompt_past_the_context_is_refused(model):
     with pytest.raises(ValueError, match="context"):
         engine.admit(Request(torch.zeros(limit, dtype=torch.long)))
     assert engine.free_slots() == [0]  # the failed request left the slot free
+    slot = engine.admit(Request(_prompts(1)[0], SamplingParams(max_new_tokens=3)))
+    while engine.decoding:
+        engine.step()
+    before = (list(slot.tokens), slot.last, engine.cache.lengths[0])
+    with pytest.raises(ValueError, match="context"):  # a chat turn too long for what is left
+        engine.extend(0, torch.zeros(limit, dtype=torch.long))
+    assert (slot.tokens, slot.last, engine.cache.lengths[0]) == before and slot.done
+    engine.extend(0, torch.tensor([5, 6]))  # the conversation goes on
+    assert len(slot.tokens) == 1
