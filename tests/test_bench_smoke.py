@@ -8,11 +8,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("transformers")
 
@@ -225,3 +228,34 @@ def test_render_rewrites_doc_from_saved_results(quick_report, tmp_path):
     assert run.main(["--render", str(saved), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "old" not in text and "| train | fp32 | tokens/s |" in text
+
+
+def test_release_bench_runs_on_the_tiny_preset(tmp_path):
+    """bench/release.py end to end at the smallest size: checkpoint, both workers, table, JSON."""
+    out = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "release.py"),
+        "--preset",
+        "tiny",
+        "--ckpt",
+        str(tmp_path / "ck"),
+    ]
+    cmd += [
+        "--threads",
+        "1",
+        "--cases",
+        "ttft:30,decode:2",
+        "--decode-tokens",
+        "3",
+        "--out",
+        str(out),
+        "--no-doc",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for impl in ("ours", "ref"):
+        assert result[impl]["ttft_30s"] > 0 and result[impl]["decode_b2_tokens_s"] > 0
+    assert result["machine"]["read_gb_s"] > 0 and "| decode batch 1" not in proc.stdout
+    assert "time to first token, 30 s audio" in proc.stdout
