@@ -28,6 +28,7 @@ Multiple-choice prompts, of the synthetic corpus and of the eval benchmarks alik
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -49,6 +50,9 @@ AUDIO_EOS = "<|sound_eos|>"
 SPECIAL_TOKENS = (END_OF_TEXT, START_OF_TURN, END_OF_TURN, AUDIO_PLACEHOLDER, AUDIO_BOS, AUDIO_EOS)
 # Tokens message text may not contain: they would fake turn (or audio) boundaries and break the label mask.
 FORBIDDEN_TOKENS = (START_OF_TURN, END_OF_TURN, AUDIO_BOS, AUDIO_EOS, END_OF_TEXT)
+# Typed text (a prompt, a chat line, a text item next to an audio item) may not hold <sound> either: the audio
+# item makes the placeholder, so a typed one would claim an audio that is not there.
+TYPED_TEXT_FORBIDDEN = (*FORBIDDEN_TOKENS, AUDIO_PLACEHOLDER)
 ASSISTANT_HEADER = START_OF_TURN + "assistant\n"
 
 # Verbatim from the reference checkpoint, typo ("regardlenss") and missing space before "--" included.
@@ -61,6 +65,8 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 OPTION_LETTERS = string.ascii_uppercase
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Encoder(Protocol):
@@ -126,6 +132,31 @@ def conversation(text: str, audio: str | None = None, system_prompt: str | None 
     return system + [user_message(text, audio)]
 
 
+def check_typed_text(text: str, what: str = "text", forbidden: Sequence[str] = TYPED_TEXT_FORBIDDEN) -> str:
+    """``text`` as is, or ValueError naming ``what`` when it holds a chat special token or a lone surrogate.
+
+    Special tokens in typed text are refused, not escaped, as training data refuses them
+    (``data/manifest.py``): the tokenizer would read ``<|im_end|>`` as the real turn end and ``<sound>`` as an
+    audio placeholder, and an escaped spelling would be token ids the model never saw. A lone surrogate (text
+    decoded with ``errors="surrogateescape"``, e.g. invalid UTF-8 on a command line) is not text a tokenizer
+    takes.
+    """
+    found = [(text.find(tok), tok) for tok in forbidden if tok in text]
+    if found:
+        at, tok = min(found)
+        raise ValueError(
+            f"{what} contains the chat special token {tok!r} at position {at}, which would fake a turn boundary "
+            "or an audio placeholder; remove it"
+        )
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise ValueError(
+            f"{what} has an invalid character {bad.group()!r} at position {bad.start()} (a lone surrogate, "
+            "e.g. from input that is not UTF-8)"
+        )
+    return text
+
+
 def is_audio_item(item: Mapping[str, Any]) -> bool:
     """Whether a content item stands for an audio (the reference's test: type ``audio`` or an ``audio`` key)."""
     return item.get("type") == "audio" or "audio" in item
@@ -167,7 +198,7 @@ def render_chat(
                 elif c.get("type") == "text" or "text" in c:
                     if not isinstance(c.get("text"), str):
                         raise ValueError(f"message {i} content item {j}: 'text' must be a string")
-                    text.append(c["text"])
+                    text.append(check_typed_text(c["text"], f"message {i} content item {j} (text)"))
             out.append((audio_token if has_audio else "") + "".join(text))
         out.append(f"{END_OF_TURN}\n")
     if add_generation_prompt:
@@ -378,3 +409,18 @@ def format_options(choices: Sequence[str], sep: str = "\n") -> str:
     """Multiple-choice options as the model reads them: ``"(A) piano\\n(B) guitar"``; ``sep=" "`` gives the
     one-line layout of the synthetic corpus, ``"(A) piano (B) guitar"``."""
     return sep.join(f"({option_letter(i)}) {c}" for i, c in enumerate(choices))
+
+
+# ---------------------------------------------------------------------------------------------- think mode
+# The paper's chain-of-thought format (arXiv 2511.10289, section 3.3): the MF-Think warm-up and GRPO prompts end
+# with THINK_SUFFIX and the answer reads "<think>reasoning</think><answer>final answer</answer>". No public file
+# gives the released think checkpoint another chat template or prompt (its users call the base template), so the
+# suffix is the only change to the prompt. Parsing the answer back: musicflamingo.reasoning.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+THINK_SUFFIX = "Output the thinking process in <think> </think> and final answer in <answer> </answer>"
+
+
+def think_prompt(text: str) -> str:
+    """``text`` with the think-mode instruction on the next line (only the instruction when ``text`` is empty)."""
+    return f"{text}\n{THINK_SUFFIX}" if text else THINK_SUFFIX

@@ -7,22 +7,32 @@ itself: `MusicFlamingo.from_pretrained` / `save_pretrained`). One literal `{chec
 module names. Unknown keys raise, ignored keys are listed in `IGNORED_KEYS`, reading is strict (every bad name or
 shape is reported before a byte of tensor data is read), and `write_state_dict` writes the same layout back.
 
-`read_state_dict` reads each tensor with plain reads (no mmap, so page cache is not charged to the process) and
-converts it to the target dtype/device one tensor at a time, so a caller that assigns them into a model built on
-the meta device never holds two copies. Only safetensors are read; pickle formats are refused. Reading never
-changes the filesystem: an interrupted save is repaired by the next write or by `recover_interrupted_save`.
+`read_state_dict` maps each shard (a private, copy-on-write `mmap`): a tensor whose dtype already matches and
+that stays on the CPU is used straight from the mapping (no copy: pages come in from the page cache on first use,
+and a load takes about the time of reading the headers); any other tensor is converted to the target dtype/device
+one at a time, so a caller that assigns them into a model built on the meta device never holds two copies.
+`mmap=False` reads every tensor into memory of its own with plain reads instead. Only safetensors are read; pickle formats are refused; shard names stay
+inside the folder, and messages never quote bytes of a file. Reading never changes the filesystem: an
+interrupted save is repaired by the next write or by `recover_interrupted_save`.
+
+Writing (`save_files`) replaces only the files a save owns (`MODEL_FILES` and shards, `PROCESSOR_FILES`) and
+keeps everything else in the folder; it refuses a target that is a file or another model's folder unless told
+to overwrite.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +161,37 @@ def ours_to_hf(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what the model's weights may be stored as
+_MAX_HEADER = 100_000_000
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters (names from a file can be arbitrarily long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a key given twice would silently keep only its last value."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Return `(header, data_offset)`; validates that every tensor lies inside the file."""
+    """Return `(header, data_offset)`; validates every entry (dtype, shape, offsets) and that the tensors lie
+    inside the file without overlapping. Messages name the file and tensor, never bytes of the file."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -160,33 +199,52 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             if len(raw) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header)")
             n = int.from_bytes(raw, "little")
-            if n <= 0 or 8 + n > size or n > 100_000_000:
+            if n <= 0 or 8 + n > size or n > _MAX_HEADER:
                 raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors header (length {n}, file {size} B)"
+                    f"{path}: not a safetensors file, or a truncated one (the header length it starts with does "
+                    f"not fit its {size} B)"
                 )
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+            header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header (key {_short(e.args[0])} given twice)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8 JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
     header.pop("__metadata__", None)
     data_start = 8 + n
+    spans = []
     for key, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dt = _DTYPES[info["dtype"]]
-            numel = math.prod(info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {info!r}") from None
-        if end - begin != numel * torch.empty((), dtype=dt).element_size():
+        where = f"{path}: tensor {_short(key)}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPES:
             raise CheckpointError(
-                f"{path}: tensor {key!r} byte range does not match its shape {info['shape']}"
+                f"{where}: unsupported dtype {_short(dtype, 20)} (supported: {', '.join(_DTYPES)})"
             )
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: malformed shape (expected a list of integers >= 0)")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise CheckpointError(f"{where}: malformed data_offsets (expected [begin, end])")
+        begin, end = offsets
+        if begin < 0 or end < begin:
+            raise CheckpointError(f"{where}: data_offsets are negative or end before they begin")
+        if end - begin != math.prod(shape) * torch.empty((), dtype=_DTYPES[dtype]).element_size():
+            raise CheckpointError(f"{where}: byte range does not match its shape {shape}")
         if data_start + end > size:
             raise CheckpointError(
-                f"{path}: truncated safetensors file: tensor {key!r} needs bytes up to {data_start + end}, "
+                f"{path}: truncated safetensors file: tensor {_short(key)} needs bytes up to {data_start + end}, "
                 f"file has {size}"
             )
+        if end > begin:
+            spans.append((begin, end, key))
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, key) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise CheckpointError(f"{path}: tensors {_short(prev)} and {_short(key)} overlap in the file")
     return header, data_start
 
 
@@ -202,16 +260,53 @@ def _read_tensor(f: Any, info: dict[str, Any], data_start: int) -> torch.Tensor:
     return t
 
 
+def _map_file(path: Path) -> mmap.mmap | None:
+    """A private (copy-on-write) mapping of `path`: writes to the tensors never reach the file, and a later save,
+    which renames new files into place, leaves the mapped old file intact. None for an empty file."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        return mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+
+
+def _mapped_tensor(mapped: mmap.mmap, info: dict[str, Any], data_start: int) -> torch.Tensor | None:
+    """The tensor as a view of the mapping, or None when its offset is not aligned to its element size."""
+    dt = _DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    size = torch.empty((), dtype=dt).element_size()
+    if end == begin or (data_start + begin) % size:
+        return None
+    flat = torch.frombuffer(mapped, dtype=dt, count=(end - begin) // size, offset=data_start + begin)
+    return flat.view(info["shape"])
+
+
+def _shard_name(index: Path, key: Any, value: Any) -> str:
+    """A `weight_map` value: a plain file name of the checkpoint folder. `/`, `..` and absolute paths would read
+    files outside it; a folder entry that is a symlink (a Hugging Face cache's `snapshots/<rev>/` links into
+    `../../blobs/`) is fine, since the folder's owner made it."""
+    ok = isinstance(value, str) and value not in ("", ".", "..") and "\x00" not in value
+    if not ok or "/" in value or "\\" in value or os.path.isabs(value):
+        raise CheckpointError(
+            f"{index}: weight_map[{_short(key)}] = {_short(value)} is not a file name in the checkpoint folder "
+            "(shards are plain names: no '/', '..' or absolute paths)"
+        )
+    return value
+
+
 def checkpoint_files(path: Path) -> dict[str, Path]:
-    """Map each checkpoint tensor name to its file (single file or sharded index)."""
+    """Map each checkpoint tensor name to its file (single file or sharded index); shard names are checked to
+    stay in `path` (see :func:`_shard_name`)."""
+    refuse_interrupted_save(path)
     index = path / SAFE_WEIGHTS_INDEX_NAME
     single = path / SAFE_WEIGHTS_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed shard index ({e})") from None
-        files = {k: path / v for k, v in weight_map.items()}
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+            why = "not UTF-8 JSON" if isinstance(e, (UnicodeDecodeError, RecursionError)) else e
+            raise CheckpointError(f"{index}: malformed shard index ({why})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: malformed shard index (weight_map is not an object)")
+        files = {k: path / _shard_name(index, k, v) for k, v in weight_map.items()}
         for f in set(files.values()):
             if not f.is_file():
                 raise CheckpointError(f"{index}: shard {f.name} listed in the index is missing")
@@ -222,6 +317,32 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     hint = f" (found {pickles}: pickle formats are refused, convert them to safetensors)" if pickles else ""
     raise CheckpointError(f"{path}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}{hint}")
+
+
+def _check_shards(path: Path, files: Mapping[str, Path], headers: Mapping[Path, tuple[dict, int]]) -> None:
+    """Every tensor is in exactly the file the index names: none missing from its shard, none in a shard but
+    not in the index, none in two shards."""
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    for name, f in files.items():
+        if name not in headers[f][0]:
+            raise CheckpointError(f"{f}: tensor {_short(name)} listed in the index is not in the file")
+    seen: dict[str, Path] = {}
+    for f in sorted(headers):
+        for name in headers[f][0]:
+            if name in seen:
+                raise CheckpointError(
+                    f"{index}: tensor {_short(name)} is in two shards, {seen[name].name} and {f.name}"
+                )
+            seen[name] = f
+            if name not in files:
+                raise CheckpointError(f"{index}: tensor {_short(name)} of shard {f.name} is not in the index")
+
+
+# ---------------------------------------------------------------------------------------------- interrupted saves
+# A save writes its files into a staging folder inside the target, `.save-XXXX`, and moves them in once a COMMIT
+# file there lists them (see `save_files`).
+_STAGING = ".save-"
+_COMMIT = "COMMIT"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -235,8 +356,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _interrupted_save_backups(final: Path, dead_only: bool = True) -> list[Path]:
-    """`.{name}.old-{pid}` folders that :func:`atomic_replace_dir` left next to `final`, oldest first. With
-    `dead_only`, only those of writers no longer running (or of this process)."""
+    """`.{name}.old-{pid}` folders next to `final`, oldest first: saves of earlier versions swapped whole folders
+    and a kill between their two renames left the complete old folder there. With `dead_only`, only those of
+    writers no longer running (or of this process)."""
     found = []
     for b in final.parent.glob(f".{final.name}.old-*"):
         pid = b.name.rsplit("-", 1)[-1]
@@ -262,11 +384,24 @@ def _missing_folder_hint(path: Path) -> str:
     )
 
 
+def refuse_interrupted_save(path: Path) -> None:
+    """CheckpointError if a save into the folder `path` was committed but not all its files are moved in yet
+    (cut off, or running now): the folder then mixes old and new files. Reading changes nothing."""
+    for staging in sorted(path.glob(_STAGING + "*")):
+        if (staging / _COMMIT).is_file():
+            raise CheckpointError(
+                f"{path}: a save into this folder is being finished or was interrupted ({staging.name} holds the "
+                "rest of its files): run the save again, or call "
+                "musicflamingo.checkpoint.recover_interrupted_save on the folder to finish it"
+            )
+
+
 def load_config(path: str | Path) -> MusicFlamingoConfig:
     """The config.json of the checkpoint folder `path` (CheckpointError naming the file and the problem)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder does not exist{_missing_folder_hint(path)}")
+    refuse_interrupted_save(path)
     cfg = path / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{path}: no config.json, so this is not a Music Flamingo checkpoint folder")
@@ -321,8 +456,10 @@ def read_state_dict(
     expected: Mapping[str, Sequence[int]],
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    mmap: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of the checkpoint folder `path`, renamed to our names, on `device` in `dtype`.
+    """The tensors of the checkpoint folder `path`, renamed to our names, on `device` in `dtype`; with `mmap`,
+    CPU tensors whose dtype already matches are views of a private mapping of their file (see the module doc).
 
     `expected` is `{our_name: shape}` (a model's `state_dict()` on the meta device gives it). Every name and shape
     is checked before any tensor data is read; missing, unexpected and wrong-shaped keys are all reported in one
@@ -335,8 +472,9 @@ def read_state_dict(
     headers: dict[Path, tuple[dict[str, Any], int]] = {}
     for f in set(files.values()):
         headers[f] = read_safetensors_header(f)
+    _check_shards(path, files, headers)
     mapping: dict[str, str] = {}
-    unexpected, wrong_shape = [], []
+    unexpected, wrong_shape, wrong_dtype = [], [], []
     for name, f in files.items():
         if name in IGNORED_KEYS:
             continue
@@ -344,21 +482,26 @@ def read_state_dict(
         if ours is None or ours not in expected:
             unexpected.append(name)
             continue
-        info = headers[f][0].get(name)
-        if info is None:
-            raise CheckpointError(f"{f}: tensor {name!r} listed in the index is not in the file")
+        info = headers[f][0][name]
         if list(info["shape"]) != list(expected[ours]):
             wrong_shape.append(f"{name}: checkpoint {list(info['shape'])} vs model {list(expected[ours])}")
+        if info["dtype"] not in _FLOAT_DTYPES:  # int8 of a quantized export would fail in a matmul
+            wrong_dtype.append(f"{f.name}: {name} is {info['dtype']}")
         mapping[ours] = name
     missing = sorted(ours_to_hf(k) for k in expected if k not in mapping)
-    if missing or unexpected or wrong_shape:
+    if missing or unexpected or wrong_shape or wrong_dtype:
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {missing[:20]}")
         if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {sorted(unexpected)[:20]}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {[k[:80] for k in sorted(unexpected)[:20]]}")
         if wrong_shape:
             parts.append(f"wrong shapes ({len(wrong_shape)}): {wrong_shape[:20]}")
+        if wrong_dtype:
+            parts.append(
+                f"unsupported dtypes ({len(wrong_dtype)}, the weights must be {'/'.join(_FLOAT_DTYPES)}; "
+                f"quantized checkpoints are not supported): {wrong_dtype[:20]}"
+            )
         raise CheckpointError(f"{path}: checkpoint does not match the config: " + "; ".join(parts))
 
     state: dict[str, torch.Tensor] = {}
@@ -367,16 +510,41 @@ def read_state_dict(
         by_file.setdefault(files[name], []).append(ours)
     for f, names in by_file.items():
         header, start = headers[f]
+        mapped = _map_file(f) if mmap else None
         with open(f, "rb") as fh:
             for ours in names:
-                t = _read_tensor(fh, header[mapping[ours]], start)
+                info = header[mapping[ours]]
+                t = _mapped_tensor(mapped, info, start) if mapped is not None else None
+                if t is None:
+                    t = _read_tensor(fh, info, start)
                 want = target if (target is not None and t.is_floating_point()) else t.dtype
                 state[ours] = t.to(device=device, dtype=want)  # no copy when dtype/device already match
                 del t
+        del mapped  # tensors that are views keep the mapping alive; the others do not need it
     return state
 
 
 # ---------------------------------------------------------------------------------------------- writing
+# What a model save writes, so what it replaces (or removes, e.g. the shards of an earlier sharded save).
+MODEL_FILES = ("config.json", "generation_config.json", SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# What `MusicFlamingoProcessor.save_pretrained` writes (either tokenizer kind), so what it replaces or removes.
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+)
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a model save owns the file `name` of a checkpoint folder."""
+    return name in MODEL_FILES or bool(_SHARD_FILE.fullmatch(name))
+
+
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -398,14 +566,61 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * units[m.group(2)])
 
 
-def recover_interrupted_save(final: str | Path) -> None:
-    """Finish what a killed :func:`atomic_replace_dir` left behind (called by every write, never by a read).
+@contextlib.contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """Exclusive flock on the folder for a whole save: concurrent saves into it take turns, and a staging folder
+    seen under the lock belongs to a writer that died (the kernel drops a dead process's lock)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: saves are not serialised
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
-    Directories cannot be swapped atomically: a kill between its two renames leaves no `final`, only the complete
-    old folder as `.{name}.old-{pid}` (and the complete new one as a temp folder). If `final` is missing, the newest
-    backup of a dead writer is renamed back; backups of dead writers are deleted once `final` exists.
-    """
-    final = Path(final)
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _plain(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+
+
+def _move_in(path: Path, staging: Path) -> None:
+    """Carry out a committed staging folder: move its files in, remove the stale owned files it lists, drop it.
+    Idempotent, so a kill midway is finished by running it again."""
+    plan = json.loads((staging / _COMMIT).read_text(encoding="utf-8"))
+    for name in plan["move"]:
+        if _plain(name) and (staging / name).exists():  # else moved before a kill
+            os.replace(staging / name, path / name)
+    for name in plan["remove"]:
+        if _plain(name):
+            (path / name).unlink(missing_ok=True)
+    _fsync(path)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish_staged(path: Path) -> None:
+    """Under the folder lock: move in committed staging folders, delete uncommitted ones (dead writers' debris)."""
+    for staging in sorted(path.glob(_STAGING + "*")):
+        if not staging.is_dir():
+            continue
+        if (staging / _COMMIT).is_file():
+            log.warning("%s: finishing the interrupted save in %s", path, staging.name)
+            _move_in(path, staging)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _restore_swapped(final: Path) -> None:
+    """Saves of earlier versions swapped whole folders: a kill between the two renames left no `final`, only the
+    complete old folder as `.{name}.old-{pid}`. Rename the newest backup of a dead writer back if `final` is
+    missing; delete backups of dead writers once `final` exists."""
     backups = _interrupted_save_backups(final)
     if not backups:
         return
@@ -416,17 +631,102 @@ def recover_interrupted_save(final: str | Path) -> None:
         shutil.rmtree(b, ignore_errors=True)
 
 
-def atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written `tmp` folder into place. A kill at any point leaves a complete old or new folder:
-    at `final`, or (killed between the two renames) as a backup that :func:`recover_interrupted_save` restores."""
-    recover_interrupted_save(final)
-    backup = None
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, backup)
-    os.replace(tmp, final)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+def recover_interrupted_save(final: str | Path) -> None:
+    """Finish what a killed save left in or next to the folder `final` (every save calls it first; reads never
+    do): a committed save is moved in, an uncommitted one discarded (the old files stayed in place), and a
+    backup that a folder-swapping save of an earlier version left is renamed back."""
+    final = Path(final)
+    _restore_swapped(final)
+    if final.is_dir():
+        with _folder_lock(final):
+            _finish_staged(final)
+
+
+def _is_our_config(path: Path) -> bool:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") == "musicflamingo"
+
+
+def _check_target(path: Path, overwrite: bool, what: str) -> None:
+    """Refuse to save into an existing file, into another model's folder (a config.json that is not ours) or into
+    a non-empty folder holding none of our files, unless `overwrite`; an existing file is then removed."""
+    again = f"pass overwrite=True to write the {what} files there anyway"
+    if path.exists() and not path.is_dir():
+        if not overwrite:
+            raise CheckpointError(f"{path} is a file, not a folder: refusing to replace it ({again})")
+        path.unlink()
+        return
+    if overwrite or not path.is_dir():
+        return
+    names = sorted(p.name for p in path.iterdir() if not p.name.startswith(_STAGING))
+    config = path / "config.json"
+    if config.exists() and not _is_our_config(config):
+        raise CheckpointError(
+            f"{path}: its config.json is not a Music Flamingo config, so this is another model's folder ({again}; "
+            "only those files are replaced)"
+        )
+    if names and not any(is_model_file(n) or n in PROCESSOR_FILES for n in names):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise CheckpointError(
+            f"{path} is a folder that does not look like a checkpoint (no config.json, weights or processor "
+            f"files; it holds {shown}): refusing to save into it ({again}; nothing else in it is touched)"
+        )
+
+
+def save_files(
+    path: str | Path,
+    write: Callable[[Path], None],
+    owns: Callable[[str], bool],
+    overwrite: bool = False,
+    what: str = "checkpoint",
+) -> Path:
+    """Put the files that `write(folder)` creates into the folder `path`, all or nothing, replacing only files
+    that `owns(name)` accepts: those of the new set, and owned files the new set lacks are removed. Nothing
+    else in the folder (subfolders, `.git`, a user's files) is touched. Returns `path`.
+
+    The folder itself is never renamed: the files are written and fsync'd in a staging folder inside it
+    (`.save-XXXX`, so on the same filesystem), then a `COMMIT` file listing the moves and removals is written
+    atomically, then the files are renamed into place. A kill before `COMMIT` leaves the old files untouched
+    (the staging folder is discarded by the next save); a kill after it leaves a committed staging folder that
+    readers refuse (`refuse_interrupted_save`, naming it) and that the next save, or `recover_interrupted_save`,
+    finishes: complete old files or complete new ones, as with a folder swap, without a swap's faults (it would
+    rename away everything else the folder holds, and fails on the current folder or a mount point). The folder
+    is locked for the whole save (`_folder_lock`).
+
+    Refused unless `overwrite` (`what` names the kind in messages): `path` is an existing file (then replaced
+    by the folder), holds another model's config.json, or is a non-empty folder with none of our files.
+    """
+    path = Path(path)
+    _restore_swapped(path)
+    _check_target(path, overwrite, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(path):
+            _finish_staged(path)
+            staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=path))
+            try:
+                write(staging)
+                new = sorted(p.name for p in staging.iterdir())
+                for name in new:  # on disk before the commit can name them
+                    _fsync(staging / name)
+                stale = sorted(
+                    p.name for p in path.iterdir() if owns(p.name) and p.name not in new and not p.is_dir()
+                )
+                tmp = staging / (_COMMIT + ".tmp")
+                tmp.write_text(json.dumps({"move": new, "remove": stale}), encoding="utf-8")
+                _fsync(tmp)
+                os.replace(tmp, staging / _COMMIT)
+                _fsync(staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            _move_in(path, staging)
+    except OSError as e:  # a full or read-only disk
+        raise CheckpointError(f"{path}: cannot save the {what} ({e.strerror or e})") from e
+    return path
 
 
 def write_state_dict(
@@ -435,13 +735,12 @@ def write_state_dict(
     path: str | Path,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Write config.json, generation_config.json and `state_dict` (our names, renamed to the checkpoint's) as
-    safetensors, sharded past `max_shard_size`, atomically. `dtype` is the dtype recorded in config.json
+    safetensors, sharded past `max_shard_size`, into the folder `path` with :func:`save_files` (all or nothing;
+    other files in the folder are kept; `overwrite` as there). `dtype` is the dtype recorded in config.json
     (default: that of the first floating tensor). Tied weights are the caller's to leave out."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_save(path)  # so that the tokenizer files of an interrupted save are carried over
     limit = _parse_size(max_shard_size)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state_dict.items():
@@ -458,8 +757,7 @@ def write_state_dict(
         shards[-1][name] = tensors[name]
         size += nbytes
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    def write(tmp: Path) -> None:
         config.to_json(tmp / "config.json", dtype=str(dtype).replace("torch.", ""))
         gen = {
             "eos_token_id": config.text.eos_token_id,
@@ -472,30 +770,15 @@ def write_state_dict(
         meta = {"format": "pt"}
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SAFE_WEIGHTS_NAME), metadata=meta)
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=meta)
-                for name, t in shard.items():
-                    weight_map[name] = fname
-                    total += t.numel() * t.element_size()
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        # Keep files that belong to the folder but not to the weights (tokenizer, processor) when overwriting.
-        if path.is_dir():
-            for p in path.iterdir():
-                weights = p.name.endswith(".safetensors") or p.name in (
-                    SAFE_WEIGHTS_INDEX_NAME,
-                    "config.json",
-                    "generation_config.json",
-                )
-                if p.is_file() and not weights and not (tmp / p.name).exists():
-                    shutil.copy2(p, tmp / p.name)
-        for p in tmp.iterdir():  # flush before the rename makes it visible
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        atomic_replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            return
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata=meta)
+            for name, t in shard.items():
+                weight_map[name] = fname
+                total += t.numel() * t.element_size()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    save_files(path, write, is_model_file, overwrite, "checkpoint")

@@ -29,7 +29,8 @@ from musicflamingo import chat
 from musicflamingo.audio import features as F
 from musicflamingo.audio.io import AudioError, load_or_validate
 from musicflamingo.chat import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, Conversation
-from musicflamingo.tokenizer import Tokenizer, load_tokenizer
+from musicflamingo.checkpoint import PROCESSOR_FILES, refuse_interrupted_save, save_files
+from musicflamingo.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,22 @@ class MusicFlamingoProcessor:
     def audio_token_ids(self) -> list[int]:
         return [self.audio_token_id, self.audio_bos_token_id, self.audio_eos_token_id]
 
+    def check_vocab(self, vocab_size: int, model: str = "the model") -> None:
+        """TokenizerError unless every id of the tokenizer fits a model vocabulary of ``vocab_size`` (a larger id
+        would index past the embedding table: an IndexError mid-forward). ``model`` names where the size is from."""
+        n = self.tokenizer.vocab_size
+        if n > vocab_size:
+            raise TokenizerError(
+                f"the tokenizer has {n} ids but {model} has a vocabulary of {vocab_size}: ids {vocab_size}-{n - 1} "
+                "would index past its embeddings (pair the model with the tokenizer it was trained with)"
+            )
+
     # ---------------------------------------------------------------- audio helpers
+    @property
+    def kept_seconds(self) -> float:
+        """Seconds of an audio the windows keep: ``max_audio_len // chunk_length`` whole windows (20 min)."""
+        return int(self.max_audio_len // self.chunk_length) * self.chunk_length
+
     def audio_token_count(self, num_samples: int) -> int:
         """``<sound>`` tokens for an audio of ``num_samples`` samples (after truncation to ``max_audio_len``)."""
         return F.audio_token_count(num_samples, self.chunk_length, self.max_audio_len, self.sampling_rate)
@@ -115,7 +131,10 @@ class MusicFlamingoProcessor:
         """
         windows, counts = [], []
         for i, a in enumerate(audios):
-            wave, name = load_or_validate(a, self.sampling_rate, name=f"audio[{i}]")
+            # A file is cut to the kept windows before it is decoded; an array is cut by split_windows.
+            wave, name = load_or_validate(
+                a, self.sampling_rate, name=f"audio[{i}]", max_seconds=self.kept_seconds
+            )
             if sources is not None:
                 name = sources[i]
             chunks = self.split_windows(wave, source=name)
@@ -298,8 +317,24 @@ class MusicFlamingoProcessor:
         d = Path(directory)
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: processor directory not found")
+        refuse_interrupted_save(d)
         cfg = _read_json(d / "processor_config.json")
-        fe = cfg.get("feature_extractor") or _read_json(d / "preprocessor_config.json")
+        source = d / "processor_config.json"
+        fe = cfg.get("feature_extractor")
+        if not fe:
+            source = d / "preprocessor_config.json"
+            fe = _read_json(source)
+        try:
+            extractor = F.LogMelExtractor.from_dict(fe)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        max_len = cfg.get("max_audio_len", F.MAX_AUDIO_LEN)
+        number = isinstance(max_len, (int, float)) and not isinstance(max_len, bool)
+        if not number or not extractor.chunk_length <= max_len < float("inf"):
+            raise ValueError(
+                f"{d / 'processor_config.json'}: max_audio_len={max_len!r} must be a number of seconds >= "
+                f"chunk_length={extractor.chunk_length}"
+            )
         template = _read_template(d, cfg)
         prompt = DEFAULT_SYSTEM_PROMPT
         if template is not None:
@@ -310,11 +345,10 @@ class MusicFlamingoProcessor:
                 )
             else:
                 prompt = found
-        extractor = F.LogMelExtractor.from_dict(fe)
-        return cls(
+        processor = cls(
             load_tokenizer(d),
             chunk_length=extractor.chunk_length,
-            max_audio_len=cfg.get("max_audio_len", F.MAX_AUDIO_LEN),
+            max_audio_len=max_len,
             sampling_rate=extractor.sampling_rate,
             feature_size=extractor.feature_size,
             audio_token=cfg.get("audio_token", chat.AUDIO_PLACEHOLDER),
@@ -322,13 +356,18 @@ class MusicFlamingoProcessor:
             audio_eos_token=cfg.get("audio_eos_token", chat.AUDIO_EOS),
             default_system_prompt=prompt,
         )
+        vocab = _config_vocab_size(d / "config.json")
+        if vocab is not None:  # a checkpoint folder: its tokenizer must fit its model
+            processor.check_vocab(vocab, f"{d / 'config.json'}")
+        return processor
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write tokenizer files, ``processor_config.json``, ``preprocessor_config.json`` and ``chat_template.jinja``
-        (the reference ``MusicFlamingoProcessor.from_pretrained`` loads them when the tokenizer is ``tokenizer.json``)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(d)
+        (the reference ``MusicFlamingoProcessor.from_pretrained`` loads them when the tokenizer is ``tokenizer.json``).
+
+        As the model's save (``checkpoint.save_files``): all or nothing, only these files (and those of the other
+        tokenizer kind, which would shadow them) are replaced, anything else in the folder stays; a file, another
+        model's folder or a non-empty folder without our files is refused unless ``overwrite``."""
         fe = self.feature_extractor.to_dict()
         max_len = int(self.max_audio_len) if float(self.max_audio_len).is_integer() else self.max_audio_len
         cfg = {
@@ -339,23 +378,43 @@ class MusicFlamingoProcessor:
             "max_audio_len": max_len,
             "processor_class": "MusicFlamingoProcessor",
         }
-        (d / "processor_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        (d / "preprocessor_config.json").write_text(
-            json.dumps({**fe, "processor_class": "MusicFlamingoProcessor"}, indent=2) + "\n", encoding="utf-8"
-        )
-        (d / "chat_template.jinja").write_text(
-            chat.build_chat_template(self.default_system_prompt), encoding="utf-8"
-        )
-        return d
+
+        def write(d: Path) -> None:
+            self.tokenizer.save(d)
+            (d / "processor_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            (d / "preprocessor_config.json").write_text(
+                json.dumps({**fe, "processor_class": "MusicFlamingoProcessor"}, indent=2) + "\n",
+                encoding="utf-8",
+            )
+            (d / "chat_template.jinja").write_text(
+                chat.build_chat_template(self.default_system_prompt), encoding="utf-8"
+            )
+
+        return save_files(directory, write, PROCESSOR_FILES.__contains__, overwrite, "processor")
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise ValueError(f"{path}: invalid JSON (not UTF-8, or nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _config_vocab_size(path: Path) -> int | None:
+    """``text_config.vocab_size`` of a checkpoint's config.json; None without one (``load_config`` reports a
+    malformed one)."""
+    try:
+        vocab = _read_json(path).get("text_config", {}).get("vocab_size")
+    except (ValueError, AttributeError):
+        return None
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
 
 
 def _read_template(d: Path, cfg: dict) -> str | None:

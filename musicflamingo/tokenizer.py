@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from musicflamingo.chat import END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS
+from musicflamingo.chat import END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS, check_typed_text
 
 
 class TokenizerError(ValueError):
@@ -77,6 +77,16 @@ class Tokenizer:
         return idx
 
 
+def _check_unicode(text: object) -> None:
+    """TokenizerError naming the position when ``text`` holds a lone surrogate (not valid Unicode: text decoded
+    with ``errors="surrogateescape"``); the tokenizer libraries fail on it with an error that names nothing."""
+    if isinstance(text, str):
+        try:
+            check_typed_text(text, "the text to tokenize", forbidden=())
+        except ValueError as e:
+            raise TokenizerError(str(e)) from None
+
+
 def _token_str(value) -> str | None:
     """``tokenizer_config.json`` stores tokens as strings or as ``{"content": ...}`` dicts."""
     if isinstance(value, dict):
@@ -123,7 +133,11 @@ class HFTokenizer(Tokenizer):
         return cls(tok, config)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # what `tokenizers` raises for a lone surrogate
+            _check_unicode(text)
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -193,7 +207,11 @@ class SentencePieceTokenizer(Tokenizer):
         return cls(d / "tokenizer.model", special)
 
     def encode(self, text: str) -> list[int]:
-        return list(self._sp.encode(text, out_type=int))
+        try:
+            return list(self._sp.encode(text, out_type=int))
+        except RuntimeError:  # what sentencepiece's binding raises for a lone surrogate
+            _check_unicode(text)
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +295,42 @@ def test_state_dict_round_trip_by_name_table(tmp_path):
     assert back.keys() == state.keys()
     assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], state[k].bfloat16()) for k in state)
     assert json.loads((tmp_path / "c" / "config.json").read_text())["dtype"] == "float32"
+
+
+def _mapped_file_of(t: torch.Tensor) -> str | None:
+    """The file whose mapping holds t's data (from /proc/self/maps), or None for anonymous memory."""
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= ptr < hi:
+            name = parts[5] if len(parts) > 5 else ""
+            return name if name.startswith("/") else None  # [heap], [anon:...]: memory of its own
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_mapped_loading_uses_the_file_without_a_copy_and_equals_the_copying_path(tmp_path):
+    """mmap=True (default): weights in the checkpoint's dtype are views of the safetensors file's mapping, bit for
+    bit the weights of the copying path; a dtype change or mmap=False gives memory of its own."""
+    from musicflamingo import MusicFlamingo, MusicFlamingoConfig
+
+    torch.manual_seed(0)
+    MusicFlamingo(MusicFlamingoConfig.from_name("tiny")).save_pretrained(
+        tmp_path / "ck", max_shard_size="200KB"
+    )
+    mapped = MusicFlamingo.from_pretrained(tmp_path / "ck")
+    copied = MusicFlamingo.from_pretrained(tmp_path / "ck", mmap=False)
+    converted = MusicFlamingo.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16)
+    for (name, a), b in zip(mapped.state_dict().items(), copied.state_dict().values()):
+        assert torch.equal(a, b), name
+    w = mapped.language_model.layers[0].mlp.up_proj.weight
+    assert (_mapped_file_of(w) or "").endswith(".safetensors")
+    assert _mapped_file_of(copied.language_model.layers[0].mlp.up_proj.weight) is None
+    assert _mapped_file_of(converted.language_model.layers[0].mlp.up_proj.weight) is None
+    with torch.no_grad():  # copy-on-write: training a mapped model never writes the checkpoint
+        w.add_(1.0)
+    again = MusicFlamingo.from_pretrained(tmp_path / "ck", mmap=False)
+    assert torch.equal(
+        again.language_model.layers[0].mlp.up_proj.weight, copied.language_model.layers[0].mlp.up_proj.weight
+    )

@@ -25,7 +25,7 @@ from train_fixtures import TINY_OVERRIDES, compose_train, write_dataset, write_p
 
 from musicflamingo import MusicFlamingo, MusicFlamingoConfig
 from musicflamingo.callbacks import AtomicCheckpointIO
-from musicflamingo.checkpoint import CheckpointError, recover_interrupted_save
+from musicflamingo.checkpoint import CheckpointError, check_checkpoint_dir, recover_interrupted_save
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -160,23 +160,29 @@ def _mid_write(folder: Path, prefix: str) -> Callable[[], bool]:
     """True once the first version is complete and a later one is being written (a non-empty temp entry)."""
 
     def ready() -> bool:
-        for p in folder.glob(prefix + "*"):
-            files = [p] if p.is_file() else list(p.iterdir()) if p.is_dir() else []
-            if any(f.stat().st_size > 0 for f in files if f.exists()):
-                return True
+        try:
+            for p in folder.glob(prefix + "*"):
+                files = [p] if p.is_file() else list(p.iterdir()) if p.is_dir() else []
+                if any(f.stat().st_size > 0 for f in files):
+                    return True
+        except OSError:  # the entry was renamed or removed while looking
+            pass
         return False
 
     return ready
 
 
-def _kill_mid_write(script: str, target: Path, prefix: str, extra: list[str]) -> bool:
-    """Run a writer loop, kill it while a temp entry is being written; True if that temp entry survived (the
-    kill really landed mid-write, before the rename)."""
+def _kill_mid_write(
+    script: str, target: Path, prefix: str, extra: list[str], where: Path | None = None
+) -> bool:
+    """Run a writer loop, kill it while a temp entry (named `prefix`*, in `where`, default: next to `target`) is
+    being written; True if that temp entry survived (the kill really landed mid-write, before the rename)."""
+    where = target.parent if where is None else where
     log = target.parent / "writer.log"
     proc = _popen(["-c", script, str(target), *extra], target.parent, log)
-    mid_write = _mid_write(target.parent, prefix)
+    mid_write = _mid_write(where, prefix)
     _kill_when(proc, lambda: log.read_bytes().startswith(b"1\n") and mid_write())
-    return any(target.parent.glob(prefix + "*"))
+    return any(where.glob(prefix + "*"))
 
 
 @pytest.mark.parametrize("attempt", range(2))
@@ -200,10 +206,17 @@ def test_sigkill_during_atomic_torch_save_leaves_a_complete_file(tmp_path, attem
 
 
 def test_sigkill_during_save_pretrained_leaves_a_complete_folder(tmp_path):
+    """The files are written in a staging folder inside the target and moved in after a COMMIT file: a kill
+    before it leaves the old version in place; one in the short commit phase, the new version once finished."""
     target = tmp_path / "export"
-    torn = _kill_mid_write(PRETRAINED_WRITER, target, ".export.tmp-", [])
+    torn = _kill_mid_write(PRETRAINED_WRITER, target, ".save-", [], where=target)
     printed = [int(x) for x in (tmp_path / "writer.log").read_text().split()]
-    model = MusicFlamingo.from_pretrained(target)
+    try:
+        model = MusicFlamingo.from_pretrained(target)
+    except CheckpointError as e:  # killed after the commit: readers refuse the half-moved folder
+        assert "holds the rest of its files" in str(e)
+        recover_interrupted_save(target)
+        model = MusicFlamingo.from_pretrained(target)
     v = float(next(model.parameters()).detach().flatten()[0])
     assert all(bool((p == v).all()) for p in model.parameters())  # one complete version, no mix
     assert v in (printed[-1], printed[-1] + 1)
@@ -214,7 +227,7 @@ def test_sigkill_during_save_pretrained_leaves_a_complete_folder(tmp_path):
         pytest.skip("the kill landed between writes this time (folder still verified complete)")
 
 
-KILL_BETWEEN_RENAMES = """
+KILL_MID_COMMIT = """
 import os, signal, sys, torch
 import musicflamingo.checkpoint as ck
 from musicflamingo import MusicFlamingo, MusicFlamingoConfig
@@ -224,13 +237,13 @@ with torch.no_grad():
     for p in model.parameters():
         p.fill_(1.0)
 model.save_pretrained(path)
+open(os.path.join(path, "notes.txt"), "w").write("mine")
 with torch.no_grad():
     for p in model.parameters():
         p.fill_(2.0)
-real, calls = os.replace, []
+real = os.replace
 def replace(src, dst):
-    calls.append(dst)
-    if len(calls) == 2:  # old folder moved aside, new one not yet in place: the worst moment
+    if os.path.basename(dst) == "generation_config.json":  # new config.json in, old weights: the worst moment
         os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst)
 ck.os.replace = replace
@@ -238,36 +251,49 @@ model.save_pretrained(path)
 """
 
 
-def test_sigkill_between_the_folder_renames_is_recovered_by_the_next_save(tmp_path):
-    """Reading names the backup the kill left and changes nothing; `recover_interrupted_save` (which every save
-    runs first) renames the complete old folder back."""
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def _kill_mid_commit(tmp_path: Path) -> tuple[Path, Path]:
     target = tmp_path / "export"
-    proc = _popen(["-c", KILL_BETWEEN_RENAMES, str(target)], tmp_path, tmp_path / "writer.log")
+    proc = _popen(["-c", KILL_MID_COMMIT, str(target)], tmp_path, tmp_path / "writer.log")
     assert proc.wait(timeout=120) == -signal.SIGKILL
-    (backup,) = tmp_path.glob(".export.old-*")
-    assert not target.exists()
-    with pytest.raises(CheckpointError, match=rf"{backup.name} holds it, left by an interrupted save"):
+    (staging,) = target.glob(".save-*")
+    assert (staging / "COMMIT").is_file() and (staging / "model.safetensors").is_file()
+    return target, staging
+
+
+def test_sigkill_mid_commit_is_refused_by_readers_and_finished_by_recover(tmp_path):
+    """Killed after the commit, between two moves (new config.json, old weights): reading names the staging
+    folder and changes nothing; `recover_interrupted_save` (which every save runs first) moves the rest in."""
+    target, staging = _kill_mid_commit(tmp_path)
+    before = _tree(target)
+    with pytest.raises(
+        CheckpointError, match=rf"{staging.name} holds the rest of its files.*recover_interrupted"
+    ):
         MusicFlamingo.from_pretrained(target)
-    assert backup.is_dir() and not target.exists()  # reading left it as it was
+    with pytest.raises(CheckpointError, match="was interrupted"):
+        check_checkpoint_dir(target, need_tokenizer=False)
+    assert _tree(target) == before  # reading left it as it was
     recover_interrupted_save(target)
     model = MusicFlamingo.from_pretrained(target)
-    assert all(bool((p == 1.0).all()) for p in model.parameters())
-    assert target.is_dir() and not list(tmp_path.glob(".export.old-*"))
+    assert all(bool((p == 2.0).all()) for p in model.parameters())  # the committed version, complete
+    assert not list(target.glob(".save-*")) and (target / "notes.txt").read_text() == "mine"
     model.save_pretrained(target)  # and saving over it works again
     assert MusicFlamingo.from_pretrained(target) is not None
 
 
-def test_save_after_a_sigkill_between_the_renames_restores_then_replaces(tmp_path):
-    target = tmp_path / "export"
-    proc = _popen(["-c", KILL_BETWEEN_RENAMES, str(target)], tmp_path, tmp_path / "writer.log")
-    assert proc.wait(timeout=120) == -signal.SIGKILL
-    (backup,) = tmp_path.glob(".export.old-*")
-    (backup / "tokenizer.json").write_text("{}")  # a file of the folder that is not weights
+def test_save_after_a_sigkill_mid_commit_finishes_it_then_replaces(tmp_path):
+    target, staging = _kill_mid_commit(tmp_path)
+    (target / "tokenizer.json").write_text("{}")  # files of the folder that are not the model's
+    (target / "src").mkdir()
+    (target / "src" / "main.py").write_text("1")
     model = MusicFlamingo(MusicFlamingoConfig.from_name("tiny"))
     model.save_pretrained(target)
-    assert (
-        not backup.exists() and (target / "tokenizer.json").is_file()
-    )  # carried over from the restored folder
+    assert not staging.exists()
+    assert (target / "tokenizer.json").read_text() == "{}" and (target / "src" / "main.py").read_text() == "1"
+    assert (target / "notes.txt").read_text() == "mine"
     back = MusicFlamingo.from_pretrained(target)
     assert torch.equal(back.lm_head.weight, model.lm_head.weight)
 

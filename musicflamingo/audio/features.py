@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,14 +172,18 @@ class LogMelExtractor:
         n_fft: int = N_FFT,
         hop_length: int = HOP_LENGTH,
     ) -> None:
+        for key, value in (("feature_size", feature_size), ("sampling_rate", sampling_rate)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        for key, value in (("n_fft", n_fft), ("hop_length", hop_length)):
+            if value < 1:  # hop_length 0 would divide by zero below
+                raise ValueError(f"{key} must be >= 1, got {value}")
         n_samples = chunk_length * sampling_rate
         if chunk_length <= 0 or n_samples != int(n_samples) or int(n_samples) % hop_length:
             raise ValueError(
                 f"chunk_length={chunk_length} s must give a whole number of samples divisible by hop_length="
                 f"{hop_length} at {sampling_rate} Hz (got {n_samples} samples)"
             )
-        if feature_size < 1:
-            raise ValueError(f"feature_size must be >= 1, got {feature_size}")
         self.feature_size = feature_size
         self.sampling_rate = sampling_rate
         self.chunk_length = chunk_length
@@ -259,17 +264,26 @@ class LogMelExtractor:
     @classmethod
     def from_dict(cls, d: dict) -> LogMelExtractor:
         """Build from a ``WhisperFeatureExtractor`` config dict; unsupported settings raise ``ValueError``."""
-        if float(d.get("dither", 0.0)) != 0.0:
+        if not isinstance(d, dict):
+            raise ValueError(f"feature extractor settings must be an object, got {type(d).__name__}")
+        if _number(d, "dither", 0.0) != 0.0:
             raise ValueError(f"feature extractor dither={d['dither']} is not supported (expected 0.0)")
         if d.get("do_normalize", False):
             raise ValueError("feature extractor do_normalize=True is not supported (Whisper log-mel only)")
-        chunk = d.get("chunk_length", CHUNK_LENGTH)
-        if not math.isfinite(float(chunk)):
-            raise ValueError(f"feature extractor chunk_length must be finite, got {chunk}")
         return cls(
-            feature_size=int(d.get("feature_size", FEATURE_SIZE)),
-            sampling_rate=int(d.get("sampling_rate", SAMPLING_RATE)),
-            chunk_length=float(chunk),
-            n_fft=int(d.get("n_fft", N_FFT)),
-            hop_length=int(d.get("hop_length", HOP_LENGTH)),
+            feature_size=_number(d, "feature_size", FEATURE_SIZE, integer=True),
+            sampling_rate=_number(d, "sampling_rate", SAMPLING_RATE, integer=True),
+            chunk_length=_number(d, "chunk_length", CHUNK_LENGTH),
+            n_fft=_number(d, "n_fft", N_FFT, integer=True),
+            hop_length=_number(d, "hop_length", HOP_LENGTH, integer=True),
         )
+
+
+def _number(d: dict, key: str, default: float, integer: bool = False) -> Any:
+    """``d[key]`` (or ``default``) as a finite number (an int when ``integer``); ValueError naming the key."""
+    value = d.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (integer and value != int(value)):
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"feature extractor {key}={value!r} must be {kind}")
+    return int(value) if integer else float(value)

@@ -8,6 +8,7 @@ Every problem raises :class:`AudioError` (a ``ValueError``) naming the source an
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 ONE_MEL_FRAME = 160  # samples at 16 kHz; an audio needs 321 samples (3 frames) for one audio token
@@ -83,39 +86,64 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return np.pad(y, (0, max(0, n_out - y.shape[0])))[:n_out]
 
 
-def _read_soundfile(path: str, offset: float, duration: float | None) -> tuple[np.ndarray, int]:
+# A header outside this range is corrupt or hostile: a 40 kB WAV claiming 1 Hz would resample to 320 M samples.
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+# Source seconds read past a cap, so the resampler's filter sees the same samples around the cut as a full read.
+_CAP_MARGIN = 0.5
+
+
+def check_sample_rate(name: str, rate: int) -> None:
+    """AudioError naming the file unless ``MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE``."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"{name}: sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz (a corrupt header?)"
+        )
+
+
+def _read_soundfile(path: str, offset: float, seconds: float | None) -> tuple[np.ndarray, int, float | None]:
+    """Mono float32 of ``[offset, offset + seconds)`` at the file's rate, the rate, and the file's length in
+    seconds (None when unknown). Only those frames are decoded."""
     import soundfile as sf
 
     with sf.SoundFile(path) as f:
         sr = f.samplerate
-        start = int(round(offset * sr))
-        if f.frames > 0 and start >= f.frames:
+        check_sample_rate(path, sr)
+        known = f.frames > 0
+        if known and offset * sr >= f.frames:  # compared as floats: a huge offset does not overflow
             raise AudioError(
                 f"{path}: offset {offset:.3f} s is past the end of the audio ({f.frames / sr:.3f} s)"
             )
+        start = int(round(offset * sr))
         if start:
             f.seek(start)
-        count = -1 if duration is None else int(round(duration * sr))
+        # -1 reads to the end; a request past the end is one too (and does not overflow).
+        big = seconds is None or (known and seconds * sr >= f.frames - start)
+        count = -1 if big else int(round(seconds * sr))
         data = f.read(count, dtype="float32", always_2d=True)  # [T, C]
-    return data.mean(axis=1), sr
+        total = f.frames / sr if known else None
+    return data.mean(axis=1), sr, total
 
 
-def _read_torchcodec(path: str, offset: float, duration: float | None, sr: int) -> np.ndarray:
+def _read_torchcodec(path: str, offset: float, seconds: float | None, sr: int) -> np.ndarray:
     from torchcodec.decoders import AudioDecoder  # optional dependency
 
     dec = AudioDecoder(path, sample_rate=sr)
-    stop = None if duration is None else offset + duration
+    source_rate = getattr(getattr(dec, "metadata", None), "sample_rate", None)
+    if source_rate is not None:
+        check_sample_rate(path, int(source_rate))
+    stop = None if seconds is None else offset + seconds
     samples = dec.get_samples_played_in_range(start_seconds=offset, stop_seconds=stop)
     return samples.data.mean(dim=0).numpy().astype(np.float32)
 
 
-def _read_ffmpeg(path: str, offset: float, duration: float | None, sr: int) -> np.ndarray:
+def _read_ffmpeg(path: str, offset: float, seconds: float | None, sr: int) -> np.ndarray:
     exe = shutil.which("ffmpeg")
     if exe is None:
         raise RuntimeError("ffmpeg is not installed")
     cmd = [exe, "-nostdin", "-v", "error", "-ss", f"{offset:.6f}", "-i", path]
-    if duration is not None:
-        cmd += ["-t", f"{duration:.6f}"]
+    if seconds is not None:
+        cmd += ["-t", f"{seconds:.6f}"]
     # ffmpeg downmixes stereo to mono as (L + R) / 2; it resamples with its own (swr) resampler here.
     cmd += ["-vn", "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
     proc = subprocess.run(cmd, capture_output=True, timeout=600)
@@ -131,6 +159,7 @@ def load_audio(
     offset: float = 0.0,
     duration: float | None = None,
     min_samples: int = 1,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Decode ``[offset, offset + duration)`` seconds of an audio file to mono float32 ``[T]`` at ``sampling_rate``.
 
@@ -140,23 +169,31 @@ def load_audio(
         offset: start in seconds.
         duration: length in seconds; ``None`` reads to the end.
         min_samples: raise when fewer samples come out (``ONE_MEL_FRAME`` = 160 asks for one mel frame).
+        max_seconds: keep at most this many seconds (the processor's kept windows), applied before decoding and
+            resampling: only those frames are read (plus ``_CAP_MARGIN`` s for the resampler, then cut), so a
+            3-hour file costs what its first minutes do. A cut logs one warning naming the file.
 
     Raises:
-        AudioError: missing or undecodable file, bad offset/duration, empty or non-finite audio, too short.
+        AudioError: missing or undecodable file, a sample rate outside 1-384 kHz, bad offset/duration, empty or
+            non-finite audio, too short.
     """
     name = os.fspath(path)
     if offset < 0 or not np.isfinite(offset):
         raise AudioError(f"{name}: offset must be a finite number >= 0 s, got {offset}")
     if duration is not None and (duration <= 0 or not np.isfinite(duration)):
         raise AudioError(f"{name}: duration must be > 0 s or None, got {duration}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
     p = Path(name)
     if not p.exists():
         raise AudioError(f"{name}: audio file not found")
     if not p.is_file():
         raise AudioError(f"{name}: not a regular file")
-    errors = []
+    capped = max_seconds is not None and (duration is None or duration > max_seconds)
+    seconds = max_seconds + _CAP_MARGIN if capped else duration
+    errors, total = [], None
     try:
-        x, sr = _read_soundfile(name, offset, duration)
+        x, sr, total = _read_soundfile(name, offset, seconds)
         x = resample(x, sr, sampling_rate)
     except AudioError:
         raise
@@ -165,14 +202,23 @@ def load_audio(
         x = None
         for reader in (_read_torchcodec, _read_ffmpeg):
             try:
-                x = reader(name, offset, duration, sampling_rate)
+                x = reader(name, offset, seconds, sampling_rate)
                 break
+            except AudioError:
+                raise
             except ImportError:
                 errors.append(f"{reader.__name__[6:]}: not installed")
             except Exception as e2:
                 errors.append(f"{reader.__name__[6:]}: {e2}")
         if x is None:
             raise AudioError(f"{name}: cannot decode audio ({'; '.join(errors)})") from None
+    if capped:
+        keep = int(round(max_seconds * sampling_rate))
+        if x.shape[0] > keep:
+            span = [s for s in (duration, None if total is None else total - offset) if s is not None]
+            length = f"{min(span):.1f} s" if span else f"more than {max_seconds:g} s"
+            logger.warning("Audio %s lasts %s: keeping its first %g s.", name, length, max_seconds)
+            x = x[:keep]
     if x.shape[0] == 0:
         where = "" if offset == 0 and duration is None else f" in [{offset}, {offset + (duration or 0)}) s"
         raise AudioError(f"{name}: audio is empty (0 samples{where})")
@@ -184,8 +230,8 @@ def audio_duration(
 ) -> float | None:
     """Seconds that ``load_audio(path, offset=offset, duration=duration)`` will yield, from the file header
     (soundfile: wav, flac, ogg, mp3): ``duration`` when given (the file is not opened), else the length after
-    ``offset`` (>= 0). ``None`` when soundfile cannot tell (other formats, a missing or damaged file): a cheap
-    estimate, not a check; callers pick what unknown means for them."""
+    ``offset`` (>= 0). ``None`` when soundfile cannot tell (other formats, a missing or damaged file, a sample
+    rate outside 1-384 kHz): a cheap estimate, not a check; callers pick what unknown means for them."""
     if duration is not None:
         return float(duration)
     import soundfile as sf
@@ -194,7 +240,7 @@ def audio_duration(
         info = sf.info(os.fspath(path))
     except Exception:  # whatever libsndfile refuses; load_audio reports real problems later
         return None
-    if info.samplerate <= 0 or info.frames <= 0:
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE or info.frames <= 0:
         return None
     return max(0.0, info.frames / info.samplerate - offset)
 
@@ -204,11 +250,14 @@ def load_or_validate(
     sampling_rate: int = SAMPLING_RATE,
     name: str = "audio",
     min_samples: int = 1,
+    max_seconds: float | None = None,
 ) -> tuple[np.ndarray, str]:
-    """A path is decoded with :func:`load_audio`; an array is checked with :func:`validate_waveform` (assumed to be
-    at ``sampling_rate`` already). Returns ``(waveform [T], source name)``."""
+    """A path is decoded with :func:`load_audio` (at most ``max_seconds``, cut before decoding); an array is checked
+    with :func:`validate_waveform` (assumed to be at ``sampling_rate`` already; the caller cuts it). Returns
+    ``(waveform [T], source name)``."""
     if isinstance(audio, (str, os.PathLike)):
-        return load_audio(audio, sampling_rate, min_samples=min_samples), Path(audio).name
+        wave = load_audio(audio, sampling_rate, min_samples=min_samples, max_seconds=max_seconds)
+        return wave, Path(audio).name
     if isinstance(audio, (np.ndarray, torch.Tensor)):
         return validate_waveform(audio, name=name, min_samples=min_samples), name
     raise AudioError(f"{name}: expected a file path, numpy array or torch tensor, got {type(audio).__name__}")

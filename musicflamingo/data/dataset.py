@@ -190,7 +190,13 @@ class ConversationDataset(Dataset):
     # ------------------------------------------------------------------ audio
     def _load(self, ref: AudioRef) -> np.ndarray:
         p = self.processor
-        x = load_audio(ref.path, sampling_rate=p.sampling_rate, offset=ref.offset, duration=ref.duration)
+        x = load_audio(  # only the kept windows are decoded
+            ref.path,
+            sampling_rate=p.sampling_rate,
+            offset=ref.offset,
+            duration=ref.duration,
+            max_seconds=p.kept_seconds,
+        )
         if x.shape[0] < self.min_audio_seconds * p.sampling_rate:
             raise _SampleProblem(
                 f"{ref.path}: audio lasts {x.shape[0] / p.sampling_rate:.3f} s, shorter than "
@@ -264,7 +270,8 @@ def estimate_num_tokens(record: Record, dataset: ConversationDataset) -> int:
     may differ by a token.
     """
     p = dataset.processor
-    sizes = [int(math.ceil(_ref_seconds(a) * p.sampling_rate)) for a in record.audios]
+    # Capped at what the windows keep (the same count), so an absurd duration cannot overflow the int.
+    sizes = [int(math.ceil(min(_ref_seconds(a), p.kept_seconds) * p.sampling_rate)) for a in record.audios]
     sizes = [usable_samples(n, p.chunk_length, p.max_audio_len, p.sampling_rate) for n in sizes]
     counts = [p.audio_token_count(n) for n in sizes]
     return dataset.chat.num_tokens(chat_messages(record.messages), counts)

@@ -21,6 +21,10 @@ One JSON object per line (``.jsonl``); a file holding one JSON list of the same 
   that the label mask relies on.
 * For training the last message must be the assistant's (the loss learns assistant turns).
 * Any other field (``meta``, ``task``, ...) is kept in :attr:`Record.extra`.
+* Limits: a record (one JSONL line, or one element of a JSON list) holds at most ``MAX_RECORD_CHARS``
+  (1 000 000) characters, far more than any model context takes, so a runaway line is refused before it is
+  parsed or tokenized; ``offset`` and ``duration`` are finite and at most ``MAX_SECONDS`` (10^6 s, 11.6 days).
+  The file is UTF-8 (a BOM is allowed).
 
 Audio Flamingo 3 / LLaVA layout (detected per record, JSONL or one JSON list)::
 
@@ -39,17 +43,22 @@ Every problem raises :class:`ManifestError` naming ``file:line``, the field and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from musicflamingo.chat import AUDIO_PLACEHOLDER, FORBIDDEN_TOKENS, ROLES
+from musicflamingo.chat import AUDIO_PLACEHOLDER, FORBIDDEN_TOKENS, ROLES, check_typed_text
 
 # The AF3/LLaVA file layout's roles -> chat roles (a manifest layout: the model never sees "human" or "gpt").
 AF3_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _AF3_SOUND_NEWLINE = re.compile(re.escape(AUDIO_PLACEHOLDER) + r"\r?\n")
+
+
+MAX_RECORD_CHARS = 1_000_000
+MAX_SECONDS = 1e6
 
 
 class ManifestError(ValueError):
@@ -107,9 +116,17 @@ def read_manifest(
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
         raise ManifestError(f"{path}: cannot read manifest ({e.strerror or e})") from e
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ManifestError(
+            f"{path}:{line}: not UTF-8 (byte {column} of the line); save the manifest as UTF-8"
+        ) from None
     root = Path(audio_root) if audio_root is not None else path.parent
     items = _parse_json_list(path, text) if text.lstrip().startswith("[") else _parse_jsonl(path, text)
     records = [
@@ -121,15 +138,30 @@ def read_manifest(
     return records
 
 
+def _too_long(where: str, n: int) -> ManifestError:
+    return ManifestError(
+        f"{where}: record has {n} characters, more than MAX_RECORD_CHARS={MAX_RECORD_CHARS} (no model context "
+        "holds that much text; split it)"
+    )
+
+
+def _too_deep(where: str) -> ManifestError:
+    return ManifestError(f"{where}: malformed JSON: nested too deeply")
+
+
 def _parse_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
     items = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_RECORD_CHARS:
+            raise _too_long(f"{path}:{lineno}", len(line))
         try:
             items.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ManifestError(f"{path}:{lineno}: malformed JSON at column {e.colno}: {e.msg}") from e
+        except RecursionError:
+            raise _too_deep(f"{path}:{lineno}") from None
     return items
 
 
@@ -147,11 +179,16 @@ def _parse_json_list(path: Path, text: str) -> list[tuple[int, Any]]:
     if text.startswith("]", pos):
         return items
     while True:
+        line = text.count("\n", 0, pos) + 1
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise fail(e, pos, "") from e
-        items.append((text.count("\n", 0, pos) + 1, obj))
+        except RecursionError:
+            raise _too_deep(f"{path}:{line}") from None
+        if end - pos > MAX_RECORD_CHARS:
+            raise _too_long(f"{path}:{line}", end - pos)
+        items.append((line, obj))
         pos = ws.match(text, end).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()
@@ -177,6 +214,8 @@ def _to_record(
     rid = obj.get("id", f"{fname}:{line}")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise ManifestError(f"{where}: field 'id' must be a string or integer, got {type(rid).__name__}")
+    if isinstance(rid, str):
+        _check_text(rid, where, "id")
 
     convs = obj["conversations"]
     if not isinstance(convs, list):
@@ -234,9 +273,28 @@ def _to_message(m: Any, where: str, i: int) -> Message:
         )
     if not isinstance(content, str):
         raise ManifestError(f"{where}: {fld}.{content_key} must be a string, got {type(content).__name__}")
+    _check_text(content, where, f"{fld}.{content_key}")
     if content_key == "value":
         content = _AF3_SOUND_NEWLINE.sub(AUDIO_PLACEHOLDER, content)
     return Message(role=mapping[role], content=content)
+
+
+def _check_text(text: str, where: str, fld: str) -> None:
+    """A lone surrogate (a JSON escape such as "\\ud800") is not text a tokenizer, or a UTF-8 file, takes."""
+    try:
+        check_typed_text(text, f"field '{fld}'", forbidden=())
+    except ValueError as e:
+        raise ManifestError(f"{where}: {e}") from None
+
+
+def _seconds(value: Any, where: str, fld: str, low: str) -> float:
+    """A finite number of seconds in ``[0, MAX_SECONDS]`` (> 0 when ``low`` is "> 0")."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (low == "> 0" and value == 0) or value > MAX_SECONDS:
+        raise ManifestError(
+            f"{where}: field '{fld}' must be a number {low} and <= {MAX_SECONDS:g} (seconds), got {value!r}"
+        )
+    return float(value)
 
 
 def _to_audios(value: Any, where: str, key: str, root: Path) -> list[AudioRef]:
@@ -262,16 +320,9 @@ def _to_audio_ref(v: Any, where: str, fld: str, root: Path) -> AudioRef:
         path, offset, duration = v.get("path"), v.get("offset", 0.0), v.get("duration")
         if not isinstance(path, str):
             raise ManifestError(f"{where}: field '{fld}.path' must be a string, got {type(path).__name__}")
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or offset < 0:
-            raise ManifestError(
-                f"{where}: field '{fld}.offset' must be a number >= 0 (seconds), got {offset!r}"
-            )
-        if duration is not None and (
-            isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0
-        ):
-            raise ManifestError(
-                f"{where}: field '{fld}.duration' must be a number > 0 (seconds), got {duration!r}"
-            )
+        offset = _seconds(offset, where, f"{fld}.offset", ">= 0")
+        if duration is not None:
+            duration = _seconds(duration, where, f"{fld}.duration", "> 0")
     else:
         raise ManifestError(
             f"{where}: field '{fld}' must be {expected} (or a list of them), got {type(v).__name__}"

@@ -217,11 +217,14 @@ class MusicFlamingo(nn.Module):
         path: str | Path,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        mmap: bool = True,
     ) -> MusicFlamingo:
         """Load a Hugging Face layout folder (config.json + safetensors) in eval mode, never holding two copies of
-        the weights: built on the meta device, then each tensor is read into its final buffer and assigned.
+        the weights: built on the meta device, then each tensor is assigned from the file.
 
-        dtype None/"auto" keeps the checkpoint's floating dtype. Rotary buffers are recomputed in float32.
+        dtype None/"auto" keeps the checkpoint's floating dtype. With `mmap`, CPU weights already in that dtype are
+        used straight from a private mapping of the file (no copy; see `checkpoint.read_state_dict`); `mmap=False`
+        reads them into memory of their own. Rotary buffers are recomputed in float32.
         """
         config = load_config(path)
         device = torch.device(device or "cpu")
@@ -230,7 +233,7 @@ class MusicFlamingo(nn.Module):
         # A tied head is stored once, as the embedding.
         tied = config.text.tie_word_embeddings
         expected = {k: t.shape for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-        state = read_state_dict(path, expected, dtype=dtype, device=device)
+        state = read_state_dict(path, expected, dtype=dtype, device=device, mmap=mmap)
         model.load_state_dict(state, strict=not tied, assign=True)
         del state
         if tied:
@@ -238,12 +241,19 @@ class MusicFlamingo(nn.Module):
         model.reset_buffers(device)  # created on meta: rebuilt in float32 on the target device
         return model.eval()
 
-    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json + safetensors in the reference layout (loadable by `transformers`), atomically."""
+    def save_pretrained(
+        self, path: str | Path, max_shard_size: int | str = "5GB", overwrite: bool = False
+    ) -> None:
+        """Write config.json + safetensors in the reference layout (loadable by `transformers`), all or nothing,
+        into the folder `path`, replacing only those files (`checkpoint.save_files`): tokenizer files, subfolders
+        and anything else in it stay. A `path` that is a file, holds another model's config.json or is a
+        non-empty folder without our files is refused unless `overwrite`."""
         state = self.state_dict()
         if self.config.text.tie_word_embeddings:
             del state["lm_head.weight"]
-        write_state_dict(state, self.config, path, max_shard_size=max_shard_size, dtype=self.dtype)
+        write_state_dict(
+            state, self.config, path, max_shard_size=max_shard_size, dtype=self.dtype, overwrite=overwrite
+        )
 
     def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
         """Prompt plus new ids (B, S + new): a thin caller of the engine (`musicflamingo.engine.generate`, whose
