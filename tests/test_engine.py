@@ -166,3 +166,16 @@ def test_prompt_past_the_context_is_refused(model):
     assert (slot.tokens, slot.last, engine.cache.lengths[0]) == before and slot.done
     engine.extend(0, torch.tensor([5, 6]))  # the conversation goes on
     assert len(slot.tokens) == 1
+
+
+def test_engine_runs_under_autocast(model):
+    """A float32 model generating under bf16 autocast (GRPO rollouts inside a bf16-mixed run): the cache keeps its
+    dtype and every request still gets tokens."""
+    engine = Engine(model, slots=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for p in _prompts(2, seed=5):
+            engine.admit(Request(p, SamplingParams(max_new_tokens=4)))
+        while engine.decoding:
+            engine.step()
+    assert engine.cache.keys.dtype == torch.float32
+    assert all(len(s.tokens) == 4 for s in engine.slots)

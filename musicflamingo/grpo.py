@@ -1,0 +1,787 @@
+"""GRPO with verifiable rewards, the paper's last stage (arXiv 2511.10289, section 3.3), as a LightningModule.
+
+One training step is one batch of the usual data module (each DDP rank its own prompts):
+
+1. Prompts: each record's conversation up to its last answer, rendered exactly as inference renders it (think
+   mode: the last user turn gets `chat.THINK_SUFFIX`); the batch brings the audio features.
+2. Rollouts: the prompts are embedded once (the audio encoded once per prompt) and each is admitted
+   `group_size` times into the generation engine (`musicflamingo.engine`, the one generation path), sampled with
+   the config's temperature, top-p, top-k and max new tokens from a generator seeded by (seed, step, rank), so a
+   resumed run samples what the uninterrupted run would have.
+3. Rewards: each completion is parsed (`reasoning.parse_think`; without think mode it is all answer) and scored
+   by the rewards that apply to its record (`musicflamingo.rewards`); its reward is their weighted sum.
+4. Advantages, per prompt's group: A = (r - mean) / (std + eps), std the sample standard deviation. A group whose
+   rewards are all equal has nothing to teach: it is left out of the loss (no policy and no KL gradient) and
+   counted. A step where every group is left out changes nothing (the optimizer steps without gradients).
+5. Loss, token level over the completion tokens only (prompt and padding masked), log-probs at the sampling
+   temperature::
+
+       ratio_t = exp(logp_t - old_t)
+       loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - clip_eps, 1 + clip_eps) * A)
+                 + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)        # k3 estimate of KL(policy || ref)
+       loss    = sum_t loss_t / (completion tokens of the whole batch, all ranks)
+
+   `old` is the policy that sampled: with `updates_per_batch=1` the current one (ratio 1, the plain policy
+   gradient, nothing clipped); with more, the rollouts serve that many optimizer steps and the ratio moves. The
+   reference: with LoRA, the same weights with the adapters off (no second copy); with full fine-tuning, a frozen
+   copy made at start (`reference_dtype: bfloat16` halves it); `beta: 0` needs none.
+
+Optimization is manual (micro-batches of `micro_batch_size` completions, whole groups, each its own backward):
+`trainer.gradient_clip_val` must be null, `loss.max_grad_norm` clips. Checkpoints and resume are the SFT ones
+(optimizer, schedule, data position). Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
+`train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/zero_variance_groups`,
+`train/samples_per_s`, `train/grad_norm`; `val/reward` and `val/reward/<name>` (greedy, one sample per prompt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from musicflamingo.audio.features import tokens_from_frames
+from musicflamingo.chat import THINK_SUFFIX, encode_expanded, think_prompt
+from musicflamingo.data.dataset import chat_messages
+from musicflamingo.data.manifest import Record
+from musicflamingo.engine import Engine, Request, SamplingParams
+from musicflamingo.lit import MusicFlamingoLit, NonFiniteLossError
+from musicflamingo.model import MusicFlamingo
+from musicflamingo.model.lora import LoRALinear
+from musicflamingo.reasoning import ThinkOutput, parse_think, plain_output
+from musicflamingo.rewards import Target
+from musicflamingo.runtime import parse_dtype
+
+log = logging.getLogger(__name__)
+
+ROLLOUT_KEYS = ("group_size", "max_new_tokens", "temperature", "top_p", "top_k", "slots")
+LOSS_KEYS = ("beta", "clip_eps", "updates_per_batch", "micro_batch_size", "max_grad_norm")
+ADVANTAGE_EPS = 1e-4
+
+
+class GRPOConfigError(ValueError):
+    """A GRPO setting that cannot work (the message names the `model.` key and the value)."""
+
+
+# ---------------------------------------------------------------------------------------------- the math
+def group_advantages(rewards: torch.Tensor, eps: float = ADVANTAGE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards (B, G) -> (advantages (B, G), zero_variance (B,) bool).
+
+    Within each group: (r - mean) / (std + eps), std the sample standard deviation; a group whose rewards are all
+    equal gets zeros and is flagged.
+    """
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be (prompts, group_size >= 2), got shape {tuple(rewards.shape)}")
+    r = rewards.double()
+    zero = (r == r[:, :1]).all(dim=1)
+    adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)
+    adv = torch.where(zero[:, None], torch.zeros_like(adv), adv)
+    return adv.to(rewards.dtype), zero
+
+
+def token_terms(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    clip_eps: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per completion token (all (M,)): the loss term, the k3 KL estimate (None without a reference) and whether
+    the ratio was clipped (the clipped side was the smaller one)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    kl = None
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        if beta:
+            loss = loss + beta * kl
+    was_clipped = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_eps) & (advantages > 0))
+    return loss, kl, was_clipped
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The token-level GRPO loss of one batch: logp, old_logp, ref_logp (N, T) per-token log-probs of the
+    completions, advantages (N,), mask (N, T) true on completion tokens. Returns (loss, {kl, clip_fraction}),
+    loss = sum of the masked per-token terms / number of completion tokens."""
+    m = mask.bool()
+    adv = advantages[:, None].expand_as(logp)
+    loss, kl, clipped = token_terms(
+        logp[m], old_logp[m], None if ref_logp is None else ref_logp[m], adv[m], clip_eps, beta
+    )
+    n = max(int(m.sum()), 1)
+    stats = {"clip_fraction": float(clipped.sum()) / n}
+    if kl is not None:
+        stats["kl"] = float(kl.detach().sum()) / n
+    return loss.sum() / n, stats
+
+
+def build_sequences(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], owner: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence n = prompts[owner[n]] + completions[n], right-padded with `pad_id`.
+
+    Returns input_ids (N, T) long, attention_mask (N, T) long (1 = real token), completion_mask (N, T) bool (true
+    on completion tokens only: never on the prompt or the padding) and prompt lengths (N,) long.
+    """
+    rows = [list(prompts[o]) + list(c) for o, c in zip(owner, completions)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), T), dtype=torch.long)
+    completion = torch.zeros((len(rows), T), dtype=torch.bool)
+    plen = torch.tensor([len(prompts[o]) for o in owner], dtype=torch.long)
+    for n, row in enumerate(rows):
+        ids[n, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[n, : len(row)] = 1
+        completion[n, int(plen[n]) : len(row)] = True
+    return ids, attention, completion, plen
+
+
+def token_logprobs(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, temperature: float = 1.0, chunk: int = 1024
+) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature)[target] per row: hidden (M, D), targets (M,) -> (M,) float32.
+
+    Chunks of `chunk` rows; under autograd each chunk is checkpointed, so its float32 logits are not kept.
+    """
+    out = []
+    for i in range(0, hidden.shape[0], chunk):
+        hc, yc = hidden[i : i + chunk], targets[i : i + chunk]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            out.append(
+                torch.utils.checkpoint.checkpoint(
+                    _chunk_logprobs, head, hc, yc, temperature, use_reentrant=False
+                )
+            )
+        else:
+            out.append(_chunk_logprobs(head, hc, yc, temperature))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_logprobs(head: nn.Module, h: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = head(h).float() / temperature
+    return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Every LoRA adapter of `model` off (scale 0) inside the block: the base model, bit for bit (the adapter
+    path adds an exact zero)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    scales = [m.scale for m in layers]
+    try:
+        for m in layers:
+            m.scale = 0.0
+        yield
+    finally:
+        for m, s in zip(layers, scales):
+            m.scale = s
+
+
+def sound_runs(ids: torch.Tensor, audio_token_id: int) -> list[int]:
+    """Lengths of the runs of `audio_token_id` in ids (S,): the `<sound>` count of each audio, in order."""
+    is_audio = (ids == audio_token_id).to(torch.int8)
+    edges = torch.diff(F.pad(is_audio, (1, 1)))
+    starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+    return (ends - starts).tolist()
+
+
+def windows_per_sample(features_mask: torch.Tensor | None, audio_tokens: Sequence[int]) -> list[slice]:
+    """Each sample's rows of a batch's concatenated windows, from the windows' frame mask (W, F) and each
+    sample's audio tokens (windows are stacked in sample order; a window's tokens follow from its frames)."""
+    per_window = [] if features_mask is None else [tokens_from_frames(int(n)) for n in features_mask.sum(-1)]
+    out, w = [], 0
+    for need in audio_tokens:
+        start, got = w, 0
+        while got < need and w < len(per_window):
+            got, w = got + per_window[w], w + 1
+        if got != need:
+            raise RuntimeError(f"the batch's audio windows do not add up to {need} audio tokens for a sample")
+        out.append(slice(start, w))
+    return out
+
+
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------- the module
+@dataclass
+class Prompt:
+    """One record to sample for: its prompt ids, what is right, and its rows of the batch's audio windows."""
+
+    id: str
+    ids: list[int]
+    target: Target
+    windows: slice
+
+
+@dataclass
+class Rollouts:
+    """A batch's prompts and completions: completions[b][g] are token ids (the stop id included when one ended
+    it), outputs[b][g] their parses, rewards (B, G) and each reward's values (None where it does not apply)."""
+
+    prompts: list[Prompt]
+    completions: list[list[list[int]]]
+    outputs: list[list[ThinkOutput]]
+    rewards: torch.Tensor
+    components: dict[str, list[float | None]]
+
+
+class GRPOLit(MusicFlamingoLit):
+    """GRPO on the data module's records (see the module docstring); optimizer groups, schedule and export are
+    the SFT module's.
+
+    Args:
+        net, optimizer, scheduler, part_lr, nonfinite_loss: as `MusicFlamingoLit`.
+        rewards: `{name: reward}` (`musicflamingo.rewards`); a null entry is left out (an experiment can drop
+            one its parent config sets).
+        rollout: `{group_size, max_new_tokens, temperature, top_p, top_k, slots}` (`slots`: completions decoded
+            at once, null: all of a batch's).
+        loss: `{beta, clip_eps, updates_per_batch, micro_batch_size, max_grad_norm}` (`micro_batch_size`:
+            completions per forward/backward, rounded to whole groups; `max_grad_norm` null: no clipping).
+        think: prompts get the think suffix and completions are parsed as `<think>..</think><answer>..</answer>`.
+        tasks: train only on records whose `task` (or kind, `qa`/`caption`) is listed; null: all.
+        reference_dtype: dtype of the frozen reference copy of full fine-tuning (null: the model's).
+        seed: the rollouts' seed (with the step and the rank).
+    """
+
+    def __init__(
+        self,
+        net: MusicFlamingo,
+        optimizer: Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
+        part_lr: Mapping[str, float | None],
+        nonfinite_loss: str,
+        rewards: Mapping[str, Any],
+        rollout: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        think: bool,
+        tasks: Sequence[str] | None,
+        reference_dtype: str | None,
+        seed: int,
+    ) -> None:
+        super().__init__(net, optimizer, scheduler, part_lr, nonfinite_loss)
+        self.automatic_optimization = False
+        _check_keys("model.rollout", rollout, ROLLOUT_KEYS)
+        _check_keys("model.loss", loss, LOSS_KEYS)
+        self.rewards = {k: v for k, v in rewards.items() if v is not None}
+        if not self.rewards:
+            raise GRPOConfigError("model.rewards: no reward is set")
+        for name, r in self.rewards.items():
+            if not callable(r) or not isinstance(getattr(r, "weight", None), (int, float)):
+                raise GRPOConfigError(
+                    f"model.rewards.{name}: expected an object with a numeric `weight` and __call__(output, target), "
+                    f"got {type(r).__name__}"
+                )
+        self.group_size = _int("model.rollout.group_size", rollout["group_size"], 2)
+        self.max_new_tokens = _int("model.rollout.max_new_tokens", rollout["max_new_tokens"], 1)
+        self.temperature = _number("model.rollout.temperature", rollout["temperature"], 0.0, strict=True)
+        self.top_p, self.top_k = rollout["top_p"], rollout["top_k"]
+        try:  # the engine's own checks of top_p and top_k
+            SamplingParams(self.max_new_tokens, True, self.temperature, self.top_k, self.top_p)
+        except ValueError as e:
+            raise GRPOConfigError(f"model.rollout: {e}") from None
+        self.slots = None if rollout["slots"] is None else _int("model.rollout.slots", rollout["slots"], 1)
+        self.beta = _number("model.loss.beta", loss["beta"], 0.0)
+        self.clip_eps = _number("model.loss.clip_eps", loss["clip_eps"], 0.0, strict=True)
+        self.updates_per_batch = _int("model.loss.updates_per_batch", loss["updates_per_batch"], 1)
+        self.micro_batch_size = _int("model.loss.micro_batch_size", loss["micro_batch_size"], 1)
+        clip = loss["max_grad_norm"]
+        self.max_grad_norm = (
+            None if clip is None else _number("model.loss.max_grad_norm", clip, 0.0, strict=True)
+        )
+        self.think = bool(think)
+        self.tasks = None if tasks is None else {str(t) for t in tasks}
+        self.seed = int(seed)
+        self.uses_lora = any(isinstance(m, LoRALinear) for m in net.modules())
+        self._reference: list[MusicFlamingo] = []  # a list: kept out of the state dict and the checkpoints
+        if self.beta > 0 and self.uses_lora:
+            outside = [n for n, p in net.named_parameters() if p.requires_grad and "lora_" not in n]
+            if outside:
+                raise GRPOConfigError(
+                    f"with LoRA the KL reference is the model with its adapters off, but {outside[0]} (and "
+                    f"{len(outside) - 1} more) train outside the adapters, so the reference would move with them: "
+                    "freeze them (model.net.freeze.<part>=true) or set model.loss.beta=0"
+                )
+        elif self.beta > 0:
+            dtype = parse_dtype(reference_dtype)
+            ref = copy.deepcopy(net).requires_grad_(False).eval()
+            if dtype is not None:
+                ref.to(dtype)
+                ref.reset_buffers()
+            self._reference.append(ref)
+        self._records: dict[str, dict[str, Record]] = {}
+        self._samples_per_s: float | None = None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def reference(self) -> MusicFlamingo | None:
+        """The frozen copy of full fine-tuning (None with LoRA or beta 0)."""
+        return self._reference[0] if self._reference else None
+
+    def on_fit_start(self) -> None:
+        # Lightning warns that a checkpoint of manual optimization holds the weights after the optimizer step: so
+        # do SFT's, and resuming at the next step needs exactly those.
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        if self._reference:
+            self._reference[0].to(self.device)
+            self._reference[0].reset_buffers(self.device)
+
+    def _processor(self) -> Any:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        processor = getattr(dm, "processor", None)
+        if processor is None:
+            raise GRPOConfigError("GRPO needs the data module's processor (data: MusicFlamingoDataModule)")
+        return processor
+
+    def _record_table(self, split: str) -> dict[str, Record]:
+        if split not in self._records:
+            dm = self.trainer.datamodule
+            dataset = dm.train_dataset if split == "train" else dm.val_dataset
+            table: dict[str, Record] = {}
+            for ds in getattr(dataset, "datasets", []):
+                for rec in ds.records:
+                    table.setdefault(rec.id, rec)
+            self._records[split] = table
+        return self._records[split]
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_ids(self, record: Record, audio_counts: Sequence[int]) -> list[int]:
+        """The record's conversation up to its last answer, as inference renders it (think mode: with the think
+        suffix on the last user turn), `<sound>` expanded to `audio_counts`."""
+        messages = chat_messages(record.messages)
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not answers:
+            raise ValueError(f"record {record.id!r} ({record.source}): no assistant turn to learn from")
+        messages = [dict(m) for m in messages[: answers[-1]]]
+        if self.think:
+            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            if not messages[last]["content"].rstrip().endswith(THINK_SUFFIX):
+                messages[last]["content"] = think_prompt(messages[last]["content"])
+        processor = self._processor()
+        text = processor.render_chat(messages, add_generation_prompt=True)
+        return encode_expanded(
+            processor.tokenizer, text, audio_counts, processor.audio_token_ids, processor.audio_token
+        )
+
+    def batch_prompts(self, batch: Mapping[str, Any], split: str = "train") -> list[Prompt]:
+        """The batch's records as prompts (those of other tasks left out)."""
+        records = self._record_table(split)
+        ids = batch["input_ids"]
+        lengths = batch["attention_mask"].sum(1).tolist()
+        counts = [
+            sound_runs(ids[b, : lengths[b]], self.model.config.audio_token_id) for b in range(ids.shape[0])
+        ]
+        windows = windows_per_sample(batch.get("input_features_mask"), [sum(c) for c in counts])
+        out = []
+        for b, rid in enumerate(batch["ids"]):
+            rec = records.get(rid)
+            if rec is None:
+                raise KeyError(f"batch record id {rid!r} is not in the {split} manifests")
+            reference = next(m.content for m in reversed(rec.messages) if m.role == "assistant")
+            target = Target.from_record(rec.extra, reference, rec.source)
+            if self.tasks is not None and not ({target.task, target.kind} & self.tasks):
+                continue
+            out.append(Prompt(rec.id, self.prompt_ids(rec, counts[b]), target, windows[b]))
+        return out
+
+    def _features(self, batch: Mapping[str, Any], prompts: Sequence[Prompt]) -> tuple[Any, Any]:
+        feats, mask = batch.get("input_features"), batch.get("input_features_mask")
+        if feats is None:
+            return None, None
+        rows = [i for p in prompts for i in range(p.windows.start, p.windows.stop)]
+        if not rows:
+            return None, None
+        index = torch.tensor(rows, device=feats.device)
+        return feats.index_select(0, index), mask.index_select(0, index)
+
+    # ------------------------------------------------------------------ rollouts
+    def _stop_ids(self) -> tuple[int, ...]:
+        ids = [self.model.config.text.eos_token_id, self._processor().eos_token_id]
+        return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        features: torch.Tensor | None,
+        features_mask: torch.Tensor | None,
+        group_size: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> list[list[list[int]]]:
+        """`group_size` completions per prompt through the engine; each prompt is embedded once (its audio encoded
+        once) and admitted `group_size` times. Returns token ids [prompt][sample]."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            # Without autocast (bf16-mixed training): the engine's cache holds the weights' dtype and takes keys
+            # and values of that dtype only.
+            with torch.autocast(self.device.type, enabled=False):
+                return self._sample(prompts, features, features_mask, group_size, params, generator)
+        finally:
+            model.train(was_training)
+
+    def _sample(
+        self,
+        prompts: Sequence[Prompt],
+        features: torch.Tensor | None,
+        features_mask: torch.Tensor | None,
+        group_size: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> list[list[list[int]]]:
+        model = self.model
+        P = max(len(p.ids) for p in prompts)
+        ids = torch.full((len(prompts), P), self._pad_id(), dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p.ids)] = torch.tensor(p.ids, device=self.device)
+        embeds = model.embed(ids, features, features_mask)  # (B, P, D): each audio encoded once
+        slots = min(self.slots or len(prompts) * group_size, len(prompts) * group_size)
+        # A fresh engine per batch: its KV cache is freed before the update needs the memory.
+        engine = Engine(model, slots=slots, capacity=P + params.max_new_tokens)
+        queue = deque((b, g) for b in range(len(prompts)) for g in range(group_size))
+        out: list[list[list[int]]] = [[[] for _ in range(group_size)] for _ in prompts]
+        owner: dict[int, tuple[int, int]] = {}
+
+        def collect(index: int) -> None:
+            slot = engine.slots[index]
+            if slot is not None and slot.done:
+                b, g = owner.pop(index)
+                out[b][g] = list(slot.tokens)
+                engine.release(index)
+
+        while queue or engine.decoding:
+            while queue and engine.free_slots():
+                b, g = queue.popleft()
+                n = len(prompts[b].ids)
+                request = Request(ids[b, :n], params, inputs_embeds=embeds[b, :n], generator=generator)
+                try:
+                    slot = engine.admit(request)
+                except ValueError as e:  # a prompt longer than the model's context
+                    raise ValueError(f"record {prompts[b].id!r}: {e}") from None
+                owner[slot.index] = (b, g)
+                collect(slot.index)
+            for index, _ in engine.step():
+                collect(index)
+        return out
+
+    def _pad_id(self) -> int:
+        pad = self.model.config.text.pad_token_id
+        return int(pad if pad is not None else self._stop_ids()[0])
+
+    def score(self, prompts: Sequence[Prompt], completions: list[list[list[int]]]) -> Rollouts:
+        """Parse and reward every completion."""
+        tok = self._processor().tokenizer
+        stops = set(self._stop_ids())
+        parse = parse_think if self.think else plain_output
+        outputs, rewards = [], []
+        components: dict[str, list[float | None]] = {name: [] for name in self.rewards}
+        for p, group in zip(prompts, completions):
+            row_out, row_r = [], []
+            for tokens in group:
+                text = tok.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+                output = parse(text)
+                total = 0.0
+                for name, reward in self.rewards.items():
+                    value = reward(output, p.target)
+                    components[name].append(None if value is None else float(value))
+                    if value is not None:
+                        total += float(reward.weight) * float(value)
+                row_out.append(output)
+                row_r.append(total)
+            outputs.append(row_out)
+            rewards.append(row_r)
+        return Rollouts(
+            list(prompts), completions, outputs, torch.tensor(rewards, dtype=torch.float32), components
+        )
+
+    # ------------------------------------------------------------------ log-probs
+    def sequence_logprobs(
+        self,
+        model: MusicFlamingo,
+        prompts: Sequence[Prompt],
+        completions: Sequence[Sequence[int]],
+        owner: Sequence[int],
+        features: torch.Tensor | None,
+        features_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs (M,) of the completions under `model` at the sampling temperature, and each
+        token's completion index (M,). Prompts are embedded once each (audio included) and shared by their
+        completions; only the positions that predict completion tokens go through the last layer and the head."""
+        device = model.device
+        pad = self._pad_id()
+        P = max(len(p.ids) for p in prompts)
+        prompt_ids = torch.full((len(prompts), P), pad, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            prompt_ids[b, : len(p.ids)] = torch.tensor(p.ids, device=device)
+        prompt_embeds = model.embed(prompt_ids, features, features_mask)  # (B, P, D), audio once per prompt
+        ids, attention, completion, plen = build_sequences([p.ids for p in prompts], completions, owner, pad)
+        ids, attention, completion, plen = (
+            ids.to(device),
+            attention.to(device),
+            completion.to(device),
+            plen.to(device),
+        )
+        T = ids.shape[1]
+        text = model.language_model.embed_tokens(ids)  # (N, T, D)
+        shared = F.pad(prompt_embeds[torch.as_tensor(owner, device=device)], (0, 0, 0, max(T - P, 0)))[:, :T]
+        is_prompt = torch.arange(T, device=device)[None, :] < plen[:, None]
+        x = torch.where(is_prompt[..., None], shared.to(text.dtype), text)
+        predicts = F.pad(completion[:, 1:], (0, 1))  # position t predicts token t + 1
+        hidden = model.language_model(x, attention_mask=attention, output_rows=predicts)  # (M, D)
+        targets = ids[:, 1:][completion[:, 1:]]
+        which = completion[:, 1:].nonzero()[:, 0]
+        return token_logprobs(hidden, model.lm_head, targets, self.temperature), which
+
+    # ------------------------------------------------------------------ the step
+    def _micro_batches(self, keep: Sequence[int]) -> list[list[int]]:
+        per = max(1, self.micro_batch_size // self.group_size)
+        return [list(keep[i : i + per]) for i in range(0, len(keep), per)]
+
+    def _all_reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        dist = torch.distributed
+        value = value.to(self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return value
+
+    def _group_inputs(
+        self, batch: Mapping[str, Any], roll: Rollouts, prompts_idx: Sequence[int]
+    ) -> tuple[list[Prompt], list[list[int]], list[int], Any, Any]:
+        prompts = [roll.prompts[b] for b in prompts_idx]
+        completions, owner = [], []
+        for j, b in enumerate(prompts_idx):
+            for tokens in roll.completions[b]:
+                completions.append(tokens)
+                owner.append(j)
+        features, mask = self._features(batch, prompts)
+        return prompts, completions, owner, features, mask
+
+    def _reference_logprobs(self, *args: Any) -> torch.Tensor | None:
+        """Reference log-probs of a micro-batch (`sequence_logprobs` arguments); None with beta 0."""
+        if self.beta <= 0:
+            return None
+        model = self.reference if self.reference is not None else self.model
+        off = adapters_disabled(model) if self.reference is None else contextlib.nullcontext()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), off:
+                return self.sequence_logprobs(model, *args)[0]
+        finally:
+            model.train(was_training)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        t0 = time.perf_counter()
+        opt = self.optimizers()
+        scheduler = self.lr_schedulers()
+        prompts = self.batch_prompts(batch, "train") if batch["input_ids"].shape[0] else []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(rollout_seed(self.seed, self.global_step, rank))
+        params = SamplingParams(
+            self.max_new_tokens, True, self.temperature, self.top_k, self.top_p, stop_ids=self._stop_ids()
+        )
+        if prompts:
+            features, mask = self._features(batch, prompts)
+            completions = self.generate(prompts, features, mask, self.group_size, params, generator)
+            roll = self.score(prompts, completions)
+            advantages, zero = group_advantages(roll.rewards)
+        else:
+            roll = Rollouts([], [], [], torch.zeros(0, self.group_size), {k: [] for k in self.rewards})
+            advantages, zero = torch.zeros(0, self.group_size), torch.zeros(0, dtype=torch.bool)
+        keep = [b for b in range(len(roll.prompts)) if not zero[b]]
+        micro = self._micro_batches(keep)
+        stops = set(self._stop_ids())
+        # Token-level over the whole batch: each rank divides by the completion tokens of all ranks (times the
+        # world size, which DDP's gradient averaging divides out again).
+        n_tokens = sum(len(t) for b in keep for t in roll.completions[b])
+        total_tokens = float(self._all_reduce(torch.tensor(float(n_tokens), dtype=torch.float64), "sum"))
+        max_micro = int(self._all_reduce(torch.tensor(float(len(micro))), "max").item())
+        world = self.trainer.world_size if self._trainer is not None else 1
+        scale = world / max(total_tokens, 1.0)
+
+        # Reference and sampling-policy log-probs of every kept micro-batch, computed once before any update.
+        inputs = [self._group_inputs(batch, roll, mb) for mb in micro]
+        refs = [self._reference_logprobs(*inp) for inp in inputs]
+        olds: list[torch.Tensor | None] = [None] * len(inputs)
+        if self.updates_per_batch > 1:
+            olds = [self._no_grad_logprobs(*inp) for inp in inputs]
+
+        stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
+        grad_norm = None
+        for update in range(self.updates_per_batch):
+            opt.zero_grad(set_to_none=True)
+            for k in range(max_micro):
+                if k >= len(inputs):
+                    # fewer micro-batches than another rank: a zero gradient keeps the DDP ranks in step
+                    self.manual_backward(sum((p * 0).sum() for p in self.parameters() if p.requires_grad))
+                    continue
+                prompts_mb, completions_mb, owner, features, mask = inputs[k]
+                logp, which = self.sequence_logprobs(self.model, *inputs[k])
+                adv = advantages[micro[k]].reshape(-1).to(logp.device)[which].to(logp.dtype)
+                old = logp.detach() if olds[k] is None else olds[k]
+                loss_terms, kl, clipped = token_terms(logp, old, refs[k], adv, self.clip_eps, self.beta)
+                loss = loss_terms.sum() * scale
+                if not torch.isfinite(loss):
+                    self._nonfinite(loss, [p.id for p in prompts_mb])
+                    opt.zero_grad(set_to_none=True)
+                    return None
+                self.manual_backward(loss)
+                if update == 0:
+                    stats["loss"] += float(loss_terms.detach().sum())
+                    stats["kl"] += 0.0 if kl is None else float(kl.detach().sum())
+                    stats["clipped"] += float(clipped.sum())
+                    stats["tokens"] += float(logp.numel())
+                elif update == self.updates_per_batch - 1:
+                    stats["clipped_last"] = stats.get("clipped_last", 0.0) + float(clipped.sum())
+            if max_micro:
+                grad_norm = self._clip(opt)
+            opt.step()
+            scheduler.step()
+
+        self._log_step(roll, zero, stats, grad_norm, stops, time.perf_counter() - t0, refs)
+        return torch.tensor(stats["loss"] / max(stats["tokens"], 1.0))
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, *args: Any) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.sequence_logprobs(self.model, *args)[0]
+        finally:
+            self.model.train(was_training)
+
+    def _clip(self, opt: Any) -> float | None:
+        grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        norm = float(torch.stack(grads).norm())
+        if self.max_grad_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        return norm
+
+    def _nonfinite(self, loss: torch.Tensor, ids: list[str]) -> None:
+        self.nonfinite_steps += 1
+        where = f"global step {self.global_step}, records {ids[:8]}"
+        if self.nonfinite_loss == "skip":
+            log.warning(
+                "non-finite GRPO loss %s at %s: step skipped (%d so far)",
+                loss.item(),
+                where,
+                self.nonfinite_steps,
+            )
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+            return
+        raise NonFiniteLossError(
+            f"GRPO loss is {loss.item()} at {where}; stopping. The last good checkpoint is kept; set "
+            "`model.nonfinite_loss=skip` to skip such steps instead"
+        )
+
+    def _log_step(
+        self,
+        roll: Rollouts,
+        zero: torch.Tensor,
+        stats: Mapping[str, float],
+        grad_norm: float | None,
+        stops: set[int],
+        seconds: float,
+        refs: Sequence[torch.Tensor | None],
+    ) -> None:
+        n = int(roll.rewards.numel())
+        bs = max(n, 1)
+        tokens = [len(t) for group in roll.completions for t in group]
+        self.log("train/loss", stats["loss"] / max(stats["tokens"], 1.0), prog_bar=True, batch_size=bs)
+        if n:
+            self.log("train/reward", float(roll.rewards.mean()), prog_bar=True, batch_size=bs)
+            for name, values in roll.components.items():
+                applied = [v for v in values if v is not None]
+                if applied:
+                    self.log(f"train/reward/{name}", sum(applied) / len(applied), batch_size=len(applied))
+            truncated = sum(1 for group in roll.completions for t in group if not t or t[-1] not in stops)
+            self.log("train/completion_length", sum(tokens) / len(tokens), batch_size=bs)
+            self.log("train/truncated", truncated / len(tokens), batch_size=bs)
+            self.log("train/zero_variance_groups", float(zero.float().mean()), batch_size=bs)
+        if stats["tokens"]:
+            if any(r is not None for r in refs):
+                self.log("train/kl", stats["kl"] / stats["tokens"], batch_size=bs)
+            clipped = stats.get("clipped_last", stats["clipped"])
+            self.log("train/clip_fraction", clipped / stats["tokens"], batch_size=bs)
+        if grad_norm is not None:
+            self.log("train/grad_norm", grad_norm, batch_size=1)
+        self._samples_per_s = n / max(seconds, 1e-9)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradient norm is logged by the step itself (before clipping)."""
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._samples_per_s is not None:
+            self.log("train/samples_per_s", self._samples_per_s, prog_bar=True, batch_size=1)
+        for i, group in enumerate(self.optimizers().optimizer.param_groups if self._trainer else []):
+            self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        if batch["input_ids"].shape[0] == 0:
+            return
+        prompts = self.batch_prompts(batch, "val")
+        if not prompts:
+            return
+        features, mask = self._features(batch, prompts)
+        params = SamplingParams(self.max_new_tokens, False, stop_ids=self._stop_ids())
+        roll = self.score(prompts, self.generate(prompts, features, mask, 1, params, None))
+        bs = len(prompts)
+        self.log("val/reward", float(roll.rewards.mean()), prog_bar=True, batch_size=bs)
+        for name, values in roll.components.items():
+            applied = [v for v in values if v is not None]
+            if applied:
+                self.log(f"val/reward/{name}", sum(applied) / len(applied), batch_size=len(applied))
+
+
+# ---------------------------------------------------------------------------------------------- config checks
+def _check_keys(where: str, values: Mapping[str, Any], expected: tuple[str, ...]) -> None:
+    unknown = sorted(set(values) - set(expected))
+    missing = [k for k in expected if k not in values]
+    if unknown or missing:
+        raise GRPOConfigError(
+            f"{where}: unknown key(s) {unknown}, missing key(s) {missing}; expected exactly {list(expected)}"
+        )
+
+
+def _int(where: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise GRPOConfigError(f"{where}={value!r}: expected an integer >= {minimum}")
+    return value
+
+
+def _number(where: str, value: Any, minimum: float, strict: bool = False) -> float:
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if bad or value < minimum or (strict and value == minimum):
+        raise GRPOConfigError(f"{where}={value!r}: expected a number {'>' if strict else '>='} {minimum}")
+    return float(value)

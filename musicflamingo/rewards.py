@@ -1,0 +1,238 @@
+"""Verifiable rewards for GRPO: the paper's three (format, QA accuracy, caption facts) and the caption-fact scorer.
+
+A reward is any object with a float ``weight`` and ``__call__(output, target) -> float | None``: ``output`` is the
+parsed completion (:class:`musicflamingo.reasoning.ThinkOutput`; a run without think mode gives every completion
+status ``plain``, all answer), ``target`` what the record says is right (:class:`Target`), and ``None`` means the
+reward does not apply to that sample. The GRPO module (`musicflamingo.grpo`) builds them from ``model.rewards`` in
+the config, one ``_target_`` per entry, adds ``weight * value`` over the rewards that apply and logs each one's
+mean. As in the paper (arXiv 2511.10289, section 3.3), QA samples get format + accuracy and caption samples
+format + caption facts::
+
+    rewards:
+      format: {_target_: musicflamingo.rewards.FormatReward, weight: 1.0}
+      accuracy: {_target_: musicflamingo.rewards.AccuracyReward, weight: 1.0}
+      caption_facts: {_target_: musicflamingo.rewards.CaptionFactsReward, weight: 1.0}
+      mine: {_target_: my_package.MyReward, weight: 0.5}   # anything importable with weight and __call__
+
+Caption facts (:func:`caption_fact_hits`) are the metadata categories a caption should state (key, tempo,
+metre, instrument family...), each matched as a whole phrase after :func:`normalize_answer`. A record states
+them in a ``facts`` field (``{"genre": "jazz", "bpm": ["120 BPM", "120 bpm"]}``: a value or a list of accepted
+spellings); records of the synthetic corpus (``meta`` with key, tempo, metre, instrument family) get them from
+:func:`synthetic_facts`, in the corpus' own vocabulary, where naming a wrong value of a category (another key,
+another tempo bucket) voids that category: a caption listing every key scores nothing for the key.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from musicflamingo.chat import option_letter
+from musicflamingo.data.synthetic.theory import (
+    INSTRUMENT_FAMILIES,
+    MODES,
+    TEMPO_BUCKETS,
+    TIME_SIGNATURES,
+    Key,
+)
+from musicflamingo.reasoning import ThinkOutput, parse_think
+
+# Record tasks whose answer is a description scored by facts; every other task is a question with one answer.
+CAPTION_TASKS = ("caption",)
+_KEEP = "#/"  # kept by normalize_answer: "C# minor" is not "C minor", "3/4" is not "34"
+
+
+def normalize_answer(text: str) -> str:
+    """NFKC, lower case, sharps and flats spelled ``#``/``b``, every character but letters, digits, ``#`` and ``/``
+    -> space, whitespace collapsed. ``"(B) C# minor."`` -> ``"b c# minor"``."""
+    text = unicodedata.normalize("NFKC", str(text)).lower().replace("♯", "#").replace("♭", "b")
+    return " ".join("".join(ch if ch.isalnum() or ch in _KEEP else " " for ch in text).split())
+
+
+def _contains(haystack: str, phrase: str) -> bool:
+    """Whole-phrase containment of normalised texts (" 60 bpm " is not in " 160 bpm ")."""
+    return bool(phrase) and f" {phrase} " in f" {haystack} "
+
+
+# ---------------------------------------------------------------------------------------------- caption facts
+@dataclass(frozen=True)
+class Fact:
+    """One metadata category a caption should state: any of ``spellings`` names it (the first is the value);
+    naming one of ``others`` (the category's wrong values) voids it."""
+
+    category: str
+    spellings: tuple[str, ...]
+    others: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.spellings or not all(isinstance(s, str) and normalize_answer(s) for s in self.spellings):
+            raise ValueError(
+                f"fact {self.category!r}: needs at least one non-empty spelling, got {self.spellings!r}"
+            )
+
+
+KEY_NAMES = tuple(Key(pc, mode).name for mode in MODES for pc in range(12))
+
+
+def synthetic_facts(meta: Mapping[str, Any]) -> tuple[Fact, ...]:
+    """The four facts of a synthetic-corpus clip, as its captions spell them (``text.caption``): key ("Eb
+    major"), tempo ("120 BPM"), metre ("3/4"), instrument family ("strings"); the other values of each table
+    are the wrong ones."""
+    key = Key.parse(str(meta["key"])).name
+    bpm = int(meta["tempo_bpm"])
+    metre = str(meta["time_signature"])
+    family = str(meta["instrument_family"]).lower()
+    families = [f.lower() for f in INSTRUMENT_FAMILIES]
+    return (
+        Fact("key", (key,), tuple(k for k in KEY_NAMES if k != key)),
+        Fact("tempo", (f"{bpm} BPM",), tuple(f"{b} BPM" for b in TEMPO_BUCKETS if b != bpm)),
+        Fact("time_signature", (metre,), tuple(t for t in TIME_SIGNATURES if t != metre)),
+        Fact("instrument_family", (family,), tuple(f for f in families if f != family)),
+    )
+
+
+SYNTHETIC_FACT_FIELDS = ("key", "tempo_bpm", "time_signature", "instrument_family")
+
+
+def record_facts(extra: Mapping[str, Any], where: str = "record") -> tuple[Fact, ...]:
+    """A record's caption facts: its ``facts`` field, else :func:`synthetic_facts` of its ``meta`` when that holds
+    the corpus' fields, else none. ``where`` names the record in errors."""
+    facts = extra.get("facts")
+    if facts is not None:
+        if not isinstance(facts, Mapping) or not facts:
+            raise ValueError(
+                f"{where}: 'facts' must be a non-empty object {{category: value or [spellings]}}"
+            )
+        out = []
+        for category, value in facts.items():
+            spellings = [value] if isinstance(value, (str, int, float)) else value
+            if not isinstance(spellings, Sequence) or isinstance(spellings, str):
+                raise ValueError(
+                    f"{where}: facts.{category} must be a string or a list of strings, got {value!r}"
+                )
+            try:
+                out.append(Fact(str(category), tuple(str(s) for s in spellings)))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        return tuple(out)
+    meta = extra.get("meta")
+    if isinstance(meta, Mapping) and all(k in meta for k in SYNTHETIC_FACT_FIELDS):
+        try:
+            return synthetic_facts(meta)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: meta does not describe a synthetic clip: {e}") from None
+    return ()
+
+
+def caption_fact_hits(caption: str, facts: Sequence[Fact]) -> dict[str, bool]:
+    """``{category: stated}``: a spelling occurs as a whole phrase and none of the category's wrong values does."""
+    text = normalize_answer(caption)
+    return {
+        f.category: any(_contains(text, normalize_answer(s)) for s in f.spellings)
+        and not any(_contains(text, normalize_answer(o)) for o in f.others)
+        for f in facts
+    }
+
+
+def caption_fact_score(caption: str, facts: Sequence[Fact]) -> float:
+    """Share of ``facts`` the caption states (:func:`caption_fact_hits`), 0..1; ValueError without facts."""
+    if not facts:
+        raise ValueError("caption_fact_score needs at least one fact")
+    hits = caption_fact_hits(caption, facts)
+    return sum(hits.values()) / len(hits)
+
+
+# ---------------------------------------------------------------------------------------------- targets
+@dataclass(frozen=True)
+class Target:
+    """What a record says is right. ``kind``: ``"qa"`` (one answer, ``choices`` for multiple choice) or
+    ``"caption"`` (scored by ``facts``); ``task``: the record's own ``task`` field (or ``kind``)."""
+
+    kind: str
+    task: str
+    answer: str
+    choices: tuple[str, ...] = ()
+    facts: tuple[Fact, ...] = ()
+
+    @classmethod
+    def from_record(cls, extra: Mapping[str, Any], reference: str, where: str = "record") -> Target:
+        """From a manifest record's extra fields (``task``, ``answer``, ``choices``, ``facts``/``meta``) and its
+        last assistant turn ``reference`` (in the MF-Think layout, its answer part)."""
+        ref = parse_think(reference)
+        reference = ref.answer if ref.well_formed else reference.strip()
+        task = str(extra.get("task") or "")
+        kind = "caption" if task in CAPTION_TASKS else "qa"
+        answer = extra.get("answer")
+        choices = extra.get("choices") or ()
+        if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{where}: 'choices' must be a list of strings, got {choices!r:.80}")
+        return cls(
+            kind=kind,
+            task=task or kind,
+            answer=str(answer) if isinstance(answer, (str, int, float)) else reference,
+            choices=tuple(choices),
+            facts=record_facts(extra, where) if kind == "caption" else (),
+        )
+
+
+def answer_matches(answer: str, target: Target) -> bool:
+    """Normalised exact match (:func:`normalize_answer`) with the reference answer; for multiple choice also with
+    its option letter ("B", "(B)") or letter and text ("(B) 120 BPM")."""
+    got = normalize_answer(answer)
+    if not got:
+        return False
+    ref = normalize_answer(target.answer)
+    accepted = {ref}
+    if target.answer in target.choices:
+        letter = option_letter(target.choices.index(target.answer)).lower()
+        accepted |= {letter, f"{letter} {ref}"}
+    return got in accepted
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+def _check_weight(weight: float) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"a reward weight must be a number, got {weight!r}")
+    return float(weight)
+
+
+class FormatReward:
+    """1 when the completion is exactly ``<think>...</think><answer>...</answer>``, else 0; every sample."""
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = _check_weight(weight)
+
+    def __call__(self, output: ThinkOutput, target: Target) -> float | None:
+        return 1.0 if output.well_formed else 0.0
+
+
+class AccuracyReward:
+    """QA samples: 1 when the answer (the ``<answer>`` text in think mode) matches (:func:`answer_matches`)."""
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = _check_weight(weight)
+
+    def __call__(self, output: ThinkOutput, target: Target) -> float | None:
+        if target.kind != "qa":
+            return None
+        return 1.0 if answer_matches(output.answer, target) else 0.0
+
+
+class CaptionFactsReward:
+    """Caption samples with facts: the share of facts the caption states (:func:`caption_fact_score`).
+
+    ``source``: ``"answer"`` scores the ``<answer>`` text (the caption), ``"all"`` the whole completion.
+    """
+
+    def __init__(self, weight: float = 1.0, source: str = "answer") -> None:
+        if source not in ("answer", "all"):
+            raise ValueError(f"CaptionFactsReward source must be 'answer' or 'all', got {source!r}")
+        self.weight = _check_weight(weight)
+        self.source = source
+
+    def __call__(self, output: ThinkOutput, target: Target) -> float | None:
+        if target.kind != "caption" or not target.facts:
+            return None
+        return caption_fact_score(output.answer if self.source == "answer" else output.text, target.facts)

@@ -1,0 +1,479 @@
+"""GRPO (musicflamingo/grpo.py): the loss against a hand computation, advantages, the KL reference (a frozen copy, or
+the LoRA model with its adapters off), completion masks, prompts as inference renders them, config errors, and
+short runs: a few steps on a tiny synthetic corpus, exact resume, two DDP processes."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from tiny_assets import make_tone
+from train_fixtures import CONFIGS, TINY_OVERRIDES, compose_train, write_dataset, write_processor
+
+from musicflamingo.chat import conversation, think_prompt
+from musicflamingo.data.manifest import read_manifest
+from musicflamingo.grpo import (
+    GRPOConfigError,
+    GRPOLit,
+    Prompt,
+    adapters_disabled,
+    build_sequences,
+    group_advantages,
+    grpo_loss,
+    sound_runs,
+    token_terms,
+    windows_per_sample,
+)
+from musicflamingo.lit import warmup_cosine
+from musicflamingo.model.build import build_model, create_model
+from musicflamingo.processor import MusicFlamingoProcessor
+from musicflamingo.rewards import FormatReward, Target
+from musicflamingo.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+AUDIO = {"audio": {"max_source_positions": 100}}
+NO_LORA = {"enabled": False, "rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+
+
+class PrefersShort:
+    """A test reward that varies between samples of a random model: shorter texts score more."""
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = weight
+
+    def __call__(self, output, target) -> float:
+        return 1.0 / (1.0 + len(output.text))
+
+
+SHORT = "+model.rewards.short={_target_:test_grpo.PrefersShort,weight:1.0}"
+
+
+# ------------------------------------------------------------------------------------------------ the math
+def test_loss_on_a_fixed_batch_equals_the_hand_computation():
+    # two completions: 2 tokens and 1 token (padding holds garbage that must not count)
+    logp = torch.tensor([[-1.0, -2.0, 5.0], [-0.5, 7.0, 7.0]])
+    old = torch.tensor([[-1.2, -2.0, 3.0], [-0.5, 1.0, 1.0]])
+    ref = torch.tensor([[-1.0, -1.5, 9.0], [-1.0, 2.0, 2.0]])
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, stats = grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.1)
+    # token 1: ratio e^0.2 = 1.2214 > 1.2 with A = 1 -> clipped, -1.2; KL 0 (ref == logp)
+    # token 2: ratio 1, A = 1 -> -1; KL = e^0.5 - 0.5 - 1
+    # token 3: ratio 1, A = -2 -> +2; KL = e^-0.5 + 0.5 - 1
+    kl2, kl3 = math.exp(0.5) - 1.5, math.exp(-0.5) - 0.5
+    expected = (-1.2 + (-1.0 + 0.1 * kl2) + (2.0 + 0.1 * kl3)) / 3
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["kl"] == pytest.approx((0 + kl2 + kl3) / 3, abs=1e-6)
+    assert stats["clip_fraction"] == pytest.approx(1 / 3)
+    # a ratio below 1 - eps with A < 0 is clipped too; with A > 0 it is not (the unclipped side is smaller)
+    _, _, clipped = token_terms(
+        torch.tensor([-2.0, -2.0]), torch.tensor([-1.0, -1.0]), None, torch.tensor([-1.0, 1.0]), 0.2, 0.0
+    )
+    assert clipped.tolist() == [True, False]
+
+
+def test_advantages_are_zero_when_a_group_agrees():
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    adv, zero = group_advantages(rewards)
+    assert zero.tolist() == [True, False, True]
+    assert torch.equal(adv[0], torch.zeros(5)) and torch.equal(adv[2], torch.zeros(5))
+    std = math.sqrt((4 * 0.2**2 + 0.8**2) / 4)  # sample standard deviation of [0, 1, 0, 0, 0]
+    assert adv[1, 1].item() == pytest.approx(0.8 / (std + 1e-4), rel=1e-6)
+    assert adv[1, 0].item() == pytest.approx(-0.2 / (std + 1e-4), rel=1e-6)
+    assert adv[1].sum().item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        group_advantages(torch.ones(3, 1))
+
+
+def test_completion_masks_exclude_prompt_and_padding():
+    ids, attention, completion, plen = build_sequences(
+        [[1, 2, 3], [4]], [[7, 8], [9], [5, 6, 7, 8]], [0, 0, 1], pad_id=0
+    )
+    assert ids.tolist() == [[1, 2, 3, 7, 8], [1, 2, 3, 9, 0], [4, 5, 6, 7, 8]]
+    assert attention.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert completion.int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 0], [0, 1, 1, 1, 1]]
+    assert plen.tolist() == [3, 3, 1]
+
+
+def test_sound_runs_and_windows_per_sample(tmp_path):
+    ids = torch.tensor([9, 300, 300, 300, 9, 300, 300, 9])
+    assert sound_runs(ids, 300) == [3, 2] and sound_runs(torch.tensor([1, 2]), 300) == []
+    processor = MusicFlamingoProcessor.from_pretrained(write_processor(tmp_path / "proc"))
+    waves = [make_tone(440.0, 1.5), make_tone(220.0, 3.0)]  # 2 s windows: 1 window, then 2
+    windows = [w for x in waves for w in processor.split_windows(x)]
+    _, mask = processor.extract_features(windows)
+    tokens = [processor.audio_token_count(len(x)) for x in waves]
+    assert windows_per_sample(mask, tokens) == [slice(0, 1), slice(1, 3)]
+    assert windows_per_sample(None, [0, 0]) == [slice(0, 0), slice(0, 0)]
+    with pytest.raises(RuntimeError, match="do not add up"):
+        windows_per_sample(mask, [tokens[0] + 1, tokens[1]])
+
+
+# ------------------------------------------------------------------------------------------------ the module
+def _net(lora: bool, freeze_projector: bool = True):
+    return build_model(
+        preset="tiny",
+        overrides=AUDIO,
+        init_from=None,
+        seed=0,
+        rote_quirk=True,
+        gradient_checkpointing=False,
+        compile=False,
+        freeze={"audio_tower": True, "multi_modal_projector": freeze_projector, "language_model": lora},
+        lora={**NO_LORA, "enabled": lora},
+    )
+
+
+def _lit(net, beta: float = 0.04, **changes):
+    args = dict(
+        net=net,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        scheduler=partial(warmup_cosine, warmup_steps=0, max_steps=10, min_lr_ratio=1.0),
+        part_lr={"audio_tower": None, "multi_modal_projector": None, "language_model": None},
+        nonfinite_loss="stop",
+        rewards={"format": FormatReward(), "dropped": None},
+        rollout={
+            "group_size": 2,
+            "max_new_tokens": 4,
+            "temperature": 0.7,
+            "top_p": 1.0,
+            "top_k": 0,
+            "slots": None,
+        },
+        loss={
+            "beta": beta,
+            "clip_eps": 0.2,
+            "updates_per_batch": 1,
+            "micro_batch_size": 4,
+            "max_grad_norm": 1.0,
+        },
+        think=True,
+        tasks=None,
+        reference_dtype=None,
+        seed=0,
+    )
+    args.update(changes)
+    return GRPOLit(**args)
+
+
+def _fake_rollouts():
+    """Two text-only prompts with two completions each (ids of the tiny vocabulary)."""
+    g = torch.Generator().manual_seed(0)
+    target = Target("qa", "qa", "x")
+    prompts = [
+        Prompt(f"p{i}", torch.randint(0, 290, (5 + i,), generator=g).tolist(), target, slice(0, 0))
+        for i in range(2)
+    ]
+    completions = [torch.randint(0, 290, (n,), generator=g).tolist() for n in (3, 1, 4, 2)]
+    return prompts, completions, [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_kl_is_zero_at_step_zero(lora):
+    lit = _lit(_net(lora), beta=0.04)
+    assert (lit.reference is None) == lora  # LoRA: no second copy
+    lit.model.train()
+    prompts, completions, owner = _fake_rollouts()
+    logp, which = lit.sequence_logprobs(lit.model, prompts, completions, owner, None, None)
+    ref = lit._reference_logprobs(prompts, completions, owner, None, None)
+    assert logp.shape == ref.shape == (3 + 1 + 4 + 2,) and which.tolist() == [0] * 3 + [1] + [2] * 4 + [3] * 2
+    assert logp.requires_grad and not ref.requires_grad
+    _, kl, _ = token_terms(logp, logp.detach(), ref, torch.ones_like(logp), 0.2, 0.04)
+    assert kl.abs().max().item() == 0.0
+
+
+def test_lora_reference_is_the_base_model():
+    base = create_model("tiny", AUDIO, seed=0).eval()
+    net = _net(lora=True)
+    for name, p in net.named_parameters():  # trained adapters: the policy is no longer the base model
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    net.eval()
+    ids = torch.randint(0, 290, (2, 9))
+    with torch.no_grad():
+        with adapters_disabled(net):
+            ref = net(ids).logits
+        policy = net(ids).logits
+        expected = base(ids).logits
+    assert torch.equal(ref, expected)
+    assert not torch.allclose(policy, expected, atol=1e-3)
+    # and the GRPO reference log-probs are the base model's
+    lit = _lit(net)
+    prompts, completions, owner = _fake_rollouts()
+    with torch.no_grad():
+        base_logp = lit.sequence_logprobs(base, prompts, completions, owner, None, None)[0]
+    assert torch.equal(lit._reference_logprobs(prompts, completions, owner, None, None), base_logp)
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(GRPOConfigError, match="multi_modal_projector"):
+        _lit(_net(lora=True, freeze_projector=False))  # the adapters-off reference would move
+    _lit(_net(lora=True, freeze_projector=False), beta=0.0)  # no reference: allowed
+    with pytest.raises(GRPOConfigError, match=r"model.rollout: unknown key\(s\) \['groups'\]"):
+        _lit(_net(lora=True), rollout={"groups": 5})
+    with pytest.raises(GRPOConfigError, match="model.rollout.group_size=1"):
+        _lit(
+            _net(lora=True),
+            rollout={
+                "group_size": 1,
+                "max_new_tokens": 4,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "slots": None,
+            },
+        )
+    with pytest.raises(GRPOConfigError, match="model.rewards.bad"):
+        _lit(_net(lora=True), rewards={"bad": object()})
+
+
+def test_prompts_are_rendered_as_inference_renders_them(tmp_path, monkeypatch):
+    proc_dir = write_processor(tmp_path / "proc")
+    processor = MusicFlamingoProcessor.from_pretrained(proc_dir)
+    manifest = write_dataset(tmp_path / "data", n=1)
+    record = read_manifest(manifest)[0]
+    for think in (True, False):
+        lit = _lit(_net(lora=True), think=think)
+        monkeypatch.setattr(lit, "_processor", lambda: processor)
+        text = think_prompt("What is this?") if think else "What is this?"
+        expected = processor.apply_chat_template([conversation(text, record.audios[0].path)])["input_ids"][0]
+        assert lit.prompt_ids(record, sound_runs(expected, 300)) == expected.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def _metrics(run: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if v} for r in csv.DictReader(open(run / "csv" / "metrics.csv"))]
+
+
+def test_grpo_on_a_tiny_synthetic_corpus_runs_logs_and_checkpoints(tmp_path):
+    """experiment=grpo_synthetic for two steps: the small model (random) on a 2-clip corpus with its SentencePiece
+    processor, as musicflamingo.demo builds them; a test reward that varies gives the steps a gradient."""
+    if shutil.which("fluidsynth") is None:
+        pytest.skip("needs Debian's fluidsynth (make setup)")
+    from musicflamingo.data.synthetic import build_corpus
+    from musicflamingo.demo import build_processor, model_overrides
+    from musicflamingo.model import MusicFlamingoConfig
+
+    corpus = build_corpus(
+        tmp_path / "synthetic", n_train=2, n_val=1, n_test=1, clip_seconds=(4, 5), progress=False
+    )
+    window = MusicFlamingoConfig.from_name("small").window_seconds
+    proc = build_processor(corpus, tmp_path / "synthetic" / "processor", 400, window)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "experiment=grpo_synthetic",
+                "debug=fast",
+                f"paths.data_dir={tmp_path}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                f"data.processor={proc}",  # a real run reads it from model.net.init_from (the demo's export)
+                "data.num_workers=0",
+                "data.batch_max_tokens=700",  # ~3 of the 8 questions per step
+                f"data.val={tmp_path / 'synthetic' / 'val.jsonl'}",  # greedy rewards on the val split, every step
+                "trainer.limit_val_batches=1",
+                "trainer.val_check_interval=1",
+                "model.rollout.max_new_tokens=6",
+                "logger=csv",
+                SHORT,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.model.net.overrides = model_overrides(MusicFlamingoProcessor.from_pretrained(proc))
+    metrics, obj = train(cfg)
+    assert obj["trainer"].global_step == 2
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    rows = [r for r in _metrics(tmp_path / "run") if "train/reward" in r]
+    assert len(rows) == 2
+    for key in (
+        "train/loss",
+        "train/reward/accuracy",
+        "train/reward/short",
+        "train/kl",
+        "train/clip_fraction",
+        "train/completion_length",
+        "train/zero_variance_groups",
+        "train/samples_per_s",
+        "train/grad_norm",
+    ):
+        assert all(key in r for r in rows), key
+    assert "train/reward/format" not in rows[0]  # dropped by grpo_synthetic (answer-only)
+    val = [r for r in _metrics(tmp_path / "run") if "val/reward" in r]
+    assert val and "val/reward/accuracy" in val[0] and "val/reward/short" in val[0]
+    assert float(rows[0]["train/kl"]) == pytest.approx(0.0, abs=1e-3)  # bf16 autocast: equal up to rounding
+    assert 1 <= float(rows[0]["train/completion_length"]) <= 6
+    lit = obj["model"]
+    assert lit.reference is not None and not any(p.requires_grad for p in lit.reference.parameters())
+
+
+def test_grpo_raises_a_learnable_reward(tmp_path):
+    """The sign of the whole pipeline: with a reward for short answers, 30 steps of full fine-tuning (against the
+    frozen copy) take the tiny random model from ~0.15 to answering with <|im_end|> at once."""
+    proc = write_processor(tmp_path / "proc")
+    manifest = write_dataset(tmp_path / "data")
+    overrides = [
+        "experiment=grpo",
+        SHORT,
+        "model.rewards.format=null",
+        "model.net.lora.enabled=false",
+        "model.net.freeze.language_model=false",
+        "model.optimizer.lr=1e-2",
+        "model.rollout.max_new_tokens=6",
+        "trainer.max_steps=30",
+        "trainer.log_every_n_steps=1",
+        "export=false",
+    ]
+    train(compose_train(tmp_path, manifest, proc, overrides))
+    rows = [r for r in _metrics(tmp_path / "run") if "train/reward" in r]
+    reward = [float(r["train/reward"]) for r in rows]
+    length = [float(r["train/completion_length"]) for r in rows]
+    assert len(rows) == 30
+    assert sum(reward[:5]) / 5 < 0.3 and sum(reward[-5:]) / 5 > 0.6, reward
+    assert sum(length[-5:]) / 5 < 3 < sum(length[:5]) / 5, length
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_grpo_resume_is_exact(tmp_path):
+    proc = write_processor(tmp_path / "proc")
+    manifest = write_dataset(tmp_path / "data")
+    common = [
+        "experiment=grpo",
+        SHORT,
+        "model.rollout.max_new_tokens=5",
+        "model.optimizer.lr=1e-2",
+        "trainer.log_every_n_steps=1",
+        "export=false",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "data.batch_max_tokens=800",
+    ]
+    _, a = train(compose_train(tmp_path / "a", manifest, proc, common + ["trainer.max_steps=4"]))
+    train(compose_train(tmp_path / "b", manifest, proc, common + ["trainer.max_steps=2"]))
+    _, b = train(compose_train(tmp_path / "b", manifest, proc, common + ["trainer.max_steps=4"]))
+    assert b["trainer"].global_step == 4
+    wa, wb = _weights(a["model"].model), _weights(b["model"].model)
+    assert any("lora_B" in k and wa[k].abs().sum() > 0 for k in wa)  # the adapters did train
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+    ra = [r for r in _metrics(tmp_path / "a" / "run") if "train/reward" in r]
+    rb = [r for r in _metrics(tmp_path / "b" / "run") if "train/reward" in r]
+    assert (
+        len(ra) == 4 and len(rb) == 2
+    )  # the second run of b resumed at step 2 (its log holds steps 2 and 3)
+    assert ra[-1]["train/reward"] == rb[-1]["train/reward"]  # the same rollouts after the resume
+
+
+def test_grpo_ddp_two_cpu_processes(tmp_path):
+    """Two CPU processes (gloo), each rank its own prompts, micro-batches of one group: the ranks stay in step."""
+    proc = write_processor(tmp_path / "proc")
+    manifest = write_dataset(tmp_path / "data", n=3)
+    run = tmp_path / "ddp_run"
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=grpo",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "debug=fast",
+        SHORT,
+        "model.rollout.max_new_tokens=4",
+        "model.loss.micro_batch_size=2",
+        f"data.train={manifest}",
+        f"data.processor={proc}",
+        "data.batch_max_tokens=4096",
+        f"+model.net.overrides={TINY_OVERRIDES}",
+        f"hydra.run.dir={run}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in ckpt["state_dict"].items())
+
+
+@pytest.mark.gpu
+def test_release_size_lora_step_on_gpu(tmp_path, monkeypatch):
+    """One GRPO step of the release-size model (random weights, bf16, LoRA, gradient checkpointing) on one GPU:
+    prints the peak memory and the seconds per step (docs/reasoning.md). `pytest -m gpu tests/test_grpo.py -s`"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import time
+
+    import lightning as L
+
+    proc = write_processor(tmp_path / "proc", chunk_length=30.0)  # the release's 30 s windows
+    manifest = write_dataset(tmp_path / "data", n=8)
+    ids = "{audio_token_id:300,audio_bos_token_id:301,audio_eos_token_id:302,text:{eos_token_id:299,pad_token_id:297}}"
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "experiment=grpo",
+                "model=music_flamingo_2601",
+                "model.net.preset=music_flamingo_2601",
+                f"+model.net.overrides={ids}",  # the tests' tokenizer ids (the weights are random anyway)
+                "trainer=gpu",
+                "trainer.precision=bf16-true",
+                "trainer.max_steps=2",
+                "trainer.log_every_n_steps=1",
+                "trainer.enable_progress_bar=false",
+                SHORT,
+                "model.rollout.max_new_tokens=256",
+                "model.loss.micro_batch_size=10",
+                f"data.train={manifest}",
+                f"data.processor={proc}",
+                "data.batch_max_tokens=100000",  # the 8 prompts in one batch: 40 completions
+                "export=false",
+                "logger=csv",
+                f"paths.output_dir={tmp_path / 'run'}",
+                f"paths.log_dir={tmp_path / 'logs'}",
+            ],
+        )
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_train_batch_start(self, *args) -> None:
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, *args) -> None:
+            torch.cuda.synchronize()
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    clock = Clock()
+    import musicflamingo.training as training
+
+    build = training.build_trainer
+
+    def with_clock(c):
+        trainer = build(c)
+        trainer.callbacks.append(clock)
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", with_clock)
+    torch.cuda.reset_peak_memory_stats()
+    _, obj = train(cfg)
+    assert obj["trainer"].global_step == 2
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"\nrelease-size GRPO step, LoRA, bf16: {clock.seconds} s per step, peak {peak:.1f} GiB")
