@@ -1,5 +1,6 @@
-"""Every benchmark config composes, its reader parses a tiny fixture in the release's own format, and the whole
-evaluation runs end to end with a fake predictor and writes all outputs."""
+"""Every benchmark config composes, its reader parses a tiny fixture in the release's own format (for the public
+benchmarks: tests/release_fixtures.py, rows from the releases), and the whole evaluation runs end to end with a
+fake predictor and writes all outputs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from release_fixtures import RELEASES
 from tiny_assets import make_tone, write_audio
 
 from musicflamingo.eval import BenchmarkError, EvalConfigError, EvalItem, build_benchmark, evaluate
@@ -255,20 +257,32 @@ def write_lyrics(root: Path) -> int:
     return 3
 
 
+# Items each release fixture yields with its config's defaults (rows left out by split/subset/type filters).
+RELEASE_ITEMS = {
+    "mmau": 6,
+    "mmar": 5,
+    "mmau_pro": 2,
+    "muchomusic": 4,
+    "musiccaps": 5,
+    "music_instruct": 4,
+    "music_avqa": 6,
+    "gtzan": 12,
+    "nsynth_family": 7,
+    "nsynth_source": 7,
+    "medley_solos": 3,
+    "jamendolyrics": 5,
+    "opencpop": 3,
+    "musdb18_lyrics": 2,
+}
+
+
 def write_fixture(name: str, root: Path) -> int:
     root.mkdir(parents=True, exist_ok=True)
-    writers = {
-        "synthetic": write_synthetic,
-        "mmau": write_mmau,
-        "mmar": write_mmar,
-        "muchomusic": write_muchomusic,
-        "musiccaps": write_musiccaps,
-        "lyrics": write_lyrics,
-    }
-    if name in writers:
-        return writers[name](root)
-    labels = list(_compose(name, root).benchmark.labels)  # classification benchmarks: labels from the config
-    return write_classification(root, labels)
+    if name in RELEASES:
+        RELEASES[name](root)
+        return RELEASE_ITEMS[name]
+    writers = {"synthetic": write_synthetic, "lyrics": write_lyrics}
+    return writers[name](root)
 
 
 def fake_predict(batch: list[EvalItem]) -> list[str]:
@@ -285,18 +299,7 @@ def fake_predict(batch: list[EvalItem]) -> list[str]:
 
 # ---- tests --------------------------------------------------------------------------------------------------------
 def test_every_benchmark_config_has_a_fixture():
-    assert set(BENCHMARKS) == {
-        "synthetic",
-        "mmau",
-        "mmar",
-        "muchomusic",
-        "gtzan",
-        "nsynth_family",
-        "nsynth_source",
-        "medley_solos",
-        "musiccaps",
-        "lyrics",
-    }
+    assert set(BENCHMARKS) == {"synthetic", "lyrics", *RELEASES} == {"synthetic", "lyrics", *RELEASE_ITEMS}
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -376,9 +379,15 @@ def test_musiccaps_segments(tmp_path):
     assert [it.id for it in evals] == ["-0Gj8-vB1q4_30"]
 
 
+def _jsonl_gtzan(root: Path, *extra: str):
+    """GTZAN's config read through the generic JSONL route (format=classification, {audio, label} lines)."""
+    labels = list(_compose("gtzan", root).benchmark.labels)
+    write_classification(root, labels)
+    return _compose("gtzan", root, "benchmark.format=classification", "+benchmark.file=test.jsonl", *extra)
+
+
 def test_classification_open_mode(tmp_path):
-    write_fixture("gtzan", tmp_path)
-    cfg = _compose("gtzan", tmp_path, "benchmark.mode=open")
+    cfg = _jsonl_gtzan(tmp_path, "benchmark.mode=open")
     items = build_benchmark(dict(cfg.benchmark)).items
     assert "(A)" not in items[0].prompt and "hip-hop" in items[0].prompt
     results = evaluate(cfg, predict_fn=lambda b: ["It is blues."] * len(b))
@@ -393,21 +402,28 @@ def test_bad_inputs_name_file_line_field(tmp_path):
     (tmp_path / "mmau-test-mini.json").write_text(json.dumps(recs))
     with pytest.raises(BenchmarkError, match=r"mmau-test-mini.json:2: missing field 'choices'"):
         build_benchmark(dict(_compose("mmau", tmp_path).benchmark))
-    write_fixture("gtzan", tmp_path / "g")
+    (tmp_path / "g").mkdir()
+    cfg = _jsonl_gtzan(tmp_path / "g")
     with (tmp_path / "g" / "test.jsonl").open("a") as f:
         f.write(json.dumps({"audio": "clips/c0.wav", "label": "polka"}) + "\n")
     with pytest.raises(
         BenchmarkError, match=r"test.jsonl:5: field 'label' = 'polka' is not in the label set"
     ):
-        build_benchmark(dict(_compose("gtzan", tmp_path / "g").benchmark))
-    write_fixture("gtzan", tmp_path / "h")
+        build_benchmark(dict(cfg.benchmark))
+    (tmp_path / "h").mkdir()
+    cfg = _jsonl_gtzan(tmp_path / "h")
     (tmp_path / "h" / "clips" / "c1.wav").unlink()
     with pytest.raises(BenchmarkError, match=r"1 of 4 audio files not found \(e.g. .*c1.wav\)"):
-        build_benchmark(dict(_compose("gtzan", tmp_path / "h").benchmark))
-    bench = build_benchmark(
-        dict(_compose("gtzan", tmp_path / "h", "benchmark.skip_missing_audio=true").benchmark)
+        build_benchmark(dict(cfg.benchmark))
+    cfg = _compose(
+        "gtzan",
+        tmp_path / "h",
+        "benchmark.format=classification",
+        "+benchmark.file=test.jsonl",
+        "benchmark.skip_missing_audio=true",
     )
-    assert len(bench.items) == 3 and bench.skipped_missing_audio == 1
+    bench = build_benchmark(dict(cfg.benchmark))
+    assert len(bench.items) == 3 and bench.skipped_missing_audio == 1 and bench.missing_audio == 1
 
 
 def test_config_errors(tmp_path):
@@ -439,7 +455,7 @@ def test_eval_py_missing_ckpt_is_one_line(tmp_path):
         cwd=REPO,
         timeout=120,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # cli.run_cli: input errors exit with 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"eval.py: error: ckpt={tmp_path / 'nope'} is not a folder (expected a checkpoint folder with config.json)"
     )

@@ -11,6 +11,7 @@ from musicflamingo.eval.metrics import (
     normalize_lyrics,
     score_caption,
     score_classification,
+    score_items,
     score_lyrics,
     score_mcq,
 )
@@ -118,3 +119,42 @@ def test_classification_confusion_matrix():
     assert s["balanced_accuracy"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     assert s["per_class"]["rock"]["precision"] == pytest.approx(0.0)
     assert s["unparsed"] == 1
+
+
+def test_mcq_repeated_answer_withheld_and_open_items():
+    rep = ["1.63 seconds", "2.74 seconds", "1.53 seconds", "1.63 seconds"]
+    items = [
+        EvalItem(
+            "r",
+            "a.wav",
+            "p",
+            "mcq",
+            answer="1.63 seconds",
+            choices=rep,
+            answer_index=0,
+            correct_indices=[0, 3],
+        ),
+        EvalItem("w", "a.wav", "p", "mcq", choices=rep, meta={"withheld": True}),
+        EvalItem(
+            "o",
+            "a.wav",
+            "p",
+            "mcq",
+            answer="two",
+            choices=["one", "two"],
+            answer_index=1,
+            meta={"mode": "open", "aliases": {"two": ["2"]}},
+        ),
+    ]
+    summary, rows = score_mcq(items, ["(D) 1.63 seconds", "(A)", "2 instruments"])
+    assert summary["n"] == 2 and summary["withheld"] == 1 and summary["accuracy"] == 1.0
+    assert summary["repeated_answer"] == 1 and [r["id"] for r in rows] == ["r", "o"]
+    assert rows[0]["parsed"] == "D" and rows[1]["via"] == "text"
+
+
+def test_open_questions_scored_like_captions():
+    items = [EvalItem("q", "a.wav", "p", "open_qa", answer="An electric guitar plays the melody.")]
+    results, rows = score_items(items, {"q": "An electric guitar plays the melody."})
+    assert results["open_qa"]["rougeL"] == pytest.approx(1.0) and results["open_qa"]["bleu"] == pytest.approx(
+        100.0
+    )

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from musicflamingo.eval.parsing import format_options, mmau_string_match, parse_choice, parse_label
+from musicflamingo.eval.parsing import (
+    format_options,
+    mmau_string_match,
+    muchomusic_choice,
+    parse_choice,
+    parse_label,
+)
 
 CHOICES = ["Piano", "Acoustic guitar", "Violin", "Drums"]
 ANSWER = "Acoustic guitar"  # option (B)
@@ -77,3 +83,45 @@ def test_parse_label_with_aliases():
 
 def test_format_options():
     assert format_options(["x", "y"]) == "(A) x\n(B) y"
+
+
+# MMAU e277d88f lists its answer "1.63 seconds" as both (A) and (D); 7a0376a4's chords differ only in "#".
+REPEATED = ["1.63 seconds", "2.74 seconds", "1.53 seconds", "1.63 seconds"]
+CHORDS = ["F#:7/1", "B:maj/1", "E:maj/1", "D#:7/1"]
+
+
+@pytest.mark.parametrize(
+    "answer, index, status",
+    [
+        ("(D) 1.63 seconds", 3, "ok"),  # the letter the model wrote
+        ("1.63 seconds", 0, "ok"),  # the text names one answer, not two options
+        ("(A) or (D)", 0, "ok"),  # two letters with the same text
+        ("(A) or (B)", None, "ambiguous"),
+        ("1.63 seconds or 2.74 seconds", None, "ambiguous"),
+    ],
+)
+def test_repeated_option_text_is_one_answer(answer, index, status):
+    parsed = parse_choice(answer, REPEATED)
+    assert (parsed.index, parsed.status) == (index, status)
+
+
+def test_options_equal_after_normalisation_stay_distinct():
+    # "F#:7/1" and "F:7/1"-like texts normalise alike, but only identical texts are merged.
+    assert parse_choice("(D) D#:7/1", CHORDS).index == 3
+    assert parse_choice("F#:7/1 or D#:7/1", CHORDS).status == "ambiguous"
+
+
+@pytest.mark.parametrize(
+    "output, index",
+    [
+        ("A", 0),
+        ("A Guitar", 0),  # MuChoMusic counts capital characters: "A Guitar" is option A
+        ("The correct answer is: (C) Violin", 2),
+        ("Acoustic guitar", 0),  # the capital "A" of "Acoustic" reads as the letter A
+        ("acoustic guitar", 1),  # no capital A-D: the first option contained in the output
+        ("B or C", None),  # two letters, and no option text: nothing
+        ("drums", 3),
+    ],
+)
+def test_muchomusic_parser(output, index):
+    assert muchomusic_choice(output, CHOICES) == index

@@ -1,11 +1,20 @@
-"""Evaluation: benchmark readers, answer parsers, metrics, reports and the resumable runner.
+"""Evaluation: benchmark readers (each public release as its authors distribute it), answer parsers, metrics,
+reports (with the paper's numbers and the official scorers' prediction files) and the resumable runner.
 
 ``evaluate(cfg)`` runs one benchmark from a composed ``configs/eval.yaml``; ``run_benchmark(items, predict_fn,
 out_dir, batch_size)`` runs any list of :class:`EvalItem` with any ``predict_fn(list[EvalItem]) -> list[str]``.
-Scoring rules: docs/evaluation.md.
+Release layouts and scoring rules: docs/evaluation.md.
 """
 
-from musicflamingo.eval.benchmarks import Benchmark, BenchmarkError, EvalItem, build_benchmark, read_records
+from musicflamingo.eval.benchmarks import (
+    LAYOUTS,
+    READERS,
+    Benchmark,
+    BenchmarkError,
+    EvalItem,
+    build_benchmark,
+    read_records,
+)
 from musicflamingo.eval.metrics import (
     aspect_mentioned,
     error_rate,
@@ -20,10 +29,18 @@ from musicflamingo.eval.parsing import (
     ChoiceParse,
     format_options,
     mmau_string_match,
+    muchomusic_choice,
     parse_choice,
     parse_label,
 )
-from musicflamingo.eval.report import markdown_report, write_plots, write_report
+from musicflamingo.eval.report import (
+    PAPER_RESULTS,
+    markdown_report,
+    paper_comparison,
+    write_official_predictions,
+    write_plots,
+    write_report,
+)
 from musicflamingo.eval.runner import (
     EvalConfigError,
     PredictionsFileError,
@@ -37,6 +54,9 @@ from musicflamingo.eval.runner import (
 )
 
 __all__ = [
+    "LAYOUTS",
+    "PAPER_RESULTS",
+    "READERS",
     "Benchmark",
     "BenchmarkError",
     "ChoiceParse",
@@ -54,7 +74,9 @@ __all__ = [
     "load_predictions",
     "markdown_report",
     "mmau_string_match",
+    "muchomusic_choice",
     "normalize_lyrics",
+    "paper_comparison",
     "parse_choice",
     "parse_label",
     "predict_items",
@@ -65,6 +87,7 @@ __all__ = [
     "score_items",
     "score_lyrics",
     "score_mcq",
+    "write_official_predictions",
     "write_plots",
     "write_report",
 ]

@@ -1,19 +1,24 @@
-"""Benchmark readers: each public release format, read from a local path, becomes a list of :class:`EvalItem`.
+"""Benchmark readers: each public release, read from its folder as the authors distribute it, becomes a list of
+:class:`EvalItem`.
 
-Nothing is downloaded. ``build_benchmark(cfg)`` dispatches on ``cfg["format"]``; the keys each format reads
-are in its ``configs/benchmark/<name>.yaml`` and in docs/evaluation.md (with the field names assumed for each
-release). Bad files fail with :class:`BenchmarkError` naming the file, the line and the field.
+Nothing is downloaded. ``build_benchmark(cfg)`` dispatches on ``cfg["format"]``; the keys each format reads are
+in its ``configs/benchmark/<name>.yaml``, the folder layout each expects is its ``LAYOUTS`` entry (also in
+docs/evaluation.md). Bad files fail with :class:`BenchmarkError` naming the file, the line and the field; a
+folder that is not the release names what is missing and the layout expected.
 """
 
 from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,20 @@ from musicflamingo.eval.parsing import normalize_text
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus", ".aac", ".aiff", ".aif", ".webm")
+AUDIO_SUFFIXES = (
+    ".wav",
+    ".flac",
+    ".mp3",
+    ".ogg",
+    ".m4a",
+    ".opus",
+    ".aac",
+    ".aiff",
+    ".aif",
+    ".webm",
+    ".au",
+    ".mp4",
+)
 
 DEFAULT_MCQ_PROMPT = (
     "{question}\nChoose the correct option from the following options:\n{options}\n"
@@ -33,6 +51,35 @@ DEFAULT_CLS_MCQ_PROMPT = (
     "{question}\nChoose one of the following options:\n{options}\nAnswer with the option's letter and text."
 )
 DEFAULT_CLS_OPEN_PROMPT = "{question} Answer with one of: {labels}."
+
+# The folder each format expects (one line each: they are quoted in errors). <root> is benchmark.root.
+LAYOUTS = {
+    "mmau": "<root>/mmau-test-mini.json + <root>/test-mini-audios/<id>.wav (split=test: mmau-test.json + "
+    "test-audios/)",
+    "mmar": "<root>/MMAR-meta.jsonl (before Feb 2026: MMAR-meta.json) + <root>/audio/<id>.wav",
+    "mmau_pro": "<root>/test.parquet + <root>/data/<uuid>.wav (data.zip extracted next to it)",
+    "muchomusic": "<root>/muchomusic.csv + <root>/sdd/audio/<nn>/<track_id>.2min.mp3 + "
+    "<root>/musiccaps/audio/[<ytid>]-[<start>-<end>].wav (or the downloader's <ytid>_<start>.wav)",
+    "musiccaps": "<root>/musiccaps-public.csv + audio files named <ytid>.wav, [<ytid>]-[<start>-<end>].wav or "
+    "<ytid>_<start>.wav anywhere under <root>",
+    "music_instruct": "<root>/MusicInstruct/music_instruct.json ({'QA': [...]}) + MusicCaps audio named "
+    "<ytid>.wav or [<ytid>]-[<start>-<end>].wav under <root> (or benchmark.audio_dir)",
+    "music_avqa": "<root>/data/json_update/avqa-test.json (or avqa-test.json in <root>) + <root>/data/audio/"
+    "<video_id>.wav (extract_audio.py's output)",
+    "gtzan": "<root>/genres/<genre>/<genre>.000NN.au (or .wav, e.g. Kaggle's Data/genres_original) + an "
+    "optional split list such as test_filtered.txt",
+    "nsynth": "<root>/nsynth-test/examples.json + <root>/nsynth-test/audio/<note_str>.wav (or <root> is "
+    "nsynth-test itself)",
+    "medley_solos": "<root>/Medley-solos-DB_metadata.csv + Medley-solos-DB_<subset>-<instrument_id>_<uuid4>.wav "
+    "anywhere under <root>",
+    "jamendolyrics": "<root>/JamendoLyrics.csv + <root>/mp3/<name>.mp3 + <root>/lyrics/<name>.txt",
+    "opencpop": "<root>/segments/test.txt (uid|text|phonemes|...) + <root>/segments/wavs/<uid>.wav",
+    "musdb18_lyrics": "<root>/<split>/<track name>.txt (MUSDB18 lyrics extension) + benchmark.audio_dir = MUSDB18 "
+    "(<split>/<track name>.stem.mp4) or MUSDB18-HQ (<split>/<track name>/mixture.wav)",
+    "lyrics": "<root>/test.jsonl of {audio, lyrics, language}",
+    "classification": "<root>/test.jsonl of {audio, label}",
+    "synthetic": "<root>/test.jsonl of the project's synthetic corpus",
+}
 
 
 class BenchmarkError(ValueError):
@@ -44,10 +91,11 @@ class EvalItem:
     """One question to the model and what it is scored against.
 
     ``audio`` is an absolute path; ``offset``/``duration`` (seconds) select a segment (``duration=None``: to
-    the end). ``task`` decides the scoring: ``mcq`` and ``classification`` use ``choices`` + ``answer_index``,
-    ``caption`` and ``lyrics`` use the reference text ``answer``. ``groups`` holds the fields results are broken
-    down by (a value may be a list: the item counts in each). ``meta`` holds task extras (``aspects``,
-    ``language``, ``labels``...).
+    the end). ``task`` decides the scoring: ``mcq`` and ``classification`` use ``choices`` + ``answer_index``
+    (``correct_indices`` lists every option whose text is the answer, when the release repeats it);
+    ``caption``, ``open_qa`` and ``lyrics`` use the reference text ``answer``. ``groups`` holds the fields
+    results are broken down by (a value may be a list: the item counts in each). ``meta`` holds task extras
+    (``aspects``, ``language``, ``mode``, the release ``record`` for the official scorers...).
     """
 
     id: str
@@ -61,16 +109,55 @@ class EvalItem:
     duration: float | None = None
     groups: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    correct_indices: list[int] = field(default_factory=list)
 
 
 @dataclass
 class Benchmark:
-    """A read benchmark: its items, where they came from, and how many were dropped for missing audio."""
+    """A read benchmark: its items, where they came from, and what was left out on the way.
+
+    ``rows`` counts the release's records that were read, ``skipped`` the ones that did not become items (by
+    reason: filtered split or subset, not answerable here...), ``missing_audio`` the items whose audio file is
+    absent (dropped, as ``skipped_missing_audio``, only with ``skip_missing_audio``).
+    """
 
     name: str
     items: list[EvalItem]
     source: str
     skipped_missing_audio: int = 0
+    rows: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    missing_audio: int = 0
+    layout: str = ""
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "items": len(self.items),
+            "skipped_rows": dict(self.skipped),
+            "missing_audio": self.missing_audio,
+            "dropped_missing_audio": self.skipped_missing_audio,
+        }
+
+    def describe(self) -> str:
+        """One line: what was read and what was left out (logged before the first prediction)."""
+        skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+        text = f"{self.rows} rows read from {self.source}: {len(self.items)} items, skipped rows: {skipped}"
+        if self.missing_audio:
+            text += f", audio missing: {self.missing_audio} (dropped)"
+        return text
+
+
+class ReadLog:
+    """What a reader saw: the data file, the number of rows, and the rows it left out (by reason)."""
+
+    def __init__(self) -> None:
+        self.source = ""
+        self.rows = 0
+        self.skipped: Counter[str] = Counter()
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] += n
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -87,6 +174,8 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         with path.open(newline="", encoding="utf-8") as f:
             # Header is line 1; DictReader.line_num is wrong for quoted multi-line cells, so count rows.
             return [(i + 2, dict(row)) for i, row in enumerate(csv.DictReader(f))]
+    if suffix == ".parquet":
+        return [(i + 1, r) for i, r in enumerate(_read_parquet(path))]
     text = path.read_text(encoding="utf-8")
     if suffix != ".jsonl":
         try:
@@ -125,6 +214,17 @@ def _json_rows(path: Path, data: Any) -> list[tuple[int, dict[str, Any]]]:
     return [(i + 1, r) for i, r in enumerate(data)]
 
 
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq  # only MMAU-Pro ships Parquet; the other readers do not need pyarrow
+    except ImportError:
+        raise BenchmarkError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises its own error types for damaged files
+        raise BenchmarkError(f"{path}: not a readable Parquet file ({e})") from None
+
+
 def _field(rec: Mapping[str, Any], key: str, where: str, kind: type = str) -> Any:
     if key not in rec or rec[key] is None or (kind is str and str(rec[key]).strip() == ""):
         raise BenchmarkError(f"{where}: missing field '{key}' (has: {', '.join(sorted(rec)) or 'nothing'})")
@@ -135,6 +235,8 @@ def _field(rec: Mapping[str, Any], key: str, where: str, kind: type = str) -> An
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 raise BenchmarkError(f"{where}: field '{key}' should be a list, got {value[:60]!r}") from None
+        if hasattr(value, "tolist"):  # numpy arrays from Parquet
+            value = value.tolist()
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int, float)) for v in value):
             raise BenchmarkError(f"{where}: field '{key}' should be a list of strings, got {value!r:.80}")
         return [str(v) for v in value]
@@ -148,18 +250,33 @@ def _resolve(path: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _data_file(cfg: Mapping[str, Any]) -> Path:
-    """``root`` may be the data file itself or its folder (then ``file`` names the file inside it)."""
+def _root(cfg: Mapping[str, Any]) -> Path:
     root = Path(os.path.expanduser(str(cfg["root"])))
+    if not root.exists():
+        raise BenchmarkError(
+            f"benchmark.root={root} does not exist (expected the {cfg.get('name')} release: "
+            f"{LAYOUTS.get(str(cfg.get('format')), 'see docs/evaluation.md')})"
+        )
+    return root
+
+
+def _locate(cfg: Mapping[str, Any], candidates: Sequence[str], what: str = "") -> Path:
+    """The release's data file: ``root`` itself when it is a file, else ``benchmark.file`` or the first of
+    ``candidates`` found in ``root`` or one or two folders below it (a parent folder of the release works)."""
+    root = _root(cfg)
     if root.is_file():
         return root
-    if not root.is_dir():
-        raise BenchmarkError(
-            f"benchmark.root={root} does not exist (expected the {cfg.get('name')} release folder)"
-        )
-    if not cfg.get("file"):
-        raise BenchmarkError(f"benchmark.root={root} is a folder; set benchmark.file to the file inside it")
-    return root / str(cfg["file"])
+    names = [str(cfg["file"])] if cfg.get("file") else list(candidates)
+    for pattern in ("", "*/", "*/*/"):
+        for name in names:
+            hits = sorted(root.glob(pattern + name)) if pattern else [root / name]
+            hits = [h for h in hits if h.is_file()]
+            if hits:
+                return hits[0]
+    layout = LAYOUTS.get(str(cfg.get("format")), "see docs/evaluation.md")
+    raise BenchmarkError(
+        f"benchmark {cfg.get('name')}: {root} has no {what or ' or '.join(names)}; expected layout: {layout}"
+    )
 
 
 def _audio_base(cfg: Mapping[str, Any], data_file: Path) -> Path:
@@ -172,25 +289,70 @@ def _audio_base(cfg: Mapping[str, Any], data_file: Path) -> Path:
     return data_file.parent.resolve()
 
 
-def _answer_index(answer: str, choices: Sequence[str], where: str) -> int:
-    if answer in choices:
-        return list(choices).index(answer)
-    norm = [normalize_text(c) for c in choices]
-    if normalize_text(answer) in norm:
-        return norm.index(normalize_text(answer))
-    log.warning(
-        "%s: answer %r is not one of the choices %r; the letter rule will count it wrong",
-        where,
-        answer,
-        choices,
-    )
-    return -1
+def _audio_index(folder: Path) -> dict[str, str]:
+    """Stem -> path of every audio file under ``folder`` (walked once; stems NFC-normalised, since a macOS
+    copy stores accented names decomposed)."""
+    index: dict[str, str] = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.lower().endswith(AUDIO_SUFFIXES):
+                stem = unicodedata.normalize("NFC", name[: name.rfind(".")])
+                index.setdefault(stem, str(Path(dirpath, name).resolve()))
+    return index
 
 
-def _mcq_item(rec_id, audio, question, choices, answer, template, where, groups) -> EvalItem:
+def _find(folder: Path, name: str) -> Path:
+    """``folder/name``, also when the disk holds the other Unicode normal form of ``name`` (else the path as
+    given, for the caller to report as missing)."""
+    path = folder / name
+    if path.exists():
+        return path
+    for form in ("NFC", "NFD"):
+        alt = folder / unicodedata.normalize(form, name)
+        if alt.exists():
+            return alt
+    return path
+
+
+def _stable_id(*parts: Any) -> str:
+    """A short id from the given values, for releases without one (same rows -> same id, in any order)."""
+    return hashlib.sha1("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:12]
+
+
+def _answer_indices(answer: str, choices: Sequence[str]) -> list[int]:
+    """Every option whose text is the answer: exact matches, else matches after :func:`normalize_text`. MMAU
+    repeats some options, and an answer listed under two letters is correct under either. (Exact first:
+    chord names such as "F#:7/1" and "F:7/1" are equal once punctuation is dropped.)"""
+    exact = [i for i, c in enumerate(choices) if c.strip() == answer.strip()]
+    if exact:
+        return exact
+    norm = normalize_text(answer)
+    return [i for i, c in enumerate(choices) if norm and normalize_text(c) == norm]
+
+
+def _mcq_item(
+    rec_id: Any,
+    audio: str,
+    question: str,
+    choices: Sequence[str],
+    answer: str,
+    template: str,
+    where: str,
+    groups: dict[str, Any],
+    *,
+    withheld: bool = False,
+) -> EvalItem:
     if len(choices) < 2:
-        raise BenchmarkError(f"{where}: field 'choices' needs at least 2 options, got {choices!r}")
+        raise BenchmarkError(f"{where}: field 'choices' needs at least 2 options, got {list(choices)!r}")
     prompt = template.format(question=question.strip(), options=format_options(choices))
+    correct = [] if withheld else _answer_indices(answer, choices)
+    if not correct and not withheld:
+        log.warning(
+            "%s: answer %r is not one of the choices %r; the letter rule will count it wrong",
+            where,
+            answer,
+            list(choices),
+        )
     return EvalItem(
         id=str(rec_id),
         audio=audio,
@@ -198,9 +360,10 @@ def _mcq_item(rec_id, audio, question, choices, answer, template, where, groups)
         task="mcq",
         answer=answer,
         choices=list(choices),
-        answer_index=_answer_index(answer, choices, where),
+        answer_index=correct[0] if correct else -1,
         groups=groups,
-        meta={"question": question},
+        meta={"question": question, **({"withheld": True} if withheld else {})},
+        correct_indices=correct,
     )
 
 
@@ -217,119 +380,205 @@ def _groups(rec: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _keep(rec: Mapping[str, Any], key: str, allowed: Iterable[str] | None, read: ReadLog) -> bool:
+    """False (and counted) when ``allowed`` is set and ``rec[key]`` is not in it."""
+    allowed = list(allowed or [])
+    if allowed and str(rec.get(key)) not in allowed:
+        read.skip(f"{key} not in {allowed}")
+        return False
+    return True
+
+
+def _prompt(cfg: Mapping[str, Any], default: str) -> str:
+    return str(cfg.get("prompt") or default)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Readers, one per release format
+# Multiple choice: MMAU, MMAR, MMAU-Pro, MuChoMusic
 # --------------------------------------------------------------------------------------------------------------
-def _read_mcq_records(
-    cfg: Mapping[str, Any], audio_field: str, filter_field: str, filter_key: str, group_by: list[str]
-) -> list[EvalItem]:
-    """A JSON list / JSONL of ``{question, choices, answer, <audio_field>, ...}`` records (MMAU and MMAR)."""
-    path = _data_file(cfg)
+def read_mmau(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """MMAU (github.com/Sakshi113/MMAU): ``mmau-test-mini.json`` (``split: test-mini``, answers included) or
+    ``mmau-test.json`` (``split: test``, answers withheld: predictions are written for the official server,
+    nothing is scored). A JSON list of ``{id, audio_id, question, choices, answer, dataset, task, split,
+    category, sub-category, difficulty}``; ``audio_id`` ("./test-mini-audios/<id>.wav") is relative to the
+    JSON. ``tasks`` filters on ``task`` (sound / music / speech)."""
+    split = str(cfg.get("split") or "test-mini")
+    if split not in ("test-mini", "test"):
+        raise BenchmarkError(f"benchmark.split must be test-mini or test for MMAU, got {split!r}")
+    path = _locate(cfg, [f"mmau-{split}.json"])
+    read.source = str(path)
     base = _audio_base(cfg, path)
-    keep = set(cfg.get(filter_key) or [])
     items = []
     for line, rec in read_records(path):
+        read.rows += 1
         where = f"{path}:{line}"
-        if keep and rec.get(filter_field) not in keep:
+        if not _keep(rec, "task", cfg.get("tasks"), read):
             continue
-        items.append(
-            _mcq_item(
-                rec.get("id", f"L{line}"),
-                _resolve(_field(rec, cfg.get("audio_field", audio_field), where), base),
-                _field(rec, "question", where),
-                _field(rec, "choices", where, list),
-                _field(rec, "answer", where),
-                cfg.get("prompt") or DEFAULT_MCQ_PROMPT,
-                where,
-                _groups(rec, cfg.get("group_by", group_by)),
-            )
+        withheld = not str(rec.get("answer") or "").strip()
+        if withheld and split == "test-mini":
+            _field(rec, "answer", where)  # raises: test-mini ships its answers
+        item = _mcq_item(
+            _field(rec, "id", where),
+            _resolve(_field(rec, cfg.get("audio_field") or "audio_id", where), base),
+            _field(rec, "question", where),
+            _field(rec, "choices", where, list),
+            str(rec.get("answer") or ""),
+            _prompt(cfg, DEFAULT_MCQ_PROMPT),
+            where,
+            _groups(rec, cfg.get("group_by") or ["task", "category", "sub-category", "difficulty"]),
+            withheld=withheld,
         )
+        item.meta["record"] = rec
+        items.append(item)
     return items
 
 
-def read_mmau(cfg: Mapping[str, Any]) -> list[EvalItem]:
-    """MMAU ``mmau-test-mini.json``: list of ``{id, audio_id, question, choices, answer, task, category,
-    sub-category, difficulty, ...}``; ``audio_id`` is relative to the JSON's folder. ``tasks`` filters on the
-    ``task`` field (sound / music / speech)."""
-    return _read_mcq_records(
-        cfg, "audio_id", "task", "tasks", ["task", "category", "sub-category", "difficulty"]
-    )
+def read_mmar(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """MMAR (github.com/ddlBoJack/MMAR): ``MMAR-meta.jsonl`` since Feb 2026 (adds ``thinking``, ``cue``,
+    ``rubric``), ``MMAR-meta.json`` (a JSON list) before; both are found. Records ``{id, audio_path, question,
+    choices, answer, modality, category, sub-category, language, source, url, timestamp}``; ``audio_path``
+    ("./audio/<id>.wav") is relative to the file. ``modalities`` filters on ``modality``. The JSON version has
+    6 answers that are not among the choices (counted as ``answer_not_in_choices``)."""
+    path = _locate(cfg, ["MMAR-meta.jsonl", "MMAR-meta.json"])
+    read.source = str(path)
+    base = _audio_base(cfg, path)
+    items = []
+    for line, rec in read_records(path):
+        read.rows += 1
+        where = f"{path}:{line}"
+        if not _keep(rec, "modality", cfg.get("modalities"), read):
+            continue
+        item = _mcq_item(
+            _field(rec, "id", where),
+            _resolve(_field(rec, cfg.get("audio_field") or "audio_path", where), base),
+            _field(rec, "question", where),
+            _field(rec, "choices", where, list),
+            _field(rec, "answer", where),
+            _prompt(cfg, DEFAULT_MCQ_PROMPT),
+            where,
+            _groups(rec, cfg.get("group_by") or ["modality", "category", "sub-category"]),
+        )
+        item.meta["record"] = rec
+        items.append(item)
+    return items
 
 
-def read_mmar(cfg: Mapping[str, Any]) -> list[EvalItem]:
-    """MMAR ``MMAR-meta.json`` (a JSON list; JSONL also read): ``{id, audio_path, question, choices, answer,
-    modality, category, sub-category, language, ...}``. ``modalities`` filters on ``modality``."""
-    return _read_mcq_records(
-        cfg, "audio_path", "modality", "modalities", ["modality", "category", "sub-category"]
-    )
+def read_mmau_pro(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """MMAU-Pro (huggingface.co/datasets/gamma-lab-umd/MMAU-Pro): ``test.parquet`` with ``id, audio_path``
+    (a list of "data/<uuid>.wav", relative to the Parquet file once ``data.zip`` is extracted next to it)
+    ``, question, choices, answer, category``. Only multiple-choice rows are read: ``open`` and ``instruction
+    following`` rows (LLM-judged and regex-checked upstream) and rows with several audio files are skipped and
+    counted. ``categories`` filters on ``category`` (``[music]`` for MMAU-Pro-Music)."""
+    path = _locate(cfg, ["test.parquet"])
+    read.source = str(path)
+    base = _audio_base(cfg, path)
+    items = []
+    for line, rec in read_records(path):
+        read.rows += 1
+        where = f"{path}:{line}"
+        if rec.get("category") in ("open", "instruction following"):
+            read.skip("not multiple choice")
+            continue
+        if not _keep(rec, "category", cfg.get("categories"), read):
+            continue
+        audio = rec.get("audio_path")
+        audio = [audio] if isinstance(audio, str) else list(audio if audio is not None else [])
+        if len(audio) != 1:
+            read.skip("several audio files" if audio else "no audio file")
+            continue
+        choices = _field(rec, "choices", where, list) if rec.get("choices") is not None else []
+        if len(choices) < 2:
+            read.skip("no choices")
+            continue
+        item = _mcq_item(
+            _field(rec, "id", where),
+            _resolve(str(audio[0]), base),
+            _field(rec, "question", where),
+            choices,
+            _field(rec, "answer", where),
+            _prompt(cfg, DEFAULT_MCQ_PROMPT),
+            where,
+            _groups(rec, cfg.get("group_by") or ["category"]),
+        )
+        item.meta["record"] = rec
+        items.append(item)
+    return items
 
 
-def _audio_index(folder: Path) -> dict[str, str]:
-    """Stem -> path of every audio file under ``folder`` (walked once)."""
-    index: dict[str, str] = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            if name.lower().endswith(AUDIO_SUFFIXES):
-                index.setdefault(Path(name).stem, str(Path(dirpath, name).resolve()))
-    return index
+def _clip_index(index: Mapping[str, str]) -> dict[Any, str]:
+    """MusicCaps clips by ``ytid`` and by ``(ytid, start)``, from the names they are downloaded under: the
+    official "[<ytid>]-[<start>-<end>]", the downloaders' "<ytid>_<start>" and plain "<ytid>"."""
+    clips: dict[Any, str] = {}
+    for stem, path in sorted(index.items()):
+        if stem.startswith("[") and "]-[" in stem:
+            ytid, _, rest = stem[1:].partition("]-[")
+            start = rest.split("-", 1)[0]
+        else:
+            ytid, _, start = stem.rpartition("_")
+            if not ytid or not start.isdigit():
+                ytid, start = stem, ""
+        clips.setdefault((ytid, start), path)
+        clips.setdefault(ytid, path)
+        clips.setdefault(stem, path)  # a ytid may itself end in "_<digits>"
+    return clips
 
 
-def _muchomusic_audio(rec: Mapping[str, Any], index: dict[str, str], base: Path, where: str) -> str:
-    if rec.get("audio_path"):
-        return _resolve(str(rec["audio_path"]), base)
-    ident = _field(rec, "dataset_identifier", where).removesuffix(".json")
-    dataset = str(rec.get("dataset", ""))
-    # As in MuChoMusic's utils.py: SDD ids are track ids ("123.json" -> 123, file "123.2min.mp3"); MusicCaps ids
-    # are "<ytid>_<n>.json" (the ytid may itself contain "_"), file "[<ytid>]-[<start>-<end>].wav".
-    audio_id = ident if dataset == "sdd" else "_".join(ident.split("_")[:-1]) or ident
-    for stem in (audio_id, f"{audio_id}.2min"):
-        if stem in index:
-            return index[stem]
-    bracket = f"[{audio_id}]"
-    for stem, p in index.items():
-        if stem.startswith(bracket):
-            return p
-    return str(base / f"{audio_id}.wav")  # reported as missing by build_benchmark
-
-
-def read_muchomusic(cfg: Mapping[str, Any]) -> list[EvalItem]:
-    """MuChoMusic ``muchomusic.csv`` (or a JSON/JSONL export with the same columns): ``question``,
-    ``correct_answer``, ``distractor_{1,2,3}_answer``, ``dataset`` (musiccaps / sdd), ``dataset_identifier``,
-    ``genre``, ``music_knowledge``, ``music_reasoning``. Options are the answer + 3 distractors, shuffled with
-    ``random.Random(f"{seed}:{id}")`` so an item's order does not depend on the others."""
-    path = _data_file(cfg)
+def read_muchomusic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """MuChoMusic (Zenodo 12709974, github.com/mulab-mir/muchomusic): ``muchomusic.csv`` with ``question_id,
+    question, dataset, dataset_identifier, genre, music_knowledge, music_reasoning, correct_answer,
+    distractor_{1,2,3}_answer`` (+ annotation statistics). ``dataset_identifier`` is an SDD track id or a
+    MusicCaps "<ytid>_<start>" (a ".json" suffix is tolerated). Audio: every audio file under ``audio_dir``
+    (default: the CSV's folder, recursively) by stem: SDD "<track_id>.2min" / "<track_id>", MusicCaps
+    "[<ytid>]-[<start>-<end>]", "<ytid>_<start>" or "<ytid>". Ids are ``question_id``; options are the answer +
+    3 distractors shuffled with ``random.Random(f"{seed}:{id}")``, so an item's order depends on nothing else."""
+    path = _locate(cfg, ["muchomusic.csv"])
+    read.source = str(path)
     base = _audio_base(cfg, path)
     index = _audio_index(base) if base.is_dir() else {}
+    clips = _clip_index(index)
     seed = int(cfg.get("seed", 0))
     items = []
     for line, rec in read_records(path):
+        read.rows += 1
         where = f"{path}:{line}"
-        rec_id = str(rec.get("id") or f"L{line}")
-        answer = _field(rec, "correct_answer", where)
-        options = [answer] + [_field(rec, f"distractor_{k}_answer", where) for k in (1, 2, 3)]
-        random.Random(f"{seed}:{rec_id}").shuffle(options)
-        items.append(
-            _mcq_item(
-                rec_id,
-                _muchomusic_audio(rec, index, base, where),
-                _field(rec, "question", where),
-                options,
-                answer,
-                cfg.get("prompt") or DEFAULT_MCQ_PROMPT,
-                where,
-                _groups(rec, cfg.get("group_by", ["dataset", "genre", "music_knowledge", "music_reasoning"])),
+        ident = _field(rec, "dataset_identifier", where).removesuffix(".json")
+        dataset = str(rec.get("dataset", ""))
+        rec_id = str(rec.get("question_id") or rec.get("id") or "").strip()
+        if not rec_id:  # exports without the id column: derived from the row's content, not its position
+            rec_id = f"{dataset}:{ident}:{_stable_id(rec.get('question'), rec.get('correct_answer'))}"
+        original = [_field(rec, "correct_answer", where)]
+        original += [_field(rec, f"distractor_{k}_answer", where) for k in (1, 2, 3)]
+        order = list(range(4))
+        random.Random(f"{seed}:{rec_id}").shuffle(order)
+        if rec.get("audio_path"):
+            audio = _resolve(str(rec["audio_path"]), base)
+        elif dataset == "sdd":
+            audio = index.get(f"{ident}.2min") or index.get(ident) or str(base / "sdd" / f"{ident}.2min.mp3")
+        else:
+            ytid, _, start = ident.rpartition("_")
+            audio = (
+                clips.get((ytid, start)) or clips.get(ytid) or clips.get(ident) or str(base / f"{ident}.wav")
             )
+        item = _mcq_item(
+            rec_id,
+            audio,
+            _field(rec, "question", where),
+            [original[j] for j in order],
+            original[0],
+            _prompt(cfg, DEFAULT_MCQ_PROMPT),
+            where,
+            _groups(rec, cfg.get("group_by") or ["dataset", "genre", "music_knowledge", "music_reasoning"]),
         )
+        item.meta.update(record=rec, answer_orders=order, official_rule="muchomusic")
+        items.append(item)
     return items
 
 
-def read_classification(cfg: Mapping[str, Any]) -> list[EvalItem]:
-    """JSONL of ``{audio, label}`` (field names: ``audio_field`` / ``label_field``); ``labels`` lists the label
-    set in order, ``label_names`` optionally maps a label to the text shown to the model, ``aliases`` maps a
-    label to extra spellings the parser accepts. ``mode``: ``mcq`` (labels as "(A) ..." options) or ``open``
-    (label set listed in the question)."""
-    path = _data_file(cfg)
-    base = _audio_base(cfg, path)
+# --------------------------------------------------------------------------------------------------------------
+# Classification: GTZAN, NSynth, Medley-solos-DB (and any JSONL of {audio, label})
+# --------------------------------------------------------------------------------------------------------------
+def _label_setup(cfg: Mapping[str, Any]) -> tuple[list[str], list[str], dict[str, list[str]], str, str]:
+    """(labels, display names, aliases by display name, mode, prompt) from a classification config."""
     labels = [str(x) for x in cfg.get("labels") or []]
     if len(labels) < 2:
         raise BenchmarkError(
@@ -346,42 +595,188 @@ def read_classification(cfg: Mapping[str, Any]) -> list[EvalItem]:
     question = str(cfg.get("question", "What is the label of this audio?"))
     template = cfg.get("prompt") or (DEFAULT_CLS_MCQ_PROMPT if mode == "mcq" else DEFAULT_CLS_OPEN_PROMPT)
     prompt = template.format(question=question, options=format_options(names), labels=", ".join(names))
-    audio_key, label_key = cfg.get("audio_field", "audio"), cfg.get("label_field", "label")
+    return labels, names, aliases, mode, prompt
+
+
+def _cls_item(setup: tuple, rec_id: str, audio: str, label: str, where: str, key: str) -> EvalItem:
+    labels, names, aliases, mode, prompt = setup
+    if label not in labels:
+        raise BenchmarkError(f"{where}: field '{key}' = {label!r} is not in the label set {labels}")
+    idx = labels.index(label)
+    return EvalItem(
+        id=rec_id,
+        audio=audio,
+        prompt=prompt,
+        task="classification",
+        answer=names[idx],
+        choices=names,
+        answer_index=idx,
+        groups={"label": names[idx]},
+        meta={"mode": mode, "aliases": aliases},
+        correct_indices=[idx],
+    )
+
+
+def read_classification(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """JSONL of ``{audio, label}`` (field names: ``audio_field`` / ``label_field``); ``labels`` lists the label
+    set in order, ``label_names`` optionally maps a label to the text shown to the model, ``aliases`` maps a
+    label to extra spellings the parser accepts. ``mode``: ``mcq`` (labels as "(A) ..." options) or ``open``
+    (label set listed in the question)."""
+    path = _locate(cfg, ["test.jsonl"])
+    read.source = str(path)
+    base = _audio_base(cfg, path)
+    setup = _label_setup(cfg)
+    audio_key, label_key = cfg.get("audio_field") or "audio", cfg.get("label_field") or "label"
     items = []
     for line, rec in read_records(path):
+        read.rows += 1
         where = f"{path}:{line}"
-        label = _field(rec, label_key, where)
-        if label not in labels:
-            raise BenchmarkError(f"{where}: field '{label_key}' = {label!r} is not in the label set {labels}")
-        idx = labels.index(label)
-        items.append(
-            EvalItem(
-                id=str(rec.get("id") or f"L{line}"),
-                audio=_resolve(_field(rec, audio_key, where), base),
-                prompt=prompt,
-                task="classification",
-                answer=names[idx],
-                choices=names,
-                answer_index=idx,
-                offset=float(rec.get("offset", 0.0) or 0.0),
-                duration=float(rec["duration"]) if rec.get("duration") else None,
-                groups={"label": names[idx]},
-                meta={"mode": mode, "aliases": aliases},
-            )
+        item = _cls_item(
+            setup,
+            str(rec.get("id") or f"L{line}"),
+            _resolve(_field(rec, audio_key, where), base),
+            _field(rec, label_key, where),
+            where,
+            label_key,
         )
+        item.offset = float(rec.get("offset", 0.0) or 0.0)
+        item.duration = float(rec["duration"]) if rec.get("duration") else None
+        items.append(item)
     return items
 
 
-def read_musiccaps(cfg: Mapping[str, Any]) -> list[EvalItem]:
-    """MusicCaps ``musiccaps-public.csv``: ``ytid, start_s, end_s, aspect_list, caption, is_balanced_subset,
-    is_audioset_eval``. Audio is ``audio_dir/audio_template`` (default ``{ytid}.wav``); with ``segment: true``
-    the file is the full YouTube audio and ``start_s..end_s`` is cut from it, with ``segment: false`` the file is
-    already the 10-s clip. ``subset``: ``all``, ``eval`` (is_audioset_eval) or ``balanced``."""
-    path = _data_file(cfg)
+def _gtzan_genres_dir(root: Path, labels: Sequence[str]) -> Path | None:
+    for cand in (root, root / "genres", root / "genres_original", root / "Data" / "genres_original"):
+        if cand.is_dir() and any((cand / lab).is_dir() for lab in labels):
+            return cand
+    for cand in sorted(root.glob("*/genres*")) + sorted(root.glob("*/*/genres*")):
+        if cand.is_dir() and any((cand / lab).is_dir() for lab in labels):
+            return cand
+    return None
+
+
+def read_gtzan(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """GTZAN as released (``genres/<genre>/<genre>.000NN.au``; the Kaggle copy's ``genres_original`` with
+    ``.wav`` works too). ``split``: ``null`` for all 1000 clips, or a split list (a file name looked up in
+    ``root``, or a path) with one "<genre>/<genre>.000NN.<ext>" per line, e.g. the fault-filtered
+    ``test_filtered.txt`` (Kereliuk et al. 2015; github.com/jongpillee/music_dataset_split). A list entry
+    matches the clip whatever its extension. Ids are the clip names ("blues.00012")."""
+    root = _root(cfg)
+    setup = _label_setup(cfg)
+    labels = setup[0]
+    genres = _gtzan_genres_dir(root, labels)
+    if genres is None:
+        raise BenchmarkError(
+            f"benchmark {cfg.get('name')}: {root} has no genre folders ({', '.join(labels[:3])}, ...); "
+            f"expected layout: {LAYOUTS['gtzan']}"
+        )
+    index = _audio_index(genres)
+    split = cfg.get("split")
+    if split:
+        split_path = Path(os.path.expanduser(str(split)))
+        if not split_path.is_absolute():
+            found = [
+                p for p in (root / split_path, genres / split_path, genres.parent / split_path) if p.is_file()
+            ]
+            split_path = found[0] if found else root / split_path
+        if not split_path.is_file():
+            raise BenchmarkError(
+                f"benchmark.split={split}: split list not found (looked in {root}); pass its path, or null for "
+                "all clips"
+            )
+        read.source = str(split_path)
+        entries = [
+            (n, ln.strip()) for n, ln in enumerate(split_path.read_text(encoding="utf-8").splitlines(), 1)
+        ]
+        entries = [(n, e) for n, e in entries if e]
+    else:
+        read.source = str(genres)
+        entries = [
+            (0, f"{Path(p).parent.name}/{stem}")
+            for stem, p in sorted(index.items())
+            if Path(p).parent.name in labels
+        ]
+    items = []
+    for n, entry in entries:
+        read.rows += 1
+        where = f"{read.source}:{n}" if n else str(genres)
+        genre, _, name = entry.replace("\\", "/").rpartition("/")
+        stem = name[: name.rfind(".")] if Path(name).suffix.lower() in AUDIO_SUFFIXES else name
+        genre = genre.rsplit("/", 1)[-1] or stem.split(".")[0]
+        audio = index.get(stem) or str(genres / genre / f"{stem}.au")
+        items.append(_cls_item(setup, stem, audio, genre, where, "genre"))
+    return items
+
+
+def read_nsynth(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """NSynth (magenta.tensorflow.org/datasets/nsynth): ``nsynth-<split>/examples.json``, an object keyed by
+    note name (``{note_str: {note, instrument_family_str, instrument_source_str, pitch, velocity, qualities,
+    ...}}``) + ``nsynth-<split>/audio/<note_str>.wav``. ``root`` is the split folder or its parent. The label is
+    ``label_field`` (``instrument_family_str`` or ``instrument_source_str``); ids are the note names."""
+    split = str(cfg.get("split") or "test")
+    path = _locate(cfg, [f"nsynth-{split}/examples.json", "examples.json"])
+    read.source = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BenchmarkError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise BenchmarkError(f"{path}: expected an object of {{note_str: {{...}}}} records")
+    audio_dir = _audio_base(cfg, path) if cfg.get("audio_dir") else path.parent / "audio"
+    setup = _label_setup(cfg)
+    key = cfg.get("label_field") or "instrument_family_str"
+    items = []
+    for note, rec in data.items():
+        read.rows += 1
+        where = f"{path}: note {note}"
+        item = _cls_item(setup, note, str(audio_dir / f"{note}.wav"), _field(rec, key, where), where, key)
+        item.groups["pitch"] = "n/a" if rec.get("pitch") is None else str(rec["pitch"])
+        items.append(item)
+    return items
+
+
+def read_medley_solos(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """Medley-solos-DB (Zenodo 3464194): ``Medley-solos-DB_metadata.csv`` (``subset, instrument,
+    instrument_id, song_id, uuid4``) + the extracted ``Medley-solos-DB_<subset>-<instrument_id>_<uuid4>.wav``
+    files anywhere under ``root``. ``subset`` (training / validation / test, default test) keeps one subset;
+    the other rows are counted as skipped. Ids are the uuid4s."""
+    path = _locate(cfg, ["Medley-solos-DB_metadata.csv", "annotation/Medley-solos-DB_metadata.csv"])
+    read.source = str(path)
+    base = _audio_base(cfg, path) if cfg.get("audio_dir") else _root(cfg)
+    index = _audio_index(base if base.is_dir() else path.parent)
+    subset = str(cfg.get("subset") or "test")
+    setup = _label_setup(cfg)
+    items = []
+    for line, rec in read_records(path):
+        read.rows += 1
+        where = f"{path}:{line}"
+        if _field(rec, "subset", where) != subset:
+            read.skip(f"subset is not {subset}")
+            continue
+        uuid = _field(rec, "uuid4", where)
+        stem = f"Medley-solos-DB_{subset}-{_field(rec, 'instrument_id', where)}_{uuid}"
+        audio = index.get(stem) or str(base / f"{stem}.wav")
+        items.append(_cls_item(setup, uuid, audio, _field(rec, "instrument", where), where, "instrument"))
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Captioning and open questions: MusicCaps, Music Instruct, MusicAVQA
+# --------------------------------------------------------------------------------------------------------------
+def read_musiccaps(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """MusicCaps ``musiccaps-public.csv``: ``ytid, start_s, end_s, audioset_positive_labels, aspect_list,
+    caption, author_id, is_balanced_subset, is_audioset_eval`` (captions may hold newlines). Audio: with
+    ``audio_template`` unset, any audio file under ``audio_dir`` (default: the CSV's folder) named
+    "[<ytid>]-[<start>-<end>]", "<ytid>_<start>" or "<ytid>"; with a template, ``audio_dir/audio_template``
+    formatted with the row's columns. ``segment: true``: the file is the full YouTube audio and
+    ``start_s..end_s`` is cut from it. ``subset``: ``all``, ``eval`` (is_audioset_eval) or ``balanced``."""
+    path = _locate(cfg, ["musiccaps-public.csv"])
+    read.source = str(path)
     base = _audio_base(cfg, path)
-    template = str(cfg.get("audio_template", "{ytid}.wav"))
-    segment = bool(cfg.get("segment", True))
-    subset = str(cfg.get("subset", "all"))
+    template = cfg.get("audio_template")
+    clips = {} if template else _clip_index(_audio_index(base) if base.is_dir() else {})
+    segment = bool(cfg.get("segment", False))
+    subset = str(cfg.get("subset") or "all")
     flag = {"all": None, "eval": "is_audioset_eval", "balanced": "is_balanced_subset"}
     if subset not in flag:
         raise BenchmarkError(
@@ -389,8 +784,10 @@ def read_musiccaps(cfg: Mapping[str, Any]) -> list[EvalItem]:
         )
     items = []
     for line, rec in read_records(path):
+        read.rows += 1
         where = f"{path}:{line}"
         if flag[subset] and str(rec.get(flag[subset], "")).strip().lower() not in ("true", "1"):
+            read.skip(f"not in subset {subset}")
             continue
         ytid = _field(rec, "ytid", where)
         try:
@@ -400,10 +797,14 @@ def read_musiccaps(cfg: Mapping[str, Any]) -> list[EvalItem]:
                 f"{where}: start_s/end_s must be numbers, got {rec.get('start_s')!r}, {rec.get('end_s')!r}"
             ) from None
         fmt = {k: rec.get(k) for k in rec} | {"ytid": ytid, "start_s": int(start), "end_s": int(end)}
+        if template:
+            audio = _resolve(str(template).format(**fmt), base)
+        else:
+            audio = clips.get((ytid, str(int(start)))) or clips.get(ytid) or str(base / f"{ytid}.wav")
         items.append(
             EvalItem(
                 id=f"{ytid}_{int(start)}",
-                audio=_resolve(template.format(**fmt), base),
+                audio=audio,
                 prompt=str(cfg.get("prompt")),
                 task="caption",
                 answer=_field(rec, "caption", where),
@@ -415,30 +816,288 @@ def read_musiccaps(cfg: Mapping[str, Any]) -> list[EvalItem]:
     return items
 
 
-def read_lyrics(cfg: Mapping[str, Any]) -> list[EvalItem]:
-    """JSONL of ``{audio, lyrics, language?}`` (``language`` defaults to ``default_language``)."""
-    path = _data_file(cfg)
-    base = _audio_base(cfg, path)
+def read_music_instruct(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """Music Instruct (huggingface.co/datasets/m-a-p/Music-Instruct, MusiLingo): ``MusicInstruct/
+    music_instruct.json`` (``question_type: all``; ``short`` / ``long``: ``music_instruct_short.json`` /
+    ``_long.json``), an object ``{"QA": [{question, answer, ytid, is_audioset_eval, ...}]}``. The test split
+    is the pairs whose MusicCaps clip is in AudioSet's eval split (``is_audioset_eval``), as MusiLingo's
+    loader does. Audio: the MusicCaps clip of ``ytid`` under ``audio_dir`` (default: ``root``). The release
+    has no ids: an item's id is "<ytid>:<hash of question and answer>" (a repeated pair gets "#2", ...)."""
+    qtype = str(cfg.get("question_type") or "all")
+    if qtype not in ("all", "short", "long"):
+        raise BenchmarkError(f"benchmark.question_type must be all, short or long, got {qtype!r}")
+    name = "music_instruct.json" if qtype == "all" else f"music_instruct_{qtype}.json"
+    path = _locate(cfg, [f"MusicInstruct/{name}", name])
+    read.source = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BenchmarkError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("QA"), list):
+        raise BenchmarkError(f"{path}: expected an object {{'QA': [...]}} (Music Instruct's layout)")
+    base = _audio_base(cfg, path) if cfg.get("audio_dir") else _root(cfg)
+    clips = _clip_index(_audio_index(base if base.is_dir() else path.parent))
+    want_eval = str(cfg.get("split") or "test") == "test"
+    seen: Counter[str] = Counter()
     items = []
-    for line, rec in read_records(path):
-        where = f"{path}:{line}"
-        lang = str(rec.get("language") or cfg.get("default_language", "en"))
+    for n, rec in enumerate(data["QA"], 1):
+        read.rows += 1
+        where = f"{path}: QA[{n - 1}]"
+        if not isinstance(rec, dict):
+            raise BenchmarkError(f"{where}: expected an object, got {type(rec).__name__}")
+        if bool(rec.get("is_audioset_eval")) != want_eval:
+            read.skip("not in split " + ("test" if want_eval else "train"))
+            continue
+        ytid, question, answer = (_field(rec, k, where) for k in ("ytid", "question", "answer"))
+        rec_id = f"{ytid}:{_stable_id(question, answer)}"
+        seen[rec_id] += 1
+        if seen[rec_id] > 1:
+            rec_id += f"#{seen[rec_id]}"
         items.append(
             EvalItem(
-                id=str(rec.get("id") or f"L{line}"),
-                audio=_resolve(_field(rec, cfg.get("audio_field", "audio"), where), base),
-                prompt=str(cfg.get("prompt")),
-                task="lyrics",
-                answer=_field(rec, cfg.get("lyrics_field", "lyrics"), where),
-                offset=float(rec.get("offset", 0.0) or 0.0),
-                duration=float(rec["duration"]) if rec.get("duration") else None,
-                groups={"language": lang},
-                meta={"language": lang},
+                id=rec_id,
+                audio=clips.get(ytid) or str(base / f"{ytid}.wav"),
+                prompt=str(question).strip(),
+                task="open_qa",
+                answer=answer,
+                groups={"question_type": qtype},
             )
         )
     return items
 
 
+# Number words MusicAVQA answers with, and the digits a model may write instead.
+_NUMBER_ALIASES = {
+    w: [str(i)]
+    for i, w in enumerate(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    )
+} | {"more than ten": ["more than 10"]}
+
+
+def read_music_avqa(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """MUSIC-AVQA (github.com/GeWu-Lab/MUSIC-AVQA): ``avqa-<split>.json`` (``data/json_update/``, the
+    corrected release, preferred over ``data/json/``), a list of ``{video_id, question_id, type,
+    question_content, templ_values, question_deleted, anser}`` (sic: "anser"). ``<Object>`` placeholders are
+    filled from ``templ_values`` in order. ``modalities`` keeps question types by their first element
+    (default ``[Audio]``: the audio-only questions). The answer is open (yes / no, a number word, ...): the
+    choices an answer is parsed against are the answers the same question template has in the file.
+    Audio: ``<video_id>.wav`` anywhere under ``audio_dir`` (default: ``root``)."""
+    split = str(cfg.get("split") or "test")
+    path = _locate(
+        cfg,
+        [f"data/json_update/avqa-{split}.json", f"json_update/avqa-{split}.json", f"avqa-{split}.json"]
+        + [f"data/json/avqa-{split}.json", f"json/avqa-{split}.json"],
+    )
+    read.source = str(path)
+    base = _audio_base(cfg, path) if cfg.get("audio_dir") else _root(cfg)
+    index = _audio_index(base if base.is_dir() else path.parent)
+    modalities = list(cfg.get("modalities") or [])
+    rows = []
+    for line, rec in read_records(path):
+        read.rows += 1
+        where = f"{path}:{line}"
+        try:
+            qtype = [str(t) for t in json.loads(_field(rec, "type", where))]
+            values = [str(v) for v in json.loads(rec.get("templ_values") or "[]")]
+        except (json.JSONDecodeError, TypeError):
+            raise BenchmarkError(f"{where}: fields 'type' / 'templ_values' should hold JSON lists") from None
+        if int(rec.get("question_deleted") or 0):
+            read.skip("question_deleted")
+            continue
+        if modalities and qtype[0] not in modalities:
+            read.skip(f"type not in {modalities}")
+            continue
+        rows.append((where, rec, qtype, values))
+    answers_by_template: dict[str, list[str]] = {}
+    for where, rec, _, _ in rows:
+        answers = answers_by_template.setdefault(str(rec.get("question_content")), [])
+        if (ans := _field(rec, "anser", where)) not in answers:
+            answers.append(ans)
+    template = _prompt(cfg, "{question} Answer with a single word or number.")
+    items = []
+    for where, rec, qtype, values in rows:
+        question = _field(rec, "question_content", where).strip()
+        for v in values:
+            question = question.replace("<Object>", v.replace("_", " "), 1)
+        choices = sorted(answers_by_template[str(rec["question_content"])])
+        if len(choices) < 2:  # a template whose rows all share one answer: parse against yes/no or numbers
+            choices = sorted({*choices, "yes", "no"} if choices[0] in ("yes", "no") else set(_NUMBER_ALIASES))
+        answer = str(rec["anser"])
+        idx = choices.index(answer)
+        items.append(
+            EvalItem(
+                id=str(_field(rec, "question_id", where)),
+                audio=index.get(str(rec.get("video_id"))) or str(base / f"{rec.get('video_id')}.wav"),
+                prompt=template.format(question=question),
+                task="mcq",
+                answer=answer,
+                choices=choices,
+                answer_index=idx,
+                groups={"type": " / ".join(qtype)},
+                meta={"mode": "open", "aliases": _NUMBER_ALIASES, "question": question},
+                correct_indices=[idx],
+            )
+        )
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lyrics transcription: JamendoLyrics, Opencpop, MUSDB18 lyrics (and any JSONL of {audio, lyrics})
+# --------------------------------------------------------------------------------------------------------------
+LANGUAGE_CODES = {"english": "en", "german": "de", "french": "fr", "spanish": "es", "chinese": "zh"}
+
+
+def _lyrics_item(
+    cfg: Mapping[str, Any], rec_id: str, audio: str, text: str, lang: str, **seg: Any
+) -> EvalItem:
+    return EvalItem(
+        id=rec_id,
+        audio=audio,
+        prompt=str(cfg.get("prompt")),
+        task="lyrics",
+        answer=text,
+        groups={"language": lang},
+        meta={"language": lang},
+        **seg,
+    )
+
+
+def read_lyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """JSONL of ``{audio, lyrics, language?}`` (``language`` defaults to ``default_language``)."""
+    path = _locate(cfg, ["test.jsonl"])
+    read.source = str(path)
+    base = _audio_base(cfg, path)
+    items = []
+    for line, rec in read_records(path):
+        read.rows += 1
+        where = f"{path}:{line}"
+        items.append(
+            _lyrics_item(
+                cfg,
+                str(rec.get("id") or f"L{line}"),
+                _resolve(_field(rec, cfg.get("audio_field") or "audio", where), base),
+                _field(rec, cfg.get("lyrics_field") or "lyrics", where),
+                str(rec.get("language") or cfg.get("default_language", "en")),
+                offset=float(rec.get("offset", 0.0) or 0.0),
+                duration=float(rec["duration"]) if rec.get("duration") else None,
+            )
+        )
+    return items
+
+
+def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """JamendoLyrics MultiLang (github.com/f90/jamendolyrics): ``JamendoLyrics.csv`` (``URL, Filepath, Artist,
+    Title, Genre, LicenseType, Language, LyricOverlap, Polyphonic, NonLexical``) + ``mp3/<Filepath>`` +
+    ``lyrics/<name>.txt`` (the normalised lyrics; ``<name>.words.txt`` is the word list for alignment). Whole
+    songs are transcribed. ``languages`` keeps some (English, German, French, Spanish); ids are the names."""
+    path = _locate(cfg, ["JamendoLyrics.csv"])
+    read.source = str(path)
+    folder = path.parent
+    keep = [str(x).lower() for x in cfg.get("languages") or []]
+    items = []
+    for line, rec in read_records(path):
+        read.rows += 1
+        where = f"{path}:{line}"
+        language = _field(rec, "Language", where)
+        if keep and language.lower() not in keep and LANGUAGE_CODES.get(language.lower()) not in keep:
+            read.skip(f"Language not in {cfg.get('languages')}")
+            continue
+        filepath = _field(rec, "Filepath", where)
+        name = filepath[: filepath.rfind(".")] if "." in filepath else filepath
+        lyrics = _find(folder / "lyrics", f"{name}.txt")
+        if not lyrics.is_file():
+            raise BenchmarkError(
+                f"{where}: lyrics file {lyrics} not found; expected layout: {LAYOUTS['jamendolyrics']}"
+            )
+        text = lyrics.read_text(encoding="utf-8")
+        lang = LANGUAGE_CODES.get(language.lower(), language.lower())
+        items.append(_lyrics_item(cfg, name, str(_find(folder / "mp3", filepath)), text, lang))
+    return items
+
+
+def read_opencpop(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """Opencpop (wenet.org.cn/opencpop): ``segments/<split>.txt`` (``split``: test or train), one
+    ``uid|text|phonemes|notes|note_durations|phoneme_durations|slurs`` line per sung phrase, + ``segments/
+    wavs/<uid>.wav``. The reference is the Chinese ``text`` (scored with CER); ids are the uids."""
+    split = str(cfg.get("split") or "test")
+    path = _locate(cfg, [f"segments/{split}.txt", f"{split}.txt"])
+    read.source = str(path)
+    wavs = _audio_base(cfg, path) if cfg.get("audio_dir") else path.parent / "wavs"
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        read.rows += 1
+        parts = line.split("|")
+        if len(parts) < 2 or not parts[0].strip() or not parts[1].strip():
+            raise BenchmarkError(f"{path}:{n}: expected 'uid|text|phonemes|...', got {line[:60]!r}")
+        uid = parts[0].strip()
+        items.append(_lyrics_item(cfg, uid, str(wavs / f"{uid}.wav"), parts[1].strip(), "zh"))
+    return items
+
+
+def _mmss(value: str, where: str) -> float:
+    minutes, _, seconds = value.partition(":")
+    try:
+        return 60 * int(minutes) + float(seconds)
+    except ValueError:
+        raise BenchmarkError(f"{where}: expected a MM:SS time, got {value!r}") from None
+
+
+def read_musdb18_lyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
+    """MUSDB18 lyrics extension (Schulze-Forster et al. 2021, Zenodo 3989267): ``<split>/<track name>.txt``
+    with one ``MM:SS MM:SS <a|b|c|d> <text>`` line per sung line (a line starting with ``*`` was rejected by
+    the annotators and is skipped). Audio from ``audio_dir``: MUSDB18 ``<split>/<track name>.stem.mp4`` (its
+    first stream is the mixture) or MUSDB18-HQ ``<split>/<track name>/mixture.wav``. ``unit: song`` scores
+    whole songs (the lines joined), ``unit: line`` each annotated line as a segment (id "<track>#<n>")."""
+    split = str(cfg.get("split") or "test")
+    unit = str(cfg.get("unit") or "song")
+    if unit not in ("song", "line"):
+        raise BenchmarkError(f"benchmark.unit must be song or line, got {unit!r}")
+    root = _root(cfg)
+    folders = [root / split, root / "lyrics_transcripts" / split, root / "lyrics" / split]
+    folder = next((f for f in folders if f.is_dir() and any(f.glob("*.txt"))), None)
+    if folder is None:
+        raise BenchmarkError(
+            f"benchmark {cfg.get('name')}: {root} has no {split}/<track>.txt transcripts; expected layout: "
+            f"{LAYOUTS['musdb18_lyrics']}"
+        )
+    read.source = str(folder)
+    audio_root = Path(os.path.expanduser(str(cfg.get("audio_dir") or root)))
+    if not audio_root.is_absolute():
+        audio_root = root / audio_root
+    items = []
+    for path in sorted(folder.glob("*.txt")):
+        track = path.stem
+        hq = audio_root / split / track / "mixture.wav"
+        audio = str(hq if hq.is_file() else audio_root / split / f"{track}.stem.mp4")
+        lines = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            read.rows += 1
+            where = f"{path}:{n}"
+            if line.startswith("*"):
+                read.skip("rejected line (*)")
+                continue
+            parts = line.split(" ", 3)
+            if len(parts) < 4:
+                raise BenchmarkError(f"{where}: expected 'MM:SS MM:SS <type> <text>', got {line[:60]!r}")
+            start, end = _mmss(parts[0], where), _mmss(parts[1], where)
+            lines.append((n, start, end, parts[2], parts[3].strip()))
+        if unit == "song" and lines:
+            items.append(_lyrics_item(cfg, track, audio, "\n".join(t for *_, t in lines), "en"))
+        for n, start, end, kind, text in lines if unit == "line" else []:
+            item = _lyrics_item(cfg, f"{track}#{n}", audio, text, "en", offset=start, duration=end - start)
+            item.groups["line_type"] = kind
+            items.append(item)
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The project's synthetic corpus
+# --------------------------------------------------------------------------------------------------------------
 def _turns(rec: Mapping[str, Any], where: str) -> tuple[str, str]:
     """(first user text, first assistant text) of ``conversations`` in the LLaVA/AF3 layout (``from``/``value``)
     or the chat layout (``role``/``content``, content a string or a list of ``{"type":"text"}`` parts)."""
@@ -460,17 +1119,19 @@ def _turns(rec: Mapping[str, Any], where: str) -> tuple[str, str]:
     return user, assistant
 
 
-def read_synthetic(cfg: Mapping[str, Any]) -> list[EvalItem]:
+def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     """The project's synthetic corpus (test split JSONL). MCQ records: ``task: "mcq"``, ``question_type``,
     ``choices``, ``answer`` (option text), ``answer_letter``, ``audio`` (relative to the JSONL), ``conversations``.
     The prompt is the user turn without ``<sound>`` (what the model was trained on); if it does not already
     list "(A) ..." options they are appended with ``prompt``. Caption records (``task: "caption"``) are scored
     with BLEU/ROUGE-L against ``caption`` or the assistant turn when ``include_captions`` is true."""
-    path = _data_file(cfg)
+    path = _locate(cfg, ["test.jsonl"])
+    read.source = str(path)
     base = path.parent.resolve() if not cfg.get("audio_dir") else _audio_base(cfg, path)
     include_captions = bool(cfg.get("include_captions", True))
-    items, skipped = [], 0
+    items = []
     for line, rec in read_records(path):
+        read.rows += 1
         where = f"{path}:{line}"
         task = rec.get("task")
         audio = _resolve(_field(rec, "audio", where), base)
@@ -484,8 +1145,8 @@ def read_synthetic(cfg: Mapping[str, Any]) -> list[EvalItem]:
             choices = _field(rec, "choices", where, list)
             answer = _field(rec, "answer", where)
             letter = str(rec.get("answer_letter") or "").strip().strip("()").upper()
-            idx = _answer_index(answer, choices, where)
-            if letter and (idx < 0 or "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[idx] != letter):
+            correct = _answer_indices(answer, choices)
+            if letter and (not correct or "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[correct[0]] != letter):
                 raise BenchmarkError(
                     f"{where}: answer_letter {letter!r} does not point at answer {answer!r} in {choices}"
                 )
@@ -512,19 +1173,26 @@ def read_synthetic(cfg: Mapping[str, Any]) -> list[EvalItem]:
                 )
             )
         else:
-            skipped += 1
-    if skipped:
-        log.info("%s: skipped %d records whose task is not scored here", path, skipped)
+            read.skip(f"task {task!r} not scored here")
     return items
 
 
-READERS: dict[str, Callable[[Mapping[str, Any]], list[EvalItem]]] = {
+READERS: dict[str, Callable[[Mapping[str, Any], ReadLog], list[EvalItem]]] = {
     "mmau": read_mmau,
     "mmar": read_mmar,
+    "mmau_pro": read_mmau_pro,
     "muchomusic": read_muchomusic,
     "classification": read_classification,
+    "gtzan": read_gtzan,
+    "nsynth": read_nsynth,
+    "medley_solos": read_medley_solos,
     "musiccaps": read_musiccaps,
+    "music_instruct": read_music_instruct,
+    "music_avqa": read_music_avqa,
     "lyrics": read_lyrics,
+    "jamendolyrics": read_jamendolyrics,
+    "opencpop": read_opencpop,
+    "musdb18_lyrics": read_musdb18_lyrics,
     "synthetic": read_synthetic,
 }
 
@@ -532,33 +1200,57 @@ READERS: dict[str, Callable[[Mapping[str, Any]], list[EvalItem]]] = {
 def build_benchmark(cfg: Mapping[str, Any]) -> Benchmark:
     """Read the benchmark described by ``cfg`` (a ``configs/benchmark/*.yaml`` group as a plain mapping).
 
-    Checks that ids are unique and that every audio file exists; missing audio raises unless
-    ``skip_missing_audio`` is true (then those items are dropped and counted).
+    Checks that ids are unique, that something was read, and that every audio file exists; missing audio
+    raises (naming the count, examples and the layout expected) unless ``skip_missing_audio`` is true (then
+    those items are dropped and counted).
     """
     fmt = cfg.get("format")
     if fmt not in READERS:
         raise BenchmarkError(f"benchmark.format={fmt!r} is not one of {sorted(READERS)}")
+    name = str(cfg.get("name", fmt))
     if not cfg.get("root"):
-        raise BenchmarkError(
-            f"benchmark.root is not set: pass benchmark.root=/path/to/{cfg.get('name', fmt)}"
-        )
-    items = READERS[fmt](cfg)
+        raise BenchmarkError(f"benchmark.root is not set: pass benchmark.root=/path/to/{name}")
+    read = ReadLog()
+    items = READERS[fmt](cfg, read)
     seen: dict[str, int] = {}
     for i, it in enumerate(items):
         if it.id in seen:
             raise BenchmarkError(
-                f"benchmark {cfg.get('name')}: id {it.id!r} appears twice (items {seen[it.id]} and {i})"
+                f"benchmark {name}: id {it.id!r} appears twice (items {seen[it.id]} and {i})"
             )
         seen[it.id] = i
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(read.skipped.items()))
+    if not items:
+        raise BenchmarkError(
+            f"benchmark {name}: no items in {read.source} ({read.rows} rows"
+            + (f", skipped: {skipped}" if skipped else "")
+            + f"); expected layout: {LAYOUTS.get(str(fmt), 'see docs/evaluation.md')}"
+        )
     missing = [it for it in items if not Path(it.audio).is_file()]
     if missing and not cfg.get("skip_missing_audio", False):
         shown = ", ".join(it.audio for it in missing[:3])
         raise BenchmarkError(
-            f"benchmark {cfg.get('name')}: {len(missing)} of {len(items)} audio files not found (e.g. {shown}); "
-            "fix benchmark.audio_dir or set benchmark.skip_missing_audio=true"
+            f"benchmark {name}: {len(missing)} of {len(items)} audio files not found (e.g. {shown}); expected "
+            f"layout: {LAYOUTS.get(str(fmt), 'see docs/evaluation.md')}; fix benchmark.root / benchmark.audio_dir "
+            "or set benchmark.skip_missing_audio=true"
         )
     if missing:
-        log.warning("benchmark %s: dropping %d items whose audio is missing", cfg.get("name"), len(missing))
+        log.warning(
+            "benchmark %s: dropping %d of %d items whose audio is missing (e.g. %s)",
+            name,
+            len(missing),
+            len(items),
+            missing[0].audio,
+        )
         gone = {it.id for it in missing}
         items = [it for it in items if it.id not in gone]
-    return Benchmark(str(cfg.get("name", fmt)), items, str(_data_file(cfg)), len(missing))
+    return Benchmark(
+        name=name,
+        items=items,
+        source=read.source,
+        skipped_missing_audio=len(missing),
+        rows=read.rows,
+        skipped=dict(read.skipped),
+        missing_audio=len(missing),
+        layout=LAYOUTS.get(str(fmt), ""),
+    )

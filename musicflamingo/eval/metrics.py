@@ -1,4 +1,5 @@
-"""Scores: multiple choice (two rules), classification (+ confusion matrix), captioning, lyrics WER/CER.
+"""Scores: multiple choice (two rules, three for MuChoMusic), classification (+ confusion matrix), captioning and
+open questions (BLEU / ROUGE-L), lyrics WER/CER.
 
 ``score_items(items, predictions)`` groups items by ``task`` and returns one summary per task plus per-item
 details. Units: accuracies, recalls, ROUGE-L and WER/CER are fractions (0..1; WER can exceed 1); BLEU is
@@ -17,6 +18,7 @@ from musicflamingo.eval.benchmarks import EvalItem
 from musicflamingo.eval.parsing import (
     ChoiceParse,
     mmau_string_match,
+    muchomusic_choice,
     normalize_text,
     option_letter,
     parse_choice,
@@ -52,7 +54,7 @@ def _breakdown(items: Sequence[EvalItem], rows: Sequence[Mapping[str, Any]], key
 
 def _mcq_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     n = len(rows)
-    return {
+    out = {
         "n": n,
         "accuracy": sum(r["correct"] for r in rows) / n if n else None,
         "accuracy_mmau": sum(r["correct_mmau"] for r in rows) / n if n else None,
@@ -60,28 +62,56 @@ def _mcq_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "unparsed": sum(r["status"] == "unparsed" for r in rows),
         "ambiguous": sum(r["status"] == "ambiguous" for r in rows),
     }
+    official = [r["correct_official"] for r in rows if "correct_official" in r]
+    if official:
+        out["accuracy_official"] = sum(official) / len(official)
+    return out
+
+
+def correct_set(it: EvalItem) -> set[int]:
+    """The options scored as right: every option whose text is the answer (``correct_indices``), else
+    ``answer_index``; empty when the answer is not among the choices."""
+    return set(it.correct_indices) or ({it.answer_index} if it.answer_index >= 0 else set())
 
 
 def _mcq_row(it: EvalItem, pred: str, parsed: ChoiceParse) -> dict[str, Any]:
-    return {
+    row = {
         "id": it.id,
         "parsed": option_letter(parsed.index) if parsed.index is not None else None,
         "status": parsed.status,
         "via": parsed.via,
         "target": option_letter(it.answer_index) if it.answer_index >= 0 else None,
-        "correct": parsed.index is not None and parsed.index == it.answer_index,
+        "correct": parsed.index is not None and parsed.index in correct_set(it),
         "correct_mmau": mmau_string_match(it.answer, pred, it.choices),
         "chance": 1.0 / len(it.choices),
     }
+    if it.meta.get("official_rule") == "muchomusic":
+        row["correct_official"] = muchomusic_choice(pred, it.choices) in correct_set(it)
+    return row
 
 
 def score_mcq(items: Sequence[EvalItem], preds: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Both rules on every item: ``accuracy`` (letter/option parser), ``accuracy_mmau`` (MMAU string match),
-    counts of ``unparsed`` / ``ambiguous`` answers, ``chance`` (mean 1/num_options), and a breakdown ``by``
-    every group field."""
-    rows = [_mcq_row(it, p, parse_choice(p, it.choices)) for it, p in zip(items, preds)]
+    """Both rules on every item: ``accuracy`` (letter/option parser; an option whose text is the answer is
+    right under any of its letters), ``accuracy_mmau`` (MMAU string match), ``accuracy_official``
+    (MuChoMusic's own parser, for its items), counts of ``unparsed`` / ``ambiguous`` answers, ``chance`` (mean
+    1/num_options), and a breakdown ``by`` every group field. Open-answer items (``meta["mode"] == "open"``,
+    MusicAVQA) are parsed with :func:`parse_label` against their choices. Items whose answer is withheld
+    (MMAU test) are not scored, only counted (``withheld``)."""
+    withheld = sum(bool(it.meta.get("withheld")) for it in items)
+    pairs = [(it, p) for it, p in zip(items, preds) if not it.meta.get("withheld")]
+    items, preds = [it for it, _ in pairs], [p for _, p in pairs]
+    rows = []
+    for it, p in pairs:
+        if it.meta.get("mode") == "open":
+            parsed = parse_label(p, it.choices, it.meta.get("aliases") or {})
+        else:
+            parsed = parse_choice(p, it.choices)
+        rows.append(_mcq_row(it, p, parsed))
     summary = _mcq_summary(rows)
-    summary["answer_not_in_choices"] = sum(it.answer_index < 0 for it in items)
+    summary["answer_not_in_choices"] = sum(not correct_set(it) for it in items)
+    summary["repeated_answer"] = sum(len(it.correct_indices) > 1 for it in items)
+    if withheld:
+        summary["withheld"] = withheld
     keys = dict.fromkeys(k for it in items for k in it.groups)
     summary["by"] = _breakdown(items, rows, keys)
     return summary, rows
@@ -262,7 +292,7 @@ def score_items(
             by_task[it.task].append(it)
     results: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
-    order = ("mcq", "classification", "caption", "lyrics")
+    order = ("mcq", "classification", "caption", "open_qa", "lyrics")
     for task, its in sorted(
         by_task.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)
     ):
@@ -271,13 +301,13 @@ def score_items(
             summary, task_rows = score_mcq(its, preds)
         elif task == "classification":
             summary, task_rows = score_classification(its, preds)
-        elif task == "caption":
+        elif task in ("caption", "open_qa"):  # open answers are compared with the reference like captions
             summary, task_rows = score_caption(its, preds)
         elif task == "lyrics":
             summary, task_rows = score_lyrics(its, preds, cer_languages)
         else:
             raise ValueError(
-                f"item {its[0].id}: unknown task {task!r} (expected mcq/classification/caption/lyrics)"
+                f"item {its[0].id}: unknown task {task!r} (expected mcq/classification/caption/open_qa/lyrics)"
             )
         results[task] = summary
         rows += [{"task": task, **r} for r in task_rows]

@@ -6,7 +6,10 @@ Two multiple-choice rules, both reported (docs/evaluation.md has the table of wh
   unchanged by MMAR): token sets, no letters. Reimplemented here, same behaviour.
 * :func:`parse_choice` -- our letter/option parser: "(B)", "B", "B.", "The answer is B", or the option text.
   An answer that names two different options is *ambiguous*, one that names none is *unparsed*; both score
-  as wrong and are counted.
+  as wrong and are counted. Options with the same text (MMAU repeats some) count as one option.
+
+:func:`muchomusic_choice` reimplements MuChoMusic's own parser (``muchomusic_eval/scoring.py``), reported
+beside the two rules for that benchmark.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "ParseStatus",
     "format_options",
     "mmau_string_match",
+    "muchomusic_choice",
     "normalize_text",
     "option_letter",
     "parse_choice",
@@ -102,14 +106,21 @@ def _letter_index(letter: str, num_options: int) -> int | None:
     return idx if idx < num_options else None
 
 
+def _first_same(i: int, choices: Sequence[str]) -> int:
+    """The first option whose text is option ``i``'s text (a repeated option names one answer)."""
+    text = str(choices[i]).strip()
+    return next(j for j, c in enumerate(choices) if str(c).strip() == text)
+
+
 def _text_matches(prediction: str, choices: Sequence[str]) -> set[int]:
     """Options whose normalised text occurs in the prediction, keeping only maximal ones: an option whose text
-    is inside another matched option's text ("piano" inside "grand piano") is dropped."""
+    is inside another matched option's text ("piano" inside "grand piano") is dropped. Repeated options
+    count once (as their first occurrence)."""
     pred = normalize_text(prediction)
     norm = [normalize_text(c) for c in choices]
     hits = {i for i, c in enumerate(norm) if _contains_phrase(pred, c)}
     return {
-        i
+        _first_same(i, choices)
         for i in hits
         if not any(j != i and norm[j] != norm[i] and _contains_phrase(norm[j], norm[i]) for j in hits)
     }
@@ -126,9 +137,10 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
        wins (models restate the options before concluding), else the last "option/choice ..." phrase ("the answer
        is B, not option C" -> B).
     3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:". One
-       distinct letter -> that option; two or more -> ambiguous.
+       distinct letter -> that option; two or more -> ambiguous (unless they are options with the same text).
     4. ``text``: option texts found in the answer (lowercased, punctuation-insensitive, whole words, maximal
-       matches only). One -> that option; two or more -> ambiguous.
+       matches only). One -> that option; two or more -> ambiguous. A text listed under several letters
+       names its first one.
 
     Letters beyond the number of options are ignored. Empty or unmatched answers are ``unparsed``.
     """
@@ -153,6 +165,8 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     letters = {i for x in _PAREN.finditer(text) if (i := _letter_index(x.group(1), n)) is not None}
     if (m := _LEADING.match(text)) and (i := _letter_index(m.group(1), n)) is not None:
         letters.add(i)
+    if len(letters) > 1 and len({_first_same(i, choices) for i in letters}) == 1:
+        letters = {min(letters)}  # "(A) 1.63 seconds ... (D) 1.63 seconds": one answer under two letters
     if len(letters) == 1:
         return ChoiceParse(letters.pop(), "ok", "letter")
     if len(letters) > 1:
@@ -197,3 +211,24 @@ def parse_label(
     if len(hits) > 1:
         return ChoiceParse(None, "ambiguous", "text")
     return ChoiceParse(None, "unparsed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MuChoMusic's own parser
+# --------------------------------------------------------------------------------------------------------------
+def muchomusic_choice(
+    prediction: str, choices: Sequence[str], prefix: str = "The correct answer is:"
+) -> int | None:
+    """MuChoMusic's ``extract_responses`` (github.com/mulab-mir/muchomusic, ``muchomusic_eval/scoring.py``),
+    same behaviour: the text after the last ``prefix`` is searched for the capital *characters* A-D; exactly
+    one distinct one picks that option (so "A Guitar" is A). Otherwise the first option whose lowercased,
+    stripped text is a substring of the lowercased output wins. None when neither finds one."""
+    output = str(prediction or "").split(prefix)[-1].strip()
+    letters = [c for c in OPTION_LETTERS[: min(4, len(choices))] if c in output]
+    if len(letters) == 1:
+        return OPTION_LETTERS.index(letters[0])
+    lowered = output.lower().strip()
+    for i, choice in enumerate(choices):
+        if str(choice).lower().strip() in lowered:
+            return i
+    return None

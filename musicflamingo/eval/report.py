@@ -1,4 +1,6 @@
-"""Reports: ``results.json``, ``results.md`` (Markdown tables) and PNG plots (matplotlib, Agg canvas).
+"""Reports: ``results.json``, ``results.md`` (Markdown tables, with the Music Flamingo paper's number next to
+ours), PNG plots (matplotlib, Agg canvas) and prediction files in the layout the benchmarks' official scorers
+read (MMAU, MMAR, MuChoMusic, MMAU-Pro).
 
 Plots are drawn on ``matplotlib.figure.Figure`` + ``FigureCanvasAgg`` directly, never through pyplot, so no
 global backend is switched and nothing needs a display.
@@ -9,16 +11,114 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from musicflamingo.eval.benchmarks import EvalItem
 
 TASK_TITLES = {
     "mcq": "Multiple choice",
     "classification": "Classification",
     "caption": "Captioning",
+    "open_qa": "Open questions",
     "lyrics": "Lyrics transcription",
 }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The paper's numbers
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PaperNumber:
+    """One number of the Music Flamingo paper (arXiv 2511.10289, Table 1) and where ours is in the results.
+
+    ``benchmark`` is the config name (``configs/benchmark/<name>.yaml``); ``when`` lists the benchmark settings
+    the number is for (e.g. the MMAU split); ``metric`` is the key of our task summary it compares with (None:
+    we compute no comparable number); ``group`` is the ``(field, value)`` of our breakdown that is the paper's
+    subset (e.g. MMAU's music questions). Values are percentages, as printed in the paper.
+    """
+
+    benchmark: str
+    label: str
+    value: float
+    task: str
+    metric: str | None
+    group: tuple[str, str] | None = None
+    when: tuple[tuple[str, Any], ...] = ()
+    note: str = ""
+
+
+PAPER_RESULTS: tuple[PaperNumber, ...] = (
+    PaperNumber(
+        "mmau",
+        "MMAU-Music (test-mini)",
+        76.35,
+        "mcq",
+        "accuracy",
+        ("task", "music"),
+        (("split", "test-mini"),),
+    ),
+    PaperNumber(
+        "mmau",
+        "MMAU-Music (test)",
+        76.83,
+        "mcq",
+        None,
+        ("task", "music"),
+        (("split", "test"),),
+        "answers withheld: submit mmau_predictions.json to the MMAU Eval HF Space",
+    ),
+    PaperNumber("mmau_pro", "MMAU-Pro-Music", 65.60, "mcq", "accuracy", ("category", "music")),
+    PaperNumber("muchomusic", "MuChoMusic", 74.58, "mcq", "accuracy"),
+    PaperNumber("mmar", "MMAR-music", 48.66, "mcq", "accuracy", ("modality", "music")),
+    PaperNumber(
+        "music_instruct",
+        "Music Instruct",
+        97.1,
+        "open_qa",
+        None,
+        note="model-judged score; we report BLEU / ROUGE-L",
+    ),
+    PaperNumber("music_avqa", "MusicAVQA", 73.6, "mcq", "accuracy"),
+    PaperNumber("nsynth_source", "NSynth (source)", 75.89, "classification", "accuracy"),
+    PaperNumber("nsynth_family", "NSynth (instrument)", 80.76, "classification", "accuracy"),
+    PaperNumber("gtzan", "GTZAN", 84.45, "classification", "accuracy"),
+    PaperNumber("medley_solos", "Medley-solos-DB", 90.86, "classification", "accuracy"),
+    PaperNumber("opencpop", "Opencpop (WER)", 12.9, "lyrics", "cer", note="Chinese: our error rate is CER"),
+    PaperNumber("musdb18_lyrics", "MUSDB18 lyrics (WER)", 19.6, "lyrics", "wer"),
+)
+
+
+def paper_comparison(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The paper's numbers that apply to this run, each with ours (as percentages): ``{label, paper, ours,
+    ours_mmau, n, note}``; ``ours`` is None when the run has no comparable number (answers withheld, a subset
+    that was filtered out, a metric we cannot compute)."""
+    settings = results.get("settings") or {}
+    out = []
+    for p in PAPER_RESULTS:
+        if p.benchmark != results.get("benchmark"):
+            continue
+        if any(str(settings.get(k)) != str(v) for k, v in p.when):
+            continue
+        summary = (results.get("tasks") or {}).get(p.task) or {}
+        if p.group and summary:
+            summary = ((summary.get("by") or {}).get(p.group[0]) or {}).get(p.group[1]) or {}
+        ours = summary.get(p.metric) if p.metric else None
+        mmau = summary.get("accuracy_mmau") if p.metric == "accuracy" else None
+        out.append(
+            {
+                "label": p.label,
+                "paper": p.value,
+                "ours": None if ours is None else 100 * ours,
+                "ours_mmau": None if mmau is None else 100 * mmau,
+                "n": summary.get("n", 0),
+                "metric": p.metric or "n/a",
+                "note": p.note,
+            }
+        )
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -55,10 +155,35 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         f"- items scored: {results['num_scored']} of {results['num_items']}",
         f"- data: `{results.get('source', '')}`",
     ]
+    counts = results.get("counts") or {}
+    if counts:
+        out.append(f"- rows read: {counts.get('rows', 0)}, items: {counts.get('items', 0)}")
+        for why, n in sorted((counts.get("skipped_rows") or {}).items()):
+            out.append(f"- rows skipped ({why}): {n}")
     if results.get("skipped_missing_audio"):
         out.append(f"- items dropped (audio missing): {results['skipped_missing_audio']}")
     if results.get("ckpt"):
         out.append(f"- checkpoint: `{results['ckpt']}`")
+    for path in (results.get("files") or {}).get("official") or []:
+        out.append(f"- for the official scorer: `{Path(path).name}` (docs/evaluation.md has the command)")
+    paper = paper_comparison(results)
+    if paper:
+        out += ["", "## Music Flamingo paper (Table 1) and this run", ""]
+        out += _table(
+            ["benchmark", "metric", "paper (%)", "ours (%)", "ours, MMAU rule (%)", "n", "note"],
+            [
+                [
+                    r["label"],
+                    r["metric"],
+                    f"{r['paper']:.2f}",
+                    _num(r["ours"], 2),
+                    _num(r["ours_mmau"], 2),
+                    r["n"],
+                    r["note"],
+                ]
+                for r in paper
+            ],
+        )
     for task, s in results["tasks"].items():
         out += ["", f"## {TASK_TITLES.get(task, task)} (n={s.get('n', 0)})", ""]
         if task in ("mcq", "classification"):
@@ -74,8 +199,15 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                     ["balanced accuracy", _pct(s.get("balanced_accuracy"))],
                     ["macro F1", _num(s.get("macro_f1"))],
                 ]
-            elif s.get("answer_not_in_choices"):
-                rows.append(["answer not among choices (letter rule: wrong)", s["answer_not_in_choices"]])
+            else:
+                if s.get("accuracy_official") is not None:
+                    rows.insert(2, ["accuracy (the benchmark's own parser)", _pct(s["accuracy_official"])])
+                if s.get("answer_not_in_choices"):
+                    rows.append(["answer not among choices (letter rule: wrong)", s["answer_not_in_choices"]])
+                if s.get("repeated_answer"):
+                    rows.append(["answer text under several letters (any is right)", s["repeated_answer"]])
+                if s.get("withheld"):
+                    rows.append(["answers withheld (not scored)", s["withheld"]])
             out += _table(["metric", "value"], rows)
             for field, groups in (s.get("by") or {}).items():
                 out += ["", f"### by {field}", ""]
@@ -101,7 +233,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                     ["true \\ predicted", *labels, "none"],
                     [[lab, *row] for lab, row in zip(labels, s["confusion"])],
                 )
-        elif task == "caption":
+        elif task in ("caption", "open_qa"):
             out += _table(
                 ["metric", "value"],
                 [
@@ -243,13 +375,17 @@ def write_plots(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
                         f"{name}: confusion matrix",
                     )
                 )
-        elif task == "caption":
+        elif task in ("caption", "open_qa"):
             vals = {
                 "BLEU/100": None if s["bleu"] is None else s["bleu"] / 100,
                 "ROUGE-L": s["rougeL"],
                 "aspect recall": s["aspect_recall"],
             }
-            paths.append(plot_values(vals, f"{name}: captioning", "score", out_dir / "caption_metrics.png"))
+            paths.append(
+                plot_values(
+                    vals, f"{name}: {TASK_TITLES[task].lower()}", "score", out_dir / f"{task}_metrics.png"
+                )
+            )
         elif task == "lyrics":
             vals = {f"{k} ({v['metric'].upper()})": v["error"] for k, v in s["per_language"].items()}
             paths.append(
@@ -263,16 +399,103 @@ def write_plots(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, list[str] | str]:
-    """Write ``results.json``, ``results.md`` and the PNGs into ``out_dir``; returns the written paths."""
+# --------------------------------------------------------------------------------------------------------------
+# Prediction files for the official scorers
+# --------------------------------------------------------------------------------------------------------------
+def _with_predictions(
+    items: Sequence[EvalItem], predictions: Mapping[str, str], keys: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The release's own records of the predicted items, unchanged, each with the prediction under ``keys``."""
+    return [
+        {**it.meta["record"], **dict.fromkeys(keys, predictions[it.id])}
+        for it in items
+        if it.id in predictions and isinstance(it.meta.get("record"), Mapping)
+    ]
+
+
+def _muchomusic_records(items: Sequence[EvalItem], predictions: Mapping[str, str]) -> list[dict[str, Any]]:
+    """MuChoMusic's ``evaluate.py`` input: ``{id, prompt, answers, answer_orders, dataset, genre, reasoning,
+    knowledge, audio_path, model_output}``, with our option order (``answers[i]`` is original option
+    ``answer_orders[i]``; original option 0 is the correct one)."""
+    out = []
+    for it in items:
+        if it.id not in predictions:
+            continue
+        rec = it.meta.get("record") or {}
+        out.append(
+            {
+                "id": it.id,
+                "prompt": it.prompt,
+                "answers": list(it.choices),
+                "answer_orders": list(it.meta["answer_orders"]),
+                "dataset": rec.get("dataset"),
+                "genre": rec.get("genre") or "",
+                "reasoning": it.groups.get("music_reasoning")
+                if isinstance(it.groups.get("music_reasoning"), list)
+                else [],
+                "knowledge": it.groups.get("music_knowledge")
+                if isinstance(it.groups.get("music_knowledge"), list)
+                else [],
+                "audio_path": it.audio,
+                "model_output": predictions[it.id],
+            }
+        )
+    return out
+
+
+# MMAU's evaluation.py reads "model_output" (its README says "model_prediction"); MMAR's reads
+# "answer_prediction" since Feb 2026 and read "model_prediction" before. Both keys are written.
+OFFICIAL_KEYS = {
+    "mmau": ("model_output", "model_prediction"),
+    "mmar": ("answer_prediction", "model_prediction"),
+    "mmau_pro": ("model_output",),
+}
+
+
+def write_official_predictions(
+    fmt: str, items: Sequence[EvalItem], predictions: Mapping[str, str], out_dir: str | Path
+) -> list[Path]:
+    """Write the predictions in the layout the benchmark's own scorer reads, if it has one: MMAU
+    ``mmau_predictions.json`` (for ``evaluation.py --input``), MMAR ``mmar_predictions.json`` (read by both the
+    old and the current ``code/evaluation.py``), MuChoMusic ``muchomusic_predictions.json`` (for
+    ``evaluate.py --input``), MMAU-Pro ``mmau_pro_predictions.parquet`` (for
+    ``evaluate_mmau_pro_comprehensive.py``). Returns the written paths (none for other formats)."""
+    out_dir = Path(out_dir)
+    if fmt in ("mmau", "mmar"):
+        path = out_dir / f"{fmt}_predictions.json"
+        write_json(path, _with_predictions(items, predictions, OFFICIAL_KEYS[fmt]))
+        return [path]
+    if fmt == "muchomusic":
+        path = out_dir / "muchomusic_predictions.json"
+        write_json(path, _muchomusic_records(items, predictions))
+        return [path]
+    if fmt == "mmau_pro":
+        import pyarrow as pa  # MMAU-Pro's reader needed it already
+        import pyarrow.parquet as pq
+
+        path = out_dir / "mmau_pro_predictions.parquet"
+        pq.write_table(pa.Table.from_pylist(_with_predictions(items, predictions, OFFICIAL_KEYS[fmt])), path)
+        return [path]
+    return []
+
+
+def write_report(
+    results: Mapping[str, Any],
+    out_dir: str | Path,
+    official: tuple[str, Sequence[EvalItem], Mapping[str, str]] | None = None,
+) -> dict[str, list[str] | str]:
+    """Write ``results.json``, ``results.md``, the PNGs and (``official=(format, items, predictions)``) the
+    official scorer's prediction file into ``out_dir``; returns the written paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = write_plots(results, out_dir)
-    files = {
+    files: dict[str, Any] = {
         "results_json": str(out_dir / "results.json"),
         "results_md": str(out_dir / "results.md"),
         "plots": [str(p) for p in pngs],
     }
+    if official is not None:
+        files["official"] = [str(p) for p in write_official_predictions(*official, out_dir)]
     write_json(out_dir / "results.json", {**results, "files": files})
-    (out_dir / "results.md").write_text(markdown_report(results), encoding="utf-8")
+    (out_dir / "results.md").write_text(markdown_report({**results, "files": files}), encoding="utf-8")
     return files

@@ -1,0 +1,446 @@
+"""The ASGI app (Starlette): OpenAI chat completions on the engine worker, the models list, health, the page.
+
+    POST /v1/chat/completions    stream=false: one `chat.completion`; stream=true: `chat.completion.chunk`
+                                 Server-Sent Events, then `data: [DONE]`
+    GET  /v1/models              the one served model;  GET /v1/models/{id}
+    GET  /health                 status and the worker's counters (no key needed)
+    GET  /                       the web page (static files under /static, no build step, no CDN)
+
+Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
+Starlette rather than FastAPI: every request is checked by hand anyway (the errors name the field the way
+OpenAI's do, and unknown fields are refused), so FastAPI's pydantic layer would only add a second, differently
+worded validation; Starlette is the part of FastAPI this server uses (routing, streaming, static files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from musicflamingo.checkpoint import check_checkpoint_dir, stop_token_ids
+from musicflamingo.inference import load_model
+from musicflamingo.model import MusicFlamingo
+from musicflamingo.processor import MusicFlamingoProcessor
+from musicflamingo.runtime import set_threads
+from musicflamingo.serve.errors import APIError
+from musicflamingo.serve.protocol import ChatRequest, Prepared, parse_chat_request, parse_json, prepare
+from musicflamingo.serve.settings import ServeSettings
+from musicflamingo.serve.text import AnswerStream, ThinkFormat
+from musicflamingo.serve.worker import EngineWorker, Event, Job, QueueFull
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+# The page loads nothing from elsewhere; recordings play from blob: URLs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; media-src 'self' blob: data:; img-src 'self' data:",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the model's processor, the settings and the engine worker."""
+
+    processor: MusicFlamingoProcessor
+    settings: ServeSettings
+    worker: EngineWorker
+    stop_ids: tuple[int, ...]
+    context: int
+    started: int
+    prepare_limiter: anyio.CapacityLimiter
+    think_format: ThinkFormat = ThinkFormat()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _check_auth(request: Request, settings: ServeSettings) -> None:
+    if settings.api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), settings.api_key.encode()
+    ):
+        raise APIError(
+            401,
+            "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+            None,
+            "invalid_api_key",
+        )
+
+
+def _busy(settings: ServeSettings) -> APIError:
+    return APIError(
+        503,
+        f"the server is busy: {settings.max_queue} requests are already waiting (max_queue); retry shortly",
+        None,
+        "queue_full",
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )
+
+
+async def _read_body(request: Request, settings: ServeSettings) -> bytes:
+    limit = settings.max_body_bytes
+    too_big = APIError(
+        413,
+        f"the request body is over this server's limit of {settings.max_body_mb:g} MiB (max_body_mb)",
+        None,
+        "too_large",
+    )
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next_events(job: Job, watcher: asyncio.Future | None = None) -> list[Event] | None:
+    """The next event and any already queued behind it; None when `watcher` (the client's disconnect) fires
+    first."""
+    if watcher is None:
+        first = await job.queue.get()
+    else:
+        getter = asyncio.ensure_future(job.queue.get())
+        done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if getter not in done:
+            getter.cancel()
+            return None
+        first = getter.result()
+    events = [first]
+    while not job.queue.empty() and events[-1].finish is None and events[-1].error is None:
+        events.append(job.queue.get_nowait())
+    return events
+
+
+def _merge(events: list[Event]) -> Event:
+    return Event([t for e in events for t in e.tokens], events[-1].finish, events[-1].error)
+
+
+def _usage(p: Prepared, stream: AnswerStream) -> dict[str, Any]:
+    return {
+        "prompt_tokens": p.prompt_tokens,
+        "completion_tokens": stream.completion_tokens,
+        "total_tokens": p.prompt_tokens + stream.completion_tokens,
+        "prompt_tokens_details": {"audio_tokens": p.audio_tokens, "cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": stream.reasoning_tokens, "audio_tokens": 0},
+    }
+
+
+class _Answer:
+    """One request's answer as events arrive: text deltas out, the finish reason once known."""
+
+    def __init__(self, state: ServerState, req: ChatRequest, job: Job) -> None:
+        think = state.think_format if req.think else None
+        self.job = job
+        self.text = AnswerStream(state.processor.tokenizer, state.stop_ids, req.stop, think)
+        self.finish: str | None = None
+
+    def take(self, event: Event) -> tuple[str, str]:
+        if event.error is not None:
+            raise APIError(500, f"generation failed: {event.error}", None, "engine_error")
+        reasoning, content = self.text.push(event.tokens)
+        if self.text.stopped:
+            self.finish = "stop"
+            self.job.cancel()  # a stop string matched: the slot is freed at the next step
+        elif event.finish is not None:
+            self.finish = event.finish
+        if self.finish is not None:
+            r, c = self.text.finish()
+            reasoning, content = reasoning + r, content + c
+        return reasoning, content
+
+
+# ---------------------------------------------------------------------------------------------- routes
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    settings = state.settings
+    _check_auth(request, settings)
+    if not state.worker.alive:
+        raise APIError(503, "the engine is not running", None, "engine_stopped")
+    req = parse_chat_request(parse_json(await _read_body(request, settings)), settings)
+    if state.worker.queue_full():
+        raise _busy(settings)  # before decoding any audio
+    prepared = await anyio.to_thread.run_sync(
+        prepare, req, state.processor, settings, state.context, state.stop_ids, limiter=state.prepare_limiter
+    )
+    job = Job(prepared, asyncio.get_running_loop())
+    try:
+        state.worker.submit(job)
+    except QueueFull:
+        raise _busy(settings) from None
+    answer = _Answer(state, req, job)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    streaming = False  # once the stream is handed over, it cancels the job however it ends
+    try:
+        events = await _next_events(job, watcher)  # waits in the queue, then for the prefill
+        if events is None:
+            job.cancel()
+            return Response(status_code=499)  # nobody is listening
+        first = _merge(events)
+        if first.error is not None:
+            answer.take(first)  # raises the error as a response
+        if req.stream:
+            watcher.cancel()  # StreamingResponse watches the connection from here on
+            streaming = True
+            return StreamingResponse(
+                _sse(state, req, prepared, answer, first, cid, created),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        reasoning, content = answer.take(first)
+        parts_r, parts_c = [reasoning], [content]
+        while answer.finish is None:
+            events = await _next_events(job, watcher)
+            if events is None:
+                job.cancel()
+                return Response(status_code=499)
+            r, c = answer.take(_merge(events))
+            parts_r.append(r)
+            parts_c.append(c)
+    finally:
+        watcher.cancel()
+        if not streaming:
+            job.cancel()
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(parts_c), "refusal": None}
+    if req.think:
+        message["reasoning_content"] = "".join(parts_r)
+    body = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": settings.model_name,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish}],
+        "usage": _usage(prepared, answer.text),
+    }
+    return JSONResponse(body)
+
+
+async def _sse(
+    state: ServerState,
+    req: ChatRequest,
+    prepared: Prepared,
+    answer: _Answer,
+    first: Event,
+    cid: str,
+    created: int,
+) -> AsyncIterator[str]:
+    """The `chat.completion.chunk` events of one answer; the job is cancelled however the stream ends (a client
+    that goes away closes this generator)."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        obj: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": state.settings.model_name,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if req.include_usage:
+            obj["usage"] = None
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        event: Event | None = first
+        while True:
+            if event is None:
+                event = _merge(await _next_events(answer.job))
+            try:
+                reasoning, content = answer.take(event)
+            except APIError as e:
+                yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
+                break
+            delta = {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+            if content:
+                delta["content"] = content
+            if delta:
+                yield chunk(delta)
+            if answer.finish is not None:
+                yield chunk({}, answer.finish)
+                if req.include_usage:
+                    usage = {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": state.settings.model_name,
+                        "system_fingerprint": None,
+                        "choices": [],
+                        "usage": _usage(prepared, answer.text),
+                    }
+                    yield f"data: {json.dumps(usage)}\n\n"
+                break
+            event = None
+        yield "data: [DONE]\n\n"
+    finally:
+        answer.job.cancel()
+
+
+async def list_models(request: Request) -> Response:
+    state = _state(request)
+    _check_auth(request, state.settings)
+    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+
+async def get_model(request: Request) -> Response:
+    state = _state(request)
+    _check_auth(request, state.settings)
+    name = request.path_params["model"]
+    if name != state.settings.model_name:
+        raise APIError(404, f"model {name!r} is not served here", "model", "model_not_found")
+    return JSONResponse(_model_card(state))
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {
+        "id": state.settings.model_name,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "musicflamingo",
+        "max_model_len": state.context,
+    }
+
+
+async def health(request: Request) -> Response:
+    state = _state(request)
+    alive = state.worker.alive
+    body = {
+        "status": "ok" if alive else "stopped",
+        "model": state.settings.model_name,
+        "auth": state.settings.api_key is not None,
+        "max_audio_seconds": state.settings.max_audio_seconds,
+        **state.worker.stats(),
+    }
+    return JSONResponse(body, status_code=200 if alive else 503)
+
+
+async def page(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    if isinstance(exc, HTTPException):
+        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    logger.exception("unexpected error in %s %s", request.method, request.url.path)
+    err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+def create_app(
+    model: MusicFlamingo,
+    processor: MusicFlamingoProcessor,
+    settings: ServeSettings,
+    stop_ids: tuple[int, ...] | list[int] | None = None,
+) -> Starlette:
+    """The app for a loaded model. The engine worker starts and stops with the app's lifespan; `app.state.server`
+    holds it (`ServerState`). `stop_ids`: the ids that end an answer (default: the config's eos)."""
+    context = model.config.text.max_position_embeddings
+    settings.resolve(context, processor.max_audio_len)
+    if stop_ids is None:
+        eos = model.config.text.eos_token_id
+        stop_ids = () if eos is None else (eos,)
+    worker = EngineWorker(
+        model, settings.max_batch, settings.max_cached_tokens, settings.max_queue, settings.compile
+    )
+    # Audio decoding and log-mel run in a few threads of their own: they bound the CPU and memory that requests
+    # being prepared take, and the number of glibc malloc arenas (one per thread that allocates).
+    limiter = anyio.CapacityLimiter(settings.prepare_threads)
+    state = ServerState(processor, settings, worker, tuple(stop_ids), context, int(time.time()), limiter)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(worker.stop)
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    handlers = {APIError: _api_error, HTTPException: _api_error, Exception: _api_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.server = state
+    return app
+
+
+def build_server(cfg: Mapping[str, Any]) -> tuple[Starlette, ServeSettings]:
+    """`configs/serve.yaml`-shaped settings -> (app, settings): settings checked before the checkpoint is read,
+    then the model loaded. `model_name` null names the model after the checkpoint folder."""
+    set_threads(cfg.get("threads"))
+    settings = ServeSettings.from_cfg(cfg)
+    ckpt = check_checkpoint_dir(cfg.get("ckpt"))
+    if not cfg.get("model_name"):
+        settings.model_name = ckpt.name
+    model, processor = load_model(ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"))
+    app = create_app(model, processor, settings, stop_token_ids(ckpt, model.config))
+    if not settings.loopback and settings.api_key is None:
+        logger.warning(
+            "listening on %s without an API key: anyone who can reach this port can use the model "
+            "(set api_key= or MUSICFLAMINGO_API_KEY)",
+            settings.host,
+        )
+    return app, settings
+
+
+def serve(cfg: Mapping[str, Any]) -> None:
+    """Load the model and serve it until interrupted (`serve.py`)."""
+    app, settings = build_server(cfg)
+    logger.info(
+        "serving %s on http://%s:%d (page at /, API at /v1)",
+        settings.model_name,
+        settings.host,
+        settings.port,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=str(cfg.get("log_level", "INFO")).lower(),
+        access_log=bool(cfg.get("access_log", False)),
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,187 @@
+"""Audio of a request: base64 bytes, `data:` URLs and `file://` paths -> checked 16 kHz mono waveforms.
+
+Bytes are written to a temporary file with the declared format's suffix and decoded by `audio.io.load_audio`,
+the path `infer.py` takes for a file, so the server hears exactly what the command line hears. The first bytes
+are checked against well-known signatures first, so an image or a document is refused by name instead of with a
+decoder's message. Durations are checked from the header before decoding (and from the samples after).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from musicflamingo.audio.io import ONE_MEL_FRAME, SAMPLING_RATE, AudioError, audio_duration, load_audio
+from musicflamingo.serve.errors import APIError, bad_request
+
+FORMATS = ("wav", "mp3", "flac", "ogg")
+MIME_FORMATS = {
+    "audio/wav": "wav",
+    "audio/wave": "wav",
+    "audio/x-wav": "wav",
+    "audio/vnd.wave": "wav",
+    "audio/mpeg": "mp3",
+    "audio/mp3": "mp3",
+    "audio/flac": "flac",
+    "audio/x-flac": "flac",
+    "audio/ogg": "ogg",
+    "application/ogg": "ogg",
+}
+# (offset, magic, what it is): enough to name what a client sent by mistake.
+SIGNATURES = (
+    (0, b"\x89PNG", "a PNG image"),
+    (0, b"\xff\xd8\xff", "a JPEG image"),
+    (0, b"GIF8", "a GIF image"),
+    (0, b"%PDF", "a PDF document"),
+    (0, b"PK\x03\x04", "a ZIP archive"),
+    (0, b"\x1a\x45\xdf\xa3", "WebM/Matroska (decode it to wav first)"),
+    (4, b"ftyp", "MP4/M4A (decode it to wav first)"),
+    (0, b"<", "text (HTML or XML)"),
+    (0, b"{", "text (JSON)"),
+)
+_AUDIO_SIGNATURES = ((0, b"RIFF"), (0, b"RF64"), (0, b"fLaC"), (0, b"OggS"), (0, b"ID3"))
+MIN_SAMPLES = 2 * ONE_MEL_FRAME + 1  # 3 mel frames: the shortest audio that makes one audio token
+
+
+@dataclass
+class Audio:
+    """A decoded audio: waveform (T,) float32 at 16 kHz, and where it came from (for messages)."""
+
+    wave: np.ndarray
+    source: str
+
+    @property
+    def seconds(self) -> float:
+        return self.wave.shape[0] / SAMPLING_RATE
+
+
+def _looks_like_audio(head: bytes) -> bool:
+    if any(head[o : o + len(m)] == m for o, m in _AUDIO_SIGNATURES):
+        return True
+    return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0  # an MPEG frame sync
+
+
+def sniff(head: bytes) -> str | None:
+    """What the first bytes say a non-audio payload is ("a PNG image"), or None when it may be audio."""
+    if _looks_like_audio(head):
+        return None
+    for offset, magic, what in SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            return what
+    return None
+
+
+def decode_base64(data: object, param: str) -> bytes:
+    """Strict base64 (standard alphabet, padding checked; whitespace and newlines allowed) -> bytes."""
+    if not isinstance(data, str) or not data:
+        raise bad_request(param, "must be a non-empty base64 string")
+    try:
+        raw = base64.b64decode(re.sub(r"\s+", "", data), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise bad_request(param, f"not valid base64 ({e})") from None
+    if not raw:
+        raise bad_request(param, "decodes to 0 bytes")
+    return raw
+
+
+def parse_data_url(url: str, param: str) -> tuple[bytes, str]:
+    """`data:audio/wav;base64,...` -> (bytes, format)."""
+    head, sep, payload = url.partition(",")
+    if not sep:
+        raise bad_request(param, "a data: URL needs a ',' before its data")
+    parts = head[len("data:") :].split(";")
+    mime = parts[0].strip().lower()
+    if "base64" not in [p.strip().lower() for p in parts[1:]]:
+        raise bad_request(param, "only base64 data: URLs are supported (data:audio/wav;base64,...)")
+    fmt = MIME_FORMATS.get(mime)
+    if fmt is None:
+        raise bad_request(
+            param, f"media type {mime or '(none)'!r} is not supported; use one of {sorted(MIME_FORMATS)}"
+        )
+    return decode_base64(payload, param), fmt
+
+
+def check_duration(seconds: float | None, max_seconds: float, param: str) -> None:
+    if seconds is not None and seconds > max_seconds + 1e-6:
+        raise bad_request(
+            param,
+            f"the audio is {seconds:.1f} s long, over the limit of {max_seconds:g} s",
+            code="audio_too_long",
+        )
+
+
+def _decode_file(path: str, max_seconds: float, param: str, shown: str) -> Audio:
+    check_duration(audio_duration(path), max_seconds, param)
+    try:
+        wave = load_audio(path, SAMPLING_RATE, min_samples=MIN_SAMPLES)
+    except AudioError as e:
+        # The decoder's message starts with the path it read, a temporary file for uploaded bytes.
+        msg = str(e)
+        msg = msg[len(path) + 2 :] if msg.startswith(path + ": ") else msg
+        raise bad_request(param, f"cannot use this audio: {msg}", code="invalid_audio") from None
+    audio = Audio(wave, shown)
+    check_duration(audio.seconds, max_seconds, param)
+    return audio
+
+
+def decode_bytes(raw: bytes, fmt: str, max_seconds: float, param: str) -> Audio:
+    """Encoded audio bytes of the declared format -> Audio (400 naming `param` when they are not usable)."""
+    what = sniff(raw[:16])
+    if what is not None:
+        raise bad_request(param, f"the data is {what}, not {fmt} audio", code="invalid_audio")
+    fd, tmp = tempfile.mkstemp(suffix="." + fmt, prefix="musicflamingo-serve-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        return _decode_file(tmp, max_seconds, param, f"{param} ({fmt}, {len(raw)} bytes)")
+    finally:
+        os.unlink(tmp)
+
+
+def resolve_file_url(url: str, audio_root: str | None, param: str) -> Path:
+    """A `file://` URL -> an existing file inside `audio_root` (symlinks resolved first); 403 outside it."""
+    if audio_root is None:
+        raise APIError(
+            403,
+            f"{param}: file:// URLs are turned off on this server (it has no audio_root)",
+            param,
+            "file_urls_disabled",
+        )
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise bad_request(param, f"file:// URLs name no host, got {parsed.netloc!r}")
+    path = Path(unquote(parsed.path))
+    if not path.is_absolute():
+        raise bad_request(param, "a file:// URL needs an absolute path (file:///songs/a.wav)")
+    real = Path(os.path.realpath(path))
+    root = Path(audio_root)
+    if real != root and root not in real.parents:
+        raise APIError(403, f"{param}: {path} is outside the server's audio_root", param, "path_not_allowed")
+    if not real.is_file():
+        raise bad_request(param, f"{path} is not a file under audio_root", code="file_not_found")
+    return real
+
+
+def load_url(url: object, audio_root: str | None, max_seconds: float, param: str) -> Audio:
+    """An `audio_url` value (`data:` or `file://`) -> Audio."""
+    if not isinstance(url, str) or not url:
+        raise bad_request(param, "must be a non-empty URL string (data: or file://)")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        raw, fmt = parse_data_url(url, param)
+        return decode_bytes(raw, fmt, max_seconds, param)
+    if scheme == "file":
+        path = resolve_file_url(url, audio_root, param)
+        return _decode_file(str(path), max_seconds, param, str(path))
+    raise bad_request(
+        param,
+        f"URL scheme {scheme or '(none)'!r} is not supported: use data: or a file:// path under audio_root",
+    )

@@ -1,0 +1,42 @@
+"""The one error type of the API: an HTTP status and an OpenAI-style error body naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "server_overloaded",
+}
+
+
+class APIError(Exception):
+    """An answer other than success: `status`, a one-line `message`, the request field it is about (`param`,
+    e.g. ``messages[0].content[1].input_audio.data``) and an optional machine-readable `code`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """`{"error": {"message", "type", "param", "code"}}`, the shape OpenAI's clients parse."""
+        kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def bad_request(param: str | None, message: str, code: str | None = None) -> APIError:
+    """A 400 whose message starts with the field it is about."""
+    return APIError(400, f"{param}: {message}" if param else message, param, code)

@@ -1,0 +1,432 @@
+"""The OpenAI chat-completions request: JSON -> a checked `ChatRequest` -> model inputs (`Prepared`).
+
+`parse_chat_request` checks the structure (cheap, on the event loop): every field known, every value in range,
+each error a 400 naming the field as `messages[0].content[1].input_audio.data`. `prepare` does the work (in a
+worker thread): decodes the audio, renders the chat with `MusicFlamingoProcessor.apply_chat_template` (the same
+call `infer.py` makes) and checks the token limits.
+
+Content parts: `{"type": "text", "text"}`, `{"type": "input_audio", "input_audio": {"data": base64, "format"}}`
+and `{"type": "audio_url", "audio_url": {"url": "data:..." | "file:///..."}}` (or the URL as a plain string).
+Roles: `system` (or `developer`) first, then `user` and `assistant` turns, the last one a user turn; at most one
+audio per message (the chat format has one `<sound>` per turn).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from musicflamingo.chat import check_typed_text, think_prompt
+from musicflamingo.engine import SamplingParams
+from musicflamingo.processor import MusicFlamingoProcessor
+from musicflamingo.serve.audio import FORMATS, Audio, decode_base64, decode_bytes, load_url
+from musicflamingo.serve.errors import APIError, bad_request
+from musicflamingo.serve.settings import ServeSettings
+
+MAX_STOP_STRINGS = 4
+
+FIELDS = (
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "user",
+    "think",
+    "reasoning_effort",
+)
+# Accepted and without effect here.
+IGNORED_FIELDS = ("metadata", "store", "service_tier", "parallel_tool_calls")
+# OpenAI fields this server implements only at their neutral value (None is neutral for all of them).
+NEUTRAL: dict[str, Any] = {
+    "frequency_penalty": lambda v: v == 0,
+    "presence_penalty": lambda v: v == 0,
+    "logprobs": lambda v: v is False,
+    "top_logprobs": lambda v: v == 0,
+    "logit_bias": lambda v: v == {},
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v == "none",
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v == "none",
+    "response_format": lambda v: v == {"type": "text"},
+    "modalities": lambda v: v == ["text"],
+    "audio": lambda v: False,
+    "prediction": lambda v: False,
+    "web_search_options": lambda v: False,
+}
+MESSAGE_FIELDS = {
+    "system": ("role", "content", "name"),
+    "user": ("role", "content", "name"),
+    "assistant": (
+        "role",
+        "content",
+        "name",
+        "reasoning_content",
+        "refusal",
+        "tool_calls",
+        "audio",
+        "function_call",
+    ),
+}
+ROLE_ALIASES = {"developer": "system"}
+REASONING_EFFORT = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
+
+
+@dataclass
+class AudioRef:
+    """An audio part not decoded yet: base64 `data` with its `format`, or a `url`."""
+
+    param: str
+    data: str | None = None
+    format: str | None = None
+    url: str | None = None
+
+
+@dataclass
+class Message:
+    role: str
+    text: str
+    audio: AudioRef | None = None
+
+
+@dataclass
+class ChatRequest:
+    """A checked request. `max_tokens` None: the server's default (cut to what the context leaves)."""
+
+    messages: list[Message]
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"
+    temperature: float | None = None
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    think: bool = False
+
+
+@dataclass
+class Prepared:
+    """Model inputs of one request: input_ids (T,), features (W, n_mels, F) and mask (W, F) when it has audio."""
+
+    input_ids: torch.Tensor
+    input_features: torch.Tensor | None
+    input_features_mask: torch.Tensor | None
+    params: SamplingParams
+    prompt_tokens: int
+    audio_tokens: int
+    audio_seconds: float
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def parse_json(body: bytes) -> dict[str, Any]:
+    """Request body -> a JSON object (400 naming line and column when it is not one)."""
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        raise bad_request(None, "the request body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as e:
+        raise bad_request(
+            None, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
+    if not isinstance(data, dict):
+        raise bad_request(None, f"the request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_keys(obj: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for k in obj:
+        if k not in allowed:
+            raise bad_request(f"{where}.{k}" if where else k, f"unknown field (known: {', '.join(allowed)})")
+
+
+def _text(value: Any, param: str) -> str:
+    """Typed text, refused when it holds a chat special token or a lone surrogate (`chat.check_typed_text`)."""
+    if not isinstance(value, str):
+        raise bad_request(param, f"must be a string, got {type(value).__name__}")
+    try:
+        return check_typed_text(value, "the text")
+    except ValueError as e:
+        raise bad_request(param, str(e)) from None
+
+
+def _parse_part(part: Any, param: str) -> tuple[str, AudioRef | None]:
+    if not isinstance(part, dict):
+        raise bad_request(param, f"a content part must be an object, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        _check_keys(part, ("type", "text"), param)
+        return _text(part.get("text"), f"{param}.text"), None
+    if kind == "input_audio":
+        _check_keys(part, ("type", "input_audio"), param)
+        inner = part.get("input_audio")
+        where = f"{param}.input_audio"
+        if not isinstance(inner, dict):
+            raise bad_request(where, 'must be an object {"data": base64, "format": "wav"}')
+        _check_keys(inner, ("data", "format"), where)
+        fmt = inner.get("format")
+        if fmt not in FORMATS:
+            raise bad_request(f"{where}.format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if not isinstance(inner.get("data"), str) or not inner["data"]:
+            raise bad_request(f"{where}.data", "must be a non-empty base64 string")
+        return "", AudioRef(f"{where}.data", data=inner["data"], format=fmt)
+    if kind == "audio_url":
+        _check_keys(part, ("type", "audio_url"), param)
+        inner = part.get("audio_url")
+        where = f"{param}.audio_url"
+        if isinstance(inner, dict):
+            _check_keys(inner, ("url",), where)
+            inner, where = inner.get("url"), f"{where}.url"
+        if not isinstance(inner, str) or not inner:
+            raise bad_request(where, "must be a data: URL or a file:// URL")
+        return "", AudioRef(where, url=inner)
+    raise bad_request(f"{param}.type", f"{kind!r} is not supported (text, input_audio, audio_url)")
+
+
+def _parse_message(m: Any, i: int) -> Message:
+    param = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad_request(param, f"a message must be an object, got {type(m).__name__}")
+    role = ROLE_ALIASES.get(m.get("role"), m.get("role"))
+    if role not in MESSAGE_FIELDS:
+        raise bad_request(
+            f"{param}.role", f"must be system, developer, user or assistant, got {m.get('role')!r}"
+        )
+    _check_keys(m, MESSAGE_FIELDS[role], param)
+    for k in ("tool_calls", "audio", "function_call"):
+        if m.get(k):
+            raise bad_request(f"{param}.{k}", "is not supported")
+    content = m.get("content")
+    if isinstance(content, str):
+        return Message(role, _text(content, f"{param}.content"))
+    if not isinstance(content, list) or not content:
+        raise bad_request(f"{param}.content", "must be a string or a non-empty list of content parts")
+    texts, audio = [], None
+    for j, part in enumerate(content):
+        text, ref = _parse_part(part, f"{param}.content[{j}]")
+        if ref is not None:
+            if role != "user":
+                raise bad_request(
+                    f"{param}.content[{j}]", f"audio is only accepted in user messages, not {role}"
+                )
+            if audio is not None:
+                raise bad_request(
+                    f"{param}.content[{j}]", "one audio per message (send each song in its own user message)"
+                )
+            audio = ref
+        texts.append(text)
+    return Message(role, "".join(texts), audio)
+
+
+def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatRequest:
+    """Check a chat-completions body against what this server implements (400/404 naming the field)."""
+    for k, v in data.items():
+        if k in FIELDS or k in IGNORED_FIELDS:
+            continue
+        if k in NEUTRAL:
+            if v is not None and not NEUTRAL[k](v):
+                raise bad_request(
+                    k, f"{v!r:.60} is not supported by this server", code="unsupported_parameter"
+                )
+            continue
+        raise bad_request(k, "unknown field", code="unknown_parameter")
+
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("model", f"must be the served model's name ({settings.model_name!r})")
+    if model != settings.model_name:
+        raise APIError(
+            404,
+            f"model: {model!r} is not served here; use {settings.model_name!r}",
+            "model",
+            "model_not_found",
+        )
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages", "must be a non-empty list of messages")
+    parsed = [_parse_message(m, i) for i, m in enumerate(messages)]
+    for i, m in enumerate(parsed):
+        if m.role == "system" and i > 0:
+            raise bad_request(f"messages[{i}].role", "a system message must be the first message")
+    if parsed[-1].role != "user":
+        raise bad_request(f"messages[{len(parsed) - 1}].role", "the last message must be a user message")
+
+    req = ChatRequest(parsed)
+    stream = data.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("stream", f"must be true or false, got {stream!r}")
+    req.stream = bool(stream)
+    options = data.get("stream_options")
+    if options is not None:
+        if not req.stream:
+            raise bad_request("stream_options", "is only allowed with stream=true")
+        if not isinstance(options, dict):
+            raise bad_request("stream_options", 'must be an object {"include_usage": true}')
+        _check_keys(options, ("include_usage",), "stream_options")
+        usage = options.get("include_usage", False)
+        if not isinstance(usage, bool):
+            raise bad_request("stream_options.include_usage", f"must be true or false, got {usage!r}")
+        req.include_usage = usage
+
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = data.get(name)
+        if v is None:
+            continue
+        if not _is_int(v) or v < 1:
+            raise bad_request(name, f"must be an integer >= 1, got {v!r}")
+        if v > settings.max_completion_tokens:
+            raise bad_request(name, f"{v} is over this server's limit of {settings.max_completion_tokens}")
+        if req.max_tokens is not None and v != req.max_tokens:
+            raise bad_request(name, "give max_tokens or max_completion_tokens, not both")
+        req.max_tokens, req.max_tokens_param = v, name
+
+    n = data.get("n")
+    if n is not None and n != 1:
+        raise bad_request("n", f"only n=1 is supported, got {n!r}")
+    t = data.get("temperature")
+    if t is not None and (not _is_number(t) or not 0 <= t <= 2):
+        raise bad_request("temperature", f"must be a number in [0, 2], got {t!r}")
+    req.temperature = None if t is None else float(t)
+    p = data.get("top_p")
+    if p is not None and (not _is_number(p) or not 0 < p <= 1):
+        raise bad_request("top_p", f"must be a number in (0, 1], got {p!r}")
+    req.top_p = 1.0 if p is None else float(p)
+    k = data.get("top_k")
+    if k is not None and (not _is_int(k) or k < -1):
+        raise bad_request("top_k", f"must be an integer >= 0 (0 or -1: off), got {k!r}")
+    req.top_k = 0 if k is None or k < 0 else k
+    seed = data.get("seed")
+    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise bad_request("seed", f"must be a 64-bit integer, got {seed!r}")
+    req.seed = seed
+    stop = data.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise bad_request("stop", "must be a non-empty string or a list of non-empty strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise bad_request("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        req.stop = list(stops)
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("user", "must be a string")
+
+    think, effort = data.get("think"), data.get("reasoning_effort")
+    if think is not None and not isinstance(think, bool):
+        raise bad_request("think", f"must be true or false, got {think!r}")
+    if effort is not None and effort not in REASONING_EFFORT:
+        raise bad_request("reasoning_effort", f"must be one of {', '.join(REASONING_EFFORT)}, got {effort!r}")
+    if think is not None and effort is not None and think != REASONING_EFFORT[effort]:
+        raise bad_request("think", f"think={think} contradicts reasoning_effort={effort!r}")
+    req.think = bool(think) if think is not None else REASONING_EFFORT.get(effort, False)
+    return req
+
+
+# ---------------------------------------------------------------------------------------------- preparing
+def load_audio_ref(ref: AudioRef, settings: ServeSettings) -> Audio:
+    """Decode one audio part (in a worker thread: it reads and resamples the whole song)."""
+    max_seconds = float(settings.max_audio_seconds or 0)
+    if ref.url is not None:
+        return load_url(ref.url, settings.audio_root, max_seconds, ref.param)
+    return decode_bytes(decode_base64(ref.data, ref.param), ref.format or "wav", max_seconds, ref.param)
+
+
+def prepare(
+    req: ChatRequest,
+    processor: MusicFlamingoProcessor,
+    settings: ServeSettings,
+    context: int,
+    stop_ids: tuple[int, ...],
+) -> Prepared:
+    """Decode the audio, render and tokenize the chat as `infer.py` does (think mode: the last user message gets
+    `chat.think_prompt`'s suffix, as `infer.py think=true`), check the token limits, and choose the sampling
+    settings (greedy unless temperature > 0)."""
+    conv: list[dict[str, Any]] = []
+    seconds = 0.0
+    last_user = max(i for i, m in enumerate(req.messages) if m.role == "user")
+    for i, m in enumerate(req.messages):
+        text = think_prompt(m.text) if req.think and i == last_user else m.text
+        if m.role != "user":
+            conv.append({"role": m.role, "content": text})
+            continue
+        content: list[dict[str, Any]] = []
+        if m.audio is not None:
+            audio = load_audio_ref(m.audio, settings)
+            seconds += audio.seconds
+            content.append({"type": "audio", "audio": audio.wave})
+        conv.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
+    try:
+        inputs = processor.apply_chat_template([conv])
+    except ValueError as e:  # e.g. an audio too short for one audio token
+        raise bad_request("messages", str(e)) from None
+    ids = inputs["input_ids"][0]
+    n = int(ids.shape[0])
+    if n > settings.max_prompt_tokens:
+        raise bad_request(
+            "messages",
+            f"the prompt is {n} tokens (audio included), over this server's limit of {settings.max_prompt_tokens}",
+            code="context_length_exceeded",
+        )
+    room = context - n
+    if req.max_tokens is None:
+        max_new = min(settings.default_max_tokens, room)
+        if settings.max_cached_tokens is not None:  # a default should never make a request unservable
+            max_new = min(max_new, settings.max_cached_tokens - n)
+    elif req.max_tokens > room:
+        raise bad_request(
+            req.max_tokens_param,
+            f"the prompt is {n} tokens and the model's context is {context}, so at most {room} new tokens fit, "
+            f"not {req.max_tokens}",
+            code="context_length_exceeded",
+        )
+    else:
+        max_new = req.max_tokens
+    if max_new < 1:
+        raise bad_request("messages", f"the prompt fills the model's context of {context} tokens")
+    if settings.max_cached_tokens is not None and n + max_new > settings.max_cached_tokens:
+        raise bad_request(
+            req.max_tokens_param if req.max_tokens is not None else "messages",
+            f"the prompt ({n} tokens) and max_tokens ({max_new}) need {n + max_new} cached tokens, over this "
+            f"server's max_cached_tokens of {settings.max_cached_tokens}",
+            code="context_length_exceeded",
+        )
+    sample = req.temperature is not None and req.temperature > 0
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        do_sample=sample,
+        temperature=req.temperature if sample else 1.0,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop_ids=stop_ids,
+    )
+    audio_tokens = int((ids == processor.audio_token_id).sum())
+    return Prepared(
+        ids,
+        inputs.get("input_features"),
+        inputs.get("input_features_mask"),
+        params,
+        n,
+        audio_tokens,
+        seconds,
+    )

@@ -1,0 +1,237 @@
+"""The engine worker: one thread owns the `Engine` (it is not thread-safe) and runs continuous batching.
+
+Between decode steps it releases the slots of cancelled requests (a client that disconnected, a stop string
+that matched), then admits queued requests into free slots, first come first served, while the tokens they
+reserve (prompt + max_tokens) fit under `max_cached_tokens`: the prefill encodes the request's audio and samples
+its first token. Each step's tokens go to their requests' asyncio queues through their event loop
+(`call_soon_threadsafe`); a finished request leaves its slot at once. The queue of requests not yet admitted is
+bounded: `submit` raises `QueueFull` beyond `max_queue`, which the app answers with 503 and `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from musicflamingo.engine import Engine, Request
+from musicflamingo.serve.protocol import Prepared
+
+logger = logging.getLogger(__name__)
+
+_ids = itertools.count()
+
+
+class QueueFull(Exception):
+    """The bounded queue of waiting requests is full."""
+
+
+@dataclass
+class Event:
+    """What a request hears from the worker: new tokens, then once `finish` ("stop" or "length") or `error`."""
+
+    tokens: list[int]
+    finish: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    """One request on its way through the engine. Created on the event loop; `cancel` may be called from it at
+    any time (the worker sees the flag before its next step)."""
+
+    prepared: Prepared
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    finished: bool = False
+    generated: int = 0
+
+    @property
+    def reserve(self) -> int:
+        """Cache positions the request may fill: its prompt plus its token budget."""
+        return self.prepared.prompt_tokens + self.prepared.params.max_new_tokens
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def emit(self, event: Event) -> None:
+        """Hand an event to the request's coroutine (from the worker thread)."""
+        if event.finish is not None or event.error is not None:
+            self.finished = True
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class EngineWorker:
+    """Continuous batching over one `Engine` in a background thread (see the module docstring).
+
+    Args:
+        model: a `MusicFlamingo` in eval mode.
+        slots: requests decoded together at most (`max_batch`).
+        max_cached_tokens: total prompt + max_tokens of the live requests at most (None: no limit beyond slots).
+        max_queue: requests waiting for a slot at most.
+        compile: decode steps through `torch.compile`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        slots: int,
+        max_cached_tokens: int | None = None,
+        max_queue: int = 64,
+        compile: bool = False,
+    ) -> None:
+        self.engine = Engine(model, slots=slots, compile=compile)
+        self.max_cached_tokens = max_cached_tokens
+        self.max_queue = max_queue
+        self._pending: deque[Job] = deque()
+        self._live: dict[int, Job] = {}  # slot -> job; touched by the worker thread only
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.reserved = 0
+        self.peak_reserved = 0
+        self.peak_live = 0
+        self.steps = 0
+        self.tokens = 0
+        self.admitted = 0
+        self.busy_s = 0.0
+
+    # ------------------------------------------------------------------ event-loop side
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="musicflamingo-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; requests still queued or live get an error event."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def queue_full(self) -> bool:
+        return len(self._pending) >= self.max_queue
+
+    def submit(self, job: Job) -> None:
+        """Queue a request for admission (QueueFull when `max_queue` requests already wait)."""
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull
+            self._pending.append(job)
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, int | float]:
+        return {
+            "live": len(self._live),
+            "queued": len(self._pending),
+            "slots": len(self.engine.slots),
+            "reserved_tokens": self.reserved,
+            "peak_live": self.peak_live,
+            "peak_reserved_tokens": self.peak_reserved,
+            "admitted": self.admitted,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "cache_capacity": self.engine.cache.capacity,
+            "busy_s": round(self.busy_s, 3),
+        }
+
+    # ------------------------------------------------------------------ worker thread
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._pending and not self._live:
+                    self._cond.wait()
+                if self._stop:
+                    break
+            t0 = time.perf_counter()
+            try:
+                self._reap()
+                self._admit()
+                if self.engine.decoding:
+                    self._fan_out(self.engine.step())
+                    self.steps += 1
+            except Exception as e:  # a failing step must not leave requests waiting forever
+                logger.exception("engine step failed")
+                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+            self.busy_s += time.perf_counter() - t0
+        self._fail_all("the server is shutting down")
+
+    def _release(self, slot: int) -> None:
+        job = self._live.pop(slot)
+        self.reserved -= job.reserve
+        self.engine.release(slot)
+
+    def _reap(self) -> None:
+        """Free the slots of cancelled requests and drop cancelled ones from the queue."""
+        for slot, job in list(self._live.items()):
+            if job.cancelled:
+                self._release(slot)
+        with self._cond:
+            if any(j.cancelled for j in self._pending):
+                self._pending = deque(j for j in self._pending if not j.cancelled)
+
+    def _admit(self) -> None:
+        while self.engine.free_slots():
+            with self._cond:
+                if not self._pending:
+                    return
+                job = self._pending[0]
+                limit = self.max_cached_tokens
+                if limit is not None and self._live and self.reserved + job.reserve > limit:
+                    return  # the oldest request waits for room (no overtaking, so it cannot starve)
+                self._pending.popleft()
+            p = job.prepared
+            try:
+                slot = self.engine.admit(
+                    Request(p.input_ids, p.params, p.input_features, p.input_features_mask)
+                )
+            except ValueError as e:  # e.g. a prompt past the model's context
+                job.emit(Event([], error=str(e)))
+                continue
+            self._live[slot.index] = job
+            self.reserved += job.reserve
+            self.admitted += 1
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+            self.peak_live = max(self.peak_live, len(self._live))
+            self._fan_out([(slot.index, slot.tokens[-1])])
+
+    def _fan_out(self, produced: list[tuple[int, int]]) -> None:
+        for index, token in produced:
+            job = self._live[index]
+            slot = self.engine.slots[index]
+            job.generated += 1
+            self.tokens += 1
+            finish = None
+            if slot.done:
+                finish = "stop" if token in slot.params.stop_ids else "length"
+                self._release(index)
+            job.emit(Event([token], finish))
+
+    def _fail_all(self, message: str) -> None:
+        for slot in list(self._live):
+            job = self._live[slot]
+            self._release(slot)
+            job.emit(Event([], error=message))
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for job in pending:
+            job.emit(Event([], error=message))
