@@ -3,9 +3,9 @@ SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := fluidsynth fluid-soundfont-gm ffmpeg
+APT_PACKAGES := fluidsynth fluid-soundfont-gm ffmpeg chromium chromium-driver
 
-.PHONY: setup apt venv test test-slow lint format demo bench clean
+.PHONY: setup apt venv test test-slow lint format demo bench bench-release clean
 
 setup: apt venv
 
@@ -45,6 +45,10 @@ demo: setup
 
 bench: venv
 	$(BIN)/python bench/run.py
+
+# The 8.27 B release shape on this machine, ours vs the reference (writes a 16.5 GB random checkpoint once).
+bench-release: venv
+	$(BIN)/python bench/release.py
 
 clean:
 	rm -rf outputs .pytest_cache

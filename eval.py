@@ -18,8 +18,8 @@ from musicflamingo.eval import evaluate, headline
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    # Bad config, data, audio or checkpoint: one clear line (exit 1) instead of a traceback.
-    results = run_cli(lambda: evaluate(cfg), prefix="eval.py: error", exit_code=1)
+    # Bad settings, data, audio or checkpoint: one clear line (exit 2) instead of a traceback.
+    results = run_cli(lambda: evaluate(cfg), prefix="eval.py: error")
     print(headline(results))
     print(f"results: {results['files']['results_md']}")
 

@@ -17,17 +17,23 @@ from omegaconf import DictConfig
 
 from musicflamingo.cli import run_cli
 from musicflamingo.inference import infer
+from musicflamingo.settings import check_infer_settings
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="infer")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> list[str]:
+    check_infer_settings(cfg)  # log_level is used before infer() checks the rest
     logging.basicConfig(
         level=str(cfg.get("log_level", "INFO")).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    run_cli(lambda: infer(cfg))  # bad checkpoint, audio or settings: one line, exit 2, no traceback
+    return infer(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="infer")
+def main(cfg: DictConfig) -> None:
+    run_cli(lambda: run(cfg))  # bad checkpoint, audio or settings: one line, exit 2, no traceback
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
-"""Lightning plugins and callbacks: crash-safe checkpoint files and the bad-sample report."""
+"""Lightning plugins and callbacks: crash-safe checkpoint files, the bad-sample report, and stopping on SIGINT /
+SIGTERM with a checkpoint."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from musicflamingo.errors import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a failed write (full disk) names no file: name the checkpoint
+            raise OSError(e.errno, f"cannot write the checkpoint: {e.strerror or e}", str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -91,3 +102,108 @@ class BadSampleReport(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._write(trainer)
+
+
+class TrainingInterrupted(RunStopped):
+    """SIGINT (Ctrl-C) or SIGTERM stopped training; `exit_code` is 128 + the signal's number (130, 143)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
+class StopOnSignal(Callback):
+    """SIGINT and SIGTERM stop training at the next optimizer-step boundary: a checkpoint goes to `path` (the run
+    folder's `checkpoints/last.ckpt`, which `ckpt_path=last` resumes exactly), then :class:`TrainingInterrupted`
+    ends the run (exit 130 / 143, so `train.py && eval.py` stops there).
+
+    :meth:`install` takes both signals for the whole run and :meth:`restore` gives them back. Outside the training
+    steps (model build, data setup, export) a signal stops at once: nothing needs saving. During the steps it only
+    sets a flag, checked after every batch; a second signal stops at once, without a checkpoint. Lightning's own
+    SIGTERM handler (a flag that ends `fit` quietly with status 0 and no checkpoint, even from inside validation)
+    is replaced at `on_train_start`, after Lightning installed it. Under DDP the ranks agree on the step to stop
+    at (any rank's signal counts), so every rank saves the same step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.signum: int | None = None
+        self.phase = "setup"  # setup -> steps -> done
+        self._previous: dict[int, Any] = {}
+        self._step_at_batch_start = -1
+
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM from now on (signals can only be handled in the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            self._previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        """Give both signals back to the handlers they had before :meth:`install`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.phase == "steps" and self.signum is None:
+            self.signum = signum
+            log.warning(
+                "%s: stopping after this training step, with a checkpoint; send it again to stop now", name
+            )
+            return
+        if self.phase == "steps":
+            where = "during training (sent twice): no checkpoint at the stop"
+        elif self.phase == "setup":
+            where = "before the first training step: nothing to save"
+        else:
+            where = "after training (the export, if any, is incomplete)"
+        raise TrainingInterrupted(f"stopped by {name} {where}; run the same command again to resume", signum)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.install()  # Lightning registered its SIGTERM handler just before this hook: ours replaces it
+        self.phase = "steps"
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        requested = self.signum is not None
+        if trainer.world_size > 1:  # the same decision on every rank, at the same batch
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        # Mid-accumulation (no optimizer step in this batch) the summed gradients would be lost: wait for the step.
+        if requested and trainer.global_step != self._step_at_batch_start:
+            self._save_and_stop(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A signal during the last step: the run is complete, but it was asked to stop; say so (exit 130 / 143).
+        if self.signum is not None:
+            self._save_and_stop(trainer)
+        self.phase = "done"
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self.phase = "done"
+
+    def _save_and_stop(self, trainer: L.Trainer) -> None:
+        signum = self.signum or signal.SIGTERM  # another rank's signal
+        for cb in trainer.checkpoint_callbacks:
+            # A ModelCheckpoint keeping `last.ckpt` in the same place must own this file (its state is saved in
+            # it): a resumed run then overwrites it, instead of writing `last-v1.ckpt` beside a stale `last.ckpt`.
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                last = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+                if last.resolve() == self.path.resolve():
+                    cb.last_model_path = str(last)
+        trainer.save_checkpoint(self.path)  # a second signal while saving stops at once (the old file stays)
+        self.phase = "done"
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}: saved {self.path}; run the "
+            "same command again to resume from it (ckpt_path=last)",
+            signum,
+        )

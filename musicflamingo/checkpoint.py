@@ -445,7 +445,13 @@ def stop_token_ids(path: str | Path | None, config: MusicFlamingoConfig) -> list
             eos = json.loads(gen_file.read_text(encoding="utf-8")).get("eos_token_id")
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
-        ids += [eos] if isinstance(eos, int) else list(eos or [])
+        eos = [eos] if eos is not None and not isinstance(eos, list) else (eos or [])
+        bad = [e for e in eos if isinstance(e, bool) or not isinstance(e, int) or e < 0]
+        if bad:
+            raise CheckpointError(
+                f"{gen_file}: eos_token_id must be an integer id or a list of them, got {bad[0]!r}"
+            )
+        ids += eos
     if config.text.eos_token_id is not None:
         ids.append(config.text.eos_token_id)
     return sorted(set(int(i) for i in ids))

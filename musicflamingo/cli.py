@@ -1,9 +1,27 @@
-"""Shared entry-point plumbing: turn the project's input errors into one clear line and an exit code."""
+"""Shared entry-point plumbing: turn the project's input errors into one clear line and an exit code.
+
+Which errors are input errors is decided by where they come from, not by catching everything:
+
+* errors the project raises on purpose: a `ValueError` (or `KeyError`, `FileNotFoundError`, `NotADirectoryError`)
+  whose type the project defines, or that project code raises itself (the innermost traceback frame is under
+  `musicflamingo/`, or in a DataLoader worker's traceback, under it there); the same error raised inside torch,
+  numpy or another library is a bug of ours (a value we passed on unchecked) and keeps its traceback;
+* an `OSError` that names a file (`filename`): a missing, unreadable or unwritable file or folder, wherever raised;
+* what Hydra could not build from the config: a `ValueError`/`TypeError` from the constructor of a configured
+  third-party object (Trainer, logger, strategy), named with its config key; Lightning's
+  `MisconfigurationException`;
+* deliberate stops (`errors.RunStopped`: too many bad samples, NaN loss, a signal), with their own exit code.
+
+Exit codes: 0 done, 1 a bug (traceback) or a command line Hydra could not compose, 2 bad input, 128 + N stopped by
+signal N (130 SIGINT / Ctrl-C, 143 SIGTERM). docs/robustness.md has the table.
+"""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -12,8 +30,12 @@ from omegaconf.errors import MissingMandatoryValue
 from musicflamingo.errors import RunStopped
 from musicflamingo.runtime import tune_cpu
 
-# Errors that describe bad input (files, configs, data) or a deliberate stop of a run; anything else is a bug and
-# keeps its traceback.
+PACKAGE_DIR = Path(__file__).resolve().parent
+EXIT_BAD_INPUT = 2
+EXIT_SIGINT = 130
+
+# Error types that describe bad input when project code raises them (a ValueError subclass defined by the project
+# always does); anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     FileNotFoundError,
@@ -21,6 +43,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     KeyError,
     RunStopped,
 )
+# Lightning's own "your Trainer settings are wrong" error, looked up only once Lightning is loaded (cli.py does
+# not import Lightning: infer.py never needs it).
+_LIGHTNING_CONFIG_ERROR = ("lightning.fabric.utilities.exceptions", "MisconfigurationException")
+_WORKER_FRAME = re.compile(r'^\s*File "([^"]+)", line \d+', re.MULTILINE)
 
 
 def error_line(e: BaseException) -> str:
@@ -36,6 +62,35 @@ def error_line(e: BaseException) -> str:
     return lines[0]
 
 
+def raised_in_project(e: BaseException) -> bool | None:
+    """Whether project code raised `e`: its innermost traceback frame (for an error re-raised from a DataLoader
+    worker, the worker's innermost frame) is under `musicflamingo/`. None when `e` was never raised."""
+    worker = _WORKER_FRAME.findall(str(e)) if "Original Traceback" in str(e) else []
+    if worker:
+        filename = worker[-1]
+    else:
+        tb = e.__traceback__
+        if tb is None:
+            return None
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        filename = tb.tb_frame.f_code.co_filename
+    return Path(filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
+def _is_lightning_config_error(e: BaseException) -> bool:
+    module = sys.modules.get(_LIGHTNING_CONFIG_ERROR[0])
+    cls = getattr(module, _LIGHTNING_CONFIG_ERROR[1], None)
+    return cls is not None and isinstance(e, cls)
+
+
+def _stop(e: BaseException) -> RunStopped | None:
+    """The deliberate stop `e` is, or that Hydra wrapped while building an object (a signal during model build)."""
+    while isinstance(e, InstantiationException) and e.__cause__ is not None:
+        e = e.__cause__
+    return e if isinstance(e, RunStopped) else None
+
+
 def user_error_line(e: BaseException) -> str | None:
     """The one line to print for an input error or a deliberate stop; None for anything else (a bug: keep the
     traceback). Unwraps Hydra's "Error in call to target" and names an unset mandatory (`???`) config value."""
@@ -43,16 +98,42 @@ def user_error_line(e: BaseException) -> str | None:
         key = getattr(e, "full_key", None) or "a mandatory config value"
         return f"{key} is not set: pass {key}=... on the command line"
     if isinstance(e, InstantiationException) and e.__cause__ is not None:
-        return user_error_line(e.__cause__)
-    if isinstance(e, USER_ERRORS):
+        cause = e.__cause__
+        line = user_error_line(cause)
+        if line is None and isinstance(cause, (ValueError, TypeError)) and not raised_in_project(cause):
+            # a configured library object (Trainer, logger, strategy) refused its arguments
+            key = _full_key(str(e))
+            line = f"{key}: {error_line(cause)}" if key else error_line(cause)
+        return line
+    if isinstance(e, RunStopped) or _is_lightning_config_error(e):
+        return error_line(e)
+    if isinstance(e, OSError) and getattr(e, "filename", None) is not None:
+        where = f"{e.filename} -> {e.filename2}" if getattr(e, "filename2", None) else str(e.filename)
+        return f"{where}: {e.strerror or error_line(e)}"
+    if isinstance(e, USER_ERRORS) and (
+        type(e).__module__.startswith("musicflamingo.") or raised_in_project(e) is not False
+    ):
         return error_line(e)
     return None
 
 
-def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = 2) -> Any:
-    """Call `fn()`; an input error or a deliberate stop prints `<prefix>: <one line>` and exits with `exit_code`.
+def _full_key(message: str) -> str | None:
+    """The config key Hydra names in an InstantiationException's message (`full_key: model.optimizer`)."""
+    match = re.search(r"^full_key: (\S+)", message, re.MULTILINE)
+    return match.group(1) if match else None
 
-    Ctrl-C exits with 130 after an empty line, without a traceback. CPU allocations are tuned first
+
+def stop_exit_code(e: BaseException, default: int = EXIT_BAD_INPUT) -> int:
+    """The exit code for an input error or a deliberate stop: a stop by signal carries its own (128 + signal)."""
+    stop = _stop(e)
+    return int(getattr(stop, "exit_code", default) or default)
+
+
+def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = EXIT_BAD_INPUT) -> Any:
+    """Call `fn()`; an input error or a deliberate stop prints `<prefix>: <one line>` and exits with `exit_code`
+    (a stop by signal with 128 + its number).
+
+    Ctrl-C outside training exits with 130 after an empty line, without a traceback. CPU allocations are tuned first
     (:func:`musicflamingo.runtime.tune_cpu`).
     """
     tune_cpu()
@@ -60,10 +141,10 @@ def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = 2) ->
         return fn()
     except KeyboardInterrupt:
         print("", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_SIGINT)
     except Exception as e:
         line = user_error_line(e)
         if line is None:
             raise
         print(f"{prefix}: {line}", file=sys.stderr)
-        sys.exit(exit_code)
+        sys.exit(stop_exit_code(e, exit_code))

@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"paths.log_dir={out / 'logs'}",
             f"seed={args.seed}",
             f"trainer.max_steps={args.max_steps}",
+            f"model.scheduler.warmup_steps={min(30, args.max_steps)}",  # the recipe's 30, or all of a short run
             f"trainer.max_time=00:{hh:02d}:{mm // 60:02d}:{mm % 60:02d}",
             "logger=csv",
         ],

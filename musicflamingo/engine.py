@@ -48,12 +48,28 @@ class SamplingParams:
             or self.max_new_tokens < 1
         ):
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            # abs(x) < inf is False for inf and NaN
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not abs(value) < float("inf")
+            ):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        # Far below this, logits / temperature overflow (float16 first): inf - inf gives NaN probabilities.
+        min_temperature = 0.01
+        if self.do_sample and not self.temperature >= min_temperature:
+            raise ValueError(
+                f"temperature must be >= {min_temperature} when sampling, got {self.temperature!r} "
+                "(do_sample=false decodes greedily)"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or null (random), got {self.seed!r}")
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
 
     def generator(self, device: torch.device) -> torch.Generator | None:

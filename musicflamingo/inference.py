@@ -20,13 +20,22 @@ from typing import Any, TextIO
 import torch
 
 from musicflamingo.audio.io import AudioError
-from musicflamingo.chat import END_OF_TURN, continuation_text, conversation, user_message
+from musicflamingo.chat import (
+    END_OF_TURN,
+    check_typed_text,
+    continuation_text,
+    conversation,
+    think_prompt,
+    user_message,
+)
 from musicflamingo.checkpoint import CheckpointError, check_checkpoint_dir, load_config, stop_token_ids
 from musicflamingo.engine import Engine, Request, SamplingParams
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.config import ConfigError
 from musicflamingo.processor import MusicFlamingoProcessor
+from musicflamingo.reasoning import ThinkDisplay
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, set_threads
+from musicflamingo.settings import check_infer_settings
 from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +61,15 @@ USER_ERRORS: tuple[type[ValueError], ...] = (
 )
 
 SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
+
+
+def typed_text(text: str, what: str) -> str:
+    """`text` (a prompt, a chat line) unless it holds a chat special token or a lone surrogate: refused, as training
+    data refuses them (`chat.check_typed_text`), with an InferenceError naming `what`."""
+    try:
+        return check_typed_text(text, what)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
 
 
 def sampling_params(cfg: Mapping[str, Any], stops: Sequence[int] = ()) -> SamplingParams:
@@ -104,8 +122,17 @@ class _Printer:
     """Prints answers labelled, in request order, without interleaving: the oldest unfinished answer token by
     token (`stream`), each later one whole once every answer before it is out."""
 
-    def __init__(self, tokenizer: Tokenizer, labels: Sequence[str], out: TextIO | None, stream: bool) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        labels: Sequence[str],
+        out: TextIO | None,
+        stream: bool,
+        think: bool = False,
+    ) -> None:
         self.tok, self.labels, self.out, self.stream = tokenizer, labels, out, stream
+        self.think = think  # think mode: each answer through a ThinkDisplay (reasoning apart, answer last)
+        self.view: ThinkDisplay | None = None
         self.shown = 0  # the request printed next
         self.pushed = 0  # its tokens already given to the live decoder
         self.live: IncrementalDecoder | None = None
@@ -119,12 +146,21 @@ class _Printer:
             if self.live is None and (self.stream or finished[i]):
                 out.write(f"== {self.labels[i]} ==\n")
                 self.live, self.pushed = IncrementalDecoder(self.tok), 0
+                self.view = ThinkDisplay(out) if self.think else None
             if self.live is not None:
-                out.write("".join(self.live.push(t) for t in answers[i][self.pushed :]))
+                text = "".join(self.live.push(t) for t in answers[i][self.pushed :])
+                if self.view:
+                    self.view.write(text)
+                else:
+                    out.write(text)
                 self.pushed = len(answers[i])
             if not finished[i]:
                 break
-            out.write(self.live.flush() + "\n")
+            if self.view:
+                self.view.write(self.live.flush())
+                self.view.finish()
+            else:
+                out.write(self.live.flush() + "\n")
             self.live, self.shown = None, i + 1
         out.flush()
 
@@ -139,16 +175,17 @@ def generate_answers(
     compile: bool = False,
     out: TextIO | None = None,
     stream: bool = True,
+    think: bool = False,
 ) -> list[str]:
     """One answer per conversation through an engine with `slots` slots (all at once by default); each request
-    is prepared (audio read, features) when it joins. Prints to `out` (None: silent, see `_Printer`). Returns the
-    decoded answers (no special tokens)."""
+    is prepared (audio read, features) when it joins. Prints to `out` (None: silent, see `_Printer`; `think`:
+    reasoning apart, answer last, `reasoning.ThinkDisplay`). Returns the decoded answers (no special tokens)."""
     n = len(conversations)
     engine = Engine(model, slots=min(slots or n, n), compile=compile)
     answers: list[list[int]] = [[] for _ in range(n)]
     finished = [False] * n
     owner: dict[int, int] = {}  # slot -> request
-    printer = _Printer(processor.tokenizer, labels, out, stream)
+    printer = _Printer(processor.tokenizer, labels, out, stream, think)
     stops = params.stop_ids
     t0, n_tokens, joined = time.perf_counter(), 0, 0
 
@@ -246,6 +283,7 @@ class ChatSession:
         `on_text` receives the answer's text deltas as they are generated (see `IncrementalDecoder`).
         """
         processor, engine = self.processor, self.engine
+        typed_text(text, "message")
         if audio is not None:
             _check_audio_files([audio])
         message = user_message(text, audio)
@@ -295,7 +333,10 @@ def _stdin_lines(prompt: str = "you> ") -> Iterator[str]:
             except EOFError:
                 return
     else:
-        for line in sys.stdin:
+        # Undecodable bytes become lone surrogates, which `chat.check_typed_text` refuses for that line only,
+        # instead of a UnicodeDecodeError that would end the conversation.
+        stream = open(sys.stdin.fileno(), encoding="utf-8", errors="surrogateescape", closefd=False)
+        for line in stream:
             yield line.rstrip("\n")
 
 
@@ -304,9 +345,12 @@ def run_chat(
     lines: Iterable[str],
     audio: str | None = None,
     out: TextIO | None = None,
+    think: bool = False,
 ) -> list[str]:
     """Drive `session` from `lines` (stdin by default): `/audio PATH` attaches a file to the next message,
-    `/reset` starts again (with the initial audio), `/quit` or end of input stops. Returns the answers."""
+    `/reset` starts again (with the initial audio), `/quit` or end of input stops. Returns the answers. `think`:
+    each question gets the think suffix and each answer shows its reasoning apart, the answer last; the history
+    keeps the whole answer, reasoning included, as the reference chat template does."""
     out = out if out is not None else sys.stdout
     attach = audio
     answers: list[str] = []
@@ -333,18 +377,25 @@ def run_chat(
             continue
         out.write("assistant> ")
         out.flush()
+        view = ThinkDisplay(out) if think else None
 
-        def show(delta: str) -> None:
+        def show(delta: str, view: ThinkDisplay | None = view) -> None:
+            if view is not None:
+                view.write(delta)
+                return
             out.write(delta)
             out.flush()
 
         try:
-            answers.append(session.ask(line, audio=attach, on_text=show))
+            answers.append(session.ask(think_prompt(line) if think else line, audio=attach, on_text=show))
         except USER_ERRORS as e:
             out.write(f"\nerror: {e}\n")
             continue
         attach = None  # the audio now lives in the cache
-        out.write("\n")
+        if view is not None:
+            view.finish()
+        else:
+            out.write("\n")
         out.flush()
     return answers
 
@@ -354,16 +405,24 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
     """Run `configs/infer.yaml`-shaped settings; returns one answer per audio file (or per chat turn).
 
     `lines` feeds the interactive mode (stdin when None); `out` receives the printed text (stdout when None).
+    `think=true`: questions get the think suffix (`chat.think_prompt`), the reasoning is shown apart and the answer
+    last; the returned answers are the whole texts, tags included (`reasoning.parse_think` splits them).
     """
     out = out if out is not None else sys.stdout
+    check_infer_settings(cfg)  # types and ranges (sampling: below), before the checkpoint or audio is read
     set_threads(cfg.get("threads"))
     ckpt = check_checkpoint_dir(cfg.get("ckpt"))
     sampling_params(cfg)  # bad decoding settings fail before the model is loaded
     files = _as_list(cfg.get("audio"))
-    prompts = _as_list(cfg.get("prompt"))
+    prompts = [typed_text(p, "prompt") for p in _as_list(cfg.get("prompt"))]
     _check_audio_files(files)
     system_prompt = cfg.get("system_prompt")
+    if system_prompt:
+        typed_text(str(system_prompt), "system_prompt")
     interactive = bool(cfg.get("interactive", False))
+    think = cfg.get("think", False)
+    if not isinstance(think, bool):
+        raise InferenceError(f"think={think!r}: expected true or false")
 
     if interactive:
         if len(files) > 1:
@@ -377,7 +436,7 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
         if lines is None:
             lines = _stdin_lines()
             logger.info("chat: type a question; /audio PATH, /reset, /quit (or end of input)")
-        return run_chat(session, [*prompts, *lines] if prompts else lines, audio=audio, out=out)
+        return run_chat(session, [*prompts, *lines] if prompts else lines, audio=audio, out=out, think=think)
 
     if not prompts:
         prompts = [DEFAULT_PROMPT]
@@ -389,13 +448,14 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
         )
     if len(prompts) == 1:
         prompts = prompts * len(files)
-    batch_size = cfg.get("batch_size") or len(files)
+    batch_size = len(files) if cfg.get("batch_size") is None else cfg.get("batch_size")
     if int(batch_size) < 1:
         raise InferenceError(f"batch_size must be >= 1 or null, got {batch_size!r}")
     model, processor = load_model(ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"))
     params = sampling_params(cfg, stop_token_ids(ckpt, model.config))
-    convs = [conversation(p, f, system_prompt) for p, f in zip(prompts, files)]
+    convs = [conversation(think_prompt(p) if think else p, f, system_prompt) for p, f in zip(prompts, files)]
     stream = bool(cfg.get("stream", True))
+    compile_steps = bool(cfg.get("compile", False))
     return generate_answers(
-        model, processor, convs, files, params, int(batch_size), bool(cfg.get("compile", False)), out, stream
+        model, processor, convs, files, params, int(batch_size), compile_steps, out, stream, think
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
 from musicflamingo.errors import RunStopped
@@ -29,6 +30,22 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RunStopped, FloatingPointError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A training checkpoint (`ckpt_path`) was written by a model of another architecture (keys or shapes differ)."""
+
+
+def state_dict_mismatches(saved: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """What differs between a checkpoint's state dict and a model's, one phrase per key, the model's order first."""
+    out = []
+    for key, value in expected.items():
+        if key not in saved:
+            out.append(f"{key} is missing from it")
+        elif tuple(saved[key].shape) != tuple(value.shape):
+            out.append(f"{key} has shape {list(saved[key].shape)} there, {list(value.shape)} in this model")
+    out += [f"{key} is in it but not in this model" for key in saved if key not in expected]
+    return out
 
 
 def warmup_cosine(
@@ -177,6 +194,21 @@ class MusicFlamingoLit(L.LightningModule):
             out.append(group)
         return out
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning's strict load (a many-line RuntimeError): a checkpoint of another architecture is one
+        error naming the file and the first mismatched key. Sharded strategies (FSDP) keep Lightning's check."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            return
+        diffs = state_dict_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
+        if diffs:
+            path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+            more = f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else ""
+            raise CheckpointMismatchError(
+                f"ckpt_path={path} was written by a model of another architecture: {diffs[0]}{more}; resume with "
+                "the model settings that wrote it, or start afresh (ckpt_path=null or another run folder)"
+            )
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.param_groups())
         extra = {}
@@ -186,14 +218,18 @@ class MusicFlamingoLit(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ export
-    def export(self, path: str | Path, processor: Any = None, max_shard_size: str = "5GB") -> Path:
-        """Write a Hugging Face layout folder (LoRA merged into a float32 copy; this module is left untouched)."""
+    def export(
+        self, path: str | Path, processor: Any = None, max_shard_size: str = "5GB", overwrite: bool = False
+    ) -> Path:
+        """Write a Hugging Face layout folder (LoRA merged into a float32 copy; this module is left untouched).
+        Only the model's and the processor's files are replaced; see `MusicFlamingo.save_pretrained` for
+        `overwrite`."""
         model = self.model
         if any(isinstance(m, LoRALinear) for m in model.modules()):
             model = copy.deepcopy(model).float()
             merge_lora(model)
         path = Path(path)
-        model.save_pretrained(path, max_shard_size=max_shard_size)
+        model.save_pretrained(path, max_shard_size=max_shard_size, overwrite=overwrite)
         if processor is not None:
-            processor.save_pretrained(path)
+            processor.save_pretrained(path, overwrite=overwrite)
         return path

@@ -80,7 +80,8 @@ def _gb(n: float) -> str:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """`auto` (or None) = cuda when available else cpu; a CUDA device must exist here."""
+    """`auto` (or None) = cuda when available else cpu; a CUDA (or MPS) device must exist here. Other device
+    types torch knows (`meta` holds no data, `xla`, ...) are refused: nothing here runs a model on them."""
     device = "auto" if device is None else str(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,6 +89,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise RuntimeConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeConfigError(
+            f"device={device!r} but MPS (Apple GPU) is not available here; use device=cpu"
+        )
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise RuntimeConfigError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeConfigError(f"device={device!r} but CUDA is not available here; use device=cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

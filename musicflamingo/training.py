@@ -1,26 +1,138 @@
 """`train(cfg)`: compose the objects a Hydra config describes and fit. `train.py` is a thin wrapper around it.
 
-The run folder (`paths.output_dir`) holds everything of one run, for every rank: `.hydra/` (resolved config),
-`checkpoints/` (`last.ckpt` + periodic), `csv/` or other logger output, `bad_samples.jsonl`, and `export/`
-(Hugging Face layout, LoRA merged) when training ends.
+The run folder (`paths.output_dir`) holds everything of one run, for every rank: `run.lock` while a run uses it,
+`.hydra/` (the config), `checkpoints/` (`last.ckpt` + periodic), `csv/` or other logger output,
+`bad_samples.jsonl`, and `export/` (Hugging Face layout, LoRA merged) when training ends.
+
+Before anything is read, `train` checks the settings (`musicflamingo.settings.check_train_settings`) and takes the
+run folder's lock (`RunLock`); during the run SIGINT and SIGTERM stop at the next step with a checkpoint
+(`callbacks.StopOnSignal`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
+import socket
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from musicflamingo.callbacks import AtomicCheckpointIO
+from musicflamingo.callbacks import AtomicCheckpointIO, StopOnSignal
 from musicflamingo.runtime import set_threads
+from musicflamingo.settings import check_train_settings
 
 log = logging.getLogger(__name__)
+
+
+class RunFolderInUseError(ValueError):
+    """Another live `train.py` holds the run folder's lock (the message names its pid)."""
+
+
+class RunLock:
+    """`<run folder>/run.lock`: the pid, host and start time of the run that uses the folder, under an exclusive
+    `flock` held for the run's lifetime.
+
+    The kernel drops the `flock` when its process ends however it ends (`SIGKILL` included), so a lock file nobody
+    holds is stale by definition, with no pid liveness guess and no race between two runs taking it over: the next
+    run takes it with a warning naming the dead run's pid. A second run while the first lives is refused with the
+    first one's pid. (The lock file is removed on a clean exit; under DDP only the launching rank 0 takes it.)
+    """
+
+    NAME = "run.lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise RunFolderInUseError(
+                    f"{self.path.parent} is in use by another train.py (pid {owner.get('pid', '?')} on "
+                    f"{owner.get('host', '?')}, since {owner.get('since', '?')}; lock {self.path}): wait for it to "
+                    "end, or pass hydra.run.dir=<another folder>"
+                ) from None
+            try:  # the file we locked must still be the one at the path (not unlinked by a run that just ended)
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    raise FileNotFoundError
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            stale = _read_owner(fd)
+            if stale.get("pid") not in (None, os.getpid()):
+                log.warning(
+                    "%s: taking over the lock of pid %s (%s), which is no longer running",
+                    self.path,
+                    stale.get("pid"),
+                    stale.get("host", "?"),
+                )
+            owner = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+            self._fd = fd
+            return self
+        raise RunFolderInUseError(
+            f"{self.path}: could not take the run folder's lock (it keeps changing hands)"
+        )
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: nobody can take a file that is going away
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_owner(fd: int) -> dict[str, Any]:
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def is_launching_rank() -> bool:
+    """True unless this process is a rank > 0 of a distributed run (Lightning's DDP children, torchrun)."""
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
+    """`<run>/.hydra/config.yaml` (+ `overrides.yaml`, `hydra.yaml` under Hydra), written by us once the lock is
+    held: Hydra itself would write them before the task starts, over the config of a run still using the folder
+    (configs/hydra/default.yaml sets `output_subdir: null`)."""
+    out = output_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -70,9 +182,10 @@ def build_datamodule(cfg: DictConfig, model: Any) -> tuple[L.LightningDataModule
     return hydra.utils.instantiate(cfg.data, processor=processor), processor
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The `cfg.trainer` Trainer with the `cfg.callbacks` and `cfg.logger` objects and atomic checkpoint files."""
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
+def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """The `cfg.trainer` Trainer with the `cfg.callbacks` and `cfg.logger` objects (and `extra_callbacks`) and
+    atomic checkpoint files."""
+    callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks)
     loggers = _instantiate_dict(cfg.get("logger"))
     return hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -80,18 +193,40 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit the model described by `cfg`; returns (metrics, objects) so tests can inspect both."""
+    """Fit the model described by `cfg`; returns (metrics, objects) so tests can inspect both.
+
+    Raises `SettingsError` for a bad setting and `RunFolderInUseError` for a folder another run uses, before anything
+    is read; `TrainingInterrupted` (exit 130 / 143) after SIGINT / SIGTERM, with a checkpoint when training had
+    started.
+    """
+    # resolved, with `???` raising MissingMandatoryValue naming the key
+    settings = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_train_settings(settings)
+    output_dir = Path(cfg.paths.output_dir)
+    lock = RunLock(output_dir).acquire() if is_launching_rank() else None
+    stopper = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
+    stopper.install()
+    try:
+        if lock is not None:
+            save_run_config(cfg, output_dir)
+        return _fit(cfg, output_dir, stopper)
+    finally:
+        stopper.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: DictConfig, output_dir: Path, stopper: StopOnSignal) -> tuple[dict[str, float], dict[str, Any]]:
     set_threads(cfg.get("threads"))
     if "WANDB_API_KEY" not in os.environ:
         os.environ.setdefault("WANDB_MODE", "offline")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     log.info("instantiating model <%s> with net <%s>", cfg.model._target_, cfg.model.net._target_)
     lit: L.LightningModule = hydra.utils.instantiate(cfg.model)
     datamodule, processor = build_datamodule(cfg, lit.model)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, extra_callbacks=[stopper])
     if trainer.is_global_zero:
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -281,6 +281,10 @@ def test_stop_token_ids_read_generation_config(tiny_dir):
     gen.write_text("{oops")
     with pytest.raises(CheckpointError, match="generation_config.json: invalid JSON"):
         stop_token_ids(path, model.config)
+    for bad in ("299", [3, "299"], [True]):  # a string used to become the ids of its digits
+        gen.write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(CheckpointError, match="eos_token_id must be an integer id"):
+            stop_token_ids(path, model.config)
 
 
 def test_state_dict_round_trip_by_name_table(tmp_path):

@@ -205,6 +205,21 @@ def test_cli_batch_and_chat(ckpt, audios, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_chat_survives_a_line_of_invalid_utf8(ckpt, audios, tmp_path):
+    """A line of bytes that are not UTF-8 on stdin is refused as one error; the conversation goes on."""
+    cmd = [sys.executable, str(ROOT / "infer.py"), f"ckpt={ckpt}", "device=cpu", "max_new_tokens=3"]
+    chat = subprocess.run(
+        [*cmd, f"audio={audios[0]}", "interactive=true"],
+        input=b"What key?\n\xff\xfe tempo?\nAnd the metre?\n",
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    out = chat.stdout.decode("utf-8", "replace")
+    assert chat.returncode == 0, chat.stderr.decode()
+    assert out.count("error:") == 1 and out.count("assistant> ") == 3
+
+
 # ------------------------------------------------------------------------------------------------ chat
 def _count_encodes(monkeypatch, model) -> list[int]:
     calls = [0]

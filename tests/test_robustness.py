@@ -481,7 +481,7 @@ def test_eval_and_infer_cli_truncated_checkpoint_is_one_line(entry, assets, tmp_
             "model.net.preset=huge",
             "error: unknown model preset 'huge'",
         ),  # through Hydra's InstantiationException
-        ("model.nonfinite_loss=bogus", "error: nonfinite_loss must be 'stop' or 'skip', got 'bogus'"),
+        ("model.nonfinite_loss=bogus", "error: model.nonfinite_loss='bogus': expected 'stop' or 'skip'"),
         ("data.processor=/no/such/dir", "error: /no/such/dir: processor directory not found"),
     ],
 )

@@ -361,7 +361,8 @@ def _bad_requests(songs: Path) -> list[tuple[str, object, int, str | None, str]]
             "over this server's limit of 512",
         ),
         ("max_tokens zero", {**good, "max_tokens": 0}, 400, "max_tokens", "integer >= 1"),
-        ("temperature", {**good, "temperature": 3}, 400, "temperature", "[0, 2]"),
+        ("temperature", {**good, "temperature": 3}, 400, "temperature", "[0.01, 2]"),
+        ("temperature_tiny", {**good, "temperature": 0.001}, 400, "temperature", "0 (greedy)"),
         ("tools", {**good, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
         (
             "stream_options without stream",

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from musicflamingo.data.collate import collate
-from musicflamingo.data.dataset import BadSampleTracker, ConversationDataset
+from musicflamingo.data.dataset import BadSample, BadSampleError, BadSampleTracker, ConversationDataset
 from musicflamingo.data.manifest import read_manifest
 from musicflamingo.data.sampler import MixtureDataset, TokenBudgetBatchSampler
 
@@ -55,6 +57,16 @@ def parse_manifest_spec(spec: ManifestSpec | None, name: str = "train") -> list[
     return out
 
 
+def init_worker(worker_id: int, rank: int = 0) -> None:
+    """A DataLoader worker ignores SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and the main process
+    stops training at the end of the step (`callbacks.StopOnSignal`), still fetching batches until then; the
+    workers end with it. Lightning's per-worker seeding applies as it would without this function."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank=rank)
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning sees as resumable (``state_dict``/``load_state_dict``).
 
@@ -86,8 +98,9 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         val_batch_max_tokens: the same for validation (default: ``batch_max_tokens``).
         num_workers: DataLoader worker processes decoding audio in parallel (``persistent_workers`` when > 0).
         train_on_prompt: label every non-audio token instead of only assistant turns.
-        bad_sample_policy: ``"error"`` or ``"skip"`` (see :class:`~musicflamingo.data.dataset.ConversationDataset`);
-            with ``"skip"``, samples longer than the token budget are left out too.
+        bad_sample_policy: ``"error"`` or ``"skip"`` (see :class:`~musicflamingo.data.dataset.ConversationDataset`).
+            A sample longer than the token budget is a bad sample too: ``"error"`` stops at setup naming it,
+            ``"skip"`` counts and reports it (never decoded) each time its turn comes.
         max_bad_fraction: stop training (``TooManyBadSamplesError``) when more than this share of visited training
             samples was skipped.
         seed: shuffling/mixture seed (same on every rank).
@@ -129,13 +142,19 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             processor = MusicFlamingoProcessor.from_pretrained(processor)
         if batch_max_tokens < 1:
             raise ValueError(f"batch_max_tokens must be >= 1, got {batch_max_tokens}")
+        if val_batch_max_tokens is not None and val_batch_max_tokens < 1:
+            raise ValueError(f"val_batch_max_tokens must be >= 1 or None, got {val_batch_max_tokens}")
         self.train_spec = parse_manifest_spec(train, "train")
         if not self.train_spec:
             raise ValueError("MusicFlamingoDataModule needs at least one train manifest")
         self.val_spec = parse_manifest_spec(val, "val")
         self.processor = processor
         self.batch_max_tokens = int(batch_max_tokens)
-        self.val_batch_max_tokens = int(val_batch_max_tokens or batch_max_tokens)
+        self.val_batch_max_tokens = int(
+            batch_max_tokens if val_batch_max_tokens is None else val_batch_max_tokens
+        )
+        # the setting that bounds validation batches, for messages
+        self._val_budget = "batch_max_tokens" if val_batch_max_tokens is None else "val_batch_max_tokens"
         self.num_workers = int(num_workers)
         self.dataset_kwargs = dict(
             train_on_prompt=train_on_prompt,
@@ -149,7 +168,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
-        self.on_oversized = "skip" if bad_sample_policy == "skip" else "error"
+        self.on_oversized = "carry" if bad_sample_policy == "skip" else "error"
         self.train_bad_samples = BadSampleTracker(max_bad_fraction)
         self.val_bad_samples = BadSampleTracker(None)
         self.train_dataset: MixtureDataset | None = None
@@ -186,10 +205,42 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         mixture = MixtureDataset(datasets, weights, lengths=lengths, seed=self.seed)
         return mixture, mixture.lengths.tolist()
 
+    def _over_budget(self, mixture: MixtureDataset, lengths: list[int], budget: int, setting: str) -> None:
+        """Samples longer than the batch token budget (`data.<setting>`) are bad samples: under
+        ``bad_sample_policy="error"`` the first one stops here, named; under ``"skip"`` each gets a
+        :class:`BadSample` marker that the sampler hands out with the batches, so it is counted, reported (id,
+        ``file:line``) and weighed against ``max_bad_fraction`` every time its turn comes, without being built."""
+        over = [i for i, n in enumerate(lengths) if n > budget]
+        if not over:
+            return
+        records = []
+        for i in over:
+            k, local = mixture.locate(i)
+            records.append((local, mixture.datasets[k].records[local]))
+        reason = "{n} tokens, more than data.{setting}={budget}"
+        if self.dataset_kwargs["bad_sample_policy"] != "skip":
+            _, rec = records[0]
+            first = reason.format(n=lengths[over[0]], setting=setting, budget=budget)
+            more = f" ({len(over) - 1} more sample(s) too)" if len(over) > 1 else ""
+            raise BadSampleError(
+                f"sample {rec.id!r} ({rec.source}): {first}{more}; raise data.{setting}, or set "
+                "data.bad_sample_policy=skip to count such samples as bad ones and go on"
+            )
+        for i, (local, rec) in zip(over, records):
+            why = reason.format(n=lengths[i], setting=setting, budget=budget)
+            mixture.markers[i] = BadSample(index=local, id=rec.id, source=rec.source, reason=why)
+        log.warning(
+            "%d sample(s) longer than data.%s=%d: skipped as bad samples (bad_sample_policy=skip)",
+            len(over),
+            setting,
+            budget,
+        )
+
     def setup(self, stage: str | None = None) -> None:
         world, rank = self._replicas()
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset, lengths = self._build(self.train_spec, weighted=True)
+            self._over_budget(self.train_dataset, lengths, self.batch_max_tokens, "batch_max_tokens")
             self.train_sampler = TokenBudgetBatchSampler(
                 lengths,
                 self.batch_max_tokens,
@@ -207,6 +258,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
                 self._pending_sampler_state = None
         if stage in (None, "fit", "validate") and self.val_spec and self.val_dataset is None:
             self.val_dataset, lengths = self._build(self.val_spec, weighted=False)
+            self._over_budget(self.val_dataset, lengths, self.val_batch_max_tokens, self._val_budget)
             self.val_sampler = TokenBudgetBatchSampler(
                 lengths,
                 self.val_batch_max_tokens,
@@ -228,6 +280,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            worker_init_fn=partial(init_worker, rank=self._replicas()[1]) if workers > 0 else None,
             **kwargs,
         )
 

@@ -49,8 +49,10 @@ class TokenBudgetBatchSampler:
             randomness.
         epoch_indices: ``epoch -> indices`` making up the epoch (e.g. :meth:`MixtureDataset.epoch_indices`);
             default: every index once.
-        on_oversized: samples longer than ``max_tokens`` raise (``"error"``) or are left out with a warning
-            (``"skip"``; listed in :attr:`oversized`).
+        on_oversized: samples longer than ``max_tokens`` (listed in :attr:`oversized`) raise (``"error"``), are left
+            out with a warning (``"skip"``), or are carried along (``"carry"``): each epoch hands them out inside
+            the batches of samples that fit, at no token cost, for the dataset to return a bad-sample marker in
+            their place (see :attr:`MixtureDataset.markers`), so that they are counted like any bad sample.
     """
 
     def __init__(
@@ -81,8 +83,8 @@ class TokenBudgetBatchSampler:
             )
         if bucket_size_multiplier < 1:
             raise ValueError(f"bucket_size_multiplier must be >= 1, got {bucket_size_multiplier}")
-        if on_oversized not in ("error", "skip"):
-            raise ValueError(f"on_oversized must be 'error' or 'skip', got {on_oversized!r}")
+        if on_oversized not in ("error", "skip", "carry"):
+            raise ValueError(f"on_oversized must be 'error', 'skip' or 'carry', got {on_oversized!r}")
         self.oversized = np.flatnonzero(self.lengths > max_tokens).tolist()
         if self.oversized and on_oversized == "error":
             i = self.oversized[0]
@@ -90,8 +92,9 @@ class TokenBudgetBatchSampler:
                 f"{len(self.oversized)} sample(s) are longer than max_tokens={max_tokens} (e.g. index {i} with "
                 f"{self.lengths[i]} tokens); raise the batch token budget or pass on_oversized='skip'"
             )
-        if self.oversized:
+        if self.oversized and on_oversized == "skip":
             log.warning("leaving out %d sample(s) longer than max_tokens=%d", len(self.oversized), max_tokens)
+        self.on_oversized = on_oversized
         self.max_tokens = int(max_tokens)
         self.shuffle = shuffle
         self.seed = int(seed)
@@ -123,8 +126,12 @@ class TokenBudgetBatchSampler:
             if self.epoch_indices is None
             else np.asarray(self.epoch_indices(epoch))
         )
+        carried = np.zeros(0, dtype=np.int64)
         if self.oversized:
-            indices = indices[self.lengths[indices] <= self.max_tokens]
+            fits = self.lengths[indices] <= self.max_tokens
+            if self.on_oversized == "carry":
+                carried = indices[~fits]
+            indices = indices[fits]
         rng = _generator(self.seed, epoch)
         if self.shuffle:
             indices = indices[rng.permutation(len(indices))]
@@ -148,6 +155,19 @@ class TokenBudgetBatchSampler:
                 batches.append(batch)
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
+        if len(carried):
+            # Replaced by markers, never built: they cost no tokens. Spread over the batches (a batch of their own
+            # when nothing fits) so that every rank counts its share.
+            if not batches:
+                batches = [[] for _ in range(self.num_replicas)]
+            where = (
+                _generator(self.seed, epoch, 1).integers(len(batches), size=len(carried))
+                if self.shuffle
+                else np.arange(len(carried)) % len(batches)
+            )
+            for b, i in zip(where.tolist(), carried.tolist()):
+                batches[b].append(i)
+            batches = [b for b in batches if b]
         remainder = len(batches) % self.num_replicas
         if remainder and self.drop_last:
             batches = batches[: len(batches) - remainder]
@@ -233,15 +253,25 @@ class MixtureDataset(Dataset):
                     f"lengths sizes {[len(x) for x in lengths]} do not match datasets {self.sizes}"
                 )
             self.lengths = np.concatenate([np.asarray(x, dtype=np.int64) for x in lengths])
+        # global index -> what to return instead of building the sample (the data module's bad-sample markers for
+        # samples over the batch token budget)
+        self.markers: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, index: int) -> Any:
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(dataset k, index within it)`` of a global index."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a mixture of {len(self)} samples")
         k = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        return self.datasets[k][index - int(self.offsets[k])]
+        return k, index - int(self.offsets[k])
+
+    def __getitem__(self, index: int) -> Any:
+        if index in self.markers:
+            return self.markers[index]
+        k, local = self.locate(index)
+        return self.datasets[k][local]
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """Global indices making up ``epoch`` (unordered; the batch sampler shuffles them)."""

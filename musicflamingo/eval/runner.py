@@ -13,6 +13,7 @@ fails instead of mixing predictions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,11 +24,14 @@ from typing import Any
 
 import torch
 
+from musicflamingo.chat import think_prompt
 from musicflamingo.checkpoint import CheckpointError, check_checkpoint_dir, load_config, stop_token_ids
 from musicflamingo.eval.benchmarks import Benchmark, EvalItem, build_benchmark
 from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
 from musicflamingo.eval.report import write_json, write_report
+from musicflamingo.reasoning import think_report
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype
+from musicflamingo.settings import check_eval_settings
 
 log = logging.getLogger(__name__)
 
@@ -165,16 +169,27 @@ def run_benchmark(
     cer_languages: Sequence[str] = CER_LANGUAGES,
     extra: Mapping[str, Any] | None = None,
     length: Callable[[EvalItem], float] | None = None,
+    official_format: str | None = None,
+    think: bool = False,
 ) -> dict[str, Any]:
     """Predict (resumably), score and report. Writes ``predictions.jsonl``, ``per_item.jsonl`` (parsed answers,
     correctness), ``results.json``, ``results.md`` and PNG plots into ``out_dir``; returns the results dict
-    (``tasks`` holds one summary per task present). ``length``: batch by it (see :func:`predict_items`)."""
+    (``tasks`` holds one summary per task present). ``length``: batch by it (see :func:`predict_items`).
+    ``official_format``: also write the prediction file that benchmark's own scorer reads
+    (:func:`~musicflamingo.eval.report.write_official_predictions`). ``think``: the predictions are think-mode
+    texts; their ``<answer>`` text is scored (:func:`~musicflamingo.reasoning.think_report`), per-item rows get
+    the think status, thinking and lengths, and ``results["think"]`` counts the tags' statuses."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     preds = predict_items(
         items, predict_fn, out_dir / PREDICTIONS_FILE, batch_size, progress=progress, desc=name, length=length
     )
+    raw = preds
+    if think:
+        preds, think_rows, think_summary = think_report(raw)
     tasks, rows = score_items(items, preds, cer_languages=cer_languages)
+    if think:
+        rows = [{**r, **think_rows.get(r.get("id"), {})} for r in rows]
     with (out_dir / "per_item.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     results: dict[str, Any] = {
@@ -185,7 +200,10 @@ def run_benchmark(
         **dict(extra or {}),
         "tasks": tasks,
     }
-    results["files"] = write_report(results, out_dir)
+    if think:
+        results["think"] = think_summary
+    official = (official_format, items, preds) if official_format else None
+    results["files"] = write_report(results, out_dir, official=official)
     return results
 
 
@@ -223,14 +241,21 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     model = MusicFlamingo.from_pretrained(str(ckpt), dtype=dtype, device=device)
     model.eval()
     processor = MusicFlamingoProcessor.from_pretrained(str(ckpt))
-    max_new_tokens = int(cfg.get("max_new_tokens") or 256)
+    max_new_tokens = 256 if cfg.get("max_new_tokens") is None else int(cfg["max_new_tokens"])
+    if max_new_tokens < 1:
+        raise EvalConfigError(f"max_new_tokens={max_new_tokens}: expected an integer >= 1")
     compile_steps = bool(cfg.get("compile") or False)  # torch.compile the decode step (see generation.py)
 
     def audio_part(it: EvalItem) -> dict[str, Any]:
         if it.offset or it.duration is not None:
             from musicflamingo.audio.io import load_audio
 
-            return {"type": "audio", "audio": load_audio(it.audio, offset=it.offset, duration=it.duration)}
+            return {
+                "type": "audio",
+                "audio": load_audio(
+                    it.audio, offset=it.offset, duration=it.duration, max_seconds=processor.kept_seconds
+                ),
+            }
         return {"type": "audio", "path": it.audio}
 
     def decode(ids) -> list[str]:
@@ -319,19 +344,29 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     prediction.
     """
     c = _plain(cfg)
+    check_eval_settings(c)  # types and ranges, before the checkpoint or the benchmark is read
     bench_cfg = dict(c.get("benchmark") or {})
     if not bench_cfg:
         raise EvalConfigError("no benchmark selected: pass benchmark=<name> (see configs/benchmark/)")
     ckpt = None if predict_fn is not None else check_checkpoint(c.get("ckpt"))
     bench: Benchmark = build_benchmark(bench_cfg)
+    # What was found and what was left out, before the first prediction (a partial release is visible here).
+    log.log(logging.WARNING if bench.missing_audio else logging.INFO, "%s: %s", bench.name, bench.describe())
     items = bench.items
+    think = c.get("think", False)
+    if not isinstance(think, bool):
+        raise EvalConfigError(f"think={think!r}: expected true or false")
+    if think:  # the think suffix after each prompt (chat.think_prompt); predictions keep the whole text
+        items = [dataclasses.replace(it, prompt=think_prompt(it.prompt)) for it in items]
     limit = c.get("limit")
     if limit is not None:
         if int(limit) < 0:
             raise EvalConfigError(f"limit must be >= 0 or null, got {limit}")
         items = items[: int(limit)]
     out_dir = Path(os.path.expanduser(str(c.get("output_dir") or f"outputs/eval/{bench.name}/default")))
-    max_new_tokens = c.get("max_new_tokens") or bench_cfg.get("max_new_tokens") or 256
+    max_new_tokens = c.get("max_new_tokens")
+    if max_new_tokens is None:  # null: the benchmark's (0 is refused above, never a silent default)
+        max_new_tokens = 256 if bench_cfg.get("max_new_tokens") is None else bench_cfg["max_new_tokens"]
     identity = {
         "benchmark": bench.name,
         "data_file": Path(bench.source).name,
@@ -339,6 +374,8 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
         "max_new_tokens": int(max_new_tokens),
         "benchmark_cfg": {k: v for k, v in sorted(bench_cfg.items()) if k not in _IDENTITY_IGNORED},
     }
+    if think:  # only when set: folders of earlier runs (no key) still resume
+        identity["think"] = True
     _check_run_identity(out_dir, identity)
     if predict_fn is None:
         model_cfg = {**c, "max_new_tokens": int(max_new_tokens)}
@@ -347,7 +384,7 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
         items,
         predict_fn,
         out_dir,
-        int(c.get("batch_size") or 8),
+        8 if c.get("batch_size") is None else int(c["batch_size"]),
         name=bench.name,
         source=bench.source,
         progress=bool(c.get("progress", True)),
@@ -357,7 +394,12 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
             "ckpt": identity["ckpt"],
             "limit": limit,
             "skipped_missing_audio": bench.skipped_missing_audio,
+            "counts": bench.counts(),
+            # the settings the paper's numbers depend on (report.PAPER_RESULTS)
+            "settings": {k: bench_cfg.get(k) for k in ("format", "split", "unit") if k in bench_cfg},
         },
+        official_format=str(bench_cfg.get("format") or ""),
+        think=think,
     )
     log.info("%s: results in %s", bench.name, out_dir)
     return results
@@ -380,10 +422,18 @@ def headline(results: Mapping[str, Any]) -> str:
             "ambiguous",
         ),
         "caption": ("bleu", "rougeL", "aspect_recall"),
+        "open_qa": ("bleu", "rougeL"),
         "lyrics": ("wer", "cer"),
     }
-    return "\n".join(
+    lines = [
         f"{results['benchmark']} {task}: n={s.get('n', 0)} "
         + " ".join(f"{k}={f(s.get(k))}" for k in keys.get(task, ()))
         for task, s in results["tasks"].items()
-    )
+    ]
+    if results.get("think"):
+        t = results["think"]
+        lines.append(
+            f"{results['benchmark']} think: ok={t['ok']} missing={t['missing']} broken={t['broken']} "
+            f"answer_words={f(t['answer_words_mean'])} thinking_words={f(t['thinking_words_mean'])}"
+        )
+    return "\n".join(lines)

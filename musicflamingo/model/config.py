@@ -284,6 +284,9 @@ class MusicFlamingoConfig:
             rope = tc.get("rope_parameters") or {}
             eos = tc.get("eos_token_id")
             if isinstance(eos, list):  # generation-style list: keep the first as the canonical eos
+                for i, x in enumerate(eos):  # the others are checked too: a string here is a broken file
+                    if isinstance(x, bool) or not isinstance(x, int):
+                        raise ConfigError(f"text_config.eos_token_id[{i}] must be an integer, got {x!r}")
                 eos = eos[0] if eos else None
             text = TextConfig(
                 vocab_size=pick(tc, "vocab_size", default=151672),

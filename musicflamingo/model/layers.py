@@ -189,7 +189,10 @@ class CacheView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, H_kv, T, hd) -> all keys and values this forward sees, (B, H_kv, width, hd) views."""
         keys, values = self.cache.layers[layer]  # (slots, H_kv, capacity, hd) each
-        k, v = k.to(keys.dtype), v.to(values.dtype)  # under autocast the projections may come out in another dtype
+        k, v = (
+            k.to(keys.dtype),
+            v.to(values.dtype),
+        )  # under autocast the projections may come out in another dtype
         if self.positions is None:
             end = self.start + k.shape[2]
             keys[self.rows, :, self.start : end] = k

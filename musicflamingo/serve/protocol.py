@@ -304,8 +304,9 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
     if n is not None and n != 1:
         raise bad_request("n", f"only n=1 is supported, got {n!r}")
     t = data.get("temperature")
-    if t is not None and (not _is_number(t) or not 0 <= t <= 2):
-        raise bad_request("temperature", f"must be a number in [0, 2], got {t!r}")
+    if t is not None and (not _is_number(t) or not (t == 0 or 0.01 <= t <= 2)):
+        # 0 means greedy; below 0.01 the sampler's logits / temperature overflow (engine.SamplingParams)
+        raise bad_request("temperature", f"must be 0 (greedy) or a number in [0.01, 2], got {t!r}")
     req.temperature = None if t is None else float(t)
     p = data.get("top_p")
     if p is not None and (not _is_number(p) or not 0 < p <= 1):

@@ -1,0 +1,365 @@
+"""The settings each entry point accepts, checked before any weights or data are read: one function per entry point,
+:func:`check_train_settings` (`train.py`), :func:`check_eval_settings` (`eval.py`) and :func:`check_infer_settings`
+(`infer.py`).
+
+Each takes the entry point's settings as nested mappings (Hydra's composed config, resolved) and raises
+:class:`SettingsError` naming the setting and its value, e.g. ``model.optimizer.lr=-0.01: expected a finite number
+> 0``. Types, ranges and the rules that tie two settings together live here; ``0`` never stands for "the default"
+(batch sizes, ``max_new_tokens``). Missing keys are left to the defaults of the code that reads them (tests pass
+partial mappings).
+
+Unknown keys: Hydra's ``+key=value`` adds a key even where nothing reads it (``+model.scheduler.warmup_step=100``
+next to ``warmup_steps``). :func:`check_known_keys` compares every node Hydra builds (one with a ``_target_``) with
+the parameters of what it builds, the fixed dicts (``model.net.freeze``, ``model.net.lora``, ``model.part_lr``) with
+their keys, and the top level with the keys the entry point's YAML defines (:func:`config_keys`), and names the
+valid keys. Sampling settings of `infer.py` are checked by :class:`musicflamingo.engine.SamplingParams`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import yaml
+
+from musicflamingo.model.build import LORA_KEYS, PARTS
+from musicflamingo.runtime import parse_dtype, resolve_device
+
+
+class SettingsError(ValueError):
+    """A setting has the wrong type, is out of range, contradicts another or is unknown (named with its value)."""
+
+
+# The configs folder beside the package (entry points compose from it).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_keys(name: str) -> tuple[str, ...] | None:
+    """The top-level keys `configs/<name>.yaml` defines: its own keys and the groups of its defaults list
+    (`paths`, `model`, ...). None when the folder is not there (a package installed without the configs)."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    keys = {str(k) for k in data if k not in ("defaults", "hydra")}
+    for entry in data.get("defaults") or []:
+        group = next(iter(entry)) if isinstance(entry, dict) and entry else entry
+        if not isinstance(group, str) or group.startswith("override ") or group == "_self_":
+            continue
+        group = group.removeprefix("optional ").split("@")[0].split("/")[0]
+        if group != "hydra":
+            keys.add(group)
+    return tuple(sorted(keys))
+
+
+# Dicts that are arguments rather than objects: their keys are fixed by the code that reads them.
+FIXED_KEYS: dict[str, tuple[str, ...]] = {
+    "model.net.freeze": PARTS,
+    "model.net.lora": LORA_KEYS,
+    "model.part_lr": PARTS,
+}
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_MISSING = object()
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def check_train_settings(settings: Mapping[str, Any]) -> None:
+    """`configs/train.yaml`, composed and resolved: keys, types, ranges, and the rules between settings."""
+    check_known_keys(settings, config_keys("train"))
+    _number(settings, "seed", integer=True)
+    _threads(settings)
+    _boolean(settings, "export")
+    ckpt = _get(settings, "ckpt_path")
+    if ckpt not in (_MISSING, None, "", "null", "last") and not Path(str(ckpt)).is_file():
+        _fail(
+            "ckpt_path",
+            ckpt,
+            "no such checkpoint file (`last`: the run folder's last.ckpt; null: start afresh)",
+        )
+
+    # model: what trains and how fast
+    _number(settings, "model.net.seed", integer=True)
+    for flag in ("rote_quirk", "gradient_checkpointing", "compile"):
+        _boolean(settings, f"model.net.{flag}")
+    for part in PARTS:
+        _boolean(settings, f"model.net.freeze.{part}")
+        _number(settings, f"model.part_lr.{part}", lo=0, lo_open=True, optional=True)
+    _boolean(settings, "model.net.lora.enabled")
+    _number(settings, "model.net.lora.rank", integer=True, lo=1)
+    _number(settings, "model.net.lora.alpha", lo=0, lo_open=True)
+    _number(settings, "model.net.lora.dropout", lo=0, hi=1, hi_open=True)
+    targets = _get(settings, "model.net.lora.targets")
+    if targets is not _MISSING and (
+        isinstance(targets, str)
+        or not isinstance(targets, Sequence)
+        or not targets
+        or not all(isinstance(t, str) and t for t in targets)
+    ):
+        _fail("model.net.lora.targets", targets, "expected a non-empty list of linear layer names")
+    _number(settings, "model.optimizer.lr", lo=0, lo_open=True)
+    _number(settings, "model.optimizer.weight_decay", lo=0)
+    _number(settings, "model.optimizer.eps", lo=0, lo_open=True)
+    betas = _get(settings, "model.optimizer.betas")
+    if betas is not _MISSING and not (
+        isinstance(betas, Sequence)
+        and not isinstance(betas, str)
+        and len(betas) == 2
+        and all(_is_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        _fail("model.optimizer.betas", _plain(betas), "expected two numbers in [0, 1)")
+    _number(settings, "model.scheduler.warmup_steps", integer=True, lo=0)
+    _number(settings, "model.scheduler.max_steps", integer=True, lo=1, special=(-1,), note="-1: by epochs")
+    _number(settings, "model.scheduler.min_lr_ratio", lo=0, hi=1)
+    warmup = _get(settings, "model.scheduler.warmup_steps")
+    length = _get(settings, "model.scheduler.max_steps")
+    if isinstance(warmup, int) and isinstance(length, int) and length >= 1 and warmup > length:
+        raise SettingsError(
+            f"model.scheduler.warmup_steps={warmup} is more than model.scheduler.max_steps={length}: the learning "
+            "rate would never reach model.optimizer.lr; lower the warmup or lengthen the run"
+        )
+    _choice(settings, "model.nonfinite_loss", ("stop", "skip"))
+
+    # data
+    _number(settings, "data.batch_max_tokens", integer=True, lo=1)
+    _number(settings, "data.val_batch_max_tokens", integer=True, lo=1, optional=True)
+    _number(settings, "data.num_workers", integer=True, lo=0)
+    _choice(settings, "data.bad_sample_policy", ("error", "skip"))
+    _number(settings, "data.max_bad_fraction", lo=0, hi=1, optional=True)
+    _number(settings, "data.max_text_tokens", integer=True, lo=1, optional=True)
+    _number(settings, "data.min_audio_seconds", lo=0)
+    _number(settings, "data.seed", integer=True)
+    _boolean(settings, "data.train_on_prompt")
+
+    # trainer
+    _number(settings, "trainer.max_steps", integer=True, lo=1, special=(-1,), note="-1: by epochs")
+    _number(
+        settings, "trainer.max_epochs", integer=True, lo=1, special=(-1,), optional=True, note="-1: no limit"
+    )
+    _number(settings, "trainer.accumulate_grad_batches", integer=True, lo=1)
+    _number(settings, "trainer.gradient_clip_val", lo=0, optional=True)
+    steps, epochs = _get(settings, "trainer.max_steps"), _get(settings, "trainer.max_epochs")
+    if steps == -1 and epochs == -1 and _get(settings, "trainer.max_time") in (_MISSING, None):
+        raise SettingsError(
+            "trainer.max_steps=-1 and trainer.max_epochs=-1: the run would never end; set trainer.max_steps, "
+            "trainer.max_epochs or trainer.max_time"
+        )
+    _accelerator(settings, "trainer.accelerator")
+
+
+def check_eval_settings(settings: Mapping[str, Any]) -> None:
+    """`configs/eval.yaml`, composed and resolved (the benchmark's own keys are read by its reader)."""
+    check_known_keys(settings, config_keys("eval"))
+    _number(settings, "batch_size", integer=True, lo=1, optional=True, note="null: 8")
+    _number(settings, "max_new_tokens", integer=True, lo=1, optional=True, note="null: the benchmark's")
+    _number(settings, "benchmark.max_new_tokens", integer=True, lo=1, optional=True)
+    _number(settings, "limit", integer=True, lo=0, optional=True, note="null: every item")
+    for flag in ("sort_by_length", "compile", "progress"):
+        _boolean(settings, flag)
+    _device_dtype(settings)
+
+
+def check_infer_settings(settings: Mapping[str, Any]) -> None:
+    """`configs/infer.yaml` (decoding settings: :class:`musicflamingo.engine.SamplingParams`)."""
+    check_known_keys(settings, config_keys("infer"))
+    _number(settings, "batch_size", integer=True, lo=1, optional=True, note="null: every file at once")
+    for flag in ("interactive", "stream", "compile", "do_sample"):
+        _boolean(settings, flag)
+    level = _get(settings, "log_level")
+    if level is not _MISSING and str(level).upper() not in LOG_LEVELS:
+        _fail("log_level", level, f"expected one of {', '.join(LOG_LEVELS)}")
+    _threads(settings)
+    _device_dtype(settings)
+
+
+# ---------------------------------------------------------------------------------------------- unknown keys
+def check_known_keys(settings: Mapping[str, Any], top: Sequence[str] | None = None) -> None:
+    """Refuse a key nothing reads: a top-level key not in `top`, a key of a `_target_` node that is not a parameter
+    of its target (targets taking `**kwargs` accept anything), a key of a :data:`FIXED_KEYS` dict."""
+    if top is not None:
+        _known(settings, "", set(top))
+    _walk(settings, "")
+
+
+def _walk(node: Any, where: str) -> None:
+    if isinstance(node, Mapping):
+        if where in FIXED_KEYS:
+            _known(node, where, set(FIXED_KEYS[where]))
+            missing = [k for k in FIXED_KEYS[where] if k not in node]
+            if missing:
+                raise SettingsError(
+                    f"{where}: missing key(s) {missing}; expected exactly {list(FIXED_KEYS[where])}"
+                )
+        if "_target_" in node:
+            valid = _parameters(node["_target_"], where)
+            if valid is not None:
+                _known(node, where, valid | HYDRA_KEYS)
+        for key, value in node.items():
+            _walk(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, Sequence) and not isinstance(node, str):
+        for i, value in enumerate(node):
+            _walk(value, f"{where}[{i}]")
+
+
+def _known(node: Mapping[str, Any], where: str, valid: set[str]) -> None:
+    for key in node:
+        if key in valid:
+            continue
+        name = f"{where}.{key}" if where else str(key)
+        close = difflib.get_close_matches(str(key), sorted(valid - HYDRA_KEYS), n=1)
+        if close:
+            hint = f" (did you mean {f'{where}.' if where else ''}{close[0]}?)"
+        else:  # a key given one level too high: `+model.lora.rank=4` for model.net.lora.rank
+            homes = [k for k, v in node.items() if isinstance(v, Mapping) and key in v]
+            hint = f" (did you mean {where + '.' if where else ''}{homes[0]}.{key}?)" if homes else ""
+        shown = ", ".join(sorted(valid - HYDRA_KEYS))
+        raise SettingsError(
+            f"{name}={_plain(node[key])!r}: unknown setting{hint}; {where or 'the top level'} takes: {shown}"
+        )
+
+
+def _parameters(target: Any, where: str) -> set[str] | None:
+    """The keyword parameters of the callable named `target`; None when it takes `**kwargs`."""
+    obj = _locate(str(target), where)
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to compare with
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params if p.kind in named}
+
+
+def _locate(path: str, where: str) -> Any:
+    """The object at dotted `path` (`torch.optim.AdamW`), as Hydra finds a `_target_`."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            # `module` exists but one of its own imports is missing: not a typo in the config
+            if e.name is None or not module.startswith(e.name):
+                raise SettingsError(f"{where}._target_={path!r}: cannot be imported ({e})") from None
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                break
+            obj = getattr(obj, attr)
+        else:
+            return obj
+        break
+    raise SettingsError(f"{where}._target_={path!r}: no such class or function")
+
+
+# ---------------------------------------------------------------------------------------------- values
+def _get(settings: Mapping[str, Any], key: str) -> Any:
+    node: Any = settings
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _plain(value: Any) -> Any:
+    """Lists and dicts of a config as plain Python, for messages."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _fail(key: str, value: Any, expected: str) -> NoReturn:
+    raise SettingsError(f"{key}={_plain(value)!r}: {expected}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(
+    settings: Mapping[str, Any],
+    key: str,
+    *,
+    integer: bool = False,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    optional: bool = False,
+    special: tuple[int, ...] = (),
+    note: str = "",
+) -> None:
+    """`key` is a finite number (an int with `integer`) in the range, or one of `special`, or null if `optional`."""
+    value = _get(settings, key)
+    if value is _MISSING or (value is None and optional):
+        return
+    ok = _is_number(value) and (isinstance(value, int) or not integer)
+    if ok and isinstance(value, int) and value in special:
+        return
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if ok:
+        return
+    kind = "an integer" if integer else "a finite number"
+    if lo is not None and hi is not None:
+        kind += f" in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        kind += f" {'>' if lo_open else '>='} {_num(lo)}"
+    elif hi is not None:
+        kind += f" {'<' if hi_open else '<='} {_num(hi)}"
+    alternatives = [str(s) for s in special] + (["null"] if optional else [])
+    if alternatives:
+        kind += f", or {' or '.join(alternatives)}"
+    _fail(key, value, f"expected {kind}" + (f" ({note})" if note else ""))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _boolean(settings: Mapping[str, Any], key: str) -> None:
+    value = _get(settings, key)
+    if value is not _MISSING and not isinstance(value, bool):
+        _fail(key, value, "expected true or false")
+
+
+def _choice(settings: Mapping[str, Any], key: str, options: Sequence[str]) -> None:
+    value = _get(settings, key)
+    if value is not _MISSING and value not in options:
+        _fail(key, value, "expected " + " or ".join(repr(o) for o in options))
+
+
+def _threads(settings: Mapping[str, Any]) -> None:
+    value = _get(settings, "threads")
+    if value is not _MISSING and value is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail("threads", value, "expected an integer >= 1, or null (torch's default)")
+
+
+def _device_dtype(settings: Mapping[str, Any]) -> None:
+    device, dtype = _get(settings, "device"), _get(settings, "dtype")
+    if device is not _MISSING:
+        resolve_device(device)  # RuntimeConfigError naming `device=...`
+    if dtype is not _MISSING:
+        parse_dtype(dtype)  # RuntimeConfigError naming `dtype=...`
+
+
+def _accelerator(settings: Mapping[str, Any], key: str) -> None:
+    value = _get(settings, key)
+    if value in ("gpu", "cuda") and not torch.cuda.is_available():
+        _fail(key, value, "CUDA is not available here; use trainer=cpu")
+    if value == "mps" and not torch.backends.mps.is_available():
+        _fail(key, value, "MPS is not available here; use trainer=cpu")
