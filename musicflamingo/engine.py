@@ -352,7 +352,9 @@ class Engine:
         logits = step_fn(self.model, ids, mask, rope, view)  # (rows, V)
         for s in live:
             cache.advance(s.index, 1)
-        return self._accept(live, logits[[s.index for s in live]])
+        if len(live) < rows:  # rows that do not decode are in the batch too: keep the live ones' logits
+            logits = logits[[s.index for s in live]]
+        return self._accept(live, logits)
 
 
 def decode_step(model: torch.nn.Module, ids: torch.Tensor, mask, rope, view) -> torch.Tensor:  # noqa: ANN001

@@ -158,7 +158,7 @@ class KVCache:
             raise RuntimeError(
                 f"KV cache overflow: slot {slot} needs {start + n} positions, capacity {self.capacity}"
             )
-        return CacheView(self, slice(slot, slot + 1), start, None, start + n)
+        return CacheView(self, slice(slot, slot + 1), start, None, None, start + n)
 
     def view_decode(self, rows: int, positions: torch.Tensor, width: int) -> CacheView:
         """A one-token forward of slots `0..rows-1`, row b writing at `positions[b]` and seeing `width` positions
@@ -167,7 +167,8 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {width} positions needed, capacity {self.capacity}")
         for s in range(rows):  # what they write past their keys must be cleared when the slot is reused
             self.dirty[s] = max(self.dirty[s], self.lengths[s] + 1)
-        return CacheView(self, slice(0, rows), None, positions, width)
+        rows_index = torch.arange(rows, device=positions.device)
+        return CacheView(self, slice(0, rows), None, positions, rows_index, width)
 
 
 @dataclass
@@ -184,6 +185,7 @@ class CacheView:
     rows: slice
     start: int | None
     positions: torch.Tensor | None
+    rows_index: torch.Tensor | None  # decode: arange(B), paired with `positions` for the writes
     width: int
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +201,6 @@ class CacheView:
             values[self.rows, :, self.start : end] = v
         else:
             # row b writes its one position at positions[b] (scatter_ along the sequence axis copied the cache)
-            rows = torch.arange(self.rows.start, self.rows.stop, device=k.device)
-            keys[rows, :, self.positions] = k[:, :, 0]
-            values[rows, :, self.positions] = v[:, :, 0]
+            keys[self.rows_index, :, self.positions] = k[:, :, 0]
+            values[self.rows_index, :, self.positions] = v[:, :, 0]
         return keys[self.rows, :, : self.width], values[self.rows, :, : self.width]
