@@ -230,6 +230,8 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
     seen = {}
 
     class FakeProcessor:
+        kept_seconds = 1200.0  # the processor's cap on decoded audio (40 windows of 30 s)
+
         @classmethod
         def from_pretrained(cls, path):
             seen["processor_dir"] = path
@@ -279,7 +281,13 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
     monkeypatch.setattr(musicflamingo, "MusicFlamingo", FakeModel, raising=False)
     monkeypatch.setattr(musicflamingo, "MusicFlamingoProcessor", FakeProcessor, raising=False)
     io_mod = types.ModuleType("musicflamingo.audio.io")
-    io_mod.load_audio = lambda path, offset=0.0, duration=None: ("segment", path, offset, duration)
+    io_mod.load_audio = lambda path, offset=0.0, duration=None, max_seconds=None: (
+        "segment",
+        path,
+        offset,
+        duration,
+        max_seconds,
+    )
     monkeypatch.setitem(sys.modules, "musicflamingo.audio.io", io_mod)
 
     fn = build_predict_fn({"ckpt": str(tmp_path), "device": "cpu", "dtype": "float32", "max_new_tokens": 3})
@@ -294,7 +302,10 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
     assert seen["template_kw"] == {"tokenize": True, "add_generation_prompt": True, "return_dict": True}
     first, second = (c[0]["content"] for c in seen["conversations"])
     assert first == [{"type": "audio", "path": "/x/a.wav"}, {"type": "text", "text": "Q1"}]
-    assert second[0] == {"type": "audio", "audio": ("segment", "/x/b.wav", 30.0, 10.0)}
+    assert second[0] == {
+        "type": "audio",
+        "audio": ("segment", "/x/b.wav", 30.0, 10.0, 1200.0),
+    }  # decoded up to the cap
 
 
 def test_build_predict_fn_refuses_weights_larger_than_memory(tmp_path, monkeypatch):
