@@ -439,8 +439,8 @@ class GRPOLit(MusicFlamingoLit):
         was_training = model.training
         model.eval()
         try:
-            # Without autocast (bf16-mixed training): the engine's cache holds the weights' dtype and takes keys
-            # and values of that dtype only.
+            # Without autocast (bf16-mixed training): rollouts run in the weights' dtype, as inference and eval
+            # do, so a sample's tokens are those the exported model would generate.
             with torch.autocast(self.device.type, enabled=False):
                 return self._sample(prompts, features, features_mask, group_size, params, generator)
         finally:
