@@ -67,14 +67,15 @@ def make_mmau_pro(root: Path) -> Path:
 
 
 def make_muchomusic(root: Path, downloader_names: bool = False) -> Path:
-    """muchomusic.csv + sdd/audio/<nn>/<id>.2min.mp3 + musiccaps/audio/[<ytid>]-[<start>-<end>].wav (or, with
-    ``downloader_names``, MuChoMusic's download.py naming <ytid>_<start>.wav)."""
+    """muchomusic.csv + sdd/audio/<nn>/<id>.2min.mp3 (<nn>: the id's last two digits, as SDD ships them) +
+    musiccaps/audio/[<ytid>]-[<start>-<end>].wav (or, with ``downloader_names``, MuChoMusic's download.py naming
+    <ytid>_<start>.wav)."""
     _copy("muchomusic", root)
     with (root / "muchomusic.csv").open(newline="", encoding="utf-8") as f:
         for rec in csv.DictReader(f):
             ident = rec["dataset_identifier"]
             if rec["dataset"] == "sdd":
-                tone(root / "sdd" / "audio" / ident[:2] / f"{ident}.2min.mp3")
+                tone(root / "sdd" / "audio" / ident[-2:] / f"{ident}.2min.mp3")
             else:
                 ytid, _, start = ident.rpartition("_")
                 name = f"{ident}.wav" if downloader_names else f"[{ytid}]-[{start}-{int(start) + 10}].wav"
@@ -145,7 +146,8 @@ def make_jamendolyrics(root: Path) -> Path:
 
 
 def make_opencpop(root: Path) -> Path:
-    """segments/test.txt + segments/train.txt + segments/wavs/<uid>.wav."""
+    """segments/test.txt (3 lines in the documented format) + segments/train.txt (2 real lines) +
+    segments/wavs/<uid>.wav."""
     _copy("opencpop", root)
     for split in ("test", "train"):
         for line in (root / "segments" / f"{split}.txt").read_text(encoding="utf-8").splitlines():

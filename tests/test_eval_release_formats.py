@@ -282,7 +282,8 @@ def test_muchomusic_release_ids_audio_and_official_file(tmp_path, downloader_nam
     root = make_muchomusic(tmp_path / "muchomusic", downloader_names)
     items = {it.id: it for it in _bench("muchomusic", root).items}
     assert sorted(items) == ["1003", "2071", "2207", "2388"]  # question_id, not line numbers
-    assert items["1003"].audio == str(root / "sdd" / "audio" / "41" / "415600.2min.mp3")
+    # SDD's audio/<last two digits of the id>/ folder (MuChoMusic's README: data/sdd/audio/00/415600.2min.mp3).
+    assert items["1003"].audio == str(root / "sdd" / "audio" / "00" / "415600.2min.mp3")
     name = "-6pcgdLfb_A_110.wav" if downloader_names else "[-6pcgdLfb_A]-[110-120].wav"
     assert Path(items["2388"].audio).name == name  # a ytid that itself contains "_"
     assert all(it.choices[it.answer_index] == it.answer for it in items.values())
@@ -309,6 +310,12 @@ def test_muchomusic_release_ids_audio_and_official_file(tmp_path, downloader_nam
         s["accuracy_official"]
     )
     assert "accuracy (the benchmark's own parser)" in (root / "out" / "results.md").read_text()
+
+    # A missing SDD file is reported at the path SDD keeps it under.
+    sdd_file = Path("sdd", "audio", "00", "415600.2min.mp3")
+    (root / sdd_file).unlink()
+    with pytest.raises(BenchmarkError, match=re.escape(str(sdd_file))):
+        _bench("muchomusic", root)
 
 
 # ---- MusicCaps, Music Instruct, MusicAVQA ----------------------------------------------------------------------
@@ -448,7 +455,12 @@ def test_opencpop_release_scored_with_cer(tmp_path):
     assert (
         items["2001000001"].answer == "感受停在我发端的指尖" and items["2001000001"].meta["language"] == "zh"
     )
-    assert len(_bench("opencpop", root, "benchmark.split=train").items) == 1
+    # Two real train.txt lines: the same sung phrase twice (uids 80 and 102 of song 2003), a mid-phrase SP.
+    train = _bench("opencpop", root, "benchmark.split=train").items
+    assert [(it.id, it.answer) for it in train] == [
+        ("2003000080", "如果云层是天空的一封信"),
+        ("2003000102", "如果云层是天空的一封信"),
+    ]
     answers = {"2001000001": "感受停在我发端的指尖", "2001000002": "如何瞬间冻结时间", "2044000001": "我们的"}
     results = _run("opencpop", root, answers)
     s = results["tasks"]["lyrics"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -552,8 +553,9 @@ def read_muchomusic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         random.Random(f"{seed}:{rec_id}").shuffle(order)
         if rec.get("audio_path"):
             audio = _resolve(str(rec["audio_path"]), base)
-        elif dataset == "sdd":
-            audio = index.get(f"{ident}.2min") or index.get(ident) or str(base / "sdd" / f"{ident}.2min.mp3")
+        elif dataset == "sdd":  # SDD keeps track <id> in audio/<its last two digits>/ (415600 -> 00/)
+            expected = base / "sdd" / "audio" / ident[-2:].zfill(2) / f"{ident}.2min.mp3"
+            audio = index.get(f"{ident}.2min") or index.get(ident) or str(expected)
         else:
             ytid, _, start = ident.rpartition("_")
             audio = (
@@ -1124,7 +1126,8 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     ``choices``, ``answer`` (option text), ``answer_letter``, ``audio`` (relative to the JSONL), ``conversations``.
     The prompt is the user turn without ``<sound>`` (what the model was trained on); if it does not already
     list "(A) ..." options they are appended with ``prompt``. Caption records (``task: "caption"``) are scored
-    with BLEU/ROUGE-L against ``caption`` or the assistant turn when ``include_captions`` is true."""
+    with BLEU/ROUGE-L against ``caption`` or the assistant turn when ``include_captions`` is true, and by the facts
+    they should state (:func:`musicflamingo.rewards.record_facts`: a ``facts`` field, or the clip's ``meta``)."""
     path = _locate(cfg, ["test.jsonl"])
     read.source = str(path)
     base = path.parent.resolve() if not cfg.get("audio_dir") else _audio_base(cfg, path)
@@ -1162,6 +1165,12 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             if not reference:
                 raise BenchmarkError(f"{where}: caption record has no 'caption' field and no assistant turn")
             prompt = text or str(cfg.get("caption_prompt"))
+            from musicflamingo.rewards import record_facts  # here: see eval.metrics.score_caption_facts
+
+            try:
+                facts = record_facts(rec, where)
+            except ValueError as e:
+                raise BenchmarkError(str(e)) from None
             items.append(
                 EvalItem(
                     id=str(rec.get("id", f"L{line}")),
@@ -1169,6 +1178,7 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
                     prompt=prompt,
                     task="caption",
                     answer=reference,
+                    meta={"facts": [dataclasses.asdict(f) for f in facts]} if facts else {},
                     **seg,
                 )
             )
