@@ -8,10 +8,12 @@ Every problem raises :class:`AudioError` (a ``ValueError``) naming the source an
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +103,14 @@ def check_sample_rate(name: str, rate: int) -> None:
         )
 
 
-def _read_soundfile(path: str, offset: float, seconds: float | None) -> tuple[np.ndarray, int, float | None]:
+def _read_soundfile(
+    path: str, offset: float, seconds: float | None, data: bytes | None = None
+) -> tuple[np.ndarray, int, float | None]:
     """Mono float32 of ``[offset, offset + seconds)`` at the file's rate, the rate, and the file's length in
-    seconds (None when unknown). Only those frames are decoded."""
+    seconds (None when unknown). Only those frames are decoded. ``data``: the file's bytes (``path`` names them)."""
     import soundfile as sf
 
-    with sf.SoundFile(path) as f:
+    with sf.SoundFile(path if data is None else io.BytesIO(data)) as f:
         sr = f.samplerate
         check_sample_rate(path, sr)
         known = f.frames > 0
@@ -160,6 +164,7 @@ def load_audio(
     duration: float | None = None,
     min_samples: int = 1,
     max_seconds: float | None = None,
+    data: bytes | None = None,
 ) -> np.ndarray:
     """Decode ``[offset, offset + duration)`` seconds of an audio file to mono float32 ``[T]`` at ``sampling_rate``.
 
@@ -172,6 +177,8 @@ def load_audio(
         max_seconds: keep at most this many seconds (the processor's kept windows), applied before decoding and
             resampling: only those frames are read (plus ``_CAP_MARGIN`` s for the resampler, then cut), so a
             3-hour file costs what its first minutes do. A cut logs one warning naming the file.
+        data: the file's bytes as encoded (e.g. read from a shard); ``path`` then only names it in messages.
+            Decoded exactly as the file would be.
 
     Raises:
         AudioError: missing or undecodable file, a sample rate outside 1-384 kHz, bad offset/duration, empty or
@@ -185,15 +192,19 @@ def load_audio(
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
     p = Path(name)
-    if not p.exists():
+    if data is None and not p.exists():
         raise AudioError(f"{name}: audio file not found")
-    if not p.is_file():
+    if data is None and not p.is_file():
         raise AudioError(f"{name}: not a regular file")
+    if data is not None and not data:
+        raise AudioError(
+            f"{name}: no audio bytes (the file was missing or empty when the shards were written)"
+        )
     capped = max_seconds is not None and (duration is None or duration > max_seconds)
     seconds = max_seconds + _CAP_MARGIN if capped else duration
     errors, total = [], None
     try:
-        x, sr, total = _read_soundfile(name, offset, seconds)
+        x, sr, total = _read_soundfile(name, offset, seconds, data)
         x = resample(x, sr, sampling_rate)
     except AudioError:
         raise
@@ -202,7 +213,13 @@ def load_audio(
         x = None
         for reader in (_read_torchcodec, _read_ffmpeg):
             try:
-                x = reader(name, offset, seconds, sampling_rate)
+                if data is None:
+                    x = reader(name, offset, seconds, sampling_rate)
+                else:  # these decoders read files: bytes go through a temporary one with the same suffix
+                    with tempfile.NamedTemporaryFile(suffix=p.suffix) as tmp:
+                        tmp.write(data)
+                        tmp.flush()
+                        x = reader(tmp.name, offset, seconds, sampling_rate)
                 break
             except AudioError:
                 raise

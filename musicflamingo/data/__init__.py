@@ -1,7 +1,7 @@
 """Training data: manifests -> samples -> token-budget batches (see ``manifest.py`` for the file format)."""
 
 from musicflamingo.chat import IGNORE_INDEX
-from musicflamingo.data.collate import collate
+from musicflamingo.data.collate import collate, collate_packed
 from musicflamingo.data.dataset import (
     BadSample,
     BadSampleError,
@@ -27,6 +27,7 @@ __all__ = [
     "TokenBudgetBatchSampler",
     "TooManyBadSamplesError",
     "collate",
+    "collate_packed",
     "estimate_num_tokens",
     "read_manifest",
 ]

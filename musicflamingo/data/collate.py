@@ -16,6 +16,13 @@ Padding
 Training pads on the right (the default): real tokens then sit at positions ``0..len-1`` and the model's default
 ``arange`` positions are right. Left padding (``padding_side="left"``) is for batched generation, where the
 prompt must end at the last column; positions there are ``cumsum(attention_mask) - 1``.
+
+Packing
+-------
+:func:`collate_packed` puts several conversations one after another in a row instead (long-context SFT): each
+restarts its ``position_ids`` at 0 and ``seq_ids`` tells the decoder which tokens may attend to which (a
+block-diagonal causal mask). Each conversation's first label is -100, so no token learns to predict the next
+conversation's first token: the loss per conversation is the one it has alone.
 """
 
 from __future__ import annotations
@@ -69,29 +76,94 @@ def collate(
         labels[b, cols] = s["labels"]
         attention_mask[b, cols] = 1
 
-    feats = [
-        s["input_features"] for s in good if s.get("input_features") is not None and len(s["input_features"])
-    ]
-    masks = [
-        s["input_features_mask"]
-        for s in good
-        if s.get("input_features") is not None and len(s["input_features"])
-    ]
-    if feats:
-        frames = {tuple(f.shape[1:]) for f in feats}
-        if len(frames) != 1:
-            raise ValueError(
-                f"samples have windows of different shapes {sorted(frames)}; expected one [128, F]"
-            )
-        input_features = torch.cat(feats, dim=0)  # (W, 128, F)
-        input_features_mask = torch.cat(masks, dim=0)  # (W, F)
-    else:
-        input_features = input_features_mask = None
-
+    input_features, input_features_mask = _stack_features(good)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
+        "input_features": input_features,
+        "input_features_mask": input_features_mask,
+        "lengths": torch.tensor(lengths, dtype=torch.long),
+        "num_tokens": int(sum(lengths)),
+        "num_audio_tokens": torch.tensor([int(s.get("num_audio_tokens", 0)) for s in good], dtype=torch.long),
+        "ids": [s.get("id") for s in good],
+        "num_samples": len(samples),
+        "bad_samples": bad,
+    }
+
+
+def _stack_features(good: Sequence[dict[str, Any]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """All samples' windows in sample order: ([W, 128, F] float32, [W, F] int32), or (None, None) without audio."""
+    with_audio = [s for s in good if s.get("input_features") is not None and len(s["input_features"])]
+    if not with_audio:
+        return None, None
+    frames = {tuple(s["input_features"].shape[1:]) for s in with_audio}
+    if len(frames) != 1:
+        raise ValueError(f"samples have windows of different shapes {sorted(frames)}; expected one [128, F]")
+    input_features = torch.cat([s["input_features"] for s in with_audio], dim=0)  # (W, 128, F)
+    input_features_mask = torch.cat([s["input_features_mask"] for s in with_audio], dim=0)  # (W, F)
+    return input_features, input_features_mask
+
+
+def collate_packed(
+    samples: Sequence[dict[str, Any] | None],
+    pad_token_id: int,
+    max_tokens: int,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, Any]:
+    """Pack samples, in order, into rows of at most ``max_tokens`` tokens: a sample that does not fit in the
+    current row starts the next one; one longer than ``max_tokens`` gets a row of its own. Skipped samples drop
+    out as in :func:`collate`.
+
+    Returns the keys of :func:`collate` for R rows of length S: ``input_ids``, ``attention_mask``, ``labels``
+    [R, S]; ``input_features`` [W, 128, F] in conversation order, which is the row-major order of the ``<sound>``
+    runs the model splices them into; per conversation (N of them) ``lengths`` [N], ``num_audio_tokens`` [N],
+    ``ids``; plus ``position_ids`` [R, S] long (0, 1, ... within each conversation, 0 on padding) and ``seq_ids``
+    [R, S] long (the conversation's index in ``ids``; -1 on padding, which then attends only to padding).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    good = [s for s in samples if isinstance(s, dict)]
+    bad = [s for s in samples if s is not None and not isinstance(s, dict)]
+    lengths = [int(s["input_ids"].shape[0]) for s in good]
+    rows: list[list[int]] = []  # conversation indices per row, in order
+    used = max_tokens  # tokens in the current row; "full" at first, so the first sample opens a row
+    for k, n in enumerate(lengths):
+        if used + n > max_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(k)
+        used += n
+    seq_len = max((sum(lengths[k] for k in row) for row in rows), default=0)
+    if pad_to_multiple_of and seq_len % pad_to_multiple_of:
+        seq_len += pad_to_multiple_of - seq_len % pad_to_multiple_of
+
+    shape = (len(rows), seq_len)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    seq_ids = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for k in row:
+            n = lengths[k]
+            cols = slice(start, start + n)
+            input_ids[r, cols] = good[k]["input_ids"]
+            labels[r, cols] = good[k]["labels"]
+            labels[r, start] = IGNORE_INDEX  # the previous conversation's last token would predict it
+            attention_mask[r, cols] = 1
+            position_ids[r, cols] = torch.arange(n)
+            seq_ids[r, cols] = k
+            start += n
+
+    input_features, input_features_mask = _stack_features(good)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "position_ids": position_ids,
+        "seq_ids": seq_ids,
         "input_features": input_features,
         "input_features_mask": input_features_mask,
         "lengths": torch.tensor(lengths, dtype=torch.long),

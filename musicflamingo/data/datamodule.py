@@ -22,10 +22,12 @@ import lightning as L
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
-from musicflamingo.data.collate import collate
+from musicflamingo.data.collate import collate, collate_packed
 from musicflamingo.data.dataset import BadSample, BadSampleError, BadSampleTracker, ConversationDataset
-from musicflamingo.data.manifest import read_manifest
+from musicflamingo.data.index import MODES as INDEX_MODES
+from musicflamingo.data.index import load_manifest
 from musicflamingo.data.sampler import MixtureDataset, TokenBudgetBatchSampler
+from musicflamingo.data.shards import ShardDataset, is_shards
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,8 @@ class MusicFlamingoDataModule(L.LightningDataModule):
 
     Args:
         train: manifest path, list of paths, or list of ``{"path", "weight"}`` (weights: visits per sample and
-            epoch, see :class:`~musicflamingo.data.sampler.MixtureDataset`).
+            epoch, see :class:`~musicflamingo.data.sampler.MixtureDataset`). A path may be a shard folder or URL
+            instead (:mod:`musicflamingo.data.shards`).
         val: manifest path(s) for validation (weights ignored), or ``None``.
         processor: a :class:`~musicflamingo.processor.MusicFlamingoProcessor` or a folder to load one from.
         batch_max_tokens: padded tokens per batch and rank (``batch size * longest sample``).
@@ -109,6 +112,11 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         min_audio_seconds: shorter audio is a bad sample.
         bucket_size_multiplier, drop_last: see :class:`~musicflamingo.data.sampler.TokenBudgetBatchSampler`.
         pin_memory, prefetch_factor: DataLoader options.
+        pack: pack conversations into rows (:func:`~musicflamingo.data.collate.collate_packed`): each batch is then
+            one row of up to ``batch_max_tokens`` (``val_batch_max_tokens``) tokens, attention within each.
+        index: a manifest's ``.index.parquet`` (:mod:`musicflamingo.data.index`): ``"auto"`` takes the lengths from
+            it where valid and estimates the rest with a warning, ``"off"`` ignores it, ``"require"`` stops when it
+            is missing or stale.
     """
 
     def __init__(
@@ -130,6 +138,8 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         drop_last: bool = False,
         pin_memory: bool = False,
         prefetch_factor: int | None = 2,
+        pack: bool = False,
+        index: str = "auto",
     ) -> None:
         super().__init__()
         if processor is None:
@@ -142,6 +152,9 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             processor = MusicFlamingoProcessor.from_pretrained(processor)
         if batch_max_tokens < 1:
             raise ValueError(f"batch_max_tokens must be >= 1, got {batch_max_tokens}")
+        if index not in INDEX_MODES:
+            raise ValueError(f"index must be one of {', '.join(INDEX_MODES)}, got {index!r}")
+        self.index = index
         if val_batch_max_tokens is not None and val_batch_max_tokens < 1:
             raise ValueError(f"val_batch_max_tokens must be >= 1 or None, got {val_batch_max_tokens}")
         self.train_spec = parse_manifest_spec(train, "train")
@@ -168,6 +181,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.pack = bool(pack)
         self.on_oversized = "carry" if bad_sample_policy == "skip" else "error"
         self.train_bad_samples = BadSampleTracker(max_bad_fraction)
         self.val_bad_samples = BadSampleTracker(None)
@@ -196,11 +210,15 @@ class MusicFlamingoDataModule(L.LightningDataModule):
     def _build(self, spec: list[tuple[str, float]], weighted: bool) -> tuple[MixtureDataset, list[int]]:
         datasets, lengths = [], []
         for path, _ in spec:
-            records = read_manifest(path, audio_root=self.audio_root)
-            ds = ConversationDataset(records, self.processor, **self.dataset_kwargs)
+            if is_shards(path):  # a shard folder or URL (python -m musicflamingo.data shard)
+                ds = ShardDataset(path, self.processor, **self.dataset_kwargs)
+                lengths.append(ds.estimate_lengths())
+            else:  # lengths from the manifest's index where it is valid (musicflamingo.data.index)
+                found = load_manifest(path, self.processor, self.audio_root, self.index)
+                ds = ConversationDataset(found.records, self.processor, **self.dataset_kwargs)
+                lengths.append(ds.estimate_lengths(found.tokens, found.seconds))
             datasets.append(ds)
-            lengths.append(ds.estimate_lengths())
-            log.info("%s: %d records, %d tokens (estimated)", path, len(records), sum(lengths[-1]))
+            log.info("%s: %d records, %d tokens (estimated)", path, len(ds), sum(lengths[-1]))
         weights = [w for _, w in spec] if weighted else None
         mixture = MixtureDataset(datasets, weights, lengths=lengths, seed=self.seed)
         return mixture, mixture.lengths.tolist()
@@ -252,6 +270,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
                 bucket_size_multiplier=self.bucket_size_multiplier,
                 epoch_indices=self.train_dataset.epoch_indices,
                 on_oversized=self.on_oversized,
+                packed=self.pack,
             )
             if self._pending_sampler_state is not None:
                 self.train_sampler.load_state_dict(self._pending_sampler_state)
@@ -267,15 +286,18 @@ class MusicFlamingoDataModule(L.LightningDataModule):
                 num_replicas=world,
                 rank=rank,
                 on_oversized=self.on_oversized,
+                packed=self.pack,
             )
 
     def _loader(self, dataset: MixtureDataset, sampler: TokenBudgetBatchSampler, **kwargs: Any) -> DataLoader:
-        workers = self.num_workers
+        workers, pad = self.num_workers, self.processor.pad_token_id
         cls = ResumableDataLoader if kwargs else DataLoader
         return cls(
             dataset,
             batch_sampler=sampler,
-            collate_fn=partial(collate, pad_token_id=self.processor.pad_token_id),
+            collate_fn=partial(collate_packed, max_tokens=sampler.max_tokens, pad_token_id=pad)
+            if self.pack
+            else partial(collate, pad_token_id=pad),
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=self.pin_memory,

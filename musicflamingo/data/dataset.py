@@ -22,18 +22,19 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from musicflamingo.audio.features import num_frames, tokens_from_frames
 from musicflamingo.audio.io import AudioError, audio_duration, load_audio
 from musicflamingo.chat import Conversation
-from musicflamingo.data.manifest import AudioRef, Message, Record
+from musicflamingo.data.manifest import AudioRef, JsonlRecords, Message, Record
 from musicflamingo.errors import RunStopped
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,8 @@ class ConversationDataset(Dataset):
             raise ValueError(f"bad_sample_policy must be 'error' or 'skip', got {bad_sample_policy!r}")
         if max_text_tokens is not None and max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1 or None, got {max_text_tokens}")
-        self.records = list(records)
+        # a JsonlRecords stays as is: compact, parsed on access (a list of records would take gigabytes)
+        self.records = records if isinstance(records, JsonlRecords) else list(records)
         self.processor = processor
         self.train_on_prompt = train_on_prompt
         self.bad_sample_policy = bad_sample_policy
@@ -188,15 +190,21 @@ class ConversationDataset(Dataset):
         return self.chat.encode(chat_messages(messages), audio_token_counts)
 
     # ------------------------------------------------------------------ audio
-    def _load(self, ref: AudioRef) -> np.ndarray:
+    def _decode(self, ref: AudioRef) -> np.ndarray:
+        """Mono float32 [T] of ``ref`` at the processor's rate, only the kept windows decoded (the shard dataset
+        decodes the same from the bytes it stores)."""
         p = self.processor
-        x = load_audio(  # only the kept windows are decoded
+        return load_audio(
             ref.path,
             sampling_rate=p.sampling_rate,
             offset=ref.offset,
             duration=ref.duration,
             max_seconds=p.kept_seconds,
         )
+
+    def _load(self, ref: AudioRef) -> np.ndarray:
+        p = self.processor
+        x = self._decode(ref)
         if x.shape[0] < self.min_audio_seconds * p.sampling_rate:
             raise _SampleProblem(
                 f"{ref.path}: audio lasts {x.shape[0] / p.sampling_rate:.3f} s, shorter than "
@@ -230,9 +238,21 @@ class ConversationDataset(Dataset):
         }
 
     # ------------------------------------------------------------------ lengths for the sampler
-    def estimate_lengths(self) -> list[int]:
-        """Total tokens of every sample without decoding audio (see :func:`estimate_num_tokens`)."""
-        return [estimate_num_tokens(r, self) for r in self.records]
+    def estimate_lengths(
+        self, known: Sequence[int] | None = None, seconds: Mapping[int, Sequence[float]] | None = None
+    ) -> list[int]:
+        """Total tokens of every sample without decoding audio (see :func:`estimate_num_tokens`).
+
+        ``known[i] >= 0`` is taken as sample i's count and ``seconds[i]`` as its audios' durations (both from a
+        manifest index, :mod:`musicflamingo.data.index`): only the other samples are read and tokenized.
+        """
+        out = np.full(len(self), -1, dtype=np.int64) if known is None else np.array(known, dtype=np.int64)
+        todo = np.flatnonzero(out < 0).tolist()
+        seconds = seconds or {}
+        # a progress bar only when it takes a while (~0.4 ms per record, more with audio headers to read)
+        for i in tqdm(todo, desc="estimating lengths", unit="rec", disable=len(todo) < 20_000, mininterval=5):
+            out[i] = estimate_num_tokens(self.records[i], self, seconds.get(i))
+        return out.tolist()
 
 
 def usable_samples(num_samples: int, chunk_length: float, max_audio_len: float, sampling_rate: int) -> int:
@@ -256,22 +276,31 @@ def chat_messages(messages: Sequence[Message]) -> Conversation:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-def _ref_seconds(ref: AudioRef) -> float:
-    # An unreadable file counts as no audio here; it fails, and is handled, when the sample is built.
-    seconds = audio_duration(ref.path, offset=ref.offset, duration=ref.duration)
-    return 0.0 if seconds is None else seconds
+def record_seconds(record: Record) -> list[float]:
+    """Seconds of each audio of ``record``, from its ``duration`` fields or the file headers; NaN when a header
+    cannot be read (the file then fails, and is handled, when the sample is built)."""
+    out = []
+    for ref in record.audios:
+        seconds = audio_duration(ref.path, offset=ref.offset, duration=ref.duration)
+        out.append(math.nan if seconds is None else seconds)
+    return out
 
 
-def estimate_num_tokens(record: Record, dataset: ConversationDataset) -> int:
+def estimate_num_tokens(
+    record: Record, dataset: ConversationDataset, seconds: Sequence[float] | None = None
+) -> int:
     """Decoder tokens of a sample (text + audio placeholders), computed from the manifest without decoding audio.
 
     The text is tokenized as in ``dataset[i]`` and each audio contributes ``audio_token_count + 2`` (bos/eos), so
     the count is exact when the durations are (``duration`` fields, or file headers at 16 kHz); resampled files
-    may differ by a token.
+    may differ by a token. ``seconds``: the audios' durations (:func:`record_seconds`) when already known; an
+    unreadable file (NaN) counts as no audio.
     """
     p = dataset.processor
+    seconds = record_seconds(record) if seconds is None else seconds
+    seconds = [0.0 if math.isnan(s) else s for s in seconds]
     # Capped at what the windows keep (the same count), so an absurd duration cannot overflow the int.
-    sizes = [int(math.ceil(min(_ref_seconds(a), p.kept_seconds) * p.sampling_rate)) for a in record.audios]
+    sizes = [int(math.ceil(min(s, p.kept_seconds) * p.sampling_rate)) for s in seconds]
     sizes = [usable_samples(n, p.chunk_length, p.max_audio_len, p.sampling_rate) for n in sizes]
     counts = [p.audio_token_count(n) for n in sizes]
     return dataset.chat.num_tokens(chat_messages(record.messages), counts)

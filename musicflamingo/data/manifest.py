@@ -46,9 +46,12 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from musicflamingo.chat import AUDIO_PLACEHOLDER, FORBIDDEN_TOKENS, ROLES, check_typed_text
 
@@ -115,18 +118,7 @@ def read_manifest(
         ManifestError: with ``file:line``, the field and what was expected.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read manifest ({e.strerror or e})") from e
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ManifestError(
-            f"{path}:{line}: not UTF-8 (byte {column} of the line); save the manifest as UTF-8"
-        ) from None
+    text = _read_text(path)
     root = Path(audio_root) if audio_root is not None else path.parent
     items = _parse_json_list(path, text) if text.lstrip().startswith("[") else _parse_jsonl(path, text)
     records = [
@@ -136,6 +128,124 @@ def read_manifest(
     if not records:
         raise ManifestError(f"{path}: manifest holds no records")
     return records
+
+
+_BOM = b"\xef\xbb\xbf"
+_SPACE = re.compile(rb"\s*")
+
+
+def _first_byte(data: bytes) -> bytes:
+    """The first non-blank byte after a BOM (b"" for a blank file): ``[`` marks a JSON list."""
+    pos = _SPACE.match(data, 3 if data.startswith(_BOM) else 0).end()
+    return data[pos : pos + 1]
+
+
+def is_json_list(path: str | os.PathLike) -> bool:
+    """Whether a manifest is one JSON list (else JSONL), from its first non-blank character."""
+    with open(path, "rb") as f:
+        return _first_byte(f.read(1 << 16)) == b"["
+
+
+class JsonlRecords(Sequence):
+    """The records of a JSONL manifest, each parsed when it is accessed (``records[i]`` -> :class:`Record`).
+
+    Keeps the file's bytes and the line offsets: a few bytes per record beside its text, where a list of
+    :class:`Record` takes kilobytes each and, in DataLoader workers, copies itself page by page as reference counts
+    touch it. Lines are split as :func:`read_manifest` splits them, and ``records[i]`` raises the
+    :class:`ManifestError` (``file:line``) it would raise; only the line lengths are checked before access, so
+    read every record once (as length estimation does) or trust a manifest index that did.
+
+    Attributes:
+        lines: [N] int64, the 1-based line number of each record.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        audio_root: str | os.PathLike | None = None,
+        require_assistant_last: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise ManifestError(f"{self.path}: cannot read manifest ({e.strerror or e})") from e
+        first = _first_byte(data)
+        if first == b"[":
+            raise ManifestError(f"{self.path}: a JSON list, not JSONL; read it with read_manifest")
+        if not first:
+            raise ManifestError(f"{self.path}: manifest holds no records")
+        spans = _newline_spans(data, 3 if data.startswith(_BOM) else 0)
+        if spans is None:  # other line breaks (CR, U+2028, ...): split the text as read_manifest does
+            numbers, encoded = [], []
+            for lineno, line in _jsonl_lines(self.path, _read_text(self.path)):
+                numbers.append(lineno)
+                encoded.append(line.encode("utf-8"))
+            ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+            spans = np.asarray(numbers, dtype=np.int64), ends - [len(b) for b in encoded], ends
+            data = b"".join(encoded)
+        self.lines, self._starts, self._ends = spans
+        if not len(self.lines):
+            raise ManifestError(f"{self.path}: manifest holds no records")
+        for i in np.flatnonzero(self._ends - self._starts > MAX_RECORD_CHARS).tolist():  # bytes >= characters
+            n = len(str(self.text(i), "utf-8", errors="replace"))
+            if n > MAX_RECORD_CHARS:
+                raise _too_long(f"{self.path}:{self.lines[i]}", n)
+        self._data = data
+        self.root = Path(audio_root) if audio_root is not None else self.path.parent
+        self.require_assistant_last = require_assistant_last
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def text(self, i: int) -> memoryview:
+        """Record ``i``'s line as UTF-8 bytes (no copy)."""
+        return memoryview(self._data)[int(self._starts[i]) : int(self._ends[i])]
+
+    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range for {len(self)} records of {self.path}")
+        i %= len(self)
+        line = int(self.lines[i])
+        where = f"{self.path}:{line}"
+        try:
+            text = str(self.text(i), "utf-8")
+        except UnicodeDecodeError as e:
+            raise ManifestError(
+                f"{where}: not UTF-8 (byte {e.start + 1} of the line); save the manifest as UTF-8"
+            ) from None
+        return _to_record(
+            _loads(text, where), where, self.path.name, line, self.root, self.require_assistant_last
+        )
+
+
+# Line breaks of str.splitlines besides "\n" and "\r\n": control characters, and others as UTF-8 bytes.
+_OTHER_BREAKS = (0x0B, 0x0C, 0x1C, 0x1D, 0x1E)
+_OTHER_BREAKS_UTF8 = (b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9")
+
+
+def _newline_spans(data: bytes, skip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(line numbers, starts, ends)`` [N] of the non-blank lines of ``data[skip:]``, split as ``str.splitlines``
+    splits the decoded text, found with numpy instead of a Python loop; None when a line break other than "\n" or
+    "\r\n" occurs (the caller then splits the text)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ctrl = np.flatnonzero(buf < 0x20)  # one pass: the "\n"s and any other control character
+    kind = buf[ctrl]
+    cr = ctrl[kind == ord("\r")]
+    if np.isin(kind, _OTHER_BREAKS).any() or (buf[np.minimum(cr + 1, len(buf) - 1)] != ord("\n")).any():
+        return None
+    if not data.isascii() and any(b in data for b in _OTHER_BREAKS_UTF8):
+        return None
+    breaks = ctrl[kind == ord("\n")]
+    starts = np.concatenate([[skip], breaks + 1]).astype(np.int64)
+    ends = np.concatenate([breaks, [len(data)]]).astype(np.int64)
+    ends -= (ends > starts) & (buf[np.maximum(ends - 1, 0)] == ord("\r"))
+    numbers = np.arange(1, len(starts) + 1, dtype=np.int64)
+    keep = ends > starts
+    # A line starting with "{" is not blank; any other may be whitespace only (str.strip's notion of it).
+    for i in np.flatnonzero(keep & (buf[np.minimum(starts, len(buf) - 1)] != ord("{"))).tolist():
+        keep[i] = bool(data[starts[i] : ends[i]].decode("utf-8", errors="replace").strip())
+    return numbers[keep], starts[keep], ends[keep]
 
 
 def _too_long(where: str, n: int) -> ManifestError:
@@ -149,20 +259,42 @@ def _too_deep(where: str) -> ManifestError:
     return ManifestError(f"{where}: malformed JSON: nested too deeply")
 
 
-def _parse_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
-    items = []
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest ({e.strerror or e})") from e
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ManifestError(
+            f"{path}:{line}: not UTF-8 (byte {column} of the line); save the manifest as UTF-8"
+        ) from None
+
+
+def _jsonl_lines(path: Path, text: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each non-blank line, refusing runaway ones."""
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if len(line) > MAX_RECORD_CHARS:
             raise _too_long(f"{path}:{lineno}", len(line))
-        try:
-            items.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}:{lineno}: malformed JSON at column {e.colno}: {e.msg}") from e
-        except RecursionError:
-            raise _too_deep(f"{path}:{lineno}") from None
-    return items
+        yield lineno, line
+
+
+def _loads(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from e
+    except RecursionError:
+        raise _too_deep(where) from None
+
+
+def _parse_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
+    return [(lineno, _loads(line, f"{path}:{lineno}")) for lineno, line in _jsonl_lines(path, text)]
 
 
 def _parse_json_list(path: Path, text: str) -> list[tuple[int, Any]]:

@@ -31,9 +31,10 @@ class TokenBudgetBatchSampler:
 
     One epoch: shuffle the sample indices with ``(seed, epoch)``; cut them into buckets of about
     ``bucket_size_multiplier`` batches; sort each bucket by length and fill batches greedily while
-    ``(n + 1) * max_len <= max_tokens``; shuffle the batch order. Every rank builds the same global batch list and
-    takes ``batches[rank::num_replicas]``, so ranks get disjoint samples and the same number of batches (the list
-    is padded by repeating its first batches, or truncated with ``drop_last``).
+    ``(n + 1) * max_len <= max_tokens`` (``packed``: the sum of lengths); shuffle the batch order. Every rank
+    builds the same global batch list and takes ``batches[rank::num_replicas]``, so ranks get disjoint samples and
+    the same number of batches (the list is padded by repeating its first batches, or truncated with
+    ``drop_last``).
 
     Lightning: pass as ``DataLoader(batch_sampler=...)`` with ``Trainer(use_distributed_sampler=False)`` (this
     sampler does the distributed split). Lightning calls ``set_epoch`` through ``batch_sampler.sampler``.
@@ -49,6 +50,8 @@ class TokenBudgetBatchSampler:
             randomness.
         epoch_indices: ``epoch -> indices`` making up the epoch (e.g. :meth:`MixtureDataset.epoch_indices`);
             default: every index once.
+        packed: the batch's cost is the sum of its lengths instead: one row of
+            :func:`~musicflamingo.data.collate.collate_packed` holding up to ``max_tokens`` tokens.
         on_oversized: samples longer than ``max_tokens`` (listed in :attr:`oversized`) raise (``"error"``), are left
             out with a warning (``"skip"``), or are carried along (``"carry"``): each epoch hands them out inside
             the batches of samples that fit, at no token cost, for the dataset to return a bad-sample marker in
@@ -67,6 +70,7 @@ class TokenBudgetBatchSampler:
         bucket_size_multiplier: int = 100,
         epoch_indices: Callable[[int], Sequence[int]] | None = None,
         on_oversized: str = "error",
+        packed: bool = False,
     ) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
@@ -103,6 +107,7 @@ class TokenBudgetBatchSampler:
         self.drop_last = drop_last
         self.bucket_size_multiplier = int(bucket_size_multiplier)
         self.epoch_indices = epoch_indices
+        self.packed = bool(packed)
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed on this rank)
         self._yielded = 0
@@ -143,14 +148,15 @@ class TokenBudgetBatchSampler:
             # Stable sort keeps the shuffled order among equal lengths (and index order without shuffle).
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             batch: list[int] = []
-            longest = 0
+            longest = total = 0
             for i in chunk.tolist():
                 n = int(self.lengths[i])
-                if batch and (len(batch) + 1) * max(longest, n) > self.max_tokens:
+                cost = total + n if self.packed else (len(batch) + 1) * max(longest, n)
+                if batch and cost > self.max_tokens:
                     batches.append(batch)
-                    batch, longest = [], 0
+                    batch, longest, total = [], 0, 0
                 batch.append(i)
-                longest = max(longest, n)
+                longest, total = max(longest, n), total + n
             if batch:
                 batches.append(batch)
         if self.shuffle:

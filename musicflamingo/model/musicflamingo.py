@@ -24,7 +24,7 @@ from musicflamingo.model.encoder import AudioEncoder, conv_output_lengths
 from musicflamingo.model.fused import linear_cross_entropy
 from musicflamingo.model.layers import CacheView
 from musicflamingo.model.projector import AudioProjector
-from musicflamingo.model.qwen2 import Qwen2Model
+from musicflamingo.model.qwen2 import Qwen2Model, segment_starts
 from musicflamingo.model.rote import RotaryTimeEmbedding, apply_rotary_time_emb, build_audio_timestamps
 
 
@@ -176,6 +176,7 @@ class MusicFlamingo(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         return_logits: bool = True,
         logits_to_keep: int = 0,
+        seq_ids: torch.Tensor | None = None,
     ) -> MusicFlamingoOutput:
         """input_ids (B, S) -> logits (B, S, V) and, with `labels` (B, S), the mean shifted cross-entropy.
 
@@ -183,6 +184,10 @@ class MusicFlamingo(nn.Module):
         `return_logits=False` skips the full logits (training): only labelled positions reach the head.
         `logits_to_keep=k` keeps the last k positions (generation). `cache`: where keys and values go
         (`KVCache.view_prefill`; the generation engine drives it).
+        `seq_ids` (B, S): packed rows (`data.collate.collate_packed`), the conversation of every token; attention
+        stays within each and `position_ids` restart in each. The loss is then the mean over every conversation's
+        labelled tokens, as for the same conversations padded into separate rows: each conversation's first label is
+        ignored here (as `collate_packed` already does), so no token learns to predict the next conversation.
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -190,17 +195,27 @@ class MusicFlamingo(nn.Module):
             inputs_embeds = self.embed(input_ids, input_features, input_features_mask)
         elif input_features is not None:
             raise ValueError("inputs_embeds already hold the audio: do not pass input_features as well")
+        if seq_ids is not None and labels is not None:
+            labels = labels.masked_fill(segment_starts(seq_ids.to(labels.device)), IGNORE_INDEX)
         if labels is not None and not return_logits and cache is None:
             # Only the labelled positions reach the loss: the last decoder layer computes nothing else.
             y = labels[:, 1:].to(inputs_embeds.device)
             wanted = F.pad(y != IGNORE_INDEX, (0, 1))  # (B, S): position t predicts label t+1
             hidden = self.language_model(
-                inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, output_rows=wanted
+                inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_rows=wanted,
+                seq_ids=seq_ids,
             )
             loss, n = labelled_loss(hidden, y[y != IGNORE_INDEX], self.lm_head)
             return MusicFlamingoOutput(loss=loss, num_label_tokens=n)
         hidden = self.language_model(
-            inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache
+            inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            seq_ids=seq_ids,
         )
         out = MusicFlamingoOutput()
         if labels is not None:

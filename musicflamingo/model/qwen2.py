@@ -5,6 +5,8 @@ Numerics follow the reference `Qwen2Model` (transformers >= 5.5) with SDPA:
 * RoPE cos/sin are computed in float32 from float32 `inv_freq`, then cast to the activation dtype.
 * No padding and no cache -> SDPA's `is_causal` fast path with no dense mask; otherwise a boolean
   `(B, 1, T, past+T)` mask = causal & key-not-padding.
+* Packed rows (several conversations in one row, `seq_ids`): a block-diagonal causal mask, `segment_mask`, so a
+  token sees only earlier tokens of its own conversation; positions restart at 0 in each (`segment_positions`).
 * One-token bf16/fp16 decode steps on CPU use plain matmuls (`decode_attention`), the reference's eager
   formula: there the CPU flash kernel is ~4x (batch 1) to ~10x (batch 8) slower than two small matmuls. oneDNN
   compiles a kernel for every new bf16 matmul shape, so the engine lets those steps see the cache in blocks of
@@ -176,6 +178,28 @@ def build_attention_mask(
     return mask, False
 
 
+def segment_mask(seq_ids: torch.Tensor) -> torch.Tensor:
+    """seq_ids (B, T), one id per conversation packed in the row -> bool (B, 1, T, T), True = visible: causal and
+    within the same conversation. Every token sees itself, so no query row is empty (a fully masked row gives NaN
+    in SDPA); padding needs only an id of its own."""
+    T = seq_ids.shape[1]
+    i = torch.arange(T, device=seq_ids.device)
+    causal = i[None, :] <= i[:, None]  # (T, T)
+    return (causal & (seq_ids[:, :, None] == seq_ids[:, None, :]))[:, None]
+
+
+def segment_positions(seq_ids: torch.Tensor) -> torch.Tensor:
+    """seq_ids (B, T) -> position_ids (B, T) restarting at 0 where the id changes (a packed row's conversations
+    each start at position 0, as they would alone)."""
+    idx = torch.arange(seq_ids.shape[1], device=seq_ids.device).expand_as(seq_ids)
+    return idx - torch.where(segment_starts(seq_ids), idx, 0).cummax(1).values
+
+
+def segment_starts(seq_ids: torch.Tensor) -> torch.Tensor:
+    """seq_ids (B, T) -> bool (B, T), True at the first token of each packed conversation."""
+    return F.pad(seq_ids[:, 1:] != seq_ids[:, :-1], (1, 0), value=True)
+
+
 def _padded_rows(wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool (B, T) -> (indices (B, K) of the wanted positions in order, padded with 0; valid (B, K)), K = the
     largest count in a row (at least 1)."""
@@ -208,6 +232,7 @@ class Qwen2Model(nn.Module):
         cache: CacheView | None = None,
         output_rows: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        seq_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, T, h) -> normalised hidden states (B, T, h).
 
@@ -220,11 +245,26 @@ class Qwen2Model(nn.Module):
         labelled ones). The last layer then computes queries, attention output and MLP for those positions alone
         (keys and values still cover every position) and the result is (N, h), the wanted positions in
         row-major order. Without a cache only.
+        seq_ids: (B, T) long, packed rows (`data.collate.collate_packed`): which conversation each token belongs
+        to. Attention stays within each (`segment_mask`, replacing `attention_mask`; padding has an id of its own)
+        and the default positions restart at 0 in each. Without a cache only. The dense (B, 1, T, T) bool mask
+        costs T*T bytes per row (0.6 GB at 24k tokens), built once and shared by the layers.
         """
         B, T, _ = inputs_embeds.shape
         if output_rows is not None and cache is not None:
             raise ValueError("output_rows needs a forward without a KV cache")
         past = 0 if cache is None else cache.width - T
+        if seq_ids is not None:
+            if cache is not None:
+                raise ValueError("seq_ids (packed rows) needs a forward without a KV cache")
+            if seq_ids.shape != (B, T):
+                raise ValueError(
+                    f"seq_ids has shape {list(seq_ids.shape)}, expected [{B}, {T}] like the inputs"
+                )
+            seq_ids = seq_ids.to(inputs_embeds.device)
+            attention_mask = segment_mask(seq_ids)
+            if position_ids is None and rope is None:
+                position_ids = segment_positions(seq_ids)
         if rope is None:
             if position_ids is None:
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)

@@ -1,0 +1,181 @@
+"""Training start with and without a manifest index: `python train.py` launch -> first training batch.
+
+    python bench/data_index.py                      # 1 M records (a few minutes without the index)
+    python bench/data_index.py --records 20000      # quick look
+
+Writes, in a temporary folder, the tests' tiny processor, eight tone clips and a manifest of N records that point
+at them with `duration` fields (so no run reads audio headers: the no-index launch pays for parsing and tokenizing
+only, the least it can pay). Then it times, each in a fresh process:
+
+1. `python train.py ... data.index=off`: the launch that estimates every length;
+2. `python -m musicflamingo.data index MANIFEST`: building the index once;
+3. `python train.py ... data.index=require`: the launch that reads it;
+
+and, in this process, the phases of the indexed launch's data setup (reading lines, hashing, the index, sampler,
+first batch). The tiny model keeps model build and the step itself out of the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_assets / train_fixtures: the tiny tokenizer, tone clips
+sys.path.insert(0, str(ROOT))
+
+MARK = "FIRST_BATCH_S "
+QUESTIONS = ["Describe the track.", "What is the tempo?", "Which instrument plays?", "What key is this in?"]
+
+
+class FirstBatch(L.Callback):
+    """Prints the seconds from BENCH_T0 (the parent's clock at launch) to the first training batch."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_train_batch_start(self, *args: object) -> None:
+        if not self.done:
+            self.done = True
+            print(f"{MARK}{time.time() - float(os.environ['BENCH_T0']):.2f}", flush=True)
+
+
+def write_inputs(root: Path, records: int) -> tuple[Path, Path]:
+    from tiny_assets import make_tone, write_audio
+    from train_fixtures import write_processor
+
+    proc = write_processor(root / "proc")  # 2 s windows, at most 8 s of audio
+    clips = [
+        write_audio(root / f"clip{i}.wav", make_tone(110.0 * (i + 1), 1.5 + 0.25 * i)).name for i in range(8)
+    ]
+    rnd = random.Random(0)
+    manifest = root / "train.jsonl"
+    with open(manifest, "w", encoding="utf-8") as f:
+        for i in range(records):
+            k = rnd.randrange(8)
+            rec = {
+                "id": f"r{i}",
+                "audio": {"path": clips[k], "duration": 1.5 + 0.25 * k},
+                "conversations": [
+                    {"role": "user", "content": "<sound>" + QUESTIONS[i % 4]},
+                    {
+                        "role": "assistant",
+                        "content": f"A tone at {110 * (k + 1)} Hz, steady, about {i % 97} words.",
+                    },
+                ],
+            }
+            f.write(json.dumps(rec) + "\n")
+    return proc, manifest
+
+
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float | None, str]:
+    """(wall seconds, seconds to the first batch or None, output tail) of a fresh process."""
+    env = {**os.environ, **env, "BENCH_T0": repr(time.time())}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    out = proc.stdout + proc.stderr
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
+    first = [float(line[len(MARK) :]) for line in out.splitlines() if line.startswith(MARK)]
+    return wall, (first[0] if first else None), out
+
+
+def train_cmd(root: Path, proc: Path, manifest: Path, index: str) -> list[str]:
+    return [
+        sys.executable,
+        "train.py",
+        f"data.train={manifest}",
+        f"data.processor={proc}",
+        f"data.index={index}",
+        "+model.net.overrides={audio:{max_source_positions:100}}",
+        "data.batch_max_tokens=4096",
+        "debug=fast",
+        "trainer.max_steps=1",
+        "+callbacks.first_batch._target_=data_index.FirstBatch",
+        f"paths.output_dir={root / ('run_' + index)}",
+        f"paths.log_dir={root / 'logs'}",
+    ]
+
+
+def phases(proc_dir: Path, manifest: Path) -> dict[str, float]:
+    """Seconds of each step of the indexed launch's data setup, in this process."""
+    import numpy as np
+
+    from musicflamingo.data.datamodule import MusicFlamingoDataModule
+    from musicflamingo.data.index import StoredIndex, _open, index_path, load_manifest
+    from musicflamingo.data.manifest import JsonlRecords
+    from musicflamingo.processor import MusicFlamingoProcessor
+
+    out: dict[str, float] = {}
+
+    def clock(name: str, fn):
+        t = time.perf_counter()
+        result = fn()
+        out[name] = round(time.perf_counter() - t, 2)
+        return result
+
+    processor = clock("load processor", lambda: MusicFlamingoProcessor.from_pretrained(proc_dir))
+    clock("read + split lines (JsonlRecords)", lambda: JsonlRecords(manifest))
+    clock("read + split + hash lines", lambda: _open(manifest, None))
+    clock("read index (hash, tokens)", lambda: StoredIndex.read(index_path(manifest)))
+    clock("load_manifest (all of the above)", lambda: load_manifest(manifest, processor, index="require"))
+    dm = MusicFlamingoDataModule(
+        train=str(manifest), processor=processor, batch_max_tokens=4096, index="require"
+    )
+    clock("datamodule.setup (+ sampler)", lambda: dm.setup("fit"))
+    loader = dm.train_dataloader()
+    batches = clock("first epoch's batch list", lambda: len(loader.batch_sampler))
+    clock("first batch", lambda: next(iter(loader)))
+    out["batches per epoch"] = batches
+    out["mean tokens per record"] = round(float(np.mean(dm.train_dataset.lengths)), 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="index build processes")
+    ap.add_argument("--skip-baseline", action="store_true", help="skip the launch without an index")
+    args = ap.parse_args()
+    env = {"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    results: dict[str, object] = {"records": args.records, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="bench_index_") as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        proc, manifest = write_inputs(root, args.records)
+        print(
+            f"wrote {args.records} records ({manifest.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s"
+        )
+        if not args.skip_baseline:
+            wall, first, _ = run(train_cmd(root, proc, manifest, "off"), env)
+            results["train.py without index: to first batch s"] = first
+            results["train.py without index: whole run s"] = round(wall, 1)
+            print(f"without index: first batch after {first:.1f} s (run {wall:.1f} s)", flush=True)
+        cmd = [sys.executable, "-m", "musicflamingo.data", "index", str(manifest), "--processor", str(proc)]
+        wall, _, out = run([*cmd, "--workers", str(args.workers)], env)
+        results["index build s"] = round(wall, 1)
+        print(
+            f"index build ({args.workers} workers): {wall:.1f} s; {[x for x in out.splitlines() if ' records (' in x][-1]}",
+            flush=True,
+        )
+        wall, first, _ = run(train_cmd(root, proc, manifest, "require"), env)
+        results["train.py with index: to first batch s"] = first
+        results["train.py with index: whole run s"] = round(wall, 1)
+        print(f"with index: first batch after {first:.1f} s (run {wall:.1f} s)", flush=True)
+        results["phases with index (s)"] = phases(proc, manifest)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""Manifest index: every record's audio durations and token count, computed once so that a training launch reads
+no audio header and tokenizes nothing (audiocraft precomputes its metadata the same way).
+
+    python -m musicflamingo.data index data/train.jsonl --processor CKPT_DIR    # -> data/train.jsonl.index.parquet
+
+File: ``<manifest>.index.parquet``, one row per record in manifest order: ``line`` int32 (where the record starts),
+``hash`` uint64 (BLAKE2b-64 of the record's line), ``tokens`` int32 (:func:`~musicflamingo.data.dataset.
+estimate_num_tokens`), ``seconds`` list<float64> (per audio; NaN when the header could not be read). The schema
+metadata holds the settings the numbers depend on (:func:`index_settings`).
+
+Why Parquet: a launch reads two columns of a million rows straight into numpy in milliseconds; a JSONL sidecar would
+cost a ``json.loads`` per record, the very cost the index exists to remove. pyarrow is already a dependency.
+
+When a row counts:
+
+* its ``hash`` equals the hash of a record's line (rows are matched by content, so inserting, deleting or
+  reordering lines keeps the other rows valid). Hashing every line at each launch costs about a second per
+  million records and catches any edit; the manifest's size and mtime would miss a same-size edit and flag a mere
+  copy, so they are not used. A JSON-list manifest hashes each record's parsed content instead (it has no lines).
+* its settings agree: the format version and ``audio_root`` for the durations; for the counts also the tokenizer
+  (a digest of its model), system prompt, audio token, window settings and the ids of a probe conversation (which
+  catch a change to the chat template code).
+
+A stale row is never used: under ``index="auto"`` those records are estimated at launch (with a warning naming the
+index and what changed), under ``"require"`` the launch stops. Audio files count as immutable, as in audiocraft:
+checking millions of files' mtimes at launch would cost what the index saves on network storage; after replacing
+audio in place, rebuild with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from musicflamingo.data.dataset import ConversationDataset, estimate_num_tokens, record_seconds
+from musicflamingo.data.manifest import JsonlRecords, ManifestError, Record, is_json_list, read_manifest
+from musicflamingo.processor import MusicFlamingoProcessor
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".index.parquet"
+# Bump when the code that computes durations or counts (estimate_num_tokens, manifest parsing) changes its results.
+INDEX_VERSION = 1
+MODES = ("auto", "off", "require")
+_META_KEY = b"musicflamingo.index"
+_SECONDS_KEYS = (
+    "version",
+    "hashes",
+    "audio_root",
+)  # the settings the durations depend on; counts depend on all
+
+
+class ManifestIndexError(ValueError):
+    """An index is missing or stale under ``index="require"``, or unreadable; the message names the file."""
+
+
+def index_path(manifest: str | os.PathLike) -> Path:
+    """``<manifest>.index.parquet``, beside the manifest."""
+    return Path(os.fspath(manifest) + SUFFIX)
+
+
+def _digest(data: bytes | str) -> str:
+    return hashlib.blake2b(data.encode() if isinstance(data, str) else data, digest_size=8).hexdigest()
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    """Digest of the tokenizer's model (vocabulary, merges: what decides the counts)."""
+    inner = getattr(tokenizer, "_tok", None) or getattr(tokenizer, "_sp", None)
+    if hasattr(inner, "to_str"):  # tokenizers.Tokenizer (tokenizer.json)
+        return _digest(inner.to_str())
+    if hasattr(inner, "serialized_model_proto"):  # SentencePiece
+        return _digest(inner.serialized_model_proto())
+    return _digest(json.dumps([tokenizer.vocab_size, tokenizer.encode("Tempo? 96 BPM, in C major.")]))
+
+
+def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes: str) -> dict[str, Any]:
+    """What an index's numbers depend on. ``hashes``: ``"line"`` (JSONL) or ``"record"`` (JSON list)."""
+    probe = [
+        {"role": "user", "content": f"{processor.audio_token}Describe the track: tempo, key, metre?"},
+        {"role": "assistant", "content": "A slow ballad at 72 BPM in A minor, 3/4.\nÉtude — 音楽 🎵"},
+    ]
+    ids, _ = processor.chat_encoder().encode(probe, [3])
+    return {
+        "version": INDEX_VERSION,
+        "hashes": hashes,
+        # None: each manifest's folder, so a manifest moved with its audio stays indexed
+        "audio_root": None if audio_root is None else str(Path(audio_root).resolve()),
+        "tokenizer": _tokenizer_digest(processor.tokenizer),
+        "system_prompt": _digest(processor.default_system_prompt),
+        "audio_token": processor.audio_token,
+        "chunk_length": float(processor.chunk_length),
+        "max_audio_len": float(processor.max_audio_len),
+        "sampling_rate": int(processor.sampling_rate),
+        "probe": _digest(np.asarray(ids, dtype=np.int64).tobytes()),
+    }
+
+
+def _records(path: Path, audio_root: str | os.PathLike | None) -> Sequence[Record]:
+    """A JSONL manifest's lazy :class:`JsonlRecords`, or a JSON list's records."""
+    return read_manifest(path, audio_root) if is_json_list(path) else JsonlRecords(path, audio_root)
+
+
+def _open(path: Path, audio_root: str | os.PathLike | None) -> tuple[Sequence[Record], np.ndarray, str]:
+    """The manifest's records, their hashes [N] uint64 and the hash kind."""
+    records = _records(path, audio_root)
+    if isinstance(records, JsonlRecords):
+        texts = (records.text(i) for i in range(len(records)))
+        kind = "line"
+    else:
+        texts = (repr((r.id, r.audios, r.messages, r.extra)).encode() for r in records)
+        kind = "record"
+    hashes = b"".join(hashlib.blake2b(t, digest_size=8).digest() for t in texts)
+    return records, np.frombuffer(hashes, dtype="<u8"), kind
+
+
+def _lines(records: Sequence[Record]) -> np.ndarray:
+    if isinstance(records, JsonlRecords):
+        return records.lines
+    return np.asarray([int(r.source.rsplit(":", 1)[1]) for r in records], dtype=np.int64)
+
+
+@dataclass
+class StoredIndex:
+    """An index file's contents: ``hashes`` [R] uint64, ``tokens`` [R] int64, ``settings``; durations on demand."""
+
+    path: Path
+    hashes: np.ndarray
+    tokens: np.ndarray
+    settings: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: Path) -> StoredIndex:
+        import pyarrow.parquet as pq
+
+        try:
+            meta = json.loads(pq.read_schema(path).metadata[_META_KEY])
+            table = pq.read_table(path, columns=["hash", "tokens"])
+        except Exception as e:  # a truncated or foreign file: whatever pyarrow or json raise
+            raise ManifestIndexError(f"{path}: unreadable manifest index ({e}); rebuild it") from None
+        hashes = table.column("hash").to_numpy()
+        return cls(path, hashes, table.column("tokens").to_numpy().astype(np.int64), meta)
+
+    def seconds(self) -> list[list[float]]:
+        """Per row, its audios' durations (NaN: unknown)."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.path, columns=["seconds"]).column("seconds").to_pylist()
+
+    def match(self, hashes: np.ndarray) -> np.ndarray:
+        """For each hash [N], the row holding it, or -1."""
+        if not len(self.hashes):
+            return np.full(len(hashes), -1, dtype=np.int64)
+        order = np.argsort(self.hashes, kind="stable")
+        ordered = self.hashes[order]
+        pos = np.minimum(np.searchsorted(ordered, hashes), len(order) - 1)
+        return np.where(ordered[pos] == hashes, order[pos], -1)
+
+    def changes(self, settings: dict[str, Any]) -> dict[str, str]:
+        """The settings that differ from ``settings``: ``{name: "name old -> new"}`` (digests: "name changed")."""
+        out = {}
+        for key, now in settings.items():
+            was = self.settings.get(key)
+            if was != now:
+                digest = key in ("tokenizer", "system_prompt", "probe")
+                out[key] = f"{key} changed" if digest else f"{key} {was!r} -> {now!r}"
+        return out
+
+
+def _usable(changes: dict[str, str]) -> tuple[bool, bool]:
+    """(durations usable, counts usable) given the changed settings."""
+    seconds_ok = not any(key in _SECONDS_KEYS for key in changes)
+    return seconds_ok, seconds_ok and not changes
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class IndexedManifest:
+    """A manifest's records and what its index knows of them.
+
+    ``tokens`` [N] int64: each record's count, -1 where the index has none (None: no index used); ``seconds``:
+    record -> its audios' durations, for records whose count is stale but whose durations are not.
+    Pass both to :meth:`~musicflamingo.data.dataset.ConversationDataset.estimate_lengths`.
+    """
+
+    records: Sequence[Record]
+    tokens: np.ndarray | None = None
+    seconds: dict[int, list[float]] | None = None
+
+
+def _build_command(path: Path) -> str:
+    return f"python -m musicflamingo.data index {path} --processor <data.processor folder>"
+
+
+def load_manifest(
+    path: str | os.PathLike,
+    processor: Any,
+    audio_root: str | os.PathLike | None = None,
+    index: str = "auto",
+) -> IndexedManifest:
+    """Read a manifest for training and take what its index knows.
+
+    A JSONL manifest comes as :class:`~musicflamingo.data.manifest.JsonlRecords` (parsed on access: the index's
+    rows stand for records already checked when it was built; the others are parsed, and so checked, when their
+    lengths are estimated). ``index``: ``"auto"`` (use a valid index, estimate what it lacks, warn when stale),
+    ``"off"`` (ignore index files) or ``"require"`` (:class:`ManifestIndexError` when missing or stale).
+    """
+    if index not in MODES:
+        raise ValueError(f"index must be one of {', '.join(MODES)}, got {index!r}")
+    path = Path(path)
+    where = index_path(path)
+    if index == "off":
+        return IndexedManifest(_records(path, audio_root))
+    if not where.is_file():
+        if index == "require":
+            raise ManifestIndexError(
+                f"{path}: no index ({where.name}) and data.index=require; build it: {_build_command(path)}"
+            )
+        records = _records(path, audio_root)
+        command = _build_command(path)
+        log.info(
+            "%s: no index; estimating %d records' lengths (`%s` skips this)", path, len(records), command
+        )
+        return IndexedManifest(records)
+    try:
+        stored = StoredIndex.read(where)
+    except ManifestIndexError as e:
+        if index == "require":
+            raise
+        log.warning("%s; estimating every record's length instead", e)
+        return IndexedManifest(_records(path, audio_root))
+    records, hashes, kind = _open(path, audio_root)
+    changes = stored.changes(index_settings(processor, audio_root, kind))
+    seconds_ok, tokens_ok = _usable(changes)
+    rows = stored.match(hashes)
+    hit = np.flatnonzero(rows >= 0)
+    tokens = np.full(len(records), -1, dtype=np.int64)
+    seconds: dict[int, list[float]] = {}
+    if tokens_ok:
+        tokens[hit] = stored.tokens[rows[hit]]
+    elif seconds_ok:
+        table = stored.seconds()
+        seconds = {i: table[r] for i, r in zip(hit.tolist(), rows[hit].tolist())}
+    problems = [f"built for other settings ({', '.join(changes.values())})"] if changes else []
+    missing = len(records) - len(hit)
+    if missing:
+        first = int(_lines(records)[np.flatnonzero(rows < 0)[0]])
+        problems.append(
+            f"{missing} of {len(records)} records are not in it (new or edited; first: line {first})"
+        )
+    if problems:
+        message = f"{where} is stale: {'; '.join(problems)}"
+        if index == "require":
+            raise ManifestIndexError(
+                f"{message}; rebuild it: {_build_command(path)} (or set data.index=auto)"
+            )
+        todo = int((tokens < 0).sum())
+        log.warning("%s; estimating those %d records now. Rebuild: %s", message, todo, _build_command(path))
+    else:
+        log.info("%s: lengths of %d records from %s", path, len(records), where.name)
+    return IndexedManifest(records, tokens, seconds)
+
+
+# ---------------------------------------------------------------------------------------------- building
+class _Estimates(Dataset):
+    """Chunks of records -> ``[(record, seconds, tokens)]``, run in DataLoader workers; a record that does not
+    parse comes back as its error message (raised by the main process)."""
+
+    def __init__(self, dataset: ConversationDataset, chunks: list[list[int]], seconds: list) -> None:
+        self.dataset, self.chunks, self.seconds = dataset, chunks, seconds
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, c: int) -> list[tuple[int, list[float], int]] | str:
+        out = []
+        for i in self.chunks[c]:
+            try:
+                record = self.dataset.records[i]
+            except ManifestError as e:
+                return str(e)
+            seconds = self.seconds[i] if self.seconds[i] is not None else record_seconds(record)
+            out.append((i, seconds, estimate_num_tokens(record, self.dataset, seconds)))
+        return out
+
+
+def _unchanged(x: Any) -> Any:
+    return x
+
+
+@dataclass
+class BuildReport:
+    """What :func:`build_index` did (the command prints it as one JSON line)."""
+
+    manifest: str
+    index: str
+    records: int
+    reused: int
+    computed: int
+    unreadable_audio: int
+    seconds: float
+
+
+def build_index(
+    manifest: str | os.PathLike,
+    processor: Any,
+    audio_root: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> BuildReport:
+    """Write ``<manifest>.index.parquet``, checking every record as training does (:class:`ManifestError` names
+    ``file:line``). Rows of an existing index that are still valid are kept (``force``: recompute all); the rest
+    read audio headers and tokenize, in ``num_workers`` processes. The file is replaced atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start = time.perf_counter()
+    path = Path(manifest)
+    records, hashes, kind = _open(path, audio_root)
+    settings = index_settings(processor, audio_root, kind)
+    where = index_path(path)
+    tokens = np.full(len(records), -1, dtype=np.int64)
+    seconds: list[list[float] | None] = [None] * len(records)
+    if where.is_file() and not force:
+        try:
+            stored = StoredIndex.read(where)
+        except ManifestIndexError as e:
+            log.warning("%s; building it anew", e)
+        else:
+            seconds_ok, tokens_ok = _usable(stored.changes(settings))
+            rows = stored.match(hashes)
+            hit = np.flatnonzero(rows >= 0)
+            if tokens_ok:
+                tokens[hit] = stored.tokens[rows[hit]]
+            if seconds_ok:
+                table = stored.seconds()
+                for i, r in zip(hit.tolist(), rows[hit].tolist()):
+                    seconds[i] = table[r]
+    todo = np.flatnonzero(tokens < 0).tolist()
+    dataset = ConversationDataset(records, processor)
+    size = 256  # records per task: large enough that worker hand-offs cost nothing, small for a smooth bar
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    loader = DataLoader(
+        _Estimates(dataset, chunks, seconds),
+        batch_size=None,
+        num_workers=num_workers if len(chunks) > 1 else 0,
+        collate_fn=_unchanged,
+    )
+    with tqdm(total=len(todo), desc=f"indexing {path.name}", unit="rec", disable=not progress) as bar:
+        for result in loader:
+            if isinstance(result, str):
+                raise ManifestError(result)
+            for i, secs, n in result:
+                seconds[i], tokens[i] = secs, n
+            bar.update(len(result))
+
+    table = pa.table(
+        {
+            "line": pa.array(_lines(records), pa.int32()),
+            "hash": pa.array(hashes, pa.uint64()),
+            "tokens": pa.array(tokens, pa.int32()),
+            "seconds": pa.array(seconds, pa.list_(pa.float64())),
+        }
+    ).replace_schema_metadata({_META_KEY: json.dumps(settings).encode()})
+    tmp = where.with_name(f".{where.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, where)
+    finally:
+        tmp.unlink(missing_ok=True)
+    unreadable = sum(any(math.isnan(s) for s in secs) for secs in seconds if secs)
+    return BuildReport(
+        manifest=str(path),
+        index=str(where),
+        records=len(records),
+        reused=len(records) - len(todo),
+        computed=len(todo),
+        unreadable_audio=unreadable,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``index MANIFEST...``: the subcommand of ``python -m musicflamingo.data``."""
+    p = subparsers.add_parser(
+        "index",
+        help="precompute each record's audio durations and token count beside the manifest",
+        description="Write MANIFEST.index.parquet for each manifest (audio durations, token counts, line hashes), "
+        "so that training starts without reading audio headers or tokenizing. Rows still valid are reused.",
+    )
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST", help="JSONL (or JSON list) manifests")
+    p.add_argument(
+        "--processor", required=True, help="folder with the tokenizer/processor files (data.processor)"
+    )
+    p.add_argument(
+        "--audio-root", default=None, help="folder relative audio paths resolve against (data.audio_root)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one per core)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="recompute every row (e.g. after audio files changed)"
+    )
+    p.set_defaults(func=main_index)
+    return p
+
+
+def main_index(args: argparse.Namespace) -> None:
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    processor = MusicFlamingoProcessor.from_pretrained(args.processor)
+    for manifest in args.manifests:
+        r = build_index(
+            manifest, processor, args.audio_root, force=args.force, num_workers=args.workers, progress=True
+        )
+        print(
+            f"{r.index}: {r.records} records ({r.reused} reused, {r.computed} computed, {r.unreadable_audio} with "
+            f"unreadable audio) in {r.seconds:.1f} s",
+            flush=True,
+        )

@@ -1,0 +1,309 @@
+"""Sharded training data: a manifest and its audio -> litdata chunks (a local folder or an object store URL), read
+back as a map-style dataset that the token-budget sampler drives like a manifest.
+
+    python -m musicflamingo.data shard data/train.jsonl s3://bucket/train-shards --workers 8
+    python train.py ... data.train=s3://bucket/train-shards      # or a local folder, or in a weighted list
+
+A shard set is two litdata datasets (``litdata.optimize`` writes them, ``litdata.StreamingDataset`` reads them):
+
+    <out>/index.json, chunk-*.bin          per sample: i and the record's audio files as encoded, packed bytes
+    <out>/records/index.json, chunk-*.bin  per sample: JSON of i, the Record, and the seconds of each audio
+
+Setup reads ``records/`` only (text: ids, conversations, durations), so token lengths, bucketing, mixtures and the
+over-budget check need no audio. ``dataset[i]`` fetches sample ``i``'s bytes (a local read, or one ranged GET from
+an object store: litdata's ``on_demand_bytes``, no whole-chunk download) and decodes them exactly as
+:func:`~musicflamingo.audio.io.load_audio` decodes the file, so a sample is identical to the manifest's.
+
+Why random access through our sampler rather than a streaming order (litdata's iteration or WebDataset tars):
+the sampler already gives token-budget buckets, weighted mixtures, disjoint DDP shares and exact mid-epoch resume
+from a two-number state; a sequential stream has none of these for free (WebDataset splits by tar file, so ranks
+get unequal counts unless the files divide evenly, and resumes by re-reading). The loader is bound by decoding and
+log-mel features, not by reading, so random reads cost no throughput (``bench/data_loader.py``; numbers in
+docs/performance.md, "Data: shards and loader throughput").
+
+Audio is stored as the files' bytes (flac stays flac), the whole file per record: a record that cuts a segment
+from a long file stores that file, so cut long files into clips before sharding. A file missing at sharding
+time is stored as no bytes and becomes a bad sample (``bad_sample_policy``) when its turn comes, like a missing
+file under a manifest. litdata is imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from musicflamingo.audio.io import audio_duration, load_audio
+from musicflamingo.data.dataset import ConversationDataset, estimate_num_tokens
+from musicflamingo.data.manifest import AudioRef, Message, Record, read_manifest
+
+log = logging.getLogger(__name__)
+
+RECORDS = "records"  # sub-folder of the text half
+INDEX = "index.json"  # litdata's index file: its presence marks a local shard folder
+
+
+class ShardError(ValueError):
+    """A shard folder is missing, incomplete or does not match its records; the message names the folder."""
+
+
+def is_url(path: str) -> bool:
+    """An object store URL (``s3://``, ``gs://``...) or litdata's ``local:`` prefix (a folder read as if remote)."""
+    return "://" in path or path.startswith("local:")
+
+
+def is_shards(path: str | os.PathLike) -> bool:
+    """A shard location: a URL, or a folder holding litdata's ``index.json`` (a manifest is a file)."""
+    s = os.fspath(path)
+    return is_url(s) or os.path.isfile(os.path.join(s, INDEX))
+
+
+def _quiet_litdata() -> None:
+    # litdata logs notes (cache size, mmap mode) at INFO for every dataset opened: per shard set and worker
+    logging.getLogger("litdata").setLevel(logging.WARNING)
+
+
+def _join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def _pack(index: int, blobs: Sequence[bytes]) -> bytes:
+    """A sample's files in one value: index (u64), count (u32), sizes (u64 each), then the bytes.
+
+    One bytes value per sample, not a dict: litdata stores dicts of plain leaves as Arrow tables, which its ranged
+    single-sample reads from object stores (``on_demand_bytes``) cannot read (litdata 0.2.76)."""
+    return struct.pack(f"<QI{len(blobs)}Q", index, len(blobs), *map(len, blobs)) + b"".join(blobs)
+
+
+def _unpack(data: bytes) -> tuple[int, list[bytes]]:
+    index, n = struct.unpack_from("<QI", data)
+    pos = struct.calcsize("<QI")
+    sizes = struct.unpack_from(f"<{n}Q", data, pos)
+    out, pos = [], pos + 8 * n
+    for size in sizes:
+        out.append(data[pos : pos + size])
+        pos += size
+    return index, out
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _read_bytes(ref: dict[str, Any]) -> bytes:
+    try:
+        with open(ref["path"], "rb") as f:
+            return f.read()
+    except OSError:  # stored as no bytes: a bad sample at training time, named there
+        return b""
+
+
+def _audio_item(item: tuple[int, dict[str, Any]]) -> bytes:
+    i, rec = item
+    return _pack(i, [_read_bytes(a) for a in rec["audios"]])
+
+
+def _record_item(item: tuple[int, dict[str, Any]]) -> str:
+    i, rec = item
+    # Seconds as the manifest path estimates them (file header, or the segment's duration); None when unreadable.
+    seconds = [audio_duration(a["path"], offset=a["offset"], duration=a["duration"]) for a in rec["audios"]]
+    return json.dumps({"index": i, **rec, "seconds": seconds}, ensure_ascii=False)
+
+
+def write_shards(
+    manifest: str | os.PathLike,
+    out: str,
+    *,
+    audio_root: str | os.PathLike | None = None,
+    chunk_bytes: str | int = "64MB",
+    workers: int = 1,
+    overwrite: bool = False,
+) -> int:
+    """Write the shards of ``manifest`` (validated as for training) to ``out`` (a folder or URL); returns the
+    number of records. ``workers`` processes read files in parallel, each a contiguous slice in manifest order,
+    so shard index ``i`` is manifest record ``i``."""
+    from litdata import optimize
+
+    _quiet_litdata()
+    out = os.fspath(out)
+    if not overwrite and not is_url(out) and os.path.exists(os.path.join(out, INDEX)):
+        raise ShardError(
+            f"{out}: already holds shards; choose another folder or overwrite them (--overwrite)"
+        )
+    records = read_manifest(manifest, audio_root=audio_root)
+    inputs = [(i, asdict(r)) for i, r in enumerate(records)]
+    missing = sum(not os.path.isfile(a.path) for r in records for a in r.audios)
+    if missing:
+        log.warning(
+            "%s: %d audio file(s) not found; they become bad samples when trained on", manifest, missing
+        )
+    common = dict(
+        chunk_bytes=chunk_bytes,
+        num_workers=max(1, int(workers)),
+        keep_data_ordered=True,  # each worker a static slice in order: the shard order is the manifest's
+        reorder_files=False,
+        mode="overwrite" if overwrite else None,  # None: litdata refuses a folder that already holds shards
+        verbose=False,
+        # fork: workers start at once (spawn re-imports torch in each, ~5 s); they only read files
+        start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn",
+    )
+    before = multiprocessing.get_start_method(allow_none=True)
+    try:
+        optimize(fn=_audio_item, inputs=inputs, output_dir=out, **common)
+        optimize(fn=_record_item, inputs=inputs, output_dir=_join(out, RECORDS), **common)
+    finally:  # optimize sets the process-wide start method; DataLoaders started later keep theirs
+        multiprocessing.set_start_method(before, force=True)
+    return len(records)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _streaming(url: str, cache_dir: str | None) -> Any:
+    from litdata import StreamingDataset
+
+    _quiet_litdata()
+    try:
+        return StreamingDataset(url, cache_dir=cache_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise ShardError(
+            f"{url}: not a readable shard folder ({e}); write one with `python -m musicflamingo.data shard`"
+        ) from e
+
+
+class ShardRecords(Sequence):
+    """The records of a shard set, kept as their JSON text in one buffer and parsed on access
+    (``records[i]`` -> :class:`Record`): a few bytes per record beside the text, where Record objects take
+    kilobytes each and get copied page by page in DataLoader workers as reference counts touch them."""
+
+    def __init__(self, texts: Sequence[bytes]) -> None:
+        self._data = b"".join(texts)
+        self._ends = np.cumsum([len(t) for t in texts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def parse(self, i: int) -> tuple[Record, list[float]]:
+        """Record ``i`` and its audios' seconds (NaN where the header was unreadable at sharding time)."""
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        obj = json.loads(self._data[start : int(self._ends[i])])
+        record = Record(
+            id=obj["id"],
+            audios=[AudioRef(**a) for a in obj["audios"]],
+            messages=[Message(**m) for m in obj["messages"]],
+            extra=obj["extra"],
+            source=obj["source"],
+        )
+        return record, [math.nan if x is None else x for x in obj["seconds"]]
+
+    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+        return self.parse(i)[0]
+
+
+def read_shard_records(url: str, cache_dir: str | None = None) -> ShardRecords:
+    """The records of ``<url>/records`` (text only), in shard order."""
+    ds = _streaming(_join(url, RECORDS), cache_dir)
+    ds[0]  # opens the index: len(ds.cache) counts every record (len(ds) only this rank's share under DDP)
+    ds.on_demand_bytes = False  # remote: one download per chunk, not one request per record
+    texts = []
+    for i in range(len(ds.cache)):
+        text = ds[i].encode("utf-8")
+        # the index leads each JSON object: a cheap check that records/ is whole and in order
+        if not text.startswith(b'{"index": %d,' % i):
+            raise ShardError(f"{url}/{RECORDS}: entry {i} is {text[:40]!r}...; write the shards again")
+        texts.append(text)
+    return ShardRecords(texts)
+
+
+class ShardDataset(ConversationDataset):
+    """:class:`~musicflamingo.data.dataset.ConversationDataset` over a shard folder or URL (see the module doc).
+
+    Args:
+        url: what :func:`write_shards` wrote to.
+        processor: as for :class:`ConversationDataset`; ``**kwargs`` are its options (bad-sample policy, ...).
+        cache_dir: where litdata keeps downloaded index files and chunks of remote shards (default: litdata's).
+
+    ``dataset[i]`` equals the manifest dataset's ``[i]`` (same dict, same bad samples).
+    """
+
+    def __init__(
+        self, url: str | os.PathLike, processor: Any, *, cache_dir: str | None = None, **kwargs: Any
+    ):
+        super().__init__([], processor, **kwargs)
+        self.url, self.cache_dir = os.fspath(url), cache_dir
+        self.records = read_shard_records(self.url, cache_dir)
+        # the StreamingDataset and the process that opened it: each reading process (a DataLoader worker) opens
+        # its own, also when it was forked from one that had opened one
+        self._audio: Any = None
+        self._pid = 0
+        self._blobs: dict[AudioRef, bytes] = {}  # the sample being built: its audios' bytes
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_audio": None, "_blobs": {}}
+
+    def __getitem__(self, index: int) -> Any:
+        if self._audio is None or self._pid != os.getpid():
+            self._audio, self._pid = _streaming(self.url, self.cache_dir), os.getpid()
+        stored, blobs = _unpack(self._audio[int(index)])
+        if stored != index:
+            raise ShardError(f"{self.url}: sample {index} holds record {stored}; write the shards again")
+        self._blobs = dict(zip(self.records[index].audios, blobs))
+        try:
+            return super().__getitem__(index)
+        finally:
+            self._blobs = {}
+
+    def _decode(self, ref: AudioRef) -> np.ndarray:
+        p = self.processor
+        return load_audio(
+            ref.path,
+            sampling_rate=p.sampling_rate,
+            offset=ref.offset,
+            duration=ref.duration,
+            max_seconds=p.kept_seconds,
+            data=self._blobs[ref],
+        )
+
+    def estimate_lengths(self, known: Sequence[int] | None = None, seconds: Any = None) -> list[int]:
+        """Token counts from the seconds stored at sharding time (no audio is fetched): the manifest's numbers.
+        (``known``/``seconds`` come from a manifest index; shards carry their own seconds and ignore them.)"""
+        out = []
+        for i in range(len(self)):
+            record, secs = self.records.parse(i)
+            out.append(estimate_num_tokens(record, self, secs))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``shard MANIFEST OUT``: the subcommand of ``python -m musicflamingo.data``."""
+    p = subparsers.add_parser(
+        "shard",
+        help="write a manifest and its audio as litdata shards (a local folder or s3://, gs://... URL)",
+        description="Write MANIFEST (validated as for training) and its audio files as litdata shards to OUT; "
+        "train from them with data.train=OUT.",
+    )
+    p.add_argument("manifest", help="JSONL (or JSON list) manifest")
+    p.add_argument("out", help="output folder or object store URL (must not hold shards yet)")
+    p.add_argument("--audio-root", default=None, help="folder relative audio paths resolve against")
+    p.add_argument("--chunk-bytes", default="64MB", help="target chunk size (default 64MB)")
+    p.add_argument("--workers", type=int, default=1, help="processes reading files (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    p.set_defaults(func=main_shard)
+    return p
+
+
+def main_shard(args: argparse.Namespace) -> None:
+    n = write_shards(
+        args.manifest,
+        args.out,
+        audio_root=args.audio_root,
+        chunk_bytes=args.chunk_bytes,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps({"records": n, "shards": args.out}))

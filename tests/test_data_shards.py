@@ -1,0 +1,260 @@
+"""Shards (litdata): a manifest written as shards reads back the same samples; 2-process DDP over shards sees each
+record once per epoch; a resume in the middle of an epoch over shards continues with the exact next batch."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+pytest.importorskip("litdata")
+L = pytest.importorskip("lightning")
+
+from musicflamingo.data.dataset import BadSample, ConversationDataset  # noqa: E402
+from musicflamingo.data.manifest import read_manifest  # noqa: E402
+from musicflamingo.data.shards import ShardDataset, ShardError, is_shards, write_shards  # noqa: E402
+from musicflamingo.processor import MusicFlamingoProcessor  # noqa: E402
+from musicflamingo.tokenizer import load_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_assets import make_tone, write_audio, write_tiny_tokenizer  # noqa: E402
+
+CONV = [{"role": "user", "content": "<sound>What is this?"}, {"role": "assistant", "content": "a tone"}]
+
+
+@pytest.fixture(autouse=True)
+def litdata_cache(tmp_path, monkeypatch):
+    """litdata's cache (index copies, chunks of remote shards) in tmp_path, not ~/.lightning: the environment for
+    processes started later (ddp_spawn), the module value it was read into for this one and forked workers."""
+    monkeypatch.setenv("LITDATA_CACHE_DIR", str(tmp_path / "litdata_cache"))
+    monkeypatch.setattr(
+        "litdata.utilities.dataset_utilities._LITDATA_CACHE_DIR",
+        str(tmp_path / "litdata_cache"),
+        raising=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    tok = load_tokenizer(write_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+    return MusicFlamingoProcessor(tok, chunk_length=1.0, max_audio_len=4.0)  # 1 s windows: tiny log-mels
+
+
+def _line(rid, audio, conv=CONV):
+    return json.dumps({"id": rid, "audio": audio, "conversations": conv})
+
+
+def _mixed_manifest(d: Path) -> Path:
+    """flac and wav clips, a segment, two audios in one record, text only, and bad files of each kind."""
+    write_audio(d / "a.flac", make_tone(220, 1.3))
+    write_audio(d / "b.wav", make_tone(660, 2.6))
+    sf.write(d / "nan.wav", np.full(8000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    (d / "corrupt.wav").write_bytes(b"RIFF\x00\x01garbage" * 10)
+    two = [{"role": "user", "content": "<sound><sound>Same?"}, {"role": "assistant", "content": "no"}]
+    text = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    lines = [
+        _line("flac", "a.flac"),
+        _line("segment", {"path": "b.wav", "offset": 0.7, "duration": 1.2}),
+        _line("two", ["a.flac", "b.wav"], two),
+        json.dumps({"id": "text", "conversations": text, "meta": {"k": 1}}),
+        _line("missing", "gone.wav"),
+        _line("nan", "nan.wav"),
+        _line("corrupt", "corrupt.wav"),
+    ]
+    (d / "m.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d / "m.jsonl"
+
+
+def _same_sample(a, b):
+    if isinstance(a, BadSample):
+        assert isinstance(b, BadSample) and (a.index, a.id, a.source) == (b.index, b.id, b.source)
+        return
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_shards_read_back_the_manifest_samples(processor, tmp_path):
+    manifest = _mixed_manifest(tmp_path / "data")
+    out = tmp_path / "shards"
+    from musicflamingo.data.__main__ import main
+
+    main(["shard", str(manifest), str(out), "--workers", "2", "--chunk-bytes", "20kB"])
+    assert is_shards(out) and not is_shards(manifest) and is_shards("s3://bucket/train")
+    assert len(list(out.glob("chunk-*.bin"))) > 1  # several chunks, read across
+    files = ConversationDataset(read_manifest(manifest), processor, bad_sample_policy="skip")
+    lengths = files.estimate_lengths()
+    want = [files[i] for i in range(len(files))]
+    assert want[2]["input_features"].shape[0] == 2 + 3  # two audios: 1.3 s -> 2 windows, 2.6 s -> 3
+    (tmp_path / "data").rename(tmp_path / "gone")  # from here on, the audio exists only in the shards
+
+    local = ShardDataset(out, processor, bad_sample_policy="skip")
+    # the object-store code path (index download, ranged reads of single samples) on a local folder
+    remote = ShardDataset(
+        f"local:{out}", processor, cache_dir=str(tmp_path / "cache"), bad_sample_policy="skip"
+    )
+    assert local.estimate_lengths() == lengths == remote.estimate_lengths()
+    assert [r.id for r in local.records] == [r.id for r in files.records]
+    assert local.records[3].extra == {"meta": {"k": 1}}
+    for i in [6, 0, 3, 1, 5, 2, 4]:  # out of order: random access
+        _same_sample(want[i], local[i])
+        _same_sample(want[i], remote[i])
+    bad = {i: local[i] for i in (4, 5, 6)}
+    assert all(isinstance(b, BadSample) for b in bad.values())
+    assert "missing or empty when the shards were written" in bad[4].reason
+    assert "non-finite" in bad[5].reason and "cannot decode" in bad[6].reason
+    assert bad[4].source == f"{manifest}:5"  # errors still name the manifest line
+
+    with pytest.raises(ShardError, match="already holds shards"):
+        write_shards(tmp_path / "gone" / "m.jsonl", str(out))
+    with pytest.raises(ShardError, match="not a readable shard folder"):
+        ShardDataset(tmp_path / "gone", processor)
+
+
+def _even_manifest(d: Path, n: int, prefix: str = "c") -> Path:
+    """n records of equal token length (1 s clips, one-digit answers), ids `<prefix><i>`."""
+    d.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        write_audio(d / f"c{i}.wav", make_tone(110.0 * (1 + i), 1.0))
+        conv = [CONV[0], {"role": "assistant", "content": f"tone {i % 10}"}]
+        lines.append(_line(f"{prefix}{i}", f"c{i}.wav", conv))
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d / "train.jsonl"
+
+
+class Recorder(L.LightningModule):
+    """Keeps (epoch, record ids) of every training batch; writes them per rank to `out` at the end."""
+
+    def __init__(self, out=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.out, self.seen = out, []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, tuple(batch["ids"])))
+        return (self.w * batch["input_ids"].float().mean()).sum()
+
+    def on_train_end(self):
+        if self.out is not None:
+            Path(self.out, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _trainer(tmp_path, **kwargs):
+    return L.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+@pytest.mark.timeout(300)
+def test_two_process_ddp_over_shards_sees_each_record_once_per_epoch(processor, tmp_path):
+    from musicflamingo.data.datamodule import MusicFlamingoDataModule
+
+    n = 12
+    write_shards(_even_manifest(tmp_path / "data", n), str(tmp_path / "shards"))
+    one = ShardDataset(tmp_path / "shards", processor).estimate_lengths()
+    assert len(set(one)) == 1  # equal lengths: 2 per batch, 6 batches, 3 per rank and epoch
+    dm = MusicFlamingoDataModule(
+        train=str(tmp_path / "shards"),
+        processor=processor,
+        batch_max_tokens=2 * one[0],
+        num_workers=1,
+        seed=3,
+    )
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=2,
+        strategy="ddp_spawn",
+        devices=2,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Recorder(out=str(tmp_path)), datamodule=dm)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    everyone = [f"c{i}" for i in range(n)]
+    for epoch in range(2):
+        ids = [[i for e, batch in rank for i in batch if e == epoch] for rank in seen]
+        assert len(ids[0]) == len(ids[1]) == n // 2
+        assert not set(ids[0]) & set(ids[1])  # disjoint halves
+        assert sorted(ids[0] + ids[1]) == sorted(everyone)  # together: every record exactly once
+    order = [[b for e, b in rank] for rank in seen]
+    assert order[0][:3] != order[0][3:]  # each epoch its own order
+
+
+def test_resume_mid_epoch_from_shards_gives_the_next_batch(processor, tmp_path):
+    """A mixture of two shard sets (weights 1 and 0.5, one read through the object-store path): a run stopped in
+    the middle of epoch 1 and resumed from its checkpoint trains on the batches the uninterrupted run did."""
+    from musicflamingo.data.datamodule import MusicFlamingoDataModule
+
+    write_shards(_even_manifest(tmp_path / "a", 8, "a"), str(tmp_path / "sa"))
+    write_shards(_even_manifest(tmp_path / "b", 6, "b"), str(tmp_path / "sb"))
+    train = [
+        {"path": str(tmp_path / "sa"), "weight": 1.0},
+        {"path": f"local:{tmp_path / 'sb'}", "weight": 0.5},
+    ]
+    budget = 2 * ShardDataset(tmp_path / "sa", processor).estimate_lengths()[0]
+
+    def datamodule():
+        return MusicFlamingoDataModule(
+            train=train, processor=processor, batch_max_tokens=budget, num_workers=1
+        )
+
+    def run(ckpt_path=None, save_every=None):
+        model, callbacks = Recorder(), []
+        if save_every:
+            callbacks.append(
+                L.pytorch.callbacks.ModelCheckpoint(
+                    dirpath=tmp_path / "ckpt",
+                    every_n_train_steps=save_every,
+                    save_top_k=-1,
+                    filename="{step}",
+                )
+            )
+        trainer = _trainer(tmp_path, max_epochs=2, callbacks=callbacks, enable_checkpointing=bool(save_every))
+        trainer.fit(model, datamodule=datamodule(), ckpt_path=ckpt_path)
+        return model
+
+    dm = datamodule()
+    dm.setup("fit")
+    per_epoch = len(dm.train_sampler)
+    assert per_epoch == 6  # (8 + 3 samples) / 2 per batch
+    stop = per_epoch + 3  # the middle of epoch 1
+    full = run(save_every=stop)
+    assert len(full.seen) == 2 * per_epoch
+    epoch0 = [i for e, b in full.seen if e == 0 for i in b]
+    assert sum(i.startswith("a") for i in epoch0) == 8 and sum(i.startswith("b") for i in epoch0) == 3
+    assert full.seen[:per_epoch] != full.seen[per_epoch:]
+    resumed = run(ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt")
+    assert resumed.seen == full.seen[stop:]
+
+
+def test_loader_benchmark_runs_at_the_smallest_size(tmp_path):
+    """bench/data_loader.py end to end on 16 clips (the harness, not the speed)."""
+    pytest.importorskip("webdataset")
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "data_loader.py"
+    spec = importlib.util.spec_from_file_location("bench_data_loader", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    args = ["--clips", "16", "--workers", "0", "--samples", "6", "--repeats", "1", "--no-step"]
+    bench.main([*args, "--dir", str(tmp_path), "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {"files", "litdata shards, local", "webdataset tars, in order"} <= set(rows)
+    assert all(r["samples_s"] > 0 for r in rows.values())
+    assert rows["files"]["audio_h_s"] > 0
