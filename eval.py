@@ -20,6 +20,8 @@ from musicflamingo.eval import evaluate, headline
 def main(cfg: DictConfig) -> None:
     # Bad settings, data, audio or checkpoint: one clear line (exit 2) instead of a traceback.
     results = run_cli(lambda: evaluate(cfg), prefix="eval.py: error")
+    if "plan" in results:  # plan=true: evaluate printed the memory plan, nothing ran
+        return
     print(headline(results))
     print(f"results: {results['files']['results_md']}")
 

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import torch
 
-from musicflamingo.audio.io import AudioError
+from musicflamingo.audio.io import AudioError, audio_duration
 from musicflamingo.chat import (
     END_OF_TURN,
     check_typed_text,
@@ -32,6 +32,7 @@ from musicflamingo.checkpoint import CheckpointError, check_checkpoint_dir, load
 from musicflamingo.engine import Engine, Request, SamplingParams
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.config import ConfigError
+from musicflamingo.planner import MemoryPlan, check_generation
 from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.reasoning import ThinkDisplay
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, set_threads
@@ -400,6 +401,21 @@ def run_chat(
     return answers
 
 
+def _memory_plan(
+    cfg: Mapping[str, Any], ckpt: Path, files: Sequence[str], prompts: Sequence[str], slots: int
+) -> MemoryPlan:
+    """The predicted peak of this run from the checkpoint's config.json and the audio files' headers (no weight
+    read); refuses a run that would not fit unless `plan` or `memory_check=false` (`planner.check_generation`)."""
+    return check_generation(
+        cfg,
+        ckpt,
+        [audio_duration(f) for f in files],
+        prompt_chars=max((len(p) for p in prompts), default=len(DEFAULT_PROMPT)),
+        slots=slots,
+        new_tokens=int(cfg.get("max_new_tokens") or 1024),
+    )
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextIO | None = None) -> list[str]:
     """Run `configs/infer.yaml`-shaped settings; returns one answer per audio file (or per chat turn).
@@ -407,6 +423,7 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
     `lines` feeds the interactive mode (stdin when None); `out` receives the printed text (stdout when None).
     `think=true`: questions get the think suffix (`chat.think_prompt`), the reasoning is shown apart and the answer
     last; the returned answers are the whole texts, tags included (`reasoning.parse_think` splits them).
+    `plan=true` writes the memory plan to `out` and returns [] without loading the model.
     """
     out = out if out is not None else sys.stdout
     check_infer_settings(cfg)  # types and ranges (sampling: below), before the checkpoint or audio is read
@@ -429,6 +446,10 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
             raise InferenceError(f"interactive=true takes at most one audio file, got {len(files)}: {files}")
         if len(prompts) > 1:
             raise InferenceError("interactive=true takes at most one prompt (the first question)")
+        plan = _memory_plan(cfg, ckpt, files, prompts, slots=1)
+        if cfg.get("plan"):
+            out.write(plan.table() + "\n")
+            return []
         model, processor = load_model(ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"))
         params = sampling_params(cfg, stop_token_ids(ckpt, model.config))
         session = ChatSession(model, processor, params, system_prompt)
@@ -451,6 +472,10 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
     batch_size = len(files) if cfg.get("batch_size") is None else cfg.get("batch_size")
     if int(batch_size) < 1:
         raise InferenceError(f"batch_size must be >= 1 or null, got {batch_size!r}")
+    plan = _memory_plan(cfg, ckpt, files, prompts, slots=int(batch_size))
+    if cfg.get("plan"):
+        out.write(plan.table() + "\n")
+        return []
     model, processor = load_model(ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"))
     params = sampling_params(cfg, stop_token_ids(ckpt, model.config))
     convs = [conversation(think_prompt(p) if think else p, f, system_prompt) for p, f in zip(prompts, files)]

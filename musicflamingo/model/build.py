@@ -12,7 +12,8 @@ Example:
     model = build_model(preset="tiny", overrides={}, init_from=None, seed=0, rote_quirk=True,
                         gradient_checkpointing=False, compile=False,
                         freeze={"audio_tower": True, "multi_modal_projector": False, "language_model": False},
-                        lora={"enabled": False, "rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj"]})
+                        lora={"enabled": False, "rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj"]},
+                        quantize_base=None)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from musicflamingo.model.config import MusicFlamingoConfig
-from musicflamingo.model.lora import apply_lora
+from musicflamingo.model.lora import QuantizedLinear, apply_lora, check_quantize_base, nf4_linear_class
 from musicflamingo.model.musicflamingo import MusicFlamingo
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,20 @@ def freeze_parts(model: MusicFlamingo, freeze: Mapping[str, bool]) -> None:
                 model.lm_head.requires_grad_(False)
 
 
-def add_lora(model: MusicFlamingo, lora: Mapping[str, Any]) -> list[str]:
+def add_lora(
+    model: MusicFlamingo, lora: Mapping[str, Any], quantized: type[QuantizedLinear] | None = None
+) -> list[str]:
     """Adapters on the language model's linears named in `lora["targets"]`, its base weights (and the head)
-    frozen; nothing when `lora["enabled"]` is false. Returns the adapted linears' names."""
+    frozen; nothing when `lora["enabled"]` is false. Returns the adapted linears' names.
+
+    `quantized` (QLoRA): every decoder linear becomes that class (frozen, e.g. 4-bit NF4), the targets adapted on
+    top; embeddings, norms and the head stay as they are, and so do the audio tower and the projector."""
     _check_keys("model.net.lora", lora, LORA_KEYS)
     if not lora["enabled"]:
+        if quantized is not None:
+            raise ValueError(
+                "model.net.quantize_base needs model.net.lora.enabled=true (the adapters are what trains)"
+            )
         return []
     model.language_model.requires_grad_(False)
     model.lm_head.requires_grad_(False)
@@ -115,8 +125,9 @@ def add_lora(model: MusicFlamingo, lora: Mapping[str, Any]) -> list[str]:
         alpha=float(lora["alpha"]),
         dropout=float(lora["dropout"]),
         targets=tuple(lora["targets"]),
+        quantized=quantized,
     )
-    log.info("LoRA on %d linears of the language model", len(names))
+    log.info("%s on %d linears of the language model", "QLoRA" if quantized else "LoRA", len(names))
     return names
 
 
@@ -131,8 +142,10 @@ def build_model(
     compile: bool,
     freeze: Mapping[str, bool],
     lora: Mapping[str, Any],
+    quantize_base: str | None = None,
 ) -> MusicFlamingo:
-    """The model `configs/model/*.yaml` describe under `net` (every argument comes from the YAML, no defaults here).
+    """The model `configs/model/*.yaml` describe under `net` (every argument comes from the YAML; only
+    `quantize_base`, added later, defaults to null for direct callers).
 
     Args:
         preset, overrides, init_from, seed: the weights (`create_model`).
@@ -141,17 +154,25 @@ def build_model(
         compile: `torch.compile` every encoder and decoder layer (traced at the first steps).
         freeze: `{audio_tower, multi_modal_projector, language_model}` -> bool; true freezes that part.
         lora: `{enabled, rank, alpha, dropout, targets}`: adapters on the language model (base weights frozen).
+        quantize_base: null, or `nf4`: the frozen decoder linears in 4 bits under the adapters (QLoRA; bitsandbytes
+            on a CUDA GPU, refused elsewhere before any weight is built).
 
     Raises:
-        ValueError: unknown preset or config field, a missing/unknown `freeze` or `lora` key, or every parameter
-            frozen.
+        ValueError: unknown preset or config field, a missing/unknown `freeze` or `lora` key, every parameter
+            frozen, or `quantize_base` where CUDA or bitsandbytes is missing.
     """
+    check_quantize_base(quantize_base)
+    if quantize_base is not None and not lora.get("enabled"):
+        raise ValueError(
+            f"model.net.quantize_base={quantize_base} needs model.net.lora.enabled=true (the adapters are what trains)"
+        )
     model = create_model(preset, overrides, init_from, seed)
     model.rote_quirk = bool(rote_quirk)
     if gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     freeze_parts(model, freeze)
-    add_lora(model, lora)  # after freezing: the new adapters stay trainable
+    # after freezing: the new adapters stay trainable
+    add_lora(model, lora, nf4_linear_class() if quantize_base == "nf4" else None)
     if compile:
         model.compile_layers()
     model.audio_tower.embed_positions.requires_grad_(False)  # frozen, as in the reference

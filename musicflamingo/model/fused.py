@@ -65,8 +65,10 @@ def norm_linear(
         kind, norm_args = "rms", (norm.weight, None, norm.eps)
     else:
         return None
+    if not all(type(m) is torch.nn.Linear for m in layers):  # adapters, quantized bases: no plain `weight`
+        return None
     weights = [m.weight for m in layers]
-    if not (_recording(x, *weights) and all(type(m) is torch.nn.Linear for m in layers)):
+    if not _recording(x, *weights):
         return None
     biases = [m.bias for m in layers]
     out = _NormLinear.apply(x, kind, *norm_args, len(layers), *weights, *biases)

@@ -4,10 +4,15 @@
 matrices: `y = x W^T + b + (dropout(x) A^T B^T) * alpha / rank`. `B` starts at zero, so an adapted model computes
 exactly what the base model computes until it is trained. `merge_lora` folds `B A * scale` into `W` and turns every
 adapter back into a plain `nn.Linear`.
+
+QLoRA (`apply_lora(..., quantized=cls)`): every frozen base linear becomes a `QuantizedLinear` (bitsandbytes' NF4
+`Linear4bit` through `nf4_linear_class()`, or a stand-in a test passes), the targets wrapped by a
+`QuantizedLoRALinear`; `merge_lora` then dequantises every base into a plain `nn.Linear` as it merges.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -59,28 +64,196 @@ class LoRALinear(nn.Linear):
         return merged
 
 
-def apply_lora(
-    root: nn.Module, *, rank: int, alpha: float, dropout: float, targets: Sequence[str]
+class QuantizedLinear(nn.Module):
+    """What a quantized base linear provides: `from_linear(linear)` (frozen, quantized copy), `dequantize()`
+    (the (out, in) weight in a floating dtype), `in_features`, `out_features`, `bias`. Its forward is its own."""
+
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain frozen nn.Linear with the dequantised weight (in `dtype`, default the weight's)."""
+        weight = self.dequantize()
+        dtype = dtype or weight.dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.to(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias.to(dtype))
+        return linear.requires_grad_(False)
+
+
+class QuantizedLoRALinear(nn.Module):
+    """LoRA over a frozen quantized base: `y = base(x) + (dropout(x) A^T B^T) * alpha / rank`. The adapters are
+    in the compute dtype the base was built from; `B` starts at zero."""
+
+    def __init__(
+        self, base: QuantizedLinear, rank: int, alpha: float, dropout: float, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.scale = rank, alpha / rank
+        device = base.bias.device if base.bias is not None else None
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return (
+            out
+            + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B).to(out.dtype) * self.scale
+        )
+
+    def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear with `dequantize(base) + scale * B @ A` (computed in float32, stored in `dtype`,
+        default the adapters')."""
+        merged = self.base.to_linear(torch.float32)
+        with torch.no_grad():
+            merged.weight += (self.lora_B.float() @ self.lora_A.float()).to(merged.weight.device) * self.scale
+        return merged.to(dtype or self.lora_A.dtype)
+
+
+def quantize_linears(
+    root: nn.Module, quantized: type[QuantizedLinear], skip: Sequence[str] = ()
 ) -> list[str]:
-    """Replace every `nn.Linear` under `root` whose attribute name is in `targets` (e.g. `q_proj`, `down_proj`);
-    returns the replaced names. The settings come from the config (`model.net.lora` in `configs/model/tiny.yaml`)."""
+    """Replace every plain `nn.Linear` under `root` (but those named in `skip`) by `quantized.from_linear(...)`;
+    returns the replaced names. The one place base weights get quantized, so a test can pass a stand-in class."""
     replaced = []
     for name, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and type(child) is nn.Linear:
-                setattr(module, child_name, LoRALinear.from_linear(child, rank, alpha, dropout))
+            if child_name not in skip and type(child) is nn.Linear:
+                setattr(module, child_name, quantized.from_linear(child))
                 replaced.append(f"{name}.{child_name}" if name else child_name)
+    return replaced
+
+
+def apply_lora(
+    root: nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: Sequence[str],
+    quantized: type[QuantizedLinear] | None = None,
+) -> list[str]:
+    """Replace every `nn.Linear` under `root` whose attribute name is in `targets` (e.g. `q_proj`, `down_proj`);
+    returns the replaced names. The settings come from the config (`model.net.lora` in `configs/model/tiny.yaml`).
+
+    With `quantized` (QLoRA), every `nn.Linear` under `root` is quantized first (`quantize_linears`) and the
+    targets get a `QuantizedLoRALinear` over their quantized base, adapters in the base's former dtype."""
+    dtypes = {}
+    if quantized is not None:
+        dtypes = {n: m.weight.dtype for n, m in root.named_modules() if type(m) is nn.Linear}
+        quantize_linears(root, quantized)
+    replaced = []
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name not in targets:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear:
+                setattr(module, child_name, LoRALinear.from_linear(child, rank, alpha, dropout))
+            elif quantized is not None and isinstance(child, quantized):
+                setattr(module, child_name, QuantizedLoRALinear(child, rank, alpha, dropout, dtypes[full]))
+            else:
+                continue
+            replaced.append(full)
     if not replaced:
         raise ValueError(f"LoRA targets {list(targets)} matched no nn.Linear under {type(root).__name__}")
     return replaced
 
 
-def merge_lora(root: nn.Module) -> int:
-    """Fold every adapter into its base weight in place; returns how many were merged."""
+def merge_lora(root: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Fold every adapter into its base weight in place, and dequantise every quantized base (to `dtype`, default
+    the adapters' or the dequantised weight's); returns how many adapters were merged."""
     n = 0
     for module in list(root.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, child_name, child.merged_linear())
                 n += 1
+            elif isinstance(child, QuantizedLoRALinear):
+                setattr(module, child_name, child.merged_linear(dtype))
+                n += 1
+            elif isinstance(child, QuantizedLinear):
+                setattr(module, child_name, child.to_linear(dtype))
     return n
+
+
+def has_quantized(root: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLinear) for m in root.modules())
+
+
+# ---------------------------------------------------------------------------------------------- bitsandbytes
+class QuantizationUnavailable(ValueError):
+    """`model.net.quantize_base` asks for something this machine cannot run (no CUDA, no bitsandbytes)."""
+
+
+QUANTIZE_CHOICES = ("nf4",)
+
+
+def check_quantize_base(value: object, cuda_available: bool | None = None) -> None:
+    """Refuse `model.net.quantize_base` unless it is null, or `nf4` on a machine with CUDA and bitsandbytes."""
+    if value is None:
+        return
+    if value not in QUANTIZE_CHOICES:
+        raise QuantizationUnavailable(
+            f"model.net.quantize_base={value!r}: expected null or one of {list(QUANTIZE_CHOICES)}"
+        )
+    fallback = "use LoRA in bf16 instead: model.net.quantize_base=null trainer.precision=bf16-true"
+    if not (torch.cuda.is_available() if cuda_available is None else cuda_available):
+        raise QuantizationUnavailable(
+            f"model.net.quantize_base={value}: 4-bit base weights need a CUDA GPU and bitsandbytes, and CUDA is not "
+            f"available here; {fallback}"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise QuantizationUnavailable(
+            f"model.net.quantize_base={value}: 4-bit base weights need bitsandbytes (pip install bitsandbytes), "
+            f"which is not installed; {fallback}"
+        ) from None
+
+
+@functools.cache
+def nf4_linear_class(compute_dtype: torch.dtype = torch.bfloat16) -> type[QuantizedLinear]:
+    """bitsandbytes' NF4 `Linear4bit` as a `QuantizedLinear` (imported here: it needs CUDA). Its weights are
+    quantized when the module moves to the GPU; `dequantize` reads them back in `compute_dtype`."""
+    import bitsandbytes as bnb
+
+    class NF4Linear(bnb.nn.Linear4bit, QuantizedLinear):
+        @classmethod
+        def from_linear(cls, linear: nn.Linear) -> NF4Linear:
+            q = cls(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                device=linear.weight.device,
+            )
+            q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+            if linear.bias is not None:
+                q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+            return q
+
+        def dequantize(self) -> torch.Tensor:
+            state = getattr(self.weight, "quant_state", None)
+            if state is None:  # not on the GPU yet: the weight is still the original
+                return self.weight.data.to(compute_dtype)
+            return bnb.functional.dequantize_4bit(self.weight.data, state).to(compute_dtype)
+
+    return NF4Linear

@@ -1,0 +1,809 @@
+"""The memory planner: the peak a training step or a generation run will need per device, from the settings alone.
+
+Nothing is allocated: parameter counts come from the config's shapes (`parameter_counts`), activations from the
+tensors each block keeps for backward (read off the code of `model/`, checked against
+`torch.autograd.graph.saved_tensors_hooks` in tests/test_planner.py). `train.py`, `infer.py` and `eval.py` print
+the table with `plan=true` and refuse, before loading anything, a run predicted not to fit (`memory_check`).
+
+Notation: per device and step, N padded decoder tokens, K labelled positions (only they reach the last layer's
+queries, its MLP and the head), S tokens per row, W audio windows of P encoder positions (P/2 audio tokens each
+after the pool). Bytes: w a weight (and its gradient and AdamW states: torch keeps those in the parameter's
+dtype), c a matmul output (bf16 under `bf16-mixed`), s the residual stream (= w: fp32 under autocast).
+
+Kept for backward, per position (D, q, kv, I, H: width, query / key-value width, MLP width, heads):
+
+* decoder layer: s*D + 4 (its input and RMSNorm's rstd; the fused q/k/v GEMM rebuilds the rest), c*(q + 2 kv)
+  (q, k after RoPE, v), c*q + 4H (attention output, logsumexp), s*D + 4 (the MLP's input), 2c*I (gate, up:
+  SwiGLU is recomputed). A LoRA'd linear adds its normalised input (one autocast copy per adapter) and c*r; an
+  unfused down_proj adds 2c*I. The last layer keeps only the key/value part for all N positions, the rest for K,
+  plus its (K, S) attention mask. With checkpointing a layer keeps only its input, s*D, and one layer is rebuilt
+  at a time in backward.
+* encoder layer (only when the audio tower trains): s*d + 8, 3c*d (q, k, v), c*d + 4H attention output and
+  logsumexp (CPU bf16 training attends with plain matmuls and keeps the probabilities, c*H*P, instead), s*d + 8,
+  c*f (fc1 output); plus per window the conv stem's inputs c*5P*d (and c*2P*mel when the float32 features are
+  cast), the pool's input s*P*d and the final LayerNorm's s*(P/2)*d, and RoTE's float64 cos/sin.
+* projector (when it or the tower trains): its three inputs, (P/2)*(c*d_a + 2c*D) per window.
+* head: the final norm's input s*K*D, dL/dh (K*D) and, when the head trains, dL/dW in float32 (V*D*4, formed in
+  the forward by `fused.linear_cross_entropy`); its chunked logits live only inside the loss: chunk*V*(c + 12).
+* under autocast the bf16 copies of weights that go through plain `F.linear` (o_proj, out_proj, the projector, the
+  convolutions, LoRA bases) stay alive until backward: c per such weight.
+
+The peak, on top of weights, AdamW states and the batch, is the largest of three moments walked block by block:
+in the forward (what the blocks before keep + this block's working memory: q/k/v and RoPE temporaries or SwiGLU's;
+CPU bf16 attention's scores, float32 softmax and probabilities, c + 8 bytes per score; one loss chunk at the
+head), in backward (a block's gradients appear, then its activations go; a checkpointed layer is rebuilt with its
+working memory) and at the optimizer step (gradients + one parameter-sized foreach temporary). DDP adds its
+gradient buckets (one more gradient copy); FSDP divides weights, gradients and states by the device count and adds
+the gathered units (the root + two blocks).
+
+Generation (`plan_inference`): weights, then the larger of encoding the prompts' audio windows (the stem's conv
+outputs, an encoder layer's attention or MLP temporaries) and the KV cache (2 * layers * kv_heads * head_dim *
+slots * capacity * bytes) + one decoder layer's prefill on a prompt (the MLP's gate, up, SiLU and product alive at
+once) + the last position's logits. The engine of `infer.py` holds its cache while each request's audio is encoded;
+`engine.generate` (eval.py) embeds every prompt before the cache exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from musicflamingo.model.config import MusicFlamingoConfig, TextConfig
+
+
+class MemoryPlanError(ValueError):
+    """A run predicted not to fit in the device's memory; the message lists the settings that would (one a line)."""
+
+    multiline = True  # cli.py prints every line of the message
+
+
+GB = 1e9
+NF4_BYTES = 0.5 + 1 / 64  # 4 bits + one 8-bit absmax per 64-weight block (bitsandbytes' double quantisation)
+LOSS_CHUNK = 2048  # rows per chunk of `fused.linear_cross_entropy` (model/musicflamingo.py's default)
+KEY_BLOCK = 256  # the engine rounds KV-cache capacity up to this (engine.KEY_BLOCK)
+PROMPT_TEXT_TOKENS = 256  # system prompt, chat markup and a question, on top of the audio tokens
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes of a weight (and of the residual stream), of a matmul output; whether autocast runs."""
+
+    weight: int
+    compute: int
+    autocast: bool
+
+
+# Lightning's precision names (`trainer.precision`), "bf16"/"16" being its short forms of the mixed ones.
+PRECISIONS: dict[str, Precision] = {
+    "64": Precision(8, 8, False),
+    "64-true": Precision(8, 8, False),
+    "32": Precision(4, 4, False),
+    "32-true": Precision(4, 4, False),
+    "bf16-mixed": Precision(4, 2, True),
+    "16-mixed": Precision(4, 2, True),
+    "bf16": Precision(4, 2, True),
+    "16": Precision(4, 2, True),
+    "bf16-true": Precision(2, 2, False),
+    "16-true": Precision(2, 2, False),
+}
+
+
+def precision_of(name: Any) -> Precision:
+    key = str(name)
+    if key not in PRECISIONS:
+        raise MemoryPlanError(f"trainer.precision={name!r}: the planner knows {', '.join(PRECISIONS)}")
+    return PRECISIONS[key]
+
+
+def linear_shapes(t: TextConfig) -> dict[str, tuple[int, int, bool]]:
+    """A decoder layer's linears: name -> (in, out, bias)."""
+    D, q, kv, inter = (
+        t.hidden_size,
+        t.num_attention_heads * t.head_dim,
+        t.num_key_value_heads * t.head_dim,
+        t.intermediate_size,
+    )
+    return {
+        "q_proj": (D, q, True),
+        "k_proj": (D, kv, True),
+        "v_proj": (D, kv, True),
+        "o_proj": (q, D, False),
+        "gate_proj": (D, inter, False),
+        "up_proj": (D, inter, False),
+        "down_proj": (inter, D, False),
+    }
+
+
+def parameter_counts(config: MusicFlamingoConfig) -> dict[str, int]:
+    """Parameters per part: `audio_tower` (of which `audio_layer` per layer, `audio_positions` frozen),
+    `projector`, `embed`, `decoder_layer` (per layer), `final_norm`, `lm_head` (0 when tied). Sums to
+    `config.num_parameters()`."""
+    a, t = config.audio, config.text
+    d, f = a.hidden_size, a.intermediate_size
+    audio_layer = 4 * d * d + 3 * d + 2 * d * f + f + d + 4 * d  # k_proj has no bias; 2 LayerNorms
+    stem = a.num_mel_bins * d * 3 + d + d * d * 3 + d
+    linears = sum(i * o + (o if b else 0) for i, o, b in linear_shapes(t).values())
+    projector = d * t.hidden_size + t.hidden_size**2 + (2 * t.hidden_size if config.projector_bias else 0)
+    return {
+        "audio_tower": stem + a.max_source_positions * d + a.num_hidden_layers * audio_layer + 2 * d,
+        "audio_layer": audio_layer,
+        "audio_positions": a.max_source_positions * d,
+        "audio_convs": stem,
+        "projector": projector,
+        "embed": t.vocab_size * t.hidden_size,
+        "decoder_layer": linears + 2 * t.hidden_size,
+        "final_norm": t.hidden_size,
+        "lm_head": 0 if t.tie_word_embeddings else t.vocab_size * t.hidden_size,
+    }
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What decides a training step's memory. `tokens`: padded decoder tokens per step and device
+    (`data.batch_max_tokens`); `windows`: audio windows per step (None: as many as `tokens` holds, audio filling
+    the batch); `labelled`: positions with a label (None: all, an upper bound); `rows`: sequences per step."""
+
+    precision: str = "32"
+    device: str = "cpu"  # "cpu" or "cuda": CPU bf16 training keeps the encoder's attention probabilities
+    devices: int = 1
+    strategy: str = "single"  # "single", "ddp" or "fsdp"
+    train_audio_tower: bool = True
+    train_projector: bool = True
+    train_language_model: bool = True
+    lora_rank: int = 0  # 0: no LoRA
+    lora_targets: tuple[str, ...] = ()
+    quantize_base: str | None = None  # "nf4": the frozen decoder linears in 4 bits (QLoRA)
+    checkpointing: bool = False
+    tokens: int = 4096
+    windows: int | None = None
+    labelled: int | None = None
+    rows: int = 1
+    accumulate: int = 1
+
+
+@dataclass
+class MemoryPlan:
+    """A predicted peak (bytes per device, reached `when`) and its items, each with how it was counted. The items
+    are full sizes: gradients and activations, for one, are never all alive at once."""
+
+    title: str
+    items: list[tuple[str, int, str]]
+    peak: int
+    when: str
+    notes: list[str] = field(default_factory=list)
+
+    def item(self, name: str) -> int:
+        return next(b for n, b, _ in self.items if n == name)
+
+    def table(self) -> str:
+        width = max(len(n) for n, _, _ in self.items)
+        lines = [self.title]
+        lines += [f"  {n:<{width}}  {_fmt(b):>9}  {how}" for n, b, how in self.items]
+        lines.append(f"  {'peak':<{width}}  {_fmt(self.peak):>9}  per device, {self.when}")
+        lines += [f"  {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _fmt(n: float) -> str:
+    if n >= GB:
+        return f"{n / GB:.2f} GB"
+    return f"{n / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class Block:
+    """One stage of the forward: bytes it keeps for backward, the gradients its backward makes, and its working
+    memory beyond those (forward, backward)."""
+
+    name: str
+    kept: int
+    grad: int = 0
+    forward: int = 0
+    backward: int = 0
+
+
+def _decoder_layer(
+    t: TextConfig, setup: TrainingSetup, p: Precision, full: int, rows: int, seq: int
+) -> tuple[int, int]:
+    """(bytes one decoder layer keeps for backward, of them its autocast weight copies): `full` positions make
+    keys and values, `rows` positions the rest (fewer in the last layer, which also keeps a (rows, seq) mask)."""
+    D, hd, H = t.hidden_size, t.head_dim, t.num_attention_heads
+    q, kv, inter = H * hd, t.num_key_value_heads * hd, t.intermediate_size
+    c, s, r = p.compute, p.weight, setup.lora_rank
+    adapted = set(setup.lora_targets) if r else set()
+    shapes = linear_shapes(t)
+    plain = setup.quantize_base is None  # 4-bit linears keep no autocast copy and are never fused
+    copy = c if p.autocast else 0
+    copies = 0
+
+    def reads(names: Sequence[str], n: int) -> int:
+        """What one normalised input and the linears reading it keep. Fused (plain linears, no adapter): the
+        norm's input and rstd. Unfused: those, and each adapter's input (its own copy under autocast) and rank-r
+        middle; under autocast every plain weight's bf16 copy, kept for the input gradient."""
+        nonlocal copies
+        mine = [x for x in names if x in adapted]
+        if plain and not mine:
+            return n * (s * D + 4)
+        copies += sum(copy * shapes[x][0] * shapes[x][1] for x in names) if plain else 0
+        copies += sum(copy * r * (shapes[x][0] + shapes[x][1]) for x in mine)
+        xn = (len(mine) * c * D if p.autocast else s * D) if mine else 0
+        return n * (s * D + 4 + xn + len(mine) * c * r)
+
+    if full == rows:
+        kept = reads(("q_proj", "k_proj", "v_proj"), full)
+    else:  # the last layer: q from the gathered rows (their input, index, cos/sin again) and a (rows, seq) mask
+        kept = (
+            reads(("k_proj", "v_proj"), full) + reads(("q_proj",), rows) + rows * (8 + 2 * hd * s + c * seq)
+        )
+    kept += full * 2 * c * kv + rows * (2 * c * q + 4 * H)  # k, v; q after RoPE, attention output, logsumexp
+    copies += copy * q * D if plain else 0  # o_proj: a plain F.linear
+    if "o_proj" in adapted:
+        kept += rows * c * r
+        copies += copy * r * (q + D)
+    kept += reads(("gate_proj", "up_proj"), rows) + rows * 2 * c * inter  # gate, up
+    if "down_proj" in adapted or not plain:  # unfused SwiGLU: silu(gate) and the product too
+        kept += rows * (2 * c * inter + (c * r if "down_proj" in adapted else 0))
+        copies += copy * inter * D if plain else 0
+    return kept + copies, copies
+
+
+def _encoder(config: MusicFlamingoConfig, setup: TrainingSetup, p: Precision, windows: int) -> list[Block]:
+    """The audio tower's blocks in forward order. Frozen, it keeps nothing but still runs (its working memory);
+    CPU bf16 runs attention as plain matmuls (model/encoder.py) whose scores, their float32 softmax and the bf16
+    probabilities are alive at once: (c + 8) bytes per score, H*P^2 scores per window."""
+    a = config.audio
+    P, d, f, H = a.max_source_positions, a.hidden_size, a.intermediate_size, a.num_attention_heads
+    c, s, copy = p.compute, p.weight, (p.compute if p.autocast else 0)
+    wp = windows * P
+    matmul_attention = setup.device == "cpu" and c == 2  # taken whenever grad mode is on, frozen or not
+    scores = windows * H * P * P if matmul_attention else 0
+    if not setup.train_audio_tower:
+        work = wp * (2 * s * d + c * max(6 * d, 2 * f)) + (c + 8) * scores
+        return [Block("audio tower (frozen)", 0, forward=max(work, 2 * windows * c * 2 * P * d))]
+    # conv1's input (a copy of the batch's float32 features, unless they are used as they are), the GELUs' and
+    # conv2's inputs
+    features = 0 if c == 4 else c * 2 * P * a.num_mel_bins
+    stem = windows * (features + c * 5 * P * d) + copy * parameter_counts(config)["audio_convs"]
+    attention = c * H * P + c * d if matmul_attention else c * d + 4 * H  # probabilities + output, or flash
+    layer = wp * (2 * (s * d + 8) + 3 * c * d + attention + c * f) + copy * d * d
+    forward = wp * c * max(3 * d, 2 * f) + (c + 8) * scores
+    backward = wp * c * max(3 * f, 3 * d) + 2 * c * scores
+    if setup.checkpointing:  # the input is kept; backward rebuilds the rest, one layer at a time
+        layer, backward = wp * s * d, layer + backward
+    tail = windows * (s * P * d + (P // 2) * (s * d + 8))  # the pool's and the final LayerNorm's inputs
+    tail += 2 * windows * (P // 2) * 2 * config.rote_dim_per_axis * 8  # RoTE cos/sin, float64
+    layers = [Block("audio layer", layer, forward=forward, backward=backward)] * a.num_hidden_layers
+    return [Block("audio stem", stem, forward=windows * c * 2 * P * d), *layers, Block("audio tail", tail)]
+
+
+def _trainable(config: MusicFlamingoConfig, setup: TrainingSetup) -> dict[str, int]:
+    """Trainable parameters per part (`language_model`: its LoRA adapters when LoRA is on)."""
+    n = parameter_counts(config)
+    L = config.text.num_hidden_layers
+    if setup.lora_rank:
+        shapes = linear_shapes(config.text)
+        lm = L * sum(
+            setup.lora_rank * (shapes[x][0] + shapes[x][1]) for x in setup.lora_targets if x in shapes
+        )
+    elif setup.train_language_model:
+        lm = n["embed"] + L * n["decoder_layer"] + n["final_norm"] + n["lm_head"]
+    else:
+        lm = 0
+    return {
+        "audio_tower": n["audio_tower"] - n["audio_positions"] if setup.train_audio_tower else 0,
+        "projector": n["projector"] if setup.train_projector else 0,
+        "language_model": lm,
+    }
+
+
+def _weight_bytes(config: MusicFlamingoConfig, setup: TrainingSetup, p: Precision) -> tuple[int, int]:
+    """(bytes of the weights, adapters included; the 4-bit decoder linears' share of them)."""
+    total = config.num_parameters() + (_trainable(config, setup)["language_model"] if setup.lora_rank else 0)
+    if setup.quantize_base is None:
+        return total * p.weight, 0
+    quantized = config.text.num_hidden_layers * sum(i * o for i, o, _ in linear_shapes(config.text).values())
+    four_bit = int(quantized * NF4_BYTES)
+    return (total - quantized) * p.weight + four_bit, four_bit
+
+
+def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[Block]:
+    """Every stage of a training step in forward order, gradients in bytes per device."""
+    p = precision_of(setup.precision)
+    a, t = config.audio, config.text
+    c, s, L = p.compute, p.weight, t.num_hidden_layers
+    D, inter = t.hidden_size, t.intermediate_size
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    N = setup.tokens
+    K = N if setup.labelled is None else min(setup.labelled, N)
+    S = max(1, N // max(1, setup.rows))
+    W = step_windows(config, setup)
+    shard = setup.devices if setup.strategy == "fsdp" else 1
+    n, trainable = parameter_counts(config), _trainable(config, setup)
+    full_lm = setup.train_language_model and not setup.lora_rank
+
+    blocks = []
+    for block in _encoder(config, setup, p, W):
+        grad = n["audio_layer"] if block.name == "audio layer" else 0
+        if block.name == "audio stem":  # the convolutions and the final LayerNorm (positions are frozen)
+            grad = trainable["audio_tower"] - a.num_hidden_layers * n["audio_layer"]
+        blocks.append(replace(block, grad=grad))
+    if setup.train_audio_tower or setup.train_projector:
+        Pa = W * a.tokens_per_window
+        kept = Pa * (c * a.hidden_size + 2 * c * D + 1) + (c * n["projector"] if p.autocast else 0)
+        blocks.append(Block("projector", kept, trainable["projector"], Pa * c * D, Pa * c * 2 * D))
+    blocks.append(Block("embeddings", N * 9 + 2 * N * t.head_dim * s, n["embed"] if full_lm else 0))
+    layer_grad = (
+        trainable["language_model"] // L if setup.lora_rank else (n["decoder_layer"] if full_lm else 0)
+    )
+    for i in range(L):
+        rows = K if i == L - 1 else N
+        kept, _ = _decoder_layer(t, setup, p, N, rows, S)
+        # working memory: the output and q/k/v with RoPE's temporaries, or SwiGLU's; in backward the residual's
+        # gradients and SwiGLU's backward
+        forward = N * s * D + rows * c * max(3 * q + 2 * kv, 2 * inter)
+        backward = N * s * 2 * D + rows * c * 6 * inter
+        if setup.checkpointing:  # the input is kept; backward rebuilds the rest, one layer at a time
+            kept, backward = N * s * D, kept + backward
+        blocks.append(Block(f"decoder layer {i}", kept, layer_grad, forward, backward))
+    # the head: the final norm's input, dL/dh and (when it trains) dL/dW in float32, made in the forward; its
+    # working memory is one loss chunk: logits in the compute dtype, float32 copies for the loss and its gradient,
+    # and the head's autocast copy
+    head = K * (s * D + 4) + K * D * (c if p.autocast else s) + (t.vocab_size * D * 4 if full_lm else 0)
+    chunk = min(K, LOSS_CHUNK) * t.vocab_size * (c + 12) + (t.vocab_size * D * c if p.autocast else 0)
+    head_grad = n["lm_head"] + n["final_norm"] if full_lm else 0
+    blocks.append(Block("head", head, head_grad, chunk, t.vocab_size * D * 4 if full_lm else 0))
+    return [replace(b, grad=b.grad * s // shard) for b in blocks]
+
+
+def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPlan:
+    """The predicted peak of one training step per device (the formulas: this module's docstring)."""
+    p = precision_of(setup.precision)
+    t, s = config.text, p.weight
+    shard = setup.devices if setup.strategy == "fsdp" else 1
+    blocks = training_blocks(config, setup)
+    acts = sum(b.kept for b in blocks)
+    dequant = 0
+    if setup.quantize_base:  # one 4-bit linear dequantised per use
+        dequant = max(i * o for i, o, _ in linear_shapes(t).values()) * p.compute
+    weights, four_bit = _weight_bytes(config, setup, p)
+    weights //= shard
+    train_params = sum(_trainable(config, setup).values())
+    grads = train_params * s // shard
+    states = 2 * grads  # AdamW's two moments, in the parameters' dtype
+
+    batch = batch_bytes(config, setup)
+    held = grads if setup.accumulate > 1 else 0  # gradients accumulate across micro-batches
+    live, forward = batch, 0
+    for b in blocks:
+        forward = max(forward, live + b.forward)
+        live += b.kept
+    backward = 0
+    for b in reversed(blocks):  # a block's gradients appear, then its activations go
+        live += 0 if held else b.grad
+        backward = max(backward, live + b.backward)
+        live -= b.kept
+    moments = {
+        "in the forward": held + forward + dequant,
+        "in backward": held + backward + dequant,
+        "at the optimizer step": batch + 2 * grads,  # foreach AdamW: one parameter-sized temporary
+    }
+    when = max(moments, key=moments.get)
+    extra, extra_how, notes = 0, "", []
+    n = parameter_counts(config)
+    if setup.strategy == "ddp" and setup.devices > 1:
+        extra, extra_how = grads, "DDP: its gradient buckets hold one more copy of the gradients"
+    if setup.strategy == "fsdp" and setup.devices > 1:
+        root = n["embed"] + n["lm_head"] + n["projector"] + n["audio_convs"] + n["audio_positions"]
+        extra = (root + 2 * max(n["decoder_layer"], n["audio_layer"])) * s
+        extra_how = f"FSDP over {setup.devices} devices: the root unit and two blocks gathered at a time"
+    peak = weights + states + moments[when] + extra
+
+    whole = replace(setup, checkpointing=False, train_audio_tower=True, tokens=1024, labelled=1024, rows=1)
+    per_token = _decoder_layer(t, whole, p, 1024, 1024, 1024)[0] / 1024
+    per_window = sum(b.kept for b in _encoder(config, whole, p, 1))
+    notes.append(
+        f"per token and decoder layer: {per_token / 1e3:.1f} KB kept ({s * t.hidden_size / 1e3:.1f} KB "
+        f"checkpointed); per audio window, the encoder when it trains: {per_window / 1e6:.1f} MB"
+    )
+    N, K = setup.tokens, setup.labelled if setup.labelled is not None else setup.tokens
+    acts_how = f"{N} tokens ({K} labelled), {step_windows(config, setup)} audio windows"
+    head = blocks[-1]
+    sharded = f", / {shard} devices" if shard > 1 else ""
+    items = [
+        ("weights", weights, _weights_how(config, setup, p, four_bit)),
+        ("gradients", grads, f"{train_params:,} trainable parameters x {s} B{sharded}"),
+        ("optimizer states", states, f"AdamW: 2 x {s} B per trainable parameter{sharded}"),
+        ("batch", batch, "float32 features, ids, labels and masks"),
+        ("activations", acts, acts_how + (", checkpointed" if setup.checkpointing else "")),
+        ("loss chunk", head.forward, f"{min(K, LOSS_CHUNK)} rows x {t.vocab_size} logits, never all at once"),
+    ]
+    if dequant:
+        items.append(("dequantised linear", dequant, "the largest 4-bit linear, rebuilt per use"))
+    if extra:
+        items.append(("distributed", extra, extra_how))
+    title = (
+        f"training plan: {config.name}, precision {setup.precision}, {setup.strategy} x {setup.devices} "
+        f"({setup.device}), {_what_trains(setup)}"
+    )
+    return MemoryPlan(title, items, peak, when, notes)
+
+
+def batch_bytes(config: MusicFlamingoConfig, setup: TrainingSetup) -> int:
+    """The collated batch: float32 log-mel windows and their int64 frame masks, ids, attention mask, labels."""
+    a, W = config.audio, step_windows(config, setup)
+    return W * 2 * a.max_source_positions * (4 * a.num_mel_bins + 8) + 3 * 8 * setup.tokens
+
+
+def step_windows(config: MusicFlamingoConfig, setup: TrainingSetup) -> int:
+    """Audio windows per step: `setup.windows`, or as many as the token budget holds."""
+    if setup.windows is not None:
+        return setup.windows
+    return max(1, math.ceil(setup.tokens / config.audio.tokens_per_window))
+
+
+def _weights_how(config: MusicFlamingoConfig, setup: TrainingSetup, p: Precision, four_bit: int) -> str:
+    how = f"{config.num_parameters():,} parameters x {p.weight} B"
+    if four_bit:
+        how += f", decoder linears in 4 bits ({_fmt(four_bit)})"
+    if setup.strategy == "fsdp" and setup.devices > 1:
+        how += f", / {setup.devices} devices"
+    return how
+
+
+def _what_trains(setup: TrainingSetup) -> str:
+    parts = [
+        n for n, on in (("audio tower", setup.train_audio_tower), ("projector", setup.train_projector)) if on
+    ]
+    if setup.lora_rank:
+        parts.append(f"{'QLoRA' if setup.quantize_base else 'LoRA'} r={setup.lora_rank}")
+    elif setup.train_language_model:
+        parts.append("language model")
+    return "trains " + (" + ".join(parts) or "nothing")
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def plan_inference(
+    config: MusicFlamingoConfig,
+    *,
+    dtype_bytes: int,
+    slots: int = 1,
+    prompt_tokens: int,
+    new_tokens: int,
+    windows: int,
+    embed_batch: bool = False,
+    device: str = "cpu",
+) -> MemoryPlan:
+    """The predicted peak of generating `new_tokens` for `slots` requests of `prompt_tokens` tokens with
+    `windows` audio windows each. `embed_batch`: every request's prompt is embedded before the first prefill
+    (`engine.generate`, eval.py), not one request at a time (`infer.py`)."""
+    a, t = config.audio, config.text
+    b = dtype_bytes
+    weights = config.num_parameters() * b
+    capacity = min(
+        -(-(prompt_tokens + new_tokens) // KEY_BLOCK) * KEY_BLOCK, max(t.max_position_embeddings, 1)
+    )
+    kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * slots * capacity * b
+    D, q, kvw, inter = (
+        t.hidden_size,
+        t.num_attention_heads * t.head_dim,
+        t.num_key_value_heads * t.head_dim,
+        t.intermediate_size,
+    )
+    P, d, f = a.max_source_positions, a.hidden_size, a.intermediate_size
+    encoded = windows * (slots if embed_batch else 1)
+    # the encoder: the stem's conv outputs, then per layer the largest of attention (h, x_norm, q, k, v, scaled q,
+    # output, its reshape) and the MLP (h, fc1 output, its GELU, fc2 output); the projector's output after it
+    stem = encoded * b * (2 * P * a.num_mel_bins + 3 * 2 * P * d)
+    layer = encoded * P * b * max(8 * d, 2 * d + 2 * f)
+    audio = max(stem, layer) + encoded * (P // 2) * b * 3 * D
+    embeds = (slots if embed_batch else 1) * prompt_tokens * D * b
+    # one decoder layer on the prompt: h and the embeddings, then attention or the MLP's gate, up, silu, product
+    attn = D + 2 * q + 3 * kvw + q + D
+    mlp = 4 * inter + D
+    prefill = prompt_tokens * b * (2 * D + max(attn, mlp)) + 2 * prompt_tokens * t.head_dim * b
+    logits = slots * t.vocab_size * (b + 4)
+    if embed_batch:  # every prompt is embedded before the engine (and its cache) exists
+        encoding, prefilling = audio, embeds + kv + prefill + logits
+    else:  # the engine's cache exists; each request's audio is encoded inside its prefill
+        encoding, prefilling = kv + audio, kv + prefill + logits
+    peak = weights + max(encoding, prefilling)
+    items = [
+        ("weights", weights, f"{config.num_parameters():,} parameters x {b} B"),
+        (
+            "KV cache",
+            kv,
+            f"2 x {t.num_hidden_layers} layers x {t.num_key_value_heads} kv heads x {t.head_dim} x {slots} slots x {capacity} positions x {b} B",
+        ),
+        ("audio encoder", audio, f"{encoded} windows at once ({_fmt(audio / max(encoded, 1))} per window)"),
+        ("prefill", prefill, f"one decoder layer on {prompt_tokens} prompt tokens"),
+        ("logits", logits, f"{slots} x {t.vocab_size} vocab, last position"),
+    ]
+    if embed_batch:
+        items.append(("prompt embeddings", embeds, f"{slots} prompts embedded before their prefills"))
+    title = f"generation plan: {config.name}, {b * 8}-bit weights ({device}), {slots} slots, {prompt_tokens} + {new_tokens} tokens"
+    when = "while encoding audio" if encoding >= prefilling else "during a prefill"
+    return MemoryPlan(title, items, peak, when)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def alternatives(config: MusicFlamingoConfig, setup: TrainingSetup, budget: int) -> list[tuple[str, int]]:
+    """Changes to `setup` (as command-line overrides) predicted to fit `budget` bytes per device, with their peaks,
+    lightest change first (at most six; for FSDP and the batch size only the smallest change that fits). When none
+    fits: the one with the lowest peak, alone."""
+    lora = dict(
+        lora_rank=setup.lora_rank or 8,
+        lora_targets=setup.lora_targets or ("q_proj", "k_proj", "v_proj", "o_proj"),
+        train_language_model=False,
+        train_audio_tower=False,
+    )
+    ckpt, bf16 = "model.net.gradient_checkpointing=true", "trainer.precision=bf16-true"
+    lora_cli = (
+        "model.net.lora.enabled=true model.net.freeze.language_model=true model.net.freeze.audio_tower=true"
+    )
+    lean = dict(checkpointing=True, precision="bf16-true")
+    candidates: list[tuple[str, dict[str, Any]]] = [
+        (ckpt, dict(checkpointing=True)),
+        (bf16, dict(precision="bf16-true")),
+        (f"{ckpt} {bf16}", lean),
+        (lora_cli, lora),
+        (f"{lora_cli} {ckpt} {bf16}", {**lora, **lean}),
+    ]
+    if setup.device == "cuda":  # 4-bit bases and sharding need GPUs
+        candidates.append(
+            (
+                f"{lora_cli} model.net.quantize_base=nf4 {ckpt} {bf16}",
+                {**lora, **lean, "quantize_base": "nf4"},
+            )
+        )
+        candidates += [
+            (f"trainer=fsdp trainer.devices={n}", dict(strategy="fsdp", devices=n, **lean))
+            for n in (2, 4, 8, 16, 32, 64)
+        ]
+    for k in (2, 4, 8, 16):
+        if setup.tokens // k >= 64:
+            windows = None if setup.windows is None else max(1, setup.windows // k)
+            candidates.append(
+                (
+                    f"data.batch_max_tokens={setup.tokens // k}",
+                    dict(tokens=setup.tokens // k, windows=windows),
+                )
+            )
+    tried, fit, kinds = [], [], set()
+    for cli, change in candidates:
+        changed = replace(setup, **change)
+        if changed == setup:
+            continue
+        peak = plan_training(config, changed).peak
+        tried.append((cli, peak))
+        kind = cli.split("=")[0]  # `trainer`, `data.batch_max_tokens`: the smallest such change is enough
+        if peak <= budget and not (kind in ("trainer", "data.batch_max_tokens") and kind in kinds):
+            fit.append((cli, peak))
+            kinds.add(kind)
+    return fit[:6] or sorted(tried, key=lambda x: x[1])[:1]
+
+
+def check_fits(
+    plan: MemoryPlan,
+    available: int | None,
+    where: str,
+    fixes: Sequence[tuple[str, int]] = (),
+    processes: int = 1,
+) -> None:
+    """MemoryPlanError when `processes` x the plan's peak exceeds `available` bytes (None: unknown, no check);
+    the message lists `fixes` (overrides, peak), one a line."""
+    need = plan.peak * processes
+    if available is None or need <= available:
+        return
+    times = f" x {processes} processes" if processes > 1 else ""
+    lines = [
+        f"predicted peak {_fmt(plan.peak)}{times} per device ({plan.title.split(':')[0]}, {plan.when}) exceeds the "
+        f"{_fmt(available)} available on {where}; settings that would fit:"
+    ]
+    fit = [(cli, peak) for cli, peak in fixes if peak * processes <= available]
+    lines += [f"  {cli}   ({_fmt(peak)})" for cli, peak in fit]
+    if not fit:
+        lines.append(
+            "  none of the usual changes (LoRA, QLoRA, checkpointing, bf16-true, FSDP, a smaller batch)"
+        )
+        lines += [f"  the lightest, {cli}, still needs {_fmt(peak)}" for cli, peak in fixes[:1]]
+    lines.append("plan=true prints the breakdown; memory_check=false runs anyway")
+    raise MemoryPlanError("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------- from settings
+def _get(settings: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    node: Any = settings
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def model_config(net: Mapping[str, Any]) -> MusicFlamingoConfig:
+    """The config `model.net` describes (a checkpoint's config.json, or a preset and overrides), no weights."""
+    if net.get("init_from"):
+        from musicflamingo.checkpoint import load_config
+
+        return load_config(net["init_from"])
+    if not net.get("preset"):
+        raise MemoryPlanError(
+            "model.net: set either `init_from` (a checkpoint folder) or `preset` (tiny, small, ...)"
+        )
+    return MusicFlamingoConfig.from_name(net["preset"], **dict(net.get("overrides") or {}))
+
+
+def _devices(value: Any, device: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(1, value)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return max(1, len(value))
+    if device == "cuda":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def training_setup(settings: Mapping[str, Any]) -> tuple[MusicFlamingoConfig, TrainingSetup]:
+    """(model config, setup) of a composed, resolved `configs/train.yaml`."""
+    import torch
+
+    net = _get(settings, "model.net", {}) or {}
+    config = model_config(net)
+    accelerator = str(_get(settings, "trainer.accelerator", "cpu"))
+    device = (
+        "cuda"
+        if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    devices = _devices(_get(settings, "trainer.devices", 1), device)
+    strategy_cfg = _get(settings, "trainer.strategy")
+    target = (
+        str(strategy_cfg.get("_target_", ""))
+        if isinstance(strategy_cfg, Mapping)
+        else str(strategy_cfg or "")
+    )
+    strategy = "fsdp" if "fsdp" in target.lower() else ("ddp" if devices > 1 else "single")
+    fsdp_ckpt = (
+        isinstance(strategy_cfg, Mapping)
+        and bool(strategy_cfg.get("activation_checkpointing", True))
+        and strategy == "fsdp"
+    )
+    freeze = net.get("freeze") or {}
+    lora = net.get("lora") or {}
+    lora_on = bool(lora.get("enabled"))
+    setup = TrainingSetup(
+        precision=str(_get(settings, "trainer.precision", "32")),
+        device=device,
+        devices=devices,
+        strategy=strategy,
+        train_audio_tower=not freeze.get("audio_tower", False),
+        train_projector=not freeze.get("multi_modal_projector", False),
+        train_language_model=not freeze.get("language_model", False) and not lora_on,
+        lora_rank=int(lora.get("rank", 8)) if lora_on else 0,
+        lora_targets=tuple(lora.get("targets") or ()) if lora_on else (),
+        quantize_base=net.get("quantize_base"),
+        checkpointing=bool(net.get("gradient_checkpointing")) or fsdp_ckpt,
+        tokens=int(_get(settings, "data.batch_max_tokens", 4096)),
+        accumulate=int(_get(settings, "trainer.accumulate_grad_batches", 1) or 1),
+    )
+    return config, setup
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes free on the device the run will use (`runtime.available_memory`); None when unknown."""
+    import torch
+
+    from musicflamingo.runtime import available_memory
+
+    return available_memory(torch.device("cuda", 0) if device == "cuda" else torch.device("cpu"))
+
+
+def check_training(
+    settings: Mapping[str, Any], available: Callable[[str], int | None] | None = None
+) -> MemoryPlan:
+    """The plan of a composed `configs/train.yaml`. Unless `plan` or `memory_check=false`, a MemoryPlanError when
+    it does not fit the device's free memory (`available(device)`, default `device_memory`; processes on one CPU
+    share its memory), listing the changes that would fit (`alternatives`)."""
+    config, setup = training_setup(settings)
+    plan = plan_training(config, setup)
+    if settings.get("plan") or not settings.get("memory_check", True):
+        return plan
+    budget = (available or device_memory)(setup.device)
+    processes = setup.devices if setup.device == "cpu" else 1
+    if budget is not None and plan.peak * processes > budget:
+        fixes = alternatives(config, setup, budget // processes)
+        check_fits(plan, budget, setup.device, fixes, processes)
+    return plan
+
+
+def max_audio_seconds(folder: str | Path, config: MusicFlamingoConfig) -> float:
+    """Seconds of audio a request may carry: the processor's `max_audio_len` (processor_config.json), whole windows."""
+    seconds = 1200.0
+    try:
+        value = json.loads((Path(folder) / "processor_config.json").read_text(encoding="utf-8")).get(
+            "max_audio_len"
+        )
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            seconds = float(value)
+    except (OSError, ValueError):
+        pass
+    window = config.window_seconds
+    return max(1, int(seconds // window)) * window
+
+
+def request_size(
+    config: MusicFlamingoConfig, seconds: float | None, cap: float, text_chars: int = 0
+) -> tuple[int, int]:
+    """(prompt tokens, audio windows) of one request with `seconds` of audio (None: unknown, `cap` assumed)."""
+    seconds = cap if seconds is None or not math.isfinite(seconds) else min(seconds, cap)
+    windows = max(1, math.ceil(seconds / config.window_seconds)) if seconds > 0 else 0
+    return PROMPT_TEXT_TOKENS + text_chars + windows * config.audio.tokens_per_window, windows
+
+
+def check_generation(
+    settings: Mapping[str, Any],
+    ckpt: str | Path,
+    audio_seconds: Sequence[float | None],
+    *,
+    prompt_chars: int = 0,
+    slots: int = 1,
+    new_tokens: int = 1024,
+    embed_batch: bool = False,
+    available: Callable[[Any], int | None] | None = None,
+) -> MemoryPlan:
+    """The generation plan of `ckpt` (its config.json only) for requests with `audio_seconds` of audio each (None:
+    unknown, the processor's maximum) on `settings`' device and dtype. Unless `plan` or `memory_check=false`, a
+    MemoryPlanError when it does not fit the device's free memory, listing a dtype or batch size that would."""
+    from musicflamingo.checkpoint import load_config
+    from musicflamingo.runtime import RuntimeConfigError, available_memory, resolve_device_dtype
+
+    config = load_config(ckpt)
+    device, dtype = settings.get("device", "auto"), settings.get("dtype", "auto")
+    try:  # the dtype loading will use (`auto` may fall back to bfloat16 when float32 weights do not fit)
+        dev, dt = resolve_device_dtype(device, dtype, config.num_parameters())
+    except (
+        RuntimeConfigError
+    ):  # the weights alone do not fit: the runtime's message says so, or the plan shows it
+        if not settings.get("plan"):
+            raise
+        dev, dt = resolve_device_dtype(device, dtype)
+    cap = max_audio_seconds(ckpt, config)
+    sizes = [request_size(config, x, cap, prompt_chars) for x in audio_seconds] or [(PROMPT_TEXT_TOKENS, 0)]
+    prompt, windows = max(t for t, _ in sizes), max(w for _, w in sizes)
+
+    def plan_for(nbytes: int, n: int) -> MemoryPlan:
+        return plan_inference(
+            config,
+            dtype_bytes=nbytes,
+            slots=n,
+            prompt_tokens=prompt,
+            new_tokens=new_tokens,
+            windows=windows,
+            embed_batch=embed_batch,
+            device=dev.type,
+        )
+
+    nbytes = dt.itemsize
+    slots = max(1, min(slots, len(sizes)))
+    plan = plan_for(nbytes, slots)
+    if settings.get("plan") or not settings.get("memory_check", True):
+        return plan
+    budget = (available or available_memory)(dev)
+    if budget is None or plan.peak <= budget:
+        return plan
+    fixes = []
+    if nbytes > 2 and plan_for(2, slots).peak <= budget:
+        fixes.append(("dtype=bfloat16", plan_for(2, slots).peak))
+    for n in (slots // 2, slots // 4, 1):
+        if 1 <= n < slots and plan_for(nbytes, n).peak <= budget:
+            fixes.append((f"batch_size={n}", plan_for(nbytes, n).peak))
+            break
+    check_fits(plan, budget, str(dev), fixes)
+    return plan

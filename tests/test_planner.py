@@ -1,0 +1,532 @@
+"""The memory planner against measured memory, its refusals, and QLoRA's code path with a stand-in 4-bit class.
+
+Measured on CPU: the activations a forward keeps (`saved_tensors_hooks`, unique storages, parameters and the
+batch left out) and the peak of a whole training step or generation (the profiler's allocation events in time
+order, counted from the weights, optimizer states and batch that exist before it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from musicflamingo.chat import IGNORE_INDEX
+from musicflamingo.model import MusicFlamingo
+from musicflamingo.model.build import add_lora, build_model, freeze_parts
+from musicflamingo.model.config import MusicFlamingoConfig
+from musicflamingo.model.lora import (
+    QuantizationUnavailable,
+    QuantizedLinear,
+    QuantizedLoRALinear,
+    check_quantize_base,
+)
+from musicflamingo.planner import (
+    MemoryPlanError,
+    TrainingSetup,
+    check_training,
+    parameter_counts,
+    plan_inference,
+    plan_training,
+)
+
+TOLERANCE = 0.15
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = {"audio": {"max_source_positions": 100}}  # the training tests' 2 s windows
+LORA = {
+    "enabled": True,
+    "rank": 8,
+    "alpha": 16,
+    "dropout": 0.0,
+    "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+NO_LORA = {**LORA, "enabled": False}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _model(
+    preset: str, overrides: dict, precision: str, lora: bool = False, ckpt: bool = False
+) -> MusicFlamingo:
+    model = build_model(
+        preset=preset,
+        overrides=overrides,
+        init_from=None,
+        seed=0,
+        rote_quirk=True,
+        gradient_checkpointing=ckpt,
+        compile=False,
+        freeze={"audio_tower": lora, "multi_modal_projector": False, "language_model": lora},
+        lora=LORA if lora else NO_LORA,
+    )
+    return (model.to(torch.bfloat16) if precision == "bf16-true" else model).train()
+
+
+def _batch(config: MusicFlamingoConfig, rows: int, text: int, labelled: int, windows_per_row: int) -> dict:
+    """`rows` sequences of `text` tokens around `windows_per_row` full windows of <sound>, the last `labelled`
+    tokens labelled."""
+    g = torch.Generator().manual_seed(0)
+    audio = config.audio.tokens_per_window * windows_per_row
+    ids = torch.randint(10, min(200, config.text.vocab_size), (rows, text + audio), generator=g)
+    ids[ids == config.audio_token_id] = 11
+    ids[:, 2 : 2 + audio] = config.audio_token_id
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -labelled:] = ids[:, -labelled:]
+    frames = config.audio.mel_frames
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "input_features": torch.randn(rows * windows_per_row, config.audio.num_mel_bins, frames, generator=g),
+        "input_features_mask": torch.ones(rows * windows_per_row, frames, dtype=torch.long),
+        "labels": labels,
+    }
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def profiled_peak(fn) -> int:
+    """Peak bytes allocated (net of frees) while `fn()` runs. An op's own allocations count at its start when it
+    is a leaf; a parent's own net (the intermediates its children made and it freed) at its end."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+    for e in prof.events():
+        size = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if size:
+            events.append((e.time_range.end if e.cpu_children else e.time_range.start, size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def kept_for_backward(fn, exclude) -> int:
+    """Bytes of the distinct storages autograd keeps while `fn()` builds its graph, those of `exclude` left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def measure_step(preset, overrides, precision, rows, text, labelled, windows, lora=False, ckpt=False):
+    """(plan, activations kept, peak of a whole step): forward, backward and a foreach AdamW step, measured in the
+    second step (the optimizer states exist)."""
+    model = _model(preset, overrides, precision, lora, ckpt)
+    batch = _batch(model.config, rows, text, labelled, windows)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+    def forward():
+        with autocast:
+            return model(**batch, return_logits=False).loss
+
+    def step():
+        forward().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    params = list(model.parameters())
+    kept = kept_for_backward(forward, params + list(batch.values()))
+    states = [v for s in optimizer.state.values() for v in s.values()]
+    peak = _nbytes(params) + _nbytes(states) + _nbytes(batch.values()) + profiled_peak(step)
+    setup = TrainingSetup(
+        precision=precision,
+        tokens=batch["input_ids"].numel(),
+        windows=rows * windows,
+        labelled=rows * labelled,
+        rows=rows,
+        train_audio_tower=not lora,
+        train_language_model=not lora,
+        lora_rank=8 if lora else 0,
+        lora_targets=tuple(LORA["targets"]) if lora else (),
+        checkpointing=ckpt,
+    )
+    return plan_training(model.config, setup), kept, peak
+
+
+# ---------------------------------------------------------------------------------------------- counts
+@pytest.mark.parametrize("preset", ["tiny", "small", "music_flamingo_2601"])
+def test_parameter_counts_add_up(preset):
+    config = MusicFlamingoConfig.from_name(preset)
+    n = parameter_counts(config)
+    L = config.text.num_hidden_layers
+    total = (
+        n["audio_tower"]
+        + n["projector"]
+        + n["embed"]
+        + L * n["decoder_layer"]
+        + n["final_norm"]
+        + n["lm_head"]
+    )
+    assert total == config.num_parameters()
+    with torch.device("meta"):
+        model = MusicFlamingo(config)
+    assert sum(p.numel() for p in model.language_model.layers[0].parameters()) == n["decoder_layer"]
+    assert sum(p.numel() for p in model.audio_tower.parameters()) == n["audio_tower"]
+
+
+# ---------------------------------------------------------------------------------------------- against measurements
+SLOW = pytest.mark.slow
+STEPS = [  # preset, overrides, precision, rows, text tokens, labelled, windows per row, lora, checkpointing
+    ("tiny", TINY, "32", 2, 60, 20, 2, False, False),
+    ("tiny", TINY, "bf16-mixed", 2, 60, 20, 2, True, False),
+    ("small", {}, "bf16-mixed", 2, 120, 40, 2, False, False),
+    pytest.param("small", {}, "32", 2, 120, 40, 2, False, True, marks=SLOW),
+    pytest.param("tiny", TINY, "bf16-mixed", 4, 60, 20, 2, False, False, marks=SLOW),
+    pytest.param("small", {}, "32", 4, 200, 60, 3, False, False, marks=SLOW),
+    pytest.param("small", {}, "bf16-mixed", 8, 300, 100, 2, False, False, marks=SLOW),
+    pytest.param("small", {}, "bf16-true", 8, 300, 100, 2, False, True, marks=SLOW),
+    pytest.param("small", {}, "bf16-mixed", 8, 300, 100, 2, True, False, marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("preset,overrides,precision,rows,text,labelled,windows,lora,ckpt", STEPS)
+def test_training_plan_matches_measured_memory(
+    preset, overrides, precision, rows, text, labelled, windows, lora, ckpt
+):
+    plan, kept, peak = measure_step(preset, overrides, precision, rows, text, labelled, windows, lora, ckpt)
+    acts = plan.item("activations")
+    assert abs(acts - kept) <= TOLERANCE * kept, f"activations: planned {acts:,}, kept {kept:,}"
+    assert abs(plan.peak - peak) <= TOLERANCE * peak, (
+        f"peak: planned {plan.peak:,}, measured {peak:,}\n{plan.table()}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=SLOW)])
+def test_generation_plan_matches_measured_memory(dtype):
+    model = MusicFlamingo(MusicFlamingoConfig.from_name("small")).to(dtype).eval()
+    batch = _batch(model.config, 4, 100, 1, 2)
+    features = batch["input_features"].to(dtype)
+
+    def generate():
+        with torch.inference_mode():
+            model.generate(
+                batch["input_ids"],
+                input_features=features,
+                input_features_mask=batch["input_features_mask"],
+                max_new_tokens=8,
+                do_sample=False,
+                stop_token_ids=[],
+            )
+
+    peak = _nbytes(model.parameters()) + _nbytes([features]) + profiled_peak(generate)
+    plan = plan_inference(
+        model.config,
+        dtype_bytes=dtype.itemsize,
+        slots=4,
+        prompt_tokens=batch["input_ids"].shape[1],
+        new_tokens=8,
+        windows=2,
+        embed_batch=True,
+    )
+    assert abs(plan.peak - peak) <= TOLERANCE * peak, (
+        f"planned {plan.peak:,}, measured {peak:,}\n{plan.table()}"
+    )
+    capacity = 512  # 250 prompt + 8 new tokens, rounded up to the engine's blocks of 256 keys
+    assert (
+        plan.item("KV cache") == 2 * 4 * 2 * 64 * 4 * capacity * dtype.itemsize
+    )  # layers, kv heads, hd, slots
+
+
+# ---------------------------------------------------------------------------------------------- what the numbers say
+def test_levers_lower_the_plan():
+    """Checkpointing, bf16, LoRA and QLoRA each lower the release's predicted peak; FSDP divides the states."""
+    config = MusicFlamingoConfig.from_name("music_flamingo_2601")
+    base = TrainingSetup(precision="bf16-mixed", device="cuda", tokens=8192)
+    # QLoRA is run with checkpointing: its unfused SwiGLU keeps two more MLP-wide tensors per token than LoRA's
+    lora = dict(
+        lora_rank=8,
+        lora_targets=("q_proj", "v_proj"),
+        train_language_model=False,
+        train_audio_tower=False,
+        checkpointing=True,
+    )
+    peaks = {
+        "full": plan_training(config, base).peak,
+        "bf16-true": plan_training(
+            config, TrainingSetup(precision="bf16-true", device="cuda", tokens=8192)
+        ).peak,
+        "lora": plan_training(
+            config, TrainingSetup(precision="bf16-true", device="cuda", tokens=8192, **lora)
+        ).peak,
+        "qlora": plan_training(
+            config,
+            TrainingSetup(precision="bf16-true", device="cuda", tokens=8192, quantize_base="nf4", **lora),
+        ).peak,
+    }
+    assert peaks["full"] > peaks["bf16-true"] > peaks["lora"] > peaks["qlora"]
+    fsdp = plan_training(
+        config, TrainingSetup(precision="bf16-true", device="cuda", tokens=8192, strategy="fsdp", devices=8)
+    )
+    single = plan_training(config, TrainingSetup(precision="bf16-true", device="cuda", tokens=8192))
+    assert fsdp.item("optimizer states") * 8 == single.item("optimizer states")
+    with_ckpt = plan_training(
+        config, TrainingSetup(precision="bf16-true", device="cuda", tokens=8192, checkpointing=True)
+    )
+    assert with_ckpt.item("activations") < single.item("activations") / 5
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    return cfg, OmegaConf.to_container(cfg, resolve=True)
+
+
+def _train_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        f"data.train={tmp_path / 'train.jsonl'}",
+        f"data.processor={tmp_path / 'processor'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *extra,
+    ]
+
+
+def test_absurd_training_run_is_refused_fast(tmp_path):
+    """The release, full fine-tune in float32 on an 8 GB device: refused in under a second, nothing fits."""
+    _, settings = _compose(
+        "train",
+        _train_overrides(
+            tmp_path,
+            "model=music_flamingo_2601",
+            "model.net.preset=music_flamingo_2601",
+            "experiment=full_finetune",
+            "data.batch_max_tokens=8192",
+        ),
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(MemoryPlanError) as err:
+        check_training(settings, available=lambda device: 8 * 10**9)
+    assert time.perf_counter() - t0 < 1.0
+    message = str(err.value)
+    assert (
+        "predicted peak" in message
+        and "8.00 GB available on cpu" in message
+        and "memory_check=false" in message
+    )
+    assert "none of the usual changes" in message and "still needs" in message
+
+
+def test_refusal_lists_settings_that_fit(tmp_path):
+    """80 % of the planned peak: each listed change fits the budget, one line each, checkpointing among them."""
+    _, settings = _compose("train", _train_overrides(tmp_path, "model=small", "trainer.precision=bf16-mixed"))
+    budget = int(check_training({**settings, "plan": True}).peak * 0.8)
+    with pytest.raises(MemoryPlanError) as err:
+        check_training(settings, available=lambda device: budget)
+    fixes = [line for line in str(err.value).splitlines() if line.startswith("  ")]
+    assert fixes and any("model.net.gradient_checkpointing=true" in f for f in fixes)
+    for line in fixes:  # "  <overrides>   (<peak> MB)"
+        value, unit = line.rsplit("(", 1)[1].rstrip(")").split()
+        assert unit == "MB" and float(value) * 1e6 <= budget
+    check_training({**settings, "memory_check": False}, available=lambda device: budget)  # the escape hatch
+
+
+def test_plan_true_prints_and_builds_nothing(tmp_path, capsys):
+    from musicflamingo.training import train
+
+    cfg, _ = _compose("train", _train_overrides(tmp_path, "model=small", "plan=true"))
+    metrics, objects = train(cfg)
+    out = capsys.readouterr().out
+    assert metrics == {} and set(objects) == {"plan"}
+    assert "training plan: small" in out and "activations" in out and "peak" in out
+    assert not (tmp_path / "run").exists()  # no lock, no run folder: nothing was built or read
+
+
+def test_train_refuses_before_building(tmp_path, monkeypatch):
+    import musicflamingo.runtime as runtime
+    from musicflamingo.training import train
+
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 10**6)
+    cfg, _ = _compose("train", _train_overrides(tmp_path, "model=small"))
+    with pytest.raises(MemoryPlanError, match="exceeds the 1.0 MB available"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_infer_plan_and_refusal(tmp_path, monkeypatch):
+    import io
+
+    from tiny_assets import make_tone, write_audio
+    from tiny_checkpoint import write_tiny_checkpoint
+
+    import musicflamingo.runtime as runtime
+    from musicflamingo.cli import user_error_line
+    from musicflamingo.inference import DEFAULT_PROMPT, infer
+    from musicflamingo.planner import check_generation
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    audio = [str(write_audio(tmp_path / f"{i}.wav", make_tone(440.0, 4.0))) for i in range(2)]
+    files = f"audio=[{audio[0]},{audio[1]}]"
+    cfg, _ = _compose("infer", [f"ckpt={ckpt}", files, "plan=true", "device=cpu", "dtype=float32"])
+    out = io.StringIO()
+    assert infer(cfg, out=out) == []
+    text = out.getvalue()
+    assert "generation plan: tiny" in text and "KV cache" in text and "2 slots" in text
+
+    # room for the float32 weights (the runtime's own check passes) and the bfloat16 run, not the float32 run
+    sizes = dict(prompt_chars=len(DEFAULT_PROMPT), slots=2, new_tokens=1024)
+    peaks = [
+        check_generation({"device": "cpu", "dtype": dt, "plan": True}, ckpt, [4.0, 4.0], **sizes).peak
+        for dt in ("bfloat16", "float32")
+    ]
+    monkeypatch.setattr(runtime, "available_memory", lambda device: sum(peaks) // 2)
+    cfg, _ = _compose("infer", [f"ckpt={ckpt}", files, "device=cpu", "dtype=float32"])
+    with pytest.raises(MemoryPlanError) as err:
+        infer(cfg, out=io.StringIO())
+    lines = user_error_line(err.value).splitlines()  # cli.py prints every line of it
+    assert "available on cpu" in lines[0] and lines[-1].endswith("memory_check=false runs anyway")
+    assert lines[1].strip().startswith("dtype=bfloat16")
+
+
+def test_eval_plan_builds_nothing(tmp_path, capsys):
+    from test_eval_runner import _cfg, _write_mcq_fixture
+    from tiny_checkpoint import write_tiny_checkpoint
+
+    from musicflamingo.eval.runner import evaluate
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    _write_mcq_fixture(tmp_path / "mmau", seconds=(1.0, 2.0, 3.0, 45.0))
+    results = evaluate(_cfg(tmp_path / "mmau", f"ckpt={ckpt}", "device=cpu", "plan=true", "batch_size=2"))
+    assert set(results) == {"plan"} and "2 slots" in results["plan"].title
+    assert "generation plan: tiny" in capsys.readouterr().out
+    assert not (tmp_path / "mmau" / "out" / "predictions.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------- QLoRA
+def test_qlora_refused_without_cuda():
+    with pytest.raises(
+        QuantizationUnavailable, match=r"quantize_base=nf4: .*CUDA GPU and bitsandbytes.*LoRA in bf16"
+    ):
+        check_quantize_base("nf4", cuda_available=False)
+    with pytest.raises(QuantizationUnavailable, match="expected null or one of"):
+        check_quantize_base("int3")
+    check_quantize_base(None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_qlora_refused_on_cpu_before_building(tmp_path):
+    from musicflamingo.settings import check_train_settings
+
+    _, settings = _compose(
+        "train", _train_overrides(tmp_path, "experiment=lora", "model.net.quantize_base=nf4")
+    )
+    with pytest.raises(QuantizationUnavailable, match="model.net.quantize_base=nf4"):
+        check_train_settings(settings)
+    with pytest.raises(QuantizationUnavailable, match="CUDA"):
+        build_model(
+            preset="music_flamingo_2601",  # refused before 8 B weights would be built
+            overrides={},
+            init_from=None,
+            seed=0,
+            rote_quirk=True,
+            gradient_checkpointing=False,
+            compile=False,
+            freeze={"audio_tower": True, "multi_modal_projector": False, "language_model": True},
+            lora=LORA,
+            quantize_base="nf4",
+        )
+
+
+class Int8Linear(QuantizedLinear):
+    """Stand-in for bitsandbytes' Linear4bit: int8 weights with a per-row scale, dequantised in the forward."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        scale = weight.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(linear.weight.detach(), linear.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.to(self.scale.dtype) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(
+            x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
+
+
+def test_qlora_with_a_stand_in_quantizer(tmp_path):
+    """The decoder's linears become the quantized class, adapters train over it, the audio tower and projector are
+    untouched, and export merges into a bfloat16 folder that loads back and computes what the trained model does."""
+    from musicflamingo.lit import MusicFlamingoLit
+
+    torch.manual_seed(0)
+    model = MusicFlamingo(MusicFlamingoConfig.from_name("tiny", **TINY)).train()
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if not k.startswith("language_model.layers")
+    }
+    freeze_parts(model, {"audio_tower": True, "multi_modal_projector": False, "language_model": True})
+    names = add_lora(model, LORA, quantized=Int8Linear)
+    assert len(names) == 4 * model.config.text.num_hidden_layers
+    layer = model.language_model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, QuantizedLoRALinear) and isinstance(
+        layer.self_attn.q_proj.base, Int8Linear
+    )
+    assert isinstance(layer.mlp.gate_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int8Linear)
+    assert not any(type(m) is nn.Linear for m in model.language_model.modules())
+    assert (
+        type(model.multi_modal_projector.linear_1) is nn.Linear
+        and type(model.audio_tower.layers[0].fc1) is nn.Linear
+    )
+    for k, v in model.state_dict().items():  # audio tower, projector, embeddings, head: as they were
+        if k in before:
+            assert torch.equal(v, before[k]), k
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("multi_modal_projector") for n in trainable)
+
+    batch = _batch(model.config, 2, 30, 10, 1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    qweight = layer.self_attn.q_proj.base.qweight.clone()
+    for _ in range(2):  # B starts at zero: A gets a gradient from the second step on
+        optimizer.zero_grad()
+        model(**batch, return_logits=False).loss.backward()
+        assert layer.self_attn.q_proj.lora_B.grad.abs().sum() > 0
+        optimizer.step()
+    assert layer.self_attn.q_proj.lora_A.grad.abs().sum() > 0
+    assert torch.equal(layer.self_attn.q_proj.base.qweight, qweight)  # the 4-bit base never changes
+
+    lit = MusicFlamingoLit(
+        model,
+        None,
+        None,
+        {"audio_tower": None, "multi_modal_projector": None, "language_model": None},
+        "stop",
+    )
+    out = lit.export(tmp_path / "export")
+    loaded = MusicFlamingo.from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16
+    q = loaded.language_model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear
+    adapter = layer.self_attn.q_proj
+    expected = adapter.base.dequantize() + adapter.lora_B.detach() @ adapter.lora_A.detach() * adapter.scale
+    torch.testing.assert_close(q.weight.float(), expected, atol=1e-2, rtol=1e-2)
+    with torch.no_grad():
+        want = model.eval()(batch["input_ids"], input_features=batch["input_features"]).logits
+        got = loaded(batch["input_ids"], input_features=batch["input_features"].bfloat16()).logits
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
