@@ -9,6 +9,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -16,9 +17,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 
 from musicflamingo.errors import RunStopped
+from musicflamingo.runtime import stderr_is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +209,69 @@ class StopOnSignal(Callback):
             "same command again to resume from it (ckpt_path=last)",
             signum,
         )
+
+
+class ProgressLog(Callback):
+    """One log line every `every_n_steps` optimizer steps: step / total, loss, tokens/s, elapsed and ETA.
+
+    A progress bar redrawn with carriage returns reads as noise in a file or a pipe (and Lightning prints nothing
+    else between the model summary and the end of training), so when stderr is not a terminal the bar is off
+    (`training.build_trainer`) and these lines say how the run goes. On a terminal they are logged only when
+    `on_terminal` is true (the bar already shows the same numbers).
+    """
+
+    def __init__(self, every_n_steps: int = 50, on_terminal: bool = False) -> None:
+        if int(every_n_steps) < 1:
+            raise ValueError(f"ProgressLog.every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = int(every_n_steps)
+        self.on_terminal = bool(on_terminal)
+        self._t0: float | None = None
+        self._tokens = 0.0
+        self._start_step = 0
+        self._last_step = -1
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return trainer.is_global_zero and (self.on_terminal or not stderr_is_terminal())
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._tokens, self._start_step = time.perf_counter(), 0.0, trainer.global_step
+        if self._active(trainer):
+            log.info("training from step %d to %s", trainer.global_step, _total_steps(trainer) or "the end")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if isinstance(batch, dict) and "attention_mask" in batch:
+            self._tokens += float(batch["attention_mask"].sum())
+        step = trainer.global_step
+        if step == self._last_step or step % self.every_n_steps or not self._active(trainer):
+            return
+        self._last_step = step
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        done = max(step - self._start_step, 1)
+        total = _total_steps(trainer)
+        eta = (total - step) * elapsed / done if total else None
+        timers = [c for c in trainer.callbacks if isinstance(c, Timer)]  # `trainer.max_time` lives in a Timer
+        limit = timers[0].time_remaining() if timers else None
+        if limit is not None and (eta is None or limit < eta):
+            eta = max(limit, 0.0)  # the time budget ends the run first
+        loss = trainer.callback_metrics.get("train/loss")
+        log.info(
+            "step %d%s | loss %s | %.0f tokens/s | elapsed %s | ETA %s",
+            step,
+            f"/{total}" if total else "",
+            f"{float(loss):.4f}" if loss is not None else "n/a",
+            self._tokens / max(elapsed, 1e-9),
+            _clock(elapsed),
+            _clock(eta) if eta is not None else "n/a",
+        )
+
+
+def _total_steps(trainer: L.Trainer) -> int | None:
+    return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -28,7 +28,7 @@ from hydra.errors import InstantiationException
 from omegaconf.errors import MissingMandatoryValue
 
 from musicflamingo.errors import RunStopped
-from musicflamingo.runtime import tune_cpu
+from musicflamingo.runtime import quiet_known_warnings, tune_cpu
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_BAD_INPUT = 2
@@ -55,6 +55,8 @@ def error_line(e: BaseException) -> str:
     lines = [x for x in str(e).strip().splitlines() if x.strip()]
     if not lines:
         return type(e).__name__
+    if getattr(e, "multiline", False):  # the memory planner's refusal: a line per setting that would fit
+        return "\n".join(lines)
     if len(lines) > 1 and "Original Traceback" in lines[1]:
         last = lines[-1]
         head, sep, rest = last.partition(": ")
@@ -134,9 +136,11 @@ def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = EXIT_
     (a stop by signal with 128 + its number).
 
     Ctrl-C outside training exits with 130 after an empty line, without a traceback. CPU allocations are tuned first
-    (:func:`musicflamingo.runtime.tune_cpu`).
+    (:func:`musicflamingo.runtime.tune_cpu`) and known-harmless library warnings silenced
+    (:func:`musicflamingo.runtime.quiet_known_warnings`).
     """
     tune_cpu()
+    quiet_known_warnings()
     try:
         return fn()
     except KeyboardInterrupt:

@@ -2,14 +2,17 @@
 
     python -m musicflamingo.demo [--out outputs/demo] [--minutes 18] [--n-train 800]
 
-Every stage reuses what an earlier run left (corpus, tokenizer, finished training) so a rerun resumes. The results
-table (multiple-choice accuracy per question type, next to chance) is printed and written to
+Every stage reuses what an earlier run left (corpus, tokenizer, finished training) so a rerun resumes. The report
+(multiple-choice accuracy per question type and caption facts, each next to chance; the same model on a corpus
+built with another seed; three test clips captioned next to their ground truth) is printed and written to
 `<out>/results.md`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import io
 import json
 import logging
 import time
@@ -17,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger("musicflamingo.demo")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SYSTEM_PROMPT = "You are Music Flamingo, a music assistant."
+CLIP_SECONDS = (4.0, 6.0)  # one 6 s window each (configs/experiment/synthetic_small.yaml)
 
 
 def build_processor(corpus: Any, out_dir: Path, vocab_size: int, chunk_length: float) -> Path:
@@ -59,6 +63,15 @@ def model_overrides(processor: Any) -> dict[str, Any]:
     }
 
 
+def model_window(net: Any) -> float:
+    """Seconds per encoder window of a `model.net` config (preset + overrides): the processor's must match, and an
+    experiment may set its own (`overrides.audio.max_source_positions`)."""
+    from musicflamingo.model import MusicFlamingoConfig
+
+    arch = OmegaConf.to_container(net.overrides, resolve=True) or {}
+    return MusicFlamingoConfig.from_name(net.preset, **copy.deepcopy(arch)).window_seconds
+
+
 def _compose(config_name: str, overrides: list[str]) -> Any:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
@@ -83,11 +96,44 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def facts_table(results: dict[str, Any]) -> str:
+    """Markdown: per fact, the share of test captions stating it correctly (``eval.metrics.score_caption_facts``)
+    next to chance, and the mean over the facts."""
+    cap = results.get("tasks", {}).get("caption", {})
+    facts = cap.get("facts") or {}
+    if not facts:
+        return "(no caption records with facts were scored)"
+    rows = ["| fact | n | stated correctly | chance |", "|---|---|---|---|"]
+    for name, f in sorted(facts.items()):
+        rows.append(f"| {name} | {f['n']} | {f['accuracy']:.3f} | {f['chance']:.3f} |")
+    rows.append(f"| **mean** | {cap['n']} | **{cap['facts_mean']:.3f}** | {cap['facts_chance_mean']:.3f} |")
+    return "\n".join(rows)
+
+
+def generalisation_table(own: dict[str, Any], other: dict[str, Any]) -> str:
+    """Markdown: MCQ accuracy (option parser) per question type on the test split and on the other-seed corpus,
+    and the difference in points."""
+
+    def by_type(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        mcq = results.get("tasks", {}).get("mcq", {})
+        return {**mcq.get("by", {}).get("question_type", {}), "overall": mcq} if mcq else {}
+
+    a, b = by_type(own), by_type(other)
+    rows = ["| question type | test split | other seed (n) | difference (points) |", "|---|---|---|---|"]
+    for name in [k for k in a if k != "overall"] + ["overall"]:
+        if name in a and name in b:
+            d = 100 * (b[name]["accuracy"] - a[name]["accuracy"])
+            rows.append(
+                f"| {name} | {a[name]['accuracy']:.3f} | {b[name]['accuracy']:.3f} ({b[name]['n']}) | {d:+.1f} |"
+            )
+    return "\n".join(rows)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from musicflamingo.data.synthetic import build_corpus
+    from musicflamingo.data.synthetic.text import CAPTION_PROMPT
     from musicflamingo.eval.runner import evaluate
     from musicflamingo.inference import infer
-    from musicflamingo.model import MusicFlamingoConfig
     from musicflamingo.processor import MusicFlamingoProcessor
     from musicflamingo.training import train
 
@@ -103,19 +149,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_train=args.n_train,
         n_val=args.n_val,
         n_test=args.n_test,
-        clip_seconds=(4.0, 6.0),
+        clip_seconds=CLIP_SECONDS,
     )
     timings["corpus_s"] = time.time() - t0
 
-    log.info("[2/5] SentencePiece tokenizer + processor")
-    window = MusicFlamingoConfig.from_name("small").window_seconds
-    proc_dir = build_processor(corpus, out / "synthetic" / "processor", args.vocab_size, window)
-    processor = MusicFlamingoProcessor.from_pretrained(proc_dir)
-
-    log.info("[3/5] training `small` from scratch for at most %.1f min", args.minutes)
-    t1 = time.time()
     run_dir = out / "train"
-    overrides = model_overrides(processor)
     hh, mm = divmod(int(args.minutes * 60), 3600)
     train_cfg = _compose(
         "train",
@@ -131,8 +169,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "logger=csv",
         ],
     )
+    net = train_cfg.model.net
+    arch = OmegaConf.to_container(net.overrides, resolve=True) or {}
+    window = model_window(net)
+
+    log.info("[2/5] SentencePiece tokenizer + processor (%g s windows)", window)
+    proc_dir = build_processor(corpus, out / "synthetic" / "processor", args.vocab_size, window)
+    processor = MusicFlamingoProcessor.from_pretrained(proc_dir)
+
+    log.info("[3/5] training `%s` from scratch for at most %.1f min", net.preset, args.minutes)
+    t1 = time.time()
     with open_dict(train_cfg):
-        train_cfg.model.net.overrides = overrides
+        net.overrides = {**arch, **model_overrides(processor)}
         if args.threads:
             train_cfg.threads = args.threads
     export = run_dir / "export"
@@ -141,53 +189,98 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("training metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     timings["train_s"] = time.time() - t1
 
-    log.info("[4/5] evaluating on the test split")
+    log.info("[4/6] evaluating on the test split (questions and captions)")
     t2 = time.time()
-    eval_cfg = _compose(
-        "eval",
-        [
-            "benchmark=synthetic",
-            f"benchmark.root={corpus.root}",
-            f"ckpt={export}",
-            f"output_dir={out / 'eval'}",
-            "batch_size=16",
-            "benchmark.max_new_tokens=48",
-            "dtype=float32",
-        ],
-    )
-    results = evaluate(eval_cfg)
+    results = evaluate(_eval_config(corpus.root, export, out / "eval", captions=True))
     timings["eval_s"] = time.time() - t2
 
-    log.info("[5/5] captioning one test clip with infer.py's engine")
-    first = json.loads(corpus.test.read_text().splitlines()[0])
-    clip = str(corpus.root / first["audio"])
+    # The same model on clips of a corpus built with another seed: other pieces, keys, tempi and instruments drawn
+    # afresh, so a gap to the test split would mean the model learnt its corpus rather than the music.
+    other_seed = args.seed + 1
+    log.info("[5/6] generalisation: %d clips of a corpus built with seed %d", args.n_other, other_seed)
+    t3 = time.time()
+    other = build_corpus(
+        out / f"synthetic-seed{other_seed}",
+        seed=other_seed,
+        n_train=0,
+        n_val=0,
+        n_test=args.n_other,
+        clip_seconds=CLIP_SECONDS,
+    )
+    other_results = evaluate(_eval_config(other.root, export, out / f"eval-seed{other_seed}", captions=False))
+    timings["generalisation_s"] = time.time() - t3
+
+    log.info("[6/6] captioning three test clips with infer.py's engine")
+    t4 = time.time()
+    clips = [
+        json.loads(line) for line in corpus.test.read_text().splitlines() if '"task": "caption"' in line
+    ][:3]
     captions = infer(
         {
             "ckpt": str(export),
-            "audio": clip,
-            "prompt": "Describe the track.",
+            "audio": [str(corpus.root / c["audio"]) for c in clips],
+            "prompt": CAPTION_PROMPT,
             "max_new_tokens": 64,
             "dtype": "float32",
             "device": "cpu",
-            "stream": True,
-        }
+            "stream": False,
+        },
+        out=io.StringIO(),  # printed below, each next to its ground truth
     )
+    timings["captions_s"] = time.time() - t4
     timings["total_s"] = time.time() - t0
 
     table = results_table(results)
     report = [
         "# Music Flamingo `small`, trained from scratch on the synthetic corpus",
         "",
+        "## Multiple-choice questions (test split)",
+        "",
         table,
         "",
-        f"Caption of `{first['audio']}`: {captions[0]!r}",
-        f"Ground truth: {first['conversations'][-1]['content']!r}",
+        "## Captions (test split): facts stated correctly",
         "",
-        "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+        facts_table(results),
+        "",
+        f"## Generalisation: the same model on a corpus built with seed {other_seed}",
+        "",
+        generalisation_table(results, other_results),
+        "",
+        "## Three test clips captioned by infer.py",
+        "",
     ]
+    for c, text in zip(clips, captions):
+        report += [
+            f"- `{c['audio']}`",
+            f"  - model: {text!r}",
+            f"  - truth: {c['conversations'][-1]['content']!r}",
+        ]
+    report += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     (out / "results.md").write_text("\n".join(report) + "\n")
     print("\n" + "\n".join(report) + "\n")
-    return {"results": results, "timings": timings, "captions": captions, "table": table}
+    return {
+        "results": results,
+        "other_results": other_results,
+        "timings": timings,
+        "captions": captions,
+        "table": table,
+    }
+
+
+def _eval_config(root: Path, export: Path, output_dir: Path, captions: bool) -> Any:
+    return _compose(
+        "eval",
+        [
+            "benchmark=synthetic",
+            f"benchmark.root={root}",
+            f"benchmark.include_captions={str(captions).lower()}",
+            f"ckpt={export}",
+            f"output_dir={output_dir}",
+            "batch_size=16",
+            "benchmark.max_new_tokens=48",
+            "dtype=float32",
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,7 +290,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=1150)
     p.add_argument("--n-train", type=int, default=800)
     p.add_argument("--n-val", type=int, default=20)
-    p.add_argument("--n-test", type=int, default=60)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument(
+        "--n-other", type=int, default=100, help="clips of the other-seed corpus (generalisation check)"
+    )
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)

@@ -23,7 +23,7 @@ from torch import nn
 from musicflamingo.errors import RunStopped
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.build import PARTS
-from musicflamingo.model.lora import LoRALinear, merge_lora
+from musicflamingo.model.lora import LoRALinear, has_quantized, merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,16 @@ class MusicFlamingoLit(L.LightningModule):
         return self.model(**batch)
 
     def _model_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        # position_ids and seq_ids come with packed batches (`data.collate.collate_packed`): the model keeps
+        # attention, positions and the labelled rows of its last layer within each conversation.
         keys = ("input_ids", "attention_mask", "input_features", "input_features_mask", "labels")
+        keys += ("position_ids", "seq_ids")
         return {k: batch[k] for k in keys if batch.get(k) is not None}
+
+    @staticmethod
+    def _batch_size(batch: Mapping[str, Any]) -> int:
+        """Conversations in the batch (a packed row holds several), the weight of its mean loss."""
+        return len(batch["ids"]) if "ids" in batch else batch["input_ids"].shape[0]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._t0 = time.perf_counter()
@@ -139,7 +147,7 @@ class MusicFlamingoLit(L.LightningModule):
                 f"loss is {loss.item()} at {where}; stopping. The last good checkpoint is kept; set "
                 "`model.nonfinite_loss=skip` to skip such steps instead"
             )
-        bs = batch["input_ids"].shape[0]
+        bs = self._batch_size(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/label_tokens", float(out.num_label_tokens), batch_size=bs, reduce_fx="sum")
         return loss
@@ -166,7 +174,7 @@ class MusicFlamingoLit(L.LightningModule):
         if batch["input_ids"].shape[0] == 0:  # all samples skipped as bad
             return None
         out = self.model(**self._model_inputs(batch), return_logits=False)
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=self._batch_size(batch))
         return out.loss
 
     # ------------------------------------------------------------------ optimizer
@@ -221,11 +229,15 @@ class MusicFlamingoLit(L.LightningModule):
     def export(
         self, path: str | Path, processor: Any = None, max_shard_size: str = "5GB", overwrite: bool = False
     ) -> Path:
-        """Write a Hugging Face layout folder (LoRA merged into a float32 copy; this module is left untouched).
-        Only the model's and the processor's files are replaced; see `MusicFlamingo.save_pretrained` for
-        `overwrite`."""
+        """Write a Hugging Face layout folder (LoRA merged into a float32 copy; QLoRA's 4-bit base dequantised and
+        merged into a bfloat16 copy; this module is left untouched). Only the model's and the processor's files are
+        replaced; see `MusicFlamingo.save_pretrained` for `overwrite`."""
         model = self.model
-        if any(isinstance(m, LoRALinear) for m in model.modules()):
+        if has_quantized(model):
+            model = copy.deepcopy(model)
+            merge_lora(model, torch.bfloat16)
+            model = model.to(torch.bfloat16)
+        elif any(isinstance(m, LoRALinear) for m in model.modules()):
             model = copy.deepcopy(model).float()
             merge_lora(model)
         path = Path(path)

@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -202,3 +203,39 @@ def tune_cpu() -> None:
     """What every entry point does first: :func:`tune_cpu_allocator` and :func:`limit_onednn_cache`."""
     tune_cpu_allocator()
     limit_onednn_cache()
+
+
+# ---------------------------------------------------------------------------------------------- terminal output
+def stderr_is_terminal() -> bool:
+    """True when stderr is an interactive terminal: progress bars redraw well there; in a file or a pipe their
+    carriage-return updates are noise, so bars are off and progress goes to log lines."""
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- library noise
+# Library messages we know to be harmless on our setups, each with why. They look like errors to a newcomer.
+KNOWN_HARMLESS_WARNINGS = (
+    # Lightning 2.5's pytree helper calls an API torch >= 2.10 deprecated; nothing we can change.
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    # The model summary's size estimate assumes 32-bit weights under bf16-mixed: only that estimate is off.
+    r"Precision bf16-mixed is not supported by the model summary",
+    # Lightning warns that manual optimization skips ModelCheckpoint's per-step logic (GRPO saves its own way).
+    r"Using ModelCheckpoint with manual optimization",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Silence :data:`KNOWN_HARMLESS_WARNINGS` and Lightning's advertising tips (its ``litmodels``/``litlogger``
+    hints): every other warning still shows."""
+    for pattern in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "💡 Tip" not in record.getMessage()
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from musicflamingo.model.build import LORA_KEYS, PARTS
+from musicflamingo.model.lora import check_quantize_base
 from musicflamingo.runtime import parse_dtype, resolve_device
 
 
@@ -77,6 +78,7 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
     _number(settings, "seed", integer=True)
     _threads(settings)
     _boolean(settings, "export")
+    _planner_flags(settings)
     ckpt = _get(settings, "ckpt_path")
     if ckpt not in (_MISSING, None, "", "null", "last") and not Path(str(ckpt)).is_file():
         _fail(
@@ -104,6 +106,15 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
         or not all(isinstance(t, str) and t for t in targets)
     ):
         _fail("model.net.lora.targets", targets, "expected a non-empty list of linear layer names")
+    quantize = _get(settings, "model.net.quantize_base")
+    if quantize is not _MISSING:
+        check_quantize_base(quantize)  # null, or nf4 on a CUDA machine with bitsandbytes (names the setting)
+        if quantize is not None and _get(settings, "model.net.lora.enabled") is False:
+            _fail(
+                "model.net.quantize_base",
+                quantize,
+                "needs model.net.lora.enabled=true (the adapters are what trains)",
+            )
     _number(settings, "model.optimizer.lr", lo=0, lo_open=True)
     _number(settings, "model.optimizer.weight_decay", lo=0)
     _number(settings, "model.optimizer.eps", lo=0, lo_open=True)
@@ -137,6 +148,14 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
     _number(settings, "data.min_audio_seconds", lo=0)
     _number(settings, "data.seed", integer=True)
     _boolean(settings, "data.train_on_prompt")
+    _choice(settings, "data.index", ("auto", "off", "require"))
+    _boolean(settings, "data.pack")
+    grpo = _get(settings, "model._target_") == "musicflamingo.grpo.GRPOLit"
+    if grpo and _get(settings, "data.pack") is True:
+        raise SettingsError(
+            "data.pack=true: GRPO makes its prompts from padded batches (one conversation per row); "
+            "set data.pack=false"
+        )
 
     # trainer
     _number(settings, "trainer.max_steps", integer=True, lo=1, special=(-1,), note="-1: by epochs")
@@ -163,6 +182,7 @@ def check_eval_settings(settings: Mapping[str, Any]) -> None:
     _number(settings, "limit", integer=True, lo=0, optional=True, note="null: every item")
     for flag in ("sort_by_length", "compile", "progress"):
         _boolean(settings, flag)
+    _planner_flags(settings)
     _device_dtype(settings)
 
 
@@ -172,6 +192,7 @@ def check_infer_settings(settings: Mapping[str, Any]) -> None:
     _number(settings, "batch_size", integer=True, lo=1, optional=True, note="null: every file at once")
     for flag in ("interactive", "stream", "compile", "do_sample"):
         _boolean(settings, flag)
+    _planner_flags(settings)
     level = _get(settings, "log_level")
     if level is not _MISSING and str(level).upper() not in LOG_LEVELS:
         _fail("log_level", level, f"expected one of {', '.join(LOG_LEVELS)}")
@@ -340,6 +361,12 @@ def _choice(settings: Mapping[str, Any], key: str, options: Sequence[str]) -> No
     value = _get(settings, key)
     if value is not _MISSING and value not in options:
         _fail(key, value, "expected " + " or ".join(repr(o) for o in options))
+
+
+def _planner_flags(settings: Mapping[str, Any]) -> None:
+    """`plan` (print the memory plan and exit) and `memory_check` (refuse a run predicted not to fit)."""
+    _boolean(settings, "plan")
+    _boolean(settings, "memory_check")
 
 
 def _threads(settings: Mapping[str, Any]) -> None:

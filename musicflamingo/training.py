@@ -28,7 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from musicflamingo.callbacks import AtomicCheckpointIO, StopOnSignal
-from musicflamingo.runtime import set_threads
+from musicflamingo.planner import check_training
+from musicflamingo.runtime import set_threads, stderr_is_terminal
 from musicflamingo.settings import check_train_settings
 
 log = logging.getLogger(__name__)
@@ -187,21 +188,37 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     atomic checkpoint files."""
     callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks)
     loggers = _instantiate_dict(cfg.get("logger"))
+    extra: dict[str, Any] = {}
+    if cfg.trainer.get("enable_progress_bar", True) and not stderr_is_terminal():
+        extra["enable_progress_bar"] = (
+            False  # a redrawn bar is noise in a file or pipe; ProgressLog logs lines
+        )
+    if not cfg.get("data", {}).get("val"):
+        extra["limit_val_batches"] = (
+            0  # no validation set: Lightning then does not ask for (and warn about) one
+        )
     return hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **extra
     )
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the model described by `cfg`; returns (metrics, objects) so tests can inspect both.
 
-    Raises `SettingsError` for a bad setting and `RunFolderInUseError` for a folder another run uses, before anything
-    is read; `TrainingInterrupted` (exit 130 / 143) after SIGINT / SIGTERM, with a checkpoint when training had
+    Raises `SettingsError` for a bad setting, `MemoryPlanError` for a run predicted not to fit the device, and
+    `RunFolderInUseError` for a folder another run uses, before anything is read; with `plan=true` returns
+    `({}, {"plan": MemoryPlan})` after printing the plan; `TrainingInterrupted` (exit 130 / 143) after SIGINT / SIGTERM, with a checkpoint when training had
     started.
     """
     # resolved, with `???` raising MissingMandatoryValue naming the key
     settings = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     check_train_settings(settings)
+    # the memory plan from the settings alone: `plan=true` prints it and stops; a run predicted not to fit the
+    # device is refused here, before any weight is built (`memory_check=false` skips the refusal)
+    plan = check_training(settings)
+    if settings.get("plan"):
+        print(plan.table())
+        return {}, {"plan": plan}
     output_dir = Path(cfg.paths.output_dir)
     lock = RunLock(output_dir).acquire() if is_launching_rank() else None
     stopper = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")

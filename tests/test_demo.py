@@ -1,4 +1,4 @@
-"""The main job end to end at toy size (the real run is `make demo`)."""
+"""The main job end to end at toy size (the real run is `make demo`): ~40 s of CPU, so it runs in CI."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import shutil
 import pytest
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("fluidsynth") is None, reason="needs Debian's fluidsynth (make setup)")
 def test_demo_runs_end_to_end(tmp_path):
     from musicflamingo.demo import main
@@ -22,6 +21,8 @@ def test_demo_runs_end_to_end(tmp_path):
             "2",
             "--n-test",
             "4",
+            "--n-other",
+            "4",
             "--minutes",
             "0.3",
             "--max-steps",
@@ -31,5 +32,13 @@ def test_demo_runs_end_to_end(tmp_path):
     report = (tmp_path / "results.md").read_text()
     for qtype in ("instrument_family", "key", "tempo", "time_signature", "overall"):
         assert qtype in report
+    # The caption-fact table, the other-seed corpus and three captions next to their ground truth.
+    facts = report.split("## Captions")[1].split("##")[0]
+    for fact in ("key", "tempo", "time_signature", "instrument_family", "mean"):
+        assert f"| {fact} " in facts or f"| **{fact}** " in facts, facts
+    other = report.split("## Generalisation")[1].split("##")[0]
+    assert "| overall |" in other and "seed 1" in other
+    assert report.count("  - truth: 'A solo ") == 3
+    assert (tmp_path / "synthetic-seed1" / "test.jsonl").is_file()
     assert (tmp_path / "train" / "export" / "config.json").is_file()
     assert (tmp_path / "eval" / "predictions.jsonl").is_file()

@@ -72,6 +72,41 @@ def test_aspect_recall_hand_computed():
     assert same["bleu"] == pytest.approx(100.0) and same["rougeL"] == pytest.approx(1.0)
 
 
+def test_caption_facts_per_category_hand_computed():
+    """Crafted captions against the synthetic corpus' facts: all four right; two of four (a wrong key, no tempo);
+    a caption naming two tempi (one right) does not state the tempo."""
+    import dataclasses
+
+    from musicflamingo.rewards import synthetic_facts
+
+    meta = {"key": "F minor", "tempo_bpm": 60, "time_signature": "2/4", "instrument_family": "Reed"}
+    facts = [dataclasses.asdict(f) for f in synthetic_facts(meta)]
+    items = [EvalItem(str(i), "a.wav", "p", "caption", answer="x", meta={"facts": facts}) for i in range(3)]
+    captions = [
+        "A solo alto saxophone (reed family) plays in F minor, in 2/4 time at 60 BPM.",
+        "A solo alto saxophone (reed family) plays in C major, in 2/4 time.",
+        "A reed in F minor at 60 BPM or 160 BPM, in 3/4 time.",
+    ]
+    summary, rows = score_caption(items, captions)
+    got = {c: f["accuracy"] for c, f in summary["facts"].items()}
+    assert got == pytest.approx(
+        {"key": 2 / 3, "tempo": 1 / 3, "time_signature": 2 / 3, "instrument_family": 1.0}
+    )
+    assert summary["facts_mean"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3 + 1) / 4)
+    # Chance: one value of each category at random (24 keys, 4 tempi, 4 metres, the families).
+    assert summary["facts"]["key"]["chance"] == pytest.approx(1 / 24)
+    assert summary["facts"]["tempo"]["chance"] == pytest.approx(1 / 4)
+    assert rows[1]["facts"] == {
+        "key": False,
+        "tempo": False,
+        "time_signature": True,
+        "instrument_family": True,
+    }
+    # Items without facts: no facts summary at all.
+    plain, _ = score_caption([EvalItem("p", "a.wav", "p", "caption", answer="x")], ["x"])
+    assert "facts" not in plain
+
+
 def _mcq(i: str, answer_index: int, group: str) -> EvalItem:
     choices = ["Piano", "Guitar", "Violin"]
     return EvalItem(

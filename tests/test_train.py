@@ -17,6 +17,7 @@ from tiny_checkpoint import write_tiny_checkpoint
 from train_fixtures import CONFIGS, compose_train, write_dataset, write_processor
 
 from musicflamingo import MusicFlamingo
+from musicflamingo.demo import model_window
 from musicflamingo.model.build import create_model
 from musicflamingo.training import build_datamodule, build_trainer, train
 
@@ -48,15 +49,6 @@ def tiny_ckpt(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-@pytest.fixture(scope="module")
-def small_proc(tmp_path_factory):
-    """The tiny tokenizer with the `small` preset's 3 s windows."""
-    from musicflamingo.model import MusicFlamingoConfig
-
-    window = MusicFlamingoConfig.from_name("small").window_seconds
-    return write_processor(tmp_path_factory.mktemp("small") / "proc", chunk_length=window)
-
-
 def _compose_objects(tmp_path, proc, manifest, overrides):
     """train.yaml with `overrides`, the data, processor and run folder pointed at the tests' tiny files."""
     base = [
@@ -80,7 +72,7 @@ def _instantiate(cfg):
 
 
 @pytest.mark.parametrize("group, option", CONFIG_OPTIONS, ids=[f"{g}={o}" for g, o in CONFIG_OPTIONS])
-def test_every_config_instantiates(group, option, assets, small_proc, tiny_ckpt, tmp_path):
+def test_every_config_instantiates(group, option, assets, tiny_ckpt, tmp_path):
     """Compose train.yaml with each option of each group, then build the model (net, optimizer, LR schedule), the
     datamodule and the trainer with its callbacks and loggers, as `train(cfg)` does."""
     proc, manifest = assets
@@ -97,8 +89,9 @@ def test_every_config_instantiates(group, option, assets, small_proc, tiny_ckpt,
     with open_dict(cfg):
         if release:  # the released checkpoint: the tiny checkpoint folder (model + processor) in its place
             cfg.model.net.init_from = cfg.data.processor = str(tiny_ckpt)
-        elif cfg.model.net.preset == "small":  # 3 s windows
-            cfg.data.processor = str(small_proc)
+        elif cfg.model.net.preset == "small":  # its windows: the preset's 3 s, or the experiment's own
+            window = model_window(cfg.model.net)
+            cfg.data.processor = str(write_processor(tmp_path / "proc", chunk_length=window))
         else:  # tiny, with the tiny processor's 2 s windows
             cfg.model.net.overrides = {"audio": {"max_source_positions": 100}}
     lit, datamodule, trainer, opt = _instantiate(cfg)
@@ -220,18 +213,15 @@ def _synthetic_cfg(experiment, tmp_path):
     """The main-job experiment on a 6-clip corpus with its SentencePiece processor (as musicflamingo.demo does)."""
     if shutil.which("fluidsynth") is None:
         pytest.skip("needs Debian's fluidsynth (make setup)")
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     from musicflamingo.data.synthetic import build_corpus
     from musicflamingo.demo import build_processor, model_overrides
-    from musicflamingo.model import MusicFlamingoConfig
     from musicflamingo.processor import MusicFlamingoProcessor
 
     corpus = build_corpus(
         tmp_path / "synthetic", n_train=6, n_val=1, n_test=1, clip_seconds=(4, 5), progress=False
     )
-    window = MusicFlamingoConfig.from_name("small").window_seconds
-    proc = build_processor(corpus, tmp_path / "synthetic" / "processor", 400, window)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(
             config_name="train",
@@ -244,8 +234,11 @@ def _synthetic_cfg(experiment, tmp_path):
                 "logger=csv",
             ],
         )
+    window = model_window(cfg.model.net)
+    proc = build_processor(corpus, tmp_path / "synthetic" / "processor", 400, window)
     with open_dict(cfg):
-        cfg.model.net.overrides = model_overrides(MusicFlamingoProcessor.from_pretrained(proc))
+        arch = OmegaConf.to_container(cfg.model.net.overrides) or {}
+        cfg.model.net.overrides = {**arch, **model_overrides(MusicFlamingoProcessor.from_pretrained(proc))}
     return cfg
 
 
@@ -472,3 +465,39 @@ def test_from_scratch_init_lets_the_audio_through():
         x = torch.nn.functional.gelu(tower.conv2(x))
     positions = tower.embed_positions.weight[: x.shape[-1]]
     assert x.std() > 0.5 * positions.std(), (x.std(), positions.std())
+
+
+def test_piped_output_logs_progress_lines_and_no_library_noise(assets, tmp_path, caplog):
+    """Stderr is not a terminal under pytest (as in `make demo > log`): no progress bar, a `ProgressLog` line every
+    N steps with loss, tokens/s and ETA, and none of the warnings known to be harmless (no validation set)."""
+    import logging
+    import warnings
+
+    from musicflamingo.runtime import quiet_known_warnings, stderr_is_terminal
+
+    assert not stderr_is_terminal()
+    proc, manifest = assets
+    cfg = compose_train(
+        tmp_path, manifest, proc, ["trainer.max_steps=4", "callbacks.progress_log.every_n_steps=2"]
+    )
+    with open_dict(cfg):
+        cfg.trainer.enable_progress_bar = (
+            True  # the default configs' value: turned off because stderr is a pipe
+        )
+    quiet_known_warnings()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        quiet_known_warnings()  # `simplefilter` above reset the filters
+        _, obj = train(cfg)
+    assert obj["trainer"].progress_bar_callback is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "musicflamingo.callbacks"]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [s.split(" |")[0] for s in steps] == ["step 2/4", "step 4/4"], lines
+    assert all("loss " in s and "tokens/s" in s and "ETA" in s for s in steps)
+    noise = [
+        str(w.message)
+        for w in caught
+        if "across ranks is zero" in str(w.message) or "LeafSpec" in str(w.message)
+    ]
+    assert not noise, noise
+    assert not [r for r in caplog.records if "💡" in r.getMessage()]

@@ -205,7 +205,42 @@ def score_caption(
         "aspect_recall_micro": hit_total / aspect_total if aspect_total else None,
         "empty_predictions": sum(not h.strip() for h in hyps),
     }
+    facts = score_caption_facts(items, hyps, rows)
+    if facts:
+        summary["facts"] = facts
+        summary["facts_mean"] = _mean([f["accuracy"] for f in facts.values()])
+        summary["facts_chance_mean"] = _mean([f["chance"] for f in facts.values()])
     return summary, rows
+
+
+def score_caption_facts(
+    items: Sequence[EvalItem], hyps: Sequence[str], rows: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per fact category (key, tempo...): the share of captions that state it right
+    (:func:`musicflamingo.rewards.caption_fact_hits`, the GRPO caption reward's rule), over the items whose
+    ``meta["facts"]`` lists it, next to chance (one value of the category picked at random: 1 / (1 + the number
+    of wrong values it lists)). Adds each row's ``facts`` hits."""
+    # rewards reads the synthetic corpus' tables through the data package: imported here, where it is used, so
+    # that eval.py's import chain stays free of Lightning (tests/test_runtime.py)
+    from musicflamingo.rewards import Fact, caption_fact_hits
+
+    hits: dict[str, list[bool]] = defaultdict(list)
+    chance: dict[str, list[float]] = defaultdict(list)
+    for it, hyp, row in zip(items, hyps, rows):
+        listed = [
+            Fact(f["category"], tuple(f["spellings"]), tuple(f.get("others", ())))
+            for f in it.meta.get("facts", ())
+        ]
+        if not listed:
+            continue
+        row["facts"] = caption_fact_hits(hyp, listed)
+        for f in listed:
+            hits[f.category].append(row["facts"][f.category])
+            chance[f.category].append(1.0 / (1 + len(f.others)))
+    return {
+        c: {"n": len(h), "accuracy": sum(h) / len(h), "chance": sum(chance[c]) / len(chance[c])}
+        for c, h in hits.items()
+    }
 
 
 _APOSTROPHES = "'’‘`´"

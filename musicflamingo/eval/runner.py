@@ -29,8 +29,9 @@ from musicflamingo.checkpoint import CheckpointError, check_checkpoint_dir, load
 from musicflamingo.eval.benchmarks import Benchmark, EvalItem, build_benchmark
 from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
 from musicflamingo.eval.report import write_json, write_report
+from musicflamingo.planner import check_generation
 from musicflamingo.reasoning import think_report
-from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype
+from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, stderr_is_terminal
 from musicflamingo.settings import check_eval_settings
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,9 @@ def predict_items(
         todo.sort(key=lambda it: -lengths[it.id])
     with (
         path.open("a", encoding="utf-8") as f,
-        tqdm(total=len(todo), desc=desc, unit="item", disable=not progress) as bar,
+        tqdm(
+            total=len(todo), desc=desc, unit="item", disable=not progress or not stderr_is_terminal()
+        ) as bar,
     ):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -341,7 +344,8 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
 
     ``predict_fn`` replaces the checkpoint (tests pass a fake one); without it ``cfg.ckpt`` must be a
     checkpoint folder, checked before anything is read. The model is loaded only if some item still needs a
-    prediction.
+    prediction, and only if the memory plan fits the device (``memory_check``); ``plan=true`` prints the plan and
+    returns ``{"plan": MemoryPlan}``.
     """
     c = _plain(cfg)
     check_eval_settings(c)  # types and ranges, before the checkpoint or the benchmark is read
@@ -376,6 +380,19 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     }
     if think:  # only when set: folders of earlier runs (no key) still resume
         identity["think"] = True
+    if predict_fn is None:  # the memory plan (config.json, the items' audio headers): refused if it won't fit
+        plan = check_generation(
+            c,
+            ckpt,
+            [item_seconds(it) for it in items],
+            prompt_chars=max((len(it.prompt) for it in items), default=0),
+            slots=8 if c.get("batch_size") is None else int(c["batch_size"]),
+            new_tokens=int(max_new_tokens),
+            embed_batch=True,  # model.generate embeds the whole batch before its prefills
+        )
+        if c.get("plan"):
+            print(plan.table())
+            return {"plan": plan}
     _check_run_identity(out_dir, identity)
     if predict_fn is None:
         model_cfg = {**c, "max_new_tokens": int(max_new_tokens)}

@@ -4,7 +4,8 @@ Layout of ``out_dir``::
 
     corpus.json               config, config hash, counts, chance level per question type (written last)
     train.jsonl val.jsonl test.jsonl             one record per caption / question (what eval.py scores)
-    train_chat.jsonl val_chat.jsonl test_chat.jsonl  the questions, one multi-turn conversation per clip (for training)
+    train_chat.jsonl val_chat.jsonl test_chat.jsonl  for training: per clip, its questions as one multi-turn conversation
+                                                     and its caption as another
     audio/<split>-<nnnnn>.wav 16-bit PCM mono
     midi/<split>-<nnnnn>.mid  the same clip as a standard MIDI file (tempo, metre, key, program)
 
@@ -22,6 +23,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,7 +59,7 @@ from musicflamingo.data.synthetic.theory import (
     program_family,
 )
 
-GENERATOR_VERSION = 4  # bump when a change to the code changes the output for the same config
+GENERATOR_VERSION = 5  # bump when a change to the code changes the output for the same config
 SPLITS = ("train", "val", "test")
 _BATCH_CLIPS = 24  # clips per fluidsynth call; fixed so that the output does not depend on the worker count
 
@@ -126,7 +128,7 @@ class CorpusInfo:
         return {"train": self.train, "val": self.val, "test": self.test}
 
     def chat(self, split: str) -> Path:
-        """``<split>_chat.jsonl``: one multi-turn conversation per clip."""
+        """``<split>_chat.jsonl``: per clip, the questions as one multi-turn conversation and the caption."""
         return self.root / f"{split}_chat.jsonl"
 
     def metadata(self) -> dict[str, Any]:
@@ -371,6 +373,9 @@ def build_corpus(
             chats.append(
                 chat_record(c.clip_id, clip, np.random.default_rng([cfg.seed, SPLITS.index(s), 5, j]))
             )
+            # The caption is its own conversation: inside the questions' one, its facts could be copied from
+            # the answers before it (or the answers from it) instead of heard (see `chat_record`).
+            chats += [r for r in clip if r["task"] == "caption"]
         for name, rows in ((f"{s}.jsonl", records), (f"{s}_chat.jsonl", chats)):
             with open(tmp / name, "w", encoding="utf-8") as f:
                 for r in rows:
@@ -433,7 +438,9 @@ def _render_all(
         return len(batch)
 
     total = sum(len(b) for b in batches)
-    with tqdm(total=total, desc="rendering clips", unit="clip", disable=not progress) as bar:
+    with tqdm(
+        total=total, desc="rendering clips", unit="clip", disable=not progress or not sys.stderr.isatty()
+    ) as bar:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for n in pool.map(job, range(len(batches))):
                 bar.update(n)

@@ -46,17 +46,12 @@ ANSWER_INSTRUCTION = "Answer with the option."
 
 
 def caption(meta: dict[str, Any]) -> str:
-    """One fixed-order description stating every ground-truth fact (a small model learns it faster)."""
-    text = (
+    """One fixed-order sentence stating the four facts a listener can hear (a small model learns it faster;
+    the source piece and progression stay in ``meta``: they are not in the audio's reach of a 4-6 s clip)."""
+    return (
         f"A solo {meta['instrument_label']} ({meta['instrument_family'].lower()} family) plays in {meta['key']}, "
         f"in {meta['time_signature']} time at {meta['tempo_bpm']} BPM."
     )
-    if meta["source_kind"] == "chorale":
-        where = f"transposed to {meta['key']}" if meta["transpose"] else "in its original key"
-        text += f" It is an excerpt of the Bach chorale {meta['source_title']}, {where}."
-    else:
-        text += f" It is a {meta['progression']} chord progression with a melody on top."
-    return text
 
 
 def mcq_choices(
@@ -143,10 +138,10 @@ def chat_record(clip_id: str, records: list[dict], rng: np.random.Generator) -> 
     """One clip's MCQ records (from :func:`clip_records`) as one multi-turn conversation, questions in random
     order. Only the first user turn carries ``<sound>``: the clip is encoded once for all four answers.
 
-    The caption is left out on purpose: from-scratch runs of the main job's model with a caption turn last (with
-    or without the source piece) stayed at chance for 150-250 steps while the audio tower's gradient died out;
-    the same runs without it learnt the instrument family. (A guess at why: its facts repeat the answers, so
-    it rewards copying from earlier turns rather than listening.)
+    The caption is not a turn here (the corpus writes it as a conversation of its own): from-scratch runs of the
+    main job's model with a caption turn last stayed at chance for 150-250 steps while the audio tower's
+    gradient died out. Its facts repeat the answers, so every fact after the first answer can be copied from
+    the turns before it: the loss rewards copying rather than listening.
     """
     mcq = [r for r in records if r["task"] == "mcq"]
     if not mcq:
