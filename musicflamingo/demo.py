@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     timings: dict[str, float] = {}
 
-    log.info("[1/5] synthetic corpus (%d train clips) -> %s", args.n_train, out / "synthetic")
+    log.info("[1/6] synthetic corpus (%d train clips) -> %s", args.n_train, out / "synthetic")
     corpus = build_corpus(
         out / "synthetic",
         seed=args.seed,
@@ -173,11 +173,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     arch = OmegaConf.to_container(net.overrides, resolve=True) or {}
     window = model_window(net)
 
-    log.info("[2/5] SentencePiece tokenizer + processor (%g s windows)", window)
+    log.info("[2/6] SentencePiece tokenizer + processor (%g s windows)", window)
     proc_dir = build_processor(corpus, out / "synthetic" / "processor", args.vocab_size, window)
     processor = MusicFlamingoProcessor.from_pretrained(proc_dir)
 
-    log.info("[3/5] training `%s` from scratch for at most %.1f min", net.preset, args.minutes)
+    log.info("[3/6] training `%s` from scratch for at most %.1f min", net.preset, args.minutes)
     t1 = time.time()
     with open_dict(train_cfg):
         net.overrides = {**arch, **model_overrides(processor)}
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     export = run_dir / "export"
     if not (export / "config.json").is_file():
         metrics, _ = train(train_cfg)
-        log.info("training metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+        log.info("training: loss %.4f at the last step", metrics.get("train/loss", float("nan")))
     timings["train_s"] = time.time() - t1
 
     log.info("[4/6] evaluating on the test split (questions and captions)")

@@ -239,3 +239,14 @@ def quiet_known_warnings() -> None:
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoTips())
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's "Using default tokenizer."
+
+
+def one_lightning_log_line() -> None:
+    """Lightning's top package adds its own console handler ("INFO: ...") and still propagates to the root logger,
+    so with our logging (or Hydra's) configured every Lightning message prints twice: drop its handler then.
+    Call after Lightning is imported."""
+    lightning = logging.getLogger("lightning")
+    if logging.getLogger().hasHandlers():
+        for handler in [h for h in lightning.handlers if type(h) is logging.StreamHandler]:
+            lightning.removeHandler(handler)

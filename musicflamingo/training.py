@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from musicflamingo.callbacks import AtomicCheckpointIO, StopOnSignal
 from musicflamingo.planner import check_training
-from musicflamingo.runtime import set_threads, stderr_is_terminal
+from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
 from musicflamingo.settings import check_train_settings
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ def build_datamodule(cfg: DictConfig, model: Any) -> tuple[L.LightningDataModule
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """The `cfg.trainer` Trainer with the `cfg.callbacks` and `cfg.logger` objects (and `extra_callbacks`) and
     atomic checkpoint files."""
+    one_lightning_log_line()
     callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks)
     loggers = _instantiate_dict(cfg.get("logger"))
     extra: dict[str, Any] = {}
