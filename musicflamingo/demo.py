@@ -1,4 +1,5 @@
-"""The main job: synthetic corpus -> SentencePiece processor -> train `small` from scratch -> evaluate -> caption.
+"""The main job: synthetic corpus -> SentencePiece processor -> train `small` from scratch (questions, then
+questions + captions) -> evaluate -> caption.
 
     python -m musicflamingo.demo [--out outputs/demo] [--minutes 18] [--n-train 800]
 
@@ -25,7 +26,7 @@ from omegaconf import OmegaConf, open_dict
 log = logging.getLogger("musicflamingo.demo")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SYSTEM_PROMPT = "You are Music Flamingo, a music assistant."
-CLIP_SECONDS = (4.0, 6.0)  # one 6 s window each (configs/experiment/synthetic_small.yaml)
+CLIP_SECONDS = (4.0, 6.0)
 
 
 def build_processor(corpus: Any, out_dir: Path, vocab_size: int, chunk_length: float) -> Path:
@@ -153,23 +154,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     timings["corpus_s"] = time.time() - t0
 
-    run_dir = out / "train"
-    hh, mm = divmod(int(args.minutes * 60), 3600)
-    train_cfg = _compose(
-        "train",
-        [
-            "experiment=synthetic_small",
-            f"paths.data_dir={out}",
-            f"paths.output_dir={run_dir}",
-            f"paths.log_dir={out / 'logs'}",
-            f"seed={args.seed}",
-            f"trainer.max_steps={args.max_steps}",
-            f"model.scheduler.warmup_steps={min(30, args.max_steps)}",  # the recipe's 30, or all of a short run
-            f"trainer.max_time=00:{hh:02d}:{mm // 60:02d}:{mm % 60:02d}",
-            "logger=csv",
-        ],
-    )
-    net = train_cfg.model.net
+    # Two stages (configs/experiment/synthetic_small_captions.yaml says why): the questions from scratch, then
+    # questions and captions from that model. The time budget and steps are shared in the recipes' proportion.
+    stages = [
+        ("synthetic_small", out / "train-questions", args.max_steps),
+        ("synthetic_small_captions", out / "train", args.caption_steps),
+    ]
+    total_steps = sum(n for _, _, n in stages)
+    cfgs = []
+    for experiment, run_dir, steps in stages:
+        seconds = int(args.minutes * 60 * steps / total_steps)
+        hh, mm = divmod(seconds, 3600)
+        cfgs.append(
+            _compose(
+                "train",
+                [
+                    f"experiment={experiment}",
+                    f"paths.data_dir={out}",
+                    f"paths.output_dir={run_dir}",
+                    f"paths.log_dir={out / 'logs'}",
+                    f"seed={args.seed}",
+                    f"trainer.max_steps={steps}",
+                    # the recipe's warm-up, or all of a short run
+                    f"model.scheduler.warmup_steps={min(30 if not cfgs else 20, steps)}",
+                    f"trainer.max_time=00:{hh:02d}:{mm // 60:02d}:{mm % 60:02d}",
+                    "logger=csv",
+                ],
+            )
+        )
+    net = cfgs[0].model.net
     arch = OmegaConf.to_container(net.overrides, resolve=True) or {}
     window = model_window(net)
 
@@ -177,16 +190,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proc_dir = build_processor(corpus, out / "synthetic" / "processor", args.vocab_size, window)
     processor = MusicFlamingoProcessor.from_pretrained(proc_dir)
 
-    log.info("[3/6] training `%s` from scratch for at most %.1f min", net.preset, args.minutes)
     t1 = time.time()
-    with open_dict(train_cfg):
-        net.overrides = {**arch, **model_overrides(processor)}
-        if args.threads:
-            train_cfg.threads = args.threads
-    export = run_dir / "export"
-    if not (export / "config.json").is_file():
-        metrics, _ = train(train_cfg)
-        log.info("training: loss %.4f at the last step", metrics.get("train/loss", float("nan")))
+    first_export = stages[0][1] / "export"
+    for k, ((_, run_dir, steps), cfg) in enumerate(zip(stages, cfgs)):
+        what = "questions, `small` from scratch" if k == 0 else "questions + captions, from stage 1"
+        log.info(
+            "[3/6] training stage %d/2 (%s): %d steps, at most %s", k + 1, what, steps, cfg.trainer.max_time
+        )
+        with open_dict(cfg):
+            if k == 0:
+                cfg.model.net.overrides = {**arch, **model_overrides(processor)}
+            else:
+                cfg.model.net.init_from = str(first_export)
+            if args.threads:
+                cfg.threads = args.threads
+        if not (run_dir / "export" / "config.json").is_file():
+            metrics, _ = train(cfg)
+            log.info("stage %d: loss %.4f at the last step", k + 1, metrics.get("train/loss", float("nan")))
+    export = stages[-1][1] / "export"
     timings["train_s"] = time.time() - t1
 
     log.info("[4/6] evaluating on the test split (questions and captions)")
@@ -287,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--minutes", type=float, default=18.0, help="training time budget")
-    p.add_argument("--max-steps", type=int, default=1150)
+    p.add_argument("--max-steps", type=int, default=850, help="stage 1 (questions) steps")
+    p.add_argument("--caption-steps", type=int, default=450, help="stage 2 (questions + captions) steps")
     p.add_argument("--n-train", type=int, default=800)
     p.add_argument("--n-val", type=int, default=20)
     p.add_argument("--n-test", type=int, default=100)

@@ -27,6 +27,8 @@ def test_demo_runs_end_to_end(tmp_path):
             "0.3",
             "--max-steps",
             "4",
+            "--caption-steps",
+            "2",
         ]
     )
     report = (tmp_path / "results.md").read_text()
@@ -40,5 +42,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "| overall |" in other and "seed 1" in other
     assert report.count("  - truth: 'A solo ") == 3
     assert (tmp_path / "synthetic-seed1" / "test.jsonl").is_file()
-    assert (tmp_path / "train" / "export" / "config.json").is_file()
+    assert (tmp_path / "train-questions" / "export" / "config.json").is_file()  # stage 1: questions
+    assert (tmp_path / "train" / "export" / "config.json").is_file()  # stage 2: + captions, from stage 1
     assert (tmp_path / "eval" / "predictions.jsonl").is_file()

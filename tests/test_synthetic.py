@@ -180,20 +180,19 @@ def test_records_are_well_formed(corpus: CorpusInfo) -> None:
 
 def test_chat_manifest_folds_each_clip_into_one_conversation(corpus: CorpusInfo) -> None:
     """<split>_chat.jsonl: per clip, the four questions in some order, audio given once, and the same turns as the
-    single-question records (which is what eval.py scores); then the clip's caption as a conversation of its own
-    (inside the questions' one its facts could be copied from the answers)."""
+    single-question records (which is what eval.py scores); <split>_captions.jsonl: the clip's caption as a
+    conversation of its own (inside the questions' one its facts could be copied from the answers)."""
     from musicflamingo.data.manifest import read_manifest
 
     for split in SPLITS:
         singles: dict[str, dict[str, dict]] = {}
         for r in _records(corpus, split):
             singles.setdefault(r["audio"], {})[r.get("question_type", "caption")] = r
-        rows = [json.loads(line) for line in corpus.chat(split).read_text().splitlines()]
-        chats = [r for r in rows if r["task"] == "chat"]
-        captions = [r for r in rows if r["task"] == "caption"]
-        assert len(rows) == len(chats) + len(captions) and len(captions) == len(chats)
-        assert [r["audio"] for r in rows] == [a for a in singles for _ in range(2)]
+        chats = [json.loads(line) for line in corpus.chat(split).read_text().splitlines()]
+        captions = [json.loads(line) for line in corpus.captions(split).read_text().splitlines()]
+        assert all(c["task"] == "chat" for c in chats)
         assert captions == [singles[a]["caption"] for a in singles]
+        assert corpus.metadata()["splits"][split]["caption_manifest"] == corpus.captions(split).name
         assert [c["audio"] for c in chats] == list(singles)
         orders = set()
         for c in chats:
@@ -209,7 +208,8 @@ def test_chat_manifest_folds_each_clip_into_one_conversation(corpus: CorpusInfo)
                     "<sound>", ""
                 )
                 assert turns[2 * k + 1] == single[1]
-        assert len(read_manifest(corpus.chat(split))) == len(rows)
+        assert len(read_manifest(corpus.chat(split))) == len(chats)
+        assert len(read_manifest(corpus.captions(split))) == len(captions)
         assert corpus.metadata()["splits"][split]["chat_manifest"] == corpus.chat(split).name
         if split == "train":
             assert len(orders) > 1  # the question order is shuffled per clip

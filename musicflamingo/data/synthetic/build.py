@@ -5,7 +5,7 @@ Layout of ``out_dir``::
     corpus.json               config, config hash, counts, chance level per question type (written last)
     train.jsonl val.jsonl test.jsonl             one record per caption / question (what eval.py scores)
     train_chat.jsonl val_chat.jsonl test_chat.jsonl  for training: per clip, its questions as one multi-turn conversation
-                                                     and its caption as another
+    train_captions.jsonl ...                         for training: per clip, its caption as a conversation of its own
     audio/<split>-<nnnnn>.wav 16-bit PCM mono
     midi/<split>-<nnnnn>.mid  the same clip as a standard MIDI file (tempo, metre, key, program)
 
@@ -59,7 +59,7 @@ from musicflamingo.data.synthetic.theory import (
     program_family,
 )
 
-GENERATOR_VERSION = 5  # bump when a change to the code changes the output for the same config
+GENERATOR_VERSION = 6  # bump when a change to the code changes the output for the same config
 SPLITS = ("train", "val", "test")
 _BATCH_CLIPS = 24  # clips per fluidsynth call; fixed so that the output does not depend on the worker count
 
@@ -128,8 +128,12 @@ class CorpusInfo:
         return {"train": self.train, "val": self.val, "test": self.test}
 
     def chat(self, split: str) -> Path:
-        """``<split>_chat.jsonl``: per clip, the questions as one multi-turn conversation and the caption."""
+        """``<split>_chat.jsonl``: per clip, its questions as one multi-turn conversation."""
         return self.root / f"{split}_chat.jsonl"
+
+    def captions(self, split: str) -> Path:
+        """``<split>_captions.jsonl``: per clip, its caption as a conversation of its own."""
+        return self.root / f"{split}_captions.jsonl"
 
     def metadata(self) -> dict[str, Any]:
         return json.loads(self.corpus_json.read_text())
@@ -275,7 +279,9 @@ def _check_existing(out_dir: Path, cfg: CorpusConfig, overwrite: bool) -> Corpus
             old = info.metadata()
         except json.JSONDecodeError as e:
             raise CorpusConfigError(f"{info.corpus_json}: not valid JSON ({e}); delete the folder") from e
-        complete = all(p.is_file() for p in [*info.manifests.values(), *map(info.chat, SPLITS)])
+        complete = all(
+            p.is_file() for p in [*info.manifests.values(), *map(info.chat, SPLITS), *map(info.captions, SPLITS)]
+        )
         if old.get("config_hash") == cfg.digest() and complete:
             return info
         if not overwrite:
@@ -359,7 +365,7 @@ def build_corpus(
 
     summary: dict[str, Any] = {}
     for s in SPLITS:
-        records, chats = [], []
+        records, chats, captions = [], [], []
         # The correct letter is balanced over A-D within each split and question type.
         letter_rng = np.random.default_rng([cfg.seed, SPLITS.index(s), 4])
         positions = {
@@ -375,14 +381,15 @@ def build_corpus(
             )
             # The caption is its own conversation: inside the questions' one, its facts could be copied from
             # the answers before it (or the answers from it) instead of heard (see `chat_record`).
-            chats += [r for r in clip if r["task"] == "caption"]
-        for name, rows in ((f"{s}.jsonl", records), (f"{s}_chat.jsonl", chats)):
+            captions += [r for r in clip if r["task"] == "caption"]
+        for name, rows in ((f"{s}.jsonl", records), (f"{s}_chat.jsonl", chats), (f"{s}_captions.jsonl", captions)):
             with open(tmp / name, "w", encoding="utf-8") as f:
                 for r in rows:
                     f.write(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n")
         summary[s] = {
             "manifest": f"{s}.jsonl",
             "chat_manifest": f"{s}_chat.jsonl",
+            "caption_manifest": f"{s}_captions.jsonl",
             "clips": len(plan[s]),
             "records": len(records),
             "sources": len({c.meta["source"] for c in plan[s]}),
