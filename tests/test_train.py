@@ -501,3 +501,24 @@ def test_piped_output_logs_progress_lines_and_no_library_noise(assets, tmp_path,
     ]
     assert not noise, noise
     assert not [r for r in caplog.records if "💡" in r.getMessage()]
+
+
+def test_pretrained_model_to_train_starts_in_train_mode(tiny_ckpt):
+    """`from_pretrained` gives eval mode (inference) and Lightning keeps a module's mode at fit start: the model
+    built for training from a checkpoint must train with dropout, not silently in eval mode."""
+    from musicflamingo.model.build import build_model
+
+    lora = {"enabled": False, "rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj"]}
+    freeze = {"audio_tower": False, "multi_modal_projector": False, "language_model": False}
+    model = build_model(
+        preset=None,
+        overrides={},
+        init_from=str(tiny_ckpt),
+        seed=0,
+        rote_quirk=True,
+        gradient_checkpointing=False,
+        compile=False,
+        freeze=freeze,
+        lora=lora,
+    )
+    assert all(m.training for m in model.modules())

@@ -178,7 +178,9 @@ def build_model(
     model.audio_tower.embed_positions.requires_grad_(False)  # frozen, as in the reference
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("every parameter is frozen: check model.net.freeze and model.net.lora in the config")
-    return model
+    # A pretrained folder loads in eval mode (inference's default) and Lightning keeps a module's mode at fit start
+    # (warning "Found N module(s) in eval mode"): the model to train starts in train mode, dropout included.
+    return model.train()
 
 
 def _check_keys(where: str, values: Mapping[str, Any], expected: tuple[str, ...]) -> None:
