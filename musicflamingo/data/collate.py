@@ -76,18 +76,29 @@ def collate(
         labels[b, cols] = s["labels"]
         attention_mask[b, cols] = 1
 
+    tokens = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return _batch(tokens, good, lengths, len(samples), bad)
+
+
+def _batch(
+    tokens: dict[str, torch.Tensor],
+    good: Sequence[dict[str, Any]],
+    lengths: Sequence[int],
+    num_samples: int,
+    bad: Any,
+) -> dict[str, Any]:
+    """The batch dict both layouts share: their token tensors, the audio windows of `good` in order, and the
+    bookkeeping (lengths, ids, counts, bad samples)."""
     input_features, input_features_mask = _stack_features(good)
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
+        **tokens,
         "input_features": input_features,
         "input_features_mask": input_features_mask,
         "lengths": torch.tensor(lengths, dtype=torch.long),
         "num_tokens": int(sum(lengths)),
         "num_audio_tokens": torch.tensor([int(s.get("num_audio_tokens", 0)) for s in good], dtype=torch.long),
         "ids": [s.get("id") for s in good],
-        "num_samples": len(samples),
+        "num_samples": num_samples,
         "bad_samples": bad,
     }
 
@@ -157,19 +168,11 @@ def collate_packed(
             seq_ids[r, cols] = k
             start += n
 
-    input_features, input_features_mask = _stack_features(good)
-    return {
+    tokens = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "position_ids": position_ids,
         "seq_ids": seq_ids,
-        "input_features": input_features,
-        "input_features_mask": input_features_mask,
-        "lengths": torch.tensor(lengths, dtype=torch.long),
-        "num_tokens": int(sum(lengths)),
-        "num_audio_tokens": torch.tensor([int(s.get("num_audio_tokens", 0)) for s in good], dtype=torch.long),
-        "ids": [s.get("id") for s in good],
-        "num_samples": len(samples),
-        "bad_samples": bad,
     }
+    return _batch(tokens, good, lengths, len(samples), bad)
