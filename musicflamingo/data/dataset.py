@@ -191,8 +191,8 @@ class ConversationDataset(Dataset):
 
     # ------------------------------------------------------------------ audio
     def _decode(self, ref: AudioRef) -> np.ndarray:
-        """Mono float32 [T] of ``ref`` at the processor's rate, only the kept windows decoded (the shard dataset
-        decodes the same from the bytes it stores)."""
+        """Mono float32 [T] of ``ref`` at the processor's rate, only the kept windows decoded, from the file or
+        from the bytes :meth:`_audio_bytes` gives."""
         p = self.processor
         return load_audio(
             ref.path,
@@ -200,7 +200,12 @@ class ConversationDataset(Dataset):
             offset=ref.offset,
             duration=ref.duration,
             max_seconds=p.kept_seconds,
+            data=self._audio_bytes(ref),
         )
+
+    def _audio_bytes(self, ref: AudioRef) -> bytes | None:
+        """The encoded file of ``ref`` when it is already in memory (the shard dataset's), else None: read the file."""
+        return None
 
     def _load(self, ref: AudioRef) -> np.ndarray:
         p = self.processor

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from musicflamingo.audio.io import audio_duration, load_audio
+from musicflamingo.audio.io import audio_duration
 from musicflamingo.data.dataset import ConversationDataset, estimate_num_tokens
 from musicflamingo.data.manifest import AudioRef, Message, Record, read_manifest
 
@@ -257,16 +257,8 @@ class ShardDataset(ConversationDataset):
         finally:
             self._blobs = {}
 
-    def _decode(self, ref: AudioRef) -> np.ndarray:
-        p = self.processor
-        return load_audio(
-            ref.path,
-            sampling_rate=p.sampling_rate,
-            offset=ref.offset,
-            duration=ref.duration,
-            max_seconds=p.kept_seconds,
-            data=self._blobs[ref],
-        )
+    def _audio_bytes(self, ref: AudioRef) -> bytes | None:
+        return self._blobs[ref]
 
     def estimate_lengths(self, known: Sequence[int] | None = None, seconds: Any = None) -> list[int]:
         """Token counts from the seconds stored at sharding time (no audio is fetched): the manifest's numbers.

@@ -280,7 +280,8 @@ def _check_existing(out_dir: Path, cfg: CorpusConfig, overwrite: bool) -> Corpus
         except json.JSONDecodeError as e:
             raise CorpusConfigError(f"{info.corpus_json}: not valid JSON ({e}); delete the folder") from e
         complete = all(
-            p.is_file() for p in [*info.manifests.values(), *map(info.chat, SPLITS), *map(info.captions, SPLITS)]
+            p.is_file()
+            for p in [*info.manifests.values(), *map(info.chat, SPLITS), *map(info.captions, SPLITS)]
         )
         if old.get("config_hash") == cfg.digest() and complete:
             return info
@@ -382,7 +383,11 @@ def build_corpus(
             # The caption is its own conversation: inside the questions' one, its facts could be copied from
             # the answers before it (or the answers from it) instead of heard (see `chat_record`).
             captions += [r for r in clip if r["task"] == "caption"]
-        for name, rows in ((f"{s}.jsonl", records), (f"{s}_chat.jsonl", chats), (f"{s}_captions.jsonl", captions)):
+        for name, rows in (
+            (f"{s}.jsonl", records),
+            (f"{s}_chat.jsonl", chats),
+            (f"{s}_captions.jsonl", captions),
+        ):
             with open(tmp / name, "w", encoding="utf-8") as f:
                 for r in rows:
                     f.write(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n")
