@@ -82,16 +82,24 @@ def sampling_params(cfg: Mapping[str, Any], stops: Sequence[int] = ()) -> Sampli
 
 
 def load_model(
-    ckpt: Any, device: str | None = "auto", dtype: str | None = "auto"
+    ckpt: Any, device: str | None = "auto", dtype: str | None = "auto", quantize: str | None = None
 ) -> tuple[MusicFlamingo, MusicFlamingoProcessor]:
-    """Checked folder -> (model in eval mode on `device`, processor)."""
+    """Checked folder -> (model in eval mode on `device`, processor); `quantize="int8"`: int8 linears
+    (`model/quantize.py`; a checkpoint saved quantized loads quantized without it)."""
     path = check_checkpoint_dir(ckpt)
-    dev, dt = resolve_device_dtype(device, dtype, load_config(path).num_parameters())
+    config = load_config(path)
+    quantize = quantize or config.quantization
+    dev, dt = resolve_device_dtype(device, dtype, config.num_parameters(), quantize)
     processor = MusicFlamingoProcessor.from_pretrained(path)
     t0 = time.perf_counter()
-    model = MusicFlamingo.from_pretrained(path, dtype=dt, device=dev).eval()
+    model = MusicFlamingo.from_pretrained(path, dtype=dt, device=dev, quantize=quantize).eval()
     logger.info(
-        "loaded %s (%s, %s) in %.1f s", path, dev, str(dt).replace("torch.", ""), time.perf_counter() - t0
+        "loaded %s (%s, %s%s) in %.1f s",
+        path,
+        dev,
+        str(dt).replace("torch.", ""),
+        f", {quantize} linears" if quantize else "",
+        time.perf_counter() - t0,
     )
     return model, processor
 
@@ -450,7 +458,9 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
         if cfg.get("plan"):
             out.write(plan.table() + "\n")
             return []
-        model, processor = load_model(ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"))
+        model, processor = load_model(
+            ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
+        )
         params = sampling_params(cfg, stop_token_ids(ckpt, model.config))
         session = ChatSession(model, processor, params, system_prompt)
         audio = files[0] if files else None
@@ -476,7 +486,9 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
     if cfg.get("plan"):
         out.write(plan.table() + "\n")
         return []
-    model, processor = load_model(ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"))
+    model, processor = load_model(
+        ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
+    )
     params = sampling_params(cfg, stop_token_ids(ckpt, model.config))
     convs = [conversation(think_prompt(p) if think else p, f, system_prompt) for p, f in zip(prompts, files)]
     stream = bool(cfg.get("stream", True))

@@ -467,6 +467,22 @@ def _what_trains(setup: TrainingSetup) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- generation
+def weight_bytes(config: MusicFlamingoConfig, dtype_bytes: int, method: str | None = None) -> int:
+    """Bytes of a `config` model's weights in `dtype_bytes` floats; with `method`, every linear as `quantize_model`
+    makes it (one byte per weight, one scale per row). Counted on a meta-device model: nothing is allocated."""
+    if not method:
+        return config.num_parameters() * dtype_bytes
+    import torch
+
+    from musicflamingo.model.musicflamingo import MusicFlamingo
+    from musicflamingo.model.quantize import quantize_model, stored_tensors
+
+    with torch.device("meta"):
+        model = MusicFlamingo(config)
+    quantize_model(model, method)
+    return sum(t.numel() * (1 if t.dtype == torch.int8 else dtype_bytes) for t in stored_tensors(model))
+
+
 def plan_inference(
     config: MusicFlamingoConfig,
     *,
@@ -477,13 +493,14 @@ def plan_inference(
     windows: int,
     embed_batch: bool = False,
     device: str = "cpu",
+    quantize: str | None = None,
 ) -> MemoryPlan:
     """The predicted peak of generating `new_tokens` for `slots` requests of `prompt_tokens` tokens with
     `windows` audio windows each. `embed_batch`: every request's prompt is embedded before the first prefill
-    (`engine.generate`, eval.py), not one request at a time (`infer.py`)."""
+    (`engine.generate`, eval.py), not one request at a time (`infer.py`). `quantize`: int8 linears."""
     a, t = config.audio, config.text
     b = dtype_bytes
-    weights = config.num_parameters() * b
+    weights = weight_bytes(config, b, quantize)
     capacity = min(
         -(-(prompt_tokens + new_tokens) // KEY_BLOCK) * KEY_BLOCK, max(t.max_position_embeddings, 1)
     )
@@ -766,14 +783,15 @@ def check_generation(
 
     config = load_config(ckpt)
     device, dtype = settings.get("device", "auto"), settings.get("dtype", "auto")
+    quantize = settings.get("quantize") or config.quantization
     try:  # the dtype loading will use (`auto` may fall back to bfloat16 when float32 weights do not fit)
-        dev, dt = resolve_device_dtype(device, dtype, config.num_parameters())
+        dev, dt = resolve_device_dtype(device, dtype, config.num_parameters(), quantize)
     except (
         RuntimeConfigError
     ):  # the weights alone do not fit: the runtime's message says so, or the plan shows it
         if not settings.get("plan"):
             raise
-        dev, dt = resolve_device_dtype(device, dtype)
+        dev, dt = resolve_device_dtype(device, dtype, quantize=quantize)
     cap = max_audio_seconds(ckpt, config)
     sizes = [request_size(config, x, cap, prompt_chars) for x in audio_seconds] or [(PROMPT_TEXT_TOKENS, 0)]
     prompt, windows = max(t for t, _ in sizes), max(w for _, w in sizes)
@@ -788,6 +806,7 @@ def check_generation(
             windows=windows,
             embed_batch=embed_batch,
             device=dev.type,
+            quantize=quantize,
         )
 
     nbytes = dt.itemsize
@@ -801,6 +820,20 @@ def check_generation(
     fixes = []
     if nbytes > 2 and plan_for(2, slots).peak <= budget:
         fixes.append(("dtype=bfloat16", plan_for(2, slots).peak))
+    if not quantize:
+        q = plan_inference(
+            config,
+            dtype_bytes=2,
+            slots=slots,
+            prompt_tokens=prompt,
+            new_tokens=new_tokens,
+            windows=windows,
+            embed_batch=embed_batch,
+            device=dev.type,
+            quantize="int8",
+        )
+        if q.peak <= budget:
+            fixes.append(("quantize=int8", q.peak))
     for n in (slots // 2, slots // 4, 1):
         if 1 <= n < slots and plan_for(nbytes, n).peak <= budget:
             fixes.append((f"batch_size={n}", plan_for(nbytes, n).peak))

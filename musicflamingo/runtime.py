@@ -109,17 +109,22 @@ def resolve_device_dtype(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     num_parameters: int | None = None,
+    quantize: str | None = None,
 ) -> tuple[torch.device, torch.dtype]:
-    """`auto` device = cuda when available else cpu; `auto` dtype = bfloat16 on CUDA, float32 on CPU.
+    """`auto` device = cuda when available else cpu; `auto` dtype = bfloat16 on CUDA, float32 on CPU, and
+    bfloat16 everywhere with `quantize` (int8 linears: the rest of the model and the activations in bf16).
 
     With `num_parameters`, the weights must fit in the device's available memory (:func:`available_memory`):
     `auto` on CPU falls back to bfloat16 when float32 weights would not leave room (the released 8.27 B
     checkpoint needs 33 GB in float32, 16.5 GB in bfloat16), and a dtype whose weights alone exceed the memory
-    is refused here, with the numbers, rather than by the kernel's out-of-memory killer mid-load.
+    is refused here, with the numbers, rather than by the kernel's out-of-memory killer mid-load. Quantized
+    weights count one byte per parameter (the linears; the planner counts the rest exactly).
     """
     dev = resolve_device(device)
     dt = parse_dtype(dtype)
     free = available_memory(dev) if num_parameters else None
+    if dt is None and quantize:
+        dt = torch.bfloat16
     if dt is None:
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
         if dt == torch.float32 and free is not None and 4 * num_parameters * CPU_FLOAT32_HEADROOM > free:
@@ -130,7 +135,7 @@ def resolve_device_dtype(
             )
             dt = torch.bfloat16
     if free is not None:
-        need = num_parameters * torch.empty((), dtype=dt).element_size()
+        need = num_parameters * (1 if quantize else torch.empty((), dtype=dt).element_size())
         if need > free:
             hint = " (try dtype=bfloat16, half the size)" if dt == torch.float32 else ""
             name = str(dt).replace("torch.", "")

@@ -30,6 +30,7 @@ import yaml
 
 from musicflamingo.model.build import LORA_KEYS, PARTS
 from musicflamingo.model.lora import check_quantize_base
+from musicflamingo.model.quantize import METHODS as QUANTIZE_METHODS
 from musicflamingo.runtime import parse_dtype, resolve_device
 
 
@@ -382,6 +383,9 @@ def _device_dtype(settings: Mapping[str, Any]) -> None:
         resolve_device(device)  # RuntimeConfigError naming `device=...`
     if dtype is not _MISSING:
         parse_dtype(dtype)  # RuntimeConfigError naming `dtype=...`
+    quantize = _get(settings, "quantize")
+    if quantize is not _MISSING and quantize not in (None, *QUANTIZE_METHODS):
+        _fail("quantize", quantize, f"expected null or one of {list(QUANTIZE_METHODS)}")
 
 
 def _accelerator(settings: Mapping[str, Any], key: str) -> None:

@@ -245,7 +245,11 @@ def test_release_bench_runs_on_the_tiny_preset(tmp_path):
         "--threads",
         "1",
         "--cases",
-        "ttft:30,decode:2",
+        "first:30,decode:2",
+        "--int8-cases",
+        "first:30",
+        "--long-cases",
+        "ttft:60",
         "--decode-tokens",
         "3",
         "--out",
@@ -257,5 +261,12 @@ def test_release_bench_runs_on_the_tiny_preset(tmp_path):
     result = json.loads(out.read_text())
     for impl in ("ours", "ref"):
         assert result[impl]["ttft_30s"] > 0 and result[impl]["decode_b2_tokens_s"] > 0
-    assert result["machine"]["read_gb_s"] > 0 and "| decode batch 1" not in proc.stdout
+        assert result[impl]["decode_b1_tokens_s"] > 0
+    assert result["int8"]["ttft_30s"] > 0 and result["int8_weights_gb"] < result["weights_gb"]
+    assert (tmp_path / "ck-int8" / "config.json").is_file()
+    for impl in ("ours", "int8"):
+        assert result["long"][impl]["ttft_60s"] > 0 and result["long"][impl]["peak_rss_gb"] > 0
+    assert result["machine"]["read_gb_s"] > 0 and "| decode batch 4" not in proc.stdout
     assert "time to first token, 30 s audio" in proc.stdout
+    assert "| decode batch 1, int8 >= 3.5x reference bf16 |" in proc.stdout
+    assert "| 60 s of audio, int8, no out-of-memory |" in proc.stdout

@@ -87,6 +87,31 @@ def test_infer_two_files_end_to_end(ckpt, audios, loaded, capsys):
     assert texts == expected
 
 
+def test_infer_quantize_int8_loads_int8_linears_and_answers(ckpt, audios, capsys, caplog, tmp_path):
+    """`quantize=int8`: the model is loaded with int8 linears (logged), answers every file, and its memory plan
+    counts one byte per linear weight; an unknown method is refused by name before anything is loaded."""
+    import logging
+
+    from musicflamingo.model.quantize import Int8Linear
+    from musicflamingo.settings import SettingsError
+
+    base = [f"ckpt={ckpt}", f"audio=[{audios[0]},{audios[1]}]", "max_new_tokens=4", "stream=false"]
+    with caplog.at_level(logging.INFO, logger="musicflamingo"):
+        texts = infer(make_cfg(*base, "quantize=int8"))
+    assert len(texts) == 2 and "int8 linears" in caplog.text and "bfloat16" in caplog.text
+    infer(make_cfg(*base, "plan=true"))
+    plain = capsys.readouterr().out
+    infer(make_cfg(*base, "plan=true", "quantize=int8"))
+    quant = capsys.readouterr().out
+    assert plain != quant  # the weights row differs
+    with pytest.raises(SettingsError, match="quantize"):
+        infer(make_cfg(*base, "quantize=int4"))
+    from musicflamingo.inference import load_model
+
+    model, _ = load_model(ckpt, "cpu", "auto", "int8")
+    assert any(isinstance(m, Int8Linear) for m in model.modules()) and model.dtype == torch.bfloat16
+
+
 def test_infer_compile_gives_the_same_text(ckpt, audios, capsys):
     """`compile=true` decodes through torch.compile (static KV cache) and prints the same answers."""
     from torch._dynamo.utils import counters

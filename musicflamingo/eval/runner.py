@@ -233,15 +233,16 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     from musicflamingo import MusicFlamingo, MusicFlamingoProcessor
 
     config = load_config(ckpt)
+    quantize = cfg.get("quantize") or config.quantization  # int8 linears (model/quantize.py)
     # auto: bf16 on CUDA, fp32 on CPU unless its weights do not fit; weights larger than the memory are refused
     try:
         device, dtype = resolve_device_dtype(
-            cfg.get("device", "auto"), cfg.get("dtype", "auto"), config.num_parameters()
+            cfg.get("device", "auto"), cfg.get("dtype", "auto"), config.num_parameters(), quantize
         )
     except RuntimeConfigError as e:
         raise EvalConfigError(str(e)) from None
     stops = stop_token_ids(ckpt, config)  # generation_config.json's eos ids + the config's, as infer.py
-    model = MusicFlamingo.from_pretrained(str(ckpt), dtype=dtype, device=device)
+    model = MusicFlamingo.from_pretrained(str(ckpt), dtype=dtype, device=device, quantize=quantize)
     model.eval()
     processor = MusicFlamingoProcessor.from_pretrained(str(ckpt))
     max_new_tokens = 256 if cfg.get("max_new_tokens") is None else int(cfg["max_new_tokens"])

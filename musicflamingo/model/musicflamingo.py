@@ -8,6 +8,7 @@ Qwen2 -> norm -> lm_head -> logits (B, S, vocab)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from musicflamingo.model.encoder import AudioEncoder, conv_output_lengths
 from musicflamingo.model.fused import linear_cross_entropy
 from musicflamingo.model.layers import CacheView
 from musicflamingo.model.projector import AudioProjector
+from musicflamingo.model.quantize import align_weights, check_method, quantize_model
 from musicflamingo.model.qwen2 import Qwen2Model, segment_starts
 from musicflamingo.model.rote import RotaryTimeEmbedding, apply_rotary_time_emb, build_audio_timestamps
 
@@ -87,16 +89,18 @@ class MusicFlamingo(nn.Module):
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.quantization: str | None = None  # set by `quantize_model`; a save records it in config.json
         self.rote_quirk = True  # reproduce the reference's zero-length-last-window attribution (see rote.py)
 
     # ------------------------------------------------------------------ properties
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        # the embedding: never quantized (`quantize_model` may make the head int8)
+        return self.language_model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.language_model.embed_tokens.weight.device
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute the float32 rotary buffers (after meta init, `.to(dtype)` or loading)."""
@@ -233,6 +237,7 @@ class MusicFlamingo(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         mmap: bool = True,
+        quantize: str | None = None,
     ) -> MusicFlamingo:
         """Load a Hugging Face layout folder (config.json + safetensors) in eval mode, never holding two copies of
         the weights: built on the meta device, then each tensor is assigned from the file.
@@ -240,20 +245,31 @@ class MusicFlamingo(nn.Module):
         dtype None/"auto" keeps the checkpoint's floating dtype. With `mmap`, CPU weights already in that dtype are
         used straight from a private mapping of the file (no copy; see `checkpoint.read_state_dict`); `mmap=False`
         reads them into memory of their own. Rotary buffers are recomputed in float32.
+        `quantize="int8"` quantizes every linear after loading, one at a time (`model/quantize.py`); a checkpoint
+        saved from such a model loads quantized as it is, without `quantize`.
         """
+        method = check_method(quantize)
         config = load_config(path)
         device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(config)
+        if config.quantization:
+            quantize_model(model, config.quantization)  # the structure; the checkpoint holds the int8 values
         # A tied head is stored once, as the embedding.
         tied = config.text.tie_word_embeddings
-        expected = {k: t.shape for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-        state = read_state_dict(path, expected, dtype=dtype, device=device, mmap=mmap)
+        sd = model.state_dict()
+        expected = {k: t.shape for k, t in sd.items() if not (tied and k == "lm_head.weight")}
+        int8 = {k for k, t in sd.items() if t.dtype == torch.int8}
+        state = read_state_dict(path, expected, dtype=dtype, device=device, mmap=mmap, int8=int8)
         model.load_state_dict(state, strict=not tied, assign=True)
-        del state
+        del state, sd
         if tied:
             model.lm_head.weight = model.language_model.embed_tokens.weight
         model.reset_buffers(device)  # created on meta: rebuilt in float32 on the target device
+        if config.quantization:
+            align_weights(model)
+        elif method:
+            quantize_model(model, method)
         return model.eval()
 
     def save_pretrained(
@@ -266,8 +282,11 @@ class MusicFlamingo(nn.Module):
         state = self.state_dict()
         if self.config.text.tie_word_embeddings:
             del state["lm_head.weight"]
+        config = self.config
+        if getattr(self, "quantization", None):
+            config = dataclasses.replace(config, quantization=self.quantization)
         write_state_dict(
-            state, self.config, path, max_shard_size=max_shard_size, dtype=self.dtype, overwrite=overwrite
+            state, config, path, max_shard_size=max_shard_size, dtype=self.dtype, overwrite=overwrite
         )
 
     def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:

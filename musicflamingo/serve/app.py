@@ -416,7 +416,9 @@ def build_server(cfg: Mapping[str, Any]) -> tuple[Starlette, ServeSettings]:
     ckpt = check_checkpoint_dir(cfg.get("ckpt"))
     if not cfg.get("model_name"):
         settings.model_name = ckpt.name
-    model, processor = load_model(ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"))
+    model, processor = load_model(
+        ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
+    )
     app = create_app(model, processor, settings, stop_token_ids(ckpt, model.config))
     if not settings.loopback and settings.api_key is None:
         logger.warning(
