@@ -253,8 +253,9 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
 
     class FakeModel:
         @classmethod
-        def from_pretrained(cls, path, dtype=None, device=None):
+        def from_pretrained(cls, path, dtype=None, device=None, quantize=None):
             seen["load"] = (path, dtype, device)
+            seen["quantize"] = quantize
             return cls()
 
         def eval(self):
@@ -296,7 +297,7 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
         EvalItem("b", "/x/b.wav", "Q2", "caption", offset=30.0, duration=10.0),
     ]
     assert fn(items) == ["7 8 9", "7 8 9"]  # only the new tokens, stripped
-    assert seen["load"] == (str(tmp_path), torch.float32, torch.device("cpu"))
+    assert seen["load"] == (str(tmp_path), torch.float32, torch.device("cpu")) and seen["quantize"] is None
     assert seen["gen"] == (3, False, torch.float32)
     assert seen["stops"] == stop_token_ids(tmp_path, config) == sorted({5, 77, config.text.eos_token_id})
     assert seen["template_kw"] == {"tokenize": True, "add_generation_prompt": True, "return_dict": True}
