@@ -306,13 +306,19 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
                 (
                     f"{key[5:-1]} s of audio, {'bf16' if impl == 'ours' else impl}, no out-of-memory",
                     f"time to first token {long[key]:.0f} s, "
-                    + (f"peak RSS {long['peak_rss_gb']:.1f} GB" if "peak_rss_gb" in long else "peak RSS not measured"),
+                    + (
+                        f"peak RSS {long['peak_rss_gb']:.1f} GB"
+                        if "peak_rss_gb" in long
+                        else "peak RSS not measured"
+                    ),
                     "met (ran)",
                 )
             )
         if "error" in long:
             verdict = "not run" if long["error"].startswith("not run") else "missed"
-            rows.append((f"20 min of audio, {'bf16' if impl == 'ours' else impl}", long["error"][-200:], verdict))
+            rows.append(
+                (f"20 min of audio, {'bf16' if impl == 'ours' else impl}", long["error"][-200:], verdict)
+            )
     return rows
 
 
