@@ -796,7 +796,7 @@ def check_generation(
     sizes = [request_size(config, x, cap, prompt_chars) for x in audio_seconds] or [(PROMPT_TEXT_TOKENS, 0)]
     prompt, windows = max(t for t, _ in sizes), max(w for _, w in sizes)
 
-    def plan_for(nbytes: int, n: int) -> MemoryPlan:
+    def plan_for(nbytes: int, n: int, method: str | None = quantize) -> MemoryPlan:
         return plan_inference(
             config,
             dtype_bytes=nbytes,
@@ -806,7 +806,7 @@ def check_generation(
             windows=windows,
             embed_batch=embed_batch,
             device=dev.type,
-            quantize=quantize,
+            quantize=method,
         )
 
     nbytes = dt.itemsize
@@ -820,20 +820,8 @@ def check_generation(
     fixes = []
     if nbytes > 2 and plan_for(2, slots).peak <= budget:
         fixes.append(("dtype=bfloat16", plan_for(2, slots).peak))
-    if not quantize:
-        q = plan_inference(
-            config,
-            dtype_bytes=2,
-            slots=slots,
-            prompt_tokens=prompt,
-            new_tokens=new_tokens,
-            windows=windows,
-            embed_batch=embed_batch,
-            device=dev.type,
-            quantize="int8",
-        )
-        if q.peak <= budget:
-            fixes.append(("quantize=int8", q.peak))
+    if not quantize and plan_for(2, slots, "int8").peak <= budget:
+        fixes.append(("quantize=int8", plan_for(2, slots, "int8").peak))
     for n in (slots // 2, slots // 4, 1):
         if 1 <= n < slots and plan_for(nbytes, n).peak <= budget:
             fixes.append((f"batch_size={n}", plan_for(nbytes, n).peak))

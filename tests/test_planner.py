@@ -396,6 +396,7 @@ def test_infer_plan_and_refusal(tmp_path, monkeypatch):
     lines = user_error_line(err.value).splitlines()  # cli.py prints every line of it
     assert "available on cpu" in lines[0] and lines[-1].endswith("memory_check=false runs anyway")
     assert lines[1].strip().startswith("dtype=bfloat16")
+    assert lines[2].strip().startswith("quantize=int8")  # int8 linears: less than the bfloat16 run
 
 
 def test_eval_plan_builds_nothing(tmp_path, capsys):
