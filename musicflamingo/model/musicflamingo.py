@@ -246,7 +246,7 @@ class MusicFlamingo(nn.Module):
         used straight from a private mapping of the file (no copy; see `checkpoint.read_state_dict`); `mmap=False`
         reads them into memory of their own. Rotary buffers are recomputed in float32.
         `quantize="int8"` quantizes every linear after loading, one at a time (`model/quantize.py`); a checkpoint
-        saved from such a model loads quantized as it is, without `quantize`.
+        saved from such a model loads quantized as it is, without `quantize` (read, not mapped).
         """
         method = check_method(quantize)
         config = load_config(path)
@@ -255,6 +255,9 @@ class MusicFlamingo(nn.Module):
             model = cls(config)
         if config.quantization:
             quantize_model(model, config.quantization)  # the structure; the checkpoint holds the int8 values
+            # The int8 CPU kernel needs 64-byte aligned weights, which views of a mapped file rarely are: read them
+            # into memory of their own instead of mapping and then copying (that held both, 2x the int8 bytes).
+            mmap = False
         # A tied head is stored once, as the embedding.
         tied = config.text.tie_word_embeddings
         sd = model.state_dict()
