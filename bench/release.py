@@ -316,7 +316,9 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
             )
         if "error" in long:
             verdict = "not run" if long["error"].startswith("not run") else "missed"
-            text = long["error"][:400] if verdict == "not run" else long["error"][-200:]  # a traceback: its end
+            text = (
+                long["error"][:400] if verdict == "not run" else long["error"][-200:]
+            )  # a traceback: its end
             rows.append((f"20 min of audio, {'bf16' if impl == 'ours' else impl}", text, verdict))
     return rows
 
