@@ -25,7 +25,7 @@ from musicflamingo.model.encoder import AudioEncoder, conv_output_lengths
 from musicflamingo.model.fused import linear_cross_entropy
 from musicflamingo.model.layers import CacheView
 from musicflamingo.model.projector import AudioProjector
-from musicflamingo.model.quantize import align_weights, check_method, quantize_model
+from musicflamingo.model.quantize import check_method, quantize_model
 from musicflamingo.model.qwen2 import Qwen2Model, segment_starts
 from musicflamingo.model.rote import RotaryTimeEmbedding, apply_rotary_time_emb, build_audio_timestamps
 
@@ -269,9 +269,7 @@ class MusicFlamingo(nn.Module):
         if tied:
             model.lm_head.weight = model.language_model.embed_tokens.weight
         model.reset_buffers(device)  # created on meta: rebuilt in float32 on the target device
-        if config.quantization:
-            align_weights(model)
-        elif method:
+        if method and not config.quantization:
             quantize_model(model, method)
         return model.eval()
 

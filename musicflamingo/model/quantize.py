@@ -158,7 +158,7 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
     """
     if check_method(method) is None:
         return model
-    adapters = [n for n, m in model.named_modules() if hasattr(m, "lora_A") or hasattr(m, "lora_a")]
+    adapters = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
     if adapters:
         raise QuantizationError(
             f"the model has LoRA adapters ({adapters[0]}, ...): merge them first (train.py exports merged weights)"
@@ -172,13 +172,6 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
         setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
     model.quantization = method
     return model
-
-
-def align_weights(model: nn.Module) -> None:
-    """`Int8Linear.align` on every quantized linear (after loading from a memory-mapped checkpoint)."""
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            m.align()
 
 
 def stored_tensors(model: nn.Module) -> list[torch.Tensor]:
