@@ -116,7 +116,9 @@ def _load(impl: str, ckpt: str):
         return load_ref(ckpt, torch.bfloat16, torch.device("cpu"))
     from musicflamingo import MusicFlamingo
 
-    return MusicFlamingo.from_pretrained(ckpt, dtype=torch.bfloat16)  # int8: a quantized checkpoint folder
+    return MusicFlamingo.from_pretrained(
+        ckpt, dtype=torch.bfloat16
+    )  # int8, int4: a quantized checkpoint folder
 
 
 def worker(impl: str, ckpt: str, cases: list[str], decode_tokens: int, threads: int) -> dict:
@@ -158,17 +160,19 @@ def worker(impl: str, ckpt: str, cases: list[str], decode_tokens: int, threads: 
     return out
 
 
-def quantized_checkpoint(src: Path, dst: Path) -> dict:
-    """`dst`: the int8 checkpoint of `src` (`from_pretrained(quantize="int8")` + `save_pretrained`), made once."""
+def quantized_checkpoint(src: Path, method: str) -> dict:
+    """`src-<method>`: the int8 or int4 checkpoint of `src` (`from_pretrained(quantize=...)` + `save_pretrained`),
+    made once."""
+    dst = src.with_name(f"{src.name}-{method}")
     if (dst / "config.json").is_file():
-        return {"quantize_s": None}
+        return {f"{method}_quantize_s": None}
     from musicflamingo import MusicFlamingo
 
     t0 = time.perf_counter()
-    model = MusicFlamingo.from_pretrained(src, dtype=torch.bfloat16, quantize="int8")
+    model = MusicFlamingo.from_pretrained(src, dtype=torch.bfloat16, quantize=method)
     took = time.perf_counter() - t0
     model.save_pretrained(dst)
-    return {"quantize_s": took}
+    return {f"{method}_quantize_s": took}
 
 
 def machine_limits(threads: int, quick: bool) -> dict:
@@ -221,9 +225,13 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
+PARTS = ("ours", "ref", "int8", "int4", "long")
+
+
 def targets(result: dict) -> list[tuple[str, str, str]]:
     """(target, measured, verdict with the measured reason where missed) for the issue's targets."""
     ours, ref, q, m = result.get("ours", {}), result.get("ref", {}), result.get("int8", {}), result["machine"]
+    q4 = result.get("int4", {})
     ceiling = m["bf16_matmul_tflops"] * 1e12
     rows = []
 
@@ -273,6 +281,18 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
             f"({need / m['read_gb_s']:.0%})"
         )
         rows.append(("decode batch 1, int8 >= 3.5x reference bf16", f"{r:.2f}x", why))
+    r = ratio(q4.get("decode_b1_tokens_s"), ref.get("decode_b1_tokens_s"))
+    if r is not None and result.get("int4_weights_gb"):
+        read = result["int4_decode_bytes"]
+        gbs = q4["decode_b1_tokens_s"] * read / 1e9
+        rows.append(
+            (
+                "decode batch 1, int4 (the 3.5x goal, with 4-bit weights)",
+                f"{r:.2f}x ({gbs:.1f} GB/s of int4 weights and scales, {gbs / m['read_gb_s']:.0%} of the read "
+                "bandwidth)",
+                "met" if r >= 3.5 else "missed",
+            )
+        )
     r = ratio(q.get("ttft_30s"), ours.get("ttft_30s"))
     if r is not None:
         rows.append(
@@ -288,6 +308,23 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
                 "int8 weights about 8.3 GB",
                 f"{result['int8_weights_gb']:.2f} GB",
                 "met, with the embedding table (1.09 GB) kept in bf16: only its rows are read",
+            )
+        )
+    r = ratio(q4.get("ttft_30s"), ours.get("ttft_30s"))
+    if r is not None:
+        rows.append(
+            (
+                "time to first token, 30 s, int4 vs bf16 (no target)",
+                f"{r:.2f}x",
+                "the decoder's prefill dequantizes its 4-bit weights for bf16 GEMMs; the audio tower runs in int8",
+            )
+        )
+    if "int4_weights_gb" in result:
+        rows.append(
+            (
+                "int4 weights (no target)",
+                f"{result['int4_weights_gb']:.2f} GB",
+                "language model and head in 4 bits, embedding bf16, audio tower and projector int8",
             )
         )
     if ours.get("rss_after_load_gb") is not None:
@@ -325,17 +362,17 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
 
 def render(result: dict) -> str:
     ours, ref, q, m = result.get("ours", {}), result.get("ref", {}), result.get("int8", {}), result["machine"]
+    q4 = result.get("int4", {})
     lines = [
-        "| measure | ours bf16 | ours int8 | reference bf16 | ours / ref | int8 / ref |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| measure | ours bf16 | ours int8 | ours int4 | reference bf16 | ours / ref | int8 / ref | int4 / ref |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, label in ROWS:
-        a, b, c = ours.get(key), q.get(key), ref.get(key)
-        if a is None and b is None and c is None:
+        a, b, d, c = ours.get(key), q.get(key), q4.get(key), ref.get(key)
+        if a is None and b is None and d is None and c is None:
             continue
-        r1 = f"{a / c:.2f}x" if a is not None and c else "-"
-        r2 = f"{b / c:.2f}x" if b is not None and c else "-"
-        lines.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {_fmt(c)} | {r1} | {r2} |")
+        r = [f"{x / c:.2f}x" if x is not None and c else "-" for x in (a, b, d)]
+        lines.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {_fmt(d)} | {_fmt(c)} | {' | '.join(r)} |")
     weights_gb = result["weights_gb"]
     lines += [
         "",
@@ -372,7 +409,7 @@ def _page_in(folder: Path) -> None:
 
 
 def _run_worker(impl: str, ckpt: Path, cases: str, args, env: dict) -> dict:
-    if impl in ("ours", "ref", "int8"):
+    if impl in ("ours", "ref", "int8", "int4"):
         _page_in(ckpt)
     cmd = [sys.executable, __file__, "--worker", impl, "--ckpt", str(ckpt), "--cases", cases]
     cmd += [
@@ -402,16 +439,19 @@ def main(argv: list[str] | None = None) -> int:
         "--int8-cases", default="first:30,decode:4", help="cases of ours with quantize=int8 ('' skips)"
     )
     ap.add_argument(
-        "--long-cases", default="ttft:1200", help="ours only, bf16 and int8, own processes ('' skips)"
+        "--int4-cases", default="first:30,decode:4", help="cases of ours with quantize=int4 ('' skips)"
     )
     ap.add_argument(
-        "--only", default="ours,ref,int8,long", help="parts to run; the others are kept from --out"
+        "--long-cases", default="ttft:1200", help="ours only, bf16 and int8, own processes ('' skips)"
     )
+    ap.add_argument("--only", default=",".join(PARTS), help="parts to run; the others are kept from --out")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--out", default=None, help="JSON results (default bench/results_release.json)")
     ap.add_argument("--no-doc", action="store_true", help="do not touch docs/performance.md")
     ap.add_argument(
-        "--worker", choices=["ours", "ref", "int8", "write", "limits", "quantize"], help=argparse.SUPPRESS
+        "--worker",
+        choices=["ours", "ref", "int8", "int4", "write", "limits", "quantize-int8", "quantize-int4"],
+        help=argparse.SUPPRESS,
     )
     args = ap.parse_args(argv)
     quick = args.preset != "music_flamingo_2601"
@@ -422,8 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "limits":
         print(json.dumps(machine_limits(args.threads, quick)))
         return 0
-    if args.worker == "quantize":
-        print(json.dumps(quantized_checkpoint(ckpt, ckpt.with_name(ckpt.name + "-int8"))))
+    if args.worker and args.worker.startswith("quantize-"):
+        print(json.dumps(quantized_checkpoint(ckpt, args.worker.split("-")[1])))
         return 0
     if args.worker:
         cases = [c for c in args.cases.split(",") if c]
@@ -441,9 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"writing the checkpoint failed:\n{info['error']}")
     config = MusicFlamingoConfig.from_name(args.preset)
     weights = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-    previous = (
-        json.loads(out.read_text()) if out.is_file() and only != {"ours", "ref", "int8", "long"} else {}
-    )
+    previous = json.loads(out.read_text()) if out.is_file() and only != set(PARTS) else {}
     result = {**previous, "preset": args.preset, "threads": args.threads, "weights_gb": weights / 1e9, **info}
     t = config.text
     result["decode_bytes"] = 2 * (
@@ -453,20 +491,28 @@ def main(argv: list[str] | None = None) -> int:
     # Every step that allocates runs in a process of its own: this one stays small (its freed memory would not go
     # back to the system, and the workers' weights need the page cache).
     result["machine"] = _run_worker("limits", ckpt, "", args, env)
-    int8_ckpt = ckpt.with_name(ckpt.name + "-int8")
-    if args.int8_cases or args.long_cases:
-        print(f"[release] int8 checkpoint {int8_ckpt} ...", flush=True)
-        made = _run_worker("quantize", ckpt, "", args, env)
-        if "error" in made:
-            raise SystemExit(f"quantizing failed:\n{made['error']}")
-        result.update({k: v for k, v in made.items() if v is not None})
-        result["int8_weights_gb"] = sum(p.stat().st_size for p in int8_ckpt.glob("*.safetensors")) / 1e9
-    parts = [("ours", ckpt, args.cases), ("ref", ckpt, args.cases), ("int8", int8_ckpt, args.int8_cases)]
+    int8_ckpt, int4_ckpt = ckpt.with_name(ckpt.name + "-int8"), ckpt.with_name(ckpt.name + "-int4")
+    wanted = {"int8": args.int8_cases or args.long_cases, "int4": args.int4_cases}
+    for method, path in (("int8", int8_ckpt), ("int4", int4_ckpt)):
+        if wanted[method] and (method in only or (method == "int8" and "long" in only)):
+            print(f"[release] {method} checkpoint {path} ...", flush=True)
+            made = _run_worker(f"quantize-{method}", ckpt, "", args, env)
+            if "error" in made:
+                raise SystemExit(f"quantizing failed:\n{made['error']}")
+            result.update({k: v for k, v in made.items() if v is not None})
+            result[f"{method}_weights_gb"] = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 1e9
+    result["int4_decode_bytes"] = _int4_decode_bytes(config)
+    parts = [
+        ("ours", ckpt, args.cases),
+        ("ref", ckpt, args.cases),
+        ("int8", int8_ckpt, args.int8_cases),
+        ("int4", int4_ckpt, args.int4_cases),
+    ]
     for impl, path, cases in parts:
         if impl in only and cases:
             print(f"[release] {impl}: {cases} ...", flush=True)
             result[impl] = _run_worker(impl, path, cases, args, env)
-            if "error" in result[impl] and impl != "int8":
+            if "error" in result[impl] and impl not in ("int8", "int4"):
                 raise SystemExit(f"{impl} worker failed:\n{result[impl]['error']}")
     if "long" in only and args.long_cases:
         result["long"] = {}
@@ -481,6 +527,21 @@ def main(argv: list[str] | None = None) -> int:
         command = "python bench/release.py" + ("" if not argv else " " + " ".join(argv))
         update_doc(ROOT / "docs" / "performance.md", table, command, wall)
     return 0
+
+
+def _int4_decode_bytes(config) -> int:
+    """Bytes a batch-1 int4 decode step reads: the 4-bit linears of the language model and the head with their
+    scales and zeros (the norms and biases are a rounding error)."""
+    from musicflamingo.model.musicflamingo import MusicFlamingo
+    from musicflamingo.model.quantize import Int4Linear, quantize_model
+
+    with torch.device("meta"):
+        model = quantize_model(MusicFlamingo(config), "int4")
+    return sum(
+        m.weight.numel() + 2 * m.weight_scale_zero.numel()
+        for m in model.modules()
+        if isinstance(m, Int4Linear)
+    )
 
 
 def _audio_params(config) -> int:

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -142,16 +143,20 @@ def _template(name: str) -> tuple[str, list[str]]:
     return _LAYER.sub(".{}.", name), _LAYER.findall(name)
 
 
-# A quantized linear (`model/quantize.py`) stores its per-row scales next to its weight, under the weight's name
-# plus this suffix, on disk as in the model.
-_SCALE = "_scale"
+# A quantized linear (`model/quantize.py`) stores its scales next to its weight, under the weight's name plus one
+# of these suffixes (int8: `_scale`, int4: `_scale_zero`), on disk as in the model. Longest first.
+_QUANT_SUFFIXES = ("_scale_zero", "_scale")
+
+
+def _quant_suffix(name: str) -> str:
+    return next((s for s in _QUANT_SUFFIXES if name.endswith(".weight" + s)), "")
 
 
 def hf_to_ours(name: str) -> str | None:
     """Map a checkpoint name to ours; None if it is not in the table."""
-    if name.endswith(".weight" + _SCALE):
-        ours = hf_to_ours(name[: -len(_SCALE)])
-        return None if ours is None else ours + _SCALE
+    if suffix := _quant_suffix(name):
+        ours = hf_to_ours(name[: -len(suffix)])
+        return None if ours is None else ours + suffix
     for alt, canonical in _ALT_PREFIXES:
         if name.startswith(alt):
             name = canonical + name[len(alt) :]
@@ -162,8 +167,8 @@ def hf_to_ours(name: str) -> str | None:
 
 
 def ours_to_hf(name: str) -> str:
-    if name.endswith(".weight" + _SCALE):
-        return ours_to_hf(name[: -len(_SCALE)]) + _SCALE
+    if suffix := _quant_suffix(name):
+        return ours_to_hf(name[: -len(suffix)]) + suffix
     tmpl, idx = _template(name)
     if tmpl not in _TO_HF:
         raise KeyError(f"parameter {name!r} has no entry in the checkpoint name table")
@@ -473,7 +478,7 @@ def read_state_dict(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     mmap: bool = True,
-    int8: Collection[str] = (),
+    integer: Mapping[str, torch.dtype] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of the checkpoint folder `path`, renamed to our names, on `device` in `dtype`; with `mmap`,
     CPU tensors whose dtype already matches are views of a private mapping of their file (see the module doc).
@@ -481,7 +486,8 @@ def read_state_dict(
     `expected` is `{our_name: shape}` (a model's `state_dict()` on the meta device gives it). Every name and shape
     is checked before any tensor data is read; missing, unexpected and wrong-shaped keys are all reported in one
     CheckpointError. dtype None/"auto" keeps the checkpoint's dtypes; only floating tensors are converted.
-    `int8`: our names stored as int8 (a quantized model's linear weights); every other tensor must be floating.
+    `integer`: our names stored as integers, with their dtype (a quantized model's linear weights: int8, or uint8
+    holding two int4 values); every other tensor must be floating.
     """
     path = Path(path)
     target = parse_dtype(dtype)
@@ -503,9 +509,12 @@ def read_state_dict(
         info = headers[f][0][name]
         if list(info["shape"]) != list(expected[ours]):
             wrong_shape.append(f"{name}: checkpoint {list(info['shape'])} vs model {list(expected[ours])}")
-        if ours in int8:
-            if info["dtype"] != "I8":
-                wrong_dtype.append(f"{f.name}: {name} is {info['dtype']}, expected I8 (a quantized weight)")
+        if integer and ours in integer:
+            want = _DTYPE_NAMES[integer[ours]]
+            if info["dtype"] != want:
+                wrong_dtype.append(
+                    f"{f.name}: {name} is {info['dtype']}, expected {want} (a quantized weight)"
+                )
         elif info["dtype"] not in _FLOAT_DTYPES:  # int8 of a quantized export would fail in a matmul
             wrong_dtype.append(f"{f.name}: {name} is {info['dtype']}")
         mapping[ours] = name
@@ -521,7 +530,7 @@ def read_state_dict(
         if wrong_dtype:
             parts.append(
                 f"unsupported dtypes ({len(wrong_dtype)}, the weights must be {'/'.join(_FLOAT_DTYPES)}; "
-                f"quantized checkpoints only as written by our save_pretrained of a quantize=int8 model): "
+                f"quantized checkpoints only as written by our save_pretrained of a quantize=int8/int4 model): "
                 f"{wrong_dtype[:20]}"
             )
         raise CheckpointError(f"{path}: checkpoint does not match the config: " + "; ".join(parts))

@@ -84,7 +84,7 @@ def sampling_params(cfg: Mapping[str, Any], stops: Sequence[int] = ()) -> Sampli
 def load_model(
     ckpt: Any, device: str | None = "auto", dtype: str | None = "auto", quantize: str | None = None
 ) -> tuple[MusicFlamingo, MusicFlamingoProcessor]:
-    """Checked folder -> (model in eval mode on `device`, processor); `quantize="int8"`: int8 linears
+    """Checked folder -> (model in eval mode on `device`, processor); `quantize="int8"` / `"int4"`: quantized linears
     (`model/quantize.py`; a checkpoint saved quantized loads quantized without it)."""
     path = check_checkpoint_dir(ckpt)
     config = load_config(path)

@@ -480,7 +480,11 @@ def weight_bytes(config: MusicFlamingoConfig, dtype_bytes: int, method: str | No
     with torch.device("meta"):
         model = MusicFlamingo(config)
     quantize_model(model, method)
-    return sum(t.numel() * (1 if t.dtype == torch.int8 else dtype_bytes) for t in stored_tensors(model))
+    # integers (int8 weights, uint8 bytes of two int4 weights) as stored; floats in `dtype_bytes`
+    return sum(
+        t.numel() * (dtype_bytes if t.dtype.is_floating_point else t.element_size())
+        for t in stored_tensors(model)
+    )
 
 
 def plan_inference(
@@ -497,7 +501,7 @@ def plan_inference(
 ) -> MemoryPlan:
     """The predicted peak of generating `new_tokens` for `slots` requests of `prompt_tokens` tokens with
     `windows` audio windows each. `embed_batch`: every request's prompt is embedded before the first prefill
-    (`engine.generate`, eval.py), not one request at a time (`infer.py`). `quantize`: int8 linears."""
+    (`engine.generate`, eval.py), not one request at a time (`infer.py`). `quantize`: int8 / int4 linears."""
     a, t = config.audio, config.text
     b = dtype_bytes
     weights = weight_bytes(config, b, quantize)
@@ -530,7 +534,12 @@ def plan_inference(
         encoding, prefilling = kv + audio, kv + prefill + logits
     peak = weights + max(encoding, prefilling)
     items = [
-        ("weights", weights, f"{config.num_parameters():,} parameters x {b} B"),
+        (
+            "weights",
+            weights,
+            f"{config.num_parameters():,} parameters"
+            + (f", {quantize} linears" if quantize else f" x {b} B"),
+        ),
         (
             "KV cache",
             kv,
@@ -820,8 +829,10 @@ def check_generation(
     fixes = []
     if nbytes > 2 and plan_for(2, slots).peak <= budget:
         fixes.append(("dtype=bfloat16", plan_for(2, slots).peak))
-    if not quantize and plan_for(2, slots, "int8").peak <= budget:
-        fixes.append(("quantize=int8", plan_for(2, slots, "int8").peak))
+    for method in ("int8", "int4")[("int8", "int4").index(quantize) + 1 if quantize else 0 :]:
+        if plan_for(2, slots, method).peak <= budget:  # the lighter of the two that fits
+            fixes.append((f"quantize={method}", plan_for(2, slots, method).peak))
+            break
     for n in (slots // 2, slots // 4, 1):
         if 1 <= n < slots and plan_for(nbytes, n).peak <= budget:
             fixes.append((f"batch_size={n}", plan_for(nbytes, n).peak))

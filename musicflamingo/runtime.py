@@ -112,13 +112,13 @@ def resolve_device_dtype(
     quantize: str | None = None,
 ) -> tuple[torch.device, torch.dtype]:
     """`auto` device = cuda when available else cpu; `auto` dtype = bfloat16 on CUDA, float32 on CPU, and
-    bfloat16 everywhere with `quantize` (int8 linears: the rest of the model and the activations in bf16).
+    bfloat16 everywhere with `quantize` (int8 / int4 linears: the rest of the model and the activations in bf16).
 
     With `num_parameters`, the weights must fit in the device's available memory (:func:`available_memory`):
     `auto` on CPU falls back to bfloat16 when float32 weights would not leave room (the released 8.27 B
     checkpoint needs 33 GB in float32, 16.5 GB in bfloat16), and a dtype whose weights alone exceed the memory
     is refused here, with the numbers, rather than by the kernel's out-of-memory killer mid-load. Quantized
-    weights count one byte per parameter (the linears; the planner counts the rest exactly).
+    weights count one byte (int8) or half a byte (int4) per parameter (the planner counts the rest exactly).
     """
     dev = resolve_device(device)
     dt = parse_dtype(dtype)
@@ -135,7 +135,8 @@ def resolve_device_dtype(
             )
             dt = torch.bfloat16
     if free is not None:
-        need = num_parameters * (1 if quantize else torch.empty((), dtype=dt).element_size())
+        per = {"int8": 1, "int4": 0.5}.get(quantize or "", torch.empty((), dtype=dt).element_size())
+        need = int(num_parameters * per)
         if need > free:
             hint = " (try dtype=bfloat16, half the size)" if dt == torch.float32 else ""
             name = str(dt).replace("torch.", "")

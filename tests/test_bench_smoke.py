@@ -231,7 +231,7 @@ def test_render_rewrites_doc_from_saved_results(quick_report, tmp_path):
 
 
 def test_release_bench_runs_on_the_tiny_preset(tmp_path):
-    """bench/release.py end to end at the smallest size: checkpoint, both workers, table, JSON."""
+    """bench/release.py end to end at the smallest size: checkpoints (bf16, int8, int4), every worker, table, JSON."""
     out = tmp_path / "r.json"
     cmd = [
         sys.executable,
@@ -247,6 +247,8 @@ def test_release_bench_runs_on_the_tiny_preset(tmp_path):
         "--cases",
         "first:30,decode:2",
         "--int8-cases",
+        "first:30",
+        "--int4-cases",
         "first:30",
         "--long-cases",
         "ttft:60",
@@ -264,9 +266,12 @@ def test_release_bench_runs_on_the_tiny_preset(tmp_path):
         assert result[impl]["decode_b1_tokens_s"] > 0
     assert result["int8"]["ttft_30s"] > 0 and result["int8_weights_gb"] < result["weights_gb"]
     assert (tmp_path / "ck-int8" / "config.json").is_file()
+    assert result["int4"]["decode_b1_tokens_s"] > 0 and result["int4_weights_gb"] < result["int8_weights_gb"]
+    assert json.loads((tmp_path / "ck-int4" / "config.json").read_text())["quantization_config"]["bits"] == 4
     for impl in ("ours", "int8"):
         assert result["long"][impl]["ttft_60s"] > 0 and result["long"][impl]["peak_rss_gb"] > 0
     assert result["machine"]["read_gb_s"] > 0 and "| decode batch 4" not in proc.stdout
     assert "time to first token, 30 s audio" in proc.stdout
     assert "| decode batch 1, int8 >= 3.5x reference bf16 |" in proc.stdout
+    assert "| decode batch 1, int4 (the 3.5x goal, with 4-bit weights) |" in proc.stdout
     assert "| 60 s of audio, int8, no out-of-memory |" in proc.stdout

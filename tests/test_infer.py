@@ -87,29 +87,35 @@ def test_infer_two_files_end_to_end(ckpt, audios, loaded, capsys):
     assert texts == expected
 
 
-def test_infer_quantize_int8_loads_int8_linears_and_answers(ckpt, audios, capsys, caplog, tmp_path):
-    """`quantize=int8`: the model is loaded with int8 linears (logged), answers every file, and its memory plan
-    counts one byte per linear weight; an unknown method is refused by name before anything is loaded."""
+def test_infer_quantize_loads_quantized_linears_and_answers(ckpt, audios, capsys, caplog, tmp_path):
+    """`quantize=int8|int4`: the model is loaded with quantized linears (logged), answers every file, and its memory
+    plan counts their bytes (int4 below int8 below bf16); an unknown method is refused by name before anything is
+    loaded."""
     import logging
 
-    from musicflamingo.model.quantize import Int8Linear
+    from musicflamingo.model.quantize import Int4Linear, Int8Linear
     from musicflamingo.settings import SettingsError
 
     base = [f"ckpt={ckpt}", f"audio=[{audios[0]},{audios[1]}]", "max_new_tokens=4", "stream=false"]
-    with caplog.at_level(logging.INFO, logger="musicflamingo"):
-        texts = infer(make_cfg(*base, "quantize=int8"))
-    assert len(texts) == 2 and "int8 linears" in caplog.text and "bfloat16" in caplog.text
-    infer(make_cfg(*base, "plan=true"))
-    plain = capsys.readouterr().out
-    infer(make_cfg(*base, "plan=true", "quantize=int8"))
-    quant = capsys.readouterr().out
-    assert plain != quant  # the weights row differs
+    for method in ("int8", "int4"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="musicflamingo"):
+            texts = infer(make_cfg(*base, f"quantize={method}"))
+        assert len(texts) == 2 and all(texts) and f"{method} linears" in caplog.text and "bfloat16" in caplog.text
+    weights = {}
+    for method in ("null", "int8", "int4"):
+        infer(make_cfg(*base, "plan=true", f"quantize={method}"))
+        out = capsys.readouterr().out
+        weights[method] = next(line for line in out.splitlines() if line.strip().startswith("weights"))
+    assert len(set(weights.values())) == 3, weights  # the weights row differs per method
     with pytest.raises(SettingsError, match="quantize"):
-        infer(make_cfg(*base, "quantize=int4"))
+        infer(make_cfg(*base, "quantize=int3"))
     from musicflamingo.inference import load_model
 
     model, _ = load_model(ckpt, "cpu", "auto", "int8")
     assert any(isinstance(m, Int8Linear) for m in model.modules()) and model.dtype == torch.bfloat16
+    model, _ = load_model(ckpt, "cpu", "auto", "int4")
+    assert any(isinstance(m, Int4Linear) for m in model.modules()) and model.dtype == torch.bfloat16
 
 
 def test_infer_compile_gives_the_same_text(ckpt, audios, capsys):

@@ -177,7 +177,9 @@ class MusicFlamingoConfig:
     rote_theta: float = 1200.0  # also RoTE's "max positions" (HF sets max_position_embeddings = rope_theta)
     rote_partial_rotary_factor: float = 0.2  # rotated dims per axis = int(audio.hidden_size * factor)
     name: str = "custom"
-    quantization: str | None = None  # "int8": the checkpoint stores int8 linears (`model/quantize.py`)
+    quantization: str | None = (
+        None  # "int8" / "int4": the checkpoint stores quantized linears (`model/quantize.py`)
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.audio, dict):
@@ -194,8 +196,10 @@ class MusicFlamingoConfig:
         _check_float(self, "audio_frame_step", 1e-5, 1.0, w)
         _check_float(self, "rote_theta", 1.0, 1e9, w)
         _check_float(self, "rote_partial_rotary_factor", 0.0, 0.5, w)
-        if self.quantization not in (None, "int8"):
-            raise ConfigError(f"config.quantization={self.quantization!r}: expected null or 'int8'")
+        if self.quantization not in (None, *QUANT_CONFIGS):
+            raise ConfigError(
+                f"config.quantization={self.quantization!r}: expected null or one of {list(QUANT_CONFIGS)}"
+            )
         n = self.num_parameters()
         if n > MAX_PARAMETERS:
             raise ConfigError(
@@ -387,7 +391,7 @@ class MusicFlamingoConfig:
             "tie_word_embeddings": t.tie_word_embeddings,
             "dtype": dtype or "float32",
             "_musicflamingo_preset": self.name,
-            **({"quantization_config": {**QUANT_CONFIG}} if self.quantization == "int8" else {}),
+            **({"quantization_config": {**QUANT_CONFIGS[self.quantization]}} if self.quantization else {}),
         }
 
     @classmethod
@@ -405,21 +409,30 @@ class MusicFlamingoConfig:
         Path(path).write_text(json.dumps(self.to_hf_dict(dtype), indent=2) + "\n")
 
 
-# What a quantized save writes into config.json (`model/quantize.py`); `transformers` does not know this method.
-QUANT_CONFIG = {"quant_method": "musicflamingo_int8", "bits": 8, "granularity": "per output row, symmetric"}
+# What a quantized save writes into config.json (`model/quantize.py`); `transformers` does not know these methods.
+QUANT_CONFIGS = {
+    "int8": {"quant_method": "musicflamingo_int8", "bits": 8, "granularity": "per output row, symmetric"},
+    "int4": {
+        "quant_method": "musicflamingo_int4",
+        "bits": 4,
+        "granularity": "language model and head: groups of 128 (or 64, 32) input columns, asymmetric; audio tower and "
+        "projector: int8",
+    },
+}
 
 
 def _quantization(q: Any, source: str) -> str | None:
     if q is None:
         return None
     method = q.get("quant_method") if isinstance(q, dict) else q
-    if method != QUANT_CONFIG["quant_method"]:
+    ours = {c["quant_method"]: name for name, c in QUANT_CONFIGS.items()}
+    if method not in ours:
         raise ConfigError(
-            f"{source}: quantization_config.quant_method={method!r} is not supported (only "
-            f"{QUANT_CONFIG['quant_method']!r}, written by our save_pretrained of a quantize=int8 model); load the "
-            "unquantized checkpoint and pass quantize=int8 instead"
+            f"{source}: quantization_config.quant_method={method!r} is not supported (only {sorted(ours)}, written "
+            "by our save_pretrained of a quantize=int8/int4 model); load the unquantized checkpoint and pass "
+            "quantize=int8 instead"
         )
-    return "int8"
+    return ours[method]
 
 
 def _make(cls: type, values: dict[str, Any], where: str) -> Any:

@@ -245,8 +245,8 @@ class MusicFlamingo(nn.Module):
         dtype None/"auto" keeps the checkpoint's floating dtype. With `mmap`, CPU weights already in that dtype are
         used straight from a private mapping of the file (no copy; see `checkpoint.read_state_dict`); `mmap=False`
         reads them into memory of their own. Rotary buffers are recomputed in float32.
-        `quantize="int8"` quantizes every linear after loading, one at a time (`model/quantize.py`); a checkpoint
-        saved from such a model loads quantized as it is, without `quantize` (read, not mapped).
+        `quantize="int8"` / `"int4"` quantizes every linear after loading, one at a time (`model/quantize.py`); a
+        checkpoint saved from such a model loads quantized as it is, without `quantize` (read, not mapped).
         """
         method = check_method(quantize)
         config = load_config(path)
@@ -254,16 +254,18 @@ class MusicFlamingo(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         if config.quantization:
-            quantize_model(model, config.quantization)  # the structure; the checkpoint holds the int8 values
-            # The int8 CPU kernel needs 64-byte aligned weights, which views of a mapped file rarely are: read them
-            # into memory of their own instead of mapping and then copying (that held both, 2x the int8 bytes).
+            quantize_model(
+                model, config.quantization
+            )  # the structure; the checkpoint holds the quantized values
+            # The CPU kernels need 64-byte aligned weights, which views of a mapped file rarely are: read them into
+            # memory of their own instead of mapping and then copying (that held both, 2x the quantized bytes).
             mmap = False
         # A tied head is stored once, as the embedding.
         tied = config.text.tie_word_embeddings
         sd = model.state_dict()
         expected = {k: t.shape for k, t in sd.items() if not (tied and k == "lm_head.weight")}
-        int8 = {k for k, t in sd.items() if t.dtype == torch.int8}
-        state = read_state_dict(path, expected, dtype=dtype, device=device, mmap=mmap, int8=int8)
+        integer = {k: t.dtype for k, t in sd.items() if not t.dtype.is_floating_point}
+        state = read_state_dict(path, expected, dtype=dtype, device=device, mmap=mmap, integer=integer)
         model.load_state_dict(state, strict=not tied, assign=True)
         del state, sd
         if tied:

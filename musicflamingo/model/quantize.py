@@ -1,8 +1,9 @@
-"""int8 weight quantization for inference (`quantize=int8`): every `nn.Linear` of the model becomes an `Int8Linear`.
+"""Weight quantization for inference (`quantize=int8` or `quantize=int4`): the model's `nn.Linear`s become
+`Int8Linear`s or `Int4Linear`s.
 
-A weight (N, K) is stored as int8 with one scale per output row (symmetric, absmax / 127): `W ~ q * scale`, half the
-bytes of bf16. Embeddings, convolutions and norms stay in the model dtype. What a call computes depends on how many
-rows it multiplies, because on a CPU the two regimes are limited by different things:
+int8: a weight (N, K) is stored as int8 with one scale per output row (symmetric, absmax / 127): `W ~ q * scale`,
+half the bytes of bf16. Embeddings, convolutions and norms stay in the model dtype. What a call computes depends on
+how many rows it multiplies, because on a CPU the two regimes are limited by different things:
 
 - up to `DECODE_ROWS` rows (decode steps): `aten._weight_int8pack_mm`, bf16 activations times int8 weights read once
   (memory-bound: half the bytes of a bf16 GEMV, ~2x the tokens/s);
@@ -10,10 +11,18 @@ rows it multiplies, because on a CPU the two regimes are limited by different th
   `torch._int_mm` multiplies int8 by int8 into int32 (compute-bound: VNNI int8 runs at ~1.7x the bf16 rate here,
   where dequantizing the weight for a bf16 GEMM would be slower than bf16 itself).
 
+int4 (what decode reads, a quarter of the bf16 bytes): the language model's linears and the head become
+`Int4Linear` (4-bit, asymmetric, a scale and a zero per group of `group_size` = 128 input columns, the scheme of
+gpt-fast/torchao's int4 weight-only); the audio tower and projector, which run only in prefill, become `Int8Linear`
+(int8 x int8 is the fastest prefill here), and so does any linear whose K is not a multiple of 32. Up to
+`INT4_KERNEL_ROWS` rows use `aten._weight_int4pack_mm_for_cpu`; longer prefills dequantize the weight in row blocks
+for a plain bf16 GEMM (~1.3x a bf16 linear, measured).
+
 On other devices the weight is dequantized for a plain `F.linear`. Quality is measured, not assumed: the tests
 compare greedy tokens and logits against bf16 (docs/performance.md gives the numbers). A quantized model saves and
-loads as such (`save_pretrained`: int8 `*.weight` plus a `*.weight_scale` per linear, `quantization_config` in
-config.json); the reference (`transformers`) cannot read that folder. Inference only: there is no backward.
+loads as such (`save_pretrained`: int8 `*.weight` plus a `*.weight_scale` per int8 linear; packed uint8 `*.weight`
+plus `*.weight_scale_zero` per int4 linear; `quantization_config` in config.json); the reference (`transformers`)
+cannot read that folder. Inference only: there is no backward.
 
 Example::
 
@@ -22,16 +31,22 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("int8",)
+METHODS = ("int8", "int4")
 DECODE_ROWS = (
     8  # up to this many rows: weight-only kernel (measured crossover with the int8 x int8 GEMM: ~8-16)
 )
 _ALIGN = 64  # bytes; see `Int8Linear.align`
 _CHUNK = 4096  # rows of a weight quantized at a time: bounds the float32 temporary (the head is 151k rows)
+INT4_KERNEL_ROWS = (
+    64  # up to this many rows: the int4 kernel (it scales with rows; dequantize + GEMM wins past ~100)
+)
+_BLOCK = 64  # int4 rows are packed in blocks of 64 (the CPU kernel's layout, see `pack_int4`)
 
 
 class QuantizationError(ValueError):
@@ -39,6 +54,7 @@ class QuantizationError(ValueError):
 
 
 def check_method(method: str | None) -> str | None:
+    """None for no quantization, else the method name; anything else is a QuantizationError."""
     if method in (None, "none", "null", ""):
         return None
     if method not in METHODS:
@@ -139,14 +155,174 @@ def dynamic_int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> to
     return out
 
 
-def _linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every plain `nn.Linear` of `model` (names only: no reference keeps a weight alive)."""
+# ---------------------------------------------------------------------------------------------- int4
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) integers in [0, 15], N a multiple of 64 -> (N, K // 2) uint8 in the CPU kernel's layout.
+
+    Rows go in blocks of 64; block b, column k is 32 bytes, byte d holding row b*64 + d in its low nibble and row
+    b*64 + 32 + d in its high one. Ours, written down, so checkpoints do not depend on a torch version; `int4_layout_ok`
+    checks it against `aten._convert_weight_to_int4pack_for_cpu` before the kernel is used.
+    """
+    n, k = q.shape
+    b = q.to(torch.uint8).view(n // _BLOCK, 2, _BLOCK // 2, k)
+    return (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The inverse of `pack_int4`: (N, K // 2) uint8 -> (N, K) values in [0, 15] as `dtype`."""
+    n, half = packed.shape
+    b = packed.view(n // _BLOCK, 2 * half, _BLOCK // 2)
+    out = torch.empty(n // _BLOCK, 2, _BLOCK // 2, 2 * half, dtype=dtype, device=packed.device)
+    out[:, 0].copy_((b & 15).transpose(1, 2))
+    out[:, 1].copy_((b >> 4).transpose(1, 2))
+    return out.view(n, 2 * half)
+
+
+@functools.cache
+def int4_layout_ok() -> bool:
+    """Whether this torch's CPU int4 kernel reads `pack_int4`'s layout (checked once, on a 128 x 64 pattern)."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+    except (AttributeError, RuntimeError):
+        return False
+    return theirs.shape == (128, 32) and torch.equal(theirs.view(torch.uint8), pack_int4(q))
+
+
+def int4_group_size(in_features: int) -> int | None:
+    """Input columns per (scale, zero) pair: 128, else the largest of 64 / 32 that divides K; None if none does."""
+    return next((g for g in (128, 64, 32) if in_features % g == 0), None)
+
+
+class Int4Linear(nn.Module):
+    """`nn.Linear` with a 4-bit weight: y = x W^T + bias, W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n] for
+    the group g = k // group_size, q in [0, 15].
+
+    Buffers: `weight` (N', K // 2) uint8, two values a byte (`pack_int4`), N' = N rounded up to 64 (padding rows
+    are zero and cut from the output); `weight_scale_zero` (K // group_size, N', 2) in the model dtype, the
+    kernel's own layout. Inference only.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        group = int4_group_size(in_features)
+        if group is None:
+            raise QuantizationError(f"int4 needs in_features divisible by 32, got {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group
+        rows = -(-out_features // _BLOCK) * _BLOCK
+        self.register_buffer("weight", torch.zeros(rows, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "weight_scale_zero", torch.zeros(in_features // group, rows, 2, dtype=dtype, device=device)
+        )
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        w = linear.weight
+        n, k = w.shape
+        out = cls(k, n, linear.bias is not None, w.dtype, w.device)
+        if w.device.type == "meta":
+            return out
+        g = out.group_size
+        for i in range(0, n, _CHUNK):  # _CHUNK is a multiple of 64: a chunk packs on its own
+            rows = w[i : i + _CHUNK].float()
+            m = rows.shape[0]
+            padded = torch.zeros(-(-m // _BLOCK) * _BLOCK, k)
+            padded[:m] = rows
+            grouped = padded.view(-1, k // g, g)
+            lo, hi = grouped.amin(-1), grouped.amax(-1)  # (m', G)
+            # scale and zero are rounded to their storage dtype first: q is then the best value for what is stored
+            scale = ((hi - lo) / 15).clamp(min=1e-12).to(w.dtype).float()
+            zero = (lo + 8 * scale).to(w.dtype).float()
+            q = torch.round((grouped - (zero - 8 * scale)[..., None]) / scale[..., None]).clamp_(0, 15)
+            end = i + padded.shape[0]
+            out.weight[i:end] = pack_int4(q.view(-1, k))
+            out.weight_scale_zero[:, i:end] = torch.stack((scale, zero), -1).transpose(0, 1).to(w.dtype)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias)
+        return out
+
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight as floats (N, K) in `dtype` (default: the scales'); `rows` a slice of whole 64-row blocks
+        (default all, padding cut)."""
+        dtype = dtype or self.weight_scale_zero.dtype
+        packed = self.weight[rows]
+        sz = self.weight_scale_zero[:, rows].to(dtype)
+        n, g = packed.shape[0], self.group_size
+        scale = sz[..., 0].t().unsqueeze(-1)  # (n, G, 1)
+        shift = (sz[..., 1] - 8 * sz[..., 0]).t().unsqueeze(-1)  # (q - 8) s + z = q s + (z - 8 s)
+        w = unpack_int4(packed, dtype).view(n, -1, g).mul_(scale).add_(shift).view(n, self.in_features)
+        return w if rows != slice(None) else w[: self.out_features]
+
+    def align(self) -> None:
+        """As `Int8Linear.align`: the kernel reads the weight with aligned vector loads."""
+        if self.weight.data_ptr() % _ALIGN:
+            self.weight = self.weight.clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in x's dtype."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu" and 0 < x2.shape[0] <= INT4_KERNEL_ROWS:
+            if not int4_layout_ok():
+                raise QuantizationError(
+                    f"torch {torch.__version__}: the CPU int4 kernel does not read musicflamingo's int4 layout "
+                    "(model/quantize.py, pack_int4); use quantize=int8"
+                )
+            self.align()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.contiguous(), self.weight, self.group_size, self.weight_scale_zero.to(x2.dtype)
+            )[:, : self.out_features]
+        else:  # many rows (or not a CPU): dequantize a block of rows at a time for a plain GEMM
+            y = torch.cat(
+                [
+                    F.linear(x2, self.dequantize(x2.dtype, slice(i, i + _CHUNK)))
+                    for i in range(0, self.weight.shape[0], _CHUNK)
+                ],
+                dim=-1,
+            )[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"group_size={self.group_size}"
+        )
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, parent, attribute) of every plain `nn.Linear` of `model` (names only: no reference keeps a
+    weight alive)."""
     return [
-        (parent, name)
-        for parent in model.modules()
+        (f"{prefix}.{name}" if prefix else name, parent, name)
+        for prefix, parent in model.named_modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear
     ]
+
+
+PREFILL_ONLY = ("audio_tower", "multi_modal_projector")  # run once per clip, never in a decode step
+
+
+def linear_class(qualified_name: str, linear: nn.Linear, method: str) -> type[Int8Linear] | type[Int4Linear]:
+    """What `quantize_model(..., method)` makes of this linear (see the module doc)."""
+    if (
+        method == "int4"
+        and not qualified_name.startswith(PREFILL_ONLY)
+        and int4_group_size(linear.in_features)
+    ):
+        return Int4Linear
+    return Int8Linear
 
 
 @torch.no_grad()
@@ -165,17 +341,18 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
         )
     tied = getattr(getattr(model, "config", None), "text", None)
     tied = bool(tied and tied.tie_word_embeddings)
-    for parent, name in _linears(model):
+    for qualified, parent, name in _linears(model):
         if tied and name == "lm_head":
             continue
-        # one linear at a time: its float weight is dropped as soon as the int8 copy exists
-        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
+        # one linear at a time: its float weight is dropped as soon as the quantized copy exists
+        linear = getattr(parent, name)
+        setattr(parent, name, linear_class(qualified, linear, method).from_linear(linear))
     model.quantization = method
     return model
 
 
 def stored_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The tensors a save writes: parameters (a tied one once) and persistent buffers (int8 weights, scales)."""
+    """The tensors a save writes: parameters (a tied one once) and persistent buffers (quantized weights, scales)."""
     out = list(model.parameters())
     for module in model.modules():
         out += [
@@ -185,5 +362,6 @@ def stored_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and persistent buffer of `model` as stored (int8 weights one byte each)."""
+    """Bytes of every parameter and persistent buffer of `model` as stored (int8 weights one byte each, int4 two
+    weights a byte)."""
     return sum(t.numel() * t.element_size() for t in stored_tensors(model))
