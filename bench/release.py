@@ -444,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--long-cases", default="ttft:1200", help="ours only, bf16 and int8, own processes ('' skips)"
     )
+    ap.add_argument("--long-impls", default="ours,int8", help="which run the long cases: ours (bf16), int8")
     ap.add_argument("--only", default=",".join(PARTS), help="parts to run; the others are kept from --out")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--out", default=None, help="JSON results (default bench/results_release.json)")
@@ -515,8 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in result[impl] and impl not in ("int8", "int4"):
                 raise SystemExit(f"{impl} worker failed:\n{result[impl]['error']}")
     if "long" in only and args.long_cases:
-        result["long"] = {}
+        result["long"] = previous.get("long", {})  # one implementation may be run again alone
         for impl, path in (("ours", ckpt), ("int8", int8_ckpt)):
+            if impl not in args.long_impls.split(","):
+                continue
             print(f"[release] long, {impl}: {args.long_cases} ...", flush=True)
             result["long"][impl] = _run_worker(impl, path, args.long_cases, args, env)
     wall = time.perf_counter() - t0
