@@ -165,10 +165,15 @@ def test_int4_refuses_a_torch_whose_kernel_reads_another_layout(monkeypatch):
 #   int4: 1 of 8 prompts agrees on all 16 tokens (the first flip at token 0-8, each on a near tie: margin 0.05-0.85 of
 #         the largest logit difference); largest difference 0.67 (small) - 0.84 (tiny) of the std; relative logit error
 #         0.14-0.15; top-1 agreement 0.69 (small) - 0.76 (tiny).
+# On a second CPU (Intel Xeon with AMX, 2026-12-05; other bf16 kernels) int8 agreed on 6 (tiny) and 5 (small) prompts;
+# 4 of those 5 flips were where bf16 itself has no preference: its teacher-forced logits tie exactly (bf16 resolves a
+# logit of 0.1 to ~0.0005 and these distributions are flat) or favour the quantized token (the cached bf16 decode and
+# the uncached pass round differently). Such a flip says nothing about the quantization, so it counts as agreement;
+# counted that way int8 agrees on 7 (tiny) and 8 (small) there, ratio 0.117-0.118, relative error 0.020-0.021.
 # Random models have nearly flat distributions (a trained one has larger margins), so a flip on a near tie is
 # expected: the test checks that every flip is one, and bounds the logit error at about 1.5x what was measured (a
 # broken kernel or layout gives errors of the order of the logits themselves).
-BOUNDS = {  # method: (prompts agreeing on all 16 tokens >=, max |diff| / std <, relative logit error <, top-1 >=)
+BOUNDS = {  # method: (prompts agreeing on all 16 tokens, bf16's own ties forgiven, >=, max |diff| / std <, relative logit error <, top-1 >=)
     "int8": (6, 0.25, 0.04, 0.9),
     "int4": (0, 1.3, 0.25, 0.55),
 }
@@ -212,6 +217,7 @@ def test_quantized_greedy_tokens_and_logits_agree_with_bf16(preset, method):
             margin = float(la[0, j, top] - la[0, j, other])
             worst = float((la[0, j] - lb[0, j]).abs().max())
             assert margin <= 2 * worst, (seed, margin, worst)  # a near tie, not a confident token flipped
+            agree += margin <= 0  # bf16 itself has no preference there (see above)
     assert agree >= min_agree and max(ratios) < max_ratio, (agree, ratios)
     assert max(rels) < max_rel and sum(top1) / len(top1) >= min_top1, (rels, top1)
 

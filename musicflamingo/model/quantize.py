@@ -62,11 +62,49 @@ def check_method(method: str | None) -> str | None:
     return method
 
 
-class Int8Linear(nn.Module):
+class QuantLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: buffers, not parameters (nothing here trains), a bias in the model
+    dtype, `forward` = `_matmul` of the flattened rows + bias, and `align`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def align(self) -> None:
+        """Copy the weight into 64-byte aligned memory if it is not (a view of a memory-mapped checkpoint can sit at
+        any offset): the CPU kernels read it with aligned vector loads and crash otherwise."""
+        if self.weight.data_ptr() % _ALIGN:
+            self.weight = self.weight.clone()  # torch's CPU allocator aligns to 64 bytes
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N) in x's dtype, without the bias."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in x's dtype."""
+        y = self._matmul(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+class Int8Linear(QuantLinear):
     """`nn.Linear` with an int8 weight (N, K) and a per-row scale (N,): y = x (q * scale)^T + bias.
 
-    Buffers, not parameters: nothing here trains. `weight_scale` and `bias` are in the model dtype (the
-    weight-only kernel takes its scales in the activations' dtype).
+    `weight_scale` is in the model dtype (the weight-only kernel takes its scales in the activations' dtype).
     """
 
     def __init__(
@@ -77,13 +115,11 @@ class Int8Linear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, dtype, device)
         self.register_buffer(
             "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
         )
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
-        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
     @torch.no_grad()
@@ -109,33 +145,15 @@ class Int8Linear(nn.Module):
         dtype = dtype or self.weight_scale.dtype
         return (self.weight.to(torch.float32) * self.weight_scale.float()[:, None]).to(dtype)
 
-    def align(self) -> None:
-        """Copy the weight into 64-byte aligned memory if it is not (a view of a memory-mapped checkpoint can sit at
-        any offset): the weight-only CPU kernel reads it with aligned vector loads and crashes otherwise."""
-        if self.weight.data_ptr() % _ALIGN:
-            self.weight = self.weight.clone()  # torch's CPU allocator aligns to 64 bytes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> (..., N) in x's dtype."""
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.shape[0] == 0:
+            return F.linear(x, self.dequantize(x.dtype))
         self.align()
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.device.type != "cpu" or x2.shape[0] == 0:
-            y = F.linear(x2, self.dequantize(x2.dtype))
-        elif x2.shape[0] <= DECODE_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(
-                x2.contiguous(), self.weight, self.weight_scale.to(x2.dtype)
+        if x.shape[0] <= DECODE_ROWS:
+            return torch.ops.aten._weight_int8pack_mm(
+                x.contiguous(), self.weight, self.weight_scale.to(x.dtype)
             )
-        else:
-            y = dynamic_int8_mm(x2, self.weight, self.weight_scale)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        )
+        return dynamic_int8_mm(x, self.weight, self.weight_scale)
 
 
 def dynamic_int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -194,7 +212,7 @@ def int4_group_size(in_features: int) -> int | None:
     return next((g for g in (128, 64, 32) if in_features % g == 0), None)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantLinear):
     """`nn.Linear` with a 4-bit weight: y = x W^T + bias, W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n] for
     the group g = k // group_size, q in [0, 15].
 
@@ -211,17 +229,16 @@ class Int4Linear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         group = int4_group_size(in_features)
         if group is None:
             raise QuantizationError(f"int4 needs in_features divisible by 32, got {in_features}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = group
         rows = -(-out_features // _BLOCK) * _BLOCK
         self.register_buffer("weight", torch.zeros(rows, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer(
             "weight_scale_zero", torch.zeros(in_features // group, rows, 2, dtype=dtype, device=device)
         )
-        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
     @torch.no_grad()
@@ -235,7 +252,7 @@ class Int4Linear(nn.Module):
         for i in range(0, n, _CHUNK):  # _CHUNK is a multiple of 64: a chunk packs on its own
             rows = w[i : i + _CHUNK].float()
             m = rows.shape[0]
-            padded = torch.zeros(-(-m // _BLOCK) * _BLOCK, k)
+            padded = torch.zeros(-(-m // _BLOCK) * _BLOCK, k, device=w.device)
             padded[:m] = rows
             grouped = padded.view(-1, k // g, g)
             lo, hi = grouped.amin(-1), grouped.amax(-1)  # (m', G)
@@ -262,16 +279,8 @@ class Int4Linear(nn.Module):
         w = unpack_int4(packed, dtype).view(n, -1, g).mul_(scale).add_(shift).view(n, self.in_features)
         return w if rows != slice(None) else w[: self.out_features]
 
-    def align(self) -> None:
-        """As `Int8Linear.align`: the kernel reads the weight with aligned vector loads."""
-        if self.weight.data_ptr() % _ALIGN:
-            self.weight = self.weight.clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> (..., N) in x's dtype."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.device.type == "cpu" and 0 < x2.shape[0] <= INT4_KERNEL_ROWS:
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and 0 < x.shape[0] <= INT4_KERNEL_ROWS:
             if not int4_layout_ok():
                 raise QuantizationError(
                     f"torch {torch.__version__}: the CPU int4 kernel does not read musicflamingo's int4 layout "
@@ -279,25 +288,17 @@ class Int4Linear(nn.Module):
                 )
             self.align()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.contiguous(), self.weight, self.group_size, self.weight_scale_zero.to(x2.dtype)
-            )[:, : self.out_features]
+                x.contiguous(), self.weight, self.group_size, self.weight_scale_zero.to(x.dtype)
+            )
         else:  # many rows (or not a CPU): dequantize a block of rows at a time for a plain GEMM
+            blocks = range(0, self.weight.shape[0], _CHUNK)
             y = torch.cat(
-                [
-                    F.linear(x2, self.dequantize(x2.dtype, slice(i, i + _CHUNK)))
-                    for i in range(0, self.weight.shape[0], _CHUNK)
-                ],
-                dim=-1,
-            )[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+                [F.linear(x, self.dequantize(x.dtype, slice(i, i + _CHUNK))) for i in blocks], dim=-1
+            )
+        return y[:, : self.out_features]
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"group_size={self.group_size}"
-        )
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -314,7 +315,7 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 PREFILL_ONLY = ("audio_tower", "multi_modal_projector")  # run once per clip, never in a decode step
 
 
-def linear_class(qualified_name: str, linear: nn.Linear, method: str) -> type[Int8Linear] | type[Int4Linear]:
+def linear_class(qualified_name: str, linear: nn.Linear, method: str) -> type[QuantLinear]:
     """What `quantize_model(..., method)` makes of this linear (see the module doc)."""
     if (
         method == "int4"
