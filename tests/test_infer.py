@@ -101,7 +101,12 @@ def test_infer_quantize_loads_quantized_linears_and_answers(ckpt, audios, capsys
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="musicflamingo"):
             texts = infer(make_cfg(*base, f"quantize={method}"))
-        assert len(texts) == 2 and all(texts) and f"{method} linears" in caplog.text and "bfloat16" in caplog.text
+        assert (
+            len(texts) == 2
+            and all(texts)
+            and f"{method} linears" in caplog.text
+            and "bfloat16" in caplog.text
+        )
     weights = {}
     for method in ("null", "int8", "int4"):
         infer(make_cfg(*base, "plan=true", f"quantize={method}"))

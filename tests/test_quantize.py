@@ -77,6 +77,34 @@ def test_int8_linear_matches_its_dequantized_weight_on_both_paths(monkeypatch):
     torch.testing.assert_close(q(xf), F.linear(xf, deq, linear.bias.float()), rtol=1e-4, atol=1e-4)
 
 
+def test_dynamic_int8_mm_is_the_written_formula_in_chunks_and_reuses_its_workspace(monkeypatch):
+    """The in-place, chunked int8 x int8 path equals the formula written out with fresh tensors, bit for bit: per-row
+    scale max|x| / 127 (1 for an all-zero row), round(x / scale) in int8, int32 product, times both scales. Chunks of
+    64 rows (a small workspace) with a partial last one change nothing; a second call allocates nothing new."""
+    monkeypatch.setattr(Q, "_WORKSPACE_ELEMENTS", 64 * 200)
+    monkeypatch.setattr(Q, "_workspace", Q._Workspace())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(150, 160, generator=g).to(torch.bfloat16)
+    x[7] = 0
+    x[9] *= 100  # one row far larger than the rest: its own scale
+    q = torch.randint(-127, 128, (200, 160), generator=g, dtype=torch.int8)
+    scale = (torch.rand(200, generator=g) / 100).to(torch.bfloat16)
+
+    xf = x.float()
+    sx = xf.abs().amax(1, keepdim=True) / 127.0
+    sx = torch.where(sx > 0, sx, torch.ones_like(sx))
+    xq = torch.round(xf / sx).to(torch.int8)
+    expected = (torch._int_mm(xq, q.t()).float() * scale.float() * sx).to(torch.bfloat16)
+
+    got = Q.dynamic_int8_mm(x, q, scale)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert torch.equal(got[7], torch.zeros(200, dtype=torch.bfloat16))
+    buffers = {k: (v.data_ptr(), v.numel()) for k, v in Q._workspace.buffers.items()}
+    assert max(n for _, n in buffers.values()) <= 64 * 200  # chunks of 64 rows: the budget holds
+    assert torch.equal(Q.dynamic_int8_mm(x, q, scale), expected)
+    assert {k: (v.data_ptr(), v.numel()) for k, v in Q._workspace.buffers.items()} == buffers
+
+
 def test_misaligned_weight_is_realigned_before_the_kernel():
     """A weight viewed at an odd offset (as a memory-mapped checkpoint gives) is copied to aligned memory: the
     weight-only kernel crashed the process (segmentation fault) on such a view."""
