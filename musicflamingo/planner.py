@@ -39,8 +39,8 @@ the gathered units (the root + two blocks).
 Generation (`plan_inference`): weights, then the larger of encoding the prompts' audio windows (the stem's conv
 outputs, an encoder layer's attention or MLP temporaries) and the KV cache (2 * layers * kv_heads * head_dim *
 slots * capacity * bytes) + one decoder layer's prefill on a prompt (the MLP's gate, up, SiLU and product alive at
-once) + the last position's logits. The engine of `infer.py` holds its cache while each request's audio is encoded;
-`engine.generate` (eval.py) embeds every prompt before the cache exists.
+once, for up to `MLP_CHUNK_ROWS` rows at a time) + the last position's logits. The engine of `infer.py` holds its
+cache while each request's audio is encoded; `engine.generate` (eval.py) embeds every prompt before the cache exists.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ GB = 1e9
 NF4_BYTES = 0.5 + 1 / 64  # 4 bits + one 8-bit absmax per 64-weight block (bitsandbytes' double quantisation)
 LOSS_CHUNK = 2048  # rows per chunk of `fused.linear_cross_entropy` (model/musicflamingo.py's default)
 KEY_BLOCK = 256  # the engine rounds KV-cache capacity up to this (engine.KEY_BLOCK)
+MLP_CHUNK_ROWS = 4096  # rows of one decoder MLP pass in inference (model/qwen2.py's MLP_CHUNK_ROWS)
 PROMPT_TEXT_TOKENS = 256  # system prompt, chat markup and a question, on top of the audio tokens
 
 
@@ -523,10 +524,11 @@ def plan_inference(
     layer = encoded * P * b * max(8 * d, 2 * d + 2 * f)
     audio = max(stem, layer) + encoded * (P // 2) * b * 3 * D
     embeds = (slots if embed_batch else 1) * prompt_tokens * D * b
-    # one decoder layer on the prompt: h and the embeddings, then attention or the MLP's gate, up, silu, product
-    attn = D + 2 * q + 3 * kvw + q + D
-    mlp = 4 * inter + D
-    prefill = prompt_tokens * b * (2 * D + max(attn, mlp)) + 2 * prompt_tokens * t.head_dim * b
+    # one decoder layer on the prompt: h and the embeddings, then attention, or the MLP's gate, up, silu and product
+    # for one chunk of rows with every chunk's output and their concatenation
+    attn = prompt_tokens * b * (D + 2 * q + 3 * kvw + q + D)
+    mlp = b * (min(prompt_tokens, MLP_CHUNK_ROWS) * 4 * inter + 2 * prompt_tokens * D)
+    prefill = prompt_tokens * b * 2 * D + max(attn, mlp) + 2 * prompt_tokens * t.head_dim * b
     logits = slots * t.vocab_size * (b + 4)
     if embed_batch:  # every prompt is embedded before the engine (and its cache) exists
         encoding, prefilling = audio, embeds + kv + prefill + logits

@@ -146,6 +146,33 @@ def test_modules_use_fused_forward_bit_equal():
     assert torch.equal(layer(xa, None), want)
 
 
+def test_mlp_without_autograd_goes_in_row_chunks_with_the_same_result(monkeypatch):
+    """Inference over many rows runs the MLP in chunks of `MLP_CHUNK_ROWS` (what bounds a 20-minute prefill's
+    temporaries), giving each row the result of one pass; with autograd on, one pass over all rows."""
+    from musicflamingo.model import qwen2
+
+    torch.manual_seed(0)
+    cfg = MusicFlamingoConfig.from_name("tiny").text
+    mlp, norm = MLP(cfg), RMSNorm(cfg.hidden_size, 1e-6)
+    x = torch.randn(2, 11, cfg.hidden_size)
+    passes, one_pass = [], mlp._forward
+    monkeypatch.setattr(
+        mlp, "_forward", lambda h, n: passes.append(h.numel() // h.shape[-1]) or one_pass(h, n)
+    )
+    with torch.no_grad():
+        whole = mlp(x, norm)
+        assert passes == [22]  # 22 rows <= MLP_CHUNK_ROWS: one pass
+        monkeypatch.setattr(qwen2, "MLP_CHUNK_ROWS", 8)
+        passes.clear()
+        chunked = mlp(x, norm)
+    assert passes == [8, 8, 6] and chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    passes.clear()
+    grad_on = mlp(x, norm)  # autograd on (training): one pass, whatever the row count
+    assert passes == [22] and grad_on.requires_grad
+    torch.testing.assert_close(grad_on.detach(), whole, rtol=1e-6, atol=1e-6)
+
+
 def test_lora_down_proj_still_applies_its_adapter():
     torch.manual_seed(0)
     mlp = MLP(MusicFlamingoConfig.from_name("tiny").text)

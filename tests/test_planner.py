@@ -531,3 +531,21 @@ def test_qlora_with_a_stand_in_quantizer(tmp_path):
         want = model.eval()(batch["input_ids"], input_features=batch["input_features"]).logits
         got = loaded(batch["input_ids"], input_features=batch["input_features"].bfloat16()).logits
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+
+def test_planner_mirrors_the_models_chunk_sizes():
+    """The planner copies sizes from the model code (it imports no torch modules): they must not drift apart. With
+    the MLP in chunks of rows, a 20-minute prompt's prefill term grows with the rows only through h-wide tensors."""
+    from musicflamingo import planner
+    from musicflamingo.engine import KEY_BLOCK
+    from musicflamingo.model import qwen2
+
+    assert planner.MLP_CHUNK_ROWS == qwen2.MLP_CHUNK_ROWS and planner.KEY_BLOCK == KEY_BLOCK
+    config = MusicFlamingoConfig.from_name("music_flamingo_2601")
+    D, inter, rows = config.text.hidden_size, config.text.intermediate_size, 30021
+    prefill = plan_inference(config, dtype_bytes=2, prompt_tokens=rows, new_tokens=1, windows=40).item(
+        "prefill"
+    )
+    assert (
+        rows * 2 * 2 * D < prefill < rows * 2 * 4 * inter / 2
+    )  # unchunked, the MLP alone would be twice this
