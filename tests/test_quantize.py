@@ -105,6 +105,21 @@ def test_dynamic_int8_mm_is_the_written_formula_in_chunks_and_reuses_its_workspa
     assert {k: (v.data_ptr(), v.numel()) for k, v in Q._workspace.buffers.items()} == buffers
 
 
+def test_dynamic_int8_mm_workspace_made_under_inference_mode_serves_later_calls(monkeypatch):
+    """Buffers first made under `inference_mode` (infer.py) are still written in place by a later call under
+    `no_grad` or with autograd on (an evaluation loop, a test): an inference tensor would refuse that."""
+    monkeypatch.setattr(Q, "_workspace", Q._Workspace())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 64, generator=g).to(torch.bfloat16)
+    q = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    scale = torch.full((48,), 0.01, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        first = Q.dynamic_int8_mm(x, q, scale)
+    with torch.no_grad():
+        assert torch.equal(Q.dynamic_int8_mm(x, q, scale), first)
+    assert torch.equal(Q.dynamic_int8_mm(x.requires_grad_(), q, scale), first)
+
+
 def test_misaligned_weight_is_realigned_before_the_kernel():
     """A weight viewed at an odd offset (as a memory-mapped checkpoint gives) is copied to aligned memory: the
     weight-only kernel crashed the process (segmentation fault) on such a view."""

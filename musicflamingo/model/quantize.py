@@ -176,13 +176,17 @@ class _Workspace(threading.local):
         n = shape[0] * shape[1]
         buf = self.buffers.get((name, dtype, device))
         if buf is None or buf.numel() < n:
-            buf = self.buffers[(name, dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+            # A normal tensor even when first asked for under inference_mode: an inference tensor could not be
+            # written in place by a later call outside it (a `no_grad` evaluation after an `infer`, say).
+            with torch.inference_mode(False):
+                buf = self.buffers[(name, dtype, device)] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 
 
 _workspace = _Workspace()
 
 
+@torch.no_grad()  # inference only; the workspace is written in place
 def dynamic_int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) floats times int8 q (N, K) with row scales (N,): x quantized per row, int8 x int8 -> int32, rescaled.
 
