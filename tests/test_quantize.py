@@ -118,6 +118,13 @@ def test_dynamic_int8_mm_workspace_made_under_inference_mode_serves_later_calls(
     with torch.no_grad():
         assert torch.equal(Q.dynamic_int8_mm(x, q, scale), first)
     assert torch.equal(Q.dynamic_int8_mm(x.requires_grad_(), q, scale), first)
+    q4 = Q.Int4Linear.from_linear(nn.Linear(64, 96, bias=False).to(torch.bfloat16))
+    x4 = torch.randn(Q.INT4_KERNEL_ROWS + 1, 64, generator=g).to(torch.bfloat16)  # the dequantize + GEMM path
+    with torch.inference_mode():
+        first = q4(x4)
+    with torch.no_grad():
+        assert torch.equal(q4(x4), first)
+    torch.testing.assert_close(first, F.linear(x4, q4.dequantize()), rtol=0, atol=0)
 
 
 def test_misaligned_weight_is_realigned_before_the_kernel():
@@ -145,6 +152,7 @@ def test_int4_packing_is_the_cpu_kernels_layout(shape):
     assert ours.dtype == torch.uint8 and ours.shape == (shape[0], shape[1] // 2)
     assert torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
     assert torch.equal(Q.unpack_int4(ours).to(torch.int32), q)
+    assert torch.equal(Q.unpack_int4(ours, torch.bfloat16, workspace=True), q.to(torch.bfloat16))
     assert Q.int4_layout_ok()
 
 

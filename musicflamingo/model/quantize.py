@@ -163,8 +163,9 @@ class _Workspace(threading.local):
 
     Why: a fresh 80 MB temporary costs more in page faults than the arithmetic on it (on a 2-core Xeon, `acc.float()`
     of a (1061, 18944) int32 took 31 ms against 8 ms for `copy_` into memory already touched), and a prefill makes
-    seven such temporaries per linear. A buffer grows to the largest chunk asked for and is kept: at most
-    `_WORKSPACE_ELEMENTS` float32 + int32 elements and as many int8, ~144 MB per thread.
+    seven such temporaries per linear. A buffer grows to the largest chunk asked for and is kept: for int8, at most
+    `_WORKSPACE_ELEMENTS` float32 + int32 elements and as many int8, ~144 MB per thread; int4's prefill adds one
+    dequantized block of `_CHUNK` rows and its nibbles (~194 MB for the release's 18 944-wide down projection).
     """
 
     def __init__(self) -> None:
@@ -226,14 +227,22 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
 
 
-def unpack_int4(packed: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """The inverse of `pack_int4`: (N, K // 2) uint8 -> (N, K) values in [0, 15] as `dtype`."""
+def unpack_int4(
+    packed: torch.Tensor, dtype: torch.dtype = torch.uint8, workspace: bool = False
+) -> torch.Tensor:
+    """The inverse of `pack_int4`: (N, K // 2) uint8 -> (N, K) values in [0, 15] as `dtype`. `workspace`: the
+    result and the nibble temporary are views of this thread's `_workspace`, valid until its next use."""
     n, half = packed.shape
     b = packed.view(n // _BLOCK, 2 * half, _BLOCK // 2)
-    out = torch.empty(n // _BLOCK, 2, _BLOCK // 2, 2 * half, dtype=dtype, device=packed.device)
-    out[:, 0].copy_((b & 15).transpose(1, 2))
-    out[:, 1].copy_((b >> 4).transpose(1, 2))
-    return out.view(n, 2 * half)
+    if workspace:
+        out = _workspace.get("int4 weight", (n, 2 * half), dtype, packed.device)
+        nibble = _workspace.get("int4 nibble", (n, half), torch.uint8, packed.device).view(b.shape)
+    else:
+        out, nibble = torch.empty(n, 2 * half, dtype=dtype, device=packed.device), torch.empty_like(b)
+    out4 = out.view(n // _BLOCK, 2, _BLOCK // 2, 2 * half)
+    out4[:, 0].copy_(torch.bitwise_and(b, 15, out=nibble).transpose(1, 2))
+    out4[:, 1].copy_(torch.bitwise_right_shift(b, 4, out=nibble).transpose(1, 2))
+    return out
 
 
 @functools.cache
@@ -307,16 +316,24 @@ class Int4Linear(QuantLinear):
             out.bias.copy_(linear.bias)
         return out
 
-    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
+    def dequantize(
+        self, dtype: torch.dtype | None = None, rows: slice = slice(None), workspace: bool = False
+    ) -> torch.Tensor:
         """The weight as floats (N, K) in `dtype` (default: the scales'); `rows` a slice of whole 64-row blocks
-        (default all, padding cut)."""
+        (default all, padding cut). `workspace`: written into this thread's reused buffer (see `unpack_int4`)."""
         dtype = dtype or self.weight_scale_zero.dtype
         packed = self.weight[rows]
         sz = self.weight_scale_zero[:, rows].to(dtype)
         n, g = packed.shape[0], self.group_size
         scale = sz[..., 0].t().unsqueeze(-1)  # (n, G, 1)
         shift = (sz[..., 1] - 8 * sz[..., 0]).t().unsqueeze(-1)  # (q - 8) s + z = q s + (z - 8 s)
-        w = unpack_int4(packed, dtype).view(n, -1, g).mul_(scale).add_(shift).view(n, self.in_features)
+        w = (
+            unpack_int4(packed, dtype, workspace)
+            .view(n, -1, g)
+            .mul_(scale)
+            .add_(shift)
+            .view(n, self.in_features)
+        )
         return w if rows != slice(None) else w[: self.out_features]
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,10 +348,11 @@ class Int4Linear(QuantLinear):
                 x.contiguous(), self.weight, self.group_size, self.weight_scale_zero.to(x.dtype)
             )
         else:  # many rows (or not a CPU): dequantize a block of rows at a time for a plain GEMM
-            blocks = range(0, self.weight.shape[0], _CHUNK)
-            y = torch.cat(
-                [F.linear(x, self.dequantize(x.dtype, slice(i, i + _CHUNK))) for i in blocks], dim=-1
-            )
+            y = torch.empty(x.shape[0], self.weight.shape[0], dtype=x.dtype, device=x.device)
+            with torch.no_grad():  # inference only; the dequantized block is a reused buffer
+                for i in range(0, self.weight.shape[0], _CHUNK):
+                    w = self.dequantize(x.dtype, slice(i, i + _CHUNK), workspace=True)
+                    torch.mm(x, w.t(), out=y[:, i : i + w.shape[0]])
         return y[:, : self.out_features]
 
     def extra_repr(self) -> str:
