@@ -47,7 +47,7 @@ _CHUNK = 4096  # rows of a weight quantized at a time: bounds the float32 tempor
 INT4_KERNEL_ROWS = (
     64  # up to this many rows: the int4 kernel (it scales with rows; dequantize + GEMM wins past ~100)
 )
-_WORKSPACE_ELEMENTS = 1 << 24  # float32 elements of one `dynamic_int8_mm` temporary (64 MB); see `_Workspace`
+_WORKSPACE_ELEMENTS = 1 << 24  # elements per `dynamic_int8_mm` temporary (64 MB in float32), see `_Workspace`
 _BLOCK = 64  # int4 rows are packed in blocks of 64 (the CPU kernel's layout, see `pack_int4`)
 
 
@@ -159,7 +159,8 @@ class Int8Linear(QuantLinear):
 
 
 class _Workspace(threading.local):
-    """Reused scratch tensors for `dynamic_int8_mm`, one set per thread.
+    """Reused scratch tensors for the quantized prefill paths (`dynamic_int8_mm`, `Int4Linear`'s dequantized
+    blocks), one set per thread.
 
     Why: a fresh 80 MB temporary costs more in page faults than the arithmetic on it (on a 2-core Xeon, `acc.float()`
     of a (1061, 18944) int32 took 31 ms against 8 ms for `copy_` into memory already touched), and a prefill makes
