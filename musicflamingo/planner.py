@@ -473,19 +473,53 @@ def weight_bytes(config: MusicFlamingoConfig, dtype_bytes: int, method: str | No
     makes it (one byte per weight, one scale per row). Counted on a meta-device model: nothing is allocated."""
     if not method:
         return config.num_parameters() * dtype_bytes
-    import torch
+    from musicflamingo.model.quantize import stored_tensors
 
-    from musicflamingo.model.musicflamingo import MusicFlamingo
-    from musicflamingo.model.quantize import quantize_model, stored_tensors
-
-    with torch.device("meta"):
-        model = MusicFlamingo(config)
-    quantize_model(model, method)
     # integers (int8 weights, uint8 bytes of two int4 weights) as stored; floats in `dtype_bytes`
     return sum(
         t.numel() * (dtype_bytes if t.dtype.is_floating_point else t.element_size())
-        for t in stored_tensors(model)
+        for t in stored_tensors(_quantized_meta_model(config, method))
     )
+
+
+def _quantized_meta_model(config: MusicFlamingoConfig, method: str):  # noqa: ANN202 (imports torch lazily)
+    """A `config` model quantized with `method` on the meta device: the structure, nothing allocated."""
+    import torch
+
+    from musicflamingo.model.musicflamingo import MusicFlamingo
+    from musicflamingo.model.quantize import quantize_model
+
+    with torch.device("meta"):
+        model = MusicFlamingo(config)
+    return quantize_model(model, method)
+
+
+def quant_workspace_bytes(
+    config: MusicFlamingoConfig,
+    method: str,
+    dtype_bytes: int,
+    *,
+    prompt_tokens: int,
+    slots: int,
+    windows: int,
+) -> int:
+    """The scratch a quantized model's prefill keeps for the process on CPU (`quantize.workspace_bytes`): the rows
+    each linear sees are `windows` x 1500 frames in the audio tower, half of that in the projector, the prompt in
+    the decoder (its MLP in chunks of `MLP_CHUNK_ROWS`), one row per slot in the head and in a decode step."""
+    from musicflamingo.model.quantize import workspace_bytes
+
+    frames = windows * config.audio.max_source_positions
+
+    def rows(name: str) -> int:
+        if name.startswith("audio_tower"):
+            return frames
+        if name.startswith("multi_modal_projector"):
+            return frames // 2
+        if name == "lm_head":  # a prefill keeps the last position's logits only
+            return slots
+        return max(min(prompt_tokens, MLP_CHUNK_ROWS) if ".mlp." in name else prompt_tokens, slots)
+
+    return workspace_bytes(_quantized_meta_model(config, method), rows, dtype_bytes)
 
 
 def plan_inference(
@@ -534,7 +568,13 @@ def plan_inference(
         encoding, prefilling = audio, embeds + kv + prefill + logits
     else:  # the engine's cache exists; each request's audio is encoded inside its prefill
         encoding, prefilling = kv + audio, kv + prefill + logits
-    peak = weights + max(encoding, prefilling)
+    # int8 / int4 on CPU: the quantized prefill's reused scratch, made by the first prefill and kept
+    work = (
+        quant_workspace_bytes(config, quantize, b, prompt_tokens=prompt_tokens, slots=slots, windows=encoded)
+        if quantize and device == "cpu"
+        else 0
+    )
+    peak = weights + work + max(encoding, prefilling)
     items = [
         (
             "weights",
@@ -553,6 +593,8 @@ def plan_inference(
     ]
     if embed_batch:
         items.append(("prompt embeddings", embeds, f"{slots} prompts embedded before their prefills"))
+    if work:
+        items.append(("quantized workspace", work, f"{quantize} prefill scratch, reused and kept (CPU)"))
     title = f"generation plan: {config.name}, {b * 8}-bit weights ({device}), {slots} slots, {prompt_tokens} + {new_tokens} tokens"
     when = "while encoding audio" if encoding >= prefilling else "during a prefill"
     return MemoryPlan(title, items, peak, when)

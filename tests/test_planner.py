@@ -33,6 +33,7 @@ from musicflamingo.planner import (
     parameter_counts,
     plan_inference,
     plan_training,
+    quant_workspace_bytes,
 )
 
 TOLERANCE = 0.15
@@ -549,3 +550,30 @@ def test_planner_mirrors_the_models_chunk_sizes():
     assert (
         rows * 2 * 2 * D < prefill < rows * 2 * 4 * inter / 2
     )  # unchunked, the MLP alone would be twice this
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize(
+    "windows,text", [(2, 40), (0, 300)]
+)  # the audio tower's rows, or the decoder's, largest
+def test_quantized_workspace_is_planned_exactly(method, windows, text):
+    """The generation plan's quantized workspace is the bytes a prefill and decode steps leave in the reused
+    buffers of `model/quantize.py` (kept for the process, so part of the peak)."""
+    from musicflamingo.model import quantize
+
+    config = MusicFlamingoConfig.from_name("tiny")
+    model = quantize.quantize_model(MusicFlamingo(config).eval(), method)
+    batch = _batch(config, 1, text, 1, windows)
+    audio = {k: batch[k] for k in ("input_features", "input_features_mask")} if windows else {}
+    quantize._workspace.buffers.clear()
+    with torch.inference_mode():
+        model.generate(batch["input_ids"], **audio, max_new_tokens=3, do_sample=False, stop_token_ids=[])
+    kept = _nbytes(quantize._workspace.buffers.values())
+    prompt = batch["input_ids"].shape[1]
+    plan = plan_inference(
+        config, dtype_bytes=4, prompt_tokens=prompt, new_tokens=3, windows=windows, quantize=method
+    )
+    assert kept > 0 and plan.item("quantized workspace") == kept, plan.table()
+    assert quant_workspace_bytes(config, method, 4, prompt_tokens=prompt, slots=1, windows=windows) == kept
+    bf16 = plan_inference(config, dtype_bytes=4, prompt_tokens=prompt, new_tokens=3, windows=windows)
+    assert all(name != "quantized workspace" for name, _, _ in bf16.items)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +189,31 @@ class _Workspace(threading.local):
 _workspace = _Workspace()
 
 
+def _int8_chunk_rows(K: int, N: int) -> int:
+    """Rows per `dynamic_int8_mm` chunk: a multiple of 64 whose (rows, max(K, N)) temporaries fit the workspace."""
+    return max(64, _WORKSPACE_ELEMENTS // max(K, N) // 64 * 64)
+
+
+def workspace_bytes(model: nn.Module, rows: Callable[[str], int], dtype_bytes: int) -> int:
+    """Bytes this thread's `_workspace` grows to on CPU when each quantized linear of `model` (a meta-device model
+    will do) is called with at most `rows(qualified name)` rows: the buffers `dynamic_int8_mm` and `Int4Linear`'s
+    block dequantization ask for, each as large as its largest request. `dtype_bytes`: the activations' float."""
+    need: dict[str, int] = {}
+    for name, module in model.named_modules():
+        m = rows(name)
+        asks = []
+        if isinstance(module, Int8Linear) and m > DECODE_ROWS:
+            N, K = module.weight.shape
+            c = min(m, _int8_chunk_rows(K, N))
+            asks = [("float", 4 * c * max(K, N)), ("int8", c * K), ("int32", 4 * c * N)]
+        elif isinstance(module, Int4Linear) and m > INT4_KERNEL_ROWS:
+            block, K = min(module.weight.shape[0], _CHUNK), module.in_features
+            asks = [("int4 weight", dtype_bytes * block * K), ("int4 nibble", block * K // 2)]
+        for key, nbytes in asks:
+            need[key] = max(need.get(key, 0), nbytes)
+    return sum(need.values())
+
+
 @torch.no_grad()  # inference only; the workspace is written in place
 def dynamic_int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) floats times int8 q (N, K) with row scales (N,): x quantized per row, int8 x int8 -> int32, rescaled.
@@ -199,7 +225,7 @@ def dynamic_int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> to
     (M, K), N = x.shape, q.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     sw = scale.float()
-    rows = max(64, _WORKSPACE_ELEMENTS // max(K, N) // 64 * 64)
+    rows = _int8_chunk_rows(K, N)
     for i in range(0, M, rows):
         xi = x[i : i + rows]
         m = xi.shape[0]
