@@ -3,6 +3,8 @@
 # case, so a run cut short still brings back what it measured):
 #   1. bf16 (and fp32 greedy) parity of our model vs transformers on a tiny random checkpoint, on CUDA;
 #   2. the GPU benchmark (bf16 inference, bf16-autocast and fp32 training, CUDA events, warm-up).
+# `bash bench/gpu_check.sh release` runs instead the release-size comparison (bench/gpu_release.py: random 8.27 B
+# weights made on the GPU; first token at 30 s / 5 / 20 min, decode at batch 1 / 8 / 32, a LoRA step; ~8 min).
 # Results land in $OUT (the device tool's return folder) or bench/gpu_out. Back here, update the docs with
 #   python bench/run.py --render <results_cuda.json>
 set -uo pipefail
@@ -20,6 +22,12 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 } 2>&1 | tee "$OUT/env.txt"
 
 status=0
+if [ "${1:-}" = release ]; then
+  echo "== release size (8.27 B, bf16, CUDA) =="
+  timeout 560 "$PY" bench/gpu_release.py --device cuda --timeout 270 --out "$OUT/gpu_release.json" \
+    2>&1 | tee "$OUT/gpu_release.log" || status=1
+  exit $status
+fi
 echo "== parity (tiny model, bf16 + fp32, CUDA) =="
 timeout 120 "$PY" bench/run.py --device cuda --cases parity --no-doc --out "$OUT/parity_cuda.json" \
   2>&1 | tee "$OUT/parity.log" || status=1

@@ -292,3 +292,36 @@ def test_release_int8_prefill_verdict_says_why_when_missed():
     assert verdict.startswith("missed: ") and "rescal" in verdict
     result["int8"]["ttft_30s"] = 8.0
     assert {a: c for a, b, c in release.targets(result)}[row] == "met"
+
+
+def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path):
+    """bench/gpu_release.py end to end on CPU at the smallest size: both workers, a LoRA step, the planner's
+    full fine-tune fit, one JSON."""
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, str(BENCH / "gpu_release.py"), "--preset", "tiny", "--device", "cpu"]
+    cmd += ["--cases", "ttft:30,decode:2,lora", "--decode-tokens", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for impl in ("ours", "ref"):
+        assert result[impl]["exit"] == 0 and result[impl]["ttft:30"]["s"] > 0
+        assert result[impl]["decode:2"]["tokens_s"] > 0
+    assert result["ours"]["lora"]["tokens_s"] > 0 and 0 < result["ours"]["lora"]["trainable"]
+    assert "tokens_s" in result["ref"]["lora"] or "skipped" in result["ref"]["lora"]
+    assert result["full_finetune"]["bf16-true"]["one_gpu_peak_gb"] > 0
+
+
+def test_gpu_release_reference_holds_the_values_ours_drew():
+    gpu_release = _load("gpu_release")
+    from musicflamingo import MusicFlamingoConfig
+
+    config = MusicFlamingoConfig.from_name("tiny", text=dict(tie_word_embeddings=False))
+    ours = gpu_release.random_model(config, torch.device("cpu"))
+    ref = gpu_release.reference_from(ours, torch.device("cpu"))
+    theirs = ref.state_dict()
+    from musicflamingo.checkpoint import ours_to_hf
+
+    mine = {gpu_release._module_name(ours_to_hf(k)): v for k, v in ours.state_dict().items()}
+    assert set(mine) == set(theirs)
+    assert all(torch.equal(v, theirs[k]) for k, v in mine.items())
+    assert next(ref.parameters()).dtype == torch.bfloat16

@@ -1,0 +1,320 @@
+"""The release-size model (`music_flamingo_2601`, 8.27 B) on a GPU: ours against the reference, each in a process of
+its own, with random weights of the release's exact shapes made on the device (no 16 GB file to carry), in bf16.
+
+    bash bench/gpu_check.sh release                                       # on a lent GPU: JSON to $OUT
+    python bench/gpu_release.py --preset tiny --device cpu --out /tmp/g.json   # smoke run (seconds)
+
+Per implementation: time to first token for 30 s, 5 min and 20 min of audio (batch 1, `max_new_tokens=1`), decode
+tokens/s at batch 1, 8 and 32 from 64-token text prompts (eager; ours also with its compiled decode step), and one
+LoRA step (rank 16 on the attention and MLP projections, gradient checkpointing, AdamW, 2 rows of 5 min of audio +
+512 text tokens; the reference through `peft` when it is installed), each with its peak memory. The reference gets
+the very values ours drew (same seed, our names renamed to its own). The full fine-tune's fit comes from the memory
+planner (`musicflamingo.planner`), which needs no device. The JSON is written after every case, so a run cut short
+keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Dense bf16 peaks (TFLOP/s, no sparsity) by device name, from the vendors' datasheets.
+BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# compiled last: tracing takes the longest, and a run cut by its timeout keeps every case before it
+DEFAULT_CASES = "ttft:30,ttft:300,ttft:1200,decode:1,decode:8,decode:32,lora,compiled:1,compiled:8"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def random_model(config, device: torch.device):  # noqa: ANN001, ANN201
+    """Ours, bf16 on `device`, normal(0, 0.02) weights drawn in parameter order from seed 0."""
+    from musicflamingo import MusicFlamingo
+
+    with torch.device("meta"):
+        model = MusicFlamingo(config)
+    model.to_empty(device=device)
+    model.to(torch.bfloat16)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    model.reset_buffers(device)
+    return model.eval()
+
+
+def reference_from(ours, device: torch.device):  # noqa: ANN001, ANN201
+    """The reference model holding `ours`' values under its own names (`checkpoint.ours_to_hf`), bf16 on `device`."""
+    from transformers import MusicFlamingoConfig as RefConfig
+    from transformers import MusicFlamingoForConditionalGeneration
+
+    from musicflamingo.checkpoint import ours_to_hf
+
+    config = RefConfig.from_dict(ours.config.to_hf_dict(dtype="bfloat16"))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            ref = MusicFlamingoForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    state = {_module_name(ours_to_hf(k)): v for k, v in ours.state_dict().items()}
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.text_config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise SystemExit(
+            f"reference names differ: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return ref.eval()
+
+
+def _module_name(name: str) -> str:
+    """A checkpoint name as the reference's modules spell it (its `from_pretrained` renames the same way on load):
+    `language_model.lm_head.*` -> `lm_head.*`, `language_model.model.*` -> `model.language_model.*`, the audio
+    tower and projector under `model.`."""
+    if name.startswith("language_model.lm_head."):
+        return name.removeprefix("language_model.")
+    if name.startswith("language_model.model."):
+        return "model.language_model." + name.removeprefix("language_model.model.")
+    return "model." + name
+
+
+def _audio_inputs(
+    config, seconds: float, rows: int, text: int, device: torch.device
+) -> tuple[dict, torch.Tensor]:  # noqa: ANN001
+    """`rows` rows of `seconds` of audio (whole windows) and `text` tokens on `device`, and their labels."""
+    from cases import audio_batch, windows_for
+
+    w = windows_for(config, seconds)
+    batch = audio_batch(config, [w] * rows, [text] * rows, seed=1)
+    labels = batch.pop("labels")
+    batch["input_features"] = batch["input_features"].to(torch.bfloat16)
+    return {k: v.to(device) for k, v in batch.items()}, labels.to(device)
+
+
+def _text_inputs(config, rows: int, device: torch.device) -> dict:  # noqa: ANN001
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, min(config.text.vocab_size, config.audio_token_id), (rows, 64), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def _generate(impl: str, model, inputs: dict, n: int, compiled: bool = False) -> None:  # noqa: ANN001
+    if impl == "ours":
+        model.generate(**inputs, max_new_tokens=n, stop_token_ids=[], compile=compiled)
+    else:
+        pad = model.config.text_config.pad_token_id or 0
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+
+
+def _timed(device: torch.device, fn) -> float:  # noqa: ANN001
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def lora_step(impl: str, model, config, device: torch.device, seconds: float, text: int, rows: int) -> dict:  # noqa: ANN001
+    """Seconds of one LoRA optimizer step (the second of three; the first traces and warms), tokens per step."""
+    if impl == "ours":
+        from musicflamingo.model.build import add_lora
+
+        add_lora(
+            model, {"enabled": True, "rank": 16, "alpha": 32, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+        )
+        model.set_gradient_checkpointing(True)
+    else:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            return {"skipped": "peft is not installed here"}
+        model.requires_grad_(False)
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+        )
+        model.gradient_checkpointing_enable()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    inputs, labels = _audio_inputs(config, seconds, rows, text, device)
+
+    extra = (
+        {"return_logits": False} if impl == "ours" else {}
+    )  # ours computes the loss without the full logits
+
+    def step() -> None:
+        loss = model(**inputs, labels=labels, **extra).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = [_timed(device, step) for _ in range(3)]
+    tokens = int(inputs["attention_mask"].sum())
+    trainable = sum(p.numel() for p in params)
+    frozen = sum(p.numel() for p in model.parameters()) - trainable
+    seconds_step = sorted(times)[1]
+    # forward, its recomputation under checkpointing and the input-gradient backward read every weight (2 FLOPs per
+    # weight and token each); the adapters add their own weight gradients. Attention's own FLOPs not counted.
+    flops = tokens * (6 * frozen + 8 * trainable)
+    return {
+        "step_s": seconds_step,
+        "tokens": tokens,
+        "tokens_s": tokens / seconds_step,
+        "trainable": trainable,
+        "model_tflops": flops / seconds_step / 1e12,
+    }
+
+
+def worker(
+    impl: str, preset: str, device: torch.device, cases: list[str], out: Path, decode_tokens: int
+) -> None:
+    from musicflamingo import MusicFlamingoConfig
+
+    config = MusicFlamingoConfig.from_name(preset)
+    result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=1))
+
+    t0 = time.perf_counter()
+    ours = random_model(config, device)
+    model = ours if impl == "ours" else reference_from(ours, device)
+    if impl != "ours":
+        del ours
+    _sync(device)
+    result["build_s"] = time.perf_counter() - t0
+    result["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    save()
+    for case in cases:
+        kind, _, arg = case.partition(":")
+        if kind == "compiled" and impl != "ours":
+            continue
+        _reset_peak(device)
+        try:
+            if kind == "ttft":
+                inputs, _ = _audio_inputs(config, float(arg), 1, 16, device)
+                with torch.inference_mode():
+                    _generate(impl, model, inputs, 1)  # warm: kernels, allocator
+                    entry = {"s": _timed(device, lambda x=inputs: _generate(impl, model, x, 1))}
+            elif kind in ("decode", "compiled"):
+                rows, compiled = int(arg), kind == "compiled"
+                inputs = _text_inputs(config, rows, device)
+                with torch.inference_mode():
+                    _generate(impl, model, inputs, 2, compiled)  # warm (and trace the compiled step)
+                    one = _timed(device, lambda x=inputs, c=compiled: _generate(impl, model, x, 1, c))
+                    full = _timed(
+                        device, lambda x=inputs, c=compiled: _generate(impl, model, x, decode_tokens, c)
+                    )
+                entry = {"tokens_s": rows * (decode_tokens - 1) / max(full - one, 1e-9)}
+            elif kind == "lora":
+                entry = lora_step(
+                    impl, model, config, device, 300.0 if preset == "music_flamingo_2601" else 8.0, 512, 2
+                )
+            else:
+                raise SystemExit(f"unknown case {case!r}")
+        except (
+            torch.cuda.OutOfMemoryError
+        ) as e:  # a case that does not fit is a result, not the end of the run
+            entry = {"out_of_memory": str(e).splitlines()[0]}
+        entry["peak_gb"] = _peak_gb(device)
+        result[case] = entry
+        save()
+        print(f"[{impl}] {case}: {entry}", flush=True)
+
+
+def full_finetune_plan(preset: str, gpu_gb: float) -> dict:
+    """Whether one AdamW step of the whole model fits one GPU of `gpu_gb`, and else on how many with FSDP."""
+    from musicflamingo import MusicFlamingoConfig
+    from musicflamingo.planner import TrainingSetup, plan_training
+
+    config = MusicFlamingoConfig.from_name(preset)
+    out = {}
+    for precision in ("bf16-mixed", "bf16-true"):
+        one = plan_training(
+            config, TrainingSetup(precision=precision, device="cuda", checkpointing=True, tokens=8192)
+        )
+        row = {"one_gpu_peak_gb": one.peak / 1e9, "fits_one": one.peak <= gpu_gb * 1e9}
+        for n in () if row["fits_one"] else (2, 4, 8, 16):
+            plan = plan_training(
+                config,
+                TrainingSetup(
+                    precision=precision,
+                    device="cuda",
+                    checkpointing=True,
+                    tokens=8192,
+                    devices=n,
+                    strategy="fsdp",
+                ),
+            )
+            if plan.peak <= gpu_gb * 1e9:
+                row["fsdp_gpus"], row["fsdp_peak_gb"] = n, plan.peak / 1e9
+                break
+        out[precision] = row
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="music_flamingo_2601")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cases", default=DEFAULT_CASES)
+    ap.add_argument("--impls", default="ours,ref")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per implementation's process")
+    ap.add_argument("--out", default=str(HERE / "results_gpu_release.json"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    out = Path(args.out)
+    cases = [c for c in args.cases.split(",") if c]
+    if args.worker:
+        return worker(args.worker, args.preset, device, cases, out, args.decode_tokens)
+    result: dict = {"preset": args.preset, "cases": cases, "command": " ".join(sys.argv)}
+    for impl in args.impls.split(","):
+        part = out.with_name(f"{out.stem}.{impl}.json")
+        cmd = [sys.executable, __file__, "--worker", impl, "--preset", args.preset, "--device", args.device]
+        cmd += ["--cases", args.cases, "--decode-tokens", str(args.decode_tokens), "--out", str(part)]
+        try:
+            rc = subprocess.run(
+                cmd, timeout=args.timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        result[impl] = json.loads(part.read_text()) if part.is_file() else {}
+        result[impl]["exit"] = rc
+        out.write_text(json.dumps(result, indent=1))
+    gpu_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else 80.0
+    name = result.get("ours", {}).get("device", "")
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    result["gpu_gb"], result["bf16_peak_tflops"] = gpu_gb, peak
+    result["full_finetune"] = full_finetune_plan(args.preset, gpu_gb)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
