@@ -143,6 +143,7 @@ def lora_step(impl: str, model, config, device: torch.device, seconds: float, te
     if impl == "ours":
         from musicflamingo.model.build import add_lora
 
+        model.requires_grad_(False)  # only the adapters train, as with peft on the reference
         add_lora(
             model, {"enabled": True, "rank": 16, "alpha": 32, "dropout": 0.0, "targets": list(LORA_TARGETS)}
         )
