@@ -9,9 +9,10 @@ under `--ckpt` (default `outputs/release-ckpt`, ~100 s, 16.5 GB) and reused. Eac
 fresh worker process, in bf16, with the same threads: load time (files in the page cache), process start to first
 token (30 s of audio), time to first token for 30 s and 5 min of audio (`generate(max_new_tokens=1)`: encoder,
 RoTE, projector, prefill, one argmax), decode tokens/s at batch 1 and 4 (time from the first new token to the
-last), and peak RSS. The machine's limits: the bf16 matmul rate (`flops.matmul_ceiling`) and the memory read
-bandwidth (summing a 2 GB tensor), and how much faster the int8 GEMM runs than the bf16 one, so each number can be read against what is physically possible. The table
-goes between the `bench:release` markers of docs/performance.md and the JSON to `bench/results_release.json`.
+last), and peak RSS. The machine's limits: the bf16 matmul rate (`flops.matmul_ceiling`), the memory read
+bandwidth (summing a 2 GB tensor) and how much faster the int8 GEMM runs than the bf16 one, so each number can be
+read against what is physically possible. The table goes between the `bench:release` markers of
+docs/performance.md and the JSON to `bench/results_release.json`.
 """
 
 from __future__ import annotations

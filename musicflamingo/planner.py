@@ -504,8 +504,9 @@ def quant_workspace_bytes(
     windows: int,
 ) -> int:
     """The scratch a quantized model's prefill keeps for the process on CPU (`quantize.workspace_bytes`): the rows
-    each linear sees are `windows` x 1500 frames in the audio tower, half of that in the projector, the prompt in
-    the decoder (its MLP in chunks of `MLP_CHUNK_ROWS`), one row per slot in the head and in a decode step."""
+    each linear sees are `windows` x `max_source_positions` frames in the audio tower, half of that in the
+    projector, the prompt in the decoder (its MLP in chunks of `MLP_CHUNK_ROWS`), one row per slot in the head and
+    in a decode step."""
     from musicflamingo.model.quantize import workspace_bytes
 
     frames = windows * config.audio.max_source_positions
