@@ -4,7 +4,8 @@
 #   1. bf16 (and fp32 greedy) parity of our model vs transformers on a tiny random checkpoint, on CUDA;
 #   2. the GPU benchmark (bf16 inference, bf16-autocast and fp32 training, CUDA events, warm-up).
 # `bash bench/gpu_check.sh release` runs instead the release-size comparison (bench/gpu_release.py: random 8.27 B
-# weights made on the GPU; first token at 30 s / 5 / 20 min, decode at batch 1 / 8 / 32, a LoRA step; ~8 min).
+# weights made on the GPU; first token at 30 s / 5 / 20 min, decode at batch 1 / 8 / 32, a LoRA step; ~8 min);
+# back here `python bench/gpu_release.py --render <gpu_release.json> --doc docs/performance.md` writes its table.
 # Results land in $OUT (the device tool's return folder) or bench/gpu_out. Back here, update the docs with
 #   python bench/run.py --render <results_cuda.json>
 set -uo pipefail

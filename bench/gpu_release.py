@@ -2,6 +2,7 @@
 its own, with random weights of the release's exact shapes made on the device (no 16 GB file to carry), in bf16.
 
     bash bench/gpu_check.sh release                                       # on a lent GPU: JSON to $OUT
+    python bench/gpu_release.py --render gpu_release.json --doc docs/performance.md   # back here: the table
     python bench/gpu_release.py --preset tiny --device cpu --out /tmp/g.json   # smoke run (seconds)
 
 Per implementation: time to first token for 30 s, 5 min and 20 min of audio (batch 1, `max_new_tokens=1`), decode
@@ -278,6 +279,119 @@ def full_finetune_plan(preset: str, gpu_gb: float) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- report
+ROWS = [
+    ("ttft:30", "s", "time to first token, 30 s audio, s"),
+    ("ttft:300", "s", "time to first token, 5 min audio, s"),
+    ("ttft:1200", "s", "time to first token, 20 min audio, s"),
+    ("decode:1", "tokens_s", "decode batch 1, tokens/s"),
+    ("decode:8", "tokens_s", "decode batch 8, tokens/s"),
+    ("decode:32", "tokens_s", "decode batch 32, tokens/s"),
+    ("compiled:1", "tokens_s", "decode batch 1, compiled, tokens/s"),
+    ("compiled:8", "tokens_s", "decode batch 8, compiled, tokens/s"),
+    ("lora", "tokens_s", "LoRA step, tokens/s"),
+    ("lora", "model_tflops", "LoRA step, model TFLOP/s"),
+]
+
+
+def _get(result: dict, impl: str, case: str, key: str) -> float | None:
+    value = result.get(impl, {}).get(case, {}).get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def targets(result: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for issue 23's inference and LoRA targets, where both sides were measured."""
+    rows = []
+    for case, seconds in (("ttft:30", "30 s"), ("ttft:300", "5 min"), ("ttft:1200", "20 min")):
+        a, b = _get(result, "ours", case, "s"), _get(result, "ref", case, "s")
+        if a and b:
+            rows.append(
+                (
+                    f"time to first token, {seconds}, <= 0.5x reference",
+                    f"{a / b:.2f}x",
+                    _verdict(a / b <= 0.5),
+                )
+            )
+    for batch in (1, 8):
+        ref = _get(result, "ref", f"decode:{batch}", "tokens_s")
+        eager = _get(result, "ours", f"decode:{batch}", "tokens_s")
+        compiled = _get(result, "ours", f"compiled:{batch}", "tokens_s")
+        best = max((x for x in (eager, compiled) if x), default=None)
+        if ref and best:
+            measured = ", ".join(
+                f"{n} {x / ref:.2f}x" for n, x in (("eager", eager), ("compiled", compiled)) if x
+            )
+            rows.append((f"decode batch {batch}, >= 2x reference", measured, _verdict(best / ref >= 2)))
+    a, b = _get(result, "ours", "lora", "tokens_s"), _get(result, "ref", "lora", "tokens_s")
+    pa, pb = _get(result, "ours", "lora", "peak_gb"), _get(result, "ref", "lora", "peak_gb")
+    if a and b and pa and pb:
+        rows.append(
+            (
+                "LoRA step >= 1.3x reference tokens/s at <= 0.8x its peak memory",
+                f"{a / b:.2f}x tokens/s, {pa / pb:.2f}x memory",
+                _verdict(a / b >= 1.3 and pa / pb <= 0.8),
+            )
+        )
+    tflops, peak = _get(result, "ours", "lora", "model_tflops"), result.get("bf16_peak_tflops")
+    if tflops and peak:
+        rows.append(
+            (
+                "LoRA utilisation of the bf16 dense peak (no target)",
+                f"{tflops / peak:.1%} of {peak:g} TFLOP/s",
+                "-",
+            )
+        )
+    for precision, row in result.get("full_finetune", {}).items():
+        fit = "fits one GPU" if row["fits_one"] else f"FSDP over {row.get('fsdp_gpus', '> 16')} GPUs"
+        rows.append(
+            (f"full fine-tune, AdamW, {precision} (planner)", f"{row['one_gpu_peak_gb']:.0f} GB on one", fit)
+        )
+    return rows
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "missed"
+
+
+def render(result: dict) -> str:
+    """The markdown table of a results JSON: each measure for ours and the reference, their ratio, peak memory."""
+    lines = [
+        f"Device: {result.get('ours', {}).get('device', '?')}, {result.get('gpu_gb', 0):.0f} GB; preset "
+        f"`{result.get('preset')}`, bf16, random weights drawn on the device.",
+        "",
+        "| measure | ours | reference | ours / ref | peak GB, ours | peak GB, reference |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for case, key, label in ROWS:
+        a, b = _get(result, "ours", case, key), _get(result, "ref", case, key)
+        if a is None and b is None:
+            continue
+        ratio = f"{a / b:.2f}x" if a and b else "-"
+        pa, pb = _get(result, "ours", case, "peak_gb"), _get(result, "ref", case, "peak_gb")
+        lines.append(f"| {label} | {_num(a)} | {_num(b)} | {ratio} | {_num(pa)} | {_num(pb)} |")
+    for impl in ("ours", "ref"):
+        for case, entry in result.get(impl, {}).items():
+            if isinstance(entry, dict) and ("out_of_memory" in entry or "skipped" in entry):
+                lines.append(f"\n{impl} {case}: {entry.get('out_of_memory') or entry.get('skipped')}")
+    rows = targets(result)
+    if rows:
+        lines += ["", "| target | measured | verdict |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def update_doc(path: Path, result: dict) -> None:
+    from report import write_marked
+
+    begin, end = "<!-- bench:gpu_release:begin -->", "<!-- bench:gpu_release:end -->"
+    block = f"{begin}\nCommand: `{result.get('command')}`, {time.strftime('%Y-%m-%d')}.\n\n{render(result)}\n{end}"
+    write_marked(path, begin, end, block, "Results (release size, GPU)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="music_flamingo_2601")
@@ -287,8 +401,20 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per implementation's process")
     ap.add_argument("--out", default=str(HERE / "results_gpu_release.json"))
+    ap.add_argument(
+        "--doc", default=None, help="write the table between the bench:gpu_release markers of this file"
+    )
+    ap.add_argument(
+        "--render", default=None, help="only render this results JSON (with --doc: into that file)"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        print(render(result))
+        if args.doc:
+            update_doc(Path(args.doc), result)
+        return None
     device = torch.device(args.device)
     out = Path(args.out)
     cases = [c for c in args.cases.split(",") if c]
@@ -314,7 +440,9 @@ def main() -> None:
     result["gpu_gb"], result["bf16_peak_tflops"] = gpu_gb, peak
     result["full_finetune"] = full_finetune_plan(args.preset, gpu_gb)
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    print(render(result))
+    if args.doc:
+        update_doc(Path(args.doc), result)
 
 
 if __name__ == "__main__":

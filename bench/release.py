@@ -448,13 +448,10 @@ def render(result: dict) -> str:
 
 def update_doc(path: Path, body: str, command: str, wall_s: float) -> None:
     begin, end = "<!-- bench:release:begin -->", "<!-- bench:release:end -->"
+    from report import write_marked
+
     block = f"{begin}\nCommand: `{command}` ({wall_s / 60:.1f} min), {time.strftime('%Y-%m-%d')}.\n\n{body}\n{end}"
-    text = path.read_text()
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + f"\n\n## Results (release size, CPU)\n\n{block}\n"
-    path.write_text(text)
+    write_marked(path, begin, end, block, "Results (release size, CPU)")
 
 
 def _page_in(folder: Path) -> None:

@@ -309,10 +309,16 @@ def update_doc(path: Path, device: str, report: dict, table: str) -> None:
         + "\n"
         f"{table}\n{end}"
     )
+    write_marked(path, begin, end, body, f"Results ({device})")
+
+
+def write_marked(path: Path, begin: str, end: str, block: str, heading: str) -> None:
+    """Put `block` (markers included) in place of the text from `begin` to `end` of the file at `path`, or, where the
+    markers are missing, at its end under `## heading`."""
     text = path.read_text() if path.is_file() else "# Performance\n"
     if begin in text and end in text:
-        text = text[: text.index(begin)] + body + text[text.index(end) + len(end) :]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
-        text = text.rstrip("\n") + f"\n\n## Results ({device})\n\n{body}\n"
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -312,6 +312,49 @@ def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path):
     )  # adapters
     assert "tokens_s" in result["ref"]["lora"] or "skipped" in result["ref"]["lora"]
     assert result["full_finetune"]["bf16-true"]["one_gpu_peak_gb"] > 0
+    assert "| time to first token, 30 s audio, s |" in proc.stdout  # the rendered table
+    assert "| time to first token, 30 s, <= 0.5x reference |" in proc.stdout
+
+
+def test_gpu_release_targets_and_table_from_a_results_json(tmp_path):
+    gpu_release = _load("gpu_release")
+    result = {
+        "preset": "music_flamingo_2601",
+        "command": "python bench/gpu_release.py",
+        "gpu_gb": 80.0,
+        "bf16_peak_tflops": 989.0,
+        "ours": {
+            "device": "NVIDIA H100",
+            "ttft:30": {"s": 0.2, "peak_gb": 17.0},
+            "decode:1": {"tokens_s": 40.0},
+            "compiled:1": {"tokens_s": 130.0},
+            "lora": {"tokens_s": 2600.0, "peak_gb": 30.0, "model_tflops": 400.0},
+        },
+        "ref": {
+            "ttft:30": {"s": 0.3, "peak_gb": 17.5},
+            "decode:1": {"tokens_s": 60.0},
+            "lora": {"tokens_s": 2000.0, "peak_gb": 40.0},
+        },
+        "full_finetune": {"bf16-true": {"one_gpu_peak_gb": 120.0, "fits_one": False, "fsdp_gpus": 2}},
+    }
+    rows = {a: (b, c) for a, b, c in gpu_release.targets(result)}
+    assert rows["time to first token, 30 s, <= 0.5x reference"] == ("0.67x", "missed")
+    assert rows["decode batch 1, >= 2x reference"] == ("eager 0.67x, compiled 2.17x", "met")
+    assert rows["LoRA step >= 1.3x reference tokens/s at <= 0.8x its peak memory"] == (
+        "1.30x tokens/s, 0.75x memory",
+        "met",
+    )
+    assert rows["LoRA utilisation of the bf16 dense peak (no target)"][0] == "40.4% of 989 TFLOP/s"
+    assert rows["full fine-tune, AdamW, bf16-true (planner)"] == ("120 GB on one", "FSDP over 2 GPUs")
+    doc = tmp_path / "perf.md"
+    doc.write_text("intro\n<!-- bench:gpu_release:begin -->\nold\n<!-- bench:gpu_release:end -->\nafter\n")
+    gpu_release.update_doc(doc, result)
+    text = doc.read_text()
+    assert (
+        "old" not in text
+        and text.endswith("after\n")
+        and "| decode batch 1, tokens/s | 40 | 60 | 0.67x |" in text
+    )
 
 
 def test_gpu_release_reference_holds_the_values_ours_drew():
