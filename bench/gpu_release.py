@@ -106,7 +106,7 @@ def _module_name(name: str) -> str:
 
 def _audio_inputs(
     config, seconds: float, rows: int, text: int, device: torch.device
-) -> tuple[dict, torch.Tensor]:  # noqa: ANN001
+) -> tuple[dict, torch.Tensor]:
     """`rows` rows of `seconds` of audio (whole windows) and `text` tokens on `device`, and their labels."""
     from cases import audio_batch, windows_for
 
@@ -164,9 +164,8 @@ def lora_step(impl: str, model, config, device: torch.device, seconds: float, te
     opt = torch.optim.AdamW(params, lr=1e-4)
     inputs, labels = _audio_inputs(config, seconds, rows, text, device)
 
-    extra = (
-        {"return_logits": False} if impl == "ours" else {}
-    )  # ours computes the loss without the full logits
+    # ours computes the loss chunk by chunk, without the full logits
+    extra = {"return_logits": False} if impl == "ours" else {}
 
     def step() -> None:
         loss = model(**inputs, labels=labels, **extra).loss
@@ -177,11 +176,20 @@ def lora_step(impl: str, model, config, device: torch.device, seconds: float, te
     times = [_timed(device, step) for _ in range(3)]
     tokens = int(inputs["attention_mask"].sum())
     trainable = sum(p.numel() for p in params)
-    frozen = sum(p.numel() for p in model.parameters()) - trainable
+    counts = {"audio": 0, "lookup": 0, "all": 0}
+    for name, p in model.named_parameters():
+        counts["all"] += p.numel()
+        if "audio_tower" in name or "multi_modal_projector" in name:
+            counts["audio"] += p.numel()
+        elif "embed_tokens" in name:
+            counts["lookup"] += p.numel()
+    decoder = counts["all"] - counts["audio"] - counts["lookup"] - trainable
+    frames = inputs["input_features"].shape[0] * config.audio.max_source_positions
     seconds_step = sorted(times)[1]
-    # forward, its recomputation under checkpointing and the input-gradient backward read every weight (2 FLOPs per
-    # weight and token each); the adapters add their own weight gradients. Attention's own FLOPs not counted.
-    flops = tokens * (6 * frozen + 8 * trainable)
+    # Decoder weights: the forward, its recomputation under checkpointing and the input-gradient backward, 2 FLOPs
+    # per weight and token each; the adapters add their weight gradients; the frozen audio side runs forward only,
+    # per frame. Attention's own FLOPs are not counted.
+    flops = tokens * (6 * decoder + 8 * trainable) + 2 * counts["audio"] * frames
     return {
         "step_s": seconds_step,
         "tokens": tokens,
