@@ -295,6 +295,46 @@ def _generate_inputs(job: dict, device: torch.device, dtype: torch.dtype) -> tup
     return config, _to(batch, device, dtype)
 
 
+def random_model(config: MusicFlamingoConfig, device: torch.device) -> MusicFlamingo:
+    """Ours with `config`'s exact shapes, bf16 on `device`, normal(0, 0.02) weights drawn in parameter order from
+    seed 0: values do not matter for speed, only that they are finite. Nothing is allocated twice (meta first)."""
+    with torch.device("meta"):
+        model = MusicFlamingo(config)
+    model.to_empty(device=device)
+    model.to(torch.bfloat16)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    model.reset_buffers(device)
+    return model.eval()
+
+
+def release_inputs(config: MusicFlamingoConfig, seconds: float, batch: int, text: int = 16) -> dict:
+    """`batch` rows of `seconds` of audio (whole windows) and `text` trailing tokens, bf16 features, on CPU;
+    seconds 0: 64 text tokens per row (decode at batch B: the steps read the weights, a long audio prompt would
+    only add prefill)."""
+    if seconds <= 0:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, min(config.text.vocab_size, config.audio_token_id), (batch, 64), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    w = windows_for(config, seconds)
+    inputs = audio_batch(config, [w] * batch, [text] * batch, seed=1)
+    inputs.pop("labels")
+    inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
+    return inputs
+
+
+def greedy_generate(
+    impl: str, model: Any, inputs: dict, n: int, pad: int, streamer: Any = None, compile: bool = False
+) -> torch.Tensor:
+    """Exactly `n` greedy tokens from the reference (`impl` "ref") or ours (any other `impl`: bf16, int8, int4; no
+    stop ids; `compile`: its compiled decode step)."""
+    if impl == "ref":
+        return _ref_generate(model, inputs, n, pad, streamer)
+    return model.generate(**inputs, max_new_tokens=n, stop_token_ids=[], compile=compile)
+
+
 def _ref_generate(model: Any, inputs: dict, n: int, pad: int, streamer: Any = None) -> torch.Tensor:
     return model.generate(
         **inputs,

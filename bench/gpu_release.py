@@ -30,16 +30,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from cases import Clock, audio_batch, greedy_generate, random_model, release_inputs, windows_for  # noqa: E402
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Dense bf16 peaks (TFLOP/s, no sparsity) by device name, from the vendors' datasheets.
 BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # compiled last: tracing takes the longest, and a run cut by its timeout keeps every case before it
 DEFAULT_CASES = "ttft:30,ttft:300,ttft:1200,decode:1,decode:8,decode:32,lora,compiled:1,compiled:8"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -50,22 +47,6 @@ def _reset_peak(device: torch.device) -> None:
 
 def _peak_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-
-
-def random_model(config, device: torch.device):  # noqa: ANN001, ANN201
-    """Ours, bf16 on `device`, normal(0, 0.02) weights drawn in parameter order from seed 0."""
-    from musicflamingo import MusicFlamingo
-
-    with torch.device("meta"):
-        model = MusicFlamingo(config)
-    model.to_empty(device=device)
-    model.to(torch.bfloat16)
-    g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=g)
-    model.reset_buffers(device)
-    return model.eval()
 
 
 def reference_from(ours, device: torch.device):  # noqa: ANN001, ANN201
@@ -104,12 +85,10 @@ def _module_name(name: str) -> str:
     return "model." + name
 
 
-def _audio_inputs(
+def _lora_inputs(
     config, seconds: float, rows: int, text: int, device: torch.device
-) -> tuple[dict, torch.Tensor]:
+) -> tuple[dict, torch.Tensor]:  # noqa: ANN001
     """`rows` rows of `seconds` of audio (whole windows) and `text` tokens on `device`, and their labels."""
-    from cases import audio_batch, windows_for
-
     w = windows_for(config, seconds)
     batch = audio_batch(config, [w] * rows, [text] * rows, seed=1)
     labels = batch.pop("labels")
@@ -117,26 +96,14 @@ def _audio_inputs(
     return {k: v.to(device) for k, v in batch.items()}, labels.to(device)
 
 
-def _text_inputs(config, rows: int, device: torch.device) -> dict:  # noqa: ANN001
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, min(config.text.vocab_size, config.audio_token_id), (rows, 64), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+def _on(inputs: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
-def _generate(impl: str, model, inputs: dict, n: int, compiled: bool = False) -> None:  # noqa: ANN001
-    if impl == "ours":
-        model.generate(**inputs, max_new_tokens=n, stop_token_ids=[], compile=compiled)
-    else:
-        pad = model.config.text_config.pad_token_id or 0
-        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
-
-
-def _timed(device: torch.device, fn) -> float:  # noqa: ANN001
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+def _seconds(device: torch.device, fn) -> float:  # noqa: ANN001
+    with Clock(device) as c:
+        fn()
+    return c.seconds
 
 
 def lora_step(impl: str, model, config, device: torch.device, seconds: float, text: int, rows: int) -> dict:  # noqa: ANN001
@@ -162,7 +129,7 @@ def lora_step(impl: str, model, config, device: torch.device, seconds: float, te
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    inputs, labels = _audio_inputs(config, seconds, rows, text, device)
+    inputs, labels = _lora_inputs(config, seconds, rows, text, device)
 
     # ours computes the loss chunk by chunk, without the full logits
     extra = {"return_logits": False} if impl == "ours" else {}
@@ -173,7 +140,7 @@ def lora_step(impl: str, model, config, device: torch.device, seconds: float, te
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = [_timed(device, step) for _ in range(3)]
+    times = [_seconds(device, step) for _ in range(3)]
     tokens = int(inputs["attention_mask"].sum())
     trainable = sum(p.numel() for p in params)
     counts = {"audio": 0, "lookup": 0, "all": 0}
@@ -205,18 +172,17 @@ def worker(
     from musicflamingo import MusicFlamingoConfig
 
     config = MusicFlamingoConfig.from_name(preset)
+    pad = config.text.pad_token_id or 0
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
     def save() -> None:
         out.write_text(json.dumps(result, indent=1))
 
-    t0 = time.perf_counter()
-    ours = random_model(config, device)
-    model = ours if impl == "ours" else reference_from(ours, device)
-    if impl != "ours":
-        del ours
-    _sync(device)
-    result["build_s"] = time.perf_counter() - t0
+    with Clock(device) as built:
+        ours = random_model(config, device)
+        model = ours if impl == "ours" else reference_from(ours, device)
+    del ours  # the reference holds copies; ours is `model` itself otherwise
+    result["build_s"] = built.seconds
     result["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     save()
     for case in cases:
@@ -226,18 +192,23 @@ def worker(
         _reset_peak(device)
         try:
             if kind == "ttft":
-                inputs, _ = _audio_inputs(config, float(arg), 1, 16, device)
+                inputs = _on(release_inputs(config, float(arg), 1), device)
                 with torch.inference_mode():
-                    _generate(impl, model, inputs, 1)  # warm: kernels, allocator
-                    entry = {"s": _timed(device, lambda x=inputs: _generate(impl, model, x, 1))}
+                    greedy_generate(impl, model, inputs, 1, pad)  # warm: kernels, allocator
+                    entry = {"s": _seconds(device, lambda x=inputs: greedy_generate(impl, model, x, 1, pad))}
             elif kind in ("decode", "compiled"):
-                rows, compiled = int(arg), kind == "compiled"
-                inputs = _text_inputs(config, rows, device)
+                rows, c = int(arg), kind == "compiled"
+                inputs = _on(release_inputs(config, 0, rows), device)
                 with torch.inference_mode():
-                    _generate(impl, model, inputs, 2, compiled)  # warm (and trace the compiled step)
-                    one = _timed(device, lambda x=inputs, c=compiled: _generate(impl, model, x, 1, c))
-                    full = _timed(
-                        device, lambda x=inputs, c=compiled: _generate(impl, model, x, decode_tokens, c)
+                    greedy_generate(
+                        impl, model, inputs, 2, pad, compile=c
+                    )  # warm (and trace the compiled step)
+                    one = _seconds(
+                        device, lambda x=inputs, c=c: greedy_generate(impl, model, x, 1, pad, compile=c)
+                    )
+                    full = _seconds(
+                        device,
+                        lambda x=inputs, c=c: greedy_generate(impl, model, x, decode_tokens, pad, compile=c),
                     )
                 entry = {"tokens_s": rows * (decode_tokens - 1) / max(full - one, 1e-9)}
             elif kind == "lora":

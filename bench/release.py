@@ -50,52 +50,19 @@ def peak_rss_gb() -> float:
 # ---------------------------------------------------------------------------------------------- checkpoint
 def write_checkpoint(path: Path, preset: str) -> dict:
     """Random weights of the preset's exact shapes in bf16, written by our `save_pretrained`; reused when present."""
-    from musicflamingo import MusicFlamingo, MusicFlamingoConfig
+    from cases import random_model
+
+    from musicflamingo import MusicFlamingoConfig
 
     config = MusicFlamingoConfig.from_name(preset)
     if (path / "config.json").is_file():
         return {"params": config.num_parameters(), "written_s": 0.0}
     t0 = time.perf_counter()
-    with torch.device("meta"):
-        model = MusicFlamingo(config)
-    model.to_empty(device="cpu")
-    model.to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # normal(0, 0.02): values do not matter for speed, only that they are finite
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=g)
-    model.reset_buffers("cpu")
-    model.save_pretrained(path, max_shard_size="5GB")
+    random_model(config, torch.device("cpu")).save_pretrained(path, max_shard_size="5GB")
     return {"params": config.num_parameters(), "written_s": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------- worker
-def _inputs(config, seconds: float, batch: int, text: int = 16) -> dict:
-    """`batch` rows of `seconds` of audio (whole windows) and `text` trailing tokens; seconds 0: text only."""
-    from cases import audio_batch, windows_for
-
-    if (
-        seconds <= 0
-    ):  # decode at batch B: the steps read the weights; a long audio prompt would only add prefill
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, min(config.text.vocab_size, config.audio_token_id), (batch, 64), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    w = windows_for(config, seconds)
-    inputs = audio_batch(config, [w] * batch, [text] * batch, seed=1)
-    inputs.pop("labels")
-    inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
-    return inputs
-
-
-def _generate(impl: str, model, inputs: dict, n: int, pad: int, streamer=None) -> torch.Tensor:
-    if impl != "ref":
-        return model.generate(**inputs, max_new_tokens=n, stop_token_ids=[])
-    kw = {"streamer": streamer} if streamer is not None else {}
-    return model.generate(
-        **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad, **kw
-    )
-
-
 def _stream(impl: str, model, inputs: dict, n: int, pad: int) -> list[float]:
     """perf_counter at every new token (the first one included)."""
     if impl != "ref":
@@ -103,10 +70,10 @@ def _stream(impl: str, model, inputs: dict, n: int, pad: int) -> list[float]:
         for _ in model.stream_generate(**inputs, max_new_tokens=n, stop_token_ids=[]):
             stamps.append(time.perf_counter())
         return stamps
-    from cases import _TimingStreamer
+    from cases import _TimingStreamer, greedy_generate
 
     streamer = _TimingStreamer(torch.device("cpu"))
-    _generate(impl, model, inputs, n, pad, streamer)
+    greedy_generate(impl, model, inputs, n, pad, streamer)
     return streamer.times[1:]  # the first `put` is the prompt
 
 
@@ -126,6 +93,8 @@ def worker(impl: str, ckpt: str, cases: list[str], decode_tokens: int, threads: 
     """Cases: `first:S` (S s of audio, batch 1: time to first token, then decode tokens/s), `ttft:S` (one
     token), `decode:B` (B rows of 64 text tokens: decode tokens/s at batch B)."""
     torch.set_num_threads(threads)
+    from cases import greedy_generate, release_inputs
+
     from musicflamingo import MusicFlamingoConfig
 
     config = MusicFlamingoConfig.from_json(Path(ckpt) / "config.json")
@@ -139,21 +108,21 @@ def worker(impl: str, ckpt: str, cases: list[str], decode_tokens: int, threads: 
         for case in cases:
             kind, arg = case.split(":")
             if kind == "first":
-                inputs = _inputs(config, float(arg), 1)
+                inputs = release_inputs(config, float(arg), 1)
                 t0 = time.perf_counter()
                 stamps = _stream(impl, model, inputs, decode_tokens, pad)
                 out[f"ttft_{arg}s"] = stamps[0] - t0
                 out.setdefault("start_to_first_token_s", stamps[0] - START)
                 out["decode_b1_tokens_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
             elif kind == "ttft":
-                inputs = _inputs(config, float(arg), 1)
+                inputs = release_inputs(config, float(arg), 1)
                 t0 = time.perf_counter()
-                _generate(impl, model, inputs, 1, pad)
+                greedy_generate(impl, model, inputs, 1, pad)
                 out[f"ttft_{arg}s"] = time.perf_counter() - t0
                 out.setdefault("start_to_first_token_s", time.perf_counter() - START)
             elif kind == "decode":
                 batch = int(arg)
-                stamps = _stream(impl, model, _inputs(config, 0, batch), decode_tokens, pad)
+                stamps = _stream(impl, model, release_inputs(config, 0, batch), decode_tokens, pad)
                 out[f"decode_b{batch}_tokens_s"] = batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
             else:
                 raise SystemExit(f"unknown case {case!r} (first:S, ttft:S, decode:B)")
