@@ -29,6 +29,7 @@ from flops import matmul_ceiling, training_flops
 from musicflamingo import MusicFlamingo, MusicFlamingoConfig
 from musicflamingo.audio.features import LogMelExtractor, split_windows
 from musicflamingo.engine import stream_generate
+from musicflamingo.model.lora import QuantizedLinear
 
 SR = 16000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -333,6 +334,31 @@ def greedy_generate(
     if impl == "ref":
         return _ref_generate(model, inputs, n, pad, streamer)
     return model.generate(**inputs, max_new_tokens=n, stop_token_ids=[], compile=compile)
+
+
+class Int8StandIn(QuantizedLinear):
+    """A CPU stand-in for bitsandbytes' NF4 `Linear4bit` (QLoRA's frozen base): int8 weights with a per-row scale,
+    dequantised in the forward. Lets the QLoRA code paths (adapters over a quantized base, merge into bf16) run
+    where bitsandbytes cannot: the tests and the GPU bench's CPU smoke run."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        scale = weight.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> Int8StandIn:
+        return cls(linear.weight.detach(), linear.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.to(self.scale.dtype) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
 
 
 def _ref_generate(model: Any, inputs: dict, n: int, pad: int, streamer: Any = None) -> torch.Tensor:

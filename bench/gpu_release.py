@@ -5,13 +5,19 @@ its own, with random weights of the release's exact shapes made on the device (n
     python bench/gpu_release.py --render gpu_release.json --doc docs/performance.md   # back here: the table
     python bench/gpu_release.py --preset tiny --device cpu --out /tmp/g.json   # smoke run (seconds)
 
-Per implementation: time to first token for 30 s, 5 min and 20 min of audio (batch 1, `max_new_tokens=1`), decode
-tokens/s at batch 1, 8 and 32 from 64-token text prompts (eager; ours also with its compiled decode step), and one
-LoRA step (rank 16 on the attention and MLP projections, gradient checkpointing, AdamW, 2 rows of 5 min of audio +
-512 text tokens; the reference through `peft` when it is installed), each with its peak memory. The reference gets
-the very values ours drew (same seed, our names renamed to its own). The full fine-tune's fit comes from the memory
-planner (`musicflamingo.planner`), which needs no device. The JSON is written after every case, so a run cut short
-keeps what it measured.
+Three workers: `qlora` (ours with the decoder's linears in bitsandbytes' NF4, rank-16 adapters, a 30 s clip + 256
+tokens at batch 1, checkpointing: tokens/s, peak memory after the conversion, then the export's merge into bf16
+checked on a prompt's logits), then `ours` and `ref`: time to first token for 30 s, 5 min and 20 min of audio (batch
+1, `max_new_tokens=1`), decode tokens/s at batch 1, 8 and 32 from 64-token text prompts (eager; ours also with its
+compiled decode step), and one LoRA step (rank 16 on the language model's attention and MLP projections, gradient
+checkpointing, AdamW, 2 rows of 5 min of audio + 512 text tokens; the reference through `peft`), each with its peak
+memory and, for ours, the memory planner's prediction. The reference gets the very values ours drew (same seed, our
+names renamed to its own). The full fine-tune's fit comes from the planner (`musicflamingo.planner`), which needs
+no device. The JSON is written after every case, so a run cut short keeps what it measured; a case that fails is
+recorded and the next one runs.
+
+The lent GPU machines have no bitsandbytes and no network: `bash bench/gpu_site.sh` here, then the device call
+carries `bench/gpu_site` (gpu_check.sh puts it on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -30,13 +37,39 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from cases import Clock, audio_batch, greedy_generate, random_model, release_inputs, windows_for  # noqa: E402
+from cases import (  # noqa: E402
+    Clock,
+    Int8StandIn,
+    audio_batch,
+    greedy_generate,
+    random_model,
+    release_inputs,
+    windows_for,
+)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA = {"enabled": True, "rank": 16, "alpha": 32, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+# peft matches the bare names anywhere (the audio tower has q/k/v_proj too): this keeps its adapters where ours are
+PEFT_TARGETS = r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")"
+QLORA = {
+    "seconds": 30.0,
+    "text": 256,
+    "rows": 1,
+    "fits_gb": 20.0,
+}  # issue 23: a 30 s clip + 256 tokens under 20 GB
+LORA_STEP = {"seconds": 300.0, "text": 512, "rows": 2}  # 2 rows of 5 min of audio + 512 text tokens
+TIMEOUTS = "qlora=100,ours=250,ref=200"  # seconds per worker process: the three fit gpu_check.sh's 570 s
 # Dense bf16 peaks (TFLOP/s, no sparsity) by device name, from the vendors' datasheets.
 BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# The best published LoRA figure for a 7-8 B decoder we found, printed beside ours (FP8, where ours is bf16; NeMo
+# counts forward + backward model FLOPs with no recomputation: 4 per weight and token for frozen weights)
+PUBLISHED_LORA = (
+    "NeMo 24.12 performance summary, Llama 2 7B LoRA on 8 GPUs, FP8, rows packed to 4096 tokens: 24 824 tokens/s "
+    "and 663 model TFLOP/s per GPU (docs.nvidia.com/nemo-framework/user-guide/24.12/nemotoolkit/performance/"
+    "performance_summary.html)"
+)
 # compiled last: tracing takes the longest, and a run cut by its timeout keeps every case before it
-DEFAULT_CASES = "ttft:30,ttft:300,ttft:1200,decode:1,decode:8,decode:32,lora,compiled:1,compiled:8"
+DEFAULT_CASES = "qlora,ttft:30,ttft:300,ttft:1200,decode:1,decode:8,decode:32,lora,compiled:1,compiled:8"
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -46,7 +79,13 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def _peak_gb(device: torch.device) -> float | None:
+    """The most memory tensors held at once since the last reset (what the planner predicts)."""
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def _reserved_gb(device: torch.device) -> float | None:
+    """The most the caching allocator held from the device (what a smaller card must have free)."""
+    return torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
 
 
 def reference_from(ours, device: torch.device):  # noqa: ANN001, ANN201
@@ -106,15 +145,86 @@ def _seconds(device: torch.device, fn) -> float:  # noqa: ANN001
     return c.seconds
 
 
-def lora_step(impl: str, model, config, device: torch.device, seconds: float, text: int, rows: int) -> dict:  # noqa: ANN001
-    """Seconds of one LoRA optimizer step (the second of three; the first traces and warms), tokens per step."""
+def _plan_gb(plan) -> float:  # noqa: ANN001
+    return plan.peak / 1e9
+
+
+def plan_training_gb(
+    config, device: torch.device, inputs: dict, labels: torch.Tensor, quantized: bool
+) -> float:  # noqa: ANN001
+    """The memory planner's peak for the LoRA / QLoRA step below (bf16 weights, adapters only, checkpointing)."""
+    from musicflamingo.planner import TrainingSetup, plan_training
+
+    setup = TrainingSetup(
+        precision="bf16-true",
+        device=device.type,
+        train_audio_tower=False,
+        train_projector=False,
+        train_language_model=False,
+        lora_rank=LORA["rank"],
+        lora_targets=LORA_TARGETS,
+        quantize_base="nf4" if quantized else None,
+        checkpointing=True,
+        tokens=inputs["input_ids"].numel(),
+        windows=inputs["input_features"].shape[0],
+        labelled=int((labels != -100).sum()),
+        rows=inputs["input_ids"].shape[0],
+    )
+    return _plan_gb(plan_training(config, setup))
+
+
+def plan_generation_gb(config, device: torch.device, inputs: dict, new_tokens: int) -> float:  # noqa: ANN001
+    """The planner's peak for `model.generate` on `inputs` (`engine.generate`: every prompt embedded first)."""
+    from musicflamingo.planner import plan_inference
+
+    rows, prompt = inputs["input_ids"].shape
+    windows = inputs["input_features"].shape[0] // rows if "input_features" in inputs else 0
+    return _plan_gb(
+        plan_inference(
+            config,
+            dtype_bytes=2,
+            slots=rows,
+            prompt_tokens=prompt,
+            new_tokens=new_tokens,
+            windows=windows,
+            embed_batch=True,
+            device=device.type,
+        )
+    )
+
+
+def quantizer(device: torch.device):  # noqa: ANN201
+    """The class QLoRA's frozen base becomes: bitsandbytes' NF4 on CUDA (refused with the setting's own error where
+    it cannot run), the int8 stand-in of bench/cases.py on CPU (smoke runs of the code path)."""
+    if device.type != "cuda":
+        return Int8StandIn, "int8 stand-in (CPU smoke run)"
+    from musicflamingo.model.lora import check_quantize_base, nf4_linear_class
+
+    check_quantize_base("nf4")
+    import bitsandbytes
+
+    return nf4_linear_class(), f"bitsandbytes {bitsandbytes.__version__} nf4"
+
+
+def lora_step(
+    impl: str,
+    model,
+    config,
+    device: torch.device,
+    seconds: float,
+    text: int,
+    rows: int,
+    quantized=None,
+) -> dict:  # noqa: ANN001
+    """Seconds of one LoRA optimizer step (the second of three; the first traces and warms), tokens per step, peak
+    memory of the steps. `quantized` (ours only): the frozen decoder linears become that class first (QLoRA), and
+    the peak counts from after that conversion."""
     if impl == "ours":
         from musicflamingo.model.build import add_lora
 
         model.requires_grad_(False)  # only the adapters train, as with peft on the reference
-        add_lora(
-            model, {"enabled": True, "rank": 16, "alpha": 32, "dropout": 0.0, "targets": list(LORA_TARGETS)}
-        )
+        add_lora(model, LORA, quantized)
+        model.to(device)  # bitsandbytes quantizes a Params4bit when it moves to the GPU
         model.set_gradient_checkpointing(True)
     else:
         try:
@@ -122,73 +232,124 @@ def lora_step(impl: str, model, config, device: torch.device, seconds: float, te
         except ImportError:
             return {"skipped": "peft is not installed here"}
         model.requires_grad_(False)
+        # non-reentrant, as ours: the reentrant kind gives adapters inside a layer no gradient when the layer's
+        # input needs none (frozen embeddings)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+            model,
+            LoraConfig(
+                r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=PEFT_TARGETS
+            ),
         )
-        model.gradient_checkpointing_enable()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     inputs, labels = _lora_inputs(config, seconds, rows, text, device)
+    _reset_peak(device)
+    resident = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
     # ours computes the loss chunk by chunk, without the full logits
     extra = {"return_logits": False} if impl == "ours" else {}
+    with_grad = []
 
     def step() -> None:
         loss = model(**inputs, labels=labels, **extra).loss
         loss.backward()
+        with_grad.append(sum(p.grad is not None for p in params))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     times = [_seconds(device, step) for _ in range(3)]
     tokens = int(inputs["attention_mask"].sum())
     trainable = sum(p.numel() for p in params)
-    counts = {"audio": 0, "lookup": 0, "all": 0}
-    for name, p in model.named_parameters():
-        counts["all"] += p.numel()
-        if "audio_tower" in name or "multi_modal_projector" in name:
-            counts["audio"] += p.numel()
-        elif "embed_tokens" in name:
-            counts["lookup"] += p.numel()
-    decoder = counts["all"] - counts["audio"] - counts["lookup"] - trainable
     frames = inputs["input_features"].shape[0] * config.audio.max_source_positions
     seconds_step = sorted(times)[1]
-    # Decoder weights: the forward, its recomputation under checkpointing and the input-gradient backward, 2 FLOPs
-    # per weight and token each; the adapters add their weight gradients; the frozen audio side runs forward only,
-    # per frame. Attention's own FLOPs are not counted.
-    flops = tokens * (6 * decoder + 8 * trainable) + 2 * counts["audio"] * frames
-    return {
+    flops = lora_step_flops(config, tokens, frames, trainable)
+    entry = {
         "step_s": seconds_step,
         "tokens": tokens,
         "tokens_s": tokens / seconds_step,
         "trainable": trainable,
+        "trainable_tensors": len(params),
+        "tensors_with_grad": min(with_grad),
         "model_tflops": flops / seconds_step / 1e12,
+        "peak_gb": _peak_gb(device),
+        "reserved_gb": _reserved_gb(device),
+        "resident_gb": resident,
+    }
+    if impl == "ours":
+        entry["plan_gb"] = plan_training_gb(config, device, inputs, labels, quantized is not None)
+    return entry
+
+
+def lora_step_flops(config, tokens: int, frames: int, trainable: int) -> int:  # noqa: ANN001
+    """FLOPs a LoRA step executes, from the config's shapes (a 4-bit base packs two weights a byte, so parameter
+    tensors would undercount it): the decoder's weight matmuls (its linears and the head; not the embedding lookup)
+    in the forward, their recomputation under checkpointing and the input-gradient backward, 2 FLOPs per weight and
+    token each; the adapters add their weight gradients (8 per adapter weight and token in all); the frozen audio
+    tower runs forward only per encoder frame, the projector per audio token (half as many). Attention's own FLOPs are not counted."""
+    from musicflamingo.planner import parameter_counts
+
+    n, t = parameter_counts(config), config.text
+    decoder = t.num_hidden_layers * n["decoder_layer"] + t.vocab_size * t.hidden_size
+    tower = n["audio_tower"] - n["audio_positions"]
+    return tokens * (6 * decoder + 8 * trainable) + 2 * tower * frames + n["projector"] * frames  # P/2 tokens
+
+
+def unwrap_lora(model) -> None:  # noqa: ANN001
+    """Ours back to a plain inference model after its LoRA step (adapters merged, no checkpointing, eval), so the
+    cases after it time what they would without it."""
+    from musicflamingo.model.lora import merge_lora
+
+    merge_lora(model)
+    model.set_gradient_checkpointing(False)
+    model.requires_grad_(False).eval()
+
+
+def merge_check(model, config, device: torch.device) -> dict:  # noqa: ANN001
+    """QLoRA export's merge on the trained model: every adapter folded into its dequantised base, in bf16. Logits
+    of a 64-token prompt before and after, their largest difference relative to the largest logit."""
+    from musicflamingo.model.lora import QuantizedLinear, merge_lora
+
+    prompt = _on(release_inputs(config, 0, 1), device)
+    model.eval()
+    with torch.no_grad():
+        before = model(**prompt).logits.float()
+        with Clock(device) as c:
+            merged = merge_lora(model, torch.bfloat16)
+        after = model(**prompt).logits.float()
+    left = sum(isinstance(m, QuantizedLinear) for m in model.modules())
+    return {
+        "merge_s": c.seconds,
+        "merged": merged,
+        "quantized_left": left,
+        "logits_rel_diff": float((after - before).abs().max() / before.abs().max()),
     }
 
 
 def worker(
     impl: str, preset: str, device: torch.device, cases: list[str], out: Path, decode_tokens: int
 ) -> None:
+    """One implementation's cases in this process: `ours`, `ref`, or `qlora` (ours with the nf4 base)."""
     from musicflamingo import MusicFlamingoConfig
 
     config = MusicFlamingoConfig.from_name(preset)
     pad = config.text.pad_token_id or 0
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    release = preset == "music_flamingo_2601"
 
     def save() -> None:
         out.write_text(json.dumps(result, indent=1))
 
     with Clock(device) as built:
         ours = random_model(config, device)
-        model = ours if impl == "ours" else reference_from(ours, device)
+        model = ours if impl != "ref" else reference_from(ours, device)
     del ours  # the reference holds copies; ours is `model` itself otherwise
     result["build_s"] = built.seconds
     result["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     save()
     for case in cases:
         kind, _, arg = case.partition(":")
-        if kind == "compiled" and impl != "ours":
-            continue
         _reset_peak(device)
         try:
             if kind == "ttft":
@@ -196,6 +357,8 @@ def worker(
                 with torch.inference_mode():
                     greedy_generate(impl, model, inputs, 1, pad)  # warm: kernels, allocator
                     entry = {"s": _seconds(device, lambda x=inputs: greedy_generate(impl, model, x, 1, pad))}
+                if impl == "ours":
+                    entry["plan_gb"] = plan_generation_gb(config, device, inputs, 1)
             elif kind in ("decode", "compiled"):
                 rows, c = int(arg), kind == "compiled"
                 inputs = _on(release_inputs(config, 0, rows), device)
@@ -211,20 +374,50 @@ def worker(
                         lambda x=inputs, c=c: greedy_generate(impl, model, x, decode_tokens, pad, compile=c),
                     )
                 entry = {"tokens_s": rows * (decode_tokens - 1) / max(full - one, 1e-9)}
+                if impl == "ours":
+                    entry["plan_gb"] = plan_generation_gb(config, device, inputs, decode_tokens)
             elif kind == "lora":
-                entry = lora_step(
-                    impl, model, config, device, 300.0 if preset == "music_flamingo_2601" else 8.0, 512, 2
+                shape = LORA_STEP if release else {"seconds": 8.0, "text": 64, "rows": 2}
+                try:
+                    entry = lora_step(impl, model, config, device, **shape)
+                finally:
+                    if impl == "ours":
+                        unwrap_lora(model)  # the cases after it (compiled decode) time the plain model
+            elif kind == "qlora":
+                cls, result["quantizer"] = quantizer(device)
+                shape = (
+                    {k: QLORA[k] for k in ("seconds", "text", "rows")}
+                    if release
+                    else {
+                        "seconds": 8.0,
+                        "text": 32,
+                        "rows": 1,
+                    }
                 )
+                entry = lora_step("ours", model, config, device, quantized=cls, **shape)
+                entry.update(merge_check(model, config, device))
             else:
                 raise SystemExit(f"unknown case {case!r}")
         except (
             torch.cuda.OutOfMemoryError
         ) as e:  # a case that does not fit is a result, not the end of the run
             entry = {"out_of_memory": str(e).splitlines()[0]}
-        entry["peak_gb"] = _peak_gb(device)
+        except Exception as e:  # noqa: BLE001  one case's failure must not cost the run's other cases
+            traceback.print_exc()
+            entry = {"error": f"{type(e).__name__}: {e}"[:400]}
+        entry.setdefault("peak_gb", _peak_gb(device))
+        entry.setdefault("reserved_gb", _reserved_gb(device))
         result[case] = entry
         save()
         print(f"[{impl}] {case}: {entry}", flush=True)
+
+
+def cases_of(impl: str, cases: list[str]) -> list[str]:
+    """What one worker runs: the qlora worker only `qlora` (it changes the model for good), the reference no
+    compiled decode (ours' own compiled step) and no `qlora`."""
+    if impl == "qlora":
+        return [c for c in cases if c == "qlora"]
+    return [c for c in cases if c != "qlora" and not (impl == "ref" and c.startswith("compiled"))]
 
 
 def full_finetune_plan(preset: str, gpu_gb: float) -> dict:
@@ -319,9 +512,37 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
     if tflops and peak:
         rows.append(
             (
-                "LoRA utilisation of the bf16 dense peak (no target)",
-                f"{tflops / peak:.1%} of {peak:g} TFLOP/s",
+                "LoRA utilisation of the bf16 dense peak (no target; executed FLOPs, recomputation included)",
+                f"{tflops / peak:.1%} of {peak:g} TFLOP/s; published: {PUBLISHED_LORA}",
                 "-",
+            )
+        )
+    q = result.get("qlora", {}).get("qlora", {})
+    if isinstance(q.get("reserved_gb"), (int, float)):
+        fits = QLORA["fits_gb"]
+        rows.append(
+            (
+                f"QLoRA (nf4 base), 30 s + 256 tokens, batch 1, checkpointing: < {fits:g} GB",
+                f"{q['reserved_gb']:.1f} GB reserved ({q['peak_gb']:.1f} GB allocated) at "
+                f"{q['tokens_s']:.0f} tokens/s",
+                _verdict(q["reserved_gb"] < fits),
+            )
+        )
+    if isinstance(q.get("logits_rel_diff"), (int, float)):
+        rows.append(
+            (
+                "QLoRA adapters merge into bf16 (logits vs the 4-bit model, rel. to the largest)",
+                f"{q['logits_rel_diff']:.2e}, {q['merged']} adapters, {q['quantized_left']} 4-bit linears left",
+                _verdict(q["quantized_left"] == 0 and q["logits_rel_diff"] < 0.05),
+            )
+        )
+    for case, planned, measured in planner_rows(result):
+        ratio = planned / measured
+        rows.append(
+            (
+                f"memory planner, {case}: within 15 % of the measured peak",
+                f"{planned:.1f} vs {measured:.1f} GB ({ratio:.2f}x)",
+                _verdict(abs(ratio - 1) <= 0.15),
             )
         )
     for precision, row in result.get("full_finetune", {}).items():
@@ -329,6 +550,19 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
         rows.append(
             (f"full fine-tune, AdamW, {precision} (planner)", f"{row['one_gpu_peak_gb']:.0f} GB on one", fit)
         )
+    return rows
+
+
+def planner_rows(result: dict) -> list[tuple[str, float, float]]:
+    """(case, planned GB, measured GB) for each of ours' cases where the planner predicted and CUDA measured."""
+    rows = []
+    for impl in ("ours", "qlora"):
+        for case, entry in result.get(impl, {}).items():
+            if not isinstance(entry, dict):
+                continue
+            planned, measured = entry.get("plan_gb"), entry.get("peak_gb")
+            if isinstance(planned, (int, float)) and isinstance(measured, (int, float)) and measured > 0:
+                rows.append((case, planned, measured))
     return rows
 
 
@@ -352,10 +586,15 @@ def render(result: dict) -> str:
         ratio = f"{a / b:.2f}x" if a and b else "-"
         pa, pb = _get(result, "ours", case, "peak_gb"), _get(result, "ref", case, "peak_gb")
         lines.append(f"| {label} | {_num(a)} | {_num(b)} | {ratio} | {_num(pa)} | {_num(pb)} |")
-    for impl in ("ours", "ref"):
+    for impl in ("qlora", "ours", "ref"):
         for case, entry in result.get(impl, {}).items():
-            if isinstance(entry, dict) and ("out_of_memory" in entry or "skipped" in entry):
-                lines.append(f"\n{impl} {case}: {entry.get('out_of_memory') or entry.get('skipped')}")
+            note = isinstance(entry, dict) and next(
+                (entry[k] for k in ("out_of_memory", "skipped", "error") if k in entry), None
+            )
+            if note:
+                lines.append(f"\n{impl} {case}: {note}")
+        if result.get(impl, {}).get("exit") not in (None, 0):
+            lines.append(f"\n{impl} worker exit: {result[impl]['exit']}")
     rows = targets(result)
     if rows:
         lines += ["", "| target | measured | verdict |", "|---|---|---|"]
@@ -371,14 +610,24 @@ def update_doc(path: Path, result: dict) -> None:
     write_marked(path, begin, end, block, "Results (release size, GPU)")
 
 
+def parse_timeouts(text: str) -> dict[str, float]:
+    """`250` (every worker) or `qlora=100,ours=250,ref=200` -> {impl: seconds} ("*": every worker)."""
+    if "=" not in text:
+        return {"*": float(text)}
+    pairs = (item.partition("=") for item in text.split(",") if item)
+    return {impl.strip(): float(seconds) for impl, _, seconds in pairs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="music_flamingo_2601")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cases", default=DEFAULT_CASES)
-    ap.add_argument("--impls", default="ours,ref")
+    ap.add_argument("--impls", default="qlora,ours,ref", help="workers, in order (qlora: ours, nf4 base)")
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--timeout", type=int, default=240, help="seconds per implementation's process")
+    ap.add_argument(
+        "--timeout", default=TIMEOUTS, help="seconds per worker process: one number, or impl=seconds,..."
+    )
     ap.add_argument("--out", default=str(HERE / "results_gpu_release.json"))
     ap.add_argument(
         "--doc", default=None, help="write the table between the bench:gpu_release markers of this file"
@@ -400,13 +649,19 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.preset, device, cases, out, args.decode_tokens)
     result: dict = {"preset": args.preset, "cases": cases, "command": " ".join(sys.argv)}
+    timeouts = parse_timeouts(args.timeout)
     for impl in args.impls.split(","):
+        mine = cases_of(impl, cases)
+        if not mine:
+            continue
         part = out.with_name(f"{out.stem}.{impl}.json")
         cmd = [sys.executable, __file__, "--worker", impl, "--preset", args.preset, "--device", args.device]
-        cmd += ["--cases", args.cases, "--decode-tokens", str(args.decode_tokens), "--out", str(part)]
+        cmd += ["--cases", ",".join(mine), "--decode-tokens", str(args.decode_tokens), "--out", str(part)]
         try:
             rc = subprocess.run(
-                cmd, timeout=args.timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+                cmd,
+                timeout=timeouts.get(impl, timeouts.get("*", 240)),
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"

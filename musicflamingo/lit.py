@@ -235,8 +235,9 @@ class MusicFlamingoLit(L.LightningModule):
         model = self.model
         if has_quantized(model):
             model = copy.deepcopy(model)
-            merge_lora(model, torch.bfloat16)
-            model = model.to(torch.bfloat16)
+            # each merged linear goes to the CPU as it is made: the device holds the 4-bit copy, never a bf16 model
+            merge_lora(model, torch.bfloat16, device="cpu")
+            model = model.to("cpu", torch.bfloat16)
         elif any(isinstance(m, LoRALinear) for m in model.modules()):
             model = copy.deepcopy(model).float()
             merge_lora(model)

@@ -295,25 +295,37 @@ def test_release_int8_prefill_verdict_says_why_when_missed():
 
 
 def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path):
-    """bench/gpu_release.py end to end on CPU at the smallest size: both workers, a LoRA step, the planner's
-    full fine-tune fit, one JSON."""
+    """bench/gpu_release.py end to end on CPU at the smallest size: the three workers (QLoRA with the int8 stand-in,
+    ours, the reference), LoRA steps that train the same adapters on both sides, the planner's predictions, the
+    QLoRA merge check, the full fine-tune fit, one JSON."""
     out = tmp_path / "g.json"
     cmd = [sys.executable, str(BENCH / "gpu_release.py"), "--preset", "tiny", "--device", "cpu"]
-    cmd += ["--cases", "ttft:30,decode:2,lora", "--decode-tokens", "4", "--out", str(out)]
+    cmd += ["--cases", "qlora,ttft:30,decode:2,lora,compiled:1", "--decode-tokens", "4", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     for impl in ("ours", "ref"):
         assert result[impl]["exit"] == 0 and result[impl]["ttft:30"]["s"] > 0
         assert result[impl]["decode:2"]["tokens_s"] > 0
-    lora = result["ours"]["lora"]
+    assert "compiled:1" not in result["ref"] and result["ours"]["compiled:1"]["tokens_s"] > 0
+    assert result["ours"]["ttft:30"]["plan_gb"] > 0 and result["ours"]["decode:2"]["plan_gb"] > 0
+    lora, ref_lora = result["ours"]["lora"], result["ref"]["lora"]
+    assert lora["tokens_s"] > 0 and 0 < lora["trainable"] < 0.2 * result["ours"]["weights_gb"] * 1e9 / 2
+    # peft's regex keeps the reference's adapters on the language model, where ours are, and all of them learn
     assert (
-        lora["tokens_s"] > 0 and 0 < lora["trainable"] < 0.2 * result["ours"]["weights_gb"] * 1e9 / 2
-    )  # adapters
-    assert "tokens_s" in result["ref"]["lora"] or "skipped" in result["ref"]["lora"]
+        ref_lora["trainable"] == lora["trainable"]
+        and ref_lora["tensors_with_grad"] == lora["trainable_tensors"]
+    )
+    assert lora["tensors_with_grad"] == lora["trainable_tensors"] and lora["plan_gb"] > 0
+    qlora = result["qlora"]["qlora"]
+    assert result["qlora"]["exit"] == 0 and result["qlora"]["quantizer"].startswith("int8 stand-in")
+    assert qlora["tokens_s"] > 0 and qlora["tensors_with_grad"] == qlora["trainable_tensors"] > 0
+    assert qlora["quantized_left"] == 0 and qlora["merged"] > 0 and qlora["logits_rel_diff"] < 0.05
+    assert set(result["qlora"]) == {"device", "build_s", "weights_gb", "quantizer", "qlora", "exit"}
     assert result["full_finetune"]["bf16-true"]["one_gpu_peak_gb"] > 0
     assert "| time to first token, 30 s audio, s |" in proc.stdout  # the rendered table
     assert "| time to first token, 30 s, <= 0.5x reference |" in proc.stdout
+    assert "| QLoRA adapters merge into bf16" in proc.stdout
 
 
 def test_gpu_release_targets_and_table_from_a_results_json(tmp_path):
@@ -325,10 +337,22 @@ def test_gpu_release_targets_and_table_from_a_results_json(tmp_path):
         "bf16_peak_tflops": 989.0,
         "ours": {
             "device": "NVIDIA H100",
-            "ttft:30": {"s": 0.2, "peak_gb": 17.0},
+            "ttft:30": {"s": 0.2, "peak_gb": 17.0, "plan_gb": 16.0},
             "decode:1": {"tokens_s": 40.0},
             "compiled:1": {"tokens_s": 130.0},
-            "lora": {"tokens_s": 2600.0, "peak_gb": 30.0, "model_tflops": 400.0},
+            "lora": {"tokens_s": 2600.0, "peak_gb": 30.0, "model_tflops": 400.0, "plan_gb": 40.0},
+        },
+        "qlora": {
+            "exit": 0,
+            "qlora": {
+                "tokens_s": 900.0,
+                "peak_gb": 12.0,
+                "reserved_gb": 14.2,
+                "plan_gb": 11.0,
+                "merged": 112,
+                "quantized_left": 0,
+                "logits_rel_diff": 0.004,
+            },
         },
         "ref": {
             "ttft:30": {"s": 0.3, "peak_gb": 17.5},
@@ -344,7 +368,19 @@ def test_gpu_release_targets_and_table_from_a_results_json(tmp_path):
         "1.30x tokens/s, 0.75x memory",
         "met",
     )
-    assert rows["LoRA utilisation of the bf16 dense peak (no target)"][0] == "40.4% of 989 TFLOP/s"
+    utilisation = rows[
+        "LoRA utilisation of the bf16 dense peak (no target; executed FLOPs, recomputation included)"
+    ]
+    assert utilisation[0].startswith("40.4% of 989 TFLOP/s; published: NeMo")
+    assert rows["QLoRA (nf4 base), 30 s + 256 tokens, batch 1, checkpointing: < 20 GB"] == (
+        "14.2 GB reserved (12.0 GB allocated) at 900 tokens/s",
+        "met",
+    )
+    assert rows["QLoRA adapters merge into bf16 (logits vs the 4-bit model, rel. to the largest)"][1] == "met"
+    planner = "memory planner, {}: within 15 % of the measured peak"
+    assert rows[planner.format("ttft:30")] == ("16.0 vs 17.0 GB (0.94x)", "met")
+    assert rows[planner.format("lora")] == ("40.0 vs 30.0 GB (1.33x)", "missed")
+    assert rows[planner.format("qlora")] == ("11.0 vs 12.0 GB (0.92x)", "met")
     assert rows["full fine-tune, AdamW, bf16-true (planner)"] == ("120 GB on one", "FSDP over 2 GPUs")
     doc = tmp_path / "perf.md"
     doc.write_text("intro\n<!-- bench:gpu_release:begin -->\nold\n<!-- bench:gpu_release:end -->\nafter\n")

@@ -7,12 +7,12 @@ order, counted from the weights, optimizer states and batch that exist before it
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -22,7 +22,6 @@ from musicflamingo.model.build import add_lora, build_model, freeze_parts
 from musicflamingo.model.config import MusicFlamingoConfig
 from musicflamingo.model.lora import (
     QuantizationUnavailable,
-    QuantizedLinear,
     QuantizedLoRALinear,
     check_quantize_base,
 )
@@ -38,6 +37,9 @@ from musicflamingo.planner import (
 
 TOLERANCE = 0.15
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from cases import Int8StandIn  # noqa: E402  (bench/cases.py: shared with the GPU bench's CPU smoke run)
+
 TINY = {"audio": {"max_source_positions": 100}}  # the training tests' 2 s windows
 LORA = {
     "enabled": True,
@@ -449,30 +451,6 @@ def test_qlora_refused_on_cpu_before_building(tmp_path):
         )
 
 
-class Int8Linear(QuantizedLinear):
-    """Stand-in for bitsandbytes' Linear4bit: int8 weights with a per-row scale, dequantised in the forward."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        scale = weight.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
-        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        return cls(linear.weight.detach(), linear.bias)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.qweight.to(self.scale.dtype) * self.scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(
-            x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
-        )
-
-
 def test_qlora_with_a_stand_in_quantizer(tmp_path):
     """The decoder's linears become the quantized class, adapters train over it, the audio tower and projector are
     untouched, and export merges into a bfloat16 folder that loads back and computes what the trained model does."""
@@ -484,13 +462,13 @@ def test_qlora_with_a_stand_in_quantizer(tmp_path):
         k: v.clone() for k, v in model.state_dict().items() if not k.startswith("language_model.layers")
     }
     freeze_parts(model, {"audio_tower": True, "multi_modal_projector": False, "language_model": True})
-    names = add_lora(model, LORA, quantized=Int8Linear)
+    names = add_lora(model, LORA, quantized=Int8StandIn)
     assert len(names) == 4 * model.config.text.num_hidden_layers
     layer = model.language_model.layers[0]
     assert isinstance(layer.self_attn.q_proj, QuantizedLoRALinear) and isinstance(
-        layer.self_attn.q_proj.base, Int8Linear
+        layer.self_attn.q_proj.base, Int8StandIn
     )
-    assert isinstance(layer.mlp.gate_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int8Linear)
+    assert isinstance(layer.mlp.gate_proj, Int8StandIn) and isinstance(layer.mlp.down_proj, Int8StandIn)
     assert not any(type(m) is nn.Linear for m in model.language_model.modules())
     assert (
         type(model.multi_modal_projector.linear_1) is nn.Linear
@@ -532,6 +510,59 @@ def test_qlora_with_a_stand_in_quantizer(tmp_path):
         want = model.eval()(batch["input_ids"], input_features=batch["input_features"]).logits
         got = loaded(batch["input_ids"], input_features=batch["input_features"].bfloat16()).logits
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+
+def test_qlora_with_bitsandbytes_nf4_on_cpu(tmp_path):
+    """bitsandbytes' own NF4 class (its CPU kernels run here; `model.net.quantize_base` still refuses CPU machines):
+    built from each decoder linear, quantized when the model moves to its device, adapters train over it while the
+    packed 4-bit base never changes, and export merges into a bfloat16 folder whose linears are the dequantised
+    base + B A * scale and whose logits are the trained model's."""
+    pytest.importorskip("bitsandbytes")
+    from musicflamingo.lit import MusicFlamingoLit
+    from musicflamingo.model.lora import nf4_linear_class
+
+    torch.manual_seed(0)
+    model = MusicFlamingo(MusicFlamingoConfig.from_name("tiny", **TINY)).to(torch.bfloat16).train()
+    freeze_parts(model, {"audio_tower": True, "multi_modal_projector": False, "language_model": True})
+    add_lora(model, LORA, quantized=nf4_linear_class())
+    adapter = model.language_model.layers[0].self_attn.q_proj
+    assert isinstance(adapter, QuantizedLoRALinear) and not adapter.base.weight.bnb_quantized
+    model.to("cpu")  # bitsandbytes quantizes a Params4bit as it moves (to the GPU, in real runs)
+    packed = adapter.base.weight
+    assert packed.bnb_quantized and packed.dtype == torch.uint8 and packed.numel() * 2 == 64 * 64
+    before = packed.data.clone()
+    dequantised = adapter.base.dequantize()
+    assert dequantised.shape == (64, 64) and dequantised.dtype == torch.bfloat16
+
+    batch = _batch(model.config, 2, 30, 10, 1)
+    batch["input_features"] = batch["input_features"].bfloat16()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**batch, return_logits=False).loss.backward()
+        optimizer.step()
+    assert adapter.lora_A.grad.abs().sum() > 0 and adapter.lora_B.abs().sum() > 0
+    assert torch.equal(adapter.base.weight.data, before)
+
+    lit = MusicFlamingoLit(
+        model,
+        None,
+        None,
+        {"audio_tower": None, "multi_modal_projector": None, "language_model": None},
+        "stop",
+    )
+    loaded = MusicFlamingo.from_pretrained(lit.export(tmp_path / "export"))
+    q = loaded.language_model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and q.weight.dtype == torch.bfloat16
+    expected = (
+        dequantised.float()
+        + adapter.lora_B.detach().float() @ adapter.lora_A.detach().float() * adapter.scale
+    )
+    torch.testing.assert_close(q.weight.float(), expected, atol=1e-2, rtol=1e-2)
+    with torch.no_grad():
+        want = model.eval()(batch["input_ids"], input_features=batch["input_features"]).logits
+        got = loaded(batch["input_ids"], input_features=batch["input_features"]).logits
+    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
 
 
 def test_planner_mirrors_the_models_chunk_sizes():
@@ -577,3 +608,29 @@ def test_quantized_workspace_is_planned_exactly(method, windows, text):
     assert quant_workspace_bytes(config, method, 4, prompt_tokens=prompt, slots=1, windows=windows) == kept
     bf16 = plan_inference(config, dtype_bytes=4, prompt_tokens=prompt, new_tokens=3, windows=windows)
     assert all(name != "quantized workspace" for name, _, _ in bf16.items)
+
+
+@pytest.mark.parametrize("quantized", [None, Int8StandIn])
+def test_merge_puts_each_merged_linear_where_asked(quantized):
+    """QLoRA's export merges straight to the CPU (a 24 GB card never holds a bf16 copy): every merged or dequantised
+    linear lands on the device asked for, in the dtype asked for, and the audio tower is not touched."""
+    import copy
+
+    from musicflamingo.model.lora import merge_lora
+
+    model = MusicFlamingo(MusicFlamingoConfig.from_name("tiny", **TINY))
+    add_lora(model, LORA, quantized=quantized)
+    merged = copy.deepcopy(model)
+    n = merge_lora(merged, torch.bfloat16, device="meta")
+    assert n == 4 * model.config.text.num_hidden_layers
+    linears = [m for m in merged.language_model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 7 * model.config.text.num_hidden_layers
+    assert all(type(m) is nn.Linear for m in linears)
+    moved = [
+        m for m in linears if m.weight.is_meta
+    ]  # merged adapters, and with QLoRA every dequantised base too
+    assert len(moved) == (7 if quantized else 4) * model.config.text.num_hidden_layers
+    if quantized is not None:  # dequantised into the dtype asked for; plain LoRA keeps its weights' dtype
+        assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert not any(p.is_meta for p in merged.audio_tower.parameters())
+    assert not any(p.is_meta for p in model.parameters())  # the model merged from is untouched
