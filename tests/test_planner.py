@@ -451,11 +451,17 @@ def test_qlora_refused_on_cpu_before_building(tmp_path):
         )
 
 
+def exported(model: MusicFlamingo, path: Path) -> MusicFlamingo:
+    """`model` written by the training module's export (what `train.py` writes at the end) and loaded back."""
+    from musicflamingo.lit import MusicFlamingoLit
+
+    parts = {"audio_tower": None, "multi_modal_projector": None, "language_model": None}
+    return MusicFlamingo.from_pretrained(MusicFlamingoLit(model, None, None, parts, "stop").export(path))
+
+
 def test_qlora_with_a_stand_in_quantizer(tmp_path):
     """The decoder's linears become the quantized class, adapters train over it, the audio tower and projector are
     untouched, and export merges into a bfloat16 folder that loads back and computes what the trained model does."""
-    from musicflamingo.lit import MusicFlamingoLit
-
     torch.manual_seed(0)
     model = MusicFlamingo(MusicFlamingoConfig.from_name("tiny", **TINY)).train()
     before = {
@@ -491,15 +497,7 @@ def test_qlora_with_a_stand_in_quantizer(tmp_path):
     assert layer.self_attn.q_proj.lora_A.grad.abs().sum() > 0
     assert torch.equal(layer.self_attn.q_proj.base.qweight, qweight)  # the 4-bit base never changes
 
-    lit = MusicFlamingoLit(
-        model,
-        None,
-        None,
-        {"audio_tower": None, "multi_modal_projector": None, "language_model": None},
-        "stop",
-    )
-    out = lit.export(tmp_path / "export")
-    loaded = MusicFlamingo.from_pretrained(out)
+    loaded = exported(model, tmp_path / "export")
     assert loaded.dtype == torch.bfloat16
     q = loaded.language_model.layers[0].self_attn.q_proj
     assert type(q) is nn.Linear
@@ -518,7 +516,6 @@ def test_qlora_with_bitsandbytes_nf4_on_cpu(tmp_path):
     packed 4-bit base never changes, and export merges into a bfloat16 folder whose linears are the dequantised
     base + B A * scale and whose logits are the trained model's."""
     pytest.importorskip("bitsandbytes")
-    from musicflamingo.lit import MusicFlamingoLit
     from musicflamingo.model.lora import nf4_linear_class
 
     torch.manual_seed(0)
@@ -544,14 +541,7 @@ def test_qlora_with_bitsandbytes_nf4_on_cpu(tmp_path):
     assert adapter.lora_A.grad.abs().sum() > 0 and adapter.lora_B.abs().sum() > 0
     assert torch.equal(adapter.base.weight.data, before)
 
-    lit = MusicFlamingoLit(
-        model,
-        None,
-        None,
-        {"audio_tower": None, "multi_modal_projector": None, "language_model": None},
-        "stop",
-    )
-    loaded = MusicFlamingo.from_pretrained(lit.export(tmp_path / "export"))
+    loaded = exported(model, tmp_path / "export")
     q = loaded.language_model.layers[0].self_attn.q_proj
     assert type(q) is nn.Linear and q.weight.dtype == torch.bfloat16
     expected = (
