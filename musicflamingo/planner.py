@@ -247,8 +247,12 @@ def _decoder_layer(
         kept += rows * c * r
         copies += copy * r * (q + D)
     kept += reads(("gate_proj", "up_proj"), rows) + rows * 2 * c * inter  # gate, up
-    if "down_proj" in adapted or not plain:  # unfused SwiGLU: silu(gate) and the product too
-        kept += rows * (2 * c * inter + (c * r if "down_proj" in adapted else 0))
+    if (
+        "down_proj" in adapted or not plain
+    ):  # unfused SwiGLU: silu(gate), and the product where an adapter reads it
+        # (a frozen 4-bit down_proj keeps nothing of its input: bitsandbytes saves only the packed weight)
+        down = c * inter + c * r if "down_proj" in adapted else 0
+        kept += rows * (c * inter + down)
         copies += copy * inter * D if plain else 0
     return kept + copies, copies
 
@@ -341,13 +345,21 @@ def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[B
     layer_grad = (
         trainable["language_model"] // L if setup.lora_rank else (n["decoder_layer"] if full_lm else 0)
     )
+    # SwiGLU's backward, per row and I: the fused kernel (fused.swiglu_linear) holds silu(gate), the product's
+    # gradient, up's and gate's gradients and one temporary at once (5), and the product too when down_proj's weight
+    # trains (6); autograd's unfused path (adapted down_proj, 4-bit bases) frees each node's saved tensors as it
+    # goes: the product's gradient, then those of silu(gate) and up (3), or, when an adapter kept the product
+    # (counted in the layer's activations), the product's two gradients summed in place, then the product freed (2)
+    down_adapted = bool(setup.lora_rank) and "down_proj" in setup.lora_targets
+    fused_mlp = setup.quantize_base is None and not down_adapted
+    swiglu_backward = (6 if full_lm else 5) if fused_mlp else (2 if down_adapted else 3)
     for i in range(L):
         rows = K if i == L - 1 else N
         kept, _ = _decoder_layer(t, setup, p, N, rows, S)
         # working memory: the output and q/k/v with RoPE's temporaries, or SwiGLU's; in backward the residual's
         # gradients and SwiGLU's backward
         forward = N * s * D + rows * c * max(3 * q + 2 * kv, 2 * inter)
-        backward = N * s * 2 * D + rows * c * 6 * inter
+        backward = N * s * 2 * D + rows * c * swiglu_backward * inter
         if setup.checkpointing:  # the input is kept; backward rebuilds the rest, one layer at a time
             kept, backward = N * s * D, kept + backward
         blocks.append(Block(f"decoder layer {i}", kept, layer_grad, forward, backward))

@@ -141,8 +141,12 @@ class AudioEncoder(nn.Module):
                 (lengths < h.shape[1]).any()
             ):  # any padding: SDPA needs a key mask; else the dense-free path
                 mask = (torch.arange(h.shape[1], device=h.device) < lengths[:, None])[:, None, None, :]
+        # A frozen tower on inputs that need no gradient builds no graph: checkpointing it would only keep every
+        # layer's input alive (torch's checkpoint saves them whatever the grad mode), W x P x d per layer.
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        checkpointing = checkpointing and (h.requires_grad or any(p.requires_grad for p in self.parameters()))
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+            if checkpointing:
                 h = torch.utils.checkpoint.checkpoint(layer, h, mask, use_reentrant=False)
             else:
                 h = layer(h, mask)
