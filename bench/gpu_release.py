@@ -11,7 +11,8 @@ checked on a prompt's logits), then `ours` and `ref`: time to first token for 30
 1, `max_new_tokens=1`), decode tokens/s at batch 1, 8 and 32 from 64-token text prompts (eager; ours also with its
 compiled decode step), and one LoRA step (rank 16 on the language model's attention and MLP projections, gradient
 checkpointing, AdamW, 2 rows of 5 min of audio + 512 text tokens; the reference through `peft`), each with its peak
-memory and, for ours, the memory planner's prediction. The reference gets the very values ours drew (same seed, our
+memory and, for ours, the memory planner's prediction; ours then runs one full fine-tune step (bf16-true, AdamW,
+checkpointing) where the planner says it fits the card. The reference gets the very values ours drew (same seed, our
 names renamed to its own). The full fine-tune's fit comes from the planner (`musicflamingo.planner`), which needs
 no device. The JSON is written after every case, so a run cut short keeps what it measured; a case that fails is
 recorded and the next one runs.
@@ -69,7 +70,7 @@ PUBLISHED_LORA = (
     "performance_summary.html)"
 )
 # compiled last: tracing takes the longest, and a run cut by its timeout keeps every case before it
-DEFAULT_CASES = "qlora,ttft:30,ttft:300,ttft:1200,decode:1,decode:8,decode:32,lora,compiled:1,compiled:8"
+DEFAULT_CASES = "qlora,ttft:30,ttft:300,ttft:1200,decode:1,decode:8,decode:32,lora,full,compiled:1,compiled:8"
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -296,6 +297,57 @@ def lora_step_flops(config, tokens: int, frames: int, trainable: int) -> int:  #
     return tokens * (6 * decoder + 8 * trainable) + 2 * tower * frames + n["projector"] * frames  # P/2 tokens
 
 
+def full_step(model, config, device: torch.device, release: bool) -> dict:  # noqa: ANN001
+    """One AdamW step of the whole model (bf16-true, checkpointing; 5 min of audio + 512 text tokens, batch 1)
+    where the planner says it fits this device (an H200, not an H100): tokens/s and the peak against the plan. The
+    model is left frozen and in eval mode for the cases after it."""
+    from musicflamingo.planner import TrainingSetup, plan_training
+
+    inputs, labels = _lora_inputs(config, 300.0 if release else 8.0, 1, 512 if release else 32, device)
+    setup = TrainingSetup(
+        precision="bf16-true",
+        device=device.type,
+        checkpointing=True,
+        tokens=inputs["input_ids"].numel(),
+        windows=inputs["input_features"].shape[0],
+        labelled=int((labels != -100).sum()),
+        rows=1,
+    )
+    planned = _plan_gb(plan_training(config, setup))
+    total = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else None
+    if total is not None and planned > 0.92 * total:
+        return {
+            "skipped": f"planned {planned:.1f} GB > 92 % of this GPU's {total:.0f} GB",
+            "plan_gb": planned,
+        }
+    model.requires_grad_(True)
+    model.audio_tower.embed_positions.requires_grad_(False)  # frozen, as in training
+    model.set_gradient_checkpointing(True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    _reset_peak(device)
+
+    def step() -> None:
+        model(**inputs, labels=labels, return_logits=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        seconds = [_seconds(device, step) for _ in range(2)][1]  # the second: AdamW's states exist
+        tokens = inputs["input_ids"].numel()
+        return {
+            "step_s": seconds,
+            "tokens_s": tokens / seconds,
+            "peak_gb": _peak_gb(device),
+            "reserved_gb": _reserved_gb(device),
+            "plan_gb": planned,
+        }
+    finally:
+        opt.state.clear()
+        model.requires_grad_(False).eval()
+        model.set_gradient_checkpointing(False)
+
+
 def unwrap_lora(model) -> None:  # noqa: ANN001
     """Ours back to a plain inference model after its LoRA step (adapters merged, no checkpointing, eval), so the
     cases after it time what they would without it."""
@@ -383,6 +435,8 @@ def worker(
                 finally:
                     if impl == "ours":
                         unwrap_lora(model)  # the cases after it (compiled decode) time the plain model
+            elif kind == "full":
+                entry = full_step(model, config, device, release)
             elif kind == "qlora":
                 cls, result["quantizer"] = quantizer(device)
                 shape = (
@@ -413,11 +467,12 @@ def worker(
 
 
 def cases_of(impl: str, cases: list[str]) -> list[str]:
-    """What one worker runs: the qlora worker only `qlora` (it changes the model for good), the reference no
-    compiled decode (ours' own compiled step) and no `qlora`."""
+    """What one worker runs: the qlora worker only `qlora` (it changes the model for good), the reference neither
+    compiled decode (ours' own compiled step) nor the full fine-tune step (a check of ours' planner)."""
     if impl == "qlora":
         return [c for c in cases if c == "qlora"]
-    return [c for c in cases if c != "qlora" and not (impl == "ref" and c.startswith("compiled"))]
+    ours_only = ("compiled", "full")
+    return [c for c in cases if c != "qlora" and not (impl == "ref" and c.startswith(ours_only))]
 
 
 def full_finetune_plan(preset: str, gpu_gb: float) -> dict:
@@ -463,6 +518,7 @@ ROWS = [
     ("compiled:8", "tokens_s", "decode batch 8, compiled, tokens/s"),
     ("lora", "tokens_s", "LoRA step, tokens/s"),
     ("lora", "model_tflops", "LoRA step, model TFLOP/s"),
+    ("full", "tokens_s", "full fine-tune step (bf16-true, AdamW), tokens/s"),
 ]
 
 

@@ -296,11 +296,19 @@ def test_release_int8_prefill_verdict_says_why_when_missed():
 
 def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path):
     """bench/gpu_release.py end to end on CPU at the smallest size: the three workers (QLoRA with the int8 stand-in,
-    ours, the reference), LoRA steps that train the same adapters on both sides, the planner's predictions, the
-    QLoRA merge check, the full fine-tune fit, one JSON."""
+    ours, the reference), LoRA steps that train the same adapters on both sides, a full fine-tune step, compiled
+    decode after both (the model handed back frozen), the planner's predictions, the QLoRA merge check, the full
+    fine-tune fit, one JSON."""
     out = tmp_path / "g.json"
     cmd = [sys.executable, str(BENCH / "gpu_release.py"), "--preset", "tiny", "--device", "cpu"]
-    cmd += ["--cases", "qlora,ttft:30,decode:2,lora,compiled:1", "--decode-tokens", "4", "--out", str(out)]
+    cmd += [
+        "--cases",
+        "qlora,ttft:30,decode:2,lora,full,compiled:1",
+        "--decode-tokens",
+        "4",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -308,6 +316,9 @@ def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path):
         assert result[impl]["exit"] == 0 and result[impl]["ttft:30"]["s"] > 0
         assert result[impl]["decode:2"]["tokens_s"] > 0
     assert "compiled:1" not in result["ref"] and result["ours"]["compiled:1"]["tokens_s"] > 0
+    assert "full" not in result["ref"] and result["ours"]["full"]["tokens_s"] > 0
+    # weights, their gradients and AdamW's two states, all in bf16, at least
+    assert result["ours"]["full"]["plan_gb"] >= 4 * result["ours"]["weights_gb"]
     assert result["ours"]["ttft:30"]["plan_gb"] > 0 and result["ours"]["decode:2"]["plan_gb"] > 0
     lora, ref_lora = result["ours"]["lora"], result["ref"]["lora"]
     assert lora["tokens_s"] > 0 and 0 < lora["trainable"] < 0.2 * result["ours"]["weights_gb"] * 1e9 / 2
