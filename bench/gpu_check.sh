@@ -6,7 +6,8 @@
 # `bash bench/gpu_check.sh release` runs instead the release-size comparison (bench/gpu_release.py: random 8.27 B
 # weights made on the GPU; a QLoRA step on an nf4 base, first token at 30 s / 5 / 20 min, decode at batch 1 / 8 /
 # 32, a LoRA step, each against the planner; ~9 min). The machine has no bitsandbytes: first, here,
-# `bash bench/gpu_site.sh`, then run it with carry=["bench/gpu_site"] and timeout_s=590. Back here
+# `bash bench/gpu_site.sh`, then run it with carry=["bench/gpu_site"], timeout_s=590
+# and kind="nvidia-h200" (its 141 GB also run the full fine-tune step, which an H100 skips). Back here
 # `python bench/gpu_release.py --render <gpu_release.json> --doc docs/performance.md` writes its table.
 # Results land in $OUT (the device tool's return folder) or bench/gpu_out. Back here, update the docs with
 #   python bench/run.py --render <results_cuda.json>

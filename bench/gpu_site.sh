@@ -4,7 +4,7 @@
 # CUDA libraries are plain files) into bench/gpu_site/ (git-ignored), keeping only the CPU and CUDA 13 libraries
 # (~8 MB instead of 43), for the device tool to carry:
 #   bash bench/gpu_site.sh
-#   run(command="bash bench/gpu_check.sh release", carry=["bench/gpu_site"], timeout_s=590)
+#   run(command="bash bench/gpu_check.sh release", carry=["bench/gpu_site"], timeout_s=590, kind="nvidia-h200")
 # gpu_check.sh puts bench/gpu_site first on PYTHONPATH when it is there.
 set -euo pipefail
 cd "$(dirname "$0")"
