@@ -332,6 +332,7 @@ def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path):
     assert result["qlora"]["exit"] == 0 and result["qlora"]["quantizer"].startswith("int8 stand-in")
     assert qlora["tokens_s"] > 0 and qlora["tensors_with_grad"] == qlora["trainable_tensors"] > 0
     assert qlora["quantized_left"] == 0 and qlora["merged"] > 0 and qlora["logits_rel_diff"] < 0.05
+    assert qlora["top1_agree"] > 0.9 and qlora["weight_rel_err"] < 2**-7
     assert set(result["qlora"]) == {"device", "build_s", "weights_gb", "quantizer", "qlora", "exit"}
     assert result["full_finetune"]["bf16-true"]["one_gpu_peak_gb"] > 0
     assert "| time to first token, 30 s audio, s |" in proc.stdout  # the rendered table
@@ -363,6 +364,8 @@ def test_gpu_release_targets_and_table_from_a_results_json(tmp_path):
                 "merged": 112,
                 "quantized_left": 0,
                 "logits_rel_diff": 0.004,
+                "top1_agree": 0.97,
+                "weight_rel_err": 0.003,
             },
         },
         "ref": {
@@ -387,7 +390,17 @@ def test_gpu_release_targets_and_table_from_a_results_json(tmp_path):
         "14.2 GB reserved (12.0 GB allocated) at 900 tokens/s",
         "met",
     )
-    assert rows["QLoRA adapters merge into bf16 (logits vs the 4-bit model, rel. to the largest)"][1] == "met"
+    merge = rows[
+        "QLoRA adapters merge into bf16 (merged weights within bf16 rounding; logits vs the 4-bit model: relative "
+        "norm of the difference < 5 %)"
+    ]
+    assert merge[1] == "met" and "top token agrees at 97% of positions" in merge[0]
+    result["qlora"]["qlora"]["weight_rel_err"] = 0.02  # a merged weight off by more than bf16 rounding
+    assert {a: c for a, b, c in gpu_release.targets(result)}[
+        "QLoRA adapters merge into bf16 (merged weights within bf16 rounding; logits vs the 4-bit model: relative "
+        "norm of the difference < 5 %)"
+    ] == "missed"
+    result["qlora"]["qlora"]["weight_rel_err"] = 0.003
     planner = "memory planner, {}: within 15 % of the measured peak"
     assert rows[planner.format("ttft:30")] == ("16.0 vs 17.0 GB (0.94x)", "met")
     assert rows[planner.format("lora")] == ("40.0 vs 30.0 GB (1.33x)", "missed")

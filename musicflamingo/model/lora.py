@@ -151,13 +151,18 @@ def quantize_linears(
 ) -> list[str]:
     """Replace every plain `nn.Linear` under `root` (but those named in `skip`) by `quantized.from_linear(...)`;
     returns the replaced names. The one place base weights get quantized, so a test can pass a stand-in class."""
-    replaced = []
-    for name, module in list(root.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name not in skip and type(child) is nn.Linear:
-                setattr(module, child_name, quantized.from_linear(child))
-                replaced.append(f"{name}.{child_name}" if name else child_name)
-    return replaced
+    # names first, modules fetched one at a time: a list of the modules themselves would keep every original
+    # weight alive until the last is converted (a class that copies, like the int8 stand-in, then holds both)
+    names = [
+        (name, child_name)
+        for name, module in root.named_modules()
+        for child_name, child in module.named_children()
+        if child_name not in skip and type(child) is nn.Linear
+    ]
+    for name, child_name in names:
+        parent = root.get_submodule(name)
+        setattr(parent, child_name, quantized.from_linear(getattr(parent, child_name)))
+    return [f"{name}.{child_name}" if name else child_name for name, child_name in names]
 
 
 def apply_lora(
@@ -202,17 +207,28 @@ def merge_lora(
     """Fold every adapter into its base weight in place, and dequantise every quantized base (to `dtype`, default
     the adapters' or the dequantised weight's); returns how many adapters were merged. `device`: where the merged
     linears go as each is made (QLoRA's export merges to the CPU, so a 24 GB card never holds a bf16 model)."""
+    kinds = (LoRALinear, QuantizedLoRALinear, QuantizedLinear)
+    # names first (see quantize_linears): each module merged from is released as soon as it is replaced
+    names = [
+        (name, child_name)
+        for name, module in root.named_modules()
+        for child_name, child in module.named_children()
+        if isinstance(child, kinds)
+        and not isinstance(module, QuantizedLoRALinear)  # its base: merged with it
+    ]
     n = 0
-    for module in list(root.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(module, child_name, child.merged_linear(device))
-                n += 1
-            elif isinstance(child, QuantizedLoRALinear):
-                setattr(module, child_name, child.merged_linear(dtype, device))
-                n += 1
-            elif isinstance(child, QuantizedLinear):
-                setattr(module, child_name, child.to_linear(dtype, device))
+    for name, child_name in names:
+        parent = root.get_submodule(name)
+        child = getattr(parent, child_name)
+        if isinstance(child, LoRALinear):
+            merged = child.merged_linear(device)
+        elif isinstance(child, QuantizedLoRALinear):
+            merged = child.merged_linear(dtype, device)
+        else:
+            merged = child.to_linear(dtype, device)
+        n += not isinstance(child, QuantizedLinear)
+        del child
+        setattr(parent, child_name, merged)
     return n
 
 
