@@ -247,10 +247,9 @@ def _decoder_layer(
         kept += rows * c * r
         copies += copy * r * (q + D)
     kept += reads(("gate_proj", "up_proj"), rows) + rows * 2 * c * inter  # gate, up
-    if (
-        "down_proj" in adapted or not plain
-    ):  # unfused SwiGLU: silu(gate), and the product where an adapter reads it
-        # (a frozen 4-bit down_proj keeps nothing of its input: bitsandbytes saves only the packed weight)
+    # unfused SwiGLU: silu(gate) too, and the product where an adapter reads it (a frozen 4-bit down_proj keeps
+    # nothing of its input: bitsandbytes saves only the packed weight)
+    if "down_proj" in adapted or not plain:
         down = c * inter + c * r if "down_proj" in adapted else 0
         kept += rows * (c * inter + down)
         copies += copy * inter * D if plain else 0

@@ -226,7 +226,7 @@ def merge_lora(
             merged = child.merged_linear(dtype, device)
         else:
             merged = child.to_linear(dtype, device)
-        n += not isinstance(child, QuantizedLinear)
+        n += not isinstance(child, QuantizedLinear)  # a bare quantized base is dequantised, not merged
         del child
         setattr(parent, child_name, merged)
     return n
