@@ -52,13 +52,15 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA = {"enabled": True, "rank": 16, "alpha": 32, "dropout": 0.0, "targets": list(LORA_TARGETS)}
 # peft matches the bare names anywhere (the audio tower has q/k/v_proj too): this keeps its adapters where ours are
 PEFT_TARGETS = r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")"
-QLORA = {
-    "seconds": 30.0,
-    "text": 256,
-    "rows": 1,
-    "fits_gb": 20.0,
-}  # issue 23: a 30 s clip + 256 tokens under 20 GB
 LORA_STEP = {"seconds": 300.0, "text": 512, "rows": 2}  # 2 rows of 5 min of audio + 512 text tokens
+QLORA_STEP = {"seconds": 30.0, "text": 256, "rows": 1}  # issue 23's QLoRA fit: a 30 s clip + 256 tokens ...
+QLORA_FITS_GB = 20.0  # ... under 20 GB
+SMOKE_LORA_STEP = {
+    "seconds": 8.0,
+    "text": 64,
+    "rows": 2,
+}  # the same at the small presets' scale (CPU smoke runs)
+SMOKE_QLORA_STEP = {"seconds": 8.0, "text": 32, "rows": 1}
 TIMEOUTS = "qlora=100,ours=250,ref=200"  # seconds per worker process: the three fit gpu_check.sh's 570 s
 # Dense bf16 peaks (TFLOP/s, no sparsity) by device name, from the vendors' datasheets.
 BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -443,7 +445,7 @@ def worker(
                 if impl == "ours":
                     entry["plan_gb"] = plan_generation_gb(config, device, inputs, decode_tokens)
             elif kind == "lora":
-                shape = LORA_STEP if release else {"seconds": 8.0, "text": 64, "rows": 2}
+                shape = LORA_STEP if release else SMOKE_LORA_STEP
                 try:
                     entry = lora_step(impl, model, config, device, **shape)
                 finally:
@@ -453,22 +455,13 @@ def worker(
                 entry = full_step(model, config, device, release)
             elif kind == "qlora":
                 cls, result["quantizer"] = quantizer(device)
-                shape = (
-                    {k: QLORA[k] for k in ("seconds", "text", "rows")}
-                    if release
-                    else {
-                        "seconds": 8.0,
-                        "text": 32,
-                        "rows": 1,
-                    }
-                )
+                shape = QLORA_STEP if release else SMOKE_QLORA_STEP
                 entry = lora_step("ours", model, config, device, quantized=cls, **shape)
                 entry.update(merge_check(model, config, device))
             else:
                 raise SystemExit(f"unknown case {case!r}")
-        except (
-            torch.cuda.OutOfMemoryError
-        ) as e:  # a case that does not fit is a result, not the end of the run
+        # a case that does not fit is a result, not the end of the run
+        except torch.cuda.OutOfMemoryError as e:
             entry = {"out_of_memory": str(e).splitlines()[0]}
         except Exception as e:  # noqa: BLE001  one case's failure must not cost the run's other cases
             traceback.print_exc()
@@ -589,7 +582,7 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
         )
     q = result.get("qlora", {}).get("qlora", {})
     if isinstance(q.get("reserved_gb"), (int, float)):
-        fits = QLORA["fits_gb"]
+        fits = QLORA_FITS_GB
         rows.append(
             (
                 f"QLoRA (nf4 base), 30 s + 256 tokens, batch 1, checkpointing: < {fits:g} GB",
