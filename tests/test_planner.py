@@ -112,22 +112,12 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
+# glibc's `struct mallinfo2`, ten size_t fields in this order
+_MALLINFO2 = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+
+
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-        )
-        + ("keepcost",)
-    ]
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2]
 
 
 def _glibc_allocated() -> Callable[[], int] | None:
@@ -164,7 +154,7 @@ def measured_peak(fn) -> int:
     On glibc: malloc's own count (mallinfo2; torch's CPU tensors come from malloc) read after every aten op, so
     frees count when they happen. Elsewhere: the profiler's memory events, which book a free made inside a Python
     autograd Function (a checkpointed layer's recomputation runs inside one) at that Function's end: they agree with
-    malloc's count to 0.3 % where no such Function frees, and overstate a checkpointed LoRA step by ~50 %. `fn` runs
+    malloc's count to 0.3 % where no such Function frees, and overstate a checkpointed LoRA step by ~40 %. `fn` runs
     twice: the first run warms what stays allocated after it (dispatch caches, math libraries' per-shape state)."""
     allocated = _glibc_allocated()
     if allocated is None:
