@@ -311,17 +311,20 @@ def random_model(config: MusicFlamingoConfig, device: torch.device) -> MusicFlam
     return model.eval()
 
 
-def release_inputs(config: MusicFlamingoConfig, seconds: float, batch: int, text: int = 16) -> dict:
-    """`batch` rows of `seconds` of audio (whole windows) and `text` trailing tokens, bf16 features, on CPU;
-    seconds 0: 64 text tokens per row (decode at batch B: the steps read the weights, a long audio prompt would
-    only add prefill)."""
+def release_inputs(
+    config: MusicFlamingoConfig, seconds: float, batch: int, text: int = 16, labels: bool = False
+) -> dict:
+    """`batch` rows of `seconds` of audio (whole windows) and `text` trailing tokens, bf16 features, on CPU (with
+    `labels`: on the trailing text, for a training step); seconds 0: 64 text tokens per row (decode at batch B: the
+    steps read the weights, a long audio prompt would only add prefill)."""
     if seconds <= 0:
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, min(config.text.vocab_size, config.audio_token_id), (batch, 64), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     w = windows_for(config, seconds)
     inputs = audio_batch(config, [w] * batch, [text] * batch, seed=1)
-    inputs.pop("labels")
+    if not labels:
+        inputs.pop("labels")
     inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
     return inputs
 

@@ -41,11 +41,9 @@ sys.path.insert(0, str(HERE.parent))
 from cases import (  # noqa: E402
     Clock,
     Int8StandIn,
-    audio_batch,
     greedy_generate,
     random_model,
     release_inputs,
-    windows_for,
 )
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,11 +53,8 @@ PEFT_TARGETS = r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")"
 LORA_STEP = {"seconds": 300.0, "text": 512, "rows": 2}  # 2 rows of 5 min of audio + 512 text tokens
 QLORA_STEP = {"seconds": 30.0, "text": 256, "rows": 1}  # issue 23's QLoRA fit: a 30 s clip + 256 tokens ...
 QLORA_FITS_GB = 20.0  # ... under 20 GB
-SMOKE_LORA_STEP = {
-    "seconds": 8.0,
-    "text": 64,
-    "rows": 2,
-}  # the same at the small presets' scale (CPU smoke runs)
+# the same at the small presets' scale (CPU smoke runs)
+SMOKE_LORA_STEP = {"seconds": 8.0, "text": 64, "rows": 2}
 SMOKE_QLORA_STEP = {"seconds": 8.0, "text": 32, "rows": 1}
 TIMEOUTS = "qlora=100,ours=250,ref=200"  # seconds per worker process: the three fit gpu_check.sh's 570 s
 # Dense bf16 peaks (TFLOP/s, no sparsity) by device name, from the vendors' datasheets.
@@ -131,11 +126,25 @@ def _lora_inputs(
     config, seconds: float, rows: int, text: int, device: torch.device
 ) -> tuple[dict, torch.Tensor]:  # noqa: ANN001
     """`rows` rows of `seconds` of audio (whole windows) and `text` tokens on `device`, and their labels."""
-    w = windows_for(config, seconds)
-    batch = audio_batch(config, [w] * rows, [text] * rows, seed=1)
-    labels = batch.pop("labels")
-    batch["input_features"] = batch["input_features"].to(torch.bfloat16)
-    return {k: v.to(device) for k, v in batch.items()}, labels.to(device)
+    inputs = release_inputs(config, seconds, rows, text, labels=True)
+    labels = inputs.pop("labels")
+    return _on(inputs, device), labels.to(device)
+
+
+def _step_setup(device: torch.device, inputs: dict, labels: torch.Tensor, **training: object):  # noqa: ANN202
+    """The planner's `TrainingSetup` for one bf16-true, checkpointed step on `inputs` (`training`: what trains)."""
+    from musicflamingo.planner import TrainingSetup
+
+    return TrainingSetup(
+        precision="bf16-true",
+        device=device.type,
+        checkpointing=True,
+        tokens=inputs["input_ids"].numel(),
+        windows=inputs["input_features"].shape[0],
+        labelled=int((labels != -100).sum()),
+        rows=inputs["input_ids"].shape[0],
+        **training,
+    )
 
 
 def _on(inputs: dict, device: torch.device) -> dict:
@@ -156,22 +165,18 @@ def plan_training_gb(
     config, device: torch.device, inputs: dict, labels: torch.Tensor, quantized: bool
 ) -> float:  # noqa: ANN001
     """The memory planner's peak for the LoRA / QLoRA step below (bf16 weights, adapters only, checkpointing)."""
-    from musicflamingo.planner import TrainingSetup, plan_training
+    from musicflamingo.planner import plan_training
 
-    setup = TrainingSetup(
-        precision="bf16-true",
-        device=device.type,
+    setup = _step_setup(
+        device,
+        inputs,
+        labels,
         train_audio_tower=False,
         train_projector=False,
         train_language_model=False,
         lora_rank=LORA["rank"],
         lora_targets=LORA_TARGETS,
         quantize_base="nf4" if quantized else None,
-        checkpointing=True,
-        tokens=inputs["input_ids"].numel(),
-        windows=inputs["input_features"].shape[0],
-        labelled=int((labels != -100).sum()),
-        rows=inputs["input_ids"].shape[0],
     )
     return _plan_gb(plan_training(config, setup))
 
@@ -220,8 +225,8 @@ def lora_step(
     quantized=None,
 ) -> dict:  # noqa: ANN001
     """Seconds of one LoRA optimizer step (the median of three; the first also warms kernels and the allocator),
-    tokens per step, peak memory of the steps. `quantized` (ours only): the frozen decoder linears become that class first (QLoRA), and
-    the peak counts from after that conversion."""
+    tokens per step, peak memory of the steps. `quantized` (ours only): the frozen decoder linears become that
+    class first (QLoRA), and the peak counts from after that conversion."""
     if impl == "ours":
         from musicflamingo.model.build import add_lora
 
@@ -303,19 +308,10 @@ def full_step(model, config, device: torch.device, release: bool) -> dict:  # no
     """One AdamW step of the whole model (bf16-true, checkpointing; 5 min of audio + 512 text tokens, batch 1)
     where the planner says it fits this device (an H200, not an H100): tokens/s and the peak against the plan. The
     model is left frozen and in eval mode for the cases after it."""
-    from musicflamingo.planner import TrainingSetup, plan_training
+    from musicflamingo.planner import plan_training
 
     inputs, labels = _lora_inputs(config, 300.0 if release else 8.0, 1, 512 if release else 32, device)
-    setup = TrainingSetup(
-        precision="bf16-true",
-        device=device.type,
-        checkpointing=True,
-        tokens=inputs["input_ids"].numel(),
-        windows=inputs["input_features"].shape[0],
-        labelled=int((labels != -100).sum()),
-        rows=1,
-    )
-    planned = _plan_gb(plan_training(config, setup))
+    planned = _plan_gb(plan_training(config, _step_setup(device, inputs, labels)))
     total = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else None
     if total is not None and planned > 0.92 * total:
         return {
