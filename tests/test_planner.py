@@ -677,6 +677,65 @@ def test_qlora_with_bitsandbytes_nf4_on_cpu(tmp_path):
     torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("kind", ["stand-in", "bitsandbytes"])
+def test_qlora_from_a_checkpoint_quantizes_its_own_bf16(tmp_path, monkeypatch, kind):
+    """`model.net.init_from` + `quantize_base`: the decoder linears are quantized from the checkpoint's bf16 tensors
+    as loaded (no float32 copy: 33 GB of host RAM for the release), and everything else ends up exactly as a float32
+    load leaves it, adapters included (bf16-mixed's master weights)."""
+    from musicflamingo.model import build
+
+    if kind == "bitsandbytes":
+        pytest.importorskip("bitsandbytes")
+        from musicflamingo.model.lora import nf4_linear_class
+
+        base_class = nf4_linear_class()
+    else:
+        base_class = Int8StandIn
+    sources = []
+
+    class Recording(base_class):  # what each quantized base was built from
+        @classmethod
+        def from_linear(cls, linear):
+            sources.append(linear.weight.dtype)
+            return super().from_linear(linear)
+
+    monkeypatch.setattr(build, "check_quantize_base", lambda value: None)  # it refuses CPU machines
+    monkeypatch.setattr(build, "nf4_linear_class", lambda: Recording)
+    torch.manual_seed(0)
+    folder = tmp_path / "ckpt"
+    MusicFlamingo(MusicFlamingoConfig.from_name("tiny", **TINY)).to(torch.bfloat16).save_pretrained(folder)
+    freeze = {"audio_tower": True, "multi_modal_projector": False, "language_model": True}
+    kwargs = dict(preset=None, overrides={}, init_from=folder, seed=0, rote_quirk=True, compile=False)
+    model = build_model(**kwargs, gradient_checkpointing=True, freeze=freeze, lora=LORA, quantize_base="nf4")
+    reference = build.create_model(None, init_from=folder)  # the float32 load
+
+    layers = model.config.text.num_hidden_layers
+    assert sources == [torch.bfloat16] * 7 * layers
+    quantized = {n for n, m in model.named_modules() if isinstance(m, Recording)}
+    assert len(quantized) == 7 * layers
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        owner = name.rsplit(".", 1)[0]
+        if owner in quantized:
+            continue
+        assert t.dtype in (torch.float32, torch.float64), (name, t.dtype)
+        if "lora_" not in name:  # the rest: bit for bit what the float32 load holds
+            want = reference.get_parameter(name) if name in dict(reference.named_parameters()) else None
+            if want is not None:
+                assert torch.equal(t, want), name
+    adapter = model.language_model.layers[0].self_attn.q_proj
+    assert adapter.lora_A.dtype == torch.float32 and adapter.lora_A.requires_grad
+    if kind == "stand-in":  # the base is the checkpoint's bf16 weight quantized (not a float32 copy of it)
+        want = Int8StandIn.from_linear(reference.language_model.layers[0].self_attn.q_proj.to(torch.bfloat16))
+        assert adapter.base.scale.dtype == torch.bfloat16 and torch.equal(adapter.base.qweight, want.qweight)
+    else:
+        model.to("cpu")  # quantized as it moves
+        assert adapter.base.weight.bnb_quantized and adapter.base.weight.dtype == torch.uint8
+    batch = _batch(model.config, 2, 30, 10, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed
+        model(**batch, return_logits=False).loss.backward()
+    assert adapter.lora_B.grad is not None and adapter.lora_B.grad.abs().sum() > 0
+
+
 def test_planner_mirrors_the_models_chunk_sizes():
     """The planner copies sizes from the model code (it imports no torch modules): they must not drift apart. With
     the MLP in chunks of rows, a 20-minute prompt's prefill term grows with the rows only through h-wide tensors."""

@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from musicflamingo.model.config import MusicFlamingoConfig
-from musicflamingo.model.lora import QuantizedLinear, apply_lora, check_quantize_base, nf4_linear_class
+from musicflamingo.model.lora import (
+    QuantizedLinear,
+    apply_lora,
+    check_quantize_base,
+    nf4_linear_class,
+    upcast_unquantized,
+)
 from musicflamingo.model.musicflamingo import MusicFlamingo
 
 log = logging.getLogger(__name__)
@@ -74,12 +80,13 @@ def create_model(
     overrides: Mapping[str, Any] | None = None,
     init_from: str | Path | None = None,
     seed: int = 0,
+    dtype: torch.dtype | None = torch.float32,
 ) -> MusicFlamingo:
-    """The weights only: a pretrained folder (`init_from`, float32) or a preset with `overrides`
-    (`audio={...}`, `text={...}`, top-level fields), initialised by `init_weights` under `seed` (the global RNG
-    is left as it was)."""
+    """The weights only: a pretrained folder (`init_from`, in `dtype`; None keeps the checkpoint's own, mapped from
+    the file rather than copied) or a preset with `overrides` (`audio={...}`, `text={...}`, top-level fields),
+    initialised by `init_weights` under `seed` (the global RNG is left as it was)."""
     if init_from:
-        return MusicFlamingo.from_pretrained(init_from, dtype=torch.float32)
+        return MusicFlamingo.from_pretrained(init_from, dtype=dtype)
     if not preset:
         raise ValueError(
             "model.net: set either `init_from` (a checkpoint folder) or `preset` (tiny, small, ...)"
@@ -166,13 +173,18 @@ def build_model(
         raise ValueError(
             f"model.net.quantize_base={quantize_base} needs model.net.lora.enabled=true (the adapters are what trains)"
         )
-    model = create_model(preset, overrides, init_from, seed)
+    # QLoRA quantizes the decoder linears from the checkpoint's own (bf16) tensors, mapped from the file: a float32
+    # copy of the release first would take 33 GB of host RAM for weights that end up in 4 bits. What is not
+    # quantized goes to float32 after the adapters are on (`upcast_unquantized`), as a float32 load leaves it.
+    model = create_model(preset, overrides, init_from, seed, dtype=None if quantize_base else torch.float32)
     model.rote_quirk = bool(rote_quirk)
     if gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     freeze_parts(model, freeze)
     # after freezing: the new adapters stay trainable
     add_lora(model, lora, nf4_linear_class() if quantize_base == "nf4" else None)
+    if quantize_base:
+        upcast_unquantized(model)
     if compile:
         model.compile_layers()
     model.audio_tower.embed_positions.requires_grad_(False)  # frozen, as in the reference

@@ -236,6 +236,24 @@ def has_quantized(root: nn.Module) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in root.modules())
 
 
+def upcast_unquantized(root: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Cast every floating parameter and buffer narrower than `dtype`, but those of a `QuantizedLinear` (which keeps
+    its own storage and compute dtype), to `dtype`, one tensor at a time; returns how many were cast. QLoRA loads
+    the checkpoint in its own bf16 and quantizes the decoder from it: this gives the rest (adapters, embeddings,
+    norms, head, audio tower, projector) the float32 a float32 load would, for bf16-mixed's master weights."""
+    inside = {id(m) for q in root.modules() if isinstance(q, QuantizedLinear) for m in q.modules()}
+    n = 0
+    for module in root.modules():
+        if id(module) in inside:
+            continue
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                if t is not None and t.is_floating_point() and t.dtype.itemsize < dtype.itemsize:
+                    t.data = t.data.to(dtype)
+                    n += 1
+    return n
+
+
 # ---------------------------------------------------------------------------------------------- bitsandbytes
 class QuantizationUnavailable(ValueError):
     """`model.net.quantize_base` asks for something this machine cannot run (no CUDA, no bitsandbytes)."""
