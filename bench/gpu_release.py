@@ -206,12 +206,10 @@ def quantizer(device: torch.device):  # noqa: ANN201
     it cannot run), the int8 stand-in of bench/cases.py on CPU (smoke runs of the code path)."""
     if device.type != "cuda":
         return Int8StandIn, "int8 stand-in (CPU smoke run)"
-    from musicflamingo.model.lora import check_quantize_base, nf4_linear_class
+    from musicflamingo.model.lora import check_quantize_base, import_bitsandbytes, nf4_linear_class
 
     check_quantize_base("nf4")
-    import bitsandbytes
-
-    return nf4_linear_class(), f"bitsandbytes {bitsandbytes.__version__} nf4"
+    return nf4_linear_class(), f"bitsandbytes {import_bitsandbytes().__version__} nf4"
 
 
 def lora_step(

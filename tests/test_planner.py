@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -539,6 +540,42 @@ def test_eval_plan_builds_nothing(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- QLoRA
+def test_bitsandbytes_is_imported_without_the_hub(tmp_path):
+    """On an AVX512-BF16 CPU, `import bitsandbytes` asks the `kernels` package for a kernel from the Hugging Face
+    Hub; ours hides `kernels` for the import. A stand-in `kernels` on the path records whether it was asked."""
+    pytest.importorskip("bitsandbytes")
+    import subprocess
+
+    (tmp_path / "kernels.py").write_text(
+        "import os\n"
+        "def get_kernel(repo, **kwargs):\n"
+        "    open(os.environ['ASKED'], 'a').write(repo + '\\n')\n"
+        "    raise RuntimeError('no hub here')\n"
+    )
+
+    def asked(code: str) -> tuple[str, str]:
+        marker = tmp_path / "asked.txt"
+        marker.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{Path.cwd()}", "ASKED": str(marker)}
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        return (marker.read_text() if marker.exists() else ""), run.stderr
+
+    plain, _ = asked("import bitsandbytes")
+    if not plain:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes asks the Hub for nothing")
+    assert "kernels-community" in plain
+    ours, stderr = asked(
+        "import kernels, sys\n"
+        "from musicflamingo.model.lora import import_bitsandbytes\n"
+        "bnb = import_bitsandbytes()\n"
+        "assert sys.modules['kernels'] is kernels and bnb.nn.Linear4bit\n"
+    )
+    assert ours == "" and "kernels-community" not in stderr
+
+
 def test_qlora_refused_without_cuda():
     with pytest.raises(
         QuantizationUnavailable, match=r"quantize_base=nf4: .*CUDA GPU and bitsandbytes.*LoRA in bf16"

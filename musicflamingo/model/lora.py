@@ -13,8 +13,11 @@ QLoRA (`apply_lora(..., quantized=cls)`): every frozen base linear becomes a `Qu
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -277,7 +280,7 @@ def check_quantize_base(value: object, cuda_available: bool | None = None) -> No
             f"available here; {fallback}"
         )
     try:
-        import bitsandbytes  # noqa: F401
+        import_bitsandbytes()
     except ImportError:
         raise QuantizationUnavailable(
             f"model.net.quantize_base={value}: 4-bit base weights need bitsandbytes (pip install bitsandbytes), "
@@ -285,11 +288,38 @@ def check_quantize_base(value: object, cuda_available: bool | None = None) -> No
         ) from None
 
 
+class _DropHubKernelWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def import_bitsandbytes() -> ModuleType:
+    """`import bitsandbytes`, without the Hugging Face Hub: on a CPU with AVX512-BF16 its import asks the `kernels`
+    package (a dependency of transformers) to fetch a CPU kernel from the Hub, a network request for code (and a
+    warning when offline). With `kernels` hidden for the import, it keeps the kernels its wheel ships."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    hidden = sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
+    quiet = _DropHubKernelWarning()
+    cpu_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    cpu_log.addFilter(quiet)
+    try:
+        import bitsandbytes
+    finally:
+        cpu_log.removeFilter(quiet)
+        if hidden is None:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
+    return bitsandbytes
+
+
 @functools.cache
 def nf4_linear_class(compute_dtype: torch.dtype = torch.bfloat16) -> type[QuantizedLinear]:
     """bitsandbytes' NF4 `Linear4bit` as a `QuantizedLinear` (imported here: it needs CUDA). Its weights are
     quantized when the module moves to the GPU; `dequantize` reads them back in `compute_dtype`."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     class NF4Linear(bnb.nn.Linear4bit, QuantizedLinear):
         @classmethod
