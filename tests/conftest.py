@@ -1,6 +1,9 @@
 """Test-wide settings: deterministic, offline, small thread pools (the CI machine has 2 cores)."""
 
+import ipaddress
 import os
+import socket
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,3 +24,40 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+# Offline means offline: any test of this process that looks up or connects to a host other than this machine fails
+# (an audit hook sees every socket connect and name lookup, whoever makes it: our code or a library's).
+_REACHED: list[str] = []
+_LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", socket.gethostname()}
+
+
+def _is_local(host: object) -> bool:
+    if host is None or host == "" or host in _LOCAL_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(str(host).split("%")[0])
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "socket.connect":
+        sock, address = args
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address[0]):
+            _REACHED.append(f"connect to {address}")
+    elif event == "socket.getaddrinfo" and not _is_local(args[0]):
+        _REACHED.append(f"name lookup of {args[0]!r}")
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(autouse=True)
+def _offline():
+    yield
+    if _REACHED:
+        reached = sorted(set(_REACHED))
+        _REACHED.clear()
+        pytest.fail(f"this test reached the network: {reached}")
