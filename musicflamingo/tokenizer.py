@@ -54,6 +54,11 @@ class Tokenizer:
     def save(self, directory: str | os.PathLike) -> Path:
         raise NotImplementedError
 
+    def model_bytes(self) -> bytes:
+        """The serialized tokenizer model (vocabulary, merges or pieces: what decides the ids), for fingerprints
+        such as a manifest index's. This default: the vocabulary size and the ids of a probe sentence."""
+        return json.dumps([self.vocab_size, self.encode("Tempo? 96 BPM, in C major.")]).encode()
+
     def __len__(self) -> int:
         return self.vocab_size
 
@@ -152,6 +157,9 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def model_bytes(self) -> bytes:
+        return self._tok.to_str().encode()
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (readable by ``transformers.AutoTokenizer``)."""
         d = Path(directory)
@@ -234,6 +242,9 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
+
+    def model_bytes(self) -> bytes:
+        return self._sp.serialized_model_proto()
 
     def save(self, directory: str | os.PathLike) -> Path:
         d = Path(directory)

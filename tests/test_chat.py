@@ -170,6 +170,35 @@ def test_labels_learn_every_assistant_turn_and_match_the_render(tok):
     assert tok.decode([t for t in labels if t != _], False) == "96 BPM.<|im_end|>C major.<|im_end|>"
 
 
+def test_default_system_turn_is_encoded_once(tok):
+    """The default system turn's ids are made once per encoder, not per record, and the ids stay those of the whole
+    rendered text; a tokenizer that does not split at <|im_start|> gets no such shortcut."""
+    seen = []
+
+    class Recording:
+        def encode(self, text):
+            seen.append(text)
+            return tok.encode(text)
+
+    enc = ChatEncoder(Recording(), AUDIO_IDS)
+    seen.clear()
+    messages = [user_message("Tempo?", "a.wav"), {"role": "assistant", "content": "96 BPM."}]
+    for _ in range(3):
+        ids, _labels = enc.encode(messages, [2])
+    assert seen and not any(chat.DEFAULT_SYSTEM_PROMPT in text for text in seen)
+    assert ids == tok.encode(expand_audio_tokens(render_chat(messages, add_generation_prompt=False), [2]))
+
+    class Joining(Recording):  # ids depend on what precedes a turn: encode the whole text, always
+        def encode(self, text):
+            ids = super().encode(text)
+            return ids + [NL] if text.count("<|im_start|>") > 1 else ids
+
+    joining = ChatEncoder(Joining(), AUDIO_IDS)
+    seen.clear()
+    joining.encode(messages, [2])
+    assert any(text.startswith(f"<|im_start|>system\n{chat.DEFAULT_SYSTEM_PROMPT}") for text in seen)
+
+
 def test_encoder_rejects_bad_conversations(tok):
     enc = ChatEncoder(tok, AUDIO_IDS)
     with pytest.raises(ValueError, match="special token"):

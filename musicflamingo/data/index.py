@@ -76,16 +76,6 @@ def _digest(data: bytes | str) -> str:
     return hashlib.blake2b(data.encode() if isinstance(data, str) else data, digest_size=8).hexdigest()
 
 
-def _tokenizer_digest(tokenizer: Any) -> str:
-    """Digest of the tokenizer's model (vocabulary, merges: what decides the counts)."""
-    inner = getattr(tokenizer, "_tok", None) or getattr(tokenizer, "_sp", None)
-    if hasattr(inner, "to_str"):  # tokenizers.Tokenizer (tokenizer.json)
-        return _digest(inner.to_str())
-    if hasattr(inner, "serialized_model_proto"):  # SentencePiece
-        return _digest(inner.serialized_model_proto())
-    return _digest(json.dumps([tokenizer.vocab_size, tokenizer.encode("Tempo? 96 BPM, in C major.")]))
-
-
 def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes: str) -> dict[str, Any]:
     """What an index's numbers depend on. ``hashes``: ``"line"`` (JSONL) or ``"record"`` (JSON list)."""
     probe = [
@@ -98,7 +88,7 @@ def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes:
         "hashes": hashes,
         # None: each manifest's folder, so a manifest moved with its audio stays indexed
         "audio_root": None if audio_root is None else str(Path(audio_root).resolve()),
-        "tokenizer": _tokenizer_digest(processor.tokenizer),
+        "tokenizer": _digest(processor.tokenizer.model_bytes()),  # vocabulary, merges
         "system_prompt": _digest(processor.default_system_prompt),
         "audio_token": processor.audio_token,
         "chunk_length": float(processor.chunk_length),
