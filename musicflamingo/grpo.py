@@ -326,11 +326,11 @@ class GRPOLit(MusicFlamingoLit):
                     f"{len(outside) - 1} more) train outside the adapters, so the reference would move with them: "
                     "freeze them (model.net.freeze.<part>=true) or set model.loss.beta=0"
                 )
-        elif self.beta > 0:
-            dtype = parse_dtype(reference_dtype)
+        self._reference_dtype = parse_dtype(reference_dtype)
+        if self.beta > 0 and not self.uses_lora:
             ref = copy.deepcopy(net).requires_grad_(False).eval()
-            if dtype is not None:
-                ref.to(dtype)
+            if self._reference_dtype is not None:
+                ref.to(self._reference_dtype)
                 ref.reset_buffers()
             self._reference.append(ref)
         self._records: dict[str, dict[str, Record]] = {}
@@ -347,7 +347,9 @@ class GRPOLit(MusicFlamingoLit):
         # do SFT's, and resuming at the next step needs exactly those.
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         if self._reference:
-            self._reference[0].to(self.device)
+            # Kept out of the module tree, the copy misses the precision plugin's cast: without reference_dtype it
+            # takes the policy's dtype as the fit runs it (bf16-true: bfloat16, not the float32 it was built in)
+            self._reference[0].to(self.device, self._reference_dtype or self.model.dtype)
             self._reference[0].reset_buffers(self.device)
 
     def _processor(self) -> Any:

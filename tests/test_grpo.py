@@ -192,6 +192,26 @@ def test_kl_is_zero_at_step_zero(lora):
     assert kl.abs().max().item() == 0.0
 
 
+def test_reference_copy_follows_the_policys_precision():
+    """bf16-true casts the policy before fit start, but not the reference copy (kept out of the module tree): with
+    `reference_dtype` null the copy takes the policy's dtype then (a float32 copy beside a bfloat16 policy took twice
+    the memory, and its KL at step zero was not zero); a set `reference_dtype` stays."""
+    lit = _lit(_net(False), beta=0.04)
+    assert lit.reference.dtype == torch.float32
+    lit.model.to(torch.bfloat16)  # what bf16-true's precision plugin does before on_fit_start
+    lit.on_fit_start()
+    assert lit.reference.dtype == torch.bfloat16
+    prompts, completions, owner = _fake_rollouts()
+    logp, _ = lit.sequence_logprobs(lit.model, prompts, completions, owner, None, None)
+    ref = lit._reference_logprobs(prompts, completions, owner, None, None)
+    assert torch.equal(logp.detach(), ref)  # the same numbers: KL exactly zero at step zero
+
+    kept = _lit(_net(False), beta=0.04, reference_dtype="float32")
+    kept.model.to(torch.bfloat16)
+    kept.on_fit_start()
+    assert kept.reference.dtype == torch.float32
+
+
 def test_lora_reference_is_the_base_model():
     base = create_model("tiny", AUDIO, seed=0).eval()
     net = _net(lora=True)
