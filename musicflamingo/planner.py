@@ -41,6 +41,11 @@ outputs, an encoder layer's attention or MLP temporaries) and the KV cache (2 * 
 slots * capacity * bytes) + one decoder layer's prefill on a prompt (the MLP's gate, up, SiLU and product alive at
 once, for up to `MLP_CHUNK_ROWS` rows at a time) + the last position's logits. The engine of `infer.py` holds its
 cache while each request's audio is encoded; `engine.generate` (eval.py) embeds every prompt before the cache exists.
+
+GRPO (`plan_grpo`): the worst split of the batch's prompt tokens into B prompts of P tokens; per split the larger of
+the rollouts (resident weights, states, gradients and a full fine-tune's reference copy, then the audio of every
+prompt, or the prompt embeddings + the engine's KV cache + a prompt's prefill + the slots' logits, in the weights'
+dtype) and the update (the SFT step on a micro-batch of completions of P + max_new positions).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class MemoryPlanError(ValueError):
 GB = 1e9
 NF4_BYTES = 0.5 + 1 / 64  # 4 bits + one 8-bit absmax per 64-weight block (bitsandbytes' double quantisation)
 LOSS_CHUNK = 2048  # rows per chunk of `fused.linear_cross_entropy` (model/musicflamingo.py's default)
+LOGPROB_CHUNK = 1024  # rows per chunk of GRPO's `token_logprobs` (grpo.py's default)
 KEY_BLOCK = 256  # the engine rounds KV-cache capacity up to this (engine.KEY_BLOCK)
 MLP_CHUNK_ROWS = 4096  # rows of one decoder MLP pass in inference (model/qwen2.py's MLP_CHUNK_ROWS)
 PROMPT_TEXT_TOKENS = 256  # system prompt, chat markup and a question, on top of the audio tokens
@@ -143,6 +149,21 @@ def parameter_counts(config: MusicFlamingoConfig) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class GRPOSetup:
+    """What a GRPO step adds (`musicflamingo.grpo`, `model.rollout` and `model.loss`): rollouts of `group_size`
+    completions of up to `max_new_tokens` per prompt, `slots` decoded at once (None: all), updates over
+    `micro_batch_size` completions (whole groups), and with `kl` a frozen reference copy of full fine-tuning in
+    `reference_bytes` per parameter (None: the weights' dtype); LoRA's reference is the model with adapters off."""
+
+    group_size: int
+    max_new_tokens: int
+    slots: int | None
+    micro_batch_size: int
+    kl: bool = True
+    reference_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class TrainingSetup:
     """What decides a training step's memory. `tokens`: padded decoder tokens per step and device
     (`data.batch_max_tokens`); `windows`: audio windows per step (None: as many as `tokens` holds, audio filling
@@ -164,6 +185,8 @@ class TrainingSetup:
     labelled: int | None = None
     rows: int = 1
     accumulate: int = 1
+    grpo: GRPOSetup | None = None  # GRPO: `tokens` is then the data's budget of prompt tokens per batch
+    loss_chunk: int = LOSS_CHUNK  # rows of logits the loss makes at a time
 
 
 @dataclass
@@ -366,7 +389,7 @@ def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[B
     # working memory is one loss chunk: logits in the compute dtype, float32 copies for the loss and its gradient,
     # and the head's autocast copy
     head = K * (s * D + 4) + K * D * (c if p.autocast else s) + (t.vocab_size * D * 4 if full_lm else 0)
-    chunk = min(K, LOSS_CHUNK) * t.vocab_size * (c + 12) + (t.vocab_size * D * c if p.autocast else 0)
+    chunk = min(K, setup.loss_chunk) * t.vocab_size * (c + 12) + (t.vocab_size * D * c if p.autocast else 0)
     head_grad = n["lm_head"] + n["final_norm"] if full_lm else 0
     blocks.append(Block("head", head, head_grad, chunk, t.vocab_size * D * 4 if full_lm else 0))
     return [replace(b, grad=b.grad * s // shard) for b in blocks]
@@ -374,6 +397,8 @@ def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[B
 
 def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPlan:
     """The predicted peak of one training step per device (the formulas: this module's docstring)."""
+    if setup.grpo is not None:
+        return plan_grpo(config, setup)
     p = precision_of(setup.precision)
     t, s = config.text, p.weight
     shard = setup.devices if setup.strategy == "fsdp" else 1
@@ -432,7 +457,11 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
         ("optimizer states", states, f"AdamW: 2 x {s} B per trainable parameter{sharded}"),
         ("batch", batch, "float32 features, ids, labels and masks"),
         ("activations", acts, acts_how + (", checkpointed" if setup.checkpointing else "")),
-        ("loss chunk", head.forward, f"{min(K, LOSS_CHUNK)} rows x {t.vocab_size} logits, never all at once"),
+        (
+            "loss chunk",
+            head.forward,
+            f"{min(K, setup.loss_chunk)} rows x {t.vocab_size} logits, never all at once",
+        ),
     ]
     if dequant:
         items.append(("dequantised linear", dequant, "the largest 4-bit linear, rebuilt per use"))
@@ -443,6 +472,93 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
         f"({setup.device}), {_what_trains(setup)}"
     )
     return MemoryPlan(title, items, peak, when, notes)
+
+
+def plan_grpo(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPlan:
+    """A GRPO step's peak: the worst, over how the batch's prompt tokens (`setup.tokens`, padded) split into B
+    prompts of P tokens, of the rollouts (resident state + the engine's KV cache, a prompt's prefill, the batch's
+    audio and prompt embeddings) and of the update (SFT's step on a micro-batch of completions, P + max_new rows)."""
+    g = setup.grpo
+    assert g is not None
+    p = precision_of(setup.precision)
+    G, budget = g.group_size, max(1, setup.tokens)
+    per = max(1, g.micro_batch_size // G)  # prompts per micro-batch (whole groups)
+    # Memory grows with P at a fixed B, so P = budget // B; the KV cache peaks near B = slots / G, the update near
+    # B = per: those, and a spread of others
+    counts = {1, 2, 4, 8, 16, 32, 64, per, per + 1}
+    if g.slots:
+        counts |= {max(1, g.slots // G), g.slots // G + 1}
+    worst = None
+    for B in sorted(b for b in counts if b <= max(1, budget // 16)):
+        plan = _grpo_plan_for(config, setup, p, B, budget // B)
+        if worst is None or plan.peak > worst.peak:
+            worst = plan
+    assert worst is not None
+    return worst
+
+
+def _grpo_plan_for(
+    config: MusicFlamingoConfig, setup: TrainingSetup, p: Precision, prompts: int, prompt_tokens: int
+) -> MemoryPlan:
+    g = setup.grpo
+    assert g is not None
+    G, Nn, P = g.group_size, g.max_new_tokens, prompt_tokens
+    windows = math.ceil(P / config.audio.tokens_per_window)  # audio fills the prompt, as in `step_windows`
+    used = min(prompts, max(1, g.micro_batch_size // G))
+    m = used * G
+    step = plan_training(
+        config,
+        replace(
+            setup,
+            grpo=None,
+            tokens=m * (P + Nn),
+            rows=m,
+            labelled=m * Nn,
+            windows=used * windows,
+            loss_chunk=LOGPROB_CHUNK,
+        ),
+    )
+    slots = min(g.slots or prompts * G, prompts * G)
+    # rollouts run in the weights' dtype (no autocast) and encode every prompt's audio at once, before the engine
+    rollout = plan_inference(
+        config,
+        dtype_bytes=p.weight,
+        slots=slots,
+        prompt_tokens=P,
+        new_tokens=Nn,
+        windows=prompts * windows,
+        device=setup.device,
+    )
+    kv, audio = rollout.item("KV cache"), rollout.item("audio encoder")
+    embeds = prompts * P * config.text.hidden_size * p.weight
+    shard = setup.devices if setup.strategy == "fsdp" else 1
+    reference = 0
+    if g.kl and not setup.lora_rank:
+        reference = config.num_parameters() * (g.reference_bytes or p.weight) // shard
+    resident = step.item("weights") + step.item("optimizer states") + step.item("gradients") + reference
+    rolling = resident + max(
+        audio, embeds + kv + rollout.item("prefill") + rollout.item("logits")
+    )  # the last step's gradients live until the next update zeroes them
+    updating = step.peak + reference
+    items = [*step.items]
+    if reference:
+        items.insert(
+            1, ("KL reference", reference, "a frozen copy of the weights (full fine-tuning, beta > 0)")
+        )
+    items += [
+        ("rollout KV cache", kv, f"{slots} slots x ({P} + {Nn}) positions in {p.weight} B"),
+        ("rollout prefill", rollout.item("prefill"), f"one decoder layer on a {P}-token prompt"),
+        ("rollout audio", audio, f"{prompts * windows} windows encoded at once"),
+        ("rollout embeddings", embeds, f"{prompts} prompts x {P} tokens"),
+    ]
+    when = "during rollouts" if rolling > updating else f"in the update ({step.when})"
+    title = step.title.replace("training plan:", "GRPO plan:", 1)
+    notes = [
+        f"worst case over the batch's {setup.tokens} prompt tokens: {prompts} prompt(s) of {P} tokens, "
+        f"{G} completions each, {m} completions per micro-batch of {P + Nn} positions",
+        *step.notes,
+    ]
+    return MemoryPlan(title, items, max(rolling, updating), when, notes)
 
 
 def batch_bytes(config: MusicFlamingoConfig, setup: TrainingSetup) -> int:
@@ -646,6 +762,19 @@ def alternatives(config: MusicFlamingoConfig, setup: TrainingSetup, budget: int)
             (f"trainer=fsdp trainer.devices={n}", dict(strategy="fsdp", devices=n, **lean))
             for n in (2, 4, 8, 16, 32, 64)
         ]
+    g = setup.grpo
+    if g is not None:  # GRPO's own levers: one group per update, one group's completions decoded at a time
+        if g.micro_batch_size > g.group_size:
+            candidates.append(
+                (
+                    f"model.loss.micro_batch_size={g.group_size}",
+                    dict(grpo=replace(g, micro_batch_size=g.group_size)),
+                )
+            )
+        if (g.slots or 1 << 30) > g.group_size:
+            candidates.append(
+                (f"model.rollout.slots={g.group_size}", dict(grpo=replace(g, slots=g.group_size)))
+            )
     for k in (2, 4, 8, 16):
         if setup.tokens // k >= 64:
             windows = None if setup.windows is None else max(1, setup.windows // k)
@@ -774,8 +903,27 @@ def training_setup(settings: Mapping[str, Any]) -> tuple[MusicFlamingoConfig, Tr
         checkpointing=bool(net.get("gradient_checkpointing")) or fsdp_ckpt,
         tokens=int(_get(settings, "data.batch_max_tokens", 4096)),
         accumulate=int(_get(settings, "trainer.accumulate_grad_batches", 1) or 1),
+        grpo=_grpo_setup(settings),
     )
     return config, setup
+
+
+def _grpo_setup(settings: Mapping[str, Any]) -> GRPOSetup | None:
+    """`model.rollout` / `model.loss` of a GRPO run (`model._target_` names `GRPOLit`), else None."""
+    if not str(_get(settings, "model._target_", "")).endswith("GRPOLit"):
+        return None
+    from musicflamingo.runtime import parse_dtype
+
+    slots = _get(settings, "model.rollout.slots")
+    dtype = parse_dtype(_get(settings, "model.reference_dtype"))  # what GRPOLit casts its copy to
+    return GRPOSetup(
+        group_size=int(_get(settings, "model.rollout.group_size", 2)),
+        max_new_tokens=int(_get(settings, "model.rollout.max_new_tokens", 512)),
+        slots=None if slots is None else int(slots),
+        micro_batch_size=int(_get(settings, "model.loss.micro_batch_size", 1)),
+        kl=float(_get(settings, "model.loss.beta", 0.0) or 0.0) > 0,
+        reference_bytes=None if dtype is None else dtype.itemsize,
+    )
 
 
 def device_memory(device: str) -> int | None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import inspect
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -369,6 +371,224 @@ def test_generation_plan_matches_measured_memory(dtype):
     assert (
         plan.item("KV cache") == 2 * 4 * 2 * 64 * 4 * capacity * dtype.itemsize
     )  # layers, kv heads, hd, slots
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+def _grpo_lit(net, beta: float = 0.04, **rollout):
+    from functools import partial
+
+    from musicflamingo.grpo import GRPOLit
+    from musicflamingo.lit import warmup_cosine
+    from musicflamingo.rewards import FormatReward
+
+    return GRPOLit(
+        net=net,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        scheduler=partial(warmup_cosine, warmup_steps=0, max_steps=10, min_lr_ratio=1.0),
+        part_lr={"audio_tower": None, "multi_modal_projector": None, "language_model": None},
+        nonfinite_loss="stop",
+        rewards={"format": FormatReward()},
+        rollout={"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "slots": None, **rollout},
+        loss={
+            "beta": beta,
+            "clip_eps": 0.2,
+            "updates_per_batch": 1,
+            "micro_batch_size": 4,
+            "max_grad_norm": 1.0,
+        },
+        think=False,
+        tasks=None,
+        reference_dtype=None,
+        seed=0,
+    )
+
+
+def test_grpo_settings_are_planned_as_grpo(tmp_path):
+    """`experiment=grpo` plans rollouts and updates, not an SFT step: its fields come from model.rollout and
+    model.loss, LoRA keeps no reference copy, full fine-tuning does (in reference_dtype when set)."""
+    from musicflamingo.planner import training_setup
+
+    _, settings = _compose("train", _train_overrides(tmp_path, "experiment=grpo", "model.net.preset=small"))
+    config, setup = training_setup(settings)
+    g = setup.grpo
+    assert (g.group_size, g.max_new_tokens, g.slots, g.micro_batch_size, g.kl) == (5, 512, 40, 10, True)
+    plan = plan_training(config, setup)
+    assert plan.title.startswith("GRPO plan") and "rollout KV cache" in [n for n, _, _ in plan.items]
+    assert "KL reference" not in [n for n, _, _ in plan.items]  # LoRA: the adapters off are the reference
+    sft = plan_training(config, replace(setup, grpo=None))
+    assert plan.peak > sft.peak  # completions of up to 512 tokens on top of the prompts
+
+    full = ["model.net.lora.enabled=false", "model.net.freeze.language_model=false"]
+    _, settings = _compose(
+        "train", _train_overrides(tmp_path, "experiment=grpo", "model.net.preset=small", *full)
+    )
+    config, setup = training_setup(settings)
+    weights = plan_training(config, setup).item("weights")
+    assert plan_training(config, setup).item("KL reference") == weights
+    _, settings = _compose(
+        "train",
+        _train_overrides(
+            tmp_path, "experiment=grpo", "model.net.preset=small", *full, "model.reference_dtype=bf16"
+        ),
+    )
+    config, setup = training_setup(settings)
+    assert plan_training(config, setup).item("KL reference") == weights // 2
+
+
+def test_grpo_plan_takes_the_worst_split_of_the_batch():
+    """Among every way the batch's prompt tokens split into B prompts of P tokens, the plan is the worst."""
+    from musicflamingo.planner import GRPOSetup, _grpo_plan_for, precision_of
+
+    config = MusicFlamingoConfig.from_name("small")
+    for slots, micro in [(40, 10), (None, 4), (6, 2)]:
+        setup = TrainingSetup(
+            precision="bf16-mixed",
+            train_language_model=False,
+            lora_rank=8,
+            lora_targets=("q_proj", "v_proj"),
+            tokens=2048,
+            grpo=GRPOSetup(group_size=2, max_new_tokens=64, slots=slots, micro_batch_size=micro),
+        )
+        p = precision_of(setup.precision)
+        every = max(_grpo_plan_for(config, setup, p, b, 2048 // b).peak for b in range(1, 2048 // 16 + 1))
+        assert plan_training(config, setup).peak == every
+
+
+def test_grpo_rollout_and_reference_are_planned_exactly():
+    """The rollouts' KV cache is the engine's, byte for byte, and full fine-tuning's reference copy is the model's
+    size; the rollouts' measured peak (small, audio prompts) is within 15 % of the plan's."""
+    from musicflamingo import grpo
+    from musicflamingo.engine import SamplingParams
+    from musicflamingo.planner import GRPOSetup, _grpo_plan_for, precision_of
+
+    net = build_model(
+        preset="small",
+        overrides={},
+        init_from=None,
+        seed=0,
+        rote_quirk=True,
+        gradient_checkpointing=False,
+        compile=False,
+        freeze={"audio_tower": True, "multi_modal_projector": False, "language_model": False},
+        lora=NO_LORA,
+    )
+    lit = _grpo_lit(net, group_size=4)
+    config = net.config
+    batch = _batch(config, 2, 60, 1, 1)  # 2 prompts, one audio window each
+    target = grpo.Target("qa", "qa", "x")
+    prompts = [
+        grpo.Prompt(f"p{b}", batch["input_ids"][b].tolist(), target, slice(b, b + 1)) for b in range(2)
+    ]
+    caches = []
+
+    class Recording(grpo.Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self.cache)
+
+    params = SamplingParams(8, True, 1.0, 0, 1.0, stop_ids=())
+    P = batch["input_ids"].shape[1]
+    setup = TrainingSetup(
+        precision="32",
+        train_audio_tower=False,
+        train_language_model=True,
+        tokens=2 * P,
+        grpo=GRPOSetup(group_size=4, max_new_tokens=8, slots=None, micro_batch_size=8),
+    )
+    plan = _grpo_plan_for(config, setup, precision_of("32"), 2, P)
+
+    def rollouts():
+        lit._sample(prompts, batch["input_features"], batch["input_features_mask"], 4, params, None)
+
+    grpo_engine = grpo.Engine
+    grpo.Engine = Recording
+    try:
+        measured = measured_peak(rollouts)
+    finally:
+        grpo.Engine = grpo_engine
+    assert plan.item("rollout KV cache") == _nbytes([caches[-1].keys, caches[-1].values])
+    assert plan.item("KL reference") == _nbytes(lit.reference.parameters())
+    no_kl = replace(setup, grpo=replace(setup.grpo, kl=False))
+    assert "KL reference" not in [
+        n for n, _, _ in _grpo_plan_for(config, no_kl, precision_of("32"), 2, P).items
+    ]
+    items = dict((n, b) for n, b, _ in plan.items)
+    # the peak is in the prefills and decode steps (cache, a prompt's prefill, the embeddings, the slots' logits);
+    # (8 slots); the audio term counts ceil(P / tokens per window) windows a prompt, an upper bound (2 where 1 is)
+    planned = (
+        items["rollout embeddings"]
+        + items["rollout KV cache"]
+        + items["rollout prefill"]
+        + _logits(config, 8, 4)
+    )
+    assert items["rollout audio"] < planned
+    assert abs(planned - measured) <= TOLERANCE * measured, (planned, measured, plan.table())
+
+
+@pytest.mark.parametrize(
+    "precision,lora,ckpt",
+    [
+        ("32", True, False),
+        ("bf16-mixed", True, True),
+        ("32", True, True),
+        ("32", False, False),
+        ("32", False, True),
+        ("bf16-mixed", True, False),
+        ("bf16-mixed", False, False),
+        ("bf16-mixed", False, True),
+    ],
+)
+def test_grpo_update_plan_matches_measured_memory(precision, lora, ckpt):
+    """A GRPO update (`sequence_logprobs` over a micro-batch of 2 prompts x 4 completions of 48 tokens, backward,
+    AdamW) measured against the plan: SFT's step on those rows with GRPO's chunked log-probs."""
+    from musicflamingo import grpo
+    from musicflamingo.planner import GRPOSetup, _grpo_plan_for, precision_of
+
+    G, N, B = 4, 48, 2
+    model = _model("small", {}, precision, lora=lora, ckpt=ckpt)
+    lit = _grpo_lit(model, beta=0.0, group_size=G)
+    batch = _batch(model.config, B, 60, 1, 1)
+    feats, mask = batch["input_features"], batch["input_features_mask"]
+    target = grpo.Target("qa", "qa", "x")
+    prompts = [
+        grpo.Prompt(f"p{b}", batch["input_ids"][b].tolist(), target, slice(b, b + 1)) for b in range(B)
+    ]
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(10, 200, (N,), generator=g).tolist() for _ in range(B * G)]
+    owner = [b for b in range(B) for _ in range(G)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+    def step():
+        with autocast:
+            logp, _ = lit.sequence_logprobs(model, prompts, completions, owner, feats, mask)
+        logp.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    states = [v for st in optimizer.state.values() for v in st.values()]
+    peak = _nbytes(model.parameters()) + _nbytes(states) + _nbytes([feats, mask]) + measured_peak(step)
+    P = batch["input_ids"].shape[1]
+    setup = TrainingSetup(
+        precision=precision,
+        train_audio_tower=not lora,
+        train_language_model=not lora,
+        lora_rank=8 if lora else 0,
+        lora_targets=tuple(LORA["targets"]) if lora else (),
+        checkpointing=ckpt,
+        tokens=B * P,
+        grpo=GRPOSetup(group_size=G, max_new_tokens=N, slots=None, micro_batch_size=B * G, kl=False),
+    )
+    plan = _grpo_plan_for(model.config, setup, precision_of(precision), B, P)
+    assert plan.when.startswith("in the update")
+    assert abs(plan.peak - peak) <= TOLERANCE * peak, (
+        f"planned {plan.peak:,}, measured {peak:,}\n{plan.table()}"
+    )
+
+
+def _logits(config: MusicFlamingoConfig, slots: int, dtype_bytes: int) -> int:
+    return slots * config.text.vocab_size * (dtype_bytes + 4)
 
 
 # ---------------------------------------------------------------------------------------------- what the numbers say
@@ -781,6 +1001,9 @@ def test_planner_mirrors_the_models_chunk_sizes():
     from musicflamingo.model import qwen2
 
     assert planner.MLP_CHUNK_ROWS == qwen2.MLP_CHUNK_ROWS and planner.KEY_BLOCK == KEY_BLOCK
+    from musicflamingo.grpo import token_logprobs
+
+    assert planner.LOGPROB_CHUNK == inspect.signature(token_logprobs).parameters["chunk"].default
     config = MusicFlamingoConfig.from_name("music_flamingo_2601")
     D, inter, rows = config.text.hidden_size, config.text.intermediate_size, 30021
     prefill = plan_inference(config, dtype_bytes=2, prompt_tokens=rows, new_tokens=1, windows=40).item(
