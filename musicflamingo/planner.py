@@ -17,8 +17,8 @@ Kept for backward, per position (D, q, kv, I, H: width, query / key-value width,
   SwiGLU is recomputed). A LoRA'd linear adds its normalised input (one autocast copy per adapter) and c*r; an
   unfused down_proj adds 2c*I. The last layer keeps only the key/value part for all N positions, the rest for K,
   plus its (K, S) attention mask. With checkpointing a layer keeps only its input, s*D, and one layer is rebuilt
-  at a time in backward. Packed rows (`data.pack`): every layer also keeps SDPA's additive (S, S) mask, c*S, and the
-  batch holds the bool one.
+  at a time in backward. Packed rows (`data.pack`) attend run by run and keep nothing more; with compiled layers
+  they take the (S, S) mask instead: every layer keeps SDPA's additive copy, c*S, and the batch holds the bool one.
 * encoder layer (only when the audio tower trains): s*d + 8, 3c*d (q, k, v), c*d + 4H attention output and
   logsumexp (CPU bf16 training attends with plain matmuls and keeps the probabilities, c*H*P, instead), s*d + 8,
   c*f (fc1 output); plus per window the conv stem's inputs c*5P*d (and c*2P*mel when the float32 features are
@@ -188,7 +188,8 @@ class TrainingSetup:
     accumulate: int = 1
     grpo: GRPOSetup | None = None  # GRPO: `tokens` is then the data's budget of prompt tokens per batch
     loss_chunk: int = LOSS_CHUNK  # rows of logits the loss makes at a time
-    packed: bool = False  # `data.pack`: rows of several conversations under a block-diagonal (S, S) mask
+    packed: bool = False  # `data.pack`: rows of several conversations, attended run by run
+    compiled: bool = False  # `model.net.compile`: compiled layers take packed rows' (S, S) mask instead
 
 
 @dataclass
@@ -266,7 +267,7 @@ def _decoder_layer(
         kept = (
             reads(("k_proj", "v_proj"), full) + reads(("q_proj",), rows) + rows * (8 + 2 * hd * s + c * seq)
         )
-    if setup.packed and full == rows:  # SDPA keeps the packed rows' (S, S) mask as an additive one in c
+    if setup.packed and setup.compiled and full == rows:  # SDPA keeps the (S, S) mask as an additive one in c
         kept += full * c * seq
     kept += full * 2 * c * kv + rows * (2 * c * q + 4 * H)  # k, v; q after RoPE, attention output, logsumexp
     copies += copy * q * D if plain else 0  # o_proj: a plain F.linear
@@ -385,7 +386,7 @@ def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[B
         # working memory: the output and q/k/v with RoPE's temporaries, or SwiGLU's; in backward the residual's
         # gradients and SwiGLU's backward
         forward = N * s * D + rows * c * max(3 * q + 2 * kv, 2 * inter)
-        if setup.packed and setup.checkpointing:  # the additive mask, made anew by each layer's SDPA
+        if setup.packed and setup.compiled and setup.checkpointing:  # the additive mask, made anew per layer
             forward += N * c * S
         backward = N * s * 2 * D + rows * c * swiglu_backward * inter
         if setup.checkpointing:  # the input is kept; backward rebuilds the rest, one layer at a time
@@ -571,8 +572,10 @@ def batch_bytes(config: MusicFlamingoConfig, setup: TrainingSetup) -> int:
     """The collated batch: float32 log-mel windows and their int64 frame masks, ids, attention mask, labels."""
     a, W = config.audio, step_windows(config, setup)
     tokens = W * 2 * a.max_source_positions * (4 * a.num_mel_bins + 8) + 3 * 8 * setup.tokens
-    if setup.packed:  # seq_ids and position_ids, and the (S, S) block-diagonal bool mask built from them
-        tokens += 2 * 8 * setup.tokens + setup.tokens * max(1, setup.tokens // max(1, setup.rows))
+    if setup.packed:  # seq_ids and position_ids (compiled layers: and the (S, S) bool mask built from them)
+        tokens += 2 * 8 * setup.tokens
+        if setup.compiled:
+            tokens += setup.tokens * max(1, setup.tokens // max(1, setup.rows))
     return tokens
 
 
@@ -914,6 +917,7 @@ def training_setup(settings: Mapping[str, Any]) -> tuple[MusicFlamingoConfig, Tr
         accumulate=int(_get(settings, "trainer.accumulate_grad_batches", 1) or 1),
         grpo=_grpo_setup(settings),
         packed=bool(_get(settings, "data.pack", False)),
+        compiled=bool(net.get("compile")),
     )
     return config, setup
 

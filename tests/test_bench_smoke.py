@@ -431,3 +431,17 @@ def test_gpu_release_reference_holds_the_values_ours_drew():
     assert set(mine) == set(theirs)
     assert all(torch.equal(v, theirs[k]) for k, v in mine.items())
     assert next(ref.parameters()).dtype == torch.bfloat16
+
+
+def test_packed_attention_bench_runs_on_the_tiny_preset(capsys):
+    """bench/packed_attention.py at its smallest: both modes timed and measured, the ratios printed."""
+    bench = _load("packed_attention")
+    bench.main(["--preset", "tiny", "--conversations", "3", "--length", "64", "--repeats", "1"])
+    out = capsys.readouterr().out
+    kept = [
+        float(line.split("kept for backward")[1].split("MB")[0])
+        for line in out.splitlines()
+        if "kept for backward" in line
+    ]
+    assert len(kept) == 2 and kept[0] < kept[1]  # runs keep no (T, T) mask
+    assert "runs / mask time" in out and "1 row of 3 x 64 tokens" in out

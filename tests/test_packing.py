@@ -6,6 +6,8 @@ ordinary padded batch, and the training step's loss (the labelled-rows path) is 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,13 +186,48 @@ def test_packed_training_loss_equals_padded(tiny):
     torch.testing.assert_close(unguarded.loss, ref.loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("labels", [False, True], ids=["every_position", "labelled_rows"])
+def test_runs_equal_the_block_mask_with_gradients(tiny, labels):
+    """Attention run by run (`segment_attention`, the default) computes what the (T, T) block-diagonal mask does
+    (`packed_attention="mask"`, what compiled layers take), outputs and gradients, for every position and for the
+    last layer's labelled rows."""
+    model, processor, samples, _dir, _manifest = tiny
+    model = copy.deepcopy(model).train()
+    packed = collate_packed(samples, processor.pad_token_id, max_tokens=10_000)
+    inputs = _inputs(packed, "labels") if labels else _inputs(packed)
+    results = []
+    for mode in ("runs", "mask"):
+        model.zero_grad(set_to_none=True)
+        model.language_model.packed_attention = mode
+        out = model(**inputs, return_logits=not labels)
+        value = out.loss if labels else out.logits
+        (value if labels else value.square().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((value.detach(), grads))
+    (runs, g_runs), (mask, g_mask) = results
+    torch.testing.assert_close(runs, mask, rtol=1e-5, atol=1e-6)
+    assert g_runs.keys() == g_mask.keys() and g_runs
+    for name in g_runs:
+        torch.testing.assert_close(g_runs[name], g_mask[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_layers_take_the_block_mask(tiny):
+    """A compiled layer would retrace for every new layout of runs: with compiled layers the model builds the mask."""
+    model, *_ = tiny
+    model = copy.deepcopy(model)
+    assert not model.language_model._layers_compiled()
+    model.compile_layers()  # wraps only: nothing is traced before a call
+    assert model.language_model._layers_compiled()
+
+
 def test_training_runs_packed(tiny, tmp_path, monkeypatch):
-    """data.pack=true: one row per batch holding several conversations, the training step's forward masks each."""
+    """data.pack=true: one row per batch holding several conversations, the training step's forward attends within
+    each."""
     _model, processor, samples, proc_dir, manifest = tiny
     budget = sum(int(s["input_ids"].shape[0]) for s in samples) + 64  # estimates may differ a little
     calls = []
-    real_mask = qwen2.segment_mask
-    monkeypatch.setattr(qwen2, "segment_mask", lambda s: calls.append(s.shape) or real_mask(s))
+    real_spans = qwen2.segment_spans
+    monkeypatch.setattr(qwen2, "segment_spans", lambda s: calls.append(s.shape) or real_spans(s))
     cfg = compose_train(
         tmp_path, manifest, proc_dir, ["debug=fast", "data.pack=true", f"data.batch_max_tokens={budget}"]
     )

@@ -219,10 +219,13 @@ def measure_step(
     quantized=None,
     targets=tuple(LORA["targets"]),
     packed=False,
+    mode="runs",
 ):
     """(plan, activations kept, peak of a whole step): forward, backward and a foreach AdamW step, measured in the
-    second step (the optimizer states exist). `packed`: each row holds two conversations (`seq_ids`)."""
+    second step (the optimizer states exist). `packed`: each row holds two conversations (`seq_ids`), attended
+    by `mode` (`Qwen2Model.packed_attention`; "mask" is what compiled layers take, planned as `compiled`)."""
     model = _model(preset, overrides, precision, lora, ckpt, quantized, targets)
+    model.language_model.packed_attention = mode
     batch = _batch(model.config, rows, text, labelled, windows)
     if packed:
         S = batch["input_ids"].shape[1]
@@ -262,6 +265,7 @@ def measure_step(
         quantize_base="nf4" if quantized else None,
         checkpointing=ckpt,
         packed=packed,
+        compiled=mode == "mask",
     )
     return plan_training(model.config, setup), kept, peak
 
@@ -353,18 +357,21 @@ def test_packing_is_read_from_the_settings(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "precision,rows,text,windows,ckpt",
+    "precision,rows,text,windows,ckpt,mode",
     [
-        ("32", 2, 900, 2, False),
-        ("bf16-mixed", 1, 3000, 4, True),
-        pytest.param("bf16-mixed", 2, 900, 2, False, marks=SLOW),
+        ("32", 2, 900, 2, False, "runs"),
+        ("32", 2, 900, 2, False, "mask"),
+        ("bf16-mixed", 1, 3000, 4, True, "mask"),
+        pytest.param("bf16-mixed", 1, 3000, 4, True, "runs", marks=SLOW),
+        pytest.param("bf16-mixed", 2, 900, 2, False, "mask", marks=SLOW),
     ],
 )
-def test_packed_rows_plan_matches_measured_memory(precision, rows, text, windows, ckpt):
-    """Packed rows (`data.pack`): SDPA turns the (S, S) block-diagonal mask into an additive one in the compute
-    dtype, kept by every layer (rebuilt per layer with checkpointing): the plan counts it (it was 8 % low)."""
+def test_packed_rows_plan_matches_measured_memory(precision, rows, text, windows, ckpt, mode):
+    """Packed rows (`data.pack`), attended run by run (the default): nothing more is kept. With the (S, S)
+    block-diagonal mask (compiled layers), SDPA turns it into an additive one in the compute dtype, kept by every
+    layer (rebuilt per layer with checkpointing): the plan counts it (it was 8 % low)."""
     plan, kept, peak = measure_step(
-        "small", {}, precision, rows, text, text // 2, windows, ckpt=ckpt, packed=True
+        "small", {}, precision, rows, text, text // 2, windows, ckpt=ckpt, packed=True, mode=mode
     )
     assert abs(plan.peak - peak) <= TOLERANCE * peak, (
         f"planned {plan.peak:,}, measured {peak:,}\n{plan.table()}"

@@ -5,8 +5,10 @@ Numerics follow the reference `Qwen2Model` (transformers >= 5.5) with SDPA:
 * RoPE cos/sin are computed in float32 from float32 `inv_freq`, then cast to the activation dtype.
 * No padding and no cache -> SDPA's `is_causal` fast path with no dense mask; otherwise a boolean
   `(B, 1, T, past+T)` mask = causal & key-not-padding.
-* Packed rows (several conversations in one row, `seq_ids`): a block-diagonal causal mask, `segment_mask`, so a
-  token sees only earlier tokens of its own conversation; positions restart at 0 in each (`segment_positions`).
+* Packed rows (several conversations in one row, `seq_ids`): a token sees only earlier tokens of its own
+  conversation; positions restart at 0 in each (`segment_positions`). Attention runs conversation by conversation
+  (`segment_attention`: causal SDPA on each span, so no (T, T) mask, and CUDA keeps its flash kernel); compiled
+  layers take the equivalent block-diagonal mask instead (`segment_mask`: a fixed graph, not one per layout).
 * One-token bf16/fp16 decode steps on CPU use plain matmuls (`decode_attention`), the reference's eager
   formula: there the CPU flash kernel is ~4x (batch 1) to ~10x (batch 8) slower than two small matmuls. oneDNN
   compiles a kernel for every new bf16 matmul shape, so the engine lets those steps see the cache in blocks of
@@ -14,6 +16,8 @@ Numerics follow the reference `Qwen2Model` (transformers >= 5.5) with SDPA:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +77,12 @@ class Attention(nn.Module):
         cache: CacheView | None = None,
         norm: nn.Module | None = None,
         rows: torch.Tensor | None = None,
+        spans: Spans | None = None,
     ) -> torch.Tensor:
         """x (B, T, h), normalised by `norm` first if given; cos/sin (B or 1, T, hd); mask None or bool
         (B, 1, Q, keys), True = visible. Returns (B, Q, h) with Q = T, or with `rows` (B, K) sequence indices the
-        outputs at those positions only (Q = K): keys and values still come from every position."""
+        outputs at those positions only (Q = K): keys and values still come from every position. `spans`: packed
+        rows' conversations (`segment_spans`), attended one by one (then `mask` is None)."""
         B, T, _ = x.shape
         if rows is None:
             q, k, v = project(
@@ -94,7 +100,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, keys, hd)
         Q = q.shape[2]
-        if Q == 1 and cache is not None and uses_decode_attention(q.device, q.dtype):
+        dropout = self.attention_dropout if self.training else 0.0
+        if spans is not None:
+            a = segment_attention(q, k, v, spans, dropout, self.num_heads != self.num_kv_heads)
+        elif Q == 1 and cache is not None and uses_decode_attention(q.device, q.dtype):
             a = decode_attention(q, k, v, mask)
         else:
             a = F.scaled_dot_product_attention(
@@ -103,7 +112,7 @@ class Attention(nn.Module):
                 v,
                 attn_mask=mask,
                 is_causal=is_causal,
-                dropout_p=self.attention_dropout if self.training else 0.0,
+                dropout_p=dropout,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )
         return self.o_proj(a.transpose(1, 2).reshape(B, Q, -1))
@@ -153,12 +162,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, cos, sin, mask, is_causal, cache=None, rows=None):  # noqa: ANN001, ANN201 (hot path)
+    def forward(self, h, cos, sin, mask, is_causal, cache=None, rows=None, spans=None):  # noqa: ANN001, ANN201
         """h (B, T, h) -> (B, T, h); with `rows` (B, K), the outputs at those positions only, (B, K, h) (see
         `Qwen2Model.forward`'s `output_rows`). One entry point, so wrappers around the layer (FSDP,
         checkpointing, torch.compile) see every use."""
         # The norms go in with their inputs so training can fuse them into the following GEMM (fused.norm_linear).
-        attn = self.self_attn(h, cos, sin, mask, is_causal, cache, norm=self.input_layernorm, rows=rows)
+        attn = self.self_attn(
+            h, cos, sin, mask, is_causal, cache, norm=self.input_layernorm, rows=rows, spans=spans
+        )
         if rows is not None:
             h = gather_rows(h, rows)  # the residual stream at the wanted positions
         h = h + attn
@@ -217,6 +228,72 @@ def segment_starts(seq_ids: torch.Tensor) -> torch.Tensor:
     return F.pad(seq_ids[:, 1:] != seq_ids[:, :-1], (1, 0), value=True)
 
 
+@dataclass(frozen=True)
+class Spans:
+    """Packed rows' conversations for `segment_attention`: per row, the (start, end) of each run of one `seq_ids`
+    value (padding's run included), covering the row in order; with `queries` (the last layer's `rows`), per row the
+    wanted positions that query, ascending (the rest of the K query slots are filler)."""
+
+    runs: tuple[tuple[tuple[int, int], ...], ...]
+    queries: tuple[tuple[int, ...], ...] | None = None
+
+
+def segment_spans(seq_ids: torch.Tensor) -> Spans:
+    """seq_ids (B, T) -> the runs of each row (one host sync)."""
+    runs = []
+    for row in seq_ids.tolist():
+        cuts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
+        runs.append(tuple(zip(cuts[:-1], cuts[1:])))
+    return Spans(tuple(runs))
+
+
+def segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans, dropout: float, gqa: bool
+) -> torch.Tensor:
+    """Causal attention within each run of `spans`: what `segment_mask` gives, without a (T, T) mask and with the
+    work of the runs alone. q (B, H, Q, hd); k, v (B, H_kv, T, hd). Q = T, or with `spans.queries` the K gathered
+    query rows (the last layer's), which see their run's keys up to their own position. Returns (B, H, Q, hd)."""
+    out = []
+    for b, runs in enumerate(spans.runs):
+        parts = []
+        if spans.queries is None:
+            for s, e in runs:
+                parts.append(
+                    F.scaled_dot_product_attention(
+                        q[b : b + 1, :, s:e],
+                        k[b : b + 1, :, s:e],
+                        v[b : b + 1, :, s:e],
+                        is_causal=True,
+                        dropout_p=dropout,
+                        enable_gqa=gqa,
+                    )
+                )
+        else:
+            wanted, j = spans.queries[b], 0
+            for s, e in runs:
+                first = j
+                while j < len(wanted) and wanted[j] < e:
+                    j += 1
+                if j == first:
+                    continue
+                position = torch.tensor(wanted[first:j], device=q.device)[:, None] - s
+                visible = torch.arange(e - s, device=q.device)[None, :] <= position  # (queries, run)
+                parts.append(
+                    F.scaled_dot_product_attention(
+                        q[b : b + 1, :, first:j],
+                        k[b : b + 1, :, s:e],
+                        v[b : b + 1, :, s:e],
+                        attn_mask=visible[None, None],
+                        dropout_p=dropout,
+                        enable_gqa=gqa,
+                    )
+                )
+            if j < q.shape[2]:  # filler query slots: their output is dropped
+                parts.append(q.new_zeros(1, q.shape[1], q.shape[2] - j, v.shape[-1]))
+        out.append(torch.cat(parts, dim=2))
+    return torch.cat(out, dim=0)
+
+
 def _padded_rows(wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool (B, T) -> (indices (B, K) of the wanted positions in order, padded with 0; valid (B, K)), K = the
     largest count in a row (at least 1)."""
@@ -240,6 +317,11 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # packed rows: "runs" (`segment_attention`), or "mask" (`segment_mask`; what compiled layers always take)
+        self.packed_attention = "runs"
+
+    def _layers_compiled(self) -> bool:
+        return any(getattr(layer, "_compiled_call_impl", None) is not None for layer in self.layers)
 
     def forward(
         self,
@@ -263,14 +345,16 @@ class Qwen2Model(nn.Module):
         (keys and values still cover every position) and the result is (N, h), the wanted positions in
         row-major order. Without a cache only.
         seq_ids: (B, T) long, packed rows (`data.collate.collate_packed`): which conversation each token belongs
-        to. Attention stays within each (`segment_mask`, replacing `attention_mask`; padding has an id of its own)
-        and the default positions restart at 0 in each. Without a cache only. The dense (B, 1, T, T) bool mask
-        costs T*T bytes per row (0.6 GB at 24k tokens), built once and shared by the layers.
+        to (replacing `attention_mask`; padding has an id of its own). Attention stays within each, run by run
+        (`segment_attention`), and the default positions restart at 0 in each. Without a cache only. Compiled
+        layers get the equivalent (B, 1, T, T) bool mask instead (`segment_mask`; T*T bytes per row, and SDPA
+        keeps an additive copy per layer for backward).
         """
         B, T, _ = inputs_embeds.shape
         if output_rows is not None and cache is not None:
             raise ValueError("output_rows needs a forward without a KV cache")
         past = 0 if cache is None else cache.width - T
+        spans = None
         if seq_ids is not None:
             if cache is not None:
                 raise ValueError("seq_ids (packed rows) needs a forward without a KV cache")
@@ -279,7 +363,11 @@ class Qwen2Model(nn.Module):
                     f"seq_ids has shape {list(seq_ids.shape)}, expected [{B}, {T}] like the inputs"
                 )
             seq_ids = seq_ids.to(inputs_embeds.device)
-            attention_mask = segment_mask(seq_ids)
+            if self.packed_attention == "mask" or self._layers_compiled():
+                attention_mask = segment_mask(seq_ids)
+            else:
+                spans = segment_spans(seq_ids)
+                attention_mask = None
             if position_ids is None and rope is None:
                 position_ids = segment_positions(seq_ids)
         if rope is None:
@@ -288,10 +376,15 @@ class Qwen2Model(nn.Module):
             rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
         cos, sin = rope
         mask, is_causal = build_attention_mask(attention_mask, T, past, inputs_embeds.device)
-        rows = valid = row_mask = None
+        if spans is not None:
+            mask, is_causal = None, False
+        rows = valid = row_mask = last_spans = None
         if output_rows is not None:
             rows, valid = _padded_rows(output_rows)  # (B, K) sequence indices, (B, K) real or filler
-            if mask is None:  # causal over sequence indices; right padding needs nothing more (see above)
+            if spans is not None:  # each row's wanted positions, for the last layer's runs
+                queries = tuple(tuple(r[: int(n)]) for r, n in zip(rows.tolist(), valid.sum(1).tolist()))
+                last_spans = Spans(spans.runs, queries)
+            elif mask is None:  # causal over sequence indices; right padding needs nothing more (see above)
                 row_mask = torch.arange(T, device=inputs_embeds.device)[None, None, :] <= rows[:, :, None]
             else:  # (B, 1, T, T) causal & key-not-padding: its rows for these queries
                 row_mask = mask.expand(B, 1, T, T).gather(2, rows[:, None, :, None].expand(B, 1, -1, T))[:, 0]
@@ -300,9 +393,18 @@ class Qwen2Model(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if rows is not None and i == last:
-                args = (h, cos, sin, row_mask[:, None], False, None, rows)
+                args = (
+                    h,
+                    cos,
+                    sin,
+                    None if spans is not None else row_mask[:, None],
+                    False,
+                    None,
+                    rows,
+                    last_spans,
+                )
             else:
-                args = (h, cos, sin, mask, is_causal, cache)
+                args = (h, cos, sin, mask, is_causal, cache, None, spans)
             if checkpointing:
                 h = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
