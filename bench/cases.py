@@ -15,7 +15,7 @@ import gc
 import math
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from statistics import median
 from typing import Any
@@ -337,6 +337,24 @@ def greedy_generate(
     if impl == "ref":
         return _ref_generate(model, inputs, n, pad, streamer)
     return model.generate(**inputs, max_new_tokens=n, stop_token_ids=[], compile=compile)
+
+
+def kept_for_backward(fn: Callable[[], Any], exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps while `fn()` builds its graph, those of `exclude` (weights,
+    inputs) left out. Shared by bench/packed_attention.py and the planner's tests."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
 
 
 class Int8StandIn(QuantizedLinear):

@@ -22,24 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cases import kept_for_backward  # noqa: E402  (bench/cases.py, beside this file)
+
 from musicflamingo.model import MusicFlamingo, MusicFlamingoConfig  # noqa: E402
-
-
-def kept_bytes(fn, exclude: list[torch.Tensor]) -> int:  # noqa: ANN001
-    """Bytes of the distinct storages autograd saves for backward while `fn()` runs, but those of `exclude`."""
-    seen: dict[int, int] = {}
-    params = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        rows[mode] = (statistics.median(times), kept_bytes(forward, [*model.parameters(), embeds]))
+        rows[mode] = (statistics.median(times), kept_for_backward(forward, [*model.parameters(), embeds]))
         print(
             f"{mode:>5}: step {rows[mode][0] * 1e3:8.1f} ms   kept for backward {rows[mode][1] / 1e6:8.2f} MB",
             flush=True,

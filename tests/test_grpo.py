@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from tiny_assets import make_tone
-from train_fixtures import CONFIGS, TINY_OVERRIDES, compose_train, write_dataset, write_processor
+from train_fixtures import CONFIGS, TINY_OVERRIDES, compose_train, grpo_module, write_dataset, write_processor
 
 from musicflamingo.chat import conversation, think_prompt
 from musicflamingo.data.manifest import read_manifest
 from musicflamingo.grpo import (
     GRPOConfigError,
-    GRPOLit,
     Prompt,
     adapters_disabled,
     build_sequences,
@@ -34,10 +32,9 @@ from musicflamingo.grpo import (
     token_terms,
     windows_per_sample,
 )
-from musicflamingo.lit import warmup_cosine
 from musicflamingo.model.build import build_model, create_model
 from musicflamingo.processor import MusicFlamingoProcessor
-from musicflamingo.rewards import FormatReward, Target
+from musicflamingo.rewards import Target
 from musicflamingo.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,38 +131,6 @@ def _net(lora: bool, freeze_projector: bool = True):
     )
 
 
-def _lit(net, beta: float = 0.04, **changes):
-    args = dict(
-        net=net,
-        optimizer=partial(torch.optim.AdamW, lr=1e-3),
-        scheduler=partial(warmup_cosine, warmup_steps=0, max_steps=10, min_lr_ratio=1.0),
-        part_lr={"audio_tower": None, "multi_modal_projector": None, "language_model": None},
-        nonfinite_loss="stop",
-        rewards={"format": FormatReward(), "dropped": None},
-        rollout={
-            "group_size": 2,
-            "max_new_tokens": 4,
-            "temperature": 0.7,
-            "top_p": 1.0,
-            "top_k": 0,
-            "slots": None,
-        },
-        loss={
-            "beta": beta,
-            "clip_eps": 0.2,
-            "updates_per_batch": 1,
-            "micro_batch_size": 4,
-            "max_grad_norm": 1.0,
-        },
-        think=True,
-        tasks=None,
-        reference_dtype=None,
-        seed=0,
-    )
-    args.update(changes)
-    return GRPOLit(**args)
-
-
 def _fake_rollouts():
     """Two text-only prompts with two completions each (ids of the tiny vocabulary)."""
     g = torch.Generator().manual_seed(0)
@@ -180,7 +145,7 @@ def _fake_rollouts():
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_kl_is_zero_at_step_zero(lora):
-    lit = _lit(_net(lora), beta=0.04)
+    lit = grpo_module(_net(lora), beta=0.04)
     assert (lit.reference is None) == lora  # LoRA: no second copy
     lit.model.train()
     prompts, completions, owner = _fake_rollouts()
@@ -196,7 +161,7 @@ def test_reference_copy_follows_the_policys_precision():
     """bf16-true casts the policy before fit start, but not the reference copy (kept out of the module tree): with
     `reference_dtype` null the copy takes the policy's dtype then (a float32 copy beside a bfloat16 policy took twice
     the memory, and its KL at step zero was not zero); a set `reference_dtype` stays."""
-    lit = _lit(_net(False), beta=0.04)
+    lit = grpo_module(_net(False), beta=0.04)
     assert lit.reference.dtype == torch.float32
     lit.model.to(torch.bfloat16)  # what bf16-true's precision plugin does before on_fit_start
     lit.on_fit_start()
@@ -206,7 +171,7 @@ def test_reference_copy_follows_the_policys_precision():
     ref = lit._reference_logprobs(prompts, completions, owner, None, None)
     assert torch.equal(logp.detach(), ref)  # the same numbers: KL exactly zero at step zero
 
-    kept = _lit(_net(False), beta=0.04, reference_dtype="float32")
+    kept = grpo_module(_net(False), beta=0.04, reference_dtype="float32")
     kept.model.to(torch.bfloat16)
     kept.on_fit_start()
     assert kept.reference.dtype == torch.float32
@@ -228,7 +193,7 @@ def test_lora_reference_is_the_base_model():
     assert torch.equal(ref, expected)
     assert not torch.allclose(policy, expected, atol=1e-3)
     # and the GRPO reference log-probs are the base model's
-    lit = _lit(net)
+    lit = grpo_module(net)
     prompts, completions, owner = _fake_rollouts()
     with torch.no_grad():
         base_logp = lit.sequence_logprobs(base, prompts, completions, owner, None, None)[0]
@@ -237,12 +202,12 @@ def test_lora_reference_is_the_base_model():
 
 def test_config_errors_name_the_setting():
     with pytest.raises(GRPOConfigError, match="multi_modal_projector"):
-        _lit(_net(lora=True, freeze_projector=False))  # the adapters-off reference would move
-    _lit(_net(lora=True, freeze_projector=False), beta=0.0)  # no reference: allowed
+        grpo_module(_net(lora=True, freeze_projector=False))  # the adapters-off reference would move
+    grpo_module(_net(lora=True, freeze_projector=False), beta=0.0)  # no reference: allowed
     with pytest.raises(GRPOConfigError, match=r"model.rollout: unknown key\(s\) \['groups'\]"):
-        _lit(_net(lora=True), rollout={"groups": 5})
+        grpo_module(_net(lora=True), rollout={"groups": 5})
     with pytest.raises(GRPOConfigError, match="model.rollout.group_size=1"):
-        _lit(
+        grpo_module(
             _net(lora=True),
             rollout={
                 "group_size": 1,
@@ -254,7 +219,7 @@ def test_config_errors_name_the_setting():
             },
         )
     with pytest.raises(GRPOConfigError, match="model.rewards.bad"):
-        _lit(_net(lora=True), rewards={"bad": object()})
+        grpo_module(_net(lora=True), rewards={"bad": object()})
 
 
 def test_prompts_are_rendered_as_inference_renders_them(tmp_path, monkeypatch):
@@ -263,7 +228,7 @@ def test_prompts_are_rendered_as_inference_renders_them(tmp_path, monkeypatch):
     manifest = write_dataset(tmp_path / "data", n=1)
     record = read_manifest(manifest)[0]
     for think in (True, False):
-        lit = _lit(_net(lora=True), think=think)
+        lit = grpo_module(_net(lora=True), think=think)
         monkeypatch.setattr(lit, "_processor", lambda: processor)
         text = think_prompt("What is this?") if think else "What is this?"
         expected = processor.apply_chat_template([conversation(text, record.audios[0].path)])["input_ids"][0]

@@ -45,7 +45,7 @@ from musicflamingo.planner import (
 TOLERANCE = 0.15
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from cases import Int8StandIn  # noqa: E402  (bench/cases.py: shared with the GPU bench's CPU smoke run)
+from cases import Int8StandIn, kept_for_backward  # noqa: E402  (bench/cases.py: shared with the GPU bench's CPU smoke run)
 
 TINY = {"audio": {"max_source_positions": 100}}  # the training tests' 2 s windows
 LORA = {
@@ -187,23 +187,6 @@ def profiled_peak(fn) -> int:
         live += size
         peak = max(peak, live)
     return peak
-
-
-def kept_for_backward(fn, exclude) -> int:
-    """Bytes of the distinct storages autograd keeps while `fn()` builds its graph, those of `exclude` left out."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
 
 
 def measure_step(
@@ -417,33 +400,11 @@ def test_generation_plan_matches_measured_memory(dtype):
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
-def _grpo_lit(net, beta: float = 0.04, **rollout):
-    from functools import partial
+def _grpo_lit(net, beta: float = 0.04, group_size: int = 2):  # noqa: ANN001, ANN202
+    from train_fixtures import grpo_module
 
-    from musicflamingo.grpo import GRPOLit
-    from musicflamingo.lit import warmup_cosine
-    from musicflamingo.rewards import FormatReward
-
-    return GRPOLit(
-        net=net,
-        optimizer=partial(torch.optim.AdamW, lr=1e-3),
-        scheduler=partial(warmup_cosine, warmup_steps=0, max_steps=10, min_lr_ratio=1.0),
-        part_lr={"audio_tower": None, "multi_modal_projector": None, "language_model": None},
-        nonfinite_loss="stop",
-        rewards={"format": FormatReward()},
-        rollout={"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "slots": None, **rollout},
-        loss={
-            "beta": beta,
-            "clip_eps": 0.2,
-            "updates_per_batch": 1,
-            "micro_batch_size": 4,
-            "max_grad_norm": 1.0,
-        },
-        think=False,
-        tasks=None,
-        reference_dtype=None,
-        seed=0,
-    )
+    rollout = {"group_size": group_size, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    return grpo_module(net, beta, rollout={**rollout, "slots": None})
 
 
 def test_grpo_settings_are_planned_as_grpo(tmp_path):
@@ -504,17 +465,7 @@ def test_grpo_rollout_and_reference_are_planned_exactly():
     from musicflamingo.engine import SamplingParams
     from musicflamingo.planner import GRPOSetup, _grpo_plan_for, precision_of
 
-    net = build_model(
-        preset="small",
-        overrides={},
-        init_from=None,
-        seed=0,
-        rote_quirk=True,
-        gradient_checkpointing=False,
-        compile=False,
-        freeze={"audio_tower": True, "multi_modal_projector": False, "language_model": False},
-        lora=NO_LORA,
-    )
+    net = _model("small", {}, "32")
     lit = _grpo_lit(net, group_size=4)
     config = net.config
     batch = _batch(config, 2, 60, 1, 1)  # 2 prompts, one audio window each
@@ -541,7 +492,7 @@ def test_grpo_rollout_and_reference_are_planned_exactly():
     plan = _grpo_plan_for(config, setup, precision_of("32"), 2, P)
 
     def rollouts():
-        lit._sample(prompts, batch["input_features"], batch["input_features_mask"], 4, params, None)
+        lit.generate(prompts, batch["input_features"], batch["input_features_mask"], 4, params, None)
 
     grpo_engine = grpo.Engine
     grpo.Engine = Recording

@@ -85,3 +85,45 @@ def compose_train(
         cfg.trainer.enable_progress_bar = False
         cfg.trainer.enable_model_summary = False
     return cfg
+
+
+def grpo_module(net, beta: float = 0.04, **changes):  # noqa: ANN001, ANN201
+    """A `GRPOLit` around `net` with small test settings (group of 2, 4 new tokens, think prompts); keyword
+    arguments replace its settings (`rollout=`, `loss=`, ...) whole."""
+    from functools import partial
+
+    import torch
+
+    from musicflamingo.grpo import GRPOLit
+    from musicflamingo.lit import warmup_cosine
+    from musicflamingo.rewards import FormatReward
+
+    args = dict(
+        net=net,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        scheduler=partial(warmup_cosine, warmup_steps=0, max_steps=10, min_lr_ratio=1.0),
+        part_lr={"audio_tower": None, "multi_modal_projector": None, "language_model": None},
+        nonfinite_loss="stop",
+        rewards={"format": FormatReward(), "dropped": None},
+        rollout={
+            "group_size": 2,
+            "max_new_tokens": 4,
+            "temperature": 0.7,
+            "top_p": 1.0,
+            "top_k": 0,
+            "slots": None,
+        },
+        loss={
+            "beta": beta,
+            "clip_eps": 0.2,
+            "updates_per_batch": 1,
+            "micro_batch_size": 4,
+            "max_grad_norm": 1.0,
+        },
+        think=True,
+        tasks=None,
+        reference_dtype=None,
+        seed=0,
+    )
+    args.update(changes)
+    return GRPOLit(**args)
