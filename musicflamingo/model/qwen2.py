@@ -239,12 +239,12 @@ class Spans:
 
 
 def segment_spans(seq_ids: torch.Tensor) -> Spans:
-    """seq_ids (B, T) -> the runs of each row (one host sync)."""
-    runs = []
-    for row in seq_ids.tolist():
-        cuts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
-        runs.append(tuple(zip(cuts[:-1], cuts[1:])))
-    return Spans(tuple(runs))
+    """seq_ids (B, T) -> the runs of each row (one host sync, of the runs' starts only)."""
+    B, T = seq_ids.shape
+    starts: list[list[int]] = [[] for _ in range(B)]
+    for b, t in segment_starts(seq_ids).nonzero().tolist():  # row-major: each row's starts in order, 0 first
+        starts[b].append(t)
+    return Spans(tuple(tuple(zip(row, [*row[1:], T])) for row in starts))
 
 
 def segment_attention(
