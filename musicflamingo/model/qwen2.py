@@ -240,11 +240,17 @@ class Spans:
 
 def segment_spans(seq_ids: torch.Tensor) -> Spans:
     """seq_ids (B, T) -> the runs of each row (one host sync, of the runs' starts only)."""
-    B, T = seq_ids.shape
-    starts: list[list[int]] = [[] for _ in range(B)]
-    for b, t in segment_starts(seq_ids).nonzero().tolist():  # row-major: each row's starts in order, 0 first
-        starts[b].append(t)
+    T = seq_ids.shape[1]
+    starts = positions_by_row(segment_starts(seq_ids))  # each row's starts in order, 0 first
     return Spans(tuple(tuple(zip(row, [*row[1:], T])) for row in starts))
+
+
+def positions_by_row(flags: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+    """bool (B, T) -> per row the positions that are true, ascending (one host sync)."""
+    rows: list[list[int]] = [[] for _ in range(flags.shape[0])]
+    for b, t in flags.nonzero().tolist():  # row-major
+        rows[b].append(t)
+    return tuple(tuple(row) for row in rows)
 
 
 def segment_attention(
@@ -382,8 +388,7 @@ class Qwen2Model(nn.Module):
         if output_rows is not None:
             rows, valid = _padded_rows(output_rows)  # (B, K) sequence indices, (B, K) real or filler
             if spans is not None:  # each row's wanted positions, for the last layer's runs
-                queries = tuple(tuple(r[: int(n)]) for r, n in zip(rows.tolist(), valid.sum(1).tolist()))
-                last_spans = Spans(spans.runs, queries)
+                last_spans = Spans(spans.runs, positions_by_row(output_rows))
             elif mask is None:  # causal over sequence indices; right padding needs nothing more (see above)
                 row_mask = torch.arange(T, device=inputs_embeds.device)[None, None, :] <= rows[:, :, None]
             else:  # (B, 1, T, T) causal & key-not-padding: its rows for these queries
