@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from tiny_assets import make_tone
+from torch import nn
 from train_fixtures import CONFIGS, TINY_OVERRIDES, compose_train, grpo_module, write_dataset, write_processor
 
 from musicflamingo.chat import conversation, think_prompt
@@ -26,6 +27,7 @@ from musicflamingo.grpo import (
     Prompt,
     adapters_disabled,
     build_sequences,
+    frozen_copy,
     group_advantages,
     grpo_loss,
     sound_runs,
@@ -175,6 +177,37 @@ def test_reference_copy_follows_the_policys_precision():
     kept.model.to(torch.bfloat16)
     kept.on_fit_start()
     assert kept.reference.dtype == torch.float32
+
+
+def test_frozen_copy_is_made_in_its_dtype_without_a_float32_second_copy(monkeypatch):
+    """The reference copy's parameters are made in `reference_dtype` directly: equal to the policy's cast, frozen,
+    not shared with the policy, tied weights still tied; and no parameter is first copied at float32 (the release's
+    33 GB second copy before the cast)."""
+    net = _net(False)
+    deep_copied: list[torch.dtype] = []  # parameters copied as they are (float32), before any cast
+    deepcopy = nn.Parameter.__deepcopy__
+
+    def recording_deepcopy(self, memo):
+        deep_copied.append(self.dtype)
+        return deepcopy(self, memo)
+
+    monkeypatch.setattr(nn.Parameter, "__deepcopy__", recording_deepcopy)
+    ref = frozen_copy(net, torch.bfloat16)
+    monkeypatch.undo()
+    assert deep_copied == []
+    assert not ref.training and ref.dtype == torch.bfloat16
+    for (name, p), (rname, r) in zip(net.named_parameters(), ref.named_parameters(), strict=True):
+        assert name == rname and not r.requires_grad and r.data_ptr() != p.data_ptr()
+        assert torch.equal(r, p.detach().to(torch.bfloat16)), name
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)  # the policy moves, the reference does not
+    assert not torch.equal(next(ref.parameters()), next(net.parameters()).to(torch.bfloat16))
+    # the rotary tables stay float32 (recomputed after the cast)
+    assert ref.language_model.rotary_emb.inv_freq.dtype == torch.float32
+    same = frozen_copy(net)
+    assert same.dtype == torch.float32 and all(
+        torch.equal(a, b) for a, b in zip(net.parameters(), same.parameters(), strict=True)
+    )
 
 
 def test_lora_reference_is_the_base_model():
