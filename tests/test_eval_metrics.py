@@ -19,6 +19,8 @@ from musicflamingo.eval.metrics import (
 
 def test_normalize_lyrics():
     assert normalize_lyrics("Don't STOP—me  now!!") == "dont stop me now"
+    # every apostrophe the docs list, the acute accent too (NFKC would split it into a space + a combining mark)
+    assert {normalize_lyrics(f"don{a}t") for a in "'’‘`´"} == {"dont"}
     assert normalize_lyrics("我 爱 音乐。", cer=True) == "我爱音乐"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from musicflamingo.eval.parsing import (
+    ChoiceParse,
     format_options,
     mmau_string_match,
     muchomusic_choice,
@@ -109,6 +110,33 @@ def test_options_equal_after_normalisation_stay_distinct():
     # "F#:7/1" and "F:7/1"-like texts normalise alike, but only identical texts are merged.
     assert parse_choice("(D) D#:7/1", CHORDS).index == 3
     assert parse_choice("F#:7/1 or D#:7/1", CHORDS).status == "ambiguous"
+
+
+def test_an_option_written_as_such_wins_over_its_punctuation_twin():
+    # "F#:7/1" and "F:7/1" both normalise to "f 7 1": the one written verbatim is the answer
+    twins = ["F#:7/1", "F:7/1", "G:maj", "A:min"]
+    assert parse_choice("F#:7/1", twins) == ChoiceParse(0, "ok", "text")
+    assert parse_choice("The chord is F:7/1.", twins) == ChoiceParse(1, "ok", "text")
+    assert parse_choice("F#:7/1 or F:7/1", twins).status == "ambiguous"
+
+
+KEYS = ["C major", "A minor", "G major", "D minor"]
+
+
+@pytest.mark.parametrize(
+    "answer, choices, index, via",
+    [
+        ("The answer is A minor.", KEYS, 1, "text"),  # a key name, not the letter A (C major)
+        ("The answer is C major", ["A minor", "C major", "G major", "E minor"], 1, "text"),  # not letter C
+        ("Answer: A male vocalist", ["Piano", "A male vocalist", "Drums", "Violin"], 1, "text"),  # an article
+        ("Answer: I think it is the violin.", CHOICES + [f"x{i}" for i in range(6)], 2, "text"),  # "I" of 10
+        ("The answer is B because the strings are plucked.", CHOICES, 1, "answer_is"),  # still a letter
+        ("The answer is A, piano.", CHOICES, 0, "answer_is"),
+        ("The answer is (A) minor", KEYS, 0, "answer_is"),  # bracketed: always the letter
+    ],
+)
+def test_a_capital_that_starts_words_is_no_letter(answer, choices, index, via):
+    assert parse_choice(answer, choices) == ChoiceParse(index, "ok", via)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from release_fixtures import (
     DATA,
     make_gtzan,
@@ -351,6 +352,26 @@ def test_music_instruct_release(tmp_path):
     assert paper_comparison(results)[0]["ours"] is None  # the paper's number is model-judged
 
 
+def test_music_avqa_template_with_one_answer_that_is_no_yes_or_number(tmp_path):
+    """A template whose rows in this split all share an answer that is neither yes/no nor a number word ("left")
+    is parsed against that answer alone (it raised a bare "'left' is not in list")."""
+    rows = [
+        {"video_id": "00000003", "question_id": 3, "type": '["Audio-Visual", "Location"]',
+         "question_content": "Where is the first sounding instrument?", "templ_values": "[]",
+         "question_deleted": 0, "anser": "left"},
+        {"video_id": "00000004", "question_id": 4, "type": '["Audio", "Counting"]',
+         "question_content": "How many instruments are sounding?", "templ_values": "[]",
+         "question_deleted": 0, "anser": "two"},
+    ]  # fmt: skip
+    (tmp_path / "data" / "json_update").mkdir(parents=True)
+    (tmp_path / "data" / "json_update" / "avqa-test.json").write_text(json.dumps(rows))
+    for r in rows:
+        tone(tmp_path / "data" / "audio" / f"{r['video_id']}.wav")
+    items = {it.id: it for it in _bench("music_avqa", tmp_path, "benchmark.modalities=null").items}
+    assert (items["3"].choices, items["3"].answer_index) == (["left"], 0)
+    assert "one" in items["4"].choices and items["4"].choices[items["4"].answer_index] == "two"
+
+
 def test_music_avqa_release(tmp_path):
     root = make_music_avqa(tmp_path / "MUSIC-AVQA")
     bench = _bench("music_avqa", root)
@@ -412,6 +433,16 @@ def test_nsynth_release(tmp_path, name, label):
     results = _run(name, parent, answers)
     assert results["tasks"]["classification"]["accuracy"] == pytest.approx(5 / 7)
     assert paper_comparison(results)[0]["ours"] == pytest.approx(500 / 7)
+
+
+def test_nsynth_split_folder_must_be_the_split_asked_for(tmp_path):
+    """split=valid never reads nsynth-test/examples.json (it used to, through a bare examples.json found one
+    folder down or in a test split folder given as root)."""
+    parent = make_nsynth(tmp_path / "nsynth")
+    with pytest.raises(BenchmarkError, match=r"is the NSynth 'test' split, but benchmark.split='valid'"):
+        _bench("nsynth_family", parent / "nsynth-test", "benchmark.split=valid")
+    with pytest.raises(BenchmarkError, match=r"has no nsynth-valid/examples.json"):
+        _bench("nsynth_family", parent, "benchmark.split=valid")
 
 
 def test_medley_solos_release_subsets(tmp_path):
@@ -530,7 +561,7 @@ def shutil_which(cmd: str) -> str | None:
             "gtzan",
             r"has no genre folders \(blues, classical, country, ...\); expected layout: <root>/genres/",
         ),
-        ("nsynth_family", r"has no nsynth-test/examples.json or examples.json; expected layout"),
+        ("nsynth_family", r"has no nsynth-test/examples.json; expected layout"),
         ("medley_solos", r"has no Medley-solos-DB_metadata.csv or .*; expected layout"),
         (
             "jamendolyrics",
@@ -600,10 +631,56 @@ def test_eval_py_wrong_folder_is_one_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"eval.py: error: benchmark nsynth_family: {tmp_path / 'nsynth'} has no nsynth-test/examples.json or "
-        "examples.json; expected layout: <root>/nsynth-test/examples.json + <root>/nsynth-test/audio/"
-        "<note_str>.wav (or <root> is nsynth-test itself)"
+        f"eval.py: error: benchmark nsynth_family: {tmp_path / 'nsynth'} has no nsynth-test/examples.json; "
+        "expected layout: <root>/nsynth-<split>/examples.json + <root>/nsynth-<split>/audio/"
+        "<note_str>.wav (or <root> is nsynth-<split> itself)"
     )
+
+
+@pytest.mark.parametrize("paper", PAPER_RESULTS, ids=lambda p: p.label)
+def test_paper_number_only_beside_the_release_it_reports(paper):
+    """Each paper number applies to its benchmark's release read as shipped (the YAML's format, split and subset);
+    a user's own JSONL through another reader, or another split, gets no paper column."""
+    bench = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "benchmark" / f"{paper.benchmark}.yaml"))
+    settings = {k: bench.get(k) for k in ("format", "split", "subset", "unit") if k in bench} | dict(
+        paper.when
+    )
+
+    def labels(**changed):
+        results = {"benchmark": paper.benchmark, "settings": settings | changed, "tasks": {}}
+        return [row["label"] for row in paper_comparison(results)]
+
+    assert paper.label in labels()
+    assert paper.label not in labels(
+        format="classification" if bench["format"] != "classification" else "mcq"
+    )
+    for key in ("split", "subset"):
+        if key in dict(paper.when):
+            assert paper.label not in labels(**{key: "train"})
+
+
+def test_prompt_and_audio_template_mistakes_are_named_before_any_item(tmp_path):
+    root = make_mmau(tmp_path / "mmau")
+    with pytest.raises(
+        BenchmarkError, match=r"unknown placeholder\(s\) \['choices'\]; benchmark mmau fills \{question\}"
+    ):
+        _bench("mmau", root, "benchmark.prompt='{question} {choices}'")
+    with pytest.raises(
+        BenchmarkError,
+        match=r"unknown placeholder\(s\) \['answer'\].*fills \{question\}, \{options\}, \{labels\}",
+    ):
+        _bench("gtzan", make_gtzan(tmp_path / "gtzan"), "benchmark.prompt='{answer}'")
+    with pytest.raises(BenchmarkError, match=r"not a valid template"):
+        _bench("mmau", root, "benchmark.prompt='{question'")
+    caps = make_musiccaps(tmp_path / "musiccaps")
+    with pytest.raises(
+        BenchmarkError, match=r"benchmark.audio_template=.*musiccaps-public.csv:2 \(KeyError: 'start'\)"
+    ):
+        _bench("musiccaps", caps, "benchmark.audio_template='[{ytid}]-[{start}-{end}].wav'")
+    # a null prompt is the reader's default, never the text "None"
+    assert {it.prompt for it in _bench("musiccaps", caps, "benchmark.prompt=null").items} == {
+        "Describe this music clip in a few sentences, covering genre, instruments, mood and recording quality."
+    }
 
 
 def test_paper_table_covers_the_papers_benchmarks():

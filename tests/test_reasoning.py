@@ -417,6 +417,9 @@ def test_eval_think_scores_the_answer_text_and_counts_tags(tmp_path):
     saved = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert {r["id"]: r["prediction"] for r in saved} == outputs  # the whole text is kept
     assert "think: ok=2 missing=1 broken=1" in headline(results)
+    # A rerun over fewer items (limit) counts the tags of those items only, not the whole predictions file.
+    again = evaluate(_eval_cfg(tmp_path, "think=true", "limit=2"), predict_fn=predict)
+    assert again["num_items"] == 2 and again["think"]["n"] == 2 and len(prompts) == 4  # resumed: nothing new
     # A think run's folder is not resumed by a plain run (and the other way round).
     from musicflamingo.eval.runner import EvalConfigError
 

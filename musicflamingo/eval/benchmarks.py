@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import random
+import re
+import string
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,6 +54,10 @@ DEFAULT_CLS_MCQ_PROMPT = (
     "{question}\nChoose one of the following options:\n{options}\nAnswer with the option's letter and text."
 )
 DEFAULT_CLS_OPEN_PROMPT = "{question} Answer with one of: {labels}."
+DEFAULT_CAPTION_PROMPT = (
+    "Describe this music clip in a few sentences, covering genre, instruments, mood and recording quality."
+)
+DEFAULT_LYRICS_PROMPT = "Transcribe the lyrics of this song."
 
 # The folder each format expects (one line each: they are quoted in errors). <root> is benchmark.root.
 LAYOUTS = {
@@ -69,8 +75,8 @@ LAYOUTS = {
     "<video_id>.wav (extract_audio.py's output)",
     "gtzan": "<root>/genres/<genre>/<genre>.000NN.au (or .wav, e.g. Kaggle's Data/genres_original) + an "
     "optional split list such as test_filtered.txt",
-    "nsynth": "<root>/nsynth-test/examples.json + <root>/nsynth-test/audio/<note_str>.wav (or <root> is "
-    "nsynth-test itself)",
+    "nsynth": "<root>/nsynth-<split>/examples.json + <root>/nsynth-<split>/audio/<note_str>.wav (or <root> is "
+    "nsynth-<split> itself)",
     "medley_solos": "<root>/Medley-solos-DB_metadata.csv + Medley-solos-DB_<subset>-<instrument_id>_<uuid4>.wav "
     "anywhere under <root>",
     "jamendolyrics": "<root>/JamendoLyrics.csv + <root>/mp3/<name>.mp3 + <root>/lyrics/<name>.txt",
@@ -390,8 +396,32 @@ def _keep(rec: Mapping[str, Any], key: str, allowed: Iterable[str] | None, read:
     return True
 
 
-def _prompt(cfg: Mapping[str, Any], default: str) -> str:
-    return str(cfg.get("prompt") or default)
+def _placeholders(template: str) -> set[str]:
+    try:
+        return {
+            name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name
+        }
+    except ValueError as e:  # "{question" (unclosed brace) and the like
+        raise BenchmarkError(
+            f"{template!r}: not a valid template ({e}); write a literal brace as {{{{ or }}}}"
+        ) from None
+
+
+def _prompt(
+    cfg: Mapping[str, Any], default: str, fills: Sequence[str] | None = ("question", "options")
+) -> str:
+    """``benchmark.prompt`` (null: ``default``), checked before any item is read: a placeholder the reader
+    does not fill would fail at the first item as a bare KeyError. ``fills`` None: used as written."""
+    template = str(cfg.get("prompt") or default)
+    if fills is None:
+        return template
+    unknown = _placeholders(template) - set(fills)
+    if unknown:
+        raise BenchmarkError(
+            f"benchmark.prompt={template!r}: unknown placeholder(s) {sorted(unknown)}; benchmark "
+            f"{cfg.get('name')} fills {', '.join('{' + f + '}' for f in fills) or 'none (a plain instruction)'}"
+        )
+    return template
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -595,7 +625,8 @@ def _label_setup(cfg: Mapping[str, Any]) -> tuple[list[str], list[str], dict[str
     if mode not in ("mcq", "open"):
         raise BenchmarkError(f"benchmark {cfg.get('name')}: mode must be 'mcq' or 'open', got {mode!r}")
     question = str(cfg.get("question", "What is the label of this audio?"))
-    template = cfg.get("prompt") or (DEFAULT_CLS_MCQ_PROMPT if mode == "mcq" else DEFAULT_CLS_OPEN_PROMPT)
+    default = DEFAULT_CLS_MCQ_PROMPT if mode == "mcq" else DEFAULT_CLS_OPEN_PROMPT
+    template = _prompt(cfg, default, ("question", "options", "labels"))
     prompt = template.format(question=question, options=format_options(names), labels=", ".join(names))
     return labels, names, aliases, mode, prompt
 
@@ -716,7 +747,17 @@ def read_nsynth(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     ...}}``) + ``nsynth-<split>/audio/<note_str>.wav``. ``root`` is the split folder or its parent. The label is
     ``label_field`` (``instrument_family_str`` or ``instrument_source_str``); ids are the note names."""
     split = str(cfg.get("split") or "test")
-    path = _locate(cfg, [f"nsynth-{split}/examples.json", "examples.json"])
+    root = _root(cfg)
+    if root.is_dir() and not cfg.get("file") and (root / "examples.json").is_file():
+        # root is a split folder: it must be the one asked for (nsynth-test/ read as split=valid scored the test)
+        if (m := re.fullmatch(r"nsynth-(\w+)", root.name)) and m.group(1) != split:
+            raise BenchmarkError(
+                f"benchmark.root={root} is the NSynth {m.group(1)!r} split, but benchmark.split={split!r}: point "
+                f"root at nsynth-{split}/ or at the folder that holds it"
+            )
+        path = root / "examples.json"
+    else:  # never a bare examples.json further down: it may be another split's
+        path = _locate(cfg, [f"nsynth-{split}/examples.json"])
     read.source = str(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -800,14 +841,20 @@ def read_musiccaps(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             ) from None
         fmt = {k: rec.get(k) for k in rec} | {"ytid": ytid, "start_s": int(start), "end_s": int(end)}
         if template:
-            audio = _resolve(str(template).format(**fmt), base)
+            try:
+                audio = _resolve(str(template).format(**fmt), base)
+            except (KeyError, IndexError, ValueError) as e:
+                raise BenchmarkError(
+                    f"benchmark.audio_template={template!r}: cannot fill it from {where} ({type(e).__name__}: {e}); "
+                    f"placeholders are the CSV's columns: {', '.join('{' + k + '}' for k in fmt)}"
+                ) from None
         else:
             audio = clips.get((ytid, str(int(start)))) or clips.get(ytid) or str(base / f"{ytid}.wav")
         items.append(
             EvalItem(
                 id=f"{ytid}_{int(start)}",
                 audio=audio,
-                prompt=str(cfg.get("prompt")),
+                prompt=_prompt(cfg, DEFAULT_CAPTION_PROMPT, None),
                 task="caption",
                 answer=_field(rec, "caption", where),
                 offset=start if segment else 0.0,
@@ -916,7 +963,7 @@ def read_music_avqa(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         answers = answers_by_template.setdefault(str(rec.get("question_content")), [])
         if (ans := _field(rec, "anser", where)) not in answers:
             answers.append(ans)
-    template = _prompt(cfg, "{question} Answer with a single word or number.")
+    template = _prompt(cfg, "{question} Answer with a single word or number.", ("question",))
     items = []
     for where, rec, qtype, values in rows:
         question = _field(rec, "question_content", where).strip()
@@ -924,7 +971,9 @@ def read_music_avqa(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             question = question.replace("<Object>", v.replace("_", " "), 1)
         choices = sorted(answers_by_template[str(rec["question_content"])])
         if len(choices) < 2:  # a template whose rows all share one answer: parse against yes/no or numbers
-            choices = sorted({*choices, "yes", "no"} if choices[0] in ("yes", "no") else set(_NUMBER_ALIASES))
+            fallback = {"yes", "no"} if choices[0] in ("yes", "no") else set(_NUMBER_ALIASES)
+            # ... when the answer is one of them; any other answer ("left") is parsed against itself alone
+            choices = sorted({*choices, *fallback}) if choices[0] in fallback else choices
         answer = str(rec["anser"])
         idx = choices.index(answer)
         items.append(
@@ -956,7 +1005,7 @@ def _lyrics_item(
     return EvalItem(
         id=rec_id,
         audio=audio,
-        prompt=str(cfg.get("prompt")),
+        prompt=_prompt(cfg, DEFAULT_LYRICS_PROMPT, None),
         task="lyrics",
         answer=text,
         groups={"language": lang},
@@ -1155,7 +1204,7 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
                 )
             question = text or _field(rec, "question", where)
             # The user turn is what the model was trained on; add the options only if it does not list them.
-            template = "{question}" if "(A)" in question else (cfg.get("prompt") or DEFAULT_MCQ_PROMPT)
+            template = "{question}" if "(A)" in question else _prompt(cfg, DEFAULT_MCQ_PROMPT)
             item = _mcq_item(rec.get("id", f"L{line}"), audio, question, choices, answer, template, where, {})
             item.groups = {"question_type": str(rec.get("question_type") or "n/a")}
             item.offset, item.duration = seg["offset"], seg["duration"]

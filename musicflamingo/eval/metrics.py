@@ -250,8 +250,9 @@ def normalize_lyrics(text: str, *, cer: bool = False) -> str:
     """NFKC, lowercase, apostrophes deleted ("don't" -> "dont"), every other punctuation or symbol character
     (Unicode categories P* and S*) -> space, whitespace collapsed. With ``cer=True`` all whitespace is removed
     (character error rate for Chinese)."""
-    text = unicodedata.normalize("NFKC", str(text)).lower()
-    text = re.sub(f"[{_APOSTROPHES}]", "", text)
+    # apostrophes first: NFKC turns the acute accent "´" into a space and a combining accent
+    text = re.sub(f"[{_APOSTROPHES}]", "", str(text))
+    text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
     return "".join(text.split()) if cer else " ".join(text.split())
 

@@ -95,10 +95,22 @@ def _contains_phrase(haystack: str, phrase: str) -> bool:
 _BARE = re.compile(r"^\s*[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:)]?\s*$")
 # Keywords are case-insensitive, the letter must be upper case ("the answer is a piano" names no letter).
 _ANSWER_IS = re.compile(
-    r"\b(?i:(answer)|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*(?i:option\s*)?[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])"
+    r"\b(?i:(answer)|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*(?i:option\s*)?([\(\[])?([A-Z])[\)\]]?(?![A-Za-z])"
 )
+_WORD_NEXT = re.compile(r"\s+\w")
 _PAREN = re.compile(r"[\(\[]([A-Z])[\)\]]")
 _LEADING = re.compile(r"^\s*([A-Z])\s*[.:)](?:\s|$)")
+
+
+def _is_a_word(text: str, m: re.Match[str], choices: Sequence[str]) -> bool:
+    """Whether the unbracketed capital after "answer is" starts words rather than naming a letter: the pronoun
+    "I" ("Answer: I think ...") or an option's own text ("The answer is A minor", "Answer: A male vocalist")."""
+    if m.group(2) or not _WORD_NEXT.match(text, m.end()):
+        return False  # "(A) ...", "A.", "A," or the end: a letter
+    if m.group(3) == "I":
+        return True
+    rest = normalize_text(text[m.start(3) :]) + " "
+    return any(c and rest.startswith(c + " ") for c in map(normalize_text, choices))
 
 
 def _letter_index(letter: str, num_options: int) -> int | None:
@@ -139,8 +151,12 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:". One
        distinct letter -> that option; two or more -> ambiguous (unless they are options with the same text).
     4. ``text``: option texts found in the answer (lowercased, punctuation-insensitive, whole words, maximal
-       matches only). One -> that option; two or more -> ambiguous. A text listed under several letters
-       names its first one.
+       matches only). One -> that option; two or more -> ambiguous, unless exactly one of them is written in
+       the answer as such (options that differ only in punctuation: "F#:7/1", "F:7/1"). A text listed under
+       several letters names its first one.
+
+    A capital after "answer is" that starts words is no letter: "I" ("Answer: I think ...") or an option's own
+    text ("The answer is A minor", "Answer: A male vocalist"); rule 4 reads those.
 
     Letters beyond the number of options are ignored. Empty or unmatched answers are ``unparsed``.
     """
@@ -156,7 +172,7 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     stated = [
         (bool(x.group(1)), i)
         for x in _ANSWER_IS.finditer(text)
-        if (i := _letter_index(x.group(2), n)) is not None
+        if (i := _letter_index(x.group(3), n)) is not None and not _is_a_word(text, x, choices)
     ]
     if stated:
         said = [i for is_answer, i in stated if is_answer] or [i for _, i in stated]
@@ -173,6 +189,9 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
         return ChoiceParse(None, "ambiguous", "letter")
 
     hits = _text_matches(text, choices)
+    if len(hits) > 1:  # texts that differ only in punctuation ("F#:7/1", "F:7/1"): the one written as such
+        written = {i for i in hits if str(choices[i]).strip().lower() in text.lower()}
+        hits = written if len(written) == 1 else hits
     if len(hits) == 1:
         return ChoiceParse(hits.pop(), "ok", "text")
     if len(hits) > 1:

@@ -50,6 +50,12 @@ class PaperNumber:
     note: str = ""
 
 
+def _release(fmt: str, **settings: str) -> tuple[tuple[str, Any], ...]:
+    """``when`` of a paper number: the release's own reader (a user's JSONL through another format is not the
+    paper's test set) and its split or subset."""
+    return (("format", fmt), *settings.items())
+
+
 PAPER_RESULTS: tuple[PaperNumber, ...] = (
     PaperNumber(
         "mmau",
@@ -58,7 +64,7 @@ PAPER_RESULTS: tuple[PaperNumber, ...] = (
         "mcq",
         "accuracy",
         ("task", "music"),
-        (("split", "test-mini"),),
+        _release("mmau", split="test-mini"),
     ),
     PaperNumber(
         "mmau",
@@ -67,27 +73,68 @@ PAPER_RESULTS: tuple[PaperNumber, ...] = (
         "mcq",
         None,
         ("task", "music"),
-        (("split", "test"),),
+        _release("mmau", split="test"),
         "answers withheld: submit mmau_predictions.json to the MMAU Eval HF Space",
     ),
-    PaperNumber("mmau_pro", "MMAU-Pro-Music", 65.60, "mcq", "accuracy", ("category", "music")),
-    PaperNumber("muchomusic", "MuChoMusic", 74.58, "mcq", "accuracy"),
-    PaperNumber("mmar", "MMAR-music", 48.66, "mcq", "accuracy", ("modality", "music")),
+    PaperNumber(
+        "mmau_pro", "MMAU-Pro-Music", 65.60, "mcq", "accuracy", ("category", "music"), _release("mmau_pro")
+    ),
+    PaperNumber("muchomusic", "MuChoMusic", 74.58, "mcq", "accuracy", when=_release("muchomusic")),
+    PaperNumber("mmar", "MMAR-music", 48.66, "mcq", "accuracy", ("modality", "music"), _release("mmar")),
     PaperNumber(
         "music_instruct",
         "Music Instruct",
         97.1,
         "open_qa",
         None,
+        when=_release("music_instruct", split="test"),
         note="model-judged score; we report BLEU / ROUGE-L",
     ),
-    PaperNumber("music_avqa", "MusicAVQA", 73.6, "mcq", "accuracy"),
-    PaperNumber("nsynth_source", "NSynth (source)", 75.89, "classification", "accuracy"),
-    PaperNumber("nsynth_family", "NSynth (instrument)", 80.76, "classification", "accuracy"),
-    PaperNumber("gtzan", "GTZAN", 84.45, "classification", "accuracy"),
-    PaperNumber("medley_solos", "Medley-solos-DB", 90.86, "classification", "accuracy"),
-    PaperNumber("opencpop", "Opencpop (WER)", 12.9, "lyrics", "cer", note="Chinese: our error rate is CER"),
-    PaperNumber("musdb18_lyrics", "MUSDB18 lyrics (WER)", 19.6, "lyrics", "wer"),
+    PaperNumber(
+        "music_avqa", "MusicAVQA", 73.6, "mcq", "accuracy", when=_release("music_avqa", split="test")
+    ),
+    PaperNumber(
+        "nsynth_source",
+        "NSynth (source)",
+        75.89,
+        "classification",
+        "accuracy",
+        when=_release("nsynth", split="test"),
+    ),
+    PaperNumber(
+        "nsynth_family",
+        "NSynth (instrument)",
+        80.76,
+        "classification",
+        "accuracy",
+        when=_release("nsynth", split="test"),
+    ),
+    PaperNumber("gtzan", "GTZAN", 84.45, "classification", "accuracy", when=_release("gtzan")),
+    PaperNumber(
+        "medley_solos",
+        "Medley-solos-DB",
+        90.86,
+        "classification",
+        "accuracy",
+        when=_release("medley_solos", subset="test"),
+    ),
+    PaperNumber(
+        "opencpop",
+        "Opencpop (WER)",
+        12.9,
+        "lyrics",
+        "cer",
+        when=_release("opencpop", split="test"),
+        note="Chinese: our error rate is CER",
+    ),
+    PaperNumber(
+        "musdb18_lyrics",
+        "MUSDB18 lyrics (WER)",
+        19.6,
+        "lyrics",
+        "wer",
+        when=_release("musdb18_lyrics", split="test"),
+    ),
 )
 
 

@@ -187,9 +187,10 @@ def run_benchmark(
     preds = predict_items(
         items, predict_fn, out_dir / PREDICTIONS_FILE, batch_size, progress=progress, desc=name, length=length
     )
-    raw = preds
-    if think:
-        preds, think_rows, think_summary = think_report(raw)
+    if think:  # this run's items only: the file may hold more (a rerun with `limit`, audio skipped since)
+        preds, think_rows, think_summary = think_report(
+            {it.id: preds[it.id] for it in items if it.id in preds}
+        )
     tasks, rows = score_items(items, preds, cer_languages=cer_languages)
     if think:
         rows = [{**r, **think_rows.get(r.get("id"), {})} for r in rows]
@@ -414,7 +415,9 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
             "skipped_missing_audio": bench.skipped_missing_audio,
             "counts": bench.counts(),
             # the settings the paper's numbers depend on (report.PAPER_RESULTS)
-            "settings": {k: bench_cfg.get(k) for k in ("format", "split", "unit") if k in bench_cfg},
+            "settings": {
+                k: bench_cfg.get(k) for k in ("format", "split", "subset", "unit") if k in bench_cfg
+            },
         },
         official_format=str(bench_cfg.get("format") or ""),
         think=think,
