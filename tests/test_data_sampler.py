@@ -127,7 +127,9 @@ def test_mixture_weights_and_determinism():
     assert (counts[:10] == 2).all()  # weight 2: every sample of "a" twice
     assert counts[10:].sum() == 10 and counts[10:].max() == 1  # weight 0.25: a quarter of "b", no repeats
     assert set(e0[e0 >= 10]) != set(e1[e1 >= 10])  # a fresh quarter each epoch
-    s = TokenBudgetBatchSampler([3] * 50, 12, seed=5, epoch_indices=mix.epoch_indices)
+    s = TokenBudgetBatchSampler(
+        [3] * 50, 12, seed=5, epoch_indices=mix.epoch_indices, longest_epoch=mix.longest_epoch
+    )
     assert sorted(i for b in _epoch(s, 0) for i in b) == sorted(e0.tolist())
     with pytest.raises(ValueError, match="weights must be finite"):
         MixtureDataset([_Range(3, "a")], weights=[-1.0])
@@ -207,3 +209,33 @@ def test_datamodule_resume_continues_with_the_exact_next_batch(tmp_path):
     assert state["sampler"]["epoch"] == 1 and state["sampler"]["batches_consumed"] == stop - per_epoch
     resumed, _ = run(ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt")
     assert resumed.seen == full.seen[stop:]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("weights", [None, [1.0, 0.3]])
+def test_every_epoch_has_the_fixed_batch_count_and_all_its_samples(packed, weights):
+    """Lightning reads len(dataloader) once and ends each epoch there: every epoch must make exactly len(sampler)
+    batches per rank (reshuffled buckets made more in some epochs, and their last samples were never trained)."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(50, 600, size=1500).tolist()
+    kwargs = dict(seed=0, bucket_size_multiplier=1, packed=packed)
+    if weights is not None:
+        mix = MixtureDataset([_Range(1000, "a"), _Range(500, "b")], weights=weights, seed=0)
+        kwargs.update(epoch_indices=mix.epoch_indices, longest_epoch=mix.longest_epoch)
+    for world in (1, 2):
+        samplers = [
+            TokenBudgetBatchSampler(lengths, 1200, num_replicas=world, rank=r, **kwargs) for r in range(world)
+        ]
+        first = [len(s) for s in samplers]  # what Lightning reads, once
+        for epoch in range(8):
+            per_rank = [_epoch(s, epoch) for s in samplers]
+            assert [len(b) for b in per_rank] == first == [len(s) for s in samplers], epoch
+            for batches in per_rank:
+                for b in batches:
+                    cost = sum(lengths[i] for i in b) if packed else len(b) * max(lengths[i] for i in b)
+                    assert cost <= 1200
+            wanted = np.arange(1500) if weights is None else mix.epoch_indices(epoch)
+            seen = [i for batches in per_rank for b in batches for i in b]
+            assert set(seen) == set(wanted.tolist()), epoch
+            if world == 1:
+                assert sorted(seen) == sorted(wanted.tolist())

@@ -269,6 +269,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
                 drop_last=self.drop_last,
                 bucket_size_multiplier=self.bucket_size_multiplier,
                 epoch_indices=self.train_dataset.epoch_indices,
+                longest_epoch=self.train_dataset.longest_epoch,
                 on_oversized=self.on_oversized,
                 packed=self.pack,
             )

@@ -10,6 +10,8 @@ plus audio placeholders, see :func:`musicflamingo.data.dataset.estimate_num_toke
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -31,10 +33,18 @@ class TokenBudgetBatchSampler:
 
     One epoch: shuffle the sample indices with ``(seed, epoch)``; cut them into buckets of about
     ``bucket_size_multiplier`` batches; sort each bucket by length and fill batches greedily while
-    ``(n + 1) * max_len <= max_tokens`` (``packed``: the sum of lengths); shuffle the batch order. Every rank
-    builds the same global batch list and takes ``batches[rank::num_replicas]``, so ranks get disjoint samples and
-    the same number of batches (the list is padded by repeating its first batches, or truncated with
-    ``drop_last``).
+    ``(n + 1) * max_len <= max_tokens`` (``packed``: the sum of lengths); bring the count to the run's fixed
+    :attr:`num_batches` (below); shuffle the batch order. Every rank builds the same global batch list and takes
+    ``batches[rank::num_replicas]``, so ranks get disjoint samples and the same number of batches (the list is
+    padded by repeating its first batches, or truncated with ``drop_last``).
+
+    The batch count is fixed for the run: Lightning reads ``len(dataloader)`` once and ends every epoch after that
+    many batches, so an epoch whose reshuffled buckets made more batches would lose its last ones. ``num_batches``
+    is the larger of epoch 0's count and the count of a tight packing of :meth:`longest epoch <_bound_indices>`;
+    an epoch that made fewer batches splits its fullest ones, one that made more repacks its least full ones
+    (down to all of them), and as a last resort takes the tight packing's batches, each sample in the slot of a
+    sample at least as long. Every batch stays within the budget and every sample of the epoch is in one; an epoch
+    has fewer batches only when it has fewer samples than ``num_batches``.
 
     Lightning: pass as ``DataLoader(batch_sampler=...)`` with ``Trainer(use_distributed_sampler=False)`` (this
     sampler does the distributed split). Lightning calls ``set_epoch`` through ``batch_sampler.sampler``.
@@ -50,6 +60,9 @@ class TokenBudgetBatchSampler:
             randomness.
         epoch_indices: ``epoch -> indices`` making up the epoch (e.g. :meth:`MixtureDataset.epoch_indices`);
             default: every index once.
+        longest_epoch: with ``epoch_indices``: ``(lengths, max_tokens) -> indices`` of a multiset of samples no
+            longer than ``max_tokens`` that dominates every epoch's (:meth:`MixtureDataset.longest_epoch`), from
+            which the fixed batch count is taken.
         packed: the batch's cost is the sum of its lengths instead: one row of
             :func:`~musicflamingo.data.collate.collate_packed` holding up to ``max_tokens`` tokens.
         on_oversized: samples longer than ``max_tokens`` (listed in :attr:`oversized`) raise (``"error"``), are left
@@ -69,6 +82,7 @@ class TokenBudgetBatchSampler:
         drop_last: bool = False,
         bucket_size_multiplier: int = 100,
         epoch_indices: Callable[[int], Sequence[int]] | None = None,
+        longest_epoch: Callable[[np.ndarray, int], Sequence[int]] | None = None,
         on_oversized: str = "error",
         packed: bool = False,
     ) -> None:
@@ -87,6 +101,11 @@ class TokenBudgetBatchSampler:
             )
         if bucket_size_multiplier < 1:
             raise ValueError(f"bucket_size_multiplier must be >= 1, got {bucket_size_multiplier}")
+        if epoch_indices is not None and longest_epoch is None:
+            raise ValueError(
+                "epoch_indices needs longest_epoch too (e.g. MixtureDataset.longest_epoch): the batch count per "
+                "epoch is fixed for the run from the longest epoch the indices can make"
+            )
         if on_oversized not in ("error", "skip", "carry"):
             raise ValueError(f"on_oversized must be 'error', 'skip' or 'carry', got {on_oversized!r}")
         self.oversized = np.flatnonzero(self.lengths > max_tokens).tolist()
@@ -107,11 +126,18 @@ class TokenBudgetBatchSampler:
         self.drop_last = drop_last
         self.bucket_size_multiplier = int(bucket_size_multiplier)
         self.epoch_indices = epoch_indices
+        self.longest_epoch = longest_epoch
         self.packed = bool(packed)
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed on this rank)
         self._yielded = 0
         self._cache: tuple[int, list[list[int]]] | None = None
+        # the tight packing of the longest epoch: the last resort of an epoch that made too many batches
+        self._bound_batches = self._tight(self._bound_indices())
+        indices, _ = self._epoch_samples(0)
+        first = self._bucketed(indices, _generator(self.seed, 0))
+        #: global batches per epoch (before the split across ranks), the same for every epoch of the run
+        self.num_batches = max(len(first), len(self._bound_batches))
 
     @property
     def sampler(self) -> TokenBudgetBatchSampler:
@@ -122,14 +148,12 @@ class TokenBudgetBatchSampler:
         """Select the epoch whose order the next ``__iter__`` yields."""
         self.epoch = int(epoch)
 
-    def _global_batches(self, epoch: int) -> list[list[int]]:
-        """All ranks' batches of ``epoch`` (padded/truncated to a multiple of ``num_replicas``)."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
+    def _epoch_samples(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices that fit the budget, oversized indices carried along) making up ``epoch``, unshuffled."""
         indices = (
             np.arange(len(self.lengths))
             if self.epoch_indices is None
-            else np.asarray(self.epoch_indices(epoch))
+            else np.asarray(self.epoch_indices(epoch), dtype=np.int64)
         )
         carried = np.zeros(0, dtype=np.int64)
         if self.oversized:
@@ -137,7 +161,21 @@ class TokenBudgetBatchSampler:
             if self.on_oversized == "carry":
                 carried = indices[~fits]
             indices = indices[fits]
-        rng = _generator(self.seed, epoch)
+        return indices, carried
+
+    def _bound_indices(self) -> np.ndarray:
+        """A multiset of fitting samples that dominates every epoch's: at least as many samples, and rank by rank
+        (sorted by length) none shorter. With the default epoch (every index once) it is that epoch."""
+        if self.longest_epoch is None:
+            return np.flatnonzero(self.lengths <= self.max_tokens)
+        return np.asarray(self.longest_epoch(self.lengths, self.max_tokens), dtype=np.int64)
+
+    def _cost(self, batch: Sequence[int]) -> int:
+        lengths = self.lengths[np.asarray(batch, dtype=np.int64)]
+        return int(lengths.sum()) if self.packed else len(batch) * int(lengths.max())
+
+    def _bucketed(self, indices: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+        """Shuffle, cut into buckets, sort each bucket by length and fill batches greedily (the epoch's own count)."""
         if self.shuffle:
             indices = indices[rng.permutation(len(indices))]
         mean_len = float(self.lengths[indices].mean()) if len(indices) else 1.0
@@ -159,6 +197,86 @@ class TokenBudgetBatchSampler:
                 longest, total = max(longest, n), total + n
             if batch:
                 batches.append(batch)
+        return batches
+
+    def _tight(self, indices: np.ndarray) -> list[list[int]]:
+        """Few batches for ``indices``, longest samples first. Padded: each batch starts at the longest sample left
+        and takes the next ones while they fit (the fewest batches there are). Packed: best fit decreasing."""
+        order = indices[np.argsort(-self.lengths[indices], kind="stable")].tolist()
+        batches: list[list[int]] = []
+        if not self.packed:
+            for i in order:
+                if batches and (len(batches[-1]) + 1) * int(self.lengths[batches[-1][0]]) <= self.max_tokens:
+                    batches[-1].append(i)
+                else:
+                    batches.append([i])
+            return batches
+        room: list[tuple[int, int]] = []  # (tokens left, batch), sorted
+        for i in order:
+            n = int(self.lengths[i])
+            k = bisect.bisect_left(room, (n, -1))
+            if k < len(room):
+                left, b = room.pop(k)
+            else:
+                left, b = self.max_tokens, len(batches)
+                batches.append([])
+            batches[b].append(i)
+            bisect.insort(room, (left - n, b))
+        return batches
+
+    def _to_count(self, batches: list[list[int]], indices: np.ndarray) -> list[list[int]]:
+        """``batches`` (of ``indices``) brought to :attr:`num_batches`, every batch within the budget."""
+        target = self.num_batches
+        if len(batches) > target:
+            # repack the least full batches, twice as many each try, until the count fits
+            fill = np.argsort([self._cost(b) for b in batches], kind="stable").tolist()
+            m = 1
+            while True:
+                m = min(2 * m, len(batches))
+                pool = set(fill[:m])
+                kept = [b for j, b in enumerate(batches) if j not in pool]
+                moved = np.asarray([i for j in sorted(pool) for i in batches[j]], dtype=np.int64)
+                repacked = kept + self._tight(moved)
+                if len(repacked) <= target:
+                    batches = repacked
+                    break
+                if m == len(batches):  # all of them repacked still make too many (packed: a heuristic's miss)
+                    batches = self._into_bound_slots(indices)
+                    break
+        # split the batch with the most samples in two (sorted by length: halves of similar lengths)
+        heap = [(-len(b), j) for j, b in enumerate(batches)]
+        heapq.heapify(heap)
+        while len(batches) < target and heap and -heap[0][0] > 1:
+            _, j = heapq.heappop(heap)
+            b = sorted(batches[j], key=lambda i: (int(self.lengths[i]), i))
+            batches[j], tail = b[: len(b) // 2], b[len(b) // 2 :]
+            batches.append(tail)
+            heapq.heappush(heap, (-len(batches[j]), j))
+            heapq.heappush(heap, (-len(tail), len(batches) - 1))
+        return batches
+
+    def _into_bound_slots(self, indices: np.ndarray) -> list[list[int]]:
+        """The tight packing of the longest epoch with this epoch's samples in its places: the i-th longest sample
+        takes the place of the i-th longest of that epoch, which is at least as long, so every batch fits."""
+        slots = [(int(self.lengths[i]), b) for b, batch in enumerate(self._bound_batches) for i in batch]
+        slots.sort(key=lambda x: -x[0])
+        order = indices[np.argsort(-self.lengths[indices], kind="stable")].tolist()
+        if len(order) > len(slots) or any(int(self.lengths[i]) > n for i, (n, _) in zip(order, slots)):
+            raise RuntimeError(
+                "longest_epoch does not dominate this epoch's samples; the fixed batch count cannot hold them"
+            )
+        out: list[list[int]] = [[] for _ in self._bound_batches]
+        for i, (_, b) in zip(order, slots):
+            out[b].append(i)
+        return [b for b in out if b]
+
+    def _global_batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of ``epoch`` (padded/truncated to a multiple of ``num_replicas``)."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        indices, carried = self._epoch_samples(epoch)
+        rng = _generator(self.seed, epoch)
+        batches = self._to_count(self._bucketed(indices, rng), indices)
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         if len(carried):
@@ -174,13 +292,17 @@ class TokenBudgetBatchSampler:
             for b, i in zip(where.tolist(), carried.tolist()):
                 batches[b].append(i)
             batches = [b for b in batches if b]
+        batches = self._per_rank(batches)
+        self._cache = (epoch, batches)
+        return batches
+
+    def _per_rank(self, batches: list[list[int]]) -> list[list[int]]:
         remainder = len(batches) % self.num_replicas
         if remainder and self.drop_last:
-            batches = batches[: len(batches) - remainder]
-        elif remainder:
+            return batches[: len(batches) - remainder]
+        if remainder:
             need = self.num_replicas - remainder
-            batches = batches + [batches[j % len(batches)] for j in range(need)]
-        self._cache = (epoch, batches)
+            return batches + [batches[j % len(batches)] for j in range(need)]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -196,8 +318,14 @@ class TokenBudgetBatchSampler:
             yield batch
 
     def __len__(self) -> int:
-        """Batches per rank in the current epoch (the full epoch, also when resuming inside it)."""
-        return len(self._global_batches(self.epoch)) // self.num_replicas
+        """Batches per rank and epoch, the same for every epoch of the run (the full epoch, also when resuming
+        inside it)."""
+        n = self.num_batches
+        if n == 0 and self.on_oversized == "carry" and self.oversized:
+            n = self.num_replicas  # nothing fits: the carried samples make batches of their own
+        if self.drop_last:
+            return n // self.num_replicas
+        return -(-n // self.num_replicas)
 
     def state_dict(self, batches_consumed: int | None = None) -> dict[str, Any]:
         """Position inside the epoch. ``batches_consumed`` defaults to the batches ``__iter__`` handed out,
@@ -209,12 +337,13 @@ class TokenBudgetBatchSampler:
             "num_replicas": self.num_replicas,
             "num_samples": len(self.lengths),
             "max_tokens": self.max_tokens,
+            "num_batches": self.num_batches,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue epoch ``state["epoch"]`` with the batch after the ``batches_consumed`` already trained on."""
         now = {"seed": self.seed, "num_replicas": self.num_replicas, "num_samples": len(self.lengths)}
-        now["max_tokens"] = self.max_tokens
+        now["max_tokens"], now["num_batches"] = self.max_tokens, self.num_batches
         for key, value in now.items():
             if key in state and state[key] != value:
                 raise ValueError(
@@ -291,6 +420,24 @@ class MixtureDataset(Dataset):
             if rest:
                 local.append(_generator(self.seed, epoch, k).permutation(size)[:rest])
             parts.append(np.concatenate(local) + self.offsets[k])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def longest_epoch(self, lengths: Sequence[int], max_tokens: int) -> np.ndarray:
+        """Global indices of the longest epoch :meth:`epoch_indices` can draw, counting only samples of at most
+        ``max_tokens`` tokens: the same whole passes, and in place of each dataset's random part its longest
+        samples (as many as fit). Every epoch's fitting samples, sorted by length, are rank by rank no longer and
+        no more than these (what :class:`TokenBudgetBatchSampler` fixes its batch count from)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        parts = []
+        for k, (size, w) in enumerate(zip(self.sizes, self.weights)):
+            n = int(round(w * size))
+            if n == 0 or size == 0:
+                continue
+            local = lengths[self.offsets[k] : self.offsets[k + 1]]
+            fits = np.flatnonzero(local <= max_tokens)
+            full, rest = divmod(n, size)
+            longest = fits[np.argsort(-local[fits], kind="stable")][:rest]
+            parts.append(np.concatenate([fits] * full + [longest]) + self.offsets[k])
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def set_epoch(self, epoch: int) -> None:
