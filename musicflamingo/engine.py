@@ -68,8 +68,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or null (random), got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
+        ):  # torch.Generator.manual_seed's range: past it, it failed only at the first request, blaming that
+            raise ValueError(f"seed must be a 64-bit integer or null (random), got {self.seed!r}")
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
@@ -180,7 +182,8 @@ class Engine:
 
     # ------------------------------------------------------------------ bookkeeping
     def _round(self, n: int) -> int:
-        return min(-(-n // KEY_BLOCK) * KEY_BLOCK, max(self.limit, n))
+        # whole key blocks, never past the context (a capacity asked from prompt + max_new_tokens can be far larger)
+        return min(-(-n // KEY_BLOCK) * KEY_BLOCK, self.limit)
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed > self.limit:
@@ -258,13 +261,14 @@ class Engine:
         ids = input_ids.reshape(-1).to(self.device)
         if slot.last is not None:
             ids = torch.cat([torch.tensor([slot.last], device=self.device), ids])
-        before = (slot.params, slot.tokens, slot.last)
-        slot.params = params or slot.params
+        before = (slot.params, slot.generator, slot.tokens, slot.last)
+        if params is not None:  # the turn's own sampling, its seed included
+            slot.params, slot.generator = params, params.generator(self.device)
         slot.tokens, slot.last, slot.done = [], None, False
         try:
             self._prefill(slot, ids, input_features, input_features_mask, None, slot.params.max_new_tokens)
         except BaseException:  # e.g. past the context: the conversation stays as it was
-            slot.params, slot.tokens, slot.last = before
+            slot.params, slot.generator, slot.tokens, slot.last = before
             slot.done = True
             raise
         return slot

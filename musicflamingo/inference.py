@@ -10,6 +10,7 @@ audio is encoded once, in the turn that brings it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import sys
 import time
@@ -299,6 +300,11 @@ class ChatSession:
         if engine.slots[0] is None:
             turn = processor.render_chat(self.messages + [message], add_generation_prompt=True)
         else:
+            if self.pending and self.pending[0] in self.stops:
+                # any stop closes the answer as the template does (<|im_end|>), whatever id it stopped on
+                # (a checkpoint's <|endoftext|>): the cached history stays the render of the conversation
+                self.pending = [self.end_of_turn_id]
+                engine.slots[0].last = self.end_of_turn_id
             closed = self.pending == [self.end_of_turn_id]
             turn = continuation_text(
                 self.messages, message, closed, processor.default_system_prompt, processor.audio_token
@@ -467,7 +473,8 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
         if lines is None:
             lines = _stdin_lines()
             logger.info("chat: type a question; /audio PATH, /reset, /quit (or end of input)")
-        return run_chat(session, [*prompts, *lines] if prompts else lines, audio=audio, out=out, think=think)
+        # chained, not unpacked: stdin is read line by line as the chat goes, after the given prompts
+        return run_chat(session, itertools.chain(prompts, lines), audio=audio, out=out, think=think)
 
     if not prompts:
         prompts = [DEFAULT_PROMPT]

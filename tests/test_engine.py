@@ -121,6 +121,43 @@ def test_sampling_is_seeded_per_request(model):
     assert a.tokens == b.tokens
 
 
+def test_a_chat_turns_seed_is_its_own(model):
+    """`extend` with new sampling params samples the turn from their seed: the same tokens whatever the first turn
+    was (greedy left no generator, so the turn drew from torch's global RNG; a seeded first turn kept its own)."""
+    prompt, turn = _prompts(2, seed=5)
+    seeded = SamplingParams(max_new_tokens=8, do_sample=True, temperature=1.5, seed=1234)
+
+    def second_turn(first: SamplingParams, global_seed: int) -> list[int]:
+        torch.manual_seed(global_seed)
+        engine = Engine(model, slots=1)
+        slot = engine.admit(Request(prompt, first), index=0)
+        while not slot.done:
+            engine.step()
+        slot = engine.extend(0, turn, seeded)
+        while not slot.done:
+            engine.step()
+        return slot.tokens
+
+    greedy = SamplingParams(max_new_tokens=4)
+    other = SamplingParams(max_new_tokens=4, do_sample=True, seed=7)
+    assert second_turn(greedy, 0) == second_turn(greedy, 1) == second_turn(other, 2)
+
+
+def test_seed_outside_64_bits_is_refused_up_front():
+    SamplingParams(do_sample=True, seed=2**64 - 1)
+    SamplingParams(do_sample=True, seed=-(2**63))
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed must be a 64-bit integer"):
+            SamplingParams(do_sample=True, seed=seed)
+
+
+def test_cache_capacity_never_passes_the_context(model):
+    """A capacity asked from prompt + max_new_tokens is cut at the context (it used to allocate it all)."""
+    limit = model.config.text.max_position_embeddings
+    assert Engine(model, slots=1, capacity=40 * limit).cache.capacity == limit
+    assert Engine(model, slots=1, capacity=KEY_BLOCK + 1).cache.capacity == 2 * KEY_BLOCK  # whole key blocks
+
+
 def test_unknown_and_unsupported_arguments_raise(model):
     ids = _prompts(1)[0][None]
     with pytest.raises(TypeError, match="num_beam"):

@@ -331,6 +331,45 @@ def test_chat_cache_matches_full_recompute(case, loaded, ckpt, audios, monkeypat
     assert a1 == processor.decode([t for t in gen1 if t not in session.stops]) and isinstance(a2, str)
 
 
+def test_chat_turn_ending_on_another_stop_id_keeps_the_rendered_history(loaded, audios):
+    """A turn that stops on a stop id other than <|im_end|> (a checkpoint's <|endoftext|>) is closed as the
+    template closes it: the next turn's cached prompt is the from-scratch render (it held both ids)."""
+    model, proc = loaded
+    first = user("What key is it in?", audios[0])
+    probe = model.generate(**proc.apply_chat_template([first]), max_new_tokens=3, stop_token_ids=[])[
+        0, -1
+    ].item()
+    assert probe != TINY_IDS.eos_token_id
+    session = ChatSession(
+        model, proc, SamplingParams(max_new_tokens=6, stop_ids=(TINY_IDS.eos_token_id, probe))
+    )
+    answer = session.ask("What key is it in?", audio=str(audios[0]))
+    assert session.last_new_ids[-1] == probe  # it stopped on the other id
+    session.ask("And the tempo?")
+    conversation = first[0:1] + [{"role": "assistant", "content": answer}] + user("And the tempo?")
+    scratch = proc.apply_chat_template([conversation])["input_ids"][0].tolist()
+    cached = session.history_ids[: len(session.history_ids) - len(session.last_new_ids)]
+    assert cached == scratch
+
+
+def test_interactive_prompt_then_typed_lines_answers_as_it_reads(ckpt, audios):
+    """`prompt=` and typed lines: each line is read after the answer before it (stdin was drained first, so a
+    person at a terminal saw nothing until end of input)."""
+    out = io.StringIO()
+
+    def typed():
+        for q in ("And the tempo?", "Which instruments?"):
+            out.write(f"[typed] {q}\n")
+            yield q
+
+    cfg = make_cfg(
+        f"ckpt={ckpt}", f"audio={audios[0]}", "interactive=true", "max_new_tokens=2", "prompt=What key?"
+    )
+    infer(cfg, lines=typed(), out=out)
+    events = [x.split(" ")[0] for x in out.getvalue().splitlines() if x.startswith(("[typed]", "assistant>"))]
+    assert events == ["assistant>", "[typed]", "assistant>", "[typed]", "assistant>"]
+
+
 def test_interactive_infer_reads_lines(ckpt, audios, monkeypatch):
     calls = [0]
     original = MusicFlamingo.encode_audio

@@ -697,6 +697,8 @@ def test_serve_config_composes_and_builds_the_app(ckpt, songs):
         "port=70000": "port must be an integer in 0..65535",
         f"audio_root={songs / 'nope'}": "is not a folder",
         "max_body_mb=-1": "max_body_mb must be a number > 0",
+        "max_body_mb=nan": "max_body_mb must be a number > 0",  # nan passed `<= 0`: every request then failed
+        "max_audio_seconds=nan": "max_audio_seconds must be a number > 0",  # ... or turned the check off
     }
     for override, message in bad.items():
         with pytest.raises(ServeConfigError, match=message):
@@ -704,6 +706,80 @@ def test_serve_config_composes_and_builds_the_app(ckpt, songs):
     with pytest.raises(ServeConfigError, match="max_audio_seconds=5000 is over the model's limit of 1200"):
         build_server(make_cfg(f"ckpt={ckpt}", "max_audio_seconds=5000"))
     assert not ServeSettings(host="0.0.0.0").loopback and ServeSettings(host="::1").loopback
+
+
+def test_default_max_tokens_keeps_to_the_servers_limits(loaded):
+    """Without max_tokens the default is cut to max_completion_tokens (a client could not ask for more), and a
+    prompt that leaves no room under max_cached_tokens is refused naming that limit, not the model's context."""
+    from musicflamingo.serve.errors import APIError
+    from musicflamingo.serve.protocol import parse_chat_request, prepare
+
+    _, processor = loaded
+    settings = ServeSettings(model_name=MODEL, max_completion_tokens=512, max_cached_tokens=800)
+    settings.resolve(32768, processor.max_audio_len)
+    assert settings.default_max_tokens == 1024
+
+    def prepared(text: str):
+        req = parse_chat_request({"model": MODEL, "messages": [{"role": "user", "content": text}]}, settings)
+        return prepare(req, processor, settings, 32768, (299,))
+
+    p = prepared(QUESTION)
+    assert p.params.max_new_tokens == min(512, 800 - p.prompt_tokens)
+    settings.max_cached_tokens = None
+    assert prepared(QUESTION).params.max_new_tokens == 512
+    settings.max_cached_tokens = 800
+    with pytest.raises(APIError) as e:
+        prepared("tempo " * 160)
+    assert e.value.status == 400 and e.value.body()["error"]["code"] == "context_length_exceeded"
+    assert "at or over this server's max_cached_tokens of 800" in e.value.body()["error"]["message"]
+
+
+def test_a_failed_prefill_answers_that_request_and_spares_the_others(loaded):
+    """A prefill that raises anything (here a simulated out-of-memory on one prompt) sends that request its error;
+    the request already decoding goes on (the request used to get no event at all, and every live one an error)."""
+    import asyncio
+
+    from musicflamingo.serve.protocol import Prepared
+    from musicflamingo.serve.worker import EngineWorker, Job
+
+    model, _ = loaded
+    bad_length, forward = 77, model.forward
+
+    def failing(input_ids=None, *args, **kwargs):
+        if input_ids is not None and input_ids.shape[-1] == bad_length:
+            raise torch.OutOfMemoryError("simulated: out of memory while encoding a long song")
+        return forward(input_ids, *args, **kwargs)
+
+    def prep(n: int, max_new: int) -> Prepared:
+        return Prepared(
+            torch.randint(0, 290, (n,)), None, None, SamplingParams(max_new_tokens=max_new), n, 0, 0.0
+        )
+
+    async def run() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        worker = EngineWorker(model, slots=2)
+        worker.start()
+        try:
+            healthy = Job(prep(10, 40), loop)
+            worker.submit(healthy)
+            first = [await asyncio.wait_for(healthy.queue.get(), 30)]
+            failing_job = Job(prep(bad_length, 5), loop)
+            worker.submit(failing_job)
+            failed = [await asyncio.wait_for(failing_job.queue.get(), 30)]
+            while first[-1].finish is None and first[-1].error is None:
+                first.append(await asyncio.wait_for(healthy.queue.get(), 30))
+            return first, failed
+        finally:
+            worker.stop()
+
+    model.forward = failing
+    try:
+        healthy, failed = asyncio.run(run())
+    finally:
+        del model.forward  # the instance attribute: the class's forward again
+    assert failed[0].error.startswith("the engine failed: OutOfMemoryError: simulated")
+    assert all(e.error is None for e in healthy) and healthy[-1].finish == "length"
+    assert sum(len(e.tokens) for e in healthy) == 40
 
 
 def test_cli_error_is_one_line(tmp_path):

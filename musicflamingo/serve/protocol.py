@@ -390,8 +390,16 @@ def prepare(
         )
     room = context - n
     if req.max_tokens is None:
-        max_new = min(settings.default_max_tokens, room)
-        if settings.max_cached_tokens is not None:  # a default should never make a request unservable
+        # a default never goes past a limit a client could not pass either, nor makes a request unservable
+        max_new = min(settings.default_max_tokens, settings.max_completion_tokens or room, room)
+        if settings.max_cached_tokens is not None:
+            if n >= settings.max_cached_tokens:
+                raise bad_request(
+                    "messages",
+                    f"the prompt is {n} tokens (audio included), at or over this server's max_cached_tokens of "
+                    f"{settings.max_cached_tokens}: no room for an answer",
+                    code="context_length_exceeded",
+                )
             max_new = min(max_new, settings.max_cached_tokens - n)
     elif req.max_tokens > room:
         raise bad_request(
@@ -403,7 +411,11 @@ def prepare(
     else:
         max_new = req.max_tokens
     if max_new < 1:
-        raise bad_request("messages", f"the prompt fills the model's context of {context} tokens")
+        raise bad_request(
+            "messages",
+            f"the prompt fills the model's context of {context} tokens",
+            code="context_length_exceeded",
+        )
     if settings.max_cached_tokens is not None and n + max_new > settings.max_cached_tokens:
         raise bad_request(
             req.max_tokens_param if req.max_tokens is not None else "messages",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -47,7 +48,7 @@ class ServeSettings:
             if v is None and allow_none:
                 return
             ok = not isinstance(v, bool) and isinstance(v, (int, float) if cast is float else int)
-            if not ok or v <= 0:
+            if not ok or not math.isfinite(v) or v <= 0:  # nan passed `v <= 0` and turned a limit off
                 need = "a number > 0" if cast is float else "an integer >= 1"
                 raise ServeConfigError(f"{name} must be {need}{' or null' if allow_none else ''}, got {v!r}")
 

@@ -207,6 +207,13 @@ class EngineWorker:
             except ValueError as e:  # e.g. a prompt past the model's context
                 job.emit(Event([], error=str(e)))
                 continue
+            except (
+                Exception
+            ) as e:  # e.g. out of memory in this prompt's prefill: its slot is free again (admit)
+                # and the requests already decoding go on; only this one is answered with the error
+                logger.exception("prefill failed")
+                job.emit(Event([], error=f"the engine failed: {type(e).__name__}: {e}"))
+                continue
             self._live[slot.index] = job
             self.reserved += job.reserve
             self.admitted += 1
