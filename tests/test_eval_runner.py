@@ -159,6 +159,20 @@ def test_evaluate_resumes_and_guards_output_dir(tmp_path):
     # Same folder, different prompt settings: refused instead of mixing predictions.
     with pytest.raises(EvalConfigError, match="differs in: benchmark_cfg"):
         evaluate(_cfg(tmp_path, "benchmark.prompt='{question} {options}'"), predict_fn=CountingPredictor())
+    # ... or a quantized model's answers beside full-precision ones
+    with pytest.raises(EvalConfigError, match="differs in: quantize"):
+        evaluate(_cfg(tmp_path, "quantize=int4"), predict_fn=CountingPredictor())
+    # A run that failed before its first prediction locks nothing: the corrected rerun goes ahead.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        evaluate(_cfg(tmp_path, f"output_dir={fresh}"), predict_fn=CountingPredictor(fail_after=0))
+    assert (fresh / "predictions.jsonl").read_text() == ""
+    assert (
+        evaluate(_cfg(tmp_path, f"output_dir={fresh}", "max_new_tokens=9"), predict_fn=CountingPredictor())[
+            "num_scored"
+        ]
+        == 4
+    )
     # limit scores a prefix and reuses the predictions.
     limited = evaluate(_cfg(tmp_path, "limit=2"), predict_fn=CountingPredictor())
     assert limited["num_items"] == 2

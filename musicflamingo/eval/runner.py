@@ -328,8 +328,10 @@ _IDENTITY_IGNORED = ("root", "audio_dir", "skip_missing_audio")
 
 def _check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
     """Refuse to resume ``out_dir`` if its predictions came from another benchmark, checkpoint or prompt."""
-    path = out_dir / "run.json"
-    if path.exists() and (out_dir / PREDICTIONS_FILE).exists():
+    path, predictions = out_dir / "run.json", out_dir / PREDICTIONS_FILE
+    # an empty file holds nothing to mix with: a run that failed before its first prediction (a wrong ckpt that
+    # would not load) must not lock the folder against the corrected rerun
+    if path.exists() and predictions.exists() and predictions.stat().st_size > 0:
         old = json.loads(path.read_text(encoding="utf-8"))
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         if diff:
@@ -382,6 +384,10 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     }
     if think:  # only when set: folders of earlier runs (no key) still resume
         identity["think"] = True
+    if c.get(
+        "quantize"
+    ):  # int8 / int4 linears answer differently: never mixed with full-precision predictions
+        identity["quantize"] = str(c["quantize"])
     if predict_fn is None:  # the memory plan (config.json, the items' audio headers): refused if it won't fit
         plan = check_generation(
             c,
