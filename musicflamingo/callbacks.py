@@ -106,6 +106,32 @@ class BadSampleReport(Callback):
         self._write(trainer)
 
 
+class KeepCutEpochOpen(Callback):
+    """A checkpoint written after training stopped inside an epoch (``trainer.max_steps``, ``max_time``, an early
+    stop), e.g. ``last.ckpt`` at ``on_train_end``, records that epoch as still open.
+
+    Lightning closes the epoch when the run stops, so continuing from such a file (a larger ``trainer.max_steps``)
+    would start the next epoch while the data module, which counts its batches itself, resumes inside the old one:
+    the rest of that epoch was skipped. With the epoch open, Lightning resumes it after its last trained batch, the
+    batches an uninterrupted run trains next.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        fit = checkpoint.get("loops", {}).get("fit_loop")
+        if not fit or "epoch_progress" not in fit or "epoch_loop.batch_progress" not in fit:
+            return
+        epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+        closed = epochs["total"]["processed"] == epochs["total"]["started"] >= 1
+        trained = batches["current"]["completed"]
+        cut = not batches.get("is_last_batch") and 0 < trained < trainer.num_training_batches
+        if not (closed and cut):
+            return
+        for which in ("total", "current"):  # processed and completed back to before this epoch's end
+            epochs[which]["processed"] = epochs[which]["started"] - 1
+            epochs[which]["completed"] = epochs[which]["processed"]
+        checkpoint["epoch"] = epochs["current"]["completed"]
+
+
 class TrainingInterrupted(RunStopped):
     """SIGINT (Ctrl-C) or SIGTERM stopped training; `exit_code` is 128 + the signal's number (130, 143)."""
 

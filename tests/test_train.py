@@ -354,6 +354,32 @@ def test_resume_is_exact(assets, tmp_path):
     assert abs(la[-1] - lb[-1]) <= 1e-6, (la, lb)
 
 
+def test_continuing_a_run_stopped_by_max_steps_inside_an_epoch_is_exact(assets, tmp_path):
+    """last.ckpt written at the end of a run stopped by trainer.max_steps inside an epoch: continuing it (a larger
+    max_steps) trains the rest of that epoch, as an uninterrupted run does, instead of starting the next one."""
+    proc, manifest = assets
+    common = [
+        "export=false",
+        "callbacks.model_checkpoint.every_n_train_steps=1000",  # only on_train_end writes last.ckpt
+        "model.scheduler.max_steps=8",
+        "data.batch_max_tokens=800",
+    ]
+    _, a = train(compose_train(tmp_path / "a", manifest, proc, common + ["trainer.max_steps=8"]))
+    per_epoch = a["trainer"].num_training_batches
+    assert 2 <= per_epoch and per_epoch + 1 < 8
+    stop = per_epoch + 1  # after the first batch of epoch 1
+    train(compose_train(tmp_path / "b", manifest, proc, common + [f"trainer.max_steps={stop}"]))
+    ckpt = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    _, b = train(compose_train(tmp_path / "b", manifest, proc, common + ["trainer.max_steps=8"]))
+    assert b["trainer"].global_step == 8
+    wa, wb = _weights(a["model"].model), _weights(b["model"].model)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+    # Lightning's epoch and the data module's agree in the file
+    assert ckpt["epoch"] == 1 and ckpt["MusicFlamingoDataModule"]["sampler"]["epoch"] == 1
+    assert b["trainer"].current_epoch == a["trainer"].current_epoch
+
+
 def test_export_loads_in_ours_and_transformers(assets, tmp_path):
     transformers = pytest.importorskip("transformers")
     proc, manifest = assets
