@@ -221,7 +221,13 @@ class MusicFlamingoLit(L.LightningModule):
         optimizer = self.optimizer(self.param_groups())
         extra = {}
         if getattr(self.scheduler, "keywords", {}).get("max_steps", 0) < 0:  # training by epochs
-            extra["max_steps"] = int(self.trainer.estimated_stepping_batches)
+            estimate = self.trainer.estimated_stepping_batches
+            if not math.isfinite(estimate):  # no max_steps, no max_epochs: the run ends by time
+                raise ValueError(
+                    "model.scheduler.max_steps=-1 takes the schedule's length from the trainer, which has no end "
+                    "in steps (trainer.max_steps=-1, trainer.max_epochs=-1); set model.scheduler.max_steps"
+                )
+            extra["max_steps"] = int(estimate)
         scheduler = self.scheduler(optimizer, **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

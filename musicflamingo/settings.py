@@ -171,6 +171,12 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
             "trainer.max_steps=-1 and trainer.max_epochs=-1: the run would never end; set trainer.max_steps, "
             "trainer.max_epochs or trainer.max_time"
         )
+    if steps == -1 and epochs == -1 and _get(settings, "model.scheduler.max_steps") == -1:
+        raise SettingsError(
+            "model.scheduler.max_steps=-1 takes the schedule's length from the trainer's steps, but "
+            "trainer.max_steps=-1 and trainer.max_epochs=-1 set none (the run ends by trainer.max_time); set "
+            "model.scheduler.max_steps to the steps the learning-rate schedule should span"
+        )
     _accelerator(settings, "trainer.accelerator")
 
 

@@ -220,6 +220,18 @@ def test_train_settings_are_checked_before_anything_is_read(override, named, ass
     assert not (tmp_path / "run").exists()
 
 
+def test_a_schedule_by_trainer_steps_with_only_max_time_is_a_settings_error(assets, tmp_path, capsys):
+    """trainer.max_steps=-1, max_epochs=-1, max_time set: the run ends by time, so the schedule's length
+    (model.scheduler.max_steps=-1: the trainer's estimate) has none; exit 2 naming it, not int(inf) at fit."""
+    overrides = ["trainer.max_steps=-1", "trainer.max_epochs=-1", "+trainer.max_time=00:00:00:20"]
+    cfg = compose_train(
+        tmp_path, assets["manifest"], assets["proc"], [f"model.net.init_from={BOGUS_INIT}", *overrides]
+    )
+    code, err = _cli(lambda: train(cfg), capsys)
+    assert code == 2 and len(err) == 1 and "model.scheduler.max_steps=-1" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------- item 8
 @pytest.mark.parametrize(
     "override, named, valid",
