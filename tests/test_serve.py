@@ -640,6 +640,39 @@ def test_full_queue_is_503_with_retry_after(loaded, ckpt, songs):
     assert results[0].choices[0].message.content == results[1].choices[0].message.content
 
 
+def test_requests_still_being_prepared_count_against_max_queue(loaded, ckpt, songs, monkeypatch):
+    """A request whose audio is being decoded (or waits for a prepare thread) holds its body and features too:
+    with max_queue=1 and one such request, the next is 503 at once (it used to pass and wait, unbounded)."""
+    model, processor = loaded
+    settings = ServeSettings(model_name=MODEL, max_batch=1, max_queue=1, prepare_threads=1, retry_after_s=2)
+    app = create_app(model, processor, settings, stop_token_ids(ckpt, model.config))
+    entered, release = threading.Event(), threading.Event()
+    template = processor.apply_chat_template
+
+    def slow_template(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return template(*args, **kwargs)
+
+    monkeypatch.setattr(processor, "apply_chat_template", slow_template)
+    msgs = [user_turn(QUESTION, songs / "songs" / "tone_a.wav")]
+    results = {}
+    with running_server(app) as base:
+        c = client(base)
+        first = threading.Thread(
+            target=lambda: results.update(
+                a=c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+            )
+        )
+        first.start()
+        assert entered.wait(30) and app.state.server.worker.stats()["queued"] == 0  # in prepare, not queued
+        r = httpx.post(f"{base}/v1/chat/completions", json={"model": MODEL, "messages": msgs}, timeout=30)
+        expect_error(r, 503, None, "the server is busy")
+        release.set()
+        first.join(60)
+    assert results["a"].choices[0].finish_reason == "length" and app.state.server.preparing == 0
+
+
 def _wait(cond, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

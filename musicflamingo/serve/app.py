@@ -68,6 +68,8 @@ class ServerState:
     started: int
     prepare_limiter: anyio.CapacityLimiter
     think_format: ThinkFormat = ThinkFormat()
+    # requests between their body and the queue (decoding audio, or waiting to): max_queue counts them
+    preparing: int = 0
 
 
 def _state(request: Request) -> ServerState:
@@ -189,11 +191,14 @@ async def chat_completions(request: Request) -> Response:
     if not state.worker.alive:
         raise APIError(503, "the engine is not running", None, "engine_stopped")
     req = parse_chat_request(parse_json(await _read_body(request, settings)), settings)
-    if state.worker.queue_full():
-        raise _busy(settings)  # before decoding any audio
-    prepared = await anyio.to_thread.run_sync(
-        prepare, req, state.processor, settings, state.context, state.stop_ids, limiter=state.prepare_limiter
-    )
+    if state.worker.queue_full(also_waiting=state.preparing):
+        raise _busy(settings)  # before decoding any audio: waiting bodies and features are bounded too
+    state.preparing += 1  # the event loop's thread only: no lock needed
+    try:
+        args = (req, state.processor, settings, state.context, state.stop_ids)
+        prepared = await anyio.to_thread.run_sync(prepare, *args, limiter=state.prepare_limiter)
+    finally:
+        state.preparing -= 1
     job = Job(prepared, asyncio.get_running_loop())
     try:
         state.worker.submit(job)

@@ -128,8 +128,9 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def queue_full(self) -> bool:
-        return len(self._pending) >= self.max_queue
+    def queue_full(self, also_waiting: int = 0) -> bool:
+        """Whether `max_queue` requests wait already (`also_waiting`: those not handed to the worker yet)."""
+        return len(self._pending) + also_waiting >= self.max_queue
 
     def submit(self, job: Job) -> None:
         """Queue a request for admission (QueueFull when `max_queue` requests already wait)."""
