@@ -357,3 +357,26 @@ def test_collate_shift_convention_hand_example():
     assert left["labels"].tolist() == [[_, _, 6, 7], [_, _, _, 8]]
     text_only = collate([a], pad_token_id=0)
     assert text_only["input_features"] is None and text_only["input_features_mask"] is None
+
+
+@pytest.mark.parametrize("min_audio_seconds", [0.0, 0.01])
+def test_audio_too_short_for_one_token_is_a_bad_sample(processor, tmp_path, min_audio_seconds):
+    """A clip of <= 320 samples (allowed by a min_audio_seconds below 0.02) gives 0 audio tokens but one encoder
+    window: RoTE then puts the window's timestamps on the next audio (IndexError for the last). It is a bad sample
+    whatever min_audio_seconds is, second audio of a record included."""
+    write_audio(tmp_path / "long.wav", make_tone(440, 1.0))
+    write_audio(tmp_path / "tiny.wav", make_tone(440, 0.015))  # 240 samples
+    conv = [
+        {"role": "user", "content": "<sound>Compare with <sound>."},
+        {"role": "assistant", "content": "A"},
+    ]
+    line = json.dumps({"id": "two", "audio": ["long.wav", "tiny.wav"], "conversations": conv})
+    (tmp_path / "t.jsonl").write_text(line + "\n", encoding="utf-8")
+    records = read_manifest(tmp_path / "t.jsonl")
+    strict = ConversationDataset(records, processor, min_audio_seconds=min_audio_seconds)
+    with pytest.raises(BadSampleError, match=r"tiny.wav: audio lasts 0.015 s \(240 samples\), too short"):
+        strict[0]
+    skip = ConversationDataset(
+        records, processor, min_audio_seconds=min_audio_seconds, bad_sample_policy="skip"
+    )
+    assert isinstance(skip[0], BadSample) and skip[0].id == "two"

@@ -215,7 +215,14 @@ class ConversationDataset(Dataset):
                 f"{ref.path}: audio lasts {x.shape[0] / p.sampling_rate:.3f} s, shorter than "
                 f"min_audio_seconds={self.min_audio_seconds}"
             )
-        return x[: usable_samples(x.shape[0], p.chunk_length, p.max_audio_len, p.sampling_rate)]
+        x = x[: usable_samples(x.shape[0], p.chunk_length, p.max_audio_len, p.sampling_rate)]
+        if p.audio_token_count(int(x.shape[0])) < 1:
+            # a window of 0 audio tokens: RoTE's timestamps would go to the next audio (IndexError for the last)
+            raise _SampleProblem(
+                f"{ref.path}: audio lasts {x.shape[0] / p.sampling_rate:.3f} s ({x.shape[0]} samples), too short "
+                "for one audio token"
+            )
+        return x
 
     def _build(self, rec: Record) -> dict[str, Any]:
         p = self.processor
