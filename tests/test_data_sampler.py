@@ -239,3 +239,12 @@ def test_every_epoch_has_the_fixed_batch_count_and_all_its_samples(packed, weigh
             assert set(seen) == set(wanted.tolist()), epoch
             if world == 1:
                 assert sorted(seen) == sorted(wanted.tolist())
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+def test_manifest_weight_must_be_finite(weight):
+    from musicflamingo.data.datamodule import parse_manifest_spec
+
+    spec = [{"path": "a.jsonl"}, {"path": "b.jsonl", "weight": weight}]
+    with pytest.raises(ValueError, match=r"train\[1\]\.weight must be a finite number >= 0"):
+        parse_manifest_spec(spec, "train")

@@ -12,6 +12,7 @@ with the next batch. The counts of skipped bad samples travel in the same state.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -49,8 +50,13 @@ def parse_manifest_spec(spec: ManifestSpec | None, name: str = "train") -> list[
             if unknown:
                 raise ValueError(f"{name}[{i}]: unknown keys {sorted(unknown)}; expected 'path' and 'weight'")
             weight = item.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(f"{name}[{i}].weight must be a number >= 0, got {weight!r}")
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or weight < 0
+            ):
+                raise ValueError(f"{name}[{i}].weight must be a finite number >= 0, got {weight!r}")
             out.append((os.fspath(item["path"]), float(weight)))
         else:
             raise ValueError(
