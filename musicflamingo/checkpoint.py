@@ -152,16 +152,20 @@ def _quant_suffix(name: str) -> str:
     return next((s for s in _QUANT_SUFFIXES if name.endswith(".weight" + s)), "")
 
 
+def canonical_name(name: str) -> str:
+    """A checkpoint name in the reference layout: the >= 5.10 layout's prefixes (`_ALT_PREFIXES`) rewritten."""
+    for alt, canonical in _ALT_PREFIXES:
+        if name.startswith(alt):
+            return canonical + name[len(alt) :]
+    return name
+
+
 def hf_to_ours(name: str) -> str | None:
     """Map a checkpoint name to ours; None if it is not in the table."""
     if suffix := _quant_suffix(name):
         ours = hf_to_ours(name[: -len(suffix)])
         return None if ours is None else ours + suffix
-    for alt, canonical in _ALT_PREFIXES:
-        if name.startswith(alt):
-            name = canonical + name[len(alt) :]
-            break
-    tmpl, idx = _template(name)
+    tmpl, idx = _template(canonical_name(name))
     ours = _TO_OURS.get(tmpl)
     return ours.format(*idx) if ours is not None else None
 
@@ -500,7 +504,8 @@ def read_state_dict(
     mapping: dict[str, str] = {}
     unexpected, wrong_shape, wrong_dtype = [], [], []
     for name, f in files.items():
-        if name in IGNORED_KEYS:
+        # ignored in either layout: `model.pos_emb.inv_freq` is `pos_emb.inv_freq`
+        if canonical_name(name) in IGNORED_KEYS:
             continue
         ours = hf_to_ours(name)
         if ours is None or ours not in expected:
@@ -579,10 +584,12 @@ def is_model_file(name: str) -> bool:
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B)\s*", size.upper())
+    # every unit the pattern admits is in the table (a bare "IB" or "TIB" was a KeyError)
+    pattern = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*((?:[KMGT]I?)?B)\s*"
+    m = re.fullmatch(pattern, size.upper()) if isinstance(size, str) else None
     if not m:
         raise ValueError(
-            f"max_shard_size={size!r}: expected an int (bytes) or a string like '5GB' or '200MB'"
+            f"max_shard_size={size!r}: expected an int (bytes) or a string like '5GB', '200MB' or '1GiB'"
         )
     units = {
         "B": 1,
@@ -593,6 +600,7 @@ def _parse_size(size: int | str) -> int:
         "KIB": 2**10,
         "MIB": 2**20,
         "GIB": 2**30,
+        "TIB": 2**40,
     }
     return int(float(m.group(1)) * units[m.group(2)])
 

@@ -102,6 +102,52 @@ def test_unexpected_key(tiny_dir):
         MusicFlamingo.from_pretrained(path)
 
 
+def test_ignored_rotary_buffers_are_ignored_in_either_layout(tiny_dir):
+    """The rotary buffers IGNORED_KEYS lists are skipped under the transformers >= 5.10 names too (`model.*`
+    prefixes, top-level `lm_head`): they were compared before the prefix rewrite and refused as unexpected."""
+    from musicflamingo.checkpoint import IGNORED_KEYS
+
+    model, path = tiny_dir
+    alt = [("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model.")]
+    alt += [(p, "model." + p) for p in ("audio_tower.", "multi_modal_projector.", "pos_emb.")]
+
+    def relayout(name: str) -> str:
+        return next((b + name[len(a) :] for a, b in alt if name.startswith(a)), name)
+
+    def to_alt_layout(sd):
+        moved = {relayout(k): v for k, v in sd.items()}
+        sd.clear()
+        sd.update(moved)
+        for name in IGNORED_KEYS:
+            sd[relayout(name)] = torch.zeros(4)
+
+    _edit_weights(path, to_alt_layout)
+    assert {relayout(k) for k in IGNORED_KEYS} == {
+        "model.pos_emb.inv_freq",
+        "model.pos_emb.original_inv_freq",
+        "model.pos_emb.position_angles",
+        "model.language_model.rotary_emb.inv_freq",
+        "model.audio_tower.pos_emb.freqs",
+    }
+    loaded = MusicFlamingo.from_pretrained(path)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_max_shard_size_units(tmp_path):
+    """Every unit the size pattern admits parses (`1TiB` was a bare KeyError 'TIB'); anything else is refused
+    naming the value."""
+    from musicflamingo.checkpoint import _parse_size
+
+    assert (
+        _parse_size("1TiB") == 2**40 and _parse_size("1.5 gib") == 3 * 2**29 and _parse_size("40KB") == 40_000
+    )
+    assert _parse_size(".5MB") == 500_000 and _parse_size(7) == 7
+    for bad in ("1IB", "1.2.3GB", "5XB", ".", 5.0):
+        with pytest.raises(ValueError, match=rf"max_shard_size={bad!r}: expected"):
+            _parse_size(bad)
+
+
 def test_wrong_shape(tiny_dir):
     _, path = tiny_dir
     _edit_weights(path, lambda sd: sd.__setitem__("multi_modal_projector.linear_1.bias", torch.zeros(7)))
@@ -188,6 +234,61 @@ def test_config_errors_name_the_field():
         MusicFlamingoConfig.from_name("huge")
     with pytest.raises(ConfigError, match=r"audio_config\.hidden_size must be an integer"):
         MusicFlamingoConfig.from_name("tiny", audio={"hidden_size": "64"})
+
+
+def _rope(value):
+    return lambda c: c["text_config"]["rope_parameters"].update(rope_theta=value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_rope("abc"), "text_config.rope_parameters.rope_theta must be a number, got 'abc'"),
+        (
+            lambda c: c["rope_parameters"].update(rope_theta="fast"),
+            "rope_parameters.rope_theta must be a number",
+        ),
+        (
+            lambda c: c["rope_parameters"].update(partial_rotary_factor="x"),
+            "rope_parameters.partial_rotary_factor must be a number, got 'x'",
+        ),
+        (
+            lambda c: c["text_config"].update(rope_parameters=[1]),
+            "text_config.rope_parameters must be a JSON object, got [1]",
+        ),
+        (
+            lambda c: c.update(rope_parameters="default"),
+            "rope_parameters must be a JSON object, got 'default'",
+        ),
+        (
+            lambda c: c["text_config"].update(tie_word_embeddings="false"),
+            "text_config.tie_word_embeddings must be a JSON boolean (true or false), got 'false'",
+        ),
+        (
+            lambda c: c.update(projector_bias=1),
+            "projector_bias must be a JSON boolean (true or false), got 1",
+        ),
+        (
+            lambda c: c["audio_config"].update(scale_embedding="no"),
+            "audio_config.scale_embedding must be a JSON boolean",
+        ),
+    ],
+)
+def test_malformed_config_json_values_name_the_file_and_field(tiny_dir, edit, message):
+    """A string where config.json wants a number, a non-object rope_parameters, or a string where it wants a
+    boolean: a one-line error naming the file and the field, never a bare float() ValueError or AttributeError, and
+    never `bool("false")`: a tied head read so loads as tied."""
+    from musicflamingo.cli import user_error_line
+
+    _, path = tiny_dir
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    assert f"{path / 'config.json'}: {message}" in str(err.value)
+    assert isinstance(err.value, (CheckpointError, ConfigError))
+    assert user_error_line(err.value) == str(err.value)
 
 
 def test_tied_embeddings_round_trip(tmp_path):

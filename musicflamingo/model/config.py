@@ -275,6 +275,25 @@ class MusicFlamingoConfig:
                     return sub[n]
             return default
 
+        def flag(sub: dict, name: str, default: bool, where: str) -> bool:
+            # a JSON boolean only: bool("false") is True, and a tied head read so loads the wrong weights
+            value = pick(sub, name, default=default)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}{name} must be a JSON boolean (true or false), got {value!r}")
+            return value
+
+        def number(sub: dict, name: str, default: float, where: str) -> float:
+            value = pick(sub, name, default=default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}{name} must be a number, got {value!r}")
+            return float(value)
+
+        def table(sub: dict, name: str, where: str) -> dict:
+            value = pick(sub, name, default={})
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name} must be a JSON object, got {value!r}")
+            return value
+
         try:
             audio = AudioEncoderConfig(
                 num_mel_bins=pick(ac, "num_mel_bins", default=128),
@@ -283,12 +302,17 @@ class MusicFlamingoConfig:
                 num_attention_heads=pick(ac, "num_attention_heads", "encoder_attention_heads", default=20),
                 intermediate_size=pick(ac, "intermediate_size", "encoder_ffn_dim", default=5120),
                 max_source_positions=pick(ac, "max_source_positions", default=1500),
-                scale_embedding=bool(pick(ac, "scale_embedding", default=False)),
+                scale_embedding=flag(ac, "scale_embedding", False, "audio_config."),
                 dropout=pick(ac, "dropout", default=0.0),
                 attention_dropout=pick(ac, "attention_dropout", default=0.0),
                 activation_dropout=pick(ac, "activation_dropout", default=0.0),
             )
-            rope = tc.get("rope_parameters") or {}
+            rope = table(tc, "rope_parameters", "text_config.")
+            rope_theta = (  # transformers >= 5 nests it in rope_parameters, older files keep it at the top
+                number(rope, "rope_theta", 0.0, "text_config.rope_parameters.")
+                if rope.get("rope_theta") is not None
+                else number(tc, "rope_theta", 1_000_000.0, "text_config.")
+            )
             eos = tc.get("eos_token_id")
             if isinstance(eos, list):  # generation-style list: keep the first as the canonical eos
                 for i, x in enumerate(eos):  # the others are checked too: a string here is a broken file
@@ -303,16 +327,16 @@ class MusicFlamingoConfig:
                 num_attention_heads=pick(tc, "num_attention_heads", default=28),
                 num_key_value_heads=pick(tc, "num_key_value_heads", default=4),
                 head_dim=pick(tc, "head_dim"),
-                rope_theta=float(rope.get("rope_theta", tc.get("rope_theta", 1_000_000.0))),
+                rope_theta=rope_theta,
                 rms_norm_eps=pick(tc, "rms_norm_eps", default=1e-6),
                 max_position_embeddings=pick(tc, "max_position_embeddings", default=32768),
-                tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
+                tie_word_embeddings=flag(tc, "tie_word_embeddings", False, "text_config."),
                 bos_token_id=tc.get("bos_token_id"),
                 eos_token_id=eos,
                 pad_token_id=tc.get("pad_token_id"),
                 attention_dropout=pick(tc, "attention_dropout", default=0.0),
             )
-            rote = d.get("rope_parameters") or {}
+            rote = table(d, "rope_parameters", "")
             if rote.get("rope_type", "default") != "default":
                 raise ConfigError(
                     f"{source}: rope_parameters.rope_type={rote.get('rope_type')!r}, expected 'default'"
@@ -324,10 +348,10 @@ class MusicFlamingoConfig:
                 audio_bos_token_id=d.get("audio_bos_token_id", 151670),
                 audio_eos_token_id=d.get("audio_eos_token_id", 151671),
                 projector_hidden_act=d.get("projector_hidden_act", "gelu"),
-                projector_bias=bool(d.get("projector_bias", True)),
+                projector_bias=flag(d, "projector_bias", True, ""),
                 audio_frame_step=d.get("audio_frame_step", 0.01),
-                rote_theta=float(rote.get("rope_theta", 1200.0)),
-                rote_partial_rotary_factor=float(rote.get("partial_rotary_factor", 0.2)),
+                rote_theta=number(rote, "rope_theta", 1200.0, "rope_parameters."),
+                rote_partial_rotary_factor=number(rote, "partial_rotary_factor", 0.2, "rope_parameters."),
                 name=d.get("_musicflamingo_preset", "custom"),
                 quantization=_quantization(d.get("quantization_config"), source),
             )
