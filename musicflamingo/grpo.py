@@ -58,7 +58,7 @@ from musicflamingo.data.manifest import Record
 from musicflamingo.engine import Engine, Request, SamplingParams
 from musicflamingo.lit import MusicFlamingoLit, NonFiniteLossError
 from musicflamingo.model import MusicFlamingo
-from musicflamingo.model.lora import LoRALinear
+from musicflamingo.model.lora import adapter_layers
 from musicflamingo.reasoning import ThinkOutput, parse_think, plain_output
 from musicflamingo.rewards import Target
 from musicflamingo.runtime import parse_dtype
@@ -187,9 +187,9 @@ def _chunk_logprobs(head: nn.Module, h: torch.Tensor, y: torch.Tensor, temperatu
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Every LoRA adapter of `model` off (scale 0) inside the block: the base model, bit for bit (the adapter
-    path adds an exact zero)."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    """Every LoRA adapter of `model` (QLoRA's too) off (scale 0) inside the block: the base model, bit for bit (the
+    adapter path adds an exact zero)."""
+    layers = adapter_layers(model)
     scales = [m.scale for m in layers]
     try:
         for m in layers:
@@ -330,7 +330,8 @@ class GRPOLit(MusicFlamingoLit):
         self.think = bool(think)
         self.tasks = None if tasks is None else {str(t) for t in tasks}
         self.seed = int(seed)
-        self.uses_lora = any(isinstance(m, LoRALinear) for m in net.modules())
+        # QLoRA's adapters count too: a frozen copy of its 4-bit base would lose bitsandbytes' quantization state
+        self.uses_lora = bool(adapter_layers(net))
         self._reference: list[MusicFlamingo] = []  # a list: kept out of the state dict and the checkpoints
         if self.beta > 0 and self.uses_lora:
             outside = [n for n, p in net.named_parameters() if p.requires_grad and "lora_" not in n]

@@ -926,18 +926,43 @@ def _grpo_setup(settings: Mapping[str, Any]) -> GRPOSetup | None:
     """`model.rollout` / `model.loss` of a GRPO run (`model._target_` names `GRPOLit`), else None."""
     if not str(_get(settings, "model._target_", "")).endswith("GRPOLit"):
         return None
-    from musicflamingo.runtime import parse_dtype
+    from musicflamingo.runtime import RuntimeConfigError, parse_dtype
 
+    # The planner runs before GRPOLit exists, so it checks what it reads as GRPOLit will (the same bounds)
     slots = _get(settings, "model.rollout.slots")
-    dtype = parse_dtype(_get(settings, "model.reference_dtype"))  # what GRPOLit casts its copy to
+    try:
+        dtype = parse_dtype(_get(settings, "model.reference_dtype"))  # what GRPOLit casts its copy to
+    except RuntimeConfigError as e:
+        raise MemoryPlanError(f"model.reference_dtype: {e}") from None
     return GRPOSetup(
-        group_size=int(_get(settings, "model.rollout.group_size", 2)),
-        max_new_tokens=int(_get(settings, "model.rollout.max_new_tokens", 512)),
-        slots=None if slots is None else int(slots),
-        micro_batch_size=int(_get(settings, "model.loss.micro_batch_size", 1)),
-        kl=float(_get(settings, "model.loss.beta", 0.0) or 0.0) > 0,
+        group_size=_setting_int(settings, "model.rollout.group_size", 2, minimum=2),
+        max_new_tokens=_setting_int(settings, "model.rollout.max_new_tokens", 512, minimum=1),
+        slots=None if slots is None else _setting_int(settings, "model.rollout.slots", None, minimum=1),
+        micro_batch_size=_setting_int(settings, "model.loss.micro_batch_size", 1, minimum=1),
+        kl=_setting_number(settings, "model.loss.beta", 0.0, minimum=0.0) > 0,
         reference_bytes=None if dtype is None else dtype.itemsize,
     )
+
+
+def _setting_int(settings: Mapping[str, Any], key: str, default: int | None, minimum: int) -> int:
+    """The integer `key` of `settings` (`default` when absent), at least `minimum`; else a MemoryPlanError."""
+    value = _get(settings, key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MemoryPlanError(f"{key}={value!r}: expected an integer >= {minimum}")
+    return value
+
+
+def _setting_number(settings: Mapping[str, Any], key: str, default: float, minimum: float) -> float:
+    """The finite number `key` of `settings` (`default` when absent), at least `minimum`; else a MemoryPlanError."""
+    value = _get(settings, key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < minimum
+    ):
+        raise MemoryPlanError(f"{key}={value!r}: expected a number >= {minimum}")
+    return float(value)
 
 
 def device_memory(device: str) -> int | None:
@@ -970,14 +995,16 @@ def check_training(
 def max_audio_seconds(folder: str | Path, config: MusicFlamingoConfig) -> float:
     """Seconds of audio a request may carry: the processor's `max_audio_len` (processor_config.json), whole windows."""
     seconds = 1200.0
+    path = Path(folder) / "processor_config.json"
     try:
-        value = json.loads((Path(folder) / "processor_config.json").read_text(encoding="utf-8")).get(
-            "max_audio_len"
-        )
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            seconds = float(value)
-    except (OSError, ValueError):
-        pass
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_audio_len")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        # JSON's Infinity parses: no whole number of windows to plan for
+        if not math.isfinite(value):
+            raise MemoryPlanError(f"{path}: max_audio_len={value!r}: expected a finite number of seconds")
+        seconds = float(value)
     window = config.window_seconds
     return max(1, int(seconds // window)) * window
 
@@ -1006,11 +1033,12 @@ def check_generation(
     unknown, the processor's maximum) on `settings`' device and dtype. Unless `plan` or `memory_check=false`, a
     MemoryPlanError when it does not fit the device's free memory, listing a dtype or batch size that would."""
     from musicflamingo.checkpoint import load_config
+    from musicflamingo.model.quantize import load_method
     from musicflamingo.runtime import RuntimeConfigError, available_memory, resolve_device_dtype
 
     config = load_config(ckpt)
     device, dtype = settings.get("device", "auto"), settings.get("dtype", "auto")
-    quantize = settings.get("quantize") or config.quantization
+    quantize = load_method(settings.get("quantize"), config.quantization, str(ckpt))  # what loading will run
     try:  # the dtype loading will use (`auto` may fall back to bfloat16 when float32 weights do not fit)
         dev, dt = resolve_device_dtype(device, dtype, config.num_parameters(), quantize)
     except (
@@ -1047,7 +1075,13 @@ def check_generation(
     fixes = []
     if nbytes > 2 and plan_for(2, slots).peak <= budget:
         fixes.append(("dtype=bfloat16", plan_for(2, slots).peak))
-    for method in ("int8", "int4")[("int8", "int4").index(quantize) + 1 if quantize else 0 :]:
+    # a lighter quantization, unless the checkpoint is quantized already (it cannot be re-quantized)
+    lighter = (
+        ()
+        if config.quantization
+        else ("int8", "int4")[("int8", "int4").index(quantize) + 1 if quantize else 0 :]
+    )
+    for method in lighter:
         if plan_for(2, slots, method).peak <= budget:  # the lighter of the two that fits
             fixes.append((f"quantize={method}", plan_for(2, slots, method).peak))
             break

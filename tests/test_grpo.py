@@ -34,7 +34,7 @@ from musicflamingo.grpo import (
     token_terms,
     windows_per_sample,
 )
-from musicflamingo.model.build import build_model, create_model
+from musicflamingo.model.build import add_lora, build_model, create_model
 from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.rewards import Target
 from musicflamingo.training import train
@@ -230,6 +230,38 @@ def test_lora_reference_is_the_base_model():
     prompts, completions, owner = _fake_rollouts()
     with torch.no_grad():
         base_logp = lit.sequence_logprobs(base, prompts, completions, owner, None, None)[0]
+    assert torch.equal(lit._reference_logprobs(prompts, completions, owner, None, None), base_logp)
+
+
+def test_qlora_reference_is_the_quantized_base_with_adapters_off():
+    """QLoRA (`model.net.quantize_base`) is LoRA for the KL reference: no frozen copy (one rebuilt the 4-bit base's
+    parameters as plain tensors, without bitsandbytes' quantization state, and its forward crashed) and its
+    adapters, `QuantizedLoRALinear`s, switched off by `adapters_disabled`. bitsandbytes needs CUDA here, so the
+    stand-in 4-bit class of the planner's QLoRA tests plays the base."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cases import Int8StandIn  # bench/cases.py: the CPU stand-in for bitsandbytes' NF4 Linear4bit
+
+    net = create_model("tiny", AUDIO, seed=0)
+    net.audio_tower.requires_grad_(False)
+    net.multi_modal_projector.requires_grad_(False)
+    add_lora(net, {**NO_LORA, "enabled": True}, Int8StandIn)
+    net.eval()
+    ids = torch.randint(0, 290, (2, 9))
+    with torch.no_grad():
+        base = net(ids).logits  # B = 0: the quantized base model
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        policy = net(ids).logits
+        with adapters_disabled(net):
+            ref = net(ids).logits
+    assert not torch.allclose(policy, base, atol=1e-3)
+    assert torch.equal(ref, base)
+    lit = grpo_module(net, beta=0.04)
+    assert lit.uses_lora and lit.reference is None
+    prompts, completions, owner = _fake_rollouts()
+    with torch.no_grad(), adapters_disabled(net):
+        base_logp = lit.sequence_logprobs(net, prompts, completions, owner, None, None)[0]
     assert torch.equal(lit._reference_logprobs(prompts, completions, owner, None, None), base_logp)
 
 

@@ -439,6 +439,34 @@ def test_grpo_settings_are_planned_as_grpo(tmp_path):
     assert plan_training(config, setup).item("KL reference") == weights // 2
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.rollout.group_size=0", "model.rollout.group_size=0: expected an integer >= 2"),
+        ("model.rollout.group_size=1", "model.rollout.group_size=1: expected an integer >= 2"),
+        ("model.rollout.group_size=null", "model.rollout.group_size=None: expected an integer >= 2"),
+        ("model.rollout.max_new_tokens=0", "model.rollout.max_new_tokens=0: expected an integer >= 1"),
+        ("model.rollout.slots=all", "model.rollout.slots='all': expected an integer >= 1"),
+        ("model.loss.micro_batch_size=null", "model.loss.micro_batch_size=None: expected an integer >= 1"),
+        ("model.loss.beta=abc", "model.loss.beta='abc': expected a number >= 0.0"),
+        ("model.loss.beta=null", "model.loss.beta=None: expected a number >= 0.0"),
+        ("model.reference_dtype=int8", "model.reference_dtype: dtype='int8'"),
+    ],
+)
+def test_bad_grpo_settings_are_refused_naming_the_key(tmp_path, override, message):
+    """The planner reads model.rollout / model.loss before GRPOLit checks them: a bad value is its one-line input
+    error naming the key and the value (a ZeroDivisionError, TypeError or bare int() message before)."""
+    from musicflamingo.cli import user_error_line
+
+    _, settings = _compose(
+        "train", _train_overrides(tmp_path, "experiment=grpo", "model.net.preset=tiny", override)
+    )
+    with pytest.raises(MemoryPlanError) as err:
+        check_training({**settings, "plan": True})
+    assert str(err.value).startswith(message)
+    assert user_error_line(err.value) == str(err.value)  # train.py's one-line exit-2 message
+
+
 def test_grpo_plan_takes_the_worst_split_of_the_batch():
     """Among every way the batch's prompt tokens split into B prompts of P tokens, the plan is the worst."""
     from musicflamingo.planner import GRPOSetup, _grpo_plan_for, precision_of
@@ -737,6 +765,21 @@ def test_infer_plan_and_refusal(tmp_path, monkeypatch):
     assert "available on cpu" in lines[0] and lines[-1].endswith("memory_check=false runs anyway")
     assert lines[1].strip().startswith("dtype=bfloat16")
     assert lines[2].strip().startswith("quantize=int8")  # int8 linears: less than the bfloat16 run
+
+
+def test_max_audio_len_must_be_finite(tmp_path):
+    """processor_config.json's `max_audio_len` of Infinity (JSON parses it) was an OverflowError counting windows:
+    refused naming the file and the value; an absent or unusable value still means the processor's 1200 s."""
+    from musicflamingo.planner import max_audio_seconds
+
+    config = MusicFlamingoConfig.from_name("tiny")
+    (tmp_path / "processor_config.json").write_text('{"max_audio_len": Infinity}')
+    with pytest.raises(MemoryPlanError, match=r"processor_config.json: max_audio_len=inf: expected a finite"):
+        max_audio_seconds(tmp_path, config)
+    (tmp_path / "processor_config.json").write_text('{"max_audio_len": 600}')
+    assert max_audio_seconds(tmp_path, config) == 600.0
+    (tmp_path / "processor_config.json").write_text("[]")
+    assert max_audio_seconds(tmp_path, config) == 1200.0
 
 
 def test_eval_plan_builds_nothing(tmp_path, capsys):

@@ -323,6 +323,47 @@ def test_from_pretrained_quantize_equals_quantizing_after_loading(tmp_path, meth
     assert weight_bytes(model.config, 2) == Q.quantized_bytes(model)
 
 
+def test_quantized_checkpoint_refuses_another_quantize(tmp_path):
+    """An int8 checkpoint loaded with quantize=int4 ran int8 while the settings, the logs and the memory plan said
+    int4: both set and different is refused, by the load and by the planner; the same method is fine."""
+    from musicflamingo.planner import check_generation
+
+    Q.quantize_model(_bf16_model("tiny"), "int8").save_pretrained(tmp_path / "q")
+    with pytest.raises(Q.QuantizationError, match=r"quantize='int4'.*already quantized with int8"):
+        MusicFlamingo.from_pretrained(tmp_path / "q", quantize="int4")
+    with pytest.raises(Q.QuantizationError, match=r"quantize='int4'.*already quantized with int8"):
+        check_generation(
+            {"device": "cpu", "dtype": "bfloat16", "quantize": "int4", "plan": True}, tmp_path / "q", []
+        )
+    assert MusicFlamingo.from_pretrained(tmp_path / "q", quantize="int8").quantization == "int8"
+    plan = check_generation(
+        {"device": "cpu", "dtype": "bfloat16", "quantize": "int8", "plan": True}, tmp_path / "q", []
+    )
+    assert "int8 linears" in plan.table()
+
+
+def test_nf4_dequantize_reads_bitsandbytes_cpu_repacked_weight():
+    """bitsandbytes' CPU forward in eval mode (AVX512-BF16 kernel) repacks an NF4 weight in place; `dequantize`
+    (QLoRA's merge on export) read that layout as the CUDA one and returned garbage (max error ~2.6 here)."""
+    pytest.importorskip("bitsandbytes")
+    from musicflamingo.model.lora import nf4_linear_class
+
+    torch.manual_seed(0)
+    nf4 = nf4_linear_class().from_linear(nn.Linear(64, 32).to(torch.bfloat16)).to("cpu")
+    before = nf4.dequantize().float()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    nf4.eval()
+    with torch.no_grad():
+        y = nf4(x).float()
+    if not getattr(nf4.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps the weight's layout")
+    after = nf4.dequantize()
+    assert (after.float() - before).abs().max().item() < 1e-3  # bf16 rounding of the repacked scales at most
+    assert (F.linear(x, after, nf4.bias).float() - y).abs().max().item() < 0.05
+    with torch.no_grad():  # and the module still runs (repacked again by its next eval forward)
+        assert (nf4(x).float() - y).abs().max().item() < 0.05
+
+
 def test_release_quantized_weight_bytes():
     config = MusicFlamingoConfig.from_name("music_flamingo_2601")
     bf16, int8 = weight_bytes(config, 2), weight_bytes(config, 2, "int8")

@@ -235,6 +235,12 @@ def merge_lora(
     return n
 
 
+def adapter_layers(root: nn.Module) -> list[LoRALinear | QuantizedLoRALinear]:
+    """Every LoRA layer under `root`: a plain `LoRALinear` or a `QuantizedLoRALinear` over a quantized base (QLoRA;
+    not a `LoRALinear`, so an isinstance check on that alone misses it)."""
+    return [m for m in root.modules() if isinstance(m, (LoRALinear, QuantizedLoRALinear))]
+
+
 def has_quantized(root: nn.Module) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in root.modules())
 
@@ -341,6 +347,15 @@ def nf4_linear_class(compute_dtype: torch.dtype = torch.bfloat16) -> type[Quanti
             state = getattr(self.weight, "quant_state", None)
             if state is None:  # not on the GPU yet: the weight is still the original
                 return self.weight.data.to(compute_dtype)
+            if getattr(state, "packing_format_for_cpu", False):
+                # bitsandbytes' CPU forward in eval mode repacks the weight in place for its AVX512 kernel, a layout
+                # dequantize_4bit misreads: undo it first, as its own state-dict save and `.cuda()` do
+                from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+                self.weight.data, self.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    self.weight.data, state
+                )
+                state = self.weight.quant_state
             return bnb.functional.dequantize_4bit(self.weight.data, state).to(compute_dtype)
 
     return NF4Linear

@@ -25,7 +25,7 @@ from musicflamingo.model.encoder import AudioEncoder, conv_output_lengths
 from musicflamingo.model.fused import linear_cross_entropy
 from musicflamingo.model.layers import CacheView
 from musicflamingo.model.projector import AudioProjector
-from musicflamingo.model.quantize import check_method, quantize_model
+from musicflamingo.model.quantize import load_method, quantize_model
 from musicflamingo.model.qwen2 import Qwen2Model, segment_starts
 from musicflamingo.model.rote import RotaryTimeEmbedding, apply_rotary_time_emb, build_audio_timestamps
 
@@ -248,8 +248,8 @@ class MusicFlamingo(nn.Module):
         `quantize="int8"` / `"int4"` quantizes every linear after loading, one at a time (`model/quantize.py`); a
         checkpoint saved from such a model loads quantized as it is, without `quantize` (read, not mapped).
         """
-        method = check_method(quantize)
         config = load_config(path)
+        method = load_method(quantize, config.quantization, str(path))
         device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(config)
@@ -271,7 +271,7 @@ class MusicFlamingo(nn.Module):
         if tied:
             model.lm_head.weight = model.language_model.embed_tokens.weight
         model.reset_buffers(device)  # created on meta: rebuilt in float32 on the target device
-        if method and not config.quantization:
+        if method and not config.quantization:  # a quantized checkpoint's own method is built above
             quantize_model(model, method)
         return model.eval()
 

@@ -65,6 +65,19 @@ def check_method(method: str | None) -> str | None:
     return method
 
 
+def load_method(quantize: str | None, stored: str | None, source: str) -> str | None:
+    """The quantization a load of the checkpoint `source` runs: its own (`stored`, from config.json) or `quantize`
+    (checked by `check_method`). A checkpoint quantized one way cannot be re-quantized another: running its own while
+    the settings (and so the logs and the memory plan) name another is refused."""
+    method = check_method(quantize)
+    if method and stored and method != stored:
+        raise QuantizationError(
+            f"quantize={method!r}: {source} is already quantized with {stored} (config.json quantization_config); "
+            f"pass quantize={stored} or null, or load the unquantized checkpoint to quantize it with {method}"
+        )
+    return stored or method
+
+
 class QuantLinear(nn.Module):
     """What Int8Linear and Int4Linear share: buffers, not parameters (nothing here trains), a bias in the model
     dtype, `forward` = `_matmul` of the flattened rows + bias, and `align`."""
