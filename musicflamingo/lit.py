@@ -106,6 +106,7 @@ class MusicFlamingoLit(L.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.nonfinite_steps = 0
         self._t0: float | None = None
+        self._learned_since_step = False  # DDP: some rank learned from a batch since the last optimizer step
 
     # ------------------------------------------------------------------ steps
     def forward(self, **batch: Any) -> Any:
@@ -127,30 +128,60 @@ class MusicFlamingoLit(L.LightningModule):
         self._t0 = time.perf_counter()
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if batch["input_ids"].shape[0] == 0:  # every sample of the batch was skipped as bad: nothing to learn
-            return None
-        out = self.model(**self._model_inputs(batch), return_logits=False)
-        loss = out.loss
-        if not torch.isfinite(loss):
-            self.nonfinite_steps += 1
-            where = f"global step {self.global_step}, batch ids {list(batch.get('ids', []))[:8]}"
-            if self.nonfinite_loss == "skip":
-                log.warning(
-                    "non-finite loss %s at %s: step skipped (%d so far)",
-                    loss.item(),
-                    where,
-                    self.nonfinite_steps,
-                )
-                self.log("train/nonfinite_steps", float(self.nonfinite_steps))
-                return None
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at {where}; stopping. The last good checkpoint is kept; set "
-                "`model.nonfinite_loss=skip` to skip such steps instead"
+        empty = (
+            batch["input_ids"].shape[0] == 0
+        )  # every sample of the batch was skipped as bad: nothing to learn
+        out = None if empty else self.model(**self._model_inputs(batch), return_logits=False)
+        nonfinite = out is not None and not bool(torch.isfinite(out.loss))
+        if self._distributed():
+            # Under DDP every rank must run backward (the gradients are reduced inside it) and take the same
+            # decision: a non-finite loss on any rank skips (or stops) the step on all of them.
+            flags = torch.tensor(
+                [float(nonfinite), float(out is not None and not nonfinite)], device=self.device
             )
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+            nonfinite_anywhere, learned_anywhere = bool(flags[0] > 0), bool(flags[1] > 0)
+            self._learned_since_step |= learned_anywhere and not nonfinite_anywhere
+            if nonfinite_anywhere:
+                self._nonfinite(out.loss if nonfinite else None, batch)
+                return self._no_op_loss()
+            if empty:
+                return self._no_op_loss()
+        elif empty:
+            return None
+        elif nonfinite:
+            self._nonfinite(out.loss, batch)
+            return None
+        loss = out.loss
         bs = self._batch_size(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/label_tokens", float(out.num_label_tokens), batch_size=bs, reduce_fx="sum")
         return loss
+
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def _nonfinite(self, loss: torch.Tensor | None, batch: Mapping[str, Any]) -> None:
+        """Count a step whose loss is NaN/inf (``loss`` None: on another rank) and return to skip it, or stop."""
+        self.nonfinite_steps += 1
+        value = "on another rank" if loss is None else loss.item()
+        where = f"global step {self.global_step}, batch ids {list(batch.get('ids', []))[:8]}"
+        if self.nonfinite_loss == "skip":
+            log.warning(
+                "non-finite loss %s at %s: step skipped (%d so far)", value, where, self.nonfinite_steps
+            )
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+            return
+        raise NonFiniteLossError(
+            f"loss is {value} at {where}; stopping. The last good checkpoint is kept; set "
+            "`model.nonfinite_loss=skip` to skip such steps instead"
+        )
+
+    def _no_op_loss(self) -> torch.Tensor:
+        """A zero loss whose backward gives every trainable parameter a zero gradient: under DDP a rank with nothing
+        to learn still joins the gradient reduction. (Zero times a NaN weight still has a zero gradient.)"""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.stack([(p.reshape(-1)[:1] * 0).sum() for p in params]).sum()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._t0 is None:
@@ -166,6 +197,13 @@ class MusicFlamingoLit(L.LightningModule):
             self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._distributed():
+            if not self._learned_since_step:
+                # no rank learned from any batch of this step: skip it as a single process does (no gradient, so
+                # the optimizer leaves the weights and its moments alone), not an update from zero gradients
+                for p in self.parameters():
+                    p.grad = None
+            self._learned_since_step = False
         norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)

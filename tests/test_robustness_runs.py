@@ -549,3 +549,83 @@ def test_weak_input_is_one_line_and_exit_2(name, assets, tmp_path, capsys, monke
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     for part in expected:
         assert part in err[0], (part, err)
+
+
+# ---------------------------------------------------------------------------------------------- skipped steps, DDP
+def test_ddp_ranks_skip_an_all_bad_batch_together(tmp_path):
+    """trainer=ddp (2 CPU ranks), bad_sample_policy=skip, one sample per batch and an undecodable clip: the rank
+    whose batch is all bad returns a zero loss connected to every weight instead of None (which DDP refuses)."""
+    proc = write_processor(tmp_path / "proc")
+    manifest = write_dataset(tmp_path / "data", n=4)
+    (tmp_path / "data" / "clip1.wav").write_bytes(b"this is not audio" * 100)
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(root / "train.py"),
+        f"data.train={manifest}",
+        f"data.processor={proc}",
+        f"+model.net.overrides={TINY_OVERRIDES}",
+        f"hydra.run.dir={run}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "data.batch_max_tokens=400",  # samples have 316-379 tokens: one per batch
+        "data.bad_sample_policy=skip",
+        "data.max_bad_fraction=0.5",
+        "export=false",
+        "trainer.enable_progress_bar=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    # rank 0 saves its own count: its two samples, one per step (the bad file is on one of the ranks)
+    assert ckpt["MusicFlamingoDataModule"]["bad_samples"]["num_seen"] == 2
+
+
+class _Strategy:
+    def __init__(self, other_rank: torch.Tensor) -> None:
+        self.other_rank = other_rank
+
+    def reduce(self, flags: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        assert reduce_op == "sum"
+        return flags + self.other_rank
+
+
+class _Trainer:
+    world_size = 2
+    global_step = 0
+
+    def __init__(self, other_rank: torch.Tensor) -> None:
+        self.strategy = _Strategy(other_rank)
+
+
+def test_ddp_ranks_agree_to_skip_a_nonfinite_loss(monkeypatch):
+    """Another rank's loss is NaN (flags [nonfinite, learned] summed over ranks): this rank, whose loss is finite,
+    skips too, with a zero loss that reaches every trainable weight, and the optimizer step gets no gradient."""
+    from musicflamingo.lit import MusicFlamingoLit
+    from musicflamingo.model.build import create_model
+
+    net = create_model("tiny", {"audio": {"max_source_positions": 100}}, seed=0)
+    parts = {"audio_tower": None, "multi_modal_projector": None, "language_model": None}
+    lit = MusicFlamingoLit(net, None, None, parts, "skip")
+    monkeypatch.setattr(lit, "log", lambda *a, **k: None)
+    lit._trainer = _Trainer(torch.tensor([1.0, 0.0]))
+    ids = torch.randint(0, 200, (1, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss = lit.training_step(batch, 0)
+    assert loss is not None and loss.item() == 0.0 and lit.nonfinite_steps == 1
+    loss.backward()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert all(p.grad is not None and not p.grad.any() for p in trainable)
+    lit.on_before_optimizer_step(None)
+    assert all(p.grad is None for p in trainable)
+    # a step where the other rank learned keeps its gradients
+    lit._trainer = _Trainer(torch.tensor([0.0, 1.0]))
+    lit.training_step(batch, 1).backward()
+    lit.on_before_optimizer_step(None)
+    assert any(p.grad is not None and p.grad.any() for p in trainable)
