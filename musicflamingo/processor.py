@@ -261,6 +261,10 @@ class MusicFlamingoProcessor:
                 f"the text has {sum(per_text)} {self.audio_token!r} placeholder(s) (per sample: {per_text}) but "
                 f"{len(audios)} audio(s) were given; each {self.audio_token!r} takes one audio, in order"
             )
+        if sources is not None and len(sources) != len(audios):
+            raise ValueError(
+                f"sources names {len(sources)} audio(s) but {len(audios)} were given: one name per audio"
+            )
         out: dict[str, torch.Tensor] = {}
         counts: list[int] = []
         if audios:

@@ -1,5 +1,6 @@
 """Audio decoding: formats, resampling, mono, segments and errors that name the file."""
 
+import importlib.util
 import shutil
 import subprocess
 
@@ -57,6 +58,26 @@ def test_integer_pcm_is_scaled(tmp_path):
     assert load_audio(path).max() == pytest.approx(0.5, abs=1e-4)
     ints = (np.full(100, 16384)).astype(np.int16)
     assert validate_waveform(ints).max() == pytest.approx(0.5)
+    # unsigned PCM is centred on half its range (uint16 divided by 0 before: every sample inf)
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        half = 2 ** (8 * np.dtype(dtype).itemsize - 1)
+        x = validate_waveform(np.array([half, half + half // 2, 0], dtype=dtype))
+        assert x.tolist() == pytest.approx([0.0, 0.5, -1.0])
+
+
+def test_resampled_files_match_the_references_reader(tmp_path):
+    """A file at another rate gives the reference's waveform (transformers' soundfile + soxr path, which
+    apply_chat_template takes without torchcodec), so the same features: it used soxr's very high quality."""
+    if importlib.util.find_spec("torchcodec") is not None:
+        pytest.skip("the reference reads files with torchcodec (ffmpeg's resampler) when it is installed")
+    from transformers.audio_utils import load_audio as reference_load
+
+    rng = np.random.default_rng(0)
+    for sr, channels in ((44100, 1), (8000, 1), (48000, 2)):
+        path = tmp_path / f"noise_{sr}_{channels}.wav"
+        sf.write(str(path), (rng.standard_normal((sr * 2, channels)) * 0.2).astype(np.float32), sr, "FLOAT")
+        ours, theirs = load_audio(path), reference_load(str(path), 16000)
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() < 1e-6, (sr, channels)
 
 
 def test_segment_read_returns_requested_span(tmp_path):

@@ -182,6 +182,8 @@ def test_placeholder_count_mismatch(ours):
     ]
     with pytest.raises(ValueError, match=r"1 '<sound>' placeholder.*2 audio"):
         ours.apply_chat_template(two_audios)
+    with pytest.raises(ValueError, match=r"sources names 1 audio\(s\) but 2 were given"):  # an IndexError before
+        ours(["<sound>a", "<sound>b"], audio=[_noise(1000, 0), _noise(1000, 1)], sources=["a.wav"])
 
 
 def test_bad_audio_errors_name_the_source(ours, tmp_path):

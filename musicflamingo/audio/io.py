@@ -2,7 +2,8 @@
 
 Files are read with ``soundfile`` (wav, flac, ogg, mp3 and whatever libsndfile knows), seeking to ``offset`` and
 reading only the requested frames; other formats fall back to ``torchcodec`` when installed, then to the
-``ffmpeg`` command line. Multi-channel audio is averaged to mono; resampling uses ``soxr`` at very high quality.
+``ffmpeg`` command line. Multi-channel audio is averaged to mono; resampling uses ``soxr`` at high quality (as the
+reference's soundfile path does).
 Every problem raises :class:`AudioError` (a ``ValueError``) naming the source and what is wrong.
 """
 
@@ -33,8 +34,9 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     """Integer PCM -> float in [-1, 1]; floats pass through."""
     if np.issubdtype(x.dtype, np.floating):
         return x
-    if x.dtype == np.uint8:  # 8-bit PCM is unsigned, centred on 128
-        return (x.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(x.dtype, np.unsignedinteger):  # unsigned PCM (8-bit WAV) is centred on half its range
+        half = float(2 ** (8 * x.dtype.itemsize - 1))
+        return ((x.astype(np.float64) - half) / half).astype(np.float32)
     if np.issubdtype(x.dtype, np.integer):
         return x.astype(np.float32) / float(-np.iinfo(x.dtype).min)
     if x.dtype == np.bool_:
@@ -78,13 +80,15 @@ def validate_waveform(x: np.ndarray | torch.Tensor, name: str = "audio", min_sam
 
 
 def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Very-high-quality ``soxr`` resampling of ``[T]`` float32; output has ``ceil(T * target / orig)`` samples."""
+    """``soxr`` resampling of ``[T]`` float32 at its high quality, the reference's (``transformers.audio_utils``
+    reading a file with soundfile, as ``librosa.load``): the same waveform, so the same features, from any file;
+    output has ``ceil(T * target / orig)`` samples."""
     if orig_sr == target_sr:
         return x
     import soxr
 
     n_out = -(-x.shape[0] * target_sr // orig_sr)
-    y = soxr.resample(x, orig_sr, target_sr, quality="VHQ")
+    y = soxr.resample(x, orig_sr, target_sr, quality="HQ")
     return np.pad(y, (0, max(0, n_out - y.shape[0])))[:n_out]
 
 
@@ -170,7 +174,7 @@ def load_audio(
 
     Args:
         path: audio file (wav/flac/ogg/mp3 via soundfile; other formats via torchcodec or ffmpeg).
-        sampling_rate: output rate (soxr VHQ resampling when the file differs).
+        sampling_rate: output rate (soxr HQ resampling when the file differs).
         offset: start in seconds.
         duration: length in seconds; ``None`` reads to the end.
         min_samples: raise when fewer samples come out (``ONE_MEL_FRAME`` = 160 asks for one mel frame).
