@@ -182,7 +182,8 @@ def test_placeholder_count_mismatch(ours):
     ]
     with pytest.raises(ValueError, match=r"1 '<sound>' placeholder.*2 audio"):
         ours.apply_chat_template(two_audios)
-    with pytest.raises(ValueError, match=r"sources names 1 audio\(s\) but 2 were given"):  # an IndexError before
+    # a short sources list (it was an IndexError from inside prepare_audio)
+    with pytest.raises(ValueError, match=r"sources names 1 audio\(s\) but 2 were given"):
         ours(["<sound>a", "<sound>b"], audio=[_noise(1000, 0), _noise(1000, 1)], sources=["a.wav"])
 
 
