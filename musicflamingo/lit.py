@@ -128,9 +128,8 @@ class MusicFlamingoLit(L.LightningModule):
         self._t0 = time.perf_counter()
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        empty = (
-            batch["input_ids"].shape[0] == 0
-        )  # every sample of the batch was skipped as bad: nothing to learn
+        # empty: every sample of the batch was skipped as bad, nothing to learn
+        empty = batch["input_ids"].shape[0] == 0
         out = None if empty else self.model(**self._model_inputs(batch), return_logits=False)
         nonfinite = out is not None and not bool(torch.isfinite(out.loss))
         if self._distributed():
