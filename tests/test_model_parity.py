@@ -137,6 +137,13 @@ def test_bf16_parity_and_float32_buffers(ref_dir):
     diff = (o - r)[valid].abs().max().item()
     scale = r[valid].abs().max().item()
     assert diff <= 0.02 * max(scale, 1.0), (diff, scale)
+    # A frozen audio tower (LoRA on the decoder) in a step with grad mode on encodes as inference does: the bf16
+    # CPU training attention is only for a tower a gradient flows through (it was used whenever grad mode was on).
+    ours.audio_tower.requires_grad_(False)
+    features, mask = batch["input_features"], batch["input_features_mask"]
+    frozen = ours.audio_tower(features, mask)
+    with torch.no_grad():
+        assert torch.equal(frozen, ours.audio_tower(features, mask))
     # .to(bfloat16) on our model keeps rotary buffers float32 (the reference's .to() would not).
     ours.to(torch.bfloat16)
     assert ours.pos_emb.position_angles.dtype == torch.float32
@@ -340,6 +347,31 @@ def test_training_loss_computes_last_layer_for_labelled_rows_only(ref_dir, batch
     assert g_lean.keys() == g_full.keys()
     for name, g in g_full.items():
         assert torch.allclose(g_lean[name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_training_gradients_match_the_reference_pad_row_included(ref_dir, batch_b):
+    """Gradients of a left-padded batch against the reference's: the embedding (whose pad row the reference's
+    padding_idx keeps at zero gradient: ours had |g| ~2 there), the audio tower's first conv and the head."""
+    ref, path = ref_dir
+    model = MusicFlamingo.from_pretrained(path, dtype=torch.float32).train()
+    model(**batch_b).loss.backward()
+    ref.zero_grad(set_to_none=True)
+    try:
+        ref.train()
+        ref(**batch_b).loss.backward()
+        pairs = {
+            "embed": (model.language_model.embed_tokens.weight, ref.get_input_embeddings().weight),
+            "conv1": (model.audio_tower.conv1.weight, ref.model.audio_tower.conv1.weight),
+            "head": (model.lm_head.weight, ref.get_output_embeddings().weight),
+        }
+        pad = model.config.text.pad_token_id
+        assert int((batch_b["input_ids"] == pad).sum()) > 0  # the batch holds pad tokens
+        for name, (ours_p, ref_p) in pairs.items():
+            assert torch.allclose(ours_p.grad, ref_p.grad, rtol=1e-4, atol=1e-6), name
+        assert model.language_model.embed_tokens.weight.grad[pad].abs().max() == 0
+    finally:
+        ref.zero_grad(set_to_none=True)
+        ref.eval()
 
 
 def test_labelled_rows_with_checkpointing_and_without_labels(ref_dir, batch_b):

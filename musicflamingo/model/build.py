@@ -64,6 +64,11 @@ def init_weights(model: MusicFlamingo, std: float = 0.02) -> None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
+            if (
+                module.padding_idx is not None
+            ):  # as nn.Embedding and the reference's init: the pad row starts at 0
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicflamingo.model.config import AudioEncoderConfig
-from musicflamingo.model.fused import gelu_linear, project, softmax_attention
+from musicflamingo.model.fused import gelu_linear, project, records_grad, softmax_attention
 
 IntOrTensor = TypeVar("IntOrTensor", int, torch.Tensor)
 
@@ -61,9 +61,10 @@ class EncoderAttention(nn.Module):
         q = (qkv[0] * self.scaling).view(shape).transpose(1, 2)
         k, v = (t.view(shape).transpose(1, 2) for t in qkv[1:])
         p = self.attention_dropout if self.training else 0.0
-        if p == 0.0 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+        if p == 0.0 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and records_grad(q, k, v):
             # bf16 training on CPU: the flash kernel's bf16 backward is ~3x slower than plain matmuls at these
-            # window lengths. Scores are rounded to bf16 before the float32 softmax, like eager attention.
+            # window lengths. Scores are rounded to bf16 before the float32 softmax, like eager attention. Only
+            # when a gradient flows: a frozen tower (LoRA on the decoder) keeps the reference's SDPA numbers.
             a = softmax_attention(q, k, v, mask)
         else:
             # (W, H, T, hd); the probabilities dropped out with p in training (the fused path above has no dropout)

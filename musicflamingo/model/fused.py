@@ -38,7 +38,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype)
 
 
-def _recording(*tensors: torch.Tensor | None) -> bool:
+def records_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd will record this call. Otherwise the plain ops run directly: a custom Function's
     Python overhead would be pure loss in a decode step."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -68,7 +68,7 @@ def norm_linear(
     if not all(type(m) is torch.nn.Linear for m in layers):  # adapters, quantized bases: no plain `weight`
         return None
     weights = [m.weight for m in layers]
-    if not _recording(x, *weights):
+    if not records_grad(x, *weights):
         return None
     biases = [m.bias for m in layers]
     out = _NormLinear.apply(x, kind, *norm_args, len(layers), *weights, *biases)
@@ -215,7 +215,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     Keeps x and the per-row rstd (..., 1) for backward instead of a float32 copy and the normalised activations.
     """
-    if not _recording(x, weight):
+    if not records_grad(x, weight):
         x32 = x.float()
         return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return _RMSNorm.apply(x, weight, eps)
@@ -270,7 +270,7 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) ->
 
     Keeps gate and up for backward; plain autograd also keeps `silu(gate)` and the product.
     """
-    if not _recording(gate, up, weight):
+    if not records_grad(gate, up, weight):
         return F.linear(F.silu(gate) * up, weight)
     return _ActLinear.apply("swiglu", gate, up, weight, None)
 
@@ -280,7 +280,7 @@ def gelu_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     Keeps `a` for backward; plain autograd also keeps `gelu(a)`.
     """
-    if not _recording(a, weight, bias):
+    if not records_grad(a, weight, bias):
         return F.linear(F.gelu(a), weight, bias)
     return _ActLinear.apply("gelu", a, None, weight, bias)
 
@@ -354,7 +354,7 @@ def linear_cross_entropy(
     h (N, D), weight (V, D), targets (N,) with no ignored entries, N > 0. The value equals the chunked sum of
     `F.cross_entropy(..., reduction="sum")` divided by N, bit for bit.
     """
-    if not _recording(h, weight):
+    if not records_grad(h, weight):
         return _chunked_cross_entropy(h, weight, targets, chunk_size, False, False)[0]
     return _LinearCrossEntropy.apply(h, weight, targets, chunk_size)
 
