@@ -322,6 +322,7 @@ class GRPOLit(MusicFlamingoLit):
         self.beta = _number("model.loss.beta", loss["beta"], 0.0)
         self.clip_eps = _number("model.loss.clip_eps", loss["clip_eps"], 0.0, strict=True)
         self.updates_per_batch = _int("model.loss.updates_per_batch", loss["updates_per_batch"], 1)
+        self.optimizer_steps_per_batch = self.updates_per_batch
         self.micro_batch_size = _int("model.loss.micro_batch_size", loss["micro_batch_size"], 1)
         clip = loss["max_grad_norm"]
         self.max_grad_norm = (
@@ -584,6 +585,10 @@ class GRPOLit(MusicFlamingoLit):
         dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return value
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (this one alone without DDP)."""
+        return bool(self._all_reduce(torch.tensor(float(flag)), "max").item() > 0)
+
     def _group_inputs(
         self, batch: Mapping[str, Any], roll: Rollouts, prompts_idx: Sequence[int]
     ) -> tuple[list[Prompt], list[list[int]], list[int], Any, Any]:
@@ -652,20 +657,26 @@ class GRPOLit(MusicFlamingoLit):
         for update in range(self.updates_per_batch):
             opt.zero_grad(set_to_none=True)
             for k in range(max_micro):
-                if k >= len(inputs):
+                loss, ids = None, []
+                if k < len(inputs):
+                    prompts_mb, completions_mb, owner, features, mask = inputs[k]
+                    ids = [p.id for p in prompts_mb]
+                    logp, which = self.sequence_logprobs(self.model, *inputs[k])
+                    adv = advantages[micro[k]].reshape(-1).to(logp.device)[which].to(logp.dtype)
+                    old = logp.detach() if olds[k] is None else olds[k]
+                    loss_terms, kl, clipped = token_terms(logp, old, refs[k], adv, self.clip_eps, self.beta)
+                    loss = loss_terms.sum() * scale
+                # every rank takes the same decision before any backward: one skipping alone left the others
+                # waiting in the gradient all-reduce (a hang until the process group's timeout)
+                bad = loss is not None and not bool(torch.isfinite(loss))
+                if self._any_rank(bad):
+                    self._nonfinite(loss if bad else None, ids)
+                    opt.zero_grad(set_to_none=True)
+                    return None
+                if loss is None:
                     # fewer micro-batches than another rank: a zero gradient keeps the DDP ranks in step
                     self.manual_backward(sum((p * 0).sum() for p in self.parameters() if p.requires_grad))
                     continue
-                prompts_mb, completions_mb, owner, features, mask = inputs[k]
-                logp, which = self.sequence_logprobs(self.model, *inputs[k])
-                adv = advantages[micro[k]].reshape(-1).to(logp.device)[which].to(logp.dtype)
-                old = logp.detach() if olds[k] is None else olds[k]
-                loss_terms, kl, clipped = token_terms(logp, old, refs[k], adv, self.clip_eps, self.beta)
-                loss = loss_terms.sum() * scale
-                if not torch.isfinite(loss):
-                    self._nonfinite(loss, [p.id for p in prompts_mb])
-                    opt.zero_grad(set_to_none=True)
-                    return None
                 self.manual_backward(loss)
                 if update == 0:
                     stats["loss"] += float(loss_terms.detach().sum())
@@ -700,20 +711,20 @@ class GRPOLit(MusicFlamingoLit):
             self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         return norm
 
-    def _nonfinite(self, loss: torch.Tensor, ids: list[str]) -> None:
+    def _nonfinite(self, loss: torch.Tensor | None, ids: list[str]) -> None:
+        """Count a micro-batch whose loss is NaN/inf (``loss`` None: on another rank) and return to skip the
+        step, or stop."""
         self.nonfinite_steps += 1
+        value = "on another rank" if loss is None else loss.item()
         where = f"global step {self.global_step}, records {ids[:8]}"
         if self.nonfinite_loss == "skip":
             log.warning(
-                "non-finite GRPO loss %s at %s: step skipped (%d so far)",
-                loss.item(),
-                where,
-                self.nonfinite_steps,
+                "non-finite GRPO loss %s at %s: step skipped (%d so far)", value, where, self.nonfinite_steps
             )
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
             return
         raise NonFiniteLossError(
-            f"GRPO loss is {loss.item()} at {where}; stopping. The last good checkpoint is kept; set "
+            f"GRPO loss is {value} at {where}; stopping. The last good checkpoint is kept; set "
             "`model.nonfinite_loss=skip` to skip such steps instead"
         )
 

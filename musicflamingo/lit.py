@@ -107,6 +107,7 @@ class MusicFlamingoLit(L.LightningModule):
         self.nonfinite_steps = 0
         self._t0: float | None = None
         self._learned_since_step = False  # DDP: some rank learned from a batch since the last optimizer step
+        self.optimizer_steps_per_batch = 1  # GRPO: updates_per_batch (the schedule's length by epochs)
 
     # ------------------------------------------------------------------ steps
     def forward(self, **batch: Any) -> Any:
@@ -264,6 +265,13 @@ class MusicFlamingoLit(L.LightningModule):
                     "model.scheduler.max_steps=-1 takes the schedule's length from the trainer, which has no end "
                     "in steps (trainer.max_steps=-1, trainer.max_epochs=-1); set model.scheduler.max_steps"
                 )
+            per = self.optimizer_steps_per_batch
+            if per > 1 and (self.trainer.max_steps == -1 or estimate < self.trainer.max_steps):
+                # the estimate counts batches (from the epochs); GRPO steps its optimizer and schedule `per` times
+                # a batch, and trainer.max_steps counts those optimizer steps
+                estimate *= per
+                if self.trainer.max_steps != -1:
+                    estimate = min(estimate, self.trainer.max_steps)
             extra["max_steps"] = int(estimate)
         scheduler = self.scheduler(optimizer, **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -54,6 +54,19 @@ class PrefersShort:
         return 1.0 / (1.0 + len(output.text))
 
 
+class NaNFirstOnRankOne(PrefersShort):
+    """PrefersShort, but NaN for the first rollouts scored on DDP rank 1 (the first step's): that rank's loss is
+    non-finite while rank 0's is not."""
+
+    calls = 0
+
+    def __call__(self, output, target) -> float:
+        NaNFirstOnRankOne.calls += 1
+        if os.environ.get("LOCAL_RANK") == "1" and NaNFirstOnRankOne.calls <= 2:
+            return float("nan")
+        return super().__call__(output, target)
+
+
 SHORT = "+model.rewards.short={_target_:test_grpo.PrefersShort,weight:1.0}"
 
 
@@ -425,8 +438,41 @@ def test_grpo_resume_is_exact(tmp_path):
     assert ra[-1]["train/reward"] == rb[-1]["train/reward"]  # the same rollouts after the resume
 
 
-def test_grpo_ddp_two_cpu_processes(tmp_path):
-    """Two CPU processes (gloo), each rank its own prompts, micro-batches of one group: the ranks stay in step."""
+def test_schedule_by_epochs_counts_every_update(tmp_path):
+    """updates_per_batch=2 steps the optimizer and schedule twice a batch: a cosine sized by the epochs lasts the
+    whole run (it was sized in batches and spent half the run at its minimum)."""
+    proc = write_processor(tmp_path / "proc")
+    manifest = write_dataset(tmp_path / "data", n=8)
+    overrides = [
+        "experiment=grpo",
+        SHORT,
+        "model.rollout.max_new_tokens=3",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=1",
+        "model.scheduler.max_steps=-1",
+        "model.scheduler.warmup_steps=0",
+        "model.scheduler.min_lr_ratio=0.0",
+        "model.loss.updates_per_batch=2",
+        "data.batch_max_tokens=500",
+        "export=false",
+    ]
+    _, objects = train(compose_train(tmp_path, manifest, proc, overrides))
+    trainer = objects["trainer"]
+    batches = trainer.num_training_batches
+    assert batches >= 4 and trainer.global_step == 2 * batches
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 2 * batches
+    # halfway through the run the cosine is halfway down (sized in batches it was already at its floor there)
+    assert scheduler.lr_lambdas[0](batches) == pytest.approx(0.5, abs=0.05)
+    assert scheduler.lr_lambdas[0](2 * batches - 1) > 0
+
+
+@pytest.mark.parametrize("nan_on_rank_one", [False, True], ids=["finite", "nan_on_rank_one"])
+def test_grpo_ddp_two_cpu_processes(tmp_path, nan_on_rank_one):
+    """Two CPU processes (gloo), each rank its own prompts, micro-batches of one group: the ranks stay in step.
+    With a non-finite loss on rank 1 only (model.nonfinite_loss=skip) both ranks skip that step together and go
+    on (rank 1 used to skip alone and rank 0 waited in the gradient all-reduce: a hang)."""
+    reward = "NaNFirstOnRankOne" if nan_on_rank_one else "PrefersShort"
     proc = write_processor(tmp_path / "proc")
     manifest = write_dataset(tmp_path / "data", n=3)
     run = tmp_path / "ddp_run"
@@ -438,7 +484,8 @@ def test_grpo_ddp_two_cpu_processes(tmp_path):
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "debug=fast",
-        SHORT,
+        f"+model.rewards.short={{_target_:test_grpo.{reward},weight:1.0}}",
+        "model.nonfinite_loss=skip",
         "model.rollout.max_new_tokens=4",
         "model.loss.micro_batch_size=2",
         f"data.train={manifest}",
@@ -454,6 +501,9 @@ def test_grpo_ddp_two_cpu_processes(tmp_path):
     }
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+    logs = out.stdout + out.stderr + "".join(p.read_text() for p in run.glob("*.log"))
+    skipped = "non-finite GRPO loss on another rank" in logs and "non-finite GRPO loss nan" in logs
+    assert skipped == nan_on_rank_one, logs[-3000:]
     assert (run / "checkpoints" / "last.ckpt").is_file()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
