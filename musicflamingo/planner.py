@@ -285,18 +285,19 @@ def _decoder_layer(
 
 
 def _encoder(config: MusicFlamingoConfig, setup: TrainingSetup, p: Precision, windows: int) -> list[Block]:
-    """The audio tower's blocks in forward order. Frozen, it keeps nothing but still runs (its working memory);
-    CPU bf16 runs attention as plain matmuls (model/encoder.py) whose scores, their float32 softmax and the bf16
-    probabilities are alive at once: (c + 8) bytes per score, H*P^2 scores per window."""
+    """The audio tower's blocks in forward order. Frozen, it keeps nothing but still runs (its working memory,
+    SDPA's attention); training on a CPU in bf16 it runs attention as plain matmuls (model/encoder.py) whose
+    scores, their float32 softmax and the bf16 probabilities are alive at once: (c + 8) bytes per score, H*P^2
+    scores per window."""
     a = config.audio
     P, d, f, H = a.max_source_positions, a.hidden_size, a.intermediate_size, a.num_attention_heads
     c, s, copy = p.compute, p.weight, (p.compute if p.autocast else 0)
     wp = windows * P
-    matmul_attention = setup.device == "cpu" and c == 2  # taken whenever grad mode is on, frozen or not
-    scores = windows * H * P * P if matmul_attention else 0
-    if not setup.train_audio_tower:
-        work = wp * (2 * s * d + c * max(6 * d, 2 * f)) + (c + 8) * scores
+    if not setup.train_audio_tower:  # no gradient flows through it: SDPA, whatever the device and dtype
+        work = wp * (2 * s * d + c * max(6 * d, 2 * f))
         return [Block("audio tower (frozen)", 0, forward=max(work, 2 * windows * c * 2 * P * d))]
+    matmul_attention = setup.device == "cpu" and c == 2  # the encoder's bf16 CPU training attention
+    scores = windows * H * P * P if matmul_attention else 0
     # conv1's input (a copy of the batch's float32 features, unless they are used as they are), the GELUs' and
     # conv2's inputs
     features = 0 if c == 4 else c * 2 * P * a.num_mel_bins
