@@ -167,6 +167,26 @@ def test_edited_and_inserted_lines_are_stale_and_only_they_are_estimated(manifes
     )
 
 
+def test_rows_whose_audio_was_unreadable_are_counted_again(manifest, processor, caplog):
+    """A row built while its audio could not be read (a download not finished) counts no audio; once the file is
+    there, training and a rebuild count it again (both reused the short count for ever), and `require` does not
+    call the index stale for it."""
+    audio = manifest.parent / "c1.wav"
+    kept = audio.read_bytes()
+    audio.unlink()
+    assert build_index(manifest, processor).unreadable_audio == 2  # lines 1 and 5 name c1.wav
+    audio.write_bytes(kept)
+    with caplog.at_level(logging.WARNING):
+        found = load_manifest(manifest, processor, index="require")
+    assert "2 records had audio that could not be read" in caplog.text and "first: line 2" in caplog.text
+    assert (found.tokens < 0).tolist() == [False, True, False, False, False, True]
+    ds = ConversationDataset(found.records, processor)
+    assert ds.estimate_lengths(found.tokens, found.seconds) == _fresh_lengths(manifest, processor)
+    report = build_index(manifest, processor)
+    assert (report.reused, report.computed, report.unreadable_audio) == (4, 2, 0)
+    assert load_manifest(manifest, processor).tokens.tolist() == _fresh_lengths(manifest, processor)
+
+
 def test_other_processor_settings_make_counts_stale_but_keep_durations(
     manifest, processor, proc_dir, monkeypatch, caplog
 ):

@@ -124,24 +124,32 @@ def _lines(records: Sequence[Record]) -> np.ndarray:
 
 @dataclass
 class StoredIndex:
-    """An index file's contents: ``hashes`` [R] uint64, ``tokens`` [R] int64, ``settings``; durations on demand."""
+    """An index file's contents: ``hashes`` [R] uint64, ``tokens`` [R] int64, ``settings``, ``unread`` [R] bool
+    (an audio's header could not be read when the row was built: its count holds no audio); durations on demand."""
 
     path: Path
     hashes: np.ndarray
     tokens: np.ndarray
     settings: dict[str, Any]
+    unread: np.ndarray
 
     @classmethod
     def read(cls, path: Path) -> StoredIndex:
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         try:
             meta = json.loads(pq.read_schema(path).metadata[_META_KEY])
-            table = pq.read_table(path, columns=["hash", "tokens"])
+            table = pq.read_table(path, columns=["hash", "tokens", "seconds"])
+            seconds = table.column("seconds").combine_chunks()
+            nan = pc.is_nan(pc.list_flatten(seconds)).to_numpy(zero_copy_only=False)
+            parents = pc.list_parent_indices(seconds).to_numpy()
         except Exception as e:  # a truncated or foreign file: whatever pyarrow or json raise
             raise ManifestIndexError(f"{path}: unreadable manifest index ({e}); rebuild it") from None
         hashes = table.column("hash").to_numpy()
-        return cls(path, hashes, table.column("tokens").to_numpy().astype(np.int64), meta)
+        unread = np.zeros(len(hashes), dtype=bool)
+        unread[parents[nan]] = True
+        return cls(path, hashes, table.column("tokens").to_numpy().astype(np.int64), meta, unread)
 
     def seconds(self) -> list[list[float]]:
         """Per row, its audios' durations (NaN: unknown)."""
@@ -236,6 +244,10 @@ def load_manifest(
     seconds_ok, tokens_ok = _usable(changes)
     rows = stored.match(hashes)
     hit = np.flatnonzero(rows >= 0)
+    # rows built while an audio could not be read (a download not finished) count no audio: estimated anew, so
+    # a file that is there now is counted (an unreadable one is the data set's bad-sample policy's, not stale)
+    unread = hit[stored.unread[rows[hit]]]
+    hit = hit[~stored.unread[rows[hit]]]
     tokens = np.full(len(records), -1, dtype=np.int64)
     seconds: dict[int, list[float]] = {}
     if tokens_ok:
@@ -244,7 +256,16 @@ def load_manifest(
         table = stored.seconds()
         seconds = {i: table[r] for i, r in zip(hit.tolist(), rows[hit].tolist())}
     problems = [f"built for other settings ({', '.join(changes.values())})"] if changes else []
-    missing = len(records) - len(hit)
+    missing = len(records) - len(hit) - len(unread)
+    if len(unread):
+        log.warning(
+            "%s: %d records had audio that could not be read when %s was built (first: line %d); estimating "
+            "them now",
+            path,
+            len(unread),
+            where.name,
+            int(_lines(records)[unread[0]]),
+        )
     if missing:
         first = int(_lines(records)[np.flatnonzero(rows < 0)[0]])
         problems.append(
@@ -334,6 +355,7 @@ def build_index(
             seconds_ok, tokens_ok = _usable(stored.changes(settings))
             rows = stored.match(hashes)
             hit = np.flatnonzero(rows >= 0)
+            hit = hit[~stored.unread[rows[hit]]]  # an audio unread last time is read again (it may be there now)
             if tokens_ok:
                 tokens[hit] = stored.tokens[rows[hit]]
             if seconds_ok:
