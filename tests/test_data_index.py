@@ -101,6 +101,15 @@ def test_jsonl_records_split_and_parse_as_read_manifest(tmp_path):
         assert lazy[-1] == eager[-1]
         assert [r.source.rsplit(":", 1)[1] for r in eager] == [str(n) for n in lazy.lines]
     assert JsonlRecords(tmp_path / "lf.jsonl").lines.tolist() == [1, 4, 6]
+    # U+2028, U+2029 and U+0085 are valid raw inside a JSON string (json.dumps(ensure_ascii=False) writes them):
+    # text, not line breaks (they used to cut the record in two: "malformed JSON")
+    for ch in ("\u2028", "\u2029", "\x85"):
+        path = tmp_path / "raw_separators.jsonl"
+        raw = json.dumps(json.loads(_line(0, f"a line{ch}and the next")), ensure_ascii=False)
+        assert ch in raw
+        path.write_text(raw + "\n" + _line(1) + "\n", encoding="utf-8")
+        lazy, eager = JsonlRecords(path), read_manifest(path)
+        assert len(eager) == 2 and lazy[0] == eager[0] and f"line{ch}and" in eager[0].messages[-1].content
 
 
 def test_jsonl_records_report_bad_lines_like_read_manifest(tmp_path):

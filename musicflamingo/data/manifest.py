@@ -219,13 +219,15 @@ class JsonlRecords(Sequence):
         )
 
 
-# Line breaks of str.splitlines besides "\n" and "\r\n": control characters, and others as UTF-8 bytes.
+# Line breaks besides "\n" and "\r\n": the control characters str.splitlines breaks at, which JSON cannot hold raw
+# inside a string (so a break there never cuts a record). Not U+0085, U+2028, U+2029: valid raw inside JSON strings
+# (json.dumps(..., ensure_ascii=False) writes them so), they are text, as JSON Lines says.
 _OTHER_BREAKS = (0x0B, 0x0C, 0x1C, 0x1D, 0x1E)
-_OTHER_BREAKS_UTF8 = (b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9")
+_LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e]")
 
 
 def _newline_spans(data: bytes, skip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(line numbers, starts, ends)`` [N] of the non-blank lines of ``data[skip:]``, split as ``str.splitlines``
+    """``(line numbers, starts, ends)`` [N] of the non-blank lines of ``data[skip:]``, split as :func:`_jsonl_lines`
     splits the decoded text, found with numpy instead of a Python loop; None when a line break other than "\n" or
     "\r\n" occurs (the caller then splits the text)."""
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -233,8 +235,6 @@ def _newline_spans(data: bytes, skip: int) -> tuple[np.ndarray, np.ndarray, np.n
     kind = buf[ctrl]
     cr = ctrl[kind == ord("\r")]
     if np.isin(kind, _OTHER_BREAKS).any() or (buf[np.minimum(cr + 1, len(buf) - 1)] != ord("\n")).any():
-        return None
-    if not data.isascii() and any(b in data for b in _OTHER_BREAKS_UTF8):
         return None
     breaks = ctrl[kind == ord("\n")]
     starts = np.concatenate([[skip], breaks + 1]).astype(np.int64)
@@ -276,7 +276,7 @@ def _read_text(path: Path) -> str:
 
 def _jsonl_lines(path: Path, text: str) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of each non-blank line, refusing runaway ones."""
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(_LINE_BREAK.split(text), start=1):
         if not line.strip():
             continue
         if len(line) > MAX_RECORD_CHARS:
