@@ -117,6 +117,46 @@ def test_shards_read_back_the_manifest_samples(processor, tmp_path):
         ShardDataset(tmp_path / "gone", processor)
 
 
+def test_an_overwrite_stopped_between_the_halves_is_no_readable_shard_set(processor, tmp_path, monkeypatch):
+    """`--overwrite` stopped after the audio half: the old records/ used to stay beside the new audio (every sample
+    the new audio with the old text, no error); now it is gone, and the folder reads as incomplete. Where records/
+    cannot be removed first (a URL), halves of different runs with different counts name the mismatch instead of
+    failing inside litdata."""
+    import shutil
+
+    import litdata
+
+    old, new = _even_manifest(tmp_path / "a", 6, "a"), _even_manifest(tmp_path / "b", 4, "b")
+    out = tmp_path / "shards"
+    write_shards(old, str(out))
+    real, calls = litdata.optimize, []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the records half
+            raise KeyboardInterrupt("stopped between the halves")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(litdata, "optimize", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(new, str(out), overwrite=True)
+    monkeypatch.setattr(litdata, "optimize", real)
+    with pytest.raises(ShardError, match="not a readable shard folder"):
+        ShardDataset(out, processor)
+
+    write_shards(new, str(out), overwrite=True)  # the audio half of 4 records ...
+    shutil.rmtree(out / "records")
+    write_shards(old, str(tmp_path / "other"))
+    shutil.copytree(tmp_path / "other" / "records", out / "records")  # ... beside the records of 6
+    mixed = ShardDataset(out, processor)
+    with pytest.raises(ShardError, match="no audio sample 5 for its 6 records.*written by different runs"):
+        mixed[5]
+
+    with pytest.raises(ShardError, match=r"chunk_bytes='12XB': expected a size such as 64MB"):
+        write_shards(old, str(tmp_path / "c"), chunk_bytes="12XB")
+    assert not (tmp_path / "c").exists()  # refused before anything was read or written
+
+
 def _even_manifest(d: Path, n: int, prefix: str = "c") -> Path:
     """n records of equal token length (1 s clips, one-digit answers), ids `<prefix><i>`."""
     d.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -132,11 +133,16 @@ def write_shards(
 
     _quiet_litdata()
     out = os.fspath(out)
+    chunk_bytes = _check_chunk_bytes(chunk_bytes)
     if not overwrite and not is_url(out) and os.path.exists(os.path.join(out, INDEX)):
         raise ShardError(
             f"{out}: already holds shards; choose another folder or overwrite them (--overwrite)"
         )
     records = read_manifest(manifest, audio_root=audio_root)
+    if overwrite and not is_url(out):
+        # litdata's overwrite replaces the audio half only: an old records/ left by a write stopped between the
+        # halves would pair the new audio with the old text. Without it, a stopped write is no readable shard set.
+        shutil.rmtree(os.path.join(out, RECORDS), ignore_errors=True)
     inputs = [(i, asdict(r)) for i, r in enumerate(records)]
     missing = sum(not os.path.isfile(a.path) for r in records for a in r.audios)
     if missing:
@@ -160,6 +166,25 @@ def write_shards(
     finally:  # optimize sets the process-wide start method; DataLoaders started later keep theirs
         multiprocessing.set_start_method(before, force=True)
     return len(records)
+
+
+_BYTE_UNITS = ("tb", "gb", "mb", "kb", "t", "g", "m", "k", "b")  # litdata's chunk_bytes suffixes
+
+
+def _check_chunk_bytes(value: str | int) -> str | int:
+    """``chunk_bytes`` as litdata takes it (bytes > 0, or "64MB", "1.5g"...), checked before any file is read."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return value
+    elif isinstance(value, str):
+        raw = value.strip().lower()
+        unit = next((u for u in _BYTE_UNITS if raw.endswith(u)), None)
+        try:
+            if unit is not None and float(raw[: -len(unit)]) > 0:
+                return value
+        except ValueError:
+            pass
+    raise ShardError(f"chunk_bytes={value!r}: expected a size such as 64MB, 512KB, 1GB or a number of bytes > 0")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -248,7 +273,13 @@ class ShardDataset(ConversationDataset):
     def __getitem__(self, index: int) -> Any:
         if self._audio is None or self._pid != os.getpid():
             self._audio, self._pid = _streaming(self.url, self.cache_dir), os.getpid()
-        stored, blobs = _unpack(self._audio[int(index)])
+        try:
+            stored, blobs = _unpack(self._audio[int(index)])
+        except (ValueError, IndexError) as e:  # litdata's words for an index past its samples
+            raise ShardError(
+                f"{self.url}: no audio sample {index} for its {len(self.records)} records ({e}); the audio and "
+                "records halves were written by different runs: write the shards again"
+            ) from None
         if stored != index:
             raise ShardError(f"{self.url}: sample {index} holds record {stored}; write the shards again")
         self._blobs = dict(zip(self.records[index].audios, blobs))
