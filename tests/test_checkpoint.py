@@ -439,3 +439,28 @@ def test_mapped_loading_uses_the_file_without_a_copy_and_equals_the_copying_path
     assert torch.equal(
         again.language_model.layers[0].mlp.up_proj.weight, copied.language_model.layers[0].mlp.up_proj.weight
     )
+
+
+def test_init_from_names_the_overrides_its_checkpoint_does_not_hold(tmp_path, caplog):
+    """model.net.overrides beside init_from: the checkpoint's shapes are used, and overrides it contradicts are
+    named in a warning (they were dropped silently); ones it agrees with pass quietly."""
+    import logging
+
+    from tiny_checkpoint import write_tiny_checkpoint
+
+    from musicflamingo.model.build import create_model
+
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny", seed=0)
+    config = load_config(ckpt)
+    with caplog.at_level(logging.WARNING):
+        model = create_model("tiny", {"audio": {"max_source_positions": 50}}, init_from=ckpt)
+    assert model.config.audio.max_source_positions == config.audio.max_source_positions != 50
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "model.net.overrides audio.max_source_positions ignored" in message
+    assert f"audio.max_source_positions={config.audio.max_source_positions}" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        create_model(
+            "tiny", {"audio": {"max_source_positions": config.audio.max_source_positions}}, init_from=ckpt
+        )
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

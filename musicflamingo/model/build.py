@@ -91,7 +91,16 @@ def create_model(
     the file rather than copied) or a preset with `overrides` (`audio={...}`, `text={...}`, top-level fields),
     initialised by `init_weights` under `seed` (the global RNG is left as it was)."""
     if init_from:
-        return MusicFlamingo.from_pretrained(init_from, dtype=dtype)
+        model = MusicFlamingo.from_pretrained(init_from, dtype=dtype)
+        ignored = _differing(model.config, dict(overrides or {}))
+        if ignored:  # the checkpoint's shapes win; say so rather than train another architecture than asked
+            log.warning(
+                "model.net.overrides %s ignored: init_from=%s has its own config (%s)",
+                ", ".join(ignored),
+                init_from,
+                ", ".join(f"{k}={v!r}" for k, v in ignored.items()),
+            )
+        return model
     if not preset:
         raise ValueError(
             "model.net: set either `init_from` (a checkpoint folder) or `preset` (tiny, small, ...)"
@@ -102,6 +111,18 @@ def create_model(
         model = MusicFlamingo(config)
         init_weights(model)
     return model
+
+
+def _differing(config: Any, overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{dotted name: the config's value}`` of every override whose value ``config`` does not hold."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        have = getattr(config, key, None)
+        if isinstance(value, Mapping) and have is not None and not isinstance(have, Mapping):
+            out.update(_differing(have, value, f"{prefix}{key}."))
+        elif have != value:
+            out[f"{prefix}{key}"] = have
+    return out
 
 
 def freeze_parts(model: MusicFlamingo, freeze: Mapping[str, bool]) -> None:
