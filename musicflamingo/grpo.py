@@ -380,7 +380,23 @@ class GRPOLit(MusicFlamingoLit):
                 for rec in ds.records:
                     table.setdefault(rec.id, rec)
             self._records[split] = table
+            if split == "train" and self.tasks is not None:
+                self._check_tasks(table.values())
         return self._records[split]
+
+    def _check_tasks(self, records: Iterable[Record]) -> None:
+        """`model.tasks` must keep some record: a filter matching none trained every step on nothing, silently."""
+        found: set[str] = set()
+        for rec in records:
+            reference = next((m.content for m in reversed(rec.messages) if m.role == "assistant"), "")
+            target = Target.from_record(rec.extra, reference, rec.source)
+            if {target.task, target.kind} & self.tasks:
+                return
+            found |= {t for t in (target.task, target.kind) if t}
+        raise GRPOConfigError(
+            f"model.tasks={sorted(self.tasks)} keeps no record of the training manifests (their tasks: "
+            f"{', '.join(sorted(found)) or 'none'})"
+        )
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, record: Record, audio_counts: Sequence[int]) -> list[int]:

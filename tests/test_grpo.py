@@ -300,6 +300,22 @@ def test_config_errors_name_the_setting():
         grpo_module(_net(lora=True), rewards={"bad": object()})
 
 
+def test_a_task_filter_that_keeps_no_record_is_an_error(tmp_path):
+    """model.tasks matching no record of the training data (captions asked, questions given) stops at the first
+    step naming the tasks there are; it used to train every step on nothing."""
+    proc = write_processor(tmp_path / "proc")
+    manifest = write_dataset(tmp_path / "data")
+    overrides = [
+        "experiment=grpo",
+        SHORT,
+        "model.rollout.max_new_tokens=3",
+        "model.tasks=[caption]",
+        "export=false",
+    ]
+    with pytest.raises(GRPOConfigError, match=r"model.tasks=\['caption'\] keeps no record .*their tasks: qa"):
+        train(compose_train(tmp_path, manifest, proc, overrides))
+
+
 def test_prompts_are_rendered_as_inference_renders_them(tmp_path, monkeypatch):
     proc_dir = write_processor(tmp_path / "proc")
     processor = MusicFlamingoProcessor.from_pretrained(proc_dir)
