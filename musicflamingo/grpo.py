@@ -56,7 +56,7 @@ from musicflamingo.chat import THINK_SUFFIX, encode_expanded, think_prompt
 from musicflamingo.data.dataset import chat_messages
 from musicflamingo.data.manifest import Record
 from musicflamingo.engine import Engine, Request, SamplingParams
-from musicflamingo.lit import MusicFlamingoLit, NonFiniteLossError
+from musicflamingo.lit import MusicFlamingoLit
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.lora import adapter_layers
 from musicflamingo.reasoning import ThinkOutput, parse_think, plain_output
@@ -686,7 +686,7 @@ class GRPOLit(MusicFlamingoLit):
                 # waiting in the gradient all-reduce (a hang until the process group's timeout)
                 bad = loss is not None and not bool(torch.isfinite(loss))
                 if self._any_rank(bad):
-                    self._nonfinite(loss if bad else None, ids)
+                    self._nonfinite(loss if bad else None, f"records {ids[:8]}", "GRPO loss")
                     opt.zero_grad(set_to_none=True)
                     return None
                 if loss is None:
@@ -726,23 +726,6 @@ class GRPOLit(MusicFlamingoLit):
         if self.max_grad_norm is not None:
             self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         return norm
-
-    def _nonfinite(self, loss: torch.Tensor | None, ids: list[str]) -> None:
-        """Count a micro-batch whose loss is NaN/inf (``loss`` None: on another rank) and return to skip the
-        step, or stop."""
-        self.nonfinite_steps += 1
-        value = "on another rank" if loss is None else loss.item()
-        where = f"global step {self.global_step}, records {ids[:8]}"
-        if self.nonfinite_loss == "skip":
-            log.warning(
-                "non-finite GRPO loss %s at %s: step skipped (%d so far)", value, where, self.nonfinite_steps
-            )
-            self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
-            return
-        raise NonFiniteLossError(
-            f"GRPO loss is {value} at {where}; stopping. The last good checkpoint is kept; set "
-            "`model.nonfinite_loss=skip` to skip such steps instead"
-        )
 
     def _log_step(
         self,

@@ -70,6 +70,10 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+def _batch_ids(batch: Mapping[str, Any]) -> str:
+    return f"batch ids {list(batch.get('ids', []))[:8]}"
+
+
 class MusicFlamingoLit(L.LightningModule):
     """Steps, optimizer groups and export around a ready model.
 
@@ -143,14 +147,14 @@ class MusicFlamingoLit(L.LightningModule):
             nonfinite_anywhere, learned_anywhere = bool(flags[0] > 0), bool(flags[1] > 0)
             self._learned_since_step |= learned_anywhere and not nonfinite_anywhere
             if nonfinite_anywhere:
-                self._nonfinite(out.loss if nonfinite else None, batch)
+                self._nonfinite(out.loss if nonfinite else None, _batch_ids(batch))
                 return self._no_op_loss()
             if empty:
                 return self._no_op_loss()
         elif empty:
             return None
         elif nonfinite:
-            self._nonfinite(out.loss, batch)
+            self._nonfinite(out.loss, _batch_ids(batch))
             return None
         loss = out.loss
         bs = self._batch_size(batch)
@@ -161,19 +165,20 @@ class MusicFlamingoLit(L.LightningModule):
     def _distributed(self) -> bool:
         return self._trainer is not None and self.trainer.world_size > 1
 
-    def _nonfinite(self, loss: torch.Tensor | None, batch: Mapping[str, Any]) -> None:
-        """Count a step whose loss is NaN/inf (``loss`` None: on another rank) and return to skip it, or stop."""
+    def _nonfinite(self, loss: torch.Tensor | None, where: str, what: str = "loss") -> None:
+        """Count a step whose ``what`` is NaN/inf (``loss`` None: on another rank) at ``where`` and return to
+        skip it, or stop."""
         self.nonfinite_steps += 1
         value = "on another rank" if loss is None else loss.item()
-        where = f"global step {self.global_step}, batch ids {list(batch.get('ids', []))[:8]}"
+        where = f"global step {self.global_step}, {where}"
         if self.nonfinite_loss == "skip":
             log.warning(
-                "non-finite loss %s at %s: step skipped (%d so far)", value, where, self.nonfinite_steps
+                "non-finite %s %s at %s: step skipped (%d so far)", what, value, where, self.nonfinite_steps
             )
-            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
             return
         raise NonFiniteLossError(
-            f"loss is {value} at {where}; stopping. The last good checkpoint is kept; set "
+            f"{what} is {value} at {where}; stopping. The last good checkpoint is kept; set "
             "`model.nonfinite_loss=skip` to skip such steps instead"
         )
 
