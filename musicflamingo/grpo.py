@@ -691,7 +691,7 @@ class GRPOLit(MusicFlamingoLit):
                     return None
                 if loss is None:
                     # fewer micro-batches than another rank: a zero gradient keeps the DDP ranks in step
-                    self.manual_backward(sum((p * 0).sum() for p in self.parameters() if p.requires_grad))
+                    self.manual_backward(self._no_op_loss())
                     continue
                 self.manual_backward(loss)
                 if update == 0:
