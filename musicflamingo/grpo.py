@@ -329,6 +329,16 @@ class GRPOLit(MusicFlamingoLit):
             None if clip is None else _number("model.loss.max_grad_norm", clip, 0.0, strict=True)
         )
         self.think = bool(think)
+        dropouts = _dropouts(net)
+        if dropouts:
+            # The clipped ratio and the KL compare log-probs of passes made at different times (rollout, before
+            # the updates, each update): with dropout each pass is a different policy, so a ratio of 1 and a KL of
+            # 0 at the first update would come out as noise.
+            raise GRPOConfigError(
+                f"GRPO needs a model without dropout, but {', '.join(dropouts)}: set them to 0 "
+                "(model.net.overrides.audio.<name>=0, model.net.overrides.text.attention_dropout=0, "
+                "model.net.lora.dropout=0)"
+            )
         self.tasks = None if tasks is None else {str(t) for t in tasks}
         self.seed = int(seed)
         # QLoRA's adapters count too: a frozen copy of its 4-bit base would lose bitsandbytes' quantization state
@@ -795,6 +805,21 @@ def _check_keys(where: str, values: Mapping[str, Any], expected: tuple[str, ...]
         raise GRPOConfigError(
             f"{where}: unknown key(s) {unknown}, missing key(s) {missing}; expected exactly {list(expected)}"
         )
+
+
+def _dropouts(net: MusicFlamingo) -> list[str]:
+    """The model's dropout probabilities above zero, as `name=value` (its config's and the LoRA adapters')."""
+    audio, text = net.config.audio, net.config.text
+    found = [
+        f"audio.{n}={getattr(audio, n)}"
+        for n in ("dropout", "attention_dropout", "activation_dropout")
+        if getattr(audio, n) > 0
+    ]
+    if text.attention_dropout > 0:
+        found.append(f"text.attention_dropout={text.attention_dropout}")
+    lora = {m.p for m in net.modules() if isinstance(m, nn.Dropout) and m.p > 0}
+    found += [f"lora.dropout={p}" for p in sorted(lora)]
+    return found
 
 
 def _int(where: str, value: Any, minimum: int) -> int:

@@ -300,6 +300,31 @@ def test_config_errors_name_the_setting():
         grpo_module(_net(lora=True), rewards={"bad": object()})
 
 
+def test_dropout_is_refused_with_the_settings_to_change():
+    """The ratio and the KL compare passes made at different times (rollout, before and during the updates): with
+    dropout they differ by its noise alone, so a model with any dropout is refused, naming each setting."""
+    dropped = build_model(
+        preset="tiny",
+        overrides={
+            "audio": {**AUDIO["audio"], "activation_dropout": 0.1},
+            "text": {"attention_dropout": 0.2},
+        },
+        init_from=None,
+        seed=0,
+        rote_quirk=True,
+        gradient_checkpointing=False,
+        compile=False,
+        freeze={"audio_tower": True, "multi_modal_projector": True, "language_model": True},
+        lora={**NO_LORA, "enabled": True, "dropout": 0.05},
+    )
+    with pytest.raises(GRPOConfigError) as e:
+        grpo_module(dropped)
+    for setting in ("audio.activation_dropout=0.1", "text.attention_dropout=0.2", "lora.dropout=0.05"):
+        assert setting in str(e.value)
+    assert "audio.dropout=" not in str(e.value)  # a setting at 0 is not named
+    grpo_module(_net(lora=True))  # no dropout: accepted
+
+
 def test_a_task_filter_that_keeps_no_record_is_an_error(tmp_path):
     """model.tasks matching no record of the training data (captions asked, questions given) stops at the first
     step naming the tasks there are; it used to train every step on nothing."""
