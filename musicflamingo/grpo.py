@@ -336,8 +336,8 @@ class GRPOLit(MusicFlamingoLit):
             # 0 at the first update would come out as noise.
             raise GRPOConfigError(
                 f"GRPO needs a model without dropout, but {', '.join(dropouts)}: set them to 0 "
-                "(model.net.overrides.audio.<name>=0, model.net.overrides.text.attention_dropout=0, "
-                "model.net.lora.dropout=0)"
+                "(model.net.lora.dropout=0; the others in model.net.overrides.audio / .text, or in the "
+                "config.json of model.net.init_from, which overrides do not change)"
             )
         self.tasks = None if tasks is None else {str(t) for t in tasks}
         self.seed = int(seed)
