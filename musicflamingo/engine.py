@@ -284,7 +284,9 @@ class Engine:
                 f"the prompt would end at position {start + n}, at or past the model's context of {self.limit}"
             )
         slot.budget = min(max_new, self.limit - start - n)
-        self._ensure_capacity(start + n + slot.budget)
+        # the prompt and the first token's position: later positions are added as the sequence reaches them
+        # (sized by the budget, one max_tokens=32000 request grew every slot's cache to 32000 positions for good)
+        self._ensure_capacity(start + n + 1)
         view = cache.view_prefill(slot.index, n)
         if embeds is not None:
             out = model(inputs_embeds=embeds[None].to(self.device), cache=view, logits_to_keep=1)
@@ -334,6 +336,7 @@ class Engine:
         rows = len(self.slots) if self.compile else max(s.index for s in live) + 1
         tokens = [0] * rows
         positions = cache.lengths[:rows]  # rows not decoding write just past their keys (see KVCache)
+        self._ensure_capacity(max(positions) + 1)  # doubling: a sequence's growth reallocates log2 times
         for s in live:
             tokens[s.index] = s.last
         exact = max(positions[s.index] for s in live) + 1

@@ -158,6 +158,29 @@ def test_cache_capacity_never_passes_the_context(model):
     assert Engine(model, slots=1, capacity=KEY_BLOCK + 1).cache.capacity == 2 * KEY_BLOCK  # whole key blocks
 
 
+def test_cache_grows_with_the_tokens_made_not_with_max_new_tokens(model):
+    """A request allowed 20000 tokens that stops after a few leaves the cache at one key block (sizing it by the
+    budget grew every slot to 20000+ positions for good); one that runs past a block grows it on the way, and
+    its tokens are those of a cache allocated whole up front."""
+    prompt = _prompts(1, seed=5)[0]
+    first = _alone(model, prompt, 1)
+    engine = Engine(model, slots=2)
+    slot = engine.admit(Request(prompt, SamplingParams(max_new_tokens=20000, stop_ids=(first[0],))))
+    assert slot.done and engine.cache.capacity == KEY_BLOCK
+    engine.release(slot.index)
+    n = KEY_BLOCK + 40  # past the first block
+    slot = engine.admit(Request(prompt, SamplingParams(max_new_tokens=n)))
+    assert engine.cache.capacity == KEY_BLOCK
+    while engine.decoding:
+        engine.step()
+    assert engine.cache.capacity == 2 * KEY_BLOCK
+    whole = Engine(model, slots=1, capacity=len(prompt) + n)
+    ref = whole.admit(Request(prompt, SamplingParams(max_new_tokens=n)))
+    while whole.decoding:
+        whole.step()
+    assert slot.tokens == ref.tokens and len(slot.tokens) == n
+
+
 def test_unknown_and_unsupported_arguments_raise(model):
     ids = _prompts(1)[0][None]
     with pytest.raises(TypeError, match="num_beam"):

@@ -453,6 +453,11 @@ def test_multi_turn_equals_the_engine_on_the_same_conversation(server, loaded, s
     (want,) = generate_answers(model, processor, [conv], ["x"], params, slots=1)
     assert second.choices[0].message.content == want
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    # the SDK's own message sent back as it dumps it (annotations, refusal, audio, ... all null): the same answer
+    dumped = first.choices[0].message.model_dump()
+    assert "annotations" in dumped
+    again = c.chat.completions.create(model=MODEL, messages=[history[0], dumped, history[2]], max_tokens=6)
+    assert again.choices[0].message.content == want
 
 
 def test_sampling_is_seeded_and_system_prompt_counts(server, songs):

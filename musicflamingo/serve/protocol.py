@@ -77,6 +77,7 @@ MESSAGE_FIELDS = {
         "tool_calls",
         "audio",
         "function_call",
+        "annotations",  # the SDK's `message.model_dump()` sends it back (null or []): citations, no text of their own
     ),
 }
 ROLE_ALIASES = {"developer": "system"}
@@ -216,6 +217,8 @@ def _parse_message(m: Any, i: int) -> Message:
     for k in ("tool_calls", "audio", "function_call"):
         if m.get(k):
             raise bad_request(f"{param}.{k}", "is not supported")
+    if not isinstance(m.get("annotations", []), (list, type(None))):
+        raise bad_request(f"{param}.annotations", "must be a list or null")
     content = m.get("content")
     if isinstance(content, str):
         return Message(role, _text(content, f"{param}.content"))
