@@ -253,6 +253,11 @@ def _fit(cfg: DictConfig, output_dir: Path, stopper: StopOnSignal) -> tuple[dict
     if ckpt:
         log.info("resuming from %s", ckpt)
     trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt)
+    # the share of bad samples over the whole run, however short: a small fine-tune whose every clip was missing
+    # (a wrong audio_root) never reached the in-run check (after 100 samples) and exported an untrained model
+    tracker = getattr(datamodule, "train_bad_samples", None)
+    if tracker is not None:
+        tracker.check(final=True)
 
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import pytest
 import torch
@@ -152,8 +153,16 @@ def test_oversized_samples_are_bad_samples_counted_and_reported(assets, tmp_path
         "model.scheduler.max_steps=10",
         "export=false",
     ]
-    _, obj = train(compose_train(tmp_path / "a", manifest, assets["proc"], [*common, "trainer.max_steps=2"]))
+    # 40 visits, fewer than BadSampleTracker.min_seen: no stop during the run, but its end checks the whole run
+    # (such a run used to finish and export, 95 % of its samples skipped)
+    with pytest.raises(TooManyBadSamplesError, match="38 of 40 .*the model is not exported"):
+        train(
+            compose_train(
+                tmp_path / "a", manifest, assets["proc"], [*common, "trainer.max_steps=2", "export=true"]
+            )
+        )
     run = tmp_path / "a" / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "export").exists()
     bad = [json.loads(x) for x in (run / "bad_samples.jsonl").read_text().splitlines()]
     assert sorted(b["id"] for b in bad) == sorted(f"t{i}" for i in range(1, 20))
     assert {b["source"] for b in bad} == {f"{manifest}:{i}" for i in range(2, 21)}
@@ -165,6 +174,14 @@ def test_oversized_samples_are_bad_samples_counted_and_reported(assets, tmp_path
     cfg = compose_train(tmp_path / "b", manifest, assets["proc"], [*common, "trainer.max_steps=10"])
     with pytest.raises(TooManyBadSamplesError, match="more than max_bad_fraction"):
         train(cfg)
+
+
+def test_min_audio_seconds_is_a_data_setting(assets, tmp_path):
+    """`data.min_audio_seconds` is in the data config (it was only reachable as `+data.min_audio_seconds`)."""
+    manifest = _text_records(tmp_path / "short.jsonl", n_long=0)
+    assert compose_train(tmp_path, manifest, assets["proc"], []).data.min_audio_seconds == 0.1
+    cfg = compose_train(tmp_path, manifest, assets["proc"], ["data.min_audio_seconds=0.01"])
+    assert hydra.utils.instantiate(cfg.data).dataset_kwargs["min_audio_seconds"] == 0.01
 
 
 def test_oversized_sample_under_error_policy_names_the_record_and_the_setting(assets, tmp_path):

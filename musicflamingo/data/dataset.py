@@ -102,13 +102,15 @@ class BadSampleTracker:
         self.update(batch.pop("num_samples", len(batch.get("ids", [])) + len(bad)), bad, check=check)
         return batch
 
-    def check(self) -> None:
-        if self.max_bad_fraction is None or self.num_seen < self.min_seen:
+    def check(self, final: bool = False) -> None:
+        """Raise when too many samples were bad; `final` (the run's end): however few were seen."""
+        if self.max_bad_fraction is None or not self.num_seen or (self.num_seen < self.min_seen and not final):
             return
         if self.bad_fraction > self.max_bad_fraction:
             raise TooManyBadSamplesError(
                 f"{self.num_bad} of {self.num_seen} samples were skipped ({self.bad_fraction:.1%}), more than "
                 f"max_bad_fraction={self.max_bad_fraction:.1%}; first: {next(iter(self.bad.values()), None)}"
+                + ("; the model is not exported (checkpoints are kept)" if final else "")
             )
 
     def write_jsonl(self, path: str | os.PathLike) -> None:
