@@ -354,7 +354,37 @@ def test_resume_is_exact(assets, tmp_path):
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
     la, lb = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
-    assert abs(la[-1] - lb[-1]) <= 1e-6, (la, lb)
+    # metrics.csv continues across the resume: every step's loss, the first run's included (Lightning's CSVLogger
+    # deleted the file on resume, leaving steps 4-6 only)
+    assert len(la) == len(lb) == 6 and max(abs(x - y) for x, y in zip(la, lb)) <= 1e-6, (la, lb)
+
+
+def test_csv_log_continues_and_drops_the_steps_logged_again(tmp_path):
+    """A killed run logged steps 0-5 but checkpointed at 3: the resumed run logs 3 and 4 again; the file keeps 0-2
+    and holds each step once, the new values for 3 and 4, a column new in the resumed run included."""
+    from musicflamingo.loggers import ContinuedExperimentWriter
+
+    old = ContinuedExperimentWriter(str(tmp_path))
+    for step in range(6):
+        old.log_metrics({"train/loss": 10.0 + step}, step)
+    old.save()
+    new = ContinuedExperimentWriter(str(tmp_path))
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "metrics.csv"))] == [str(i) for i in range(6)]
+    new.log_metrics({"train/loss": 20.0 + 3, "train/lr": 0.1}, 3)
+    new.log_metrics({"train/loss": 20.0 + 4}, 4)
+    new.save()
+    new.log_metrics({"train/loss": 20.0 + 5}, 5)
+    new.save()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [(int(r["step"]), float(r["train/loss"])) for r in rows] == [
+        (0, 10.0),
+        (1, 11.0),
+        (2, 12.0),
+        (3, 23.0),
+        (4, 24.0),
+        (5, 25.0),
+    ]
+    assert rows[3]["train/lr"] == "0.1" and rows[0]["train/lr"] == ""
 
 
 def test_continuing_a_run_stopped_by_max_steps_inside_an_epoch_is_exact(assets, tmp_path):
