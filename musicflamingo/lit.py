@@ -252,13 +252,31 @@ class MusicFlamingoLit(L.LightningModule):
         if strategy is not None and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             return
         diffs = state_dict_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
+        path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        self._check_resumed_lr(checkpoint, path)
         if diffs:
-            path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
             more = f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else ""
             raise CheckpointMismatchError(
                 f"ckpt_path={path} was written by a model of another architecture: {diffs[0]}{more}; resume with "
                 "the model settings that wrote it, or start afresh (ckpt_path=null or another run folder)"
             )
+
+    def _check_resumed_lr(self, checkpoint: dict[str, Any], path: Any) -> None:
+        """A resume restores the optimizer and schedule as saved: a learning rate changed since (model.optimizer.lr,
+        model.part_lr.*) would be ignored silently, so it is refused, naming the group and both values."""
+        base = getattr(self.optimizer, "keywords", {}).get("lr")
+        wanted = {g["name"]: g.get("lr", base) for g in self.param_groups()}
+        for state in checkpoint.get("optimizer_states", [])[:1]:
+            for group in state.get("param_groups", []):
+                was, now = group.get("initial_lr", group.get("lr")), wanted.get(group.get("name"))
+                if was is None or now is None or math.isclose(float(was), float(now), rel_tol=1e-6):
+                    continue
+                raise CheckpointMismatchError(
+                    f"ckpt_path={path} trained {group['name']} at learning rate {float(was):g}, the settings now "
+                    f"give {float(now):g} (model.optimizer.lr / model.part_lr): a resume continues the saved "
+                    "optimizer and schedule, so the new value would be ignored; resume with the old value, or "
+                    "start a new run from the weights (model.net.init_from=<run>/export, another run folder)"
+                )
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.param_groups())

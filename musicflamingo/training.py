@@ -225,16 +225,31 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     stopper = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
     stopper.install()
     try:
-        if lock is not None:
+        resuming = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) is not None
+        if lock is not None and not resuming:
             save_run_config(cfg, output_dir)
-        return _fit(cfg, output_dir, stopper)
+        return _fit(cfg, output_dir, stopper, save_config=lock is not None and resuming)
     finally:
         stopper.restore()
         if lock is not None:
             lock.release()
 
 
-def _fit(cfg: DictConfig, output_dir: Path, stopper: StopOnSignal) -> tuple[dict[str, float], dict[str, Any]]:
+class _SaveRunConfig(L.Callback):
+    """Writes a resumed run's config once its checkpoint has loaded: a resume refused while loading (another batch
+    budget, another learning rate) leaves `.hydra/config.yaml` describing the folder's checkpoints."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
+        self.cfg, self.output_dir = cfg, output_dir
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_run_config(self.cfg, self.output_dir)
+
+
+def _fit(
+    cfg: DictConfig, output_dir: Path, stopper: StopOnSignal, save_config: bool = False
+) -> tuple[dict[str, float], dict[str, Any]]:
     set_threads(cfg.get("threads"))
     if "WANDB_API_KEY" not in os.environ:
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -244,12 +259,13 @@ def _fit(cfg: DictConfig, output_dir: Path, stopper: StopOnSignal) -> tuple[dict
     log.info("instantiating model <%s> with net <%s>", cfg.model._target_, cfg.model.net._target_)
     lit: L.LightningModule = hydra.utils.instantiate(cfg.model)
     datamodule, processor = build_datamodule(cfg, lit.model)
-    trainer = build_trainer(cfg, extra_callbacks=[stopper])
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    extra = [stopper, _SaveRunConfig(cfg, output_dir)] if save_config else [stopper]
+    trainer = build_trainer(cfg, extra_callbacks=extra)
     if trainer.is_global_zero:
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)
     trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt)

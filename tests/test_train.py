@@ -12,7 +12,7 @@ import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from tiny_checkpoint import write_tiny_checkpoint
 from train_fixtures import CONFIGS, compose_train, write_dataset, write_processor
 
@@ -357,6 +357,28 @@ def test_resume_is_exact(assets, tmp_path):
     # metrics.csv continues across the resume: every step's loss, the first run's included (Lightning's CSVLogger
     # deleted the file on resume, leaving steps 4-6 only)
     assert len(la) == len(lb) == 6 and max(abs(x - y) for x, y in zip(la, lb)) <= 1e-6, (la, lb)
+
+
+def test_a_resume_with_another_learning_rate_is_refused_and_keeps_the_run_config(assets, tmp_path):
+    """A resume restores the saved optimizer and schedule, so a changed model.optimizer.lr would be ignored: it is
+    refused naming both values, and the refused settings do not replace the run's `.hydra/config.yaml`."""
+    from musicflamingo.lit import CheckpointMismatchError
+
+    proc, manifest = assets
+    common = ["export=false", "model.scheduler.max_steps=4", "data.batch_max_tokens=800"]
+    train(compose_train(tmp_path, manifest, proc, [*common, "trainer.max_steps=2"]))
+    config = tmp_path / "run" / ".hydra" / "config.yaml"
+    assert OmegaConf.load(config).model.optimizer.lr == 1e-3
+    changed = compose_train(
+        tmp_path, manifest, proc, [*common, "trainer.max_steps=4", "model.optimizer.lr=0.01"]
+    )
+    with pytest.raises(CheckpointMismatchError, match=r"at learning rate 0.001, the settings now give 0.01"):
+        train(changed)
+    assert OmegaConf.load(config).model.optimizer.lr == 1e-3
+    _, b = train(
+        compose_train(tmp_path, manifest, proc, [*common, "trainer.max_steps=4"])
+    )  # as it was: resumes
+    assert b["trainer"].global_step == 4
 
 
 def test_csv_log_continues_and_drops_the_steps_logged_again(tmp_path):
