@@ -381,3 +381,39 @@ def test_evaluate_with_tiny_checkpoint(tmp_path):
         )
     lyr = evaluate(cfg)
     assert lyr["num_scored"] == 2 and lyr["tasks"]["lyrics"]["n_wer"] == 1
+
+
+def test_resume_refuses_resaved_checkpoint_or_other_dtype(tmp_path, monkeypatch):
+    """The checkpoint folder re-saved in place (a continued train.py re-exports <run>/export) or another dtype:
+    refused instead of appending the other model's answers; a run.json from before these keys still resumes."""
+    torch = pytest.importorskip("torch")
+    from tiny_assets import write_tiny_tokenizer
+
+    from musicflamingo import MusicFlamingo, MusicFlamingoConfig, MusicFlamingoProcessor
+    from musicflamingo.eval import runner
+    from musicflamingo.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    MusicFlamingo(MusicFlamingoConfig.from_name("tiny")).save_pretrained(ckpt)
+    MusicFlamingoProcessor(load_tokenizer(write_tiny_tokenizer(tmp_path / "tok"))).save_pretrained(ckpt)
+    _write_mcq_fixture(tmp_path)
+    # the identity is what is checked: a stand-in answers instead of loading the model
+    monkeypatch.setattr(runner, "build_predict_fn", lambda cfg: CountingPredictor(fail_after=2))
+    run = ("device=cpu", "batch_size=2", f"ckpt={ckpt}")
+    with pytest.raises(RuntimeError):  # killed after 2 predictions
+        evaluate(_cfg(tmp_path, "dtype=float32", *run))
+    identity = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert identity["dtype"] == "float32" and identity["weights"]
+    with pytest.raises(EvalConfigError, match=r"differs in: dtype\)"):
+        evaluate(_cfg(tmp_path, "dtype=bfloat16", *run))
+    torch.manual_seed(1)
+    MusicFlamingo(MusicFlamingoConfig.from_name("tiny")).save_pretrained(ckpt)  # same path, new weights
+    with pytest.raises(EvalConfigError, match=r"differs in: weights\)"):
+        evaluate(_cfg(tmp_path, "dtype=float32", *run))
+    # a folder from before dtype / weights were recorded resumes as it did (and records them from now on)
+    old = {k: v for k, v in identity.items() if k not in ("dtype", "weights")}
+    (tmp_path / "out" / "run.json").write_text(json.dumps(old))
+    monkeypatch.setattr(runner, "build_predict_fn", lambda cfg: CountingPredictor())
+    assert evaluate(_cfg(tmp_path, "dtype=float32", *run))["num_scored"] == 4
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["dtype"] == "float32"

@@ -223,7 +223,7 @@ class JsonlRecords(Sequence):
 # inside a string (so a break there never cuts a record). Not U+0085, U+2028, U+2029: valid raw inside JSON strings
 # (json.dumps(..., ensure_ascii=False) writes them so), they are text, as JSON Lines says.
 _OTHER_BREAKS = (0x0B, 0x0C, 0x1C, 0x1D, 0x1E)
-_LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e]")
+LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e]")
 
 
 def _newline_spans(data: bytes, skip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -276,7 +276,7 @@ def _read_text(path: Path) -> str:
 
 def _jsonl_lines(path: Path, text: str) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of each non-blank line, refusing runaway ones."""
-    for lineno, line in enumerate(_LINE_BREAK.split(text), start=1):
+    for lineno, line in enumerate(LINE_BREAK.split(text), start=1):
         if not line.strip():
             continue
         if len(line) > MAX_RECORD_CHARS:

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from musicflamingo.chat import format_options
+from musicflamingo.data.manifest import LINE_BREAK
 from musicflamingo.eval.parsing import normalize_text
 
 log = logging.getLogger(__name__)
@@ -178,17 +180,20 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         raise BenchmarkError(f"{path}: benchmark file not found")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM before the header
             # Header is line 1; DictReader.line_num is wrong for quoted multi-line cells, so count rows.
             return [(i + 2, dict(row)) for i, row in enumerate(csv.DictReader(f))]
     if suffix == ".parquet":
         return [(i + 1, r) for i, r in enumerate(_read_parquet(path))]
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is not JSON
+    # Lines end at "\n" ("\r\n") as in training manifests, not at every str.splitlines() break: U+2028, U+0085
+    # and the like are legal inside JSON strings (json.dumps(ensure_ascii=False) writes them raw).
+    lines = LINE_BREAK.split(text)
     if suffix != ".jsonl":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            first = next((ln for ln in text.splitlines() if ln.strip()), "")
+            first = next((ln for ln in lines if ln.strip()), "")
             try:  # a ".json" file that is really JSON lines (MMAR exports exist in both layouts)
                 looks_jsonl = isinstance(json.loads(first), dict) and text.strip() != first.strip()
             except json.JSONDecodeError:
@@ -198,7 +203,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         else:
             return _json_rows(path, data)
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -250,6 +255,74 @@ def _field(rec: Mapping[str, Any], key: str, where: str, kind: type = str) -> An
     if kind is str:
         return str(value)
     return value
+
+
+def _seconds(value: Any, where: str, key: str, *, duration: bool = False) -> float | None:
+    """A record's ``offset`` / ``duration`` in seconds: a number (or a CSV cell holding one) >= 0. Absent,
+    null or an empty cell: 0 for an offset, None (to the end of the file) for a duration. A duration of 0 is
+    refused, as in training manifests (``data.manifest._seconds``): it selects no audio, and reading it as
+    "the whole file" (as before) hid typos."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None if duration else 0.0
+    try:
+        seconds = (
+            float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+        )
+    except ValueError:
+        seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0 or (duration and seconds == 0):
+        want = "a number > 0; leave it out for the rest of the file" if duration else "a number >= 0"
+        raise BenchmarkError(f"{where}: field '{key}' must be seconds ({want}), got {value!r}")
+    return seconds
+
+
+AUDIO_EXPECTED = 'a path string or an object {"path": ..., "offset": s, "duration": s}'
+
+
+def _audio_path(rec: Mapping[str, Any], key: str, where: str, base: Path) -> str:
+    """``rec[key]`` as an absolute path; a non-string (an object or list, as in training manifests) is refused
+    here rather than turned into a file name such as "{'path': ...}" and reported missing (or dropped)."""
+    value = rec.get(key)
+    if isinstance(value, (dict, list, tuple, bool)):
+        raise BenchmarkError(
+            f"{where}: field '{key}' must be a path string, got {type(value).__name__} {value!r:.80}"
+        )
+    return _resolve(_field(rec, key, where), base)
+
+
+def _audio_segment(
+    rec: Mapping[str, Any], key: str, where: str, base: Path
+) -> tuple[str, float, float | None]:
+    """``(path, offset, duration)`` of a record's audio: ``rec[key]`` a path string with the segment in the
+    record's own ``offset`` / ``duration`` fields, or the training manifests' object form ``{"path", "offset",
+    "duration"}`` (then the record may not have its own: two segments for one clip)."""
+    value = rec.get(key)
+    if not isinstance(value, dict):
+        if isinstance(value, (list, tuple, bool)):  # several clips per record: training only
+            raise BenchmarkError(
+                f"{where}: field '{key}' must be {AUDIO_EXPECTED}, got {type(value).__name__}"
+            )
+        seg, prefix = rec, ""
+        path = _audio_path(rec, key, where, base)
+    else:
+        unknown = sorted(set(value) - {"path", "offset", "duration"})
+        if unknown:
+            raise BenchmarkError(
+                f"{where}: field '{key}' has unknown keys {unknown}; expected {AUDIO_EXPECTED}"
+            )
+        both = [k for k in ("offset", "duration") if k in value and rec.get(k) is not None]
+        if both:
+            raise BenchmarkError(
+                f"{where}: '{both[0]}' is given both in field '{key}' and beside it; keep one"
+            )
+        if not isinstance(value.get("path"), str) or not value["path"].strip():
+            raise BenchmarkError(
+                f"{where}: field '{key}.path' must be a path string, got {value.get('path')!r}"
+            )
+        seg, prefix = value, f"{key}."
+        path = _resolve(value["path"], base)
+    offset = _seconds(seg.get("offset"), where, prefix + "offset")
+    return path, offset or 0.0, _seconds(seg.get("duration"), where, prefix + "duration", duration=True)
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -319,6 +392,11 @@ def _find(folder: Path, name: str) -> Path:
         if alt.exists():
             return alt
     return path
+
+
+def _record_id(rec: Mapping[str, Any], line: int) -> str:
+    """The record's ``id`` (also 0 or ""), else ``L<line>``."""
+    return str(rec["id"]) if rec.get("id") is not None else f"L{line}"
 
 
 def _stable_id(*parts: Any) -> str:
@@ -450,7 +528,7 @@ def read_mmau(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             _field(rec, "answer", where)  # raises: test-mini ships its answers
         item = _mcq_item(
             _field(rec, "id", where),
-            _resolve(_field(rec, cfg.get("audio_field") or "audio_id", where), base),
+            _audio_path(rec, cfg.get("audio_field") or "audio_id", where, base),
             _field(rec, "question", where),
             _field(rec, "choices", where, list),
             str(rec.get("answer") or ""),
@@ -481,7 +559,7 @@ def read_mmar(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             continue
         item = _mcq_item(
             _field(rec, "id", where),
-            _resolve(_field(rec, cfg.get("audio_field") or "audio_path", where), base),
+            _audio_path(rec, cfg.get("audio_field") or "audio_path", where, base),
             _field(rec, "question", where),
             _field(rec, "choices", where, list),
             _field(rec, "answer", where),
@@ -664,16 +742,9 @@ def read_classification(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]
     for line, rec in read_records(path):
         read.rows += 1
         where = f"{path}:{line}"
-        item = _cls_item(
-            setup,
-            str(rec.get("id") or f"L{line}"),
-            _resolve(_field(rec, audio_key, where), base),
-            _field(rec, label_key, where),
-            where,
-            label_key,
-        )
-        item.offset = float(rec.get("offset", 0.0) or 0.0)
-        item.duration = float(rec["duration"]) if rec.get("duration") else None
+        audio, offset, duration = _audio_segment(rec, audio_key, where, base)
+        item = _cls_item(setup, _record_id(rec, line), audio, _field(rec, label_key, where), where, label_key)
+        item.offset, item.duration = offset, duration
         items.append(item)
     return items
 
@@ -1023,15 +1094,16 @@ def read_lyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     for line, rec in read_records(path):
         read.rows += 1
         where = f"{path}:{line}"
+        audio, offset, duration = _audio_segment(rec, cfg.get("audio_field") or "audio", where, base)
         items.append(
             _lyrics_item(
                 cfg,
-                str(rec.get("id") or f"L{line}"),
-                _resolve(_field(rec, cfg.get("audio_field") or "audio", where), base),
+                _record_id(rec, line),
+                audio,
                 _field(rec, cfg.get("lyrics_field") or "lyrics", where),
                 str(rec.get("language") or cfg.get("default_language", "en")),
-                offset=float(rec.get("offset", 0.0) or 0.0),
-                duration=float(rec["duration"]) if rec.get("duration") else None,
+                offset=offset,
+                duration=duration,
             )
         )
     return items
@@ -1186,13 +1258,10 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         read.rows += 1
         where = f"{path}:{line}"
         task = rec.get("task")
-        audio = _resolve(_field(rec, "audio", where), base)
+        audio, offset, duration = _audio_segment(rec, "audio", where, base)
         user, assistant = _turns(rec, where)
         text = user.replace("<sound>", "").strip()
-        seg = {
-            "offset": float(rec.get("offset", 0.0) or 0.0),
-            "duration": float(rec["duration"]) if rec.get("duration") else None,
-        }
+        seg = {"offset": offset, "duration": duration}
         if task == "mcq":
             choices = _field(rec, "choices", where, list)
             answer = _field(rec, "answer", where)
@@ -1205,7 +1274,7 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             question = text or _field(rec, "question", where)
             # The user turn is what the model was trained on; add the options only if it does not list them.
             template = "{question}" if "(A)" in question else _prompt(cfg, DEFAULT_MCQ_PROMPT)
-            item = _mcq_item(rec.get("id", f"L{line}"), audio, question, choices, answer, template, where, {})
+            item = _mcq_item(_record_id(rec, line), audio, question, choices, answer, template, where, {})
             item.groups = {"question_type": str(rec.get("question_type") or "n/a")}
             item.offset, item.duration = seg["offset"], seg["duration"]
             items.append(item)
@@ -1222,7 +1291,7 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
                 raise BenchmarkError(str(e)) from None
             items.append(
                 EvalItem(
-                    id=str(rec.get("id", f"L{line}")),
+                    id=_record_id(rec, line),
                     audio=audio,
                     prompt=prompt,
                     task="caption",

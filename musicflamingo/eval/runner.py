@@ -4,8 +4,8 @@
 finished item, appended batch by batch and flushed + fsync'd, so a killed run loses at most the batch in
 flight. On rerun, items already in the file are skipped; a torn last line (no trailing newline, or not valid
 JSON) left by a kill is cut off before appending. ``run.json`` records what produced the predictions
-(benchmark, data file, checkpoint, prompt settings) so a rerun into the same folder with different settings
-fails instead of mixing predictions.
+(benchmark, data file, checkpoint path, dtype and a fingerprint of the checkpoint's files, prompt settings) so
+a rerun into the same folder with different settings or re-saved weights fails instead of mixing predictions.
 
 ``evaluate(cfg)`` is the entry point that ``eval.py`` wraps; the only model-dependent code is
 ``build_predict_fn(cfg)``.
@@ -14,6 +14,7 @@ fails instead of mixing predictions.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -25,7 +26,14 @@ from typing import Any
 import torch
 
 from musicflamingo.chat import think_prompt
-from musicflamingo.checkpoint import CheckpointError, check_checkpoint_dir, load_config, stop_token_ids
+from musicflamingo.checkpoint import (
+    PROCESSOR_FILES,
+    CheckpointError,
+    check_checkpoint_dir,
+    is_model_file,
+    load_config,
+    stop_token_ids,
+)
 from musicflamingo.eval.benchmarks import Benchmark, EvalItem, build_benchmark
 from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
 from musicflamingo.eval.report import write_json, write_report
@@ -223,6 +231,33 @@ def check_checkpoint(ckpt: Any) -> Path:
         raise EvalConfigError(str(e)) from None
 
 
+def resolve_eval_dtype(
+    cfg: Mapping[str, Any], ckpt: Path, config: Any = None
+) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype ``cfg`` loads ``ckpt`` with (:func:`musicflamingo.runtime.resolve_device_dtype`)."""
+    config = load_config(ckpt) if config is None else config
+    quantize = cfg.get("quantize") or config.quantization  # int8 linears (model/quantize.py)
+    # auto: bf16 on CUDA, fp32 on CPU unless its weights do not fit; weights larger than memory are refused
+    try:
+        return resolve_device_dtype(
+            cfg.get("device", "auto"), cfg.get("dtype", "auto"), config.num_parameters(), quantize
+        )
+    except RuntimeConfigError as e:
+        raise EvalConfigError(str(e)) from None
+
+
+def checkpoint_fingerprint(ckpt: Path) -> str:
+    """A cheap fingerprint of what a checkpoint folder answers with: name, size and mtime_ns of its model
+    files (config, weights, shards) and processor files. A re-save in place (train.py re-exporting
+    <run>/export) changes it without reading gigabytes of weights; so does a copy that drops file times."""
+    parts = []
+    for f in sorted(ckpt.iterdir()):
+        if (is_model_file(f.name) or f.name in PROCESSOR_FILES) and f.is_file():
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("\n".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
 def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     """Load ``cfg["ckpt"]`` with the project API and return a batched greedy ``predict_fn``.
 
@@ -234,14 +269,8 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     from musicflamingo import MusicFlamingo, MusicFlamingoProcessor
 
     config = load_config(ckpt)
-    quantize = cfg.get("quantize") or config.quantization  # int8 linears (model/quantize.py)
-    # auto: bf16 on CUDA, fp32 on CPU unless its weights do not fit; weights larger than the memory are refused
-    try:
-        device, dtype = resolve_device_dtype(
-            cfg.get("device", "auto"), cfg.get("dtype", "auto"), config.num_parameters(), quantize
-        )
-    except RuntimeConfigError as e:
-        raise EvalConfigError(str(e)) from None
+    quantize = cfg.get("quantize") or config.quantization
+    device, dtype = resolve_eval_dtype(cfg, ckpt, config)
     stops = stop_token_ids(ckpt, config)  # generation_config.json's eos ids + the config's, as infer.py
     model = MusicFlamingo.from_pretrained(str(ckpt), dtype=dtype, device=device, quantize=quantize)
     model.eval()
@@ -324,6 +353,8 @@ def _plain(cfg: Any) -> dict[str, Any]:
 
 
 _IDENTITY_IGNORED = ("root", "audio_dir", "skip_missing_audio")
+# identity keys added later: a run.json written before them (no such key) still resumes, as it did
+_IDENTITY_ADDED = ("dtype", "weights")
 
 
 def _check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
@@ -333,7 +364,11 @@ def _check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
     # would not load) must not lock the folder against the corrected rerun
     if path.exists() and predictions.exists() and predictions.stat().st_size > 0:
         old = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        diff = sorted(
+            k
+            for k in set(old) | set(identity)
+            if old.get(k) != identity.get(k) and not (k in _IDENTITY_ADDED and k not in old)
+        )
         if diff:
             raise EvalConfigError(
                 f"{out_dir} holds predictions of another run (differs in: {', '.join(diff)}); "
@@ -388,6 +423,9 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
         "quantize"
     ):  # int8 / int4 linears answer differently: never mixed with full-precision predictions
         identity["quantize"] = str(c["quantize"])
+    if ckpt is not None:  # same path, other weights (re-exported) or another dtype: other answers
+        identity["dtype"] = str(resolve_eval_dtype(c, ckpt)[1]).replace("torch.", "")
+        identity["weights"] = checkpoint_fingerprint(ckpt)
     if predict_fn is None:  # the memory plan (config.json, the items' audio headers): refused if it won't fit
         plan = check_generation(
             c,
