@@ -162,6 +162,9 @@ def test_evaluate_resumes_and_guards_output_dir(tmp_path):
     # ... or a quantized model's answers beside full-precision ones
     with pytest.raises(EvalConfigError, match="differs in: quantize"):
         evaluate(_cfg(tmp_path, "quantize=int4"), predict_fn=CountingPredictor())
+    # ... or answers to another system turn
+    with pytest.raises(EvalConfigError, match="differs in: system_prompt"):
+        evaluate(_cfg(tmp_path, "system_prompt='Be brief.'"), predict_fn=CountingPredictor())
     # A run that failed before its first prediction locks nothing: the corrected rerun goes ahead.
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError):
@@ -321,6 +324,23 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
         "type": "audio",
         "audio": ("segment", "/x/b.wav", 30.0, 10.0, 1200.0),
     }  # decoded up to the cap
+    assert [m["role"] for m in seen["conversations"][0]] == [
+        "user"
+    ]  # the processor adds its default system turn
+
+    # system_prompt: the turn a fine-tune was trained with goes first in every conversation
+    fn = build_predict_fn(
+        {
+            "ckpt": str(tmp_path),
+            "device": "cpu",
+            "dtype": "float32",
+            "max_new_tokens": 3,
+            "system_prompt": "Be brief.",
+        }
+    )
+    fn(items[:1])
+    assert seen["conversations"][0][0] == {"role": "system", "content": "Be brief."}
+    assert seen["conversations"][0][1]["content"] == first
 
 
 def test_build_predict_fn_refuses_weights_larger_than_memory(tmp_path, monkeypatch):

@@ -297,10 +297,12 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
             return list(processor.batch_decode(ids, skip_special_tokens=True))
         return [processor.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in ids]
 
+    system = [{"role": "system", "content": str(cfg["system_prompt"])}] if cfg.get("system_prompt") else []
+
     @torch.inference_mode()
     def predict(batch: list[EvalItem]) -> list[str]:
         conversations = [
-            [{"role": "user", "content": [audio_part(it), {"type": "text", "text": it.prompt}]}]
+            [*system, {"role": "user", "content": [audio_part(it), {"type": "text", "text": it.prompt}]}]
             for it in batch
         ]
         inputs = processor.apply_chat_template(
@@ -419,6 +421,8 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     }
     if think:  # only when set: folders of earlier runs (no key) still resume
         identity["think"] = True
+    if c.get("system_prompt"):  # likewise: another system turn, other answers
+        identity["system_prompt"] = str(c["system_prompt"])
     if c.get(
         "quantize"
     ):  # int8 / int4 linears answer differently: never mixed with full-precision predictions
