@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import tempfile
 import threading
@@ -15,9 +16,11 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
+from torch.utils.data import DataLoader
 
 from musicflamingo.errors import RunStopped
 from musicflamingo.runtime import stderr_is_terminal
@@ -108,7 +111,7 @@ class BadSampleReport(Callback):
 
 class KeepCutEpochOpen(Callback):
     """A checkpoint written after training stopped inside an epoch (``trainer.max_steps``, ``max_time``, an early
-    stop), e.g. ``last.ckpt`` at ``on_train_end``, records that epoch as still open.
+    stop), e.g. ``last.ckpt`` at ``on_train_end`` (:class:`SaveLastAtTrainEnd`), records that epoch as still open.
 
     Lightning closes the epoch when the run stops, so continuing from such a file (a larger ``trainer.max_steps``)
     would start the next epoch while the data module, which counts its batches itself, resumes inside the old one:
@@ -130,6 +133,118 @@ class KeepCutEpochOpen(Callback):
             epochs[which]["processed"] = epochs[which]["started"] - 1
             epochs[which]["completed"] = epochs[which]["processed"]
         checkpoint["epoch"] = epochs["current"]["completed"]
+
+
+class SaveLastAtTrainEnd(Callback):
+    """``last.ckpt`` at the final step when training ends between periodic saves (``trainer.max_steps``,
+    ``max_time``, an early stop): Lightning's :class:`ModelCheckpoint` saves it at the end only when it saved
+    nothing during the run, so a run ending at step 6 with saves every 4 steps would leave ``last.ckpt`` at step 4.
+
+    Acts only where Lightning does not (something was saved during the run) and the last save is of an earlier
+    step; the file is written through the trainer (atomic with :class:`AtomicCheckpointIO`), on every rank.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for cb in trainer.checkpoint_callbacks:
+            if not isinstance(cb, ModelCheckpoint) or not cb.save_last or not cb._last_checkpoint_saved:
+                continue
+            # the final step already saved (a periodic save), fast_dev_run, not fitting
+            if cb._should_skip_saving_checkpoint(trainer):
+                continue
+            mode, cb.save_last = cb.save_last, True  # "link" would point at the older periodic file
+            try:
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+            finally:
+                cb.save_last = mode
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's torch (CPU, CUDA), numpy and python RNG states, as types `torch.load(weights_only=True)`
+    reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [int(version), list(py_state), py_gauss],
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("torch.cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    version, py_state, py_gauss = states["python"]
+    random.setstate((int(version), tuple(py_state), py_gauss))
+
+
+class RngStateCheckpoint(Callback):
+    """The RNG states of every rank (torch CPU / CUDA, numpy, python) in the checkpoint, restored on resume, so a
+    resumed run draws the dropout masks an uninterrupted one draws.
+
+    They are restored at ``on_train_start``, after Lightning made the resumed run's DataLoader iterator (which
+    draws a base seed from the torch RNG). When the checkpoint ends an epoch, an uninterrupted run draws that seed
+    from the saved state at the next epoch's start, for a loader that makes a fresh iterator each epoch (no
+    persistent workers): the same draw is made after the restore.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": self._gather(_rng_states()), "epoch_end": False}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        # at the epoch's last batch or after it: an epoch cut short and kept open (KeepCutEpochOpen) is not ended
+        if state is not None:
+            state["epoch_end"] = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loaded, self._loaded = self._loaded, None
+        if not loaded:
+            return
+        ranks = loaded.get("ranks") or []
+        if len(ranks) != trainer.world_size:
+            log.warning(
+                "the checkpoint holds the RNG states of %d ranks, this run has %d: random draws (dropout) continue "
+                "from the seed, not from the checkpoint",
+                len(ranks),
+                trainer.world_size,
+            )
+            return
+        _set_rng_states(ranks[trainer.global_rank])
+        if loaded.get("epoch_end"):
+            for dl in _flat_loaders(trainer.train_dataloader):
+                if dl.generator is None and not (dl.persistent_workers and dl.num_workers > 0):
+                    # torch.utils.data's _BaseDataLoaderIter.__init__: the draw of the next epoch's iterator
+                    torch.empty((), dtype=torch.int64).random_()
+
+    @staticmethod
+    def _gather(states: dict[str, Any]) -> list[dict[str, Any]]:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [states]
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        # every rank dumps the checkpoint's contents together; rank 0 writes them
+        torch.distributed.all_gather_object(out, states)
+        return out
+
+
+def _flat_loaders(loaders: Any) -> list[DataLoader]:
+    if isinstance(loaders, DataLoader):
+        return [loaders]
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return [dl for x in loaders for dl in _flat_loaders(x)]
+    return []
 
 
 class TrainingInterrupted(RunStopped):

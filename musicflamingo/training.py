@@ -27,7 +27,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from musicflamingo.callbacks import AtomicCheckpointIO, KeepCutEpochOpen, StopOnSignal
+from musicflamingo.callbacks import (
+    AtomicCheckpointIO,
+    KeepCutEpochOpen,
+    RngStateCheckpoint,
+    SaveLastAtTrainEnd,
+    StopOnSignal,
+)
 from musicflamingo.planner import check_training
 from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
 from musicflamingo.settings import check_train_settings
@@ -185,9 +191,12 @@ def build_datamodule(cfg: DictConfig, model: Any) -> tuple[L.LightningDataModule
 
 def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """The `cfg.trainer` Trainer with the `cfg.callbacks` and `cfg.logger` objects (and `extra_callbacks`), atomic
-    checkpoint files, and checkpoints that keep an epoch cut short by the stop open (`KeepCutEpochOpen`)."""
+    checkpoint files, and checkpoints that keep an epoch cut short by the stop open (`KeepCutEpochOpen`), hold the
+    RNG states (`RngStateCheckpoint`) and, at the end of training, the final step in last.ckpt
+    (`SaveLastAtTrainEnd`)."""
     one_lightning_log_line()
-    callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks) + [KeepCutEpochOpen()]
+    callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks)
+    callbacks += [KeepCutEpochOpen(), RngStateCheckpoint(), SaveLastAtTrainEnd()]
     loggers = _instantiate_dict(cfg.get("logger"))
     extra: dict[str, Any] = {}
     if cfg.trainer.get("enable_progress_bar", True) and not stderr_is_terminal():

@@ -341,7 +341,8 @@ class TokenBudgetBatchSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue epoch ``state["epoch"]`` with the batch after the ``batches_consumed`` already trained on."""
+        """Continue epoch ``state["epoch"]`` with the batch after the ``batches_consumed`` already trained on (the
+        start of the next epoch when all of its batches were)."""
         now = {"seed": self.seed, "num_replicas": self.num_replicas, "num_samples": len(self.lengths)}
         now["max_tokens"], now["num_batches"] = self.max_tokens, self.num_batches
         for key, value in now.items():
@@ -349,8 +350,13 @@ class TokenBudgetBatchSampler:
                 raise ValueError(
                     f"cannot resume the batch sampler exactly: {key} was {state[key]} when saved, now {value}"
                 )
-        self.epoch = int(state["epoch"])
-        self._resume = (self.epoch, int(state["batches_consumed"]))
+        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        if 0 < len(self) <= consumed:
+            # Epoch `epoch` is over: the next is Lightning's next. A DataLoader with workers runs `__iter__` before
+            # Lightning's `set_epoch`, which would otherwise hand out an empty rest of `epoch` as the next epoch.
+            epoch, consumed = epoch + 1, 0
+        self.epoch = epoch
+        self._resume = (epoch, consumed)
 
 
 class MixtureDataset(Dataset):
