@@ -132,17 +132,17 @@ def test_sound_runs_and_windows_per_sample(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the module
-def _net(lora: bool, freeze_projector: bool = True):
+def _net(lora: bool, freeze_projector: bool = True, overrides=AUDIO, lora_dropout: float = 0.0):
     return build_model(
         preset="tiny",
-        overrides=AUDIO,
+        overrides=overrides,
         init_from=None,
         seed=0,
         rote_quirk=True,
         gradient_checkpointing=False,
         compile=False,
         freeze={"audio_tower": True, "multi_modal_projector": freeze_projector, "language_model": lora},
-        lora={**NO_LORA, "enabled": lora},
+        lora={**NO_LORA, "enabled": lora, "dropout": lora_dropout},
     )
 
 
@@ -303,20 +303,8 @@ def test_config_errors_name_the_setting():
 def test_dropout_is_refused_with_the_settings_to_change():
     """The ratio and the KL compare passes made at different times (rollout, before and during the updates): with
     dropout they differ by its noise alone, so a model with any dropout is refused, naming each setting."""
-    dropped = build_model(
-        preset="tiny",
-        overrides={
-            "audio": {**AUDIO["audio"], "activation_dropout": 0.1},
-            "text": {"attention_dropout": 0.2},
-        },
-        init_from=None,
-        seed=0,
-        rote_quirk=True,
-        gradient_checkpointing=False,
-        compile=False,
-        freeze={"audio_tower": True, "multi_modal_projector": True, "language_model": True},
-        lora={**NO_LORA, "enabled": True, "dropout": 0.05},
-    )
+    overrides = {"audio": {**AUDIO["audio"], "activation_dropout": 0.1}, "text": {"attention_dropout": 0.2}}
+    dropped = _net(lora=True, overrides=overrides, lora_dropout=0.05)
     with pytest.raises(GRPOConfigError) as e:
         grpo_module(dropped)
     for setting in ("audio.activation_dropout=0.1", "text.attention_dropout=0.2", "lora.dropout=0.05"):
