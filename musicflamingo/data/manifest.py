@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from musicflamingo.chat import AUDIO_PLACEHOLDER, FORBIDDEN_TOKENS, ROLES, check_typed_text
+from musicflamingo.jsonl import LINE_BREAK, OTHER_BREAKS
 
 # The AF3/LLaVA file layout's roles -> chat roles (a manifest layout: the model never sees "human" or "gpt").
 AF3_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -219,11 +220,6 @@ class JsonlRecords(Sequence):
         )
 
 
-# Line breaks besides "\n" and "\r\n": the control characters str.splitlines breaks at, which JSON cannot hold raw
-# inside a string (so a break there never cuts a record). Not U+0085, U+2028, U+2029: valid raw inside JSON strings
-# (json.dumps(..., ensure_ascii=False) writes them so), they are text, as JSON Lines says.
-_OTHER_BREAKS = (0x0B, 0x0C, 0x1C, 0x1D, 0x1E)
-LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e]")
 
 
 def _newline_spans(data: bytes, skip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -234,7 +230,7 @@ def _newline_spans(data: bytes, skip: int) -> tuple[np.ndarray, np.ndarray, np.n
     ctrl = np.flatnonzero(buf < 0x20)  # one pass: the "\n"s and any other control character
     kind = buf[ctrl]
     cr = ctrl[kind == ord("\r")]
-    if np.isin(kind, _OTHER_BREAKS).any() or (buf[np.minimum(cr + 1, len(buf) - 1)] != ord("\n")).any():
+    if np.isin(kind, OTHER_BREAKS).any() or (buf[np.minimum(cr + 1, len(buf) - 1)] != ord("\n")).any():
         return None
     breaks = ctrl[kind == ord("\n")]
     starts = np.concatenate([[skip], breaks + 1]).astype(np.int64)

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from musicflamingo.chat import format_options
-from musicflamingo.data.manifest import LINE_BREAK
 from musicflamingo.eval.parsing import normalize_text
+from musicflamingo.jsonl import LINE_BREAK
 
 log = logging.getLogger(__name__)
 
