@@ -26,11 +26,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
-def _step(row: dict[str, Any]) -> float | None:
+def _step(row: dict[str, Any], default: float) -> float:
     try:
         return float(row.get("step") or "")
     except ValueError:
-        return None
+        return default
 
 
 class ContinuedExperimentWriter(ExperimentWriter):
@@ -47,9 +47,8 @@ class ContinuedExperimentWriter(ExperimentWriter):
 
     def save(self) -> None:
         if self._previous is not None and self.metrics:
-            steps = [s for s in (_step(m) for m in self.metrics) if s is not None]
-            first = min(steps) if steps else float("inf")
-            kept = [r for r in self._previous if (_step(r) if _step(r) is not None else -1) < first]
+            first = min(_step(m, float("inf")) for m in self.metrics)  # a row without a step drops nothing
+            kept = [r for r in self._previous if _step(r, -1.0) < first]  # nor is one dropped
             self._record_new_keys()
             tmp = f"{self.metrics_file_path}.tmp"
             with open(tmp, "w", newline="", encoding="utf-8") as f:

@@ -234,10 +234,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     stopper = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
     stopper.install()
     try:
-        resuming = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) is not None
-        if lock is not None and not resuming:
+        ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        if lock is not None and ckpt is None:
             save_run_config(cfg, output_dir)
-        return _fit(cfg, output_dir, stopper, save_config=lock is not None and resuming)
+        return _fit(cfg, output_dir, stopper, ckpt, save_config=lock is not None and ckpt is not None)
     finally:
         stopper.restore()
         if lock is not None:
@@ -257,7 +257,7 @@ class _SaveRunConfig(L.Callback):
 
 
 def _fit(
-    cfg: DictConfig, output_dir: Path, stopper: StopOnSignal, save_config: bool = False
+    cfg: DictConfig, output_dir: Path, stopper: StopOnSignal, ckpt: str | None, save_config: bool
 ) -> tuple[dict[str, float], dict[str, Any]]:
     set_threads(cfg.get("threads"))
     if "WANDB_API_KEY" not in os.environ:
@@ -268,7 +268,6 @@ def _fit(
     log.info("instantiating model <%s> with net <%s>", cfg.model._target_, cfg.model.net._target_)
     lit: L.LightningModule = hydra.utils.instantiate(cfg.model)
     datamodule, processor = build_datamodule(cfg, lit.model)
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     extra = [stopper, _SaveRunConfig(cfg, output_dir)] if save_config else [stopper]
     trainer = build_trainer(cfg, extra_callbacks=extra)
     if trainer.is_global_zero:
