@@ -28,7 +28,8 @@ One training step is one batch of the usual data module (each DDP rank its own p
 
 Optimization is manual (micro-batches of `micro_batch_size` completions, whole groups, each its own backward):
 `trainer.gradient_clip_val` must be null, `loss.max_grad_norm` clips. Checkpoints and resume are the SFT ones
-(optimizer, schedule, data position). Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
+(optimizer, schedule, data position), plus a fingerprint of the frozen reference: a resume must rebuild the same one.
+Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
 `train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/zero_variance_groups`,
 `train/samples_per_s`, `train/grad_norm`; `val/reward` and `val/reward/<name>` (greedy, one sample per prompt).
 """
@@ -42,7 +43,7 @@ import math
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +57,11 @@ from musicflamingo.chat import THINK_SUFFIX, encode_expanded, think_prompt
 from musicflamingo.data.dataset import chat_messages
 from musicflamingo.data.manifest import Record
 from musicflamingo.engine import Engine, Request, SamplingParams
-from musicflamingo.lit import MusicFlamingoLit
+from musicflamingo.lit import CheckpointMismatchError, MusicFlamingoLit
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.lora import adapter_layers
 from musicflamingo.reasoning import ThinkOutput, parse_think, plain_output
-from musicflamingo.rewards import Target
+from musicflamingo.rewards import CaptionFactsReward, FormatReward, Target
 from musicflamingo.runtime import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,16 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
+def weights_fingerprint(net: nn.Module, samples: int = 4096) -> list[float]:
+    """Per parameter, the float64 sum of at most ~`samples` evenly spaced values: cheap (hashing the release's
+    33 GB would take minutes) and enough to tell a checkpoint from a random init or another checkpoint."""
+    out = []
+    for p in net.parameters():
+        flat = p.detach().reshape(-1)
+        out.append(float(flat[:: max(1, flat.numel() // samples)].double().sum()))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the module
 @dataclass
 class Prompt:
@@ -329,6 +340,13 @@ class GRPOLit(MusicFlamingoLit):
             None if clip is None else _number("model.loss.max_grad_norm", clip, 0.0, strict=True)
         )
         self.think = bool(think)
+        format_rewards = [n for n, r in self.rewards.items() if isinstance(r, FormatReward)]
+        if format_rewards and not self.think:
+            # without think mode no completion has the tags: the reward is 0 for every sample and teaches nothing
+            raise GRPOConfigError(
+                f"model.rewards.{format_rewards[0]} rewards the think format, but model.think=false: set "
+                f"model.rewards.{format_rewards[0]}=null, or model.think=true"
+            )
         dropouts = _dropouts(net)
         if dropouts:
             # The clipped ratio and the KL compare log-probs of passes made at different times (rollout, before
@@ -353,9 +371,13 @@ class GRPOLit(MusicFlamingoLit):
                     "freeze them (model.net.freeze.<part>=true) or set model.loss.beta=0"
                 )
         self._reference_dtype = parse_dtype(reference_dtype)
+        # What the reference was made from, saved in checkpoints: a resume rebuilds the copy from the weights it
+        # starts from (model.net.init_from) and must not get another one (a random init gave a KL of 0.2, not 0)
+        self._reference_fingerprint: list[float] | None = None
         if self.beta > 0 and not self.uses_lora:
+            self._reference_fingerprint = weights_fingerprint(net)
             self._reference.append(frozen_copy(net, self._reference_dtype))
-        self._records: dict[str, dict[str, Record]] = {}
+        self._records: dict[str, dict[str, tuple[Record, Target]]] = {}
         self._samples_per_s: float | None = None
 
     # ------------------------------------------------------------------ setup
@@ -373,6 +395,58 @@ class GRPOLit(MusicFlamingoLit):
             # takes the policy's dtype as the fit runs it (bf16-true: bfloat16, not the float32 it was built in)
             self._reference[0].to(self.device, self._reference_dtype or self.model.dtype)
             self._reference[0].reset_buffers(self.device)
+        if self._trainer is None:  # a module driven by hand (tests): no trainer, no data module to check
+            return
+        self._check_step_counts()
+        # every record's id, target and reward fields, before the first rollout
+        for split in ("train", "val"):
+            self._record_table(split)
+
+    def _check_step_counts(self) -> None:
+        """With updates_per_batch=n each batch makes n optimizer steps, so the step count moves in jumps of n: a
+        trainer.max_steps that is not a multiple of n is overshot (5 stopped at 6), a checkpoint interval that is
+        neither a multiple nor a divisor of n is skipped (every 3 steps saved only step 6)."""
+        n = self.updates_per_batch
+        if n == 1:
+            return
+        max_steps = self.trainer.max_steps
+        if max_steps > 0 and max_steps % n:
+            raise GRPOConfigError(
+                f"trainer.max_steps={max_steps} with model.loss.updates_per_batch={n}: each batch makes {n} "
+                f"optimizer steps, so the step count never equals {max_steps} (the run would stop at "
+                f"{(max_steps // n + 1) * n}); use a multiple of {n}"
+            )
+        for cb in self.trainer.checkpoint_callbacks:
+            every = getattr(cb, "_every_n_train_steps", 0) or 0
+            if every > 0 and every % n and n % every:
+                raise GRPOConfigError(
+                    f"callbacks.model_checkpoint.every_n_train_steps={every} with model.loss.updates_per_batch={n}:"
+                    f" each batch makes {n} optimizer steps, so a checkpoint would come every {math.lcm(every, n)}"
+                    f" steps; use a multiple of {n} (or 1: every batch)"
+                )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._reference_fingerprint is not None:
+            checkpoint["grpo_reference"] = self._reference_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a resume whose frozen KL reference (made at start from the model's weights) is not the one the
+        run trained against: e.g. `ckpt_path=last` without the run's model.net.init_from."""
+        super().on_load_checkpoint(checkpoint)
+        saved, now = checkpoint.get("grpo_reference"), self._reference_fingerprint
+        if saved is None or now is None:
+            return  # no reference then (LoRA, beta 0, an older checkpoint) or none now: nothing to compare
+        same = len(saved) == len(now) and all(
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(saved, now)
+        )
+        if not same:
+            path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+            raise CheckpointMismatchError(
+                f"ckpt_path={path} trained against a KL reference made from other weights than this run starts "
+                "from: the frozen reference is rebuilt at start from model.net.init_from (or the preset's random "
+                "init), so resume with the model.net.init_from (and model.net settings) that started the run, or "
+                "start a new run from its weights (model.net.init_from=<run>/export, another run folder)"
+            )
 
     def _processor(self) -> Any:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -381,32 +455,46 @@ class GRPOLit(MusicFlamingoLit):
             raise GRPOConfigError("GRPO needs the data module's processor (data: MusicFlamingoDataModule)")
         return processor
 
-    def _record_table(self, split: str) -> dict[str, Record]:
+    def _record_table(self, split: str) -> dict[str, tuple[Record, Target]]:
+        """The split's records by id with their targets, built once (at fit start): a batch brings ids only, so an
+        id used twice is refused, naming both places, and every record's reward fields are checked up front."""
         if split not in self._records:
             dm = self.trainer.datamodule
             dataset = dm.train_dataset if split == "train" else dm.val_dataset
-            table: dict[str, Record] = {}
+            table: dict[str, tuple[Record, Target]] = {}
             for ds in getattr(dataset, "datasets", []):
                 for rec in ds.records:
-                    table.setdefault(rec.id, rec)
+                    if rec.id in table:
+                        raise GRPOConfigError(
+                            f"record id {rec.id!r} is used twice in the {split} manifests, at "
+                            f"{table[rec.id][0].source} and {rec.source}: GRPO finds each batch record's prompt "
+                            'and answer by its id, so ids must be unique (1 and "1" are the same id; a record '
+                            "without one gets '<file name>:<line>')"
+                        )
+                    table[rec.id] = (rec, _target(rec))
             self._records[split] = table
-            if split == "train" and self.tasks is not None:
-                self._check_tasks(table.values())
+            if split == "train":
+                self._check_targets(table.values())
         return self._records[split]
 
-    def _check_tasks(self, records: Iterable[Record]) -> None:
-        """`model.tasks` must keep some record: a filter matching none trained every step on nothing, silently."""
-        found: set[str] = set()
-        for rec in records:
-            reference = next((m.content for m in reversed(rec.messages) if m.role == "assistant"), "")
-            target = Target.from_record(rec.extra, reference, rec.source)
-            if {target.task, target.kind} & self.tasks:
-                return
-            found |= {t for t in (target.task, target.kind) if t}
-        raise GRPOConfigError(
-            f"model.tasks={sorted(self.tasks)} keeps no record of the training manifests (their tasks: "
-            f"{', '.join(sorted(found)) or 'none'})"
-        )
+    def _check_targets(self, entries: Collection[tuple[Record, Target]]) -> None:
+        """`model.tasks` must keep some record (a filter matching none trained every step on nothing, silently);
+        a caption with no facts gets nothing from the caption-facts reward, which is said once."""
+        kept = [(r, t) for r, t in entries if self.tasks is None or {t.task, t.kind} & self.tasks]
+        if self.tasks is not None and not kept:
+            found = {x for _, t in entries for x in (t.task, t.kind) if x}
+            raise GRPOConfigError(
+                f"model.tasks={sorted(self.tasks)} keeps no record of the training manifests (their tasks: "
+                f"{', '.join(sorted(found)) or 'none'})"
+            )
+        bare = [r.source for r, t in kept if t.kind == "caption" and not t.facts]
+        if bare and any(isinstance(r, CaptionFactsReward) for r in self.rewards.values()):
+            log.warning(
+                "%d caption record(s) have no 'facts' (nor a synthetic clip's 'meta'), first at %s: the caption "
+                "facts reward does not apply to them",
+                len(bare),
+                bare[0],
+            )
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, record: Record, audio_counts: Sequence[int]) -> list[int]:
@@ -438,11 +526,9 @@ class GRPOLit(MusicFlamingoLit):
         windows = windows_per_sample(batch.get("input_features_mask"), [sum(c) for c in counts])
         out = []
         for b, rid in enumerate(batch["ids"]):
-            rec = records.get(rid)
-            if rec is None:
+            if rid not in records:
                 raise KeyError(f"batch record id {rid!r} is not in the {split} manifests")
-            reference = next(m.content for m in reversed(rec.messages) if m.role == "assistant")
-            target = Target.from_record(rec.extra, reference, rec.source)
+            rec, target = records[rid]
             if self.tasks is not None and not ({target.task, target.kind} & self.tasks):
                 continue
             out.append(Prompt(rec.id, self.prompt_ids(rec, counts[b]), target, windows[b]))
@@ -798,6 +884,14 @@ class GRPOLit(MusicFlamingoLit):
 
 
 # ---------------------------------------------------------------------------------------------- config checks
+def _target(rec: Record) -> Target:
+    """What the record's rewards compare against (its fields checked: errors name the record's file:line)."""
+    reference = next((m.content for m in reversed(rec.messages) if m.role == "assistant"), None)
+    if reference is None:
+        raise ValueError(f"record {rec.id!r} ({rec.source}): no assistant turn to learn from")
+    return Target.from_record(rec.extra, reference, rec.source)
+
+
 def _check_keys(where: str, values: Mapping[str, Any], expected: tuple[str, ...]) -> None:
     unknown = sorted(set(values) - set(expected))
     missing = [k for k in expected if k not in values]

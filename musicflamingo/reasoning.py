@@ -14,13 +14,17 @@ format and its prompt suffix are defined with the chat format (`musicflamingo.ch
   think block's text, up to ``</think>``, ``<answer>`` or the end.
 
 ``plain`` (:func:`plain_output`) is an answer of a run without think mode: all answer, no thinking.
+
+The streamed views (:class:`ThinkStream`: `infer.py`'s display, `serve.py`'s split) only ever show a prefix of what
+:func:`parse_think` gives for the complete text, so every caller ends with the same thinking and answer.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from functools import cached_property
 from typing import Any, Literal, TextIO
 
 from musicflamingo.chat import (
@@ -28,19 +32,38 @@ from musicflamingo.chat import (
     ANSWER_OPEN,
     THINK_CLOSE,
     THINK_OPEN,
+    THINK_SUFFIX,
     think_prompt,
 )
 
 ThinkStatus = Literal["ok", "missing", "broken", "plain"]
 STATUSES: tuple[ThinkStatus, ...] = ("ok", "missing", "broken")
 
-_TAG = re.compile("|".join(re.escape(t) for t in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)))
-_WELL_FORMED = re.compile(
-    rf"\s*{re.escape(THINK_OPEN)}(.*?){re.escape(THINK_CLOSE)}\s*{re.escape(ANSWER_OPEN)}(.*?)"
-    rf"{re.escape(ANSWER_CLOSE)}\s*",
-    re.DOTALL,
-)
-_ANSWER_BLOCK = re.compile(rf"{re.escape(ANSWER_OPEN)}(.*?){re.escape(ANSWER_CLOSE)}", re.DOTALL)
+
+@dataclass(frozen=True)
+class ThinkTags:
+    """The four tags of a think-mode answer: the chat format's (`musicflamingo.chat`) unless a test swaps them."""
+
+    think_open: str = THINK_OPEN
+    think_close: str = THINK_CLOSE
+    answer_open: str = ANSWER_OPEN
+    answer_close: str = ANSWER_CLOSE
+
+    @cached_property
+    def any_tag(self) -> re.Pattern[str]:
+        return re.compile("|".join(re.escape(t) for t in astuple(self)))
+
+    @cached_property
+    def well_formed(self) -> re.Pattern[str]:
+        to, tc, ao, ac = (re.escape(t) for t in astuple(self))
+        return re.compile(rf"\s*{to}(.*?){tc}\s*{ao}(.*?){ac}\s*", re.DOTALL)
+
+    @cached_property
+    def answer_block(self) -> re.Pattern[str]:
+        return re.compile(rf"{re.escape(self.answer_open)}(.*?){re.escape(self.answer_close)}", re.DOTALL)
+
+
+TAGS = ThinkTags()
 
 
 @dataclass(frozen=True)
@@ -58,19 +81,19 @@ class ThinkOutput:
         return self.status == "ok"
 
 
-def _untagged(text: str) -> str:
-    return _TAG.sub(" ", text).strip()  # a space, not nothing: "x<answer>y" reads "x y"
+def _untagged(text: str, tags: ThinkTags = TAGS) -> str:
+    return tags.any_tag.sub(" ", text).strip()  # a space, not nothing: "x<answer>y" reads "x y"
 
 
-def parse_think(text: str | None) -> ThinkOutput:
+def parse_think(text: str | None, tags: ThinkTags = TAGS) -> ThinkOutput:
     """Split a think-mode answer into thinking and answer (see the module docstring for the statuses)."""
     text = str(text or "")
-    m = _WELL_FORMED.fullmatch(text)
-    if m and not _TAG.search(m.group(1)) and not _TAG.search(m.group(2)):
+    m = tags.well_formed.fullmatch(text)
+    if m and not tags.any_tag.search(m.group(1)) and not tags.any_tag.search(m.group(2)):
         return ThinkOutput(text, m.group(1).strip(), m.group(2).strip(), "ok")
-    if not _TAG.search(text):
+    if not tags.any_tag.search(text):
         return ThinkOutput(text, "", text.strip(), "missing")
-    return ThinkOutput(text, _broken_thinking(text), _broken_answer(text), "broken")
+    return ThinkOutput(text, _broken_thinking(text, tags), _broken_answer(text, tags), "broken")
 
 
 def plain_output(text: str | None) -> ThinkOutput:
@@ -79,25 +102,31 @@ def plain_output(text: str | None) -> ThinkOutput:
     return ThinkOutput(text, "", text.strip(), "plain")
 
 
-def _broken_answer(text: str) -> str:
-    blocks = _ANSWER_BLOCK.findall(text)
+def _broken_answer(text: str, tags: ThinkTags) -> str:
+    blocks = tags.answer_block.findall(text)
     if blocks:
-        return _untagged(blocks[-1])
-    for tag in (ANSWER_OPEN, THINK_CLOSE):
+        return _untagged(blocks[-1], tags)
+    for tag in (tags.answer_open, tags.think_close):
         if tag in text:
-            return _untagged(text[text.rindex(tag) + len(tag) :])
+            return _untagged(text[text.rindex(tag) + len(tag) :], tags)
     return ""  # only an unclosed <think>: the answer never came
 
 
-def _broken_thinking(text: str) -> str:
-    if THINK_OPEN in text:
-        start = text.index(THINK_OPEN) + len(THINK_OPEN)
-    elif THINK_CLOSE in text:  # a lone closer: everything before it was thought
+def _first_block_end(text: str, start: int, tags: ThinkTags) -> int | None:
+    """Where the first think block's text, from ``start``, ends: at ``</think>`` or ``<answer>`` (None: open)."""
+    ends = [i for i in (text.find(tags.think_close, start), text.find(tags.answer_open, start)) if i >= 0]
+    return min(ends) if ends else None
+
+
+def _broken_thinking(text: str, tags: ThinkTags) -> str:
+    if tags.think_open in text:
+        start = text.index(tags.think_open) + len(tags.think_open)
+    elif tags.think_close in text:  # a lone closer: everything before it was thought
         start = 0
     else:
         return ""
-    ends = [i for i in (text.find(THINK_CLOSE, start), text.find(ANSWER_OPEN, start)) if i >= 0]
-    return _untagged(text[start : min(ends) if ends else len(text)])
+    end = _first_block_end(text, start, tags)
+    return _untagged(text[start : len(text) if end is None else end], tags)
 
 
 def think_text(thinking: str, answer: str) -> str:
@@ -106,15 +135,29 @@ def think_text(thinking: str, answer: str) -> str:
 
 
 def think_record(record: Mapping[str, Any], thinking: str) -> dict[str, Any]:
-    """A question-answer manifest record (our JSONL layout) in the MF-Think layout: the last user turn gets the
-    think suffix, the last assistant turn becomes ``think_text(thinking, answer)``. Other fields are kept."""
-    convs = [dict(m) for m in record["conversations"]]
-    last_user = max(i for i, m in enumerate(convs) if m["role"] == "user")
-    last_answer = max(i for i, m in enumerate(convs) if m["role"] == "assistant")
-    if last_answer < last_user:
-        raise ValueError(f"record {record.get('id')!r}: the last user turn has no answer to reason about")
-    convs[last_user]["content"] = think_prompt(convs[last_user]["content"])
-    convs[last_answer]["content"] = think_text(thinking, convs[last_answer]["content"])
+    """A question-answer manifest record (our JSONL layout: ``conversations`` of ``role``/``content``) in the
+    MF-Think layout: the last user turn gets the think suffix, the last assistant turn becomes
+    ``think_text(thinking, answer)``. Other fields are kept. Idempotent: a turn already in the layout (the suffix
+    there, the answer already ``<think>..</think><answer>..</answer>``) is left as it is."""
+    name = f"record {record.get('id')!r}"
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not all(isinstance(m, Mapping) for m in convs):
+        raise ValueError(f"{name}: 'conversations' must be a list of messages, got {convs!r:.80}")
+    if any("role" not in m or "content" not in m for m in convs):
+        # The AF3 layout ({"from": "human"/"gpt", "value": ...}) is read by the manifest loader, not rewritten here
+        raise ValueError(
+            f"{name}: messages need 'role' and 'content' (our JSONL layout; convert AF3 'from'/'value')"
+        )
+    convs = [dict(m) for m in convs]
+    users = [i for i, m in enumerate(convs) if m["role"] == "user"]
+    answers = [i for i, m in enumerate(convs) if m["role"] == "assistant"]
+    if not users or not answers or answers[-1] < users[-1]:
+        raise ValueError(f"{name}: the last user turn has no assistant answer to reason about")
+    question, answer = convs[users[-1]], convs[answers[-1]]
+    if not str(question["content"]).rstrip().endswith(THINK_SUFFIX):
+        question["content"] = think_prompt(question["content"])
+    if not parse_think(answer["content"]).well_formed:
+        answer["content"] = think_text(thinking, answer["content"])
     return {**record, "conversations": convs}
 
 
@@ -133,44 +176,60 @@ def _partial_tag(text: str, tags: Iterable[str]) -> int:
 class ThinkStream:
     """Text deltas of a think-mode answer in, the reasoning text to show so far out.
 
-    Reasoning streams only when the answer opens with ``<think>`` (leading whitespace aside); a piece of text that
-    may be the start of ``</think>`` or ``<answer>`` is held back until it is decided. :meth:`finish` parses the
-    whole text.
+    What it shows is always a prefix of the thinking :func:`parse_think` gives for the complete text, so nothing
+    shown is taken back: reasoning streams while the answer opens with ``<think>`` (leading whitespace aside) and
+    that block is open, tags inside it read as a space (as the parser reads them); a piece of text that may be the
+    start of a tag, and trailing whitespace, wait until decided. :meth:`flush` gives the rest of the parse's
+    thinking (all of it when none streamed) and :meth:`finish` the parse.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tags: ThinkTags = TAGS) -> None:
+        self.tags = tags
         self.text = ""
-        self.shown = 0  # characters of reasoning already returned
+        self.shown = ""  # the reasoning already returned
+
+    def _block(self) -> tuple[int, int | None] | None:
+        """(start, end) of the opening think block's text, end None while open; None when the text does not
+        (yet) open with the think tag."""
+        head = self.text.lstrip()
+        if not head.startswith(self.tags.think_open):
+            return None
+        start = len(self.text) - len(head) + len(self.tags.think_open)
+        return start, _first_block_end(self.text, start, self.tags)
+
+    @property
+    def opened(self) -> bool:
+        """The answer opens with the think tag."""
+        return self._block() is not None
+
+    @property
+    def ended(self) -> bool:
+        """The opening think block has ended (``</think>`` or ``<answer>`` seen)."""
+        block = self._block()
+        return block is not None and block[1] is not None
 
     def push(self, delta: str) -> str:
         self.text += delta
-        return self._reasoning(hold=True)
-
-    def flush(self) -> str:
-        """The reasoning not returned yet, nothing held back (the text is complete)."""
-        return self._reasoning(hold=False)
-
-    def _reasoning(self, hold: bool) -> str:
-        head = self.text.lstrip()
-        if not head.startswith(THINK_OPEN):
+        block = self._block()
+        if block is None:
             return ""
-        start = len(self.text) - len(head) + len(THINK_OPEN)
-        ends = [i for i in (self.text.find(THINK_CLOSE, start), self.text.find(ANSWER_OPEN, start)) if i >= 0]
-        if ends:
-            end = min(ends)
-        else:
-            end = len(self.text) - (
-                _partial_tag(self.text[start:], (THINK_CLOSE, ANSWER_OPEN)) if hold else 0
-            )
-        visible = self.text[start:end]
-        if THINK_OPEN in visible:  # a nested <think>: stop streaming; the parse at the end decides
-            visible = visible[: visible.index(THINK_OPEN)]
-        out = visible[self.shown :]
-        self.shown = max(self.shown, len(visible))
+        start, end = block
+        if end is None:
+            end = len(self.text) - _partial_tag(self.text[start:], astuple(self.tags))
+        return self._show(_untagged(self.text[start:end], self.tags))
+
+    def _show(self, reasoning: str) -> str:
+        if not reasoning.startswith(self.shown):
+            return ""  # cannot happen with the chat format's tags (each starts with its only "<")
+        out, self.shown = reasoning[len(self.shown) :], reasoning
         return out
 
+    def flush(self) -> str:
+        """The parse's thinking not returned yet (the text is complete)."""
+        return self._show(self.finish().thinking)
+
     def finish(self) -> ThinkOutput:
-        return parse_think(self.text)
+        return parse_think(self.text, self.tags)
 
 
 DIM, UNDIM = "\x1b[2m", "\x1b[22m"
@@ -209,9 +268,8 @@ class ThinkDisplay:
     def finish(self) -> ThinkOutput:
         """Shows what the stream held back (or the parse's reasoning, when the answer did not open with a think
         tag) and then the answer; returns the parse."""
-        rest = self.stream.flush()
+        self._reasoning(self.stream.flush())
         parsed = self.stream.finish()
-        self._reasoning(rest if self.stream.shown else parsed.thinking)
         if self.started:
             self.out.write((UNDIM if self.dim else "") + "\n")
         note = "" if parsed.status in ("ok", "plain") else f" ({parsed.status} think/answer tags)"

@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from musicflamingo.chat import option_letter
 from musicflamingo.data.synthetic.theory import (
     INSTRUMENT_FAMILIES,
     MODES,
@@ -37,6 +36,7 @@ from musicflamingo.data.synthetic.theory import (
     TIME_SIGNATURES,
     Key,
 )
+from musicflamingo.eval.parsing import parse_choice
 from musicflamingo.reasoning import ThinkOutput, parse_think
 
 # Record tasks whose answer is a description scored by facts; every other task is a question with one answer.
@@ -147,48 +147,80 @@ def caption_fact_score(caption: str, facts: Sequence[Fact]) -> float:
 # ---------------------------------------------------------------------------------------------- targets
 @dataclass(frozen=True)
 class Target:
-    """What a record says is right. ``kind``: ``"qa"`` (one answer, ``choices`` for multiple choice) or
-    ``"caption"`` (scored by ``facts``); ``task``: the record's own ``task`` field (or ``kind``)."""
+    """What a record says is right. ``kind``: ``"qa"`` (one answer; with ``choices``, multiple choice and
+    ``correct`` the right option's index) or ``"caption"`` (scored by ``facts``); ``task``: the record's own
+    ``task`` field (or ``kind``)."""
 
     kind: str
     task: str
     answer: str
     choices: tuple[str, ...] = ()
     facts: tuple[Fact, ...] = ()
+    correct: int | None = None
 
     @classmethod
     def from_record(cls, extra: Mapping[str, Any], reference: str, where: str = "record") -> Target:
         """From a manifest record's extra fields (``task``, ``answer``, ``choices``, ``facts``/``meta``) and its
-        last assistant turn ``reference`` (in the MF-Think layout, its answer part)."""
+        last assistant turn ``reference`` (in the MF-Think layout, its answer part). A field that would make the
+        rewards silently 0 (an empty or non-text answer, one that is none of the choices) is a ValueError naming
+        ``where`` and the field."""
         ref = parse_think(reference)
         reference = ref.answer if ref.well_formed else reference.strip()
         task = str(extra.get("task") or "")
         kind = "caption" if task in CAPTION_TASKS else "qa"
         answer = extra.get("answer")
+        if answer is None:
+            answer, field = reference, "the last assistant turn"
+        elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise ValueError(f"{where}: 'answer' must be a string or a number, got {answer!r:.80}")
+        else:
+            answer, field = str(answer), "'answer'"
         choices = extra.get("choices") or ()
         if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
             raise ValueError(f"{where}: 'choices' must be a list of strings, got {choices!r:.80}")
+        correct = None
+        if kind == "qa":
+            if not normalize_answer(answer):
+                raise ValueError(
+                    f"{where}: {field} is empty: the accuracy reward has no answer to compare with"
+                )
+            if choices:
+                correct = _choice_index(answer, choices)
+                if correct is None:
+                    raise ValueError(
+                        f"{where}: {field} {answer!r:.80} is none of 'choices' {list(choices)!r:.120} (as the "
+                        "option's text or its letter)"
+                    )
         return cls(
             kind=kind,
             task=task or kind,
-            answer=str(answer) if isinstance(answer, (str, int, float)) else reference,
+            answer=answer,
             choices=tuple(choices),
             facts=record_facts(extra, where) if kind == "caption" else (),
+            correct=correct,
         )
 
 
+def _choice_index(answer: str, choices: Sequence[str]) -> int | None:
+    """The option a reference answer names: its text (case and punctuation aside) first, so choices that are
+    letters keep their meaning, else eval's option parser (a letter "B", "(B) 120 BPM")."""
+    norm = normalize_answer(answer)  # keeps "#": "C# minor" is not "C minor"
+    exact = [i for i, c in enumerate(choices) if normalize_answer(c) == norm]
+    if exact:
+        return exact[0]
+    parsed = parse_choice(answer, choices)
+    return parsed.index if parsed.status == "ok" else None
+
+
 def answer_matches(answer: str, target: Target) -> bool:
-    """Normalised exact match (:func:`normalize_answer`) with the reference answer; for multiple choice also with
-    its option letter ("B", "(B)") or letter and text ("(B) 120 BPM")."""
+    """Multiple choice: eval's option parser (`eval.parsing.parse_choice`: the letter "B", "(B)", "The answer is
+    B", the option's text in any case) names the right option (or one with the same text). Otherwise: normalised
+    exact match (:func:`normalize_answer`) with the reference answer."""
+    if target.correct is not None:
+        got = parse_choice(answer, target.choices).index
+        return got is not None and target.choices[got].strip() == target.choices[target.correct].strip()
     got = normalize_answer(answer)
-    if not got:
-        return False
-    ref = normalize_answer(target.answer)
-    accepted = {ref}
-    if target.answer in target.choices:
-        letter = option_letter(target.choices.index(target.answer)).lower()
-        accepted |= {letter, f"{letter} {ref}"}
-    return got in accepted
+    return bool(got) and got == normalize_answer(target.answer)
 
 
 # ---------------------------------------------------------------------------------------------- rewards
@@ -199,13 +231,14 @@ def _check_weight(weight: float) -> float:
 
 
 class FormatReward:
-    """1 when the completion is exactly ``<think>...</think><answer>...</answer>``, else 0; every sample."""
+    """1 when the completion is exactly ``<think>...</think><answer>...</answer>`` with a non-empty answer, else 0;
+    every sample."""
 
     def __init__(self, weight: float = 1.0) -> None:
         self.weight = _check_weight(weight)
 
     def __call__(self, output: ThinkOutput, target: Target) -> float | None:
-        return 1.0 if output.well_formed else 0.0
+        return 1.0 if output.well_formed and output.answer else 0.0  # an empty answer answers nothing
 
 
 class AccuracyReward:

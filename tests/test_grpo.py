@@ -314,8 +314,8 @@ def test_dropout_is_refused_with_the_settings_to_change():
 
 
 def test_a_task_filter_that_keeps_no_record_is_an_error(tmp_path):
-    """model.tasks matching no record of the training data (captions asked, questions given) stops at the first
-    step naming the tasks there are; it used to train every step on nothing."""
+    """model.tasks matching no record of the training data (captions asked, questions given) stops at fit start
+    naming the tasks there are; it used to train every step on nothing."""
     proc = write_processor(tmp_path / "proc")
     manifest = write_dataset(tmp_path / "data")
     overrides = [
@@ -335,7 +335,8 @@ def test_prompts_are_rendered_as_inference_renders_them(tmp_path, monkeypatch):
     manifest = write_dataset(tmp_path / "data", n=1)
     record = read_manifest(manifest)[0]
     for think in (True, False):
-        lit = grpo_module(_net(lora=True), think=think)
+        rewards = {"short": PrefersShort()}  # the format reward needs think mode
+        lit = grpo_module(_net(lora=True), think=think, rewards=rewards)
         monkeypatch.setattr(lit, "_processor", lambda: processor)
         text = think_prompt("What is this?") if think else "What is this?"
         expected = processor.apply_chat_template([conversation(text, record.audios[0].path)])["input_ids"][0]
@@ -606,3 +607,146 @@ def test_release_size_lora_step_on_gpu(tmp_path, monkeypatch):
     assert obj["trainer"].global_step == 2
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"\nrelease-size GRPO step, LoRA, bf16: {clock.seconds} s per step, peak {peak:.1f} GiB")
+
+
+# ------------------------------------------------------------------------------------------------ checked at start
+def _attach_manifests(lit, *manifests: Path):  # noqa: ANN001
+    """A stand-in trainer whose data module holds `manifests` as its training datasets (one each)."""
+    from types import SimpleNamespace
+
+    datasets = [SimpleNamespace(records=read_manifest(m)) for m in manifests]
+    dm = SimpleNamespace(train_dataset=SimpleNamespace(datasets=datasets), val_dataset=None)
+    lit._trainer = SimpleNamespace(datamodule=dm)
+    return lit
+
+
+def _rewrite(manifest: Path, change) -> Path:  # noqa: ANN001
+    import json
+
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i, r in enumerate(records):
+        change(i, r)
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return manifest
+
+
+def test_duplicate_record_ids_are_refused_naming_both_places(tmp_path):
+    """A batch brings record ids only: a second record with the same id (1 and "1", or two manifests of the same
+    file name without ids) used to get the first one's prompt and answer, silently."""
+    manifest = _rewrite(
+        write_dataset(tmp_path / "a"), lambda i, r: r.update(id=1 if i == 0 else "1" if i == 2 else r["id"])
+    )
+    lit = _attach_manifests(grpo_module(_net(lora=True)), manifest)
+    with pytest.raises(
+        GRPOConfigError, match=r"record id '1' is used twice .* at \S+a/train.jsonl:1 and \S+a/train.jsonl:3"
+    ):
+        lit._record_table("train")
+    no_ids = [_rewrite(write_dataset(tmp_path / d), lambda i, r: r.pop("id")) for d in ("x", "y")]
+    lit = _attach_manifests(grpo_module(_net(lora=True)), *no_ids)
+    with pytest.raises(
+        GRPOConfigError,
+        match=r"'train.jsonl:1' is used twice .* at \S+x/train.jsonl:1 and \S+y/train.jsonl:1",
+    ):
+        lit._record_table("train")
+    # in a run the check comes at fit start, before any rollout
+    with pytest.raises(GRPOConfigError, match="is used twice"):
+        train(
+            compose_train(
+                tmp_path / "run",
+                manifest,
+                write_processor(tmp_path / "proc"),
+                ["experiment=grpo", SHORT, "export=false"],
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (
+            {"task": "mcq", "choices": "AB", "answer": "A"},
+            r"train.jsonl:4: 'choices' must be a list of strings",
+        ),
+        ({"task": "caption", "facts": {}}, r"train.jsonl:4: 'facts' must be a non-empty object"),
+        ({"answer": ""}, r"train.jsonl:4: 'answer' is empty"),
+        ({"answer": ["a", "b"]}, r"train.jsonl:4: 'answer' must be a string or a number"),
+        ({"answer": True}, r"train.jsonl:4: 'answer' must be a string or a number"),
+        (
+            {"task": "mcq", "choices": ["60 BPM", "90 BPM"], "answer": "120 BPM"},
+            r"train.jsonl:4: 'answer' '120 BPM' is none of 'choices'",
+        ),
+    ],
+)
+def test_reward_fields_of_every_record_are_checked_at_start(tmp_path, change, error):
+    """A bad reward field used to stop the run when its record's batch came (with bad_sample_policy=skip too)."""
+    manifest = _rewrite(write_dataset(tmp_path / "data"), lambda i, r: r.update(change) if i == 3 else None)
+    lit = _attach_manifests(grpo_module(_net(lora=True)), manifest)
+    with pytest.raises(ValueError, match=error):
+        lit._record_table("train")
+
+
+def test_a_caption_without_facts_is_reported_once(tmp_path, caplog):
+    from musicflamingo.rewards import CaptionFactsReward
+
+    manifest = _rewrite(write_dataset(tmp_path / "data"), lambda i, r: r.update(task="caption"))
+    lit = _attach_manifests(grpo_module(_net(lora=True), rewards={"facts": CaptionFactsReward()}), manifest)
+    with caplog.at_level("WARNING", logger="musicflamingo.grpo"):
+        lit._record_table("train")
+    warned = [r.getMessage() for r in caplog.records if "no 'facts'" in r.getMessage()]
+    assert len(warned) == 1 and "4 caption record(s)" in warned[0] and "train.jsonl:1" in warned[0]
+
+
+def test_the_format_reward_without_think_mode_is_refused():
+    """Without think mode no completion has the tags: the format reward was 0 for every sample, silently."""
+    with pytest.raises(
+        GRPOConfigError, match=r"model.rewards.format .* model.think=false: set model.rewards.format=null"
+    ):
+        grpo_module(_net(lora=True), think=False)
+
+
+def test_a_resume_with_another_kl_reference_is_refused():
+    """Full fine-tuning's reference is a copy of the weights the run starts from: resuming without the run's
+    model.net.init_from rebuilt it from a random init (train/kl 0.2 at once instead of ~0), silently."""
+    from musicflamingo.lit import CheckpointMismatchError
+
+    def net(seed: int):  # noqa: ANN202
+        m = _net(lora=False)
+        torch.manual_seed(seed)
+        for p in m.parameters():
+            nn.init.normal_(p, std=0.02)
+        return m
+
+    saved = grpo_module(net(1))
+    checkpoint = {"state_dict": saved.state_dict()}
+    saved.on_save_checkpoint(checkpoint)
+    assert "grpo_reference" in checkpoint
+    grpo_module(net(1)).on_load_checkpoint(checkpoint)  # the same starting weights: accepted
+    with pytest.raises(CheckpointMismatchError, match="KL reference .* resume with the model.net.init_from"):
+        grpo_module(net(2)).on_load_checkpoint(checkpoint)
+    grpo_module(net(2), beta=0.0).on_load_checkpoint(checkpoint)  # no reference now: nothing to compare
+
+
+@pytest.mark.parametrize(
+    "setting, error",
+    [
+        ("trainer.max_steps=5", r"trainer.max_steps=5 with model.loss.updates_per_batch=2: .* stop at 6"),
+        ("callbacks.model_checkpoint.every_n_train_steps=3", r"every_n_train_steps=3 .* every 6 steps"),
+    ],
+)
+def test_updates_per_batch_needs_step_counts_it_can_reach(tmp_path, setting, error):
+    """updates_per_batch=2 makes two optimizer steps a batch: max_steps=5 ended at step 6, and a checkpoint every
+    3 steps came only at step 6."""
+    proc = write_processor(tmp_path / "proc")
+    manifest = write_dataset(tmp_path / "data", n=8)
+    overrides = [
+        "experiment=grpo",
+        SHORT,
+        "model.rollout.max_new_tokens=3",
+        "model.loss.updates_per_batch=2",
+        "trainer.max_steps=4",
+        "data.batch_max_tokens=800",
+        "export=false",
+        setting,
+    ]
+    with pytest.raises(GRPOConfigError, match=error):
+        train(compose_train(tmp_path, manifest, proc, overrides))

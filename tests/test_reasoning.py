@@ -91,8 +91,33 @@ def _stream(text: str, dim: bool) -> tuple[str, object]:
 def test_stream_holds_back_partial_tags():
     s = ThinkStream()
     shown = [s.push(d) for d in ("<thi", "nk>low ", "note</", "think><ans", "wer>C</answer>")]
-    assert shown == ["", "low ", "note", "", ""]
+    assert shown == ["", "low", " note", "", ""]  # trailing whitespace waits too: it may end the reasoning
     assert s.finish().answer == "C"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think>a <think> b</think><answer>B</answer>",  # nested: "<think" was shown and " b" never was
+        "<think>x </answer> y</think><answer>B</answer>",
+        "<think>x < y and <b>bold</b></think><answer>B</answer>",
+        "Sure. <think>a</think><answer>B</answer>",  # text before <think>: the thinking comes at the end
+        "\n<think>\nslow\n</think>\n\n<answer> 60 BPM </answer>\n",
+        "<think>a</th",
+    ],
+)
+def test_display_streams_a_prefix_of_the_parse(text):
+    """Fed one character at a time, the display never shows a piece of a tag, and what it shows of the reasoning
+    is exactly the parse's thinking (a prefix while streaming, nothing taken back)."""
+    want = parse_think(text)
+    s = ThinkStream()
+    shown = ""
+    for ch in text:
+        shown += s.push(ch)
+        assert want.thinking.startswith(shown) and "<think" not in shown, shown
+    assert shown + s.flush() == want.thinking
+    before, parsed, out = _stream(text, dim=False)
+    assert parsed == want and out.getvalue().startswith(f"thinking: {want.thinking}\n")
 
 
 def test_display_shows_reasoning_apart_and_the_answer_last():
@@ -163,7 +188,9 @@ def test_format_reward(text, fmt):
         ("b. 120 BPM", 1.0),
         ("160 BPM", 0.0),  # another option
         ("C", 0.0),  # another letter
-        ("The answer is 120 BPM", 0.0),  # exact match only
+        ("The answer is 120 BPM", 1.0),  # eval's option parser (parse_choice) decides, as at eval time
+        ("the answer is B", 1.0),
+        ("60 BPM or 120 BPM", 0.0),  # two options: ambiguous
         ("", 0.0),
     ],
 )
@@ -171,6 +198,42 @@ def test_accuracy_reward_on_the_answer_text(answer, right):
     think = parse_think(f"<think>listening</think><answer>{answer}</answer>")
     assert AccuracyReward()(think, MCQ) == right
     assert AccuracyReward()(plain_output(answer), MCQ) == right  # a run without think mode: the whole text
+
+
+def test_an_empty_answer_earns_no_format_reward():
+    for text in ("<think></think><answer></answer>", "<think>x</think><answer>   </answer>"):
+        assert parse_think(text).well_formed and FormatReward()(parse_think(text), MCQ) == 0.0
+
+
+def test_accuracy_reads_options_as_eval_does():
+    """The record's answer names its option in any case or by its letter, and the model's answer is read by eval's
+    option parser: "120 bpm" vs the choice "120 BPM" lost the letter, an answer given as "B" lost the text."""
+    choices = ["60 BPM", "120 BPM"]
+    for answer in ("120 bpm", "B", "(B) 120 BPM"):
+        target = Target.from_record({"task": "mcq", "choices": choices, "answer": answer}, "x")
+        assert target.correct == 1, answer
+        for said in ("B", "120 BPM", "120 bpm", "(B) 120 BPM"):
+            assert AccuracyReward()(plain_output(said), target) == 1.0, (answer, said)
+        assert AccuracyReward()(plain_output("A"), target) == 0.0
+    # options that are letters keep their text's meaning in the record
+    letters = Target.from_record({"task": "mcq", "choices": ["B", "A"], "answer": "A"}, "x")
+    assert letters.correct == 1
+
+
+@pytest.mark.parametrize(
+    "extra, reference, error",
+    [
+        ({"answer": ""}, "jazz", "'answer' is empty"),
+        ({"answer": ["jazz"]}, "jazz", "'answer' must be a string or a number"),
+        ({"answer": True}, "yes", "'answer' must be a string or a number"),
+        ({}, "  ", "the last assistant turn is empty"),
+        ({"task": "mcq", "choices": ["a", "b"], "answer": "c"}, "c", "'answer' 'c' is none of 'choices'"),
+    ],
+)
+def test_answers_that_would_score_zero_are_refused(extra, reference, error):
+    with pytest.raises(ValueError, match=f"train.jsonl:7: {error}"):
+        Target.from_record(extra, reference, "train.jsonl:7")
+    assert Target.from_record({"answer": 120}, "x").answer == "120"  # numbers are text
 
 
 def test_accuracy_reward_reads_only_the_answer_and_keeps_sharps():
@@ -279,6 +342,28 @@ def test_think_record_layout_and_its_labels(tmp_path):
     learned = [t for t in labels if t != -100]
     # the whole think text is learned, with the closing <|im_end|> (299)
     assert tok.decode(learned[:-1]) == out["conversations"][1]["content"] and learned[-1] == 299
+
+
+def test_think_record_refuses_other_layouts_and_is_idempotent():
+    with pytest.raises(ValueError, match="record 'q1': the last user turn has no assistant answer"):
+        think_record({"id": "q1", "conversations": [{"role": "user", "content": "<sound>Tempo?"}]}, "r")
+    af3 = {
+        "id": "q2",
+        "conversations": [{"from": "human", "value": "<sound>?"}, {"from": "gpt", "value": "x"}],
+    }
+    with pytest.raises(ValueError, match="record 'q2': messages need 'role' and 'content'"):
+        think_record(af3, "r")
+    with pytest.raises(ValueError, match="record 'q3': 'conversations' must be a list"):
+        think_record({"id": "q3"}, "r")
+    rec = {
+        "id": "q4",
+        "conversations": [
+            {"role": "user", "content": "<sound>Tempo?"},
+            {"role": "assistant", "content": "120 BPM"},
+        ],
+    }
+    once = think_record(rec, "Two beats a second.")
+    assert think_record(once, "Two beats a second.") == once  # no second suffix, no nested tags
 
 
 # ------------------------------------------------------------------------------------------------ infer.py

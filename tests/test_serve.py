@@ -833,3 +833,22 @@ def test_cli_error_is_one_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("error: ckpt=") and "no_such_ckpt is not a folder" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think>a</think><answer>A</answer><answer>B</answer>",  # two answers: the last, as parse_think
+        "Sure. <think>a</think><answer>B</answer>",  # text before <think>: was returned raw
+        "<think>a <think> b</think><answer>B</answer>",  # nested
+        "<think>a</think><answer>B</answer>tail",
+    ],
+)
+def test_think_split_of_broken_answers_is_parse_thinks(text):
+    """The server answers what infer.py and eval.py read from the same text (`reasoning.parse_think`), broken
+    tags included; pieces of any size."""
+    want = parse_think(text)
+    for size in (1, 2, 3, len(text)):
+        sp = ThinkSplitter()
+        parts = [sp.push(text[i : i + size]) for i in range(0, len(text), size)] + [sp.flush()]
+        assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == (want.thinking, want.answer)

@@ -2,17 +2,16 @@
 
 `AnswerStream.push(tokens)` returns `(reasoning, content)` deltas. Without think mode their concatenation over a
 request is `tokenizer.decode(tokens)` (what `infer.py` prints) up to a stop string. In think mode the answer reads
-``<think>reasoning</think><answer>answer</answer>`` (`musicflamingo.chat`); the two sections come out apart and
-stripped, as `reasoning.parse_think` gives them for a well-formed answer. Text that might be the start of a stop
-string or a tag, and whitespace that might end a section, is held back until it is decided.
+``<think>reasoning</think><answer>answer</answer>`` (`musicflamingo.chat`); the two sections come out apart, as
+`reasoning.parse_think` gives them for the whole text: the reasoning streams, the answer comes at the end. Text that
+might be the start of a stop string or a tag, and whitespace that might end a section, is held back until decided.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from musicflamingo.chat import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
+from musicflamingo.reasoning import ThinkStream, ThinkTags
 from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -54,103 +53,28 @@ class StopStrings:
         return out
 
 
-@dataclass(frozen=True)
-class ThinkFormat:
-    """The tags of a think-mode answer (the chat format's, `musicflamingo.chat`)."""
-
-    think_open: str = THINK_OPEN
-    think_close: str = THINK_CLOSE
-    answer_open: str = ANSWER_OPEN
-    answer_close: str = ANSWER_CLOSE
+# The tags of a think-mode answer (the chat format's; a test swaps in others)
+ThinkFormat = ThinkTags
 
 
 class ThinkSplitter:
-    """``<think>reasoning</think><answer>answer</answer>`` arriving in pieces -> (reasoning, content) deltas.
+    """``<think>reasoning</think><answer>answer</answer>`` arriving in pieces -> (reasoning, content) deltas, by
+    `reasoning.parse_think`'s rule, so the server answers what `infer.py` and `eval.py` read from the same text.
 
-    Sections are stripped (leading whitespace dropped, trailing whitespace held until more text follows). An
-    answer without tags is all content; text after ``</think>`` without ``<answer>`` is content; a ``<think>``
-    never closed is all reasoning; text after ``</answer>`` is dropped. These agree with `reasoning.parse_think`
-    for well-formed answers and for those cut short; for other broken ones the stream gives its best guess as it
-    goes (it cannot take back what it sent).
+    The reasoning streams while the answer opens with ``<think>`` and that block is open (`reasoning.ThinkStream`:
+    never more than the final parse's thinking); the content, the parse's answer, comes whole at the end: only the
+    complete text decides it (a second ``<answer>`` block replaces the first, text before ``<think>`` is no answer).
     """
 
     def __init__(self, fmt: ThinkFormat | None = None) -> None:
-        self.f = fmt or ThinkFormat()
-        self.state = "start"  # start -> reasoning -> between -> answer -> done; start/between -> plain
-        self.opened = False  # the answer opened with the think tag
-        self.buf = ""
-        self.started = False  # the current section has shown text (its leading whitespace is gone)
-
-    def _show(self, text: str) -> str:
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        return text
-
-    def _enter(self, state: str, rest: str) -> None:
-        self.state, self.buf, self.started = state, rest, False
-
-    def _section(self, ends: tuple[str, ...], final: bool) -> tuple[str, str | None]:
-        """Text of the current section that can be shown, and the end tag found (None: not yet)."""
-        found = [(self.buf.find(t), t) for t in ends if t in self.buf]
-        if found:
-            at, tag = min(found)
-            shown = self._show(self.buf[:at].rstrip())
-            self.buf = self.buf[at + len(tag) :]
-            return shown, tag
-        cut = len(self.buf) if final else len(self.buf) - _partial_suffix(self.buf, *ends)
-        end = len(self.buf[:cut].rstrip())  # trailing whitespace waits: it may end the section
-        shown, self.buf = self._show(self.buf[:end]), self.buf[end:]
-        return shown, None
-
-    def _advance(self, final: bool) -> tuple[str, str, bool]:
-        """One move of the state machine: (reasoning, content, whether it can move again)."""
-        f = self.f
-        if self.state in ("start", "between"):
-            head = self.buf.lstrip()
-            opens = (f.think_open, f.answer_open) if self.state == "start" else (f.answer_open,)
-            for tag in opens:
-                if head.startswith(tag):
-                    self.opened = self.opened or tag == f.think_open
-                    self._enter("reasoning" if tag == f.think_open else "answer", head[len(tag) :])
-                    return "", "", True
-            if not head or (not final and any(t.startswith(head) for t in opens)):
-                return "", "", False  # undecided: nothing yet, or a piece of a tag
-            self._enter("plain", head)
-            return "", "", True
-        if self.state == "reasoning":
-            shown, tag = self._section((f.think_close, f.answer_open), final)
-            if tag is not None:
-                self._enter("between" if tag == f.think_close else "answer", self.buf)
-            return shown, "", tag is not None
-        if self.state == "answer":
-            shown, tag = self._section((f.answer_close,), final)
-            if tag is not None:
-                self._enter("done", "")
-            return "", shown, False
-        if self.state == "plain":
-            shown, _ = self._section((), final)
-            return "", shown, False
-        self.buf = ""  # done: whatever follows the answer is not shown
-        return "", "", False
-
-    def _run(self, final: bool) -> tuple[str, str]:
-        reasoning = content = ""
-        more = True
-        while more:
-            r, c, more = self._advance(final)
-            reasoning, content = reasoning + r, content + c
-        return reasoning, content
+        self.stream = ThinkStream(fmt or ThinkFormat())
 
     def push(self, text: str) -> tuple[str, str]:
-        self.buf += text
-        return self._run(final=False)
+        return self.stream.push(text), ""
 
     def flush(self) -> tuple[str, str]:
-        """What is left once the answer is complete (held whitespace at a section's end is dropped)."""
-        reasoning, content = self._run(final=True)
-        self.buf = ""
-        return reasoning, content
+        """The rest of the reasoning and the whole answer, once the text is complete."""
+        return self.stream.flush(), self.stream.finish().answer
 
 
 class AnswerStream:
@@ -191,10 +115,10 @@ class AnswerStream:
             self.completion_tokens += 1
             if t in self.stop_ids:
                 continue
-            was = self.splitter.state if self.splitter is not None else None
+            thought = self.splitter is None or self.splitter.stream.ended
             r, c = self._route(self.stops.push(self.decoder.push(t)))
             reasoning, content = reasoning + r, content + c
-            if was in ("start", "reasoning") and self.splitter.opened:
+            if not thought and self.splitter.stream.opened:
                 self.reasoning_tokens = self.completion_tokens  # the tokens up to the closing tag
         return reasoning, content
 
