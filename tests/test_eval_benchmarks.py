@@ -400,7 +400,10 @@ def test_bad_inputs_name_file_line_field(tmp_path):
     recs = json.loads((tmp_path / "mmau-test-mini.json").read_text())
     del recs[1]["choices"]
     (tmp_path / "mmau-test-mini.json").write_text(json.dumps(recs))
-    with pytest.raises(BenchmarkError, match=r"mmau-test-mini.json:2: missing field 'choices'"):
+    # a JSON list has records, not lines: "file:2" would point at the file's second line
+    with pytest.raises(
+        BenchmarkError, match=r"mmau-test-mini.json record 2 \(id q1\): missing field 'choices'"
+    ):
         build_benchmark(dict(_compose("mmau", tmp_path).benchmark))
     (tmp_path / "g").mkdir()
     cfg = _jsonl_gtzan(tmp_path / "g")

@@ -33,7 +33,7 @@ from release_fixtures import (
     tone,
 )
 
-from musicflamingo.eval import BenchmarkError, build_benchmark, evaluate, normalize_lyrics
+from musicflamingo.eval import BenchmarkError, EvalConfigError, build_benchmark, evaluate, normalize_lyrics
 from musicflamingo.eval.parsing import option_letter
 from musicflamingo.eval.report import PAPER_RESULTS, paper_comparison
 
@@ -188,11 +188,19 @@ def test_mmau_test_split_answers_withheld(tmp_path):
     results = _run("mmau", root, {r["id"]: "(A) x" for r in rows}, "benchmark.split=test")
     s = results["tasks"]["mcq"]
     assert s["withheld"] == 6 and s["n"] == 0 and s["accuracy"] is None
+    assert (results["num_predicted"], results["num_scored"], results["num_withheld"]) == (6, 0, 6)
+    report = (root / "out" / "results.md").read_text()
+    assert (
+        "- items predicted: 6 of 6\n- items scored: 0, answers withheld (predicted, not scored): 6\n"
+        in report
+    )
     written = json.loads((root / "out" / "mmau_predictions.json").read_text())
     assert len(written) == 6 and all(r["model_output"] == "(A) x" for r in written)
     paper = paper_comparison(results)
     assert [(p["label"], p["paper"], p["ours"]) for p in paper] == [("MMAU-Music (test)", 76.83, None)]
-    with pytest.raises(BenchmarkError, match=r"mmau-test-mini.json:1: missing field 'answer'"):
+    with pytest.raises(
+        BenchmarkError, match=r"mmau-test-mini.json record 1 \(id [0-9a-f-]+\): missing field 'answer'"
+    ):
         (root / "mmau-test-mini.json").write_text(json.dumps(rows))
         _bench("mmau", root)
 
@@ -407,7 +415,12 @@ def test_gtzan_release_with_split_list(tmp_path):
     answers = {k: _say(it, (it.answer_index + (k in wrong)) % 10) for k, it in items.items()}
     results = _run("gtzan", root, answers, "benchmark.split=test_filtered.txt")
     assert results["tasks"]["classification"]["accuracy"] == pytest.approx(0.7)
-    assert "| GTZAN | accuracy | 84.45 | 70.00 |" in (root / "out" / "results.md").read_text()
+    assert "| GTZAN | accuracy | 84.45 | 70.00 | 70.00 | 10 |  |" in (root / "out" / "results.md").read_text()
+    # limit=4 scores 4 of the 10 clips: the paper's number is no yardstick for them, and the row says so
+    results = _run("gtzan", root, answers, "benchmark.split=test_filtered.txt", "limit=4", "tag=limited")
+    [row] = paper_comparison(results)
+    assert row["n"] == 4 and row["note"] == "n=4 of 10 items (limit=4), not comparable"
+    assert "| 4 | n=4 of 10 items (limit=4), not comparable |" in (root / "out" / "results.md").read_text()
 
 
 def test_gtzan_kaggle_copy(tmp_path):
@@ -416,6 +429,49 @@ def test_gtzan_kaggle_copy(tmp_path):
         tone(root / "Data" / "genres_original" / name.split(".")[0] / f"{name}.wav")
     bench = _bench("gtzan", root)
     assert [Path(it.audio).name for it in bench.items] == ["blues.00012.wav", "jazz.00073.wav"]
+
+
+def test_gtzan_kaggle_undecodable_clip_is_named_or_skipped(tmp_path):
+    """The Kaggle copy ships jazz.00054.wav undecodable: its length is unknown, so sorting by length puts it in
+    the first batch. Without skip_missing_audio the error names it, the setting and the split that avoids it,
+    and what was predicted stays; with it the clip is left out and listed like a missing one."""
+    from musicflamingo.audio.io import load_audio
+
+    root = tmp_path / "kaggle"
+    genres = root / "Data" / "genres_original"
+    for name in ("blues.00012", "jazz.00073", "rock.00001"):
+        tone(genres / name.split(".")[0] / f"{name}.wav")
+    (genres / "jazz" / "jazz.00054.wav").write_bytes(b"RIFF" + b"\0" * 60)  # as shipped: not decodable
+
+    def predict(batch):  # decodes each file as the model's processor does
+        for it in batch:
+            load_audio(it.audio)
+        return [_say(it, it.answer_index) for it in batch]
+
+    out = tmp_path / "out"
+    with pytest.raises(EvalConfigError) as err:
+        evaluate(_cfg("gtzan", root, out, "batch_size=2"), predict_fn=predict)
+    assert re.search(r"item jazz\.00054: .*jazz\.00054\.wav: cannot decode audio", str(err.value))
+    assert "benchmark.skip_missing_audio=true" in str(err.value) and "split=test_filtered.txt" in str(
+        err.value
+    )
+    # file order, one item a batch: the clip before the bad one is predicted and stays
+    with pytest.raises(EvalConfigError):
+        evaluate(_cfg("gtzan", root, out, "batch_size=1", "sort_by_length=false"), predict_fn=predict)
+    assert [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()] == [
+        "blues.00012"
+    ]
+    results = evaluate(_cfg("gtzan", root, out, "benchmark.skip_missing_audio=true"), predict_fn=predict)
+    assert results["num_items"] == 4 and results["num_predicted"] == results["num_scored"] == 3
+    [skipped] = results["skipped_unreadable_audio"]
+    assert skipped["id"] == "jazz.00054" and "cannot decode audio" in skipped["reason"]
+    assert results["tasks"]["classification"]["accuracy"] == 1.0
+    report = (out / "results.md").read_text()
+    assert "- items dropped (audio unreadable): 1" in report and "jazz.00054.wav` (id jazz.00054): " in report
+    assert (
+        "| GTZAN | accuracy | 84.45 | 100.00 | 100.00 | 3 | n=3 of 4 items (1 audio unreadable), not comparable |"
+        in report
+    )
 
 
 @pytest.mark.parametrize("name, label", [("nsynth_family", "guitar"), ("nsynth_source", "acoustic")])
@@ -449,7 +505,7 @@ def test_medley_solos_release_subsets(tmp_path):
     root = make_medley_solos(tmp_path / "medley")
     bench = _bench("medley_solos", root)
     assert [it.id[:8] for it in bench.items] == ["0e4371ac", "33383119", "b2b7a288"]
-    assert bench.skipped == {"subset is not test": 2} and bench.counts()["rows"] == 5
+    assert bench.skipped == {"subset not in ['test']": 2} and bench.counts()["rows"] == 5
     assert Path(bench.items[0].audio).name == f"Medley-solos-DB_test-0_{bench.items[0].id}.wav"
     assert [it.id[:8] for it in _bench("medley_solos", root, "benchmark.subset=training").items] == [
         "163fd2b1"
@@ -657,6 +713,42 @@ def test_paper_number_only_beside_the_release_it_reports(paper):
     for key in ("split", "subset"):
         if key in dict(paper.when):
             assert paper.label not in labels(**{key: "train"})
+
+
+def test_filter_values_that_match_no_row_are_refused(tmp_path):
+    """A filter value no row has (a typo, the wrong case) is refused with the values present, also when the other
+    values match (it would silently drop that subset); JamendoLyrics' languages match names or codes, any case."""
+    mmau, mmar = make_mmau(tmp_path / "mmau"), make_mmar(tmp_path / "mmar", "json")
+    with pytest.raises(
+        BenchmarkError,
+        match=r"mmau-test-mini.json: benchmark.tasks: 'Music' matches no row's 'task'; values present: music, "
+        r"sound, speech \(did you mean 'Music' -> 'music'\?\)",
+    ):
+        _bench("mmau", mmau, "benchmark.tasks=[Music]")
+    with pytest.raises(BenchmarkError, match=r"benchmark.tasks: 'speach' matches no row's 'task'"):
+        _bench("mmau", mmau, "benchmark.tasks=[music,speach]")
+    with pytest.raises(
+        BenchmarkError, match=r"benchmark.modalities: 'Music' .*values present: mix-sound-speech, music"
+    ):
+        _bench("mmar", mmar, "benchmark.modalities=[Music]")
+    avqa = make_music_avqa(tmp_path / "avqa")
+    with pytest.raises(
+        BenchmarkError, match=r"'audio' matches no row's 'type'.*did you mean 'audio' -> 'Audio'"
+    ):
+        _bench("music_avqa", avqa, "benchmark.modalities=[audio]")
+    medley = make_medley_solos(tmp_path / "medley")
+    with pytest.raises(
+        BenchmarkError, match=r"benchmark.subset: 'train' .*values present: test, training, validation"
+    ):
+        _bench("medley_solos", medley, "benchmark.subset=train")
+    jamendo = make_jamendolyrics(tmp_path / "jamendo")
+    with pytest.raises(
+        BenchmarkError, match=r"benchmark.languages: 'Englsh' .*values present: English, French"
+    ):
+        _bench("jamendolyrics", jamendo, "benchmark.languages=[German,Englsh]")
+    for same in ("[English]", "[english]", "[en]"):
+        assert len(_bench("jamendolyrics", jamendo, f"benchmark.languages={same}").items) == 2
+    assert len(_bench("mmau", mmau, "benchmark.tasks=[music,speech]").items) == 5
 
 
 def test_prompt_and_audio_template_mistakes_are_named_before_any_item(tmp_path):

@@ -3,8 +3,8 @@
 
 Nothing is downloaded. ``build_benchmark(cfg)`` dispatches on ``cfg["format"]``; the keys each format reads are
 in its ``configs/benchmark/<name>.yaml``, the folder layout each expects is its ``LAYOUTS`` entry (also in
-docs/evaluation.md). Bad files fail with :class:`BenchmarkError` naming the file, the line and the field; a
-folder that is not the release names what is missing and the layout expected.
+docs/evaluation.md). Bad files fail with :class:`BenchmarkError` naming the file, the line (in a JSON list: the
+record) and the field; a folder that is not the release names what is missing and the layout expected.
 """
 
 from __future__ import annotations
@@ -90,6 +90,11 @@ LAYOUTS = {
     "synthetic": "<root>/test.jsonl of the project's synthetic corpus",
 }
 
+# Release-specific advice when an audio file cannot be read (quoted in that error).
+AUDIO_HINTS = {
+    "gtzan": "the Kaggle copy's jazz.00054.wav does not decode; benchmark.split=test_filtered.txt leaves it out",
+}
+
 
 class BenchmarkError(ValueError):
     """A benchmark file or config does not match the expected format (message names file, line, field)."""
@@ -157,24 +162,69 @@ class Benchmark:
         return text
 
 
+def _same(wanted: str, value: str) -> bool:
+    return wanted == value
+
+
 class ReadLog:
-    """What a reader saw: the data file, the number of rows, and the rows it left out (by reason)."""
+    """What a reader saw: the data file, the number of rows, the rows it left out (by reason) and, per filter
+    setting, the values the filtered field had (:meth:`check_filters`)."""
 
     def __init__(self) -> None:
         self.source = ""
         self.rows = 0
         self.skipped: Counter[str] = Counter()
+        # setting -> (values allowed, field name, match rule, values the rows had)
+        self.filters: dict[str, tuple[list[str], str, Callable[[str, str], bool], set[str]]] = {}
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] += n
+
+    def keep(
+        self,
+        setting: str,
+        allowed: Iterable[Any] | None,
+        value: Any,
+        key: str,
+        same: Callable[[str, str], bool] = _same,
+    ) -> bool:
+        """Filter ``benchmark.<setting>`` (None or empty: keep every row) on ``value``, a row's field ``key``:
+        False (and counted) when no allowed value is ``same`` as it. The values seen are kept for check_filters."""
+        wanted = [str(v) for v in allowed or []]
+        if not wanted:
+            return True
+        value = str(value)
+        self.filters.setdefault(setting, (wanted, key, same, set()))[3].add(value)
+        if any(same(w, value) for w in wanted):
+            return True
+        self.skip(f"{key} not in {wanted}")
+        return False
+
+    def check_filters(self) -> None:
+        """Refuse a filter value that matches no row: a typo ("Music" for "music") in one of several values
+        would silently drop that subset, and in the only value would end as "no items"."""
+        for setting, (wanted, key, same, seen) in self.filters.items():
+            unknown = [w for w in wanted if not any(same(w, v) for v in seen)]
+            if not unknown:
+                continue
+            folded = {v.casefold(): v for v in sorted(seen)}
+            hints = [f"{w!r} -> {folded[w.casefold()]!r}" for w in unknown if w.casefold() in folded]
+            raise BenchmarkError(
+                f"{self.source}: benchmark.{setting}: {', '.join(map(repr, unknown))} "
+                f"{'matches' if len(unknown) == 1 else 'match'} no row's "
+                f"{key!r}; values present: {', '.join(sorted(seen)[:30])}{', ...' if len(seen) > 30 else ''}"
+                + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # File helpers
 # --------------------------------------------------------------------------------------------------------------
-def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """Rows of a ``.json`` (list of objects, or an object of objects), ``.jsonl`` or ``.csv`` file, each with
-    its 1-based line number (for JSON lists: the item's position) so errors can point at it."""
+def read_records(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
+    """Rows of a ``.json`` (list of objects, or an object of objects), ``.jsonl``, ``.csv`` or ``.parquet`` file,
+    each as ``(number, where, record)``: ``number`` is the 1-based line (JSON Lines, CSV) or record position
+    (JSON, Parquet), ``where`` the location errors name: ``file:line`` where it is a line, ``file record N (id
+    X)`` in a JSON list (a record number shown as ``file:N`` reads as a line of the file, which it is not)."""
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"{path}: benchmark file not found")
@@ -182,9 +232,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM before the header
             # Header is line 1; DictReader.line_num is wrong for quoted multi-line cells, so count rows.
-            return [(i + 2, dict(row)) for i, row in enumerate(csv.DictReader(f))]
+            return [(i + 2, f"{path}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(f))]
     if suffix == ".parquet":
-        return [(i + 1, r) for i, r in enumerate(_read_parquet(path))]
+        return [(i + 1, f"{path} row {i + 1}", r) for i, r in enumerate(_read_parquet(path))]
     text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is not JSON
     # Lines end at "\n" ("\r\n") as in training manifests, not at every str.splitlines() break: U+2028, U+0085
     # and the like are legal inside JSON strings (json.dumps(ensure_ascii=False) writes them raw).
@@ -212,18 +262,21 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             raise BenchmarkError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise BenchmarkError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        rows.append((lineno, rec))
+        rows.append((lineno, f"{path}:{lineno}", rec))
     return rows
 
 
-def _json_rows(path: Path, data: Any) -> list[tuple[int, dict[str, Any]]]:
+def _json_rows(path: Path, data: Any) -> list[tuple[int, str, dict[str, Any]]]:
     if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
         data = [{"id": k, **v} if "id" not in v else v for k, v in data.items()]  # {id: record} layout
     elif isinstance(data, dict):  # one record (a one-line JSONL file named .json)
         data = [data]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise BenchmarkError(f"{path}: expected a JSON list of objects")
-    return [(i + 1, r) for i, r in enumerate(data)]
+    return [
+        (i + 1, f"{path} record {i + 1}" + (f" (id {r['id']})" if r.get("id") is not None else ""), r)
+        for i, r in enumerate(data)
+    ]
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -465,15 +518,6 @@ def _groups(rec: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _keep(rec: Mapping[str, Any], key: str, allowed: Iterable[str] | None, read: ReadLog) -> bool:
-    """False (and counted) when ``allowed`` is set and ``rec[key]`` is not in it."""
-    allowed = list(allowed or [])
-    if allowed and str(rec.get(key)) not in allowed:
-        read.skip(f"{key} not in {allowed}")
-        return False
-    return True
-
-
 def _placeholders(template: str) -> set[str]:
     try:
         return {
@@ -518,10 +562,9 @@ def read_mmau(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     read.source = str(path)
     base = _audio_base(cfg, path)
     items = []
-    for line, rec in read_records(path):
+    for _, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
-        if not _keep(rec, "task", cfg.get("tasks"), read):
+        if not read.keep("tasks", cfg.get("tasks"), rec.get("task"), "task"):
             continue
         withheld = not str(rec.get("answer") or "").strip()
         if withheld and split == "test-mini":
@@ -547,15 +590,15 @@ def read_mmar(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     ``rubric``), ``MMAR-meta.json`` (a JSON list) before; both are found. Records ``{id, audio_path, question,
     choices, answer, modality, category, sub-category, language, source, url, timestamp}``; ``audio_path``
     ("./audio/<id>.wav") is relative to the file. ``modalities`` filters on ``modality``. The JSON version has
-    6 answers that are not among the choices (counted as ``answer_not_in_choices``)."""
+    6 answers that are not exactly a choice: "2040" (choice "2040 ") is matched, the other 5 are counted as
+    ``answer_not_in_choices``."""
     path = _locate(cfg, ["MMAR-meta.jsonl", "MMAR-meta.json"])
     read.source = str(path)
     base = _audio_base(cfg, path)
     items = []
-    for line, rec in read_records(path):
+    for _, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
-        if not _keep(rec, "modality", cfg.get("modalities"), read):
+        if not read.keep("modalities", cfg.get("modalities"), rec.get("modality"), "modality"):
             continue
         item = _mcq_item(
             _field(rec, "id", where),
@@ -582,13 +625,12 @@ def read_mmau_pro(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     read.source = str(path)
     base = _audio_base(cfg, path)
     items = []
-    for line, rec in read_records(path):
+    for _, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
         if rec.get("category") in ("open", "instruction following"):
             read.skip("not multiple choice")
             continue
-        if not _keep(rec, "category", cfg.get("categories"), read):
+        if not read.keep("categories", cfg.get("categories"), rec.get("category"), "category"):
             continue
         audio = rec.get("audio_path")
         audio = [audio] if isinstance(audio, str) else list(audio if audio is not None else [])
@@ -647,9 +689,8 @@ def read_muchomusic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     clips = _clip_index(index)
     seed = int(cfg.get("seed", 0))
     items = []
-    for line, rec in read_records(path):
+    for _, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
         ident = _field(rec, "dataset_identifier", where).removesuffix(".json")
         dataset = str(rec.get("dataset", ""))
         rec_id = str(rec.get("question_id") or rec.get("id") or "").strip()
@@ -739,9 +780,8 @@ def read_classification(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]
     setup = _label_setup(cfg)
     audio_key, label_key = cfg.get("audio_field") or "audio", cfg.get("label_field") or "label"
     items = []
-    for line, rec in read_records(path):
+    for line, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
         audio, offset, duration = _audio_segment(rec, audio_key, where, base)
         item = _cls_item(setup, _record_id(rec, line), audio, _field(rec, label_key, where), where, label_key)
         item.offset, item.duration = offset, duration
@@ -861,11 +901,9 @@ def read_medley_solos(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     subset = str(cfg.get("subset") or "test")
     setup = _label_setup(cfg)
     items = []
-    for line, rec in read_records(path):
+    for _, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
-        if _field(rec, "subset", where) != subset:
-            read.skip(f"subset is not {subset}")
+        if not read.keep("subset", [subset], _field(rec, "subset", where), "subset"):
             continue
         uuid = _field(rec, "uuid4", where)
         stem = f"Medley-solos-DB_{subset}-{_field(rec, 'instrument_id', where)}_{uuid}"
@@ -897,9 +935,8 @@ def read_musiccaps(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             f"benchmark {cfg.get('name')}: subset must be one of {list(flag)}, got {subset!r}"
         )
     items = []
-    for line, rec in read_records(path):
+    for _, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
         if flag[subset] and str(rec.get(flag[subset], "")).strip().lower() not in ("true", "1"):
             read.skip(f"not in subset {subset}")
             continue
@@ -1012,11 +1049,9 @@ def read_music_avqa(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     read.source = str(path)
     base = _audio_base(cfg, path) if cfg.get("audio_dir") else _root(cfg)
     index = _audio_index(base if base.is_dir() else path.parent)
-    modalities = list(cfg.get("modalities") or [])
     rows = []
-    for line, rec in read_records(path):
+    for _, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
         try:
             qtype = [str(t) for t in json.loads(_field(rec, "type", where))]
             values = [str(v) for v in json.loads(rec.get("templ_values") or "[]")]
@@ -1025,8 +1060,7 @@ def read_music_avqa(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         if int(rec.get("question_deleted") or 0):
             read.skip("question_deleted")
             continue
-        if modalities and qtype[0] not in modalities:
-            read.skip(f"type not in {modalities}")
+        if not read.keep("modalities", cfg.get("modalities"), qtype[0], "type"):
             continue
         rows.append((where, rec, qtype, values))
     answers_by_template: dict[str, list[str]] = {}
@@ -1091,9 +1125,8 @@ def read_lyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     read.source = str(path)
     base = _audio_base(cfg, path)
     items = []
-    for line, rec in read_records(path):
+    for line, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
         audio, offset, duration = _audio_segment(rec, cfg.get("audio_field") or "audio", where, base)
         items.append(
             _lyrics_item(
@@ -1109,6 +1142,11 @@ def read_lyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     return items
 
 
+def _same_language(wanted: str, language: str) -> bool:
+    """``languages: [English]``, ``[english]`` and ``[en]`` all keep JamendoLyrics' "English" rows."""
+    return wanted.lower() in (language.lower(), LANGUAGE_CODES.get(language.lower()))
+
+
 def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     """JamendoLyrics MultiLang (github.com/f90/jamendolyrics): ``JamendoLyrics.csv`` (``URL, Filepath, Artist,
     Title, Genre, LicenseType, Language, LyricOverlap, Polyphonic, NonLexical``) + ``mp3/<Filepath>`` +
@@ -1117,14 +1155,11 @@ def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     path = _locate(cfg, ["JamendoLyrics.csv"])
     read.source = str(path)
     folder = path.parent
-    keep = [str(x).lower() for x in cfg.get("languages") or []]
     items = []
-    for line, rec in read_records(path):
+    for _, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
         language = _field(rec, "Language", where)
-        if keep and language.lower() not in keep and LANGUAGE_CODES.get(language.lower()) not in keep:
-            read.skip(f"Language not in {cfg.get('languages')}")
+        if not read.keep("languages", cfg.get("languages"), language, "Language", _same_language):
             continue
         filepath = _field(rec, "Filepath", where)
         name = filepath[: filepath.rfind(".")] if "." in filepath else filepath
@@ -1254,9 +1289,8 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     base = path.parent.resolve() if not cfg.get("audio_dir") else _audio_base(cfg, path)
     include_captions = bool(cfg.get("include_captions", True))
     items = []
-    for line, rec in read_records(path):
+    for line, where, rec in read_records(path):
         read.rows += 1
-        where = f"{path}:{line}"
         task = rec.get("task")
         audio, offset, duration = _audio_segment(rec, "audio", where, base)
         user, assistant = _turns(rec, where)
@@ -1340,6 +1374,7 @@ def build_benchmark(cfg: Mapping[str, Any]) -> Benchmark:
         raise BenchmarkError(f"benchmark.root is not set: pass benchmark.root=/path/to/{name}")
     read = ReadLog()
     items = READERS[fmt](cfg, read)
+    read.check_filters()
     seen: dict[str, int] = {}
     for i, it in enumerate(items):
         if it.id in seen:

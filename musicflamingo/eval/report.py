@@ -138,11 +138,30 @@ PAPER_RESULTS: tuple[PaperNumber, ...] = (
 )
 
 
+def not_comparable(results: Mapping[str, Any]) -> str:
+    """Why this run's numbers are not over the release's items ("" when they are): ``limit`` left some out, or
+    items were dropped for missing or unreadable audio. (A filter such as MMAU's ``tasks=[music]`` keeps the
+    paper's subset whole: its number is compared with that subset's row.)"""
+    counts = results.get("counts") or {}
+    unreadable = len(results.get("skipped_unreadable_audio") or [])
+    missing = results.get("skipped_missing_audio") or 0
+    total = counts.get("items", results.get("num_items", 0)) + missing
+    predicted = results.get("num_predicted", results.get("num_items", 0))
+    if predicted >= total:
+        return ""
+    why = [f"limit={results['limit']}"] if results.get("limit") is not None else []
+    why += [f"{missing} audio missing"] if missing else []
+    why += [f"{unreadable} audio unreadable"] if unreadable else []
+    return f"n={predicted} of {total} items" + (f" ({', '.join(why)})" if why else "") + ", not comparable"
+
+
 def paper_comparison(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The paper's numbers that apply to this run, each with ours (as percentages): ``{label, paper, ours,
     ours_mmau, n, note}``; ``ours`` is None when the run has no comparable number (answers withheld, a subset
-    that was filtered out, a metric we cannot compute)."""
+    that was filtered out, a metric we cannot compute). A run over part of the items (:func:`not_comparable`)
+    keeps its numbers, with a note saying so."""
     settings = results.get("settings") or {}
+    partial = not_comparable(results)
     out = []
     for p in PAPER_RESULTS:
         if p.benchmark != results.get("benchmark"):
@@ -162,7 +181,7 @@ def paper_comparison(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "ours_mmau": None if mmau is None else 100 * mmau,
                 "n": summary.get("n", 0),
                 "metric": p.metric or "n/a",
-                "note": p.note,
+                "note": "; ".join(x for x in (partial, p.note) if x),
             }
         )
     return out
@@ -198,10 +217,15 @@ def write_json(path: str | Path, data: Any) -> Path:
 def markdown_report(results: Mapping[str, Any]) -> str:
     """The Markdown summary written to ``results.md``."""
     out = [f"# {results['benchmark']}", ""]
-    out += [
-        f"- items scored: {results['num_scored']} of {results['num_items']}",
-        f"- data: `{results.get('source', '')}`",
-    ]
+    predicted = results.get(
+        "num_predicted", results["num_scored"]
+    )  # a results.json from before num_predicted: num_scored counted the predictions
+    limit = f" (limit={results['limit']})" if results.get("limit") is not None else ""
+    out.append(f"- items predicted: {predicted} of {results['num_items']}{limit}")
+    scored = f"- items scored: {results['num_scored']}"
+    if results.get("num_withheld"):
+        scored += f", answers withheld (predicted, not scored): {results['num_withheld']}"
+    out += [scored, f"- data: `{results.get('source', '')}`"]
     counts = results.get("counts") or {}
     if counts:
         out.append(f"- rows read: {counts.get('rows', 0)}, items: {counts.get('items', 0)}")
@@ -209,6 +233,10 @@ def markdown_report(results: Mapping[str, Any]) -> str:
             out.append(f"- rows skipped ({why}): {n}")
     if results.get("skipped_missing_audio"):
         out.append(f"- items dropped (audio missing): {results['skipped_missing_audio']}")
+    unreadable = results.get("skipped_unreadable_audio") or []
+    if unreadable:
+        out.append(f"- items dropped (audio unreadable): {len(unreadable)}")
+        out += [f"  - `{u['audio']}` (id {u['id']}): {u['reason']}" for u in unreadable]
     if results.get("ckpt"):
         out.append(f"- checkpoint: `{results['ckpt']}`")
     for path in (results.get("files") or {}).get("official") or []:

@@ -34,7 +34,7 @@ from musicflamingo.checkpoint import (
     load_config,
     stop_token_ids,
 )
-from musicflamingo.eval.benchmarks import Benchmark, EvalItem, build_benchmark
+from musicflamingo.eval.benchmarks import AUDIO_HINTS, Benchmark, EvalItem, build_benchmark
 from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
 from musicflamingo.eval.report import write_json, write_report
 from musicflamingo.planner import check_generation
@@ -111,6 +111,10 @@ def item_seconds(item: EvalItem) -> float:
     return math.inf if seconds is None else seconds
 
 
+class UnreadableAudioError(ValueError):
+    """An item's audio could not be read (undecodable, too short...) and the run was not asked to skip it."""
+
+
 def predict_items(
     items: Sequence[EvalItem],
     predict_fn: PredictFn,
@@ -120,6 +124,7 @@ def predict_items(
     progress: bool = True,
     desc: str = "eval",
     length: Callable[[EvalItem], float] | None = None,
+    unreadable: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Predict every item not yet in ``path`` (batches of ``batch_size``), appending as it goes; returns all
     predictions of the file, old and new.
@@ -129,8 +134,15 @@ def predict_items(
     makes every row of its batch ~10 windows of audio tokens long. Longest first also puts the largest batch,
     the one that may run out of memory, at the start. Predictions are keyed by id, so only their order in the
     file changes.
+
+    A batch that fails on an item's audio (``predict_fn`` raises ``AudioError``: an undecodable file, whose
+    unknown length sorts it first) is redone one item at a time to find it. With ``unreadable`` (a dict) that
+    item is left out and recorded as ``{id: reason}``; without, :class:`UnreadableAudioError` names it. Either
+    way every answer obtained before stays in the file.
     """
     from tqdm import tqdm
+
+    from musicflamingo.audio.io import AudioError
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -149,22 +161,43 @@ def predict_items(
             total=len(todo), desc=desc, unit="item", disable=not progress or not stderr_is_terminal()
         ) as bar,
     ):
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+
+        def predict(batch: list[EvalItem]) -> None:
             out = predict_fn(list(batch))
             if not isinstance(out, (list, tuple)) or len(out) != len(batch):
                 got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
                 raise ValueError(f"predict_fn returned {got} answers for a batch of {len(batch)} items")
+            answers = ["" if p is None else str(p) for p in out]
             text = "".join(
-                json.dumps({"id": it.id, "prediction": "" if p is None else str(p)}, ensure_ascii=False)
-                + "\n"
-                for it, p in zip(batch, out)
+                json.dumps({"id": it.id, "prediction": p}, ensure_ascii=False) + "\n"
+                for it, p in zip(batch, answers)
             )
             f.write(text)  # one write per batch, then flush + fsync: a kill tears at most this batch's tail
             f.flush()
             os.fsync(f.fileno())
-            preds.update({it.id: "" if p is None else str(p) for it, p in zip(batch, out)})
+            preds.update({it.id: p for it, p in zip(batch, answers)})
             bar.update(len(batch))
+
+        def skip(it: EvalItem, error: Exception) -> None:
+            if unreadable is None:
+                raise UnreadableAudioError(f"item {it.id}: {error}") from None
+            log.warning("skipping item %s: its audio cannot be read (%s)", it.id, error)
+            unreadable[it.id] = str(error)
+            bar.update(1)
+
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            try:
+                predict(batch)
+            except AudioError as e:
+                if len(batch) == 1:
+                    skip(batch[0], e)
+                    continue
+                for it in batch:  # some item's audio failed the batch: one at a time to find which
+                    try:
+                        predict([it])
+                    except AudioError as e1:
+                        skip(it, e1)
     return preds
 
 
@@ -182,6 +215,7 @@ def run_benchmark(
     length: Callable[[EvalItem], float] | None = None,
     official_format: str | None = None,
     think: bool = False,
+    skip_unreadable: bool = False,
 ) -> dict[str, Any]:
     """Predict (resumably), score and report. Writes ``predictions.jsonl``, ``per_item.jsonl`` (parsed answers,
     correctness), ``results.json``, ``results.md`` and PNG plots into ``out_dir``; returns the results dict
@@ -189,11 +223,24 @@ def run_benchmark(
     ``official_format``: also write the prediction file that benchmark's own scorer reads
     (:func:`~musicflamingo.eval.report.write_official_predictions`). ``think``: the predictions are think-mode
     texts; their ``<answer>`` text is scored (:func:`~musicflamingo.reasoning.think_report`), per-item rows get
-    the think status, thinking and lengths, and ``results["think"]`` counts the tags' statuses."""
+    the think status, thinking and lengths, and ``results["think"]`` counts the tags' statuses.
+    ``skip_unreadable``: an item whose audio cannot be read is left out and listed in
+    ``results["skipped_unreadable_audio"]`` instead of stopping the run (:func:`predict_items`).
+
+    ``num_items`` counts this run's items, ``num_predicted`` those with a prediction, ``num_scored`` those
+    scored (the tasks' ``n``) and ``num_withheld`` those predicted but not scorable (answers withheld)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    unreadable: dict[str, str] | None = {} if skip_unreadable else None
     preds = predict_items(
-        items, predict_fn, out_dir / PREDICTIONS_FILE, batch_size, progress=progress, desc=name, length=length
+        items,
+        predict_fn,
+        out_dir / PREDICTIONS_FILE,
+        batch_size,
+        progress=progress,
+        desc=name,
+        length=length,
+        unreadable=unreadable,
     )
     if think:  # this run's items only: the file may hold more (a rerun with `limit`, audio skipped since)
         preds, think_rows, think_summary = think_report(
@@ -208,8 +255,15 @@ def run_benchmark(
         "benchmark": name,
         "source": source,
         "num_items": len(items),
-        "num_scored": sum(it.id in preds for it in items),
+        "num_predicted": sum(it.id in preds for it in items),
+        "num_scored": sum(s.get("n", 0) for s in tasks.values()),
+        "num_withheld": sum(s.get("withheld", 0) for s in tasks.values()),
         **dict(extra or {}),
+        "skipped_unreadable_audio": [
+            {"id": it.id, "audio": it.audio, "reason": unreadable[it.id]}
+            for it in items
+            if unreadable and it.id in unreadable
+        ],
         "tasks": tasks,
     }
     if think:
@@ -447,29 +501,38 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     if predict_fn is None:
         model_cfg = {**c, "max_new_tokens": int(max_new_tokens)}
         predict_fn = LazyPredictFn(lambda: build_predict_fn(model_cfg))
-    results = run_benchmark(
-        items,
-        predict_fn,
-        out_dir,
-        8 if c.get("batch_size") is None else int(c["batch_size"]),
-        name=bench.name,
-        source=bench.source,
-        progress=bool(c.get("progress", True)),
-        cer_languages=bench_cfg.get("cer_languages") or CER_LANGUAGES,
-        length=item_seconds if c.get("sort_by_length", True) else None,
-        extra={
-            "ckpt": identity["ckpt"],
-            "limit": limit,
-            "skipped_missing_audio": bench.skipped_missing_audio,
-            "counts": bench.counts(),
-            # the settings the paper's numbers depend on (report.PAPER_RESULTS)
-            "settings": {
-                k: bench_cfg.get(k) for k in ("format", "split", "subset", "unit") if k in bench_cfg
+    try:
+        results = run_benchmark(
+            items,
+            predict_fn,
+            out_dir,
+            8 if c.get("batch_size") is None else int(c["batch_size"]),
+            name=bench.name,
+            source=bench.source,
+            progress=bool(c.get("progress", True)),
+            cer_languages=bench_cfg.get("cer_languages") or CER_LANGUAGES,
+            length=item_seconds if c.get("sort_by_length", True) else None,
+            extra={
+                "ckpt": identity["ckpt"],
+                "limit": limit,
+                "skipped_missing_audio": bench.skipped_missing_audio,
+                "counts": bench.counts(),
+                # the settings the paper's numbers depend on (report.PAPER_RESULTS)
+                "settings": {
+                    k: bench_cfg.get(k) for k in ("format", "split", "subset", "unit") if k in bench_cfg
+                },
             },
-        },
-        official_format=str(bench_cfg.get("format") or ""),
-        think=think,
-    )
+            official_format=str(bench_cfg.get("format") or ""),
+            think=think,
+            skip_unreadable=bool(bench_cfg.get("skip_missing_audio")),
+        )
+    except UnreadableAudioError as e:
+        hint = AUDIO_HINTS.get(str(bench_cfg.get("format")), "")
+        raise EvalConfigError(
+            f"{e}; benchmark.skip_missing_audio=true skips missing or unreadable audio files"
+            + (f" ({hint})" if hint else "")
+            + f"; the predictions made so far stay in {out_dir / PREDICTIONS_FILE}"
+        ) from None
     log.info("%s: results in %s", bench.name, out_dir)
     return results
 
