@@ -426,6 +426,7 @@ class GRPOLit(MusicFlamingoLit):
                 )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self._reference_fingerprint is not None:
             checkpoint["grpo_reference"] = self._reference_fingerprint
 

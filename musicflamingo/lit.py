@@ -23,7 +23,9 @@ from torch import nn
 from musicflamingo.errors import RunStopped
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.build import PARTS
-from musicflamingo.model.lora import LoRALinear, has_quantized, merge_lora
+from musicflamingo.model.lora import LoRALinear, QuantizedLoRALinear, has_quantized, merge_lora
+
+_ADAPTERS = (LoRALinear, QuantizedLoRALinear)  # the layers whose scale a checkpoint records
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +256,7 @@ class MusicFlamingoLit(L.LightningModule):
         diffs = state_dict_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
         path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
         self._check_resumed_lr(checkpoint, path)
+        self._check_resumed_lora_scale(checkpoint, path)
         if diffs:
             more = f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else ""
             raise CheckpointMismatchError(
@@ -276,6 +279,32 @@ class MusicFlamingoLit(L.LightningModule):
                     f"give {float(now):g} (model.optimizer.lr / model.part_lr): a resume continues the saved "
                     "optimizer and schedule, so the new value would be ignored; resume with the old value, or "
                     "start a new run from the weights (model.net.init_from=<run>/export, another run folder)"
+                )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A and B alone do not say what an adapter adds: alpha / rank scales them (see _check_resumed_lora_scale)
+        scales = self._lora_scales()
+        if scales:
+            checkpoint["lora_scales"] = scales
+
+    def _lora_scales(self) -> dict[str, float]:
+        return {name: float(m.scale) for name, m in self.model.named_modules() if isinstance(m, _ADAPTERS)}
+
+    def _check_resumed_lora_scale(self, checkpoint: dict[str, Any], path: Any) -> None:
+        """The same A and B under another model.net.lora.alpha compute another model: refused, as a changed learning
+        rate is (a changed rank already fails on the shapes)."""
+        saved, now = checkpoint.get("lora_scales"), self._lora_scales()
+        if not saved or not now:
+            return  # no adapters then or now (the shapes decide), or a checkpoint from before scales were saved
+        for name, was in saved.items():
+            scale = now.get(name)
+            if scale is not None and not math.isclose(was, scale, rel_tol=1e-6):
+                rank = next(m.rank for n, m in self.model.named_modules() if n == name)
+                raise CheckpointMismatchError(
+                    f"ckpt_path={path} trained its LoRA adapters at scale alpha/rank = {was:g} (alpha "
+                    f"{was * rank:g} at rank {rank}), the settings now give {scale:g} (model.net.lora.alpha "
+                    f"{scale * rank:g}): the saved adapters would compute another model; resume with the old "
+                    "alpha, or start a new run from the weights (model.net.init_from=<run>/export, another run folder)"
                 )
 
     def configure_optimizers(self) -> Any:
@@ -303,8 +332,9 @@ class MusicFlamingoLit(L.LightningModule):
     def export(
         self, path: str | Path, processor: Any = None, max_shard_size: str = "5GB", overwrite: bool = False
     ) -> Path:
-        """Write a Hugging Face layout folder (LoRA merged into a float32 copy; QLoRA's 4-bit base dequantised and
-        merged into a bfloat16 copy; this module is left untouched). Only the model's and the processor's files are
+        """Write a Hugging Face layout folder (LoRA merged into a copy in the weights' own dtype: float32 for
+        fp32 and bf16-mixed, bfloat16 for bf16-true; QLoRA's 4-bit base dequantised and merged into a bfloat16
+        copy; this module is left untouched). Only the model's and the processor's files are
         replaced; see `MusicFlamingo.save_pretrained` for `overwrite`."""
         model = self.model
         if has_quantized(model):
@@ -313,7 +343,8 @@ class MusicFlamingoLit(L.LightningModule):
             merge_lora(model, torch.bfloat16, device="cpu")
             model = model.to("cpu", torch.bfloat16)
         elif any(isinstance(m, LoRALinear) for m in model.modules()):
-            model = copy.deepcopy(model).float()
+            # each merge is computed in float32 and stored in its base weight's dtype (`LoRALinear.merged_linear`)
+            model = copy.deepcopy(model)
             merge_lora(model)
         path = Path(path)
         model.save_pretrained(path, max_shard_size=max_shard_size, overwrite=overwrite)

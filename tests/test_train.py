@@ -381,6 +381,45 @@ def test_a_resume_with_another_learning_rate_is_refused_and_keeps_the_run_config
     assert b["trainer"].global_step == 4
 
 
+def test_a_resume_with_another_lora_alpha_is_refused(assets, tmp_path):
+    """The checkpoint holds A and B, not alpha: under another alpha the same adapters compute another model, so the
+    resume is refused naming both values; with the old alpha it resumes."""
+    from musicflamingo.lit import CheckpointMismatchError
+
+    proc, manifest = assets
+    common = ["experiment=lora", "export=false", "model.scheduler.max_steps=4", "data.batch_max_tokens=800"]
+    train(compose_train(tmp_path, manifest, proc, [*common, "trainer.max_steps=2"]))
+    with pytest.raises(
+        CheckpointMismatchError, match=r"alpha 16 at rank 8\), the settings now give .*alpha 160"
+    ):
+        train(
+            compose_train(
+                tmp_path, manifest, proc, [*common, "trainer.max_steps=4", "model.net.lora.alpha=160"]
+            )
+        )
+    _, b = train(compose_train(tmp_path, manifest, proc, [*common, "trainer.max_steps=4"]))
+    assert b["trainer"].global_step == 4
+
+
+def test_lora_export_of_a_bf16_true_run_stays_bf16(assets, tmp_path):
+    """A bf16-true run's weights are bf16: its merged export is too (a float32 copy doubled the release's 16.5 GB)."""
+    import json
+
+    proc, manifest = assets
+    cfg = compose_train(
+        tmp_path,
+        manifest,
+        proc,
+        ["experiment=lora", "debug=fast", "export=true", "trainer.precision=bf16-true"],
+    )
+    _, obj = train(cfg)
+    config = json.loads((Path(obj["export_dir"]) / "config.json").read_text())
+    dtypes = {config.get("dtype"), config.get("torch_dtype")} - {None}
+    assert dtypes == {"bfloat16"}, config
+    merged = MusicFlamingo.from_pretrained(obj["export_dir"])
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+
+
 def test_csv_log_continues_and_drops_the_steps_logged_again(tmp_path):
     """A killed run logged steps 0-5 but checkpointed at 3: the resumed run logs 3 and 4 again; the file keeps 0-2
     and holds each step once, the new values for 3 and 4, a column new in the resumed run included."""
