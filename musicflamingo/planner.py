@@ -4,6 +4,8 @@ Nothing is allocated: parameter counts come from the config's shapes (`parameter
 tensors each block keeps for backward (read off the code of `model/`, checked against
 `torch.autograd.graph.saved_tensors_hooks` in tests/test_planner.py). `train.py`, `infer.py` and `eval.py` print
 the table with `plan=true` and refuse, before loading anything, a run predicted not to fit (`memory_check`).
+`plan=true` reads the settings only: it plans devices this machine lacks and compares the peak with
+`plan_memory_gb`, the device's free memory here, or `DEVICE_MEMORY`.
 
 Notation: per device and step, N padded decoder tokens, K labelled positions (only they reach the last layer's
 queries, its MLP and the head), S tokens per row, W audio windows of P encoder positions (P/2 audio tokens each
@@ -74,6 +76,15 @@ LOGPROB_CHUNK = 1024  # rows per chunk of GRPO's `token_logprobs` (grpo.py's def
 KEY_BLOCK = 256  # the engine rounds KV-cache capacity up to this (engine.KEY_BLOCK)
 MLP_CHUNK_ROWS = 4096  # rows of one decoder MLP pass in inference (model/qwen2.py's MLP_CHUNK_ROWS)
 PROMPT_TEXT_TOKENS = 256  # system prompt, chat markup and a question, on top of the audio tokens
+# What `plan=true` compares a plan with for a device this machine does not have, unless `plan_memory_gb` is set:
+# a data-centre GPU's 80 GB (H100, A100 80 GB).
+DEVICE_MEMORY = {"cuda": 80 * GB}
+# bitsandbytes' 4-bit weights have not been run inside FSDP's sharded flat parameters here, and the planner would
+# count their gathered blocks at full precision: refused (settings.py, training_setup) rather than guessed.
+QLORA_FSDP = (
+    "model.net.quantize_base={value} with trainer.strategy FSDP: 4-bit base weights are not supported under FSDP "
+    "here; use trainer=ddp (each GPU holds the whole 4-bit model) or one GPU (trainer=gpu)"
+)
 
 
 @dataclass(frozen=True)
@@ -172,8 +183,9 @@ class TrainingSetup:
 
     precision: str = "32"
     device: str = "cpu"  # "cpu" or "cuda": CPU bf16 training keeps the encoder's attention probabilities
-    devices: int = 1
+    devices: int = 1  # per node (`trainer.devices`)
     strategy: str = "single"  # "single", "ddp" or "fsdp"
+    nodes: int = 1  # `trainer.num_nodes`
     train_audio_tower: bool = True
     train_projector: bool = True
     train_language_model: bool = True
@@ -190,6 +202,12 @@ class TrainingSetup:
     loss_chunk: int = LOSS_CHUNK  # rows of logits the loss makes at a time
     packed: bool = False  # `data.pack`: rows of several conversations, attended run by run
     compiled: bool = False  # `model.net.compile`: compiled layers take packed rows' (S, S) mask instead
+
+    @property
+    def shards(self) -> int:
+        """How many pieces FSDP cuts weights, gradients and states into: every device of every node (1 without
+        FSDP: DDP keeps a whole copy per device however many there are)."""
+        return self.devices * self.nodes if self.strategy == "fsdp" else 1
 
 
 @dataclass
@@ -320,9 +338,7 @@ def _trainable(config: MusicFlamingoConfig, setup: TrainingSetup) -> dict[str, i
     L = config.text.num_hidden_layers
     if setup.lora_rank:
         shapes = linear_shapes(config.text)
-        lm = L * sum(
-            setup.lora_rank * (shapes[x][0] + shapes[x][1]) for x in setup.lora_targets if x in shapes
-        )
+        lm = L * sum(setup.lora_rank * (shapes[x][0] + shapes[x][1]) for x in setup.lora_targets)
     elif setup.train_language_model:
         lm = n["embed"] + L * n["decoder_layer"] + n["final_norm"] + n["lm_head"]
     else:
@@ -355,7 +371,7 @@ def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[B
     K = N if setup.labelled is None else min(setup.labelled, N)
     S = max(1, N // max(1, setup.rows))
     W = step_windows(config, setup)
-    shard = setup.devices if setup.strategy == "fsdp" else 1
+    shard = setup.shards
     n, trainable = parameter_counts(config), _trainable(config, setup)
     full_lm = setup.train_language_model and not setup.lora_rank
 
@@ -409,7 +425,7 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
         return plan_grpo(config, setup)
     p = precision_of(setup.precision)
     t, s = config.text, p.weight
-    shard = setup.devices if setup.strategy == "fsdp" else 1
+    shard = setup.shards
     blocks = training_blocks(config, setup)
     acts = sum(b.kept for b in blocks)
     dequant = 0
@@ -440,12 +456,12 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
     when = max(moments, key=moments.get)
     extra, extra_how, notes = 0, "", []
     n = parameter_counts(config)
-    if setup.strategy == "ddp" and setup.devices > 1:
+    if setup.strategy == "ddp" and setup.devices * setup.nodes > 1:
         extra, extra_how = grads, "DDP: its gradient buckets hold one more copy of the gradients"
-    if setup.strategy == "fsdp" and setup.devices > 1:
+    if shard > 1:
         root = n["embed"] + n["lm_head"] + n["projector"] + n["audio_convs"] + n["audio_positions"]
         extra = (root + 2 * max(n["decoder_layer"], n["audio_layer"])) * s
-        extra_how = f"FSDP over {setup.devices} devices: the root unit and two blocks gathered at a time"
+        extra_how = f"FSDP over {shard} devices: the root unit and two blocks gathered at a time"
     peak = weights + states + moments[when] + extra
 
     whole = replace(setup, checkpointing=False, train_audio_tower=True, tokens=1024, labelled=1024, rows=1)
@@ -477,7 +493,7 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
         items.append(("distributed", extra, extra_how))
     title = (
         f"training plan: {config.name}, precision {setup.precision}, {setup.strategy} x {setup.devices} "
-        f"({setup.device}), {_what_trains(setup)}"
+        f"({setup.device}){f' x {setup.nodes} nodes' if setup.nodes > 1 else ''}, {_what_trains(setup)}"
     )
     return MemoryPlan(title, items, peak, when, notes)
 
@@ -539,7 +555,7 @@ def _grpo_plan_for(
     )
     kv, audio = rollout.item("KV cache"), rollout.item("audio encoder")
     embeds = prompts * P * config.text.hidden_size * p.weight
-    shard = setup.devices if setup.strategy == "fsdp" else 1
+    shard = setup.shards
     reference = 0
     if g.kl and not setup.lora_rank:
         reference = config.num_parameters() * (g.reference_bytes or p.weight) // shard
@@ -591,8 +607,8 @@ def _weights_how(config: MusicFlamingoConfig, setup: TrainingSetup, p: Precision
     how = f"{config.num_parameters():,} parameters x {p.weight} B"
     if four_bit:
         how += f", decoder linears in 4 bits ({_fmt(four_bit)})"
-    if setup.strategy == "fsdp" and setup.devices > 1:
-        how += f", / {setup.devices} devices"
+    if setup.shards > 1:
+        how += f", / {setup.shards} devices"
     return how
 
 
@@ -744,8 +760,9 @@ def plan_inference(
 # ---------------------------------------------------------------------------------------------- checks
 def alternatives(config: MusicFlamingoConfig, setup: TrainingSetup, budget: int) -> list[tuple[str, int]]:
     """Changes to `setup` (as command-line overrides) predicted to fit `budget` bytes per device, with their peaks,
-    lightest change first (at most six; for FSDP and the batch size only the smallest change that fits). When none
-    fits: the one with the lowest peak, alone."""
+    lightest change first (at most six; for FSDP and the batch size only the smallest change that fits). When no
+    single change fits, changes with the largest smaller `data.batch_max_tokens` they fit; when none of those fits
+    either: the one with the lowest peak, alone."""
     lora = dict(
         lora_rank=setup.lora_rank or 8,
         lora_targets=setup.lora_targets or ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -764,13 +781,15 @@ def alternatives(config: MusicFlamingoConfig, setup: TrainingSetup, budget: int)
         (lora_cli, lora),
         (f"{lora_cli} {ckpt} {bf16}", {**lora, **lean}),
     ]
-    if setup.device == "cuda":  # 4-bit bases and sharding need GPUs
+    # 4-bit bases and sharding need GPUs, and never go together (QLORA_FSDP)
+    if setup.device == "cuda" and setup.strategy != "fsdp":
         candidates.append(
             (
                 f"{lora_cli} model.net.quantize_base=nf4 {ckpt} {bf16}",
                 {**lora, **lean, "quantize_base": "nf4"},
             )
         )
+    if setup.device == "cuda" and not setup.quantize_base:
         candidates += [
             (f"trainer=fsdp trainer.devices={n}", dict(strategy="fsdp", devices=n, **lean))
             for n in (2, 4, 8, 16, 32, 64)
@@ -788,17 +807,19 @@ def alternatives(config: MusicFlamingoConfig, setup: TrainingSetup, budget: int)
             candidates.append(
                 (f"model.rollout.slots={g.group_size}", dict(grpo=replace(g, slots=g.group_size)))
             )
-    for k in (2, 4, 8, 16):
-        if setup.tokens // k >= 64:
-            windows = None if setup.windows is None else max(1, setup.windows // k)
-            candidates.append(
-                (
-                    f"data.batch_max_tokens={setup.tokens // k}",
-                    dict(tokens=setup.tokens // k, windows=windows),
-                )
-            )
+    batches = [
+        (
+            f"data.batch_max_tokens={setup.tokens // k}",
+            dict(
+                tokens=setup.tokens // k,
+                windows=None if setup.windows is None else max(1, setup.windows // k),
+            ),
+        )
+        for k in (2, 4, 8, 16)
+        if setup.tokens // k >= 64
+    ]
     tried, fit, kinds = [], [], set()
-    for cli, change in candidates:
+    for cli, change in candidates + batches:
         changed = replace(setup, **change)
         if changed == setup:
             continue
@@ -808,6 +829,18 @@ def alternatives(config: MusicFlamingoConfig, setup: TrainingSetup, budget: int)
         if peak <= budget and not (kind in ("trainer", "data.batch_max_tokens") and kind in kinds):
             fit.append((cli, peak))
             kinds.add(kind)
+    # no change alone is enough: each with the largest smaller batch it fits, a heavier one (they come lightest
+    # first) listed only when it allows a larger batch than those before it
+    best = 0
+    for cli, change in [] if fit else candidates:
+        for bcli, bchange in batches:
+            peak = plan_training(config, replace(setup, **change, **bchange)).peak
+            tried.append((f"{cli} {bcli}", peak))
+            if peak <= budget:
+                if bchange["tokens"] > best:
+                    fit.append((f"{cli} {bcli}", peak))
+                    best = bchange["tokens"]
+                break
     return fit[:6] or sorted(tried, key=lambda x: x[1])[:1]
 
 
@@ -863,20 +896,34 @@ def model_config(net: Mapping[str, Any]) -> MusicFlamingoConfig:
 
 
 def _devices(value: Any, device: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return max(1, value)
+    """Processes per node `trainer.devices` starts, as Lightning counts them: a number, a list (or "0,1") of GPU
+    indices, or -1 / "auto" for every visible GPU ("auto" on CPU: one)."""
+    if isinstance(value, str) and "," in value:
+        value = [v for v in value.split(",") if v.strip()]
     if isinstance(value, Sequence) and not isinstance(value, str):
         return max(1, len(value))
-    if device == "cuda":
-        import torch
+    if isinstance(value, int) and not isinstance(value, bool) and value != -1:
+        return max(1, value)
+    if device != "cuda":
+        if value == -1:
+            raise MemoryPlanError("trainer.devices=-1 (every GPU) on CPU: give the number of processes")
+        return 1
+    import torch
 
-        return max(1, torch.cuda.device_count())
-    return 1
+    count = torch.cuda.device_count()
+    if count == 0:  # plan=true on a machine without the GPUs
+        raise MemoryPlanError(
+            f"trainer.devices={value}: every visible GPU, and none is visible here; give the number to plan for "
+            "(trainer.devices=8)"
+        )
+    return count
 
 
 def training_setup(settings: Mapping[str, Any]) -> tuple[MusicFlamingoConfig, TrainingSetup]:
     """(model config, setup) of a composed, resolved `configs/train.yaml`."""
     import torch
+
+    from musicflamingo.model.lora import check_lora_rank, check_lora_targets
 
     net = _get(settings, "model.net", {}) or {}
     config = model_config(net)
@@ -887,13 +934,14 @@ def training_setup(settings: Mapping[str, Any]) -> tuple[MusicFlamingoConfig, Tr
         else "cpu"
     )
     devices = _devices(_get(settings, "trainer.devices", 1), device)
+    nodes = _setting_int(settings, "trainer.num_nodes", 1, minimum=1)
     strategy_cfg = _get(settings, "trainer.strategy")
     target = (
         str(strategy_cfg.get("_target_", ""))
         if isinstance(strategy_cfg, Mapping)
         else str(strategy_cfg or "")
     )
-    strategy = "fsdp" if "fsdp" in target.lower() else ("ddp" if devices > 1 else "single")
+    strategy = "fsdp" if "fsdp" in target.lower() else ("ddp" if devices * nodes > 1 else "single")
     fsdp_ckpt = (
         isinstance(strategy_cfg, Mapping)
         and bool(strategy_cfg.get("activation_checkpointing", True))
@@ -902,16 +950,28 @@ def training_setup(settings: Mapping[str, Any]) -> tuple[MusicFlamingoConfig, Tr
     freeze = net.get("freeze") or {}
     lora = net.get("lora") or {}
     lora_on = bool(lora.get("enabled"))
+    rank, targets = int(lora.get("rank", 8)), tuple(lora.get("targets") or ())
+    if (
+        lora_on
+    ):  # settings.py checks the names; the rank against the layers is known only here, from the shapes
+        try:
+            check_lora_targets(targets)
+            check_lora_rank(rank, {x: linear_shapes(config.text)[x][:2] for x in targets})
+        except ValueError as e:
+            raise MemoryPlanError(str(e)) from None
+    if net.get("quantize_base") and strategy == "fsdp":
+        raise MemoryPlanError(QLORA_FSDP.format(value=net["quantize_base"]))
     setup = TrainingSetup(
         precision=str(_get(settings, "trainer.precision", "32")),
         device=device,
         devices=devices,
         strategy=strategy,
+        nodes=nodes,
         train_audio_tower=not freeze.get("audio_tower", False),
         train_projector=not freeze.get("multi_modal_projector", False),
         train_language_model=not freeze.get("language_model", False) and not lora_on,
-        lora_rank=int(lora.get("rank", 8)) if lora_on else 0,
-        lora_targets=tuple(lora.get("targets") or ()) if lora_on else (),
+        lora_rank=rank if lora_on else 0,
+        lora_targets=targets if lora_on else (),
         quantize_base=net.get("quantize_base"),
         checkpointing=bool(net.get("gradient_checkpointing")) or fsdp_ckpt,
         tokens=int(_get(settings, "data.batch_max_tokens", 4096)),
@@ -983,7 +1043,10 @@ def check_training(
     share its memory), listing the changes that would fit (`alternatives`)."""
     config, setup = training_setup(settings)
     plan = plan_training(config, setup)
-    if settings.get("plan") or not settings.get("memory_check", True):
+    if settings.get("plan"):
+        plan.notes += _training_fit(config, setup, plan, settings, available or device_memory)
+        return plan
+    if not settings.get("memory_check", True):
         return plan
     budget = (available or device_memory)(setup.device)
     processes = setup.devices if setup.device == "cpu" else 1
@@ -991,6 +1054,50 @@ def check_training(
         fixes = alternatives(config, setup, budget // processes)
         check_fits(plan, budget, setup.device, fixes, processes)
     return plan
+
+
+def _plan_budget(
+    settings: Mapping[str, Any], device: str, present: bool, free: Callable[[], int | None]
+) -> tuple[int | None, str]:
+    """(bytes per device `plan=true` compares with, where the number comes from): `plan_memory_gb`, else the free
+    memory of the device here (`free()`), else :data:`DEVICE_MEMORY` for a device this machine does not have."""
+    gb = settings.get("plan_memory_gb")
+    if gb is not None:
+        return int(gb * GB), f"plan_memory_gb={gb}"
+    if present:
+        return free(), "free here"
+    default = DEVICE_MEMORY.get(device)
+    return default, f"assumed for {device}; plan_memory_gb=N sets it"
+
+
+def _training_fit(
+    config: MusicFlamingoConfig,
+    setup: TrainingSetup,
+    plan: MemoryPlan,
+    settings: Mapping[str, Any],
+    available: Callable[[str], int | None],
+) -> list[str]:
+    """`plan=true`'s lines after the table: the devices planned for (present here or not), whether the peak fits
+    their memory (:func:`_plan_budget`), and if not the settings that would."""
+    import torch
+
+    visible = torch.cuda.device_count() if setup.device == "cuda" else setup.devices
+    where = f"{setup.devices} x {setup.device}" + (
+        f" on each of {setup.nodes} nodes" if setup.nodes > 1 else ""
+    )
+    if visible < setup.devices:
+        where += f" (not present here: {visible} visible)" if visible else " (not present here)"
+    budget, source = _plan_budget(settings, setup.device, visible > 0, lambda: available(setup.device))
+    if budget is None:
+        return [f"planned for {where}"]
+    processes = setup.devices if setup.device == "cpu" else 1  # processes on one CPU share its memory
+    if plan.peak * processes <= budget:
+        return [f"planned for {where}: fits the {_fmt(budget)} per device ({source})"]
+    fixes = alternatives(config, setup, budget // processes)
+    return [
+        f"planned for {where}: does not fit the {_fmt(budget)} per device ({source}); settings that would fit:",
+        *[f"  {cli}   ({_fmt(peak)})" for cli, peak in fixes if peak * processes <= budget],
+    ]
 
 
 def max_audio_seconds(folder: str | Path, config: MusicFlamingoConfig) -> float:
@@ -1033,6 +1140,8 @@ def check_generation(
     """The generation plan of `ckpt` (its config.json only) for requests with `audio_seconds` of audio each (None:
     unknown, the processor's maximum) on `settings`' device and dtype. Unless `plan` or `memory_check=false`, a
     MemoryPlanError when it does not fit the device's free memory, listing a dtype or batch size that would."""
+    import torch
+
     from musicflamingo.checkpoint import load_config
     from musicflamingo.model.quantize import load_method
     from musicflamingo.runtime import RuntimeConfigError, available_memory, resolve_device_dtype
@@ -1042,12 +1151,12 @@ def check_generation(
     quantize = load_method(settings.get("quantize"), config.quantization, str(ckpt))  # what loading will run
     try:  # the dtype loading will use (`auto` may fall back to bfloat16 when float32 weights do not fit)
         dev, dt = resolve_device_dtype(device, dtype, config.num_parameters(), quantize)
-    except (
-        RuntimeConfigError
-    ):  # the weights alone do not fit: the runtime's message says so, or the plan shows it
+    except RuntimeConfigError:
+        # the weights alone do not fit (the runtime's message says so, or the plan shows it), or the device is not
+        # on this machine: plan=true plans for it all the same
         if not settings.get("plan"):
             raise
-        dev, dt = resolve_device_dtype(device, dtype, quantize=quantize)
+        dev, dt = _requested_device_dtype(device, dtype, quantize)
     cap = max_audio_seconds(ckpt, config)
     sizes = [request_size(config, x, cap, prompt_chars) for x in audio_seconds] or [(PROMPT_TEXT_TOKENS, 0)]
     prompt, windows = max(t for t, _ in sizes), max(w for _, w in sizes)
@@ -1068,7 +1177,18 @@ def check_generation(
     nbytes = dt.itemsize
     slots = max(1, min(slots, len(sizes)))
     plan = plan_for(nbytes, slots)
-    if settings.get("plan") or not settings.get("memory_check", True):
+    if settings.get("plan"):
+        present = dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.is_available())
+        budget, source = _plan_budget(
+            settings, dev.type, present, lambda: (available or available_memory)(dev)
+        )
+        where = f"{dev}" + ("" if present else " (not present here)")
+        if budget is not None:
+            verdict = "fits" if plan.peak <= budget else "does not fit"
+            where += f": {verdict} the {_fmt(budget)} per device ({source})"
+        plan.notes.append(f"planned for {where}")
+        return plan
+    if not settings.get("memory_check", True):
         return plan
     budget = (available or available_memory)(dev)
     if budget is None or plan.peak <= budget:
@@ -1092,3 +1212,21 @@ def check_generation(
             break
     check_fits(plan, budget, str(dev), fixes)
     return plan
+
+
+def _requested_device_dtype(device: Any, dtype: Any, quantize: str | None):  # noqa: ANN202 (torch imported lazily)
+    """`plan=true`: the device and dtype a run would use, the device possibly not on this machine (`auto` dtype:
+    bfloat16 on CUDA or with `quantize`, float32 elsewhere, as `runtime.resolve_device_dtype` without its memory
+    check)."""
+    import torch
+
+    from musicflamingo.runtime import RuntimeConfigError, parse_dtype, resolve_device_dtype
+
+    try:
+        return resolve_device_dtype(device, dtype, quantize=quantize)
+    except RuntimeConfigError:
+        dev = torch.device(
+            str(device)
+        )  # a CUDA or MPS device absent here (settings.py refused anything else)
+        dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" or quantize else torch.float32)
+        return dev, dt

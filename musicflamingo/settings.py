@@ -29,9 +29,10 @@ import torch
 import yaml
 
 from musicflamingo.model.build import LORA_KEYS, PARTS
-from musicflamingo.model.lora import check_quantize_base
+from musicflamingo.model.lora import check_lora_targets, check_quantize_base
 from musicflamingo.model.quantize import METHODS as QUANTIZE_METHODS
-from musicflamingo.runtime import parse_dtype, resolve_device
+from musicflamingo.planner import QLORA_FSDP
+from musicflamingo.runtime import RuntimeConfigError, parse_dtype, resolve_device
 
 
 class SettingsError(ValueError):
@@ -68,6 +69,9 @@ FIXED_KEYS: dict[str, tuple[str, ...]] = {
 }
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Top-level keys every entry point takes even where its YAML lacks them (`+plan_memory_gb=80`): the memory per device
+# `plan=true` compares with (planner._plan_budget).
+PLAN_KEYS = ("plan_memory_gb",)
 
 _MISSING = object()
 
@@ -75,7 +79,7 @@ _MISSING = object()
 # ---------------------------------------------------------------------------------------------- entry points
 def check_train_settings(settings: Mapping[str, Any]) -> None:
     """`configs/train.yaml`, composed and resolved: keys, types, ranges, and the rules between settings."""
-    check_known_keys(settings, config_keys("train"))
+    check_known_keys(settings, _top_keys("train"))
     _number(settings, "seed", integer=True)
     _threads(settings)
     _boolean(settings, "export")
@@ -107,9 +111,19 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
         or not all(isinstance(t, str) and t for t in targets)
     ):
         _fail("model.net.lora.targets", targets, "expected a non-empty list of linear layer names")
+    if targets is not _MISSING:  # every name a linear of the language model (planner.py checks the rank)
+        try:
+            check_lora_targets(targets)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
     quantize = _get(settings, "model.net.quantize_base")
+    strategy = _get(settings, "trainer.strategy")
+    target = strategy.get("_target_") if isinstance(strategy, Mapping) else strategy
+    if quantize not in (_MISSING, None) and "fsdp" in str(target).lower():
+        raise SettingsError(QLORA_FSDP.format(value=quantize))
     if quantize is not _MISSING:
-        check_quantize_base(quantize)  # null, or nf4 on a CUDA machine with bitsandbytes (names the setting)
+        # null, or nf4 on a CUDA machine with bitsandbytes (names the setting); plan=true: the value only
+        check_quantize_base(quantize, here=not _planning(settings))
         if quantize is not None and _get(settings, "model.net.lora.enabled") is False:
             _fail(
                 "model.net.quantize_base",
@@ -164,6 +178,7 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
         settings, "trainer.max_epochs", integer=True, lo=1, special=(-1,), optional=True, note="-1: no limit"
     )
     _number(settings, "trainer.accumulate_grad_batches", integer=True, lo=1)
+    _number(settings, "trainer.num_nodes", integer=True, lo=1)
     _number(settings, "trainer.gradient_clip_val", lo=0, optional=True)
     steps, epochs = _get(settings, "trainer.max_steps"), _get(settings, "trainer.max_epochs")
     if steps == -1 and epochs == -1 and _get(settings, "trainer.max_time") in (_MISSING, None):
@@ -177,12 +192,13 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
             "trainer.max_steps=-1 and trainer.max_epochs=-1 set none (the run ends by trainer.max_time); set "
             "model.scheduler.max_steps to the steps the learning-rate schedule should span"
         )
-    _accelerator(settings, "trainer.accelerator")
+    if not _planning(settings):  # plan=true plans for devices this machine may not have
+        _accelerator(settings, "trainer.accelerator")
 
 
 def check_eval_settings(settings: Mapping[str, Any]) -> None:
     """`configs/eval.yaml`, composed and resolved (the benchmark's own keys are read by its reader)."""
-    check_known_keys(settings, config_keys("eval"))
+    check_known_keys(settings, _top_keys("eval"))
     _number(settings, "batch_size", integer=True, lo=1, optional=True, note="null: 8")
     _number(settings, "max_new_tokens", integer=True, lo=1, optional=True, note="null: the benchmark's")
     _number(settings, "benchmark.max_new_tokens", integer=True, lo=1, optional=True)
@@ -195,7 +211,7 @@ def check_eval_settings(settings: Mapping[str, Any]) -> None:
 
 def check_infer_settings(settings: Mapping[str, Any]) -> None:
     """`configs/infer.yaml` (decoding settings: :class:`musicflamingo.engine.SamplingParams`)."""
-    check_known_keys(settings, config_keys("infer"))
+    check_known_keys(settings, _top_keys("infer"))
     _number(settings, "batch_size", integer=True, lo=1, optional=True, note="null: every file at once")
     for flag in ("interactive", "stream", "compile", "do_sample"):
         _boolean(settings, flag)
@@ -370,10 +386,27 @@ def _choice(settings: Mapping[str, Any], key: str, options: Sequence[str]) -> No
         _fail(key, value, "expected " + " or ".join(repr(o) for o in options))
 
 
+def _top_keys(name: str) -> tuple[str, ...] | None:
+    keys = config_keys(name)
+    return None if keys is None else (*keys, *PLAN_KEYS)
+
+
+def _planning(settings: Mapping[str, Any]) -> bool:
+    return _get(settings, "plan") is True
+
+
 def _planner_flags(settings: Mapping[str, Any]) -> None:
-    """`plan` (print the memory plan and exit) and `memory_check` (refuse a run predicted not to fit)."""
+    """`plan` (print the memory plan and exit), `plan_memory_gb` (the device memory it compares with) and
+    `memory_check` (refuse a run predicted not to fit)."""
     _boolean(settings, "plan")
     _boolean(settings, "memory_check")
+    _number(settings, "plan_memory_gb", lo=0, lo_open=True, optional=True, note="null: the device's own")
+    if _get(settings, "plan_memory_gb") not in (_MISSING, None) and not _planning(settings):
+        _fail(
+            "plan_memory_gb",
+            _get(settings, "plan_memory_gb"),
+            "read only with plan=true (a run checks the device's free memory)",
+        )
 
 
 def _threads(settings: Mapping[str, Any]) -> None:
@@ -386,12 +419,24 @@ def _threads(settings: Mapping[str, Any]) -> None:
 def _device_dtype(settings: Mapping[str, Any]) -> None:
     device, dtype = _get(settings, "device"), _get(settings, "dtype")
     if device is not _MISSING:
-        resolve_device(device)  # RuntimeConfigError naming `device=...`
+        try:
+            resolve_device(device)  # RuntimeConfigError naming `device=...`
+        except RuntimeConfigError:
+            # plan=true plans for a GPU this machine may not have (a name torch does not know still fails)
+            if not (_planning(settings) and _gpu_name(device)):
+                raise
     if dtype is not _MISSING:
         parse_dtype(dtype)  # RuntimeConfigError naming `dtype=...`
     quantize = _get(settings, "quantize")
     if quantize is not _MISSING and quantize not in (None, *QUANTIZE_METHODS):
         _fail("quantize", quantize, f"expected null or one of {list(QUANTIZE_METHODS)}")
+
+
+def _gpu_name(device: Any) -> bool:
+    try:
+        return torch.device(str(device)).type in ("cuda", "mps")
+    except RuntimeError:
+        return False
 
 
 def _accelerator(settings: Mapping[str, Any], key: str) -> None:

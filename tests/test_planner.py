@@ -1102,3 +1102,130 @@ def test_merge_puts_each_merged_linear_where_asked(quantized):
         assert all(m.weight.dtype == torch.bfloat16 for m in linears)
     assert not any(p.is_meta for p in merged.audio_tower.parameters())
     assert not any(p.is_meta for p in model.parameters())  # the model merged from is untouched
+
+
+# ---------------------------------------------------------------------------------------------- devices, levers
+def _release(tmp_path: Path, *extra: str, name: str = "train") -> dict:
+    return _compose(
+        name,
+        _train_overrides(
+            tmp_path, "model=music_flamingo_2601", "model.net.preset=music_flamingo_2601", *extra
+        ),
+    )[1]
+
+
+def test_every_gpu_and_every_node_are_planned(tmp_path, monkeypatch):
+    """trainer.devices=-1 is every visible GPU (as Lightning counts it), not one; FSDP shards over the devices of
+    every node (trainer.num_nodes), DDP keeps a whole copy per device however many nodes there are."""
+    from musicflamingo.planner import training_setup
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def peak(*extra: str) -> int:
+        config, setup = training_setup(_release(tmp_path, "experiment=full_finetune", *extra))
+        return plan_training(config, setup).peak
+
+    fsdp8 = peak("trainer=fsdp", "trainer.devices=8")
+    assert peak("trainer=fsdp", "trainer.devices=-1") == fsdp8
+    assert peak("trainer=fsdp", "trainer.devices=auto") == fsdp8
+    assert peak("trainer=fsdp", "trainer.devices=2", "+trainer.num_nodes=4") == fsdp8
+    assert peak("trainer=fsdp", "trainer.devices=2") > fsdp8
+    ddp = peak("trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=2")
+    assert peak("trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=2", "+trainer.num_nodes=4") == ddp
+    assert peak("trainer=gpu", "trainer.devices=1", "+trainer.num_nodes=2") == ddp  # DDP across two nodes
+    with pytest.raises(MemoryPlanError, match="trainer.devices=-1"):  # Lightning refuses it on CPU
+        training_setup(_release(tmp_path, "trainer=cpu", "trainer.devices=-1"))
+
+
+def test_refusal_combines_a_lever_with_a_smaller_batch(tmp_path):
+    """LoRA on the release with 4096-token batches and 21.6 GB free: bf16-true alone needs 21.9 GB and a smaller
+    batch alone more still, so no single change fits; the refusal lists bf16-true with the largest smaller batch
+    that fits, as overrides train.py accepts (composed again here, each plans within the budget)."""
+    over = ("experiment=lora", "data.batch_max_tokens=4096")
+    budget = int(21.6e9)
+    with pytest.raises(MemoryPlanError) as err:
+        check_training(_release(tmp_path, *over), available=lambda device: budget)
+    message = str(err.value)
+    assert "none of the usual changes" not in message
+    fixes = [line.split("   (")[0].split() for line in message.splitlines() if line.startswith("  ")]
+    assert ["trainer.precision=bf16-true", "data.batch_max_tokens=2048"] in fixes
+    for fix in fixes:
+        assert check_training(_release(tmp_path, *over, *fix, "plan=true")).peak <= budget
+        if fix[-1].startswith("data.batch_max_tokens="):  # the largest such batch: twice as many does not fit
+            tokens = int(fix[-1].split("=")[1]) * 2
+            twice = [*fix[:-1], f"data.batch_max_tokens={tokens}"]
+            assert check_training(_release(tmp_path, *over, *twice, "plan=true")).peak > budget
+
+
+def test_qlora_under_fsdp_is_refused(tmp_path):
+    """bitsandbytes' 4-bit weights inside FSDP are untested here (and the plan counted gathered blocks at full
+    precision): refused at settings time, plan=true included, naming what to use instead; the refusal of a run that
+    does not fit never suggests the two together."""
+    from musicflamingo.planner import alternatives, training_setup
+    from musicflamingo.settings import SettingsError, check_train_settings
+
+    for extra in ((), ("plan=true",)):
+        settings = _release(
+            tmp_path, "experiment=lora", "trainer=fsdp", "model.net.quantize_base=nf4", *extra
+        )
+        with pytest.raises(SettingsError, match=r"quantize_base=nf4 with trainer.strategy FSDP.*trainer=ddp"):
+            check_train_settings(settings)
+    with pytest.raises(MemoryPlanError, match="FSDP"):
+        training_setup(settings)
+    config = MusicFlamingoConfig.from_name("music_flamingo_2601")
+    qlora = TrainingSetup(device="cuda", lora_rank=8, lora_targets=("q_proj",), quantize_base="nf4")
+    fsdp = TrainingSetup(device="cuda", strategy="fsdp", devices=2)
+    assert not any("trainer=fsdp" in cli for cli, _ in alternatives(config, qlora, int(1e12)))
+    assert not any("quantize_base" in cli for cli, _ in alternatives(config, fsdp, int(1e12)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans for GPUs this machine does not have")
+def test_plan_true_plans_gpus_this_machine_lacks(tmp_path):
+    """plan=true is settings-only: an FSDP, a QLoRA or an inference run on CUDA plans on a CPU machine, labelled
+    as planned for devices not present here and compared with 80 GB per device or plan_memory_gb; without
+    plan=true the refusal stays."""
+    import io
+
+    from tiny_assets import make_tone, write_audio
+    from tiny_checkpoint import write_tiny_checkpoint
+
+    from musicflamingo.inference import infer
+    from musicflamingo.runtime import RuntimeConfigError
+    from musicflamingo.settings import SettingsError, check_infer_settings, check_train_settings
+
+    fsdp = _release(tmp_path, "experiment=full_finetune", "trainer=fsdp", "plan=true")
+    check_train_settings(fsdp)
+    plan = check_training(fsdp)
+    assert "fsdp x 8 (cuda)" in plan.title
+    assert "planned for 8 x cuda (not present here): fits the 80.00 GB per device" in plan.table()
+
+    qlora = _release(tmp_path, "experiment=lora", "trainer=gpu", "model.net.quantize_base=nf4", "plan=true")
+    check_train_settings({**qlora, "plan_memory_gb": 8})
+    table = check_training({**qlora, "plan_memory_gb": 8}).table()
+    assert "QLoRA" in table and "does not fit the 8.00 GB per device (plan_memory_gb=8)" in table
+    with pytest.raises(SettingsError, match="plan_memory_gb=8: read only with plan=true"):
+        check_train_settings({**qlora, "plan": False, "plan_memory_gb": 8})
+    with pytest.raises(SettingsError, match="CUDA is not available here"):
+        check_train_settings({**fsdp, "plan": False})
+    with pytest.raises(MemoryPlanError, match="none is visible here"):
+        check_training(_release(tmp_path, "trainer=gpu", "trainer.devices=-1", "plan=true"))
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    audio = str(write_audio(tmp_path / "a.wav", make_tone(440.0, 2.0)))
+    cfg, settings = _compose("infer", [f"ckpt={ckpt}", f"audio=[{audio}]", "device=cuda", "plan=true"])
+    check_infer_settings(settings)
+    out = io.StringIO()
+    assert infer(cfg, out=out) == []
+    assert "planned for cuda (not present here): fits the 80.00 GB" in out.getvalue()
+    with pytest.raises(RuntimeConfigError, match="CUDA is not available"):
+        check_infer_settings({**settings, "plan": False})
+
+    # eval.py too: its run identity resolves the dtype on the device, which comes after the plan
+    from test_eval_runner import _cfg, _write_mcq_fixture
+
+    from musicflamingo.eval.runner import evaluate
+
+    _write_mcq_fixture(tmp_path / "mmau", seconds=(1.0, 2.0, 1.0, 2.0))
+    result = evaluate(_cfg(tmp_path / "mmau", f"ckpt={ckpt}", "device=cuda", "plan=true", "batch_size=2"))
+    assert "planned for cuda (not present here): fits the 80.00 GB" in result["plan"].table()

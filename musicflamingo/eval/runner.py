@@ -481,9 +481,6 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
         "quantize"
     ):  # int8 / int4 linears answer differently: never mixed with full-precision predictions
         identity["quantize"] = str(c["quantize"])
-    if ckpt is not None:  # same path, other weights (re-exported) or another dtype: other answers
-        identity["dtype"] = str(resolve_eval_dtype(c, ckpt)[1]).replace("torch.", "")
-        identity["weights"] = checkpoint_fingerprint(ckpt)
     if predict_fn is None:  # the memory plan (config.json, the items' audio headers): refused if it won't fit
         plan = check_generation(
             c,
@@ -497,6 +494,10 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
         if c.get("plan"):
             print(plan.table())
             return {"plan": plan}
+    # after the plan: resolving the dtype checks the device, which plan=true may not have (device=cuda on a laptop)
+    if ckpt is not None:  # same path, other weights (re-exported) or another dtype: other answers
+        identity["dtype"] = str(resolve_eval_dtype(c, ckpt)[1]).replace("torch.", "")
+        identity["weights"] = checkpoint_fingerprint(ckpt)
     _check_run_identity(out_dir, identity)
     if predict_fn is None:
         model_cfg = {**c, "max_new_tokens": int(max_new_tokens)}

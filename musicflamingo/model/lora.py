@@ -12,16 +12,51 @@ QLoRA (`apply_lora(..., quantized=cls)`): every frozen base linear becomes a `Qu
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# The language model's linears (model/qwen2.py): the names `model.net.lora.targets` may list.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_lora_targets(targets: Sequence[str]) -> None:
+    """Refuse a `model.net.lora.targets` entry that is not one of :data:`LORA_TARGETS`: next to a valid one it
+    would match nothing and leave those layers without adapters, silently."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if not unknown:
+        return
+    named = [
+        f"{t} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(t, LORA_TARGETS, n=1)) else t
+        for t in unknown
+    ]
+    raise ValueError(
+        f"model.net.lora.targets={list(targets)}: {', '.join(named)}: no such linear in the language model; "
+        f"adapters go on {', '.join(LORA_TARGETS)}"
+    )
+
+
+def check_lora_rank(rank: int, widths: Mapping[str, tuple[int, int]]) -> None:
+    """Refuse a rank below 1 or above the narrowest targeted layer (`widths`: name -> (in, out) features):
+    `B @ A` cannot have a rank above min(in, out), so the extra rank only costs memory and changes the scale."""
+    if rank < 1:
+        raise ValueError(f"model.net.lora.rank={rank}: expected an integer >= 1")
+    if not widths:
+        return
+    name, (n_in, n_out) = min(widths.items(), key=lambda item: min(item[1]))
+    if rank > min(n_in, n_out):
+        raise ValueError(
+            f"model.net.lora.rank={rank}: more than {name}'s {min(n_in, n_out)} features ({n_in} in, {n_out} "
+            f"out), the narrowest layer in model.net.lora.targets; expected 1 to {min(n_in, n_out)}"
+        )
 
 
 class LoRALinear(nn.Linear):
@@ -179,9 +214,29 @@ def apply_lora(
 ) -> list[str]:
     """Replace every `nn.Linear` under `root` whose attribute name is in `targets` (e.g. `q_proj`, `down_proj`);
     returns the replaced names. The settings come from the config (`model.net.lora` in `configs/model/tiny.yaml`).
+    A ValueError when a target matches no linear or the rank exceeds a targeted layer's in or out features.
 
     With `quantized` (QLoRA), every `nn.Linear` under `root` is quantized first (`quantize_linears`) and the
     targets get a `QuantizedLoRALinear` over their quantized base, adapters in the base's former dtype."""
+    # every target must match (a typo next to a valid name would leave its layers without adapters), and the rank
+    # fit them; checked before anything is quantized or replaced
+    linears = {
+        f"{name}.{child_name}" if name else child_name: child
+        for name, module in root.named_modules()
+        for child_name, child in module.named_children()
+        if type(child) is nn.Linear or (quantized is not None and isinstance(child, quantized))
+    }
+    kinds = {full.rsplit(".", 1)[-1] for full in linears}
+    unmatched = [t for t in targets if t not in kinds]
+    if unmatched:
+        raise ValueError(
+            f"LoRA targets {unmatched} (model.net.lora.targets) match no nn.Linear under {type(root).__name__}; "
+            f"its linears: {', '.join(sorted(kinds))}"
+        )
+    check_lora_rank(
+        rank,
+        {n: (m.in_features, m.out_features) for n, m in linears.items() if n.rsplit(".", 1)[-1] in targets},
+    )
     dtypes = {}
     if quantized is not None:
         dtypes = {n: m.weight.dtype for n, m in root.named_modules() if type(m) is nn.Linear}
@@ -199,7 +254,7 @@ def apply_lora(
             else:
                 continue
             replaced.append(full)
-    if not replaced:
+    if not replaced:  # `targets` is empty
         raise ValueError(f"LoRA targets {list(targets)} matched no nn.Linear under {type(root).__name__}")
     return replaced
 
@@ -271,14 +326,17 @@ class QuantizationUnavailable(ValueError):
 QUANTIZE_CHOICES = ("nf4",)
 
 
-def check_quantize_base(value: object, cuda_available: bool | None = None) -> None:
-    """Refuse `model.net.quantize_base` unless it is null, or `nf4` on a machine with CUDA and bitsandbytes."""
+def check_quantize_base(value: object, cuda_available: bool | None = None, here: bool = True) -> None:
+    """Refuse `model.net.quantize_base` unless it is null, or `nf4` on a machine with CUDA and bitsandbytes
+    (`here=False`, for `plan=true`: the value alone, the run being planned for another machine)."""
     if value is None:
         return
     if value not in QUANTIZE_CHOICES:
         raise QuantizationUnavailable(
             f"model.net.quantize_base={value!r}: expected null or one of {list(QUANTIZE_CHOICES)}"
         )
+    if not here:
+        return
     fallback = "use LoRA in bf16 instead: model.net.quantize_base=null trainer.precision=bf16-true"
     if not (torch.cuda.is_available() if cuda_available is None else cuda_available):
         raise QuantizationUnavailable(
