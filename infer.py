@@ -3,6 +3,8 @@
     python infer.py ckpt=DIR audio=song.mp3 'prompt="What is the tempo, and the key?"'
     python infer.py ckpt=DIR audio=[a.mp3,b.wav] max_new_tokens=256
     python infer.py ckpt=DIR audio=song.mp3 interactive=true
+    python infer.py ckpt=DIR audio=music/ output=answers.jsonl skip_bad_audio=true   # resumable
+    python infer.py ckpt=DIR 'audio="Artist - Song (feat. X) [Remix].flac"'       # Hydra quotes
 
 A thin Hydra wrapper around :func:`musicflamingo.inference.infer`; settings: configs/infer.yaml.
 """
@@ -15,7 +17,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from musicflamingo.cli import run_cli
+from musicflamingo.cli import check_overrides, run_cli
 from musicflamingo.inference import infer
 from musicflamingo.settings import check_infer_settings
 
@@ -37,4 +39,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])  # a song or prompt Hydra cannot read: how to quote it, not a lexer error
     main()

@@ -13,18 +13,20 @@ Which errors are input errors is decided by where they come from, not by catchin
 * deliberate stops (`errors.RunStopped`: too many bad samples, NaN loss, a signal), with their own exit code.
 
 Exit codes: 0 done, 1 a bug (traceback) or a command line Hydra could not compose, 2 bad input, 128 + N stopped by
-signal N (130 SIGINT / Ctrl-C, 143 SIGTERM). docs/robustness.md has the table.
+signal N (130 SIGINT / Ctrl-C, 143 SIGTERM; 141 the reader of our pipe left, `| head`). docs/robustness.md has the
+table.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
+from hydra.errors import InstantiationException, OverrideParseException
 from omegaconf.errors import MissingMandatoryValue
 
 from musicflamingo.errors import RunStopped
@@ -33,6 +35,7 @@ from musicflamingo.runtime import quiet_known_warnings, tune_cpu
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_BAD_INPUT = 2
 EXIT_SIGINT = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a program its pipe's reader left
 
 # Error types that describe bad input when project code raises them (a ValueError subclass defined by the project
 # always does); anything else is a bug and keeps its traceback.
@@ -146,9 +149,48 @@ def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = EXIT_
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         sys.exit(EXIT_SIGINT)
+    except BrokenPipeError:
+        # The reader of our output left (`infer.py ... | head`): stop quietly, as `cat` does. stdout goes to
+        # /dev/null first, or the interpreter's final flush would report the broken pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
     except Exception as e:
         line = user_error_line(e)
         if line is None:
             raise
         print(f"{prefix}: {line}", file=sys.stderr)
         sys.exit(stop_exit_code(e, exit_code))
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Exit 2 with a hint when a `key=value` of `argv` is not Hydra override syntax (a file name with an accent,
+    an apostrophe, brackets or `=`; a prompt with `?` or `'`), instead of Hydra's lexer error and exit 1."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    multirun = "-m" in argv or "--multirun" in argv
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:  # Hydra's own flags (--cfg job, -m) and their values
+            continue
+        try:
+            sweep = parser.parse_overrides([arg])[0].is_sweep_override()
+            problem = "a comma outside quotes makes a sweep" if sweep and not multirun else None
+        except OverrideParseException as e:
+            problem = error_line(e)
+        if problem:
+            key, value = arg.split("=", 1)
+            print(f"error: {key}: Hydra cannot read {arg!r} ({problem})", file=sys.stderr)
+            print(f"quote the value for Hydra, inside shell quotes: {_quoted(key, value)}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+
+
+def _quoted(key: str, value: str) -> str:
+    """Shell words that give Hydra `key` = the text `value`: Hydra's double quotes inside the shell's single
+    quotes, or (the value holds an apostrophe) escaped inside the shell's double quotes."""
+    if value.startswith("[") and value.endswith("]"):
+        return f"""'{key}=["first song.flac","café.flac"]' (each item in Hydra's double quotes)"""
+    if "'" not in value and '"' not in value:
+        return f"""'{key}="{value}"'"""
+    if '"' not in value and not any(c in value for c in "$`\\!"):
+        return f'"{key}=\\"{value}\\""'
+    return f"""'{key}="..."' (with \\" for each " inside the value)"""

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from musicflamingo.model.layers import KVCache
@@ -73,6 +74,15 @@ class SamplingParams:
         ):  # torch.Generator.manual_seed's range: past it, it failed only at the first request, blaming that
             raise ValueError(f"seed must be a 64-bit integer or null (random), got {self.seed!r}")
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
+
+    def for_prompt(self, index: int) -> SamplingParams:
+        """These settings for the `index`-th prompt of a run: a seed of its own, derived from (`seed`, `index`), so
+        alike prompts (one song asked N times) draw different numbers, and each prompt the same ones whatever the
+        batch it decodes in. Prompt 0 keeps `seed` (a one-prompt run samples as before); unseeded: unchanged."""
+        if self.seed is None or index == 0:
+            return self
+        mixed = np.random.SeedSequence([self.seed % 2**64, index]).generate_state(1, np.uint64)[0]
+        return replace(self, seed=int(mixed))
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """A generator seeded with `seed` (random when None) for sampling; None for greedy decoding."""

@@ -10,10 +10,15 @@ audio is encoded once, in the turn that brings it.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
+import json
 import logging
+import os
+import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,7 +40,7 @@ from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.config import ConfigError
 from musicflamingo.planner import MemoryPlan, check_generation
 from musicflamingo.processor import MusicFlamingoProcessor
-from musicflamingo.reasoning import ThinkDisplay
+from musicflamingo.reasoning import ThinkDisplay, parse_think
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, set_threads
 from musicflamingo.settings import check_infer_settings
 from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
@@ -63,6 +68,9 @@ USER_ERRORS: tuple[type[ValueError], ...] = (
 )
 
 SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
+DEFAULT_MAX_NEW_TOKENS = 1024  # `max_new_tokens: null`, unless the model's context window is smaller
+# What `audio=FOLDER` picks up (any file the decoders read can still be named one by one).
+AUDIO_SUFFIXES = frozenset(".aac .aif .aiff .flac .m4a .mp3 .mp4 .oga .ogg .opus .wav .webm .wma".split())
 
 
 def typed_text(text: str, what: str) -> str:
@@ -106,12 +114,51 @@ def load_model(
 
 
 # ---------------------------------------------------------------------------------------------- batch inference
-def _as_list(value: Any) -> list[str]:
+def _text(value: Any, field: str) -> str:
+    """One `field` value as text. Hydra turns `prompt=2024` into an int and `prompt=true` into a bool: taken as the
+    text typed; a mapping (`prompt={a:1}`), a nested list or null is refused, naming the field."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float, os.PathLike)):
+        return str(value)
+    raise InferenceError(
+        f"{field}={value!r}: expected text or a list of texts; quote text holding {{}}, [], :, = or , for "
+        f"Hydra: '{field.split('[')[0]}=\"...\"'"
+    )
+
+
+def _texts(value: Any, field: str) -> list[str]:
+    """`field` (one value or a list of them) as a list of texts (see `_text`); None: []."""
     if value is None:
         return []
-    if isinstance(value, (str, Path)):
-        return [str(value)]
-    return [str(v) for v in value]
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_text(v, f"{field}[{i}]") for i, v in enumerate(value)]
+    return [_text(value, field)]
+
+
+def _expand_audio(files: Sequence[str]) -> list[str]:
+    """`audio=` entries as files: a folder gives its audio files (`AUDIO_SUFFIXES`, sorted, hidden ones left
+    out), a pattern with * ? or [ that names no file gives its matches (sorted; ** goes into subfolders); a
+    folder or pattern with no audio is an AudioError. A file named like a pattern (`[Remix].flac`) stays itself."""
+    out: list[str] = []
+    for f in files:
+        path = Path(f).expanduser()
+        if path.is_dir():
+            found = sorted(
+                str(Path(f) / p.name)
+                for p in path.iterdir()
+                if p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            )
+            if not found:
+                raise AudioError(f"{f}: folder holds no audio files ({' '.join(sorted(AUDIO_SUFFIXES))})")
+        elif not path.exists() and any(c in f for c in "*?["):
+            found = sorted(m for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
+            if not found:
+                raise AudioError(f"{f}: no file matches this pattern")
+        else:
+            found = [f]
+        out += found
+    return out
 
 
 def _check_audio_files(files: Sequence[str]) -> None:
@@ -147,12 +194,25 @@ class _Printer:
         self.pushed = 0  # its tokens already given to the live decoder
         self.live: IncrementalDecoder | None = None
 
-    def update(self, answers: Sequence[list[int]], finished: Sequence[bool]) -> None:
+    def update(
+        self,
+        answers: Sequence[list[int]],
+        finished: Sequence[bool],
+        started: int | None = None,
+        skipped: Mapping[int, str] | None = None,
+    ) -> None:
+        """`started`: requests whose audio is read (all by default): a later one gets no header yet, as its file
+        may still fail to decode. `skipped`: requests given up (`skip_bad_audio`), with the reason, shown in turn."""
         out = self.out
         if out is None:
             return
-        while self.shown < len(answers):
+        started = len(answers) if started is None else started
+        while self.shown < started:
             i = self.shown
+            if skipped and i in skipped:
+                out.write(f"== {self.labels[i]} ==\n(skipped: {skipped[i]})\n")
+                self.shown = i + 1
+                continue
             if self.live is None and (self.stream or finished[i]):
                 out.write(f"== {self.labels[i]} ==\n")
                 self.live, self.pushed = IncrementalDecoder(self.tok), 0
@@ -186,14 +246,26 @@ def generate_answers(
     out: TextIO | None = None,
     stream: bool = True,
     think: bool = False,
-) -> list[str]:
+    *,
+    indices: Sequence[int] | None = None,
+    on_answer: Callable[[int, str], None] | None = None,
+    skip_bad_audio: bool = False,
+) -> list[str | None]:
     """One answer per conversation through an engine with `slots` slots (all at once by default); each request
     is prepared (audio read, features) when it joins. Prints to `out` (None: silent, see `_Printer`; `think`:
-    reasoning apart, answer last, `reasoning.ThinkDisplay`). Returns the decoded answers (no special tokens)."""
+    reasoning apart, answer last, `reasoning.ThinkDisplay`). Returns the decoded answers (no special tokens).
+
+    `indices`: each conversation's place in the whole input (default 0..n-1), which picks its sampling stream
+    (`SamplingParams.for_prompt`): the same answers whatever `slots`, or a resumed run skipping some inputs.
+    `on_answer(i, text)`: called as each answer is done (`output=` writes it). `skip_bad_audio`: a file that
+    cannot be read is reported and its answer is None, instead of an AudioError ending the batch."""
     n = len(conversations)
+    indices = range(n) if indices is None else indices
     engine = Engine(model, slots=min(slots or n, n), compile=compile)
     answers: list[list[int]] = [[] for _ in range(n)]
+    texts: list[str | None] = [None] * n
     finished = [False] * n
+    skipped: dict[int, str] = {}  # request -> why its audio could not be used
     owner: dict[int, int] = {}  # slot -> request
     printer = _Printer(processor.tokenizer, labels, out, stream, think)
     stops = params.stop_ids
@@ -206,14 +278,24 @@ def generate_answers(
         if s.done:
             finished[i] = True
             engine.release(slot)
+            texts[i] = processor.tokenizer.decode(answers[i])
+            if on_answer is not None:
+                on_answer(i, texts[i])
 
     while joined < n or engine.decoding:
         while joined < n and engine.free_slots():
             i = joined
-            inputs = processor.apply_chat_template([conversations[i]])
+            joined += 1
+            try:
+                inputs = processor.apply_chat_template([conversations[i]])
+            except AudioError as e:
+                if not skip_bad_audio:
+                    raise
+                skipped[i], finished[i] = str(e), True
+                continue
             request = Request(
                 inputs["input_ids"][0],
-                params,
+                params.for_prompt(indices[i]),
                 inputs.get("input_features"),
                 inputs.get("input_features_mask"),
             )
@@ -222,18 +304,30 @@ def generate_answers(
             except ValueError as e:  # e.g. a prompt longer than the model's context
                 raise InferenceError(f"{labels[i]}: {e}") from None
             owner[slot.index] = i
-            joined += 1
             n_tokens += 1
             record(slot.index, slot.tokens[-1])
         for slot, token in engine.step():
             n_tokens += 1
             record(slot, token)
-        printer.update(answers, finished)
+        printer.update(answers, finished, joined, skipped)
     dt = time.perf_counter() - t0
     logger.info(
-        "%d answers, %d new tokens in %.2f s (%.1f tokens/s)", n, n_tokens, dt, n_tokens / max(dt, 1e-9)
+        "%d answers, %d new tokens in %.2f s (%.1f tokens/s)",
+        n - len(skipped),
+        n_tokens,
+        dt,
+        n_tokens / max(dt, 1e-9),
     )
-    return [processor.tokenizer.decode(a) for a in answers]
+    if skipped:
+        names = [labels[i] for i in sorted(skipped)]
+        logger.warning(
+            "skipped %d of %d files (skip_bad_audio=true): %s%s",
+            len(names),
+            n,
+            ", ".join(names[:10]),
+            f" and {len(names) - 10} more" if len(names) > 10 else "",
+        )
+    return texts
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -355,6 +449,18 @@ def _stdin_lines(prompt: str = "you> ") -> Iterator[str]:
             yield line.rstrip("\n")
 
 
+def _typed_path(text: str) -> str:
+    """A path typed or pasted after /audio: as is when it names something, else unquoted as a shell would, for
+    the '/my song.wav' or /my\\ song.wav a drag and drop pastes."""
+    if not text or Path(text).expanduser().exists():
+        return text
+    try:
+        words = shlex.split(text)
+    except ValueError:  # an unmatched quote: a name of its own (it's.flac)
+        return text
+    return words[0] if len(words) == 1 else text
+
+
 def run_chat(
     session: ChatSession,
     lines: Iterable[str],
@@ -381,7 +487,7 @@ def run_chat(
             out.write("(new conversation)\n")
             continue
         if line.startswith("/audio"):
-            path = line[len("/audio") :].strip()
+            path = _typed_path(line[len("/audio") :].strip())
             try:
                 _check_audio_files([path] if path else ["(no path given)"])
             except AudioError as e:
@@ -405,6 +511,11 @@ def run_chat(
             answers.append(session.ask(think_prompt(line) if think else line, audio=attach, on_text=show))
         except USER_ERRORS as e:
             out.write(f"\nerror: {e}\n")
+            if isinstance(e, AudioError) and attach is not None:
+                # kept, the file would fail every later question (and the initial one every /reset)
+                out.write(f"({attach} is not attached; ask again, or /audio another file)\n")
+                audio = None if attach == audio else audio
+                attach = None
             continue
         attach = None  # the audio now lives in the cache
         if view is not None:
@@ -415,8 +526,81 @@ def run_chat(
     return answers
 
 
+class _Output:
+    """`output=`: a JSON Lines file with one object per answered input (`audio`, `prompt`, `answer`; think mode:
+    the answer, `thinking` and the whole `text` apart), appended and flushed as each answer is done. A rerun skips
+    the (audio, prompt) pairs the file holds, so a long run resumes where it stopped."""
+
+    def __init__(self, path: str, think: bool) -> None:
+        self.path, self.think = Path(path).expanduser(), think
+        self.done: dict[tuple[str, str], list[dict[str, Any]]] = {}  # rows by (audio, prompt), in file order
+        if self.path.exists():
+            self._read()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _read(self) -> None:
+        if not self.path.is_file():
+            raise InferenceError(f"output={self.path}: not a regular file")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InferenceError(
+                f"output={self.path}: not UTF-8 (expected the JSON Lines infer.py writes)"
+            ) from None
+        *lines, last = text.split("\n")
+        if last.startswith('{"audio": ') and not _json_row(last):
+            # our last write, cut short by a crash: dropped (its input is answered again)
+            logger.warning("%s: dropping its last line, cut short by an interrupted run", self.path)
+            with open(self.path, "r+b") as f:
+                f.truncate(len(text.encode("utf-8")) - len(last.encode("utf-8")))
+            last = ""
+        for number, line in enumerate([*lines, last], 1):
+            row = _json_row(line)
+            if row is None and line.strip():
+                raise InferenceError(
+                    f"output={self.path}:{number}: expected a JSON object with audio, prompt and answer texts "
+                    "(as infer.py's output= writes); name another file"
+                )
+            if row is not None:
+                self.done.setdefault((row["audio"], row["prompt"]), []).append(row)
+        if last:  # a whole row without its newline: the next row starts a line of its own
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("\n")
+
+    def answer(self, audio: str, prompt: str, nth: int = 0) -> str | None:
+        """The `nth` answer the file holds for (audio, prompt) (think mode: the whole text), else None."""
+        rows = self.done.get((audio, prompt), [])
+        if nth >= len(rows):
+            return None
+        return rows[nth].get("text", rows[nth]["answer"]) if self.think else rows[nth]["answer"]
+
+    def write(self, audio: str, prompt: str, text: str) -> None:
+        row = {"audio": audio, "prompt": prompt, "answer": text}
+        if self.think:
+            split = parse_think(text)
+            row.update(answer=split.answer, thinking=split.thinking, text=text)
+        with open(self.path, "a", encoding="utf-8") as f:  # closed at once: a crash loses no finished answer
+            f.write(json.dumps(row) + "\n")  # ASCII escapes: any file name (even not UTF-8) round-trips
+
+
+def _json_row(line: str) -> dict[str, Any] | None:
+    """A line of an `output=` file as its object; None when it is not one (not JSON, or no audio/prompt/answer)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("audio", "prompt", "answer"))
+    return row if ok else None
+
+
 def _memory_plan(
-    cfg: Mapping[str, Any], ckpt: Path, files: Sequence[str], prompts: Sequence[str], slots: int
+    cfg: Mapping[str, Any],
+    ckpt: Path,
+    files: Sequence[str],
+    prompts: Sequence[str],
+    slots: int,
+    new_tokens: int,
 ) -> MemoryPlan:
     """The predicted peak of this run from the checkpoint's config.json and the audio files' headers (no weight
     read); refuses a run that would not fit unless `plan` or `memory_check=false` (`planner.check_generation`)."""
@@ -426,48 +610,79 @@ def _memory_plan(
         [audio_duration(f) for f in files],
         prompt_chars=max((len(p) for p in prompts), default=len(DEFAULT_PROMPT)),
         slots=slots,
-        new_tokens=int(cfg.get("max_new_tokens") or 1024),
+        new_tokens=new_tokens,
     )
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextIO | None = None) -> list[str]:
+def _decoding(cfg: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
+    """The decoding settings of `cfg`, `max_new_tokens` resolved: null is 1024, or the model's context window when
+    smaller; a number past the window can never be used (10**8 was accepted and ran to 32k): refused, naming it."""
+    settings = {k: cfg[k] for k in SAMPLING_FIELDS if k in cfg}
+    window = load_config(ckpt).text.max_position_embeddings
+    n = settings.get("max_new_tokens")
+    if n is None:
+        settings["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, window)
+    elif isinstance(n, int) and not isinstance(n, bool) and n > window:
+        raise InferenceError(
+            f"max_new_tokens={n} is more than the model's context window, {window} tokens for prompt and answer "
+            f"together ({ckpt / 'config.json'}: text_config.max_position_embeddings)"
+        )
+    sampling_params(settings)  # bad decoding settings fail before the model is loaded
+    return settings
+
+
+def _flag(cfg: Mapping[str, Any], key: str) -> bool:
+    value = cfg.get(key, False)
+    if not isinstance(value, bool):
+        raise InferenceError(f"{key}={value!r}: expected true or false")
+    return value
+
+
+def infer(
+    cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextIO | None = None
+) -> list[str | None]:
     """Run `configs/infer.yaml`-shaped settings; returns one answer per audio file (or per chat turn).
 
     `lines` feeds the interactive mode (stdin when None); `out` receives the printed text (stdout when None).
     `think=true`: questions get the think suffix (`chat.think_prompt`), the reasoning is shown apart and the answer
     last; the returned answers are the whole texts, tags included (`reasoning.parse_think` splits them).
     `plan=true` writes the memory plan to `out` and returns [] without loading the model.
+    `output=FILE`: answers are appended to it as JSON Lines, and those it already holds are not asked again (they
+    are returned from it). `skip_bad_audio=true`: an unreadable file is reported and its answer is None.
     """
     out = out if out is not None else sys.stdout
     check_infer_settings(cfg)  # types and ranges (sampling: below), before the checkpoint or audio is read
     set_threads(cfg.get("threads"))
     ckpt = check_checkpoint_dir(cfg.get("ckpt"))
-    sampling_params(cfg)  # bad decoding settings fail before the model is loaded
-    files = _as_list(cfg.get("audio"))
-    prompts = [typed_text(p, "prompt") for p in _as_list(cfg.get("prompt"))]
-    _check_audio_files(files)
+    decoding = _decoding(cfg, ckpt)
+    files = _expand_audio(_texts(cfg.get("audio"), "audio"))
+    prompts = [typed_text(p, "prompt") for p in _texts(cfg.get("prompt"), "prompt")]
+    skip_bad_audio = _flag(cfg, "skip_bad_audio")
+    if not skip_bad_audio:
+        _check_audio_files(files)
     system_prompt = cfg.get("system_prompt")
-    if system_prompt:
-        typed_text(str(system_prompt), "system_prompt")
+    if system_prompt is not None:
+        system_prompt = typed_text(_text(system_prompt, "system_prompt"), "system_prompt")
+    output = _text(cfg["output"], "output") if cfg.get("output") not in (None, "") else None
     interactive = bool(cfg.get("interactive", False))
-    think = cfg.get("think", False)
-    if not isinstance(think, bool):
-        raise InferenceError(f"think={think!r}: expected true or false")
+    think = _flag(cfg, "think")
 
     if interactive:
         if len(files) > 1:
             raise InferenceError(f"interactive=true takes at most one audio file, got {len(files)}: {files}")
         if len(prompts) > 1:
             raise InferenceError("interactive=true takes at most one prompt (the first question)")
-        plan = _memory_plan(cfg, ckpt, files, prompts, slots=1)
+        if output:
+            raise InferenceError("output= writes the answers of a batch run; interactive=true keeps none")
+        plan = _memory_plan(cfg, ckpt, files, prompts, 1, decoding["max_new_tokens"])
         if cfg.get("plan"):
             out.write(plan.table() + "\n")
             return []
         model, processor = load_model(
             ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
         )
-        params = sampling_params(cfg, stop_token_ids(ckpt, model.config))
+        params = sampling_params(decoding, stop_token_ids(ckpt, model.config))
         session = ChatSession(model, processor, params, system_prompt)
         audio = files[0] if files else None
         if lines is None:
@@ -489,17 +704,50 @@ def infer(cfg: Mapping[str, Any], lines: Iterable[str] | None = None, out: TextI
     batch_size = len(files) if cfg.get("batch_size") is None else cfg.get("batch_size")
     if int(batch_size) < 1:
         raise InferenceError(f"batch_size must be >= 1 or null, got {batch_size!r}")
-    plan = _memory_plan(cfg, ckpt, files, prompts, slots=int(batch_size))
+    plan = _memory_plan(cfg, ckpt, files, prompts, int(batch_size), decoding["max_new_tokens"])
     if cfg.get("plan"):
         out.write(plan.table() + "\n")
         return []
+    # The n-th time an (audio, prompt) pair comes (one song sampled N times) is matched with its n-th row.
+    seen: Counter[tuple[str, str]] = Counter()
+    keys = []
+    for f, p in zip(files, prompts):
+        keys.append((f, p, seen[f, p]))
+        seen[f, p] += 1
+    results = _Output(output, think) if output else None
+    answers = [None if results is None else results.answer(*key) for key in keys]
+    todo = [i for i, a in enumerate(answers) if a is None]
+    if results is not None and len(todo) < len(files):
+        logger.info("%s: %d of %d inputs already answered", results.path, len(files) - len(todo), len(files))
+    if not todo:
+        return answers
     model, processor = load_model(
         ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
     )
-    params = sampling_params(cfg, stop_token_ids(ckpt, model.config))
-    convs = [conversation(think_prompt(p) if think else p, f, system_prompt) for p, f in zip(prompts, files)]
-    stream = bool(cfg.get("stream", True))
-    compile_steps = bool(cfg.get("compile", False))
-    return generate_answers(
-        model, processor, convs, files, params, int(batch_size), compile_steps, out, stream, think
+    params = sampling_params(decoding, stop_token_ids(ckpt, model.config))
+    convs = [
+        conversation(think_prompt(prompts[i]) if think else prompts[i], files[i], system_prompt) for i in todo
+    ]
+
+    def save(k: int, text: str) -> None:
+        if results is not None:
+            results.write(files[todo[k]], prompts[todo[k]], text)
+
+    texts = generate_answers(
+        model,
+        processor,
+        convs,
+        [files[i] for i in todo],
+        params,
+        int(batch_size),
+        bool(cfg.get("compile", False)),
+        out,
+        bool(cfg.get("stream", True)),
+        think,
+        indices=todo,
+        on_answer=save,
+        skip_bad_audio=skip_bad_audio,
     )
+    for i, text in zip(todo, texts):
+        answers[i] = text
+    return answers

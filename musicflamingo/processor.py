@@ -112,6 +112,10 @@ class MusicFlamingoProcessor:
         """``<sound>`` tokens for an audio of ``num_samples`` samples (after truncation to ``max_audio_len``)."""
         return F.audio_token_count(num_samples, self.chunk_length, self.max_audio_len, self.sampling_rate)
 
+    def usable_samples(self, num_samples: int) -> int:
+        """``num_samples`` without a trailing window of 0 audio tokens (``features.usable_samples``)."""
+        return F.usable_samples(num_samples, self.chunk_length, self.max_audio_len, self.sampling_rate)
+
     def split_windows(self, audio: np.ndarray | torch.Tensor, source: str | None = None) -> list:
         """``[T]`` waveform -> list of ``chunk_length`` windows; truncation logs one warning naming ``source``."""
         return F.split_windows(audio, self.chunk_length, self.max_audio_len, self.sampling_rate, source)
@@ -137,6 +141,9 @@ class MusicFlamingoProcessor:
             )
             if sources is not None:
                 name = sources[i]
+            # A <= 20-ms tail past a whole window would be a window of 0 tokens, which the model's RoTE cannot
+            # place (IndexError; a GTZAN clip has one): cut it, as training does. The token count is unchanged.
+            wave = wave[: self.usable_samples(wave.shape[0])]
             chunks = self.split_windows(wave, source=name)
             windows += chunks
             frames = sum(F.num_frames(c.shape[0], self.feature_extractor.hop_length) for c in chunks)

@@ -161,3 +161,13 @@ def test_audio_duration_from_header_segment_or_unknown(tmp_path):
     assert audio_duration(tmp_path / "missing.wav") is None
     (tmp_path / "junk.wav").write_bytes(b"not audio")
     assert audio_duration(tmp_path / "junk.wav") is None
+
+
+def test_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    """`'audio="~/song.flac"'` reaches us unexpanded (quoted for Hydra, so not by the shell): read as a shell would,
+    messages keep the name as given."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_audio(tmp_path / "song.flac", make_tone(440, 0.5))
+    assert len(load_audio("~/song.flac")) == 8000 and audio_duration("~/song.flac") == 0.5
+    with pytest.raises(AudioError, match=r"^~/nope.flac: audio file not found"):
+        load_audio("~/nope.flac")

@@ -239,3 +239,15 @@ def test_engine_runs_under_autocast(model):
             engine.step()
     assert engine.cache.keys.dtype == torch.float32
     assert all(len(s.tokens) == 4 for s in engine.slots)
+
+
+def test_each_prompt_of_a_seeded_run_has_its_own_stream():
+    """`for_prompt(i)`: a seed per prompt from (seed, i), so one song sampled N times gives N draws; prompt 0 keeps
+    the seed (a one-prompt run is unchanged), unseeded settings stay unseeded."""
+    params = SamplingParams(do_sample=True, seed=0)
+    seeds = [params.for_prompt(i).seed for i in range(4)]
+    assert seeds[0] == 0 and len(set(seeds)) == 4
+    assert seeds == [params.for_prompt(i).seed for i in range(4)]  # the same every run
+    assert SamplingParams(do_sample=True, seed=1).for_prompt(1).seed not in seeds
+    assert SamplingParams(do_sample=True, seed=-(2**63)).for_prompt(3).seed < 2**64
+    assert SamplingParams(do_sample=True).for_prompt(5).seed is None

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from hydra import compose, initialize_config_dir
 from tiny_assets import TINY_IDS, make_tone, write_audio
@@ -26,6 +28,7 @@ from musicflamingo.inference import (
     sampling_params,
 )
 from musicflamingo.model.layers import KVCache
+from musicflamingo.reasoning import parse_think
 from musicflamingo.runtime import RuntimeConfigError
 from musicflamingo.tokenizer import IncrementalDecoder
 
@@ -397,3 +400,209 @@ def test_interactive_infer_reads_lines(ckpt, audios, monkeypatch):
     assert calls[0] == 2  # once per conversation, not per turn
     assert answers[2] == answers[0]  # /reset starts the same conversation again (greedy)
     assert "error: /no/such.wav: audio file not found" in text and "(new conversation)" in text
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def test_zero_token_tail_is_cut_in_batch_and_chat(ckpt, tmp_path):
+    """30 s + 1..320 samples (every GTZAN clip: 661794 samples at 22.05 kHz) ended in a window of 0 audio tokens:
+    an IndexError in RoTE, exit 1, the chat ended. The tail is cut (as training does): the answer is the trimmed
+    file's, and the chat goes on."""
+    tone = make_tone(440, 30.0)
+    tailed = write_audio(tmp_path / "gtzan_like.wav", np.concatenate([tone, tone[:200]]))
+    trimmed = write_audio(tmp_path / "trimmed.wav", tone)
+    base = [f"ckpt={ckpt}", "max_new_tokens=3", "stream=false"]
+    assert infer(make_cfg(*base, f"audio={tailed}")) == infer(make_cfg(*base, f"audio={trimmed}"))
+    out = io.StringIO()
+    answers = infer(
+        make_cfg(*base, f"audio={tailed}", "interactive=true"), lines=["Genre?", "Tempo?"], out=out
+    )
+    assert len(answers) == 2 and "error" not in out.getvalue()
+
+
+def test_broken_pipe_exits_quietly(tmp_path):
+    """`infer.py ... | head -c 50`: the reader leaves; exit 141 (128 + SIGPIPE) without a traceback."""
+    code = "from musicflamingo.cli import run_cli\nrun_cli(lambda: [print('answer ' * 999) for _ in range(10**4)])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.read(50)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
+
+
+def _chat(ckpt, lines, *overrides):
+    out = io.StringIO()
+    cfg = make_cfg(f"ckpt={ckpt}", "interactive=true", "max_new_tokens=2", *overrides)
+    return infer(cfg, lines=lines, out=out), out.getvalue()
+
+
+def test_chat_drops_an_attachment_that_fails(ckpt, audios, tmp_path):
+    """A file that cannot be decoded is reported once and not kept: the next question is answered, also after
+    /reset when it was the initial audio=. /audio takes the quoted or backslash-escaped path a drag and drop pastes."""
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    answers, text = _chat(ckpt, ["/audio " + str(bad), "Key?", "Tempo?"])
+    assert len(answers) == 1 and text.count("error:") == 1 and "is not attached" in text
+    answers, text = _chat(ckpt, ["Key?", "Tempo?", "/reset", "Key?"], f"audio={bad}")
+    assert len(answers) == 2 and text.count("error:") == 1
+    spaced = write_audio(tmp_path / "my song.wav", make_tone(330, 0.5))
+    escaped = str(spaced).replace(" ", "\\ ")
+    answers, text = _chat(ckpt, [f"/audio '{spaced}'", "Key?", f"/audio {escaped}", "Tempo?"])
+    assert len(answers) == 2 and "error" not in text and text.count(f"(attached {spaced} ") == 2
+
+
+def test_header_waits_for_the_audio_and_skip_bad_audio(ckpt, audios, tmp_path):
+    """batch_size=1, streaming: a file's header is printed once its audio is read, not before its decode fails.
+    skip_bad_audio=true: the file is reported in turn and skipped (answer None), the batch goes on."""
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.full(8000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    base = [f"ckpt={ckpt}", f"audio=[{audios[0]},{nan},{audios[1]}]", "batch_size=1", "max_new_tokens=2"]
+    out = io.StringIO()
+    with pytest.raises(USER_ERRORS, match="nan.wav: audio has 8000 non-finite samples"):
+        infer(make_cfg(*base), out=out)
+    assert f"== {audios[0]} ==" in out.getvalue() and "nan.wav" not in out.getvalue()
+    out = io.StringIO()
+    answers = infer(
+        make_cfg(*base, "skip_bad_audio=true", f"audio=[{audios[0]},{nan},{tmp_path / 'gone.wav'}]"), out=out
+    )
+    assert answers[0] and answers[1:] == [None, None]
+    assert (
+        f"== {nan} ==\n(skipped: {nan}: audio has" in out.getvalue()
+        and "gone.wav: audio file not found" in out.getvalue()
+    )
+
+
+def test_hydra_unreadable_values_get_a_quoting_hint(capsys):
+    """café.flac, it's.flac, `[Remix]`, x=y, a,b: Hydra's lexer refuses them; the entry point says how to quote, and
+    the quoted form it prints is read back by Hydra as the value typed."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from musicflamingo.cli import check_overrides
+
+    check_overrides(["audio=a.flac", "prompt=What is the key?", "--cfg", "job", "-m", "audio=a,b.flac"])
+    for arg in [
+        "audio=café.flac",
+        "audio=it's.flac",
+        "audio=Song (feat. X) [Remix].flac",
+        "audio=x=y.flac",
+        "audio=a,b.flac",
+        "prompt=What's the key?",
+        "audio=~/a.flac",
+    ]:
+        with pytest.raises(SystemExit) as e:
+            check_overrides(["max_new_tokens=3", arg])
+        assert e.value.code == 2
+        hint = capsys.readouterr().err.splitlines()[-1].split("shell quotes: ", 1)[1]
+        (word,) = shlex.split(hint)
+        assert OverridesParser.create().parse_overrides([word])[0].value() == arg.split("=", 1)[1]
+
+
+def test_cli_reads_quoted_music_file_names(ckpt, tmp_path):
+    """The README's quoting, through the real command line."""
+    names = ["café.flac", "Artist - Song (feat. X) [Remix].flac", "x=y.flac", "a,b.flac"]
+    for n in names:
+        write_audio(tmp_path / n, make_tone(440, 0.3))
+    quoted = ",".join(f'"{tmp_path / n}"' for n in names)
+    cmd = [sys.executable, str(ROOT / "infer.py"), f"ckpt={ckpt}", "device=cpu", "max_new_tokens=2"]
+    proc = subprocess.run(
+        [*cmd, f"audio=[{quoted}]", 'prompt="What\'s the key?"'],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"== {tmp_path / n} ==" in proc.stdout for n in names)
+
+
+def test_numbers_and_booleans_are_text_mappings_refused(ckpt, audios):
+    base = [f"ckpt={ckpt}", f"audio={audios[0]}", "max_new_tokens=2", "stream=false"]
+    assert infer(make_cfg(*base, "prompt=2024")) == infer(make_cfg(*base, "prompt='2024'"))
+    assert infer(make_cfg(*base, "prompt=true", "system_prompt=1"))
+    with pytest.raises(InferenceError, match=r"prompt=\{'a': 1\}: expected text or a list of texts"):
+        infer(make_cfg(*base, "prompt={a:1}"))
+    with pytest.raises(USER_ERRORS, match="123: audio file not found"):
+        infer(make_cfg(*base, "audio=123"))
+
+
+def test_seeded_samples_of_one_song_differ_whatever_the_batch(ckpt, audios):
+    """audio=[s,s,s] do_sample=true seed=0: three different answers (each input samples from (seed, its index)),
+    the same with batch_size=1; the first is the one-file run's."""
+    s = audios[0]
+    base = [f"ckpt={ckpt}", "max_new_tokens=8", "do_sample=true", "seed=0", "stream=false"]
+    three = infer(make_cfg(*base, f"audio=[{s},{s},{s}]"))
+    assert len(set(three)) == 3
+    assert infer(make_cfg(*base, f"audio=[{s},{s},{s}]", "batch_size=1")) == three
+    assert infer(make_cfg(*base, f"audio={s}")) == three[:1]
+
+
+def test_output_jsonl_appends_and_resumes(ckpt, audios, tmp_path, monkeypatch):
+    """output=FILE: one JSON object per input, written as each answer is done; a rerun asks only what the file
+    lacks (a last line cut by a crash is redone), and returns every answer in input order."""
+    from musicflamingo import inference
+
+    asked = []
+    original = inference.generate_answers
+
+    def spy(model, processor, convs, labels, *args, **kwargs):
+        asked.extend(labels)
+        return original(model, processor, convs, labels, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "generate_answers", spy)
+    a, b = (str(x) for x in audios)
+    path = tmp_path / "runs" / "answers.jsonl"
+    base = [f"ckpt={ckpt}", "max_new_tokens=3", "stream=false", f"output={path}"]
+    first = infer(make_cfg(*base, f"audio=[{a},{b}]"))
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert sorted((r["audio"], r["prompt"], r["answer"]) for r in rows) == sorted(
+        [(a, DEFAULT_PROMPT, first[0]), (b, DEFAULT_PROMPT, first[1])]
+    )
+    path.write_text(path.read_text() + '{"audio": "' + a[:5])  # a crash mid-write
+    asked.clear()
+    again = infer(make_cfg(*base, f"audio=[{a},{b},{a}]"))
+    assert asked == [a] and again[:2] == first and len(path.read_text().splitlines()) == 3
+    assert infer(make_cfg(*base, f"audio=[{a},{b},{a}]")) == again and asked == [a]  # nothing left to ask
+    foreign = tmp_path / "notes.jsonl"
+    foreign.write_text('{"id": 1}\n')
+    with pytest.raises(
+        InferenceError, match="notes.jsonl:1: expected a JSON object with audio, prompt and answer"
+    ):
+        infer(make_cfg(*base[:-1], f"output={foreign}", f"audio={a}"))
+    assert foreign.read_text() == '{"id": 1}\n'
+    think = tmp_path / "think.jsonl"  # think mode: the reasoning and the answer apart, and the whole text
+    (text,) = infer(make_cfg(*base[:-1], f"output={think}", f"audio={a}", "think=true"))
+    row = json.loads(think.read_text())
+    assert row["text"] == text and row["answer"] == parse_think(text).answer and "thinking" in row
+
+
+def test_audio_folder_or_pattern(ckpt, audios, tmp_path):
+    d = tmp_path / "music"
+    for n in ["b.flac", "a.wav", ".hidden.wav", "notes.txt"]:
+        (d / n).parent.mkdir(exist_ok=True)
+        if n.endswith(".txt"):
+            (d / n).write_text("x")
+        else:
+            write_audio(d / n, make_tone(440, 0.3))
+    out = io.StringIO()
+    base = [f"ckpt={ckpt}", "max_new_tokens=2", "stream=false"]
+    assert len(infer(make_cfg(*base, f"audio={d}"), out=out)) == 2
+    assert out.getvalue().index(f"== {d / 'a.wav'} ==") < out.getvalue().index(f"== {d / 'b.flac'} ==")
+    out = io.StringIO()
+    assert (
+        len(infer(make_cfg(*base, f"audio={tmp_path}/**/*.flac"), out=out)) == 1
+        and "b.flac" in out.getvalue()
+    )
+    with pytest.raises(USER_ERRORS, match=r"\*.mp3: no file matches this pattern"):
+        infer(make_cfg(*base, f"audio={d}/*.mp3"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(USER_ERRORS, match="empty: folder holds no audio files"):
+        infer(make_cfg(*base, f"audio={tmp_path / 'empty'}"))
+
+
+def test_max_new_tokens_past_the_context_window_is_refused(ckpt, audios):
+    with pytest.raises(
+        InferenceError, match=r"max_new_tokens=100000000 is more than the model's context window, 32768"
+    ):
+        infer(make_cfg(f"ckpt={ckpt}", f"audio={audios[0]}", "max_new_tokens=100000000", "plan=true"))

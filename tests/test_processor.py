@@ -229,3 +229,15 @@ def test_save_and_load_round_trip(ours, tmp_path):
         128,
         1000,
     )
+
+
+@pytest.mark.parametrize("tail", [1, 160, 320])
+def test_zero_token_tail_is_cut_as_the_reference_on_the_cut_audio(ref, ours, tail):
+    """30 s + 1..320 samples (a GTZAN clip: 30.013 s at 22.05 kHz) would end in a window of 0 audio tokens, whose
+    RoTE time the model cannot place (IndexError): the tail is cut, and the result is the reference's on the cut
+    audio (the token count is the same). 321 samples make a token: kept."""
+    long, kept = _noise(480000 + tail, 7), _noise(480321, 8)
+    o = ours.apply_chat_template([_conv(long, "Genre?"), _conv(kept, "Key?")], output_labels=True)
+    r = _ref_chat(ref, [_conv(long[:480000], "Genre?"), _conv(kept, "Key?")])
+    _assert_same(r, o)
+    assert o["input_features"].shape[0] == 3 and ours.usable_samples(480000 + tail) == 480000

@@ -7,6 +7,7 @@ from musicflamingo.audio.features import (
     num_frames,
     split_windows,
     tokens_from_frames,
+    usable_samples,
 )
 from musicflamingo.audio.io import AudioError, load_audio, load_or_validate, resample, validate_waveform
 
@@ -21,5 +22,6 @@ __all__ = [
     "resample",
     "split_windows",
     "tokens_from_frames",
+    "usable_samples",
     "validate_waveform",
 ]

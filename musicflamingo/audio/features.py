@@ -153,6 +153,28 @@ def audio_token_count(
     return tokens_from_frames(total)
 
 
+def usable_samples(
+    num_samples: int,
+    chunk_length: float = CHUNK_LENGTH,
+    max_audio_len: float = MAX_AUDIO_LEN,
+    sampling_rate: int = SAMPLING_RATE,
+) -> int:
+    """``num_samples`` minus a trailing remainder of <= 2 mel frames (<= 320 samples at 16 kHz) that would form a
+    window of 0 audio tokens (e.g. a GTZAN clip: 30.013 s, a 30-s window and a 13-ms one).
+
+    The reference assigns such a zero-token window to the *next* audio of the batch when it rebuilds RoTE
+    timestamps (and raises ``IndexError`` for the last audio). Training (the dataset) and generation (the
+    processor: inference, eval, serve) all cut it, so no batch contains one; the <= 20 ms cut changes no token.
+    """
+    window = int(round(chunk_length * sampling_rate))
+    n = int(num_samples)
+    rest = n % window
+    within_cap = n < int(max_audio_len // chunk_length) * window
+    if n > window and rest and within_cap and tokens_from_frames(num_frames(rest)) < 1:
+        return n - rest
+    return n
+
+
 class LogMelExtractor:
     """Batched Whisper log-mel front end.
 

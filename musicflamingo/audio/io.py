@@ -196,6 +196,8 @@ def load_audio(
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
     p = Path(name)
+    if data is None:  # "~/song.mp3" as a shell would read it (Hydra passes it quoted); messages keep `name`
+        p = p.expanduser()
     if data is None and not p.exists():
         raise AudioError(f"{name}: audio file not found")
     if data is None and not p.is_file():
@@ -208,7 +210,7 @@ def load_audio(
     seconds = max_seconds + _CAP_MARGIN if capped else duration
     errors, total = [], None
     try:
-        x, sr, total = _read_soundfile(name, offset, seconds, data)
+        x, sr, total = _read_soundfile(str(p), offset, seconds, data)
         x = resample(x, sr, sampling_rate)
     except AudioError:
         raise
@@ -218,7 +220,7 @@ def load_audio(
         for reader in (_read_torchcodec, _read_ffmpeg):
             try:
                 if data is None:
-                    x = reader(name, offset, seconds, sampling_rate)
+                    x = reader(str(p), offset, seconds, sampling_rate)
                 else:  # these decoders read files: bytes go through a temporary one with the same suffix
                     with tempfile.NamedTemporaryFile(suffix=p.suffix) as tmp:
                         tmp.write(data)
@@ -258,7 +260,7 @@ def audio_duration(
     import soundfile as sf
 
     try:
-        info = sf.info(os.fspath(path))
+        info = sf.info(os.path.expanduser(os.fspath(path)))
     except Exception:  # whatever libsndfile refuses; load_audio reports real problems later
         return None
     if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE or info.frames <= 0:

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from musicflamingo.audio.features import num_frames, tokens_from_frames
+from musicflamingo.audio.features import usable_samples
 from musicflamingo.audio.io import AudioError, audio_duration, load_audio
 from musicflamingo.chat import Conversation
 from musicflamingo.data.manifest import AudioRef, JsonlRecords, Message, Record
@@ -104,7 +104,11 @@ class BadSampleTracker:
 
     def check(self, final: bool = False) -> None:
         """Raise when too many samples were bad; `final` (the run's end): however few were seen."""
-        if self.max_bad_fraction is None or not self.num_seen or (self.num_seen < self.min_seen and not final):
+        if (
+            self.max_bad_fraction is None
+            or not self.num_seen
+            or (self.num_seen < self.min_seen and not final)
+        ):
             return
         if self.bad_fraction > self.max_bad_fraction:
             raise TooManyBadSamplesError(
@@ -267,22 +271,6 @@ class ConversationDataset(Dataset):
         for i in tqdm(todo, desc="estimating lengths", unit="rec", disable=len(todo) < 20_000, mininterval=5):
             out[i] = estimate_num_tokens(self.records[i], self, seconds.get(i))
         return out.tolist()
-
-
-def usable_samples(num_samples: int, chunk_length: float, max_audio_len: float, sampling_rate: int) -> int:
-    """``num_samples`` minus a trailing remainder of <= 2 mel frames (<= 320 samples) that would form a window of
-    0 audio tokens.
-
-    The reference assigns such a zero-token window to the *next* audio of the batch when it rebuilds RoTE
-    timestamps (and raises ``IndexError`` for the last audio), so a training batch must not contain one.
-    """
-    window = int(round(chunk_length * sampling_rate))
-    n = int(num_samples)
-    rest = n % window
-    within_cap = n < int(max_audio_len // chunk_length) * window
-    if n > window and rest and within_cap and tokens_from_frames(num_frames(rest)) < 1:
-        return n - rest
-    return n
 
 
 def chat_messages(messages: Sequence[Message]) -> Conversation:
