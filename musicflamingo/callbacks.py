@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
-from torch.utils.data import DataLoader
 
 from musicflamingo.errors import RunStopped
 from musicflamingo.runtime import stderr_is_terminal
@@ -186,23 +185,17 @@ class RngStateCheckpoint(Callback):
     """The RNG states of every rank (torch CPU / CUDA, numpy, python) in the checkpoint, restored on resume, so a
     resumed run draws the dropout masks an uninterrupted one draws.
 
-    They are restored at ``on_train_start``, after Lightning made the resumed run's DataLoader iterator (which
-    draws a base seed from the torch RNG). When the checkpoint ends an epoch, an uninterrupted run draws that seed
-    from the saved state at the next epoch's start, for a loader that makes a fresh iterator each epoch (no
-    persistent workers): the same draw is made after the restore.
+    They are restored at ``on_train_start``. Between the save and the next training step an uninterrupted run makes
+    DataLoader iterators (the next epoch's, a validation's) where a resumed run makes others; the data module's
+    loaders take their seeds from their own generators (:class:`~musicflamingo.data.datamodule.SeededDataLoader`),
+    so none of these draws from the global stream.
     """
 
     def __init__(self) -> None:
         self._loaded: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ranks": self._gather(_rng_states()), "epoch_end": False}
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        # at the epoch's last batch or after it: an epoch cut short and kept open (KeepCutEpochOpen) is not ended
-        if state is not None:
-            state["epoch_end"] = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        return {"ranks": self._gather(_rng_states())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict
@@ -221,11 +214,6 @@ class RngStateCheckpoint(Callback):
             )
             return
         _set_rng_states(ranks[trainer.global_rank])
-        if loaded.get("epoch_end"):
-            for dl in _flat_loaders(trainer.train_dataloader):
-                if dl.generator is None and not (dl.persistent_workers and dl.num_workers > 0):
-                    # torch.utils.data's _BaseDataLoaderIter.__init__: the draw of the next epoch's iterator
-                    torch.empty((), dtype=torch.int64).random_()
 
     @staticmethod
     def _gather(states: dict[str, Any]) -> list[dict[str, Any]]:
@@ -235,16 +223,6 @@ class RngStateCheckpoint(Callback):
         # every rank dumps the checkpoint's contents together; rank 0 writes them
         torch.distributed.all_gather_object(out, states)
         return out
-
-
-def _flat_loaders(loaders: Any) -> list[DataLoader]:
-    if isinstance(loaders, DataLoader):
-        return [loaders]
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        return [dl for x in loaders for dl in _flat_loaders(x)]
-    return []
 
 
 class TrainingInterrupted(RunStopped):
@@ -263,10 +241,15 @@ class StopOnSignal(Callback):
 
     :meth:`install` takes both signals for the whole run and :meth:`restore` gives them back. Outside the training
     steps (model build, data setup, export) a signal stops at once: nothing needs saving. During the steps it only
-    sets a flag, checked after every batch; a second signal stops at once, without a checkpoint. Lightning's own
-    SIGTERM handler (a flag that ends `fit` quietly with status 0 and no checkpoint, even from inside validation)
-    is replaced at `on_train_start`, after Lightning installed it. Under DDP the ranks agree on the step to stop
-    at (any rank's signal counts), so every rank saves the same step.
+    sets a flag, checked after every batch; a second signal stops at once (without a checkpoint if none was saved
+    yet). Lightning's own SIGTERM handler (a flag that ends `fit` quietly with status 0 and no checkpoint, even from
+    inside validation) is replaced at `on_train_start`, after Lightning installed it. Under DDP the ranks agree on
+    the step to stop at (any rank's signal counts), so every rank saves the same step.
+
+    The checkpoint is saved in `on_train_batch_end`, where Lightning's own step checkpoints are (a resume continues
+    after that batch), but the run ends at the next hook: Lightning logs the step's metrics after
+    `on_train_batch_end`, so the loggers (metrics.csv) get the row of the step the checkpoint holds. Validation due
+    at that step does not run (a resumed run skips it too, as after Lightning's step checkpoints).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -274,9 +257,10 @@ class StopOnSignal(Callback):
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.signum: int | None = None
-        self.phase = "setup"  # setup -> steps -> done
+        self.phase = "setup"  # setup -> steps -> (stopping: saved, ending at the next hook) -> done
         self._previous: dict[int, Any] = {}
         self._step_at_batch_start = -1
+        self._stop: TrainingInterrupted | None = None
 
     def install(self) -> None:
         """Handle SIGINT and SIGTERM from now on (signals can only be handled in the main thread)."""
@@ -300,6 +284,8 @@ class StopOnSignal(Callback):
                 "%s: stopping after this training step, with a checkpoint; send it again to stop now", name
             )
             return
+        if self.phase == "stopping" and self._stop is not None:
+            raise self._stop  # saved already: the same stop, a hook earlier
         if self.phase == "steps":
             where = "during training (sent twice): no checkpoint at the stop"
         elif self.phase == "setup":
@@ -313,6 +299,7 @@ class StopOnSignal(Callback):
         self.phase = "steps"
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._stop_if_saved()
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -321,12 +308,20 @@ class StopOnSignal(Callback):
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         # Mid-accumulation (no optimizer step in this batch) the summed gradients would be lost: wait for the step.
         if requested and trainer.global_step != self._step_at_batch_start:
-            self._save_and_stop(trainer)
+            self._save(trainer)
+
+    # the hooks that can come first after the stop step's metrics are logged
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_saved()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_saved()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A signal during the last step: the run is complete, but it was asked to stop; say so (exit 130 / 143).
-        if self.signum is not None:
-            self._save_and_stop(trainer)
+        # A signal after the last step's end: the run is complete, but it was asked to stop; say so (exit 130 / 143).
+        if self.signum is not None and self._stop is None:
+            self._save(trainer)
+        self._stop_if_saved()
         self.phase = "done"
 
     def on_exception(
@@ -334,7 +329,7 @@ class StopOnSignal(Callback):
     ) -> None:
         self.phase = "done"
 
-    def _save_and_stop(self, trainer: L.Trainer) -> None:
+    def _save(self, trainer: L.Trainer) -> None:
         signum = self.signum or signal.SIGTERM  # another rank's signal
         for cb in trainer.checkpoint_callbacks:
             # A ModelCheckpoint keeping `last.ckpt` in the same place must own this file (its state is saved in
@@ -344,12 +339,17 @@ class StopOnSignal(Callback):
                 if last.resolve() == self.path.resolve():
                     cb.last_model_path = str(last)
         trainer.save_checkpoint(self.path)  # a second signal while saving stops at once (the old file stays)
-        self.phase = "done"
-        raise TrainingInterrupted(
+        self._stop = TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}: saved {self.path}; run the "
             "same command again to resume from it (ckpt_path=last)",
             signum,
         )
+        self.phase = "stopping"
+
+    def _stop_if_saved(self) -> None:
+        if self._stop is not None:
+            self.phase = "done"
+            raise self._stop
 
 
 class ProgressLog(Callback):

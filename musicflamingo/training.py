@@ -195,7 +195,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     RNG states (`RngStateCheckpoint`) and, at the end of training, the final step in last.ckpt
     (`SaveLastAtTrainEnd`)."""
     one_lightning_log_line()
-    callbacks = _instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks)
+    # the caller's first: StopOnSignal ends a stopped run at the next batch's start before others act on it
+    callbacks = list(extra_callbacks) + _instantiate_dict(cfg.get("callbacks"))
     callbacks += [KeepCutEpochOpen(), RngStateCheckpoint(), SaveLastAtTrainEnd()]
     loggers = _instantiate_dict(cfg.get("logger"))
     extra: dict[str, Any] = {}

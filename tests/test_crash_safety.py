@@ -417,3 +417,28 @@ def test_run_stops_print_one_line(capsys):
             run_cli(fail)
         assert info.value.code == 2
         assert capsys.readouterr().err == f"error: {err}\n"
+
+
+def test_a_process_exits_with_a_loader_iterator_still_alive(tmp_path):
+    """Our DataLoader workers ignore SIGTERM (a Ctrl-C / group SIGTERM stops the run at a step's end, not a worker
+    mid-batch). A loader iterator still referenced at exit then made the interpreter wait for its workers forever:
+    multiprocessing's exit handler only sends SIGTERM. The process must end, and end cleanly."""
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "import functools\n"
+        "from torch.utils.data import DataLoader\n"
+        "from musicflamingo.data.datamodule import init_worker\n"
+        "loader = DataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True,\n"
+        "                    worker_init_fn=functools.partial(init_worker, rank=0))\n"
+        "KEEP = iter(loader)\n"
+        "print(next(KEEP).tolist(), flush=True)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit: its DataLoader worker outlived it")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 1]" and "Error" not in done.stderr, (done.stdout, done.stderr)

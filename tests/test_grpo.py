@@ -596,8 +596,8 @@ def test_release_size_lora_step_on_gpu(tmp_path, monkeypatch):
 
     build = training.build_trainer
 
-    def with_clock(c):
-        trainer = build(c)
+    def with_clock(c, extra_callbacks=()):
+        trainer = build(c, extra_callbacks=extra_callbacks)
         trainer.callbacks.append(clock)
         return trainer
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +14,7 @@ import pytest
 import torch
 from train_fixtures import compose_train, write_dataset, write_processor
 
+from musicflamingo.callbacks import TrainingInterrupted
 from musicflamingo.training import train
 
 
@@ -132,3 +135,96 @@ def test_resumed_run_with_dropout_draws_the_uninterrupted_runs_masks(stop, worke
 def _losses(run: Path) -> list[float]:
     rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+class SignalAt(L.Callback):
+    """Test probe: SIGTERM to this process during the training step that ends at global step `step` (as `kill`
+    sends it mid-run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _stopped_by_sigterm(tmp: Path, name: str, assets, overrides: list[str], step: int) -> None:  # noqa: ANN001
+    signal_at = [f"+callbacks.sig._target_={__name__}.SignalAt", f"+callbacks.sig.step={step}"]
+    with pytest.raises(TrainingInterrupted, match=f"SIGTERM at step {step}"):
+        _run(tmp, name, assets, overrides + signal_at)
+
+
+def _rows(run: Path, key: str = "train/loss") -> list[tuple[int, float]]:
+    """(step, value) of every metrics.csv row holding `key`."""
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def test_sigterm_stop_logs_the_stop_steps_metrics_and_the_resumed_csv_continues_it(assets, tmp_path):
+    """The stop step's row is in metrics.csv (the checkpoint holds that step), and the resumed run continues the
+    file: every step once, with the uninterrupted run's losses."""
+    _run(tmp_path, "a", assets, ["trainer.max_steps=8"])
+    _stopped_by_sigterm(tmp_path, "b", assets, ["trainer.max_steps=8"], step=5)
+    last = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 5
+    assert [s for s, _ in _rows(tmp_path / "b" / "run")] == [0, 1, 2, 3, 4]  # logged steps: global step - 1
+    _run(tmp_path, "b", assets, ["trainer.max_steps=8"])
+    assert _rows(tmp_path / "b" / "run") == _rows(tmp_path / "a" / "run")
+
+
+def test_dataloaders_draw_nothing_from_the_global_torch_rng(assets, tmp_path):
+    """Each DataLoader has its own generator, seeded from (seed, epoch, rank): making an iterator (every epoch,
+    every validation) leaves the global stream that dropout draws from alone, and the same epoch gets the same
+    base seed (DataLoader workers' seeds) however many iterators came before."""
+    from musicflamingo.data.datamodule import MusicFlamingoDataModule
+
+    proc, manifest = assets
+    dm = MusicFlamingoDataModule(manifest, val=manifest, processor=proc, batch_max_tokens=800, seed=3)
+    dm.setup("fit")
+    train_dl, val_dl = dm.train_dataloader(), dm.val_dataloader()
+    before = torch.get_rng_state()
+    seeds = []
+    for epoch in (0, 1, 0):
+        dm.train_sampler.set_epoch(epoch)
+        seeds.append(iter(train_dl)._base_seed)
+        iter(val_dl)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert seeds[0] == seeds[2] != seeds[1]
+
+
+VAL = ["trainer.val_check_interval=2", "trainer.max_steps=8", DROPOUT]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("stop", [4, 6], ids=["epoch_end", "mid_epoch"])
+def test_run_validating_inside_epochs_stopped_at_a_validation_step_resumes_the_same_losses(
+    stop, workers, assets, tmp_path
+):
+    """Validation every 2 steps and dropout: SIGTERM at a step followed by validation, then resume; the training
+    losses of every step are the uninterrupted run's. (With persistent workers the uninterrupted run made its
+    validation iterator once, at step 2, where the resumed run makes it again: no draw may come from it.)"""
+    proc, manifest = assets
+    val = [f"data.val={manifest}", f"data.num_workers={workers}"]
+    _run(tmp_path, "a", assets, val + VAL)
+    _stopped_by_sigterm(tmp_path, "b", assets, val + VAL, step=stop)
+    _run(tmp_path, "b", assets, val + VAL)
+    a, b = _rows(tmp_path / "a" / "run"), _rows(tmp_path / "b" / "run")
+    assert [r for r in b if r[0] >= stop] == [r for r in a if r[0] >= stop]  # the resumed run's steps
+    assert [s for s, _ in _rows(tmp_path / "a" / "run", "val/loss")] == [1, 3, 5, 7]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("stop", [4, 3], ids=["epoch_end", "mid_epoch"])
+def test_resume_with_limit_train_batches_trains_the_uninterrupted_batches(stop, workers, assets, tmp_path):
+    """limit_train_batches=2 of the sampler's 4: each epoch ends after 2 batches (Lightning's epoch), the next
+    starts the next sampler epoch; a run stopped at such an end (or inside) and resumed trains the same batches
+    with the same losses (dropout on)."""
+    w = ["+trainer.limit_train_batches=2", DROPOUT, f"data.num_workers={workers}"]
+    a, straight = _run(tmp_path, "a", assets, w + ["trainer.max_steps=8"])
+    _run(tmp_path, "b", assets, w + [f"trainer.max_steps={stop}"])
+    b, resumed = _run(tmp_path, "b", assets, w + ["trainer.max_steps=8"])
+    assert [s[1] for s in _steps(straight)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert _steps(resumed) == _steps(straight)
+    assert _rows(tmp_path / "b" / "run") == _rows(tmp_path / "a" / "run")
+    _assert_same_weights(a, b)

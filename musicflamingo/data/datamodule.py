@@ -6,13 +6,17 @@ across ranks itself (Lightning cannot inject its ``DistributedSampler`` into a t
 Exact resume: the module counts the training batches that reach the model (``on_before_batch_transfer``, in the
 main process, so DataLoader prefetching does not inflate it) and saves ``(epoch, batches consumed)`` in
 ``state_dict``; Lightning stores it in the checkpoint and hands it back on resume, and the sampler then continues
-with the next batch. The counts of skipped bad samples travel in the same state.
+with the next batch. The counts of skipped bad samples travel in the same state. The DataLoaders seed their
+iterators from their own generators (:class:`SeededDataLoader`), never from the global torch RNG that dropout and
+the checkpoint's RNG states (``callbacks.RngStateCheckpoint``) share.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import multiprocessing
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -20,6 +24,8 @@ from functools import partial
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
@@ -65,6 +71,26 @@ def parse_manifest_spec(spec: ManifestSpec | None, name: str = "train") -> list[
     return out
 
 
+def _kill_stray_workers() -> None:
+    """At exit, end the daemonic child processes still alive (DataLoader workers), with SIGKILL if SIGTERM does not:
+    our workers ignore SIGTERM (`init_worker`), and SIGTERM is all multiprocessing's exit handler sends before
+    waiting for them, so a loader iterator still referenced at exit (a run that raised mid-epoch) made the
+    interpreter wait forever. Workers only read data: nothing is lost."""
+    for proc in multiprocessing.active_children():
+        if proc.daemon:
+            proc.terminate()
+            proc.join(timeout=1)
+            if proc.is_alive():
+                # torch's SIGCHLD handler would report the killed worker as a failure of a loader we are leaving
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                proc.kill()
+                proc.join(timeout=5)
+
+
+# registered after multiprocessing's own exit handler (imported with torch), so it runs before it (atexit is LIFO)
+atexit.register(_kill_stray_workers)
+
+
 def init_worker(worker_id: int, rank: int = 0) -> None:
     """A DataLoader worker ignores SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and the main process
     stops training at the end of the step (`callbacks.StopOnSignal`), still fetching batches until then; the
@@ -75,7 +101,28 @@ def init_worker(worker_id: int, rank: int = 0) -> None:
         pl_worker_init_function(worker_id, rank=rank)
 
 
-class ResumableDataLoader(DataLoader):
+class SeededDataLoader(DataLoader):
+    """A DataLoader with its own generator, seeded at every ``iter()`` from ``(seed, batch sampler's epoch, rank)``.
+
+    A DataLoader iterator draws its base seed (its workers' seeds) when it is made: from the global torch RNG
+    without a generator. A resumed run makes iterators at other points than an uninterrupted one (Lightning makes
+    them again on resume, persistent workers make one per run), so those draws would shift the global stream that
+    dropout draws from; with the generator they leave it alone, and an epoch's workers get the same seeds however
+    many iterators came before.
+    """
+
+    def __init__(self, *args: Any, seed: int, rank: int, **kwargs: Any) -> None:
+        super().__init__(*args, generator=torch.Generator(), **kwargs)
+        self._seed_keys = (int(seed) & 0xFFFFFFFF, int(rank))
+
+    def __iter__(self) -> Any:
+        seed, rank = self._seed_keys
+        epoch = int(getattr(self.batch_sampler, "epoch", 0))
+        self.generator.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+        return super().__iter__()
+
+
+class ResumableDataLoader(SeededDataLoader):
     """A DataLoader that Lightning sees as resumable (``state_dict``/``load_state_dict``).
 
     Its state is the batch sampler position reported by ``position_fn`` (the data module's count of batches that
@@ -298,7 +345,8 @@ class MusicFlamingoDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: MixtureDataset, sampler: TokenBudgetBatchSampler, **kwargs: Any) -> DataLoader:
         workers, pad = self.num_workers, self.processor.pad_token_id
-        cls = ResumableDataLoader if kwargs else DataLoader
+        rank = self._replicas()[1]
+        cls = ResumableDataLoader if kwargs else SeededDataLoader
         return cls(
             dataset,
             batch_sampler=sampler,
@@ -309,7 +357,9 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
-            worker_init_fn=partial(init_worker, rank=self._replicas()[1]) if workers > 0 else None,
+            worker_init_fn=partial(init_worker, rank=rank) if workers > 0 else None,
+            seed=self.seed,
+            rank=rank,
             **kwargs,
         )
 
@@ -343,8 +393,14 @@ class MusicFlamingoDataModule(L.LightningDataModule):
     def _sampler_position(self) -> dict[str, Any]:
         if self.train_sampler is None:
             return self._pending_sampler_state or {"epoch": self._epoch, "batches_consumed": self._consumed}
-        state = self.train_sampler.state_dict(batches_consumed=self._consumed)
-        state["epoch"] = self._epoch
+        epoch, consumed = self._epoch, self._consumed
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and 0 < trainer.num_training_batches <= consumed:
+            # Lightning's epoch is over, also when it ends before the sampler's (trainer.limit_train_batches): the
+            # resumed sampler starts the next (a loader with workers iterates before Lightning sets the epoch)
+            epoch, consumed = epoch + 1, 0
+        state = self.train_sampler.state_dict(batches_consumed=consumed)
+        state["epoch"] = epoch
         return state
 
     def state_dict(self) -> dict[str, Any]:
