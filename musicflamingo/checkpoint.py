@@ -689,10 +689,16 @@ def _is_our_config(path: Path) -> bool:
     return isinstance(cfg, dict) and cfg.get("model_type") == "musicflamingo"
 
 
-def _check_target(path: Path, overwrite: bool, what: str) -> None:
+def check_save_target(path: Path, what: str = "checkpoint", again: str | None = None) -> None:
+    """What a save into `path` without `overwrite` would refuse, raised before anything is written (`train.py`
+    checks its export folder before training); `again` replaces the hint that names `overwrite=True`."""
+    _check_target(Path(path), False, what, again)
+
+
+def _check_target(path: Path, overwrite: bool, what: str, again: str | None = None) -> None:
     """Refuse to save into an existing file, into another model's folder (a config.json that is not ours) or into
     a non-empty folder holding none of our files, unless `overwrite`; an existing file is then removed."""
-    again = f"pass overwrite=True to write the {what} files there anyway"
+    again = again or f"pass overwrite=True to write the {what} files there anyway"
     if path.exists() and not path.is_dir():
         if not overwrite:
             raise CheckpointError(f"{path} is a file, not a folder: refusing to replace it ({again})")

@@ -261,7 +261,7 @@ class MusicFlamingoLit(L.LightningModule):
             more = f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else ""
             raise CheckpointMismatchError(
                 f"ckpt_path={path} was written by a model of another architecture: {diffs[0]}{more}; resume with "
-                "the model settings that wrote it, or start afresh (ckpt_path=null or another run folder)"
+                "the model settings that wrote it, or start afresh in another run folder (hydra.run.dir=...)"
             )
 
     def _check_resumed_lr(self, checkpoint: dict[str, Any], path: Any) -> None:

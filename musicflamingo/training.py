@@ -34,6 +34,7 @@ from musicflamingo.callbacks import (
     SaveLastAtTrainEnd,
     StopOnSignal,
 )
+from musicflamingo.checkpoint import check_save_target
 from musicflamingo.planner import check_training
 from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
 from musicflamingo.settings import check_train_settings
@@ -148,16 +149,32 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
+class RunFolderNotEmptyError(ValueError):
+    """A fresh start (no checkpoint to resume) in a run folder that holds an earlier run's checkpoints."""
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`"last"`: the run folder's last.ckpt if it exists (fresh start otherwise); a path must exist."""
-    if ckpt_path in (None, "", "null"):
-        return None
-    if ckpt_path == "last":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    return str(ckpt_path)
+    """`"last"`: the run folder's last.ckpt if it exists (fresh start otherwise); a path must exist. A fresh start
+    in a folder holding checkpoints is refused: Lightning would write the new run's last.ckpt as last-v1.ckpt, so
+    the next `ckpt_path=last` resumed the old run, and the export would replace the old run's."""
+    if ckpt_path not in (None, "", "null"):
+        if ckpt_path == "last":
+            last = output_dir / "checkpoints" / "last.ckpt"
+            if last.is_file():
+                return str(last)
+        elif not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        else:
+            return str(ckpt_path)
+    old = sorted((output_dir / "checkpoints").glob("*.ckpt"))
+    if old:
+        shown = ", ".join(c.name for c in old[:3]) + (", ..." if len(old) > 3 else "")
+        raise RunFolderNotEmptyError(
+            f"{output_dir / 'checkpoints'} holds an earlier run's checkpoints ({shown}) and this run starts afresh"
+            f" (ckpt_path={ckpt_path}): start it in another run folder (hydra.run.dir=...), continue that run"
+            " (ckpt_path=<one of them>), or remove the folder's checkpoints/"
+        )
+    return None
 
 
 def check_window_length(processor: Any, model: Any) -> None:
@@ -236,6 +253,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     stopper.install()
     try:
         ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        if cfg.get("export") and is_launching_rank():
+            # the export's folder is checked before training, not found unusable after hours of it
+            check_save_target(
+                output_dir / "export", again="move it away, or export=false to train without exporting"
+            )
         if lock is not None and ckpt is None:
             save_run_config(cfg, output_dir)
         return _fit(cfg, output_dir, stopper, ckpt, save_config=lock is not None and ckpt is not None)

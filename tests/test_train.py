@@ -420,6 +420,36 @@ def test_lora_export_of_a_bf16_true_run_stays_bf16(assets, tmp_path):
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
 
 
+def test_a_fresh_start_in_a_folder_with_checkpoints_is_refused(assets, tmp_path):
+    """ckpt_path=null in a used run folder: Lightning wrote the new run's last.ckpt as last-v1.ckpt, so the next
+    default resume continued the old run (and the export replaced the old run's); refused, the old files kept."""
+    from musicflamingo.training import RunFolderNotEmptyError
+
+    proc, manifest = assets
+    common = ["export=false", "model.scheduler.max_steps=4", "data.batch_max_tokens=800"]
+    train(compose_train(tmp_path, manifest, proc, [*common, "trainer.max_steps=2"]))
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(
+        RunFolderNotEmptyError, match=r"holds an earlier run's checkpoints \(last.ckpt.*hydra.run.dir"
+    ):
+        train(compose_train(tmp_path, manifest, proc, [*common, "trainer.max_steps=3", "ckpt_path=null"]))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_an_unusable_export_folder_is_refused_before_training(assets, tmp_path):
+    """<run>/export a plain file: refused before the first step (was: the run trained, then failed to export, with
+    a hint naming an option train.py does not have)."""
+    from musicflamingo.checkpoint import CheckpointError
+
+    proc, manifest = assets
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "export").write_text("not a folder")
+    cfg = compose_train(tmp_path, manifest, proc, ["debug=fast", "export=true"])
+    with pytest.raises(CheckpointError, match=r"export is a file.*export=false"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_csv_log_continues_and_drops_the_steps_logged_again(tmp_path):
     """A killed run logged steps 0-5 but checkpointed at 3: the resumed run logs 3 and 4 again; the file keeps 0-2
     and holds each step once, the new values for 3 and 4, a column new in the resumed run included."""
