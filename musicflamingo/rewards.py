@@ -169,6 +169,11 @@ class Target:
         task = str(extra.get("task") or "")
         kind = "caption" if task in CAPTION_TASKS else "qa"
         answer = extra.get("answer")
+        if answer is None and ref.status == "broken":  # its tags would become part of the answer to match
+            raise ValueError(
+                f"{where}: the last assistant turn has think tags but is not <think>...</think><answer>..."
+                "</answer> (a tag unclosed or out of place): mend it, or give the record an 'answer'"
+            )
         if answer is None:
             answer, field = reference, "the last assistant turn"
         elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):

@@ -227,6 +227,7 @@ def test_accuracy_reads_options_as_eval_does():
         ({"answer": ["jazz"]}, "jazz", "'answer' must be a string or a number"),
         ({"answer": True}, "yes", "'answer' must be a string or a number"),
         ({}, "  ", "the last assistant turn is empty"),
+        ({}, "<think>r</think><answer>Jazz", "the last assistant turn has think tags but is not"),
         ({"task": "mcq", "choices": ["a", "b"], "answer": "c"}, "c", "'answer' 'c' is none of 'choices'"),
     ],
 )
