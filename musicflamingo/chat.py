@@ -437,3 +437,8 @@ THINK_SUFFIX = "Output the thinking process in <think> </think> and final answer
 def think_prompt(text: str) -> str:
     """``text`` with the think-mode instruction on the next line (only the instruction when ``text`` is empty)."""
     return f"{text}\n{THINK_SUFFIX}" if text else THINK_SUFFIX
+
+
+def ensure_think_prompt(text: str) -> str:
+    """:func:`think_prompt`, unless ``text`` already ends with the instruction (a record in the MF-Think layout)."""
+    return text if text.rstrip().endswith(THINK_SUFFIX) else think_prompt(text)

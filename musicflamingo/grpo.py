@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicflamingo.audio.features import tokens_from_frames
-from musicflamingo.chat import THINK_SUFFIX, encode_expanded, think_prompt
+from musicflamingo.chat import encode_expanded, ensure_think_prompt
 from musicflamingo.data.dataset import chat_messages
 from musicflamingo.data.manifest import Record
 from musicflamingo.engine import Engine, Request, SamplingParams
@@ -508,8 +508,7 @@ class GRPOLit(MusicFlamingoLit):
         messages = [dict(m) for m in messages[: answers[-1]]]
         if self.think:
             last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-            if not messages[last]["content"].rstrip().endswith(THINK_SUFFIX):
-                messages[last]["content"] = think_prompt(messages[last]["content"])
+            messages[last]["content"] = ensure_think_prompt(messages[last]["content"])
         processor = self._processor()
         text = processor.render_chat(messages, add_generation_prompt=True)
         return encode_expanded(

@@ -32,8 +32,7 @@ from musicflamingo.chat import (
     ANSWER_OPEN,
     THINK_CLOSE,
     THINK_OPEN,
-    THINK_SUFFIX,
-    think_prompt,
+    ensure_think_prompt,
 )
 
 ThinkStatus = Literal["ok", "missing", "broken", "plain"]
@@ -154,8 +153,7 @@ def think_record(record: Mapping[str, Any], thinking: str) -> dict[str, Any]:
     if not users or not answers or answers[-1] < users[-1]:
         raise ValueError(f"{name}: the last user turn has no assistant answer to reason about")
     question, answer = convs[users[-1]], convs[answers[-1]]
-    if not str(question["content"]).rstrip().endswith(THINK_SUFFIX):
-        question["content"] = think_prompt(question["content"])
+    question["content"] = ensure_think_prompt(str(question["content"]))
     if not parse_think(answer["content"]).well_formed:
         answer["content"] = think_text(thinking, answer["content"])
     return {**record, "conversations": convs}
