@@ -17,7 +17,7 @@ interrupted save is repaired by the next write or by `recover_interrupted_save`.
 
 Writing (`save_files`) replaces only the files a save owns (`MODEL_FILES` and shards, `PROCESSOR_FILES`) and
 keeps everything else in the folder; it refuses a target that is a file or another model's folder unless told
-to overwrite.
+to overwrite, and so does a quantized save into a folder whose weights are unquantized or quantized otherwise.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,13 @@ _QUANT_SUFFIXES = ("_scale_zero", "_scale")
 
 def _quant_suffix(name: str) -> str:
     return next((s for s in _QUANT_SUFFIXES if name.endswith(".weight" + s)), "")
+
+
+def _stored_method(names: Iterable[str]) -> str | None:
+    """The quantization a set of tensor names holds, from the scales' suffixes (int4: `_scale_zero`, int8: `_scale`
+    only), or None for float weights."""
+    suffixes = {_quant_suffix(n) for n in names}
+    return "int4" if "_scale_zero" in suffixes else "int8" if "_scale" in suffixes else None
 
 
 def canonical_name(name: str) -> str:
@@ -449,7 +456,9 @@ def check_checkpoint_dir(path: Any, need_tokenizer: bool = True) -> Path:
     load_config(path)  # a config.json of another model, or with bad values
     if need_tokenizer and not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
         raise CheckpointError(
-            f"ckpt={path} has no tokenizer.json or tokenizer.model, so it cannot be used to chat"
+            f"ckpt={path} has no tokenizer.json or tokenizer.model, so it cannot be used to chat (a folder written "
+            "by model.save_pretrained alone, e.g. a quantized copy, needs the processor files too: "
+            "MusicFlamingoProcessor.from_pretrained(SOURCE_DIR).save_pretrained(this folder))"
         )
     return path
 
@@ -526,6 +535,13 @@ def read_state_dict(
     missing = sorted(ours_to_hf(k) for k in expected if k not in mapping)
     if missing or unexpected or wrong_shape or wrong_dtype:
         parts = []
+        stored, wanted = _stored_method(files), _stored_method(expected)
+        if stored != wanted:  # the one fact that explains every line below
+            parts.append(
+                f"its weights are {stored or 'not quantized'} but config.json says "
+                f"{wanted or 'not quantized'} (quantization_config): put back the config.json the weights were "
+                "saved with"
+            )
         if missing:
             parts.append(f"missing keys ({len(missing)}): {missing[:20]}")
         if unexpected:
@@ -721,6 +737,25 @@ def _check_target(path: Path, overwrite: bool, what: str, again: str | None = No
         )
 
 
+def _refuse_lossy_replace(path: Path, method: str | None) -> None:
+    """A quantized save (`method`) into a folder that holds another checkpoint's weights, unquantized or quantized
+    otherwise, would replace them for good (the quantized weights cannot give them back): CheckpointError."""
+    if not method or not (path / "config.json").is_file():
+        return
+    if not ((path / SAFE_WEIGHTS_NAME).is_file() or (path / SAFE_WEIGHTS_INDEX_NAME).is_file()):
+        return
+    try:
+        old = load_config(path).quantization
+    except CheckpointError:  # not ours or unreadable: `_check_target` decides
+        return
+    if old != method:
+        raise CheckpointError(
+            f"{path} holds {'unquantized' if old is None else old} weights: saving the {method} model there would "
+            f"replace them for good (a quantized model cannot give the original weights back); save it into a "
+            f"folder of its own (e.g. {path.name}-{method}), or pass overwrite=True to replace them"
+        )
+
+
 def save_files(
     path: str | Path,
     write: Callable[[Path], None],
@@ -784,9 +819,12 @@ def write_state_dict(
 ) -> None:
     """Write config.json, generation_config.json and `state_dict` (our names, renamed to the checkpoint's) as
     safetensors, sharded past `max_shard_size`, into the folder `path` with :func:`save_files` (all or nothing;
-    other files in the folder are kept; `overwrite` as there). `dtype` is the dtype recorded in config.json
+    other files in the folder are kept; `overwrite` as there, and it also lets a quantized `config` replace weights
+    quantized otherwise or not at all, which is refused without it). `dtype` is the dtype recorded in config.json
     (default: that of the first floating tensor). Tied weights are the caller's to leave out."""
     limit = _parse_size(max_shard_size)
+    if not overwrite:
+        _refuse_lossy_replace(Path(path), config.quantization)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state_dict.items():
         tensors[ours_to_hf(name)] = t.detach().to("cpu").contiguous()

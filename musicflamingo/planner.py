@@ -886,8 +886,11 @@ def model_config(net: Mapping[str, Any]) -> MusicFlamingoConfig:
     """The config `model.net` describes (a checkpoint's config.json, or a preset and overrides), no weights."""
     if net.get("init_from"):
         from musicflamingo.checkpoint import load_config
+        from musicflamingo.model.build import check_trainable
 
-        return load_config(net["init_from"])
+        config = load_config(net["init_from"])
+        check_trainable(config, net["init_from"])
+        return config
     if not net.get("preset"):
         raise MemoryPlanError(
             "model.net: set either `init_from` (a checkpoint folder) or `preset` (tiny, small, ...)"

@@ -464,3 +464,52 @@ def test_init_from_names_the_overrides_its_checkpoint_does_not_hold(tmp_path, ca
             "tiny", {"audio": {"max_source_positions": config.audio.max_source_positions}}, init_from=ckpt
         )
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_quantized_save_does_not_replace_other_weights_unless_told(tmp_path):
+    """`from_pretrained(DIR, quantize="int8")` then `save_pretrained(DIR)` (the README's DIR_INT8 mistyped) replaced
+    the downloaded bf16 weights by int8 ones without a word, for good. Refused now unless `overwrite`; the folder is
+    left byte for byte; re-saving into a folder of the same quantization is fine."""
+    from musicflamingo.model.quantize import quantize_model
+
+    torch.manual_seed(0)
+    src = tmp_path / "release"
+    MusicFlamingo(MusicFlamingoConfig.from_name("tiny")).to(torch.bfloat16).save_pretrained(src)
+    (src / "tokenizer.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    model = MusicFlamingo.from_pretrained(src, quantize="int8")
+    with pytest.raises(
+        CheckpointError, match=r"release holds unquantized weights.*release-int8.*overwrite=True"
+    ):
+        model.save_pretrained(src)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    model.save_pretrained(tmp_path / "release-int8")
+    model.save_pretrained(tmp_path / "release-int8")  # its own kind: replaced as any re-save
+    int4 = quantize_model(MusicFlamingo.from_pretrained(src), "int4")
+    with pytest.raises(CheckpointError, match=r"release-int8 holds int8 weights: saving the int4 model"):
+        int4.save_pretrained(tmp_path / "release-int8")
+    model.save_pretrained(src, overwrite=True)
+    assert MusicFlamingo.from_pretrained(src).quantization == "int8"
+    assert (src / "tokenizer.json").read_text() == "{}"
+    # and the copy without the processor files says how to get them, rather than only that they are missing
+    with pytest.raises(CheckpointError, match=r"no tokenizer.json .*MusicFlamingoProcessor.from_pretrained"):
+        check_checkpoint_dir(tmp_path / "release-int8")
+
+
+def test_weights_quantized_otherwise_than_config_json_says_are_named(tmp_path):
+    """A quantized folder whose config.json lost (or changed) its quantization_config listed ~30 unexpected keys and
+    wrong dtypes; the message now starts with the one fact behind them."""
+    from musicflamingo.model.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = MusicFlamingo(MusicFlamingoConfig.from_name("tiny")).to(torch.bfloat16).eval()
+    quantize_model(model, "int4").save_pretrained(tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    del cfg["quantization_config"]
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"its weights are int4 but config.json says not quantized"):
+        MusicFlamingo.from_pretrained(tmp_path / "q")
+    cfg["quantization_config"] = {"quant_method": "musicflamingo_int8"}
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"its weights are int4 but config.json says int8"):
+        MusicFlamingo.from_pretrained(tmp_path / "q")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from musicflamingo.checkpoint import load_config
 from musicflamingo.model.config import MusicFlamingoConfig
 from musicflamingo.model.lora import (
     QuantizedLinear,
@@ -91,6 +92,7 @@ def create_model(
     the file rather than copied) or a preset with `overrides` (`audio={...}`, `text={...}`, top-level fields),
     initialised by `init_weights` under `seed` (the global RNG is left as it was)."""
     if init_from:
+        check_trainable(load_config(init_from), init_from)
         model = MusicFlamingo.from_pretrained(init_from, dtype=dtype)
         ignored = _differing(model.config, dict(overrides or {}))
         if ignored:  # the checkpoint's shapes win; say so rather than train another architecture than asked
@@ -111,6 +113,17 @@ def create_model(
         model = MusicFlamingo(config)
         init_weights(model)
     return model
+
+
+def check_trainable(config: MusicFlamingoConfig, init_from: str | Path) -> None:
+    """Refuse a quantized checkpoint as a training start: its int8/int4 linears have no backward and their float
+    weights are gone (ValueError naming the folder and what to use instead)."""
+    if config.quantization:
+        raise ValueError(
+            f"model.net.init_from={init_from} is a {config.quantization}-quantized checkpoint (inference only: its "
+            "linears have no backward and its float weights are gone); fine-tune from the unquantized folder it was "
+            "made from and quantize the export afterwards"
+        )
 
 
 def _differing(config: Any, overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -450,7 +450,7 @@ def _quantization(q: Any, source: str) -> str | None:
         return None
     method = q.get("quant_method") if isinstance(q, dict) else q
     ours = {c["quant_method"]: name for name, c in QUANT_CONFIGS.items()}
-    if method not in ours:
+    if not isinstance(method, str) or method not in ours:  # a list or a table is not hashable: no `in` first
         raise ConfigError(
             f"{source}: quantization_config.quant_method={method!r} is not supported (only {sorted(ours)}, written "
             "by our save_pretrained of a quantize=int8/int4 model); load the unquantized checkpoint and pass "

@@ -278,10 +278,12 @@ class MusicFlamingo(nn.Module):
     def save_pretrained(
         self, path: str | Path, max_shard_size: int | str = "5GB", overwrite: bool = False
     ) -> None:
-        """Write config.json + safetensors in the reference layout (loadable by `transformers`), all or nothing,
-        into the folder `path`, replacing only those files (`checkpoint.save_files`): tokenizer files, subfolders
-        and anything else in it stay. A `path` that is a file, holds another model's config.json or is a
-        non-empty folder without our files is refused unless `overwrite`."""
+        """Write config.json + safetensors in the reference layout, all or nothing, into the folder `path`,
+        replacing only those files (`checkpoint.save_files`): tokenizer files, subfolders and anything else in it
+        stay. `transformers` loads what an unquantized model writes; a quantized model's folder is ours alone (the
+        reference reads int8 tensors as floats without their scales). A `path` that is a file, holds another
+        model's config.json or is a non-empty folder without our files is refused unless `overwrite`, and so is a
+        quantized save over weights that are not quantized the same way."""
         state = self.state_dict()
         if self.config.text.tie_word_embeddings:
             del state["lm_head.weight"]

@@ -18,11 +18,13 @@ gpt-fast/torchao's int4 weight-only); the audio tower and projector, which run o
 `INT4_KERNEL_ROWS` rows use `aten._weight_int4pack_mm_for_cpu`; longer prefills dequantize the weight in row blocks
 for a plain bf16 GEMM (~1.3x a bf16 linear, measured).
 
-On other devices the weight is dequantized for a plain `F.linear`. Quality is measured, not assumed: the tests
+On other devices, and for an int8 linear whose K is not a multiple of 16 (the CPU kernels' step), the weight is
+dequantized for a plain `F.linear`. Quality is measured, not assumed: the tests
 compare greedy tokens and logits against bf16 (docs/performance.md gives the numbers). A quantized model saves and
 loads as such (`save_pretrained`: int8 `*.weight` plus a `*.weight_scale` per int8 linear; packed uint8 `*.weight`
 plus `*.weight_scale_zero` per int4 linear; `quantization_config` in config.json); the reference (`transformers`)
-cannot read that folder. Inference only: there is no backward.
+cannot use that folder (5.x fails on an int4 folder's shapes, and reads an int8 folder's tensors as floats without
+their scales, with only a warning). Inference only: there is no backward.
 
 Example::
 
@@ -50,6 +52,10 @@ INT4_KERNEL_ROWS = (
 )
 _WORKSPACE_ELEMENTS = 1 << 24  # elements per `dynamic_int8_mm` temporary (64 MB in float32), see `_Workspace`
 _BLOCK = 64  # int4 rows are packed in blocks of 64 (the CPU kernel's layout, see `pack_int4`)
+# The int8 CPU kernels need K (in_features) to be a multiple of this: `_weight_int8pack_mm` in bf16 returns garbage or
+# segfaults for any other K (measured with torch 2.14 on AVX-512: K = 40, 72, 1-15, ...), and `torch._int_mm` is
+# wrong for K = 1. Other widths (tiny or custom models; every release width qualifies) dequantize for `F.linear`.
+_INT8_KERNEL_K = 16
 
 
 class QuantizationError(ValueError):
@@ -105,7 +111,14 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> (..., N) in x's dtype."""
+        """x (..., K) -> (..., N) in x's dtype. Refused in training mode for an `x` that carries gradients: nothing
+        here has a backward, so a training step would silently cut every gradient at the quantized linears."""
+        if self.training and torch.is_grad_enabled() and x.requires_grad:
+            raise QuantizationError(
+                f"{type(self).__name__} is inference only (no backward): a quantized model cannot be trained; "
+                "fine-tune from the unquantized checkpoint (model.net.init_from=<the folder it was quantized from>) "
+                "and quantize the export afterwards, or call the model under torch.no_grad() / in eval mode"
+            )
         y = self._matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -162,7 +175,7 @@ class Int8Linear(QuantLinear):
         return (self.weight.to(torch.float32) * self.weight_scale.float()[:, None]).to(dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.shape[0] == 0:
+        if x.device.type != "cpu" or x.shape[0] == 0 or self.in_features % _INT8_KERNEL_K:
             return F.linear(x, self.dequantize(x.dtype))
         self.align()
         if x.shape[0] <= DECODE_ROWS:
@@ -433,6 +446,21 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
     """
     if check_method(method) is None:
         return model
+    have = getattr(model, "quantization", None) or next(
+        (
+            m
+            for m, cls in (("int4", Int4Linear), ("int8", Int8Linear))
+            if any(isinstance(x, cls) for x in model.modules())
+        ),
+        None,
+    )
+    if have == method:  # already done (a quantized checkpoint loaded as it is)
+        return model
+    if have:
+        raise QuantizationError(
+            f"quantize={method!r}: the model is already quantized with {have} (a quantized model cannot be "
+            f"re-quantized: its float weights are gone); load the unquantized checkpoint to quantize it with {method}"
+        )
     adapters = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
     if adapters:
         raise QuantizationError(
@@ -445,7 +473,8 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
             continue
         # one linear at a time: its float weight is dropped as soon as the quantized copy exists
         linear = getattr(parent, name)
-        setattr(parent, name, linear_class(qualified, linear, method).from_linear(linear))
+        quantized = linear_class(qualified, linear, method).from_linear(linear)
+        setattr(parent, name, quantized.train(linear.training))  # a new module; keep the model's mode
     model.quantization = method
     return model
 
