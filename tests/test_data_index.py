@@ -289,3 +289,17 @@ def test_datamodule_takes_lengths_from_the_index(manifest, processor, monkeypatc
         MusicFlamingoDataModule(train=str(manifest), processor=processor, index="yes")
     with pytest.raises(SettingsError, match="data.index"):
         check_train_settings({"data": {"index": "yes"}})
+
+
+def test_an_audio_root_that_is_no_folder_is_refused(manifest, proc_dir, processor, capsys):
+    """`--audio-root` with a typo used to index every record as having unreadable audio, exit status 0."""
+    with pytest.raises(ManifestIndexError, match="nowhere: not a folder"):
+        build_index(manifest, processor, manifest.parent / "nowhere")
+    with pytest.raises(SystemExit) as e:
+        main(["index", str(manifest), "--processor", str(proc_dir), "--audio-root", str(manifest)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: audio_root {manifest}: not a folder (relative audio paths resolve against it)"
+    )
+    assert not index_path(manifest).exists()
+    assert build_index(manifest, processor, manifest.parent).unreadable_audio == 0

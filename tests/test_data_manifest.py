@@ -167,3 +167,16 @@ def test_eval_manifests_may_end_with_user_turn_and_list_errors(tmp_path):
         read_manifest(bad_list)
     with pytest.raises(ManifestError, match="cannot read manifest"):
         read_manifest(tmp_path / "missing.jsonl")
+
+
+def test_a_folder_given_as_manifest_says_it_is_no_shard_folder(tmp_path):
+    """`data.train=DIR` with no index.json in DIR (an empty folder, shards not written yet) said only "Is a
+    directory": the error now says a folder is read as shards only when it holds index.json, and how to write one."""
+    from musicflamingo.data.manifest import is_json_list
+
+    (tmp_path / "shards").mkdir()
+    for read in (read_manifest, is_json_list):
+        with pytest.raises(
+            ManifestError, match=r"shards: a folder, not a manifest file .* no index\.json; write one"
+        ):
+            read(tmp_path / "shards")

@@ -298,3 +298,129 @@ def test_loader_benchmark_runs_at_the_smallest_size(tmp_path):
     assert {"files", "litdata shards, local", "webdataset tars, in order"} <= set(rows)
     assert all(r["samples_s"] > 0 for r in rows.values())
     assert rows["files"]["audio_h_s"] > 0
+
+
+def test_writing_shards_deletes_no_other_files(processor, tmp_path):
+    """litdata's writer deletes every *.bin and *index.json file in the folders it writes, and --overwrite removed
+    all of records/: a folder holding such files of the user's used to lose them without a word. Now it is refused
+    before anything is read; other files stay and shards are written beside them."""
+    manifest = _even_manifest(tmp_path / "data", 2)
+    out = tmp_path / "mine"
+    (out / "records").mkdir(parents=True)
+    (out / "features.bin").write_bytes(b"precious")
+    (out / "records" / "song.wav").write_bytes(b"precious")
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(
+            ShardError, match=r"mine: holds files that are not shards \(.*features\.bin, \.\.\.\)"
+        ):
+            write_shards(manifest, str(out), overwrite=overwrite)
+    assert (out / "features.bin").read_bytes() == (out / "records" / "song.wav").read_bytes() == b"precious"
+    (out / "features.bin").unlink()
+    with pytest.raises(ShardError, match=r"not shards \(.*records/song\.wav\)"):
+        write_shards(manifest, str(out), overwrite=True)
+    assert (out / "records" / "song.wav").read_bytes() == b"precious"
+    (out / "records" / "song.wav").unlink()
+    assert write_shards(manifest, str(out)) == 2  # other files are kept
+    assert (out / "notes.txt").read_text() == "mine" and len(ShardDataset(out, processor)) == 2
+
+    (out / "records" / "index.json").unlink()  # as a write stopped in the records half leaves it
+    with pytest.raises(ShardError, match="incomplete shard set .*write it again with --overwrite"):
+        write_shards(manifest, str(out))
+    with pytest.raises(ShardError) as e:
+        ShardDataset(out, processor)
+    assert "\n" not in str(e.value) and str(e.value).endswith("`python -m musicflamingo.data shard`")
+    assert write_shards(manifest, str(out), overwrite=True) == 2
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ShardError, match="afile: not a folder"):
+        write_shards(manifest, str(tmp_path / "afile"))
+
+
+def test_shard_command_arguments_and_audio_paths(tmp_path, capsys, caplog):
+    """A number of bytes (what the help promises) was refused from the command line; negative --workers ran with
+    one; an --audio-root that is no folder, or a manifest none of whose files exists, wrote a whole shard set of
+    bad samples with exit status 0."""
+    from musicflamingo.data.__main__ import main
+
+    manifest = _even_manifest(tmp_path / "data", 3)
+    main(["shard", str(manifest), str(tmp_path / "a"), "--chunk-bytes", "100000"])
+    assert json.loads(capsys.readouterr().out) == {"records": 3, "shards": str(tmp_path / "a")}
+
+    def refused(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["shard", *args])
+        return e.value.code, capsys.readouterr().err.strip()
+
+    code, err = refused(str(manifest), str(tmp_path / "b"), "--workers", "-2")
+    assert code == 2 and err == "error: workers=-2: expected a number of processes >= 0 (0 or 1: one)"
+    code, err = refused(str(manifest), str(tmp_path / "b"), "--audio-root", str(tmp_path / "nowhere"))
+    assert code == 2 and err.endswith("nowhere: not a folder (relative audio paths resolve against it)")
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_text(manifest.read_text())  # relative paths, away from their audio
+    code, err = refused(str(moved), str(tmp_path / "b"))
+    assert code == 2 and f"none of its 3 audio files exists (first: {tmp_path / 'c0.wav'}, {moved}:1)" in err
+    assert not (tmp_path / "b").exists()
+    main(["shard", str(moved), str(tmp_path / "b"), "--audio-root", str(tmp_path / "data")])
+    (tmp_path / "data" / "c1.wav").unlink()
+    with caplog.at_level("WARNING"):
+        write_shards(manifest, str(tmp_path / "c"))
+    assert f"1 audio file(s) not found (first: {tmp_path / 'data' / 'c1.wav'}, {manifest}:2)" in caplog.text
+
+
+STOP_SCRIPT = """
+import os, signal, sys, time
+import musicflamingo.data.shards as shards
+real = shards._audio_item
+def slow(item):
+    with open(os.environ["PIDS"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    if item[0] == 2:
+        os.kill(os.getppid(), signal.SIGINT)  # Ctrl-C on the command
+    time.sleep(0.05)
+    return real(item)
+shards._audio_item = slow
+from musicflamingo.data.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_a_shard_write_with_status_130(tmp_path):
+    """litdata's SIGINT handler ends the process with os._exit(0): an interrupted write exited 0, its workers kept
+    writing chunks after the command had returned, and the handler stayed installed after write_shards."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import time
+
+    manifest = _even_manifest(tmp_path / "data", 40)
+    out, pids, log = tmp_path / "shards", tmp_path / "pids", tmp_path / "log"
+    env = {**os.environ, "PIDS": str(pids), "OMP_NUM_THREADS": "1"}
+    args = ["shard", str(manifest), str(out), "--workers", "2"]
+    with open(log, "w") as f:  # a file, not a pipe: a worker left running would hold a pipe open
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STOP_SCRIPT, *args], env=env, stdout=f, stderr=f, start_new_session=True
+        )
+    try:
+        rc = proc.wait(timeout=100)
+        time.sleep(0.5)
+        running = []
+        # the workers: none left running (a zombie writes nothing)
+        for pid in {int(p) for p in pids.read_text().split()}:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                continue
+            if state != "Z":
+                running.append(pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the run left behind
+    assert rc == 130, log.read_text()[-2000:]
+    assert "the shards there are incomplete: write them again with --overwrite" in log.read_text()
+    assert not (out / "index.json").exists() and not running
+
+    before = signal.getsignal(signal.SIGINT)
+    assert write_shards(manifest, str(tmp_path / "again")) == 40
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C after a write is Ctrl-C again

@@ -341,6 +341,10 @@ def build_index(
 
     start = time.perf_counter()
     path = Path(manifest)
+    if audio_root is not None and not os.path.isdir(audio_root):  # else every audio "unreadable", silently
+        raise ManifestIndexError(
+            f"audio_root {os.fspath(audio_root)}: not a folder (relative audio paths resolve against it)"
+        )
     records, hashes, kind = _open(path, audio_root)
     settings = index_settings(processor, audio_root, kind)
     where = index_path(path)
@@ -355,7 +359,8 @@ def build_index(
             seconds_ok, tokens_ok = _usable(stored.changes(settings))
             rows = stored.match(hashes)
             hit = np.flatnonzero(rows >= 0)
-            hit = hit[~stored.unread[rows[hit]]]  # an audio unread last time is read again (it may be there now)
+            # an audio unread last time is read again (it may be there now)
+            hit = hit[~stored.unread[rows[hit]]]
             if tokens_ok:
                 tokens[hit] = stored.tokens[rows[hit]]
             if seconds_ok:

@@ -141,8 +141,19 @@ def _first_byte(data: bytes) -> bytes:
     return data[pos : pos + 1]
 
 
+def _refuse_folder(path: Path) -> None:
+    """A folder given where a manifest goes: say what it lacks (``data.train=DIR`` reads shards only from a folder
+    that holds litdata's index.json)."""
+    if path.is_dir():
+        raise ManifestError(
+            f"{path}: a folder, not a manifest file (JSONL or a JSON list) nor a shard folder (it has no index.json; "
+            "write one with `python -m musicflamingo.data shard MANIFEST {path}`)"
+        )
+
+
 def is_json_list(path: str | os.PathLike) -> bool:
     """Whether a manifest is one JSON list (else JSONL), from its first non-blank character."""
+    _refuse_folder(Path(path))
     with open(path, "rb") as f:
         return _first_byte(f.read(1 << 16)) == b"["
 
@@ -220,8 +231,6 @@ class JsonlRecords(Sequence):
         )
 
 
-
-
 def _newline_spans(data: bytes, skip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(line numbers, starts, ends)`` [N] of the non-blank lines of ``data[skip:]``, split as :func:`_jsonl_lines`
     splits the decoded text, found with numpy instead of a Python loop; None when a line break other than "\n" or
@@ -256,6 +265,7 @@ def _too_deep(where: str) -> ManifestError:
 
 
 def _read_text(path: Path) -> str:
+    _refuse_folder(path)
     try:
         data = path.read_bytes()
     except OSError as e:

@@ -24,20 +24,27 @@ docs/performance.md, "Data: shards and loader throughput").
 Audio is stored as the files' bytes (flac stays flac), the whole file per record: a record that cuts a segment
 from a long file stores that file, so cut long files into clips before sharding. A file missing at sharding
 time is stored as no bytes and becomes a bad sample (``bad_sample_policy``) when its turn comes, like a missing
-file under a manifest. litdata is imported only inside these functions.
+file under a manifest (a manifest none of whose files exists is refused: a wrong ``--audio-root``). A local output
+folder may hold other files, but none that litdata's writer would delete (``*.bin``, ``*index.json``, anything in
+``records/``). Ctrl-C stops every writing process and exits 130, the folder left incomplete (unreadable) until
+written again with ``--overwrite``. litdata is imported only inside these functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -51,6 +58,8 @@ log = logging.getLogger(__name__)
 
 RECORDS = "records"  # sub-folder of the text half
 INDEX = "index.json"  # litdata's index file: its presence marks a local shard folder
+# What litdata's writer leaves in a folder: chunks, the index, per-worker partial indexes (a stopped run)
+_SHARD_FILE = re.compile(r"chunk-\d+-\d+\.bin|(\d+\.)?index\.json")
 
 
 class ShardError(ValueError):
@@ -134,24 +143,39 @@ def write_shards(
     _quiet_litdata()
     out = os.fspath(out)
     chunk_bytes = _check_chunk_bytes(chunk_bytes)
-    if not overwrite and not is_url(out) and os.path.exists(os.path.join(out, INDEX)):
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ShardError(f"workers={workers!r}: expected a number of processes >= 0 (0 or 1: one)")
+    if audio_root is not None and not os.path.isdir(audio_root):
         raise ShardError(
-            f"{out}: already holds shards; choose another folder or overwrite them (--overwrite)"
+            f"audio_root {os.fspath(audio_root)}: not a folder (relative audio paths resolve against it)"
         )
+    if not is_url(out):
+        _check_out(out, overwrite)
     records = read_manifest(manifest, audio_root=audio_root)
+    missing = [(r, a.path) for r in records for a in r.audios if not os.path.isfile(a.path)]
+    if missing:
+        record, path = missing[0]
+        if len(missing) == sum(len(r.audios) for r in records):
+            raise ShardError(
+                f"{manifest}: none of its {len(missing)} audio files exists (first: {path}, {record.source}); "
+                "check the paths or --audio-root (relative paths resolve against it, else the manifest's folder)"
+            )
+        log.warning(
+            "%s: %d audio file(s) not found (first: %s, %s); they become bad samples when trained on",
+            manifest,
+            len(missing),
+            path,
+            record.source,
+        )
     if overwrite and not is_url(out):
         # litdata's overwrite replaces the audio half only: an old records/ left by a write stopped between the
         # halves would pair the new audio with the old text. Without it, a stopped write is no readable shard set.
+        # (_check_out made sure records/ holds shard files only.)
         shutil.rmtree(os.path.join(out, RECORDS), ignore_errors=True)
     inputs = [(i, asdict(r)) for i, r in enumerate(records)]
-    missing = sum(not os.path.isfile(a.path) for r in records for a in r.audios)
-    if missing:
-        log.warning(
-            "%s: %d audio file(s) not found; they become bad samples when trained on", manifest, missing
-        )
     common = dict(
         chunk_bytes=chunk_bytes,
-        num_workers=max(1, int(workers)),
+        num_workers=max(1, workers),
         keep_data_ordered=True,  # each worker a static slice in order: the shard order is the manifest's
         reorder_files=False,
         mode="overwrite" if overwrite else None,  # None: litdata refuses a folder that already holds shards
@@ -161,11 +185,96 @@ def write_shards(
     )
     before = multiprocessing.get_start_method(allow_none=True)
     try:
-        optimize(fn=_audio_item, inputs=inputs, output_dir=out, **common)
-        optimize(fn=_record_item, inputs=inputs, output_dir=_join(out, RECORDS), **common)
+        with _interruptible():
+            optimize(fn=_audio_item, inputs=inputs, output_dir=out, **common)
+        with _interruptible():
+            optimize(fn=_record_item, inputs=inputs, output_dir=_join(out, RECORDS), **common)
+    except KeyboardInterrupt:
+        log.error("%s: interrupted; the shards there are incomplete: write them again with --overwrite", out)
+        raise
     finally:  # optimize sets the process-wide start method; DataLoaders started later keep theirs
         multiprocessing.set_start_method(before, force=True)
     return len(records)
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """Refuse a local ``out`` that would lose files or mix runs: litdata's writer deletes every ``*.bin`` and
+    ``*index.json`` file in the folders it writes (whoever wrote them), ``overwrite`` removes ``records/``."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ShardError(f"{out}: not a folder; choose a new or empty folder for the shards")
+    records = os.path.join(out, RECORDS)
+    if os.path.exists(records) and not os.path.isdir(records):
+        raise ShardError(f"{records}: a file where the shards' {RECORDS}/ folder goes; choose another folder")
+    foreign = [
+        os.path.join(out, n)
+        for n in (sorted(os.listdir(out)) if os.path.isdir(out) else [])
+        if n.endswith((".bin", "index.json")) and not _SHARD_FILE.fullmatch(n)
+    ]
+    foreign += [
+        os.path.join(records, n)
+        for n in (sorted(os.listdir(records)) if os.path.isdir(records) else [])
+        if not _SHARD_FILE.fullmatch(n) and n != ".checkpoints"
+    ]
+    if foreign:
+        raise ShardError(
+            f"{out}: holds files that are not shards ({foreign[0]}{', ...' if len(foreign) > 1 else ''}), which "
+            "writing shards there would delete; choose a new or empty folder"
+        )
+    if overwrite:
+        return
+    audio, text = os.path.isfile(os.path.join(out, INDEX)), os.path.isfile(os.path.join(records, INDEX))
+    if audio and text:
+        raise ShardError(
+            f"{out}: already holds shards; choose another folder or overwrite them (--overwrite)"
+        )
+    if audio or text:
+        raise ShardError(
+            f"{out}: holds an incomplete shard set (no {INDEX if text else RECORDS + '/' + INDEX}: a write stopped "
+            "before its end?); write it again with --overwrite"
+        )
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C during ``litdata.optimize`` stops its processes and raises KeyboardInterrupt (the command exits 130);
+    the SIGINT handler before it is restored afterwards.
+
+    litdata 0.2.76's own handler asks its workers to stop and ends the process with ``os._exit(0)``: an interrupted
+    write reported as a success, the workers and their feeder processes left running (still writing chunks into
+    the folder), and the handler left installed once optimize returns, so a later Ctrl-C in the same process exits
+    0 too. Here each process of the run that gets SIGINT (a terminal sends it to all; the parent passes it on to
+    its workers) ends its own helper processes, then itself; the parent waits for its workers, then raises."""
+    from litdata.processing.data_processor import DataProcessor
+
+    parent = os.getpid()
+    theirs = DataProcessor.__dict__.get("_signal_handler")
+
+    def stop(self: Any, signum: int, frame: Any) -> None:
+        if os.getpid() != parent:  # a worker (forked with this handler) or one of its feeder processes
+            for child in multiprocessing.active_children():
+                child.terminate()
+            os._exit(128 + signum)
+        workers = list(getattr(self, "workers", None) or [])
+        for w in workers:
+            with contextlib.suppress(OSError, TypeError):  # gone already; not started (pid None)
+                os.kill(w.pid, signal.SIGINT)
+        for w in workers:
+            w.join(10)
+            if w.is_alive():
+                w.kill()
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if theirs is not None:
+        DataProcessor._signal_handler = stop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if theirs is not None:
+            DataProcessor._signal_handler = theirs  # type: ignore[method-assign]
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 _BYTE_UNITS = ("tb", "gb", "mb", "kb", "t", "g", "m", "k", "b")  # litdata's chunk_bytes suffixes
@@ -173,6 +282,8 @@ _BYTE_UNITS = ("tb", "gb", "mb", "kb", "t", "g", "m", "k", "b")  # litdata's chu
 
 def _check_chunk_bytes(value: str | int) -> str | int:
     """``chunk_bytes`` as litdata takes it (bytes > 0, or "64MB", "1.5g"...), checked before any file is read."""
+    if isinstance(value, str) and value.strip().isdigit():  # a number of bytes from the command line
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if value > 0:
             return value
@@ -184,7 +295,9 @@ def _check_chunk_bytes(value: str | int) -> str | int:
                 return value
         except ValueError:
             pass
-    raise ShardError(f"chunk_bytes={value!r}: expected a size such as 64MB, 512KB, 1GB or a number of bytes > 0")
+    raise ShardError(
+        f"chunk_bytes={value!r}: expected a size such as 64MB, 512KB, 1GB or a number of bytes > 0"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -195,8 +308,9 @@ def _streaming(url: str, cache_dir: str | None) -> Any:
     try:
         return StreamingDataset(url, cache_dir=cache_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
+        reason = " ".join(str(e).split("\n", 1)[0].split())  # litdata's first line (then its HINTs)
         raise ShardError(
-            f"{url}: not a readable shard folder ({e}); write one with `python -m musicflamingo.data shard`"
+            f"{url}: not a readable shard folder ({reason}); write one with `python -m musicflamingo.data shard`"
         ) from e
 
 
