@@ -303,3 +303,17 @@ def test_an_audio_root_that_is_no_folder_is_refused(manifest, proc_dir, processo
     )
     assert not index_path(manifest).exists()
     assert build_index(manifest, processor, manifest.parent).unreadable_audio == 0
+
+
+def test_an_index_that_cannot_be_written_is_named(manifest, processor, monkeypatch):
+    """pyarrow's write errors (a full disk, a read-only folder) carry no file name, so the command showed a traceback:
+    now the index file is named with the reason, and no partial file is left."""
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    with pytest.raises(ManifestIndexError, match=r"\.index\.parquet: cannot write the index \(No space left"):
+        build_index(manifest, processor)
+    assert not index_path(manifest).exists()
+    assert not list(manifest.parent.glob(".*.tmp"))

@@ -397,6 +397,11 @@ def build_index(
     try:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, where)
+    except OSError as e:  # pyarrow's own errors (a full disk, a read-only folder) name no file
+        raise ManifestIndexError(
+            f"{where}: cannot write the index ({e.strerror or e}); the manifest is unchanged and training without "
+            "the index estimates the lengths at launch"
+        ) from e
     finally:
         tmp.unlink(missing_ok=True)
     unreadable = sum(any(math.isnan(s) for s in secs) for secs in seconds if secs)
