@@ -117,11 +117,12 @@ def test_shards_read_back_the_manifest_samples(processor, tmp_path):
         ShardDataset(tmp_path / "gone", processor)
 
 
-def test_an_overwrite_stopped_between_the_halves_is_no_readable_shard_set(processor, tmp_path, monkeypatch):
-    """`--overwrite` stopped after the audio half: the old records/ used to stay beside the new audio (every sample
-    the new audio with the old text, no error); now it is gone, and the folder reads as incomplete. Where records/
-    cannot be removed first (a URL), halves of different runs with different counts name the mismatch instead of
-    failing inside litdata."""
+def test_an_overwrite_stopped_between_the_halves_keeps_the_old_set(processor, tmp_path, monkeypatch):
+    """`--overwrite` stopped after the audio half: the old records/ once stayed beside the new audio (every sample
+    the new audio with the old text, no error), then the old set was deleted before the new one was complete; now
+    the new set is written beside the old one and swapped in at the end, so the old set reads back as it was. Where
+    the halves cannot be swapped (a URL), halves of different runs with different counts name the mismatch instead
+    of failing inside litdata."""
     import shutil
 
     import litdata
@@ -141,10 +142,16 @@ def test_an_overwrite_stopped_between_the_halves_is_no_readable_shard_set(proces
     with pytest.raises(KeyboardInterrupt):
         write_shards(new, str(out), overwrite=True)
     monkeypatch.setattr(litdata, "optimize", real)
-    with pytest.raises(ShardError, match="not a readable shard folder"):
-        ShardDataset(out, processor)
+    kept = ShardDataset(out, processor)
+    assert [kept.records[i].id for i in range(len(kept))] == [f"a{i}" for i in range(6)]
+    assert not (out / ".overwrite-staging").exists()
+    assert write_shards(new, str(out), overwrite=True) == 4  # a complete overwrite replaces every shard file
+    swapped = ShardDataset(out, processor)
+    assert [swapped.records[i].id for i in range(len(swapped))] == [f"b{i}" for i in range(4)]
+    assert not (out / ".overwrite-staging").exists()
 
-    write_shards(new, str(out), overwrite=True)  # the audio half of 4 records ...
+    shutil.rmtree(out)
+    write_shards(new, str(out))  # the audio half of 4 records ...
     shutil.rmtree(out / "records")
     write_shards(old, str(tmp_path / "other"))
     shutil.copytree(tmp_path / "other" / "records", out / "records")  # ... beside the records of 6

@@ -26,8 +26,9 @@ from a long file stores that file, so cut long files into clips before sharding.
 time is stored as no bytes and becomes a bad sample (``bad_sample_policy``) when its turn comes, like a missing
 file under a manifest (a manifest none of whose files exists is refused: a wrong ``--audio-root``). A local output
 folder may hold other files, but none that litdata's writer would delete (``*.bin``, ``*index.json``, anything in
-``records/``). Ctrl-C stops every writing process and exits 130, the folder left incomplete (unreadable) until
-written again with ``--overwrite``. litdata is imported only inside these functions.
+``records/``). Ctrl-C stops every writing process and exits 130: a first write leaves the folder incomplete
+(unreadable) until written again with ``--overwrite``; ``--overwrite`` writes the new set beside the old one and
+swaps it in at the end, so a write that stops leaves the old set as it was. litdata is imported only inside these functions.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 RECORDS = "records"  # sub-folder of the text half
 INDEX = "index.json"  # litdata's index file: its presence marks a local shard folder
+_STAGING = ".overwrite-staging"  # where --overwrite writes the new set before swapping it in
 # What litdata's writer leaves in a folder: chunks, the index, per-worker partial indexes (a stopped run)
 _SHARD_FILE = re.compile(r"chunk-\d+-\d+\.bin|(\d+\.)?index\.json")
 
@@ -167,18 +169,21 @@ def write_shards(
             path,
             record.source,
         )
-    if overwrite and not is_url(out):
-        # litdata's overwrite replaces the audio half only: an old records/ left by a write stopped between the
-        # halves would pair the new audio with the old text. Without it, a stopped write is no readable shard set.
-        # (_check_out made sure records/ holds shard files only.)
-        shutil.rmtree(os.path.join(out, RECORDS), ignore_errors=True)
+    target, staging = out, None
+    if overwrite and not is_url(out) and _holds_shards(out):
+        # Written beside the old set and swapped in at the end: a write that stops (an error, Ctrl-C) leaves the
+        # old set as it was. (_check_out made sure the folder's shard-like files are all shards.)
+        staging = target = os.path.join(out, _STAGING)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a write that was killed
     inputs = [(i, asdict(r)) for i, r in enumerate(records)]
     common = dict(
         chunk_bytes=chunk_bytes,
         num_workers=max(1, workers),
         keep_data_ordered=True,  # each worker a static slice in order: the shard order is the manifest's
         reorder_files=False,
-        mode="overwrite" if overwrite else None,  # None: litdata refuses a folder that already holds shards
+        # None: litdata refuses a folder that already holds shards. A URL is overwritten in place (its old records/
+        # then pairs with the new audio until the records half is written: counts that differ are named on read).
+        mode="overwrite" if overwrite and staging is None else None,
         verbose=False,
         # fork: workers start at once (spawn re-imports torch in each, ~5 s); they only read files
         start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn",
@@ -186,15 +191,48 @@ def write_shards(
     before = multiprocessing.get_start_method(allow_none=True)
     try:
         with _interruptible():
-            optimize(fn=_audio_item, inputs=inputs, output_dir=out, **common)
+            optimize(fn=_audio_item, inputs=inputs, output_dir=target, **common)
         with _interruptible():
-            optimize(fn=_record_item, inputs=inputs, output_dir=_join(out, RECORDS), **common)
-    except KeyboardInterrupt:
-        log.error("%s: interrupted; the shards there are incomplete: write them again with --overwrite", out)
+            optimize(fn=_record_item, inputs=inputs, output_dir=_join(target, RECORDS), **common)
+        if staging is not None:
+            _swap_in(staging, out)
+    except BaseException as e:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            log.error(
+                "%s: interrupted; %s",
+                out,
+                "the shards there are as they were"
+                if staging is not None
+                else "the shards there are incomplete: write them again with --overwrite",
+            )
         raise
     finally:  # optimize sets the process-wide start method; DataLoaders started later keep theirs
         multiprocessing.set_start_method(before, force=True)
     return len(records)
+
+
+def _holds_shards(out: str) -> bool:
+    """Whether a local folder holds any part of a shard set (complete or not)."""
+    if not os.path.isdir(out):
+        return False
+    return os.path.isdir(os.path.join(out, RECORDS)) or any(_SHARD_FILE.fullmatch(n) for n in os.listdir(out))
+
+
+def _swap_in(staging: str, out: str) -> None:
+    """Replace the shard set in ``out`` by the complete one in ``staging`` (renames within one filesystem; the old
+    set's files go first, so a crash in between leaves an incomplete set, never two runs' halves mixed)."""
+    for name in os.listdir(out):
+        if _SHARD_FILE.fullmatch(name):
+            os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, RECORDS), ignore_errors=True)
+    for name in os.listdir(staging):
+        dest = os.path.join(out, name)
+        if os.path.isdir(dest):  # litdata's own bookkeeping folders (.checkpoints)
+            shutil.rmtree(dest)
+        os.replace(os.path.join(staging, name), dest)
+    os.rmdir(staging)
 
 
 def _check_out(out: str, overwrite: bool) -> None:
