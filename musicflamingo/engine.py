@@ -49,6 +49,9 @@ class SamplingParams:
             or self.max_new_tokens < 1
         ):
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.do_sample, (bool, np.bool_)):  # "false" is truthy: it sampled
+            raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
+        self.do_sample = bool(self.do_sample)
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             # abs(x) < inf is False for inf and NaN
@@ -429,8 +432,11 @@ def stream_generate(
 
     input_ids / attention_mask (B, S); input_features (W, n_mels, F) and input_features_mask (W, F) for the
     batch's audio in row-major order. Each row becomes one engine request (the batch's audio is encoded once,
-    together, as the reference does). `stop_token_ids` (alias `eos_token_id`) defaults to the config's eos;
-    `max_length` (prompt + new) is the other way to say `max_new_tokens` (default 128).
+    together, as the reference does). Without `attention_mask`, positions holding `pad_token_id` (default: the
+    config's) are padding unless it is a stop id, as in the reference. `stop_token_ids` (alias `eos_token_id`)
+    defaults to the config's eos; `max_length` (prompt + new) is the other way to say `max_new_tokens` (default
+    128). Unseeded sampling draws its seed from torch's global RNG (`torch.manual_seed` repeats a run). A row
+    stops early, padded after, where the model's context ends.
     """
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: beam search is not implemented; use num_beams=1")
@@ -438,6 +444,14 @@ def stream_generate(
         raise ValueError(f"repetition_penalty={repetition_penalty} is not implemented; leave it at 1.0")
     if not use_cache:
         raise ValueError("use_cache=False is not supported: the engine always decodes through its KV cache")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got {shape}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+            "they must be the same"
+        )
     B, S = input_ids.shape
     if max_length is not None:
         if max_new_tokens is not None:
@@ -447,8 +461,6 @@ def stream_generate(
             return
     if max_new_tokens is None:
         max_new_tokens = 128
-    if max_new_tokens < 1:
-        return
     if eos_token_id is not None:
         if stop_token_ids is not None:
             raise ValueError("give stop_token_ids or eos_token_id, not both")
@@ -456,23 +468,35 @@ def stream_generate(
     stops = _stop_ids(model, stop_token_ids)
     if pad_token_id is None:
         pad_token_id = model.config.text.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = stops[0] if stops else 0
+    # (max_new_tokens <= 0 returned the prompt, do_sample="false" sampled: refused here, as the reference does)
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, seed, tuple(stops))
     device = model.device
-    if generator is None:
-        generator = params.generator(device)  # one generator for the batch, as the reference
     input_ids = input_ids.to(device)
     if attention_mask is None:
+        # As the reference: padding is read from the pad id when the batch holds it and it is not a stop id
+        # (every row was taken whole, left padding included, so a padded batch decoded after its pads).
         attention_mask = torch.ones_like(input_ids)
+        if pad_token_id is not None and pad_token_id not in stops and bool((input_ids == pad_token_id).any()):
+            attention_mask = (input_ids != pad_token_id).long()
+    if pad_token_id is None:
+        pad_token_id = stops[0] if stops else 0
+    if generator is None and params.do_sample:
+        # one generator for the batch, as the reference; unseeded, it is seeded from torch's global RNG as the
+        # reference samples from it, so torch.manual_seed(s) repeats a run (a fresh random seed ignored it)
+        generator = replace(
+            params, seed=params.seed if params.seed is not None else int(torch.randint(2**62, ()))
+        ).generator(device)
     real = attention_mask.to(device).bool()
     embeds = model.embed(input_ids, input_features, input_features_mask)  # (B, S, D): audio encoded once
     lengths = real.sum(1).tolist()
     engine = Engine(model, slots=B, capacity=max(lengths) + max_new_tokens, compile=compile)
-    slots = [
-        engine.admit(Request(input_ids[b], params, inputs_embeds=embeds[b][real[b]], generator=generator))
-        for b in range(B)
-    ]
+    slots = []
+    for b in range(B):
+        try:
+            request = Request(input_ids[b], params, inputs_embeds=embeds[b][real[b]], generator=generator)
+            slots.append(engine.admit(request))
+        except ValueError as e:  # an empty row, or one past the context
+            raise ValueError(f"row {b} of the batch: {e}") from None
     del embeds
     out = [s.tokens[-1] for s in slots]
     yield torch.tensor(out, device=device)

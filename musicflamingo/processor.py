@@ -218,6 +218,16 @@ class MusicFlamingoProcessor:
             return texts if batched else texts[0]
         audios, sources = [], []
         for b, c in enumerate(convs):
+            for i, m in enumerate(c):  # render_chat checked that each message is a dict
+                content = m["content"] if isinstance(m["content"], (list, tuple)) else ()
+                n = sum(isinstance(x, dict) and chat.is_audio_item(x) for x in content)
+                if n > 1:  # the <sound> count check below blamed the text: "1 placeholder but 2 audios"
+                    where = f"conversation {b} message {i}" if batched else f"message {i}"
+                    raise ValueError(
+                        f"{where} has {n} audio items, but the chat template renders 1 {self.audio_token!r} "
+                        f"placeholder per message, as the reference's does, and each takes one audio ({n} audio(s) "
+                        "here): put each audio in a message of its own"
+                    )
             for a in self.conversation_audios(c):
                 audios.append(a)
                 sources.append(
