@@ -266,6 +266,7 @@ def generate_answers(
     texts: list[str | None] = [None] * n
     finished = [False] * n
     skipped: dict[int, str] = {}  # request -> why its audio could not be used
+    cut: list[int] = []  # requests whose answer ended at the token limit, not at a stop id
     owner: dict[int, int] = {}  # slot -> request
     printer = _Printer(processor.tokenizer, labels, out, stream, think)
     stops = params.stop_ids
@@ -277,6 +278,8 @@ def generate_answers(
         answers[i] = _answer_ids(s.tokens, stops)
         if s.done:
             finished[i] = True
+            if s.tokens[-1] not in stops:
+                cut.append(i)
             engine.release(slot)
             texts[i] = processor.tokenizer.decode(answers[i])
             if on_answer is not None:
@@ -318,6 +321,20 @@ def generate_answers(
         dt,
         n_tokens / max(dt, 1e-9),
     )
+    if cut:
+        # a silent cut reads as the model's whole answer (a caption ending mid-sentence); the context's end
+        # (prompt + answer at the model's max positions) cuts before max_new_tokens does for long audio
+        names = [labels[i] for i in sorted(cut)]
+        logger.warning(
+            "%d of %d answers ended at the token limit (max_new_tokens=%d or the model's context of %d "
+            "positions), not at an end token, so they may be cut short: %s%s; raise max_new_tokens",
+            len(names),
+            n,
+            params.max_new_tokens,
+            engine.limit,
+            ", ".join(names[:10]),
+            f" and {len(names) - 10} more" if len(names) > 10 else "",
+        )
     if skipped:
         names = [labels[i] for i in sorted(skipped)]
         logger.warning(

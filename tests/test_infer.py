@@ -606,3 +606,27 @@ def test_max_new_tokens_past_the_context_window_is_refused(ckpt, audios):
         InferenceError, match=r"max_new_tokens=100000000 is more than the model's context window, 32768"
     ):
         infer(make_cfg(f"ckpt={ckpt}", f"audio={audios[0]}", "max_new_tokens=100000000", "plan=true"))
+
+
+def test_answers_ending_at_the_token_limit_are_named(loaded, audios, caplog):
+    """An answer that stops at `max_new_tokens` (no end token) may be cut mid-sentence: the files are named in a
+    warning; an answer ending at a stop id is not."""
+    import logging
+
+    from musicflamingo.inference import generate_answers
+
+    model, processor = loaded
+    convs = [user(DEFAULT_PROMPT, a) for a in audios]
+    labels = [a.name for a in audios]
+    with caplog.at_level(logging.WARNING, logger="musicflamingo"):
+        texts = generate_answers(model, processor, convs, labels, SamplingParams(max_new_tokens=3))
+    assert len(texts) == 2 and "2 of 2 answers ended at the token limit" in caplog.text
+    assert all(a.name in caplog.text for a in audios)
+    # stop at the first token each answer produced: both end at a stop id, so nothing is said
+    ids = model.generate(**processor.apply_chat_template(convs), max_new_tokens=1)[:, -1].tolist()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="musicflamingo"):
+        generate_answers(
+            model, processor, convs, labels, SamplingParams(max_new_tokens=3, stop_ids=tuple(ids))
+        )
+    assert "token limit" not in caplog.text
