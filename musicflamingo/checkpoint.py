@@ -463,23 +463,43 @@ def check_checkpoint_dir(path: Any, need_tokenizer: bool = True) -> Path:
     return path
 
 
+def generation_config(path: str | Path | None) -> dict[str, Any]:
+    """The decoding defaults of the folder's `generation_config.json` that the engine reads: `eos_token_id` (as a
+    list), `pad_token_id` and `max_new_tokens` where given ({} without the file). The release writes
+    `max_new_tokens=2048`, which the reference's `generate()` uses when the caller gives no length."""
+    gen_file = Path(path) / "generation_config.json" if path is not None else None
+    if gen_file is None or not gen_file.is_file():
+        return {}
+    try:
+        raw = json.loads(gen_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{gen_file}: expected a JSON object, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    eos = raw.get("eos_token_id")
+    eos = [eos] if eos is not None and not isinstance(eos, list) else (eos or [])
+    bad = [e for e in eos if isinstance(e, bool) or not isinstance(e, int) or e < 0]
+    if bad:
+        raise CheckpointError(
+            f"{gen_file}: eos_token_id must be an integer id or a list of them, got {bad[0]!r}"
+        )
+    if eos:
+        out["eos_token_id"] = eos
+    for key, low in (("pad_token_id", 0), ("max_new_tokens", 1)):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise CheckpointError(f"{gen_file}: {key} must be an integer >= {low}, got {value!r}")
+        out[key] = value
+    return out
+
+
 def stop_token_ids(path: str | Path | None, config: MusicFlamingoConfig) -> list[int]:
     """The ids that end an answer: `eos_token_id` of the folder's `generation_config.json` (int or list) plus the
     config's eos. Every generating entry point (infer, eval) stops on these."""
-    ids: list[int] = []
-    gen_file = Path(path) / "generation_config.json" if path is not None else None
-    if gen_file is not None and gen_file.is_file():
-        try:
-            eos = json.loads(gen_file.read_text(encoding="utf-8")).get("eos_token_id")
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
-        eos = [eos] if eos is not None and not isinstance(eos, list) else (eos or [])
-        bad = [e for e in eos if isinstance(e, bool) or not isinstance(e, int) or e < 0]
-        if bad:
-            raise CheckpointError(
-                f"{gen_file}: eos_token_id must be an integer id or a list of them, got {bad[0]!r}"
-            )
-        ids += eos
+    ids: list[int] = list(generation_config(path).get("eos_token_id", []))
     if config.text.eos_token_id is not None:
         ids.append(config.text.eos_token_id)
     return sorted(set(int(i) for i in ids))
@@ -816,12 +836,15 @@ def write_state_dict(
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    generation: Mapping[str, Any] | None = None,
 ) -> None:
     """Write config.json, generation_config.json and `state_dict` (our names, renamed to the checkpoint's) as
     safetensors, sharded past `max_shard_size`, into the folder `path` with :func:`save_files` (all or nothing;
     other files in the folder are kept; `overwrite` as there, and it also lets a quantized `config` replace weights
     quantized otherwise or not at all, which is refused without it). `dtype` is the dtype recorded in config.json
-    (default: that of the first floating tensor). Tied weights are the caller's to leave out."""
+    (default: that of the first floating tensor). `generation`: decoding defaults kept in generation_config.json
+    (the loaded model's, see :func:`generation_config`; they override the config's eos and pad). Tied weights are the
+    caller's to leave out."""
     limit = _parse_size(max_shard_size)
     if not overwrite:
         _refuse_lossy_replace(Path(path), config.quantization)
@@ -847,6 +870,7 @@ def write_state_dict(
             "pad_token_id": config.text.pad_token_id,
             "do_sample": False,
         }
+        gen.update(generation or {})
         if config.text.bos_token_id is not None:
             gen["bos_token_id"] = config.text.bos_token_id
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -395,6 +395,9 @@ def _compiled_decode_step():  # noqa: ANN202
 # ---------------------------------------------------------------------------------------------- batch API
 def _stop_ids(model: torch.nn.Module, stop_token_ids: int | Sequence[int] | None) -> list[int]:
     if stop_token_ids is None:
+        gen_eos = getattr(model, "generation_defaults", {}).get("eos_token_id")
+        if gen_eos:  # generation_config.json's ids replace the config's, as in the reference
+            return list(gen_eos)
         eos = model.config.text.eos_token_id
         return [] if eos is None else [eos]
     if isinstance(stop_token_ids, int):
@@ -432,9 +435,10 @@ def stream_generate(
 
     input_ids / attention_mask (B, S); input_features (W, n_mels, F) and input_features_mask (W, F) for the
     batch's audio in row-major order. Each row becomes one engine request (the batch's audio is encoded once,
-    together, as the reference does). Without `attention_mask`, positions holding `pad_token_id` (default: the
-    config's) are padding unless it is a stop id, as in the reference. `stop_token_ids` (alias `eos_token_id`)
-    defaults to the config's eos; `max_length` (prompt + new) is the other way to say `max_new_tokens` (default
+    together, as the reference does). Defaults, as the reference's: those of the checkpoint's
+    generation_config.json (`model.generation_defaults`), else the config's. Without `attention_mask`, positions
+    holding `pad_token_id` are padding unless it is a stop id. `stop_token_ids` (alias `eos_token_id`) defaults to
+    the eos ids; `max_length` (prompt + new) is the other way to say `max_new_tokens` (default: the file's, else
     128). Unseeded sampling draws its seed from torch's global RNG (`torch.manual_seed` repeats a run). A row
     stops early, padded after, where the model's context ends.
     """
@@ -459,15 +463,18 @@ def stream_generate(
         max_new_tokens = max_length - S
         if max_new_tokens < 1:
             return
+    defaults = getattr(
+        model, "generation_defaults", {}
+    )  # generation_config.json's, as the reference reads it
     if max_new_tokens is None:
-        max_new_tokens = 128
+        max_new_tokens = defaults.get("max_new_tokens", 128)
     if eos_token_id is not None:
         if stop_token_ids is not None:
             raise ValueError("give stop_token_ids or eos_token_id, not both")
         stop_token_ids = eos_token_id
     stops = _stop_ids(model, stop_token_ids)
     if pad_token_id is None:
-        pad_token_id = model.config.text.pad_token_id
+        pad_token_id = defaults.get("pad_token_id", model.config.text.pad_token_id)
     # (max_new_tokens <= 0 returned the prompt, do_sample="false" sampled: refused here, as the reference does)
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, seed, tuple(stops))
     device = model.device

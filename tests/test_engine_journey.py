@@ -231,3 +231,29 @@ def test_several_audios_in_one_message_name_the_message(assets):
         op.apply_chat_template(two)
     with pytest.raises(ValueError, match="conversation 1 message 0 has 2 audio items"):
         op.apply_chat_template([_conv(None, "Hi"), two])
+
+
+def test_generate_defaults_come_from_generation_config_as_the_reference(tmp_path):
+    """The release's generation_config.json gives `max_new_tokens=2048`; `generate()` without a length uses the
+    file's value, and the file's eos ids in place of the config's, as the reference's does (ours used 128 and the
+    config's eos), and a save keeps them."""
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    outs = {}
+    for name, eos in (("other_eos", 296), ("mid_eos", None)):
+        ref = make_reference_model(seed=1)  # this random model says the config's eos (299) as its 5th token
+        ref.generation_config.max_new_tokens = 9
+        if eos is None:  # stop at the 2nd token of the run above, from the file alone
+            eos = int(outs["other_eos"][0, ids.shape[1] + 1])
+        ref.generation_config.eos_token_id = [eos]
+        ref.save_pretrained(tmp_path / name)
+        ref = transformers.MusicFlamingoForConditionalGeneration.from_pretrained(tmp_path / name).eval()
+        ours = MusicFlamingo.from_pretrained(tmp_path / name, dtype=torch.float32)
+        with torch.no_grad():
+            want = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
+        outs[name] = got = ours.generate(ids)
+        assert torch.equal(got, want), name
+    assert outs["other_eos"].shape[1] == ids.shape[1] + 9 and EOS in outs["other_eos"][0, ids.shape[1] :]
+    assert outs["mid_eos"].shape[1] == ids.shape[1] + 2
+    ours.save_pretrained(tmp_path / "saved")
+    assert MusicFlamingo.from_pretrained(tmp_path / "saved").generation_defaults == ours.generation_defaults
+    assert ours.generation_defaults["max_new_tokens"] == 9

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import nn
 
 from musicflamingo import engine
 from musicflamingo.chat import IGNORE_INDEX
-from musicflamingo.checkpoint import load_config, read_state_dict, write_state_dict
+from musicflamingo.checkpoint import generation_config, load_config, read_state_dict, write_state_dict
 from musicflamingo.model.config import MusicFlamingoConfig
 from musicflamingo.model.encoder import AudioEncoder, conv_output_lengths
 from musicflamingo.model.fused import linear_cross_entropy
@@ -91,6 +92,9 @@ class MusicFlamingo(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.quantization: str | None = None  # set by `quantize_model`; a save records it in config.json
         self.rote_quirk = True  # reproduce the reference's zero-length-last-window attribution (see rote.py)
+        # generation_config.json's decoding defaults (eos ids, pad, max_new_tokens), set by `from_pretrained`:
+        # `generate()` without a length uses them, as the reference's does, and a save keeps them
+        self.generation_defaults: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -273,6 +277,7 @@ class MusicFlamingo(nn.Module):
         model.reset_buffers(device)  # created on meta: rebuilt in float32 on the target device
         if method and not config.quantization:  # a quantized checkpoint's own method is built above
             quantize_model(model, method)
+        model.generation_defaults = generation_config(path)
         return model.eval()
 
     def save_pretrained(
@@ -291,7 +296,13 @@ class MusicFlamingo(nn.Module):
         if getattr(self, "quantization", None):
             config = dataclasses.replace(config, quantization=self.quantization)
         write_state_dict(
-            state, config, path, max_shard_size=max_shard_size, dtype=self.dtype, overwrite=overwrite
+            state,
+            config,
+            path,
+            max_shard_size=max_shard_size,
+            dtype=self.dtype,
+            overwrite=overwrite,
+            generation=self.generation_defaults,
         )
 
     def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
