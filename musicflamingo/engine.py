@@ -520,7 +520,12 @@ def stream_generate(
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
     """Prompt plus generated ids, (B, S + new); `new` <= max_new_tokens (fewer when every row stopped). Takes
     the arguments of `stream_generate`."""
-    new = list(stream_generate(model, input_ids, **kwargs))
+    try:
+        new = list(stream_generate(model, input_ids, **kwargs))
+    except TypeError as e:  # an unknown argument: name the function the caller called
+        if "stream_generate()" not in str(e):
+            raise
+        raise TypeError(str(e).replace("stream_generate()", "generate()")) from None
     input_ids = input_ids.to(model.device)
     if not new:
         return input_ids

@@ -202,7 +202,7 @@ def check_eval_settings(settings: Mapping[str, Any]) -> None:
     _number(settings, "batch_size", integer=True, lo=1, optional=True, note="null: 8")
     _number(settings, "max_new_tokens", integer=True, lo=1, optional=True, note="null: the benchmark's")
     _number(settings, "benchmark.max_new_tokens", integer=True, lo=1, optional=True)
-    _number(settings, "limit", integer=True, lo=0, optional=True, note="null: every item")
+    _number(settings, "limit", integer=True, lo=1, optional=True, note="null: every item")
     for flag in ("sort_by_length", "compile", "progress"):
         _boolean(settings, flag)
     _planner_flags(settings)

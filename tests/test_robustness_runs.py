@@ -412,6 +412,9 @@ def test_eval_py_refuses_max_new_tokens_below_one_before_loading_anything(tmp_pa
     assert code == 2 and err == [
         "error: max_new_tokens=0: expected an integer >= 1, or null (null: the benchmark's)"
     ]
+    # limit=0 scored nothing and exited 0 with an empty results file
+    code, err = _cli(lambda: evaluate(_compose("eval", _eval_args(tmp_path, "limit=0"))), capsys)
+    assert code == 2 and err == ["error: limit=0: expected an integer >= 1, or null (null: every item)"]
     with pytest.raises(ValueError, match="max_new_tokens=0"):  # the model-side builder refuses it too
         build_predict_fn(
             {"ckpt": str(write_tiny_checkpoint(tmp_path / "ck")), "max_new_tokens": 0, "device": "cpu"}
