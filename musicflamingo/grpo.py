@@ -457,22 +457,18 @@ class GRPOLit(MusicFlamingoLit):
         return processor
 
     def _record_table(self, split: str) -> dict[str, tuple[Record, Target]]:
-        """The split's records by id with their targets, built once (at fit start): a batch brings ids only, so an
-        id used twice is refused, naming both places, and every record's reward fields are checked up front."""
+        """The split's records by `file:line` source with their targets, built once (at fit start): a batch
+        brings sources, not records. Ids may repeat (two questions on one clip, or two manifests of the same file
+        name without ids, whose default ids `<file name>:<line>` collide); a manifest listed twice is the same
+        records. Every record's reward fields are checked up front."""
         if split not in self._records:
             dm = self.trainer.datamodule
             dataset = dm.train_dataset if split == "train" else dm.val_dataset
             table: dict[str, tuple[Record, Target]] = {}
             for ds in getattr(dataset, "datasets", []):
                 for rec in ds.records:
-                    if rec.id in table:
-                        raise GRPOConfigError(
-                            f"record id {rec.id!r} is used twice in the {split} manifests, at "
-                            f"{table[rec.id][0].source} and {rec.source}: GRPO finds each batch record's prompt "
-                            'and answer by its id, so ids must be unique (1 and "1" are the same id; a record '
-                            "without one gets '<file name>:<line>')"
-                        )
-                    table[rec.id] = (rec, _target(rec))
+                    if rec.source not in table:
+                        table[rec.source] = (rec, _target(rec))
             self._records[split] = table
             if split == "train":
                 self._check_targets(table.values())
@@ -525,10 +521,10 @@ class GRPOLit(MusicFlamingoLit):
         ]
         windows = windows_per_sample(batch.get("input_features_mask"), [sum(c) for c in counts])
         out = []
-        for b, rid in enumerate(batch["ids"]):
-            if rid not in records:
-                raise KeyError(f"batch record id {rid!r} is not in the {split} manifests")
-            rec, target = records[rid]
+        for b, source in enumerate(batch["sources"]):
+            if source not in records:
+                raise KeyError(f"batch record {source!r} is not in the {split} manifests")
+            rec, target = records[source]
             if self.tasks is not None and not ({target.task, target.kind} & self.tasks):
                 continue
             out.append(Prompt(rec.id, self.prompt_ids(rec, counts[b]), target, windows[b]))

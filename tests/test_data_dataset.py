@@ -193,6 +193,9 @@ def test_af3_layout_and_ours_give_identical_batches(processor, clips):
         batches.append(collate([ds[0], ds[1]], processor.pad_token_id))
     a, b = batches
     assert a.keys() == b.keys()
+    assert [s.rsplit(":", 1)[0] for s in a.pop("sources") + b.pop("sources")] == [
+        str(clips / n) for n in ("ours.jsonl", "ours.jsonl", "af3.json", "af3.json")
+    ]  # the only difference: where each record is
     for k in a:
         if isinstance(a[k], torch.Tensor):
             assert torch.equal(a[k], b[k]), k

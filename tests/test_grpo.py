@@ -630,34 +630,41 @@ def _rewrite(manifest: Path, change) -> Path:  # noqa: ANN001
     return manifest
 
 
-def test_duplicate_record_ids_are_refused_naming_both_places(tmp_path):
-    """A batch brings record ids only: a second record with the same id (1 and "1", or two manifests of the same
-    file name without ids) used to get the first one's prompt and answer, silently."""
-    manifest = _rewrite(
-        write_dataset(tmp_path / "a"), lambda i, r: r.update(id=1 if i == 0 else "1" if i == 2 else r["id"])
+def test_records_sharing_an_id_each_get_their_own_prompt_and_answer(tmp_path):
+    """A batch names its records by `file:line`, so ids may repeat: two manifests of the same file name without ids
+    (default ids `train.jsonl:<line>` collide) and 1 / "1" in one manifest. GRPO used to key records by id (refused
+    such data, and before that gave the second record the first one's prompt and answer, silently)."""
+    from musicflamingo.data.collate import collate
+    from musicflamingo.data.dataset import ConversationDataset
+
+    processor = MusicFlamingoProcessor.from_pretrained(write_processor(tmp_path / "proc"))
+    x = _rewrite(write_dataset(tmp_path / "x"), lambda i, r: r.pop("id"))
+    y = _rewrite(  # same file name, other answers
+        write_dataset(tmp_path / "y"),
+        lambda i, r: (r.pop("id"), r["conversations"][1].update(content=f"answer of y{i}")),
     )
-    lit = _attach_manifests(grpo_module(_net(lora=True)), manifest)
-    with pytest.raises(
-        GRPOConfigError, match=r"record id '1' is used twice .* at \S+a/train.jsonl:1 and \S+a/train.jsonl:3"
-    ):
-        lit._record_table("train")
-    no_ids = [_rewrite(write_dataset(tmp_path / d), lambda i, r: r.pop("id")) for d in ("x", "y")]
-    lit = _attach_manifests(grpo_module(_net(lora=True)), *no_ids)
-    with pytest.raises(
-        GRPOConfigError,
-        match=r"'train.jsonl:1' is used twice .* at \S+x/train.jsonl:1 and \S+y/train.jsonl:1",
-    ):
-        lit._record_table("train")
-    # in a run the check comes at fit start, before any rollout
-    with pytest.raises(GRPOConfigError, match="is used twice"):
-        train(
-            compose_train(
-                tmp_path / "run",
-                manifest,
-                write_processor(tmp_path / "proc"),
-                ["experiment=grpo", SHORT, "export=false"],
-            )
-        )
+    dup = _rewrite(write_dataset(tmp_path / "d"), lambda i, r: r.update(id=1 if i == 0 else "1"))
+    lit = _attach_manifests(grpo_module(_net(lora=True)), x, y, dup)
+    records = [r for m in (x, y, dup) for r in read_manifest(m)]
+    assert len({r.id for r in records}) < len(records)  # the ids do collide
+    lit._processor = lambda: processor
+    batch = collate([ConversationDataset(records, processor)[i] for i in range(len(records))], 297, "left")
+    prompts = lit.batch_prompts(batch)
+    assert [p.target.answer for p in prompts] == [r.messages[-1].content for r in records]
+    assert [p.ids for p in prompts] == [
+        lit.prompt_ids(r, sound_runs(torch.tensor(p.ids), 300)) for r, p in zip(records, prompts)
+    ]
+    # in a run, data whose ids repeat trains (it was refused at fit start)
+    overrides = [
+        "experiment=grpo",
+        SHORT,
+        "export=false",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+    ]
+    overrides += ["model.rollout.max_new_tokens=4"]
+    train(compose_train(tmp_path, dup, tmp_path / "proc", overrides))
+    assert _metrics(tmp_path / "run")  # it trained and logged
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def _batch(
     bad: Any,
 ) -> dict[str, Any]:
     """The batch dict both layouts share: their token tensors, the audio windows of `good` in order, and the
-    bookkeeping (lengths, ids, counts, bad samples)."""
+    bookkeeping (lengths, ids and `file:line` sources, counts, bad samples)."""
     input_features, input_features_mask = _stack_features(good)
     return {
         **tokens,
@@ -98,6 +98,7 @@ def _batch(
         "num_tokens": int(sum(lengths)),
         "num_audio_tokens": torch.tensor([int(s.get("num_audio_tokens", 0)) for s in good], dtype=torch.long),
         "ids": [s.get("id") for s in good],
+        "sources": [s.get("source") for s in good],
         "num_samples": num_samples,
         "bad_samples": bad,
     }

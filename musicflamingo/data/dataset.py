@@ -253,6 +253,7 @@ class ConversationDataset(Dataset):
             "input_features_mask": mask,
             "num_audio_tokens": int(sum(counts)),
             "id": rec.id,
+            "source": rec.source,  # `file:line`: unique where ids need not be (GRPO finds the record by it)
         }
 
     # ------------------------------------------------------------------ lengths for the sampler
