@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
-    A kill at any moment leaves either the previous file or the new one, never a half-written checkpoint.
+    A kill at any moment leaves either the previous file or the new one, never a half-written checkpoint. The file
+    gets the permissions `torch.save` would give it (read access as the umask allows), not the temporary file's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -49,6 +51,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """This process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -338,7 +347,9 @@ class StopOnSignal(Callback):
                 last = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
                 if last.resolve() == self.path.resolve():
                     cb.last_model_path = str(last)
-        trainer.save_checkpoint(self.path)  # a second signal while saving stops at once (the old file stays)
+        # a full checkpoint (weights_only=False, as Lightning's own; unset, Lightning logs a line saying so); a second
+        # signal while saving stops at once (the old file stays)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._stop = TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}: saved {self.path}; run the "
             "same command again to resume from it (ckpt_path=last)",

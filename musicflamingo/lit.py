@@ -72,6 +72,28 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+def _plain(value: Any) -> Any:
+    """A setting's value as the config writes it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _parts(groups: list[tuple[str, int]]) -> str:
+    """The parts that optimizer groups named `<part>` / `<part>_no_decay` train, in order, or "nothing"."""
+    parts = dict.fromkeys(name.removesuffix("_no_decay") for name, _ in groups)
+    return ", ".join(parts) or "nothing"
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Saved and configured optimizer settings agree (numbers within 1e-6, sequences element by element)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
+
+
 def _batch_ids(batch: Mapping[str, Any]) -> str:
     return f"batch ids {list(batch.get('ids', []))[:8]}"
 
@@ -113,7 +135,16 @@ class MusicFlamingoLit(L.LightningModule):
         self.nonfinite_steps = 0
         self._t0: float | None = None
         self._learned_since_step = False  # DDP: some rank learned from a batch since the last optimizer step
+        # sum of the batch losses, batches and label tokens since the last optimizer step: `train/loss` is the
+        # step's mean over its accumulated batches and every rank's, as the gradient is (not rank 0's last batch)
+        self._step_loss: torch.Tensor | None = None
+        self._step_batches = 0
+        self._step_label_tokens = 0.0
         self.optimizer_steps_per_batch = 1  # GRPO: updates_per_batch (the schedule's length by epochs)
+        # the LR schedule's numeric settings as made (max_steps=-1 resolved), saved in checkpoints; those of the
+        # checkpoint a resume loaded, compared at the training start (where both are known)
+        self._schedule: dict[str, float] = {}
+        self._resumed_schedule: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ steps
     def forward(self, **batch: Any) -> Any:
@@ -159,9 +190,11 @@ class MusicFlamingoLit(L.LightningModule):
             self._nonfinite(out.loss, _batch_ids(batch))
             return None
         loss = out.loss
-        bs = self._batch_size(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/label_tokens", float(out.num_label_tokens), batch_size=bs, reduce_fx="sum")
+        # logged once per optimizer step (on_before_optimizer_step): the mean over the step's batches and ranks
+        step_loss = loss.detach().float()
+        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
+        self._step_batches += 1
+        self._step_label_tokens += float(out.num_label_tokens)
         return loss
 
     def _distributed(self) -> bool:
@@ -200,10 +233,28 @@ class MusicFlamingoLit(L.LightningModule):
             else float(batch["input_ids"].numel())
         )
         self.log("train/tokens_per_s", tokens / max(dt, 1e-9), prog_bar=True, batch_size=1)
-        for i, group in enumerate(self.optimizers().optimizer.param_groups if self.trainer else []):
+
+    def _log_step_metrics(self, optimizer: torch.optim.Optimizer) -> None:
+        """`train/loss` (mean over the step's batches and ranks), `train/label_tokens` (their sum) and the learning
+        rate each group steps with (`lr/<group>`: read here, before the schedule moves it on to the next step's)."""
+        loss_sum, batches, label_tokens = self._step_loss, self._step_batches, self._step_label_tokens
+        self._step_loss, self._step_batches, self._step_label_tokens = None, 0, 0.0
+        distributed = self._distributed()
+        if distributed:  # every rank joins, also one without a batch to learn from in this step
+            totals = torch.tensor([0.0, batches], device=self.device)
+            if loss_sum is not None:
+                totals[0] = loss_sum
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+            loss_sum, batches = totals[0], int(totals[1].item())
+        if batches > 0:
+            self.log("train/loss", loss_sum / batches, prog_bar=True, batch_size=1)
+        if batches > 0 or distributed:  # summed over the ranks by Lightning: every rank logs it
+            self.log("train/label_tokens", label_tokens, batch_size=1, sync_dist=distributed, reduce_fx="sum")
+        for i, group in enumerate(optimizer.param_groups if optimizer is not None else []):
             self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._log_step_metrics(optimizer)
         if self._distributed():
             if not self._learned_since_step:
                 # no rank learned from any batch of this step: skip it as a single process does (no gradient, so
@@ -248,21 +299,105 @@ class MusicFlamingoLit(L.LightningModule):
         return out
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Before Lightning's strict load (a many-line RuntimeError): a checkpoint of another architecture is one
-        error naming the file and the first mismatched key. Sharded strategies (FSDP) keep Lightning's check."""
+        """Before Lightning's strict load (a many-line RuntimeError) and the optimizer's (a torch ValueError, or new
+        settings silently replaced by the saved ones): a resume whose settings do not fit the checkpoint is one
+        `CheckpointMismatchError` naming the file, the setting and both values. Checked: the architecture (the first
+        mismatched key), the trained parameter groups (model.net.freeze, LoRA), the optimizer's settings (learning
+        rates, weight decay, betas, eps), LoRA's scale, and the data order (devices, batch budget, seed, the data).
+        Sharded strategies (FSDP) keep Lightning's checks of weights and optimizer."""
+        path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        self._resumed_schedule = checkpoint.get("lr_schedule")
+        self._check_resumed_data(checkpoint, path)
         strategy = self.trainer.strategy if self._trainer is not None else None
         if strategy is not None and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             return
         diffs = state_dict_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
-        path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
-        self._check_resumed_lr(checkpoint, path)
-        self._check_resumed_lora_scale(checkpoint, path)
         if diffs:
             more = f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else ""
             raise CheckpointMismatchError(
                 f"ckpt_path={path} was written by a model of another architecture: {diffs[0]}{more}; resume with "
                 "the model settings that wrote it, or start afresh in another run folder (hydra.run.dir=...)"
             )
+        self._check_resumed_groups(checkpoint, path)
+        self._check_resumed_lr(checkpoint, path)
+        self._check_resumed_optimizer_settings(checkpoint, path)
+        self._check_resumed_lora_scale(checkpoint, path)
+
+    def _check_resumed_groups(self, checkpoint: dict[str, Any], path: Any) -> None:
+        """The saved optimizer state holds one group per trained part (`param_groups`): another set of trained parts
+        (model.net.freeze.*, LoRA on or off, another experiment) cannot take it (torch: "loaded state dict has a
+        different number of parameter groups")."""
+        now = [(g["name"], len(g["params"])) for g in self.param_groups()]
+        for state in checkpoint.get("optimizer_states", [])[:1]:
+            saved = [
+                (g.get("name", str(i)), len(g.get("params", [])))
+                for i, g in enumerate(state.get("param_groups", []))
+            ]
+            if saved == now:
+                continue
+            if [n for n, _ in saved] == [n for n, _ in now]:
+                name, was, count = next((n, a, b) for (n, a), (_, b) in zip(saved, now) if a != b)
+                change = f"{name} held {was} tensors there, {count} now"
+            else:
+                change = f"it trained {_parts(saved)}, the settings now train {_parts(now)}"
+            raise CheckpointMismatchError(
+                f"ckpt_path={path} holds the optimizer state of other trained parameters: {change} (model.net.freeze"
+                ", model.net.lora, the experiment): resume with the settings that wrote it, or start a new run from "
+                "the weights (model.net.init_from=<run>/export, another run folder)"
+            )
+
+    # optimizer group keys that change how it runs, not what it computes: a resume may change them
+    _RUNTIME_OPTIMIZER_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+    def _check_resumed_optimizer_settings(self, checkpoint: dict[str, Any], path: Any) -> None:
+        """The optimizer's other settings (model.optimizer.weight_decay, betas, eps, ...) are restored from the
+        checkpoint as its learning rates are: a changed value would be ignored silently, so it is refused."""
+        keywords = dict(getattr(self.optimizer, "keywords", {}))
+        skip = {"params", "name", "lr", "initial_lr", *self._RUNTIME_OPTIMIZER_KEYS}
+        wanted = {g["name"]: {**keywords, **g} for g in self.param_groups()}
+        for state in checkpoint.get("optimizer_states", [])[:1]:
+            for group in state.get("param_groups", []):
+                now = wanted.get(group.get("name"))
+                if now is None:
+                    continue
+                for key, was in group.items():
+                    if key in skip or key not in now or _same_setting(was, now[key]):
+                        continue
+                    setting = "model.optimizer." + key
+                    if key == "weight_decay" and group["name"].endswith("_no_decay"):
+                        setting += " (0 on biases and norms)"
+                    raise CheckpointMismatchError(
+                        f"ckpt_path={path} trained {group['name']} with {key}={_plain(was)}, the settings now give "
+                        f"{_plain(now[key])} ({setting}): a resume continues the saved optimizer, so the new value "
+                        "would be ignored; resume with the old value, or start a new run from the weights "
+                        "(model.net.init_from=<run>/export, another run folder)"
+                    )
+
+    # the batch sampler's saved settings (data.sampler.TokenBudgetBatchSampler.state_dict) and what sets them
+    _DATA_ORDER = {
+        "num_replicas": "{} data-parallel processes (trainer.devices x trainer.num_nodes)",
+        "max_tokens": "data.batch_max_tokens={}",
+        "seed": "data.seed={} (default: seed)",
+        "num_samples": "{} training samples per epoch (data.train: its records and weights)",
+        "num_batches": "{} batches per epoch (data.train, data.batch_max_tokens, data.pack)",
+    }
+
+    def _check_resumed_data(self, checkpoint: dict[str, Any], path: Any) -> None:
+        """The data module resumes its batch order only under the settings that made it (the sampler refuses
+        others, naming its own fields): refused here first, naming the setting and both values."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        sampler = getattr(dm, "train_sampler", None)
+        saved = (checkpoint.get(type(dm).__qualname__) or {}).get("sampler") if dm is not None else None
+        if not isinstance(saved, Mapping) or not callable(getattr(sampler, "state_dict", None)):
+            return
+        now = sampler.state_dict()
+        for key, what in self._DATA_ORDER.items():
+            if key in saved and key in now and saved[key] != now[key]:
+                raise CheckpointMismatchError(
+                    f"ckpt_path={path} was written with {what.format(saved[key])}, the settings now give "
+                    f"{now[key]}: the run's batch order continues only under the settings that made it; resume with "
+                    "those, or start a new run from the weights (model.net.init_from=<run>/export, another run folder)"
+                )
 
     def _check_resumed_lr(self, checkpoint: dict[str, Any], path: Any) -> None:
         """A resume restores the optimizer and schedule as saved: a learning rate changed since (model.optimizer.lr,
@@ -286,6 +421,33 @@ class MusicFlamingoLit(L.LightningModule):
         scales = self._lora_scales()
         if scales:
             checkpoint["lora_scales"] = scales
+        if self._schedule:
+            checkpoint["lr_schedule"] = dict(self._schedule)
+
+    def on_train_start(self) -> None:
+        """A resume under another LR schedule (model.scheduler.*; its max_steps follows trainer.max_steps unless
+        set, so a run continued to more steps stretches its cosine) continues on the new one, a jump in the rate
+        at the resumed step: said so, naming both values (a longer run is what the setting is for, not refused)."""
+        saved, self._resumed_schedule = self._resumed_schedule, None
+        if not saved or not self._schedule:
+            return
+        changed = {
+            k: (saved[k], v)
+            for k, v in self._schedule.items()
+            if k in saved and not _same_setting(saved[k], v)
+        }
+        if not changed:
+            return
+        shown = ", ".join(f"model.scheduler.{k} {a:g} -> {b:g}" for k, (a, b) in changed.items())
+        keep = " ".join(f"model.scheduler.{k}={a:g}" for k, (a, _) in changed.items())
+        log.warning(
+            "the learning-rate schedule differs from the checkpoint's (%s): from step %d the run follows the new "
+            "one, so the rate changes there (model.scheduler.max_steps follows trainer.max_steps unless set); "
+            "%s keeps the checkpoint's",
+            shown,
+            self.trainer.global_step,
+            keep,
+        )
 
     def _lora_scales(self) -> dict[str, float]:
         return {name: float(m.scale) for name, m in self.model.named_modules() if isinstance(m, _ADAPTERS)}
@@ -326,6 +488,10 @@ class MusicFlamingoLit(L.LightningModule):
                     estimate = min(estimate, self.trainer.max_steps)
             extra["max_steps"] = int(estimate)
         scheduler = self.scheduler(optimizer, **extra)
+        settings = {**getattr(self.scheduler, "keywords", {}), **extra}
+        self._schedule = {
+            k: v for k, v in settings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ export

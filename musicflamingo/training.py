@@ -11,13 +11,14 @@ run folder's lock (`RunLock`); during the run SIGINT and SIGTERM stop at the nex
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from musicflamingo.callbacks import (
 from musicflamingo.checkpoint import check_save_target
 from musicflamingo.planner import check_training
 from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
-from musicflamingo.settings import check_train_settings
+from musicflamingo.settings import CONFIG_DIR, SettingsError, check_train_settings
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,49 @@ def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
         OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
 
 
-def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+# Groups whose entries are objects Hydra builds, each `<group>.<name>: {_target_: ..., ...}` or null (switched off).
+OBJECT_GROUPS = ("callbacks", "logger")
+_EXAMPLE_TARGET = {
+    "callbacks": "lightning.pytorch.callbacks.EarlyStopping",
+    "logger": "lightning.pytorch.loggers.TensorBoardLogger",
+}
+
+
+def check_object_groups(settings: Mapping[str, Any]) -> None:
+    """Every entry of `callbacks` and `logger` is an object to build (a `_target_`) or null: one without a
+    `_target_` (`+callbacks.early_stopping.monitor=val/loss`, `+callbacks.model_checkpint.every_n_train_steps=5`)
+    would be skipped silently, the run going on without the callback the command asked for."""
+    for group in OBJECT_GROUPS:
+        entries = settings.get(group)
+        if entries is None:
+            continue
+        if not isinstance(entries, Mapping):
+            raise SettingsError(
+                f"{group}={entries!r}: expected named objects ({group}.<name>._target_=...) or null"
+            )
+        built = sorted(k for k, v in entries.items() if isinstance(v, Mapping) and "_target_" in v)
+        for name, entry in entries.items():
+            if entry is None or (isinstance(entry, Mapping) and "_target_" in entry):
+                continue
+            close = difflib.get_close_matches(str(name), built, n=1)
+            hint = f"did you mean {group}.{close[0]}? Else add" if close else "add"
+            if (CONFIG_DIR / group / f"{name}.yaml").is_file():  # the group's option, given as keys
+                both = ",".join([*built, str(name)])
+                hint = (
+                    f"to use configs/{group}/{name}.yaml pass {group}={name}, or {group}=[{both}]; else add"
+                )
+            raise SettingsError(
+                f"{group}.{name}={entry!r}: not an object to build (no _target_); {hint} "
+                f"+{group}.{name}._target_=<class> (e.g. {_EXAMPLE_TARGET[group]}), or set {group}.{name}=null "
+                f"to switch it off; {group} holds: {', '.join(built) or 'nothing'}"
+            )
+
+
+def _instantiate_dict(cfg: DictConfig | None, group: str) -> list[Any]:
     if not cfg:
         return []
-    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+    check_object_groups({group: OmegaConf.to_container(cfg, resolve=False)})
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None]
 
 
 class RunFolderNotEmptyError(ValueError):
@@ -213,9 +253,9 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     (`SaveLastAtTrainEnd`)."""
     one_lightning_log_line()
     # the caller's first: StopOnSignal ends a stopped run at the next batch's start before others act on it
-    callbacks = list(extra_callbacks) + _instantiate_dict(cfg.get("callbacks"))
+    callbacks = list(extra_callbacks) + _instantiate_dict(cfg.get("callbacks"), "callbacks")
     callbacks += [KeepCutEpochOpen(), RngStateCheckpoint(), SaveLastAtTrainEnd()]
-    loggers = _instantiate_dict(cfg.get("logger"))
+    loggers = _instantiate_dict(cfg.get("logger"), "logger")
     extra: dict[str, Any] = {}
     if cfg.trainer.get("enable_progress_bar", True) and not stderr_is_terminal():
         extra["enable_progress_bar"] = (
@@ -241,6 +281,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # resolved, with `???` raising MissingMandatoryValue naming the key
     settings = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     check_train_settings(settings)
+    check_object_groups(settings)
     # the memory plan from the settings alone: `plan=true` prints it and stops; a run predicted not to fit the
     # device is refused here, before any weight is built (`memory_check=false` skips the refusal)
     plan = check_training(settings)
@@ -293,6 +334,12 @@ def _fit(
     datamodule, processor = build_datamodule(cfg, lit.model)
     extra = [stopper, _SaveRunConfig(cfg, output_dir)] if save_config else [stopper]
     trainer = build_trainer(cfg, extra_callbacks=extra)
+    if (
+        not ckpt
+    ):  # a fresh start: loggers that continue a resumed run's (loggers.ContinuedWandbLogger) start anew
+        for lg in trainer.loggers:
+            if callable(getattr(lg, "start_afresh", None)):
+                lg.start_afresh()
     if trainer.is_global_zero:
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
