@@ -829,6 +829,15 @@ def save_files(
     return path
 
 
+def _save_readable(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`safetensors.save_file`, whose file is owner-only (0600), given the umask's permissions as every other file
+    of the folder: a shared export or checkpoint folder should be readable by the team that reads its config."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     config: MusicFlamingoConfig,
@@ -876,12 +885,12 @@ def write_state_dict(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         meta = {"format": "pt"}
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SAFE_WEIGHTS_NAME), metadata=meta)
+            _save_readable(shards[0], tmp / SAFE_WEIGHTS_NAME, meta)
             return
         weight_map, total = {}, 0
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata=meta)
+            _save_readable(shard, tmp / fname, meta)
             for name, t in shard.items():
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()

@@ -230,6 +230,8 @@ KNOWN_HARMLESS_WARNINGS = (
     r"Precision bf16-mixed is not supported by the model summary",
     # Lightning warns that manual optimization skips ModelCheckpoint's per-step logic (GRPO saves its own way).
     r"Using ModelCheckpoint with manual optimization",
+    # Every resume writes into the run's own checkpoints/ (a fresh start there is refused before Lightning looks).
+    r"Checkpoint directory .* exists and is not empty",
 )
 
 

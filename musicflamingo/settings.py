@@ -92,6 +92,12 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
             "no such checkpoint file (`last`: the run folder's last.ckpt; null: start afresh)",
         )
 
+    # the run's length first: model.scheduler.max_steps follows trainer.max_steps, and a bad value is the trainer's
+    _number(settings, "trainer.max_steps", integer=True, lo=1, special=(-1,), note="-1: by epochs")
+    _number(
+        settings, "trainer.max_epochs", integer=True, lo=1, special=(-1,), optional=True, note="-1: no limit"
+    )
+
     # model: what trains and how fast
     _number(settings, "model.net.seed", integer=True)
     for flag in ("rote_quirk", "gradient_checkpointing", "compile"):
@@ -173,13 +179,21 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
         )
 
     # trainer
-    _number(settings, "trainer.max_steps", integer=True, lo=1, special=(-1,), note="-1: by epochs")
-    _number(
-        settings, "trainer.max_epochs", integer=True, lo=1, special=(-1,), optional=True, note="-1: no limit"
-    )
     _number(settings, "trainer.accumulate_grad_batches", integer=True, lo=1)
     _number(settings, "trainer.num_nodes", integer=True, lo=1)
     _number(settings, "trainer.gradient_clip_val", lo=0, optional=True)
+    _number(
+        settings, "trainer.check_val_every_n_epoch", integer=True, lo=1, optional=True, note="null: by steps"
+    )
+    interval = _get(settings, "trainer.val_check_interval")
+    if interval not in (_MISSING, None) and not (
+        _is_number(interval) and (interval >= 1 if isinstance(interval, int) else 0 < interval <= 1)
+    ):  # 0 divided by zero in Lightning
+        _fail(
+            "trainer.val_check_interval",
+            interval,
+            "expected an integer >= 1 (every N training batches), a fraction in (0, 1] of an epoch, or null",
+        )
     steps, epochs = _get(settings, "trainer.max_steps"), _get(settings, "trainer.max_epochs")
     if steps == -1 and epochs == -1 and _get(settings, "trainer.max_time") in (_MISSING, None):
         raise SettingsError(
@@ -192,6 +206,7 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
             "trainer.max_steps=-1 and trainer.max_epochs=-1 set none (the run ends by trainer.max_time); set "
             "model.scheduler.max_steps to the steps the learning-rate schedule should span"
         )
+    _choice(settings, "trainer.accelerator", ("cpu", "gpu", "cuda", "mps", "auto"))
     if not _planning(settings):  # plan=true plans for devices this machine may not have
         _accelerator(settings, "trainer.accelerator")
 

@@ -334,9 +334,8 @@ def _fit(
     datamodule, processor = build_datamodule(cfg, lit.model)
     extra = [stopper, _SaveRunConfig(cfg, output_dir)] if save_config else [stopper]
     trainer = build_trainer(cfg, extra_callbacks=extra)
-    if (
-        not ckpt
-    ):  # a fresh start: loggers that continue a resumed run's (loggers.ContinuedWandbLogger) start anew
+    # a fresh start: loggers that would continue a resumed run's (ContinuedWandbLogger) start anew
+    if not ckpt:
         for lg in trainer.loggers:
             if callable(getattr(lg, "start_afresh", None)):
                 lg.start_afresh()
@@ -346,7 +345,17 @@ def _fit(
 
     if ckpt:
         log.info("resuming from %s", ckpt)
-    trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt)
+    except ValueError as e:
+        # Lightning's check at the fit's start, a traceback otherwise; the settings cannot know the batch count
+        if "`val_check_interval`" not in str(e) or "training batches" not in str(e):
+            raise
+        raise SettingsError(
+            f"trainer.val_check_interval={cfg.trainer.get('val_check_interval')}: more batches than an epoch has "
+            f"({trainer.num_training_batches}); validate every N batches across epochs with "
+            "trainer.check_val_every_n_epoch=null, or give a smaller interval or a fraction of an epoch (0.5)"
+        ) from None
     # the share of bad samples over the whole run, however short: a small fine-tune whose every clip was missing
     # (a wrong audio_root) never reached the in-run check (after 100 samples) and exported an untrained model
     tracker = getattr(datamodule, "train_bad_samples", None)

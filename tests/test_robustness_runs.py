@@ -221,6 +221,19 @@ BOGUS_INIT = (
         ("seed=abc", "seed='abc': expected an integer"),
         ("trainer.max_steps=-1", "the run would never end"),
         ("model.net.lora.rank=0", "model.net.lora.rank=0"),
+        # a ZeroDivisionError traceback in Lightning (the two below)
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0: expected an integer >= 1"),
+        ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0: expected an integer >= 1"),
+        ("trainer.val_check_interval=1.5", "a fraction in (0, 1] of an epoch"),
+        # was reported as model.scheduler.max_steps='abc' (the interpolation of it, checked first)
+        (
+            "trainer.max_steps=abc model.scheduler.max_steps=${trainer.max_steps}",
+            "trainer.max_steps='abc': expected an integer",
+        ),
+        (
+            "trainer.accelerator=tpu",
+            "trainer.accelerator='tpu': expected 'cpu' or 'gpu'",
+        ),  # torch_xla traceback
     ],
 )
 def test_train_settings_are_checked_before_anything_is_read(override, named, assets, tmp_path, capsys):
@@ -230,7 +243,7 @@ def test_train_settings_are_checked_before_anything_is_read(override, named, ass
         tmp_path,
         assets["manifest"],
         assets["proc"],
-        [f"model.net.init_from={BOGUS_INIT}", *TRAIN_ARGS, override],
+        [f"model.net.init_from={BOGUS_INIT}", *TRAIN_ARGS, *override.split(" ")],
     )
     code, err = _cli(lambda: train(cfg), capsys)
     assert code == 2 and len(err) == 1 and named in err[0], err

@@ -174,9 +174,18 @@ def test_a_resume_the_checkpoint_cannot_take_is_refused_naming_the_setting(
 
 
 def test_a_resume_under_the_same_settings_goes_on(two_steps, assets, tmp_path):
-    """The checks let the unchanged settings through (and settings the checkpoint does not fix: clipping)."""
-    objects = _resume(two_steps, tmp_path, assets, ["trainer.gradient_clip_val=0.5"])
+    """The checks let the unchanged settings through (and settings the checkpoint does not fix: clipping), without
+    Lightning's "Checkpoint directory ... exists and is not empty" warning (a resume writes there by design)."""
+    import warnings
+
+    from musicflamingo.runtime import quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        objects = _resume(two_steps, tmp_path, assets, ["trainer.gradient_clip_val=0.5"])
     assert objects["trainer"].global_step == 3
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
 
 
 def test_a_resume_under_another_lr_schedule_says_so(assets, tmp_path, caplog):
@@ -270,3 +279,34 @@ def test_checkpoint_files_are_readable_as_the_umask_allows(tmp_path):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "a.ckpt").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "b.ckpt").stat().st_mode) == 0o644
+
+
+def test_exported_weights_are_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes owner-only (0600) files: an export's weights others of the group could not read, next to
+    its 0644 config.json."""
+    from tiny_checkpoint import write_tiny_checkpoint
+
+    from musicflamingo import MusicFlamingo
+
+    model = MusicFlamingo.from_pretrained(write_tiny_checkpoint(tmp_path / "ck"))
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "one")
+        model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "one").iterdir(), *(tmp_path / "sharded").glob("*.safetensors")]
+    assert len(files) > 4 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}
+
+
+def test_a_validation_interval_longer_than_an_epoch_is_a_settings_error(assets, tmp_path):
+    """Lightning's ValueError at the fit's start came out as a traceback; it is one settings error with the fix."""
+    proc, manifest, _ = assets
+    with pytest.raises(
+        SettingsError, match=r"trainer.val_check_interval=100: .*check_val_every_n_epoch=null"
+    ):
+        _run(
+            tmp_path,
+            assets,
+            [f"data.val={manifest}", "trainer.val_check_interval=100", "trainer.max_steps=2"],
+        )
