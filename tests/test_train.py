@@ -585,6 +585,11 @@ def test_ddp_two_cpu_processes(assets, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(glob.glob(str(run / "checkpoints" / "*.ckpt"))) >= 1
     assert not list((tmp_path / "logs").glob("**/runs/*")), "a second run folder was created"
+    # rank 1 logs warnings and errors only: its info lines repeated rank 0's on the console
+    console = out.stdout + out.stderr
+    assert console.count("instantiating model") == 1, console[-3000:]
+    assert "training from step" in (run / "train.log").read_text()
+    assert "INFO" not in (run / "train_ddp_process_1.log").read_text()
 
 
 def test_fsdp_strategy_wraps_blocks():
