@@ -289,7 +289,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         print(plan.table())
         return {}, {"plan": plan}
     output_dir = Path(cfg.paths.output_dir)
-    if not is_launching_rank():  # its info lines repeat rank 0's, in the same train.log: warnings and errors only
+    if not is_launching_rank():  # its info lines repeated rank 0's on the console: warnings and errors only
         logging.getLogger("musicflamingo").setLevel(logging.WARNING)
     lock = RunLock(output_dir).acquire() if is_launching_rank() else None
     stopper = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
