@@ -19,6 +19,8 @@ import contextlib
 import hmac
 import json
 import logging
+import math
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -44,7 +46,7 @@ from musicflamingo.serve.errors import APIError
 from musicflamingo.serve.protocol import ChatRequest, Prepared, parse_chat_request, parse_json, prepare
 from musicflamingo.serve.settings import ServeSettings
 from musicflamingo.serve.text import AnswerStream, ThinkFormat
-from musicflamingo.serve.worker import EngineWorker, Event, Job, QueueFull
+from musicflamingo.serve.worker import SHUTTING_DOWN, EngineWorker, Event, Job, QueueFull, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,11 @@ def _check_auth(request: Request, settings: ServeSettings) -> None:
             None,
             "invalid_api_key",
         )
+
+
+def _shutting_down(message: str = "the server is shutting down") -> APIError:
+    # 503: a balancer (or the client) may retry it on another replica
+    return APIError(503, f"{message}; retry shortly", None, SHUTTING_DOWN)
 
 
 def _busy(settings: ServeSettings) -> APIError:
@@ -146,7 +153,8 @@ async def _next_events(job: Job, watcher: asyncio.Future | None = None) -> list[
 
 
 def _merge(events: list[Event]) -> Event:
-    return Event([t for e in events for t in e.tokens], events[-1].finish, events[-1].error)
+    last = events[-1]
+    return Event([t for e in events for t in e.tokens], last.finish, last.error, last.code)
 
 
 def _usage(p: Prepared, stream: AnswerStream) -> dict[str, Any]:
@@ -170,6 +178,8 @@ class _Answer:
 
     def take(self, event: Event) -> tuple[str, str]:
         if event.error is not None:
+            if event.code == SHUTTING_DOWN:
+                raise _shutting_down(event.error)
             raise APIError(500, f"generation failed: {event.error}", None, "engine_error")
         reasoning, content = self.text.push(event.tokens)
         if self.text.stopped:
@@ -188,27 +198,36 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     settings = state.settings
     _check_auth(request, settings)
+    if state.worker.draining:
+        raise _shutting_down()
     if not state.worker.alive:
         raise APIError(503, "the engine is not running", None, "engine_stopped")
     req = parse_chat_request(parse_json(await _read_body(request, settings)), settings)
     if state.worker.queue_full(also_waiting=state.preparing):
         raise _busy(settings)  # before decoding any audio: waiting bodies and features are bounded too
-    state.preparing += 1  # the event loop's thread only: no lock needed
-    try:
-        args = (req, state.processor, settings, state.context, state.stop_ids)
-        prepared = await anyio.to_thread.run_sync(prepare, *args, limiter=state.prepare_limiter)
-    finally:
-        state.preparing -= 1
-    job = Job(prepared, asyncio.get_running_loop())
-    try:
-        state.worker.submit(job)
-    except QueueFull:
-        raise _busy(settings) from None
-    answer = _Answer(state, req, job)
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    # Watched from here on: a client that leaves while its audio is decoded is not admitted (its prefill, the audio
+    # encoder, ran for nobody); reading the connection is what notices it (uvicorn pauses reading big bodies).
     watcher = asyncio.ensure_future(_until_disconnect(request))
+    job: Job | None = None
     streaming = False  # once the stream is handed over, it cancels the job however it ends
     try:
+        state.preparing += 1  # the event loop's thread only: no lock needed
+        try:
+            args = (req, state.processor, settings, state.context, state.stop_ids)
+            prepared = await anyio.to_thread.run_sync(prepare, *args, limiter=state.prepare_limiter)
+        finally:
+            state.preparing -= 1
+        if watcher.done():
+            return Response(status_code=499)  # nobody is listening
+        job = Job(prepared, asyncio.get_running_loop())
+        try:
+            state.worker.submit(job)
+        except QueueFull:
+            raise _busy(settings) from None
+        except ShuttingDown:
+            raise _shutting_down() from None
+        answer = _Answer(state, req, job)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         events = await _next_events(job, watcher)  # waits in the queue, then for the prefill
         if events is None:
             job.cancel()
@@ -236,7 +255,7 @@ async def chat_completions(request: Request) -> Response:
             parts_c.append(c)
     finally:
         watcher.cancel()
-        if not streaming:
+        if job is not None and not streaming:
             job.cancel()
     message: dict[str, Any] = {"role": "assistant", "content": "".join(parts_c), "refusal": None}
     if req.think:
@@ -343,9 +362,9 @@ def _model_card(state: ServerState) -> dict[str, Any]:
 
 async def health(request: Request) -> Response:
     state = _state(request)
-    alive = state.worker.alive
+    alive = state.worker.alive and not state.worker.draining
     body = {
-        "status": "ok" if alive else "stopped",
+        "status": "ok" if alive else ("stopping" if state.worker.draining else "stopped"),
         "model": state.settings.model_name,
         "auth": state.settings.api_key is not None,
         "max_audio_seconds": state.settings.max_audio_seconds,
@@ -434,6 +453,22 @@ def build_server(cfg: Mapping[str, Any]) -> tuple[Starlette, ServeSettings]:
     return app, settings
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server whose shutdown (SIGINT, SIGTERM) first drains the engine (`EngineWorker.drain`): queued
+    requests are answered 503 at once and answers being generated get `grace_s` seconds to finish, then 503 too (a
+    stream: an error event, then `[DONE]`). So every client gets an OpenAI-shaped answer before the server closes;
+    without it uvicorn waited for the connections, then cancelled them: a bare 'Internal Server Error', streams cut
+    without `[DONE]`, and a traceback each in the log."""
+
+    def __init__(self, config: uvicorn.Config, worker: EngineWorker, grace_s: float = 5.0) -> None:
+        super().__init__(config)
+        self.worker, self.grace_s = worker, grace_s
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.worker.drain(self.grace_s)
+        await super().shutdown(sockets)
+
+
 def serve(cfg: Mapping[str, Any]) -> None:
     """Load the model and serve it until interrupted (`serve.py`)."""
     app, settings = build_server(cfg)
@@ -443,11 +478,18 @@ def serve(cfg: Mapping[str, Any]) -> None:
         settings.host,
         settings.port,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=str(cfg.get("log_level", "INFO")).lower(),
         access_log=bool(cfg.get("access_log", False)),
-        timeout_graceful_shutdown=5,
+        # the answers' last bytes after the grace period (uvicorn then cancels what is left)
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 2,
     )
+    server = Server(config, app.state.server.worker, settings.shutdown_grace_s)
+    # uvicorn raises a SIGINT again once shut down: suppressed, as uvicorn.run does
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:  # e.g. the port is taken (uvicorn logged why), as uvicorn.run exits
+        sys.exit(3)

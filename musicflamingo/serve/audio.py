@@ -159,6 +159,8 @@ def resolve_file_url(url: str, audio_root: str | None, param: str) -> Path:
     if parsed.netloc not in ("", "localhost"):
         raise bad_request(param, f"file:// URLs name no host, got {parsed.netloc!r}")
     path = Path(unquote(parsed.path))
+    if "\x00" in str(path):  # (%00: os.path.realpath raised ValueError, a 500)
+        raise bad_request(param, "a file:// URL's path cannot hold a NUL byte (%00)")
     if not path.is_absolute():
         raise bad_request(param, "a file:// URL needs an absolute path (file:///songs/a.wav)")
     real = Path(os.path.realpath(path))

@@ -50,10 +50,10 @@ FIELDS = (
 IGNORED_FIELDS = ("metadata", "store", "service_tier", "parallel_tool_calls")
 # OpenAI fields this server implements only at their neutral value (None is neutral for all of them).
 NEUTRAL: dict[str, Any] = {
-    "frequency_penalty": lambda v: v == 0,
-    "presence_penalty": lambda v: v == 0,
+    "frequency_penalty": lambda v: _is_number(v) and v == 0,  # (False == 0: a bool is not a number here)
+    "presence_penalty": lambda v: _is_number(v) and v == 0,
     "logprobs": lambda v: v is False,
-    "top_logprobs": lambda v: v == 0,
+    "top_logprobs": lambda v: _is_int(v) and v == 0,
     "logit_bias": lambda v: v == {},
     "tools": lambda v: v == [],
     "tool_choice": lambda v: v == "none",
@@ -142,6 +142,10 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise bad_request(
             None, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's int-from-string limit): was a 500
+        raise bad_request(None, f"the request body is not usable JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested thousands deep: was a 500
+        raise bad_request(None, "the request body is not usable JSON: it is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request(None, f"the request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -208,7 +212,8 @@ def _parse_message(m: Any, i: int) -> Message:
     param = f"messages[{i}]"
     if not isinstance(m, dict):
         raise bad_request(param, f"a message must be an object, got {type(m).__name__}")
-    role = ROLE_ALIASES.get(m.get("role"), m.get("role"))
+    role = m.get("role")
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None  # a list or object: was a 500
     if role not in MESSAGE_FIELDS:
         raise bad_request(
             f"{param}.role", f"must be system, developer, user or assistant, got {m.get('role')!r}"
@@ -304,7 +309,7 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
         req.max_tokens, req.max_tokens_param = v, name
 
     n = data.get("n")
-    if n is not None and n != 1:
+    if n is not None and (isinstance(n, bool) or n != 1):  # (true == 1)
         raise bad_request("n", f"only n=1 is supported, got {n!r}")
     t = data.get("temperature")
     if t is not None and (not _is_number(t) or not (t == 0 or 0.01 <= t <= 2)):
@@ -338,7 +343,8 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
     think, effort = data.get("think"), data.get("reasoning_effort")
     if think is not None and not isinstance(think, bool):
         raise bad_request("think", f"must be true or false, got {think!r}")
-    if effort is not None and effort not in REASONING_EFFORT:
+    # (a list or an object is not looked up: `in` raised TypeError, a 500)
+    if effort is not None and (not isinstance(effort, str) or effort not in REASONING_EFFORT):
         raise bad_request("reasoning_effort", f"must be one of {', '.join(REASONING_EFFORT)}, got {effort!r}")
     if think is not None and effort is not None and think != REASONING_EFFORT[effort]:
         raise bad_request("think", f"think={think} contradicts reasoning_effort={effort!r}")

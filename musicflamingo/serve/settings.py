@@ -40,6 +40,7 @@ class ServeSettings:
     max_prompt_tokens: int | None = None
     max_completion_tokens: int | None = None
     default_max_tokens: int = 1024
+    shutdown_grace_s: float = 5.0
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -58,6 +59,9 @@ class ServeSettings:
             positive(name, allow_none=True)
         positive("max_body_mb", cast=float)
         positive("max_audio_seconds", allow_none=True, cast=float)
+        g = self.shutdown_grace_s
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ServeConfigError(f"shutdown_grace_s must be a number >= 0 (seconds), got {g!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ServeConfigError(f"port must be an integer in 0..65535, got {self.port!r}")
         if not isinstance(self.model_name, str) or not self.model_name.strip():

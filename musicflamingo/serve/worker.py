@@ -6,6 +6,8 @@ reserve (prompt + max_tokens) fit under `max_cached_tokens`: the prefill encodes
 its first token. Each step's tokens go to their requests' asyncio queues through their event loop
 (`call_soon_threadsafe`); a finished request leaves its slot at once. The queue of requests not yet admitted is
 bounded: `submit` raises `QueueFull` beyond `max_queue`, which the app answers with 503 and `Retry-After`.
+On shutdown, `drain` stops admissions: queued requests are answered with `SHUTTING_DOWN` at once, live ones once
+they finish or their grace period ends, so every client has its answer before the server closes its connections.
 """
 
 from __future__ import annotations
@@ -26,19 +28,26 @@ from musicflamingo.serve.protocol import Prepared
 logger = logging.getLogger(__name__)
 
 _ids = itertools.count()
+SHUTTING_DOWN = "server_shutting_down"  # the `code` of the error events of a server that is stopping
 
 
 class QueueFull(Exception):
     """The bounded queue of waiting requests is full."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping (`EngineWorker.drain`): no new requests."""
+
+
 @dataclass
 class Event:
-    """What a request hears from the worker: new tokens, then once `finish` ("stop" or "length") or `error`."""
+    """What a request hears from the worker: new tokens, then once `finish` ("stop" or "length") or `error` (with
+    its `code`: "engine_error", or `SHUTTING_DOWN`)."""
 
     tokens: list[int]
     finish: str | None = None
     error: str | None = None
+    code: str = "engine_error"
 
 
 @dataclass
@@ -98,6 +107,7 @@ class EngineWorker:
         self._live: dict[int, Job] = {}  # slot -> job; touched by the worker thread only
         self._cond = threading.Condition()
         self._stop = False
+        self._drain_at: float | None = None  # once draining: when live requests are cut (time.monotonic)
         self._thread: threading.Thread | None = None
         self.reserved = 0
         self.peak_reserved = 0
@@ -124,6 +134,18 @@ class EngineWorker:
             self._thread.join(timeout)
             self._thread = None
 
+    def drain(self, grace_s: float) -> None:
+        """Begin shutting down: admit nothing more, answer the queued requests with a `SHUTTING_DOWN` error now,
+        and the live ones when they finish or after `grace_s` seconds, whichever comes first."""
+        with self._cond:
+            if self._drain_at is None:
+                self._drain_at = time.monotonic() + grace_s
+            self._cond.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_at is not None
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -133,8 +155,11 @@ class EngineWorker:
         return len(self._pending) + also_waiting >= self.max_queue
 
     def submit(self, job: Job) -> None:
-        """Queue a request for admission (QueueFull when `max_queue` requests already wait)."""
+        """Queue a request for admission (QueueFull when `max_queue` requests already wait, ShuttingDown once
+        draining)."""
         with self._cond:
+            if self._drain_at is not None:
+                raise ShuttingDown
             if len(self._pending) >= self.max_queue:
                 raise QueueFull
             self._pending.append(job)
@@ -163,10 +188,14 @@ class EngineWorker:
                     self._cond.wait()
                 if self._stop:
                     break
+                drain_at = self._drain_at
             t0 = time.perf_counter()
             try:
                 self._reap()
-                self._admit()
+                if drain_at is None:
+                    self._admit()
+                else:
+                    self._drain(drain_at)
                 if self.engine.decoding:
                     self._fan_out(self.engine.step())
                     self.steps += 1
@@ -174,7 +203,17 @@ class EngineWorker:
                 logger.exception("engine step failed")
                 self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
             self.busy_s += time.perf_counter() - t0
-        self._fail_all("the server is shutting down")
+        self._fail_all("the server is shutting down", SHUTTING_DOWN)
+
+    def _drain(self, deadline: float) -> None:
+        """While shutting down: the queued requests are answered at once, the live ones at `deadline`."""
+        message = "the server is shutting down"
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for job in pending:
+            job.emit(Event([], error=message, code=SHUTTING_DOWN))
+        if time.monotonic() >= deadline:
+            self._fail_all(f"{message}: the answer was not finished in time", SHUTTING_DOWN)
 
     def _release(self, slot: int) -> None:
         job = self._live.pop(slot)
@@ -234,12 +273,12 @@ class EngineWorker:
                 self._release(index)
             job.emit(Event([token], finish))
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, code: str = "engine_error") -> None:
         for slot in list(self._live):
             job = self._live[slot]
             self._release(slot)
-            job.emit(Event([], error=message))
+            job.emit(Event([], error=message, code=code))
         with self._cond:
             pending, self._pending = list(self._pending), deque()
         for job in pending:
-            job.emit(Event([], error=message))
+            job.emit(Event([], error=message, code=code))
