@@ -34,7 +34,13 @@ from musicflamingo.chat import (
     think_prompt,
     user_message,
 )
-from musicflamingo.checkpoint import CheckpointError, check_checkpoint_dir, load_config, stop_token_ids
+from musicflamingo.checkpoint import (
+    CheckpointError,
+    check_checkpoint_dir,
+    generation_config,
+    load_config,
+    stop_token_ids,
+)
 from musicflamingo.engine import Engine, Request, SamplingParams
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.config import ConfigError
@@ -68,7 +74,9 @@ USER_ERRORS: tuple[type[ValueError], ...] = (
 )
 
 SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
-DEFAULT_MAX_NEW_TOKENS = 1024  # `max_new_tokens: null`, unless the model's context window is smaller
+DEFAULT_MAX_NEW_TOKENS = (
+    1024  # `max_new_tokens: null` when generation_config.json gives none (at most the window)
+)
 # What `audio=FOLDER` picks up (any file the decoders read can still be named one by one).
 AUDIO_SUFFIXES = frozenset(".aac .aif .aiff .flac .m4a .mp3 .mp4 .oga .ogg .opus .wav .webm .wma".split())
 
@@ -633,13 +641,15 @@ def _memory_plan(
 
 # ---------------------------------------------------------------------------------------------- entry point
 def _decoding(cfg: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
-    """The decoding settings of `cfg`, `max_new_tokens` resolved: null is 1024, or the model's context window when
-    smaller; a number past the window can never be used (10**8 was accepted and ran to 32k): refused, naming it."""
+    """The decoding settings of `cfg`, `max_new_tokens` resolved: null is the checkpoint's generation_config.json
+    value (2048 for the release, as the reference's generate uses), else 1024, at most the model's context window;
+    a number past the window can never be used (10**8 was accepted and ran to 32k): refused, naming it."""
     settings = {k: cfg[k] for k in SAMPLING_FIELDS if k in cfg}
     window = load_config(ckpt).text.max_position_embeddings
     n = settings.get("max_new_tokens")
     if n is None:
-        settings["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, window)
+        default = generation_config(ckpt).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        settings["max_new_tokens"] = min(default, window)
     elif isinstance(n, int) and not isinstance(n, bool) and n > window:
         raise InferenceError(
             f"max_new_tokens={n} is more than the model's context window, {window} tokens for prompt and answer "

@@ -630,3 +630,20 @@ def test_answers_ending_at_the_token_limit_are_named(loaded, audios, caplog):
             model, processor, convs, labels, SamplingParams(max_new_tokens=3, stop_ids=tuple(ids))
         )
     assert "token limit" not in caplog.text
+
+
+def test_max_new_tokens_null_is_the_checkpoints_generation_config_value(ckpt, tmp_path):
+    """The release's generation_config.json says 2048 (what the reference's generate uses); `max_new_tokens: null`
+    took 1024 whatever the file said. Without the value: 1024; either way at most the context window."""
+    import shutil
+
+    from musicflamingo.inference import _decoding
+
+    window = json.loads((ckpt / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    assert _decoding({"max_new_tokens": None}, ckpt)["max_new_tokens"] == min(1024, window)
+    copy = Path(shutil.copytree(ckpt, tmp_path / "ck"))
+    gen = json.loads((copy / "generation_config.json").read_text())
+    for value, want in ((7, 7), (10**6, window)):
+        (copy / "generation_config.json").write_text(json.dumps({**gen, "max_new_tokens": value}))
+        assert _decoding({"max_new_tokens": None}, copy)["max_new_tokens"] == want
+        assert _decoding({"max_new_tokens": 5}, copy)["max_new_tokens"] == 5  # a given value wins
