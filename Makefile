@@ -9,18 +9,37 @@ APT_PACKAGES := fluidsynth fluid-soundfont-gm ffmpeg chromium chromium-driver
 
 setup: apt venv
 
-# System packages: FluidSynth + General MIDI soundfont render the synthetic corpus; ffmpeg lets torchcodec decode.
+# System packages: FluidSynth + General MIDI soundfont render the synthetic corpus; ffmpeg decodes the audio formats
+# soundfile cannot (musicflamingo/audio/io.py); chromium + chromium-driver run the server page's browser test.
+# Installed only when missing (a second `make setup` checks and does nothing); python3-venv too where this
+# Python cannot make a venv. No apt-get (not Debian): says what to install where it is missing.
+SOUNDFONT := /usr/share/sounds/sf2/FluidR3_GM.sf2
 apt:
 	@if command -v apt-get >/dev/null 2>&1; then \
-	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  missing=""; for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	  done; \
+	  $(PY) -c "import ensurepip" >/dev/null 2>&1 || [ -x $(BIN)/pip ] || missing="$$missing python3-venv"; \
 	  if [ -n "$$missing" ]; then \
-	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	    elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	    else echo "make setup: the Debian packages$$missing are missing and installing them needs root: run" \
+	      "'apt-get install$$missing' as root (or install sudo), then make setup again" >&2; exit 1; fi; \
+	    echo "make setup: installing the Debian packages$$missing"; \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	else \
+	  missing=""; for c in fluidsynth ffmpeg; do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	  [ -f $(SOUNDFONT) ] || missing="$$missing $(SOUNDFONT) (a General MIDI soundfont)"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "make setup: no apt-get here, so nothing is installed; missing:$$missing (make demo and the tests" \
+	      "that render audio need them: install them with this system's package manager)" >&2; \
 	  fi; \
 	fi
 
+# pip, not python: a venv whose creation failed (no ensurepip) has a python and no pip, and is made again.
 $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/pip || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -r requirements-test.txt
 	$(BIN)/pip install -q --no-deps -e .
@@ -50,5 +69,6 @@ bench: venv
 bench-release: venv
 	$(BIN)/python bench/release.py
 
+# Caches only: outputs/ holds trained models, evaluations and the demo's run (delete it yourself).
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf .pytest_cache .ruff_cache
