@@ -247,6 +247,30 @@ def test_key_distractors_are_separated_and_include_the_parallel_key() -> None:
     assert chord_pitch_classes(Key(9, "minor"), 4) == (4, 8, 11)  # E major in A minor: G# leading tone
 
 
+def test_key_options_alone_leave_the_key_and_its_parallel() -> None:
+    """A solver without the audio keeps each option that could have been the answer under the drawing rule (its
+    parallel among the options, the others of other tonics and >= 2 fifths from it): exactly the key and its
+    parallel remain, 0.50. Far keys drawn >= 2 fifths from the key alone could sit one fifth from the parallel,
+    which gave the answer away in about half the questions (0.735 from the options alone)."""
+    from musicflamingo.data.synthetic.theory import _signature_distance
+
+    def parallel(k: Key) -> Key:
+        return Key(k.tonic_pc, "minor" if k.mode == "major" else "major")
+
+    def could_be_answer(x: Key, options: list[Key]) -> bool:
+        rest = [o for o in options if o != x]
+        return parallel(x) in rest and all(
+            o.tonic_pc != x.tonic_pc and _signature_distance(x, o) >= 2 for o in rest if o != parallel(x)
+        )
+
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        key = Key(int(rng.integers(12)), MODES[int(rng.integers(2))])
+        options = [key, *key_distractors(key, rng)]
+        assert len({o.tonic_pc for o in options}) == 3
+        assert {o for o in options if could_be_answer(o, options)} == {key, parallel(key)}
+
+
 def test_manifests_load_with_the_project_reader(corpus: CorpusInfo) -> None:
     from musicflamingo.data.manifest import read_manifest
 
