@@ -59,7 +59,9 @@ from musicflamingo.data.synthetic.theory import (
     program_family,
 )
 
-GENERATOR_VERSION = 6  # bump when a change to the code changes the output for the same config
+# Bump when a change to the code changes the output for the same config (an old corpus folder is then refused,
+# not reused). 7: key distractors away from the parallel key too.
+GENERATOR_VERSION = 7
 SPLITS = ("train", "val", "test")
 _BATCH_CLIPS = 24  # clips per fluidsynth call; fixed so that the output does not depend on the worker count
 
