@@ -1,7 +1,8 @@
 """Audio decoding: file or in-memory array -> 16 kHz mono float32 numpy, with clear errors.
 
-Files are read with ``soundfile`` (wav, flac, ogg, mp3 and whatever libsndfile knows), seeking to ``offset`` and
-reading only the requested frames; other formats fall back to ``torchcodec`` when installed, then to the
+Files are read with ``soundfile`` (wav, flac, ogg, mp3 and whatever libsndfile knows), seeking near ``offset`` and
+reading only the requested frames (and a margin for the resampler); other formats (and a header that gives no
+length) fall back to ``torchcodec`` when installed, then to the
 ``ffmpeg`` command line. Multi-channel audio is averaged to mono; resampling uses ``soxr`` at high quality (as the
 reference's soundfile path does).
 Every problem raises :class:`AudioError` (a ``ValueError``) naming the source and what is wrong.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -107,30 +109,60 @@ def check_sample_rate(name: str, rate: int) -> None:
         )
 
 
+class _NoLength(Exception):
+    """soundfile opened the file but its header gives no length (0 frames): the other decoders may read more."""
+
+
 def _read_soundfile(
-    path: str, offset: float, seconds: float | None, data: bytes | None = None
-) -> tuple[np.ndarray, int, float | None]:
-    """Mono float32 of ``[offset, offset + seconds)`` at the file's rate, the rate, and the file's length in
-    seconds (None when unknown). Only those frames are decoded. ``data``: the file's bytes (``path`` names them)."""
+    path: str, offset: float, seconds: float | None, target: int, data: bytes | None = None
+) -> tuple[np.ndarray, int]:
+    """Mono float32 at ``target`` Hz of ``[offset, offset + seconds)`` (``None``: to the end) and how many samples
+    at ``target`` Hz the file holds from ``offset`` to its end (its header's length). ``data``: the file's bytes
+    (``path`` names them).
+
+    The span is taken on the ``target`` grid of the whole file decoded and resampled: samples
+    ``round(offset * target)`` on, ``round(seconds * target)`` of them. Only the frames around it are read: at
+    another rate, ``_CAP_MARGIN`` s more on each side, starting on a frame that falls on the ``target`` grid, so
+    that the resampler's filter sees what it sees in a full decode and the samples equal that decode's (not the
+    edges of a segment resampled on its own). Raises :class:`_NoLength` when the header gives no length
+    (libsndfile then reads nothing)."""
     import soundfile as sf
 
     with sf.SoundFile(path if data is None else io.BytesIO(data)) as f:
-        sr = f.samplerate
+        sr, frames = f.samplerate, f.frames
         check_sample_rate(path, sr)
-        known = f.frames > 0
-        if known and offset * sr >= f.frames:  # compared as floats: a huge offset does not overflow
+        if frames <= 0:
+            raise _NoLength("the header gives a length of 0 frames")
+        if offset * sr >= frames:  # compared as floats: a huge offset does not overflow
             raise AudioError(
-                f"{path}: offset {offset:.3f} s is past the end of the audio ({f.frames / sr:.3f} s)"
+                f"{path}: offset {offset:.3f} s is past the end of the audio ({frames / sr:.3f} s)"
             )
-        start = int(round(offset * sr))
-        if start:
-            f.seek(start)
-        # -1 reads to the end; a request past the end is one too (and does not overflow).
-        big = seconds is None or (known and seconds * sr >= f.frames - start)
-        count = -1 if big else int(round(seconds * sr))
-        data = f.read(count, dtype="float32", always_2d=True)  # [T, C]
-        total = f.frames / sr if known else None
-    return data.mean(axis=1), sr, total
+        n_full = -(-frames * target // sr)  # the whole file's length at `target` (the resampler's)
+        out_start = min(int(round(offset * target)), n_full)
+        # a request past the end reads to the end (and does not overflow)
+        whole = seconds is None or seconds * target >= n_full - out_start
+        out_end = n_full if whole else out_start + int(round(seconds * target))
+        if sr == target:
+            first, last = out_start, out_end
+        else:
+            grid = sr // math.gcd(sr, target)  # frames between two frames that fall on the target grid
+            margin = int(math.ceil(_CAP_MARGIN * sr))
+            first = max(0, (out_start * sr // target - margin) // grid * grid)
+            last = min(frames, -(-out_end * sr // target) + margin)
+        if first:  # not seek(0): libmpg123 then decodes an mp3 1e-7 off the reference's read
+            f.seek(first)
+        x = f.read(last - first, dtype="float32", always_2d=True).mean(axis=1)  # [T, C] -> [T]
+    bad = ~np.isfinite(x)
+    if bad.any():  # named in the file, before resampling spreads it
+        at = first + int(np.argmax(bad))
+        raise AudioError(
+            f"{path}: audio has {int(bad.sum())} non-finite samples (NaN or inf), first at {at / sr:.3f} s "
+            f"(sample {at} at {sr} Hz)"
+        )
+    if sr != target:
+        skip = first * target // sr  # exact: `first` is on the target grid
+        x = resample(x, sr, target)[out_start - skip : out_end - skip]
+    return x, n_full - out_start
 
 
 def _read_torchcodec(path: str, offset: float, seconds: float | None, sr: int) -> np.ndarray:
@@ -181,6 +213,8 @@ def load_audio(
         max_seconds: keep at most this many seconds (the processor's kept windows), applied before decoding and
             resampling: only those frames are read (plus ``_CAP_MARGIN`` s for the resampler, then cut), so a
             3-hour file costs what its first minutes do. A cut logs one warning naming the file.
+            A segment (``offset``, ``duration``, the cap) holds the samples of the whole file decoded and
+            resampled, cut at ``round(offset * sampling_rate)`` (files soundfile reads).
         data: the file's bytes as encoded (e.g. read from a shard); ``path`` then only names it in messages.
             Decoded exactly as the file would be.
 
@@ -207,16 +241,17 @@ def load_audio(
             f"{name}: no audio bytes (the file was missing or empty when the shards were written)"
         )
     capped = max_seconds is not None and (duration is None or duration > max_seconds)
-    seconds = max_seconds + _CAP_MARGIN if capped else duration
-    errors, total = [], None
+    keep = int(round(max_seconds * sampling_rate)) if capped else None
+    errors, left = [], None  # left: samples from `offset` to the end, by the header
     try:
-        x, sr, total = _read_soundfile(str(p), offset, seconds, data)
-        x = resample(x, sr, sampling_rate)
+        # cut to `max_seconds` on the target grid; the reader adds its own margin for the resampler
+        x, left = _read_soundfile(str(p), offset, max_seconds if capped else duration, sampling_rate, data)
     except AudioError:
         raise
-    except Exception as e:  # libsndfile cannot decode it: try the other decoders
+    except Exception as e:  # libsndfile cannot decode it (or finds no length): try the other decoders
         errors.append(f"soundfile: {e}")
         x = None
+        seconds = max_seconds + _CAP_MARGIN if capped else duration  # cut below, after resampling
         for reader in (_read_torchcodec, _read_ffmpeg):
             try:
                 if data is None:
@@ -233,18 +268,19 @@ def load_audio(
                 errors.append(f"{reader.__name__[6:]}: not installed")
             except Exception as e2:
                 errors.append(f"{reader.__name__[6:]}: {e2}")
+        if x is None and isinstance(e, _NoLength):  # a header saying 0 frames, and no other decoder
+            others = "; ".join(errors[1:])
+            raise AudioError(f"{name}: audio is empty (0 samples by its header; {others})") from None
         if x is None:
             raise AudioError(f"{name}: cannot decode audio ({'; '.join(errors)})") from None
-    if capped:
-        keep = int(round(max_seconds * sampling_rate))
-        if x.shape[0] > keep:
-            span = [s for s in (duration, None if total is None else total - offset) if s is not None]
-            length = f"{min(span):.1f} s" if span else f"more than {max_seconds:g} s"
-            logger.warning("Audio %s lasts %s: keeping its first %g s.", name, length, max_seconds)
-            x = x[:keep]
+    if capped and (x.shape[0] > keep or (left is not None and left > keep)):
+        known = [s for s in (duration, None if left is None else left / sampling_rate) if s is not None]
+        length = f"{min(known):.1f} s" if known else f"more than {max_seconds:g} s"
+        logger.warning("Audio %s lasts %s: keeping its first %g s.", name, length, max_seconds)
+        x = x[:keep]
     if x.shape[0] == 0:
-        where = "" if offset == 0 and duration is None else f" in [{offset}, {offset + (duration or 0)}) s"
-        raise AudioError(f"{name}: audio is empty (0 samples{where})")
+        where = f" in [{offset}, {offset + duration}) s" if duration is not None else f" after {offset} s"
+        raise AudioError(f"{name}: audio is empty (0 samples{where if offset or duration else ''})")
     return validate_waveform(x, name=name, min_samples=min_samples)
 
 

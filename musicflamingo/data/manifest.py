@@ -46,7 +46,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,8 +226,13 @@ class JsonlRecords(Sequence):
             raise ManifestError(
                 f"{where}: not UTF-8 (byte {e.start + 1} of the line); save the manifest as UTF-8"
             ) from None
+        start = int(self._starts[i])
+
+        def rest() -> str:  # a record holds at most MAX_RECORD_CHARS characters, of 4 bytes at most
+            return str(self._data[start : start + 4 * MAX_RECORD_CHARS], "utf-8", errors="replace")
+
         return _to_record(
-            _loads(text, where), where, self.path.name, line, self.root, self.require_assistant_last
+            _loads(text, where, rest), where, self.path.name, line, self.root, self.require_assistant_last
         )
 
 
@@ -290,17 +295,45 @@ def _jsonl_lines(path: Path, text: str) -> Iterator[tuple[int, str]]:
         yield lineno, line
 
 
-def _loads(line: str, where: str) -> Any:
+def _loads(line: str, where: str, rest: Callable[[], str] | None = None) -> Any:
+    """``json.loads(line)``; ``rest()``: the file's text from this line on, read only when the line is no JSON, to
+    tell a record written over several lines (``json.dump(..., indent=2)``) from a broken one."""
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from e
+        hint = ""
+        if rest is not None and _object_over_lines(rest()):
+            hint = (
+                " (a record written over several lines: JSONL holds one record per line, as json.dumps writes it "
+                "without indent; or put the records in a JSON list [...])"
+            )
+        raise ManifestError(f"{where}: malformed JSON at column {e.colno}: {e.msg}{hint}") from e
     except RecursionError:
         raise _too_deep(where) from None
 
 
+def _object_over_lines(text: str) -> bool:
+    """Whether ``text`` starts with a JSON object that spans more than one line."""
+    text = text.lstrip()
+    try:
+        obj, end = json.JSONDecoder().raw_decode(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(obj, dict) and LINE_BREAK.search(text, 0, end) is not None
+
+
 def _parse_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
-    return [(lineno, _loads(line, f"{path}:{lineno}")) for lineno, line in _jsonl_lines(path, text)]
+    def rest(lineno: int) -> Callable[[], str]:
+        def read() -> str:  # the text after the (lineno - 1)-th line break
+            breaks = LINE_BREAK.finditer(text)
+            start = next(m.end() for i, m in enumerate(breaks, 2) if i == lineno) if lineno > 1 else 0
+            return text[start : start + MAX_RECORD_CHARS]  # a record holds no more
+
+        return read
+
+    return [
+        (lineno, _loads(line, f"{path}:{lineno}", rest(lineno))) for lineno, line in _jsonl_lines(path, text)
+    ]
 
 
 def _parse_json_list(path: Path, text: str) -> list[tuple[int, Any]]:
@@ -367,9 +400,6 @@ def _to_record(
     for i, m in enumerate(messages):
         if m.role == "system" and i != 0:
             raise ManifestError(f"{where}: conversations[{i}]: a 'system' message may only come first")
-        for tok in FORBIDDEN_TOKENS:
-            if tok in m.content:
-                raise ManifestError(f"{where}: conversations[{i}].content contains the special token {tok!r}")
     if all(m.role == "system" for m in messages):
         raise ManifestError(f"{where}: field 'conversations' has only a system message")
     if require_assistant_last and messages[-1].role != "assistant":
@@ -412,6 +442,9 @@ def _to_message(m: Any, where: str, i: int) -> Message:
     if not isinstance(content, str):
         raise ManifestError(f"{where}: {fld}.{content_key} must be a string, got {type(content).__name__}")
     _check_text(content, where, f"{fld}.{content_key}")
+    for tok in FORBIDDEN_TOKENS:  # named as the file names it (`value` in the AF3 layout)
+        if tok in content:
+            raise ManifestError(f"{where}: {fld}.{content_key} contains the special token {tok!r}")
     if content_key == "value":
         content = _AF3_SOUND_NEWLINE.sub(AUDIO_PLACEHOLDER, content)
     return Message(role=mapping[role], content=content)
