@@ -366,3 +366,32 @@ def test_a_client_gone_while_its_audio_is_decoded_costs_no_prefill(loaded, ckpt,
         monkeypatch.setattr(worker, "submit", submit)
         r = client(base).chat.completions.create(model=MODEL, messages=body["messages"], max_tokens=3)
         assert r.usage.completion_tokens == 3 and worker.stats()["admitted"] == 1
+
+
+def test_audio_of_a_length_no_header_tells_is_decoded_only_past_the_limit(tmp_path, monkeypatch):
+    """m4a/AAC carry no length soundfile reads: the whole upload was decoded (a 2-hour file ~460 MB of samples)
+    before the duration limit refused it. Now one second past the limit is decoded, and the request refused."""
+    import shutil
+
+    from musicflamingo.serve import audio as serve_audio
+    from musicflamingo.serve.errors import APIError
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs Debian's ffmpeg (make setup)")
+    wav = write_audio(tmp_path / "tone.wav", make_tone(440, 6.0))
+    m4a = tmp_path / "tone.m4a"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "aac", str(m4a)], check=True)
+    decoded = []
+    real = serve_audio.load_audio
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        wave = real(*args, **kwargs)
+        decoded.append(len(wave) / 16000)
+        return wave
+
+    monkeypatch.setattr(serve_audio, "load_audio", spy)
+    with pytest.raises(APIError) as e:
+        serve_audio._decode_file(str(m4a), 2.0, "messages[0].content[0]", "x")
+    assert e.value.code == "audio_too_long" and "longer than the limit of 2 s" in str(e.value)
+    assert decoded and decoded[0] <= 3.0 + 0.1, decoded  # not the whole 6 s
+    assert serve_audio._decode_file(str(m4a), 10.0, "p", "x").seconds == pytest.approx(6.0, abs=0.1)

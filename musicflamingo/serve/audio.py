@@ -119,15 +119,20 @@ def check_duration(seconds: float | None, max_seconds: float, param: str) -> Non
 
 
 def _decode_file(path: str, max_seconds: float, param: str, shown: str) -> Audio:
-    check_duration(audio_duration(path), max_seconds, param)
+    header = audio_duration(path)
+    check_duration(header, max_seconds, param)
+    # a length no header tells (m4a, AAC, opus): decode one second past the limit, not a 2-hour upload whole
+    probe = None if header is not None else max_seconds + 1.0
     try:
-        wave = load_audio(path, SAMPLING_RATE, min_samples=MIN_SAMPLES)
+        wave = load_audio(path, SAMPLING_RATE, min_samples=MIN_SAMPLES, duration=probe)
     except AudioError as e:
         # The decoder's message starts with the path it read, a temporary file for uploaded bytes.
         msg = str(e)
         msg = msg[len(path) + 2 :] if msg.startswith(path + ": ") else msg
         raise bad_request(param, f"cannot use this audio: {msg}", code="invalid_audio") from None
     audio = Audio(wave, shown)
+    if probe is not None and audio.seconds > max_seconds + 1e-6:
+        raise bad_request(param, f"the audio is longer than the limit of {max_seconds:g} s", code="audio_too_long")
     check_duration(audio.seconds, max_seconds, param)
     return audio
 
