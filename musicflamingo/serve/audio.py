@@ -132,7 +132,9 @@ def _decode_file(path: str, max_seconds: float, param: str, shown: str) -> Audio
         raise bad_request(param, f"cannot use this audio: {msg}", code="invalid_audio") from None
     audio = Audio(wave, shown)
     if probe is not None and audio.seconds > max_seconds + 1e-6:
-        raise bad_request(param, f"the audio is longer than the limit of {max_seconds:g} s", code="audio_too_long")
+        raise bad_request(
+            param, f"the audio is longer than the limit of {max_seconds:g} s", code="audio_too_long"
+        )
     check_duration(audio.seconds, max_seconds, param)
     return audio
 
