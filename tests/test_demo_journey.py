@@ -137,6 +137,13 @@ def test_demo_rerun_keeps_its_report_and_refuses_other_options(tmp_path, capsys)
     record = json.loads((out / "demo.json").read_text())
     assert record["settings"]["max_steps"] == 2 and record["done"]["stage1"]["steps"] == 2
     assert "Training: stage 1 2 of 2 steps; stage 2 1 of 1 steps" in first
+    # the other-seed corpus takes none of the training corpus's chorales ("other pieces")
+    from musicflamingo.data.synthetic import CorpusInfo
+    from musicflamingo.demo import chorale_sources
+
+    other = json.loads((out / "synthetic-seed1" / "corpus.json").read_text())["config"]
+    assert other.get("exclude_sources", []) == chorale_sources(CorpusInfo.from_dir(out / "synthetic"))
+    assert other.get("exclude_sources") or not chorale_sources(CorpusInfo.from_dir(out / "synthetic"))
 
     assert _demo(argv, capsys)[0] == 0
     second = (out / "results.md").read_text()

@@ -25,6 +25,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,8 @@ class CorpusConfig:
     chorale_fraction: float = 0.25
     clips_per_chorale: int = 4
     soundfont: str = DEFAULT_SOUNDFONT
+    # chorales (`bach/bwv399`) another corpus uses: a corpus built to test generalisation takes other pieces
+    exclude_sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "n_test"):
@@ -103,6 +106,10 @@ class CorpusConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["clip_seconds"] = [float(x) for x in self.clip_seconds]
+        if self.exclude_sources:
+            d["exclude_sources"] = sorted(self.exclude_sources)
+        else:  # absent when empty, as in corpora built before the field
+            del d["exclude_sources"]
         return d
 
     def digest(self) -> str:
@@ -163,7 +170,7 @@ def _select_chorales(cfg: CorpusConfig, counts: dict[str, int]) -> dict[str, lis
         for i in order:
             ch = load_chorale(paths[int(i)])
             base = ch.source_id.split("-")[0] if ch else None  # bwv112.5 and bwv112.5-sc are one piece
-            if ch is not None and base not in seen:
+            if ch is not None and base not in seen and base not in cfg.exclude_sources:
                 seen.add(base)
                 chosen.append(ch)
                 if len(chosen) == total:
@@ -316,6 +323,7 @@ def build_corpus(
     chorale_fraction: float = 0.25,
     clips_per_chorale: int = 4,
     soundfont: str | Path = DEFAULT_SOUNDFONT,
+    exclude_sources: Sequence[str] = (),
     workers: int = 2,
     overwrite: bool = False,
     progress: bool = True,
@@ -328,6 +336,7 @@ def build_corpus(
         render_rate: FluidSynth's sample rate before resampling to ``sampling_rate``.
         chorale_fraction: share of clips cut from Bach chorales (the rest are generated progressions).
         clips_per_chorale: clips cut from each chorale (different key, tempo, instrument, length).
+        exclude_sources: chorales not to use (`bach/bwv399`, as a clip's `meta.source`): those of another corpus.
         workers: concurrent fluidsynth processes; does not change the output.
     """
     cfg = CorpusConfig(
@@ -341,6 +350,7 @@ def build_corpus(
         chorale_fraction=chorale_fraction,
         clips_per_chorale=clips_per_chorale,
         soundfont=str(soundfont),
+        exclude_sources=tuple(sorted(set(exclude_sources))),
     )
     out_dir = Path(out_dir)
     found = _check_existing(out_dir, cfg, overwrite)
