@@ -1,7 +1,7 @@
 """The main job: synthetic corpus -> SentencePiece processor -> train `small` from scratch (questions, then
 questions + captions) -> evaluate -> caption.
 
-    python -m musicflamingo.demo [--out outputs/demo] [--minutes 18] [--n-train 800]
+    python -m musicflamingo.demo [--out outputs/demo] [--minutes 24] [--n-train 800]
 
 Every stage reuses what an earlier run left (corpus, tokenizer, finished training) so a rerun resumes;
 `<out>/demo.json` records the options that made them (a rerun with other ones is refused: pass another --out)
@@ -550,10 +550,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m musicflamingo.demo", description=__doc__, formatter_class=_HelpFormatter
     )
     p.add_argument("--out", default="outputs/demo", help="folder of the run (a rerun reuses and resumes it)")
-    p.add_argument("--minutes", type=_minutes, default=18.0, help="training time budget, both stages")
+    p.add_argument("--minutes", type=_minutes, default=24.0, help="training time budget, both stages")
     p.add_argument("--max-steps", type=_integer(1), default=1000, help="stage 1 (questions) steps")
     p.add_argument(
-        "--caption-steps", type=_integer(1), default=500, help="stage 2 (questions + captions) steps"
+        "--caption-steps", type=_integer(1), default=1000, help="stage 2 (questions + captions) steps"
     )
     p.add_argument("--n-train", type=_integer(1), default=800, help="training clips")
     p.add_argument("--n-val", type=_integer(0), default=20, help="validation clips")
