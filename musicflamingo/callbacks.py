@@ -21,6 +21,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 
+from musicflamingo.checkpoint import new_file_mode
 from musicflamingo.errors import RunStopped
 from musicflamingo.runtime import stderr_is_terminal
 
@@ -37,7 +38,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -51,13 +52,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    """This process's file-creation mask (read by setting it and putting it back)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
 
 
 class AtomicCheckpointIO(CheckpointIO):

@@ -829,13 +829,19 @@ def save_files(
     return path
 
 
+def new_file_mode() -> int:
+    """The permissions `open()` gives a new file here (0666 less this process's umask, read by setting it and
+    putting it back): for files written by tools that make them owner-only (mkstemp, safetensors)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _save_readable(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """`safetensors.save_file`, whose file is owner-only (0600), given the umask's permissions as every other file
     of the folder: a shared export or checkpoint folder should be readable by the team that reads its config."""
     save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, new_file_mode())
 
 
 def write_state_dict(
