@@ -177,6 +177,14 @@ def hf_to_ours(name: str) -> str | None:
     return ours.format(*idx) if ours is not None else None
 
 
+def _has_hf_name(name: str) -> bool:
+    try:
+        ours_to_hf(name)
+    except KeyError:
+        return False
+    return True
+
+
 def ours_to_hf(name: str) -> str:
     if suffix := _quant_suffix(name):
         return ours_to_hf(name[: -len(suffix)]) + suffix
@@ -324,6 +332,14 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     refuse_interrupted_save(path)
     index = path / SAFE_WEIGHTS_INDEX_NAME
     single = path / SAFE_WEIGHTS_NAME
+    if index.is_file() and single.is_file():
+        # one is left from an earlier save (transformers' save_pretrained leaves the other kind in place); which one
+        # cannot be told, and transformers reads model.safetensors: the two loaders would compute different models
+        raise CheckpointError(
+            f"{path}: holds both {SAFE_WEIGHTS_NAME} and {SAFE_WEIGHTS_INDEX_NAME} (a sharded set), one of them "
+            f"left from an earlier save; transformers reads {SAFE_WEIGHTS_NAME}, so remove whichever is stale (the "
+            "index and its model-*-of-*.safetensors shards, or the single file)"
+        )
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -425,6 +441,12 @@ def refuse_interrupted_save(path: Path) -> None:
 def load_config(path: str | Path) -> MusicFlamingoConfig:
     """The config.json of the checkpoint folder `path` (CheckpointError naming the file and the problem)."""
     path = Path(path)
+    if path.is_file():  # a weights file or a Lightning .ckpt given where the folder goes
+        raise CheckpointError(
+            f"{path} is a file, not a checkpoint folder: give the folder that holds config.json and the safetensors "
+            f"(here {path.parent}, if this is one of its files; a training run's is <run>/export; a Lightning "
+            "checkpoint such as <run>/checkpoints/last.ckpt resumes its run with ckpt_path= instead)"
+        )
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder does not exist{_missing_folder_hint(path)}")
     refuse_interrupted_save(path)
@@ -505,6 +527,26 @@ def stop_token_ids(path: str | Path | None, config: MusicFlamingoConfig) -> list
     return sorted(set(int(i) for i in ids))
 
 
+def _one_float_dtype(path: Path, stored: Sequence[str]) -> torch.dtype | None:
+    """None when the floating tensors (safetensors dtype names `stored`) share one dtype, which they then keep; else
+    the one they all load as (a model in several dtypes fails in its first matmul): config.json's `dtype` (or
+    `torch_dtype`), as transformers' "auto" reads it, else the dtype most of them are stored in."""
+    floats = [d for d in stored if d in _FLOAT_DTYPES]
+    if len(set(floats)) < 2:
+        return None
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        named = raw.get("dtype") or raw.get("torch_dtype")
+        chosen = parse_dtype(named) if isinstance(named, str) and named != "auto" else None
+    except (OSError, ValueError, AttributeError):
+        chosen = None
+    if chosen is None:
+        chosen = _DTYPES[max(set(floats), key=floats.count)]
+    counts = ", ".join(f"{floats.count(d)} {d}" for d in sorted(set(floats)))
+    log.info("%s: weights stored in several dtypes (%s): loaded as %s", path, counts, chosen)
+    return chosen
+
+
 def read_state_dict(
     path: str | Path,
     expected: Mapping[str, Sequence[int]],
@@ -518,12 +560,13 @@ def read_state_dict(
 
     `expected` is `{our_name: shape}` (a model's `state_dict()` on the meta device gives it). Every name and shape
     is checked before any tensor data is read; missing, unexpected and wrong-shaped keys are all reported in one
-    CheckpointError. dtype None/"auto" keeps the checkpoint's dtypes; only floating tensors are converted.
+    CheckpointError. dtype None/"auto" keeps the checkpoint's dtype (a checkpoint stored in several loads in one,
+    see `_one_float_dtype`); only floating tensors are converted.
     `integer`: our names stored as integers, with their dtype (a quantized model's linear weights: int8, or uint8
     holding two int4 values); every other tensor must be floating.
     """
     path = Path(path)
-    target = parse_dtype(dtype)
+    target = parse_dtype(dtype)  # RuntimeConfigError for a name or torch dtype that is not a float type
     device = torch.device(device or "cpu")
     files = checkpoint_files(path)
     headers: dict[Path, tuple[dict[str, Any], int]] = {}
@@ -576,6 +619,8 @@ def read_state_dict(
             )
         raise CheckpointError(f"{path}: checkpoint does not match the config: " + "; ".join(parts))
 
+    if target is None:
+        target = _one_float_dtype(path, [headers[files[name]][0][name]["dtype"] for name in mapping.values()])
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for ours, name in mapping.items():
@@ -863,6 +908,20 @@ def write_state_dict(
     limit = _parse_size(max_shard_size)
     if not overwrite:
         _refuse_lossy_replace(Path(path), config.quantization)
+    unnamed = [name for name in state_dict if not _has_hf_name(name)]
+    if unnamed:  # before anything is written
+        adapters = [n for n in unnamed if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or ".base." in n]
+        why = (
+            "the model has LoRA adapters, which the Hugging Face layout has no names for: merge them into the base "
+            "weights first (musicflamingo.model.lora.merge_lora(model), on a copy to keep training; a training "
+            "run's export/ folder is already merged)"
+            if adapters
+            else "the checkpoint name table (checkpoint.NAME_TABLE) has no entry for them"
+        )
+        shown = ", ".join(unnamed[:3]) + (", ..." if len(unnamed) > 3 else "")
+        raise CheckpointError(
+            f"{path}: cannot save {len(unnamed)} tensor(s) ({shown}): {why}; nothing was written"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state_dict.items():
         tensors[ours_to_hf(name)] = t.detach().to("cpu").contiguous()

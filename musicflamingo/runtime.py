@@ -43,7 +43,9 @@ CPU_FLOAT32_HEADROOM = 1.25
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A dtype from its name or alias (`bfloat16`, `bf16`, `torch.float32`...); None for None or `auto`."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     name = str(dtype).replace("torch.", "")
     if name == "auto":

@@ -177,7 +177,11 @@ class QuantizedLoRALinear(nn.Module):
         """A plain nn.Linear with `dequantize(base) + scale * B @ A` (computed in float32, stored in `dtype`,
         default the adapters'; on `device`, default the base's)."""
         with torch.no_grad():
-            weight = self.base.dequantize().float()
+            base = self.base.dequantize()
+            weight = base.float()
+            # `.float()` of a float32 base is its own storage (NF4 before quantization, a stand-in): add to a copy
+            if weight is base:
+                weight = weight.clone()
             weight += (self.lora_B.float() @ self.lora_A.float()).to(weight.device) * self.scale
             weight = weight.to(dtype or self.lora_A.dtype)
             bias = None if self.base.bias is None else self.base.bias.detach().to(weight.dtype)
