@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -189,7 +190,10 @@ class ReadLog:
         same: Callable[[str, str], bool] = _same,
     ) -> bool:
         """Filter ``benchmark.<setting>`` (None or empty: keep every row) on ``value``, a row's field ``key``:
-        False (and counted) when no allowed value is ``same`` as it. The values seen are kept for check_filters."""
+        False (and counted) when no allowed value is ``same`` as it. The values seen are kept for check_filters.
+        A single value (``tasks=music`` on the command line) is a list of one, not of its letters."""
+        if isinstance(allowed, (str, int, float)):
+            allowed = [allowed]
         wanted = [str(v) for v in allowed or []]
         if not wanted:
             return True
@@ -228,11 +232,31 @@ def read_records(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"{path}: benchmark file not found")
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as e:  # e.g. a CSV saved by Excel in the Windows code page
+        raise BenchmarkError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8"
+        ) from None
+    except csv.Error as e:
+        raise BenchmarkError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _read_text(path: Path) -> str:
+    """A release's text file (split list, transcript, JSON) as UTF-8, a leading BOM dropped (it would stick to the
+    first word or id); other encodings are a :class:`BenchmarkError` naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BenchmarkError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8"
+        ) from None
+
+
+def _read_records(path: Path) -> list[tuple[int, str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM before the header
-            # Header is line 1; DictReader.line_num is wrong for quoted multi-line cells, so count rows.
-            return [(i + 2, f"{path}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(f))]
+        return _csv_rows(path)
     if suffix == ".parquet":
         return [(i + 1, f"{path} row {i + 1}", r) for i, r in enumerate(_read_parquet(path))]
     text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is not JSON
@@ -263,6 +287,31 @@ def read_records(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
         if not isinstance(rec, dict):
             raise BenchmarkError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         rows.append((lineno, f"{path}:{lineno}", rec))
+    return rows
+
+
+def _csv_rows(path: Path) -> list[tuple[int, str, dict[str, Any]]]:
+    """A CSV file's rows as ``{column: cell}``, each numbered by the line it starts on: a quoted cell may hold line
+    breaks (MusicCaps captions), so the row count is not the line. A row with more cells than the header (an
+    unquoted comma in a value) is refused: its values would sit under the wrong columns. A short row's missing
+    cells are None, as csv.DictReader has them."""
+    rows = []
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM before the header
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return []
+        start = reader.line_num + 1  # the line the next row starts on
+        for cells in reader:
+            line, start = start, reader.line_num + 1
+            if not cells:  # a blank line
+                continue
+            if len(cells) > len(header):
+                raise BenchmarkError(
+                    f"{path}:{line}: {len(cells)} cells, but the header has {len(header)} columns "
+                    f"({', '.join(header)}); a value holding a comma must be quoted"
+                )
+            rows.append((line, f"{path}:{line}", dict(zip(header, [*cells, *[None] * len(header)]))))
     return rows
 
 
@@ -829,9 +878,7 @@ def read_gtzan(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
                 "all clips"
             )
         read.source = str(split_path)
-        entries = [
-            (n, ln.strip()) for n, ln in enumerate(split_path.read_text(encoding="utf-8").splitlines(), 1)
-        ]
+        entries = [(n, ln.strip()) for n, ln in enumerate(_read_text(split_path).splitlines(), 1)]
         entries = [(n, e) for n, e in entries if e]
     else:
         read.source = str(genres)
@@ -871,7 +918,7 @@ def read_nsynth(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         path = _locate(cfg, [f"nsynth-{split}/examples.json"])
     read.source = str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise BenchmarkError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
@@ -987,14 +1034,17 @@ def read_music_instruct(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]
     path = _locate(cfg, [f"MusicInstruct/{name}", name])
     read.source = str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise BenchmarkError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("QA"), list):
         raise BenchmarkError(f"{path}: expected an object {{'QA': [...]}} (Music Instruct's layout)")
     base = _audio_base(cfg, path) if cfg.get("audio_dir") else _root(cfg)
     clips = _clip_index(_audio_index(base if base.is_dir() else path.parent))
-    want_eval = str(cfg.get("split") or "test") == "test"
+    split = str(cfg.get("split") or "test")
+    if split not in ("test", "train"):  # anything but "test" read as train scored the wrong split
+        raise BenchmarkError(f"benchmark.split must be test or train for Music Instruct, got {split!r}")
+    want_eval = split == "test"
     seen: Counter[str] = Counter()
     items = []
     for n, rec in enumerate(data["QA"], 1):
@@ -1002,7 +1052,10 @@ def read_music_instruct(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]
         where = f"{path}: QA[{n - 1}]"
         if not isinstance(rec, dict):
             raise BenchmarkError(f"{where}: expected an object, got {type(rec).__name__}")
-        if bool(rec.get("is_audioset_eval")) != want_eval:
+        in_eval = rec.get("is_audioset_eval")
+        if isinstance(in_eval, str):  # "False" is not true (a CSV or string-typed export)
+            in_eval = in_eval.strip().lower() in ("true", "1")
+        if bool(in_eval) != want_eval:
             read.skip("not in split " + ("test" if want_eval else "train"))
             continue
         ytid, question, answer = (_field(rec, k, where) for k in ("ytid", "question", "answer"))
@@ -1168,7 +1221,7 @@ def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             raise BenchmarkError(
                 f"{where}: lyrics file {lyrics} not found; expected layout: {LAYOUTS['jamendolyrics']}"
             )
-        text = lyrics.read_text(encoding="utf-8")
+        text = _read_text(lyrics)
         lang = LANGUAGE_CODES.get(language.lower(), language.lower())
         items.append(_lyrics_item(cfg, name, str(_find(folder / "mp3", filepath)), text, lang))
     return items
@@ -1183,7 +1236,7 @@ def read_opencpop(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     read.source = str(path)
     wavs = _audio_base(cfg, path) if cfg.get("audio_dir") else path.parent / "wavs"
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         read.rows += 1
@@ -1231,7 +1284,7 @@ def read_musdb18_lyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]
         hq = audio_root / split / track / "mixture.wav"
         audio = str(hq if hq.is_file() else audio_root / split / f"{track}.stem.mp4")
         lines = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             read.rows += 1
@@ -1339,6 +1392,51 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     return items
 
 
+# The benchmark settings each format reads, besides COMMON_KEYS. A key that its format does not read (a
+# `+benchmark.task=[music]` typo for `tasks`) is refused: ignored, it would score every task without a word.
+COMMON_KEYS = frozenset({"name", "format", "root", "max_new_tokens", "skip_missing_audio", "cer_languages"})
+_LABEL_KEYS = ("labels", "label_names", "aliases", "mode", "question", "prompt")
+FORMAT_KEYS: dict[str, frozenset[str]] = {
+    "mmau": frozenset({"split", "file", "audio_dir", "audio_field", "tasks", "group_by", "prompt"}),
+    "mmar": frozenset({"file", "audio_dir", "audio_field", "modalities", "group_by", "prompt"}),
+    "mmau_pro": frozenset({"file", "audio_dir", "categories", "group_by", "prompt"}),
+    "muchomusic": frozenset({"file", "audio_dir", "seed", "group_by", "prompt"}),
+    "classification": frozenset({"file", "audio_dir", "audio_field", "label_field", *_LABEL_KEYS}),
+    "gtzan": frozenset({"split", *_LABEL_KEYS}),
+    "nsynth": frozenset({"split", "file", "audio_dir", "label_field", *_LABEL_KEYS}),
+    "medley_solos": frozenset({"file", "audio_dir", "subset", *_LABEL_KEYS}),
+    "musiccaps": frozenset({"file", "audio_dir", "audio_template", "segment", "subset", "prompt"}),
+    "music_instruct": frozenset(
+        {"file", "audio_dir", "question_type", "split"}
+    ),  # the question is the prompt
+    "music_avqa": frozenset({"file", "audio_dir", "split", "modalities", "prompt"}),
+    "lyrics": frozenset({"file", "audio_dir", "audio_field", "lyrics_field", "default_language", "prompt"}),
+    "jamendolyrics": frozenset({"file", "languages", "prompt"}),
+    "opencpop": frozenset({"file", "audio_dir", "split", "prompt"}),
+    "musdb18_lyrics": frozenset({"audio_dir", "split", "unit", "prompt"}),
+    "synthetic": frozenset({"file", "audio_dir", "include_captions", "caption_prompt", "prompt"}),
+}
+
+
+def check_benchmark_keys(cfg: Mapping[str, Any]) -> None:
+    """Refuse a benchmark setting that ``cfg["format"]`` does not read, naming the close spelling it may be. With
+    ``format=classification`` (a JSONL of yours on a GTZAN, NSynth or Medley-solos-DB config) the keys of those
+    configs are allowed: they come from the config file."""
+    fmt = str(cfg.get("format"))
+    known = COMMON_KEYS | FORMAT_KEYS.get(fmt, frozenset())
+    if fmt == "classification":
+        known |= FORMAT_KEYS["gtzan"] | FORMAT_KEYS["nsynth"] | FORMAT_KEYS["medley_solos"]
+    unknown = sorted(str(k) for k in cfg if k not in known)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        raise BenchmarkError(
+            f"benchmark.{key}: benchmark {cfg.get('name', fmt)} (format {fmt}) has no such setting"
+            + (f" (did you mean benchmark.{close[0]}?)" if close else "")
+            + f"; it reads: {', '.join(sorted(known))}"
+        )
+
+
 READERS: dict[str, Callable[[Mapping[str, Any], ReadLog], list[EvalItem]]] = {
     "mmau": read_mmau,
     "mmar": read_mmar,
@@ -1370,6 +1468,7 @@ def build_benchmark(cfg: Mapping[str, Any]) -> Benchmark:
     if fmt not in READERS:
         raise BenchmarkError(f"benchmark.format={fmt!r} is not one of {sorted(READERS)}")
     name = str(cfg.get("name", fmt))
+    check_benchmark_keys(cfg)
     if not cfg.get("root"):
         raise BenchmarkError(f"benchmark.root is not set: pass benchmark.root=/path/to/{name}")
     read = ReadLog()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -210,7 +211,10 @@ def _safe(name: str) -> str:
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented UTF-8 JSON (NaN-free: None stands for "not defined")."""
     path = Path(path)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # a kill mid-write leaves the old file whole, never half of the new one
     return path
 
 

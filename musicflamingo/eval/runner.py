@@ -419,7 +419,19 @@ def _check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
     # an empty file holds nothing to mix with: a run that failed before its first prediction (a wrong ckpt that
     # would not load) must not lock the folder against the corrected rerun
     if path.exists() and predictions.exists() and predictions.stat().st_size > 0:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            old = e
+        if not isinstance(
+            old, dict
+        ):  # damaged (a disk that filled up): the predictions' settings are unknown
+            why = str(old) if isinstance(old, Exception) else f"a JSON {type(old).__name__}"
+            raise EvalConfigError(
+                f"{path}: not the JSON object of settings eval.py writes ({why}); it records what produced "
+                f"{predictions.name} beside it: delete it to resume without that check, or pass tag=<new name> "
+                "or output_dir=<new folder> to start afresh"
+            )
         diff = sorted(
             k
             for k in set(old) | set(identity)
