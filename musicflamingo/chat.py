@@ -110,13 +110,31 @@ def build_chat_template(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
 
 
 def template_system_prompt(template: str) -> str | None:
-    """The system prompt inside a template shaped like :func:`build_chat_template`'s, else ``None``."""
+    """The system prompt inside a template shaped like :func:`build_chat_template`'s, else ``None``.
+
+    Compared as ``transformers`` renders templates (:func:`jinja_layout`): a ``chat_template.jinja`` an editor saved
+    with a final newline, or laid out one tag a line, is the same template and its prompt is found."""
+    template = jinja_layout(template)
     head = "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n"
     tail = "<|im_end|>\n{% endif %}{% for m in messages"
     if not template.startswith(head) or tail not in template:
         return None
     prompt = template[len(head) : template.index(tail)]
-    return prompt if build_chat_template(prompt) == template else None
+    return prompt if jinja_layout(build_chat_template(prompt)) == template else None
+
+
+_LSTRIP_BLOCK = re.compile(r"^[ \t]+(?=\{[%#](?![+-]))", re.MULTILINE)
+_TRIM_BLOCK = re.compile(r"(?<![+-])([%#]\})\n")
+
+
+def jinja_layout(template: str) -> str:
+    """``template`` without the whitespace Jinja drops when ``transformers`` renders it (``keep_trailing_newline``
+    off, ``trim_blocks`` and ``lstrip_blocks`` on): line ends as ``\\n``, the file's final newline, the spaces and
+    tabs before a block or comment tag that opens its line, and the newline right after a block or comment tag."""
+    template = template.replace("\r\n", "\n").replace("\r", "\n")
+    if template.endswith("\n"):
+        template = template[:-1]
+    return _TRIM_BLOCK.sub(r"\1", _LSTRIP_BLOCK.sub("", template))
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -127,8 +145,9 @@ def user_message(text: str, audio: str | None = None) -> dict[str, Any]:
 
 
 def conversation(text: str, audio: str | None = None, system_prompt: str | None = None) -> Conversation:
-    """A one-question conversation; ``system_prompt`` adds a system message (else the template's default)."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    """A one-question conversation; ``system_prompt`` adds a system message (None: the template's default; ``""``:
+    an empty system turn, as the reference renders an empty system message)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     return system + [user_message(text, audio)]
 
 

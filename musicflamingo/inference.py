@@ -393,7 +393,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (the cache buffers are kept for reuse)."""
         self.messages: list[dict[str, Any]] = (
-            [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
         )
         self.ids: list[int] = []
         self.pending: list[int] = []
@@ -553,16 +553,25 @@ def run_chat(
 
 class _Output:
     """`output=`: a JSON Lines file with one object per answered input (`audio`, `prompt`, `answer`; think mode:
-    the answer, `thinking` and the whole `text` apart), appended and flushed as each answer is done. A rerun skips
-    the (audio, prompt) pairs the file holds, so a long run resumes where it stopped."""
+    the answer, `thinking` and the whole `text` apart; a `system_prompt` that is set), appended and flushed as each
+    answer is done. A rerun skips the (audio, prompt) pairs the file holds, so a long run resumes where it stopped;
+    only rows asked the same way count (think mode or not, the same system prompt): the others are kept, not
+    reused, as their question was another one."""
 
-    def __init__(self, path: str, think: bool) -> None:
-        self.path, self.think = Path(path).expanduser(), think
+    def __init__(self, path: str, think: bool, system_prompt: str | None = None) -> None:
+        self.path, self.think, self.system_prompt = Path(path).expanduser(), think, system_prompt
         self.done: dict[tuple[str, str], list[dict[str, Any]]] = {}  # rows by (audio, prompt), in file order
+        self.other = 0  # rows asked another way (think mode, system prompt): kept in the file, not reused
         if self.path.exists():
             self._read()
-        else:
+        try:  # before the model loads: an unwritable file would fail at the first answer, losing it
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise InferenceError(
+                f"output={self.path}: cannot write there ({e.strerror or e}); name a .jsonl file in a writable folder"
+            ) from None
 
     def _read(self) -> None:
         if not self.path.is_file():
@@ -587,8 +596,18 @@ class _Output:
                     f"output={self.path}:{number}: expected a JSON object with audio, prompt and answer texts "
                     "(as infer.py's output= writes); name another file"
                 )
-            if row is not None:
-                self.done.setdefault((row["audio"], row["prompt"]), []).append(row)
+            if row is None:
+                continue
+            if ("thinking" in row) != self.think or row.get("system_prompt") != self.system_prompt:
+                self.other += 1
+                continue
+            self.done.setdefault((row["audio"], row["prompt"]), []).append(row)
+        if self.other:
+            logger.info(
+                "%s: %d rows were asked with another think or system_prompt setting: kept, not reused",
+                self.path,
+                self.other,
+            )
         if last:  # a whole row without its newline: the next row starts a line of its own
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("\n")
@@ -605,6 +624,8 @@ class _Output:
         if self.think:
             split = parse_think(text)
             row.update(answer=split.answer, thinking=split.thinking, text=text)
+        if self.system_prompt is not None:
+            row["system_prompt"] = self.system_prompt
         with open(self.path, "a", encoding="utf-8") as f:  # closed at once: a crash loses no finished answer
             f.write(json.dumps(row) + "\n")  # ASCII escapes: any file name (even not UTF-8) round-trips
 
@@ -656,6 +677,15 @@ def _decoding(cfg: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
             f"together ({ckpt / 'config.json'}: text_config.max_position_embeddings)"
         )
     sampling_params(settings)  # bad decoding settings fail before the model is loaded
+    if not settings.get("do_sample", False):
+        # greedy decoding reads none of these: say so rather than give argmax answers as samples
+        unused = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        given = [f"{k}={settings[k]}" for k, off in unused.items() if settings.get(k, off) != off]
+        if given:
+            logger.warning(
+                "%s: used only when sampling; do_sample=false decodes greedily (pass do_sample=true)",
+                " ".join(given),
+            )
     return settings
 
 
@@ -741,7 +771,7 @@ def infer(
     for f, p in zip(files, prompts):
         keys.append((f, p, seen[f, p]))
         seen[f, p] += 1
-    results = _Output(output, think) if output else None
+    results = _Output(output, think, system_prompt) if output else None
     answers = [None if results is None else results.answer(*key) for key in keys]
     todo = [i for i, a in enumerate(answers) if a is None]
     if results is not None and len(todo) < len(files):

@@ -440,6 +440,11 @@ def _config_vocab_size(path: Path) -> int | None:
 
 def _read_template(d: Path, cfg: dict) -> str | None:
     if (d / "chat_template.jinja").is_file():
-        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            return (d / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{d / 'chat_template.jinja'}: not UTF-8 text (byte {e.start}); expected the Jinja chat template"
+            ) from None
     legacy = _read_json(d / "chat_template.json").get("chat_template")
     return legacy if legacy is not None else cfg.get("chat_template")

@@ -92,11 +92,28 @@ def _check_unicode(text: object) -> None:
             raise TokenizerError(str(e)) from None
 
 
-def _token_str(value) -> str | None:
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` ({} when there is no such file); TokenizerError naming the file when it is not
+    UTF-8 JSON holding an object (a bare TypeError or UnicodeDecodeError from deep inside the loader otherwise)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: invalid JSON ({e})") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise TokenizerError(f"{path}: invalid JSON (not UTF-8, or nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_str(value, field: str = "token") -> str | None:
     """``tokenizer_config.json`` stores tokens as strings or as ``{"content": ...}`` dicts."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    token = value.get("content") if isinstance(value, dict) else value
+    if token is not None and not isinstance(token, str):
+        raise TokenizerError(f"tokenizer_config.json: {field}={value!r}: expected a token's text or null")
+    return token
 
 
 class HFTokenizer(Tokenizer):
@@ -110,8 +127,8 @@ class HFTokenizer(Tokenizer):
         self.config = dict(config or {})
         added = self._tok.get_added_tokens_decoder()  # {id: AddedToken}
         self.special_tokens = tuple(t.content for _, t in sorted(added.items()) if t.special)
-        eos = _token_str(self.config.get("eos_token"))
-        pad = _token_str(self.config.get("pad_token"))
+        eos = _token_str(self.config.get("eos_token"), "eos_token")
+        pad = _token_str(self.config.get("pad_token"), "pad_token")
         # Defaults when tokenizer_config.json is silent: Qwen2's pad is <|endoftext|>; generation stops at <|im_end|>.
         if eos is None:
             eos = next((t for t in (END_OF_TURN, END_OF_TEXT) if self.token_to_id(t) is not None), None)
@@ -129,13 +146,12 @@ class HFTokenizer(Tokenizer):
             tok = _Tok.from_file(str(path))
         except Exception as e:
             raise TokenizerError(f"{path}: cannot load tokenizer.json ({e})") from None
-        config = {}
-        if (d / "tokenizer_config.json").is_file():
-            try:
-                config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{d / 'tokenizer_config.json'}: invalid JSON ({e})") from None
-        return cls(tok, config)
+        try:
+            return cls(tok, _read_json_object(d / "tokenizer_config.json"))
+        except TokenizerError as e:
+            if str(e).startswith("tokenizer_config.json:"):  # a bad token field: name the folder too
+                raise TokenizerError(f"{d / str(e)}") from None
+            raise
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -206,13 +222,7 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> SentencePieceTokenizer:
         d = Path(directory)
-        special = {}
-        if (d / cls.SPECIAL_FILE).is_file():
-            try:
-                special = json.loads((d / cls.SPECIAL_FILE).read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{d / cls.SPECIAL_FILE}: invalid JSON ({e})") from None
-        return cls(d / "tokenizer.model", special)
+        return cls(d / "tokenizer.model", _read_json_object(d / cls.SPECIAL_FILE))
 
     def encode(self, text: str) -> list[int]:
         try:
