@@ -342,6 +342,13 @@ def test_build_predict_fn_drives_the_model_api(tmp_path, monkeypatch):
     assert seen["conversations"][0][0] == {"role": "system", "content": "Be brief."}
     assert seen["conversations"][0][1]["content"] == first
 
+    # system_prompt="" is an empty system turn (as infer.py and the reference), not the default one
+    fn = build_predict_fn(
+        {"ckpt": str(tmp_path), "device": "cpu", "dtype": "float32", "max_new_tokens": 3, "system_prompt": ""}
+    )
+    fn(items[:1])
+    assert seen["conversations"][0][0] == {"role": "system", "content": ""}
+
 
 def test_build_predict_fn_refuses_weights_larger_than_memory(tmp_path, monkeypatch):
     """Checked before loading, as in infer.py (`runtime.resolve_device_dtype`), as an EvalConfigError."""

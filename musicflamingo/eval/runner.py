@@ -351,7 +351,12 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
             return list(processor.batch_decode(ids, skip_special_tokens=True))
         return [processor.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in ids]
 
-    system = [{"role": "system", "content": str(cfg["system_prompt"])}] if cfg.get("system_prompt") else []
+    # None: the processor's default system turn; "" is an empty system turn (as infer.py and the reference)
+    system = (
+        [{"role": "system", "content": str(cfg["system_prompt"])}]
+        if cfg.get("system_prompt") is not None
+        else []
+    )
 
     @torch.inference_mode()
     def predict(batch: list[EvalItem]) -> list[str]:
@@ -487,7 +492,7 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     }
     if think:  # only when set: folders of earlier runs (no key) still resume
         identity["think"] = True
-    if c.get("system_prompt"):  # likewise: another system turn, other answers
+    if c.get("system_prompt") is not None:  # likewise: another system turn, other answers
         identity["system_prompt"] = str(c["system_prompt"])
     if c.get(
         "quantize"
