@@ -33,6 +33,12 @@ CASES = {
     "I am not sure.": ("unparsed", False, False),
     "guitar": ("unparsed", False, False),  # part of an option's text is not the option
     "(E)": ("unparsed", False, False),  # no option E
+    "**B**": ("ok", True, False),  # markdown emphasis around the letter
+    "The answer is **B**.": ("ok", True, False),
+    'The answer is "B"': ("ok", True, False),
+    "The answer is 'B'.": ("ok", True, False),
+    "`(B)`": ("ok", True, False),
+    "**Acoustic guitar**": ("ok", True, True),
 }
 
 

@@ -98,6 +98,9 @@ _ANSWER_IS = re.compile(
     r"\b(?i:(answer)|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*(?i:option\s*)?([\(\[])?([A-Z])[\)\]]?(?![A-Za-z])"
 )
 _WORD_NEXT = re.compile(r"\s+\w")
+# Markdown emphasis and quotes around a letter ("**B**", "`B`", 'The answer is "B"'): dropped before the letter
+# rules read the answer (the option-text rule reads the answer as written).
+_EMPHASIS = re.compile(r"[*`\"\u201c\u201d]+|'(?=[A-Z]')|(?<=[A-Z])'")
 _PAREN = re.compile(r"[\(\[]([A-Z])[\)\]]")
 _LEADING = re.compile(r"^\s*([A-Z])\s*[.:)](?:\s|$)")
 
@@ -155,6 +158,7 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
        the answer as such (options that differ only in punctuation: "F#:7/1", "F:7/1"). A text listed under
        several letters names its first one.
 
+    Markdown emphasis and quotes are dropped for rules 1-3 ("**B**", "The answer is \"B\"").
     A capital after "answer is" that starts words is no letter: "I" ("Answer: I think ...") or an option's own
     text ("The answer is A minor", "Answer: A male vocalist"); rule 4 reads those.
 
@@ -165,21 +169,22 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     if not text:
         return ChoiceParse(None, "unparsed")
 
-    m = _BARE.match(text)
+    plain = _EMPHASIS.sub("", text)
+    m = _BARE.match(plain)
     if m and (idx := _letter_index(m.group(1), n)) is not None:
         return ChoiceParse(idx, "ok", "bare")
 
     stated = [
         (bool(x.group(1)), i)
-        for x in _ANSWER_IS.finditer(text)
-        if (i := _letter_index(x.group(3), n)) is not None and not _is_a_word(text, x, choices)
+        for x in _ANSWER_IS.finditer(plain)
+        if (i := _letter_index(x.group(3), n)) is not None and not _is_a_word(plain, x, choices)
     ]
     if stated:
         said = [i for is_answer, i in stated if is_answer] or [i for _, i in stated]
         return ChoiceParse(said[-1], "ok", "answer_is")
 
-    letters = {i for x in _PAREN.finditer(text) if (i := _letter_index(x.group(1), n)) is not None}
-    if (m := _LEADING.match(text)) and (i := _letter_index(m.group(1), n)) is not None:
+    letters = {i for x in _PAREN.finditer(plain) if (i := _letter_index(x.group(1), n)) is not None}
+    if (m := _LEADING.match(plain)) and (i := _letter_index(m.group(1), n)) is not None:
         letters.add(i)
     if len(letters) > 1 and len({_first_same(i, choices) for i in letters}) == 1:
         letters = {min(letters)}  # "(A) 1.63 seconds ... (D) 1.63 seconds": one answer under two letters
