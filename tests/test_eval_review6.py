@@ -14,6 +14,7 @@ from release_fixtures import (
     make_jamendolyrics,
     make_mmau,
     make_music_instruct,
+    make_muchomusic,
     make_musiccaps,
     tone,
 )
@@ -158,3 +159,10 @@ def test_a_utf8_bom_is_not_part_of_the_text(tmp_path):
     split = gtzan / "test_filtered.txt"
     split.write_text("\ufeff" + split.read_text(encoding="utf-8"), encoding="utf-8")
     assert len(_bench("gtzan", gtzan, "benchmark.split=test_filtered.txt").items) == 10
+
+
+def test_a_seed_that_is_no_integer_names_the_setting(tmp_path):
+    """`benchmark.seed=abc` (MuChoMusic's option shuffle): was a bare "invalid literal for int()"."""
+    root = make_muchomusic(tmp_path / "mc")
+    with pytest.raises(BenchmarkError, match=r"benchmark\.seed='abc': expected an integer"):
+        _bench("muchomusic", root, "benchmark.seed=abc")

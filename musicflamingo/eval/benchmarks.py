@@ -736,7 +736,10 @@ def read_muchomusic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     base = _audio_base(cfg, path)
     index = _audio_index(base) if base.is_dir() else {}
     clips = _clip_index(index)
-    seed = int(cfg.get("seed", 0))
+    try:
+        seed = int(cfg.get("seed", 0))
+    except (TypeError, ValueError):
+        raise BenchmarkError(f"benchmark.seed={cfg.get('seed')!r}: expected an integer") from None
     items = []
     for _, where, rec in read_records(path):
         read.rows += 1
