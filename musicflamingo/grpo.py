@@ -31,7 +31,8 @@ Optimization is manual (micro-batches of `micro_batch_size` completions, whole g
 (optimizer, schedule, data position), plus a fingerprint of the frozen reference: a resume must rebuild the same one.
 Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
 `train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/zero_variance_groups`,
-`train/samples_per_s`, `train/grad_norm`; `val/reward` and `val/reward/<name>` (greedy, one sample per prompt).
+`train/samples_per_s`, `train/grad_norm`; `val/reward` and `val/reward/<name>` (greedy, one sample per prompt,
+means over the whole validation set). Under DDP each is over every rank's rollouts, as the loss is.
 """
 
 from __future__ import annotations
@@ -241,12 +242,14 @@ def weights_fingerprint(net: nn.Module, samples: int = 4096) -> list[float]:
 # ---------------------------------------------------------------------------------------------- the module
 @dataclass
 class Prompt:
-    """One record to sample for: its prompt ids, what is right, and its rows of the batch's audio windows."""
+    """One record to sample for: its prompt ids, what is right, its rows of the batch's audio windows and where it
+    is (`file:line`, for errors; ids may repeat)."""
 
     id: str
     ids: list[int]
     target: Target
     windows: slice
+    source: str = ""
 
 
 @dataclass
@@ -288,7 +291,8 @@ class GRPOLit(MusicFlamingoLit):
         loss: `{beta, clip_eps, updates_per_batch, micro_batch_size, max_grad_norm}` (`micro_batch_size`:
             completions per forward/backward, rounded to whole groups; `max_grad_norm` null: no clipping).
         think: prompts get the think suffix and completions are parsed as `<think>..</think><answer>..</answer>`.
-        tasks: train only on records whose `task` (or kind, `qa`/`caption`) is listed; null: all.
+        tasks: train only on records whose `task` (or kind, `qa`/`caption`) is listed (a string: that one task);
+            null: all.
         reference_dtype: dtype of the frozen reference copy of full fine-tuning (null: the model's).
         seed: the rollouts' seed (with the step and the rank).
     """
@@ -357,6 +361,8 @@ class GRPOLit(MusicFlamingoLit):
                 "(model.net.lora.dropout=0; the others in model.net.overrides.audio / .text, or in the "
                 "config.json of model.net.init_from, which overrides do not change)"
             )
+        if isinstance(tasks, str):  # `model.tasks=mcq` on the command line: one task, not the letters m, c, q
+            tasks = [tasks]
         self.tasks = None if tasks is None else {str(t) for t in tasks}
         self.seed = int(seed)
         # QLoRA's adapters count too: a frozen copy of its 4-bit base would lose bitsandbytes' quantization state
@@ -379,6 +385,9 @@ class GRPOLit(MusicFlamingoLit):
             self._reference.append(frozen_copy(net, self._reference_dtype))
         self._records: dict[str, dict[str, tuple[Record, Target]]] = {}
         self._samples_per_s: float | None = None
+        # each group's learning rate at the batch's first update, logged after the update
+        self._step_lrs: dict[str, float] = {}
+        self._val_sums: list[float] = [0.0] * (2 + 2 * len(self.rewards))  # `_reward_sums` of the validation
 
     # ------------------------------------------------------------------ setup
     @property
@@ -527,7 +536,7 @@ class GRPOLit(MusicFlamingoLit):
             rec, target = records[source]
             if self.tasks is not None and not ({target.task, target.kind} & self.tasks):
                 continue
-            out.append(Prompt(rec.id, self.prompt_ids(rec, counts[b]), target, windows[b]))
+            out.append(Prompt(rec.id, self.prompt_ids(rec, counts[b]), target, windows[b], rec.source))
         return out
 
     def _features(self, batch: Mapping[str, Any], prompts: Sequence[Prompt]) -> tuple[Any, Any]:
@@ -542,7 +551,11 @@ class GRPOLit(MusicFlamingoLit):
 
     # ------------------------------------------------------------------ rollouts
     def _stop_ids(self) -> tuple[int, ...]:
-        ids = [self.model.config.text.eos_token_id, self._processor().eos_token_id]
+        """The ids that end a completion: the config's and the tokenizer's eos, and the eos ids of
+        `model.net.init_from`'s generation_config.json, on which infer.py and eval.py stop too
+        (`checkpoint.stop_token_ids`): a rollout that ran on past one was scored on text eval never sees."""
+        generation = getattr(self.model, "generation_defaults", {}).get("eos_token_id") or []
+        ids = [self.model.config.text.eos_token_id, self._processor().eos_token_id, *generation]
         return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
     @torch.no_grad()
@@ -630,10 +643,10 @@ class GRPOLit(MusicFlamingoLit):
                 output = parse(text)
                 total = 0.0
                 for name, reward in self.rewards.items():
-                    value = reward(output, p.target)
-                    components[name].append(None if value is None else float(value))
+                    value = _reward_value(name, reward(output, p.target), p)
+                    components[name].append(value)
                     if value is not None:
-                        total += float(reward.weight) * float(value)
+                        total += float(reward.weight) * value
                 row_out.append(output)
                 row_r.append(total)
             outputs.append(row_out)
@@ -727,6 +740,9 @@ class GRPOLit(MusicFlamingoLit):
         t0 = time.perf_counter()
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
+        # the rates this batch's (first) update steps with: read before the schedule moves them on
+        groups = getattr(opt, "optimizer", opt).param_groups
+        self._step_lrs = {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(groups)}
         prompts = self.batch_prompts(batch, "train") if batch["input_ids"].shape[0] else []
         rank = self.trainer.global_rank if self._trainer is not None else 0
         generator = torch.Generator(device=self.device)
@@ -768,7 +784,7 @@ class GRPOLit(MusicFlamingoLit):
                 loss, ids = None, []
                 if k < len(inputs):
                     prompts_mb, completions_mb, owner, features, mask = inputs[k]
-                    ids = [p.id for p in prompts_mb]
+                    ids = [p.source or p.id for p in prompts_mb]  # file:line (ids may repeat)
                     logp, which = self.sequence_logprobs(self.model, *inputs[k])
                     adv = advantages[micro[k]].reshape(-1).to(logp.device)[which].to(logp.dtype)
                     old = logp.detach() if olds[k] is None else olds[k]
@@ -798,7 +814,7 @@ class GRPOLit(MusicFlamingoLit):
             opt.step()
             scheduler.step()
 
-        self._log_step(roll, zero, stats, grad_norm, stops, time.perf_counter() - t0, refs)
+        self._log_step(roll, zero, stats, grad_norm, stops, time.perf_counter() - t0)
         return torch.tensor(stats["loss"] / max(stats["tokens"], 1.0))
 
     @torch.no_grad()
@@ -827,30 +843,33 @@ class GRPOLit(MusicFlamingoLit):
         grad_norm: float | None,
         stops: set[int],
         seconds: float,
-        refs: Sequence[torch.Tensor | None],
     ) -> None:
-        n = int(roll.rewards.numel())
-        bs = max(n, 1)
-        tokens = [len(t) for group in roll.completions for t in group]
-        self.log("train/loss", stats["loss"] / max(stats["tokens"], 1.0), prog_bar=True, batch_size=bs)
-        if n:
-            self.log("train/reward", float(roll.rewards.mean()), prog_bar=True, batch_size=bs)
-            for name, values in roll.components.items():
-                applied = [v for v in values if v is not None]
-                if applied:
-                    self.log(f"train/reward/{name}", sum(applied) / len(applied), batch_size=len(applied))
-            truncated = sum(1 for group in roll.completions for t in group if not t or t[-1] not in stops)
-            self.log("train/completion_length", sum(tokens) / len(tokens), batch_size=bs)
-            self.log("train/truncated", truncated / len(tokens), batch_size=bs)
-            self.log("train/zero_variance_groups", float(zero.float().mean()), batch_size=bs)
-        if stats["tokens"]:
-            if any(r is not None for r in refs):
-                self.log("train/kl", stats["kl"] / stats["tokens"], batch_size=bs)
-            clipped = stats.get("clipped_last", stats["clipped"])
-            self.log("train/clip_fraction", clipped / stats["tokens"], batch_size=bs)
+        # Sums over every rank's rollouts (one all-reduce), so the metrics are the batch's, as the loss is, not
+        # rank 0's share of it
+        lengths = [len(t) for group in roll.completions for t in group]
+        truncated = sum(1 for group in roll.completions for t in group if not t or t[-1] not in stops)
+        clipped = stats.get("clipped_last", stats["clipped"])
+        local = [float(sum(lengths)), float(truncated), float(zero.sum()), float(zero.numel())]
+        local += [stats["loss"], stats["tokens"], stats["kl"], clipped, *self._reward_sums(roll)]
+        total = self._all_reduce(torch.tensor(local, dtype=torch.float64), "sum").tolist()
+        length_sum, truncated, zero_groups, groups, loss, tokens, kl, clipped = total[:8]
+        self.log("train/loss", loss / max(tokens, 1.0), prog_bar=True, batch_size=1)
+        rewards = self._reward_means(total[8:])
+        if rewards:
+            self.log("train/reward", rewards.pop(""), prog_bar=True, batch_size=1)
+            for name, value in rewards.items():
+                self.log(f"train/reward/{name}", value, batch_size=1)
+            completions = max(total[9], 1.0)
+            self.log("train/completion_length", length_sum / completions, batch_size=1)
+            self.log("train/truncated", truncated / completions, batch_size=1)
+            self.log("train/zero_variance_groups", zero_groups / max(groups, 1.0), batch_size=1)
+        if tokens:
+            if self.beta > 0:
+                self.log("train/kl", kl / tokens, batch_size=1)
+            self.log("train/clip_fraction", clipped / tokens, batch_size=1)
         if grad_norm is not None:
             self.log("train/grad_norm", grad_norm, batch_size=1)
-        self._samples_per_s = n / max(seconds, 1e-9)
+        self._samples_per_s = total[9] / max(seconds, 1e-9)  # every rank's completions
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The gradient norm is logged by the step itself (before clipping)."""
@@ -858,8 +877,9 @@ class GRPOLit(MusicFlamingoLit):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._samples_per_s is not None:
             self.log("train/samples_per_s", self._samples_per_s, prog_bar=True, batch_size=1)
-        for i, group in enumerate(self.optimizers().optimizer.param_groups if self._trainer else []):
-            self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
+        # the rate the step used (as the SFT module logs it), not the next step's: the schedule has stepped since
+        for name, lr in self._step_lrs.items():
+            self.log(f"lr/{name}", lr, batch_size=1)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -871,15 +891,59 @@ class GRPOLit(MusicFlamingoLit):
         features, mask = self._features(batch, prompts)
         params = SamplingParams(self.max_new_tokens, False, stop_ids=self._stop_ids())
         roll = self.score(prompts, self.generate(prompts, features, mask, 1, params, None))
-        bs = len(prompts)
-        self.log("val/reward", float(roll.rewards.mean()), prog_bar=True, batch_size=bs)
-        for name, values in roll.components.items():
-            applied = [v for v in values if v is not None]
-            if applied:
-                self.log(f"val/reward/{name}", sum(applied) / len(applied), batch_size=len(applied))
+        self._val_sums = [a + b for a, b in zip(self._val_sums, self._reward_sums(roll))]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = [0.0] * (2 + 2 * len(self.rewards))
+
+    def on_validation_epoch_end(self) -> None:
+        """`val/reward` and `val/reward/<name>`: means over the whole validation set, every rank's share (each
+        rank used to log the mean of its own share, and only rank 0's was written)."""
+        total = self._all_reduce(torch.tensor(self._val_sums, dtype=torch.float64), "sum").tolist()
+        rewards = self._reward_means(total)
+        if rewards:  # the same keys and values on every rank
+            self.log("val/reward", rewards.pop(""), prog_bar=True, batch_size=1, sync_dist=True)
+            for name, value in rewards.items():
+                self.log(f"val/reward/{name}", value, batch_size=1, sync_dist=True)
+
+    # ------------------------------------------------------------------ reward statistics
+    def _reward_sums(self, roll: Rollouts) -> list[float]:
+        """[sum of the rewards, samples, then per reward (in `self.rewards` order) the sum of its values and the
+        samples it applied to]: what `_reward_means` reads once summed over batches and ranks."""
+        out = [float(roll.rewards.double().sum()), float(roll.rewards.numel())]
+        for name in self.rewards:
+            applied = [v for v in roll.components.get(name, []) if v is not None]
+            out += [float(sum(applied)), float(len(applied))]
+        return out
+
+    def _reward_means(self, sums: Sequence[float]) -> dict[str, float]:
+        """{"": the mean reward, name: each reward's mean over the samples it applied to} from `_reward_sums`
+        totals; {} without samples, a reward left out where it applied to none."""
+        if not sums[1]:
+            return {}
+        out = {"": sums[0] / sums[1]}
+        for i, name in enumerate(self.rewards):
+            value, count = sums[2 + 2 * i], sums[3 + 2 * i]
+            if count:
+                out[name] = value / count
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- config checks
+def _reward_value(name: str, value: Any, prompt: Prompt) -> float | None:
+    """A reward's value as a float (None: it does not apply); anything else is an error naming the reward and the
+    record (a float() of it failed with a bare TypeError, the record unnamed)."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise GRPOConfigError(
+            f"model.rewards.{name} returned {value!r:.80} for record {prompt.id!r} ({prompt.source or 'no source'}):"
+            " expected a number, or None where it does not apply"
+        ) from None
+
+
 def _target(rec: Record) -> Target:
     """What the record's rewards compare against (its fields checked: errors name the record's file:line)."""
     reference = next((m.content for m in reversed(rec.messages) if m.role == "assistant"), None)

@@ -137,7 +137,9 @@ def think_record(record: Mapping[str, Any], thinking: str) -> dict[str, Any]:
     """A question-answer manifest record (our JSONL layout: ``conversations`` of ``role``/``content``) in the
     MF-Think layout: the last user turn gets the think suffix, the last assistant turn becomes
     ``think_text(thinking, answer)``. Other fields are kept. Idempotent: a turn already in the layout (the suffix
-    there, the answer already ``<think>..</think><answer>..</answer>``) is left as it is."""
+    there, the answer already ``<think>..</think><answer>..</answer>``) is left as it is. A ValueError naming the
+    record's id where the result would not be in the layout: an empty answer, an answer with misplaced tags, a
+    thinking that holds a tag."""
     name = f"record {record.get('id')!r}"
     convs = record.get("conversations")
     if not isinstance(convs, list) or not all(isinstance(m, Mapping) for m in convs):
@@ -154,8 +156,20 @@ def think_record(record: Mapping[str, Any], thinking: str) -> dict[str, Any]:
         raise ValueError(f"{name}: the last user turn has no assistant answer to reason about")
     question, answer = convs[users[-1]], convs[answers[-1]]
     question["content"] = ensure_think_prompt(str(question["content"]))
-    if not parse_think(answer["content"]).well_formed:
-        answer["content"] = think_text(thinking, answer["content"])
+    parsed = parse_think(str(answer["content"]))
+    if parsed.status == "broken":  # wrapped, its tags would nest inside <answer>: SFT would teach broken tags
+        raise ValueError(
+            f"{name}: the last answer has think/answer tags but is not <think>...</think><answer>...</answer> "
+            f"(a tag unclosed, repeated or out of place): {str(answer['content'])!r:.120}"
+        )
+    if not parsed.well_formed:
+        if not parsed.answer:
+            raise ValueError(f"{name}: the last answer is empty: nothing to put in <answer>")
+        if TAGS.any_tag.search(str(thinking)):
+            raise ValueError(
+                f"{name}: the thinking holds a think/answer tag, which would break the layout: {thinking!r:.120}"
+            )
+        answer["content"] = think_text(str(thinking), str(answer["content"]))
     return {**record, "conversations": convs}
 
 
