@@ -13,8 +13,8 @@ from release_fixtures import (
     make_gtzan,
     make_jamendolyrics,
     make_mmau,
-    make_music_instruct,
     make_muchomusic,
+    make_music_instruct,
     make_musiccaps,
     tone,
 )
