@@ -98,6 +98,17 @@ def _batch_ids(batch: Mapping[str, Any]) -> str:
     return f"batch ids {list(batch.get('ids', []))[:8]}"
 
 
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are CPU copies; the original stays where it is, and no second
+    copy of its weights is made on its device (`copy.deepcopy` copies every tensor where it lies)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(model, memo)
+
+
 class MusicFlamingoLit(L.LightningModule):
     """Steps, optimizer groups and export around a ready model.
 
@@ -509,8 +520,10 @@ class MusicFlamingoLit(L.LightningModule):
             merge_lora(model, torch.bfloat16, device="cpu")
             model = model.to("cpu", torch.bfloat16)
         elif any(isinstance(m, LoRALinear) for m in model.modules()):
-            # each merge is computed in float32 and stored in its base weight's dtype (`LoRALinear.merged_linear`)
-            model = copy.deepcopy(model)
+            # the copy is made on the CPU: a deepcopy on the GPU held a second model there at the end of a run
+            # (33 GB for the release's fp32 master weights), beyond what the planner counts. Each merge is computed
+            # in float32 and stored in its base weight's dtype (`LoRALinear.merged_linear`).
+            model = cpu_copy(model)
             merge_lora(model)
         path = Path(path)
         model.save_pretrained(path, max_shard_size=max_shard_size, overwrite=overwrite)

@@ -220,3 +220,37 @@ def test_a_non_floating_dtype_is_refused_by_name(tmp_path):
         RuntimeConfigError, match=r"dtype='int8': expected one of \['bfloat16', 'float16', 'float32'"
     ):
         MusicFlamingo.from_pretrained(tmp_path / "ckpt", dtype=torch.int8)
+
+
+def test_the_lora_export_copies_the_weights_to_the_cpu_not_where_they_lie(tmp_path, monkeypatch):
+    """`MusicFlamingoLit.export` merged into `copy.deepcopy(model)`: a second model on the training device at the
+    end of a run (33 GB for the release's fp32 master weights on a GPU, which the planner does not count). The
+    copy is now made tensor by tensor on the CPU: no parameter is deep-copied where it lies, the module under
+    training keeps its adapters, and the export gives the adapted model's logits."""
+    import functools
+
+    from musicflamingo.lit import MusicFlamingoLit
+    from musicflamingo.model.build import PARTS
+
+    model = _with_trained_adapters(_tiny())
+    batch = _batch(model.config)
+    with torch.no_grad():
+        want = model(**batch).logits
+    lit = MusicFlamingoLit(
+        model,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        scheduler=functools.partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0),
+        part_lr=dict.fromkeys(PARTS),
+        nonfinite_loss="stop",
+    )
+
+    def no_device_copy(self, memo):
+        raise AssertionError("a parameter was deep-copied on its own device")
+
+    monkeypatch.setattr(nn.Parameter, "__deepcopy__", no_device_copy)
+    lit.export(tmp_path / "export")
+    monkeypatch.undo()
+    assert any(name.endswith("lora_A") for name, _ in lit.model.named_parameters())  # left untouched
+    merged = MusicFlamingo.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-5, atol=1e-5)
