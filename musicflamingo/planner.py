@@ -16,7 +16,8 @@ Kept for backward, per position (D, q, kv, I, H: width, query / key-value width,
 
 * decoder layer: s*D + 4 (its input and RMSNorm's rstd; the fused q/k/v GEMM rebuilds the rest), c*(q + 2 kv)
   (q, k after RoPE, v), c*q + 4H (attention output, logsumexp), s*D + 4 (the MLP's input), 2c*I (gate, up:
-  SwiGLU is recomputed). A LoRA'd linear adds its normalised input (one autocast copy per adapter) and c*r; an
+  SwiGLU is recomputed). A LoRA'd linear adds its normalised input (one autocast copy per adapter) and c*r (with
+  LoRA dropout, per adapter its own dropped input and dropout's noise, in the input's dtype on CPU, or bool mask); an
   unfused down_proj adds 2c*I. The last layer keeps only the key/value part for all N positions, the rest for K,
   plus its (K, S) attention mask. With checkpointing a layer keeps only its input, s*D, and one layer is rebuilt
   at a time in backward. Packed rows (`data.pack`) attend run by run and keep nothing more; with compiled layers
@@ -191,6 +192,7 @@ class TrainingSetup:
     train_language_model: bool = True
     lora_rank: int = 0  # 0: no LoRA
     lora_targets: tuple[str, ...] = ()
+    lora_dropout: bool = False  # `model.net.lora.dropout` > 0: adapters keep dropped inputs and noise
     quantize_base: str | None = None  # "nf4": the frozen decoder linears in 4 bits (QLoRA)
     checkpointing: bool = False
     tokens: int = 4096
@@ -265,6 +267,11 @@ def _decoder_layer(
     plain = setup.quantize_base is None  # 4-bit linears keep no autocast copy and are never fused
     copy = c if p.autocast else 0
     copies = 0
+    # LoRA dropout: an adapter's input is its own dropped tensor (under autocast its bf16 copy, as without dropout)
+    # plus what dropout keeps for backward: on CPU its noise in the input's dtype (at::dropout multiplies by it), on
+    # CUDA the fused kernel's bool mask
+    dropout = bool(r) and setup.lora_dropout
+    noise = (lambda b: b) if setup.device == "cpu" else (lambda b: 1)
 
     def reads(names: Sequence[str], n: int) -> int:
         """What one normalised input and the linears reading it keep. Fused (plain linears, no adapter): the
@@ -277,6 +284,8 @@ def _decoder_layer(
         copies += sum(copy * shapes[x][0] * shapes[x][1] for x in names) if plain else 0
         copies += sum(copy * r * (shapes[x][0] + shapes[x][1]) for x in mine)
         xn = (len(mine) * c * D if p.autocast else s * D) if mine else 0
+        if mine and dropout:  # the normalised input (s bytes) is dropped anew per adapter
+            xn = len(mine) * D * ((c if p.autocast else s) + noise(s))
         return n * (s * D + 4 + xn + len(mine) * c * r)
 
     if full == rows:
@@ -289,14 +298,16 @@ def _decoder_layer(
         kept += full * c * seq
     kept += full * 2 * c * kv + rows * (2 * c * q + 4 * H)  # k, v; q after RoPE, attention output, logsumexp
     copies += copy * q * D if plain else 0  # o_proj: a plain F.linear
-    if "o_proj" in adapted:
-        kept += rows * c * r
+    if "o_proj" in adapted:  # reads the attention output (c bytes, kept already); dropout makes its own copy
+        kept += rows * (c * r + (q * (c + noise(c)) if dropout else 0))
         copies += copy * r * (q + D)
     kept += reads(("gate_proj", "up_proj"), rows) + rows * 2 * c * inter  # gate, up
     # unfused SwiGLU: silu(gate) too, and the product where an adapter reads it (a frozen 4-bit down_proj keeps
     # nothing of its input: bitsandbytes saves only the packed weight)
     if "down_proj" in adapted or not plain:
         down = c * inter + c * r if "down_proj" in adapted else 0
+        if "down_proj" in adapted and dropout:  # the dropped product instead of the product, and the noise
+            down += inter * noise(c)
         kept += rows * (c * inter + down)
         copies += copy * inter * D if plain else 0
     return kept + copies, copies
@@ -898,19 +909,50 @@ def model_config(net: Mapping[str, Any]) -> MusicFlamingoConfig:
     return MusicFlamingoConfig.from_name(net["preset"], **dict(net.get("overrides") or {}))
 
 
+DEVICES_EXPECTED = "a number of processes >= 1, -1 or auto (every visible GPU), or a list of GPU indices"
+
+
 def _devices(value: Any, device: str) -> int:
     """Processes per node `trainer.devices` starts, as Lightning counts them: a number, a list (or "0,1") of GPU
-    indices, or -1 / "auto" for every visible GPU ("auto" on CPU: one)."""
-    if isinstance(value, str) and "," in value:
-        value = [v for v in value.split(",") if v.strip()]
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return max(1, len(value))
-    if isinstance(value, int) and not isinstance(value, bool) and value != -1:
-        return max(1, value)
+    indices, or -1 / "auto" for every visible GPU ("auto" on CPU: one). What Lightning refuses (0, an empty list,
+    -2, 1.5, "two", GPU indices on CPU, repeated indices) is refused here, naming the setting."""
+
+    def bad(why: str = "") -> MemoryPlanError:
+        return MemoryPlanError(f"trainer.devices={value!r}: {why or 'expected ' + DEVICES_EXPECTED}")
+
+    if isinstance(value, str):
+        text = value.strip()
+        if "," in text:  # "0,1": GPU indices
+            parts = [v.strip() for v in text.split(",") if v.strip()]
+            if not all(v.isdigit() for v in parts):
+                raise bad()
+            value_list: Any = [int(v) for v in parts]
+        elif text.lstrip("-").isdigit():
+            value_list = int(text)
+        elif text == "auto":
+            value_list = -1 if device == "cuda" else 1
+        else:
+            raise bad()
+    else:
+        value_list = value
+    if isinstance(value_list, Sequence) and not isinstance(value_list, str):
+        if not value_list or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value_list
+        ):
+            raise bad("expected a non-empty list of GPU indices (integers >= 0)")
+        if device != "cuda":
+            raise bad(
+                "a list of GPU indices, but the run is on CPU (trainer.accelerator); give the number of processes"
+            )
+        if len(set(value_list)) != len(value_list):
+            raise bad("a GPU index is listed twice")
+        return len(value_list)
+    if isinstance(value_list, bool) or not isinstance(value_list, int) or value_list == 0 or value_list < -1:
+        raise bad()
+    if value_list > 0:
+        return value_list
     if device != "cuda":
-        if value == -1:
-            raise MemoryPlanError("trainer.devices=-1 (every GPU) on CPU: give the number of processes")
-        return 1
+        raise MemoryPlanError(f"trainer.devices={value} (every GPU) on CPU: give the number of processes")
     import torch
 
     count = torch.cuda.device_count()
@@ -922,8 +964,46 @@ def _devices(value: Any, device: str) -> int:
     return count
 
 
-def training_setup(settings: Mapping[str, Any]) -> tuple[MusicFlamingoConfig, TrainingSetup]:
-    """(model config, setup) of a composed, resolved `configs/train.yaml`."""
+# the `trainer.strategy` values the planner models (Lightning's names, or a `_target_`)
+STRATEGIES_KNOWN = (
+    "null, auto, single_device, ddp* or DDPStrategy (trainer=ddp), trainer=fsdp's fsdp_strategy"
+)
+
+
+def _strategy(value: Any, processes: int, strict: bool) -> str:
+    """`single`, `ddp` or `fsdp` for `trainer.strategy`. With `strict`, a strategy whose memory the planner does
+    not model (DeepSpeed, XLA, Lightning's FSDP without a wrapping policy: the whole model one unit) or that
+    Lightning does not know is refused, naming it; without, it is planned as DDP (or one device)."""
+    default = "ddp" if processes > 1 else "single"
+    if isinstance(value, Mapping):
+        target = str(value.get("_target_", ""))
+        if target == "musicflamingo.distributed.fsdp_strategy":  # one FSDP unit per block
+            return "fsdp"
+        name = target.rsplit(".", 1)[-1]
+        if name in ("DDPStrategy", "SingleDeviceStrategy"):
+            return "ddp" if name == "DDPStrategy" and processes > 1 else "single"
+        shown = target or dict(value)
+    else:
+        name = "auto" if value is None else str(value).strip().lower()
+        if name in ("auto", "single_device"):
+            return default
+        if name.startswith("ddp"):
+            return "ddp" if processes > 1 else "single"
+        shown = value
+    if not strict:
+        return default
+    raise MemoryPlanError(
+        f"trainer.strategy={shown!r}: the memory planner models {STRATEGIES_KNOWN} (Lightning's own fsdp, without "
+        "a wrapping policy, gathers the whole model at once); use trainer=ddp or trainer=fsdp, or "
+        "memory_check=false to run without the plan"
+    )
+
+
+def training_setup(
+    settings: Mapping[str, Any], strict: bool = True
+) -> tuple[MusicFlamingoConfig, TrainingSetup]:
+    """(model config, setup) of a composed, resolved `configs/train.yaml`. `strict`: a `trainer.strategy` the
+    planner does not model is refused (:func:`_strategy`); `check_training` drops it under `memory_check=false`."""
     import torch
 
     from musicflamingo.model.lora import check_lora_rank, check_lora_targets
@@ -939,12 +1019,7 @@ def training_setup(settings: Mapping[str, Any]) -> tuple[MusicFlamingoConfig, Tr
     devices = _devices(_get(settings, "trainer.devices", 1), device)
     nodes = _setting_int(settings, "trainer.num_nodes", 1, minimum=1)
     strategy_cfg = _get(settings, "trainer.strategy")
-    target = (
-        str(strategy_cfg.get("_target_", ""))
-        if isinstance(strategy_cfg, Mapping)
-        else str(strategy_cfg or "")
-    )
-    strategy = "fsdp" if "fsdp" in target.lower() else ("ddp" if devices * nodes > 1 else "single")
+    strategy = _strategy(strategy_cfg, devices * nodes, strict)
     fsdp_ckpt = (
         isinstance(strategy_cfg, Mapping)
         and bool(strategy_cfg.get("activation_checkpointing", True))
@@ -975,6 +1050,8 @@ def training_setup(settings: Mapping[str, Any]) -> tuple[MusicFlamingoConfig, Tr
         train_language_model=not freeze.get("language_model", False) and not lora_on,
         lora_rank=rank if lora_on else 0,
         lora_targets=targets if lora_on else (),
+        # kept with LoRA off too: `alternatives` suggests enabling the adapters as configured
+        lora_dropout=bool(lora.get("dropout") or 0),
         quantize_base=net.get("quantize_base"),
         checkpointing=bool(net.get("gradient_checkpointing")) or fsdp_ckpt,
         tokens=int(_get(settings, "data.batch_max_tokens", 4096)),
@@ -1044,7 +1121,9 @@ def check_training(
     """The plan of a composed `configs/train.yaml`. Unless `plan` or `memory_check=false`, a MemoryPlanError when
     it does not fit the device's free memory (`available(device)`, default `device_memory`; processes on one CPU
     share its memory), listing the changes that would fit (`alternatives`)."""
-    config, setup = training_setup(settings)
+    config, setup = training_setup(
+        settings, strict=bool(settings.get("plan")) or settings.get("memory_check", True) is not False
+    )
     plan = plan_training(config, setup)
     if settings.get("plan"):
         plan.notes += _training_fit(config, setup, plan, settings, available or device_memory)
