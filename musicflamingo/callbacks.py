@@ -358,7 +358,8 @@ class StopOnSignal(Callback):
 
 
 class ProgressLog(Callback):
-    """One log line every `every_n_steps` optimizer steps: step / total, loss, tokens/s, elapsed and ETA.
+    """One log line every `every_n_steps` optimizer steps: step / total, loss (and GRPO's mean reward), tokens/s,
+    elapsed and ETA.
 
     A progress bar redrawn with carriage returns reads as noise in a file or a pipe (and Lightning prints nothing
     else between the model summary and the end of training), so when stderr is not a terminal the bar is off
@@ -402,11 +403,14 @@ class ProgressLog(Callback):
         if limit is not None and (eta is None or limit < eta):
             eta = max(limit, 0.0)  # the time budget ends the run first
         loss = trainer.callback_metrics.get("train/loss")
+        # GRPO: the on-policy loss is ~0 whatever the policy does; the mean reward is what says how the run goes
+        reward = trainer.callback_metrics.get("train/reward")
         log.info(
-            "step %d%s | loss %s | %.0f tokens/s | elapsed %s | ETA %s",
+            "step %d%s | loss %s%s | %.0f tokens/s | elapsed %s | ETA %s",
             step,
             f"/{total}" if total else "",
             f"{float(loss):.4f}" if loss is not None else "n/a",
+            f" | reward {float(reward):.3f}" if reward is not None else "",
             self._tokens / max(elapsed, 1e-9),
             _clock(elapsed),
             _clock(eta) if eta is not None else "n/a",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_grpo import SHORT, _attach_manifests, _net, _rewrite
 from train_fixtures import TINY_OVERRIDES, compose_train, grpo_module, write_dataset, write_processor
 
@@ -199,3 +200,29 @@ def test_a_reward_that_returns_no_number_is_named_with_its_record(tmp_path):
         GRPOConfigError, match=r"model.rewards.mine returned 'yes' for record 'q7' \(train.jsonl:3\)"
     ):
         lit.score([prompt], [[[5, 6], [7]]])
+
+
+def test_the_progress_line_shows_grpo_s_reward(caplog):
+    """Piped output (`make demo > log`, a cluster job): GRPO's line said only "loss 0.0000" (the on-policy loss is
+    ~0 whatever happens); it now carries the mean reward when the module logs one, and SFT's line is unchanged."""
+    import logging
+    from types import SimpleNamespace
+
+    from musicflamingo.callbacks import ProgressLog
+
+    def line(metrics: dict) -> str:
+        cb = ProgressLog(every_n_steps=1)
+        trainer = SimpleNamespace(
+            global_step=0, max_steps=4, callbacks=[], is_global_zero=True, callback_metrics=metrics
+        )
+        cb.on_train_start(trainer, None)
+        trainer.global_step = 2
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="musicflamingo.callbacks"):
+            cb.on_train_batch_end(trainer, None, None, {}, 0)
+        return caplog.records[-1].getMessage()
+
+    grpo = line({"train/loss": torch.tensor(0.0), "train/reward": torch.tensor(0.625)})
+    assert grpo.startswith("step 2/4 | loss 0.0000 | reward 0.625 | "), grpo
+    sft = line({"train/loss": torch.tensor(1.5)})
+    assert sft.startswith("step 2/4 | loss 1.5000 | ") and "reward" not in sft, sft
