@@ -273,7 +273,8 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             datasets.append(ds)
             log.info("%s: %d records, %d tokens (estimated)", path, len(ds), sum(lengths[-1]))
         weights = [w for _, w in spec] if weighted else None
-        mixture = MixtureDataset(datasets, weights, lengths=lengths, seed=self.seed)
+        names = [f"data.{'train' if weighted else 'val'}[{k}] ({path})" for k, (path, _) in enumerate(spec)]
+        mixture = MixtureDataset(datasets, weights, lengths=lengths, seed=self.seed, names=names)
         return mixture, mixture.lengths.tolist()
 
     def _over_budget(self, mixture: MixtureDataset, lengths: list[int], budget: int, setting: str) -> None:
@@ -399,9 +400,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             # Lightning's epoch is over, also when it ends before the sampler's (trainer.limit_train_batches): the
             # resumed sampler starts the next (a loader with workers iterates before Lightning sets the epoch)
             epoch, consumed = epoch + 1, 0
-        state = self.train_sampler.state_dict(batches_consumed=consumed)
-        state["epoch"] = epoch
-        return state
+        return self.train_sampler.state_dict(batches_consumed=consumed, epoch=epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """Sampler position (also saved through :class:`ResumableDataLoader`; loading it twice is harmless) and

@@ -16,7 +16,9 @@ When a row counts:
 * its ``hash`` equals the hash of a record's line (rows are matched by content, so inserting, deleting or
   reordering lines keeps the other rows valid). Hashing every line at each launch costs about a second per
   million records and catches any edit; the manifest's size and mtime would miss a same-size edit and flag a mere
-  copy, so they are not used. A JSON-list manifest hashes each record's parsed content instead (it has no lines).
+  copy, so they are not used. A JSON-list manifest hashes each record's parsed audios and messages instead (it has
+  no lines; an absent ``id`` defaults to the record's line, so it is left out, as the other fields the numbers do
+  not depend on are).
 * its settings agree: the format version and ``audio_root`` for the durations; for the counts also the tokenizer
   (a digest of its model), system prompt, audio token, window settings and the ids of a probe conversation (which
   catch a change to the chat template code).
@@ -77,7 +79,7 @@ def _digest(data: bytes | str) -> str:
 
 
 def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes: str) -> dict[str, Any]:
-    """What an index's numbers depend on. ``hashes``: ``"line"`` (JSONL) or ``"record"`` (JSON list)."""
+    """What an index's numbers depend on. ``hashes``: ``"line"`` (JSONL) or ``"content"`` (JSON list)."""
     probe = [
         {"role": "user", "content": f"{processor.audio_token}Describe the track: tempo, key, metre?"},
         {"role": "assistant", "content": "A slow ballad at 72 BPM in A minor, 3/4.\nÉtude — 音楽 🎵"},
@@ -110,8 +112,8 @@ def _open(path: Path, audio_root: str | os.PathLike | None) -> tuple[Sequence[Re
         texts = (records.text(i) for i in range(len(records)))
         kind = "line"
     else:
-        texts = (repr((r.id, r.audios, r.messages, r.extra)).encode() for r in records)
-        kind = "record"
+        texts = (repr((r.audios, r.messages)).encode() for r in records)
+        kind = "content"  # was "record", with the id and the other fields: such an index is stale as a whole
     hashes = b"".join(hashlib.blake2b(t, digest_size=8).digest() for t in texts)
     return records, np.frombuffer(hashes, dtype="<u8"), kind
 

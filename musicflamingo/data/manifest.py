@@ -147,7 +147,7 @@ def _refuse_folder(path: Path) -> None:
     if path.is_dir():
         raise ManifestError(
             f"{path}: a folder, not a manifest file (JSONL or a JSON list) nor a shard folder (it has no index.json; "
-            "write one with `python -m musicflamingo.data shard MANIFEST {path}`)"
+            f"write one with `python -m musicflamingo.data shard MANIFEST {path}`)"
         )
 
 

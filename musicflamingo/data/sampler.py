@@ -11,6 +11,7 @@ plus audio placeholders, see :func:`musicflamingo.data.dataset.estimate_num_toke
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import logging
 import math
@@ -132,6 +133,7 @@ class TokenBudgetBatchSampler:
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed on this rank)
         self._yielded = 0
         self._cache: tuple[int, list[list[int]]] | None = None
+        self._digest: tuple[int, str] | None = None  # (epoch, order_digest)
         # the tight packing of the longest epoch: the last resort of an epoch that made too many batches
         self._bound_batches = self._tight(self._bound_indices())
         indices, _ = self._epoch_samples(0)
@@ -317,6 +319,16 @@ class TokenBudgetBatchSampler:
             self._yielded += 1
             yield batch
 
+    def order_digest(self, epoch: int) -> str:
+        """A digest of ``epoch``'s global batch list: equal only when the epoch hands out the same samples in the
+        same batches and order (same data, weights, lengths, budget and settings)."""
+        if self._digest is None or self._digest[0] != epoch:
+            h = hashlib.blake2b(digest_size=8)
+            for batch in self._global_batches(epoch):
+                h.update(np.asarray([len(batch), *batch], dtype=np.int64).tobytes())
+            self._digest = (epoch, h.hexdigest())
+        return self._digest[1]
+
     def __len__(self) -> int:
         """Batches per rank and epoch, the same for every epoch of the run (the full epoch, also when resuming
         inside it)."""
@@ -327,18 +339,26 @@ class TokenBudgetBatchSampler:
             return n // self.num_replicas
         return -(-n // self.num_replicas)
 
-    def state_dict(self, batches_consumed: int | None = None) -> dict[str, Any]:
+    def state_dict(self, batches_consumed: int | None = None, epoch: int | None = None) -> dict[str, Any]:
         """Position inside the epoch. ``batches_consumed`` defaults to the batches ``__iter__`` handed out,
-        which runs ahead of training when a DataLoader prefetches: the training loop should pass its own count."""
-        return {
-            "epoch": self.epoch,
-            "batches_consumed": self._yielded if batches_consumed is None else int(batches_consumed),
+        which runs ahead of training when a DataLoader prefetches: the training loop should pass its own count;
+        ``epoch`` defaults to the sampler's. Inside an epoch, ``order`` (:meth:`order_digest`) lets a resume check
+        that the epoch still hands out the batches trained on: a manifest reordered or edited between runs, or
+        other weights, keep the record count but not the order."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        consumed = self._yielded if batches_consumed is None else int(batches_consumed)
+        state = {
+            "epoch": epoch,
+            "batches_consumed": consumed,
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "num_samples": len(self.lengths),
             "max_tokens": self.max_tokens,
             "num_batches": self.num_batches,
         }
+        if 0 < consumed < len(self):
+            state["order"] = self.order_digest(epoch)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue epoch ``state["epoch"]`` with the batch after the ``batches_consumed`` already trained on (the
@@ -351,6 +371,14 @@ class TokenBudgetBatchSampler:
                     f"cannot resume the batch sampler exactly: {key} was {state[key]} when saved, now {value}"
                 )
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        if "order" in state and 0 < consumed < len(self) and state["order"] != self.order_digest(epoch):
+            raise ValueError(
+                f"cannot resume the batch sampler exactly: epoch {epoch}'s batches differ from those the checkpoint "
+                f"was written with ({consumed} of them trained on), so the rest of the epoch would repeat some "
+                "samples and never reach others: the training data changed (a manifest edited or reordered, other "
+                "weights or token lengths) though its record count did not; resume with the data that wrote it, or "
+                "start a new run from the weights"
+            )
         if 0 < len(self) <= consumed:
             # Epoch `epoch` is over: the next is Lightning's next. A DataLoader with workers runs `__iter__` before
             # Lightning's `set_epoch`, which would otherwise hand out an empty rest of `epoch` as the next epoch.
@@ -365,8 +393,9 @@ class MixtureDataset(Dataset):
     ``weights[k]`` is how often each sample of dataset ``k`` is visited per epoch on average: ``1`` = once,
     ``2.0`` = twice (upsampling a small set), ``0.25`` = a fresh random quarter each epoch. Dataset ``k`` then
     contributes ``round(weights[k] * len(datasets[k]))`` indices to epoch ``e``, drawn deterministically from
-    ``(seed, e, k)``: whole passes over it plus a random subset without replacement. Use :meth:`epoch_indices` as
-    the sampler's ``epoch_indices`` and :attr:`lengths` as its lengths.
+    ``(seed, e, k)``: whole passes over it plus a random subset without replacement. A weight above 0 that draws
+    no sample (``0.3`` for a single record) is refused, naming the dataset (``names[k]``). Use :meth:`epoch_indices`
+    as the sampler's ``epoch_indices`` and :attr:`lengths` as its lengths.
     """
 
     def __init__(
@@ -375,6 +404,7 @@ class MixtureDataset(Dataset):
         weights: Sequence[float] | None = None,
         lengths: Sequence[Sequence[int]] | None = None,
         seed: int = 0,
+        names: Sequence[str] | None = None,
     ) -> None:
         if not datasets:
             raise ValueError("MixtureDataset needs at least one dataset")
@@ -387,6 +417,15 @@ class MixtureDataset(Dataset):
         self.weights = weights
         self.seed = int(seed)
         self.sizes = [len(d) for d in self.datasets]
+        for k, (size, w) in enumerate(zip(self.sizes, weights)):
+            if (
+                w > 0 and size and round(w * size) == 0
+            ):  # a dataset meant to be sampled that no epoch would draw
+                name = names[k] if names is not None else f"dataset {k}"
+                raise ValueError(
+                    f"{name}: weight {w:g} x {size} samples draws round({w * size:g}) = 0 samples per epoch, so it "
+                    f"would never be trained on; give it a weight above {0.5 / size:.3g} (or 0 to leave it out)"
+                )
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         if lengths is not None:
             if [len(x) for x in lengths] != self.sizes:

@@ -97,10 +97,18 @@ def _pack(index: int, blobs: Sequence[bytes]) -> bytes:
 
 
 def _unpack(data: bytes) -> tuple[int, list[bytes]]:
+    """Inverse of :func:`_pack`; ValueError when ``data`` is not such a value (a damaged chunk)."""
+    head = struct.calcsize("<QI")
+    if len(data) < head:
+        raise ValueError(f"{len(data)} bytes, fewer than its {head}-byte header")
     index, n = struct.unpack_from("<QI", data)
-    pos = struct.calcsize("<QI")
-    sizes = struct.unpack_from(f"<{n}Q", data, pos)
-    out, pos = [], pos + 8 * n
+    pos = head + 8 * n
+    if pos > len(data):
+        raise ValueError(f"header counts {n} files, more than its {len(data)} bytes can hold")
+    sizes = struct.unpack_from(f"<{n}Q", data, head)
+    if pos + sum(sizes) != len(data):
+        raise ValueError(f"its files' sizes add up to {sum(sizes)} bytes, it holds {len(data) - pos}")
+    out = []
     for size in sizes:
         out.append(data[pos : pos + size])
         pos += size
@@ -339,10 +347,40 @@ def _check_chunk_bytes(value: str | int) -> str | int:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+def _check_chunks(folder: str) -> None:
+    """A local shard folder's chunk files are all there and whole, as its index.json lists them: litdata would wait
+    for a missing or short one as for a download and fail with a timeout that says it is none."""
+    if is_url(folder):
+        return  # an object store: litdata downloads, and names, what it cannot get
+    try:
+        with open(os.path.join(folder, INDEX), encoding="utf-8") as f:
+            index = json.load(f)
+        chunks = index["chunks"]
+        compressed = (index.get("config") or {}).get("compression") is not None
+        sizes = [(c["filename"], int(c["chunk_bytes"])) for c in chunks]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # litdata names what is wrong with the index itself (_streaming)
+    for name, size in sizes:
+        path = os.path.join(folder, name)
+        try:
+            have = os.path.getsize(path)
+        except OSError:
+            raise ShardError(
+                f"{path}: missing (listed in {os.path.join(folder, INDEX)}); the shard set is incomplete: write the "
+                "shards again (--overwrite)"
+            ) from None
+        if not compressed and have < size:
+            raise ShardError(
+                f"{path}: {have} bytes, {size} when written (truncated: an interrupted copy or download?); write or "
+                "copy the shards again"
+            )
+
+
 def _streaming(url: str, cache_dir: str | None) -> Any:
     from litdata import StreamingDataset
 
     _quiet_litdata()
+    _check_chunks(url)
     try:
         return StreamingDataset(url, cache_dir=cache_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -357,7 +395,8 @@ class ShardRecords(Sequence):
     (``records[i]`` -> :class:`Record`): a few bytes per record beside the text, where Record objects take
     kilobytes each and get copied page by page in DataLoader workers as reference counts touch them."""
 
-    def __init__(self, texts: Sequence[bytes]) -> None:
+    def __init__(self, texts: Sequence[bytes], where: str = "shard records") -> None:
+        self.where = where
         self._data = b"".join(texts)
         self._ends = np.cumsum([len(t) for t in texts], dtype=np.int64)
 
@@ -367,15 +406,22 @@ class ShardRecords(Sequence):
     def parse(self, i: int) -> tuple[Record, list[float]]:
         """Record ``i`` and its audios' seconds (NaN where the header was unreadable at sharding time)."""
         start = int(self._ends[i - 1]) if i > 0 else 0
-        obj = json.loads(self._data[start : int(self._ends[i])])
-        record = Record(
-            id=obj["id"],
-            audios=[AudioRef(**a) for a in obj["audios"]],
-            messages=[Message(**m) for m in obj["messages"]],
-            extra=obj["extra"],
-            source=obj["source"],
-        )
-        return record, [math.nan if x is None else x for x in obj["seconds"]]
+        try:
+            obj = json.loads(self._data[start : int(self._ends[i])])
+            record = Record(
+                id=obj["id"],
+                audios=[AudioRef(**a) for a in obj["audios"]],
+                messages=[Message(**m) for m in obj["messages"]],
+                extra=obj["extra"],
+                source=obj["source"],
+            )
+            seconds = [math.nan if x is None else float(x) for x in obj["seconds"]]
+        except (ValueError, KeyError, TypeError) as e:  # a damaged chunk's bytes that still decode
+            raise ShardError(
+                f"{self.where}: entry {i} is not a record this code wrote ({type(e).__name__}: {e}); write the shards "
+                "again"
+            ) from None
+        return record, seconds
 
     def __getitem__(self, i: int) -> Record:  # type: ignore[override]
         return self.parse(i)[0]
@@ -383,17 +429,27 @@ class ShardRecords(Sequence):
 
 def read_shard_records(url: str, cache_dir: str | None = None) -> ShardRecords:
     """The records of ``<url>/records`` (text only), in shard order."""
-    ds = _streaming(_join(url, RECORDS), cache_dir)
-    ds[0]  # opens the index: len(ds.cache) counts every record (len(ds) only this rank's share under DDP)
+    where = _join(url, RECORDS)
+    ds = _streaming(where, cache_dir)
+
+    def entry(i: int) -> str:
+        try:
+            return ds[i]
+        except UnicodeError as e:  # a damaged chunk: bytes that are no UTF-8 text
+            raise ShardError(
+                f"{where}: entry {i} is not a record's text ({e}); write the shards again"
+            ) from None
+
+    entry(0)  # opens the index: len(ds.cache) counts every record (len(ds) only this rank's share under DDP)
     ds.on_demand_bytes = False  # remote: one download per chunk, not one request per record
     texts = []
     for i in range(len(ds.cache)):
-        text = ds[i].encode("utf-8")
+        text = entry(i).encode("utf-8")
         # the index leads each JSON object: a cheap check that records/ is whole and in order
         if not text.startswith(b'{"index": %d,' % i):
-            raise ShardError(f"{url}/{RECORDS}: entry {i} is {text[:40]!r}...; write the shards again")
+            raise ShardError(f"{where}: entry {i} is {text[:40]!r}...; write the shards again")
         texts.append(text)
-    return ShardRecords(texts)
+    return ShardRecords(texts, where)
 
 
 class ShardDataset(ConversationDataset):
@@ -426,11 +482,18 @@ class ShardDataset(ConversationDataset):
         if self._audio is None or self._pid != os.getpid():
             self._audio, self._pid = _streaming(self.url, self.cache_dir), os.getpid()
         try:
-            stored, blobs = _unpack(self._audio[int(index)])
+            data = self._audio[int(index)]
         except (ValueError, IndexError) as e:  # litdata's words for an index past its samples
             raise ShardError(
                 f"{self.url}: no audio sample {index} for its {len(self.records)} records ({e}); the audio and "
                 "records halves were written by different runs: write the shards again"
+            ) from None
+        try:
+            stored, blobs = _unpack(data)
+        except (ValueError, TypeError, struct.error) as e:
+            raise ShardError(
+                f"{self.url}: audio sample {index} ({self.records[index].source}) is damaged ({e}); write the "
+                "shards again"
             ) from None
         if stored != index:
             raise ShardError(f"{self.url}: sample {index} holds record {stored}; write the shards again")
