@@ -30,7 +30,7 @@ from musicflamingo.audio import features as F
 from musicflamingo.audio.io import AudioError, load_or_validate
 from musicflamingo.chat import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, Conversation
 from musicflamingo.checkpoint import PROCESSOR_FILES, refuse_interrupted_save, save_files
-from musicflamingo.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from musicflamingo.tokenizer import Tokenizer, TokenizerError, load_tokenizer, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -415,17 +415,7 @@ class MusicFlamingoProcessor:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    except (UnicodeDecodeError, RecursionError):
-        raise ValueError(f"{path}: invalid JSON (not UTF-8, or nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, ValueError)
 
 
 def _config_vocab_size(path: Path) -> int | None:

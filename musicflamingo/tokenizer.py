@@ -92,19 +92,20 @@ def _check_unicode(text: object) -> None:
             raise TokenizerError(str(e)) from None
 
 
-def _read_json_object(path: Path) -> dict:
-    """The JSON object in ``path`` ({} when there is no such file); TokenizerError naming the file when it is not
-    UTF-8 JSON holding an object (a bare TypeError or UnicodeDecodeError from deep inside the loader otherwise)."""
+def read_json_object(path: Path, error: type[ValueError] = TokenizerError) -> dict:
+    """The JSON object in ``path`` ({} when there is no such file); ``error`` naming the file when it is not
+    UTF-8 JSON holding an object (a bare TypeError or UnicodeDecodeError from deep inside the loader otherwise).
+    One reader for a checkpoint folder's small JSON files (tokenizer, processor and model configs)."""
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: invalid JSON ({e})") from None
+        raise error(f"{path}: invalid JSON ({e})") from None
     except (UnicodeDecodeError, RecursionError):
-        raise TokenizerError(f"{path}: invalid JSON (not UTF-8, or nested too deeply)") from None
+        raise error(f"{path}: invalid JSON (not UTF-8, or nested too deeply)") from None
     if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -147,7 +148,7 @@ class HFTokenizer(Tokenizer):
         except Exception as e:
             raise TokenizerError(f"{path}: cannot load tokenizer.json ({e})") from None
         try:
-            return cls(tok, _read_json_object(d / "tokenizer_config.json"))
+            return cls(tok, read_json_object(d / "tokenizer_config.json"))
         except TokenizerError as e:
             if str(e).startswith("tokenizer_config.json:"):  # a bad token field: name the folder too
                 raise TokenizerError(f"{d / str(e)}") from None
@@ -222,7 +223,7 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> SentencePieceTokenizer:
         d = Path(directory)
-        return cls(d / "tokenizer.model", _read_json_object(d / cls.SPECIAL_FILE))
+        return cls(d / "tokenizer.model", read_json_object(d / cls.SPECIAL_FILE))
 
     def encode(self, text: str) -> list[int]:
         try:
