@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from release_fixtures import (
     make_gtzan,
     make_jamendolyrics,
@@ -18,6 +17,8 @@ from release_fixtures import (
     make_musiccaps,
     tone,
 )
+from test_eval_release_formats import _bench
+from test_eval_release_formats import _cfg as release_cfg
 
 from musicflamingo.eval import BenchmarkError, EvalConfigError, build_benchmark, evaluate, run_benchmark
 
@@ -25,21 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(name: str, root: Path, *extra: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(
-            config_name="eval",
-            overrides=[
-                f"benchmark={name}",
-                f"benchmark.root={root}",
-                f"output_dir={root / 'out'}",
-                "progress=false",
-                *extra,
-            ],
-        )
-
-
-def _bench(name: str, root: Path, *extra: str):
-    return build_benchmark(dict(_cfg(name, root, *extra).benchmark))
+    return release_cfg(name, root, root / "out", *extra)
 
 
 def test_csv_error_names_the_line_the_row_starts_on(tmp_path):
