@@ -58,7 +58,9 @@ class AudioEncoderConfig:
 
     Dropout (training only, as the reference): `dropout` on the hidden states after the positions and on the
     attention and MLP outputs before each residual add; `activation_dropout` after the MLP's GELU;
-    `attention_dropout` on the attention probabilities.
+    `attention_dropout` on the attention probabilities. `layerdrop` (config.json `layerdrop` or
+    `encoder_layerdrop`): in training each layer is skipped with this probability (one `torch.rand([])` per layer,
+    as the reference draws it). `scale_embedding` is read and written back but, as in the reference, unused.
     """
 
     num_mel_bins: int = 128
@@ -72,6 +74,7 @@ class AudioEncoderConfig:
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
     scale_embedding: bool = False
+    layerdrop: float = 0.0
 
     def __post_init__(self) -> None:
         w = "audio_config"
@@ -84,6 +87,7 @@ class AudioEncoderConfig:
         _check_float(self, "layer_norm_eps", 0.0, 1.0, w)
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             _check_probability(self, name, w)
+        _check_float(self, "layerdrop", 0.0, 1.0, w)  # 1 skips every layer, as the reference would
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"audio_config.hidden_size={self.hidden_size} must be divisible by "
@@ -294,7 +298,18 @@ class MusicFlamingoConfig:
                 raise ConfigError(f"{where}{name} must be a JSON object, got {value!r}")
             return value
 
+        def only(sub: dict, name: str, supported: str, where: str, why: str) -> None:
+            # a field the reference honours that we do not implement: refuse it rather than compute other numbers
+            value = sub.get(name)
+            if value is not None and value != supported:
+                raise ConfigError(f"{where}{name}={value!r} is not supported (only {supported!r}): {why}")
+
         try:
+            only(
+                ac, "activation_function", "gelu", "audio_config.", "the encoder's MLP is the exact erf GELU"
+            )
+            only(tc, "hidden_act", "silu", "text_config.", "the decoder's MLP is SwiGLU (silu)")
+            _check_text_attention(tc)
             audio = AudioEncoderConfig(
                 num_mel_bins=pick(ac, "num_mel_bins", default=128),
                 hidden_size=pick(ac, "hidden_size", "d_model", default=1280),
@@ -306,8 +321,17 @@ class MusicFlamingoConfig:
                 dropout=pick(ac, "dropout", default=0.0),
                 attention_dropout=pick(ac, "attention_dropout", default=0.0),
                 activation_dropout=pick(ac, "activation_dropout", default=0.0),
+                layerdrop=pick(ac, "layerdrop", "encoder_layerdrop", default=0.0),
             )
             rope = table(tc, "rope_parameters", "text_config.")
+            # scaled RoPE (the reference reads rope_scaling before rope_parameters, for older files)
+            for key in ("rope_parameters", "rope_scaling"):
+                kind = table(tc, key, "text_config.")
+                kind = kind.get("rope_type", kind.get("type", "default"))
+                why = (
+                    "scaled RoPE variants (linear, dynamic, yarn, ...) change the positions; not implemented"
+                )
+                only({"rope_type": kind}, "rope_type", "default", f"text_config.{key}.", why)
             rope_theta = (  # transformers >= 5 nests it in rope_parameters, older files keep it at the top
                 number(rope, "rope_theta", 0.0, "text_config.rope_parameters.")
                 if rope.get("rope_theta") is not None
@@ -379,7 +403,7 @@ class MusicFlamingoConfig:
                 "dropout": a.dropout,
                 "attention_dropout": a.attention_dropout,
                 "activation_dropout": a.activation_dropout,
-                "layerdrop": 0.0,
+                "layerdrop": a.layerdrop,
             },
             "text_config": {
                 "model_type": "qwen2",
@@ -457,6 +481,38 @@ def _quantization(q: Any, source: str) -> str | None:
             "quantize=int8 instead"
         )
     return ours[method]
+
+
+def _check_text_attention(tc: dict[str, Any]) -> None:
+    """Refuse a text_config whose reference model would use sliding-window attention in some layer: the decoder
+    here attends over the whole sequence in every layer. The reference (Qwen2Config) uses `layer_types` when given,
+    else slides in layers `i >= max_window_layers` when `use_sliding_window` is true and `sliding_window` is set."""
+    types = tc.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or any(not isinstance(t, str) for t in types):
+            raise ConfigError(f"text_config.layer_types must be a list of strings, got {types!r}")
+        other = sorted({t for t in types if t != "full_attention"})
+        if other:
+            raise ConfigError(
+                f"text_config.layer_types holds {other}: only 'full_attention' layers are supported "
+                "(sliding-window attention is not implemented)"
+            )
+        return
+    sliding = tc.get("use_sliding_window", False)
+    if not isinstance(sliding, bool):
+        raise ConfigError(
+            f"text_config.use_sliding_window must be a JSON boolean (true or false), got {sliding!r}"
+        )
+    if sliding and tc.get("sliding_window") is not None:
+        first = tc.get("max_window_layers", 28)
+        layers = tc.get("num_hidden_layers", 28)
+        if isinstance(first, int) and isinstance(layers, int) and first >= layers:
+            return  # no layer slides
+        raise ConfigError(
+            f"text_config.use_sliding_window=true with sliding_window={tc.get('sliding_window')!r} gives the "
+            f"layers from max_window_layers={first!r} on sliding-window attention, which is not implemented: set "
+            "use_sliding_window to false (the released checkpoint does)"
+        )
 
 
 def _make(cls: type, values: dict[str, Any], where: str) -> Any:

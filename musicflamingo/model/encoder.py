@@ -146,7 +146,10 @@ class AudioEncoder(nn.Module):
         # layer's input alive (torch's checkpoint saves them whatever the grad mode), W x P x d per layer.
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         checkpointing = checkpointing and (h.requires_grad or any(p.requires_grad for p in self.parameters()))
+        layerdrop = self.config.layerdrop if self.training else 0.0
         for layer in self.layers:
+            if layerdrop > 0.0 and torch.rand([]) < layerdrop:  # the reference's draw: one per layer, CPU RNG
+                continue
             if checkpointing:
                 h = torch.utils.checkpoint.checkpoint(layer, h, mask, use_reentrant=False)
             else:

@@ -20,7 +20,14 @@ from torch import nn
 
 from musicflamingo import engine
 from musicflamingo.chat import IGNORE_INDEX
-from musicflamingo.checkpoint import generation_config, load_config, read_state_dict, write_state_dict
+from musicflamingo.checkpoint import (
+    checkpoint_files,
+    generation_config,
+    hf_to_ours,
+    load_config,
+    read_state_dict,
+    write_state_dict,
+)
 from musicflamingo.model.config import MusicFlamingoConfig
 from musicflamingo.model.encoder import AudioEncoder, conv_output_lengths
 from musicflamingo.model.fused import linear_cross_entropy
@@ -264,16 +271,26 @@ class MusicFlamingo(nn.Module):
             # The CPU kernels need 64-byte aligned weights, which views of a mapped file rarely are: read them into
             # memory of their own instead of mapping and then copying (that held both, 2x the quantized bytes).
             mmap = False
-        # A tied head is stored once, as the embedding.
+        # tie_word_embeddings: the reference never ties (its `_tied_weights_keys` is None) and reads
+        # `language_model.lm_head.weight` whatever the flag says, so a save writes the head too. A checkpoint with no
+        # head (older saves of ours, quantized ones) uses the embedding; one whose head equals the embedding is tied
+        # again; one whose head differs (the reference trained it apart) keeps it, as the reference computes.
         tied = config.text.tie_word_embeddings
         sd = model.state_dict()
-        expected = {k: t.shape for k, t in sd.items() if not (tied and k == "lm_head.weight")}
+        head_stored = not tied or any(hf_to_ours(n) == "lm_head.weight" for n in checkpoint_files(Path(path)))
+        expected = {k: t.shape for k, t in sd.items() if head_stored or k != "lm_head.weight"}
         integer = {k: t.dtype for k, t in sd.items() if not t.dtype.is_floating_point}
         state = read_state_dict(path, expected, dtype=dtype, device=device, mmap=mmap, integer=integer)
+        head = state.pop("lm_head.weight", None) if tied else None
         model.load_state_dict(state, strict=not tied, assign=True)
         del state, sd
         if tied:
-            model.lm_head.weight = model.language_model.embed_tokens.weight
+            embedding = model.language_model.embed_tokens.weight
+            if head is None or torch.equal(head, embedding):
+                model.lm_head.weight = embedding
+            else:
+                model.lm_head.weight = nn.Parameter(head, requires_grad=embedding.requires_grad)
+            del head
         model.reset_buffers(device)  # created on meta: rebuilt in float32 on the target device
         if method and not config.quantization:  # a quantized checkpoint's own method is built above
             quantize_model(model, method)
@@ -290,11 +307,15 @@ class MusicFlamingo(nn.Module):
         model's config.json or is a non-empty folder without our files is refused unless `overwrite`, and so is a
         quantized save over weights that are not quantized the same way."""
         state = self.state_dict()
-        if self.config.text.tie_word_embeddings:
-            del state["lm_head.weight"]
         config = self.config
         if getattr(self, "quantization", None):
             config = dataclasses.replace(config, quantization=self.quantization)
+        if getattr(self.lm_head, "weight", None) is self.language_model.embed_tokens.weight:  # tied
+            # The reference never ties and would start a missing head at random: write it, a copy (safetensors
+            # refuses shared storage). A quantized folder is ours alone: the head stays stored once, as the embedding.
+            head = state.pop("lm_head.weight")
+            if not config.quantization:
+                state["lm_head.weight"] = head.clone()
         write_state_dict(
             state,
             config,

@@ -419,5 +419,7 @@ class Qwen2Model(nn.Module):
             else:
                 h = layer(*args)
         if valid is not None:
+            if not self.layers:  # no last layer gathered the wanted rows
+                h = gather_rows(h, rows)
             h = h[valid]  # (N, h)
         return self.norm(h)
