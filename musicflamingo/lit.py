@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import nn
 
 from musicflamingo.errors import RunStopped
@@ -26,6 +27,7 @@ from musicflamingo.model.build import PARTS
 from musicflamingo.model.lora import LoRALinear, QuantizedLoRALinear, has_quantized, merge_lora
 
 _ADAPTERS = (LoRALinear, QuantizedLoRALinear)  # the layers whose scale a checkpoint records
+_WRAPPER_PREFIXES = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,9 @@ class MusicFlamingoLit(L.LightningModule):
         if set(part_lr) != set(PARTS):
             raise ValueError(f"part_lr: got keys {sorted(part_lr)}; expected exactly {list(PARTS)}")
         self.model = net
+        # each parameter's dimensions as built: FSDP (use_orig_params) shows a rank's shard of a weight as a 1-d
+        # view by the time the optimizer is made, which `p.ndim < 2` would put in a no-decay group
+        self._built_ndim = {name: p.ndim for name, p in net.named_parameters()}
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.part_lr = dict(part_lr)
@@ -273,9 +278,17 @@ class MusicFlamingoLit(L.LightningModule):
                 for p in self.parameters():
                     p.grad = None
             self._learned_since_step = False
-        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
+        squares = [p.grad.detach().float().square().sum() for p in self.parameters() if p.grad is not None]
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        if (
+            sharded
+        ):  # each rank holds a shard of every gradient: the whole model's norm sums all ranks' squares
+            total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
+            self.log(
+                "train/grad_norm", self.trainer.strategy.reduce(total, reduce_op="sum").sqrt(), batch_size=1
+            )
+        elif squares:
+            self.log("train/grad_norm", torch.stack(squares).sum().sqrt(), batch_size=1)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch["input_ids"].shape[0] == 0:  # all samples skipped as bad
@@ -295,9 +308,10 @@ class MusicFlamingoLit(L.LightningModule):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
+            name = _WRAPPER_PREFIXES.sub("", name)  # FSDP / activation checkpointing wrappers' names
             part = name.split(".")[0]
             part = "language_model" if part == "lm_head" else part
-            no_decay = p.ndim < 2 or "norm" in name or name.endswith(".bias")
+            no_decay = self._built_ndim.get(name, p.ndim) < 2 or "norm" in name or name.endswith(".bias")
             groups.setdefault((part, no_decay), []).append(p)
         out = []
         for (part, no_decay), params in sorted(groups.items()):

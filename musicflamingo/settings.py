@@ -208,6 +208,15 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
         )
     _choice(settings, "trainer.accelerator", ("cpu", "gpu", "cuda", "mps", "auto"))
     if not _planning(settings):  # plan=true plans for devices this machine may not have
+        if "fsdp" in str(target).lower():  # trainer=fsdp on a laptop: trainer=cpu would drop FSDP altogether
+            value = _get(settings, "trainer.accelerator")
+            if value in ("gpu", "cuda") and not torch.cuda.is_available():
+                _fail(
+                    "trainer.accelerator",
+                    value,
+                    "CUDA is not available here; FSDP runs on CPU processes (gloo) with trainer.accelerator=cpu "
+                    "trainer.precision=32, or train on one process with trainer=cpu",
+                )
         _accelerator(settings, "trainer.accelerator")
 
 

@@ -373,8 +373,54 @@ def _fit(
         "datamodule": datamodule,
         "processor": processor,
     }
-    if cfg.get("export") and trainer.is_global_zero:
-        export_dir = lit.export(output_dir / "export", processor=processor)
-        log.info("exported to %s", export_dir)
-        objects["export_dir"] = export_dir
+    if cfg.get("export"):
+        export_dir = export_trained(trainer, lit, cfg.model.net, output_dir / "export", processor)
+        if export_dir is not None:
+            log.info("exported to %s", export_dir)
+            objects["export_dir"] = export_dir
     return metrics, objects
+
+
+def export_trained(
+    trainer: L.Trainer, lit: L.LightningModule, net_cfg: Any, path: Path, processor: Any
+) -> Path | None:
+    """Rank 0 writes the trained model's Hugging Face folder (`lit.export`); returns None on the other ranks.
+
+    Under FSDP each rank holds a shard of every weight (1-d views, empty where another rank holds it): every rank
+    takes part in gathering the full weights (a collective), and rank 0 exports them from a plain copy of the model
+    (built on the meta device with the run's freezing and LoRA, then given the gathered tensors)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return lit.export(path, processor=processor) if trainer.is_global_zero else None
+    from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+    with _get_full_state_dict_context(trainer.strategy.model, world_size=trainer.world_size):
+        state = trainer.strategy.model.state_dict()  # full tensors on rank 0's CPU, nothing elsewhere
+    if not trainer.is_global_zero:
+        return None
+    plain = _plain_copy(lit.model, net_cfg, {k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    return type(lit).export(_Exporting(plain), path, processor=processor)
+
+
+class _Exporting:
+    """What `MusicFlamingoLit.export` reads of its module: `.model`."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+
+def _plain_copy(model: Any, net_cfg: Any, state: Mapping[str, torch.Tensor]) -> Any:
+    """An unwrapped CPU `MusicFlamingo` with `model`'s architecture, freezing and LoRA adapters, holding `state`."""
+    from musicflamingo.model.build import add_lora, freeze_parts
+    from musicflamingo.model.musicflamingo import MusicFlamingo
+
+    with torch.device("meta"):
+        plain = MusicFlamingo(model.config)
+        freeze_parts(plain, net_cfg.freeze)
+        add_lora(plain, net_cfg.lora)
+    plain.load_state_dict(dict(state), strict=True, assign=True)
+    plain.reset_buffers("cpu")  # the rotary buffers are not in the state dict: rebuilt in float32
+    plain.rote_quirk = model.rote_quirk
+    plain.generation_defaults = dict(model.generation_defaults)
+    return plain.train(model.training)
