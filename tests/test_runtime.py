@@ -23,7 +23,11 @@ def test_one_dtype_table_with_aliases():
         for name in names:
             assert parse_dtype(name) == dtype
             assert resolve_device_dtype("cpu", name)[1] == dtype
-    assert parse_dtype(None) is None and parse_dtype("auto") is None and parse_dtype(torch.float16) == torch.float16
+    assert (
+        parse_dtype(None) is None
+        and parse_dtype("auto") is None
+        and parse_dtype(torch.float16) == torch.float16
+    )
     # a torch dtype object is checked like a name: weights in int8 are no model dtype
     with pytest.raises(RuntimeConfigError, match=r"dtype='int8': expected one of"):
         parse_dtype(torch.int8)
