@@ -46,8 +46,18 @@ FIELDS = (
     "think",
     "reasoning_effort",
 )
-# Accepted and without effect here.
-IGNORED_FIELDS = ("metadata", "store", "service_tier", "parallel_tool_calls")
+# Accepted and without effect here: bookkeeping and caching hints that do not change the answer (the openai client
+# sends `safety_identifier` and `prompt_cache_key` where it used to send `user`).
+IGNORED_FIELDS = (
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+)
 # OpenAI fields this server implements only at their neutral value (None is neutral for all of them).
 NEUTRAL: dict[str, Any] = {
     "frequency_penalty": lambda v: _is_number(v) and v == 0,  # (False == 0: a bool is not a number here)
@@ -64,6 +74,8 @@ NEUTRAL: dict[str, Any] = {
     "audio": lambda v: False,
     "prediction": lambda v: False,
     "web_search_options": lambda v: False,
+    "verbosity": lambda v: v == "medium",  # OpenAI's default
+    "moderation": lambda v: False,
 }
 MESSAGE_FIELDS = {
     "system": ("role", "content", "name"),
@@ -81,7 +93,15 @@ MESSAGE_FIELDS = {
     ),
 }
 ROLE_ALIASES = {"developer": "system"}
-REASONING_EFFORT = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
+REASONING_EFFORT = {
+    "none": False,
+    "minimal": False,
+    "low": True,
+    "medium": True,
+    "high": True,
+    "xhigh": True,
+    "max": True,
+}
 
 
 @dataclass
@@ -290,11 +310,13 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
             raise bad_request("stream_options", "is only allowed with stream=true")
         if not isinstance(options, dict):
             raise bad_request("stream_options", 'must be an object {"include_usage": true}')
-        _check_keys(options, ("include_usage",), "stream_options")
-        usage = options.get("include_usage", False)
-        if not isinstance(usage, bool):
-            raise bad_request("stream_options.include_usage", f"must be true or false, got {usage!r}")
-        req.include_usage = usage
+        _check_keys(options, ("include_usage", "include_obfuscation"), "stream_options")
+        # include_obfuscation: OpenAI pads its chunks against side channels; this server sends no padding either way
+        for name in ("include_usage", "include_obfuscation"):
+            v = options.get(name)
+            if v is not None and not isinstance(v, bool):
+                raise bad_request(f"stream_options.{name}", f"must be true or false, got {v!r}")
+        req.include_usage = bool(options.get("include_usage"))
 
     for name in ("max_tokens", "max_completion_tokens"):
         v = data.get(name)
@@ -336,9 +358,10 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
         if len(stops) > MAX_STOP_STRINGS:
             raise bad_request("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         req.stop = list(stops)
-    user = data.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad_request("user", "must be a string")
+    for name in ("user", "safety_identifier", "prompt_cache_key"):
+        v = data.get(name)
+        if v is not None and not isinstance(v, str):
+            raise bad_request(name, f"must be a string, got {type(v).__name__}")
 
     think, effort = data.get("think"), data.get("reasoning_effort")
     if think is not None and not isinstance(think, bool):
