@@ -31,7 +31,8 @@ Optimization is manual (micro-batches of `micro_batch_size` completions, whole g
 (optimizer, schedule, data position), plus a fingerprint of the frozen reference: a resume must rebuild the same one.
 Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
 `train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/zero_variance_groups`,
-`train/samples_per_s`, `train/grad_norm`; `val/reward` and `val/reward/<name>` (greedy, one sample per prompt,
+`train/samples_per_s`, `train/grad_norm`, `train/optimizer_step` (the loggers' `step` counts batches, each of
+`updates_per_batch` optimizer steps); `val/reward` and `val/reward/<name>` (greedy, one sample per prompt,
 means over the whole validation set). Under DDP each is over every rank's rollouts, as the loss is.
 """
 
@@ -521,13 +522,11 @@ class GRPOLit(MusicFlamingoLit):
         )
 
     def batch_prompts(self, batch: Mapping[str, Any], split: str = "train") -> list[Prompt]:
-        """The batch's records as prompts (those of other tasks left out)."""
+        """The batch's records as prompts (those of other tasks left out). Each row's `<sound>` runs are read from
+        its real tokens (the attention mask), so a batch padded on either side gives the same prompts."""
         records = self._record_table(split)
-        ids = batch["input_ids"]
-        lengths = batch["attention_mask"].sum(1).tolist()
-        counts = [
-            sound_runs(ids[b, : lengths[b]], self.model.config.audio_token_id) for b in range(ids.shape[0])
-        ]
+        ids, real = batch["input_ids"], batch["attention_mask"].bool()
+        counts = [sound_runs(ids[b][real[b]], self.model.config.audio_token_id) for b in range(ids.shape[0])]
         windows = windows_per_sample(batch.get("input_features_mask"), [sum(c) for c in counts])
         out = []
         for b, source in enumerate(batch["sources"]):
@@ -796,6 +795,12 @@ class GRPOLit(MusicFlamingoLit):
                 if self._any_rank(bad):
                     self._nonfinite(loss if bad else None, f"records {ids[:8]}", "GRPO loss")
                     opt.zero_grad(set_to_none=True)
+                    # the batch's earlier updates have stepped: its remaining ones step without gradients (weights
+                    # and moments unchanged), so the step count stays a multiple of updates_per_batch (max_steps
+                    # and checkpoint intervals are checked against those); a first update skips the whole batch
+                    for _ in range(self.updates_per_batch - update if update else 0):
+                        opt.step()
+                        scheduler.step()
                     return None
                 if loss is None:
                     # fewer micro-batches than another rank: a zero gradient keeps the DDP ranks in step
@@ -869,6 +874,9 @@ class GRPOLit(MusicFlamingoLit):
             self.log("train/clip_fraction", clipped / tokens, batch_size=1)
         if grad_norm is not None:
             self.log("train/grad_norm", grad_norm, batch_size=1)
+        # the logger's `step` counts batches; with updates_per_batch > 1 the optimizer's steps (what max_steps and
+        # the checkpoints count) are this
+        self.log("train/optimizer_step", float(self.global_step), batch_size=1)
         self._samples_per_s = total[9] / max(seconds, 1e-9)  # every rank's completions
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -37,8 +37,8 @@ in the forward (what the blocks before keep + this block's working memory: q/k/v
 CPU bf16 attention's scores, float32 softmax and probabilities, c + 8 bytes per score; one loss chunk at the
 head), in backward (a block's gradients appear, then its activations go; a checkpointed layer is rebuilt with its
 working memory) and at the optimizer step (gradients + one parameter-sized foreach temporary). DDP adds its
-gradient buckets (one more gradient copy); FSDP divides weights, gradients and states by the device count and adds
-the gathered units (the root + two blocks).
+gradient buckets (one more gradient copy, on one device too: Lightning wraps the model all the same); FSDP divides
+weights, gradients and states by the device count and adds the gathered units (the root + two blocks).
 
 Generation (`plan_inference`): weights, then the larger of encoding the prompts' audio windows (the stem's conv
 outputs, an encoder layer's attention or MLP temporaries) and the KV cache (2 * layers * kv_heads * head_dim *
@@ -193,6 +193,9 @@ class TrainingSetup:
     lora_rank: int = 0  # 0: no LoRA
     lora_targets: tuple[str, ...] = ()
     lora_dropout: bool = False  # `model.net.lora.dropout` > 0: adapters keep dropped inputs and noise
+    # `model.net.lora.rank` and `.targets` as configured, LoRA on or off: what `alternatives` suggests enabling
+    # (None: rank 8 on q/k/v/o)
+    lora_configured: tuple[int, tuple[str, ...]] | None = None
     quantize_base: str | None = None  # "nf4": the frozen decoder linears in 4 bits (QLoRA)
     checkpointing: bool = False
     tokens: int = 4096
@@ -467,7 +470,7 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
     when = max(moments, key=moments.get)
     extra, extra_how, notes = 0, "", []
     n = parameter_counts(config)
-    if setup.strategy == "ddp" and setup.devices * setup.nodes > 1:
+    if setup.strategy == "ddp":  # one process too: Lightning wraps it in DDP all the same (`_strategy`)
         extra, extra_how = grads, "DDP: its gradient buckets hold one more copy of the gradients"
     if shard > 1:
         root = n["embed"] + n["lm_head"] + n["projector"] + n["audio_convs"] + n["audio_positions"]
@@ -774,15 +777,15 @@ def alternatives(config: MusicFlamingoConfig, setup: TrainingSetup, budget: int)
     lightest change first (at most six; for FSDP and the batch size only the smallest change that fits). When no
     single change fits, changes with the largest smaller `data.batch_max_tokens` they fit; when none of those fits
     either: the one with the lowest peak, alone."""
-    lora = dict(
-        lora_rank=setup.lora_rank or 8,
-        lora_targets=setup.lora_targets or ("q_proj", "k_proj", "v_proj", "o_proj"),
-        train_language_model=False,
-        train_audio_tower=False,
-    )
+    # the adapters the run would get: those configured (`model.net.lora.rank` / `.targets`; dropout is in `setup`)
+    rank, targets = setup.lora_configured or (8, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if setup.lora_rank:
+        rank, targets = setup.lora_rank, setup.lora_targets
+    lora = dict(lora_rank=rank, lora_targets=targets, train_language_model=False, train_audio_tower=False)
     ckpt, bf16 = "model.net.gradient_checkpointing=true", "trainer.precision=bf16-true"
     lora_cli = (
-        "model.net.lora.enabled=true model.net.freeze.language_model=true model.net.freeze.audio_tower=true"
+        f"model.net.lora.enabled=true model.net.lora.rank={rank} 'model.net.lora.targets=[{','.join(targets)}]' "
+        "model.net.freeze.language_model=true model.net.freeze.audio_tower=true"
     )
     lean = dict(checkpointing=True, precision="bf16-true")
     candidates: list[tuple[str, dict[str, Any]]] = [
@@ -893,13 +896,31 @@ def _get(settings: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return node
 
 
+def checkpoint_config(folder: str | Path) -> MusicFlamingoConfig:
+    """A checkpoint folder's config as loading builds the model, for counting its parameters: with
+    `tie_word_embeddings`, a folder that stores `language_model.lm_head.weight` is planned with that head as its own
+    weight. `MusicFlamingo.from_pretrained` keeps a stored head apart when it differs from the embedding (and ties
+    it again when equal), which only reading both tensors could tell: the header is read, no data, and the head
+    counted (at worst V x D parameters too many, never too few). Our saves write the head whatever the flag. A
+    folder whose weights cannot be listed is planned with the head too (loading then names what is wrong)."""
+    from musicflamingo.checkpoint import CheckpointError, checkpoint_files, hf_to_ours, load_config
+
+    config = load_config(folder)
+    if not config.text.tie_word_embeddings:
+        return config
+    try:
+        stored = any(hf_to_ours(name) == "lm_head.weight" for name in checkpoint_files(Path(folder)))
+    except CheckpointError:
+        stored = True
+    return replace(config, text=replace(config.text, tie_word_embeddings=False)) if stored else config
+
+
 def model_config(net: Mapping[str, Any]) -> MusicFlamingoConfig:
     """The config `model.net` describes (a checkpoint's config.json, or a preset and overrides), no weights."""
     if net.get("init_from"):
-        from musicflamingo.checkpoint import load_config
         from musicflamingo.model.build import check_trainable
 
-        config = load_config(net["init_from"])
+        config = checkpoint_config(net["init_from"])
         check_trainable(config, net["init_from"])
         return config
     if not net.get("preset"):
@@ -973,7 +994,9 @@ STRATEGIES_KNOWN = (
 def _strategy(value: Any, processes: int, strict: bool) -> str:
     """`single`, `ddp` or `fsdp` for `trainer.strategy`. With `strict`, a strategy whose memory the planner does
     not model (DeepSpeed, XLA, Lightning's FSDP without a wrapping policy: the whole model one unit) or that
-    Lightning does not know is refused, naming it; without, it is planned as DDP (or one device)."""
+    Lightning does not know is refused, naming it; without, it is planned as DDP (or one device). A DDP strategy
+    named on one device is DDP all the same: Lightning wraps the model in DistributedDataParallel whatever the
+    process count, and its reducer holds the gradient buckets with one process too (`auto` picks one device)."""
     default = "ddp" if processes > 1 else "single"
     if isinstance(value, Mapping):
         target = str(value.get("_target_", ""))
@@ -981,14 +1004,14 @@ def _strategy(value: Any, processes: int, strict: bool) -> str:
             return "fsdp"
         name = target.rsplit(".", 1)[-1]
         if name in ("DDPStrategy", "SingleDeviceStrategy"):
-            return "ddp" if name == "DDPStrategy" and processes > 1 else "single"
+            return "ddp" if name == "DDPStrategy" else "single"
         shown = target or dict(value)
     else:
         name = "auto" if value is None else str(value).strip().lower()
         if name in ("auto", "single_device"):
             return default
         if name.startswith("ddp"):
-            return "ddp" if processes > 1 else "single"
+            return "ddp"
         shown = value
     if not strict:
         return default
@@ -1052,6 +1075,7 @@ def training_setup(
         lora_targets=targets if lora_on else (),
         # kept with LoRA off too: `alternatives` suggests enabling the adapters as configured
         lora_dropout=bool(lora.get("dropout") or 0),
+        lora_configured=_configured_lora(config, rank, targets),
         quantize_base=net.get("quantize_base"),
         checkpointing=bool(net.get("gradient_checkpointing")) or fsdp_ckpt,
         tokens=int(_get(settings, "data.batch_max_tokens", 4096)),
@@ -1061,6 +1085,24 @@ def training_setup(
         compiled=bool(net.get("compile")),
     )
     return config, setup
+
+
+def _configured_lora(
+    config: MusicFlamingoConfig, rank: int, targets: tuple[str, ...]
+) -> tuple[int, tuple[str, ...]] | None:
+    """The configured adapters (`model.net.lora.rank`, `.targets`) for `alternatives` to suggest; None (its default,
+    rank 8 on q/k/v/o) when they would be refused: targets that are not the decoder's linears, or a rank above the
+    narrowest one (the suggestion would not run; settings.py checks the names, the rank is known only here)."""
+    from musicflamingo.model.lora import check_lora_rank, check_lora_targets
+
+    if not targets:
+        return None
+    try:
+        check_lora_targets(targets)
+        check_lora_rank(rank, {x: linear_shapes(config.text)[x][:2] for x in targets})
+    except ValueError:
+        return None
+    return rank, targets
 
 
 def _grpo_setup(settings: Mapping[str, Any]) -> GRPOSetup | None:
@@ -1224,11 +1266,10 @@ def check_generation(
     MemoryPlanError when it does not fit the device's free memory, listing a dtype or batch size that would."""
     import torch
 
-    from musicflamingo.checkpoint import load_config
     from musicflamingo.model.quantize import load_method
     from musicflamingo.runtime import RuntimeConfigError, available_memory, resolve_device_dtype
 
-    config = load_config(ckpt)
+    config = checkpoint_config(ckpt)
     device, dtype = settings.get("device", "auto"), settings.get("dtype", "auto")
     quantize = load_method(settings.get("quantize"), config.quantization, str(ckpt))  # what loading will run
     try:  # the dtype loading will use (`auto` may fall back to bfloat16 when float32 weights do not fit)
