@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,10 +39,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    out = _WriteErrors(os.fdopen(fd, "wb"))
     try:
-        os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with out.file as f:
+            os.fchmod(f.fileno(), new_file_mode())
+            try:
+                torch.save(obj, out)
+            except RuntimeError as e:
+                # torch's zip writer turns the OSError of a failed write (a full disk) into "unexpected pos ..."
+                if out.error is None:
+                    raise
+                raise out.error from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,6 +60,43 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _WriteErrors:
+    """A binary file for `torch.save` that keeps the OSError of a failed write, which torch swallows."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into `.<name>.<random>.tmp` beside `path`, then rename it over `path`: a kill leaves the old file
+    or the new one. A failed write (full disk) removes the temporary file and names `path`."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, new_file_mode())
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None or e.filename == str(tmp):
+            raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -68,8 +114,17 @@ class AtomicCheckpointIO(CheckpointIO):
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         try:
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as e:  # pickle.UnpicklingError and friends: say which file and why
+        except (
+            pickle.UnpicklingError
+        ) as e:  # pickled code or objects weights_only refuses: say which file and why
             raise ValueError(f"{path}: cannot load checkpoint safely (weights_only=True): {e}") from None
+        except Exception as e:  # EOFError (empty), RuntimeError (not a zip), OSError (cut short): damaged
+            reason = str(e).split(". ")[0].strip() or type(e).__name__
+            raise ValueError(
+                f"{path}: cannot load checkpoint: not a complete checkpoint file ({path.stat().st_size} bytes; "
+                f"{reason}): cut short or damaged (a partial copy?); our own saves never leave one (they rename a "
+                "finished file into place); resume from another checkpoint (ckpt_path=...) or move it away"
+            ) from None
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)
@@ -86,9 +141,13 @@ class BadSampleReport(Callback):
         tracker = getattr(dm, "train_bad_samples", None)
         if tracker is None or not trainer.is_global_zero:
             return
-        tracker.write_jsonl(self.path)
+        # rewritten at every checkpoint: a kill mid-write must leave the last report whole, not a torn one
+        _write_atomically(self.path, tracker.write_jsonl)
         summary = {"bad": tracker.num_bad, "seen": tracker.num_seen, "fraction": tracker.bad_fraction}
-        self.path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        _write_atomically(
+            self.path.with_suffix(".summary.json"), lambda p: p.write_text(text, encoding="utf-8")
+        )
         if tracker.num_bad:
             log.warning(
                 "skipped %d of %d training samples; see %s", tracker.num_bad, tracker.num_seen, self.path

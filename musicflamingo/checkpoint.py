@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from musicflamingo.model.config import ConfigError, MusicFlamingoConfig
@@ -885,7 +886,16 @@ def new_file_mode() -> int:
 def _save_readable(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """`safetensors.save_file`, whose file is owner-only (0600), given the umask's permissions as every other file
     of the folder: a shared export or checkpoint folder should be readable by the team that reads its config."""
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except (
+        SafetensorError
+    ) as e:  # a failed write (full disk) is no OSError here: make it one, for `save_files`
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from e
     os.chmod(path, new_file_mode())
 
 

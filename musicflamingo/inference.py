@@ -583,7 +583,7 @@ class _Output:
                 f"output={self.path}: not UTF-8 (expected the JSON Lines infer.py writes)"
             ) from None
         *lines, last = text.split("\n")
-        if last.startswith('{"audio": ') and not _json_row(last):
+        if (last.startswith(_ROW_START) or _ROW_START.startswith(last)) and last and not _json_row(last):
             # our last write, cut short by a crash: dropped (its input is answered again)
             logger.warning("%s: dropping its last line, cut short by an interrupted run", self.path)
             with open(self.path, "r+b") as f:
@@ -626,8 +626,23 @@ class _Output:
             row.update(answer=split.answer, thinking=split.thinking, text=text)
         if self.system_prompt is not None:
             row["system_prompt"] = self.system_prompt
-        with open(self.path, "a", encoding="utf-8") as f:  # closed at once: a crash loses no finished answer
-            f.write(json.dumps(row) + "\n")  # ASCII escapes: any file name (even not UTF-8) round-trips
+        line = json.dumps(row) + "\n"  # ASCII escapes: any file name (even not UTF-8) round-trips
+        # closed at once: a crash loses no finished answer; a full disk (an OSError naming no file) is named here,
+        # and the rerun drops a torn last row and keeps the others
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"cannot add the answer for {audio}: {e.strerror or e}; the answers before it are kept and a rerun "
+                "goes on from there",
+                str(self.path),
+            ) from e
+
+
+# how every row `_Output.write` writes begins: a torn last row begins so, or is shorter
+_ROW_START = '{"audio": '
 
 
 def _json_row(line: str) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ audio in place, rebuild with ``--force``.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import logging
@@ -326,6 +327,22 @@ class BuildReport:
     seconds: float
 
 
+def _remove_dead_temps(where: Path) -> None:
+    """Delete `.<index>.<pid>.tmp` files that a build killed mid-write left beside the manifest (a running build's
+    own, of a live pid, stay)."""
+    for tmp in where.parent.glob(f".{glob.escape(where.name)}.*.tmp"):
+        pid = tmp.name[len(where.name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("%s: removing %s, left by an interrupted build", where, tmp.name)
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive, another user's
+            continue
+
+
 def build_index(
     manifest: str | os.PathLike,
     processor: Any,
@@ -396,6 +413,7 @@ def build_index(
         }
     ).replace_schema_metadata({_META_KEY: json.dumps(settings).encode()})
     tmp = where.with_name(f".{where.name}.{os.getpid()}.tmp")
+    _remove_dead_temps(where)
     try:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, where)

@@ -12,7 +12,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,14 +209,39 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "field"
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented UTF-8 JSON (NaN-free: None stands for "not defined")."""
+def replace_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into ``.<name>.<random>.tmp`` beside ``path``, then rename it over ``path``: a kill mid-write
+    leaves the old file whole, never half of the new one. A failed write (a full disk) removes the temporary file
+    and raises an OSError naming ``path`` (the entry points print it as one line)."""
+    from musicflamingo.checkpoint import new_file_mode
+
     path = Path(path)
-    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # a kill mid-write leaves the old file whole, never half of the new one
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would hide the results from the rest of the team
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None or e.filename == str(tmp):  # write errors name no file (or the temporary one)
+            raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` as UTF-8 into ``path``, replaced whole (:func:`replace_file`)."""
+    return replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented UTF-8 JSON (NaN-free: None stands for "not defined"), replaced whole."""
+    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def markdown_report(results: Mapping[str, Any]) -> str:
@@ -371,7 +397,7 @@ def plot_accuracy(groups: Mapping[str, Mapping[str, Any]], title: str, path: str
     ax.set_title(title, pad=28)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
+    replace_file(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     return Path(path)
 
 
@@ -402,7 +428,7 @@ def plot_confusion(labels: list[str], confusion: list[list[int]], path: str | Pa
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    fig.savefig(path)
+    replace_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     return Path(path)
 
 
@@ -421,7 +447,7 @@ def plot_values(values: Mapping[str, float | None], title: str, ylabel: str, pat
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    replace_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     return Path(path)
 
 
@@ -553,7 +579,8 @@ def write_official_predictions(
         import pyarrow.parquet as pq
 
         path = out_dir / "mmau_pro_predictions.parquet"
-        pq.write_table(pa.Table.from_pylist(_with_predictions(items, predictions, OFFICIAL_KEYS[fmt])), path)
+        table = pa.Table.from_pylist(_with_predictions(items, predictions, OFFICIAL_KEYS[fmt]))
+        replace_file(path, lambda tmp: pq.write_table(table, tmp))
         return [path]
     return []
 
@@ -576,5 +603,5 @@ def write_report(
     if official is not None:
         files["official"] = [str(p) for p in write_official_predictions(*official, out_dir)]
     write_json(out_dir / "results.json", {**results, "files": files})
-    (out_dir / "results.md").write_text(markdown_report({**results, "files": files}), encoding="utf-8")
+    write_text(out_dir / "results.md", markdown_report({**results, "files": files}))
     return files

@@ -36,7 +36,7 @@ from musicflamingo.checkpoint import (
 )
 from musicflamingo.eval.benchmarks import AUDIO_HINTS, Benchmark, EvalItem, build_benchmark
 from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
-from musicflamingo.eval.report import write_json, write_report
+from musicflamingo.eval.report import write_json, write_report, write_text
 from musicflamingo.planner import check_generation
 from musicflamingo.reasoning import think_report
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, stderr_is_terminal
@@ -156,7 +156,8 @@ def predict_items(
         lengths = {it.id: length(it) for it in todo}
         todo.sort(key=lambda it: -lengths[it.id])
     with (
-        path.open("a", encoding="utf-8") as f,
+        # unbuffered: a failed write (a full disk) leaves nothing pending that closing the file would retry
+        path.open("ab", buffering=0) as f,
         tqdm(
             total=len(todo), desc=desc, unit="item", disable=not progress or not stderr_is_terminal()
         ) as bar,
@@ -172,9 +173,18 @@ def predict_items(
                 json.dumps({"id": it.id, "prediction": p}, ensure_ascii=False) + "\n"
                 for it, p in zip(batch, answers)
             )
-            f.write(text)  # one write per batch, then flush + fsync: a kill tears at most this batch's tail
-            f.flush()
-            os.fsync(f.fileno())
+            try:  # one write per batch, then fsync: a kill tears at most this batch's tail
+                data = memoryview(text.encode("utf-8"))
+                while data:  # a raw write may be short
+                    data = data[f.write(data) :]
+                os.fsync(f.fileno())
+            except OSError as e:  # a full disk: name the file (the rerun drops the torn tail, keeps the rest)
+                raise OSError(
+                    e.errno,
+                    f"cannot add the predictions of {len(batch)} item(s): {e.strerror or e}; the predictions "
+                    "before them are kept and a rerun goes on from there",
+                    str(path),
+                ) from e
             preds.update({it.id: p for it, p in zip(batch, answers)})
             bar.update(len(batch))
 
@@ -249,8 +259,7 @@ def run_benchmark(
     tasks, rows = score_items(items, preds, cer_languages=cer_languages)
     if think:
         rows = [{**r, **think_rows.get(r.get("id"), {})} for r in rows]
-    with (out_dir / "per_item.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    write_text(out_dir / "per_item.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     results: dict[str, Any] = {
         "benchmark": name,
         "source": source,
