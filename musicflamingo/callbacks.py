@@ -12,7 +12,6 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 
-from musicflamingo.checkpoint import new_file_mode
+from musicflamingo.checkpoint import new_file_mode, replace_file
 from musicflamingo.errors import RunStopped
 from musicflamingo.runtime import stderr_is_terminal
 
@@ -80,26 +79,6 @@ class _WriteErrors:
         self.file.flush()
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` into `.<name>.<random>.tmp` beside `path`, then rename it over `path`: a kill leaves the old file
-    or the new one. A failed write (full disk) removes the temporary file and names `path`."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        os.chmod(tmp, new_file_mode())
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.filename is None or e.filename == str(tmp):
-            raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class AtomicCheckpointIO(CheckpointIO):
     """Lightning checkpoint IO: atomic writes, and reads with `weights_only=True` (no arbitrary pickle code)."""
 
@@ -142,12 +121,10 @@ class BadSampleReport(Callback):
         if tracker is None or not trainer.is_global_zero:
             return
         # rewritten at every checkpoint: a kill mid-write must leave the last report whole, not a torn one
-        _write_atomically(self.path, tracker.write_jsonl)
+        replace_file(self.path, tracker.write_jsonl)
         summary = {"bad": tracker.num_bad, "seen": tracker.num_seen, "fraction": tracker.bad_fraction}
         text = json.dumps(summary, indent=2) + "\n"
-        _write_atomically(
-            self.path.with_suffix(".summary.json"), lambda p: p.write_text(text, encoding="utf-8")
-        )
+        replace_file(self.path.with_suffix(".summary.json"), lambda p: p.write_text(text, encoding="utf-8"))
         if tracker.num_bad:
             log.warning(
                 "skipped %d of %d training samples; see %s", tracker.num_bad, tracker.num_seen, self.path

@@ -883,6 +883,29 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def replace_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into ``.<name>.<random>.tmp`` beside ``path``, then rename it over ``path``: a kill mid-write
+    leaves the old file whole, never half of the new one. A failed write (a full disk) removes the temporary file
+    and raises an OSError naming ``path`` (the entry points print it as one line)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would hide the results from the rest of the team
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None or e.filename == str(tmp):  # write errors name no file (or the temporary one)
+            raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _save_readable(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """`safetensors.save_file`, whose file is owner-only (0600), given the umask's permissions as every other file
     of the folder: a shared export or checkpoint folder should be readable by the team that reads its config."""

@@ -111,6 +111,35 @@ def cpu_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def export_model(
+    model: nn.Module,
+    path: str | Path,
+    processor: Any = None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hugging Face layout folder of `model` (LoRA merged into a copy in the weights' own dtype: float32
+    for fp32 and bf16-mixed, bfloat16 for bf16-true; QLoRA's 4-bit base dequantised and merged into a bfloat16
+    copy; `model` is left untouched). Only the model's and the processor's files are replaced; see
+    `MusicFlamingo.save_pretrained` for `overwrite`."""
+    if has_quantized(model):
+        model = copy.deepcopy(model)
+        # each merged linear goes to the CPU as it is made: the device holds the 4-bit copy, never a bf16 model
+        merge_lora(model, torch.bfloat16, device="cpu")
+        model = model.to("cpu", torch.bfloat16)
+    elif any(isinstance(m, LoRALinear) for m in model.modules()):
+        # the copy is made on the CPU: a deepcopy on the GPU held a second model there at the end of a run
+        # (33 GB for the release's fp32 master weights), beyond what the planner counts. Each merge is computed
+        # in float32 and stored in its base weight's dtype (`LoRALinear.merged_linear`).
+        model = cpu_copy(model)
+        merge_lora(model)
+    path = Path(path)
+    model.save_pretrained(path, max_shard_size=max_shard_size, overwrite=overwrite)
+    if processor is not None:
+        processor.save_pretrained(path, overwrite=overwrite)
+    return path
+
+
 class MusicFlamingoLit(L.LightningModule):
     """Steps, optimizer groups and export around a ready model.
 
@@ -523,24 +552,5 @@ class MusicFlamingoLit(L.LightningModule):
     def export(
         self, path: str | Path, processor: Any = None, max_shard_size: str = "5GB", overwrite: bool = False
     ) -> Path:
-        """Write a Hugging Face layout folder (LoRA merged into a copy in the weights' own dtype: float32 for
-        fp32 and bf16-mixed, bfloat16 for bf16-true; QLoRA's 4-bit base dequantised and merged into a bfloat16
-        copy; this module is left untouched). Only the model's and the processor's files are
-        replaced; see `MusicFlamingo.save_pretrained` for `overwrite`."""
-        model = self.model
-        if has_quantized(model):
-            model = copy.deepcopy(model)
-            # each merged linear goes to the CPU as it is made: the device holds the 4-bit copy, never a bf16 model
-            merge_lora(model, torch.bfloat16, device="cpu")
-            model = model.to("cpu", torch.bfloat16)
-        elif any(isinstance(m, LoRALinear) for m in model.modules()):
-            # the copy is made on the CPU: a deepcopy on the GPU held a second model there at the end of a run
-            # (33 GB for the release's fp32 master weights), beyond what the planner counts. Each merge is computed
-            # in float32 and stored in its base weight's dtype (`LoRALinear.merged_linear`).
-            model = cpu_copy(model)
-            merge_lora(model)
-        path = Path(path)
-        model.save_pretrained(path, max_shard_size=max_shard_size, overwrite=overwrite)
-        if processor is not None:
-            processor.save_pretrained(path, overwrite=overwrite)
-        return path
+        """This module's model as a Hugging Face layout folder (`export_model`); the module is left untouched."""
+        return export_model(self.model, path, processor, max_shard_size, overwrite)

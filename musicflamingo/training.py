@@ -36,6 +36,7 @@ from musicflamingo.callbacks import (
     StopOnSignal,
 )
 from musicflamingo.checkpoint import check_save_target
+from musicflamingo.lit import export_model
 from musicflamingo.planner import check_training
 from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
 from musicflamingo.settings import CONFIG_DIR, SettingsError, check_train_settings
@@ -400,14 +401,7 @@ def export_trained(
     if not trainer.is_global_zero:
         return None
     plain = _plain_copy(lit.model, net_cfg, {k[6:]: v for k, v in state.items() if k.startswith("model.")})
-    return type(lit).export(_Exporting(plain), path, processor=processor)
-
-
-class _Exporting:
-    """What `MusicFlamingoLit.export` reads of its module: `.model`."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
+    return export_model(plain, path, processor=processor)
 
 
 def _plain_copy(model: Any, net_cfg: Any, state: Mapping[str, torch.Tensor]) -> Any:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from musicflamingo.checkpoint import replace_file
 from musicflamingo.eval.benchmarks import EvalItem
 
 TASK_TITLES = {
@@ -207,31 +206,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "field"
-
-
-def replace_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` into ``.<name>.<random>.tmp`` beside ``path``, then rename it over ``path``: a kill mid-write
-    leaves the old file whole, never half of the new one. A failed write (a full disk) removes the temporary file
-    and raises an OSError naming ``path`` (the entry points print it as one line)."""
-    from musicflamingo.checkpoint import new_file_mode
-
-    path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would hide the results from the rest of the team
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.filename is None or e.filename == str(tmp):  # write errors name no file (or the temporary one)
-            raise OSError(e.errno, f"cannot write it: {e.strerror or e}", str(path)) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_text(path: str | Path, text: str) -> Path:
