@@ -407,6 +407,13 @@ class GRPOLit(MusicFlamingoLit):
             self._reference[0].reset_buffers(self.device)
         if self._trainer is None:  # a module driven by hand (tests): no trainer, no data module to check
             return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 loss scaling: a batch whose groups all tie (no gradient) still steps, to keep the step count,
+            # and the scaler's step asserts on an optimizer it saw no gradient of (CUDA, after the rollouts)
+            raise GRPOConfigError(
+                f"trainer.precision={self.trainer.precision!r}: GRPO does not support fp16 loss scaling; use "
+                "bf16-mixed, bf16-true or 32-true"
+            )
         self._check_step_counts()
         # every record's id, target and reward fields, before the first rollout
         for split in ("train", "val"):

@@ -707,8 +707,10 @@ def read_mmau_pro(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
 
 def _clip_index(index: Mapping[str, str]) -> dict[Any, str]:
     """MusicCaps clips by ``ytid`` and by ``(ytid, start)``, from the names they are downloaded under: the
-    official "[<ytid>]-[<start>-<end>]", the downloaders' "<ytid>_<start>" and plain "<ytid>"."""
+    official "[<ytid>]-[<start>-<end>]", the downloaders' "<ytid>_<start>" and plain "<ytid>". A ``ytid`` with
+    clips of several starts is left out of the by-``ytid`` lookup: any one of them could be the wrong clip."""
     clips: dict[Any, str] = {}
+    starts: dict[str, set[str]] = {}
     for stem, path in sorted(index.items()):
         if stem.startswith("[") and "]-[" in stem:
             ytid, _, rest = stem[1:].partition("]-[")
@@ -720,6 +722,10 @@ def _clip_index(index: Mapping[str, str]) -> dict[Any, str]:
         clips.setdefault((ytid, start), path)
         clips.setdefault(ytid, path)
         clips.setdefault(stem, path)  # a ytid may itself end in "_<digits>"
+        starts.setdefault(ytid, set()).add(start)
+    for ytid, found in starts.items():
+        if len(found) > 1 and "" not in found and ytid not in index:
+            del clips[ytid]
     return clips
 
 

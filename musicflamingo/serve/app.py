@@ -32,7 +32,7 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -238,7 +238,8 @@ async def chat_completions(request: Request) -> Response:
         if req.stream:
             watcher.cancel()  # StreamingResponse watches the connection from here on
             streaming = True
-            return StreamingResponse(
+            return _JobStream(
+                job,
                 _sse(state, req, prepared, answer, first, cid, created),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -270,6 +271,24 @@ async def chat_completions(request: Request) -> Response:
         "usage": _usage(prepared, answer.text),
     }
     return JSONResponse(body)
+
+
+class _JobStream(StreamingResponse):
+    """A stream that cancels its job however the response ends. `_sse`'s own `finally` runs only once its first
+    event is asked for: a client gone before the response started (the headers' send fails, or the server is cut)
+    left the job decoding its whole budget in a slot nobody read."""
+
+    def __init__(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # the client left: nobody to answer, and nothing went wrong here
+            logger.info("stream %d: the client left", self.job.id)
+        finally:
+            self.job.cancel()
 
 
 async def _sse(
