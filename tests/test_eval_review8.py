@@ -1,15 +1,19 @@
-"""Review round 8 of evaluation: audio found by name where several downloads of one video lie side by side."""
+"""Review round 8 of evaluation: audio found by name where several downloads of one video lie side by side; the
+paper's numbers beside runs scored the same way only."""
 
 from __future__ import annotations
 
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from release_fixtures import make_musiccaps
-from test_eval_release_formats import _bench
+from omegaconf import OmegaConf
+from release_fixtures import make_musdb18_lyrics, make_music_avqa, make_musiccaps
+from test_eval_release_formats import REPO, _bench, _run
 
 from musicflamingo.eval import BenchmarkError
+from musicflamingo.eval.report import paper_comparison
 
 
 def test_musiccaps_clip_of_another_start_is_not_taken_for_the_asked_one(tmp_path):
@@ -41,3 +45,31 @@ def test_musiccaps_plain_ytid_file_wins_over_other_starts(tmp_path):
     asked.unlink()
     audio = Path({it.id: it for it in _bench("musiccaps", root).items}["-0Gj8-vB1q4_30"].audio)
     assert audio.name == f"{ytid}.wav"
+
+
+@pytest.mark.parametrize(
+    "benchmark,label,changed",
+    [
+        ("musdb18_lyrics", "MUSDB18 lyrics (WER)", {"unit": "line"}),
+        ("music_avqa", "MusicAVQA", {"modalities": None}),
+        ("music_avqa", "MusicAVQA", {"modalities": ["Audio", "Audio-Visual"]}),
+    ],
+)
+def test_paper_number_not_beside_another_unit_or_question_set(tmp_path, benchmark, label, changed):
+    """MUSDB18 scored line by line (`unit=line`) or MusicAVQA with its visual questions (`modalities=null`) got
+    the paper's whole-song WER / audio-question accuracy beside them as if comparable. The settings are recorded
+    in results.json and a paper number needs the release's own; a single value is a list of one, as the readers
+    take it."""
+    bench = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "benchmark" / f"{benchmark}.yaml"))
+    root = (make_musdb18_lyrics if benchmark == "musdb18_lyrics" else make_music_avqa)(tmp_path / benchmark)
+    results = _run(benchmark, root, defaultdict(str))
+    settings = results["settings"]
+    assert {k: settings[k] for k in changed} == {k: bench[k] for k in changed}
+
+    def labels(**override):
+        return [r["label"] for r in paper_comparison(results | {"settings": settings | override})]
+
+    assert label in labels()
+    assert label not in labels(**changed)
+    if benchmark == "music_avqa":
+        assert label in labels(modalities="Audio")

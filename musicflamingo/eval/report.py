@@ -92,7 +92,12 @@ PAPER_RESULTS: tuple[PaperNumber, ...] = (
         note="model-judged score; we report BLEU / ROUGE-L",
     ),
     PaperNumber(
-        "music_avqa", "MusicAVQA", 73.6, "mcq", "accuracy", when=_release("music_avqa", split="test")
+        "music_avqa",
+        "MusicAVQA",
+        73.6,
+        "mcq",
+        "accuracy",
+        when=_release("music_avqa", split="test", modalities=["Audio"]),  # the audio questions alone
     ),
     PaperNumber(
         "nsynth_source",
@@ -134,7 +139,9 @@ PAPER_RESULTS: tuple[PaperNumber, ...] = (
         19.6,
         "lyrics",
         "wer",
-        when=_release("musdb18_lyrics", split="test"),
+        when=_release(
+            "musdb18_lyrics", split="test", unit="song"
+        ),  # whole songs: per-line WER is another number
     ),
 )
 
@@ -156,6 +163,13 @@ def not_comparable(results: Mapping[str, Any]) -> str:
     return f"n={predicted} of {total} items" + (f" ({', '.join(why)})" if why else "") + ", not comparable"
 
 
+def _setting(value: Any, expected: Any) -> str:
+    """A run's setting as the paper table writes it: a filter given as one value is a list of one."""
+    if isinstance(expected, list) and isinstance(value, str):
+        value = [value]
+    return str(list(value) if isinstance(value, (list, tuple)) else value)
+
+
 def paper_comparison(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The paper's numbers that apply to this run, each with ours (as percentages): ``{label, paper, ours,
     ours_mmau, n, note}``; ``ours`` is None when the run has no comparable number (answers withheld, a subset
@@ -167,7 +181,7 @@ def paper_comparison(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     for p in PAPER_RESULTS:
         if p.benchmark != results.get("benchmark"):
             continue
-        if any(str(settings.get(k)) != str(v) for k, v in p.when):
+        if any(_setting(settings.get(k), v) != str(v) for k, v in p.when):
             continue
         summary = (results.get("tasks") or {}).get(p.task) or {}
         if p.group and summary:

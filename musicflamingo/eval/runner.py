@@ -546,7 +546,9 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
                 "counts": bench.counts(),
                 # the settings the paper's numbers depend on (report.PAPER_RESULTS)
                 "settings": {
-                    k: bench_cfg.get(k) for k in ("format", "split", "subset", "unit") if k in bench_cfg
+                    k: bench_cfg.get(k)
+                    for k in ("format", "split", "subset", "unit", "modalities")
+                    if k in bench_cfg
                 },
             },
             official_format=str(bench_cfg.get("format") or ""),
