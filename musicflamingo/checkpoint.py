@@ -486,10 +486,17 @@ def check_checkpoint_dir(path: Any, need_tokenizer: bool = True) -> Path:
     return path
 
 
+# generation_config.json keys transformers writes about itself, not about decoding
+_GENERATION_BOOKKEEPING = ("transformers_version", "_from_model_config")
+
+
 def generation_config(path: str | Path | None) -> dict[str, Any]:
-    """The decoding defaults of the folder's `generation_config.json` that the engine reads: `eos_token_id` (as a
-    list), `pad_token_id` and `max_new_tokens` where given ({} without the file). The release writes
-    `max_new_tokens=2048`, which the reference's `generate()` uses when the caller gives no length."""
+    """The decoding defaults of the folder's `generation_config.json` ({} without the file): `eos_token_id` (as a
+    list), `pad_token_id`, `max_new_tokens`, and every other setting the file gives (`do_sample`, `temperature`,
+    `top_k`, `top_p`, `max_length`, ...; those five type-checked), as the reference's `generate()` reads them, so a
+    save (a training run's export) writes them back; transformers' bookkeeping (`transformers_version`,
+    `_from_model_config`) and null values are left out. The release writes `max_new_tokens=2048`, which the
+    reference's `generate()` uses when the caller gives no length."""
     gen_file = Path(path) / "generation_config.json" if path is not None else None
     if gen_file is None or not gen_file.is_file():
         return {}
@@ -509,13 +516,23 @@ def generation_config(path: str | Path | None) -> dict[str, Any]:
         )
     if eos:
         out["eos_token_id"] = eos
-    for key, low in (("pad_token_id", 0), ("max_new_tokens", 1)):
+    for key, low in (("pad_token_id", 0), ("max_new_tokens", 1), ("max_length", 1), ("top_k", 0)):
         value = raw.get(key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise CheckpointError(f"{gen_file}: {key} must be an integer >= {low}, got {value!r}")
         out[key] = value
+    if raw.get("do_sample") is not None and not isinstance(raw["do_sample"], bool):
+        raise CheckpointError(f"{gen_file}: do_sample must be true or false, got {_short(raw['do_sample'])}")
+    for key in ("temperature", "top_p"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CheckpointError(f"{gen_file}: {key} must be a number, got {_short(value)}")
+    # the rest as written: a save writes back what the reference's generate() would have read from this file
+    for key, value in raw.items():
+        if key not in out and key not in ("eos_token_id", *_GENERATION_BOOKKEEPING) and value is not None:
+            out[key] = value
     return out
 
 
@@ -972,12 +989,9 @@ def write_state_dict(
 
     def write(tmp: Path) -> None:
         config.to_json(tmp / "config.json", dtype=str(dtype).replace("torch.", ""))
-        gen = {
-            "eos_token_id": config.text.eos_token_id,
-            "pad_token_id": config.text.pad_token_id,
-            "do_sample": False,
-        }
-        gen.update(generation or {})
+        gen = {"eos_token_id": config.text.eos_token_id, "pad_token_id": config.text.pad_token_id}
+        # a loaded model's file settings as they were (a file without do_sample is greedy in the reference too)
+        gen.update(generation or {"do_sample": False})
         if config.text.bos_token_id is not None:
             gen["bos_token_id"] = config.text.bos_token_id
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
