@@ -187,16 +187,35 @@ def render_chat(
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     add_generation_prompt: bool = True,
     audio_token: str = AUDIO_PLACEHOLDER,
+    continue_final_message: bool = False,
 ) -> str:
     """Render a conversation as the reference template does (see the module docstring).
 
     ``system_prompt`` is the default system turn, emitted unless the first message is a system message.
+    ``continue_final_message`` leaves the last message open (no closing ``<|im_end|>\\n``) so the model continues
+    it, e.g. an assistant answer started with ``"The key is "``; as ``transformers``, it needs text in that
+    message and excludes ``add_generation_prompt``.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"a conversation must be a non-empty list of messages, got {messages!r:.80}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt exclude each other: the first continues the last "
+                "message, the second opens a new assistant turn"
+            )
+        last = messages[-1]["content"]
+        has_text = isinstance(last, str) or (
+            isinstance(last, (list, tuple)) and any(isinstance(c, dict) and "text" in c for c in last)
+        )
+        if not has_text:
+            raise ValueError(
+                f"continue_final_message: the final message (message {len(messages) - 1}) has no text to continue, "
+                f"got content {last!r:.80}"
+            )
     out = []
     if messages[0]["role"] != "system":
         out.append(f"{START_OF_TURN}system\n{system_prompt}{END_OF_TURN}\n")
@@ -220,6 +239,8 @@ def render_chat(
                     text.append(check_typed_text(c["text"], f"message {i} content item {j} (text)"))
             out.append((audio_token if has_audio else "") + "".join(text))
         out.append(f"{END_OF_TURN}\n")
+    if continue_final_message:
+        out.pop()  # the final message's closing "<|im_end|>\n"
     if add_generation_prompt:
         out.append(ASSISTANT_HEADER)
     return "".join(out)

@@ -12,6 +12,13 @@ Reproduces ``transformers.MusicFlamingoProcessor`` (reference spec §3) without 
 The chat format itself (template, rendering, ``<sound>`` expansion) lives in :mod:`musicflamingo.chat`.
 
 It reads the folder the reference ``save_pretrained`` writes and writes one the reference can load.
+
+Deliberate differences (tested in ``tests/test_processor_review8.py``): integer arrays are PCM scaled to [-1, 1]
+and ``[C, T]``/``[T, C]`` arrays are averaged to mono (the reference casts integers as they are and fails on 2-D
+arrays); an audio too short for one token is refused and a <= 20-ms tail past a window is cut (see
+:meth:`MusicFlamingoProcessor.prepare_audio`); a conversation may hold several audios (one per message);
+``apply_chat_template`` defaults to ``tokenize=True, return_dict=True, add_generation_prompt=True`` and ``decode``
+to ``skip_special_tokens=True`` (all ``False`` in the reference).
 """
 
 from __future__ import annotations
@@ -35,6 +42,40 @@ from musicflamingo.tokenizer import Tokenizer, TokenizerError, load_tokenizer, r
 logger = logging.getLogger(__name__)
 
 AudioInput = str | os.PathLike | np.ndarray | torch.Tensor
+
+# Keys apply_chat_template's processor_kwargs may hold (the __call__ options), as transformers' processor_kwargs.
+PROCESSOR_KWARGS = ("output_labels", "padding_side", "sampling_rate", "return_tensors")
+
+
+class ProcessorOutput(dict):
+    """The processor's tensors by name (a dict), with ``transformers.BatchFeature``'s ``.to`` and attribute access,
+    so ``processor.apply_chat_template(...).to(model.device)`` works as in the reference's examples.
+
+    ``.to(device, dtype)`` moves every tensor and casts only the floating-point ones (``input_features``); ids and
+    masks keep their integer dtype. It updates this object in place and returns it, as ``BatchFeature.to``.
+    """
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, *args, **kwargs) -> ProcessorOutput:
+        device = kwargs.get("device")
+        if device is None and args and not isinstance(args[0], torch.dtype):
+            if not isinstance(args[0], (str, int, torch.device)):
+                raise ValueError(
+                    f"cannot move the processor output to {args[0]!r}: expected a device or a dtype"
+                )
+            device = args[0]
+        non_blocking = kwargs.get("non_blocking", False)
+        for k, v in self.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                self[k] = v.to(*args, **kwargs)
+            elif isinstance(v, torch.Tensor) and device is not None:
+                self[k] = v.to(device=device, non_blocking=non_blocking)
+        return self
 
 
 class MusicFlamingoProcessor:
@@ -157,10 +198,19 @@ class MusicFlamingoProcessor:
         return feats, mask, counts
 
     # ---------------------------------------------------------------- chat template
-    def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        conversation: Conversation,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> str:
         """Render one conversation with this processor's system prompt (:func:`musicflamingo.chat.render_chat`)."""
         return chat.render_chat(
-            conversation, self.default_system_prompt, add_generation_prompt, self.audio_token
+            conversation,
+            self.default_system_prompt,
+            add_generation_prompt,
+            self.audio_token,
+            continue_final_message=continue_final_message,
         )
 
     def chat_encoder(self, train_on_prompt: bool = False) -> chat.ChatEncoder:
@@ -203,17 +253,37 @@ class MusicFlamingoProcessor:
         return_dict: bool = True,
         output_labels: bool = False,
         padding_side: str = "left",
+        continue_final_message: bool = False,
+        processor_kwargs: dict | None = None,
+        return_tensors: str | None = "pt",
     ):
         """Render (and by default tokenize) one conversation or a batch of them.
 
         Content items: ``{"type": "text", "text": ...}`` and ``{"type": "audio", "path": ...}`` or
         ``{"type": "audio", "audio": array_or_tensor}`` (16 kHz mono). Returns the rendered string(s) when
-        ``tokenize=False``, else the :meth:`__call__` dict (or only ``input_ids`` when ``return_dict=False``).
+        ``tokenize=False``, else the :meth:`__call__` output (or only ``input_ids`` when ``return_dict=False``).
+
+        Unlike ``transformers``' (all ``False`` there), ``tokenize``, ``return_dict`` and ``add_generation_prompt``
+        default to ``True``: pass them explicitly in code that must behave the same with both. The reference's
+        ``processor_kwargs`` dict (``output_labels``, ``padding_side``, ``sampling_rate``, ``return_tensors``) is
+        accepted and overrides the arguments of the same names.
         """
+        opts = {
+            "output_labels": output_labels,
+            "padding_side": padding_side,
+            "return_tensors": return_tensors,
+        }
+        if processor_kwargs:
+            unknown = sorted(set(processor_kwargs) - set(PROCESSOR_KWARGS))
+            if unknown:
+                raise ValueError(
+                    f"processor_kwargs {unknown} are not supported; this processor takes {list(PROCESSOR_KWARGS)}"
+                )
+            opts.update(processor_kwargs)
         batched = isinstance(conversations, (list, tuple)) and len(conversations) > 0
         batched = batched and isinstance(conversations[0], (list, tuple))
         convs = list(conversations) if batched else [conversations]
-        texts = [self.render_chat(c, add_generation_prompt) for c in convs]
+        texts = [self.render_chat(c, add_generation_prompt, continue_final_message) for c in convs]
         if not tokenize:
             return texts if batched else texts[0]
         audios, sources = [], []
@@ -233,13 +303,7 @@ class MusicFlamingoProcessor:
                 sources.append(
                     Path(a).name if isinstance(a, (str, os.PathLike)) else f"conversation[{b}] audio"
                 )
-        out = self(
-            texts,
-            audio=audios or None,
-            output_labels=output_labels,
-            padding_side=padding_side,
-            sources=sources,
-        )
+        out = self(texts, audio=audios or None, sources=sources, **opts)
         return out if return_dict else out["input_ids"]
 
     # ---------------------------------------------------------------- main entry
@@ -250,7 +314,9 @@ class MusicFlamingoProcessor:
         output_labels: bool = False,
         padding_side: str = "left",
         sources: Sequence[str] | None = None,
-    ) -> dict[str, torch.Tensor]:
+        sampling_rate: int | None = None,
+        return_tensors: str | None = "pt",
+    ) -> ProcessorOutput:
         """Tokenize ``text`` (one string or a batch) and featurize ``audio`` (the i-th audio fills the i-th
         ``<sound>`` across the batch).
 
@@ -260,12 +326,18 @@ class MusicFlamingoProcessor:
             ``labels`` int64 ``[B, S]`` when ``output_labels``.
 
         ``sources`` (optional, one per audio) names the audios in warnings, e.g. the truncation warning.
+        ``sampling_rate`` (optional) states the rate of array audio: any other than the processor's is refused, as
+        the reference refuses it (arrays are not resampled; files are). ``return_tensors`` can only be ``"pt"``.
         """
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a non-empty list of strings")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if return_tensors != "pt":
+            raise ValueError(
+                f"return_tensors={return_tensors!r}: this processor only returns torch tensors ('pt')"
+            )
         if audio is None:
             audios = []
         elif isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
@@ -282,6 +354,11 @@ class MusicFlamingoProcessor:
             raise ValueError(
                 f"sources names {len(sources)} audio(s) but {len(audios)} were given: one name per audio"
             )
+        if audios and sampling_rate is not None and sampling_rate != self.sampling_rate:
+            raise ValueError(
+                f"sampling_rate={sampling_rate}: this processor takes {self.sampling_rate} Hz audio; resample the "
+                f"arrays first (musicflamingo.audio.io.resample) or pass file paths, which are resampled on load"
+            )
         out: dict[str, torch.Tensor] = {}
         counts: list[int] = []
         if audios:
@@ -296,7 +373,7 @@ class MusicFlamingoProcessor:
             )
             k += n
         input_ids, attention_mask = self._pad(rows, padding_side)
-        result = {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+        result = ProcessorOutput(input_ids=input_ids, attention_mask=attention_mask, **out)
         if output_labels:
             labels = input_ids.clone()
             labels[torch.isin(input_ids, torch.tensor(self.audio_token_ids))] = IGNORE_INDEX
