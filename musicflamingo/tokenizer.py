@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from musicflamingo.chat import END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS, check_typed_text
+
+logger = logging.getLogger(__name__)
 
 
 class TokenizerError(ValueError):
@@ -148,7 +151,9 @@ class HFTokenizer(Tokenizer):
         except Exception as e:
             raise TokenizerError(f"{path}: cannot load tokenizer.json ({e})") from None
         try:
-            return cls(tok, read_json_object(d / "tokenizer_config.json"))
+            config = read_json_object(d / "tokenizer_config.json")
+            _warn_undeclared_tokens(d, tok, config)
+            return cls(tok, config)
         except TokenizerError as e:
             if str(e).startswith("tokenizer_config.json:"):  # a bad token field: name the folder too
                 raise TokenizerError(f"{d / str(e)}") from None
@@ -192,6 +197,25 @@ class HFTokenizer(Tokenizer):
             json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
         )
         return d
+
+
+def _warn_undeclared_tokens(directory: Path, tok, config: dict) -> None:
+    """Added tokens of ``tokenizer.json`` that ``tokenizer_config.json``'s ``added_tokens_decoder`` leaves out
+    (added with the ``tokenizers`` library): ``transformers`` follows the config and reads them as plain text, so
+    a model trained or prompted here with their single ids would meet other ids there."""
+    declared = config.get("added_tokens_decoder")
+    if not isinstance(declared, dict):
+        return  # no list to follow: transformers takes tokenizer.json's, as we do
+    names = {v.get("content") for v in declared.values() if isinstance(v, dict)}
+    missing = [t.content for _, t in sorted(tok.get_added_tokens_decoder().items()) if t.content not in names]
+    if missing:
+        logger.warning(
+            "%s: added tokens %s are in tokenizer.json but not in tokenizer_config.json's added_tokens_decoder: "
+            "here each is one id, transformers splits it into text pieces; add them there (transformers' "
+            "tokenizer.add_tokens + save_pretrained writes both files)",
+            directory,
+            ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""),
+        )
 
 
 class SentencePieceTokenizer(Tokenizer):
