@@ -16,14 +16,18 @@ a stop id keeps it and is then filled with `pad_token_id`, and generation ends w
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from musicflamingo.model.layers import KVCache
 from musicflamingo.model.qwen2 import uses_decode_attention
+
+logger = logging.getLogger(__name__)
 
 # Decode-step key widths and compiled cache capacities are multiples of this: on CPU, oneDNN compiles a kernel
 # (~1 ms) for every new bf16 matmul shape, so bf16 steps see the cache in blocks of keys under the key mask.
@@ -393,7 +397,51 @@ def _compiled_decode_step():  # noqa: ANN202
 
 
 # ---------------------------------------------------------------------------------------------- batch API
+# generation_config.json fields that the reference's generate() applies and the engine does not implement, each with
+# the value (besides null) at which it changes nothing: a file setting one gives other tokens than the reference's
+UNSUPPORTED_GENERATION_FIELDS: dict[str, object] = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "min_p": 0.0,
+    "top_h": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "bad_words_ids": [],
+    "suppress_tokens": [],
+    "begin_suppress_tokens": [],
+    "sequence_bias": {},
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": 1.0,
+    "penalty_alpha": 0.0,
+    "dola_layers": None,
+    "watermarking_config": None,
+    "stop_strings": [],
+}
+_warned: set[str] = set()
+
+
+def unsupported_generation_fields(settings: Mapping[str, Any]) -> list[str]:
+    """`name=value` of each field of `settings` (generation_config.json's) that changes the reference's tokens and
+    that the engine does not implement (`UNSUPPORTED_GENERATION_FIELDS`)."""
+    return [
+        f"{k}={settings[k]!r}"
+        for k, neutral in UNSUPPORTED_GENERATION_FIELDS.items()
+        if settings.get(k) is not None and settings[k] != neutral
+    ]
+
+
 def _stop_ids(model: torch.nn.Module, stop_token_ids: int | Sequence[int] | None) -> list[int]:
+    """The ids `generate` stops on: those given, else generation_config.json's, which replace the config's eos (the
+    reference's generate() reads the file's alone; infer.py and eval.py add the config's, `checkpoint.stop_token_ids`)."""
     if stop_token_ids is None:
         gen_eos = getattr(model, "generation_defaults", {}).get("eos_token_id")
         if gen_eos:  # generation_config.json's ids replace the config's, as in the reference
@@ -405,6 +453,16 @@ def _stop_ids(model: torch.nn.Module, stop_token_ids: int | Sequence[int] | None
     return [int(i) for i in stop_token_ids]
 
 
+class _Unset:
+    """The default of `eos_token_id` and `pad_token_id`: not given (the reference reads an explicit None as none)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET: Any = _Unset()
+
+
 @torch.inference_mode()
 def stream_generate(
     model: torch.nn.Module,
@@ -414,17 +472,17 @@ def stream_generate(
     input_features_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     stop_token_ids: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+    pad_token_id: int | None = UNSET,
     compile: bool = False,
     # Hugging Face spellings: accepted where they mean the same, refused where we do something else.
-    eos_token_id: int | Sequence[int] | None = None,
+    eos_token_id: int | Sequence[int] | None = UNSET,
     max_length: int | None = None,
     num_beams: int = 1,
     repetition_penalty: float = 1.0,
@@ -436,11 +494,16 @@ def stream_generate(
     input_ids / attention_mask (B, S); input_features (W, n_mels, F) and input_features_mask (W, F) for the
     batch's audio in row-major order. Each row becomes one engine request (the batch's audio is encoded once,
     together, as the reference does). Defaults, as the reference's: those of the checkpoint's
-    generation_config.json (`model.generation_defaults`), else the config's. Without `attention_mask`, positions
-    holding `pad_token_id` are padding unless it is a stop id. `stop_token_ids` (alias `eos_token_id`) defaults to
-    the eos ids; `max_length` (prompt + new) is the other way to say `max_new_tokens` (default: the file's, else
-    128). Unseeded sampling draws its seed from torch's global RNG (`torch.manual_seed` repeats a run). A row
-    stops early, padded after, where the model's context ends.
+    generation_config.json (`model.generation_defaults`: do_sample, temperature, top_k, top_p, lengths, eos, pad),
+    else the config's, else the reference's own (greedy; when sampling temperature 1, top_k 50, top_p 1); a field
+    of the file that the engine does not implement (`UNSUPPORTED_GENERATION_FIELDS`) is named in a warning.
+    `stop_token_ids` (alias `eos_token_id`; `eos_token_id=None` stops on nothing, as the reference) defaults to the
+    eos ids. `pad_token_id` fills finished rows: the file's, else the first stop id when the file names eos ids
+    but no pad (as the reference), else the config's; `pad_token_id=None` is the first stop id. Without
+    `attention_mask`, positions holding `pad_token_id` are padding unless it is a stop id. `max_length` (prompt +
+    new) is the other way to say `max_new_tokens` (default: the file's, else 128). Unseeded sampling draws its seed
+    from torch's global RNG (`torch.manual_seed` repeats a run). A row stops early, padded after, where the
+    model's context ends (a warning names it; the reference would go on past it).
     """
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: beam search is not implemented; use num_beams=1")
@@ -457,26 +520,56 @@ def stream_generate(
             "they must be the same"
         )
     B, S = input_ids.shape
+    # generation_config.json's, as the reference reads it
+    defaults = getattr(model, "generation_defaults", {})
+    unsupported = unsupported_generation_fields(defaults)
+    if unsupported:
+        message = (
+            f"generation_config.json sets {', '.join(unsupported)}, which the reference's generate() applies and "
+            "this engine does not implement: the tokens differ from the reference's"
+        )
+        if message not in _warned:
+            _warned.add(message)
+            logger.warning(message)
+    if max_new_tokens is None and max_length is None:
+        # the file's length: its max_new_tokens wins over its max_length, as in the reference
+        max_new_tokens = defaults.get("max_new_tokens")
+        max_length = None if max_new_tokens is not None else defaults.get("max_length")
+        if max_new_tokens is None and max_length is None:
+            max_new_tokens = 128
     if max_length is not None:
         if max_new_tokens is not None:
             raise ValueError("give max_new_tokens or max_length, not both")
         max_new_tokens = max_length - S
         if max_new_tokens < 1:
             return
-    defaults = getattr(
-        model, "generation_defaults", {}
-    )  # generation_config.json's, as the reference reads it
-    if max_new_tokens is None:
-        max_new_tokens = defaults.get("max_new_tokens", 128)
-    if eos_token_id is not None:
+    if eos_token_id is not UNSET:
         if stop_token_ids is not None:
             raise ValueError("give stop_token_ids or eos_token_id, not both")
-        stop_token_ids = eos_token_id
+        stop_token_ids = [] if eos_token_id is None else eos_token_id
     stops = _stop_ids(model, stop_token_ids)
-    if pad_token_id is None:
-        pad_token_id = defaults.get("pad_token_id", model.config.text.pad_token_id)
+    if pad_token_id is UNSET:
+        # the reference pads with the file's pad, else its first eos id; without the file, the config's pad
+        pad_token_id = defaults.get("pad_token_id")
+        if pad_token_id is None and "eos_token_id" not in defaults:
+            pad_token_id = model.config.text.pad_token_id
+    sampling = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}  # the reference's defaults
+    given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    for name in sampling:
+        if given[name] is None and defaults.get(name) is not None:
+            given[name] = defaults[name]
+        if given[name] is None:
+            given[name] = sampling[name]
     # (max_new_tokens <= 0 returned the prompt, do_sample="false" sampled: refused here, as the reference does)
-    params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, seed, tuple(stops))
+    params = SamplingParams(
+        max_new_tokens,
+        given["do_sample"],
+        given["temperature"],
+        given["top_k"],
+        given["top_p"],
+        seed,
+        tuple(stops),
+    )
     device = model.device
     input_ids = input_ids.to(device)
     if attention_mask is None:
@@ -505,6 +598,15 @@ def stream_generate(
         except ValueError as e:  # an empty row, or one past the context
             raise ValueError(f"row {b} of the batch: {e}") from None
     del embeds
+    short = [f"row {s.index}: {s.budget}" for s in slots if s.budget < max_new_tokens]
+    if short:
+        logger.warning(
+            "the model's context of %d positions ends before max_new_tokens=%d new tokens (%s at most): those rows "
+            "stop there, padded after",
+            engine.limit,
+            max_new_tokens,
+            ", ".join(short),
+        )
     out = [s.tokens[-1] for s in slots]
     yield torch.tensor(out, device=device)
     for _ in range(max_new_tokens - 1):

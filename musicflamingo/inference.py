@@ -41,7 +41,7 @@ from musicflamingo.checkpoint import (
     load_config,
     stop_token_ids,
 )
-from musicflamingo.engine import Engine, Request, SamplingParams
+from musicflamingo.engine import Engine, Request, SamplingParams, unsupported_generation_fields
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.config import ConfigError
 from musicflamingo.planner import MemoryPlan, check_generation
@@ -49,7 +49,7 @@ from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.reasoning import ThinkDisplay, parse_think
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, set_threads
 from musicflamingo.settings import check_infer_settings
-from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -375,8 +375,12 @@ class ChatSession:
     ) -> None:
         self.model = model
         self.processor = processor
-        eos = model.config.text.eos_token_id
-        self.params = params or SamplingParams(stop_ids=() if eos is None else (eos,))
+        # default stops: generation_config.json's eos ids and the config's, as infer.py's (`checkpoint.stop_token_ids`)
+        eos = [
+            *getattr(model, "generation_defaults", {}).get("eos_token_id", []),
+            model.config.text.eos_token_id,
+        ]
+        self.params = params or SamplingParams(stop_ids=tuple(sorted({int(i) for i in eos if i is not None})))
         self.system_prompt = system_prompt
         self.end_of_turn_id = processor.tokenizer.require_id(END_OF_TURN)
         self.engine = Engine(model, slots=1)
@@ -692,6 +696,7 @@ def _decoding(cfg: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
             f"together ({ckpt / 'config.json'}: text_config.max_position_embeddings)"
         )
     sampling_params(settings)  # bad decoding settings fail before the model is loaded
+    _warn_unused_generation_config(ckpt, settings, n is None)
     if not settings.get("do_sample", False):
         # greedy decoding reads none of these: say so rather than give argmax answers as samples
         unused = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -702,6 +707,35 @@ def _decoding(cfg: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
                 " ".join(given),
             )
     return settings
+
+
+def _warn_unused_generation_config(ckpt: Path, settings: Mapping[str, Any], length_from_file: bool) -> None:
+    """Name the fields of the checkpoint's generation_config.json that change the reference's tokens and that this
+    run does not apply: sampling the file asks for when infer decodes greedily (infer's settings are its own, see
+    configs/infer.yaml), a `max_length` alone (prompt + answer, per prompt), and those the engine does not implement."""
+    path = ckpt / "generation_config.json"
+    raw = read_json_object(path, CheckpointError)
+    overridden = []
+    if raw.get("do_sample") is True and not settings.get("do_sample", False):
+        overridden = [f"{k}={raw[k]!r}" for k in ("do_sample", "temperature", "top_k", "top_p") if k in raw]
+    if length_from_file and raw.get("max_length") is not None and raw.get("max_new_tokens") is None:
+        overridden.append(f"max_length={raw['max_length']!r}")
+    unsupported = unsupported_generation_fields(raw)
+    if overridden:
+        logger.warning(
+            "%s sets %s: infer.py decodes with its own settings (%s); pass them (max_new_tokens for a length) to "
+            "decode as the file says",
+            path,
+            " ".join(overridden),
+            " ".join(f"{k}={settings.get(k, getattr(SamplingParams, k))}" for k in SAMPLING_FIELDS[:-1]),
+        )
+    if unsupported:
+        logger.warning(
+            "%s sets %s, which the reference's generate() applies and infer.py does not implement: answers differ "
+            "from the reference's",
+            path,
+            " ".join(unsupported),
+        )
 
 
 def _flag(cfg: Mapping[str, Any], key: str) -> bool:
