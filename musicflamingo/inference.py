@@ -337,7 +337,7 @@ def generate_answers(
             "%d of %d answers ended at the token limit (max_new_tokens=%d or the model's context of %d "
             "positions), not at an end token, so they may be cut short: %s%s; raise max_new_tokens",
             len(names),
-            n,
+            n - len(skipped),
             params.max_new_tokens,
             engine.limit,
             ", ".join(names[:10]),

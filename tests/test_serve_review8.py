@@ -78,3 +78,26 @@ def test_stream_whose_client_left_before_the_first_byte_frees_its_slot(loaded, m
     assert job.cancelled, "the job of a stream that never started kept decoding"
     assert job.generated < 400
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def test_create_app_stops_where_infer_and_eval_stop(ckpt, tmp_path):
+    """`create_app(model, processor, settings)` without stop_ids stopped on config.json's eos alone; infer.py,
+    eval.py and serve.py's own loader also stop on generation_config.json's eos ids (a Qwen-style file names
+    <|endoftext|> too): an API user's server ran past them."""
+    import json
+    import shutil
+
+    import torch
+
+    from musicflamingo import MusicFlamingo, MusicFlamingoProcessor
+    from musicflamingo.checkpoint import stop_token_ids
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt, d)
+    gen = json.loads((d / "generation_config.json").read_text())
+    gen["eos_token_id"] = [7, 11]
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    model = MusicFlamingo.from_pretrained(d, dtype=torch.float32, device="cpu").eval()
+    app = create_app(model, MusicFlamingoProcessor.from_pretrained(d), ServeSettings(model_name=MODEL))
+    assert app.state.server.stop_ids == tuple(stop_token_ids(d, model.config))
+    assert {7, 11, model.config.text.eos_token_id} <= set(app.state.server.stop_ids)

@@ -415,12 +415,18 @@ def create_app(
     stop_ids: tuple[int, ...] | list[int] | None = None,
 ) -> Starlette:
     """The app for a loaded model. The engine worker starts and stops with the app's lifespan; `app.state.server`
-    holds it (`ServerState`). `stop_ids`: the ids that end an answer (default: the config's eos)."""
+    holds it (`ServerState`). `stop_ids`: the ids that end an answer (default: generation_config.json's eos ids
+    and the config's, as infer.py and eval.py stop)."""
     context = model.config.text.max_position_embeddings
     settings.resolve(context, processor.max_audio_len)
-    if stop_ids is None:
-        eos = model.config.text.eos_token_id
-        stop_ids = () if eos is None else (eos,)
+    if (
+        stop_ids is None
+    ):  # as infer and eval (checkpoint.stop_token_ids): generation_config.json's eos + the config's
+        eos = [
+            *getattr(model, "generation_defaults", {}).get("eos_token_id", []),
+            model.config.text.eos_token_id,
+        ]
+        stop_ids = tuple(sorted({int(i) for i in eos if i is not None}))
     worker = EngineWorker(
         model, settings.max_batch, settings.max_cached_tokens, settings.max_queue, settings.compile
     )
