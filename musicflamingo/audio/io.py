@@ -2,9 +2,9 @@
 
 Files are read with ``soundfile`` (wav, flac, ogg, mp3 and whatever libsndfile knows), seeking near ``offset`` and
 reading only the requested frames (and a margin for the resampler); other formats (and a header that gives no
-length) fall back to ``torchcodec`` when installed, then to the
+length, or a wrong one: a VBR MP3 without a Xing frame) fall back to ``torchcodec`` when installed, then to the
 ``ffmpeg`` command line. Multi-channel audio is averaged to mono; resampling uses ``soxr`` at high quality (as the
-reference's soundfile path does).
+reference's soundfile path does), for what ffmpeg decodes too.
 Every problem raises :class:`AudioError` (a ``ValueError``) naming the source and what is wrong.
 """
 
@@ -110,7 +110,88 @@ def check_sample_rate(name: str, rate: int) -> None:
 
 
 class _NoLength(Exception):
-    """soundfile opened the file but its header gives no length (0 frames): the other decoders may read more."""
+    """soundfile opened the file but its header gives no length (0 frames), or a wrong one (an MP3 without a
+    Xing/Info/VBRI frame, whose length libsndfile guesses from the first frame's bit rate and then reads no
+    further): the other decoders read the whole file."""
+
+
+class _Damaged(Exception):
+    """soundfile read the header but stopped in the frames (a truncated or damaged file)."""
+
+
+# MPEG audio frame headers: kbit/s by [MPEG-1?][layer] and index 1-14; Hz by version (3: MPEG-1, 2: 2, 0: 2.5).
+_MP3_KBPS = {
+    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def _mp3_frame(buf, pos: int) -> tuple[int, int] | None:
+    """(bytes, samples) of the MPEG audio frame whose header starts at ``pos``; None when none does (or it is
+    free-format)."""
+    if pos + 4 > len(buf) or buf[pos] != 0xFF or buf[pos + 1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (buf[pos + 1] >> 3) & 3, 4 - ((buf[pos + 1] >> 1) & 3)  # layer 4: reserved
+    rate_index, kbps_index = (buf[pos + 2] >> 2) & 3, buf[pos + 2] >> 4
+    if version == 1 or layer == 4 or rate_index == 3 or kbps_index in (0, 15):
+        return None
+    mpeg1 = version == 3
+    bits, rate = _MP3_KBPS[mpeg1, layer][kbps_index - 1] * 1000, _MP3_RATES[version][rate_index]
+    pad = (buf[pos + 2] >> 1) & 1
+    if layer == 1:
+        return (12 * bits // rate + pad) * 4, 384
+    per_frame = 576 if layer == 3 and not mpeg1 else 1152
+    return per_frame // 8 * bits // rate + pad, per_frame
+
+
+def _mp3_scanned_frames(buf) -> int | None:
+    """Samples per channel that the MPEG frames of an MP3 hold, counted from their headers, when its first frame
+    is no Xing/Info/VBRI frame (the length libsndfile reports is then a guess); None when it is one (libsndfile's
+    length is exact) or no run of frames is found."""
+    pos = 0
+    if (
+        buf[:3] == b"ID3" and len(buf) >= 10
+    ):  # ID3v2: a 10-byte header, a syncsafe size, maybe a 10-byte footer
+        pos = 10 + sum((buf[6 + i] & 0x7F) << (7 * (3 - i)) for i in range(4)) + (10 if buf[5] & 0x10 else 0)
+    start = None
+    for at in range(
+        pos, min(len(buf), pos + 65536)
+    ):  # the first frame followed by another (as decoders sync)
+        first = _mp3_frame(buf, at)
+        if first is not None and _mp3_frame(buf, at + first[0]) is not None:
+            start = at
+            break
+    if start is None:
+        return None
+    head = bytes(buf[start : start + _mp3_frame(buf, start)[0]])
+    if b"Xing" in head or b"Info" in head or b"VBRI" in head:
+        return None
+    samples, at = 0, start
+    while (frame := _mp3_frame(buf, at)) is not None:
+        samples, at = samples + frame[1], at + frame[0]
+    return samples
+
+
+def _check_mp3_length(path: str, data: bytes | None, frames: int, sr: int) -> None:
+    """:class:`_NoLength` when the frames of an MP3 without a length frame hold another length than libsndfile's
+    guess (a VBR file: libsndfile stops at its guess, a third of the song, say)."""
+    import mmap
+
+    if data is not None:
+        counted = _mp3_scanned_frames(data)
+    else:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            counted = _mp3_scanned_frames(buf)
+    if counted is not None and abs(counted - frames) > max(4 * 1152, counted // 100):
+        raise _NoLength(
+            f"an MP3 without a Xing/VBRI length frame: libsndfile guesses {frames / sr:.2f} s, "
+            f"its frames hold {counted / sr:.2f} s"
+        )
 
 
 def _read_soundfile(
@@ -133,6 +214,8 @@ def _read_soundfile(
         check_sample_rate(path, sr)
         if frames <= 0:
             raise _NoLength("the header gives a length of 0 frames")
+        if f.format == "MP3":
+            _check_mp3_length(path, data, frames, sr)
         if offset * sr >= frames:  # compared as floats: a huge offset does not overflow
             raise AudioError(
                 f"{path}: offset {offset:.3f} s is past the end of the audio ({frames / sr:.3f} s)"
@@ -151,7 +234,18 @@ def _read_soundfile(
             last = min(frames, -(-out_end * sr // target) + margin)
         if first:  # not seek(0): libmpg123 then decodes an mp3 1e-7 off the reference's read
             f.seek(first)
-        x = f.read(last - first, dtype="float32", always_2d=True).mean(axis=1)  # [T, C] -> [T]
+        try:
+            x = f.read(last - first, dtype="float32", always_2d=True).mean(axis=1)  # [T, C] -> [T]
+        except Exception as e:  # a FLAC cut short: "lost sync"; ffmpeg decodes what is there
+            raise _Damaged(f"{e} (its header says {frames / sr:.2f} s)") from None
+    if last - first - x.shape[0] > sr // 10:  # a download cut short: the header promises more than decodes
+        logger.warning(
+            "Audio %s is truncated or damaged: its header says %.2f s, its frames from %.2f s end at %.2f s.",
+            path,
+            frames / sr,
+            first / sr,
+            (first + x.shape[0]) / sr,
+        )
     bad = ~np.isfinite(x)
     if bad.any():  # named in the file, before resampling spreads it
         at = first + int(np.argmax(bad))
@@ -178,19 +272,64 @@ def _read_torchcodec(path: str, offset: float, seconds: float | None, sr: int) -
 
 
 def _read_ffmpeg(path: str, offset: float, seconds: float | None, sr: int) -> np.ndarray:
+    """The ``ffmpeg`` command line decodes at the file's own rate and channels (a WAV on its stdout, read as it
+    comes); the channels are averaged and ``resample`` (soxr) takes it to ``sr``, as the soundfile path does.
+    (ffmpeg's own ``-ac 1`` gives (L + R) / sqrt(2) for stereo and drops the LFE of 5.1; its resampler is not
+    soxr.) ``offset`` 0 is no seek: ``-ss 0`` dropped a Matroska file's first samples."""
     exe = shutil.which("ffmpeg")
     if exe is None:
         raise RuntimeError("ffmpeg is not installed")
-    cmd = [exe, "-nostdin", "-v", "error", "-ss", f"{offset:.6f}", "-i", path]
+    cmd = [exe, "-nostdin", "-v", "error"] + (["-ss", f"{offset:.6f}"] if offset > 0 else []) + ["-i", path]
     if seconds is not None:
         cmd += ["-t", f"{seconds:.6f}"]
-    # ffmpeg downmixes stereo to mono as (L + R) / 2; it resamples with its own (swr) resampler here.
-    cmd += ["-vn", "-ac", "1", "-ar", str(sr), "-f", "f32le", "-"]
-    proc = subprocess.run(cmd, capture_output=True, timeout=600)
-    if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"ffmpeg exited with status {proc.returncode}")
-    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+    cmd += ["-vn", "-sn", "-dn", "-map_metadata", "-1", "-c:a", "pcm_f32le", "-f", "wav", "-"]
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: thousands of decoder warnings cannot block it
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
+        try:
+            channels, rate, parts = _read_wav_stream(proc.stdout)
+        finally:
+            proc.stdout.close()
+            status = proc.wait()
+        err.seek(0)
+        lines = err.read().decode(errors="replace").strip().splitlines()
+    if status != 0 or channels is None:
+        msg = lines[-1] if lines else f"ffmpeg exited with status {status}"
+        if "does not contain any stream" in msg or "matches no streams" in msg:
+            msg = "no audio stream in the file"
+        raise RuntimeError(msg.removeprefix(path + ": "))
+    check_sample_rate(path, rate)
+    x = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    y = resample(x, rate, sr)
+    return y if seconds is None else y[: int(round(seconds * sr))]
+
+
+def _read_wav_stream(stream) -> tuple[int | None, int, list[np.ndarray]]:
+    """(channels, rate, mono float32 blocks) of the 32-bit float WAV that ffmpeg writes to a pipe (its sizes
+    unknown there: the data runs to the end); (None, 0, []) when no WAV came."""
+    head = stream.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+        return None, 0, []
+    channels = rate = None
+    while True:
+        chunk = stream.read(8)
+        if len(chunk) < 8:
+            return None, 0, []
+        size = int.from_bytes(chunk[4:8], "little")
+        if chunk[:4] == b"data":
+            break
+        body = stream.read(size + (size & 1))
+        if chunk[:4] == b"fmt ":
+            channels, rate = int.from_bytes(body[2:4], "little"), int.from_bytes(body[4:8], "little")
+    if not channels:
+        return None, 0, []
+    frame = 4 * channels
+    parts, rest = [], b""
+    while block := stream.read(1 << 20):
+        block = rest + block
+        cut = len(block) - len(block) % frame
+        rest = block[cut:]
+        parts.append(np.frombuffer(block[:cut], "<f4").reshape(-1, channels).mean(axis=1, dtype=np.float32))
+    return channels, rate, parts
 
 
 def load_audio(
@@ -240,6 +379,8 @@ def load_audio(
         raise AudioError(
             f"{name}: no audio bytes (the file was missing or empty when the shards were written)"
         )
+    if data is None and p.stat().st_size == 0:
+        raise AudioError(f"{name}: the file is empty (0 bytes)")
     capped = max_seconds is not None and (duration is None or duration > max_seconds)
     keep = int(round(max_seconds * sampling_rate)) if capped else None
     errors, left = [], None  # left: samples from `offset` to the end, by the header
@@ -268,11 +409,26 @@ def load_audio(
                 errors.append(f"{reader.__name__[6:]}: not installed")
             except Exception as e2:
                 errors.append(f"{reader.__name__[6:]}: {e2}")
-        if x is None and isinstance(e, _NoLength):  # a header saying 0 frames, and no other decoder
-            others = "; ".join(errors[1:])
+        if x is not None and isinstance(e, _Damaged):
+            logger.warning(
+                "Audio %s is truncated or damaged: soundfile stopped reading it (%s); ffmpeg decoded %.2f s.",
+                name,
+                e,
+                x.shape[0] / sampling_rate,
+            )
+        if x is None and isinstance(e, _NoLength) and not str(e).startswith("an MP3"):
+            others = "; ".join(errors[1:])  # a header saying 0 frames, and no other decoder
             raise AudioError(f"{name}: audio is empty (0 samples by its header; {others})") from None
         if x is None:
-            raise AudioError(f"{name}: cannot decode audio ({'; '.join(errors)})") from None
+            # libsndfile's message repeats the path, and says an MP3 it cannot parse "does not exist"
+            said = [m.replace(f"Error opening {str(p)!r}: ", "") for m in errors]
+            said = [
+                "soundfile: not a format it reads"
+                if "File does not exist or is not a regular file" in m
+                else m
+                for m in said
+            ]
+            raise AudioError(f"{name}: cannot decode audio ({'; '.join(said)})") from None
     if capped and (x.shape[0] > keep or (left is not None and left > keep)):
         known = [s for s in (duration, None if left is None else left / sampling_rate) if s is not None]
         length = f"{min(known):.1f} s" if known else f"more than {max_seconds:g} s"
@@ -290,7 +446,8 @@ def audio_duration(
     """Seconds that ``load_audio(path, offset=offset, duration=duration)`` will yield, from the file header
     (soundfile: wav, flac, ogg, mp3): ``duration`` when given (the file is not opened), else the length after
     ``offset`` (>= 0). ``None`` when soundfile cannot tell (other formats, a missing or damaged file, a sample
-    rate outside 1-384 kHz): a cheap estimate, not a check; callers pick what unknown means for them."""
+    rate outside 1-384 kHz, an MP3 whose frames hold another length than libsndfile guesses): a cheap estimate,
+    not a check; callers pick what unknown means for them."""
     if duration is not None:
         return float(duration)
     import soundfile as sf
@@ -301,6 +458,11 @@ def audio_duration(
         return None
     if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE or info.frames <= 0:
         return None
+    if info.format == "MP3":
+        try:  # without a Xing/VBRI frame libsndfile's length is a guess: a VBR file's is wrong
+            _check_mp3_length(os.path.expanduser(os.fspath(path)), None, info.frames, info.samplerate)
+        except Exception:  # _NoLength, or the file changed under us
+            return None
     return max(0.0, info.frames / info.samplerate - offset)
 
 
