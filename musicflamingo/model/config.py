@@ -200,6 +200,16 @@ class MusicFlamingoConfig:
         _check_float(self, "audio_frame_step", 1e-5, 1.0, w)
         _check_float(self, "rote_theta", 1.0, 1e9, w)
         _check_float(self, "rote_partial_rotary_factor", 0.0, 0.5, w)
+        if self.rote_rotated_dims > self.audio.hidden_size:
+            # int(d * factor) odd: each axis rotates one pair more (arange(0, dim, 2)); the reference accepts the
+            # config and fails in its first audio forward with a bare shape mismatch
+            raise ConfigError(
+                f"config.rote_partial_rotary_factor={self.rote_partial_rotary_factor} (config.json "
+                f"rope_parameters.partial_rotary_factor) with audio_config.hidden_size={self.audio.hidden_size}: "
+                f"RoTE rotates {self.rote_rotated_dims} channels (2 axes x int({self.audio.hidden_size} * "
+                f"{self.rote_partial_rotary_factor}) = {self.rote_dim_per_axis}, rounded up to whole pairs), more "
+                f"than the {self.audio.hidden_size} the encoder outputs; use a smaller factor"
+            )
         if self.quantization not in (None, *QUANT_CONFIGS):
             raise ConfigError(
                 f"config.quantization={self.quantization!r}: expected null or one of {list(QUANT_CONFIGS)}"
@@ -214,6 +224,11 @@ class MusicFlamingoConfig:
     @property
     def rote_dim_per_axis(self) -> int:
         return int(self.audio.hidden_size * self.rote_partial_rotary_factor)
+
+    @property
+    def rote_rotated_dims(self) -> int:
+        """Encoder channels RoTE rotates: 2 axes x one pair per `arange(0, dim, 2)` frequency (512 of 1280)."""
+        return 4 * ((self.rote_dim_per_axis + 1) // 2)
 
     @property
     def window_seconds(self) -> float:
@@ -349,7 +364,12 @@ class MusicFlamingoConfig:
                 intermediate_size=pick(tc, "intermediate_size", default=18944),
                 num_hidden_layers=pick(tc, "num_hidden_layers", default=28),
                 num_attention_heads=pick(tc, "num_attention_heads", default=28),
-                num_key_value_heads=pick(tc, "num_key_value_heads", default=4),
+                # null is plain multi-head attention, as Qwen2Config reads it
+                num_key_value_heads=pick(
+                    tc,
+                    "num_key_value_heads",
+                    default=pick(tc, "num_attention_heads", default=28) if "num_key_value_heads" in tc else 4,
+                ),
                 head_dim=pick(tc, "head_dim"),
                 rope_theta=rope_theta,
                 rms_norm_eps=pick(tc, "rms_norm_eps", default=1e-6),
