@@ -12,7 +12,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from musicflamingo.cli import run_cli
+from musicflamingo.cli import run_cli, run_entry_point
 from musicflamingo.eval import evaluate, headline
 
 
@@ -20,11 +20,11 @@ from musicflamingo.eval import evaluate, headline
 def main(cfg: DictConfig) -> None:
     # Bad settings, data, audio or checkpoint: one clear line (exit 2) instead of a traceback.
     results = run_cli(lambda: evaluate(cfg), prefix="eval.py: error")
-    if "plan" in results:  # plan=true: evaluate printed the memory plan, nothing ran
+    if results is None or "plan" in results:  # a failed sweep job (named already), or plan=true: nothing ran
         return
     print(headline(results))
     print(f"results: {results['files']['results_md']}")
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, "eval")  # a command line Hydra cannot read or compose: one line, exit 2

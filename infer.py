@@ -17,7 +17,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from musicflamingo.cli import check_overrides, run_cli
+from musicflamingo.cli import run_cli, run_entry_point
 from musicflamingo.inference import infer
 from musicflamingo.settings import check_infer_settings
 
@@ -39,5 +39,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])  # a song or prompt Hydra cannot read: how to quote it, not a lexer error
-    main()
+    # a song or prompt Hydra cannot read: how to quote it, not a lexer error; a misspelt key: one line, exit 2
+    run_entry_point(main, "infer")

@@ -16,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from musicflamingo.cli import run_cli
+from musicflamingo.cli import run_cli, run_entry_point
 from musicflamingo.serve import serve
 
 
@@ -32,4 +32,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, "serve")  # a command line Hydra cannot read or compose: one line, exit 2

@@ -6,15 +6,17 @@ All logic lives in `musicflamingo.training.train(cfg)`, which tests call with a 
 import hydra
 from omegaconf import DictConfig
 
-from musicflamingo.cli import run_cli
+from musicflamingo.cli import run_cli, run_entry_point
 from musicflamingo.training import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = run_cli(lambda: train(cfg))
-    return metrics.get("train/loss")
+    result = run_cli(lambda: train(cfg))
+    if result is None:  # a sweep job that failed with an input error (named already); the next job runs
+        return None
+    return result[0].get("train/loss")
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, "train")  # a command line Hydra cannot read or compose: one line, exit 2

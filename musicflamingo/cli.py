@@ -12,9 +12,20 @@ Which errors are input errors is decided by where they come from, not by catchin
   `MisconfigurationException`;
 * deliberate stops (`errors.RunStopped`: too many bad samples, NaN loss, a signal), with their own exit code.
 
-Exit codes: 0 done, 1 a bug (traceback) or a command line Hydra could not compose, 2 bad input, 128 + N stopped by
-signal N (130 SIGINT / Ctrl-C, 143 SIGTERM; 141 the reader of our pipe left, `| head`). docs/robustness.md has the
-table.
+* a config value whose interpolation cannot be resolved (`${oc.env:UNSET}`, `${no.such.key}`), named with its key.
+
+The command line itself is checked before Hydra runs (:func:`check_command_line`, from each entry point's
+`__main__`): a value Hydra's grammar cannot read, a comma without `-m`, a misspelt key or group (`experment=lora`,
+`benchmark=gtzann`), `+key=` for a key that exists, a run folder that cannot be resolved: one line naming the
+override and what was expected, exit 2 (Hydra printed several lines, suggested `+experment=lora`, and exited 1).
+`HYDRA_FULL_ERROR=1` skips that check and leaves Hydra's own tracebacks.
+
+Sweeps (`-m`): a job that fails with an input error prints its line prefixed with the job (`job #1
+(benchmark=lyrics)`) and the sweep goes on with the next job, as Hydra does for other failures; the process exits
+with the first failed job's code after a summary line (:func:`run_entry_point`). A stop by signal ends the sweep.
+
+Exit codes: 0 done, 1 a bug (traceback), 2 bad input, 128 + N stopped by signal N (130 SIGINT / Ctrl-C, 143 SIGTERM;
+141 the reader of our pipe left, `| head`). docs/robustness.md has the table.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException, OverrideParseException
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from musicflamingo.errors import RunStopped
 from musicflamingo.runtime import quiet_known_warnings, tune_cpu
@@ -102,6 +113,8 @@ def user_error_line(e: BaseException) -> str | None:
     if isinstance(e, MissingMandatoryValue):
         key = getattr(e, "full_key", None) or "a mandatory config value"
         return f"{key} is not set: pass {key}=... on the command line"
+    if isinstance(e, InterpolationResolutionError):  # `${oc.env:UNSET}`, `${no.such.key}`, `${oc.nope:x}`
+        return interpolation_error_line(e)
     if isinstance(e, InstantiationException) and e.__cause__ is not None:
         cause = e.__cause__
         line = user_error_line(cause)
@@ -120,6 +133,15 @@ def user_error_line(e: BaseException) -> str | None:
     ):
         return error_line(e)
     return None
+
+
+def interpolation_error_line(e: BaseException, key: str | None = None) -> str:
+    """`<key>: cannot resolve its value: <reason>` for an OmegaConf interpolation error (omegaconf's message
+    prefixes the reason with the inner error's type: "KeyError raised while resolving interpolation: ...")."""
+    key = key or getattr(e, "full_key", None) or "a config value"
+    reason = error_line(e)
+    reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", reason).strip().strip('"')
+    return f"{key}: cannot resolve its value: {reason}"
 
 
 def _full_key(message: str) -> str | None:
@@ -158,8 +180,238 @@ def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = EXIT_
         line = user_error_line(e)
         if line is None:
             raise
-        print(f"{prefix}: {line}", file=sys.stderr)
-        sys.exit(stop_exit_code(e, exit_code))
+        code = stop_exit_code(e, exit_code)
+        job = _sweep_job()
+        if job is None or code >= 128:  # one run, or stopped by a signal: stop here
+            print(f"{prefix}: {line}", file=sys.stderr)
+            sys.exit(code)
+        # a sweep: this job failed, the next ones still run (as Hydra runs them after a failed job)
+        print(f"{prefix}: {job}: {line}", file=sys.stderr)
+        _SWEEP_FAILURES.append((job, code, prefix))
+        return None
+
+
+# Jobs of this process's sweep (`-m`) that failed with an input error: (label, exit code, prefix).
+_SWEEP_FAILURES: list[tuple[str, int, str]] = []
+
+
+def _sweep_job() -> str | None:
+    """`job #N (key=value ...)` naming the swept values of the running Hydra multirun job; None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    overrides = list(hc.overrides.task)
+    swept = _swept_keys(sys.argv[1:])
+    shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
+    return f"job #{hc.job.num} ({' '.join(shown)})"
+
+
+def _swept_keys(argv: list[str]) -> set[str]:
+    """The keys of `argv`'s sweep overrides (`benchmark=a,b`, `seed=range(3)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, keys = OverridesParser.create(), set()
+    for arg in _override_args(argv):
+        try:
+            override = parser.parse_overrides([arg])[0]
+        except OverrideParseException:
+            continue
+        if override.is_sweep_override():
+            keys.add(override.key_or_group)
+    return keys
+
+
+def run_entry_point(main: Callable[[], Any], config_name: str) -> None:
+    """What an entry point's `__main__` runs: :func:`check_command_line`, then the `@hydra.main` function; after a
+    sweep in which jobs failed with input errors, one line naming them and exit with the first one's code."""
+    sys.argv += check_command_line(config_name, sys.argv[1:])
+    _SWEEP_FAILURES.clear()
+    main()
+    if _SWEEP_FAILURES:
+        jobs = "; ".join(job for job, _, _ in _SWEEP_FAILURES)
+        prefix = _SWEEP_FAILURES[0][2]
+        print(f"{prefix}: {len(_SWEEP_FAILURES)} job(s) of the sweep failed: {jobs}", file=sys.stderr)
+        sys.exit(_SWEEP_FAILURES[0][1])
+
+
+# Hydra's flags that choose another config than the entry point's own: the command line is then left to Hydra.
+_CONFIG_FLAGS = (
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+)
+
+
+def _override_args(argv: list[str]) -> list[str]:
+    """The `key=value` words of `argv` (Hydra's flags and their values left out)."""
+    return [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+
+
+def check_command_line(config_name: str, argv: list[str]) -> list[str]:
+    """Check `argv` as Hydra will read it for `configs/<config_name>.yaml`, before Hydra does: exit 2 with one line
+    naming the override and what was expected when Hydra could not read or compose it, or could not resolve the
+    run folder (`hydra.run.dir`, under `-m` `hydra.sweep.dir`). Returns overrides to add: a run folder starting with
+    `~` (quoted, so the shell left it alone) made `./~/...`; the rest of the project expands `~`, so the folder is
+    given back expanded. `HYDRA_FULL_ERROR=1` or a `--config-*` flag skip all but the syntax check."""
+    check_overrides(argv)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.split("=")[0] in _CONFIG_FLAGS for a in argv):
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    multirun = "-m" in argv or "--multirun" in argv
+    args = _override_args(argv)
+    parser = OverridesParser.create()
+    first: list[str | None] = []  # every override, a sweep at its first value (None: left to Hydra)
+    others: list[tuple[int, str]] = []  # (position, override) for the other values of a swept config group
+    for i, arg in enumerate(args):
+        override = parser.parse_overrides([arg])[0]
+        if not override.is_sweep_override():
+            first.append(arg)
+            continue
+        try:
+            values = list(override.sweep_string_iterator())
+        except Exception:  # an interval or glob sweep: Hydra expands it
+            first.append(None)
+            continue
+        key = override.get_key_element()
+        first.append(f"{key}={values[0]}")
+        if (_config_dir() / override.key_or_group.replace(".", "/")).is_dir():
+            others += [(i, f"{key}={v}") for v in values[1:]]
+    base = [a for a in first if a is not None]
+    cfg = _compose_or_exit(config_name, base, args)
+    for i, arg in others:
+        _compose_or_exit(
+            config_name, [a if j != i else arg for j, a in enumerate(first) if a is not None], args
+        )
+    return _run_dir_overrides(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+
+
+def _config_dir() -> Path:
+    return PACKAGE_DIR.parent / "configs"
+
+
+def _compose(config_name: str, overrides: list[str]) -> Any:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(_config_dir()), version_base="1.3", job_name=config_name):
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+
+def _compose_or_exit(config_name: str, overrides: list[str], args: list[str]) -> Any:
+    from hydra.errors import HydraException
+
+    try:
+        return _compose(config_name, overrides)
+    except HydraException as e:
+        line = _composition_error_line(e, config_name, overrides)
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _composition_error_line(e: BaseException, config_name: str, overrides: list[str]) -> str:
+    """One line for Hydra's refusal to compose `overrides`, naming the override and what it takes."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import MissingConfigException
+    from omegaconf import DictConfig
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    message = str(e).strip()
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        options = sorted(e.options or [])
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f" (did you mean {group}={close[0]}?)" if close else ""
+        mine = [str(o.input_line) for o in parsed if o.key_or_group == group]
+        return (
+            f"{mine[-1] if mine else e.missing_cfg_file}: no such {group} config{hint}; {group} takes: "
+            + (", ".join(options) or "nothing (the folder is empty)")
+        )
+    match = re.match(r"Could not (?:override|delete from config\.) '([^']+)'", message)
+    if match:
+        key = match.group(1)
+        arg = next((str(o.input_line) for o in parsed if o.key_or_group == key), key)
+        try:  # the config without this override: where the key's path leaves it
+            node = _compose(config_name, [o for o in overrides if o != arg])
+        except Exception:
+            return error_line(e)
+        parts, depth = key.split("."), 0
+        while depth < len(parts) - 1 and isinstance(node, DictConfig) and parts[depth] in node:
+            node, depth = node[parts[depth]], depth + 1
+        parent, name = ".".join(parts[:depth]), parts[depth]
+        missing = ".".join(parts[: depth + 1])
+        if not isinstance(node, DictConfig):
+            return f"{arg}: no setting {missing} ({parent} is a value, not a group of settings)"
+        valid = sorted(str(k) for k in node if k != "hydra" and not str(k).startswith("_"))
+        if not parent:  # groups chosen as null in the defaults list (`experiment`, `debug`) take options too
+            valid = sorted(set(valid) | set(_config_groups(config_name)) - {"hydra"})
+        close = difflib.get_close_matches(name, valid, n=1)
+        fixed = ".".join([*parts[:depth], close[0], *parts[depth + 1 :]]) if close else ""
+        hint = f" (did you mean {arg.replace(key, fixed, 1)}?)" if close else ""
+        return f"{arg}: no setting {missing}{hint}; {parent or 'the top level'} takes: {', '.join(valid)}"
+    match = re.match(r"Could not append to config. An item is already at '([^']+)'", message)
+    if match:
+        key = match.group(1)
+        arg = next((str(o.input_line) for o in parsed if o.key_or_group == key), f"+{key}")
+        return f"{arg}: {key} is already set, `+` only adds new keys: write {arg.lstrip('+')} to change it"
+    line = error_line(e)
+    cause = e.__cause__
+    return f"{line} ({error_line(cause)})" if cause is not None and error_line(cause) not in line else line
+
+
+def _config_groups(config_name: str) -> list[str]:
+    """The config groups of `configs/<config_name>.yaml`'s defaults list (`experiment`, `model`, ...)."""
+    import yaml
+
+    path = _config_dir() / f"{config_name}.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    groups = []
+    for entry in (data or {}).get("defaults") or []:
+        group = next(iter(entry)) if isinstance(entry, dict) and entry else entry
+        if isinstance(group, str) and not group.startswith("override ") and group != "_self_":
+            groups.append(group.removeprefix("optional ").split("@")[0])
+    return groups
+
+
+def _run_dir_overrides(cfg: Any, key: str) -> list[str]:
+    """Resolve the run (or sweep) folder as Hydra will: exit 2 naming `key` when it cannot be resolved; an
+    override with `~` expanded when it starts with one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    setup_globals()  # the `now` and `hydra` resolvers
+    instance = HydraConfig.instance()
+    previous = instance.cfg
+    try:
+        instance.set_config(cfg)
+        folder = OmegaConf.select(cfg, key)
+    except InterpolationResolutionError as e:
+        print(f"error: {interpolation_error_line(e, key)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    finally:
+        instance.cfg = previous
+    folder = str(folder)
+    if folder != "~" and not folder.startswith("~/"):
+        return []
+    expanded = os.path.expanduser(folder)
+    if expanded.startswith("~") or any(c in expanded for c in '"\\$'):
+        print(
+            f"error: {key}={folder!r}: write the folder without ~ (Hydra makes a folder named ~)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_BAD_INPUT)
+    return [f'{key}="{expanded}"']
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -169,16 +421,18 @@ def check_overrides(argv: list[str]) -> None:
 
     parser = OverridesParser.create()
     multirun = "-m" in argv or "--multirun" in argv
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:  # Hydra's own flags (--cfg job, -m) and their values
-            continue
+    for arg in _override_args(argv):  # Hydra's own flags (--cfg job, -m) and their values left out
         try:
             sweep = parser.parse_overrides([arg])[0].is_sweep_override()
-            problem = "a comma outside quotes makes a sweep" if sweep and not multirun else None
+            problem = (
+                "a comma outside quotes makes a sweep: add -m for one run per value"
+                if sweep and not multirun
+                else None
+            )
         except OverrideParseException as e:
             problem = error_line(e)
         if problem:
-            key, value = arg.split("=", 1)
+            key, _, value = arg.partition("=")
             print(f"error: {key}: Hydra cannot read {arg!r} ({problem})", file=sys.stderr)
             print(f"quote the value for Hydra, inside shell quotes: {_quoted(key, value)}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
