@@ -234,13 +234,22 @@ class MusicFlamingoLit(L.LightningModule):
         elif nonfinite:
             self._nonfinite(out.loss, _batch_ids(batch))
             return None
-        loss = out.loss
-        # logged once per optimizer step (on_before_optimizer_step): the mean over the step's batches and ranks
-        step_loss = loss.detach().float()
+        n = out.num_label_tokens
+        # The step's loss and gradient are the mean over all its label tokens (every accumulated batch, every
+        # rank), as one batch holding them all gives (a mean of the batches' means weighed a token of a short batch
+        # more). One batch on one process: its own mean, as is. Else each batch returns its summed loss, and
+        # on_before_optimizer_step divides the gradient by the step's label tokens (and logs sum / tokens).
+        step_loss = out.loss.detach().float() * n
         self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
         self._step_batches += 1
-        self._step_label_tokens += float(out.num_label_tokens)
-        return loss
+        self._step_label_tokens += float(n)
+        return out.loss * n if self._several_batches_a_step() else out.loss
+
+    def _several_batches_a_step(self) -> bool:
+        """Whether a step's gradient sums batches (accumulated, or one per rank): then weighed by label tokens."""
+        if self._trainer is None:
+            return False
+        return self.trainer.accumulate_grad_batches > 1 or self.trainer.world_size > 1
 
     def _distributed(self) -> bool:
         return self._trainer is not None and self.trainer.world_size > 1
@@ -279,27 +288,39 @@ class MusicFlamingoLit(L.LightningModule):
         )
         self.log("train/tokens_per_s", tokens / max(dt, 1e-9), prog_bar=True, batch_size=1)
 
-    def _log_step_metrics(self, optimizer: torch.optim.Optimizer) -> None:
-        """`train/loss` (mean over the step's batches and ranks), `train/label_tokens` (their sum) and the learning
-        rate each group steps with (`lr/<group>`: read here, before the schedule moves it on to the next step's)."""
+    def _log_step_metrics(self, optimizer: torch.optim.Optimizer) -> float:
+        """`train/loss` (mean over the step's label tokens, all batches and ranks), `train/label_tokens` (their
+        number) and the learning rate each group steps with (`lr/<group>`: read here, before the schedule moves it
+        on to the next step's). Returns the step's label tokens over all ranks."""
         loss_sum, batches, label_tokens = self._step_loss, self._step_batches, self._step_label_tokens
         self._step_loss, self._step_batches, self._step_label_tokens = None, 0, 0.0
         distributed = self._distributed()
         if distributed:  # every rank joins, also one without a batch to learn from in this step
-            totals = torch.tensor([0.0, batches], device=self.device)
+            totals = torch.tensor([0.0, batches, label_tokens], device=self.device, dtype=torch.float64)
             if loss_sum is not None:
                 totals[0] = loss_sum
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-            loss_sum, batches = totals[0], int(totals[1].item())
+            loss_sum, batches, label_tokens = (
+                totals[0].float(),
+                int(totals[1].item()),
+                float(totals[2].item()),
+            )
         if batches > 0:
-            self.log("train/loss", loss_sum / batches, prog_bar=True, batch_size=1)
-        if batches > 0 or distributed:  # summed over the ranks by Lightning: every rank logs it
-            self.log("train/label_tokens", label_tokens, batch_size=1, sync_dist=distributed, reduce_fx="sum")
+            self.log("train/loss", loss_sum / max(label_tokens, 1.0), prog_bar=True, batch_size=1)
+            self.log("train/label_tokens", label_tokens, batch_size=1)
         for i, group in enumerate(optimizer.param_groups if optimizer is not None else []):
             self.log(f"lr/{group.get('name', i)}", group["lr"], batch_size=1)
+        return label_tokens
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._log_step_metrics(optimizer)
+        label_tokens = self._log_step_metrics(optimizer)
+        if label_tokens > 0 and self._several_batches_a_step():
+            # Lightning divided each batch's summed loss by accumulate_grad_batches and DDP/FSDP average the
+            # gradients over the ranks: undo both and divide by the step's label tokens
+            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / label_tokens
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         if self._distributed():
             if not self._learned_since_step:
                 # no rank learned from any batch of this step: skip it as a single process does (no gradient, so
@@ -323,7 +344,8 @@ class MusicFlamingoLit(L.LightningModule):
         if batch["input_ids"].shape[0] == 0:  # all samples skipped as bad
             return None
         out = self.model(**self._model_inputs(batch), return_logits=False)
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=self._batch_size(batch))
+        # weighted by label tokens: the epoch's val/loss is the mean over all its label tokens, whatever the batching
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=max(out.num_label_tokens, 1))
         return out.loss
 
     # ------------------------------------------------------------------ optimizer

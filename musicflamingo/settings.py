@@ -207,6 +207,15 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
             "model.scheduler.max_steps to the steps the learning-rate schedule should span"
         )
     _choice(settings, "trainer.accelerator", ("cpu", "gpu", "cuda", "mps", "auto"))
+    if str(_get(settings, "trainer.precision")) == "16-true":
+        # fp16 weights and optimizer states: AdamW's eps (1e-8) and the squares of small gradients are 0 in fp16,
+        # so its first steps divide 0 by 0 (a NaN loss at step 1)
+        _fail(
+            "trainer.precision",
+            "16-true",
+            "fp16 weights and optimizer states underflow (AdamW's eps is 0 in fp16: NaN at the first steps); "
+            "use bf16-true, bf16-mixed, 16-mixed (GPU) or 32-true",
+        )
     if not _planning(settings):  # plan=true plans for devices this machine may not have
         if "fsdp" in str(target).lower():  # trainer=fsdp on a laptop: trainer=cpu would drop FSDP altogether
             value = _get(settings, "trainer.accelerator")
