@@ -73,3 +73,15 @@ def test_paper_number_not_beside_another_unit_or_question_set(tmp_path, benchmar
     assert label not in labels(**changed)
     if benchmark == "music_avqa":
         assert label in labels(modalities="Audio")
+
+
+@pytest.mark.parametrize("language", ["ja", "th", "Japanese", "my"])
+def test_lyrics_in_languages_without_word_spaces_are_scored_with_cer(language):
+    """A Japanese or Thai line has no spaces: WER counted one wrong character as the whole line wrong. The
+    benchmarks' cer_languages and the code's default agree."""
+    from musicflamingo.eval.metrics import CER_LANGUAGES, uses_cer
+
+    assert uses_cer(language, CER_LANGUAGES)
+    for name in ("jamendolyrics", "lyrics", "musdb18_lyrics", "opencpop"):
+        listed = OmegaConf.load(REPO / "configs" / "benchmark" / f"{name}.yaml").cer_languages
+        assert list(listed) == list(CER_LANGUAGES), name

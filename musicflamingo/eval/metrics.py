@@ -25,8 +25,23 @@ from musicflamingo.eval.parsing import (
     parse_label,
 )
 
-# Languages scored with CER (characters, whitespace removed) instead of WER: Chinese has no word spaces.
-CER_LANGUAGES = ("zh", "zh-cn", "zh-tw", "zh-hk", "cmn", "yue", "chinese", "mandarin", "cantonese")
+# Languages scored with CER (characters, whitespace removed) instead of WER: Chinese, Japanese, Thai, Lao and
+# Burmese are written without spaces between words.
+CER_LANGUAGES = (
+    *("zh", "zh-cn", "zh-tw", "zh-hk", "cmn", "yue", "chinese", "mandarin", "cantonese"),
+    *("ja", "japanese", "th", "thai", "lo", "lao", "my", "burmese"),
+)
+
+
+def uses_cer(language: Any, cer_languages: Iterable[str] | str) -> bool:
+    """Whether ``language`` is scored with CER: it, or its first subtag, is in ``cer_languages`` (any case), so
+    "zh-Hans", "zh_CN" and FLEURS' "cmn_hans_cn" count as "zh" / "cmn". A single string is one language
+    (``benchmark.cer_languages=zh``), not its letters."""
+    if isinstance(cer_languages, str):
+        cer_languages = [cer_languages]
+    cer_set = {str(x).strip().lower() for x in cer_languages}
+    lang = str(language).strip().lower()
+    return lang in cer_set or re.split(r"[-_]", lang, maxsplit=1)[0] in cer_set
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -243,16 +258,22 @@ def score_caption_facts(
     }
 
 
-_APOSTROPHES = "'’‘`´"
+_APOSTROPHES = "'’‘`´ʼ"  # ASCII, right/left single quote, grave, acute, modifier letter apostrophe (U+02BC)
+
+
+# A dot inside a word ("u.s.a.", "3.5") and a comma between digits ("1,000") join, as alt-eval's Moses
+# tokenizer and jiwer's RemovePunctuation (LyricWhiz) have it; "hey...you" and "oh,oh" stay apart.
+_JOINING = re.compile(r"(?<=\w)\.(?=\w)|(?<=\d),(?=\d)")
 
 
 def normalize_lyrics(text: str, *, cer: bool = False) -> str:
-    """NFKC, lowercase, apostrophes deleted ("don't" -> "dont"), every other punctuation or symbol character
-    (Unicode categories P* and S*) -> space, whitespace collapsed. With ``cer=True`` all whitespace is removed
+    """NFKC, lowercase, apostrophes deleted ("don't" -> "dont"), a dot inside a word and a comma between digits
+    deleted ("u.s.a." -> "usa", "1,000" -> "1000"), every other punctuation or symbol character (Unicode
+    categories P* and S*) -> space, whitespace collapsed. With ``cer=True`` all whitespace is removed
     (character error rate for Chinese)."""
     # apostrophes first: NFKC turns the acute accent "´" into a space and a combining accent
     text = re.sub(f"[{_APOSTROPHES}]", "", str(text))
-    text = unicodedata.normalize("NFKC", text).lower()
+    text = _JOINING.sub("", unicodedata.normalize("NFKC", text).lower())
     text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
     return "".join(text.split()) if cer else " ".join(text.split())
 
@@ -275,16 +296,16 @@ def error_rate(references: Sequence[str], hypotheses: Sequence[str], *, cer: boo
 
 
 def score_lyrics(
-    items: Sequence[EvalItem], preds: Sequence[str], cer_languages: Sequence[str] = CER_LANGUAGES
+    items: Sequence[EvalItem], preds: Sequence[str], cer_languages: Sequence[str] | str = CER_LANGUAGES
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """WER over non-Chinese items, CER over Chinese ones (``language`` in ``cer_languages``), and per language."""
-    cer_set = {x.lower() for x in cer_languages}
+    """WER over non-Chinese items, CER over Chinese ones (:func:`uses_cer`: ``language`` or its first subtag in
+    ``cer_languages``), and per language."""
     by_lang: dict[str, list[int]] = defaultdict(list)
     for i, it in enumerate(items):
         by_lang[str(it.meta.get("language", "en"))].append(i)
     rows = []
     for it, p in zip(items, preds):
-        use_cer = str(it.meta.get("language", "en")).lower() in cer_set
+        use_cer = uses_cer(it.meta.get("language", "en"), cer_languages)
         rows.append(
             {
                 "id": it.id,
@@ -296,7 +317,7 @@ def score_lyrics(
     char_idx = [i for i, r in enumerate(rows) if r["metric"] == "cer"]
     per_language = {}
     for lang, idx in sorted(by_lang.items()):
-        use_cer = lang.lower() in cer_set
+        use_cer = uses_cer(lang, cer_languages)
         per_language[lang] = {
             "n": len(idx),
             "metric": "cer" if use_cer else "wer",

@@ -102,7 +102,8 @@ _WORD_NEXT = re.compile(r"\s+\w")
 # rules read the answer (the option-text rule reads the answer as written).
 _EMPHASIS = re.compile(r"[*`\"\u201c\u201d]+|'(?=[A-Z]')|(?<=[A-Z])'")
 _PAREN = re.compile(r"[\(\[]([A-Z])[\)\]]")
-_LEADING = re.compile(r"^\s*([A-Z])\s*[.:)](?:\s|$)")
+# "B." / "B)" / "B:" at the start, or a first line that is the letter alone ("B\n\nThe guitar is ...")
+_LEADING = re.compile(r"^\s*([A-Z])(?:\s*[.:)](?:\s|$)|[ \t]*\r?\n)")
 
 
 def _is_a_word(text: str, m: re.Match[str], choices: Sequence[str]) -> bool:
@@ -151,14 +152,16 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     2. ``answer_is``: "answer is B", "Answer: (B)", "the correct option is C" -- the *last* "answer ..." phrase
        wins (models restate the options before concluding), else the last "option/choice ..." phrase ("the answer
        is B, not option C" -> B).
-    3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:". One
-       distinct letter -> that option; two or more -> ambiguous (unless they are options with the same text).
+    3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:", or a first
+       line that is the letter alone ("B\n\nThe guitar ..."). One distinct letter -> that option; two or more ->
+       ambiguous (unless they are options with the same text).
     4. ``text``: option texts found in the answer (lowercased, punctuation-insensitive, whole words, maximal
        matches only). One -> that option; two or more -> ambiguous, unless exactly one of them is written in
        the answer as such (options that differ only in punctuation: "F#:7/1", "F:7/1"). A text listed under
        several letters names its first one.
 
-    Markdown emphasis and quotes are dropped for rules 1-3 ("**B**", "The answer is \"B\"").
+    Rules 1-3 read the answer NFKC-normalised (full-width "（B）" is "(B)") and without markdown emphasis and
+    quotes ("**B**", "The answer is \"B\"").
     A capital after "answer is" that starts words is no letter: "I" ("Answer: I think ...") or an option's own
     text ("The answer is A minor", "Answer: A male vocalist"); rule 4 reads those.
 
@@ -169,7 +172,8 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     if not text:
         return ChoiceParse(None, "unparsed")
 
-    plain = _EMPHASIS.sub("", text)
+    # NFKC as the text rule reads it: full-width "（B）" / "Ｂ" are "(B)" / "B"
+    plain = _EMPHASIS.sub("", unicodedata.normalize("NFKC", text))
     m = _BARE.match(plain)
     if m and (idx := _letter_index(m.group(1), n)) is not None:
         return ChoiceParse(idx, "ok", "bare")
