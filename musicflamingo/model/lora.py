@@ -158,7 +158,8 @@ class QuantizedLoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.scale = rank, alpha / rank
-        device = base.bias.device if base.bias is not None else None
+        # where the base lies: its bias is None for o_proj and the MLP (a base on the GPU got CPU adapters)
+        device = next((t.device for t in (*base.parameters(), *base.buffers())), None)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -1,0 +1,402 @@
+"""LoRA adapters in `peft`'s folder layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+What `PeftModel.from_pretrained(MusicFlamingoForConditionalGeneration..., folder)` reads and `peft_model.save_pretrained`
+writes, for the reference model: tensor names are the reference's module names (transformers >= 5.10 layout, e.g.
+`model.language_model.layers.0.self_attn.q_proj`) under `base_model.model.`, with `.lora_A.weight` (r, in) and
+`.lora_B.weight` (out, r); whole modules trained beside the adapters (`modules_to_save`, e.g. the projector of
+`experiment=lora`) are stored under their plain parameter names. The adapter adds `B A x * lora_alpha / r`
+(`/ sqrt(r)` with `use_rslora`), the formula of `LoRALinear`, so the same A and B compute the same model.
+
+`load_peft_adapter(model, folder)` puts a peft folder's adapters on our model (a linear of any part, the audio tower
+included, as peft's bare target names reach it too) and copies its saved modules; `save_peft_adapter(model, folder)`
+writes ours for peft. The names are renamed by `checkpoint.py`'s table, as a model checkpoint's are.
+
+Example::
+
+    model = MusicFlamingo.from_pretrained(base_folder)
+    load_peft_adapter(model, adapter_folder)  # then merge_lora(model) for a plain folder, or generate
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from musicflamingo.checkpoint import CheckpointError, hf_to_ours, ours_to_hf, replace_file
+from musicflamingo.model.lora import LoRALinear, QuantizedLinear, QuantizedLoRALinear
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # peft's wrapper around the reference model
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>A|B)\.weight")
+
+# the reference's checkpoint layout (our name table's) -> its module layout (transformers >= 5.10), which peft names
+_MODULE_PREFIXES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("audio_tower.", "model.audio_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+# LoraConfig fields that make peft compute something other than `W x + B A x * scale` (or add tensors we do not
+# hold): refused when set, rather than loaded as plain LoRA
+_VARIANTS = (
+    "use_dora",
+    "lora_bias",
+    "use_qalora",
+    "use_bdlora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "kasa_config",
+    "velora_config",
+    "monteclora_config",
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+)
+
+
+def reference_module_name(ours: str) -> str:
+    """Our parameter or module name -> the reference's module-layout name (what peft's keys hold)."""
+    hf = ours_to_hf(ours if ours.endswith((".weight", ".bias")) else ours + ".weight")
+    for old, new in _MODULE_PREFIXES:
+        if hf.startswith(old):
+            hf = new + hf[len(old) :]
+            break
+    return hf if ours.endswith((".weight", ".bias")) else hf.rsplit(".", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG_NAME
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise CheckpointError(
+            f"peft adapter folder {folder} {what}; expected a folder with {ADAPTER_CONFIG_NAME}"
+        )
+    if not path.is_file():
+        hint = (
+            " (a model folder: load it with MusicFlamingo.from_pretrained)"
+            if (folder / "config.json").exists()
+            else ""
+        )
+        raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG_NAME}, so not a peft adapter folder{hint}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(
+            f"{path}: peft_type={config['peft_type']!r}; only LoRA adapters (peft_type=LORA) load"
+        )
+    set_variants = [f"{k}={config[k]!r}" for k in _VARIANTS if config.get(k)]
+    # a variant selected through the init (B frozen, its own forward)
+    if config.get("init_lora_weights") == "mica":
+        set_variants.append("init_lora_weights='mica'")
+    if set_variants:
+        raise CheckpointError(
+            f"{path}: {', '.join(set_variants)}: a LoRA variant this model does not compute (plain LoRA only: "
+            "W x + B A x * lora_alpha / r); merge it in peft (merge_and_unload) and load the merged model instead"
+        )
+    for field, kind in (("r", int), ("lora_alpha", (int, float))):
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            raise CheckpointError(f"{path}: {field}={value!r}; expected a positive number")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(field) or {}, dict):
+            raise CheckpointError(f"{path}: {field}={config[field]!r}; expected an object")
+    return config
+
+
+def _pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """peft's `get_pattern_key`: the first pattern whose regex ends the module name on a `.` boundary."""
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error as e:
+            raise ValueError(f"pattern {key!r} (rank_pattern / alpha_pattern) is not a regex: {e}") from None
+    return default
+
+
+def _scale(config: dict[str, Any], module: str, rank: int) -> float:
+    """alpha / r of one module (its `rank_pattern` / `alpha_pattern` entries applied; rsLoRA: alpha / sqrt(r));
+    a ValueError when the file's rank is not the config's."""
+    expected = _pattern(config.get("rank_pattern") or {}, module, config["r"])
+    if rank != expected:
+        raise ValueError(
+            f"{module}.lora_A.weight has rank {rank}, the config says {expected} (r / rank_pattern): the two "
+            "files do not belong together"
+        )
+    alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise CheckpointError(
+                f"{folder}: adapter_model.bin (a pickle) and no {ADAPTER_WEIGHTS_NAME}; resave it with peft "
+                "(save_pretrained(..., safe_serialization=True))"
+            )
+        raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS_NAME}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or isinstance(module, (LoRALinear, QuantizedLinear, QuantizedLoRALinear))
+
+
+def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
+    """Put the LoRA adapters of a peft folder on `model` (a `MusicFlamingo`), in place; returns the adapted names.
+
+    A plain linear the file adapts becomes a `LoRALinear` (a quantized QLoRA base a `QuantizedLoRALinear`), an
+    existing adapter takes the file's A, B and scale (its dropout stays); tensors of whole modules (peft's
+    `modules_to_save`, biases of `bias="all"`) replace ours. Everything is checked before anything changes: a
+    name with no place in the model, a shape that differs, a rank the config contradicts or a LoRA variant we do not
+    compute (DoRA, ...) is a CheckpointError naming it. Requires-grad flags of existing parameters are untouched.
+    """
+    folder = Path(folder)
+    config = _read_config(folder)
+    tensors = _read_tensors(folder)
+    where = folder / ADAPTER_WEIGHTS_NAME
+    dropout = float(config.get("lora_dropout") or 0.0)
+
+    adapters: dict[str, dict[str, torch.Tensor]] = {}  # our module name -> {"A": ..., "B": ...}
+    plain: dict[str, torch.Tensor] = {}  # our parameter name -> tensor
+    problems: list[str] = []
+    reference_names: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        if m := _LORA_KEY.fullmatch(name):
+            ours = hf_to_ours(m["module"] + ".weight")
+            if ours is None:
+                problems.append(f"{key}: {m['module']} is no linear of Music Flamingo")
+                continue
+            module = ours.rsplit(".", 1)[0]
+            adapters.setdefault(module, {})[m["which"]] = tensor
+            reference_names[module] = m["module"]
+        elif "lora_" in name:
+            problems.append(
+                f"{key}: not a plain LoRA tensor (embedding adapters, lora_B biases, DoRA: not supported)"
+            )
+        else:
+            ours = hf_to_ours(name)
+            if ours is None:
+                problems.append(f"{key}: no parameter of Music Flamingo has this name")
+            else:
+                plain[ours] = tensor
+    params = dict(model.named_parameters())
+    for ours, tensor in plain.items():
+        if ours not in params:
+            problems.append(f"{ours}: not a parameter of this model")
+        elif params[ours].shape != tensor.shape:
+            problems.append(
+                f"{ours}: shape {tuple(tensor.shape)} in the file, {tuple(params[ours].shape)} here"
+            )
+    scales = {}
+    for module, pair in adapters.items():
+        if set(pair) != {"A", "B"}:
+            problems.append(f"{module}: lora_{'AB'[('A' in pair)]} is missing")
+            continue
+        try:
+            target = model.get_submodule(module)
+        except AttributeError:
+            problems.append(f"{module}: not in this model")
+            continue
+        if not _adaptable(target):
+            problems.append(
+                f"{module}: a {type(target).__name__}, which takes no adapter (an inference-quantized model? load the "
+                "adapters into the unquantized model, merge_lora, then quantize)"
+            )
+            continue
+        a, b = pair["A"], pair["B"]
+        rank = a.shape[0] if a.dim() == 2 else -1
+        if a.shape != (rank, target.in_features) or b.shape != (target.out_features, rank):
+            problems.append(
+                f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} in the file; this layer needs "
+                f"(r, {target.in_features}) and ({target.out_features}, r)"
+            )
+            continue
+        if isinstance(target, (LoRALinear, QuantizedLoRALinear)) and target.rank != rank:
+            problems.append(f"{module}: rank {rank} in the file, {target.rank} in this model's adapter")
+            continue
+        try:
+            scales[module] = _scale(config, reference_names[module], rank)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError(
+            f"{where}: {len(problems)} tensor(s) do not fit this model, nothing was loaded:\n  "
+            + "\n  ".join(problems)
+        )
+    if not adapters:
+        raise CheckpointError(f"{where}: no LoRA tensors (*.lora_A.weight / *.lora_B.weight)")
+
+    with torch.no_grad():
+        for ours, tensor in plain.items():
+            params[ours].copy_(tensor)
+        for module, pair in adapters.items():
+            parent_name, _, child = module.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            target = getattr(parent, child)
+            rank, scale = pair["A"].shape[0], scales[module]
+            if type(target) is nn.Linear:
+                target = LoRALinear.from_linear(target, rank, scale * rank, dropout)
+            elif isinstance(target, QuantizedLinear):
+                target = QuantizedLoRALinear(target, rank, scale * rank, dropout, pair["A"].dtype)
+            target.lora_A.copy_(pair["A"])
+            target.lora_B.copy_(pair["B"])
+            target.scale = scale
+            setattr(parent, child, target)
+    return sorted(adapters)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _targets_regex(modules: Sequence[str]) -> str:
+    """A regex peft full-matches against its module names: exactly `modules`, layers of one template grouped."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in modules:
+        m = re.fullmatch(r"(.*\.layers\.)(\d+)(\..*)", name)
+        pre, layer, post = (m[1], m[2], m[3]) if m else (name, "", "")
+        groups.setdefault((pre, post), []).append(layer)
+    # templates adapted on the same layers share one layer group: (?:0|1|2)\.(?:self_attn\.q_proj|mlp\.up_proj)
+    shared: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for (pre, post), layers in sorted(groups.items()):
+        shared.setdefault((pre, tuple(sorted(set(layers), key=lambda x: int(x or 0)))), []).append(post)
+    parts = []
+    for (pre, layers), posts in shared.items():
+        if layers == ("",):
+            parts.append(re.escape(pre))
+        else:
+            parts.append(f"{re.escape(pre)}(?:{'|'.join(layers)})(?:{'|'.join(re.escape(p) for p in posts)})")
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _number(x: float) -> int | float:
+    return int(round(x)) if abs(x - round(x)) <= 1e-9 * max(1.0, abs(x)) else x
+
+
+def _trained_parts(model: nn.Module) -> list[str]:
+    parts = []
+    for part, module in model.named_children():
+        trained = [
+            n
+            for n, p in module.named_parameters()
+            if p.requires_grad and not n.endswith(("lora_A", "lora_B"))
+        ]
+        if not trained:
+            continue
+        if any(isinstance(m, (LoRALinear, QuantizedLoRALinear)) for m in module.modules()):
+            raise CheckpointError(
+                f"{part}.{trained[0]} (and {len(trained) - 1} more) of {part}, which holds adapters, requires grad: "
+                f"peft's layout stores adapters and whole modules beside them (modules_to_save), never both in one "
+                f"part. Freeze it ({part}.requires_grad_(False), adapters stay trainable), pass modules_to_save=[...] "
+                "naming the parts to store, or merge_lora and save_pretrained a whole model"
+            )
+        parts.append(part)
+    return parts
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    folder: str | Path,
+    *,
+    modules_to_save: Sequence[str] | None = None,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model`'s LoRA adapters (a `MusicFlamingo` with `LoRALinear` / `QuantizedLoRALinear` layers) as a peft
+    adapter folder that `PeftModel.from_pretrained(reference_model, folder)` loads and computes the same logits with.
+
+    `modules_to_save`: top-level parts stored whole beside the adapters (peft's field of that name); default, every
+    part with a trainable non-adapter parameter (`experiment=lora` trains the projector: without it, the adapters
+    alone compute another model). Each layer's rank and alpha / rank are kept (`rank_pattern` / `alpha_pattern`
+    where they differ); `target_modules` is a regex of exactly the adapted modules (peft's bare `q_proj` would also
+    adapt the audio tower's). Only the two adapter files are written; existing ones need `overwrite=True`.
+    """
+    folder = Path(folder)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, QuantizedLoRALinear))]
+    if not layers:
+        raise CheckpointError(
+            f"{type(model).__name__} has no LoRA adapters to save as a peft adapter in {folder}"
+        )
+    parts = _trained_parts(model) if modules_to_save is None else list(modules_to_save)
+    children = dict(model.named_children())
+    unknown = [p for p in parts if p not in children]
+    if unknown:
+        raise CheckpointError(
+            f"modules_to_save={parts}: {unknown} not among the model's parts {list(children)}"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file; expected a folder for {ADAPTER_CONFIG_NAME}")
+    existing = [n for n in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if (folder / n).exists()]
+    if existing and not overwrite:
+        raise CheckpointError(
+            f"{folder} already holds {', '.join(existing)}; pass overwrite=True to replace them"
+        )
+
+    tensors: dict[str, torch.Tensor] = {}
+    names, ranks, alphas, dropouts = [], {}, {}, set()
+    for ours, layer in layers:
+        name = reference_module_name(ours)
+        names.append(name)
+        ranks[name], alphas[name] = layer.rank, _number(layer.scale * layer.rank)
+        dropouts.add(layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0)
+        for which in ("A", "B"):
+            t = getattr(layer, f"lora_{which}").detach()
+            tensors[f"{_PREFIX}{name}.lora_{which}.weight"] = t.to("cpu", copy=True).contiguous()
+    for part in parts:
+        for n, p in children[part].named_parameters():
+            tensors[_PREFIX + reference_module_name(f"{part}.{n}")] = (
+                p.detach().to("cpu", copy=True).contiguous()
+            )
+    (r, alpha), _ = Counter((ranks[n], alphas[n]) for n in names).most_common(1)[0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        "use_rslora": False,
+        "target_modules": _targets_regex(names),
+        "rank_pattern": {re.escape(n): ranks[n] for n in names if ranks[n] != r},
+        "alpha_pattern": {re.escape(n): alphas[n] for n in names if alphas[n] != alpha},
+        "modules_to_save": parts or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    # the old config goes first and the new one comes last: a kill in between leaves weights without a config,
+    # which both loaders refuse, never a config beside weights it does not describe
+    (folder / ADAPTER_CONFIG_NAME).unlink(missing_ok=True)
+    replace_file(
+        folder / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
+    )
+    replace_file(
+        folder / ADAPTER_CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n")
+    )
+    return folder
