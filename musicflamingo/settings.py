@@ -122,6 +122,16 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
             check_lora_targets(targets)
         except ValueError as e:
             raise SettingsError(str(e)) from None
+    peft_folder = _get(settings, "model.net.lora.init_from_peft")
+    if peft_folder not in (_MISSING, None):
+        if not _get(settings, "model.net.lora.enabled"):
+            _fail("model.net.lora.init_from_peft", peft_folder, "needs model.net.lora.enabled=true")
+        if not (Path(str(peft_folder)).expanduser() / "adapter_config.json").is_file():
+            _fail(
+                "model.net.lora.init_from_peft",
+                peft_folder,
+                "expected a peft adapter folder (adapter_config.json + adapter_model.safetensors)",
+            )
     quantize = _get(settings, "model.net.quantize_base")
     strategy = _get(settings, "trainer.strategy")
     target = strategy.get("_target_") if isinstance(strategy, Mapping) else strategy

@@ -255,3 +255,43 @@ def test_qlora_adapters_lie_where_a_bias_free_base_lies():
         base = Int8StandIn.from_linear(torch.nn.Linear(32, 16, bias=False))
     adapter = QuantizedLoRALinear(base, rank=4, alpha=8, dropout=0.0, dtype=torch.float32)
     assert adapter.lora_A.device.type == adapter.lora_B.device.type == "meta"
+
+
+def test_training_starts_from_a_peft_adapter_folder(ref_dir, tmp_path):
+    """`model.net.lora.init_from_peft=<folder>`: the model training builds carries that folder's adapters (same
+    logits as the model that wrote it), still trainable; without LoRA enabled, or pointing at no adapter folder,
+    the setting is refused by name before anything is built."""
+    from omegaconf import OmegaConf
+    from train_fixtures import compose_train
+
+    from musicflamingo.model.build import build_model
+    from musicflamingo.settings import SettingsError, check_train_settings
+
+    def build(**lora_extra):
+        lora = {"enabled": True, "rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+        freeze = {"audio_tower": True, "multi_modal_projector": True, "language_model": False}
+        return build_model(
+            preset=None, overrides={}, init_from=str(ref_dir), seed=0, rote_quirk=True,
+            gradient_checkpointing=False, compile=False, freeze=freeze, lora=lora | lora_extra,
+        )  # fmt: skip
+
+    trained = build()
+    _randomise(trained, ("lora_A", "lora_B"))
+    folder = save_peft_adapter(trained, tmp_path / "adapter")
+    resumed, fresh = build(init_from_peft=str(folder)), build(init_from_peft=None)
+    batch = _batch(trained.config)
+    with torch.no_grad():
+        want = trained(**batch).logits
+        assert torch.equal(resumed(**batch).logits, want)
+        assert not torch.allclose(fresh(**batch).logits, want)
+    assert all(p.requires_grad for n, p in resumed.named_parameters() if "lora_" in n)
+
+    def settings(*overrides):
+        cfg = compose_train(tmp_path, tmp_path / "m.jsonl", tmp_path / "proc", list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)
+
+    with pytest.raises(SettingsError, match=r"init_from_peft=.*needs model.net.lora.enabled=true"):
+        check_train_settings(settings(f"model.net.lora.init_from_peft={folder}"))
+    with pytest.raises(SettingsError, match=r"init_from_peft=.*expected a peft adapter folder"):
+        check_train_settings(settings("experiment=lora", f"model.net.lora.init_from_peft={tmp_path}"))
+    check_train_settings(settings("experiment=lora", f"model.net.lora.init_from_peft={folder}"))

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # The model's three parts (top-level module names); `lm_head` belongs to the language model.
 PARTS = ("audio_tower", "multi_modal_projector", "language_model")
-LORA_KEYS = ("enabled", "rank", "alpha", "dropout", "targets")
+LORA_KEYS = ("enabled", "rank", "alpha", "dropout", "targets", "init_from_peft")
 
 
 def init_weights(model: MusicFlamingo, std: float = 0.02) -> None:
@@ -156,11 +156,17 @@ def add_lora(
 
     `quantized` (QLoRA): every decoder linear becomes that class (frozen, e.g. 4-bit NF4), the targets adapted on
     top; embeddings, norms and the head stay as they are, and so do the audio tower and the projector."""
-    _check_keys("model.net.lora", lora, LORA_KEYS)
+    _check_keys("model.net.lora", lora, LORA_KEYS, optional=("init_from_peft",))
+    peft_folder = lora.get("init_from_peft")
     if not lora["enabled"]:
         if quantized is not None:
             raise ValueError(
                 "model.net.quantize_base needs model.net.lora.enabled=true (the adapters are what trains)"
+            )
+        if peft_folder:
+            raise ValueError(
+                f"model.net.lora.init_from_peft={peft_folder!r} needs model.net.lora.enabled=true (or merge the "
+                "adapters into a checkpoint folder and pass it as model.net.init_from)"
             )
         return []
     model.language_model.requires_grad_(False)
@@ -173,6 +179,12 @@ def add_lora(
         targets=tuple(lora["targets"]),
         quantized=quantized,
     )
+    if peft_folder:  # a peft adapter folder's A, B and scales over the fresh ones (and any linears it adds)
+        from musicflamingo.model.peft_format import load_peft_adapter
+
+        log.info(
+            "LoRA adapters of %d linears from %s", len(load_peft_adapter(model, peft_folder)), peft_folder
+        )
     log.info("%s on %d linears of the language model", "QLoRA" if quantized else "LoRA", len(names))
     return names
 
@@ -199,7 +211,8 @@ def build_model(
         gradient_checkpointing: recompute each encoder/decoder layer in backward.
         compile: `torch.compile` every encoder and decoder layer (traced at the first steps).
         freeze: `{audio_tower, multi_modal_projector, language_model}` -> bool; true freezes that part.
-        lora: `{enabled, rank, alpha, dropout, targets}`: adapters on the language model (base weights frozen).
+        lora: `{enabled, rank, alpha, dropout, targets[, init_from_peft]}`: adapters on the language model (base
+            weights frozen); `init_from_peft`, a peft adapter folder whose adapters they start from.
         quantize_base: null, or `nf4`: the frozen decoder linears in 4 bits under the adapters (QLoRA; bitsandbytes
             on a CUDA GPU, refused elsewhere before any weight is built).
 
@@ -234,9 +247,11 @@ def build_model(
     return model.train()
 
 
-def _check_keys(where: str, values: Mapping[str, Any], expected: tuple[str, ...]) -> None:
+def _check_keys(
+    where: str, values: Mapping[str, Any], expected: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> None:
     unknown = sorted(set(values) - set(expected))
-    missing = [k for k in expected if k not in values]
+    missing = [k for k in expected if k not in values and k not in optional]
     if unknown or missing:
         raise ValueError(
             f"{where}: unknown key(s) {unknown}, missing key(s) {missing}; expected exactly {list(expected)}"
