@@ -34,6 +34,7 @@ from musicflamingo.callbacks import (
     RngStateCheckpoint,
     SaveLastAtTrainEnd,
     StopOnSignal,
+    remove_interrupted_writes,
 )
 from musicflamingo.checkpoint import check_save_target
 from musicflamingo.lit import export_model
@@ -296,6 +297,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     stopper = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
     stopper.install()
     try:
+        if lock is not None:  # the folder is ours: what a killed run's writes left behind goes
+            for folder in (output_dir, output_dir / "checkpoints"):
+                remove_interrupted_writes(folder)
         ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         if cfg.get("export") and is_launching_rank():
             # the export's folder is checked before training, not found unusable after hours of it
