@@ -362,7 +362,11 @@ class StopOnSignal(Callback):
             where = "before the first training step: nothing to save"
         else:
             where = "after training (the export, if any, is incomplete)"
-        raise TrainingInterrupted(f"stopped by {name} {where}; run the same command again to resume", signum)
+        raise TrainingInterrupted(f"stopped by {name} {where}; {self._rerun()}", signum)
+
+    def _rerun(self) -> str:
+        # the default run folder is a new time-stamped one per command: "the same command" would start afresh
+        return f"to resume, rerun with hydra.run.dir={self.path.parent.parent} (ckpt_path=last, the default)"
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.install()  # Lightning registered its SIGTERM handler just before this hook: ours replaces it
@@ -412,8 +416,8 @@ class StopOnSignal(Callback):
         # signal while saving stops at once (the old file stays)
         trainer.save_checkpoint(self.path, weights_only=False)
         self._stop = TrainingInterrupted(
-            f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}: saved {self.path}; run the "
-            "same command again to resume from it (ckpt_path=last)",
+            f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}: saved {self.path}; "
+            f"{self._rerun()}",
             signum,
         )
         self.phase = "stopping"

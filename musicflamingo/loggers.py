@@ -33,9 +33,12 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
 def _step(row: dict[str, Any], default: float) -> float:
+    value = row.get("step")  # "3" read back from the file, 0 as Lightning logs it (falsy, yet a step)
+    if value is None or value == "":
+        return default
     try:
-        return float(row.get("step") or "")
-    except ValueError:
+        return float(value)
+    except (TypeError, ValueError):
         return default
 
 

@@ -83,6 +83,9 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
     _number(settings, "seed", integer=True)
     _threads(settings)
     _boolean(settings, "export")
+    _boolean(settings, "export_adapters")
+    if _get(settings, "export_adapters") is True and not _get(settings, "model.net.lora.enabled"):
+        _fail("export_adapters", True, "needs model.net.lora.enabled=true (a full fine-tune has no adapters)")
     _planner_flags(settings)
     ckpt = _get(settings, "ckpt_path")
     if ckpt not in (_MISSING, None, "", "null", "last") and not Path(str(ckpt)).is_file():

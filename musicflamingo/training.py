@@ -38,6 +38,7 @@ from musicflamingo.callbacks import (
 )
 from musicflamingo.checkpoint import check_save_target
 from musicflamingo.lit import export_model
+from musicflamingo.model.peft_format import save_peft_adapter
 from musicflamingo.planner import check_training
 from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
 from musicflamingo.settings import CONFIG_DIR, SettingsError, check_train_settings
@@ -378,34 +379,48 @@ def _fit(
         "datamodule": datamodule,
         "processor": processor,
     }
-    if cfg.get("export"):
-        export_dir = export_trained(trainer, lit, cfg.model.net, output_dir / "export", processor)
-        if export_dir is not None:
-            log.info("exported to %s", export_dir)
-            objects["export_dir"] = export_dir
+    if cfg.get("export") or cfg.get("export_adapters"):
+        model = trained_model(trainer, lit, cfg.model.net)  # a collective under FSDP: every rank joins
+        if model is not None and cfg.get("export"):
+            objects["export_dir"] = export_model(model, output_dir / "export", processor=processor)
+            log.info("exported to %s", objects["export_dir"])
+        if model is not None and cfg.get("export_adapters"):
+            # the run folder is this run's (its lock is held): a finished run's rerun writes its adapters again
+            objects["export_adapter_dir"] = save_peft_adapter(
+                model,
+                output_dir / "export_adapter",
+                base_model_name_or_path=cfg.model.net.get("init_from"),
+                overwrite=True,
+            )
+            log.info("adapters exported to %s (peft's layout)", objects["export_adapter_dir"])
     return metrics, objects
 
 
 def export_trained(
     trainer: L.Trainer, lit: L.LightningModule, net_cfg: Any, path: Path, processor: Any
 ) -> Path | None:
-    """Rank 0 writes the trained model's Hugging Face folder (`lit.export`); returns None on the other ranks.
+    """Rank 0 writes the trained model's Hugging Face folder (`export_model`); returns None on the other ranks."""
+    model = trained_model(trainer, lit, net_cfg)
+    return None if model is None else export_model(model, path, processor=processor)
+
+
+def trained_model(trainer: L.Trainer, lit: L.LightningModule, net_cfg: Any) -> Any:
+    """The trained `MusicFlamingo` with full weights on rank 0 (None on the other ranks).
 
     Under FSDP each rank holds a shard of every weight (1-d views, empty where another rank holds it): every rank
-    takes part in gathering the full weights (a collective), and rank 0 exports them from a plain copy of the model
-    (built on the meta device with the run's freezing and LoRA, then given the gathered tensors)."""
+    takes part in gathering the full weights (a collective), and rank 0 gets a plain copy of the model (built on
+    the meta device with the run's freezing and LoRA, then given the gathered tensors)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     if not isinstance(trainer.strategy, FSDPStrategy):
-        return lit.export(path, processor=processor) if trainer.is_global_zero else None
+        return lit.model if trainer.is_global_zero else None
     from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
 
     with _get_full_state_dict_context(trainer.strategy.model, world_size=trainer.world_size):
         state = trainer.strategy.model.state_dict()  # full tensors on rank 0's CPU, nothing elsewhere
     if not trainer.is_global_zero:
         return None
-    plain = _plain_copy(lit.model, net_cfg, {k[6:]: v for k, v in state.items() if k.startswith("model.")})
-    return export_model(plain, path, processor=processor)
+    return _plain_copy(lit.model, net_cfg, {k[6:]: v for k, v in state.items() if k.startswith("model.")})
 
 
 def _plain_copy(model: Any, net_cfg: Any, state: Mapping[str, torch.Tensor]) -> Any:
@@ -416,7 +431,8 @@ def _plain_copy(model: Any, net_cfg: Any, state: Mapping[str, torch.Tensor]) -> 
     with torch.device("meta"):
         plain = MusicFlamingo(model.config)
         freeze_parts(plain, net_cfg.freeze)
-        add_lora(plain, net_cfg.lora)
+        # the adapters' places only (their weights come with the state): nothing is read from a peft folder
+        add_lora(plain, {**net_cfg.lora, "init_from_peft": None})
     plain.load_state_dict(dict(state), strict=True, assign=True)
     plain.reset_buffers("cpu")  # the rotary buffers are not in the state dict: rebuilt in float32
     plain.rote_quirk = model.rote_quirk

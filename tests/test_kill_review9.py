@@ -233,11 +233,6 @@ def test_train_killed_then_rerun_equals_the_uninterrupted_run(train_setup, point
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="musicflamingo/loggers.py `_step` reads step 0 as no step (`row.get('step') or ''`), so a fresh start "
-    "keeps every row of a run killed before its first checkpoint; fix there, then drop this marker",
-)
 def test_train_killed_before_its_first_checkpoint_then_rerun_logs_each_step_once(train_setup):
     root, cmd, straight = train_setup["root"], train_setup["cmd"], train_setup["straight"]
     run = root / "first-step"
@@ -388,3 +383,19 @@ def test_shard_write_killed_then_rerun_writes_the_uninterrupted_set(tmp_path, po
         assert a["chunks"] == b["chunks"] and a["config"] == b["config"], name
         straight.pop(name), got.pop(name)
     assert got == straight
+
+
+def test_a_fresh_start_over_a_killed_runs_metrics_keeps_no_old_step(tmp_path):
+    """The fast half of the test above: Lightning logs the first step as the integer 0, which `_step` read as
+    "no step" (`0 or ""`), so a fresh start over metrics.csv of a run killed before its first checkpoint kept
+    every old row and logged step 0 twice."""
+    import csv
+
+    from musicflamingo.loggers import ContinuedExperimentWriter
+
+    (tmp_path / "metrics.csv").write_text("step,train/loss\n0,9.0\n1,8.0\n2,7.0\n")
+    writer = ContinuedExperimentWriter(log_dir=str(tmp_path))
+    writer.log_metrics({"train/loss": 5.0}, step=0)
+    writer.save()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [("0", "5.0")]

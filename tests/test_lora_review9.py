@@ -295,3 +295,36 @@ def test_training_starts_from_a_peft_adapter_folder(ref_dir, tmp_path):
     with pytest.raises(SettingsError, match=r"init_from_peft=.*expected a peft adapter folder"):
         check_train_settings(settings("experiment=lora", f"model.net.lora.init_from_peft={tmp_path}"))
     check_train_settings(settings("experiment=lora", f"model.net.lora.init_from_peft={folder}"))
+
+
+def test_a_lora_run_exports_its_adapters_in_peft_layout(tmp_path):
+    """`export_adapters=true` writes <run>/export_adapter beside export/: loaded over the base with other adapters
+    and another projector, it computes the trained model (its trained projector came along as modules_to_save).
+    Refused up front without LoRA."""
+    import copy
+
+    from omegaconf import OmegaConf
+    from train_fixtures import compose_train, write_dataset, write_processor
+
+    from musicflamingo.settings import SettingsError, check_train_settings
+    from musicflamingo.training import train
+
+    proc, manifest = write_processor(tmp_path / "proc"), write_dataset(tmp_path / "data", n=2)
+    overrides = ["experiment=lora", "debug=fast", "export=false", "export_adapters=true"]
+    _, objects = train(compose_train(tmp_path, manifest, proc, overrides))
+    folder = objects["export_adapter_dir"]
+    assert folder == tmp_path / "run" / "export_adapter"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["multi_modal_projector"]
+    trained = objects["model"].model.eval()
+    other = copy.deepcopy(trained)
+    _randomise(other, ("lora_A", "lora_B", "linear_1.weight"), std=0.5, seed=7)
+    ids = torch.randint(0, 290, (2, 9))
+    with torch.no_grad():
+        assert not torch.allclose(other(ids).logits, trained(ids).logits)
+        load_peft_adapter(other, folder)
+        assert torch.equal(other(ids).logits, trained(ids).logits)
+
+    cfg = compose_train(tmp_path / "full", manifest, proc, ["export_adapters=true"])
+    with pytest.raises(SettingsError, match=r"export_adapters=True: needs model.net.lora.enabled=true"):
+        check_train_settings(OmegaConf.to_container(cfg, resolve=True))

@@ -314,6 +314,8 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_exactly(assets, tm
     step = saved["global_step"]
     assert seen["step"] <= step <= seen["step"] + 1 and step < 12, (seen, step)
     assert f"error: stopped by SIGTERM at step {step}: saved {run / 'checkpoints' / 'last.ckpt'}" in out
+    # the rerun it names is the one that resumes (the default run folder is a new one per command)
+    assert f"to resume, rerun with hydra.run.dir={run} (ckpt_path=last, the default)" in out
     assert not (run / "run.lock").exists()
 
     again = subprocess.run(
