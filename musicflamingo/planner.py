@@ -40,11 +40,17 @@ working memory) and at the optimizer step (gradients + one parameter-sized forea
 gradient buckets (one more gradient copy, on one device too: Lightning wraps the model all the same); FSDP divides
 weights, gradients and states by the device count and adds the gathered units (the root + two blocks).
 
-Generation (`plan_inference`): weights, then the larger of encoding the prompts' audio windows (the stem's conv
-outputs, an encoder layer's attention or MLP temporaries) and the KV cache (2 * layers * kv_heads * head_dim *
-slots * capacity * bytes) + one decoder layer's prefill on a prompt (the MLP's gate, up, SiLU and product alive at
-once, for up to `MLP_CHUNK_ROWS` rows at a time) + the last position's logits. The engine of `infer.py` holds its
-cache while each request's audio is encoded; `engine.generate` (eval.py) embeds every prompt before the cache exists.
+Generation (`plan_inference`): weights, then the largest of a few moments. The KV cache holds 2 * layers * kv_heads *
+head_dim * slots * capacity * bytes: `engine.generate` (eval.py, GRPO) makes it for prompt + new tokens; infer.py's
+and serve.py's engine starts at one key block and doubles it as answers grow, old and new buffers alive while it
+copies (`engine_capacities`). Encoding a prompt's audio (all its windows at once): the features in the weights'
+dtype, the stem's conv outputs or an encoder layer's attention / MLP temporaries, the projector's output, beside the
+processor's float32 features. A prefill: one decoder layer on the prompt (the MLP's gate, up, SiLU and product for
+up to `MLP_CHUNK_ROWS` rows at a time), the float32 features still held, the last position's logits. On a CPU the
+processor's log-mel (~10x the features, `feature_extraction_bytes`) runs in the same memory while the cache exists.
+infer.py prepares and encodes one request at a time inside the engine's prefill; `engine.generate` (eval.py) embeds
+the whole batch before the cache exists. `check_serving` plans serve.py: `max_batch` slots grown to the longest
+sequence a request may reach, the queue's features on a CPU.
 
 GRPO (`plan_grpo`): the worst split of the batch's prompt tokens into B prompts of P tokens; per split the larger of
 the rollouts (resident weights, states, gradients and a full fine-tune's reference copy, then the audio of every
@@ -566,6 +572,7 @@ def _grpo_plan_for(
         new_tokens=Nn,
         windows=prompts * windows,
         device=setup.device,
+        preallocated=True,  # grpo.py makes the engine's cache for prompt + max_new_tokens
     )
     kv, audio = rollout.item("KV cache"), rollout.item("audio encoder")
     embeds = prompts * P * config.text.hidden_size * p.weight
@@ -693,6 +700,53 @@ def quant_workspace_bytes(
     return workspace_bytes(_quantized_meta_model(config, method), rows, dtype_bytes)
 
 
+def engine_capacities(
+    prompt_tokens: int, new_tokens: int, limit: int, capacity: int | None = None
+) -> tuple[int, int, int]:
+    """Positions per slot of an `engine.Engine` cache for prompts of `prompt_tokens` and answers of `new_tokens`:
+    (after the prefill, at the end, the most alive at once). With `capacity` the cache is made that size
+    (`engine.generate`, GRPO). Without, it starts at one `KEY_BLOCK` and grows as `Engine._ensure_capacity` grows
+    it (infer.py, serve.py): to the prompt at the prefill, then doubling as answers reach its end; a growth copies
+    into a new buffer while the old one is alive (the per-layer views hold it until both are copied)."""
+
+    def rnd(n: int) -> int:  # `Engine._round`
+        return min(-(-n // KEY_BLOCK) * KEY_BLOCK, limit)
+
+    if capacity is not None:
+        cap = rnd(capacity)
+        return cap, cap, cap
+    cap = most = rnd(KEY_BLOCK)
+    if prompt_tokens + 1 > cap:  # the prefill: the prompt and the first token's position
+        grown = rnd(max(prompt_tokens + 1, 2 * cap))
+        cap, most = grown, max(most, cap + grown)
+    after_prefill = cap
+    # decode steps write positions up to prompt + new - 2 (the first token comes from the prefill)
+    final = min(prompt_tokens + new_tokens - 1, limit)
+    while final > cap:
+        grown = rnd(2 * cap)
+        cap, most = grown, max(most, cap + grown)
+    return after_prefill, cap, most
+
+
+def feature_bytes(config: MusicFlamingoConfig, windows: int, dtype_bytes: int = 4) -> int:
+    """The log-mel features of `windows` windows, (W, n_mels, mel_frames), in `dtype_bytes` floats."""
+    return windows * config.audio.num_mel_bins * config.audio.mel_frames * dtype_bytes
+
+
+def feature_extraction_bytes(config: MusicFlamingoConfig, windows: int, seconds: float) -> int:
+    """Peak bytes of the processor making `windows` windows' features from `seconds` of decoded audio at once, on
+    the CPU (`audio.features.LogMelExtractor.log_mel`, ~10x the features): the float32 waveform, the zero-padded
+    windows, the STFT's complex output, its power, and the mel matmul's output with three elementwise steps alive
+    at its end. Measured within 1 % in tests/test_planner_review9.py."""
+    from musicflamingo.audio.features import N_FFT, SAMPLING_RATE
+
+    frames = config.audio.mel_frames
+    samples = int(config.window_seconds * SAMPLING_RATE)
+    bins = N_FFT // 2 + 1
+    per_window = samples * 4 + (frames + 1) * bins * 8 + bins * frames * 4 + 4 * feature_bytes(config, 1)
+    return windows * per_window + int(seconds * SAMPLING_RATE) * 4
+
+
 def plan_inference(
     config: MusicFlamingoConfig,
     *,
@@ -704,17 +758,46 @@ def plan_inference(
     embed_batch: bool = False,
     device: str = "cpu",
     quantize: str | None = None,
+    requests: int | None = None,
+    audio_seconds: float | None = None,
+    preallocated: bool | None = None,
+    prepared: int = 0,
+    extracting: int = 1,
+    any_split: bool = False,
 ) -> MemoryPlan:
     """The predicted peak of generating `new_tokens` for `slots` requests of `prompt_tokens` tokens with
     `windows` audio windows each. `embed_batch`: every request's prompt is embedded before the first prefill
-    (`engine.generate`, eval.py), not one request at a time (`infer.py`). `quantize`: int8 / int4 linears."""
+    (`engine.generate`, eval.py), not one request at a time (`infer.py`, serve.py). `quantize`: int8 / int4
+    linears. `requests`: how many go through the slots (default `slots`): past `slots`, later prefills meet the
+    cache at its largest. `audio_seconds`: a request's audio (default: its windows, full) that the processor
+    decodes and cuts on the CPU. `preallocated`: the cache is made for prompt + new at once (default: with
+    `embed_batch`, as `engine.generate` does), else it grows as the engine needs (`engine_capacities`).
+    `prepared`: requests that hold their float32 features on the CPU besides (serve.py's queue and live requests),
+    `extracting` requests' features made at once (serve.py's prepare threads); CPU plans only. `any_split`: a
+    slot may hold any prompt of up to prompt + new tokens (serve.py): a short prompt's answer doubles the cache
+    from its first block, to more than the longest prompt's prefill leaves."""
     a, t = config.audio, config.text
     b = dtype_bytes
+    requests = slots if requests is None else requests
+    preallocated = embed_batch if preallocated is None else preallocated
     weights = weight_bytes(config, b, quantize)
-    capacity = min(
-        -(-(prompt_tokens + new_tokens) // KEY_BLOCK) * KEY_BLOCK, max(t.max_position_embeddings, 1)
+    per_position = (
+        2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * b
+    )  # keys and values, per slot
+    limit = max(t.max_position_embeddings, 1)
+    at_prefill, capacity, most = engine_capacities(
+        prompt_tokens, new_tokens, limit, prompt_tokens + new_tokens if preallocated else None
     )
-    kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * slots * capacity * b
+    if any_split and not preallocated:
+        _, short, short_most = engine_capacities(1, prompt_tokens + new_tokens - 1, limit)
+        capacity, most = max(capacity, short), max(most, short_most)
+    kv = per_position * slots * capacity
+    # later requests are prefilled into the grown cache
+    kv_prefill = per_position * slots * (capacity if requests > slots else at_prefill)
+    # the processor prepares the first request before any prefill (the cache at its first block), the others after
+    first = min(-(-KEY_BLOCK // KEY_BLOCK) * KEY_BLOCK, limit) if not preallocated else at_prefill
+    kv_extract = kv_prefill if requests > 1 else per_position * slots * first
+    growing = per_position * slots * most
     D, q, kvw, inter = (
         t.hidden_size,
         t.num_attention_heads * t.head_dim,
@@ -723,11 +806,32 @@ def plan_inference(
     )
     P, d, f = a.max_source_positions, a.hidden_size, a.intermediate_size
     encoded = windows * (slots if embed_batch else 1)
-    # the encoder: the stem's conv outputs, then per layer the largest of attention (h, x_norm, q, k, v, scaled q,
-    # output, its reshape) and the MLP (h, fc1 output, its GELU, fc2 output); the projector's output after it
-    stem = encoded * b * (2 * P * a.num_mel_bins + 3 * 2 * P * d)
+    # the encoder: the features it reads in the weights' dtype, then the larger of the stem's conv outputs and a
+    # layer's attention (h, x_norm, q, k, v, scaled q, output, its reshape) or MLP (h, fc1 output, its GELU, fc2
+    # output); the projector's output after it
+    stem = encoded * b * 3 * 2 * P * d
     layer = encoded * P * b * max(8 * d, 2 * d + 2 * f)
-    audio = max(stem, layer) + encoded * (P // 2) * b * 3 * D
+    audio = feature_bytes(config, encoded, b) + max(stem, layer) + encoded * (P // 2) * b * 3 * D
+    # the processor's float32 features besides the encoder's copy: infer.py holds a request's (on the device: the
+    # engine moves them there) through its whole prefill, the encoder casts them; eval.py casts a batch's once
+    # (`.to(device, dtype)`), the float32 ones staying on the CPU
+    if embed_batch:
+        float32 = feature_bytes(config, encoded) if device == "cpu" and b != 4 else 0
+        kept = float32 + feature_bytes(config, encoded, b)  # alive until the batch is generated
+    else:
+        float32 = feature_bytes(config, encoded) if b != 4 else 0
+        kept = feature_bytes(config, encoded)
+    seconds = (
+        windows * config.window_seconds
+        if audio_seconds is None
+        else min(audio_seconds, windows * config.window_seconds)
+    )
+    extraction = (
+        extracting * feature_extraction_bytes(config, encoded, seconds * (slots if embed_batch else 1))
+        if device == "cpu" and windows
+        else 0
+    )
+    queued = prepared * feature_bytes(config, windows) if device == "cpu" else 0
     embeds = (slots if embed_batch else 1) * prompt_tokens * D * b
     # one decoder layer on the prompt: h and the embeddings, then attention, or the MLP's gate, up, silu and product
     # for one chunk of rows with every chunk's output and their concatenation
@@ -735,17 +839,32 @@ def plan_inference(
     mlp = b * (min(prompt_tokens, MLP_CHUNK_ROWS) * 4 * inter + 2 * prompt_tokens * D)
     prefill = prompt_tokens * b * 2 * D + max(attn, mlp) + 2 * prompt_tokens * t.head_dim * b
     logits = slots * t.vocab_size * (b + 4)
-    if embed_batch:  # every prompt is embedded before the engine (and its cache) exists
-        encoding, prefilling = audio, embeds + kv + prefill + logits
-    else:  # the engine's cache exists; each request's audio is encoded inside its prefill
-        encoding, prefilling = kv + audio, kv + prefill + logits
+    if embed_batch:  # the batch's features and embeddings are made before the engine (and its cache) exists
+        moments = {
+            "while extracting features": extraction,
+            # the token embeddings exist before the audio is encoded into them
+            "while encoding audio": float32 + embeds + audio,
+            "during a prefill": kept + embeds + kv + prefill + logits,
+        }
+    else:  # the engine's cache exists; each request's features are made, then encoded inside its prefill
+        moments = {
+            "while extracting features": kv_extract + extraction,
+            "while encoding audio": kv_prefill + float32 + audio,
+            "during a prefill": kv_prefill + kept + prefill + logits,
+            "while the KV cache grows": growing + logits,
+        }
+    moments["while decoding"] = kv + logits
     # int8 / int4 on CPU: the quantized prefill's reused scratch, made by the first prefill and kept
     work = (
         quant_workspace_bytes(config, quantize, b, prompt_tokens=prompt_tokens, slots=slots, windows=encoded)
         if quantize and device == "cpu"
         else 0
     )
-    peak = weights + work + max(encoding, prefilling)
+    when = max(moments, key=lambda k: moments[k])
+    peak = weights + work + queued + moments[when]
+    how = (
+        "made for prompt + new tokens" if preallocated else f"grown as needed: {at_prefill} after the prefill"
+    )
     items = [
         (
             "weights",
@@ -756,18 +875,33 @@ def plan_inference(
         (
             "KV cache",
             kv,
-            f"2 x {t.num_hidden_layers} layers x {t.num_key_value_heads} kv heads x {t.head_dim} x {slots} slots x {capacity} positions x {b} B",
+            f"2 x {t.num_hidden_layers} layers x {t.num_key_value_heads} kv heads x {t.head_dim} x {slots} slots x "
+            f"{capacity} positions x {b} B ({how})",
         ),
         ("audio encoder", audio, f"{encoded} windows at once ({_fmt(audio / max(encoded, 1))} per window)"),
+        ("audio features", kept, f"{encoded} windows' log-mel features kept through the prefill"),
         ("prefill", prefill, f"one decoder layer on {prompt_tokens} prompt tokens"),
         ("logits", logits, f"{slots} x {t.vocab_size} vocab, last position"),
     ]
+    if growing > kv:
+        items.append(("KV cache growth", growing, f"old and new buffers at once, {most} positions per slot"))
+    if extraction:
+        items.append(
+            (
+                "feature extraction",
+                extraction,
+                f"log-mel of {extracting} x {encoded} windows on the CPU (processor)",
+            )
+        )
+    if queued:
+        items.append(
+            ("prepared features", queued, f"{prepared} queued or live requests' float32 features (CPU)")
+        )
     if embed_batch:
         items.append(("prompt embeddings", embeds, f"{slots} prompts embedded before their prefills"))
     if work:
         items.append(("quantized workspace", work, f"{quantize} prefill scratch, reused and kept (CPU)"))
     title = f"generation plan: {config.name}, {b * 8}-bit weights ({device}), {slots} slots, {prompt_tokens} + {new_tokens} tokens"
-    when = "while encoding audio" if encoding >= prefilling else "during a prefill"
     return MemoryPlan(title, items, peak, when)
 
 
@@ -1244,10 +1378,74 @@ def max_audio_seconds(folder: str | Path, config: MusicFlamingoConfig) -> float:
 def request_size(
     config: MusicFlamingoConfig, seconds: float | None, cap: float, text_chars: int = 0
 ) -> tuple[int, int]:
-    """(prompt tokens, audio windows) of one request with `seconds` of audio (None: unknown, `cap` assumed)."""
+    """(prompt tokens, audio windows) of one request with `seconds` of audio (None: unknown, `cap` assumed): the
+    `<sound>` tokens the processor makes for it (a short last window makes fewer; the encoder still runs it
+    whole), a character of the prompt per token and `PROMPT_TEXT_TOKENS` of markup."""
+    from musicflamingo.audio.features import SAMPLING_RATE, audio_token_count
+
     seconds = cap if seconds is None or not math.isfinite(seconds) else min(seconds, cap)
-    windows = max(1, math.ceil(seconds / config.window_seconds)) if seconds > 0 else 0
-    return PROMPT_TEXT_TOKENS + text_chars + windows * config.audio.tokens_per_window, windows
+    if seconds <= 0:
+        return PROMPT_TEXT_TOKENS + text_chars, 0
+    windows = max(1, math.ceil(seconds / config.window_seconds))
+    samples = max(1, round(seconds * SAMPLING_RATE))
+    tokens = audio_token_count(samples, config.window_seconds, cap)
+    return PROMPT_TEXT_TOKENS + text_chars + tokens, windows
+
+
+@dataclass(frozen=True)
+class GenerationKnobs:
+    """The setting names of an entry point's generation levers, for the refusals' suggestions."""
+
+    batch: str = "batch_size"
+    new_tokens: str = "max_new_tokens"
+    queue: str | None = None  # serve.py's max_queue: waiting requests keep their features (CPU)
+
+
+def generation_alternatives(
+    plan_for: Callable[..., MemoryPlan],
+    config: MusicFlamingoConfig,
+    nbytes: int,
+    quantize: str | None,
+    slots: int,
+    new_tokens: int,
+    budget: int,
+    knobs: GenerationKnobs = GenerationKnobs(),
+    queued: int = 0,
+) -> list[tuple[str, int]]:
+    """Settings predicted to fit `budget` with their peaks: bfloat16, a lighter quantization (unless the checkpoint
+    is quantized: it cannot be re-quantized), the largest smaller batch, the largest smaller token budget.
+    `plan_for(nbytes=, slots=, new_tokens=, quantize=)` plans one change."""
+    fixes = []
+    if nbytes > 2:
+        peak = plan_for(nbytes=2).peak
+        if peak <= budget:
+            fixes.append(("dtype=bfloat16", peak))
+    methods = ("int8", "int4")
+    lighter = () if config.quantization else methods[methods.index(quantize) + 1 if quantize else 0 :]
+    for method in lighter:
+        peak = plan_for(nbytes=2, quantize=method).peak
+        if peak <= budget:  # the lighter of the two that fits
+            fixes.append((f"quantize={method}", peak))
+            break
+    for n in sorted({slots // 2, slots // 4, slots // 8, 1}, reverse=True):
+        if 1 <= n < slots:
+            peak = plan_for(slots=n).peak
+            if peak <= budget:
+                fixes.append((f"{knobs.batch}={n}", peak))
+                break
+    for n in sorted({new_tokens // 2, new_tokens // 4, new_tokens // 8, 256, 64}, reverse=True):
+        if 1 <= n < new_tokens:
+            peak = plan_for(new_tokens=n).peak
+            if peak <= budget:
+                fixes.append((f"{knobs.new_tokens}={n}", peak))
+                break
+    for n in sorted({queued // 2, queued // 4, queued // 8, 1}, reverse=True) if knobs.queue else ():
+        if 1 <= n < queued:
+            peak = plan_for(queued=n).peak
+            if peak <= budget:
+                fixes.append((f"{knobs.queue}={n}", peak))
+                break
+    return fixes
 
 
 def check_generation(
@@ -1260,10 +1458,13 @@ def check_generation(
     new_tokens: int = 1024,
     embed_batch: bool = False,
     available: Callable[[Any], int | None] | None = None,
+    serving: Mapping[str, Any] | None = None,
 ) -> MemoryPlan:
     """The generation plan of `ckpt` (its config.json only) for requests with `audio_seconds` of audio each (None:
     unknown, the processor's maximum) on `settings`' device and dtype. Unless `plan` or `memory_check=false`, a
-    MemoryPlanError when it does not fit the device's free memory, listing a dtype or batch size that would."""
+    MemoryPlanError when it does not fit the device's free memory, listing a dtype, quantization, batch size or
+    token budget that would (`plan=true` lists them under the table). `serving` (see `check_serving`): a server's
+    worst case, `prepared` queued requests besides."""
     import torch
 
     from musicflamingo.model.quantize import load_method
@@ -1280,60 +1481,127 @@ def check_generation(
         if not settings.get("plan"):
             raise
         dev, dt = _requested_device_dtype(device, dtype, quantize)
-    cap = max_audio_seconds(ckpt, config)
-    sizes = [request_size(config, x, cap, prompt_chars) for x in audio_seconds] or [(PROMPT_TEXT_TOKENS, 0)]
-    prompt, windows = max(t for t, _ in sizes), max(w for _, w in sizes)
+    serving = dict(serving or {})
+    knobs = GenerationKnobs(**serving.pop("knobs", {}))
+    if serving:
+        # requests come and go for as long as the server runs: later ones meet the cache at its largest
+        prompt, windows, requests = serving["prompt_tokens"], serving["windows"], serving["slots"] + 1
+        seconds = windows * config.window_seconds
+    else:
+        cap = max_audio_seconds(ckpt, config)
+        sizes = [request_size(config, x, cap, prompt_chars) for x in audio_seconds] or [
+            (PROMPT_TEXT_TOKENS, 0)
+        ]
+        prompt, windows, requests = max(t for t, _ in sizes), max(w for _, w in sizes), len(sizes)
+        seconds = max(
+            (cap if x is None or not math.isfinite(x) else min(x, cap)) for x in audio_seconds or [0.0]
+        )
 
-    def plan_for(nbytes: int, n: int, method: str | None = quantize) -> MemoryPlan:
+    def plan_for(
+        nbytes: int = dt.itemsize, slots: int = min(slots, requests), new_tokens: int = new_tokens, **kw: Any
+    ) -> MemoryPlan:
+        # a server's `new_tokens` is the longest sequence of a slot (max_cached_tokens), its prompt within it
+        first = min(prompt, new_tokens - 1) if serving else prompt
         return plan_inference(
             config,
             dtype_bytes=nbytes,
-            slots=n,
-            prompt_tokens=prompt,
-            new_tokens=new_tokens,
+            slots=slots,
+            prompt_tokens=first,
+            new_tokens=new_tokens - first if serving else new_tokens,
             windows=windows,
             embed_batch=embed_batch,
             device=dev.type,
-            quantize=method,
+            quantize=kw.get("quantize", quantize),
+            requests=max(requests, slots),
+            audio_seconds=seconds,
+            prepared=kw.get("queued", queued) + (slots if serving else 0),
+            extracting=serving.get("extracting", 1),
+            any_split=bool(serving),
         )
 
+    slots = max(1, min(slots, requests))
+    queued = serving.get("queued", 0)
     nbytes = dt.itemsize
-    slots = max(1, min(slots, len(sizes)))
     plan = plan_for(nbytes, slots)
+
+    def fixes(budget: int) -> list[tuple[str, int]]:
+        return generation_alternatives(
+            plan_for, config, nbytes, quantize, slots, new_tokens, budget, knobs, queued
+        )
+
     if settings.get("plan"):
         present = dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.is_available())
         budget, source = _plan_budget(
             settings, dev.type, present, lambda: (available or available_memory)(dev)
         )
         where = f"{dev}" + ("" if present else " (not present here)")
-        if budget is not None:
-            verdict = "fits" if plan.peak <= budget else "does not fit"
-            where += f": {verdict} the {_fmt(budget)} per device ({source})"
-        plan.notes.append(f"planned for {where}")
+        if budget is None:
+            plan.notes.append(f"planned for {where}")
+        elif plan.peak <= budget:
+            plan.notes.append(f"planned for {where}: fits the {_fmt(budget)} per device ({source})")
+        else:
+            fit = fixes(budget)
+            plan.notes.append(
+                f"planned for {where}: does not fit the {_fmt(budget)} per device ({source})"
+                + (
+                    "; settings that would fit:"
+                    if fit
+                    else "; none of dtype, quantize, batch or tokens fits alone"
+                )
+            )
+            plan.notes += [f"  {cli}   ({_fmt(peak)})" for cli, peak in fit]
         return plan
     if not settings.get("memory_check", True):
         return plan
     budget = (available or available_memory)(dev)
     if budget is None or plan.peak <= budget:
         return plan
-    fixes = []
-    if nbytes > 2 and plan_for(2, slots).peak <= budget:
-        fixes.append(("dtype=bfloat16", plan_for(2, slots).peak))
-    # a lighter quantization, unless the checkpoint is quantized already (it cannot be re-quantized)
-    lighter = (
-        ()
-        if config.quantization
-        else ("int8", "int4")[("int8", "int4").index(quantize) + 1 if quantize else 0 :]
+    check_fits(plan, budget, str(dev), fixes(budget))
+    return plan
+
+
+def check_serving(
+    settings: Mapping[str, Any], ckpt: str | Path, available: Callable[[Any], int | None] | None = None
+) -> MemoryPlan:
+    """The plan of a `configs/serve.yaml`-shaped server of `ckpt`: `max_batch` slots whose cache grows to the
+    longest sequence one request may reach (its prompt + max_tokens, at most `max_cached_tokens` and the context:
+    every slot is as long as the longest), a prompt of `max_prompt_tokens` with audio of `max_audio_seconds`
+    prefilled into it, and on a CPU `prepare_threads` requests' features made at once and `max_queue` waiting.
+    Refused as `check_generation` refuses, naming max_batch, max_completion_tokens, dtype or quantize."""
+    config = checkpoint_config(ckpt)
+    context = max(config.text.max_position_embeddings, 1)
+
+    def setting(name: str, default: Any) -> Any:
+        value = settings.get(name)
+        return default if value is None else value
+
+    cap = max_audio_seconds(ckpt, config)
+    seconds = min(float(setting("max_audio_seconds", cap)), cap)
+    windows = max(1, math.ceil(seconds / config.window_seconds))
+    prompt = min(int(setting("max_prompt_tokens", context - 1)), context - 1)
+    longest = prompt + int(setting("max_completion_tokens", context - 1))
+    if settings.get("max_cached_tokens") is not None:
+        longest = min(longest, int(settings["max_cached_tokens"]))
+    longest = min(longest, context)
+    serving = {
+        "prompt_tokens": prompt,
+        "windows": windows,
+        "slots": int(setting("max_batch", 8)),
+        # requests waiting in the queue, and those decoding, keep their features (the job holds them)
+        "queued": int(setting("max_queue", 64)),
+        "extracting": int(setting("prepare_threads", 4)),
+        # max_cached_tokens bounds one request's prompt + answer too: the length every slot's cache grows to
+        "knobs": {"batch": "max_batch", "new_tokens": "max_cached_tokens", "queue": "max_queue"},
+    }
+    plan = check_generation(
+        settings,
+        ckpt,
+        [seconds],
+        slots=serving["slots"],
+        new_tokens=max(2, longest),
+        available=available,
+        serving=serving,
     )
-    for method in lighter:
-        if plan_for(2, slots, method).peak <= budget:  # the lighter of the two that fits
-            fixes.append((f"quantize={method}", plan_for(2, slots, method).peak))
-            break
-    for n in (slots // 2, slots // 4, 1):
-        if 1 <= n < slots and plan_for(nbytes, n).peak <= budget:
-            fixes.append((f"batch_size={n}", plan_for(nbytes, n).peak))
-            break
-    check_fits(plan, budget, str(dev), fixes)
     return plan
 
 
