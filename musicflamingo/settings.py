@@ -441,6 +441,11 @@ def _planning(settings: Mapping[str, Any]) -> bool:
     return _get(settings, "plan") is True
 
 
+def check_serve_plan_settings(settings: Mapping[str, Any]) -> None:
+    """`configs/serve.yaml`'s planner flags (the server's own settings are `ServeSettings`')."""
+    _planner_flags(settings)
+
+
 def _planner_flags(settings: Mapping[str, Any]) -> None:
     """`plan` (print the memory plan and exit), `plan_memory_gb` (the device memory it compares with) and
     `memory_check` (refuse a run predicted not to fit)."""

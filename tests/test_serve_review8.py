@@ -101,3 +101,29 @@ def test_create_app_stops_where_infer_and_eval_stop(ckpt, tmp_path):
     app = create_app(model, MusicFlamingoProcessor.from_pretrained(d), ServeSettings(model_name=MODEL))
     assert app.state.server.stop_ids == tuple(stop_token_ids(d, model.config))
     assert {7, 11, model.config.text.eos_token_id} <= set(app.state.server.stop_ids)
+
+
+def test_serve_plan_true_prints_the_worst_case_without_loading(ckpt, monkeypatch, capsys):
+    """serve.py had no memory plan: `plan=true` prints it (slots, KV cache) and loads nothing;
+    `memory_check=true` refuses a server whose worst case does not fit, naming the server's own settings."""
+    import musicflamingo.runtime as runtime
+    from musicflamingo.planner import MemoryPlanError
+    from musicflamingo.serve.app import serve
+    from musicflamingo.settings import SettingsError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(serve_app, "load_model", no_loading)
+    cfg = {"ckpt": str(ckpt), "plan": True, "device": "cpu", "dtype": "float32", "max_batch": 4}
+    serve(cfg)
+    table = capsys.readouterr().out
+    assert "KV cache" in table and "4 slots" in table
+    from musicflamingo.serve.app import plan_server
+
+    peak = plan_server(cfg).peak
+    monkeypatch.setattr(runtime, "available_memory", lambda device: peak - 1)
+    with pytest.raises(MemoryPlanError, match="max_batch"):
+        serve({**cfg, "plan": False, "memory_check": True})
+    with pytest.raises(SettingsError, match="plan_memory_gb"):
+        serve({**cfg, "plan": False, "plan_memory_gb": 8})

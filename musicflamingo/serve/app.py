@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles
 from musicflamingo.checkpoint import check_checkpoint_dir, stop_token_ids
 from musicflamingo.inference import load_model
 from musicflamingo.model import MusicFlamingo
+from musicflamingo.planner import MemoryPlan, check_serving
 from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.runtime import set_threads
 from musicflamingo.serve.errors import APIError
@@ -47,6 +48,7 @@ from musicflamingo.serve.protocol import ChatRequest, Prepared, parse_chat_reque
 from musicflamingo.serve.settings import ServeSettings
 from musicflamingo.serve.text import AnswerStream, ThinkFormat
 from musicflamingo.serve.worker import SHUTTING_DOWN, EngineWorker, Event, Job, QueueFull, ShuttingDown
+from musicflamingo.settings import check_serve_plan_settings
 
 logger = logging.getLogger(__name__)
 
@@ -494,8 +496,23 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def plan_server(cfg: Mapping[str, Any]) -> MemoryPlan:
+    """The memory plan of the server `cfg` describes, from the checkpoint's config (no weight read): every slot
+    grown to the longest sequence a request may reach (`planner.check_serving`); with `memory_check=true`, one
+    that would not fit is refused (MemoryPlanError, naming the settings that would)."""
+    ServeSettings.from_cfg(cfg)  # the settings' own errors first
+    check_serve_plan_settings(cfg)
+    return check_serving(cfg, check_checkpoint_dir(cfg.get("ckpt")))
+
+
 def serve(cfg: Mapping[str, Any]) -> None:
-    """Load the model and serve it until interrupted (`serve.py`)."""
+    """Load the model and serve it until interrupted (`serve.py`); `plan=true` prints the memory plan instead."""
+    check_serve_plan_settings(cfg)
+    if cfg.get("plan") or cfg.get("memory_check"):
+        plan = plan_server(cfg)
+        if cfg.get("plan"):
+            print(plan.table())
+            return
     app, settings = build_server(cfg)
     logger.info(
         "serving %s on http://%s:%d (page at /, API at /v1)",
