@@ -538,8 +538,14 @@ def generation_config(path: str | Path | None) -> dict[str, Any]:
 
 def stop_token_ids(path: str | Path | None, config: MusicFlamingoConfig) -> list[int]:
     """The ids that end an answer: `eos_token_id` of the folder's `generation_config.json` (int or list) plus the
-    config's eos. Every generating entry point (infer, eval) stops on these."""
-    ids: list[int] = list(generation_config(path).get("eos_token_id", []))
+    config's eos. Every generating entry point (infer, eval, serve, the chat) stops on these."""
+    return stop_ids(generation_config(path), config)
+
+
+def stop_ids(generation: Mapping[str, Any], config: MusicFlamingoConfig) -> list[int]:
+    """`stop_token_ids` from generation settings already read (`generation_config(path)`, which a loaded model
+    keeps as `generation_defaults`)."""
+    ids: list[int] = list(generation.get("eos_token_id", []))
     if config.text.eos_token_id is not None:
         ids.append(config.text.eos_token_id)
     return sorted(set(int(i) for i in ids))

@@ -39,6 +39,7 @@ from musicflamingo.checkpoint import (
     check_checkpoint_dir,
     generation_config,
     load_config,
+    stop_ids,
     stop_token_ids,
 )
 from musicflamingo.engine import Engine, Request, SamplingParams, unsupported_generation_fields
@@ -375,12 +376,9 @@ class ChatSession:
     ) -> None:
         self.model = model
         self.processor = processor
-        # default stops: generation_config.json's eos ids and the config's, as infer.py's (`checkpoint.stop_token_ids`)
-        eos = [
-            *getattr(model, "generation_defaults", {}).get("eos_token_id", []),
-            model.config.text.eos_token_id,
-        ]
-        self.params = params or SamplingParams(stop_ids=tuple(sorted({int(i) for i in eos if i is not None})))
+        # default stops: generation_config.json's eos ids and the config's, as infer.py's
+        eos = stop_ids(getattr(model, "generation_defaults", {}), model.config)
+        self.params = params or SamplingParams(stop_ids=tuple(eos))
         self.system_prompt = system_prompt
         self.end_of_turn_id = processor.tokenizer.require_id(END_OF_TURN)
         self.engine = Engine(model, slots=1)

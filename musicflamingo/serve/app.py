@@ -38,6 +38,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from musicflamingo.checkpoint import check_checkpoint_dir, stop_token_ids
+from musicflamingo.checkpoint import stop_ids as model_stop_ids
 from musicflamingo.inference import load_model
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.planner import MemoryPlan, check_serving
@@ -421,14 +422,8 @@ def create_app(
     and the config's, as infer.py and eval.py stop)."""
     context = model.config.text.max_position_embeddings
     settings.resolve(context, processor.max_audio_len)
-    if (
-        stop_ids is None
-    ):  # as infer and eval (checkpoint.stop_token_ids): generation_config.json's eos + the config's
-        eos = [
-            *getattr(model, "generation_defaults", {}).get("eos_token_id", []),
-            model.config.text.eos_token_id,
-        ]
-        stop_ids = tuple(sorted({int(i) for i in eos if i is not None}))
+    if stop_ids is None:  # generation_config.json's eos + the config's, as infer and eval stop
+        stop_ids = model_stop_ids(getattr(model, "generation_defaults", {}), model.config)
     worker = EngineWorker(
         model, settings.max_batch, settings.max_cached_tokens, settings.max_queue, settings.compile
     )
