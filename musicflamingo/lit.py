@@ -24,7 +24,13 @@ from torch import nn
 from musicflamingo.errors import RunStopped
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.build import PARTS
-from musicflamingo.model.lora import LoRALinear, QuantizedLoRALinear, has_quantized, merge_lora
+from musicflamingo.model.lora import (
+    LoRALinear,
+    QuantizedLoRALinear,
+    adapter_layers,
+    has_quantized,
+    merge_lora,
+)
 
 _ADAPTERS = (LoRALinear, QuantizedLoRALinear)  # the layers whose scale a checkpoint records
 _WRAPPER_PREFIXES = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
@@ -190,6 +196,23 @@ class MusicFlamingoLit(L.LightningModule):
         # checkpoint a resume loaded, compared at the training start (where both are known)
         self._schedule: dict[str, float] = {}
         self._resumed_schedule: dict[str, float] | None = None
+
+    def setup(self, stage: str) -> None:
+        """Before the precision plugin casts the module: under FSDP the LoRA adapters follow its cast (FSDP flattens
+        each block's weights into one tensor of one dtype); elsewhere they stay float32 (`lora.FloatAdapters`)."""
+        if self._trainer is None or not isinstance(self.trainer.strategy, FSDPStrategy):
+            return
+        layers = adapter_layers(self.model)
+        for layer in layers:
+            layer.keep_float32 = False
+        if layers and str(self.trainer.precision) in ("bf16-true", "16-true"):
+            log.warning(
+                "trainer.precision=%s under FSDP: the LoRA adapters train in %s with the base (FSDP flattens a "
+                "block's weights into one dtype), where AdamW's smallest updates round away; "
+                "trainer.precision=bf16-mixed keeps them float32",
+                self.trainer.precision,
+                "bfloat16" if str(self.trainer.precision).startswith("bf16") else "float16",
+            )
 
     # ------------------------------------------------------------------ steps
     def forward(self, **batch: Any) -> Any:
@@ -394,10 +417,36 @@ class MusicFlamingoLit(L.LightningModule):
                 f"ckpt_path={path} was written by a model of another architecture: {diffs[0]}{more}; resume with "
                 "the model settings that wrote it, or start afresh in another run folder (hydra.run.dir=...)"
             )
+        self._check_resumed_adapter_dtype(checkpoint, path)
         self._check_resumed_groups(checkpoint, path)
         self._check_resumed_lr(checkpoint, path)
         self._check_resumed_optimizer_settings(checkpoint, path)
         self._check_resumed_lora_scale(checkpoint, path)
+
+    def _check_resumed_adapter_dtype(self, checkpoint: dict[str, Any], path: Any) -> None:
+        """A bf16-true LoRA checkpoint written while the adapters were cast to bfloat16 resumes: its adapters and
+        AdamW moments load exactly into the float32 ones and train on in float32, from then on not the steps the
+        run would have taken in bfloat16 (said so; an old run continued bit for bit needs the old code)."""
+        own = dict(self.state_dict(keep_vars=True))
+        half = [
+            k
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+            and isinstance(v, torch.Tensor)
+            and v.dtype in (torch.float16, torch.bfloat16)
+            and k in own
+            and own[k].dtype == torch.float32
+        ]
+        if half:
+            log.warning(
+                "ckpt_path=%s holds %d LoRA adapter tensors in %s (%s, ...), written before adapters stayed float32 "
+                "under trainer.precision=%s: they and their AdamW moments continue in float32 from the saved values",
+                path,
+                len(half),
+                str(checkpoint["state_dict"][half[0]].dtype).removeprefix("torch."),
+                half[0],
+                self.trainer.precision if self._trainer is not None else "bf16-true",
+            )
 
     def _check_resumed_groups(self, checkpoint: dict[str, Any], path: Any) -> None:
         """The saved optimizer state holds one group per trained part (`param_groups`): another set of trained parts

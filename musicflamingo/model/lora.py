@@ -5,6 +5,11 @@ matrices: `y = x W^T + b + (dropout(x) A^T B^T) * alpha / rank`. `B` starts at z
 exactly what the base model computes until it is trained. `merge_lora` folds `B A * scale` into `W` and turns every
 adapter back into a plain `nn.Linear`.
 
+Adapters are float32 over a bf16/fp16 base, as peft keeps them (`autocast_adapter_dtype`): made so, and kept so by a
+module-wide cast (Lightning's bf16-true `.to(torch.bfloat16)`; see `FloatAdapters`), where AdamW's small updates
+to bf16 adapters would round away. The LoRA branch runs on the input cast to float32 and the sum is rounded to
+the base output's dtype, peft's numerics; under autocast (bf16-mixed) nothing changes.
+
 QLoRA (`apply_lora(..., quantized=cls)`): every frozen base linear becomes a `QuantizedLinear` (bitsandbytes' NF4
 `Linear4bit` through `nf4_linear_class()`, or a stand-in a test passes), the targets wrapped by a
 `QuantizedLoRALinear`; `merge_lora` then dequantises every base into a plain `nn.Linear` as it merges.
@@ -59,7 +64,42 @@ def check_lora_rank(rank: int, widths: Mapping[str, tuple[int, int]]) -> None:
         )
 
 
-class LoRALinear(nn.Linear):
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of adapters over a base in `dtype`: float32 for a half-precision base (peft's
+    `autocast_adapter_dtype`), else the base's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class FloatAdapters(nn.Module):
+    """Keeps `lora_A` / `lora_B` float32 when the module is cast to half precision; they still follow device moves
+    and every other cast. `keep_float32 = False` lets them follow (FSDP flattens a block's weights into one dtype)."""
+
+    keep_float32 = True
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        # Lightning's bf16-true casts the module (precision_plugin.convert_module) after a resume loaded its state
+        # and before the optimizer is built: skipping the cast here keeps both the loaded adapters and AdamW's
+        # states float32, with nothing to restore afterwards.
+        pinned = {
+            id(t)
+            for p in (self.lora_A, self.lora_B)
+            for t in (p, p.grad)
+            if t is not None and t.dtype == torch.float32
+        }
+        if not self.keep_float32 or not pinned:
+            return super()._apply(fn, recurse)
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            if id(t) in pinned:
+                target = fn(t.new_empty(0))  # where, and in which dtype, `fn` puts a float32 tensor
+                if target.dtype in (torch.float16, torch.bfloat16):
+                    return t.to(target.device)
+            return fn(t)
+
+        return super()._apply(cast, recurse)
+
+
+class LoRALinear(FloatAdapters, nn.Linear):
     def __init__(
         self, in_features: int, out_features: int, bias: bool, rank: int, alpha: float, dropout: float = 0.0
     ) -> None:
@@ -79,7 +119,7 @@ class LoRALinear(nn.Linear):
             lora = cls(base.in_features, base.out_features, base.bias is not None, rank, alpha, dropout)
         lora.weight = base.weight  # share, do not copy: base weights stay bit-identical
         lora.bias = base.bias
-        dtype, device = base.weight.dtype, base.weight.device
+        dtype, device = adapter_dtype(base.weight.dtype), base.weight.device
         lora.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
         lora.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(lora.lora_A, a=math.sqrt(5))
@@ -87,7 +127,12 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        if torch.is_autocast_enabled(x.device.type):  # autocast casts both branches itself (bf16-mixed)
+            return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        # peft's LoRA Linear: the branch in the adapters' dtype (float32 over a bf16 base), the sum in the wider
+        # dtype, rounded once to the base output's
+        lora = F.linear(F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B)
+        return (out + lora * self.scale).to(out.dtype)
 
     def merged_linear(self, device: torch.device | str | None = None) -> nn.Linear:
         """A plain nn.Linear with `W + scale * B @ A` (computed in float32, stored in W's dtype, on `device`,
@@ -145,9 +190,9 @@ class QuantizedLinear(nn.Module):
         return linear_from(weight, bias, device)
 
 
-class QuantizedLoRALinear(nn.Module):
+class QuantizedLoRALinear(FloatAdapters):
     """LoRA over a frozen quantized base: `y = base(x) + (dropout(x) A^T B^T) * alpha / rank`. The adapters are
-    in the compute dtype the base was built from; `B` starts at zero."""
+    in the dtype the base was built from, float32 for a half-precision one (`adapter_dtype`); `B` starts at zero."""
 
     def __init__(
         self, base: QuantizedLinear, rank: int, alpha: float, dropout: float, dtype: torch.dtype
@@ -160,6 +205,7 @@ class QuantizedLoRALinear(nn.Module):
         self.rank, self.scale = rank, alpha / rank
         # where the base lies: its bias is None for o_proj and the MLP (a base on the GPU got CPU adapters)
         device = next((t.device for t in (*base.parameters(), *base.buffers())), None)
+        dtype = adapter_dtype(dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -167,6 +213,8 @@ class QuantizedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if not torch.is_autocast_enabled(x.device.type):  # peft's bnb LoRA: the input in the adapters' dtype
+            x = x.to(self.lora_A.dtype)
         return (
             out
             + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B).to(out.dtype) * self.scale
