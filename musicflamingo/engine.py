@@ -160,6 +160,7 @@ class Slot:
     last: int | None = None
     done: bool = False
     budget: int = 0  # tokens this turn may still generate
+    reach: int = 0  # cache positions this sequence may need: its prompt and every token fed back (`reach`)
 
 
 class Engine:
@@ -171,6 +172,12 @@ class Engine:
         capacity: positions per slot; grows on demand (rounded up to `KEY_BLOCK`), at most the model's context.
         compile: decode steps through `torch.compile` (inductor). Every step then has the same shapes (all slots,
             the whole capacity under the key mask), so it is traced once per slot count and capacity.
+        max_positions: a bound on the cache's size, rows x capacity positions (serve.py's `max_cached_tokens`).
+            The cache is then fitted: it has rows up to the highest occupied slot only (all slots when compiled)
+            and, from each admission on, the capacity the longest occupied sequence may reach (whole key blocks,
+            or exactly that reach where blocks would pass the bound), shrinking when that is less; `fits` says
+            whether a request can be admitted without passing the bound. None: every slot has a row and the
+            capacity only grows, doubling as sequences reach its end.
 
     Example::
 
@@ -182,7 +189,12 @@ class Engine:
     """
 
     def __init__(
-        self, model: torch.nn.Module, slots: int = 1, capacity: int | None = None, compile: bool = False
+        self,
+        model: torch.nn.Module,
+        slots: int = 1,
+        capacity: int | None = None,
+        compile: bool = False,
+        max_positions: int | None = None,
     ) -> None:
         self.model = model
         self.compile = compile
@@ -191,9 +203,14 @@ class Engine:
         self.dtype = model.dtype
         # CPU bf16/fp16 steps attend with plain matmuls: see the cache in whole blocks of keys (see KEY_BLOCK).
         self.blocked = not compile and uses_decode_attention(self.device, self.dtype)
-        self.cache = KVCache.for_config(
-            model.config.text, slots, self._round(capacity or KEY_BLOCK), self.dtype, self.device
-        )
+        if max_positions is not None and max_positions < (slots if compile else 1):
+            raise ValueError(f"max_positions={max_positions} leaves no position for a slot")
+        self.max_positions = max_positions
+        capacity, rows = self._round(capacity or KEY_BLOCK), None
+        if max_positions is not None:
+            rows = slots if compile else 1
+            capacity = min(capacity, max_positions // rows)
+        self.cache = KVCache.for_config(model.config.text, slots, capacity, self.dtype, self.device, rows)
         self.slots: list[Slot | None] = [None] * slots
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -208,8 +225,66 @@ class Engine:
                 f"the sequence would be {needed} tokens, over the model's context of {self.limit}"
             )
         if needed > self.cache.capacity:
+            if self.max_positions is not None:  # a fitted cache holds every occupied slot's reach (`_fit`)
+                raise RuntimeError(
+                    f"a fitted KV cache of {self.cache.capacity} positions was asked for {needed}"
+                )
             self.cache.grow(self._round(max(needed, 2 * self.cache.capacity)))
             self._rope_table = None
+
+    def reach(self, prompt_tokens: int, max_new_tokens: int, start: int = 0) -> int:
+        """Cache positions a sequence needs for `prompt_tokens` after `start` and up to `max_new_tokens` answer
+        tokens (cut by the context): the prompt, every generated token but the last fed back, and the position a
+        finished slot's row writes at in later steps (`KVCache`): prompt + max_new_tokens."""
+        end = start + prompt_tokens
+        return end + max(min(max_new_tokens, self.limit - end), 1)
+
+    def _target(self, extra: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(rows, capacity) a fitted cache needs for the occupied slots and `extra` = (slot, reach) of a request
+        being admitted."""
+        used = [(s.index, s.reach) for s in self.slots if s is not None]
+        if extra is not None:
+            used.append(extra)
+        rows = len(self.slots) if self.compile else max((i for i, _ in used), default=0) + 1
+        reach = max((r for _, r in used), default=1)
+        capacity = self._round(reach)
+        if rows * capacity > self.max_positions:
+            capacity = reach  # whole key blocks would pass the bound: exactly what the sequences reach
+        return rows, capacity
+
+    def fits(self, request: Request) -> bool:
+        """Whether admitting `request` into the first free slot keeps the cache within `max_positions` (rows x
+        capacity). Always true without a bound; false without a free slot."""
+        free = self.free_slots()
+        if not free:
+            return False
+        if self.max_positions is None:
+            return True
+        n = int(
+            request.inputs_embeds.shape[0] if request.inputs_embeds is not None else request.input_ids.numel()
+        )
+        if n >= self.limit:
+            return True  # refused by `admit`, which names the context
+        rows, capacity = self._target((free[0], self.reach(n, request.params.max_new_tokens)))
+        return rows * capacity <= self.max_positions
+
+    def _fit(self) -> None:
+        """Resize a fitted cache so that it holds every occupied slot's reach: grown where that fits the bound,
+        else exactly the target (dropping rows and positions no occupied slot needs)."""
+        rows, capacity = self._target()
+        cache = self.cache
+        if cache.rows >= rows and cache.capacity >= capacity:
+            return
+        grown = (max(cache.rows, rows), max(cache.capacity, capacity))
+        if grown[0] * grown[1] > self.max_positions:
+            grown = (rows, capacity)
+        if grown[0] * grown[1] > self.max_positions:
+            raise RuntimeError(
+                f"the KV cache would need {rows} rows of {capacity} positions, over its bound of "
+                f"{self.max_positions} (admit only what `fits`)"
+            )
+        cache.resize(*grown)
+        self._rope_table = None
 
     def _rope(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of every position the cache can hold: (capacity, head_dim) each, the numbers the model would
@@ -231,6 +306,7 @@ class Engine:
     def release(self, index: int) -> None:
         """Free a slot (its request is forgotten; the next admission clears its keys)."""
         self.slots[index] = None
+        self.cache.lengths[index] = 0  # its row then writes at 0 in steps, and a fitted cache may drop it
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -301,9 +377,13 @@ class Engine:
                 f"the prompt would end at position {start + n}, at or past the model's context of {self.limit}"
             )
         slot.budget = min(max_new, self.limit - start - n)
-        # the prompt and the first token's position: later positions are added as the sequence reaches them
-        # (sized by the budget, one max_tokens=32000 request grew every slot's cache to 32000 positions for good)
-        self._ensure_capacity(start + n + 1)
+        slot.reach = self.reach(n, max_new, start)
+        if self.max_positions is not None:
+            self._fit()  # the whole reach at once: the bound was checked for it (`fits`)
+        else:
+            # the prompt and the first token's position: later positions are added as the sequence reaches them
+            # (sized by the budget, one max_tokens=32000 request grew every slot's cache to 32000 positions for good)
+            self._ensure_capacity(start + n + 1)
         view = cache.view_prefill(slot.index, n)
         if embeds is not None:
             out = model(inputs_embeds=embeds[None].to(self.device), cache=view, logits_to_keep=1)

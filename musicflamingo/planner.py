@@ -18,7 +18,8 @@ Kept for backward, per position (D, q, kv, I, H: width, query / key-value width,
   (q, k after RoPE, v), c*q + 4H (attention output, logsumexp), s*D + 4 (the MLP's input), 2c*I (gate, up:
   SwiGLU is recomputed). A LoRA'd linear adds its normalised input (one autocast copy per adapter) and c*r (with
   LoRA dropout, per adapter its own dropped input and dropout's noise, in the input's dtype on CPU, or bool mask); an
-  unfused down_proj adds 2c*I. The last layer keeps only the key/value part for all N positions, the rest for K,
+  unfused down_proj adds 2c*I. Over a bf16 base without autocast (`bf16-true`, not FSDP) adapters, their gradients
+  and AdamW states are float32 (as peft's): each adapter keeps a float32 copy of its input and a float32 middle. The last layer keeps only the key/value part for all N positions, the rest for K,
   plus its (K, S) attention mask. With checkpointing a layer keeps only its input, s*D, and one layer is rebuilt
   at a time in backward. Packed rows (`data.pack`) attend run by run and keep nothing more; with compiled layers
   they take the (S, S) mask instead: every layer keeps SDPA's additive copy, c*S, and the batch holds the bool one.
@@ -263,6 +264,12 @@ class Block:
     backward: int = 0
 
 
+def adapter_bytes(setup: TrainingSetup, p: Precision) -> int:
+    """Bytes of a LoRA adapter weight (and its gradient and AdamW states): float32 over a half-precision base
+    (model/lora.py's `FloatAdapters`, as peft), except under FSDP, whose flat blocks take the base's dtype."""
+    return 4 if p.weight == 2 and setup.strategy != "fsdp" else p.weight
+
+
 def _decoder_layer(
     t: TextConfig, setup: TrainingSetup, p: Precision, full: int, rows: int, seq: int
 ) -> tuple[int, int]:
@@ -281,6 +288,10 @@ def _decoder_layer(
     # CUDA the fused kernel's bool mask
     dropout = bool(r) and setup.lora_dropout
     noise = (lambda b: b) if setup.device == "cpu" else (lambda b: 1)
+    # float32 adapters over a bf16 base without autocast: each casts its input to float32 and keeps that copy (and
+    # its dropped one); the rank-r middle is float32 too
+    wide = 0 if p.autocast else adapter_bytes(setup, p) - s
+    m = c + wide  # bytes of an adapter's own input copy and middle
 
     def reads(names: Sequence[str], n: int) -> int:
         """What one normalised input and the linears reading it keep. Fused (plain linears, no adapter): the
@@ -292,10 +303,10 @@ def _decoder_layer(
             return n * (s * D + 4)
         copies += sum(copy * shapes[x][0] * shapes[x][1] for x in names) if plain else 0
         copies += sum(copy * r * (shapes[x][0] + shapes[x][1]) for x in mine)
-        xn = (len(mine) * c * D if p.autocast else s * D) if mine else 0
-        if mine and dropout:  # the normalised input (s bytes) is dropped anew per adapter
-            xn = len(mine) * D * ((c if p.autocast else s) + noise(s))
-        return n * (s * D + 4 + xn + len(mine) * c * r)
+        xn = (len(mine) * m * D if p.autocast or wide else s * D) if mine else 0
+        if mine and dropout:  # the normalised input is dropped anew per adapter
+            xn = len(mine) * D * ((c if p.autocast else s + wide) + noise(s + wide))
+        return n * (s * D + 4 + xn + len(mine) * m * r)
 
     if full == rows:
         kept = reads(("q_proj", "k_proj", "v_proj"), full)
@@ -308,15 +319,16 @@ def _decoder_layer(
     kept += full * 2 * c * kv + rows * (2 * c * q + 4 * H)  # k, v; q after RoPE, attention output, logsumexp
     copies += copy * q * D if plain else 0  # o_proj: a plain F.linear
     if "o_proj" in adapted:  # reads the attention output (c bytes, kept already); dropout makes its own copy
-        kept += rows * (c * r + (q * (c + noise(c)) if dropout else 0))
+        own = q * (m + noise(m)) if dropout else (q * m if wide else 0)  # a float32 adapter: its float32 copy
+        kept += rows * (m * r + own)
         copies += copy * r * (q + D)
     kept += reads(("gate_proj", "up_proj"), rows) + rows * 2 * c * inter  # gate, up
     # unfused SwiGLU: silu(gate) too, and the product where an adapter reads it (a frozen 4-bit down_proj keeps
     # nothing of its input: bitsandbytes saves only the packed weight)
     if "down_proj" in adapted or not plain:
-        down = c * inter + c * r if "down_proj" in adapted else 0
+        down = m * inter + m * r if "down_proj" in adapted else 0
         if "down_proj" in adapted and dropout:  # the dropped product instead of the product, and the noise
-            down += inter * noise(c)
+            down += inter * noise(m)
         kept += rows * (c * inter + down)
         copies += copy * inter * D if plain else 0
     return kept + copies, copies
@@ -372,12 +384,13 @@ def _trainable(config: MusicFlamingoConfig, setup: TrainingSetup) -> dict[str, i
 
 def _weight_bytes(config: MusicFlamingoConfig, setup: TrainingSetup, p: Precision) -> tuple[int, int]:
     """(bytes of the weights, adapters included; the 4-bit decoder linears' share of them)."""
-    total = config.num_parameters() + (_trainable(config, setup)["language_model"] if setup.lora_rank else 0)
+    total = config.num_parameters()
+    adapters = _trainable(config, setup)["language_model"] * adapter_bytes(setup, p) if setup.lora_rank else 0
     if setup.quantize_base is None:
-        return total * p.weight, 0
+        return total * p.weight + adapters, 0
     quantized = config.text.num_hidden_layers * sum(i * o for i, o, _ in linear_shapes(config.text).values())
     four_bit = int(quantized * NF4_BYTES)
-    return (total - quantized) * p.weight + four_bit, four_bit
+    return (total - quantized) * p.weight + four_bit + adapters, four_bit
 
 
 def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[Block]:
@@ -436,7 +449,11 @@ def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[B
     chunk = min(K, setup.loss_chunk) * t.vocab_size * (c + 12) + (t.vocab_size * D * c if p.autocast else 0)
     head_grad = n["lm_head"] + n["final_norm"] if full_lm else 0
     blocks.append(Block("head", head, head_grad, chunk, t.vocab_size * D * 4 if full_lm else 0))
-    return [replace(b, grad=b.grad * s // shard) for b in blocks]
+    adapter = adapter_bytes(setup, p) if setup.lora_rank else s
+    return [
+        replace(b, grad=b.grad * (adapter if b.name.startswith("decoder layer") else s) // shard)
+        for b in blocks
+    ]
 
 
 def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPlan:
@@ -453,8 +470,10 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
         dequant = max(i * o for i, o, _ in linear_shapes(t).values()) * p.compute
     weights, four_bit = _weight_bytes(config, setup, p)
     weights //= shard
-    train_params = sum(_trainable(config, setup).values())
-    grads = train_params * s // shard
+    trainable = _trainable(config, setup)
+    train_params = sum(trainable.values())
+    adapters = trainable["language_model"] if setup.lora_rank else 0
+    grads = ((train_params - adapters) * s + adapters * adapter_bytes(setup, p)) // shard
     states = 2 * grads  # AdamW's two moments, in the parameters' dtype
 
     batch = batch_bytes(config, setup)
@@ -495,10 +514,12 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
     acts_how = f"{N} tokens ({K} labelled), {step_windows(config, setup)} audio windows"
     head = blocks[-1]
     sharded = f", / {shard} devices" if shard > 1 else ""
+    a = adapter_bytes(setup, p)
+    wide = f" (the {adapters:,} of the adapters x {a} B)" if adapters and a != s else ""
     items = [
         ("weights", weights, _weights_how(config, setup, p, four_bit)),
-        ("gradients", grads, f"{train_params:,} trainable parameters x {s} B{sharded}"),
-        ("optimizer states", states, f"AdamW: 2 x {s} B per trainable parameter{sharded}"),
+        ("gradients", grads, f"{train_params:,} trainable parameters x {s} B{wide}{sharded}"),
+        ("optimizer states", states, f"AdamW: 2 x {s} B per trainable parameter{wide}{sharded}"),
         ("batch", batch, "float32 features, ids, labels and masks"),
         ("activations", acts, acts_how + (", checkpointed" if setup.checkpointing else "")),
         (
@@ -626,6 +647,8 @@ def step_windows(config: MusicFlamingoConfig, setup: TrainingSetup) -> int:
 
 def _weights_how(config: MusicFlamingoConfig, setup: TrainingSetup, p: Precision, four_bit: int) -> str:
     how = f"{config.num_parameters():,} parameters x {p.weight} B"
+    if setup.lora_rank:
+        how += f" + LoRA adapters x {adapter_bytes(setup, p)} B"
     if four_bit:
         how += f", decoder linears in 4 bits ({_fmt(four_bit)})"
     if setup.shards > 1:
@@ -701,13 +724,14 @@ def quant_workspace_bytes(
 
 
 def engine_capacities(
-    prompt_tokens: int, new_tokens: int, limit: int, capacity: int | None = None
+    prompt_tokens: int, new_tokens: int, limit: int, capacity: int | None = None, layers: int = 1
 ) -> tuple[int, int, int]:
     """Positions per slot of an `engine.Engine` cache for prompts of `prompt_tokens` and answers of `new_tokens`:
     (after the prefill, at the end, the most alive at once). With `capacity` the cache is made that size
     (`engine.generate`, GRPO). Without, it starts at one `KEY_BLOCK` and grows as `Engine._ensure_capacity` grows
-    it (infer.py, serve.py): to the prompt at the prefill, then doubling as answers reach its end; a growth copies
-    into a new buffer while the old one is alive (the per-layer views hold it until both are copied)."""
+    it (infer.py, serve.py): to the prompt at the prefill, then doubling as answers reach its end; a growth replaces
+    the `layers` layers' keys and values one tensor at a time (`KVCache.resize`): the new cache and one old
+    tensor, 1 / (2 layers) of the old cache, alive at once."""
 
     def rnd(n: int) -> int:  # `Engine._round`
         return min(-(-n // KEY_BLOCK) * KEY_BLOCK, limit)
@@ -718,13 +742,13 @@ def engine_capacities(
     cap = most = rnd(KEY_BLOCK)
     if prompt_tokens + 1 > cap:  # the prefill: the prompt and the first token's position
         grown = rnd(max(prompt_tokens + 1, 2 * cap))
-        cap, most = grown, max(most, cap + grown)
+        cap, most = grown, max(most, grown + -(-cap // (2 * layers)))
     after_prefill = cap
     # decode steps write positions up to prompt + new - 2 (the first token comes from the prefill)
     final = min(prompt_tokens + new_tokens - 1, limit)
     while final > cap:
         grown = rnd(2 * cap)
-        cap, most = grown, max(most, cap + grown)
+        cap, most = grown, max(most, grown + -(-cap // (2 * layers)))
     return after_prefill, cap, most
 
 
@@ -764,6 +788,7 @@ def plan_inference(
     prepared: int = 0,
     extracting: int = 1,
     any_split: bool = False,
+    cache_positions: int | None = None,
 ) -> MemoryPlan:
     """The predicted peak of generating `new_tokens` for `slots` requests of `prompt_tokens` tokens with
     `windows` audio windows each. `embed_batch`: every request's prompt is embedded before the first prefill
@@ -775,7 +800,8 @@ def plan_inference(
     `prepared`: requests that hold their float32 features on the CPU besides (serve.py's queue and live requests),
     `extracting` requests' features made at once (serve.py's prepare threads); CPU plans only. `any_split`: a
     slot may hold any prompt of up to prompt + new tokens (serve.py): a short prompt's answer doubles the cache
-    from its first block, to more than the longest prompt's prefill leaves."""
+    from its first block, to more than the longest prompt's prefill leaves. `cache_positions`: the cache is fitted
+    within that many positions in all, rows x capacity (serve.py's `max_cached_tokens`)."""
     a, t = config.audio, config.text
     b = dtype_bytes
     requests = slots if requests is None else requests
@@ -785,11 +811,12 @@ def plan_inference(
         2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * b
     )  # keys and values, per slot
     limit = max(t.max_position_embeddings, 1)
+    L = t.num_hidden_layers
     at_prefill, capacity, most = engine_capacities(
-        prompt_tokens, new_tokens, limit, prompt_tokens + new_tokens if preallocated else None
+        prompt_tokens, new_tokens, limit, prompt_tokens + new_tokens if preallocated else None, L
     )
     if any_split and not preallocated:
-        _, short, short_most = engine_capacities(1, prompt_tokens + new_tokens - 1, limit)
+        _, short, short_most = engine_capacities(1, prompt_tokens + new_tokens - 1, limit, layers=L)
         capacity, most = max(capacity, short), max(most, short_most)
     kv = per_position * slots * capacity
     # later requests are prefilled into the grown cache
@@ -798,6 +825,12 @@ def plan_inference(
     first = min(-(-KEY_BLOCK // KEY_BLOCK) * KEY_BLOCK, limit) if not preallocated else at_prefill
     kv_extract = kv_prefill if requests > 1 else per_position * slots * first
     growing = per_position * slots * most
+    if cache_positions is not None:
+        # a fitted cache (serve.py's max_cached_tokens, `Engine(max_positions=...)`): rows x capacity within the
+        # bound, sized for a request's whole reach at its admission; a resize holds one old tensor besides
+        reach = min(-(-(prompt_tokens + new_tokens) // KEY_BLOCK) * KEY_BLOCK, limit)
+        kv = kv_prefill = kv_extract = per_position * min(cache_positions, slots * reach)
+        growing = kv + -(-kv // (2 * L))
     D, q, kvw, inter = (
         t.hidden_size,
         t.num_attention_heads * t.head_dim,
@@ -865,6 +898,10 @@ def plan_inference(
     how = (
         "made for prompt + new tokens" if preallocated else f"grown as needed: {at_prefill} after the prefill"
     )
+    size = f"{slots} slots x {capacity} positions"
+    if cache_positions is not None:
+        how = "fitted to the live requests, rows x capacity"
+        size = f"{kv // per_position} positions (max_cached_tokens {cache_positions})"
     items = [
         (
             "weights",
@@ -875,8 +912,8 @@ def plan_inference(
         (
             "KV cache",
             kv,
-            f"2 x {t.num_hidden_layers} layers x {t.num_key_value_heads} kv heads x {t.head_dim} x {slots} slots x "
-            f"{capacity} positions x {b} B ({how})",
+            f"2 x {t.num_hidden_layers} layers x {t.num_key_value_heads} kv heads x {t.head_dim} x {size} x {b} B "
+            f"({how})",
         ),
         ("audio encoder", audio, f"{encoded} windows at once ({_fmt(audio / max(encoded, 1))} per window)"),
         ("audio features", kept, f"{encoded} windows' log-mel features kept through the prefill"),
@@ -1497,6 +1534,8 @@ def check_generation(
             (cap if x is None or not math.isfinite(x) else min(x, cap)) for x in audio_seconds or [0.0]
         )
 
+    longest = new_tokens
+
     def plan_for(
         nbytes: int = dt.itemsize, slots: int = min(slots, requests), new_tokens: int = new_tokens, **kw: Any
     ) -> MemoryPlan:
@@ -1517,6 +1556,10 @@ def check_generation(
             prepared=kw.get("queued", queued) + (slots if serving else 0),
             extracting=serving.get("extracting", 1),
             any_split=bool(serving),
+            # a server's bound; an alternative with fewer tokens than the longest is max_cached_tokens=new_tokens
+            cache_positions=new_tokens
+            if serving and new_tokens < longest
+            else serving.get("cache_positions"),
         )
 
     slots = max(1, min(slots, requests))
@@ -1564,8 +1607,8 @@ def check_serving(
     settings: Mapping[str, Any], ckpt: str | Path, available: Callable[[Any], int | None] | None = None
 ) -> MemoryPlan:
     """The plan of a `configs/serve.yaml`-shaped server of `ckpt`: `max_batch` slots whose cache grows to the
-    longest sequence one request may reach (its prompt + max_tokens, at most `max_cached_tokens` and the context:
-    every slot is as long as the longest), a prompt of `max_prompt_tokens` with audio of `max_audio_seconds`
+    longest sequence one request may reach (its prompt + max_tokens, at most the context: every slot is as long as
+    the longest), or with `max_cached_tokens` a cache fitted within that many positions in all, a prompt of `max_prompt_tokens` with audio of `max_audio_seconds`
     prefilled into it, and on a CPU `prepare_threads` requests' features made at once and `max_queue` waiting.
     Refused as `check_generation` refuses, naming max_batch, max_completion_tokens, dtype or quantize."""
     config = checkpoint_config(ckpt)
@@ -1590,8 +1633,9 @@ def check_serving(
         # requests waiting in the queue, and those decoding, keep their features (the job holds them)
         "queued": int(setting("max_queue", 64)),
         "extracting": int(setting("prepare_threads", 4)),
-        # max_cached_tokens bounds one request's prompt + answer too: the length every slot's cache grows to
+        # max_cached_tokens bounds one request's prompt + answer too, and the cache's positions in all
         "knobs": {"batch": "max_batch", "new_tokens": "max_cached_tokens", "queue": "max_queue"},
+        "cache_positions": settings.get("max_cached_tokens"),
     }
     plan = check_generation(
         settings,

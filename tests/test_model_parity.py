@@ -247,8 +247,9 @@ def _rows(inputs: dict) -> list[torch.Tensor]:
 def _stale_engine(model, slots: int, capacity: int, **kwargs) -> Engine:
     """An engine whose cache holds NaN everywhere, as if an earlier, longer sequence had left it there."""
     e = Engine(model, slots=slots, capacity=capacity, **kwargs)
-    e.cache.keys.fill_(float("nan"))
-    e.cache.values.fill_(float("nan"))
+    for keys, values in e.cache.layers:
+        keys.fill_(float("nan"))
+        values.fill_(float("nan"))
     e.cache.dirty = [e.cache.capacity] * slots
     return e
 

@@ -163,25 +163,52 @@ def test_refusal_names_fewer_new_tokens_and_plan_true_lists_what_fits(wide_ckpt)
 
 
 def test_serve_plan_is_the_cache_the_engine_grows_to(wide_ckpt):
-    """serve.py's engine has `max_batch` slots of one capacity: one request of max_cached_tokens grows every slot
-    to it (max_cached_tokens bounds the sum of reservations, not this). The plan's KV cache is that capacity."""
+    """Without max_cached_tokens serve.py's engine has `max_batch` slots of one capacity: one long request grows
+    every slot to it, doubling, one old layer's tensor alive beside the new cache while it grows. The plan's KV
+    cache is that capacity and its growth that peak."""
+    from musicflamingo.engine import Engine, Request, SamplingParams
+    from musicflamingo.planner import check_serving
+
+    settings = {
+        "device": "cpu",
+        "dtype": "float32",
+        "plan": True,
+        "max_batch": 3,
+        "max_completion_tokens": 40,
+    }
+    plan = check_serving({**settings, "max_prompt_tokens": 500}, wide_ckpt)
+    model = MusicFlamingo.from_pretrained(str(wide_ckpt), dtype=torch.float32).eval()
+    engine = Engine(model, slots=3)
+    prompt = torch.full((500,), 10)
+    slot = engine.admit(Request(prompt, SamplingParams(max_new_tokens=40, stop_ids=())))
+    while engine.decoding:
+        engine.step()
+    assert len(slot.tokens) == 40 and engine.cache.capacity == 1024
+    per_slot = 2 * 2 * 4 * 64 * 4  # layers, kv heads, head_dim, float32
+    assert plan.item("KV cache") == engine.cache.nbytes == 3 * per_slot * 1024, plan.table()
+    # the short-prompt worst case doubles 512 -> 1024: the new cache and one of 2 x 2 old tensors of 512
+    assert plan.item("KV cache growth") == 3 * per_slot * (1024 + 512 // 4)
+
+
+def test_serve_plan_with_max_cached_tokens_is_the_fitted_cache(wide_ckpt):
+    """With max_cached_tokens the engine's cache is fitted within that many positions in all (rows x capacity):
+    the plan's KV cache is the bound, not max_batch slots of the longest request (was 3 x 768 positions)."""
     from musicflamingo.engine import Engine, Request, SamplingParams
     from musicflamingo.planner import check_serving
 
     settings = {"device": "cpu", "dtype": "float32", "plan": True, "max_batch": 3, "max_cached_tokens": 540}
     plan = check_serving(settings, wide_ckpt)
     model = MusicFlamingo.from_pretrained(str(wide_ckpt), dtype=torch.float32).eval()
-    engine = Engine(model, slots=3)
-    most = engine.cache.capacity
+    engine = Engine(model, slots=3, max_positions=540)
+    most = engine.cache.nbytes
     prompt = torch.full((500,), 10)
-    slot = engine.admit(Request(prompt, SamplingParams(max_new_tokens=540 - 500, stop_ids=())))
+    slot = engine.admit(Request(prompt, SamplingParams(max_new_tokens=40, stop_ids=())))
     while engine.decoding:
         engine.step()
-        most = max(most, engine.cache.capacity)
-    assert len(slot.tokens) == 40 and engine.cache.capacity == 1024
-    per_slot = 2 * 2 * 4 * 64 * 4  # layers, kv heads, head_dim, float32
-    assert plan.item("KV cache") == 3 * per_slot * engine.cache.capacity, plan.table()
-    assert plan.item("KV cache growth") == 3 * per_slot * (512 + 1024)  # the last doubling's two buffers
+        most = max(most, engine.cache.nbytes)
+    assert len(slot.tokens) == 40
+    per_position = 2 * 2 * 4 * 64 * 4  # layers, kv heads, head_dim, float32
+    assert most == plan.item("KV cache") == 540 * per_position, plan.table()
 
 
 def test_serve_refusal_names_the_servers_settings(wide_ckpt):

@@ -69,17 +69,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Preallocated keys/values of every decoder layer for `slots` independent sequences.
 
-    keys, values: (layers, slots, H_kv, capacity, head_dim). Position p of slot s holds the key of that sequence's
-    token p (its RoPE position is p too). `lengths[s]` counts the positions of slot s that hold real keys. Decode
-    steps run over a range of slots; a row whose slot is not decoding writes at its `lengths[s]`, just past its
-    keys, where nothing reads it (a sequence's last sampled token is never fed, so `lengths[s] < capacity` always
-    holds). `dirty[s]` is how far writes reached, so that reusing a slot can clear what a shorter sequence would
-    otherwise see under its key mask (a mask does not hide a stale NaN: SDPA adds -inf to a NaN score, and
-    probability 0 times a NaN value is NaN).
+    layers[l]: (keys, values) of layer l, each (rows, H_kv, capacity, head_dim), one tensor per layer and kind, so
+    that a resize holds one old tensor beside its replacement at a time (a 5-d tensor for all layers held the
+    whole old cache beside the whole new one: twice the cache while it grew). `rows` <= `slots`: slots from `rows`
+    on hold nothing (the engine's fitted cache allocates only the rows its requests use). Position p of slot s
+    holds the key of that sequence's token p (its RoPE position is p too). `lengths[s]` counts the positions of
+    slot s that hold real keys. Decode steps run over a range of slots; a row whose slot is not decoding writes at
+    its `lengths[s]`, just past its keys, where nothing reads it (a sequence's last sampled token is never fed, so
+    `lengths[s] < capacity` always holds). `dirty[s]` is how far writes reached, so that reusing a slot can clear
+    what a shorter sequence would otherwise see under its key mask (a mask does not hide a stale NaN: SDPA adds
+    -inf to a NaN score, and probability 0 times a NaN value is NaN).
 
     Lifecycle: allocate once (`for_config`), `view_prefill` / `view_decode` describe each forward's writes, the
     caller moves `lengths` on after the forward (`advance`), `clear(slot)` empties a slot for a new sequence,
-    `grow(capacity)` reallocates and keeps the contents.
+    `resize(rows, capacity)` (or `grow(capacity)`) reallocates and keeps the contents that still fit.
     """
 
     def __init__(
@@ -91,20 +94,32 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        rows: int | None = None,
     ) -> None:
-        if slots < 1 or capacity < 1:
-            raise ValueError(f"a KV cache needs slots >= 1 and capacity >= 1, got {slots} and {capacity}")
-        shape = (num_layers, slots, num_kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        rows = slots if rows is None else rows
+        if slots < 1 or capacity < 1 or not 1 <= rows <= slots:
+            raise ValueError(
+                f"a KV cache needs slots >= 1, capacity >= 1 and 1 <= rows <= slots, got {slots}, {capacity} "
+                f"and {rows}"
+            )
+        shape = (rows, num_kv_heads, capacity, head_dim)
+        self.layers = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
         self.capacity = capacity
-        self._split_layers()
         self.lengths = [0] * slots
         self.dirty = [0] * slots
 
     @classmethod
     def for_config(
-        cls, config: TextConfig, slots: int, capacity: int, dtype: torch.dtype, device: torch.device | str
+        cls,
+        config: TextConfig,
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        rows: int | None = None,
     ) -> KVCache:
         return cls(
             config.num_hidden_layers,
@@ -114,38 +129,70 @@ class KVCache:
             config.head_dim,
             dtype,
             device,
+            rows,
         )
 
     @property
     def slots(self) -> int:
         return len(self.lengths)
 
+    @property
+    def rows(self) -> int:
+        """Slots that have buffers (0..rows-1)."""
+        return self.layers[0][0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all keys and values."""
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Every layer's keys, (layers, rows, H_kv, capacity, head_dim): a copy, to read (write through `layers`)."""
+        return torch.stack([k for k, _ in self.layers])
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Every layer's values, as `keys` (a copy)."""
+        return torch.stack([v for _, v in self.layers])
+
     def clear(self, slot: int) -> None:
         """Forget slot `slot`'s sequence; zero what earlier writes left there."""
-        end = self.dirty[slot]
+        end = min(self.dirty[slot], self.capacity) if slot < self.rows else 0
         if end:
-            self.keys[:, slot, :, :end].zero_()
-            self.values[:, slot, :, :end].zero_()
+            for keys, values in self.layers:
+                keys[slot, :, :end].zero_()
+                values[slot, :, :end].zero_()
         self.lengths[slot] = self.dirty[slot] = 0
 
     def grow(self, capacity: int) -> None:
         """Reallocate for `capacity` positions per slot, keeping every slot's contents."""
-        if capacity <= self.capacity:
-            return
-        L, S, H, _, D = self.keys.shape
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_zeros((L, S, H, capacity, D))
-            new[:, :, :, : self.capacity] = old
-            setattr(self, name, new)
-        self.capacity = capacity
-        self._split_layers()
+        if capacity > self.capacity:
+            self.resize(self.rows, capacity)
 
-    def _split_layers(self) -> None:
-        # One (keys, values) view pair per layer, made once: a compiled decode step then takes each layer's
-        # buffers as graph inputs of their own (indexing the 5-d tensor inside the step made inductor copy the
-        # whole cache back after every write).
-        self.layers = list(zip(self.keys.unbind(0), self.values.unbind(0)))
+    def resize(self, rows: int, capacity: int) -> None:
+        """Reallocate for slots 0..rows-1 of `capacity` positions each, keeping what fits. The slots dropped must
+        be empty (`lengths` 0) and the others' keys must fit. One tensor at a time: the peak is the new cache plus
+        one layer's old keys (or values)."""
+        if not 1 <= rows <= self.slots or capacity < 1:
+            raise ValueError(f"cannot resize a KV cache of {self.slots} slots to {rows} rows of {capacity}")
+        for s, n in enumerate(self.lengths):
+            if n and (s >= rows or n >= capacity):
+                raise RuntimeError(f"resizing the KV cache would drop slot {s}'s {n} positions")
+        if rows == self.rows and capacity == self.capacity:
+            return
+        keep_rows, keep = min(rows, self.rows), min(capacity, self.capacity)
+        for layer, pair in enumerate(self.layers):
+            pair = list(pair)
+            for i, old in enumerate(pair):
+                new = old.new_zeros((rows, old.shape[1], capacity, old.shape[3]))
+                new[:keep_rows, :, :keep] = old[:keep_rows, :, :keep]
+                pair[i] = new
+                self.layers[layer] = tuple(pair)  # the old tensor's last reference goes here
+                del old
+        self.capacity = capacity
+        # the new buffers are zero past what was copied: nothing there to clear
+        self.dirty = [min(d, keep) if s < keep_rows else 0 for s, d in enumerate(self.dirty)]
 
     def advance(self, slot: int, n: int) -> None:
         self.lengths[slot] += n
@@ -154,17 +201,20 @@ class KVCache:
     def view_prefill(self, slot: int, n: int) -> CacheView:
         """A forward of one row that writes `n` positions of `slot` after its current length."""
         start = self.lengths[slot]
-        if start + n > self.capacity:
+        if start + n > self.capacity or slot >= self.rows:
             raise RuntimeError(
-                f"KV cache overflow: slot {slot} needs {start + n} positions, capacity {self.capacity}"
+                f"KV cache overflow: slot {slot} needs {start + n} positions, capacity {self.capacity} "
+                f"({self.rows} rows)"
             )
         return CacheView(self, slice(slot, slot + 1), start, None, None, start + n)
 
     def view_decode(self, rows: int, positions: torch.Tensor, width: int) -> CacheView:
         """A one-token forward of slots `0..rows-1`, row b writing at `positions[b]` and seeing `width` positions
         (the caller's key mask hides what a row does not own). Rows that are not decoding pass their length."""
-        if width > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {width} positions needed, capacity {self.capacity}")
+        if width > self.capacity or rows > self.rows:
+            raise RuntimeError(
+                f"KV cache overflow: {rows} rows of {width} positions needed, {self.rows} of {self.capacity}"
+            )
         for s in range(rows):  # what they write past their keys must be cleared when the slot is reused
             self.dirty[s] = max(self.dirty[s], self.lengths[s] + 1)
         rows_index = torch.arange(rows, device=positions.device)

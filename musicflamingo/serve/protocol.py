@@ -421,18 +421,23 @@ def prepare(
             code="context_length_exceeded",
         )
     room = context - n
+    # positions one request may hold in the KV cache alone: a compiled engine keeps every slot's row
+    cached, cached_name = settings.max_cached_tokens, f"max_cached_tokens of {settings.max_cached_tokens}"
+    if cached is not None and settings.compile:
+        cached //= settings.max_batch
+        cached_name += f" over max_batch={settings.max_batch} compiled slots ({cached})"
     if req.max_tokens is None:
         # a default never goes past a limit a client could not pass either, nor makes a request unservable
         max_new = min(settings.default_max_tokens, settings.max_completion_tokens or room, room)
-        if settings.max_cached_tokens is not None:
-            if n >= settings.max_cached_tokens:
+        if cached is not None:
+            if n >= cached:
                 raise bad_request(
                     "messages",
-                    f"the prompt is {n} tokens (audio included), at or over this server's max_cached_tokens of "
-                    f"{settings.max_cached_tokens}: no room for an answer",
+                    f"the prompt is {n} tokens (audio included), at or over this server's {cached_name}: no room "
+                    "for an answer",
                     code="context_length_exceeded",
                 )
-            max_new = min(max_new, settings.max_cached_tokens - n)
+            max_new = min(max_new, cached - n)
     elif req.max_tokens > room:
         raise bad_request(
             req.max_tokens_param,
@@ -448,11 +453,11 @@ def prepare(
             f"the prompt fills the model's context of {context} tokens",
             code="context_length_exceeded",
         )
-    if settings.max_cached_tokens is not None and n + max_new > settings.max_cached_tokens:
+    if cached is not None and n + max_new > cached:
         raise bad_request(
             req.max_tokens_param if req.max_tokens is not None else "messages",
             f"the prompt ({n} tokens) and max_tokens ({max_new}) need {n + max_new} cached tokens, over this "
-            f"server's max_cached_tokens of {settings.max_cached_tokens}",
+            f"server's {cached_name}",
             code="context_length_exceeded",
         )
     sample = req.temperature is not None and req.temperature > 0

@@ -57,6 +57,12 @@ class ServeSettings:
             positive(name)
         for name in ("max_cached_tokens", "max_prompt_tokens", "max_completion_tokens"):
             positive(name, allow_none=True)
+        if self.compile and self.max_cached_tokens is not None and self.max_cached_tokens < self.max_batch:
+            # a compiled engine keeps a cache row for every slot: each gets max_cached_tokens / max_batch positions
+            raise ServeConfigError(
+                f"max_cached_tokens={self.max_cached_tokens} is under max_batch={self.max_batch}: with compile=true "
+                "every slot keeps its cache row, so no row would have a position"
+            )
         positive("max_body_mb", cast=float)
         positive("max_audio_seconds", allow_none=True, cast=float)
         g = self.shutdown_grace_s

@@ -1,10 +1,11 @@
 """The engine worker: one thread owns the `Engine` (it is not thread-safe) and runs continuous batching.
 
 Between decode steps it releases the slots of cancelled requests (a client that disconnected, a stop string
-that matched), then admits queued requests into free slots, first come first served, while the tokens they
-reserve (prompt + max_tokens) fit under `max_cached_tokens`: the prefill encodes the request's audio and samples
-its first token. Each step's tokens go to their requests' asyncio queues through their event loop
-(`call_soon_threadsafe`); a finished request leaves its slot at once. The queue of requests not yet admitted is
+that matched), then admits queued requests into free slots, first come first served, while the KV cache the
+engine would need, rows x capacity positions, stays within `max_cached_tokens` (`Engine.fits`: every row is as
+long as the longest request's prompt + max_tokens, so one long request holds the memory of as many short ones):
+the prefill encodes the request's audio and samples its first token. Each step's tokens go to their requests'
+asyncio queues through their event loop (`call_soon_threadsafe`); a finished request leaves its slot at once. The queue of requests not yet admitted is
 bounded: `submit` raises `QueueFull` beyond `max_queue`, which the app answers with 503 and `Retry-After`.
 On shutdown, `drain` stops admissions: queued requests are answered with `SHUTTING_DOWN` at once, live ones once
 they finish or their grace period ends, so every client has its answer before the server closes its connections.
@@ -87,7 +88,8 @@ class EngineWorker:
     Args:
         model: a `MusicFlamingo` in eval mode.
         slots: requests decoded together at most (`max_batch`).
-        max_cached_tokens: total prompt + max_tokens of the live requests at most (None: no limit beyond slots).
+        max_cached_tokens: the KV cache's positions at most, rows x capacity (None: `slots` rows that grow to
+            the longest request seen).
         max_queue: requests waiting for a slot at most.
         compile: decode steps through `torch.compile`.
     """
@@ -100,7 +102,7 @@ class EngineWorker:
         max_queue: int = 64,
         compile: bool = False,
     ) -> None:
-        self.engine = Engine(model, slots=slots, compile=compile)
+        self.engine = Engine(model, slots=slots, compile=compile, max_positions=max_cached_tokens)
         self.max_cached_tokens = max_cached_tokens
         self.max_queue = max_queue
         self._pending: deque[Job] = deque()
@@ -112,6 +114,7 @@ class EngineWorker:
         self.reserved = 0
         self.peak_reserved = 0
         self.peak_live = 0
+        self.peak_cache_positions = 0
         self.steps = 0
         self.tokens = 0
         self.admitted = 0
@@ -177,6 +180,9 @@ class EngineWorker:
             "steps": self.steps,
             "tokens": self.tokens,
             "cache_capacity": self.engine.cache.capacity,
+            "cache_rows": self.engine.cache.rows,
+            "cache_positions": self.engine.cache.rows * self.engine.cache.capacity,
+            "peak_cache_positions": self.peak_cache_positions,
             "busy_s": round(self.busy_s, 3),
         }
 
@@ -235,15 +241,13 @@ class EngineWorker:
                 if not self._pending:
                     return
                 job = self._pending[0]
-                limit = self.max_cached_tokens
-                if limit is not None and self._live and self.reserved + job.reserve > limit:
+                p = job.prepared
+                request = Request(p.input_ids, p.params, p.input_features, p.input_features_mask)
+                if self._live and not self.engine.fits(request):
                     return  # the oldest request waits for room (no overtaking, so it cannot starve)
                 self._pending.popleft()
-            p = job.prepared
             try:
-                slot = self.engine.admit(
-                    Request(p.input_ids, p.params, p.input_features, p.input_features_mask)
-                )
+                slot = self.engine.admit(request)
             except ValueError as e:  # e.g. a prompt past the model's context
                 job.emit(Event([], error=str(e)))
                 continue
@@ -259,6 +263,8 @@ class EngineWorker:
             self.admitted += 1
             self.peak_reserved = max(self.peak_reserved, self.reserved)
             self.peak_live = max(self.peak_live, len(self._live))
+            cache = self.engine.cache
+            self.peak_cache_positions = max(self.peak_cache_positions, cache.rows * cache.capacity)
             self._fan_out([(slot.index, slot.tokens[-1])])
 
     def _fan_out(self, produced: list[tuple[int, int]]) -> None:
