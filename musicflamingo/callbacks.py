@@ -429,8 +429,8 @@ class StopOnSignal(Callback):
 
 
 class ProgressLog(Callback):
-    """One log line every `every_n_steps` optimizer steps: step / total, loss (and GRPO's mean reward), tokens/s,
-    elapsed and ETA.
+    """One log line every `every_n_steps` optimizer steps, and one at the last step: step / total, loss (and GRPO's
+    mean reward), tokens/s, elapsed and ETA.
 
     A progress bar redrawn with carriage returns reads as noise in a file or a pipe (and Lightning prints nothing
     else between the model summary and the end of training), so when stderr is not a terminal the bar is off
@@ -461,10 +461,21 @@ class ProgressLog(Callback):
     ) -> None:
         if isinstance(batch, dict) and "attention_mask" in batch:
             self._tokens += float(batch["attention_mask"].sum())
-        step = trainer.global_step
-        if step == self._last_step or step % self.every_n_steps or not self._active(trainer):
+        # a line when the step passes a multiple of every_n_steps (GRPO's batches make updates_per_batch steps
+        # each); none while no optimizer step was made (batches accumulating gradients, the resumed step)
+        n, last = self.every_n_steps, max(self._last_step, self._start_step)
+        if trainer.global_step // n > last // n:
+            self._line(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the final step, when it was not a multiple of every_n_steps (a 30-step run logged no line at all)
+        if trainer.global_step not in (self._last_step, self._start_step):
+            self._line(trainer)
+
+    def _line(self, trainer: L.Trainer) -> None:
+        if not self._active(trainer):
             return
-        self._last_step = step
+        step = self._last_step = trainer.global_step
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
         done = max(step - self._start_step, 1)
         total = _total_steps(trainer)

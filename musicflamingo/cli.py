@@ -122,6 +122,11 @@ def user_error_line(e: BaseException) -> str | None:
             # a configured library object (Trainer, logger, strategy) refused its arguments
             key = _full_key(str(e))
             line = f"{key}: {error_line(cause)}" if key else error_line(cause)
+        if line is None and isinstance(cause, ModuleNotFoundError) and cause.name:
+            # a configured library object whose package is missing (a logger, a profiler)
+            key = _full_key(str(e))
+            if cause.name.partition(".")[0] != "musicflamingo":
+                line = f"{key + ': ' if key else ''}needs the `{cause.name}` package, which is not installed"
         return line
     if isinstance(e, RunStopped) or _is_lightning_config_error(e):
         return error_line(e)

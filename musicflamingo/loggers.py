@@ -8,7 +8,18 @@ moment leaves the old file or the new one.
 
 `ContinuedWandbLogger` keeps the W&B run's id in the run folder (`wandb/run_id`), so a resumed run logs to the same
 W&B run instead of opening a new one at every resume; a run that starts afresh forgets it (`start_afresh`, called by
-`training.train` when there is no checkpoint to resume).
+`training.train` when there is no checkpoint to resume). It closes a W&B run an earlier logger of the process opened
+before opening its own (the jobs of a Hydra multirun run in one process: Lightning's `WandbLogger` logged every job
+into the first job's run), and in a multirun names its run after the job's swept overrides (`train #1
+trainer.max_steps=2`).
+
+`CheckedTensorBoardLogger` is Lightning's `TensorBoardLogger` that checks its folder when built (a folder it cannot
+write was reported at the first write as "you tried to log -1 which is currently not supported", deep in Lightning),
+and marks a continued run's first step as a restart, so TensorBoard drops the steps the earlier part logged after its
+last checkpoint instead of drawing them twice.
+
+A logger that cannot work (its package missing, its folder not writable) raises `LoggerError`, one line naming the
+logger's config.
 
 Example (configs/logger/csv.yaml):
     csv:
@@ -22,14 +33,42 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class LoggerError(ValueError):
+    """A configured logger cannot work here (its package is missing, its folder cannot be written)."""
+
+
+def _check_folder(folder: str | os.PathLike, what: str, key: str) -> None:
+    """Create `folder` and write a file in it (rank 0), or raise `LoggerError` naming the logger's config `key`."""
+    if rank_zero_only.rank != 0:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise LoggerError(
+            f"{key}: the {what} logger cannot write its folder {os.path.normpath(folder)}: {e.strerror or e}; "
+            f"give it a writable {key}.save_dir, or leave it out (logger=csv)"
+        ) from None
+
+
+def _missing_package(package: str, what: str, key: str) -> LoggerError:
+    return LoggerError(
+        f"{key}: the {what} logger needs the `{package}` package, which is not installed: pip install {package}, "
+        "or leave it out (logger=csv)"
+    )
 
 
 def _step(row: dict[str, Any], default: float) -> float:
@@ -74,7 +113,12 @@ class ContinuedExperimentWriter(ExperimentWriter):
 
 
 class ContinuedCSVLogger(CSVLogger):
-    """`CSVLogger` whose `metrics.csv` survives a resume into the same folder."""
+    """`CSVLogger` whose `metrics.csv` survives a resume into the same folder; a folder it cannot write is refused
+    when it is built (`LoggerError`)."""
+
+    def __init__(self, save_dir: str | os.PathLike, **kwargs: Any) -> None:
+        super().__init__(save_dir=save_dir, **kwargs)
+        _check_folder(self.log_dir, "CSV", "logger.csv")
 
     @property
     @rank_zero_experiment  # other ranks get a dummy, as Lightning's
@@ -85,26 +129,97 @@ class ContinuedCSVLogger(CSVLogger):
         return self._experiment
 
 
+class CheckedTensorBoardLogger(TensorBoardLogger):
+    """Lightning's `TensorBoardLogger`, refusing when built (`LoggerError`) to run without the tensorboard package
+    or with a folder it cannot write, instead of failing at its first write with a message about the value -1.
+
+    A run continuing in a folder that holds an earlier part's event files (a resume; a fresh start after a run killed
+    before its first checkpoint) marks its first logged step as a restart (the `SessionLog.START` event of
+    `SummaryWriter(purge_step=...)`): TensorBoard drops the earlier part's events from that step on, the steps it
+    logged after its last checkpoint, which this run logs again (they were drawn twice, the curve going back).
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, **kwargs: Any) -> None:
+        from lightning.fabric.loggers import tensorboard as tb
+
+        if not (tb._TENSORBOARD_AVAILABLE or tb._TENSORBOARDX_AVAILABLE):
+            raise _missing_package("tensorboard", "TensorBoard", "logger.tensorboard")
+        super().__init__(save_dir=save_dir, **kwargs)
+        _check_folder(self.log_dir, "TensorBoard", "logger.tensorboard")
+        self._purge_at_first_step = rank_zero_only.rank == 0 and any(
+            Path(self.log_dir).glob("events.out.tfevents.*")
+        )
+        self._in_hparams = False
+
+    @rank_zero_only
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        self._in_hparams = True  # its `hp_metric` at step 0 is not the run's first step
+        try:
+            super().log_hyperparams(*args, **kwargs)
+        finally:
+            self._in_hparams = False
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        if self._purge_at_first_step and not self._in_hparams and step is not None:
+            self._purge_at_first_step = False
+            writer = self.experiment
+            if type(writer).__module__.startswith("tensorboardX"):
+                from tensorboardX.proto.event_pb2 import Event, SessionLog
+            else:
+                from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+            start = Event(step=int(step), session_log=SessionLog(status=SessionLog.START))
+            writer._get_file_writer().add_event(start)
+        super().log_metrics(metrics, step)
+
+
+def multirun_job_name(name: str | None) -> str | None:
+    """`name` with the job's number and swept overrides in a Hydra multirun (`train #1 trainer.max_steps=2`): its
+    jobs would all be named `train`. Unchanged outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return name
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return name
+    from musicflamingo.cli import _swept_keys
+
+    overrides = list(hc.overrides.task)
+    swept = _swept_keys(sys.argv[1:])
+    shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
+    return " ".join(x for x in (name, f"#{hc.job.num}", *shown) if x)
+
+
 class ContinuedWandbLogger(WandbLogger):
     """`WandbLogger` whose W&B run a resumed run continues (see the module docstring): the id of the run it opens
     is written to `<save_dir>/wandb/run_id` (rank 0), and read back by the next logger of the same folder unless
     `id` (or `version`) is given."""
 
     ID_FILE = "run_id"
+    # the W&B run the last ContinuedWandbLogger of this process opened; finished when another opens its own
+    _opened: ClassVar[Any] = None
 
     def __init__(
         self,
         save_dir: str | os.PathLike = ".",
         id: str | None = None,
         version: str | None = None,
+        name: str | None = None,
         **kwargs: Any,
     ) -> None:
+        from lightning.pytorch.loggers import wandb as lw
+
+        if not lw._WANDB_AVAILABLE:
+            raise _missing_package("wandb", "W&B", "logger.wandb")
+        _check_folder(Path(save_dir) / "wandb", "W&B", "logger.wandb")
         self._id_file = Path(save_dir) / "wandb" / self.ID_FILE
         self._id_from_file = False
         if id is None and version is None and self._id_file.is_file():
             id = self._id_file.read_text(encoding="utf-8").strip() or None
             self._id_from_file = id is not None
-        super().__init__(save_dir=save_dir, id=id, version=version, **kwargs)
+        super().__init__(save_dir=save_dir, id=id, version=version, name=multirun_job_name(name), **kwargs)
         self._id_saved = False
 
     def start_afresh(self) -> None:
@@ -116,7 +231,18 @@ class ContinuedWandbLogger(WandbLogger):
 
     @property
     def experiment(self) -> Any:
+        opening = self._experiment is None and rank_zero_only.rank == 0
+        if opening:
+            import wandb
+
+            # Lightning would log into the run in progress: an earlier job's of this process (a multirun), whose
+            # folder's run_id this run would also take; a run the user opened (wandb.init) is kept
+            if wandb.run is not None and wandb.run is ContinuedWandbLogger._opened:
+                wandb.run.finish()
+            before = wandb.run
         experiment = WandbLogger.experiment.fget(self)  # a dummy on ranks > 0
+        if opening and experiment is not before:
+            ContinuedWandbLogger._opened = experiment
         run_id = getattr(experiment, "id", None)
         if not self._id_saved and rank_zero_only.rank == 0 and isinstance(run_id, str) and run_id:
             self._id_file.parent.mkdir(parents=True, exist_ok=True)
