@@ -8,7 +8,6 @@ import logging
 import os
 import pickle
 import random
-import re
 import signal
 import tempfile
 import threading
@@ -61,36 +60,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-# `.<name>.<random>.tmp`: the temporary file of `atomic_torch_save` or `checkpoint.replace_file` (mkstemp's 8 characters)
-_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
-
-
-def remove_interrupted_writes(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that writes killed midway (`atomic_torch_save`, `replace_file`) left in `folder`;
-    returns them. Only for a folder no other process writes to (a run folder whose `RunLock` is held): a running
-    write's temporary file has the same form. A killed checkpoint write leaves up to a whole checkpoint's bytes (the
-    weights and the optimizer states), and a job preempted again and again while saving would fill the disk."""
-    folder = Path(folder)
-    removed = []
-    try:
-        entries = sorted(folder.iterdir())
-    except FileNotFoundError:
-        return []
-    for entry in entries:
-        if not _TEMP_FILE.fullmatch(entry.name) or not entry.is_file() or entry.is_symlink():
-            continue
-        size = entry.stat().st_size
-        entry.unlink(missing_ok=True)
-        removed.append(entry)
-        log.warning(
-            "%s: removed %s (%.1f MB), the temporary file of a write an earlier run was killed in",
-            folder,
-            entry.name,
-            size / 2**20,
-        )
-    return removed
 
 
 class _WriteErrors:

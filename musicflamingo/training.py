@@ -12,12 +12,8 @@ run folder's lock (`RunLock`); during the run SIGINT and SIGTERM stop at the nex
 from __future__ import annotations
 
 import difflib
-import fcntl
-import json
 import logging
 import os
-import socket
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,99 +30,29 @@ from musicflamingo.callbacks import (
     RngStateCheckpoint,
     SaveLastAtTrainEnd,
     StopOnSignal,
-    remove_interrupted_writes,
 )
 from musicflamingo.checkpoint import check_save_target
 from musicflamingo.lit import export_model
 from musicflamingo.model.peft_format import save_peft_adapter
 from musicflamingo.planner import check_training
+from musicflamingo.runfolder import FolderInUseError, FolderLock, remove_interrupted_writes
 from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
 from musicflamingo.settings import CONFIG_DIR, SettingsError, check_train_settings
 
 log = logging.getLogger(__name__)
 
 
-class RunFolderInUseError(ValueError):
+class RunFolderInUseError(FolderInUseError):
     """Another live `train.py` holds the run folder's lock (the message names its pid)."""
 
 
-class RunLock:
-    """`<run folder>/run.lock`: the pid, host and start time of the run that uses the folder, under an exclusive
-    `flock` held for the run's lifetime.
-
-    The kernel drops the `flock` when its process ends however it ends (`SIGKILL` included), so a lock file nobody
-    holds is stale by definition, with no pid liveness guess and no race between two runs taking it over: the next
-    run takes it with a warning naming the dead run's pid. A second run while the first lives is refused with the
-    first one's pid. (The lock file is removed on a clean exit; under DDP only the launching rank 0 takes it.)
-    """
-
-    NAME = "run.lock"
+class RunLock(FolderLock):
+    """`<run folder>/run.lock` (`runfolder.FolderLock`; under DDP only the launching rank 0 takes it)."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        self.path = Path(folder) / self.NAME
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = _read_owner(fd)
-                os.close(fd)
-                raise RunFolderInUseError(
-                    f"{self.path.parent} is in use by another train.py (pid {owner.get('pid', '?')} on "
-                    f"{owner.get('host', '?')}, since {owner.get('since', '?')}; lock {self.path}): wait for it to "
-                    "end, or pass hydra.run.dir=<another folder>"
-                ) from None
-            try:  # the file we locked must still be the one at the path (not unlinked by a run that just ended)
-                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
-                    raise FileNotFoundError
-            except FileNotFoundError:
-                os.close(fd)
-                continue
-            stale = _read_owner(fd)
-            if stale.get("pid") not in (None, os.getpid()):
-                log.warning(
-                    "%s: taking over the lock of pid %s (%s), which is no longer running",
-                    self.path,
-                    stale.get("pid"),
-                    stale.get("host", "?"),
-                )
-            owner = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
-            self._fd = fd
-            return self
-        raise RunFolderInUseError(
-            f"{self.path}: could not take the run folder's lock (it keeps changing hands)"
+        super().__init__(
+            folder, "run.lock", "train.py", "pass hydra.run.dir=<another folder>", RunFolderInUseError
         )
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        self.path.unlink(missing_ok=True)  # while still locked: nobody can take a file that is going away
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _read_owner(fd: int) -> dict[str, Any]:
-    try:
-        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return owner if isinstance(owner, dict) else {}
 
 
 def is_launching_rank() -> bool:

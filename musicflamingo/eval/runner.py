@@ -6,6 +6,8 @@ flight. On rerun, items already in the file are skipped; a torn last line (no tr
 JSON) left by a kill is cut off before appending. ``run.json`` records what produced the predictions
 (benchmark, data file, checkpoint path, dtype and a fingerprint of the checkpoint's files, prompt settings) so
 a rerun into the same folder with different settings or re-saved weights fails instead of mixing predictions.
+``eval.lock`` (:class:`EvalLock`) refuses a second run into a folder while one writes there; the run that holds
+it first removes the temporary files of report writes an earlier run was killed in.
 
 ``evaluate(cfg)`` is the entry point that ``eval.py`` wraps; the only model-dependent code is
 ``build_predict_fn(cfg)``.
@@ -13,13 +15,17 @@ a rerun into the same folder with different settings or re-saved weights fails i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +40,13 @@ from musicflamingo.checkpoint import (
     load_config,
     stop_token_ids,
 )
+from musicflamingo.errors import RunStopped
 from musicflamingo.eval.benchmarks import AUDIO_HINTS, Benchmark, EvalItem, build_benchmark
 from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
 from musicflamingo.eval.report import write_json, write_report, write_text
 from musicflamingo.planner import check_generation
 from musicflamingo.reasoning import think_report
+from musicflamingo.runfolder import FolderLock, remove_interrupted_writes
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, stderr_is_terminal
 from musicflamingo.settings import check_eval_settings
 
@@ -54,6 +62,56 @@ class EvalConfigError(ValueError):
 
 class PredictionsFileError(ValueError):
     """``predictions.jsonl`` is damaged somewhere other than its last line."""
+
+
+class EvalFolderInUseError(EvalConfigError):
+    """Another eval.py is writing into the output folder (it holds ``eval.lock``)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The output folder: one run at a time, the temporary files of killed writes removed
+# --------------------------------------------------------------------------------------------------------------
+LOCK_FILE = "eval.lock"
+
+
+def EvalLock(folder: str | os.PathLike) -> FolderLock:  # noqa: N802 (the lock's name here)
+    """``<output_dir>/eval.lock``: two runs into one folder (a job array sharing ``tag``) would both append to
+    ``predictions.jsonl`` and overwrite each other's ``run.json`` and reports: the second is refused, naming the
+    first; the rerun after a kill takes the lock over (`runfolder.FolderLock`)."""
+    advice = "pass tag=<new name> or output_dir=<another folder>"
+    return FolderLock(folder, LOCK_FILE, "eval.py", advice, EvalFolderInUseError)
+
+
+class EvalInterrupted(RunStopped):
+    """SIGTERM (a queue's preemption or time limit) stopped the run; ``exit_code`` is 128 + the signal (143)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(predictions: Path) -> Iterator[None]:
+    """SIGTERM raises :class:`EvalInterrupted` where the run is, so it ends as a Ctrl-C does: the report file being
+    written loses only its temporary file, the lock is given back and eval.py prints one line saying the rerun
+    resumes (instead of dying silently). A second SIGTERM kills at once; the earlier handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise EvalInterrupted(
+            f"stopped by {signal.Signals(signum).name}; the predictions made so far are kept in {predictions}: "
+            "the same command resumes from there",
+            signum,
+        )
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,6 +169,49 @@ def item_seconds(item: EvalItem) -> float:
     return math.inf if seconds is None else seconds
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressLines:
+    """Log lines for a run whose stderr is a file or a pipe (a queue's job log), where the bar is off: after the
+    first batch, then every ``1/lines`` of the items to predict and at the end: done / to do, the items reused
+    from the predictions file, items/s and ETA. The rate counts from the end of the first batch, which includes
+    loading the model."""
+
+    def __init__(self, desc: str, total: int, reused: int, lines: int = 20) -> None:
+        self.desc, self.total, self.reused = desc, total, reused
+        self.every = max(1, -(-total // lines))
+        self.done = 0
+        self._t0 = time.perf_counter()
+        self._first: tuple[int, float] | None = None  # (items, time) at the end of the first batch
+        self._next = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.done < self._next and self.done < self.total:
+            return
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (self.done, now)
+        self._next = (self.done // self.every + 1) * self.every
+        items, since = self.done - self._first[0], now - self._first[1]
+        rate = items / since if items and since > 0 else None
+        eta = (self.total - self.done) / rate if rate else None
+        log.info(
+            "%s: %d/%d items%s | %s items/s | elapsed %s | ETA %s",
+            self.desc,
+            self.done,
+            self.total,
+            f" ({self.reused} more reused from {PREDICTIONS_FILE})" if self.reused else "",
+            "n/a" if rate is None else f"{rate:.2f}",
+            _clock(now - self._t0),
+            "n/a" if eta is None and self.done < self.total else _clock(eta or 0.0),
+        )
+
+
 class UnreadableAudioError(ValueError):
     """An item's audio could not be read (undecodable, too short...) and the run was not asked to skip it."""
 
@@ -155,12 +256,15 @@ def predict_items(
     if length is not None and batch_size > 1:
         lengths = {it.id: length(it) for it in todo}
         todo.sort(key=lambda it: -lengths[it.id])
+    terminal = stderr_is_terminal()
+    # in a file or a pipe (a queue's job log) the bar is off and progress goes to log lines
+    lines = (
+        ProgressLines(desc, len(todo), len(items) - len(todo)) if progress and not terminal and todo else None
+    )
     with (
         # unbuffered: a failed write (a full disk) leaves nothing pending that closing the file would retry
         path.open("ab", buffering=0) as f,
-        tqdm(
-            total=len(todo), desc=desc, unit="item", disable=not progress or not stderr_is_terminal()
-        ) as bar,
+        tqdm(total=len(todo), desc=desc, unit="item", disable=not progress or not terminal) as bar,
     ):
 
         def predict(batch: list[EvalItem]) -> None:
@@ -187,6 +291,8 @@ def predict_items(
                 ) from e
             preds.update({it.id: p for it, p in zip(batch, answers)})
             bar.update(len(batch))
+            if lines is not None:
+                lines.update(len(batch))
 
         def skip(it: EvalItem, error: Exception) -> None:
             if unreadable is None:
@@ -194,6 +300,8 @@ def predict_items(
             log.warning("skipping item %s: its audio cannot be read (%s)", it.id, error)
             unreadable[it.id] = str(error)
             bar.update(1)
+            if lines is not None:
+                lines.update(1)
 
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -524,44 +632,48 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     if ckpt is not None:  # same path, other weights (re-exported) or another dtype: other answers
         identity["dtype"] = str(resolve_eval_dtype(c, ckpt)[1]).replace("torch.", "")
         identity["weights"] = checkpoint_fingerprint(ckpt)
-    _check_run_identity(out_dir, identity)
-    if predict_fn is None:
-        model_cfg = {**c, "max_new_tokens": int(max_new_tokens)}
-        predict_fn = LazyPredictFn(lambda: build_predict_fn(model_cfg))
-    try:
-        results = run_benchmark(
-            items,
-            predict_fn,
-            out_dir,
-            8 if c.get("batch_size") is None else int(c["batch_size"]),
-            name=bench.name,
-            source=bench.source,
-            progress=bool(c.get("progress", True)),
-            cer_languages=bench_cfg.get("cer_languages") or CER_LANGUAGES,
-            length=item_seconds if c.get("sort_by_length", True) else None,
-            extra={
-                "ckpt": identity["ckpt"],
-                "limit": limit,
-                "skipped_missing_audio": bench.skipped_missing_audio,
-                "counts": bench.counts(),
-                # the settings the paper's numbers depend on (report.PAPER_RESULTS)
-                "settings": {
-                    k: bench_cfg.get(k)
-                    for k in ("format", "split", "subset", "unit", "modalities")
-                    if k in bench_cfg
+    # one eval.py at a time in a folder; then what writes killed midway left there is removed
+    with EvalLock(out_dir) as lock, stop_on_sigterm(out_dir / PREDICTIONS_FILE):
+        if lock.locked:
+            remove_interrupted_writes(out_dir)
+        _check_run_identity(out_dir, identity)
+        if predict_fn is None:
+            model_cfg = {**c, "max_new_tokens": int(max_new_tokens)}
+            predict_fn = LazyPredictFn(lambda: build_predict_fn(model_cfg))
+        try:
+            results = run_benchmark(
+                items,
+                predict_fn,
+                out_dir,
+                8 if c.get("batch_size") is None else int(c["batch_size"]),
+                name=bench.name,
+                source=bench.source,
+                progress=bool(c.get("progress", True)),
+                cer_languages=bench_cfg.get("cer_languages") or CER_LANGUAGES,
+                length=item_seconds if c.get("sort_by_length", True) else None,
+                extra={
+                    "ckpt": identity["ckpt"],
+                    "limit": limit,
+                    "skipped_missing_audio": bench.skipped_missing_audio,
+                    "counts": bench.counts(),
+                    # the settings the paper's numbers depend on (report.PAPER_RESULTS)
+                    "settings": {
+                        k: bench_cfg.get(k)
+                        for k in ("format", "split", "subset", "unit", "modalities")
+                        if k in bench_cfg
+                    },
                 },
-            },
-            official_format=str(bench_cfg.get("format") or ""),
-            think=think,
-            skip_unreadable=bool(bench_cfg.get("skip_missing_audio")),
-        )
-    except UnreadableAudioError as e:
-        hint = AUDIO_HINTS.get(str(bench_cfg.get("format")), "")
-        raise EvalConfigError(
-            f"{e}; benchmark.skip_missing_audio=true skips missing or unreadable audio files"
-            + (f" ({hint})" if hint else "")
-            + f"; the predictions made so far stay in {out_dir / PREDICTIONS_FILE}"
-        ) from None
+                official_format=str(bench_cfg.get("format") or ""),
+                think=think,
+                skip_unreadable=bool(bench_cfg.get("skip_missing_audio")),
+            )
+        except UnreadableAudioError as e:
+            hint = AUDIO_HINTS.get(str(bench_cfg.get("format")), "")
+            raise EvalConfigError(
+                f"{e}; benchmark.skip_missing_audio=true skips missing or unreadable audio files"
+                + (f" ({hint})" if hint else "")
+                + f"; the predictions made so far stay in {out_dir / PREDICTIONS_FILE}"
+            ) from None
     log.info("%s: results in %s", bench.name, out_dir)
     return results
 

@@ -1,0 +1,147 @@
+"""One process at a time in an output folder, and the temporary files of writes killed midway: train.py's
+`run.lock` and eval.py's `eval.lock`. Plain Python (eval.py imports it without Lightning)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# `.<name>.<random>.tmp`: the temporary file of `checkpoint.replace_file` / `callbacks.atomic_torch_save`
+# (mkstemp's 8 characters)
+_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+class FolderInUseError(ValueError):
+    """Another live process holds the folder's lock (the message names its pid)."""
+
+
+class FolderLock:
+    """`<folder>/<name>`: the pid, host and start time of the process that uses the folder, under an exclusive
+    `flock` held for its lifetime.
+
+    The kernel drops the `flock` when its process ends however it ends (`SIGKILL` included), so a lock file nobody
+    holds is stale by definition, with no pid liveness guess and no race between two processes taking it over: the
+    next one takes it with a warning naming the dead one's pid. A second process while the first lives is refused
+    (`error`, naming `tool` and the first one's pid, then `advice`). A file system without `flock` (some Lustre
+    mounts) runs unlocked, with a warning. The lock file is removed on a clean exit.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        name: str,
+        tool: str,
+        advice: str,
+        error: type[Exception] = FolderInUseError,
+    ) -> None:
+        self.path = Path(folder) / name
+        self.tool, self.advice, self.error = tool, advice, error
+        self._fd: int | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise self.error(
+                    f"{self.path.parent} is in use by another {self.tool} (pid {owner.get('pid', '?')} on "
+                    f"{owner.get('host', '?')}, since {owner.get('since', '?')}; lock {self.path}): wait for it to "
+                    f"end, or {self.advice}"
+                ) from None
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                log.warning(
+                    "%s: cannot lock (%s): nothing stops a second %s writing here", self.path, e, self.tool
+                )
+                return self
+            try:  # the file we locked must still be the one at the path (not unlinked by a process that just ended)
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    raise FileNotFoundError
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            stale = _read_owner(fd)
+            if stale.get("pid") not in (None, os.getpid()):
+                log.warning(
+                    "%s: taking over the lock of pid %s (%s), which is no longer running",
+                    self.path,
+                    stale.get("pid"),
+                    stale.get("host", "?"),
+                )
+            owner = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
+            self._fd = fd
+            return self
+        raise self.error(f"{self.path}: could not take the folder's lock (it keeps changing hands)")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: nobody can take a file that is going away
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_owner(fd: int) -> dict[str, Any]:
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def remove_interrupted_writes(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writes killed midway (`atomic_torch_save`, `replace_file`) left in `folder`;
+    returns them. Only for a folder no other process writes to (one whose `FolderLock` is held): a running write's
+    temporary file has the same form. A killed checkpoint write leaves up to a whole checkpoint's bytes (the
+    weights and the optimizer states), and a job preempted again and again while saving would fill the disk."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = sorted(folder.iterdir())
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if not _TEMP_FILE.fullmatch(entry.name) or not entry.is_file() or entry.is_symlink():
+            continue
+        size = entry.stat().st_size
+        entry.unlink(missing_ok=True)
+        removed.append(entry)
+        log.warning(
+            "%s: removed %s (%.1f MB), the temporary file of a write an earlier run was killed in",
+            folder,
+            entry.name,
+            size / 2**20,
+        )
+    return removed
