@@ -24,7 +24,8 @@ One training step is one batch of the usual data module (each DDP rank its own p
    `old` is the policy that sampled: with `updates_per_batch=1` the current one (ratio 1, the plain policy
    gradient, nothing clipped); with more, the rollouts serve that many optimizer steps and the ratio moves. The
    reference: with LoRA, the same weights with the adapters off (no second copy); with full fine-tuning, a frozen
-   copy made at start (`reference_dtype: bfloat16` halves it); `beta: 0` needs none.
+   copy made at start of what trains, frozen parts shared (`reference_dtype: bfloat16` halves it, copying those
+   too); `beta: 0` needs none.
 
 Optimization is manual (micro-batches of `micro_batch_size` completions, whole groups, each its own backward):
 `trainer.gradient_clip_val` must be null, `loss.max_grad_norm` clips. Checkpoints and resume are the SFT ones
@@ -52,10 +53,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from musicflamingo.audio.features import tokens_from_frames
 from musicflamingo.chat import encode_expanded, ensure_think_prompt
+from musicflamingo.checkpoint import stop_ids
 from musicflamingo.data.dataset import chat_messages
 from musicflamingo.data.manifest import Record
 from musicflamingo.engine import Engine, Request, SamplingParams
@@ -267,9 +270,16 @@ class Rollouts:
 
 def frozen_copy(net: MusicFlamingo, dtype: torch.dtype | None = None) -> MusicFlamingo:
     """A frozen, eval-mode copy of `net` whose parameters are made directly in `dtype` (None: their own): the
-    release in float32 is 33 GB, and a deepcopy cast afterwards held a second 33 GB before the cast."""
+    release in float32 is 33 GB, and a deepcopy cast afterwards held a second 33 GB before the cast.
+
+    With `dtype` None, `net`'s frozen parameters (a frozen audio tower: about 2.5 GB of the release in float32)
+    are shared, not copied: they never move, and the copy follows the policy's dtype and device
+    (`GRPOLit.on_fit_start`), which casts them in place with the policy. In another dtype they are copied (a cast
+    of shared ones would cast the policy's)."""
     memo: dict[int, Any] = {
-        id(p): nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+        id(p): p
+        if dtype is None and not p.requires_grad
+        else nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
         for p in net.parameters()
     }
     ref = copy.deepcopy(net, memo).eval()
@@ -377,6 +387,16 @@ class GRPOLit(MusicFlamingoLit):
                     f"{len(outside) - 1} more) train outside the adapters, so the reference would move with them: "
                     "freeze them (model.net.freeze.<part>=true) or set model.loss.beta=0"
                 )
+        if self.beta > 0 and self.uses_lora and _adapters_start_trained(net):
+            # a peft folder's adapters (model.net.lora.init_from_peft): the KL pulls towards the model before them
+            log.warning(
+                "the LoRA adapters start trained (model.net.lora.init_from_peft): with LoRA the KL reference is "
+                "the model with its adapters off, the model before them, not the one this run starts from (the KL "
+                "at step 0 is not 0, and model.loss.beta=%g pulls the policy back there). To keep the starting "
+                "model as the reference, start from a merged folder (the SFT run's export/, as "
+                "model.net.init_from) with fresh adapters, or set model.loss.beta=0",
+                self.beta,
+            )
         self._reference_dtype = parse_dtype(reference_dtype)
         # What the reference was made from, saved in checkpoints: a resume rebuilds the copy from the weights it
         # starts from (model.net.init_from) and must not get another one (a random init gave a KL of 0.2, not 0)
@@ -407,6 +427,15 @@ class GRPOLit(MusicFlamingoLit):
             self._reference[0].reset_buffers(self.device)
         if self._trainer is None:  # a module driven by hand (tests): no trainer, no data module to check
             return
+        if isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy):
+            # Lightning runs a manual-optimization step inside the FSDP root's forward: the rollouts, several
+            # backwards and the optimizer steps there hung (no clipping) or stopped at the clip ("expected to be in
+            # states IDLE") at the first batch; refused on every rank before the first rollout
+            raise GRPOConfigError(
+                "trainer=fsdp: GRPO does not run under FSDP (its rollouts, backwards and optimizer steps all happen "
+                "inside one training step); use trainer=ddp (with LoRA each rank holds the base once, the KL "
+                "reference included) or one device"
+            )
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             # fp16 loss scaling: a batch whose groups all tie (no gradient) still steps, to keep the step count,
             # and the scaler's step asserts on an optimizer it saw no gradient of (CUDA, after the rollouts)
@@ -557,12 +586,12 @@ class GRPOLit(MusicFlamingoLit):
 
     # ------------------------------------------------------------------ rollouts
     def _stop_ids(self) -> tuple[int, ...]:
-        """The ids that end a completion: the config's and the tokenizer's eos, and the eos ids of
-        `model.net.init_from`'s generation_config.json, on which infer.py and eval.py stop too
-        (`checkpoint.stop_token_ids`): a rollout that ran on past one was scored on text eval never sees."""
-        generation = getattr(self.model, "generation_defaults", {}).get("eos_token_id") or []
-        ids = [self.model.config.text.eos_token_id, self._processor().eos_token_id, *generation]
-        return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+        """The ids that end a completion: exactly those infer.py, eval.py and serve.py stop on
+        (`checkpoint.stop_ids`: the config's eos and `model.net.init_from`'s generation_config.json eos ids), the
+        config's first. Not the tokenizer's eos: where it differs (a base tokenizer's `<|endoftext|>`), rollouts
+        stopped on it and were scored on answers inference never gives, as it decodes on past it."""
+        ids = stop_ids(getattr(self.model, "generation_defaults", {}), self.model.config)
+        return tuple(dict.fromkeys([i for i in [self.model.config.text.eos_token_id] if i is not None] + ids))
 
     @torch.no_grad()
     def generate(
@@ -633,7 +662,9 @@ class GRPOLit(MusicFlamingoLit):
 
     def _pad_id(self) -> int:
         pad = self.model.config.text.pad_token_id
-        return int(pad if pad is not None else self._stop_ids()[0])
+        if pad is None:  # padding is masked out: any id does, the first stop id as the reference's generate()
+            pad = next(iter(self._stop_ids()), 0)
+        return int(pad)
 
     def score(self, prompts: Sequence[Prompt], completions: list[list[list[int]]]) -> Rollouts:
         """Parse and reward every completion."""
@@ -974,6 +1005,11 @@ def _check_keys(where: str, values: Mapping[str, Any], expected: tuple[str, ...]
         raise GRPOConfigError(
             f"{where}: unknown key(s) {unknown}, missing key(s) {missing}; expected exactly {list(expected)}"
         )
+
+
+def _adapters_start_trained(net: MusicFlamingo) -> bool:
+    """Whether some LoRA adapter adds something already (a fresh one's B is zero)."""
+    return any(bool(layer.lora_B.detach().any()) for layer in adapter_layers(net))
 
 
 def _dropouts(net: MusicFlamingo) -> list[str]:
