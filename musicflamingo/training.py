@@ -351,15 +351,31 @@ def trained_model(trainer: L.Trainer, lit: L.LightningModule, net_cfg: Any) -> A
 
 def _plain_copy(model: Any, net_cfg: Any, state: Mapping[str, torch.Tensor]) -> Any:
     """An unwrapped CPU `MusicFlamingo` with `model`'s architecture, freezing and LoRA adapters, holding `state`."""
-    from musicflamingo.model.build import add_lora, freeze_parts
+    from musicflamingo.lit import _WRAPPER_PREFIXES
+    from musicflamingo.model.build import freeze_parts
+    from musicflamingo.model.lora import LoRALinear
     from musicflamingo.model.musicflamingo import MusicFlamingo
 
+    # the adapters as the trained model holds them, not as model.net.lora says: an init_from_peft folder may adapt
+    # more linears, with other ranks and scales (rank_pattern, alpha_pattern, rsLoRA)
+    live = {_WRAPPER_PREFIXES.sub("", n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     with torch.device("meta"):
         plain = MusicFlamingo(model.config)
         freeze_parts(plain, net_cfg.freeze)
-        # the adapters' places only (their weights come with the state): nothing is read from a peft folder
-        add_lora(plain, {**net_cfg.lora, "init_from_peft": None})
+        for name, layer in live.items():
+            parent, _, child = name.rpartition(".")
+            base = plain.get_submodule(name)
+            adapter = LoRALinear(
+                base.in_features,
+                base.out_features,
+                base.bias is not None,
+                layer.rank,
+                layer.scale * layer.rank,
+            )
+            setattr(plain.get_submodule(parent), child, adapter)
     plain.load_state_dict(dict(state), strict=True, assign=True)
+    for name, layer in live.items():
+        plain.get_submodule(name).scale = layer.scale  # exactly, not alpha / rank recomputed
     plain.reset_buffers("cpu")  # the rotary buffers are not in the state dict: rebuilt in float32
     plain.rote_quirk = model.rote_quirk
     plain.generation_defaults = dict(model.generation_defaults)
