@@ -60,6 +60,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 # Lightning's own "your Trainer settings are wrong" error, looked up only once Lightning is loaded (cli.py does
 # not import Lightning: infer.py never needs it).
 _LIGHTNING_CONFIG_ERROR = ("lightning.fabric.utilities.exceptions", "MisconfigurationException")
+# an error listing its problems on indented lines under its first: how many of them the one-line form shows
+LISTED_PROBLEMS = 10
 _WORKER_FRAME = re.compile(r'^\s*File "([^"]+)", line \d+', re.MULTILINE)
 
 
@@ -71,6 +73,11 @@ def error_line(e: BaseException) -> str:
         return type(e).__name__
     if getattr(e, "multiline", False):  # the memory planner's refusal: a line per setting that would fit
         return "\n".join(lines)
+    if lines[0].endswith(":") and len(lines) > 1 and all(x.startswith("  ") for x in lines[1:]):
+        # "<file>: 6 tensor(s) do not fit this model, nothing was loaded:" and an indented line per problem
+        shown = lines[1 : 1 + LISTED_PROBLEMS]
+        more = len(lines) - 1 - len(shown)
+        return "\n".join([lines[0], *shown, *([f"  ... and {more} more"] if more else [])])
     if len(lines) > 1 and "Original Traceback" in lines[1]:
         last = lines[-1]
         head, sep, rest = last.partition(": ")
