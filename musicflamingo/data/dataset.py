@@ -34,7 +34,7 @@ from tqdm import tqdm
 from musicflamingo.audio.features import usable_samples
 from musicflamingo.audio.io import AudioError, audio_duration, load_audio
 from musicflamingo.chat import Conversation
-from musicflamingo.data.manifest import AudioRef, JsonlRecords, Message, Record
+from musicflamingo.data.manifest import AudioRef, CompactRecords, JsonlRecords, Message, Record
 from musicflamingo.errors import RunStopped
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,9 @@ class ConversationDataset(Dataset):
             raise ValueError(f"bad_sample_policy must be 'error' or 'skip', got {bad_sample_policy!r}")
         if max_text_tokens is not None and max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1 or None, got {max_text_tokens}")
-        # a JsonlRecords stays as is: compact, parsed on access (a list of records would take gigabytes)
-        self.records = records if isinstance(records, JsonlRecords) else list(records)
+        # JsonlRecords and CompactRecords stay as they are: compact, parsed on access (a list of records would take
+        # gigabytes, copied into every DataLoader worker as reference counts touch it)
+        self.records = records if isinstance(records, (JsonlRecords, CompactRecords)) else list(records)
         self.processor = processor
         self.train_on_prompt = train_on_prompt
         self.bad_sample_policy = bad_sample_policy

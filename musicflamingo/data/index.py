@@ -24,9 +24,18 @@ When a row counts:
   catch a change to the chat template code).
 
 A stale row is never used: under ``index="auto"`` those records are estimated at launch (with a warning naming the
-index and what changed), under ``"require"`` the launch stops. Audio files count as immutable, as in audiocraft:
-checking millions of files' mtimes at launch would cost what the index saves on network storage; after replacing
-audio in place, rebuild with ``--force``.
+index and what changed), under ``"require"`` the launch stops.
+
+A build writes what it has done to the index file every ``--save-every`` seconds (60), atomically as the final
+write, and updates that snapshot when it then stops on an error or Ctrl-C: a build killed after hours keeps its
+rows, and the same command run again reuses them and computes only the rest (with ``--force`` too: a forced
+build's snapshot is marked as such). A snapshot is an index like any other, marked partial in its metadata:
+training under ``index="auto"`` takes its rows and estimates the rest with a warning; its rows may hold durations
+without a count (``tokens`` -1: a record whose durations an older index gave and whose count was not yet
+recomputed).
+
+Audio files count as immutable, as in audiocraft: checking millions of files' mtimes at launch would cost what the
+index saves on network storage; after replacing audio in place, rebuild with ``--force``.
 """
 
 from __future__ import annotations
@@ -49,7 +58,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from musicflamingo.data.dataset import ConversationDataset, estimate_num_tokens, record_seconds
-from musicflamingo.data.manifest import JsonlRecords, ManifestError, Record, is_json_list, read_manifest
+from musicflamingo.data.manifest import (
+    CompactRecords,
+    JsonlRecords,
+    ManifestError,
+    Record,
+    is_json_list,
+    read_manifest,
+)
 from musicflamingo.processor import MusicFlamingoProcessor
 
 log = logging.getLogger(__name__)
@@ -59,6 +75,9 @@ SUFFIX = ".index.parquet"
 INDEX_VERSION = 1
 MODES = ("auto", "off", "require")
 _META_KEY = b"musicflamingo.index"
+# in a snapshot of a build still running or interrupted: {"force": bool}; absent from a finished index
+_PARTIAL_KEY = b"musicflamingo.index.partial"
+SAVE_EVERY = 60.0  # seconds between a build's snapshots
 _SECONDS_KEYS = (
     "version",
     "hashes",
@@ -101,40 +120,47 @@ def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes:
     }
 
 
-def _records(path: Path, audio_root: str | os.PathLike | None) -> Sequence[Record]:
-    """A JSONL manifest's lazy :class:`JsonlRecords`, or a JSON list's records."""
-    return read_manifest(path, audio_root) if is_json_list(path) else JsonlRecords(path, audio_root)
+def _records(path: Path, audio_root: str | os.PathLike | None) -> JsonlRecords | CompactRecords:
+    """A JSONL manifest's lazy :class:`JsonlRecords`, or a JSON list's records as :class:`CompactRecords`."""
+    return _open(path, audio_root, hashes=False)[0]
 
 
-def _open(path: Path, audio_root: str | os.PathLike | None) -> tuple[Sequence[Record], np.ndarray, str]:
-    """The manifest's records, their hashes [N] uint64 and the hash kind."""
-    records = _records(path, audio_root)
-    if isinstance(records, JsonlRecords):
+def _open(
+    path: Path, audio_root: str | os.PathLike | None, hashes: bool = True
+) -> tuple[JsonlRecords | CompactRecords, np.ndarray | None, str]:
+    """The manifest's records, their hashes [N] uint64 (``hashes``) and the hash kind."""
+    if not is_json_list(path):
+        records = JsonlRecords(path, audio_root)
         texts = (records.text(i) for i in range(len(records)))
         kind = "line"
     else:
-        texts = (repr((r.audios, r.messages)).encode() for r in records)
+        listed = read_manifest(path, audio_root)
+        texts = (repr((r.audios, r.messages)).encode() for r in listed)
         kind = "content"  # was "record", with the id and the other fields: such an index is stale as a whole
-    hashes = b"".join(hashlib.blake2b(t, digest_size=8).digest() for t in texts)
-    return records, np.frombuffer(hashes, dtype="<u8"), kind
+    digests = b"".join(hashlib.blake2b(t, digest_size=8).digest() for t in texts) if hashes else None
+    if kind == "content":
+        records = CompactRecords(listed)
+    return records, None if digests is None else np.frombuffer(digests, dtype="<u8"), kind
 
 
 def _lines(records: Sequence[Record]) -> np.ndarray:
-    if isinstance(records, JsonlRecords):
+    if isinstance(records, (JsonlRecords, CompactRecords)):
         return records.lines
     return np.asarray([int(r.source.rsplit(":", 1)[1]) for r in records], dtype=np.int64)
 
 
 @dataclass
 class StoredIndex:
-    """An index file's contents: ``hashes`` [R] uint64, ``tokens`` [R] int64, ``settings``, ``unread`` [R] bool
-    (an audio's header could not be read when the row was built: its count holds no audio); durations on demand."""
+    """An index file's contents: ``hashes`` [R] uint64, ``tokens`` [R] int64 (-1: durations only, in a snapshot),
+    ``settings``, ``unread`` [R] bool (an audio's header could not be read when the row was built: its count holds
+    no audio), ``partial`` (a build's snapshot: ``{"force": bool}``, else None); durations on demand."""
 
     path: Path
     hashes: np.ndarray
     tokens: np.ndarray
     settings: dict[str, Any]
     unread: np.ndarray
+    partial: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, path: Path) -> StoredIndex:
@@ -142,7 +168,9 @@ class StoredIndex:
         import pyarrow.parquet as pq
 
         try:
-            meta = json.loads(pq.read_schema(path).metadata[_META_KEY])
+            metadata = pq.read_schema(path).metadata
+            meta = json.loads(metadata[_META_KEY])
+            partial = json.loads(metadata[_PARTIAL_KEY]) if _PARTIAL_KEY in metadata else None
             table = pq.read_table(path, columns=["hash", "tokens", "seconds"])
             seconds = table.column("seconds").combine_chunks()
             nan = pc.is_nan(pc.list_flatten(seconds)).to_numpy(zero_copy_only=False)
@@ -152,7 +180,8 @@ class StoredIndex:
         hashes = table.column("hash").to_numpy()
         unread = np.zeros(len(hashes), dtype=bool)
         unread[parents[nan]] = True
-        return cls(path, hashes, table.column("tokens").to_numpy().astype(np.int64), meta, unread)
+        tokens = table.column("tokens").to_numpy().astype(np.int64)
+        return cls(path, hashes, tokens, meta, unread, partial)
 
     def seconds(self) -> list[list[float]]:
         """Per row, its audios' durations (NaN: unknown)."""
@@ -255,10 +284,15 @@ def load_manifest(
     seconds: dict[int, list[float]] = {}
     if tokens_ok:
         tokens[hit] = stored.tokens[rows[hit]]
-    elif seconds_ok:
+    durations = hit if not tokens_ok else hit[tokens[hit] < 0]  # an interrupted build's rows without a count
+    if seconds_ok and len(durations):
         table = stored.seconds()
-        seconds = {i: table[r] for i, r in zip(hit.tolist(), rows[hit].tolist())}
+        seconds = {i: table[r] for i, r in zip(durations.tolist(), rows[durations].tolist())}
     problems = [f"built for other settings ({', '.join(changes.values())})"] if changes else []
+    if stored.partial is not None:
+        problems.append(
+            f"written by an interrupted build ({len(stored.hashes)} rows); run the build again to finish it"
+        )
     missing = len(records) - len(hit) - len(unread)
     if len(unread):
         log.warning(
@@ -289,8 +323,8 @@ def load_manifest(
 
 # ---------------------------------------------------------------------------------------------- building
 class _Estimates(Dataset):
-    """Chunks of records -> ``[(record, seconds, tokens)]``, run in DataLoader workers; a record that does not
-    parse comes back as its error message (raised by the main process)."""
+    """Chunks of records -> ``([(record, seconds, tokens)], error)``, run in DataLoader workers; a record that does
+    not parse ends its chunk with its error message (raised by the main process, after keeping the rows before)."""
 
     def __init__(self, dataset: ConversationDataset, chunks: list[list[int]], seconds: list) -> None:
         self.dataset, self.chunks, self.seconds = dataset, chunks, seconds
@@ -298,16 +332,16 @@ class _Estimates(Dataset):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, c: int) -> list[tuple[int, list[float], int]] | str:
+    def __getitem__(self, c: int) -> tuple[list[tuple[int, list[float], int]], str | None]:
         out = []
         for i in self.chunks[c]:
             try:
                 record = self.dataset.records[i]
             except ManifestError as e:
-                return str(e)
+                return out, str(e)
             seconds = self.seconds[i] if self.seconds[i] is not None else record_seconds(record)
             out.append((i, seconds, estimate_num_tokens(record, self.dataset, seconds)))
-        return out
+        return out, None
 
 
 def _unchanged(x: Any) -> Any:
@@ -343,75 +377,34 @@ def _remove_dead_temps(where: Path) -> None:
             continue
 
 
-def build_index(
-    manifest: str | os.PathLike,
-    processor: Any,
-    audio_root: str | os.PathLike | None = None,
-    *,
-    force: bool = False,
-    num_workers: int = 0,
-    progress: bool = False,
-) -> BuildReport:
-    """Write ``<manifest>.index.parquet``, checking every record as training does (:class:`ManifestError` names
-    ``file:line``). Rows of an existing index that are still valid are kept (``force``: recompute all); the rest
-    read audio headers and tokenize, in ``num_workers`` processes. The file is replaced atomically."""
+def _write(
+    where: Path,
+    lines: np.ndarray,
+    hashes: np.ndarray,
+    tokens: np.ndarray,
+    seconds: list[list[float] | None],
+    settings: dict[str, Any],
+    partial: dict[str, Any] | None = None,
+) -> None:
+    """Write the rows atomically to ``where``: all of them, or with ``partial`` a snapshot of those that hold a count
+    or durations."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    start = time.perf_counter()
-    path = Path(manifest)
-    if audio_root is not None and not os.path.isdir(audio_root):  # else every audio "unreadable", silently
-        raise ManifestIndexError(
-            f"audio_root {os.fspath(audio_root)}: not a folder (relative audio paths resolve against it)"
-        )
-    records, hashes, kind = _open(path, audio_root)
-    settings = index_settings(processor, audio_root, kind)
-    where = index_path(path)
-    tokens = np.full(len(records), -1, dtype=np.int64)
-    seconds: list[list[float] | None] = [None] * len(records)
-    if where.is_file() and not force:
-        try:
-            stored = StoredIndex.read(where)
-        except ManifestIndexError as e:
-            log.warning("%s; building it anew", e)
-        else:
-            seconds_ok, tokens_ok = _usable(stored.changes(settings))
-            rows = stored.match(hashes)
-            hit = np.flatnonzero(rows >= 0)
-            # an audio unread last time is read again (it may be there now)
-            hit = hit[~stored.unread[rows[hit]]]
-            if tokens_ok:
-                tokens[hit] = stored.tokens[rows[hit]]
-            if seconds_ok:
-                table = stored.seconds()
-                for i, r in zip(hit.tolist(), rows[hit].tolist()):
-                    seconds[i] = table[r]
-    todo = np.flatnonzero(tokens < 0).tolist()
-    dataset = ConversationDataset(records, processor)
-    size = 256  # records per task: large enough that worker hand-offs cost nothing, small for a smooth bar
-    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-    loader = DataLoader(
-        _Estimates(dataset, chunks, seconds),
-        batch_size=None,
-        num_workers=num_workers if len(chunks) > 1 else 0,
-        collate_fn=_unchanged,
-    )
-    with tqdm(total=len(todo), desc=f"indexing {path.name}", unit="rec", disable=not progress) as bar:
-        for result in loader:
-            if isinstance(result, str):
-                raise ManifestError(result)
-            for i, secs, n in result:
-                seconds[i], tokens[i] = secs, n
-            bar.update(len(result))
-
+    rows = np.arange(len(tokens))
+    metadata = {_META_KEY: json.dumps(settings).encode()}
+    if partial is not None:
+        known = np.fromiter((s is not None for s in seconds), dtype=bool, count=len(seconds))
+        rows = np.flatnonzero((tokens >= 0) | known)
+        metadata[_PARTIAL_KEY] = json.dumps(partial).encode()
     table = pa.table(
         {
-            "line": pa.array(_lines(records), pa.int32()),
-            "hash": pa.array(hashes, pa.uint64()),
-            "tokens": pa.array(tokens, pa.int32()),
-            "seconds": pa.array(seconds, pa.list_(pa.float64())),
+            "line": pa.array(lines[rows], pa.int32()),
+            "hash": pa.array(hashes[rows], pa.uint64()),
+            "tokens": pa.array(tokens[rows], pa.int32()),
+            "seconds": pa.array([seconds[i] for i in rows.tolist()], pa.list_(pa.float64())),
         }
-    ).replace_schema_metadata({_META_KEY: json.dumps(settings).encode()})
+    ).replace_schema_metadata(metadata)
     tmp = where.with_name(f".{where.name}.{os.getpid()}.tmp")
     _remove_dead_temps(where)
     try:
@@ -424,12 +417,127 @@ def build_index(
         ) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def build_index(
+    manifest: str | os.PathLike,
+    processor: Any,
+    audio_root: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    num_workers: int = 0,
+    progress: bool = False,
+    save_every: float = SAVE_EVERY,
+) -> BuildReport:
+    """Write ``<manifest>.index.parquet``, checking every record as training does (:class:`ManifestError` names
+    ``file:line``). Rows of an existing index that are still valid are kept (``force``: recompute all but the rows
+    of an interrupted forced build's snapshot); the rest read audio headers and tokenize, in ``num_workers``
+    processes. The file is replaced atomically: every ``save_every`` seconds (at least ten times as long as a write
+    takes) with a snapshot of the rows done, updated when the build then stops on an exception; at the end with
+    all rows."""
+    start = time.perf_counter()
+    path = Path(manifest)
+    if audio_root is not None and not os.path.isdir(audio_root):  # else every audio "unreadable", silently
+        raise ManifestIndexError(
+            f"audio_root {os.fspath(audio_root)}: not a folder (relative audio paths resolve against it)"
+        )
+    if not save_every >= 0:
+        raise ValueError(f"save_every must be >= 0 seconds, got {save_every}")
+    records, hashes, kind = _open(path, audio_root)
+    lines = np.asarray(_lines(records), dtype=np.int64)
+    settings = index_settings(processor, audio_root, kind)
+    where = index_path(path)
+    tokens = np.full(len(records), -1, dtype=np.int64)
+    seconds: list[list[float] | None] = [None] * len(records)
+    stored, resumed = None, False
+    if where.is_file():
+        try:
+            stored = StoredIndex.read(where)
+        except ManifestIndexError as e:
+            log.warning("%s; building it anew", e)
+        else:
+            # a forced build's own snapshot: its rows were computed after --force began
+            resumed = stored.partial is not None and bool(stored.partial.get("force"))
+    if stored is not None and (not force or resumed):
+        seconds_ok, tokens_ok = _usable(stored.changes(settings))
+        rows = stored.match(hashes)
+        hit = np.flatnonzero(rows >= 0)
+        # an audio unread last time is read again (it may be there now)
+        hit = hit[~stored.unread[rows[hit]]]
+        if tokens_ok:
+            tokens[hit] = stored.tokens[rows[hit]]
+        if seconds_ok:
+            table = stored.seconds()
+            for i, r in zip(hit.tolist(), rows[hit].tolist()):
+                seconds[i] = table[r]
+    todo = np.flatnonzero(tokens < 0).tolist()
+    reused = len(records) - len(todo)
+    if stored is not None and (not force or resumed):
+        log.info(
+            "%s: %d of %d rows reused from %s, computing %d",
+            where,
+            reused,
+            len(records),
+            "an interrupted build's snapshot" if stored.partial is not None else "the index",
+            len(todo),
+        )
+    dataset = ConversationDataset(records, processor)
+    size = 256  # records per task: large enough that worker hand-offs cost nothing, small for a smooth bar
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    loader = DataLoader(
+        _Estimates(dataset, chunks, seconds),
+        batch_size=None,
+        num_workers=num_workers if len(chunks) > 1 else 0,
+        collate_fn=_unchanged,
+    )
+    partial = {"force": bool(force)}
+
+    def snapshot() -> float:
+        began = time.perf_counter()
+        _write(where, lines, hashes, tokens, seconds, settings, partial)
+        return time.perf_counter() - began
+
+    unsaved, done, saved, next_save = 0, 0, False, time.monotonic() + save_every
+    bar = tqdm(
+        total=len(records),
+        initial=reused,
+        desc=f"indexing {path.name} ({reused} rows reused)",
+        unit="rec",
+        disable=not progress,
+    )
+    try:
+        with bar:
+            for result, error in loader:
+                for i, secs, n in result:
+                    seconds[i], tokens[i] = secs, n
+                unsaved, done = unsaved + len(result), done + len(result)
+                bar.update(len(result))
+                if error is not None:
+                    raise ManifestError(error)
+                if done < len(todo) and time.monotonic() >= next_save:
+                    interval = max(save_every, 10 * snapshot())  # writing costs a tenth of the time at most
+                    unsaved, saved, next_save = 0, True, time.monotonic() + interval
+    except BaseException:
+        # a bad record, Ctrl-C, a worker's death after a snapshot: it takes the rows computed since (a build that
+        # stops before its first snapshot leaves the index as it was)
+        if saved and unsaved:
+            try:
+                snapshot()
+                log.warning(
+                    "%s: the %d rows done so far are kept; the same command continues from them",
+                    where,
+                    int((tokens >= 0).sum()),
+                )
+            except Exception as e:  # the error that stopped the build is the one to report
+                log.warning("%s: could not keep the rows computed so far (%s)", where, e)
+        raise
+    _write(where, lines, hashes, tokens, seconds, settings)
     unreadable = sum(any(math.isnan(s) for s in secs) for secs in seconds if secs)
     return BuildReport(
         manifest=str(path),
         index=str(where),
         records=len(records),
-        reused=len(records) - len(todo),
+        reused=reused,
         computed=len(todo),
         unreadable_audio=unreadable,
         seconds=round(time.perf_counter() - start, 2),
@@ -458,6 +566,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="recompute every row (e.g. after audio files changed)"
     )
+    p.add_argument(
+        "--save-every",
+        type=float,
+        default=SAVE_EVERY,
+        metavar="SECONDS",
+        help="write the rows done so far this often, so that a killed build's rerun continues from them "
+        f"(default {SAVE_EVERY:g})",
+    )
     p.set_defaults(func=main_index)
     return p
 
@@ -465,10 +581,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def main_index(args: argparse.Namespace) -> None:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if not args.save_every >= 0:
+        raise ValueError(f"--save-every must be >= 0 seconds, got {args.save_every}")
     processor = MusicFlamingoProcessor.from_pretrained(args.processor)
     for manifest in args.manifests:
         r = build_index(
-            manifest, processor, args.audio_root, force=args.force, num_workers=args.workers, progress=True
+            manifest,
+            processor,
+            args.audio_root,
+            force=args.force,
+            num_workers=args.workers,
+            progress=True,
+            save_every=args.save_every,
         )
         print(
             f"{r.index}: {r.records} records ({r.reused} reused, {r.computed} computed, {r.unreadable_audio} with "
