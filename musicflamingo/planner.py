@@ -600,7 +600,9 @@ def _grpo_plan_for(
     shard = setup.shards
     reference = 0
     if g.kl and not setup.lora_rank:
-        reference = config.num_parameters() * (g.reference_bytes or p.weight) // shard
+        # `grpo.frozen_copy`: in the weights' dtype the frozen parts are shared, only the trained ones copied
+        copied = config.num_parameters() if g.reference_bytes else sum(_trainable(config, setup).values())
+        reference = copied * (g.reference_bytes or p.weight) // shard
     resident = step.item("weights") + step.item("optimizer states") + step.item("gradients") + reference
     rolling = resident + max(
         audio, embeds + kv + rollout.item("prefill") + rollout.item("logits")
@@ -609,7 +611,13 @@ def _grpo_plan_for(
     items = [*step.items]
     if reference:
         items.insert(
-            1, ("KL reference", reference, "a frozen copy of the weights (full fine-tuning, beta > 0)")
+            1,
+            (
+                "KL reference",
+                reference,
+                "a frozen copy of the weights (full fine-tuning, beta > 0; frozen parts shared unless "
+                "reference_dtype)",
+            ),
         )
     items += [
         ("rollout KV cache", kv, f"{slots} slots x ({P} + {Nn}) positions in {p.weight} B"),

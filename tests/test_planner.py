@@ -428,7 +428,9 @@ def test_grpo_settings_are_planned_as_grpo(tmp_path):
     )
     config, setup = training_setup(settings)
     weights = plan_training(config, setup).item("weights")
-    assert plan_training(config, setup).item("KL reference") == weights
+    # in the weights' dtype the frozen parts (here the audio tower) are shared with the policy, not copied
+    assert setup.train_audio_tower is False
+    assert plan_training(config, setup).item("KL reference") == plan_training(config, setup).item("gradients")
     _, settings = _compose(
         "train",
         _train_overrides(
@@ -494,6 +496,7 @@ def test_grpo_rollout_and_reference_are_planned_exactly():
     from musicflamingo.planner import GRPOSetup, _grpo_plan_for, precision_of
 
     net = _model("small", {}, "32")
+    net.audio_tower.requires_grad_(False)  # as the setup below: the reference shares it
     lit = _grpo_lit(net, group_size=4)
     config = net.config
     batch = _batch(config, 2, 60, 1, 1)  # 2 prompts, one audio window each
@@ -529,7 +532,10 @@ def test_grpo_rollout_and_reference_are_planned_exactly():
     finally:
         grpo.Engine = grpo_engine
     assert plan.item("rollout KV cache") == _nbytes([caches[-1].keys, caches[-1].values])
-    assert plan.item("KL reference") == _nbytes(lit.reference.parameters())
+    policy = {id(p) for p in net.parameters()}
+    copied = [p for p in lit.reference.parameters() if id(p) not in policy]
+    assert len(copied) < len(list(lit.reference.parameters()))  # the frozen tower is shared
+    assert plan.item("KL reference") == _nbytes(copied)
     no_kl = replace(setup, grpo=replace(setup.grpo, kl=False))
     assert "KL reference" not in [
         n for n, _, _ in _grpo_plan_for(config, no_kl, precision_of("32"), 2, P).items
