@@ -68,6 +68,7 @@ from musicflamingo.model.lora import adapter_layers
 from musicflamingo.reasoning import ThinkOutput, parse_think, plain_output
 from musicflamingo.rewards import CaptionFactsReward, FormatReward, Target
 from musicflamingo.runtime import parse_dtype
+from musicflamingo.settings import GRPO_FSDP
 
 log = logging.getLogger(__name__)
 
@@ -431,11 +432,7 @@ class GRPOLit(MusicFlamingoLit):
             # Lightning runs a manual-optimization step inside the FSDP root's forward: the rollouts, several
             # backwards and the optimizer steps there hung (no clipping) or stopped at the clip ("expected to be in
             # states IDLE") at the first batch; refused on every rank before the first rollout
-            raise GRPOConfigError(
-                "trainer=fsdp: GRPO does not run under FSDP (its rollouts, backwards and optimizer steps all happen "
-                "inside one training step); use trainer=ddp (with LoRA each rank holds the base once, the KL "
-                "reference included) or one device"
-            )
+            raise GRPOConfigError(GRPO_FSDP)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             # fp16 loss scaling: a batch whose groups all tie (no gradient) still steps, to keep the step count,
             # and the scaler's step asserts on an optimizer it saw no gradient of (CUDA, after the rollouts)

@@ -34,6 +34,14 @@ from musicflamingo.model.quantize import METHODS as QUANTIZE_METHODS
 from musicflamingo.planner import QLORA_FSDP
 from musicflamingo.runtime import RuntimeConfigError, parse_dtype, resolve_device
 
+# GRPO's rollouts, backwards and optimizer steps all run inside one training step, which FSDP wraps in its forward
+# (it crashed with "expected to be in states [IDLE]" or hung at the first batch)
+GRPO_FSDP = (
+    "trainer=fsdp: GRPO does not run under FSDP (its rollouts, backwards and optimizer steps all happen inside one "
+    "training step); use trainer=ddp (with LoRA each rank holds the base once, the KL reference included) or one "
+    "device"
+)
+
 
 class SettingsError(ValueError):
     """A setting has the wrong type, is out of range, contradicts another or is unknown (named with its value)."""
@@ -185,6 +193,9 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
     _choice(settings, "data.index", ("auto", "off", "require"))
     _boolean(settings, "data.pack")
     grpo = _get(settings, "model._target_") == "musicflamingo.grpo.GRPOLit"
+    if grpo and "fsdp" in str(target).lower():
+        # refused here too, before the processes launch (GRPOLit.on_fit_start says the same after loading)
+        raise SettingsError(GRPO_FSDP)
     if grpo and _get(settings, "data.pack") is True:
         raise SettingsError(
             "data.pack=true: GRPO makes its prompts from padded batches (one conversation per row); "

@@ -139,3 +139,17 @@ def test_the_full_fine_tuning_reference_shares_the_frozen_parts():
     prompts, completions, owner = _fake_rollouts()
     logp, _ = lit.sequence_logprobs(lit.model, prompts, completions, owner, None, None)
     assert torch.equal(logp.detach(), lit._reference_logprobs(prompts, completions, owner, None, None))
+
+
+def test_fsdp_is_refused_by_the_settings_check_before_launching(tmp_path):
+    """The same refusal before any process launches (on_fit_start comes after every rank loaded the model)."""
+    from test_planner import _compose, _train_overrides
+
+    from musicflamingo.settings import GRPO_FSDP, SettingsError, check_train_settings
+
+    _, settings = _compose("train", _train_overrides(tmp_path, "experiment=grpo", "trainer=fsdp"))
+    with pytest.raises(SettingsError) as err:
+        check_train_settings(settings)
+    assert GRPO_FSDP in str(err.value)
+    _, settings = _compose("train", _train_overrides(tmp_path, "experiment=grpo", "trainer=ddp"))
+    check_train_settings(settings)
