@@ -314,7 +314,7 @@ FLAG_SOURCES = {
     "README.md": ("musicflamingo/demo.py", "musicflamingo/data/index.py", "musicflamingo/data/shards.py"),
     "main_job.md": ("musicflamingo/demo.py",),
     "reasoning.md": ("musicflamingo/demo.py",),
-    "robustness.md": ("musicflamingo/data/shards.py",),
+    "robustness.md": ("musicflamingo/data/shards.py", "musicflamingo/data/index.py"),
     "serving.md": ("bench/serve.py",),
 }
 # Flags of programs outside this repository that the docs quote (the benchmarks' own scorers).
