@@ -224,15 +224,17 @@ class QuantizedLoRALinear(FloatAdapters):
         self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> nn.Linear:
         """A plain nn.Linear with `dequantize(base) + scale * B @ A` (computed in float32, stored in `dtype`,
-        default the adapters'; on `device`, default the base's)."""
+        default the dequantised base's, as `QuantizedLinear.to_linear`, so the merged model has one dtype (not the
+        adapters' float32); on `device`, default the base's)."""
         with torch.no_grad():
             base = self.base.dequantize()
+            dtype = dtype or base.dtype
             weight = base.float()
             # `.float()` of a float32 base is its own storage (NF4 before quantization, a stand-in): add to a copy
             if weight is base:
                 weight = weight.clone()
             weight += (self.lora_B.float() @ self.lora_A.float()).to(weight.device) * self.scale
-            weight = weight.to(dtype or self.lora_A.dtype)
+            weight = weight.to(dtype)
             bias = None if self.base.bias is None else self.base.bias.detach().to(weight.dtype)
         return linear_from(weight, bias, device)
 
@@ -270,7 +272,8 @@ def apply_lora(
     A ValueError when a target matches no linear or the rank exceeds a targeted layer's in or out features.
 
     With `quantized` (QLoRA), every `nn.Linear` under `root` is quantized first (`quantize_linears`) and the
-    targets get a `QuantizedLoRALinear` over their quantized base, adapters in the base's former dtype."""
+    targets get a `QuantizedLoRALinear` over their quantized base, adapters in the base's former dtype (float32 for a
+    half-precision one, `adapter_dtype`)."""
     # every target must match (a typo next to a valid name would leave its layers without adapters), and the rank
     # fit them; checked before anything is quantized or replaced
     linears = {
@@ -316,7 +319,7 @@ def merge_lora(
     root: nn.Module, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> int:
     """Fold every adapter into its base weight in place, and dequantise every quantized base (to `dtype`, default
-    the adapters' or the dequantised weight's); returns how many adapters were merged. `device`: where the merged
+    the base weight's own or the dequantised one's); returns how many adapters were merged. `device`: where the merged
     linears go as each is made (QLoRA's export merges to the CPU, so a 24 GB card never holds a bf16 model)."""
     kinds = (LoRALinear, QuantizedLoRALinear, QuantizedLinear)
     # names first (see quantize_linears): each module merged from is released as soon as it is replaced
