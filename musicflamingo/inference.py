@@ -9,6 +9,7 @@ audio is encoded once, in the turn that brings it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import itertools
@@ -48,6 +49,7 @@ from musicflamingo.model.config import ConfigError
 from musicflamingo.planner import MemoryPlan, check_generation
 from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.reasoning import ThinkDisplay, parse_think
+from musicflamingo.runfolder import FolderLock
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, set_threads
 from musicflamingo.settings import check_infer_settings
 from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError, read_json_object
@@ -558,22 +560,55 @@ class _Output:
     the answer, `thinking` and the whole `text` apart; a `system_prompt` that is set), appended and flushed as each
     answer is done. A rerun skips the (audio, prompt) pairs the file holds, so a long run resumes where it stopped;
     only rows asked the same way count (think mode or not, the same system prompt): the others are kept, not
-    reused, as their question was another one."""
+    reused, as their question was another one.
+
+    One infer.py at a time per file: `<file>.lock` (`runfolder.FolderLock`, held from before the file is read until
+    `close()`) refuses a second one, which would answer every input again into the same file (and could cut off
+    the first one's rows while dropping a torn last row)."""
 
     def __init__(self, path: str, think: bool, system_prompt: str | None = None) -> None:
         self.path, self.think, self.system_prompt = Path(path).expanduser(), think, system_prompt
         self.done: dict[tuple[str, str], list[dict[str, Any]]] = {}  # rows by (audio, prompt), in file order
         self.other = 0  # rows asked another way (think mode, system prompt): kept in the file, not reused
-        if self.path.exists():
-            self._read()
+        self.lock = FolderLock(
+            self.path.parent,
+            f"{self.path.name}.lock",
+            "infer.py",
+            "name another output= file",
+            InferenceError,
+            subject=f"output={self.path}",
+        )
         try:  # before the model loads: an unwritable file would fail at the first answer, losing it
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8"):
-                pass
+            self.lock.acquire()
         except OSError as e:
             raise InferenceError(
                 f"output={self.path}: cannot write there ({e.strerror or e}); name a .jsonl file in a writable folder"
             ) from None
+        try:
+            if self.path.exists():
+                self._read()
+            try:
+                with open(self.path, "a", encoding="utf-8"):
+                    pass
+            except OSError as e:
+                raise InferenceError(
+                    f"output={self.path}: cannot write there ({e.strerror or e}); name a .jsonl file in a writable "
+                    "folder"
+                ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Gives the file back (removes its lock)."""
+        self.lock.release()
+
+    def __enter__(self) -> _Output:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _read(self) -> None:
         if not self.path.is_file():
@@ -818,40 +853,44 @@ def infer(
     for f, p in zip(files, prompts):
         keys.append((f, p, seen[f, p]))
         seen[f, p] += 1
-    results = _Output(output, think, system_prompt) if output else None
-    answers = [None if results is None else results.answer(*key) for key in keys]
-    todo = [i for i, a in enumerate(answers) if a is None]
-    if results is not None and len(todo) < len(files):
-        logger.info("%s: %d of %d inputs already answered", results.path, len(files) - len(todo), len(files))
-    if not todo:
+    # `output=`: held (its lock) from its reading to the last answer
+    with _Output(output, think, system_prompt) if output else contextlib.nullcontext() as results:
+        answers = [None if results is None else results.answer(*key) for key in keys]
+        todo = [i for i, a in enumerate(answers) if a is None]
+        if results is not None and len(todo) < len(files):
+            logger.info(
+                "%s: %d of %d inputs already answered", results.path, len(files) - len(todo), len(files)
+            )
+        if not todo:
+            return answers
+        model, processor = load_model(
+            ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
+        )
+        params = sampling_params(decoding, stop_token_ids(ckpt, model.config))
+        convs = [
+            conversation(think_prompt(prompts[i]) if think else prompts[i], files[i], system_prompt)
+            for i in todo
+        ]
+
+        def save(k: int, text: str) -> None:
+            if results is not None:
+                results.write(files[todo[k]], prompts[todo[k]], text)
+
+        texts = generate_answers(
+            model,
+            processor,
+            convs,
+            [files[i] for i in todo],
+            params,
+            int(batch_size),
+            bool(cfg.get("compile", False)),
+            out,
+            bool(cfg.get("stream", True)),
+            think,
+            indices=todo,
+            on_answer=save,
+            skip_bad_audio=skip_bad_audio,
+        )
+        for i, text in zip(todo, texts):
+            answers[i] = text
         return answers
-    model, processor = load_model(
-        ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
-    )
-    params = sampling_params(decoding, stop_token_ids(ckpt, model.config))
-    convs = [
-        conversation(think_prompt(prompts[i]) if think else prompts[i], files[i], system_prompt) for i in todo
-    ]
-
-    def save(k: int, text: str) -> None:
-        if results is not None:
-            results.write(files[todo[k]], prompts[todo[k]], text)
-
-    texts = generate_answers(
-        model,
-        processor,
-        convs,
-        [files[i] for i in todo],
-        params,
-        int(batch_size),
-        bool(cfg.get("compile", False)),
-        out,
-        bool(cfg.get("stream", True)),
-        think,
-        indices=todo,
-        on_answer=save,
-        skip_bad_audio=skip_bad_audio,
-    )
-    for i, text in zip(todo, texts):
-        answers[i] = text
-    return answers

@@ -1,5 +1,7 @@
 """One process at a time in an output folder, and the temporary files of writes killed midway: train.py's
-`run.lock` and eval.py's `eval.lock`. Plain Python (eval.py imports it without Lightning)."""
+`run.lock`, eval.py's `eval.lock` and infer.py's `<output>.lock`; the run's `.hydra/` config and Hydra's job log,
+written only once the lock is held. Plain Python (eval.py imports it without Lightning; Hydra and OmegaConf are
+imported where used)."""
 
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ class FolderLock:
         tool: str,
         advice: str,
         error: type[Exception] = FolderInUseError,
+        subject: str | os.PathLike | None = None,
     ) -> None:
         self.path = Path(folder) / name
         self.tool, self.advice, self.error = tool, advice, error
+        self.subject = str(subject) if subject is not None else str(self.path.parent)  # what is in use
         self._fd: int | None = None
 
     @property
@@ -62,7 +66,7 @@ class FolderLock:
                 owner = _read_owner(fd)
                 os.close(fd)
                 raise self.error(
-                    f"{self.path.parent} is in use by another {self.tool} (pid {owner.get('pid', '?')} on "
+                    f"{self.subject} is in use by another {self.tool} (pid {owner.get('pid', '?')} on "
                     f"{owner.get('host', '?')}, since {owner.get('since', '?')}; lock {self.path}): wait for it to "
                     f"end, or {self.advice}"
                 ) from None
@@ -145,3 +149,92 @@ def remove_interrupted_writes(folder: str | os.PathLike) -> list[Path]:
             size / 2**20,
         )
     return removed
+
+
+def save_run_config(cfg: Any, folder: str | os.PathLike) -> None:
+    """`<folder>/.hydra/config.yaml` (+ `overrides.yaml`, `hydra.yaml` under Hydra), written by us once the folder's
+    lock is held: Hydra itself would write them before the task starts, over the config of a run still using the
+    folder (configs/hydra/default.yaml and configs/eval.yaml set `output_subdir: null`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    out = Path(folder) / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
+
+
+class _Held(logging.Handler):
+    """Keeps the records logged before the folder's lock is held, for the job log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = record.getMessage(), None  # as it reads now, not once its arguments changed
+        self.records.append(record)
+
+
+class JobLog:
+    """Hydra's job log (`<run folder>/<job name>.log`: `eval.log`), written only once the folder's lock is held.
+
+    Hydra opens the file before the task starts, so a run refused because the folder is in use (or `plan=true` into
+    it) appended its lines to the running run's log. From `hold()` on, the lines go to memory instead; `write()`
+    (with the lock held) writes them to the file and keeps logging there; `close()` without `write()` drops them (the
+    console has them). Outside Hydra, or without Hydra's file handler (`hydra/job_logging=none`), it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._files: list[logging.FileHandler] = []
+        self._held: _Held | None = None
+
+    def hold(self) -> JobLog:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return self
+        hc = HydraConfig.get()
+        path = os.path.abspath(os.path.join(str(hc.runtime.output_dir), f"{hc.job.name}.log"))
+        root = logging.getLogger()
+        self._files = [
+            h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename == path
+        ]
+        if not self._files:
+            return self
+        self._held = _Held()
+        root.addHandler(self._held)
+        for h in self._files:
+            root.removeHandler(h)
+            h.close()  # opened in append mode and never written: the file is as it was
+        return self
+
+    def write(self) -> None:
+        """The lock is held: the lines so far into the file, and the next ones as they come."""
+        if self._held is None:
+            return
+        root = logging.getLogger()
+        for old in self._files:
+            new = logging.FileHandler(old.baseFilename, mode="a", encoding=old.encoding)
+            new.setLevel(old.level)
+            new.setFormatter(old.formatter)
+            for f in old.filters:
+                new.addFilter(f)
+            for record in self._held.records:
+                new.handle(record)
+            root.addHandler(new)
+        self.close()
+
+    def close(self) -> None:
+        if self._held is not None:
+            logging.getLogger().removeHandler(self._held)
+            self._held = None
+
+    def __enter__(self) -> JobLog:
+        return self.hold()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

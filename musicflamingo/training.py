@@ -21,7 +21,6 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from musicflamingo.callbacks import (
@@ -35,7 +34,12 @@ from musicflamingo.checkpoint import check_save_target
 from musicflamingo.lit import export_model
 from musicflamingo.model.peft_format import save_peft_adapter
 from musicflamingo.planner import check_training
-from musicflamingo.runfolder import FolderInUseError, FolderLock, remove_interrupted_writes
+from musicflamingo.runfolder import (
+    FolderInUseError,
+    FolderLock,
+    remove_interrupted_writes,
+    save_run_config,
+)
 from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
 from musicflamingo.settings import CONFIG_DIR, SettingsError, check_train_settings
 
@@ -58,19 +62,6 @@ class RunLock(FolderLock):
 def is_launching_rank() -> bool:
     """True unless this process is a rank > 0 of a distributed run (Lightning's DDP children, torchrun)."""
     return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
-def save_run_config(cfg: DictConfig, output_dir: Path) -> None:
-    """`<run>/.hydra/config.yaml` (+ `overrides.yaml`, `hydra.yaml` under Hydra), written by us once the lock is
-    held: Hydra itself would write them before the task starts, over the config of a run still using the folder
-    (configs/hydra/default.yaml sets `output_subdir: null`)."""
-    out = output_dir / ".hydra"
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml")
-    if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
-        OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
-        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
 
 
 # Groups whose entries are objects Hydra builds, each `<group>.<name>: {_target_: ..., ...}` or null (switched off).

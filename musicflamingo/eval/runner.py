@@ -7,7 +7,8 @@ JSON) left by a kill is cut off before appending. ``run.json`` records what prod
 (benchmark, data file, checkpoint path, dtype and a fingerprint of the checkpoint's files, prompt settings) so
 a rerun into the same folder with different settings or re-saved weights fails instead of mixing predictions.
 ``eval.lock`` (:class:`EvalLock`) refuses a second run into a folder while one writes there; the run that holds
-it first removes the temporary files of report writes an earlier run was killed in.
+it first removes the temporary files of report writes an earlier run was killed in, then writes ``.hydra/`` and
+Hydra's job log ``eval.log`` (a refused run, or ``plan=true``, changes nothing in the folder).
 
 ``evaluate(cfg)`` is the entry point that ``eval.py`` wraps; the only model-dependent code is
 ``build_predict_fn(cfg)``.
@@ -46,7 +47,7 @@ from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
 from musicflamingo.eval.report import write_json, write_report, write_text
 from musicflamingo.planner import check_generation
 from musicflamingo.reasoning import think_report
-from musicflamingo.runfolder import FolderLock, remove_interrupted_writes
+from musicflamingo.runfolder import FolderLock, JobLog, remove_interrupted_writes, save_run_config
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, stderr_is_terminal
 from musicflamingo.settings import check_eval_settings
 
@@ -360,6 +361,10 @@ def run_benchmark(
         length=length,
         unreadable=unreadable,
     )
+    # scoring and the report take seconds at 10k items (captions): a line, so a job log does not look stalled
+    log.info(
+        "%s: scoring %d predicted items and writing the report", name, sum(it.id in preds for it in items)
+    )
     if think:  # this run's items only: the file may hold more (a rerun with `limit`, audio skipped since)
         preds, think_rows, think_summary = think_report(
             {it.id: preds[it.id] for it in items if it.id in preds}
@@ -574,8 +579,14 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     ``predict_fn`` replaces the checkpoint (tests pass a fake one); without it ``cfg.ckpt`` must be a
     checkpoint folder, checked before anything is read. The model is loaded only if some item still needs a
     prediction, and only if the memory plan fits the device (``memory_check``); ``plan=true`` prints the plan and
-    returns ``{"plan": MemoryPlan}``.
+    returns ``{"plan": MemoryPlan}``. Under Hydra (eval.py) the job log's lines wait in memory until the output
+    folder's lock is held (:class:`~musicflamingo.runfolder.JobLog`).
     """
+    with JobLog() as job_log:
+        return _evaluate(cfg, predict_fn, job_log)
+
+
+def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[str, Any]:
     c = _plain(cfg)
     check_eval_settings(c)  # types and ranges, before the checkpoint or the benchmark is read
     bench_cfg = dict(c.get("benchmark") or {})
@@ -636,7 +647,12 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     with EvalLock(out_dir) as lock, stop_on_sigterm(out_dir / PREDICTIONS_FILE):
         if lock.locked:
             remove_interrupted_writes(out_dir)
+        job_log.write()
         _check_run_identity(out_dir, identity)
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():  # what Hydra would have written before the lock (`output_subdir: null`)
+            save_run_config(cfg, out_dir)
         if predict_fn is None:
             model_cfg = {**c, "max_new_tokens": int(max_new_tokens)}
             predict_fn = LazyPredictFn(lambda: build_predict_fn(model_cfg))
