@@ -175,9 +175,10 @@ class Engine:
         max_positions: a bound on the cache's size, rows x capacity positions (serve.py's `max_cached_tokens`).
             The cache is then fitted: it has rows up to the highest occupied slot only (all slots when compiled)
             and, from each admission on, the capacity the longest occupied sequence may reach (whole key blocks,
-            or exactly that reach where blocks would pass the bound), shrinking when that is less; `fits` says
-            whether a request can be admitted without passing the bound. None: every slot has a row and the
-            capacity only grows, doubling as sequences reach its end.
+            or exactly that reach where blocks would pass the bound; compiled: doubling, then each row's share of
+            the bound, so that few capacities are traced), shrinking to that when growing would pass the bound;
+            `fits` says whether a request can be admitted without passing the bound. None: every slot has a row
+            and the capacity only grows, doubling as sequences reach its end.
 
     Example::
 
@@ -248,7 +249,15 @@ class Engine:
         rows = len(self.slots) if self.compile else max((i for i, _ in used), default=0) + 1
         reach = max((r for _, r in used), default=1)
         capacity = self._round(reach)
-        if rows * capacity > self.max_positions:
+        if self.compile:
+            # a compiled step is traced once per capacity (and torch stops compiling after
+            # torch._dynamo.config.recompile_limit shapes): grow doubling, as the unbounded cache does, and where
+            # that passes the bound, to each row's share of it, one capacity for every longer request
+            if capacity > self.cache.capacity:
+                capacity = max(capacity, self._round(2 * self.cache.capacity))
+            if rows * capacity > self.max_positions:
+                capacity = max(reach, self.max_positions // rows)
+        elif rows * capacity > self.max_positions:
             capacity = reach  # whole key blocks would pass the bound: exactly what the sequences reach
         return rows, capacity
 
@@ -354,14 +363,15 @@ class Engine:
         ids = input_ids.reshape(-1).to(self.device)
         if slot.last is not None:
             ids = torch.cat([torch.tensor([slot.last], device=self.device), ids])
-        before = (slot.params, slot.generator, slot.tokens, slot.last)
+        before = (slot.params, slot.generator, slot.tokens, slot.last, slot.budget, slot.reach)
         if params is not None:  # the turn's own sampling, its seed included
             slot.params, slot.generator = params, params.generator(self.device)
         slot.tokens, slot.last, slot.done = [], None, False
         try:
             self._prefill(slot, ids, input_features, input_features_mask, None, slot.params.max_new_tokens)
         except BaseException:  # e.g. past the context: the conversation stays as it was
-            slot.params, slot.generator, slot.tokens, slot.last = before
+            # (its reach too: a fitted cache sizes every admission by the occupied slots' reaches)
+            slot.params, slot.generator, slot.tokens, slot.last, slot.budget, slot.reach = before
             slot.done = True
             raise
         return slot

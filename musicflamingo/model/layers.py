@@ -182,14 +182,17 @@ class KVCache:
         if rows == self.rows and capacity == self.capacity:
             return
         keep_rows, keep = min(rows, self.rows), min(capacity, self.capacity)
-        for layer, pair in enumerate(self.layers):
-            pair = list(pair)
-            for i, old in enumerate(pair):
+        # indices, not enumerate(): enumerate keeps the item it yielded last (CPython reuses its result tuple), which
+        # held the old tensor past its `del`, so two were alive (a layer's keys and values)
+        for layer in range(len(self.layers)):
+            pair = list(self.layers[layer])
+            for i in range(len(pair)):
+                old = pair[i]
                 new = old.new_zeros((rows, old.shape[1], capacity, old.shape[3]))
                 new[:keep_rows, :, :keep] = old[:keep_rows, :, :keep]
                 pair[i] = new
-                self.layers[layer] = tuple(pair)  # the old tensor's last reference goes here
-                del old
+                self.layers[layer] = tuple(pair)
+                del old  # its last reference: freed before the next tensor is allocated
         self.capacity = capacity
         # the new buffers are zero past what was copied: nothing there to clear
         self.dirty = [min(d, keep) if s < keep_rows else 0 for s, d in enumerate(self.dirty)]

@@ -205,6 +205,7 @@ class EngineWorker:
                 if self.engine.decoding:
                     self._fan_out(self.engine.step())
                     self.steps += 1
+                    self._note_cache()  # an unbounded cache grows in steps as sequences reach its end
             except Exception as e:  # a failing step must not leave requests waiting forever
                 logger.exception("engine step failed")
                 self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
@@ -263,9 +264,12 @@ class EngineWorker:
             self.admitted += 1
             self.peak_reserved = max(self.peak_reserved, self.reserved)
             self.peak_live = max(self.peak_live, len(self._live))
-            cache = self.engine.cache
-            self.peak_cache_positions = max(self.peak_cache_positions, cache.rows * cache.capacity)
+            self._note_cache()
             self._fan_out([(slot.index, slot.tokens[-1])])
+
+    def _note_cache(self) -> None:
+        cache = self.engine.cache
+        self.peak_cache_positions = max(self.peak_cache_positions, cache.rows * cache.capacity)
 
     def _fan_out(self, produced: list[tuple[int, int]]) -> None:
         for index, token in produced:
