@@ -108,6 +108,7 @@ class KVCache:
             for _ in range(num_layers)
         ]
         self.capacity = capacity
+        self._rows = rows  # kept apart from the tensors: a model of 0 decoder layers has none
         self.lengths = [0] * slots
         self.dirty = [0] * slots
 
@@ -139,7 +140,7 @@ class KVCache:
     @property
     def rows(self) -> int:
         """Slots that have buffers (0..rows-1)."""
-        return self.layers[0][0].shape[0]
+        return self._rows
 
     @property
     def nbytes(self) -> int:
@@ -193,7 +194,7 @@ class KVCache:
                 pair[i] = new
                 self.layers[layer] = tuple(pair)
                 del old  # its last reference: freed before the next tensor is allocated
-        self.capacity = capacity
+        self.capacity, self._rows = capacity, rows
         # the new buffers are zero past what was copied: nothing there to clear
         self.dirty = [min(d, keep) if s < keep_rows else 0 for s, d in enumerate(self.dirty)]
 
