@@ -797,6 +797,7 @@ def plan_inference(
     extracting: int = 1,
     any_split: bool = False,
     cache_positions: int | None = None,
+    compiled: bool = False,
 ) -> MemoryPlan:
     """The predicted peak of generating `new_tokens` for `slots` requests of `prompt_tokens` tokens with
     `windows` audio windows each. `embed_batch`: every request's prompt is embedded before the first prefill
@@ -809,7 +810,8 @@ def plan_inference(
     `extracting` requests' features made at once (serve.py's prepare threads); CPU plans only. `any_split`: a
     slot may hold any prompt of up to prompt + new tokens (serve.py): a short prompt's answer doubles the cache
     from its first block, to more than the longest prompt's prefill leaves. `cache_positions`: the cache is fitted
-    within that many positions in all, rows x capacity (serve.py's `max_cached_tokens`)."""
+    within that many positions in all, rows x capacity (serve.py's `max_cached_tokens`); `compiled`: its capacity
+    doubles (one traced step per capacity)."""
     a, t = config.audio, config.text
     b = dtype_bytes
     requests = slots if requests is None else requests
@@ -837,6 +839,15 @@ def plan_inference(
         # a fitted cache (serve.py's max_cached_tokens, `Engine(max_positions=...)`): rows x capacity within the
         # bound, sized for a request's whole reach at its admission; a resize holds one old tensor besides
         reach = min(-(-(prompt_tokens + new_tokens) // KEY_BLOCK) * KEY_BLOCK, limit)
+        if (
+            compiled
+        ):  # every slot a row; capacity doubling up to each row's share of the bound (`Engine._target`)
+            cap = min(KEY_BLOCK, limit)
+            while cap < reach:
+                cap = min(2 * cap, limit)
+            if slots * cap > cache_positions:
+                cap = max(min(prompt_tokens + new_tokens, limit), cache_positions // slots)
+            reach = cap
         kv = kv_prefill = kv_extract = per_position * min(cache_positions, slots * reach)
         growing = kv + -(-kv // (2 * L))
     D, q, kvw, inter = (
@@ -1568,6 +1579,7 @@ def check_generation(
             cache_positions=new_tokens
             if serving and new_tokens < longest
             else serving.get("cache_positions"),
+            compiled=bool(serving.get("compiled")),
         )
 
     slots = max(1, min(slots, requests))
@@ -1644,6 +1656,7 @@ def check_serving(
         # max_cached_tokens bounds one request's prompt + answer too, and the cache's positions in all
         "knobs": {"batch": "max_batch", "new_tokens": "max_cached_tokens", "queue": "max_queue"},
         "cache_positions": settings.get("max_cached_tokens"),
+        "compiled": bool(settings.get("compile")),
     }
     plan = check_generation(
         settings,

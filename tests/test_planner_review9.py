@@ -211,6 +211,31 @@ def test_serve_plan_with_max_cached_tokens_is_the_fitted_cache(wide_ckpt):
     assert most == plan.item("KV cache") == 540 * per_position, plan.table()
 
 
+def test_compiled_serve_plan_with_max_cached_tokens_is_the_doubled_cache(wide_ckpt, monkeypatch):
+    """A compiled server's fitted cache keeps a row per slot and doubles its capacity (one traced step per
+    capacity) until each row's share of the bound: 4 slots of 1024 positions for 600-token sequences under
+    max_cached_tokens=8192 (the plan said 4 x 768)."""
+    from musicflamingo import engine as engine_module
+    from musicflamingo.engine import Engine, Request, SamplingParams, decode_step
+    from musicflamingo.planner import check_serving
+
+    monkeypatch.setattr(engine_module, "_compiled_decode_step", lambda: decode_step)  # eager stand-in
+    settings = {"device": "cpu", "dtype": "float32", "plan": True, "max_batch": 4, "compile": True}
+    settings |= {"max_cached_tokens": 8192, "max_prompt_tokens": 550, "max_completion_tokens": 50}
+    plan = check_serving(settings, wide_ckpt)
+    model = MusicFlamingo.from_pretrained(str(wide_ckpt), dtype=torch.float32).eval()
+    engine = Engine(model, slots=4, compile=True, max_positions=8192)
+    most = engine.cache.nbytes
+    for n in (297, 547):  # sequences of 300, then 600 positions
+        engine.admit(Request(torch.full((n,), 10), SamplingParams(max_new_tokens=3, stop_ids=())))
+        while engine.decoding:
+            engine.step()
+            most = max(most, engine.cache.nbytes)
+        engine.release(0)
+    per_position = 2 * 2 * 4 * 64 * 4  # layers, kv heads, head_dim, float32
+    assert most == plan.item("KV cache") == 4 * 1024 * per_position, plan.table()
+
+
 def test_serve_refusal_names_the_servers_settings(wide_ckpt):
     """serve.py's levers by their names: max_batch and max_cached_tokens for the cache, max_queue for the
     features waiting requests keep on a CPU (never infer's batch_size / max_new_tokens)."""
