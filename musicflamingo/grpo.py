@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,6 +291,76 @@ def frozen_copy(net: MusicFlamingo, dtype: torch.dtype | None = None) -> MusicFl
     return ref
 
 
+class RecordTable(Mapping):
+    """A split's records by their `file:line` source (a batch brings sources, not records), as arrays: the sorted
+    16-byte digests of the sources [N] and each one's place among the datasets' records [N]. A record and its
+    target are made when looked up. A dict of every record and target held millions of Python objects at scale,
+    which each DataLoader worker then copied page by page as reference counts touched them. A source met again (a
+    manifest listed twice) stands for its first record.
+
+    Build it by exhausting :meth:`scan`, which yields each source's first record in manifest order (to check them
+    as they pass).
+    """
+
+    def __init__(self, datasets: Sequence[Any]) -> None:
+        self._datasets = list(datasets)
+        self._offsets = np.cumsum([0, *(len(ds.records) for ds in self._datasets)], dtype=np.int64)
+        self._keys = np.zeros(0, dtype="S16")  # sorted digests
+        self._rows = np.zeros(0, dtype=np.int64)  # each digest's record, counted across the datasets
+
+    def scan(self) -> Iterator[Record]:
+        digests = bytearray(16 * int(self._offsets[-1]))
+        first = np.zeros(int(self._offsets[-1]), dtype=bool)
+        seen: set[bytes] = set()  # while scanning only
+        g = 0
+        for ds in self._datasets:
+            for rec in ds.records:
+                key = _source_key(rec.source)
+                digests[16 * g : 16 * g + 16] = key
+                if key not in seen:
+                    seen.add(key)
+                    first[g] = True
+                    yield rec
+                g += 1
+        del seen
+        keys = np.frombuffer(bytes(digests), dtype="S16")[first]
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._rows = keys[order], np.flatnonzero(first)[order]
+
+    def _record(self, row: int) -> Record:
+        k = int(np.searchsorted(self._offsets, row, side="right")) - 1
+        return self._datasets[k].records[row - int(self._offsets[k])]
+
+    def _find(self, source: object) -> Record | None:
+        if not isinstance(source, str) or not len(self._keys):
+            return None
+        key = np.frombuffer(_source_key(source), dtype="S16")
+        pos = int(np.searchsorted(self._keys, key)[0])
+        if pos >= len(self._keys) or self._keys[pos] != key[0]:
+            return None
+        rec = self._record(int(self._rows[pos]))
+        return rec if rec.source == source else None
+
+    def __getitem__(self, source: str) -> tuple[Record, Target]:
+        rec = self._find(source)
+        if rec is None:
+            raise KeyError(source)
+        return rec, _target(rec)
+
+    def __contains__(self, source: object) -> bool:
+        return self._find(source) is not None
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._record(int(row)).source for row in np.sort(self._rows))
+
+
+def _source_key(source: str) -> bytes:
+    return hashlib.blake2b(source.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 class GRPOLit(MusicFlamingoLit):
     """GRPO on the data module's records (see the module docstring); optimizer groups, schedule and export are
     the SFT module's.
@@ -405,7 +476,7 @@ class GRPOLit(MusicFlamingoLit):
         if self.beta > 0 and not self.uses_lora:
             self._reference_fingerprint = weights_fingerprint(net)
             self._reference.append(frozen_copy(net, self._reference_dtype))
-        self._records: dict[str, dict[str, tuple[Record, Target]]] = {}
+        self._records: dict[str, RecordTable] = {}
         self._samples_per_s: float | None = None
         # each group's learning rate at the batch's first update, logged after the update
         self._step_lrs: dict[str, float] = {}
@@ -499,7 +570,7 @@ class GRPOLit(MusicFlamingoLit):
             raise GRPOConfigError("GRPO needs the data module's processor (data: MusicFlamingoDataModule)")
         return processor
 
-    def _record_table(self, split: str) -> dict[str, tuple[Record, Target]]:
+    def _record_table(self, split: str) -> RecordTable:
         """The split's records by `file:line` source with their targets, built once (at fit start): a batch
         brings sources, not records. Ids may repeat (two questions on one clip, or two manifests of the same file
         name without ids, whose default ids `<file name>:<line>` collide); a manifest listed twice is the same
@@ -507,33 +578,39 @@ class GRPOLit(MusicFlamingoLit):
         if split not in self._records:
             dm = self.trainer.datamodule
             dataset = dm.train_dataset if split == "train" else dm.val_dataset
-            table: dict[str, tuple[Record, Target]] = {}
-            for ds in getattr(dataset, "datasets", []):
-                for rec in ds.records:
-                    if rec.source not in table:
-                        table[rec.source] = (rec, _target(rec))
-            self._records[split] = table
+            table = RecordTable(getattr(dataset, "datasets", []))
+            entries = ((rec, _target(rec)) for rec in table.scan())
             if split == "train":
-                self._check_targets(table.values())
+                self._check_targets(entries)
+            else:
+                deque(entries, maxlen=0)
+            self._records[split] = table
         return self._records[split]
 
-    def _check_targets(self, entries: Collection[tuple[Record, Target]]) -> None:
+    def _check_targets(self, entries: Iterable[tuple[Record, Target]]) -> None:
         """`model.tasks` must keep some record (a filter matching none trained every step on nothing, silently);
-        a caption with no facts gets nothing from the caption-facts reward, which is said once."""
-        kept = [(r, t) for r, t in entries if self.tasks is None or {t.task, t.kind} & self.tasks]
+        a caption with no facts gets nothing from the caption-facts reward, which is said once. `entries` is read
+        once, as it comes (a manifest's records are not held)."""
+        kept, found, bare, first_bare = 0, set(), 0, None
+        for r, t in entries:
+            found.update(x for x in (t.task, t.kind) if x)
+            if self.tasks is not None and not ({t.task, t.kind} & self.tasks):
+                continue
+            kept += 1
+            if t.kind == "caption" and not t.facts:
+                bare += 1
+                first_bare = first_bare or r.source
         if self.tasks is not None and not kept:
-            found = {x for _, t in entries for x in (t.task, t.kind) if x}
             raise GRPOConfigError(
                 f"model.tasks={sorted(self.tasks)} keeps no record of the training manifests (their tasks: "
                 f"{', '.join(sorted(found)) or 'none'})"
             )
-        bare = [r.source for r, t in kept if t.kind == "caption" and not t.facts]
         if bare and any(isinstance(r, CaptionFactsReward) for r in self.rewards.values()):
             log.warning(
                 "%d caption record(s) have no 'facts' (nor a synthetic clip's 'meta'), first at %s: the caption "
                 "facts reward does not apply to them",
-                len(bare),
-                bare[0],
+                bare,
+                first_bare,
             )
 
     # ------------------------------------------------------------------ prompts

@@ -32,7 +32,8 @@ rows, and the same command run again reuses them and computes only the rest (wit
 build's snapshot is marked as such). A snapshot is an index like any other, marked partial in its metadata:
 training under ``index="auto"`` takes its rows and estimates the rest with a warning; its rows may hold durations
 without a count (``tokens`` -1: a record whose durations an older index gave and whose count was not yet
-recomputed).
+recomputed). One build of a manifest runs at a time (``.<manifest>.index.parquet.lock``): a second one is refused,
+naming the first's pid, as the two would replace each other's rows.
 
 Audio files count as immutable, as in audiocraft: checking millions of files' mtimes at launch would cost what the
 index saves on network storage; after replacing audio in place, rebuild with ``--force``.
@@ -67,6 +68,7 @@ from musicflamingo.data.manifest import (
     read_manifest,
 )
 from musicflamingo.processor import MusicFlamingoProcessor
+from musicflamingo.runfolder import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -443,10 +445,44 @@ def build_index(
         )
     if not save_every >= 0:
         raise ValueError(f"save_every must be >= 0 seconds, got {save_every}")
+    where = index_path(path)
+    # one build per index: two would replace each other's snapshots (a killed one's could replace the other's
+    # finished index with fewer rows)
+    lock = FolderLock(
+        where.parent,
+        f".{where.name}.lock",
+        tool=f"index build of {path.name}",
+        advice="stop it: two builds of one manifest replace each other's rows",
+        error=ManifestIndexError,
+    )
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise ManifestIndexError(
+            f"{where}: cannot write the index ({e.strerror or e}); the manifest is unchanged and training without "
+            "the index estimates the lengths at launch"
+        ) from e
+    try:
+        return _build(path, where, processor, audio_root, force, num_workers, progress, save_every, start)
+    finally:
+        lock.release()
+
+
+def _build(
+    path: Path,
+    where: Path,
+    processor: Any,
+    audio_root: str | os.PathLike | None,
+    force: bool,
+    num_workers: int,
+    progress: bool,
+    save_every: float,
+    start: float,
+) -> BuildReport:
+    """:func:`build_index`'s work, under the index's lock."""
     records, hashes, kind = _open(path, audio_root)
     lines = np.asarray(_lines(records), dtype=np.int64)
     settings = index_settings(processor, audio_root, kind)
-    where = index_path(path)
     tokens = np.full(len(records), -1, dtype=np.int64)
     seconds: list[list[float] | None] = [None] * len(records)
     stored, resumed = None, False

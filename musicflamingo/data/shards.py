@@ -405,6 +405,9 @@ class ShardRecords(Sequence):
 
     def parse(self, i: int) -> tuple[Record, list[float]]:
         """Record ``i`` and its audios' seconds (NaN where the header was unreadable at sharding time)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range for the {len(self)} records of {self.where}")
+        i %= len(self)  # -1 read the whole buffer as one record: "not a record this code wrote"
         start = int(self._ends[i - 1]) if i > 0 else 0
         try:
             obj = json.loads(self._data[start : int(self._ends[i])])
