@@ -386,10 +386,8 @@ def _parse_json_list(path: Path, text: str) -> list[tuple[int, Any]]:
 
     if text.startswith("]", pos):
         return items
-    line, counted = (
-        1,
-        0,
-    )  # line of `counted`: newlines counted once, not from the start per record (quadratic)
+    # the line at offset `counted`: newlines counted once, not from the start per record (quadratic)
+    line, counted = 1, 0
     while True:
         line += text.count("\n", counted, pos)
         counted = pos
