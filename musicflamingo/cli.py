@@ -207,8 +207,9 @@ def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = EXIT_
 _SWEEP_FAILURES: list[tuple[str, int, str]] = []
 
 
-def _sweep_job() -> str | None:
-    """`job #N (key=value ...)` naming the swept values of the running Hydra multirun job; None outside one."""
+def sweep_job() -> tuple[int, list[str]] | None:
+    """(number, swept `key=value` overrides) of the running Hydra multirun job (all its overrides when none was
+    swept); None outside a multirun."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -219,8 +220,13 @@ def _sweep_job() -> str | None:
         return None
     overrides = list(hc.overrides.task)
     swept = _swept_keys(sys.argv[1:])
-    shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
-    return f"job #{hc.job.num} ({' '.join(shown)})"
+    return hc.job.num, [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
+
+
+def _sweep_job() -> str | None:
+    """`job #N (key=value ...)` naming the swept values of the running Hydra multirun job; None outside one."""
+    job = sweep_job()
+    return None if job is None else f"job #{job[0]} ({' '.join(job[1])})"
 
 
 def _swept_keys(argv: list[str]) -> set[str]:

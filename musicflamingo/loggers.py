@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -176,20 +175,12 @@ class CheckedTensorBoardLogger(TensorBoardLogger):
 def multirun_job_name(name: str | None) -> str | None:
     """`name` with the job's number and swept overrides in a Hydra multirun (`train #1 trainer.max_steps=2`): its
     jobs would all be named `train`. Unchanged outside a multirun."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    from musicflamingo.cli import sweep_job
 
-    if not HydraConfig.initialized():
+    job = sweep_job()
+    if job is None:
         return name
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return name
-    from musicflamingo.cli import _swept_keys
-
-    overrides = list(hc.overrides.task)
-    swept = _swept_keys(sys.argv[1:])
-    shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
-    return " ".join(x for x in (name, f"#{hc.job.num}", *shown) if x)
+    return " ".join(x for x in (name, f"#{job[0]}", *job[1]) if x)
 
 
 class ContinuedWandbLogger(WandbLogger):
