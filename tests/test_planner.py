@@ -365,11 +365,21 @@ def test_packed_rows_plan_matches_measured_memory(precision, rows, text, windows
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=SLOW)])
 def test_generation_plan_matches_measured_memory(dtype):
+    import numpy as np
+
+    from musicflamingo.audio.features import SAMPLING_RATE, LogMelExtractor
+
     model = MusicFlamingo(MusicFlamingoConfig.from_name("small")).to(dtype).eval()
     batch = _batch(model.config, 4, 100, 1, 2)
     features = batch["input_features"].to(dtype)
+    # eval.py's path, as planned: the processor makes the batch's 8 windows' log-mel on the CPU first
+    seconds = model.config.window_seconds
+    extractor = LogMelExtractor(chunk_length=seconds)
+    audio = np.random.default_rng(0).standard_normal(int(seconds * SAMPLING_RATE) * 8).astype(np.float32)
+    waves = [audio[i * len(audio) // 8 : (i + 1) * len(audio) // 8] for i in range(8)]
 
     def generate():
+        extractor(waves)
         with torch.inference_mode():
             model.generate(
                 batch["input_ids"],
@@ -380,7 +390,7 @@ def test_generation_plan_matches_measured_memory(dtype):
                 stop_token_ids=[],
             )
 
-    peak = _nbytes(model.parameters()) + _nbytes([features]) + measured_peak(generate)
+    peak = _nbytes(model.parameters()) + _nbytes([features]) + measured_peak(generate) + audio.nbytes
     plan = plan_inference(
         model.config,
         dtype_bytes=dtype.itemsize,
