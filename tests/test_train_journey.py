@@ -231,7 +231,12 @@ def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_starts_another(as
     import wandb
 
     def ids() -> list[str]:
-        return sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+        # The run id names the transaction log inside each folder; the folder name is not enough: a run started in
+        # the same second as an earlier one gets a "-1" suffix there.
+        return sorted(
+            f.stem.removeprefix("run-")
+            for f in (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+        )
 
     try:
         _run(tmp_path, assets, ["logger=wandb", "trainer.max_steps=2"])
