@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tiny_assets import write_tiny_tokenizer
+import test_data_review10
+from test_data_review10 import ROOT, TESTS, WORDS
 from train_fixtures import grpo_module
 
 from musicflamingo.data import index as index_module
@@ -27,25 +28,9 @@ from musicflamingo.data.index import ManifestIndexError, build_index, index_path
 from musicflamingo.data.manifest import read_manifest
 from musicflamingo.grpo import _target
 from musicflamingo.model.build import build_model
-from musicflamingo.processor import MusicFlamingoProcessor
-from musicflamingo.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-WORDS = "the piano plays a bright melody over a steady kick drum while the bass holds A minor".split()
-
-
-@pytest.fixture(scope="module")
-def proc_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("proc")
-    write_tiny_tokenizer(d)
-    MusicFlamingoProcessor(load_tokenizer(d), chunk_length=1.0, max_audio_len=4.0).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def processor(proc_dir):
-    return MusicFlamingoProcessor.from_pretrained(proc_dir)
+# the processor fixtures of test_data_review10 (a tiny tokenizer, 1 s windows)
+proc_dir, processor = test_data_review10.proc_dir, test_data_review10.processor
 
 
 def _record(i: int) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_eval_review10 import Predictor, _bench, _items, _started
+from test_eval_review10 import _overrides as _eval_args
 from tiny_assets import make_tone, write_audio
 from tiny_checkpoint import write_tiny_checkpoint
 
@@ -83,17 +84,6 @@ def _entry_point(script: str, cwd: Path, *args: str, **env: str) -> subprocess.P
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _eval_args(bench: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "benchmark=synthetic",
-        f"benchmark.root={bench}",
-        f"output_dir={out}",
-        "progress=false",
-        "batch_size=2",
-        *extra,
-    ]
 
 
 def test_a_refused_eval_py_and_a_plan_into_a_folder_in_use_change_none_of_its_files(tmp_path):

@@ -5,29 +5,15 @@ scales, than model.net.lora says)."""
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_grpo import AUDIO, NO_LORA
+from test_grpo import NO_LORA
+from test_grpo_review10 import _lora_net as _net
 
 from musicflamingo.lit import export_model
 from musicflamingo.model import MusicFlamingo
-from musicflamingo.model.build import build_model
 from musicflamingo.model.peft_format import save_peft_adapter
 from musicflamingo.training import _plain_copy
 
 FREEZE = {"audio_tower": True, "multi_modal_projector": True, "language_model": True}
-
-
-def _net(**lora):
-    return build_model(
-        preset="tiny",
-        overrides=AUDIO,
-        init_from=None,
-        seed=0,
-        rote_quirk=True,
-        gradient_checkpointing=False,
-        compile=False,
-        freeze=FREEZE,
-        lora={**NO_LORA, "enabled": True, **lora},
-    )
 
 
 @pytest.mark.parametrize(
