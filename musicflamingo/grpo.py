@@ -1087,11 +1087,14 @@ def _adapters_start_trained(net: MusicFlamingo) -> bool:
 
 
 def _dropouts(net: MusicFlamingo) -> list[str]:
-    """The model's dropout probabilities above zero, as `name=value` (its config's and the LoRA adapters')."""
+    """The model's dropout probabilities above zero, as `name=value` (its config's, the encoder's layerdrop and the
+    LoRA adapters')."""
     audio, text = net.config.audio, net.config.text
+    # layerdrop too: in training mode it skips encoder layers at random (a frozen tower as well), so the policy's
+    # pass read other audio features than the rollouts, `old` and the reference (all in eval mode) did
     found = [
         f"audio.{n}={getattr(audio, n)}"
-        for n in ("dropout", "attention_dropout", "activation_dropout")
+        for n in ("dropout", "attention_dropout", "activation_dropout", "layerdrop")
         if getattr(audio, n) > 0
     ]
     if text.attention_dropout > 0:

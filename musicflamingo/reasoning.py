@@ -155,21 +155,28 @@ def think_record(record: Mapping[str, Any], thinking: str) -> dict[str, Any]:
     if not users or not answers or answers[-1] < users[-1]:
         raise ValueError(f"{name}: the last user turn has no assistant answer to reason about")
     question, answer = convs[users[-1]], convs[answers[-1]]
-    question["content"] = ensure_think_prompt(str(question["content"]))
-    parsed = parse_think(str(answer["content"]))
+    # str() of anything else wrote its repr into the record ("<answer>None</answer>", "['<sound>Key?']"), a layout
+    # the manifest loader (which refuses such content) then read as text
+    for what, value in (("last question", question["content"]), ("last answer", answer["content"])):
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: the {what}'s 'content' must be a string, got {value!r:.80}")
+    question["content"] = ensure_think_prompt(question["content"])
+    parsed = parse_think(answer["content"])
     if parsed.status == "broken":  # wrapped, its tags would nest inside <answer>: SFT would teach broken tags
         raise ValueError(
             f"{name}: the last answer has think/answer tags but is not <think>...</think><answer>...</answer> "
-            f"(a tag unclosed, repeated or out of place): {str(answer['content'])!r:.120}"
+            f"(a tag unclosed, repeated or out of place): {answer['content']!r:.120}"
         )
     if not parsed.well_formed:
         if not parsed.answer:
             raise ValueError(f"{name}: the last answer is empty: nothing to put in <answer>")
-        if TAGS.any_tag.search(str(thinking)):
+        if not isinstance(thinking, str):  # None wrote "<think>None</think>"
+            raise ValueError(f"{name}: the thinking must be a string, got {thinking!r:.80}")
+        if TAGS.any_tag.search(thinking):
             raise ValueError(
                 f"{name}: the thinking holds a think/answer tag, which would break the layout: {thinking!r:.120}"
             )
-        answer["content"] = think_text(str(thinking), str(answer["content"]))
+        answer["content"] = think_text(thinking, answer["content"])
     return {**record, "conversations": convs}
 
 

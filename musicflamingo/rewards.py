@@ -24,11 +24,13 @@ another tempo bucket) voids that category: a caption listing every key scores no
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from musicflamingo.chat import option_letter
 from musicflamingo.data.synthetic.theory import (
     INSTRUMENT_FAMILIES,
     MODES,
@@ -108,9 +110,15 @@ def record_facts(extra: Mapping[str, Any], where: str = "record") -> tuple[Fact,
         out = []
         for category, value in facts.items():
             spellings = [value] if isinstance(value, (str, int, float)) else value
-            if not isinstance(spellings, Sequence) or isinstance(spellings, str):
+            # a bool is no spelling: {"instrumental": true} asked every caption for the word "True" (always 0)
+            if (
+                not isinstance(spellings, Sequence)
+                or isinstance(spellings, str)
+                or any(isinstance(s, bool) for s in spellings)
+            ):
                 raise ValueError(
-                    f"{where}: facts.{category} must be a string or a list of strings, got {value!r}"
+                    f"{where}: facts.{category} must be a string or a list of strings (the words a caption "
+                    f"states it with), got {value!r}"
                 )
             try:
                 out.append(Fact(str(category), tuple(str(s) for s in spellings)))
@@ -183,6 +191,13 @@ class Target:
         choices = extra.get("choices") or ()
         if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
             raise ValueError(f"{where}: 'choices' must be a list of strings, got {choices!r:.80}")
+        if kind == "qa" and _lettered(choices):
+            # eval's option parser reads a completion's text against each choice's whole text: with the labels
+            # in them, a right answer given as the option's text ("120 BPM") scored 0 (only letters counted)
+            raise ValueError(
+                f"{where}: 'choices' carry their option letters ({choices[0]!r:.40}, {choices[1]!r:.40}, ...): "
+                "give the option texts alone, as eval.py's benchmarks do (the prompt shows the letters)"
+            )
         correct = None
         if kind == "qa":
             if not normalize_answer(answer):
@@ -204,6 +219,15 @@ class Target:
             facts=record_facts(extra, where) if kind == "caption" else (),
             correct=correct,
         )
+
+
+def _lettered(choices: Sequence[str]) -> bool:
+    """Whether every choice starts with its own option label: "(A) 60 BPM", "B. 120 BPM", "C) ...", "D: ..."."""
+    return len(choices) >= 2 and all(
+        re.match(rf"\s*(\({option_letter(i)}\)|{option_letter(i)}[.):])\s", c)
+        for i, c in enumerate(choices)
+        if i < 26
+    )
 
 
 def _choice_index(answer: str, choices: Sequence[str]) -> int | None:
