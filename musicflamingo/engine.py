@@ -261,6 +261,16 @@ class Engine:
             capacity = reach  # whole key blocks would pass the bound: exactly what the sequences reach
         return rows, capacity
 
+    def reserved_positions(self) -> int | None:
+        """Rows x capacity the fitted cache keeps for the occupied slots (what a new request is admitted beside):
+        None without a bound (`max_positions`), 0 with no slot occupied."""
+        if self.max_positions is None:
+            return None
+        if all(s is None for s in self.slots):
+            return 0
+        rows, capacity = self._target()
+        return rows * capacity
+
     def fits(self, request: Request) -> bool:
         """Whether admitting `request` into the first free slot keeps the cache within `max_positions` (rows x
         capacity). Always true without a bound; false without a free slot."""

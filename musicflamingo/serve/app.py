@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import json
 import logging
@@ -37,11 +38,11 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from musicflamingo.checkpoint import check_checkpoint_dir, stop_token_ids
+from musicflamingo.checkpoint import check_checkpoint_dir, load_config, stop_token_ids
 from musicflamingo.checkpoint import stop_ids as model_stop_ids
 from musicflamingo.inference import load_model
 from musicflamingo.model import MusicFlamingo
-from musicflamingo.planner import MemoryPlan, check_serving
+from musicflamingo.planner import MemoryPlan, check_serving, max_audio_seconds
 from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.runtime import set_threads
 from musicflamingo.serve.errors import APIError
@@ -399,6 +400,13 @@ async def page(request: Request) -> Response:
     return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
 
+async def _client_left(request: Request, exc: Exception) -> Response:
+    # a client that closed its connection while sending its body (a cancelled upload): nobody to answer, nothing
+    # went wrong here (it was logged twice as an unexpected error, with a traceback each)
+    logger.info("%s %s: the client left before its body was read", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, APIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -421,7 +429,8 @@ def create_app(
     holds it (`ServerState`). `stop_ids`: the ids that end an answer (default: generation_config.json's eos ids
     and the config's, as infer.py and eval.py stop)."""
     context = model.config.text.max_position_embeddings
-    settings.resolve(context, processor.max_audio_len)
+    # whole windows: past them the processor cuts the audio (max_audio_len 100 with 30-s windows keeps 90 s)
+    settings.resolve(context, processor.kept_seconds)
     if stop_ids is None:  # generation_config.json's eos + the config's, as infer and eval stop
         stop_ids = model_stop_ids(getattr(model, "generation_defaults", {}), model.config)
     worker = EngineWorker(
@@ -448,7 +457,12 @@ def create_app(
         Route("/", page, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    handlers = {APIError: _api_error, HTTPException: _api_error, Exception: _api_error}
+    handlers = {
+        APIError: _api_error,
+        HTTPException: _api_error,
+        ClientDisconnect: _client_left,
+        Exception: _api_error,
+    }
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = state
     return app
@@ -462,6 +476,11 @@ def build_server(cfg: Mapping[str, Any]) -> tuple[Starlette, ServeSettings]:
     ckpt = check_checkpoint_dir(cfg.get("ckpt"))
     if not cfg.get("model_name"):
         settings.model_name = ckpt.name
+    # the limits checked against the model's (max_audio_seconds, max_prompt_tokens) before the weights are read: the
+    # release's took minutes to load before a setting over its limits stopped the server
+    # (on a copy: create_app fills the unset limits from the loaded processor)
+    config = load_config(ckpt)
+    copy.copy(settings).resolve(config.text.max_position_embeddings, max_audio_seconds(ckpt, config))
     model, processor = load_model(
         ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
     )

@@ -47,17 +47,19 @@ FIELDS = (
     "reasoning_effort",
 )
 # Accepted and without effect here: bookkeeping and caching hints that do not change the answer (the openai client
-# sends `safety_identifier` and `prompt_cache_key` where it used to send `user`).
-IGNORED_FIELDS = (
-    "metadata",
-    "store",
-    "service_tier",
-    "parallel_tool_calls",
-    "safety_identifier",
-    "prompt_cache_key",
-    "prompt_cache_retention",
-    "prompt_cache_options",
-)
+# sends `safety_identifier` and `prompt_cache_key` where it used to send `user`), each of the type OpenAI's API
+# requires (null too): a client's wrong type is a 400 here as there, not a silent success.
+IGNORED_FIELDS: dict[str, type] = {
+    "metadata": dict,
+    "store": bool,
+    "service_tier": str,
+    "parallel_tool_calls": bool,
+    "safety_identifier": str,
+    "prompt_cache_key": str,
+    "prompt_cache_retention": str,
+    "prompt_cache_options": dict,
+}
+_TYPE_NAMES = {dict: "an object", bool: "true or false", str: "a string"}
 # OpenAI fields this server implements only at their neutral value (None is neutral for all of them).
 NEUTRAL: dict[str, Any] = {
     "frequency_penalty": lambda v: _is_number(v) and v == 0,  # (False == 0: a bool is not a number here)
@@ -214,6 +216,12 @@ def _parse_part(part: Any, param: str) -> tuple[str, AudioRef | None]:
             raise bad_request(f"{where}.format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
         if not isinstance(inner.get("data"), str) or not inner["data"]:
             raise bad_request(f"{where}.data", "must be a non-empty base64 string")
+        if inner["data"][:5].lower() == "data:":  # was 'not valid base64 (Only base64 data is allowed)'
+            raise bad_request(
+                f"{where}.data",
+                "is a data: URL; input_audio.data takes the file's base64 alone (or send the URL as "
+                '{"type": "audio_url", "audio_url": {"url": "data:audio/...;base64,..."}})',
+            )
         return "", AudioRef(f"{where}.data", data=inner["data"], format=fmt)
     if kind == "audio_url":
         _check_keys(part, ("type", "audio_url"), param)
@@ -244,6 +252,9 @@ def _parse_message(m: Any, i: int) -> Message:
             raise bad_request(f"{param}.{k}", "is not supported")
     if not isinstance(m.get("annotations", []), (list, type(None))):
         raise bad_request(f"{param}.annotations", "must be a list or null")
+    for k in ("name", "reasoning_content", "refusal"):  # accepted, not rendered: still a string (or null)
+        if not isinstance(m.get(k, ""), (str, type(None))):
+            raise bad_request(f"{param}.{k}", f"must be a string or null, got {type(m[k]).__name__}")
     content = m.get("content")
     if isinstance(content, str):
         return Message(role, _text(content, f"{param}.content"))
@@ -269,7 +280,11 @@ def _parse_message(m: Any, i: int) -> Message:
 def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatRequest:
     """Check a chat-completions body against what this server implements (400/404 naming the field)."""
     for k, v in data.items():
-        if k in FIELDS or k in IGNORED_FIELDS:
+        if k in FIELDS:
+            continue
+        if k in IGNORED_FIELDS:
+            if v is not None and not isinstance(v, IGNORED_FIELDS[k]):
+                raise bad_request(k, f"must be {_TYPE_NAMES[IGNORED_FIELDS[k]]}, got {type(v).__name__}")
             continue
         if k in NEUTRAL:
             if v is not None and not NEUTRAL[k](v):
@@ -358,10 +373,9 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
         if len(stops) > MAX_STOP_STRINGS:
             raise bad_request("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         req.stop = list(stops)
-    for name in ("user", "safety_identifier", "prompt_cache_key"):
-        v = data.get(name)
-        if v is not None and not isinstance(v, str):
-            raise bad_request(name, f"must be a string, got {type(v).__name__}")
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("user", f"must be a string, got {type(user).__name__}")
 
     think, effort = data.get("think"), data.get("reasoning_effort")
     if think is not None and not isinstance(think, bool):
@@ -426,17 +440,17 @@ def prepare(
     if cached is not None and settings.compile:
         cached //= settings.max_batch
         cached_name += f" over max_batch={settings.max_batch} compiled slots ({cached})"
+    if cached is not None and n >= cached:  # the prompt's fault, whatever max_tokens says (was blamed on it)
+        raise bad_request(
+            "messages",
+            f"the prompt is {n} tokens (audio included), at or over this server's {cached_name}: no room for an "
+            "answer",
+            code="context_length_exceeded",
+        )
     if req.max_tokens is None:
         # a default never goes past a limit a client could not pass either, nor makes a request unservable
         max_new = min(settings.default_max_tokens, settings.max_completion_tokens or room, room)
         if cached is not None:
-            if n >= cached:
-                raise bad_request(
-                    "messages",
-                    f"the prompt is {n} tokens (audio included), at or over this server's {cached_name}: no room "
-                    "for an answer",
-                    code="context_length_exceeded",
-                )
             max_new = min(max_new, cached - n)
     elif req.max_tokens > room:
         raise bad_request(

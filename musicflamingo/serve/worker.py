@@ -119,6 +119,9 @@ class EngineWorker:
         self.tokens = 0
         self.admitted = 0
         self.busy_s = 0.0
+        self._note_cache()  # the cache allocated at start is held already
+        self._snapshot: dict[str, int | float | None] = {}
+        self._publish()
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
@@ -168,7 +171,28 @@ class EngineWorker:
             self._pending.append(job)
             self._cond.notify_all()
 
-    def stats(self) -> dict[str, int | float]:
+    def stats(self) -> dict[str, int | float | None]:
+        """/health's counters. Those of the engine (live requests, reservations, the cache) as the worker thread
+        left them after its last step, all from one moment (read from the event loop, they mixed a step's states:
+        a live count beside the reservation of a request already gone, a cache's rows before a resize and its
+        capacity after); `queued` as it is now."""
+        return {**self._snapshot, "queued": len(self._pending)}
+
+    def _publish(self) -> None:
+        """Hand /health the counters now (worker thread; before a request hears its last event, so that a client
+        holding its answer sees it counted)."""
+        try:
+            self._snapshot = self._counters()
+        except Exception:  # the counters must never keep an answer from its client
+            logger.exception("reading the engine's counters failed")
+
+    def _counters(self) -> dict[str, int | float | None]:
+        """The engine's counters now (worker thread). `reserved_tokens`: the live requests' prompt + max_tokens,
+        summed. `cache_reserved_positions` (with `max_cached_tokens`): the KV cache's positions, rows x capacity,
+        that the live requests hold it to from their admission on, which a new request is admitted beside only if
+        the two fit the bound (`Engine.fits`); `cache_positions`: the positions allocated, that or more."""
+        cache = self.engine.cache
+        reserved_positions = self.engine.reserved_positions()
         return {
             "live": len(self._live),
             "queued": len(self._pending),
@@ -179,10 +203,12 @@ class EngineWorker:
             "admitted": self.admitted,
             "steps": self.steps,
             "tokens": self.tokens,
-            "cache_capacity": self.engine.cache.capacity,
-            "cache_rows": self.engine.cache.rows,
-            "cache_positions": self.engine.cache.rows * self.engine.cache.capacity,
+            "cache_capacity": cache.capacity,
+            "cache_rows": cache.rows,
+            "cache_positions": cache.rows * cache.capacity,
             "peak_cache_positions": self.peak_cache_positions,
+            "max_cached_tokens": self.max_cached_tokens,
+            "cache_reserved_positions": reserved_positions,
             "busy_s": round(self.busy_s, 3),
         }
 
@@ -206,6 +232,7 @@ class EngineWorker:
                     self._fan_out(self.engine.step())
                     self.steps += 1
                     self._note_cache()  # an unbounded cache grows in steps as sequences reach its end
+                self._publish()  # /health's numbers, between two steps
             except Exception as e:  # a failing step must not leave requests waiting forever
                 logger.exception("engine step failed")
                 self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
@@ -265,6 +292,7 @@ class EngineWorker:
             self.peak_reserved = max(self.peak_reserved, self.reserved)
             self.peak_live = max(self.peak_live, len(self._live))
             self._note_cache()
+            self._publish()  # admitted: counted before its first token, and before the next step
             self._fan_out([(slot.index, slot.tokens[-1])])
 
     def _note_cache(self) -> None:
@@ -281,14 +309,17 @@ class EngineWorker:
             if slot.done:
                 finish = "stop" if token in slot.params.stop_ids else "length"
                 self._release(index)
+                self._publish()
             job.emit(Event([token], finish))
 
     def _fail_all(self, message: str, code: str = "engine_error") -> None:
+        live = list(self._live.values())
         for slot in list(self._live):
-            job = self._live[slot]
             self._release(slot)
-            job.emit(Event([], error=message, code=code))
         with self._cond:
             pending, self._pending = list(self._pending), deque()
+        self._publish()
+        for job in live:
+            job.emit(Event([], error=message, code=code))
         for job in pending:
             job.emit(Event([], error=message, code=code))
