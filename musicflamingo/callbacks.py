@@ -196,6 +196,24 @@ class SaveLastAtTrainEnd(Callback):
                 cb.save_last = mode
 
 
+class OwnLastCheckpoint(Callback):
+    """A resumed run's ``ModelCheckpoint`` takes the folder's ``last.ckpt`` as its own, so it overwrites it.
+
+    Lightning knows its ``last.ckpt`` from the checkpoint's callback state, which a periodic file saved before the
+    first ``last.ckpt`` write lacks (``step_000002.ckpt`` of a run saving every 2 steps): a run resumed from it wrote
+    ``last-v1.ckpt`` beside the abandoned run's ``last.ckpt``, and the next ``ckpt_path=last`` (the default)
+    resumed the abandoned run. The run folder is this run's (its lock is held, and a fresh start in a folder with
+    checkpoints is refused), so its ``last.ckpt`` is always this run's latest.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                last = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+                if last.is_file() or last.is_symlink():
+                    cb.last_model_path = str(last)
+
+
 def _rng_states() -> dict[str, Any]:
     """This process's torch (CPU, CUDA), numpy and python RNG states, as types `torch.load(weights_only=True)`
     reads."""

@@ -8,7 +8,12 @@ moment leaves the old file or the new one.
 
 `ContinuedWandbLogger` keeps the W&B run's id in the run folder (`wandb/run_id`), so a resumed run logs to the same
 W&B run instead of opening a new one at every resume; a run that starts afresh forgets it (`start_afresh`, called by
-`training.train` when there is no checkpoint to resume). It closes a W&B run an earlier logger of the process opened
+`training.train` when there is no checkpoint to resume). Offline (train.py's default without an API key), a resumed
+run whose steps the W&B run already holds (a killed run logged past its last checkpoint; a resume from an earlier
+checkpoint) is named in a warning: W&B shows those steps twice. With `rewind=true` the W&B run is rewound to the
+last row before them instead (`resume_from=<id>?_step=<n>`, found in `wandb/<id>.steps`), so W&B shows each step
+once, as TensorBoard and metrics.csv do; off by default, because syncing a rewound part needs W&B's run rewinding
+(a preview feature) and would fail on an account without it. It closes a W&B run an earlier logger of the process opened
 before opening its own (the jobs of a Hydra multirun run in one process: Lightning's `WandbLogger` logged every job
 into the first job's run), and in a multirun names its run after the job's swept overrides (`train #1
 trainer.max_steps=2`).
@@ -32,6 +37,7 @@ Example (configs/logger/csv.yaml):
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +48,8 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+log = logging.getLogger(__name__)
 
 
 class LoggerError(ValueError):
@@ -183,6 +191,25 @@ def multirun_job_name(name: str | None) -> str | None:
     return " ".join(x for x in (name, f"#{job[0]}", *job[1]) if x)
 
 
+def first_logged_step(ckpt_path: str | os.PathLike) -> int | None:
+    """The `trainer/global_step` of the first row a run resumed from `ckpt_path` logs: Lightning's count of batches
+    that made an optimizer step, as its training loop restores it (one more for a checkpoint saved at a training
+    batch's end, which that count does not hold yet). None for a file that cannot be read (the resume reports it)."""
+    import torch
+
+    try:  # mmap: the tensors are not read
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        loop = state["loops"]["fit_loop"]
+        step = int(loop["epoch_loop.state_dict"]["_batches_that_stepped"])
+        done = loop["epoch_loop.batch_progress"]["total"]
+    except Exception:
+        return None
+    whole = done["started"] == done["ready"] and done["processed"] == done["started"]
+    on_batch_end = whole and done["completed"] == done["processed"] - 1
+    on_last = whole and done["completed"] == done["processed"]
+    return step + 1 if on_batch_end or not on_last else step  # training_epoch_loop.reset's rule
+
+
 class ContinuedWandbLogger(WandbLogger):
     """`WandbLogger` whose W&B run a resumed run continues (see the module docstring): the id of the run it opens
     is written to `<save_dir>/wandb/run_id` (rank 0), and read back by the next logger of the same folder unless
@@ -198,6 +225,7 @@ class ContinuedWandbLogger(WandbLogger):
         id: str | None = None,
         version: str | None = None,
         name: str | None = None,
+        rewind: bool = False,
         **kwargs: Any,
     ) -> None:
         from lightning.pytorch.loggers import wandb as lw
@@ -212,6 +240,12 @@ class ContinuedWandbLogger(WandbLogger):
             self._id_from_file = id is not None
         super().__init__(save_dir=save_dir, id=id, version=version, name=multirun_job_name(name), **kwargs)
         self._id_saved = False
+        self._rewind = bool(rewind)
+        self._rows = 0  # rows this logger logged
+        # W&B's `_step` once synced minus the offline run's own (a plain offline resume counts from 0 again)
+        self._step_offset = 0
+        # the first step a rewound run logs (checked at its first row)
+        self._rewound_before: int | None = None
 
     def start_afresh(self) -> None:
         """A run with no checkpoint to resume opens a new W&B run, not the one an earlier run in the folder left
@@ -219,6 +253,101 @@ class ContinuedWandbLogger(WandbLogger):
         if self._id_from_file and self._experiment is None:
             self._wandb_init["id"] = self._id = None
             self._id_from_file = False
+
+    def continue_from(self, ckpt_path: str | os.PathLike) -> None:
+        """This run resumes `ckpt_path` (called by `training.train` before the W&B run opens). Offline, when the
+        folder's W&B run already holds rows of steps this run logs again (logged after the checkpoint by a killed
+        run, or by the run an earlier checkpoint was resumed from), it is rewound to the last row before them
+        (`wandb/<id>.steps` maps `trainer/global_step` to W&B's `_step`); otherwise, and online, W&B's resume
+        continues it."""
+        if not self._id_from_file or self._experiment is not None or rank_zero_only.rank != 0:
+            return
+        if not (self._offline or os.environ.get("WANDB_MODE") in ("offline", "dryrun")):
+            return
+        rows = self._read_steps()
+        # a plain offline resume counts `_step` from 0 again; `wandb sync` appends it after the rows before
+        self._step_offset = max((s for _, s in rows), default=-1) + 1
+        step = first_logged_step(ckpt_path)
+        again = sorted({g for g, _ in rows if step is not None and g >= step})
+        kept = [s for g, s in rows if step is not None and g < step]
+        if not again or not kept:  # nothing logged twice (or nothing before it to rewind to)
+            return
+        what = f"steps {again[0]}..{again[-1]}" if len(again) > 1 else f"step {again[0]}"
+        if not self._rewind:
+            log.warning(
+                "logger.wandb: the W&B run %s holds rows of %s, which this run logs again from %s: W&B will show "
+                "both (logger.wandb.rewind=true rewinds the run instead)",
+                self._id,
+                what,
+                Path(ckpt_path).name,
+            )
+            return
+        last = max(kept)
+        self._wandb_init.pop("resume", None)  # exclusive with resume_from
+        self._wandb_init["resume_from"] = f"{self._id}?_step={last}"
+        self._write_steps([(g, s) for g, s in rows if s <= last])
+        self._step_offset, self._rewound_before = 0, step
+        log.warning(
+            "logger.wandb: this run logs %s again from %s: the offline W&B run %s is rewound to before them "
+            "(resume_from=%s?_step=%d), so W&B shows them once; `wandb sync` needs W&B's run rewinding for that "
+            "(a preview feature): without it, sync this part as a run of its own (wandb sync --id <new id> "
+            "<its offline-run folder>), or pass logger.wandb.rewind=false to keep both",
+            what,
+            Path(ckpt_path).name,
+            self._id,
+            self._id,
+            last,
+        )
+
+    def _steps_file(self) -> Path | None:
+        run_id = self._id if self._experiment is None else getattr(self._experiment, "id", None)
+        return self._id_file.with_name(f"{run_id}.steps") if isinstance(run_id, str) and run_id else None
+
+    def _read_steps(self) -> list[tuple[int, int]]:
+        path = self._steps_file()
+        rows = []
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines() if path else []
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            parts = line.split()
+            if len(parts) == 2 and all(p.isdigit() for p in parts):  # a kill mid-line cut the last one
+                rows.append((int(parts[0]), int(parts[1])))
+        return rows
+
+    def _write_steps(self, rows: list[tuple[int, int]]) -> None:
+        path = self._steps_file()
+        if path is None:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{g} {s}\n" for g, s in rows), encoding="utf-8")
+        os.replace(tmp, path)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        if step is not None and self._rewound_before is not None:
+            if int(step) != self._rewound_before:  # Lightning resumed its loops otherwise than foreseen
+                log.warning(
+                    "logger.wandb: the W&B run was rewound to before step %d, but this run logs from step %d: "
+                    "the synced W&B history may miss or repeat the steps between",
+                    self._rewound_before,
+                    int(step),
+                )
+            self._rewound_before = None
+        run = self.experiment
+        # the `_step` this row gets: the client's count (`run.step` asks W&B's service, which may not have the
+        # previous rows yet); without it, the run's first step and the rows logged here
+        row = getattr(run, "_local_step", None)
+        if not isinstance(row, int):
+            row = int(getattr(run, "starting_step", 0) or 0) + self._rows
+        row += self._step_offset
+        super().log_metrics(metrics, step)
+        self._rows += 1
+        path = self._steps_file()
+        if step is not None and path is not None:
+            with open(path, "a", encoding="utf-8") as f:  # `trainer/global_step _step`, for a later rewind
+                f.write(f"{int(step)} {row}\n")
 
     @property
     def experiment(self) -> Any:

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,17 +155,25 @@ def remove_interrupted_writes(folder: str | os.PathLike) -> list[Path]:
 def save_run_config(cfg: Any, folder: str | os.PathLike) -> None:
     """`<folder>/.hydra/config.yaml` (+ `overrides.yaml`, `hydra.yaml` under Hydra), written by us once the folder's
     lock is held: Hydra itself would write them before the task starts, over the config of a run still using the
-    folder (configs/hydra/default.yaml and configs/eval.yaml set `output_subdir: null`)."""
+    folder (configs/hydra/default.yaml and configs/eval.yaml set `output_subdir: null`). Each file is replaced whole
+    (`checkpoint.replace_file`), never left cut by a kill."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from musicflamingo.checkpoint import replace_file
+
     out = Path(folder) / ".hydra"
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml")
+    remove_interrupted_writes(out)  # the lock is held: a killed earlier write's temporary files go
+    files = {"config.yaml": cfg}
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
-        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
+        files["overrides.yaml"] = hydra_cfg.overrides.task
+        files["hydra.yaml"] = OmegaConf.create({"hydra": hydra_cfg})
+    for name, content in files.items():
+        # through a temporary file: a kill mid-write left a cut config.yaml, the folder's only record of the
+        # settings its checkpoints were trained with (the old one stays whole instead)
+        replace_file(out / name, lambda tmp, content=content: OmegaConf.save(content, tmp))
 
 
 class _Held(logging.Handler):
@@ -185,12 +194,17 @@ class JobLog:
     Hydra opens the file before the task starts, so a run refused because the folder is in use (or `plan=true` into
     it) appended its lines to the running run's log. From `hold()` on, the lines go to memory instead; `write()`
     (with the lock held) writes them to the file and keeps logging there; `close()` without `write()` drops them (the
-    console has them). Outside Hydra, or without Hydra's file handler (`hydra/job_logging=none`), it does nothing.
+    console has them), and with `lock` (the folder's `FolderLock` for a folder) removes a log file that Hydra opened
+    empty for this run (a run refused by a bad setting left an empty `eval.log` in its new folder), once it holds
+    that lock: a run holding it writes its log there. Outside Hydra, or without Hydra's file handler
+    (`hydra/job_logging=none`), it does nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lock: Callable[[str], FolderLock] | None = None) -> None:
         self._files: list[logging.FileHandler] = []
         self._held: _Held | None = None
+        self._lock = lock
+        self._empty: list[str] = []  # the files that were empty when held
 
     def hold(self) -> JobLog:
         from hydra.core.hydra_config import HydraConfig
@@ -210,6 +224,7 @@ class JobLog:
         for h in self._files:
             root.removeHandler(h)
             h.close()  # opened in append mode and never written: the file is as it was
+        self._empty = [h.baseFilename for h in self._files if _size(h.baseFilename) == 0]
         return self
 
     def write(self) -> None:
@@ -226,15 +241,37 @@ class JobLog:
             for record in self._held.records:
                 new.handle(record)
             root.addHandler(new)
+        self._empty = []
         self.close()
 
     def close(self) -> None:
         if self._held is not None:
             logging.getLogger().removeHandler(self._held)
             self._held = None
+        empty, self._empty = self._empty, []
+        if self._lock is not None:
+            for path in empty:
+                _remove_empty_log(path, self._lock)
 
     def __enter__(self) -> JobLog:
         return self.hold()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _remove_empty_log(path: str, lock: Callable[[str], FolderLock]) -> None:
+    """Remove the job log `path` if it is empty and its folder's lock is free (nobody writes the log)."""
+    try:
+        with lock(os.path.dirname(path)) as held:
+            if held.locked and _size(path) == 0:
+                os.unlink(path)
+    except Exception as e:  # in use (another run's log), unwritable: the file stays; the run's error goes on
+        log.debug("%s: left in place (%s)", path, e)

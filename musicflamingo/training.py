@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from musicflamingo.callbacks import (
     AtomicCheckpointIO,
     KeepCutEpochOpen,
+    OwnLastCheckpoint,
     RngStateCheckpoint,
     SaveLastAtTrainEnd,
     StopOnSignal,
@@ -170,11 +171,11 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     """The `cfg.trainer` Trainer with the `cfg.callbacks` and `cfg.logger` objects (and `extra_callbacks`), atomic
     checkpoint files, and checkpoints that keep an epoch cut short by the stop open (`KeepCutEpochOpen`), hold the
     RNG states (`RngStateCheckpoint`) and, at the end of training, the final step in last.ckpt
-    (`SaveLastAtTrainEnd`)."""
+    (`SaveLastAtTrainEnd`), which a resumed run overwrites (`OwnLastCheckpoint`)."""
     one_lightning_log_line()
     # the caller's first: StopOnSignal ends a stopped run at the next batch's start before others act on it
     callbacks = list(extra_callbacks) + _instantiate_dict(cfg.get("callbacks"), "callbacks")
-    callbacks += [KeepCutEpochOpen(), RngStateCheckpoint(), SaveLastAtTrainEnd()]
+    callbacks += [KeepCutEpochOpen(), RngStateCheckpoint(), SaveLastAtTrainEnd(), OwnLastCheckpoint()]
     loggers = _instantiate_dict(cfg.get("logger"), "logger")
     extra: dict[str, Any] = {}
     if cfg.trainer.get("enable_progress_bar", True) and not stderr_is_terminal():
@@ -259,11 +260,13 @@ def _fit(
     datamodule, processor = build_datamodule(cfg, lit.model)
     extra = [stopper, _SaveRunConfig(cfg, output_dir)] if save_config else [stopper]
     trainer = build_trainer(cfg, extra_callbacks=extra)
-    # a fresh start: loggers that would continue a resumed run's (ContinuedWandbLogger) start anew
-    if not ckpt:
-        for lg in trainer.loggers:
-            if callable(getattr(lg, "start_afresh", None)):
-                lg.start_afresh()
+    # a fresh start: loggers that would continue a resumed run's (ContinuedWandbLogger) start anew; a resume: they
+    # continue from the checkpoint (an offline W&B run is rewound to its steps)
+    for lg in trainer.loggers:
+        if not ckpt and callable(getattr(lg, "start_afresh", None)):
+            lg.start_afresh()
+        elif ckpt and callable(getattr(lg, "continue_from", None)):
+            lg.continue_from(ckpt)
     if trainer.is_global_zero:
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

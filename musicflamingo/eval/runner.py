@@ -580,9 +580,10 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
     checkpoint folder, checked before anything is read. The model is loaded only if some item still needs a
     prediction, and only if the memory plan fits the device (``memory_check``); ``plan=true`` prints the plan and
     returns ``{"plan": MemoryPlan}``. Under Hydra (eval.py) the job log's lines wait in memory until the output
-    folder's lock is held (:class:`~musicflamingo.runfolder.JobLog`).
+    folder's lock is held (:class:`~musicflamingo.runfolder.JobLog`); a run that ends before (a bad setting,
+    ``plan=true``) leaves no empty ``eval.log``.
     """
-    with JobLog() as job_log:
+    with JobLog(lock=EvalLock) as job_log:
         return _evaluate(cfg, predict_fn, job_log)
 
 
