@@ -382,14 +382,17 @@ def _flat_keys(node, prefix: str = "") -> set[str]:
 
 def _train_keys() -> set[str]:
     """Every key of train.yaml composed alone, with each experiment, and with the trainer/logger/debug options that
-    add keys (fsdp, ddp, many: every logger)."""
+    add keys (fsdp, ddp, many and wandb: every logger)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     keys: set[str] = set()
     variants = [[f"experiment={e}"] for e in sorted(GROUPS["experiment"])]
-    variants += [["trainer=fsdp", "logger=many", "debug=fast"], ["trainer=ddp", "debug=overfit"]]
+    variants += [
+        ["trainer=fsdp", "logger=many", "debug=fast"],
+        ["trainer=ddp", "debug=overfit", "logger=wandb"],
+    ]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         for overrides in [[], *variants]:
             cfg = hydra_compose(config_name="train", overrides=overrides)
