@@ -257,8 +257,9 @@ def check_eval_settings(settings: Mapping[str, Any]) -> None:
     """`configs/eval.yaml`, composed and resolved (the benchmark's own keys are read by its reader)."""
     check_known_keys(settings, _top_keys("eval"))
     _number(settings, "batch_size", integer=True, lo=1, optional=True, note="null: 8")
-    _number(settings, "max_new_tokens", integer=True, lo=1, optional=True, note="null: the benchmark's")
+    # the benchmark's first: `max_new_tokens` copies it, so `benchmark.max_new_tokens=0` is named as typed
     _number(settings, "benchmark.max_new_tokens", integer=True, lo=1, optional=True)
+    _number(settings, "max_new_tokens", integer=True, lo=1, optional=True, note="null: the benchmark's")
     _number(settings, "limit", integer=True, lo=1, optional=True, note="null: every item")
     for flag in ("sort_by_length", "compile", "progress"):
         _boolean(settings, flag)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -29,3 +31,22 @@ def test_fp16_true_training_is_refused_naming_what_works(tmp_path):
         check_train_settings(settings("16-true"))
     for fine in ("bf16-true", "bf16-mixed", "32-true"):
         check_train_settings(settings(fine))
+
+
+def test_a_bad_benchmark_max_new_tokens_is_named_as_typed():
+    """eval.py benchmark.max_new_tokens=0 named `max_new_tokens` (eval.yaml's copy of it, checked first), a key the
+    user did not type."""
+    from hydra import compose, initialize_config_dir
+
+    from musicflamingo.settings import check_eval_settings
+
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    for override, named in (
+        ("benchmark.max_new_tokens=0", "benchmark.max_new_tokens=0"),
+        ("max_new_tokens=0", "max_new_tokens=0"),
+    ):
+        with initialize_config_dir(config_dir=configs, version_base="1.3"):
+            cfg = compose(config_name="eval", overrides=["ckpt=x", "benchmark.root=x", override])
+        with pytest.raises(SettingsError) as e:
+            check_eval_settings(OmegaConf.to_container(cfg, resolve=True))
+        assert str(e.value).startswith(named), str(e.value)
