@@ -166,7 +166,7 @@ class ConversationDataset(Dataset):
             raise ValueError(f"bad_sample_policy must be 'error' or 'skip', got {bad_sample_policy!r}")
         if max_text_tokens is not None and max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1 or None, got {max_text_tokens}")
-        # JsonlRecords and CompactRecords stay as they are: compact, parsed on access (a list of records would take
+        # JsonlRecords (JSON lists: JsonListRecords) and CompactRecords stay as they are: compact, parsed on access (a list of records would take
         # gigabytes, copied into every DataLoader worker as reference counts touch it)
         self.records = records if isinstance(records, (JsonlRecords, CompactRecords)) else list(records)
         self.processor = processor

@@ -29,10 +29,11 @@ index and what changed), under ``"require"`` the launch stops.
 A build writes what it has done to the index file every ``--save-every`` seconds (60), atomically as the final
 write, and updates that snapshot when it then stops on an error or Ctrl-C: a build killed after hours keeps its
 rows, and the same command run again reuses them and computes only the rest (with ``--force`` too: a forced
-build's snapshot is marked as such). A snapshot is an index like any other, marked partial in its metadata:
-training under ``index="auto"`` takes its rows and estimates the rest with a warning; its rows may hold durations
-without a count (``tokens`` -1: a record whose durations an older index gave and whose count was not yet
-recomputed). One build of a manifest runs at a time (``.<manifest>.index.parquet.lock``): a second one is refused,
+build's snapshot holds its start time, and a forced rerun recomputes the rows whose audio files changed since, by
+their ctime, which copies keeping mtimes do not set back). A snapshot is an index like any other, marked partial in
+its metadata: training under ``index="auto"`` takes its rows and estimates the rest with a warning; its rows may
+hold durations without a count (``tokens`` -1: a record whose durations an older index gave and whose count was not
+yet recomputed). One build of a manifest runs at a time (``.<manifest>.index.parquet.lock``): a second one is refused,
 naming the first's pid, as the two would replace each other's rows.
 
 Audio files count as immutable, as in audiocraft: checking millions of files' mtimes at launch would cost what the
@@ -61,11 +62,11 @@ from tqdm import tqdm
 from musicflamingo.data.dataset import ConversationDataset, estimate_num_tokens, record_seconds
 from musicflamingo.data.manifest import (
     CompactRecords,
+    JsonListRecords,
     JsonlRecords,
     ManifestError,
     Record,
     is_json_list,
-    read_manifest,
 )
 from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.runfolder import FolderLock
@@ -77,7 +78,8 @@ SUFFIX = ".index.parquet"
 INDEX_VERSION = 1
 MODES = ("auto", "off", "require")
 _META_KEY = b"musicflamingo.index"
-# in a snapshot of a build still running or interrupted: {"force": bool}; absent from a finished index
+# in a snapshot of a build still running or interrupted: {"force": bool, "started": ns}; absent from a finished
+# index
 _PARTIAL_KEY = b"musicflamingo.index.partial"
 SAVE_EVERY = 60.0  # seconds between a build's snapshots
 _SECONDS_KEYS = (
@@ -122,27 +124,25 @@ def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes:
     }
 
 
-def _records(path: Path, audio_root: str | os.PathLike | None) -> JsonlRecords | CompactRecords:
-    """A JSONL manifest's lazy :class:`JsonlRecords`, or a JSON list's records as :class:`CompactRecords`."""
+def _records(path: Path, audio_root: str | os.PathLike | None) -> JsonlRecords:
+    """A JSONL manifest's :class:`JsonlRecords`, or a JSON list's :class:`JsonListRecords` (read on access)."""
     return _open(path, audio_root, hashes=False)[0]
 
 
 def _open(
     path: Path, audio_root: str | os.PathLike | None, hashes: bool = True
-) -> tuple[JsonlRecords | CompactRecords, np.ndarray | None, str]:
+) -> tuple[JsonlRecords, np.ndarray | None, str]:
     """The manifest's records, their hashes [N] uint64 (``hashes``) and the hash kind."""
     if not is_json_list(path):
-        records = JsonlRecords(path, audio_root)
-        texts = (records.text(i) for i in range(len(records)))
-        kind = "line"
-    else:
-        listed = read_manifest(path, audio_root)
-        texts = (repr((r.audios, r.messages)).encode() for r in listed)
-        kind = "content"  # was "record", with the id and the other fields: such an index is stale as a whole
-    digests = b"".join(hashlib.blake2b(t, digest_size=8).digest() for t in texts) if hashes else None
-    if kind == "content":
-        records = CompactRecords(listed)
-    return records, None if digests is None else np.frombuffer(digests, dtype="<u8"), kind
+        jsonl = JsonlRecords(path, audio_root)  # hashed while it held the file's bytes
+        return jsonl, jsonl.digests if hashes else None, "line"
+    digests = bytearray()
+
+    def content(r: Record) -> None:  # the id and the other fields left out ("record" hashes held them)
+        digests.extend(hashlib.blake2b(repr((r.audios, r.messages)).encode(), digest_size=8).digest())
+
+    listed = JsonListRecords(path, audio_root, on_record=content if hashes else None)
+    return listed, np.frombuffer(digests, dtype="<u8") if hashes else None, "content"
 
 
 def _lines(records: Sequence[Record]) -> np.ndarray:
@@ -346,6 +346,26 @@ class _Estimates(Dataset):
         return out, None
 
 
+# a file's ctime comes from the kernel's coarse clock (milliseconds behind time.time_ns) or a file server's clock
+_CTIME_SLACK_NS = 2_000_000_000
+
+
+def _audio_unchanged(records: Sequence[Record], which: np.ndarray, started: Any) -> np.ndarray:
+    """For records ``which`` [K], whether none of their audio files changed since ``started`` (ns; not an int:
+    unknown, so all may have), by the files' ctime: ``cp -p`` and ``rsync -a`` set an mtime back, never a ctime."""
+    if not isinstance(started, int) or isinstance(started, bool):
+        return np.zeros(len(which), dtype=bool)
+    limit = started - _CTIME_SLACK_NS
+
+    def unchanged(i: int) -> bool:
+        try:
+            return all(os.stat(a.path).st_ctime_ns < limit for a in records[i].audios)
+        except (OSError, ManifestError):
+            return False
+
+    return np.fromiter((unchanged(i) for i in which.tolist()), dtype=bool, count=len(which))
+
+
 def _unchanged(x: Any) -> Any:
     return x
 
@@ -433,10 +453,10 @@ def build_index(
 ) -> BuildReport:
     """Write ``<manifest>.index.parquet``, checking every record as training does (:class:`ManifestError` names
     ``file:line``). Rows of an existing index that are still valid are kept (``force``: recompute all but the rows
-    of an interrupted forced build's snapshot); the rest read audio headers and tokenize, in ``num_workers``
-    processes. The file is replaced atomically: every ``save_every`` seconds (at least ten times as long as a write
-    takes) with a snapshot of the rows done, updated when the build then stops on an exception; at the end with
-    all rows."""
+    of an interrupted forced build's snapshot whose audio files did not change since it began); the rest read audio
+    headers and tokenize, in ``num_workers`` processes. The file is replaced atomically: every ``save_every``
+    seconds (at least ten times as long as a write takes) with a snapshot of the rows done, updated when the build
+    then stops on an exception; at the end with all rows."""
     start = time.perf_counter()
     path = Path(manifest)
     if audio_root is not None and not os.path.isdir(audio_root):  # else every audio "unreadable", silently
@@ -480,6 +500,7 @@ def _build(
     start: float,
 ) -> BuildReport:
     """:func:`build_index`'s work, under the index's lock."""
+    started_ns = time.time_ns()  # before any audio is read: a forced build's rows hold audio unchanged since
     records, hashes, kind = _open(path, audio_root)
     lines = np.asarray(_lines(records), dtype=np.int64)
     settings = index_settings(processor, audio_root, kind)
@@ -500,6 +521,16 @@ def _build(
         hit = np.flatnonzero(rows >= 0)
         # an audio unread last time is read again (it may be there now)
         hit = hit[~stored.unread[rows[hit]]]
+        if force:  # a forced build's own rows, but not those whose audio was replaced since it began
+            kept = _audio_unchanged(records, hit, stored.partial.get("started"))
+            if not kept.all():
+                log.info(
+                    "%s: %d rows of the interrupted forced build are recomputed: their audio files changed since "
+                    "it began",
+                    where,
+                    int((~kept).sum()),
+                )
+            hit = hit[kept]
         if tokens_ok:
             tokens[hit] = stored.tokens[rows[hit]]
         if seconds_ok:
@@ -526,7 +557,7 @@ def _build(
         num_workers=num_workers if len(chunks) > 1 else 0,
         collate_fn=_unchanged,
     )
-    partial = {"force": bool(force)}
+    partial = {"force": bool(force), "started": started_ns}
 
     def snapshot() -> float:
         began = time.perf_counter()
@@ -600,7 +631,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one per core)"
     )
     p.add_argument(
-        "--force", action="store_true", help="recompute every row (e.g. after audio files changed)"
+        "--force",
+        action="store_true",
+        help="recompute every row (e.g. after audio files changed; rerun after a kill, it continues from the rows "
+        "whose audio did not change since the killed build began)",
     )
     p.add_argument(
         "--save-every",

@@ -42,11 +42,15 @@ Every problem raises :class:`ManifestError` naming ``file:line``, the field and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import operator
 import os
 import pickle
 import re
+import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,16 +164,25 @@ def is_json_list(path: str | os.PathLike) -> bool:
 
 
 class JsonlRecords(Sequence):
-    """The records of a JSONL manifest, each parsed when it is accessed (``records[i]`` -> :class:`Record`).
+    """The records of a JSONL manifest, each read from the file and parsed when it is accessed (``records[i]`` ->
+    :class:`Record`; a slice gives a list).
 
-    Keeps the file's bytes and the line offsets: a few bytes per record beside its text, where a list of
-    :class:`Record` takes kilobytes each and, in DataLoader workers, copies itself page by page as reference counts
-    touch it. Lines are split as :func:`read_manifest` splits them, and ``records[i]`` raises the
-    :class:`ManifestError` (``file:line``) it would raise; only the line lengths are checked before access, so
-    read every record once (as length estimation does) or trust a manifest index that did.
+    Holds each record's line number, byte span and digest (32 bytes per record), not the file's text: every rank
+    and DataLoader worker holds the records, and a million records' text is half a gigabyte each (a list of
+    :class:`Record` takes kilobytes per record and copies itself page by page in workers as reference counts touch
+    it). A record is read with ``os.pread`` from the file kept open (forked workers share the descriptor, pickled
+    copies open the path again) and checked against its digest: after an edit that moved it (reading by offsets
+    gives shifted bytes; an mmap would SIGBUS on a shortened file) it raises a :class:`ManifestError` naming the
+    file and line, while lines appended or a ``touch`` change nothing. A manifest that is no regular file (a pipe) is
+    held in memory instead.
+
+    Lines are split as :func:`read_manifest` splits them, and ``records[i]`` raises the :class:`ManifestError`
+    (``file:line``) it would raise; only the line lengths are checked before access, so read every record once (as
+    length estimation does) or trust a manifest index that did.
 
     Attributes:
         lines: [N] int64, the 1-based line number of each record.
+        digests: [N] uint64, BLAKE2b-64 of each record's line (as UTF-8 bytes, the manifest index's ``hash``).
     """
 
     def __init__(
@@ -179,46 +192,113 @@ class JsonlRecords(Sequence):
         require_assistant_last: bool = True,
     ) -> None:
         self.path = Path(path)
-        try:
-            data = self.path.read_bytes()
-        except OSError as e:
-            raise ManifestError(f"{self.path}: cannot read manifest ({e.strerror or e})") from e
-        first = _first_byte(data)
-        if first == b"[":
-            raise ManifestError(f"{self.path}: a JSON list, not JSONL; read it with read_manifest")
-        if not first:
-            raise ManifestError(f"{self.path}: manifest holds no records")
-        spans = _newline_spans(data, 3 if data.startswith(_BOM) else 0)
-        if spans is None:  # other line breaks (CR, U+2028, ...): split the text as read_manifest does
-            numbers, encoded = [], []
-            for lineno, line in _jsonl_lines(self.path, _read_text(self.path)):
-                numbers.append(lineno)
-                encoded.append(line.encode("utf-8"))
-            ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
-            spans = np.asarray(numbers, dtype=np.int64), ends - [len(b) for b in encoded], ends
-            data = b"".join(encoded)
-        self.lines, self._starts, self._ends = spans
-        if not len(self.lines):
-            raise ManifestError(f"{self.path}: manifest holds no records")
-        for i in np.flatnonzero(self._ends - self._starts > MAX_RECORD_CHARS).tolist():  # bytes >= characters
-            n = len(str(self.text(i), "utf-8", errors="replace"))
-            if n > MAX_RECORD_CHARS:
-                raise _too_long(f"{self.path}:{self.lines[i]}", n)
-        self._data = data
+        _refuse_folder(self.path)
         self.root = Path(audio_root) if audio_root is not None else self.path.parent
         self.require_assistant_last = require_assistant_last
+        self._fd: int | None = None
+        self._fd = self._open()  # kept open: read by its offsets later, and inherited by forked workers
+        try:
+            before = os.fstat(self._fd)
+            regular = stat.S_ISREG(before.st_mode)
+            with open(self._fd, "rb", closefd=False) as f:
+                self.lines, self._starts, self._ends, self.digests, self._data = self._index(f, regular)
+            after = os.fstat(self._fd)
+        except OSError as e:
+            raise ManifestError(f"{self.path}: cannot read manifest ({e.strerror or e})") from e
+        if regular and _stamp(before) != _stamp(after):
+            raise ManifestError(f"{self.path}: the manifest changed while it was being read; read it again")
+        if not regular:  # a pipe: read once, and held in memory (self._data)
+            os.close(self._fd)
+            self._fd = None
+        if not len(self.lines):
+            raise ManifestError(f"{self.path}: manifest holds no records")
+        self._stamp = _stamp(after)
+
+    def _index(
+        self, f: Any, regular: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bytes | None]:
+        """``(lines, starts, ends, digests)`` [N] of the records read from ``f``, and the file's bytes when it is
+        no regular file (it cannot be read again); a regular file is read in blocks (a copy of a file of
+        gigabytes on every rank at once would take what holding it did)."""
+        if regular:
+            found = _block_spans(self.path, f, os.fstat(f.fileno()).st_size)
+            if found is not None:
+                return (*found, None)
+            f.seek(0)  # other line breaks (CR, ...): the text is split as read_manifest splits it
+        data = f.read()
+        lines, starts, ends = self._spans(data)
+        return lines, starts, ends, _digests(data, starts, ends), None if regular else data
+
+    def _spans(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(line numbers, starts, ends)`` [N] of the records in the file's bytes."""
+        _check_jsonl_start(self.path, data)
+        bom = 3 if data.startswith(_BOM) else 0
+        spans = _newline_spans(data, bom)
+        if spans is None:  # other line breaks (CR, ...): split the text as read_manifest does
+            spans = _text_spans(self.path, data, bom)
+        _check_lengths(self.path, data, *spans)
+        return spans
 
     def __len__(self) -> int:
         return len(self.lines)
 
-    def text(self, i: int) -> memoryview:
-        """Record ``i``'s line as UTF-8 bytes (no copy)."""
-        return memoryview(self._data)[int(self._starts[i]) : int(self._ends[i])]
+    def __getstate__(self) -> dict[str, Any]:
+        # a descriptor means nothing in another process: the copy opens the path again
+        return {**self.__dict__, "_fd": None}
 
-    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"record {i} out of range for {len(self)} records of {self.path}")
-        i %= len(self)
+    def __del__(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise ManifestError(f"{self.path}: cannot read manifest ({e.strerror or e})") from e
+
+    def _read(self, start: int, end: int) -> bytes:
+        """The file's bytes ``[start, end)`` (fewer at its end), from the file the spans were found in."""
+        if self._data is not None:
+            return self._data[start:end]
+        if self._fd is None:  # unpickled in another process; forked ones share it (pread moves no offset)
+            self._fd = self._open()
+        try:
+            chunks, pos = [], start
+            while pos < end:
+                chunk = os.pread(self._fd, end - pos, pos)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                pos += len(chunk)
+        except OSError as e:
+            raise ManifestError(f"{self.path}: cannot read manifest ({e.strerror or e})") from e
+        return b"".join(chunks)
+
+    def text(self, i: int) -> bytes:
+        """Record ``i``'s line as UTF-8 bytes, as it was when the manifest was read (:class:`ManifestError` if the
+        file no longer holds it there)."""
+        data = self._read(int(self._starts[i]), int(self._ends[i]))
+        if _digest(data) != self.digests[i].tobytes():
+            try:
+                st = os.fstat(self._fd) if self._fd is not None else os.stat(self.path)
+                now = f"now {_described(_stamp(st))}"
+            except OSError as e:
+                now = f"now {e.strerror or e}"
+            raise ManifestError(
+                f"{self.path}:{self.lines[i]}: the manifest changed after it was read (it was "
+                f"{_described(self._stamp)}; {now}): this record is no longer at its place in the file; restart to "
+                "read the manifest again"
+            )
+        return data
+
+    def __getitem__(self, i: int | slice) -> Record | list[Record]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = _position(i, len(self), self.path)
         line = int(self.lines[i])
         where = f"{self.path}:{line}"
         try:
@@ -230,16 +310,190 @@ class JsonlRecords(Sequence):
         start = int(self._starts[i])
 
         def rest() -> str:  # a record holds at most MAX_RECORD_CHARS characters, of 4 bytes at most
-            return str(self._data[start : start + 4 * MAX_RECORD_CHARS], "utf-8", errors="replace")
+            return str(self._read(start, start + 4 * MAX_RECORD_CHARS), "utf-8", errors="replace")
 
         return _to_record(
             _loads(text, where, rest), where, self.path.name, line, self.root, self.require_assistant_last
         )
 
 
+def _digest(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def _digests(data: bytes | memoryview, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """[N] uint64: the :func:`_digest` of each span of ``data``."""
+    out, view = bytearray(8 * len(starts)), memoryview(data)
+    for j in range(0, len(starts), 8192):  # Python ints for a few spans at a time (36 bytes each)
+        for k, (a, b) in enumerate(zip(starts[j : j + 8192].tolist(), ends[j : j + 8192].tolist()), j):
+            out[8 * k : 8 * k + 8] = _digest(view[a:b])
+    view.release()
+    return np.frombuffer(out, dtype="<u8")
+
+
+def _check_jsonl_start(path: Path, data: bytes) -> None:
+    first = _first_byte(data)
+    if first == b"[":
+        raise ManifestError(f"{path}: a JSON list, not JSONL; read it with JsonListRecords")
+    if not first:
+        raise ManifestError(f"{path}: manifest holds no records")
+
+
+def _check_lengths(
+    path: Path, data: bytes | memoryview, lines: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> None:
+    """Refuse a line of more than MAX_RECORD_CHARS characters (``data`` holds the spans)."""
+    for i in np.flatnonzero(ends - starts > MAX_RECORD_CHARS).tolist():  # bytes >= characters
+        n = len(str(data[starts[i] : ends[i]], "utf-8", errors="replace"))
+        if n > MAX_RECORD_CHARS:
+            raise _too_long(f"{path}:{lines[i]}", n)
+
+
+_BLOCK = 16 << 20  # bytes of a JSONL file read at a time
+
+
+def _block_spans(
+    path: Path, f: Any, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(lines, starts, ends, digests)`` [N] of a JSONL file's records, read in blocks of whole lines (as
+    :func:`_newline_spans` finds them) into one buffer; None when it holds other line breaks. ``size``: the file's,
+    to size the buffer."""
+    parts = []
+    # one allocation: a new one per block would stay in the heap, as resident memory
+    buf = bytearray(min(_BLOCK, size + 1))
+    # the file offset of buf[0], the newlines before it, the bytes of buf holding a line not yet ended
+    base, before, held = 0, 0, 0
+    while True:
+        if held == len(buf):  # a line longer than the buffer
+            buf.extend(bytes(len(buf)))
+        with memoryview(buf) as free:
+            n = f.readinto(free[held:])
+        filled = held + n
+        cut = buf.rfind(b"\n", 0, filled) + 1 if n else filled  # whole lines; all that is left at the end
+        if base == 0 and _first_byte(bytes(buf[: min(filled, 1 << 16)])) == b"[":  # as is_json_list decides
+            _check_jsonl_start(path, bytes(buf[:filled]))
+        if cut:
+            with memoryview(buf) as whole, whole[:cut] as piece:
+                spans = _newline_spans(piece, 3 if base == 0 and buf.startswith(_BOM) else 0)
+                if spans is None:
+                    return None
+                lines, starts, ends = spans
+                _check_lengths(path, piece, lines + before, starts, ends)
+                parts.append((lines + before, starts + base, ends + base, _digests(piece, starts, ends)))
+            before += buf.count(b"\n", 0, cut)
+            base += cut
+        held = filled - cut
+        buf[:held] = buf[cut:filled]
+        if not n:
+            break
+    if not parts:  # blank: "holds no records"
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, np.zeros(0, dtype="<u8")
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))  # type: ignore[return-value]
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file unchanged: device, inode, size, mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _described(stamp: tuple[int, int, int, int]) -> str:
+    """``"inode <n>, <size> bytes, modified <time>"`` of a :func:`_stamp`."""
+    ns = stamp[3]
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)) + f".{ns % 10**9:09d}"
+    return f"inode {stamp[1]}, {stamp[2]} bytes, modified {when}"
+
+
+def _position(i: Any, n: int, what: Any) -> int:
+    """Index ``i`` (negative counts from the end) of ``n`` records as a position in ``[0, n)``; a list's IndexError
+    and TypeError otherwise."""
+    try:
+        i = operator.index(i)
+    except TypeError:
+        raise TypeError(f"record indices must be integers or slices, not {type(i).__name__}") from None
+    if not -n <= i < n:
+        raise IndexError(f"record {i} out of range for {n} records of {what}")
+    return i % n
+
+
+def _text_spans(path: Path, data: bytes, bom: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(line numbers, starts, ends)`` [N] of the non-blank lines as :func:`_jsonl_lines` splits the decoded text,
+    as byte offsets into ``data`` (which starts with ``bom`` bytes of BOM)."""
+    text = _decode(path, data)
+    numbers, starts, ends = [], [], []
+    pos, at = 0, bom  # the character and the byte where the line starts
+    for lineno, m in enumerate(LINE_BREAK.finditer(text + "\n"), start=1):
+        line = text[pos : m.start()]
+        size = len(line.encode("utf-8"))
+        if line.strip():
+            if len(line) > MAX_RECORD_CHARS:
+                raise _too_long(f"{path}:{lineno}", len(line))
+            numbers.append(lineno)
+            starts.append(at)
+            ends.append(at + size)
+        at += size + len(m.group())  # line breaks are ASCII
+        pos = m.end()
+    return (
+        np.asarray(numbers, dtype=np.int64),
+        np.asarray(starts, dtype=np.int64),
+        np.asarray(ends, dtype=np.int64),
+    )
+
+
+class JsonListRecords(JsonlRecords):
+    """The records of a JSON-list manifest, held and read as :class:`JsonlRecords` holds a JSONL manifest's (each
+    record's line, byte span and digest; read from the file and parsed on access), every one checked when the
+    manifest is opened, as :func:`read_manifest` checks them.
+
+    Args:
+        on_record: called with each record as it is checked (in file order), e.g. to hash it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        audio_root: str | os.PathLike | None = None,
+        require_assistant_last: bool = True,
+        on_record: Callable[[Record], None] | None = None,
+    ) -> None:
+        self._on_record = on_record
+        super().__init__(path, audio_root, require_assistant_last)
+        del self._on_record
+
+    def _index(
+        self, f: Any, regular: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bytes | None]:
+        data = f.read()  # a JSON list is parsed as a whole
+        lines, starts, ends = self._spans(data)
+        return lines, starts, ends, _digests(data, starts, ends), None if regular else data
+
+    def _spans(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        text = _decode(self.path, data)
+        if not text.lstrip().startswith("["):
+            raise ManifestError(f"{self.path}: JSONL, not a JSON list; read it with JsonlRecords")
+        spans: list[tuple[int, int]] = []
+        items = _parse_json_list(self.path, text, spans)
+        n = len(items)
+        lines, starts, ends = (np.zeros(n, dtype=np.int64) for _ in range(3))
+        at, prev = 3 if data.startswith(_BOM) else 0, 0  # the byte and the character after the last record
+        for k, ((line, obj), (a, b)) in enumerate(zip(items, spans)):
+            items[k] = None  # each object freed once checked
+            record = _to_record(
+                obj, f"{self.path}:{line}", self.path.name, line, self.root, self.require_assistant_last
+            )
+            if self._on_record is not None:
+                self._on_record(record)
+            lines[k] = line
+            starts[k] = at = at + len(text[prev:a].encode("utf-8"))
+            ends[k] = at = at + len(text[a:b].encode("utf-8"))
+            prev = b
+        return lines, starts, ends
+
+
 class CompactRecords(Sequence):
-    """Records kept as one bytes object of their pickles (``records[i]`` unpickles record ``i``): what a JSON-list
-    manifest's records become for training.
+    """Records kept as one bytes object of their pickles (``records[i]`` unpickles record ``i``; a slice gives a
+    list), for records that have no file to be read from again (a manifest's are :class:`JsonlRecords` and
+    :class:`JsonListRecords`, which hold less).
 
     A list of :class:`Record` takes kilobytes per record and, in every DataLoader worker, is copied page by page as
     reference counts touch it (copy-on-read: a million records cost gigabytes per worker by the end of an epoch);
@@ -260,14 +514,14 @@ class CompactRecords(Sequence):
     def __len__(self) -> int:
         return len(self._ends)
 
-    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"record {i} out of range for {len(self)} records")
-        i %= len(self)
+    def __getitem__(self, i: int | slice) -> Record | list[Record]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = _position(i, len(self), "a JSON-list manifest")
         return pickle.loads(memoryview(self._data)[int(self._starts[i]) : int(self._ends[i])])
 
 
-def _newline_spans(data: bytes, skip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _newline_spans(data: bytes | memoryview, skip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(line numbers, starts, ends)`` [N] of the non-blank lines of ``data[skip:]``, split as :func:`_jsonl_lines`
     splits the decoded text, found with numpy instead of a Python loop; None when a line break other than "\n" or
     "\r\n" occurs (the caller then splits the text)."""
@@ -291,7 +545,7 @@ def _newline_spans(data: bytes, skip: int) -> tuple[np.ndarray, np.ndarray, np.n
     keep = ends > starts
     # A line starting with "{" is not blank; any other may be whitespace only (str.strip's notion of it).
     for i in np.flatnonzero(keep & (buf[np.minimum(starts, len(buf) - 1)] != ord("{"))).tolist():
-        keep[i] = bool(data[starts[i] : ends[i]].decode("utf-8", errors="replace").strip())
+        keep[i] = bool(str(data[starts[i] : ends[i]], "utf-8", errors="replace").strip())
     return numbers[keep], starts[keep], ends[keep]
 
 
@@ -312,6 +566,10 @@ def _read_text(path: Path) -> str:
         data = path.read_bytes()
     except OSError as e:
         raise ManifestError(f"{path}: cannot read manifest ({e.strerror or e})") from e
+    return _decode(path, data)
+
+
+def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -373,8 +631,11 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
     ]
 
 
-def _parse_json_list(path: Path, text: str) -> list[tuple[int, Any]]:
-    """Decode a top-level JSON list element by element so that every record knows its starting line."""
+def _parse_json_list(
+    path: Path, text: str, spans: list[tuple[int, int]] | None = None
+) -> list[tuple[int, Any]]:
+    """Decode a top-level JSON list element by element so that every record knows its starting line (and, into
+    ``spans``, its ``(start, end)`` in ``text``)."""
     decoder = json.JSONDecoder()
     ws = re.compile(r"\s*")
     items = []
@@ -400,6 +661,8 @@ def _parse_json_list(path: Path, text: str) -> list[tuple[int, Any]]:
         if end - pos > MAX_RECORD_CHARS:
             raise _too_long(f"{path}:{line}", end - pos)
         items.append((line, obj))
+        if spans is not None:
+            spans.append((pos, end))
         pos = ws.match(text, end).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()

@@ -53,7 +53,7 @@ import numpy as np
 
 from musicflamingo.audio.io import audio_duration
 from musicflamingo.data.dataset import ConversationDataset, estimate_num_tokens
-from musicflamingo.data.manifest import AudioRef, Message, Record, read_manifest
+from musicflamingo.data.manifest import AudioRef, Message, Record, _position, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -405,9 +405,8 @@ class ShardRecords(Sequence):
 
     def parse(self, i: int) -> tuple[Record, list[float]]:
         """Record ``i`` and its audios' seconds (NaN where the header was unreadable at sharding time)."""
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"record {i} out of range for the {len(self)} records of {self.where}")
-        i %= len(self)  # -1 read the whole buffer as one record: "not a record this code wrote"
+        # -1 read the whole buffer as one record: "not a record this code wrote"
+        i = _position(i, len(self), f"the {self.where}")
         start = int(self._ends[i - 1]) if i > 0 else 0
         try:
             obj = json.loads(self._data[start : int(self._ends[i])])
@@ -426,7 +425,9 @@ class ShardRecords(Sequence):
             ) from None
         return record, seconds
 
-    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+    def __getitem__(self, i: int | slice) -> Record | list[Record]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.parse(j)[0] for j in range(*i.indices(len(self)))]
         return self.parse(i)[0]
 
 
