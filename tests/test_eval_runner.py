@@ -444,3 +444,18 @@ def test_resume_refuses_resaved_checkpoint_or_other_dtype(tmp_path, monkeypatch)
     monkeypatch.setattr(runner, "build_predict_fn", lambda cfg: CountingPredictor())
     assert evaluate(_cfg(tmp_path, "dtype=float32", *run))["num_scored"] == 4
     assert json.loads((tmp_path / "out" / "run.json").read_text())["dtype"] == "float32"
+
+
+@pytest.mark.parametrize(("cer_languages", "n_cer"), [("[]", 0), ("[zh]", 1)])
+def test_an_empty_cer_language_list_scores_every_language_with_wer(tmp_path, cer_languages, n_cer):
+    """benchmark.cer_languages=[] asks for WER everywhere; it was taken for unset (`or` the default list), so
+    Chinese items still got CER."""
+    from tiny_assets import make_tone, write_audio
+
+    root = tmp_path / "lyr"
+    write_audio(root / "s.wav", make_tone(440.0, 0.5))
+    recs = [{"audio": "s.wav", "lyrics": "la la"}, {"audio": "s.wav", "lyrics": "我 爱", "language": "zh"}]
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    cfg = _cfg(root, "benchmark=lyrics", f"benchmark.cer_languages={cer_languages}")
+    lyr = evaluate(cfg, predict_fn=lambda batch: [it.answer for it in batch])
+    assert lyr["tasks"]["lyrics"]["n_cer"] == n_cer and lyr["tasks"]["lyrics"]["n_wer"] == 2 - n_cer

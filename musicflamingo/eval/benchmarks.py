@@ -461,6 +461,18 @@ def _locate(cfg: Mapping[str, Any], candidates: Sequence[str], what: str = "") -
     )
 
 
+def _check_split(path: Path, split: str, named: str | None) -> None:
+    """Refuse a data file whose release name is another split's (``named``, from ``path``'s name) than
+    ``benchmark.split``: ``benchmark.root`` or ``benchmark.file`` pointing at ``avqa-val.json`` or
+    ``segments/train.txt`` under the default ``split: test`` scored that split as the test split, beside the
+    paper's test number."""
+    if named is not None and named != split:
+        raise BenchmarkError(
+            f"{path} is the release's {named!r} split, but benchmark.split={split!r}: pass "
+            f"benchmark.split={named} to score it, or point benchmark.root at the {split!r} split's file"
+        )
+
+
 def _audio_base(cfg: Mapping[str, Any], data_file: Path) -> Path:
     # Relative audio paths are relative to benchmark.audio_dir when set (itself relative to root), else to the
     # data file's folder (MMAU's "./test-mini-audios/x.wav" sits next to mmau-test-mini.json).
@@ -608,6 +620,7 @@ def read_mmau(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     if split not in ("test-mini", "test"):
         raise BenchmarkError(f"benchmark.split must be test-mini or test for MMAU, got {split!r}")
     path = _locate(cfg, [f"mmau-{split}.json"])
+    _check_split(path, split, (m := re.fullmatch(r"mmau-(test-mini|test)\.json", path.name)) and m.group(1))
     read.source = str(path)
     base = _audio_base(cfg, path)
     items = []
@@ -925,6 +938,7 @@ def read_nsynth(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         path = root / "examples.json"
     else:  # never a bare examples.json further down: it may be another split's
         path = _locate(cfg, [f"nsynth-{split}/examples.json"])
+        _check_split(path, split, (m := re.fullmatch(r"nsynth-(\w+)", path.parent.name)) and m.group(1))
     read.source = str(path)
     try:
         data = json.loads(_read_text(path))
@@ -1108,9 +1122,17 @@ def read_music_avqa(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         [f"data/json_update/avqa-{split}.json", f"json_update/avqa-{split}.json", f"avqa-{split}.json"]
         + [f"data/json/avqa-{split}.json", f"json/avqa-{split}.json"],
     )
+    _check_split(path, split, (m := re.fullmatch(r"avqa-(\w+)\.json", path.name)) and m.group(1))
     read.source = str(path)
     base = _audio_base(cfg, path) if cfg.get("audio_dir") else _root(cfg)
-    index = _audio_index(base if base.is_dir() else path.parent)
+    if not base.is_dir():  # root is the JSON itself: data/audio/ is beside data/json_update/ (or data/json/)
+        release = path.parent.parent.parent
+        base = (
+            release
+            if path.parent.name in ("json_update", "json") and (release / "data").is_dir()
+            else path.parent
+        )
+    index = _audio_index(base)
     rows = []
     for _, where, rec in read_records(path):
         read.rows += 1
@@ -1242,6 +1264,7 @@ def read_opencpop(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     wavs/<uid>.wav``. The reference is the Chinese ``text`` (scored with CER); ids are the uids."""
     split = str(cfg.get("split") or "test")
     path = _locate(cfg, [f"segments/{split}.txt", f"{split}.txt"])
+    _check_split(path, split, path.stem if path.stem in ("train", "test") else None)
     read.source = str(path)
     wavs = _audio_base(cfg, path) if cfg.get("audio_dir") else path.parent / "wavs"
     items = []

@@ -666,7 +666,10 @@ def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[s
                 name=bench.name,
                 source=bench.source,
                 progress=bool(c.get("progress", True)),
-                cer_languages=bench_cfg.get("cer_languages") or CER_LANGUAGES,
+                # [] scores every language with WER: only an unset value takes the default list
+                cer_languages=CER_LANGUAGES
+                if bench_cfg.get("cer_languages") is None
+                else bench_cfg["cer_languages"],
                 length=item_seconds if c.get("sort_by_length", True) else None,
                 extra={
                     "ckpt": identity["ckpt"],
