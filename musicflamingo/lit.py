@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import nn
 
+from musicflamingo.distributed import MusicFlamingoFSDP
 from musicflamingo.errors import RunStopped
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.build import PARTS
@@ -198,9 +199,11 @@ class MusicFlamingoLit(L.LightningModule):
         self._resumed_schedule: dict[str, float] | None = None
 
     def setup(self, stage: str) -> None:
-        """Before the precision plugin casts the module: under FSDP the LoRA adapters follow its cast (FSDP flattens
-        each block's weights into one tensor of one dtype); elsewhere they stay float32 (`lora.FloatAdapters`)."""
-        if self._trainer is None or not isinstance(self.trainer.strategy, FSDPStrategy):
+        """Before the precision plugin casts the module: the LoRA adapters stay float32 (`lora.FloatAdapters`), under
+        configs/trainer/fsdp.yaml too (`distributed.MusicFlamingoFSDP` keeps them out of FSDP's flat parameters);
+        under another FSDP strategy they follow the cast (FSDP flattens each block's weights into one dtype)."""
+        strategy = None if self._trainer is None else self.trainer.strategy
+        if not isinstance(strategy, FSDPStrategy) or isinstance(strategy, MusicFlamingoFSDP):
             return
         layers = adapter_layers(self.model)
         for layer in layers:
@@ -209,7 +212,8 @@ class MusicFlamingoLit(L.LightningModule):
             log.warning(
                 "trainer.precision=%s under FSDP: the LoRA adapters train in %s with the base (FSDP flattens a "
                 "block's weights into one dtype), where AdamW's smallest updates round away; "
-                "trainer.precision=bf16-mixed keeps them float32",
+                "trainer=fsdp (musicflamingo.distributed.fsdp_strategy) or trainer.precision=bf16-mixed keeps them "
+                "float32",
                 self.trainer.precision,
                 "bfloat16" if str(self.trainer.precision).startswith("bf16") else "float16",
             )

@@ -235,9 +235,13 @@ def test_full_fine_tune_under_bf16_true_is_all_bf16(assets, tmp_path):
 
 
 def test_fsdp_keeps_adapters_following_the_base_cast_and_says_so(caplog):
-    """FSDP flattens a block's weights into one tensor of one dtype: under it the adapters follow bf16-true's cast
-    (as before) with a warning naming bf16-mixed, instead of FSDP's error on mixed dtypes."""
+    """FSDP flattens a block's weights into one tensor of one dtype: under Lightning's own FSDP strategy the adapters
+    follow bf16-true's cast (as before) with a warning naming what keeps them float32, instead of FSDP's error on
+    mixed dtypes; configs/trainer/fsdp.yaml's strategy keeps them float32 (tests/test_lora_review12.py) and says
+    nothing."""
     from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
 
     from musicflamingo.distributed import fsdp_strategy
     from musicflamingo.lit import MusicFlamingoLit
@@ -253,6 +257,10 @@ def test_fsdp_keeps_adapters_following_the_base_cast_and_says_so(caplog):
         "stop",  # type: ignore[arg-type]
     )
     lit._trainer = SimpleNamespace(strategy=fsdp_strategy(), precision="bf16-true")
+    with caplog.at_level(logging.WARNING, logger="musicflamingo"):
+        lit.setup("fit")
+    assert "LoRA adapters" not in caplog.text and block.q_proj.keep_float32
+    lit._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="bf16-true")
     with caplog.at_level(logging.WARNING, logger="musicflamingo"):
         lit.setup("fit")
     assert "trainer.precision=bf16-mixed keeps them float32" in caplog.text

@@ -72,7 +72,8 @@ def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class FloatAdapters(nn.Module):
     """Keeps `lora_A` / `lora_B` float32 when the module is cast to half precision; they still follow device moves
-    and every other cast. `keep_float32 = False` lets them follow (FSDP flattens a block's weights into one dtype)."""
+    and every other cast. `keep_float32 = False` lets them follow. Under FSDP they stay float32 too, left out of its
+    one-dtype flat parameters (`distributed.MusicFlamingoFSDP`)."""
 
     keep_float32 = True
 
