@@ -316,6 +316,13 @@ def test_sample_rate_outside_1_to_384_khz_is_refused_before_resampling(assets, t
         return real(x, orig_sr, target_sr)
 
     monkeypatch.setattr(audio_io, "resample", guarded)
+    streamed = audio_io._Resampled.__init__  # file reads resample a block at a time
+
+    def guarded_stream(self, orig_sr, target_sr, *args, **kwargs):
+        assert 1000 <= orig_sr <= 384_000, f"resampling from {orig_sr} Hz"
+        return streamed(self, orig_sr, target_sr, *args, **kwargs)
+
+    monkeypatch.setattr(audio_io._Resampled, "__init__", guarded_stream)
     with pytest.raises(AudioError, match=rf"{path}: sample rate {rate} Hz is outside 1000-384000 Hz"):
         load_audio(path)
     processor = MusicFlamingoProcessor.from_pretrained(assets["proc"])

@@ -1,7 +1,8 @@
 """Audio decoding: file or in-memory array -> 16 kHz mono float32 numpy, with clear errors.
 
 Files are read with ``soundfile`` (wav, flac, ogg, mp3 and whatever libsndfile knows), seeking near ``offset`` and
-reading only the requested frames (and a margin for the resampler); other formats (and a header that gives no
+reading only the requested frames (and a margin for the resampler), a block at a time, each averaged to mono and
+resampled as it comes (a 20-min file holds its output, not its channels); other formats (and a header that gives no
 length, or a wrong one: a VBR MP3 without a Xing frame) fall back to ``torchcodec`` when installed, then to the
 ``ffmpeg`` command line. Multi-channel audio is averaged to mono; resampling uses ``soxr`` at high quality (as the
 reference's soundfile path does), for what ffmpeg decodes too.
@@ -14,9 +15,11 @@ import io
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +94,44 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 
     n_out = -(-x.shape[0] * target_sr // orig_sr)
     y = soxr.resample(x, orig_sr, target_sr, quality="HQ")
-    return np.pad(y, (0, max(0, n_out - y.shape[0])))[:n_out]
+    if y.shape[0] >= n_out:  # a view: np.pad copied the 20-min output once more
+        return y[:n_out]
+    return np.pad(y, (0, n_out - y.shape[0]))
+
+
+class _Resampled:
+    """:func:`resample`'s output samples ``[lo, hi)`` (``hi`` None: to the end) of a ``[T]`` float32 signal given a
+    block at a time: soxr streams at the same high quality, and its output does not depend on how the input is cut,
+    so the samples are the one-call ones, without holding the whole input."""
+
+    def __init__(self, orig_sr: int, target_sr: int, lo: int = 0, hi: int | None = None) -> None:
+        import soxr
+
+        self.rates, self.lo = (orig_sr, target_sr), lo
+        # past the output's end: resample's zero padding
+        self.out = None if hi is None else np.zeros(hi - lo, np.float32)
+        self.pieces: list[np.ndarray] = []  # without `hi`: the kept output as it came
+        self.done = 0  # output samples given so far
+        self.stream = soxr.ResampleStream(orig_sr, target_sr, 1, dtype="float32", quality="HQ")
+
+    def add(self, x: np.ndarray, last: bool = False) -> None:
+        y = self.stream.resample_chunk(x, last=last)
+        if self.out is None:
+            self.pieces.append(y[max(0, self.lo - self.done) :])
+        else:
+            a, b = max(self.done, self.lo), min(self.done + y.shape[0], self.lo + self.out.shape[0])
+            if a < b:
+                self.out[a - self.lo : b - self.lo] = y[a - self.done : b - self.done]
+        self.done += y.shape[0]
+
+    def samples(self, n_in: int) -> np.ndarray:
+        """The kept samples, for an input of ``n_in`` samples (resample's output length: ``ceil(n_in * target /
+        orig)``)."""
+        n_out = max(0, -(-n_in * self.rates[1] // self.rates[0]) - self.lo)
+        if self.out is not None:
+            return self.out[: min(self.out.shape[0], n_out)]
+        y = np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.float32)
+        return y[:n_out] if y.shape[0] >= n_out else np.pad(y, (0, n_out - y.shape[0]))
 
 
 # A header outside this range is corrupt or hostile: a 40 kB WAV claiming 1 Hz would resample to 320 M samples.
@@ -99,6 +139,8 @@ MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 384_000
 # Source seconds read past a cap, so the resampler's filter sees the same samples around the cut as a full read.
 _CAP_MARGIN = 0.5
+# Bytes of float32 channels read at a time (and averaged to mono) from a file soundfile decodes.
+_READ_BLOCK_BYTES = 1 << 23
 
 
 def check_sample_rate(name: str, rate: int) -> None:
@@ -194,6 +236,20 @@ def _check_mp3_length(path: str, data: bytes | None, frames: int, sr: int) -> No
         )
 
 
+def _promised_frames(f) -> int | None:
+    """Frames that the header of a WAV/AIFF (``f``, open) says it holds when the file holds fewer (libsndfile then
+    reads what is there, and logs the header's size next to the file's); None when it says nothing of the kind (or
+    a size of 0xFFFFFFFF: a WAV written to a pipe, its size unknown)."""
+    log = f.extra_info
+    said = re.search(r"'COMM' chunk \((\d+)\) not equal|'ds64' chunk of (\d+)", log)
+    if said:
+        return int(said.group(1) or said.group(2))
+    said = re.search(r"^ *data : (\d+) \(should be (\d+)\)", log, re.M)
+    if said and 0 < int(said.group(2)) < int(said.group(1)) < 0xFFFFFFFF:
+        return int(f.frames * int(said.group(1)) / int(said.group(2)))  # the data chunk's bytes, as frames
+    return None
+
+
 def _read_soundfile(
     path: str, offset: float, seconds: float | None, target: int, data: bytes | None = None
 ) -> tuple[np.ndarray, int]:
@@ -234,28 +290,54 @@ def _read_soundfile(
             last = min(frames, -(-out_end * sr // target) + margin)
         if first:  # not seek(0): libmpg123 then decodes an mp3 1e-7 off the reference's read
             f.seek(first)
+        # Read in blocks, each averaged to mono ([T, C] -> [T]: the same float32 means as one read) and resampled
+        # as it comes: 20 min of 48 kHz 5.1 held 1.4 GB of channels, then 230 MB of mono, at once; now the output.
+        n_in = last - first
+        block = np.empty((min(n_in, _READ_BLOCK_BYTES // (4 * f.channels)), f.channels), np.float32)
+        if sr == target:
+            x, out = np.empty(n_in, np.float32), None
+        else:
+            skip = first * target // sr  # exact: `first` is on the target grid
+            out, mono = (
+                _Resampled(sr, target, out_start - skip, out_end - skip),
+                np.empty(len(block), np.float32),
+            )
+        got, bad, bad_at = 0, 0, -1  # non-finite samples: counted, the first named in the file
         try:
-            x = f.read(last - first, dtype="float32", always_2d=True).mean(axis=1)  # [T, C] -> [T]
+            while got < n_in:
+                ask = min(n_in - got, block.shape[0])
+                part = f.read(ask, out=block[:ask])
+                m = (x[got:] if out is None else mono)[: part.shape[0]]
+                np.mean(part, axis=1, out=m)
+                nonfinite = ~np.isfinite(m)
+                if nonfinite.any():
+                    bad_at = first + got + int(np.argmax(nonfinite)) if not bad else bad_at
+                    bad += int(nonfinite.sum())
+                got += part.shape[0]
+                if out is not None and not bad:
+                    out.add(m, last=got == n_in or part.shape[0] < ask)
+                if part.shape[0] < ask:
+                    break
         except Exception as e:  # a FLAC cut short: "lost sync"; ffmpeg decodes what is there
             raise _Damaged(f"{e} (its header says {frames / sr:.2f} s)") from None
-    if last - first - x.shape[0] > sr // 10:  # a download cut short: the header promises more than decodes
+        # A WAV or AIFF cut short: libsndfile takes the length the file holds, its log the one the header says.
+        promised = _promised_frames(f) if whole else None
+    if n_in - got > sr // 10:  # a download cut short: the header promises more than decodes
+        promised = frames
+    if promised is not None and promised - (first + got) > sr // 10:
         logger.warning(
             "Audio %s is truncated or damaged: its header says %.2f s, its frames from %.2f s end at %.2f s.",
             path,
-            frames / sr,
+            promised / sr,
             first / sr,
-            (first + x.shape[0]) / sr,
+            (first + got) / sr,
         )
-    bad = ~np.isfinite(x)
-    if bad.any():  # named in the file, before resampling spreads it
-        at = first + int(np.argmax(bad))
+    if bad:  # named in the file, before resampling spreads it
         raise AudioError(
-            f"{path}: audio has {int(bad.sum())} non-finite samples (NaN or inf), first at {at / sr:.3f} s "
-            f"(sample {at} at {sr} Hz)"
+            f"{path}: audio has {bad} non-finite samples (NaN or inf), first at {bad_at / sr:.3f} s "
+            f"(sample {bad_at} at {sr} Hz)"
         )
-    if sr != target:
-        skip = first * target // sr  # exact: `first` is on the target grid
-        x = resample(x, sr, target)[out_start - skip : out_end - skip]
+    x = x[:got] if out is None else out.samples(got)
     return x, n_full - out_start
 
 
@@ -273,9 +355,9 @@ def _read_torchcodec(path: str, offset: float, seconds: float | None, sr: int) -
 
 def _read_ffmpeg(path: str, offset: float, seconds: float | None, sr: int) -> np.ndarray:
     """The ``ffmpeg`` command line decodes at the file's own rate and channels (a WAV on its stdout, read as it
-    comes); the channels are averaged and ``resample`` (soxr) takes it to ``sr``, as the soundfile path does.
-    (ffmpeg's own ``-ac 1`` gives (L + R) / sqrt(2) for stereo and drops the LFE of 5.1; its resampler is not
-    soxr.) ``offset`` 0 is no seek: ``-ss 0`` dropped a Matroska file's first samples."""
+    comes); the channels are averaged and soxr takes it to ``sr`` as ``resample`` does, a block at a time, as the
+    soundfile path does. (ffmpeg's own ``-ac 1`` gives (L + R) / sqrt(2) for stereo and drops the LFE of 5.1; its
+    resampler is not soxr.) ``offset`` 0 is no seek: ``-ss 0`` dropped a Matroska file's first samples."""
     exe = shutil.which("ffmpeg")
     if exe is None:
         raise RuntimeError("ffmpeg is not installed")
@@ -286,7 +368,19 @@ def _read_ffmpeg(path: str, offset: float, seconds: float | None, sr: int) -> np
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: thousands of decoder warnings cannot block it
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
         try:
-            channels, rate, parts = _read_wav_stream(proc.stdout)
+            channels, rate = _wav_stream_format(proc.stdout)
+            if channels is not None:
+                check_sample_rate(path, rate)
+                blocks = _wav_stream_blocks(proc.stdout, channels)  # [T] mono float32 each
+                if rate == sr:
+                    y = np.concatenate([np.zeros(0, np.float32), *blocks])
+                else:
+                    out, n_in = _Resampled(rate, sr), 0
+                    for block in blocks:
+                        out.add(block)
+                        n_in += block.shape[0]
+                    out.add(np.zeros(0, np.float32), last=True)
+                    y = out.samples(n_in)
         finally:
             proc.stdout.close()
             status = proc.wait()
@@ -297,39 +391,38 @@ def _read_ffmpeg(path: str, offset: float, seconds: float | None, sr: int) -> np
         if "does not contain any stream" in msg or "matches no streams" in msg:
             msg = "no audio stream in the file"
         raise RuntimeError(msg.removeprefix(path + ": "))
-    check_sample_rate(path, rate)
-    x = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-    y = resample(x, rate, sr)
     return y if seconds is None else y[: int(round(seconds * sr))]
 
 
-def _read_wav_stream(stream) -> tuple[int | None, int, list[np.ndarray]]:
-    """(channels, rate, mono float32 blocks) of the 32-bit float WAV that ffmpeg writes to a pipe (its sizes
-    unknown there: the data runs to the end); (None, 0, []) when no WAV came."""
+def _wav_stream_format(stream) -> tuple[int | None, int]:
+    """(channels, rate) of the 32-bit float WAV that ffmpeg writes to a pipe (its sizes unknown there: the data
+    runs to the end), read up to its data; (None, 0) when no WAV came."""
     head = stream.read(12)
     if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
-        return None, 0, []
+        return None, 0
     channels = rate = None
     while True:
         chunk = stream.read(8)
         if len(chunk) < 8:
-            return None, 0, []
+            return None, 0
         size = int.from_bytes(chunk[4:8], "little")
         if chunk[:4] == b"data":
             break
         body = stream.read(size + (size & 1))
         if chunk[:4] == b"fmt ":
             channels, rate = int.from_bytes(body[2:4], "little"), int.from_bytes(body[4:8], "little")
-    if not channels:
-        return None, 0, []
+    return (channels, rate) if channels else (None, 0)
+
+
+def _wav_stream_blocks(stream, channels: int) -> Iterator[np.ndarray]:
+    """The rest of that WAV's data, averaged to mono float32 a block at a time."""
     frame = 4 * channels
-    parts, rest = [], b""
+    rest = b""
     while block := stream.read(1 << 20):
         block = rest + block
         cut = len(block) - len(block) % frame
         rest = block[cut:]
-        parts.append(np.frombuffer(block[:cut], "<f4").reshape(-1, channels).mean(axis=1, dtype=np.float32))
-    return channels, rate, parts
+        yield np.frombuffer(block[:cut], "<f4").reshape(-1, channels).mean(axis=1, dtype=np.float32)
 
 
 def load_audio(
@@ -429,14 +522,31 @@ def load_audio(
                 for m in said
             ]
             raise AudioError(f"{name}: cannot decode audio ({'; '.join(said)})") from None
+    wanted = None if duration is None else min(duration, max_seconds) if capped else duration
+    if wanted is not None and left is not None and left < wanted * sampling_rate - sampling_rate // 10:
+        # a manifest's segment past the file's end (by its header; a length only ffmpeg finds is not checked)
+        logger.warning(
+            "Audio %s: the segment [%g, %g) s runs past the end of the audio (%.2f s): keeping [%g, %.2f) s.",
+            name,
+            offset,
+            offset + duration,
+            offset + left / sampling_rate,
+            offset,
+            offset + left / sampling_rate,
+        )
     if capped and (x.shape[0] > keep or (left is not None and left > keep)):
         known = [s for s in (duration, None if left is None else left / sampling_rate) if s is not None]
         length = f"{min(known):.1f} s" if known else f"more than {max_seconds:g} s"
         logger.warning("Audio %s lasts %s: keeping its first %g s.", name, length, max_seconds)
         x = x[:keep]
     if x.shape[0] == 0:
-        where = f" in [{offset}, {offset + duration}) s" if duration is not None else f" after {offset} s"
-        raise AudioError(f"{name}: audio is empty (0 samples{where if offset or duration else ''})")
+        # The span is named when it is what holds nothing: not for a file empty from 0 s, whatever was asked
+        # (serve reads a file of unknown length as [0, limit + 1) s)
+        under_a_sample = duration is not None and duration * sampling_rate < 0.5
+        where = ""
+        if offset or under_a_sample:
+            where = f" in [{offset}, {offset + duration}) s" if duration is not None else f" after {offset} s"
+        raise AudioError(f"{name}: audio is empty (0 samples{where})")
     return validate_waveform(x, name=name, min_samples=min_samples)
 
 
