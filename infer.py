@@ -4,6 +4,7 @@
     python infer.py ckpt=DIR audio=[a.mp3,b.wav] max_new_tokens=256
     python infer.py ckpt=DIR audio=song.mp3 interactive=true
     python infer.py ckpt=DIR audio=music/ output=answers.jsonl skip_bad_audio=true   # resumable
+    python infer.py ckpt=DIR audio=items.jsonl output=answers.jsonl   # {"audio": "a.mp3", "prompt": "..."} a line
     python infer.py ckpt=DIR 'audio="Artist - Song (feat. X) [Remix].flac"'       # Hydra quotes
 
 A thin Hydra wrapper around :func:`musicflamingo.inference.infer`; settings: configs/infer.yaml.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import glob
 import itertools
 import json
@@ -147,13 +148,26 @@ def _texts(value: Any, field: str) -> list[str]:
     return [_text(value, field)]
 
 
-def _expand_audio(files: Sequence[str]) -> list[str]:
-    """`audio=` entries as files: a folder gives its audio files (`AUDIO_SUFFIXES`, sorted, hidden ones left
-    out), a pattern with * ? or [ that names no file gives its matches (sorted; ** goes into subfolders); a
-    folder or pattern with no audio is an AudioError. A file named like a pattern (`[Remix].flac`) stays itself."""
+def _expand_inputs(
+    files: Sequence[str], check: bool = True
+) -> tuple[list[str], list[str | None], list[str | None]]:
+    """`audio=` entries as (files, their own prompts): a folder gives its audio files (`AUDIO_SUFFIXES`, sorted,
+    hidden ones left out), a pattern with * ? or [ that names no file gives its matches (sorted; ** goes into
+    subfolders); a folder or pattern with no audio is an AudioError. A file named like a pattern (`[Remix].flac`)
+    stays itself. A `.jsonl` file is a list of items (`_read_items`), which may bring their own prompts (else None)
+    and are named by file:line in errors (the third list; None for the others). `check`: a JSONL item's audio file
+    must exist."""
     out: list[str] = []
+    own: list[str | None] = []
+    where: list[str | None] = []
     for f in files:
         path = Path(f).expanduser()
+        if path.suffix.lower() == ".jsonl" and path.is_file():
+            items = _read_items(f, check)
+            out += [a for a, _, _ in items]
+            own += [p for _, p, _ in items]
+            where += [w for _, _, w in items]
+            continue
         if path.is_dir():
             found = sorted(
                 str(Path(f) / p.name)
@@ -169,7 +183,80 @@ def _expand_audio(files: Sequence[str]) -> list[str]:
         else:
             found = [f]
         out += found
-    return out
+        own += [None] * len(found)
+        where += [None] * len(found)
+    return out, own, where
+
+
+# other names of an item's fields, refused by name rather than ignored
+_ITEM_ALIASES = {
+    **dict.fromkeys("question query instruction".split(), ["prompt"]),
+    **dict.fromkeys("path file filename filepath audio_path audio_file wav song".split(), ["audio"]),
+}
+
+
+def _read_items(jsonl: str, check: bool = True) -> list[tuple[str, str | None, str]]:
+    """`audio=items.jsonl`: one JSON object a line, `{"audio": "song.mp3", "prompt": "What key?"}` (`prompt`
+    optional: the `prompt=` setting's, else the default caption prompt); a relative audio path is read from the
+    JSONL's folder, as a training manifest's; blank lines are skipped, other fields (an id) ignored. A bad line
+    is an InferenceError naming file:line and what was expected; `check`: a missing audio file is an AudioError
+    naming file:line too."""
+    path = Path(jsonl).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no item
+    except UnicodeDecodeError:
+        raise InferenceError(
+            f"audio={jsonl}: not UTF-8 (expected JSON Lines of audio/prompt items)"
+        ) from None
+    except OSError as e:
+        raise AudioError(f"audio={jsonl}: cannot read it ({e.strerror or e})") from None
+    items: list[tuple[str, str | None, str]] = []  # (audio, its own prompt, file:line)
+    expected = 'expected a JSON object {"audio": "song.mp3", "prompt": "..."} (prompt optional)'
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{jsonl}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InferenceError(f"{where}: not JSON ({e.msg}); {expected}") from None
+        if not isinstance(item, dict):
+            raise InferenceError(f"{where}: got {type(item).__name__}; {expected}")
+        # other fields (an id, a reference answer) are the researcher's; a misspelt or other name of audio or
+        # prompt is not (a "question" left the default caption prompt asked)
+        for key in item:
+            if key in ("audio", "prompt"):
+                continue
+            if key == "system_prompt":
+                raise InferenceError(
+                    f"{where}: system_prompt is one setting for the whole run (system_prompt=), not per item"
+                )
+            close = _ITEM_ALIASES.get(str(key).lower()) or difflib.get_close_matches(
+                str(key).lower(), ["audio", "prompt"], n=1, cutoff=0.6
+            )
+            if close:
+                raise InferenceError(f"{where}: unknown field {key!r} (did you mean {close[0]}?); {expected}")
+        audio, prompt = item.get("audio"), item.get("prompt")
+        if not isinstance(audio, str) or not audio:
+            raise InferenceError(f"{where}: audio={audio!r}: expected a path text; {expected}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InferenceError(
+                f"{where}: prompt={prompt!r}: expected text (or no prompt field); {expected}"
+            )
+        if prompt is not None:
+            prompt = typed_text(prompt, f"{where}: prompt")
+        file = Path(audio).expanduser()
+        if not file.is_absolute():
+            file = Path(jsonl).parent / audio  # as given, so that output= rows name it as the list does
+        if check:
+            try:
+                _check_audio_files([str(file)])
+            except AudioError as e:
+                raise AudioError(f"{where}: {e}") from None
+        items.append((str(file), prompt, where))
+    if not items:
+        raise InferenceError(f"audio={jsonl}: holds no items; {expected}, one a line")
+    return items
 
 
 def _check_audio_files(files: Sequence[str]) -> None:
@@ -261,6 +348,7 @@ def generate_answers(
     indices: Sequence[int] | None = None,
     on_answer: Callable[[int, str], None] | None = None,
     skip_bad_audio: bool = False,
+    origins: Sequence[str | None] | None = None,
 ) -> list[str | None]:
     """One answer per conversation through an engine with `slots` slots (all at once by default); each request
     is prepared (audio read, features) when it joins. Prints to `out` (None: silent, see `_Printer`; `think`:
@@ -269,7 +357,8 @@ def generate_answers(
     `indices`: each conversation's place in the whole input (default 0..n-1), which picks its sampling stream
     (`SamplingParams.for_prompt`): the same answers whatever `slots`, or a resumed run skipping some inputs.
     `on_answer(i, text)`: called as each answer is done (`output=` writes it). `skip_bad_audio`: a file that
-    cannot be read is reported and its answer is None, instead of an AudioError ending the batch."""
+    cannot be read is reported and its answer is None, instead of an AudioError ending the batch. `origins`: where
+    each conversation comes from (a JSONL list's file:line, or None), named before its audio errors."""
     n = len(conversations)
     indices = range(n) if indices is None else indices
     engine = Engine(model, slots=min(slots or n, n), compile=compile)
@@ -303,9 +392,12 @@ def generate_answers(
             try:
                 inputs = processor.apply_chat_template([conversations[i]])
             except AudioError as e:
+                origin = None if origins is None else origins[i]
                 if not skip_bad_audio:
-                    raise
-                skipped[i], finished[i] = str(e), True
+                    if origin is None:
+                        raise
+                    raise AudioError(f"{origin}: {e}") from e
+                skipped[i], finished[i] = (str(e) if origin is None else f"{origin}: {e}"), True
                 continue
             request = Request(
                 inputs["input_ids"][0],
@@ -570,6 +662,7 @@ class _Output:
         self.path, self.think, self.system_prompt = Path(path).expanduser(), think, system_prompt
         self.done: dict[tuple[str, str], list[dict[str, Any]]] = {}  # rows by (audio, prompt), in file order
         self.other = 0  # rows asked another way (think mode, system prompt): kept in the file, not reused
+        self.added = 0  # rows this run wrote
         self.lock = FolderLock(
             self.path.parent,
             f"{self.path.name}.lock",
@@ -650,14 +743,26 @@ class _Output:
                 f.write("\n")
 
     def answer(self, audio: str, prompt: str, nth: int = 0) -> str | None:
-        """The `nth` answer the file holds for (audio, prompt) (think mode: the whole text), else None."""
+        """The answer the file holds for the `nth` time (audio, prompt) is asked in the run (think mode: the whole
+        text), else None. Rows of a pair asked more than once carry their `repeat` number (they are written as
+        they finish, not in input order); rows without one (a pair asked once) take the numbers left, in file
+        order."""
         rows = self.done.get((audio, prompt), [])
-        if nth >= len(rows):
+        numbered = {r["repeat"]: r for r in rows if _repeat(r) is not None}
+        free = (n for n in itertools.count() if n not in numbered)
+        by_number = {**dict(zip(free, (r for r in rows if _repeat(r) is None))), **numbered}
+        row = by_number.get(nth)
+        if row is None:
             return None
-        return rows[nth].get("text", rows[nth]["answer"]) if self.think else rows[nth]["answer"]
+        return row.get("text", row["answer"]) if self.think else row["answer"]
 
-    def write(self, audio: str, prompt: str, text: str) -> None:
-        row = {"audio": audio, "prompt": prompt, "answer": text}
+    def write(self, audio: str, prompt: str, text: str, repeat: int | None = None) -> None:
+        """Append the answer to (audio, prompt); `repeat`: which time the run asks this pair, for a pair asked more
+        than once (its answers finish in any order: a rerun matches each with its own input, and so its own
+        sampling stream)."""
+        row: dict[str, Any] = {"audio": audio, "prompt": prompt, "answer": text}
+        if repeat is not None:
+            row["repeat"] = repeat
         if self.think:
             split = parse_think(text)
             row.update(answer=split.answer, thinking=split.thinking, text=text)
@@ -669,6 +774,7 @@ class _Output:
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line)
+            self.added += 1
         except OSError as e:
             raise OSError(
                 e.errno,
@@ -680,6 +786,12 @@ class _Output:
 
 # how every row `_Output.write` writes begins: a torn last row begins so, or is shorter
 _ROW_START = '{"audio": '
+
+
+def _repeat(row: Mapping[str, Any]) -> int | None:
+    """A row's `repeat` number (see `_Output.write`), None when it has none."""
+    n = row.get("repeat")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 def _json_row(line: str) -> dict[str, Any] | None:
@@ -795,9 +907,9 @@ def infer(
     set_threads(cfg.get("threads"))
     ckpt = check_checkpoint_dir(cfg.get("ckpt"))
     decoding = _decoding(cfg, ckpt)
-    files = _expand_audio(_texts(cfg.get("audio"), "audio"))
-    prompts = [typed_text(p, "prompt") for p in _texts(cfg.get("prompt"), "prompt")]
     skip_bad_audio = _flag(cfg, "skip_bad_audio")
+    files, own_prompts, origins = _expand_inputs(_texts(cfg.get("audio"), "audio"), check=not skip_bad_audio)
+    prompts = [typed_text(p, "prompt") for p in _texts(cfg.get("prompt"), "prompt")]
     if not skip_bad_audio:
         _check_audio_files(files)
     system_prompt = cfg.get("system_prompt")
@@ -810,6 +922,10 @@ def infer(
     if interactive:
         if len(files) > 1:
             raise InferenceError(f"interactive=true takes at most one audio file, got {len(files)}: {files}")
+        if any(p is not None for p in own_prompts):
+            raise InferenceError(
+                "interactive=true takes the first question as prompt=, not from a JSONL list"
+            )
         if len(prompts) > 1:
             raise InferenceError("interactive=true takes at most one prompt (the first question)")
         if output:
@@ -834,12 +950,18 @@ def infer(
         prompts = [DEFAULT_PROMPT]
     if not files:
         raise InferenceError("audio is not set: pass audio=song.mp3 or audio=[a.mp3,b.wav]")
+    if len(prompts) > 1 and any(p is not None for p in own_prompts):
+        raise InferenceError(
+            f"got {len(prompts)} prompts and a JSONL list whose items bring their own: give one prompt= (for the "
+            "items without one) or put every prompt in the list"
+        )
     if len(prompts) not in (1, len(files)):
         raise InferenceError(
             f"got {len(prompts)} prompts for {len(files)} audio files: give one prompt for all or one per file"
         )
     if len(prompts) == 1:
         prompts = prompts * len(files)
+    prompts = [p if own is None else own for p, own in zip(prompts, own_prompts)]
     batch_size = len(files) if cfg.get("batch_size") is None else cfg.get("batch_size")
     if int(batch_size) < 1:
         raise InferenceError(f"batch_size must be >= 1 or null, got {batch_size!r}")
@@ -874,23 +996,36 @@ def infer(
 
         def save(k: int, text: str) -> None:
             if results is not None:
-                results.write(files[todo[k]], prompts[todo[k]], text)
+                i = todo[k]
+                repeated = seen[files[i], prompts[i]] > 1
+                results.write(files[i], prompts[i], text, keys[i][2] if repeated else None)
 
-        texts = generate_answers(
-            model,
-            processor,
-            convs,
-            [files[i] for i in todo],
-            params,
-            int(batch_size),
-            bool(cfg.get("compile", False)),
-            out,
-            bool(cfg.get("stream", True)),
-            think,
-            indices=todo,
-            on_answer=save,
-            skip_bad_audio=skip_bad_audio,
-        )
+        try:
+            texts = generate_answers(
+                model,
+                processor,
+                convs,
+                [files[i] for i in todo],
+                params,
+                int(batch_size),
+                bool(cfg.get("compile", False)),
+                out,
+                bool(cfg.get("stream", True)),
+                think,
+                indices=todo,
+                on_answer=save,
+                skip_bad_audio=skip_bad_audio,
+                origins=[origins[i] for i in todo],
+            )
+        except KeyboardInterrupt:
+            if results is not None:  # Ctrl-C: say what is kept and how to go on
+                logger.warning(
+                    "stopped: %d of %d answers are in %s; the same command asks only the others",
+                    len(files) - len(todo) + results.added,
+                    len(files),
+                    results.path,
+                )
+            raise
         for i, text in zip(todo, texts):
             answers[i] = text
         return answers
