@@ -330,6 +330,7 @@ def _shard_name(index: Path, key: Any, value: Any) -> str:
 def checkpoint_files(path: Path) -> dict[str, Path]:
     """Map each checkpoint tensor name to its file (single file or sharded index); shard names are checked to
     stay in `path` (see :func:`_shard_name`)."""
+    path = Path(path).expanduser()
     refuse_interrupted_save(path)
     index = path / SAFE_WEIGHTS_INDEX_NAME
     single = path / SAFE_WEIGHTS_NAME
@@ -343,10 +344,16 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         )
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+            raw = json.loads(index.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             why = "not UTF-8 JSON" if isinstance(e, (UnicodeDecodeError, RecursionError)) else e
             raise CheckpointError(f"{index}: malformed shard index ({why})") from None
+        if not isinstance(raw, dict) or "weight_map" not in raw:
+            what = "no weight_map" if isinstance(raw, dict) else f"a JSON {type(raw).__name__}, not an object"
+            raise CheckpointError(
+                f'{index}: malformed shard index ({what}; expected {{"weight_map": {{tensor name: shard file}}}})'
+            )
+        weight_map = raw["weight_map"]
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: malformed shard index (weight_map is not an object)")
         files = {k: path / _shard_name(index, k, v) for k, v in weight_map.items()}
@@ -359,6 +366,13 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         return {k: single for k in header}
     pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     hint = f" (found {pickles}: pickle formats are refused, convert them to safetensors)" if pickles else ""
+    shards = sorted(p.name for p in path.glob("*.safetensors") if _SHARD_FILE.fullmatch(p.name))
+    if shards and not hint:  # a download that left the index out
+        hint = (
+            f" (found {len(shards)} shard file(s), {shards[0]}, ..., but not the index that lists their tensors, "
+            f"{SAFE_WEIGHTS_INDEX_NAME}: download it too)"
+        )
+    hint = hint or _not_a_model_hint(path)
     raise CheckpointError(f"{path}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}{hint}")
 
 
@@ -427,6 +441,28 @@ def _missing_folder_hint(path: Path) -> str:
     )
 
 
+def _not_a_model_hint(path: Path) -> str:
+    """What to do with a peft LoRA adapter folder (`adapter_config.json`, e.g. a run's `export_adapter/`) or a
+    training run's folder given where a model folder goes; empty for any other folder."""
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        if (path / "export" / "config.json").is_file():  # a training run's folder
+            return f": it looks like a training run's folder; its model is {path / 'export'}"
+        return ""
+    base = ""
+    with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
+        named = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if isinstance(named, str) and named:
+            base = f" (its adapter_config.json names the base model {_short(named, 200)})"
+    return (
+        f": it holds adapter_config.json, so it is a peft LoRA adapter folder, adapters without a model. Give the "
+        f"base model's folder{base} instead, with this folder as model.net.lora.init_from_peft "
+        "(model.net.lora.enabled=true) to train on; to chat or evaluate, put the adapters on the base model "
+        "(musicflamingo.model.peft_format.load_peft_adapter), merge_lora and save_pretrained it; a training run's "
+        "merged model is <run>/export, beside <run>/export_adapter"
+    )
+
+
 def refuse_interrupted_save(path: Path) -> None:
     """CheckpointError if a save into the folder `path` was committed but not all its files are moved in yet
     (cut off, or running now): the folder then mixes old and new files. Reading changes nothing."""
@@ -440,8 +476,9 @@ def refuse_interrupted_save(path: Path) -> None:
 
 
 def load_config(path: str | Path) -> MusicFlamingoConfig:
-    """The config.json of the checkpoint folder `path` (CheckpointError naming the file and the problem)."""
-    path = Path(path)
+    """The config.json of the checkpoint folder `path` (CheckpointError naming the file and the problem); a leading
+    `~` is the home folder, as in `ckpt=` (a shell leaves `model.net.init_from=~/...` as typed)."""
+    path = Path(path).expanduser()
     if path.is_file():  # a weights file or a Lightning .ckpt given where the folder goes
         raise CheckpointError(
             f"{path} is a file, not a checkpoint folder: give the folder that holds config.json and the safetensors "
@@ -453,7 +490,9 @@ def load_config(path: str | Path) -> MusicFlamingoConfig:
     refuse_interrupted_save(path)
     cfg = path / "config.json"
     if not cfg.is_file():
-        raise CheckpointError(f"{path}: no config.json, so this is not a Music Flamingo checkpoint folder")
+        raise CheckpointError(
+            f"{path}: no config.json, so this is not a Music Flamingo checkpoint folder{_not_a_model_hint(path)}"
+        )
     try:
         return MusicFlamingoConfig.from_json(cfg)
     except ConfigError as e:
@@ -475,6 +514,7 @@ def check_checkpoint_dir(path: Any, need_tokenizer: bool = True) -> Path:
     if not (path / "config.json").is_file():
         raise CheckpointError(
             f"ckpt={path} has no config.json (expected a checkpoint folder saved by save_pretrained)"
+            + _not_a_model_hint(path)
         )
     load_config(path)  # a config.json of another model, or with bad values
     if need_tokenizer and not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
@@ -497,7 +537,7 @@ def generation_config(path: str | Path | None) -> dict[str, Any]:
     save (a training run's export) writes them back; transformers' bookkeeping (`transformers_version`,
     `_from_model_config`) and null values are left out. The release writes `max_new_tokens=2048`, which the
     reference's `generate()` uses when the caller gives no length."""
-    gen_file = Path(path) / "generation_config.json" if path is not None else None
+    gen_file = Path(path).expanduser() / "generation_config.json" if path is not None else None
     if gen_file is None or not gen_file.is_file():
         return {}
     try:
@@ -589,7 +629,7 @@ def read_state_dict(
     `integer`: our names stored as integers, with their dtype (a quantized model's linear weights: int8, or uint8
     holding two int4 values); every other tensor must be floating.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     target = parse_dtype(dtype)  # RuntimeConfigError for a name or torch dtype that is not a float type
     device = torch.device(device or "cpu")
     files = checkpoint_files(path)
@@ -598,7 +638,7 @@ def read_state_dict(
         headers[f] = read_safetensors_header(f)
     _check_shards(path, files, headers)
     mapping: dict[str, str] = {}
-    unexpected, wrong_shape, wrong_dtype = [], [], []
+    unexpected, wrong_shape, wrong_dtype, twice = [], [], [], []
     for name, f in files.items():
         # ignored in either layout: `model.pos_emb.inv_freq` is `pos_emb.inv_freq`
         if canonical_name(name) in IGNORED_KEYS:
@@ -606,6 +646,10 @@ def read_state_dict(
         ours = hf_to_ours(name)
         if ours is None or ours not in expected:
             unexpected.append(name)
+            continue
+        # both layouts' names of one weight (`lm_head.weight` beside `language_model.lm_head.weight`)
+        if ours in mapping:
+            twice.append(f"{mapping[ours][:80]} and {name[:80]} are both {ours_to_hf(ours)}")
             continue
         info = headers[f][0][name]
         if list(info["shape"]) != list(expected[ours]):
@@ -620,7 +664,7 @@ def read_state_dict(
             wrong_dtype.append(f"{f.name}: {name} is {info['dtype']}")
         mapping[ours] = name
     missing = sorted(ours_to_hf(k) for k in expected if k not in mapping)
-    if missing or unexpected or wrong_shape or wrong_dtype:
+    if missing or unexpected or wrong_shape or wrong_dtype or twice:
         parts = []
         stored, wanted = _stored_method(files), _stored_method(expected)
         if stored != wanted:  # the one fact that explains every line below
@@ -633,6 +677,11 @@ def read_state_dict(
             parts.append(f"missing keys ({len(missing)}): {missing[:20]}")
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {[k[:80] for k in sorted(unexpected)[:20]]}")
+        if twice:  # which of the two was meant cannot be told: neither is taken
+            parts.append(
+                f"weights stored twice under names of the two layouts ({len(twice)}; keep one of each): "
+                f"{[t[:300] for t in sorted(twice)[:20]]}"
+            )
         if wrong_shape:
             parts.append(f"wrong shapes ({len(wrong_shape)}): {wrong_shape[:20]}")
         if wrong_dtype:

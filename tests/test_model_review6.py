@@ -88,7 +88,12 @@ def test_config_fields_at_supported_values_still_load(ref_dir):
     base = MusicFlamingoConfig.from_hf_dict(d)
     d["text_config"].pop("layer_types")
     d["text_config"].update(use_sliding_window=True, sliding_window=8, max_window_layers=3)
-    d["text_config"]["rope_scaling"] = {"rope_type": "default"}
+    # the reference reads rope_scaling over rope_parameters (transformers' convert_rope_params_to_dict): its
+    # rope_theta must come along, or it is Qwen2Config's 10000
+    d["text_config"]["rope_scaling"] = {
+        "rope_type": "default",
+        "rope_theta": d["text_config"]["rope_parameters"]["rope_theta"],
+    }
     assert MusicFlamingoConfig.from_hf_dict(d) == base
 
 

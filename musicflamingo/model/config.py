@@ -11,10 +11,13 @@ cannot ask for terabytes: `ConfigError` names the field, the value and what was 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -313,12 +316,40 @@ class MusicFlamingoConfig:
                 raise ConfigError(f"{where}{name} must be a JSON object, got {value!r}")
             return value
 
+        def rope_value(sub: dict, name: str, default: float, where: str) -> float:
+            # as transformers' convert_rope_params_to_dict: the older `rope_scaling` when set, else
+            # `rope_parameters`; a value missing there is the flat field of older files (`rope_theta` beside them),
+            # else the config class's default
+            key = "rope_scaling" if table(sub, "rope_scaling", where) else "rope_parameters"
+            params = table(sub, key, where)
+            unread = table(sub, "rope_parameters", where).get(name) if key == "rope_scaling" else None
+            if params.get(name) is not None:
+                value = number(params, name, 0.0, f"{where}{key}.")
+            else:
+                if sub.get(name) is None and unread is None and where == "text_config.":
+                    defaulted[f"{where}{name}"] = default
+                value = number(sub, name, default, where)
+            if unread is not None and unread != value:
+                log.warning(
+                    "%s: %srope_parameters.%s=%r is not read: %srope_scaling (transformers' older name) is set too, "
+                    "and the reference reads it instead, giving %s=%r; remove the one you do not mean",
+                    source,
+                    where,
+                    name,
+                    unread,
+                    where,
+                    name,
+                    value,
+                )
+            return value
+
         def only(sub: dict, name: str, supported: str, where: str, why: str) -> None:
             # a field the reference honours that we do not implement: refuse it rather than compute other numbers
             value = sub.get(name)
             if value is not None and value != supported:
                 raise ConfigError(f"{where}{name}={value!r} is not supported (only {supported!r}): {why}")
 
+        defaulted: dict[str, Any] = {}  # text_config fields the file leaves out -> the reference's default
         try:
             only(
                 ac, "activation_function", "gelu", "audio_config.", "the encoder's MLP is the exact erf GELU"
@@ -338,7 +369,6 @@ class MusicFlamingoConfig:
                 activation_dropout=pick(ac, "activation_dropout", default=0.0),
                 layerdrop=pick(ac, "layerdrop", "encoder_layerdrop", default=0.0),
             )
-            rope = table(tc, "rope_parameters", "text_config.")
             # scaled RoPE (the reference reads rope_scaling before rope_parameters, for older files)
             for key in ("rope_parameters", "rope_scaling"):
                 kind = table(tc, key, "text_config.")
@@ -347,43 +377,55 @@ class MusicFlamingoConfig:
                     "scaled RoPE variants (linear, dynamic, yarn, ...) change the positions; not implemented"
                 )
                 only({"rope_type": kind}, "rope_type", "default", f"text_config.{key}.", why)
-            rope_theta = (  # transformers >= 5 nests it in rope_parameters, older files keep it at the top
-                number(rope, "rope_theta", 0.0, "text_config.rope_parameters.")
-                if rope.get("rope_theta") is not None
-                else number(tc, "rope_theta", 1_000_000.0, "text_config.")
-            )
+            rope_theta = rope_value(tc, "rope_theta", _QWEN2_DEFAULTS["rope_theta"], "text_config.")
             eos = tc.get("eos_token_id")
             if isinstance(eos, list):  # generation-style list: keep the first as the canonical eos
                 for i, x in enumerate(eos):  # the others are checked too: a string here is a broken file
                     if isinstance(x, bool) or not isinstance(x, int):
                         raise ConfigError(f"text_config.eos_token_id[{i}] must be an integer, got {x!r}")
                 eos = eos[0] if eos else None
+            q = _QWEN2_DEFAULTS  # what the reference's Qwen2Config takes for a field the file leaves out
+            for key in q:
+                if (
+                    key != "rope_theta"
+                    and tc.get(key) is None
+                    and (key != "num_key_value_heads" or key not in tc)
+                ):
+                    defaulted[f"text_config.{key}"] = q[key]
+            heads = pick(tc, "num_attention_heads", default=q["num_attention_heads"])
             text = TextConfig(
-                vocab_size=pick(tc, "vocab_size", default=151672),
-                hidden_size=pick(tc, "hidden_size", default=3584),
-                intermediate_size=pick(tc, "intermediate_size", default=18944),
-                num_hidden_layers=pick(tc, "num_hidden_layers", default=28),
-                num_attention_heads=pick(tc, "num_attention_heads", default=28),
+                vocab_size=pick(tc, "vocab_size", default=q["vocab_size"]),
+                hidden_size=pick(tc, "hidden_size", default=q["hidden_size"]),
+                intermediate_size=pick(tc, "intermediate_size", default=q["intermediate_size"]),
+                num_hidden_layers=pick(tc, "num_hidden_layers", default=q["num_hidden_layers"]),
+                num_attention_heads=heads,
                 # null is plain multi-head attention, as Qwen2Config reads it
                 num_key_value_heads=pick(
                     tc,
                     "num_key_value_heads",
-                    default=pick(tc, "num_attention_heads", default=28) if "num_key_value_heads" in tc else 4,
+                    default=heads if "num_key_value_heads" in tc else q["num_key_value_heads"],
                 ),
                 head_dim=pick(tc, "head_dim"),
                 rope_theta=rope_theta,
-                rms_norm_eps=pick(tc, "rms_norm_eps", default=1e-6),
-                max_position_embeddings=pick(tc, "max_position_embeddings", default=32768),
+                rms_norm_eps=pick(tc, "rms_norm_eps", default=q["rms_norm_eps"]),
+                max_position_embeddings=pick(
+                    tc, "max_position_embeddings", default=q["max_position_embeddings"]
+                ),
                 tie_word_embeddings=flag(tc, "tie_word_embeddings", False, "text_config."),
                 bos_token_id=tc.get("bos_token_id"),
                 eos_token_id=eos,
                 pad_token_id=tc.get("pad_token_id"),
                 attention_dropout=pick(tc, "attention_dropout", default=0.0),
             )
-            rote = table(d, "rope_parameters", "")
+            rote_key = "rope_scaling" if table(d, "rope_scaling", "") else "rope_parameters"
+            rote = table(d, rote_key, "")
             if rote.get("rope_type", "default") != "default":
-                raise ConfigError(
-                    f"{source}: rope_parameters.rope_type={rote.get('rope_type')!r}, expected 'default'"
+                raise ConfigError(f"{rote_key}.rope_type={rote.get('rope_type')!r}, expected 'default'")
+            if defaulted:  # our own saves and transformers' write every one of them
+                log.warning(
+                    "%s: text_config leaves out %s: read as Qwen2Config's defaults, as the reference reads them",
+                    source,
+                    ", ".join(f"{k.split('.')[-1]} (= {v})" for k, v in defaulted.items()),
                 )
             return cls(
                 audio=audio,
@@ -394,13 +436,15 @@ class MusicFlamingoConfig:
                 projector_hidden_act=d.get("projector_hidden_act", "gelu"),
                 projector_bias=flag(d, "projector_bias", True, ""),
                 audio_frame_step=d.get("audio_frame_step", 0.01),
-                rote_theta=number(rote, "rope_theta", 1200.0, "rope_parameters."),
-                rote_partial_rotary_factor=number(rote, "partial_rotary_factor", 0.2, "rope_parameters."),
+                rote_theta=rope_value(d, "rope_theta", 1200.0, ""),
+                rote_partial_rotary_factor=rope_value(d, "partial_rotary_factor", 0.2, ""),
                 name=d.get("_musicflamingo_preset", "custom"),
                 quantization=_quantization(d.get("quantization_config"), source),
             )
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            taken = [f"{k}={v}" for k, v in defaulted.items()]
+            note = f" ({', '.join(taken)}: the file leaves them out, Qwen2Config's defaults)" if taken else ""
+            raise ConfigError(f"{source}: {e}{note}") from None
         except TypeError as e:  # e.g. a string where a number belongs
             raise ConfigError(f"{source}: invalid value type: {e}") from None
 
@@ -476,6 +520,20 @@ class MusicFlamingoConfig:
     def to_json(self, path: str | Path, dtype: str | None = None) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(dtype), indent=2) + "\n")
 
+
+# Qwen2Config's defaults (transformers 4.x to 5.x), which the reference takes for a text_config field its config.json
+# leaves out (a file written with only the fields that differ from them, or by hand): not the release's values
+_QWEN2_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768,
+}
 
 # What a quantized save writes into config.json (`model/quantize.py`); `transformers` does not know these methods.
 QUANT_CONFIGS = {

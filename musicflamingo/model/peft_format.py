@@ -86,7 +86,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
         )
     if not path.is_file():
         hint = (
-            " (a model folder: load it with MusicFlamingo.from_pretrained)"
+            " (a model folder: give it as model.net.init_from, or load it with MusicFlamingo.from_pretrained)"
             if (folder / "config.json").exists()
             else ""
         )
@@ -172,7 +172,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     name with no place in the model, a shape that differs, a rank the config contradicts or a LoRA variant we do not
     compute (DoRA, ...) is a CheckpointError naming it. Requires-grad flags of existing parameters are untouched.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()  # as the settings check reads model.net.lora.init_from_peft
     config = _read_config(folder)
     tensors = _read_tensors(folder)
     where = folder / ADAPTER_WEIGHTS_NAME
@@ -182,6 +182,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     plain: dict[str, torch.Tensor] = {}  # our parameter name -> tensor
     problems: list[str] = []
     reference_names: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}  # (our name, A / B / "") -> the file's key
     for key, tensor in tensors.items():
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         if m := _LORA_KEY.fullmatch(name):
@@ -190,7 +191,14 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
                 problems.append(f"{key}: {m['module']} is no linear of Music Flamingo")
                 continue
             module = ours.rsplit(".", 1)[0]
-            adapters.setdefault(module, {})[m["which"]] = tensor
+            pair = adapters.setdefault(module, {})
+            if m["which"] in pair:  # named in both layouts (5.5-5.9's language_model.model.*, >= 5.10's)
+                problems.append(
+                    f"{key}: lora_{m['which']} of {module} is in the file twice, also as {seen[ours, m['which']]}"
+                )
+                continue
+            pair[m["which"]] = tensor
+            seen[ours, m["which"]] = key
             reference_names[module] = m["module"]
         elif "lora_" in name:
             problems.append(
@@ -200,8 +208,11 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
             ours = hf_to_ours(name)
             if ours is None:
                 problems.append(f"{key}: no parameter of Music Flamingo has this name")
+            elif ours in plain:
+                problems.append(f"{key}: {ours} is in the file twice, also as {seen[ours, '']}")
             else:
                 plain[ours] = tensor
+                seen[ours, ""] = key
     params = dict(model.named_parameters())
     for ours, tensor in plain.items():
         if ours not in params:
