@@ -45,6 +45,7 @@ from musicflamingo.checkpoint import (
     stop_token_ids,
 )
 from musicflamingo.engine import Engine, Request, SamplingParams, unsupported_generation_fields
+from musicflamingo.jsonl import LINE_BREAK
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.config import ConfigError
 from musicflamingo.planner import MemoryPlan, check_generation
@@ -212,7 +213,9 @@ def _read_items(jsonl: str, check: bool = True) -> list[tuple[str, str | None, s
         raise AudioError(f"audio={jsonl}: cannot read it ({e.strerror or e})") from None
     items: list[tuple[str, str | None, str]] = []  # (audio, its own prompt, file:line)
     expected = 'expected a JSON object {"audio": "song.mp3", "prompt": "..."} (prompt optional)'
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(
+        LINE_BREAK.split(text), 1
+    ):  # JSON Lines' breaks, as manifests and benchmarks
         if not line.strip():
             continue
         where = f"{jsonl}:{number}"

@@ -189,3 +189,15 @@ def test_an_unreadable_item_is_named_by_its_jsonl_line(ckpt, song, tmp_path):  #
     )
     assert got[0] is not None and got[1] is None
     assert re.search(r"\(skipped: .*items\.jsonl:2: .*notes\.wav", printed.getvalue()), printed.getvalue()
+
+
+def test_a_jsonl_item_whose_prompt_holds_a_unicode_line_separator_stays_one_item(tmp_path):
+    """U+2028 is valid raw inside a JSON string (json.dumps(ensure_ascii=False) writes it so): `str.splitlines` cut
+    the item there; the list breaks where manifests and benchmark files break (musicflamingo.jsonl)."""
+    from musicflamingo.inference import _read_items
+
+    items = tmp_path / "items.jsonl"
+    rows = [{"audio": "a.wav", "prompt": "Verse one\u2028verse two: what key?"}, {"audio": "b.wav"}]
+    items.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    got = _read_items(str(items), check=False)
+    assert [(a.rsplit("/", 1)[-1], p) for a, p, _ in got] == [("a.wav", rows[0]["prompt"]), ("b.wav", None)]
