@@ -9,11 +9,17 @@ main process, so DataLoader prefetching does not inflate it) and saves ``(epoch,
 with the next batch. The counts of skipped bad samples travel in the same state. The DataLoaders seed their
 iterators from their own generators (:class:`SeededDataLoader`), never from the global torch RNG that dropout and
 the checkpoint's RNG states (``callbacks.RngStateCheckpoint``) share.
+
+Ranks must read the same data: each builds the whole batch list from its own reading of the manifests and takes its
+share, so a manifest edited between the ranks' starts, or node-local copies that differ, would give ranks other
+records (some never trained on, others twice) or other batch counts (a hang at a collective). ``setup`` gathers a
+fingerprint of every rank's records and token lengths and refuses differing ones (:class:`RankMismatchError`).
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import math
 import multiprocessing
@@ -26,6 +32,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
@@ -39,6 +46,23 @@ from musicflamingo.data.shards import ShardDataset, is_shards
 log = logging.getLogger(__name__)
 
 ManifestSpec = str | os.PathLike | Mapping | Sequence
+
+
+class RankMismatchError(ValueError):
+    """Ranks of one run read different training or validation data (or some could not read it at all)."""
+
+
+def records_fingerprint(records: Sequence[Any]) -> str:
+    """A digest of a record sequence: of its per-record digests where it keeps them (``JsonlRecords.digests``:
+    every record's bytes), else of its length and up to 1024 evenly spread records."""
+    h = hashlib.blake2b(str(len(records)).encode(), digest_size=8)
+    digests = getattr(records, "digests", None)
+    if digests is not None:
+        h.update(np.ascontiguousarray(digests).tobytes())
+    elif len(records):
+        for i in np.unique(np.linspace(0, len(records) - 1, num=min(len(records), 1024)).astype(np.int64)):
+            h.update(repr(records[int(i)]).encode())
+    return h.hexdigest()
 
 
 def parse_manifest_spec(spec: ManifestSpec | None, name: str = "train") -> list[tuple[str, float]]:
@@ -310,7 +334,90 @@ class MusicFlamingoDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         world, rank = self._replicas()
+        built, error = False, None
+        try:
+            built = self._setup(stage, world, rank)
+        except Exception as e:
+            error = e  # told to the other ranks, which would otherwise wait for this one at a collective
+        if world > 1 and (built or error is not None) and dist.is_available() and dist.is_initialized():
+            self._check_ranks_agree(world, rank, error)
+        if error is not None:
+            raise error
+
+    def _fingerprints(self) -> dict[str, Any]:
+        """What this rank read: per manifest its records' and token lengths' digests, and the batch counts."""
+        out: dict[str, Any] = {}
+        for split, mixture, sampler in (
+            ("train", self.train_dataset, self.train_sampler),
+            ("val", self.val_dataset, self.val_sampler),
+        ):
+            if mixture is None:
+                continue
+            rows = []
+            for k, ds in enumerate(mixture.datasets):
+                lengths = mixture.lengths[mixture.offsets[k] : mixture.offsets[k + 1]]
+                lengths_digest = hashlib.blake2b(np.ascontiguousarray(lengths).tobytes(), digest_size=8)
+                rows.append((len(ds), records_fingerprint(ds.records), lengths_digest.hexdigest()))
+            out[split] = (rows, sampler.num_batches)
+        return out
+
+    def _check_ranks_agree(self, world: int, rank: int, error: BaseException | None) -> None:
+        """Gather every rank's :meth:`_fingerprints` (or its setup error) and raise :class:`RankMismatchError` on
+        every rank when they differ, naming the manifest and the ranks."""
+        mine: dict[str, Any] = (
+            {"error": f"{type(error).__name__}: {error}"} if error is not None else self._fingerprints()
+        )
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, mine)
+        failed = [(r, x["error"]) for r, x in enumerate(every) if "error" in x]
+        if failed:
+            if error is not None:
+                return  # this rank raises its own error
+            r, message = failed[0]
+            raise RankMismatchError(f"rank {r} could not set up its data: {message}")
+        problems = []
+        for split, spec in (("train", self.train_spec), ("val", self.val_spec)):
+            if split not in every[0]:
+                continue
+            if any(split not in x or len(x[split][0]) != len(spec) for x in every):
+                problems.append(f"data.{split}: the ranks were given different manifest lists")
+                continue
+            for k, (path, _) in enumerate(spec):
+                ref = every[0][split][0][k]
+                name = f"data.{split}[{k}] ({path})"
+                records = [r for r in range(1, world) if every[r][split][0][k][:2] != ref[:2]]
+                lengths = [
+                    r for r in range(1, world) if every[r][split][0][k][2] != ref[2] and r not in records
+                ]
+                if records:
+                    counts = ", ".join(f"rank {r}: {every[r][split][0][k][0]}" for r in records)
+                    problems.append(
+                        f"{name}: rank(s) {', '.join(map(str, records))} read other records than rank 0 (records: "
+                        f"rank 0: {ref[0]}, {counts}); the manifest was edited between the ranks' starts, or the "
+                        "ranks read different files at that path (node-local copies)"
+                    )
+                if lengths:
+                    problems.append(
+                        f"{name}: rank(s) {', '.join(map(str, lengths))} found the same records with other token "
+                        "lengths than rank 0: the audio files or the manifest's .index.parquet differ between the "
+                        "ranks' machines"
+                    )
+            counts = [every[r][split][1:] for r in range(world)]
+            if not problems and len(set(counts)) > 1:
+                problems.append(f"data.{split}: batch counts differ between ranks ({counts})")
+        if problems:
+            raise RankMismatchError(
+                "the ranks of this run read different data, so they would train on other batches than planned (some "
+                "samples never, others twice) or wait for each other forever: "
+                + "; ".join(problems)
+                + "; give every rank the same files and start again"
+            )
+
+    def _setup(self, stage: str | None, world: int, rank: int) -> bool:
+        """Build the datasets and samplers ``stage`` needs and has not built yet; whether it built any."""
+        built = False
         if stage in (None, "fit") and self.train_dataset is None:
+            built = True
             self.train_dataset, lengths = self._build(self.train_spec, weighted=True)
             self._over_budget(self.train_dataset, lengths, self.batch_max_tokens, "batch_max_tokens")
             self.train_sampler = TokenBudgetBatchSampler(
@@ -331,18 +438,26 @@ class MusicFlamingoDataModule(L.LightningDataModule):
                 self.train_sampler.load_state_dict(self._pending_sampler_state)
                 self._pending_sampler_state = None
         if stage in (None, "fit", "validate") and self.val_spec and self.val_dataset is None:
+            built = True
             self.val_dataset, lengths = self._build(self.val_spec, weighted=False)
             self._over_budget(self.val_dataset, lengths, self.val_batch_max_tokens, self._val_budget)
-            self.val_sampler = TokenBudgetBatchSampler(
-                lengths,
-                self.val_batch_max_tokens,
-                shuffle=False,
-                seed=self.seed,
-                num_replicas=world,
-                rank=rank,
-                on_oversized=self.on_oversized,
-                packed=self.pack,
-            )
+            try:
+                # every validation sample once: padding repeated batches on some ranks would count them twice in
+                # val/loss (the ranks' batch counts may differ, nothing is reduced per batch)
+                self.val_sampler = TokenBudgetBatchSampler(
+                    lengths,
+                    self.val_batch_max_tokens,
+                    shuffle=False,
+                    seed=self.seed,
+                    num_replicas=world,
+                    rank=rank,
+                    on_oversized=self.on_oversized,
+                    packed=self.pack,
+                    even_ranks=False,
+                )
+            except ValueError as e:
+                raise ValueError(f"data.val: {e}") from None
+        return built
 
     def _loader(self, dataset: MixtureDataset, sampler: TokenBudgetBatchSampler, **kwargs: Any) -> DataLoader:
         workers, pad = self.num_workers, self.processor.pad_token_id
@@ -378,7 +493,13 @@ class MusicFlamingoDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ batches, bad samples, resume
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count consumed training batches and skipped samples (main process), strip the bookkeeping keys."""
+        """Count consumed training batches and skipped samples (main process), strip the bookkeeping keys.
+
+        Under DDP the training samples are counted over all ranks (every rank gets as many training batches, so
+        each joins the gathering at every batch): every rank's tracker holds the run's counts, so the
+        ``max_bad_fraction`` checks stop all ranks at once (one rank stopping alone left the others waiting at
+        the next collective), rank 0's report lists every rank's bad samples, and a resume (rank 0's state) counts
+        on from the whole run's numbers."""
         if not isinstance(batch, dict):
             return batch
         trainer = getattr(self, "trainer", None)
@@ -386,7 +507,18 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             if trainer.current_epoch != self._epoch:
                 self._epoch, self._consumed = trainer.current_epoch, 0
             self._consumed += 1
-            self.train_bad_samples.update_from_batch(batch)
+            bad = batch.pop("bad_samples", [])
+            seen = batch.pop("num_samples", len(batch.get("ids", [])) + len(bad))
+            world, rank = self._replicas()
+            # only where bad samples are skipped (under "error" the first one stops the run): the gathering is a
+            # host sync at every batch
+            skip = self.dataset_kwargs["bad_sample_policy"] == "skip"
+            if skip and world > 1 and dist.is_available() and dist.is_initialized():
+                every: list[Any] = [None] * world
+                dist.all_gather_object(every, (int(seen), list(bad)))
+                seen, bad = sum(n for n, _ in every), [b for _, found in every for b in found]
+            # each bad sample logged once, by rank 0 (the other ranks' consoles show warnings too)
+            self.train_bad_samples.update(seen, bad, log_new=rank == 0)
         else:
             self.val_bad_samples.update_from_batch(batch, check=False)
         return batch

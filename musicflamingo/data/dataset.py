@@ -84,15 +84,19 @@ class BadSampleTracker:
     def bad_fraction(self) -> float:
         return self.num_bad / self.num_seen if self.num_seen else 0.0
 
-    def update(self, num_samples: int, bad: Sequence[BadSample], check: bool = True) -> None:
-        """Record a batch that asked for ``num_samples`` samples of which ``bad`` were skipped."""
+    def update(
+        self, num_samples: int, bad: Sequence[BadSample], check: bool = True, log_new: bool = True
+    ) -> None:
+        """Record a batch that asked for ``num_samples`` samples of which ``bad`` were skipped (``log_new``: log
+        each one not seen before)."""
         self.num_seen += int(num_samples)
         self.num_bad += len(bad)
         for b in bad:
             key = (b.source, b.index)
             if key not in self.bad:
                 self.bad[key] = b
-                log.warning("skipping bad sample %r (%s): %s", b.id, b.source, b.reason)
+                if log_new:
+                    log.warning("skipping bad sample %r (%s): %s", b.id, b.source, b.reason)
         if check:
             self.check()
 

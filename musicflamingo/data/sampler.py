@@ -37,7 +37,9 @@ class TokenBudgetBatchSampler:
     ``(n + 1) * max_len <= max_tokens`` (``packed``: the sum of lengths); bring the count to the run's fixed
     :attr:`num_batches` (below); shuffle the batch order. Every rank builds the same global batch list and takes
     ``batches[rank::num_replicas]``, so ranks get disjoint samples and the same number of batches (the list is
-    padded by repeating its first batches, or truncated with ``drop_last``).
+    padded by repeating its first batches, or truncated with ``drop_last``), as training needs: DDP reduces the
+    gradients at every step, and a rank with one batch less leaves the others waiting. ``even_ranks=False``
+    (validation) pads nothing: every sample once, the ranks' batch counts differing by one at most.
 
     The batch count is fixed for the run: Lightning reads ``len(dataloader)`` once and ends every epoch after that
     many batches, so an epoch whose reshuffled buckets made more batches would lose its last ones. ``num_batches``
@@ -70,6 +72,10 @@ class TokenBudgetBatchSampler:
             out with a warning (``"skip"``), or are carried along (``"carry"``): each epoch hands them out inside
             the batches of samples that fit, at no token cost, for the dataset to return a bad-sample marker in
             their place (see :attr:`MixtureDataset.markers`), so that they are counted like any bad sample.
+        even_ranks: every rank gets the same number of batches, some repeated (padding, see above). ``False``: no
+            batch repeated (an average over all ranks' batches, such as a validation loss, counts every sample once);
+            batches are split until every rank has one, and fewer samples than ranks are refused (a rank without a
+            batch would leave the others waiting at the metric's reduction).
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class TokenBudgetBatchSampler:
         longest_epoch: Callable[[np.ndarray, int], Sequence[int]] | None = None,
         on_oversized: str = "error",
         packed: bool = False,
+        even_ranks: bool = True,
     ) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
@@ -129,6 +136,7 @@ class TokenBudgetBatchSampler:
         self.epoch_indices = epoch_indices
         self.longest_epoch = longest_epoch
         self.packed = bool(packed)
+        self.even_ranks = bool(even_ranks)
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed on this rank)
         self._yielded = 0
@@ -140,6 +148,15 @@ class TokenBudgetBatchSampler:
         first = self._bucketed(indices, _generator(self.seed, 0))
         #: global batches per epoch (before the split across ranks), the same for every epoch of the run
         self.num_batches = max(len(first), len(self._bound_batches))
+        if not self.even_ranks and self.num_replicas > 1:
+            n = len(indices) + len(self._epoch_samples(0)[1])
+            if n < self.num_replicas:
+                raise ValueError(
+                    f"{n} sample(s) for {self.num_replicas} ranks: every rank needs one of its own (even_ranks=False "
+                    "repeats none); add samples or run on fewer devices"
+                )
+            # every rank a batch of its own: the fullest batches are split (a fixed count, as above)
+            self.num_batches = max(self.num_batches, self.num_replicas)
 
     @property
     def sampler(self) -> TokenBudgetBatchSampler:
@@ -299,6 +316,8 @@ class TokenBudgetBatchSampler:
         return batches
 
     def _per_rank(self, batches: list[list[int]]) -> list[list[int]]:
+        if not self.even_ranks:
+            return batches
         remainder = len(batches) % self.num_replicas
         if remainder and self.drop_last:
             return batches[: len(batches) - remainder]
@@ -335,6 +354,8 @@ class TokenBudgetBatchSampler:
         n = self.num_batches
         if n == 0 and self.on_oversized == "carry" and self.oversized:
             n = self.num_replicas  # nothing fits: the carried samples make batches of their own
+        if not self.even_ranks:  # this rank's share, its batches counted
+            return len(self._global_batches(self.epoch)[self.rank :: self.num_replicas])
         if self.drop_last:
             return n // self.num_replicas
         return -(-n // self.num_replicas)
