@@ -355,15 +355,22 @@ class MusicFlamingoLit(L.LightningModule):
                 for p in self.parameters():
                     p.grad = None
             self._learned_since_step = False
-        squares = [p.grad.detach().float().square().sum() for p in self.parameters() if p.grad is not None]
         sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-        if (
-            sharded
-        ):  # each rank holds a shard of every gradient: the whole model's norm sums all ranks' squares
-            total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
-            self.log(
-                "train/grad_norm", self.trainer.strategy.reduce(total, reduce_op="sum").sqrt(), batch_size=1
+        # FSDP's float32 LoRA adapters over a half-precision base are replicated, their gradients averaged already
+        # (`distributed.MusicFlamingoFSDP`): every rank holds the same whole ones, counted once
+        replicated = {id(p) for p in getattr(self.trainer.strategy, "replicated", ())} if sharded else set()
+        squares, once = [], []
+        for p in self.parameters():
+            if p.grad is not None:
+                (once if id(p) in replicated else squares).append(p.grad.detach().float().square().sum())
+        if sharded:
+            # each rank holds a shard of every other gradient: the model's norm sums all ranks' squares
+            zero = torch.zeros((), device=self.device)
+            total = self.trainer.strategy.reduce(
+                torch.stack(squares).sum() if squares else zero, reduce_op="sum"
             )
+            total = total + (torch.stack(once).sum().to(total.device) if once else 0.0)
+            self.log("train/grad_norm", total.sqrt(), batch_size=1)
         elif squares:
             self.log("train/grad_norm", torch.stack(squares).sum().sqrt(), batch_size=1)
 

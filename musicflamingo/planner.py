@@ -18,8 +18,9 @@ Kept for backward, per position (D, q, kv, I, H: width, query / key-value width,
   (q, k after RoPE, v), c*q + 4H (attention output, logsumexp), s*D + 4 (the MLP's input), 2c*I (gate, up:
   SwiGLU is recomputed). A LoRA'd linear adds its normalised input (one autocast copy per adapter) and c*r (with
   LoRA dropout, per adapter its own dropped input and dropout's noise, in the input's dtype on CPU, or bool mask); an
-  unfused down_proj adds 2c*I. Over a bf16 base without autocast (`bf16-true`, not FSDP) adapters, their gradients
-  and AdamW states are float32 (as peft's): each adapter keeps a float32 copy of its input and a float32 middle. The last layer keeps only the key/value part for all N positions, the rest for K,
+  unfused down_proj adds 2c*I. Over a bf16 base without autocast (`bf16-true`) adapters, their gradients and AdamW
+  states are float32 (as peft's; under FSDP whole on every device, not sharded): each adapter keeps a float32 copy
+  of its input and a float32 middle. The last layer keeps only the key/value part for all N positions, the rest for K,
   plus its (K, S) attention mask. With checkpointing a layer keeps only its input, s*D, and one layer is rebuilt
   at a time in backward. Packed rows (`data.pack`) attend run by run and keep nothing more; with compiled layers
   they take the (S, S) mask instead: every layer keeps SDPA's additive copy, c*S, and the batch holds the bool one.
@@ -39,7 +40,8 @@ CPU bf16 attention's scores, float32 softmax and probabilities, c + 8 bytes per 
 head), in backward (a block's gradients appear, then its activations go; a checkpointed layer is rebuilt with its
 working memory) and at the optimizer step (gradients + one parameter-sized foreach temporary). DDP adds its
 gradient buckets (one more gradient copy, on one device too: Lightning wraps the model all the same); FSDP divides
-weights, gradients and states by the device count and adds the gathered units (the root + two blocks).
+weights, gradients and states by the device count (not the float32 LoRA adapters over a bf16-true base: each
+device holds them whole) and adds the gathered units (the root + two blocks).
 
 Generation (`plan_inference`): weights, then the largest of a few moments. The KV cache holds 2 * layers * kv_heads *
 head_dim * slots * capacity * bytes: `engine.generate` (eval.py, GRPO) makes it for prompt + new tokens; infer.py's
@@ -266,8 +268,15 @@ class Block:
 
 def adapter_bytes(setup: TrainingSetup, p: Precision) -> int:
     """Bytes of a LoRA adapter weight (and its gradient and AdamW states): float32 over a half-precision base
-    (model/lora.py's `FloatAdapters`, as peft), except under FSDP, whose flat blocks take the base's dtype."""
-    return 4 if p.weight == 2 and setup.strategy != "fsdp" else p.weight
+    (model/lora.py's `FloatAdapters`, as peft), under FSDP too (`distributed.MusicFlamingoFSDP`)."""
+    return 4 if p.weight == 2 else p.weight
+
+
+def replicated_adapters(setup: TrainingSetup, p: Precision) -> bool:
+    """Whether FSDP keeps the LoRA adapters whole on every device: the float32 ones over a half-precision base
+    stay out of its flat parameters (`distributed.MusicFlamingoFSDP`), with their gradients and AdamW states;
+    under a float32 base (bf16-mixed) they are sharded with their blocks."""
+    return setup.shards > 1 and bool(setup.lora_rank) and adapter_bytes(setup, p) != p.weight
 
 
 def _decoder_layer(
@@ -450,8 +459,11 @@ def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[B
     head_grad = n["lm_head"] + n["final_norm"] if full_lm else 0
     blocks.append(Block("head", head, head_grad, chunk, t.vocab_size * D * 4 if full_lm else 0))
     adapter = adapter_bytes(setup, p) if setup.lora_rank else s
+    whole = replicated_adapters(setup, p)  # the adapters' gradients are each device's whole ones
     return [
-        replace(b, grad=b.grad * (adapter if b.name.startswith("decoder layer") else s) // shard)
+        replace(b, grad=b.grad * adapter // (1 if whole else shard))
+        if b.name.startswith("decoder layer")
+        else replace(b, grad=b.grad * s // shard)
         for b in blocks
     ]
 
@@ -469,11 +481,16 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
     if setup.quantize_base:  # one 4-bit linear dequantised per use
         dequant = max(i * o for i, o, _ in linear_shapes(t).values()) * p.compute
     weights, four_bit = _weight_bytes(config, setup, p)
-    weights //= shard
     trainable = _trainable(config, setup)
     train_params = sum(trainable.values())
     adapters = trainable["language_model"] if setup.lora_rank else 0
-    grads = ((train_params - adapters) * s + adapters * adapter_bytes(setup, p)) // shard
+    adapter_b = adapters * adapter_bytes(setup, p)
+    if replicated_adapters(setup, p):  # whole on every device, their gradients too
+        weights = (weights - adapter_b) // shard + adapter_b
+        grads = (train_params - adapters) * s // shard + adapter_b
+    else:
+        weights //= shard
+        grads = ((train_params - adapters) * s + adapter_b) // shard
     states = 2 * grads  # AdamW's two moments, in the parameters' dtype
 
     batch = batch_bytes(config, setup)
@@ -514,6 +531,8 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
     acts_how = f"{N} tokens ({K} labelled), {step_windows(config, setup)} audio windows"
     head = blocks[-1]
     sharded = f", / {shard} devices" if shard > 1 else ""
+    if replicated_adapters(setup, p):
+        sharded += ", the adapters' whole on each"
     a = adapter_bytes(setup, p)
     wide = f" (the {adapters:,} of the adapters x {a} B)" if adapters and a != s else ""
     items = [
@@ -661,6 +680,8 @@ def _weights_how(config: MusicFlamingoConfig, setup: TrainingSetup, p: Precision
         how += f", decoder linears in 4 bits ({_fmt(four_bit)})"
     if setup.shards > 1:
         how += f", / {setup.shards} devices"
+        if replicated_adapters(setup, p):
+            how += ", the adapters whole on each"
     return how
 
 

@@ -117,16 +117,19 @@ class RunFolderNotEmptyError(ValueError):
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     """`"last"`: the run folder's last.ckpt if it exists (fresh start otherwise); a path must exist. A fresh start
     in a folder holding checkpoints is refused: Lightning would write the new run's last.ckpt as last-v1.ckpt, so
-    the next `ckpt_path=last` resumed the old run, and the export would replace the old run's."""
+    the next `ckpt_path=last` resumed the old run, and the export would replace the old run's.
+
+    A checkpoint is a file, or a folder of `trainer.strategy.state_dict_type=sharded` shards (FSDP), whose meta.pt
+    Lightning writes last."""
     if ckpt_path not in (None, "", "null"):
         if ckpt_path == "last":
             last = output_dir / "checkpoints" / "last.ckpt"
-            if last.is_file():
+            if last.is_file() or _sharded_checkpoint(last, "ckpt_path=last: "):
                 return str(last)
-        elif not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-        else:
+        elif Path(ckpt_path).is_file() or _sharded_checkpoint(Path(ckpt_path), f"ckpt_path={ckpt_path}: "):
             return str(ckpt_path)
+        else:
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     old = sorted((output_dir / "checkpoints").glob("*.ckpt"))
     if old:
         shown = ", ".join(c.name for c in old[:3]) + (", ..." if len(old) > 3 else "")
@@ -136,6 +139,18 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             " (ckpt_path=<one of them>), or remove the folder's checkpoints/"
         )
     return None
+
+
+def _sharded_checkpoint(path: Path, what: str) -> bool:
+    """Whether `path` is a sharded checkpoint's folder; one without its meta.pt (a save cut short) is refused."""
+    if not path.is_dir():
+        return False
+    if not (path / "meta.pt").is_file():
+        raise FileNotFoundError(
+            f"{what}{path} is a folder without meta.pt: not a whole sharded checkpoint (trainer.strategy."
+            "state_dict_type=sharded writes meta.pt last; a save cut short leaves it out); resume from another one"
+        )
+    return True
 
 
 def check_window_length(processor: Any, model: Any) -> None:
@@ -368,6 +383,11 @@ def _plain_copy(model: Any, net_cfg: Any, state: Mapping[str, torch.Tensor]) -> 
             )
             setattr(plain.get_submodule(parent), child, adapter)
     plain.load_state_dict(dict(state), strict=True, assign=True)
+    # what trains as the trained model says (the LoRA layers built here train their base weights, and freeze_parts
+    # leaves a LoRA'd language model's norms trainable): save_peft_adapter refused a base that requires grad
+    trains = {_WRAPPER_PREFIXES.sub("", n): p.requires_grad for n, p in model.named_parameters()}
+    for name, p in plain.named_parameters():
+        p.requires_grad_(trains.get(name, p.requires_grad))
     for name, layer in live.items():
         plain.get_submodule(name).scale = layer.scale  # exactly, not alpha / rank recomputed
     plain.reset_buffers("cpu")  # the rotary buffers are not in the state dict: rebuilt in float32

@@ -9,6 +9,7 @@ accumulating the same global batch moves them.
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -81,11 +82,20 @@ def _moment_dtypes(checkpoint: dict) -> dict[str, set[torch.dtype]]:
     }
 
 
+def _grad_norms(run: Path) -> list[float]:
+    rows = csv.DictReader(open(run / "csv" / "metrics.csv"))
+    return [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
+
+
 def test_fsdp_bf16_true_trains_float32_adapters_as_one_process(assets, tmp_path):
     """trainer=fsdp trainer.precision=bf16-true experiment=lora on 2 CPU processes, lr 1e-6: the checkpoint's
     adapters and their AdamW moments are float32 over the bf16 base; two steps moved lora_A by amounts that round
     away in bf16 (a bf16 adapter keeps its value), and every adapter equals what one process accumulating the same
-    global batch trains; the merged export is bf16 computed from the float32 adapters."""
+    global batch trains; the merged export is bf16 computed from the float32 adapters.
+
+    Review 13: train/grad_norm is one process's (the replicated adapters were counted once per rank: sqrt(2) times
+    their share), and export_adapters=true writes peft's folder, float32 adapters equal to the checkpoint's (the
+    plain copy's LoRA layers trained their base weights, and save_peft_adapter refused them)."""
     proc, manifest = assets
     single = COMMON + ["trainer.max_steps=2", "export=false", "trainer.accumulate_grad_batches=2"]
     cfg = compose_train(tmp_path / "one", manifest, proc, single)
@@ -96,7 +106,7 @@ def test_fsdp_bf16_true_trains_float32_adapters_as_one_process(assets, tmp_path)
     }
 
     run = tmp_path / "fsdp" / "run"
-    _fsdp(run, assets, ["trainer.max_steps=2", "export=true"])
+    _fsdp(run, assets, ["trainer.max_steps=2", "export=true", "export_adapters=true"])
     checkpoint = _ckpt(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2
     state = checkpoint["state_dict"]
@@ -144,6 +154,24 @@ def test_fsdp_bf16_true_trains_float32_adapters_as_one_process(assets, tmp_path)
     q = exported["language_model.model.layers.0.self_attn.q_proj.weight"]
     assert q.dtype == torch.bfloat16 and torch.equal(q, merged)
 
+    # peft's folder: the checkpoint's float32 adapters and its bf16 projector (modules_to_save), unchanged
+    peft = load_file(run / "export_adapter" / "adapter_model.safetensors")
+    for k, v in adapters.items():
+        name = k.removeprefix("model.language_model.") + ".weight"
+        (saved,) = [t for n, t in peft.items() if n.endswith("." + name)]
+        assert saved.dtype == torch.float32 and torch.equal(saved, v), k
+    projector = {k: v for k, v in state.items() if k.startswith("model.multi_modal_projector.")}
+    assert projector
+    for k, v in projector.items():
+        (saved,) = [t for n, t in peft.items() if n.endswith(k.removeprefix("model."))]
+        assert saved.dtype == torch.bfloat16 and torch.equal(saved, v), k
+
+    # the gradient norm each step logs: one process's (the same gradients up to the rounding above)
+    fsdp_norms, one_norms = _grad_norms(run), _grad_norms(tmp_path / "one" / "run")
+    assert len(fsdp_norms) == len(one_norms) == 2
+    for a, b in zip(fsdp_norms, one_norms, strict=True):
+        assert abs(a - b) < 0.01 * b, (fsdp_norms, one_norms)
+
 
 def _saved(run: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
     """(global step, state dict, optimizer states) of a run's last.ckpt, a file (state_dict_type=full) or a folder
@@ -159,26 +187,14 @@ def _saved(run: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
     return _ckpt(path / "meta.pt")["global_step"], ckpt["model"], ckpt["optimizer_0"]["state"]
 
 
-SHARDED_RESUME = (
-    "training.resolve_ckpt_path takes only a file: ckpt_path=last finds no last.ckpt in a sharded checkpoint's "
-    "folder (a fresh start, refused) and ckpt_path=<folder> is 'no such checkpoint file'"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "full",
-        pytest.param(
-            "sharded", marks=pytest.mark.xfail(reason=SHARDED_RESUME, raises=AssertionError, strict=True)
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["full", "sharded"])
 def test_fsdp_bf16_true_float32_adapters_resume_exactly(assets, tmp_path, kind):
     """trainer=fsdp bf16-true LoRA, trainer.strategy.state_dict_type=full or sharded: 2 steps + a resume to 3 give
     the 3-step run's adapters and AdamW moments bit for bit, still float32 (the resumed run's precision cast leaves
-    the adapters alone; a sharded checkpoint's states of the replicated adapters load whole)."""
+    the adapters alone; a sharded checkpoint's states of the replicated adapters load whole). A sharded
+    checkpoint is a folder: ckpt_path=last found no last.ckpt file there (a fresh start, refused) and
+    ckpt_path=<folder> was 'no such checkpoint file' (review 13)."""
     whole, cut = tmp_path / "whole" / "run", tmp_path / "cut" / "run"
     common = ["export=false", f"trainer.strategy.state_dict_type={kind}"]
     _fsdp(whole, assets, ["trainer.max_steps=3", *common])
@@ -197,3 +213,23 @@ def test_fsdp_bf16_true_float32_adapters_resume_exactly(assets, tmp_path, kind):
             assert a.dtype == b.dtype and torch.equal(a, b), (i, key)
     # the adapters' moments float32, the bf16 projector's bf16
     assert sum(opt_b[i]["exp_avg"].dtype == torch.float32 for i in opt_b) == len(adapters)
+
+
+def test_resolve_ckpt_path_takes_a_sharded_checkpoint_folder(tmp_path):
+    """trainer.strategy.state_dict_type=sharded saves last.ckpt as a folder (meta.pt written last): ckpt_path=last
+    and ckpt_path=<folder> resume from it (last found nothing, and a fresh start in the folder was refused; the
+    folder was 'no such checkpoint file'); a folder without meta.pt (a save cut short) is named, not resumed."""
+    from musicflamingo.training import resolve_ckpt_path
+
+    folder = tmp_path / "checkpoints" / "last.ckpt"
+    folder.mkdir(parents=True)
+    (folder / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"last.ckpt is a folder without meta.pt"):
+        resolve_ckpt_path("last", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"without meta.pt"):
+        resolve_ckpt_path(str(folder), tmp_path)
+    (folder / "meta.pt").write_bytes(b"")
+    assert resolve_ckpt_path("last", tmp_path) == str(folder)
+    assert resolve_ckpt_path(str(folder), tmp_path) == str(folder)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        resolve_ckpt_path(str(tmp_path / "missing.ckpt"), tmp_path)
