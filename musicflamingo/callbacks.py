@@ -210,7 +210,8 @@ class OwnLastCheckpoint(Callback):
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
                 last = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-                if last.is_file() or last.is_symlink():
+                # a sharded FSDP checkpoint is a folder, complete once Lightning's meta.pt (written last) is there
+                if last.is_file() or last.is_symlink() or (last / "meta.pt").is_file():
                     cb.last_model_path = str(last)
 
 

@@ -281,3 +281,25 @@ def test_a_run_resumed_from_an_earlier_checkpoint_keeps_last_ckpt_its_own(assets
     names = sorted(p.name for p in ckpts.iterdir())
     assert not [n for n in names if n.startswith("last-")], names
     assert torch.load(ckpts / "last.ckpt", weights_only=True, mmap=True)["global_step"] == 4
+
+
+@pytest.mark.parametrize("kind", ["file", "sharded folder", "folder cut short"])
+def test_own_last_checkpoint_takes_the_folders_last_ckpt_file_or_sharded_folder(tmp_path, kind):
+    """A sharded FSDP checkpoint (state_dict_type=sharded) is a folder with meta.pt: a run resumed from an earlier
+    one took no `last.ckpt` folder as its own and would write last-v1.ckpt beside it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from musicflamingo.callbacks import OwnLastCheckpoint
+
+    last = tmp_path / "last.ckpt"
+    if kind == "file":
+        last.write_bytes(b"x")
+    else:
+        last.mkdir()
+        if kind == "sharded folder":
+            (last / "meta.pt").write_bytes(b"x")
+    cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    OwnLastCheckpoint().on_train_start(SimpleNamespace(checkpoint_callbacks=[cb]), None)
+    assert cb.last_model_path == ("" if kind == "folder cut short" else str(last))
