@@ -618,8 +618,10 @@ def test_ddp_ranks_skip_an_all_bad_batch_together(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
-    # rank 0 saves its own count: its two samples, one per step (the bad file is on one of the ranks)
-    assert ckpt["MusicFlamingoDataModule"]["bad_samples"]["num_seen"] == 2
+    # the run's count over both ranks (every rank holds it since dc78a52): two samples a rank, one per step; the bad
+    # file is on one of the ranks
+    counts = ckpt["MusicFlamingoDataModule"]["bad_samples"]
+    assert counts["num_seen"] == 4 and counts["num_bad"] == 1, counts
 
 
 class _Strategy:
