@@ -1,6 +1,6 @@
 """Review round 12, "loggers and the run folder": the run's `.hydra/` config written whole or not at all, eval.py
-runs that end before their folder's lock leaving no empty `eval.log`, W&B's offline run continued across a resume
-from an earlier checkpoint without steps drawn twice, and such a resume keeping `last.ckpt` its own."""
+runs that end before their folder's lock leaving no empty `eval.log`, W&B's offline run rewound (logger.wandb.rewind=true)
+across a resume from an earlier checkpoint so that no step is drawn twice, and such a resume keeping `last.ckpt` its own."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_loggers_review10
 from omegaconf import OmegaConf
 
 from musicflamingo.runfolder import FolderLock, JobLog, save_run_config
@@ -133,30 +134,9 @@ def test_eval_py_with_a_bad_setting_leaves_no_empty_eval_log(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- W&B offline resume
-COMMON = [
-    "export=false",
-    "trainer.log_every_n_steps=1",
-    "data.batch_max_tokens=800",
-    "model.scheduler.max_steps=8",
-]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from train_fixtures import write_dataset, write_processor
-
-    root = tmp_path_factory.mktemp("loggers12")
-    return write_processor(root / "proc"), write_dataset(root / "data", n=8)
-
-
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    yield wandb
-    wandb.finish()
+# test_loggers_review10's run settings and fixtures (8 clips and a processor; offline W&B in the test's folder)
+COMMON = test_loggers_review10.COMMON
+assets, wandb_env = test_loggers_review10.assets, test_loggers_review10.wandb_env
 
 
 def _train(tmp: Path, assets, overrides: list[str]) -> dict:  # noqa: ANN001
