@@ -591,21 +591,39 @@ def stop_ids(generation: Mapping[str, Any], config: MusicFlamingoConfig) -> list
     return sorted(set(int(i) for i in ids))
 
 
-def _one_float_dtype(path: Path, stored: Sequence[str]) -> torch.dtype | None:
-    """None when the floating tensors (safetensors dtype names `stored`) share one dtype, which they then keep; else
-    the one they all load as (a model in several dtypes fails in its first matmul): config.json's `dtype` (or
-    `torch_dtype`), as transformers' "auto" reads it, else the dtype most of them are stored in."""
+def _auto_dtype(path: Path, stored: Sequence[str]) -> torch.dtype | None:
+    """The dtype floating tensors load as under dtype None/"auto" (safetensors dtype names `stored`), as
+    transformers' from_pretrained (whose None is "auto") chooses it: config.json's top-level `dtype` (else its
+    older `torch_dtype`) when set; else None when they share one dtype, which they then keep; else the dtype most of
+    them are stored in (a model in several dtypes fails in its first matmul). A sub-config's `dtype` is not read,
+    as transformers does not read it."""
+    config = path / "config.json"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = None  # load_config has read it before: only a folder changed meanwhile gets here
+    field = next(
+        (k for k in ("dtype", "torch_dtype") if isinstance(raw, dict) and raw.get(k) is not None), None
+    )
+    if field is not None:
+        try:
+            named = parse_dtype(raw[field]) if isinstance(raw[field], str) else False
+        except ValueError:
+            named = False
+        if named is False:
+            raise CheckpointError(
+                f"{config}: {field}={raw[field]!r}: expected a floating dtype name (float32, bfloat16, float16, "
+                "float64) or 'auto', which dtype=None/'auto' loads the weights in; pass dtype= explicitly to load "
+                "them another way"
+            )
+        if named is not None:
+            if any(d in _FLOAT_DTYPES and _DTYPES[d] != named for d in stored):
+                log.info("%s: weights loaded as %s (config.json's %s)", path, named, field)
+            return named
     floats = [d for d in stored if d in _FLOAT_DTYPES]
     if len(set(floats)) < 2:
         return None
-    try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        named = raw.get("dtype") or raw.get("torch_dtype")
-        chosen = parse_dtype(named) if isinstance(named, str) and named != "auto" else None
-    except (OSError, ValueError, AttributeError):
-        chosen = None
-    if chosen is None:
-        chosen = _DTYPES[max(set(floats), key=floats.count)]
+    chosen = _DTYPES[max(set(floats), key=floats.count)]
     counts = ", ".join(f"{floats.count(d)} {d}" for d in sorted(set(floats)))
     log.info("%s: weights stored in several dtypes (%s): loaded as %s", path, counts, chosen)
     return chosen
@@ -624,8 +642,9 @@ def read_state_dict(
 
     `expected` is `{our_name: shape}` (a model's `state_dict()` on the meta device gives it). Every name and shape
     is checked before any tensor data is read; missing, unexpected and wrong-shaped keys are all reported in one
-    CheckpointError. dtype None/"auto" keeps the checkpoint's dtype (a checkpoint stored in several loads in one,
-    see `_one_float_dtype`); only floating tensors are converted.
+    CheckpointError. dtype None/"auto" is config.json's `dtype` (`torch_dtype`), else the checkpoint's own (one
+    dtype for a checkpoint stored in several), as transformers loads it (`_auto_dtype`); only floating tensors are
+    converted.
     `integer`: our names stored as integers, with their dtype (a quantized model's linear weights: int8, or uint8
     holding two int4 values); every other tensor must be floating.
     """
@@ -693,7 +712,7 @@ def read_state_dict(
         raise CheckpointError(f"{path}: checkpoint does not match the config: " + "; ".join(parts))
 
     if target is None:
-        target = _one_float_dtype(path, [headers[files[name]][0][name]["dtype"] for name in mapping.values()])
+        target = _auto_dtype(path, [headers[files[name]][0][name]["dtype"] for name in mapping.values()])
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for ours, name in mapping.items():

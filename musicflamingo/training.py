@@ -393,4 +393,6 @@ def _plain_copy(model: Any, net_cfg: Any, state: Mapping[str, torch.Tensor]) -> 
     plain.reset_buffers("cpu")  # the rotary buffers are not in the state dict: rebuilt in float32
     plain.rote_quirk = model.rote_quirk
     plain.generation_defaults = dict(model.generation_defaults)
+    # tensors an init_from_peft folder replaced whole (modules_to_save, biases): the adapter export writes them back
+    plain.peft_whole_tensors = list(getattr(model, "peft_whole_tensors", ()))
     return plain.train(model.training)

@@ -88,9 +88,10 @@ def create_model(
     seed: int = 0,
     dtype: torch.dtype | None = torch.float32,
 ) -> MusicFlamingo:
-    """The weights only: a pretrained folder (`init_from`, in `dtype`; None keeps the checkpoint's own, mapped from
-    the file rather than copied) or a preset with `overrides` (`audio={...}`, `text={...}`, top-level fields),
-    initialised by `init_weights` under `seed` (the global RNG is left as it was)."""
+    """The weights only: a pretrained folder (`init_from`, in `dtype`; None is config.json's `dtype`, else the
+    checkpoint's own, as transformers loads it: mapped from the file rather than copied where the two agree) or a
+    preset with `overrides` (`audio={...}`, `text={...}`, top-level fields), initialised by `init_weights` under
+    `seed` (the global RNG is left as it was)."""
     if init_from:
         check_trainable(load_config(init_from), init_from)
         model = MusicFlamingo.from_pretrained(init_from, dtype=dtype)
@@ -212,7 +213,8 @@ def build_model(
         compile: `torch.compile` every encoder and decoder layer (traced at the first steps).
         freeze: `{audio_tower, multi_modal_projector, language_model}` -> bool; true freezes that part.
         lora: `{enabled, rank, alpha, dropout, targets[, init_from_peft]}`: adapters on the language model (base
-            weights frozen); `init_from_peft`, a peft adapter folder whose adapters they start from.
+            weights frozen); `init_from_peft`, a peft adapter folder whose adapters they start from (its `r` must
+            be `rank`; layers its `rank_pattern` / `alpha_pattern` name keep their own rank and alpha).
         quantize_base: null, or `nf4`: the frozen decoder linears in 4 bits under the adapters (QLoRA; bitsandbytes
             on a CUDA GPU, refused elsewhere before any weight is built).
 

@@ -169,6 +169,12 @@ class TextConfig:
                 _check_int(self, name, 0, self.vocab_size - 1, w)
 
 
+# sub-config model types the reference maps to the architecture we implement (MusicFlamingoConfig.__post_init__
+# renames the older "musicflamingo_encoder"; an absent one takes the first, as its SubConfigSpec defaults)
+_AUDIO_MODEL_TYPES = ("audioflamingo3_encoder", "musicflamingo_encoder")
+_TEXT_MODEL_TYPES = ("qwen2",)
+
+
 @dataclass
 class MusicFlamingoConfig:
     """Music Flamingo: encoder -> RoTE -> projector -> Qwen2, with audio spliced at `audio_token_id`."""
@@ -290,6 +296,19 @@ class MusicFlamingoConfig:
         ac, tc = d.get("audio_config"), d.get("text_config")
         if not isinstance(ac, dict) or not isinstance(tc, dict):
             raise ConfigError(f"{source}: 'audio_config' and 'text_config' must be JSON objects")
+        # the reference builds each part by its sub-config's model_type (AutoConfig / AutoModel): another one is
+        # another architecture (a llama decoder has no q/k/v biases, ...), never to be read as ours
+        for key, sub, accepted in (
+            ("audio_config", ac, _AUDIO_MODEL_TYPES),
+            ("text_config", tc, _TEXT_MODEL_TYPES),
+        ):
+            if sub.get("model_type") not in (None, *accepted):
+                expected = " or ".join(map(repr, accepted))
+                raise ConfigError(
+                    f"{source}: {key}.model_type={sub['model_type']!r}: expected {expected} (absent reads as "
+                    f"{accepted[0]!r}); the reference builds another {key.split('_')[0]} model for it, which this "
+                    "model does not implement"
+                )
 
         def pick(sub: dict, *names: str, default: Any = None) -> Any:
             for n in names:

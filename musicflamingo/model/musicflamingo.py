@@ -253,7 +253,8 @@ class MusicFlamingo(nn.Module):
         """Load a Hugging Face layout folder (config.json + safetensors) in eval mode, never holding two copies of
         the weights: built on the meta device, then each tensor is assigned from the file.
 
-        dtype None/"auto" keeps the checkpoint's floating dtype. With `mmap`, CPU weights already in that dtype are
+        dtype None/"auto" is config.json's `dtype` (else `torch_dtype`), else the checkpoint's own floating dtype, as
+        transformers loads it. With `mmap`, CPU weights already in that dtype are
         used straight from a private mapping of the file (no copy; see `checkpoint.read_state_dict`); `mmap=False`
         reads them into memory of their own. Rotary buffers are recomputed in float32.
         `quantize="int8"` / `"int4"` quantizes every linear after loading, one at a time (`model/quantize.py`); a

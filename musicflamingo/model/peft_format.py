@@ -66,6 +66,10 @@ _VARIANTS = (
 )
 
 
+# init_lora_weights values whose init changes the base weight (peft repeats it on load): such folders are refused
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
 def reference_module_name(ours: str) -> str:
     """Our parameter or module name -> the reference's module-layout name (what peft's keys hold)."""
     hf = ours_to_hf(ours if ours.endswith((".weight", ".bias")) else ours + ".weight")
@@ -85,9 +89,13 @@ def _read_config(folder: Path) -> dict[str, Any]:
             f"peft adapter folder {folder} {what}; expected a folder with {ADAPTER_CONFIG_NAME}"
         )
     if not path.is_file():
+        # peft's save_pretrained puts an adapter not named "default" in a subfolder of that name
+        inner = sorted(p.parent.name for p in folder.glob(f"*/{ADAPTER_CONFIG_NAME}"))
         hint = (
             " (a model folder: give it as model.net.init_from, or load it with MusicFlamingo.from_pretrained)"
             if (folder / "config.json").exists()
+            else f" (its subfolder(s) {', '.join(inner)} hold peft adapters: give one of those)"
+            if inner
             else ""
         )
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG_NAME}, so not a peft adapter folder{hint}")
@@ -105,6 +113,15 @@ def _read_config(folder: Path) -> dict[str, Any]:
     # a variant selected through the init (B frozen, its own forward)
     if config.get("init_lora_weights") == "mica":
         set_variants.append("init_lora_weights='mica'")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        # peft runs these inits again when it loads the folder: the base becomes W - B0 A0 * scale, not W
+        raise CheckpointError(
+            f"{path}: init_lora_weights={init!r}: peft loads such a folder over a base it changes first (W minus the "
+            "initial adapters), which this loader does not; resave it with peft's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) (a plain LoRA folder), or merge_and_unload it and load "
+            "the merged model"
+        )
     if set_variants:
         raise CheckpointError(
             f"{path}: {', '.join(set_variants)}: a LoRA variant this model does not compute (plain LoRA only: "
@@ -163,14 +180,39 @@ def _adaptable(module: nn.Module) -> bool:
     return type(module) is nn.Linear or isinstance(module, (LoRALinear, QuantizedLinear, QuantizedLoRALinear))
 
 
+def _with_rank(layer: LoRALinear | QuantizedLoRALinear, rank: int) -> LoRALinear | QuantizedLoRALinear:
+    """`layer` made again with adapters of `rank` over the same base (shared), its dropout, adapter dtype and
+    requires-grad flags kept; A and B are for the caller to fill."""
+    trains = layer.lora_A.requires_grad
+    if isinstance(layer, LoRALinear):  # its weight and bias shared, as from a plain linear
+        new = LoRALinear.from_linear(layer, rank, layer.scale * rank)
+    else:
+        new = QuantizedLoRALinear(layer.base, rank, layer.scale * rank, 0.0, layer.lora_A.dtype)
+    new.lora_A = nn.Parameter(
+        torch.empty(rank, layer.in_features, dtype=layer.lora_A.dtype, device=layer.lora_A.device)
+    )
+    new.lora_B = nn.Parameter(
+        torch.empty(layer.out_features, rank, dtype=layer.lora_B.dtype, device=layer.lora_B.device)
+    )
+    new.lora_A.requires_grad_(trains)
+    new.lora_B.requires_grad_(layer.lora_B.requires_grad)
+    new.lora_dropout = layer.lora_dropout
+    new.keep_float32 = layer.keep_float32
+    new.train(layer.training)
+    return new
+
+
 def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     """Put the LoRA adapters of a peft folder on `model` (a `MusicFlamingo`), in place; returns the adapted names.
 
     A plain linear the file adapts becomes a `LoRALinear` (a quantized QLoRA base a `QuantizedLoRALinear`), an
     existing adapter takes the file's A, B and scale (its dropout stays); tensors of whole modules (peft's
-    `modules_to_save`, biases of `bias="all"`) replace ours. Everything is checked before anything changes: a
-    name with no place in the model, a shape that differs, a rank the config contradicts or a LoRA variant we do not
-    compute (DoRA, ...) is a CheckpointError naming it. Requires-grad flags of existing parameters are untouched.
+    `modules_to_save`, biases of `bias="all"`) replace ours, and are named in `model.peft_whole_tensors` for
+    `save_peft_adapter` to write back. A `rank_pattern` entry's rank replaces an existing adapter of another rank
+    (model.net.lora's, one for all); the plain `r` must be the existing adapters'. Everything is checked before
+    anything changes: a name with no place in the model, a shape that differs, a rank the config contradicts or a
+    LoRA variant we do not compute (DoRA, ...) is a CheckpointError naming it. Requires-grad flags of existing
+    parameters are untouched.
     """
     folder = Path(folder).expanduser()  # as the settings check reads model.net.lora.init_from_peft
     config = _read_config(folder)
@@ -205,7 +247,8 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
                 f"{key}: not a plain LoRA tensor (embedding adapters, lora_B biases, DoRA: not supported)"
             )
         else:
-            ours = hf_to_ours(name)
+            # bias="all" / "lora_only": an adapted linear's bias is stored as peft names it, under its base_layer
+            ours = hf_to_ours(name.replace(".base_layer.", "."))
             if ours is None:
                 problems.append(f"{key}: no parameter of Music Flamingo has this name")
             elif ours in plain:
@@ -245,13 +288,23 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
                 f"(r, {target.in_features}) and ({target.out_features}, r)"
             )
             continue
-        if isinstance(target, (LoRALinear, QuantizedLoRALinear)) and target.rank != rank:
-            problems.append(f"{module}: rank {rank} in the file, {target.rank} in this model's adapter")
-            continue
         try:
             scales[module] = _scale(config, reference_names[module], rank)
         except ValueError as e:
             problems.append(str(e))
+            continue
+        # an adapter already here (model.net.lora's, one rank for all) takes a rank_pattern entry's own rank: it is
+        # made again at that rank; a file whose plain `r` is not ours stays refused (the settings contradict it)
+        pattern_rank = _pattern(config.get("rank_pattern") or {}, reference_names[module], None)
+        if (
+            isinstance(target, (LoRALinear, QuantizedLoRALinear))
+            and target.rank != rank
+            and pattern_rank is None
+        ):
+            problems.append(
+                f"{module}: rank {rank} in the file, {target.rank} in this model's adapter (the file's r is "
+                f"{config['r']}, no rank_pattern entry: set model.net.lora.rank={rank})"
+            )
     if problems:
         raise CheckpointError(
             f"{where}: {len(problems)} tensor(s) do not fit this model, nothing was loaded:\n  "
@@ -263,12 +316,18 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     with torch.no_grad():
         for ours, tensor in plain.items():
             params[ours].copy_(tensor)
+    # what the base no longer holds: save_peft_adapter writes these back, or the adapters alone would compute
+    # another model over the base (a peft folder's lm_head in modules_to_save, its biases of bias="all")
+    model.peft_whole_tensors = sorted(set(getattr(model, "peft_whole_tensors", ())) | set(plain))
+    with torch.no_grad():
         for module, pair in adapters.items():
             parent_name, _, child = module.rpartition(".")
             parent = model.get_submodule(parent_name)
             target = getattr(parent, child)
             rank, scale = pair["A"].shape[0], scales[module]
-            if type(target) is nn.Linear:
+            if isinstance(target, (LoRALinear, QuantizedLoRALinear)) and target.rank != rank:
+                target = _with_rank(target, rank)
+            elif type(target) is nn.Linear:
                 target = LoRALinear.from_linear(target, rank, scale * rank, dropout)
             elif isinstance(target, QuantizedLinear):
                 target = QuantizedLoRALinear(target, rank, scale * rank, dropout, pair["A"].dtype)
@@ -325,6 +384,34 @@ def _trained_parts(model: nn.Module) -> list[str]:
     return parts
 
 
+def _loaded_whole(
+    model: nn.Module, parts: Sequence[str], adapted: set[str]
+) -> tuple[list[str], dict[str, str], str]:
+    """The tensors a peft folder put on `model` whole (`load_peft_adapter`'s `peft_whole_tensors`) outside `parts`:
+    (modules to store whole, as peft's modules_to_save; {peft's name: our name} of biases; peft's `bias` field:
+    "lora_only" when they all belong to adapted linears, "all" when any other does, else "none")."""
+    loaded = [n for n in getattr(model, "peft_whole_tensors", ()) if n.split(".", 1)[0] not in parts]
+    modules = sorted({n.rsplit(".", 1)[0] for n in loaded if not n.endswith(".bias")})
+    wrapped = [m for m in modules if m in adapted]
+    if wrapped:
+        raise CheckpointError(
+            f"{wrapped[0]} holds an adapter and its base weight came whole from a peft folder: peft's layout cannot "
+            "store both; merge_lora and save_pretrained a whole model instead"
+        )
+    biases = {}
+    for n in loaded:
+        module = n.rsplit(".", 1)[0]
+        if n.endswith(".bias") and module not in modules:
+            # peft names an adapted linear's bias under its base_layer
+            biases[
+                reference_module_name(module) + ".base_layer.bias"
+                if module in adapted
+                else reference_module_name(n)
+            ] = n
+    mode = "none" if not biases else "lora_only" if all(".base_layer." in b for b in biases) else "all"
+    return modules, biases, mode
+
+
 def save_peft_adapter(
     model: nn.Module,
     folder: str | Path,
@@ -338,9 +425,11 @@ def save_peft_adapter(
 
     `modules_to_save`: top-level parts stored whole beside the adapters (peft's field of that name); default, every
     part with a trainable non-adapter parameter (`experiment=lora` trains the projector: without it, the adapters
-    alone compute another model). Each layer's rank and alpha / rank are kept (`rank_pattern` / `alpha_pattern`
-    where they differ); `target_modules` is a regex of exactly the adapted modules (peft's bare `q_proj` would also
-    adapt the audio tower's). Only the two adapter files are written; existing ones need `overwrite=True`.
+    alone compute another model), and whatever a peft folder put on the model whole (`load_peft_adapter`: its
+    modules_to_save, biases of bias="all" / "lora_only", which training left as they came). Each layer's rank and
+    alpha / rank are kept (`rank_pattern` / `alpha_pattern` where they differ); `target_modules` is a regex of
+    exactly the adapted modules (peft's bare `q_proj` would also adapt the audio tower's). Only the two adapter
+    files are written; existing ones need `overwrite=True`.
     """
     folder = Path(folder)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, QuantizedLoRALinear))]
@@ -364,6 +453,14 @@ def save_peft_adapter(
         )
 
     tensors: dict[str, torch.Tensor] = {}
+    extra_modules, biases, bias_mode = _loaded_whole(model, parts, {n for n, _ in layers})
+    for module in extra_modules:
+        for n, p in model.get_submodule(module).named_parameters():
+            tensors[_PREFIX + reference_module_name(f"{module}.{n}")] = (
+                p.detach().to("cpu", copy=True).contiguous()
+            )
+    for name in biases:
+        tensors[_PREFIX + name] = model.get_parameter(biases[name]).detach().to("cpu", copy=True).contiguous()
     names, ranks, alphas, dropouts = [], {}, {}, set()
     for ours, layer in layers:
         name = reference_module_name(ours)
@@ -391,8 +488,8 @@ def save_peft_adapter(
         "target_modules": _targets_regex(names),
         "rank_pattern": {re.escape(n): ranks[n] for n in names if ranks[n] != r},
         "alpha_pattern": {re.escape(n): alphas[n] for n in names if alphas[n] != alpha},
-        "modules_to_save": parts or None,
-        "bias": "none",
+        "modules_to_save": [*parts, *(reference_module_name(m) for m in extra_modules)] or None,
+        "bias": bias_mode,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
