@@ -21,10 +21,12 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import nn
 
+from musicflamingo.chat import IGNORE_INDEX
 from musicflamingo.distributed import MusicFlamingoFSDP
 from musicflamingo.errors import RunStopped
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.build import PARTS
+from musicflamingo.model.encoder import conv_output_lengths
 from musicflamingo.model.lora import (
     LoRALinear,
     QuantizedLoRALinear,
@@ -192,6 +194,9 @@ class MusicFlamingoLit(L.LightningModule):
         self._step_loss: torch.Tensor | None = None
         self._step_batches = 0
         self._step_label_tokens = 0.0
+        # validation: this rank's [sum of label-token losses, label tokens]; stand-in forwards still to run (FSDP)
+        self._val_loss_sums: torch.Tensor | None = None
+        self._val_stand_ins = 0
         self.optimizer_steps_per_batch = 1  # GRPO: updates_per_batch (the schedule's length by epochs)
         # the LR schedule's numeric settings as made (max_steps=-1 resolved), saved in checkpoints; those of the
         # checkpoint a resume loaded, compared at the training start (where both are known)
@@ -237,10 +242,71 @@ class MusicFlamingoLit(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._t0 = time.perf_counter()
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        # empty: every sample of the batch was skipped as bad, nothing to learn
+    def _sharded(self) -> bool:
+        """FSDP over several processes: every forward all-gathers each unit's weights."""
+        return self._distributed() and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def _stand_in_inputs(self) -> dict[str, Any]:
+        """A one-row batch of a silent audio window (8 valid mel frames, its `<sound>` tokens) and two text tokens,
+        the last one labelled: what a rank runs in place of a batch it does not have, so that every FSDP unit (each
+        encoder and decoder block, the head) all-gathers, and reduces its gradient, on every rank."""
+        config = self.model.config
+        frames = config.audio.mel_frames
+        valid = min(8, frames)
+        _, sound = conv_output_lengths(valid)
+        features = torch.zeros(1, config.audio.num_mel_bins, frames, device=self.device)
+        mask = torch.zeros(1, frames, dtype=torch.int32, device=self.device)
+        mask[:, :valid] = 1
+        ids = torch.zeros(1, sound + 2, dtype=torch.long, device=self.device)
+        ids[:, :sound] = config.audio_token_id
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, -1] = 0
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "input_features": features,
+            "input_features_mask": mask,
+            "labels": labels,
+        }
+
+    def _forward(self, batch: Mapping[str, Any]) -> Any:
+        """The model's output on `batch`; for an empty one (every sample skipped as bad) None, or under FSDP the
+        stand-in batch's, whose loss is only to be used times zero. Under FSDP every rank runs every unit in the
+        same order whatever its batch holds (a unit one rank skips leaves the others waiting in its all-gather, or
+        pairs their collectives wrongly): an empty batch runs the stand-in batch; a batch without audio runs the
+        audio path on the stand-in window first, added to its loss times zero. Under DDP (gradients reduced in
+        backward, no collective in forward) an empty batch runs nothing and a text-only one adds the audio path
+        only when it trains (every trained weight must get a gradient: find_unused_parameters=false)."""
         empty = batch["input_ids"].shape[0] == 0
-        out = None if empty else self.model(**self._model_inputs(batch), return_logits=False)
+        sharded = self._sharded()
+        if empty and not sharded:
+            return None
+        inputs = self._stand_in_inputs() if empty else self._model_inputs(batch)
+        touch = None
+        if inputs.get("input_features") is None and self._distributed():
+            if sharded or (torch.is_grad_enabled() and self._audio_trains()):
+                stand_in = self._stand_in_inputs()
+                audio = self.model.encode_audio(
+                    stand_in["input_features"], stand_in["input_features_mask"], stand_in["input_ids"]
+                )
+                touch = audio.float().sum() * 0.0
+        out = self.model(**inputs, return_logits=False)
+        if touch is not None:
+            out.loss = out.loss + touch
+        return out
+
+    def _audio_trains(self) -> bool:
+        return any(
+            p.requires_grad
+            for m in (self.model.audio_tower, self.model.multi_modal_projector)
+            for p in m.parameters()
+        )
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        # empty: every sample of the batch was skipped as bad, nothing to learn (under FSDP the stand-in batch ran)
+        empty = batch["input_ids"].shape[0] == 0
+        out = self._forward(batch)
+        stand_in, out = (out, None) if empty else (None, out)
         nonfinite = out is not None and not bool(torch.isfinite(out.loss))
         if self._distributed():
             # Under DDP every rank must run backward (the gradients are reduced inside it) and take the same
@@ -255,7 +321,9 @@ class MusicFlamingoLit(L.LightningModule):
                 self._nonfinite(out.loss if nonfinite else None, _batch_ids(batch))
                 return self._no_op_loss()
             if empty:
-                return self._no_op_loss()
+                # FSDP: the stand-in's zero-weight loss, whose backward reduces every unit's (zero) gradient as the
+                # other ranks' backward does; DDP: a zero loss reaching every trained weight
+                return stand_in.loss * 0.0 if stand_in is not None else self._no_op_loss()
         elif empty:
             return None
         elif nonfinite:
@@ -374,13 +442,62 @@ class MusicFlamingoLit(L.LightningModule):
         elif squares:
             self.log("train/grad_norm", torch.stack(squares).sum().sqrt(), batch_size=1)
 
+    def _val_batches(self) -> float:
+        """This rank's validation batches in the running loop (the sanity check's or the epoch's)."""
+        counts = (
+            self.trainer.num_sanity_val_batches
+            if self.trainer.sanity_checking
+            else self.trainer.num_val_batches
+        )
+        return float(counts[0]) if counts else 0.0
+
+    def on_validation_epoch_start(self) -> None:
+        # this rank's sum of label-token losses and its label tokens (float64), summed over the ranks at the end
+        self._val_loss_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._val_stand_ins = 0
+        if self._sharded():
+            # ranks may validate different numbers of batches (none is repeated to even them out): under FSDP each
+            # forward all-gathers, so the ranks with fewer run stand-in forwards after their last batch
+            own = self._val_batches()
+            most = self.trainer.strategy.reduce(torch.tensor(own, device=self.device), reduce_op="max")
+            if math.isfinite(own) and math.isfinite(float(most)):
+                self._val_stand_ins = int(float(most) - own)
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if batch["input_ids"].shape[0] == 0:  # all samples skipped as bad
-            return None
-        out = self.model(**self._model_inputs(batch), return_logits=False)
-        # weighted by label tokens: the epoch's val/loss is the mean over all its label tokens, whatever the batching
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=max(out.num_label_tokens, 1))
-        return out.loss
+        out = self._forward(batch)
+        loss = None
+        # an empty batch (every sample skipped as bad) adds nothing; under FSDP the stand-in batch ran
+        if batch["input_ids"].shape[0] > 0:
+            if self._val_loss_sums is None:  # called outside Lightning's loop
+                self._val_loss_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+            n = out.num_label_tokens
+            loss = out.loss
+            if n > 0:
+                self._val_loss_sums[0] += loss.detach().double() * n
+                self._val_loss_sums[1] += n
+        if self._val_stand_ins and batch_idx == self._val_batches() - 1:
+            for _ in range(self._val_stand_ins):
+                self.model(**self._stand_in_inputs(), return_logits=False)
+            self._val_stand_ins = 0
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """`val/loss`: the mean over every rank's label tokens (a rank whose batches were all skipped as bad adds
+        none), the same on every rank. Every rank joins the sum, and logs the key when any rank had a label token
+        (a rank not logging it left the others waiting, or paired their epoch-end reduction with another one)."""
+        for _ in range(
+            self._val_stand_ins
+        ):  # a rank with no validation batch at all (FSDP): its forwards now
+            self.model(**self._stand_in_inputs(), return_logits=False)
+        self._val_stand_ins = 0
+        sums, self._val_loss_sums = self._val_loss_sums, None
+        if sums is None:
+            return
+        if self._distributed():
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        if float(sums[1]) > 0:
+            # one value on every rank already: "max" keeps it exact (a mean over the ranks could round it)
+            self.log("val/loss", (sums[0] / sums[1]).float(), prog_bar=True, sync_dist=True, reduce_fx="max")
 
     # ------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:

@@ -52,7 +52,7 @@ class _SampleProblem(ValueError):
     """Internal: a data problem that makes one sample unusable (as opposed to a bug)."""
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning's precision plugins rebuild dataclasses in a batch (apply_to_collection)
 class BadSample:
     """Marker returned for a skipped sample: dataset ``index``, record ``id``, ``source`` (``file:line``), ``reason``."""
 
