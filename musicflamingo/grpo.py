@@ -8,8 +8,9 @@ One training step is one batch of the usual data module (each DDP rank its own p
    `group_size` times into the generation engine (`musicflamingo.engine`, the one generation path), sampled with
    the config's temperature, top-p, top-k and max new tokens from a generator seeded by (seed, step, rank), so a
    resumed run samples what the uninterrupted run would have.
-3. Rewards: each completion is parsed (`reasoning.parse_think`; without think mode it is all answer) and scored
-   by the rewards that apply to its record (`musicflamingo.rewards`); its reward is their weighted sum.
+3. Rewards: each completion is parsed (`reasoning.parse_think` where the prompt asks for the think layout: think
+   mode, or a record whose last question carries the suffix itself; else it is all answer) and scored by the
+   rewards that apply to its record (`musicflamingo.rewards`); its reward is their weighted sum.
 4. Advantages, per prompt's group: A = (r - mean) / (std + eps), std the sample standard deviation. A group whose
    rewards are all equal has nothing to teach: it is left out of the loss (no policy and no KL gradient) and
    counted. A step where every group is left out changes nothing (the optimizer steps without gradients).
@@ -48,7 +49,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,16 +59,17 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from musicflamingo.audio.features import tokens_from_frames
-from musicflamingo.chat import encode_expanded, ensure_think_prompt
+from musicflamingo.chat import THINK_SUFFIX, encode_expanded, ensure_think_prompt
 from musicflamingo.checkpoint import stop_ids
 from musicflamingo.data.dataset import chat_messages
 from musicflamingo.data.manifest import Record
+from musicflamingo.data.sampler import MixtureDataset, TokenBudgetBatchSampler
 from musicflamingo.engine import Engine, Request, SamplingParams
 from musicflamingo.lit import CheckpointMismatchError, MusicFlamingoLit
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.lora import adapter_layers
 from musicflamingo.reasoning import ThinkOutput, parse_think, plain_output
-from musicflamingo.rewards import CaptionFactsReward, FormatReward, Target
+from musicflamingo.rewards import CaptionFactsReward, FormatReward, Target, record_task
 from musicflamingo.runtime import parse_dtype
 from musicflamingo.settings import GRPO_FSDP
 
@@ -248,14 +250,16 @@ def weights_fingerprint(net: nn.Module, samples: int = 4096) -> list[float]:
 # ---------------------------------------------------------------------------------------------- the module
 @dataclass
 class Prompt:
-    """One record to sample for: its prompt ids, what is right, its rows of the batch's audio windows and where it
-    is (`file:line`, for errors; ids may repeat)."""
+    """One record to sample for: its prompt ids, what is right, its rows of the batch's audio windows, where it
+    is (`file:line`, for errors; ids may repeat) and whether the prompt asks for the think layout (its completions
+    are then parsed by `parse_think`; None: as `model.think` says)."""
 
     id: str
     ids: list[int]
     target: Target
     windows: slice
     source: str = ""
+    think: bool | None = None
 
 
 @dataclass
@@ -268,6 +272,8 @@ class Rollouts:
     outputs: list[list[ThinkOutput]]
     rewards: torch.Tensor
     components: dict[str, list[float | None]]
+    # prompt index -> "model.rewards.<name> returned nan for record ..." (the first non-finite reward of its group)
+    nonfinite: dict[int, str] = field(default_factory=dict)
 
 
 def frozen_copy(net: MusicFlamingo, dtype: torch.dtype | None = None) -> MusicFlamingo:
@@ -361,6 +367,74 @@ def _source_key(source: str) -> bytes:
     return hashlib.blake2b(source.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+class _RecordsAt(Sequence):
+    """`records[keep[i]]` as a sequence (the records stay where they are, parsed on access)."""
+
+    def __init__(self, records: Sequence[Record], keep: np.ndarray) -> None:
+        self._records, self._keep = records, keep
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._records[int(j)] for j in self._keep[i]]
+        return self._records[int(self._keep[i])]
+
+
+class TaskSubset(torch.utils.data.Dataset):
+    """The samples of `dataset` at its local indices `keep`: `model.tasks` applied before batching, so a batch is
+    the token budget's worth of kept records and an epoch is the kept records (filtered after batching, ~1 in 5 of
+    grpo_synthetic's records was decoded and dropped: ~6 prompts a step where 8 were planned)."""
+
+    def __init__(self, dataset: Any, keep: np.ndarray) -> None:
+        self.dataset, self.keep = dataset, keep
+        self.records = _RecordsAt(dataset.records, keep)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.keep[i])]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+def keep_records(
+    mixture: MixtureDataset, sampler: TokenBudgetBatchSampler, keeps: Sequence[np.ndarray]
+) -> tuple[MixtureDataset, TokenBudgetBatchSampler]:
+    """`mixture` with only the samples `keeps[k]` (local indices) of each dataset `k`, and a sampler like `sampler`
+    over it: same budget, seed, ranks, weights (each dataset's weight now counts its kept samples) and bad-sample
+    markers of the samples kept."""
+    subsets = [ds if len(k) == len(ds) else TaskSubset(ds, k) for ds, k in zip(mixture.datasets, keeps)]
+    lengths = [mixture.lengths[mixture.offsets[i] : mixture.offsets[i + 1]][k] for i, k in enumerate(keeps)]
+    kept = MixtureDataset(subsets, mixture.weights, lengths=lengths, seed=mixture.seed)
+    for index, marker in mixture.markers.items():
+        k, local = mixture.locate(index)
+        at = int(np.searchsorted(keeps[k], local))
+        if at < len(keeps[k]) and keeps[k][at] == local:
+            kept.markers[int(kept.offsets[k]) + at] = marker
+    mixed = sampler.epoch_indices is not None
+    new = TokenBudgetBatchSampler(
+        kept.lengths,
+        sampler.max_tokens,
+        shuffle=sampler.shuffle,
+        seed=sampler.seed,
+        num_replicas=sampler.num_replicas,
+        rank=sampler.rank,
+        drop_last=sampler.drop_last,
+        bucket_size_multiplier=sampler.bucket_size_multiplier,
+        epoch_indices=kept.epoch_indices if mixed else None,
+        longest_epoch=kept.longest_epoch if mixed else None,
+        on_oversized=sampler.on_oversized,
+        packed=sampler.packed,
+        even_ranks=sampler.even_ranks,
+    )
+    return kept, new
+
+
 class GRPOLit(MusicFlamingoLit):
     """GRPO on the data module's records (see the module docstring); optimizer groups, schedule and export are
     the SFT module's.
@@ -375,10 +449,17 @@ class GRPOLit(MusicFlamingoLit):
             completions per forward/backward, rounded to whole groups; `max_grad_norm` null: no clipping).
         think: prompts get the think suffix and completions are parsed as `<think>..</think><answer>..</answer>`.
         tasks: train only on records whose `task` (or kind, `qa`/`caption`) is listed (a string: that one task);
-            null: all.
+            null: all. Applied to the data module's datasets before batching (`setup`): a batch is the token
+            budget's worth of kept records, an epoch the kept records.
         reference_dtype: dtype of the frozen reference copy of full fine-tuning (null: the model's).
         seed: the rollouts' seed (with the step and the rank).
     """
+
+    # a resume's data order: the epochs are the records model.tasks keeps (a changed filter changes their count)
+    _DATA_ORDER = {
+        **MusicFlamingoLit._DATA_ORDER,
+        "num_samples": "{} training samples per epoch (data.train: its records and weights, and model.tasks)",
+    }
 
     def __init__(
         self,
@@ -403,11 +484,14 @@ class GRPOLit(MusicFlamingoLit):
         if not self.rewards:
             raise GRPOConfigError("model.rewards: no reward is set")
         for name, r in self.rewards.items():
-            if not callable(r) or not isinstance(getattr(r, "weight", None), (int, float)):
+            weight = getattr(r, "weight", None)
+            if not callable(r) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise GRPOConfigError(
                     f"model.rewards.{name}: expected an object with a numeric `weight` and __call__(output, target), "
                     f"got {type(r).__name__}"
                 )
+            if not math.isfinite(weight):  # every sample's reward, so every loss, would be NaN
+                raise GRPOConfigError(f"model.rewards.{name}.weight={weight}: expected a finite number")
         self.group_size = _int("model.rollout.group_size", rollout["group_size"], 2)
         self.max_new_tokens = _int("model.rollout.max_new_tokens", rollout["max_new_tokens"], 1)
         self.temperature = _number("model.rollout.temperature", rollout["temperature"], 0.0, strict=True)
@@ -487,6 +571,57 @@ class GRPOLit(MusicFlamingoLit):
     def reference(self) -> MusicFlamingo | None:
         """The frozen copy of full fine-tuning (None with LoRA or beta 0)."""
         return self._reference[0] if self._reference else None
+
+    def setup(self, stage: str) -> None:
+        """After the data module's setup, before any batch: every record checked (`_record_table`) and
+        `model.tasks` applied to the data module's datasets and samplers (`_keep_tasks`)."""
+        super().setup(stage)
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        for split in ("train", "val"):
+            if getattr(dm, f"{split}_dataset", None) is not None:
+                self._record_table(split)
+                self._keep_tasks(dm, split)
+
+    def wants(self, rec: Record) -> bool:
+        """Whether `model.tasks` keeps the record (its `task` or kind is listed; null keeps all)."""
+        return self.tasks is None or bool(set(record_task(rec.extra)) & self.tasks)
+
+    def _keep_tasks(self, dm: Any, split: str) -> None:
+        """The split's dataset and sampler with only the records `model.tasks` keeps, so that batches hold the
+        token budget's worth of them and epochs count them (`TaskSubset`)."""
+        mixture, sampler = getattr(dm, f"{split}_dataset", None), getattr(dm, f"{split}_sampler", None)
+        if self.tasks is None or not isinstance(mixture, MixtureDataset):
+            return
+        if (
+            not isinstance(sampler, TokenBudgetBatchSampler)
+            or getattr(mixture, "grpo_tasks", None) == self.tasks
+        ):
+            return  # not the data module's sampler, or already applied (a second fit of the same data module)
+        keeps = [
+            np.asarray([i for i, rec in enumerate(ds.records) if self.wants(rec)], dtype=np.int64)
+            for ds in mixture.datasets
+        ]
+        n = sum(len(k) for k in keeps)
+        if n == len(mixture):
+            return
+        if not n:  # the training split's case is refused by _check_targets, naming the tasks there are
+            tasks = sorted(
+                {t for ds in mixture.datasets for rec in ds.records for t in record_task(rec.extra)}
+            )
+            raise GRPOConfigError(
+                f"model.tasks={sorted(self.tasks)} keeps no record of the data.{split} manifests (their tasks: "
+                f"{', '.join(tasks) or 'none'})"
+            )
+        try:
+            kept, new = keep_records(mixture, sampler, keeps)
+        except ValueError as e:  # a weight that draws none of the kept records, fewer records than ranks
+            raise GRPOConfigError(f"model.tasks={sorted(self.tasks)} on data.{split}: {e}") from None
+        kept.grpo_tasks = self.tasks
+        setattr(dm, f"{split}_dataset", kept)
+        setattr(dm, f"{split}_sampler", new)
+        log.info("model.tasks=%s: %d of the %d data.%s records", sorted(self.tasks), n, len(mixture), split)
 
     def on_fit_start(self) -> None:
         # Lightning warns that a checkpoint of manual optimization holds the weights after the optimizer step: so
@@ -591,7 +726,7 @@ class GRPOLit(MusicFlamingoLit):
         """`model.tasks` must keep some record (a filter matching none trained every step on nothing, silently);
         a caption with no facts gets nothing from the caption-facts reward, which is said once. `entries` is read
         once, as it comes (a manifest's records are not held)."""
-        kept, found, bare, first_bare = 0, set(), 0, None
+        kept, found, bare, first_bare, thinking, first_thinking = 0, set(), 0, None, 0, None
         for r, t in entries:
             found.update(x for x in (t.task, t.kind) if x)
             if self.tasks is not None and not ({t.task, t.kind} & self.tasks):
@@ -600,6 +735,16 @@ class GRPOLit(MusicFlamingoLit):
             if t.kind == "caption" and not t.facts:
                 bare += 1
                 first_bare = first_bare or r.source
+            if not self.think and self.asks_think(r):
+                thinking += 1
+                first_thinking = first_thinking or r.source
+        if thinking:
+            log.warning(
+                "model.think=false, but %d record(s) ask for the think layout in their own prompt (the think suffix "
+                "ends their last question), first at %s: their completions are scored on their <answer> text",
+                thinking,
+                first_thinking,
+            )
         if self.tasks is not None and not kept:
             raise GRPOConfigError(
                 f"model.tasks={sorted(self.tasks)} keeps no record of the training manifests (their tasks: "
@@ -614,9 +759,8 @@ class GRPOLit(MusicFlamingoLit):
             )
 
     # ------------------------------------------------------------------ prompts
-    def prompt_ids(self, record: Record, audio_counts: Sequence[int]) -> list[int]:
-        """The record's conversation up to its last answer, as inference renders it (think mode: with the think
-        suffix on the last user turn), `<sound>` expanded to `audio_counts`."""
+    def _prompt_messages(self, record: Record) -> list[dict[str, Any]]:
+        """The record's conversation up to its last answer (think mode: the think suffix on the last user turn)."""
         messages = chat_messages(record.messages)
         answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not answers:
@@ -625,6 +769,22 @@ class GRPOLit(MusicFlamingoLit):
         if self.think:
             last = max(i for i, m in enumerate(messages) if m["role"] == "user")
             messages[last]["content"] = ensure_think_prompt(messages[last]["content"])
+        return messages
+
+    def asks_think(self, record: Record) -> bool:
+        """Whether the record's prompt asks for `<think>..</think><answer>..</answer>`: think mode, or a record in the
+        MF-Think layout whose last question carries the think suffix itself. Such a prompt's completions are parsed
+        by `parse_think` and their `<answer>` text scored, as `eval.py think=true` scores (with model.think=false the
+        whole completion, its reasoning too, was taken for the answer)."""
+        if self.think:
+            return True
+        users = [m for m in self._prompt_messages(record) if m["role"] == "user"]
+        return bool(users) and str(users[-1]["content"]).rstrip().endswith(THINK_SUFFIX)
+
+    def prompt_ids(self, record: Record, audio_counts: Sequence[int]) -> list[int]:
+        """The record's conversation up to its last answer, as inference renders it (think mode: with the think
+        suffix on the last user turn), `<sound>` expanded to `audio_counts`."""
+        messages = self._prompt_messages(record)
         processor = self._processor()
         text = processor.render_chat(messages, add_generation_prompt=True)
         return encode_expanded(
@@ -644,8 +804,9 @@ class GRPOLit(MusicFlamingoLit):
                 raise KeyError(f"batch record {source!r} is not in the {split} manifests")
             rec, target = records[source]
             if self.tasks is not None and not ({target.task, target.kind} & self.tasks):
-                continue
-            out.append(Prompt(rec.id, self.prompt_ids(rec, counts[b]), target, windows[b], rec.source))
+                continue  # none left once setup applied model.tasks to the data module (`_keep_tasks`)
+            ids_b = self.prompt_ids(rec, counts[b])
+            out.append(Prompt(rec.id, ids_b, target, windows[b], rec.source, self.asks_think(rec)))
         return out
 
     def _features(self, batch: Mapping[str, Any], prompts: Sequence[Prompt]) -> tuple[Any, Any]:
@@ -741,13 +902,17 @@ class GRPOLit(MusicFlamingoLit):
         return int(pad)
 
     def score(self, prompts: Sequence[Prompt], completions: list[list[list[int]]]) -> Rollouts:
-        """Parse and reward every completion."""
+        """Parse and reward every completion: a prompt that asks for the think layout (`Prompt.think`; None: as
+        `model.think`) by `parse_think` (its `<answer>` text, the whole text where there is no tag), any other as
+        all answer. A non-finite reward is named with its record (in `Rollouts.nonfinite` and a warning): it makes
+        the group's advantages, and so the loss, NaN."""
         tok = self._processor().tokenizer
         stops = set(self._stop_ids())
-        parse = parse_think if self.think else plain_output
         outputs, rewards = [], []
         components: dict[str, list[float | None]] = {name: [] for name in self.rewards}
-        for p, group in zip(prompts, completions):
+        nonfinite: dict[int, str] = {}
+        for b, (p, group) in enumerate(zip(prompts, completions)):
+            parse = parse_think if (self.think if p.think is None else p.think) else plain_output
             row_out, row_r = [], []
             for tokens in group:
                 text = tok.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
@@ -756,6 +921,12 @@ class GRPOLit(MusicFlamingoLit):
                 for name, reward in self.rewards.items():
                     value = _reward_value(name, reward(output, p.target), p)
                     components[name].append(value)
+                    if value is not None and not math.isfinite(value) and b not in nonfinite:
+                        nonfinite[b] = (
+                            f"model.rewards.{name} returned {value} for record {p.id!r} ({p.source or 'no source'})"
+                            f" on the completion {output.text!r:.80}"
+                        )
+                        log.warning("%s: its group's advantages and loss are not finite", nonfinite[b])
                     if value is not None:
                         total += float(reward.weight) * value
                 row_out.append(output)
@@ -763,7 +934,12 @@ class GRPOLit(MusicFlamingoLit):
             outputs.append(row_out)
             rewards.append(row_r)
         return Rollouts(
-            list(prompts), completions, outputs, torch.tensor(rewards, dtype=torch.float32), components
+            list(prompts),
+            completions,
+            outputs,
+            torch.tensor(rewards, dtype=torch.float32),
+            components,
+            nonfinite,
         )
 
     # ------------------------------------------------------------------ log-probs
@@ -849,6 +1025,7 @@ class GRPOLit(MusicFlamingoLit):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
         t0 = time.perf_counter()
+        self._samples_per_s = None  # a skipped batch (non-finite loss) logs none, not the previous batch's
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
         # the rates this batch's (first) update steps with: read before the schedule moves them on
@@ -905,7 +1082,10 @@ class GRPOLit(MusicFlamingoLit):
                 # waiting in the gradient all-reduce (a hang until the process group's timeout)
                 bad = loss is not None and not bool(torch.isfinite(loss))
                 if self._any_rank(bad):
-                    self._nonfinite(loss if bad else None, f"records {ids[:8]}", "GRPO loss")
+                    # a reward's NaN is the likely cause: named with its record, not only the micro-batch's records
+                    causes = [roll.nonfinite[b] for b in micro[k] if b in roll.nonfinite] if bad else []
+                    where = "; ".join(causes[:3]) if causes else f"records {ids[:8]}"
+                    self._nonfinite(loss if bad else None, where, "GRPO loss")
                     opt.zero_grad(set_to_none=True)
                     # the batch's earlier updates have stepped: its remaining ones step without gradients (weights
                     # and moments unchanged), so the step count stays a multiple of updates_per_batch (max_steps

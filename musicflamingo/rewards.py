@@ -24,6 +24,7 @@ another tempo bucket) voids that category: a caption listing every key scores no
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -174,8 +175,7 @@ class Target:
         ``where`` and the field."""
         ref = parse_think(reference)
         reference = ref.answer if ref.well_formed else reference.strip()
-        task = str(extra.get("task") or "")
-        kind = "caption" if task in CAPTION_TASKS else "qa"
+        task, kind = record_task(extra)
         answer = extra.get("answer")
         if answer is None and ref.status == "broken":  # its tags would become part of the answer to match
             raise ValueError(
@@ -213,12 +213,20 @@ class Target:
                     )
         return cls(
             kind=kind,
-            task=task or kind,
+            task=task,
             answer=answer,
             choices=tuple(choices),
             facts=record_facts(extra, where) if kind == "caption" else (),
             correct=correct,
         )
+
+
+def record_task(extra: Mapping[str, Any]) -> tuple[str, str]:
+    """A record's ``(task, kind)`` from its extra fields, as :class:`Target` reads them (``task``: its own field,
+    else the kind; ``kind``: ``"caption"`` or ``"qa"``), without checking its reward fields."""
+    task = str(extra.get("task") or "")
+    kind = "caption" if task in CAPTION_TASKS else "qa"
+    return task or kind, kind
 
 
 def _lettered(choices: Sequence[str]) -> bool:
@@ -253,9 +261,13 @@ def answer_matches(answer: str, target: Target) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- rewards
-def _check_weight(weight: float) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise ValueError(f"a reward weight must be a number, got {weight!r}")
+def _check_weight(weight: float, reward: str) -> float:
+    """A finite number (a NaN weight made every reward, so every loss, NaN; the message names the class: Hydra's
+    error for `model.rewards.<name>` shows only this line)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(
+            f"{reward} weight (model.rewards.<name>.weight) must be a finite number, got {weight!r}"
+        )
     return float(weight)
 
 
@@ -264,7 +276,7 @@ class FormatReward:
     every sample."""
 
     def __init__(self, weight: float = 1.0) -> None:
-        self.weight = _check_weight(weight)
+        self.weight = _check_weight(weight, type(self).__name__)
 
     def __call__(self, output: ThinkOutput, target: Target) -> float | None:
         return 1.0 if output.well_formed and output.answer else 0.0  # an empty answer answers nothing
@@ -274,7 +286,7 @@ class AccuracyReward:
     """QA samples: 1 when the answer (the ``<answer>`` text in think mode) matches (:func:`answer_matches`)."""
 
     def __init__(self, weight: float = 1.0) -> None:
-        self.weight = _check_weight(weight)
+        self.weight = _check_weight(weight, type(self).__name__)
 
     def __call__(self, output: ThinkOutput, target: Target) -> float | None:
         if target.kind != "qa":
@@ -291,7 +303,7 @@ class CaptionFactsReward:
     def __init__(self, weight: float = 1.0, source: str = "answer") -> None:
         if source not in ("answer", "all"):
             raise ValueError(f"CaptionFactsReward source must be 'answer' or 'all', got {source!r}")
-        self.weight = _check_weight(weight)
+        self.weight = _check_weight(weight, type(self).__name__)
         self.source = source
 
     def __call__(self, output: ThinkOutput, target: Target) -> float | None:
