@@ -61,3 +61,40 @@ def _offline():
         reached = sorted(set(_REACHED))
         _REACHED.clear()
         pytest.fail(f"this test reached the network: {reached}")
+
+
+@pytest.fixture(scope="session")
+def ddp_four_steps(tmp_path_factory):
+    """One `train.py trainer=ddp` run on 2 CPU processes (gloo): 4 steps of 800-token batches over 8 tone clips,
+    every step logged to CSV, no export: (run folder, its CompletedProcess, processor, manifest). The DDP tests of
+    test_train.py and test_train_journey.py read it (one launch for both); none of them changes the run folder."""
+    import subprocess
+    from pathlib import Path
+
+    from train_fixtures import TINY_OVERRIDES, write_dataset, write_processor
+
+    root = tmp_path_factory.mktemp("ddp_four_steps")
+    proc, manifest = write_processor(root / "proc"), write_dataset(root / "data", n=8)
+    run = root / "ddp"
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        str(repo / "train.py"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=4",
+        "export=false",
+        "trainer.log_every_n_steps=1",
+        "data.batch_max_tokens=800",
+        "model.scheduler.max_steps=8",
+        f"data.train={manifest}",
+        f"data.processor={proc}",
+        f"+model.net.overrides={TINY_OVERRIDES}",
+        f"hydra.run.dir={run}",
+        f"paths.log_dir={root / 'logs'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run, out, proc, manifest

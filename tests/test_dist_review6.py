@@ -7,22 +7,19 @@ naming the setting."""
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import TINY_OVERRIDES, compose_train, write_dataset, write_processor
+from train_fixtures import compose_train, run_fsdp_on_cpu, write_dataset, write_processor
 
 from musicflamingo.lit import CheckpointMismatchError
 from musicflamingo.settings import SettingsError, check_train_settings
 from musicflamingo.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
     "trainer.log_every_n_steps=1",
     "data.batch_max_tokens=800",
@@ -40,26 +37,7 @@ def assets(tmp_path_factory):
 
 def _fsdp(run: Path, assets, overrides: list[str]) -> subprocess.CompletedProcess:  # noqa: ANN001
     proc, manifest = assets
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "trainer=fsdp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32",
-        "logger=csv",
-        *COMMON,
-        *overrides,
-        f"data.train={manifest}",
-        f"data.processor={proc}",
-        f"+model.net.overrides={TINY_OVERRIDES}",
-        f"hydra.run.dir={run}",
-        f"paths.log_dir={run.parent / 'logs'}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    return out
+    return run_fsdp_on_cpu(run, proc, manifest, ["trainer.precision=32", *COMMON, *overrides])
 
 
 def _single(tmp: Path, assets, overrides: list[str]) -> dict:  # noqa: ANN001
@@ -108,21 +86,29 @@ def _reference_export(tmp: Path, assets, state: dict, overrides: list[str]) -> d
 
 
 # ---------------------------------------------------------------------------------------------- FSDP on CPU
-def test_fsdp_on_two_cpu_processes_trains_as_one_process_and_exports_the_trained_weights(assets, tmp_path):
-    """trainer=fsdp trainer.accelerator=cpu trainer.devices=2 (gloo; gradient clipping on, as configured) logs the
-    step metrics and ends with the weights of one process accumulating the same 2 batches a step; rank 0 alone
-    writes the run folder's logs, checkpoint and export; the export is the checkpoint's weights, in the layout one
-    process exports. (Lightning refused the CPU, FSDP's norm clipping stopped at the first step, and the export ran
-    on rank 0 alone while gathering needs every rank.)"""
-    run = tmp_path / "fsdp" / "run"
-    _fsdp(run, assets, ["trainer.max_steps=4", "model.optimizer.weight_decay=0.0"])
-    one = _single(
-        tmp_path / "one",
-        assets,
-        ["trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "model.optimizer.weight_decay=0.0"],
-    )
+@pytest.fixture(scope="module")
+def fsdp_and_one(assets, tmp_path_factory) -> tuple[Path, dict]:  # noqa: ANN001
+    """One 4-step trainer=fsdp run on 2 CPU processes (configured weight decay and clipping, export on) and one
+    process accumulating the same 2 batches a step: (the FSDP run folder, the one process's train() objects). The
+    parity tests below read both; none changes them."""
+    tmp = tmp_path_factory.mktemp("fsdp_parity")
+    run = tmp / "fsdp" / "run"
+    _fsdp(run, assets, ["trainer.max_steps=4"])
+    one = _single(tmp / "one", assets, ["trainer.max_steps=4", "trainer.accumulate_grad_batches=2"])
+    return run, one
+
+
+def test_fsdp_on_two_cpu_processes_trains_as_one_process_and_exports_the_trained_weights(
+    assets, fsdp_and_one, tmp_path
+):
+    """trainer=fsdp trainer.accelerator=cpu trainer.devices=2 (gloo; gradient clipping and weight decay on, as
+    configured) logs the step metrics and ends with the weights of one process accumulating the same 2 batches a
+    step; rank 0 alone writes the run folder's logs, checkpoint and export; the export is the checkpoint's weights,
+    in the layout one process exports. (Lightning refused the CPU, FSDP's norm clipping stopped at the first step,
+    and the export ran on rank 0 alone while gathering needs every rank.)"""
+    run, one = fsdp_and_one
     assert one["trainer"].global_step == 4
-    fsdp, single = _step_metrics(run), _step_metrics(tmp_path / "one" / "run")
+    fsdp, single = _step_metrics(run), _step_metrics(run.parents[1] / "one" / "run")
     assert [s for s, *_ in fsdp] == [0, 1, 2, 3]
     for a, b in zip(fsdp, single, strict=True):
         assert a == pytest.approx(b, rel=1e-5), (fsdp, single)
@@ -149,19 +135,16 @@ def test_fsdp_on_two_cpu_processes_trains_as_one_process_and_exports_the_trained
         assert torch.equal(v, ckpt["state_dict"]["model." + k]), k
 
 
-def test_fsdp_weight_decay_groups_and_grad_norm_are_those_of_one_process(assets, tmp_path):
+def test_fsdp_weight_decay_groups_and_grad_norm_are_those_of_one_process(fsdp_and_one):
     """The optimizer's groups under FSDP are one process's (weight decay on matrices, off on biases and norms), and
     train/grad_norm is the whole model's. FSDP (use_orig_params) shows each rank's shard of a weight as a 1-d view:
     lit.param_groups' `p.ndim < 2` put every weight into a `*_no_decay` group (weight decay silently off), and
-    on_before_optimizer_step's norm is rank 0's shard's."""
-    run = tmp_path / "fsdp" / "run"
-    _fsdp(run, assets, ["trainer.max_steps=2", "export=false"])
-    one = _single(
-        tmp_path / "one", assets, ["trainer.max_steps=2", "export=false", "trainer.accumulate_grad_batches=2"]
-    )
+    on_before_optimizer_step's norm is rank 0's shard's. (The run of the test above, configured weight decay.)"""
+    run, one = fsdp_and_one
     norms = [float(r["train/grad_norm"]) for r in _rows(run)]
+    assert len(norms) == 4
     assert norms == pytest.approx(
-        [float(r["train/grad_norm"]) for r in _rows(tmp_path / "one" / "run")], rel=1e-5
+        [float(r["train/grad_norm"]) for r in _rows(run.parents[1] / "one" / "run")], rel=1e-5
     )
     groups = [
         (g["name"], len(g["params"]), g["weight_decay"])
@@ -170,6 +153,7 @@ def test_fsdp_weight_decay_groups_and_grad_norm_are_those_of_one_process(assets,
     expected = [
         (g["name"], len(g["params"]), g["weight_decay"]) for g in one["trainer"].optimizers[0].param_groups
     ]
+    assert any(wd > 0 for *_, wd in expected) and any(wd == 0 for *_, wd in expected)
     assert groups == expected
 
 

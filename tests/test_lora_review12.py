@@ -10,9 +10,6 @@ accumulating the same global batch moves them.
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -20,11 +17,10 @@ import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import TINY_OVERRIDES, compose_train, write_dataset, write_processor
+from train_fixtures import compose_train, run_fsdp_on_cpu, write_dataset, write_processor
 
 from musicflamingo.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
     "experiment=lora",
     "trainer.precision=bf16-true",
@@ -46,24 +42,7 @@ def assets(tmp_path_factory):
 
 def _fsdp(run: Path, assets, overrides: list[str]) -> None:  # noqa: ANN001
     proc, manifest = assets
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "trainer=fsdp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "logger=csv",
-        *COMMON,
-        *overrides,
-        f"data.train={manifest}",
-        f"data.processor={proc}",
-        f"+model.net.overrides={TINY_OVERRIDES}",
-        f"hydra.run.dir={run}",
-        f"paths.log_dir={run.parent / 'logs'}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    run_fsdp_on_cpu(run, proc, manifest, [*COMMON, *overrides])
 
 
 def _ckpt(path: Path) -> dict:

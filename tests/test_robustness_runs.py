@@ -43,14 +43,17 @@ TESTS = Path(__file__).resolve().parent
 class StepMarker(Callback):
     """Writes `{"pid", "step"}` to `path` after every training step, then sleeps (so a signal lands mid-run)."""
 
-    def __init__(self, path: str, seconds: float = 0.3) -> None:
+    def __init__(self, path: str, seconds: float = 0.3, hold: str | None = None) -> None:
         self.path, self.seconds = Path(path), seconds
+        self.hold = Path(hold) if hold else None  # while this file exists, the run waits after each step
 
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "step": trainer.global_step}))
         os.replace(tmp, self.path)
         time.sleep(self.seconds)
+        while self.hold is not None and self.hold.exists():
+            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -297,26 +300,69 @@ def test_a_key_typo_fails_with_the_valid_keys(override, named, valid, assets, tm
     assert "takes: " in err[0] and valid in err[0].split("takes: ")[1].split(", "), err
 
 
-# ---------------------------------------------------------------------------------------------- item 9
-def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_exactly(assets, tmp_path):
-    """SIGTERM mid-run: a checkpoint at the next step boundary, exit 143 (so `train.py && next` stops), and the
-    rerun resumes from it to the weights of an uninterrupted run."""
-    run, marker, flag = tmp_path / "run", tmp_path / "marker.json", tmp_path / "carried_on"
+# ---------------------------------------------------------------------------------------------- items 9, 10
+@pytest.fixture(scope="module")
+def sigterm_run(assets, tmp_path_factory) -> dict[str, Any]:
+    """One `train.py ... && touch carried_on` run, held after its first step while a second train.py into the same
+    run folder runs (and is refused: item 10), then let go and sent SIGTERM once it has finished 2 steps (item 9).
+    What both tests check, recorded; the SIGTERM test resumes the run folder afterwards (the lock test reads only
+    what is recorded here)."""
+    tmp = tmp_path_factory.mktemp("sigterm")
+    run, marker, flag, hold = tmp / "run", tmp / "marker.json", tmp / "carried_on", tmp / "hold"
     cmd = _train_cmd(assets, run, marker)
-    shell = " ".join(f"'{c}'" for c in cmd) + f" && touch '{flag}'"
+    held = [*cmd, f"+callbacks.marker.hold={hold}"]
+    shell = " ".join(f"'{c}'" for c in held) + f" && touch '{flag}'"
+    hold.touch()
     proc = _popen(["bash", "-c", shell])
+    try:
+        first = _wait_for_step(proc, marker, 1)
+        config_before = (run / ".hydra" / "config.yaml").read_text()
+        second = subprocess.run(
+            _train_cmd(assets, run, tmp / "marker2.json", "seed=1"),
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        in_use = {
+            "second": second,
+            "first_pid": first["pid"],
+            "first_alive": proc.poll() is None,
+            "config_before": config_before,
+            "config_after": (run / ".hydra" / "config.yaml").read_text(),
+            "second_marker": (tmp / "marker2.json").exists(),
+        }
+    finally:
+        hold.unlink()
     seen = _wait_for_step(proc, marker, 2)
     os.kill(seen["pid"], signal.SIGTERM)  # train.py itself, not the shell
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143, out[-3000:]
-    assert not flag.exists() and "Traceback" not in out
+    return {
+        "cmd": cmd,
+        "run": run,
+        "tmp": tmp,
+        "seen": seen,
+        "out": out,
+        "returncode": proc.returncode,
+        "carried_on": flag.exists(),
+        "lock_left": (run / "run.lock").exists(),
+        "in_use": in_use,
+    }
+
+
+def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_exactly(assets, sigterm_run):
+    """SIGTERM mid-run: a checkpoint at the next step boundary, exit 143 (so `train.py && next` stops), and the
+    rerun resumes from it to the weights of an uninterrupted run."""
+    run, cmd, seen, out = sigterm_run["run"], sigterm_run["cmd"], sigterm_run["seen"], sigterm_run["out"]
+    assert sigterm_run["returncode"] == 143, out[-3000:]
+    assert not sigterm_run["carried_on"] and "Traceback" not in out
     saved = _ckpt(run / "checkpoints" / "last.ckpt")
     step = saved["global_step"]
     assert seen["step"] <= step <= seen["step"] + 1 and step < 12, (seen, step)
     assert f"error: stopped by SIGTERM at step {step}: saved {run / 'checkpoints' / 'last.ckpt'}" in out
     # the rerun it names is the one that resumes (the default run folder is a new one per command)
     assert f"to resume, rerun with hydra.run.dir={run} (ckpt_path=last, the default)" in out
-    assert not (run / "run.lock").exists()
+    assert not sigterm_run["lock_left"]
 
     again = subprocess.run(
         [*cmd, "+callbacks.marker.seconds=0"], env=_env(), capture_output=True, text=True, timeout=300
@@ -328,7 +374,7 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_resumes_exactly(assets, tm
 
     straight_args = [a for a in TRAIN_ARGS if "every_n_train_steps" not in a]
     _, straight = train(
-        compose_train(tmp_path / "straight", assets["manifest"], assets["proc"], straight_args)
+        compose_train(sigterm_run["tmp"] / "straight", assets["manifest"], assets["proc"], straight_args)
     )
     a = straight["model"].state_dict()
     b = resumed["state_dict"]
@@ -351,32 +397,19 @@ def test_ctrl_c_saves_at_the_next_step_and_exits_130(assets, tmp_path):
     assert seen["step"] <= step <= seen["step"] + 1, (seen, step)
 
 
-# ---------------------------------------------------------------------------------------------- item 10
-def test_a_second_run_into_a_used_run_folder_is_refused_with_the_first_pid(assets, tmp_path):
-    run, marker = tmp_path / "run", tmp_path / "marker.json"
-    first = _popen(_train_cmd(assets, run, marker, "trainer.max_steps=200", "model.scheduler.max_steps=200"))
-    try:
-        _wait_for_step(first, marker, 1)
-        config_before = (run / ".hydra" / "config.yaml").read_text()
-        second = subprocess.run(
-            _train_cmd(assets, run, tmp_path / "marker2.json", "seed=1"),
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert second.returncode == 2, second.stderr[-3000:]
-        last = second.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"error: {run} is in use by another train.py (pid {first.pid} on"), last
-        assert str(run / "run.lock") in last
-        assert (
-            run / ".hydra" / "config.yaml"
-        ).read_text() == config_before  # the first run's config, untouched
-        assert not (tmp_path / "marker2.json").exists()
-    finally:
-        first.send_signal(signal.SIGTERM)
-        first.communicate(timeout=120)
-    assert first.returncode == 143
+def test_a_second_run_into_a_used_run_folder_is_refused_with_the_first_pid(sigterm_run):
+    """A second train.py into the run folder of a running one (sigterm_run's, held after its first step) exits 2
+    naming the first run's pid and lock file, and leaves the first run's config and run alone."""
+    run, in_use = sigterm_run["run"], sigterm_run["in_use"]
+    second = in_use["second"]
+    assert second.returncode == 2, second.stderr[-3000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {run} is in use by another train.py (pid {in_use['first_pid']} on"), last
+    assert str(run / "run.lock") in last
+    assert in_use["config_after"] == in_use["config_before"]  # the first run's config, untouched
+    assert not in_use["second_marker"]
+    assert in_use["first_alive"]  # the first run was running all along, and then stopped by its SIGTERM
+    assert sigterm_run["returncode"] == 143
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning(assets, tmp_path, caplog):

@@ -563,31 +563,14 @@ def test_af3_and_our_layout_give_same_batches(tmp_path):
                 assert torch.equal(x[k], y[k]), k
 
 
-def test_ddp_two_cpu_processes(assets, tmp_path):
-    import subprocess
-    import sys
-
-    proc, manifest = assets
-    root = Path(__file__).resolve().parents[1]
-    run = tmp_path / "ddp_run"
-    cmd = [
-        sys.executable,
-        str(root / "train.py"),
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "debug=fast",
-        f"data.train={manifest}",
-        f"data.processor={proc}",
-        "+model.net.overrides={audio:{max_source_positions:100}}",
-        f"hydra.run.dir={run}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-    ]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+def test_ddp_two_cpu_processes(ddp_four_steps):
+    """train.py trainer=ddp on 2 CPU processes (conftest's shared run): one run folder with its checkpoint, rank 0
+    logs the run, rank 1 warnings and errors only."""
+    run, out, _, _ = ddp_four_steps
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(glob.glob(str(run / "checkpoints" / "*.ckpt"))) >= 1
-    assert not list((tmp_path / "logs").glob("**/runs/*")), "a second run folder was created"
+    assert not list((run.parent / "logs").glob("**/runs/*")), "a second run folder was created"
     # rank 1 logs warnings and errors only: its info lines repeated rank 0's on the console
     console = out.stdout + out.stderr
     assert console.count("instantiating model") == 1, console[-3000:]

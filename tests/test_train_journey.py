@@ -9,23 +9,21 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from train_fixtures import TINY_OVERRIDES, compose_train, write_dataset, write_processor
+from train_fixtures import compose_train, write_dataset, write_processor
 
 from musicflamingo.callbacks import TrainingInterrupted, atomic_torch_save
 from musicflamingo.lit import CheckpointMismatchError
 from musicflamingo.settings import SettingsError
 from musicflamingo.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 COMMON = [
     "export=false",
@@ -71,31 +69,17 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-def test_ddp_logs_and_trains_as_one_process_accumulating_its_batches(assets, tmp_path):
+def test_ddp_logs_and_trains_as_one_process_accumulating_its_batches(ddp_four_steps, tmp_path):
     """2 gloo processes take the global batches [2k, 2k+1] at step k, as one process with accumulate_grad_batches=2
     does: the same weights, and the same logged step metrics (train/loss the mean over both batches, not rank 0's
     alone; label tokens their sum; the learning rate the step used), one row per step, one set of checkpoints.
-    Resumed on one process, the checkpoint is refused naming the device count."""
-    proc, manifest, _ = assets
-    run = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.max_steps=4",
-        *COMMON,
-        f"data.train={manifest}",
-        f"data.processor={proc}",
-        f"+model.net.overrides={TINY_OVERRIDES}",
-        f"hydra.run.dir={run}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    Resumed on one process, the checkpoint is refused naming the device count. (The DDP run: conftest's
+    ddp_four_steps, 4 steps with this file's COMMON settings, shared with test_train.py.)"""
+    run, out, proc, manifest = ddp_four_steps
     assert out.returncode == 0, out.stderr[-3000:]
-    one = _run(tmp_path / "one", assets, ["trainer.max_steps=4", "trainer.accumulate_grad_batches=2"])
+    assert "trainer.max_steps=4" in out.args and all(c in out.args for c in COMMON), out.args
+    ddp_assets = (proc, manifest, None)
+    one = _run(tmp_path / "one", ddp_assets, ["trainer.max_steps=4", "trainer.accumulate_grad_batches=2"])
     assert one["trainer"].global_step == 4
     ddp, single = _step_metrics(run), _step_metrics(tmp_path / "one" / "run")
     assert [s for s, *_ in ddp] == [0, 1, 2, 3]
@@ -112,13 +96,15 @@ def test_ddp_logs_and_trains_as_one_process_accumulating_its_batches(assets, tmp
     )
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+    copy = tmp_path / "ddp"
+    shutil.copytree(run, copy)  # the shared run folder stays as the DDP run left it
     with pytest.raises(CheckpointMismatchError, match=r"2 data-parallel processes \(trainer.devices.*give 1"):
         train(
             compose_train(
                 tmp_path,
                 manifest,
                 proc,
-                COMMON + ["trainer.max_steps=6", f"paths.output_dir={run}"],
+                COMMON + ["trainer.max_steps=6", f"paths.output_dir={copy}"],
             )
         )
 

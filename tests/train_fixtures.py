@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -85,6 +88,32 @@ def compose_train(
         cfg.trainer.enable_progress_bar = False
         cfg.trainer.enable_model_summary = False
     return cfg
+
+
+def run_fsdp_on_cpu(
+    run: Path, processor: Path, manifest: Path, overrides: list[str]
+) -> subprocess.CompletedProcess:
+    """`train.py trainer=fsdp` on 2 CPU processes (gloo) with the tiny model, logging to CSV into the run folder
+    `run` (hydra.run.dir; paths.log_dir beside it); `overrides` come before the data and model settings (the
+    precision is one of them). Asserts the run exits 0, showing the end of its output if not."""
+    cmd = [
+        sys.executable,
+        str(CONFIGS.parent / "train.py"),
+        "trainer=fsdp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "logger=csv",
+        *overrides,
+        f"data.train={manifest}",
+        f"data.processor={processor}",
+        f"+model.net.overrides={TINY_OVERRIDES}",
+        f"hydra.run.dir={run}",
+        f"paths.log_dir={run.parent / 'logs'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=CONFIGS.parent, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return out
 
 
 def grpo_module(net, beta: float = 0.04, **changes):  # noqa: ANN001, ANN201
