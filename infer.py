@@ -1,8 +1,9 @@
-"""Ask Music Flamingo about audio files, or chat with it.
+r"""Ask Music Flamingo about audio files, or chat with it.
 
     python infer.py ckpt=DIR audio=song.mp3 'prompt="What is the tempo, and the key?"'
     python infer.py ckpt=DIR audio=[a.mp3,b.wav] max_new_tokens=256
     python infer.py ckpt=DIR audio=song.mp3 interactive=true
+    python infer.py ckpt=DIR audio=song.mp3 'stop="\n\n"'    # each answer ends before its first blank line
     python infer.py ckpt=DIR audio=music/ output=answers.jsonl skip_bad_audio=true   # resumable
     python infer.py ckpt=DIR audio=items.jsonl output=answers.jsonl   # {"audio": "a.mp3", "prompt": "..."} a line
     python infer.py ckpt=DIR 'audio="Artist - Song (feat. X) [Remix].flac"'       # Hydra quotes

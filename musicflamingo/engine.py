@@ -11,6 +11,11 @@ those of the same request run alone, whatever else shares the batch and whenever
 `cumsum(attention_mask) - 1` (so each row's real tokens sit at 0..T-1, as in their own slot here), a row that emits
 a stop id keeps it and is then filled with `pad_token_id`, and generation ends when every row has stopped or after
 `max_new_tokens`. Sampling order is the reference's: temperature -> top-k -> top-p -> multinomial.
+
+Stop strings (`SamplingParams.stop_strings`) are matched per row on the answer's text, decoded as its tokens come
+(`AnswerText`; the engine needs the `tokenizer`), so a stop string may span tokens: the row finishes at the token
+that completes one, and its text is cut before it (as OpenAI's API and vLLM answer). `Slot.text` only ever grows by
+text that can no longer turn out to be part of a stop string, so streaming it never shows one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 from musicflamingo.model.layers import KVCache
 from musicflamingo.model.qwen2 import uses_decode_attention
+from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()  # texts that end the answer, cut before them (one text: that one)
 
     def __post_init__(self) -> None:
         if (
@@ -81,6 +88,7 @@ class SamplingParams:
         ):  # torch.Generator.manual_seed's range: past it, it failed only at the first request, blaming that
             raise ValueError(f"seed must be a 64-bit integer or null (random), got {self.seed!r}")
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
+        self.stop_strings = check_stop_strings(self.stop_strings)
 
     def for_prompt(self, index: int) -> SamplingParams:
         """These settings for the `index`-th prompt of a run: a seed of its own, derived from (`seed`, `index`), so
@@ -101,6 +109,125 @@ class SamplingParams:
         else:
             g.manual_seed(int(self.seed))
         return g
+
+
+def check_stop_strings(stops: str | Sequence[str] | None, field: str = "stop_strings") -> tuple[str, ...]:
+    """`stops` (one text, a list of texts or None) as a tuple of texts; anything else, or an empty text (it would
+    end every answer before its first token), is a ValueError naming `field`."""
+    if stops is None:
+        return ()
+    if isinstance(stops, str):
+        stops = (stops,)
+    if not isinstance(stops, Sequence) or not all(isinstance(s, str) for s in stops):
+        raise ValueError(f"{field} must be a text or a list of texts, got {stops!r}")
+    if any(not s for s in stops):
+        raise ValueError(f"{field}={list(stops)!r}: an empty stop string would end every answer at once")
+    return tuple(dict.fromkeys(stops))
+
+
+class AnswerText:
+    """One answer's text, decoded as its tokens come (`tokenizer.IncrementalDecoder`) and cut before the first of
+    `stops` to appear in it, wherever the token boundaries fall.
+
+    `text` is what is safe to show: it never holds a piece that could still grow into a stop string (that end is held
+    back until the next tokens decide it), and it only ever grows. `push` returns True at the token that completes
+    a stop string (`stop` then names it and `text` is the final answer); `finish` releases what is held back when
+    the answer ends otherwise (a stop id, its length). Without stops, the final `text` is `tokenizer.decode` of the
+    pushed tokens. A stop string that is a special token (`<|im_start|>`) matches that token: decoded text leaves
+    special tokens out, so it could never appear there.
+
+    Example::
+
+        answer = AnswerText(tokenizer, ["\\n\\n"])
+        for token in tokens:
+            if answer.push(token):
+                break
+        answer.finish()  # answer.text: the answer up to the first blank line
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stops = check_stop_strings(tuple(stops))
+        self.decoded = ""  # everything decoded so far
+        self.text = ""  # its start that is safe to show: decoded[:len(text)]
+        self.stop: str | None = None  # the stop string that ended the answer
+        self.ends: list[int] = []  # len(decoded) after each token
+        self.finished = False
+        special = set(getattr(tokenizer, "special_tokens", ()))
+        self.special = {tokenizer.token_to_id(s): s for s in self.stops if s in special}
+
+    @classmethod
+    def of_tokens(
+        cls, tokenizer: Tokenizer, ids: Sequence[int], stops: Sequence[str] = (), stop_ids: Sequence[int] = ()
+    ) -> AnswerText:
+        """A generated row's finished answer, its tokens fed as the engine feeds them: up to a stop id (left out)
+        or the token that completes one of `stops`; the tokens after (a batch's padding) are never read."""
+        answer = cls(tokenizer, stops)
+        for token in ids:
+            if token in stop_ids or answer.push(token):
+                break
+        answer.finish()
+        return answer
+
+    def push(self, token: int) -> bool:
+        """Add the next token; True when it completes a stop string (later tokens are refused)."""
+        if self.finished:
+            raise RuntimeError("the answer is finished: no more tokens")
+        if token in self.special:  # the text before it is the answer (with what it held back)
+            self.finish()
+            self.stop = self.stop or self.special[token]
+            return True
+        self._add(self.decoder.push(token))
+        self.ends.append(len(self.decoded))
+        return self.stop is not None
+
+    def finish(self) -> None:
+        """The answer has ended (no more tokens): release the text held back (a stop string's start that was not)."""
+        if self.finished:
+            return
+        if self.stop is None:
+            self._add(self.decoder.flush())
+        if self.stop is None:
+            self.text = self.decoded
+        self.finished = True
+
+    def _add(self, delta: str) -> None:
+        if not delta:
+            return
+        self.decoded += delta
+        if not self.stops:
+            self.text = self.decoded
+            return
+        start = len(self.text)  # no stop string begins before: it would have been held back
+        found = [i for i in (self.decoded.find(s, start) for s in self.stops) if i >= 0]
+        if found:
+            self.stop = next(s for s in self.stops if self.decoded.find(s, start) == min(found))
+            self.text = self.decoded[: min(found)]
+            self.finished = True
+            return
+        self.text = self.decoded[: len(self.decoded) - _partial_stop(self.decoded, self.stops)]
+
+    def kept_tokens(self) -> int:
+        """How many of the first tokens decode to a start of `text` (all of them without a stop string): a cut
+        answer's tokens that a continuation (the next chat turn) can keep."""
+        ids = self.decoder.ids
+        if self.stop is None:
+            return len(ids)
+        n = min(sum(1 for end in self.ends if end <= len(self.text)), len(ids))
+        while n and not self.text.startswith(self.decoder.tokenizer.decode(ids[:n], self.decoder.skip)):
+            n -= 1  # a token holding half a character, or a tokenizer that re-spaces a word when more follows
+        return n
+
+
+def _partial_stop(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is a proper start of one of `stops` (0 when none)."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(text), len(stop) - 1), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
 
 
 def sample_next(
@@ -150,8 +277,11 @@ class Request:
 
 @dataclass
 class Slot:
-    """A slot's request and progress. `tokens`: generated so far (a stop id included); `last`: the newest one,
-    not fed to the model yet; `done`: finished (a stop id or `max_new_tokens`), no longer decoding."""
+    """A slot's request and progress. `tokens`: generated so far (a stop id included, and the tokens of a stop
+    string); `last`: the newest one, not fed to the model yet; `done`: finished (a stop id, a stop string or
+    `max_new_tokens`), no longer decoding; `finish_reason`: then "stop" (a stop id or string) or "length" (its
+    budget: `max_new_tokens` or the context's end). `text`: the answer's text (`AnswerText`: cut before a stop string,
+    stop ids left out; streaming `text.text` never shows a piece of a stop string), when the engine has a tokenizer."""
 
     index: int
     params: SamplingParams
@@ -159,6 +289,8 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     last: int | None = None
     done: bool = False
+    finish_reason: str | None = None
+    text: AnswerText | None = None
     budget: int = 0  # tokens this turn may still generate
     reach: int = 0  # cache positions this sequence may need: its prompt and every token fed back (`reach`)
 
@@ -179,6 +311,8 @@ class Engine:
             the bound, so that few capacities are traced), shrinking to that when growing would pass the bound;
             `fits` says whether a request can be admitted without passing the bound. None: every slot has a row
             and the capacity only grows, doubling as sequences reach its end.
+        tokenizer: decodes each slot's answer as it is generated (`Slot.text`), which requests with stop strings
+            need (`SamplingParams.stop_strings`; refused without one).
 
     Example::
 
@@ -187,6 +321,9 @@ class Engine:
         while engine.decoding:
             for slot_index, token in engine.step():
                 ...
+
+    With `Engine(model, slots=4, tokenizer=tokenizer)` and `SamplingParams(..., stop_strings=("\\n\\n",))`, a slot
+    stops at the token that completes a blank line; its `text.text` is the answer before it, streamed safely.
     """
 
     def __init__(
@@ -196,9 +333,11 @@ class Engine:
         capacity: int | None = None,
         compile: bool = False,
         max_positions: int | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.model = model
         self.compile = compile
+        self.tokenizer = tokenizer
         self.limit = model.config.text.max_position_embeddings
         self.device = model.device
         self.dtype = model.dtype
@@ -339,7 +478,8 @@ class Engine:
         elif index not in free:
             raise RuntimeError(f"slot {index} is taken")
         params = request.params
-        slot = Slot(index, params, request.generator or params.generator(self.device))
+        text = self._answer_text(params)
+        slot = Slot(index, params, request.generator or params.generator(self.device), text=text)
         self.cache.clear(index)
         self.slots[index] = slot
         try:
@@ -355,6 +495,30 @@ class Engine:
             self.release(index)
             raise
         return slot
+
+    def _answer_text(self, params: SamplingParams) -> AnswerText | None:
+        if self.tokenizer is None:
+            if params.stop_strings:
+                raise ValueError(
+                    "stop strings are matched on the decoded text: the engine needs the tokenizer "
+                    "(Engine(..., tokenizer=processor.tokenizer))"
+                )
+            return None
+        return AnswerText(self.tokenizer, params.stop_strings)
+
+    def rewind(self, index: int, keep: int) -> None:
+        """Keep only the first `keep` generated tokens of a finished slot, all fed (a stop string cut its answer
+        inside the tokens after them): the cache drops the later ones' keys and `last` is None, so the next
+        `extend` continues right after them. `keep` must be below the number of tokens (the last is not fed)."""
+        slot = self.slots[index]
+        if slot is None or not slot.done:
+            raise RuntimeError(f"slot {index} has no finished sequence to rewind")
+        if not 0 <= keep < len(slot.tokens):
+            raise ValueError(
+                f"keep={keep}: the slot has {len(slot.tokens)} tokens, {len(slot.tokens) - 1} fed"
+            )
+        self.cache.lengths[index] -= len(slot.tokens) - 1 - keep
+        slot.tokens, slot.last = slot.tokens[:keep], None
 
     @torch.inference_mode()
     def extend(
@@ -374,14 +538,17 @@ class Engine:
         if slot.last is not None:
             ids = torch.cat([torch.tensor([slot.last], device=self.device), ids])
         before = (slot.params, slot.generator, slot.tokens, slot.last, slot.budget, slot.reach)
+        before += (slot.finish_reason, slot.text)
         if params is not None:  # the turn's own sampling, its seed included
             slot.params, slot.generator = params, params.generator(self.device)
-        slot.tokens, slot.last, slot.done = [], None, False
+        slot.tokens, slot.last, slot.done, slot.finish_reason = [], None, False, None
         try:
+            slot.text = self._answer_text(slot.params)
             self._prefill(slot, ids, input_features, input_features_mask, None, slot.params.max_new_tokens)
         except BaseException:  # e.g. past the context: the conversation stays as it was
             # (its reach too: a fitted cache sizes every admission by the occupied slots' reaches)
-            slot.params, slot.generator, slot.tokens, slot.last, slot.budget, slot.reach = before
+            slot.params, slot.generator, slot.tokens, slot.last, slot.budget, slot.reach = before[:6]
+            slot.finish_reason, slot.text = before[6:]
             slot.done = True
             raise
         return slot
@@ -439,7 +606,15 @@ class Engine:
         for s, t in zip(slots, tokens):
             s.tokens.append(t)
             s.last = t
-            s.done = t in s.params.stop_ids or len(s.tokens) >= s.budget
+            if t in s.params.stop_ids:  # the stop id ends the answer: no text of its own
+                s.finish_reason = "stop"
+            elif s.text is not None and s.text.push(t):  # it completed a stop string
+                s.finish_reason = "stop"
+            elif len(s.tokens) >= s.budget:
+                s.finish_reason = "length"
+            s.done = s.finish_reason is not None
+            if s.done and s.text is not None:
+                s.text.finish()
             out.append((s.index, t))
         return out
 
@@ -524,7 +699,6 @@ UNSUPPORTED_GENERATION_FIELDS: dict[str, object] = {
     "penalty_alpha": 0.0,
     "dola_layers": None,
     "watermarking_config": None,
-    "stop_strings": [],
 }
 _warned: set[str] = set()
 
@@ -581,6 +755,8 @@ def stream_generate(
     stop_token_ids: int | Sequence[int] | None = None,
     pad_token_id: int | None = UNSET,
     compile: bool = False,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer: Tokenizer | None = None,
     # Hugging Face spellings: accepted where they mean the same, refused where we do something else.
     eos_token_id: int | Sequence[int] | None = UNSET,
     max_length: int | None = None,
@@ -603,7 +779,10 @@ def stream_generate(
     `attention_mask`, positions holding `pad_token_id` are padding unless it is a stop id. `max_length` (prompt +
     new) is the other way to say `max_new_tokens` (default: the file's, else 128). Unseeded sampling draws its seed
     from torch's global RNG (`torch.manual_seed` repeats a run). A row stops early, padded after, where the
-    model's context ends (a warning names it; the reference would go on past it).
+    model's context ends (a warning names it; the reference would go on past it). `stop_strings` (default: the
+    file's) end a row at the token that completes one, matched on the row's decoded text (a stop string may span
+    tokens), which needs `tokenizer`, as the reference's; that token is the row's last, padded after (the ids cannot
+    be cut inside a token: `Engine`'s `Slot.text` is the text cut before the stop string).
     """
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: beam search is not implemented; use num_beams=1")
@@ -648,6 +827,22 @@ def stream_generate(
             raise ValueError("give stop_token_ids or eos_token_id, not both")
         stop_token_ids = [] if eos_token_id is None else eos_token_id
     stops = _stop_ids(model, stop_token_ids)
+    if stop_strings is None:
+        stop_strings = defaults.get("stop_strings")
+        if stop_strings and tokenizer is None:
+            # (the reference refuses; eval.py calls generate without a tokenizer: rows run past the stop string)
+            message = (
+                f"generation_config.json sets stop_strings={stop_strings!r}, which need the tokenizer to be matched: "
+                "pass generate(..., tokenizer=processor.tokenizer); without it the answers run past them"
+            )
+            if message not in _warned:
+                _warned.add(message)
+                logger.warning(message)
+            stop_strings = None
+    elif stop_strings and tokenizer is None:
+        raise ValueError(
+            "stop_strings are matched on the decoded text: pass the tokenizer too (tokenizer=processor.tokenizer)"
+        )
     if pad_token_id is UNSET:
         # the reference pads with the file's pad, else its first eos id; without the file, the config's pad
         pad_token_id = defaults.get("pad_token_id")
@@ -669,6 +864,7 @@ def stream_generate(
         given["top_p"],
         seed,
         tuple(stops),
+        stop_strings,
     )
     device = model.device
     input_ids = input_ids.to(device)
@@ -689,7 +885,9 @@ def stream_generate(
     real = attention_mask.to(device).bool()
     embeds = model.embed(input_ids, input_features, input_features_mask)  # (B, S, D): audio encoded once
     lengths = real.sum(1).tolist()
-    engine = Engine(model, slots=B, capacity=max(lengths) + max_new_tokens, compile=compile)
+    engine = Engine(
+        model, slots=B, capacity=max(lengths) + max_new_tokens, compile=compile, tokenizer=tokenizer
+    )
     slots = []
     for b in range(B):
         try:

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -44,7 +45,13 @@ from musicflamingo.checkpoint import (
     stop_ids,
     stop_token_ids,
 )
-from musicflamingo.engine import Engine, Request, SamplingParams, unsupported_generation_fields
+from musicflamingo.engine import (
+    Engine,
+    Request,
+    SamplingParams,
+    check_stop_strings,
+    unsupported_generation_fields,
+)
 from musicflamingo.jsonl import LINE_BREAK
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.config import ConfigError
@@ -54,7 +61,7 @@ from musicflamingo.reasoning import ThinkDisplay, parse_think
 from musicflamingo.runfolder import FolderLock
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, set_threads
 from musicflamingo.settings import check_infer_settings
-from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError, read_json_object
+from musicflamingo.tokenizer import Tokenizer, TokenizerError, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +103,36 @@ def typed_text(text: str, what: str) -> str:
 
 
 def sampling_params(cfg: Mapping[str, Any], stops: Sequence[int] = ()) -> SamplingParams:
-    """The decoding settings of `configs/infer.yaml` (missing keys: `SamplingParams`' defaults) and stop ids."""
+    """The decoding settings of `configs/infer.yaml` (missing keys: `SamplingParams`' defaults), its `stop` strings
+    (a text or a list of them; null or missing: none here, `infer` reads null as generation_config.json's) and stop
+    ids."""
     try:
-        return SamplingParams(**{k: cfg[k] for k in SAMPLING_FIELDS if k in cfg}, stop_ids=tuple(stops))
+        return SamplingParams(
+            **{k: cfg[k] for k in SAMPLING_FIELDS if k in cfg},
+            stop_ids=tuple(stops),
+            stop_strings=stop_strings(cfg.get("stop")),
+        )
     except ValueError as e:
         raise InferenceError(str(e)) from None
+
+
+def stop_strings(value: Any, field: str = "stop", escapes: bool = False) -> tuple[str, ...]:
+    """`stop=` (a text, a list of texts, or null: none) as stop strings; a number typed is its text (`stop=42`);
+    an empty text, a mapping or a nested list is an InferenceError naming `field`. `escapes`: `\\n`, `\\t`, `\\r`
+    and `\\\\` typed on a command line are the characters (Hydra keeps them as typed: `stop="\\n\\n"` never matched)."""
+    texts = _texts(value, field)
+    if escapes:
+        texts = [_ESCAPE.sub(lambda m: _ESCAPES[m[1]], t) for t in texts]
+    try:
+        return check_stop_strings(texts, field)
+    except ValueError as e:
+        raise InferenceError(
+            f"{e}{'' if value is None or value else '; stop=[] (or null) for none'}"
+        ) from None
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_ESCAPE = re.compile(r"\\([ntr\\])")
 
 
 def load_model(
@@ -271,14 +303,9 @@ def _check_audio_files(files: Sequence[str]) -> None:
             raise AudioError(f"{f}: not a regular file")
 
 
-def _answer_ids(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
-    """A request's generated ids without the stop id that ended it."""
-    return list(tokens[:-1]) if tokens and tokens[-1] in stops else list(tokens)
-
-
 class _Printer:
-    """Prints answers labelled, in request order, without interleaving: the oldest unfinished answer token by
-    token (`stream`), each later one whole once every answer before it is out."""
+    """Prints answers labelled, in request order, without interleaving: the oldest unfinished answer as its text
+    grows (`stream`), each later one whole once every answer before it is out."""
 
     def __init__(
         self,
@@ -292,18 +319,20 @@ class _Printer:
         self.think = think  # think mode: each answer through a ThinkDisplay (reasoning apart, answer last)
         self.view: ThinkDisplay | None = None
         self.shown = 0  # the request printed next
-        self.pushed = 0  # its tokens already given to the live decoder
-        self.live: IncrementalDecoder | None = None
+        self.pushed = 0  # its characters already printed
+        self.live = False  # its header is out
 
     def update(
         self,
-        answers: Sequence[list[int]],
+        answers: Sequence[str | Sequence[int]],
         finished: Sequence[bool],
         started: int | None = None,
         skipped: Mapping[int, str] | None = None,
     ) -> None:
-        """`started`: requests whose audio is read (all by default): a later one gets no header yet, as its file
-        may still fail to decode. `skipped`: requests given up (`skip_bad_audio`), with the reason, shown in turn."""
+        """`answers`: each request's text so far (`engine.AnswerText.text`: never a piece of a stop string), or its
+        token ids so far (decoded here: no stop strings).
+        `started`: requests whose audio is read (all by default): a later one gets no header yet, as its file may
+        still fail to decode. `skipped`: requests given up (`skip_bad_audio`), with the reason, shown in turn."""
         out = self.out
         if out is None:
             return
@@ -314,25 +343,26 @@ class _Printer:
                 out.write(f"== {self.labels[i]} ==\n(skipped: {skipped[i]})\n")
                 self.shown = i + 1
                 continue
-            if self.live is None and (self.stream or finished[i]):
+            if not self.live and (self.stream or finished[i]):
                 out.write(f"== {self.labels[i]} ==\n")
-                self.live, self.pushed = IncrementalDecoder(self.tok), 0
+                self.live, self.pushed = True, 0
                 self.view = ThinkDisplay(out) if self.think else None
-            if self.live is not None:
-                text = "".join(self.live.push(t) for t in answers[i][self.pushed :])
+            if self.live:
+                answer = answers[i]
+                answer = answer if isinstance(answer, str) else self.tok.decode(answer).removesuffix("\ufffd")
+                text = answer[self.pushed :]
                 if self.view:
                     self.view.write(text)
                 else:
                     out.write(text)
-                self.pushed = len(answers[i])
+                self.pushed = len(answer)
             if not finished[i]:
                 break
             if self.view:
-                self.view.write(self.live.flush())
                 self.view.finish()
             else:
-                out.write(self.live.flush() + "\n")
-            self.live, self.shown = None, i + 1
+                out.write("\n")
+            self.live, self.shown = False, i + 1
         out.flush()
 
 
@@ -364,27 +394,26 @@ def generate_answers(
     each conversation comes from (a JSONL list's file:line, or None), named before its audio errors."""
     n = len(conversations)
     indices = range(n) if indices is None else indices
-    engine = Engine(model, slots=min(slots or n, n), compile=compile)
-    answers: list[list[int]] = [[] for _ in range(n)]
+    engine = Engine(model, slots=min(slots or n, n), compile=compile, tokenizer=processor.tokenizer)
+    answers: list[str] = [""] * n  # each answer's text so far (cut before a stop string)
     texts: list[str | None] = [None] * n
     finished = [False] * n
     skipped: dict[int, str] = {}  # request -> why its audio could not be used
-    cut: list[int] = []  # requests whose answer ended at the token limit, not at a stop id
+    cut: list[int] = []  # requests whose answer ended at the token limit, not at a stop id or string
     owner: dict[int, int] = {}  # slot -> request
     printer = _Printer(processor.tokenizer, labels, out, stream, think)
-    stops = params.stop_ids
     t0, n_tokens, joined = time.perf_counter(), 0, 0
 
     def record(slot: int, token: int) -> None:
         i = owner[slot]
         s = engine.slots[slot]
-        answers[i] = _answer_ids(s.tokens, stops)
+        answers[i] = s.text.text
         if s.done:
             finished[i] = True
-            if s.tokens[-1] not in stops:
+            if s.finish_reason == "length":
                 cut.append(i)
             engine.release(slot)
-            texts[i] = processor.tokenizer.decode(answers[i])
+            texts[i] = answers[i]
             if on_answer is not None:
                 on_answer(i, texts[i])
 
@@ -461,7 +490,12 @@ class ChatSession:
     answer's last token, not fed yet. A new user turn feeds `pending` + the turn's tokens (with the closing
     `<|im_end|>` of the previous answer when it was cut by `max_new_tokens`, see `chat.continuation_text`) at
     positions continuing the cache, so `history_ids` is exactly the token sequence a from-scratch run over the
-    whole conversation would see.
+    whole conversation would see. An answer cut by a stop string (`params.stop_strings`) keeps the tokens before
+    it (`Engine.rewind`); `pending` is then the rest of the cut answer's text, encoded, and `<|im_end|>`: the
+    history holds the answer as the user saw it.
+
+    Turn n samples from its own stream of (`seed`, n) (`SamplingParams.for_prompt`), counted over the session
+    (resets included): a seeded chat repeats as a whole, and its turns differ.
     """
 
     def __init__(
@@ -473,12 +507,16 @@ class ChatSession:
     ) -> None:
         self.model = model
         self.processor = processor
-        # default stops: generation_config.json's eos ids and the config's, as infer.py's
-        eos = stop_ids(getattr(model, "generation_defaults", {}), model.config)
-        self.params = params or SamplingParams(stop_ids=tuple(eos))
+        # default stops: generation_config.json's eos ids and the config's, as infer.py's, and its stop strings
+        generation = getattr(model, "generation_defaults", {})
+        eos = stop_ids(generation, model.config)
+        self.params = params or SamplingParams(
+            stop_ids=tuple(eos), stop_strings=generation.get("stop_strings") or ()
+        )
         self.system_prompt = system_prompt
         self.end_of_turn_id = processor.tokenizer.require_id(END_OF_TURN)
-        self.engine = Engine(model, slots=1)
+        self.engine = Engine(model, slots=1, tokenizer=processor.tokenizer)
+        self.turns = 0  # turns asked in this session: turn n samples from (seed, n)
         self.reset()
 
     @property
@@ -508,52 +546,65 @@ class ChatSession:
     def ask(self, text: str, audio: str | None = None, on_text: Callable[[str], None] | None = None) -> str:
         """Add a user turn (optionally with an audio file), generate the answer, return its text.
 
-        `on_text` receives the answer's text deltas as they are generated (see `IncrementalDecoder`).
+        `on_text` receives the answer's text deltas as they are generated (never a piece of a stop string).
         """
         processor, engine = self.processor, self.engine
         typed_text(text, "message")
         if audio is not None:
             _check_audio_files([audio])
         message = user_message(text, audio)
+        pending: list[int] = []  # the last answer's tokens not in the cache yet, fed before the turn's
         if engine.slots[0] is None:
             turn = processor.render_chat(self.messages + [message], add_generation_prompt=True)
         else:
-            if self.pending and self.pending[0] in self.stops:
+            pending = self.pending
+            if pending and pending[0] in self.stops:
                 # any stop closes the answer as the template does (<|im_end|>), whatever id it stopped on
                 # (a checkpoint's <|endoftext|>): the cached history stays the render of the conversation
-                self.pending = [self.end_of_turn_id]
-                engine.slots[0].last = self.end_of_turn_id
-            closed = self.pending == [self.end_of_turn_id]
+                pending = [self.end_of_turn_id]
+            closed = pending[-1:] == [self.end_of_turn_id]
             turn = continuation_text(
                 self.messages, message, closed, processor.default_system_prompt, processor.audio_token
             )
         batch = processor(turn, audio=[audio] if audio is not None else None)
-        feed = batch["input_ids"][0]
+        feed = torch.cat([torch.tensor(pending, dtype=torch.long), batch["input_ids"][0]])
         features, features_mask = batch.get("input_features"), batch.get("input_features_mask")
+        params = self.params.for_prompt(self.turns)
         try:
             if engine.slots[0] is None:
-                slot = engine.admit(Request(feed, self.params, features, features_mask), index=0)
+                slot = engine.admit(Request(feed, params, features, features_mask), index=0)
             else:
-                slot = engine.extend(0, feed, self.params, features, features_mask)
+                last = engine.slots[0].last
+                engine.slots[0].last = None  # fed here, as `pending`
+                try:
+                    slot = engine.extend(0, feed, params, features, features_mask)
+                except BaseException:
+                    engine.slots[0].last = last
+                    raise
         except ValueError as e:
             raise InferenceError(f"{e}; start a new conversation (/reset)") from None
-        self.ids += self.pending + feed.tolist()
-        decoder = IncrementalDecoder(processor.tokenizer)
+        self.turns += 1
+        self.ids += feed.tolist()
         shown = 0
         while True:
-            new = _answer_ids(slot.tokens, self.stops)
-            if on_text is not None:
-                on_text("".join(decoder.push(t) for t in new[shown:]))
-            shown = len(new)
+            if on_text is not None:  # never a piece of a stop string (`engine.AnswerText`)
+                on_text(slot.text.text[shown:])
+                shown = len(slot.text.text)
             if slot.done:
                 break
             engine.step()
-        if on_text is not None:
-            on_text(decoder.flush())
-        self.ids += slot.tokens[:-1]
-        self.pending = [slot.tokens[-1]]
         self.last_new_ids = list(slot.tokens)
-        answer = processor.tokenizer.decode(_answer_ids(slot.tokens, self.stops))
+        answer = slot.text.text
+        if slot.text.stop is not None:
+            # a stop string cut the answer inside its tokens: keep those before it, then the rest of its text
+            keep = slot.text.kept_tokens()
+            rest = answer[len(processor.tokenizer.decode(slot.tokens[:keep])) :]
+            engine.rewind(0, keep)
+            self.ids += slot.tokens
+            self.pending = processor.tokenizer.encode(rest) + [self.end_of_turn_id]
+        else:
+            self.ids += slot.tokens[:-1]
+            self.pending = [slot.tokens[-1]]
         self.messages += [message, {"role": "assistant", "content": answer}]
         return answer
 
@@ -654,15 +705,18 @@ class _Output:
     """`output=`: a JSON Lines file with one object per answered input (`audio`, `prompt`, `answer`; think mode:
     the answer, `thinking` and the whole `text` apart; a `system_prompt` that is set), appended and flushed as each
     answer is done. A rerun skips the (audio, prompt) pairs the file holds, so a long run resumes where it stopped;
-    only rows asked the same way count (think mode or not, the same system prompt): the others are kept, not
-    reused, as their question was another one.
+    only rows asked the same way count (think mode or not, the same system prompt, the same stop strings, which a
+    row names when there are any): the others are kept, not reused, as their question was another one.
 
     One infer.py at a time per file: `<file>.lock` (`runfolder.FolderLock`, held from before the file is read until
     `close()`) refuses a second one, which would answer every input again into the same file (and could cut off
     the first one's rows while dropping a torn last row)."""
 
-    def __init__(self, path: str, think: bool, system_prompt: str | None = None) -> None:
+    def __init__(
+        self, path: str, think: bool, system_prompt: str | None = None, stop: Sequence[str] = ()
+    ) -> None:
         self.path, self.think, self.system_prompt = Path(path).expanduser(), think, system_prompt
+        self.stop = list(stop)  # the stop strings that cut the answers: rows cut by others are not reused
         self.done: dict[tuple[str, str], list[dict[str, Any]]] = {}  # rows by (audio, prompt), in file order
         self.other = 0  # rows asked another way (think mode, system prompt): kept in the file, not reused
         self.added = 0  # rows this run wrote
@@ -716,13 +770,11 @@ class _Output:
                 f"output={self.path}: not UTF-8 (expected the JSON Lines infer.py writes)"
             ) from None
         *lines, last = text.split("\n")
-        if (last.startswith(_ROW_START) or _ROW_START.startswith(last)) and last and not _json_row(last):
-            # our last write, cut short by a crash: dropped (its input is answered again)
-            logger.warning("%s: dropping its last line, cut short by an interrupted run", self.path)
-            with open(self.path, "r+b") as f:
-                f.truncate(len(text.encode("utf-8")) - len(last.encode("utf-8")))
-            last = ""
-        for number, line in enumerate([*lines, last], 1):
+        # our last write, cut short by a crash: not JSON (a whole object is a row, or another file's line)
+        torn = (
+            bool(last) and (last.startswith(_ROW_START) or _ROW_START.startswith(last)) and not _is_json(last)
+        )
+        for number, line in enumerate([*lines, "" if torn else last], 1):
             row = _json_row(line)
             if row is None and line.strip():
                 raise InferenceError(
@@ -731,17 +783,25 @@ class _Output:
                 )
             if row is None:
                 continue
-            if ("thinking" in row) != self.think or row.get("system_prompt") != self.system_prompt:
+            if (
+                ("thinking" in row) != self.think
+                or row.get("system_prompt") != self.system_prompt
+                or (row.get("stop") or []) != self.stop
+            ):
                 self.other += 1
                 continue
             self.done.setdefault((row["audio"], row["prompt"]), []).append(row)
         if self.other:
             logger.info(
-                "%s: %d rows were asked with another think or system_prompt setting: kept, not reused",
+                "%s: %d rows were asked with another think, system_prompt or stop setting: kept, not reused",
                 self.path,
                 self.other,
             )
-        if last:  # a whole row without its newline: the next row starts a line of its own
+        if torn:  # dropped once every other line is known to be a row (its input is answered again)
+            logger.warning("%s: dropping its last line, cut short by an interrupted run", self.path)
+            with open(self.path, "r+b") as f:
+                f.truncate(len(text.encode("utf-8")) - len(last.encode("utf-8")))
+        elif last:  # a whole row without its newline: the next row starts a line of its own
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("\n")
 
@@ -771,6 +831,8 @@ class _Output:
             row.update(answer=split.answer, thinking=split.thinking, text=text)
         if self.system_prompt is not None:
             row["system_prompt"] = self.system_prompt
+        if self.stop:
+            row["stop"] = self.stop
         line = json.dumps(row) + "\n"  # ASCII escapes: any file name (even not UTF-8) round-trips
         # closed at once: a crash loses no finished answer; a full disk (an OSError naming no file) is named here,
         # and the rerun drops a torn last row and keeps the others
@@ -795,6 +857,14 @@ def _repeat(row: Mapping[str, Any]) -> int | None:
     """A row's `repeat` number (see `_Output.write`), None when it has none."""
     n = row.get("repeat")
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _json_row(line: str) -> dict[str, Any] | None:
@@ -843,6 +913,14 @@ def _decoding(cfg: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
             f"max_new_tokens={n} is more than the model's context window, {window} tokens for prompt and answer "
             f"together ({ckpt / 'config.json'}: text_config.max_position_embeddings)"
         )
+    if cfg.get("stop") is None:  # generation_config.json's, as the reference's generate() reads them
+        try:
+            stops = check_stop_strings(generation_config(ckpt).get("stop_strings"), "stop_strings")
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt / 'generation_config.json'}: {e}") from None
+    else:
+        stops = stop_strings(cfg.get("stop"), escapes=True)
+    settings["stop"] = list(stops)
     sampling_params(settings)  # bad decoding settings fail before the model is loaded
     _warn_unused_generation_config(ckpt, settings, n is None)
     if not settings.get("do_sample", False):
@@ -903,7 +981,9 @@ def infer(
     last; the returned answers are the whole texts, tags included (`reasoning.parse_think` splits them).
     `plan=true` writes the memory plan to `out` and returns [] without loading the model.
     `output=FILE`: answers are appended to it as JSON Lines, and those it already holds are not asked again (they
-    are returned from it). `skip_bad_audio=true`: an unreadable file is reported and its answer is None.
+    are returned from it); a file that holds every answer needs none of the audio files (they may have moved).
+    `skip_bad_audio=true`: an unreadable file is reported and its answer is None. `stop`: stop strings (null:
+    generation_config.json's), each answer cut before the first to appear (`engine.AnswerText`).
     """
     out = out if out is not None else sys.stdout
     check_infer_settings(cfg)  # types and ranges (sampling: below), before the checkpoint or audio is read
@@ -911,10 +991,19 @@ def infer(
     ckpt = check_checkpoint_dir(cfg.get("ckpt"))
     decoding = _decoding(cfg, ckpt)
     skip_bad_audio = _flag(cfg, "skip_bad_audio")
-    files, own_prompts, origins = _expand_inputs(_texts(cfg.get("audio"), "audio"), check=not skip_bad_audio)
+    # the files are checked once it is known which are asked: an output= file may hold every answer already
+    files, own_prompts, origins = _expand_inputs(_texts(cfg.get("audio"), "audio"), check=False)
     prompts = [typed_text(p, "prompt") for p in _texts(cfg.get("prompt"), "prompt")]
-    if not skip_bad_audio:
-        _check_audio_files(files)
+
+    def check_inputs(asked: Sequence[int]) -> None:
+        if skip_bad_audio:
+            return
+        for i in asked:
+            try:
+                _check_audio_files([files[i]])
+            except AudioError as e:
+                raise AudioError(str(e) if origins[i] is None else f"{origins[i]}: {e}") from None
+
     system_prompt = cfg.get("system_prompt")
     if system_prompt is not None:
         system_prompt = typed_text(_text(system_prompt, "system_prompt"), "system_prompt")
@@ -933,6 +1022,7 @@ def infer(
             raise InferenceError("interactive=true takes at most one prompt (the first question)")
         if output:
             raise InferenceError("output= writes the answers of a batch run; interactive=true keeps none")
+        check_inputs(range(len(files)))
         plan = _memory_plan(cfg, ckpt, files, prompts, 1, decoding["max_new_tokens"])
         if cfg.get("plan"):
             out.write(plan.table() + "\n")
@@ -968,8 +1058,9 @@ def infer(
     batch_size = len(files) if cfg.get("batch_size") is None else cfg.get("batch_size")
     if int(batch_size) < 1:
         raise InferenceError(f"batch_size must be >= 1 or null, got {batch_size!r}")
-    plan = _memory_plan(cfg, ckpt, files, prompts, int(batch_size), decoding["max_new_tokens"])
     if cfg.get("plan"):
+        check_inputs(range(len(files)))
+        plan = _memory_plan(cfg, ckpt, files, prompts, int(batch_size), decoding["max_new_tokens"])
         out.write(plan.table() + "\n")
         return []
     # The n-th time an (audio, prompt) pair comes (one song sampled N times) is matched with its n-th row.
@@ -979,7 +1070,8 @@ def infer(
         keys.append((f, p, seen[f, p]))
         seen[f, p] += 1
     # `output=`: held (its lock) from its reading to the last answer
-    with _Output(output, think, system_prompt) if output else contextlib.nullcontext() as results:
+    stops = decoding["stop"]
+    with _Output(output, think, system_prompt, stops) if output else contextlib.nullcontext() as results:
         answers = [None if results is None else results.answer(*key) for key in keys]
         todo = [i for i, a in enumerate(answers) if a is None]
         if results is not None and len(todo) < len(files):
@@ -987,7 +1079,18 @@ def infer(
                 "%s: %d of %d inputs already answered", results.path, len(files) - len(todo), len(files)
             )
         if not todo:
+            logger.info("%s holds the answers to all %d inputs: nothing to ask", results.path, len(files))
             return answers
+        # only the inputs still to answer are read: a finished one's file may have moved since
+        check_inputs(todo)
+        _memory_plan(  # refuses a run predicted not to fit (memory_check=false to skip)
+            cfg,
+            ckpt,
+            [files[i] for i in todo],
+            [prompts[i] for i in todo],
+            min(int(batch_size), len(todo)),
+            decoding["max_new_tokens"],
+        )
         model, processor = load_model(
             ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
         )
