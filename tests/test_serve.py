@@ -35,7 +35,8 @@ from musicflamingo.inference import generate_answers, infer
 from musicflamingo.reasoning import parse_think
 from musicflamingo.serve import ServeConfigError, ServeSettings, build_server, create_app
 from musicflamingo.serve.audio import sniff
-from musicflamingo.serve.text import AnswerStream, StopStrings, ThinkFormat, ThinkSplitter
+from musicflamingo.serve.text import AnswerStream, ThinkFormat, ThinkSplitter
+from musicflamingo.tokenizer import IncrementalDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
@@ -490,14 +491,6 @@ def test_stop_strings_cut_the_answer(server, songs):
     assert text == cut and finish == "stop"
 
 
-def test_stop_strings_cut_across_pieces():
-    s = StopStrings(["END", "xyz"])
-    out = "".join(s.push(p) for p in ["abc E", "N", "D more"]) + s.flush()
-    assert out == "abc " and s.hit
-    s = StopStrings(["END"])
-    assert "".join(s.push(p) for p in ["a E", "Nd", "!"]) + s.flush() == "a ENd!" and not s.hit
-
-
 THINK_TEXTS = (
     "<think>The bass walks\nin fifths.</think>\n\n<answer>A minor, 96 BPM.</answer>",
     "\n<think>\nslow\n</think>\n\n<answer> 60 BPM </answer>\n",
@@ -530,16 +523,20 @@ def test_answer_stream_splits_tokens_and_counts_reasoning(loaded):
     tok = loaded[1].tokenizer
     text = THINK_TEXTS[0]
     ids = tok.encode(text) + [299]  # <|im_end|> ends it
-    stream = AnswerStream(tok, stop_ids=(299,), think=ThinkFormat())
-    pushed = [stream.push([i]) for i in ids] + [stream.finish()]
+    # each token's text, as the engine's `Slot.text` grows (the worker's events)
+    decoder = IncrementalDecoder(tok)
+    pieces = [(i, "" if i == 299 else decoder.push(i)) for i in ids]
+    stream = AnswerStream(stop_ids=(299,), think=ThinkFormat())
+    pushed = [stream.push([i], t) for i, t in pieces] + [stream.finish()]
     assert "".join(r for r, _ in pushed) == "The bass walks\nin fifths."
     assert "".join(c for _, c in pushed) == "A minor, 96 BPM."
     assert stream.completion_tokens == len(ids)
     assert len(tok.encode("<think>The bass walks\nin fifths.")) < stream.reasoning_tokens
     assert stream.reasoning_tokens <= len(tok.encode("<think>The bass walks\nin fifths.</think>"))
-    plain = AnswerStream(tok, stop_ids=(299,))
+    plain = AnswerStream(stop_ids=(299,))
     assert (
-        "".join(plain.push([i])[1] for i in ids) + plain.finish()[1] == text and plain.reasoning_tokens == 0
+        "".join(plain.push([i], t)[1] for i, t in pieces) + plain.finish()[1] == text
+        and plain.reasoning_tokens == 0
     )
 
 

@@ -12,6 +12,7 @@ Every problem raises :class:`AudioError` (a ``ValueError``) naming the source an
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -302,6 +303,8 @@ def _read_soundfile(
                 _Resampled(sr, target, out_start - skip, out_end - skip),
                 np.empty(len(block), np.float32),
             )
+        # the frames of the span itself; those around it are the resampler's margin, outside what was asked
+        span = (out_start * sr // target, -(-out_end * sr // target))
         got, bad, bad_at = 0, 0, -1  # non-finite samples: counted, the first named in the file
         try:
             while got < n_in:
@@ -311,8 +314,13 @@ def _read_soundfile(
                 np.mean(part, axis=1, out=m)
                 nonfinite = ~np.isfinite(m)
                 if nonfinite.any():
-                    bad_at = first + got + int(np.argmax(nonfinite)) if not bad else bad_at
-                    bad += int(nonfinite.sum())
+                    at = first + got + np.flatnonzero(nonfinite)  # in the file
+                    inside = (at >= span[0]) & (at < span[1])
+                    # a NaN in the margin is not the span's: heard as silence, it cannot spread into its edges
+                    m[at[~inside] - first - got] = 0.0
+                    if inside.any():
+                        bad_at = int(at[inside][0]) if not bad else bad_at
+                        bad += int(inside.sum())
                 got += part.shape[0]
                 if out is not None and not bad:
                     out.add(m, last=got == n_in or part.shape[0] < ask)
@@ -502,6 +510,9 @@ def load_audio(
                 errors.append(f"{reader.__name__[6:]}: not installed")
             except Exception as e2:
                 errors.append(f"{reader.__name__[6:]}: {e2}")
+        asked = None if seconds is None else seconds * sampling_rate  # what the other decoders were asked for
+        if x is not None and asked is not None and x.shape[0] < asked - sampling_rate // 10:
+            left = x.shape[0]  # they reached the file's end: the length after `offset`, as a header gives it
         if x is not None and isinstance(e, _Damaged):
             logger.warning(
                 "Audio %s is truncated or damaged: soundfile stopped reading it (%s); ffmpeg decoded %.2f s.",
@@ -524,7 +535,7 @@ def load_audio(
             raise AudioError(f"{name}: cannot decode audio ({'; '.join(said)})") from None
     wanted = None if duration is None else min(duration, max_seconds) if capped else duration
     if wanted is not None and left is not None and left < wanted * sampling_rate - sampling_rate // 10:
-        # a manifest's segment past the file's end (by its header; a length only ffmpeg finds is not checked)
+        # a manifest's segment past the file's end (by its header, or where ffmpeg's decoding stopped)
         logger.warning(
             "Audio %s: the segment [%g, %g) s runs past the end of the audio (%.2f s): keeping [%g, %.2f) s.",
             name,
@@ -574,6 +585,39 @@ def audio_duration(
         except Exception:  # _NoLength, or the file changed under us
             return None
     return max(0.0, info.frames / info.samplerate - offset)
+
+
+# ffmpeg formats whose length ffprobe estimates from the bit rate (raw streams, no container): no length said
+_ESTIMATED_FORMATS = frozenset({"aac", "ac3", "eac3", "dts", "mp3", "mp2", "truehd", "mlp"})
+
+
+def container_duration(path: str | os.PathLike, timeout: float = 10.0) -> float | None:
+    """Seconds that the container of a file soundfile cannot read (m4a, mp4, mkv, webm, opus, ...) says its first
+    audio stream lasts, by ``ffprobe`` (nothing decoded). ``None`` without ffprobe, for a file ffprobe cannot read
+    or without an audio stream, when no length is stated, or when ffprobe would only estimate one from the bit rate
+    (a raw AAC stream). Not exact (an encoder's delay and padding: tens of ms): callers compare it with a margin.
+    :func:`audio_duration` comes first for the formats soundfile reads."""
+    exe = shutil.which("ffprobe")
+    if exe is None:
+        return None
+    cmd = [exe, "-v", "error", "-select_streams", "a:0", "-show_entries"]
+    cmd += ["stream=duration:format=duration,format_name", "-of", "json", os.path.expanduser(os.fspath(path))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        said = json.loads(done.stdout or b"{}")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    fmt, streams = said.get("format") or {}, said.get("streams") or []
+    if done.returncode != 0 or not streams or fmt.get("format_name") in _ESTIMATED_FORMATS:
+        return None
+    for value in (streams[0].get("duration"), fmt.get("duration")):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(seconds) and seconds > 0:
+            return seconds
+    return None
 
 
 def load_or_validate(

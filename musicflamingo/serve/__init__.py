@@ -4,8 +4,8 @@ settings.py   configs/serve.yaml -> ServeSettings (limits, key, audio_root, batc
 errors.py     APIError: status + OpenAI-style error body naming the field
 audio.py      base64 / data: / file:// audio -> checked 16 kHz waveforms
 protocol.py   chat-completions JSON -> ChatRequest -> model inputs (Prepared)
-text.py       tokens -> streamed text: stop strings, think mode's reasoning apart
-worker.py     EngineWorker: the one thread that runs the engine (continuous batching)
+text.py       the engine's answer text (cut at stop strings) -> streamed deltas, think mode's reasoning apart
+worker.py     EngineWorker: the one thread that runs the engine (continuous batching, stop strings)
 app.py        the Starlette app, build_server(cfg), serve(cfg)
 static/       the page: index.html, app.js, style.css
 """

@@ -24,7 +24,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,15 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from musicflamingo.checkpoint import check_checkpoint_dir, load_config, stop_token_ids
+from musicflamingo.checkpoint import (
+    CheckpointError,
+    check_checkpoint_dir,
+    generation_config,
+    load_config,
+    stop_token_ids,
+)
 from musicflamingo.checkpoint import stop_ids as model_stop_ids
+from musicflamingo.engine import check_stop_strings
 from musicflamingo.inference import load_model
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.planner import MemoryPlan, check_serving, max_audio_seconds
@@ -74,6 +81,8 @@ class ServerState:
     started: int
     prepare_limiter: anyio.CapacityLimiter
     think_format: ThinkFormat = ThinkFormat()
+    # a request's stop strings when it gives none (`stop` unset or null): generation_config.json's, as infer.py's
+    stop_strings: tuple[str, ...] = ()
     # requests between their body and the queue (decoding audio, or waiting to): max_queue counts them
     preparing: int = 0
 
@@ -156,11 +165,6 @@ async def _next_events(job: Job, watcher: asyncio.Future | None = None) -> list[
     return events
 
 
-def _merge(events: list[Event]) -> Event:
-    last = events[-1]
-    return Event([t for e in events for t in e.tokens], last.finish, last.error, last.code)
-
-
 def _usage(p: Prepared, stream: AnswerStream) -> dict[str, Any]:
     return {
         "prompt_tokens": p.prompt_tokens,
@@ -172,26 +176,29 @@ def _usage(p: Prepared, stream: AnswerStream) -> dict[str, Any]:
 
 
 class _Answer:
-    """One request's answer as events arrive: text deltas out, the finish reason once known."""
+    """One request's answer as events arrive: text deltas out, the finish reason once known. The text is the
+    engine's (`Event.text`: stop ids left out, cut before a stop string, which ended the slot in the step that
+    completed it); only think mode's split happens here."""
 
     def __init__(self, state: ServerState, req: ChatRequest, job: Job) -> None:
         think = state.think_format if req.think else None
         self.job = job
-        self.text = AnswerStream(state.processor.tokenizer, state.stop_ids, req.stop, think)
+        self.text = AnswerStream(state.stop_ids, think)
         self.finish: str | None = None
 
-    def take(self, event: Event) -> tuple[str, str]:
-        if event.error is not None:
-            if event.code == SHUTTING_DOWN:
-                raise _shutting_down(event.error)
-            raise APIError(500, f"generation failed: {event.error}", None, "engine_error")
-        reasoning, content = self.text.push(event.tokens)
-        if self.text.stopped:
-            self.finish = "stop"
-            self.job.cancel()  # a stop string matched: the slot is freed at the next step
-        elif event.finish is not None:
-            self.finish = event.finish
-        if self.finish is not None:
+    def take(self, events: list[Event]) -> tuple[str, str]:
+        """The deltas of `events` (in order; an error or the finish only at the end)."""
+        last = events[-1]
+        if last.error is not None:
+            if last.code == SHUTTING_DOWN:
+                raise _shutting_down(last.error)
+            raise APIError(500, f"generation failed: {last.error}", None, "engine_error")
+        reasoning = content = ""
+        for event in events:  # one token each: the reasoning tokens are counted to the one closing the block
+            r, c = self.text.push(event.tokens, event.text)
+            reasoning, content = reasoning + r, content + c
+        if last.finish is not None:
+            self.finish = last.finish
             r, c = self.text.finish()
             reasoning, content = reasoning + r, content + c
         return reasoning, content
@@ -217,7 +224,7 @@ async def chat_completions(request: Request) -> Response:
     try:
         state.preparing += 1  # the event loop's thread only: no lock needed
         try:
-            args = (req, state.processor, settings, state.context, state.stop_ids)
+            args = (req, state.processor, settings, state.context, state.stop_ids, state.stop_strings)
             prepared = await anyio.to_thread.run_sync(prepare, *args, limiter=state.prepare_limiter)
         finally:
             state.preparing -= 1
@@ -236,8 +243,8 @@ async def chat_completions(request: Request) -> Response:
         if events is None:
             job.cancel()
             return Response(status_code=499)  # nobody is listening
-        first = _merge(events)
-        if first.error is not None:
+        first = events
+        if first[-1].error is not None:
             answer.take(first)  # raises the error as a response
         if req.stream:
             watcher.cancel()  # StreamingResponse watches the connection from here on
@@ -255,7 +262,7 @@ async def chat_completions(request: Request) -> Response:
             if events is None:
                 job.cancel()
                 return Response(status_code=499)
-            r, c = answer.take(_merge(events))
+            r, c = answer.take(events)
             parts_r.append(r)
             parts_c.append(c)
     finally:
@@ -300,7 +307,7 @@ async def _sse(
     req: ChatRequest,
     prepared: Prepared,
     answer: _Answer,
-    first: Event,
+    first: list[Event],
     cid: str,
     created: int,
 ) -> AsyncIterator[str]:
@@ -322,12 +329,12 @@ async def _sse(
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        event: Event | None = first
+        events: list[Event] | None = first
         while True:
-            if event is None:
-                event = _merge(await _next_events(answer.job))
+            if events is None:
+                events = await _next_events(answer.job)
             try:
-                reasoning, content = answer.take(event)
+                reasoning, content = answer.take(events)
             except APIError as e:
                 yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
                 break
@@ -352,7 +359,7 @@ async def _sse(
                     }
                     yield f"data: {json.dumps(usage)}\n\n"
                 break
-            event = None
+            events = None
         yield "data: [DONE]\n\n"
     finally:
         answer.job.cancel()
@@ -424,22 +431,35 @@ def create_app(
     processor: MusicFlamingoProcessor,
     settings: ServeSettings,
     stop_ids: tuple[int, ...] | list[int] | None = None,
+    stop_strings: Sequence[str] | None = None,
 ) -> Starlette:
     """The app for a loaded model. The engine worker starts and stops with the app's lifespan; `app.state.server`
     holds it (`ServerState`). `stop_ids`: the ids that end an answer (default: generation_config.json's eos ids
-    and the config's, as infer.py and eval.py stop)."""
+    and the config's, as infer.py and eval.py stop). `stop_strings`: those that end the answer of a request that
+    gives no `stop` (default: generation_config.json's `stop_strings`, as infer.py's `stop: null`)."""
     context = model.config.text.max_position_embeddings
     # whole windows: past them the processor cuts the audio (max_audio_len 100 with 30-s windows keeps 90 s)
     settings.resolve(context, processor.kept_seconds)
     if stop_ids is None:  # generation_config.json's eos + the config's, as infer and eval stop
         stop_ids = model_stop_ids(getattr(model, "generation_defaults", {}), model.config)
+    if stop_strings is None:
+        stop_strings = _default_stop_strings(
+            getattr(model, "generation_defaults", {}), "generation_config.json"
+        )
+    stop_strings = check_stop_strings(stop_strings)
     worker = EngineWorker(
-        model, settings.max_batch, settings.max_cached_tokens, settings.max_queue, settings.compile
+        model,
+        settings.max_batch,
+        settings.max_cached_tokens,
+        settings.max_queue,
+        settings.compile,
+        tokenizer=processor.tokenizer,  # the engine decodes the answers and matches their stop strings
     )
     # Audio decoding and log-mel run in a few threads of their own: they bound the CPU and memory that requests
     # being prepared take, and the number of glibc malloc arenas (one per thread that allocates).
     limiter = anyio.CapacityLimiter(settings.prepare_threads)
     state = ServerState(processor, settings, worker, tuple(stop_ids), context, int(time.time()), limiter)
+    state.stop_strings = stop_strings
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -468,6 +488,14 @@ def create_app(
     return app
 
 
+def _default_stop_strings(generation: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """generation_config.json's `stop_strings` (`where` names the file), checked: a bad value is a CheckpointError."""
+    try:
+        return check_stop_strings(generation.get("stop_strings"), "stop_strings")
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
 def build_server(cfg: Mapping[str, Any]) -> tuple[Starlette, ServeSettings]:
     """`configs/serve.yaml`-shaped settings -> (app, settings): settings checked before the checkpoint is read,
     then the model loaded. `model_name` null names the model after the checkpoint folder."""
@@ -481,10 +509,11 @@ def build_server(cfg: Mapping[str, Any]) -> tuple[Starlette, ServeSettings]:
     # (on a copy: create_app fills the unset limits from the loaded processor)
     config = load_config(ckpt)
     copy.copy(settings).resolve(config.text.max_position_embeddings, max_audio_seconds(ckpt, config))
+    stop_strings = _default_stop_strings(generation_config(ckpt), str(ckpt / "generation_config.json"))
     model, processor = load_model(
         ckpt, cfg.get("device", "auto"), cfg.get("dtype", "auto"), cfg.get("quantize")
     )
-    app = create_app(model, processor, settings, stop_token_ids(ckpt, model.config))
+    app = create_app(model, processor, settings, stop_token_ids(ckpt, model.config), stop_strings)
     if not settings.loopback and settings.api_key is None:
         logger.warning(
             "listening on %s without an API key: anyone who can reach this port can use the model "

@@ -3,13 +3,17 @@
 Bytes are written to a temporary file with the declared format's suffix and decoded by `audio.io.load_audio`,
 the path `infer.py` takes for a file, so the server hears exactly what the command line hears. The first bytes
 are checked against well-known signatures first, so an image or a document is refused by name instead of with a
-decoder's message. Durations are checked from the header before decoding (and from the samples after).
+decoder's message. Durations are checked from the header before decoding (soundfile's frames, else the container's
+length by ffprobe; and from the samples after): `open_*` gives a `Source` with its header length, so a request
+whose audio cannot fit the server's limits is refused before anything is decoded; `decode_source` decodes it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import math
 import os
 import re
 import tempfile
@@ -19,7 +23,14 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from musicflamingo.audio.io import ONE_MEL_FRAME, SAMPLING_RATE, AudioError, audio_duration, load_audio
+from musicflamingo.audio.io import (
+    ONE_MEL_FRAME,
+    SAMPLING_RATE,
+    AudioError,
+    audio_duration,
+    container_duration,
+    load_audio,
+)
 from musicflamingo.serve.errors import APIError, bad_request
 
 FORMATS = ("wav", "mp3", "flac", "ogg")
@@ -118,19 +129,75 @@ def check_duration(seconds: float | None, max_seconds: float, param: str) -> Non
         )
 
 
-def _decode_file(path: str, max_seconds: float, param: str, shown: str) -> Audio:
-    header = audio_duration(path)
-    check_duration(header, max_seconds, param)
-    # a length no header tells (m4a, AAC, opus): decode one second past the limit, not a 2-hour upload whole
-    probe = None if header is not None else max_seconds + 1.0
+# Seconds a container's stated length (ffprobe's) may run over the decoded samples' (encoder delay and padding are
+# tens of ms): a length over the limit by more is refused before decoding, and this much is decoded past the limit.
+CONTAINER_SLACK_S = 1.0
+
+
+@dataclass
+class Source:
+    """An audio part opened but not decoded: a file to decode (`temporary`: uploaded bytes, deleted by `close`),
+    its header's length and whether that length is what decoding gives (soundfile's frames) or a container's
+    statement (ffprobe's, within `CONTAINER_SLACK_S`); `seconds` None: no header says."""
+
+    path: str
+    shown: str
+    param: str
+    seconds: float | None = None
+    exact: bool = False
+    temporary: bool = False
+
+    def close(self) -> None:
+        if self.temporary:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.temporary = False
+
+    def least_samples(self) -> int:
+        """16-kHz samples that decoding yields at least, by the header (0 when it says nothing)."""
+        if self.seconds is None:
+            return 0
+        # exact: frames * 16000 / rate, rounded up as the resampler does (its float error is far under 1e-6)
+        if self.exact:
+            return max(0, math.ceil(self.seconds * SAMPLING_RATE - 1e-6))
+        return max(0, math.floor((self.seconds - CONTAINER_SLACK_S) * SAMPLING_RATE))
+
+
+def _open_file(path: str, max_seconds: float, param: str, shown: str, temporary: bool = False) -> Source:
+    """The file's header length (soundfile's, else the container's by ffprobe), checked against the limit before
+    anything is decoded."""
+    source = Source(path, shown, param, audio_duration(path), True, temporary)
     try:
-        wave = load_audio(path, SAMPLING_RATE, min_samples=MIN_SAMPLES, duration=probe)
+        if source.seconds is None:  # m4a, mp4, mkv, webm, opus: the container's stated length
+            source.seconds, source.exact = container_duration(path), False
+        if source.exact:
+            check_duration(source.seconds, max_seconds, param)
+        elif source.seconds is not None and source.seconds > max_seconds + CONTAINER_SLACK_S:
+            raise bad_request(
+                param,
+                f"the audio is longer than the limit of {max_seconds:g} s (its container says "
+                f"{source.seconds:.1f} s)",
+                code="audio_too_long",
+            )
+    except BaseException:
+        source.close()
+        raise
+    return source
+
+
+def decode_source(source: Source, max_seconds: float) -> Audio:
+    """Decode an opened audio part (400 naming its field when it cannot be used or is over the limit)."""
+    path, param = source.path, source.param
+    # no exact length (a container's, or none: raw AAC): decode one second past the limit, not a 2-hour file whole
+    probe = None if source.exact else max_seconds + CONTAINER_SLACK_S
+    try:
+        wave = load_audio(path, SAMPLING_RATE, min_samples=MIN_SAMPLES, max_seconds=probe)
     except AudioError as e:
         # The decoder's message starts with the path it read, a temporary file for uploaded bytes.
         msg = str(e)
         msg = msg[len(path) + 2 :] if msg.startswith(path + ": ") else msg
         raise bad_request(param, f"cannot use this audio: {msg}", code="invalid_audio") from None
-    audio = Audio(wave, shown)
+    audio = Audio(wave, source.shown)
     if probe is not None and audio.seconds > max_seconds + 1e-6:
         raise bad_request(
             param, f"the audio is longer than the limit of {max_seconds:g} s", code="audio_too_long"
@@ -139,8 +206,14 @@ def _decode_file(path: str, max_seconds: float, param: str, shown: str) -> Audio
     return audio
 
 
-def decode_bytes(raw: bytes, fmt: str, max_seconds: float, param: str) -> Audio:
-    """Encoded audio bytes of the declared format -> Audio (400 naming `param` when they are not usable)."""
+def _decode_file(path: str, max_seconds: float, param: str, shown: str) -> Audio:
+    source = _open_file(path, max_seconds, param, shown)
+    return decode_source(source, max_seconds)
+
+
+def open_bytes(raw: bytes, fmt: str, max_seconds: float, param: str) -> Source:
+    """Encoded audio bytes of the declared format, written to a temporary file and their header checked (400
+    naming `param` when they are not audio or over the limit); `Source.close` deletes the file."""
     what = sniff(raw[:16])
     if what is not None:
         raise bad_request(param, f"the data is {what}, not {fmt} audio", code="invalid_audio")
@@ -148,9 +221,19 @@ def decode_bytes(raw: bytes, fmt: str, max_seconds: float, param: str) -> Audio:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
-        return _decode_file(tmp, max_seconds, param, f"{param} ({fmt}, {len(raw)} bytes)")
-    finally:
+    except BaseException:
         os.unlink(tmp)
+        raise
+    return _open_file(tmp, max_seconds, param, f"{param} ({fmt}, {len(raw)} bytes)", temporary=True)
+
+
+def decode_bytes(raw: bytes, fmt: str, max_seconds: float, param: str) -> Audio:
+    """Encoded audio bytes of the declared format -> Audio (400 naming `param` when they are not usable)."""
+    source = open_bytes(raw, fmt, max_seconds, param)
+    try:
+        return decode_source(source, max_seconds)
+    finally:
+        source.close()
 
 
 def resolve_file_url(url: str, audio_root: str | None, param: str) -> Path:
@@ -179,18 +262,27 @@ def resolve_file_url(url: str, audio_root: str | None, param: str) -> Path:
     return real
 
 
-def load_url(url: object, audio_root: str | None, max_seconds: float, param: str) -> Audio:
-    """An `audio_url` value (`data:` or `file://`) -> Audio."""
+def open_url(url: object, audio_root: str | None, max_seconds: float, param: str) -> Source:
+    """An `audio_url` value (`data:` or `file://`) -> an opened Source, its header checked."""
     if not isinstance(url, str) or not url:
         raise bad_request(param, "must be a non-empty URL string (data: or file://)")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         raw, fmt = parse_data_url(url, param)
-        return decode_bytes(raw, fmt, max_seconds, param)
+        return open_bytes(raw, fmt, max_seconds, param)
     if scheme == "file":
         path = resolve_file_url(url, audio_root, param)
-        return _decode_file(str(path), max_seconds, param, str(path))
+        return _open_file(str(path), max_seconds, param, str(path))
     raise bad_request(
         param,
         f"URL scheme {scheme or '(none)'!r} is not supported: use data: or a file:// path under audio_root",
     )
+
+
+def load_url(url: object, audio_root: str | None, max_seconds: float, param: str) -> Audio:
+    """An `audio_url` value (`data:` or `file://`) -> Audio."""
+    source = open_url(url, audio_root, max_seconds, param)
+    try:
+        return decode_source(source, max_seconds)
+    finally:
+        source.close()

@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from musicflamingo.chat import check_typed_text, think_prompt
+from musicflamingo.chat import check_typed_text, encode_expanded, think_prompt
 from musicflamingo.engine import SamplingParams
 from musicflamingo.processor import MusicFlamingoProcessor
-from musicflamingo.serve.audio import FORMATS, Audio, decode_base64, decode_bytes, load_url
+from musicflamingo.serve.audio import (
+    FORMATS,
+    Audio,
+    Source,
+    decode_base64,
+    decode_source,
+    open_bytes,
+    open_url,
+)
 from musicflamingo.serve.errors import APIError, bad_request
 from musicflamingo.serve.settings import ServeSettings
 
@@ -65,7 +74,7 @@ NEUTRAL: dict[str, Any] = {
     "frequency_penalty": lambda v: _is_number(v) and v == 0,  # (False == 0: a bool is not a number here)
     "presence_penalty": lambda v: _is_number(v) and v == 0,
     "logprobs": lambda v: v is False,
-    "top_logprobs": lambda v: _is_int(v) and v == 0,
+    "top_logprobs": lambda v: _as_int(v) == 0,
     "logit_bias": lambda v: v == {},
     "tools": lambda v: v == [],
     "tool_choice": lambda v: v == "none",
@@ -136,7 +145,8 @@ class ChatRequest:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    # None (unset or null): the server's default, generation_config.json's stop_strings
+    stop: list[str] | None = None
     think: bool = False
 
 
@@ -175,6 +185,16 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _as_int(v: Any) -> int | None:
+    """An integer field's value: an int, or a float with no fraction (2.0: JSON has one number type, JSON Schema's
+    "integer" and pydantic take it, and Python clients send it after arithmetic); None for anything else."""
+    if _is_int(v):
+        return v
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return None
 
 
 def _is_number(v: Any) -> bool:
@@ -256,12 +276,22 @@ def _parse_message(m: Any, i: int) -> Message:
         if not isinstance(m.get(k, ""), (str, type(None))):
             raise bad_request(f"{param}.{k}", f"must be a string or null, got {type(m[k]).__name__}")
     content = m.get("content")
+    if content is None and role == "assistant" and isinstance(m.get("refusal"), str):
+        # OpenAI's answer to a refused request (content null, the refusal's words apart) sent back as history: what
+        # the assistant said is its refusal
+        return Message(role, _text(m["refusal"], f"{param}.refusal"))
     if isinstance(content, str):
         return Message(role, _text(content, f"{param}.content"))
     if not isinstance(content, list) or not content:
-        raise bad_request(f"{param}.content", "must be a string or a non-empty list of content parts")
+        more = " (an assistant message: or null beside a refusal string)" if role == "assistant" else ""
+        raise bad_request(f"{param}.content", f"must be a string or a non-empty list of content parts{more}")
     texts, audio = [], None
     for j, part in enumerate(content):
+        if role == "assistant" and isinstance(part, dict) and part.get("type") == "refusal":
+            # an assistant's content parts are text or refusal parts (OpenAI's chat schema): both are its words
+            _check_keys(part, ("type", "refusal"), f"{param}.content[{j}]")
+            texts.append(_text(part.get("refusal"), f"{param}.content[{j}].refusal"))
+            continue
         text, ref = _parse_part(part, f"{param}.content[{j}]")
         if ref is not None:
             if role != "user":
@@ -337,8 +367,9 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
         v = data.get(name)
         if v is None:
             continue
-        if not _is_int(v) or v < 1:
+        if _as_int(v) is None or v < 1:
             raise bad_request(name, f"must be an integer >= 1, got {v!r}")
+        v = _as_int(v)
         if v > settings.max_completion_tokens:
             raise bad_request(name, f"{v} is over this server's limit of {settings.max_completion_tokens}")
         if req.max_tokens is not None and v != req.max_tokens:
@@ -358,13 +389,13 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
         raise bad_request("top_p", f"must be a number in (0, 1], got {p!r}")
     req.top_p = 1.0 if p is None else float(p)
     k = data.get("top_k")
-    if k is not None and (not _is_int(k) or k < -1):
+    if k is not None and (_as_int(k) is None or k < -1):
         raise bad_request("top_k", f"must be an integer >= 0 (0 or -1: off), got {k!r}")
-    req.top_k = 0 if k is None or k < 0 else k
+    req.top_k = 0 if k is None or k < 0 else _as_int(k)
     seed = data.get("seed")
-    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
+    if seed is not None and (_as_int(seed) is None or not -(2**63) <= seed < 2**64):
         raise bad_request("seed", f"must be a 64-bit integer, got {seed!r}")
-    req.seed = seed
+    req.seed = None if seed is None else _as_int(seed)
     stop = data.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -390,12 +421,21 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
 
 
 # ---------------------------------------------------------------------------------------------- preparing
-def load_audio_ref(ref: AudioRef, settings: ServeSettings) -> Audio:
-    """Decode one audio part (in a worker thread: it reads and resamples the whole song)."""
+def open_audio_ref(ref: AudioRef, settings: ServeSettings) -> Source:
+    """Open one audio part: its bytes to a temporary file (or its file:// path), its header's length checked."""
     max_seconds = float(settings.max_audio_seconds or 0)
     if ref.url is not None:
-        return load_url(ref.url, settings.audio_root, max_seconds, ref.param)
-    return decode_bytes(decode_base64(ref.data, ref.param), ref.format or "wav", max_seconds, ref.param)
+        return open_url(ref.url, settings.audio_root, max_seconds, ref.param)
+    return open_bytes(decode_base64(ref.data, ref.param), ref.format or "wav", max_seconds, ref.param)
+
+
+def load_audio_ref(ref: AudioRef, settings: ServeSettings) -> Audio:
+    """Decode one audio part (in a worker thread: it reads and resamples the whole song)."""
+    source = open_audio_ref(ref, settings)
+    try:
+        return decode_source(source, float(settings.max_audio_seconds or 0))
+    finally:
+        source.close()
 
 
 def prepare(
@@ -404,12 +444,72 @@ def prepare(
     settings: ServeSettings,
     context: int,
     stop_ids: tuple[int, ...],
+    stop_strings: Sequence[str] = (),
 ) -> Prepared:
     """Decode the audio, render and tokenize the chat as `infer.py` does (think mode: the last user message gets
     `chat.think_prompt`'s suffix, as `infer.py think=true`), check the token limits, and choose the sampling
-    settings (greedy unless temperature > 0)."""
+    settings (greedy unless temperature > 0; the request's `stop`, else the server's `stop_strings`, which the
+    engine matches on the answer's text). The limits are checked first with the audio's lengths by their
+    headers, so a request that cannot fit is refused before its audio is decoded and featurised (seconds for a
+    20-minute song)."""
+    sources: dict[int, Source] = {}
+    try:
+        for i, m in enumerate(req.messages):
+            if m.audio is not None:
+                sources[i] = open_audio_ref(m.audio, settings)
+        conv = _conversation(req, {i: s.path for i, s in sources.items()})
+        headers = [sources[i] for i in sorted(sources)]
+        counts = [processor.audio_token_count(processor.usable_samples(s.least_samples())) for s in headers]
+        text = processor.render_chat(conv)
+        ids = encode_expanded(
+            processor.tokenizer, text, counts, processor.audio_token_ids, processor.audio_token
+        )
+        exact = all(s.exact for s in headers)
+        _check_limits(len(ids), req, settings, context, "" if exact else "at least ")
+
+        seconds, waves = 0.0, {}
+        for i, source in sources.items():
+            audio = decode_source(source, float(settings.max_audio_seconds or 0))
+            source.close()
+            seconds += audio.seconds
+            waves[i] = audio.wave
+    finally:
+        for source in sources.values():
+            source.close()
+    try:
+        inputs = processor.apply_chat_template([_conversation(req, waves)])
+    except ValueError as e:  # e.g. an audio too short for one audio token
+        raise bad_request("messages", str(e)) from None
+    ids = inputs["input_ids"][0]
+    n = int(ids.shape[0])
+    max_new = _check_limits(n, req, settings, context)
+    sample = req.temperature is not None and req.temperature > 0
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        do_sample=sample,
+        temperature=req.temperature if sample else 1.0,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop_ids=stop_ids,
+        stop_strings=tuple(stop_strings if req.stop is None else req.stop),
+    )
+    audio_tokens = int((ids == processor.audio_token_id).sum())
+    return Prepared(
+        ids,
+        inputs.get("input_features"),
+        inputs.get("input_features_mask"),
+        params,
+        n,
+        audio_tokens,
+        seconds,
+    )
+
+
+def _conversation(req: ChatRequest, audios: dict[int, Any]) -> list[dict[str, Any]]:
+    """The request as the processor's conversation (`audios`: message index -> waveform, or anything standing for
+    it when only rendered)."""
     conv: list[dict[str, Any]] = []
-    seconds = 0.0
     last_user = max(i for i, m in enumerate(req.messages) if m.role == "user")
     for i, m in enumerate(req.messages):
         text = think_prompt(m.text) if req.think and i == last_user else m.text
@@ -417,21 +517,21 @@ def prepare(
             conv.append({"role": m.role, "content": text})
             continue
         content: list[dict[str, Any]] = []
-        if m.audio is not None:
-            audio = load_audio_ref(m.audio, settings)
-            seconds += audio.seconds
-            content.append({"type": "audio", "audio": audio.wave})
+        if i in audios:
+            content.append({"type": "audio", "audio": audios[i]})
         conv.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
-    try:
-        inputs = processor.apply_chat_template([conv])
-    except ValueError as e:  # e.g. an audio too short for one audio token
-        raise bad_request("messages", str(e)) from None
-    ids = inputs["input_ids"][0]
-    n = int(ids.shape[0])
+    return conv
+
+
+def _check_limits(n: int, req: ChatRequest, settings: ServeSettings, context: int, at_least: str = "") -> int:
+    """The new tokens a prompt of `n` tokens may take under the server's limits, or the 400 naming the limit it
+    breaks (`at_least`: "at least " when `n` is a lower bound, by the audio's headers: every check only refuses
+    more as `n` grows, so a lower bound refuses only what the exact count would)."""
     if n > settings.max_prompt_tokens:
         raise bad_request(
             "messages",
-            f"the prompt is {n} tokens (audio included), over this server's limit of {settings.max_prompt_tokens}",
+            f"the prompt is {at_least}{n} tokens (audio included), over this server's limit of "
+            f"{settings.max_prompt_tokens}",
             code="context_length_exceeded",
         )
     room = context - n
@@ -443,8 +543,8 @@ def prepare(
     if cached is not None and n >= cached:  # the prompt's fault, whatever max_tokens says (was blamed on it)
         raise bad_request(
             "messages",
-            f"the prompt is {n} tokens (audio included), at or over this server's {cached_name}: no room for an "
-            "answer",
+            f"the prompt is {at_least}{n} tokens (audio included), at or over this server's {cached_name}: no room "
+            "for an answer",
             code="context_length_exceeded",
         )
     if req.max_tokens is None:
@@ -455,8 +555,8 @@ def prepare(
     elif req.max_tokens > room:
         raise bad_request(
             req.max_tokens_param,
-            f"the prompt is {n} tokens and the model's context is {context}, so at most {room} new tokens fit, "
-            f"not {req.max_tokens}",
+            f"the prompt is {at_least}{n} tokens and the model's context is {context}, so at most {room} new "
+            f"tokens fit, not {req.max_tokens}",
             code="context_length_exceeded",
         )
     else:
@@ -470,27 +570,8 @@ def prepare(
     if cached is not None and n + max_new > cached:
         raise bad_request(
             req.max_tokens_param if req.max_tokens is not None else "messages",
-            f"the prompt ({n} tokens) and max_tokens ({max_new}) need {n + max_new} cached tokens, over this "
-            f"server's {cached_name}",
+            f"the prompt ({at_least}{n} tokens) and max_tokens ({max_new}) need {at_least}{n + max_new} cached "
+            f"tokens, over this server's {cached_name}",
             code="context_length_exceeded",
         )
-    sample = req.temperature is not None and req.temperature > 0
-    params = SamplingParams(
-        max_new_tokens=max_new,
-        do_sample=sample,
-        temperature=req.temperature if sample else 1.0,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        seed=req.seed,
-        stop_ids=stop_ids,
-    )
-    audio_tokens = int((ids == processor.audio_token_id).sum())
-    return Prepared(
-        ids,
-        inputs.get("input_features"),
-        inputs.get("input_features_mask"),
-        params,
-        n,
-        audio_tokens,
-        seconds,
-    )
+    return max_new

@@ -1,11 +1,12 @@
 """The engine worker: one thread owns the `Engine` (it is not thread-safe) and runs continuous batching.
 
-Between decode steps it releases the slots of cancelled requests (a client that disconnected, a stop string
-that matched), then admits queued requests into free slots, first come first served, while the KV cache the
+Between decode steps it releases the slots of cancelled requests (a client that disconnected), then admits queued requests into free slots, first come first served, while the KV cache the
 engine would need, rows x capacity positions, stays within `max_cached_tokens` (`Engine.fits`: every row is as
 long as the longest request's prompt + max_tokens, so one long request holds the memory of as many short ones):
-the prefill encodes the request's audio and samples its first token. Each step's tokens go to their requests'
-asyncio queues through their event loop (`call_soon_threadsafe`); a finished request leaves its slot at once. The queue of requests not yet admitted is
+the prefill encodes the request's audio and samples its first token. Each step's tokens, with the answer's new text
+(`Slot.text`: decoded by the engine, cut before a stop string, never showing a piece of one), go to their requests'
+asyncio queues through their event loop (`call_soon_threadsafe`); a finished request (a stop id, a stop string, its
+budget) leaves its slot in the step that finished it. The queue of requests not yet admitted is
 bounded: `submit` raises `QueueFull` beyond `max_queue`, which the app answers with 503 and `Retry-After`.
 On shutdown, `drain` stops admissions: queued requests are answered with `SHUTTING_DOWN` at once, live ones once
 they finish or their grace period ends, so every client has its answer before the server closes its connections.
@@ -25,6 +26,7 @@ import torch
 
 from musicflamingo.engine import Engine, Request
 from musicflamingo.serve.protocol import Prepared
+from musicflamingo.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +44,15 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Event:
-    """What a request hears from the worker: new tokens, then once `finish` ("stop" or "length") or `error` (with
-    its `code`: "engine_error", or `SHUTTING_DOWN`)."""
+    """What a request hears from the worker: new tokens and the answer's text they added (`text`: safe to show, the
+    engine's `Slot.text`), then once `finish` (the engine's `Slot.finish_reason`: "stop" for a stop id or string,
+    "length") or `error` (with its `code`: "engine_error", or `SHUTTING_DOWN`)."""
 
     tokens: list[int]
     finish: str | None = None
     error: str | None = None
     code: str = "engine_error"
+    text: str = ""
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Job:
     cancelled: bool = False
     finished: bool = False
     generated: int = 0
+    shown: int = 0  # characters of the answer's text sent so far
 
     @property
     def reserve(self) -> int:
@@ -92,6 +97,8 @@ class EngineWorker:
             the longest request seen).
         max_queue: requests waiting for a slot at most.
         compile: decode steps through `torch.compile`.
+        tokenizer: decodes the answers (`Event.text`) and matches their stop strings (`SamplingParams.stop_strings`,
+            refused without it); None: events carry tokens only.
     """
 
     def __init__(
@@ -101,8 +108,11 @@ class EngineWorker:
         max_cached_tokens: int | None = None,
         max_queue: int = 64,
         compile: bool = False,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
-        self.engine = Engine(model, slots=slots, compile=compile, max_positions=max_cached_tokens)
+        self.engine = Engine(
+            model, slots=slots, compile=compile, max_positions=max_cached_tokens, tokenizer=tokenizer
+        )
         self.max_cached_tokens = max_cached_tokens
         self.max_queue = max_queue
         self._pending: deque[Job] = deque()
@@ -305,12 +315,16 @@ class EngineWorker:
             slot = self.engine.slots[index]
             job.generated += 1
             self.tokens += 1
-            finish = None
+            text = ""
+            # what the token added that is safe to show (held back: what may be a stop string's start)
+            if slot.text is not None:
+                text = slot.text.text[job.shown :]
+                job.shown += len(text)
+            finish = slot.finish_reason if slot.done else None
             if slot.done:
-                finish = "stop" if token in slot.params.stop_ids else "length"
                 self._release(index)
                 self._publish()
-            job.emit(Event([token], finish))
+            job.emit(Event([token], finish, text=text))
 
     def _fail_all(self, message: str, code: str = "engine_error") -> None:
         live = list(self._live.values())
