@@ -144,15 +144,21 @@ class Benchmark:
     skipped: dict[str, int] = field(default_factory=dict)
     missing_audio: int = 0
     layout: str = ""
+    # reason -> field -> value -> rows: the skipped rows a reader counted by a group field (MMAU-Pro's
+    # multi-audio rows by category), so a paper number over one group knows whether rows of it were left out
+    skipped_by: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, Any]:
-        return {
+        out = {
             "rows": self.rows,
             "items": len(self.items),
             "skipped_rows": dict(self.skipped),
             "missing_audio": self.missing_audio,
             "dropped_missing_audio": self.skipped_missing_audio,
         }
+        if self.skipped_by:
+            out["skipped_rows_by"] = self.skipped_by
+        return out
 
     def describe(self) -> str:
         """One line: what was read and what was left out (logged before the first prediction)."""
@@ -175,11 +181,16 @@ class ReadLog:
         self.source = ""
         self.rows = 0
         self.skipped: Counter[str] = Counter()
+        self.skipped_by: dict[str, dict[str, Counter[str]]] = {}  # reason -> field -> value -> rows
         # setting -> (values allowed, field name, match rule, values the rows had)
         self.filters: dict[str, tuple[list[str], str, Callable[[str, str], bool], set[str]]] = {}
 
-    def skip(self, reason: str, n: int = 1) -> None:
+    def skip(self, reason: str, n: int = 1, by: Mapping[str, Any] | None = None) -> None:
+        """Count ``n`` rows left out for ``reason``; ``by`` ({field: value}) also counts them under those
+        values (:attr:`Benchmark.skipped_by`)."""
         self.skipped[reason] += n
+        for key, value in (by or {}).items():
+            self.skipped_by.setdefault(reason, {}).setdefault(key, Counter())[str(value)] += n
 
     def keep(
         self,
@@ -696,11 +707,15 @@ def read_mmau_pro(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             continue
         audio = rec.get("audio_path")
         audio = [audio] if isinstance(audio, str) else list(audio if audio is not None else [])
+        # the official scorer scores these rows (it reads no audio): counted by category, so that the paper's
+        # MMAU-Pro-Music row says it is not comparable when music rows are among them
         if len(audio) != 1:
-            read.skip("several audio files" if audio else "no audio file")
+            read.skip(
+                "several audio files" if audio else "no audio file", by={"category": rec.get("category")}
+            )
             continue
         choices = _field(rec, "choices", where, list) if rec.get("choices") is not None else []
-        if len(choices) < 2:
+        if len(choices) < 2:  # the official scorer drops these too
             read.skip("no choices")
             continue
         item = _mcq_item(
@@ -791,6 +806,10 @@ def read_muchomusic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             where,
             _groups(rec, cfg.get("group_by") or ["dataset", "genre", "music_knowledge", "music_reasoning"]),
         )
+        # MuChoMusic's compare_answers counts the correct answer's own position only (answer_orders.index(0)): a
+        # distractor with the same text is a wrong option there, so it is one here too
+        item.answer_index = order.index(0)
+        item.correct_indices = [item.answer_index]
         item.meta.update(record=rec, answer_orders=order, official_rule="muchomusic")
         items.append(item)
     return items
@@ -1545,6 +1564,7 @@ def build_benchmark(cfg: Mapping[str, Any]) -> Benchmark:
         skipped_missing_audio=len(missing),
         rows=read.rows,
         skipped=dict(read.skipped),
+        skipped_by={r: {k: dict(c) for k, c in by.items()} for r, by in read.skipped_by.items()},
         missing_audio=len(missing),
         layout=LAYOUTS.get(str(fmt), ""),
     )

@@ -298,11 +298,14 @@ def error_rate(references: Sequence[str], hypotheses: Sequence[str], *, cer: boo
 def score_lyrics(
     items: Sequence[EvalItem], preds: Sequence[str], cer_languages: Sequence[str] | str = CER_LANGUAGES
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """WER over non-Chinese items, CER over Chinese ones (:func:`uses_cer`: ``language`` or its first subtag in
-    ``cer_languages``), and per language."""
-    by_lang: dict[str, list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        by_lang[str(it.meta.get("language", "en"))].append(i)
+    """WER over the items of word-separated languages, CER over the others (:func:`uses_cer`: ``language`` or
+    its first subtag in ``cer_languages``), and per language.
+
+    An item whose reference is empty once normalised (an instrumental line, a reference of punctuation only) has
+    no error rate: it is left out of every count and rate (``n``, ``n_wer``, ``n_cer``, the languages' ``n``)
+    and counted in ``empty_references``, as ESB / the Open ASR Leaderboard drop such references and jiwer 3
+    refuses them (jiwer 4 would count the hypothesis' words as insertions over zero reference words).
+    ``cer_language_codes`` lists the languages scored with CER, as the items write them."""
     rows = []
     for it, p in zip(items, preds):
         use_cer = uses_cer(it.meta.get("language", "en"), cer_languages)
@@ -313,18 +316,27 @@ def score_lyrics(
                 "error": error_rate([it.answer], [p], cer=use_cer),
             }
         )
-    word_idx = [i for i, r in enumerate(rows) if r["metric"] == "wer"]
-    char_idx = [i for i, r in enumerate(rows) if r["metric"] == "cer"]
+    scored = [i for i, r in enumerate(rows) if r["error"] is not None]
+    by_lang: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_lang[str(it.meta.get("language", "en"))].append(i)
+    word_idx = [i for i in scored if rows[i]["metric"] == "wer"]
+    char_idx = [i for i in scored if rows[i]["metric"] == "cer"]
     per_language = {}
     for lang, idx in sorted(by_lang.items()):
         use_cer = uses_cer(lang, cer_languages)
+        kept = [i for i in idx if rows[i]["error"] is not None]
         per_language[lang] = {
-            "n": len(idx),
+            "n": len(kept),
             "metric": "cer" if use_cer else "wer",
-            "error": error_rate([items[i].answer for i in idx], [preds[i] for i in idx], cer=use_cer),
+            "error": error_rate([items[i].answer for i in kept], [preds[i] for i in kept], cer=use_cer)
+            if kept
+            else None,
         }
+        if len(kept) < len(idx):
+            per_language[lang]["empty_references"] = len(idx) - len(kept)
     summary = {
-        "n": len(items),
+        "n": len(scored),
         "wer": error_rate([items[i].answer for i in word_idx], [preds[i] for i in word_idx])
         if word_idx
         else None,
@@ -333,7 +345,8 @@ def score_lyrics(
         else None,
         "n_wer": len(word_idx),
         "n_cer": len(char_idx),
-        "empty_references": sum(r["error"] is None for r in rows),
+        "empty_references": len(rows) - len(scored),
+        "cer_language_codes": sorted({str(items[i].meta.get("language", "en")) for i in char_idx}),
         "per_language": per_language,
     }
     return summary, rows

@@ -98,6 +98,16 @@ _ANSWER_IS = re.compile(
     r"\b(?i:(answer)|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*(?i:option\s*)?([\(\[])?([A-Z])[\)\]]?(?![A-Za-z])"
 )
 _WORD_NEXT = re.compile(r"\s+\w")
+# One more letter listed after a stated one: "answer is B or C", "Answer: B, C", "B and (C)", "B/C".
+_LISTED = re.compile(
+    r"\s*(,\s*(?:or|and)\b|,|or\b|and\b|/|&)\s*[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])", re.IGNORECASE
+)
+# ... unless that letter is the subject of a verb: "the answer is B, and C is wrong"
+_SUBJECT = re.compile(
+    r"\s+(?:is|was|are|were|isn't|wasn't|would|could|can|cannot|can't|does|doesn't|did|has|had|seems|sounds|"
+    r"might|may|should|will|also)\b",
+    re.IGNORECASE,
+)
 # Markdown emphasis and quotes around a letter ("**B**", "`B`", 'The answer is "B"'): dropped before the letter
 # rules read the answer (the option-text rule reads the answer as written).
 _EMPHASIS = re.compile(r"[*`\"\u201c\u201d]+|'(?=[A-Z]')|(?<=[A-Z])'")
@@ -115,6 +125,22 @@ def _is_a_word(text: str, m: re.Match[str], choices: Sequence[str]) -> bool:
         return True
     rest = normalize_text(text[m.start(3) :]) + " "
     return any(c and rest.startswith(c + " ") for c in map(normalize_text, choices))
+
+
+def _listed_after(text: str, pos: int, num_options: int) -> list[int]:
+    """The options of letters listed right after a stated letter ending at ``pos`` ("B or C", "B, C and D"). A
+    capital that starts words is no letter: "B, C major", "B and I think" and "B, and C is wrong" list nothing."""
+    out = []
+    while (m := _LISTED.match(text, pos)) and m.group(2).isupper():
+        if (m.group(1) == "," or m.group(2) == "I") and _WORD_NEXT.match(text, m.end()):
+            break
+        if _SUBJECT.match(text, m.end()):
+            break
+        if (i := _letter_index(m.group(2), num_options)) is None:
+            break
+        out.append(i)
+        pos = m.end()
+    return out
 
 
 def _letter_index(letter: str, num_options: int) -> int | None:
@@ -151,7 +177,8 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
        "B", "(b)", "B." (lower case accepted only here).
     2. ``answer_is``: "answer is B", "Answer: (B)", "the correct option is C" -- the *last* "answer ..." phrase
        wins (models restate the options before concluding), else the last "option/choice ..." phrase ("the answer
-       is B, not option C" -> B).
+       is B, not option C" -> B). Letters listed after it ("the answer is B or C", "Answer: B, C") name no
+       one option: ambiguous.
     3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:", or a first
        line that is the letter alone ("B\n\nThe guitar ..."). One distinct letter -> that option; two or more ->
        ambiguous (unless they are options with the same text).
@@ -179,13 +206,16 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
         return ChoiceParse(idx, "ok", "bare")
 
     stated = [
-        (bool(x.group(1)), i)
+        (bool(x.group(1)), {i, *_listed_after(plain, x.end(), n)})
         for x in _ANSWER_IS.finditer(plain)
         if (i := _letter_index(x.group(3), n)) is not None and not _is_a_word(plain, x, choices)
     ]
     if stated:
         said = [i for is_answer, i in stated if is_answer] or [i for _, i in stated]
-        return ChoiceParse(said[-1], "ok", "answer_is")
+        named = {_first_same(i, choices) for i in said[-1]}
+        if len(named) > 1:  # "the answer is B or C": no one option (MuChoMusic's and MMAU's scorers agree)
+            return ChoiceParse(None, "ambiguous", "answer_is")
+        return ChoiceParse(min(said[-1]), "ok", "answer_is")
 
     letters = {i for x in _PAREN.finditer(plain) if (i := _letter_index(x.group(1), n)) is not None}
     if (m := _LEADING.match(plain)) and (i := _letter_index(m.group(1), n)) is not None:

@@ -38,7 +38,10 @@ class PaperNumber:
     ``benchmark`` is the config name (``configs/benchmark/<name>.yaml``); ``when`` lists the benchmark settings
     the number is for (e.g. the MMAU split); ``metric`` is the key of our task summary it compares with (None:
     we compute no comparable number); ``group`` is the ``(field, value)`` of our breakdown that is the paper's
-    subset (e.g. MMAU's music questions). Values are percentages, as printed in the paper.
+    subset (e.g. MMAU's music questions). ``scored_upstream`` names the reasons our reader skips rows for that
+    the benchmark's own scorer scores (MMAU-Pro's multi-audio questions): rows of the paper's subset skipped for
+    one of them make our number one over fewer questions (:func:`paper_comparison` says so). Values are
+    percentages, as printed in the paper.
     """
 
     benchmark: str
@@ -49,6 +52,7 @@ class PaperNumber:
     group: tuple[str, str] | None = None
     when: tuple[tuple[str, Any], ...] = ()
     note: str = ""
+    scored_upstream: tuple[str, ...] = ()
 
 
 def _release(fmt: str, **settings: str) -> tuple[tuple[str, Any], ...]:
@@ -78,7 +82,16 @@ PAPER_RESULTS: tuple[PaperNumber, ...] = (
         "answers withheld: submit mmau_predictions.json to the MMAU Eval HF Space",
     ),
     PaperNumber(
-        "mmau_pro", "MMAU-Pro-Music", 65.60, "mcq", "accuracy", ("category", "music"), _release("mmau_pro")
+        "mmau_pro",
+        "MMAU-Pro-Music",
+        65.60,
+        "mcq",
+        "accuracy",
+        ("category", "music"),
+        _release("mmau_pro"),
+        "its scorer picks the option nearest the answer (NV-Embed-v2), never none: run it on "
+        "mmau_pro_predictions.parquet",
+        scored_upstream=("several audio files", "no audio file"),
     ),
     PaperNumber("muchomusic", "MuChoMusic", 74.58, "mcq", "accuracy", when=_release("muchomusic")),
     PaperNumber("mmar", "MMAR-music", 48.66, "mcq", "accuracy", ("modality", "music"), _release("mmar")),
@@ -163,6 +176,24 @@ def not_comparable(results: Mapping[str, Any]) -> str:
     return f"n={predicted} of {total} items" + (f" ({', '.join(why)})" if why else "") + ", not comparable"
 
 
+def _skipped_upstream(results: Mapping[str, Any], p: PaperNumber) -> str:
+    """Why ``p`` is not comparable for rows our reader skipped that its scorer scores ("" when none were): the
+    rows of ``p``'s group by reason (``counts.skipped_rows_by``), or all rows skipped for the reason when the
+    results do not count them by group."""
+    counts = results.get("counts") or {}
+    skipped, by = counts.get("skipped_rows") or {}, counts.get("skipped_rows_by") or {}
+    out = []
+    for reason in p.scored_upstream:
+        n = skipped.get(reason, 0)
+        if p.group and reason in by:
+            n = ((by[reason].get(p.group[0])) or {}).get(p.group[1], 0)
+        if n:
+            out.append(f"{n} {p.group[1] + ' ' if p.group else ''}rows skipped ({reason})")
+    if not out:
+        return ""
+    return f"{', '.join(out)} that the benchmark's scorer scores, not comparable"
+
+
 def _setting(value: Any, expected: Any) -> str:
     """A run's setting as the paper table writes it: a filter given as one value is a list of one."""
     if isinstance(expected, list) and isinstance(value, str):
@@ -184,8 +215,12 @@ def paper_comparison(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         if any(_setting(settings.get(k), v) != str(v) for k, v in p.when):
             continue
         summary = (results.get("tasks") or {}).get(p.task) or {}
+        ungrouped = ""
         if p.group and summary:
-            summary = ((summary.get("by") or {}).get(p.group[0]) or {}).get(p.group[1]) or {}
+            by = summary.get("by") or {}
+            if p.group[0] not in by and summary.get("n"):  # benchmark.group_by=[difficulty]: no subset rows
+                ungrouped = f"no {p.group[0]}={p.group[1]} row: add {p.group[0]} to benchmark.group_by"
+            summary = (by.get(p.group[0]) or {}).get(p.group[1]) or {}
         ours = summary.get(p.metric) if p.metric else None
         mmau = summary.get("accuracy_mmau") if p.metric == "accuracy" else None
         out.append(
@@ -196,10 +231,23 @@ def paper_comparison(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "ours_mmau": None if mmau is None else 100 * mmau,
                 "n": summary.get("n", 0),
                 "metric": p.metric or "n/a",
-                "note": "; ".join(x for x in (partial, p.note) if x),
+                "note": "; ".join(
+                    x for x in (partial, ungrouped, _skipped_upstream(results, p), p.note) if x
+                ),
             }
         )
     return out
+
+
+def _languages(lyrics: Mapping[str, Any]) -> str:
+    """ ", ja, th": the languages a lyrics summary scored with CER (read from ``per_language`` in a results.json
+    written before ``cer_language_codes``)."""
+    codes = lyrics.get("cer_language_codes")
+    if codes is None:
+        codes = [
+            k for k, v in (lyrics.get("per_language") or {}).items() if v.get("metric") == "cer" and v["n"]
+        ]
+    return "".join(f", {c}" for c in codes)
 
 
 def _pct(x: float | None) -> str:
@@ -243,6 +291,9 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     scored = f"- items scored: {results['num_scored']}"
     if results.get("num_withheld"):
         scored += f", answers withheld (predicted, not scored): {results['num_withheld']}"
+    empty = sum(s.get("empty_references", 0) for s in results["tasks"].values())
+    if empty:
+        scored += f", empty references (predicted, not scored): {empty}"
     out += [scored, f"- data: `{results.get('source', '')}`"]
     counts = results.get("counts") or {}
     if counts:
@@ -342,8 +393,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                 ["metric", "value"],
                 [
                     [f"WER ({s.get('n_wer', 0)} items)", _num(s.get("wer"))],
-                    [f"CER, Chinese ({s.get('n_cer', 0)} items)", _num(s.get("cer"))],
-                    ["empty references (left out)", s.get("empty_references", 0)],
+                    [f"CER{_languages(s)} ({s.get('n_cer', 0)} items)", _num(s.get("cer"))],
+                    ["empty references (not scored)", s.get("empty_references", 0)],
                 ],
             )
             out += ["", "### by language", ""]

@@ -37,10 +37,12 @@ from musicflamingo.checkpoint import (
     PROCESSOR_FILES,
     CheckpointError,
     check_checkpoint_dir,
+    generation_config,
     is_model_file,
     load_config,
     stop_token_ids,
 )
+from musicflamingo.engine import AnswerText, check_stop_strings
 from musicflamingo.errors import RunStopped
 from musicflamingo.eval.benchmarks import AUDIO_HINTS, Benchmark, EvalItem, build_benchmark
 from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
@@ -434,12 +436,30 @@ def checkpoint_fingerprint(ckpt: Path) -> str:
     return hashlib.sha1("\n".join(parts).encode("utf-8")).hexdigest()[:16]
 
 
+def checkpoint_stop_strings(ckpt: Path) -> tuple[str, ...]:
+    """The stop strings of the checkpoint's generation_config.json (none without them), as infer.py reads them;
+    a bad value is an :class:`EvalConfigError` naming the file."""
+    try:
+        return check_stop_strings(generation_config(ckpt).get("stop_strings"), "stop_strings")
+    except (CheckpointError, ValueError) as e:
+        where = "" if isinstance(e, CheckpointError) else f"{ckpt / 'generation_config.json'}: "
+        raise EvalConfigError(f"{where}{e}") from None
+
+
+def answer_text(tokenizer: Any, ids: Sequence[int], stops: Sequence[str], stop_ids: Sequence[int]) -> str:
+    """A generated row's answer as infer.py gives it: its tokens up to a stop id (left out) or the token that
+    completes one of ``stops``, decoded and cut before that stop string (:class:`musicflamingo.engine.AnswerText`,
+    the engine's own matcher, fed the row's tokens as the engine fed them; the padding after is never read)."""
+    return AnswerText.of_tokens(tokenizer, ids, stops, stop_ids).text
+
+
 def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     """Load ``cfg["ckpt"]`` with the project API and return a batched greedy ``predict_fn``.
 
     Each item becomes one user turn ``[audio, text]``; a segment (``offset``/``duration``) is cut with
     ``musicflamingo.audio.io.load_audio`` and passed as an array, a whole file is passed by path. Decoding is
-    greedy with ``max_new_tokens``; only the new tokens are decoded.
+    greedy with ``max_new_tokens``; only the new tokens are decoded, each answer up to its stop id or cut before
+    the first of generation_config.json's ``stop_strings`` (:func:`answer_text`), as infer.py answers.
     """
     ckpt = check_checkpoint(cfg.get("ckpt"))
     from musicflamingo import MusicFlamingo, MusicFlamingoProcessor
@@ -448,6 +468,7 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     quantize = cfg.get("quantize") or config.quantization
     device, dtype = resolve_eval_dtype(cfg, ckpt, config)
     stops = stop_token_ids(ckpt, config)  # generation_config.json's eos ids + the config's, as infer.py
+    stop_strings = checkpoint_stop_strings(ckpt)  # and its stop strings (matched on the text: the tokenizer)
     model = MusicFlamingo.from_pretrained(str(ckpt), dtype=dtype, device=device, quantize=quantize)
     model.eval()
     processor = MusicFlamingoProcessor.from_pretrained(str(ckpt))
@@ -495,10 +516,17 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
             if value is not None:
                 feeds[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
         extra = {"compile": True} if compile_steps else {}
+        if stop_strings:  # matched on the decoded text: generate needs the tokenizer (it ran past them)
+            extra.update(stop_strings=stop_strings, tokenizer=processor.tokenizer)
         out = model.generate(  # (B, S + new)
             **feeds, max_new_tokens=max_new_tokens, do_sample=False, stop_token_ids=stops, **extra
         )
-        return [t.strip() for t in decode(out[:, feeds["input_ids"].shape[1] :].cpu())]
+        new = out[:, feeds["input_ids"].shape[1] :].cpu()
+        if stop_strings:  # each answer cut before its stop string, as the engine cut infer.py's
+            return [
+                answer_text(processor.tokenizer, row, stop_strings, stops).strip() for row in new.tolist()
+            ]
+        return [t.strip() for t in decode(new)]
 
     return predict
 
@@ -536,6 +564,9 @@ def _plain(cfg: Any) -> dict[str, Any]:
 
 
 _IDENTITY_IGNORED = ("root", "audio_dir", "skip_missing_audio")
+# benchmark settings read only when scoring: a rerun that rescores the same predictions with other values
+# (Japanese lyrics with CER, another breakdown) resumes; a run.json that recorded them is compared without them
+_SCORING_ONLY = ("cer_languages", "group_by")
 # identity keys added later: a run.json written before them (no such key) still resumes, as it did
 _IDENTITY_ADDED = ("dtype", "weights")
 
@@ -559,14 +590,31 @@ def _check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
                 f"{predictions.name} beside it: delete it to resume without that check, or pass tag=<new name> "
                 "or output_dir=<new folder> to start afresh"
             )
+        if isinstance(old.get("benchmark_cfg"), dict):
+            old["benchmark_cfg"] = {k: v for k, v in old["benchmark_cfg"].items() if k not in _SCORING_ONLY}
         diff = sorted(
             k
             for k in set(old) | set(identity)
             if old.get(k) != identity.get(k) and not (k in _IDENTITY_ADDED and k not in old)
         )
+        if "benchmark_cfg" in diff and isinstance(old.get("benchmark_cfg"), dict):
+            was, now = old["benchmark_cfg"], identity["benchmark_cfg"]
+            diff.remove("benchmark_cfg")
+            diff += [
+                f"benchmark_cfg.{k} ({was.get(k)!r} in run.json, {now.get(k)!r} now)"
+                for k in sorted(set(was) | set(now))
+                if was.get(k) != now.get(k)
+            ]
+            diff.sort()
         if diff:
+            why = ""
+            if "stop_strings" in diff and "stop_strings" not in old:
+                why = (
+                    f" (its predictions were made without the checkpoint's stop_strings "
+                    f"{identity['stop_strings']!r}, which an earlier eval.py ignored: they run past them)"
+                )
             raise EvalConfigError(
-                f"{out_dir} holds predictions of another run (differs in: {', '.join(diff)}); "
+                f"{out_dir} holds predictions of another run (differs in: {', '.join(diff)}){why}; "
                 "pass tag=<new name> or output_dir=<new folder>, or delete the folder to redo it"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -617,7 +665,9 @@ def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[s
         "data_file": Path(bench.source).name,
         "ckpt": str(ckpt.resolve()) if ckpt else c.get("ckpt"),
         "max_new_tokens": int(max_new_tokens),
-        "benchmark_cfg": {k: v for k, v in sorted(bench_cfg.items()) if k not in _IDENTITY_IGNORED},
+        "benchmark_cfg": {
+            k: v for k, v in sorted(bench_cfg.items()) if k not in _IDENTITY_IGNORED + _SCORING_ONLY
+        },
     }
     if think:  # only when set: folders of earlier runs (no key) still resume
         identity["think"] = True
@@ -627,6 +677,12 @@ def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[s
         "quantize"
     ):  # int8 / int4 linears answer differently: never mixed with full-precision predictions
         identity["quantize"] = str(c["quantize"])
+    # generation_config.json's stop strings cut the answers; only when set, so a folder of a checkpoint without
+    # them resumes as before. A run.json without the key beside a checkpoint with them was written by an eval.py
+    # that ignored them (its answers ran past them): refused, not mixed with cut answers (_check_run_identity)
+    stop_strings = checkpoint_stop_strings(ckpt) if ckpt is not None else ()
+    if stop_strings:
+        identity["stop_strings"] = list(stop_strings)
     if predict_fn is None:  # the memory plan (config.json, the items' audio headers): refused if it won't fit
         plan = check_generation(
             c,
