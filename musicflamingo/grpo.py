@@ -64,7 +64,7 @@ from musicflamingo.checkpoint import stop_ids
 from musicflamingo.data.dataset import chat_messages
 from musicflamingo.data.manifest import Record
 from musicflamingo.data.sampler import MixtureDataset, TokenBudgetBatchSampler
-from musicflamingo.engine import Engine, Request, SamplingParams
+from musicflamingo.engine import AnswerText, Engine, Request, SamplingParams, check_stop_strings
 from musicflamingo.lit import CheckpointMismatchError, MusicFlamingoLit
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.lora import adapter_layers
@@ -274,6 +274,8 @@ class Rollouts:
     components: dict[str, list[float | None]]
     # prompt index -> "model.rewards.<name> returned nan for record ..." (the first non-finite reward of its group)
     nonfinite: dict[int, str] = field(default_factory=dict)
+    # completions that ran out of max_new_tokens (no stop id, no stop string ended them)
+    truncated: int = 0
 
 
 def frozen_copy(net: MusicFlamingo, dtype: torch.dtype | None = None) -> MusicFlamingo:
@@ -828,6 +830,32 @@ class GRPOLit(MusicFlamingoLit):
         ids = stop_ids(getattr(self.model, "generation_defaults", {}), self.model.config)
         return tuple(dict.fromkeys([i for i in [self.model.config.text.eos_token_id] if i is not None] + ids))
 
+    def rollout_params(self, sample: bool) -> SamplingParams:
+        """Training rollouts' sampling (`model.rollout`), or validation's greedy decoding; both end where
+        inference ends an answer (stop ids and stop strings)."""
+        if sample:
+            return SamplingParams(
+                self.max_new_tokens,
+                True,
+                self.temperature,
+                self.top_k,
+                self.top_p,
+                stop_ids=self._stop_ids(),
+                stop_strings=self._stop_strings(),
+            )
+        return SamplingParams(
+            self.max_new_tokens, False, stop_ids=self._stop_ids(), stop_strings=self._stop_strings()
+        )
+
+    def _stop_strings(self) -> tuple[str, ...]:
+        """`model.net.init_from`'s generation_config.json `stop_strings`, which end a completion as they end
+        infer.py's, eval.py's and serve.py's answers (the completion keeps the token that completed one; its text,
+        scored, is cut before it)."""
+        try:
+            return check_stop_strings(getattr(self.model, "generation_defaults", {}).get("stop_strings"))
+        except ValueError as e:
+            raise GRPOConfigError(f"generation_config.json of model.net.init_from: {e}") from None
+
     @torch.no_grad()
     def generate(
         self,
@@ -868,7 +896,9 @@ class GRPOLit(MusicFlamingoLit):
         embeds = model.embed(ids, features, features_mask)  # (B, P, D): each audio encoded once
         slots = min(self.slots or len(prompts) * group_size, len(prompts) * group_size)
         # A fresh engine per batch: its KV cache is freed before the update needs the memory.
-        engine = Engine(model, slots=slots, capacity=P + params.max_new_tokens)
+        # the tokenizer matches stop strings on the decoded text (none set: no per-token decoding)
+        tokenizer = self._processor().tokenizer if params.stop_strings else None
+        engine = Engine(model, slots=slots, capacity=P + params.max_new_tokens, tokenizer=tokenizer)
         queue = deque((b, g) for b in range(len(prompts)) for g in range(group_size))
         out: list[list[list[int]]] = [[[] for _ in range(group_size)] for _ in prompts]
         owner: dict[int, tuple[int, int]] = {}
@@ -908,6 +938,8 @@ class GRPOLit(MusicFlamingoLit):
         the group's advantages, and so the loss, NaN."""
         tok = self._processor().tokenizer
         stops = set(self._stop_ids())
+        stop_strings = self._stop_strings()
+        truncated = 0
         outputs, rewards = [], []
         components: dict[str, list[float | None]] = {name: [] for name in self.rewards}
         nonfinite: dict[int, str] = {}
@@ -915,7 +947,15 @@ class GRPOLit(MusicFlamingoLit):
             parse = parse_think if (self.think if p.think is None else p.think) else plain_output
             row_out, row_r = [], []
             for tokens in group:
-                text = tok.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+                if stop_strings:  # the answer inference gives: cut before the stop string that ended it
+                    answer = AnswerText.of_tokens(tok, tokens, stop_strings, stops)
+                    text, by_string = answer.text, answer.stop is not None
+                else:
+                    text, by_string = (
+                        tok.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens),
+                        False,
+                    )
+                truncated += not by_string and (not tokens or tokens[-1] not in stops)
                 output = parse(text)
                 total = 0.0
                 for name, reward in self.rewards.items():
@@ -940,6 +980,7 @@ class GRPOLit(MusicFlamingoLit):
             torch.tensor(rewards, dtype=torch.float32),
             components,
             nonfinite,
+            truncated,
         )
 
     # ------------------------------------------------------------------ log-probs
@@ -1035,9 +1076,7 @@ class GRPOLit(MusicFlamingoLit):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         generator = torch.Generator(device=self.device)
         generator.manual_seed(rollout_seed(self.seed, self.global_step, rank))
-        params = SamplingParams(
-            self.max_new_tokens, True, self.temperature, self.top_k, self.top_p, stop_ids=self._stop_ids()
-        )
+        params = self.rollout_params(sample=True)
         if prompts:
             features, mask = self._features(batch, prompts)
             completions = self.generate(prompts, features, mask, self.group_size, params, generator)
@@ -1144,7 +1183,7 @@ class GRPOLit(MusicFlamingoLit):
         # Sums over every rank's rollouts (one all-reduce), so the metrics are the batch's, as the loss is, not
         # rank 0's share of it
         lengths = [len(t) for group in roll.completions for t in group]
-        truncated = sum(1 for group in roll.completions for t in group if not t or t[-1] not in stops)
+        truncated = roll.truncated
         clipped = stats.get("clipped_last", stats["clipped"])
         local = [float(sum(lengths)), float(truncated), float(zero.sum()), float(zero.numel())]
         local += [stats["loss"], stats["tokens"], stats["kl"], clipped, *self._reward_sums(roll)]
@@ -1189,7 +1228,7 @@ class GRPOLit(MusicFlamingoLit):
         if not prompts:
             return
         features, mask = self._features(batch, prompts)
-        params = SamplingParams(self.max_new_tokens, False, stop_ids=self._stop_ids())
+        params = self.rollout_params(sample=False)
         roll = self.score(prompts, self.generate(prompts, features, mask, 1, params, None))
         self._val_sums = [a + b for a, b in zip(self._val_sums, self._reward_sums(roll))]
 

@@ -13,9 +13,9 @@ from train_fixtures import ANSWERS, compose_train, grpo_module, write_dataset, w
 
 from musicflamingo.chat import THINK_SUFFIX
 from musicflamingo.data.manifest import read_manifest
-from musicflamingo.grpo import GRPOConfigError, GRPOLit
+from musicflamingo.grpo import GRPOConfigError, GRPOLit, Prompt
 from musicflamingo.processor import MusicFlamingoProcessor
-from musicflamingo.rewards import AccuracyReward
+from musicflamingo.rewards import AccuracyReward, Target
 from musicflamingo.training import train
 
 
@@ -305,3 +305,44 @@ def test_a_resume_under_another_task_filter_names_model_tasks(tmp_path):
         CheckpointMismatchError, match=r"written with 2 training samples .*model.tasks\), .* give 4"
     ):
         train(compose_train(tmp_path, manifest, proc, common + ["model.tasks=null", "trainer.max_steps=2"]))
+
+
+def test_rollouts_end_at_generation_config_stop_strings_and_are_scored_cut(tmp_path):
+    """generation_config.json's stop_strings end infer.py's, eval.py's and serve.py's answers, but rollouts ran past
+    them (no tokenizer in the engine) and were scored on the whole text: rewards for answers inference never gives.
+    A rollout now ends at the token that completes the stop string, its scored text is cut before it, and it does not
+    count as truncated."""
+    processor = MusicFlamingoProcessor.from_pretrained(write_processor(tmp_path / "proc"))
+    tok = processor.tokenizer
+    lit = grpo_module(_net(lora=True), think=False, rewards={"accuracy": AccuracyReward()})
+    lit._trainer = SimpleNamespace(datamodule=SimpleNamespace(processor=processor), strategy=None)
+    lit.max_new_tokens = 12
+    g = torch.Generator().manual_seed(3)
+    prompts = [
+        Prompt("p0", torch.randint(0, 290, (6,), generator=g).tolist(), Target("qa", "qa", "x"), slice(0, 0))
+    ]
+
+    free = lit.generate(prompts, None, None, 1, lit.rollout_params(sample=False), None)[0][0]
+    assert len(free) == 12 and not set(free) & set(lit._stop_ids())
+    assert lit.score(prompts, [[free]]).truncated == 1
+    full = tok.decode(free)
+    # two characters of the text (no piece of a multi-byte one) past its start, and the token that completes them
+    at = next(
+        i for i in range(1, len(full) - 1) if "\ufffd" not in full[i : i + 2] and full[i : i + 2].strip()
+    )
+    stop = full[at : at + 2]
+    completes = next(n for n in range(1, 13) if stop in tok.decode(free[:n]))
+    assert completes < 12
+
+    lit.model.generation_defaults = {**lit.model.generation_defaults, "stop_strings": [stop]}
+    params = lit.rollout_params(sample=False)
+    assert params.stop_strings == (stop,) and lit.rollout_params(sample=True).stop_strings == (stop,)
+    stopped = lit.generate(prompts, None, None, 1, params, None)[0][0]
+    assert stopped == free[:completes]
+    roll = lit.score(prompts, [[stopped]])
+    assert roll.outputs[0][0].text == full[: full.index(stop)] and stop not in roll.outputs[0][0].text
+    assert roll.truncated == 0
+
+    lit.model.generation_defaults["stop_strings"] = [""]
+    with pytest.raises(GRPOConfigError, match="generation_config.json"):
+        lit.rollout_params(sample=True)
