@@ -53,8 +53,9 @@ class RankMismatchError(ValueError):
 
 
 def records_fingerprint(records: Sequence[Any]) -> str:
-    """A digest of a record sequence: of its per-record digests where it keeps them (``JsonlRecords.digests``:
-    every record's bytes), else of its length and up to 1024 evenly spread records."""
+    """A digest of a record sequence: of its per-record digests where it keeps them (``digests`` of
+    ``JsonlRecords``, ``JsonListRecords``, ``ShardRecords`` and ``CompactRecords``: every record's bytes), else of its
+    length and up to 1024 evenly spread records (a plain list)."""
     h = hashlib.blake2b(str(len(records)).encode(), digest_size=8)
     digests = getattr(records, "digests", None)
     if digests is not None:

@@ -501,10 +501,13 @@ class CompactRecords(Sequence):
 
     Attributes:
         lines: [N] int64, each record's line (from its ``source`` ``file:line``; 0 where it has none).
+        digests: [N] uint64, BLAKE2b-64 of each record's ``repr`` (its values: pickles of equal records may differ
+            in how they share strings), so DDP ranks holding records that differ in any field tell them apart.
     """
 
     def __init__(self, records: Sequence[Record]) -> None:
         blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
+        self.digests = np.frombuffer(b"".join(_digest(repr(r).encode()) for r in records), dtype="<u8")
         self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
         self._starts = self._ends - np.asarray([len(b) for b in blobs], dtype=np.int64)
         self._data = b"".join(blobs)

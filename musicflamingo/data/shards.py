@@ -6,8 +6,14 @@ back as a map-style dataset that the token-budget sampler drives like a manifest
 
 A shard set is two litdata datasets (``litdata.optimize`` writes them, ``litdata.StreamingDataset`` reads them):
 
-    <out>/index.json, chunk-*.bin          per sample: i and the record's audio files as encoded, packed bytes
-    <out>/records/index.json, chunk-*.bin  per sample: JSON of i, the Record, and the seconds of each audio
+    <out>/index.json, chunk-*.bin          per sample: i, the record's digest and its audio files as encoded,
+                                           packed bytes, and a digest of them all
+    <out>/records/index.json, chunk-*.bin  per sample: JSON of i, the record's digest, the Record, and the seconds
+                                           of each audio
+
+A sample is read only if its bytes are those written and its record's digest is the one ``records/`` holds: a chunk
+changed after writing (damaged, another write's, grown or cut short) or halves of different writes are named, not
+trained on (shards written before these digests are read without them).
 
 Setup reads ``records/`` only (text: ids, conversations, durations), so token lengths, bucketing, mixtures and the
 over-budget check need no audio. ``dataset[i]`` fetches sample ``i``'s bytes (a local read, or one ranged GET from
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -53,7 +60,7 @@ import numpy as np
 
 from musicflamingo.audio.io import audio_duration
 from musicflamingo.data.dataset import ConversationDataset, estimate_num_tokens
-from musicflamingo.data.manifest import AudioRef, Message, Record, _position, read_manifest
+from musicflamingo.data.manifest import AudioRef, Message, Record, _digests, _position, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,29 @@ def is_url(path: str) -> bool:
     return "://" in path or path.startswith("local:")
 
 
+# The object stores litdata 0.2.76 reads shards from (its resolver) and writes them to (``optimize``); it takes any
+# other "scheme://..." for a relative local path: "https://host/set" was written to the folder ./https:/host/set
+_READ_SCHEMES = ("s3", "gs", "r2", "azure", "hf")
+_WRITE_SCHEMES = ("s3", "gs", "r2")
+_CLIENTS = (
+    "object stores are reached with litdata's clients: s3:// and r2:// with boto3's credentials (AWS_* variables "
+    "or ~/.aws), gs:// with google-cloud-storage, azure:// with azure-storage-blob, hf:// with huggingface_hub"
+)
+
+
+def _check_url(url: str, write: bool) -> None:
+    """Refuse an object store URL whose scheme litdata does not read (``write``: write), naming those it does."""
+    if not is_url(url) or url.startswith("local:"):
+        return
+    scheme = url.split("://", 1)[0]
+    allowed = _WRITE_SCHEMES if write else _READ_SCHEMES
+    if scheme not in allowed:
+        raise ShardError(
+            f"{url}: shards are {'written to' if write else 'read from'} "
+            f"{', '.join(a + '://' for a in allowed)} URLs or a local folder, not {scheme}://"
+        )
+
+
 def is_shards(path: str | os.PathLike) -> bool:
     """A shard location: a URL, or a folder holding litdata's ``index.json`` (a manifest is a file)."""
     s = os.fspath(path)
@@ -88,16 +118,30 @@ def _join(url: str, name: str) -> str:
     return url.rstrip("/") + "/" + name
 
 
-def _pack(index: int, blobs: Sequence[bytes]) -> bytes:
-    """A sample's files in one value: index (u64), count (u32), sizes (u64 each), then the bytes.
+def _digest(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def _record_digest(rec: dict[str, Any]) -> bytes:
+    """BLAKE2b-64 of a record as written (``asdict(Record)``): stored in both halves of a shard set, so an audio
+    sample read beside the records of another write is told apart."""
+    return _digest(json.dumps(rec, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+
+
+def _pack(index: int, blobs: Sequence[bytes], record: bytes) -> bytes:
+    """A sample's files in one value: index (u64), count (u32), sizes (u64 each), the record's digest (8 bytes,
+    :func:`_record_digest`), the files' bytes, then the digest of all bytes before it.
 
     One bytes value per sample, not a dict: litdata stores dicts of plain leaves as Arrow tables, which its ranged
     single-sample reads from object stores (``on_demand_bytes``) cannot read (litdata 0.2.76)."""
-    return struct.pack(f"<QI{len(blobs)}Q", index, len(blobs), *map(len, blobs)) + b"".join(blobs)
+    body = struct.pack(f"<QI{len(blobs)}Q", index, len(blobs), *map(len, blobs)) + record + b"".join(blobs)
+    return body + _digest(body)
 
 
-def _unpack(data: bytes) -> tuple[int, list[bytes]]:
-    """Inverse of :func:`_pack`; ValueError when ``data`` is not such a value (a damaged chunk)."""
+def _unpack(data: bytes) -> tuple[int, bytes | None, list[bytes]]:
+    """Inverse of :func:`_pack`: (index, record digest, files). A sample written before the digests were (no
+    record digest, no digest of its bytes: 16 bytes fewer than its sizes add up to) gives None for the record's.
+    ValueError when ``data`` is not such a value or not the bytes written (a damaged or changed chunk)."""
     head = struct.calcsize("<QI")
     if len(data) < head:
         raise ValueError(f"{len(data)} bytes, fewer than its {head}-byte header")
@@ -106,13 +150,23 @@ def _unpack(data: bytes) -> tuple[int, list[bytes]]:
     if pos > len(data):
         raise ValueError(f"header counts {n} files, more than its {len(data)} bytes can hold")
     sizes = struct.unpack_from(f"<{n}Q", data, head)
-    if pos + sum(sizes) != len(data):
-        raise ValueError(f"its files' sizes add up to {sum(sizes)} bytes, it holds {len(data) - pos}")
+    end, record = len(data), None
+    if pos + sum(sizes) + 16 == end:  # the record's digest after the sizes, the bytes' digest at the end
+        end -= 8
+        if _digest(memoryview(data)[:end]) != data[end:]:
+            raise ValueError(
+                "its bytes are not those written: their digest differs, the chunk changed after writing"
+            )
+        record, pos = data[pos : pos + 8], pos + 8
+    elif pos + sum(sizes) != end:
+        raise ValueError(
+            f"its files' sizes add up to {sum(sizes)} bytes, which its {end - pos} after the header are not"
+        )
     out = []
     for size in sizes:
         out.append(data[pos : pos + size])
         pos += size
-    return index, out
+    return index, record, out
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -126,14 +180,15 @@ def _read_bytes(ref: dict[str, Any]) -> bytes:
 
 def _audio_item(item: tuple[int, dict[str, Any]]) -> bytes:
     i, rec = item
-    return _pack(i, [_read_bytes(a) for a in rec["audios"]])
+    return _pack(i, [_read_bytes(a) for a in rec["audios"]], _record_digest(rec))
 
 
 def _record_item(item: tuple[int, dict[str, Any]]) -> str:
     i, rec = item
     # Seconds as the manifest path estimates them (file header, or the segment's duration); None when unreadable.
     seconds = [audio_duration(a["path"], offset=a["offset"], duration=a["duration"]) for a in rec["audios"]]
-    return json.dumps({"index": i, **rec, "seconds": seconds}, ensure_ascii=False)
+    digest = _record_digest(rec).hex()  # the audio sample holds it too (_pack)
+    return json.dumps({"index": i, "digest": digest, **rec, "seconds": seconds}, ensure_ascii=False)
 
 
 def write_shards(
@@ -161,6 +216,7 @@ def write_shards(
         )
     if not is_url(out):
         _check_out(out, overwrite)
+    _check_url(out, write=True)
     records = read_manifest(manifest, audio_root=audio_root)
     missing = [(r, a.path) for r in records for a in r.audios if not os.path.isfile(a.path)]
     if missing:
@@ -207,6 +263,12 @@ def write_shards(
     except BaseException as e:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        if is_url(out) and isinstance(e, Exception) and not isinstance(e, ShardError):
+            # an object store's client error (no credentials, no such bucket) names no URL
+            reason = " ".join(str(e).split("\n", 1)[0].split())
+            raise ShardError(
+                f"{out}: cannot write the shards there ({type(e).__name__}: {reason}); {_CLIENTS}"
+            ) from e
         if isinstance(e, KeyboardInterrupt):
             log.error(
                 "%s: interrupted; %s",
@@ -369,22 +431,51 @@ def _check_chunks(folder: str) -> None:
                 f"{path}: missing (listed in {os.path.join(folder, INDEX)}); the shard set is incomplete: write the "
                 "shards again (--overwrite)"
             ) from None
-        if not compressed and have < size:
-            raise ShardError(
-                f"{path}: {have} bytes, {size} when written (truncated: an interrupted copy or download?); write or "
-                "copy the shards again"
+        if not compressed and have != size:
+            why = (
+                "truncated: an interrupted copy or download?"
+                if have < size
+                else "it changed after the shards were written: another write's chunk, or appended to?"
             )
+            raise ShardError(
+                f"{path}: {have} bytes, {size} when written ({why}); write or copy the shards again"
+            )
+
+
+def _chunk_of(url: str, index: int) -> str:
+    """``" (in chunk-0-3.bin)"``: the chunk file of a local shard folder that holds sample ``index`` ("" when that
+    cannot be told: a remote set, an unreadable index)."""
+    folder = url[len("local:") :] if url.startswith("local:") else url
+    if is_url(folder):
+        return ""
+    try:
+        with open(os.path.join(folder, INDEX), encoding="utf-8") as f:
+            chunks = json.load(f)["chunks"]
+        ends = np.cumsum([int(c["chunk_size"]) for c in chunks])
+        return f" (in {chunks[int(np.searchsorted(ends, index, side='right'))]['filename']})"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return ""
 
 
 def _streaming(url: str, cache_dir: str | None) -> Any:
     from litdata import StreamingDataset
 
     _quiet_litdata()
+    _check_url(url, write=False)
     _check_chunks(url)
     try:
         return StreamingDataset(url, cache_dir=cache_dir)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except Exception as e:
         reason = " ".join(str(e).split("\n", 1)[0].split())  # litdata's first line (then its HINTs)
+        if (
+            is_url(url)
+            and not url.startswith("local:")
+            and not isinstance(e, (ValueError, FileNotFoundError))
+        ):
+            # the object store's client: no credentials, no such bucket, a missing package
+            raise ShardError(
+                f"{url}: cannot read the shards there ({type(e).__name__}: {reason}); {_CLIENTS}"
+            ) from e
         raise ShardError(
             f"{url}: not a readable shard folder ({reason}); write one with `python -m musicflamingo.data shard`"
         ) from e
@@ -392,13 +483,20 @@ def _streaming(url: str, cache_dir: str | None) -> Any:
 
 class ShardRecords(Sequence):
     """The records of a shard set, kept as their JSON text in one buffer and parsed on access
-    (``records[i]`` -> :class:`Record`): a few bytes per record beside the text, where Record objects take
-    kilobytes each and get copied page by page in DataLoader workers as reference counts touch them."""
+    (``records[i]`` -> :class:`Record`): 16 bytes per record beside the text, where Record objects take
+    kilobytes each and get copied page by page in DataLoader workers as reference counts touch them.
+
+    Attributes:
+        digests: [N] uint64, BLAKE2b-64 of each record's stored text (computed when the text is read: every byte of
+            every record, so DDP ranks that read shard sets differing in any record tell them apart).
+    """
 
     def __init__(self, texts: Sequence[bytes], where: str = "shard records") -> None:
         self.where = where
         self._data = b"".join(texts)
-        self._ends = np.cumsum([len(t) for t in texts], dtype=np.int64)
+        sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        self._ends = np.cumsum(sizes)
+        self.digests = _digests(self._data, self._ends - sizes, self._ends)
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -424,6 +522,15 @@ class ShardRecords(Sequence):
                 "again"
             ) from None
         return record, seconds
+
+    def record_digest(self, i: int) -> bytes | None:
+        """The digest of record ``i`` that its audio sample holds too (None: written before such digests)."""
+        i = _position(i, len(self), f"the {self.where}")
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        try:
+            return bytes.fromhex(json.loads(self._data[start : int(self._ends[i])])["digest"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def __getitem__(self, i: int | slice) -> Record | list[Record]:  # type: ignore[override]
         if isinstance(i, slice):
@@ -493,14 +600,24 @@ class ShardDataset(ConversationDataset):
                 "records halves were written by different runs: write the shards again"
             ) from None
         try:
-            stored, blobs = _unpack(data)
+            stored, written, blobs = _unpack(data)
         except (ValueError, TypeError, struct.error) as e:
             raise ShardError(
-                f"{self.url}: audio sample {index} ({self.records[index].source}) is damaged ({e}); write the "
-                "shards again"
+                f"{self.url}: audio sample {index}{_chunk_of(self.url, index)} ({self.records[index].source}) is "
+                f"damaged ({e}); write the shards again"
             ) from None
         if stored != index:
             raise ShardError(f"{self.url}: sample {index} holds record {stored}; write the shards again")
+        expected = self.records.record_digest(index)
+        if (
+            written != expected
+        ):  # one of them None: one half written before the digests were, so by another run
+            raise ShardError(
+                f"{self.url}: audio sample {index}{_chunk_of(self.url, index)} was written for another record than "
+                f"{RECORDS}/ entry {index} ({self.records[index].source}): the audio and records halves come from "
+                "different writes (a chunk or records/ replaced after writing, or a write stopped between the "
+                "halves); write the shards again"
+            )
         self._blobs = dict(zip(self.records[index].audios, blobs))
         try:
             return super().__getitem__(index)
