@@ -1117,6 +1117,11 @@ class GRPOLit(MusicFlamingoLit):
                     old = logp.detach() if olds[k] is None else olds[k]
                     loss_terms, kl, clipped = token_terms(logp, old, refs[k], adv, self.clip_eps, self.beta)
                     loss = loss_terms.sum() * scale
+                    if features is None and self._distributed() and self._audio_trains():
+                        # a text-only micro-batch leaves the trained audio tower/projector without gradients on this
+                        # rank (find_unused_parameters=false: the others waited in the gradient all-reduce); the
+                        # stand-in window's audio path, weight zero, reaches them (`MusicFlamingoLit._forward`)
+                        loss = loss + self._stand_in_audio_loss()
                 # every rank takes the same decision before any backward: one skipping alone left the others
                 # waiting in the gradient all-reduce (a hang until the process group's timeout)
                 bad = loss is not None and not bool(torch.isfinite(loss))
