@@ -34,7 +34,10 @@ file under a manifest (a manifest none of whose files exists is refused: a wrong
 folder may hold other files, but none that litdata's writer would delete (``*.bin``, ``*index.json``, anything in
 ``records/``). Ctrl-C stops every writing process and exits 130: a first write leaves the folder incomplete
 (unreadable) until written again with ``--overwrite``; ``--overwrite`` writes the new set beside the old one and
-swaps it in at the end, so a write that stops leaves the old set as it was. litdata is imported only inside these functions.
+swaps it in at the end, so a write that stops leaves the old set as it was. A write that fails stops every
+writing process too and leaves the folder the same way: an error while a record is read names the record
+(``train.jsonl:12 (id 'x')``), a writing process killed from outside (out of memory) is an error, not a set short
+of its samples. litdata is imported only inside these functions.
 """
 
 from __future__ import annotations
@@ -191,6 +194,43 @@ def _record_item(item: tuple[int, dict[str, Any]]) -> str:
     return json.dumps({"index": i, "digest": digest, **rec, "seconds": seconds}, ensure_ascii=False)
 
 
+class _RecordFailed(Exception):
+    """Raised in a writing process for the record it failed on; its one-line message names the record (source,
+    id) and the error, and reaches the parent in litdata's traceback text (:func:`_failed_record`)."""
+
+
+def _named(fn: Any, item: tuple[int, dict[str, Any]]) -> Any:
+    try:
+        return fn(item)
+    except Exception as e:
+        i, rec = item
+        where = f"{rec.get('source') or f'record {i}'} (id {rec.get('id')!r})"
+        # one line of JSON (found again by _failed_record): where, and the error
+        raise _RecordFailed(json.dumps([where, f"{type(e).__name__}: {e}"], ensure_ascii=False)) from e
+
+
+def _audio_sample(item: tuple[int, dict[str, Any]]) -> bytes:
+    return _named(_audio_item, item)  # looked up when called: a test may replace _audio_item
+
+
+def _record_sample(item: tuple[int, dict[str, Any]]) -> str:
+    return _named(_record_item, item)
+
+
+class _WorkerDied(ShardError):
+    """A writing process ended without an error of its own (killed from outside: out of memory)."""
+
+
+def _failed_record(error: BaseException) -> tuple[str, str] | None:
+    """(the record, the error) of the :class:`_RecordFailed` that litdata's error (a RuntimeError holding the
+    writing process's traceback as text) carries; None when the failure was not in a record's function."""
+    for found in reversed(re.findall(r"_RecordFailed: (\[.*\])$", str(error), re.MULTILINE)):
+        with contextlib.suppress(ValueError):
+            where, reason = json.loads(found)
+            return str(where), " ".join(str(reason).split())
+    return None
+
+
 def write_shards(
     manifest: str | os.PathLike,
     out: str,
@@ -255,14 +295,27 @@ def write_shards(
     before = multiprocessing.get_start_method(allow_none=True)
     try:
         with _interruptible():
-            optimize(fn=_audio_item, inputs=inputs, output_dir=target, **common)
+            optimize(fn=_audio_sample, inputs=inputs, output_dir=target, **common)
         with _interruptible():
-            optimize(fn=_record_item, inputs=inputs, output_dir=_join(target, RECORDS), **common)
+            optimize(fn=_record_sample, inputs=inputs, output_dir=_join(target, RECORDS), **common)
         if staging is not None:
             _swap_in(staging, out)
     except BaseException as e:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        state = (
+            "the shards there are as they were"
+            if staging is not None
+            else "the shards there are incomplete: write them again with --overwrite"
+        )
+        if isinstance(e, _WorkerDied):
+            raise ShardError(f"{out}: {e}; {state}") from None
+        # litdata's error is its worker's traceback as text: name the record instead
+        failed = _failed_record(e) if isinstance(e, RuntimeError) else None
+        if failed is not None:
+            raise ShardError(
+                f"{failed[0]}: writing the shards to {out} failed on this record ({failed[1]}); {state}"
+            ) from e
         if is_url(out) and isinstance(e, Exception) and not isinstance(e, ShardError):
             # an object store's client error (no credentials, no such bucket) names no URL
             reason = " ".join(str(e).split("\n", 1)[0].split())
@@ -270,13 +323,13 @@ def write_shards(
                 f"{out}: cannot write the shards there ({type(e).__name__}: {reason}); {_CLIENTS}"
             ) from e
         if isinstance(e, KeyboardInterrupt):
-            log.error(
-                "%s: interrupted; %s",
-                out,
-                "the shards there are as they were"
-                if staging is not None
-                else "the shards there are incomplete: write them again with --overwrite",
-            )
+            log.error("%s: interrupted; %s", out, state)
+        elif isinstance(e, RuntimeError) and str(e).startswith("We found the following error"):
+            # litdata's words for a writing process that failed outside a record's function
+            lines = [line.strip() for line in str(e).splitlines() if line.strip() and line.strip() != "."]
+            raise ShardError(
+                f"{out}: writing the shards failed ({lines[-1] if lines else type(e).__name__}); {state}"
+            ) from e
         raise
     finally:  # optimize sets the process-wide start method; DataLoaders started later keep theirs
         multiprocessing.set_start_method(before, force=True)
@@ -351,8 +404,11 @@ def _interruptible() -> Iterator[None]:
     write reported as a success, the workers and their feeder processes left running (still writing chunks into
     the folder), and the handler left installed once optimize returns, so a later Ctrl-C in the same process exits
     0 too. Here each process of the run that gets SIGINT (a terminal sends it to all; the parent passes it on to
-    its workers) ends its own helper processes, then itself; the parent waits for its workers, then raises."""
-    from litdata.processing.data_processor import DataProcessor
+    its workers) ends its own helper processes, then itself; the parent waits for its workers, then raises.
+
+    A writing process that fails (an error in a record's function, a full disk) ends the run with litdata's
+    RuntimeError as before, and every process of the run ends with it (litdata left its workers' helpers running)."""
+    from litdata.processing.data_processor import BaseWorker, DataProcessor
 
     parent = os.getpid()
     theirs = DataProcessor.__dict__.get("_signal_handler")
@@ -372,17 +428,102 @@ def _interruptible() -> Iterator[None]:
                 w.kill()
         raise KeyboardInterrupt
 
+    their_exit = DataProcessor.__dict__.get("_exit_on_error")
+
+    def exit_on_error(self: Any, error: str) -> None:
+        # litdata terminates its workers (SIGTERM), not the processes each worker started (uploaders, a remover,
+        # downloaders): those were left waiting on their queues forever, children of init, holding the command's
+        # stdout (`... | tee log` never ended). They go first; then litdata's own steps, which raise its error.
+        procs = [*(getattr(self, "workers", None) or []), *(getattr(self, "chunk_writers", None) or [])]
+        for pid in _descendants([p.pid for p in procs if p.pid]):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            their_exit(self, error)
+        finally:
+            for p in procs:  # reaped (a terminated worker stays a zombie of this process otherwise)
+                with contextlib.suppress(Exception):
+                    p.join(5)
+                    if p.is_alive():
+                        p.kill()
+                        p.join(5)
+
+    their_setup = BaseWorker.__dict__.get("_setup")
+
+    def setup(self: Any) -> None:
+        # a worker and the helpers it starts in a process group of their own: ended together (below) when the
+        # worker is killed from outside (out of memory), which litdata takes for a worker that finished
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        their_setup(self)
+
+    their_stop = DataProcessor.__dict__.get("_stop_chunk_writers")
+
+    def stop_writers(self: Any) -> None:
+        # called once every worker has ended, before the index is written: litdata wrote the index of a run whose
+        # worker was killed (its samples missing) and reported a success
+        their_stop(self)
+        workers = list(getattr(self, "workers", None) or [])
+        for w in workers:
+            if w.exitcode not in (0, None):
+                with contextlib.suppress(OSError):
+                    os.killpg(w.pid, signal.SIGKILL)  # the helpers it left, waiting on their queues
+        died = [(k, w.exitcode) for k, w in enumerate(workers) if w.exitcode not in (0, None)]
+        if died:
+            k, code = died[0]
+            how = (
+                f"was killed by signal {-code} ({signal.Signals(-code).name}; out of memory?)"
+                if code < 0 and -code in signal.valid_signals()
+                else f"exited with status {code}"
+            )
+            raise _WorkerDied(
+                f"writing process {k + 1} of {len(workers)} {how} before writing its share of the records"
+            )
+
+    patches = [
+        (DataProcessor, "_signal_handler", theirs, stop),
+        (DataProcessor, "_exit_on_error", their_exit, exit_on_error),
+        (DataProcessor, "_stop_chunk_writers", their_stop, stop_writers),
+        (BaseWorker, "_setup", their_setup, setup),
+    ]
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
-    if theirs is not None:
-        DataProcessor._signal_handler = stop  # type: ignore[method-assign]
+    for cls, name, old, new in patches:
+        if old is not None:
+            setattr(cls, name, new)
     try:
         yield
     finally:
-        if theirs is not None:
-            DataProcessor._signal_handler = theirs  # type: ignore[method-assign]
+        for cls, name, old, _ in patches:
+            if old is not None:
+                setattr(cls, name, old)
         if main and previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _descendants(pids: Sequence[int]) -> list[int]:
+    """The processes below ``pids`` (their children, the children's children...), read from /proc (Linux, where
+    writing forks); [] where /proc cannot be read."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:  # "pid (comm) state ppid ...": comm may hold ") "
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], list(pids)
+    while todo:
+        below = children.get(todo.pop(), [])
+        out += below
+        todo += below
+    return out
 
 
 _BYTE_UNITS = ("tb", "gb", "mb", "kb", "t", "g", "m", "k", "b")  # litdata's chunk_bytes suffixes
