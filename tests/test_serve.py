@@ -644,7 +644,8 @@ def test_full_queue_is_503_with_retry_after(loaded, ckpt, songs):
 
 def test_requests_still_being_prepared_count_against_max_queue(loaded, ckpt, songs, monkeypatch):
     """A request whose audio is being decoded (or waits for a prepare thread) holds its body and features too:
-    with max_queue=1 and one such request, the next is 503 at once (it used to pass and wait, unbounded)."""
+    with one free slot, max_queue=1 and two such requests, the next is 503 at once (it used to pass and wait,
+    unbounded)."""
     model, processor = loaded
     settings = ServeSettings(model_name=MODEL, max_batch=1, max_queue=1, prepare_threads=1, retry_after_s=2)
     app = create_app(model, processor, settings, stop_token_ids(ckpt, model.config))
@@ -666,13 +667,22 @@ def test_requests_still_being_prepared_count_against_max_queue(loaded, ckpt, son
                 a=c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
             )
         )
+        second = threading.Thread(
+            target=lambda: results.update(
+                b=c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+            )
+        )
         first.start()
         assert entered.wait(30) and app.state.server.worker.stats()["queued"] == 0  # in prepare, not queued
+        second.start()  # takes the free slot's place: it waits for the prepare thread
+        _wait(lambda: app.state.server.preparing == 2)
         r = httpx.post(f"{base}/v1/chat/completions", json={"model": MODEL, "messages": msgs}, timeout=30)
         expect_error(r, 503, None, "the server is busy")
         release.set()
         first.join(60)
+        second.join(60)
     assert results["a"].choices[0].finish_reason == "length" and app.state.server.preparing == 0
+    assert results["b"].choices[0].finish_reason == "length"
 
 
 def _wait(cond, timeout: float = 30.0) -> None:

@@ -446,6 +446,21 @@ def checkpoint_stop_strings(ckpt: Path) -> tuple[str, ...]:
         raise EvalConfigError(f"{where}{e}") from None
 
 
+def eval_stop_strings(cfg: Mapping[str, Any], ckpt: Path | None) -> tuple[str, ...]:
+    """The stop strings that cut eval.py's answers: ``stop`` as infer.py reads it (a text or a list of them, ``\\n``
+    typed is a newline; ``[]``: none; :func:`musicflamingo.inference.stop_strings`), null or missing: the
+    checkpoint's generation_config.json ``stop_strings`` (:func:`checkpoint_stop_strings`; none without a
+    checkpoint). A bad ``stop`` is an :class:`EvalConfigError` naming it."""
+    if cfg.get("stop") is None:
+        return checkpoint_stop_strings(ckpt) if ckpt is not None else ()
+    from musicflamingo.inference import InferenceError, stop_strings
+
+    try:
+        return stop_strings(cfg["stop"], "stop", escapes=True)
+    except InferenceError as e:
+        raise EvalConfigError(str(e)) from None
+
+
 def answer_text(tokenizer: Any, ids: Sequence[int], stops: Sequence[str], stop_ids: Sequence[int]) -> str:
     """A generated row's answer as infer.py gives it: its tokens up to a stop id (left out) or the token that
     completes one of ``stops``, decoded and cut before that stop string (:class:`musicflamingo.engine.AnswerText`,
@@ -459,7 +474,8 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     Each item becomes one user turn ``[audio, text]``; a segment (``offset``/``duration``) is cut with
     ``musicflamingo.audio.io.load_audio`` and passed as an array, a whole file is passed by path. Decoding is
     greedy with ``max_new_tokens``; only the new tokens are decoded, each answer up to its stop id or cut before
-    the first of generation_config.json's ``stop_strings`` (:func:`answer_text`), as infer.py answers.
+    the first of its stop strings (``stop``, null: generation_config.json's ``stop_strings``;
+    :func:`eval_stop_strings`, :func:`answer_text`), as infer.py answers.
     """
     ckpt = check_checkpoint(cfg.get("ckpt"))
     from musicflamingo import MusicFlamingo, MusicFlamingoProcessor
@@ -468,7 +484,8 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
     quantize = cfg.get("quantize") or config.quantization
     device, dtype = resolve_eval_dtype(cfg, ckpt, config)
     stops = stop_token_ids(ckpt, config)  # generation_config.json's eos ids + the config's, as infer.py
-    stop_strings = checkpoint_stop_strings(ckpt)  # and its stop strings (matched on the text: the tokenizer)
+    # and stop=, or null: the checkpoint's stop strings (matched on the text: generate needs the tokenizer)
+    stop_strings = eval_stop_strings(cfg, ckpt)
     model = MusicFlamingo.from_pretrained(str(ckpt), dtype=dtype, device=device, quantize=quantize)
     model.eval()
     processor = MusicFlamingoProcessor.from_pretrained(str(ckpt))
@@ -571,8 +588,9 @@ _SCORING_ONLY = ("cer_languages", "group_by")
 _IDENTITY_ADDED = ("dtype", "weights")
 
 
-def _check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
-    """Refuse to resume ``out_dir`` if its predictions came from another benchmark, checkpoint or prompt."""
+def _check_run_identity(out_dir: Path, identity: dict[str, Any], from_setting: bool = False) -> None:
+    """Refuse to resume ``out_dir`` if its predictions came from another benchmark, checkpoint, prompt or stop
+    strings (``from_setting``: this run's stop strings are ``stop``'s, not the checkpoint's)."""
     path, predictions = out_dir / "run.json", out_dir / PREDICTIONS_FILE
     # an empty file holds nothing to mix with: a run that failed before its first prediction (a wrong ckpt that
     # would not load) must not lock the folder against the corrected rerun
@@ -608,10 +626,17 @@ def _check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
             diff.sort()
         if diff:
             why = ""
-            if "stop_strings" in diff and "stop_strings" not in old:
+            if "stop_strings" in diff and "stop_strings" not in old and not from_setting:
                 why = (
                     f" (its predictions were made without the checkpoint's stop_strings "
                     f"{identity['stop_strings']!r}, which an earlier eval.py ignored: they run past them)"
+                )
+            elif "stop_strings" in diff:  # the setting that changes them, by its name
+                now = "from stop=" if from_setting else "from generation_config.json: stop=null"
+                why = (
+                    f" (its predictions were cut at the stop strings {old.get('stop_strings', [])!r}, this run's "
+                    f"are {identity.get('stop_strings', [])!r} ({now}): pass the stop= it ran with to resume it; "
+                    "stop=null is generation_config.json's stop_strings, stop=[] none)"
                 )
             raise EvalConfigError(
                 f"{out_dir} holds predictions of another run (differs in: {', '.join(diff)}){why}; "
@@ -638,6 +663,8 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
 def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[str, Any]:
     c = _plain(cfg)
     check_eval_settings(c)  # types and ranges, before the checkpoint or the benchmark is read
+    # stop= as infer.py reads it (settings.py sits below inference.py, whose reader this is), checked as early
+    eval_stop_strings({"stop": c.get("stop")}, None)
     bench_cfg = dict(c.get("benchmark") or {})
     if not bench_cfg:
         raise EvalConfigError("no benchmark selected: pass benchmark=<name> (see configs/benchmark/)")
@@ -677,10 +704,11 @@ def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[s
         "quantize"
     ):  # int8 / int4 linears answer differently: never mixed with full-precision predictions
         identity["quantize"] = str(c["quantize"])
-    # generation_config.json's stop strings cut the answers; only when set, so a folder of a checkpoint without
-    # them resumes as before. A run.json without the key beside a checkpoint with them was written by an eval.py
-    # that ignored them (its answers ran past them): refused, not mixed with cut answers (_check_run_identity)
-    stop_strings = checkpoint_stop_strings(ckpt) if ckpt is not None else ()
+    # stop= (null: generation_config.json's stop strings) cuts the answers; only when there are some, so a folder
+    # of a checkpoint without them resumes as before. A run.json without the key beside a checkpoint with them was
+    # written by an eval.py that ignored them (its answers ran past them): refused, not mixed with cut answers
+    # (_check_run_identity), unless stop=[] asks for answers that run past them
+    stop_strings = eval_stop_strings(c, ckpt)
     if stop_strings:
         identity["stop_strings"] = list(stop_strings)
     if predict_fn is None:  # the memory plan (config.json, the items' audio headers): refused if it won't fit
@@ -705,7 +733,7 @@ def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[s
         if lock.locked:
             remove_interrupted_writes(out_dir)
         job_log.write()
-        _check_run_identity(out_dir, identity)
+        _check_run_identity(out_dir, identity, from_setting=c.get("stop") is not None)
         from hydra.core.hydra_config import HydraConfig
 
         if HydraConfig.initialized():  # what Hydra would have written before the lock (`output_subdir: null`)

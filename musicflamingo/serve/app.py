@@ -83,7 +83,8 @@ class ServerState:
     think_format: ThinkFormat = ThinkFormat()
     # a request's stop strings when it gives none (`stop` unset or null): generation_config.json's, as infer.py's
     stop_strings: tuple[str, ...] = ()
-    # requests between their body and the queue (decoding audio, or waiting to): max_queue counts them
+    # requests between their body and the queue (decoding audio, or waiting to): counted as waiting for a slot
+    # (EngineWorker.queue_full), so max_queue + max_batch bounds the bodies and features held
     preparing: int = 0
 
 
@@ -215,7 +216,7 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(503, "the engine is not running", None, "engine_stopped")
     req = parse_chat_request(parse_json(await _read_body(request, settings)), settings)
     if state.worker.queue_full(also_waiting=state.preparing):
-        raise _busy(settings)  # before decoding any audio: waiting bodies and features are bounded too
+        raise _busy(settings)  # before decoding any audio: bodies and features being prepared are bounded too
     # Watched from here on: a client that leaves while its audio is decoded is not admitted (its prefill, the audio
     # encoder, ran for nobody); reading the connection is what notices it (uvicorn pauses reading big bodies).
     watcher = asyncio.ensure_future(_until_disconnect(request))

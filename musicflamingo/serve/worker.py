@@ -7,7 +7,8 @@ the prefill encodes the request's audio and samples its first token. Each step's
 (`Slot.text`: decoded by the engine, cut before a stop string, never showing a piece of one), go to their requests'
 asyncio queues through their event loop (`call_soon_threadsafe`); a finished request (a stop id, a stop string, its
 budget) leaves its slot in the step that finished it. The queue of requests not yet admitted is
-bounded: `submit` raises `QueueFull` beyond `max_queue`, which the app answers with 503 and `Retry-After`.
+bounded: `submit` raises `QueueFull` when `max_queue` requests wait beyond the free slots, which the app answers
+with 503 and `Retry-After`.
 On shutdown, `drain` stops admissions: queued requests are answered with `SHUTTING_DOWN` at once, live ones once
 they finish or their grace period ends, so every client has its answer before the server closes its connections.
 """
@@ -95,7 +96,8 @@ class EngineWorker:
         slots: requests decoded together at most (`max_batch`).
         max_cached_tokens: the KV cache's positions at most, rows x capacity (None: `slots` rows that grow to
             the longest request seen).
-        max_queue: requests waiting for a slot at most.
+        max_queue: requests waiting for a slot at most, beyond those that will take the free slots (`submit`,
+            `queue_full`): requests not yet decoding are `max_queue` + `slots` at most, whatever the slots do.
         compile: decode steps through `torch.compile`.
         tokenizer: decodes the answers (`Event.text`) and matches their stop strings (`SamplingParams.stop_strings`,
             refused without it); None: events carry tokens only.
@@ -117,6 +119,9 @@ class EngineWorker:
         self.max_queue = max_queue
         self._pending: deque[Job] = deque()
         self._live: dict[int, Job] = {}  # slot -> job; touched by the worker thread only
+        # slots held or being taken (popped from the queue, in their prefill): under `_cond`, read by `submit`
+        self._taken = 0
+        self._slots = slots
         self._cond = threading.Condition()
         self._stop = False
         self._drain_at: float | None = None  # once draining: when live requests are cut (time.monotonic)
@@ -166,9 +171,18 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _room(self) -> int:
+        """Requests the queue takes now (under `_cond`): `max_queue` waiting for a slot, plus one per free slot
+        (those go on at once; counted as waiting, 8 simultaneous requests with `max_batch=2 max_queue=4` were 4
+        refusals, not 2). What requests not yet decoding hold (bodies, features) stays bounded by `max_queue` +
+        `slots`, as the memory plan counts."""
+        return self.max_queue + max(0, self._slots - self._taken)
+
     def queue_full(self, also_waiting: int = 0) -> bool:
-        """Whether `max_queue` requests wait already (`also_waiting`: those not handed to the worker yet)."""
-        return len(self._pending) + also_waiting >= self.max_queue
+        """Whether `max_queue` requests wait already beyond the free slots (`also_waiting`: those not handed to the
+        worker yet, their audio being decoded)."""
+        with self._cond:
+            return len(self._pending) + also_waiting >= self._room()
 
     def submit(self, job: Job) -> None:
         """Queue a request for admission (QueueFull when `max_queue` requests already wait, ShuttingDown once
@@ -176,7 +190,7 @@ class EngineWorker:
         with self._cond:
             if self._drain_at is not None:
                 raise ShuttingDown
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) >= self._room():
                 raise QueueFull
             self._pending.append(job)
             self._cond.notify_all()
@@ -259,8 +273,14 @@ class EngineWorker:
         if time.monotonic() >= deadline:
             self._fail_all(f"{message}: the answer was not finished in time", SHUTTING_DOWN)
 
+    def _untake(self) -> None:
+        with self._cond:
+            self._taken -= 1
+
     def _release(self, slot: int) -> None:
         job = self._live.pop(slot)
+        with self._cond:
+            self._taken -= 1
         self.reserved -= job.reserve
         self.engine.release(slot)
 
@@ -284,9 +304,11 @@ class EngineWorker:
                 if self._live and not self.engine.fits(request):
                     return  # the oldest request waits for room (no overtaking, so it cannot starve)
                 self._pending.popleft()
+                self._taken += 1  # its slot is taken from here on (the prefill may take a while)
             try:
                 slot = self.engine.admit(request)
             except ValueError as e:  # e.g. a prompt past the model's context
+                self._untake()
                 job.emit(Event([], error=str(e)))
                 continue
             except (
@@ -294,6 +316,7 @@ class EngineWorker:
             ) as e:  # e.g. out of memory in this prompt's prefill: its slot is free again (admit)
                 # and the requests already decoding go on; only this one is answered with the error
                 logger.exception("prefill failed")
+                self._untake()
                 job.emit(Event([], error=f"the engine failed: {type(e).__name__}: {e}"))
                 continue
             self._live[slot.index] = job
