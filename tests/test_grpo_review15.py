@@ -14,14 +14,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import TINY_OVERRIDES, write_dataset, write_processor
+from train_fixtures import TINY_OVERRIDES, run_in_own_group, write_dataset, write_processor
 
 from musicflamingo.grpo import GRPOLit
 
@@ -100,22 +98,7 @@ def _train(root: Path, *extra: str, timeout: float = 150) -> Path:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
-    p = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"GRPO under DDP hung (killed after {timeout} s): {err[-3000:]}")
-    assert p.returncode == 0, err[-4000:]
+    run_in_own_group(cmd, env, timeout, "GRPO under DDP")
     return run
 
 

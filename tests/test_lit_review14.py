@@ -15,15 +15,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
-from train_fixtures import TINY_OVERRIDES, compose_train, write_dataset, write_processor
+from train_fixtures import TINY_OVERRIDES, compose_train, run_in_own_group, write_dataset, write_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [
@@ -85,22 +83,7 @@ def _train(strategy: str, root: Path, text_only: bool, timeout: float = 150) -> 
         f"paths.log_dir={root / 'logs'}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"trainer={strategy} hung (killed after {timeout} s): {err[-3000:]}")
-    assert p.returncode == 0, err[-4000:]
+    run_in_own_group(cmd, env, timeout, f"trainer={strategy}")
     return run
 
 

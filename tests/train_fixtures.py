@@ -156,3 +156,30 @@ def grpo_module(net, beta: float = 0.04, **changes):  # noqa: ANN001, ANN201
     )
     args.update(changes)
     return GRPOLit(**args)
+
+
+def run_in_own_group(cmd: list[str], env: dict[str, str], timeout: float, what: str) -> None:
+    """Run `cmd` (a train.py launch) in its own session and assert it exits 0; one that hangs is killed with its
+    whole process group (Lightning's second rank is a child of the first) and fails the test naming `what`."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    p = subprocess.Popen(
+        cmd,
+        cwd=CONFIGS.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+        pytest.fail(f"{what} hung (killed after {timeout} s): {err[-3000:]}")
+    assert p.returncode == 0, err[-4000:]
