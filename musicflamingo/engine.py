@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -125,6 +127,39 @@ def check_stop_strings(stops: str | Sequence[str] | None, field: str = "stop_str
     return tuple(dict.fromkeys(stops))
 
 
+def parse_stop_strings(value: Any, field: str = "stop", escapes: bool = False) -> tuple[str, ...]:
+    """A `stop=` setting (a text, a list of texts, or null: none) as stop strings; a number typed is its text
+    (`stop=42`, as Hydra hands it over); an empty text, a mapping or a nested list is a ValueError naming `field`.
+    `escapes`: `\\n`, `\\t`, `\\r` and `\\\\` typed on a command line are the characters (Hydra keeps them as typed:
+    `stop="\\n\\n"` never matched). The one reader of infer.py's, eval.py's and their settings checks' `stop`."""
+    texts = []
+    for where, v in (
+        [(f"{field}[{i}]", v) for i, v in enumerate(value)]
+        if isinstance(value, Sequence) and not isinstance(value, str)
+        else []
+        if value is None
+        else [(field, value)]
+    ):
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif not isinstance(v, (str, int, float, os.PathLike)):
+            raise ValueError(
+                f"{where}={v!r}: expected text or a list of texts; quote text holding {{}}, [], :, = or , for "
+                f"Hydra: '{field}=\"...\"'"
+            )
+        texts.append(str(v))
+    if escapes:
+        texts = [_ESCAPE.sub(lambda m: _ESCAPES[m[1]], t) for t in texts]
+    try:
+        return check_stop_strings(texts, field)
+    except ValueError as e:
+        raise ValueError(f"{e}{'' if value is None or value else '; stop=[] (or null) for none'}") from None
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_ESCAPE = re.compile(r"\\([ntr\\])")
+
+
 class AnswerText:
     """One answer's text, decoded as its tokens come (`tokenizer.IncrementalDecoder`) and cut before the first of
     `stops` to appear in it, wherever the token boundaries fall.
@@ -135,6 +170,11 @@ class AnswerText:
     the answer ends otherwise (a stop id, its length). Without stops, the final `text` is `tokenizer.decode` of the
     pushed tokens. A stop string that is a special token (`<|im_start|>`) matches that token: decoded text leaves
     special tokens out, so it could never appear there.
+
+    The work per token does not grow with the answer: the text is kept in pieces (`text` joins them when read) and
+    stop strings are looked for in the held-back end and the new piece only (a stop string cannot begin in text
+    already shown). A caller streaming the answer reads what it has not shown with `since(shown)`, which costs the
+    new text, not the whole answer.
 
     Example::
 
@@ -148,13 +188,41 @@ class AnswerText:
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()) -> None:
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = check_stop_strings(tuple(stops))
-        self.decoded = ""  # everything decoded so far
-        self.text = ""  # its start that is safe to show: decoded[:len(text)]
+        self._shown: list[str] = []  # `text` in pieces; the first is the part already joined
+        self._length = 0  # len(text)
+        self._rest = ""  # decoded after `text`: the held-back end, or the stop string and what followed it
         self.stop: str | None = None  # the stop string that ended the answer
         self.ends: list[int] = []  # len(decoded) after each token
         self.finished = False
         special = set(getattr(tokenizer, "special_tokens", ()))
         self.special = {tokenizer.token_to_id(s): s for s in self.stops if s in special}
+
+    @property
+    def text(self) -> str:
+        """The answer's text that is safe to show (the final answer once finished)."""
+        if len(self._shown) != 1:
+            self._shown = ["".join(self._shown)]
+        return self._shown[0]
+
+    @property
+    def decoded(self) -> str:
+        """Everything decoded so far: `text`, then what is held back (or the stop string and what came with it)."""
+        return self.text + self._rest
+
+    def __len__(self) -> int:
+        return self._length
+
+    def since(self, start: int) -> str:
+        """`text[start:]`, costing that much text (the pieces after `start`), however long the answer."""
+        if start >= self._length:
+            return ""
+        parts, end = [], self._length
+        for piece in reversed(self._shown):
+            if end <= start:
+                break
+            parts.append(piece[max(start - (end - len(piece)), 0) :])
+            end -= len(piece)
+        return "".join(reversed(parts))
 
     @classmethod
     def of_tokens(
@@ -178,7 +246,7 @@ class AnswerText:
             self.stop = self.stop or self.special[token]
             return True
         self._add(self.decoder.push(token))
-        self.ends.append(len(self.decoded))
+        self.ends.append(self._length + len(self._rest))
         return self.stop is not None
 
     def finish(self) -> None:
@@ -188,24 +256,34 @@ class AnswerText:
         if self.stop is None:
             self._add(self.decoder.flush())
         if self.stop is None:
-            self.text = self.decoded
+            self._show(self._rest)
+            self._rest = ""
         self.finished = True
+
+    def _show(self, piece: str) -> None:
+        if piece:
+            self._shown.append(piece)
+            self._length += len(piece)
 
     def _add(self, delta: str) -> None:
         if not delta:
             return
-        self.decoded += delta
         if not self.stops:
-            self.text = self.decoded
+            self._show(delta)
             return
-        start = len(self.text)  # no stop string begins before: it would have been held back
-        found = [i for i in (self.decoded.find(s, start) for s in self.stops) if i >= 0]
+        # no stop string begins in `text`: it would have been held back; so look in the held end and `delta` only
+        window = self._rest + delta
+        found = [(i, n) for n, i in enumerate(window.find(s) for s in self.stops) if i >= 0]
         if found:
-            self.stop = next(s for s in self.stops if self.decoded.find(s, start) == min(found))
-            self.text = self.decoded[: min(found)]
+            at, n = min(found)
+            self.stop = self.stops[n]
+            self._show(window[:at])
+            self._rest = window[at:]
             self.finished = True
             return
-        self.text = self.decoded[: len(self.decoded) - _partial_stop(self.decoded, self.stops)]
+        keep = len(window) - _partial_stop(window, self.stops)
+        self._show(window[:keep])
+        self._rest = window[keep:]
 
     def kept_tokens(self) -> int:
         """How many of the first tokens decode to a start of `text` (all of them without a stop string): a cut
@@ -213,8 +291,9 @@ class AnswerText:
         ids = self.decoder.ids
         if self.stop is None:
             return len(ids)
-        n = min(sum(1 for end in self.ends if end <= len(self.text)), len(ids))
-        while n and not self.text.startswith(self.decoder.tokenizer.decode(ids[:n], self.decoder.skip)):
+        text = self.text
+        n = min(sum(1 for end in self.ends if end <= len(text)), len(ids))
+        while n and not text.startswith(self.decoder.tokenizer.decode(ids[:n], self.decoder.skip)):
             n -= 1  # a token holding half a character, or a tokenizer that re-spaces a word when more follows
         return n
 
@@ -703,6 +782,13 @@ UNSUPPORTED_GENERATION_FIELDS: dict[str, object] = {
 _warned: set[str] = set()
 
 
+def _warn_once(message: str) -> None:
+    """Log `message` as a warning the first time only (a `generate` per batch would repeat it every batch)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
 def unsupported_generation_fields(settings: Mapping[str, Any]) -> list[str]:
     """`name=value` of each field of `settings` (generation_config.json's) that changes the reference's tokens and
     that the engine does not implement (`UNSUPPORTED_GENERATION_FIELDS`)."""
@@ -803,13 +889,10 @@ def stream_generate(
     defaults = getattr(model, "generation_defaults", {})
     unsupported = unsupported_generation_fields(defaults)
     if unsupported:
-        message = (
+        _warn_once(
             f"generation_config.json sets {', '.join(unsupported)}, which the reference's generate() applies and "
             "this engine does not implement: the tokens differ from the reference's"
         )
-        if message not in _warned:
-            _warned.add(message)
-            logger.warning(message)
     if max_new_tokens is None and max_length is None:
         # the file's length: its max_new_tokens wins over its max_length, as in the reference
         max_new_tokens = defaults.get("max_new_tokens")
@@ -831,13 +914,10 @@ def stream_generate(
         stop_strings = defaults.get("stop_strings")
         if stop_strings and tokenizer is None:
             # (the reference refuses; eval.py calls generate without a tokenizer: rows run past the stop string)
-            message = (
+            _warn_once(
                 f"generation_config.json sets stop_strings={stop_strings!r}, which need the tokenizer to be matched: "
                 "pass generate(..., tokenizer=processor.tokenizer); without it the answers run past them"
             )
-            if message not in _warned:
-                _warned.add(message)
-                logger.warning(message)
             stop_strings = None
     elif stop_strings and tokenizer is None:
         raise ValueError(

@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 import time
@@ -46,10 +45,12 @@ from musicflamingo.checkpoint import (
     stop_token_ids,
 )
 from musicflamingo.engine import (
+    AnswerText,
     Engine,
     Request,
     SamplingParams,
     check_stop_strings,
+    parse_stop_strings,
     unsupported_generation_fields,
 )
 from musicflamingo.jsonl import LINE_BREAK
@@ -117,22 +118,12 @@ def sampling_params(cfg: Mapping[str, Any], stops: Sequence[int] = ()) -> Sampli
 
 
 def stop_strings(value: Any, field: str = "stop", escapes: bool = False) -> tuple[str, ...]:
-    """`stop=` (a text, a list of texts, or null: none) as stop strings; a number typed is its text (`stop=42`);
-    an empty text, a mapping or a nested list is an InferenceError naming `field`. `escapes`: `\\n`, `\\t`, `\\r`
-    and `\\\\` typed on a command line are the characters (Hydra keeps them as typed: `stop="\\n\\n"` never matched)."""
-    texts = _texts(value, field)
-    if escapes:
-        texts = [_ESCAPE.sub(lambda m: _ESCAPES[m[1]], t) for t in texts]
+    """`stop=` (a text, a list of texts, or null: none) as stop strings (`engine.parse_stop_strings`); a bad value is
+    an InferenceError naming `field`."""
     try:
-        return check_stop_strings(texts, field)
+        return parse_stop_strings(value, field, escapes)
     except ValueError as e:
-        raise InferenceError(
-            f"{e}{'' if value is None or value else '; stop=[] (or null) for none'}"
-        ) from None
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-_ESCAPE = re.compile(r"\\([ntr\\])")
+        raise InferenceError(str(e)) from None
 
 
 def load_model(
@@ -324,13 +315,13 @@ class _Printer:
 
     def update(
         self,
-        answers: Sequence[str | Sequence[int]],
+        answers: Sequence[str | AnswerText | Sequence[int]],
         finished: Sequence[bool],
         started: int | None = None,
         skipped: Mapping[int, str] | None = None,
     ) -> None:
-        """`answers`: each request's text so far (`engine.AnswerText.text`: never a piece of a stop string), or its
-        token ids so far (decoded here: no stop strings).
+        """`answers`: each request's text so far (an `engine.AnswerText`, read with `since`: never a piece of a stop
+        string; or its text), or its token ids so far (decoded here: no stop strings).
         `started`: requests whose audio is read (all by default): a later one gets no header yet, as its file may
         still fail to decode. `skipped`: requests given up (`skip_bad_audio`), with the reason, shown in turn."""
         out = self.out
@@ -349,8 +340,13 @@ class _Printer:
                 self.view = ThinkDisplay(out) if self.think else None
             if self.live:
                 answer = answers[i]
-                answer = answer if isinstance(answer, str) else self.tok.decode(answer).removesuffix("\ufffd")
-                text = answer[self.pushed :]
+                if isinstance(answer, AnswerText):  # what it added, not the whole answer again each token
+                    text = answer.since(self.pushed)
+                else:
+                    answer = (
+                        answer if isinstance(answer, str) else self.tok.decode(answer).removesuffix("\ufffd")
+                    )
+                    text = answer[self.pushed :]
                 if self.view:
                     self.view.write(text)
                 else:
@@ -395,7 +391,9 @@ def generate_answers(
     n = len(conversations)
     indices = range(n) if indices is None else indices
     engine = Engine(model, slots=min(slots or n, n), compile=compile, tokenizer=processor.tokenizer)
-    answers: list[str] = [""] * n  # each answer's text so far (cut before a stop string)
+    answers: list[str | AnswerText] = [
+        ""
+    ] * n  # each answer so far (cut before a stop string), text once done
     texts: list[str | None] = [None] * n
     finished = [False] * n
     skipped: dict[int, str] = {}  # request -> why its audio could not be used
@@ -407,7 +405,7 @@ def generate_answers(
     def record(slot: int, token: int) -> None:
         i = owner[slot]
         s = engine.slots[slot]
-        answers[i] = s.text.text
+        answers[i] = s.text.text if s.done else s.text  # joined once, not at every token
         if s.done:
             finished[i] = True
             if s.finish_reason == "length":
@@ -588,8 +586,8 @@ class ChatSession:
         shown = 0
         while True:
             if on_text is not None:  # never a piece of a stop string (`engine.AnswerText`)
-                on_text(slot.text.text[shown:])
-                shown = len(slot.text.text)
+                on_text(slot.text.since(shown))
+                shown = len(slot.text)
             if slot.done:
                 break
             engine.step()

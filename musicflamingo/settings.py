@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import torch
 import yaml
 
+from musicflamingo.engine import parse_stop_strings
 from musicflamingo.model.build import LORA_KEYS, PARTS
 from musicflamingo.model.lora import check_lora_targets, check_quantize_base
 from musicflamingo.model.quantize import METHODS as QUANTIZE_METHODS
@@ -263,6 +264,7 @@ def check_eval_settings(settings: Mapping[str, Any]) -> None:
     _number(settings, "limit", integer=True, lo=1, optional=True, note="null: every item")
     for flag in ("sort_by_length", "compile", "progress"):
         _boolean(settings, flag)
+    _stop(settings)
     _planner_flags(settings)
     _device_dtype(settings)
 
@@ -279,6 +281,17 @@ def check_infer_settings(settings: Mapping[str, Any]) -> None:
         _fail("log_level", level, f"expected one of {', '.join(LOG_LEVELS)}")
     _threads(settings)
     _device_dtype(settings)
+
+
+def _stop(settings: Mapping[str, Any]) -> None:
+    """`stop=` as infer.py and eval.py read it (`engine.parse_stop_strings`: text, list of texts or null)."""
+    value = _get(settings, "stop")
+    if value is _MISSING:
+        return
+    try:
+        parse_stop_strings(_plain(value), "stop", escapes=True)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- unknown keys

@@ -42,16 +42,16 @@ from musicflamingo.checkpoint import (
     load_config,
     stop_token_ids,
 )
-from musicflamingo.engine import AnswerText, check_stop_strings
+from musicflamingo.engine import AnswerText, check_stop_strings, parse_stop_strings
 from musicflamingo.errors import RunStopped
-from musicflamingo.eval.benchmarks import AUDIO_HINTS, Benchmark, EvalItem, build_benchmark
+from musicflamingo.eval.benchmarks import AUDIO_HINTS, Benchmark, BenchmarkError, EvalItem, build_benchmark
 from musicflamingo.eval.metrics import CER_LANGUAGES, score_items
 from musicflamingo.eval.report import write_json, write_report, write_text
 from musicflamingo.planner import check_generation
 from musicflamingo.reasoning import think_report
 from musicflamingo.runfolder import FolderLock, JobLog, remove_interrupted_writes, save_run_config
 from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, stderr_is_terminal
-from musicflamingo.settings import check_eval_settings
+from musicflamingo.settings import SettingsError, check_eval_settings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ PREDICTIONS_FILE = "predictions.jsonl"
 
 class EvalConfigError(ValueError):
     """The evaluation config cannot run (missing checkpoint, unset path, output folder of another run)."""
+
+
+class EvalSettingsError(EvalConfigError, SettingsError):
+    """A setting of ``configs/eval.yaml`` refused by :func:`musicflamingo.settings.check_eval_settings` (both kinds)."""
 
 
 class PredictionsFileError(ValueError):
@@ -448,16 +452,14 @@ def checkpoint_stop_strings(ckpt: Path) -> tuple[str, ...]:
 
 def eval_stop_strings(cfg: Mapping[str, Any], ckpt: Path | None) -> tuple[str, ...]:
     """The stop strings that cut eval.py's answers: ``stop`` as infer.py reads it (a text or a list of them, ``\\n``
-    typed is a newline; ``[]``: none; :func:`musicflamingo.inference.stop_strings`), null or missing: the
+    typed is a newline; ``[]``: none; :func:`musicflamingo.engine.parse_stop_strings`), null or missing: the
     checkpoint's generation_config.json ``stop_strings`` (:func:`checkpoint_stop_strings`; none without a
     checkpoint). A bad ``stop`` is an :class:`EvalConfigError` naming it."""
     if cfg.get("stop") is None:
         return checkpoint_stop_strings(ckpt) if ckpt is not None else ()
-    from musicflamingo.inference import InferenceError, stop_strings
-
     try:
-        return stop_strings(cfg["stop"], "stop", escapes=True)
-    except InferenceError as e:
+        return parse_stop_strings(cfg["stop"], "stop", escapes=True)
+    except ValueError as e:
         raise EvalConfigError(str(e)) from None
 
 
@@ -586,11 +588,25 @@ _IDENTITY_IGNORED = ("root", "audio_dir", "skip_missing_audio")
 _SCORING_ONLY = ("cer_languages", "group_by")
 # identity keys added later: a run.json written before them (no such key) still resumes, as it did
 _IDENTITY_ADDED = ("dtype", "weights")
+# benchmark settings that only pick which rows are items (an item's id, audio and prompt do not depend on them): a
+# rerun with other values resumes, reusing the predictions of the items it shares with the runs before and
+# predicting the others; its report counts its own items only (`run_benchmark`). run.json keeps the earlier runs'
+# values (`earlier_filters`), each checked the same way.
+FILTER_KEYS = ("tasks", "categories", "modalities", "languages", "subset")
+# what an item's prediction is made from (`build_predict_fn`): another value for a shared id, another answer
+_PREDICTION_INPUTS = ("audio", "prompt", "offset", "duration")
 
 
-def _check_run_identity(out_dir: Path, identity: dict[str, Any], from_setting: bool = False) -> None:
+def _check_run_identity(
+    out_dir: Path,
+    identity: dict[str, Any],
+    from_setting: bool = False,
+    refilter: Callable[[Mapping[str, Any]], str | None] | None = None,
+) -> None:
     """Refuse to resume ``out_dir`` if its predictions came from another benchmark, checkpoint, prompt or stop
-    strings (``from_setting``: this run's stop strings are ``stop``'s, not the checkpoint's)."""
+    strings (``from_setting``: this run's stop strings are ``stop``'s, not the checkpoint's). Other row filters
+    (:data:`FILTER_KEYS`) resume when ``refilter`` is given: it is called with each earlier run's filter values and
+    returns why the items these runs share would not be predicted alike (None: they would), which refuses."""
     path, predictions = out_dir / "run.json", out_dir / PREDICTIONS_FILE
     # an empty file holds nothing to mix with: a run that failed before its first prediction (a wrong ckpt that
     # would not load) must not lock the folder against the corrected rerun
@@ -610,11 +626,38 @@ def _check_run_identity(out_dir: Path, identity: dict[str, Any], from_setting: b
             )
         if isinstance(old.get("benchmark_cfg"), dict):
             old["benchmark_cfg"] = {k: v for k, v in old["benchmark_cfg"].items() if k not in _SCORING_ONLY}
+        earlier = old.pop("earlier_filters", None)
         diff = sorted(
             k
             for k in set(old) | set(identity)
             if old.get(k) != identity.get(k) and not (k in _IDENTITY_ADDED and k not in old)
         )
+        refused = None
+        if diff == ["benchmark_cfg"] and refilter is not None and isinstance(old["benchmark_cfg"], dict):
+            was, now = old["benchmark_cfg"], identity["benchmark_cfg"]
+            if all(k in FILTER_KEYS for k in set(was) | set(now) if was.get(k) != now.get(k)):
+                # every earlier run's filters (a list of dicts in run.json), then the last run's
+                runs = [f for f in earlier if isinstance(f, dict)] if isinstance(earlier, list) else []
+                runs.append({k: was[k] for k in FILTER_KEYS if k in was})
+                for filters in runs:
+                    refused = refilter(filters)
+                    if refused is not None:
+                        break
+                else:
+                    identity["earlier_filters"] = [f for i, f in enumerate(runs) if f not in runs[:i]]
+                    log.info(
+                        "%s: resuming with other row filters (%s); the predictions of the items these runs share "
+                        "are reused",
+                        out_dir,
+                        ", ".join(
+                            f"benchmark.{k}: {was.get(k)!r} -> {now.get(k)!r}"
+                            for k in FILTER_KEYS
+                            if was.get(k) != now.get(k)
+                        ),
+                    )
+                    diff = []
+        elif earlier is not None:  # the same filters again (or a refused change): the history stays
+            identity["earlier_filters"] = earlier
         if "benchmark_cfg" in diff and isinstance(old.get("benchmark_cfg"), dict):
             was, now = old["benchmark_cfg"], identity["benchmark_cfg"]
             diff.remove("benchmark_cfg")
@@ -638,12 +681,38 @@ def _check_run_identity(out_dir: Path, identity: dict[str, Any], from_setting: b
                     f"are {identity.get('stop_strings', [])!r} ({now}): pass the stop= it ran with to resume it; "
                     "stop=null is generation_config.json's stop_strings, stop=[] none)"
                 )
+            if refused is not None:
+                why = f" ({refused})"
             raise EvalConfigError(
                 f"{out_dir} holds predictions of another run (differs in: {', '.join(diff)}){why}; "
                 "pass tag=<new name> or output_dir=<new folder>, or delete the folder to redo it"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, identity)
+
+
+def _other_filters_conflict(
+    bench_cfg: Mapping[str, Any], filters: Mapping[str, Any], items: Sequence[EvalItem]
+) -> str | None:
+    """Why ``items`` (this run's benchmark, read with ``bench_cfg``) cannot reuse predictions made under the row
+    filters ``filters`` (an earlier run's :data:`FILTER_KEYS` values): the benchmark read with those filters gives
+    an id it shares with ``items`` another audio, segment or prompt (or can no longer be read). None: it can."""
+    cfg = {k: v for k, v in bench_cfg.items() if k not in FILTER_KEYS}
+    cfg.update(filters)
+    cfg["skip_missing_audio"] = True  # only the items both runs have are compared
+    try:
+        before = {it.id: it for it in build_benchmark(cfg).items}
+    except BenchmarkError as e:
+        return f"the benchmark cannot be read with the earlier run's filters {dict(filters)!r}: {e}"
+    for it in items:
+        was = before.get(it.id)
+        differs = [k for k in _PREDICTION_INPUTS if was is not None and getattr(was, k) != getattr(it, k)]
+        if differs:
+            return (
+                f"item {it.id} has another {', '.join(differs)} under the earlier run's filters {dict(filters)!r}: "
+                "its prediction would differ"
+            )
+    return None
 
 
 def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
@@ -662,9 +731,10 @@ def evaluate(cfg: Any, predict_fn: PredictFn | None = None) -> dict[str, Any]:
 
 def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[str, Any]:
     c = _plain(cfg)
-    check_eval_settings(c)  # types and ranges, before the checkpoint or the benchmark is read
-    # stop= as infer.py reads it (settings.py sits below inference.py, whose reader this is), checked as early
-    eval_stop_strings({"stop": c.get("stop")}, None)
+    try:  # types and ranges (stop= too), before the checkpoint or the benchmark is read
+        check_eval_settings(c)
+    except SettingsError as e:
+        raise EvalSettingsError(str(e)) from None
     bench_cfg = dict(c.get("benchmark") or {})
     if not bench_cfg:
         raise EvalConfigError("no benchmark selected: pass benchmark=<name> (see configs/benchmark/)")
@@ -733,7 +803,12 @@ def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[s
         if lock.locked:
             remove_interrupted_writes(out_dir)
         job_log.write()
-        _check_run_identity(out_dir, identity, from_setting=c.get("stop") is not None)
+        _check_run_identity(
+            out_dir,
+            identity,
+            from_setting=c.get("stop") is not None,
+            refilter=lambda filters: _other_filters_conflict(bench_cfg, filters, bench.items),
+        )
         from hydra.core.hydra_config import HydraConfig
 
         if HydraConfig.initialized():  # what Hydra would have written before the lock (`output_subdir: null`)

@@ -341,7 +341,7 @@ class EngineWorker:
             text = ""
             # what the token added that is safe to show (held back: what may be a stop string's start)
             if slot.text is not None:
-                text = slot.text.text[job.shown :]
+                text = slot.text.since(job.shown)
                 job.shown += len(text)
             finish = slot.finish_reason if slot.done else None
             if slot.done:
