@@ -223,6 +223,11 @@ def render_chat(
         content = m["content"]
         if content is None:
             continue
+        if not isinstance(content, (str, list, tuple)):  # was a bare TypeError ('int' object is not iterable)
+            raise ValueError(
+                f"message {i} content must be a string, a list of content items or None, got "
+                f"{type(content).__name__} {content!r:.80}"
+            )
         out.append(f"{START_OF_TURN}{m['role']}\n")
         if isinstance(content, str):
             out.append(content)

@@ -85,7 +85,8 @@ class MusicFlamingoProcessor:
         tokenizer: a :class:`~musicflamingo.tokenizer.Tokenizer` holding the audio and chat special tokens.
         chunk_length: window length in seconds (30 for the released model; shorter for from-scratch presets).
         max_audio_len: seconds kept per audio (1200 -> at most 40 windows of 30 s).
-        sampling_rate, feature_size: log-mel front end settings (16 kHz, 128 mel bins).
+        sampling_rate, feature_size, n_fft, hop_length: log-mel front end settings (16 kHz, 128 mel bins, 400-sample
+            FFT, 160-sample hop; ``from_pretrained`` takes them from the folder's feature extractor settings).
         audio_token, audio_bos_token, audio_eos_token: placeholder and boundary tokens.
         default_system_prompt: system turn emitted when a conversation does not start with one.
     """
@@ -101,11 +102,15 @@ class MusicFlamingoProcessor:
         audio_bos_token: str = chat.AUDIO_BOS,
         audio_eos_token: str = chat.AUDIO_EOS,
         default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        n_fft: int = F.N_FFT,
+        hop_length: int = F.HOP_LENGTH,
     ) -> None:
         if max_audio_len < chunk_length:
             raise ValueError(f"max_audio_len={max_audio_len} s must be >= chunk_length={chunk_length} s")
         self.tokenizer = tokenizer
-        self.feature_extractor = F.LogMelExtractor(feature_size, sampling_rate, chunk_length)
+        self.feature_extractor = F.LogMelExtractor(
+            feature_size, sampling_rate, chunk_length, n_fft, hop_length
+        )
         self.chunk_length = chunk_length
         self.max_audio_len = max_audio_len
         self.sampling_rate = sampling_rate
@@ -151,11 +156,23 @@ class MusicFlamingoProcessor:
 
     def audio_token_count(self, num_samples: int) -> int:
         """``<sound>`` tokens for an audio of ``num_samples`` samples (after truncation to ``max_audio_len``)."""
-        return F.audio_token_count(num_samples, self.chunk_length, self.max_audio_len, self.sampling_rate)
+        return F.audio_token_count(
+            num_samples,
+            self.chunk_length,
+            self.max_audio_len,
+            self.sampling_rate,
+            self.feature_extractor.hop_length,
+        )
 
     def usable_samples(self, num_samples: int) -> int:
         """``num_samples`` without a trailing window of 0 audio tokens (``features.usable_samples``)."""
-        return F.usable_samples(num_samples, self.chunk_length, self.max_audio_len, self.sampling_rate)
+        return F.usable_samples(
+            num_samples,
+            self.chunk_length,
+            self.max_audio_len,
+            self.sampling_rate,
+            self.feature_extractor.hop_length,
+        )
 
     def split_windows(self, audio: np.ndarray | torch.Tensor, source: str | None = None) -> list:
         """``[T]`` waveform -> list of ``chunk_length`` windows; truncation logs one warning naming ``source``."""
@@ -288,21 +305,32 @@ class MusicFlamingoProcessor:
             return texts if batched else texts[0]
         audios, sources = [], []
         for b, c in enumerate(convs):
+            audio_messages = []  # the message of each audio, to name an array audio in errors and warnings
             for i, m in enumerate(c):  # render_chat checked that each message is a dict
                 content = m["content"] if isinstance(m["content"], (list, tuple)) else ()
                 n = sum(isinstance(x, dict) and chat.is_audio_item(x) for x in content)
+                audio_messages += [i] * n
+                where = f"conversation {b} message {i}" if batched else f"message {i}"
+                if isinstance(m["content"], str) and self.audio_token in m["content"]:
+                    # Only audio items give audios, so a typed placeholder is always one too many; the count check
+                    # below named neither the message nor the cause ("1 placeholder(s) but 0 audio(s)").
+                    raise ValueError(
+                        f"{where} content holds the audio placeholder {self.audio_token!r} as typed text (position "
+                        f"{m['content'].index(self.audio_token)}), but audios come only from "
+                        '{"type": "audio", ...} content items (the template writes their placeholder): give the '
+                        f"audio as an item, or remove {self.audio_token!r} from the text"
+                    )
                 if n > 1:  # the <sound> count check below blamed the text: "1 placeholder but 2 audios"
-                    where = f"conversation {b} message {i}" if batched else f"message {i}"
                     raise ValueError(
                         f"{where} has {n} audio items, but the chat template renders 1 {self.audio_token!r} "
                         f"placeholder per message, as the reference's does, and each takes one audio ({n} audio(s) "
                         "here): put each audio in a message of its own"
                     )
-            for a in self.conversation_audios(c):
+            for a, i in zip(self.conversation_audios(c), audio_messages):
                 audios.append(a)
-                sources.append(
-                    Path(a).name if isinstance(a, (str, os.PathLike)) else f"conversation[{b}] audio"
-                )
+                # "conversation[0] audio" named every array audio of a conversation alike
+                where = f"conversation[{b}] message {i}" if batched else f"message {i}"
+                sources.append(Path(a).name if isinstance(a, (str, os.PathLike)) else f"{where} audio")
         out = self(texts, audio=audios or None, sources=sources, **opts)
         return out if return_dict else out["input_ids"]
 
@@ -329,6 +357,10 @@ class MusicFlamingoProcessor:
         ``sampling_rate`` (optional) states the rate of array audio: any other than the processor's is refused, as
         the reference refuses it (arrays are not resampled; files are). ``return_tensors`` can only be ``"pt"``.
         """
+        if not isinstance(text, (str, list, tuple)):  # None was a bare TypeError ('NoneType' is not iterable)
+            raise ValueError(
+                f"text must be a string or a non-empty list of strings, got {type(text).__name__}"
+            )
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a non-empty list of strings")
@@ -342,8 +374,26 @@ class MusicFlamingoProcessor:
             audios = []
         elif isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
             audios = [audio]
+        elif isinstance(audio, dict):  # a `datasets` Audio sample: its keys were counted as audios
+            raise ValueError(
+                f"audio is a dict (keys {sorted(map(str, audio))[:5]}), not a waveform: pass the waveform itself as a "
+                f"numpy array or torch tensor at {self.sampling_rate} Hz (a `datasets` sample's audio['array'] "
+                "after resampling it from audio['sampling_rate']), or a file path"
+            )
         else:
-            audios = list(audio)
+            try:
+                audios = list(audio)
+            except TypeError:  # e.g. a decoder object or a number: a bare "object is not iterable"
+                raise ValueError(
+                    f"audio must be a file path, a numpy array or torch tensor, or a list of them; got "
+                    f"{type(audio).__name__}"
+                ) from None
+            if audios and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in audios):
+                # a waveform as a list of numbers: each sample was counted as an audio
+                raise ValueError(
+                    f"audio is a list of {len(audios)} numbers: pass one waveform as a numpy array or torch tensor "
+                    "(a list holds one item per audio)"
+                )
         per_text = [t.count(self.audio_token) for t in texts]
         if sum(per_text) != len(audios):
             raise ValueError(
@@ -396,17 +446,28 @@ class MusicFlamingoProcessor:
         return ids, mask
 
     # ---------------------------------------------------------------- decoding
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
+    def decode(
+        self,
+        ids: int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | np.ndarray,
+        skip_special_tokens: bool = True,
+    ) -> str | list[str]:
+        """Text of ``ids``. As the reference's ``decode``: one id (an int or a 0-d tensor) is a sequence of one, and a
+        batch (``[B, S]``, e.g. ``generate``'s output) gives one string per row (was a bare ``TypeError``)."""
+        if isinstance(ids, (torch.Tensor, np.ndarray, np.integer)):
             ids = ids.tolist()
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        first = ids[0] if ids else None
+        # Rows (lists, or tensors/arrays of a batch given as a list of them) are a batch.
+        if isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) > 0:
+            return self.batch_decode(ids, skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def batch_decode(
         self, ids: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
     ) -> list[str]:
-        if isinstance(ids, torch.Tensor):
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
             ids = ids.tolist()
-        return [self.decode(row, skip_special_tokens) for row in ids]
+        return [self.tokenizer.decode(_ids(row), skip_special_tokens=skip_special_tokens) for row in ids]
 
     # ---------------------------------------------------------------- disk
     @classmethod
@@ -453,6 +514,8 @@ class MusicFlamingoProcessor:
             audio_bos_token=cfg.get("audio_bos_token", chat.AUDIO_BOS),
             audio_eos_token=cfg.get("audio_eos_token", chat.AUDIO_EOS),
             default_system_prompt=prompt,
+            n_fft=extractor.n_fft,
+            hop_length=extractor.hop_length,
         )
         vocab = _config_vocab_size(d / "config.json")
         if vocab is not None:  # a checkpoint folder: its tokenizer must fit its model
@@ -489,6 +552,11 @@ class MusicFlamingoProcessor:
             )
 
         return save_files(directory, write, PROCESSOR_FILES.__contains__, overwrite, "processor")
+
+
+def _ids(row) -> list[int]:
+    """One row of ids as a list (a tensor or array row of a batch given as a list of them)."""
+    return row.tolist() if isinstance(row, (torch.Tensor, np.ndarray)) else row
 
 
 def _read_json(path: Path) -> dict:

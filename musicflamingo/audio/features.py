@@ -158,9 +158,10 @@ def usable_samples(
     chunk_length: float = CHUNK_LENGTH,
     max_audio_len: float = MAX_AUDIO_LEN,
     sampling_rate: int = SAMPLING_RATE,
+    hop_length: int = HOP_LENGTH,
 ) -> int:
-    """``num_samples`` minus a trailing remainder of <= 2 mel frames (<= 320 samples at 16 kHz) that would form a
-    window of 0 audio tokens (e.g. a GTZAN clip: 30.013 s, a 30-s window and a 13-ms one).
+    """``num_samples`` minus a trailing remainder of <= 2 mel frames (<= 320 samples at 16 kHz with the 160-sample
+    hop) that would form a window of 0 audio tokens (e.g. a GTZAN clip: 30.013 s, a 30-s window and a 13-ms one).
 
     The reference assigns such a zero-token window to the *next* audio of the batch when it rebuilds RoTE
     timestamps (and raises ``IndexError`` for the last audio). Training (the dataset) and generation (the
@@ -170,7 +171,7 @@ def usable_samples(
     n = int(num_samples)
     rest = n % window
     within_cap = n < int(max_audio_len // chunk_length) * window
-    if n > window and rest and within_cap and tokens_from_frames(num_frames(rest)) < 1:
+    if n > window and rest and within_cap and tokens_from_frames(num_frames(rest, hop_length)) < 1:
         return n - rest
     return n
 
