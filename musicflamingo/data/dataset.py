@@ -31,8 +31,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from musicflamingo.audio.features import usable_samples
-from musicflamingo.audio.io import AudioError, audio_duration, load_audio
+from musicflamingo.audio.io import AudioError, audio_duration, container_duration, load_audio
 from musicflamingo.chat import Conversation
 from musicflamingo.data.manifest import AudioRef, CompactRecords, JsonlRecords, Message, Record
 from musicflamingo.errors import RunStopped
@@ -226,7 +225,7 @@ class ConversationDataset(Dataset):
                 f"{ref.path}: audio lasts {x.shape[0] / p.sampling_rate:.3f} s, shorter than "
                 f"min_audio_seconds={self.min_audio_seconds}"
             )
-        x = x[: usable_samples(x.shape[0], p.chunk_length, p.max_audio_len, p.sampling_rate)]
+        x = x[: p.usable_samples(x.shape[0])]
         if p.audio_token_count(int(x.shape[0])) < 1:
             # a window of 0 audio tokens: RoTE's timestamps would go to the next audio (IndexError for the last)
             raise _SampleProblem(
@@ -265,7 +264,7 @@ class ConversationDataset(Dataset):
     def estimate_lengths(
         self, known: Sequence[int] | None = None, seconds: Mapping[int, Sequence[float]] | None = None
     ) -> list[int]:
-        """Total tokens of every sample without decoding audio (see :func:`estimate_num_tokens`).
+        """Total tokens of every sample, decoding only audio of unknown length (see :func:`estimate_num_tokens`).
 
         ``known[i] >= 0`` is taken as sample i's count and ``seconds[i]`` as its audios' durations (both from a
         manifest index, :mod:`musicflamingo.data.index`): only the other samples are read and tokenized.
@@ -285,11 +284,15 @@ def chat_messages(messages: Sequence[Message]) -> Conversation:
 
 
 def record_seconds(record: Record) -> list[float]:
-    """Seconds of each audio of ``record``, from its ``duration`` fields or the file headers; NaN when a header
-    cannot be read (the file then fails, and is handled, when the sample is built)."""
+    """Seconds of each audio of ``record``, from its ``duration`` fields, the file headers, or for a file only ffmpeg
+    reads (m4a, mka, webm, ...) its container's length (ffprobe); NaN when none tells (a missing or damaged file, a
+    raw stream such as ADTS AAC: :func:`estimate_num_tokens` decodes those)."""
     out = []
     for ref in record.audios:
         seconds = audio_duration(ref.path, offset=ref.offset, duration=ref.duration)
+        if seconds is None and os.path.isfile(os.path.expanduser(os.fspath(ref.path))):
+            whole = container_duration(ref.path)  # soundfile cannot read it: ffmpeg's container may say
+            seconds = None if whole is None else max(0.0, whole - ref.offset)
         out.append(math.nan if seconds is None else seconds)
     return out
 
@@ -297,18 +300,35 @@ def record_seconds(record: Record) -> list[float]:
 def estimate_num_tokens(
     record: Record, dataset: ConversationDataset, seconds: Sequence[float] | None = None
 ) -> int:
-    """Decoder tokens of a sample (text + audio placeholders), computed from the manifest without decoding audio.
+    """Decoder tokens of a sample (text + audio placeholders), computed from the manifest, decoding only the audio
+    whose length nothing else states.
 
     The text is tokenized as in ``dataset[i]`` and each audio contributes ``audio_token_count + 2`` (bos/eos), so
     the count is exact when the durations are (``duration`` fields, or file headers at 16 kHz); resampled files
-    may differ by a token. ``seconds``: the audios' durations (:func:`record_seconds`) when already known; an
-    unreadable file (NaN) counts as no audio.
+    and container lengths may differ by a token. ``seconds``: the audios' durations (:func:`record_seconds`) when
+    already known; an unknown one (NaN) is decoded as ``dataset[i]`` decodes it (up to the kept seconds), and counts
+    as no audio only when that fails (the sample is then a bad one when built). Counting an audio of unknown length
+    as none let an m4a clip of thousands of tokens pass the batch budget and fill packed rows far past it.
     """
     p = dataset.processor
     seconds = record_seconds(record) if seconds is None else seconds
-    seconds = [0.0 if math.isnan(s) else s for s in seconds]
-    # Capped at what the windows keep (the same count), so an absurd duration cannot overflow the int.
-    sizes = [int(math.ceil(min(s, p.kept_seconds) * p.sampling_rate)) for s in seconds]
-    sizes = [usable_samples(n, p.chunk_length, p.max_audio_len, p.sampling_rate) for n in sizes]
+    sizes = []
+    for ref, s in zip(record.audios, seconds):
+        if math.isnan(s):
+            n = _decoded_samples(dataset, ref)
+        else:  # capped at what the windows keep (the same count), so an absurd duration cannot overflow the int
+            n = int(math.ceil(min(s, p.kept_seconds) * p.sampling_rate))
+        sizes.append(p.usable_samples(n))
     counts = [p.audio_token_count(n) for n in sizes]
     return dataset.chat.num_tokens(chat_messages(record.messages), counts)
+
+
+def _decoded_samples(dataset: ConversationDataset, ref: AudioRef) -> int:
+    """Samples of ``ref`` that ``dataset[i]`` decodes (up to the kept seconds); 0 when it cannot be decoded, or when
+    its bytes are not a local file's (shards: no audio is fetched for an estimate)."""
+    if type(dataset)._audio_bytes is not ConversationDataset._audio_bytes:
+        return 0
+    try:
+        return int(dataset._decode(ref).shape[0])
+    except Exception:  # an estimate: the sample reports its own problem when it is built
+        return 0

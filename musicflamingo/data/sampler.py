@@ -376,6 +376,7 @@ class TokenBudgetBatchSampler:
             "num_samples": len(self.lengths),
             "max_tokens": self.max_tokens,
             "num_batches": self.num_batches,
+            "packed": self.packed,
         }
         if 0 < consumed < len(self):
             state["order"] = self.order_digest(epoch)
@@ -384,6 +385,13 @@ class TokenBudgetBatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue epoch ``state["epoch"]`` with the batch after the ``batches_consumed`` already trained on (the
         start of the next epoch when all of its batches were)."""
+        if "packed" in state and bool(state["packed"]) != self.packed:
+            # checked first: the batch count it changes would be named instead
+            was, now_is = ("packed", "padded") if state["packed"] else ("padded", "packed")
+            raise ValueError(
+                f"cannot resume the batch sampler exactly: its batches were {was} rows when saved, now {now_is} "
+                f"(data.pack={str(not self.packed).lower()} wrote the checkpoint); resume with that setting"
+            )
         now = {"seed": self.seed, "num_replicas": self.num_replicas, "num_samples": len(self.lengths)}
         now["max_tokens"], now["num_batches"] = self.max_tokens, self.num_batches
         for key, value in now.items():
