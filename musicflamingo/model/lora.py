@@ -216,10 +216,10 @@ class QuantizedLoRALinear(FloatAdapters):
         out = self.base(x)
         if not torch.is_autocast_enabled(x.device.type):  # peft's bnb LoRA: the input in the adapters' dtype
             x = x.to(self.lora_A.dtype)
-        return (
-            out
-            + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B).to(out.dtype) * self.scale
-        )
+        # scaled in the branch's dtype, then rounded once to the base output's (peft's bnb Linear4bit); rounding
+        # before the scale rounded twice (a bf16 ulp off peft's outputs for alpha / rank not a power of two)
+        lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        return out + lora.to(out.dtype)
 
     def merged_linear(
         self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -436,10 +436,25 @@ def import_bitsandbytes() -> ModuleType:
     return bitsandbytes
 
 
+def weight_digest(weight: torch.Tensor) -> torch.Tensor | None:
+    """What a QLoRA checkpoint keeps of a frozen base weight it does not store: the sum, sum of squares and
+    row-weighted sum, in float64 on the CPU, of about 64 evenly spaced rows (the release's 196 decoder linears in
+    about a second on one core; every row took minutes). Enough to tell the base a resume rebuilds from another one (another
+    `model.net.init_from`, seed or preset); None on the meta device."""
+    if weight.device.type == "meta":
+        return None
+    step = max(1, weight.shape[0] // 64)
+    with torch.no_grad():
+        rows = weight[::step].contiguous().double()
+        index = torch.arange(rows.shape[0], dtype=torch.float64, device=rows.device) + 1
+        return torch.stack((rows.sum(), rows.square().sum(), rows.sum(1) @ index)).cpu()
+
+
 @functools.cache
 def nf4_linear_class(compute_dtype: torch.dtype = torch.bfloat16) -> type[QuantizedLinear]:
     """bitsandbytes' NF4 `Linear4bit` as a `QuantizedLinear` (imported here: it needs CUDA). Its weights are
-    quantized when the module moves to the GPU; `dequantize` reads them back in `compute_dtype`."""
+    quantized when the module moves to the GPU; `dequantize` reads them back in `compute_dtype`. Its state dict holds
+    the bias and a digest of the weight (`weight_digest`), not the 4-bit weight: a resume rebuilds the base."""
     bnb = import_bitsandbytes()
 
     class NF4Linear(bnb.nn.Linear4bit, QuantizedLinear):
@@ -456,7 +471,59 @@ def nf4_linear_class(compute_dtype: torch.dtype = torch.bfloat16) -> type[Quanti
             q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
             if linear.bias is not None:
                 q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+            q.base_digest = weight_digest(linear.weight)  # an attribute: a module cast must not round it
             return q
+
+        # The frozen 4-bit weight stays out of the state dict (a training checkpoint): a resume restores the
+        # checkpoint before the model moves to its device, where bitsandbytes quantizes, so the packed weight and
+        # its quant_state keys met an unquantized (out, in) weight (and bitsandbytes has no loader for them): every
+        # QLoRA resume was refused as "another architecture". The resume rebuilds the base from model.net.init_from
+        # (or the preset) as the run did; `base_digest` in the checkpoint says whether it is the same base.
+        def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            digest = getattr(self, "base_digest", None)
+            if digest is not None:
+                destination[prefix + "base_digest"] = digest.clone()
+
+        def _load_from_state_dict(  # noqa: ANN202
+            self,
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,  # noqa: ANN001
+        ):
+            own = {"bias": self.bias, "base_digest": getattr(self, "base_digest", None)}
+            for name, mine in own.items():
+                saved = state_dict.get(prefix + name)
+                if mine is None:
+                    continue
+                if saved is None:
+                    missing_keys.append(prefix + name)
+                elif tuple(saved.shape) != tuple(mine.shape):
+                    error_msgs.append(
+                        f"size mismatch for {prefix}{name}: {tuple(saved.shape)} in the checkpoint, "
+                        f"{tuple(mine.shape)} here"
+                    )
+                elif name == "bias":
+                    with torch.no_grad():
+                        mine.copy_(saved)
+                elif not torch.allclose(saved.double().cpu(), mine, rtol=1e-9, atol=0.0):
+                    error_msgs.append(
+                        f"{prefix[:-1]}: the frozen 4-bit base weight (not stored in a QLoRA checkpoint, rebuilt "
+                        f"from the model settings) is not the one the checkpoint's adapters were trained over "
+                        f"(digest {saved.tolist()} there, {mine.tolist()} here): resume with the run's own "
+                        "model.net.init_from / preset / seed / overrides"
+                    )
+            if strict:
+                unexpected_keys.extend(
+                    k
+                    for k in state_dict
+                    if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0] not in own
+                )
 
         def dequantize(self) -> torch.Tensor:
             state = getattr(self.weight, "quant_state", None)

@@ -176,6 +176,12 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def _quantized_base(ours: str) -> str:
+    """`<linear>.bias` -> `<linear>.base.bias`: where a `QuantizedLoRALinear` (QLoRA) keeps its base's bias."""
+    module, _, leaf = ours.rpartition(".")
+    return f"{module}.base.{leaf}"
+
+
 def _adaptable(module: nn.Module) -> bool:
     return type(module) is nn.Linear or isinstance(module, (LoRALinear, QuantizedLinear, QuantizedLoRALinear))
 
@@ -225,6 +231,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     problems: list[str] = []
     reference_names: dict[str, str] = {}
     seen: dict[tuple[str, str], str] = {}  # (our name, A / B / "") -> the file's key
+    params = dict(model.named_parameters())
     for key, tensor in tensors.items():
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         if m := _LORA_KEY.fullmatch(name):
@@ -249,6 +256,8 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
         else:
             # bias="all" / "lora_only": an adapted linear's bias is stored as peft names it, under its base_layer
             ours = hf_to_ours(name.replace(".base_layer.", "."))
+            if ours is not None and ours not in params and _quantized_base(ours) in params:
+                ours = _quantized_base(ours)  # a QLoRA adapter's bias lives in its 4-bit base
             if ours is None:
                 problems.append(f"{key}: no parameter of Music Flamingo has this name")
             elif ours in plain:
@@ -256,7 +265,6 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
             else:
                 plain[ours] = tensor
                 seen[ours, ""] = key
-    params = dict(model.named_parameters())
     for ours, tensor in plain.items():
         if ours not in params:
             problems.append(f"{ours}: not a parameter of this model")
@@ -316,9 +324,6 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     with torch.no_grad():
         for ours, tensor in plain.items():
             params[ours].copy_(tensor)
-    # what the base no longer holds: save_peft_adapter writes these back, or the adapters alone would compute
-    # another model over the base (a peft folder's lm_head in modules_to_save, its biases of bias="all")
-    model.peft_whole_tensors = sorted(set(getattr(model, "peft_whole_tensors", ())) | set(plain))
     with torch.no_grad():
         for module, pair in adapters.items():
             parent_name, _, child = module.rpartition(".")
@@ -335,6 +340,12 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
             target.lora_B.copy_(pair["B"])
             target.scale = scale
             setattr(parent, child, target)
+    # what the base no longer holds: save_peft_adapter writes these back, or the adapters alone would compute
+    # another model over the base (a peft folder's lm_head in modules_to_save, its biases of bias="all"). Named as
+    # they are now: a quantized linear the file adapts keeps its bias in the new adapter's base (`.base.bias`)
+    names = {id(p): n for n, p in model.named_parameters()}
+    loaded = {names.get(id(params[ours]), ours) for ours in plain}
+    model.peft_whole_tensors = sorted(set(getattr(model, "peft_whole_tensors", ())) | loaded)
     return sorted(adapters)
 
 
@@ -401,6 +412,8 @@ def _loaded_whole(
     biases = {}
     for n in loaded:
         module = n.rsplit(".", 1)[0]
+        if module.endswith(".base") and module.removesuffix(".base") in adapted:
+            module = module.removesuffix(".base")  # a QLoRA adapter's base (`_quantized_base`)
         if n.endswith(".bias") and module not in modules:
             # peft names an adapted linear's bias under its base_layer
             biases[
