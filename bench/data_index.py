@@ -13,6 +13,12 @@ only, the least it can pay). Then it times, each in a fresh process:
 
 and, in this process, the phases of the indexed launch's data setup (reading lines, hashing, the index, sampler,
 first batch). The tiny model keeps model build and the step itself out of the numbers.
+
+    python bench/data_index.py --shard-records 200000   # a shard set's records/: open time and memory per rank
+
+writes the records/ half of a shard set of N records (litdata's writer, the text ``write_shards`` stores) and opens
+it in fresh processes both ways, printing them side by side: record by record through litdata into memory (the
+way object-store shard sets are read, and local ones were) and as places in the chunk files (local folders now).
 """
 
 from __future__ import annotations
@@ -142,13 +148,138 @@ def phases(proc_dir: Path, manifest: Path) -> dict[str, float]:
     return out
 
 
+def write_shard_records(folder: Path, records: int) -> None:
+    """``folder/records``: N records as ``write_shards`` stores them (its JSON text, one string per sample)."""
+    from dataclasses import asdict
+
+    from litdata.streaming.writer import BinaryWriter
+
+    from musicflamingo.data.manifest import AudioRef, Message, Record
+    from musicflamingo.data.shards import RECORDS, _record_digest
+
+    writer = BinaryWriter(str(folder / RECORDS), chunk_bytes="64MB")
+    for i in range(records):
+        k = i % 8
+        rec = asdict(
+            Record(
+                id=f"r{i}",
+                audios=[AudioRef(f"/data/clips/clip{k}.flac", duration=1.5 + 0.25 * k)],
+                messages=[
+                    Message("user", "<sound>" + QUESTIONS[i % 4]),
+                    Message("assistant", f"A tone at {110 * (k + 1)} Hz, steady, about {i % 97} words."),
+                ],
+                source=f"/data/train.jsonl:{i + 1}",
+            )
+        )
+        text = json.dumps(
+            {"index": i, "digest": _record_digest(rec).hex(), **rec, "seconds": [1.5 + 0.25 * k]}
+        )
+        writer.add_item(i, text)
+    writer.done()
+    writer.merge()
+    (folder / "index.json").write_text("{}")  # marks a shard folder (the audio half is not read here)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def open_shard_records(mode: str, folder: str) -> None:
+    """In this (fresh) process: open ``folder``'s records one way; print seconds, memory and a fingerprint."""
+    import threading
+
+    from musicflamingo.data import shards
+    from musicflamingo.data.datamodule import records_fingerprint
+
+    where = shards._join(folder, shards.RECORDS)
+    shards._streaming(where, None)  # litdata's imports and first open, the same both ways, not counted
+    before = _rss_mib()
+    peak, done = [before], threading.Event()
+
+    def watch() -> None:  # the resident peak while opening
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _rss_mib())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t = time.perf_counter()
+    if mode == "litdata":  # what local folders took before, and object stores still take
+        records = shards.ShardRecords(shards._litdata_texts(where, shards._streaming(where, None)), where)
+    else:
+        records = shards.read_shard_records(folder)
+    seconds = time.perf_counter() - t
+    done.set()
+    watcher.join()
+    peak[0] = max(peak[0], _rss_mib())
+    held = sum(getattr(v, "nbytes", len(v) if isinstance(v, bytes) else 0) for v in vars(records).values())
+    sample = [records.parse(i) for i in range(0, len(records), max(1, len(records) // 1000))]
+    print(
+        json.dumps(
+            {
+                "seconds": round(seconds, 2),
+                "held_mib": round(held / 2**20, 1),
+                "rss_growth_mib": round(_rss_mib() - before, 1),
+                "peak_growth_mib": round(peak[0] - before, 1),
+                "fingerprint": records_fingerprint(records),
+                "sample": repr(sample)[:10000],
+                "held_on_disk": type(records._data).__name__ == "NoneType",
+            }
+        )
+    )
+
+
+def shard_records_bench(records: int, env: dict[str, str]) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_shard_records_") as tmp:
+        t = time.perf_counter()
+        write_shard_records(Path(tmp), records)
+        size = sum(p.stat().st_size for p in (Path(tmp) / "records").glob("*.bin"))
+        print(
+            f"wrote {records} records ({size / 2**20:.0f} MiB of records/ chunks) in {time.perf_counter() - t:.0f} s"
+        )
+        out = {}
+        for mode in ("litdata", "index"):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--open-shard-records", mode, tmp]
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"{mode} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    old, new = out["litdata"], out["index"]
+    assert old["fingerprint"] == new["fingerprint"] and old["sample"] == new["sample"], "the two reads differ"
+    assert new["held_on_disk"] and not old["held_on_disk"]
+    print(
+        f"{'per rank, ' + str(records) + ' records':<34}{'litdata, in memory':>20}{'chunk index':>14}{'ratio':>8}"
+    )
+    for key, name in [
+        ("seconds", "open (s)"),
+        ("held_mib", "held by ShardRecords (MiB)"),
+        ("rss_growth_mib", "resident growth after open (MiB)"),
+        ("peak_growth_mib", "peak resident growth (MiB)"),
+    ]:
+        ratio = old[key] / new[key] if new[key] else float("inf")
+        print(f"{name:<34}{old[key]:>20}{new[key]:>14}{ratio:>7.1f}x")
+    print("same records, digests (fingerprint) and parsed sample: yes")
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--open-shard-records":
+        open_shard_records(sys.argv[2], sys.argv[3])
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument(
+        "--shard-records",
+        type=int,
+        default=0,
+        help="only compare opening a shard set's records/ of N records",
+    )
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="index build processes")
     ap.add_argument("--skip-baseline", action="store_true", help="skip the launch without an index")
     args = ap.parse_args()
     env = {"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    if args.shard_records:
+        shard_records_bench(args.shard_records, env)
+        return
     results: dict[str, object] = {"records": args.records, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="bench_index_") as tmp:
         root = Path(tmp)

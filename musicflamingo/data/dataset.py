@@ -283,16 +283,25 @@ def chat_messages(messages: Sequence[Message]) -> Conversation:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
+def audio_seconds(
+    path: str | os.PathLike, offset: float = 0.0, duration: float | None = None
+) -> float | None:
+    """Seconds of one manifest audio: its ``duration`` field, the file header, or for a file only ffmpeg reads (m4a,
+    mka, webm, ...) its container's length (ffprobe); None when none tells (a missing or damaged file, a raw stream
+    such as ADTS AAC)."""
+    seconds = audio_duration(path, offset=offset, duration=duration)
+    if seconds is None and os.path.isfile(os.path.expanduser(os.fspath(path))):
+        whole = container_duration(path)  # soundfile cannot read it: ffmpeg's container may say
+        seconds = None if whole is None else max(0.0, whole - offset)
+    return seconds
+
+
 def record_seconds(record: Record) -> list[float]:
-    """Seconds of each audio of ``record``, from its ``duration`` fields, the file headers, or for a file only ffmpeg
-    reads (m4a, mka, webm, ...) its container's length (ffprobe); NaN when none tells (a missing or damaged file, a
-    raw stream such as ADTS AAC: :func:`estimate_num_tokens` decodes those)."""
+    """Seconds of each audio of ``record`` (:func:`audio_seconds`); NaN when none tells (:func:`estimate_num_tokens`
+    decodes those)."""
     out = []
     for ref in record.audios:
-        seconds = audio_duration(ref.path, offset=ref.offset, duration=ref.duration)
-        if seconds is None and os.path.isfile(os.path.expanduser(os.fspath(ref.path))):
-            whole = container_duration(ref.path)  # soundfile cannot read it: ffmpeg's container may say
-            seconds = None if whole is None else max(0.0, whole - ref.offset)
+        seconds = audio_seconds(ref.path, ref.offset, ref.duration)
         out.append(math.nan if seconds is None else seconds)
     return out
 

@@ -109,6 +109,7 @@ def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes:
         {"role": "assistant", "content": "A slow ballad at 72 BPM in A minor, 3/4.\nÉtude — 音楽 🎵"},
     ]
     ids, _ = processor.chat_encoder().encode(probe, [3])
+    fe = processor.feature_extractor
     return {
         "version": INDEX_VERSION,
         "hashes": hashes,
@@ -121,6 +122,9 @@ def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes:
         "max_audio_len": float(processor.max_audio_len),
         "sampling_rate": int(processor.sampling_rate),
         "probe": _digest(np.asarray(ids, dtype=np.int64).tobytes()),
+        # the mel front end sets the audio token counts (a folder's preprocessor_config.json may change it)
+        "n_fft": int(fe.n_fft),
+        "hop_length": int(fe.hop_length),
     }
 
 
@@ -204,11 +208,15 @@ class StoredIndex:
         """The settings that differ from ``settings``: ``{name: "name old -> new"}`` (digests: "name changed")."""
         out = {}
         for key, now in settings.items():
-            was = self.settings.get(key)
+            was = self.settings.get(key, _RECORDED_LATER.get(key))
             if was != now:
                 digest = key in ("tokenizer", "system_prompt", "probe")
                 out[key] = f"{key} changed" if digest else f"{key} {was!r} -> {now!r}"
         return out
+
+
+# Settings added to the metadata after indexes were built without them, and the value every such index had.
+_RECORDED_LATER = {"n_fft": 400, "hop_length": 160}
 
 
 def _usable(changes: dict[str, str]) -> tuple[bool, bool]:

@@ -16,7 +16,9 @@ changed after writing (damaged, another write's, grown or cut short) or halves o
 trained on (shards written before these digests are read without them).
 
 Setup reads ``records/`` only (text: ids, conversations, durations), so token lengths, bucketing, mixtures and the
-over-budget check need no audio. ``dataset[i]`` fetches sample ``i``'s bytes (a local read, or one ranged GET from
+over-budget check need no audio; a local folder's records are then held as their places in its chunk files (16
+bytes a record, each read again and checked when used), an object store's as their text (:class:`ShardRecords`).
+``dataset[i]`` fetches sample ``i``'s bytes (a local read, or one ranged GET from
 an object store: litdata's ``on_demand_bytes``, no whole-chunk download) and decodes them exactly as
 :func:`~musicflamingo.audio.io.load_audio` decodes the file, so a sample is identical to the manifest's.
 
@@ -61,8 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from musicflamingo.audio.io import audio_duration
-from musicflamingo.data.dataset import ConversationDataset, estimate_num_tokens
+from musicflamingo.data.dataset import ConversationDataset, audio_seconds, estimate_num_tokens
 from musicflamingo.data.manifest import AudioRef, Message, Record, _digests, _position, read_manifest
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,9 @@ def _audio_item(item: tuple[int, dict[str, Any]]) -> bytes:
 
 def _record_item(item: tuple[int, dict[str, Any]]) -> str:
     i, rec = item
-    # Seconds as the manifest path estimates them (file header, or the segment's duration); None when unreadable.
-    seconds = [audio_duration(a["path"], offset=a["offset"], duration=a["duration"]) for a in rec["audios"]]
+    # Seconds as the manifest path estimates them (the segment's duration, the file header, or an m4a's container);
+    # None when nothing states it (a raw AAC stream: counted as no audio, as nothing is decoded to estimate shards).
+    seconds = [audio_seconds(a["path"], a["offset"], a["duration"]) for a in rec["audios"]]
     digest = _record_digest(rec).hex()  # the audio sample holds it too (_pack)
     return json.dumps({"index": i, "digest": digest, **rec, "seconds": seconds}, ensure_ascii=False)
 
@@ -296,8 +298,10 @@ def write_shards(
     try:
         with _interruptible():
             optimize(fn=_audio_sample, inputs=inputs, output_dir=target, **common)
+        _check_written(target, len(records), "audio")
         with _interruptible():
             optimize(fn=_record_sample, inputs=inputs, output_dir=_join(target, RECORDS), **common)
+        _check_written(_join(target, RECORDS), len(records), "records")
         if staging is not None:
             _swap_in(staging, out)
     except BaseException as e:
@@ -334,6 +338,26 @@ def write_shards(
     finally:  # optimize sets the process-wide start method; DataLoaders started later keep theirs
         multiprocessing.set_start_method(before, force=True)
     return len(records)
+
+
+def _check_written(folder: str, n: int, half: str) -> None:
+    """A local half that litdata wrote holds ``n`` samples (its index.json's count): a writing process that ended
+    without an error (killed from outside) left a set short of its samples, with nothing else to tell it where
+    litdata's internals that :func:`_interruptible` hooks are not there (another litdata version)."""
+    if is_url(folder):
+        return
+    try:
+        with open(os.path.join(folder, INDEX), encoding="utf-8") as f:
+            written = sum(int(c["chunk_size"]) for c in json.load(f)["chunks"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _WorkerDied(
+            f"the {half} half has no readable {INDEX} after writing ({type(e).__name__}: {e})"
+        ) from None
+    if written != n:
+        raise _WorkerDied(
+            f"the {half} half holds {written} samples for {n} records: a writing process ended without writing its "
+            "share (killed from outside: out of memory?)"
+        )
 
 
 def _holds_shards(out: str) -> bool:
@@ -438,6 +462,13 @@ def _interruptible() -> Iterator[None]:
         for pid in _descendants([p.pid for p in procs if p.pid]):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        for w in (
+            getattr(self, "workers", None) or []
+        ):  # where /proc is not there (macOS): each worker's group
+            if w.pid and w.pid != os.getpid():
+                with contextlib.suppress(OSError):
+                    if os.getpgid(w.pid) == w.pid:  # its own group (setup below), not this process's
+                        os.killpg(w.pid, signal.SIGKILL)
         try:
             their_exit(self, error)
         finally:
@@ -486,6 +517,17 @@ def _interruptible() -> Iterator[None]:
         (DataProcessor, "_stop_chunk_writers", their_stop, stop_writers),
         (BaseWorker, "_setup", their_setup, setup),
     ]
+    missing = [f"{cls.__name__}.{name}" for cls, name, old, _ in patches if old is None]
+    if missing:  # another litdata than 0.2.76, its internals renamed: say what is no longer guarded
+        from litdata import __version__
+
+        log.warning(
+            "litdata %s has no %s (this code hooks litdata 0.2.76's): Ctrl-C may end a write with status 0, and a "
+            "writing process that fails or is killed may leave processes running; a write short of its samples is "
+            "still refused (local folders)",
+            __version__,
+            ", ".join(missing),
+        )
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
     for cls, name, old, new in patches:
@@ -623,9 +665,17 @@ def _streaming(url: str, cache_dir: str | None) -> Any:
 
 
 class ShardRecords(Sequence):
-    """The records of a shard set, kept as their JSON text in one buffer and parsed on access
-    (``records[i]`` -> :class:`Record`): 16 bytes per record beside the text, where Record objects take
-    kilobytes each and get copied page by page in DataLoader workers as reference counts touch them.
+    """The records of a shard set, parsed on access (``records[i]`` -> :class:`Record`), held in one of two ways:
+
+    * a local shard folder's (:func:`read_shard_records`): where each record's JSON text lies in the ``records/``
+      chunk files (16 bytes a record: its offsets in its chunk, 4 bytes each, and its digest), read with
+      ``os.pread`` on access and checked against its digest, as :class:`~musicflamingo.data.manifest.JsonlRecords`
+      reads a manifest. The text held in memory took about 370 bytes a record on every rank and worker, read
+      record by record through litdata at every launch (200k records: 74 MiB held and 3.8 s; now 3.1 MiB and
+      1.5 s, the chunks read whole: ``python bench/data_index.py --shard-records 200000``);
+    * ``ShardRecords(texts)`` (an object store's records, downloaded by litdata): the texts in one buffer, 24 bytes
+      per record beside them, where Record objects take kilobytes each and get copied page by page in DataLoader
+      workers as reference counts touch them.
 
     Attributes:
         digests: [N] uint64, BLAKE2b-64 of each record's stored text (computed when the text is read: every byte of
@@ -634,21 +684,64 @@ class ShardRecords(Sequence):
 
     def __init__(self, texts: Sequence[bytes], where: str = "shard records") -> None:
         self.where = where
-        self._data = b"".join(texts)
+        self._data: bytes | None = b"".join(texts)
         sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
         self._ends = np.cumsum(sizes)
-        self.digests = _digests(self._data, self._ends - sizes, self._ends)
+        self._starts = self._ends - sizes
+        self.digests = _digests(self._data, self._starts, self._ends)
+        # on disk: the chunk files, and the first record of each (then len(self))
+        self._chunks: list[str] = []
+        self._firsts = np.zeros(1, dtype=np.int64)
+
+    @classmethod
+    def _on_disk(
+        cls,
+        where: str,
+        chunks: list[str],
+        firsts: np.ndarray,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        digests: np.ndarray,
+    ) -> ShardRecords:
+        self = cls.__new__(cls)
+        self.where, self._data, self._chunks, self._firsts = where, None, chunks, firsts
+        self._starts, self._ends, self.digests = starts, ends, digests
+        return self
 
     def __len__(self) -> int:
         return len(self._ends)
 
+    def text(self, i: int) -> bytes:
+        """Record ``i``'s stored JSON text (UTF-8 bytes), as it was when the records were read."""
+        i = _position(i, len(self), f"the {self.where}")
+        start, end = int(self._starts[i]), int(self._ends[i])
+        if self._data is not None:
+            return self._data[start:end]
+        k = int(np.searchsorted(self._firsts, i, side="right")) - 1
+        path = self._chunks[k]
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                data = os.pread(fd, end - start, start)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise ShardError(
+                f"{path}: cannot read record {i} ({e.strerror or e}); the shard set changed after it was read: "
+                "restart"
+            ) from None
+        if _digest(data) != self.digests[i].tobytes():
+            raise ShardError(
+                f"{path}: record {i} is no longer the one read at the start (the shard set was written again or "
+                "changed after it was read); restart to read it again"
+            )
+        return data
+
     def parse(self, i: int) -> tuple[Record, list[float]]:
         """Record ``i`` and its audios' seconds (NaN where the header was unreadable at sharding time)."""
-        # -1 read the whole buffer as one record: "not a record this code wrote"
         i = _position(i, len(self), f"the {self.where}")
-        start = int(self._ends[i - 1]) if i > 0 else 0
         try:
-            obj = json.loads(self._data[start : int(self._ends[i])])
+            obj = json.loads(self.text(i))
             record = Record(
                 id=obj["id"],
                 audios=[AudioRef(**a) for a in obj["audios"]],
@@ -666,10 +759,9 @@ class ShardRecords(Sequence):
 
     def record_digest(self, i: int) -> bytes | None:
         """The digest of record ``i`` that its audio sample holds too (None: written before such digests)."""
-        i = _position(i, len(self), f"the {self.where}")
-        start = int(self._ends[i - 1]) if i > 0 else 0
+        text = self.text(i)
         try:
-            return bytes.fromhex(json.loads(self._data[start : int(self._ends[i])])["digest"])
+            return bytes.fromhex(json.loads(text)["digest"])
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -679,10 +771,94 @@ class ShardRecords(Sequence):
         return self.parse(i)[0]
 
 
-def read_shard_records(url: str, cache_dir: str | None = None) -> ShardRecords:
-    """The records of ``<url>/records`` (text only), in shard order."""
-    where = _join(url, RECORDS)
-    ds = _streaming(where, cache_dir)
+def _chunk_digests(data: bytes, starts: np.ndarray, ends: np.ndarray, first: int) -> np.ndarray | None:
+    """[N] uint64 digests of the records at ``data[starts[k]:ends[k]]`` (a ``records/`` chunk's bytes, each record
+    after its 4-byte size), or None unless every one is UTF-8 text led by its index (``{"index": <first + k>,``):
+    what :func:`_litdata_texts` checks, for which it names the record that fails."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    # records 4 MiB at a time (a copy of the chunk would double what opening takes), their sizes as zeros: a
+    # character cut at a record's edge is no UTF-8 either
+    groups = np.unique(np.searchsorted(starts, np.arange(0, len(data), 4 << 20)))
+    for lo, hi in zip(groups.tolist(), [*groups[1:].tolist(), len(starts)]):
+        if lo == hi:
+            continue
+        text = raw[int(starts[lo]) - 4 : int(ends[hi - 1])].copy()
+        for j in range(1, 5):
+            text[starts[lo:hi] - int(starts[lo]) + 4 - j] = 0
+        try:
+            str(text.data, "utf-8")
+        except UnicodeError:
+            return None
+    out, view, blake2b = bytearray(8 * len(starts)), memoryview(data), hashlib.blake2b
+    for k, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        if not data.startswith(b'{"index": %d,' % (first + k), a):
+            return None
+        out[8 * k : 8 * k + 8] = blake2b(view[a:b], digest_size=8).digest()  # _digest, inlined
+    view.release()
+    return np.frombuffer(out, dtype="<u8")
+
+
+def _local_records(where: str) -> ShardRecords | None:
+    """The records of a local ``records/`` folder as :class:`ShardRecords` on disk, its chunk files read whole, one
+    at a time; None when the folder is not laid out as this code writes it with litdata 0.2.76 (one UTF-8 string
+    per sample, uncompressed, unencrypted: the offsets table of each chunk, then each sample's 4-byte size and its
+    bytes) or any record is not as :func:`_litdata_texts` expects: the caller reads it through litdata, which
+    names what is wrong as it did."""
+    try:
+        with open(os.path.join(where, INDEX), encoding="utf-8") as f:
+            index = json.load(f)
+        config, listed = index["config"], index["chunks"]
+        if (
+            config.get("data_format") != ["str"]
+            or config.get("item_loader") != "PyTreeLoader"
+            or any(config.get(k) is not None for k in ("compression", "encryption", "ipc_compression"))
+        ):
+            return None
+        names = [str(c["filename"]) for c in listed]
+        counts = [int(c["chunk_size"]) for c in listed]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    chunks = [os.path.abspath(os.path.join(where, name)) for name in names]
+    firsts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    starts, ends, digests = [], [], []
+    for k, (path, n) in enumerate(zip(chunks, counts)):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        table = 4 + 4 * (n + 1)
+        if n < 0 or len(data) < table or struct.unpack_from("<I", data)[0] != n:
+            return None
+        offsets = np.frombuffer(data, dtype="<u4", count=n + 1, offset=4).astype(np.int64)
+        if n and (offsets[0] != table or offsets[-1] != len(data) or np.any(np.diff(offsets) < 4)):
+            return None
+        raw = np.frombuffer(data, dtype=np.uint8)
+        at = offsets[:-1]
+        sizes = np.ascontiguousarray(raw[at[:, None] + np.arange(4)]).view("<u4")[:, 0]
+        if np.any(sizes != offsets[1:] - at - 4):  # one leaf per sample: its size, then its bytes
+            return None
+        a, b = at + 4, offsets[1:]
+        found = _chunk_digests(data, a, b, int(firsts[k]))
+        if found is None:
+            return None
+        starts.append(a.astype(np.uint32))
+        ends.append(b.astype(np.uint32))
+        digests.append(found)
+        del data, raw
+    if not chunks:
+        return None
+
+    def joined(parts: list[np.ndarray], dtype: str) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    return ShardRecords._on_disk(
+        where, chunks, firsts, joined(starts, "<u4"), joined(ends, "<u4"), joined(digests, "<u8")
+    )
+
+
+def _litdata_texts(where: str, ds: Any) -> list[bytes]:
+    """Every record's text of ``where`` read sample by sample through litdata's ``StreamingDataset`` ``ds``."""
 
     def entry(i: int) -> str:
         try:
@@ -701,7 +877,19 @@ def read_shard_records(url: str, cache_dir: str | None = None) -> ShardRecords:
         if not text.startswith(b'{"index": %d,' % i):
             raise ShardError(f"{where}: entry {i} is {text[:40]!r}...; write the shards again")
         texts.append(text)
-    return ShardRecords(texts, where)
+    return texts
+
+
+def read_shard_records(url: str, cache_dir: str | None = None) -> ShardRecords:
+    """The records of ``<url>/records`` (text only), in shard order: of a local folder, held as their places in its
+    chunk files; of an object store, as their text (see :class:`ShardRecords`)."""
+    where = _join(url, RECORDS)
+    ds = _streaming(where, cache_dir)  # a missing, short or unreadable index or chunk named as before
+    if not is_url(url):
+        found = _local_records(where)
+        if found is not None:
+            return found
+    return ShardRecords(_litdata_texts(where, ds), where)
 
 
 class ShardDataset(ConversationDataset):
