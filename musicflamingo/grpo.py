@@ -28,7 +28,8 @@ One training step is one batch of the usual data module (each DDP rank its own p
    copy made at start of what trains, frozen parts shared (`reference_dtype: bfloat16` halves it, copying those
    too); `beta: 0` needs none.
 
-Optimization is manual (micro-batches of `micro_batch_size` completions, whole groups, each its own backward):
+Optimization is manual (micro-batches of `micro_batch_size` completions, whole groups or, below `group_size`, pieces
+of one, each its own backward):
 `trainer.gradient_clip_val` must be null, `loss.max_grad_norm` clips. Checkpoints and resume are the SFT ones
 (optimizer, schedule, data position), plus a fingerprint of the frozen reference: a resume must rebuild the same one.
 Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
@@ -63,13 +64,12 @@ from musicflamingo.chat import THINK_SUFFIX, encode_expanded, ensure_think_promp
 from musicflamingo.checkpoint import stop_ids
 from musicflamingo.data.dataset import chat_messages
 from musicflamingo.data.manifest import Record
-from musicflamingo.data.sampler import MixtureDataset, TokenBudgetBatchSampler
 from musicflamingo.engine import AnswerText, Engine, Request, SamplingParams, check_stop_strings
 from musicflamingo.lit import CheckpointMismatchError, MusicFlamingoLit
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.lora import adapter_layers
 from musicflamingo.reasoning import ThinkOutput, parse_think, plain_output
-from musicflamingo.rewards import CaptionFactsReward, FormatReward, Target, record_task
+from musicflamingo.rewards import AccuracyReward, CaptionFactsReward, FormatReward, Target, record_task
 from musicflamingo.runtime import parse_dtype
 from musicflamingo.settings import GRPO_FSDP
 
@@ -369,72 +369,27 @@ def _source_key(source: str) -> bytes:
     return hashlib.blake2b(source.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-class _RecordsAt(Sequence):
-    """`records[keep[i]]` as a sequence (the records stay where they are, parsed on access)."""
+@dataclass(frozen=True)
+class TaskFilter:
+    """`model.tasks` as the data module's record filter (`MusicFlamingoDataModule.record_filter`): a record is kept
+    when its `task` or kind (`qa`, `caption`) is listed. Applied when the data module builds its datasets, before
+    batching: a batch is the token budget's worth of kept records, an epoch the kept records, and a record left out
+    is never read (nor refused as longer than the token budget)."""
 
-    def __init__(self, records: Sequence[Record], keep: np.ndarray) -> None:
-        self._records, self._keep = records, keep
+    tasks: frozenset[str]
 
-    def __len__(self) -> int:
-        return len(self._keep)
+    def __call__(self, rec: Record) -> bool:
+        return bool(set(record_task(rec.extra)) & self.tasks)
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self._records[int(j)] for j in self._keep[i]]
-        return self._records[int(self._keep[i])]
+    def __str__(self) -> str:
+        return f"model.tasks={sorted(self.tasks)}"
 
-
-class TaskSubset(torch.utils.data.Dataset):
-    """The samples of `dataset` at its local indices `keep`: `model.tasks` applied before batching, so a batch is
-    the token budget's worth of kept records and an epoch is the kept records (filtered after batching, ~1 in 5 of
-    grpo_synthetic's records was decoded and dropped: ~6 prompts a step where 8 were planned)."""
-
-    def __init__(self, dataset: Any, keep: np.ndarray) -> None:
-        self.dataset, self.keep = dataset, keep
-        self.records = _RecordsAt(dataset.records, keep)
-
-    def __len__(self) -> int:
-        return len(self.keep)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.dataset[int(self.keep[i])]
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-
-def keep_records(
-    mixture: MixtureDataset, sampler: TokenBudgetBatchSampler, keeps: Sequence[np.ndarray]
-) -> tuple[MixtureDataset, TokenBudgetBatchSampler]:
-    """`mixture` with only the samples `keeps[k]` (local indices) of each dataset `k`, and a sampler like `sampler`
-    over it: same budget, seed, ranks, weights (each dataset's weight now counts its kept samples) and bad-sample
-    markers of the samples kept."""
-    subsets = [ds if len(k) == len(ds) else TaskSubset(ds, k) for ds, k in zip(mixture.datasets, keeps)]
-    lengths = [mixture.lengths[mixture.offsets[i] : mixture.offsets[i + 1]][k] for i, k in enumerate(keeps)]
-    kept = MixtureDataset(subsets, mixture.weights, lengths=lengths, seed=mixture.seed)
-    for index, marker in mixture.markers.items():
-        k, local = mixture.locate(index)
-        at = int(np.searchsorted(keeps[k], local))
-        if at < len(keeps[k]) and keeps[k][at] == local:
-            kept.markers[int(kept.offsets[k]) + at] = marker
-    mixed = sampler.epoch_indices is not None
-    new = TokenBudgetBatchSampler(
-        kept.lengths,
-        sampler.max_tokens,
-        shuffle=sampler.shuffle,
-        seed=sampler.seed,
-        num_replicas=sampler.num_replicas,
-        rank=sampler.rank,
-        drop_last=sampler.drop_last,
-        bucket_size_multiplier=sampler.bucket_size_multiplier,
-        epoch_indices=kept.epoch_indices if mixed else None,
-        longest_epoch=kept.longest_epoch if mixed else None,
-        on_oversized=sampler.on_oversized,
-        packed=sampler.packed,
-        even_ranks=sampler.even_ranks,
-    )
-    return kept, new
+    def nothing_kept(self, split: str, records: Iterable[Record]) -> GRPOConfigError:
+        """The error of a split none of whose records is kept, naming the tasks there are."""
+        found = sorted({t for rec in records for t in record_task(rec.extra)})
+        return GRPOConfigError(
+            f"{self} keeps no record of the data.{split} manifests (their tasks: {', '.join(found) or 'none'})"
+        )
 
 
 class GRPOLit(MusicFlamingoLit):
@@ -448,11 +403,12 @@ class GRPOLit(MusicFlamingoLit):
         rollout: `{group_size, max_new_tokens, temperature, top_p, top_k, slots}` (`slots`: completions decoded
             at once, null: all of a batch's).
         loss: `{beta, clip_eps, updates_per_batch, micro_batch_size, max_grad_norm}` (`micro_batch_size`:
-            completions per forward/backward, rounded to whole groups; `max_grad_norm` null: no clipping).
+            completions per forward/backward: whole groups, rounded down to a multiple of `group_size`, or below
+            `group_size` each group in pieces of that many; `max_grad_norm` null: no clipping).
         think: prompts get the think suffix and completions are parsed as `<think>..</think><answer>..</answer>`.
         tasks: train only on records whose `task` (or kind, `qa`/`caption`) is listed (a string: that one task);
-            null: all. Applied to the data module's datasets before batching (`setup`): a batch is the token
-            budget's worth of kept records, an epoch the kept records.
+            null: all. The data module applies it when it builds its datasets (`TaskFilter`, its
+            `record_filter`): a batch is the token budget's worth of kept records, an epoch the kept records.
         reference_dtype: dtype of the frozen reference copy of full fine-tuning (null: the model's).
         seed: the rollouts' seed (with the step and the rank).
     """
@@ -494,6 +450,12 @@ class GRPOLit(MusicFlamingoLit):
                 )
             if not math.isfinite(weight):  # every sample's reward, so every loss, would be NaN
                 raise GRPOConfigError(f"model.rewards.{name}.weight={weight}: expected a finite number")
+        # every reward 0: every group ties, nothing is learnt
+        if not any(r.weight for r in self.rewards.values()):
+            raise GRPOConfigError(
+                f"model.rewards: every weight is 0 ({', '.join(f'{n}.weight=0' for n in self.rewards)}), so every "
+                "completion's reward is 0 and no step learns anything; give a reward a weight"
+            )
         self.group_size = _int("model.rollout.group_size", rollout["group_size"], 2)
         self.max_new_tokens = _int("model.rollout.max_new_tokens", rollout["max_new_tokens"], 1)
         self.temperature = _number("model.rollout.temperature", rollout["temperature"], 0.0, strict=True)
@@ -575,55 +537,34 @@ class GRPOLit(MusicFlamingoLit):
         return self._reference[0] if self._reference else None
 
     def setup(self, stage: str) -> None:
-        """After the data module's setup, before any batch: every record checked (`_record_table`) and
-        `model.tasks` applied to the data module's datasets and samplers (`_keep_tasks`)."""
+        """After the data module's setup, before any batch: every record checked (`_record_table`). The data module
+        applied `model.tasks` when it built its datasets (it takes `record_filter` from this module); one built
+        before under another filter (set up by hand) builds them again."""
         super().setup(stage)
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
+        keep = self.record_filter
+        if keep is not None and callable(getattr(dm, "set_record_filter", None)) and dm.record_filter != keep:
+            if dm.record_filter is not None:
+                raise GRPOConfigError(
+                    f"the data module filters its records by {dm.record_filter}, this run by {self.record_filter}: "
+                    "give one filter"
+                )
+            dm.set_record_filter(keep)
         for split in ("train", "val"):
             if getattr(dm, f"{split}_dataset", None) is not None:
                 self._record_table(split)
-                self._keep_tasks(dm, split)
+
+    @property
+    def record_filter(self) -> TaskFilter | None:
+        """`model.tasks` as the data module's record filter (None: every record)."""
+        return None if self.tasks is None else TaskFilter(frozenset(self.tasks))
 
     def wants(self, rec: Record) -> bool:
         """Whether `model.tasks` keeps the record (its `task` or kind is listed; null keeps all)."""
-        return self.tasks is None or bool(set(record_task(rec.extra)) & self.tasks)
-
-    def _keep_tasks(self, dm: Any, split: str) -> None:
-        """The split's dataset and sampler with only the records `model.tasks` keeps, so that batches hold the
-        token budget's worth of them and epochs count them (`TaskSubset`)."""
-        mixture, sampler = getattr(dm, f"{split}_dataset", None), getattr(dm, f"{split}_sampler", None)
-        if self.tasks is None or not isinstance(mixture, MixtureDataset):
-            return
-        if (
-            not isinstance(sampler, TokenBudgetBatchSampler)
-            or getattr(mixture, "grpo_tasks", None) == self.tasks
-        ):
-            return  # not the data module's sampler, or already applied (a second fit of the same data module)
-        keeps = [
-            np.asarray([i for i, rec in enumerate(ds.records) if self.wants(rec)], dtype=np.int64)
-            for ds in mixture.datasets
-        ]
-        n = sum(len(k) for k in keeps)
-        if n == len(mixture):
-            return
-        if not n:  # the training split's case is refused by _check_targets, naming the tasks there are
-            tasks = sorted(
-                {t for ds in mixture.datasets for rec in ds.records for t in record_task(rec.extra)}
-            )
-            raise GRPOConfigError(
-                f"model.tasks={sorted(self.tasks)} keeps no record of the data.{split} manifests (their tasks: "
-                f"{', '.join(tasks) or 'none'})"
-            )
-        try:
-            kept, new = keep_records(mixture, sampler, keeps)
-        except ValueError as e:  # a weight that draws none of the kept records, fewer records than ranks
-            raise GRPOConfigError(f"model.tasks={sorted(self.tasks)} on data.{split}: {e}") from None
-        kept.grpo_tasks = self.tasks
-        setattr(dm, f"{split}_dataset", kept)
-        setattr(dm, f"{split}_sampler", new)
-        log.info("model.tasks=%s: %d of the %d data.%s records", sorted(self.tasks), n, len(mixture), split)
+        keep = self.record_filter
+        return keep is None or keep(rec)
 
     def on_fit_start(self) -> None:
         # Lightning warns that a checkpoint of manual optimization holds the weights after the optimizer step: so
@@ -729,11 +670,14 @@ class GRPOLit(MusicFlamingoLit):
         a caption with no facts gets nothing from the caption-facts reward, which is said once. `entries` is read
         once, as it comes (a manifest's records are not held)."""
         kept, found, bare, first_bare, thinking, first_thinking = 0, set(), 0, None, 0, None
+        questions, captions = 0, 0  # kept records the accuracy and the caption facts rewards apply to
         for r, t in entries:
             found.update(x for x in (t.task, t.kind) if x)
             if self.tasks is not None and not ({t.task, t.kind} & self.tasks):
                 continue
             kept += 1
+            questions += t.kind == "qa"
+            captions += t.kind == "caption" and bool(t.facts)
             if t.kind == "caption" and not t.facts:
                 bare += 1
                 first_bare = first_bare or r.source
@@ -751,6 +695,24 @@ class GRPOLit(MusicFlamingoLit):
             raise GRPOConfigError(
                 f"model.tasks={sorted(self.tasks)} keeps no record of the training manifests (their tasks: "
                 f"{', '.join(sorted(found)) or 'none'})"
+            )
+        # the rewards of this package that apply to no kept record (other rewards may apply to any)
+        idle = {
+            n
+            for n, r in self.rewards.items()
+            if (isinstance(r, AccuracyReward) and not questions)
+            or (isinstance(r, CaptionFactsReward) and not captions)
+        }
+        if kept and all(n in idle or not r.weight for n, r in self.rewards.items()):
+            # said, not refused: a reward of one's own may apply where these do not
+            log.warning(
+                "model.rewards: %s apply to none of the training records (%d question(s), %d caption(s) with "
+                "facts) and the others weigh 0: every completion's reward is 0 and no step learns anything; set "
+                "the rewards these records need (accuracy: records with an answer; caption_facts: captions with "
+                "'facts'; format: think mode)",
+                ", ".join(sorted(idle)),
+                questions,
+                captions,
             )
         if bare and any(isinstance(r, CaptionFactsReward) for r in self.rewards.values()):
             log.warning(
@@ -806,7 +768,7 @@ class GRPOLit(MusicFlamingoLit):
                 raise KeyError(f"batch record {source!r} is not in the {split} manifests")
             rec, target = records[source]
             if self.tasks is not None and not ({target.task, target.kind} & self.tasks):
-                continue  # none left once setup applied model.tasks to the data module (`_keep_tasks`)
+                continue  # none left where the data module applied model.tasks (`TaskFilter`)
             ids_b = self.prompt_ids(rec, counts[b])
             out.append(Prompt(rec.id, ids_b, target, windows[b], rec.source, self.asks_think(rec)))
         return out
@@ -944,19 +906,18 @@ class GRPOLit(MusicFlamingoLit):
         components: dict[str, list[float | None]] = {name: [] for name in self.rewards}
         nonfinite: dict[int, str] = {}
         for b, (p, group) in enumerate(zip(prompts, completions)):
-            parse = parse_think if (self.think if p.think is None else p.think) else plain_output
+            think = self.think if p.think is None else p.think
             row_out, row_r = [], []
             for tokens in group:
+                stop = None  # the stop string that ended the completion
                 if stop_strings:  # the answer inference gives: cut before the stop string that ended it
                     answer = AnswerText.of_tokens(tok, tokens, stop_strings, stops)
-                    text, by_string = answer.text, answer.stop is not None
+                    text, stop = answer.text, answer.stop
                 else:
-                    text, by_string = (
-                        tok.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens),
-                        False,
-                    )
-                truncated += not by_string and (not tokens or tokens[-1] not in stops)
-                output = parse(text)
+                    text = tok.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+                truncated += stop is None and (not tokens or tokens[-1] not in stops)
+                # ended by a `</answer>` stop string, the cut text lacks its closing tag: parsed with it
+                output = parse_think(text, stop=stop) if think else plain_output(text)
                 total = 0.0
                 for name, reward in self.rewards.items():
                     value = _reward_value(name, reward(output, p.target), p)
@@ -1022,9 +983,16 @@ class GRPOLit(MusicFlamingoLit):
         return token_logprobs(hidden, model.lm_head, targets, self.temperature), which
 
     # ------------------------------------------------------------------ the step
-    def _micro_batches(self, keep: Sequence[int]) -> list[list[int]]:
-        per = max(1, self.micro_batch_size // self.group_size)
-        return [list(keep[i : i + per]) for i in range(0, len(keep), per)]
+    def _micro_batches(self, keep: Sequence[int]) -> list[list[tuple[int, int]]]:
+        """The kept groups' completions `(prompt, sample)` in micro-batches of at most `micro_batch_size`: whole
+        groups, as many as fit (each prompt embedded, its audio encoded, once per step), or where one group is
+        more than `micro_batch_size` (smaller than `group_size`), each group in pieces of that many (a piece's
+        prompt embedded again). The loss is a sum over tokens, so the pieces add up to the whole group's."""
+        G, m = self.group_size, self.micro_batch_size
+        if m >= G:
+            per = m // G
+            return [[(b, g) for b in keep[i : i + per] for g in range(G)] for i in range(0, len(keep), per)]
+        return [[(b, g) for g in range(s, min(s + m, G))] for b in keep for s in range(0, G, m)]
 
     def _all_reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
         if self._trainer is None or self.trainer.world_size == 1:
@@ -1039,14 +1007,14 @@ class GRPOLit(MusicFlamingoLit):
         return bool(self._all_reduce(torch.tensor(float(flag)), "max").item() > 0)
 
     def _group_inputs(
-        self, batch: Mapping[str, Any], roll: Rollouts, prompts_idx: Sequence[int]
+        self, batch: Mapping[str, Any], roll: Rollouts, pairs: Sequence[tuple[int, int]]
     ) -> tuple[list[Prompt], list[list[int]], list[int], Any, Any]:
-        prompts = [roll.prompts[b] for b in prompts_idx]
-        completions, owner = [], []
-        for j, b in enumerate(prompts_idx):
-            for tokens in roll.completions[b]:
-                completions.append(tokens)
-                owner.append(j)
+        """A micro-batch's `(prompt, sample)` completions as `sequence_logprobs` arguments."""
+        order = list(dict.fromkeys(b for b, _ in pairs))
+        at = {b: j for j, b in enumerate(order)}
+        prompts = [roll.prompts[b] for b in order]
+        completions = [roll.completions[b][g] for b, g in pairs]
+        owner = [at[b] for b, _ in pairs]
         features, mask = self._features(batch, prompts)
         return prompts, completions, owner, features, mask
 
@@ -1113,7 +1081,8 @@ class GRPOLit(MusicFlamingoLit):
                     prompts_mb, completions_mb, owner, features, mask = inputs[k]
                     ids = [p.source or p.id for p in prompts_mb]  # file:line (ids may repeat)
                     logp, which = self.sequence_logprobs(self.model, *inputs[k])
-                    adv = advantages[micro[k]].reshape(-1).to(logp.device)[which].to(logp.dtype)
+                    rows, cols = zip(*micro[k])
+                    adv = advantages[list(rows), list(cols)].to(logp.device)[which].to(logp.dtype)
                     old = logp.detach() if olds[k] is None else olds[k]
                     loss_terms, kl, clipped = token_terms(logp, old, refs[k], adv, self.clip_eps, self.beta)
                     loss = loss_terms.sum() * scale
@@ -1127,7 +1096,8 @@ class GRPOLit(MusicFlamingoLit):
                 bad = loss is not None and not bool(torch.isfinite(loss))
                 if self._any_rank(bad):
                     # a reward's NaN is the likely cause: named with its record, not only the micro-batch's records
-                    causes = [roll.nonfinite[b] for b in micro[k] if b in roll.nonfinite] if bad else []
+                    groups = dict.fromkeys(b for b, _ in micro[k]) if bad else {}
+                    causes = [roll.nonfinite[b] for b in groups if b in roll.nonfinite]
                     where = "; ".join(causes[:3]) if causes else f"records {ids[:8]}"
                     self._nonfinite(loss if bad else None, where, "GRPO loss")
                     opt.zero_grad(set_to_none=True)

@@ -84,9 +84,22 @@ def _untagged(text: str, tags: ThinkTags = TAGS) -> str:
     return tags.any_tag.sub(" ", text).strip()  # a space, not nothing: "x<answer>y" reads "x y"
 
 
-def parse_think(text: str | None, tags: ThinkTags = TAGS) -> ThinkOutput:
-    """Split a think-mode answer into thinking and answer (see the module docstring for the statuses)."""
+def parse_think(text: str | None, tags: ThinkTags = TAGS, stop: str | None = None) -> ThinkOutput:
+    """Split a think-mode answer into thinking and answer (see the module docstring for the statuses).
+
+    ``stop``: the stop string that ended the generation (finish reason "stop"), which the text, as inference
+    gives it, leaves out: a text that is well formed with it (``</answer>`` as a stop string cuts the closing tag)
+    is ``ok``. Pass it only when a stop string ended the text (not a stop id, not the token limit)."""
     text = str(text or "")
+    out = _parse(text, tags)
+    if stop and out.status != "ok":
+        whole = _parse(text + stop, tags)
+        if whole.status == "ok":
+            return ThinkOutput(text, whole.thinking, whole.answer, "ok")
+    return out
+
+
+def _parse(text: str, tags: ThinkTags) -> ThinkOutput:
     m = tags.well_formed.fullmatch(text)
     if m and not tags.any_tag.search(m.group(1)) and not tags.any_tag.search(m.group(2)):
         return ThinkOutput(text, m.group(1).strip(), m.group(2).strip(), "ok")
@@ -247,8 +260,9 @@ class ThinkStream:
         """The parse's thinking not returned yet (the text is complete)."""
         return self._show(self.finish().thinking)
 
-    def finish(self) -> ThinkOutput:
-        return parse_think(self.text, self.tags)
+    def finish(self, stop: str | None = None) -> ThinkOutput:
+        """The parse of the whole text; ``stop``: the stop string that ended it (see :func:`parse_think`)."""
+        return parse_think(self.text, self.tags, stop)
 
 
 DIM, UNDIM = "\x1b[2m", "\x1b[22m"
@@ -284,11 +298,12 @@ class ThinkDisplay:
         self._reasoning(self.stream.push(delta))
         self.out.flush()
 
-    def finish(self) -> ThinkOutput:
+    def finish(self, stop: str | None = None) -> ThinkOutput:
         """Shows what the stream held back (or the parse's reasoning, when the answer did not open with a think
-        tag) and then the answer; returns the parse."""
+        tag) and then the answer; returns the parse (``stop``: the stop string that ended it, see
+        :func:`parse_think`)."""
         self._reasoning(self.stream.flush())
-        parsed = self.stream.finish()
+        parsed = self.stream.finish(stop)
         if self.started:
             self.out.write((UNDIM if self.dim else "") + "\n")
         note = "" if parsed.status in ("ok", "plain") else f" ({parsed.status} think/answer tags)"
@@ -310,12 +325,14 @@ def _words(text: str) -> int:
 
 
 def think_report(
-    predictions: Mapping[str, str],
+    predictions: Mapping[str, str], stops: Mapping[str, str | None] | None = None
 ) -> tuple[dict[str, str], dict[str, dict[str, Any]], dict[str, Any]]:
     """Raw think-mode predictions ``{id: text}`` -> (``{id: answer}`` to score, per-item ``{id: {think_status,
     thinking, answer_words, thinking_words}}``, a summary: counts per status and mean answer / thinking length in
-    words, over all items)."""
-    parsed = {k: parse_think(v) for k, v in predictions.items()}
+    words, over all items). ``stops``: ``{id: the stop string that ended its text}`` for those a stop string ended
+    (see :func:`parse_think`)."""
+    stops = stops or {}
+    parsed = {k: parse_think(v, stop=stops.get(k)) for k, v in predictions.items()}
     answers = {k: p.answer for k, p in parsed.items()}
     rows = {
         k: {

@@ -25,7 +25,7 @@ import math
 import multiprocessing
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -166,6 +166,44 @@ class ResumableDataLoader(SeededDataLoader):
         self.batch_sampler.load_state_dict(state_dict)
 
 
+class RecordsAt(Sequence):
+    """``records[keep[i]]`` as a sequence: the records stay where they are (parsed on access), their per-record
+    ``digests`` (where kept) follow."""
+
+    def __init__(self, records: Sequence[Any], keep: np.ndarray) -> None:
+        self._records, self._keep = records, keep
+        digests = getattr(records, "digests", None)
+        if digests is not None:
+            self.digests = np.asarray(digests)[keep]
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._records[int(j)] for j in self._keep[i]]
+        return self._records[int(self._keep[i])]
+
+
+class RecordSubset(torch.utils.data.Dataset):
+    """The samples of ``dataset`` at its indices ``keep``: a data module's ``record_filter`` applied before batching,
+    so a batch is the token budget's worth of kept records and an epoch is the kept records."""
+
+    def __init__(self, dataset: Any, keep: np.ndarray) -> None:
+        self.dataset, self.keep = dataset, keep
+        self.records = RecordsAt(dataset.records, keep)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.keep[i])]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
 class MusicFlamingoDataModule(L.LightningDataModule):
     """Train/val DataLoaders of conversations with audio, batched by a padded-token budget.
 
@@ -195,6 +233,12 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         index: a manifest's ``.index.parquet`` (:mod:`musicflamingo.data.index`): ``"auto"`` takes the lengths from
             it where valid and estimates the rest with a warning, ``"off"`` ignores it, ``"require"`` stops when it
             is missing or stale.
+        record_filter: ``record -> bool``, the records to keep, applied when the datasets are built, before the
+            token lengths, the token budget's bad samples and the batches: an epoch is the kept records, a record
+            left out is never read or refused. None keeps all; where it is None, :meth:`setup` takes the
+            LightningModule's ``record_filter`` attribute (GRPO's ``model.tasks``). A filter may have a method
+            ``nothing_kept(split, records) -> Exception``, the error to raise when it keeps no record of a split
+            (``records``: every record of the split); its ``str`` names it in messages.
     """
 
     def __init__(
@@ -218,6 +262,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         prefetch_factor: int | None = 2,
         pack: bool = False,
         index: str = "auto",
+        record_filter: Callable[[Any], bool] | None = None,
     ) -> None:
         super().__init__()
         if processor is None:
@@ -270,6 +315,38 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         self._epoch = 0  # epoch of the batches counted in _consumed
         self._consumed = 0  # training batches that reached the model in that epoch
         self._pending_sampler_state: dict[str, Any] | None = None
+        self.record_filter = record_filter
+        self._filter_from_module = False  # the filter is the LightningModule's (taken again at each setup)
+        self._built_with: dict[str, Any] = {}  # split -> the record filter its dataset was built with
+
+    def set_record_filter(self, record_filter: Callable[[Any], bool] | None) -> None:
+        """Keep only the records ``record_filter`` keeps (None: all); splits built with another filter are built
+        again (before any batch: a position loaded into the sampler is not carried over)."""
+        self.record_filter, self._filter_from_module = record_filter, False
+        stale = self._drop_stale()
+        if stale:
+            self.setup("fit" if "train" in stale else "validate")
+
+    def _drop_stale(self) -> list[str]:
+        """Forget the splits built under another record filter than the current one (built again by setup)."""
+        stale = [split for split, f in self._built_with.items() if f != self.record_filter]
+        if "train" in stale:
+            self.train_dataset = self.train_sampler = None
+        if "val" in stale:
+            self.val_dataset = self.val_sampler = None
+        for split in stale:
+            del self._built_with[split]
+        return stale
+
+    def _module_filter(self) -> None:
+        """Without a record filter of its own, the data module takes the LightningModule's ``record_filter``."""
+        if self.record_filter is not None and not self._filter_from_module:
+            return
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if module is not None:
+            self.record_filter = getattr(module, "record_filter", None)
+            self._filter_from_module = True
 
     # ------------------------------------------------------------------ building
     def _replicas(self) -> tuple[int, int]:
@@ -286,21 +363,52 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         return world, rank
 
     def _build(self, spec: list[tuple[str, float]], weighted: bool) -> tuple[MixtureDataset, list[int]]:
-        datasets, lengths = [], []
+        split = "train" if weighted else "val"
+        keep_fn = self.record_filter
+        datasets, lengths, every = [], [], []
         for path, _ in spec:
             if is_shards(path):  # a shard folder or URL (python -m musicflamingo.data shard)
                 ds = ShardDataset(path, self.processor, **self.dataset_kwargs)
-                lengths.append(ds.estimate_lengths())
+                keep = None if keep_fn is None else self._kept(ds.records, keep_fn)
+                n = np.asarray(ds.estimate_lengths(), dtype=np.int64)
             else:  # lengths from the manifest's index where it is valid (musicflamingo.data.index)
                 found = load_manifest(path, self.processor, self.audio_root, self.index)
                 ds = ConversationDataset(found.records, self.processor, **self.dataset_kwargs)
-                lengths.append(ds.estimate_lengths(found.tokens, found.seconds))
+                keep = None if keep_fn is None else self._kept(ds.records, keep_fn)
+                known = found.tokens
+                if keep is not None and len(keep) < len(
+                    ds
+                ):  # the records left out are never estimated (read)
+                    known = np.full(len(ds), -1, dtype=np.int64) if known is None else np.array(known)
+                    known[np.setdiff1d(np.arange(len(ds)), keep)] = 0
+                n = np.asarray(ds.estimate_lengths(known, found.seconds), dtype=np.int64)
+            every.append(ds.records)
+            if keep is not None and len(keep) < len(ds):
+                log.info(
+                    "%s: the record filter %s keeps %d of its %d records", path, keep_fn, len(keep), len(ds)
+                )
+                ds, n = RecordSubset(ds, keep), n[keep]
             datasets.append(ds)
+            lengths.append(n.tolist())
             log.info("%s: %d records, %d tokens (estimated)", path, len(ds), sum(lengths[-1]))
+        if keep_fn is not None and not sum(len(ds) for ds in datasets):
+            refuse = getattr(keep_fn, "nothing_kept", None)
+            if callable(refuse):
+                raise refuse(split, (rec for records in every for rec in records))
+            raise ValueError(f"data.{split}: the record filter {keep_fn} keeps none of its records")
         weights = [w for _, w in spec] if weighted else None
-        names = [f"data.{'train' if weighted else 'val'}[{k}] ({path})" for k, (path, _) in enumerate(spec)]
-        mixture = MixtureDataset(datasets, weights, lengths=lengths, seed=self.seed, names=names)
+        names = [f"data.{split}[{k}] ({path})" for k, (path, _) in enumerate(spec)]
+        try:
+            mixture = MixtureDataset(datasets, weights, lengths=lengths, seed=self.seed, names=names)
+        except ValueError as e:  # a weight that draws none of the kept records
+            if keep_fn is None:
+                raise
+            raise ValueError(f"data.{split} under the record filter {keep_fn}: {e}") from None
         return mixture, mixture.lengths.tolist()
+
+    @staticmethod
+    def _kept(records: Sequence[Any], keep_fn: Callable[[Any], bool]) -> np.ndarray:
+        return np.asarray([i for i, rec in enumerate(records) if keep_fn(rec)], dtype=np.int64)
 
     def _over_budget(self, mixture: MixtureDataset, lengths: list[int], budget: int, setting: str) -> None:
         """Samples longer than the batch token budget (`data.<setting>`) are bad samples: under
@@ -334,6 +442,8 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
+        self._module_filter()
+        self._drop_stale()
         world, rank = self._replicas()
         built, error = False, None
         try:
@@ -420,27 +530,34 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             built = True
             self.train_dataset, lengths = self._build(self.train_spec, weighted=True)
+            self._built_with["train"] = self.record_filter
             self._over_budget(self.train_dataset, lengths, self.batch_max_tokens, "batch_max_tokens")
-            self.train_sampler = TokenBudgetBatchSampler(
-                lengths,
-                self.batch_max_tokens,
-                shuffle=True,
-                seed=self.seed,
-                num_replicas=world,
-                rank=rank,
-                drop_last=self.drop_last,
-                bucket_size_multiplier=self.bucket_size_multiplier,
-                epoch_indices=self.train_dataset.epoch_indices,
-                longest_epoch=self.train_dataset.longest_epoch,
-                on_oversized=self.on_oversized,
-                packed=self.pack,
-            )
+            try:
+                self.train_sampler = TokenBudgetBatchSampler(
+                    lengths,
+                    self.batch_max_tokens,
+                    shuffle=True,
+                    seed=self.seed,
+                    num_replicas=world,
+                    rank=rank,
+                    drop_last=self.drop_last,
+                    bucket_size_multiplier=self.bucket_size_multiplier,
+                    epoch_indices=self.train_dataset.epoch_indices,
+                    longest_epoch=self.train_dataset.longest_epoch,
+                    on_oversized=self.on_oversized,
+                    packed=self.pack,
+                )
+            except ValueError as e:  # fewer (kept) records than ranks
+                if self.record_filter is None:
+                    raise
+                raise ValueError(f"data.train under the record filter {self.record_filter}: {e}") from None
             if self._pending_sampler_state is not None:
                 self.train_sampler.load_state_dict(self._pending_sampler_state)
                 self._pending_sampler_state = None
         if stage in (None, "fit", "validate") and self.val_spec and self.val_dataset is None:
             built = True
             self.val_dataset, lengths = self._build(self.val_spec, weighted=False)
+            self._built_with["val"] = self.record_filter
             self._over_budget(self.val_dataset, lengths, self.val_batch_max_tokens, self._val_budget)
             try:
                 # every validation sample once: padding repeated batches on some ranks would count them twice in
