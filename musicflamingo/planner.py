@@ -174,7 +174,7 @@ def parameter_counts(config: MusicFlamingoConfig) -> dict[str, int]:
 class GRPOSetup:
     """What a GRPO step adds (`musicflamingo.grpo`, `model.rollout` and `model.loss`): rollouts of `group_size`
     completions of up to `max_new_tokens` per prompt, `slots` decoded at once (None: all), updates over
-    `micro_batch_size` completions (whole groups), and with `kl` a frozen reference copy of full fine-tuning in
+    `micro_batch_size` completions (whole groups; below `group_size`, pieces of one), and with `kl` a frozen reference copy of full fine-tuning in
     `reference_bytes` per parameter (None: the weights' dtype); LoRA's reference is the model with adapters off."""
 
     group_size: int
@@ -566,7 +566,7 @@ def plan_grpo(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPlan:
     assert g is not None
     p = precision_of(setup.precision)
     G, budget = g.group_size, max(1, setup.tokens)
-    per = max(1, g.micro_batch_size // G)  # prompts per micro-batch (whole groups)
+    per = max(1, g.micro_batch_size // G)  # prompts per micro-batch (whole groups, or a piece of one)
     # Memory grows with P at a fixed B, so P = budget // B; the KV cache peaks near B = slots / G, the update near
     # B = per: those, and a spread of others
     counts = {1, 2, 4, 8, 16, 32, 64, per, per + 1}
@@ -589,7 +589,8 @@ def _grpo_plan_for(
     G, Nn, P = g.group_size, g.max_new_tokens, prompt_tokens
     windows = math.ceil(P / config.audio.tokens_per_window)  # audio fills the prompt, as in `step_windows`
     used = min(prompts, max(1, g.micro_batch_size // G))
-    m = used * G
+    # whole groups; below group_size, `grpo` splits a group into pieces of micro_batch_size completions
+    m = used * G if g.micro_batch_size >= G else g.micro_batch_size
     step = plan_training(
         config,
         replace(
