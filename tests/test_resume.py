@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -72,9 +73,37 @@ def _weights(objects: dict) -> dict[str, torch.Tensor]:
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
-    wa, wb = _weights(a), _weights(b)
+    """`a`, `b`: train() objects, or (`a`) the weights an `uninterrupted` run kept."""
+    wa = a if "model" not in a else _weights(a)
+    wb = _weights(b)
+    assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+@dataclass(frozen=True)
+class Straight:
+    run: Path  # the run folder (metrics.csv under csv/)
+    records: list[dict]  # the BatchIds probe's lines
+    weights: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):  # noqa: ANN001
+    """The uninterrupted run of a setting, trained once per module: the parametrizations that stop at different
+    steps compare their resumed runs against the same one (a fresh `train()` of the same overrides, as before).
+    Only what the tests read is kept (no trainer: its persistent DataLoader workers would outlive the run)."""
+    made: dict[tuple[str, ...], Straight] = {}
+
+    def get(overrides: list[str]) -> Straight:
+        key = tuple(overrides)
+        if key not in made:
+            tmp = tmp_path_factory.mktemp("straight")
+            objects, records = _run(tmp, "a", assets, overrides)
+            made[key] = Straight(tmp / "a" / "run", records, _weights(objects))
+        return made[key]
+
+    return get
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -119,17 +148,19 @@ def test_last_ckpt_holds_the_final_step_of_a_run_ending_between_saves(assets, tm
 
 @pytest.mark.parametrize("workers", [0, 1])
 @pytest.mark.parametrize("stop", [4, 6], ids=["epoch_end", "mid_epoch"])
-def test_resumed_run_with_dropout_draws_the_uninterrupted_runs_masks(stop, workers, assets, tmp_path):
+def test_resumed_run_with_dropout_draws_the_uninterrupted_runs_masks(
+    stop, workers, assets, tmp_path, uninterrupted
+):
     """Dropout > 0: the RNG states travel in the checkpoint, so the resumed run's losses and weights are the
     uninterrupted run's exactly, for a checkpoint at an epoch's end (4) and inside an epoch (6)."""
     w = [DROPOUT, f"data.num_workers={workers}"]
-    a, _ = _run(tmp_path, "a", assets, w + ["trainer.max_steps=8"])
+    a = uninterrupted(w + ["trainer.max_steps=8"])
     _run(tmp_path, "b", assets, w + [f"trainer.max_steps={stop}"])
     b, _ = _run(tmp_path, "b", assets, w + ["trainer.max_steps=8"])
     assert b["trainer"].global_step == 8
-    la, lb = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
+    la, lb = _losses(a.run), _losses(tmp_path / "b" / "run")
     assert la[stop:] == lb[-(8 - stop) :], (la, lb)
-    _assert_same_weights(a, b)
+    _assert_same_weights(a.weights, b)
 
 
 def _losses(run: Path) -> list[float]:
@@ -199,32 +230,34 @@ VAL = ["trainer.val_check_interval=2", "trainer.max_steps=8", DROPOUT]
 @pytest.mark.parametrize("workers", [0, 1])
 @pytest.mark.parametrize("stop", [4, 6], ids=["epoch_end", "mid_epoch"])
 def test_run_validating_inside_epochs_stopped_at_a_validation_step_resumes_the_same_losses(
-    stop, workers, assets, tmp_path
+    stop, workers, assets, tmp_path, uninterrupted
 ):
     """Validation every 2 steps and dropout: SIGTERM at a step followed by validation, then resume; the training
     losses of every step are the uninterrupted run's. (With persistent workers the uninterrupted run made its
     validation iterator once, at step 2, where the resumed run makes it again: no draw may come from it.)"""
     proc, manifest = assets
     val = [f"data.val={manifest}", f"data.num_workers={workers}"]
-    _run(tmp_path, "a", assets, val + VAL)
+    straight = uninterrupted(val + VAL)
     _stopped_by_sigterm(tmp_path, "b", assets, val + VAL, step=stop)
     _run(tmp_path, "b", assets, val + VAL)
-    a, b = _rows(tmp_path / "a" / "run"), _rows(tmp_path / "b" / "run")
+    a, b = _rows(straight.run), _rows(tmp_path / "b" / "run")
     assert [r for r in b if r[0] >= stop] == [r for r in a if r[0] >= stop]  # the resumed run's steps
-    assert [s for s, _ in _rows(tmp_path / "a" / "run", "val/loss")] == [1, 3, 5, 7]
+    assert [s for s, _ in _rows(straight.run, "val/loss")] == [1, 3, 5, 7]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
 @pytest.mark.parametrize("stop", [4, 3], ids=["epoch_end", "mid_epoch"])
-def test_resume_with_limit_train_batches_trains_the_uninterrupted_batches(stop, workers, assets, tmp_path):
+def test_resume_with_limit_train_batches_trains_the_uninterrupted_batches(
+    stop, workers, assets, tmp_path, uninterrupted
+):
     """limit_train_batches=2 of the sampler's 4: each epoch ends after 2 batches (Lightning's epoch), the next
     starts the next sampler epoch; a run stopped at such an end (or inside) and resumed trains the same batches
     with the same losses (dropout on)."""
     w = ["+trainer.limit_train_batches=2", DROPOUT, f"data.num_workers={workers}"]
-    a, straight = _run(tmp_path, "a", assets, w + ["trainer.max_steps=8"])
+    a = uninterrupted(w + ["trainer.max_steps=8"])
     _run(tmp_path, "b", assets, w + [f"trainer.max_steps={stop}"])
     b, resumed = _run(tmp_path, "b", assets, w + ["trainer.max_steps=8"])
-    assert [s[1] for s in _steps(straight)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert _steps(resumed) == _steps(straight)
-    assert _rows(tmp_path / "b" / "run") == _rows(tmp_path / "a" / "run")
-    _assert_same_weights(a, b)
+    assert [s[1] for s in _steps(a.records)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert _steps(resumed) == _steps(a.records)
+    assert _rows(tmp_path / "b" / "run") == _rows(a.run)
+    _assert_same_weights(a.weights, b)
