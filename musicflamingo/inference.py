@@ -319,11 +319,14 @@ class _Printer:
         finished: Sequence[bool],
         started: int | None = None,
         skipped: Mapping[int, str] | None = None,
+        stops: Sequence[str | None] | None = None,
     ) -> None:
         """`answers`: each request's text so far (an `engine.AnswerText`, read with `since`: never a piece of a stop
         string; or its text), or its token ids so far (decoded here: no stop strings).
         `started`: requests whose audio is read (all by default): a later one gets no header yet, as its file may
-        still fail to decode. `skipped`: requests given up (`skip_bad_audio`), with the reason, shown in turn."""
+        still fail to decode. `skipped`: requests given up (`skip_bad_audio`), with the reason, shown in turn.
+        `stops`: the stop string that ended each finished answer (None: none did), which think mode's parse reads
+        (`reasoning.parse_think`: a think answer cut before `</answer>` is complete)."""
         out = self.out
         if out is None:
             return
@@ -355,7 +358,7 @@ class _Printer:
             if not finished[i]:
                 break
             if self.view:
-                self.view.finish()
+                self.view.finish(stops[i] if stops else None)
             else:
                 out.write("\n")
             self.live, self.shown = False, i + 1
@@ -398,6 +401,7 @@ def generate_answers(
     finished = [False] * n
     skipped: dict[int, str] = {}  # request -> why its audio could not be used
     cut: list[int] = []  # requests whose answer ended at the token limit, not at a stop id or string
+    stopped: list[str | None] = [None] * n  # the stop string that ended each answer, if one did
     owner: dict[int, int] = {}  # slot -> request
     printer = _Printer(processor.tokenizer, labels, out, stream, think)
     t0, n_tokens, joined = time.perf_counter(), 0, 0
@@ -410,6 +414,7 @@ def generate_answers(
             finished[i] = True
             if s.finish_reason == "length":
                 cut.append(i)
+            stopped[i] = None if s.text is None else s.text.stop
             engine.release(slot)
             texts[i] = answers[i]
             if on_answer is not None:
@@ -445,7 +450,7 @@ def generate_answers(
         for slot, token in engine.step():
             n_tokens += 1
             record(slot, token)
-        printer.update(answers, finished, joined, skipped)
+        printer.update(answers, finished, joined, skipped, stopped)
     dt = time.perf_counter() - t0
     logger.info(
         "%d answers, %d new tokens in %.2f s (%.1f tokens/s)",
@@ -515,6 +520,7 @@ class ChatSession:
         self.end_of_turn_id = processor.tokenizer.require_id(END_OF_TURN)
         self.engine = Engine(model, slots=1, tokenizer=processor.tokenizer)
         self.turns = 0  # turns asked in this session: turn n samples from (seed, n)
+        self.last_stop: str | None = None  # the stop string that ended the last answer, if one did
         self.reset()
 
     @property
@@ -593,6 +599,7 @@ class ChatSession:
             engine.step()
         self.last_new_ids = list(slot.tokens)
         answer = slot.text.text
+        self.last_stop = slot.text.stop
         if slot.text.stop is not None:
             # a stop string cut the answer inside its tokens: keep those before it, then the rest of its text
             keep = slot.text.kept_tokens()
@@ -692,7 +699,7 @@ def run_chat(
             continue
         attach = None  # the audio now lives in the cache
         if view is not None:
-            view.finish()
+            view.finish(session.last_stop)  # a think answer cut before `</answer>` is complete
         else:
             out.write("\n")
         out.flush()

@@ -1,9 +1,10 @@
 """The evaluation loop: batched, resumable prediction, then scoring and reports.
 
 ``predictions.jsonl`` in the output folder is the checkpoint of a run: one ``{"id", "prediction"}`` line per
-finished item, appended batch by batch and flushed + fsync'd, so a killed run loses at most the batch in
-flight. On rerun, items already in the file are skipped; a torn last line (no trailing newline, or not valid
-JSON) left by a kill is cut off before appending. ``run.json`` records what produced the predictions
+finished item (with ``"stop"``, the stop string that ended the answer, when one did: see :class:`Prediction`),
+appended batch by batch and flushed + fsync'd, so a killed run loses at most the batch in flight. On rerun, items
+already in the file are skipped; a torn last line (no trailing newline, or not valid JSON) left by a kill is cut
+off before appending. ``run.json`` records what produced the predictions
 (benchmark, data file, checkpoint path, dtype and a fingerprint of the checkpoint's files, prompt settings) so
 a rerun into the same folder with different settings or re-saved weights fails instead of mixing predictions.
 ``eval.lock`` (:class:`EvalLock`) refuses a second run into a folder while one writes there; the run that holds
@@ -57,6 +58,20 @@ log = logging.getLogger(__name__)
 
 PredictFn = Callable[[list[EvalItem]], list[str]]
 PREDICTIONS_FILE = "predictions.jsonl"
+
+
+class Prediction(str):
+    """An answer a ``predict_fn`` returns, ``stop`` naming the stop string that ended it (None: a stop id or the token
+    limit did), which the answer leaves out. ``predictions.jsonl`` records it beside the text, and think mode's parse
+    reads it (:func:`~musicflamingo.reasoning.parse_think`: a think answer cut before its ``</answer>`` stop string
+    is complete, not broken). A plain ``str`` answer is one no stop string ended."""
+
+    stop: str | None
+
+    def __new__(cls, text: str, stop: str | None = None) -> Prediction:
+        obj = super().__new__(cls, text)
+        obj.stop = stop
+        return obj
 
 
 class EvalConfigError(ValueError):
@@ -124,8 +139,12 @@ def stop_on_sigterm(predictions: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------------------
 # predictions.jsonl
 # --------------------------------------------------------------------------------------------------------------
-def load_predictions(path: str | Path, *, repair: bool = True) -> dict[str, str]:
-    """Read ``{id: prediction}`` from a predictions file (missing file: empty).
+def load_predictions(
+    path: str | Path, *, repair: bool = True, stops: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Read ``{id: prediction}`` from a predictions file (missing file: empty). ``stops``: a dict that gets
+    ``{id: stop string}`` for the lines that name the stop string that ended their answer (lines without one, as
+    files written before it was recorded: none).
 
     A last line without its newline, or a last line that is not valid JSON, is a write interrupted by a kill:
     with ``repair=True`` the file is truncated to the end of the last good line. Damage elsewhere raises
@@ -151,6 +170,8 @@ def load_predictions(path: str | Path, *, repair: bool = True) -> dict[str, str]
             raise PredictionsFileError(
                 f"{path}:{lineno}: not a {{'id', 'prediction'}} JSON line; fix or delete the file to start over"
             ) from None
+        if pid not in preds and stops is not None and isinstance(rec.get("stop"), str) and rec["stop"]:
+            stops[pid] = rec["stop"]
         preds.setdefault(pid, "" if pred is None else str(pred))
     if keep < len(data):
         if not repair:
@@ -233,9 +254,11 @@ def predict_items(
     desc: str = "eval",
     length: Callable[[EvalItem], float] | None = None,
     unreadable: dict[str, str] | None = None,
+    stops: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Predict every item not yet in ``path`` (batches of ``batch_size``), appending as it goes; returns all
-    predictions of the file, old and new.
+    predictions of the file, old and new. ``stops``: a dict that gets ``{id: stop string}`` for the answers a stop
+    string ended (a :class:`Prediction`'s ``stop``, recorded in the file as ``"stop"``), old and new.
 
     With ``length`` (e.g. :func:`item_seconds`) the items are batched longest first instead of in file order
     (stable among equal lengths): a batch is padded to its longest prompt, and a 5 min song among 30 s clips
@@ -256,7 +279,7 @@ def predict_items(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    preds = load_predictions(path)
+    preds = load_predictions(path, stops=stops)
     todo = [it for it in items if it.id not in preds]
     if len(todo) < len(items):
         log.info("resuming: %d of %d items already predicted in %s", len(items) - len(todo), len(items), path)
@@ -280,10 +303,12 @@ def predict_items(
                 got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
                 raise ValueError(f"predict_fn returned {got} answers for a batch of {len(batch)} items")
             answers = ["" if p is None else str(p) for p in out]
-            text = "".join(
-                json.dumps({"id": it.id, "prediction": p}, ensure_ascii=False) + "\n"
-                for it, p in zip(batch, answers)
-            )
+            ended = [getattr(p, "stop", None) for p in out]  # a Prediction's stop string
+            rows = [
+                {"id": it.id, "prediction": p, **({"stop": e} if isinstance(e, str) and e else {})}
+                for it, p, e in zip(batch, answers, ended)
+            ]
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             try:  # one write per batch, then fsync: a kill tears at most this batch's tail
                 data = memoryview(text.encode("utf-8"))
                 while data:  # a raw write may be short
@@ -297,6 +322,8 @@ def predict_items(
                     str(path),
                 ) from e
             preds.update({it.id: p for it, p in zip(batch, answers)})
+            if stops is not None:
+                stops.update({r["id"]: r["stop"] for r in rows if "stop" in r})
             bar.update(len(batch))
             if lines is not None:
                 lines.update(len(batch))
@@ -357,6 +384,7 @@ def run_benchmark(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unreadable: dict[str, str] | None = {} if skip_unreadable else None
+    stops: dict[str, str] = {}  # id -> the stop string that ended its answer (think: cut before </answer>)
     preds = predict_items(
         items,
         predict_fn,
@@ -366,6 +394,7 @@ def run_benchmark(
         desc=name,
         length=length,
         unreadable=unreadable,
+        stops=stops,
     )
     # scoring and the report take seconds at 10k items (captions): a line, so a job log does not look stalled
     log.info(
@@ -373,7 +402,7 @@ def run_benchmark(
     )
     if think:  # this run's items only: the file may hold more (a rerun with `limit`, audio skipped since)
         preds, think_rows, think_summary = think_report(
-            {it.id: preds[it.id] for it in items if it.id in preds}
+            {it.id: preds[it.id] for it in items if it.id in preds}, stops=stops
         )
     tasks, rows = score_items(items, preds, cer_languages=cer_languages)
     if think:
@@ -541,10 +570,11 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
             **feeds, max_new_tokens=max_new_tokens, do_sample=False, stop_token_ids=stops, **extra
         )
         new = out[:, feeds["input_ids"].shape[1] :].cpu()
-        if stop_strings:  # each answer cut before its stop string, as the engine cut infer.py's
-            return [
-                answer_text(processor.tokenizer, row, stop_strings, stops).strip() for row in new.tolist()
+        if stop_strings:  # each answer cut before its stop string, as the engine cut infer.py's, naming it
+            cut = [
+                AnswerText.of_tokens(processor.tokenizer, row, stop_strings, stops) for row in new.tolist()
             ]
+            return [Prediction(a.text.strip(), a.stop) for a in cut]
         return [t.strip() for t in decode(new)]
 
     return predict
