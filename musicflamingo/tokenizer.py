@@ -301,18 +301,26 @@ class IncrementalDecoder:
 
     Decodes a short window `ids[prefix:]` and emits what it adds to `ids[prefix:read]` (the vLLM scheme): the
     window keeps a little left context so SentencePiece's leading-space rule and byte-level BPE pieces of one
-    character decode right; a trailing U+FFFD means an incomplete character, so nothing is emitted yet.
+    character decode right; a trailing U+FFFD means an incomplete character, so nothing is emitted yet. Special
+    tokens that decoding skips never enter the window (a run of them decodes to nothing: the window would grow with
+    it, each token decoding the whole run again).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix = 0
+        self.ids: list[int] = []  # every token pushed
+        self._decoded: list[int] = []  # those that decode to text (skipped special tokens left out)
+        self._skipped = tokenizer.special_token_ids if skip_special_tokens else set()
+        self.prefix = 0  # into _decoded
         self.read = 0
 
     def push(self, token: int) -> str:
-        self.ids.append(int(token))
+        token = int(token)
+        self.ids.append(token)
+        if token in self._skipped:
+            return ""
+        self._decoded.append(token)
         return self._emit(final=False)
 
     def flush(self) -> str:
@@ -320,10 +328,10 @@ class IncrementalDecoder:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
-        after = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
+        before = self.tokenizer.decode(self._decoded[self.prefix : self.read], self.skip)
+        after = self.tokenizer.decode(self._decoded[self.prefix :], self.skip)
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.prefix, self.read = self.read, len(self.ids)
+            self.prefix, self.read = self.read, len(self._decoded)
             return after[len(before) :]
         return ""
 
