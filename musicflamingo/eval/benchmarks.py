@@ -1032,9 +1032,12 @@ def read_musiccaps(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         ytid = _field(rec, "ytid", where)
         try:
             start, end = float(_field(rec, "start_s", where)), float(_field(rec, "end_s", where))
+            if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):  # "nan", "inf" parse
+                raise ValueError
         except ValueError:
             raise BenchmarkError(
-                f"{where}: start_s/end_s must be numbers, got {rec.get('start_s')!r}, {rec.get('end_s')!r}"
+                f"{where}: start_s/end_s must be numbers of seconds with 0 <= start_s < end_s, got "
+                f"{rec.get('start_s')!r}, {rec.get('end_s')!r}"
             ) from None
         fmt = {k: rec.get(k) for k in rec} | {"ytid": ytid, "start_s": int(start), "end_s": int(end)}
         if template:
@@ -1127,12 +1130,15 @@ _NUMBER_ALIASES = {
 } | {"more than ten": ["more than 10"]}
 
 
+_AVQA_SLOT = re.compile(r"<[^<>]*>")
+
+
 def read_music_avqa(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     """MUSIC-AVQA (github.com/GeWu-Lab/MUSIC-AVQA): ``avqa-<split>.json`` (``data/json_update/``, the
     corrected release, preferred over ``data/json/``), a list of ``{video_id, question_id, type,
-    question_content, templ_values, question_deleted, anser}`` (sic: "anser"). ``<Object>`` placeholders are
-    filled from ``templ_values`` in order. ``modalities`` keeps question types by their first element
-    (default ``[Audio]``: the audio-only questions). The answer is open (yes / no, a number word, ...): the
+    question_content, templ_values, question_deleted, anser}`` (sic: "anser"). The placeholders (``<Object>``,
+    ``<LR>``, ``<FL>``, ``<TH>``, ...) are filled from ``templ_values`` in order. ``modalities`` keeps question
+    types by their first element (default ``[Audio]``: the audio-only questions). The answer is open (yes / no, a number word, ...): the
     choices an answer is parsed against are the answers the same question template has in the file.
     Audio: ``<video_id>.wav`` anywhere under ``audio_dir`` (default: ``root``)."""
     split = str(cfg.get("split") or "test")
@@ -1156,10 +1162,20 @@ def read_music_avqa(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     for _, where, rec in read_records(path):
         read.rows += 1
         try:
-            qtype = [str(t) for t in json.loads(_field(rec, "type", where))]
-            values = [str(v) for v in json.loads(rec.get("templ_values") or "[]")]
+            qtype = json.loads(_field(rec, "type", where))
+            values = json.loads(rec.get("templ_values") or "[]")
+            if not (isinstance(qtype, list) and qtype and isinstance(values, list)):
+                raise TypeError
+            qtype, values = [str(t) for t in qtype], [str(v) for v in values]
         except (json.JSONDecodeError, TypeError):
-            raise BenchmarkError(f"{where}: fields 'type' / 'templ_values' should hold JSON lists") from None
+            raise BenchmarkError(
+                f"{where}: fields 'type' / 'templ_values' should hold JSON lists (as '[\"Audio\", \"Counting\"]'"
+                f" / '[\"violin\"]'), got {rec.get('type')!r} / {rec.get('templ_values')!r}"
+            ) from None
+        if str(rec.get("question_deleted") or 0).strip() not in ("0", "1"):
+            raise BenchmarkError(
+                f"{where}: field 'question_deleted' should be 0 or 1, got {rec['question_deleted']!r}"
+            )
         if int(rec.get("question_deleted") or 0):
             read.skip("question_deleted")
             continue
@@ -1175,8 +1191,18 @@ def read_music_avqa(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     items = []
     for where, rec, qtype, values in rows:
         question = _field(rec, "question_content", where).strip()
-        for v in values:
-            question = question.replace("<Object>", v.replace("_", " "), 1)
+        # every "<...>" slot (<Object>, <LR>, <FL>, <TH>, <LRer>, <LL>, <BA>) takes the next value, as the
+        # release's own loader fills them (net_grd_avst/dataloader_avst.py: each word holding "<", in order)
+        slots = _AVQA_SLOT.findall(question)
+        if len(slots) != len(values):
+            raise BenchmarkError(
+                f"{where}: field 'templ_values' has {len(values)} value(s) {values} for the {len(slots)} "
+                f"slot(s) {slots} of question_content {question!r}"
+            )
+        parts = _AVQA_SLOT.split(question)  # text, value, text, ...: len(values) + 1 pieces of text
+        question = "".join(
+            p + (values[k].replace("_", " ") if k < len(values) else "") for k, p in enumerate(parts)
+        )
         choices = sorted(answers_by_template[str(rec["question_content"])])
         if len(choices) < 2:  # a template whose rows all share one answer: parse against yes/no or numbers
             fallback = {"yes", "no"} if choices[0] in ("yes", "no") else set(_NUMBER_ALIASES)

@@ -148,6 +148,17 @@ def _letter_index(letter: str, num_options: int) -> int | None:
     return idx if idx < num_options else None
 
 
+def _also_text(letter: str, i: int, choices: Sequence[str], rest: str = "") -> int | None:
+    """The option whose whole text is ``letter`` when that is another option than letter ``i`` names: note and
+    chord names ("D" among (A) G (B) A# (C) D (D) E, MMAU's harmony questions) or a one-letter word ("a"). An
+    unbracketed "D" then names two options ("(D)" is a letter), unless ``rest`` (the answer after the letter)
+    goes on with option ``i``'s text ("Answer: C. E")."""
+    same = next((j for j, c in enumerate(choices) if str(c).strip().lower() == letter.lower()), None)
+    if same is None or _first_same(same, choices) == _first_same(i, choices):
+        return None
+    return None if _contains_phrase(normalize_text(rest), normalize_text(choices[i])) else same
+
+
 def _first_same(i: int, choices: Sequence[str]) -> int:
     """The first option whose text is option ``i``'s text (a repeated option names one answer)."""
     text = str(choices[i]).strip()
@@ -190,7 +201,9 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     Rules 1-3 read the answer NFKC-normalised (full-width "（B）" is "(B)") and without markdown emphasis and
     quotes ("**B**", "The answer is \"B\"").
     A capital after "answer is" that starts words is no letter: "I" ("Answer: I think ...") or an option's own
-    text ("The answer is A minor", "Answer: A male vocalist"); rule 4 reads those.
+    text ("The answer is A minor", "Answer: A male vocalist"); rule 4 reads those. An unbracketed letter that is
+    also another option's whole text (chord and note names: "D" among (A) G (B) A# (C) D (D) E) names two
+    options: ambiguous in rules 1-3, unless its own option's text follows it ("Answer: C. E"); "(D)" is a letter.
 
     Letters beyond the number of options are ignored. Empty or unmatched answers are ``unparsed``.
     """
@@ -203,23 +216,31 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     plain = _EMPHASIS.sub("", unicodedata.normalize("NFKC", text))
     m = _BARE.match(plain)
     if m and (idx := _letter_index(m.group(1), n)) is not None:
+        if not re.search(r"[\(\)\[\]]", plain) and _also_text(m.group(1), idx, choices) is not None:
+            return ChoiceParse(None, "ambiguous", "bare")  # "D": letter D, or the option whose text is "D"
         return ChoiceParse(idx, "ok", "bare")
 
     stated = [
-        (bool(x.group(1)), {i, *_listed_after(plain, x.end(), n)})
+        (bool(x.group(1)), {i, *_listed_after(plain, x.end(), n)}, x)
         for x in _ANSWER_IS.finditer(plain)
         if (i := _letter_index(x.group(3), n)) is not None and not _is_a_word(plain, x, choices)
     ]
     if stated:
-        said = [i for is_answer, i in stated if is_answer] or [i for _, i in stated]
-        named = {_first_same(i, choices) for i in said[-1]}
+        said = [(i, x) for is_answer, i, x in stated if is_answer] or [(i, x) for _, i, x in stated]
+        last, x = said[-1]
+        i = _letter_index(x.group(3), n)
+        if not x.group(2) and (j := _also_text(x.group(3), i, choices, plain[x.end() :])) is not None:
+            last = {*last, j}  # "The answer is C" among chord names: the letter C, or the chord C
+        named = {_first_same(i, choices) for i in last}
         if len(named) > 1:  # "the answer is B or C": no one option (MuChoMusic's and MMAU's scorers agree)
             return ChoiceParse(None, "ambiguous", "answer_is")
-        return ChoiceParse(min(said[-1]), "ok", "answer_is")
+        return ChoiceParse(min(last), "ok", "answer_is")
 
     letters = {i for x in _PAREN.finditer(plain) if (i := _letter_index(x.group(1), n)) is not None}
     if (m := _LEADING.match(plain)) and (i := _letter_index(m.group(1), n)) is not None:
         letters.add(i)
+        if (j := _also_text(m.group(1), i, choices, plain[m.end() :])) is not None:
+            letters.add(j)  # "C.\n..." among chord names: the letter C, or the chord C
     if len(letters) > 1 and len({_first_same(i, choices) for i in letters}) == 1:
         letters = {min(letters)}  # "(A) 1.63 seconds ... (D) 1.63 seconds": one answer under two letters
     if len(letters) == 1:
