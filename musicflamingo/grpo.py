@@ -1004,7 +1004,7 @@ class GRPOLit(MusicFlamingoLit):
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (this one alone without DDP)."""
-        return bool(self._all_reduce(torch.tensor(float(flag)), "max").item() > 0)
+        return bool(self._all_reduce(torch.tensor(float(flag), dtype=torch.float32), "max").item() > 0)
 
     def _group_inputs(
         self, batch: Mapping[str, Any], roll: Rollouts, pairs: Sequence[tuple[int, int]]
@@ -1060,7 +1060,7 @@ class GRPOLit(MusicFlamingoLit):
         # world size, which DDP's gradient averaging divides out again).
         n_tokens = sum(len(t) for b in keep for t in roll.completions[b])
         total_tokens = float(self._all_reduce(torch.tensor(float(n_tokens), dtype=torch.float64), "sum"))
-        max_micro = int(self._all_reduce(torch.tensor(float(len(micro))), "max").item())
+        max_micro = int(self._all_reduce(torch.tensor(float(len(micro)), dtype=torch.float32), "max").item())
         world = self.trainer.world_size if self._trainer is not None else 1
         scale = world / max(total_tokens, 1.0)
 
@@ -1126,7 +1126,7 @@ class GRPOLit(MusicFlamingoLit):
             scheduler.step()
 
         self._log_step(roll, zero, stats, grad_norm, stops, time.perf_counter() - t0)
-        return torch.tensor(stats["loss"] / max(stats["tokens"], 1.0))
+        return torch.tensor(stats["loss"] / max(stats["tokens"], 1.0), dtype=torch.float32)
 
     @torch.no_grad()
     def _no_grad_logprobs(self, *args: Any) -> torch.Tensor:

@@ -56,7 +56,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) -> cos, sin (B, T, head_dim) in `dtype` (computed in float32, then cast)."""
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            # FSDP's mixed precision (Lightning's for bf16-mixed/true) casts buffers in place (`buffer.data = ...`),
+            # past `_apply`: bf16 frequencies put far positions off by radians. Use float32 ones all the same.
+            inv_freq = self.compute_inv_freq(position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

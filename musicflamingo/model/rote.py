@@ -68,11 +68,17 @@ class RotaryTimeEmbedding(nn.Module):
             raise ValueError(
                 f"RoTE supports at most {self.position_angles.shape[0]} frames per window, got {T}"
             )
-        timestamps = timestamps.to(device=self.inv_freq.device, dtype=torch.float32)
+        inv_freq, angles = self.inv_freq, self.position_angles
+        if inv_freq.dtype != torch.float32 or angles.dtype != torch.float32:
+            # FSDP's mixed precision (Lightning's for bf16-mixed/true) casts buffers in place (`buffer.data = ...`),
+            # past `_apply`: bf16 angles put the frames of later seconds off by radians. Use float32 ones.
+            inv_freq = self.compute_inv_freq(inv_freq.device)
+            angles = self.compute_position_angles(inv_freq)
+        timestamps = timestamps.to(device=inv_freq.device, dtype=torch.float32)
         window_duration = self.frame_step * 4 * T  # Python float: 0.01*4*750 == 30.0 exactly
         window_pos = torch.round(timestamps[:, 0] / window_duration) / self.max_positions  # (W,) = w_idx/1200
-        win = torch.repeat_interleave(window_pos[:, None] * self.inv_freq, 2, dim=-1)  # (W, dim)
-        win, tim = torch.broadcast_tensors(win[:, None, :], self.position_angles[:T][None, :, :])
+        win = torch.repeat_interleave(window_pos[:, None] * inv_freq, 2, dim=-1)  # (W, dim)
+        win, tim = torch.broadcast_tensors(win[:, None, :], angles[:T][None, :, :])
         freqs = torch.cat((win, tim), dim=-1)  # (W, T, 2*dim): window axis first, time axis second
         angle = (-timestamps * 2 * pi).to(freqs)
         freqs = freqs * angle[..., None]
@@ -127,7 +133,11 @@ def build_audio_timestamps(
     W = post_lengths.shape[0]
     if quirk:
         # Reference algorithm: a window belongs to the audio whose token run contains its first token offset.
-        first_token = torch.cat([torch.zeros(1, device=device), torch.cumsum(post_lengths, 0)[:-1]])
+        # Integer offsets: a float tensor here takes torch's default dtype, which Lightning sets to bfloat16 for
+        # the forward under trainer.precision=bf16-true; bf16 holds integers exactly only up to 256, so the token
+        # offsets of later windows rounded across an audio's boundary (windows given to the wrong audio).
+        post = post_lengths.long()
+        first_token = torch.cat([post.new_zeros(1), torch.cumsum(post, 0)[:-1]])
         audio_of_window = torch.searchsorted(torch.cumsum(run_lengths, 0), first_token, right=True)
         if W and int(audio_of_window.max()) >= run_lengths.shape[0]:
             raise IndexError(
@@ -138,7 +148,9 @@ def build_audio_timestamps(
         window_idx = torch.arange(W, device=device) - first_row[audio_of_window]
     else:
         window_idx = _window_index_by_audio(run_lengths, post_lengths)
-    return window_idx[:, None] * frames_per_window * step + offsets
+    # float32 explicitly: `long * float` would take the default dtype (bfloat16 under bf16-true: window 19 of 30 s
+    # windows started at 568 s, not 570)
+    return (window_idx[:, None] * frames_per_window).to(torch.float32) * step + offsets
 
 
 def _window_index_by_audio(run_lengths: torch.Tensor, post_lengths: torch.Tensor) -> torch.Tensor:
