@@ -376,9 +376,8 @@ class MusicFlamingoDataModule(L.LightningDataModule):
                 ds = ConversationDataset(found.records, self.processor, **self.dataset_kwargs)
                 keep = None if keep_fn is None else self._kept(ds.records, keep_fn)
                 known = found.tokens
-                if keep is not None and len(keep) < len(
-                    ds
-                ):  # the records left out are never estimated (read)
+                if keep is not None and len(keep) < len(ds):
+                    # the records left out are never estimated (read): a known length of 0 stands for theirs
                     known = np.full(len(ds), -1, dtype=np.int64) if known is None else np.array(known)
                     known[np.setdiff1d(np.arange(len(ds)), keep)] = 0
                 n = np.asarray(ds.estimate_lengths(known, found.seconds), dtype=np.int64)
