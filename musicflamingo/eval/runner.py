@@ -645,9 +645,8 @@ def _check_run_identity(
             old = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             old = e
-        if not isinstance(
-            old, dict
-        ):  # damaged (a disk that filled up): the predictions' settings are unknown
+        if not isinstance(old, dict):
+            # damaged (a disk that filled up): the predictions' settings are unknown
             why = str(old) if isinstance(old, Exception) else f"a JSON {type(old).__name__}"
             raise EvalConfigError(
                 f"{path}: not the JSON object of settings eval.py writes ({why}); it records what produced "
