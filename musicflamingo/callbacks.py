@@ -114,6 +114,7 @@ class BadSampleReport(Callback):
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._warned: tuple[int, int] | None = None  # the counts last warned about
 
     def _write(self, trainer: L.Trainer) -> None:
         dm = trainer.datamodule
@@ -125,7 +126,9 @@ class BadSampleReport(Callback):
         summary = {"bad": tracker.num_bad, "seen": tracker.num_seen, "fraction": tracker.bad_fraction}
         text = json.dumps(summary, indent=2) + "\n"
         replace_file(self.path.with_suffix(".summary.json"), lambda p: p.write_text(text, encoding="utf-8"))
-        if tracker.num_bad:
+        # once per count: the run's end follows the final step's checkpoint, which had said the same
+        if tracker.num_bad and self._warned != (tracker.num_bad, tracker.num_seen):
+            self._warned = (tracker.num_bad, tracker.num_seen)
             log.warning(
                 "skipped %d of %d training samples; see %s", tracker.num_bad, tracker.num_seen, self.path
             )
@@ -435,12 +438,18 @@ class ProgressLog(Callback):
         self._tokens = 0.0
         self._start_step = 0
         self._last_step = -1
+        self._early_stops: list[str | None] = []
 
     def _active(self, trainer: L.Trainer) -> bool:
         return trainer.is_global_zero and (self.on_terminal or not stderr_is_terminal())
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._tokens, self._start_step = time.perf_counter(), 0.0, trainer.global_step
+        # an early stop a resumed checkpoint recorded is not this run's
+        self._early_stops = [
+            getattr(cb, "stopping_reason_message", None)
+            for cb in getattr(trainer, "early_stopping_callbacks", [])
+        ]
         if self._active(trainer):
             log.info("training from step %d to %s", trainer.global_step, _total_steps(trainer) or "the end")
 
@@ -459,6 +468,8 @@ class ProgressLog(Callback):
         # the final step, when it was not a multiple of every_n_steps (a 30-step run logged no line at all)
         if trainer.global_step not in (self._last_step, self._start_step):
             self._line(trainer)
+        if trainer.is_global_zero:
+            _say_why_stopped_early(trainer, self._early_stops)
 
     def _line(self, trainer: L.Trainer) -> None:
         if not self._active(trainer):
@@ -485,6 +496,25 @@ class ProgressLog(Callback):
             _clock(elapsed),
             _clock(eta) if eta is not None else "n/a",
         )
+
+
+def _say_why_stopped_early(trainer: L.Trainer, at_start: list[str | None]) -> None:
+    """Log why an `EarlyStopping` callback ended the run before `trainer.max_steps`: Lightning says nothing unless
+    its `verbose=true`, so a 30-step run ended at step 4 with no line telling why (or that it was not a crash).
+    `at_start`: each callback's message when training started (a resumed checkpoint's; each stop makes a new one)."""
+    total = _total_steps(trainer)
+    if not getattr(trainer, "should_stop", False) or (total is not None and trainer.global_step >= total):
+        return
+    for i, cb in enumerate(getattr(trainer, "early_stopping_callbacks", [])):
+        reason = getattr(cb, "stopping_reason_message", None)
+        if reason and (i >= len(at_start) or reason is not at_start[i]):
+            log.info(
+                "training stopped early at step %d%s by %s: %s",
+                trainer.global_step,
+                f" of {total}" if total else "",
+                type(cb).__name__,
+                reason,
+            )
 
 
 def _total_steps(trainer: L.Trainer) -> int | None:

@@ -241,6 +241,32 @@ class MusicFlamingoLit(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._t0 = time.perf_counter()
+        self._forget_last_step_metrics()
+
+    # cumulative counts: their last value stays true until they are logged again
+    _KEPT_STEP_METRICS = frozenset({"train/nonfinite_steps"})
+
+    def _forget_last_step_metrics(self) -> None:
+        """Drop the previous step's per-step values as this step begins: Lightning writes every value still held
+        into the step's row, so a skipped step (a non-finite loss under `nonfinite_loss=skip`, every rank's batch
+        empty), which logs no `train/loss`, `train/label_tokens` or `train/grad_norm`, repeated the previous step's
+        in metrics.csv as if it had trained. A new step: the global step moved (automatic optimization: the first
+        batch of an accumulation window), or every batch (manual optimization: a row per batch)."""
+        results = getattr(self._trainer, "_results", None) if self._trainer is not None else None
+        if results is None:
+            return
+        step = self.trainer.global_step
+        if self.automatic_optimization and step == getattr(self, "_metrics_step", None):
+            return
+        self._metrics_step = step
+        for metric in results.values():
+            meta = getattr(metric, "meta", None)
+            if meta is None or not meta.on_step or meta.on_epoch or meta.name in self._KEPT_STEP_METRICS:
+                continue
+            # a torchmetrics object logged whole accumulates as its owner says: not ours to reset
+            if not getattr(metric, "is_tensor", False):
+                continue
+            metric.reset()
 
     def _sharded(self) -> bool:
         """FSDP over several processes: every forward all-gathers each unit's weights."""
@@ -387,6 +413,8 @@ class MusicFlamingoLit(L.LightningModule):
             else float(batch["input_ids"].numel())
         )
         self.log("train/tokens_per_s", tokens / max(dt, 1e-9), prog_bar=True, batch_size=1)
+        if self.nonfinite_steps:  # every row from the first skip on, a resumed run's too (a running count)
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
 
     def _log_step_metrics(self, optimizer: torch.optim.Optimizer) -> float:
         """`train/loss` (mean over the step's label tokens, all batches and ranks), `train/label_tokens` (their
@@ -539,6 +567,7 @@ class MusicFlamingoLit(L.LightningModule):
         Sharded strategies (FSDP) keep Lightning's checks of weights and optimizer."""
         path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
         self._resumed_schedule = checkpoint.get("lr_schedule")
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         self._check_resumed_data(checkpoint, path)
         strategy = self.trainer.strategy if self._trainer is not None else None
         if strategy is not None and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
@@ -681,6 +710,8 @@ class MusicFlamingoLit(L.LightningModule):
             checkpoint["lora_scales"] = scales
         if self._schedule:
             checkpoint["lr_schedule"] = dict(self._schedule)
+        # a count over the whole run: a resumed run's first skip is not its first
+        checkpoint["nonfinite_steps"] = int(self.nonfinite_steps)
 
     def on_train_start(self) -> None:
         """A resume under another LR schedule (model.scheduler.*; its max_steps follows trainer.max_steps unless

@@ -32,6 +32,7 @@ from musicflamingo.callbacks import (
     StopOnSignal,
 )
 from musicflamingo.checkpoint import check_save_target
+from musicflamingo.data.dataset import TooManyBadSamplesError
 from musicflamingo.lit import export_model
 from musicflamingo.model.peft_format import save_peft_adapter
 from musicflamingo.planner import check_training
@@ -206,6 +207,34 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     )
 
 
+def check_checkpoint_monitor(settings: Mapping[str, Any]) -> None:
+    """Refuse a `ModelCheckpoint` that would rank its files by a validation metric (`monitor: val/...`) it cannot
+    have fresh. Saved every N steps (`every_n_train_steps`, `train_time_interval`), a file is written at the step's
+    end, before that step's validation: each was ranked by the previous validation's value (top-k kept the wrong
+    files, silently). Without `data.val` no value ever comes: no file was kept but `last.ckpt`, silently too."""
+    callbacks = settings.get("callbacks") or {}
+    has_val = bool((settings.get("data") or {}).get("val"))
+    for key, cb in callbacks.items():
+        if not isinstance(cb, Mapping) or not str(cb.get("_target_", "")).endswith("ModelCheckpoint"):
+            continue
+        monitor = cb.get("monitor")
+        if not isinstance(monitor, str) or not monitor.startswith("val/"):
+            continue
+        if not has_val:
+            raise SettingsError(
+                f"callbacks.{key}.monitor={monitor}: no validation set (data.val) logs it, so no checkpoint but "
+                f"last.ckpt would be kept; set data.val, or callbacks.{key}.monitor=null"
+            )
+        timed = [k for k in ("every_n_train_steps", "train_time_interval") if cb.get(k)]
+        if timed:
+            raise SettingsError(
+                f"callbacks.{key}.monitor={monitor} with callbacks.{key}.{timed[0]}={cb[timed[0]]}: those files "
+                "are saved before the step's validation and would be ranked by the previous validation's "
+                f"{monitor}; set callbacks.{key}.{timed[0]}=null to save after each validation "
+                "(trainer.val_check_interval), ranked by its own value"
+            )
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the model described by `cfg`; returns (metrics, objects) so tests can inspect both.
 
@@ -218,6 +247,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     settings = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     check_train_settings(settings)
     check_object_groups(settings)
+    check_checkpoint_monitor(settings)
     # the memory plan from the settings alone: `plan=true` prints it and stops; a run predicted not to fit the
     # device is refused here, before any weight is built (`memory_check=false` skips the refusal)
     plan = check_training(settings)
@@ -242,11 +272,29 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             )
         if lock is not None and ckpt is None:
             save_run_config(cfg, output_dir)
-        return _fit(cfg, output_dir, stopper, ckpt, save_config=lock is not None and ckpt is not None)
+        try:
+            return _fit(cfg, output_dir, stopper, ckpt, save_config=lock is not None and ckpt is not None)
+        except BaseException as e:
+            if lock is not None:
+                _log_to_files(e)
+            raise
     finally:
         stopper.restore()
         if lock is not None:
             lock.release()
+
+
+def _log_to_files(e: BaseException) -> None:
+    """Write why the run ended early to the log files (the run folder's `train.log`): `cli.run_cli` prints the one
+    line on the console only, so the log of a run stopped for too many bad samples or a NaN loss ended as a
+    finished run's does. The console handlers are left out (the line is printed there already)."""
+    first = next((x for x in str(e).splitlines() if x.strip()), "")
+    record = log.makeRecord(
+        log.name, logging.ERROR, __file__, 0, "run ended by %s: %s", (type(e).__name__, first), None
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 class _SaveRunConfig(L.Callback):
@@ -303,7 +351,18 @@ def _fit(
     # (a wrong audio_root) never reached the in-run check (after 100 samples) and exported an untrained model
     tracker = getattr(datamodule, "train_bad_samples", None)
     if tracker is not None:
-        tracker.check(final=True)
+        try:
+            tracker.check(final=True)
+        except TooManyBadSamplesError as e:
+            # what the stop leaves out is what this run would have written (not an export under export=false)
+            left_out = [
+                what
+                for key, what in (("export", "the model"), ("export_adapters", "the adapters"))
+                if cfg.get(key)
+            ]
+            verb = "is" if left_out == ["the model"] else "are"
+            not_written = f"{' and '.join(left_out)} {verb} not exported; " if left_out else ""
+            raise TooManyBadSamplesError(f"{e}; {not_written}checkpoints are kept") from None
 
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1

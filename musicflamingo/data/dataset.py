@@ -114,10 +114,11 @@ class BadSampleTracker:
         ):
             return
         if self.bad_fraction > self.max_bad_fraction:
+            first = next(iter(self.bad.values()), None)
             raise TooManyBadSamplesError(
                 f"{self.num_bad} of {self.num_seen} samples were skipped ({self.bad_fraction:.1%}), more than "
-                f"max_bad_fraction={self.max_bad_fraction:.1%}; first: {next(iter(self.bad.values()), None)}"
-                + ("; the model is not exported (checkpoints are kept)" if final else "")
+                f"max_bad_fraction={self.max_bad_fraction:.1%}"
+                + ("" if first is None else f"; first: {first.id!r} ({first.source}): {first.reason}")
             )
 
     def write_jsonl(self, path: str | os.PathLike) -> None:
