@@ -111,7 +111,9 @@ class MusicFlamingoFSDP(FSDPStrategy):
         params = self.replicated
         if not params or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        present = torch.tensor(
+            [float(p.grad is not None) for p in params], device=params[0].device, dtype=torch.float32
+        )
         dist.all_reduce(present)
         live = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
         for p in live:

@@ -343,7 +343,9 @@ class MusicFlamingoLit(L.LightningModule):
             # Under DDP every rank must run backward (the gradients are reduced inside it) and take the same
             # decision: a non-finite loss on any rank skips (or stops) the step on all of them.
             flags = torch.tensor(
-                [float(nonfinite), float(out is not None and not nonfinite)], device=self.device
+                [float(nonfinite), float(out is not None and not nonfinite)],
+                device=self.device,
+                dtype=torch.float32,
             )
             flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
             nonfinite_anywhere, learned_anywhere = bool(flags[0] > 0), bool(flags[1] > 0)
@@ -492,7 +494,10 @@ class MusicFlamingoLit(L.LightningModule):
             # ranks may validate different numbers of batches (none is repeated to even them out): under FSDP each
             # forward all-gathers, so the ranks with fewer run stand-in forwards after their last batch
             own = self._val_batches()
-            most = self.trainer.strategy.reduce(torch.tensor(own, device=self.device), reduce_op="max")
+            # float32 whatever the default dtype (bf16-true sets bfloat16: counts over 256 would round)
+            most = self.trainer.strategy.reduce(
+                torch.tensor(own, device=self.device, dtype=torch.float32), reduce_op="max"
+            )
             if math.isfinite(own) and math.isfinite(float(most)):
                 self._val_stand_ins = int(float(most) - own)
 

@@ -147,3 +147,28 @@ def test_rotary_buffers_cast_in_place_as_fsdp_mixed_precision_does_still_give_fl
         assert model.pos_emb.position_angles.dtype == torch.bfloat16
         got = model(**batch).logits
     assert torch.equal(got, expected), (got.float() - expected.float()).abs().max().item()
+
+
+def test_fsdp_validation_batch_counts_are_exact_under_bf16_true():
+    """bf16-true sets torch's default dtype to bfloat16 for the whole fit: the validation batch count all-reduced
+    to even out FSDP ranks (`on_validation_epoch_start`) was a bf16 tensor, so 301 batches became 300 or 302 and a
+    rank ran a stand-in forward too many or too few (a hang in the next all-gather)."""
+    from types import SimpleNamespace
+
+    from musicflamingo.lit import MusicFlamingoLit
+
+    fake = SimpleNamespace(
+        _sharded=lambda: True,
+        _val_batches=lambda: 301.0,
+        device=torch.device("cpu"),
+        trainer=SimpleNamespace(
+            strategy=SimpleNamespace(reduce=lambda t, reduce_op: t)
+        ),  # one rank: max is its own
+    )
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        MusicFlamingoLit.on_validation_epoch_start(fake)
+    finally:
+        torch.set_default_dtype(was)
+    assert fake._val_stand_ins == 0
