@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from test_serve import MODEL, QUESTION, ckpt, loaded, songs, user_turn  # noqa: F401
-from test_serve_stop_review14 import _body, _settings, app  # noqa: F401
+from test_serve_stop_review14 import _body, _settings, app, worker_events  # noqa: F401
 
 from musicflamingo.engine import AnswerText
 from musicflamingo.serve.protocol import parse_chat_request, prepare
-from musicflamingo.serve.worker import EngineWorker, Job
+from musicflamingo.serve.worker import EngineWorker
 
 
 def test_the_worker_never_joins_the_whole_answer_while_streaming(app, songs, loaded, monkeypatch):  # noqa: F811
@@ -33,19 +31,7 @@ def test_the_worker_never_joins_the_whole_answer_while_streaming(app, songs, loa
 
     monkeypatch.setattr(AnswerText, "text", property(counted))
 
-    async def run() -> list:
-        job = Job(prepared, asyncio.get_running_loop())
-        worker.start()
-        try:
-            worker.submit(job)
-            events = []
-            while not events or (events[-1].finish is None and events[-1].error is None):
-                events.append(await asyncio.wait_for(job.queue.get(), 60))
-            return events
-        finally:
-            worker.stop()
-
-    events = asyncio.run(run())
+    events = worker_events(worker, prepared)
     assert events[-1].error is None and sum(len(e.tokens) for e in events) > 10
     streamed = "".join(e.text for e in events)
     n = len(reads)

@@ -298,6 +298,28 @@ def test_bad_generation_config_stop_strings_stop_the_server_before_loading(
 
 
 # ---------------------------------------------------------------------------------------------- worker
+def worker_events(worker: EngineWorker, prepared, settle: bool = False) -> list:  # noqa: ANN001
+    """Run one prepared request through `worker` (started and stopped here): its events up to the finishing one;
+    `settle`: then check that no event follows it."""
+
+    async def run() -> list:
+        job = Job(prepared, asyncio.get_running_loop())
+        worker.start()
+        try:
+            worker.submit(job)
+            events = []
+            while not events or (events[-1].finish is None and events[-1].error is None):
+                events.append(await asyncio.wait_for(job.queue.get(), 60))
+            if settle:
+                await asyncio.sleep(0.05)
+                assert job.queue.empty()
+            return events
+        finally:
+            worker.stop()
+
+    return asyncio.run(run())
+
+
 def test_the_worker_finishes_a_stop_string_request_as_stop_in_its_step(app, songs, loaded):  # noqa: F811
     """The engine ends the slot at the stop string's token; the worker's last event says "stop" (`_fan_out` said
     "length" for anything but a stop id) and its events' texts are the cut answer; no token after it."""
@@ -311,22 +333,7 @@ def test_the_worker_finishes_a_stop_string_request_as_stop_in_its_step(app, song
     prepared = prepare(req, state.processor, state.settings, state.context, state.stop_ids)
     assert prepared.params.stop_strings == (stop,)
     worker = EngineWorker(loaded[0], slots=2, tokenizer=tok)
-
-    async def run() -> list:
-        job = Job(prepared, asyncio.get_running_loop())
-        worker.start()
-        try:
-            worker.submit(job)
-            events = []
-            while not events or (events[-1].finish is None and events[-1].error is None):
-                events.append(await asyncio.wait_for(job.queue.get(), 60))
-            await asyncio.sleep(0.05)
-            assert job.queue.empty()
-            return events
-        finally:
-            worker.stop()
-
-    events = asyncio.run(run())
+    events = worker_events(worker, prepared, settle=True)
     assert events[-1].error is None and events[-1].finish == "stop"
     assert [t for e in events for t in e.tokens] == free[:end]
     assert "".join(e.text for e in events) == want
