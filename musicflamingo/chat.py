@@ -195,6 +195,12 @@ def render_chat(
     ``continue_final_message`` leaves the last message open (no closing ``<|im_end|>\\n``) so the model continues
     it, e.g. an assistant answer started with ``"The key is "``; as ``transformers``, it needs text in that
     message and excludes ``add_generation_prompt``.
+
+    A message whose content is ``None`` (an OpenAI tool-call turn) is skipped: the template's own rule
+    (``for m in messages if m['content'] is not none``), as ``transformers``' renderer (``render_jinja_template``)
+    applies it. The processor of ``transformers`` 5.25 first drops ``None``-valued keys, so the rule no longer sees
+    ``None`` and an empty turn ``<|im_start|>{role}\n<|im_end|>\n`` is written instead; we keep the checkpoint
+    template's rule (training renders with it too). ``content=""`` is an empty turn in both.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"a conversation must be a non-empty list of messages, got {messages!r:.80}")

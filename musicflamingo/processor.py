@@ -18,7 +18,13 @@ and ``[C, T]``/``[T, C]`` arrays are averaged to mono (the reference casts integ
 arrays); an audio too short for one token is refused and a <= 20-ms tail past a window is cut (see
 :meth:`MusicFlamingoProcessor.prepare_audio`); a conversation may hold several audios (one per message);
 ``apply_chat_template`` defaults to ``tokenize=True, return_dict=True, add_generation_prompt=True`` and ``decode``
-to ``skip_special_tokens=True`` (all ``False`` in the reference).
+to ``skip_special_tokens=True`` (all ``False`` in the reference); a batch may mix conversations with and without
+audio (the reference wants one audio per conversation). ``transformers`` keywords are taken with the values that
+give the reference's ids here and refused by name otherwise (:data:`REFERENCE_KWARGS`); ``padding=True`` keeps
+``input_features`` whole windows where the reference pads them to the batch's longest window (features its own
+encoder cannot take). A message with ``content=None`` is skipped as the template says, where the processor of
+``transformers`` 5.25 renders an empty turn (:func:`musicflamingo.chat.render_chat`). Tested in
+``tests/test_processor_review17.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,84 @@ AudioInput = str | os.PathLike | np.ndarray | torch.Tensor
 
 # Keys apply_chat_template's processor_kwargs may hold (the __call__ options), as transformers' processor_kwargs.
 PROCESSOR_KWARGS = ("output_labels", "padding_side", "sampling_rate", "return_tensors")
+
+# transformers' processor keywords this processor takes only with the values that give the reference's text outputs
+# here: {keyword: (accepted values, what to do instead)}. Each is tested against the reference processor.
+REFERENCE_KWARGS = {
+    # Rows are always padded to the longest. (transformers' padding=True also pads input_features to the batch's
+    # longest window instead of whole windows: features its own encoder refuses; ours stay whole windows.)
+    "padding": (
+        (True, "longest"),
+        "rows of a batch are always padded to the longest row (padding=True); pad the tensors yourself for another "
+        "length, or drop padding=",
+    ),
+    "truncation": (
+        (False, None),
+        "nothing but audio past max_audio_len is cut here (a cut prompt would lose <sound> tokens); shorten the "
+        "text yourself, or drop truncation=",
+    ),
+    "max_length": ((None,), "rows are never padded or cut to a fixed length; drop max_length="),
+    "pad_to_multiple_of": ((None,), "rows are padded to the longest row only; drop pad_to_multiple_of="),
+    "return_attention_mask": ((True,), "attention_mask is always returned (left-padded rows need it)"),
+    # Our tokenizer encodes without BOS/EOS: the chat template writes every special token (the reference adds none
+    # for Qwen2's tokenizer either).
+    "add_special_tokens": (
+        (False,),
+        "no BOS/EOS is ever added: the chat template writes every special token; drop add_special_tokens=",
+    ),
+}
+# Keys of transformers' nested keyword dicts (audio_kwargs: the feature extractor's) that are honoured.
+_AUDIO_KWARGS = ("sampling_rate", "return_tensors", "return_attention_mask")
+
+
+def reference_kwargs(kwargs: dict, chunk_length: float = 30.0) -> tuple[dict, list[str], list[str]]:
+    """Sort transformers' processor keywords (``padding=True``, ``text_kwargs={...}``, ...) passed to this processor.
+
+    Returns ``(options, unknown, refused)``: the options of :meth:`MusicFlamingoProcessor.__call__` found (also in
+    ``text_kwargs``/``common_kwargs``/``audio_kwargs`` dicts: ``padding_side``, ``sampling_rate``,
+    ``return_tensors``, ``output_labels``), the keywords this processor lacks, and one message per keyword or value
+    refused because its output would differ from the reference's (see :data:`REFERENCE_KWARGS`)."""
+    flat: dict = {}
+    unknown: list[str] = []
+    refused: list[str] = []
+    for key, value in kwargs.items():
+        if key not in ("text_kwargs", "common_kwargs", "audio_kwargs"):
+            flat.setdefault(key, value)
+            continue
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            refused.append(f"{key} must be a dict of keyword arguments, got {type(value).__name__}")
+            continue
+        for k, v in value.items():
+            if key == "audio_kwargs" and k not in _AUDIO_KWARGS:
+                refused.append(
+                    f"{key}[{k!r}]={v!r} is not supported: input_features are always whole {chunk_length:g}-s "
+                    f"windows of log-mel (the encoder's input); only {list(_AUDIO_KWARGS)} are taken there"
+                )
+            elif k in flat and flat[k] != v:
+                refused.append(f"{k} is given twice with different values ({flat[k]!r}, and {v!r} in {key})")
+            else:
+                flat[k] = v
+    options = {k: flat.pop(k) for k in PROCESSOR_KWARGS if k in flat}
+    for key, value in flat.items():
+        if key not in REFERENCE_KWARGS:
+            unknown.append(key)
+            continue
+        accepted, hint = REFERENCE_KWARGS[key]
+        # `is` for True/False/None (so padding=1 is not padding=True), equality for strings
+        if not any(value is a if not isinstance(a, str) else value == a for a in accepted):
+            ok = " or ".join(repr(a) for a in accepted)
+            refused.append(f"{key}={value!r} is not supported ({ok} only): {hint}")
+    return options, unknown, refused
+
+
+def unknown_keywords_error(unknown: list[str], where: str = "MusicFlamingoProcessor") -> TypeError:
+    """The TypeError for keywords neither this processor nor :data:`REFERENCE_KWARGS` knows, naming them."""
+    return TypeError(
+        f"{where} got unexpected keyword argument(s) {unknown}: it takes {list(PROCESSOR_KWARGS)}, and of "
+        f"transformers' processor keywords {list(REFERENCE_KWARGS)} with the values that change nothing here"
+    )
 
 
 class ProcessorOutput(dict):
@@ -273,6 +357,14 @@ class MusicFlamingoProcessor:
         continue_final_message: bool = False,
         processor_kwargs: dict | None = None,
         return_tensors: str | None = "pt",
+        sampling_rate: int | None = None,
+        chat_template: str | None = None,
+        sanitize_control_tokens: bool = False,
+        tools: list | None = None,
+        documents: list | None = None,
+        return_assistant_tokens_mask: bool = False,
+        load_audio_from_video: bool = False,
+        **kwargs,
     ):
         """Render (and by default tokenize) one conversation or a batch of them.
 
@@ -284,23 +376,104 @@ class MusicFlamingoProcessor:
         default to ``True``: pass them explicitly in code that must behave the same with both. The reference's
         ``processor_kwargs`` dict (``output_labels``, ``padding_side``, ``sampling_rate``, ``return_tensors``) is
         accepted and overrides the arguments of the same names.
+
+        The reference's other keywords are taken where they give its output here, and refused naming the keyword
+        otherwise (an ``unexpected keyword`` TypeError for those it lacks): ``return_tensors="auto"`` (``"pt"``);
+        ``chat_template`` shaped as the Music Flamingo template (its system prompt is used); ``tools``/``documents``
+        empty (the template has no place for them: transformers drops them silently); ``sanitize_control_tokens``
+        (typed chat special tokens are always refused here, never tokenized as text or as control tokens);
+        ``return_assistant_tokens_mask``/``load_audio_from_video`` ``False`` (assistant-only labels:
+        :meth:`chat_encoder`); and :meth:`__call__`'s (``padding=True``, ``text_kwargs``, ...), top level or in
+        ``processor_kwargs``.
         """
+        if return_tensors == "auto":  # the reference's default: the processor's own, torch tensors
+            return_tensors = "pt"
         opts = {
             "output_labels": output_labels,
             "padding_side": padding_side,
             "return_tensors": return_tensors,
         }
-        if processor_kwargs:
-            unknown = sorted(set(processor_kwargs) - set(PROCESSOR_KWARGS))
-            if unknown:
+        if sampling_rate is not None:
+            opts["sampling_rate"] = sampling_rate
+        template_options = {
+            "tools": (
+                tools,
+                not tools,
+                "the Music Flamingo chat template has no tools section (transformers "
+                "drops them without a word); describe them in a system or user message",
+            ),
+            "documents": (
+                documents,
+                not documents,
+                "the Music Flamingo chat template has no documents section "
+                "(transformers drops them without a word); put their text in a message",
+            ),
+            "return_assistant_tokens_mask": (
+                return_assistant_tokens_mask,
+                return_assistant_tokens_mask is False,
+                "the template marks no generation spans (transformers returns all zeros); for assistant-only "
+                "labels use processor.chat_encoder().encode(messages, audio_token_counts)",
+            ),
+            "load_audio_from_video": (
+                load_audio_from_video,
+                load_audio_from_video is False,
+                "video is not read; give the audio track as a file or array",
+            ),
+            "sanitize_control_tokens": (
+                sanitize_control_tokens,
+                isinstance(sanitize_control_tokens, bool),
+                "it must be True or False",
+            ),
+        }
+        for key, (value, ok, hint) in template_options.items():
+            if not ok:
+                raise ValueError(f"{key}={value!r} is not supported: {hint}")
+        if sanitize_control_tokens and not tokenize:  # as the reference
+            raise ValueError("sanitize_control_tokens=True requires tokenize=True")
+        prompt = self.default_system_prompt
+        if chat_template is not None:
+            prompt = chat.template_system_prompt(chat_template) if isinstance(chat_template, str) else None
+            if prompt is None:
                 raise ValueError(
-                    f"processor_kwargs {unknown} are not supported; this processor takes {list(PROCESSOR_KWARGS)}"
+                    f"chat_template={chat_template!r:.80}: only the Music Flamingo template is rendered here (with "
+                    "any system prompt, see musicflamingo.chat.build_chat_template); put another system prompt in a "
+                    "system message, or drop chat_template="
+                )
+        if processor_kwargs:
+            bad = [k for k in processor_kwargs if k in ("text", "audio", "sources")]
+            whys = [f"{k!r} comes from the conversations" for k in bad]
+            for k, v in processor_kwargs.items():
+                _, unknown, refused = reference_kwargs({k: v}, self.chunk_length)
+                if k not in bad and (unknown or refused):
+                    bad.append(k)
+                    whys += refused or [f"{k!r} is not a keyword of this processor"]
+            if bad:
+                raise ValueError(
+                    f"processor_kwargs {bad} are not supported: {'; '.join(whys)} (this processor takes "
+                    f"{list(PROCESSOR_KWARGS)}, and transformers' {list(REFERENCE_KWARGS)} with the values that "
+                    "change nothing here)"
                 )
             opts.update(processor_kwargs)
+        if kwargs:  # the reference passes them to the processor call as processor_kwargs
+            _, unknown, refused = reference_kwargs(kwargs, self.chunk_length)
+            if unknown:
+                raise unknown_keywords_error(unknown, "MusicFlamingoProcessor.apply_chat_template")
+            if refused:
+                raise ValueError("; ".join(refused))
+            opts.update(kwargs)
         batched = isinstance(conversations, (list, tuple)) and len(conversations) > 0
         batched = batched and isinstance(conversations[0], (list, tuple))
         convs = list(conversations) if batched else [conversations]
-        texts = [self.render_chat(c, add_generation_prompt, continue_final_message) for c in convs]
+        texts = [
+            chat.render_chat(
+                c,
+                prompt,
+                add_generation_prompt,
+                self.audio_token,
+                continue_final_message=continue_final_message,
+            )
+            for c in convs
+        ]
         if not tokenize:
             return texts if batched else texts[0]
         audios, sources = [], []
@@ -344,6 +517,7 @@ class MusicFlamingoProcessor:
         sources: Sequence[str] | None = None,
         sampling_rate: int | None = None,
         return_tensors: str | None = "pt",
+        **kwargs,
     ) -> ProcessorOutput:
         """Tokenize ``text`` (one string or a batch) and featurize ``audio`` (the i-th audio fills the i-th
         ``<sound>`` across the batch).
@@ -356,7 +530,23 @@ class MusicFlamingoProcessor:
         ``sources`` (optional, one per audio) names the audios in warnings, e.g. the truncation warning.
         ``sampling_rate`` (optional) states the rate of array audio: any other than the processor's is refused, as
         the reference refuses it (arrays are not resampled; files are). ``return_tensors`` can only be ``"pt"``.
+
+        transformers' keywords are taken with the values that give its output here (``padding=True`` or
+        ``"longest"``, ``truncation=False``, ``return_attention_mask=True``, ``add_special_tokens=False``, and these
+        options inside ``text_kwargs``/``common_kwargs``/``audio_kwargs`` dicts); other values and unknown keywords
+        are refused by name. With ``padding=True`` transformers also pads ``input_features`` to the longest window
+        of the batch, which its own encoder cannot take (it adds 1500 positions); ours stay whole windows.
         """
+        if kwargs:
+            options, unknown, refused = reference_kwargs(kwargs, self.chunk_length)
+            if unknown:
+                raise unknown_keywords_error(unknown)
+            if refused:
+                raise ValueError("; ".join(refused))
+            output_labels = options.get("output_labels", output_labels)
+            padding_side = options.get("padding_side", padding_side)
+            sampling_rate = options.get("sampling_rate", sampling_rate)
+            return_tensors = options.get("return_tensors", return_tensors)
         if not isinstance(text, (str, list, tuple)):  # None was a bare TypeError ('NoneType' is not iterable)
             raise ValueError(
                 f"text must be a string or a non-empty list of strings, got {type(text).__name__}"
@@ -450,9 +640,15 @@ class MusicFlamingoProcessor:
         self,
         ids: int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | np.ndarray,
         skip_special_tokens: bool = True,
+        clean_up_tokenization_spaces: bool | None = None,
     ) -> str | list[str]:
         """Text of ``ids``. As the reference's ``decode``: one id (an int or a 0-d tensor) is a sequence of one, and a
-        batch (``[B, S]``, e.g. ``generate``'s output) gives one string per row (was a bare ``TypeError``)."""
+        batch (``[B, S]``, e.g. ``generate``'s output) gives one string per row (was a bare ``TypeError``).
+
+        ``clean_up_tokenization_spaces`` is taken as ``None``/``False`` (the text as decoded, Qwen2's setting);
+        ``True`` is refused: transformers 5.25 ignores it for BPE tokenizers, older versions strip the space before
+        punctuation, so its meaning depends on the version."""
+        _check_clean_up(clean_up_tokenization_spaces)
         if isinstance(ids, (torch.Tensor, np.ndarray, np.integer)):
             ids = ids.tolist()
         ids = [ids] if isinstance(ids, int) else list(ids)
@@ -463,8 +659,13 @@ class MusicFlamingoProcessor:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def batch_decode(
-        self, ids: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
+        self,
+        ids: Sequence[Sequence[int]] | torch.Tensor,
+        skip_special_tokens: bool = True,
+        clean_up_tokenization_spaces: bool | None = None,
     ) -> list[str]:
+        """One string per row of ``ids`` (``clean_up_tokenization_spaces`` as in :meth:`decode`)."""
+        _check_clean_up(clean_up_tokenization_spaces)
         if isinstance(ids, (torch.Tensor, np.ndarray)):
             ids = ids.tolist()
         return [self.tokenizer.decode(_ids(row), skip_special_tokens=skip_special_tokens) for row in ids]
@@ -552,6 +753,15 @@ class MusicFlamingoProcessor:
             )
 
         return save_files(directory, write, PROCESSOR_FILES.__contains__, overwrite, "processor")
+
+
+def _check_clean_up(value) -> None:
+    if value is not None and value is not False:
+        raise ValueError(
+            f"clean_up_tokenization_spaces={value!r} is not supported (None or False only): text is decoded as is "
+            "(transformers 5.25 ignores True for BPE tokenizers such as Qwen2's; older versions strip the space "
+            "before punctuation); drop it"
+        )
 
 
 def _ids(row) -> list[int]:

@@ -124,16 +124,30 @@ def split_windows(
     n = int(audio.shape[0])
     bounds, truncated = window_bounds(n, chunk_length, max_audio_len, sampling_rate)
     if truncated:
-        kept = bounds[-1][1] / sampling_rate
-        logger.warning(
-            "Audio %s lasts %.1f s, longer than max_audio_len=%gs: keeping the first %.1f s (%d windows of %gs).",
-            source if source is not None else "<in-memory array>",
-            n / sampling_rate,
-            max_audio_len,
-            kept,
-            len(bounds),
-            chunk_length,
-        )
+        name = source if source is not None else "<in-memory array>"
+        kept, limit = bounds[-1][1] / sampling_rate, len(bounds) * chunk_length
+        if limit == max_audio_len:
+            logger.warning(
+                "Audio %s lasts %.1f s, longer than max_audio_len=%gs: keeping the first %.1f s (%d windows of %gs).",
+                name,
+                n / sampling_rate,
+                max_audio_len,
+                kept,
+                len(bounds),
+                chunk_length,
+            )
+        else:  # only whole windows are kept: a 95-s audio with max_audio_len=100 keeps 90 s (was "longer than 100s")
+            logger.warning(
+                "Audio %s lasts %.1f s, longer than the %gs that max_audio_len=%gs keeps (%d whole windows of %gs): "
+                "keeping the first %.1f s.",
+                name,
+                n / sampling_rate,
+                limit,
+                max_audio_len,
+                len(bounds),
+                chunk_length,
+                kept,
+            )
     return [audio[s:e] for s, e in bounds]
 
 
