@@ -65,7 +65,7 @@ DEFAULT_LYRICS_PROMPT = "Transcribe the lyrics of this song."
 # The folder each format expects (one line each: they are quoted in errors). <root> is benchmark.root.
 LAYOUTS = {
     "mmau": "<root>/mmau-test-mini.json + <root>/test-mini-audios/<id>.wav (split=test: mmau-test.json + "
-    "test-audios/)",
+    "test-audios/); the Hugging Face copy (gamma-lab-umd/MMAU-test-mini): <root>/data/test-*.parquet, audio inside",
     "mmar": "<root>/MMAR-meta.jsonl (before Feb 2026: MMAR-meta.json) + <root>/audio/<id>.wav",
     "mmau_pro": "<root>/test.parquet + <root>/data/<uuid>.wav (data.zip extracted next to it)",
     "muchomusic": "<root>/muchomusic.csv + <root>/sdd/audio/<nn>/<track_id>.2min.mp3 + "
@@ -82,7 +82,9 @@ LAYOUTS = {
     "nsynth-<split> itself)",
     "medley_solos": "<root>/Medley-solos-DB_metadata.csv + Medley-solos-DB_<subset>-<instrument_id>_<uuid4>.wav "
     "anywhere under <root>",
-    "jamendolyrics": "<root>/JamendoLyrics.csv + <root>/mp3/<name>.mp3 + <root>/lyrics/<name>.txt",
+    "jamendolyrics": "<root>/JamendoLyrics.csv + <root>/mp3/<name>.mp3 (the Hugging Face copy: <root>/subsets/"
+    "<lang>/mp3/) + <root>/lyrics/<name>.txt; Jam-ALT (Hugging Face jamendolyrics/jam-alt): <root>/metadata.csv + "
+    "<root>/audio/<name>.mp3 + <root>/lyrics/<name>.txt",
     "opencpop": "<root>/segments/test.txt (uid|text|phonemes|...) + <root>/segments/wavs/<uid>.wav",
     "musdb18_lyrics": "<root>/<split>/<track name>.txt (MUSDB18 lyrics extension) + benchmark.audio_dir = MUSDB18 "
     "(<split>/<track name>.stem.mp4) or MUSDB18-HQ (<split>/<track name>/mixture.wav)",
@@ -621,22 +623,159 @@ def _prompt(
 # --------------------------------------------------------------------------------------------------------------
 # Multiple choice: MMAU, MMAR, MMAU-Pro, MuChoMusic
 # --------------------------------------------------------------------------------------------------------------
+def _embedded_audio(blob: bytes, name: str | None, cache: Path) -> str:
+    """Bytes of an audio file stored inside a release's Parquet (Hugging Face ``Audio`` columns) written once to
+    ``cache`` (never the benchmark folder), named by their SHA-1 and by what they are: the MMAU test-mini copy holds
+    MP3 streams under ".wav" names, so the suffix comes from the bytes (the stored name's when they say nothing)."""
+    digest = hashlib.sha1(blob).hexdigest()
+    if blob[:4] == b"RIFF":
+        suffix = ".wav"
+    elif blob[:4] == b"fLaC":
+        suffix = ".flac"
+    elif blob[:4] == b"OggS":
+        suffix = ".ogg"
+    elif blob[:3] == b"ID3" or (len(blob) > 1 and blob[0] == 0xFF and blob[1] & 0xE0 == 0xE0):
+        suffix = ".mp3"
+    else:
+        suffix = Path(name or "").suffix.lower() or ".bin"
+    path = cache / digest[:2] / f"{digest}{suffix}"
+    if not (path.is_file() and path.stat().st_size == len(blob)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)  # a reader of the same cache never sees half a file
+    return str(path)
+
+
+def _audio_cache(cfg: Mapping[str, Any]) -> Path:
+    """``benchmark.audio_cache``, else ``$XDG_CACHE_HOME/musicflamingo/embedded_audio`` (``~/.cache`` unset)."""
+    if cfg.get("audio_cache"):
+        return Path(os.path.expanduser(str(cfg["audio_cache"]))).resolve()
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(home, "musicflamingo", "embedded_audio").resolve()
+
+
+_LETTER_PREFIX = re.compile(r"\(([A-Z])\)\s*")
+
+
+def _mmau_parquet_rows(
+    paths: Sequence[Path], cache: Path
+) -> Iterable[tuple[str, dict[str, Any], Callable[[], str]]]:
+    """``(where, record, audio path on call)`` of the Hugging Face copy of MMAU test-mini
+    (gamma-lab-umd/MMAU-test-mini, ``data/test-*.parquet``): ``instruction`` (the question), ``choices`` and ``answer`` written "(A) Man", the
+    audio file's bytes in ``context`` (``{bytes, path}``) and every other field (``id, dataset, task, split,
+    category, sub-category, difficulty``) in the JSON string ``other_attributes``. The record is the GitHub JSON's
+    (no letter prefixes, a one-element ``category`` list unwrapped), for the official scorer's file."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BenchmarkError(f"{paths[0]}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    for path in paths:
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=32)  # the audio is inside: not all at once
+            n = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    n += 1
+                    yield _mmau_parquet_row(row, f"{path} row {n}", path, cache)
+        except BenchmarkError:
+            raise
+        except Exception as e:  # pyarrow's own error types for damaged files
+            raise BenchmarkError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _mmau_parquet_row(
+    row: Mapping[str, Any], where: str, path: Path, cache: Path
+) -> tuple[str, dict[str, Any], Callable[[], str]]:
+    attrs = row.get("other_attributes")
+    if isinstance(attrs, str):
+        try:
+            attrs = json.loads(attrs)
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{where}: field 'other_attributes' is not JSON ({e.msg})") from None
+    if not isinstance(attrs, dict):
+        raise BenchmarkError(
+            f"{where}: field 'other_attributes' should be a JSON object with id, task, category, ...; got "
+            f"{attrs!r:.60}"
+        )
+    raw = _field(row, "choices", where, list)
+    letters = [m.group(1) if (m := _LETTER_PREFIX.match(c)) else "" for c in raw]
+    prefixed = letters == [chr(ord("A") + i) for i in range(len(raw))]
+    choices = [_LETTER_PREFIX.sub("", c, count=1) if prefixed else c for c in raw]
+    answer = str(row.get("answer") or "")
+    if prefixed and answer in raw:
+        answer = choices[raw.index(answer)]
+    elif prefixed:
+        answer = _LETTER_PREFIX.sub("", answer, count=1)
+    category = attrs.get("category")
+    if isinstance(category, list) and len(category) == 1:  # 13 rows ship ["Reasoning"]
+        category = category[0]
+    rec = {
+        "id": attrs.get("id"),
+        "question": row.get("instruction"),
+        "choices": choices,
+        "answer": answer,
+        **{k: v for k, v in attrs.items() if k not in ("id", "category")},
+        "category": category,
+    }
+    audio = row.get("context")
+    if not isinstance(audio, dict) or not (audio.get("bytes") or audio.get("path")):
+        raise BenchmarkError(
+            f"{where}: field 'context' should hold the audio ({{'bytes': ..., 'path': ...}}), got "
+            f"{type(audio).__name__}"
+        )
+    if audio.get("bytes"):  # written only for the rows kept (benchmark.tasks)
+        return where, rec, lambda: _embedded_audio(audio["bytes"], audio.get("path"), cache)
+    return where, rec, lambda: _resolve(str(audio["path"]), path.parent)
+
+
+def _mmau_parquet_files(cfg: Mapping[str, Any]) -> list[Path]:
+    """The Hugging Face copy's Parquet shards: ``root`` (or ``benchmark.file``) itself, else
+    ``<root>/data/*.parquet`` or ``<root>/*.parquet``; [] when there are none."""
+    root = Path(os.path.expanduser(str(cfg["root"])))
+    if cfg.get("file") and not root.is_file():
+        root = root / str(cfg["file"])
+    if root.is_file():
+        return [root] if root.suffix.lower() == ".parquet" else []
+    return sorted(root.glob("data/*.parquet")) or sorted(root.glob("*.parquet"))
+
+
 def read_mmau(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     """MMAU (github.com/Sakshi113/MMAU): ``mmau-test-mini.json`` (``split: test-mini``, answers included) or
     ``mmau-test.json`` (``split: test``, answers withheld: predictions are written for the official server,
     nothing is scored). A JSON list of ``{id, audio_id, question, choices, answer, dataset, task, split,
     category, sub-category, difficulty}``; ``audio_id`` ("./test-mini-audios/<id>.wav") is relative to the
-    JSON. ``tasks`` filters on ``task`` (sound / music / speech)."""
+    JSON. The Hugging Face copy (``data/test-*.parquet``, audio inside) is read when there is no JSON
+    (:func:`_mmau_parquet_rows`); its audio goes to ``benchmark.audio_cache``. ``tasks`` filters on ``task``
+    (sound / music / speech)."""
     split = str(cfg.get("split") or "test-mini")
     if split not in ("test-mini", "test"):
         raise BenchmarkError(f"benchmark.split must be test-mini or test for MMAU, got {split!r}")
-    path = _locate(cfg, [f"mmau-{split}.json"])
-    _check_split(path, split, (m := re.fullmatch(r"mmau-(test-mini|test)\.json", path.name)) and m.group(1))
-    read.source = str(path)
-    base = _audio_base(cfg, path)
+    parquet = _mmau_parquet_files(cfg)
+    if parquet and not (Path(os.path.expanduser(str(cfg["root"]))) / f"mmau-{split}.json").is_file():
+        read.source = str(parquet[0]) if len(parquet) == 1 else f"{parquet[0].parent}/*.parquet"
+        cache = _audio_cache(cfg)
+        rows: Iterable[tuple[str, Mapping[str, Any], Callable[[], str]]] = _mmau_parquet_rows(parquet, cache)
+    else:
+        path = _locate(cfg, [f"mmau-{split}.json"])
+        _check_split(
+            path, split, (m := re.fullmatch(r"mmau-(test-mini|test)\.json", path.name)) and m.group(1)
+        )
+        read.source = str(path)
+        base = _audio_base(cfg, path)
+        audio_key = cfg.get("audio_field") or "audio_id"
+        rows = (
+            (where, rec, lambda rec=rec, where=where: _audio_path(rec, audio_key, where, base))
+            for _, where, rec in read_records(path)
+        )
     items = []
-    for _, where, rec in read_records(path):
+    for where, rec, audio in rows:
         read.rows += 1
+        if parquet and rec.get("split") not in (None, "", split):  # test-mini and test share the shard names
+            raise BenchmarkError(
+                f"{where}: a row of the release's {rec['split']!r} split, but benchmark.split={split!r}: pass "
+                f"benchmark.split={rec['split']} to score it, or point benchmark.root at the {split!r} split"
+            )
         if not read.keep("tasks", cfg.get("tasks"), rec.get("task"), "task"):
             continue
         withheld = not str(rec.get("answer") or "").strip()
@@ -644,7 +783,7 @@ def read_mmau(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             _field(rec, "answer", where)  # raises: test-mini ships its answers
         item = _mcq_item(
             _field(rec, "id", where),
-            _audio_path(rec, cfg.get("audio_field") or "audio_id", where, base),
+            audio(),
             _field(rec, "question", where),
             _field(rec, "choices", where, list),
             str(rec.get("answer") or ""),
@@ -1276,14 +1415,34 @@ def _same_language(wanted: str, language: str) -> bool:
     return wanted.lower() in (language.lower(), LANGUAGE_CODES.get(language.lower()))
 
 
+def _jamendo_audio(folder: Path, filepath: str, lang: str, index: dict[str, str]) -> str:
+    """A JamendoLyrics song's audio: ``mp3/<Filepath>`` (GitHub), ``subsets/<lang>/mp3/<Filepath>`` (the Hugging
+    Face copy, whose ``mp3/`` is gone or holds symlinks), ``audio/<Filepath>`` (Jam-ALT), else a file of that name
+    anywhere under ``folder`` (``index``: filled on first use); else the GitHub path, reported missing."""
+    for sub in ("mp3", f"subsets/{lang}/mp3", "audio", f"subsets/{lang}/audio"):
+        path = _find(folder / sub, filepath)
+        if path.is_file():
+            return str(path)
+    if not index:
+        for dirpath, _, files in os.walk(folder):
+            for name in sorted(files):
+                index.setdefault(unicodedata.normalize("NFC", name), str(Path(dirpath, name)))
+        index.setdefault("", "")  # walked (an empty folder is not walked again)
+    return index.get(unicodedata.normalize("NFC", filepath)) or str(_find(folder / "mp3", filepath))
+
+
 def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     """JamendoLyrics MultiLang (github.com/f90/jamendolyrics): ``JamendoLyrics.csv`` (``URL, Filepath, Artist,
     Title, Genre, LicenseType, Language, LyricOverlap, Polyphonic, NonLexical``) + ``mp3/<Filepath>`` +
-    ``lyrics/<name>.txt`` (the normalised lyrics; ``<name>.words.txt`` is the word list for alignment). Whole
-    songs are transcribed. ``languages`` keeps some (English, German, French, Spanish); ids are the names."""
-    path = _locate(cfg, ["JamendoLyrics.csv"])
+    ``lyrics/<name>.txt`` (the normalised lyrics; ``<name>.words.txt`` is the word list for alignment). The
+    Hugging Face copy (jamendolyrics/jamendolyrics) keeps the audio in ``subsets/<lang>/mp3/``. Jam-ALT
+    (jamendolyrics/jam-alt, the revised transcripts of the same songs) ships ``metadata.csv`` (the same columns) +
+    ``audio/<Filepath>`` + ``lyrics/<name>.txt``, and is read when there is no ``JamendoLyrics.csv``. Whole songs
+    are transcribed. ``languages`` keeps some (English, German, French, Spanish); ids are the names."""
+    path = _locate(cfg, ["JamendoLyrics.csv", "metadata.csv"], "JamendoLyrics.csv")
     read.source = str(path)
     folder = path.parent
+    index: dict[str, str] = {}
     items = []
     for _, where, rec in read_records(path):
         read.rows += 1
@@ -1299,7 +1458,7 @@ def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
             )
         text = _read_text(lyrics)
         lang = LANGUAGE_CODES.get(language.lower(), language.lower())
-        items.append(_lyrics_item(cfg, name, str(_find(folder / "mp3", filepath)), text, lang))
+        items.append(_lyrics_item(cfg, name, _jamendo_audio(folder, filepath, lang, index), text, lang))
     return items
 
 
@@ -1333,12 +1492,20 @@ def _mmss(value: str, where: str) -> float:
         raise BenchmarkError(f"{where}: expected a MM:SS time, got {value!r}") from None
 
 
+# The MUSDB18 lyrics extension's line types. The authors' own preprocessing (github.com/schufo/plla-tisvs
+# 03_preprocessing_musdb_audio_txt_char.py) maps them to its older labels a->n, b->s, c->d, d->x, and its data.py
+# treats x as "no vocals in snippet" (text replaced by a lone space token): a d line has no singing to transcribe.
+MUSDB_LINE_TYPES = ("a", "b", "c", "d")
+
+
 def read_musdb18_lyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     """MUSDB18 lyrics extension (Schulze-Forster et al. 2021, Zenodo 3989267): ``<split>/<track name>.txt``
-    with one ``MM:SS MM:SS <a|b|c|d> <text>`` line per sung line (a line starting with ``*`` was rejected by
-    the annotators and is skipped). Audio from ``audio_dir``: MUSDB18 ``<split>/<track name>.stem.mp4`` (its
-    first stream is the mixture) or MUSDB18-HQ ``<split>/<track name>/mixture.wav``. ``unit: song`` scores
-    whole songs (the lines joined), ``unit: line`` each annotated line as a segment (id "<track>#<n>")."""
+    with one ``MM:SS MM:SS <a|b|c|d> <text>`` line per annotated span (a line starting with ``*`` was rejected by
+    the annotators and is skipped; a ``d`` span has no vocals and is skipped, its text, if any, kept out of the
+    song's reference; any other type is refused). Audio from ``audio_dir``: MUSDB18 ``<split>/<track
+    name>.stem.mp4`` (its first stream is the mixture) or MUSDB18-HQ ``<split>/<track name>/mixture.wav``.
+    ``unit: song`` scores whole songs (the lines joined), ``unit: line`` each annotated line as a segment (id
+    "<track>#<n>")."""
     split = str(cfg.get("split") or "test")
     unit = str(cfg.get("unit") or "song")
     if unit not in ("song", "line"):
@@ -1369,10 +1536,18 @@ def read_musdb18_lyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]
             if line.startswith("*"):
                 read.skip("rejected line (*)")
                 continue
-            parts = line.split(" ", 3)
-            if len(parts) < 4:
-                raise BenchmarkError(f"{where}: expected 'MM:SS MM:SS <type> <text>', got {line[:60]!r}")
+            parts = line.split(maxsplit=3)
+            if len(parts) < 3 or parts[2] not in MUSDB_LINE_TYPES:
+                raise BenchmarkError(
+                    f"{where}: expected 'MM:SS MM:SS <type> <text>' with type one of "
+                    f"{', '.join(MUSDB_LINE_TYPES)}, got {line[:60]!r}"
+                )
             start, end = _mmss(parts[0], where), _mmss(parts[1], where)
+            if parts[2] == "d":  # no singing in this span: nothing to transcribe (it may have no text at all)
+                read.skip("no vocals (type d)")
+                continue
+            if len(parts) < 4:
+                raise BenchmarkError(f"{where}: a type {parts[2]!r} line needs its text, got {line[:60]!r}")
             lines.append((n, start, end, parts[2], parts[3].strip()))
         if unit == "song" and lines:
             items.append(_lyrics_item(cfg, track, audio, "\n".join(t for *_, t in lines), "en"))
@@ -1474,7 +1649,9 @@ def read_synthetic(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
 COMMON_KEYS = frozenset({"name", "format", "root", "max_new_tokens", "skip_missing_audio", "cer_languages"})
 _LABEL_KEYS = ("labels", "label_names", "aliases", "mode", "question", "prompt")
 FORMAT_KEYS: dict[str, frozenset[str]] = {
-    "mmau": frozenset({"split", "file", "audio_dir", "audio_field", "tasks", "group_by", "prompt"}),
+    "mmau": frozenset(
+        {"split", "file", "audio_dir", "audio_field", "audio_cache", "tasks", "group_by", "prompt"}
+    ),
     "mmar": frozenset({"file", "audio_dir", "audio_field", "modalities", "group_by", "prompt"}),
     "mmau_pro": frozenset({"file", "audio_dir", "categories", "group_by", "prompt"}),
     "muchomusic": frozenset({"file", "audio_dir", "seed", "group_by", "prompt"}),

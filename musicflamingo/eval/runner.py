@@ -612,7 +612,8 @@ def _plain(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-_IDENTITY_IGNORED = ("root", "audio_dir", "skip_missing_audio")
+# where the items and their audio live, not what they are: a moved benchmark or audio cache resumes
+_IDENTITY_IGNORED = ("root", "audio_dir", "skip_missing_audio", "audio_cache")
 # benchmark settings read only when scoring: a rerun that rescores the same predictions with other values
 # (Japanese lyrics with CER, another breakdown) resumes; a run.json that recorded them is compared without them
 _SCORING_ONLY = ("cer_languages", "group_by")
