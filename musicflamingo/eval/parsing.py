@@ -4,7 +4,8 @@ Two multiple-choice rules, both reported (docs/evaluation.md has the table of wh
 
 * :func:`mmau_string_match` -- the official MMAU rule (``evaluation.py`` of github.com/Sakshi113/MMAU, reused
   unchanged by MMAR): token sets, no letters. Reimplemented here, same behaviour.
-* :func:`parse_choice` -- our letter/option parser: "(B)", "B", "B.", "The answer is B", or the option text.
+* :func:`parse_choice` -- our letter/option parser: "(B)", "B", "B.", "The answer is B", "It's B", or the option
+  text.
   An answer that names two different options is *ambiguous*, one that names none is *unparsed*; both score
   as wrong and are counted. Options with the same text (MMAU repeats some) count as one option.
 
@@ -14,6 +15,7 @@ beside the two rules for that benchmark.
 
 from __future__ import annotations
 
+import bisect
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -77,7 +79,7 @@ class ChoiceParse:
 
     index: int | None
     status: ParseStatus
-    via: str = ""  # which rule fired: "bare", "answer_is", "letter", "text", "" (none)
+    via: str = ""  # which rule fired: "bare", "answer_is", "claim", "letter", "text", "" (none)
 
 
 def normalize_text(text: str) -> str:
@@ -92,12 +94,17 @@ def _contains_phrase(haystack: str, phrase: str) -> bool:
     return bool(phrase) and f" {phrase} " in f" {haystack} "
 
 
-_BARE = re.compile(r"^\s*[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:)]?\s*$")
+# Every optional run of spaces below is followed by a fixed character, so a long run cannot make the regex
+# backtrack cubically ("The answer", 1,000 spaces, then a word took 51 s; "B", 800 spaces, then a word 2 s).
+_BARE = re.compile(r"^\s*(?:[\(\[]\s*)?([A-Za-z])\s*(?:[\)\]]\s*)?(?:[.:)]\s*)?$")
 # Keywords are case-insensitive, the letter must be upper case ("the answer is a piano" names no letter).
 _ANSWER_IS = re.compile(
-    r"\b(?i:(answer)|option|choice)\s*(?i:is|would be|:|=)?\s*:?\s*(?i:option\s*)?([\(\[])?([A-Z])[\)\]]?(?![A-Za-z])"
+    r"\b(?i:(answer)|option|choice)\s*(?:(?i:is|would be|=)\s*)?(?::\s*)?(?:(?i:option)\s*)?"
+    r"([\(\[])?([A-Z])[\)\]]?(?![A-Za-z])"
 )
 _WORD_NEXT = re.compile(r"\s+\w")
+# "B, C or D": the list goes on after a comma-listed letter ("B, C major" is no list)
+_LIST_GOES_ON = re.compile(r"\s+(?i:or|and)\s+[\(\[]?[A-Z](?![\w'’])")
 # One more letter listed after a stated one: "answer is B or C", "Answer: B, C", "B and (C)", "B/C".
 _LISTED = re.compile(
     r"\s*(,\s*(?:or|and)\b|,|or\b|and\b|/|&)\s*[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])", re.IGNORECASE
@@ -116,6 +123,85 @@ _PAREN = re.compile(r"[\(\[]([A-Z])[\)\]]")
 _LEADING = re.compile(r"^\s*([A-Z])(?:\s*[.:)](?:\s|$)|[ \t]*\r?\n)")
 
 
+# A sentence that states one letter, which MuChoMusic's parser reads as that letter too: "It's B", "I think B.",
+# "I'd go with (B)", "Probably B", "I think B is correct", and "B is the correct answer" at a sentence's start.
+_APOS = "['\u2019]"  # optional where it follows "I": _EMPHASIS drops a quote after a capital ("I'd" -> "Id")
+_CLAIM = re.compile(
+    rf"(?<![\w'\u2019])(?i:it{_APOS}?s|it\s+(?:is|was)|it{_APOS}d\s+be"
+    r"|it\s+(?:must|should|would|could|might|may|has\s+to)(?:\s+also)?\s+be"
+    rf"|i(?:{_APOS}?d|{_APOS}?ll|\s+would|\s+will)?\s+(?:say|go\s+with|choose|pick|select|opt\s+for)"
+    r"|i\s+(?:think|believe|guess)|my\s+(?:choice|pick|guess)\s+(?:is|would\s+be)|probably|most\s+likely)"
+    r"\s*(?:(?i:also|probably|likely|definitely|clearly|certainly|surely)\b\s*)?"  # "it's also C", "it is probably B"
+    r"(?::\s*)?(?=[\(\[]?[A-Z](?![\w'\u2019]))"
+)
+_CLAIMED = re.compile(r"([\(\[])?([A-Z])(?(1)[\)\]])")
+# what may follow a stated letter: the end, punctuation, a dash, "because ...", or "is correct" / "is the answer"
+_CLAIM_END = re.compile(
+    r"\s*(?:$|[.,;:!?\)\]]|[-\u2013\u2014](?:\s|$)|(?i:because|since|as|and|or|but|so)\b)"
+)
+_IS_CORRECT = re.compile(
+    r"\s+(?i:is\s+(?:the\s+)?(?:correct|right|best)(?:\s+(?:answer|option|choice|one))?|is\s+the\s+answer)"
+    r"(?=\s*(?:$|[.,;:!?)]|(?i:because|since|as|here|and|or|but|so)\b))"  # "C is right after D" states no answer
+)
+# "B is correct" counts at the start of a sentence or clause only ("I don't think B is correct" states nothing)
+_SENTENCE_LETTER = re.compile(r"(?:^|(?<=[.!?;:\n]))[ \t]*(?=[\(\[]?[A-Z][\)\]]?\s+(?i:is)\b)")
+# a negation earlier in the clause: "I don't think it's B", "Not because it's B"
+_NEGATION = re.compile(r"(?i:\b(?:not|no|never|neither|nor|unlikely|doubt)\b|n['\u2019]t\b)")
+# a note or chord name that starts an option's text: "C major", "C#", "Bb", "Am", "F#:7/1", "G7"
+_NOTE_NAME = re.compile(
+    r"[A-G](?:[#\u266f\u266d:\d]|b(?![a-z])|m(?![a-z])|\s*(?i:sharp|flat|major|minor|maj|min)\b)"
+)
+
+
+def _claims(text: str, choices: Sequence[str]) -> set[int]:
+    """The options the answer's letter-stating sentences name (rule 2b of :func:`parse_choice`), each with the
+    letters listed after it and, for a letter that is also a note name or another option's whole text, that
+    option too (so the caller finds two)."""
+    n, out = len(choices), set()
+    starts = [(m.end(), True) for m in _CLAIM.finditer(text)]
+    starts += [(m.end(), False) for m in _SENTENCE_LETTER.finditer(text)]
+    clauses = [0] + [b.end() for b in re.finditer(r"[.!?;:,\n]", text)]  # where each clause starts
+    for pos, phrase in starts:
+        if not (m := _CLAIMED.match(text, pos)):
+            continue  # "(B" without its bracket: the letter rule reads it
+        letter, rest = m.group(2), text[m.end() : m.end() + _window(choices)]
+        clause = clauses[bisect.bisect_right(clauses, pos) - 1]
+        if (i := _letter_index(letter, n)) is None or _NEGATION.search(text, clause, pos):
+            continue
+        listed = _listed_after(text, m.end(), n)  # "It's B or C": a hedge, ambiguous
+        if not (_IS_CORRECT.match(text, m.end()) or (phrase and (listed or _CLAIM_END.match(text, m.end())))):
+            continue
+        if _letters_before_a_verb(text, m.end()):
+            continue  # "I think A, B and C are wrong": the letters are a subject
+        out |= {i, *listed}
+        if m.group(1) or _contains_phrase(normalize_text(rest), normalize_text(choices[i])):
+            continue  # "(C)" or "C, D minor": the letter
+        if (j := _also_text(letter, i, choices)) is not None:
+            out.add(j)  # "It's D" among note names: the letter D, or the note D
+        out |= {  # "It's C." among (A) G major (B) C major: the letter C, or the key of C
+            j
+            for j, c in enumerate(choices)
+            if _first_same(j, choices) != _first_same(i, choices)
+            and str(c).strip().startswith(letter)
+            and _NOTE_NAME.match(str(c).strip())
+        }
+    return out
+
+
+def _window(choices: Sequence[str]) -> int:
+    """How much of the answer after a letter is read for an option's text (a bound: a long, repetitive answer
+    stays linear to parse)."""
+    return 4 * max((len(str(c)) for c in choices), default=0) + 16
+
+
+def _letters_before_a_verb(text: str, pos: int) -> bool:
+    """Whether letters listed from ``pos`` on end at a verb: ", B and C are wrong"."""
+    end = pos
+    while (m := _LISTED.match(text, end)) and m.group(2).isupper():
+        end = m.end()
+    return end > pos and bool(_SUBJECT.match(text, end))
+
+
 def _is_a_word(text: str, m: re.Match[str], choices: Sequence[str]) -> bool:
     """Whether the unbracketed capital after "answer is" starts words rather than naming a letter: the pronoun
     "I" ("Answer: I think ...") or an option's own text ("The answer is A minor", "Answer: A male vocalist")."""
@@ -123,18 +209,25 @@ def _is_a_word(text: str, m: re.Match[str], choices: Sequence[str]) -> bool:
         return False  # "(A) ...", "A.", "A," or the end: a letter
     if m.group(3) == "I":
         return True
-    rest = normalize_text(text[m.start(3) :]) + " "
+    rest = normalize_text(text[m.start(3) : m.start(3) + _window(choices)]) + " "
     return any(c and rest.startswith(c + " ") for c in map(normalize_text, choices))
 
 
 def _listed_after(text: str, pos: int, num_options: int) -> list[int]:
     """The options of letters listed right after a stated letter ending at ``pos`` ("B or C", "B, C and D"). A
-    capital that starts words is no letter: "B, C major", "B and I think" and "B, and C is wrong" list nothing."""
-    out = []
+    capital that starts words is no letter: "B, C major", "B and I think" and "B, and C is wrong" list nothing,
+    nor does "B, C and D are wrong" (the letters after the comma are a subject)."""
+    out: list[int] = []
+    run = None  # where the letters after the last comma begin in ``out``
     while (m := _LISTED.match(text, pos)) and m.group(2).isupper():
-        if (m.group(1) == "," or m.group(2) == "I") and _WORD_NEXT.match(text, m.end()):
-            break
+        if m.group(1).startswith(","):
+            run = len(out)
+        if (m.group(1) == "," and not _LIST_GOES_ON.match(text, m.end())) or m.group(2) == "I":
+            if _WORD_NEXT.match(text, m.end()):
+                break
         if _SUBJECT.match(text, m.end()):
+            if run is not None:
+                del out[run:]
             break
         if (i := _letter_index(m.group(2), num_options)) is None:
             break
@@ -190,6 +283,12 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
        wins (models restate the options before concluding), else the last "option/choice ..." phrase ("the answer
        is B, not option C" -> B). Letters listed after it ("the answer is B or C", "Answer: B, C") name no
        one option: ambiguous.
+       ``claim``: a sentence stating one letter: "It's B", "I think B.", "I'd go with (B)", "Probably B", or
+       "B is correct" / "B is the answer" at the start of a sentence ("A is wrong; B is correct"). The letter
+       must end there (punctuation, the end, "because", "is correct"): "It's A cappella", "I think A male ..."
+       state no letter. A negation earlier in the clause ("I don't think it's B") states nothing; two
+       sentences naming different letters, or letters listed after one ("It's B or C"), are ambiguous, as is
+       a letter that is also a note name starting another option ("It's C." among (A) G major (B) C major).
     3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:", or a first
        line that is the letter alone ("B\n\nThe guitar ..."). One distinct letter -> that option; two or more ->
        ambiguous (unless they are options with the same text).
@@ -235,6 +334,11 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
         if len(named) > 1:  # "the answer is B or C": no one option (MuChoMusic's and MMAU's scorers agree)
             return ChoiceParse(None, "ambiguous", "answer_is")
         return ChoiceParse(min(last), "ok", "answer_is")
+
+    if claimed := _claims(plain, choices):
+        if len({_first_same(i, choices) for i in claimed}) > 1:
+            return ChoiceParse(None, "ambiguous", "claim")
+        return ChoiceParse(min(claimed), "ok", "claim")
 
     letters = {i for x in _PAREN.finditer(plain) if (i := _letter_index(x.group(1), n)) is not None}
     if (m := _LEADING.match(plain)) and (i := _letter_index(m.group(1), n)) is not None:
