@@ -48,7 +48,7 @@ $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 venv: $(BIN)/.installed
 
 test: setup
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=25
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=120
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
