@@ -378,7 +378,7 @@ def generate_answers(
     think: bool = False,
     *,
     indices: Sequence[int] | None = None,
-    on_answer: Callable[[int, str], None] | None = None,
+    on_answer: Callable[[int, str, bool], None] | None = None,
     skip_bad_audio: bool = False,
     origins: Sequence[str | None] | None = None,
 ) -> list[str | None]:
@@ -388,9 +388,10 @@ def generate_answers(
 
     `indices`: each conversation's place in the whole input (default 0..n-1), which picks its sampling stream
     (`SamplingParams.for_prompt`): the same answers whatever `slots`, or a resumed run skipping some inputs.
-    `on_answer(i, text)`: called as each answer is done (`output=` writes it). `skip_bad_audio`: a file that
-    cannot be read is reported and its answer is None, instead of an AudioError ending the batch. `origins`: where
-    each conversation comes from (a JSONL list's file:line, or None), named before its audio errors."""
+    `on_answer(i, text, cut)`: called as each answer is done (`output=` writes it; `cut`: it ended at the token
+    limit). `skip_bad_audio`: a file that cannot be read is reported and its answer is None, instead of an
+    AudioError ending the run (which comes once the answers already started are done). `origins`: where each
+    conversation comes from (a JSONL list's file:line, or None), named before its audio errors."""
     n = len(conversations)
     indices = range(n) if indices is None else indices
     engine = Engine(model, slots=min(slots or n, n), compile=compile, tokenizer=processor.tokenizer)
@@ -418,21 +419,32 @@ def generate_answers(
             engine.release(slot)
             texts[i] = answers[i]
             if on_answer is not None:
-                on_answer(i, texts[i])
+                on_answer(i, texts[i], s.finish_reason == "length")
 
-    while joined < n or engine.decoding:
-        while joined < n and engine.free_slots():
+    # a file that stops the run: raised once the answers being decoded are done
+    failed: AudioError | None = None
+    while (joined < n and failed is None) or engine.decoding:
+        while joined < n and failed is None and engine.free_slots():
             i = joined
             joined += 1
             try:
                 inputs = processor.apply_chat_template([conversations[i]])
             except AudioError as e:
                 origin = None if origins is None else origins[i]
+                named = str(e) if origin is None else f"{origin}: {e}"
                 if not skip_bad_audio:
-                    if origin is None:
-                        raise
-                    raise AudioError(f"{origin}: {e}") from e
-                skipped[i], finished[i] = (str(e) if origin is None else f"{origin}: {e}"), True
+                    # the answers already decoding finish first (`on_answer` writes them: output= keeps them and
+                    # a rerun asks only the rest); they were dropped with the whole batch
+                    failed, joined = AudioError(f"{named} (skip_bad_audio=true skips such files)"), i
+                    failed.__cause__ = e
+                    if engine.decoding:  # said now: the answers may take a while
+                        logger.warning(
+                            "%s; the %d answers already started finish first, then the run stops",
+                            failed,
+                            len(engine.decoding),
+                        )
+                    break
+                skipped[i], finished[i] = named, True
                 continue
             request = Request(
                 inputs["input_ids"][0],
@@ -451,6 +463,8 @@ def generate_answers(
             n_tokens += 1
             record(slot, token)
         printer.update(answers, finished, joined, skipped, stopped)
+    if failed is not None:
+        raise failed
     dt = time.perf_counter() - t0
     logger.info(
         "%d answers, %d new tokens in %.2f s (%.1f tokens/s)",
@@ -711,17 +725,26 @@ class _Output:
     the answer, `thinking` and the whole `text` apart; a `system_prompt` that is set), appended and flushed as each
     answer is done. A rerun skips the (audio, prompt) pairs the file holds, so a long run resumes where it stopped;
     only rows asked the same way count (think mode or not, the same system prompt, the same stop strings, which a
-    row names when there are any): the others are kept, not reused, as their question was another one.
+    row names when there are any): the others are kept, not reused, as their question was another one. An answer
+    cut at the token limit names it (`max_new_tokens`) and is reused only under the same one: a quick run with
+    max_new_tokens=16 into the file left every later run its 16-token captions, "already answered".
 
     One infer.py at a time per file: `<file>.lock` (`runfolder.FolderLock`, held from before the file is read until
     `close()`) refuses a second one, which would answer every input again into the same file (and could cut off
     the first one's rows while dropping a torn last row)."""
 
     def __init__(
-        self, path: str, think: bool, system_prompt: str | None = None, stop: Sequence[str] = ()
+        self,
+        path: str,
+        think: bool,
+        system_prompt: str | None = None,
+        stop: Sequence[str] = (),
+        max_new_tokens: int | None = None,
     ) -> None:
         self.path, self.think, self.system_prompt = Path(path).expanduser(), think, system_prompt
         self.stop = list(stop)  # the stop strings that cut the answers: rows cut by others are not reused
+        # the token limit: the rows it cut name it, and are reused only under the same
+        self.max_new_tokens = max_new_tokens
         self.done: dict[tuple[str, str], list[dict[str, Any]]] = {}  # rows by (audio, prompt), in file order
         self.other = 0  # rows asked another way (think mode, system prompt): kept in the file, not reused
         self.added = 0  # rows this run wrote
@@ -792,13 +815,15 @@ class _Output:
                 ("thinking" in row) != self.think
                 or row.get("system_prompt") != self.system_prompt
                 or (row.get("stop") or []) != self.stop
+                or row.get("max_new_tokens", self.max_new_tokens) != self.max_new_tokens
             ):
                 self.other += 1
                 continue
             self.done.setdefault((row["audio"], row["prompt"]), []).append(row)
         if self.other:
             logger.info(
-                "%s: %d rows were asked with another think, system_prompt or stop setting: kept, not reused",
+                "%s: %d rows were asked with another think, system_prompt or stop setting, or cut at another "
+                "max_new_tokens: kept, not reused",
                 self.path,
                 self.other,
             )
@@ -824,10 +849,10 @@ class _Output:
             return None
         return row.get("text", row["answer"]) if self.think else row["answer"]
 
-    def write(self, audio: str, prompt: str, text: str, repeat: int | None = None) -> None:
+    def write(self, audio: str, prompt: str, text: str, repeat: int | None = None, cut: bool = False) -> None:
         """Append the answer to (audio, prompt); `repeat`: which time the run asks this pair, for a pair asked more
         than once (its answers finish in any order: a rerun matches each with its own input, and so its own
-        sampling stream)."""
+        sampling stream); `cut`: the answer ended at the token limit (the row names `max_new_tokens`)."""
         row: dict[str, Any] = {"audio": audio, "prompt": prompt, "answer": text}
         if repeat is not None:
             row["repeat"] = repeat
@@ -838,6 +863,8 @@ class _Output:
             row["system_prompt"] = self.system_prompt
         if self.stop:
             row["stop"] = self.stop
+        if cut and self.max_new_tokens is not None:
+            row["max_new_tokens"] = self.max_new_tokens
         line = json.dumps(row) + "\n"  # ASCII escapes: any file name (even not UTF-8) round-trips
         # closed at once: a crash loses no finished answer; a full disk (an OSError naming no file) is named here,
         # and the rerun drops a torn last row and keeps the others
@@ -1076,7 +1103,10 @@ def infer(
         seen[f, p] += 1
     # `output=`: held (its lock) from its reading to the last answer
     stops = decoding["stop"]
-    with _Output(output, think, system_prompt, stops) if output else contextlib.nullcontext() as results:
+    limit = decoding["max_new_tokens"]
+    with (
+        _Output(output, think, system_prompt, stops, limit) if output else contextlib.nullcontext()
+    ) as results:
         answers = [None if results is None else results.answer(*key) for key in keys]
         todo = [i for i, a in enumerate(answers) if a is None]
         if results is not None and len(todo) < len(files):
@@ -1105,11 +1135,11 @@ def infer(
             for i in todo
         ]
 
-        def save(k: int, text: str) -> None:
+        def save(k: int, text: str, cut: bool) -> None:
             if results is not None:
                 i = todo[k]
                 repeated = seen[files[i], prompts[i]] > 1
-                results.write(files[i], prompts[i], text, keys[i][2] if repeated else None)
+                results.write(files[i], prompts[i], text, keys[i][2] if repeated else None, cut)
 
         try:
             texts = generate_answers(

@@ -124,9 +124,19 @@ def check_duration(seconds: float | None, max_seconds: float, param: str) -> Non
     if seconds is not None and seconds > max_seconds + 1e-6:
         raise bad_request(
             param,
-            f"the audio is {seconds:.1f} s long, over the limit of {max_seconds:g} s",
+            f"the audio is {_over(seconds, max_seconds)} s long, over the limit of {max_seconds:g} s",
             code="audio_too_long",
         )
+
+
+def _over(seconds: float, limit: float) -> str:
+    """`seconds` with the decimals it takes to read as over `limit` (a 1200.04-s song was "1200.0 s long, over the
+    limit of 1200 s")."""
+    for digits in (1, 2, 3, 4, 5):
+        text = f"{seconds:.{digits}f}"
+        if float(text) > limit:
+            return text
+    return f"{seconds:.6f}"
 
 
 # Seconds a container's stated length (ffprobe's) may run over the decoded samples' (encoder delay and padding are
