@@ -27,12 +27,16 @@ conversation's first token: the loss per conversation is the one it has alone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from musicflamingo.chat import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+_over_budget_rows = 0  # rows of this process built past their budget (the first is warned about)
 
 
 def collate(
@@ -122,10 +126,16 @@ def collate_packed(
     pad_token_id: int,
     max_tokens: int,
     pad_to_multiple_of: int | None = None,
+    one_row: bool = False,
 ) -> dict[str, Any]:
     """Pack samples, in order, into rows of at most ``max_tokens`` tokens: a sample that does not fit in the
     current row starts the next one; one longer than ``max_tokens`` gets a row of its own. Skipped samples drop
     out as in :func:`collate`.
+
+    ``one_row``: the samples are one row that a sampler planned from estimated lengths (the data module's packed
+    batches), kept one row when the built ones add up to more than ``max_tokens`` (an m4a's container length may
+    be a token short), with a warning naming the overflow: split, the row would become two rows padded to the
+    longest, about twice the tokens and memory the budget was set for.
 
     Returns the keys of :func:`collate` for R rows of length S: ``input_ids``, ``attention_mask``, ``labels``
     [R, S]; ``input_features`` [W, 128, F] in conversation order, which is the row-major order of the ``<sound>``
@@ -141,11 +151,13 @@ def collate_packed(
     rows: list[list[int]] = []  # conversation indices per row, in order
     used = max_tokens  # tokens in the current row; "full" at first, so the first sample opens a row
     for k, n in enumerate(lengths):
-        if used + n > max_tokens:
+        if used + n > max_tokens and not (one_row and rows):
             rows.append([])
             used = 0
         rows[-1].append(k)
         used += n
+    if one_row and used > max_tokens:
+        _warn_over_budget(used, max_tokens, [good[k].get("id") for k in rows[0]])
     seq_len = max((sum(lengths[k] for k in row) for row in rows), default=0)
     if pad_to_multiple_of and seq_len % pad_to_multiple_of:
         seq_len += pad_to_multiple_of - seq_len % pad_to_multiple_of
@@ -177,3 +189,20 @@ def collate_packed(
         "seq_ids": seq_ids,
     }
     return _batch(tokens, good, lengths, len(samples), bad)
+
+
+def _warn_over_budget(built: int, max_tokens: int, ids: Sequence[Any]) -> None:
+    """Warn, once per process (a DataLoader worker's own), that a packed row came out longer than its budget."""
+    global _over_budget_rows
+    _over_budget_rows += 1
+    if _over_budget_rows == 1:
+        log.warning(
+            "a packed row of %d samples (ids %s) holds %d tokens, %d more than its token budget of %d: their "
+            "built lengths exceed the estimates the batch was planned from (audio whose length its container or "
+            "header states inexactly, e.g. m4a); kept as one row (later such rows of this process are not logged)",
+            len(ids),
+            ", ".join(repr(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else ""),
+            built,
+            built - max_tokens,
+            max_tokens,
+        )

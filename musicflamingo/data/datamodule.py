@@ -583,7 +583,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         return cls(
             dataset,
             batch_sampler=sampler,
-            collate_fn=partial(collate_packed, max_tokens=sampler.max_tokens, pad_token_id=pad)
+            collate_fn=partial(collate_packed, max_tokens=sampler.max_tokens, pad_token_id=pad, one_row=True)
             if self.pack
             else partial(collate, pad_token_id=pad),
             num_workers=workers,

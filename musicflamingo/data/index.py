@@ -5,8 +5,9 @@ no audio header and tokenizes nothing (audiocraft precomputes its metadata the s
 
 File: ``<manifest>.index.parquet``, one row per record in manifest order: ``line`` int32 (where the record starts),
 ``hash`` uint64 (BLAKE2b-64 of the record's line), ``tokens`` int32 (:func:`~musicflamingo.data.dataset.
-estimate_num_tokens`), ``seconds`` list<float64> (per audio; NaN when the header could not be read). The schema
-metadata holds the settings the numbers depend on (:func:`index_settings`).
+estimate_num_tokens`), ``seconds`` list<float64> (per audio: its header's length, or where no header states one,
+as in a raw AAC stream, its decoded length; NaN when it could not be read). The schema metadata holds the settings
+the numbers depend on (:func:`index_settings`).
 
 Why Parquet: a launch reads two columns of a million rows straight into numpy in milliseconds; a JSONL sidecar would
 cost a ``json.loads`` per record, the very cost the index exists to remove. pyarrow is already a dependency.
@@ -59,7 +60,12 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from musicflamingo.data.dataset import ConversationDataset, estimate_num_tokens, record_seconds
+from musicflamingo.data.dataset import (
+    ConversationDataset,
+    _decoded_samples,
+    estimate_num_tokens,
+    record_seconds,
+)
 from musicflamingo.data.manifest import (
     CompactRecords,
     JsonListRecords,
@@ -349,9 +355,30 @@ class _Estimates(Dataset):
                 record = self.dataset.records[i]
             except ManifestError as e:
                 return out, str(e)
-            seconds = self.seconds[i] if self.seconds[i] is not None else record_seconds(record)
+            seconds = self.seconds[i] if self.seconds[i] is not None else _seconds(record, self.dataset)
             out.append((i, seconds, estimate_num_tokens(record, self.dataset, seconds)))
         return out, None
+
+
+def _seconds(record: Record, dataset: ConversationDataset) -> list[float]:
+    """:func:`record_seconds`, with an audio whose length no header states (a raw AAC stream, an MP3 without a
+    Xing frame) decoded once here, as :func:`estimate_num_tokens` would decode it at every launch: its row then
+    holds the decoded length (in seconds whose count of samples is exactly the decoded one), not NaN. NaN stays
+    where it does not decode, and where the decode stopped at the kept seconds (the file's own length unknown: a
+    run keeping more would count too few)."""
+    seconds = record_seconds(record)
+    p = dataset.processor
+    for k, (ref, s) in enumerate(zip(record.audios, seconds)):
+        if not math.isnan(s):
+            continue
+        n = _decoded_samples(dataset, ref)
+        if not 0 < n < p.kept_seconds * p.sampling_rate - 1:
+            continue
+        s = n / p.sampling_rate
+        while math.ceil(s * p.sampling_rate) > n:  # n / rate * rate may round up past n
+            s = math.nextafter(s, 0.0)
+        seconds[k] = s
+    return seconds
 
 
 # a file's ctime comes from the kernel's coarse clock (milliseconds behind time.time_ns) or a file server's clock

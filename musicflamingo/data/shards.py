@@ -17,7 +17,8 @@ trained on (shards written before these digests are read without them).
 
 Setup reads ``records/`` only (text: ids, conversations, durations), so token lengths, bucketing, mixtures and the
 over-budget check need no audio; a local folder's records are then held as their places in its chunk files (16
-bytes a record, each read again and checked when used), an object store's as their text (:class:`ShardRecords`).
+bytes a record, each read again and checked when used), an object store's as their places in a local copy of
+them that the process writes as it reads them (:class:`ShardRecords`).
 ``dataset[i]`` fetches sample ``i``'s bytes (a local read, or one ranged GET from
 an object store: litdata's ``on_demand_bytes``, no whole-chunk download) and decodes them exactly as
 :func:`~musicflamingo.audio.io.load_audio` decodes the file, so a sample is identical to the manifest's.
@@ -45,6 +46,8 @@ of its samples. litdata is imported only inside these functions.
 from __future__ import annotations
 
 import argparse
+import array
+import atexit
 import contextlib
 import hashlib
 import json
@@ -56,6 +59,7 @@ import re
 import shutil
 import signal
 import struct
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -63,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from musicflamingo.audio.io import SAMPLING_RATE, AudioError, load_audio
 from musicflamingo.data.dataset import ConversationDataset, audio_seconds, estimate_num_tokens
 from musicflamingo.data.manifest import AudioRef, Message, Record, _digests, _position, read_manifest
 
@@ -187,11 +192,37 @@ def _audio_item(item: tuple[int, dict[str, Any]]) -> bytes:
     return _pack(i, [_read_bytes(a) for a in rec["audios"]], _record_digest(rec))
 
 
+# Seconds a writer decodes at most of an audio whose length nothing states: a longer one is stored as this long (a
+# lower bound, above any processor's kept seconds: 20 minutes)
+_DECODE_SECONDS = 3600.0
+
+
+def _decoded_seconds(path: str, offset: float) -> float | None:
+    """Seconds of an audio no header or container states the length of (a raw AAC stream, an MP3 without a Xing
+    frame), decoded at 16 kHz as training decodes it: a count of samples that ``ceil(seconds * 16000)`` gives back
+    exactly; :data:`_DECODE_SECONDS` at most. None when it does not decode (a bad sample when built)."""
+    try:
+        n = int(
+            load_audio(path, sampling_rate=SAMPLING_RATE, offset=offset, max_seconds=_DECODE_SECONDS).shape[0]
+        )
+    except AudioError:
+        return None
+    s = n / SAMPLING_RATE
+    while math.ceil(s * SAMPLING_RATE) > n:  # n / rate * rate may round up past n
+        s = math.nextafter(s, 0.0)
+    return s
+
+
 def _record_item(item: tuple[int, dict[str, Any]]) -> str:
     i, rec = item
     # Seconds as the manifest path estimates them (the segment's duration, the file header, or an m4a's container);
-    # None when nothing states it (a raw AAC stream: counted as no audio, as nothing is decoded to estimate shards).
+    # where nothing states it (a raw AAC stream), the decoded audio's: shards estimate without fetching audio, and
+    # a record counted as no audio passed the batch budget and overflowed packed rows. None: it does not decode.
     seconds = [audio_seconds(a["path"], a["offset"], a["duration"]) for a in rec["audios"]]
+    seconds = [
+        _decoded_seconds(a["path"], a["offset"]) if s is None and os.path.isfile(a["path"]) else s
+        for a, s in zip(rec["audios"], seconds)
+    ]
     digest = _record_digest(rec).hex()  # the audio sample holds it too (_pack)
     return json.dumps({"index": i, "digest": digest, **rec, "seconds": seconds}, ensure_ascii=False)
 
@@ -673,9 +704,10 @@ class ShardRecords(Sequence):
       reads a manifest. The text held in memory took about 370 bytes a record on every rank and worker, read
       record by record through litdata at every launch (200k records: 74 MiB held and 3.8 s; now 3.1 MiB and
       1.5 s, the chunks read whole: ``python bench/data_index.py --shard-records 200000``);
-    * ``ShardRecords(texts)`` (an object store's records, downloaded by litdata): the texts in one buffer, 24 bytes
-      per record beside them, where Record objects take kilobytes each and get copied page by page in DataLoader
-      workers as reference counts touch them.
+    * an object store's records, downloaded by litdata: copied as they are read to one file of this process's
+      own (removed at exit), then held and read as a local folder's (24 bytes a record);
+    * ``ShardRecords(texts)``: the texts in one buffer, 24 bytes per record beside them, where Record objects take
+      kilobytes each and get copied page by page in DataLoader workers as reference counts touch them.
 
     Attributes:
         digests: [N] uint64, BLAKE2b-64 of each record's stored text (computed when the text is read: every byte of
@@ -684,6 +716,7 @@ class ShardRecords(Sequence):
 
     def __init__(self, texts: Sequence[bytes], where: str = "shard records") -> None:
         self.where = where
+        texts = texts if isinstance(texts, (list, tuple)) else list(texts)  # read twice below
         self._data: bytes | None = b"".join(texts)
         sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
         self._ends = np.cumsum(sizes)
@@ -738,7 +771,7 @@ class ShardRecords(Sequence):
         return data
 
     def parse(self, i: int) -> tuple[Record, list[float]]:
-        """Record ``i`` and its audios' seconds (NaN where the header was unreadable at sharding time)."""
+        """Record ``i`` and its audios' seconds (NaN where the audio could not be read at sharding time)."""
         i = _position(i, len(self), f"the {self.where}")
         try:
             obj = json.loads(self.text(i))
@@ -857,7 +890,7 @@ def _local_records(where: str) -> ShardRecords | None:
     )
 
 
-def _litdata_texts(where: str, ds: Any) -> list[bytes]:
+def _litdata_texts(where: str, ds: Any) -> Iterator[bytes]:
     """Every record's text of ``where`` read sample by sample through litdata's ``StreamingDataset`` ``ds``."""
 
     def entry(i: int) -> str:
@@ -870,26 +903,62 @@ def _litdata_texts(where: str, ds: Any) -> list[bytes]:
 
     entry(0)  # opens the index: len(ds.cache) counts every record (len(ds) only this rank's share under DDP)
     ds.on_demand_bytes = False  # remote: one download per chunk, not one request per record
-    texts = []
     for i in range(len(ds.cache)):
         text = entry(i).encode("utf-8")
         # the index leads each JSON object: a cheap check that records/ is whole and in order
         if not text.startswith(b'{"index": %d,' % i):
             raise ShardError(f"{where}: entry {i} is {text[:40]!r}...; write the shards again")
-        texts.append(text)
-    return texts
+        yield text
+
+
+def _remove_spool(path: str, pid: int) -> None:
+    if os.getpid() == pid:  # the process that wrote it (a forked worker's exit leaves it to its parent)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _spooled_records(where: str, texts: Iterator[bytes], cache_dir: str | None) -> ShardRecords:
+    """``texts`` written one after another to a file of this process's own (in ``cache_dir``, else the temporary
+    folder; removed at exit) and held as :class:`ShardRecords` on disk, as a local folder's records are: an object
+    store's records took their whole text in memory on every rank (about 370 bytes a record: 3.7 GiB per rank
+    for 10 million), twice while they were read."""
+    folder = cache_dir if cache_dir is not None else tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=".musicflamingo-records-", suffix=".bin", dir=folder)
+    atexit.register(_remove_spool, path, os.getpid())
+    starts, ends, digests, pos = array.array("q"), array.array("q"), bytearray(), 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for text in texts:
+                f.write(text)
+                starts.append(pos)
+                pos += len(text)
+                ends.append(pos)
+                digests += _digest(text)
+    except BaseException:
+        _remove_spool(path, os.getpid())
+        raise
+    return ShardRecords._on_disk(
+        where,
+        [path],
+        np.asarray([0, len(starts)], dtype=np.int64),
+        np.asarray(starts, dtype=np.int64),
+        np.asarray(ends, dtype=np.int64),
+        np.frombuffer(bytes(digests), dtype="<u8"),
+    )
 
 
 def read_shard_records(url: str, cache_dir: str | None = None) -> ShardRecords:
-    """The records of ``<url>/records`` (text only), in shard order: of a local folder, held as their places in its
-    chunk files; of an object store, as their text (see :class:`ShardRecords`)."""
+    """The records of ``<url>/records`` (text only), in shard order, held as their places in its chunk files (a
+    local folder's) or in a file they are copied to as they are read (an object store's: ``cache_dir``, else the
+    temporary folder; see :class:`ShardRecords`)."""
     where = _join(url, RECORDS)
     ds = _streaming(where, cache_dir)  # a missing, short or unreadable index or chunk named as before
     if not is_url(url):
         found = _local_records(where)
         if found is not None:
             return found
-    return ShardRecords(_litdata_texts(where, ds), where)
+    return _spooled_records(where, _litdata_texts(where, ds), cache_dir)
 
 
 class ShardDataset(ConversationDataset):
