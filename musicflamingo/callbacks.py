@@ -218,6 +218,58 @@ class OwnLastCheckpoint(Callback):
                     cb.last_model_path = str(last)
 
 
+class LogFinalStep(Callback):
+    """The run's last training step goes to the loggers (metrics.csv, TensorBoard, W&B) whatever
+    ``trainer.log_every_n_steps`` is: Lightning writes a step's row only when the step's number is a multiple of it,
+    so a 4-step run at the default 10 wrote no metrics.csv at all, and a 25-step run's last row was step 20's (the
+    loss the exported model ended with was in no log).
+
+    At the last batch (``trainer.max_steps`` reached, or the last epoch's last batch) the logging interval is 1 until
+    that row is written (Lightning reads it after ``on_train_batch_end``); it is put back before anything else logs.
+    ``log_every_n_steps=0`` (no logging) is left alone.
+    """
+
+    def __init__(self) -> None:
+        self._every: int | None = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        every = trainer.log_every_n_steps
+        if self._every is None and every and every > 1 and _trains_no_further(trainer, batch_idx):
+            self._every, trainer.log_every_n_steps = every, 1
+
+    def _restore(self, trainer: L.Trainer) -> None:
+        if self._every is not None:
+            trainer.log_every_n_steps, self._every = self._every, None
+
+    # the hooks that can come first after the row is written
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore(trainer)
+
+
+def _trains_no_further(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the batch just trained is the run's last: its optimizer step reached ``trainer.max_steps``, or it ends
+    the last epoch (``trainer.max_epochs``)."""
+    if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    if trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.current_epoch + 1 < trainer.max_epochs:
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return bool(progress.is_last_batch) or batch_idx + 1 >= trainer.num_training_batches
+
+
 def _rng_states() -> dict[str, Any]:
     """This process's torch (CPU, CUDA), numpy and python RNG states, as types `torch.load(weights_only=True)`
     reads."""

@@ -358,10 +358,10 @@ class MusicFlamingoLit(L.LightningModule):
                 # other ranks' backward does; DDP: a zero loss reaching every trained weight
                 return stand_in.loss * 0.0 if stand_in is not None else self._no_op_loss()
         elif empty:
-            return None
+            return self._keep_step_loss()
         elif nonfinite:
             self._nonfinite(out.loss, _batch_ids(batch))
-            return None
+            return self._keep_step_loss()
         n = out.num_label_tokens
         # The step's loss and gradient are the mean over all its label tokens (every accumulated batch, every
         # rank), as one batch holding them all gives (a mean of the batches' means weighed a token of a short batch
@@ -372,6 +372,16 @@ class MusicFlamingoLit(L.LightningModule):
         self._step_batches += 1
         self._step_label_tokens += float(n)
         return out.loss * n if self._several_batches_a_step() else out.loss
+
+    def _keep_step_loss(self) -> torch.Tensor | None:
+        """What a skipped batch (empty, or a non-finite loss) returns on one process: None, or, when earlier batches
+        of the step (gradient accumulation) left gradients, a zero loss over those parameters. Lightning's float16
+        AMP (`trainer.precision=16-mixed`) skips the whole optimizer step when its last batch returns None, so the
+        earlier batches were never learned; other precisions step with their gradients either way."""
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if self._step_batches == 0 or not params:
+            return None
+        return torch.stack([(p.reshape(-1)[:1] * 0).sum() for p in params]).sum()
 
     def _several_batches_a_step(self) -> bool:
         """Whether a step's gradient sums batches (accumulated, or one per rank): then weighed by label tokens."""

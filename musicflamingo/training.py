@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from musicflamingo.callbacks import (
     AtomicCheckpointIO,
     KeepCutEpochOpen,
+    LogFinalStep,
     OwnLastCheckpoint,
     RngStateCheckpoint,
     SaveLastAtTrainEnd,
@@ -187,11 +188,18 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     """The `cfg.trainer` Trainer with the `cfg.callbacks` and `cfg.logger` objects (and `extra_callbacks`), atomic
     checkpoint files, and checkpoints that keep an epoch cut short by the stop open (`KeepCutEpochOpen`), hold the
     RNG states (`RngStateCheckpoint`) and, at the end of training, the final step in last.ckpt
-    (`SaveLastAtTrainEnd`), which a resumed run overwrites (`OwnLastCheckpoint`)."""
+    (`SaveLastAtTrainEnd`), which a resumed run overwrites (`OwnLastCheckpoint`); the final step's metrics reach the
+    loggers whatever `trainer.log_every_n_steps` is (`LogFinalStep`)."""
     one_lightning_log_line()
     # the caller's first: StopOnSignal ends a stopped run at the next batch's start before others act on it
     callbacks = list(extra_callbacks) + _instantiate_dict(cfg.get("callbacks"), "callbacks")
-    callbacks += [KeepCutEpochOpen(), RngStateCheckpoint(), SaveLastAtTrainEnd(), OwnLastCheckpoint()]
+    callbacks += [
+        KeepCutEpochOpen(),
+        RngStateCheckpoint(),
+        SaveLastAtTrainEnd(),
+        OwnLastCheckpoint(),
+        LogFinalStep(),
+    ]
     loggers = _instantiate_dict(cfg.get("logger"), "logger")
     extra: dict[str, Any] = {}
     if cfg.trainer.get("enable_progress_bar", True) and not stderr_is_terminal():
