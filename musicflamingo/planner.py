@@ -712,16 +712,26 @@ def weight_bytes(config: MusicFlamingoConfig, dtype_bytes: int, method: str | No
     )
 
 
+# (repr(config), method) -> its meta model (`_quantized_meta_model`)
+_META_MODELS: dict[tuple[str, str], Any] = {}
+
+
 def _quantized_meta_model(config: MusicFlamingoConfig, method: str):  # noqa: ANN202 (imports torch lazily)
-    """A `config` model quantized with `method` on the meta device: the structure, nothing allocated."""
+    """A `config` model quantized with `method` on the meta device: the structure, nothing allocated. Kept for the
+    next call (read only): building the release's takes ~0.5 s, and a refusal plans a dozen alternatives."""
     import torch
 
     from musicflamingo.model.musicflamingo import MusicFlamingo
     from musicflamingo.model.quantize import quantize_model
 
-    with torch.device("meta"):
-        model = MusicFlamingo(config)
-    return quantize_model(model, method)
+    key = (repr(config), method)
+    if key not in _META_MODELS:
+        with torch.device("meta"):
+            model = MusicFlamingo(config)
+        if len(_META_MODELS) >= 8:  # a few configs per process; tests make many
+            _META_MODELS.pop(next(iter(_META_MODELS)))
+        _META_MODELS[key] = quantize_model(model, method)
+    return _META_MODELS[key]
 
 
 def quant_workspace_bytes(
@@ -1076,23 +1086,22 @@ def check_fits(
     where: str,
     fixes: Sequence[tuple[str, int]] = (),
     processes: int = 1,
+    levers: str = "LoRA, QLoRA, checkpointing, bf16-true, FSDP, a smaller batch",
 ) -> None:
     """MemoryPlanError when `processes` x the plan's peak exceeds `available` bytes (None: unknown, no check);
-    the message lists `fixes` (overrides, peak), one a line."""
+    the message lists `fixes` (overrides, peak), one a line, or says that none of `levers` fits."""
     need = plan.peak * processes
     if available is None or need <= available:
         return
     times = f" x {processes} processes" if processes > 1 else ""
+    fit = [(cli, peak) for cli, peak in fixes if peak * processes <= available]
     lines = [
         f"predicted peak {_fmt(plan.peak)}{times} per device ({plan.title.split(':')[0]}, {plan.when}) exceeds the "
-        f"{_fmt(available)} available on {where}; settings that would fit:"
+        f"{_fmt(available)} available on {where}; "
+        + ("settings that would fit:" if fit else f"none of the usual changes ({levers}) fits")
     ]
-    fit = [(cli, peak) for cli, peak in fixes if peak * processes <= available]
     lines += [f"  {cli}   ({_fmt(peak)})" for cli, peak in fit]
     if not fit:
-        lines.append(
-            "  none of the usual changes (LoRA, QLoRA, checkpointing, bf16-true, FSDP, a smaller batch)"
-        )
         lines += [f"  the lightest, {cli}, still needs {_fmt(peak)}" for cli, peak in fixes[:1]]
     lines.append("plan=true prints the breakdown; memory_check=false runs anyway")
     raise MemoryPlanError("\n".join(lines))
@@ -1478,6 +1487,11 @@ class GenerationKnobs:
     new_tokens: str = "max_new_tokens"
     queue: str | None = None  # serve.py's max_queue: waiting requests keep their features (CPU)
 
+    def levers(self) -> str:
+        """What the refusals try, for the line that says none of it fits."""
+        queue = f", {self.queue}" if self.queue else ""
+        return f"dtype, quantize, {self.batch}{queue} and {self.new_tokens}, alone or together"
+
 
 def generation_alternatives(
     plan_for: Callable[..., MemoryPlan],
@@ -1491,38 +1505,71 @@ def generation_alternatives(
     queued: int = 0,
 ) -> list[tuple[str, int]]:
     """Settings predicted to fit `budget` with their peaks: bfloat16, a lighter quantization (unless the checkpoint
-    is quantized: it cannot be re-quantized), the largest smaller batch, the largest smaller token budget.
+    is quantized: it cannot be re-quantized), the largest smaller batch, the largest smaller token budget. When no
+    change alone fits: the weights' changes each with the largest smaller batch (then token budget) that fits, a
+    heavier one listed only when it allows more (as `alternatives` does for training); when nothing fits, the
+    lightest of them all, which does not fit (`check_fits` says so).
     `plan_for(nbytes=, slots=, new_tokens=, quantize=)` plans one change."""
     fixes = []
+    weights: list[tuple[str, dict[str, Any]]] = [("", {})]
     if nbytes > 2:
+        weights.append(("dtype=bfloat16", {"nbytes": 2}))
         peak = plan_for(nbytes=2).peak
         if peak <= budget:
             fixes.append(("dtype=bfloat16", peak))
     methods = ("int8", "int4")
     lighter = () if config.quantization else methods[methods.index(quantize) + 1 if quantize else 0 :]
+    weights += [(f"quantize={method}", {"nbytes": 2, "quantize": method}) for method in lighter]
     for method in lighter:
         peak = plan_for(nbytes=2, quantize=method).peak
         if peak <= budget:  # the lighter of the two that fits
             fixes.append((f"quantize={method}", peak))
             break
-    for n in sorted({slots // 2, slots // 4, slots // 8, 1}, reverse=True):
-        if 1 <= n < slots:
-            peak = plan_for(slots=n).peak
-            if peak <= budget:
-                fixes.append((f"{knobs.batch}={n}", peak))
-                break
-    for n in sorted({new_tokens // 2, new_tokens // 4, new_tokens // 8, 256, 64}, reverse=True):
-        if 1 <= n < new_tokens:
-            peak = plan_for(new_tokens=n).peak
-            if peak <= budget:
-                fixes.append((f"{knobs.new_tokens}={n}", peak))
-                break
+    batches = [n for n in sorted({slots // 2, slots // 4, slots // 8, 1}, reverse=True) if 1 <= n < slots]
+    tokens = [
+        n
+        for n in sorted({new_tokens // 2, new_tokens // 4, new_tokens // 8, 256, 64}, reverse=True)
+        if 1 <= n < new_tokens
+    ]
+    for n in batches:
+        peak = plan_for(slots=n).peak
+        if peak <= budget:
+            fixes.append((f"{knobs.batch}={n}", peak))
+            break
+    for n in tokens:
+        peak = plan_for(new_tokens=n).peak
+        if peak <= budget:
+            fixes.append((f"{knobs.new_tokens}={n}", peak))
+            break
     for n in sorted({queued // 2, queued // 4, queued // 8, 1}, reverse=True) if knobs.queue else ():
         if 1 <= n < queued:
             peak = plan_for(queued=n).peak
             if peak <= budget:
                 fixes.append((f"{knobs.queue}={n}", peak))
                 break
+    if not fixes:
+        # a 20-minute song at batch 32 on one GPU: neither bfloat16, int8 nor a smaller batch alone (was: "none of
+        # the usual changes", training's levers named); the answers' length is cut last
+        best = (0, 0)  # (tokens, batch) of the last listed
+        for cli, change in weights:
+            for t, n in ((t, n) for t in [new_tokens, *tokens] for n in [slots, *batches]):
+                if (t, n) <= best:
+                    break
+                if (t, n) == (new_tokens, slots):  # this change alone: planned above
+                    continue
+                peak = plan_for(**change, slots=n, new_tokens=t).peak
+                if peak <= budget:
+                    parts = [cli] * bool(cli) + [f"{knobs.batch}={n}"] * (n != slots)
+                    parts += [f"{knobs.new_tokens}={t}"] * (t != new_tokens)
+                    fixes.append((" ".join(parts), peak))
+                    best = (t, n)
+                    break
+        if not fixes and (batches or tokens or len(weights) > 1):
+            cli, change = weights[-1]
+            n, t = min([slots, *batches]), min([new_tokens, *tokens])
+            parts = [cli] * bool(cli) + [f"{knobs.batch}={n}"] * (n != slots)
+            parts += [f"{knobs.new_tokens}={t}"] * (t != new_tokens)
+            fixes.append((" ".join(parts), plan_for(**change, slots=n, new_tokens=t).peak))
     return fixes
 
 
@@ -1625,23 +1672,22 @@ def check_generation(
         elif plan.peak <= budget:
             plan.notes.append(f"planned for {where}: fits the {_fmt(budget)} per device ({source})")
         else:
-            fit = fixes(budget)
+            tried = fixes(budget)
+            fit = [(cli, peak) for cli, peak in tried if peak <= budget]
             plan.notes.append(
                 f"planned for {where}: does not fit the {_fmt(budget)} per device ({source})"
-                + (
-                    "; settings that would fit:"
-                    if fit
-                    else "; none of dtype, quantize, batch or tokens fits alone"
-                )
+                + ("; settings that would fit:" if fit else f"; none of {knobs.levers()} fits")
             )
             plan.notes += [f"  {cli}   ({_fmt(peak)})" for cli, peak in fit]
+            if not fit:
+                plan.notes += [f"  the lightest, {cli}, still needs {_fmt(peak)}" for cli, peak in tried[:1]]
         return plan
     if not settings.get("memory_check", True):
         return plan
     budget = (available or available_memory)(dev)
     if budget is None or plan.peak <= budget:
         return plan
-    check_fits(plan, budget, str(dev), fixes(budget))
+    check_fits(plan, budget, str(dev), fixes(budget), levers=knobs.levers())
     return plan
 
 

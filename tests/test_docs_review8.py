@@ -188,6 +188,9 @@ def check_command(cmd: DocCommand, monkeypatch: pytest.MonkeyPatch) -> None:
     # Commands for GPU machines (device=cuda, trainer=gpu|ddp) are checked as if CUDA were here.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    from musicflamingo.model import lora
+
+    monkeypatch.setattr(lora, "cuda_bf16_support", lambda: (True, "a GPU with native bf16 (stand-in)"))
     if cmd.script == "train":
         from musicflamingo.settings import check_train_settings
 

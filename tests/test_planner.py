@@ -343,22 +343,27 @@ def test_packing_is_read_from_the_settings(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "precision,rows,text,windows,ckpt,mode",
+    "preset,overrides,precision,rows,text,windows,ckpt,mode",
     [
-        ("32", 2, 900, 2, False, "runs"),
-        ("32", 2, 900, 2, False, "mask"),
-        ("bf16-mixed", 1, 3000, 4, True, "mask"),
-        pytest.param("bf16-mixed", 1, 3000, 4, True, "runs", marks=SLOW),
-        pytest.param("bf16-mixed", 2, 900, 2, False, "mask", marks=SLOW),
+        ("small", {}, "32", 2, 900, 2, False, "runs"),
+        ("small", {}, "32", 2, 900, 2, False, "mask"),
+        # the masks dominate a tiny model's long packed row: without the additive one a checkpointed layer
+        # rebuilds, or without the batch's bool one, the plan is 0.81 of measured (small's: 0.93 and 0.98)
+        ("tiny", TINY, "bf16-mixed", 1, 3000, 2, True, "mask"),
+        pytest.param("small", {}, "bf16-mixed", 1, 3000, 4, True, "mask", marks=SLOW),
+        pytest.param("small", {}, "bf16-mixed", 1, 3000, 4, True, "runs", marks=SLOW),
+        pytest.param("small", {}, "bf16-mixed", 2, 900, 2, False, "mask", marks=SLOW),
     ],
 )
-def test_packed_rows_plan_matches_measured_memory(precision, rows, text, windows, ckpt, mode):
+def test_packed_rows_plan_matches_measured_memory(
+    preset, overrides, precision, rows, text, windows, ckpt, mode
+):
     """Packed rows (`data.pack`), attended run by run (the default): nothing more is kept. With the (S, S)
     block-diagonal mask (compiled layers), SDPA turns it into an additive one in the compute dtype, kept by every
     layer (rebuilt per layer with checkpointing): the plan counts it (it was 8 % low)."""
     plan, kept, peak = measure_step(
-        "small",
-        {},
+        preset,
+        overrides,
         precision,
         rows,
         text,

@@ -21,6 +21,7 @@ import difflib
 import functools
 import logging
 import math
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from types import ModuleType
@@ -381,11 +382,29 @@ class QuantizationUnavailable(ValueError):
 
 
 QUANTIZE_CHOICES = ("nf4",)
+# bitsandbytes' oldest release with what `nf4_linear_class` uses (README, requirements-test.txt)
+MIN_BITSANDBYTES = (0, 46)
+
+
+def cuda_bf16_support() -> tuple[bool, str]:
+    """(whether the current CUDA device computes in bfloat16 natively, its name and compute capability). The NF4
+    linears compute in bfloat16: before compute capability 8.0 (T4, V100) torch emulates it, slowly if at all."""
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    name = f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
+    return torch.cuda.is_bf16_supported(including_emulation=False), name
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """'0.45.5' / '0.46.0.dev0' / '0.47.0+cu121' -> (0, 45, 5) / (0, 46, 0) / (0, 47, 0): the leading numbers."""
+    numbers = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(n) for n in numbers[0].split(".")) if numbers else ()
 
 
 def check_quantize_base(value: object, cuda_available: bool | None = None, here: bool = True) -> None:
-    """Refuse `model.net.quantize_base` unless it is null, or `nf4` on a machine with CUDA and bitsandbytes
-    (`here=False`, for `plan=true`: the value alone, the run being planned for another machine)."""
+    """Refuse `model.net.quantize_base` unless it is null, or `nf4` on a machine with CUDA, bitsandbytes >= 0.46
+    and a GPU that computes in bfloat16 (`here=False`, for `plan=true`: the value alone, the run being planned for
+    another machine)."""
     if value is None:
         return
     if value not in QUANTIZE_CHOICES:
@@ -400,13 +419,27 @@ def check_quantize_base(value: object, cuda_available: bool | None = None, here:
             f"model.net.quantize_base={value}: 4-bit base weights need a CUDA GPU and bitsandbytes, and CUDA is not "
             f"available here; {fallback}"
         )
+    need = ".".join(map(str, MIN_BITSANDBYTES))
     try:
-        import_bitsandbytes()
+        bnb = import_bitsandbytes()
     except ImportError:
         raise QuantizationUnavailable(
-            f"model.net.quantize_base={value}: 4-bit base weights need bitsandbytes (pip install bitsandbytes), "
-            f"which is not installed; {fallback}"
+            f"model.net.quantize_base={value}: 4-bit base weights need bitsandbytes >= {need} (pip install "
+            f"'bitsandbytes>={need}'), which is not installed; {fallback}"
         ) from None
+    version = str(getattr(bnb, "__version__", "unknown"))
+    if _release(version) < MIN_BITSANDBYTES:
+        raise QuantizationUnavailable(
+            f"model.net.quantize_base={value}: bitsandbytes {version} is installed, 4-bit base weights need "
+            f"bitsandbytes >= {need} (pip install -U 'bitsandbytes>={need}'); {fallback}"
+        )
+    bf16, gpu = cuda_bf16_support()
+    if not bf16:
+        raise QuantizationUnavailable(
+            f"model.net.quantize_base={value}: the 4-bit linears compute in bfloat16, which this GPU, {gpu}, does "
+            "not run natively (compute capability 8.0 or newer does: A100, L4, RTX 30xx and later); here, use LoRA "
+            "under fp16 autocast instead: model.net.quantize_base=null trainer.precision=16-mixed"
+        )
 
 
 class _DropHubKernelWarning(logging.Filter):
@@ -448,6 +481,9 @@ def weight_digest(weight: torch.Tensor) -> torch.Tensor | None:
         rows = weight[::step].contiguous().double()
         index = torch.arange(rows.shape[0], dtype=torch.float64, device=rows.device) + 1
         return torch.stack((rows.sum(), rows.square().sum(), rows.sum(1) @ index)).cpu()
+
+
+OLD_QLORA_CHECKPOINT = "the checkpoint holds this layer's frozen 4-bit base weight"
 
 
 @functools.cache
@@ -496,6 +532,18 @@ def nf4_linear_class(compute_dtype: torch.dtype = torch.bfloat16) -> type[Quanti
             unexpected_keys,
             error_msgs,  # noqa: ANN001
         ):
+            if prefix + "weight" in state_dict and prefix + "base_digest" not in state_dict:
+                # written before QLoRA checkpoints held a digest instead of the 4-bit base (13acc76): said once,
+                # for the first such layer, rather than a missing digest and six unexpected keys per layer
+                if not any(OLD_QLORA_CHECKPOINT in m for m in error_msgs):
+                    error_msgs.append(
+                        f"{prefix[:-1]}: {OLD_QLORA_CHECKPOINT} (bitsandbytes' packed NF4 weight and quant_state), "
+                        "stored by QLoRA checkpoints before they held the adapters and a digest of each base instead: "
+                        "bitsandbytes cannot load those back and the base the adapters were trained over cannot be "
+                        "checked, so such a checkpoint cannot resume (it never could: it was refused as another "
+                        "architecture); start the run afresh in another run folder (hydra.run.dir=...)"
+                    )
+                return
             own = {"bias": self.bias, "base_digest": getattr(self, "base_digest", None)}
             for name, mine in own.items():
                 saved = state_dict.get(prefix + name)
