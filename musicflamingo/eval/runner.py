@@ -613,6 +613,8 @@ def _plain(cfg: Any) -> dict[str, Any]:
 
 
 # where the items and their audio live, not what they are: a moved benchmark or audio cache resumes
+# below this, think mode's reasoning is mostly cut (the docs' think runs use 1024)
+THINK_MIN_NEW_TOKENS = 512
 _IDENTITY_IGNORED = ("root", "audio_dir", "skip_missing_audio", "audio_cache")
 # benchmark settings read only when scoring: a rerun that rescores the same predictions with other values
 # (Japanese lyrics with CER, another breakdown) resumes; a run.json that recorded them is compared without them
@@ -787,6 +789,13 @@ def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[s
     max_new_tokens = c.get("max_new_tokens")
     if max_new_tokens is None:  # null: the benchmark's (0 is refused above, never a silent default)
         max_new_tokens = 256 if bench_cfg.get("max_new_tokens") is None else bench_cfg["max_new_tokens"]
+    if think and int(max_new_tokens) < THINK_MIN_NEW_TOKENS:
+        # the benchmarks' limits are sized for short answers: most think answers would be cut before </answer>
+        log.warning(
+            "think=true with max_new_tokens=%d: a think answer longer than that is cut before its </answer> and "
+            "scored as broken (wrong); think runs want max_new_tokens=1024 or more (docs/reasoning.md)",
+            int(max_new_tokens),
+        )
     identity = {
         "benchmark": bench.name,
         "data_file": Path(bench.source).name,
