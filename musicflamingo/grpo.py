@@ -12,8 +12,9 @@ One training step is one batch of the usual data module (each DDP rank its own p
    mode, or a record whose last question carries the suffix itself; else it is all answer) and scored by the
    rewards that apply to its record (`musicflamingo.rewards`); its reward is their weighted sum.
 4. Advantages, per prompt's group: A = (r - mean) / (std + eps), std the sample standard deviation. A group whose
-   rewards are all equal has nothing to teach: it is left out of the loss (no policy and no KL gradient) and
-   counted. A step where every group is left out changes nothing (the optimizer steps without gradients).
+   rewards are all equal (and finite) has nothing to teach: it is left out of the loss (no policy and no KL gradient)
+   and counted; one with a NaN or infinite reward makes the loss non-finite. A step where every group is left out
+   changes nothing (the optimizer steps without gradients).
 5. Loss, token level over the completion tokens only (prompt and padding masked), log-probs at the sampling
    temperature::
 
@@ -89,14 +90,18 @@ def group_advantages(rewards: torch.Tensor, eps: float = ADVANTAGE_EPS) -> tuple
     """rewards (B, G) -> (advantages (B, G), zero_variance (B,) bool).
 
     Within each group: (r - mean) / (std + eps), std the sample standard deviation; a group whose rewards are all
-    equal gets zeros and is flagged.
+    equal (and finite) gets zeros and is flagged. A group holding a NaN or an infinite reward gets NaN advantages,
+    so the loss is not finite and `model.nonfinite_loss` decides (a group of equal infinities was left out
+    silently, as if it had tied).
     """
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be (prompts, group_size >= 2), got shape {tuple(rewards.shape)}")
     r = rewards.double()
-    zero = (r == r[:, :1]).all(dim=1)
+    finite = torch.isfinite(r).all(dim=1)
+    zero = (r == r[:, :1]).all(dim=1) & finite
     adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)
     adv = torch.where(zero[:, None], torch.zeros_like(adv), adv)
+    adv = torch.where(finite[:, None], adv, torch.full_like(adv, math.nan))
     return adv.to(rewards.dtype), zero
 
 
@@ -495,7 +500,15 @@ class GRPOLit(MusicFlamingoLit):
         if isinstance(tasks, str):  # `model.tasks=mcq` on the command line: one task, not the letters m, c, q
             tasks = [tasks]
         self.tasks = None if tasks is None else {str(t) for t in tasks}
-        self.seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            # int(None) was a bare TypeError at instantiation (`seed=null`), a negative one numpy's ValueError at
+            # the first rollout, after the model was built
+            raise GRPOConfigError(
+                f"model.seed={seed!r}: expected an integer >= 0 (rollouts are sampled from (seed, step, rank), so a "
+                "resumed run samples what the uninterrupted one did; by default it is the top-level seed, which "
+                "must then be set, not null)"
+            )
+        self.seed = seed
         # QLoRA's adapters count too: a frozen copy of its 4-bit base would lose bitsandbytes' quantization state
         self.uses_lora = bool(adapter_layers(net))
         self._reference: list[MusicFlamingo] = []  # a list: kept out of the state dict and the checkpoints
@@ -524,7 +537,8 @@ class GRPOLit(MusicFlamingoLit):
         if self.beta > 0 and not self.uses_lora:
             self._reference_fingerprint = weights_fingerprint(net)
             self._reference.append(frozen_copy(net, self._reference_dtype))
-        self._records: dict[str, RecordTable] = {}
+        # split -> (the dataset it was built from, its table)
+        self._records: dict[str, tuple[Any, RecordTable]] = {}
         self._samples_per_s: float | None = None
         # each group's learning rate at the batch's first update, logged after the update
         self._step_lrs: dict[str, float] = {}
@@ -652,18 +666,21 @@ class GRPOLit(MusicFlamingoLit):
         """The split's records by `file:line` source with their targets, built once (at fit start): a batch
         brings sources, not records. Ids may repeat (two questions on one clip, or two manifests of the same file
         name without ids, whose default ids `<file name>:<line>` collide); a manifest listed twice is the same
-        records. Every record's reward fields are checked up front."""
-        if split not in self._records:
-            dm = self.trainer.datamodule
-            dataset = dm.train_dataset if split == "train" else dm.val_dataset
+        records. Every record's reward fields are checked up front. Built again when the data module's dataset is
+        another object (a module reused over a rebuilt data module, or one whose filter rebuilt it): the table of the
+        old one named its records, so the new records went unchecked, and a batch of them was not found."""
+        dm = self.trainer.datamodule
+        dataset = dm.train_dataset if split == "train" else dm.val_dataset
+        built = self._records.get(split)
+        if built is None or built[0] is not dataset:
             table = RecordTable(getattr(dataset, "datasets", []))
             entries = ((rec, _target(rec)) for rec in table.scan())
             if split == "train":
                 self._check_targets(entries)
             else:
                 deque(entries, maxlen=0)
-            self._records[split] = table
-        return self._records[split]
+            self._records[split] = (dataset, table)
+        return self._records[split][1]
 
     def _check_targets(self, entries: Iterable[tuple[Record, Target]]) -> None:
         """`model.tasks` must keep some record (a filter matching none trained every step on nothing, silently);
@@ -920,7 +937,7 @@ class GRPOLit(MusicFlamingoLit):
                 output = parse_think(text, stop=stop) if think else plain_output(text)
                 total = 0.0
                 for name, reward in self.rewards.items():
-                    value = _reward_value(name, reward(output, p.target), p)
+                    value = _reward_value(name, _call_reward(name, reward, output, p), p)
                     components[name].append(value)
                     if value is not None and not math.isfinite(value) and b not in nonfinite:
                         nonfinite[b] = (
@@ -1244,6 +1261,20 @@ class GRPOLit(MusicFlamingoLit):
 
 
 # ---------------------------------------------------------------------------------------------- config checks
+def _call_reward(name: str, reward: Any, output: ThinkOutput, prompt: Prompt) -> Any:
+    """`reward(output, target)`; an exception it raises names the reward, the record and the completion (a reward of
+    one's own failing on one record stopped the run with its bare traceback, the record unnamed)."""
+    try:
+        return reward(output, prompt.target)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the machine's, not the reward's
+    except Exception as e:
+        raise GRPOConfigError(
+            f"model.rewards.{name} raised {type(e).__name__}: {e} for record {prompt.id!r} "
+            f"({prompt.source or 'no source'}) on the completion {output.text!r:.80}"
+        ) from e
+
+
 def _reward_value(name: str, value: Any, prompt: Prompt) -> float | None:
     """A reward's value as a float (None: it does not apply); anything else is an error naming the reward and the
     record (a float() of it failed with a bare TypeError, the record unnamed)."""

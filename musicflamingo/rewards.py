@@ -48,10 +48,16 @@ _KEEP = "#/"  # kept by normalize_answer: "C# minor" is not "C minor", "3/4" is 
 
 
 def normalize_answer(text: str) -> str:
-    """NFKC, lower case, sharps and flats spelled ``#``/``b``, every character but letters, digits, ``#`` and ``/``
-    -> space, whitespace collapsed. ``"(B) C# minor."`` -> ``"b c# minor"``."""
+    """NFKC, lower case, sharps and flats spelled ``#``/``b``, every character but letters, digits, combining marks,
+    ``#`` and ``/`` -> space, whitespace collapsed. ``"(B) C# minor."`` -> ``"b c# minor"``."""
     text = unicodedata.normalize("NFKC", str(text)).lower().replace("♯", "#").replace("♭", "b")
-    return " ".join("".join(ch if ch.isalnum() or ch in _KEEP else " " for ch in text).split())
+    return " ".join("".join(ch if _kept(ch) else " " for ch in text).split())
+
+
+def _kept(ch: str) -> bool:
+    # marks too: the vowel signs of Devanagari, Thai, Arabic... are no letters, and as spaces they split words
+    # ("संगीत", music, held the phrase "ग त" that "गीत", song, became) or vanished ("ดนตรี" read as "ดนตร")
+    return ch.isalnum() or ch in _KEEP or unicodedata.category(ch)[0] == "M"
 
 
 def _contains(haystack: str, phrase: str) -> bool:
