@@ -11,7 +11,13 @@ from test_eval_release_formats import _official_string_match
 
 from musicflamingo.eval.benchmarks import EvalItem
 from musicflamingo.eval.metrics import score_mcq
-from musicflamingo.eval.parsing import ChoiceParse, mmau_string_match, muchomusic_choice, parse_choice
+from musicflamingo.eval.parsing import (
+    ChoiceParse,
+    mmau_string_match,
+    muchomusic_choice,
+    normalize_text,
+    parse_choice,
+)
 
 CHOICES = ["Piano", "Acoustic guitar", "Drums", "Violin"]
 KEYS = ["G major", "C major", "D minor", "E minor"]
@@ -160,3 +166,14 @@ def test_long_runs_of_blank_space_parse_in_linear_time(answer):
     start = time.perf_counter()
     parse_choice(answer, CHOICES)
     assert time.perf_counter() - start < 1.0
+
+
+def test_option_text_in_scripts_with_vowel_signs_is_matched_whole():
+    """normalize_text turned combining marks (Thai, Devanagari vowel signs) into spaces: "ดนตร" matched the option
+    "ดนตรี" (music), and "संगीत" (music) read as "स ग त", holding the option "गीत" (song) as a whole phrase."""
+    thai = ["ดนตรี", "เพลง"]
+    assert parse_choice("ดนตร", thai).status == "unparsed"
+    assert parse_choice("ดนตรี", thai) == ChoiceParse(0, "ok", "text")
+    hindi = ["संगीत", "गीत"]
+    assert parse_choice("यह संगीत है", hindi) == ChoiceParse(0, "ok", "text")
+    assert normalize_text("(B) C# minor.") == "b c minor"

@@ -83,9 +83,10 @@ class ChoiceParse:
 
 
 def normalize_text(text: str) -> str:
-    """Lowercase, NFKC, every non-alphanumeric character -> space, whitespace collapsed."""
+    """Lowercase, NFKC, every character but letters, digits and combining marks -> space, whitespace collapsed.
+    Marks are kept: Thai and Devanagari vowel signs are not alphanumeric, and "ดนตรี" must not read as "ดนตร"."""
     text = unicodedata.normalize("NFKC", str(text)).lower()
-    text = "".join(ch if ch.isalnum() else " " for ch in text)
+    text = "".join(ch if ch.isalnum() or unicodedata.category(ch)[0] == "M" else " " for ch in text)
     return " ".join(text.split())
 
 
