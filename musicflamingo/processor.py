@@ -43,7 +43,13 @@ from musicflamingo.audio import features as F
 from musicflamingo.audio.io import AudioError, load_or_validate
 from musicflamingo.chat import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, Conversation
 from musicflamingo.checkpoint import PROCESSOR_FILES, refuse_interrupted_save, save_files
-from musicflamingo.tokenizer import Tokenizer, TokenizerError, load_tokenizer, read_json_object
+from musicflamingo.tokenizer import (
+    BatchEncoding,
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    read_json_object,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,21 +87,24 @@ REFERENCE_KWARGS = {
 _AUDIO_KWARGS = ("sampling_rate", "return_tensors", "return_attention_mask")
 
 
-def reference_kwargs(kwargs: dict, chunk_length: float = 30.0) -> tuple[dict, list[str], list[str]]:
+def reference_kwargs(
+    kwargs: dict, chunk_length: float = 30.0, given: dict | None = None
+) -> tuple[dict, list[str], list[str]]:
     """Sort transformers' processor keywords (``padding=True``, ``text_kwargs={...}``, ...) passed to this processor.
 
     Returns ``(options, unknown, refused)``: the options of :meth:`MusicFlamingoProcessor.__call__` found (also in
     ``text_kwargs``/``common_kwargs``/``audio_kwargs`` dicts: ``padding_side``, ``sampling_rate``,
     ``return_tensors``, ``output_labels``), the keywords this processor lacks, and one message per keyword or value
-    refused because its output would differ from the reference's (see :data:`REFERENCE_KWARGS`)."""
-    flat: dict = {}
+    refused because its output would differ from the reference's (see :data:`REFERENCE_KWARGS`). ``given``: the
+    options passed as arguments (not None); one also in a dict with another value is refused, as transformers
+    refuses it ("passed two times"; was resolved silently to the dict's)."""
+    nested = ("text_kwargs", "common_kwargs", "audio_kwargs")
+    # top-level keywords first, so a dict's other value is refused whichever order they were written in
+    flat: dict = {**(given or {}), **{k: v for k, v in kwargs.items() if k not in nested}}
     unknown: list[str] = []
     refused: list[str] = []
     for key, value in kwargs.items():
-        if key not in ("text_kwargs", "common_kwargs", "audio_kwargs"):
-            flat.setdefault(key, value)
-            continue
-        if value is None:
+        if key not in nested or value is None:
             continue
         if not isinstance(value, dict):
             refused.append(f"{key} must be a dict of keyword arguments, got {type(value).__name__}")
@@ -107,9 +116,13 @@ def reference_kwargs(kwargs: dict, chunk_length: float = 30.0) -> tuple[dict, li
                     f"windows of log-mel (the encoder's input); only {list(_AUDIO_KWARGS)} are taken there"
                 )
             elif k in flat and flat[k] != v:
-                refused.append(f"{k} is given twice with different values ({flat[k]!r}, and {v!r} in {key})")
+                refused.append(
+                    f"{k} is given twice with different values ({k}={flat[k]!r}, and {v!r} in {key}): give it once"
+                )
             else:
                 flat[k] = v
+    for k in given or {}:
+        flat.pop(k)
     options = {k: flat.pop(k) for k in PROCESSOR_KWARGS if k in flat}
     for key, value in flat.items():
         if key not in REFERENCE_KWARGS:
@@ -131,35 +144,8 @@ def unknown_keywords_error(unknown: list[str], where: str = "MusicFlamingoProces
     )
 
 
-class ProcessorOutput(dict):
-    """The processor's tensors by name (a dict), with ``transformers.BatchFeature``'s ``.to`` and attribute access,
-    so ``processor.apply_chat_template(...).to(model.device)`` works as in the reference's examples.
-
-    ``.to(device, dtype)`` moves every tensor and casts only the floating-point ones (``input_features``); ids and
-    masks keep their integer dtype. It updates this object in place and returns it, as ``BatchFeature.to``.
-    """
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, *args, **kwargs) -> ProcessorOutput:
-        device = kwargs.get("device")
-        if device is None and args and not isinstance(args[0], torch.dtype):
-            if not isinstance(args[0], (str, int, torch.device)):
-                raise ValueError(
-                    f"cannot move the processor output to {args[0]!r}: expected a device or a dtype"
-                )
-            device = args[0]
-        non_blocking = kwargs.get("non_blocking", False)
-        for k, v in self.items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                self[k] = v.to(*args, **kwargs)
-            elif isinstance(v, torch.Tensor) and device is not None:
-                self[k] = v.to(device=device, non_blocking=non_blocking)
-        return self
+# The processor's tensors by name: transformers' BatchFeature (a dict with `.to` and attribute access).
+ProcessorOutput = BatchEncoding
 
 
 class MusicFlamingoProcessor:
@@ -352,8 +338,8 @@ class MusicFlamingoProcessor:
         tokenize: bool = True,
         add_generation_prompt: bool = True,
         return_dict: bool = True,
-        output_labels: bool = False,
-        padding_side: str = "left",
+        output_labels: bool | None = None,
+        padding_side: str | None = None,
         continue_final_message: bool = False,
         processor_kwargs: dict | None = None,
         return_tensors: str | None = "pt",
@@ -384,17 +370,22 @@ class MusicFlamingoProcessor:
         (typed chat special tokens are always refused here, never tokenized as text or as control tokens);
         ``return_assistant_tokens_mask``/``load_audio_from_video`` ``False`` (assistant-only labels:
         :meth:`chat_encoder`); and :meth:`__call__`'s (``padding=True``, ``text_kwargs``, ...), top level or in
-        ``processor_kwargs``.
+        ``processor_kwargs``. An option given both as an argument and in ``text_kwargs``/``common_kwargs`` with
+        another value is refused, as the reference refuses it. With ``tokenize=False`` nothing is tokenized, so, as
+        in the reference, the tokenization keywords are not checked (unknown names still are: a misspelt
+        ``add_generation_prompt`` would change the text).
         """
         if return_tensors == "auto":  # the reference's default: the processor's own, torch tensors
             return_tensors = "pt"
-        opts = {
-            "output_labels": output_labels,
-            "padding_side": padding_side,
-            "return_tensors": return_tensors,
-        }
-        if sampling_rate is not None:
-            opts["sampling_rate"] = sampling_rate
+        opts = {"return_tensors": return_tensors}
+        # None: not given (the __call__ defaults apply), so a text_kwargs value is not a contradiction
+        for key, value in (
+            ("output_labels", output_labels),
+            ("padding_side", padding_side),
+            ("sampling_rate", sampling_rate),
+        ):
+            if value is not None:
+                opts[key] = value
         template_options = {
             "tools": (
                 tools,
@@ -426,7 +417,9 @@ class MusicFlamingoProcessor:
             ),
         }
         for key, (value, ok, hint) in template_options.items():
-            if not ok:
+            # as the reference, options of the tokenized output are not looked at when nothing is tokenized
+            tokens_only = key in ("return_assistant_tokens_mask", "load_audio_from_video")
+            if not ok and (tokenize or not tokens_only):
                 raise ValueError(f"{key}={value!r} is not supported: {hint}")
         if sanitize_control_tokens and not tokenize:  # as the reference
             raise ValueError("sanitize_control_tokens=True requires tokenize=True")
@@ -439,7 +432,7 @@ class MusicFlamingoProcessor:
                     "any system prompt, see musicflamingo.chat.build_chat_template); put another system prompt in a "
                     "system message, or drop chat_template="
                 )
-        if processor_kwargs:
+        if processor_kwargs and tokenize:  # the reference ignores them with tokenize=False
             bad = [k for k in processor_kwargs if k in ("text", "audio", "sources")]
             whys = [f"{k!r} comes from the conversations" for k in bad]
             for k, v in processor_kwargs.items():
@@ -458,7 +451,7 @@ class MusicFlamingoProcessor:
             _, unknown, refused = reference_kwargs(kwargs, self.chunk_length)
             if unknown:
                 raise unknown_keywords_error(unknown, "MusicFlamingoProcessor.apply_chat_template")
-            if refused:
+            if refused and tokenize:
                 raise ValueError("; ".join(refused))
             opts.update(kwargs)
         batched = isinstance(conversations, (list, tuple)) and len(conversations) > 0
@@ -512,8 +505,8 @@ class MusicFlamingoProcessor:
         self,
         text: str | Sequence[str],
         audio: AudioInput | Sequence[AudioInput] | None = None,
-        output_labels: bool = False,
-        padding_side: str = "left",
+        output_labels: bool | None = None,
+        padding_side: str | None = None,
         sources: Sequence[str] | None = None,
         sampling_rate: int | None = None,
         return_tensors: str | None = "pt",
@@ -535,10 +528,18 @@ class MusicFlamingoProcessor:
         ``"longest"``, ``truncation=False``, ``return_attention_mask=True``, ``add_special_tokens=False``, and these
         options inside ``text_kwargs``/``common_kwargs``/``audio_kwargs`` dicts); other values and unknown keywords
         are refused by name. With ``padding=True`` transformers also pads ``input_features`` to the longest window
-        of the batch, which its own encoder cannot take (it adds 1500 positions); ours stay whole windows.
+        of the batch, which its own encoder cannot take (it adds 1500 positions); ours stay whole windows. An option
+        given as an argument and in one of those dicts with another value is refused (transformers: "passed two
+        times"). ``output_labels`` defaults to ``False``, ``padding_side`` to ``"left"``.
         """
         if kwargs:
-            options, unknown, refused = reference_kwargs(kwargs, self.chunk_length)
+            given = {
+                "output_labels": output_labels,
+                "padding_side": padding_side,
+                "sampling_rate": sampling_rate,
+            }
+            given = {k: v for k, v in given.items() if v is not None}
+            options, unknown, refused = reference_kwargs(kwargs, self.chunk_length, given)
             if unknown:
                 raise unknown_keywords_error(unknown)
             if refused:
@@ -547,6 +548,8 @@ class MusicFlamingoProcessor:
             padding_side = options.get("padding_side", padding_side)
             sampling_rate = options.get("sampling_rate", sampling_rate)
             return_tensors = options.get("return_tensors", return_tensors)
+        output_labels = bool(output_labels)
+        padding_side = "left" if padding_side is None else padding_side
         if not isinstance(text, (str, list, tuple)):  # None was a bare TypeError ('NoneType' is not iterable)
             raise ValueError(
                 f"text must be a string or a non-empty list of strings, got {type(text).__name__}"
@@ -642,21 +645,11 @@ class MusicFlamingoProcessor:
         skip_special_tokens: bool = True,
         clean_up_tokenization_spaces: bool | None = None,
     ) -> str | list[str]:
-        """Text of ``ids``. As the reference's ``decode``: one id (an int or a 0-d tensor) is a sequence of one, and a
-        batch (``[B, S]``, e.g. ``generate``'s output) gives one string per row (was a bare ``TypeError``).
-
-        ``clean_up_tokenization_spaces`` is taken as ``None``/``False`` (the text as decoded, Qwen2's setting);
-        ``True`` is refused: transformers 5.25 ignores it for BPE tokenizers, older versions strip the space before
-        punctuation, so its meaning depends on the version."""
-        _check_clean_up(clean_up_tokenization_spaces)
-        if isinstance(ids, (torch.Tensor, np.ndarray, np.integer)):
-            ids = ids.tolist()
-        ids = [ids] if isinstance(ids, int) else list(ids)
-        first = ids[0] if ids else None
-        # Rows (lists, or tensors/arrays of a batch given as a list of them) are a batch.
-        if isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) > 0:
-            return self.batch_decode(ids, skip_special_tokens)
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        """Text of ``ids`` (the tokenizer's :meth:`~musicflamingo.tokenizer.Tokenizer.decode`). As the reference's
+        ``decode``: one id (an int or a 0-d tensor) is a sequence of one, and a batch (``[B, S]``, e.g.
+        ``generate``'s output) gives one string per row. ``clean_up_tokenization_spaces``: ``None``/``False`` only
+        (:func:`~musicflamingo.tokenizer.check_clean_up`)."""
+        return self.tokenizer.decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
 
     def batch_decode(
         self,
@@ -665,10 +658,7 @@ class MusicFlamingoProcessor:
         clean_up_tokenization_spaces: bool | None = None,
     ) -> list[str]:
         """One string per row of ``ids`` (``clean_up_tokenization_spaces`` as in :meth:`decode`)."""
-        _check_clean_up(clean_up_tokenization_spaces)
-        if isinstance(ids, (torch.Tensor, np.ndarray)):
-            ids = ids.tolist()
-        return [self.tokenizer.decode(_ids(row), skip_special_tokens=skip_special_tokens) for row in ids]
+        return self.tokenizer.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
 
     # ---------------------------------------------------------------- disk
     @classmethod
@@ -753,20 +743,6 @@ class MusicFlamingoProcessor:
             )
 
         return save_files(directory, write, PROCESSOR_FILES.__contains__, overwrite, "processor")
-
-
-def _check_clean_up(value) -> None:
-    if value is not None and value is not False:
-        raise ValueError(
-            f"clean_up_tokenization_spaces={value!r} is not supported (None or False only): text is decoded as is "
-            "(transformers 5.25 ignores True for BPE tokenizers such as Qwen2's; older versions strip the space "
-            "before punctuation); drop it"
-        )
-
-
-def _ids(row) -> list[int]:
-    """One row of ids as a list (a tensor or array row of a batch given as a list of them)."""
-    return row.tolist() if isinstance(row, (torch.Tensor, np.ndarray)) else row
 
 
 def _read_json(path: Path) -> dict:

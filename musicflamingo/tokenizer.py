@@ -8,6 +8,15 @@ the files in a directory:
   ``transformers`` does; Qwen2's pad is ``<|endoftext|>``).
 * ``tokenizer.model`` + ``special_tokens.json`` -> :class:`SentencePieceTokenizer`.
 
+Code written against ``transformers``' tokenizer works on :class:`Tokenizer` where the result is the same (tested
+against ``AutoTokenizer`` on the same files in ``tests/test_processor_tok_review17.py``): ``tokenizer(texts,
+padding=True, return_tensors="pt")``, ``convert_tokens_to_ids``, ``convert_ids_to_tokens``, ``get_vocab``,
+``added_tokens_encoder``, ``all_special_ids``, ``bos_token_id``, ``padding_side``, ``batch_decode``, ``decode`` of
+one id or a batch. Differences: ``decode`` skips special tokens by default (keeps them in transformers), ``encode``
+adds nothing by default (``add_special_tokens=True`` there; Qwen2's adds nothing either), ``vocab_size`` counts
+every id, as ``len(tokenizer)`` (transformers' leaves the added tokens out); truncation is refused and
+``apply_chat_template`` is the processor's.
+
 Train a SentencePiece model: ``python -m musicflamingo.tokenizer train --input corpus.txt --vocab-size 2000 --out DIR``.
 """
 
@@ -20,6 +29,9 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from musicflamingo.chat import END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS, check_typed_text
 
 logger = logging.getLogger(__name__)
@@ -29,18 +41,90 @@ class TokenizerError(ValueError):
     """A tokenizer directory or file that cannot be used."""
 
 
+class BatchEncoding(dict):
+    """Tensors (or lists) by name (a dict), with ``transformers.BatchEncoding``'s ``.to`` and attribute access, so
+    ``tokenizer(...).to(device)`` and ``processor.apply_chat_template(...).to(model.device)`` work as there.
+
+    ``.to(device, dtype)`` moves every tensor and casts only the floating-point ones (``input_features``); ids and
+    masks keep their integer dtype. It updates this object in place and returns it, as ``BatchFeature.to``.
+    """
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, *args, **kwargs) -> BatchEncoding:
+        device = kwargs.get("device")
+        if device is None and args and not isinstance(args[0], torch.dtype):
+            if not isinstance(args[0], (str, int, torch.device)):
+                raise ValueError(
+                    f"cannot move the processor output to {args[0]!r}: expected a device or a dtype"
+                )
+            device = args[0]
+        non_blocking = kwargs.get("non_blocking", False)
+        for k, v in self.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                self[k] = v.to(*args, **kwargs)
+            elif isinstance(v, torch.Tensor) and device is not None:
+                self[k] = v.to(device=device, non_blocking=non_blocking)
+        return self
+
+
+def check_clean_up(value) -> None:
+    """``clean_up_tokenization_spaces`` of transformers' decode: ``None``/``False`` (the text as decoded, Qwen2's
+    setting) are taken; ``True`` is refused: transformers 5.25 ignores it for BPE tokenizers, older versions strip
+    the space before punctuation, so its meaning depends on the version."""
+    if value is not None and value is not False:
+        raise ValueError(
+            f"clean_up_tokenization_spaces={value!r} is not supported (None or False only): text is decoded as is "
+            "(transformers 5.25 ignores True for BPE tokenizers such as Qwen2's; older versions strip the space "
+            "before punctuation); drop it"
+        )
+
+
+def _id_list(ids) -> list:
+    """ids as a list: one id (int, numpy integer, 0-d tensor) is a list of one; tensors and arrays become lists."""
+    if isinstance(ids, (torch.Tensor, np.ndarray, np.integer)):
+        ids = ids.tolist()
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
 class Tokenizer:
     """Interface shared by the tokenizers. Subclasses set ``special_tokens``, ``pad_token`` and ``eos_token``."""
 
     special_tokens: tuple[str, ...] = ()
     pad_token: str | None = None
     eos_token: str | None = None
+    bos_token: str | None = None  # none in Qwen2's and our SentencePiece files
+    padding_side: str = "right"  # where __call__ pads (transformers' attribute and default)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special tokens in the text become their single ids; no BOS/EOS added."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; special tokens in the text become their single ids; no BOS/EOS added unless
+        ``add_special_tokens`` and the tokenizer file adds some (Qwen2's and our SentencePiece models add none)."""
         raise NotImplementedError
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(
+        self, ids, skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool | None = None
+    ) -> str | list[str]:
+        """Text of ``ids``. As transformers' ``decode``: one id (an int or a 0-d tensor) is a sequence of one, and a
+        batch (``[B, S]``, e.g. ``generate``'s output) gives one string per row. ``clean_up_tokenization_spaces``:
+        see :func:`check_clean_up`."""
+        check_clean_up(clean_up_tokenization_spaces)
+        ids = _id_list(ids)
+        if ids and (isinstance(ids[0], (list, tuple)) or getattr(ids[0], "ndim", 0) > 0):
+            return self.batch_decode(ids, skip_special_tokens)
+        return self._decode([int(i) for i in ids], skip_special_tokens)
+
+    def batch_decode(
+        self, rows, skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool | None = None
+    ) -> list[str]:
+        """One string per row of ``rows`` (``[B, S]``, or a list of rows)."""
+        check_clean_up(clean_up_tokenization_spaces)
+        return [self._decode([int(i) for i in _id_list(r)], skip_special_tokens) for r in _id_list(rows)]
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         raise NotImplementedError
 
     def token_to_id(self, token: str) -> int | None:
@@ -56,6 +140,10 @@ class Tokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """transformers' name for :meth:`save`."""
+        return self.save(directory)
 
     def model_bytes(self) -> bytes:
         """The serialized tokenizer model (vocabulary, merges or pieces: what decides the ids), for fingerprints
@@ -74,8 +162,116 @@ class Tokenizer:
         return None if self.eos_token is None else self.token_to_id(self.eos_token)
 
     @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.token_to_id(self.bos_token)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """transformers' list: the named ones (bos, eos, pad) first, then the other special tokens by id."""
+        named = [t for t in (self.bos_token, self.eos_token, self.pad_token) if t is not None]
+        return list(dict.fromkeys(named + list(self.special_tokens)))
+
+    @property
+    def all_special_ids(self) -> list[int | None]:
+        return [self.token_to_id(t) for t in self.all_special_tokens]
+
+    @property
     def special_token_ids(self) -> set[int]:
         return {i for t in self.special_tokens if (i := self.token_to_id(t)) is not None}
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """transformers' name: the id of a token (None when it is not one), or a list of them."""
+        if isinstance(tokens, str):
+            return self.token_to_id(tokens)
+        return [self.token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False) -> str | None | list[str | None]:
+        """transformers' name: the token of an id (None past the vocabulary), or a list of them."""
+        if isinstance(ids, (int, np.integer)) or (isinstance(ids, torch.Tensor) and ids.ndim == 0):
+            return self.id_to_token(int(ids))
+        skip = self.special_token_ids if skip_special_tokens else set()
+        return [self.id_to_token(i) for i in _id_list(ids) if int(i) not in skip]
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token (special ones included) -> its id, as transformers' ``get_vocab``."""
+        raise NotImplementedError
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        """Special/added tokens -> ids, in id order (transformers' ``added_tokens_encoder``)."""
+        return {t: i for t in self.special_tokens if (i := self.token_to_id(t)) is not None}
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_attention_mask: bool | None = None,
+        add_special_tokens: bool = True,
+        padding_side: str | None = None,
+    ) -> BatchEncoding:
+        """transformers' tokenizer call: ``input_ids`` and ``attention_mask`` of one text (lists of ints) or a batch
+        (lists of rows; ``padding=True`` pads them to the longest on ``padding_side``, default
+        :attr:`padding_side`); ``return_tensors="pt"``/``"np"`` gives ``[B, S]`` int64 tensors/arrays. The same
+        output as transformers' on the same files (tested). Truncation and fixed-length padding are refused."""
+        if truncation not in (None, False, "do_not_truncate") or max_length is not None:
+            raise ValueError(
+                f"truncation={truncation!r}, max_length={max_length!r}: not supported here (nothing is cut or padded "
+                "to a fixed length); cut the ids yourself (ids[:n]), or drop truncation=/max_length="
+            )
+        if padding not in (False, None, "do_not_pad", True, "longest"):
+            raise ValueError(
+                f"padding={padding!r} is not supported (True/'longest' pads to the longest row, False pads nothing)"
+            )
+        side = self.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(
+                f"return_tensors={return_tensors!r}: 'pt' (torch), 'np' (numpy) or None (lists) only"
+            )
+        single = isinstance(text, str)
+        texts = [text] if single else list(text) if isinstance(text, (list, tuple)) else None
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
+        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        masks = [[1] * len(r) for r in rows]
+        length = max(len(r) for r in rows)
+        if padding in (True, "longest") and any(len(r) != length for r in rows):
+            if self.pad_token_id is None:
+                raise ValueError(
+                    "padding=True: the tokenizer has no pad token (tokenizer_config.json pad_token)"
+                )
+            for r, m in zip(rows, masks):
+                fill = length - len(r)
+                r[:] = [self.pad_token_id] * fill + r if side == "left" else r + [self.pad_token_id] * fill
+                m[:] = [0] * fill + m if side == "left" else m + [0] * fill
+        if return_tensors is not None and any(len(r) != length for r in rows):
+            raise ValueError(
+                f"return_tensors={return_tensors!r} with rows of {sorted({len(r) for r in rows})} tokens: pass "
+                "padding=True to pad them to the longest"
+            )
+        out = {"input_ids": rows}
+        if return_attention_mask is not False:
+            out["attention_mask"] = masks
+        for k, v in out.items():
+            if return_tensors == "pt":
+                out[k] = torch.tensor(v, dtype=torch.long)
+            elif return_tensors == "np":
+                out[k] = np.array(v, dtype=np.int64)
+            elif single:
+                out[k] = v[0]
+        return BatchEncoding(out)
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError(
+            "the tokenizer renders no chat here: use processor.apply_chat_template(conversation, tokenize=False, "
+            "add_generation_prompt=...) for the text (the same Music Flamingo template as transformers' tokenizer "
+            "and processor; its add_generation_prompt defaults to True, the tokenizer's to False), or tokenize=True "
+            "for the ids"
+        )
 
     def require_id(self, token: str) -> int:
         """Id of ``token``; raises ``TokenizerError`` when it is not a single token of this vocabulary."""
@@ -139,6 +335,12 @@ class HFTokenizer(Tokenizer):
         if pad is None and self.token_to_id(END_OF_TEXT) is not None:
             pad = END_OF_TEXT
         self.eos_token, self.pad_token = eos, pad
+        self.bos_token = _token_str(self.config.get("bos_token"), "bos_token")
+        self.padding_side = self.config.get("padding_side") or "right"  # null: transformers' default
+        if self.padding_side not in ("left", "right"):
+            raise TokenizerError(
+                f"tokenizer_config.json: padding_side={self.padding_side!r}: expected 'left' or 'right'"
+            )
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> HFTokenizer:
@@ -159,15 +361,15 @@ class HFTokenizer(Tokenizer):
                 raise TokenizerError(f"{d / str(e)}") from None
             raise
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         try:
-            return self._tok.encode(text, add_special_tokens=False).ids
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError:  # what `tokenizers` raises for a lone surrogate
             _check_unicode(text)
             raise
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -178,6 +380,13 @@ class HFTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        return {t.content: i for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
 
     def model_bytes(self) -> bytes:
         return self._tok.to_str().encode()
@@ -190,7 +399,10 @@ class HFTokenizer(Tokenizer):
         config = dict(self.config)
         config.setdefault("tokenizer_class", "Qwen2Tokenizer")
         config.update(eos_token=self.eos_token, pad_token=self.pad_token)
-        config.setdefault("bos_token", None)
+        config.pop("padding_side", None)
+        if self.padding_side != "right":  # transformers' default is not written
+            config["padding_side"] = self.padding_side
+        config["bos_token"] = self.bos_token
         config.setdefault("clean_up_tokenization_spaces", False)
         config.setdefault("split_special_tokens", False)
         (d / "tokenizer_config.json").write_text(
@@ -249,15 +461,15 @@ class SentencePieceTokenizer(Tokenizer):
         d = Path(directory)
         return cls(d / "tokenizer.model", read_json_object(d / cls.SPECIAL_FILE))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        # add_special_tokens adds nothing: the model has no BOS/EOS pieces (bos_id=eos_id=-1)
         try:
             return list(self._sp.encode(text, out_type=int))
         except RuntimeError:  # what sentencepiece's binding raises for a lone surrogate
             _check_unicode(text)
             raise
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids]
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if not skip_special_tokens:
             # sentencepiece drops control pieces only; user-defined ones decode to their text.
             return self._sp.decode(ids)
@@ -277,6 +489,9 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
+
+    def get_vocab(self) -> dict[str, int]:
+        return {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())}
 
     def model_bytes(self) -> bytes:
         return self._sp.serialized_model_proto()
