@@ -441,6 +441,7 @@ def load_audio(
     min_samples: int = 1,
     max_seconds: float | None = None,
     data: bytes | None = None,
+    source: str | None = None,
 ) -> np.ndarray:
     """Decode ``[offset, offset + duration)`` seconds of an audio file to mono float32 ``[T]`` at ``sampling_rate``.
 
@@ -457,6 +458,8 @@ def load_audio(
             resampled, cut at ``round(offset * sampling_rate)`` (files soundfile reads).
         data: the file's bytes as encoded (e.g. read from a shard); ``path`` then only names it in messages.
             Decoded exactly as the file would be.
+        source: where the segment was asked for (a manifest's ``file:line``), named beside the file when the segment
+            runs past the file's end.
 
     Raises:
         AudioError: missing or undecodable file, a sample rate outside 1-384 kHz, bad offset/duration, empty or
@@ -526,6 +529,8 @@ def load_audio(
         if x is None:
             # libsndfile's message repeats the path, and says an MP3 it cannot parse "does not exist"
             said = [m.replace(f"Error opening {str(p)!r}: ", "") for m in errors]
+            # a shard's bytes: "Error opening <_io.BytesIO object at 0x7f0e...>: " names a buffer, not the file
+            said = [re.sub(r"Error opening <_io\.BytesIO object at 0x[0-9a-fA-F]+>: ", "", m) for m in said]
             said = [
                 "soundfile: not a format it reads"
                 if "File does not exist or is not a regular file" in m
@@ -538,7 +543,7 @@ def load_audio(
         # a manifest's segment past the file's end (by its header, or where ffmpeg's decoding stopped)
         logger.warning(
             "Audio %s: the segment [%g, %g) s runs past the end of the audio (%.2f s): keeping [%g, %.2f) s.",
-            name,
+            name if source is None else f"{name} ({source})",
             offset,
             offset + duration,
             offset + left / sampling_rate,

@@ -201,9 +201,10 @@ class ConversationDataset(Dataset):
         return self.chat.encode(chat_messages(messages), audio_token_counts)
 
     # ------------------------------------------------------------------ audio
-    def _decode(self, ref: AudioRef) -> np.ndarray:
+    def _decode(self, ref: AudioRef, source: str | None = None) -> np.ndarray:
         """Mono float32 [T] of ``ref`` at the processor's rate, only the kept windows decoded, from the file or
-        from the bytes :meth:`_audio_bytes` gives."""
+        from the bytes :meth:`_audio_bytes` gives; ``source`` (the record's ``file:line``) is named in the warning
+        for a segment past the file's end."""
         p = self.processor
         return load_audio(
             ref.path,
@@ -212,15 +213,16 @@ class ConversationDataset(Dataset):
             duration=ref.duration,
             max_seconds=p.kept_seconds,
             data=self._audio_bytes(ref),
+            source=source or None,
         )
 
     def _audio_bytes(self, ref: AudioRef) -> bytes | None:
         """The encoded file of ``ref`` when it is already in memory (the shard dataset's), else None: read the file."""
         return None
 
-    def _load(self, ref: AudioRef) -> np.ndarray:
+    def _load(self, ref: AudioRef, source: str | None = None) -> np.ndarray:
         p = self.processor
-        x = self._decode(ref)
+        x = self._decode(ref, source)
         if x.shape[0] < self.min_audio_seconds * p.sampling_rate:
             raise _SampleProblem(
                 f"{ref.path}: audio lasts {x.shape[0] / p.sampling_rate:.3f} s, shorter than "
@@ -237,7 +239,7 @@ class ConversationDataset(Dataset):
 
     def _build(self, rec: Record) -> dict[str, Any]:
         p = self.processor
-        waves = [self._load(ref) for ref in rec.audios]
+        waves = [self._load(ref, rec.source) for ref in rec.audios]
         counts = [p.audio_token_count(int(w.shape[0])) for w in waves]
         ids, labels = self.encode_conversation(rec.messages, counts)
         if self.max_text_tokens is not None and len(ids) > self.max_text_tokens:
@@ -307,6 +309,12 @@ def record_seconds(record: Record) -> list[float]:
     return out
 
 
+# Seconds decoded at most, once, of an audio whose length nothing states (by the index build and the shard writer):
+# a longer one is stored as exactly this long, a lower bound that counts exactly under every processor keeping at
+# most this much (20 minutes by default); one keeping more decodes such an audio again (estimate_num_tokens)
+DECODED_SECONDS_CAP = 3600.0
+
+
 def estimate_num_tokens(
     record: Record, dataset: ConversationDataset, seconds: Sequence[float] | None = None
 ) -> int:
@@ -317,7 +325,8 @@ def estimate_num_tokens(
     the count is exact when the durations are (``duration`` fields, or file headers at 16 kHz); resampled files
     and container lengths may differ by a token. ``seconds``: the audios' durations (:func:`record_seconds`) when
     already known; an unknown one (NaN) is decoded as ``dataset[i]`` decodes it (up to the kept seconds), and counts
-    as no audio only when that fails (the sample is then a bad one when built). Counting an audio of unknown length
+    as no audio only when that fails (the sample is then a bad one when built); so is one stored as
+    :data:`DECODED_SECONDS_CAP` (a lower bound) when the processor keeps more. Counting an audio of unknown length
     as none let an m4a clip of thousands of tokens pass the batch budget and fill packed rows far past it.
     """
     p = dataset.processor
@@ -326,6 +335,8 @@ def estimate_num_tokens(
     for ref, s in zip(record.audios, seconds):
         if math.isnan(s):
             n = _decoded_samples(dataset, ref)
+        elif s == DECODED_SECONDS_CAP and p.kept_seconds > s:  # "at least this long": decoded, else the bound
+            n = _decoded_samples(dataset, ref) or int(math.ceil(s * p.sampling_rate))
         else:  # capped at what the windows keep (the same count), so an absurd duration cannot overflow the int
             n = int(math.ceil(min(s, p.kept_seconds) * p.sampling_rate))
         sizes.append(p.usable_samples(n))

@@ -6,8 +6,8 @@ no audio header and tokenizes nothing (audiocraft precomputes its metadata the s
 File: ``<manifest>.index.parquet``, one row per record in manifest order: ``line`` int32 (where the record starts),
 ``hash`` uint64 (BLAKE2b-64 of the record's line), ``tokens`` int32 (:func:`~musicflamingo.data.dataset.
 estimate_num_tokens`), ``seconds`` list<float64> (per audio: its header's length, or where no header states one,
-as in a raw AAC stream, its decoded length; NaN when it could not be read). The schema metadata holds the settings
-the numbers depend on (:func:`index_settings`).
+as in a raw AAC stream, its decoded length, an hour at most; NaN when it could not be read). The schema metadata
+holds the settings the numbers depend on (:func:`index_settings`).
 
 Why Parquet: a launch reads two columns of a million rows straight into numpy in milliseconds; a JSONL sidecar would
 cost a ``json.loads`` per record, the very cost the index exists to remove. pyarrow is already a dependency.
@@ -60,9 +60,10 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from musicflamingo.audio.io import load_audio
 from musicflamingo.data.dataset import (
+    DECODED_SECONDS_CAP,
     ConversationDataset,
-    _decoded_samples,
     estimate_num_tokens,
     record_seconds,
 )
@@ -363,19 +364,29 @@ class _Estimates(Dataset):
 def _seconds(record: Record, dataset: ConversationDataset) -> list[float]:
     """:func:`record_seconds`, with an audio whose length no header states (a raw AAC stream, an MP3 without a
     Xing frame) decoded once here, as :func:`estimate_num_tokens` would decode it at every launch: its row then
-    holds the decoded length (in seconds whose count of samples is exactly the decoded one), not NaN. NaN stays
-    where it does not decode, and where the decode stopped at the kept seconds (the file's own length unknown: a
-    run keeping more would count too few)."""
+    holds the decoded length (in seconds whose count of samples is exactly the decoded one), not NaN; one longer
+    than :data:`~musicflamingo.data.dataset.DECODED_SECONDS_CAP` holds that bound (exact for a processor keeping at
+    most as much; one keeping more decodes it again). NaN stays where it does not decode."""
     seconds = record_seconds(record)
-    p = dataset.processor
+    rate = dataset.processor.sampling_rate
     for k, (ref, s) in enumerate(zip(record.audios, seconds)):
         if not math.isnan(s):
             continue
-        n = _decoded_samples(dataset, ref)
-        if not 0 < n < p.kept_seconds * p.sampling_rate - 1:
+        try:  # decoded further than a run keeps (20 min): a stopped decode's length would count short elsewhere
+            n = int(
+                load_audio(
+                    ref.path,
+                    sampling_rate=rate,
+                    offset=ref.offset,
+                    duration=ref.duration,
+                    max_seconds=DECODED_SECONDS_CAP,
+                ).shape[0]
+            )
+        except Exception as e:  # the sample names its problem when built; the build's report counts it
+            log.debug("%s (%s): %s", ref.path, record.source, e)
             continue
-        s = n / p.sampling_rate
-        while math.ceil(s * p.sampling_rate) > n:  # n / rate * rate may round up past n
+        s = min(n / rate, DECODED_SECONDS_CAP)
+        while math.ceil(s * rate) > n:  # n / rate * rate may round up past n
             s = math.nextafter(s, 0.0)
         seconds[k] = s
     return seconds
@@ -634,14 +645,25 @@ def _build(
                 log.warning("%s: could not keep the rows computed so far (%s)", where, e)
         raise
     _write(where, lines, hashes, tokens, seconds, settings)
-    unreadable = sum(any(math.isnan(s) for s in secs) for secs in seconds if secs)
+    unread = [i for i, secs in enumerate(seconds) if secs and any(math.isnan(s) for s in secs)]
+    if unread:  # the report's count alone named no file to look at
+        first = records[unread[0]]
+        bad = next(a.path for a, s in zip(first.audios, seconds[unread[0]]) if math.isnan(s))
+        log.warning(
+            "%s: %d records have audio that could not be read (first: %s, %s); they are bad samples when trained "
+            "on (estimated again at each launch, in case the files get fixed)",
+            path,
+            len(unread),
+            bad,
+            first.source,
+        )
     return BuildReport(
         manifest=str(path),
         index=str(where),
         records=len(records),
         reused=reused,
         computed=len(todo),
-        unreadable_audio=unreadable,
+        unreadable_audio=len(unread),
         seconds=round(time.perf_counter() - start, 2),
     )
 

@@ -49,6 +49,7 @@ import argparse
 import array
 import atexit
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -58,6 +59,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import tempfile
 import threading
@@ -68,7 +70,12 @@ from typing import Any
 import numpy as np
 
 from musicflamingo.audio.io import SAMPLING_RATE, AudioError, load_audio
-from musicflamingo.data.dataset import ConversationDataset, audio_seconds, estimate_num_tokens
+from musicflamingo.data.dataset import (
+    DECODED_SECONDS_CAP,
+    ConversationDataset,
+    audio_seconds,
+    estimate_num_tokens,
+)
 from musicflamingo.data.manifest import AudioRef, Message, Record, _digests, _position, read_manifest
 
 log = logging.getLogger(__name__)
@@ -192,20 +199,19 @@ def _audio_item(item: tuple[int, dict[str, Any]]) -> bytes:
     return _pack(i, [_read_bytes(a) for a in rec["audios"]], _record_digest(rec))
 
 
-# Seconds a writer decodes at most of an audio whose length nothing states: a longer one is stored as this long (a
-# lower bound, above any processor's kept seconds: 20 minutes)
-_DECODE_SECONDS = 3600.0
-
-
-def _decoded_seconds(path: str, offset: float) -> float | None:
+def _decoded_seconds(path: str, offset: float, source: str = "") -> float | None:
     """Seconds of an audio no header or container states the length of (a raw AAC stream, an MP3 without a Xing
     frame), decoded at 16 kHz as training decodes it: a count of samples that ``ceil(seconds * 16000)`` gives back
-    exactly; :data:`_DECODE_SECONDS` at most. None when it does not decode (a bad sample when built)."""
+    exactly; :data:`~musicflamingo.data.dataset.DECODED_SECONDS_CAP` at most. None when it does not decode (a bad
+    sample when built: warned about, naming ``source``, the record's ``file:line``)."""
     try:
         n = int(
-            load_audio(path, sampling_rate=SAMPLING_RATE, offset=offset, max_seconds=_DECODE_SECONDS).shape[0]
+            load_audio(
+                path, sampling_rate=SAMPLING_RATE, offset=offset, max_seconds=DECODED_SECONDS_CAP
+            ).shape[0]
         )
-    except AudioError:
+    except AudioError as e:  # its bytes are written all the same: named now, not first when trained on
+        log.warning("%s: %s; written as it is, a bad sample when trained on", source or path, e)
         return None
     s = n / SAMPLING_RATE
     while math.ceil(s * SAMPLING_RATE) > n:  # n / rate * rate may round up past n
@@ -220,7 +226,9 @@ def _record_item(item: tuple[int, dict[str, Any]]) -> str:
     # a record counted as no audio passed the batch budget and overflowed packed rows. None: it does not decode.
     seconds = [audio_seconds(a["path"], a["offset"], a["duration"]) for a in rec["audios"]]
     seconds = [
-        _decoded_seconds(a["path"], a["offset"]) if s is None and os.path.isfile(a["path"]) else s
+        _decoded_seconds(a["path"], a["offset"], rec.get("source", ""))
+        if s is None and os.path.isfile(a["path"])
+        else s
         for a, s in zip(rec["audios"], seconds)
     ]
     digest = _record_digest(rec).hex()  # the audio sample holds it too (_pack)
@@ -911,24 +919,78 @@ def _litdata_texts(where: str, ds: Any) -> Iterator[bytes]:
         yield text
 
 
+_SPOOL_PREFIX, _SPOOL_SUFFIX = ".musicflamingo-records-", ".bin"
+# this process's spool files' descriptors: each holds its file's flock until exit
+_spool_locks: list[int] = []
+
+
+def _spool_host() -> str:
+    """This machine's name as spool file names carry it (``<prefix><host>-<random>.bin``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+
+
 def _remove_spool(path: str, pid: int) -> None:
     if os.getpid() == pid:  # the process that wrote it (a forked worker's exit leaves it to its parent)
         with contextlib.suppress(OSError):
             os.unlink(path)
 
 
+def _remove_stale_spools(folder: str) -> None:
+    """Remove this machine's spool files in ``folder`` that no live process holds: a process killed with SIGKILL
+    (or out of memory) runs no exit handler, and its copy of the records stayed in the temporary folder for good.
+    Each spool file is flocked from before it has its name until its process and its forked workers have all ended
+    (the kernel drops the lock however they end): a lock that can be taken is a dead job's file, whatever became of
+    its pid. Another live job's is left alone, and so are other machines' files (a shared folder whose locks may be
+    local to each machine) and files whose lock this file system cannot take."""
+    mine = re.compile(re.escape(_SPOOL_PREFIX + _spool_host()) + r"-[a-z0-9_]+" + re.escape(_SPOOL_SUFFIX))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not mine.fullmatch(name):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):  # still the file this lock is on
+                os.unlink(path)
+                log.info("removed %s, the shard records of a job that ended without its exit handlers", path)
+        except OSError:  # held by a live process (or gone meanwhile, or not lockable here): left alone
+            pass
+        finally:
+            os.close(fd)
+
+
 def _spooled_records(where: str, texts: Iterator[bytes], cache_dir: str | None) -> ShardRecords:
     """``texts`` written one after another to a file of this process's own (in ``cache_dir``, else the temporary
     folder; removed at exit) and held as :class:`ShardRecords` on disk, as a local folder's records are: an object
     store's records took their whole text in memory on every rank (about 370 bytes a record: 3.7 GiB per rank
-    for 10 million), twice while they were read."""
+    for 10 million), twice while they were read. Files that killed jobs left there are removed first
+    (:func:`_remove_stale_spools`)."""
     folder = cache_dir if cache_dir is not None else tempfile.gettempdir()
     os.makedirs(folder, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix=".musicflamingo-records-", suffix=".bin", dir=folder)
-    atexit.register(_remove_spool, path, os.getpid())
+    _remove_stale_spools(folder)
+    # locked under a name no cleaner takes, then renamed: another process's cleanup never sees it unlocked (where
+    # the file system takes no lock, it keeps that name: removed at exit only)
+    fd, path = tempfile.mkstemp(prefix=f"{_SPOOL_PREFIX}{_spool_host()}-", suffix=".new", dir=folder)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    else:
+        os.rename(path, path.removesuffix(".new") + _SPOOL_SUFFIX)
+        path = path.removesuffix(".new") + _SPOOL_SUFFIX
+    finally:
+        _spool_locks.append(fd)  # never closed: the lock lasts as long as the process
+        atexit.register(_remove_spool, path, os.getpid())
     starts, ends, digests, pos = array.array("q"), array.array("q"), bytearray(), 0
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(os.dup(fd), "wb") as f:  # a duplicate: closing it keeps the lock
             for text in texts:
                 f.write(text)
                 starts.append(pos)
@@ -1028,10 +1090,25 @@ class ShardDataset(ConversationDataset):
     def estimate_lengths(self, known: Sequence[int] | None = None, seconds: Any = None) -> list[int]:
         """Token counts from the seconds stored at sharding time (no audio is fetched): the manifest's numbers.
         (``known``/``seconds`` come from a manifest index; shards carry their own seconds and ignore them.)"""
-        out = []
+        out, unknown, first = [], 0, None
         for i in range(len(self)):
             record, secs = self.records.parse(i)
             out.append(estimate_num_tokens(record, self, secs))
+            bad = [a.path for a, s in zip(record.audios, secs) if math.isnan(s)]
+            if bad:
+                unknown += 1
+                first = first or (bad[0], record.source)
+        if (
+            first is not None
+        ):  # counted as no audio: a long one passes the batch budget (and overflows packed rows)
+            log.warning(
+                "%s: %d records hold audio of no known length (first: %s, %s), counted as no audio when batching: "
+                "audio missing or undecodable when written (a bad sample when trained on), or, in shards an older "
+                "version wrote, raw AAC or an MP3 without a Xing frame (write the shards again)",
+                self.url,
+                unknown,
+                *first,
+            )
         return out
 
 
