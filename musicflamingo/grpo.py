@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import math
 import time
@@ -64,7 +65,7 @@ from musicflamingo.audio.features import tokens_from_frames
 from musicflamingo.chat import THINK_SUFFIX, encode_expanded, ensure_think_prompt
 from musicflamingo.checkpoint import stop_ids
 from musicflamingo.data.dataset import chat_messages
-from musicflamingo.data.manifest import Record
+from musicflamingo.data.manifest import JsonlRecords, Record
 from musicflamingo.engine import AnswerText, Engine, Request, SamplingParams, check_stop_strings
 from musicflamingo.lit import CheckpointMismatchError, MusicFlamingoLit
 from musicflamingo.model import MusicFlamingo
@@ -385,6 +386,24 @@ class TaskFilter:
 
     def __call__(self, rec: Record) -> bool:
         return bool(set(record_task(rec.extra)) & self.tasks)
+
+    def select(self, records: Sequence[Record]) -> list[int]:
+        """The indices of the kept ``records`` (what the data module calls). A manifest's records, read from their
+        file, are judged by their line's raw ``task`` field, which is ``Record.extra["task"]``: building each record
+        to read that one field (JSON, messages, audio paths) cost ~12x the raw read, seconds per 100k records at
+        setup. A line that is no JSON object is built, so it raises its own named error."""
+        if not isinstance(records, JsonlRecords):
+            return [i for i, rec in enumerate(records) if self(rec)]
+        kept = []
+        for i in range(len(records)):
+            try:
+                obj = json.loads(records.text(i))
+            except ValueError:  # not JSON, not UTF-8: records[i] names the line and why
+                obj = None
+            extra = obj if isinstance(obj, dict) else records[i].extra
+            if set(record_task({"task": extra.get("task")})) & self.tasks:
+                kept.append(i)
+        return kept
 
     def __str__(self) -> str:
         return f"model.tasks={sorted(self.tasks)}"

@@ -238,7 +238,8 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             left out is never read or refused. None keeps all; where it is None, :meth:`setup` takes the
             LightningModule's ``record_filter`` attribute (GRPO's ``model.tasks``). A filter may have a method
             ``nothing_kept(split, records) -> Exception``, the error to raise when it keeps no record of a split
-            (``records``: every record of the split); its ``str`` names it in messages.
+            (``records``: every record of the split), and ``select(records) -> indices``, which judges them
+            without building each record; its ``str`` names it in messages.
     """
 
     def __init__(
@@ -407,6 +408,10 @@ class MusicFlamingoDataModule(L.LightningDataModule):
 
     @staticmethod
     def _kept(records: Sequence[Any], keep_fn: Callable[[Any], bool]) -> np.ndarray:
+        # a filter with its own `select(records)` may judge records without building each (grpo.TaskFilter)
+        select = getattr(keep_fn, "select", None)
+        if callable(select):
+            return np.asarray(select(records), dtype=np.int64)
         return np.asarray([i for i, rec in enumerate(records) if keep_fn(rec)], dtype=np.int64)
 
     def _over_budget(self, mixture: MixtureDataset, lengths: list[int], budget: int, setting: str) -> None:
