@@ -169,7 +169,9 @@ class AnswerText:
     a stop string (`stop` then names it and `text` is the final answer); `finish` releases what is held back when
     the answer ends otherwise (a stop id, its length). Without stops, the final `text` is `tokenizer.decode` of the
     pushed tokens. A stop string that is a special token (`<|im_start|>`) matches that token: decoded text leaves
-    special tokens out, so it could never appear there.
+    special tokens out, so it could never appear there. One that holds a special token's text with other text
+    (`"\\n<|im_start|>"`) matches where that token comes after the rest, as the reference's `stop_strings` (which
+    read every token, special ones too, as its text) do; it never matched. The special token stays out of `text`.
 
     The work per token does not grow with the answer: the text is kept in pieces (`text` joins them when read) and
     stop strings are looked for in the held-back end and the new piece only (a stop string cannot begin in text
@@ -195,7 +197,27 @@ class AnswerText:
         self.ends: list[int] = []  # len(decoded) after each token
         self.finished = False
         special = set(getattr(tokenizer, "special_tokens", ()))
-        self.special = {tokenizer.token_to_id(s): s for s in self.stops if s in special}
+        # special tokens inside a longer stop string: matched as a mark (a private-use character) that their token
+        # adds to the text looked in, and that `text` leaves out (the texts of the stop strings are matched too)
+        inner = sorted(
+            {t for t in special if any(t in s and t != s for s in self.stops)}, key=len, reverse=True
+        )
+        ids = {t: tokenizer.token_to_id(t) for t in inner}
+        self._marks = {ids[t]: chr(_MARK + k) for k, t in enumerate(inner) if ids[t] is not None}
+        self._unmark = dict.fromkeys(map(ord, self._marks.values()))
+        marked = {t: self._marks[ids[t]] for t in inner if ids[t] is not None}
+        self._patterns: list[tuple[str, str]] = []  # (text looked for, the stop string it stands for)
+        for s in self.stops:
+            self._patterns.append((s, s))
+            m = s
+            for t, mark in marked.items():
+                m = m.replace(t, mark)
+            if m != s:
+                self._patterns.append((m, s))
+        self._looked_for = [p for p, _ in self._patterns]
+        self.special = {
+            i: s for s in self.stops if s in special and (i := tokenizer.token_to_id(s)) not in self._marks
+        }
 
     @property
     def text(self) -> str:
@@ -207,7 +229,7 @@ class AnswerText:
     @property
     def decoded(self) -> str:
         """Everything decoded so far: `text`, then what is held back (or the stop string and what came with it)."""
-        return self.text + self._rest
+        return self.text + self._rest.translate(self._unmark)
 
     def __len__(self) -> int:
         return self._length
@@ -245,8 +267,9 @@ class AnswerText:
             self.finish()
             self.stop = self.stop or self.special[token]
             return True
-        self._add(self.decoder.push(token))
-        self.ends.append(self._length + len(self._rest))
+        delta = self.decoder.push(token)
+        self._add(delta + self._marks[token] if token in self._marks else delta)
+        self.ends.append(self._length + len(self._rest.translate(self._unmark)))
         return self.stop is not None
 
     def finish(self) -> None:
@@ -261,6 +284,7 @@ class AnswerText:
         self.finished = True
 
     def _show(self, piece: str) -> None:
+        piece = piece.translate(self._unmark) if self._unmark else piece
         if piece:
             self._shown.append(piece)
             self._length += len(piece)
@@ -273,15 +297,15 @@ class AnswerText:
             return
         # no stop string begins in `text`: it would have been held back; so look in the held end and `delta` only
         window = self._rest + delta
-        found = [(i, n) for n, i in enumerate(window.find(s) for s in self.stops) if i >= 0]
+        found = [(i, n) for n, i in enumerate(window.find(s) for s in self._looked_for) if i >= 0]
         if found:
             at, n = min(found)
-            self.stop = self.stops[n]
+            self.stop = self._patterns[n][1]
             self._show(window[:at])
             self._rest = window[at:]
             self.finished = True
             return
-        keep = len(window) - _partial_stop(window, self.stops)
+        keep = len(window) - _partial_stop(window, self._looked_for)
         self._show(window[:keep])
         self._rest = window[keep:]
 
@@ -296,6 +320,10 @@ class AnswerText:
         while n and not text.startswith(self.decoder.tokenizer.decode(ids[:n], self.decoder.skip)):
             n -= 1  # a token holding half a character, or a tokenizer that re-spaces a word when more follows
         return n
+
+
+# the first of the private-use characters that stand for special tokens inside stop strings (`AnswerText`)
+_MARK = 0xF0000
 
 
 def _partial_stop(text: str, stops: Sequence[str]) -> int:

@@ -727,7 +727,15 @@ class _Output:
     only rows asked the same way count (think mode or not, the same system prompt, the same stop strings, which a
     row names when there are any): the others are kept, not reused, as their question was another one. An answer
     cut at the token limit names it (`max_new_tokens`) and is reused only under the same one: a quick run with
-    max_new_tokens=16 into the file left every later run its 16-token captions, "already answered".
+    max_new_tokens=16 into the file left every later run its 16-token captions, "already answered". A sampled
+    answer names its sampling (`do_sample`, `temperature`, `top_k`, `top_p`, `seed`) and is reused only by a run
+    sampling the same way; a row without them is a greedy answer (rows written before rows named their sampling
+    read so too): a sampled rerun into the greedy run's file was handed the greedy captions, and the reverse.
+    A row names its file as the run was given it (`audio`) and, when that is not the file's resolved path, by that
+    path too (`resolved_audio`): a rerun matches it by the resolved path, so `./music/a.wav`, `music/a.wav` or an
+    absolute path from another folder is the same file (each was asked again). The `audio` text as given matches
+    too (a moved project's rows, rows written before), unless both resolved paths name files that exist and differ:
+    `music/a.wav` in another folder is another song.
 
     One infer.py at a time per file: `<file>.lock` (`runfolder.FolderLock`, held from before the file is read until
     `close()`) refuses a second one, which would answer every input again into the same file (and could cut off
@@ -740,12 +748,17 @@ class _Output:
         system_prompt: str | None = None,
         stop: Sequence[str] = (),
         max_new_tokens: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> None:
         self.path, self.think, self.system_prompt = Path(path).expanduser(), think, system_prompt
         self.stop = list(stop)  # the stop strings that cut the answers: rows cut by others are not reused
         # the token limit: the rows it cut name it, and are reused only under the same
         self.max_new_tokens = max_new_tokens
-        self.done: dict[tuple[str, str], list[dict[str, Any]]] = {}  # rows by (audio, prompt), in file order
+        # how the answers are sampled (`_row_sampling`): None for greedy decoding
+        self.sampling = _sampling(sampling or {})
+        # rows by (resolved path, prompt) and (audio as given, prompt): (line number, row), in file order
+        self.by_path: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
+        self.by_text: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
         self.other = 0  # rows asked another way (think mode, system prompt): kept in the file, not reused
         self.added = 0  # rows this run wrote
         self.lock = FolderLock(
@@ -816,14 +829,20 @@ class _Output:
                 or row.get("system_prompt") != self.system_prompt
                 or (row.get("stop") or []) != self.stop
                 or row.get("max_new_tokens", self.max_new_tokens) != self.max_new_tokens
+                or _sampling(row) != self.sampling
             ):
                 self.other += 1
                 continue
-            self.done.setdefault((row["audio"], row["prompt"]), []).append(row)
+            self.by_text.setdefault((row["audio"], row["prompt"]), []).append((number, row))  # as before
+            resolved = row.get("resolved_audio")
+            if not isinstance(resolved, str):  # its own resolved path (or a row written before)
+                resolved = row["audio"] if os.path.isabs(row["audio"]) else None
+            if resolved is not None:  # the file it names wherever the rerun is started
+                self.by_path.setdefault((resolved, row["prompt"]), []).append((number, row))
         if self.other:
             logger.info(
-                "%s: %d rows were asked with another think, system_prompt or stop setting, or cut at another "
-                "max_new_tokens: kept, not reused",
+                "%s: %d rows were asked with another think, system_prompt, stop or sampling setting (do_sample, "
+                "temperature, top_k, top_p, seed), or cut at another max_new_tokens: kept, not reused",
                 self.path,
                 self.other,
             )
@@ -840,7 +859,13 @@ class _Output:
         text), else None. Rows of a pair asked more than once carry their `repeat` number (they are written as
         they finish, not in input order); rows without one (a pair asked once) take the numbers left, in file
         order."""
-        rows = self.done.get((audio, prompt), [])
+        path = resolved_path(audio)
+        found = self.by_path.get((path, prompt), []) + [
+            (number, row)
+            for number, row in self.by_text.get((audio, prompt), [])
+            if not _other_file(row.get("resolved_audio"), path)
+        ]
+        rows = [row for _, row in sorted(dict(found).items())]
         numbered = {r["repeat"]: r for r in rows if _repeat(r) is not None}
         free = (n for n in itertools.count() if n not in numbered)
         by_number = {**dict(zip(free, (r for r in rows if _repeat(r) is None))), **numbered}
@@ -854,6 +879,8 @@ class _Output:
         than once (its answers finish in any order: a rerun matches each with its own input, and so its own
         sampling stream); `cut`: the answer ended at the token limit (the row names `max_new_tokens`)."""
         row: dict[str, Any] = {"audio": audio, "prompt": prompt, "answer": text}
+        if (resolved := resolved_path(audio)) != audio:
+            row["resolved_audio"] = resolved
         if repeat is not None:
             row["repeat"] = repeat
         if self.think:
@@ -865,6 +892,8 @@ class _Output:
             row["stop"] = self.stop
         if cut and self.max_new_tokens is not None:
             row["max_new_tokens"] = self.max_new_tokens
+        if self.sampling is not None:
+            row.update(do_sample=True, **self.sampling)
         line = json.dumps(row) + "\n"  # ASCII escapes: any file name (even not UTF-8) round-trips
         # closed at once: a crash loses no finished answer; a full disk (an OSError naming no file) is named here,
         # and the rerun drops a torn last row and keeps the others
@@ -889,6 +918,35 @@ def _repeat(row: Mapping[str, Any]) -> int | None:
     """A row's `repeat` number (see `_Output.write`), None when it has none."""
     n = row.get("repeat")
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+
+
+def resolved_path(path: str) -> str:
+    """`path` as an absolute path, `~` expanded and symbolic links followed: the file an `output=` row names."""
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):  # a symbolic link loop, an unreadable folder on the way
+        return os.path.abspath(os.path.expanduser(path))
+
+
+def _other_file(resolved: Any, path: str) -> bool:
+    """Whether a row's `resolved_audio` and an input's resolved `path` are two files that exist (a row whose file
+    has moved away is matched by its name, as before)."""
+    return (
+        isinstance(resolved, str) and resolved != path and os.path.exists(resolved) and os.path.exists(path)
+    )
+
+
+# the settings a sampled answer depends on besides do_sample (a greedy one depends on none of them)
+_SAMPLED = ("temperature", "top_k", "top_p", "seed")
+
+
+def _sampling(settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How `settings` (a run's decoding settings, or an `output=` row) sample: their temperature, top_k, top_p and
+    seed when `do_sample` is true (missing ones: `SamplingParams`' defaults), None for greedy decoding (a row
+    without `do_sample`: every row written before rows named their sampling reads as greedy)."""
+    if settings.get("do_sample") is not True:
+        return None
+    return {k: settings.get(k, getattr(SamplingParams, k)) for k in _SAMPLED}
 
 
 def _is_json(line: str) -> bool:
@@ -1095,17 +1153,19 @@ def infer(
         plan = _memory_plan(cfg, ckpt, files, prompts, int(batch_size), decoding["max_new_tokens"])
         out.write(plan.table() + "\n")
         return []
-    # The n-th time an (audio, prompt) pair comes (one song sampled N times) is matched with its n-th row.
+    # The n-th time an (audio, prompt) pair comes (one song sampled N times) is matched with its n-th row; a file
+    # named two ways (`a.wav`, `./a.wav`) is one file asked twice.
     seen: Counter[tuple[str, str]] = Counter()
     keys = []
-    for f, p in zip(files, prompts):
-        keys.append((f, p, seen[f, p]))
-        seen[f, p] += 1
+    resolved = [resolved_path(f) for f in files]
+    for f, r, p in zip(files, resolved, prompts):
+        keys.append((f, p, seen[r, p]))
+        seen[r, p] += 1
     # `output=`: held (its lock) from its reading to the last answer
     stops = decoding["stop"]
     limit = decoding["max_new_tokens"]
     with (
-        _Output(output, think, system_prompt, stops, limit) if output else contextlib.nullcontext()
+        _Output(output, think, system_prompt, stops, limit, decoding) if output else contextlib.nullcontext()
     ) as results:
         answers = [None if results is None else results.answer(*key) for key in keys]
         todo = [i for i, a in enumerate(answers) if a is None]
@@ -1138,7 +1198,7 @@ def infer(
         def save(k: int, text: str, cut: bool) -> None:
             if results is not None:
                 i = todo[k]
-                repeated = seen[files[i], prompts[i]] > 1
+                repeated = seen[resolved[i], prompts[i]] > 1
                 results.write(files[i], prompts[i], text, keys[i][2] if repeated else None, cut)
 
         try:

@@ -82,6 +82,11 @@ NOT_ENTRY_SETTINGS = {
     "max_bad_fraction",
     "mmap",
     "nonfinite_loss",
+    # the processor's and tokenizer's transformers keywords (README, "Code ported from transformers")
+    "padding",
+    "return_tensors",
+    "skip_special_tokens",
+    "clean_up_tokenization_spaces",
 }
 
 

@@ -378,7 +378,7 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
 
     n = data.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):  # (true == 1)
-        raise bad_request("n", f"only n=1 is supported, got {n!r}")
+        raise bad_request("n", f"only n=1 is supported, got {n!r}", code="unsupported_parameter")
     t = data.get("temperature")
     if t is not None and (not _is_number(t) or not (t == 0 or 0.01 <= t <= 2)):
         # 0 means greedy; below 0.01 the sampler's logits / temperature overflow (engine.SamplingParams)
