@@ -21,6 +21,7 @@ import difflib
 import importlib
 import inspect
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -97,7 +98,10 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
         _fail("export_adapters", True, "needs model.net.lora.enabled=true (a full fine-tune has no adapters)")
     _planner_flags(settings)
     ckpt = _get(settings, "ckpt_path")
-    if ckpt not in (_MISSING, None, "", "null", "last") and not Path(str(ckpt)).is_file():
+    # a file, or the folder of a sharded FSDP checkpoint (training.resolve_ckpt_path checks its meta.pt)
+    if ckpt not in (_MISSING, None, "", "null", "last") and not (
+        Path(str(ckpt)).is_file() or Path(str(ckpt)).is_dir()
+    ):
         _fail(
             "ckpt_path",
             ckpt,
@@ -182,6 +186,13 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
     _choice(settings, "model.nonfinite_loss", ("stop", "skip"))
 
     # data
+    train = _get(settings, "data.train")
+    empty = train is None or (isinstance(train, Sequence) and not isinstance(train, str) and not train)
+    if empty and not _planning(settings):  # plan=true reads no data
+        _fail("data.train", _plain(train), "expected a manifest: a path, a list of paths or [{path, weight}]")
+    for key in ("data.processor", "data.audio_root"):
+        if key != "data.processor" or _get(settings, key) != _get(settings, "model.net.init_from"):
+            _folder(settings, key)  # init_from's own check names init_from
     _number(settings, "data.batch_max_tokens", integer=True, lo=1)
     _number(settings, "data.val_batch_max_tokens", integer=True, lo=1, optional=True)
     _number(settings, "data.num_workers", integer=True, lo=0)
@@ -232,6 +243,32 @@ def check_train_settings(settings: Mapping[str, Any]) -> None:
             "model.scheduler.max_steps to the steps the learning-rate schedule should span"
         )
     _choice(settings, "trainer.accelerator", ("cpu", "gpu", "cuda", "mps", "auto"))
+    _number(
+        settings, "trainer.log_every_n_steps", integer=True, lo=0, optional=True, note="0: no metrics logged"
+    )
+    _number(
+        settings,
+        "trainer.num_sanity_val_steps",
+        integer=True,
+        lo=0,
+        special=(-1,),
+        optional=True,
+        note="-1: all",
+    )
+    for flag in (
+        "enable_progress_bar",
+        "use_distributed_sampler",
+        "enable_model_summary",
+        "enable_checkpointing",
+    ):
+        _boolean(settings, f"trainer.{flag}")
+    deterministic = _get(settings, "trainer.deterministic")
+    if deterministic not in (_MISSING, None, True, False, "warn"):
+        _fail("trainer.deterministic", deterministic, "expected true, false, warn or null")
+    _max_time(settings)
+    _folder(settings, "paths.output_dir")
+    _callbacks(settings)
+    _loggers(settings)
     if str(_get(settings, "trainer.precision")) == "16-true":
         # fp16 weights and optimizer states: AdamW's eps (1e-8) and the squares of small gradients are 0 in fp16,
         # so its first steps divide 0 by 0 (a NaN loss at step 1)
@@ -262,8 +299,12 @@ def check_eval_settings(settings: Mapping[str, Any]) -> None:
     _number(settings, "benchmark.max_new_tokens", integer=True, lo=1, optional=True)
     _number(settings, "max_new_tokens", integer=True, lo=1, optional=True, note="null: the benchmark's")
     _number(settings, "limit", integer=True, lo=1, optional=True, note="null: every item")
-    for flag in ("sort_by_length", "compile", "progress"):
+    for flag in ("sort_by_length", "compile", "progress", "think"):
         _boolean(settings, flag)
+    # read with bool() by the readers: `benchmark.skip_missing_audio=maybe` would be true
+    for flag in ("skip_missing_audio", "include_captions"):
+        _boolean(settings, f"benchmark.{flag}")
+    _folder(settings, "output_dir")
     _stop(settings)
     _planner_flags(settings)
     _device_dtype(settings)
@@ -276,11 +317,15 @@ def check_infer_settings(settings: Mapping[str, Any]) -> None:
     for flag in ("interactive", "stream", "compile", "do_sample"):
         _boolean(settings, flag)
     _planner_flags(settings)
+    _log_level(settings)
+    _threads(settings)
+    _device_dtype(settings)
+
+
+def _log_level(settings: Mapping[str, Any]) -> None:
     level = _get(settings, "log_level")
     if level is not _MISSING and str(level).upper() not in LOG_LEVELS:
         _fail("log_level", level, f"expected one of {', '.join(LOG_LEVELS)}")
-    _threads(settings)
-    _device_dtype(settings)
 
 
 def _stop(settings: Mapping[str, Any]) -> None:
@@ -467,8 +512,15 @@ def _planning(settings: Mapping[str, Any]) -> bool:
 
 
 def check_serve_plan_settings(settings: Mapping[str, Any]) -> None:
-    """`configs/serve.yaml`'s planner flags (the server's own settings are `ServeSettings`')."""
+    """`configs/serve.yaml`'s keys (a `+max_batchs=16` was ignored), planner flags, logging, threads, device and
+    dtype (the server's own settings are `ServeSettings`')."""
+    check_known_keys(settings, _top_keys("serve"))
     _planner_flags(settings)
+    for flag in ("compile", "access_log"):
+        _boolean(settings, flag)
+    _log_level(settings)
+    _threads(settings)
+    _device_dtype(settings)
 
 
 def _planner_flags(settings: Mapping[str, Any]) -> None:
@@ -483,6 +535,93 @@ def _planner_flags(settings: Mapping[str, Any]) -> None:
             _get(settings, "plan_memory_gb"),
             "read only with plan=true (a run checks the device's free memory)",
         )
+
+
+def _folder(settings: Mapping[str, Any], key: str) -> None:
+    """`key`, when set, names a folder or a path not made yet, not a file (the error came later, as
+    "File exists" or "not found", without the setting)."""
+    value = _get(settings, key)
+    if isinstance(value, str) and value and Path(value).expanduser().is_file():
+        _fail(key, value, "a file, where a folder is expected")
+
+
+# `trainer.max_time`: Lightning's Timer reads DD:HH:MM:SS or a dict of timedelta's keywords
+_MAX_TIME = re.compile(r"\d+:\d\d:\d\d:\d\d")
+_TIMEDELTA_KEYS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
+
+
+def _max_time(settings: Mapping[str, Any]) -> None:
+    value = _get(settings, "trainer.max_time")
+    if value in (_MISSING, None):
+        return
+    if isinstance(value, str) and _MAX_TIME.fullmatch(value.strip()):
+        return
+    if (
+        isinstance(value, Mapping)
+        and value
+        and all(k in _TIMEDELTA_KEYS and _is_number(v) for k, v in value.items())
+    ):
+        return
+    expected = "expected DD:HH:MM:SS (00:12:00:00 is 12 hours), {hours: 12} or null"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        # YAML 1.1 reads an unquoted 1:00:00:00 (not 00:...) as a base-60 number: 216000; written back in base 60
+        typed = f"{value // 60**3}:{value // 3600 % 60:02d}:{value // 60 % 60:02d}:{value % 60:02d}"
+        expected += f"; in a YAML file quote it ('{typed}'): unquoted, YAML reads {typed} as a base-60 number"
+    _fail("trainer.max_time", value, expected)
+
+
+def _callbacks(settings: Mapping[str, Any]) -> None:
+    """The values of the callbacks `configs/callbacks/` builds (Lightning refused them only after the model was
+    built, or took any text as true)."""
+    callbacks = _get(settings, "callbacks")
+    if not isinstance(callbacks, Mapping):
+        return
+    for name, cb in callbacks.items():
+        if not isinstance(cb, Mapping):
+            continue
+        target, key = str(cb.get("_target_", "")), f"callbacks.{name}"
+        if target.endswith(".ModelCheckpoint"):
+            _number(
+                settings,
+                f"{key}.every_n_train_steps",
+                integer=True,
+                lo=0,
+                optional=True,
+                note="0: not by steps",
+            )
+            _number(settings, f"{key}.every_n_epochs", integer=True, lo=0, optional=True)
+            _number(settings, f"{key}.save_top_k", integer=True, lo=0, special=(-1,), note="-1: every file")
+            save_last = _get(settings, f"{key}.save_last")
+            if save_last not in (_MISSING, None, True, False, "link"):
+                _fail(f"{key}.save_last", save_last, "expected true, false, link or null")
+            for flag in ("save_on_train_epoch_end", "auto_insert_metric_name", "save_weights_only"):
+                _boolean(settings, f"{key}.{flag}")
+            _choice(settings, f"{key}.mode", ("min", "max"))
+        elif target == "musicflamingo.callbacks.ProgressLog":
+            _number(settings, f"{key}.every_n_steps", integer=True, lo=1)
+            _boolean(settings, f"{key}.on_terminal")
+        elif target == "musicflamingo.callbacks.BadSampleReport":
+            _folder_not(settings, f"{key}.path")
+
+
+def _loggers(settings: Mapping[str, Any]) -> None:
+    loggers = _get(settings, "logger")
+    if not isinstance(loggers, Mapping):
+        return
+    for name, cfg in loggers.items():
+        if isinstance(cfg, Mapping) and str(cfg.get("_target_", "")).endswith("WandbLogger"):
+            for flag in ("offline", "rewind"):
+                _boolean(settings, f"logger.{name}.{flag}")
+            log_model = _get(settings, f"logger.{name}.log_model")
+            if log_model not in (_MISSING, True, False, "all"):
+                _fail(f"logger.{name}.log_model", log_model, "expected true, false or all")
+
+
+def _folder_not(settings: Mapping[str, Any], key: str) -> None:
+    """`key`, when set, names a file to write, not an existing folder."""
+    value = _get(settings, key)
+    if isinstance(value, str) and value and Path(value).expanduser().is_dir():
+        _fail(key, value, "a folder, where a file to write is expected")
 
 
 def _threads(settings: Mapping[str, Any]) -> None:
