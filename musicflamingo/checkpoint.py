@@ -463,6 +463,22 @@ def _not_a_model_hint(path: Path) -> str:
     )
 
 
+def _refuse_embedded_adapter(path: Path) -> None:
+    """CheckpointError for a model folder that also holds a peft adapter (adapter_config.json beside config.json):
+    transformers' from_pretrained (with peft installed) puts those adapters on top of the folder's weights, so
+    loading the weights alone would compute another model than the reference, silently."""
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        raise CheckpointError(
+            f"{path}: holds {adapter.name} (a peft LoRA adapter) beside config.json; transformers' from_pretrained "
+            "puts those adapters on top of this folder's weights, this loader would not, so the two would compute "
+            "different models. If the weights already hold them (a training run's merged export/), remove "
+            "adapter_config.json and adapter_model.safetensors; to use them, move the two files into a folder of "
+            "their own and load it with musicflamingo.model.peft_format.load_peft_adapter (or train from it with "
+            "model.net.lora.init_from_peft)"
+        )
+
+
 def refuse_interrupted_save(path: Path) -> None:
     """CheckpointError if a save into the folder `path` was committed but not all its files are moved in yet
     (cut off, or running now): the folder then mixes old and new files. Reading changes nothing."""
@@ -493,6 +509,7 @@ def load_config(path: str | Path) -> MusicFlamingoConfig:
         raise CheckpointError(
             f"{path}: no config.json, so this is not a Music Flamingo checkpoint folder{_not_a_model_hint(path)}"
         )
+    _refuse_embedded_adapter(path)
     try:
         return MusicFlamingoConfig.from_json(cfg)
     except ConfigError as e:
@@ -542,8 +559,9 @@ def generation_config(path: str | Path | None) -> dict[str, Any]:
         return {}
     try:
         raw = json.loads(gen_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise CheckpointError(f"{gen_file}: invalid JSON ({why})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{gen_file}: expected a JSON object, got {type(raw).__name__}")
     out: dict[str, Any] = {}

@@ -294,8 +294,14 @@ class MusicFlamingoConfig:
         if model_type != "musicflamingo":
             raise ConfigError(f"{source}: model_type={model_type!r}, expected 'musicflamingo'")
         ac, tc = d.get("audio_config"), d.get("text_config")
-        if not isinstance(ac, dict) or not isinstance(tc, dict):
-            raise ConfigError(f"{source}: 'audio_config' and 'text_config' must be JSON objects")
+        # a missing one: the reference builds the release's sizes and fails with a shape error per tensor
+        for key, sub in (("audio_config", ac), ("text_config", tc)):
+            if not isinstance(sub, dict):
+                what = "is missing" if key not in d else f"is {_short_repr(sub)}"
+                raise ConfigError(
+                    f"{source}: {key} {what}; 'audio_config' and 'text_config' must be JSON objects (the encoder's "
+                    "and the decoder's fields)"
+                )
         # the reference builds each part by its sub-config's model_type (AutoConfig / AutoModel): another one is
         # another architecture (a llama decoder has no q/k/v biases, ...), never to be read as ours
         for key, sub, accepted in (
@@ -449,9 +455,9 @@ class MusicFlamingoConfig:
             return cls(
                 audio=audio,
                 text=text,
-                audio_token_id=d.get("audio_token_id", 151669),
-                audio_bos_token_id=d.get("audio_bos_token_id", 151670),
-                audio_eos_token_id=d.get("audio_eos_token_id", 151671),
+                audio_token_id=d.get("audio_token_id", _AUDIO_ID_DEFAULTS["audio_token_id"]),
+                audio_bos_token_id=d.get("audio_bos_token_id", _AUDIO_ID_DEFAULTS["audio_bos_token_id"]),
+                audio_eos_token_id=d.get("audio_eos_token_id", _AUDIO_ID_DEFAULTS["audio_eos_token_id"]),
                 projector_hidden_act=d.get("projector_hidden_act", "gelu"),
                 projector_bias=flag(d, "projector_bias", True, ""),
                 audio_frame_step=d.get("audio_frame_step", 0.01),
@@ -463,6 +469,14 @@ class MusicFlamingoConfig:
         except ConfigError as e:
             taken = [f"{k}={v}" for k, v in defaulted.items()]
             note = f" ({', '.join(taken)}: the file leaves them out, Qwen2Config's defaults)" if taken else ""
+            # a top-level token id the message names but the file leaves out: the reference's default, not a typo
+            ids = [k for k in _AUDIO_ID_DEFAULTS if k not in d and f"config.{k}=" in str(e)]
+            if ids:
+                note += (
+                    f" (config.json leaves out {', '.join(ids)}: the reference's default"
+                    f"{'s' if len(ids) > 1 else ''} {', '.join(str(_AUDIO_ID_DEFAULTS[k]) for k in ids)}, the "
+                    "release tokenizer's ids; set the ids of this model's tokenizer)"
+                )
             raise ConfigError(f"{source}: {e}{note}") from None
         except TypeError as e:  # e.g. a string where a number belongs
             raise ConfigError(f"{source}: invalid value type: {e}") from None
@@ -532,8 +546,9 @@ class MusicFlamingoConfig:
             raise ConfigError(f"{path}: config.json not found")
         try:
             d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise ConfigError(f"{path}: not valid JSON ({why})") from None
         return cls.from_hf_dict(d, source=str(path))
 
     def to_json(self, path: str | Path, dtype: str | None = None) -> None:
@@ -564,6 +579,16 @@ QUANT_CONFIGS = {
         "projector: int8",
     },
 }
+
+
+# MusicFlamingoConfig's defaults (the release tokenizer's ids), which the reference takes for a top-level token id its
+# config.json leaves out
+_AUDIO_ID_DEFAULTS = {"audio_token_id": 151669, "audio_bos_token_id": 151670, "audio_eos_token_id": 151671}
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _quantization(q: Any, source: str) -> str | None:

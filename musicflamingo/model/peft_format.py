@@ -101,8 +101,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG_NAME}, so not a peft adapter folder{hint}")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise CheckpointError(f"{path}: not valid JSON ({why})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
@@ -208,6 +209,18 @@ def _with_rank(layer: LoRALinear | QuantizedLoRALinear, rank: int) -> LoRALinear
     return new
 
 
+def _untie_replaced(model: nn.Module, plain: dict[str, torch.Tensor]) -> None:
+    """A tied head (`tie_word_embeddings`) made a parameter of its own when the peft folder replaces the embedding or
+    the head (modules_to_save): the reference never ties, so peft replaces one of them and the other keeps the
+    base's values; copied into the shared tensor, both changed (another model, silently)."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "language_model", None), "embed_tokens", None)
+    if embed is None or getattr(head, "weight", None) is not embed.weight:
+        return
+    if {"lm_head.weight", "language_model.embed_tokens.weight"} & set(plain):
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+
+
 def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     """Put the LoRA adapters of a peft folder on `model` (a `MusicFlamingo`), in place; returns the adapted names.
 
@@ -231,7 +244,8 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     problems: list[str] = []
     reference_names: dict[str, str] = {}
     seen: dict[tuple[str, str], str] = {}  # (our name, A / B / "") -> the file's key
-    params = dict(model.named_parameters())
+    # every name of a shared parameter: a tied head is `lm_head.weight` as well as the embedding
+    params = dict(model.named_parameters(remove_duplicate=False))
     for key, tensor in tensors.items():
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         if m := _LORA_KEY.fullmatch(name):
@@ -321,6 +335,8 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     if not adapters:
         raise CheckpointError(f"{where}: no LoRA tensors (*.lora_A.weight / *.lora_B.weight)")
 
+    _untie_replaced(model, plain)
+    params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for ours, tensor in plain.items():
             params[ours].copy_(tensor)
