@@ -254,7 +254,10 @@ class AnswerText:
         or the token that completes one of `stops`; the tokens after (a batch's padding) are never read."""
         answer = cls(tokenizer, stops)
         for token in ids:
-            if token in stop_ids or answer.push(token):
+            if token in stop_ids:
+                answer.end_at_stop_id(token)
+                break
+            if answer.push(token):
                 break
         answer.finish()
         return answer
@@ -271,6 +274,15 @@ class AnswerText:
         self._add(delta + self._marks[token] if token in self._marks else delta)
         self.ends.append(self._length + len(self._rest.translate(self._unmark)))
         return self.stop is not None
+
+    def end_at_stop_id(self, token: int) -> None:
+        """The answer ends at `token`, a stop id (no text of its own). A stop string it completes still cuts the
+        answer, as the reference's `stop_strings` and eos both end generation at that token: with stop string
+        `"\\n<|im_end|>"` and eos `<|im_end|>`, an answer "4/4\\n" then `<|im_end|>` is "4/4" (`stop` names the
+        string), not "4/4\\n" as when the stop id was looked at first."""
+        if not self.finished and (token in self._marks or token in self.special):
+            self.push(token)
+        self.finish()
 
     def finish(self) -> None:
         """The answer has ended (no more tokens): release the text held back (a stop string's start that was not)."""
@@ -715,6 +727,8 @@ class Engine:
             s.last = t
             if t in s.params.stop_ids:  # the stop id ends the answer: no text of its own
                 s.finish_reason = "stop"
+                if s.text is not None:  # (the stop string it may complete still cuts the answer)
+                    s.text.end_at_stop_id(t)
             elif s.text is not None and s.text.push(t):  # it completed a stop string
                 s.finish_reason = "stop"
             elif len(s.tokens) >= s.budget:

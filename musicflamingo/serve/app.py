@@ -214,7 +214,8 @@ async def chat_completions(request: Request) -> Response:
         raise _shutting_down()
     if not state.worker.alive:
         raise APIError(503, "the engine is not running", None, "engine_stopped")
-    req = parse_chat_request(parse_json(await _read_body(request, settings)), settings)
+    body = await _read_body(request, settings)
+    req = parse_chat_request(parse_json(body, request.headers.get("content-type")), settings)
     if state.worker.queue_full(also_waiting=state.preparing):
         raise _busy(settings)  # before decoding any audio: bodies and features being prepared are bounded too
     # Watched from here on: a client that leaves while its audio is decoded is not admitted (its prefill, the audio
@@ -415,11 +416,15 @@ async def _client_left(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)
 
 
+_HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed"}
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, APIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-    if isinstance(exc, HTTPException):
-        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    if isinstance(exc, HTTPException):  # routing's: no such path (404), a method the path does not take (405)
+        code = _HTTP_CODES.get(exc.status_code, "invalid_request")
+        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
     logger.exception("unexpected error in %s %s", request.method, request.url.path)
     err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")

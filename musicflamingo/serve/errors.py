@@ -37,6 +37,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def bad_request(param: str | None, message: str, code: str | None = None) -> APIError:
-    """A 400 whose message starts with the field it is about."""
+def bad_request(param: str | None, message: str, code: str = "invalid_value") -> APIError:
+    """A 400 whose message starts with the field it is about. Every 400 has a code, as OpenAI's do (clients and
+    retry layers branch on it; `null` read as "not a request error"): `invalid_value` unless a more precise one
+    (`unsupported_parameter`, `context_length_exceeded`, `invalid_audio`, ...) is given."""
     return APIError(400, f"{param}: {message}" if param else message, param, code)

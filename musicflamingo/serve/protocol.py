@@ -104,6 +104,8 @@ MESSAGE_FIELDS = {
     ),
 }
 ROLE_ALIASES = {"developer": "system"}
+# content part types of OpenAI's chat API that this server does not take (a 400 `unsupported_value`)
+OPENAI_PART_TYPES = ("image_url", "file", "input_image", "input_file", "refusal")
 REASONING_EFFORT = {
     "none": False,
     "minimal": False,
@@ -164,22 +166,35 @@ class Prepared:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-def parse_json(body: bytes) -> dict[str, Any]:
-    """Request body -> a JSON object (400 naming line and column when it is not one)."""
+def parse_json(body: bytes, content_type: str | None = None) -> dict[str, Any]:
+    """Request body -> a JSON object (400 `invalid_json` naming line and column when it is not one; a body sent
+    as another `content_type`, a form's, is named so)."""
+    sent = (content_type or "").split(";")[0].strip().lower()
+    hint = (
+        ""
+        if not sent or sent == "application/json" or sent.endswith("+json")
+        else f" (it was sent as {sent}; send application/json)"
+    )
     try:
         data = json.loads(body)
     except UnicodeDecodeError:
-        raise bad_request(None, "the request body is not UTF-8 JSON") from None
+        raise bad_request(None, f"the request body is not UTF-8 JSON{hint}", code="invalid_json") from None
     except json.JSONDecodeError as e:
         raise bad_request(
-            None, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            None,
+            f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}{hint}",
+            code="invalid_json",
         ) from None
     except ValueError as e:  # an integer of more than 4300 digits (Python's int-from-string limit): was a 500
-        raise bad_request(None, f"the request body is not usable JSON: {e}") from None
+        raise bad_request(None, f"the request body is not usable JSON: {e}", code="invalid_json") from None
     except RecursionError:  # arrays or objects nested thousands deep: was a 500
-        raise bad_request(None, "the request body is not usable JSON: it is nested too deeply") from None
+        raise bad_request(
+            None, "the request body is not usable JSON: it is nested too deeply", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
-        raise bad_request(None, f"the request body must be a JSON object, got {type(data).__name__}")
+        raise bad_request(
+            None, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json"
+        )
     return data
 
 
@@ -204,7 +219,11 @@ def _is_number(v: Any) -> bool:
 def _check_keys(obj: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for k in obj:
         if k not in allowed:
-            raise bad_request(f"{where}.{k}" if where else k, f"unknown field (known: {', '.join(allowed)})")
+            raise bad_request(
+                f"{where}.{k}" if where else k,
+                f"unknown field (known: {', '.join(allowed)})",
+                code="unknown_parameter",
+            )
 
 
 def _text(value: Any, param: str) -> str:
@@ -253,7 +272,11 @@ def _parse_part(part: Any, param: str) -> tuple[str, AudioRef | None]:
         if not isinstance(inner, str) or not inner:
             raise bad_request(where, "must be a data: URL or a file:// URL")
         return "", AudioRef(where, url=inner)
-    raise bad_request(f"{param}.type", f"{kind!r} is not supported (text, input_audio, audio_url)")
+    # OpenAI's own part types (an image, a file) are values this server does not implement; others are no value
+    code = "unsupported_value" if kind in OPENAI_PART_TYPES else "invalid_value"
+    raise bad_request(
+        f"{param}.type", f"{kind!r:.60} is not supported (text, input_audio, audio_url)", code=code
+    )
 
 
 def _parse_message(m: Any, i: int) -> Message:
@@ -264,12 +287,14 @@ def _parse_message(m: Any, i: int) -> Message:
     role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None  # a list or object: was a 500
     if role not in MESSAGE_FIELDS:
         raise bad_request(
-            f"{param}.role", f"must be system, developer, user or assistant, got {m.get('role')!r}"
+            f"{param}.role",
+            f"must be system, developer, user or assistant, got {m.get('role')!r:.60}",
+            code="unsupported_value" if role in ("tool", "function") else "invalid_value",
         )
     _check_keys(m, MESSAGE_FIELDS[role], param)
     for k in ("tool_calls", "audio", "function_call"):
-        if m.get(k):
-            raise bad_request(f"{param}.{k}", "is not supported")
+        if m.get(k):  # OpenAI's fields, of an answer this server never gives
+            raise bad_request(f"{param}.{k}", "is not supported by this server", code="unsupported_parameter")
     if not isinstance(m.get("annotations", []), (list, type(None))):
         raise bad_request(f"{param}.annotations", "must be a list or null")
     for k in ("name", "reasoning_content", "refusal"):  # accepted, not rendered: still a string (or null)
@@ -326,7 +351,11 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
 
     model = data.get("model")
     if not isinstance(model, str) or not model:
-        raise bad_request("model", f"must be the served model's name ({settings.model_name!r})")
+        raise bad_request(
+            "model",
+            f"must be the served model's name ({settings.model_name!r})",
+            code="missing_required_parameter" if model is None else "invalid_value",
+        )
     if model != settings.model_name:
         raise APIError(
             404,
@@ -336,7 +365,11 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
         )
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise bad_request("messages", "must be a non-empty list of messages")
+        raise bad_request(
+            "messages",
+            "must be a non-empty list of messages",
+            code="missing_required_parameter" if messages is None else "invalid_value",
+        )
     parsed = [_parse_message(m, i) for i, m in enumerate(messages)]
     for i, m in enumerate(parsed):
         if m.role == "system" and i > 0:
