@@ -18,17 +18,23 @@ from omegaconf import DictConfig
 
 from musicflamingo.cli import run_cli, run_entry_point
 from musicflamingo.serve import serve
+from musicflamingo.settings import check_serve_plan_settings
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="serve")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
+    check_serve_plan_settings(cfg)  # log_level is used before serve() checks the rest
     logging.basicConfig(
         level=str(cfg.get("log_level", "INFO")).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    run_cli(lambda: serve(cfg))  # bad checkpoint or settings: one line, exit 2, no traceback
+    serve(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    run_cli(lambda: run(cfg))  # bad checkpoint or settings: one line, exit 2, no traceback
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ Which errors are input errors is decided by where they come from, not by catchin
 
 The command line itself is checked before Hydra runs (:func:`check_command_line`, from each entry point's
 `__main__`): a value Hydra's grammar cannot read, a comma without `-m`, a misspelt key or group (`experment=lora`,
-`benchmark=gtzann`), `+key=` for a key that exists, a run folder that cannot be resolved: one line naming the
-override and what was expected, exit 2 (Hydra printed several lines, suggested `+experment=lora`, and exited 1).
+`benchmark=gtzann`), `+key=` for a key that exists, a config group set to null, a key holding `{}` set without `+`,
+a run folder that cannot be resolved or is a file: one line naming the override and what was expected, exit 2
+(Hydra printed several lines, suggested `+experment=lora`, and exited 1).
 `HYDRA_FULL_ERROR=1` skips that check and leaves Hydra's own tracebacks.
 
 Sweeps (`-m`): a job that fails with an input error prints its line prefixed with the job (`job #1
@@ -268,6 +269,9 @@ _CONFIG_FLAGS = (
     "--experimental-rerun",
 )
 
+# Hydra's flags that print something and exit without running the job (nor making its folder).
+_PRINT_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
+
 
 def _override_args(argv: list[str]) -> list[str]:
     """The `key=value` words of `argv` (Hydra's flags and their values left out)."""
@@ -277,9 +281,10 @@ def _override_args(argv: list[str]) -> list[str]:
 def check_command_line(config_name: str, argv: list[str]) -> list[str]:
     """Check `argv` as Hydra will read it for `configs/<config_name>.yaml`, before Hydra does: exit 2 with one line
     naming the override and what was expected when Hydra could not read or compose it, or could not resolve the
-    run folder (`hydra.run.dir`, under `-m` `hydra.sweep.dir`). Returns overrides to add: a run folder starting with
-    `~` (quoted, so the shell left it alone) made `./~/...`; the rest of the project expands `~`, so the folder is
-    given back expanded. `HYDRA_FULL_ERROR=1` or a `--config-*` flag skip all but the syntax check."""
+    run folder (`hydra.run.dir`, under `-m` `hydra.sweep.dir`) or it is a file. Returns overrides to add: a run
+    folder starting with `~` (quoted, so the shell left it alone) made `./~/...`; the rest of the project expands
+    `~`, so the folder is given back expanded. `HYDRA_FULL_ERROR=1` or a `--config-*` flag skip all but the syntax
+    check."""
     check_overrides(argv)
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.split("=")[0] in _CONFIG_FLAGS for a in argv):
         return []
@@ -310,7 +315,9 @@ def check_command_line(config_name: str, argv: list[str]) -> list[str]:
         _compose_or_exit(
             config_name, [a if j != i else arg for j, a in enumerate(first) if a is not None], args
         )
-    return _run_dir_overrides(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    # --cfg/--info/--help print and exit: Hydra makes no run folder then
+    printing = any(a.split("=")[0] in _PRINT_FLAGS for a in argv)
+    return _run_dir_overrides(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir", made=not printing)
 
 
 def _config_dir() -> Path:
@@ -331,8 +338,32 @@ def _compose_or_exit(config_name: str, overrides: list[str], args: list[str]) ->
         return _compose(config_name, overrides)
     except HydraException as e:
         line = _composition_error_line(e, config_name, overrides)
+    except ValueError as e:  # Hydra's own check of a config group's override, outside its HydraException
+        line = _group_value_error_line(e, config_name, overrides)
+        if line is None:
+            raise
     print(f"error: {line}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def _group_value_error_line(e: ValueError, config_name: str, overrides: list[str]) -> str | None:
+    """One line for a config group given a value that is not a config's name (`callbacks=null`, `logger=[1]`:
+    Hydra's ValueError "Config group override must be a string or a list. Got NoneType"); None for another error."""
+    if not str(e).startswith("Config group override must be"):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        group = override.key_or_group
+        folder = _config_dir() / group.replace(".", "/")
+        if override.is_delete() or not folder.is_dir() or isinstance(override.value(), (str, list)):
+            continue
+        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        return (
+            f"{override.input_line}: {group} is a config group, which takes the name of one of its configs "
+            f"({', '.join(options) or 'none'}); to drop the group write ~{group}"
+        )
+    return None
 
 
 def _composition_error_line(e: BaseException, config_name: str, overrides: list[str]) -> str:
@@ -368,6 +399,9 @@ def _composition_error_line(e: BaseException, config_name: str, overrides: list[
             node, depth = node[parts[depth]], depth + 1
         parent, name = ".".join(parts[:depth]), parts[depth]
         missing = ".".join(parts[: depth + 1])
+        if message.startswith("Could not override") and isinstance(node, DictConfig) and name in node:
+            # the key is there: the dict given sets keys it does not have (`model.net.overrides={audio: ...}`)
+            return _new_keys_line(e, arg, key, node._get_node(name))
         if not isinstance(node, DictConfig):
             return f"{arg}: no setting {missing} ({parent} is a value, not a group of settings)"
         valid = sorted(str(k) for k in node if k != "hydra" and not str(k).startswith("_"))
@@ -387,6 +421,34 @@ def _composition_error_line(e: BaseException, config_name: str, overrides: list[
     return f"{line} ({error_line(cause)})" if cause is not None and error_line(cause) not in line else line
 
 
+def _new_keys_line(e: BaseException, arg: str, key: str, node: Any) -> str:
+    """One line for `key=<dict>` where `key` exists but the dict names keys it does not hold: an empty dict takes
+    new keys only with a leading `+`; another dict names the key that is not in it."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    if isinstance(node, DictConfig) and not node._is_none() and len(node) == 0:
+        return (
+            f"{arg}: {key} is an empty dict ({{}}), to which `=` adds no keys: write +{arg.lstrip('+')} "
+            "(a leading + adds them)"
+        )
+    missing = str(getattr(e.__cause__, "full_key", "") or "")
+    if isinstance(node, DictConfig) and missing.startswith(f"{key}."):
+        parts = missing[len(key) + 1 :].split(".")
+        depth = 0
+        while depth < len(parts) - 1 and isinstance(node, DictConfig) and parts[depth] in node:
+            node, depth = node._get_node(parts[depth]), depth + 1
+        if isinstance(node, DictConfig):
+            valid = sorted(str(k) for k in node if not str(k).startswith("_"))
+            close = difflib.get_close_matches(parts[depth], valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            where = ".".join([key, *parts[:depth]])
+            return f"{arg}: no setting {where}.{parts[depth]}{hint}; {where} takes: {', '.join(valid)}"
+    cause = e.__cause__
+    return f"{arg}: {error_line(cause)}" if cause is not None else error_line(e)
+
+
 def _config_groups(config_name: str) -> list[str]:
     """The config groups of `configs/<config_name>.yaml`'s defaults list (`experiment`, `model`, ...)."""
     import yaml
@@ -401,9 +463,9 @@ def _config_groups(config_name: str) -> list[str]:
     return groups
 
 
-def _run_dir_overrides(cfg: Any, key: str) -> list[str]:
-    """Resolve the run (or sweep) folder as Hydra will: exit 2 naming `key` when it cannot be resolved; an
-    override with `~` expanded when it starts with one."""
+def _run_dir_overrides(cfg: Any, key: str, made: bool = True) -> list[str]:
+    """Resolve the run (or sweep) folder as Hydra will: exit 2 naming `key` when it cannot be resolved or (`made`:
+    Hydra will make it) it or a folder above it is a file; an override with `~` expanded when it starts with one."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import setup_globals
     from omegaconf import OmegaConf
@@ -420,6 +482,11 @@ def _run_dir_overrides(cfg: Any, key: str) -> list[str]:
     finally:
         instance.cfg = previous
     folder = str(folder)
+    parent, _, leaf = key.rpartition(".")
+    raw = OmegaConf.select(cfg, parent)._get_node(leaf)._value()  # `${output_dir}` (eval.yaml): name that key
+    alias = re.fullmatch(r"\$\{([\w.]+)\}", str(raw))
+    if made:
+        _refuse_file_as_folder(alias.group(1) if alias else key, folder)
     if folder != "~" and not folder.startswith("~/"):
         return []
     expanded = os.path.expanduser(folder)
@@ -430,6 +497,19 @@ def _run_dir_overrides(cfg: Any, key: str) -> list[str]:
         )
         sys.exit(EXIT_BAD_INPUT)
     return [f'{key}="{expanded}"']
+
+
+def _refuse_file_as_folder(key: str, folder: str) -> None:
+    """Exit 2 naming `key` when the run folder `folder`, or a folder above it, is a file: Hydra's makedirs raised
+    FileExistsError (a traceback, exit 1) before any check of ours."""
+    path = Path(os.path.expanduser(folder))
+    for above in (path, *path.parents):
+        if above.is_dir():
+            return
+        if above.exists():
+            where = "" if above == path else f"{above} is "
+            print(f"error: {key}={folder!r}: {where}a file, where a folder is expected", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
 
 
 def check_overrides(argv: list[str]) -> None:

@@ -769,6 +769,11 @@ class _Output:
             InferenceError,
             subject=f"output={self.path}",
         )
+        above = next((a for a in self.path.parents if a.exists()), None)
+        if above is not None and not above.is_dir():  # said "cannot write there (File exists)"
+            raise InferenceError(
+                f"output={self.path}: {above} is a file, where a folder is expected; name a .jsonl file in a folder"
+            )
         try:  # before the model loads: an unwritable file would fail at the first answer, losing it
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()

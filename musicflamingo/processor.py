@@ -665,6 +665,10 @@ class MusicFlamingoProcessor:
     def from_pretrained(cls, directory: str | os.PathLike) -> MusicFlamingoProcessor:
         """Load from a folder written by this class or by the reference ``MusicFlamingoProcessor.save_pretrained``."""
         d = Path(directory)
+        if d.is_file():  # a file's path said "not found"
+            raise NotADirectoryError(
+                f"{d}: a file, where the processor's folder (processor_config.json, tokenizer files) is expected"
+            )
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: processor directory not found")
         refuse_interrupted_save(d)
