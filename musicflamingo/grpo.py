@@ -32,7 +32,9 @@ One training step is one batch of the usual data module (each DDP rank its own p
 Optimization is manual (micro-batches of `micro_batch_size` completions, whole groups or, below `group_size`, pieces
 of one, each its own backward):
 `trainer.gradient_clip_val` must be null, `loss.max_grad_norm` clips. Checkpoints and resume are the SFT ones
-(optimizer, schedule, data position), plus a fingerprint of the frozen reference: a resume must rebuild the same one.
+(optimizer, schedule, data position), plus a fingerprint of the frozen reference: a resume must rebuild the same one;
+and the rollout settings (`ROLLOUT_SETTINGS`: model.seed, model.rollout.*, model.think), a change of which is refused
+(the rollouts would no longer be the uninterrupted run's) unless `+model.accept_rollout_changes=true`.
 Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
 `train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/zero_variance_groups`,
 `train/samples_per_s`, `train/grad_norm`, `train/optimizer_step` (the loggers' `step` counts batches, each of
@@ -79,6 +81,18 @@ log = logging.getLogger(__name__)
 
 ROLLOUT_KEYS = ("group_size", "max_new_tokens", "temperature", "top_p", "top_k", "slots")
 LOSS_KEYS = ("beta", "clip_eps", "updates_per_batch", "micro_batch_size", "max_grad_norm")
+# setting -> GRPOLit attribute: what the rollouts are sampled with, saved in checkpoints and compared on resume (slots
+# too: the completions decoding together share one generator's draws)
+ROLLOUT_SETTINGS = {
+    "model.seed": "seed",
+    "model.rollout.group_size": "group_size",
+    "model.rollout.temperature": "temperature",
+    "model.rollout.top_p": "top_p",
+    "model.rollout.top_k": "top_k",
+    "model.rollout.max_new_tokens": "max_new_tokens",
+    "model.rollout.slots": "slots",
+    "model.think": "think",
+}
 ADVANTAGE_EPS = 1e-4
 
 
@@ -341,6 +355,11 @@ class RecordTable(Mapping):
         order = np.argsort(keys, kind="stable")
         self._keys, self._rows = keys[order], np.flatnonzero(first)[order]
 
+    @property
+    def size(self) -> int:
+        """The records :meth:`scan` reads (a source met again counted each time)."""
+        return int(self._offsets[-1])
+
     def _record(self, row: int) -> Record:
         k = int(np.searchsorted(self._offsets, row, side="right")) - 1
         return self._datasets[k].records[row - int(self._offsets[k])]
@@ -369,6 +388,34 @@ class RecordTable(Mapping):
 
     def __iter__(self) -> Iterator[str]:
         return (self._record(int(row)).source for row in np.sort(self._rows))
+
+
+PROGRESS_EVERY_S = 30.0  # the record check's progress lines (~150 us a record: minutes at a million)
+
+
+def _progress(records: Iterator[Record], total: int, what: str) -> Iterator[Record]:
+    """`records` as they pass, logging `what` with the count done every `PROGRESS_EVERY_S` seconds and, when it took
+    that long, at the end (the check at fit start ran minutes on a large manifest and printed nothing)."""
+    start = last = time.monotonic()
+    done = 0
+    for rec in records:
+        yield rec
+        done += 1
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S:
+            last = now
+            rate = done / max(now - start, 1e-9)
+            log.info(
+                "%s: %d of %d records (%.0f%%), about %.0f s left",
+                what,
+                done,
+                total,
+                100.0 * done / max(total, 1),
+                max(total - done, 0) / rate,
+            )
+    took = time.monotonic() - start
+    if took >= PROGRESS_EVERY_S:
+        log.info("%s: %d records in %.0f s", what, done, took)
 
 
 def _source_key(source: str) -> bytes:
@@ -435,6 +482,9 @@ class GRPOLit(MusicFlamingoLit):
             `record_filter`): a batch is the token budget's worth of kept records, an epoch the kept records.
         reference_dtype: dtype of the frozen reference copy of full fine-tuning (null: the model's).
         seed: the rollouts' seed (with the step and the rank).
+        accept_rollout_changes: a resume may change what the rollouts are sampled with (`ROLLOUT_SETTINGS`; refused
+            by default, as the resumed run would no longer sample what the uninterrupted one did). Not in the
+            experiment configs: `+model.accept_rollout_changes=true` on the resuming command.
     """
 
     # a resume's data order: the epochs are the records model.tasks keeps (a changed filter changes their count)
@@ -457,6 +507,7 @@ class GRPOLit(MusicFlamingoLit):
         tasks: Sequence[str] | None,
         reference_dtype: str | None,
         seed: int,
+        accept_rollout_changes: bool = False,
     ) -> None:
         super().__init__(net, optimizer, scheduler, part_lr, nonfinite_loss)
         self.automatic_optimization = False
@@ -528,6 +579,7 @@ class GRPOLit(MusicFlamingoLit):
                 "must then be set, not null)"
             )
         self.seed = seed
+        self.accept_rollout_changes = bool(accept_rollout_changes)
         # QLoRA's adapters count too: a frozen copy of its 4-bit base would lose bitsandbytes' quantization state
         self.uses_lora = bool(adapter_layers(net))
         self._reference: list[MusicFlamingo] = []  # a list: kept out of the state dict and the checkpoints
@@ -654,11 +706,17 @@ class GRPOLit(MusicFlamingoLit):
         super().on_save_checkpoint(checkpoint)
         if self._reference_fingerprint is not None:
             checkpoint["grpo_reference"] = self._reference_fingerprint
+        checkpoint["grpo_rollout"] = self._rollout_settings()
+
+    def _rollout_settings(self) -> dict[str, Any]:
+        """What the rollouts are sampled with, by setting name (`ROLLOUT_SETTINGS`), as saved in checkpoints."""
+        return {name: getattr(self, attr) for name, attr in ROLLOUT_SETTINGS.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuses a resume whose frozen KL reference (made at start from the model's weights) is not the one the
         run trained against: e.g. `ckpt_path=last` without the run's model.net.init_from."""
         super().on_load_checkpoint(checkpoint)
+        self._check_resumed_rollouts(checkpoint)
         saved, now = checkpoint.get("grpo_reference"), self._reference_fingerprint
         if saved is None or now is None:
             return  # no reference then (LoRA, beta 0, an older checkpoint) or none now: nothing to compare
@@ -673,6 +731,36 @@ class GRPOLit(MusicFlamingoLit):
                 "init), so resume with the model.net.init_from (and model.net settings) that started the run, or "
                 "start a new run from its weights (model.net.init_from=<run>/export, another run folder)"
             )
+
+    def _check_resumed_rollouts(self, checkpoint: Mapping[str, Any]) -> None:
+        """A resume samples the uninterrupted run's rollouts only with the settings that sampled them (seeded by
+        (model.seed, step, rank)): another model.seed, group size, temperature, top-p, top-k, token limit, slot count
+        or think mode was taken silently (`model.seed` is not the top-level seed that data.seed refuses). Refused
+        naming the setting and both values, unless `model.accept_rollout_changes` (then said so in the log)."""
+        saved = checkpoint.get("grpo_rollout")
+        if not isinstance(saved, Mapping):
+            return  # a checkpoint from before the settings were saved
+        now = self._rollout_settings()
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and not _same_value(saved[k], v)}
+        if not changed:
+            return
+        shown = ", ".join(f"{k}={_override(a)} there, {_override(b)} now" for k, (a, b) in changed.items())
+        path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        if self.accept_rollout_changes:
+            log.warning(
+                "ckpt_path=%s sampled its rollouts with other settings (%s): model.accept_rollout_changes=true, so "
+                "the run continues with the new ones (its rollouts from here on are not the uninterrupted run's)",
+                path,
+                shown,
+            )
+            return
+        keep = " ".join(f"{k}={_override(a)}" for k, (a, _) in changed.items())
+        raise CheckpointMismatchError(
+            f"ckpt_path={path} sampled its rollouts with other settings: {shown}. A resume continues the "
+            f"uninterrupted run's rollouts only under the settings that sampled them; resume with {keep}, or, to "
+            "continue this run (its optimizer and data position) with the new settings anyway, add "
+            "+model.accept_rollout_changes=true"
+        )
 
     def _processor(self) -> Any:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -693,7 +781,12 @@ class GRPOLit(MusicFlamingoLit):
         built = self._records.get(split)
         if built is None or built[0] is not dataset:
             table = RecordTable(getattr(dataset, "datasets", []))
-            entries = ((rec, _target(rec)) for rec in table.scan())
+            records = table.scan()
+            if getattr(self._trainer, "global_rank", 0) == 0:  # one line per interval, not one per rank
+                records = _progress(
+                    records, table.size, f"checking the {split} records' ids and reward fields"
+                )
+            entries = ((rec, _target(rec)) for rec in records)
             if split == "train":
                 self._check_targets(entries)
             else:
@@ -1314,6 +1407,24 @@ def _target(rec: Record) -> Target:
     if reference is None:
         raise ValueError(f"record {rec.id!r} ({rec.source}): no assistant turn to learn from")
     return Target.from_record(rec.extra, reference, rec.source)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal settings: numbers by value (1 and 1.0, a float's round trip), anything else by ==."""
+    numbers = (int, float)
+    if (
+        isinstance(a, numbers)
+        and isinstance(b, numbers)
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _override(value: Any) -> str:
+    """A setting's value as a command-line override writes it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _check_keys(where: str, values: Mapping[str, Any], expected: tuple[str, ...]) -> None:
