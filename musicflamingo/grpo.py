@@ -34,7 +34,7 @@ of one, each its own backward):
 `trainer.gradient_clip_val` must be null, `loss.max_grad_norm` clips. Checkpoints and resume are the SFT ones
 (optimizer, schedule, data position), plus a fingerprint of the frozen reference: a resume must rebuild the same one;
 and the rollout settings (`ROLLOUT_SETTINGS`: model.seed, model.rollout.*, model.think), a change of which is refused
-(the rollouts would no longer be the uninterrupted run's) unless `+model.accept_rollout_changes=true`.
+(the rollouts would no longer be the uninterrupted run's) unless `model.accept_rollout_changes=true`.
 Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
 `train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/zero_variance_groups`,
 `train/samples_per_s`, `train/grad_norm`, `train/optimizer_step` (the loggers' `step` counts batches, each of
@@ -483,8 +483,8 @@ class GRPOLit(MusicFlamingoLit):
         reference_dtype: dtype of the frozen reference copy of full fine-tuning (null: the model's).
         seed: the rollouts' seed (with the step and the rank).
         accept_rollout_changes: a resume may change what the rollouts are sampled with (`ROLLOUT_SETTINGS`; refused
-            by default, as the resumed run would no longer sample what the uninterrupted one did). Not in the
-            experiment configs: `+model.accept_rollout_changes=true` on the resuming command.
+            by default, as the resumed run would no longer sample what the uninterrupted one did):
+            `model.accept_rollout_changes=true` on the resuming command.
     """
 
     # a resume's data order: the epochs are the records model.tasks keeps (a changed filter changes their count)
@@ -759,7 +759,7 @@ class GRPOLit(MusicFlamingoLit):
             f"ckpt_path={path} sampled its rollouts with other settings: {shown}. A resume continues the "
             f"uninterrupted run's rollouts only under the settings that sampled them; resume with {keep}, or, to "
             "continue this run (its optimizer and data position) with the new settings anyway, add "
-            "+model.accept_rollout_changes=true"
+            "model.accept_rollout_changes=true"
         )
 
     def _processor(self) -> Any:

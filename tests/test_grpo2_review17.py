@@ -1,5 +1,5 @@
 """GRPO review 17 (second pass): a resume under other rollout settings (model.seed, model.rollout.*, model.think) is
-refused naming the setting and both values, or continued with a warning under `+model.accept_rollout_changes=true`;
+refused naming the setting and both values, or continued with a warning under `model.accept_rollout_changes=true`;
 the record check at fit start says how far it is."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_a_resume_under_other_rollout_settings_is_refused(change, setting, was, 
         _module(net, **change).on_load_checkpoint(checkpoint)
     message = str(e.value)
     assert f"{setting}={was} there, {now} now" in message
-    assert f"resume with {setting}=" in message and "+model.accept_rollout_changes=true" in message
+    assert f"resume with {setting}=" in message and "model.accept_rollout_changes=true" in message
 
 
 def test_accept_rollout_changes_continues_with_a_warning(caplog):
@@ -91,7 +91,7 @@ def test_the_record_check_at_fit_start_reports_its_progress(tmp_path, monkeypatc
 
 def test_a_resumed_run_with_another_model_seed_is_refused_then_continued_when_accepted(tmp_path):
     """End to end: `model.seed` changed on the resuming command is refused before any step (a real checkpoint,
-    Hydra's overrides); `+model.accept_rollout_changes=true` continues the run."""
+    Hydra's overrides); `model.accept_rollout_changes=true` continues the run."""
     from test_grpo import SHORT
     from train_fixtures import compose_train, write_processor
 
@@ -112,6 +112,6 @@ def test_a_resumed_run_with_another_model_seed_is_refused_then_continued_when_ac
     with pytest.raises(CheckpointMismatchError, match=r"model.seed=\d+ there, 5 now"):
         train(compose_train(tmp_path / "run", manifest, proc, resumed))
     _, objects = train(
-        compose_train(tmp_path / "run", manifest, proc, [*resumed, "+model.accept_rollout_changes=true"])
+        compose_train(tmp_path / "run", manifest, proc, [*resumed, "model.accept_rollout_changes=true"])
     )
     assert objects["trainer"].global_step == 2
