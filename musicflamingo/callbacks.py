@@ -227,31 +227,91 @@ class LogFinalStep(Callback):
     At the last batch (``trainer.max_steps`` reached, or the last epoch's last batch) the logging interval is 1 until
     that row is written (Lightning reads it after ``on_train_batch_end``); it is put back before anything else logs.
     ``log_every_n_steps=0`` (no logging) is left alone.
+
+    The last step is also validated (when the run validates at all: ``data.val``, and the epoch is one
+    ``trainer.check_val_every_n_epoch`` validates in): Lightning validates only at multiples of
+    ``trainer.val_check_interval`` (or at an epoch's end), so ``max_steps=5`` with validation every 3 steps ended
+    with step 3's ``val/loss``, a run shorter than the interval never validated, and a checkpoint kept by
+    ``monitor=val/loss`` never ranked the model the run ended with. ``trainer.should_stop`` is set at that batch,
+    as ``trainer.max_time`` does: Lightning then validates it, and saves after that validation.
+
+    A run an early stop ends (``EarlyStopping``, after a validation) gets its last step's row too: Lightning decides
+    on the row before the validation that stops the run, so the step was in no log when it was not a multiple of
+    ``log_every_n_steps``. The step's values are kept when its validation starts (their row unwritten), and written
+    at the training's end when the run stopped there.
     """
 
     def __init__(self) -> None:
         self._every: int | None = None
+        # (step, epoch, values) of the step being validated, when Lightning did not write its row
+        self._unwritten: tuple[int, int, dict[str, Any]] | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._unwritten = None  # training went on: the step before was not the last
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not _trains_no_further(trainer, batch_idx):
+            return
+        trainer.should_stop = True
         every = trainer.log_every_n_steps
-        if self._every is None and every and every > 1 and _trains_no_further(trainer, batch_idx):
+        if self._every is None and every and every > 1:
             self._every, trainer.log_every_n_steps = every, 1
 
     def _restore(self, trainer: L.Trainer) -> None:
         if self._every is not None:
             trainer.log_every_n_steps, self._every = self._every, None
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """A checkpoint saved by the validation of a stopped run's last step (this callback's, or
+        ``trainer.max_time``'s), at a batch that is no validation step of ``trainer.val_check_interval``, counts that
+        step among the logged ones: Lightning adds it only after the validation, and a resumed run re-counts it only
+        where it validates that batch again, so a run cut at step 5 (validation every 3) and continued logged every
+        later row one step too early (step 6's loss in the row of step 5, whose own rows were dropped)."""
+        loop = trainer.fit_loop.epoch_loop
+        state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+        if not (trainer.validating and trainer.state.fn == "fit" and trainer.should_stop) or state is None:
+            return
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
+            return  # validation by time: whether a resume validates again is not known here
+        if loop._should_accumulate() or loop._num_ready_batches_reached():
+            return  # the epoch ends here: a resume starts after it, as after Lightning's own epoch-end validation
+        trainer.should_stop = False  # would the resume validate this batch again (Lightning's interval)?
+        try:
+            again = loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        finally:
+            trainer.should_stop = True
+        if not again:
+            state["_batches_that_stepped"] = loop._batches_that_stepped + 1
+
     # the hooks that can come first after the row is written
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        written = self._every is not None or trainer.should_stop
         self._restore(trainer)
+        self._unwritten = None
+        if trainer.sanity_checking or not trainer.loggers or not trainer.log_every_n_steps:
+            return
+        loop = trainer.fit_loop.epoch_loop
+        step = loop._batches_that_stepped  # the row's step: counted after this validation
+        if written or (step + 1) % trainer.log_every_n_steps == 0 or loop._should_accumulate():
+            return
+        results = loop._results
+        values = {k: v.detach().clone() for k, v in results.metrics(True)["log"].items()}
+        self._unwritten = (step, trainer.current_epoch, values)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore(trainer)
+        unwritten, self._unwritten = self._unwritten, None
+        if unwritten is None or not trainer.should_stop:
+            return
+        step, epoch, values = unwritten
+        trainer._logger_connector.log_metrics({**values, "epoch": epoch}, step=step)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

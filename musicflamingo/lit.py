@@ -188,6 +188,10 @@ class MusicFlamingoLit(L.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.nonfinite_steps = 0
         self._t0: float | None = None
+        # the optimizer step whose batches' tokens and seconds are summed (`train/tokens_per_s` is the step's)
+        self._throughput_step: int | None = None
+        self._step_tokens = 0.0
+        self._step_seconds = 0.0
         self._learned_since_step = False  # DDP: some rank learned from a batch since the last optimizer step
         # sum of the batch losses, batches and label tokens since the last optimizer step: `train/loss` is the
         # step's mean over its accumulated batches and every rank's, as the gradient is (not rank 0's last batch)
@@ -242,6 +246,9 @@ class MusicFlamingoLit(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._t0 = time.perf_counter()
         self._forget_last_step_metrics()
+        step = self.trainer.global_step
+        if step != self._throughput_step:  # a new optimizer step: its tokens and seconds from 0
+            self._throughput_step, self._step_tokens, self._step_seconds = step, 0.0, 0.0
 
     # cumulative counts: their last value stays true until they are logged again
     _KEPT_STEP_METRICS = frozenset({"train/nonfinite_steps"})
@@ -399,8 +406,19 @@ class MusicFlamingoLit(L.LightningModule):
         value = "on another rank" if loss is None else loss.item()
         where = f"global step {self.global_step}, {where}"
         if self.nonfinite_loss == "skip":
+            # under gradient accumulation only this batch is left out: the step learns from its other batches
+            accumulating = (
+                self.automatic_optimization
+                and self._trainer is not None
+                and self.trainer.accumulate_grad_batches > 1
+            )
+            skipped = (
+                "batch skipped, the step learns from its other accumulated batches (if any)"
+                if accumulating
+                else "step skipped"
+            )
             log.warning(
-                "non-finite %s %s at %s: step skipped (%d so far)", what, value, where, self.nonfinite_steps
+                "non-finite %s %s at %s: %s (%d so far)", what, value, where, skipped, self.nonfinite_steps
             )
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
             return
@@ -424,7 +442,16 @@ class MusicFlamingoLit(L.LightningModule):
             if "attention_mask" in batch
             else float(batch["input_ids"].numel())
         )
-        self.log("train/tokens_per_s", tokens / max(dt, 1e-9), prog_bar=True, batch_size=1)
+        # the step's tokens over its seconds, all its accumulated batches (its row is written after the last one:
+        # that batch's alone was logged, 0 when every sample of it was bad)
+        self._step_tokens += tokens
+        self._step_seconds += dt
+        self.log(
+            "train/tokens_per_s",
+            self._step_tokens / max(self._step_seconds, 1e-9),
+            prog_bar=True,
+            batch_size=1,
+        )
         if self.nonfinite_steps:  # every row from the first skip on, a resumed run's too (a running count)
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
 

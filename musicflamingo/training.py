@@ -188,8 +188,9 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     """The `cfg.trainer` Trainer with the `cfg.callbacks` and `cfg.logger` objects (and `extra_callbacks`), atomic
     checkpoint files, and checkpoints that keep an epoch cut short by the stop open (`KeepCutEpochOpen`), hold the
     RNG states (`RngStateCheckpoint`) and, at the end of training, the final step in last.ckpt
-    (`SaveLastAtTrainEnd`), which a resumed run overwrites (`OwnLastCheckpoint`); the final step's metrics reach the
-    loggers whatever `trainer.log_every_n_steps` is (`LogFinalStep`)."""
+    (`SaveLastAtTrainEnd`), which a resumed run overwrites (`OwnLastCheckpoint`); the final step is validated and
+    its metrics reach the loggers whatever `trainer.val_check_interval` and `trainer.log_every_n_steps` are, an
+    early-stopped run's too (`LogFinalStep`)."""
     one_lightning_log_line()
     # the caller's first: StopOnSignal ends a stopped run at the next batch's start before others act on it
     callbacks = list(extra_callbacks) + _instantiate_dict(cfg.get("callbacks"), "callbacks")
