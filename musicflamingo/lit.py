@@ -28,11 +28,13 @@ from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.build import PARTS
 from musicflamingo.model.encoder import conv_output_lengths
 from musicflamingo.model.lora import (
+    OLD_QLORA_KEY,
     LoRALinear,
     QuantizedLoRALinear,
     adapter_layers,
     has_quantized,
     merge_lora,
+    old_qlora_checkpoint_message,
 )
 
 _ADAPTERS = (LoRALinear, QuantizedLoRALinear)  # the layers whose scale a checkpoint records
@@ -614,7 +616,14 @@ class MusicFlamingoLit(L.LightningModule):
         strategy = self.trainer.strategy if self._trainer is not None else None
         if strategy is not None and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             return
-        diffs = state_dict_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
+        saved = checkpoint.get("state_dict", {})
+        old_qlora = next((k for k in saved if k.endswith(OLD_QLORA_KEY)), None)
+        if (
+            old_qlora is not None
+        ):  # else refused below as "another architecture", with advice that cannot work
+            layer = old_qlora[: -len(OLD_QLORA_KEY) + len(".base")].removeprefix("model.")
+            raise CheckpointMismatchError(f"ckpt_path={path}: {old_qlora_checkpoint_message(layer)}")
+        diffs = state_dict_mismatches(saved, self.state_dict())
         if diffs:
             more = f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else ""
             raise CheckpointMismatchError(

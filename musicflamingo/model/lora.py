@@ -484,6 +484,19 @@ def weight_digest(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 OLD_QLORA_CHECKPOINT = "the checkpoint holds this layer's frozen 4-bit base weight"
+# a key only QLoRA checkpoints written before they held a digest of each base (13acc76) have
+OLD_QLORA_KEY = ".base.weight.quant_state.bitsandbytes__nf4"
+
+
+def old_qlora_checkpoint_message(layer: str) -> str:
+    """Why a QLoRA checkpoint written before 13acc76 (`layer`'s packed 4-bit base in it) cannot resume, and what to do."""
+    return (
+        f"{layer}: {OLD_QLORA_CHECKPOINT} (bitsandbytes' packed NF4 weight and quant_state), stored by QLoRA "
+        "checkpoints before they held the adapters and a digest of each base instead: bitsandbytes cannot load those "
+        "back and the base the adapters were trained over cannot be checked, so such a checkpoint cannot resume (it "
+        "never could: it was refused as another architecture); start the run afresh in another run folder "
+        "(hydra.run.dir=...)"
+    )
 
 
 @functools.cache
@@ -536,13 +549,7 @@ def nf4_linear_class(compute_dtype: torch.dtype = torch.bfloat16) -> type[Quanti
                 # written before QLoRA checkpoints held a digest instead of the 4-bit base (13acc76): said once,
                 # for the first such layer, rather than a missing digest and six unexpected keys per layer
                 if not any(OLD_QLORA_CHECKPOINT in m for m in error_msgs):
-                    error_msgs.append(
-                        f"{prefix[:-1]}: {OLD_QLORA_CHECKPOINT} (bitsandbytes' packed NF4 weight and quant_state), "
-                        "stored by QLoRA checkpoints before they held the adapters and a digest of each base instead: "
-                        "bitsandbytes cannot load those back and the base the adapters were trained over cannot be "
-                        "checked, so such a checkpoint cannot resume (it never could: it was refused as another "
-                        "architecture); start the run afresh in another run folder (hydra.run.dir=...)"
-                    )
+                    error_msgs.append(old_qlora_checkpoint_message(prefix[:-1]))
                 return
             own = {"bias": self.bias, "base_digest": getattr(self, "base_digest", None)}
             for name, mine in own.items():
