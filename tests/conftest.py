@@ -98,3 +98,27 @@ def ddp_four_steps(tmp_path_factory):
     out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return run, out, proc, manifest
+
+
+# The reference processor beside ours, built from one tiny folder per test module (tests/test_processor*.py): `ref` is
+# transformers' MusicFlamingoProcessor, `ours` musicflamingo's, both from `ref_dir`.
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory):
+    from tiny_assets import write_reference_processor
+
+    d = tmp_path_factory.mktemp("ref_proc")
+    write_reference_processor(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ref(ref_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.MusicFlamingoProcessor.from_pretrained(str(ref_dir))
+
+
+@pytest.fixture(scope="module")
+def ours(ref_dir):
+    from musicflamingo.processor import MusicFlamingoProcessor
+
+    return MusicFlamingoProcessor.from_pretrained(ref_dir)

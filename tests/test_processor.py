@@ -10,7 +10,6 @@ from tiny_assets import (
     SYSTEM_PROMPT,
     TINY_IDS,
     write_audio,
-    write_reference_processor,
 )
 
 from musicflamingo.audio.io import AudioError
@@ -18,23 +17,6 @@ from musicflamingo.chat import DEFAULT_SYSTEM_PROMPT, build_chat_template, expan
 from musicflamingo.processor import MusicFlamingoProcessor
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref_proc")
-    write_reference_processor(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ref(ref_dir):
-    return transformers.MusicFlamingoProcessor.from_pretrained(str(ref_dir))
-
-
-@pytest.fixture(scope="module")
-def ours(ref_dir):
-    return MusicFlamingoProcessor.from_pretrained(ref_dir)
 
 
 def _noise(n, seed, scale=0.1):

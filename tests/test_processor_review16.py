@@ -9,7 +9,6 @@ against its rows one at a time.
 import numpy as np
 import pytest
 import torch
-from tiny_assets import write_reference_processor
 
 from musicflamingo.chat import render_chat
 from musicflamingo.processor import MusicFlamingoProcessor
@@ -18,23 +17,6 @@ transformers = pytest.importorskip("transformers")
 
 SR = 16000
 W = 30 * SR  # one window
-
-
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref_proc16")
-    write_reference_processor(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ref(ref_dir):
-    return transformers.MusicFlamingoProcessor.from_pretrained(str(ref_dir))
-
-
-@pytest.fixture(scope="module")
-def ours(ref_dir):
-    return MusicFlamingoProcessor.from_pretrained(ref_dir)
 
 
 def _noise(n, seed, scale=0.1):

@@ -11,7 +11,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from tiny_assets import write_reference_processor
 
 from musicflamingo import chat
 from musicflamingo.processor import MusicFlamingoProcessor
@@ -20,23 +19,6 @@ transformers = pytest.importorskip("transformers")
 
 SR = 16000
 BASE = {"tokenize": True, "return_dict": True, "add_generation_prompt": True}
-
-
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref_proc17")
-    write_reference_processor(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ref(ref_dir):
-    return transformers.MusicFlamingoProcessor.from_pretrained(str(ref_dir))
-
-
-@pytest.fixture(scope="module")
-def ours(ref_dir):
-    return MusicFlamingoProcessor.from_pretrained(ref_dir)
 
 
 def _noise(n, seed, scale=0.1):

@@ -14,10 +14,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from tiny_assets import SPECIAL_TOKENS, write_audio, write_reference_processor, write_tiny_tokenizer
+from tiny_assets import SPECIAL_TOKENS, write_audio, write_tiny_tokenizer
 
 from musicflamingo.audio.io import AudioError
-from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -44,23 +43,6 @@ TEXTS = [
 ]
 # Samples: the smallest audio with one token, < a window, a window -1/0, a window + 1 token, 59.99 s.
 LENGTHS = [321, 1600, 40000, 480000 - 1, 480000, 480321, 959840]
-
-
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref_proc8")
-    write_reference_processor(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ref(ref_dir):
-    return transformers.MusicFlamingoProcessor.from_pretrained(str(ref_dir))
-
-
-@pytest.fixture(scope="module")
-def ours(ref_dir):
-    return MusicFlamingoProcessor.from_pretrained(ref_dir)
 
 
 def _noise(n, seed, scale=0.1):

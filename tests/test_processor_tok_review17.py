@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_assets import write_reference_processor
 
 from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.tokenizer import TokenizerError, load_tokenizer, train_sentencepiece
@@ -20,23 +19,6 @@ transformers = pytest.importorskip("transformers")
 
 SR = 16000
 TEXTS = ["Key?", "What is the tempo of this <sound> piece?<|im_end|>", "<|im_start|>user\nA minor , 92 bpm"]
-
-
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref_tok17")
-    write_reference_processor(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ref(ref_dir):
-    return transformers.MusicFlamingoProcessor.from_pretrained(str(ref_dir))
-
-
-@pytest.fixture(scope="module")
-def ours(ref_dir):
-    return MusicFlamingoProcessor.from_pretrained(ref_dir)
 
 
 def _same(r, o):
