@@ -682,7 +682,19 @@ def parse_timeouts(text: str) -> dict[str, float]:
     return {impl.strip(): float(seconds) for impl, _, seconds in pairs}
 
 
-def main() -> None:
+def _worker_here(
+    impl: str, preset: str, device: torch.device, cases: list[str], out: Path, tokens: int
+) -> int:
+    """`--inprocess`: a worker run in this process, its exit status as a worker process's would be."""
+    try:
+        worker(impl, preset, device, cases, out, tokens)
+    except Exception:  # noqa: BLE001  as a worker process's traceback and exit 1
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="music_flamingo_2601")
     ap.add_argument("--device", default="cuda")
@@ -700,7 +712,12 @@ def main() -> None:
         "--render", default=None, help="only render this results JSON (with --doc: into that file)"
     )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    # these workers in this process: the smoke test's tiny preset only (the release size needs their own processes)
+    ap.add_argument("--inprocess", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    here = {impl for impl in args.inprocess.split(",") if impl}
+    if here and args.preset == "music_flamingo_2601":
+        ap.error("--inprocess is for small presets: the release size's workers need their own processes")
     if args.render:
         result = json.loads(Path(args.render).read_text())
         print(render(result))
@@ -712,7 +729,8 @@ def main() -> None:
     cases = [c for c in args.cases.split(",") if c]
     if args.worker:
         return worker(args.worker, args.preset, device, cases, out, args.decode_tokens)
-    result: dict = {"preset": args.preset, "cases": cases, "command": " ".join(sys.argv)}
+    command = " ".join(sys.argv if argv is None else [sys.argv[0], *argv])
+    result: dict = {"preset": args.preset, "cases": cases, "command": command}
     timeouts = parse_timeouts(args.timeout)
     for impl in args.impls.split(","):
         mine = cases_of(impl, cases)
@@ -722,11 +740,14 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", impl, "--preset", args.preset, "--device", args.device]
         cmd += ["--cases", ",".join(mine), "--decode-tokens", str(args.decode_tokens), "--out", str(part)]
         try:
-            rc = subprocess.run(
-                cmd,
-                timeout=timeouts.get(impl, timeouts.get("*", 240)),
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            ).returncode
+            if impl in here:
+                rc = _worker_here(impl, args.preset, device, mine, part, args.decode_tokens)
+            else:
+                rc = subprocess.run(
+                    cmd,
+                    timeout=timeouts.get(impl, timeouts.get("*", 240)),
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         result[impl] = json.loads(part.read_text()) if part.is_file() else {}

@@ -444,11 +444,35 @@ def _run_worker(impl: str, ckpt: Path, cases: str, args, env: dict) -> dict:
         "--preset",
         args.preset,
     ]
+    if args.inprocess:
+        return _run_worker_here(cmd[2:])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
         # A worker killed for memory (-9) is a result, not a crash of the benchmark: it goes into the table.
         return {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_worker_here(argv: list[str]) -> dict:
+    """`--inprocess` (smoke runs of small presets only): the worker's own `main` in this process, its JSON line
+    read from its stdout as from a worker process's; this process's thread count is put back after."""
+    import contextlib
+    import io
+    import traceback
+
+    threads, buf = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = main(argv)
+    except BaseException as e:  # noqa: BLE001  as a worker process's non-zero exit
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return {"error": f"exit 1: {''.join(traceback.format_exception(e))[-1500:]}"}
+    finally:
+        torch.set_num_threads(threads)
+    if rc:
+        return {"error": f"exit {rc}: {buf.getvalue()[-1500:]}"}
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,8 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["ours", "ref", "int8", "int4", "write", "limits", "quantize-int8", "quantize-int4"],
         help=argparse.SUPPRESS,
     )
+    # every worker in this process: the smoke test's tiny preset only (the release size needs their own processes)
+    ap.add_argument("--inprocess", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     quick = args.preset != "music_flamingo_2601"
+    if args.inprocess and not quick:
+        ap.error("--inprocess is for small presets: the release size's workers need their own processes")
     ckpt = Path(args.ckpt or ROOT / "outputs" / ("release-ckpt" if not quick else f"{args.preset}-ckpt"))
     if args.worker == "write":
         print(json.dumps(write_checkpoint(ckpt, args.preset)))

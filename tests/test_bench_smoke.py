@@ -5,17 +5,16 @@ This checks the harness (plans, workers, tables, JSON, docs section), not speed.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("transformers")
 
@@ -230,38 +229,24 @@ def test_render_rewrites_doc_from_saved_results(quick_report, tmp_path):
     assert "old" not in text and "| train | fp32 | tokens/s |" in text
 
 
-def test_release_bench_runs_on_the_tiny_preset(tmp_path):
-    """bench/release.py end to end at the smallest size: checkpoints (bf16, int8, int4), every worker, table, JSON."""
+def test_release_bench_runs_on_the_tiny_preset(tmp_path, capsys):
+    """bench/release.py end to end at the smallest size: checkpoints (bf16, int8, int4), every worker, table, JSON.
+    The workers run in this process (`--inprocess`: ten interpreter starts were most of the time); one worker
+    process then checks the process round trip gives the same fields."""
+    release = _load("release")
     out = tmp_path / "r.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "bench" / "release.py"),
-        "--preset",
-        "tiny",
-        "--ckpt",
-        str(tmp_path / "ck"),
-    ]
-    cmd += [
-        "--threads",
-        "1",
-        "--cases",
-        "first:30,decode:2",
-        "--int8-cases",
-        "first:30",
-        "--int4-cases",
-        "first:30",
-        "--long-cases",
-        "ttft:60",
-        "--decode-tokens",
-        "3",
-        "--out",
-        str(out),
-        "--no-doc",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv = ["--preset", "tiny", "--ckpt", str(tmp_path / "ck"), "--threads", "1", "--inprocess"]
+    argv += ["--cases", "first:30,decode:2", "--int8-cases", "first:30", "--int4-cases", "first:30"]
+    argv += ["--long-cases", "ttft:60", "--decode-tokens", "3", "--out", str(out), "--no-doc"]
+    threads = torch.get_num_threads()
+    try:
+        assert release.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    stdout = capsys.readouterr().out
     result = json.loads(out.read_text())
     for impl in ("ours", "ref"):
+        assert "error" not in result[impl], result[impl]
         assert result[impl]["ttft_30s"] > 0 and result[impl]["decode_b2_tokens_s"] > 0
         assert result[impl]["decode_b1_tokens_s"] > 0
     assert result["int8"]["ttft_30s"] > 0 and result["int8_weights_gb"] < result["weights_gb"]
@@ -270,12 +255,23 @@ def test_release_bench_runs_on_the_tiny_preset(tmp_path):
     assert json.loads((tmp_path / "ck-int4" / "config.json").read_text())["quantization_config"]["bits"] == 4
     for impl in ("ours", "int8"):
         assert result["long"][impl]["ttft_60s"] > 0 and result["long"][impl]["peak_rss_gb"] > 0
-    assert result["machine"]["read_gb_s"] > 0 and "| decode batch 4" not in proc.stdout
-    assert "time to first token, 30 s audio" in proc.stdout
-    assert "| decode batch 1, int8 >= 3.5x reference bf16 |" in proc.stdout
-    assert "| decode batch 1, int4 (the 3.5x goal, with 4-bit weights) |" in proc.stdout
-    assert "| 60 s of audio, int8, no out-of-memory |" in proc.stdout
-    assert result["machine"]["int8_gemm_vs_bf16"] > 0 and "x the bf16 rate" in proc.stdout
+    assert result["machine"]["read_gb_s"] > 0 and "| decode batch 4" not in stdout
+    assert "time to first token, 30 s audio" in stdout
+    assert "| decode batch 1, int8 >= 3.5x reference bf16 |" in stdout
+    assert "| decode batch 1, int4 (the 3.5x goal, with 4-bit weights) |" in stdout
+    assert "| 60 s of audio, int8, no out-of-memory |" in stdout
+    assert result["machine"]["int8_gemm_vs_bf16"] > 0 and "x the bf16 rate" in stdout
+    # A worker in its own process, as the release size runs them: its JSON line comes back with the same fields.
+    args = argparse.Namespace(decode_tokens=3, threads=1, preset="tiny", inprocess=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = release._run_worker("int4", tmp_path / "ck-int4", "first:30", args, env)
+    assert alone.keys() == result["int4"].keys() and alone["decode_b1_tokens_s"] > 0, alone
+
+
+def test_release_bench_inprocess_is_refused_at_the_release_size(capsys):
+    with pytest.raises(SystemExit):
+        _load("release").main(["--inprocess", "--no-doc"])
+    assert "--inprocess is for small presets" in capsys.readouterr().err
 
 
 def test_release_int8_prefill_verdict_says_why_when_missed():
@@ -294,14 +290,15 @@ def test_release_int8_prefill_verdict_says_why_when_missed():
     assert {a: c for a, b, c in release.targets(result)}[row] == "met"
 
 
-def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path):
+def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path, capsys):
     """bench/gpu_release.py end to end on CPU at the smallest size: the three workers (QLoRA with the int8 stand-in,
     ours, the reference), LoRA steps that train the same adapters on both sides, a full fine-tune step, compiled
     decode after both (the model handed back frozen), the planner's predictions, the QLoRA merge check, the full
-    fine-tune fit, one JSON."""
+    fine-tune fit, one JSON. The qlora and ours workers run in this process (`--inprocess`: interpreter starts were
+    most of the time), the reference in a worker process of its own, as all three run on a GPU."""
     out = tmp_path / "g.json"
-    cmd = [sys.executable, str(BENCH / "gpu_release.py"), "--preset", "tiny", "--device", "cpu"]
-    cmd += [
+    argv = ["--preset", "tiny", "--device", "cpu", "--inprocess", "qlora,ours"]
+    argv += [
         "--cases",
         "qlora,ttft:30,decode:2,lora,full,compiled:1",
         "--decode-tokens",
@@ -309,8 +306,8 @@ def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _load("gpu_release").main(argv)
+    stdout = capsys.readouterr().out
     result = json.loads(out.read_text())
     for impl in ("ours", "ref"):
         assert result[impl]["exit"] == 0 and result[impl]["ttft:30"]["s"] > 0
@@ -335,9 +332,15 @@ def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path):
     assert qlora["top1_agree"] > 0.9 and qlora["weight_rel_err"] < 2**-7
     assert set(result["qlora"]) == {"device", "build_s", "weights_gb", "quantizer", "qlora", "exit"}
     assert result["full_finetune"]["bf16-true"]["one_gpu_peak_gb"] > 0
-    assert "| time to first token, 30 s audio, s |" in proc.stdout  # the rendered table
-    assert "| time to first token, 30 s, <= 0.5x reference |" in proc.stdout
-    assert "| QLoRA adapters merge into bf16" in proc.stdout
+    assert "| time to first token, 30 s audio, s |" in stdout  # the rendered table
+    assert "| time to first token, 30 s, <= 0.5x reference |" in stdout
+    assert "| QLoRA adapters merge into bf16" in stdout
+
+
+def test_gpu_release_bench_inprocess_is_refused_at_the_release_size(capsys):
+    with pytest.raises(SystemExit):
+        _load("gpu_release").main(["--inprocess", "ours", "--device", "cpu"])
+    assert "--inprocess is for small presets" in capsys.readouterr().err
 
 
 def test_gpu_release_targets_and_table_from_a_results_json(tmp_path):

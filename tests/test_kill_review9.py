@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import signal
@@ -142,10 +143,22 @@ def test_infer_killed_after_some_answers_then_rerun_answers_each_file_once_as_un
             "device=cpu",
             "dtype=float32",
             "stream=false",
+            "threads=1",  # as OMP_NUM_THREADS=1 gives the entry point's processes; this one's set back below
         ]
 
+    # the uninterrupted run in this process (the function infer.py wraps, the same overrides): one start fewer
+    from hydra import compose, initialize_config_dir
+
+    from musicflamingo.inference import infer
+
     straight = tmp_path / "straight.jsonl"
-    _run(cmd(straight), tmp_path)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("infer", overrides=cmd(straight)[1:])
+    threads = torch.get_num_threads()
+    try:
+        infer(cfg, out=io.StringIO())
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "answers.jsonl"
     _kill_when(cmd(out), tmp_path, lambda: out.is_file() and out.read_bytes().count(b"\n") >= 2)
     at_kill = out.read_bytes().count(b"\n")

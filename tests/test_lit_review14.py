@@ -147,8 +147,16 @@ def _check_run(run: Path, root: Path) -> None:
 def test_ddp_rank_whose_validation_batches_are_all_bad_joins_val_loss(tmp_path):
     """trainer=ddp on two CPU processes, one rank's every validation batch bad (and one batch fewer): the run
     finishes with its last.ckpt (the other rank's epoch-end reduction of val/loss met a barrier: gloo stopped both),
-    val/loss logged once, equal to one process's mean over the good samples' label tokens."""
-    _check_run(_train("ddp", tmp_path, text_only=False), tmp_path)
+    val/loss logged once, equal to one process's mean over the good samples' label tokens.
+
+    The same run's training holds an all-bad batch (c2 undecodable, one sample a batch) on one rank: that rank
+    returns a zero loss connected to every weight instead of None (which DDP refuses), and the run's bad-sample
+    count covers both ranks (was test_robustness_runs' own two-process run)."""
+    run = _train("ddp", tmp_path, text_only=False)
+    _check_run(run, tmp_path)
+    # two samples a rank, one a step; the bad file is on one of the ranks (every rank holds the count since dc78a52)
+    counts = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["MusicFlamingoDataModule"]
+    assert counts["bad_samples"]["num_seen"] == 4 and counts["bad_samples"]["num_bad"] == 1, counts
 
 
 @pytest.mark.slow
