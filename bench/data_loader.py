@@ -215,7 +215,7 @@ def step_seconds(processor: Any, batch: dict[str, Any], steps: int = 4) -> float
         "small",
         audio={"max_source_positions": 300},
         text={
-            "vocab_size": tok.vocab_size,
+            "vocab_size": len(tok),  # every id: tok.vocab_size leaves added tokens out
             "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id,
         },

@@ -92,7 +92,7 @@ def model_overrides(processor: Any) -> dict[str, Any]:
     tok = processor.tokenizer
     return {
         "text": {
-            "vocab_size": tok.vocab_size,
+            "vocab_size": len(tok),  # every id: tok.vocab_size leaves added tokens out
             "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id,
         },

@@ -77,10 +77,12 @@ REFERENCE_KWARGS = {
     "pad_to_multiple_of": ((None,), "rows are padded to the longest row only; drop pad_to_multiple_of="),
     "return_attention_mask": ((True,), "attention_mask is always returned (left-padded rows need it)"),
     # Our tokenizer encodes without BOS/EOS: the chat template writes every special token (the reference adds none
-    # for Qwen2's tokenizer either).
+    # for Qwen2's tokenizer either). True is taken too where the tokenizer adds nothing with it (Qwen2's, ours):
+    # see reference_kwargs' adds_nothing.
     "add_special_tokens": (
         (False,),
-        "no BOS/EOS is ever added: the chat template writes every special token; drop add_special_tokens=",
+        "no BOS/EOS is ever added: the chat template writes every special token, and this tokenizer would add some "
+        "with add_special_tokens=True; drop add_special_tokens=",
     ),
 }
 # Keys of transformers' nested keyword dicts (audio_kwargs: the feature extractor's) that are honoured.
@@ -88,7 +90,7 @@ _AUDIO_KWARGS = ("sampling_rate", "return_tensors", "return_attention_mask")
 
 
 def reference_kwargs(
-    kwargs: dict, chunk_length: float = 30.0, given: dict | None = None
+    kwargs: dict, chunk_length: float = 30.0, given: dict | None = None, adds_nothing: bool = False
 ) -> tuple[dict, list[str], list[str]]:
     """Sort transformers' processor keywords (``padding=True``, ``text_kwargs={...}``, ...) passed to this processor.
 
@@ -97,7 +99,9 @@ def reference_kwargs(
     ``return_tensors``, ``output_labels``), the keywords this processor lacks, and one message per keyword or value
     refused because its output would differ from the reference's (see :data:`REFERENCE_KWARGS`). ``given``: the
     options passed as arguments (not None); one also in a dict with another value is refused, as transformers
-    refuses it ("passed two times"; was resolved silently to the dict's)."""
+    refuses it ("passed two times"; was resolved silently to the dict's). ``adds_nothing``: the tokenizer adds no
+    token with ``add_special_tokens=True`` (see :meth:`MusicFlamingoProcessor.adds_no_special_tokens`), so that
+    value gives the reference's ids and is taken too."""
     nested = ("text_kwargs", "common_kwargs", "audio_kwargs")
     # top-level keywords first, so a dict's other value is refused whichever order they were written in
     flat: dict = {**(given or {}), **{k: v for k, v in kwargs.items() if k not in nested}}
@@ -129,6 +133,8 @@ def reference_kwargs(
             unknown.append(key)
             continue
         accepted, hint = REFERENCE_KWARGS[key]
+        if key == "add_special_tokens" and adds_nothing:
+            accepted = (*accepted, True)
         # `is` for True/False/None (so padding=1 is not padding=True), equality for strings
         if not any(value is a if not isinstance(a, str) else value == a for a in accepted):
             ok = " or ".join(repr(a) for a in accepted)
@@ -208,10 +214,17 @@ class MusicFlamingoProcessor:
     def audio_token_ids(self) -> list[int]:
         return [self.audio_token_id, self.audio_bos_token_id, self.audio_eos_token_id]
 
+    def adds_no_special_tokens(self) -> bool:
+        """Whether the tokenizer adds nothing with ``add_special_tokens=True`` (Qwen2's and our SentencePiece
+        models add no BOS/EOS), i.e. that keyword gives the same ids as without it."""
+        tok = self.tokenizer
+        return tok.encode("x", add_special_tokens=True) == tok.encode("x")
+
     def check_vocab(self, vocab_size: int, model: str = "the model") -> None:
         """TokenizerError unless every id of the tokenizer fits a model vocabulary of ``vocab_size`` (a larger id
-        would index past the embedding table: an IndexError mid-forward). ``model`` names where the size is from."""
-        n = self.tokenizer.vocab_size
+        would index past the embedding table: an IndexError mid-forward). ``model`` names where the size is from.
+        Every id: ``len(tokenizer)``, added tokens included (``tokenizer.vocab_size`` leaves them out)."""
+        n = len(self.tokenizer)
         if n > vocab_size:
             raise TokenizerError(
                 f"the tokenizer has {n} ids but {model} has a vocabulary of {vocab_size}: ids {vocab_size}-{n - 1} "
@@ -432,11 +445,12 @@ class MusicFlamingoProcessor:
                     "any system prompt, see musicflamingo.chat.build_chat_template); put another system prompt in a "
                     "system message, or drop chat_template="
                 )
+        adds_nothing = bool(processor_kwargs or kwargs) and self.adds_no_special_tokens()
         if processor_kwargs and tokenize:  # the reference ignores them with tokenize=False
             bad = [k for k in processor_kwargs if k in ("text", "audio", "sources")]
             whys = [f"{k!r} comes from the conversations" for k in bad]
             for k, v in processor_kwargs.items():
-                _, unknown, refused = reference_kwargs({k: v}, self.chunk_length)
+                _, unknown, refused = reference_kwargs({k: v}, self.chunk_length, adds_nothing=adds_nothing)
                 if k not in bad and (unknown or refused):
                     bad.append(k)
                     whys += refused or [f"{k!r} is not a keyword of this processor"]
@@ -448,7 +462,7 @@ class MusicFlamingoProcessor:
                 )
             opts.update(processor_kwargs)
         if kwargs:  # the reference passes them to the processor call as processor_kwargs
-            _, unknown, refused = reference_kwargs(kwargs, self.chunk_length)
+            _, unknown, refused = reference_kwargs(kwargs, self.chunk_length, adds_nothing=adds_nothing)
             if unknown:
                 raise unknown_keywords_error(unknown, "MusicFlamingoProcessor.apply_chat_template")
             if refused and tokenize:
@@ -525,9 +539,9 @@ class MusicFlamingoProcessor:
         the reference refuses it (arrays are not resampled; files are). ``return_tensors`` can only be ``"pt"``.
 
         transformers' keywords are taken with the values that give its output here (``padding=True`` or
-        ``"longest"``, ``truncation=False``, ``return_attention_mask=True``, ``add_special_tokens=False``, and these
-        options inside ``text_kwargs``/``common_kwargs``/``audio_kwargs`` dicts); other values and unknown keywords
-        are refused by name. With ``padding=True`` transformers also pads ``input_features`` to the longest window
+        ``"longest"``, ``truncation=False``, ``return_attention_mask=True``, ``add_special_tokens=False``, or True
+        where the tokenizer adds nothing with it, as Qwen2's, and these options inside ``text_kwargs``/
+        ``common_kwargs``/``audio_kwargs`` dicts); other values and unknown keywords are refused by name. With ``padding=True`` transformers also pads ``input_features`` to the longest window
         of the batch, which its own encoder cannot take (it adds 1500 positions); ours stay whole windows. An option
         given as an argument and in one of those dicts with another value is refused (transformers: "passed two
         times"). ``output_labels`` defaults to ``False``, ``padding_side`` to ``"left"``.
@@ -539,7 +553,9 @@ class MusicFlamingoProcessor:
                 "sampling_rate": sampling_rate,
             }
             given = {k: v for k, v in given.items() if v is not None}
-            options, unknown, refused = reference_kwargs(kwargs, self.chunk_length, given)
+            options, unknown, refused = reference_kwargs(
+                kwargs, self.chunk_length, given, adds_nothing=self.adds_no_special_tokens()
+            )
             if unknown:
                 raise unknown_keywords_error(unknown)
             if refused:

@@ -13,9 +13,9 @@ against ``AutoTokenizer`` on the same files in ``tests/test_processor_tok_review
 padding=True, return_tensors="pt")``, ``convert_tokens_to_ids``, ``convert_ids_to_tokens``, ``get_vocab``,
 ``added_tokens_encoder``, ``all_special_ids``, ``bos_token_id``, ``padding_side``, ``batch_decode``, ``decode`` of
 one id or a batch. Differences: ``decode`` skips special tokens by default (keeps them in transformers), ``encode``
-adds nothing by default (``add_special_tokens=True`` there; Qwen2's adds nothing either), ``vocab_size`` counts
-every id, as ``len(tokenizer)`` (transformers' leaves the added tokens out); truncation is refused and
-``apply_chat_template`` is the processor's.
+adds nothing by default (``add_special_tokens=True`` there; Qwen2's adds nothing either); truncation is refused and
+``apply_chat_template`` is the processor's. As there, ``vocab_size`` is the base vocabulary (added tokens left out)
+and ``len(tokenizer)`` counts every id: size a model's embeddings by ``len(tokenizer)``.
 
 Train a SentencePiece model: ``python -m musicflamingo.tokenizer train --input corpus.txt --vocab-size 2000 --out DIR``.
 """
@@ -135,7 +135,12 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Total number of ids, special tokens included (``len(tokenizer)`` in transformers)."""
+        """Size of the base vocabulary, added (special) tokens left out, as transformers' ``vocab_size``; every id
+        is below ``len(tokenizer)``, not below this."""
+        return len(self)
+
+    def __len__(self) -> int:
+        """Total number of ids, special tokens included (transformers' ``len(tokenizer)``)."""
         raise NotImplementedError
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -148,10 +153,7 @@ class Tokenizer:
     def model_bytes(self) -> bytes:
         """The serialized tokenizer model (vocabulary, merges or pieces: what decides the ids), for fingerprints
         such as a manifest index's. This default: the vocabulary size and the ids of a probe sentence."""
-        return json.dumps([self.vocab_size, self.encode("Tempo? 96 BPM, in C major.")]).encode()
-
-    def __len__(self) -> int:
-        return self.vocab_size
+        return json.dumps([len(self), self.encode("Tempo? 96 BPM, in C major.")]).encode()
 
     @property
     def pad_token_id(self) -> int | None:
@@ -379,6 +381,9 @@ class HFTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def get_vocab(self) -> dict[str, int]:
@@ -486,8 +491,7 @@ class SentencePieceTokenizer(Tokenizer):
         idx = int(idx)
         return self._sp.id_to_piece(idx) if 0 <= idx < self._sp.get_piece_size() else None
 
-    @property
-    def vocab_size(self) -> int:
+    def __len__(self) -> int:  # special tokens are pieces of the model: vocab_size is the same
         return self._sp.get_piece_size()
 
     def get_vocab(self) -> dict[str, int]:
@@ -638,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tr.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     args = parser.parse_args(argv)
     tok = train_sentencepiece(args.input, args.vocab_size, args.out, model_type=args.model_type)
-    print(f"wrote {args.out}: vocab_size={tok.vocab_size} pad={tok.pad_token_id} eos={tok.eos_token_id}")
+    print(f"wrote {args.out}: vocab_size={len(tok)} pad={tok.pad_token_id} eos={tok.eos_token_id}")
 
 
 if __name__ == "__main__":

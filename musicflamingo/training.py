@@ -177,9 +177,10 @@ def build_datamodule(cfg: DictConfig, model: Any) -> tuple[L.LightningDataModule
     processor = MusicFlamingoProcessor.from_pretrained(processor_dir)
     check_window_length(processor, model)
     vocab = model.config.text.vocab_size
-    if processor.tokenizer.vocab_size > vocab:
+    # every id, added tokens included (tokenizer.vocab_size leaves them out)
+    if len(processor.tokenizer) > vocab:
         raise ValueError(
-            f"tokenizer in {processor_dir} has {processor.tokenizer.vocab_size} ids, model vocab is {vocab}"
+            f"tokenizer in {processor_dir} has {len(processor.tokenizer)} ids, model vocab is {vocab}"
         )
     return hydra.utils.instantiate(cfg.data, processor=processor), processor
 

@@ -106,7 +106,7 @@ def _random_tokens(tok, rng: random.Random, n_pieces: int) -> list[int]:
     words += ["<|im_start|>", " ", "zz"]
     ids = tok.encode("".join(rng.choice(words) for _ in range(n_pieces)))
     for _ in range(len(ids) // 20):
-        ids.insert(rng.randrange(len(ids) + 1), rng.randrange(tok.vocab_size))
+        ids.insert(rng.randrange(len(ids) + 1), rng.randrange(len(tok)))
     return ids
 
 

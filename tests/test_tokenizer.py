@@ -43,7 +43,7 @@ def test_hf_tokenizer_matches_transformers(tok_dir):
         assert ids == ref(s)["input_ids"], s
         for skip in (True, False):
             assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), s
-    assert ours.vocab_size == len(ref) == TINY_IDS.vocab_size
+    assert len(ours) == len(ref) == TINY_IDS.vocab_size and ours.vocab_size == ref.vocab_size
     assert ours.pad_token_id == ref.pad_token_id == TINY_IDS.pad_token_id
     assert ours.eos_token_id == ref.eos_token_id == TINY_IDS.eos_token_id
 
