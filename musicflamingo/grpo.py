@@ -33,8 +33,10 @@ Optimization is manual (micro-batches of `micro_batch_size` completions, whole g
 of one, each its own backward):
 `trainer.gradient_clip_val` must be null, `loss.max_grad_norm` clips. Checkpoints and resume are the SFT ones
 (optimizer, schedule, data position), plus a fingerprint of the frozen reference: a resume must rebuild the same one;
-and the rollout settings (`ROLLOUT_SETTINGS`: model.seed, model.rollout.*, model.think), a change of which is refused
-(the rollouts would no longer be the uninterrupted run's) unless `model.accept_rollout_changes=true`.
+the rollout settings (`ROLLOUT_SETTINGS`: model.seed, model.rollout.*, model.think) and what the loss is made of
+(`LOSS_SETTINGS`: model.loss.* but micro_batch_size, which only splits the same sum; model.rewards.*), a change of
+which is refused (the run would no longer be the uninterrupted one) unless `model.accept_setting_changes=true` (or
+its former name `model.accept_rollout_changes=true`).
 Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
 `train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/zero_variance_groups`,
 `train/samples_per_s`, `train/grad_norm`, `train/optimizer_step` (the loggers' `step` counts batches, each of
@@ -92,6 +94,15 @@ ROLLOUT_SETTINGS = {
     "model.rollout.max_new_tokens": "max_new_tokens",
     "model.rollout.slots": "slots",
     "model.think": "think",
+}
+# setting -> GRPOLit attribute: what the loss of given rollouts is made of, saved in checkpoints and compared on resume
+# (with each reward's class and settings, `_reward_settings`). Not micro_batch_size: it only splits the same sum of
+# token terms into backward passes (the same update up to rounding, tests/test_grpo_review16.py)
+LOSS_SETTINGS = {
+    "model.loss.beta": "beta",
+    "model.loss.clip_eps": "clip_eps",
+    "model.loss.updates_per_batch": "updates_per_batch",
+    "model.loss.max_grad_norm": "max_grad_norm",
 }
 ADVANTAGE_EPS = 1e-4
 
@@ -482,9 +493,11 @@ class GRPOLit(MusicFlamingoLit):
             `record_filter`): a batch is the token budget's worth of kept records, an epoch the kept records.
         reference_dtype: dtype of the frozen reference copy of full fine-tuning (null: the model's).
         seed: the rollouts' seed (with the step and the rank).
-        accept_rollout_changes: a resume may change what the rollouts are sampled with (`ROLLOUT_SETTINGS`; refused
-            by default, as the resumed run would no longer sample what the uninterrupted one did):
-            `model.accept_rollout_changes=true` on the resuming command.
+        accept_setting_changes: a resume may change what the rollouts are sampled with (`ROLLOUT_SETTINGS`) and
+            what the loss is made of (`LOSS_SETTINGS`, the rewards; refused by default, as the resumed run would no
+            longer train what the uninterrupted one did): `model.accept_setting_changes=true` on the resuming
+            command.
+        accept_rollout_changes: the former name of `accept_setting_changes` (either one true accepts).
     """
 
     # a resume's data order: the epochs are the records model.tasks keeps (a changed filter changes their count)
@@ -508,6 +521,7 @@ class GRPOLit(MusicFlamingoLit):
         reference_dtype: str | None,
         seed: int,
         accept_rollout_changes: bool = False,
+        accept_setting_changes: bool = False,
     ) -> None:
         super().__init__(net, optimizer, scheduler, part_lr, nonfinite_loss)
         self.automatic_optimization = False
@@ -580,6 +594,7 @@ class GRPOLit(MusicFlamingoLit):
             )
         self.seed = seed
         self.accept_rollout_changes = bool(accept_rollout_changes)
+        self.accept_setting_changes = bool(accept_setting_changes)
         # QLoRA's adapters count too: a frozen copy of its 4-bit base would lose bitsandbytes' quantization state
         self.uses_lora = bool(adapter_layers(net))
         self._reference: list[MusicFlamingo] = []  # a list: kept out of the state dict and the checkpoints
@@ -707,16 +722,28 @@ class GRPOLit(MusicFlamingoLit):
         if self._reference_fingerprint is not None:
             checkpoint["grpo_reference"] = self._reference_fingerprint
         checkpoint["grpo_rollout"] = self._rollout_settings()
+        checkpoint["grpo_loss"] = self._loss_settings()
 
     def _rollout_settings(self) -> dict[str, Any]:
         """What the rollouts are sampled with, by setting name (`ROLLOUT_SETTINGS`), as saved in checkpoints."""
         return {name: getattr(self, attr) for name, attr in ROLLOUT_SETTINGS.items()}
 
+    def _loss_settings(self) -> dict[str, Any]:
+        """What the loss of given rollouts is made of, by setting name, as saved in checkpoints: `LOSS_SETTINGS`,
+        model.reference_dtype where a frozen reference copy is made, and `model.rewards` (`_reward_settings`)."""
+        out: dict[str, Any] = {name: getattr(self, attr) for name, attr in LOSS_SETTINGS.items()}
+        if self.reference is not None:
+            dtype = self._reference_dtype
+            out["model.reference_dtype"] = None if dtype is None else str(dtype).removeprefix("torch.")
+        out["model.rewards"] = {name: _reward_settings(r) for name, r in self.rewards.items()}
+        return out
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuses a resume whose frozen KL reference (made at start from the model's weights) is not the one the
-        run trained against: e.g. `ckpt_path=last` without the run's model.net.init_from."""
+        """Refuses a resume under other rollout or loss settings (`_check_resumed_settings`), and one whose frozen KL
+        reference (made at start from the model's weights) is not the one the run trained against: e.g.
+        `ckpt_path=last` without the run's model.net.init_from."""
         super().on_load_checkpoint(checkpoint)
-        self._check_resumed_rollouts(checkpoint)
+        self._check_resumed_settings(checkpoint)
         saved, now = checkpoint.get("grpo_reference"), self._reference_fingerprint
         if saved is None or now is None:
             return  # no reference then (LoRA, beta 0, an older checkpoint) or none now: nothing to compare
@@ -732,34 +759,63 @@ class GRPOLit(MusicFlamingoLit):
                 "start a new run from its weights (model.net.init_from=<run>/export, another run folder)"
             )
 
-    def _check_resumed_rollouts(self, checkpoint: Mapping[str, Any]) -> None:
-        """A resume samples the uninterrupted run's rollouts only with the settings that sampled them (seeded by
-        (model.seed, step, rank)): another model.seed, group size, temperature, top-p, top-k, token limit, slot count
-        or think mode was taken silently (`model.seed` is not the top-level seed that data.seed refuses). Refused
-        naming the setting and both values, unless `model.accept_rollout_changes` (then said so in the log)."""
+    def _check_resumed_settings(self, checkpoint: Mapping[str, Any]) -> None:
+        """A resume continues the uninterrupted run only under the settings that trained it: the rollouts' (seeded by
+        (model.seed, step, rank): another model.seed, group size, temperature, top-p, top-k, token limit, slot count
+        or think mode) and the loss's (another beta, clip_eps, updates_per_batch, max_grad_norm, reference dtype, or
+        reward set, class or weight) were taken silently (`model.seed` is not the top-level seed that data.seed
+        refuses). Refused naming each setting and both values, unless `model.accept_setting_changes` (or its former
+        name `model.accept_rollout_changes`; then said so in the log). A checkpoint from before a record was saved
+        is not compared on it."""
+        changed: dict[str, tuple[Any, Any]] = {}
         saved = checkpoint.get("grpo_rollout")
-        if not isinstance(saved, Mapping):
-            return  # a checkpoint from before the settings were saved
-        now = self._rollout_settings()
-        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and not _same_value(saved[k], v)}
+        if isinstance(saved, Mapping):
+            now = self._rollout_settings()
+            changed.update(
+                {k: (saved[k], v) for k, v in now.items() if k in saved and not _same_value(saved[k], v)}
+            )
+        saved = checkpoint.get("grpo_loss")
+        if isinstance(saved, Mapping):
+            now = self._loss_settings()
+            rewards_then, rewards_now = saved.get("model.rewards"), now.pop("model.rewards")
+            for k, v in now.items():
+                if k in saved and not _same_value(saved[k], v):
+                    changed[k] = (saved[k], v)
+            if (
+                "model.loss.clip_eps" in changed
+                and self.updates_per_batch == 1
+                and _same_value(saved.get("model.loss.updates_per_batch"), 1)
+            ):
+                # one update per batch of rollouts: the ratio is exactly 1, inside any clip range, so clip_eps
+                # changes nothing (neither the gradient nor the logged clip fraction)
+                del changed["model.loss.clip_eps"]
+            if isinstance(rewards_then, Mapping):
+                changed.update(_reward_changes(rewards_then, rewards_now))
         if not changed:
             return
         shown = ", ".join(f"{k}={_override(a)} there, {_override(b)} now" for k, (a, b) in changed.items())
         path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
-        if self.accept_rollout_changes:
+        if self.accept_setting_changes or self.accept_rollout_changes:
+            flag = "accept_setting_changes" if self.accept_setting_changes else "accept_rollout_changes"
             log.warning(
-                "ckpt_path=%s sampled its rollouts with other settings (%s): model.accept_rollout_changes=true, so "
-                "the run continues with the new ones (its rollouts from here on are not the uninterrupted run's)",
+                "ckpt_path=%s was trained with other settings (%s): model.%s=true, so the run continues with the new "
+                "ones (from here on it is not the uninterrupted run)",
                 path,
                 shown,
+                flag,
             )
             return
-        keep = " ".join(f"{k}={_override(a)}" for k, (a, _) in changed.items())
+        # a whole reward entry with ++ (adds it where the command's config has none, e.g. one set with +)
+        keep = " ".join(
+            f"{'++' if isinstance(a, Mapping) or isinstance(b, Mapping) else ''}{k}={_override(a)}"
+            for k, (a, b) in changed.items()
+        )
+        what = "sampled its rollouts" if all(k in ROLLOUT_SETTINGS for k in changed) else "was trained"
         raise CheckpointMismatchError(
-            f"ckpt_path={path} sampled its rollouts with other settings: {shown}. A resume continues the "
-            f"uninterrupted run's rollouts only under the settings that sampled them; resume with {keep}, or, to "
-            "continue this run (its optimizer and data position) with the new settings anyway, add "
-            "model.accept_rollout_changes=true"
+            f"ckpt_path={path} {what} with other settings: {shown}. A resume continues the uninterrupted run only "
+            f"under the settings that trained it; resume with {keep}, or, to continue this run (its optimizer and "
+            "data position) with the new settings anyway, add model.accept_setting_changes=true (its former name "
+            "model.accept_rollout_changes=true does the same)"
         )
 
     def _processor(self) -> Any:
@@ -1423,8 +1479,42 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def _override(value: Any) -> str:
-    """A setting's value as a command-line override writes it."""
+    """A setting's value as a command-line override writes it (a mapping as Hydra's `{key:value,...}`)."""
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_override(v)}" for k, v in value.items()) + "}"
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _reward_settings(reward: Any) -> dict[str, Any]:
+    """A reward as saved in checkpoints: `{_target_: its class, weight, its other plain settings}` (numbers,
+    strings, booleans, None: what a config sets)."""
+    cls = type(reward)
+    out: dict[str, Any] = {"_target_": f"{cls.__module__}.{cls.__qualname__}", "weight": reward.weight}
+    for key, value in sorted(vars(reward).items()) if hasattr(reward, "__dict__") else []:
+        if (
+            not key.startswith("_")
+            and key != "weight"
+            and (value is None or isinstance(value, (bool, int, float, str)))
+        ):
+            out[key] = value
+    return out
+
+
+def _reward_changes(then: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """`model.rewards` then and now (`_reward_settings` by name) -> {setting: (then, now)}: a reward added or left
+    out as the whole entry (null on the side without it), another class as the entry, else each setting."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for name in [*then, *(n for n in now if n not in then)]:
+        a, b = then.get(name), now.get(name)
+        if not isinstance(a, Mapping) or not isinstance(b, Mapping) or a.get("_target_") != b.get("_target_"):
+            if a != b:
+                out[f"model.rewards.{name}"] = (a, b)
+            continue
+        for key in [*a, *(k for k in b if k not in a)]:
+            if key in a and key in b and _same_value(a[key], b[key]):
+                continue
+            out[f"model.rewards.{name}.{key}"] = (a.get(key), b.get(key))
+    return out
 
 
 def _check_keys(where: str, values: Mapping[str, Any], expected: tuple[str, ...]) -> None:

@@ -87,6 +87,7 @@ NOT_ENTRY_SETTINGS = {
     "return_tensors",
     "skip_special_tokens",
     "clean_up_tokenization_spaces",
+    "add_special_tokens",
 }
 
 
