@@ -736,7 +736,9 @@ def test_a_resume_with_another_kl_reference_is_refused():
         grpo_module(net(2)).on_load_checkpoint(checkpoint)
     with pytest.raises(CheckpointMismatchError, match=r"model.loss.beta=0.04 there, 0.0 now"):
         grpo_module(net(2), beta=0.0).on_load_checkpoint(checkpoint)
-    grpo_module(net(2), beta=0.0, accept_setting_changes=True).on_load_checkpoint(checkpoint)  # no reference now
+    grpo_module(net(2), beta=0.0, accept_setting_changes=True).on_load_checkpoint(
+        checkpoint
+    )  # no reference now
 
 
 @pytest.mark.parametrize(
