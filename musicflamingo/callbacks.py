@@ -218,6 +218,10 @@ class OwnLastCheckpoint(Callback):
                     cb.last_model_path = str(last)
 
 
+# the checkpoint key of the first `trainer/global_step` a run resumed from the file logs (see LogFinalStep)
+FIRST_LOGGED_STEP = "first_logged_step"
+
+
 class LogFinalStep(Callback):
     """The run's last training step goes to the loggers (metrics.csv, TensorBoard, W&B) whatever
     ``trainer.log_every_n_steps`` is: Lightning writes a step's row only when the step's number is a multiple of it,
@@ -270,22 +274,32 @@ class LogFinalStep(Callback):
         ``trainer.max_time``'s), at a batch that is no validation step of ``trainer.val_check_interval``, counts that
         step among the logged ones: Lightning adds it only after the validation, and a resumed run re-counts it only
         where it validates that batch again, so a run cut at step 5 (validation every 3) and continued logged every
-        later row one step too early (step 6's loss in the row of step 5, whose own rows were dropped)."""
+        later row one step too early (step 6's loss in the row of step 5, whose own rows were dropped); at an epoch's
+        last batch too (4 batches an epoch, validation every 3, cut at step 8: step 9's loss in the row of step 8).
+
+        Every checkpoint a validation of the fit saves records the first step a run resumed from it logs
+        (``checkpoint[FIRST_LOGGED_STEP]``, read by ``loggers.first_logged_step`` to rewind W&B): the file's count,
+        one more where the resume passes back through the end of the saved batch (it validates there again, by the
+        interval or at the epoch's end, and counts the batch instead). The count alone does not tell: the file
+        ``step_000006.ckpt`` of a run validating every 3 steps holds the count 5 and resumes logging at step 6, where
+        one saved by a stopped run's last validation at step 5 holds 5 (raised above) and resumes at 5."""
         loop = trainer.fit_loop.epoch_loop
         state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
-        if not (trainer.validating and trainer.state.fn == "fit" and trainer.should_stop) or state is None:
+        if not (trainer.validating and trainer.state.fn == "fit") or state is None:
             return
         if getattr(trainer, "_val_check_time_interval", None) is not None:
             return  # validation by time: whether a resume validates again is not known here
-        if loop._should_accumulate() or loop._num_ready_batches_reached():
-            return  # the epoch ends here: a resume starts after it, as after Lightning's own epoch-end validation
+        stopped = trainer.should_stop
         trainer.should_stop = False  # would the resume validate this batch again (Lightning's interval)?
         try:
             again = loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
         finally:
-            trainer.should_stop = True
-        if not again:
+            trainer.should_stop = stopped
+        accumulating = loop._should_accumulate()
+        if stopped and not again and not accumulating:
             state["_batches_that_stepped"] = loop._batches_that_stepped + 1
+        # the resume's pass through the saved batch counts it where it validates there (and the step is whole)
+        checkpoint[FIRST_LOGGED_STEP] = int(state["_batches_that_stepped"]) + int(again and not accumulating)
 
     # the hooks that can come first after the row is written
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -194,11 +194,20 @@ def multirun_job_name(name: str | None) -> str | None:
 def first_logged_step(ckpt_path: str | os.PathLike) -> int | None:
     """The `trainer/global_step` of the first row a run resumed from `ckpt_path` logs: Lightning's count of batches
     that made an optimizer step, as its training loop restores it (one more for a checkpoint saved at a training
-    batch's end, which that count does not hold yet). None for a file that cannot be read (the resume reports it)."""
+    batch's end, which that count does not hold yet). A file a validation saved holds the step itself
+    (`callbacks.FIRST_LOGGED_STEP`, written by `LogFinalStep`): whether the resume counts the saved batch again
+    depends on whether it validates there again, which the file's counts do not tell (a file saved at step 6 by the
+    validation every 3 steps resumes at 6, not 5); a file without it (older, or saved at a batch's end) is read by
+    the rule. None for a file that cannot be read (the resume reports it)."""
     import torch
+
+    from musicflamingo.callbacks import FIRST_LOGGED_STEP
 
     try:  # mmap: the tensors are not read
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        marked = state.get(FIRST_LOGGED_STEP)
+        if isinstance(marked, int) and not isinstance(marked, bool) and marked >= 0:
+            return marked
         loop = state["loops"]["fit_loop"]
         step = int(loop["epoch_loop.state_dict"]["_batches_that_stepped"])
         done = loop["epoch_loop.batch_progress"]["total"]
