@@ -2,8 +2,9 @@
 
 Both produce :class:`Note` lists in quarter-note beats (tempo-free); the renderer turns beats into seconds.
 Chorales are parsed once per process (``lru_cache``) and only kept when their key is unambiguous: the
-Krumhansl-Schmuckler key of the whole piece equals that of its first four bars and agrees with the key
-signature, so "the key of the excerpt" is a fact and not a guess.
+Krumhansl-Schmuckler key (music21's default ``analyze('key')``: Aarden-Essen weights) of the whole piece equals
+that of its first four bars and agrees with the key signature, so "the key of the excerpt" is a fact and not a
+guess.
 """
 
 from __future__ import annotations
@@ -123,9 +124,102 @@ def _music21():
     return music21
 
 
-def _to_key(m21_key) -> Key:
-    pc = m21_key.tonic.pitchClass
-    return Key(pc, m21_key.mode)
+# music21's default key analysis (``Stream.analyze('key')`` runs ``analysis.discrete.AardenEssen``, whatever its
+# docstring says): Krumhansl-Schmuckler correlation with the Aarden-Essen profiles, tonic first.
+_KEY_PROFILES = {
+    "major": (
+        17.7661,
+        0.145624,
+        14.9265,
+        0.160186,
+        19.8049,
+        11.3587,
+        0.291248,
+        22.062,
+        0.145624,
+        8.15494,
+        0.232998,
+        4.95122,
+    ),
+    "minor": (
+        18.2648,
+        0.737619,
+        14.0499,
+        16.8599,
+        0.702494,
+        14.4362,
+        0.702494,
+        18.6161,
+        4.56621,
+        1.93186,
+        7.37619,
+        1.75623,
+    ),
+}
+
+
+def _centred_profiles() -> dict[str, tuple[np.ndarray, list[float]]]:
+    """Per mode: row i is the profile rotated to tonic i minus its mean; and the row's sum of squares. Both
+    computed in music21's order (Python floats, left to right) so that the correlations match bit for bit."""
+    out = {}
+    for mode, w in _KEY_PROFILES.items():
+        mean = sum(w) / len(w)
+        rows = [[w[(j - i) % 12] - mean for j in range(12)] for i in range(12)]
+        sq = []
+        for row in rows:
+            acc = 0.0
+            for x in row:
+                acc = acc + x**2
+            sq.append(acc)
+        out[mode] = (np.array(rows, dtype=np.float64), sq)
+    return out
+
+
+_CENTRED_PROFILES = _centred_profiles()
+
+
+def pitch_class_durations(notes) -> list:
+    """Quarter lengths summed per pitch class (a chord counts once per pitch) over music21 notes/chords, as
+    music21's key analysis does (same order, same number types)."""
+    dist: list = [0] * 12
+    for n in notes:
+        length = n.quarterLength
+        for p in n.pitches:
+            dist[p.pitchClass] += length
+    return dist
+
+
+def estimate_key(durations) -> tuple[Key, float]:
+    """The key music21's ``analyze('key')`` returns for a stream with these pitch-class durations, and its
+    correlation coefficient, without building music21's 24 Key objects (the slow part of loading a chorale).
+
+    Pearson correlation of the durations with each rotated profile; the best (correlation, tonic pitch class,
+    mode) wins, so ties go to the higher pitch class, then to minor, as in music21's sorted candidate list.
+    """
+    if len(durations) != 12:
+        raise ValueError(f"estimate_key: expected 12 pitch-class durations, got {len(durations)}")
+    if not any(durations):
+        raise ValueError("estimate_key: no pitched note with a duration to find a key from")
+    mean = sum(durations) / len(durations)
+    dev = [d - mean for d in durations]
+    dev_sq = 0.0
+    for d in dev:
+        dev_sq = dev_sq + d**2
+    dev_arr = np.array([float(d) for d in dev], dtype=np.float64)
+    best = None
+    for mode, (rows, row_sq) in _CENTRED_PROFILES.items():
+        # cumsum adds left to right like music21's loop (np.sum would add pairwise and round differently)
+        tops = np.cumsum(rows * dev_arr, axis=1)[:, -1]
+        for pc in range(12):
+            r = 0.0 if row_sq[pc] == 0 or dev_sq == 0 else float(tops[pc]) / (row_sq[pc] * dev_sq) ** 0.5
+            if best is None or (r, pc, mode) > best:
+                best = (r, pc, mode)
+    r, pc, mode = best
+    return Key(pc, mode), r
+
+
+def _key_of(notes) -> Key:
+    return estimate_key(pitch_class_durations(notes))[0]
 
 
 @functools.cache
@@ -142,12 +236,12 @@ def load_chorale(path: str) -> Chorale | None:
     time_signature = next(iter(sigs))
     bpb = beats_per_bar(time_signature)
     key_sigs = list(score.recurse().getElementsByClass(m21.key.KeySignature))
-    whole = score.analyze("key")
-    opening = score.flatten().notes.getElementsByOffset(0, 4 * bpb, includeEndBoundary=False).stream()
-    first = opening.analyze("key")
-    if (whole.tonic.pitchClass, whole.mode) != (first.tonic.pitchClass, first.mode):
+    # the same notes, in the same order, as score.analyze("key") and opening.analyze("key") weigh
+    flat = score.flatten()
+    opening = flat.notes.getElementsByOffset(0, 4 * bpb, includeEndBoundary=False)
+    key = _key_of(n for n in flat.notes if not isinstance(n, m21.note.Unpitched))
+    if _key_of(n for n in opening if not isinstance(n, m21.note.Unpitched)) != key:
         return None
-    key = _to_key(whole)
     if not key_sigs or key.mode not in ("major", "minor") or key_sigs[0].sharps % 12 != key.fifths % 12:
         return None
     pickup = 0.0
