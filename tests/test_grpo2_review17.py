@@ -89,9 +89,9 @@ def test_the_record_check_at_fit_start_reports_its_progress(tmp_path, monkeypatc
     assert "checking the train records" not in caplog.text
 
 
-def test_a_resumed_run_with_another_model_seed_is_refused_then_continued_when_accepted(tmp_path):
-    """End to end: `model.seed` changed on the resuming command is refused before any step (a real checkpoint,
-    Hydra's overrides); `model.accept_rollout_changes=true` continues the run."""
+def resumed_under_a_change(tmp_path, change: str, refused: str, accept: str) -> None:  # noqa: ANN001
+    """A one-step GRPO run through Hydra, resumed for a second step with `change` on the command line: refused with
+    `refused` before any step, then continued with `accept` (a real checkpoint, Hydra's overrides)."""
     from test_grpo import SHORT
     from train_fixtures import compose_train, write_processor
 
@@ -108,10 +108,16 @@ def test_a_resumed_run_with_another_model_seed_is_refused_then_continued_when_ac
         "data.batch_max_tokens=800",
     ]
     train(compose_train(tmp_path / "run", manifest, proc, [*common, "trainer.max_steps=1"]))
-    resumed = [*common, "trainer.max_steps=2", "model.seed=5"]
-    with pytest.raises(CheckpointMismatchError, match=r"model.seed=\d+ there, 5 now"):
+    resumed = [*common, "trainer.max_steps=2", change]
+    with pytest.raises(CheckpointMismatchError, match=refused):
         train(compose_train(tmp_path / "run", manifest, proc, resumed))
-    _, objects = train(
-        compose_train(tmp_path / "run", manifest, proc, [*resumed, "model.accept_rollout_changes=true"])
-    )
+    _, objects = train(compose_train(tmp_path / "run", manifest, proc, [*resumed, accept]))
     assert objects["trainer"].global_step == 2
+
+
+def test_a_resumed_run_with_another_model_seed_is_refused_then_continued_when_accepted(tmp_path):
+    """End to end: `model.seed` changed on the resuming command is refused before any step;
+    `model.accept_rollout_changes=true` (the flag's former name) continues the run."""
+    resumed_under_a_change(
+        tmp_path, "model.seed=5", r"model.seed=\d+ there, 5 now", "model.accept_rollout_changes=true"
+    )

@@ -135,28 +135,13 @@ def test_a_full_fine_tuning_resume_under_another_reference_dtype_is_refused():
 
 
 def test_a_resumed_run_with_another_reward_weight_is_refused_then_continued_when_accepted(tmp_path):
-    """End to end: `model.rewards.accuracy.weight` changed on the resuming command is refused before any step (a real
-    checkpoint, Hydra's overrides); `model.accept_setting_changes=true` (no +: a key of the experiment) continues."""
-    from test_grpo import SHORT
-    from train_fixtures import compose_train, write_dataset, write_processor
+    """End to end: a reward's weight changed on the resuming command is refused before any step;
+    `model.accept_setting_changes=true` (no +: a key of the experiment) continues."""
+    from test_grpo2_review17 import resumed_under_a_change
 
-    from musicflamingo.training import train
-
-    proc = write_processor(tmp_path / "proc")
-    manifest = write_dataset(tmp_path / "data")
-    common = [
-        "experiment=grpo",
-        SHORT,
-        "model.rollout.max_new_tokens=3",
-        "export=false",
-        "callbacks.model_checkpoint.every_n_train_steps=1",
-        "data.batch_max_tokens=800",
-    ]
-    train(compose_train(tmp_path / "run", manifest, proc, [*common, "trainer.max_steps=1"]))
-    resumed = [*common, "trainer.max_steps=2", "model.rewards.short.weight=2.0"]
-    with pytest.raises(CheckpointMismatchError, match=r"model.rewards.short.weight=1.0 there, 2.0 now"):
-        train(compose_train(tmp_path / "run", manifest, proc, resumed))
-    _, objects = train(
-        compose_train(tmp_path / "run", manifest, proc, [*resumed, "model.accept_setting_changes=true"])
+    resumed_under_a_change(
+        tmp_path,
+        "model.rewards.short.weight=2.0",
+        r"model.rewards.short.weight=1.0 there, 2.0 now",
+        "model.accept_setting_changes=true",
     )
-    assert objects["trainer"].global_step == 2
