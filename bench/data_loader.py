@@ -124,9 +124,11 @@ class BytesBuilder(ConversationDataset):
         messages = [Message(**m) for m in meta["conversations"]]
         return self._build(Record(id=meta["id"], audios=[AudioRef(sample["__key__"])], messages=messages))
 
-    def _decode(self, ref: AudioRef) -> np.ndarray:
+    def _decode(self, ref: AudioRef, source: str | None = None) -> np.ndarray:
         p = self.processor
-        return load_audio(ref.path, p.sampling_rate, max_seconds=p.kept_seconds, data=self._blob)
+        return load_audio(
+            ref.path, p.sampling_rate, max_seconds=p.kept_seconds, data=self._blob, source=source
+        )
 
 
 class ReadOnly(Dataset):
