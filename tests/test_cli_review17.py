@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from test_cli_review8 import _refused
 
 from musicflamingo.cli import check_command_line
 
@@ -20,14 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _no_full_error(monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-
-
-def _refused(capsys, config: str, *argv: str) -> str:
-    with pytest.raises(SystemExit) as info:
-        check_command_line(config, list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and len(err) == 1, err
-    return err[0]
 
 
 @pytest.mark.parametrize(
