@@ -141,6 +141,12 @@ class NaNForSecond:
 def test_a_nan_reward_is_named_with_its_reward_and_record(tmp_path):
     """A reward returning NaN stopped the run with "GRPO loss is nan ... records [...]" (the micro-batch's records,
     not the reward): the error names the reward and the record whose completion it scored."""
+    stops_naming_the_reward(tmp_path, "test_grpo_review14.NaNForSecond", "nan")
+
+
+def stops_naming_the_reward(tmp_path, reward: str, value: str) -> None:  # noqa: ANN001
+    """A one-step GRPO run whose only reward is `reward` (a class path, non-finite for record c1) stops with
+    NonFiniteLossError naming the reward, `value` and the record."""
     from musicflamingo.lit import NonFiniteLossError
 
     proc = write_processor(tmp_path / "proc")
@@ -149,7 +155,7 @@ def test_a_nan_reward_is_named_with_its_reward_and_record(tmp_path):
         "experiment=grpo",
         "model.rewards.format=null",
         "model.rewards.accuracy=null",
-        "+model.rewards.mine={_target_:test_grpo_review14.NaNForSecond,weight:1.0}",
+        f"+model.rewards.mine={{_target_:{reward},weight:1.0}}",
         "model.think=false",
         "model.rollout.group_size=2",
         "model.rollout.max_new_tokens=2",
@@ -157,7 +163,7 @@ def test_a_nan_reward_is_named_with_its_reward_and_record(tmp_path):
         "export=false",
     ]
     with pytest.raises(
-        NonFiniteLossError, match=r"model.rewards.mine returned nan for record 'c1' \(.*train.jsonl:2\)"
+        NonFiniteLossError, match=rf"model.rewards.mine returned {value} for record 'c1' \(.*train.jsonl:2\)"
     ):
         train(compose_train(tmp_path, manifest, proc, overrides))
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from test_grpo import _attach_manifests, _net, _rewrite
-from train_fixtures import ANSWERS, compose_train, grpo_module, write_dataset, write_processor
+from train_fixtures import ANSWERS, grpo_module, write_dataset, write_processor
 
 from musicflamingo.data.collate import collate
 from musicflamingo.data.dataset import ConversationDataset
@@ -17,7 +17,6 @@ from musicflamingo.data.manifest import read_manifest
 from musicflamingo.grpo import GRPOConfigError, group_advantages
 from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.rewards import AccuracyReward
-from musicflamingo.training import train
 
 
 # ---------------------------------------------------------------------------------------------- the record table
@@ -104,25 +103,9 @@ class InfiniteForSecond:
 def test_an_infinite_reward_stops_the_run_naming_the_reward(tmp_path):
     """A reward returning inf for a whole group: the group tied, was left out, the run trained on and logged
     train/reward inf. Under nonfinite_loss=stop it stops now, naming the reward and the record (as for NaN)."""
-    from musicflamingo.lit import NonFiniteLossError
+    from test_grpo_review14 import stops_naming_the_reward
 
-    proc = write_processor(tmp_path / "proc")
-    manifest = write_dataset(tmp_path / "data", n=2)
-    overrides = [
-        "experiment=grpo",
-        "model.rewards.format=null",
-        "model.rewards.accuracy=null",
-        "+model.rewards.mine={_target_:test_grpo_review17.InfiniteForSecond,weight:1.0}",
-        "model.think=false",
-        "model.rollout.group_size=2",
-        "model.rollout.max_new_tokens=2",
-        "trainer.max_steps=1",
-        "export=false",
-    ]
-    with pytest.raises(
-        NonFiniteLossError, match=r"model.rewards.mine returned inf for record 'c1' \(.*train.jsonl:2\)"
-    ):
-        train(compose_train(tmp_path, manifest, proc, overrides))
+    stops_naming_the_reward(tmp_path, "test_grpo_review17.InfiniteForSecond", "inf")
 
 
 # ---------------------------------------------------------------------------------------------- the seed
