@@ -209,9 +209,9 @@ def tiny(tmp_path_factory):
     return cfg, processor.pad_token_id, samples
 
 
-def _fit_one_step(cfg, batches, accumulate):  # noqa: ANN001, ANN202
-    """The weights' change (-gradient: SGD, lr 1, no clipping) of one optimizer step over `batches` accumulated,
-    and the logged train/loss."""
+def fit_one_step(cfg, batches, accumulate, plugins=None):  # noqa: ANN001, ANN202
+    """One optimizer step (SGD, lr 1, no clipping) of `cfg.model` over `batches` accumulated, Lightning's
+    `plugins` if given: (the weights' change, -gradient, by parameter name; the trainer)."""
     torch.manual_seed(0)
     lit = hydra.utils.instantiate(cfg.model)
     lit.optimizer = partial(torch.optim.SGD, lr=1.0)
@@ -226,13 +226,19 @@ def _fit_one_step(cfg, batches, accumulate):  # noqa: ANN001, ANN202
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
+        plugins=plugins,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
     trainer.fit(lit, loader)
+    return {n: before[n] - p.detach() for n, p in lit.model.named_parameters()}, trainer
+
+
+def _fit_one_step(cfg, batches, accumulate):  # noqa: ANN001, ANN202
+    """The weights' change (-gradient: SGD, lr 1, no clipping) of one optimizer step over `batches` accumulated,
+    and the logged train/loss."""
+    change, trainer = fit_one_step(cfg, batches, accumulate)
     assert trainer.global_step == 1
-    params = dict(lit.model.named_parameters())
-    change = {n: before[n] - params[n].detach() for n in GRADS}
-    return change, float(trainer.callback_metrics["train/loss"])
+    return {n: change[n] for n in GRADS}, float(trainer.callback_metrics["train/loss"])
 
 
 def test_accumulated_micro_batches_step_as_one_batch_of_them_all(tiny):

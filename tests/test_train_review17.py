@@ -5,13 +5,11 @@ was skipped."""
 from __future__ import annotations
 
 import csv
-from functools import partial
 from pathlib import Path
 
-import hydra
-import lightning as L
 import pytest
 import torch
+from test_loss_review8 import fit_one_step
 from train_fixtures import compose_train, write_dataset, write_processor
 
 from musicflamingo.data.collate import collate
@@ -107,28 +105,10 @@ def test_float16_amp_learns_a_step_whose_last_accumulated_batch_was_skipped(tmp_
     cfg = compose_train(tmp_path, manifest, proc_dir, ["model.nonfinite_loss=skip"])
 
     def one_step(batches, accumulate, amp):  # noqa: ANN001, ANN202
-        torch.manual_seed(0)
-        lit = hydra.utils.instantiate(cfg.model)
-        lit.optimizer = partial(torch.optim.SGD, lr=1.0)
-        before = [p.detach().clone() for p in lit.model.parameters()]
-        plugins = (
-            [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=256.0))] if amp else []
-        )
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=1,
-            accumulate_grad_batches=accumulate,
-            gradient_clip_val=None,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            plugins=plugins,
-        )
-        trainer.fit(lit, torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
-        change = [(a - p.detach()) for a, p in zip(before, lit.model.parameters())]
-        return change, float(trainer.callback_metrics["train/grad_norm"])
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler)] if amp else []
+        change, trainer = fit_one_step(cfg, batches, accumulate, plugins)
+        return list(change.values()), float(trainer.callback_metrics["train/grad_norm"])
 
     reference, norm = one_step([whole], 1, amp=True)
     assert max(float(c.abs().max()) for c in reference) > 0
