@@ -153,7 +153,6 @@ def test_a_stored_lower_bound_is_decoded_again_by_a_processor_keeping_more(
     from musicflamingo.data import index as index_module
 
     monkeypatch.setattr(dataset_module, "DECODED_SECONDS_CAP", 5.0)
-    monkeypatch.setattr(index_module, "DECODED_SECONDS_CAP", 5.0)
     manifest = shutil.copytree(long_aac, tmp_path / "d") / "m.jsonl"
     assert index_module.build_index(manifest, processor).unreadable_audio == 0
     (seconds,) = index_module.StoredIndex.read(manifest.parent / "m.jsonl.index.parquet").seconds()

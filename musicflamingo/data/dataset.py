@@ -315,6 +315,28 @@ def record_seconds(record: Record) -> list[float]:
 DECODED_SECONDS_CAP = 3600.0
 
 
+def decoded_seconds(
+    path: str, sampling_rate: int, offset: float = 0.0, duration: float | None = None
+) -> float:
+    """Seconds of ``path`` (from ``offset``, ``duration`` at most) decoded at ``sampling_rate``, at most
+    :data:`DECODED_SECONDS_CAP`: a value whose ``ceil(seconds * sampling_rate)`` gives back the decoded count of
+    samples exactly (``n / rate * rate`` may round up past ``n``). Raises :class:`AudioError` when it does not
+    decode."""
+    n = int(
+        load_audio(
+            path,
+            sampling_rate=sampling_rate,
+            offset=offset,
+            duration=duration,
+            max_seconds=DECODED_SECONDS_CAP,
+        ).shape[0]
+    )
+    s = min(n / sampling_rate, DECODED_SECONDS_CAP)
+    while math.ceil(s * sampling_rate) > n:
+        s = math.nextafter(s, 0.0)
+    return s
+
+
 def estimate_num_tokens(
     record: Record, dataset: ConversationDataset, seconds: Sequence[float] | None = None
 ) -> int:

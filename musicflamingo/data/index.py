@@ -60,10 +60,9 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from musicflamingo.audio.io import load_audio
 from musicflamingo.data.dataset import (
-    DECODED_SECONDS_CAP,
     ConversationDataset,
+    decoded_seconds,
     estimate_num_tokens,
     record_seconds,
 )
@@ -373,22 +372,9 @@ def _seconds(record: Record, dataset: ConversationDataset) -> list[float]:
         if not math.isnan(s):
             continue
         try:  # decoded further than a run keeps (20 min): a stopped decode's length would count short elsewhere
-            n = int(
-                load_audio(
-                    ref.path,
-                    sampling_rate=rate,
-                    offset=ref.offset,
-                    duration=ref.duration,
-                    max_seconds=DECODED_SECONDS_CAP,
-                ).shape[0]
-            )
+            seconds[k] = decoded_seconds(ref.path, rate, ref.offset, ref.duration)
         except Exception as e:  # the sample names its problem when built; the build's report counts it
             log.debug("%s (%s): %s", ref.path, record.source, e)
-            continue
-        s = min(n / rate, DECODED_SECONDS_CAP)
-        while math.ceil(s * rate) > n:  # n / rate * rate may round up past n
-            s = math.nextafter(s, 0.0)
-        seconds[k] = s
     return seconds
 
 

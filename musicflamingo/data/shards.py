@@ -69,11 +69,11 @@ from typing import Any
 
 import numpy as np
 
-from musicflamingo.audio.io import SAMPLING_RATE, AudioError, load_audio
+from musicflamingo.audio.io import SAMPLING_RATE, AudioError
 from musicflamingo.data.dataset import (
-    DECODED_SECONDS_CAP,
     ConversationDataset,
     audio_seconds,
+    decoded_seconds,
     estimate_num_tokens,
 )
 from musicflamingo.data.manifest import AudioRef, Message, Record, _digests, _position, read_manifest
@@ -205,18 +205,10 @@ def _decoded_seconds(path: str, offset: float, source: str = "") -> float | None
     exactly; :data:`~musicflamingo.data.dataset.DECODED_SECONDS_CAP` at most. None when it does not decode (a bad
     sample when built: warned about, naming ``source``, the record's ``file:line``)."""
     try:
-        n = int(
-            load_audio(
-                path, sampling_rate=SAMPLING_RATE, offset=offset, max_seconds=DECODED_SECONDS_CAP
-            ).shape[0]
-        )
+        return decoded_seconds(path, SAMPLING_RATE, offset)
     except AudioError as e:  # its bytes are written all the same: named now, not first when trained on
         log.warning("%s: %s; written as it is, a bad sample when trained on", source or path, e)
         return None
-    s = n / SAMPLING_RATE
-    while math.ceil(s * SAMPLING_RATE) > n:  # n / rate * rate may round up past n
-        s = math.nextafter(s, 0.0)
-    return s
 
 
 def _record_item(item: tuple[int, dict[str, Any]]) -> str:
