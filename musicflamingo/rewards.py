@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ from musicflamingo.data.synthetic.theory import (
     TIME_SIGNATURES,
     Key,
 )
-from musicflamingo.eval.parsing import parse_choice
+from musicflamingo.eval.parsing import normalize_text, parse_choice
 from musicflamingo.reasoning import ThinkOutput, parse_think
 
 # Record tasks whose answer is a description scored by facts; every other task is a question with one answer.
@@ -48,16 +47,10 @@ _KEEP = "#/"  # kept by normalize_answer: "C# minor" is not "C minor", "3/4" is 
 
 
 def normalize_answer(text: str) -> str:
-    """NFKC, lower case, sharps and flats spelled ``#``/``b``, every character but letters, digits, combining marks,
-    ``#`` and ``/`` -> space, whitespace collapsed. ``"(B) C# minor."`` -> ``"b c# minor"``."""
-    text = unicodedata.normalize("NFKC", str(text)).lower().replace("♯", "#").replace("♭", "b")
-    return " ".join("".join(ch if _kept(ch) else " " for ch in text).split())
-
-
-def _kept(ch: str) -> bool:
-    # marks too: the vowel signs of Devanagari, Thai, Arabic... are no letters, and as spaces they split words
-    # ("संगीत", music, held the phrase "ग त" that "गीत", song, became) or vanished ("ดนตรี" read as "ดนตร")
-    return ch.isalnum() or ch in _KEEP or unicodedata.category(ch)[0] == "M"
+    """eval's :func:`~musicflamingo.eval.parsing.normalize_text` (NFKC, lower case, letters, digits and combining
+    marks kept) keeping ``#`` and ``/`` too, with sharps and flats spelled ``#``/``b``. ``"(B) C# minor."`` ->
+    ``"b c# minor"``."""
+    return normalize_text(str(text).replace("♯", "#").replace("♭", "b"), keep=_KEEP)
 
 
 def _contains(haystack: str, phrase: str) -> bool:

@@ -82,11 +82,14 @@ class ChoiceParse:
     via: str = ""  # which rule fired: "bare", "answer_is", "claim", "letter", "text", "" (none)
 
 
-def normalize_text(text: str) -> str:
-    """Lowercase, NFKC, every character but letters, digits and combining marks -> space, whitespace collapsed.
-    Marks are kept: Thai and Devanagari vowel signs are not alphanumeric, and "ดนตรี" must not read as "ดนตร"."""
+def normalize_text(text: str, keep: str = "") -> str:
+    """Lowercase, NFKC, every character but letters, digits, combining marks and those in ``keep`` -> space,
+    whitespace collapsed. Marks are kept: Thai and Devanagari vowel signs are not alphanumeric, and as spaces they
+    split words ("ดนตรี" read as "ดนตร"; "संगीत", music, held the phrase "गीत", song)."""
     text = unicodedata.normalize("NFKC", str(text)).lower()
-    text = "".join(ch if ch.isalnum() or unicodedata.category(ch)[0] == "M" else " " for ch in text)
+    text = "".join(
+        ch if ch.isalnum() or ch in keep or unicodedata.category(ch)[0] == "M" else " " for ch in text
+    )
     return " ".join(text.split())
 
 
