@@ -201,6 +201,14 @@ class MusicFlamingoProcessor:
         self.audio_bos_token_id = tokenizer.require_id(audio_bos_token)
         self.audio_eos_token_id = tokenizer.require_id(audio_eos_token)
 
+    # The output keys a model forward takes, as transformers' ``model_input_names`` (data collators read it).
+    model_input_names = ["input_features", "input_ids", "attention_mask", "input_features_mask"]
+
+    @property
+    def chat_template(self) -> str:
+        """The Jinja chat template this processor renders (transformers' attribute; ``chat_template.jinja``)."""
+        return chat.build_chat_template(self.default_system_prompt)
+
     # ---------------------------------------------------------------- ids
     @property
     def pad_token_id(self) -> int | None:
@@ -347,7 +355,7 @@ class MusicFlamingoProcessor:
 
     def apply_chat_template(
         self,
-        conversations: Conversation | Sequence[Conversation],
+        conversation: Conversation | Sequence[Conversation],
         tokenize: bool = True,
         add_generation_prompt: bool = True,
         return_dict: bool = True,
@@ -365,7 +373,8 @@ class MusicFlamingoProcessor:
         load_audio_from_video: bool = False,
         **kwargs,
     ):
-        """Render (and by default tokenize) one conversation or a batch of them.
+        """Render (and by default tokenize) one conversation or a batch of them (``conversation``, transformers'
+        name, a list of messages or a list of such lists).
 
         Content items: ``{"type": "text", "text": ...}`` and ``{"type": "audio", "path": ...}`` or
         ``{"type": "audio", "audio": array_or_tensor}`` (16 kHz mono). Returns the rendered string(s) when
@@ -468,9 +477,9 @@ class MusicFlamingoProcessor:
             if refused and tokenize:
                 raise ValueError("; ".join(refused))
             opts.update(kwargs)
-        batched = isinstance(conversations, (list, tuple)) and len(conversations) > 0
-        batched = batched and isinstance(conversations[0], (list, tuple))
-        convs = list(conversations) if batched else [conversations]
+        batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0
+        batched = batched and isinstance(conversation[0], (list, tuple))
+        convs = list(conversation) if batched else [conversation]
         texts = [
             chat.render_chat(
                 c,

@@ -9,12 +9,14 @@ the files in a directory:
 * ``tokenizer.model`` + ``special_tokens.json`` -> :class:`SentencePieceTokenizer`.
 
 Code written against ``transformers``' tokenizer works on :class:`Tokenizer` where the result is the same (tested
-against ``AutoTokenizer`` on the same files in ``tests/test_processor_tok_review17.py``): ``tokenizer(texts,
-padding=True, return_tensors="pt")``, ``convert_tokens_to_ids``, ``convert_ids_to_tokens``, ``get_vocab``,
-``added_tokens_encoder``, ``all_special_ids``, ``bos_token_id``, ``padding_side``, ``batch_decode``, ``decode`` of
-one id or a batch. Differences: ``decode`` skips special tokens by default (keeps them in transformers), ``encode``
-adds nothing by default (``add_special_tokens=True`` there; Qwen2's adds nothing either); truncation is refused and
-``apply_chat_template`` is the processor's. As there, ``vocab_size`` is the base vocabulary (added tokens left out)
+against ``AutoTokenizer`` on the same files in ``tests/test_processor_tok_review17.py`` and ``..._review18.py``):
+``tokenizer(texts, padding=True, return_tensors="pt")`` (also ``truncation=True, max_length=n``,
+``padding="max_length"``, text pairs), ``encode(text, return_tensors="pt")``, ``tokenize``,
+``convert_tokens_to_ids``, ``convert_ids_to_tokens``, ``get_vocab``, ``added_tokens_encoder``, ``add_tokens``,
+``special_tokens_map``, ``all_special_ids``, ``bos_token_id``, ``unk_token``, ``model_max_length``,
+``padding_side``, ``truncation_side``, ``batch_decode``, ``decode`` of one id or a batch. Differences: ``decode``
+skips special tokens by default (keeps them in transformers), ``encode`` adds nothing by default
+(``add_special_tokens=True`` there; Qwen2's adds nothing either); ``apply_chat_template`` is the processor's. As there, ``vocab_size`` is the base vocabulary (added tokens left out)
 and ``len(tokenizer)`` counts every id: size a model's embeddings by ``len(tokenizer)``.
 
 Train a SentencePiece model: ``python -m musicflamingo.tokenizer train --input corpus.txt --vocab-size 2000 --out DIR``.
@@ -35,6 +37,10 @@ import torch
 from musicflamingo.chat import END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS, check_typed_text
 
 logger = logging.getLogger(__name__)
+
+# transformers' model_max_length where tokenizer_config.json sets none, and the bound above which it means no limit
+VERY_LARGE_INTEGER = int(1e30)
+LARGE_INTEGER = int(1e20)
 
 
 class TokenizerError(ValueError):
@@ -100,10 +106,80 @@ class Tokenizer:
     bos_token: str | None = None  # none in Qwen2's and our SentencePiece files
     padding_side: str = "right"  # where __call__ pads (transformers' attribute and default)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    unk_token: str | None = None  # none in Qwen2's files (byte-level BPE needs none)
+    # transformers' default where the files set none (no limit); tokenizer_config.json's model_max_length otherwise
+    model_max_length: int = VERY_LARGE_INTEGER
+    truncation_side: str = "right"  # which end truncation cuts (transformers' attribute and default)
+
+    def encode(
+        self,
+        text: str,
+        text_pair: str | None = None,
+        add_special_tokens: bool = False,
+        *,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+    ) -> list[int] | torch.Tensor | np.ndarray:
         """Token ids of ``text``; special tokens in the text become their single ids; no BOS/EOS added unless
-        ``add_special_tokens`` and the tokenizer file adds some (Qwen2's and our SentencePiece models add none)."""
+        ``add_special_tokens`` and the tokenizer file adds some (Qwen2's and our SentencePiece models add none).
+
+        transformers' ``encode`` keywords give its output: ``text_pair`` (the pair's ids follow the text's, as
+        Qwen2's), ``truncation``/``max_length``/``padding`` (see :meth:`__call__`) and ``return_tensors``
+        (``"pt"``/``"np"``: a ``[1, S]`` int64 tensor/array)."""
+        if isinstance(text_pair, bool):  # encode(text, True): transformers reads a text pair there
+            raise ValueError(
+                f"encode(text, {text_pair!r}): the second argument is text_pair, as in transformers; pass "
+                f"add_special_tokens={text_pair!r} by name"
+            )
+        if not isinstance(text, str) or not (text_pair is None or isinstance(text_pair, str)):
+            # a bare "TextInputSequence must be str" from `tokenizers`; SentencePiece gave a list per string
+            what = text if not isinstance(text, str) else text_pair
+            raise ValueError(
+                f"encode takes one string (and a string text_pair), got {type(what).__name__} {what!r:.60}: for a "
+                "batch use tokenizer(texts)['input_ids']; pre-split tokens: convert_tokens_to_ids"
+            )
+        plain = not padding and truncation is None and max_length is None and return_tensors is None
+        if plain:
+            return self._encode(text, text_pair, add_special_tokens)
+        out = self(
+            text,
+            text_pair,
+            add_special_tokens=add_special_tokens,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+            return_attention_mask=False,
+        )
+        return out["input_ids"]
+
+    def _encode(self, text: str, text_pair: str | None, add_special_tokens: bool) -> list[int]:
         raise NotImplementedError
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return None if self.unk_token is None else self.token_to_id(self.unk_token)
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """transformers' map of the named special tokens that are set (bos, eos, unk, pad), in its order."""
+        names = ("bos_token", "eos_token", "unk_token", "pad_token")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        """transformers' ``add_tokens``: see :meth:`HFTokenizer.add_tokens`; this tokenizer kind cannot."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot add tokens: train it again with them "
+            "(train_sentencepiece(..., special_tokens=[...])), or use a tokenizer.json tokenizer"
+        )
+
+    def tokenize(self, text: str) -> list[str]:
+        """transformers' ``tokenize``: the tokens of ``text`` (``convert_ids_to_tokens`` of its ids)."""
+        return [self.id_to_token(i) for i in self._encode(text, None, False)]
 
     def decode(
         self, ids, skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool | None = None
@@ -169,8 +245,8 @@ class Tokenizer:
 
     @property
     def all_special_tokens(self) -> list[str]:
-        """transformers' list: the named ones (bos, eos, pad) first, then the other special tokens by id."""
-        named = [t for t in (self.bos_token, self.eos_token, self.pad_token) if t is not None]
+        """transformers' list: the named ones (bos, eos, unk, pad) first, then the other special tokens by id."""
+        named = list(self.special_tokens_map.values())
         return list(dict.fromkeys(named + list(self.special_tokens)))
 
     @property
@@ -206,6 +282,8 @@ class Tokenizer:
     def __call__(
         self,
         text: str | Sequence[str],
+        text_pair: str | Sequence[str] | None = None,
+        *,
         padding: bool | str = False,
         truncation: bool | str | None = None,
         max_length: int | None = None,
@@ -216,18 +294,14 @@ class Tokenizer:
     ) -> BatchEncoding:
         """transformers' tokenizer call: ``input_ids`` and ``attention_mask`` of one text (lists of ints) or a batch
         (lists of rows; ``padding=True`` pads them to the longest on ``padding_side``, default
-        :attr:`padding_side`); ``return_tensors="pt"``/``"np"`` gives ``[B, S]`` int64 tensors/arrays. The same
-        output as transformers' on the same files (tested). Truncation and fixed-length padding are refused."""
-        if truncation not in (None, False, "do_not_truncate") or max_length is not None:
-            raise ValueError(
-                f"truncation={truncation!r}, max_length={max_length!r}: not supported here (nothing is cut or padded "
-                "to a fixed length); cut the ids yourself (ids[:n]), or drop truncation=/max_length="
-            )
-        if padding not in (False, None, "do_not_pad", True, "longest"):
-            raise ValueError(
-                f"padding={padding!r} is not supported (True/'longest' pads to the longest row, False pads nothing)"
-            )
+        :attr:`padding_side`; ``"max_length"`` to ``max_length``); ``return_tensors="pt"``/``"np"`` gives ``[B, S]``
+        int64 tensors/arrays. ``truncation=True`` cuts each row to ``max_length`` (default ``model_max_length``) on
+        :attr:`truncation_side`; ``max_length`` alone truncates too, as there. ``text_pair``: each pair's ids follow
+        its text's. The same output as transformers' on the same files (tested)."""
+        padding, cut_to, pad_to = _padding_truncation(self, padding, truncation, max_length)
         side = self.padding_side if padding_side is None else padding_side
+        if self.truncation_side not in ("left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         if return_tensors not in (None, "pt", "np"):
@@ -238,18 +312,35 @@ class Tokenizer:
         texts = [text] if single else list(text) if isinstance(text, (list, tuple)) else None
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
-        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        pairs = [None] * len(texts)
+        if text_pair is not None:
+            pairs = [text_pair] if isinstance(text_pair, str) else list(text_pair)
+            if len(pairs) != len(texts) or not all(isinstance(t, str) for t in pairs):
+                raise ValueError(
+                    f"text_pair must be a string (with one text) or a list of {len(texts)} strings (one per text), "
+                    f"got {text_pair!r:.80}"
+                )
+        rows = [self._encode(t, p, add_special_tokens) for t, p in zip(texts, pairs)]
+        if cut_to is not None and text_pair is not None and any(len(r) > cut_to for r in rows):
+            raise ValueError(
+                f"truncation={truncation!r} of a text pair past {cut_to} tokens is not supported (which text loses "
+                "tokens is a choice): cut each text's ids yourself, or drop truncation=/max_length="
+            )
+        if cut_to is not None:
+            right = self.truncation_side == "right"
+            rows = [r[:cut_to] if right else r[max(len(r) - cut_to, 0) :] for r in rows]
         masks = [[1] * len(r) for r in rows]
-        length = max(len(r) for r in rows)
-        if padding in (True, "longest") and any(len(r) != length for r in rows):
+        length = pad_to if pad_to is not None else max(len(r) for r in rows)
+        if padding and any(len(r) < length for r in rows):
             if self.pad_token_id is None:
                 raise ValueError(
-                    "padding=True: the tokenizer has no pad token (tokenizer_config.json pad_token)"
+                    f"padding={padding!r}: the tokenizer has no pad token (tokenizer_config.json pad_token)"
                 )
             for r, m in zip(rows, masks):
-                fill = length - len(r)
+                fill = max(length - len(r), 0)
                 r[:] = [self.pad_token_id] * fill + r if side == "left" else r + [self.pad_token_id] * fill
                 m[:] = [0] * fill + m if side == "left" else m + [0] * fill
+        length = max(len(r) for r in rows)
         if return_tensors is not None and any(len(r) != length for r in rows):
             raise ValueError(
                 f"return_tensors={return_tensors!r} with rows of {sorted({len(r) for r in rows})} tokens: pass "
@@ -281,6 +372,47 @@ class Tokenizer:
         if idx is None:
             raise TokenizerError(f"token {token!r} is not in the vocabulary of {type(self).__name__}")
         return idx
+
+
+def _padding_truncation(
+    tok: Tokenizer, padding, truncation, max_length
+) -> tuple[str | None, int | None, int | None]:
+    """transformers' padding and truncation rules for rows of one text: ``(padding, cut_to, pad_to)``, padding
+    ``None``, ``"longest"`` or ``"max_length"``. As there: ``max_length`` alone truncates; ``padding=True`` ignores
+    ``max_length``; without ``max_length`` truncation and ``"max_length"`` padding use ``model_max_length``, and do
+    nothing when the files set none. (A text pair that would be cut is refused in :meth:`Tokenizer.__call__`.)"""
+    if max_length is not None and (
+        not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1
+    ):
+        raise ValueError(f"max_length={max_length!r}: expected a positive whole number of tokens")
+    if max_length is not None and padding is False and truncation is None:
+        truncation = "longest_first"
+    if padding in (False, None, "do_not_pad"):
+        pad = None
+    elif padding is True or padding == "longest":
+        pad = "longest"
+    elif padding == "max_length":
+        pad = "max_length"
+    else:
+        raise ValueError(
+            f"padding={padding!r} is not supported (True/'longest' pads to the longest row, 'max_length' to "
+            "max_length, False pads nothing)"
+        )
+    if truncation in (None, False, "do_not_truncate"):
+        cut = False
+    elif truncation is True or truncation in ("longest_first", "only_first"):
+        cut = True
+    else:
+        raise ValueError(
+            f"truncation={truncation!r} is not supported (True/'longest_first'/'only_first' cut each row to "
+            "max_length, False cuts nothing)"
+        )
+    length = max_length
+    if length is None and tok.model_max_length <= LARGE_INTEGER:
+        length = tok.model_max_length
+    if length is None:  # no limit in the files: transformers neither cuts nor pads to a length
+        cut, pad = False, None if pad == "max_length" else pad
+    return pad, length if cut else None, length if pad == "max_length" else None
 
 
 def _check_unicode(text: object) -> None:
@@ -338,6 +470,19 @@ class HFTokenizer(Tokenizer):
             pad = END_OF_TEXT
         self.eos_token, self.pad_token = eos, pad
         self.bos_token = _token_str(self.config.get("bos_token"), "bos_token")
+        self.unk_token = _token_str(self.config.get("unk_token"), "unk_token")
+        limit = self.config.get("model_max_length")
+        if limit is not None:
+            if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit >= 1:
+                raise TokenizerError(
+                    f"tokenizer_config.json: model_max_length={limit!r}: expected a positive number of tokens"
+                )
+            self.model_max_length = int(limit) if limit < VERY_LARGE_INTEGER else VERY_LARGE_INTEGER
+        self.truncation_side = self.config.get("truncation_side") or "right"
+        if self.truncation_side not in ("left", "right"):
+            raise TokenizerError(
+                f"tokenizer_config.json: truncation_side={self.truncation_side!r}: expected 'left' or 'right'"
+            )
         self.padding_side = self.config.get("padding_side") or "right"  # null: transformers' default
         if self.padding_side not in ("left", "right"):
             raise TokenizerError(
@@ -363,12 +508,29 @@ class HFTokenizer(Tokenizer):
                 raise TokenizerError(f"{d / str(e)}") from None
             raise
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def _encode(self, text: str, text_pair: str | None, add_special_tokens: bool) -> list[int]:
         try:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+            return self._tok.encode(text, text_pair, add_special_tokens=add_special_tokens).ids
         except TypeError:  # what `tokenizers` raises for a lone surrogate
             _check_unicode(text)
+            _check_unicode(text_pair)
             raise
+
+    def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        """transformers' ``add_tokens`` (a token, a list, strings or ``tokenizers.AddedToken``): the number of new
+        ids, each after the last (``len(tokenizer)`` grows: resize the model's embeddings to it). A token added
+        before is not added again. ``special_tokens=True`` adds them as special (one id in any text, skipped
+        by ``decode(skip_special_tokens=True)``). :meth:`save` writes them where transformers reads them."""
+        if not new_tokens:
+            return 0
+        if not isinstance(new_tokens, (list, tuple)):
+            new_tokens = [new_tokens]
+        added = (
+            self._tok.add_special_tokens(new_tokens) if special_tokens else self._tok.add_tokens(new_tokens)
+        )
+        decoder = self._tok.get_added_tokens_decoder()
+        self.special_tokens = tuple(t.content for _, t in sorted(decoder.items()) if t.special)
+        return added
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -408,6 +570,20 @@ class HFTokenizer(Tokenizer):
         if self.padding_side != "right":  # transformers' default is not written
             config["padding_side"] = self.padding_side
         config["bos_token"] = self.bos_token
+        if "added_tokens_decoder" in config:
+            # transformers follows this list where there is one: tokens added since loading must be in it (it
+            # would read them as text pieces); transformers 5 writes none, and reads tokenizer.json's
+            config["added_tokens_decoder"] = {
+                str(i): {
+                    "content": t.content,
+                    "lstrip": t.lstrip,
+                    "normalized": t.normalized,
+                    "rstrip": t.rstrip,
+                    "single_word": t.single_word,
+                    "special": t.special,
+                }
+                for i, t in sorted(self._tok.get_added_tokens_decoder().items())
+            }
         config.setdefault("clean_up_tokenization_spaces", False)
         config.setdefault("split_special_tokens", False)
         (d / "tokenizer_config.json").write_text(
@@ -456,6 +632,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.special_tokens = tuple(special.get("special_tokens", SPECIAL_TOKENS))
         self.pad_token = special.get("pad_token", END_OF_TEXT)
         self.eos_token = special.get("eos_token", END_OF_TURN)
+        self.unk_token = self._sp.id_to_piece(self._sp.unk_id())  # never made: byte fallback covers any text
         for t in self.special_tokens:
             idx = self._sp.piece_to_id(t)
             if idx == self._sp.unk_id() or self._sp.id_to_piece(idx) != t:
@@ -466,12 +643,14 @@ class SentencePieceTokenizer(Tokenizer):
         d = Path(directory)
         return cls(d / "tokenizer.model", read_json_object(d / cls.SPECIAL_FILE))
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        # add_special_tokens adds nothing: the model has no BOS/EOS pieces (bos_id=eos_id=-1)
+    def _encode(self, text: str, text_pair: str | None, add_special_tokens: bool) -> list[int]:
+        # add_special_tokens adds nothing: the model has no BOS/EOS pieces (bos_id=eos_id=-1); a pair's ids follow
         try:
-            return list(self._sp.encode(text, out_type=int))
+            ids = list(self._sp.encode(text, out_type=int))
+            return ids if text_pair is None else ids + list(self._sp.encode(text_pair, out_type=int))
         except RuntimeError:  # what sentencepiece's binding raises for a lone surrogate
             _check_unicode(text)
+            _check_unicode(text_pair)
             raise
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:

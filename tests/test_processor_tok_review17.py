@@ -125,10 +125,10 @@ def test_tokenizer_refusals_name_what_to_use(ours):
         NotImplementedError, match=r"processor.apply_chat_template\(conversation, tokenize=False"
     ):
         tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    with pytest.raises(ValueError, match=r"truncation=True, max_length=4: not supported.*ids\[:n\]"):
-        tok(TEXTS, truncation=True, max_length=4)
-    with pytest.raises(ValueError, match=r"padding='max_length' is not supported"):
-        tok(TEXTS, padding="max_length")
+    with pytest.raises(ValueError, match=r"truncation='only_second' is not supported"):
+        tok(TEXTS, truncation="only_second", max_length=4)
+    with pytest.raises(ValueError, match=r"padding='max_len' is not supported"):
+        tok(TEXTS, padding="max_len")
     with pytest.raises(ValueError, match=r"return_tensors='pt' with rows of .* tokens: pass padding=True"):
         tok(TEXTS, return_tensors="pt")
     with pytest.raises(ValueError, match=r"text must be a string or a non-empty list of strings"):
