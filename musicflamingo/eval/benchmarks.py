@@ -84,7 +84,8 @@ LAYOUTS = {
     "anywhere under <root>",
     "jamendolyrics": "<root>/JamendoLyrics.csv + <root>/mp3/<name>.mp3 (the Hugging Face copy: <root>/subsets/"
     "<lang>/mp3/) + <root>/lyrics/<name>.txt; Jam-ALT (Hugging Face jamendolyrics/jam-alt): <root>/metadata.csv + "
-    "<root>/audio/<name>.mp3 + <root>/lyrics/<name>.txt",
+    "<root>/audio/<name>.mp3 + <root>/lyrics/<name>.txt, or <root>/metadata.jsonl (or subsets/<lang>/metadata.jsonl) "
+    "+ subsets/<lang>/audio/<name>.mp3",
     "opencpop": "<root>/segments/test.txt (uid|text|phonemes|...) + <root>/segments/wavs/<uid>.wav",
     "musdb18_lyrics": "<root>/<split>/<track name>.txt (MUSDB18 lyrics extension) + benchmark.audio_dir = MUSDB18 "
     "(<split>/<track name>.stem.mp4) or MUSDB18-HQ (<split>/<track name>/mixture.wav)",
@@ -1410,9 +1411,15 @@ def read_lyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     return items
 
 
+def _language_code(language: str) -> str:
+    """JamendoLyrics' "English" and Jam-ALT's "en" alike as "en" (an unknown name lowercased)."""
+    return LANGUAGE_CODES.get(language.strip().lower(), language.strip().lower())
+
+
 def _same_language(wanted: str, language: str) -> bool:
-    """``languages: [English]``, ``[english]`` and ``[en]`` all keep JamendoLyrics' "English" rows."""
-    return wanted.lower() in (language.lower(), LANGUAGE_CODES.get(language.lower()))
+    """``languages: [English]``, ``[english]`` and ``[en]`` all keep JamendoLyrics' "English" rows and Jam-ALT's
+    ``metadata.jsonl`` rows of language "en"."""
+    return _language_code(wanted) == _language_code(language)
 
 
 def _jamendo_audio(folder: Path, filepath: str, lang: str, index: dict[str, str]) -> str:
@@ -1431,17 +1438,76 @@ def _jamendo_audio(folder: Path, filepath: str, lang: str, index: dict[str, str]
     return index.get(unicodedata.normalize("NFC", filepath)) or str(_find(folder / "mp3", filepath))
 
 
+def _jam_alt_jsonl(cfg: Mapping[str, Any]) -> list[Path]:
+    """Jam-ALT's ``metadata.jsonl`` files when the folder has no CSV table (since v1.2 on the Hugging Face Hub):
+    ``<root>/metadata.jsonl`` (every song), else every ``<root>/subsets/<lang>/metadata.jsonl`` (a download of the
+    language subsets alone, or ``benchmark.root`` a subset folder); none when ``benchmark.file`` names a file."""
+    root = _root(cfg)
+    if root.is_file() or cfg.get("file"):
+        return []
+    if (root / "metadata.jsonl").is_file():
+        return [root / "metadata.jsonl"]
+    return sorted(root.glob("subsets/*/metadata.jsonl"))
+
+
+def _jam_alt_rows(cfg: Mapping[str, Any], paths: list[Path], read: ReadLog) -> list[EvalItem]:
+    """Jam-ALT's ``metadata.jsonl`` rows (the Hugging Face audio-folder layout): ``file_name`` (the audio, relative
+    to the file's folder: ``subsets/<lang>/audio/<name>.mp3`` at the top, ``audio/<name>.mp3`` in a subset),
+    ``name``, ``text`` (the revised lyrics, line and section breaks kept) and ``language`` (``en``, ``de``, ``fr``,
+    ``es``); other fields (``lines``, ``words``, ``license_type``...) are not read."""
+    read.source = ", ".join(map(str, paths))
+    index: dict[str, str] = {}
+    items = []
+    for path in paths:
+        for _, where, rec in read_records(path):
+            read.rows += 1
+            language = _field(rec, "language", where)
+            if not read.keep("languages", cfg.get("languages"), language, "language", _same_language):
+                continue
+            file_name = _field(rec, "file_name", where)
+            audio = Path(_resolve(file_name, path.parent))
+            name = str(rec.get("name") or "").strip() or audio.stem
+            lang = _language_code(language)
+            if not audio.is_file():
+                # a copy laid out otherwise (the older Jam-ALT folders), else reported at file_name's path
+                found = Path(_jamendo_audio(path.parent, audio.name, lang, index))
+                audio = found if found.is_file() else audio
+            items.append(_lyrics_item(cfg, name, str(audio), _field(rec, "text", where), lang))
+            items[-1].meta["scorer"] = "alt-eval"
+    return items
+
+
 def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     """JamendoLyrics MultiLang (github.com/f90/jamendolyrics): ``JamendoLyrics.csv`` (``URL, Filepath, Artist,
     Title, Genre, LicenseType, Language, LyricOverlap, Polyphonic, NonLexical``) + ``mp3/<Filepath>`` +
     ``lyrics/<name>.txt`` (the normalised lyrics; ``<name>.words.txt`` is the word list for alignment). The
     Hugging Face copy (jamendolyrics/jamendolyrics) keeps the audio in ``subsets/<lang>/mp3/``. Jam-ALT
     (jamendolyrics/jam-alt, the revised transcripts of the same songs) ships ``metadata.csv`` (the same columns) +
-    ``audio/<Filepath>`` + ``lyrics/<name>.txt``, and is read when there is no ``JamendoLyrics.csv``. Whole songs
-    are transcribed. ``languages`` keeps some (English, German, French, Spanish); ids are the names."""
-    path = _locate(cfg, ["JamendoLyrics.csv", "metadata.csv"], "JamendoLyrics.csv")
+    ``audio/<Filepath>`` + ``lyrics/<name>.txt``, and is read when there is no ``JamendoLyrics.csv``; since v1.2
+    also ``metadata.jsonl`` + ``subsets/<lang>/{metadata.jsonl,audio/}``, read whenever there (the table its
+    Hugging Face loader reads, :func:`_jam_alt_rows`). Jam-ALT's items are also scored by its own scorer, alt-eval (``meta["scorer"]``).
+    Whole songs are transcribed. ``languages`` keeps some (English, German, French, Spanish, or their codes);
+    ids are the names."""
+    try:
+        path = _locate(cfg, ["JamendoLyrics.csv", "metadata.csv"], "JamendoLyrics.csv")
+    except BenchmarkError:
+        jsonl = _jam_alt_jsonl(cfg)
+        if not jsonl:
+            raise
+        return _jam_alt_rows(cfg, jsonl, read)
+    if path.suffix.lower() == ".jsonl":  # benchmark.file / benchmark.root naming Jam-ALT's metadata.jsonl
+        return _jam_alt_rows(cfg, [path], read)
+    if (
+        path.name.lower() == "metadata.csv"
+        and not cfg.get("file")
+        and (path.parent / "metadata.jsonl").is_file()
+    ):
+        # Jam-ALT since v1.2 keeps metadata.csv and lyrics/ beside metadata.jsonl, the table its Hugging Face
+        # loader (load_dataset, as alt-eval's README scores it) reads: the release's current text
+        return _jam_alt_rows(cfg, [path.parent / "metadata.jsonl"], read)
     read.source = str(path)
     folder = path.parent
+    jam_alt = path.name.lower() == "metadata.csv"  # Jam-ALT's table (revised, formatted lyrics)
     index: dict[str, str] = {}
     items = []
     for _, where, rec in read_records(path):
@@ -1457,8 +1523,10 @@ def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
                 f"{where}: lyrics file {lyrics} not found; expected layout: {LAYOUTS['jamendolyrics']}"
             )
         text = _read_text(lyrics)
-        lang = LANGUAGE_CODES.get(language.lower(), language.lower())
+        lang = _language_code(language)
         items.append(_lyrics_item(cfg, name, _jamendo_audio(folder, filepath, lang, index), text, lang))
+        if jam_alt:
+            items[-1].meta["scorer"] = "alt-eval"
     return items
 
 
@@ -1672,6 +1740,12 @@ FORMAT_KEYS: dict[str, frozenset[str]] = {
 }
 
 
+# configs/eval.yaml's top-level settings a benchmark does not take (named when typed as benchmark.<key>)
+EVAL_SETTINGS = frozenset(
+    {"limit", "batch_size", "sort_by_length", "think", "stop", "system_prompt", "tag", "dtype", "device"}
+)
+
+
 def check_benchmark_keys(cfg: Mapping[str, Any]) -> None:
     """Refuse a benchmark setting that ``cfg["format"]`` does not read, naming the close spelling it may be. With
     ``format=classification`` (a JSONL of yours on a GTZAN, NSynth or Medley-solos-DB config) the keys of those
@@ -1684,9 +1758,11 @@ def check_benchmark_keys(cfg: Mapping[str, Any]) -> None:
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(key, sorted(known), n=1)
+        # eval.yaml's own settings typed under benchmark. (+benchmark.limit=2 limited nothing)
+        top = f" (did you mean {key}=..., a setting of eval.py itself?)" if key in EVAL_SETTINGS else ""
         raise BenchmarkError(
             f"benchmark.{key}: benchmark {cfg.get('name', fmt)} (format {fmt}) has no such setting"
-            + (f" (did you mean benchmark.{close[0]}?)" if close else "")
+            + (top or (f" (did you mean benchmark.{close[0]}?)" if close else ""))
             + f"; it reads: {', '.join(sorted(known))}"
         )
 
@@ -1744,7 +1820,7 @@ def build_benchmark(cfg: Mapping[str, Any]) -> Benchmark:
         )
     missing = [it for it in items if not Path(it.audio).is_file()]
     if missing and not cfg.get("skip_missing_audio", False):
-        shown = ", ".join(it.audio for it in missing[:3])
+        shown = ", ".join(f"item {it.id!r}: {it.audio}" for it in missing[:3])
         raise BenchmarkError(
             f"benchmark {name}: {len(missing)} of {len(items)} audio files not found (e.g. {shown}); expected "
             f"layout: {LAYOUTS.get(str(fmt), 'see docs/evaluation.md')}; fix benchmark.root / benchmark.audio_dir "
@@ -1752,10 +1828,11 @@ def build_benchmark(cfg: Mapping[str, Any]) -> Benchmark:
         )
     if missing:
         log.warning(
-            "benchmark %s: dropping %d of %d items whose audio is missing (e.g. %s)",
+            "benchmark %s: dropping %d of %d items whose audio is missing (e.g. item %r: %s)",
             name,
             len(missing),
             len(items),
+            missing[0].id,
             missing[0].audio,
         )
         gone = {it.id for it in missing}

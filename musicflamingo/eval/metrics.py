@@ -8,6 +8,7 @@ sacrebleu's 0..100. The rules are written down in docs/evaluation.md.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections import defaultdict
@@ -295,6 +296,33 @@ def error_rate(references: Sequence[str], hypotheses: Sequence[str], *, cer: boo
     return float(jiwer.wer(refs, hyps))
 
 
+# alt-eval's compute_metrics keys kept in a lyrics summary: the Jam-ALT paper's WER, case-sensitive WER
+# (WER_case) and the precision / recall / F1 of punctuation, parentheses, line and section breaks
+ALT_EVAL_KEYS = (
+    *("WER", "MER", "WIL", "WER_case", "ER_case", "hits", "substitutions", "deletions", "insertions"),
+    *(f"{m}_{t}" for t in ("punc", "pare", "line", "sect") for m in ("P", "R", "F1")),
+)
+
+
+def alt_eval_scores(references: Sequence[str], hypotheses: Sequence[str], languages: Sequence[str]) -> dict:
+    """Jam-ALT's own metrics: ``alt_eval.compute_metrics`` (github.com/audioshake/alt-eval, the scorer of the
+    Jam-ALT paper) on the raw texts, line breaks and punctuation kept, as ``{n, <ALT_EVAL_KEYS>}``; a rate with
+    nothing to count (NaN there: no parenthesis in any text) is None. Without the package: ``{n, error}``."""
+    try:
+        from alt_eval import compute_metrics
+    except ImportError:
+        return {
+            "n": len(references),
+            "error": "alt-eval is not installed (pip install alt-eval): Jam-ALT's metrics were not computed",
+        }
+    scores = compute_metrics(list(references), [str(h or "") for h in hypotheses], languages=list(languages))
+    out: dict[str, Any] = {"n": len(references)}
+    for key in ALT_EVAL_KEYS:
+        value = scores.get(key)
+        out[key] = None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    return out
+
+
 def score_lyrics(
     items: Sequence[EvalItem], preds: Sequence[str], cer_languages: Sequence[str] | str = CER_LANGUAGES
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -349,6 +377,22 @@ def score_lyrics(
         "cer_language_codes": sorted({str(items[i].meta.get("language", "en")) for i in char_idx}),
         "per_language": per_language,
     }
+    # Jam-ALT's references keep case, punctuation and line breaks: its own scorer's metrics too, overall and per
+    # language (the paper's tables), over the items scored above
+    jam_alt = [i for i in scored if items[i].meta.get("scorer") == "alt-eval"]
+    if jam_alt:
+
+        def alt(idx: Sequence[int]) -> dict[str, Any]:
+            langs = [str(items[i].meta.get("language", "en")) for i in idx]
+            return alt_eval_scores([items[i].answer for i in idx], [preds[i] for i in idx], langs)
+
+        summary["alt_eval"] = alt(jam_alt)
+        if "error" not in summary["alt_eval"]:
+            langs = sorted({str(items[i].meta.get("language", "en")) for i in jam_alt})
+            summary["alt_eval"]["per_language"] = {
+                lang: alt([i for i in jam_alt if str(items[i].meta.get("language", "en")) == lang])
+                for lang in langs
+            }
     return summary, rows
 
 

@@ -402,7 +402,38 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                 ["language", "n", "metric", "error"],
                 [[k, v["n"], v["metric"], _num(v["error"])] for k, v in s.get("per_language", {}).items()],
             )
+            if s.get("alt_eval"):
+                out += _alt_eval_table(s["alt_eval"])
     return "\n".join(out) + "\n"
+
+
+ALT_EVAL_COLUMNS = (
+    ("WER", "WER"),
+    ("WER_case", "WER (case)"),
+    ("F1_punc", "F1 punct."),
+    ("F1_pare", "F1 paren."),
+    ("F1_line", "F1 line br."),
+    ("F1_sect", "F1 section br."),
+)
+
+
+def _alt_eval_table(a: Mapping[str, Any]) -> list[str]:
+    """Jam-ALT's own metrics (alt-eval), overall and per language, as its paper reports them (percentages)."""
+    out = ["", f"### Jam-ALT metrics (alt-eval, {a.get('n', 0)} items)", ""]
+    if a.get("error"):
+        return out + [a["error"]]
+    rows = [["all", a.get("n", 0), *(_pct(a.get(k)) for k, _ in ALT_EVAL_COLUMNS)]]
+    rows += [
+        [lang, v.get("n", 0), *(_pct(v.get(k)) for k, _ in ALT_EVAL_COLUMNS)]
+        for lang, v in (a.get("per_language") or {}).items()
+    ]
+    out += _table(["language", "n", *(title for _, title in ALT_EVAL_COLUMNS)], rows)
+    out += [
+        "",
+        "alt-eval tokenises with Moses (contractions split, case and punctuation kept as tokens), so its WER is "
+        "not our WER above; results.json's `alt_eval` holds every precision and recall.",
+    ]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
