@@ -11,6 +11,7 @@ Every problem raises :class:`AudioError` (a ``ValueError``) naming the source an
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -19,7 +20,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,7 +162,12 @@ class _NoLength(Exception):
 
 
 class _Damaged(Exception):
-    """soundfile read the header but stopped in the frames (a truncated or damaged file)."""
+    """soundfile read the header but stopped in the frames (a truncated or damaged file). ``partial``: what it
+    decoded before it stopped, as ``_decode_soundfile`` returns it, where kept when no other decoder reads more."""
+
+    def __init__(self, message: str, partial: tuple[np.ndarray, int] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 # MPEG audio frame headers: kbit/s by [MPEG-1?][layer] and index 1-14; Hz by version (3: MPEG-1, 2: 2, 0: 2.5).
@@ -251,7 +259,100 @@ def _promised_frames(f) -> int | None:
     return None
 
 
+# Openings of formats libsndfile reads with decoders of its own: no libmpg123 behind them
+_NOT_MPEG = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM", b"caff", b"wvpk", b".snd")
+# what libmpg123 prints: "Note: Illegal Audio-MPEG-Header ...", "[src/libmpg123/parse.c:wetwork():1349] error: ..."
+_MPG123_LINE = re.compile(r"(Note: |\[[^\]]*mpg123[^\]]*\] |\[[^\]]*\.c:\w+\(\):\d+\] )")
+_stderr_lock = threading.Lock()  # fd 2 is the process's: one capture at a time
+
+
+def _new_stderr_lock() -> None:  # a process forked while another thread held it would wait for it for ever
+    global _stderr_lock
+    _stderr_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_stderr_lock)
+
+
+@contextlib.contextmanager
+def _mpg123_notes(path: str, data: bytes | None = None) -> Iterator[list[str]]:
+    """Capture what libmpg123 (libsndfile's MP3 decoder) prints on C's stderr while the block runs: a damaged MP3
+    printed its resync notes at every header read and every decode (thousands of lines for a folder of bad
+    files), beside our own warning naming the file. The list yielded is filled with its lines at exit; anything
+    else written to stderr meanwhile (another thread's log) is written there after. A file that opens as another
+    format libsndfile reads (WAV, FLAC, Ogg, AIFF) is not captured."""
+    notes: list[str] = []
+    if data is not None:
+        head = data[:4]
+    else:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+        except OSError:
+            head = b""
+    if head in _NOT_MPEG:
+        yield notes
+        return
+    with _stderr_lock, contextlib.ExitStack() as stack:
+        try:  # no stderr to capture, or no temporary file: libmpg123 prints as it did
+            tmp = stack.enter_context(tempfile.TemporaryFile())
+            saved = os.dup(2)
+        except OSError:
+            yield notes
+            return
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield notes
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            others = []
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                (notes if _MPG123_LINE.match(line) else others).append(line)
+            if others:
+                os.write(2, "".join(others).encode())
+            notes[:] = [n.strip() for n in notes]
+
+
 def _read_soundfile(
+    path: str, offset: float, seconds: float | None, target: int, data: bytes | None = None
+) -> tuple[np.ndarray, int]:
+    """:func:`_decode_soundfile` with libmpg123's notes captured (:func:`_mpg123_notes`): a file it resynced in is
+    named once in a warning (the first note with it), not in a note per bad frame; one it gave up in is
+    :class:`_Damaged` (ffmpeg decodes it), the note in the reason."""
+    error: Exception | None = None
+    with _mpg123_notes(path, data) as notes:
+        try:
+            x, left = _decode_soundfile(path, offset, seconds, target, data)
+        except (_NoLength, AudioError):
+            raise
+        except Exception as e:  # _Damaged, or libsndfile refusing to open it
+            error = e
+    if isinstance(error, _Damaged):
+        said = f"{error}; libmpg123: {notes[0]}" if notes else str(error)
+        raise _Damaged(said, error.partial) from None
+    if error is not None and notes:
+        # libsndfile said "File does not exist" of a file whose first frames are bad
+        raise _Damaged(f"libmpg123: {notes[0]}") from None
+    if error is not None:
+        raise error
+    if notes:
+        logger.warning(
+            "Audio %s is damaged: its MP3 decoder skipped bad frames (%d notes, first: %s); decoded %.2f s.",
+            path,
+            len(notes),
+            notes[0],
+            x.shape[0] / target,
+        )
+    return x, left
+
+
+def _decode_soundfile(
     path: str, offset: float, seconds: float | None, target: int, data: bytes | None = None
 ) -> tuple[np.ndarray, int]:
     """Mono float32 at ``target`` Hz of ``[offset, offset + seconds)`` (``None``: to the end) and how many samples
@@ -330,6 +431,12 @@ def _read_soundfile(
             raise _Damaged(f"{e} (its header says {frames / sr:.2f} s)") from None
         # A WAV or AIFF cut short: libsndfile takes the length the file holds, its log the one the header says.
         promised = _promised_frames(f) if whole else None
+        mp3 = f.format == "MP3"
+    if mp3 and n_in - got > sr // 10:
+        # libmpg123 gave up at a damaged frame (ffmpeg resyncs past it), or a download was cut
+        partial = (x[:got] if out is None else out.samples(got), n_full - out_start)
+        at = f"it stopped at {(first + got) / sr:.2f} s (its header says {frames / sr:.2f} s)"
+        raise _Damaged(at, partial)
     if n_in - got > sr // 10:  # a download cut short: the header promises more than decodes
         promised = frames
     if promised is not None and promised - (first + got) > sr // 10:
@@ -442,6 +549,7 @@ def load_audio(
     max_seconds: float | None = None,
     data: bytes | None = None,
     source: str | None = None,
+    warn_cut: bool = True,
 ) -> np.ndarray:
     """Decode ``[offset, offset + duration)`` seconds of an audio file to mono float32 ``[T]`` at ``sampling_rate``.
 
@@ -460,6 +568,7 @@ def load_audio(
             Decoded exactly as the file would be.
         source: where the segment was asked for (a manifest's ``file:line``), named beside the file when the segment
             runs past the file's end.
+        warn_cut: log the cut to ``max_seconds`` (False where the cap is a bound on a measurement, not audio kept).
 
     Raises:
         AudioError: missing or undecodable file, a sample rate outside 1-384 kHz, bad offset/duration, empty or
@@ -523,6 +632,16 @@ def load_audio(
                 e,
                 x.shape[0] / sampling_rate,
             )
+        if x is None and isinstance(e, _Damaged) and e.partial is not None:
+            x, left = e.partial  # what libmpg123 decoded before it stopped, as before ffmpeg was asked
+            logger.warning(
+                "Audio %s is truncated or damaged: soundfile stopped reading it (%s) and no other decoder read it "
+                "(%s); keeping the %.2f s decoded.",
+                name,
+                e,
+                "; ".join(errors[1:]),
+                x.shape[0] / sampling_rate,
+            )
         if x is None and isinstance(e, _NoLength) and not str(e).startswith("an MP3"):
             others = "; ".join(errors[1:])  # a header saying 0 frames, and no other decoder
             raise AudioError(f"{name}: audio is empty (0 samples by its header; {others})") from None
@@ -553,7 +672,8 @@ def load_audio(
     if capped and (x.shape[0] > keep or (left is not None and left > keep)):
         known = [s for s in (duration, None if left is None else left / sampling_rate) if s is not None]
         length = f"{min(known):.1f} s" if known else f"more than {max_seconds:g} s"
-        logger.warning("Audio %s lasts %s: keeping its first %g s.", name, length, max_seconds)
+        if warn_cut:
+            logger.warning("Audio %s lasts %s: keeping its first %g s.", name, length, max_seconds)
         x = x[:keep]
     if x.shape[0] == 0:
         # The span is named when it is what holds nothing: not for a file empty from 0 s, whatever was asked
@@ -579,7 +699,8 @@ def audio_duration(
     import soundfile as sf
 
     try:
-        info = sf.info(os.path.expanduser(os.fspath(path)))
+        with _mpg123_notes(os.path.expanduser(os.fspath(path))):  # the decode names a damaged file
+            info = sf.info(os.path.expanduser(os.fspath(path)))
     except Exception:  # whatever libsndfile refuses; load_audio reports real problems later
         return None
     if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE or info.frames <= 0:

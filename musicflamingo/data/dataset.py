@@ -24,6 +24,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,10 @@ class BadSampleTracker:
         self.bad = {(d["source"], d["index"]): BadSample(**d) for d in state.get("bad", [])}
 
 
+# (audio path, offset) of the files this process has warned are cut to the kept seconds
+_cut_warned: set[tuple[str, float]] = set()
+
+
 class ConversationDataset(Dataset):
     """Map-style dataset of :class:`~musicflamingo.data.manifest.Record` -> per-sample dicts.
 
@@ -206,7 +211,8 @@ class ConversationDataset(Dataset):
         from the bytes :meth:`_audio_bytes` gives; ``source`` (the record's ``file:line``) is named in the warning
         for a segment past the file's end."""
         p = self.processor
-        return load_audio(
+        key = (ref.path, ref.offset)  # warned once per file: not at each epoch, nor for each record of a song
+        x = load_audio(
             ref.path,
             sampling_rate=p.sampling_rate,
             offset=ref.offset,
@@ -214,7 +220,11 @@ class ConversationDataset(Dataset):
             max_seconds=p.kept_seconds,
             data=self._audio_bytes(ref),
             source=source or None,
+            warn_cut=key not in _cut_warned,
         )
+        if x.shape[0] >= round(p.kept_seconds * p.sampling_rate) and len(_cut_warned) < 100_000:
+            _cut_warned.add(key)  # as long as the kept seconds: it was cut (and warned about) or ends there
+        return x
 
     def _audio_bytes(self, ref: AudioRef) -> bytes | None:
         """The encoded file of ``ref`` when it is already in memory (the shard dataset's), else None: read the file."""
@@ -222,7 +232,13 @@ class ConversationDataset(Dataset):
 
     def _load(self, ref: AudioRef, source: str | None = None) -> np.ndarray:
         p = self.processor
-        x = self._decode(ref, source)
+        try:
+            x = self._decode(ref, source)
+        except AudioError as e:
+            hint = relative_path_hint(ref.path, source) if str(e).endswith("audio file not found") else ""
+            if hint:
+                raise AudioError(f"{e} {hint}") from None
+            raise
         if x.shape[0] < self.min_audio_seconds * p.sampling_rate:
             raise _SampleProblem(
                 f"{ref.path}: audio lasts {x.shape[0] / p.sampling_rate:.3f} s, shorter than "
@@ -281,6 +297,25 @@ class ConversationDataset(Dataset):
         return out.tolist()
 
 
+def relative_path_hint(path: str, source: str | None) -> str:
+    """For an audio file not found at ``path`` (resolved against the folder of the manifest that ``source``,
+    ``manifest:line``, names), a sentence saying so when the path as written names a file from the working
+    directory (a manifest written with paths relative to where it was made); else ""."""
+    if not source or ":" not in source:
+        return ""
+    folder = Path(source.rsplit(":", 1)[0]).parent
+    try:
+        written = Path(path).relative_to(folder)
+    except ValueError:  # resolved against data.audio_root, or absolute
+        return ""
+    if written.is_absolute() or not written.is_file():
+        return ""
+    return (
+        f"(relative audio paths resolve against the manifest's folder, {folder}{os.sep}, not the working "
+        f"directory, where {written} is a file: write paths relative to the manifest, or set data.audio_root)"
+    )
+
+
 def chat_messages(messages: Sequence[Message]) -> Conversation:
     """Manifest messages as chat messages (``{"role", "content"}`` dicts)."""
     return [{"role": m.role, "content": m.content} for m in messages]
@@ -315,26 +350,58 @@ def record_seconds(record: Record) -> list[float]:
 DECODED_SECONDS_CAP = 3600.0
 
 
+# decoded_seconds' results in this process (an index build's worker, a shard writer): (file, its size and mtime,
+# rate, offset, duration, cap) -> seconds, or the AudioError message of a file that does not decode
+_decoded: dict[tuple, float | str] = {}
+_DECODED_KEPT = 65536  # results held at most (a few MiB)
+
+
 def decoded_seconds(
     path: str, sampling_rate: int, offset: float = 0.0, duration: float | None = None
 ) -> float:
     """Seconds of ``path`` (from ``offset``, ``duration`` at most) decoded at ``sampling_rate``, at most
     :data:`DECODED_SECONDS_CAP`: a value whose ``ceil(seconds * sampling_rate)`` gives back the decoded count of
     samples exactly (``n / rate * rate`` may round up past ``n``). Raises :class:`AudioError` when it does not
-    decode."""
-    n = int(
-        load_audio(
-            path,
-            sampling_rate=sampling_rate,
-            offset=offset,
-            duration=duration,
-            max_seconds=DECODED_SECONDS_CAP,
-        ).shape[0]
-    )
+    decode. Each file is decoded once per process while its size and mtime stay the same: the records of one song
+    (a conversation per question) decoded an hour of raw AAC each, and warned each time."""
+    try:
+        st = os.stat(os.path.expanduser(path))
+        key = (os.path.abspath(os.path.expanduser(path)), st.st_size, st.st_mtime_ns)
+        key += (sampling_rate, offset, duration, DECODED_SECONDS_CAP)
+    except OSError:
+        key = None  # missing: load_audio names it
+    if key is not None and key in _decoded:
+        known = _decoded[key]
+        if isinstance(known, str):
+            raise AudioError(known)
+        return known
+    try:
+        n = int(
+            load_audio(  # the cap bounds a measurement: no "keeping its first hour" warning (none is kept)
+                path,
+                sampling_rate=sampling_rate,
+                offset=offset,
+                duration=duration,
+                max_seconds=DECODED_SECONDS_CAP,
+                warn_cut=False,
+            ).shape[0]
+        )
+    except AudioError as e:
+        if key is not None:
+            _remember(key, str(e))
+        raise
     s = min(n / sampling_rate, DECODED_SECONDS_CAP)
     while math.ceil(s * sampling_rate) > n:
         s = math.nextafter(s, 0.0)
+    if key is not None:
+        _remember(key, s)
     return s
+
+
+def _remember(key: tuple, value: float | str) -> None:
+    if len(_decoded) >= _DECODED_KEPT:
+        _decoded.clear()
+    _decoded[key] = value
 
 
 def estimate_num_tokens(

@@ -65,6 +65,7 @@ from musicflamingo.data.dataset import (
     decoded_seconds,
     estimate_num_tokens,
     record_seconds,
+    relative_path_hint,
 )
 from musicflamingo.data.manifest import (
     CompactRecords,
@@ -635,13 +636,15 @@ def _build(
     if unread:  # the report's count alone named no file to look at
         first = records[unread[0]]
         bad = next(a.path for a, s in zip(first.audios, seconds[unread[0]]) if math.isnan(s))
+        hint = "" if os.path.exists(bad) else relative_path_hint(bad, first.source)
         log.warning(
-            "%s: %d records have audio that could not be read (first: %s, %s); they are bad samples when trained "
-            "on (estimated again at each launch, in case the files get fixed)",
+            "%s: %d records have audio that could not be read (first: %s, %s%s); they are bad samples when "
+            "trained on (estimated again at each launch, in case the files get fixed)",
             path,
             len(unread),
             bad,
             first.source,
+            f" {hint}" if hint else "",
         )
     return BuildReport(
         manifest=str(path),

@@ -60,9 +60,11 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -927,22 +929,47 @@ def _remove_spool(path: str, pid: int) -> None:
             os.unlink(path)
 
 
+# Spool files of the version that took no lock and named no host (``<prefix><8 of mkstemp's letters>.bin``): nothing
+# tells a live job's from a dead one's but use, so they go once nothing read or wrote them for a week (a live job
+# reads its records at every sample; the kernel's relatime still marks a read once a day)
+_UNLOCKED_SPOOL = re.compile(re.escape(_SPOOL_PREFIX) + r"[a-z0-9_]{8}" + re.escape(_SPOOL_SUFFIX))
+_UNLOCKED_SPOOL_IDLE_S = 7 * 86400
+
+
+def _remove_unlocked_spool(path: str) -> None:
+    """Remove ``path`` (an :data:`_UNLOCKED_SPOOL` file) when neither read nor written for
+    :data:`_UNLOCKED_SPOOL_IDLE_S`."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        if time.time() - max(st.st_atime, st.st_mtime) > _UNLOCKED_SPOOL_IDLE_S:
+            os.unlink(path)
+            log.info("removed %s, the shard records of a job of an earlier version, unused for a week", path)
+    except OSError:
+        pass
+
+
 def _remove_stale_spools(folder: str) -> None:
     """Remove this machine's spool files in ``folder`` that no live process holds: a process killed with SIGKILL
     (or out of memory) runs no exit handler, and its copy of the records stayed in the temporary folder for good.
     Each spool file is flocked from before it has its name until its process and its forked workers have all ended
     (the kernel drops the lock however they end): a lock that can be taken is a dead job's file, whatever became of
     its pid. Another live job's is left alone, and so are other machines' files (a shared folder whose locks may be
-    local to each machine) and files whose lock this file system cannot take."""
+    local to each machine) and files whose lock this file system cannot take. Files of the version before, unlocked
+    and named without the host, go once unused for a week (:func:`_remove_unlocked_spool`)."""
     mine = re.compile(re.escape(_SPOOL_PREFIX + _spool_host()) + r"-[a-z0-9_]+" + re.escape(_SPOOL_SUFFIX))
     try:
         names = os.listdir(folder)
     except OSError:
         return
     for name in names:
+        path = os.path.join(folder, name)
+        if _UNLOCKED_SPOOL.fullmatch(name):
+            _remove_unlocked_spool(path)
+            continue
         if not mine.fullmatch(name):
             continue
-        path = os.path.join(folder, name)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
