@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -66,7 +68,15 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from musicflamingo.audio.features import tokens_from_frames
-from musicflamingo.chat import THINK_SUFFIX, encode_expanded, ensure_think_prompt
+from musicflamingo.chat import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    THINK_SUFFIX,
+    encode_expanded,
+    ensure_think_prompt,
+)
 from musicflamingo.checkpoint import stop_ids
 from musicflamingo.data.dataset import chat_messages
 from musicflamingo.data.manifest import JsonlRecords, Record
@@ -104,6 +114,8 @@ LOSS_SETTINGS = {
     "model.loss.updates_per_batch": "updates_per_batch",
     "model.loss.max_grad_norm": "max_grad_norm",
 }
+# a checkpoint's key: its rewards' settings hold lists, mappings and named functions too (`_plain_setting`)
+REWARD_SETTINGS_V2 = "grpo_reward_settings_v2"
 ADVANTAGE_EPS = 1e-4
 
 
@@ -307,6 +319,52 @@ class Rollouts:
     nonfinite: dict[int, str] = field(default_factory=dict)
     # completions that ran out of max_new_tokens (no stop id, no stop string ended them)
     truncated: int = 0
+
+
+class TagsKept:
+    """`tokenizer` decoding the think layout's tags (`<think>`, `</think>`, `<answer>`, `</answer>`) as their text
+    where it makes them special tokens, which decoding otherwise leaves out (skip_special_tokens): the format
+    reward then saw no tags and the answer parser no answer. Everything else is the tokenizer's own (its other
+    special tokens are still skipped); each run of tokens between two tags is decoded as the tokenizer decodes it.
+    """
+
+    def __init__(self, tokenizer: Any, tags: Mapping[int, str]) -> None:
+        self._tokenizer = tokenizer
+        self._tags = dict(tags)
+        self.special_tokens = tuple(t for t in tokenizer.special_tokens if t not in self._tags.values())
+
+    @classmethod
+    def wrap(cls, tokenizer: Any) -> Any:
+        """`tokenizer` itself where no tag is one of its special tokens, else a `TagsKept` of it."""
+        special = set(getattr(tokenizer, "special_tokens", ()))
+        tags = {
+            i: t
+            for t in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+            if t in special and (i := tokenizer.token_to_id(t)) is not None
+        }
+        return cls(tokenizer, tags) if tags else tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        return set(self._tokenizer.special_token_ids) - set(self._tags)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, *args: Any, **kwargs: Any) -> str:
+        pieces, run = [], []
+        for i in ids:
+            tag = self._tags.get(int(i))
+            if tag is None:
+                run.append(int(i))
+                continue
+            if run:
+                pieces.append(self._tokenizer.decode(run, skip_special_tokens, *args, **kwargs))
+                run = []
+            pieces.append(tag)
+        if run or not pieces:
+            pieces.append(self._tokenizer.decode(run, skip_special_tokens, *args, **kwargs))
+        return "".join(pieces)
 
 
 def frozen_copy(net: MusicFlamingo, dtype: torch.dtype | None = None) -> MusicFlamingo:
@@ -723,6 +781,23 @@ class GRPOLit(MusicFlamingoLit):
             checkpoint["grpo_reference"] = self._reference_fingerprint
         checkpoint["grpo_rollout"] = self._rollout_settings()
         checkpoint["grpo_loss"] = self._loss_settings()
+        checkpoint[REWARD_SETTINGS_V2] = True
+        if (
+            self.reference is not None
+        ):  # the dtype the reference ran in (model.reference_dtype null: the policy's)
+            checkpoint["grpo_reference_dtype"] = self._effective_reference_dtype()
+
+    # a true-precision trainer casts the policy's weights (and so a null reference_dtype's reference) to its dtype
+    _TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+    def _effective_reference_dtype(self) -> str:
+        """The dtype the frozen reference runs in: model.reference_dtype, or (null) the policy's as the fit runs it;
+        the same before the precision plugin's cast (at a resume's load) as after it (at a save)."""
+        dtype = self._reference_dtype
+        if dtype is None:
+            precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+            dtype = self._TRUE_PRECISION.get(precision, self.model.dtype)
+        return str(dtype).removeprefix("torch.")
 
     def _rollout_settings(self) -> dict[str, Any]:
         """What the rollouts are sampled with, by setting name (`ROLLOUT_SETTINGS`), as saved in checkpoints."""
@@ -768,6 +843,7 @@ class GRPOLit(MusicFlamingoLit):
         name `model.accept_rollout_changes`; then said so in the log). A checkpoint from before a record was saved
         is not compared on it."""
         changed: dict[str, tuple[Any, Any]] = {}
+        unchecked: list[str] = []
         saved = checkpoint.get("grpo_rollout")
         if isinstance(saved, Mapping):
             now = self._rollout_settings()
@@ -778,6 +854,17 @@ class GRPOLit(MusicFlamingoLit):
         if isinstance(saved, Mapping):
             now = self._loss_settings()
             rewards_then, rewards_now = saved.get("model.rewards"), now.pop("model.rewards")
+            dtype_key = "model.reference_dtype"
+            if dtype_key in now and dtype_key in saved:
+                # null and the dtype it stands for are the same reference (null then float32 on a float32 model);
+                # a checkpoint from before the effective dtype was saved: null stood for the policy's then too
+                then, set_now = saved[dtype_key], now.pop(dtype_key)
+                runs_then = (
+                    checkpoint.get("grpo_reference_dtype") or then or self._effective_reference_dtype()
+                )
+                runs_now = self._effective_reference_dtype()
+                if runs_then != runs_now:
+                    changed[dtype_key] = (then, set_now) if then != set_now else (runs_then, runs_now)
             for k, v in now.items():
                 if k in saved and not _same_value(saved[k], v):
                     changed[k] = (saved[k], v)
@@ -790,11 +877,28 @@ class GRPOLit(MusicFlamingoLit):
                 # changes nothing (neither the gradient nor the logged clip fraction)
                 del changed["model.loss.clip_eps"]
             if isinstance(rewards_then, Mapping):
+                if not checkpoint.get(REWARD_SETTINGS_V2):  # saved its rewards' scalar settings alone
+                    rewards_now = {n: _reward_settings(r, scalars_only=True) for n, r in self.rewards.items()}
                 changed.update(_reward_changes(rewards_then, rewards_now))
+                unchecked = _unchecked_rewards(self.rewards)
+        path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        unchecked_note = (
+            f" ({', '.join(unchecked)}: not compared, as no checkpoint can hold or compare it; resume with the same "
+            "one)"
+            if unchecked
+            else ""
+        )
         if not changed:
+            if unchecked:
+                log.warning(
+                    "ckpt_path=%s: the rewards' other settings are the checkpoint's, but %s cannot be compared (not a "
+                    "number, string, list or named function): make sure it is what the run trained with",
+                    path,
+                    ", ".join(unchecked),
+                )
             return
         shown = ", ".join(f"{k}={_override(a)} there, {_override(b)} now" for k, (a, b) in changed.items())
-        path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        shown += unchecked_note
         if self.accept_setting_changes or self.accept_rollout_changes:
             flag = "accept_setting_changes" if self.accept_setting_changes else "accept_rollout_changes"
             log.warning(
@@ -1083,7 +1187,7 @@ class GRPOLit(MusicFlamingoLit):
         `model.think`) by `parse_think` (its `<answer>` text, the whole text where there is no tag), any other as
         all answer. A non-finite reward is named with its record (in `Rollouts.nonfinite` and a warning): it makes
         the group's advantages, and so the loss, NaN."""
-        tok = self._processor().tokenizer
+        tok = TagsKept.wrap(self._processor().tokenizer)  # the tags as text, special tokens or not
         stops = set(self._stop_ids())
         stop_strings = self._stop_strings()
         truncated = 0
@@ -1482,22 +1586,78 @@ def _override(value: Any) -> str:
     """A setting's value as a command-line override writes it (a mapping as Hydra's `{key:value,...}`)."""
     if isinstance(value, Mapping):
         return "{" + ",".join(f"{k}:{_override(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override(v) for v in value) + "]"
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _reward_settings(reward: Any) -> dict[str, Any]:
-    """A reward as saved in checkpoints: `{_target_: its class, weight, its other plain settings}` (numbers,
-    strings, booleans, None: what a config sets)."""
+_UNCOMPARABLE = object()
+
+
+def _plain_setting(value: Any) -> Any:
+    """A reward attribute as a checkpoint can hold and a resume compare: numbers, strings, booleans and None as they
+    are; lists, tuples and mappings of them (a config's ListConfig / DictConfig too) as lists and dicts; a named
+    function or class as its `module.qualname`; anything else (an object, a lambda, a bound method, a partial)
+    `_UNCOMPARABLE`."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        items = {str(k): _plain_setting(v) for k, v in value.items()}
+        return _UNCOMPARABLE if any(v is _UNCOMPARABLE for v in items.values()) else items
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # a ListConfig too
+        items = [_plain_setting(v) for v in value]
+        return _UNCOMPARABLE if any(v is _UNCOMPARABLE for v in items) else items
+    if isinstance(value, functools.partial):  # Hydra's `_partial_: true`
+        parts = {"_target_": _plain_setting(value.func)}
+        if value.args:
+            parts["_args_"] = _plain_setting(value.args)
+        parts.update({str(k): _plain_setting(v) for k, v in value.keywords.items()})
+        return _UNCOMPARABLE if any(v is _UNCOMPARABLE for v in parts.values()) else parts
+    named = (
+        isinstance(value, type)
+        or inspect.isfunction(value)
+        or inspect.isbuiltin(value)
+        or inspect.ismethoddescriptor(value)
+    )
+    name = getattr(value, "__qualname__", None)
+    module = getattr(value, "__module__", None) or getattr(
+        getattr(value, "__objclass__", None), "__module__", None
+    )
+    # not a lambda or a function made inside another (two of them share a name)
+    if named and isinstance(name, str) and isinstance(module, str) and "<" not in name:
+        return f"{module}.{name}"
+    return _UNCOMPARABLE
+
+
+def _reward_attributes(reward: Any) -> list[tuple[str, Any]]:
+    """A reward's public attributes but its weight, by name."""
+    items = sorted(vars(reward).items()) if hasattr(reward, "__dict__") else []
+    return [(k, v) for k, v in items if not k.startswith("_") and k != "weight"]
+
+
+def _reward_settings(reward: Any, scalars_only: bool = False) -> dict[str, Any]:
+    """A reward as saved in checkpoints: `{_target_: its class, weight, its other settings}` (`_plain_setting`:
+    what a config sets; attributes that cannot be compared are left out and named by `_unchecked_rewards`).
+    `scalars_only`: numbers, strings, booleans and None alone, what checkpoints saved before `REWARD_SETTINGS_V2`."""
     cls = type(reward)
     out: dict[str, Any] = {"_target_": f"{cls.__module__}.{cls.__qualname__}", "weight": reward.weight}
-    for key, value in sorted(vars(reward).items()) if hasattr(reward, "__dict__") else []:
-        if (
-            not key.startswith("_")
-            and key != "weight"
-            and (value is None or isinstance(value, (bool, int, float, str)))
-        ):
-            out[key] = value
+    for key, value in _reward_attributes(reward):
+        if scalars_only and not (value is None or isinstance(value, (bool, int, float, str))):
+            continue
+        plain = _plain_setting(value)
+        if plain is not _UNCOMPARABLE:
+            out[key] = plain
     return out
+
+
+def _unchecked_rewards(rewards: Mapping[str, Any]) -> list[str]:
+    """`model.rewards.<name>.<attribute> (its type)` of each attribute a resume cannot compare (`_plain_setting`)."""
+    return [
+        f"model.rewards.{name}.{key} ({type(value).__name__})"
+        for name, reward in rewards.items()
+        for key, value in _reward_attributes(reward)
+        if _plain_setting(value) is _UNCOMPARABLE
+    ]
 
 
 def _reward_changes(then: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -151,6 +151,27 @@ def export_model(
     return path
 
 
+def untie_trained_head(net: nn.Module) -> bool:
+    """Give a tied head (`tie_word_embeddings=true`, e.g. a Qwen2.5-0.5B/1.5B base) a trained copy of its own: the
+    reference never ties (`_tied_weights_keys` is None; it reads `lm_head.weight` whatever the flag says), so a full
+    fine-tune there trains the head and the embedding apart, not one tensor taking both updates. The config then
+    says untied (the export writes both, as the reference reads them). A frozen tied pair (LoRA, a frozen language
+    model) stays shared. Returns whether it untied."""
+    head = getattr(getattr(net, "lm_head", None), "weight", None)
+    embedding = getattr(getattr(getattr(net, "language_model", None), "embed_tokens", None), "weight", None)
+    if head is None or head is not embedding or not head.requires_grad:
+        return False
+    net.lm_head.weight = nn.Parameter(head.detach().clone(), requires_grad=True)
+    text = getattr(getattr(net, "config", None), "text", None)
+    if text is not None and getattr(text, "tie_word_embeddings", False):
+        text.tie_word_embeddings = False
+    log.info(
+        "tie_word_embeddings=true: lm_head gets its own copy of embed_tokens to train, as the reference trains them "
+        "(never tied); the export stores both and says tie_word_embeddings=false"
+    )
+    return True
+
+
 class MusicFlamingoLit(L.LightningModule):
     """Steps, optimizer groups and export around a ready model.
 
@@ -181,6 +202,7 @@ class MusicFlamingoLit(L.LightningModule):
         if set(part_lr) != set(PARTS):
             raise ValueError(f"part_lr: got keys {sorted(part_lr)}; expected exactly {list(PARTS)}")
         self.model = net
+        self._untied_head = untie_trained_head(net)
         # each parameter's dimensions as built: FSDP (use_orig_params) shows a rank's shard of a weight as a 1-d
         # view by the time the optimizer is made, which `p.ndim < 2` would put in a no-decay group
         self._built_ndim = {name: p.ndim for name, p in net.named_parameters()}
@@ -189,6 +211,8 @@ class MusicFlamingoLit(L.LightningModule):
         self.part_lr = dict(part_lr)
         self.nonfinite_loss = nonfinite_loss
         self.nonfinite_steps = 0
+        # float16 AMP: steps whose gradients held inf/nan, which the GradScaler skipped (lowering its scale)
+        self.amp_skipped_steps = 0
         self._t0: float | None = None
         # the optimizer step whose batches' tokens and seconds are summed (`train/tokens_per_s` is the step's)
         self._throughput_step: int | None = None
@@ -253,7 +277,7 @@ class MusicFlamingoLit(L.LightningModule):
             self._throughput_step, self._step_tokens, self._step_seconds = step, 0.0, 0.0
 
     # cumulative counts: their last value stays true until they are logged again
-    _KEPT_STEP_METRICS = frozenset({"train/nonfinite_steps"})
+    _KEPT_STEP_METRICS = frozenset({"train/nonfinite_steps", "train/amp_skipped_steps"})
 
     def _forget_last_step_metrics(self) -> None:
         """Drop the previous step's per-step values as this step begins: Lightning writes every value still held
@@ -456,6 +480,37 @@ class MusicFlamingoLit(L.LightningModule):
         )
         if self.nonfinite_steps:  # every row from the first skip on, a resumed run's too (a running count)
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+        if self.amp_skipped_steps:
+            self.log("train/amp_skipped_steps", float(self.amp_skipped_steps), batch_size=1)
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """The optimizer step; under float16 AMP (`trainer.precision=16-mixed`, a GradScaler) a step whose gradients
+        held inf/nan is skipped by the scaler, which halves its scale: counted in `train/amp_skipped_steps` (kept
+        across resumes) and logged, as the weights did not move. A finite loss with overflowing float16 gradients
+        is what loss scaling expects now and then (the first steps find the scale), so it never stops the run."""
+        plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
+        scaler = getattr(plugin, "scaler", None)
+        before = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if before is None:
+            return
+        after = scaler.get_scale()
+        if after < before:  # update() lowers the scale only after a step it skipped (backoff_factor < 1)
+            self.amp_skipped_steps += 1
+            log.warning(
+                "float16 AMP: inf/nan gradients at global step %d, the GradScaler skipped the step (the weights did "
+                "not move) and lowered its scale %g -> %g (%d skipped so far, train/amp_skipped_steps)",
+                self.trainer.global_step,
+                before,
+                after,
+                self.amp_skipped_steps,
+            )
 
     def _log_step_metrics(self, optimizer: torch.optim.Optimizer) -> float:
         """`train/loss` (mean over the step's label tokens, all batches and ranks), `train/label_tokens` (their
@@ -612,6 +667,7 @@ class MusicFlamingoLit(L.LightningModule):
         path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
         self._resumed_schedule = checkpoint.get("lr_schedule")
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        self.amp_skipped_steps = int(checkpoint.get("amp_skipped_steps", 0))
         self._check_resumed_data(checkpoint, path)
         strategy = self.trainer.strategy if self._trainer is not None else None
         if strategy is not None and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
@@ -676,6 +732,11 @@ class MusicFlamingoLit(L.LightningModule):
             if [n for n, _ in saved] == [n for n, _ in now]:
                 name, was, count = next((n, a, b) for (n, a), (_, b) in zip(saved, now) if a != b)
                 change = f"{name} held {was} tensors there, {count} now"
+                if self._untied_head and name == "language_model" and count == was + 1:
+                    change += (
+                        "; the base ties lm_head to embed_tokens, which this version trains apart as the reference "
+                        "does (a checkpoint that trained them as one tensor cannot continue)"
+                    )
             else:
                 change = f"it trained {_parts(saved)}, the settings now train {_parts(now)}"
             raise CheckpointMismatchError(
@@ -763,6 +824,7 @@ class MusicFlamingoLit(L.LightningModule):
             checkpoint["lr_schedule"] = dict(self._schedule)
         # a count over the whole run: a resumed run's first skip is not its first
         checkpoint["nonfinite_steps"] = int(self.nonfinite_steps)
+        checkpoint["amp_skipped_steps"] = int(self.amp_skipped_steps)
 
     def on_train_start(self) -> None:
         """A resume under another LR schedule (model.scheduler.*; its max_steps follows trainer.max_steps unless
