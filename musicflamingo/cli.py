@@ -31,8 +31,11 @@ Exit codes: 0 done, 1 a bug (traceback), 2 bad input, 128 + N stopped by signal 
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -273,6 +276,41 @@ _CONFIG_FLAGS = (
 _PRINT_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
 
 
+# Hydra's flags whose next word is their value (`--cfg job`, `-cn infer`), not an override; --info's optional value
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", *_CONFIG_FLAGS)
+_INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+# settings that take free text, where a word without `=` after them is their value split by the shell
+_TEXT_KEYS = ("prompt", "system_prompt", "stop")
+# what a word without `=` most likely is, per entry point (`python infer.py song.wav`)
+_BARE_WORD_KEY = {"infer": "audio"}
+
+
+def _refuse_bare_words(config_name: str, argv: list[str]) -> None:
+    """Exit 2 naming a word that is no `key=value` (`infer.py song.wav`, `infer.py --audio song.wav`): Hydra said
+    "Error parsing override 'song.wav' missing EQUAL at '<EOF>'" (exit 1), or argparse's usage."""
+    previous = ""
+    for i, word in enumerate(argv):
+        flag_value = previous in _VALUE_FLAGS or (previous in ("--info", "-i") and word in _INFO_VALUES)
+        if flag_value or "=" in word or word.startswith(("-", "~")):
+            previous = word
+            continue
+        key = _BARE_WORD_KEY.get(config_name)
+        setting = previous.partition("=")[0].lstrip("+")
+        if "=" in previous and setting.rpartition(".")[2] in _TEXT_KEYS:  # `prompt=What is the key?`, split
+            rest = list(itertools.takewhile(lambda w: "=" not in w and not w.startswith("-"), argv[i:]))
+            setting, _, value = previous.partition("=")
+            hint = f"a value with spaces goes in quotes: {_quoted(setting, ' '.join([value, *rest]))}"
+        elif previous.startswith("--") and len(previous) > 2:  # `--audio song.wav`, an argparse habit
+            key = previous[2:].replace("-", "_")
+            hint = f"write {key}={word} (no --)"
+        elif key is not None:
+            hint = f"write {key}={word}" + (" for the audio" if key == "audio" else "")
+        else:
+            hint = "each setting is key=value"
+        print(f"error: {word}: not a setting; {hint}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def _override_args(argv: list[str]) -> list[str]:
     """The `key=value` words of `argv` (Hydra's flags and their values left out)."""
     return [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
@@ -285,6 +323,7 @@ def check_command_line(config_name: str, argv: list[str]) -> list[str]:
     folder starting with `~` (quoted, so the shell left it alone) made `./~/...`; the rest of the project expands
     `~`, so the folder is given back expanded. `HYDRA_FULL_ERROR=1` or a `--config-*` flag skip all but the syntax
     check."""
+    _refuse_bare_words(config_name, argv)
     check_overrides(argv)
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.split("=")[0] in _CONFIG_FLAGS for a in argv):
         return []
@@ -352,6 +391,7 @@ def _group_value_error_line(e: ValueError, config_name: str, overrides: list[str
     if not str(e).startswith("Config group override must be"):
         return None
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import DictConfig
 
     for override in OverridesParser.create().parse_overrides(overrides):
         group = override.key_or_group
@@ -359,9 +399,18 @@ def _group_value_error_line(e: ValueError, config_name: str, overrides: list[str
         if override.is_delete() or not folder.is_dir() or isinstance(override.value(), (str, list)):
             continue
         options = sorted(f.stem for f in folder.glob("*.yaml"))
+        # `~callbacks` drops every entry (model_checkpoint too: no checkpoint saved); name the form that drops one
+        one = ""
+        try:
+            node = _compose(config_name, [o for o in overrides if o != override.input_line]).get(group)
+            entries = sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
+        except Exception:  # another override is wrong too: the hint without the entries
+            entries = []
+        if entries:
+            one = f"to drop one of its entries ({', '.join(entries)}) write ~{group}.<name> (~{group}.{entries[-1]}); "
         return (
             f"{override.input_line}: {group} is a config group, which takes the name of one of its configs "
-            f"({', '.join(options) or 'none'}); to drop the group write ~{group}"
+            f"({', '.join(options) or 'none'}); {one}to drop the group write ~{group}"
         )
     return None
 
@@ -500,16 +549,45 @@ def _run_dir_overrides(cfg: Any, key: str, made: bool = True) -> list[str]:
 
 
 def _refuse_file_as_folder(key: str, folder: str) -> None:
-    """Exit 2 naming `key` when the run folder `folder`, or a folder above it, is a file: Hydra's makedirs raised
-    FileExistsError (a traceback, exit 1) before any check of ours."""
-    path = Path(os.path.expanduser(folder))
+    """Exit 2 naming `key` when the run folder `folder` cannot be made: it, or a folder above it, is a file; a name
+    in it is longer than the file system allows, or the whole path is; it holds a NUL; the folder it goes in is not
+    writable. Hydra's makedirs raised (a traceback, exit 1) before any check of ours."""
+
+    def refuse(why: str) -> None:
+        print(f"error: {key}={folder!r}: {why}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+    if "\0" in folder:
+        refuse("a NUL character in the folder's name")
+    path = Path(os.path.expanduser(folder)).absolute()
+    made = path  # the nearest folder that exists, where the new ones go
     for above in (path, *path.parents):
-        if above.is_dir():
-            return
-        if above.exists():
-            where = "" if above == path else f"{above} is "
-            print(f"error: {key}={folder!r}: {where}a file, where a folder is expected", file=sys.stderr)
-            sys.exit(EXIT_BAD_INPUT)
+        try:
+            mode = above.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there yet, or a file above it (found further up)
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                continue  # named below
+            refuse(f"{above}: {e.strerror}")
+        if not stat.S_ISDIR(mode):
+            refuse(f"{'' if above == path else f'{above} is '}a file, where a folder is expected")
+        made = above
+        break
+    try:
+        name_max, path_max = os.pathconf(made, "PC_NAME_MAX"), os.pathconf(made, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for name in path.relative_to(made).parts:
+        if len(os.fsencode(name)) > name_max:
+            refuse(
+                f"the name {name[:20]}...{name[-10:]} is {len(os.fsencode(name))} bytes, over the {name_max} "
+                "a file system name may have"
+            )
+    if len(os.fsencode(str(path))) >= path_max:
+        refuse(f"the path is {len(os.fsencode(str(path)))} bytes, over the {path_max} a path may have")
+    if path != made and not os.access(made, os.W_OK | os.X_OK):
+        refuse(f"{made} is not writable, so the folder cannot be made in it")
 
 
 def check_overrides(argv: list[str]) -> None:

@@ -535,6 +535,9 @@ class ChatSession:
         self.engine = Engine(model, slots=1, tokenizer=processor.tokenizer)
         self.turns = 0  # turns asked in this session: turn n samples from (seed, n)
         self.last_stop: str | None = None  # the stop string that ended the last answer, if one did
+        # what cut the last answer, not ended by a stop: its token limit (a note on the max_new_tokens that cut
+        # it), or the model's context (a note on the positions): a cut answer reads as the model's whole one
+        self.last_cut: str | None = None
         self.reset()
 
     @property
@@ -600,6 +603,13 @@ class ChatSession:
                     engine.slots[0].last = last
                     raise
         except ValueError as e:
+            if engine.slots[0] is None:  # the question alone: /reset would only ask it again
+                what, fix = (
+                    ("the question with its audio", " or /audio a shorter file") if audio else ("it", "")
+                )
+                raise InferenceError(
+                    f"{e}: {what} alone does not fit, /reset cannot help; shorten it{fix}"
+                ) from None
             raise InferenceError(f"{e}; start a new conversation (/reset)") from None
         self.turns += 1
         self.ids += feed.tolist()
@@ -614,6 +624,13 @@ class ChatSession:
         self.last_new_ids = list(slot.tokens)
         answer = slot.text.text
         self.last_stop = slot.text.stop
+        self.last_cut = None
+        if slot.finish_reason == "length":
+            self.last_cut = (
+                f"max_new_tokens={slot.params.max_new_tokens}: raise it for longer answers"
+                if len(slot.tokens) >= slot.params.max_new_tokens
+                else f"the end of the model's context ({engine.limit} positions): /reset starts a new conversation"
+            )
         if slot.text.stop is not None:
             # a stop string cut the answer inside its tokens: keep those before it, then the rest of its text
             keep = slot.text.kept_tokens()
@@ -638,7 +655,8 @@ def _stdin_lines(prompt: str = "you> ") -> Iterator[str]:
     else:
         # Undecodable bytes become lone surrogates, which `chat.check_typed_text` refuses for that line only,
         # instead of a UnicodeDecodeError that would end the conversation.
-        stream = open(sys.stdin.fileno(), encoding="utf-8", errors="surrogateescape", closefd=False)
+        # utf-8-sig: a file saved by a Windows editor starts with a BOM, which was sent as part of the first question
+        stream = open(sys.stdin.fileno(), encoding="utf-8-sig", errors="surrogateescape", closefd=False)
         for line in stream:
             yield line.rstrip("\n")
 
@@ -716,6 +734,8 @@ def run_chat(
             view.finish(session.last_stop)  # a think answer cut before `</answer>` is complete
         else:
             out.write("\n")
+        if session.last_cut is not None:  # as infer.py's batch warns
+            out.write(f"(the answer may be cut short: it stopped at {session.last_cut})\n")
         out.flush()
     return answers
 
@@ -751,6 +771,11 @@ class _Output:
         sampling: Mapping[str, Any] | None = None,
     ) -> None:
         self.path, self.think, self.system_prompt = Path(path).expanduser(), think, system_prompt
+        if path.endswith(("/", os.sep)) or self.path.is_dir():  # `output=results/` made a file named results
+            raise InferenceError(
+                f"output={path}: a folder; output= names the .jsonl file the answers go in "
+                f"(output={os.path.join(path, 'answers.jsonl')})"
+            )
         self.stop = list(stop)  # the stop strings that cut the answers: rows cut by others are not reused
         # the token limit: the rows it cut name it, and are reused only under the same
         self.max_new_tokens = max_new_tokens

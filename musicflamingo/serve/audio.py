@@ -267,7 +267,13 @@ def resolve_file_url(url: str, audio_root: str | None, param: str) -> Path:
     root = Path(audio_root)
     if real != root and root not in real.parents:
         raise APIError(403, f"{param}: {path} is outside the server's audio_root", param, "path_not_allowed")
-    if not real.is_file():
+    try:
+        found = real.is_file()
+    except OSError as e:  # a name longer than the file system allows (ENAMETOOLONG): was a 500
+        raise bad_request(
+            param, f"{path}: cannot read it ({e.strerror or e})", code="file_not_found"
+        ) from None
+    if not found:
         raise bad_request(param, f"{path} is not a file under audio_root", code="file_not_found")
     return real
 

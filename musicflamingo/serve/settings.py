@@ -70,6 +70,11 @@ class ServeSettings:
             raise ServeConfigError(f"shutdown_grace_s must be a number >= 0 (seconds), got {g!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ServeConfigError(f"port must be an integer in 0..65535, got {self.port!r}")
+        if not isinstance(self.host, str) or not self.host.strip():  # `host=` bound every interface
+            raise ServeConfigError(
+                f"host must be an address or host name (127.0.0.1: this machine only; 0.0.0.0: every interface), "
+                f"got {self.host!r}"
+            )
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             raise ServeConfigError(f"model_name must be a non-empty string, got {self.model_name!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
@@ -121,7 +126,7 @@ class ServeSettings:
         known = {f.name for f in fields(cls)}
         values = {k: cfg[k] for k in known if k in cfg and cfg[k] is not None}
         if "api_key" not in values:
-            env = cfg.get("api_key_env") or API_KEY_ENV
+            env = str(cfg.get("api_key_env") or API_KEY_ENV)  # (api_key_env=5: a TypeError in os.environ)
             if os.environ.get(env):
                 values["api_key"] = os.environ[env]
         for name in ("model_name", "api_key", "audio_root", "host"):
