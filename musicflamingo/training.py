@@ -7,6 +7,10 @@ The run folder (`paths.output_dir`) holds everything of one run, for every rank:
 Before anything is read, `train` checks the settings (`musicflamingo.settings.check_train_settings`) and takes the
 run folder's lock (`RunLock`); during the run SIGINT and SIGTERM stop at the next step with a checkpoint
 (`callbacks.StopOnSignal`).
+
+Lightning (and the callbacks and modules built on it) is imported by `train`, not with this module: `import
+lightning` costs seconds (it imports torchmetrics, which imports scipy.signal, matplotlib and torchvision) that
+`train.py --help`, `--cfg` and a command line refused before Hydra runs it (`cli.check_command_line`) need not pay.
 """
 
 from __future__ import annotations
@@ -16,25 +20,14 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from musicflamingo.callbacks import (
-    AtomicCheckpointIO,
-    KeepCutEpochOpen,
-    LogFinalStep,
-    OwnLastCheckpoint,
-    RngStateCheckpoint,
-    SaveLastAtTrainEnd,
-    StopOnSignal,
-)
 from musicflamingo.checkpoint import check_save_target
 from musicflamingo.data.dataset import TooManyBadSamplesError
-from musicflamingo.lit import export_model
 from musicflamingo.model.peft_format import save_peft_adapter
 from musicflamingo.planner import check_training
 from musicflamingo.runfolder import (
@@ -45,6 +38,11 @@ from musicflamingo.runfolder import (
 )
 from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
 from musicflamingo.settings import CONFIG_DIR, SettingsError, check_train_settings
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from musicflamingo.callbacks import StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +190,15 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
     (`SaveLastAtTrainEnd`), which a resumed run overwrites (`OwnLastCheckpoint`); the final step is validated and
     its metrics reach the loggers whatever `trainer.val_check_interval` and `trainer.log_every_n_steps` are, an
     early-stopped run's too (`LogFinalStep`)."""
+    from musicflamingo.callbacks import (
+        AtomicCheckpointIO,
+        KeepCutEpochOpen,
+        LogFinalStep,
+        OwnLastCheckpoint,
+        RngStateCheckpoint,
+        SaveLastAtTrainEnd,
+    )
+
     one_lightning_log_line()
     # the caller's first: StopOnSignal ends a stopped run at the next batch's start before others act on it
     callbacks = list(extra_callbacks) + _instantiate_dict(cfg.get("callbacks"), "callbacks")
@@ -268,6 +275,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not is_launching_rank():  # its info lines repeated rank 0's on the console: warnings and errors only
         logging.getLogger("musicflamingo").setLevel(logging.WARNING)
     lock = RunLock(output_dir).acquire() if is_launching_rank() else None
+    from musicflamingo.callbacks import StopOnSignal
+
     stopper = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
     stopper.install()
     try:
@@ -307,21 +316,41 @@ def _log_to_files(e: BaseException) -> None:
             handler.handle(record)
 
 
-class _SaveRunConfig(L.Callback):
-    """Writes a resumed run's config once its checkpoint has loaded: a resume refused while loading (another batch
-    budget, another learning rate) leaves `.hydra/config.yaml` describing the folder's checkpoints."""
+def _save_run_config_class() -> type:
+    """`_SaveRunConfig`, a Lightning callback that writes a resumed run's config once its checkpoint has loaded: a
+    resume refused while loading (another batch budget, another learning rate) leaves `.hydra/config.yaml`
+    describing the folder's checkpoints. Made on first use (importing this module does not import Lightning) and
+    kept as the module attribute `_SaveRunConfig`, so pickle finds it (ddp_spawn pickles the callbacks)."""
+    if "_SaveRunConfig" in globals():
+        return globals()["_SaveRunConfig"]
+    import lightning as L
 
-    def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
-        self.cfg, self.output_dir = cfg, output_dir
+    class _SaveRunConfig(L.Callback):
+        def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
+            self.cfg, self.output_dir = cfg, output_dir
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            save_run_config(self.cfg, self.output_dir)
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.is_global_zero:
+                save_run_config(self.cfg, self.output_dir)
+
+    _SaveRunConfig.__qualname__ = "_SaveRunConfig"
+    globals()["_SaveRunConfig"] = _SaveRunConfig
+    return _SaveRunConfig
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_SaveRunConfig":
+        return _save_run_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fit(
     cfg: DictConfig, output_dir: Path, stopper: StopOnSignal, ckpt: str | None, save_config: bool
 ) -> tuple[dict[str, float], dict[str, Any]]:
+    import lightning as L
+
+    from musicflamingo.lit import export_model
+
     set_threads(cfg.get("threads"))
     if "WANDB_API_KEY" not in os.environ:
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -331,7 +360,7 @@ def _fit(
     log.info("instantiating model <%s> with net <%s>", cfg.model._target_, cfg.model.net._target_)
     lit: L.LightningModule = hydra.utils.instantiate(cfg.model)
     datamodule, processor = build_datamodule(cfg, lit.model)
-    extra = [stopper, _SaveRunConfig(cfg, output_dir)] if save_config else [stopper]
+    extra = [stopper, _save_run_config_class()(cfg, output_dir)] if save_config else [stopper]
     trainer = build_trainer(cfg, extra_callbacks=extra)
     # a fresh start: loggers that would continue a resumed run's (ContinuedWandbLogger) start anew; a resume: they
     # continue from the checkpoint (an offline W&B run is rewound to its steps)
@@ -404,6 +433,8 @@ def export_trained(
     trainer: L.Trainer, lit: L.LightningModule, net_cfg: Any, path: Path, processor: Any
 ) -> Path | None:
     """Rank 0 writes the trained model's Hugging Face folder (`export_model`); returns None on the other ranks."""
+    from musicflamingo.lit import export_model
+
     model = trained_model(trainer, lit, net_cfg)
     return None if model is None else export_model(model, path, processor=processor)
 

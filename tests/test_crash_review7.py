@@ -56,59 +56,90 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- Lightning
-def test_full_disk_during_a_lightning_checkpoint_keeps_the_old_one_and_names_it(tmp_path):
+# Both writers live in musicflamingo.callbacks, which imports Lightning (seconds per interpreter): one child runs
+# both cases, each in its own folder, the file size limit lifted again between them.
+LIGHTNING_CASES = """
+import torch
+from types import SimpleNamespace
+from musicflamingo.callbacks import BadSampleReport, atomic_torch_save
+from musicflamingo.data.dataset import BadSample, BadSampleTracker
+
+def case(name, limit, write):  # write() with writes past `limit` failing; then without a limit again
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    full_disk(limit)
+    try:
+        write()
+    except BaseException as e:
+        print("CASE " + name)
+        report(e)
+    else:
+        print("CASE " + name)
+        print("RESULT " + json.dumps({"type": None}))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+ckpt = os.path.join(sys.argv[1], "ckpt", "checkpoints", "last.ckpt")
+atomic_torch_save({"step": 1, "w": torch.ones(10)}, ckpt)
+case("ckpt", os.path.getsize(ckpt) + 1000, lambda: atomic_torch_save({"step": 2, "w": torch.randn(100, 100)}, ckpt))
+
+report_path = os.path.join(sys.argv[1], "report", "bad_samples.jsonl")
+os.makedirs(os.path.dirname(report_path))
+tracker = BadSampleTracker()
+trainer = SimpleNamespace(datamodule=SimpleNamespace(train_bad_samples=tracker), is_global_zero=True)
+callback = BadSampleReport(report_path)
+tracker.update(10, [BadSample(0, "a", "m.jsonl:1", "undecodable")], check=False)
+callback._write(trainer)
+tracker.update(10, [BadSample(i, f"id{i}", f"m.jsonl:{i + 1}", "x" * 200) for i in range(1, 40)], check=False)
+case("report", os.path.getsize(report_path) + 10, lambda: callback._write(trainer))
+"""
+
+
+@pytest.fixture(scope="module")
+def lightning_writes(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    """{case: (what its `report(e)` printed, its folder)} for the checkpoint and the bad-sample report written on
+    a full disk, from one child interpreter."""
+    tmp = tmp_path_factory.mktemp("full_disk_lightning")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]))
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE + LIGHTNING_CASES, str(tmp)],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(("CASE ", "RESULT "))]
+    got = {}
+    for name_line, result_line in zip(lines[::2], lines[1::2], strict=True):
+        name = name_line[len("CASE ") :]
+        got[name] = (json.loads(result_line[len("RESULT ") :]), tmp / name)
+    assert sorted(got) == ["ckpt", "report"], proc.stdout[-2000:]
+    return got
+
+
+def test_full_disk_during_a_lightning_checkpoint_keeps_the_old_one_and_names_it(lightning_writes):
     """torch's zip writer turns the OSError of a failed write into `RuntimeError: [enforce fail at
     inline_container.cc] unexpected pos ...`: `train.py` printed that traceback, naming no file (the earlier test
     monkeypatched torch.save to raise an OSError, which the real one never does)."""
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    got = _child(
-        f"""
-import torch
-from musicflamingo.callbacks import atomic_torch_save
-path = {str(ckpt)!r}
-atomic_torch_save({{"step": 1, "w": torch.ones(10)}}, path)
-full_disk(os.path.getsize(path) + 1000)
-try:
-    atomic_torch_save({{"step": 2, "w": torch.randn(100, 100)}}, path)
-except BaseException as e:
-    report(e)
-""",
-        tmp_path,
-    )
+    got, folder = lightning_writes["ckpt"]
+    ckpt = folder / "checkpoints" / "last.ckpt"
     assert got["type"] == "OSError" and got["filename"] == str(ckpt), got
     assert got["line"] == f"{ckpt}: cannot write the checkpoint: File too large"
     assert torch.load(ckpt, weights_only=True)["step"] == 1  # the previous checkpoint, whole
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(folder) == []
 
 
-def test_full_disk_while_writing_the_bad_sample_report_keeps_the_last_report(tmp_path):
+def test_full_disk_while_writing_the_bad_sample_report_keeps_the_last_report(lightning_writes):
     """`bad_samples.jsonl` and its summary are rewritten at every checkpoint: they were truncated first, so a full
     disk (or a kill) left a torn report instead of the last complete one."""
-    report_path = tmp_path / "bad_samples.jsonl"
-    got = _child(
-        f"""
-from types import SimpleNamespace
-from musicflamingo.callbacks import BadSampleReport
-from musicflamingo.data.dataset import BadSample, BadSampleTracker
-tracker = BadSampleTracker()
-trainer = SimpleNamespace(datamodule=SimpleNamespace(train_bad_samples=tracker), is_global_zero=True)
-callback = BadSampleReport({str(report_path)!r})
-tracker.update(10, [BadSample(0, "a", "m.jsonl:1", "undecodable")], check=False)
-callback._write(trainer)
-full_disk(os.path.getsize({str(report_path)!r}) + 10)
-tracker.update(10, [BadSample(i, f"id{{i}}", f"m.jsonl:{{i + 1}}", "x" * 200) for i in range(1, 40)], check=False)
-try:
-    callback._write(trainer)
-except BaseException as e:
-    report(e)
-""",
-        tmp_path,
-    )
+    got, folder = lightning_writes["report"]
+    report_path = folder / "bad_samples.jsonl"
     assert got["type"] == "OSError" and got["filename"] == str(report_path), got
     rows = [json.loads(line) for line in report_path.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a"]  # the report of the last checkpoint, whole
     assert json.loads(report_path.with_suffix(".summary.json").read_text())["bad"] == 1
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(folder) == []
 
 
 # ---------------------------------------------------------------------------------------------- HF-layout saves

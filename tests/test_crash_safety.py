@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,19 +258,29 @@ def _tree(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
 
 
-def _kill_mid_commit(tmp_path: Path) -> tuple[Path, Path]:
-    target = tmp_path / "export"
-    proc = _popen(["-c", KILL_MID_COMMIT, str(target)], tmp_path, tmp_path / "writer.log")
+@pytest.fixture(scope="module")
+def killed_mid_commit(tmp_path_factory) -> Path:
+    """The folder a save_pretrained killed mid-commit left (KILL_MID_COMMIT, one process for the tests below;
+    each works on its own copy)."""
+    tmp = tmp_path_factory.mktemp("mid_commit")
+    target = tmp / "export"
+    proc = _popen(["-c", KILL_MID_COMMIT, str(target)], tmp, tmp / "writer.log")
     assert proc.wait(timeout=120) == -signal.SIGKILL
+    return target
+
+
+def _kill_mid_commit(killed: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the `killed_mid_commit` folder in `tmp_path`: (the folder, its staging folder)."""
+    target = Path(shutil.copytree(killed, tmp_path / "export", symlinks=True))
     (staging,) = target.glob(".save-*")
     assert (staging / "COMMIT").is_file() and (staging / "model.safetensors").is_file()
     return target, staging
 
 
-def test_sigkill_mid_commit_is_refused_by_readers_and_finished_by_recover(tmp_path):
+def test_sigkill_mid_commit_is_refused_by_readers_and_finished_by_recover(killed_mid_commit, tmp_path):
     """Killed after the commit, between two moves (new config.json, old weights): reading names the staging
     folder and changes nothing; `recover_interrupted_save` (which every save runs first) moves the rest in."""
-    target, staging = _kill_mid_commit(tmp_path)
+    target, staging = _kill_mid_commit(killed_mid_commit, tmp_path)
     before = _tree(target)
     with pytest.raises(
         CheckpointError, match=rf"{staging.name} holds the rest of its files.*recover_interrupted"
@@ -286,8 +297,8 @@ def test_sigkill_mid_commit_is_refused_by_readers_and_finished_by_recover(tmp_pa
     assert MusicFlamingo.from_pretrained(target) is not None
 
 
-def test_save_after_a_sigkill_mid_commit_finishes_it_then_replaces(tmp_path):
-    target, staging = _kill_mid_commit(tmp_path)
+def test_save_after_a_sigkill_mid_commit_finishes_it_then_replaces(killed_mid_commit, tmp_path):
+    target, staging = _kill_mid_commit(killed_mid_commit, tmp_path)
     (target / "tokenizer.json").write_text("{}")  # files of the folder that are not the model's
     (target / "src").mkdir()
     (target / "src" / "main.py").write_text("1")
