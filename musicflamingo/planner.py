@@ -468,8 +468,30 @@ def training_blocks(config: MusicFlamingoConfig, setup: TrainingSetup) -> list[B
     ]
 
 
+def trained_config(config: MusicFlamingoConfig, setup: TrainingSetup) -> MusicFlamingoConfig:
+    """`config` as training holds it: a tied head (`tie_word_embeddings=true`, a Qwen2.5-0.5B/1.5B-like base) gets
+    its own copy when the language model trains without LoRA (`lit.untie_trained_head`: a head that requires grad),
+    so it is planned untied, its V x D weights, gradients and AdamW moments counted; a frozen tied pair (LoRA, a
+    frozen language model) stays shared."""
+    if config.text.tie_word_embeddings and setup.train_language_model and not setup.lora_rank:
+        return replace(config, text=replace(config.text, tie_word_embeddings=False))
+    return config
+
+
+def _noted_untied(plan: MemoryPlan) -> MemoryPlan:
+    plan.notes.append(
+        "tie_word_embeddings=true and the language model trains: lm_head gets its own copy (lit.untie_trained_head), "
+        "planned untied (its V x D weights, gradients and AdamW moments)"
+    )
+    return plan
+
+
 def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPlan:
-    """The predicted peak of one training step per device (the formulas: this module's docstring)."""
+    """The predicted peak of one training step per device (the formulas: this module's docstring); a tied head
+    that trains is planned untied (:func:`trained_config`)."""
+    trained = trained_config(config, setup)
+    if trained is not config:
+        return _noted_untied(plan_training(trained, setup))
     if setup.grpo is not None:
         return plan_grpo(config, setup)
     p = precision_of(setup.precision)
@@ -561,7 +583,11 @@ def plan_training(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPl
 def plan_grpo(config: MusicFlamingoConfig, setup: TrainingSetup) -> MemoryPlan:
     """A GRPO step's peak: the worst, over how the batch's prompt tokens (`setup.tokens`, padded) split into B
     prompts of P tokens, of the rollouts (resident state + the engine's KV cache, a prompt's prefill, the batch's
-    audio and prompt embeddings) and of the update (SFT's step on a micro-batch of completions, P + max_new rows)."""
+    audio and prompt embeddings) and of the update (SFT's step on a micro-batch of completions, P + max_new rows).
+    A tied head that trains is planned untied (:func:`trained_config`; its KL reference copies it too)."""
+    trained = trained_config(config, setup)
+    if trained is not config:
+        return _noted_untied(plan_grpo(trained, setup))
     g = setup.grpo
     assert g is not None
     p = precision_of(setup.precision)
