@@ -12,8 +12,10 @@ Code written against ``transformers``' tokenizer works on :class:`Tokenizer` whe
 against ``AutoTokenizer`` on the same files in ``tests/test_processor_tok_review17.py`` and ``..._review18.py``):
 ``tokenizer(texts, padding=True, return_tensors="pt")`` (also ``truncation=True, max_length=n``,
 ``padding="max_length"``, text pairs), ``encode(text, return_tensors="pt")``, ``tokenize``,
-``convert_tokens_to_ids``, ``convert_ids_to_tokens``, ``get_vocab``, ``added_tokens_encoder``, ``add_tokens``,
-``special_tokens_map``, ``all_special_ids``, ``bos_token_id``, ``unk_token``, ``model_max_length``,
+``convert_tokens_to_ids``, ``convert_ids_to_tokens``, ``convert_tokens_to_string``, ``get_vocab``,
+``added_tokens_encoder``, ``added_tokens_decoder``, ``add_tokens``, ``add_special_tokens``, ``pad`` (a DataLoader's
+``collate_fn``), ``special_tokens_map``, ``all_special_tokens``/``all_special_ids`` (transformers 5's: the named
+tokens and ``extra_special_tokens``), ``bos_token_id``, ``unk_token``, ``model_max_length``, ``name_or_path``,
 ``padding_side``, ``truncation_side``, ``batch_decode``, ``decode`` of one id or a batch. Differences: ``decode``
 skips special tokens by default (keeps them in transformers), ``encode`` adds nothing by default
 (``add_special_tokens=True`` there; Qwen2's adds nothing either); ``apply_chat_template`` is the processor's. As there, ``vocab_size`` is the base vocabulary (added tokens left out)
@@ -28,7 +30,7 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,16 @@ logger = logging.getLogger(__name__)
 # transformers' model_max_length where tokenizer_config.json sets none, and the bound above which it means no limit
 VERY_LARGE_INTEGER = int(1e30)
 LARGE_INTEGER = int(1e20)
+# transformers' named special tokens, in its order (special_tokens_map, all_special_tokens, add_special_tokens keys)
+SPECIAL_TOKENS_ATTRIBUTES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 class TokenizerError(ValueError):
@@ -110,6 +122,14 @@ class Tokenizer:
     # transformers' default where the files set none (no limit); tokenizer_config.json's model_max_length otherwise
     model_max_length: int = VERY_LARGE_INTEGER
     truncation_side: str = "right"  # which end truncation cuts (transformers' attribute and default)
+    sep_token: str | None = None  # transformers' other named tokens: none in Qwen2's files
+    cls_token: str | None = None
+    mask_token: str | None = None
+    name_or_path: str = ""  # the folder it was loaded from (load_tokenizer), as transformers' attribute
+    # transformers' extra_special_tokens (tokenizer_config.json's list; None: this tokenizer's special tokens) and the
+    # model-specific named ones (other "*_token" keys there, e.g. audio_token)
+    _extra_special: list[str] | None = None
+    _named_extra: dict[str, str] = {}
 
     def encode(
         self,
@@ -166,9 +186,55 @@ class Tokenizer:
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
-        """transformers' map of the named special tokens that are set (bos, eos, unk, pad), in its order."""
-        names = ("bos_token", "eos_token", "unk_token", "pad_token")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        """transformers' map of the named special tokens that are set (bos, eos, unk, sep, pad, cls, mask, then
+        model-specific ones such as an ``audio_token`` key of tokenizer_config.json), in its order."""
+        named = {n: getattr(self, n) for n in SPECIAL_TOKENS_ATTRIBUTES if getattr(self, n) is not None}
+        return {**named, **self._named_extra}
+
+    @property
+    def extra_special_tokens(self) -> list[str]:
+        """transformers 5's ``extra_special_tokens``: tokenizer_config.json's list (``additional_special_tokens`` in
+        older files); replaced or extended by :meth:`add_special_tokens`, untouched by ``add_tokens``."""
+        return list(self.special_tokens) if self._extra_special is None else list(self._extra_special)
+
+    def add_special_tokens(self, special_tokens_dict: dict, replace_extra_special_tokens: bool = True) -> int:
+        """transformers' ``add_special_tokens``: sets the named tokens (``{"pad_token": "<pad>"}``) and
+        ``extra_special_tokens`` (replaced, or extended with ``replace_extra_special_tokens=False``), adding those
+        not in the vocabulary as special tokens (the number added is returned: resize the model's embeddings to
+        ``len(tokenizer)``). :meth:`save` writes them where transformers reads them."""
+        if not special_tokens_dict:
+            return 0
+        d = dict(special_tokens_dict)
+        if "additional_special_tokens" in d and not d.get("extra_special_tokens"):
+            d["extra_special_tokens"] = d.pop("additional_special_tokens")
+        allowed = (*SPECIAL_TOKENS_ATTRIBUTES, "extra_special_tokens")
+        for key, value in d.items():
+            if key not in allowed:
+                raise ValueError(
+                    f"add_special_tokens: {key!r} is not a special token name; expected one of {allowed}"
+                )
+            values = value if key == "extra_special_tokens" and isinstance(value, (list, tuple)) else [value]
+            if key == "extra_special_tokens" and values is not value or not all(map(_is_token, values)):
+                kind = "a list of tokens" if key == "extra_special_tokens" else "a token"
+                raise ValueError(f"add_special_tokens: {key}={value!r}: expected {kind} (str or AddedToken)")
+        extra = self.extra_special_tokens
+        new_extra = [
+            t
+            for t in d.get("extra_special_tokens", [])
+            if replace_extra_special_tokens or _token_text(t) not in extra
+        ]
+        added = self.add_tokens(
+            [v for k, v in d.items() if k != "extra_special_tokens"] + new_extra, special_tokens=True
+        )
+        for key, value in d.items():
+            if key != "extra_special_tokens":
+                setattr(self, key, _token_text(value))
+        if "extra_special_tokens" in d:
+            new_extra = [_token_text(t) for t in new_extra]
+            self._extra_special = (
+                new_extra if replace_extra_special_tokens and new_extra else extra + new_extra
+            )
+        return added
 
     def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
         """transformers' ``add_tokens``: see :meth:`HFTokenizer.add_tokens`; this tokenizer kind cannot."""
@@ -245,9 +311,11 @@ class Tokenizer:
 
     @property
     def all_special_tokens(self) -> list[str]:
-        """transformers' list: the named ones (bos, eos, unk, pad) first, then the other special tokens by id."""
+        """transformers 5's list: the named ones (:attr:`special_tokens_map`) first, then
+        :attr:`extra_special_tokens`. As there, tokens added by ``add_tokens(..., special_tokens=True)`` are not in
+        it (decode still skips them)."""
         named = list(self.special_tokens_map.values())
-        return list(dict.fromkeys(named + list(self.special_tokens)))
+        return list(dict.fromkeys(named + self.extra_special_tokens))
 
     @property
     def all_special_ids(self) -> list[int | None]:
@@ -264,15 +332,142 @@ class Tokenizer:
         return [self.token_to_id(t) for t in tokens]
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False) -> str | None | list[str | None]:
-        """transformers' name: the token of an id (None past the vocabulary), or a list of them."""
+        """transformers' name: the token of an id (None past the vocabulary), or a list of them;
+        ``skip_special_tokens`` leaves out :attr:`all_special_ids`, as there (not tokens added special since)."""
         if isinstance(ids, (int, np.integer)) or (isinstance(ids, torch.Tensor) and ids.ndim == 0):
             return self.id_to_token(int(ids))
-        skip = self.special_token_ids if skip_special_tokens else set()
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
         return [self.id_to_token(i) for i in _id_list(ids) if int(i) not in skip]
 
     def get_vocab(self) -> dict[str, int]:
         """Every token (special ones included) -> its id, as transformers' ``get_vocab``."""
         raise NotImplementedError
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        """transformers' ``convert_tokens_to_string``: the text of a list of tokens (e.g. :meth:`tokenize`'s)."""
+        if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
+            bad = tokens if isinstance(tokens, str) else next(t for t in tokens if not isinstance(t, str))
+            raise ValueError(
+                f"convert_tokens_to_string takes a list of token strings, got {type(bad).__name__} {bad!r:.60} "
+                "(ids: use decode; None comes from convert_ids_to_tokens past the vocabulary)"
+            )
+        return self._tokens_to_string(list(tokens))
+
+    def _tokens_to_string(self, tokens: list[str]) -> str:
+        raise NotImplementedError
+
+    @property
+    def added_tokens_decoder(self) -> dict:
+        """transformers' ``added_tokens_decoder``: id -> ``tokenizers.AddedToken`` of the special/added tokens."""
+        from tokenizers import AddedToken
+
+        return {
+            i: AddedToken(t, normalized=False, special=True)
+            for t in self.special_tokens
+            if (i := self.token_to_id(t)) is not None
+        }
+
+    def pad(
+        self,
+        encoded_inputs,
+        padding: bool | str = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | None = None,
+        verbose: bool = True,
+    ) -> BatchEncoding:
+        """transformers' ``pad``: ``input_ids`` rows (a dict of lists, a list of dicts as a DataLoader's
+        ``collate_fn`` gets, or one example) padded with the pad id to the longest (``padding=True``) or to
+        ``max_length`` (``"max_length"``), rounded up to ``pad_to_multiple_of``; ``attention_mask`` made or padded
+        with 0, ``token_type_ids`` with 0, ``special_tokens_mask`` with 1; other keys (``labels``) as given. Tensors
+        in give tensors out. Nothing is truncated."""
+        if (
+            isinstance(encoded_inputs, (list, tuple))
+            and encoded_inputs
+            and isinstance(encoded_inputs[0], Mapping)
+        ):
+            keys = list(encoded_inputs[0].keys())
+            for i, example in enumerate(encoded_inputs):
+                if not isinstance(example, Mapping) or set(example.keys()) != set(keys):
+                    raise ValueError(
+                        f"pad: example {i} has keys {sorted(example) if isinstance(example, Mapping) else example!r:.80}"
+                        f", example 0 has {sorted(keys)}: every example needs the same keys"
+                    )
+            encoded_inputs = {k: [example[k] for example in encoded_inputs] for k in keys}
+        if not isinstance(encoded_inputs, Mapping) or "input_ids" not in encoded_inputs:
+            got = (
+                list(encoded_inputs.keys())
+                if isinstance(encoded_inputs, Mapping)
+                else type(encoded_inputs).__name__
+            )
+            raise ValueError(f"pad takes encodings holding input_ids (a dict or a list of dicts), got {got}")
+        inputs = dict(encoded_inputs)
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(
+                f"return_tensors={return_tensors!r}: 'pt' (torch), 'np' (numpy) or None (lists) only"
+            )
+        ids = inputs["input_ids"]
+        first = ids[0] if len(ids) else None
+        if isinstance(first, (list, tuple)) and not isinstance(first, torch.Tensor):
+            first = next((r[0] for r in ids if len(r)), None)
+        if first is not None and not isinstance(first, (int, list, tuple)) and return_tensors is None:
+            return_tensors = (
+                "pt" if isinstance(first, torch.Tensor) else "np"
+            )  # tensors in, tensors out (as there)
+        inputs = {k: _tolist(v) for k, v in inputs.items()}
+        ids = inputs["input_ids"]
+        single = not ids or not isinstance(ids[0], list)
+        if single:
+            inputs = {k: [v] for k, v in inputs.items()}
+        sizes = {k: len(v) for k, v in inputs.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"pad: the keys hold batches of different sizes: {sizes}")
+        pad, _, pad_to = _padding_truncation(self, padding, False, max_length)
+        rows = inputs["input_ids"]
+        length = pad_to if pad == "max_length" else max(map(len, rows), default=0) if pad else None
+        m = pad_to_multiple_of
+        if length is not None and m and length % m:
+            length = (length // m + 1) * m
+        side = self.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        with_mask = return_attention_mask if return_attention_mask is not None else True
+        if with_mask and "attention_mask" not in inputs:
+            inputs["attention_mask"] = [[1] * len(r) for r in rows]
+        fills = {"input_ids": self.pad_token_id, "token_type_ids": 0, "special_tokens_mask": 1}
+        if with_mask:
+            fills["attention_mask"] = 0
+        for i, row in enumerate(rows):
+            n = 0 if length is None else length - len(row)
+            if n <= 0:
+                continue
+            if self.pad_token_id is None:
+                raise ValueError(
+                    f"padding={padding!r}: the tokenizer has no pad token (tokenizer_config.json pad_token)"
+                )
+            for key, fill in fills.items():
+                if key in inputs:
+                    v = inputs[key][i]
+                    inputs[key][i] = [fill] * n + v if side == "left" else v + [fill] * n
+        out = {}
+        for k, v in inputs.items():
+            if (
+                return_tensors is not None
+                and not single
+                and len({len(r) for r in v if isinstance(r, list)}) > 1
+            ):
+                raise ValueError(
+                    f"pad: {k} has rows of {sorted({len(r) for r in v})} items, which return_tensors="
+                    f"{return_tensors!r} cannot stack (pad only pads input_ids, attention_mask, token_type_ids and "
+                    "special_tokens_mask; pad the others yourself, e.g. labels with -100)"
+                )
+            v = v[0] if single and return_tensors is None else v
+            out[k] = (
+                torch.tensor(v) if return_tensors == "pt" else np.array(v) if return_tensors == "np" else v
+            )
+        return BatchEncoding(out)
 
     @property
     def added_tokens_encoder(self) -> dict[str, int]:
@@ -415,6 +610,24 @@ def _padding_truncation(
     return pad, length if cut else None, length if pad == "max_length" else None
 
 
+def _tolist(v):
+    """A tensor/array (or a list of them) as nested Python lists; anything else as is."""
+    if hasattr(v, "tolist") and not isinstance(v, (list, tuple)):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_tolist(x) for x in v]
+    return v
+
+
+def _is_token(value) -> bool:
+    """A token for add_special_tokens: a string or a ``tokenizers.AddedToken``."""
+    return isinstance(value, str) or hasattr(value, "content")
+
+
+def _token_text(value) -> str:
+    return value if isinstance(value, str) else value.content
+
+
 def _check_unicode(text: object) -> None:
     """TokenizerError naming the position when ``text`` holds a lone surrogate (not valid Unicode: text decoded
     with ``errors="surrogateescape"``); the tokenizer libraries fail on it with an error that names nothing."""
@@ -469,8 +682,27 @@ class HFTokenizer(Tokenizer):
         if pad is None and self.token_to_id(END_OF_TEXT) is not None:
             pad = END_OF_TEXT
         self.eos_token, self.pad_token = eos, pad
-        self.bos_token = _token_str(self.config.get("bos_token"), "bos_token")
-        self.unk_token = _token_str(self.config.get("unk_token"), "unk_token")
+        for name in ("bos_token", "unk_token", "sep_token", "cls_token", "mask_token"):
+            setattr(self, name, _token_str(self.config.get(name), name))
+        # transformers 5: extra_special_tokens (additional_special_tokens in older files) and the model-specific
+        # named tokens (other "*_token" string keys, or extra_special_tokens written as a mapping)
+        extra = self.config.get("extra_special_tokens")
+        if not extra and "additional_special_tokens" in self.config:
+            extra = self.config["additional_special_tokens"]
+        named = {
+            k: v
+            for k, v in self.config.items()
+            if k.endswith("_token") and k not in SPECIAL_TOKENS_ATTRIBUTES and isinstance(v, str)
+        }
+        if isinstance(extra, dict):
+            named.update({k: _token_str(v, f"extra_special_tokens.{k}") for k, v in extra.items()})
+            extra = []
+        if not isinstance(extra, (list, type(None))):
+            raise TokenizerError(
+                f"tokenizer_config.json: extra_special_tokens={extra!r:.80}: expected a list of tokens"
+            )
+        self._extra_special = [_token_str(t, "extra_special_tokens") for t in extra or []]
+        self._named_extra = {k: v for k, v in named.items() if v is not None}
         limit = self.config.get("model_max_length")
         if limit is not None:
             if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit >= 1:
@@ -502,7 +734,9 @@ class HFTokenizer(Tokenizer):
         try:
             config = read_json_object(d / "tokenizer_config.json")
             _warn_undeclared_tokens(d, tok, config)
-            return cls(tok, config)
+            out = cls(tok, config)
+            out.name_or_path = os.fspath(directory)
+            return out
         except TokenizerError as e:
             if str(e).startswith("tokenizer_config.json:"):  # a bad token field: name the folder too
                 raise TokenizerError(f"{d / str(e)}") from None
@@ -535,6 +769,14 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def _tokens_to_string(self, tokens: list[str]) -> str:
+        decoder = self._tok.decoder  # byte-level BPE: "Ġ" -> " ", as transformers' fast tokenizers
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
+    @property
+    def added_tokens_decoder(self) -> dict:
+        return dict(sorted(self._tok.get_added_tokens_decoder().items()))
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -566,6 +808,12 @@ class HFTokenizer(Tokenizer):
         config = dict(self.config)
         config.setdefault("tokenizer_class", "Qwen2Tokenizer")
         config.update(eos_token=self.eos_token, pad_token=self.pad_token)
+        for name in ("unk_token", "sep_token", "cls_token", "mask_token"):  # add_special_tokens may set them
+            if getattr(self, name) is not None or name in config:
+                config[name] = getattr(self, name)
+        if self._extra_special or isinstance(config.get("extra_special_tokens"), list):
+            config.pop("additional_special_tokens", None)  # transformers 5 writes extra_special_tokens only
+            config["extra_special_tokens"] = list(self._extra_special)
         config.pop("padding_side", None)
         if self.padding_side != "right":  # transformers' default is not written
             config["padding_side"] = self.padding_side
@@ -641,7 +889,9 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> SentencePieceTokenizer:
         d = Path(directory)
-        return cls(d / "tokenizer.model", read_json_object(d / cls.SPECIAL_FILE))
+        out = cls(d / "tokenizer.model", read_json_object(d / cls.SPECIAL_FILE))
+        out.name_or_path = os.fspath(directory)
+        return out
 
     def _encode(self, text: str, text_pair: str | None, add_special_tokens: bool) -> list[int]:
         # add_special_tokens adds nothing: the model has no BOS/EOS pieces (bos_id=eos_id=-1); a pair's ids follow
@@ -652,6 +902,9 @@ class SentencePieceTokenizer(Tokenizer):
             _check_unicode(text)
             _check_unicode(text_pair)
             raise
+
+    def _tokens_to_string(self, tokens: list[str]) -> str:
+        return self._sp.decode_pieces(tokens)
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if not skip_special_tokens:

@@ -5,6 +5,10 @@ right-padded with zeros to ``chunk_length`` seconds, all windows go through ONE 
 Hann, ``center=True``, reflect padding), the last STFT frame is dropped, the power spectrum is projected on a
 Slaney mel bank built in float64, then ``log10(clamp(., 1e-10))``, a per-window floor at ``max - 8`` and
 ``(x + 4) / 4``. The frame mask marks ``ceil(n / hop)`` valid frames of a window with ``n`` real samples.
+
+:class:`LogMelExtractor` is also called as transformers' ``WhisperFeatureExtractor`` (the reference processor's
+``feature_extractor``): ``extractor(audio, sampling_rate=16000, return_tensors="pt")`` gives its ``input_features``
+and ``attention_mask`` (see :meth:`LogMelExtractor.whisper_features`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 # The dependency goes audio -> model (the encoder's output-length formula), never the other way.
 from musicflamingo.model.encoder import conv_output_lengths
+from musicflamingo.tokenizer import BatchEncoding
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +195,26 @@ def usable_samples(
     return n
 
 
+# transformers' WhisperFeatureExtractor.__call__ keywords: given any of them (or one waveform), a call is transformers'
+WHISPER_CALL_KEYWORDS = (
+    "sampling_rate",
+    "return_tensors",
+    "return_attention_mask",
+    "padding",
+    "truncation",
+    "max_length",
+    "pad_to_multiple_of",
+    "do_normalize",
+)
+
+
 class LogMelExtractor:
     """Batched Whisper log-mel front end.
+
+    Called with a list of windows (``extractor(windows)``, what the processor does) it returns ``(features, mask)``;
+    called as transformers' ``WhisperFeatureExtractor`` (``extractor(audio, sampling_rate=16000,
+    return_tensors="pt")``: one waveform, or any of its keywords) it returns its ``input_features`` and
+    ``attention_mask`` (:meth:`whisper_features`).
 
     Args:
         feature_size: mel bins (128 for Music Flamingo).
@@ -199,7 +222,11 @@ class LogMelExtractor:
         chunk_length: window length in seconds; a window has ``chunk_length * sampling_rate`` samples and
             ``samples / hop_length`` frames (3000 for 30 s).
         n_fft, hop_length: STFT parameters (400, 160).
+        return_attention_mask: transformers' default for its call's mask (``preprocessor_config.json``); the windows
+            call always returns the frame mask.
     """
+
+    model_input_names = ["input_features"]  # transformers' attribute
 
     def __init__(
         self,
@@ -208,6 +235,7 @@ class LogMelExtractor:
         chunk_length: float = CHUNK_LENGTH,
         n_fft: int = N_FFT,
         hop_length: int = HOP_LENGTH,
+        return_attention_mask: bool = True,
     ) -> None:
         for key, value in (("feature_size", feature_size), ("sampling_rate", sampling_rate)):
             if value < 1:
@@ -226,6 +254,7 @@ class LogMelExtractor:
         self.chunk_length = chunk_length
         self.n_fft = n_fft
         self.hop_length = hop_length
+        self.return_attention_mask = return_attention_mask
         self.n_samples = int(n_samples)
         self.nb_max_frames = self.n_samples // hop_length
         # float64 filters cast to float32, as the reference does before its matmul. [n_fft//2+1, feature_size]
@@ -234,8 +263,11 @@ class LogMelExtractor:
         )
 
     def __call__(
-        self, windows: Sequence[np.ndarray | torch.Tensor], device: str | torch.device | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        windows: Sequence[np.ndarray | torch.Tensor],
+        device: str | torch.device | None = None,
+        **whisper_kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor] | BatchEncoding:
         """Log-mel features of ``W`` windows.
 
         Args:
@@ -245,7 +277,12 @@ class LogMelExtractor:
         Returns:
             features: float32 ``[W, feature_size, nb_max_frames]``.
             mask: int32 ``[W, nb_max_frames]``, 1 for the ``ceil(n / hop)`` frames holding real samples.
+
+        One waveform (an array/tensor ``[T]`` or a list of numbers), or any of transformers' keywords
+        (``sampling_rate=``, ``return_tensors=``, ...), makes this transformers' call: :meth:`whisper_features`.
         """
+        if whisper_kwargs or _is_one_waveform(windows):
+            return self.whisper_features(windows, device=device, **whisper_kwargs)
         if len(windows) == 0:
             raise ValueError("LogMelExtractor needs at least one window, got an empty list")
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -263,6 +300,104 @@ class LogMelExtractor:
             batch[i, : w.shape[0]] = w.to(device=device, dtype=torch.float32)
             mask[i, : num_frames(w.shape[0], self.hop_length)] = 1
         return self.log_mel(batch), mask
+
+    def whisper_features(
+        self,
+        raw_speech: Any,
+        *,
+        sampling_rate: int | None = None,
+        return_tensors: str | None = None,
+        return_attention_mask: bool | None = None,
+        padding: bool | str = "max_length",
+        truncation: bool = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        do_normalize: bool | None = None,
+        device: str | torch.device | None = None,
+        **unknown: Any,
+    ) -> BatchEncoding:
+        """transformers' ``WhisperFeatureExtractor.__call__``: the same ``input_features`` and ``attention_mask``
+        (tested against it on the same audio).
+
+        ``raw_speech`` is one mono waveform (array, tensor or list of numbers) or a batch (a list of them, or a
+        ``[B, T]`` array). Each is cut to ``max_length`` samples (default one ``chunk_length`` window: audio past
+        30 s is dropped, as there; the processor windows it instead) and zero-padded to it (``padding=True``: to
+        the longest). ``attention_mask`` is per mel frame with ``return_attention_mask=True`` (what the reference
+        processor passes); left out or False it is transformers' per-*sample* mask when the config's
+        ``return_attention_mask`` is set (its behaviour, kept for equal results). ``return_tensors``: ``"pt"``
+        (torch), ``"np"`` or None (numpy). ``sampling_rate`` other than the extractor's is refused, naming both.
+        """
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}: unknown keyword(s) {sorted(unknown)}: transformers' WhisperFeatureExtractor "
+                f"keywords are {list(WHISPER_CALL_KEYWORDS) + ['device']} (for a whole song use the processor, "
+                "which windows it: processor(text, audio=...))"
+            )
+        if sampling_rate is None:
+            logger.warning(
+                "%s called without sampling_rate: pass sampling_rate=%d to have the rate checked (as transformers)",
+                type(self).__name__,
+                self.sampling_rate,
+            )
+        elif sampling_rate != self.sampling_rate:
+            raise ValueError(
+                f"sampling_rate={sampling_rate}: this feature extractor takes {self.sampling_rate} Hz audio, not "
+                f"{sampling_rate} Hz; resample it first (musicflamingo.audio.io.resample(x, {sampling_rate}, "
+                f"{self.sampling_rate})) or give the processor a file path"
+            )
+        if do_normalize:
+            raise ValueError("do_normalize=True is not supported (Whisper log-mel only, as the reference)")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: 'pt' (torch), 'np' (numpy) or None (numpy)")
+        if padding in (True, "longest", "max_length"):
+            longest = padding != "max_length"
+        elif padding in (False, None, "do_not_pad"):
+            longest = None
+        else:
+            raise ValueError(f"padding={padding!r}: expected 'max_length' (default), True/'longest' or False")
+        for key, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{key}={value!r}: expected a positive whole number of samples")
+        waves = _waveforms(raw_speech)
+        limit = max_length or self.n_samples
+
+        def multiple(n: int) -> int:
+            m = pad_to_multiple_of
+            return n if not m or n % m == 0 else (n // m + 1) * m
+
+        if truncation:
+            waves = [w[: multiple(limit)] for w in waves]
+        if longest is None:
+            length = max(w.shape[0] for w in waves)
+        else:
+            length = multiple(max(w.shape[0] for w in waves) if longest else limit)
+        lengths = sorted({max(length, w.shape[0]) for w in waves})
+        if len(lengths) > 1 or (longest is None and any(w.shape[0] != length for w in waves)):
+            raise ValueError(
+                f"audios of {sorted({w.shape[0] for w in waves})} samples cannot be batched with padding={padding!r},"
+                f" truncation={truncation!r}: keep padding='max_length' and truncation=True (transformers' "
+                "defaults), or pass one audio"
+            )
+        batch = torch.zeros(len(waves), lengths[0], dtype=torch.float32)
+        samples = torch.zeros(len(waves), lengths[0], dtype=torch.int32)  # transformers' per-sample mask
+        for i, w in enumerate(waves):
+            batch[i, : w.shape[0]] = torch.from_numpy(w)
+            samples[i, : w.shape[0]] = 1
+        run_on = torch.device(device) if device is not None else torch.device("cpu")
+        out = {"input_features": self.log_mel(batch.to(run_on)).cpu()}  # [B, feature_size, length // hop]
+        # transformers pads with `return_attention_mask or do_normalize`, None meaning the config's default, and
+        # turns the mask into frames only when the argument itself is true
+        asked = return_attention_mask or do_normalize
+        if asked if asked is not None else self.return_attention_mask:
+            mask = samples
+            if return_attention_mask:
+                mask = mask[:, :: self.hop_length].contiguous()
+                if lengths[0] % self.hop_length:
+                    mask = mask[:, :-1].contiguous()
+            out["attention_mask"] = mask
+        if return_tensors != "pt":
+            out = {k: v.numpy() for k, v in out.items()}
+        return BatchEncoding(out)
 
     def log_mel(self, batch: torch.Tensor) -> torch.Tensor:
         """``[W, n_samples]`` float32 zero-padded windows -> ``[W, feature_size, nb_max_frames]`` features."""
@@ -294,7 +429,7 @@ class LogMelExtractor:
             "nb_max_frames": self.nb_max_frames,
             "padding_side": "right",
             "padding_value": 0.0,
-            "return_attention_mask": True,
+            "return_attention_mask": self.return_attention_mask,
             "sampling_rate": self.sampling_rate,
         }
 
@@ -307,13 +442,62 @@ class LogMelExtractor:
             raise ValueError(f"feature extractor dither={d['dither']} is not supported (expected 0.0)")
         if d.get("do_normalize", False):
             raise ValueError("feature extractor do_normalize=True is not supported (Whisper log-mel only)")
+        return_attention_mask = d.get("return_attention_mask", False)  # WhisperFeatureExtractor's default
+        if not isinstance(return_attention_mask, bool):
+            raise ValueError(
+                f"feature extractor return_attention_mask={return_attention_mask!r} must be true or false"
+            )
         return cls(
             feature_size=_number(d, "feature_size", FEATURE_SIZE, integer=True),
             sampling_rate=_number(d, "sampling_rate", SAMPLING_RATE, integer=True),
             chunk_length=_number(d, "chunk_length", CHUNK_LENGTH),
             n_fft=_number(d, "n_fft", N_FFT, integer=True),
             hop_length=_number(d, "hop_length", HOP_LENGTH, integer=True),
+            return_attention_mask=return_attention_mask,
         )
+
+
+def _is_one_waveform(x: Any) -> bool:
+    """One waveform rather than a list of windows: a 1-D array/tensor, or a list of numbers."""
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x.ndim == 1
+    return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], (int, float, np.number))
+
+
+def _waveforms(raw_speech: Any) -> list[np.ndarray]:
+    """transformers' reading of ``raw_speech``: one waveform or a batch of them -> float32 ``[T]`` arrays."""
+    if isinstance(raw_speech, torch.Tensor):
+        raw_speech = raw_speech.detach().cpu().numpy()
+    if isinstance(raw_speech, np.ndarray):
+        if raw_speech.ndim not in (1, 2):
+            raise ValueError(
+                f"audio of shape {tuple(raw_speech.shape)}: expected one mono waveform [T] or a batch [B, T]"
+            )
+        items = list(raw_speech) if raw_speech.ndim == 2 else [raw_speech]
+    elif isinstance(raw_speech, (list, tuple)) and len(raw_speech) > 0:
+        items = [raw_speech] if _is_one_waveform(raw_speech) else list(raw_speech)
+    else:
+        raise ValueError(
+            f"audio must be a waveform (numpy array, torch tensor or list of numbers) or a non-empty list of them, "
+            f"got {type(raw_speech).__name__}"
+        )
+    waves = []
+    for i, w in enumerate(items):
+        if isinstance(w, torch.Tensor):
+            w = w.detach().cpu().numpy()
+        try:
+            w = np.asarray(w, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"audio {i}: expected a mono waveform of numbers, got {type(w).__name__}"
+            ) from None
+        if w.ndim != 1 or w.shape[0] == 0:
+            raise ValueError(
+                f"audio {i} has shape {tuple(w.shape)}: expected a non-empty mono waveform [T] (mix stereo down "
+                "first: musicflamingo.audio.io.load_audio does)"
+            )
+        waves.append(w)
+    return waves
 
 
 def _number(d: dict, key: str, default: float, integer: bool = False) -> Any:
