@@ -228,9 +228,10 @@ def _mp3_scanned_frames(buf) -> int | None:
     return samples
 
 
-def _check_mp3_length(path: str, data: bytes | None, frames: int, sr: int) -> None:
+def _check_mp3_length(path: str, data: bytes | None, frames: int, sr: int) -> int | None:
     """:class:`_NoLength` when the frames of an MP3 without a length frame hold another length than libsndfile's
-    guess (a VBR file: libsndfile stops at its guess, a third of the song, say)."""
+    guess (a VBR file: libsndfile stops at its guess, a third of the song, say); else the samples its frames hold
+    (None where a length frame gives libsndfile the length)."""
     import mmap
 
     if data is not None:
@@ -243,6 +244,7 @@ def _check_mp3_length(path: str, data: bytes | None, frames: int, sr: int) -> No
             f"an MP3 without a Xing/VBRI length frame: libsndfile guesses {frames / sr:.2f} s, "
             f"its frames hold {counted / sr:.2f} s"
         )
+    return counted
 
 
 def _promised_frames(f) -> int | None:
@@ -311,12 +313,17 @@ def _mpg123_notes(path: str, data: bytes | None = None) -> Iterator[list[str]]:
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            others = []
-            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
-                (notes if _MPG123_LINE.match(line) else others).append(line)
-            if others:
-                os.write(2, "".join(others).encode())
-            notes[:] = [n.strip() for n in notes]
+            others = []  # written back as they came: bytes (not UTF-8 decoded), every one of them
+            for line in tmp.read().splitlines(keepends=True):
+                text = line.decode(errors="replace")
+                if _MPG123_LINE.match(text):
+                    notes.append(text.strip())
+                else:
+                    others.append(line)
+            rest = b"".join(others)
+            with contextlib.suppress(OSError):  # a stderr gone (a closed pipe) does not fail the decode
+                while rest:
+                    rest = rest[os.write(2, rest) :]
 
 
 def _read_soundfile(
@@ -372,8 +379,8 @@ def _decode_soundfile(
         check_sample_rate(path, sr)
         if frames <= 0:
             raise _NoLength("the header gives a length of 0 frames")
-        if f.format == "MP3":
-            _check_mp3_length(path, data, frames, sr)
+        # an MP3 without a length frame: the samples its frames hold (libsndfile's length is a guess near it)
+        counted = _check_mp3_length(path, data, frames, sr) if f.format == "MP3" else None
         if offset * sr >= frames:  # compared as floats: a huge offset does not overflow
             raise AudioError(
                 f"{path}: offset {offset:.3f} s is past the end of the audio ({frames / sr:.3f} s)"
@@ -432,13 +439,18 @@ def _decode_soundfile(
         # A WAV or AIFF cut short: libsndfile takes the length the file holds, its log the one the header says.
         promised = _promised_frames(f) if whole else None
         mp3 = f.format == "MP3"
-    if mp3 and n_in - got > sr // 10:
+    # a healthy MP3 without a Xing frame (a CBR encode): libsndfile's guess overshoots the frames (by 0.3 s on a
+    # minute), and the decode that ends where its frames end is the whole file, not one libmpg123 gave up in
+    complete = counted is not None and first + got >= counted - sr // 10
+    if mp3 and n_in - got > sr // 10 and not complete:
         # libmpg123 gave up at a damaged frame (ffmpeg resyncs past it), or a download was cut
         partial = (x[:got] if out is None else out.samples(got), n_full - out_start)
         at = f"it stopped at {(first + got) / sr:.2f} s (its header says {frames / sr:.2f} s)"
         raise _Damaged(at, partial)
-    if n_in - got > sr // 10:  # a download cut short: the header promises more than decodes
+    if n_in - got > sr // 10 and not complete:  # a download cut short: the header promises more than decodes
         promised = frames
+    if complete:  # the length from `offset` to the end is the frames', not the guess
+        n_full = max(out_start, min(n_full, -(-counted * target // sr)))
     if promised is not None and promised - (first + got) > sr // 10:
         logger.warning(
             "Audio %s is truncated or damaged: its header says %.2f s, its frames from %.2f s end at %.2f s.",

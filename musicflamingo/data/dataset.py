@@ -350,8 +350,9 @@ def record_seconds(record: Record) -> list[float]:
 DECODED_SECONDS_CAP = 3600.0
 
 
-# decoded_seconds' results in this process (an index build's worker, a shard writer): (file, its size and mtime,
-# rate, offset, duration, cap) -> seconds, or the AudioError message of a file that does not decode
+# decoded_seconds' results in this process (an index build's worker, a shard writer): (file, its size, mtime,
+# device, inode and ctime, rate, offset, duration, cap) -> seconds, or the AudioError message of a file that does not
+# decode
 _decoded: dict[tuple, float | str] = {}
 _DECODED_KEPT = 65536  # results held at most (a few MiB)
 
@@ -362,11 +363,14 @@ def decoded_seconds(
     """Seconds of ``path`` (from ``offset``, ``duration`` at most) decoded at ``sampling_rate``, at most
     :data:`DECODED_SECONDS_CAP`: a value whose ``ceil(seconds * sampling_rate)`` gives back the decoded count of
     samples exactly (``n / rate * rate`` may round up past ``n``). Raises :class:`AudioError` when it does not
-    decode. Each file is decoded once per process while its size and mtime stay the same: the records of one song
-    (a conversation per question) decoded an hour of raw AAC each, and warned each time."""
+    decode. Each file is decoded once per process while it stays the same file (size, mtime, inode, ctime): the
+    records of one song (a conversation per question) decoded an hour of raw AAC each, and warned each time."""
     try:
         st = os.stat(os.path.expanduser(path))
-        key = (os.path.abspath(os.path.expanduser(path)), st.st_size, st.st_mtime_ns)
+        # the inode and its change time too: a file replaced (os.replace, cp -p, an unpacked archive) may keep the
+        # size and an mtime that was copied or set, never the inode and ctime of the file decoded
+        key = (os.path.abspath(os.path.expanduser(path)), st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+        key += (st.st_ctime_ns,)
         key += (sampling_rate, offset, duration, DECODED_SECONDS_CAP)
     except OSError:
         key = None  # missing: load_audio names it
