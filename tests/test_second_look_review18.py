@@ -98,6 +98,41 @@ def test_the_capture_of_libmpg123s_notes_gives_fd_2_back_when_interrupted_and_ke
     assert out.read_bytes() == b"another thread's line \xff\xfe\nafter\n"  # its bytes as written
 
 
+def test_a_decode_outside_the_main_thread_is_not_captured_so_threads_decode_at_once(tmp_path, monkeypatch):
+    """fd 2 is the process's, so captures take turns: serve's decoding threads would decode one MP3 at a time. A
+    read outside the main thread leaves fd 2 alone (no dup2, no lock); another program's "Note: ..." line written
+    during a main-thread capture is written back, not taken for libmpg123's."""
+    from musicflamingo.audio import io as audio_io
+
+    mp3 = write_audio(tmp_path / "t.mp3", make_tone(440.0, 0.5))
+    redirected = []
+    real_dup2 = os.dup2
+    monkeypatch.setattr(audio_io.os, "dup2", lambda a, b: (redirected.append(b), real_dup2(a, b))[1])
+    held = []
+
+    def in_a_thread():
+        with audio_io._mpg123_notes(str(mp3)) as notes:
+            held.append(audio_io._stderr_lock.locked())
+        held.append(notes)
+
+    t = threading.Thread(target=in_a_thread)
+    t.start()
+    t.join()
+    assert redirected == [] and held == [False, []]
+    out = tmp_path / "stderr.txt"
+    saved = os.dup(2)
+    try:
+        with open(out, "wb") as fh:
+            real_dup2(fh.fileno(), 2)
+        with audio_io._mpg123_notes(str(mp3)) as notes:
+            os.write(2, b"Note: the cache is warm\n")
+    finally:
+        real_dup2(saved, 2)
+        os.close(saved)
+    assert redirected  # the main thread's read is captured
+    assert notes == [] and out.read_bytes() == b"Note: the cache is warm\n"
+
+
 def test_a_stderr_gone_does_not_fail_the_decode(tmp_path):
     """stderr a pipe whose reader went away (a server's log collector restarted, `| head`): what another thread
     wrote there during the capture could not be written back, and that EPIPE failed the MP3's read."""

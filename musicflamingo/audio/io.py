@@ -264,7 +264,10 @@ def _promised_frames(f) -> int | None:
 # Openings of formats libsndfile reads with decoders of its own: no libmpg123 behind them
 _NOT_MPEG = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM", b"caff", b"wvpk", b".snd")
 # what libmpg123 prints: "Note: Illegal Audio-MPEG-Header ...", "[src/libmpg123/parse.c:wetwork():1349] error: ..."
-_MPG123_LINE = re.compile(r"(Note: |\[[^\]]*mpg123[^\]]*\] |\[[^\]]*\.c:\w+\(\):\d+\] )")
+_MPG123_LINE = re.compile(
+    r"(Note: (Illegal Audio-MPEG-Header|Trying to resync|Skipped \d+ bytes|Hit end of)"
+    r"|\[[^\]]*mpg123[^\]]*\] |\[[^\]]*\.c:\w+\(\):\d+\] )"
+)
 _stderr_lock = threading.Lock()  # fd 2 is the process's: one capture at a time
 
 
@@ -282,7 +285,8 @@ def _mpg123_notes(path: str, data: bytes | None = None) -> Iterator[list[str]]:
     printed its resync notes at every header read and every decode (thousands of lines for a folder of bad
     files), beside our own warning naming the file. The list yielded is filled with its lines at exit; anything
     else written to stderr meanwhile (another thread's log) is written there after. A file that opens as another
-    format libsndfile reads (WAV, FLAC, Ogg, AIFF) is not captured."""
+    format libsndfile reads (WAV, FLAC, Ogg, AIFF) is not captured, nor a read outside the main thread: fd 2 is the
+    process's, so captures take turns, and serve's decoding threads would decode one MP3 at a time."""
     notes: list[str] = []
     if data is not None:
         head = data[:4]
@@ -292,7 +296,7 @@ def _mpg123_notes(path: str, data: bytes | None = None) -> Iterator[list[str]]:
                 head = fh.read(4)
         except OSError:
             head = b""
-    if head in _NOT_MPEG:
+    if head in _NOT_MPEG or threading.current_thread() is not threading.main_thread():
         yield notes
         return
     with _stderr_lock, contextlib.ExitStack() as stack:
@@ -304,8 +308,8 @@ def _mpg123_notes(path: str, data: bytes | None = None) -> Iterator[list[str]]:
             return
         with contextlib.suppress(Exception):
             sys.stderr.flush()
-        os.dup2(tmp.fileno(), 2)
-        try:
+        try:  # dup2 inside: an interrupt landing right after it still gives fd 2 back
+            os.dup2(tmp.fileno(), 2)
             yield notes
         finally:
             with contextlib.suppress(Exception):
