@@ -8,7 +8,13 @@ from dataclasses import replace
 import pytest
 import test_planner
 import torch
-from test_planner import TOLERANCE, _compose, _train_overrides, measure_step
+from test_planner import (
+    TOLERANCE,
+    _compose,
+    _one_thread,  # noqa: F401  (autouse: this file's tests on one thread too)
+    _train_overrides,
+    measure_step,
+)
 
 from musicflamingo.model.config import MusicFlamingoConfig
 from musicflamingo.planner import MemoryPlanError, check_training, plan_training, training_setup

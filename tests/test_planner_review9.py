@@ -7,7 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_planner import _nbytes, measured_peak
+from test_planner import (
+    _nbytes,
+    _one_thread,  # noqa: F401  (autouse: this file's tests on one thread too)
+    measured_peak,
+)
 from tiny_assets import make_tone, write_audio
 from tiny_checkpoint import write_tiny_checkpoint
 
