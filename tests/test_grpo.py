@@ -528,6 +528,7 @@ def test_grpo_ddp_two_cpu_processes(tmp_path):
     ]
     env = {
         **os.environ,
+        "OMP_NUM_THREADS": "1",  # two ranks of two spinning OpenMP threads each on a 2-core machine stall each other
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
