@@ -33,6 +33,7 @@ import torch
 
 from musicflamingo.model.layers import KVCache
 from musicflamingo.model.qwen2 import uses_decode_attention
+from musicflamingo.reasoning import TagsKept
 from musicflamingo.tokenizer import IncrementalDecoder, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ class AnswerText:
     special tokens out, so it could never appear there. One that holds a special token's text with other text
     (`"\\n<|im_start|>"`) matches where that token comes after the rest, as the reference's `stop_strings` (which
     read every token, special ones too, as its text) do; it never matched. The special token stays out of `text`.
+    The think layout's tags are text even where the tokenizer makes them special tokens (`reasoning.TagsKept`):
+    think mode parses them, and a `</answer>` stop string matches its token.
 
     The work per token does not grow with the answer: the text is kept in pieces (`text` joins them when read) and
     stop strings are looked for in the held-back end and the new piece only (a stop string cannot begin in text
@@ -188,6 +191,8 @@ class AnswerText:
     """
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()) -> None:
+        tokenizer = TagsKept.wrap(tokenizer)  # special think tags decoded as text, not skipped
+        self._tag_ids: dict[int, str] = getattr(tokenizer, "kept_tags", {})
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = check_stop_strings(tuple(stops))
         self._shown: list[str] = []  # `text` in pieces; the first is the part already joined
@@ -279,10 +284,14 @@ class AnswerText:
         """The answer ends at `token`, a stop id (no text of its own). A stop string it completes still cuts the
         answer, as the reference's `stop_strings` and eos both end generation at that token: with stop string
         `"\\n<|im_end|>"` and eos `<|im_end|>`, an answer "4/4\\n" then `<|im_end|>` is "4/4" (`stop` names the
-        string), not "4/4\\n" as when the stop id was looked at first."""
+        string), not "4/4\\n" as when the stop id was looked at first. A stop id that is a think tag's special token
+        (`</answer>` as an eos id) ends the answer as that tag as a stop string would: `stop` names it, so think
+        mode parses the text, which leaves it out, as complete (`reasoning.parse_think`)."""
         if not self.finished and (token in self._marks or token in self.special):
             self.push(token)
         self.finish()
+        if self.stop is None and token in self._tag_ids:
+            self.stop = self._tag_ids[token]
 
     def finish(self) -> None:
         """The answer has ended (no more tokens): release the text held back (a stop string's start that was not)."""

@@ -634,7 +634,8 @@ class ChatSession:
         if slot.text.stop is not None:
             # a stop string cut the answer inside its tokens: keep those before it, then the rest of its text
             keep = slot.text.kept_tokens()
-            rest = answer[len(processor.tokenizer.decode(slot.tokens[:keep])) :]
+            # decoded as the answer was (`reasoning.TagsKept`: think tags that are special tokens read as text)
+            rest = answer[len(slot.text.decoder.tokenizer.decode(slot.tokens[:keep])) :]
             engine.rewind(0, keep)
             self.ids += slot.tokens
             self.pending = processor.tokenizer.encode(rest) + [self.end_of_turn_id]

@@ -193,6 +193,68 @@ def think_record(record: Mapping[str, Any], thinking: str) -> dict[str, Any]:
     return {**record, "conversations": convs}
 
 
+# ---------------------------------------------------------------------------------------------- decoding
+class TagsKept:
+    """`tokenizer` decoding the think layout's tags (``<think>``, ``</think>``, ``<answer>``, ``</answer>``) as their
+    text where it makes them special tokens (a think-SFT recipe that adds them to the vocabulary as special ones),
+    which decoding otherwise leaves out (``skip_special_tokens``): the parse then saw no tag, infer.py showed the
+    reasoning run into the answer, eval.py scored both as the answer and serve.py gave no reasoning. Its other
+    special tokens are still skipped; each run of tokens between two tags is decoded as the tokenizer decodes it.
+    Everything else is the tokenizer's own. Every answer is decoded through it: `engine.AnswerText` wraps its
+    tokenizer (infer.py, the chat, eval.py, serve.py, GRPO's stop strings), whose `tokenizer.IncrementalDecoder`
+    streams each tag whole (one token). ``kept_tags``: id -> tag.
+
+    Example::
+
+        tok = TagsKept.wrap(processor.tokenizer)  # the tokenizer itself where no tag is a special token
+        tok.decode(ids)  # "<think>..</think><answer>..</answer>", <|im_end|> left out
+    """
+
+    def __init__(self, tokenizer: Any, tags: Mapping[int, str]) -> None:
+        self._tokenizer = tokenizer
+        self.kept_tags = dict(tags)  # id -> tag: the special tokens decoded as their text
+        self.special_tokens = tuple(t for t in tokenizer.special_tokens if t not in self.kept_tags.values())
+
+    @classmethod
+    def wrap(cls, tokenizer: Any) -> Any:
+        """`tokenizer` itself where no tag is one of its special tokens (or it is already wrapped), else a
+        `TagsKept` of it."""
+        special = set(getattr(tokenizer, "special_tokens", ()))
+        tags = {
+            i: t
+            for t in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+            if t in special and (i := tokenizer.token_to_id(t)) is not None
+        }
+        return cls(tokenizer, tags) if tags else tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        """The ids decoding skips: the tokenizer's special tokens but the tags."""
+        return set(self._tokenizer.special_token_ids) - set(self.kept_tags)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, *args: Any, **kwargs: Any) -> str:
+        pieces: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            tag = self.kept_tags.get(int(i))
+            if tag is None:
+                run.append(int(i))
+                continue
+            if run:
+                pieces.append(self._tokenizer.decode(run, skip_special_tokens, *args, **kwargs))
+                run = []
+            pieces.append(tag)
+        if run or not pieces:
+            pieces.append(self._tokenizer.decode(run, skip_special_tokens, *args, **kwargs))
+        return "".join(pieces)
+
+
 # ---------------------------------------------------------------------------------------------- streaming
 def _partial_tag(text: str, tags: Iterable[str]) -> int:
     """Length of the longest end of ``text`` that is the start of one of ``tags`` (held back while streaming)."""

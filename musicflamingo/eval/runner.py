@@ -537,11 +537,6 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
             }
         return {"type": "audio", "path": it.audio}
 
-    def decode(ids) -> list[str]:
-        if hasattr(processor, "batch_decode"):
-            return list(processor.batch_decode(ids, skip_special_tokens=True))
-        return [processor.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in ids]
-
     # None: the processor's default system turn; "" is an empty system turn (as infer.py and the reference)
     system = (
         [{"role": "system", "content": str(cfg["system_prompt"])}]
@@ -570,12 +565,12 @@ def build_predict_fn(cfg: Mapping[str, Any]) -> PredictFn:
             **feeds, max_new_tokens=max_new_tokens, do_sample=False, stop_token_ids=stops, **extra
         )
         new = out[:, feeds["input_ids"].shape[1] :].cpu()
-        if stop_strings:  # each answer cut before its stop string, as the engine cut infer.py's, naming it
-            cut = [
-                AnswerText.of_tokens(processor.tokenizer, row, stop_strings, stops) for row in new.tolist()
-            ]
-            return [Prediction(a.text.strip(), a.stop) for a in cut]
-        return [t.strip() for t in decode(new)]
+        if not hasattr(processor, "tokenizer"):  # a processor that only decodes (a stand-in; no stop strings)
+            return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+        # each answer up to its stop id or cut before its stop string, as the engine cut infer.py's, naming the
+        # stop string (think tags that are special tokens read as text: `reasoning.TagsKept`)
+        cut = [AnswerText.of_tokens(processor.tokenizer, row, stop_strings, stops) for row in new.tolist()]
+        return [Prediction(a.text.strip(), a.stop) for a in cut]
 
     return predict
 
