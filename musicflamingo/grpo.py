@@ -69,10 +69,6 @@ from torch import nn
 
 from musicflamingo.audio.features import tokens_from_frames
 from musicflamingo.chat import (
-    ANSWER_CLOSE,
-    ANSWER_OPEN,
-    THINK_CLOSE,
-    THINK_OPEN,
     THINK_SUFFIX,
     encode_expanded,
     ensure_think_prompt,
@@ -84,7 +80,12 @@ from musicflamingo.engine import AnswerText, Engine, Request, SamplingParams, ch
 from musicflamingo.lit import CheckpointMismatchError, MusicFlamingoLit
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.lora import adapter_layers
-from musicflamingo.reasoning import ThinkOutput, parse_think, plain_output
+from musicflamingo.reasoning import (
+    TagsKept,
+    ThinkOutput,
+    parse_think,
+    plain_output,
+)  # TagsKept: grpo.TagsKept too
 from musicflamingo.rewards import AccuracyReward, CaptionFactsReward, FormatReward, Target, record_task
 from musicflamingo.runtime import parse_dtype
 from musicflamingo.settings import GRPO_FSDP
@@ -319,52 +320,6 @@ class Rollouts:
     nonfinite: dict[int, str] = field(default_factory=dict)
     # completions that ran out of max_new_tokens (no stop id, no stop string ended them)
     truncated: int = 0
-
-
-class TagsKept:
-    """`tokenizer` decoding the think layout's tags (`<think>`, `</think>`, `<answer>`, `</answer>`) as their text
-    where it makes them special tokens, which decoding otherwise leaves out (skip_special_tokens): the format
-    reward then saw no tags and the answer parser no answer. Everything else is the tokenizer's own (its other
-    special tokens are still skipped); each run of tokens between two tags is decoded as the tokenizer decodes it.
-    """
-
-    def __init__(self, tokenizer: Any, tags: Mapping[int, str]) -> None:
-        self._tokenizer = tokenizer
-        self._tags = dict(tags)
-        self.special_tokens = tuple(t for t in tokenizer.special_tokens if t not in self._tags.values())
-
-    @classmethod
-    def wrap(cls, tokenizer: Any) -> Any:
-        """`tokenizer` itself where no tag is one of its special tokens, else a `TagsKept` of it."""
-        special = set(getattr(tokenizer, "special_tokens", ()))
-        tags = {
-            i: t
-            for t in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-            if t in special and (i := tokenizer.token_to_id(t)) is not None
-        }
-        return cls(tokenizer, tags) if tags else tokenizer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
-
-    @property
-    def special_token_ids(self) -> set[int]:
-        return set(self._tokenizer.special_token_ids) - set(self._tags)
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, *args: Any, **kwargs: Any) -> str:
-        pieces, run = [], []
-        for i in ids:
-            tag = self._tags.get(int(i))
-            if tag is None:
-                run.append(int(i))
-                continue
-            if run:
-                pieces.append(self._tokenizer.decode(run, skip_special_tokens, *args, **kwargs))
-                run = []
-            pieces.append(tag)
-        if run or not pieces:
-            pieces.append(self._tokenizer.decode(run, skip_special_tokens, *args, **kwargs))
-        return "".join(pieces)
 
 
 def frozen_copy(net: MusicFlamingo, dtype: torch.dtype | None = None) -> MusicFlamingo:
@@ -1198,12 +1153,10 @@ class GRPOLit(MusicFlamingoLit):
             think = self.think if p.think is None else p.think
             row_out, row_r = [], []
             for tokens in group:
-                stop = None  # the stop string that ended the completion
-                if stop_strings:  # the answer inference gives: cut before the stop string that ended it
-                    answer = AnswerText.of_tokens(tok, tokens, stop_strings, stops)
-                    text, stop = answer.text, answer.stop
-                else:
-                    text = tok.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+                # the answer inference gives: up to the stop id or the stop string that ended it (a `</answer>`
+                # stop id, as a stop string, is recorded as the stop: the parse then knows the tag was there)
+                answer = AnswerText.of_tokens(tok, tokens, stop_strings, stops)
+                text, stop = answer.text, answer.stop
                 truncated += stop is None and (not tokens or tokens[-1] not in stops)
                 # ended by a `</answer>` stop string, the cut text lacks its closing tag: parsed with it
                 output = parse_think(text, stop=stop) if think else plain_output(text)

@@ -204,3 +204,25 @@ def test_tags_kept_decodes_as_the_tokenizer_elsewhere(tmp_path):
     text = tok.encode("a low hum")
     assert kept.decode(text) == tok.decode(text) and kept.decode([]) == ""
     assert partial(kept.decode, skip_special_tokens=False)(ids).endswith("</answer><|im_end|>")
+
+
+def test_a_special_answer_close_as_a_stop_id_is_a_complete_answer(lora_net, tmp_path):
+    """`</answer>` among the stop ids (a generation_config.json eos list): the completion ends on it, the rollout
+    left it out of the text and the parse called the answer broken (format reward 0 for a perfect completion).
+    GRPO reads the answer as inference does (engine.AnswerText): the tag is the stop, the answer complete."""
+    from musicflamingo.grpo import Prompt
+    from musicflamingo.rewards import AccuracyReward, Target
+
+    tok = _tokenizer_with_special_tags(tmp_path)
+    lit = grpo_module(lora_net, rewards={"format": FormatReward(), "accuracy": AccuracyReward()})
+    lit._processor = lambda: SimpleNamespace(tokenizer=tok)
+    lit.model.generation_defaults = {}
+    close, end = tok.token_to_id("</answer>"), tok.token_to_id("<|im_end|>")
+    lit._stop_ids = lambda: [close, end]
+    good = tok.encode("<think>a low tone</think><answer>a low hum</answer>")
+    assert good[-1] == close
+    prompt = Prompt("c0", [1], Target.from_record({}, "a low hum"), slice(0, 0), "data/train.jsonl:1")
+    roll = lit.score([prompt], [[good, good[:-1] + [end]]])
+    assert roll.components["format"][0] == 1.0
+    assert roll.components["accuracy"][0] == 1.0 and roll.outputs[0][0].answer == "a low hum"
+    assert roll.truncated == 0
