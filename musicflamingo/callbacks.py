@@ -9,7 +9,6 @@ import os
 import pickle
 import random
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,61 +21,12 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 
-from musicflamingo.checkpoint import new_file_mode, replace_file
+# atomic_torch_save lives in checkpoint.py (a writer needs no Lightning); imported here by its old name too
+from musicflamingo.checkpoint import atomic_torch_save, replace_file
 from musicflamingo.errors import RunStopped
 from musicflamingo.runtime import stderr_is_terminal
 
 log = logging.getLogger(__name__)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A kill at any moment leaves either the previous file or the new one, never a half-written checkpoint. The file
-    gets the permissions `torch.save` would give it (read access as the umask allows), not the temporary file's 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    out = _WriteErrors(os.fdopen(fd, "wb"))
-    try:
-        with out.file as f:
-            os.fchmod(f.fileno(), new_file_mode())
-            try:
-                torch.save(obj, out)
-            except RuntimeError as e:
-                # torch's zip writer turns the OSError of a failed write (a full disk) into "unexpected pos ..."
-                if out.error is None:
-                    raise
-                raise out.error from e
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.filename is None:  # a failed write (full disk) names no file: name the checkpoint
-            raise OSError(e.errno, f"cannot write the checkpoint: {e.strerror or e}", str(path)) from e
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class _WriteErrors:
-    """A binary file for `torch.save` that keeps the OSError of a failed write, which torch swallows."""
-
-    def __init__(self, file: Any) -> None:
-        self.file, self.error = file, None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
 
 
 class AtomicCheckpointIO(CheckpointIO):

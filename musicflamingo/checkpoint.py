@@ -18,6 +18,7 @@ interrupted save is repaired by the next write or by `recover_interrupted_save`.
 Writing (`save_files`) replaces only the files a save owns (`MODEL_FILES` and shards, `PROCESSOR_FILES`) and
 keeps everything else in the folder; it refuses a target that is a file or another model's folder unless told
 to overwrite, and so does a quantized save into a folder whose weights are unquantized or quantized otherwise.
+`replace_file` and `atomic_torch_save` (a training checkpoint) write one file through a renamed temporary one.
 """
 
 from __future__ import annotations
@@ -1013,6 +1014,56 @@ def replace_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A kill at any moment leaves either the previous file or the new one, never a half-written checkpoint. The file
+    gets the permissions `torch.save` would give it (read access as the umask allows), not the temporary file's 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    out = _WriteErrors(os.fdopen(fd, "wb"))
+    try:
+        with out.file as f:
+            os.fchmod(f.fileno(), new_file_mode())
+            try:
+                torch.save(obj, out)
+            except RuntimeError as e:
+                # torch's zip writer turns the OSError of a failed write (a full disk) into "unexpected pos ..."
+                if out.error is None:
+                    raise
+                raise out.error from e
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a failed write (full disk) names no file: name the checkpoint
+            raise OSError(e.errno, f"cannot write the checkpoint: {e.strerror or e}", str(path)) from e
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _WriteErrors:
+    """A binary file for `torch.save` that keeps the OSError of a failed write, which torch swallows."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _save_readable(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

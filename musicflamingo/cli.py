@@ -45,7 +45,6 @@ from hydra.errors import InstantiationException, OverrideParseException
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from musicflamingo.errors import RunStopped
-from musicflamingo.runtime import quiet_known_warnings, tune_cpu
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_BAD_INPUT = 2
@@ -180,6 +179,9 @@ def run_cli(fn: Callable[[], Any], prefix: str = "error", exit_code: int = EXIT_
     (:func:`musicflamingo.runtime.tune_cpu`) and known-harmless library warnings silenced
     (:func:`musicflamingo.runtime.quiet_known_warnings`).
     """
+    # here, not at import: runtime imports torch (seconds), which a command line refused before Hydra runs does not need
+    from musicflamingo.runtime import quiet_known_warnings, tune_cpu
+
     tune_cpu()
     quiet_known_warnings()
     try:
@@ -440,7 +442,7 @@ def _composition_error_line(e: BaseException, config_name: str, overrides: list[
         key = match.group(1)
         arg = next((str(o.input_line) for o in parsed if o.key_or_group == key), key)
         try:  # the config without this override: where the key's path leaves it
-            node = _compose(config_name, [o for o in overrides if o != arg])
+            node = root = _compose(config_name, [o for o in overrides if o != arg])
         except Exception:
             return error_line(e)
         parts, depth = key.split("."), 0
@@ -459,6 +461,14 @@ def _composition_error_line(e: BaseException, config_name: str, overrides: list[
         close = difflib.get_close_matches(name, valid, n=1)
         fixed = ".".join([*parts[:depth], close[0], *parts[depth + 1 :]]) if close else ""
         hint = f" (did you mean {arg.replace(key, fixed, 1)}?)" if close else ""
+        if (
+            parent
+            and depth == len(parts) - 1
+            and name in root
+            and not isinstance(root._get_node(name), DictConfig)
+        ):
+            # a setting of the entry point itself typed under a group (`benchmark.limit=2` for eval.py's limit=2)
+            hint = f" (did you mean {arg.replace(key, name, 1)}, a setting of {config_name}.py itself?)"
         return f"{arg}: no setting {missing}{hint}; {parent or 'the top level'} takes: {', '.join(valid)}"
     match = re.match(r"Could not append to config. An item is already at '([^']+)'", message)
     if match:

@@ -19,7 +19,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# `.<name>.<random>.tmp`: the temporary file of `checkpoint.replace_file` / `callbacks.atomic_torch_save`
+# `.<name>.<random>.tmp`: the temporary file of `checkpoint.replace_file` / `checkpoint.atomic_torch_save`
 # (mkstemp's 8 characters)
 _TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 

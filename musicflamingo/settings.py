@@ -17,8 +17,10 @@ valid keys. Sampling settings of `infer.py` are checked by :class:`musicflamingo
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
+import importlib.util
 import inspect
 import math
 import re
@@ -357,7 +359,7 @@ def _walk(node: Any, where: str) -> None:
                 raise SettingsError(
                     f"{where}: missing key(s) {missing}; expected exactly {list(FIXED_KEYS[where])}"
                 )
-        if "_target_" in node:
+        if "_target_" in node and not _declared_accepts(str(node["_target_"]), set(node) - HYDRA_KEYS):
             valid = _parameters(node["_target_"], where)
             if valid is not None:
                 _known(node, where, valid | HYDRA_KEYS)
@@ -396,6 +398,116 @@ def _parameters(target: Any, where: str) -> set[str] | None:
         return None
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {p.name for p in params if p.kind in named}
+
+
+def _declared_accepts(target: str, keys: set[str]) -> bool:
+    """True when the source of `target` shows that it takes every one of `keys`, read without importing it: the
+    trainer's, callbacks' and modules' targets import Lightning (seconds), which a refused setting or `plan=true`
+    need not pay. False when the source cannot tell (an inherited or generated `__init__`, a name bound otherwise):
+    `_parameters` then imports the target and names what it refuses."""
+    params = _source_parameters(target)
+    return params is None or (params is not _UNKNOWN and keys <= params)
+
+
+_UNKNOWN: Any = object()
+
+
+def _source_parameters(target: str, depth: int = 0) -> Any:
+    """The keyword parameters of dotted `target` as its module's source declares them (None: `**kwargs`), following
+    `from x import name` re-exports; `_UNKNOWN` for anything else. No module is imported."""
+    parts = target.split(".")
+    if len(parts) < 2 or depth > 8:
+        return _UNKNOWN
+    found = _module_source(parts[:-1])  # `Class.method` and other nested names: not read from source
+    if found is None:
+        return _UNKNOWN
+    path, package = found
+    name = parts[-1]
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return _UNKNOWN
+    bound: ast.stmt | None = None
+    for stmt in tree.body:  # the last top-level binding of `name` is what the module exports
+        if isinstance(stmt, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name == name:
+            bound = stmt
+        elif isinstance(stmt, ast.ImportFrom) and any((a.asname or a.name) == name for a in stmt.names):
+            bound = stmt
+        elif _binds(stmt, name):  # an assignment, a conditional import, a plain import: only running it tells
+            return _UNKNOWN
+    if isinstance(bound, ast.ImportFrom):
+        alias = next(a for a in bound.names if (a.asname or a.name) == name)
+        if bound.level:  # `from .x import name`: relative to this module's package
+            if bound.level - 1 > len(package):
+                return _UNKNOWN
+            base = package[: len(package) - bound.level + 1]
+            module = [*base, *bound.module.split(".")] if bound.module else base
+        else:
+            module = bound.module.split(".") if bound.module else []
+        return _source_parameters(".".join([*module, alias.name]), depth + 1) if module else _UNKNOWN
+    if isinstance(bound, (ast.FunctionDef, ast.AsyncFunctionDef)) and not bound.decorator_list:
+        return _keyword_arguments(bound.args, method=False)
+    if isinstance(bound, ast.ClassDef) and not bound.decorator_list and not bound.keywords:
+        defs = {s.name: s for s in bound.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        assigned = [s for s in bound.body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        if (
+            "__init__" in defs
+            and "__new__" not in defs
+            and not any(_binds(s, n) for s in assigned for n in ("__init__", "__signature__"))
+        ):
+            return _keyword_arguments(defs["__init__"].args, method=True)
+    return _UNKNOWN  # inherited `__init__`, a dataclass, a metaclass: only inspect.signature tells
+
+
+def _binds(stmt: ast.stmt, name: str) -> bool:
+    for node in ast.walk(stmt):
+        if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Store):
+            return True
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            return True
+        if isinstance(node, ast.alias) and (node.asname or node.name.split(".")[0]) == name:
+            return True
+    return False
+
+
+def _keyword_arguments(args: ast.arguments, method: bool) -> set[str] | None:
+    """The names a call may pass by keyword; None with `**kwargs`. `method`: the first parameter is `self`."""
+    if args.kwarg is not None:
+        return None
+    named = list(args.args)
+    if method and not args.posonlyargs:
+        named = named[1:]
+    return {a.arg for a in named} | {a.arg for a in args.kwonlyargs}
+
+
+def _module_source(parts: list[str]) -> tuple[Path, list[str]] | None:
+    """(file, package) of the module `parts` (`["lightning", "pytorch", "callbacks"]`), found on disk without
+    importing it or its packages (`find_spec` of a top-level name runs nothing); None when it is no plain source
+    module in one folder."""
+    try:
+        spec = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    if len(parts) == 1:
+        path, package = Path(spec.origin), parts if spec.submodule_search_locations is not None else []
+    else:
+        roots = list(spec.submodule_search_locations or [])
+        if len(roots) != 1 or not spec.origin.endswith("__init__.py"):
+            return None
+        folder = Path(roots[0])
+        for part in parts[1:-1]:  # every package on the way a plain folder with its __init__.py
+            folder = folder / part
+            if not (folder / "__init__.py").is_file():
+                return None
+        if (folder / parts[-1] / "__init__.py").is_file():
+            path, package = folder / parts[-1] / "__init__.py", parts
+        elif (folder / f"{parts[-1]}.py").is_file():
+            path, package = folder / f"{parts[-1]}.py", parts[:-1]
+        else:
+            return None
+    return (path, package) if path.suffix == ".py" else None
 
 
 def _locate(path: str, where: str) -> Any:

@@ -135,7 +135,7 @@ def test_sigkill_during_training_then_rerun_gives_the_uninterrupted_weights(asse
 # ---------------------------------------------------------------------------------------------- (b) writes
 TORCH_WRITER = """
 import sys, torch
-from musicflamingo.callbacks import atomic_torch_save
+from musicflamingo.checkpoint import atomic_torch_save
 path, n = sys.argv[1], int(sys.argv[2])
 for v in range(1, 1000):
     atomic_torch_save({"version": v, "w": torch.full((n,), float(v))}, path)

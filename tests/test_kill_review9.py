@@ -84,7 +84,7 @@ def _temps(folder: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------- checkpoint temps
 WRITER = """
 import sys, torch
-from musicflamingo.callbacks import atomic_torch_save
+from musicflamingo.checkpoint import atomic_torch_save
 for v in range(1, 1000):
     atomic_torch_save({"w": torch.full((int(sys.argv[2]),), float(v))}, sys.argv[1])
 """
