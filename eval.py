@@ -13,11 +13,13 @@ import hydra
 from omegaconf import DictConfig
 
 from musicflamingo.cli import run_cli, run_entry_point
-from musicflamingo.eval import evaluate, headline
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    # imported here, not at the top: a command line Hydra refuses (a typo'd key) is named without importing torch
+    from musicflamingo.eval import evaluate, headline
+
     # Bad settings, data, audio or checkpoint: one clear line (exit 2) instead of a traceback.
     results = run_cli(lambda: evaluate(cfg), prefix="eval.py: error")
     if results is None or "plan" in results:  # a failed sweep job (named already), or plan=true: nothing ran

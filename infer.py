@@ -20,11 +20,13 @@ import hydra
 from omegaconf import DictConfig
 
 from musicflamingo.cli import run_cli, run_entry_point
-from musicflamingo.inference import infer
-from musicflamingo.settings import check_infer_settings
 
 
 def run(cfg: DictConfig) -> list[str]:
+    # imported here, not at the top: a command line Hydra refuses (a typo'd key) is named without importing torch
+    from musicflamingo.inference import infer
+    from musicflamingo.settings import check_infer_settings
+
     check_infer_settings(cfg)  # log_level is used before infer() checks the rest
     logging.basicConfig(
         level=str(cfg.get("log_level", "INFO")).upper(),

@@ -17,11 +17,13 @@ import hydra
 from omegaconf import DictConfig
 
 from musicflamingo.cli import run_cli, run_entry_point
-from musicflamingo.serve import serve
-from musicflamingo.settings import check_serve_plan_settings
 
 
 def run(cfg: DictConfig) -> None:
+    # imported here, not at the top: a command line Hydra refuses (a typo'd key) is named without importing torch
+    from musicflamingo.serve import serve
+    from musicflamingo.settings import check_serve_plan_settings
+
     check_serve_plan_settings(cfg)  # log_level is used before serve() checks the rest
     logging.basicConfig(
         level=str(cfg.get("log_level", "INFO")).upper(),

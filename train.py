@@ -7,11 +7,13 @@ import hydra
 from omegaconf import DictConfig
 
 from musicflamingo.cli import run_cli, run_entry_point
-from musicflamingo.training import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # imported here, not at the top: a command line Hydra refuses (a typo'd key) is named without importing torch
+    from musicflamingo.training import train
+
     result = run_cli(lambda: train(cfg))
     if result is None:  # a sweep job that failed with an input error (named already); the next job runs
         return None
