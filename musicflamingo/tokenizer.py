@@ -610,6 +610,21 @@ def _padding_truncation(
     return pad, length if cut else None, length if pad == "max_length" else None
 
 
+def _added_entries(tok) -> dict[str, dict]:
+    """``tokenizer.json``'s added tokens as tokenizer_config.json's ``added_tokens_decoder`` writes them."""
+    return {
+        str(i): {
+            "content": t.content,
+            "lstrip": t.lstrip,
+            "normalized": t.normalized,
+            "rstrip": t.rstrip,
+            "single_word": t.single_word,
+            "special": t.special,
+        }
+        for i, t in sorted(tok.get_added_tokens_decoder().items())
+    }
+
+
 def _tolist(v):
     """A tensor/array (or a list of them) as nested Python lists; anything else as is."""
     if hasattr(v, "tolist") and not isinstance(v, (list, tuple)):
@@ -703,6 +718,10 @@ class HFTokenizer(Tokenizer):
             )
         self._extra_special = [_token_str(t, "extra_special_tokens") for t in extra or []]
         self._named_extra = {k: v for k, v in named.items() if v is not None}
+        # what the files held, so that save() rewrites only what add_tokens/add_special_tokens changed since (a
+        # folder loaded and saved again, as checkpoints and exports do, keeps its tokenizer_config.json as it was)
+        self._loaded_extra = list(self._extra_special)
+        self._loaded_added = _added_entries(self._tok)
         limit = self.config.get("model_max_length")
         if limit is not None:
             if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit >= 1:
@@ -809,29 +828,29 @@ class HFTokenizer(Tokenizer):
         config.setdefault("tokenizer_class", "Qwen2Tokenizer")
         config.update(eos_token=self.eos_token, pad_token=self.pad_token)
         for name in ("unk_token", "sep_token", "cls_token", "mask_token"):  # add_special_tokens may set them
-            if getattr(self, name) is not None or name in config:
+            if getattr(self, name) != _token_str(config.get(name), name):  # as read: the file's form is kept
                 config[name] = getattr(self, name)
-        if self._extra_special or isinstance(config.get("extra_special_tokens"), list):
-            config.pop("additional_special_tokens", None)  # transformers 5 writes extra_special_tokens only
-            config["extra_special_tokens"] = list(self._extra_special)
+        if self._extra_special != self._loaded_extra:  # add_special_tokens changed the list
+            # under the key the file had: additional_special_tokens (the older key) is read by transformers 4 and 5,
+            # while transformers 4 fails on an extra_special_tokens list ('list' object has no attribute 'keys')
+            old_key = "additional_special_tokens" in config and not config.get("extra_special_tokens")
+            if isinstance(config.get("extra_special_tokens"), dict):
+                # its model-specific named tokens (audio_token) stay, as top-level keys (as transformers 5 writes)
+                for key, value in self._named_extra.items():
+                    config.setdefault(key, value)
+            config["additional_special_tokens" if old_key else "extra_special_tokens"] = list(
+                self._extra_special
+            )
         config.pop("padding_side", None)
         if self.padding_side != "right":  # transformers' default is not written
             config["padding_side"] = self.padding_side
         config["bos_token"] = self.bos_token
-        if "added_tokens_decoder" in config:
+        added = _added_entries(self._tok)
+        if "added_tokens_decoder" in config and added != self._loaded_added:
             # transformers follows this list where there is one: tokens added since loading must be in it (it
-            # would read them as text pieces); transformers 5 writes none, and reads tokenizer.json's
-            config["added_tokens_decoder"] = {
-                str(i): {
-                    "content": t.content,
-                    "lstrip": t.lstrip,
-                    "normalized": t.normalized,
-                    "rstrip": t.rstrip,
-                    "single_word": t.single_word,
-                    "special": t.special,
-                }
-                for i, t in sorted(self._tok.get_added_tokens_decoder().items())
-            }
+            # would read them as text pieces); transformers 5 writes none, and reads tokenizer.json's. Unchanged
+            # since loading, the file's list is kept as written.
+            config["added_tokens_decoder"] = added
         config.setdefault("clean_up_tokenization_spaces", False)
         config.setdefault("split_special_tokens", False)
         (d / "tokenizer_config.json").write_text(

@@ -304,6 +304,9 @@ ALT_EVAL_KEYS = (
 )
 
 
+ALT_EVAL_MISSING = "alt-eval is not installed (pip install alt-eval): Jam-ALT's metrics were not computed"
+
+
 def alt_eval_scores(references: Sequence[str], hypotheses: Sequence[str], languages: Sequence[str]) -> dict:
     """Jam-ALT's own metrics: ``alt_eval.compute_metrics`` (github.com/audioshake/alt-eval, the scorer of the
     Jam-ALT paper) on the raw texts, line breaks and punctuation kept, as ``{n, <ALT_EVAL_KEYS>}``; a rate with
@@ -311,16 +314,50 @@ def alt_eval_scores(references: Sequence[str], hypotheses: Sequence[str], langua
     try:
         from alt_eval import compute_metrics
     except ImportError:
+        return {"n": len(references), "error": ALT_EVAL_MISSING}
+    codes = [_alt_eval_language(lang) for lang in languages]
+    unknown = sorted({str(lang) for lang, code in zip(languages, codes) if code is None})
+    if unknown:
+        # alt-eval raises LanguageNotFoundError for them after every prediction was made: named here instead
         return {
             "n": len(references),
-            "error": "alt-eval is not installed (pip install alt-eval): Jam-ALT's metrics were not computed",
+            "error": f"alt-eval knows no language {', '.join(map(repr, unknown))} (it takes ISO 639 codes or "
+            "English names, e.g. 'en', 'Italian'): Jam-ALT's metrics were not computed for these items (the lyrics "
+            "summary's wer/cer still scores them)",
         }
-    scores = compute_metrics(list(references), [str(h or "") for h in hypotheses], languages=list(languages))
+    try:
+        scores = compute_metrics(list(references), [str(h or "") for h in hypotheses], languages=codes)
+    except Exception as e:  # e.g. ZeroDivisionError: references with no word in alt-eval's tokenisation ("½")
+        # its metrics are secondary: the report of a finished run is written, naming why they are missing
+        return {
+            "n": len(references),
+            "error": f"alt-eval failed ({type(e).__name__}: {e}): Jam-ALT's metrics "
+            "were not computed for these items (the lyrics summary's wer/cer still scores them)",
+        }
     out: dict[str, Any] = {"n": len(references)}
     for key in ALT_EVAL_KEYS:
         value = scores.get(key)
         out[key] = None if value is None or (isinstance(value, float) and math.isnan(value)) else value
     return out
+
+
+def _alt_eval_language(language: str) -> str | None:
+    """The ISO 639-1 code alt-eval tokenises ``language`` as (``"en"``, ``"en-US"``, ``"italian"`` -> ``"it"``),
+    or None when its ``iso639`` table has none (alt-eval would raise)."""
+    try:
+        from iso639 import Language  # alt-eval's own dependency (python-iso639)
+    except ImportError:  # an alt-eval reading languages otherwise: its own call decides
+        return str(language)
+    lang = str(language).strip()
+    base = re.split(r"[-_]", lang, maxsplit=1)[0]
+    for candidate in dict.fromkeys((lang, lang.lower(), lang.title(), base.lower(), base.title())):
+        try:
+            code = Language.match(candidate).part1
+        except Exception:  # iso639.LanguageNotFoundError (and its older versions' errors)
+            continue
+        if code:
+            return code
+    return None
 
 
 def score_lyrics(
@@ -387,7 +424,9 @@ def score_lyrics(
             return alt_eval_scores([items[i].answer for i in idx], [preds[i] for i in idx], langs)
 
         summary["alt_eval"] = alt(jam_alt)
-        if "error" not in summary["alt_eval"]:
+        if (
+            summary["alt_eval"].get("error") != ALT_EVAL_MISSING
+        ):  # one language unknown: the others, per language
             langs = sorted({str(items[i].meta.get("language", "en")) for i in jam_alt})
             summary["alt_eval"]["per_language"] = {
                 lang: alt([i for i in jam_alt if str(items[i].meta.get("language", "en")) == lang])

@@ -420,14 +420,25 @@ ALT_EVAL_COLUMNS = (
 def _alt_eval_table(a: Mapping[str, Any]) -> list[str]:
     """Jam-ALT's own metrics (alt-eval), overall and per language, as its paper reports them (percentages)."""
     out = ["", f"### Jam-ALT metrics (alt-eval, {a.get('n', 0)} items)", ""]
+    per_language = a.get("per_language") or {}
     if a.get("error"):
-        return out + [a["error"]]
-    rows = [["all", a.get("n", 0), *(_pct(a.get(k)) for k, _ in ALT_EVAL_COLUMNS)]]
+        out.append(a["error"])
+        if not per_language:
+            return out
+        out.append("")
+    # a language alt-eval does not know: its row says so (n/a), the others are scored
+    rows = [] if a.get("error") else [["all", a.get("n", 0), *(_pct(a.get(k)) for k, _ in ALT_EVAL_COLUMNS)]]
     rows += [
         [lang, v.get("n", 0), *(_pct(v.get(k)) for k, _ in ALT_EVAL_COLUMNS)]
-        for lang, v in (a.get("per_language") or {}).items()
+        for lang, v in per_language.items()
     ]
     out += _table(["language", "n", *(title for _, title in ALT_EVAL_COLUMNS)], rows)
+    notes = [
+        f"- {lang}: {v['error']}"
+        for lang, v in per_language.items()
+        if v.get("error") not in (None, a.get("error"))
+    ]
+    out += [""] + notes if notes else []
     out += [
         "",
         "alt-eval tokenises with Moses (contractions split, case and punctuation kept as tokens), so its WER is "
