@@ -174,3 +174,14 @@ def test_all_special_tokens_follow_the_config_as_transformers(ref_dir, tmp_path,
     assert _special(o) == _special(r)
     ids = o.encode(TEXTS[2] + TEXTS[1])
     assert o.convert_ids_to_tokens(ids, skip_special_tokens=True) == r.convert_ids_to_tokens(ids, True)
+
+
+def test_a_null_return_attention_mask_reads_as_transformers_false():
+    """`"return_attention_mask": null` in a preprocessor_config.json loaded before this round (transformers reads
+    it as false); a value that is not a boolean is still refused by name."""
+    from musicflamingo.audio.features import LogMelExtractor
+
+    assert LogMelExtractor.from_dict({"return_attention_mask": None}).return_attention_mask is False
+    assert LogMelExtractor.from_dict({}).return_attention_mask is False
+    with pytest.raises(ValueError, match="return_attention_mask=1 must be true or false"):
+        LogMelExtractor.from_dict({"return_attention_mask": 1})

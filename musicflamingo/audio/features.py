@@ -442,7 +442,9 @@ class LogMelExtractor:
             raise ValueError(f"feature extractor dither={d['dither']} is not supported (expected 0.0)")
         if d.get("do_normalize", False):
             raise ValueError("feature extractor do_normalize=True is not supported (Whisper log-mel only)")
-        return_attention_mask = d.get("return_attention_mask", False)  # WhisperFeatureExtractor's default
+        # WhisperFeatureExtractor's default, also for null (transformers reads it as false)
+        return_attention_mask = d.get("return_attention_mask")
+        return_attention_mask = False if return_attention_mask is None else return_attention_mask
         if not isinstance(return_attention_mask, bool):
             raise ValueError(
                 f"feature extractor return_attention_mask={return_attention_mask!r} must be true or false"
