@@ -273,7 +273,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         return {}, {"plan": plan}
     output_dir = Path(cfg.paths.output_dir)
     if not is_launching_rank():  # its info lines repeated rank 0's on the console: warnings and errors only
-        logging.getLogger("musicflamingo").setLevel(logging.WARNING)
+        import lightning  # noqa: F401  (its packages set their loggers to INFO as they are imported)
+
+        for name in ("musicflamingo", "lightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     lock = RunLock(output_dir).acquire() if is_launching_rank() else None
     from musicflamingo.callbacks import StopOnSignal
 
