@@ -212,6 +212,21 @@ def quantizer(device: torch.device):  # noqa: ANN201
     return nf4_linear_class(), f"bitsandbytes {import_bitsandbytes().__version__} nf4"
 
 
+def import_peft():  # noqa: ANN201
+    """peft's `LoraConfig` and `get_peft_model`. peft imports bitsandbytes where it is installed, and a plain
+    `import bitsandbytes` on a CPU with AVX512-BF16 asks the Hugging Face Hub for a kernel: bitsandbytes is
+    imported first as the qlora worker imports it (`lora.import_bitsandbytes`), without the Hub."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        from musicflamingo.model.lora import import_bitsandbytes
+
+        import_bitsandbytes()
+    from peft import LoraConfig, get_peft_model
+
+    return LoraConfig, get_peft_model
+
+
 def lora_step(
     impl: str,
     model,
@@ -234,7 +249,7 @@ def lora_step(
         model.set_gradient_checkpointing(True)
     else:
         try:
-            from peft import LoraConfig, get_peft_model
+            LoraConfig, get_peft_model = import_peft()
         except ImportError:
             return {"skipped": "peft is not installed here"}
         model.requires_grad_(False)

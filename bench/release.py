@@ -165,7 +165,7 @@ def machine_limits(threads: int, quick: bool) -> dict:
     torch.set_num_threads(threads)
     sizes = (512,) if quick else (2048, 4096)
     flops = matmul_ceiling("cpu", torch.bfloat16, sizes, repeats=3 if quick else 5)["flops"]
-    x = torch.ones(int(2e8 if quick else 1e9), dtype=torch.bfloat16)  # 0.4 / 2 GB
+    x = torch.ones(int(2.5e7 if quick else 1e9), dtype=torch.bfloat16)  # 50 MB (smoke runs) / 2 GB
     best = 0.0
     # Summed as bf16 and as float32 (the same bytes, two bf16 ones read as one finite float): on an Intel Xeon the
     # bf16 sum is bound by its conversions (12 GB/s against 19 for float32), on an AMD EPYC neither is.

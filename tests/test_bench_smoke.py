@@ -226,7 +226,8 @@ def test_render_rewrites_doc_from_saved_results(quick_report, tmp_path):
     doc.write_text("# Perf\n<!-- bench:cpu:begin -->\nold\n<!-- bench:cpu:end -->\n")
     assert run.main(["--render", str(saved), "--doc", str(doc)]) == 0
     text = doc.read_text()
-    assert "old" not in text and "| train | fp32 | tokens/s |" in text
+    # the section's old body is gone (not the word: the rendered command line may hold it, e.g. in a path)
+    assert "begin -->\nold\n" not in text and "| train | fp32 | tokens/s |" in text
 
 
 def test_release_bench_runs_on_the_tiny_preset(tmp_path, capsys):
@@ -294,10 +295,11 @@ def test_gpu_release_bench_runs_on_the_tiny_preset_on_cpu(tmp_path, capsys):
     """bench/gpu_release.py end to end on CPU at the smallest size: the three workers (QLoRA with the int8 stand-in,
     ours, the reference), LoRA steps that train the same adapters on both sides, a full fine-tune step, compiled
     decode after both (the model handed back frozen), the planner's predictions, the QLoRA merge check, the full
-    fine-tune fit, one JSON. The qlora and ours workers run in this process (`--inprocess`: interpreter starts were
-    most of the time), the reference in a worker process of its own, as all three run on a GPU."""
+    fine-tune fit, one JSON. The ours and reference workers run in this process (`--inprocess`: interpreter starts
+    were most of the time), the qlora worker in a worker process of its own, as all three run on a GPU (its process
+    imports neither transformers nor peft: ~6 CPU s less than the reference's)."""
     out = tmp_path / "g.json"
-    argv = ["--preset", "tiny", "--device", "cpu", "--inprocess", "qlora,ours"]
+    argv = ["--preset", "tiny", "--device", "cpu", "--inprocess", "ours,ref"]
     argv += [
         "--cases",
         "qlora,ttft:30,decode:2,lora,full,compiled:1",

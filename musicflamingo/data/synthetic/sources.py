@@ -270,9 +270,15 @@ def load_chorale(path: str) -> Chorale | None:
 
 
 def chorale_paths() -> list[str]:
-    """Sorted paths of the Bach pieces bundled with music21 (offline)."""
+    """Sorted paths of the Bach pieces bundled with music21 (offline). Listed once per process: the bundled core
+    corpus cannot change while it runs (~0.4 s a listing); each caller gets a list of its own."""
+    return list(_bach_paths())
+
+
+@functools.cache
+def _bach_paths() -> tuple[str, ...]:
     m21 = _music21()
-    return sorted(str(p) for p in m21.corpus.getComposer("bach"))
+    return tuple(sorted(str(p) for p in m21.corpus.getComposer("bach")))
 
 
 def chorale_excerpt(
