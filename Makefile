@@ -47,8 +47,11 @@ $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 
 venv: $(BIN)/.installed
 
+# Two pytest workers of one OpenMP thread each (tests/conftest.py gives each worker its share of the cores): most
+# tests are tiny models and child processes that one thread runs as fast as two. TEST_WORKERS=1 runs them serially.
+TEST_WORKERS ?= 2
 test: setup
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=120
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=120
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
