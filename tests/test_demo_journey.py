@@ -294,10 +294,11 @@ def test_make_test_is_what_ci_and_the_readme_run():
     dry = subprocess.run(
         [MAKE, "-n", "-C", str(ROOT), "test", "test-slow", "demo"], capture_output=True, text=True
     )
-    # the default selection (no -m of its own); --durations only prints the slowest tests' times (4587503)
-    assert re.search(r"\.venv/bin/python -m pytest -q( --durations=\d+)?$", dry.stdout, re.MULTILINE), (
-        dry.stdout
-    )
+    # the default selection (no -m of its own), on two workers that each take a whole file (0485730);
+    # --durations only prints the slowest tests' times (4587503)
+    assert re.search(
+        r"\.venv/bin/python -m pytest -q -n 2 --dist loadfile( --durations=\d+)?$", dry.stdout, re.MULTILINE
+    ), dry.stdout
     assert "pytest -q -m slow" in dry.stdout
     assert ".venv/bin/python -m musicflamingo.demo\n" in dry.stdout
     addopts = re.search(r'addopts = "(.*)"', (ROOT / "pyproject.toml").read_text()).group(1)

@@ -11,14 +11,14 @@ import threading
 
 import httpx
 import pytest
-import torch
 from test_cli_review8 import _refused
 from test_infer_review6 import make_cfg
 from test_serve import MODEL, QUESTION, ckpt, loaded, server, songs, user_turn  # noqa: F401
+from test_think_stop_review16 import force_tokens
 
 from musicflamingo.chat import user_message
 from musicflamingo.cli import _refuse_file_as_folder, check_command_line
-from musicflamingo.engine import Engine, SamplingParams
+from musicflamingo.engine import SamplingParams
 from musicflamingo.inference import ChatSession, InferenceError, infer, run_chat
 
 
@@ -28,17 +28,7 @@ def _no_full_error(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- chat stop id + string
-def _forced(monkeypatch, ids: list[int]) -> None:
-    """The engine picks `ids` in order whatever the tiny model's logits (stop ids and strings still end it)."""
-    accept = Engine._accept
-
-    def forced(self, slots, logits):
-        one_hot = torch.full_like(logits, -1e4)
-        for row, slot in enumerate(slots):
-            one_hot[row, ids[min(len(slot.tokens), len(ids) - 1)]] = 0.0
-        return accept(self, slots, one_hot)
-
-    monkeypatch.setattr(Engine, "_accept", forced)
+_forced = force_tokens  # the engine picks `ids` in order whatever the tiny model's logits
 
 
 @pytest.mark.parametrize(

@@ -20,11 +20,12 @@ import torch
 from test_infer_review6 import make_cfg
 from test_reasoning import _eval_cfg, _mcq_benchmark
 from test_serve import MODEL, running_server, user_turn
+from test_think_stop_review16 import force_tokens
 from test_train_review18 import _tokenizer_with_special_tags
 from tiny_assets import make_tone, write_audio
 
 from musicflamingo import MusicFlamingo, MusicFlamingoConfig, MusicFlamingoProcessor
-from musicflamingo.engine import AnswerText, Engine, SamplingParams
+from musicflamingo.engine import AnswerText, SamplingParams
 from musicflamingo.inference import ChatSession, infer, load_model, run_chat
 from musicflamingo.reasoning import TagsKept, ThinkStream
 
@@ -66,15 +67,7 @@ def scripted(monkeypatch, loaded):
     ids = tok.encode(SAID)
     assert [tok.token_to_id(t) for t in TAGS] == [i for i in ids if tok.id_to_token(i) in TAGS]
     assert tok.decode(ids) == THINKING + ANSWER  # the tokenizer alone drops them
-    accept = Engine._accept
-
-    def forced(self, slots, logits):
-        one_hot = torch.full_like(logits, -1e4)
-        for row, slot in enumerate(slots):
-            one_hot[row, ids[min(len(slot.tokens), len(ids) - 1)]] = 0.0
-        return accept(self, slots, one_hot)
-
-    monkeypatch.setattr(Engine, "_accept", forced)
+    force_tokens(monkeypatch, ids)
     return ids
 
 

@@ -47,6 +47,12 @@ def scripted(monkeypatch, loaded):
     """The engine (infer's, chat's and eval's model.generate) picks the tokens of `SAID`, in order, whatever the
     tiny model's logits (its stop strings and stop ids still end the answer as they would)."""
     ids = loaded[1].tokenizer.encode(SAID)
+    force_tokens(monkeypatch, ids)
+    return ids
+
+
+def force_tokens(monkeypatch, ids: list[int]) -> None:  # noqa: ANN001
+    """The engine picks `ids` in order whatever the tiny model's logits (stop ids and strings still end it)."""
     accept = Engine._accept
 
     def forced(self, slots, logits):
@@ -56,7 +62,6 @@ def scripted(monkeypatch, loaded):
         return accept(self, slots, one_hot)
 
     monkeypatch.setattr(Engine, "_accept", forced)
-    return ids
 
 
 def test_infer_shows_a_think_answer_cut_by_its_stop_string_as_complete(ckpt, song, scripted, tmp_path):
