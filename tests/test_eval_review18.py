@@ -232,3 +232,36 @@ def test_benchmark_limit_points_at_eval_limit(tmp_path):
         BenchmarkError, match=r"benchmark\.limit: .*did you mean limit=\.\.\., a setting of eval\.py"
     ):
         _bench("mmar", root, "+benchmark.limit=2")
+
+
+def test_jam_alt_csv_run_resumes_after_metadata_jsonl_is_added(tmp_path):
+    """A Jam-ALT run begun on the v1.0 `metadata.csv`, resumed once the v1.2 `metadata.jsonl` sits beside it
+    (read in preference since d051ebc): refused "differs in: data_file" although songs, ids and prompts are the
+    same, so every song was asked again in a new folder. Now the finished songs are reused."""
+    from test_eval_release_formats import _cfg
+
+    from musicflamingo.eval import evaluate
+
+    v12 = make_jam_alt_v12(tmp_path)
+    old = tmp_path / "jam"
+    for lang in ("en", "de", "fr", "es"):
+        shutil.copytree(v12 / "subsets" / lang / "audio", old / "audio", dirs_exist_ok=True)
+    (old / "lyrics").mkdir()
+    for name, text in REVISED.items():
+        (old / "lyrics" / f"{name}.txt").write_text(text, encoding="utf-8")
+    shutil.copy(tmp_path / "src" / "JamendoLyrics.csv", old / "metadata.csv")
+    asked = []
+
+    def predict(batch):
+        asked.extend(it.id for it in batch)
+        return [REVISED[it.id] for it in batch]
+
+    evaluate(_cfg("jamendolyrics", old, tmp_path / "out", "limit=3"), predict_fn=predict)
+    first = list(asked)
+    asked.clear()
+    shutil.copytree(v12 / "subsets", old / "subsets")
+    shutil.copy(v12 / "metadata.jsonl", old / "metadata.jsonl")
+    results = evaluate(_cfg("jamendolyrics", old, tmp_path / "out"), predict_fn=predict)
+    assert len(first) == 3 and not set(first) & set(asked) and len(asked) == len(REVISED) - 3
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["data_file"] == "metadata.jsonl"
+    assert results["tasks"]["lyrics"]["alt_eval"]["n"] == len(REVISED)  # every song scored, the newer text

@@ -616,6 +616,8 @@ _IDENTITY_IGNORED = ("root", "audio_dir", "skip_missing_audio", "audio_cache")
 _SCORING_ONLY = ("cer_languages", "group_by")
 # identity keys added later: a run.json written before them (no such key) still resumes, as it did
 _IDENTITY_ADDED = ("dtype", "weights")
+# a run's data file -> the newer file of the same items a later read prefers (Jam-ALT v1.0 -> v1.2)
+_JAM_ALT_NEWER = {"metadata.csv": "metadata.jsonl"}
 # benchmark settings that only pick which rows are items (an item's id, audio and prompt do not depend on them): a
 # rerun with other values resumes, reusing the predictions of the items it shares with the runs before and
 # predicting the others; its report counts its own items only (`run_benchmark`). run.json keeps the earlier runs'
@@ -659,6 +661,17 @@ def _check_run_identity(
             for k in set(old) | set(identity)
             if old.get(k) != identity.get(k) and not (k in _IDENTITY_ADDED and k not in old)
         )
+        if "data_file" in diff and _JAM_ALT_NEWER.get(str(old.get("data_file"))) == identity.get("data_file"):
+            if old.get("benchmark") == identity.get("benchmark"):
+                # Jam-ALT's v1.2 files added beside its v1.0 table: the same songs by the same ids and prompts
+                diff.remove("data_file")
+                log.info(
+                    "%s: resuming a run begun on %s with %s (Jam-ALT's newer table of the same songs); its "
+                    "predictions are reused, the scores use the newer text",
+                    out_dir,
+                    old["data_file"],
+                    identity["data_file"],
+                )
         refused = None
         if diff == ["benchmark_cfg"] and refilter is not None and isinstance(old["benchmark_cfg"], dict):
             was, now = old["benchmark_cfg"], identity["benchmark_cfg"]
