@@ -526,15 +526,15 @@ class Tokenizer:
             rows = [r[:cut_to] if right else r[max(len(r) - cut_to, 0) :] for r in rows]
         masks = [[1] * len(r) for r in rows]
         length = pad_to if pad_to is not None else max(len(r) for r in rows)
-        if padding and any(len(r) < length for r in rows):
-            if self.pad_token_id is None:
+        if padding and any(len(r) < length for r in rows):  # pad()'s rule: the pad id, mask 0, on `side`
+            if self.pad_token_id is None:  # named with the padding asked for, not pad()'s max_length
                 raise ValueError(
                     f"padding={padding!r}: the tokenizer has no pad token (tokenizer_config.json pad_token)"
                 )
-            for r, m in zip(rows, masks):
-                fill = max(length - len(r), 0)
-                r[:] = [self.pad_token_id] * fill + r if side == "left" else r + [self.pad_token_id] * fill
-                m[:] = [0] * fill + m if side == "left" else m + [0] * fill
+            padded = self.pad(
+                {"input_ids": rows, "attention_mask": masks}, "max_length", length, padding_side=side
+            )
+            rows, masks = padded["input_ids"], padded["attention_mask"]
         length = max(len(r) for r in rows)
         if return_tensors is not None and any(len(r) != length for r in rows):
             raise ValueError(
