@@ -149,6 +149,12 @@ _IS_CORRECT = re.compile(
 )
 # "B is correct" counts at the start of a sentence or clause only ("I don't think B is correct" states nothing)
 _SENTENCE_LETTER = re.compile(r"(?:^|(?<=[.!?;:\n]))[ \t]*(?=[\(\[]?[A-Z][\)\]]?\s+(?i:is)\b)")
+# "Based on the audio, B." / "From what I hear: (B)": a lead-in, a comma or colon, then one letter that ends the
+# sentence, its line or the answer. Not after a letter ("The notes are E, G, B.", "A or B, B": a list) nor a digit
+# ("In bars 1-4, C.")
+_FINAL_LETTER = re.compile(
+    r"(?<=[^\W\d])(?<!\b[A-Z])[\)\]]?[ \t]*[,:][ \t]*(?=[\(\[]?[A-Z][\)\]]?[ \t]*(?:[.!](?:\s|$)|\r?\n|$))"
+)
 # a negation earlier in the clause: "I don't think it's B", "Not because it's B"
 _NEGATION = re.compile(r"(?i:\b(?:not|no|never|neither|nor|unlikely|doubt)\b|n['\u2019]t\b)")
 # a note or chord name that starts an option's text: "C major", "C#", "Bb", "Am", "F#:7/1", "G7"
@@ -164,6 +170,8 @@ def _claims(text: str, choices: Sequence[str]) -> set[int]:
     n, out = len(choices), set()
     starts = [(m.end(), True) for m in _CLAIM.finditer(text)]
     starts += [(m.end(), False) for m in _SENTENCE_LETTER.finditer(text)]
+    finals = {m.end() for m in _FINAL_LETTER.finditer(text)}  # the regex has checked what ends the letter
+    starts += [(pos, True) for pos in finals]
     clauses = [0] + [b.end() for b in re.finditer(r"[.!?;:,\n]", text)]  # where each clause starts
     for pos, phrase in starts:
         if not (m := _CLAIMED.match(text, pos)):
@@ -173,7 +181,8 @@ def _claims(text: str, choices: Sequence[str]) -> set[int]:
         if (i := _letter_index(letter, n)) is None or _NEGATION.search(text, clause, pos):
             continue
         listed = _listed_after(text, m.end(), n)  # "It's B or C": a hedge, ambiguous
-        if not (_IS_CORRECT.match(text, m.end()) or (phrase and (listed or _CLAIM_END.match(text, m.end())))):
+        ends = pos in finals or _IS_CORRECT.match(text, m.end())
+        if not (ends or (phrase and (listed or _CLAIM_END.match(text, m.end())))):
             continue
         if _letters_before_a_verb(text, m.end()):
             continue  # "I think A, B and C are wrong": the letters are a subject
@@ -288,9 +297,10 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
        is B, not option C" -> B). Letters listed after it ("the answer is B or C", "Answer: B, C") name no
        one option: ambiguous.
        ``claim``: a sentence stating one letter: "It's B", "I think B.", "I'd go with (B)", "Probably B", or
-       "B is correct" / "B is the answer" at the start of a sentence ("A is wrong; B is correct"). The letter
-       must end there (punctuation, the end, "because", "is correct"): "It's A cappella", "I think A male ..."
-       state no letter. A negation earlier in the clause ("I don't think it's B") states nothing; two
+       "B is correct" / "B is the answer" at the start of a sentence ("A is wrong; B is correct"), or a lead-in,
+       a comma or colon and a letter ending the sentence or line ("Based on the audio, B."; not after a letter or
+       digit: "The notes are E, G, B."). The letter must end there (punctuation, the end, "because", "is
+       correct"): "It's A cappella", "I think A male ..." state no letter. A negation earlier in the clause ("I don't think it's B") states nothing; two
        sentences naming different letters, or letters listed after one ("It's B or C"), are ambiguous, as is
        a letter that is also a note name starting another option ("It's C." among (A) G major (B) C major).
     3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:", or a first
