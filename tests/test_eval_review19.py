@@ -1,11 +1,18 @@
 """Review round 19 of the benchmark journey: a letter after a lead-in ("Based on the audio, B.") is that letter
 (MuChoMusic's own parser read it, ours left it unparsed), beside the look-alikes that must stay unparsed or
-ambiguous."""
+ambiguous; a Jam-ALT run with `limit` begun on metadata.csv resumes on metadata.jsonl with the same songs."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import shutil
+from pathlib import Path
 
+import pytest
+from test_eval_release_formats import _cfg
+from test_eval_review18 import REVISED, _songs, make_jam_alt_v12
+
+from musicflamingo.eval import evaluate
 from musicflamingo.eval.parsing import ChoiceParse, muchomusic_choice, parse_choice
 
 CHOICES = ["Piano", "Acoustic guitar", "Drums", "Violin"]
@@ -57,3 +64,50 @@ def test_a_lead_in_letter_scores_as_muchomusic_scores_it():
 def test_look_alikes_of_a_lead_in_letter(answer, choices, index, status):
     parsed = parse_choice(answer, choices)
     assert (parsed.index, parsed.status) == (index, status)
+
+
+# ---- Jam-ALT: a limited run begun on metadata.csv, resumed on metadata.jsonl ----------------------------------
+def _jam_alt_csv_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A Jam-ALT v1.0 folder (metadata.csv + audio/ + lyrics/) and the v1.2 files to add to it, whose
+    metadata.jsonl lists the songs in the reverse order of the CSV (v1.2 lists them by language subset)."""
+    v12 = make_jam_alt_v12(tmp_path)
+    rows = (v12 / "metadata.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (v12 / "metadata.jsonl").write_text("".join(reversed(rows)), encoding="utf-8")
+    old = tmp_path / "jam"
+    for lang in ("en", "de", "fr", "es"):
+        shutil.copytree(v12 / "subsets" / lang / "audio", old / "audio", dirs_exist_ok=True)
+    (old / "lyrics").mkdir()
+    for name, text in REVISED.items():
+        (old / "lyrics" / f"{name}.txt").write_text(text, encoding="utf-8")
+    shutil.copy(tmp_path / "src" / "JamendoLyrics.csv", old / "metadata.csv")
+    return old, v12
+
+
+def test_jam_alt_limited_run_resumes_on_metadata_jsonl_with_the_same_songs(tmp_path):
+    """`limit=2` begun on metadata.csv, resumed with `limit=2` once metadata.jsonl (another song order) sits
+    beside it: the resume took the JSONL's first two songs, asked two songs anew and reported those instead of
+    the two finished ones. Now the JSONL's rows keep the CSV's order."""
+    old, v12 = _jam_alt_csv_folder(tmp_path)
+    csv_order = [Path(song["Filepath"]).stem for song in _songs(tmp_path / "src")]
+    asked = []
+
+    def predict(batch):
+        asked.extend(it.id for it in batch)
+        return [REVISED[it.id] for it in batch]
+
+    evaluate(_cfg("jamendolyrics", old, tmp_path / "out", "limit=2"), predict_fn=predict)
+    assert sorted(asked) == sorted(csv_order[:2])
+    asked.clear()
+    shutil.copytree(v12 / "subsets", old / "subsets")
+    shutil.copy(v12 / "metadata.jsonl", old / "metadata.jsonl")
+    results = evaluate(_cfg("jamendolyrics", old, tmp_path / "out", "limit=2"), predict_fn=predict)
+    assert asked == []  # nothing asked again
+    per_item = (tmp_path / "out" / "per_item.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sorted(json.loads(line)["id"] for line in per_item) == sorted(csv_order[:2])
+    assert (
+        results["num_items"] == 2
+        and json.loads((tmp_path / "out" / "run.json").read_text())["data_file"] == "metadata.jsonl"
+    )
+    # a fresh limited run on the v1.2 folder asks the same songs as one on the v1.0 table
+    evaluate(_cfg("jamendolyrics", old, tmp_path / "fresh", "limit=2"), predict_fn=predict)
+    assert sorted(asked) == sorted(csv_order[:2])

@@ -1477,6 +1477,11 @@ def _jam_alt_rows(cfg: Mapping[str, Any], paths: list[Path], read: ReadLog) -> l
     return items
 
 
+def _song_name(filepath: str) -> str:
+    """A JamendoLyrics / Jam-ALT song's name, its id: the CSV's ``Filepath`` without the extension."""
+    return filepath[: filepath.rfind(".")] if "." in filepath else filepath
+
+
 def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
     """JamendoLyrics MultiLang (github.com/f90/jamendolyrics): ``JamendoLyrics.csv`` (``URL, Filepath, Artist,
     Title, Genre, LicenseType, Language, LyricOverlap, Polyphonic, NonLexical``) + ``mp3/<Filepath>`` +
@@ -1503,8 +1508,11 @@ def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         and (path.parent / "metadata.jsonl").is_file()
     ):
         # Jam-ALT since v1.2 keeps metadata.csv and lyrics/ beside metadata.jsonl, the table its Hugging Face
-        # loader (load_dataset, as alt-eval's README scores it) reads: the release's current text
-        return _jam_alt_rows(cfg, [path.parent / "metadata.jsonl"], read)
+        # loader (load_dataset, as alt-eval's README scores it) reads: the release's current text, in the CSV's
+        # song order, so that `limit=N` asks the songs a run begun on the CSV asked, whatever the JSONL's order
+        items = _jam_alt_rows(cfg, [path.parent / "metadata.jsonl"], read)
+        order = {_song_name(str(rec.get("Filepath"))): k for k, (_, _, rec) in enumerate(read_records(path))}
+        return sorted(items, key=lambda it: order.get(it.id, len(order)))
     read.source = str(path)
     folder = path.parent
     jam_alt = path.name.lower() == "metadata.csv"  # Jam-ALT's table (revised, formatted lyrics)
@@ -1516,7 +1524,7 @@ def read_jamendolyrics(cfg: Mapping[str, Any], read: ReadLog) -> list[EvalItem]:
         if not read.keep("languages", cfg.get("languages"), language, "Language", _same_language):
             continue
         filepath = _field(rec, "Filepath", where)
-        name = filepath[: filepath.rfind(".")] if "." in filepath else filepath
+        name = _song_name(filepath)
         lyrics = _find(folder / "lyrics", f"{name}.txt")
         if not lyrics.is_file():
             raise BenchmarkError(
