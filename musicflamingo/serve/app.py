@@ -179,29 +179,61 @@ def _usage(p: Prepared, stream: AnswerStream) -> dict[str, Any]:
 class _Answer:
     """One request's answer as events arrive: text deltas out, the finish reason once known. The text is the
     engine's (`Event.text`: stop ids left out, cut before a stop string, which ended the slot in the step that
-    completed it); only think mode's split happens here."""
+    completed it); only think mode's split happens here. `log` writes the request's one line in the server log."""
 
-    def __init__(self, state: ServerState, req: ChatRequest, job: Job) -> None:
+    def __init__(self, state: ServerState, req: ChatRequest, job: Job, cid: str, arrived: float) -> None:
         think = state.think_format if req.think else None
         self.job = job
         self.text = AnswerStream(state.stop_ids, think)
         self.finish: str | None = None
+        self.cid, self.arrived, self.stream = cid, arrived, req.stream
+        self.first_at: float | None = None  # when its first token came (time.monotonic, as `arrived`)
+        self.logged = False
+
+    def log(self, outcome: str) -> None:
+        """The request's line, once, under the `id` its client got (so a client's failure or slow answer can be
+        found in the log): how it ended, its tokens and its times from the body's arrival (the first token's
+        includes its audio's decoding, its wait for a slot and its prefill)."""
+        if self.logged:
+            return
+        self.logged = True
+        p, now = self.job.prepared, time.monotonic()
+        first = "" if self.first_at is None else f" (first after {self.first_at - self.arrived:.2f} s)"
+        audio = f", {p.audio_tokens} of them audio ({p.audio_seconds:.1f} s)" if p.audio_tokens else ""
+        logger.info(
+            "%s: %s: %d tokens in %.2f s%s, prompt %d tokens%s%s",
+            self.cid,
+            outcome,
+            self.text.completion_tokens,
+            now - self.arrived,
+            first,
+            p.prompt_tokens,
+            audio,
+            ", streamed" if self.stream else "",
+        )
 
     def take(self, events: list[Event]) -> tuple[str, str]:
         """The deltas of `events` (in order; an error or the finish only at the end)."""
         last = events[-1]
         if last.error is not None:
             if last.code == SHUTTING_DOWN:
-                raise _shutting_down(last.error)
-            raise APIError(500, f"generation failed: {last.error}", None, "engine_error")
+                err = _shutting_down(last.error)
+            else:
+                err = APIError(500, f"generation failed: {last.error}", None, "engine_error")
+            self.log(f"{err.status} {err.code}: {err.message}")
+            err.logged = True
+            raise err
         reasoning = content = ""
         for event in events:  # one token each: the reasoning tokens are counted to the one closing the block
             r, c = self.text.push(event.tokens, event.text)
             reasoning, content = reasoning + r, content + c
+        if self.first_at is None:
+            self.first_at = time.monotonic()
         if last.finish is not None:
             self.finish = last.finish
             r, c = self.text.finish()
             reasoning, content = reasoning + r, content + c
+            self.log(f"finish_reason {last.finish}")
         return reasoning, content
 
 
@@ -210,6 +242,7 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     settings = state.settings
     _check_auth(request, settings)
+    arrived = time.monotonic()
     if state.worker.draining:
         raise _shutting_down()
     if not state.worker.alive:
@@ -239,11 +272,12 @@ async def chat_completions(request: Request) -> Response:
             raise _busy(settings) from None
         except ShuttingDown:
             raise _shutting_down() from None
-        answer = _Answer(state, req, job)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        answer = _Answer(state, req, job, cid, arrived)
         events = await _next_events(job, watcher)  # waits in the queue, then for the prefill
         if events is None:
             job.cancel()
+            answer.log("the client left")
             return Response(status_code=499)  # nobody is listening
         first = events
         if first[-1].error is not None:
@@ -252,7 +286,7 @@ async def chat_completions(request: Request) -> Response:
             watcher.cancel()  # StreamingResponse watches the connection from here on
             streaming = True
             return _JobStream(
-                job,
+                answer,
                 _sse(state, req, prepared, answer, first, cid, created),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -263,6 +297,7 @@ async def chat_completions(request: Request) -> Response:
             events = await _next_events(job, watcher)
             if events is None:
                 job.cancel()
+                answer.log("the client left")
                 return Response(status_code=499)
             r, c = answer.take(events)
             parts_r.append(r)
@@ -291,17 +326,18 @@ class _JobStream(StreamingResponse):
     event is asked for: a client gone before the response started (the headers' send fails, or the server is cut)
     left the job decoding its whole budget in a slot nobody read."""
 
-    def __init__(self, job: Job, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, answer: _Answer, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.job = job
+        self.answer = answer
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         except ClientDisconnect:  # the client left: nobody to answer, and nothing went wrong here
-            logger.info("stream %d: the client left", self.job.id)
+            pass
         finally:
-            self.job.cancel()
+            self.answer.job.cancel()
+            self.answer.log("the client left")  # unless its answer ended
 
 
 async def _sse(
@@ -365,6 +401,7 @@ async def _sse(
         yield "data: [DONE]\n\n"
     finally:
         answer.job.cancel()
+        answer.log("the client left")  # unless its answer ended
 
 
 async def list_models(request: Request) -> Response:
@@ -417,14 +454,35 @@ async def _client_left(request: Request, exc: Exception) -> Response:
 
 
 _HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed"}
+API_ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /health"
+
+
+def _not_found(method: str, path: str, detail: str) -> str:
+    """A 404's message: the routes this server has, and the base URL a client most likely meant (a client whose
+    base_url lacks /v1 posts to /chat/completions; one that speaks another API, /v1/responses or /api/chat)."""
+    message = f"{method} {path}: {detail}; this server has {API_ROUTES}"
+    for route in ("/chat/completions", "/models"):
+        if path.rstrip("/").endswith(route):  # /chat/completions, /v1/v1/chat/completions, /api/models
+            return f"{message} (an OpenAI client's base URL is http://HOST:PORT/v1, /v1 once)"
+    return message
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, APIError):
+        # the server's side of a refusal (a client's tool may show it nowhere): one line, as its client got it
+        if not exc.logged:
+            logger.info(
+                "%s %s: %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message
+            )
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
     if isinstance(exc, HTTPException):  # routing's: no such path (404), a method the path does not take (405)
         code = _HTTP_CODES.get(exc.status_code, "invalid_request")
-        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code)
+        path = request.url.path
+        message = f"{request.method} {path}: {exc.detail}"
+        if exc.status_code == 404 and not path.startswith("/static/"):
+            message = _not_found(request.method, path, exc.detail)
+        err = APIError(exc.status_code, message, None, code)
+        logger.info("%d %s: %s", err.status, err.code, err.message)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
     logger.exception("unexpected error in %s %s", request.method, request.url.path)
     err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")

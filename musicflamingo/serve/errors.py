@@ -30,6 +30,7 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
+        self.logged = False  # the server log has it already (an answer's own line: app._Answer.log)
 
     def body(self) -> dict[str, Any]:
         """`{"error": {"message", "type", "param", "code"}}`, the shape OpenAI's clients parse."""
