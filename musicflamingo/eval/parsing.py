@@ -276,13 +276,25 @@ def _text_matches(prediction: str, choices: Sequence[str]) -> set[int]:
     is inside another matched option's text ("piano" inside "grand piano") is dropped. Repeated options
     count once (as their first occurrence)."""
     pred = normalize_text(prediction)
-    norm = [normalize_text(c) for c in choices]
-    hits = {i for i, c in enumerate(norm) if _contains_phrase(pred, c)}
+    found = {i: c for i, c in enumerate(map(normalize_text, choices)) if _contains_phrase(pred, c)}
+    return {_first_same(i, choices) for i in _maximal(found)}
+
+
+def _maximal(found: Mapping[int, str]) -> set[int]:
+    """The keys of ``found`` (option or label -> the normalised text matched) whose text is inside no other
+    matched text ("piano" inside "grand piano" is dropped; equal texts keep each other)."""
     return {
-        _first_same(i, choices)
-        for i in hits
-        if not any(j != i and norm[j] != norm[i] and _contains_phrase(norm[j], norm[i]) for j in hits)
+        i
+        for i, text in found.items()
+        if not any(j != i and other != text and _contains_phrase(other, text) for j, other in found.items())
     }
+
+
+def _one_found(hits: set[int], via: str) -> ChoiceParse:
+    """One option found -> it; several -> ambiguous; none -> unparsed."""
+    if len(hits) == 1:
+        return ChoiceParse(next(iter(hits)), "ok", via)
+    return ChoiceParse(None, "ambiguous", via) if hits else ChoiceParse(None, "unparsed")
 
 
 def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
@@ -370,11 +382,7 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     if len(hits) > 1:  # texts that differ only in punctuation ("F#:7/1", "F:7/1"): the one written as such
         written = {i for i in hits if str(choices[i]).strip().lower() in text.lower()}
         hits = written if len(written) == 1 else hits
-    if len(hits) == 1:
-        return ChoiceParse(hits.pop(), "ok", "text")
-    if len(hits) > 1:
-        return ChoiceParse(None, "ambiguous", "text")
-    return ChoiceParse(None, "unparsed")
+    return _one_found(hits, "text")
 
 
 def parse_label(
@@ -398,16 +406,7 @@ def parse_label(
             if _contains_phrase(pred, name):
                 found[i] = name
                 break
-    hits = {
-        i
-        for i in found
-        if not any(j != i and found[j] != found[i] and _contains_phrase(found[j], found[i]) for j in found)
-    }
-    if len(hits) == 1:
-        return ChoiceParse(hits.pop(), "ok", "text")
-    if len(hits) > 1:
-        return ChoiceParse(None, "ambiguous", "text")
-    return ChoiceParse(None, "unparsed")
+    return _one_found(_maximal(found), "text")
 
 
 # --------------------------------------------------------------------------------------------------------------
