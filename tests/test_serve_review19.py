@@ -3,13 +3,15 @@
 Every answer is one INFO line under the `id` its client got (how it ended, tokens, times, prompt and audio), every
 refusal one line with its status, code and message (the server's console was silent: a tool's 400 or 503 showed
 nowhere on the server's side); a request to a route this server does not have names the routes it has, and a client
-whose base URL lacks /v1 (it posts to /chat/completions) is told so.
+whose base URL lacks /v1 (it posts to /chat/completions) is told so; a port another server holds stops serve.py
+before the weights load (it was found after them: minutes for the release).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 
 import httpx
@@ -19,7 +21,9 @@ from test_serve import MODEL, client, loaded, running_server, user_turn  # noqa:
 from tiny_assets import make_tone, write_audio
 from tiny_checkpoint import write_tiny_checkpoint
 
-from musicflamingo.serve import ServeSettings, create_app
+import musicflamingo.serve.app as serve_app
+from musicflamingo.serve import ServeConfigError, ServeSettings, create_app
+from musicflamingo.serve.app import serve
 
 LOGGER = "musicflamingo.serve.app"
 
@@ -150,3 +154,28 @@ def test_an_engine_failure_is_logged_once_under_its_answer(loaded, caplog):  # n
         ": 500 engine_error: generation failed: the engine failed: RuntimeError: simulated: 0 tokens"
         in lines[0]
     )
+
+
+def test_a_port_in_use_stops_serve_before_the_weights_load(ckpt, monkeypatch):
+    """uvicorn found the port taken only once the weights were loaded, then logged it and exited."""
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(serve_app, "load_model", no_weights)
+    with socket.socket() as taken:  # another server on the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host in ("127.0.0.1", "localhost"):
+            with pytest.raises(ServeConfigError) as e:
+                serve({"ckpt": str(ckpt), "device": "cpu", "host": host, "port": port})
+            message = str(e.value)
+            assert message.startswith(f"host={host} port={port}: cannot listen on 127.0.0.1:{port}: "), (
+                message
+            )
+            assert "another server listens there" in message and "port=" in message, message
+    with pytest.raises(
+        AssertionError, match="the weights were read"
+    ):  # the port free again: on to the weights
+        serve({"ckpt": str(ckpt), "device": "cpu", "port": port})

@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import hmac
 import json
 import logging
 import math
+import socket
 import sys
 import time
 import uuid
@@ -54,7 +56,7 @@ from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.runtime import set_threads
 from musicflamingo.serve.errors import APIError
 from musicflamingo.serve.protocol import ChatRequest, Prepared, parse_chat_request, parse_json, prepare
-from musicflamingo.serve.settings import ServeSettings
+from musicflamingo.serve.settings import ServeConfigError, ServeSettings
 from musicflamingo.serve.text import AnswerStream, ThinkFormat
 from musicflamingo.serve.worker import SHUTTING_DOWN, EngineWorker, Event, Job, QueueFull, ShuttingDown
 from musicflamingo.settings import check_serve_plan_settings
@@ -612,6 +614,41 @@ def plan_server(cfg: Mapping[str, Any]) -> MemoryPlan:
     return check_serving(cfg, check_checkpoint_dir(cfg.get("ckpt")))
 
 
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: " (another server listens there: stop it or choose another port=)",
+    errno.EADDRNOTAVAIL: " (no address of this machine: 127.0.0.1 for this machine only, 0.0.0.0 for every interface)",
+    errno.EACCES: " (ports below 1024 need root: choose another port=)",
+}
+
+
+def check_listen(host: str, port: int) -> None:
+    """Whether the server could listen on `host`:`port`, tried as uvicorn (asyncio's `create_server`) binds it: every
+    address the host name has, with SO_REUSEADDR; a ServeConfigError naming host and port if not. Run before the
+    weights load: a port in use (another serve.py) or a host not on this machine was found only after them."""
+    if port == 0:  # any free port
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ServeConfigError(f"host={host}: not an address or a known host name ({e.strerror})") from None
+    for family, kind, proto, _, address in infos:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this machine lacks (IPv6 off): skipped, as asyncio skips it
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                hint = _LISTEN_HINTS.get(e.errno, "")
+                raise ServeConfigError(
+                    f"host={host} port={port}: cannot listen on {address[0]}:{port}: {e.strerror}{hint}"
+                ) from None
+
+
 def serve(cfg: Mapping[str, Any]) -> None:
     """Load the model and serve it until interrupted (`serve.py`); `plan=true` prints the memory plan instead."""
     check_serve_plan_settings(cfg)
@@ -620,6 +657,8 @@ def serve(cfg: Mapping[str, Any]) -> None:
         if cfg.get("plan"):
             print(plan.table())
             return
+    settings = ServeSettings.from_cfg(cfg)
+    check_listen(settings.host, settings.port)
     app, settings = build_server(cfg)
     logger.info(
         "serving %s on http://%s:%d (page at /, API at /v1)",
