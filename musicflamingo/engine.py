@@ -10,7 +10,8 @@ those of the same request run alone, whatever else shares the batch and whenever
 `generate` / `stream_generate` keep the reference `generate()` contract on a left-padded batch: positions are
 `cumsum(attention_mask) - 1` (so each row's real tokens sit at 0..T-1, as in their own slot here), a row that emits
 a stop id keeps it and is then filled with `pad_token_id`, and generation ends when every row has stopped or after
-`max_new_tokens`. Sampling order is the reference's: temperature -> top-k -> top-p -> multinomial.
+`max_new_tokens`. Logits order is the reference's: repetition penalty -> temperature -> top-k -> top-p -> multinomial
+(or argmax: the penalty applies to greedy decoding too).
 
 Stop strings (`SamplingParams.stop_strings`) are matched per row on the answer's text, decoded as its tokens come
 (`AnswerText`; the engine needs the `tokenizer`), so a stop string may span tokens: the row finishes at the token
@@ -55,6 +56,9 @@ class SamplingParams:
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()  # texts that end the answer, cut before them (one text: that one)
+    # > 1 discourages every token already in the sequence, prompt included (the reference's `repetition_penalty`:
+    # a seen token's logit is divided by it when positive, multiplied when negative); 1 = off
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if (
@@ -86,6 +90,13 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        penalty = self.repetition_penalty
+        if (
+            isinstance(penalty, bool)
+            or not isinstance(penalty, (int, float))
+            or not 0 < penalty < float("inf")
+        ):
+            raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {penalty!r}")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
         ):  # torch.Generator.manual_seed's range: past it, it failed only at the first request, blaming that
@@ -358,6 +369,15 @@ def _partial_stop(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The reference's `RepetitionPenaltyLogitsProcessor`: logits (B, V) float, seen (B, V) bool (the tokens already
+    in each row's sequence) -> logits (B, V) where a seen token's logit is divided by `penalty` when positive and
+    multiplied by it when negative (so > 1 always makes it less likely). `penalty` is a Python number, as the
+    reference's: a tensor of it may round the division differently on some devices."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
 def sample_next(
     logits: torch.Tensor,
     do_sample: bool = False,
@@ -390,9 +410,9 @@ class Request:
     """One prompt to continue.
 
     input_ids (T,) long: the prompt, `<sound>` runs included. input_features (W, n_mels, F) and
-    input_features_mask (W, F): this prompt's audio windows, encoded at admission. Or `inputs_embeds` (T, D):
+    input_features_mask (W, F): this prompt's audio windows, encoded at admission. Or `inputs_embeds` (T', D):
     the prompt already embedded with its audio spliced in (`generate` encodes a whole batch's audio at once, as
-    the reference does). `generator`: shared by requests that sample together (else one from `params.seed`).
+    the reference does); `input_ids` are then only what the repetition penalty counts as the prompt. `generator`: shared by requests that sample together (else one from `params.seed`).
     """
 
     input_ids: torch.Tensor
@@ -421,6 +441,10 @@ class Slot:
     text: AnswerText | None = None
     budget: int = 0  # tokens this turn may still generate
     reach: int = 0  # cache positions this sequence may need: its prompt and every token fed back (`reach`)
+    # the sequence's ids, every turn's prompt and tokens (what the repetition penalty counts as seen), and while a
+    # penalty applies, the same as a (V,) bool mask on the model's device
+    history: list[int] = field(default_factory=list)
+    seen: torch.Tensor | None = None
 
 
 class Engine:
@@ -608,6 +632,7 @@ class Engine:
         params = request.params
         text = self._answer_text(params)
         slot = Slot(index, params, request.generator or params.generator(self.device), text=text)
+        slot.history = request.input_ids.reshape(-1).tolist()
         self.cache.clear(index)
         self.slots[index] = slot
         try:
@@ -646,6 +671,7 @@ class Engine:
                 f"keep={keep}: the slot has {len(slot.tokens)} tokens, {len(slot.tokens) - 1} fed"
             )
         self.cache.lengths[index] -= len(slot.tokens) - 1 - keep
+        del slot.history[len(slot.history) - len(slot.tokens) + keep :]
         slot.tokens, slot.last = slot.tokens[:keep], None
 
     @torch.inference_mode()
@@ -666,17 +692,19 @@ class Engine:
         if slot.last is not None:
             ids = torch.cat([torch.tensor([slot.last], device=self.device), ids])
         before = (slot.params, slot.generator, slot.tokens, slot.last, slot.budget, slot.reach)
-        before += (slot.finish_reason, slot.text)
+        before += (slot.finish_reason, slot.text, len(slot.history))
         if params is not None:  # the turn's own sampling, its seed included
             slot.params, slot.generator = params, params.generator(self.device)
         slot.tokens, slot.last, slot.done, slot.finish_reason = [], None, False, None
         try:
             slot.text = self._answer_text(slot.params)
+            slot.history += input_ids.reshape(-1).tolist()  # (`last` is in it already)
             self._prefill(slot, ids, input_features, input_features_mask, None, slot.params.max_new_tokens)
         except BaseException:  # e.g. past the context: the conversation stays as it was
             # (its reach too: a fitted cache sizes every admission by the occupied slots' reaches)
             slot.params, slot.generator, slot.tokens, slot.last, slot.budget, slot.reach = before[:6]
-            slot.finish_reason, slot.text = before[6:]
+            slot.finish_reason, slot.text = before[6:8]
+            del slot.history[before[8] :]
             slot.done = True
             raise
         return slot
@@ -693,6 +721,11 @@ class Engine:
             )
         slot.budget = min(max_new, self.limit - start - n)
         slot.reach = self.reach(n, max_new, start)
+        slot.seen = None
+        if slot.params.repetition_penalty != 1:
+            vocab = self.model.config.text.vocab_size
+            slot.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            slot.seen[[i for i in slot.history if 0 <= i < vocab]] = True
         if self.max_positions is not None:
             self._fit()  # the whole reach at once: the bound was checked for it (`fits`)
         else:
@@ -717,6 +750,15 @@ class Engine:
     def _accept(self, slots: Sequence[Slot], logits: torch.Tensor) -> list[tuple[int, int]]:
         """Sample the next token of each slot from its row of logits (len(slots), V); returns (slot, token)."""
         logits = logits.float()
+        penalties: dict[float, list[int]] = {}  # rows with the same repetition penalty: one op
+        for i, s in enumerate(slots):
+            if s.seen is not None:
+                penalties.setdefault(s.params.repetition_penalty, []).append(i)
+        # before sampling or argmax, as the reference's logits processors
+        for penalty, rows in penalties.items():
+            seen = torch.stack([slots[i].seen for i in rows])
+            index = torch.tensor(rows, device=logits.device)
+            logits = logits.index_put((index,), apply_repetition_penalty(logits[index], seen, penalty))
         tokens = (
             logits.argmax(-1).tolist() if any(not s.params.do_sample for s in slots) else [0] * len(slots)
         )
@@ -734,6 +776,9 @@ class Engine:
         for s, t in zip(slots, tokens):
             s.tokens.append(t)
             s.last = t
+            s.history.append(t)
+            if s.seen is not None:
+                s.seen[t] = True
             if t in s.params.stop_ids:  # the stop id ends the answer: no text of its own
                 s.finish_reason = "stop"
                 if s.text is not None:  # (the stop string it may complete still cuts the answer)
@@ -807,7 +852,6 @@ def _compiled_decode_step():  # noqa: ANN202
 UNSUPPORTED_GENERATION_FIELDS: dict[str, object] = {
     "num_beams": 1,
     "num_return_sequences": 1,
-    "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
     "encoder_no_repeat_ngram_size": 0,
@@ -898,7 +942,7 @@ def stream_generate(
     eos_token_id: int | Sequence[int] | None = UNSET,
     max_length: int | None = None,
     num_beams: int = 1,
-    repetition_penalty: float = 1.0,
+    repetition_penalty: float | None = None,
     use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row of a left-padded batch, (B,) per step; finished rows yield
@@ -907,8 +951,9 @@ def stream_generate(
     input_ids / attention_mask (B, S); input_features (W, n_mels, F) and input_features_mask (W, F) for the
     batch's audio in row-major order. Each row becomes one engine request (the batch's audio is encoded once,
     together, as the reference does). Defaults, as the reference's: those of the checkpoint's
-    generation_config.json (`model.generation_defaults`: do_sample, temperature, top_k, top_p, lengths, eos, pad),
-    else the config's, else the reference's own (greedy; when sampling temperature 1, top_k 50, top_p 1); a field
+    generation_config.json (`model.generation_defaults`: do_sample, temperature, top_k, top_p, repetition_penalty,
+    lengths, eos, pad), else the config's, else the reference's own (greedy; when sampling temperature 1, top_k 50,
+    top_p 1; no repetition penalty); a field
     of the file that the engine does not implement (`UNSUPPORTED_GENERATION_FIELDS`) is named in a warning.
     `stop_token_ids` (alias `eos_token_id`; `eos_token_id=None` stops on nothing, as the reference) defaults to the
     eos ids. `pad_token_id` fills finished rows: the file's, else the first stop id when the file names eos ids
@@ -923,8 +968,6 @@ def stream_generate(
     """
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: beam search is not implemented; use num_beams=1")
-    if repetition_penalty != 1.0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} is not implemented; leave it at 1.0")
     if not use_cache:
         raise ValueError("use_cache=False is not supported: the engine always decodes through its KV cache")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -979,8 +1022,10 @@ def stream_generate(
         pad_token_id = defaults.get("pad_token_id")
         if pad_token_id is None and "eos_token_id" not in defaults:
             pad_token_id = model.config.text.pad_token_id
-    sampling = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}  # the reference's defaults
+    # the reference's defaults
+    sampling = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
     given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    given["repetition_penalty"] = repetition_penalty
     for name in sampling:
         if given[name] is None and defaults.get(name) is not None:
             given[name] = defaults[name]
@@ -996,6 +1041,7 @@ def stream_generate(
         seed,
         tuple(stops),
         stop_strings,
+        given["repetition_penalty"],
     )
     device = model.device
     input_ids = input_ids.to(device)
@@ -1014,6 +1060,9 @@ def stream_generate(
             params, seed=params.seed if params.seed is not None else int(torch.randint(2**62, ()))
         ).generator(device)
     real = attention_mask.to(device).bool()
+    # the ids the repetition penalty counts as each row's prompt: from its first real one on, as the reference's
+    # (a left-padded row's pads are not seen; a right-padded row's are)
+    first = real.int().argmax(1).tolist()
     embeds = model.embed(input_ids, input_features, input_features_mask)  # (B, S, D): audio encoded once
     lengths = real.sum(1).tolist()
     engine = Engine(
@@ -1022,7 +1071,9 @@ def stream_generate(
     slots = []
     for b in range(B):
         try:
-            request = Request(input_ids[b], params, inputs_embeds=embeds[b][real[b]], generator=generator)
+            request = Request(
+                input_ids[b, first[b] :], params, inputs_embeds=embeds[b][real[b]], generator=generator
+            )
             slots.append(engine.admit(request))
         except ValueError as e:  # an empty row, or one past the context
             raise ValueError(f"row {b} of the batch: {e}") from None

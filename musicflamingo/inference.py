@@ -1068,6 +1068,9 @@ def _warn_unused_generation_config(ckpt: Path, settings: Mapping[str, Any], leng
     if length_from_file and raw.get("max_length") is not None and raw.get("max_new_tokens") is None:
         overridden.append(f"max_length={raw['max_length']!r}")
     unsupported = unsupported_generation_fields(raw)
+    # the engine's generate() applies the file's repetition_penalty; infer.py has no such setting
+    if raw.get("repetition_penalty") not in (None, 1):
+        unsupported.insert(0, f"repetition_penalty={raw['repetition_penalty']!r}")
     if overridden:
         logger.warning(
             "%s sets %s: infer.py decodes with its own settings (%s); pass them (max_new_tokens for a length) to "
