@@ -1,6 +1,7 @@
 """Review round 19 of the benchmark journey: a letter after a lead-in ("Based on the audio, B.") is that letter
 (MuChoMusic's own parser read it, ours left it unparsed), beside the look-alikes that must stay unparsed or
-ambiguous; a Jam-ALT run with `limit` begun on metadata.csv resumes on metadata.jsonl with the same songs."""
+ambiguous; a Jam-ALT run with `limit` begun on metadata.csv resumes on metadata.jsonl with the same songs; a
+benchmark.audio_dir set to the clips' own folder is named as such."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_eval_release_formats import _cfg
+from release_fixtures import make_mmau
+from test_eval_release_formats import _bench, _cfg
 from test_eval_review18 import REVISED, _songs, make_jam_alt_v12
 
-from musicflamingo.eval import evaluate
+from musicflamingo.eval import BenchmarkError, evaluate
 from musicflamingo.eval.parsing import ChoiceParse, muchomusic_choice, parse_choice
 
 CHOICES = ["Piano", "Acoustic guitar", "Drums", "Violin"]
@@ -111,3 +113,22 @@ def test_jam_alt_limited_run_resumes_on_metadata_jsonl_with_the_same_songs(tmp_p
     # a fresh limited run on the v1.2 folder asks the same songs as one on the v1.0 table
     evaluate(_cfg("jamendolyrics", old, tmp_path / "fresh", "limit=2"), predict_fn=predict)
     assert sorted(asked) == sorted(csv_order[:2])
+
+
+# ---- benchmark.audio_dir set to the clips' own folder ----------------------------------------------------------
+def test_audio_dir_set_to_the_clips_folder_says_where_the_clips_belong(tmp_path):
+    """MMAU's audio_id is "./test-mini-audios/<id>.wav", read below benchmark.audio_dir: set to the folder of the
+    clips themselves, every clip was "not found" at <audio_dir>/test-mini-audios/<id>.wav with no word on why."""
+    root = make_mmau(tmp_path / "mmau")
+    (root / "test-mini-audios").rename(tmp_path / "clips")
+    with pytest.raises(BenchmarkError) as e:
+        _bench("mmau", root, f"benchmark.audio_dir={tmp_path / 'clips'}")
+    clip = next((tmp_path / "clips").iterdir())
+    assert f"a file of that name is at {tmp_path / 'clips'}/" in str(e.value)
+    assert f"the clips belong in {tmp_path / 'clips' / 'test-mini-audios'}/" in str(e.value)
+    # a clip simply missing gets no such hint
+    (tmp_path / "clips").rename(root / "test-mini-audios")
+    (root / "test-mini-audios" / clip.name).unlink()
+    with pytest.raises(BenchmarkError, match="1 of .* audio files not found") as e:
+        _bench("mmau", root)
+    assert "a file of that name" not in str(e.value)

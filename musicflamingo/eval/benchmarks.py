@@ -1829,10 +1829,20 @@ def build_benchmark(cfg: Mapping[str, Any]) -> Benchmark:
     missing = [it for it in items if not Path(it.audio).is_file()]
     if missing and not cfg.get("skip_missing_audio", False):
         shown = ", ".join(f"item {it.id!r}: {it.audio}" for it in missing[:3])
+        first = Path(missing[0].audio)
+        hint = ""
+        if (first.parent.parent / first.name).is_file():
+            # benchmark.audio_dir set to the folder of the clips while the data file's paths name that folder
+            # ("./test-mini-audios/<id>.wav"): the paths are read below audio_dir
+            hint = (
+                f"; a file of that name is at {first.parent.parent / first.name}: the data file's audio paths "
+                f"name a {first.parent.name}/ folder, read below benchmark.audio_dir (or the data file's folder), "
+                f"so the clips belong in {first.parent}/"
+            )
         raise BenchmarkError(
-            f"benchmark {name}: {len(missing)} of {len(items)} audio files not found (e.g. {shown}); expected "
-            f"layout: {LAYOUTS.get(str(fmt), 'see docs/evaluation.md')}; fix benchmark.root / benchmark.audio_dir "
-            "or set benchmark.skip_missing_audio=true"
+            f"benchmark {name}: {len(missing)} of {len(items)} audio files not found (e.g. {shown}){hint}; "
+            f"expected layout: {LAYOUTS.get(str(fmt), 'see docs/evaluation.md')}; fix benchmark.root / "
+            "benchmark.audio_dir or set benchmark.skip_missing_audio=true"
         )
     if missing:
         log.warning(
