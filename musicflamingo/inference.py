@@ -49,6 +49,7 @@ from musicflamingo.engine import (
     Engine,
     Request,
     SamplingParams,
+    Slot,
     check_stop_strings,
     parse_stop_strings,
     unsupported_generation_fields,
@@ -294,6 +295,16 @@ def _check_audio_files(files: Sequence[str]) -> None:
             raise AudioError(f"{f}: not a regular file")
 
 
+def cut_by(slot: Slot) -> str | None:
+    """What ended a finished slot's answer short of an end: "max_new_tokens" (its token limit), "context" (the
+    model's last position, reached first: a long prompt's budget is what the context leaves), or None (a stop id or
+    string ended it). The two differ for a rerun: under another max_new_tokens an answer cut at its limit changes,
+    one cut by the context does not (unless the new limit is below its length)."""
+    if slot.finish_reason != "length":
+        return None
+    return "max_new_tokens" if len(slot.tokens) >= slot.params.max_new_tokens else "context"
+
+
 class _Printer:
     """Prints answers labelled, in request order, without interleaving: the oldest unfinished answer as its text
     grows (`stream`), each later one whole once every answer before it is out."""
@@ -378,7 +389,7 @@ def generate_answers(
     think: bool = False,
     *,
     indices: Sequence[int] | None = None,
-    on_answer: Callable[[int, str, bool], None] | None = None,
+    on_answer: Callable[[int, str, str | None, int], None] | None = None,
     skip_bad_audio: bool = False,
     origins: Sequence[str | None] | None = None,
 ) -> list[str | None]:
@@ -388,10 +399,11 @@ def generate_answers(
 
     `indices`: each conversation's place in the whole input (default 0..n-1), which picks its sampling stream
     (`SamplingParams.for_prompt`): the same answers whatever `slots`, or a resumed run skipping some inputs.
-    `on_answer(i, text, cut)`: called as each answer is done (`output=` writes it; `cut`: it ended at the token
-    limit). `skip_bad_audio`: a file that cannot be read is reported and its answer is None, instead of an
-    AudioError ending the run (which comes once the answers already started are done). `origins`: where each
-    conversation comes from (a JSONL list's file:line, or None), named before its audio errors."""
+    `on_answer(i, text, cut, tokens)`: called as each answer is done (`output=` writes it; `cut`: what ended it
+    short of an end, `cut_by`; `tokens`: how many it generated). `skip_bad_audio`: a file that cannot be read is
+    reported and its answer is None, instead of an AudioError ending the run (which comes once the answers already
+    started are done). `origins`: where each conversation comes from (a JSONL list's file:line, or None), named
+    before its audio errors."""
     n = len(conversations)
     indices = range(n) if indices is None else indices
     engine = Engine(model, slots=min(slots or n, n), compile=compile, tokenizer=processor.tokenizer)
@@ -401,7 +413,7 @@ def generate_answers(
     texts: list[str | None] = [None] * n
     finished = [False] * n
     skipped: dict[int, str] = {}  # request -> why its audio could not be used
-    cut: list[int] = []  # requests whose answer ended at the token limit, not at a stop id or string
+    cut: dict[int, str] = {}  # request -> what cut its answer (`cut_by`), not ended by a stop id or string
     stopped: list[str | None] = [None] * n  # the stop string that ended each answer, if one did
     owner: dict[int, int] = {}  # slot -> request
     printer = _Printer(processor.tokenizer, labels, out, stream, think)
@@ -413,13 +425,13 @@ def generate_answers(
         answers[i] = s.text.text if s.done else s.text  # joined once, not at every token
         if s.done:
             finished[i] = True
-            if s.finish_reason == "length":
-                cut.append(i)
+            if (why := cut_by(s)) is not None:
+                cut[i] = why
             stopped[i] = None if s.text is None else s.text.stop
             engine.release(slot)
             texts[i] = answers[i]
             if on_answer is not None:
-                on_answer(i, texts[i], s.finish_reason == "length")
+                on_answer(i, texts[i], why, len(s.tokens))
 
     # a file that stops the run: raised once the answers being decoded are done
     failed: AudioError | None = None
@@ -473,20 +485,32 @@ def generate_answers(
         dt,
         n_tokens / max(dt, 1e-9),
     )
-    if cut:
-        # a silent cut reads as the model's whole answer (a caption ending mid-sentence); the context's end
-        # (prompt + answer at the model's max positions) cuts before max_new_tokens does for long audio
-        names = [labels[i] for i in sorted(cut)]
-        logger.warning(
-            "%d of %d answers ended at the token limit (max_new_tokens=%d or the model's context of %d "
-            "positions), not at an end token, so they may be cut short: %s%s; raise max_new_tokens",
-            len(names),
-            n - len(skipped),
-            params.max_new_tokens,
-            engine.limit,
-            ", ".join(names[:10]),
-            f" and {len(names) - 10} more" if len(names) > 10 else "",
-        )
+    # a silent cut reads as the model's whole answer (a caption ending mid-sentence); the context's end (prompt +
+    # answer at the model's max positions) cuts before max_new_tokens does for long audio, and a larger
+    # max_new_tokens cannot help there
+    for why, ended, fix in (
+        (
+            "max_new_tokens",
+            f"the token limit (max_new_tokens={params.max_new_tokens})",
+            "raise max_new_tokens",
+        ),
+        (
+            "context",
+            f"the end of the model's context ({engine.limit} positions for prompt and answer)",
+            "a shorter prompt or audio leaves the answer more room",
+        ),
+    ):
+        names = [labels[i] for i in sorted(cut) if cut[i] == why]
+        if names:
+            logger.warning(
+                "%d of %d answers ended at %s, not at an end token, so they may be cut short: %s%s; %s",
+                len(names),
+                n - len(skipped),
+                ended,
+                ", ".join(names[:10]),
+                f" and {len(names) - 10} more" if len(names) > 10 else "",
+                fix,
+            )
     if skipped:
         names = [labels[i] for i in sorted(skipped)]
         logger.warning(
@@ -624,13 +648,11 @@ class ChatSession:
         self.last_new_ids = list(slot.tokens)
         answer = slot.text.text
         self.last_stop = slot.text.stop
-        self.last_cut = None
-        if slot.finish_reason == "length":
-            self.last_cut = (
-                f"max_new_tokens={slot.params.max_new_tokens}: raise it for longer answers"
-                if len(slot.tokens) >= slot.params.max_new_tokens
-                else f"the end of the model's context ({engine.limit} positions): /reset starts a new conversation"
-            )
+        self.last_cut = {
+            None: None,
+            "max_new_tokens": f"max_new_tokens={slot.params.max_new_tokens}: raise it for longer answers",
+            "context": f"the end of the model's context ({engine.limit} positions): /reset starts a new conversation",
+        }[cut_by(slot)]
         if slot.text.stop is not None:
             # a stop string cut the answer inside its tokens: keep those before it, then the rest of its text
             keep = slot.text.kept_tokens()
@@ -748,7 +770,10 @@ class _Output:
     only rows asked the same way count (think mode or not, the same system prompt, the same stop strings, which a
     row names when there are any): the others are kept, not reused, as their question was another one. An answer
     cut at the token limit names it (`max_new_tokens`) and is reused only under the same one: a quick run with
-    max_new_tokens=16 into the file left every later run its 16-token captions, "already answered". A sampled
+    max_new_tokens=16 into the file left every later run its 16-token captions, "already answered". One cut at the
+    end of the model's context (its prompt left the answer fewer positions than max_new_tokens) says so (`"cut":
+    "context"`) with its length (`new_tokens`), and is reused under any limit that would not cut it sooner: it named
+    max_new_tokens, so a rerun under another limit asked it again for the same answer. A sampled
     answer names its sampling (`do_sample`, `temperature`, `top_k`, `top_p`, `seed`) and is reused only by a run
     sampling the same way; a row without them is a greedy answer (rows written before rows named their sampling
     read so too): a sampled rerun into the greedy run's file was handed the greedy captions, and the reverse.
@@ -778,7 +803,7 @@ class _Output:
                 f"(output={os.path.join(path, 'answers.jsonl')})"
             )
         self.stop = list(stop)  # the stop strings that cut the answers: rows cut by others are not reused
-        # the token limit: the rows it cut name it, and are reused only under the same
+        # the token limit: the rows it cut name it, and are reused only under the same (`_limit_fits`)
         self.max_new_tokens = max_new_tokens
         # how the answers are sampled (`_row_sampling`): None for greedy decoding
         self.sampling = _sampling(sampling or {})
@@ -859,7 +884,7 @@ class _Output:
                 ("thinking" in row) != self.think
                 or row.get("system_prompt") != self.system_prompt
                 or (row.get("stop") or []) != self.stop
-                or row.get("max_new_tokens", self.max_new_tokens) != self.max_new_tokens
+                or not self._limit_fits(row)
                 or _sampling(row) != self.sampling
             ):
                 self.other += 1
@@ -873,7 +898,8 @@ class _Output:
         if self.other:
             logger.info(
                 "%s: %d rows were asked with another think, system_prompt, stop or sampling setting (do_sample, "
-                "temperature, top_k, top_p, seed), or cut at another max_new_tokens: kept, not reused",
+                "temperature, top_k, top_p, seed), or cut where this max_new_tokens would not cut them: kept, "
+                "not reused",
                 self.path,
                 self.other,
             )
@@ -884,6 +910,17 @@ class _Output:
         elif last:  # a whole row without its newline: the next row starts a line of its own
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("\n")
+
+    def _limit_fits(self, row: Mapping[str, Any]) -> bool:
+        """Whether this run's max_new_tokens gives `row`'s answer again: any limit for an answer that ended by
+        itself, the same one for an answer it cut (`max_new_tokens`), one no shorter than an answer the context
+        cut (`"cut": "context"`, `new_tokens` long; a smaller limit cuts it sooner)."""
+        limit = self.max_new_tokens
+        if row.get("cut") == "context":
+            n = row.get("new_tokens")
+            ok = isinstance(n, int) and not isinstance(n, bool) and n >= 1
+            return ok and "max_new_tokens" not in row and (limit is None or n <= limit)
+        return row.get("max_new_tokens", limit) == limit
 
     def answer(self, audio: str, prompt: str, nth: int = 0) -> str | None:
         """The answer the file holds for the `nth` time (audio, prompt) is asked in the run (think mode: the whole
@@ -905,10 +942,19 @@ class _Output:
             return None
         return row.get("text", row["answer"]) if self.think else row["answer"]
 
-    def write(self, audio: str, prompt: str, text: str, repeat: int | None = None, cut: bool = False) -> None:
+    def write(
+        self,
+        audio: str,
+        prompt: str,
+        text: str,
+        repeat: int | None = None,
+        cut: str | None = None,
+        new_tokens: int = 0,
+    ) -> None:
         """Append the answer to (audio, prompt); `repeat`: which time the run asks this pair, for a pair asked more
         than once (its answers finish in any order: a rerun matches each with its own input, and so its own
-        sampling stream); `cut`: the answer ended at the token limit (the row names `max_new_tokens`)."""
+        sampling stream); `cut`: what ended the answer short of an end (`cut_by`): "max_new_tokens" (the row
+        names the limit) or "context" (the row says so, with the answer's `new_tokens`)."""
         row: dict[str, Any] = {"audio": audio, "prompt": prompt, "answer": text}
         if (resolved := resolved_path(audio)) != audio:
             row["resolved_audio"] = resolved
@@ -921,8 +967,10 @@ class _Output:
             row["system_prompt"] = self.system_prompt
         if self.stop:
             row["stop"] = self.stop
-        if cut and self.max_new_tokens is not None:
+        if cut == "max_new_tokens" and self.max_new_tokens is not None:
             row["max_new_tokens"] = self.max_new_tokens
+        elif cut == "context":
+            row.update(cut="context", new_tokens=new_tokens)
         if self.sampling is not None:
             row.update(do_sample=True, **self.sampling)
         line = json.dumps(row) + "\n"  # ASCII escapes: any file name (even not UTF-8) round-trips
@@ -1229,11 +1277,11 @@ def infer(
             for i in todo
         ]
 
-        def save(k: int, text: str, cut: bool) -> None:
+        def save(k: int, text: str, cut: str | None, new_tokens: int) -> None:
             if results is not None:
                 i = todo[k]
                 repeated = seen[resolved[i], prompts[i]] > 1
-                results.write(files[i], prompts[i], text, keys[i][2] if repeated else None, cut)
+                results.write(files[i], prompts[i], text, keys[i][2] if repeated else None, cut, new_tokens)
 
         try:
             texts = generate_answers(
