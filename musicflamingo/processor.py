@@ -29,10 +29,11 @@ encoder cannot take). A message with ``content=None`` is skipped as the template
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -284,10 +285,10 @@ class MusicFlamingoProcessor:
         """
         windows, counts = [], []
         for i, a in enumerate(audios):
-            # A file is cut to the kept windows before it is decoded; an array is cut by split_windows.
-            wave, name = load_or_validate(
-                a, self.sampling_rate, name=f"audio[{i}]", max_seconds=self.kept_seconds
-            )
+            # A file is cut to the kept windows before it is decoded; an array is cut by split_windows. An array's
+            # errors name its source ("conversation[1] message 0 audio"), not its place among the batch's audios.
+            label = f"audio[{i}]" if sources is None else sources[i]
+            wave, name = load_or_validate(a, self.sampling_rate, name=label, max_seconds=self.kept_seconds)
             if sources is not None:
                 name = sources[i]
             # A <= 20-ms tail past a whole window would be a window of 0 tokens, which the model's RoTE cannot
@@ -344,7 +345,7 @@ class MusicFlamingoProcessor:
                     value = next((c[k] for k in ("audio", "url", "path") if c.get(k) is not None), None)
                     if value is None:
                         raise ValueError(
-                            f"message {i} content item {j} is audio but has no 'audio' or 'path'"
+                            f"message {i} content item {j} is audio but has no 'audio', 'url' or 'path'"
                         )
                     if isinstance(value, str) and value.startswith(("http://", "https://")):
                         raise AudioError(
@@ -480,16 +481,18 @@ class MusicFlamingoProcessor:
         batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0
         batched = batched and isinstance(conversation[0], (list, tuple))
         convs = list(conversation) if batched else [conversation]
-        texts = [
-            chat.render_chat(
-                c,
-                prompt,
-                add_generation_prompt,
-                self.audio_token,
-                continue_final_message=continue_final_message,
-            )
-            for c in convs
-        ]
+        texts = []
+        for b, c in enumerate(convs):
+            with _naming_conversation(b if batched else None):  # "message 0 ..." of which conversation?
+                texts.append(
+                    chat.render_chat(
+                        c,
+                        prompt,
+                        add_generation_prompt,
+                        self.audio_token,
+                        continue_final_message=continue_final_message,
+                    )
+                )
         if not tokenize:
             return texts if batched else texts[0]
         audios, sources = [], []
@@ -515,7 +518,9 @@ class MusicFlamingoProcessor:
                         f"placeholder per message, as the reference's does, and each takes one audio ({n} audio(s) "
                         "here): put each audio in a message of its own"
                     )
-            for a, i in zip(self.conversation_audios(c), audio_messages):
+            with _naming_conversation(b if batched else None):
+                found = self.conversation_audios(c)
+            for a, i in zip(found, audio_messages):
                 audios.append(a)
                 # "conversation[0] audio" named every array audio of a conversation alike
                 where = f"conversation[{b}] message {i}" if batched else f"message {i}"
@@ -772,6 +777,18 @@ class MusicFlamingoProcessor:
             )
 
         return save_files(directory, write, PROCESSOR_FILES.__contains__, overwrite, "processor")
+
+
+@contextlib.contextmanager
+def _naming_conversation(index: int | None) -> Iterator[None]:
+    """Prefix ``conversation {index}: `` to a ValueError raised inside (a batch's message errors name only the
+    message); nothing when ``index`` is None (one conversation)."""
+    try:
+        yield
+    except ValueError as e:
+        if index is None:
+            raise
+        raise type(e)(f"conversation {index}: {e}") from None
 
 
 def _read_json(path: Path) -> dict:
