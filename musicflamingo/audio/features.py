@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -224,9 +224,13 @@ class LogMelExtractor:
         n_fft, hop_length: STFT parameters (400, 160).
         return_attention_mask: transformers' default for its call's mask (``preprocessor_config.json``); the windows
             call always returns the frame mask.
+
+    :meth:`pad` is transformers' ``feature_extractor.pad`` (what a Whisper-style data collator calls).
     """
 
-    model_input_names = ["input_features"]  # transformers' attribute
+    model_input_names = ["input_features"]  # transformers' attributes
+    padding_side = "right"  # pad() pads here, with padding_value (preprocessor_config.json)
+    padding_value = 0.0
 
     def __init__(
         self,
@@ -257,10 +261,10 @@ class LogMelExtractor:
         self.return_attention_mask = return_attention_mask
         self.n_samples = int(n_samples)
         self.nb_max_frames = self.n_samples // hop_length
-        # float64 filters cast to float32, as the reference does before its matmul. [n_fft//2+1, feature_size]
-        self.mel_filters = torch.from_numpy(
-            mel_filter_bank(n_fft // 2 + 1, feature_size, 0.0, 8000.0, sampling_rate).astype(np.float32)
-        )
+        # float64 numpy, as transformers' attribute (numpy code reading it keeps float64); log_mel uses the float32
+        # cast the reference makes before its matmul. [n_fft//2+1, feature_size]
+        self.mel_filters = mel_filter_bank(n_fft // 2 + 1, feature_size, 0.0, 8000.0, sampling_rate)
+        self._mel_filters_f32 = torch.from_numpy(self.mel_filters.astype(np.float32))
 
     def __call__(
         self,
@@ -399,15 +403,135 @@ class LogMelExtractor:
             out = {k: v.numpy() for k, v in out.items()}
         return BatchEncoding(out)
 
+    def pad(
+        self,
+        processed_features: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+        padding: bool | str = True,
+        max_length: int | None = None,
+        truncation: bool = False,
+        pad_to_multiple_of: int | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | None = None,
+    ) -> BatchEncoding:
+        """transformers' ``SequenceFeatureExtractor.pad``, as a Whisper-style data collator calls it
+        (``feature_extractor.pad([{"input_features": f}, ...], return_tensors="pt")``): the same output (tested).
+
+        ``processed_features``: a list of dicts (a DataLoader batch) or a dict of per-example lists (or ``[B, ...]``
+        arrays), holding ``input_features``. Each example is padded with ``padding_value`` on the right along its
+        FIRST axis (as there; the processor's ``[feature_size, F]`` features are all whole windows, so they are only
+        stacked, and a mask made for them is ``[B, feature_size]`` ones, as there: use the processor's
+        ``input_features_mask`` for frames): ``padding=True``/``"longest"`` to the longest example, ``"max_length"`` to ``max_length``, both
+        rounded up to ``pad_to_multiple_of``; ``truncation=True`` first cuts to ``max_length``. ``attention_mask``
+        (ones per first-axis step when ``return_attention_mask``, default the config's; one given is padded whatever
+        that says) is padded with 0; other keys (``labels``) are stacked as given. Examples left of different lengths
+        (``padding=False``) are refused, naming the shapes (transformers returns a numpy object array of them, or
+        fails for ``"pt"``).
+
+        Returns a dict of ``[B, ...]`` arrays: torch tensors when the examples are tensors or ``return_tensors="pt"``,
+        numpy otherwise; float64 becomes float32. Where transformers fails (1-D examples with ``feature_size > 1``)
+        they are padded along their one axis.
+        """
+        data = processed_features
+        if isinstance(data, (list, tuple)):  # a DataLoader's list of examples -> a dict of lists
+            if not data or not all(isinstance(x, Mapping) for x in data):
+                raise ValueError(
+                    "pad takes a dict holding 'input_features' or a non-empty list of such dicts, got "
+                    f"{'an empty list' if not data else 'a list of ' + type(data[0]).__name__}"
+                )
+            keys = list(data[0].keys())
+            for i, example in enumerate(data):
+                if set(example.keys()) != set(keys):
+                    raise ValueError(
+                        f"pad: example {i} has keys {sorted(example)}, example 0 has {sorted(keys)}: every example "
+                        "needs the same keys"
+                    )
+            data = {k: [x[k] for x in data] for k in keys}
+        name = self.model_input_names[0]
+        if not isinstance(data, Mapping) or name not in data:
+            got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f"pad takes a dict (or a list of dicts) holding {name!r}, got {got}")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: 'pt' (torch), 'np' (numpy) or None")
+        if padding is True or padding == "longest":
+            longest = True
+        elif padding is False or padding == "do_not_pad":
+            longest = None
+        elif padding == "max_length":
+            longest = False
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length (the number of steps to pad to)")
+        else:
+            raise ValueError(
+                f"padding={padding!r}: expected True/'longest', 'max_length' or False/'do_not_pad'"
+            )
+        for key, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{key}={value!r}: expected a positive whole number")
+        if truncation and max_length is None:
+            raise ValueError("truncation=True needs max_length (the number of steps to cut to)")
+        if len(data[name]) == 0:
+            raise ValueError(f"pad: {name!r} holds no examples")
+        if return_tensors is None:  # tensors in, tensors out (as there)
+            first = data[name][0]
+            first = first[0] if isinstance(first, (list, tuple)) and len(first) else first
+            return_tensors = "pt" if isinstance(first, torch.Tensor) else "np"
+        batch = {k: [_to_numpy(x, k, i) for i, x in enumerate(v)] for k, v in data.items()}
+        sizes = {k: len(v) for k, v in batch.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"pad: the keys hold batches of different sizes: {sizes}")
+        feats = batch[name]
+        for i, f in enumerate(feats):
+            if f.ndim == 0:
+                raise ValueError(f"pad: {name} example {i} is a single number, expected a sequence")
+
+        def multiple(n: int) -> int:
+            m = pad_to_multiple_of
+            return n if not m or n % m == 0 else (n // m + 1) * m
+
+        with_mask = self.return_attention_mask if return_attention_mask is None else return_attention_mask
+        if with_mask and "attention_mask" not in batch:
+            batch["attention_mask"] = [np.ones(f.shape[0], dtype=np.int32) for f in feats]
+        masks = batch.get("attention_mask")
+        if truncation:
+            cut = multiple(max_length)
+            feats[:] = [f[:cut] for f in feats]
+            if masks is not None:
+                masks[:] = [m[:cut] for m in masks]
+        target = (
+            None if longest is None else multiple(max(f.shape[0] for f in feats) if longest else max_length)
+        )
+        for i, f in enumerate(feats):
+            short = 0 if target is None else target - f.shape[0]
+            if short > 0:
+                widths = [(0, short)] + [(0, 0)] * (f.ndim - 1)
+                feats[i] = np.pad(f, widths, constant_values=self.padding_value)
+                if masks is not None:
+                    masks[i] = np.pad(masks[i], (0, short))
+        out = {}
+        for key, values in batch.items():
+            shapes = sorted({v.shape for v in values})
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"pad: {key} examples have shapes {shapes}, which cannot be stacked into one array (padding="
+                    f"{padding!r}, truncation={truncation!r}; only {name} and attention_mask are padded)"
+                )
+            stacked = np.stack(values)
+            stacked = stacked.astype(np.float32) if stacked.dtype == np.float64 else stacked
+            out[key] = torch.from_numpy(stacked) if return_tensors == "pt" else stacked
+        return BatchEncoding(out)
+
     def log_mel(self, batch: torch.Tensor) -> torch.Tensor:
         """``[W, n_samples]`` float32 zero-padded windows -> ``[W, feature_size, nb_max_frames]`` features."""
         window = torch.hann_window(self.n_fft, device=batch.device)  # periodic
         stft = torch.stft(
             batch, self.n_fft, self.hop_length, window=window, return_complex=True
         )  # [W, 201, F+1]
-        # Drop the last frame; contiguous() keeps the matmul off a slow strided path.
-        power = (stft[..., :-1].abs() ** 2).contiguous()  # [W, 201, F]
-        mel = self.mel_filters.to(batch.device).T @ power  # [W, feature_size, F]
+        # Drop the last frame. |z| written straight into a contiguous buffer (the matmul's fast path) and squared in
+        # place: the same bits as the reference's `(stft[..., :-1].abs() ** 2)` without its two extra copies.
+        w, bins, frames = stft.shape
+        power = torch.empty(w, bins, frames - 1, dtype=batch.dtype, device=batch.device)  # [W, 201, F]
+        torch.abs(stft[..., :-1], out=power).square_()
+        mel = self._mel_filters_f32.to(batch.device).T @ power  # [W, feature_size, F]
         log_spec = torch.clamp(mel, min=1e-10).log10()
         # Dynamic-range floor per window (the max over mel and time includes padded frames, which sit at -10).
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
@@ -500,6 +624,17 @@ def _waveforms(raw_speech: Any) -> list[np.ndarray]:
             )
         waves.append(w)
     return waves
+
+
+def _to_numpy(x: Any, key: str, i: int) -> np.ndarray:
+    """One example of :meth:`LogMelExtractor.pad`'s ``key`` as a numpy array (tensors leave their device)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    try:
+        return np.asarray(x)
+    except ValueError:  # ragged nested lists
+        raise ValueError(f"pad: {key} example {i} is not a rectangular array of numbers") from None
 
 
 def _number(d: dict, key: str, default: float, integer: bool = False) -> Any:
