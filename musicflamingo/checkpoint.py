@@ -41,7 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from musicflamingo.model.config import ConfigError, MusicFlamingoConfig
+from musicflamingo.model.config import ConfigError, MusicFlamingoConfig, read_json_object
 from musicflamingo.runtime import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -558,13 +558,7 @@ def generation_config(path: str | Path | None) -> dict[str, Any]:
     gen_file = Path(path).expanduser() / "generation_config.json" if path is not None else None
     if gen_file is None or not gen_file.is_file():
         return {}
-    try:
-        raw = json.loads(gen_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise CheckpointError(f"{gen_file}: invalid JSON ({why})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{gen_file}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(gen_file, CheckpointError)
     out: dict[str, Any] = {}
     eos = raw.get("eos_token_id")
     eos = [eos] if eos is not None and not isinstance(eos, list) else (eos or [])

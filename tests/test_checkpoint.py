@@ -380,7 +380,7 @@ def test_stop_token_ids_read_generation_config(tiny_dir):
     gen.unlink()
     assert stop_token_ids(path, model.config) == stop_token_ids(None, model.config) == [eos]
     gen.write_text("{oops")
-    with pytest.raises(CheckpointError, match="generation_config.json: invalid JSON"):
+    with pytest.raises(CheckpointError, match="generation_config.json: not valid JSON"):
         stop_token_ids(path, model.config)
     for bad in ("299", [3, "299"], [True]):  # a string used to become the ids of its digits
         gen.write_text(json.dumps({"eos_token_id": bad}))

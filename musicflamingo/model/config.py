@@ -544,12 +544,7 @@ class MusicFlamingoConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config.json not found")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            why = "nested too deeply" if isinstance(e, RecursionError) else e
-            raise ConfigError(f"{path}: not valid JSON ({why})") from None
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json_object(path, ConfigError), source=str(path))
 
     def to_json(self, path: str | Path, dtype: str | None = None) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(dtype), indent=2) + "\n")
@@ -584,6 +579,19 @@ QUANT_CONFIGS = {
 # MusicFlamingoConfig's defaults (the release tokenizer's ids), which the reference takes for a top-level token id its
 # config.json leaves out
 _AUDIO_ID_DEFAULTS = {"audio_token_id": 151669, "audio_bos_token_id": 151670, "audio_eos_token_id": 151671}
+
+
+def read_json_object(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object in `path` (a checkpoint's config.json, generation_config.json, adapter_config.json), else
+    `error` naming the file: not UTF-8 JSON, nested too deeply for the parser, or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise error(f"{path}: not valid JSON ({why})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from musicflamingo.checkpoint import CheckpointError, hf_to_ours, ours_to_hf, replace_file
+from musicflamingo.model.config import read_json_object
 from musicflamingo.model.lora import LoRALinear, QuantizedLinear, QuantizedLoRALinear
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -99,13 +100,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
             else ""
         )
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG_NAME}, so not a peft adapter folder{hint}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise CheckpointError(f"{path}: not valid JSON ({why})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(path, CheckpointError)
     if config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(
             f"{path}: peft_type={config['peft_type']!r}; only LoRA adapters (peft_type=LORA) load"
