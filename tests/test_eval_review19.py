@@ -1,7 +1,8 @@
 """Review round 19 of the benchmark journey: a letter after a lead-in ("Based on the audio, B.") is that letter
 (MuChoMusic's own parser read it, ours left it unparsed), beside the look-alikes that must stay unparsed or
 ambiguous; a Jam-ALT run with `limit` begun on metadata.csv resumes on metadata.jsonl with the same songs; a
-benchmark.audio_dir set to the clips' own folder is named as such."""
+benchmark.audio_dir set to the clips' own folder is named as such; the console line shows MuChoMusic's own
+parser."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from release_fixtures import make_mmau
+from release_fixtures import make_mmau, make_muchomusic
 from test_eval_release_formats import _bench, _cfg
 from test_eval_review18 import REVISED, _songs, make_jam_alt_v12
 
-from musicflamingo.eval import BenchmarkError, evaluate
+from musicflamingo.eval import BenchmarkError, evaluate, headline
 from musicflamingo.eval.parsing import ChoiceParse, muchomusic_choice, parse_choice
 
 CHOICES = ["Piano", "Acoustic guitar", "Drums", "Violin"]
@@ -132,3 +133,19 @@ def test_audio_dir_set_to_the_clips_folder_says_where_the_clips_belong(tmp_path)
     with pytest.raises(BenchmarkError, match="1 of .* audio files not found") as e:
         _bench("mmau", root)
     assert "a file of that name" not in str(e.value)
+
+
+# ---- the console line ----------------------------------------------------------------------------------------
+def test_headline_shows_muchomusics_own_parser_where_there_is_one(tmp_path):
+    """eval.py's console line left out `accuracy_official` (MuChoMusic's own parser, the number its authors
+    report), so a MuChoMusic run printed only our two rules; other benchmarks have no such number to print."""
+    root = make_muchomusic(tmp_path / "mc")
+
+    def predict(batch):  # the answer's text, lowercased: MuChoMusic's substring fallback reads it
+        return [it.answer.lower() for it in batch]
+
+    results = evaluate(_cfg("muchomusic", root, tmp_path / "out"), predict_fn=predict)
+    official = results["tasks"]["mcq"]["accuracy_official"]
+    assert f"accuracy_official={official:.4f}" in headline(results)
+    mmau = evaluate(_cfg("mmau", make_mmau(tmp_path / "mmau"), tmp_path / "out2"), predict_fn=predict)
+    assert "accuracy_official" not in headline(mmau) and "accuracy_mmau=" in headline(mmau)

@@ -911,7 +911,7 @@ def headline(results: Mapping[str, Any]) -> str:
         return "n/a" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
 
     keys = {
-        "mcq": ("accuracy", "accuracy_mmau", "chance", "unparsed", "ambiguous"),
+        "mcq": ("accuracy", "accuracy_mmau", "accuracy_official", "chance", "unparsed", "ambiguous"),
         "classification": (
             "accuracy",
             "accuracy_mmau",
@@ -924,9 +924,10 @@ def headline(results: Mapping[str, Any]) -> str:
         "open_qa": ("bleu", "rougeL"),
         "lyrics": ("wer", "cer"),
     }
+    optional = {"accuracy_official"}  # the benchmark's own parser (MuChoMusic's): only where there is one
     lines = [
         f"{results['benchmark']} {task}: n={s.get('n', 0)} "
-        + " ".join(f"{k}={f(s.get(k))}" for k in keys.get(task, ()))
+        + " ".join(f"{k}={f(s.get(k))}" for k in keys.get(task, ()) if k in s or k not in optional)
         for task, s in results["tasks"].items()
     ]
     if results.get("think"):
