@@ -363,7 +363,9 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             )
         return world, rank
 
-    def _build(self, spec: list[tuple[str, float]], weighted: bool) -> tuple[MixtureDataset, list[int]]:
+    def _build(self, spec: list[tuple[str, float]], weighted: bool) -> tuple[MixtureDataset, np.ndarray]:
+        """The split's mixture and its samples' token lengths [N] int64 (numpy all along: a list of ten million
+        Python ints would cost ~0.4 GB and seconds per rank)."""
         split = "train" if weighted else "val"
         keep_fn = self.record_filter
         datasets, lengths, every = [], [], []
@@ -389,8 +391,8 @@ class MusicFlamingoDataModule(L.LightningDataModule):
                 )
                 ds, n = RecordSubset(ds, keep), n[keep]
             datasets.append(ds)
-            lengths.append(n.tolist())
-            log.info("%s: %d records, %d tokens (estimated)", path, len(ds), sum(lengths[-1]))
+            lengths.append(n)
+            log.info("%s: %d records, %d tokens (estimated)", path, len(ds), int(n.sum()))
         if keep_fn is not None and not sum(len(ds) for ds in datasets):
             refuse = getattr(keep_fn, "nothing_kept", None)
             if callable(refuse):
@@ -404,7 +406,7 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             if keep_fn is None:
                 raise
             raise ValueError(f"data.{split} under the record filter {keep_fn}: {e}") from None
-        return mixture, mixture.lengths.tolist()
+        return mixture, mixture.lengths
 
     @staticmethod
     def _kept(records: Sequence[Any], keep_fn: Callable[[Any], bool]) -> np.ndarray:
@@ -414,12 +416,12 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             return np.asarray(select(records), dtype=np.int64)
         return np.asarray([i for i, rec in enumerate(records) if keep_fn(rec)], dtype=np.int64)
 
-    def _over_budget(self, mixture: MixtureDataset, lengths: list[int], budget: int, setting: str) -> None:
+    def _over_budget(self, mixture: MixtureDataset, lengths: np.ndarray, budget: int, setting: str) -> None:
         """Samples longer than the batch token budget (`data.<setting>`) are bad samples: under
         ``bad_sample_policy="error"`` the first one stops here, named; under ``"skip"`` each gets a
         :class:`BadSample` marker that the sampler hands out with the batches, so it is counted, reported (id,
         ``file:line``) and weighed against ``max_bad_fraction`` every time its turn comes, without being built."""
-        over = [i for i, n in enumerate(lengths) if n > budget]
+        over = np.flatnonzero(lengths > budget).tolist()
         if not over:
             return
         records = []
@@ -429,14 +431,14 @@ class MusicFlamingoDataModule(L.LightningDataModule):
         reason = "{n} tokens, more than data.{setting}={budget}"
         if self.dataset_kwargs["bad_sample_policy"] != "skip":
             _, rec = records[0]
-            first = reason.format(n=lengths[over[0]], setting=setting, budget=budget)
+            first = reason.format(n=int(lengths[over[0]]), setting=setting, budget=budget)
             more = f" ({len(over) - 1} more sample(s) too)" if len(over) > 1 else ""
             raise BadSampleError(
                 f"sample {rec.id!r} ({rec.source}): {first}{more}; raise data.{setting}, or set "
                 "data.bad_sample_policy=skip to count such samples as bad ones and go on"
             )
         for i, (local, rec) in zip(over, records):
-            why = reason.format(n=lengths[i], setting=setting, budget=budget)
+            why = reason.format(n=int(lengths[i]), setting=setting, budget=budget)
             mixture.markers[i] = BadSample(index=local, id=rec.id, source=rec.source, reason=why)
         log.warning(
             "%d sample(s) longer than data.%s=%d: skipped as bad samples (bad_sample_policy=skip)",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import heapq
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 def _generator(*keys: int) -> np.random.Generator:
     """A numpy generator seeded from integer keys (seed, epoch, ...); same keys -> same stream on every rank."""
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
+
+
+def _cut(items: list[int], ends: list[int]) -> list[list[int]]:
+    """``items`` cut before each of the increasing positions ``ends`` (the last one ``len(items)``)."""
+    return [items[a:b] for a, b in zip([0, *ends[:-1]], ends)]
 
 
 class TokenBudgetBatchSampler:
@@ -145,7 +151,10 @@ class TokenBudgetBatchSampler:
         # the tight packing of the longest epoch: the last resort of an epoch that made too many batches
         self._bound_batches = self._tight(self._bound_indices())
         indices, _ = self._epoch_samples(0)
-        first = self._bucketed(indices, _generator(self.seed, 0))
+        rng = _generator(self.seed, 0)
+        first = self._bucketed(indices, rng)
+        # epoch 0's bucketing and its generator's state after it, for _global_batches(0) to go on from
+        self._epoch0: tuple[list[list[int]], np.random.Generator] | None = (first, rng)
         #: global batches per epoch (before the split across ranks), the same for every epoch of the run
         self.num_batches = max(len(first), len(self._bound_batches))
         if not self.even_ranks and self.num_replicas > 1:
@@ -189,9 +198,16 @@ class TokenBudgetBatchSampler:
             return np.flatnonzero(self.lengths <= self.max_tokens)
         return np.asarray(self.longest_epoch(self.lengths, self.max_tokens), dtype=np.int64)
 
-    def _cost(self, batch: Sequence[int]) -> int:
-        lengths = self.lengths[np.asarray(batch, dtype=np.int64)]
-        return int(lengths.sum()) if self.packed else len(batch) * int(lengths.max())
+    def _costs(self, batches: list[list[int]]) -> np.ndarray:
+        """Each of the (non-empty) ``batches``' cost [B]: its size times its longest sample (padded) or the sum of
+        its lengths (packed)."""
+        sizes = np.fromiter(map(len, batches), dtype=np.int64, count=len(batches))
+        flat = np.fromiter(itertools.chain.from_iterable(batches), dtype=np.int64, count=int(sizes.sum()))
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        lengths = self.lengths[flat]
+        if self.packed:
+            return np.add.reduceat(lengths, starts)
+        return sizes * np.maximum.reduceat(lengths, starts)
 
     def _bucketed(self, indices: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
         """Shuffle, cut into buckets, sort each bucket by length and fill batches greedily (the epoch's own count)."""
@@ -204,34 +220,48 @@ class TokenBudgetBatchSampler:
             chunk = indices[start : start + bucket]
             # Stable sort keeps the shuffled order among equal lengths (and index order without shuffle).
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batch: list[int] = []
-            longest = total = 0
-            for i in chunk.tolist():
-                n = int(self.lengths[i])
-                cost = total + n if self.packed else (len(batch) + 1) * max(longest, n)
-                if batch and cost > self.max_tokens:
-                    batches.append(batch)
-                    batch, longest, total = [], 0, 0
-                batch.append(i)
-                longest, total = max(longest, n), total + n
-            if batch:
-                batches.append(batch)
+            batches.extend(_cut(chunk.tolist(), self._greedy_ends(self.lengths[chunk])))
         return batches
+
+    def _greedy_ends(self, lengths: np.ndarray) -> list[int]:
+        """Where the batches end when samples of ``lengths`` [K] (ascending) are added in order, each batch closed
+        before the sample that would take it over the budget (a batch holds one sample at least).
+
+        One ``searchsorted`` finds every jump, so Python loops over batches, not samples (every rank buckets every
+        sample at launch and at each epoch). A batch from ``s`` closes before the first ``p > s`` whose cost exceeds the budget:
+        packed, ``C[p + 1] - C[s] > max_tokens`` (``C`` the cumulative lengths); padded, ``(p - s + 1) * L[p] >
+        max_tokens`` (ascending: ``L[p]`` is the longest), i.e. ``g(p) = p - max_tokens // L[p] >= s``, and ``g``
+        increases with ``p``."""
+        k = len(lengths)
+        if self.packed:
+            cum = np.cumsum(lengths)
+            start = np.concatenate([[0], cum[:-1]])
+            first_over = np.searchsorted(cum, start + self.max_tokens, side="right")
+        else:
+            g = np.arange(k) - self.max_tokens // lengths
+            first_over = np.searchsorted(g, np.arange(k), side="left")
+        jump = np.maximum(first_over, np.arange(1, k + 1)).tolist()
+        ends, s = [], 0
+        while s < k:
+            s = jump[s]
+            ends.append(s)
+        return ends
 
     def _tight(self, indices: np.ndarray) -> list[list[int]]:
         """Few batches for ``indices``, longest samples first. Padded: each batch starts at the longest sample left
         and takes the next ones while they fit (the fewest batches there are). Packed: best fit decreasing."""
-        order = indices[np.argsort(-self.lengths[indices], kind="stable")].tolist()
-        batches: list[list[int]] = []
+        order = indices[np.argsort(-self.lengths[indices], kind="stable")]
         if not self.packed:
-            for i in order:
-                if batches and (len(batches[-1]) + 1) * int(self.lengths[batches[-1][0]]) <= self.max_tokens:
-                    batches[-1].append(i)
-                else:
-                    batches.append([i])
-            return batches
+            # a batch from sample s holds max_tokens // L[s] samples: its first is its longest
+            size = np.maximum(1, self.max_tokens // self.lengths[order]).tolist()
+            ends, s = [], 0
+            while s < len(order):
+                s = min(s + size[s], len(order))
+                ends.append(s)
+            return _cut(order.tolist(), ends)
+        batches: list[list[int]] = []
         room: list[tuple[int, int]] = []  # (tokens left, batch), sorted
-        for i in order:
+        for i in order.tolist():
             n = int(self.lengths[i])
             k = bisect.bisect_left(room, (n, -1))
             if k < len(room):
@@ -248,7 +278,7 @@ class TokenBudgetBatchSampler:
         target = self.num_batches
         if len(batches) > target:
             # repack the least full batches, twice as many each try, until the count fits
-            fill = np.argsort([self._cost(b) for b in batches], kind="stable").tolist()
+            fill = np.argsort(self._costs(batches), kind="stable").tolist()
             m = 1
             while True:
                 m = min(2 * m, len(batches))
@@ -294,8 +324,13 @@ class TokenBudgetBatchSampler:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         indices, carried = self._epoch_samples(epoch)
-        rng = _generator(self.seed, epoch)
-        batches = self._to_count(self._bucketed(indices, rng), indices)
+        if epoch == 0 and self._epoch0 is not None:
+            bucketed, rng = self._epoch0
+        else:
+            rng = _generator(self.seed, epoch)
+            bucketed = self._bucketed(indices, rng)
+        self._epoch0 = None  # used once (_to_count changes its lists), or never once another epoch is built
+        batches = self._to_count(bucketed, indices)
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         if len(carried):
