@@ -179,3 +179,64 @@ def test_a_port_in_use_stops_serve_before_the_weights_load(ckpt, monkeypatch):
         AssertionError, match="the weights were read"
     ):  # the port free again: on to the weights
         serve({"ckpt": str(ckpt), "device": "cpu", "port": port})
+
+
+def test_cors_origins_let_pages_of_those_origins_call_the_api(loaded, server):  # noqa: F811
+    """A browser tool on another origin (a notebook front end, a labelling page on localhost:3000) could not call
+    the API: its preflight was a 405 and no answer allowed its origin. `cors_origins` lets the named pages in, and
+    only them; the default (unset) stays as it was."""
+    model, processor = loaded
+    page = "http://localhost:3000"
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        # the openai JS client's own headers ride along with the key
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+    }
+    body = {"model": MODEL, "messages": [user_turn("hi")], "max_tokens": 1}
+    settings = ServeSettings(model_name=MODEL, max_batch=1, api_key="k", cors_origins=[page])
+    with running_server(create_app(model, processor, settings, stop_ids=())) as base:
+        url = f"{base}/v1/chat/completions"
+        r = httpx.options(url, headers={"Origin": page, **preflight}, timeout=10)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page, r.headers
+        assert "x-stainless-os" in r.headers["access-control-allow-headers"].lower(), r.headers
+        key = {"Origin": page, "Authorization": "Bearer k"}
+        ok = httpx.post(url, json=body, headers=key, timeout=60)
+        bad = httpx.post(url, json={**body, "temperature": 3}, headers=key, timeout=60)
+        assert ok.status_code == 200 and bad.status_code == 400, (ok.text, bad.text)
+        assert ok.headers["access-control-allow-origin"] == bad.headers["access-control-allow-origin"] == page
+        other = httpx.options(url, headers={"Origin": "http://elsewhere.test", **preflight}, timeout=10)
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers, other.headers
+    r = httpx.options(f"{server}/v1/chat/completions", headers={"Origin": page, **preflight}, timeout=10)
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Origin": page}, timeout=60)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (
+            ["http://localhost:3000/"],
+            "no path, no trailing slash",
+        ),  # never equal to a browser's Origin header
+        (["localhost:3000"], "is not an origin"),
+        ([], "must be a list of origins"),
+        (5, "must be a list of origins"),
+    ],
+)
+def test_a_cors_origin_no_browser_sends_is_refused_by_name(value, words):
+    with pytest.raises(ServeConfigError, match=words) as e:
+        ServeSettings(cors_origins=value)
+    assert str(e.value).startswith("cors_origins")
+    assert ServeSettings(cors_origins="*").cors_origins == ["*"]
+
+
+def test_any_origin_without_a_key_is_warned(ckpt, caplog):
+    from musicflamingo.serve import build_server
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        build_server({"ckpt": str(ckpt), "device": "cpu", "cors_origins": ["*"], "api_key": "k"})
+        assert not _lines(caplog, "cors_origins")
+        build_server({"ckpt": str(ckpt), "device": "cpu", "cors_origins": ["*"]})
+    (line,) = _lines(caplog, "cors_origins='*' without an API key")
+    assert "any web page" in line, line

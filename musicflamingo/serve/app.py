@@ -35,6 +35,8 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -549,7 +551,21 @@ def create_app(
         ClientDisconnect: _client_left,
         Exception: _api_error,
     }
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = []
+    if settings.cors_origins:
+        # pages of these origins may call the API from a browser: the preflight (OPTIONS) answered, and the answers
+        # (errors included) carry Access-Control-Allow-Origin; any request header, since the openai JS client sends
+        # its own (x-stainless-*); no cookies: the key goes in the Authorization header
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                max_age=600,
+            )
+        )
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
     app.state.server = state
     return app
 
@@ -585,6 +601,11 @@ def build_server(cfg: Mapping[str, Any]) -> tuple[Starlette, ServeSettings]:
             "listening on %s without an API key: anyone who can reach this port can use the model "
             "(set api_key= or MUSICFLAMINGO_API_KEY)",
             settings.host,
+        )
+    if settings.cors_origins and "*" in settings.cors_origins and settings.api_key is None:
+        logger.warning(
+            "cors_origins='*' without an API key: any web page this machine's browsers open can use the model "
+            "(set api_key= or name the pages' origins)"
         )
     return app, settings
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,6 +43,8 @@ class ServeSettings:
     default_max_tokens: int = 1024
     shutdown_grace_s: float = 5.0
     compile: bool = False
+    # web pages of other origins that may call the API from a browser (CORS); None: the server's own page only
+    cors_origins: list[str] | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = False, cast: type = int) -> None:
@@ -79,6 +82,8 @@ class ServeSettings:
             raise ServeConfigError(f"model_name must be a non-empty string, got {self.model_name!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ServeConfigError("api_key must be a non-empty string or null")
+        if self.cors_origins is not None:
+            self.cors_origins = _origins(self.cors_origins)
         if self.audio_root is not None:
             root = Path(str(self.audio_root)).expanduser()
             if not root.is_dir():
@@ -132,4 +137,31 @@ class ServeSettings:
         for name in ("model_name", "api_key", "audio_root", "host"):
             if name in values:
                 values[name] = str(values[name])
+        origins = values.get("cors_origins")
+        if (
+            origins is not None
+            and not isinstance(origins, (str, list, tuple))
+            and hasattr(origins, "__iter__")
+        ):
+            values["cors_origins"] = list(origins)  # Hydra's ListConfig
         return cls(**values)
+
+
+def _origins(value: Any) -> list[str]:
+    """`cors_origins`: a list of origins as a browser sends them (`scheme://host[:port]`: no path, no trailing
+    slash, which no browser's `Origin` header has, so such an entry would never match) or `"*"`, any page."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ServeConfigError(
+            f"cors_origins must be a list of origins such as [http://localhost:3000], or '*', got {value!r}"
+        )
+    for item in items:
+        if item != "*" and not (isinstance(item, str) and _ORIGIN.fullmatch(item)):
+            raise ServeConfigError(
+                f"cors_origins: {item!r} is not an origin: scheme://host[:port], as http://localhost:3000 "
+                "(no path, no trailing slash), or '*'"
+            )
+    return [str(item) for item in items]
+
+
+_ORIGIN = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
