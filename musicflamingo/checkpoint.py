@@ -685,7 +685,9 @@ def read_state_dict(
             continue
         info = headers[f][0][name]
         if list(info["shape"]) != list(expected[ours]):
-            wrong_shape.append(f"{name}: checkpoint {list(info['shape'])} vs model {list(expected[ours])}")
+            wrong_shape.append(
+                f"{f.name}: {name}: checkpoint {list(info['shape'])} vs model {list(expected[ours])}"
+            )
         if integer and ours in integer:
             want = _DTYPE_NAMES[integer[ours]]
             if info["dtype"] != want:
