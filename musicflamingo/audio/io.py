@@ -53,6 +53,24 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     raise TypeError(f"unsupported sample dtype {x.dtype}")
 
 
+def channel_mean(frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``frames.mean(axis=1)`` of ``[T, C]`` float32/float64 frames, bit for bit, as mono ``[T]`` (in ``out`` if
+    given).
+
+    numpy's mean over the short channel axis runs one tiny inner loop per frame: 5 s of the 16 s a 20-min stereo WAV
+    took to load. Summing column by column is ~5x faster and adds in the same order, which is numpy's below 8
+    channels (from 8 on it sums pairwise, so np.mean is kept there)."""
+    channels = frames.shape[1]
+    if channels >= 8 or frames.dtype not in (np.float32, np.float64):
+        return np.mean(frames, axis=1, out=out)
+    out = np.empty(frames.shape[0], frames.dtype) if out is None else out
+    np.copyto(out, frames[:, 0])
+    for c in range(1, channels):
+        out += frames[:, c]
+    out /= channels
+    return out
+
+
 def validate_waveform(x: np.ndarray | torch.Tensor, name: str = "audio", min_samples: int = 1) -> np.ndarray:
     """Check an in-memory waveform and return it as contiguous float32 mono ``[T]``.
 
@@ -70,7 +88,7 @@ def validate_waveform(x: np.ndarray | torch.Tensor, name: str = "audio", min_sam
         if x.shape[0] <= 8 and x.shape[0] <= x.shape[1]:
             x = x.mean(axis=0)
         elif x.shape[1] <= 8:
-            x = x.mean(axis=1)
+            x = channel_mean(x)
         else:
             raise AudioError(f"{name}: 2-D audio must be [channels, time] or [time, channels], got {x.shape}")
     elif x.ndim != 1:
@@ -423,7 +441,7 @@ def _decode_soundfile(
                 ask = min(n_in - got, block.shape[0])
                 part = f.read(ask, out=block[:ask])
                 m = (x[got:] if out is None else mono)[: part.shape[0]]
-                np.mean(part, axis=1, out=m)
+                channel_mean(part, out=m)
                 nonfinite = ~np.isfinite(m)
                 if nonfinite.any():
                     at = first + got + np.flatnonzero(nonfinite)  # in the file
@@ -553,7 +571,7 @@ def _wav_stream_blocks(stream, channels: int) -> Iterator[np.ndarray]:
         block = rest + block
         cut = len(block) - len(block) % frame
         rest = block[cut:]
-        yield np.frombuffer(block[:cut], "<f4").reshape(-1, channels).mean(axis=1, dtype=np.float32)
+        yield channel_mean(np.frombuffer(block[:cut], "<f4").reshape(-1, channels))
 
 
 def load_audio(
