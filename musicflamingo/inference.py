@@ -258,8 +258,13 @@ def _read_items(jsonl: str, check: bool = True) -> list[tuple[str, str | None, s
                 raise InferenceError(
                     f"{where}: system_prompt is one setting for the whole run (system_prompt=), not per item"
                 )
-            close = _ITEM_ALIASES.get(str(key).lower()) or difflib.get_close_matches(
-                str(key).lower(), ["audio", "prompt"], n=1, cutoff=0.6
+            name = str(key).lower()
+            # a misspelt other name too ("qustion" asked the default caption prompt); closer than for audio and
+            # prompt themselves, so that an id field ("song_id", "title") stays the researcher's
+            close = (
+                _ITEM_ALIASES.get(name)
+                or difflib.get_close_matches(name, ["audio", "prompt"], n=1, cutoff=0.6)
+                or [_ITEM_ALIASES[m][0] for m in difflib.get_close_matches(name, list(_ITEM_ALIASES), 1, 0.8)]
             )
             if close:
                 raise InferenceError(f"{where}: unknown field {key!r} (did you mean {close[0]}?); {expected}")

@@ -19,7 +19,7 @@ from tiny_checkpoint import write_tiny_checkpoint
 
 from musicflamingo import MusicFlamingoProcessor
 from musicflamingo.chat import conversation
-from musicflamingo.inference import infer
+from musicflamingo.inference import InferenceError, _read_items, infer
 
 ROOM = 5  # answer positions the short context leaves after the prompt
 
@@ -90,3 +90,23 @@ def test_a_context_cut_row_with_a_bad_length_is_not_reused(short_context, songs,
         out=io.StringIO(),
     )
     assert answer != "C major" and [r["answer"] for r in _rows(out)] == ["C major", answer]
+
+
+# ---------------------------------------------------------------------------------------------- items.jsonl fields
+@pytest.mark.parametrize(
+    ("field", "meant"),
+    [("qustion", "prompt"), ("questoin", "prompt"), ("instructions", "prompt"), ("filepth", "audio")],
+)
+def test_a_misspelt_other_name_of_an_item_field_is_refused(tmp_path, field, meant):
+    """`{"audio": ..., "qustion": "What key?"}`: "question" was refused by name, its misspelling taken for an id
+    field and ignored, so the item was asked the default caption prompt, silently. Id fields near those names stay
+    the researcher's."""
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"audio": "a.wav", field: "What key?"}) + "\n")
+    with pytest.raises(
+        InferenceError, match=rf"items\.jsonl:1: unknown field '{field}' \(did you mean {meant}\?\)"
+    ):
+        _read_items(str(items), check=False)
+    ids = {"song_id": 7, "title": "x", "query_id": 1, "file_id": 3, "path_id": 4}
+    items.write_text(json.dumps({"audio": "a.wav", "prompt": "Key?", **ids}) + "\n")
+    assert _read_items(str(items), check=False) == [(str(tmp_path / "a.wav"), "Key?", f"{items}:1")]
