@@ -246,25 +246,18 @@ class MusicFlamingoProcessor:
         """Seconds of an audio the windows keep: ``max_audio_len // chunk_length`` whole windows (20 min)."""
         return int(self.max_audio_len // self.chunk_length) * self.chunk_length
 
+    @property
+    def _windowing(self) -> tuple[float, float, int, int]:
+        """``(chunk_length, max_audio_len, sampling_rate, hop_length)``: the settings of the ``features`` helpers."""
+        return self.chunk_length, self.max_audio_len, self.sampling_rate, self.feature_extractor.hop_length
+
     def audio_token_count(self, num_samples: int) -> int:
         """``<sound>`` tokens for an audio of ``num_samples`` samples (after truncation to ``max_audio_len``)."""
-        return F.audio_token_count(
-            num_samples,
-            self.chunk_length,
-            self.max_audio_len,
-            self.sampling_rate,
-            self.feature_extractor.hop_length,
-        )
+        return F.audio_token_count(num_samples, *self._windowing)
 
     def usable_samples(self, num_samples: int) -> int:
         """``num_samples`` without a trailing window of 0 audio tokens (``features.usable_samples``)."""
-        return F.usable_samples(
-            num_samples,
-            self.chunk_length,
-            self.max_audio_len,
-            self.sampling_rate,
-            self.feature_extractor.hop_length,
-        )
+        return F.usable_samples(num_samples, *self._windowing)
 
     def split_windows(self, audio: np.ndarray | torch.Tensor, source: str | None = None) -> list:
         """``[T]`` waveform -> list of ``chunk_length`` windows; truncation logs one warning naming ``source``."""
