@@ -520,8 +520,14 @@ def _locate(path: str, where: str) -> Any:
         except ModuleNotFoundError as e:
             # `module` exists but one of its own imports is missing: not a typo in the config
             if e.name is None or not module.startswith(e.name):
-                raise SettingsError(f"{where}._target_={path!r}: cannot be imported ({e})") from None
+                raise SettingsError(
+                    f"{where}._target_={path!r}: cannot be imported ({e}{_raised_at(e)})"
+                ) from None
             continue
+        except Exception as e:  # the module is there but fails as it runs (a name it imports, a syntax error)
+            raise SettingsError(
+                f"{where}._target_={path!r}: cannot be imported ({type(e).__name__}: {e}{_raised_at(e)})"
+            ) from None
         for attr in parts[i:]:
             if not hasattr(obj, attr):
                 break
@@ -530,6 +536,38 @@ def _locate(path: str, where: str) -> Any:
             return obj
         break
     raise SettingsError(f"{where}._target_={path!r}: no such class or function")
+
+
+def _raised_at(e: BaseException) -> str:
+    """`, at <file>:<line>` of the innermost frame of `e` outside importlib's own (the user's module line); a
+    SyntaxError names its file and line itself."""
+    where, tb = "", e.__traceback__
+    while tb is not None and not isinstance(e, SyntaxError):
+        name = tb.tb_frame.f_code.co_filename
+        if not name.startswith("<frozen") and "importlib" not in Path(name).parts:
+            where = f", at {name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
+
+
+def check_targets(settings: Mapping[str, Any]) -> None:
+    """Import every `_target_` the run builds, naming the first that cannot be imported (`callbacks.x._target_=
+    'mycb.X': cannot be imported (No module named 'dep', at mycb.py:2)`). :func:`check_known_keys` reads a target's
+    parameters from its source where that settles them, without importing it, so such a module passed the settings
+    and failed only when Hydra built it, after the model and the data. Call it once the run goes ahead: the run
+    imports these modules anyway (a refused setting and `plan=true` still import none of them)."""
+    _import_targets(settings, "")
+
+
+def _import_targets(node: Any, where: str) -> None:
+    if isinstance(node, Mapping):
+        if isinstance(node.get("_target_"), str):
+            _locate(node["_target_"], where)
+        for key, value in node.items():
+            _import_targets(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, Sequence) and not isinstance(node, str):
+        for i, value in enumerate(node):
+            _import_targets(value, f"{where}[{i}]")
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -647,6 +685,56 @@ def _planner_flags(settings: Mapping[str, Any]) -> None:
             _get(settings, "plan_memory_gb"),
             "read only with plan=true (a run checks the device's free memory)",
         )
+
+
+def check_train_paths(settings: Mapping[str, Any]) -> None:
+    """The files a run reads first exist: `data.processor` and every local manifest of `data.train` and `data.val`
+    (`train.py`, after :func:`check_train_settings`; not under `plan=true`, which reads no data). They were found
+    missing only after the model was built (minutes for the release) and its window checked, as a bare
+    `trainx.jsonl: No such file or directory` or `procx: processor directory not found`."""
+    if _planning(settings):
+        return
+    _processor_folder(settings)
+    for key in ("data.train", "data.val"):
+        _manifests_exist(settings, key)
+
+
+def _processor_folder(settings: Mapping[str, Any]) -> None:
+    """`data.processor` is set (its default, `model.net.init_from`, may be null) and, when not init_from (whose own
+    check names it), an existing folder."""
+    value = _get(settings, "data.processor")
+    if value is _MISSING:
+        return
+    if value in (None, ""):
+        _fail(
+            "data.processor",
+            value,
+            "expected the folder of the tokenizer and processor files (a checkpoint folder works; it defaults "
+            "to model.net.init_from, which is null)",
+        )
+    if value != _get(settings, "model.net.init_from") and not Path(str(value)).expanduser().is_dir():
+        _fail("data.processor", value, "no such folder (expected the tokenizer and processor files)")
+
+
+def _manifests_exist(settings: Mapping[str, Any], key: str) -> None:
+    """Every local manifest of `key` (a path, a list of paths or of `{path, weight}`) exists; URLs (shards in an
+    object store) are left to their reader. Relative paths are read from the folder the run starts in."""
+    value = _get(settings, key)
+    items = [value] if isinstance(value, (str, Mapping)) else value
+    if not isinstance(items, Sequence):
+        return
+    for i, item in enumerate(items):
+        path = item.get("path") if isinstance(item, Mapping) else item
+        if not isinstance(path, str) or not path or "://" in path or path.startswith("local:"):
+            continue  # the wrong kinds are named by the datamodule's parse_manifest_spec
+        if not Path(path).exists():
+            where = key if isinstance(value, (str, Mapping)) else f"{key}[{i}]"
+            relative = (
+                ""
+                if Path(path).is_absolute()
+                else f" (read from {Path.cwd()}, the folder the run started in)"
+            )
+            _fail(where, path, f"no such manifest file or shard folder{relative}")
 
 
 def _folder(settings: Mapping[str, Any], key: str) -> None:

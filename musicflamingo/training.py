@@ -37,7 +37,13 @@ from musicflamingo.runfolder import (
     save_run_config,
 )
 from musicflamingo.runtime import one_lightning_log_line, set_threads, stderr_is_terminal
-from musicflamingo.settings import CONFIG_DIR, SettingsError, check_train_settings
+from musicflamingo.settings import (
+    CONFIG_DIR,
+    SettingsError,
+    check_targets,
+    check_train_paths,
+    check_train_settings,
+)
 
 if TYPE_CHECKING:
     import lightning as L
@@ -225,16 +231,28 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -
 
 
 def check_checkpoint_monitor(settings: Mapping[str, Any]) -> None:
-    """Refuse a `ModelCheckpoint` that would rank its files by a validation metric (`monitor: val/...`) it cannot
-    have fresh. Saved every N steps (`every_n_train_steps`, `train_time_interval`), a file is written at the step's
-    end, before that step's validation: each was ranked by the previous validation's value (top-k kept the wrong
-    files, silently). Without `data.val` no value ever comes: no file was kept but `last.ckpt`, silently too."""
+    """Refuse an `EarlyStopping` on a validation metric without a validation set, and a `ModelCheckpoint` that would
+    rank its files by a validation metric (`monitor: val/...`) it cannot have fresh. Saved every N steps
+    (`every_n_train_steps`, `train_time_interval`), a file is written at the step's end, before that step's
+    validation: each was ranked by the previous validation's value (top-k kept the wrong files, silently). Without
+    `data.val` no value ever comes: no file was kept but `last.ckpt`, silently too."""
     callbacks = settings.get("callbacks") or {}
     has_val = bool((settings.get("data") or {}).get("val"))
     for key, cb in callbacks.items():
-        if not isinstance(cb, Mapping) or not str(cb.get("_target_", "")).endswith("ModelCheckpoint"):
+        if not isinstance(cb, Mapping):
             continue
         monitor = cb.get("monitor")
+        early = str(cb.get("_target_", "")).endswith("EarlyStopping")
+        if early and isinstance(monitor, str) and monitor.startswith("val/") and not has_val:
+            # Lightning's EarlyStopping then checks at the first epoch's end, and stops the run with a traceback
+            # ("conditioned on metric `val/loss` which is not available"), before any step checkpoint of a short run
+            raise SettingsError(
+                f"callbacks.{key}.monitor={monitor}: no validation set (data.val) logs it, so the early stop would "
+                f"fail the run at the end of its first epoch; set data.val, or monitor a training metric "
+                f"(callbacks.{key}.monitor=train/loss)"
+            )
+        if not str(cb.get("_target_", "")).endswith("ModelCheckpoint"):
+            continue
         if not isinstance(monitor, str) or not monitor.startswith("val/"):
             continue
         if not has_val:
@@ -265,6 +283,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_train_settings(settings)
     check_object_groups(settings)
     check_checkpoint_monitor(settings)
+    check_train_paths(settings)
     # the memory plan from the settings alone: `plan=true` prints it and stops; a run predicted not to fit the
     # device is refused here, before any weight is built (`memory_check=false` skips the refusal)
     plan = check_training(settings)
@@ -292,6 +311,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             check_save_target(
                 output_dir / "export", again="move it away, or export=false to train without exporting"
             )
+        # a target whose module cannot be imported is named now, not when Hydra builds it after the model and data
+        check_targets(settings)
         if lock is not None and ckpt is None:
             save_run_config(cfg, output_dir)
         try:
@@ -406,6 +427,7 @@ def _fit(
             not_written = f"{' and '.join(left_out)} {verb} not exported; " if left_out else ""
             raise TooManyBadSamplesError(f"{e}; {not_written}checkpoints are kept") from None
 
+    log_best_checkpoints(trainer)
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
@@ -430,6 +452,18 @@ def _fit(
             )
             log.info("adapters exported to %s (peft's layout)", objects["export_adapter_dir"])
     return metrics, objects
+
+
+def log_best_checkpoints(trainer: L.Trainer) -> None:
+    """Name the best file of each checkpoint callback that ranks by a metric (`monitor: val/loss`), with its value:
+    its files are named by step, so the one to export or evaluate was otherwise found by reading metrics.csv."""
+    for cb in trainer.checkpoint_callbacks:
+        monitor, best = getattr(cb, "monitor", None), getattr(cb, "best_model_path", "")
+        score = getattr(cb, "best_model_score", None)
+        if monitor and best and score is not None and trainer.is_global_zero:
+            log.info(
+                "best checkpoint by %s (%s): %s (%s=%.6g)", monitor, cb.mode, best, monitor, float(score)
+            )
 
 
 def export_trained(

@@ -484,7 +484,7 @@ def test_eval_and_infer_cli_truncated_checkpoint_is_one_line(entry, assets, tmp_
             "error: unknown model preset 'huge'",
         ),  # through Hydra's InstantiationException
         ("model.nonfinite_loss=bogus", "error: model.nonfinite_loss='bogus': expected 'stop' or 'skip'"),
-        ("data.processor=/no/such/dir", "error: /no/such/dir: processor directory not found"),
+        ("data.processor=/no/such/dir", "error: data.processor='/no/such/dir': no such folder"),
     ],
 )
 def test_run_cli_turns_config_errors_into_one_line(override, message, assets, tmp_path, capsys):
@@ -495,6 +495,7 @@ def test_run_cli_turns_config_errors_into_one_line(override, message, assets, tm
     from musicflamingo.training import train
 
     key, value = override.split("=", 1)
+    (tmp_path / "x.jsonl").touch()  # a manifest that exists: settings refuse a missing one first
     cfg = compose_train(tmp_path, tmp_path / "x.jsonl", assets["proc"], [] if value == "???" else [override])
     if value == "???":
         with open_dict(cfg):
