@@ -312,7 +312,8 @@ def cut_by(slot: Slot) -> str | None:
 
 class _Printer:
     """Prints answers labelled, in request order, without interleaving: the oldest unfinished answer as its text
-    grows (`stream`), each later one whole once every answer before it is out."""
+    grows (`stream`), each later one whole once every answer before it is out. `places`: what follows each label
+    in its header (a run's progress, "[3/300]"), none by default."""
 
     def __init__(
         self,
@@ -321,13 +322,18 @@ class _Printer:
         out: TextIO | None,
         stream: bool,
         think: bool = False,
+        places: Sequence[str] | None = None,
     ) -> None:
         self.tok, self.labels, self.out, self.stream = tokenizer, labels, out, stream
+        self.places = places
         self.think = think  # think mode: each answer through a ThinkDisplay (reasoning apart, answer last)
         self.view: ThinkDisplay | None = None
         self.shown = 0  # the request printed next
         self.pushed = 0  # its characters already printed
         self.live = False  # its header is out
+
+    def _header(self, i: int) -> str:
+        return f"== {self.labels[i]} ==" + (f" {self.places[i]}" if self.places else "") + "\n"
 
     def update(
         self,
@@ -350,11 +356,11 @@ class _Printer:
         while self.shown < started:
             i = self.shown
             if skipped and i in skipped:
-                out.write(f"== {self.labels[i]} ==\n(skipped: {skipped[i]})\n")
+                out.write(f"{self._header(i)}(skipped: {skipped[i]})\n")
                 self.shown = i + 1
                 continue
             if not self.live and (self.stream or finished[i]):
-                out.write(f"== {self.labels[i]} ==\n")
+                out.write(self._header(i))
                 self.live, self.pushed = True, 0
                 self.view = ThinkDisplay(out) if self.think else None
             if self.live:
@@ -397,6 +403,7 @@ def generate_answers(
     on_answer: Callable[[int, str, str | None, int], None] | None = None,
     skip_bad_audio: bool = False,
     origins: Sequence[str | None] | None = None,
+    total: int | None = None,
 ) -> list[str | None]:
     """One answer per conversation through an engine with `slots` slots (all at once by default); each request
     is prepared (audio read, features) when it joins. Prints to `out` (None: silent, see `_Printer`; `think`:
@@ -408,7 +415,8 @@ def generate_answers(
     short of an end, `cut_by`; `tokens`: how many it generated). `skip_bad_audio`: a file that cannot be read is
     reported and its answer is None, instead of an AudioError ending the run (which comes once the answers already
     started are done). `origins`: where each conversation comes from (a JSONL list's file:line, or None), named
-    before its audio errors."""
+    before its audio errors. `total`: how many inputs `indices` count in (more than one: each header says where
+    its answer stands, "== a.wav == [3/300]", so a long run shows how far it is, a resumed one included)."""
     n = len(conversations)
     indices = range(n) if indices is None else indices
     engine = Engine(model, slots=min(slots or n, n), compile=compile, tokenizer=processor.tokenizer)
@@ -421,7 +429,8 @@ def generate_answers(
     cut: dict[int, str] = {}  # request -> what cut its answer (`cut_by`), not ended by a stop id or string
     stopped: list[str | None] = [None] * n  # the stop string that ended each answer, if one did
     owner: dict[int, int] = {}  # slot -> request
-    printer = _Printer(processor.tokenizer, labels, out, stream, think)
+    places = [f"[{indices[i] + 1}/{total}]" for i in range(n)] if total is not None and total > 1 else None
+    printer = _Printer(processor.tokenizer, labels, out, stream, think, places)
     t0, n_tokens, joined = time.perf_counter(), 0, 0
 
     def record(slot: int, token: int) -> None:
@@ -1304,6 +1313,7 @@ def infer(
                 on_answer=save,
                 skip_bad_audio=skip_bad_audio,
                 origins=[origins[i] for i in todo],
+                total=len(files),
             )
         except KeyboardInterrupt:
             if results is not None:  # Ctrl-C: say what is kept and how to go on

@@ -467,7 +467,7 @@ def test_header_waits_for_the_audio_and_skip_bad_audio(ckpt, audios, tmp_path):
     )
     assert answers[0] and answers[1:] == [None, None]
     assert (
-        f"== {nan} ==\n(skipped: {nan}: audio has" in out.getvalue()
+        f"== {nan} == [2/3]\n(skipped: {nan}: audio has" in out.getvalue()
         and "gone.wav: audio file not found" in out.getvalue()
     )
 

@@ -110,3 +110,21 @@ def test_a_misspelt_other_name_of_an_item_field_is_refused(tmp_path, field, mean
     ids = {"song_id": 7, "title": "x", "query_id": 1, "file_id": 3, "path_id": 4}
     items.write_text(json.dumps({"audio": "a.wav", "prompt": "Key?", **ids}) + "\n")
     assert _read_items(str(items), check=False) == [(str(tmp_path / "a.wav"), "Key?", f"{items}:1")]
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def test_headers_say_where_each_answer_stands_in_the_run(short_context, songs, tmp_path):
+    """A folder of hundreds of songs printed "== a.wav ==" headers only: nothing said how far the run was. Each
+    header now says its input's place in the whole run, a resumed run's included; a single song's header is bare."""
+    out = tmp_path / "answers.jsonl"
+    row = {"audio": songs[0], "prompt": "Key?", "answer": "C major"}
+    out.write_text(json.dumps(row) + "\n")
+    base = [f"ckpt={short_context}", "prompt=Key?", "max_new_tokens=2"]
+    printed = io.StringIO()
+    infer(make_cfg(*base, f"audio=[{songs[0]},{songs[1]},{songs[0]}]", f"output={out}"), out=printed)
+    headers = [line for line in printed.getvalue().splitlines() if line.startswith("== ")]
+    # the first input was answered before: the others keep their places in the run
+    assert headers == [f"== {songs[1]} == [2/3]", f"== {songs[0]} == [3/3]"], printed.getvalue()
+    printed = io.StringIO()
+    infer(make_cfg(*base, f"audio={songs[1]}"), out=printed)
+    assert printed.getvalue().startswith(f"== {songs[1]} ==\n"), printed.getvalue()
