@@ -38,7 +38,8 @@ NOTES = ["G", "A#", "D", "E"]  # MMAU's harmony questions: option texts that are
     ],
 )
 def test_a_letter_after_a_lead_in_is_that_letter(answer):
-    assert parse_choice(answer, CHOICES) == ChoiceParse(1, "ok", "claim")
+    # "(B)" is read by the bracket rule (letter) before the lead-in rule (claim)
+    assert parse_choice(answer, CHOICES) == ChoiceParse(1, "ok", "letter" if "(B)" in answer else "claim")
 
 
 def test_a_lead_in_letter_scores_as_muchomusic_scores_it():

@@ -163,15 +163,20 @@ _NOTE_NAME = re.compile(
 )
 
 
-def _claims(text: str, choices: Sequence[str]) -> set[int]:
+def _claims(text: str, choices: Sequence[str], lead_in: bool = False) -> set[int]:
     """The options the answer's letter-stating sentences name (rule 2b of :func:`parse_choice`), each with the
     letters listed after it and, for a letter that is also a note name or another option's whole text, that
-    option too (so the caller finds two)."""
+    option too (so the caller finds two). `lead_in`: those of the lead-in letters instead ("Based on the audio,
+    B.", rule 5)."""
     n, out = len(choices), set()
-    starts = [(m.end(), True) for m in _CLAIM.finditer(text)]
-    starts += [(m.end(), False) for m in _SENTENCE_LETTER.finditer(text)]
-    finals = {m.end() for m in _FINAL_LETTER.finditer(text)}  # the regex has checked what ends the letter
-    starts += [(pos, True) for pos in finals]
+    finals = (
+        {m.end() for m in _FINAL_LETTER.finditer(text)} if lead_in else set()
+    )  # the regex checked the end
+    if lead_in:
+        starts = [(pos, True) for pos in finals]
+    else:
+        starts = [(m.end(), True) for m in _CLAIM.finditer(text)]
+        starts += [(m.end(), False) for m in _SENTENCE_LETTER.finditer(text)]
     clauses = [0] + [b.end() for b in re.finditer(r"[.!?;:,\n]", text)]  # where each clause starts
     for pos, phrase in starts:
         if not (m := _CLAIMED.match(text, pos)):
@@ -309,10 +314,9 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
        is B, not option C" -> B). Letters listed after it ("the answer is B or C", "Answer: B, C") name no
        one option: ambiguous.
        ``claim``: a sentence stating one letter: "It's B", "I think B.", "I'd go with (B)", "Probably B", or
-       "B is correct" / "B is the answer" at the start of a sentence ("A is wrong; B is correct"), or a lead-in,
-       a comma or colon and a letter ending the sentence or line ("Based on the audio, B."; not after a letter or
-       digit: "The notes are E, G, B."). The letter must end there (punctuation, the end, "because", "is
-       correct"): "It's A cappella", "I think A male ..." state no letter. A negation earlier in the clause ("I don't think it's B") states nothing; two
+       "B is correct" / "B is the answer" at the start of a sentence ("A is wrong; B is correct"). The letter
+       must end there (punctuation, the end, "because", "is correct"): "It's A cappella", "I think A male ..."
+       state no letter. A negation earlier in the clause ("I don't think it's B") states nothing; two
        sentences naming different letters, or letters listed after one ("It's B or C"), are ambiguous, as is
        a letter that is also a note name starting another option ("It's C." among (A) G major (B) C major).
     3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:", or a first
@@ -322,6 +326,9 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
        matches only). One -> that option; two or more -> ambiguous, unless exactly one of them is written in
        the answer as such (options that differ only in punctuation: "F#:7/1", "F:7/1"). A text listed under
        several letters names its first one.
+    5. ``claim`` (lead-in): a lead-in, a comma or colon and a letter ending the sentence or line ("Based on the
+       audio, B."; not after a letter or digit: "The notes are E, G, B."), where rules 1-4 find nothing or rule 4
+       finds only that letter's option (a description reads the same: "Key: D. The genre is jazz." is jazz).
 
     Rules 1-3 read the answer NFKC-normalised (full-width "（B）" is "(B)") and without markdown emphasis and
     quotes ("**B**", "The answer is \"B\"").
@@ -382,6 +389,13 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     if len(hits) > 1:  # texts that differ only in punctuation ("F#:7/1", "F:7/1"): the one written as such
         written = {i for i in hits if str(choices[i]).strip().lower() in text.lower()}
         hits = written if len(written) == 1 else hits
+    # last, as a lead-in letter is as often a description ("Key: D.", "It resolves to the tonic, C."): read
+    # before a stated claim or an option's text, it made "Key: D. I think it's B." ambiguous and "Key: D. The
+    # genre is jazz." option D; read where the texts name nothing, or only that letter's own option
+    if (lead := _claims(plain, choices, lead_in=True)) and hits <= lead:
+        if len({_first_same(i, choices) for i in lead}) > 1:
+            return ChoiceParse(None, "ambiguous", "claim")
+        return ChoiceParse(min(lead), "ok", "claim")
     return _one_found(hits, "text")
 
 
