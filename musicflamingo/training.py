@@ -351,11 +351,18 @@ def _save_run_config_class() -> type:
 
     class _SaveRunConfig(L.Callback):
         def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
-            self.cfg, self.output_dir = cfg, output_dir
+            self.cfg, self.output_dir, self.saved = cfg, output_dir, False
 
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             if trainer.is_global_zero:
                 save_run_config(self.cfg, self.output_dir)
+                self.saved = True
+
+        def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            # a checkpoint at trainer.max_steps already (exporting a chosen step into a new folder) skips the
+            # training loop and its on_train_start: the folder's export had no record of its settings
+            if trainer.is_global_zero and not self.saved:
+                self.on_train_start(trainer, pl_module)
 
     _SaveRunConfig.__qualname__ = "_SaveRunConfig"
     globals()["_SaveRunConfig"] = _SaveRunConfig

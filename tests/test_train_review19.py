@@ -187,3 +187,19 @@ def test_early_stopping_on_a_validation_metric_without_validation_data_is_refuse
     )
     with pytest.raises(AssertionError, match="about to be built"):
         train(compose_train(tmp_path, manifest, proc, [*stop, f"data.val={manifest}"]))
+
+
+def test_a_checkpoint_exported_into_a_new_folder_leaves_its_config_there(data, tmp_path):
+    """docs/training.md's export of a chosen checkpoint: `ckpt_path=<file> trainer.max_steps=<its step>` in a new
+    folder loads it, trains no step and exports. The config was written at the training loop's start, which such a
+    resume skips: the new folder held an export with no record of the settings it came from."""
+    proc, manifest = data
+    first = compose_train(tmp_path / "a", manifest, proc, ["trainer.max_steps=1", "export=false"])
+    train(first)
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    again = compose_train(tmp_path / "b", manifest, proc, ["trainer.max_steps=1", f"ckpt_path={last}"])
+    _, objects = train(again)
+    run = tmp_path / "b" / "run"
+    assert objects["trainer"].global_step == 1 and (run / "export" / "model.safetensors").is_file()
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert saved.ckpt_path == str(last) and saved.trainer.max_steps == 1
