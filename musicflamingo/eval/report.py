@@ -287,6 +287,11 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         "num_predicted", results["num_scored"]
     )  # a results.json from before num_predicted: num_scored counted the predictions
     limit = f" (limit={results['limit']})" if results.get("limit") is not None else ""
+    if results.get("limit_kept"):  # runner.limit_items: not the first N items a fresh folder would take
+        limit = (
+            f" (limit={results['limit']}: {results['limit_kept']} of them answered by an earlier run past the "
+            f"first {results['limit']}, in place of unanswered ones)"
+        )
     out.append(f"- items predicted: {predicted} of {results['num_items']}{limit}")
     scored = f"- items scored: {results['num_scored']}"
     if results.get("num_withheld"):

@@ -154,6 +154,32 @@ def load_predictions(
     if not path.exists():
         return {}
     data = path.read_bytes()
+    preds, keep = _parse_predictions(path, data, stops)
+    if keep < len(data):
+        if not repair:
+            raise PredictionsFileError(f"{path}: last line is incomplete ({len(data) - keep} bytes)")
+        log.warning(
+            "%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
+            path,
+            len(data) - keep,
+        )
+        with path.open("r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return preds
+
+
+def predicted_ids(path: str | Path) -> set[str]:
+    """The ids a predictions file holds answers for (missing file: none), read without writing: a torn last line
+    is passed over, not cut off (only the run that holds the folder's lock repairs the file, in
+    :func:`load_predictions`); damage elsewhere raises :class:`PredictionsFileError` as there."""
+    path = Path(path)
+    return set(_parse_predictions(path, path.read_bytes(), None)[0]) if path.exists() else set()
+
+
+def _parse_predictions(path: Path, data: bytes, stops: dict[str, str] | None) -> tuple[dict[str, str], int]:
+    """``({id: prediction}, the length of data up to the end of its last good line)`` (see :func:`load_predictions`)."""
     keep = data.rfind(b"\n") + 1  # bytes after the last newline are a torn write
     lines = data[:keep].split(b"\n")[:-1]
     preds: dict[str, str] = {}
@@ -173,19 +199,25 @@ def load_predictions(
         if pid not in preds and stops is not None and isinstance(rec.get("stop"), str) and rec["stop"]:
             stops[pid] = rec["stop"]
         preds.setdefault(pid, "" if pred is None else str(pred))
-    if keep < len(data):
-        if not repair:
-            raise PredictionsFileError(f"{path}: last line is incomplete ({len(data) - keep} bytes)")
-        log.warning(
-            "%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
-            path,
-            len(data) - keep,
-        )
-        with path.open("r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-    return preds
+    return preds, keep
+
+
+def limit_items(
+    items: Sequence[EvalItem], limit: int, answered: set[str] | frozenset[str] = frozenset()
+) -> tuple[list[EvalItem], int]:
+    """The items ``limit=N`` asks: those already ``answered`` (ids in the folder's predictions.jsonl) first, up to
+    ``limit``, then the first unanswered ones, all in the items' order. Returns ``(items, kept)``: ``kept`` counts
+    the answered items taken from past the first ``limit`` in place of unanswered ones (0: the first ``limit``
+    items, what a fresh folder gets).
+
+    A resumed limited run so asks, and reports, the items it began with also when the benchmark lists them in
+    another order now (Jam-ALT's metadata.jsonl read in metadata.csv's order; a data file rewritten), where taking
+    the first ``limit`` would ask other items anew and report those instead. A run killed partway keeps its
+    answers and takes the rest from the current order."""
+    done = [it.id for it in items if it.id in answered]
+    todo = [it.id for it in items if it.id not in answered]
+    kept = set(done[:limit]) | set(todo[: max(0, limit - len(done))])
+    return [it for it in items if it.id in kept], sum(it.id in kept for it in items[limit:])
 
 
 def item_seconds(item: EvalItem) -> float:
@@ -788,12 +820,25 @@ def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[s
         raise EvalConfigError(f"think={think!r}: expected true or false")
     if think:  # the think suffix after each prompt (chat.think_prompt); predictions keep the whole text
         items = [dataclasses.replace(it, prompt=think_prompt(it.prompt)) for it in items]
-    limit = c.get("limit")
+    out_dir = Path(os.path.expanduser(str(c.get("output_dir") or f"outputs/eval/{bench.name}/default")))
+    limit, limit_kept = c.get("limit"), 0
     if limit is not None:
         if int(limit) < 0:
             raise EvalConfigError(f"limit must be >= 0 or null, got {limit}")
-        items = items[: int(limit)]
-    out_dir = Path(os.path.expanduser(str(c.get("output_dir") or f"outputs/eval/{bench.name}/default")))
+        # the items answered already first (read, not repaired: the lock is not held yet), so that a resume asks
+        # the items its run began with, before the memory plan sizes them
+        items, limit_kept = limit_items(items, int(limit), predicted_ids(out_dir / PREDICTIONS_FILE))
+        if limit_kept:
+            log.info(
+                "limit=%d: %d item(s) already answered in %s are taken in place of as many of the first %d "
+                "(the benchmark lists its items in another order than when they were asked, or an earlier run "
+                "had another limit or filters); their predictions are reused. A new tag=<name> asks the first %d",
+                int(limit),
+                limit_kept,
+                out_dir / PREDICTIONS_FILE,
+                int(limit),
+                int(limit),
+            )
     max_new_tokens = c.get("max_new_tokens")
     if max_new_tokens is None:  # null: the benchmark's (0 is refused above, never a silent default)
         max_new_tokens = 256 if bench_cfg.get("max_new_tokens") is None else bench_cfg["max_new_tokens"]
@@ -880,6 +925,8 @@ def _evaluate(cfg: Any, predict_fn: PredictFn | None, job_log: JobLog) -> dict[s
                 extra={
                     "ckpt": identity["ckpt"],
                     "limit": limit,
+                    # answered items past the first `limit` taken in place of unanswered ones (`limit_items`)
+                    **({"limit_kept": limit_kept} if limit_kept else {}),
                     "skipped_missing_audio": bench.skipped_missing_audio,
                     "counts": bench.counts(),
                     # the settings the paper's numbers depend on (report.PAPER_RESULTS)
