@@ -112,9 +112,16 @@ def _check_auth(request: Request, settings: ServeSettings) -> None:
         )
 
 
-def _shutting_down(message: str = "the server is shutting down") -> APIError:
-    # 503: a balancer (or the client) may retry it on another replica
-    return APIError(503, f"{message}; retry shortly", None, SHUTTING_DOWN)
+def _shutting_down(settings: ServeSettings, message: str = "the server is shutting down") -> APIError:
+    # 503: a balancer (or the client) may retry it on another replica; Retry-After as the busy 503's, which
+    # OpenAI's clients wait (without it they back off 0.5-8 s on their own)
+    return APIError(
+        503,
+        f"{message}; retry shortly",
+        None,
+        SHUTTING_DOWN,
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )
 
 
 def _busy(settings: ServeSettings) -> APIError:
@@ -187,7 +194,7 @@ class _Answer:
 
     def __init__(self, state: ServerState, req: ChatRequest, job: Job, cid: str, arrived: float) -> None:
         think = state.think_format if req.think else None
-        self.job = job
+        self.job, self.settings = job, state.settings
         self.text = AnswerStream(state.stop_ids, think)
         self.finish: str | None = None
         self.cid, self.arrived, self.stream = cid, arrived, req.stream
@@ -221,7 +228,7 @@ class _Answer:
         last = events[-1]
         if last.error is not None:
             if last.code == SHUTTING_DOWN:
-                err = _shutting_down(last.error)
+                err = _shutting_down(self.settings, last.error)
             else:
                 err = APIError(500, f"generation failed: {last.error}", None, "engine_error")
             self.log(f"{err.status} {err.code}: {err.message}")
@@ -248,7 +255,7 @@ async def chat_completions(request: Request) -> Response:
     _check_auth(request, settings)
     arrived = time.monotonic()
     if state.worker.draining:
-        raise _shutting_down()
+        raise _shutting_down(settings)
     if not state.worker.alive:
         raise APIError(503, "the engine is not running", None, "engine_stopped")
     body = await _read_body(request, settings)
@@ -275,7 +282,7 @@ async def chat_completions(request: Request) -> Response:
         except QueueFull:
             raise _busy(settings) from None
         except ShuttingDown:
-            raise _shutting_down() from None
+            raise _shutting_down(settings) from None
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         answer = _Answer(state, req, job, cid, arrived)
         events = await _next_events(job, watcher)  # waits in the queue, then for the prefill
@@ -493,6 +500,35 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(err.body(), status_code=500)
 
 
+class _InternalErrors:
+    """An unexpected exception answered as a 500 in the API's error shape, inside the CORS middleware: Starlette runs
+    an `Exception` handler outside every middleware, so a page of a `cors_origins` origin got a 500 without
+    Access-Control-Allow-Origin and its browser showed a CORS failure instead of the message. Logged once (Starlette
+    re-raised it to uvicorn, which logged the traceback again); one raised after the answer began is re-raised."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _api_error(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------- assembly
 def create_app(
     model: MusicFlamingo,
@@ -549,21 +585,21 @@ def create_app(
         APIError: _api_error,
         HTTPException: _api_error,
         ClientDisconnect: _client_left,
-        Exception: _api_error,
     }
-    middleware = []
+    middleware = [Middleware(_InternalErrors)]  # the last: inside the CORS middleware
     if settings.cors_origins:
         # pages of these origins may call the API from a browser: the preflight (OPTIONS) answered, and the answers
         # (errors included) carry Access-Control-Allow-Origin; any request header, since the openai JS client sends
         # its own (x-stainless-*); no cookies: the key goes in the Authorization header
-        middleware.append(
+        middleware.insert(
+            0,
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST"],
                 allow_headers=["*"],
                 max_age=600,
-            )
+            ),
         )
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
     app.state.server = state

@@ -343,6 +343,12 @@ function setupForm() {
   $("apikey").addEventListener("change", (e) => localStorage.setItem("musicflamingo.apikey", e.target.value));
 }
 
+// The longest audio the server takes, as the page's header shows it: seconds below two minutes (a server with
+// max_audio_seconds=20 showed "up to 0 min"), whole minutes from there on.
+function audioSpan(seconds) {
+  return seconds < 120 ? `${Math.round(seconds)} s` : `${Math.round(seconds / 60)} min`;
+}
+
 async function init() {
   setupSongInput();
   setupForm();
@@ -350,7 +356,7 @@ async function init() {
     const res = await fetch("/health");
     const health = await res.json();
     state.model = health.model;
-    $("model").textContent = `${health.model} · up to ${Math.round(health.max_audio_seconds / 60)} min of audio`;
+    $("model").textContent = `${health.model} · up to ${audioSpan(health.max_audio_seconds)} of audio`;
     if (health.auth && !$("apikey").value) {
       $("settings").open = true;
       setStatus("This server needs an API key: enter it under Settings.");
