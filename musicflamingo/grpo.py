@@ -21,7 +21,10 @@ One training step is one batch of the usual data module (each DDP rank its own p
        ratio_t = exp(logp_t - old_t)
        loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - clip_eps, 1 + clip_eps) * A)
                  + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)        # k3 estimate of KL(policy || ref)
-       loss    = sum_t loss_t / (completion tokens of the whole batch, all ranks)
+       loss    = sum_t loss_t / (completion tokens of the batch's groups that are not tied, all ranks)
+
+   Every token weighs the same, whichever completion it is in (as DAPO does; DeepSeekMath's GRPO averages
+   each completion's tokens first, so a long completion's tokens weigh less), and tied groups do not dilute it.
 
    `old` is the policy that sampled: with `updates_per_batch=1` the current one (ratio 1, the plain policy
    gradient, nothing clipped); with more, the rollouts serve that many optimizer steps and the ratio moves. The
@@ -37,7 +40,8 @@ the rollout settings (`ROLLOUT_SETTINGS`: model.seed, model.rollout.*, model.thi
 (`LOSS_SETTINGS`: model.loss.* but micro_batch_size, which only splits the same sum; model.rewards.*), a change of
 which is refused (the run would no longer be the uninterrupted one) unless `model.accept_setting_changes=true` (or
 its former name `model.accept_rollout_changes=true`).
-Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`, `train/kl`,
+Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`,
+`train/reward_std` (the mean over groups of each group's reward std, what the advantages are divided by), `train/kl`,
 `train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/zero_variance_groups`,
 `train/samples_per_s`, `train/grad_norm`, `train/optimizer_step` (the loggers' `step` counts batches, each of
 `updates_per_batch` optimizer steps); `val/reward` and `val/reward/<name>` (greedy, one sample per prompt,
@@ -252,6 +256,18 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for m, s in zip(layers, scales):
             m.scale = s
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block, back to the mode it was in after: the rollouts and the no-grad
+    log-prob passes (the sampling policy's, the reference's) run between training-mode updates."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def sound_runs(ids: torch.Tensor, audio_token_id: int) -> list[int]:
@@ -1074,62 +1090,45 @@ class GRPOLit(MusicFlamingoLit):
     ) -> list[list[list[int]]]:
         """`group_size` completions per prompt through the engine; each prompt is embedded once (its audio encoded
         once) and admitted `group_size` times. Returns token ids [prompt][sample]."""
-        model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            # Without autocast (bf16-mixed training): rollouts run in the weights' dtype, as inference and eval
-            # do, so a sample's tokens are those the exported model would generate.
-            with torch.autocast(self.device.type, enabled=False):
-                return self._sample(prompts, features, features_mask, group_size, params, generator)
-        finally:
-            model.train(was_training)
+        # Without autocast (bf16-mixed training): rollouts run in the weights' dtype, as inference and eval do, so a
+        # sample's tokens are those the exported model would generate.
+        with eval_mode(self.model), torch.autocast(self.device.type, enabled=False):
+            model = self.model
+            P = max(len(p.ids) for p in prompts)
+            ids = torch.full((len(prompts), P), self._pad_id(), dtype=torch.long, device=self.device)
+            for b, p in enumerate(prompts):
+                ids[b, : len(p.ids)] = torch.tensor(p.ids, device=self.device)
+            embeds = model.embed(ids, features, features_mask)  # (B, P, D): each audio encoded once
+            slots = min(self.slots or len(prompts) * group_size, len(prompts) * group_size)
+            # A fresh engine per batch: its KV cache is freed before the update needs the memory.
+            # the tokenizer matches stop strings on the decoded text (none set: no per-token decoding)
+            tokenizer = self._processor().tokenizer if params.stop_strings else None
+            engine = Engine(model, slots=slots, capacity=P + params.max_new_tokens, tokenizer=tokenizer)
+            queue = deque((b, g) for b in range(len(prompts)) for g in range(group_size))
+            out: list[list[list[int]]] = [[[] for _ in range(group_size)] for _ in prompts]
+            owner: dict[int, tuple[int, int]] = {}
 
-    def _sample(
-        self,
-        prompts: Sequence[Prompt],
-        features: torch.Tensor | None,
-        features_mask: torch.Tensor | None,
-        group_size: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-    ) -> list[list[list[int]]]:
-        model = self.model
-        P = max(len(p.ids) for p in prompts)
-        ids = torch.full((len(prompts), P), self._pad_id(), dtype=torch.long, device=self.device)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p.ids)] = torch.tensor(p.ids, device=self.device)
-        embeds = model.embed(ids, features, features_mask)  # (B, P, D): each audio encoded once
-        slots = min(self.slots or len(prompts) * group_size, len(prompts) * group_size)
-        # A fresh engine per batch: its KV cache is freed before the update needs the memory.
-        # the tokenizer matches stop strings on the decoded text (none set: no per-token decoding)
-        tokenizer = self._processor().tokenizer if params.stop_strings else None
-        engine = Engine(model, slots=slots, capacity=P + params.max_new_tokens, tokenizer=tokenizer)
-        queue = deque((b, g) for b in range(len(prompts)) for g in range(group_size))
-        out: list[list[list[int]]] = [[[] for _ in range(group_size)] for _ in prompts]
-        owner: dict[int, tuple[int, int]] = {}
+            def collect(index: int) -> None:
+                slot = engine.slots[index]
+                if slot is not None and slot.done:
+                    b, g = owner.pop(index)
+                    out[b][g] = list(slot.tokens)
+                    engine.release(index)
 
-        def collect(index: int) -> None:
-            slot = engine.slots[index]
-            if slot is not None and slot.done:
-                b, g = owner.pop(index)
-                out[b][g] = list(slot.tokens)
-                engine.release(index)
-
-        while queue or engine.decoding:
-            while queue and engine.free_slots():
-                b, g = queue.popleft()
-                n = len(prompts[b].ids)
-                request = Request(ids[b, :n], params, inputs_embeds=embeds[b, :n], generator=generator)
-                try:
-                    slot = engine.admit(request)
-                except ValueError as e:  # a prompt longer than the model's context
-                    raise ValueError(f"record {prompts[b].id!r}: {e}") from None
-                owner[slot.index] = (b, g)
-                collect(slot.index)
-            for index, _ in engine.step():
-                collect(index)
-        return out
+            while queue or engine.decoding:
+                while queue and engine.free_slots():
+                    b, g = queue.popleft()
+                    n = len(prompts[b].ids)
+                    request = Request(ids[b, :n], params, inputs_embeds=embeds[b, :n], generator=generator)
+                    try:
+                        slot = engine.admit(request)
+                    except ValueError as e:  # a prompt longer than the model's context
+                        raise ValueError(f"record {prompts[b].id!r}: {e}") from None
+                    owner[slot.index] = (b, g)
+                    collect(slot.index)
+                for index, _ in engine.step():
+                    collect(index)
+            return out
 
     def _pad_id(self) -> int:
         pad = self.model.config.text.pad_token_id
@@ -1266,13 +1265,8 @@ class GRPOLit(MusicFlamingoLit):
             return None
         model = self.reference if self.reference is not None else self.model
         off = adapters_disabled(model) if self.reference is None else contextlib.nullcontext()
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), off:
-                return self.sequence_logprobs(model, *args)[0]
-        finally:
-            model.train(was_training)
+        with torch.no_grad(), eval_mode(model), off:
+            return self.sequence_logprobs(model, *args)[0]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
         t0 = time.perf_counter()
@@ -1298,8 +1292,8 @@ class GRPOLit(MusicFlamingoLit):
         keep = [b for b in range(len(roll.prompts)) if not zero[b]]
         micro = self._micro_batches(keep)
         stops = set(self._stop_ids())
-        # Token-level over the whole batch: each rank divides by the completion tokens of all ranks (times the
-        # world size, which DDP's gradient averaging divides out again).
+        # Token-level over the batch's groups that are not tied: each rank divides by their completion tokens on
+        # all ranks (times the world size, which DDP's gradient averaging divides out again).
         n_tokens = sum(len(t) for b in keep for t in roll.completions[b])
         total_tokens = float(self._all_reduce(torch.tensor(float(n_tokens), dtype=torch.float64), "sum"))
         max_micro = int(self._all_reduce(torch.tensor(float(len(micro)), dtype=torch.float32), "max").item())
@@ -1372,12 +1366,8 @@ class GRPOLit(MusicFlamingoLit):
 
     @torch.no_grad()
     def _no_grad_logprobs(self, *args: Any) -> torch.Tensor:
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             return self.sequence_logprobs(self.model, *args)[0]
-        finally:
-            self.model.train(was_training)
 
     def _clip(self, opt: Any) -> float | None:
         grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
@@ -1402,17 +1392,21 @@ class GRPOLit(MusicFlamingoLit):
         lengths = [len(t) for group in roll.completions for t in group]
         truncated = roll.truncated
         clipped = stats.get("clipped_last", stats["clipped"])
+        # the sum of each group's sample std, the one its advantages are divided by (a batch with a non-finite
+        # reward stopped or was skipped before it is logged)
+        std_sum = float(roll.rewards.double().std(dim=1).sum()) if len(roll.rewards) else 0.0
         local = [float(sum(lengths)), float(truncated), float(zero.sum()), float(zero.numel())]
-        local += [stats["loss"], stats["tokens"], stats["kl"], clipped, *self._reward_sums(roll)]
+        local += [stats["loss"], stats["tokens"], stats["kl"], clipped, std_sum, *self._reward_sums(roll)]
         total = self._all_reduce(torch.tensor(local, dtype=torch.float64), "sum").tolist()
-        length_sum, truncated, zero_groups, groups, loss, tokens, kl, clipped = total[:8]
+        length_sum, truncated, zero_groups, groups, loss, tokens, kl, clipped, std_sum = total[:9]
         self.log("train/loss", loss / max(tokens, 1.0), prog_bar=True, batch_size=1)
-        rewards = self._reward_means(total[8:])
+        rewards = self._reward_means(total[9:])
         if rewards:
             self.log("train/reward", rewards.pop(""), prog_bar=True, batch_size=1)
             for name, value in rewards.items():
                 self.log(f"train/reward/{name}", value, batch_size=1)
-            completions = max(total[9], 1.0)
+            self.log("train/reward_std", std_sum / max(groups, 1.0), batch_size=1)
+            completions = max(total[10], 1.0)
             self.log("train/completion_length", length_sum / completions, batch_size=1)
             self.log("train/truncated", truncated / completions, batch_size=1)
             self.log("train/zero_variance_groups", zero_groups / max(groups, 1.0), batch_size=1)

@@ -392,6 +392,7 @@ def test_grpo_on_a_tiny_synthetic_corpus_runs_logs_and_checkpoints(tmp_path):
         "train/loss",
         "train/reward/accuracy",
         "train/reward/short",
+        "train/reward_std",
         "train/kl",
         "train/clip_fraction",
         "train/completion_length",

@@ -181,7 +181,7 @@ class SaysBright:
 def test_logged_metrics_equal_a_hand_computation(tmp_path, monkeypatch):
     """One step on fixed rollouts (generation replaced): two prompts of three completions, one group tied. Every
     logged metric against its hand computation: rewards, lengths (stop token included), truncated share, tied
-    groups, and the loss, which at step 0 (fresh adapters: KL 0, ratio 1) is minus the token-weighted mean advantage
+    groups and their reward std, and the loss, which at step 0 (fresh adapters: KL 0, ratio 1) is minus the token-weighted mean advantage
     of the group that is not tied."""
     proc = write_processor(tmp_path / "proc")
     manifest = write_dataset(tmp_path / "data", n=2)
@@ -220,6 +220,8 @@ def test_logged_metrics_equal_a_hand_computation(tmp_path, monkeypatch):
     assert float(row["train/truncated"]) == pytest.approx(2 / 6)
     assert float(row["train/zero_variance_groups"]) == pytest.approx(1 / 2)
     r = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64)
+    # the mean over the two groups of each one's sample std (the tied group's is 0)
+    assert float(row["train/reward_std"]) == pytest.approx(float(r.std()) / 2)
     adv = (r - r.mean()) / (r.std() + 1e-4)
     n = torch.tensor(lengths[ANSWERS[0]], dtype=torch.float64)
     assert float(row["train/loss"]) == pytest.approx(float(-(adv * n).sum() / n.sum()), abs=1e-5)
