@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from tiny_checkpoint import write_tiny_checkpoint
 
 import musicflamingo.serve.app as serve_app
 from musicflamingo.eval.parsing import ChoiceParse, parse_choice
-from musicflamingo.serve import ServeSettings, create_app
+from musicflamingo.serve import ServeConfigError, ServeSettings, create_app
+from musicflamingo.serve.app import check_listen
 
 LOGGER = "musicflamingo.serve.app"
 
@@ -114,3 +116,23 @@ def test_the_page_shows_a_short_audio_limit_in_seconds(seconds, shown):
         check=True,
     )
     assert out.stdout == shown
+
+
+def test_a_host_with_one_address_not_on_this_machine_still_listens(monkeypatch):
+    """'localhost' is also ::1 where IPv6 is off: asyncio (from Python 3.12) skips an address the machine lacks and
+    listens on the others, but check_listen refused the host. Refused only when no address binds."""
+
+    def addresses(host, port, *args, **kwargs):  # 192.0.2.1: TEST-NET, on no machine
+        other = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("192.0.2.1", port))
+        mine = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))
+        return [other, mine] if host == "both" else [other]
+
+    monkeypatch.setattr(serve_app.socket, "getaddrinfo", addresses)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    check_listen("both", port)  # 127.0.0.1 binds
+    with pytest.raises(
+        ServeConfigError, match=rf"^host=192.0.2.1 port={port}: cannot listen on 192.0.2.1:{port}: "
+    ):
+        check_listen("192.0.2.1", port)

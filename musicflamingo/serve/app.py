@@ -688,6 +688,8 @@ def check_listen(host: str, port: int) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ServeConfigError(f"host={host}: not an address or a known host name ({e.strerror})") from None
+    unavailable = None  # the first address that is not this machine's
+    bound = 0
     for family, kind, proto, _, address in infos:
         try:
             sock = socket.socket(family, kind, proto)
@@ -699,11 +701,18 @@ def check_listen(host: str, port: int) -> None:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(address)
+                bound += 1
             except OSError as e:
-                hint = _LISTEN_HINTS.get(e.errno, "")
-                raise ServeConfigError(
-                    f"host={host} port={port}: cannot listen on {address[0]}:{port}: {e.strerror}{hint}"
-                ) from None
+                where = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+                problem = f"host={host} port={port}: cannot listen on {where}:{port}: {e.strerror}"
+                if e.errno == errno.EADDRNOTAVAIL:
+                    # skipped while another address binds, as asyncio skips it from Python 3.12 ('localhost' is
+                    # also ::1 where IPv6 is off): uvicorn listens on the others
+                    unavailable = unavailable or problem + _LISTEN_HINTS[e.errno]
+                    continue
+                raise ServeConfigError(problem + _LISTEN_HINTS.get(e.errno, "")) from None
+    if not bound and unavailable:
+        raise ServeConfigError(unavailable)
 
 
 def serve(cfg: Mapping[str, Any]) -> None:
