@@ -91,15 +91,18 @@ def test_an_internal_error_reaches_a_cors_page_as_the_api_error(loaded, monkeypa
 
 
 def test_a_shutting_down_503_says_when_to_retry(loaded):  # noqa: F811
-    """The busy 503 had Retry-After and the shutting-down one none (OpenAI's clients wait what it says)."""
+    """The busy 503 had Retry-After and the shutting-down one none (OpenAI's clients wait what it says); a page of
+    a cors_origins origin could not read it (no CORS-safelisted header, and not exposed)."""
     model, processor = loaded
-    settings = ServeSettings(model_name=MODEL, max_batch=1, retry_after_s=3)
+    settings = ServeSettings(model_name=MODEL, max_batch=1, retry_after_s=3, cors_origins=[PAGE])
     app = create_app(model, processor, settings, stop_ids=())
     with running_server(app) as base:
         app.state.server.worker.drain(0.0)
-        r = httpx.post(f"{base}/v1/chat/completions", json=_body(), timeout=60)
+        r = httpx.post(f"{base}/v1/chat/completions", json=_body(), headers={"Origin": PAGE}, timeout=60)
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
     assert r.headers.get("retry-after") == "3", r.headers
+    exposed = r.headers.get("access-control-expose-headers", "").lower().replace(" ", "").split(",")
+    assert "retry-after" in exposed, r.headers
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node runs the page's script")

@@ -590,7 +590,8 @@ def create_app(
     if settings.cors_origins:
         # pages of these origins may call the API from a browser: the preflight (OPTIONS) answered, and the answers
         # (errors included) carry Access-Control-Allow-Origin; any request header, since the openai JS client sends
-        # its own (x-stainless-*); no cookies: the key goes in the Authorization header
+        # its own (x-stainless-*); no cookies: the key goes in the Authorization header; a 503's Retry-After is
+        # exposed (no CORS-safelisted header: a page's client could not read it, and retried at its own pace)
         middleware.insert(
             0,
             Middleware(
@@ -598,6 +599,7 @@ def create_app(
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST"],
                 allow_headers=["*"],
+                expose_headers=["Retry-After"],
                 max_age=600,
             ),
         )
