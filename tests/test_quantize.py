@@ -146,14 +146,48 @@ def test_misaligned_weight_is_realigned_before_the_kernel():
 
 @pytest.mark.parametrize("shape", [(64, 64), (128, 256), (192, 96)])
 def test_int4_packing_is_the_cpu_kernels_layout(shape):
-    """Our written-down layout (`pack_int4`) is byte for byte what torch's packing op makes, and unpacks exactly."""
+    """Our written-down layout (`pack_int4`) in the block this CPU's kernel reads (64 with AVX-512, 32 with AVX2
+    only) is byte for byte what torch's packing op makes, and both blocks unpack exactly."""
     q = torch.randint(0, 16, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(shape[0]))
-    ours = Q.pack_int4(q)
+    block = Q.int4_kernel_block()
+    assert block in (64, 32) and Q.int4_layout_ok()
+    assert torch.equal(Q.pack_int4(q, block), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
+    ours = Q.pack_int4(q)  # a checkpoint's layout: blocks of 64 whatever the CPU
     assert ours.dtype == torch.uint8 and ours.shape == (shape[0], shape[1] // 2)
-    assert torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
     assert torch.equal(Q.unpack_int4(ours).to(torch.int32), q)
     assert torch.equal(Q.unpack_int4(ours, torch.bfloat16, workspace=True), q.to(torch.bfloat16))
-    assert Q.int4_layout_ok()
+    assert torch.equal(Q.unpack_int4(Q.pack_int4(q, 32), block=32).to(torch.int32), q)
+    assert not torch.equal(Q.pack_int4(q, 32), ours)  # the two layouts really differ
+
+
+def test_int4_linear_repacks_for_an_avx2_kernel_and_saves_the_checkpoint_layout(monkeypatch):
+    """A CPU whose int4 kernel reads blocks of 32 (AVX2 only): the weight is repacked once at the kernel's first use;
+    the answers, `dequantize`, and the state dict (blocks of 64, what checkpoints hold) are what they were, and a
+    state dict loaded into a repacked module is read as blocks of 64 again. The kernel is a stand-in that reads
+    blocks of 32 (this test runs on any CPU)."""
+    torch.manual_seed(0)
+    q = Q.Int4Linear.from_linear(nn.Linear(96, 130).to(torch.bfloat16))
+    saved, deq = {k: v.clone() for k, v in q.state_dict().items()}, q.dequantize(torch.float32)
+
+    def kernel_reading_blocks_of_32(x, weight, group_size, scale_zero):
+        w = Q.unpack_int4(weight, torch.float32, block=32).view(weight.shape[0], -1, group_size)
+        sz = scale_zero.float()
+        w = w * sz[..., 0].t().unsqueeze(-1) + (sz[..., 1] - 8 * sz[..., 0]).t().unsqueeze(-1)
+        return (x.float() @ w.view(weight.shape[0], -1).t()).to(x.dtype)
+
+    monkeypatch.setattr(Q, "int4_kernel_block", lambda: 32)
+    monkeypatch.setattr(
+        Q.torch.ops.aten, "_weight_int4pack_mm_for_cpu", kernel_reading_blocks_of_32, raising=False
+    )
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    got = q(x)
+    assert q.packed_block == 32 and not torch.equal(q.weight, saved["weight"])
+    torch.testing.assert_close(got.float(), F.linear(x.float(), deq, q.bias.float()), rtol=2e-2, atol=2e-2)
+    assert torch.equal(q.dequantize(torch.float32), deq)
+    assert all(torch.equal(v, saved[k]) for k, v in q.state_dict().items())
+    q.load_state_dict(saved)
+    assert q.packed_block == 64 and torch.equal(q.weight, saved["weight"])
+    torch.testing.assert_close(q(x), got)  # repacked again at its next use
 
 
 def test_int4_linear_matches_its_dequantized_weight_on_both_paths(monkeypatch):

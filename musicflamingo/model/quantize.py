@@ -268,45 +268,56 @@ def dynamic_int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> to
 
 
 # ---------------------------------------------------------------------------------------------- int4
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) integers in [0, 15], N a multiple of 64 -> (N, K // 2) uint8 in the CPU kernel's layout.
+def pack_int4(q: torch.Tensor, block: int = _BLOCK) -> torch.Tensor:
+    """q (N, K) integers in [0, 15], N a multiple of `block` -> (N, K // 2) uint8 in the CPU kernel's layout.
 
-    Rows go in blocks of 64; block b, column k is 32 bytes, byte d holding row b*64 + d in its low nibble and row
-    b*64 + 32 + d in its high one. Ours, written down, so checkpoints do not depend on a torch version; `int4_layout_ok`
-    checks it against `aten._convert_weight_to_int4pack_for_cpu` before the kernel is used.
+    Rows go in blocks of `block` (B); block b, column k is B/2 bytes, byte d holding row b*B + d in its low nibble and
+    row b*B + B/2 + d in its high one. Checkpoints hold B = 64 (the kernel's layout on AVX-512 builds), written down
+    so they do not depend on a torch version or CPU; on a CPU whose kernel reads B = 32 (AVX2 only) `Int4Linear`
+    repacks its weight once at first use (`int4_kernel_block`).
     """
     n, k = q.shape
-    b = q.to(torch.uint8).view(n // _BLOCK, 2, _BLOCK // 2, k)
+    b = q.to(torch.uint8).view(n // block, 2, block // 2, k)
     return (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
 
 
 def unpack_int4(
-    packed: torch.Tensor, dtype: torch.dtype = torch.uint8, workspace: bool = False
+    packed: torch.Tensor, dtype: torch.dtype = torch.uint8, workspace: bool = False, block: int = _BLOCK
 ) -> torch.Tensor:
     """The inverse of `pack_int4`: (N, K // 2) uint8 -> (N, K) values in [0, 15] as `dtype`. `workspace`: the
     result and the nibble temporary are views of this thread's `_workspace`, valid until its next use."""
     n, half = packed.shape
-    b = packed.view(n // _BLOCK, 2 * half, _BLOCK // 2)
+    b = packed.view(n // block, 2 * half, block // 2)
     if workspace:
         out = _workspace.get("int4 weight", (n, 2 * half), dtype, packed.device)
         nibble = _workspace.get("int4 nibble", (n, half), torch.uint8, packed.device).view(b.shape)
     else:
         out, nibble = torch.empty(n, 2 * half, dtype=dtype, device=packed.device), torch.empty_like(b)
-    out4 = out.view(n // _BLOCK, 2, _BLOCK // 2, 2 * half)
+    out4 = out.view(n // block, 2, block // 2, 2 * half)
     out4[:, 0].copy_(torch.bitwise_and(b, 15, out=nibble).transpose(1, 2))
     out4[:, 1].copy_(torch.bitwise_right_shift(b, 4, out=nibble).transpose(1, 2))
     return out
 
 
 @functools.cache
-def int4_layout_ok() -> bool:
-    """Whether this torch's CPU int4 kernel reads `pack_int4`'s layout (checked once, on a 128 x 64 pattern)."""
+def int4_kernel_block() -> int | None:
+    """The `pack_int4` block this torch's CPU int4 kernel reads: 64 (AVX-512 builds), 32 (a CPU with AVX2 only), None
+    when its layout is neither (checked once, on a 128 x 64 pattern)."""
     q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     try:
         theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
     except (AttributeError, RuntimeError):
-        return False
-    return theirs.shape == (128, 32) and torch.equal(theirs.view(torch.uint8), pack_int4(q))
+        return None
+    if theirs.shape != (128, 32):
+        return None
+    return next(
+        (b for b in (_BLOCK, _BLOCK // 2) if torch.equal(theirs.view(torch.uint8), pack_int4(q, b))), None
+    )
+
+
+def int4_layout_ok() -> bool:
+    """Whether this torch's CPU int4 kernel reads a `pack_int4` layout (see `int4_kernel_block`)."""
+    return int4_kernel_block() is not None
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -320,7 +331,8 @@ class Int4Linear(QuantLinear):
 
     Buffers: `weight` (N', K // 2) uint8, two values a byte (`pack_int4`), N' = N rounded up to 64 (padding rows
     are zero and cut from the output); `weight_scale_zero` (K // group_size, N', 2) in the model dtype, the
-    kernel's own layout. Inference only.
+    kernel's own layout. Inference only. `packed_block`: the block `weight` is packed in now; 64 in every state
+    dict, 32 in memory once the CPU kernel of an AVX2-only CPU has run (`_kernel_layout`).
     """
 
     def __init__(
@@ -336,6 +348,7 @@ class Int4Linear(QuantLinear):
             raise QuantizationError(f"int4 needs in_features divisible by 32, got {in_features}")
         super().__init__(in_features, out_features, bias, dtype, device)
         self.group_size = group
+        self.packed_block = _BLOCK
         rows = -(-out_features // _BLOCK) * _BLOCK
         self.register_buffer("weight", torch.zeros(rows, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer(
@@ -381,7 +394,7 @@ class Int4Linear(QuantLinear):
         scale = sz[..., 0].t().unsqueeze(-1)  # (n, G, 1)
         shift = (sz[..., 1] - 8 * sz[..., 0]).t().unsqueeze(-1)  # (q - 8) s + z = q s + (z - 8 s)
         w = (
-            unpack_int4(packed, dtype, workspace)
+            unpack_int4(packed, dtype, workspace, self.packed_block)
             .view(n, -1, g)
             .mul_(scale)
             .add_(shift)
@@ -396,7 +409,7 @@ class Int4Linear(QuantLinear):
                     f"torch {torch.__version__}: the CPU int4 kernel does not read musicflamingo's int4 layout "
                     "(model/quantize.py, pack_int4); use quantize=int8"
                 )
-            self.align()
+            self._kernel_layout()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.contiguous(), self.weight, self.group_size, self.weight_scale_zero.to(x.dtype)
             )
@@ -407,6 +420,25 @@ class Int4Linear(QuantLinear):
                     w = self.dequantize(x.dtype, slice(i, i + _CHUNK), workspace=True)
                     torch.mm(x, w.t(), out=y[:, i : i + w.shape[0]])
         return y[:, : self.out_features]
+
+    @torch.no_grad()
+    def _kernel_layout(self) -> None:
+        """Repack `weight` once into the block this CPU's kernel reads (a fresh, aligned tensor), else align it."""
+        block = int4_kernel_block()
+        if block == self.packed_block:
+            self.align()
+            return
+        self.weight = pack_int4(unpack_int4(self.weight, block=self.packed_block), block)
+        self.packed_block = block
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed_block != _BLOCK:  # checkpoints hold one layout, whatever CPU ran the model
+            destination[prefix + "weight"] = pack_int4(unpack_int4(self.weight, block=self.packed_block))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.packed_block = _BLOCK  # what was read is a checkpoint's layout
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
