@@ -15,6 +15,7 @@ and, in this process, the phases of the indexed launch's data setup (reading lin
 first batch). The tiny model keeps model build and the step itself out of the numbers.
 
     python bench/data_index.py --shard-records 200000   # a shard set's records/: open time and memory per rank
+    python bench/data_index.py --shard-lengths 20000    # a launch's token lengths from shards, with/without counts
 
 writes the records/ half of a shard set of N records (litdata's writer, the text ``write_shards`` stores) and opens
 it in fresh processes both ways, printing them side by side: record by record through litdata into memory (the
@@ -261,6 +262,42 @@ def shard_records_bench(records: int, env: dict[str, str]) -> None:
     print("same records, digests (fingerprint) and parsed sample: yes")
 
 
+def shard_lengths_bench(records: int) -> None:
+    """CPU time of a launch's token lengths from a shard set of N records (``ShardDataset.estimate_lengths``, in
+    this process): the set written without and with ``shard --processor``. Only the records/ half is written (with
+    the text ``write_shards`` stores): setup reads nothing else."""
+    from dataclasses import asdict
+
+    from litdata.streaming.writer import BinaryWriter
+
+    from musicflamingo.data.manifest import read_manifest
+    from musicflamingo.data.shards import RECORDS, ShardDataset, _Counter, _record_item
+    from musicflamingo.processor import MusicFlamingoProcessor
+
+    with tempfile.TemporaryDirectory(prefix="bench_shard_lengths_") as tmp:
+        proc, manifest = write_inputs(Path(tmp), records)
+        processor = MusicFlamingoProcessor.from_pretrained(proc)
+        rows = [(i, asdict(r)) for i, r in enumerate(read_manifest(manifest))]
+        out = {}
+        for name, counter in [("without --processor", None), ("with --processor", _Counter(processor))]:
+            folder = Path(tmp) / name.replace(" ", "_")
+            writer = BinaryWriter(str(folder / RECORDS), chunk_bytes="64MB")
+            for row in rows:
+                writer.add_item(row[0], _record_item(row, counter))
+            writer.done()
+            writer.merge()
+            (folder / "index.json").write_text("{}")  # marks a shard folder (the audio half is not read here)
+            ds = ShardDataset(folder, processor)
+            t = time.process_time()
+            out[name] = (ds.estimate_lengths(), time.process_time() - t)
+    (old, old_s), (new, new_s) = out.values()
+    assert old == new, "the stored counts differ from the estimate"
+    print(f"{records} records, same lengths both ways; CPU time of estimate_lengths:")
+    for name, (_, s) in out.items():
+        print(f"  {name:<22}{s:7.2f} s  {1000 * s / records:.4f} ms/record")
+    print(f"  ratio {old_s / new_s:.1f}x")
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--open-shard-records":
         open_shard_records(sys.argv[2], sys.argv[3])
@@ -273,10 +310,19 @@ def main() -> None:
         default=0,
         help="only compare opening a shard set's records/ of N records",
     )
+    ap.add_argument(
+        "--shard-lengths",
+        type=int,
+        default=0,
+        help="only time a launch's token lengths from a shard set of N records, without and with stored counts",
+    )
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="index build processes")
     ap.add_argument("--skip-baseline", action="store_true", help="skip the launch without an index")
     args = ap.parse_args()
     env = {"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    if args.shard_lengths:
+        shard_lengths_bench(args.shard_lengths)
+        return
     if args.shard_records:
         shard_records_bench(args.shard_records, env)
         return

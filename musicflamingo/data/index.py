@@ -135,6 +135,16 @@ def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes:
     }
 
 
+def counts_digest(processor: Any) -> str:
+    """A digest (16 hex digits) of what a record's token count depends on once its audios' durations are known:
+    :func:`index_settings` less the manifest's hash kind and ``audio_root`` (durations only). Shards store it beside
+    each record's count (:mod:`musicflamingo.data.shards`), so a count is used only under the settings it was made
+    with."""
+    settings = index_settings(processor, None, "")
+    del settings["hashes"], settings["audio_root"]
+    return _digest(json.dumps(settings, sort_keys=True))
+
+
 def _records(path: Path, audio_root: str | os.PathLike | None) -> JsonlRecords:
     """A JSONL manifest's :class:`JsonlRecords`, or a JSON list's :class:`JsonListRecords` (read on access)."""
     return _open(path, audio_root, hashes=False)[0]

@@ -8,15 +8,18 @@ A shard set is two litdata datasets (``litdata.optimize`` writes them, ``litdata
 
     <out>/index.json, chunk-*.bin          per sample: i, the record's digest and its audio files as encoded,
                                            packed bytes, and a digest of them all
-    <out>/records/index.json, chunk-*.bin  per sample: JSON of i, the record's digest, the Record, and the seconds
-                                           of each audio
+    <out>/records/index.json, chunk-*.bin  per sample: JSON of i, the record's digest, the Record, the seconds
+                                           of each audio and (``shard --processor DIR``) its token count with
+                                           the digest of the settings it holds for
 
 A sample is read only if its bytes are those written and its record's digest is the one ``records/`` holds: a chunk
 changed after writing (damaged, another write's, grown or cut short) or halves of different writes are named, not
 trained on (shards written before these digests are read without them).
 
 Setup reads ``records/`` only (text: ids, conversations, durations), so token lengths, bucketing, mixtures and the
-over-budget check need no audio; a local folder's records are then held as their places in its chunk files (16
+over-budget check need no audio; token lengths are the stored counts where they were made under the training
+processor's settings (:func:`~musicflamingo.data.index.counts_digest`), else tokenized at every launch (~0.3 ms a
+record against ~0.015 ms: ``python bench/data_index.py --shard-lengths 20000``); a local folder's records are then held as their places in its chunk files (16
 bytes a record, each read again and checked when used), an object store's as their places in a local copy of
 them that the process writes as it reads them (:class:`ShardRecords`).
 ``dataset[i]`` fetches sample ``i``'s bytes (a local read, or one ranged GET from
@@ -50,6 +53,7 @@ import array
 import atexit
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -78,7 +82,9 @@ from musicflamingo.data.dataset import (
     decoded_seconds,
     estimate_num_tokens,
 )
+from musicflamingo.data.index import counts_digest
 from musicflamingo.data.manifest import AudioRef, Message, Record, _digests, _position, read_manifest
+from musicflamingo.processor import MusicFlamingoProcessor
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +219,24 @@ def _decoded_seconds(path: str, offset: float, source: str = "") -> float | None
         return None
 
 
-def _record_item(item: tuple[int, dict[str, Any]]) -> str:
+class _Counter(ConversationDataset):
+    """Counts a record's tokens as :meth:`ShardDataset.estimate_lengths` does, from the seconds stored beside it: no
+    audio bytes to decode (an audio of no known length counts as none, one stored as
+    :data:`~musicflamingo.data.dataset.DECODED_SECONDS_CAP` as that long), so a stored count equals that estimate."""
+
+    def __init__(self, processor: Any) -> None:
+        super().__init__([], processor)
+        self.settings = counts_digest(processor)
+
+    def _audio_bytes(self, ref: AudioRef) -> bytes | None:
+        # overridden, as ShardDataset's is, so that estimate_num_tokens decodes nothing (never called)
+        raise AssertionError("counted from the stored seconds: no audio is read")
+
+
+def _record_item(item: tuple[int, dict[str, Any]], counter: _Counter | None = None) -> str:
+    """Record ``i``'s entry of ``records/``: JSON of its index, digest, the record, its audios' seconds and, with
+    ``counter``, its token count and the :func:`~musicflamingo.data.index.counts_digest` of the settings it holds
+    for."""
     i, rec = item
     # Seconds as the manifest path estimates them (the segment's duration, the file header, or an m4a's container);
     # where nothing states it (a raw AAC stream), the decoded audio's: shards estimate without fetching audio, and
@@ -226,7 +249,27 @@ def _record_item(item: tuple[int, dict[str, Any]]) -> str:
         for a, s in zip(rec["audios"], seconds)
     ]
     digest = _record_digest(rec).hex()  # the audio sample holds it too (_pack)
-    return json.dumps({"index": i, "digest": digest, **rec, "seconds": seconds}, ensure_ascii=False)
+    entry = {"index": i, "digest": digest, **rec, "seconds": seconds}
+    if counter is not None:
+        entry["tokens"] = estimate_num_tokens(_record_from(rec), counter, _seconds_of(entry))
+        entry["counted_with"] = counter.settings
+    return json.dumps(entry, ensure_ascii=False)
+
+
+def _record_from(obj: dict[str, Any]) -> Record:
+    """The :class:`Record` of a ``records/`` entry (or of ``asdict(record)``); KeyError/TypeError when not one."""
+    return Record(
+        id=obj["id"],
+        audios=[AudioRef(**a) for a in obj["audios"]],
+        messages=[Message(**m) for m in obj["messages"]],
+        extra=obj["extra"],
+        source=obj["source"],
+    )
+
+
+def _seconds_of(obj: dict[str, Any]) -> list[float]:
+    """A ``records/`` entry's audio seconds, NaN where unknown (stored as null)."""
+    return [math.nan if x is None else float(x) for x in obj["seconds"]]
 
 
 class _RecordFailed(Exception):
@@ -248,8 +291,10 @@ def _audio_sample(item: tuple[int, dict[str, Any]]) -> bytes:
     return _named(_audio_item, item)  # looked up when called: a test may replace _audio_item
 
 
-def _record_sample(item: tuple[int, dict[str, Any]]) -> str:
-    return _named(_record_item, item)
+def _record_sample(item: tuple[int, dict[str, Any]], counter: _Counter | None = None) -> str:
+    if counter is None:
+        return _named(_record_item, item)
+    return _named(lambda it: _record_item(it, counter), item)
 
 
 class _WorkerDied(ShardError):
@@ -274,10 +319,13 @@ def write_shards(
     chunk_bytes: str | int = "64MB",
     workers: int = 1,
     overwrite: bool = False,
+    processor: Any = None,
 ) -> int:
     """Write the shards of ``manifest`` (validated as for training) to ``out`` (a folder or URL); returns the
     number of records. ``workers`` processes read files in parallel, each a contiguous slice in manifest order,
-    so shard index ``i`` is manifest record ``i``."""
+    so shard index ``i`` is manifest record ``i``. With ``processor`` (training's ``data.processor``), each record's
+    token count is stored too, so that a launch under the same settings tokenizes nothing
+    (:meth:`ShardDataset.estimate_lengths`)."""
     from litdata import optimize
 
     _quiet_litdata()
@@ -315,6 +363,12 @@ def write_shards(
         staging = target = os.path.join(out, _STAGING)
         shutil.rmtree(staging, ignore_errors=True)  # left by a write that was killed
     inputs = [(i, asdict(r)) for i, r in enumerate(records)]
+    # litdata takes a partial; the counter reaches spawned writing processes pickled, as a DataLoader's dataset does
+    record_fn = (
+        _record_sample
+        if processor is None
+        else functools.partial(_record_sample, counter=_Counter(processor))
+    )
     common = dict(
         chunk_bytes=chunk_bytes,
         num_workers=max(1, workers),
@@ -333,7 +387,7 @@ def write_shards(
             optimize(fn=_audio_sample, inputs=inputs, output_dir=target, **common)
         _check_written(target, len(records), "audio")
         with _interruptible():
-            optimize(fn=_record_sample, inputs=inputs, output_dir=_join(target, RECORDS), **common)
+            optimize(fn=record_fn, inputs=inputs, output_dir=_join(target, RECORDS), **common)
         _check_written(_join(target, RECORDS), len(records), "records")
         if staging is not None:
             _swap_in(staging, out)
@@ -697,6 +751,9 @@ def _streaming(url: str, cache_dir: str | None) -> Any:
         ) from e
 
 
+_BLOCK = 4096  # records read at once by ShardRecords.texts (~1.5 MiB)
+
+
 class ShardRecords(Sequence):
     """The records of a shard set, parsed on access (``records[i]`` -> :class:`Record`), held in one of two ways:
 
@@ -752,12 +809,30 @@ class ShardRecords(Sequence):
         start, end = int(self._starts[i]), int(self._ends[i])
         if self._data is not None:
             return self._data[start:end]
-        k = int(np.searchsorted(self._firsts, i, side="right")) - 1
-        path = self._chunks[k]
+        path = self._chunks[int(np.searchsorted(self._firsts, i, side="right")) - 1]
+        return self._checked(path, i, self._read(path, i, start, end))
+
+    def texts(self) -> Iterator[bytes]:
+        """Every record's text in order, as :meth:`text` gives it, read :data:`_BLOCK` records at a time: a launch
+        reading every record's stored count spent most of its time opening a file per record."""
+        if self._data is not None:
+            yield from (self.text(i) for i in range(len(self)))
+            return
+        for k, path in enumerate(self._chunks):
+            first, last = int(self._firsts[k]), int(self._firsts[k + 1])
+            for lo in range(first, last, _BLOCK):  # a chunk's records lie in order, one after another
+                hi = min(lo + _BLOCK, last)
+                starts, ends = self._starts[lo:hi].tolist(), self._ends[lo:hi].tolist()
+                block = self._read(path, lo, starts[0], ends[-1])
+                for i, a, b in zip(range(lo, hi), starts, ends):
+                    yield self._checked(path, i, block[a - starts[0] : b - starts[0]])
+
+    def _read(self, path: str, i: int, start: int, end: int) -> bytes:
+        """Bytes ``start:end`` of ``path``, which holds record ``i`` (the first of them)."""
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             try:
-                data = os.pread(fd, end - start, start)
+                return os.pread(fd, end - start, start)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -765,6 +840,9 @@ class ShardRecords(Sequence):
                 f"{path}: cannot read record {i} ({e.strerror or e}); the shard set changed after it was read: "
                 "restart"
             ) from None
+
+    def _checked(self, path: str, i: int, data: bytes) -> bytes:
+        """``data``, record ``i``'s text read from ``path``, if its digest is the one read at the start."""
         if _digest(data) != self.digests[i].tobytes():
             raise ShardError(
                 f"{path}: record {i} is no longer the one read at the start (the shard set was written again or "
@@ -774,23 +852,31 @@ class ShardRecords(Sequence):
 
     def parse(self, i: int) -> tuple[Record, list[float]]:
         """Record ``i`` and its audios' seconds (NaN where the audio could not be read at sharding time)."""
-        i = _position(i, len(self), f"the {self.where}")
+        obj = self.entry(i)
         try:
-            obj = json.loads(self.text(i))
-            record = Record(
-                id=obj["id"],
-                audios=[AudioRef(**a) for a in obj["audios"]],
-                messages=[Message(**m) for m in obj["messages"]],
-                extra=obj["extra"],
-                source=obj["source"],
-            )
-            seconds = [math.nan if x is None else float(x) for x in obj["seconds"]]
+            return _record_from(obj), _seconds_of(obj)
         except (ValueError, KeyError, TypeError) as e:  # a damaged chunk's bytes that still decode
-            raise ShardError(
-                f"{self.where}: entry {i} is not a record this code wrote ({type(e).__name__}: {e}); write the shards "
-                "again"
-            ) from None
-        return record, seconds
+            raise self._not_a_record(i, e) from None
+
+    def entry(self, i: int) -> dict[str, Any]:
+        """Record ``i``'s stored JSON object (see :func:`_record_item`)."""
+        i = _position(i, len(self), f"the {self.where}")
+        return self._loads(i, self.text(i))
+
+    def _loads(self, i: int, text: bytes) -> dict[str, Any]:
+        try:
+            obj = json.loads(text)
+            if not isinstance(obj, dict):
+                raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+            return obj
+        except (ValueError, TypeError) as e:
+            raise self._not_a_record(i, e) from None
+
+    def _not_a_record(self, i: int, e: Exception) -> ShardError:
+        return ShardError(
+            f"{self.where}: entry {i} is not a record this code wrote ({type(e).__name__}: {e}); write the shards "
+            "again"
+        )
 
     def record_digest(self, i: int) -> bytes | None:
         """The digest of record ``i`` that its audio sample holds too (None: written before such digests)."""
@@ -1107,16 +1193,52 @@ class ShardDataset(ConversationDataset):
         return self._blobs[ref]
 
     def estimate_lengths(self, known: Sequence[int] | None = None, seconds: Any = None) -> list[int]:
-        """Token counts from the seconds stored at sharding time (no audio is fetched): the manifest's numbers.
-        (``known``/``seconds`` come from a manifest index; shards carry their own seconds and ignore them.)"""
-        out, unknown, first = [], 0, None
-        for i in range(len(self)):
-            record, secs = self.records.parse(i)
-            out.append(estimate_num_tokens(record, self, secs))
-            bad = [a.path for a, s in zip(record.audios, secs) if math.isnan(s)]
-            if bad:
+        """Token counts [N]: those stored at sharding time where they were made under this processor's settings
+        (``shard --processor``: nothing tokenized), else estimated from the seconds stored then (no audio is
+        fetched): the manifest's numbers either way. (``known``/``seconds`` come from a manifest index; shards
+        carry their own seconds and ignore them.)"""
+        settings = counts_digest(self.processor)
+        out, unknown, first, estimated, other = [], 0, None, 0, 0
+        for i, text in enumerate(self.records.texts()):
+            obj = self.records._loads(i, text)
+            try:
+                secs = _seconds_of(obj)
+                count = obj.get("tokens")
+                if (
+                    isinstance(count, int)
+                    and not isinstance(count, bool)
+                    and obj.get("counted_with") == settings
+                ):
+                    record = None
+                    out.append(count)
+                else:  # ~0.4 ms a record: parsed and tokenized
+                    record = _record_from(obj)
+                    out.append(estimate_num_tokens(record, self, secs))
+                    estimated += 1
+                    other += "counted_with" in obj
+            except (ValueError, KeyError, TypeError) as e:  # a damaged chunk's bytes that still decode
+                raise self.records._not_a_record(i, e) from None
+            if any(math.isnan(s) for s in secs):
                 unknown += 1
-                first = first or (bad[0], record.source)
+                if first is None:
+                    record = record or _record_from(obj)
+                    first = next(a.path for a, s in zip(record.audios, secs) if math.isnan(s)), record.source
+        if other:  # counts made for another tokenizer, chat template or window settings: never used
+            log.warning(
+                "%s: %d records' stored token counts were made with other processor settings (tokenizer, system "
+                "prompt, audio token or window settings) than data.processor's; estimating them now (~0.4 ms a "
+                "record, at every launch). To skip this, write the shards again with that processor: "
+                "python -m musicflamingo.data shard MANIFEST OUT --processor <data.processor folder> --overwrite",
+                self.url,
+                other,
+            )
+        elif estimated:  # shards written without --processor (or by an older version)
+            log.info(
+                "%s: no stored token counts; estimating %d records' lengths (`python -m musicflamingo.data shard ... "
+                "--processor <data.processor folder>` stores them and skips this)",
+                self.url,
+                estimated,
+            )
         if (
             first is not None
         ):  # counted as no audio: a long one passes the batch budget (and overflows packed rows)
@@ -1146,6 +1268,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--chunk-bytes", default="64MB", help="target chunk size (default 64MB)")
     p.add_argument("--workers", type=int, default=1, help="processes reading files (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    p.add_argument(
+        "--processor",
+        default=None,
+        help="folder with the tokenizer/processor files (data.processor): stores each record's token count, so that "
+        "a training launch with that processor tokenizes nothing (without it, every launch tokenizes every record "
+        "on every rank, ~0.4 ms each)",
+    )
     p.set_defaults(func=main_shard)
     return p
 
@@ -1158,5 +1287,6 @@ def main_shard(args: argparse.Namespace) -> None:
         chunk_bytes=args.chunk_bytes,
         workers=args.workers,
         overwrite=args.overwrite,
+        processor=None if args.processor is None else MusicFlamingoProcessor.from_pretrained(args.processor),
     )
     print(json.dumps({"records": n, "shards": args.out}))
