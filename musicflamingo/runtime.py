@@ -234,6 +234,9 @@ KNOWN_HARMLESS_WARNINGS = (
     r"Using ModelCheckpoint with manual optimization",
     # Every resume writes into the run's own checkpoints/ (a fresh start there is refused before Lightning looks).
     r"Checkpoint directory .* exists and is not empty",
+    # A small data set (fewer batches an epoch than trainer.log_every_n_steps): the rows are still logged every
+    # log_every_n_steps steps, counted across epochs; only a per-epoch view would lack them, which we never show.
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
 
 

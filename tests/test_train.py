@@ -610,7 +610,8 @@ def test_from_scratch_init_lets_the_audio_through():
 
 def test_piped_output_logs_progress_lines_and_no_library_noise(assets, tmp_path, caplog):
     """Stderr is not a terminal under pytest (as in `make demo > log`): no progress bar, a `ProgressLog` line every
-    N steps with loss, tokens/s and ETA, and none of the warnings known to be harmless (no validation set)."""
+    N steps with loss, tokens/s and ETA, and none of the warnings known to be harmless (no validation set, fewer
+    batches an epoch than log_every_n_steps)."""
     import logging
     import warnings
 
@@ -638,7 +639,7 @@ def test_piped_output_logs_progress_lines_and_no_library_noise(assets, tmp_path,
     noise = [
         str(w.message)
         for w in caught
-        if "across ranks is zero" in str(w.message) or "LeafSpec" in str(w.message)
+        if any(s in str(w.message) for s in ("across ranks is zero", "LeafSpec", "smaller than the logging"))
     ]
     assert not noise, noise
     assert not [r for r in caplog.records if "💡" in r.getMessage()]

@@ -1,0 +1,74 @@
+"""Review 19, training on a small data set: no misleading Lightning warning about the logging interval (rows are
+logged every trainer.log_every_n_steps steps across epochs), a run bounded by trainer.max_epochs shows its real
+number of steps and ETA in the progress lines (was the default trainer.max_steps=1000), a missing
+model.net.init_from is named as that setting, a mistyped EarlyStopping mode is refused before the model is built."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+from train_fixtures import compose_train, write_dataset, write_processor
+
+from musicflamingo.runtime import quiet_known_warnings
+from musicflamingo.training import train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("train_small")
+    # 4 clips at 800 tokens a batch: a few batches an epoch, fewer than trainer.log_every_n_steps (10)
+    return write_processor(root / "proc"), write_dataset(root / "data", n=4)
+
+
+@pytest.fixture(scope="module")
+def by_epochs(data, tmp_path_factory):  # noqa: ANN001, ANN201
+    """Two epochs of the small set (trainer.max_steps left at its default), a progress line every step: the
+    warnings shown (as train.py filters them), the progress lines and the trainer."""
+    proc, manifest = data
+    tmp = tmp_path_factory.mktemp("by_epochs")
+    overrides = [
+        "export=false",
+        "data.batch_max_tokens=800",
+        "trainer.max_epochs=2",
+        "model.scheduler.max_steps=-1",  # the schedule's length from the trainer, as a run by epochs sets it
+        "callbacks.progress_log.every_n_steps=1",
+    ]
+    cfg = compose_train(tmp, manifest, proc, overrides)
+    assert cfg.trainer.max_steps == 1000 and cfg.trainer.log_every_n_steps == 10  # the defaults this is about
+    handler, logger = _Lines(), logging.getLogger("musicflamingo.callbacks")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_known_warnings()  # `simplefilter` above reset the filters
+            _, objects = train(cfg)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return {
+        "warnings": [str(w.message) for w in caught],
+        "lines": handler.lines,
+        "trainer": objects["trainer"],
+    }
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_small_data_set_shows_no_logging_interval_warning(by_epochs):  # noqa: ANN001
+    """Fewer batches an epoch than log_every_n_steps: Lightning warned to lower log_every_n_steps "to see logs for
+    the training epoch", though the rows are logged every 10 steps across epochs (nothing is lost)."""
+    trainer = by_epochs["trainer"]
+    assert trainer.num_training_batches < trainer.log_every_n_steps  # the case Lightning warns about
+    noise = [w for w in by_epochs["warnings"] if "smaller than the logging interval" in w]
+    assert not noise, noise
