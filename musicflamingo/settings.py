@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 import torch
 import yaml
 
+from musicflamingo.checkpoint import CheckpointError, load_config
 from musicflamingo.engine import parse_stop_strings
 from musicflamingo.model.build import LORA_KEYS, PARTS
 from musicflamingo.model.lora import check_lora_targets, check_quantize_base
@@ -688,15 +689,30 @@ def _planner_flags(settings: Mapping[str, Any]) -> None:
 
 
 def check_train_paths(settings: Mapping[str, Any]) -> None:
-    """The files a run reads first exist: `data.processor` and every local manifest of `data.train` and `data.val`
-    (`train.py`, after :func:`check_train_settings`; not under `plan=true`, which reads no data). They were found
+    """The files a run reads first exist: `model.net.init_from`'s config.json (also under `plan=true`, which plans
+    from it), `data.processor` and every local manifest of `data.train` and `data.val` (`train.py`, after
+    :func:`check_train_settings`; not under `plan=true`, which reads no data). They were found
     missing only after the model was built (minutes for the release) and its window checked, as a bare
     `trainx.jsonl: No such file or directory` or `procx: processor directory not found`."""
+    _init_from(settings)  # plan=true reads its config.json too
     if _planning(settings):
         return
     _processor_folder(settings)
     for key in ("data.train", "data.val"):
         _manifests_exist(settings, key)
+
+
+def _init_from(settings: Mapping[str, Any]) -> None:
+    """`model.net.init_from`, when set, is a checkpoint folder with a readable config.json: load_config's message
+    (a missing folder, a file given for it, a run or adapter folder, an interrupted save) with the setting named;
+    it came from the planner without the setting, as `/x: checkpoint folder does not exist`."""
+    value = _get(settings, "model.net.init_from")
+    if value in (_MISSING, None, ""):
+        return
+    try:
+        load_config(str(value))
+    except CheckpointError as e:
+        raise SettingsError(f"model.net.init_from: {e}") from None
 
 
 def _processor_folder(settings: Mapping[str, Any]) -> None:

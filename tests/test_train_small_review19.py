@@ -72,3 +72,29 @@ def test_a_small_data_set_shows_no_logging_interval_warning(by_epochs):  # noqa:
     assert trainer.num_training_batches < trainer.log_every_n_steps  # the case Lightning warns about
     noise = [w for w in by_epochs["warnings"] if "smaller than the logging interval" in w]
     assert not noise, noise
+
+
+@pytest.mark.parametrize("plan", [False, True], ids=["run", "plan"])
+def test_a_missing_init_from_names_the_setting(data, tmp_path, plan):  # noqa: ANN001
+    """`model.net.init_from=/nonexistent` failed as `/nonexistent: checkpoint folder does not exist` (from the
+    planner's read of its config.json), without the setting; load_config's hints stay (a file given for the
+    folder names the folder to use)."""
+    from musicflamingo.settings import SettingsError
+
+    proc, manifest = data
+    missing = tmp_path / "nonexistent"
+    extra = ["plan=true"] if plan else []
+    cfg = compose_train(tmp_path, manifest, proc, [f"model.net.init_from={missing}", *extra])
+    with pytest.raises(
+        SettingsError, match=rf"^model.net.init_from: {missing}: checkpoint folder does not exist"
+    ):
+        train(cfg)
+    weights = tmp_path / "export" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"")
+    cfg = compose_train(tmp_path, manifest, proc, [f"model.net.init_from={weights}", *extra])
+    with pytest.raises(
+        SettingsError, match=rf"^model.net.init_from: {weights} is a file.*here {weights.parent}"
+    ):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
