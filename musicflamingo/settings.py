@@ -813,6 +813,10 @@ def _callbacks(settings: Mapping[str, Any]) -> None:
             for flag in ("save_on_train_epoch_end", "auto_insert_metric_name", "save_weights_only"):
                 _boolean(settings, f"{key}.{flag}")
             _choice(settings, f"{key}.mode", ("min", "max"))
+        elif target.endswith(".EarlyStopping"):
+            _choice(settings, f"{key}.mode", ("min", "max"))
+            for flag in ("verbose", "strict", "check_finite", "log_rank_zero_only"):
+                _boolean(settings, f"{key}.{flag}")
         elif target == "musicflamingo.callbacks.ProgressLog":
             _number(settings, f"{key}.every_n_steps", integer=True, lo=1)
             _boolean(settings, f"{key}.on_terminal")

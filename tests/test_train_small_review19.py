@@ -98,3 +98,34 @@ def test_a_missing_init_from_names_the_setting(data, tmp_path, plan):  # noqa: A
     ):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        ("mode=minn", r"callbacks.early_stopping.mode='minn': expected 'min' or 'max'"),
+        ("strict=yes", r"callbacks.early_stopping.strict='yes': expected true or false"),
+    ],
+)
+def test_a_mistyped_early_stopping_setting_is_refused_before_the_model_is_built(
+    data, tmp_path, monkeypatch, setting, named
+):  # noqa: ANN001
+    """EarlyStopping(mode='minn') passed the settings check and Lightning refused it as the trainer was built,
+    after the model; `strict=yes` (text) was taken as true."""
+    from musicflamingo import training
+    from musicflamingo.settings import SettingsError
+
+    def built(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model and the data were about to be built")
+
+    monkeypatch.setattr(training, "_fit", built)
+    proc, manifest = data
+    stop = "+callbacks.early_stopping"
+    overrides = [
+        f"{stop}._target_=lightning.pytorch.callbacks.EarlyStopping",
+        f"{stop}.monitor=train/loss",
+        f"{stop}.{setting}",
+    ]
+    cfg = compose_train(tmp_path, manifest, proc, overrides)
+    with pytest.raises(SettingsError, match=f"^{named}"):
+        train(cfg)
