@@ -87,7 +87,16 @@ USER_ERRORS: tuple[type[ValueError], ...] = (
     ConfigError,
 )
 
-SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
+# (seed last: a warning names the others)
+SAMPLING_FIELDS = (
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "seed",
+)
 DEFAULT_MAX_NEW_TOKENS = (
     1024  # `max_new_tokens: null` when generation_config.json gives none (at most the window)
 )
@@ -791,6 +800,8 @@ class _Output:
     answer names its sampling (`do_sample`, `temperature`, `top_k`, `top_p`, `seed`) and is reused only by a run
     sampling the same way; a row without them is a greedy answer (rows written before rows named their sampling
     read so too): a sampled rerun into the greedy run's file was handed the greedy captions, and the reverse.
+    An answer decoded under a repetition penalty (greedy or sampled) names it (`repetition_penalty`) and is reused
+    only under the same one; a row without it was decoded without one (1.0, as every row written before).
     A row names its file as the run was given it (`audio`) and, when that is not the file's resolved path, by that
     path too (`resolved_audio`): a rerun matches it by the resolved path, so `./music/a.wav`, `music/a.wav` or an
     absolute path from another folder is the same file (each was asked again). The `audio` text as given matches
@@ -819,8 +830,10 @@ class _Output:
         self.stop = list(stop)  # the stop strings that cut the answers: rows cut by others are not reused
         # the token limit: the rows it cut name it, and are reused only under the same (`_limit_fits`)
         self.max_new_tokens = max_new_tokens
-        # how the answers are sampled (`_row_sampling`): None for greedy decoding
+        # how the answers are sampled (`_sampling`): None for greedy decoding
         self.sampling = _sampling(sampling or {})
+        # applied greedy or sampled, so apart from `sampling`: a row without one was decoded without (1.0)
+        self.repetition_penalty = (sampling or {}).get("repetition_penalty", 1.0)
         # rows by (resolved path, prompt) and (audio as given, prompt): (line number, row), in file order
         self.by_path: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
         self.by_text: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
@@ -900,6 +913,7 @@ class _Output:
                 or (row.get("stop") or []) != self.stop
                 or not self._limit_fits(row)
                 or _sampling(row) != self.sampling
+                or row.get("repetition_penalty", 1.0) != self.repetition_penalty
             ):
                 self.other += 1
                 continue
@@ -911,9 +925,9 @@ class _Output:
                 self.by_path.setdefault((resolved, row["prompt"]), []).append((number, row))
         if self.other:
             logger.info(
-                "%s: %d rows were asked with another think, system_prompt, stop or sampling setting (do_sample, "
-                "temperature, top_k, top_p, seed), or cut where this max_new_tokens would not cut them: kept, "
-                "not reused",
+                "%s: %d rows were asked with another think, system_prompt, stop, repetition_penalty or sampling "
+                "setting (do_sample, temperature, top_k, top_p, seed), or cut where this max_new_tokens would not "
+                "cut them: kept, not reused",
                 self.path,
                 self.other,
             )
@@ -987,6 +1001,8 @@ class _Output:
             row.update(cut="context", new_tokens=new_tokens)
         if self.sampling is not None:
             row.update(do_sample=True, **self.sampling)
+        if self.repetition_penalty != 1:
+            row["repetition_penalty"] = self.repetition_penalty
         line = json.dumps(row) + "\n"  # ASCII escapes: any file name (even not UTF-8) round-trips
         # closed at once: a crash loses no finished answer; a full disk (an OSError naming no file) is named here,
         # and the rerun drops a torn last row and keeps the others
@@ -1121,7 +1137,8 @@ def _decoding(cfg: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
 def _warn_unused_generation_config(ckpt: Path, settings: Mapping[str, Any], length_from_file: bool) -> None:
     """Name the fields of the checkpoint's generation_config.json that change the reference's tokens and that this
     run does not apply: sampling the file asks for when infer decodes greedily (infer's settings are its own, see
-    configs/infer.yaml), a `max_length` alone (prompt + answer, per prompt), and those the engine does not implement."""
+    configs/infer.yaml), a `repetition_penalty` other than this run's, a `max_length` alone (prompt + answer, per
+    prompt), and those the engine does not implement."""
     path = ckpt / "generation_config.json"
     raw = read_json_object(path, CheckpointError)
     overridden = []
@@ -1130,9 +1147,6 @@ def _warn_unused_generation_config(ckpt: Path, settings: Mapping[str, Any], leng
     if length_from_file and raw.get("max_length") is not None and raw.get("max_new_tokens") is None:
         overridden.append(f"max_length={raw['max_length']!r}")
     unsupported = unsupported_generation_fields(raw)
-    # the engine's generate() applies the file's repetition_penalty; infer.py has no such setting
-    if raw.get("repetition_penalty") not in (None, 1):
-        unsupported.insert(0, f"repetition_penalty={raw['repetition_penalty']!r}")
     if overridden:
         logger.warning(
             "%s sets %s: infer.py decodes with its own settings (%s); pass them (max_new_tokens for a length) to "
@@ -1140,6 +1154,17 @@ def _warn_unused_generation_config(ckpt: Path, settings: Mapping[str, Any], leng
             path,
             " ".join(overridden),
             " ".join(f"{k}={settings.get(k, getattr(SamplingParams, k))}" for k in SAMPLING_FIELDS[:-1]),
+        )
+    # applied greedy or sampled, so named whatever do_sample says (generate() applies the file's; infer its own)
+    penalty = settings.get("repetition_penalty", SamplingParams.repetition_penalty)
+    if raw.get("repetition_penalty") not in (None, 1) and raw["repetition_penalty"] != penalty:
+        logger.warning(
+            "%s sets repetition_penalty=%r: infer.py decodes with its own, repetition_penalty=%r; pass "
+            "repetition_penalty=%r to decode as the file says",
+            path,
+            raw["repetition_penalty"],
+            penalty,
+            raw["repetition_penalty"],
         )
     if unsupported:
         logger.warning(

@@ -76,7 +76,6 @@ NOT_ENTRY_SETTINGS = {
     "betas",
     "max_epochs",
     "overwrite",
-    "repetition_penalty",
     "max_length",
     "on_oversized",
     "max_bad_fraction",
