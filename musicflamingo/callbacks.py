@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -514,6 +515,7 @@ class ProgressLog(Callback):
         self._tokens = 0.0
         self._start_step = 0
         self._last_step = -1
+        self._total: int | None = None
         self._early_stops: list[str | None] = []
 
     def _active(self, trainer: L.Trainer) -> bool:
@@ -521,13 +523,14 @@ class ProgressLog(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._tokens, self._start_step = time.perf_counter(), 0.0, trainer.global_step
+        self._total = _total_steps(trainer, pl_module)
         # an early stop a resumed checkpoint recorded is not this run's
         self._early_stops = [
             getattr(cb, "stopping_reason_message", None)
             for cb in getattr(trainer, "early_stopping_callbacks", [])
         ]
         if self._active(trainer):
-            log.info("training from step %d to %s", trainer.global_step, _total_steps(trainer) or "the end")
+            log.info("training from step %d to %s", trainer.global_step, self._total or "the end")
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -545,7 +548,7 @@ class ProgressLog(Callback):
         if trainer.global_step not in (self._last_step, self._start_step):
             self._line(trainer)
         if trainer.is_global_zero:
-            _say_why_stopped_early(trainer, self._early_stops)
+            _say_why_stopped_early(trainer, self._early_stops, self._total)
 
     def _line(self, trainer: L.Trainer) -> None:
         if not self._active(trainer):
@@ -553,7 +556,7 @@ class ProgressLog(Callback):
         step = self._last_step = trainer.global_step
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
         done = max(step - self._start_step, 1)
-        total = _total_steps(trainer)
+        total = self._total
         eta = (total - step) * elapsed / done if total else None
         timers = [c for c in trainer.callbacks if isinstance(c, Timer)]  # `trainer.max_time` lives in a Timer
         limit = timers[0].time_remaining() if timers else None
@@ -574,11 +577,11 @@ class ProgressLog(Callback):
         )
 
 
-def _say_why_stopped_early(trainer: L.Trainer, at_start: list[str | None]) -> None:
-    """Log why an `EarlyStopping` callback ended the run before `trainer.max_steps`: Lightning says nothing unless
-    its `verbose=true`, so a 30-step run ended at step 4 with no line telling why (or that it was not a crash).
-    `at_start`: each callback's message when training started (a resumed checkpoint's; each stop makes a new one)."""
-    total = _total_steps(trainer)
+def _say_why_stopped_early(trainer: L.Trainer, at_start: list[str | None], total: int | None) -> None:
+    """Log why an `EarlyStopping` callback ended the run before its last step (`total`, see :func:`_total_steps`):
+    Lightning says nothing unless its `verbose=true`, so a 30-step run ended at step 4 with no line telling why (or
+    that it was not a crash). `at_start`: each callback's message when training started (a resumed checkpoint's;
+    each stop makes a new one)."""
     if not getattr(trainer, "should_stop", False) or (total is not None and trainer.global_step >= total):
         return
     for i, cb in enumerate(getattr(trainer, "early_stopping_callbacks", [])):
@@ -593,8 +596,21 @@ def _say_why_stopped_early(trainer: L.Trainer, at_start: list[str | None]) -> No
             )
 
 
-def _total_steps(trainer: L.Trainer) -> int | None:
-    return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+def _total_steps(trainer: L.Trainer, pl_module: L.LightningModule | None = None) -> int | None:
+    """The optimizer step the run ends at: trainer.max_steps, or sooner when trainer.max_epochs ends it first (the
+    progress line of a one-epoch run read `step 35/1000` with the default max_steps, its ETA 30x too long). None
+    when nothing bounds the steps (trainer.max_time alone, or an iterable data set without max_steps).
+
+    Lightning's `estimated_stepping_batches` counts batches over the epochs (per rank, after gradient
+    accumulation); GRPO makes `optimizer_steps_per_batch` optimizer steps a batch, and max_steps counts those, as
+    `MusicFlamingoLit.configure_optimizers` counts them for a schedule by epochs."""
+    total = trainer.estimated_stepping_batches  # min(max_steps, ceil(batches / accumulation) * max_epochs)
+    if not math.isfinite(total) or total <= 0:
+        return None
+    per = getattr(pl_module, "optimizer_steps_per_batch", 1)
+    if per > 1 and (trainer.max_steps == -1 or total < trainer.max_steps):  # bounded by the epochs' batches
+        total = total * per if trainer.max_steps == -1 else min(total * per, trainer.max_steps)
+    return int(total)
 
 
 def _clock(seconds: float) -> str:

@@ -213,7 +213,12 @@ def test_the_progress_line_shows_grpo_s_reward(caplog):
     def line(metrics: dict) -> str:
         cb = ProgressLog(every_n_steps=1)
         trainer = SimpleNamespace(
-            global_step=0, max_steps=4, callbacks=[], is_global_zero=True, callback_metrics=metrics
+            global_step=0,
+            max_steps=4,
+            estimated_stepping_batches=4,  # Lightning's: min(max_steps, the epochs' steps)
+            callbacks=[],
+            is_global_zero=True,
+            callback_metrics=metrics,
         )
         cb.on_train_start(trainer, None)
         trainer.global_step = 2

@@ -280,6 +280,7 @@ def _progress_lines(caplog, every: int, start: int, steps: list[int]) -> list[st
     trainer = SimpleNamespace(
         global_step=start,
         max_steps=steps[-1],
+        estimated_stepping_batches=steps[-1],  # Lightning's: min(max_steps, the epochs' steps)
         callbacks=[],
         is_global_zero=True,
         callback_metrics={"train/loss": torch.tensor(1.5)},

@@ -129,3 +129,68 @@ def test_a_mistyped_early_stopping_setting_is_refused_before_the_model_is_built(
     cfg = compose_train(tmp_path, manifest, proc, overrides)
     with pytest.raises(SettingsError, match=f"^{named}"):
         train(cfg)
+
+
+def test_a_run_by_epochs_shows_its_own_number_of_steps(by_epochs):  # noqa: ANN001
+    """trainer.max_epochs=2 ends the run after 2 epochs of a few batches: the progress lines said `step k/1000` (the
+    default max_steps) with an ETA for 1000 steps; they count to the step the run ends at, the last ETA 0:00."""
+    trainer, lines = by_epochs["trainer"], by_epochs["lines"]
+    last = trainer.global_step
+    assert last == 2 * trainer.num_training_batches < 1000  # ended by the epochs
+    assert f"training from step 0 to {last}" in lines, lines
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [s.split(" |")[0] for s in steps] == [f"step {k}/{last}" for k in range(1, last + 1)], steps
+    assert steps[-1].endswith("| ETA 0:00"), steps[-1]
+
+
+@pytest.mark.parametrize(
+    "max_steps, max_epochs, per, expected",
+    [
+        (1000, 2, 1, 6),  # the epochs end it first
+        (4, 2, 1, 4),  # max_steps first
+        (-1, 2, 1, 6),
+        (1000, 2, 3, 18),  # GRPO: 3 optimizer steps a batch
+        (10, 2, 3, 10),  # ... capped by max_steps, which counts those steps
+        (12, -1, 3, 12),
+        (-1, -1, 1, None),  # only trainer.max_time ends it
+    ],
+)
+def test_the_progress_total_counts_optimizer_steps(max_steps, max_epochs, per, expected):  # noqa: ANN001
+    """The total of the progress line, taken at the start of a real fit (3 batches an epoch, the fit stopped there):
+    the module's optimizer steps a batch count, as the schedule by epochs counts them (lit.configure_optimizers)."""
+    import lightning as L
+    import torch
+
+    from musicflamingo.callbacks import _total_steps
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Linear(1, 1)
+            self.optimizer_steps_per_batch = per
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.w(batch.float()).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = []
+
+    class Total(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            seen.append(_total_steps(trainer, pl_module))
+            trainer.should_stop = True
+
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Total()],
+    )
+    trainer.fit(Net(), torch.utils.data.DataLoader(torch.ones(3, 1), batch_size=1))
+    assert seen == [expected]
