@@ -104,7 +104,10 @@ class QuantLinear(nn.Module):
         """Copy the weight into 64-byte aligned memory if it is not (a view of a memory-mapped checkpoint can sit at
         any offset): the CPU kernels read it with aligned vector loads and crash otherwise."""
         if self.weight.data_ptr() % _ALIGN:
-            self.weight = self.weight.clone()  # torch's CPU allocator aligns to 64 bytes
+            # a normal tensor even under inference_mode (the engine's): an inference tensor as the buffer made a
+            # later `load_state_dict` into the module fail ('Inplace update to inference tensor')
+            with torch.inference_mode(False):
+                self.weight = self.weight.clone()  # torch's CPU allocator aligns to 64 bytes
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) -> (M, N) in x's dtype, without the bias."""
@@ -299,6 +302,21 @@ def unpack_int4(
     return out
 
 
+_REPACK_LOCK = threading.Lock()
+
+
+def _repacked(packed: torch.Tensor, block: int, to: int) -> torch.Tensor:
+    """packed (N, K // 2) uint8 in blocks of `block` -> a new (N, K // 2) in blocks of `to`, _CHUNK rows at a time
+    (a multiple of both blocks): the temporaries (the unpacked values are 2x the packed bytes, and `pack_int4`'s
+    3 more) are a chunk's, not the layer's (the head's was ~1.6 GB of a 7B model's 0.27 GB weight). A normal
+    tensor even under inference_mode: the buffer stays loadable (`load_state_dict`) after a generate."""
+    with torch.inference_mode(False):
+        out = torch.empty_like(packed)
+        for i in range(0, packed.shape[0], _CHUNK):
+            out[i : i + _CHUNK] = pack_int4(unpack_int4(packed[i : i + _CHUNK], block=block), to)
+    return out
+
+
 @functools.cache
 def int4_kernel_block() -> int | None:
     """The `pack_int4` block this torch's CPU int4 kernel reads: 64 (AVX-512 builds), 32 (a CPU with AVX2 only), None
@@ -425,20 +443,26 @@ class Int4Linear(QuantLinear):
     def _kernel_layout(self) -> None:
         """Repack `weight` once into the block this CPU's kernel reads (a fresh, aligned tensor), else align it."""
         block = int4_kernel_block()
-        if block == self.packed_block:
-            self.align()
-            return
-        self.weight = pack_int4(unpack_int4(self.weight, block=self.packed_block), block)
-        self.packed_block = block
+        if block != self.packed_block:
+            with (
+                _REPACK_LOCK
+            ):  # two threads decoding at once repack once (the other would read a half-set layout)
+                if block != self.packed_block:
+                    self.weight = _repacked(self.weight, self.packed_block, block)
+                    self.packed_block = (
+                        block  # after the weight: a thread seeing the new block has its weight
+                    )
+        self.align()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.packed_block != _BLOCK:  # checkpoints hold one layout, whatever CPU ran the model
-            destination[prefix + "weight"] = pack_int4(unpack_int4(self.weight, block=self.packed_block))
+            destination[prefix + "weight"] = _repacked(self.weight, self.packed_block, _BLOCK)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.packed_block = _BLOCK  # what was read is a checkpoint's layout
+        if prefix + "weight" in state_dict:  # (a partial load without it keeps the weight, and its layout)
+            self.packed_block = _BLOCK  # what was read is a checkpoint's layout
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
