@@ -523,7 +523,7 @@ class ProgressLog(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._tokens, self._start_step = time.perf_counter(), 0.0, trainer.global_step
-        self._total = _total_steps(trainer, pl_module)
+        self._total = total_steps(trainer, pl_module)
         # an early stop a resumed checkpoint recorded is not this run's
         self._early_stops = [
             getattr(cb, "stopping_reason_message", None)
@@ -578,7 +578,7 @@ class ProgressLog(Callback):
 
 
 def _say_why_stopped_early(trainer: L.Trainer, at_start: list[str | None], total: int | None) -> None:
-    """Log why an `EarlyStopping` callback ended the run before its last step (`total`, see :func:`_total_steps`):
+    """Log why an `EarlyStopping` callback ended the run before its last step (`total`, see :func:`total_steps`):
     Lightning says nothing unless its `verbose=true`, so a 30-step run ended at step 4 with no line telling why (or
     that it was not a crash). `at_start`: each callback's message when training started (a resumed checkpoint's;
     each stop makes a new one)."""
@@ -596,7 +596,7 @@ def _say_why_stopped_early(trainer: L.Trainer, at_start: list[str | None], total
             )
 
 
-def _total_steps(trainer: L.Trainer, pl_module: L.LightningModule | None = None) -> int | None:
+def total_steps(trainer: L.Trainer, pl_module: L.LightningModule | None = None) -> int | None:
     """The optimizer step the run ends at: trainer.max_steps, or sooner when trainer.max_epochs ends it first (the
     progress line of a one-epoch run read `step 35/1000` with the default max_steps, its ETA 30x too long). None
     when nothing bounds the steps (trainer.max_time alone, or an iterable data set without max_steps).

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import nn
 
+from musicflamingo.callbacks import total_steps
 from musicflamingo.chat import IGNORE_INDEX
 from musicflamingo.distributed import MusicFlamingoFSDP
 from musicflamingo.errors import RunStopped
@@ -874,21 +875,29 @@ class MusicFlamingoLit(L.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.param_groups())
         extra = {}
-        if getattr(self.scheduler, "keywords", {}).get("max_steps", 0) < 0:  # training by epochs
-            estimate = self.trainer.estimated_stepping_batches
-            if not math.isfinite(estimate):  # no max_steps, no max_epochs: the run ends by time
+        length = getattr(self.scheduler, "keywords", {}).get("max_steps", 0)
+        ends = total_steps(self.trainer, self)  # optimizer steps, GRPO's several a batch counted
+        if length < 0:  # training by epochs
+            if ends is None:  # no max_steps, no max_epochs: the run ends by time
                 raise ValueError(
                     "model.scheduler.max_steps=-1 takes the schedule's length from the trainer, which has no end "
                     "in steps (trainer.max_steps=-1, trainer.max_epochs=-1); set model.scheduler.max_steps"
                 )
-            per = self.optimizer_steps_per_batch
-            if per > 1 and (self.trainer.max_steps == -1 or estimate < self.trainer.max_steps):
-                # the estimate counts batches (from the epochs); GRPO steps its optimizer and schedule `per` times
-                # a batch, and trainer.max_steps counts those optimizer steps
-                estimate *= per
-                if self.trainer.max_steps != -1:
-                    estimate = min(estimate, self.trainer.max_steps)
-            extra["max_steps"] = int(estimate)
+            extra["max_steps"] = ends
+        elif (
+            ends is not None
+            and 0 < ends < length
+            and (self.trainer.max_steps == -1 or ends < self.trainer.max_steps)  # the epochs end it first
+            and self.trainer.is_global_zero
+        ):
+            log.warning(
+                "the learning-rate schedule is %d steps long (model.scheduler.max_steps) but trainer.max_epochs=%s "
+                "ends the run at step %d: the rate never decays as planned; model.scheduler.max_steps=-1 sizes the "
+                "schedule by the epochs",
+                length,
+                self.trainer.max_epochs,
+                ends,
+            )
         scheduler = self.scheduler(optimizer, **extra)
         settings = {**getattr(self.scheduler, "keywords", {}), **extra}
         self._schedule = {

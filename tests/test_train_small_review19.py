@@ -161,7 +161,7 @@ def test_the_progress_total_counts_optimizer_steps(max_steps, max_epochs, per, e
     import lightning as L
     import torch
 
-    from musicflamingo.callbacks import _total_steps
+    from musicflamingo.callbacks import total_steps
 
     class Net(L.LightningModule):
         def __init__(self) -> None:
@@ -179,7 +179,7 @@ def test_the_progress_total_counts_optimizer_steps(max_steps, max_epochs, per, e
 
     class Total(L.Callback):
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            seen.append(_total_steps(trainer, pl_module))
+            seen.append(total_steps(trainer, pl_module))
             trainer.should_stop = True
 
     trainer = L.Trainer(
@@ -194,3 +194,55 @@ def test_the_progress_total_counts_optimizer_steps(max_steps, max_epochs, per, e
     )
     trainer.fit(Net(), torch.utils.data.DataLoader(torch.ones(3, 1), batch_size=1))
     assert seen == [expected]
+
+
+@pytest.mark.parametrize(
+    "length, max_steps, max_epochs, batches, warned",
+    [
+        (
+            1000,
+            1000,
+            1,
+            3,
+            True,
+        ),  # the default cosine (model.scheduler.max_steps follows trainer.max_steps), one epoch
+        (1000, -1, 2, 3, True),
+        (6, 1000, 2, 3, False),  # sized to the run
+        (1000, 4, 1, 300, False),  # trainer.max_steps ends it first: a shorter run the user asked for
+        (-1, 1000, 1, 3, False),  # sized by the epochs
+    ],
+)
+def test_a_schedule_longer_than_the_epochs_is_warned(length, max_steps, max_epochs, batches, warned, caplog):  # noqa: ANN001
+    """A run ended by trainer.max_epochs before model.scheduler.max_steps finished with its learning rate still near
+    the peak, and nothing said so: configure_optimizers warns and names model.scheduler.max_steps=-1."""
+    import functools
+    import logging
+    import types
+
+    import torch
+
+    from musicflamingo.lit import MusicFlamingoLit, warmup_cosine
+
+    stand_in = types.SimpleNamespace(
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        param_groups=lambda: [torch.nn.Parameter(torch.zeros(1))],
+        scheduler=functools.partial(warmup_cosine, warmup_steps=0, max_steps=length, min_lr_ratio=0.1),
+        optimizer_steps_per_batch=1,
+        trainer=types.SimpleNamespace(
+            estimated_stepping_batches=batches * max_epochs
+            if max_steps == -1
+            else min(max_steps, batches * max_epochs),
+            max_steps=max_steps,
+            max_epochs=max_epochs,
+            is_global_zero=True,
+        ),
+    )
+    with caplog.at_level(logging.WARNING, logger="musicflamingo"):
+        out = MusicFlamingoLit.configure_optimizers(stand_in)
+    said = [r.getMessage() for r in caplog.records if "learning-rate schedule" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert "model.scheduler.max_steps=-1" in said[0] and f"at step {batches * max_epochs}" in said[0]
+    if length < 0:
+        assert stand_in._schedule["max_steps"] == batches * max_epochs
+    assert out["lr_scheduler"]["interval"] == "step"
