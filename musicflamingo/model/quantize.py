@@ -444,14 +444,12 @@ class Int4Linear(QuantLinear):
         """Repack `weight` once into the block this CPU's kernel reads (a fresh, aligned tensor), else align it."""
         block = int4_kernel_block()
         if block != self.packed_block:
-            with (
-                _REPACK_LOCK
-            ):  # two threads decoding at once repack once (the other would read a half-set layout)
+            # two threads at the first use repack once (the other could read a half-set layout)
+            with _REPACK_LOCK:
                 if block != self.packed_block:
                     self.weight = _repacked(self.weight, self.packed_block, block)
-                    self.packed_block = (
-                        block  # after the weight: a thread seeing the new block has its weight
-                    )
+                    # after the weight: a thread that sees the new block has its weight
+                    self.packed_block = block
         self.align()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
