@@ -1201,28 +1201,33 @@ class ShardDataset(ConversationDataset):
         out, unknown, first, estimated, other = [], 0, None, 0, 0
         for i, text in enumerate(self.records.texts()):
             obj = self.records._loads(i, text)
+            # only the reading of the entry is the shards' fault: an error tokenizing it (estimate_num_tokens,
+            # below) is the processor's, which writing the shards again would not fix
             try:
                 secs = _seconds_of(obj)
                 count = obj.get("tokens")
-                if (
+                taken = (
                     isinstance(count, int)
                     and not isinstance(count, bool)
                     and obj.get("counted_with") == settings
-                ):
-                    record = None
-                    out.append(count)
-                else:  # ~0.4 ms a record: parsed and tokenized
-                    record = _record_from(obj)
-                    out.append(estimate_num_tokens(record, self, secs))
-                    estimated += 1
-                    other += "counted_with" in obj
+                )
+                record = None if taken else _record_from(obj)
+                if any(math.isnan(s) for s in secs):
+                    unknown += 1
+                    if first is None:
+                        record = record or _record_from(obj)
+                        first = (
+                            next(a.path for a, s in zip(record.audios, secs) if math.isnan(s)),
+                            record.source,
+                        )
             except (ValueError, KeyError, TypeError) as e:  # a damaged chunk's bytes that still decode
                 raise self.records._not_a_record(i, e) from None
-            if any(math.isnan(s) for s in secs):
-                unknown += 1
-                if first is None:
-                    record = record or _record_from(obj)
-                    first = next(a.path for a, s in zip(record.audios, secs) if math.isnan(s)), record.source
+            if taken:
+                out.append(count)
+            else:  # ~0.4 ms a record: tokenized
+                out.append(estimate_num_tokens(record, self, secs))
+                estimated += 1
+                other += "counted_with" in obj
         if other:  # counts made for another tokenizer, chat template or window settings: never used
             log.warning(
                 "%s: %d records' stored token counts were made with other processor settings (tokenizer, system "
