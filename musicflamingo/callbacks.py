@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import pickle
 import random
@@ -523,6 +522,8 @@ class ProgressLog(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._tokens, self._start_step = time.perf_counter(), 0.0, trainer.global_step
+        from musicflamingo.lit import total_steps  # lit lies below callbacks (docs/architecture.md)
+
         self._total = total_steps(trainer, pl_module)
         # an early stop a resumed checkpoint recorded is not this run's
         self._early_stops = [
@@ -578,8 +579,8 @@ class ProgressLog(Callback):
 
 
 def _say_why_stopped_early(trainer: L.Trainer, at_start: list[str | None], total: int | None) -> None:
-    """Log why an `EarlyStopping` callback ended the run before its last step (`total`, see :func:`total_steps`):
-    Lightning says nothing unless its `verbose=true`, so a 30-step run ended at step 4 with no line telling why (or
+    """Log why an `EarlyStopping` callback ended the run before its last step (`total`, see
+    :func:`musicflamingo.lit.total_steps`): Lightning says nothing unless its `verbose=true`, so a 30-step run ended at step 4 with no line telling why (or
     that it was not a crash). `at_start`: each callback's message when training started (a resumed checkpoint's;
     each stop makes a new one)."""
     if not getattr(trainer, "should_stop", False) or (total is not None and trainer.global_step >= total):
@@ -594,23 +595,6 @@ def _say_why_stopped_early(trainer: L.Trainer, at_start: list[str | None], total
                 type(cb).__name__,
                 reason,
             )
-
-
-def total_steps(trainer: L.Trainer, pl_module: L.LightningModule | None = None) -> int | None:
-    """The optimizer step the run ends at: trainer.max_steps, or sooner when trainer.max_epochs ends it first (the
-    progress line of a one-epoch run read `step 35/1000` with the default max_steps, its ETA 30x too long). None
-    when nothing bounds the steps (trainer.max_time alone, or an iterable data set without max_steps).
-
-    Lightning's `estimated_stepping_batches` counts batches over the epochs (per rank, after gradient
-    accumulation); GRPO makes `optimizer_steps_per_batch` optimizer steps a batch, and max_steps counts those, as
-    `MusicFlamingoLit.configure_optimizers` counts them for a schedule by epochs."""
-    total = trainer.estimated_stepping_batches  # min(max_steps, ceil(batches / accumulation) * max_epochs)
-    if not math.isfinite(total) or total <= 0:
-        return None
-    per = getattr(pl_module, "optimizer_steps_per_batch", 1)
-    if per > 1 and (trainer.max_steps == -1 or total < trainer.max_steps):  # bounded by the epochs' batches
-        total = total * per if trainer.max_steps == -1 else min(total * per, trainer.max_steps)
-    return int(total)
 
 
 def _clock(seconds: float) -> str:

@@ -21,7 +21,6 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from torch import nn
 
-from musicflamingo.callbacks import total_steps
 from musicflamingo.chat import IGNORE_INDEX
 from musicflamingo.distributed import MusicFlamingoFSDP
 from musicflamingo.errors import RunStopped
@@ -171,6 +170,23 @@ def untie_trained_head(net: nn.Module) -> bool:
         "(never tied); the export stores both and says tie_word_embeddings=false"
     )
     return True
+
+
+def total_steps(trainer: L.Trainer, pl_module: L.LightningModule | None = None) -> int | None:
+    """The optimizer step the run ends at: trainer.max_steps, or sooner when trainer.max_epochs ends it first (the
+    progress line of a one-epoch run read `step 35/1000` with the default max_steps, its ETA 30x too long). None
+    when nothing bounds the steps (trainer.max_time alone, or an iterable data set without max_steps).
+
+    Lightning's `estimated_stepping_batches` counts batches over the epochs (per rank, after gradient
+    accumulation); GRPO makes `optimizer_steps_per_batch` optimizer steps a batch, and max_steps counts those, as
+    `MusicFlamingoLit.configure_optimizers` sizes a schedule by epochs with it."""
+    total = trainer.estimated_stepping_batches  # min(max_steps, ceil(batches / accumulation) * max_epochs)
+    if not math.isfinite(total) or total <= 0:
+        return None
+    per = getattr(pl_module, "optimizer_steps_per_batch", 1)
+    if per > 1 and (trainer.max_steps == -1 or total < trainer.max_steps):  # bounded by the epochs' batches
+        total = total * per if trainer.max_steps == -1 else min(total * per, trainer.max_steps)
+    return int(total)
 
 
 class MusicFlamingoLit(L.LightningModule):

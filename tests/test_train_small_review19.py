@@ -161,7 +161,7 @@ def test_the_progress_total_counts_optimizer_steps(max_steps, max_epochs, per, e
     import lightning as L
     import torch
 
-    from musicflamingo.callbacks import total_steps
+    from musicflamingo.lit import total_steps
 
     class Net(L.LightningModule):
         def __init__(self) -> None:
