@@ -2,6 +2,8 @@
 as a damaged shard; the counts' digest has its own version, so an index-format change keeps them valid; the data
 module's length line says whether its lengths were stored or estimated."""
 
+import json
+import logging
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 pytest.importorskip("litdata")
 
 from musicflamingo.chat import ChatEncoder  # noqa: E402
+from musicflamingo.data.index import counts_digest  # noqa: E402
 from musicflamingo.data.shards import ShardDataset, ShardError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,3 +37,33 @@ def test_a_tokenizer_error_is_not_reported_as_a_damaged_shard(processors, writte
     assert ShardDataset(
         new, p, bad_sample_policy="skip"
     ).estimate_lengths()  # stored counts: nothing tokenized
+
+
+def test_counts_outlive_an_index_change_not_a_counting_one(processors, written, monkeypatch, caplog):  # noqa: F811
+    """The counts' digest has its own version: bumping INDEX_VERSION (an index-format change) keeps every stored
+    count (it made them all 'other processor settings' and tokenized every record at every launch); bumping
+    COUNTS_VERSION does not, and the warning says counting may be why. Shards written by 0654124 (both 1) keep
+    their digest."""
+    from musicflamingo.data import index
+
+    p, _, _ = processors
+    _, new = written
+    settings = index.index_settings(p, None, "")  # counts_digest as 0654124 computed it (INDEX_VERSION 1)
+    del settings["hashes"], settings["audio_root"]
+    assert index.INDEX_VERSION == 1 and counts_digest(p) == index._digest(
+        json.dumps(settings, sort_keys=True)
+    )
+    stored = ShardDataset(new, p, bad_sample_policy="skip").estimate_lengths()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("tokenized at launch")
+
+    with monkeypatch.context() as m:
+        m.setattr(index, "INDEX_VERSION", 2)
+        m.setattr(ChatEncoder, "num_tokens", boom)
+        assert ShardDataset(new, p, bad_sample_policy="skip").estimate_lengths() == stored
+    monkeypatch.setattr(index, "COUNTS_VERSION", 2)
+    with caplog.at_level(logging.WARNING, logger="musicflamingo.data.shards"):
+        assert ShardDataset(new, p, bad_sample_policy="skip").estimate_lengths() == stored  # estimated anew
+    assert "7 records' stored token counts were made with other processor settings" in caplog.text
+    assert "or by an older way of counting" in caplog.text

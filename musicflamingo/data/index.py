@@ -81,8 +81,13 @@ from musicflamingo.runfolder import FolderLock
 log = logging.getLogger(__name__)
 
 SUFFIX = ".index.parquet"
-# Bump when the code that computes durations or counts (estimate_num_tokens, manifest parsing) changes its results.
+# Bump when the code that computes durations or counts (estimate_num_tokens, manifest parsing) changes its results,
+# or when the index's own format does.
 INDEX_VERSION = 1
+# Bump when estimate_num_tokens counts a record of known durations differently (bump INDEX_VERSION too): the version
+# in counts_digest, which shards store beside their counts. Not INDEX_VERSION, so that a change to the index alone
+# leaves every shard set's counts valid.
+COUNTS_VERSION = 1
 MODES = ("auto", "off", "require")
 _META_KEY = b"musicflamingo.index"
 # in a snapshot of a build still running or interrupted: {"force": bool, "started": ns}; absent from a finished
@@ -137,11 +142,13 @@ def index_settings(processor: Any, audio_root: str | os.PathLike | None, hashes:
 
 def counts_digest(processor: Any) -> str:
     """A digest (16 hex digits) of what a record's token count depends on once its audios' durations are known:
-    :func:`index_settings` less the manifest's hash kind and ``audio_root`` (durations only). Shards store it beside
-    each record's count (:mod:`musicflamingo.data.shards`), so a count is used only under the settings it was made
-    with."""
+    :func:`index_settings` less the manifest's hash kind and ``audio_root`` (durations only), versioned by
+    :data:`COUNTS_VERSION`, not :data:`INDEX_VERSION`. Shards store it beside each record's count
+    (:mod:`musicflamingo.data.shards`), so a count is used only under the settings it was made with."""
     settings = index_settings(processor, None, "")
     del settings["hashes"], settings["audio_root"]
+    # under the key INDEX_VERSION had: the digests of shards written while both were 1 stay the same
+    settings["version"] = COUNTS_VERSION
     return _digest(json.dumps(settings, sort_keys=True))
 
 

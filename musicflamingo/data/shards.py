@@ -1228,11 +1228,13 @@ class ShardDataset(ConversationDataset):
                 out.append(estimate_num_tokens(record, self, secs))
                 estimated += 1
                 other += "counted_with" in obj
-        if other:  # counts made for another tokenizer, chat template or window settings: never used
+        # counts made for another tokenizer, chat template or window settings, or under another COUNTS_VERSION
+        if other:
             log.warning(
                 "%s: %d records' stored token counts were made with other processor settings (tokenizer, system "
-                "prompt, audio token or window settings) than data.processor's; estimating them now (~0.4 ms a "
-                "record, at every launch). To skip this, write the shards again with that processor: "
+                "prompt, audio token or window settings) than data.processor's, or by an older way of counting; "
+                "estimating them now (~0.4 ms a record, at every launch). To skip this, write the shards again "
+                "with that processor: "
                 "python -m musicflamingo.data shard MANIFEST OUT --processor <data.processor folder> --overwrite",
                 self.url,
                 other,
