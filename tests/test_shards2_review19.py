@@ -4,6 +4,7 @@ module's length line says whether its lengths were stored or estimated."""
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -34,9 +35,8 @@ def test_a_tokenizer_error_is_not_reported_as_a_damaged_shard(processors, writte
         with pytest.raises(ValueError, match="the tokenizer's own complaint") as caught:
             ShardDataset(shards, processor, bad_sample_policy="skip").estimate_lengths()
         assert not isinstance(caught.value, ShardError)
-    assert ShardDataset(
-        new, p, bad_sample_policy="skip"
-    ).estimate_lengths()  # stored counts: nothing tokenized
+    # stored counts: nothing tokenized
+    assert ShardDataset(new, p, bad_sample_policy="skip").estimate_lengths()
 
 
 def test_counts_outlive_an_index_change_not_a_counting_one(processors, written, monkeypatch, caplog):  # noqa: F811
@@ -67,3 +67,43 @@ def test_counts_outlive_an_index_change_not_a_counting_one(processors, written, 
         assert ShardDataset(new, p, bad_sample_policy="skip").estimate_lengths() == stored  # estimated anew
     assert "7 records' stored token counts were made with other processor settings" in caplog.text
     assert "or by an older way of counting" in caplog.text
+
+
+def _length_line(train, processor, caplog, record_filter=None) -> str:
+    from musicflamingo.data.datamodule import MusicFlamingoDataModule
+
+    dm = MusicFlamingoDataModule(
+        train=str(train),
+        processor=processor,
+        batch_max_tokens=100_000,
+        num_workers=0,
+        bad_sample_policy="skip",
+        record_filter=record_filter,
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="musicflamingo.data.datamodule"):
+        dm.setup("fit")
+    (line,) = [r.getMessage() for r in caplog.records if " tokens (" in r.getMessage()]
+    return line
+
+
+def test_the_length_line_says_stored_or_estimated(processors, written, tmp_path, caplog):  # noqa: F811
+    """The data module's 'N records, T tokens (...)' line said 'estimated' of every data set, even one whose
+    lengths were all stored counts (nothing tokenized): it says which, or how many of each."""
+    from musicflamingo.data.index import build_index
+
+    p, _, other = processors
+    old, new = written
+    assert _length_line(new, p, caplog).endswith(" tokens (stored counts)")
+    assert _length_line(new, other, caplog).endswith(" tokens (estimated)")  # counts for other settings
+    assert _length_line(old, p, caplog).endswith(" tokens (estimated)")  # written without --processor
+    manifest = tmp_path / "data" / "m.jsonl"
+    assert _length_line(manifest, p, caplog).endswith(" tokens (estimated)")  # no index
+    unread = build_index(manifest, p).unreadable_audio  # their rows hold no count: estimated at each launch
+    assert 0 < unread < 7
+    assert _length_line(manifest, p, caplog).endswith(
+        f" tokens ({7 - unread} stored counts, {unread} estimated)"
+    )
+    # under a record filter, of the records it keeps: both are read ones, with counts in the index
+    kept = _length_line(manifest, p, caplog, record_filter=lambda r: r.id in ("flac", "text"))
+    assert re.search(r": 2 records, \d+ tokens \(stored counts\)$", kept), kept

@@ -204,6 +204,16 @@ class RecordSubset(torch.utils.data.Dataset):
             self.dataset.set_epoch(epoch)
 
 
+def _counted(stored: np.ndarray) -> str:
+    """How a data set's token lengths were found, for its log line: ``stored`` [N] bool is True where a length was
+    a stored count (a shard set's ``shard --processor`` counts, a manifest index's), False where estimated (the
+    records tokenized at this launch)."""
+    k = int(stored.sum())
+    if k and k == len(stored):
+        return "stored counts"
+    return "estimated" if not k else f"{k} stored counts, {len(stored) - k} estimated"
+
+
 class MusicFlamingoDataModule(L.LightningDataModule):
     """Train/val DataLoaders of conversations with audio, batched by a padded-token budget.
 
@@ -373,12 +383,13 @@ class MusicFlamingoDataModule(L.LightningDataModule):
             if is_shards(path):  # a shard folder or URL (python -m musicflamingo.data shard)
                 ds = ShardDataset(path, self.processor, **self.dataset_kwargs)
                 keep = None if keep_fn is None else self._kept(ds.records, keep_fn)
-                n = np.asarray(ds.estimate_lengths(), dtype=np.int64)
+                n, stored = ds.token_lengths()
             else:  # lengths from the manifest's index where it is valid (musicflamingo.data.index)
                 found = load_manifest(path, self.processor, self.audio_root, self.index)
                 ds = ConversationDataset(found.records, self.processor, **self.dataset_kwargs)
                 keep = None if keep_fn is None else self._kept(ds.records, keep_fn)
                 known = found.tokens
+                stored = np.zeros(len(ds), dtype=bool) if known is None else np.asarray(known) >= 0
                 if keep is not None and len(keep) < len(ds):
                     # the records left out are never estimated (read): a known length of 0 stands for theirs
                     known = np.full(len(ds), -1, dtype=np.int64) if known is None else np.array(known)
@@ -389,10 +400,10 @@ class MusicFlamingoDataModule(L.LightningDataModule):
                 log.info(
                     "%s: the record filter %s keeps %d of its %d records", path, keep_fn, len(keep), len(ds)
                 )
-                ds, n = RecordSubset(ds, keep), n[keep]
+                ds, n, stored = RecordSubset(ds, keep), n[keep], stored[keep]
             datasets.append(ds)
             lengths.append(n)
-            log.info("%s: %d records, %d tokens (estimated)", path, len(ds), int(n.sum()))
+            log.info("%s: %d records, %d tokens (%s)", path, len(ds), int(n.sum()), _counted(stored))
         if keep_fn is not None and not sum(len(ds) for ds in datasets):
             refuse = getattr(keep_fn, "nothing_kept", None)
             if callable(refuse):

@@ -1197,8 +1197,13 @@ class ShardDataset(ConversationDataset):
         (``shard --processor``: nothing tokenized), else estimated from the seconds stored then (no audio is
         fetched): the manifest's numbers either way. (``known``/``seconds`` come from a manifest index; shards
         carry their own seconds and ignore them.)"""
+        return self.token_lengths()[0].tolist()
+
+    def token_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`estimate_lengths` as int64 [N], and bool [N]: True where the count was the stored one (False:
+        estimated now), so that the data module's log line says which."""
         settings = counts_digest(self.processor)
-        out, unknown, first, estimated, other = [], 0, None, 0, 0
+        out, unknown, first, estimated, other, stored = [], 0, None, 0, 0, []
         for i, text in enumerate(self.records.texts()):
             obj = self.records._loads(i, text)
             # only the reading of the entry is the shards' fault: an error tokenizing it (estimate_num_tokens,
@@ -1222,6 +1227,7 @@ class ShardDataset(ConversationDataset):
                         )
             except (ValueError, KeyError, TypeError) as e:  # a damaged chunk's bytes that still decode
                 raise self.records._not_a_record(i, e) from None
+            stored.append(taken)
             if taken:
                 out.append(count)
             else:  # ~0.4 ms a record: tokenized
@@ -1257,7 +1263,7 @@ class ShardDataset(ConversationDataset):
                 unknown,
                 *first,
             )
-        return out
+        return np.asarray(out, dtype=np.int64), np.asarray(stored, dtype=bool)
 
 
 # ---------------------------------------------------------------------------------------------- command line
