@@ -782,6 +782,10 @@ def test_train_refuses_before_building(tmp_path, monkeypatch):
     from musicflamingo.training import train
 
     monkeypatch.setattr(runtime, "available_memory", lambda device: 10**6)
+    # the paths exist (a missing processor folder or manifest is refused even before the plan, by name), but
+    # neither is read: the plan refuses first
+    (tmp_path / "processor").mkdir()
+    (tmp_path / "train.jsonl").write_text("")
     cfg, _ = _compose("train", _train_overrides(tmp_path, "model=small"))
     with pytest.raises(MemoryPlanError, match="exceeds the 1.0 MB available"):
         train(cfg)
