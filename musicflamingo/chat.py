@@ -181,6 +181,18 @@ def is_audio_item(item: Mapping[str, Any]) -> bool:
     return item.get("type") == "audio" or "audio" in item
 
 
+def message_place(
+    conversation: str | None, message: int, item: int | None = None, field: str | None = None
+) -> str:
+    """Where in a conversation an error is, the one spelling every conversation error starts with:
+    ``message_place("conversation 2", 0, 1, "text") == "conversation 2 message 0 content item 1 (text)"``;
+    ``conversation`` None (a lone conversation) leaves it out, ``item`` None stops at the message."""
+    place = f"message {message}" if conversation is None else f"{conversation} message {message}"
+    if item is not None:
+        place += f" content item {item}"
+    return place if field is None else f"{place} ({field})"
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 def render_chat(
     messages: Sequence[dict[str, Any]],
@@ -188,6 +200,7 @@ def render_chat(
     add_generation_prompt: bool = True,
     audio_token: str = AUDIO_PLACEHOLDER,
     continue_final_message: bool = False,
+    name: str | None = None,
 ) -> str:
     """Render a conversation as the reference template does (see the module docstring).
 
@@ -201,12 +214,19 @@ def render_chat(
     applies it. The processor of ``transformers`` 5.25 first drops ``None``-valued keys, so the rule no longer sees
     ``None`` and an empty turn ``<|im_start|>{role}\n<|im_end|>\n`` is written instead; we keep the checkpoint
     template's rule (training renders with it too). ``content=""`` is an empty turn in both.
+
+    ``name`` (e.g. ``"conversation 2"`` of a batch) starts every error, which names the place as
+    :func:`message_place` does: ``conversation 2 message 0 content item 1 (text) must be a string, got int``.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"a conversation must be a non-empty list of messages, got {messages!r:.80}")
+        raise ValueError(
+            f"{name or 'a conversation'} must be a non-empty list of messages, got {messages!r:.80}"
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
+            raise ValueError(
+                f"{message_place(name, i)} must be a dict with 'role' and 'content', got {m!r:.80}"
+            )
     if continue_final_message:
         if add_generation_prompt:
             raise ValueError(
@@ -219,8 +239,8 @@ def render_chat(
         )
         if not has_text:
             raise ValueError(
-                f"continue_final_message: the final message (message {len(messages) - 1}) has no text to continue, "
-                f"got content {last!r:.80}"
+                f"{message_place(name, len(messages) - 1)} content has no text to continue "
+                f"(continue_final_message needs a string or a text item in the final message), got {last!r:.80}"
             )
     out = []
     if messages[0]["role"] != "system":
@@ -231,7 +251,7 @@ def render_chat(
             continue
         if not isinstance(content, (str, list, tuple)):  # was a bare TypeError ('int' object is not iterable)
             raise ValueError(
-                f"message {i} content must be a string, a list of content items or None, got "
+                f"{message_place(name, i)} content must be a string, a list of content items or None, got "
                 f"{type(content).__name__} {content!r:.80}"
             )
         out.append(f"{START_OF_TURN}{m['role']}\n")
@@ -241,13 +261,17 @@ def render_chat(
             has_audio, text = False, []
             for j, c in enumerate(content):
                 if not isinstance(c, dict):
-                    raise ValueError(f"message {i} content item {j} must be a dict, got {type(c).__name__}")
+                    raise ValueError(
+                        f"{message_place(name, i, j)} must be a dict such as {{'type': 'text', 'text': ...}}, "
+                        f"got {type(c).__name__} {c!r:.80}"
+                    )
                 if is_audio_item(c):
                     has_audio = True
                 elif c.get("type") == "text" or "text" in c:
+                    where = message_place(name, i, j, "text")
                     if not isinstance(c.get("text"), str):
-                        raise ValueError(f"message {i} content item {j}: 'text' must be a string")
-                    text.append(check_typed_text(c["text"], f"message {i} content item {j} (text)"))
+                        raise ValueError(f"{where} must be a string, got {type(c.get('text')).__name__}")
+                    text.append(check_typed_text(c["text"], where))
             out.append((audio_token if has_audio else "") + "".join(text))
         out.append(f"{END_OF_TURN}\n")
     if continue_final_message:
@@ -405,10 +429,9 @@ class ChatEncoder:
         """
         for i, m in enumerate(messages):
             content = m.get("content") if isinstance(m, dict) else None  # render_chat reports malformed ones
-            if any(t in text for text in _texts(content) for t in FORBIDDEN_TOKENS):
-                raise ValueError(
-                    f"message {i} contains a chat special token, which would fake a turn boundary"
-                )
+            for where, text in _texts(content, i):
+                if any(t in text for t in FORBIDDEN_TOKENS):  # the scan alone on the hot path (token counts)
+                    check_typed_text(text, where, FORBIDDEN_TOKENS)  # raises naming the place and the token
         pieces = []
         prev = ""
         for k, m in enumerate(messages):
@@ -452,13 +475,18 @@ class ChatEncoder:
         return ids, start, len(ids) - len(tail) + 1
 
 
-def _texts(content: Any) -> list[str]:
-    """The text a message's content carries (a string, or the ``text`` of its items)."""
+def _texts(content: Any, message: int) -> list[tuple[str, str]]:
+    """``(place, text)`` of each text message ``message``'s content carries (a string, or the ``text`` of its
+    items), the place as :func:`message_place` names it."""
     if isinstance(content, str):
-        return [content]
+        return [(f"{message_place(None, message)} content", content)]
     if not isinstance(content, (list, tuple)):
         return []
-    return [c["text"] for c in content if isinstance(c, dict) and isinstance(c.get("text"), str)]
+    return [
+        (message_place(None, message, j, "text"), c["text"])
+        for j, c in enumerate(content)
+        if isinstance(c, dict) and isinstance(c.get("text"), str)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- options

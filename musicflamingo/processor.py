@@ -15,25 +15,29 @@ It reads the folder the reference ``save_pretrained`` writes and writes one the 
 
 Deliberate differences (tested in ``tests/test_processor_review8.py``): integer arrays are PCM scaled to [-1, 1]
 and ``[C, T]``/``[T, C]`` arrays are averaged to mono (the reference casts integers as they are and fails on 2-D
-arrays); an audio too short for one token is refused and a <= 20-ms tail past a window is cut (see
-:meth:`MusicFlamingoProcessor.prepare_audio`); a conversation may hold several audios (one per message);
-``apply_chat_template`` defaults to ``tokenize=True, return_dict=True, add_generation_prompt=True`` and ``decode``
+arrays); an audio too short for one token or with NaN/inf samples is refused (the reference gives NaN features)
+and a <= 20-ms tail past a window is cut (see :meth:`MusicFlamingoProcessor.prepare_audio`); a conversation may
+hold several audios (one per message); ``apply_chat_template`` defaults to ``tokenize=True, return_dict=True, add_generation_prompt=True`` and ``decode``
 to ``skip_special_tokens=True`` (all ``False`` in the reference); a batch may mix conversations with and without
 audio (the reference wants one audio per conversation). ``transformers`` keywords are taken with the values that
 give the reference's ids here and refused by name otherwise (:data:`REFERENCE_KWARGS`); ``padding=True`` keeps
 ``input_features`` whole windows where the reference pads them to the batch's longest window (features its own
 encoder cannot take). A message with ``content=None`` is skipped as the template says, where the processor of
 ``transformers`` 5.25 renders an empty turn (:func:`musicflamingo.chat.render_chat`). Tested in
-``tests/test_processor_review17.py``.
+``tests/test_processor_review17.py``. Chat special tokens typed in a text item are refused; in string content they
+are the control tokens, as in the reference, and refused with ``sanitize_control_tokens=True`` (the reference then
+tokenizes them as plain text; ``tests/test_processor_review20.py``).
+
+Errors about a conversation start with the place, as :func:`musicflamingo.chat.message_place` spells it:
+``conversation 1 message 0 content item 2 (text) must be a string, got int`` (no ``conversation`` for one).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -327,25 +331,10 @@ class MusicFlamingoProcessor:
         )
 
     @staticmethod
-    def conversation_audios(conversation: Conversation) -> list[AudioInput]:
-        """Audio items of a conversation in order (key ``audio``, else ``url``, else ``path``, as the reference)."""
-        found = []
-        for i, m in enumerate(conversation):
-            if not isinstance(m.get("content"), (list, tuple)):
-                continue
-            for j, c in enumerate(m["content"]):
-                if isinstance(c, dict) and chat.is_audio_item(c):
-                    value = next((c[k] for k in ("audio", "url", "path") if c.get(k) is not None), None)
-                    if value is None:
-                        raise ValueError(
-                            f"message {i} content item {j} is audio but has no 'audio', 'url' or 'path'"
-                        )
-                    if isinstance(value, str) and value.startswith(("http://", "https://")):
-                        raise AudioError(
-                            f"{value}: URLs are not supported (offline); download the file first"
-                        )
-                    found.append(value)
-        return found
+    def conversation_audios(conversation: Conversation, name: str | None = None) -> list[AudioInput]:
+        """Audio items of a conversation in order (key ``audio``, else ``url``, else ``path``, as the reference).
+        ``name`` (``"conversation 2"`` of a batch) starts the errors, as in :func:`musicflamingo.chat.render_chat`."""
+        return [value for value, _ in _audio_items(conversation, name)]
 
     def apply_chat_template(
         self,
@@ -383,7 +372,9 @@ class MusicFlamingoProcessor:
         otherwise (an ``unexpected keyword`` TypeError for those it lacks): ``return_tensors="auto"`` (``"pt"``);
         ``chat_template`` shaped as the Music Flamingo template (its system prompt is used); ``tools``/``documents``
         empty (the template has no place for them: transformers drops them silently); ``sanitize_control_tokens``
-        (typed chat special tokens are always refused here, never tokenized as text or as control tokens);
+        (typed chat special tokens in text items are always refused here; in string content, emitted as is by the
+        template, they are the control tokens as in the reference, and refused with ``True``, where the reference
+        tokenizes them as plain text);
         ``return_assistant_tokens_mask``/``load_audio_from_video`` ``False`` (assistant-only labels:
         :meth:`chat_encoder`); and :meth:`__call__`'s (``padding=True``, ``text_kwargs``, ...), top level or in
         ``processor_kwargs``. An option given both as an argument and in ``text_kwargs``/``common_kwargs`` with
@@ -474,52 +465,61 @@ class MusicFlamingoProcessor:
         batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0
         batched = batched and isinstance(conversation[0], (list, tuple))
         convs = list(conversation) if batched else [conversation]
-        texts = []
-        for b, c in enumerate(convs):
-            with _naming_conversation(b if batched else None):  # "message 0 ..." of which conversation?
-                texts.append(
-                    chat.render_chat(
-                        c,
-                        prompt,
-                        add_generation_prompt,
-                        self.audio_token,
-                        continue_final_message=continue_final_message,
-                    )
-                )
+        # Every error names its place as chat.message_place spells it: "conversation 2 message 0 content item 1
+        # (text) must be ..." (a lone conversation: from "message 0" on).
+        names = [f"conversation {b}" if batched else None for b in range(len(convs))]
+        texts = [
+            chat.render_chat(
+                c,
+                prompt,
+                add_generation_prompt,
+                self.audio_token,
+                continue_final_message=continue_final_message,
+                name=name,
+            )
+            for c, name in zip(convs, names)
+        ]
         if not tokenize:
             return texts if batched else texts[0]
         audios, sources = [], []
-        for b, c in enumerate(convs):
-            audio_messages = []  # the message of each audio, to name an array audio in errors and warnings
+        for c, name in zip(convs, names):
             for i, m in enumerate(c):  # render_chat checked that each message is a dict
                 content = m["content"] if isinstance(m["content"], (list, tuple)) else ()
                 n = sum(isinstance(x, dict) and chat.is_audio_item(x) for x in content)
-                audio_messages += [i] * n
-                where = f"conversation {b} message {i}" if batched else f"message {i}"
-                if isinstance(m["content"], str) and self.audio_token in m["content"]:
-                    # Only audio items give audios, so a typed placeholder is always one too many; the count check
-                    # below named neither the message nor the cause ("1 placeholder(s) but 0 audio(s)").
-                    raise ValueError(
-                        f"{where} content holds the audio placeholder {self.audio_token!r} as typed text (position "
-                        f"{m['content'].index(self.audio_token)}), but audios come only from "
-                        '{"type": "audio", ...} content items (the template writes their placeholder): give the '
-                        f"audio as an item, or remove {self.audio_token!r} from the text"
-                    )
+                where = chat.message_place(name, i)
+                if isinstance(m["content"], str):
+                    self._check_typed_content(m["content"], f"{where} content", sanitize_control_tokens)
                 if n > 1:  # the <sound> count check below blamed the text: "1 placeholder but 2 audios"
                     raise ValueError(
                         f"{where} has {n} audio items, but the chat template renders 1 {self.audio_token!r} "
                         f"placeholder per message, as the reference's does, and each takes one audio ({n} audio(s) "
                         "here): put each audio in a message of its own"
                     )
-            with _naming_conversation(b if batched else None):
-                found = self.conversation_audios(c)
-            for a, i in zip(found, audio_messages):
+            for a, place in _audio_items(c, name):
                 audios.append(a)
-                # "conversation[0] audio" named every array audio of a conversation alike
-                where = f"conversation[{b}] message {i}" if batched else f"message {i}"
-                sources.append(Path(a).name if isinstance(a, (str, os.PathLike)) else f"{where} audio")
+                # an array is named by its place ("conversation 1 message 2 content item 0 (audio)"), a file by name
+                sources.append(Path(a).name if isinstance(a, (str, os.PathLike)) else place)
         out = self(texts, audio=audios or None, sources=sources, **opts)
         return out if return_dict else out["input_ids"]
+
+    def _check_typed_content(self, text: str, where: str, sanitize_control_tokens: bool) -> None:
+        """ValueError naming ``where`` when a message's string content cannot be tokenized as the reference does.
+
+        String content is emitted as is, as the template does, so a typed ``<|im_end|>`` is the control token in
+        both processors (item texts are refused by :func:`musicflamingo.chat.render_chat`). Refused: a typed
+        ``<sound>`` (only audio items give audios), any chat special token with ``sanitize_control_tokens=True``
+        (the reference then reads it as plain text, ids the model never saw; ours gave the control token without
+        a word) and a lone surrogate (the reference's tokenizer fails with a bare TypeError)."""
+        if self.audio_token in text:
+            # Only audio items give audios, so a typed placeholder is always one too many; the count check of
+            # __call__ named neither the message nor the cause ("1 placeholder(s) but 0 audio(s)").
+            raise ValueError(
+                f"{where} holds the audio placeholder {self.audio_token!r} as typed text (position "
+                f"{text.index(self.audio_token)}), but audios come only from "
+                '{"type": "audio", ...} content items (the template writes their placeholder): give the '
+                f"audio as an item, or remove {self.audio_token!r} from the text"
+            )
+        chat.check_typed_text(text, where, chat.FORBIDDEN_TOKENS if sanitize_control_tokens else ())
 
     # ---------------------------------------------------------------- main entry
     def __call__(
@@ -604,7 +604,10 @@ class MusicFlamingoProcessor:
                     f"audio must be a file path, a numpy array or torch tensor, or a list of them; got "
                     f"{type(audio).__name__}"
                 ) from None
-            if audios and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in audios):
+            # np.float32 too: list(wave) of a float32 array gives numpy scalars, which are not Python floats
+            if audios and all(
+                isinstance(a, (int, float, np.number)) and not isinstance(a, bool) for a in audios
+            ):
                 # a waveform as a list of numbers: each sample was counted as an audio
                 raise ValueError(
                     f"audio is a list of {len(audios)} numbers: pass one waveform as a numpy array or torch tensor "
@@ -612,9 +615,17 @@ class MusicFlamingoProcessor:
                 )
         per_text = [t.count(self.audio_token) for t in texts]
         if sum(per_text) != len(audios):
+            stacked = ""
+            if (
+                isinstance(audio, (np.ndarray, torch.Tensor)) and audio.ndim > 1
+            ):  # np.stack(waves): one stereo audio
+                stacked = (
+                    f" (an array of shape {tuple(audio.shape)} is one audio, its channels averaged to mono: pass "
+                    "several audios as a list of 1-D arrays)"
+                )
             raise ValueError(
                 f"the text has {sum(per_text)} {self.audio_token!r} placeholder(s) (per sample: {per_text}) but "
-                f"{len(audios)} audio(s) were given; each {self.audio_token!r} takes one audio, in order"
+                f"{len(audios)} audio(s) were given{stacked}; each {self.audio_token!r} takes one audio, in order"
             )
         if sources is not None and len(sources) != len(audios):
             raise ValueError(
@@ -772,16 +783,39 @@ class MusicFlamingoProcessor:
         return save_files(directory, write, PROCESSOR_FILES.__contains__, overwrite, "processor")
 
 
-@contextlib.contextmanager
-def _naming_conversation(index: int | None) -> Iterator[None]:
-    """Prefix ``conversation {index}: `` to a ValueError raised inside (a batch's message errors name only the
-    message); nothing when ``index`` is None (one conversation)."""
-    try:
-        yield
-    except ValueError as e:
-        if index is None:
-            raise
-        raise type(e)(f"conversation {index}: {e}") from None
+def _audio_items(conversation: Conversation, name: str | None) -> list[tuple[AudioInput, str]]:
+    """``(audio, place)`` of each audio item of a conversation, in order: the value of its key ``audio``, else
+    ``url``, else ``path`` (as the reference), and where it is (``chat.message_place``, the key as the field).
+    ``name`` (``"conversation 2"``) starts the places."""
+    found = []
+    for i, m in enumerate(conversation):
+        if not isinstance(m.get("content"), (list, tuple)):
+            continue
+        for j, c in enumerate(m["content"]):
+            if not (isinstance(c, dict) and chat.is_audio_item(c)):
+                continue
+            key = next((k for k in ("audio", "url", "path") if c.get(k) is not None), None)
+            if key is None:
+                raise ValueError(
+                    f"{chat.message_place(name, i, j)} is audio but has no 'audio', 'url' or 'path': expected a "
+                    "waveform array or a file path in one of them"
+                )
+            value, place = c[key], chat.message_place(name, i, j, key)
+            if isinstance(value, str) and value.startswith(("http://", "https://")):
+                raise AudioError(
+                    f"{place}: {value} is a URL, which is not read here (offline); download the file and give its "
+                    "path"
+                )
+            if not isinstance(value, (str, os.PathLike, np.ndarray, torch.Tensor)):
+                # was "audio is a list of 1 numbers" (a number) or a count mismatch (a list), from __call__
+                what = f"{type(value).__name__} {value!r:.60}"
+                if isinstance(value, dict):  # a `datasets` Audio sample
+                    what += " (of a `datasets` sample, give audio['array'] resampled to the processor's rate)"
+                raise ValueError(
+                    f"{place} must be a file path or a waveform as a numpy array or torch tensor, got {what}"
+                )
+            found.append((value, place))
+    return found
 
 
 def _read_json(path: Path) -> dict:

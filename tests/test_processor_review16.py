@@ -122,9 +122,13 @@ def test_array_audio_errors_name_their_conversation_and_message(ours):
     told from the other."""
     long, short = _noise(40000, 8), _noise(100, 9)
     conv = [*_one(long), {"role": "assistant", "content": "A."}, *_one(short, "And this?")]
-    with pytest.raises(ValueError, match=r"^message 2 audio: audio has 100 samples .* too short"):
+    with pytest.raises(
+        ValueError, match=r"^message 2 content item 0 \(audio\): audio has 100 samples .* too short"
+    ):
         ours.apply_chat_template(conv)
-    with pytest.raises(ValueError, match=r"^conversation\[1\] message 2 audio: audio has 100 samples"):
+    with pytest.raises(
+        ValueError, match=r"^conversation 1 message 2 content item 0 \(audio\): audio has 100 samples"
+    ):
         ours.apply_chat_template([_one(long), conv])
 
 

@@ -27,7 +27,7 @@ def _audio_conv(audio):
             "message 0 content item 0 (text)",
         ),
         ([{"role": "user", "content": [{"type": "audio"}]}], "has no 'audio', 'url' or 'path'"),
-        ([], "a conversation must be a non-empty list"),
+        ([], "must be a non-empty list"),
     ],
 )
 def test_a_batch_error_names_the_conversation(ours, bad, message):
@@ -36,7 +36,7 @@ def test_a_batch_error_names_the_conversation(ours, bad, message):
     for tokenize in (True,) if audio_check else (False, True):
         with pytest.raises(ValueError) as e:
             ours.apply_chat_template([OK, OK, bad], tokenize=tokenize)
-        assert str(e.value).startswith("conversation 2: ") and message in str(e.value), str(e.value)
+        assert str(e.value).startswith("conversation 2 ") and message in str(e.value), str(e.value)
     if bad:  # one conversation: no index to give
         with pytest.raises(ValueError) as e:
             ours.apply_chat_template(bad)
@@ -54,7 +54,7 @@ def test_a_batch_error_names_the_conversation(ours, bad, message):
 def test_an_array_audio_error_names_its_message(ours, audio, what):
     good = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
     # Was "audio[1]": its place among the batch's audios, which no message shows.
-    with pytest.raises(ValueError, match=rf"^conversation\[1\] message 2 audio: .*{what}"):
+    with pytest.raises(ValueError, match=rf"^conversation 1 message 2 content item 0 \(audio\): .*{what}"):
         ours.apply_chat_template([_audio_conv(good), OK + OK + _audio_conv(audio)])
     with pytest.raises(ValueError, match=rf"^audio\[1\]: .*{what}"):  # the call without sources: its index
         ours(["<sound>", "<sound>"], audio=[good, audio])
