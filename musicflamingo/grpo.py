@@ -42,7 +42,8 @@ which is refused (the run would no longer be the uninterrupted one) unless `mode
 its former name `model.accept_rollout_changes=true`).
 Every record's id and reward fields are checked when the fit starts. Metric keys: `train/loss`, `train/reward`, `train/reward/<name>`,
 `train/reward_std` (the mean over groups of each group's reward std, what the advantages are divided by), `train/kl`,
-`train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/zero_variance_groups`,
+`train/clip_fraction`, `train/completion_length`, `train/truncated`, `train/think_length` (think mode: the
+thinking's tokens, 0 without any), `train/zero_variance_groups`,
 `train/samples_per_s`, `train/grad_norm`, `train/optimizer_step` (the loggers' `step` counts batches, each of
 `updates_per_batch` optimizer steps); `val/reward` and `val/reward/<name>` (greedy, one sample per prompt,
 means over the whole validation set). Under DDP each is over every rank's rollouts, as the loss is.
@@ -336,6 +337,9 @@ class Rollouts:
     nonfinite: dict[int, str] = field(default_factory=dict)
     # completions that ran out of max_new_tokens (no stop id, no stop string ended them)
     truncated: int = 0
+    # completions of prompts that ask for the think layout, and their thinking's tokens (0 where there is none)
+    think_completions: int = 0
+    think_tokens: int = 0
 
 
 def frozen_copy(net: MusicFlamingo, dtype: torch.dtype | None = None) -> MusicFlamingo:
@@ -1144,7 +1148,7 @@ class GRPOLit(MusicFlamingoLit):
         tok = TagsKept.wrap(self._processor().tokenizer)  # the tags as text, special tokens or not
         stops = set(self._stop_ids())
         stop_strings = self._stop_strings()
-        truncated = 0
+        truncated = think_completions = think_tokens = 0
         outputs, rewards = [], []
         components: dict[str, list[float | None]] = {name: [] for name in self.rewards}
         nonfinite: dict[int, str] = {}
@@ -1159,6 +1163,10 @@ class GRPOLit(MusicFlamingoLit):
                 truncated += stop is None and (not tokens or tokens[-1] not in stops)
                 # ended by a `</answer>` stop string, the cut text lacks its closing tag: parsed with it
                 output = parse_think(text, stop=stop) if think else plain_output(text)
+                if think:
+                    # the thinking as the tokenizer encodes its text (tags and surrounding spaces left out)
+                    think_completions += 1
+                    think_tokens += len(tok.encode(output.thinking)) if output.thinking else 0
                 total = 0.0
                 for name, reward in self.rewards.items():
                     value = _reward_value(name, _call_reward(name, reward, output, p), p)
@@ -1183,6 +1191,8 @@ class GRPOLit(MusicFlamingoLit):
             components,
             nonfinite,
             truncated,
+            think_completions,
+            think_tokens,
         )
 
     # ------------------------------------------------------------------ log-probs
@@ -1388,38 +1398,51 @@ class GRPOLit(MusicFlamingoLit):
         seconds: float,
     ) -> None:
         # Sums over every rank's rollouts (one all-reduce), so the metrics are the batch's, as the loss is, not
-        # rank 0's share of it
-        lengths = [len(t) for group in roll.completions for t in group]
-        truncated = roll.truncated
-        clipped = stats.get("clipped_last", stats["clipped"])
-        # the sum of each group's sample std, the one its advantages are divided by (a batch with a non-finite
-        # reward stopped or was skipped before it is logged)
-        std_sum = float(roll.rewards.double().std(dim=1).sum()) if len(roll.rewards) else 0.0
-        local = [float(sum(lengths)), float(truncated), float(zero.sum()), float(zero.numel())]
-        local += [stats["loss"], stats["tokens"], stats["kl"], clipped, std_sum, *self._reward_sums(roll)]
-        total = self._all_reduce(torch.tensor(local, dtype=torch.float64), "sum").tolist()
-        length_sum, truncated, zero_groups, groups, loss, tokens, kl, clipped, std_sum = total[:9]
-        self.log("train/loss", loss / max(tokens, 1.0), prog_bar=True, batch_size=1)
-        rewards = self._reward_means(total[9:])
+        # rank 0's share of it; by name, then the reward sums (`_reward_sums`: their total, the samples, ...)
+        local = {
+            "length": float(sum(len(t) for group in roll.completions for t in group)),
+            "truncated": float(roll.truncated),
+            "think_completions": float(roll.think_completions),
+            "think_tokens": float(roll.think_tokens),
+            "zero_groups": float(zero.sum()),
+            "groups": float(zero.numel()),
+            "loss": stats["loss"],
+            "tokens": stats["tokens"],
+            "kl": stats["kl"],
+            "clipped": stats.get("clipped_last", stats["clipped"]),
+            # the sum of each group's sample std, the one its advantages are divided by (a batch with a
+            # non-finite reward stopped or was skipped before it is logged)
+            "std": float(roll.rewards.double().std(dim=1).sum()) if len(roll.rewards) else 0.0,
+        }
+        values = [*local.values(), *self._reward_sums(roll)]
+        total = self._all_reduce(torch.tensor(values, dtype=torch.float64), "sum").tolist()
+        s = dict(zip(local, total))
+        reward_sums = total[len(local) :]
+        samples = reward_sums[1]  # every rank's completions
+        tokens = s["tokens"]
+        self.log("train/loss", s["loss"] / max(tokens, 1.0), prog_bar=True, batch_size=1)
+        rewards = self._reward_means(reward_sums)
         if rewards:
             self.log("train/reward", rewards.pop(""), prog_bar=True, batch_size=1)
             for name, value in rewards.items():
                 self.log(f"train/reward/{name}", value, batch_size=1)
-            self.log("train/reward_std", std_sum / max(groups, 1.0), batch_size=1)
-            completions = max(total[10], 1.0)
-            self.log("train/completion_length", length_sum / completions, batch_size=1)
-            self.log("train/truncated", truncated / completions, batch_size=1)
-            self.log("train/zero_variance_groups", zero_groups / max(groups, 1.0), batch_size=1)
+            self.log("train/reward_std", s["std"] / max(s["groups"], 1.0), batch_size=1)
+            completions = max(samples, 1.0)
+            self.log("train/completion_length", s["length"] / completions, batch_size=1)
+            self.log("train/truncated", s["truncated"] / completions, batch_size=1)
+            if s["think_completions"]:
+                self.log("train/think_length", s["think_tokens"] / s["think_completions"], batch_size=1)
+            self.log("train/zero_variance_groups", s["zero_groups"] / max(s["groups"], 1.0), batch_size=1)
         if tokens:
             if self.beta > 0:
-                self.log("train/kl", kl / tokens, batch_size=1)
-            self.log("train/clip_fraction", clipped / tokens, batch_size=1)
+                self.log("train/kl", s["kl"] / tokens, batch_size=1)
+            self.log("train/clip_fraction", s["clipped"] / tokens, batch_size=1)
         if grad_norm is not None:
             self.log("train/grad_norm", grad_norm, batch_size=1)
         # the logger's `step` counts batches; with updates_per_batch > 1 the optimizer's steps (what max_steps and
         # the checkpoints count) are this
         self.log("train/optimizer_step", float(self.global_step), batch_size=1)
-        self._samples_per_s = total[9] / max(seconds, 1e-9)  # every rank's completions
+        self._samples_per_s = samples / max(seconds, 1e-9)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The gradient norm is logged by the step itself (before clipping)."""
