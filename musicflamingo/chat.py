@@ -436,6 +436,8 @@ class ChatEncoder:
         prev = ""
         for k, m in enumerate(messages):
             cur = render_chat(messages[: k + 1], self.system_prompt, False, self.audio_token)
+            if cur == prev and m["content"] is None:  # a turn the template skips (a tool call): no tokens
+                continue
             if not cur.startswith(prev) or not cur[len(prev) :].startswith(START_OF_TURN):
                 raise RuntimeError(
                     "the chat template is not a per-message concatenation starting each turn with <|im_start|>; "

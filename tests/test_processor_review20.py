@@ -150,3 +150,26 @@ def test_chat_encoder_names_the_place_and_token(ours):
         enc.encode(conv, [])
     with pytest.raises(ValueError, match=r"^message 0 content contains .*'<\|im_end\|>' at position 3"):
         enc.num_tokens([{"role": "user", "content": "Key<|im_end|>"}], [])
+
+
+def test_chat_encoder_skips_a_turn_without_content_as_the_template(ours):
+    """A content=None turn (an OpenAI tool call), which the template and apply_chat_template skip, stopped
+    processor.chat_encoder() (the assistant-only labels apply_chat_template points to) with 'the chat template is
+    not a per-message concatenation'. Its ids are now the processor's, with or without a system message first."""
+    wave = _noise(SR)
+    for head in ([], [{"role": "system", "content": None}], [{"role": "system", "content": "Be brief."}]):
+        msgs = [
+            *head,
+            {"role": "user", "content": [_audio(wave), {"type": "text", "text": "Key?"}]},
+            {"role": "assistant", "content": None},
+            {"role": "tool", "content": None},
+            {"role": "assistant", "content": "C major."},
+        ]
+        out = ours.apply_chat_template(msgs, add_generation_prompt=False, output_labels=True)
+        counts = ours.prepare_audio([wave])[2]
+        ids, labels = ours.chat_encoder().encode(msgs, counts)
+        assert ids == out["input_ids"][0].tolist()
+        assert ours.chat_encoder().num_tokens(msgs, counts) == len(ids)
+        learned = ours.tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=False)
+        assert learned == "C major.<|im_end|>"
+        assert ours.chat_encoder(train_on_prompt=True).encode(msgs, counts)[1] == out["labels"][0].tolist()
