@@ -73,6 +73,13 @@ PAGE_HEADERS = {
 }
 
 
+# A body past this is parsed in a thread: json.loads of a 50-MiB body (a 20-minute wav's base64) holds the event
+# loop ~0.6 s on this project's CPU machine, every stream's tokens waiting; the thread does its bytes' decoding and
+# its scan in two calls, between which the loop runs (each call holds the GIL). Small bodies stay on the loop, where
+# a thread's hand-off would cost more than the parse.
+PARSE_ON_LOOP_BYTES = 1 << 20
+
+
 @dataclass
 class ServerState:
     """What the routes share: the model's processor, the settings and the engine worker."""
@@ -259,7 +266,15 @@ async def chat_completions(request: Request) -> Response:
     if not state.worker.alive:
         raise APIError(503, "the engine is not running", None, "engine_stopped")
     body = await _read_body(request, settings)
-    req = parse_chat_request(parse_json(body, request.headers.get("content-type")), settings)
+    content_type = request.headers.get("content-type")
+    if (
+        len(body) > PARSE_ON_LOOP_BYTES
+    ):  # a song's base64: parsed beside the other clients' streams, not before them
+        data = await anyio.to_thread.run_sync(parse_json, body, content_type)
+    else:
+        data = parse_json(body, content_type)
+    del body  # (the parsed strings hold the audio's base64 from here on, not the bytes as well)
+    req = parse_chat_request(data, settings)
     if state.worker.queue_full(also_waiting=state.preparing):
         raise _busy(settings)  # before decoding any audio: bodies and features being prepared are bounded too
     # Watched from here on: a client that leaves while its audio is decoded is not admitted (its prefill, the audio
@@ -680,41 +695,57 @@ _LISTEN_HINTS = {
 }
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int) -> list[socket.socket]:
     """Whether the server could listen on `host`:`port`, tried as uvicorn (asyncio's `create_server`) binds it: every
     address the host name has, with SO_REUSEADDR; a ServeConfigError naming host and port if not. Run before the
-    weights load: a port in use (another serve.py) or a host not on this machine was found only after them."""
-    if port == 0:  # any free port
-        return
+    weights load: a port in use (another serve.py) or a host not on this machine was found only after them.
+
+    `port` 0 is an ephemeral port, as uvicorn's: the first address binds one and the host's other addresses the same
+    one; those sockets are returned, bound, for uvicorn to serve on (so the "serving on" line can name the port, and
+    it is held from now on). Any other port: [] (the sockets tried are closed; uvicorn binds its own)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ServeConfigError(f"host={host}: not an address or a known host name ({e.strerror})") from None
     unavailable = None  # the first address that is not this machine's
+    held: list[socket.socket] = []
     bound = 0
-    for family, kind, proto, _, address in infos:
-        try:
-            sock = socket.socket(family, kind, proto)
-        except OSError:  # a family this machine lacks (IPv6 off): skipped, as asyncio skips it
-            continue
-        with sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    try:
+        for family, kind, proto, _, address in infos:
             try:
-                sock.bind(address)
-                bound += 1
-            except OSError as e:
-                where = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
-                problem = f"host={host} port={port}: cannot listen on {where}:{port}: {e.strerror}"
-                if e.errno == errno.EADDRNOTAVAIL:
-                    # skipped while another address binds, as asyncio skips it from Python 3.12 ('localhost' is
-                    # also ::1 where IPv6 is off): uvicorn listens on the others
-                    unavailable = unavailable or problem + _LISTEN_HINTS[e.errno]
-                    continue
-                raise ServeConfigError(problem + _LISTEN_HINTS.get(e.errno, "")) from None
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks (IPv6 off): skipped, as asyncio skips it
+                continue
+            with contextlib.ExitStack() as closing:
+                closing.callback(sock.close)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if held:  # port 0: the port the first address got
+                    address = (address[0], held[0].getsockname()[1], *address[2:])
+                try:
+                    sock.bind(address)
+                    bound += 1
+                except OSError as e:
+                    where = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+                    problem = f"host={host} port={port}: cannot listen on {where}:{address[1]}: {e.strerror}"
+                    if e.errno == errno.EADDRNOTAVAIL or (held and e.errno == errno.EADDRINUSE):
+                        # skipped while another address binds, as asyncio skips it from Python 3.12 ('localhost' is
+                        # also ::1 where IPv6 is off): uvicorn listens on the others (and port 0: the port the
+                        # first address got may be taken on another)
+                        unavailable = unavailable or problem + _LISTEN_HINTS[e.errno]
+                        continue
+                    raise ServeConfigError(problem + _LISTEN_HINTS.get(e.errno, "")) from None
+                if port == 0:
+                    held.append(sock)
+                    closing.pop_all()
+    except BaseException:
+        for sock in held:
+            sock.close()
+        raise
     if not bound and unavailable:
         raise ServeConfigError(unavailable)
+    return held
 
 
 def serve(cfg: Mapping[str, Any]) -> None:
@@ -726,14 +757,16 @@ def serve(cfg: Mapping[str, Any]) -> None:
             print(plan.table())
             return
     settings = ServeSettings.from_cfg(cfg)
-    check_listen(settings.host, settings.port)
-    app, settings = build_server(cfg)
-    logger.info(
-        "serving %s on http://%s:%d (page at /, API at /v1)",
-        settings.model_name,
-        settings.host,
-        settings.port,
-    )
+    sockets = check_listen(settings.host, settings.port)  # port=0: the ephemeral port's, held from here on
+    try:
+        app, settings = build_server(cfg)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    port = sockets[0].getsockname()[1] if sockets else settings.port
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address
+    logger.info("serving %s on http://%s:%d (page at /, API at /v1)", settings.model_name, host, port)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -746,6 +779,6 @@ def serve(cfg: Mapping[str, Any]) -> None:
     server = Server(config, app.state.server.worker, settings.shutdown_grace_s)
     # uvicorn raises a SIGINT again once shut down: suppressed, as uvicorn.run does
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.run(sockets=sockets or None)
     if not server.started:  # e.g. the port is taken (uvicorn logged why), as uvicorn.run exits
         sys.exit(3)

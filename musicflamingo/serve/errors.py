@@ -11,7 +11,14 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
-    503: "server_overloaded",
+    503: "server_overloaded",  # queue_full: this replica is busy, another one (or this one shortly) may answer
+}
+# Codes whose type is not their status's: a 503 of a server that is stopping (or whose engine stopped) is no
+# overload, and a client or balancer that branches on the type (waits and retries here when overloaded) must tell
+# them apart; OpenAI's own 503s have the type `service_unavailable_error`.
+_CODE_TYPES = {
+    "server_shutting_down": "service_unavailable_error",
+    "engine_stopped": "service_unavailable_error",
 }
 
 
@@ -34,7 +41,9 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         """`{"error": {"message", "type", "param", "code"}}`, the shape OpenAI's clients parse."""
-        kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        kind = _CODE_TYPES.get(self.code or "") or _TYPES.get(
+            self.status, "server_error" if self.status >= 500 else "invalid_request_error"
+        )
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 

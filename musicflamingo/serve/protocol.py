@@ -48,6 +48,7 @@ FIELDS = (
     "temperature",
     "top_p",
     "top_k",
+    "repetition_penalty",
     "seed",
     "stop",
     "n",
@@ -71,8 +72,6 @@ IGNORED_FIELDS: dict[str, type] = {
 _TYPE_NAMES = {dict: "an object", bool: "true or false", str: "a string"}
 # OpenAI fields this server implements only at their neutral value (None is neutral for all of them).
 NEUTRAL: dict[str, Any] = {
-    "frequency_penalty": lambda v: _is_number(v) and v == 0,  # (False == 0: a bool is not a number here)
-    "presence_penalty": lambda v: _is_number(v) and v == 0,
     "logprobs": lambda v: v is False,
     "top_logprobs": lambda v: _as_int(v) == 0,
     "logit_bias": lambda v: v == {},
@@ -88,6 +87,10 @@ NEUTRAL: dict[str, Any] = {
     "verbosity": lambda v: v == "medium",  # OpenAI's default
     "moderation": lambda v: False,
 }
+# OpenAI's penalties, in [-2, 2]: only 0 (what LangChain and others send unasked) is taken; they subtract from the
+# logits of the tokens generated so far, which the engine does not do: its `repetition_penalty` (vLLM's and the
+# reference's extension) divides those of every token already in the sequence, the prompt's included.
+OPENAI_PENALTIES = ("frequency_penalty", "presence_penalty")
 MESSAGE_FIELDS = {
     "system": ("role", "content", "name"),
     "user": ("role", "content", "name"),
@@ -146,6 +149,7 @@ class ChatRequest:
     temperature: float | None = None
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     # None (unset or null): the server's default, generation_config.json's stop_strings
     stop: list[str] | None = None
@@ -341,6 +345,16 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
             if v is not None and not isinstance(v, IGNORED_FIELDS[k]):
                 raise bad_request(k, f"must be {_TYPE_NAMES[IGNORED_FIELDS[k]]}, got {type(v).__name__}")
             continue
+        if k in OPENAI_PENALTIES:
+            if v is not None and not (_is_number(v) and v == 0):  # (False == 0: a bool is not a number here)
+                raise bad_request(
+                    k,
+                    f"{v!r:.60} is not supported by this server, only 0 (no penalty); repetition_penalty is (> 1: "
+                    "fewer repeats, as vLLM's)",
+                    # a value OpenAI takes ([-2, 2]) that this server does not implement, or no value at all
+                    code="unsupported_parameter" if _is_number(v) and -2 <= v <= 2 else "invalid_value",
+                )
+            continue
         if k in NEUTRAL:
             if v is not None and not NEUTRAL[k](v):
                 raise bad_request(
@@ -425,6 +439,11 @@ def parse_chat_request(data: dict[str, Any], settings: ServeSettings) -> ChatReq
     if k is not None and (_as_int(k) is None or k < -1):
         raise bad_request("top_k", f"must be an integer >= 0 (0 or -1: off), got {k!r}")
     req.top_k = 0 if k is None or k < 0 else _as_int(k)
+    penalty = data.get("repetition_penalty")
+    if penalty is not None and (not _is_number(penalty) or penalty <= 0):
+        # engine.SamplingParams' range: a seen token's logit is divided by it (multiplied when negative)
+        raise bad_request("repetition_penalty", f"must be a number > 0 (1: off), got {penalty!r}")
+    req.repetition_penalty = 1.0 if penalty is None else float(penalty)
     seed = data.get("seed")
     if seed is not None and (_as_int(seed) is None or not -(2**63) <= seed < 2**64):
         raise bad_request("seed", f"must be a 64-bit integer, got {seed!r}")
@@ -523,6 +542,7 @@ def prepare(
         temperature=req.temperature if sample else 1.0,
         top_k=req.top_k,
         top_p=req.top_p,
+        repetition_penalty=req.repetition_penalty,
         seed=req.seed,
         stop_ids=stop_ids,
         stop_strings=tuple(stop_strings if req.stop is None else req.stop),
