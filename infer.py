@@ -44,4 +44,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     # a song or prompt Hydra cannot read: how to quote it, not a lexer error; a misspelt key: one line, exit 2
-    run_entry_point(main, "infer")
+    run_entry_point(main, "infer", __doc__)

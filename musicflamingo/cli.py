@@ -250,9 +250,13 @@ def _swept_keys(argv: list[str]) -> set[str]:
     return keys
 
 
-def run_entry_point(main: Callable[[], Any], config_name: str) -> None:
+def run_entry_point(main: Callable[[], Any], config_name: str, doc: str | None = None) -> None:
     """What an entry point's `__main__` runs: :func:`check_command_line`, then the `@hydra.main` function; after a
-    sweep in which jobs failed with input errors, one line naming them and exit with the first one's code."""
+    sweep in which jobs failed with input errors, one line naming them and exit with the first one's code. `doc`
+    (the script's usage): `--help` / `-h` prints it and the settings with their comments (:func:`settings_help`)."""
+    if doc is not None and any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(settings_help(doc, config_name))
+        return
     sys.argv += check_command_line(config_name, sys.argv[1:])
     _SWEEP_FAILURES.clear()
     main()
@@ -261,6 +265,30 @@ def run_entry_point(main: Callable[[], Any], config_name: str) -> None:
         prefix = _SWEEP_FAILURES[0][2]
         print(f"{prefix}: {len(_SWEEP_FAILURES)} job(s) of the sweep failed: {jobs}", file=sys.stderr)
         sys.exit(_SWEEP_FAILURES[0][1])
+
+
+def settings_help(doc: str, config_name: str) -> str:
+    """`--help` of an entry point whose settings are one file: `doc` (its usage), then `configs/<config_name>.yaml`
+    as written, comments included, without its `defaults` and `hydra` blocks. Hydra's help listed every config group
+    of configs/ (benchmark, experiment, trainer: none of them read by infer.py) and the settings without a word on
+    any of them."""
+    kept: list[str] = []
+    block = ""  # the top-level key the line is under
+    for line in (_config_dir() / f"{config_name}.yaml").read_text(encoding="utf-8").splitlines():
+        if line[:1] not in ("", " ", "-", "#"):
+            block = line.split(":")[0]
+            # the comment right above `hydra:` is about it (the comment above `defaults:` is the file's header)
+            while block == "hydra" and kept and kept[-1].startswith("#"):
+                kept.pop()
+        elif line.startswith("#"):
+            block = ""
+        if block not in ("defaults", "hydra"):
+            kept.append(line)
+    settings = "\n".join(kept).strip()
+    return (
+        f"{doc.strip()}\n\n== Settings (key=value; configs/{config_name}.yaml) ==\n{settings}\n\n"
+        "Hydra's own flags: --cfg job (the settings a command line gives), --hydra-help"
+    )
 
 
 # Hydra's flags that choose another config than the entry point's own: the command line is then left to Hydra.

@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -54,6 +56,7 @@ from musicflamingo.engine import (
     parse_stop_strings,
     unsupported_generation_fields,
 )
+from musicflamingo.errors import RunStopped
 from musicflamingo.jsonl import LINE_BREAK
 from musicflamingo.model import MusicFlamingo
 from musicflamingo.model.config import ConfigError
@@ -61,7 +64,7 @@ from musicflamingo.planner import MemoryPlan, check_generation
 from musicflamingo.processor import MusicFlamingoProcessor
 from musicflamingo.reasoning import ThinkDisplay, parse_think
 from musicflamingo.runfolder import FolderLock
-from musicflamingo.runtime import RuntimeConfigError, resolve_device_dtype, set_threads
+from musicflamingo.runtime import RuntimeConfigError, clock, resolve_device_dtype, set_threads
 from musicflamingo.settings import check_infer_settings
 from musicflamingo.tokenizer import Tokenizer, TokenizerError, read_json_object
 
@@ -75,6 +78,36 @@ DEFAULT_PROMPT = (
 
 class InferenceError(ValueError):
     """Bad inference settings or inputs (the message names the field or file and what was expected)."""
+
+
+class InferInterrupted(RunStopped):
+    """SIGTERM (a queue's preemption or time limit) stopped a batch run; `exit_code` is 128 + the signal (143), as
+    Ctrl-C's is 130. The message says what `output=` keeps."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises `InferInterrupted` where the run is, so it ends as a Ctrl-C does: the `output=` lock given
+    back and one line saying how many answers the file keeps and that the same command goes on (it died silently,
+    leaving the researcher to count the rows). A second SIGTERM kills at once; the earlier handler is restored."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise InferInterrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 # Errors caused by the user's inputs: `infer.py` prints them as one line instead of a traceback.
@@ -319,10 +352,40 @@ def cut_by(slot: Slot) -> str | None:
     return "max_new_tokens" if len(slot.tokens) >= slot.params.max_new_tokens else "context"
 
 
+class _Progress:
+    """What follows each answer's header in a run of more than one input: its place in the whole run ("[3/300]", a
+    resumed run's included) and, once one of this run's answers is done, the time since the run began and the time
+    left at its pace so far ("[3/300] elapsed 0:41, ETA 1:07:24"): a folder of 500 songs said how far it was, never
+    when it would end. `to_do`: the answers this run asks (`indices` places them in the `total` inputs); `clock`:
+    seconds (time.perf_counter; a test's own)."""
+
+    def __init__(
+        self, indices: Sequence[int], total: int, to_do: int, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.indices, self.total, self.to_do, self.clock = indices, total, to_do, clock
+        self.start = clock()
+        self.done = 0  # answers of this run finished
+        self.skipped = 0  # inputs given up (skip_bad_audio): no answer to wait for, and no time to count
+
+    def place(self, i: int) -> str:
+        """Request `i`'s place in the run: "[3/300]"."""
+        return f"[{self.indices[i] + 1}/{self.total}]"
+
+    def header(self, i: int) -> str:
+        """The text after request `i`'s header: its place, then the time so far and left once there is a pace."""
+        place = self.place(i)
+        if not self.done:
+            return place
+        elapsed = self.clock() - self.start
+        left = max(self.to_do - self.done - self.skipped, 0) * elapsed / self.done
+        return f"{place} elapsed {clock(elapsed)}, ETA {clock(left)}"
+
+
 class _Printer:
     """Prints answers labelled, in request order, without interleaving: the oldest unfinished answer as its text
-    grows (`stream`), each later one whole once every answer before it is out. `places`: what follows each label
-    in its header (a run's progress, "[3/300]"), none by default."""
+    grows (`stream`), each later one whole once every answer before it is out. `places`: what follows request i's
+    label in its header (a run's progress, `_Progress.header`), none by default; a skipped input's header says its
+    place only."""
 
     def __init__(
         self,
@@ -331,7 +394,7 @@ class _Printer:
         out: TextIO | None,
         stream: bool,
         think: bool = False,
-        places: Sequence[str] | None = None,
+        places: _Progress | None = None,
     ) -> None:
         self.tok, self.labels, self.out, self.stream = tokenizer, labels, out, stream
         self.places = places
@@ -341,8 +404,10 @@ class _Printer:
         self.pushed = 0  # its characters already printed
         self.live = False  # its header is out
 
-    def _header(self, i: int) -> str:
-        return f"== {self.labels[i]} ==" + (f" {self.places[i]}" if self.places else "") + "\n"
+    def _header(self, i: int, timed: bool = True) -> str:
+        if self.places is None:
+            return f"== {self.labels[i]} ==\n"
+        return f"== {self.labels[i]} == {self.places.header(i) if timed else self.places.place(i)}\n"
 
     def update(
         self,
@@ -365,7 +430,7 @@ class _Printer:
         while self.shown < started:
             i = self.shown
             if skipped and i in skipped:
-                out.write(f"{self._header(i)}(skipped: {skipped[i]})\n")
+                out.write(f"{self._header(i, timed=False)}(skipped: {skipped[i]})\n")
                 self.shown = i + 1
                 continue
             if not self.live and (self.stream or finished[i]):
@@ -425,7 +490,8 @@ def generate_answers(
     reported and its answer is None, instead of an AudioError ending the run (which comes once the answers already
     started are done). `origins`: where each conversation comes from (a JSONL list's file:line, or None), named
     before its audio errors. `total`: how many inputs `indices` count in (more than one: each header says where
-    its answer stands, "== a.wav == [3/300]", so a long run shows how far it is, a resumed one included)."""
+    its answer stands, "== a.wav == [3/300]", so a long run shows how far it is, a resumed one included; and once
+    an answer is done, the time so far and left: "[3/300] elapsed 0:41, ETA 1:07:24", `_Progress`)."""
     n = len(conversations)
     indices = range(n) if indices is None else indices
     engine = Engine(model, slots=min(slots or n, n), compile=compile, tokenizer=processor.tokenizer)
@@ -438,8 +504,8 @@ def generate_answers(
     cut: dict[int, str] = {}  # request -> what cut its answer (`cut_by`), not ended by a stop id or string
     stopped: list[str | None] = [None] * n  # the stop string that ended each answer, if one did
     owner: dict[int, int] = {}  # slot -> request
-    places = [f"[{indices[i] + 1}/{total}]" for i in range(n)] if total is not None and total > 1 else None
-    printer = _Printer(processor.tokenizer, labels, out, stream, think, places)
+    progress = _Progress(indices, total, n) if total is not None and total > 1 else None
+    printer = _Printer(processor.tokenizer, labels, out, stream, think, progress)
     t0, n_tokens, joined = time.perf_counter(), 0, 0
 
     def record(slot: int, token: int) -> None:
@@ -453,6 +519,8 @@ def generate_answers(
             stopped[i] = None if s.text is None else s.text.stop
             engine.release(slot)
             texts[i] = answers[i]
+            if progress is not None:
+                progress.done += 1
             if on_answer is not None:
                 on_answer(i, texts[i], why, len(s.tokens))
 
@@ -480,6 +548,8 @@ def generate_answers(
                         )
                     break
                 skipped[i], finished[i] = named, True
+                if progress is not None:
+                    progress.skipped += 1
                 continue
             request = Request(
                 inputs["input_ids"][0],
@@ -1286,8 +1356,13 @@ def infer(
     stops = decoding["stop"]
     limit = decoding["max_new_tokens"]
     with (
-        _Output(output, think, system_prompt, stops, limit, decoding) if output else contextlib.nullcontext()
-    ) as results:
+        _stop_on_sigterm(),
+        (
+            _Output(output, think, system_prompt, stops, limit, decoding)
+            if output
+            else contextlib.nullcontext()
+        ) as results,
+    ):
         answers = [None if results is None else results.answer(*key) for key in keys]
         todo = [i for i, a in enumerate(answers) if a is None]
         if results is not None and len(todo) < len(files):
@@ -1340,14 +1415,17 @@ def infer(
                 origins=[origins[i] for i in todo],
                 total=len(files),
             )
-        except KeyboardInterrupt:
-            if results is not None:  # Ctrl-C: say what is kept and how to go on
-                logger.warning(
-                    "stopped: %d of %d answers are in %s; the same command asks only the others",
-                    len(files) - len(todo) + results.added,
-                    len(files),
-                    results.path,
-                )
+        except (KeyboardInterrupt, InferInterrupted) as e:
+            if results is None:
+                raise
+            # say what is kept and how to go on
+            kept = (
+                f"{len(files) - len(todo) + results.added} of {len(files)} answers are in {results.path}; the same "
+                "command asks only the others"
+            )
+            if isinstance(e, InferInterrupted):  # the one line infer.py prints (exit 143)
+                raise InferInterrupted(f"{e}: {kept}", e.signum) from None
+            logger.warning("stopped: %s", kept)
             raise
         for i, text in zip(todo, texts):
             answers[i] = text

@@ -223,6 +223,13 @@ def stderr_is_terminal() -> bool:
         return False
 
 
+def clock(seconds: float) -> str:
+    """`seconds` as a progress line's time: "0:07", "12:34", "1:02:03" (hours only when there are some)."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 # ---------------------------------------------------------------------------------------------- library noise
 # Library messages we know to be harmless on our setups, each with why. They look like errors to a newcomer.
 KNOWN_HARMLESS_WARNINGS = (
