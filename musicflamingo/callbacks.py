@@ -497,7 +497,7 @@ class StopOnSignal(Callback):
 
 class ProgressLog(Callback):
     """One log line every `every_n_steps` optimizer steps, and one at the last step: step / total, loss (and GRPO's
-    mean reward), tokens/s, elapsed and ETA.
+    mean reward), tokens/s, elapsed and ETA; and one after each validation with its `val/` metrics.
 
     A progress bar redrawn with carriage returns reads as noise in a file or a pipe (and Lightning prints nothing
     else between the model summary and the end of training), so when stderr is not a terminal the bar is off
@@ -543,6 +543,20 @@ class ProgressLog(Callback):
         n, last = self.every_n_steps, max(self._last_step, self._start_step)
         if trainer.global_step // n > last // n:
             self._line(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A line with the validation's metrics (`val/loss`; GRPO's `val/reward`, `val/reward/<name>`): with the
+        bar off nothing showed them, so a piped run's log never said how validation went (metrics.csv alone)."""
+        if trainer.sanity_checking or not self._active(trainer):
+            return
+        values = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and torch.is_tensor(v) and v.numel() == 1
+        }
+        if values:
+            shown = " | ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
+            log.info("validation at step %d: %s", trainer.global_step, shown)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the final step, when it was not a multiple of every_n_steps (a 30-step run logged no line at all)
