@@ -253,6 +253,11 @@ class LogMelExtractor:
                 f"chunk_length={chunk_length} s must give a whole number of samples divisible by hop_length="
                 f"{hop_length} at {sampling_rate} Hz (got {n_samples} samples)"
             )
+        if n_fft > n_samples:  # also a mel filter bank of n_fft // 2 + 1 rows: a MemoryError for n_fft=1e9
+            raise ValueError(
+                f"n_fft={n_fft} must be at most the {int(n_samples)} samples of a {chunk_length:g}-s window at "
+                f"{sampling_rate} Hz"
+            )
         self.feature_size = feature_size
         self.sampling_rate = sampling_rate
         self.chunk_length = chunk_length
@@ -566,6 +571,23 @@ class LogMelExtractor:
             raise ValueError(f"feature extractor dither={d['dither']} is not supported (expected 0.0)")
         if d.get("do_normalize", False):
             raise ValueError("feature extractor do_normalize=True is not supported (Whisper log-mel only)")
+        # Settings the reference featurizes with that ours would ignore (other features without a word): refused.
+        kind = d.get("feature_extractor_type")
+        if kind is not None and kind != "WhisperFeatureExtractor":
+            raise ValueError(
+                f"feature extractor feature_extractor_type={kind!r} is not supported (expected "
+                "'WhisperFeatureExtractor': the log-mel front end of Music Flamingo)"
+            )
+        if _number(d, "padding_value", 0.0) != 0.0:  # the reference pads each window's waveform with it
+            raise ValueError(
+                f"feature extractor padding_value={d['padding_value']!r} is not supported (expected 0.0: a window "
+                "is padded with silence)"
+            )
+        if d.get("padding_side") not in (None, "right"):  # "left" puts the padding before the audio
+            raise ValueError(
+                f"feature extractor padding_side={d['padding_side']!r} is not supported (expected 'right': a "
+                "window's audio comes first, then its padding)"
+            )
         # WhisperFeatureExtractor's default, also for null (transformers reads it as false)
         return_attention_mask = d.get("return_attention_mask")
         return_attention_mask = False if return_attention_mask is None else return_attention_mask
