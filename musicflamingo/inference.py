@@ -217,23 +217,26 @@ def _texts(value: Any, field: str) -> list[str]:
 
 def _expand_inputs(
     files: Sequence[str], check: bool = True
-) -> tuple[list[str], list[str | None], list[str | None]]:
+) -> tuple[list[str], list[str | None], list[str | None], list[dict[str, Any] | None]]:
     """`audio=` entries as (files, their own prompts): a folder gives its audio files (`AUDIO_SUFFIXES`, sorted,
     hidden ones left out), a pattern with * ? or [ that names no file gives its matches (sorted; ** goes into
     subfolders); a folder or pattern with no audio is an AudioError. A file named like a pattern (`[Remix].flac`)
     stays itself. A `.jsonl` file is a list of items (`_read_items`), which may bring their own prompts (else None)
-    and are named by file:line in errors (the third list; None for the others). `check`: a JSONL item's audio file
-    must exist."""
+    and are named by file:line in errors (the third list; None for the others), and whose other fields (an id) go
+    into their output= rows (the fourth list; None for the others). `check`: a JSONL item's audio file must
+    exist."""
     out: list[str] = []
     own: list[str | None] = []
     where: list[str | None] = []
+    fields: list[dict[str, Any] | None] = []
     for f in files:
         path = Path(f).expanduser()
         if path.suffix.lower() == ".jsonl" and path.is_file():
             items = _read_items(f, check)
-            out += [a for a, _, _ in items]
-            own += [p for _, p, _ in items]
-            where += [w for _, _, w in items]
+            out += [a for a, _, _, _ in items]
+            own += [p for _, p, _, _ in items]
+            where += [w for _, _, w, _ in items]
+            fields += [x for _, _, _, x in items]
             continue
         if path.is_dir():
             found = sorted(
@@ -252,7 +255,8 @@ def _expand_inputs(
         out += found
         own += [None] * len(found)
         where += [None] * len(found)
-    return out, own, where
+        fields += [None] * len(found)
+    return out, own, where, fields
 
 
 # other names of an item's fields, refused by name rather than ignored
@@ -262,10 +266,11 @@ _ITEM_ALIASES = {
 }
 
 
-def _read_items(jsonl: str, check: bool = True) -> list[tuple[str, str | None, str]]:
+def _read_items(jsonl: str, check: bool = True) -> list[tuple[str, str | None, str, dict[str, Any]]]:
     """`audio=items.jsonl`: one JSON object a line, `{"audio": "song.mp3", "prompt": "What key?"}` (`prompt`
-    optional: the `prompt=` setting's, else the default caption prompt); a relative audio path is read from the
-    JSONL's folder, as a training manifest's; blank lines are skipped, other fields (an id) ignored. A bad line
+    optional: the `prompt=` setting's, else the default caption prompt), as (audio, its own prompt, file:line, its
+    other fields); a relative audio path is read from the JSONL's folder, as a training manifest's; blank lines are
+    skipped; other fields (an id, a reference answer) are the researcher's, left to the output= row. A bad line
     is an InferenceError naming file:line and what was expected; `check`: a missing audio file is an AudioError
     naming file:line too."""
     path = Path(jsonl).expanduser()
@@ -277,7 +282,7 @@ def _read_items(jsonl: str, check: bool = True) -> list[tuple[str, str | None, s
         ) from None
     except OSError as e:
         raise AudioError(f"audio={jsonl}: cannot read it ({e.strerror or e})") from None
-    items: list[tuple[str, str | None, str]] = []  # (audio, its own prompt, file:line)
+    items: list[tuple[str, str | None, str, dict[str, Any]]] = []
     expected = 'expected a JSON object {"audio": "song.mp3", "prompt": "..."} (prompt optional)'
     for number, line in enumerate(
         LINE_BREAK.split(text), 1
@@ -327,7 +332,9 @@ def _read_items(jsonl: str, check: bool = True) -> list[tuple[str, str | None, s
                 _check_audio_files([str(file)])
             except AudioError as e:
                 raise AudioError(f"{where}: {e}") from None
-        items.append((str(file), prompt, where))
+        items.append(
+            (str(file), prompt, where, {k: v for k, v in item.items() if k not in ("audio", "prompt")})
+        )
     if not items:
         raise InferenceError(f"audio={jsonl}: holds no items; {expected}, one a line")
     return items
@@ -1048,12 +1055,17 @@ class _Output:
         repeat: int | None = None,
         cut: str | None = None,
         new_tokens: int = 0,
+        item: Mapping[str, Any] | None = None,
     ) -> None:
         """Append the answer to (audio, prompt); `repeat`: which time the run asks this pair, for a pair asked more
         than once (its answers finish in any order: a rerun matches each with its own input, and so its own
         sampling stream); `cut`: what ended the answer short of an end (`cut_by`): "max_new_tokens" (the row
-        names the limit) or "context" (the row says so, with the answer's `new_tokens`)."""
+        names the limit) or "context" (the row says so, with the answer's `new_tokens`); `item`: the other fields
+        of the input's line in an items.jsonl (`{"id": 7}`), kept in the row as `"item"` (rows are written as they
+        finish, not in the list's order: an id joins them back; not read by a rerun)."""
         row: dict[str, Any] = {"audio": audio, "prompt": prompt, "answer": text}
+        if item:
+            row["item"] = dict(item)
         if (resolved := resolved_path(audio)) != audio:
             row["resolved_audio"] = resolved
         if repeat is not None:
@@ -1273,7 +1285,7 @@ def infer(
     decoding = _decoding(cfg, ckpt)
     skip_bad_audio = _flag(cfg, "skip_bad_audio")
     # the files are checked once it is known which are asked: an output= file may hold every answer already
-    files, own_prompts, origins = _expand_inputs(_texts(cfg.get("audio"), "audio"), check=False)
+    files, own_prompts, origins, fields = _expand_inputs(_texts(cfg.get("audio"), "audio"), check=False)
     prompts = [typed_text(p, "prompt") for p in _texts(cfg.get("prompt"), "prompt")]
 
     def check_inputs(asked: Sequence[int]) -> None:
@@ -1395,7 +1407,8 @@ def infer(
             if results is not None:
                 i = todo[k]
                 repeated = seen[resolved[i], prompts[i]] > 1
-                results.write(files[i], prompts[i], text, keys[i][2] if repeated else None, cut, new_tokens)
+                repeat = keys[i][2] if repeated else None
+                results.write(files[i], prompts[i], text, repeat, cut, new_tokens, fields[i])
 
         try:
             texts = generate_answers(

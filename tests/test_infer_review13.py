@@ -200,4 +200,7 @@ def test_a_jsonl_item_whose_prompt_holds_a_unicode_line_separator_stays_one_item
     rows = [{"audio": "a.wav", "prompt": "Verse one\u2028verse two: what key?"}, {"audio": "b.wav"}]
     items.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     got = _read_items(str(items), check=False)
-    assert [(a.rsplit("/", 1)[-1], p) for a, p, _ in got] == [("a.wav", rows[0]["prompt"]), ("b.wav", None)]
+    assert [(a.rsplit("/", 1)[-1], p) for a, p, _, _ in got] == [
+        ("a.wav", rows[0]["prompt"]),
+        ("b.wav", None),
+    ]

@@ -109,7 +109,7 @@ def test_a_misspelt_other_name_of_an_item_field_is_refused(tmp_path, field, mean
         _read_items(str(items), check=False)
     ids = {"song_id": 7, "title": "x", "query_id": 1, "file_id": 3, "path_id": 4}
     items.write_text(json.dumps({"audio": "a.wav", "prompt": "Key?", **ids}) + "\n")
-    assert _read_items(str(items), check=False) == [(str(tmp_path / "a.wav"), "Key?", f"{items}:1")]
+    assert _read_items(str(items), check=False) == [(str(tmp_path / "a.wav"), "Key?", f"{items}:1", ids)]
 
 
 # ---------------------------------------------------------------------------------------------- progress

@@ -146,3 +146,24 @@ def test_help_prints_the_usage_and_every_setting_with_its_comment():
     # the settings, and no other block (defaults, hydra)
     settings = {line.split(":")[0] for line in text.splitlines() if re.match(r"^\w+:", line)}
     assert settings == set(make_cfg()), settings ^ set(make_cfg())
+
+
+# ---------------------------------------------------------------------------------------------- items.jsonl fields
+def test_an_items_other_fields_go_into_its_output_row(ckpt, songs, tmp_path):
+    """An items.jsonl's ids were dropped: rows come in the order answers finish, so joining them back to the list
+    (a reference answer, a song id) took matching audio and prompt texts. The item's other fields are its row's
+    "item"; an item without any, and a file named on the command line, get none; a rerun reuses the rows."""
+    items = tmp_path / "items.jsonl"
+    lines = [
+        {"audio": songs[0], "prompt": "Key?", "id": "q1", "answer": "A major", "meta": {"bpm": 120}},
+        {"audio": songs[1]},
+    ]
+    items.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "answers.jsonl"
+    cfg = make_cfg(f"ckpt={ckpt}", f"audio=[{items},{songs[2]}]", "max_new_tokens=2", f"output={out}")
+    answers = infer(cfg, out=io.StringIO())
+    rows = {r["audio"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows[songs[0]]["item"] == {"id": "q1", "answer": "A major", "meta": {"bpm": 120}}
+    assert rows[songs[0]]["answer"] == answers[0] and rows[songs[0]]["prompt"] == "Key?"
+    assert "item" not in rows[songs[1]] and "item" not in rows[songs[2]], rows
+    assert infer(cfg, out=io.StringIO()) == answers and len(out.read_text().splitlines()) == 3
