@@ -632,6 +632,14 @@ class MusicFlamingoProcessor:
                 f"sources names {len(sources)} audio(s) but {len(audios)} were given: one name per audio"
             )
         if audios and sampling_rate is not None and sampling_rate != self.sampling_rate:
+            if all(
+                isinstance(a, (str, os.PathLike)) for a in audios
+            ):  # the advice below was to pass file paths
+                raise ValueError(
+                    f"sampling_rate={sampling_rate}: the audios are files, which are resampled to "
+                    f"{self.sampling_rate} Hz on load whatever their rate; drop sampling_rate= (it states the rate "
+                    "of array audio), as the reference refuses it too"
+                )
             raise ValueError(
                 f"sampling_rate={sampling_rate}: this processor takes {self.sampling_rate} Hz audio; resample the "
                 f"arrays first (musicflamingo.audio.io.resample) or pass file paths, which are resampled on load"

@@ -173,3 +173,24 @@ def test_chat_encoder_skips_a_turn_without_content_as_the_template(ours):
         learned = ours.tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=False)
         assert learned == "C major.<|im_end|>"
         assert ours.chat_encoder(train_on_prompt=True).encode(msgs, counts)[1] == out["labels"][0].tolist()
+
+
+def test_sampling_rate_with_file_audio_says_to_drop_it(ours, tmp_path):
+    """An 8-kHz file with sampling_rate=8000 (refused, as by the reference) was told to 'pass file paths, which are
+    resampled on load': it was one."""
+    import soundfile as sf
+
+    path = tmp_path / "song_8k.wav"
+    sf.write(path, _noise(8000), 8000)
+    conv = [
+        {"role": "user", "content": [{"type": "audio", "path": str(path)}, {"type": "text", "text": "Key?"}]}
+    ]
+    with pytest.raises(
+        ValueError, match=r"^sampling_rate=8000: the audios are files, .* drop sampling_rate="
+    ):
+        ours.apply_chat_template(conv, sampling_rate=8000)
+    with pytest.raises(
+        ValueError, match=r"^sampling_rate=8000: this processor takes 16000 Hz audio; resample"
+    ):
+        ours("<sound><sound>", audio=[str(path), _noise(SR)], sampling_rate=8000)
+    assert ours.apply_chat_template(conv, sampling_rate=SR)["input_features"].shape[0] == 1
