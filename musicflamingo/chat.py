@@ -429,8 +429,9 @@ class ChatEncoder:
         """
         for i, m in enumerate(messages):
             content = m.get("content") if isinstance(m, dict) else None  # render_chat reports malformed ones
-            for where, text in _texts(content, i):
+            for j, text in _texts(content):
                 if any(t in text for t in FORBIDDEN_TOKENS):  # the scan alone on the hot path (token counts)
+                    where = f"message {i} content" if j is None else message_place(None, i, j, "text")
                     check_typed_text(text, where, FORBIDDEN_TOKENS)  # raises naming the place and the token
         pieces = []
         prev = ""
@@ -477,15 +478,15 @@ class ChatEncoder:
         return ids, start, len(ids) - len(tail) + 1
 
 
-def _texts(content: Any, message: int) -> list[tuple[str, str]]:
-    """``(place, text)`` of each text message ``message``'s content carries (a string, or the ``text`` of its
-    items), the place as :func:`message_place` names it."""
+def _texts(content: Any) -> list[tuple[int | None, str]]:
+    """``(item index, text)`` of each text a message's content carries: ``(None, content)`` for a string, else the
+    ``text`` of its items."""
     if isinstance(content, str):
-        return [(f"{message_place(None, message)} content", content)]
+        return [(None, content)]
     if not isinstance(content, (list, tuple)):
         return []
     return [
-        (message_place(None, message, j, "text"), c["text"])
+        (j, c["text"])
         for j, c in enumerate(content)
         if isinstance(c, dict) and isinstance(c.get("text"), str)
     ]
