@@ -183,10 +183,10 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_runs_two_steps(experiment, assets, tmp_path):
+def test_experiment_runs_two_steps(experiment, assets, tmp_path, request):
     proc, manifest = assets
     if experiment.startswith("synthetic"):
-        cfg = _synthetic_cfg(experiment, tmp_path)
+        cfg = _synthetic_cfg(experiment, request.getfixturevalue("synthetic_corpus"), tmp_path)
     else:
         # grpo_synthetic keeps the corpus' mcq records only; this generic data has none (qa): keep them all, or
         # every step would hold no record (an error since model.tasks is checked)
@@ -215,36 +215,50 @@ def test_compiled_layers_train_like_eager(assets, tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
-def _synthetic_cfg(experiment, tmp_path):
-    """The main-job experiment on a 6-clip corpus with its SentencePiece processor (as musicflamingo.demo does)."""
+@pytest.fixture(scope="module")
+def synthetic_corpus(tmp_path_factory):
+    """A 2-clip corpus and its SentencePiece processor (3 s windows, the `small` preset's), as musicflamingo.demo
+    builds them, shared by the main-job experiments: (data_dir, processor). Two clips, not six: a step's bf16 work
+    grows with its tokens (slow on a CPU without AMX), and the test checks that each experiment runs, not what it
+    learns."""
     if shutil.which("fluidsynth") is None:
         pytest.skip("needs Debian's fluidsynth (make setup)")
-    from omegaconf import OmegaConf, open_dict
-
     from musicflamingo.data.synthetic import build_corpus
-    from musicflamingo.demo import build_processor, model_overrides
+    from musicflamingo.demo import build_processor
+    from musicflamingo.model import MusicFlamingoConfig
+
+    root = tmp_path_factory.mktemp("synthetic_experiments")
+    corpus = build_corpus(
+        root / "synthetic", n_train=2, n_val=1, n_test=1, clip_seconds=(4, 5), progress=False
+    )
+    window = MusicFlamingoConfig.from_name("small").window_seconds
+    return root, build_processor(corpus, root / "synthetic" / "processor", 400, window)
+
+
+def _synthetic_cfg(experiment, corpus, tmp_path):
+    """The main-job experiment on the shared corpus (`synthetic_corpus`), writing its run into `tmp_path`."""
+    from musicflamingo.demo import model_overrides
     from musicflamingo.processor import MusicFlamingoProcessor
 
-    corpus = build_corpus(
-        tmp_path / "synthetic", n_train=6, n_val=1, n_test=1, clip_seconds=(4, 5), progress=False
-    )
+    data_dir, proc = corpus
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(
             config_name="train",
             overrides=[
                 f"experiment={experiment}",
                 "debug=fast",
-                f"paths.data_dir={tmp_path}",
+                f"paths.data_dir={data_dir}",
                 f"paths.output_dir={tmp_path / 'run'}",
                 "data.num_workers=0",
                 "logger=csv",
             ],
         )
-    window = model_window(cfg.model.net)
-    proc = build_processor(corpus, tmp_path / "synthetic" / "processor", 400, window)
+    processor = MusicFlamingoProcessor.from_pretrained(proc)
+    # the processor's windows are the experiment's (an experiment with other windows needs a processor of its own)
+    assert processor.chunk_length == model_window(cfg.model.net), experiment
     with open_dict(cfg):
         arch = OmegaConf.to_container(cfg.model.net.overrides) or {}
-        cfg.model.net.overrides = {**arch, **model_overrides(MusicFlamingoProcessor.from_pretrained(proc))}
+        cfg.model.net.overrides = {**arch, **model_overrides(processor)}
     return cfg
 
 
