@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from musicflamingo.checkpoint import check_save_target
 from musicflamingo.data.dataset import TooManyBadSamplesError
 from musicflamingo.model.peft_format import save_peft_adapter
-from musicflamingo.planner import check_training
+from musicflamingo.planner import check_training, model_config
 from musicflamingo.runfolder import (
     FolderInUseError,
     FolderLock,
@@ -159,18 +159,24 @@ def _sharded_checkpoint(path: Path, what: str) -> bool:
     return True
 
 
-def check_window_length(processor: Any, model: Any) -> None:
-    window = model.config.window_seconds
+def check_window_length(processor: Any, model: Any, where: str = "data.processor") -> None:
+    """The processor cuts audio into the model's windows: its `chunk_length` seconds are the model's window
+    (`model`: a MusicFlamingo or its config; `audio.max_source_positions` positions, two mel frames each)."""
+    config = getattr(model, "config", model)
+    window = config.window_seconds
     chunk = getattr(processor, "chunk_length", window)
     if abs(float(chunk) - window) > 1e-6:
+        positions = round(float(chunk) / (2 * config.audio_frame_step))
         raise ValueError(
-            f"processor chunk_length={chunk} s does not match the model's window of {window} s "
-            f"(audio.max_source_positions={model.config.audio.max_source_positions}); set them consistently"
+            f"{where}: the processor cuts audio into {chunk} s windows (its chunk_length), the model's window is "
+            f"{window} s (audio.max_source_positions={config.audio.max_source_positions}); use a processor saved "
+            f"with chunk_length={window}, or, for a model built from a preset, "
+            f"+model.net.overrides.audio.max_source_positions={positions} (a {chunk} s window)"
         )
 
 
-def build_datamodule(cfg: DictConfig, model: Any) -> tuple[L.LightningDataModule, Any]:
-    """(datamodule, processor) of `cfg.data`, the processor checked against the model's window and vocabulary."""
+def load_processor(cfg: DictConfig) -> Any:
+    """The `data.processor` folder's MusicFlamingoProcessor."""
     processor_dir = cfg.data.get("processor")
     if not processor_dir:
         raise ValueError(
@@ -178,8 +184,15 @@ def build_datamodule(cfg: DictConfig, model: Any) -> tuple[L.LightningDataModule
         )
     from musicflamingo.processor import MusicFlamingoProcessor
 
-    processor = MusicFlamingoProcessor.from_pretrained(processor_dir)
-    check_window_length(processor, model)
+    return MusicFlamingoProcessor.from_pretrained(processor_dir)
+
+
+def build_datamodule(cfg: DictConfig, model: Any, processor: Any = None) -> tuple[L.LightningDataModule, Any]:
+    """(datamodule, processor) of `cfg.data` (`processor`: the one `load_processor` read, else read here), the
+    processor checked against the model's window and vocabulary."""
+    processor = processor if processor is not None else load_processor(cfg)
+    processor_dir = cfg.data.get("processor")
+    check_window_length(processor, model, f"data.processor={processor_dir}")
     vocab = model.config.text.vocab_size
     # every id, added tokens included (tokenizer.vocab_size leaves them out)
     if len(processor.tokenizer) > vocab:
@@ -290,6 +303,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if settings.get("plan"):
         print(plan.table())
         return {}, {"plan": plan}
+    # the processor's windows against the model's config, before Lightning is imported and the model built
+    processor = load_processor(cfg)
+    where = f"data.processor={settings['data']['processor']}"
+    check_window_length(processor, model_config(settings["model"]["net"]), where)
     output_dir = Path(cfg.paths.output_dir)
     if not is_launching_rank():  # its info lines repeated rank 0's on the console: warnings and errors only
         import lightning  # noqa: F401  (its packages set their loggers to INFO as they are imported)
@@ -316,7 +333,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if lock is not None and ckpt is None:
             save_run_config(cfg, output_dir)
         try:
-            return _fit(cfg, output_dir, stopper, ckpt, save_config=lock is not None and ckpt is not None)
+            save_config = lock is not None and ckpt is not None
+            return _fit(cfg, output_dir, stopper, ckpt, save_config, processor)
         except BaseException as e:
             if lock is not None:
                 _log_to_files(e)
@@ -376,7 +394,12 @@ def __getattr__(name: str) -> Any:
 
 
 def _fit(
-    cfg: DictConfig, output_dir: Path, stopper: StopOnSignal, ckpt: str | None, save_config: bool
+    cfg: DictConfig,
+    output_dir: Path,
+    stopper: StopOnSignal,
+    ckpt: str | None,
+    save_config: bool,
+    processor: Any,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     import lightning as L
 
@@ -390,7 +413,7 @@ def _fit(
 
     log.info("instantiating model <%s> with net <%s>", cfg.model._target_, cfg.model.net._target_)
     lit: L.LightningModule = hydra.utils.instantiate(cfg.model)
-    datamodule, processor = build_datamodule(cfg, lit.model)
+    datamodule, processor = build_datamodule(cfg, lit.model, processor)
     extra = [stopper, _save_run_config_class()(cfg, output_dir)] if save_config else [stopper]
     trainer = build_trainer(cfg, extra_callbacks=extra)
     # a fresh start: loggers that would continue a resumed run's (ContinuedWandbLogger) start anew; a resume: they

@@ -1,10 +1,13 @@
-"""Review 20, a fine-tune watched through its log file: each validation's metrics get a line of their own."""
+"""Review 20, a fine-tune watched through its log file: each validation's metrics get a line of their own; a processor
+whose windows are not the model's is refused before the model is built, naming both ways out."""
 
 from __future__ import annotations
 
 import csv
 import logging
 
+import pytest
+from omegaconf import open_dict
 from train_fixtures import compose_train, write_dataset, write_processor
 
 from musicflamingo.training import train
@@ -49,3 +52,29 @@ def test_no_validation_line_without_a_validation_set(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("step 2/2 | loss ") for m in messages), messages
     assert not any(m.startswith("validation at step") for m in messages)
+
+
+def test_a_processor_whose_windows_are_not_the_model_s_is_refused_before_the_model_is_built(
+    tmp_path, monkeypatch
+):  # noqa: ANN001
+    """The tiny preset (30 s windows) with a processor cutting 2 s ones: refused after the model was built (for the
+    release, minutes of loading) with 'set them consistently'; now before Lightning and the model, naming the
+    setting and both ways out (the processor's chunk_length, or the preset's positions for its windows)."""
+    from musicflamingo.model import build
+
+    proc = write_processor(tmp_path / "proc")  # 2 s windows
+    manifest = write_dataset(tmp_path / "data", n=2)
+    cfg = compose_train(tmp_path, manifest, proc, ["export=false", "trainer.max_steps=1"])
+    with open_dict(cfg):
+        cfg.model.net.overrides = {}  # the preset's own 30 s windows
+    built = []
+    monkeypatch.setattr(build, "build_model", lambda *a, **k: built.append(1))
+    with pytest.raises(ValueError) as e:
+        train(cfg)
+    assert not built
+    assert str(e.value) == (
+        f"data.processor={proc}: the processor cuts audio into 2.0 s windows (its chunk_length), the model's window"
+        " is 30.0 s (audio.max_source_positions=1500); use a processor saved with chunk_length=30.0, or, for a"
+        " model built from a preset, +model.net.overrides.audio.max_source_positions=100 (a 2.0 s window)"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
