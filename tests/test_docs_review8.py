@@ -337,7 +337,12 @@ def test_every_command_line_flag_named_exists():
     for path in DOCS:
         if path.name == "performance.md":  # bench/*.py flags: the bench smoke tests run those commands
             continue
-        known = _parser_flags(*FLAG_SOURCES.get(path.name, ())) | UPSTREAM_FLAGS.get(path.name, set())
+        # --help: every entry point takes it (argparse's, and Hydra's that infer.py replaces with its settings)
+        known = (
+            _parser_flags(*FLAG_SOURCES.get(path.name, ()))
+            | UPSTREAM_FLAGS.get(path.name, set())
+            | {"--help"}
+        )
         for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", path.read_text(encoding="utf-8")):
             if flag not in known:
                 missing.append(f"{path.name}: {flag}")
