@@ -24,6 +24,7 @@ from typing import Literal
 
 # The "(A) piano" layout the parsers read is written by chat.format_options (training data and eval prompts).
 from musicflamingo.chat import OPTION_LETTERS, format_options, option_letter
+from musicflamingo.reasoning import TAGS, parse_think
 
 __all__ = [
     "ChoiceParse",
@@ -101,11 +102,17 @@ def _contains_phrase(haystack: str, phrase: str) -> bool:
 # Every optional run of spaces below is followed by a fixed character, so a long run cannot make the regex
 # backtrack cubically ("The answer", 1,000 spaces, then a word took 51 s; "B", 800 spaces, then a word 2 s).
 _BARE = re.compile(r"^\s*(?:[\(\[]\s*)?([A-Za-z])\s*(?:[\)\]]\s*)?(?:[.:)]\s*)?$")
-# Keywords are case-insensitive, the letter must be upper case ("the answer is a piano" names no letter).
+# Keywords are case-insensitive; a lower-case letter is read only where it ends the answer or its sentence
+# (_LOWER_ENDS: "the answer is a piano" names no letter). "The answer must be B", "So the answer has to be B",
+# "Answer - B" state the letter as "is" does.
 _ANSWER_IS = re.compile(
-    r"\b(?i:(answer)|option|choice)\s*(?:(?i:is|would be|=)\s*)?(?::\s*)?(?:(?i:option)\s*)?"
-    r"([\(\[])?([A-Z])[\)\]]?(?![A-Za-z])"
+    r"\b(?i:(answer)|option|choice)\s*"
+    r"(?:(?i:is|was|=|(?:would|must|should|will|has\s+to|can\s+only)\s+be)\s*)?(?:[:\-\u2013\u2014]\s*)?"
+    r"(?:(?i:option)\s*)?([\(\[])?(?<![A-Za-z])([A-Za-z])[\)\]]?(?![A-Za-z])"
 )
+# after a lower-case letter: a full stop, "!", or the end of the answer. Not "a" or "i" at the very end, where
+# an answer cut by the token limit may stop mid-sentence ("... the answer is a")
+_LOWER_ENDS = re.compile(r"[ \t]*[.!](?:\s|$)|[ \t]*$")
 _WORD_NEXT = re.compile(r"\s+\w")
 # "B, C or D": the list goes on after a comma-listed letter ("B, C major" is no list)
 _LIST_GOES_ON = re.compile(r"\s+(?i:or|and)\s+[\(\[]?[A-Z](?![\w'’])")
@@ -123,8 +130,11 @@ _SUBJECT = re.compile(
 # rules read the answer (the option-text rule reads the answer as written).
 _EMPHASIS = re.compile(r"[*`\"\u201c\u201d]+|'(?=[A-Z]')|(?<=[A-Z])'")
 _PAREN = re.compile(r"[\(\[]([A-Z])[\)\]]")
-# "B." / "B)" / "B:" at the start, or a first line that is the letter alone ("B\n\nThe guitar is ...")
-_LEADING = re.compile(r"^\s*([A-Z])(?:\s*[.:)](?:\s|$)|[ \t]*\r?\n)")
+# "B." / "B)" / "B:" at the start, a first line that is the letter alone ("B\n\nThe guitar is ..."), or
+# "B, because ..."
+_LEADING = re.compile(
+    r"^\s*([A-Z])(?:\s*[.:)](?:\s|$)|[ \t]*\r?\n|[ \t]*[,\-\u2013\u2014][ \t]*(?i:because|since)\b)"
+)
 
 
 # A sentence that states one letter, which MuChoMusic's parser reads as that letter too: "It's B", "I think B.",
@@ -134,7 +144,9 @@ _CLAIM = re.compile(
     rf"(?<![\w'\u2019])(?i:it{_APOS}?s|it\s+(?:is|was)|it{_APOS}d\s+be"
     r"|it\s+(?:must|should|would|could|might|may|has\s+to)(?:\s+also)?\s+be"
     rf"|i(?:{_APOS}?d|{_APOS}?ll|\s+would|\s+will)?\s+(?:say|go\s+with|choose|pick|select|opt\s+for)"
-    r"|i\s+(?:think|believe|guess)|my\s+(?:choice|pick|guess)\s+(?:is|would\s+be)|probably|most\s+likely)"
+    r"|i\s+(?:think|believe|guess)|my\s+(?:choice|pick|guess)\s+(?:is|would\s+be)|probably|most\s+likely"
+    rf"|(?:i{_APOS}?m\s+|i\s+am\s+)?going\s+with|that{_APOS}?s|th(?:at|is)\s+(?:is|would\s+be)"
+    r"|so|hence|thus|therefore|clearly|definitely|certainly)"  # "..., so B.", "Hence B.", "That's B."
     r"\s*(?:(?i:also|probably|likely|definitely|clearly|certainly|surely)\b\s*)?"  # "it's also C", "it is probably B"
     r"(?::\s*)?(?=[\(\[]?[A-Z](?![\w'\u2019]))"
 )
@@ -143,17 +155,21 @@ _CLAIMED = re.compile(r"([\(\[])?([A-Z])(?(1)[\)\]])")
 _CLAIM_END = re.compile(
     r"\s*(?:$|[.,;:!?\)\]]|[-\u2013\u2014](?:\s|$)|(?i:because|since|as|and|or|but|so)\b)"
 )
+# "B is correct", "B would be the right answer", "B seems correct", "B is the most likely answer", "B fits best"
 _IS_CORRECT = re.compile(
-    r"\s+(?i:is\s+(?:the\s+)?(?:correct|right|best)(?:\s+(?:answer|option|choice|one))?|is\s+the\s+answer)"
+    r"\s+(?i:(?:is|would\s+be|must\s+be|seems(?:\s+to\s+be)?)\s+(?:the\s+)?(?:most\s+likely\s+)?"
+    r"(?:(?:correct|right|best)(?:\s+(?:answer|option|choice|one))?|answer)|fits\s+best)"
     r"(?=\s*(?:$|[.,;:!?)]|(?i:because|since|as|here|and|or|but|so)\b))"  # "C is right after D" states no answer
 )
 # "B is correct" counts at the start of a sentence or clause only ("I don't think B is correct" states nothing)
-_SENTENCE_LETTER = re.compile(r"(?:^|(?<=[.!?;:\n]))[ \t]*(?=[\(\[]?[A-Z][\)\]]?\s+(?i:is)\b)")
-# "Based on the audio, B." / "From what I hear: (B)": a lead-in, a comma or colon, then one letter that ends the
-# sentence, its line or the answer. Not after a letter ("The notes are E, G, B.", "A or B, B": a list) nor a digit
-# ("In bars 1-4, C.")
+_SENTENCE_LETTER = re.compile(
+    r"(?:^|(?<=[.!?;:\n]))[ \t]*(?=[\(\[]?[A-Z][\)\]]?\s+(?i:is|would|must|seems|fits)\b)"
+)
+# "Based on the audio, B." / "From what I hear: (B)" / "A and C are wrong; B.": a lead-in, a comma, colon or
+# semicolon, then one letter that ends the sentence, its line or the answer. Not after a letter ("The notes are
+# E, G, B.", "A or B, B": a list) nor a digit ("In bars 1-4, C.")
 _FINAL_LETTER = re.compile(
-    r"(?<=[^\W\d])(?<!\b[A-Z])[\)\]]?[ \t]*[,:][ \t]*(?=[\(\[]?[A-Z][\)\]]?[ \t]*(?:[.!](?:\s|$)|\r?\n|$))"
+    r"(?<=[^\W\d])(?<!\b[A-Z])[\)\]]?[ \t]*[,:;][ \t]*(?=[\(\[]?[A-Z][\)\]]?[ \t]*(?:[.!](?:\s|$)|\r?\n|$))"
 )
 # a negation earlier in the clause: "I don't think it's B", "Not because it's B"
 _NEGATION = re.compile(r"(?i:\b(?:not|no|never|neither|nor|unlikely|doubt)\b|n['\u2019]t\b)")
@@ -222,7 +238,12 @@ def _letters_before_a_verb(text: str, pos: int) -> bool:
 
 def _is_a_word(text: str, m: re.Match[str], choices: Sequence[str]) -> bool:
     """Whether the unbracketed capital after "answer is" starts words rather than naming a letter: the pronoun
-    "I" ("Answer: I think ...") or an option's own text ("The answer is A minor", "Answer: A male vocalist")."""
+    "I" ("Answer: I think ...") or an option's own text ("The answer is A minor", "Answer: A male vocalist").
+    A lower-case letter is one only bracketed or where it ends its sentence or the answer ("the answer is b."),
+    "a" and "i" not at the very end (an article or "i" where the token limit cut the answer)."""
+    if m.group(3).islower() and not m.group(2):
+        end = _LOWER_ENDS.match(text, m.end())
+        return not end or (m.group(3) in "ai" and not end.group().strip())
     if m.group(2) or not _WORD_NEXT.match(text, m.end()):
         return False  # "(A) ...", "A.", "A," or the end: a letter
     if m.group(3) == "I":
@@ -302,35 +323,47 @@ def _one_found(hits: set[int], via: str) -> ChoiceParse:
     return ChoiceParse(None, "ambiguous", via) if hits else ChoiceParse(None, "unparsed")
 
 
+def _answer_part(prediction: str | None) -> str:
+    """The answer a prediction gives: its ``<answer>`` text or what follows ``</think>`` where it has think tags
+    (a checkpoint that thinks unasked; :func:`~musicflamingo.reasoning.parse_think`, which ``think=true`` runs
+    score), else the whole text. Reasoning that weighs options ("not piano") named them as answers."""
+    text = str(prediction or "")
+    return parse_think(text).answer if TAGS.any_tag.search(text) else text
+
+
 def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     """Map a free-text answer to one of ``choices`` (presented as "(A) ...", "(B) ...").
 
     Tried in order, the first rule that finds something decides:
 
     1. ``bare``: the whole answer is one letter, optionally bracketed or followed by "." / ":" / ")":
-       "B", "(b)", "B." (lower case accepted only here).
-    2. ``answer_is``: "answer is B", "Answer: (B)", "the correct option is C" -- the *last* "answer ..." phrase
+       "B", "(b)", "B." (lower case accepted here, and in rule 2 where the letter ends its sentence).
+    2. ``answer_is``: "answer is B", "Answer: (B)", "the correct option is C", "the answer must be B", "Answer -
+       B"; lower case where the letter ends its sentence ("the answer is b.") -- the *last* "answer ..." phrase
        wins (models restate the options before concluding), else the last "option/choice ..." phrase ("the answer
        is B, not option C" -> B). Letters listed after it ("the answer is B or C", "Answer: B, C") name no
        one option: ambiguous.
-       ``claim``: a sentence stating one letter: "It's B", "I think B.", "I'd go with (B)", "Probably B", or
-       "B is correct" / "B is the answer" at the start of a sentence ("A is wrong; B is correct"). The letter
-       must end there (punctuation, the end, "because", "is correct"): "It's A cappella", "I think A male ..."
-       state no letter. A negation earlier in the clause ("I don't think it's B") states nothing; two
-       sentences naming different letters, or letters listed after one ("It's B or C"), are ambiguous, as is
-       a letter that is also a note name starting another option ("It's C." among (A) G major (B) C major).
-    3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:", or a first
-       line that is the letter alone ("B\n\nThe guitar ..."). One distinct letter -> that option; two or more ->
-       ambiguous (unless they are options with the same text).
+       ``claim``: a sentence stating one letter: "It's B", "I think B.", "I'd go with (B)", "Probably B", "So
+       B.", "That's B.", or "B is correct" / "B is the answer" / "B would be correct" / "B fits best" at the start
+       of a sentence ("A is wrong; B is correct"). The letter must end there (punctuation, the end, "because",
+       "is correct"): "It's A cappella", "I think A male ..." state no letter. A negation earlier in the clause
+       ("I don't think it's B") states nothing; two sentences naming different letters, or letters listed after
+       one ("It's B or C"), are ambiguous, as is a letter that is also a note name starting another option
+       ("It's C." among (A) G major (B) C major).
+    3. ``letter``: upper-case letters in brackets "(B)" anywhere, or a leading "B." / "B)" / "B:" / "B,
+       because", or a first line that is the letter alone ("B\n\nThe guitar ..."). One distinct letter -> that
+       option; two or more -> ambiguous (unless they are options with the same text).
     4. ``text``: option texts found in the answer (lowercased, punctuation-insensitive, whole words, maximal
        matches only). One -> that option; two or more -> ambiguous, unless exactly one of them is written in
        the answer as such (options that differ only in punctuation: "F#:7/1", "F:7/1"). A text listed under
        several letters names its first one.
-    5. ``claim`` (lead-in): a lead-in, a comma or colon and a letter ending the sentence or line ("Based on the
-       audio, B."; not after a letter or digit: "The notes are E, G, B."), where rules 1-4 find nothing or rule 4
-       finds only that letter's option (a description reads the same: "Key: D. The genre is jazz." is jazz).
+    5. ``claim`` (lead-in): a lead-in, a comma, colon or semicolon and a letter ending the sentence or line
+       ("Based on the audio, B.", "A and C are wrong; B."; not after a letter or digit: "The notes are E, G,
+       B."), where rules 1-4 find nothing or rule 4 finds only that letter's option (a description reads the
+       same: "Key: D. The genre is jazz." is jazz).
 
-    Rules 1-3 read the answer NFKC-normalised (full-width "（B）" is "(B)") and without markdown emphasis and
+    An answer with think tags is read for its answer only (:func:`_answer_part`). Rules 1-3 read the answer
+    NFKC-normalised (full-width "（B）" is "(B)") and without markdown emphasis and
     quotes ("**B**", "The answer is \"B\"").
     A capital after "answer is" that starts words is no letter: "I" ("Answer: I think ...") or an option's own
     text ("The answer is A minor", "Answer: A male vocalist"); rule 4 reads those. An unbracketed letter that is
@@ -340,7 +373,7 @@ def parse_choice(prediction: str, choices: Sequence[str]) -> ChoiceParse:
     Letters beyond the number of options are ignored. Empty or unmatched answers are ``unparsed``.
     """
     n = len(choices)
-    text = str(prediction or "").strip()
+    text = _answer_part(prediction).strip()
     if not text:
         return ChoiceParse(None, "unparsed")
 
@@ -408,7 +441,7 @@ def parse_label(
     ["hiphop", "rap"]). Same whole-word, maximal-match, one-or-ambiguous logic as rule 4 of
     :func:`parse_choice`; no letters.
     """
-    text = str(prediction or "").strip()
+    text = _answer_part(prediction).strip()
     if not text:
         return ChoiceParse(None, "unparsed")
     aliases = aliases or {}
