@@ -406,13 +406,14 @@ class Int4Linear(QuantLinear):
         """The weight as floats (N, K) in `dtype` (default: the scales'); `rows` a slice of whole 64-row blocks
         (default all, padding cut). `workspace`: written into this thread's reused buffer (see `unpack_int4`)."""
         dtype = dtype or self.weight_scale_zero.dtype
-        packed = self.weight[rows]
+        weight, block = self._packed()
+        packed = weight[rows]
         sz = self.weight_scale_zero[:, rows].to(dtype)
         n, g = packed.shape[0], self.group_size
         scale = sz[..., 0].t().unsqueeze(-1)  # (n, G, 1)
         shift = (sz[..., 1] - 8 * sz[..., 0]).t().unsqueeze(-1)  # (q - 8) s + z = q s + (z - 8 s)
         w = (
-            unpack_int4(packed, dtype, workspace, self.packed_block)
+            unpack_int4(packed, dtype, workspace, block)
             .view(n, -1, g)
             .mul_(scale)
             .add_(shift)
@@ -439,6 +440,16 @@ class Int4Linear(QuantLinear):
                     torch.mm(x, w.t(), out=y[:, i : i + w.shape[0]])
         return y[:, : self.out_features]
 
+    def _packed(self) -> tuple[torch.Tensor, int]:
+        """(`weight`, `packed_block`) read as one pair: a repack in another thread (`_kernel_layout`) replaces both
+        under `_REPACK_LOCK`, and two plain reads could pair the old weight with the new block. Once the weight is in
+        the kernel's block no repack follows (it was set before the block), so that case reads without the lock."""
+        block = self.packed_block
+        if block == int4_kernel_block():
+            return self.weight, block
+        with _REPACK_LOCK:
+            return self.weight, self.packed_block
+
     @torch.no_grad()
     def _kernel_layout(self) -> None:
         """Repack `weight` once into the block this CPU's kernel reads (a fresh, aligned tensor), else align it."""
@@ -454,8 +465,9 @@ class Int4Linear(QuantLinear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.packed_block != _BLOCK:  # checkpoints hold one layout, whatever CPU ran the model
-            destination[prefix + "weight"] = _repacked(self.weight, self.packed_block, _BLOCK)
+        weight, block = self._packed()  # (a repack may have replaced the weight super() wrote)
+        if block != _BLOCK:  # checkpoints hold one layout, whatever CPU ran the model
+            destination[prefix + "weight"] = _repacked(weight, block, _BLOCK)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
