@@ -97,6 +97,8 @@ from musicflamingo.settings import GRPO_FSDP
 
 log = logging.getLogger(__name__)
 
+# batches in a row with every group tied (no gradient) after which a run is warned that nothing trains
+ALL_TIED_WARN_AFTER = 5
 ROLLOUT_KEYS = ("group_size", "max_new_tokens", "temperature", "top_p", "top_k", "slots")
 LOSS_KEYS = ("beta", "clip_eps", "updates_per_batch", "micro_batch_size", "max_grad_norm")
 # setting -> GRPOLit attribute: what the rollouts are sampled with, saved in checkpoints and compared on resume (slots
@@ -659,6 +661,7 @@ class GRPOLit(MusicFlamingoLit):
         # split -> (the dataset it was built from, its table)
         self._records: dict[str, tuple[Any, RecordTable]] = {}
         self._samples_per_s: float | None = None
+        self._all_tied = 0  # batches in a row whose groups all tied (no gradient), for `_say_all_tied`
         # each group's learning rate at the batch's first update, logged after the update
         self._step_lrs: dict[str, float] = {}
         self._val_sums: list[float] = [0.0] * (2 + 2 * len(self.rewards))  # `_reward_sums` of the validation
@@ -1422,6 +1425,7 @@ class GRPOLit(MusicFlamingoLit):
         tokens = s["tokens"]
         self.log("train/loss", s["loss"] / max(tokens, 1.0), prog_bar=True, batch_size=1)
         rewards = self._reward_means(reward_sums)
+        self._say_all_tied(s["zero_groups"], s["groups"], rewards)
         if rewards:
             self.log("train/reward", rewards.pop(""), prog_bar=True, batch_size=1)
             for name, value in rewards.items():
@@ -1443,6 +1447,26 @@ class GRPOLit(MusicFlamingoLit):
         # the checkpoints count) are this
         self.log("train/optimizer_step", float(self.global_step), batch_size=1)
         self._samples_per_s = samples / max(seconds, 1e-9)
+
+    def _say_all_tied(self, tied: float, groups: float, rewards: Mapping[str, float]) -> None:
+        """Warn once when `ALL_TIED_WARN_AFTER` batches in a row had every group tied: no step had a gradient, and
+        the progress lines (loss 0, a steady reward) do not say that nothing trains. The usual cause is a reward
+        at one value on every completion: the format reward of a model that never writes the think tags."""
+        self._all_tied = self._all_tied + 1 if groups and tied == groups else 0
+        if self._all_tied != ALL_TIED_WARN_AFTER or (
+            self._trainer is not None and not self.trainer.is_global_zero
+        ):
+            return  # the counts are every rank's: said once, by rank 0
+        means = ", ".join(f"{name} {value:.3f}" for name, value in rewards.items() if name)
+        log.warning(
+            "the last %d batches had every group tied (each prompt's %d completions rewarded alike): no gradient, "
+            "the weights have not moved (mean rewards: %s). A reward at 0 or 1 on every completion ties every "
+            "group: a format reward of 0 means the model never writes <think>..</think><answer>..</answer> (start "
+            "GRPO from a think-SFT export); a higher model.rollout.temperature or group_size varies the completions",
+            ALL_TIED_WARN_AFTER,
+            self.group_size,
+            means or "none",
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The gradient norm is logged by the step itself (before clipping)."""

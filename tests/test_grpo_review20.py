@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from types import SimpleNamespace
 
@@ -96,3 +97,35 @@ def test_an_answer_only_run_logs_no_think_length(tmp_path, monkeypatch):
     read as a model that stopped thinking)."""
     row, _ = _one_step(tmp_path, monkeypatch, [*OVERRIDES, "model.think=false", "model.rewards.format=null"])
     assert "train/completion_length" in row and "train/think_length" not in row
+
+
+class Constant:
+    """A reward that is 0 on every completion (as the format reward of a model that never writes the tags)."""
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = weight
+
+    def __call__(self, output, target) -> float:  # noqa: ANN001
+        return 0.0
+
+
+def test_a_run_whose_groups_all_tie_is_warned_once_that_nothing_trains(tmp_path, monkeypatch, caplog):
+    """Six batches whose every group ties: no step has a gradient, and the progress lines said only 'loss 0.0000 |
+    reward 0.000'. After the fifth such batch in a row one warning says so, with the rewards' means; not again."""
+    overrides = [
+        *OVERRIDES,
+        "trainer.max_steps=6",
+        "model.rewards.format=null",
+        "model.rewards.accuracy=null",
+        "+model.rewards.const={_target_:test_grpo_review20.Constant,weight:1.0}",
+    ]
+    with caplog.at_level(logging.WARNING, logger="musicflamingo.grpo"):
+        _one_step(tmp_path, monkeypatch, overrides)
+    rows = [r for r in _metrics(tmp_path / "run") if "train/reward" in r]
+    assert len(rows) == 6 and all(float(r["train/zero_variance_groups"]) == 1.0 for r in rows)
+    said = [r.getMessage() for r in caplog.records if "every group tied" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(
+        "the last 5 batches had every group tied (each prompt's 3 completions rewarded alike): no gradient, the "
+        "weights have not moved (mean rewards: const 0.000)"
+    )
