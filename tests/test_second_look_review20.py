@@ -1,0 +1,120 @@
+"""Review round 20, a second look at the round's serve and infer commits.
+
+serve decodes a song's base64 in 1-MiB pieces (3f1b388): a stray '=' after a whole group was refused only where it
+fell on a piece's edge, accepted elsewhere, as the whole-string decode before it accepted it everywhere. An integer
+past float's range (JSON's ints have no bound) in a number field was a 500 (OverflowError) instead of its field's
+400, the new repetition_penalty included.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import random
+import re
+
+import pytest
+
+import musicflamingo.serve.audio as serve_audio
+from musicflamingo.serve import ServeSettings
+from musicflamingo.serve.errors import APIError
+from musicflamingo.serve.protocol import parse_chat_request
+
+PARAM = "messages[0].content[0].input_audio.data"
+
+
+def _whole(text: str) -> bytes | str:
+    """What the decoder did before it went piecewise: one strict decode of the text without its whitespace (the
+    bytes, else 'ERR <binascii's message>'); non-ASCII is refused either way."""
+    try:
+        return base64.b64decode(re.sub(r"\s+", "", text), validate=True)
+    except (binascii.Error, ValueError) as e:
+        return f"ERR {e}"
+
+
+def _pieces(text: str, url: bool = False) -> bytes | str:
+    try:
+        if url:
+            return serve_audio.parse_data_url(f"data:audio/wav;base64,{text}", PARAM)[0]
+        return serve_audio.decode_base64(text, PARAM)
+    except APIError as e:
+        assert e.status == 400 and e.param == PARAM, e.body()
+        if e.message == f"{PARAM}: decodes to 0 bytes":
+            return b""
+        return "ERR " + e.message.removeprefix(f"{PARAM}: not valid base64 (").removesuffix(")")
+
+
+def test_a_stray_pad_on_a_piece_edge_is_taken_as_anywhere_else():
+    """A song's base64 whose 1-MiB first piece is whole groups, then a stray '=': refused ('Leading padding not
+    allowed'), where one character more or less before it (no edge there) was accepted, as it was before."""
+    raw = random.Random(0).randbytes(3 * serve_audio.B64_PIECE // 4)
+    text = base64.b64encode(raw).decode()
+    assert len(text) == serve_audio.B64_PIECE and not text.endswith("=")
+    for tail in ("=", "==", "\n=\n", "==="):
+        assert serve_audio.decode_base64(text + tail, PARAM) == raw, tail
+    assert serve_audio.decode_base64(text[:-4] + "\n" + text[-4:] + "=", PARAM) == raw  # the edge before it
+    for tail, words in (("=A", "Discontinuous padding"), ("=AAAA", "Discontinuous padding")):
+        with pytest.raises(APIError, match=words):
+            serve_audio.decode_base64(text + tail, PARAM)
+
+
+def test_pieces_accept_refuse_and_say_what_the_whole_string_decode_did(monkeypatch):
+    """Fuzzed against the whole-string decode, with pieces of 1 to 12 characters so that every edge falls
+    everywhere: the same bytes, and the same refusal (binascii's words; the count of data characters the whole
+    string's, not the piece's), with whitespace, stray and missing padding and a data: URL around it."""
+    rng = random.Random(20)
+    extras = [
+        "=",
+        "==",
+        "===",
+        " ",
+        "\n",
+        "\r\n",
+        "\t",
+        "\x0b",
+        "\x1c",
+        "\u3000",
+        "A",
+        "AAAA",
+        "AA==",
+        "=\n=",
+        "-",
+    ]
+    checked = 0
+    for _ in range(1500):
+        chars = list(base64.b64encode(rng.randbytes(rng.randint(0, 14))).decode())
+        for _ in range(rng.randint(0, 4)):
+            chars.insert(rng.randint(0, len(chars)), rng.choice(extras))
+        if chars and rng.random() < 0.1:
+            del chars[rng.randrange(len(chars))]
+        text = "".join(chars)
+        if not text:
+            continue
+        expected = _whole(text)
+        for piece in (1, 2, 3, 4, 5, 7, 8, 12):
+            monkeypatch.setattr(serve_audio, "B64_PIECE", piece)
+            assert _pieces(text) == expected, (text, piece)
+            checked += 1
+        assert _pieces(text, url=True) == expected, text
+    assert checked > 10000
+    monkeypatch.setattr(serve_audio, "B64_PIECE", 4)
+    assert _pieces("QUJD QUJDR") == "ERR " + (  # 9 data characters, not the last piece's 1
+        "Invalid base64-encoded string: number of data characters (9) cannot be 1 more than a multiple of 4"
+    )
+    with pytest.raises(APIError, match="Only base64 data"):  # non-ASCII (not whitespace): refused, as before
+        serve_audio.decode_base64("QUJD\u3000QUJDé===", PARAM)
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"],
+)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_an_integer_past_floats_range_is_its_fields_400(field, sign):
+    """`"temperature": 1000...0` (400 digits: valid JSON, a Python int) raised OverflowError in math.isfinite, a
+    500 'internal error' naming no field."""
+    settings = ServeSettings(model_name="m").resolve(32768, 1200)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: sign * 10**400}
+    with pytest.raises(APIError) as e:
+        parse_chat_request(body, settings)
+    assert e.value.status == 400 and e.value.param == field and e.value.message.startswith(f"{field}: ")
