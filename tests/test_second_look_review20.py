@@ -3,7 +3,7 @@
 serve decodes a song's base64 in 1-MiB pieces (3f1b388): a stray '=' after a whole group was refused only where it
 fell on a piece's edge, accepted elsewhere, as the whole-string decode before it accepted it everywhere. An integer
 past float's range (JSON's ints have no bound) in a number field was a 500 (OverflowError) instead of its field's
-400, the new repetition_penalty included.
+400, the new repetition_penalty included. `serve.py --help` was still Hydra's list of every config group.
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ import base64
 import binascii
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 import musicflamingo.serve.audio as serve_audio
 from musicflamingo.serve import ServeSettings
@@ -21,6 +25,7 @@ from musicflamingo.serve.errors import APIError
 from musicflamingo.serve.protocol import parse_chat_request
 
 PARAM = "messages[0].content[0].input_audio.data"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _whole(text: str) -> bytes | str:
@@ -118,3 +123,33 @@ def test_an_integer_past_floats_range_is_its_fields_400(field, sign):
     with pytest.raises(APIError) as e:
         parse_chat_request(body, settings)
     assert e.value.status == 400 and e.value.param == field and e.value.message.startswith(f"{field}: ")
+
+
+def test_serve_py_help_prints_the_usage_and_every_setting_with_its_comment():
+    """`serve.py --help` was Hydra's: every config group of configs/ (benchmark, experiment, trainer: none read by
+    serve.py) and the settings without their comments. It is now the usage and configs/serve.yaml as written (as
+    infer.py's), every setting serve.py takes in it, and no torch import for it."""
+    code = (
+        "import contextlib, io, runpy, sys\n"
+        "sys.argv = ['serve.py', '--help']\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    runpy.run_path('serve.py', run_name='__main__')\n"
+        "print(out.getvalue())\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert (
+        text.startswith("Serve Music Flamingo over an OpenAI-compatible API")
+        and "python serve.py ckpt=DIR" in text
+    )
+    assert "max_batch: 8            # requests decoded together" in text and "# continuous batching" in text
+    assert "Configuration groups" not in text and "benchmark" not in text and "experiment" not in text
+    assert "No run folders" not in text  # the hydra block's comment goes with it
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("serve")
+    settings = {line.split(":")[0] for line in text.splitlines() if re.match(r"^\w+:", line)}
+    assert settings == set(cfg), settings ^ set(cfg)
+    assert text.rstrip().endswith("torch imported: False")
