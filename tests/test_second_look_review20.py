@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+import json
+import logging
 import random
 import re
 import subprocess
@@ -18,8 +21,12 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from test_infer_review6 import make_cfg
+from tiny_assets import make_tone, write_audio
+from tiny_checkpoint import write_tiny_checkpoint
 
 import musicflamingo.serve.audio as serve_audio
+from musicflamingo.inference import infer
 from musicflamingo.serve import ServeSettings
 from musicflamingo.serve.errors import APIError
 from musicflamingo.serve.protocol import parse_chat_request
@@ -153,3 +160,50 @@ def test_serve_py_help_prints_the_usage_and_every_setting_with_its_comment():
     settings = {line.split(":")[0] for line in text.splitlines() if re.match(r"^\w+:", line)}
     assert settings == set(cfg), settings ^ set(cfg)
     assert text.rstrip().endswith("torch imported: False")
+
+
+# ---------------------------------------------------------------------------------------------- infer: items' fields
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def test_a_rerun_says_when_reused_rows_hold_other_item_fields(ckpt, tmp_path, caplog):
+    """An items.jsonl's fields go into its rows as "item", but a rerun reuses a row by audio and prompt: after an id
+    was corrected (or over rows written before rows kept them) the file held the old id, or none, and the run said
+    only that everything was answered; a join on the ids paired answers with the wrong items, without a word. The
+    rows are kept as written (nothing in the file is rewritten); the rerun says how many differ and where."""
+    songs = [str(write_audio(tmp_path / f"{n}.wav", make_tone(f, 1.0))) for n, f in (("a", 440), ("b", 330))]
+    items = tmp_path / "items.jsonl"
+    out = tmp_path / "answers.jsonl"
+
+    def run(*lines: dict) -> list[str]:
+        items.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="musicflamingo.inference"):
+            return infer(
+                make_cfg(f"ckpt={ckpt}", f"audio={items}", "max_new_tokens=2", f"output={out}"),
+                out=io.StringIO(),
+            )
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "items.jsonl fields" in r.getMessage()]
+
+    lines = [{"audio": songs[0], "id": "q1", "score": float("nan")}, {"audio": songs[1], "id": "q2"}]
+    first = run(*lines)
+    assert run(*lines) == first and not said(), caplog.text  # (a NaN read back is not equal to itself)
+    rows = out.read_text()
+    assert run(lines[0], {"audio": songs[1], "id": "q7"}) == first
+    (warning,) = said()
+    number = 1 + [json.loads(line)["audio"] for line in rows.splitlines()].index(songs[1])
+    assert "1 reused answers' rows" in warning
+    assert f'(line {number}, {songs[1]}: {{"id": "q2"}}; now {{"id": "q7"}})' in warning, warning
+    assert out.read_text() == rows  # kept as written
+    # rows written before rows kept the fields: none there
+    out.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(r).items() if k != "item"}) + "\n"
+            for r in rows.splitlines()
+        )
+    )
+    assert run(*lines) == first and "2 reused answers' rows" in said()[0]
