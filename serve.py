@@ -40,6 +40,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # --help: the usage above and configs/serve.yaml with its comments (Hydra's listed every config group of
-    # configs/); a command line Hydra cannot read or compose: one line, exit 2
-    run_entry_point(main, "serve", __doc__)
+    run_entry_point(main, "serve")  # a command line Hydra cannot read or compose: one line, exit 2

@@ -916,8 +916,6 @@ class _Output:
         self.by_text: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
         self.other = 0  # rows asked another way (think mode, system prompt): kept in the file, not reused
         self.added = 0  # rows this run wrote
-        # reused rows whose "item" is not what the items.jsonl line gives now: (line number, the row, its item now)
-        self.other_items: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
         self.lock = FolderLock(
             self.path.parent,
             f"{self.path.name}.lock",
@@ -1029,30 +1027,24 @@ class _Output:
             return ok and "max_new_tokens" not in row and (limit is None or n <= limit)
         return row.get("max_new_tokens", limit) == limit
 
-    def answer(
-        self, audio: str, prompt: str, nth: int = 0, item: Mapping[str, Any] | None = None
-    ) -> str | None:
+    def answer(self, audio: str, prompt: str, nth: int = 0) -> str | None:
         """The answer the file holds for the `nth` time (audio, prompt) is asked in the run (think mode: the whole
         text), else None. Rows of a pair asked more than once carry their `repeat` number (they are written as
         they finish, not in input order); rows without one (a pair asked once) take the numbers left, in file
-        order. `item`: the input's other items.jsonl fields now; a reused row written with others (an id changed
-        since, or none: a row written before rows kept them) is noted in `other_items`, as it stays as written."""
+        order."""
         path = resolved_path(audio)
         found = self.by_path.get((path, prompt), []) + [
             (number, row)
             for number, row in self.by_text.get((audio, prompt), [])
             if not _other_file(row.get("resolved_audio"), path)
         ]
-        rows = sorted(dict(found).items())
-        numbered = {r["repeat"]: (n, r) for n, r in rows if _repeat(r) is not None}
+        rows = [row for _, row in sorted(dict(found).items())]
+        numbered = {r["repeat"]: r for r in rows if _repeat(r) is not None}
         free = (n for n in itertools.count() if n not in numbered)
-        by_number = {**dict(zip(free, ((n, r) for n, r in rows if _repeat(r) is None))), **numbered}
-        if nth not in by_number:
+        by_number = {**dict(zip(free, (r for r in rows if _repeat(r) is None))), **numbered}
+        row = by_number.get(nth)
+        if row is None:
             return None
-        number, row = by_number[nth]
-        # compared as written: a NaN (json reads it) is not equal to itself
-        if json.dumps(row.get("item") or {}, sort_keys=True) != json.dumps(dict(item or {}), sort_keys=True):
-            self.other_items.append((number, row, dict(item or {})))
         return row.get("text", row["answer"]) if self.think else row["answer"]
 
     def write(
@@ -1383,22 +1375,7 @@ def infer(
             else contextlib.nullcontext()
         ) as results,
     ):
-        answers = [None if results is None else results.answer(*key, fields[i]) for i, key in enumerate(keys)]
-        if results is not None and results.other_items:
-            # the rows stay as written (nothing in the file is rewritten): joined on their "item", they would pair
-            # an answer with an old id, or with none
-            number, row, now = results.other_items[0]
-            logger.warning(
-                '%s: %d reused answers\' rows hold other items.jsonl fields ("item") than their lines give now '
-                "(line %d, %s: %s; now %s); they are kept as written: join those on audio and prompt, or delete "
-                "their rows to ask them again",
-                results.path,
-                len(results.other_items),
-                number,
-                row["audio"],
-                json.dumps(row.get("item"))[:200],
-                json.dumps(now or None)[:200],
-            )
+        answers = [None if results is None else results.answer(*key) for key in keys]
         todo = [i for i, a in enumerate(answers) if a is None]
         if results is not None and len(todo) < len(files):
             logger.info(

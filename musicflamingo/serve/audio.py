@@ -14,7 +14,6 @@ import binascii
 import contextlib
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,50 +97,28 @@ B64_PIECE = 1 << 20
 def decode_base64(data: object, param: str) -> bytes:
     """Strict base64 (standard alphabet, padding checked; whitespace and newlines allowed) -> bytes, decoded in
     pieces of `B64_PIECE` characters (whitespace dropped, each piece a multiple of 4 but the last) so that other
-    threads, the event loop's, run between them. Accepts, refuses and decodes exactly as one strict
-    `binascii.a2b_base64` over the whole string without whitespace would, wherever the pieces fall."""
+    threads, the event loop's, run between them."""
     if not isinstance(data, str) or not data:
         raise bad_request(param, "must be a non-empty base64 string")
     out: list[bytes] = []
-    decoded = 0  # bytes decoded so far, from whole 4-character groups without padding
+    padded = False  # the last piece ended in padding: nothing may follow
     carry = ""  # characters past the last whole 4-character group, for the next piece
-    start = 0
-    while start < len(data):
+    for start in range(0, len(data), B64_PIECE):
         piece = carry + "".join(data[start : start + B64_PIECE].split())
-        start += B64_PIECE
-        last = start >= len(data)
-        if "=" in piece and not last:
-            # Padding ends the data; the whole-string rules for what may follow it depend on the group it closes
-            # ('AAAA' then '=' is accepted, 'AAA=' then '=' is not, a '=' opening the string is refused), so the
-            # rest is decoded with it in one call: reading stops at the first character that is not '=', where
-            # that decode fails (or earlier), so a long body after a stray '=' is still read piece by piece.
-            tail, after = [piece], piece[piece.index("=") :]
-            while not after.strip("=") and start < len(data):
-                after = "".join(data[start : start + B64_PIECE].split())
-                start += B64_PIECE
-                tail.append(after)
-            piece, last = "".join(tail), True
+        last = start + B64_PIECE >= len(data)
         cut = len(piece) if last else len(piece) - len(piece) % 4
         piece, carry = piece[:cut], piece[cut:]
         if not piece:
             continue
+        if padded:
+            raise bad_request(param, "not valid base64 (Excess data after padding)")
         if not piece.isascii():
             raise bad_request(param, "not valid base64 (Only base64 data is allowed)")
-        # After whole groups a '=' is not the string's first character: a group of zeros in front gives the
-        # decoder that context (binascii refuses 'Leading padding' only at index 0); its 3 bytes are dropped.
-        ahead = "AAAA" if decoded and piece[0] == "=" else ""
         try:
-            out.append(
-                binascii.a2b_base64((ahead + piece).encode("ascii"), strict_mode=True)[len(ahead) // 4 * 3 :]
-            )
+            out.append(binascii.a2b_base64(piece.encode("ascii"), strict_mode=True))
         except binascii.Error as e:
-            # binascii counts the characters of this call: say the whole string's count, as one call would
-            shift = decoded // 3 * 4 - len(ahead)
-            why = re.sub(r"\((\d+)\)", lambda m, shift=shift: f"({int(m[1]) + shift})", str(e), count=1)
-            raise bad_request(param, f"not valid base64 ({why})") from None
-        decoded += len(out[-1])
-        if last:
-            break
+            raise bad_request(param, f"not valid base64 ({e})") from None
+        padded = piece.endswith("=")
     raw = b"".join(out)
     if not raw:
         raise bad_request(param, "decodes to 0 bytes")
