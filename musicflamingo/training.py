@@ -303,17 +303,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if settings.get("plan"):
         print(plan.table())
         return {}, {"plan": plan}
-    # the processor's windows against the model's config, before Lightning is imported and the model built
-    processor = load_processor(cfg)
-    where = f"data.processor={settings['data']['processor']}"
-    check_window_length(processor, model_config(settings["model"]["net"]), where)
     output_dir = Path(cfg.paths.output_dir)
+    # a folder another run holds is refused before anything is read (the processor included)
+    lock = RunLock(output_dir).acquire() if is_launching_rank() else None
+    try:  # the processor's windows against the model's config, before Lightning is imported and the model built
+        processor = load_processor(cfg)
+        where = f"data.processor={settings['data']['processor']}"
+        check_window_length(processor, model_config(settings["model"]["net"]), where)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     if not is_launching_rank():  # its info lines repeated rank 0's on the console: warnings and errors only
         import lightning  # noqa: F401  (its packages set their loggers to INFO as they are imported)
 
         for name in ("musicflamingo", "lightning", "lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    lock = RunLock(output_dir).acquire() if is_launching_rank() else None
     from musicflamingo.callbacks import StopOnSignal
 
     stopper = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
